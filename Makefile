@@ -1,0 +1,32 @@
+# One command per chore. Each target makes its own virtual environment.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test lint bench bench-quick clean
+
+$(BIN)/diktyo: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/diktyo
+
+venv: $(BIN)/diktyo
+
+demo: venv
+	$(BIN)/diktyo demo
+
+test: venv
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check src tests
+
+bench: venv
+	$(BIN)/python bench/run.py
+
+bench-quick: venv
+	$(BIN)/python bench/run.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info

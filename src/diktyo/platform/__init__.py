@@ -1,0 +1,1 @@
+"""diktyo.platform"""

@@ -1,0 +1,74 @@
+"""The snapshot's one wire format: JSON, decoded with full type validation."""
+
+from __future__ import annotations
+
+import msgspec
+
+from diktyo.snapshot.model import Snapshot
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Snapshot)
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot be decoded or fails validation; it is rejected whole."""
+
+
+def encode(snapshot: Snapshot) -> bytes:
+    return _encoder.encode(snapshot)
+
+
+def decode(data: bytes | str) -> Snapshot:
+    try:
+        snap = _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise SnapshotError(f"invalid snapshot: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise SnapshotError(f"malformed snapshot JSON: {exc}") from None
+    problems = validate(snap)
+    if problems:
+        raise SnapshotError("invalid snapshot: " + "; ".join(problems))
+    return snap
+
+
+def to_builtins(snapshot: Snapshot) -> object:
+    return msgspec.to_builtins(snapshot)
+
+
+def from_builtins(obj: object) -> Snapshot:
+    """Build a snapshot from plain dicts/lists (tests and YAML fixtures)."""
+    try:
+        snap = msgspec.convert(obj, Snapshot)
+    except msgspec.ValidationError as exc:
+        raise SnapshotError(f"invalid snapshot: {exc}") from None
+    problems = validate(snap)
+    if problems:
+        raise SnapshotError("invalid snapshot: " + "; ".join(problems))
+    return snap
+
+
+def validate(snap: Snapshot) -> list[str]:
+    """Cross-reference checks the type system cannot express."""
+    problems: list[str] = []
+    clusters = {c.name for c in snap.clusters}
+    tables = {t.name for t in snap.route_tables}
+    if len(clusters) != len(snap.clusters):
+        problems.append("duplicate cluster names")
+    for lst in snap.listeners:
+        if lst.direction in ("outbound", "gateway") and lst.route_table not in tables:
+            problems.append(f"listener {lst.name!r}: unknown route table {lst.route_table!r}")
+        if lst.direction in ("inbound", "tcp") and lst.cluster not in clusters:
+            problems.append(f"listener {lst.name!r}: unknown cluster {lst.cluster!r}")
+    for table in snap.route_tables:
+        for vh in table.virtual_hosts:
+            for route in vh.routes:
+                targets = [wc.cluster for wc in route.clusters] + [m.cluster for m in route.mirrors]
+                for name in targets:
+                    if name not in clusters:
+                        problems.append(
+                            f"route table {table.name!r} host {vh.name!r} route {route.name!r}: "
+                            f"unknown cluster {name!r}"
+                        )
+                if not route.clusters and route.redirect is None and route.direct_response is None:
+                    problems.append(f"route {route.name!r} in {vh.name!r} has no action")
+    return problems

@@ -1,0 +1,335 @@
+"""The snapshot: everything a sidecar runs on, sent by the control plane as one versioned value.
+
+Theory of operation
+-------------------
+The control plane translates Istio-style user config (``diktyo.api``) into a ``Snapshot`` per
+proxy (``diktyo.control.translate``). The sidecar (``diktyo.proxy``) never sees an ``api``
+type: it only knows these frozen structs. A snapshot is applied whole or rejected whole.
+
+Naming follows Envoy: *listeners* accept connections, a *route table* of *virtual hosts* holds
+ordered *routes*, a route points at weighted *clusters*, a cluster holds *endpoints* plus the
+policies that apply to them (load balancer, connection pool / circuit breaker, outlier
+detection, TLS). Cluster names follow Istio: ``outbound|9080|v1|reviews.default.svc.cluster.local``
+and ``inbound|9080||``.
+
+Durations are float seconds; ``None`` means "not set" (the proxy applies Istio's default).
+Percentages are floats in [0, 100].
+
+Wire format: JSON (``diktyo.snapshot.codec``), decoded with full type validation.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class _S(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Base for every snapshot struct: immutable, keyword-only, strict on decode."""
+
+
+# --------------------------------------------------------------------------- identity
+
+
+class Node(_S):
+    """The workload this sidecar sits beside (Istio's proxy metadata)."""
+
+    id: str  # e.g. "reviews-v2-1.default"
+    workload: str  # workload name, e.g. "reviews-v2"
+    namespace: str = "default"
+    labels: dict[str, str] = {}
+    service_account: str = "default"
+    trust_domain: str = "cluster.local"
+    # services this workload implements (FQDNs), used for inbound telemetry labels
+    services: tuple[str, ...] = ()
+    mode: Literal["sidecar", "gateway", "standalone"] = "sidecar"
+
+
+# --------------------------------------------------------------------------- matching
+
+
+class StringMatch(_S):
+    """Istio's StringMatch: exactly one of exact / prefix / regex; ``present`` for ``{}``."""
+
+    kind: Literal["exact", "prefix", "regex", "present"]
+    value: str = ""
+
+
+class KeyMatch(_S):
+    name: str  # header names lower-cased; query param names as given
+    match: StringMatch
+
+
+class RouteMatch(_S):
+    """One HTTPMatchRequest. All set conditions must hold (AND)."""
+
+    name: str = ""
+    uri: StringMatch | None = None
+    scheme: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    headers: tuple[KeyMatch, ...] = ()
+    without_headers: tuple[KeyMatch, ...] = ()
+    query_params: tuple[KeyMatch, ...] = ()
+    ignore_uri_case: bool = False
+    port: int | None = None
+    source_labels: dict[str, str] = {}
+    source_namespace: str | None = None
+    gateways: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- route actions
+
+
+class HeaderOps(_S):
+    set: dict[str, str] = {}
+    add: dict[str, str] = {}
+    remove: tuple[str, ...] = ()
+
+
+class Headers(_S):
+    request: HeaderOps | None = None
+    response: HeaderOps | None = None
+
+
+class WeightedCluster(_S):
+    cluster: str  # cluster name
+    weight: int = 100
+    host: str = ""  # destination host FQDN (telemetry, explain)
+    subset: str = ""
+    port: int | None = None
+    headers: Headers | None = None
+
+
+class Rewrite(_S):
+    uri: str | None = None
+    authority: str | None = None
+    uri_regex: str | None = None  # uriRegexRewrite.match
+    uri_regex_rewrite: str | None = None  # uriRegexRewrite.rewrite
+
+
+class Redirect(_S):
+    uri: str | None = None
+    authority: str | None = None
+    scheme: str | None = None
+    port: int | None = None
+    code: int = 301
+
+
+class DirectResponse(_S):
+    status: int
+    body: str = ""
+
+
+class RetryPolicy(_S):
+    attempts: int = 2
+    per_try_timeout: float | None = None
+    # Istio's default retryOn
+    retry_on: tuple[str, ...] = ("connect-failure", "refused-stream", "unavailable", "cancelled")
+    retriable_status_codes: tuple[int, ...] = ()
+    retry_remote_localnet: bool = False
+
+
+class FaultDelay(_S):
+    fixed_delay: float
+    percentage: float = 100.0
+
+
+class FaultAbort(_S):
+    http_status: int
+    percentage: float = 100.0
+
+
+class Fault(_S):
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
+class Mirror(_S):
+    cluster: str
+    host: str = ""
+    subset: str = ""
+    port: int | None = None
+    percentage: float = 100.0
+
+
+class RouteSource(_S):
+    """Where this route came from, for ``diktyo explain`` and logs."""
+
+    kind: str = "VirtualService"
+    name: str = ""
+    namespace: str = "default"
+    rule: int = 0  # index in spec.http
+    rule_name: str = ""
+    file: str = ""
+    line: int = 0
+
+
+class Route(_S):
+    """One HTTPRoute (Istio ``spec.http[i]``). ``matches`` empty means match-all; else OR."""
+
+    name: str = ""
+    matches: tuple[RouteMatch, ...] = ()
+    clusters: tuple[WeightedCluster, ...] = ()
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    rewrite: Rewrite | None = None
+    headers: Headers | None = None
+    timeout: float | None = None  # None/0 = disabled (Istio default)
+    retries: RetryPolicy | None = None  # None = Istio's default policy
+    fault: Fault | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    source: RouteSource = RouteSource()
+
+
+class VirtualHost(_S):
+    """All routes for one destination host, reachable under any of ``domains``.
+
+    ``domains`` holds every spelling a client may use: ``reviews``, ``reviews:9080``,
+    ``reviews.default``, ``reviews.default.svc.cluster.local[:9080]``; ``*`` is the
+    catch-all; ``*.example.com`` a suffix wildcard.
+    """
+
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+
+
+class RouteTable(_S):
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...] = ()
+
+
+# --------------------------------------------------------------------------- clusters
+
+
+class ConsistentHash(_S):
+    http_header_name: str | None = None
+    http_cookie: str | None = None
+    http_cookie_ttl: float | None = None
+    use_source_ip: bool = False
+    http_query_parameter_name: str | None = None
+
+
+class LoadBalancer(_S):
+    simple: Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH"] = "LEAST_REQUEST"
+    consistent_hash: ConsistentHash | None = None
+
+
+class ConnectionPool(_S):
+    """Circuit-breaker limits. Defaults are Envoy's/Istio's (effectively unlimited)."""
+
+    max_connections: int = 2**32 - 1
+    connect_timeout: float = 10.0
+    http1_max_pending_requests: int = 2**32 - 1
+    http2_max_requests: int = 2**32 - 1
+    max_requests_per_connection: int = 0  # 0 = unlimited
+    max_retries: int = 2**32 - 1
+    idle_timeout: float = 3600.0  # Istio: 1h
+
+
+class OutlierDetection(_S):
+    consecutive_5xx_errors: int | None = 5
+    consecutive_gateway_errors: int | None = None
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_percent: float = 10.0
+    min_health_percent: float = 0.0
+
+
+class TlsSettings(_S):
+    mode: Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"] = "DISABLE"
+    sni: str | None = None
+    ca_certificates: str | None = None  # PEM file path
+    client_certificate: str | None = None
+    private_key: str | None = None
+    subject_alt_names: tuple[str, ...] = ()
+    insecure_skip_verify: bool = False
+
+
+class Endpoint(_S):
+    address: str
+    port: int
+    labels: dict[str, str] = {}
+    weight: int = 1
+    workload: str = ""  # for telemetry: destination_workload
+    namespace: str = "default"
+    principal: str = ""  # SPIFFE id when the endpoint has a sidecar
+    has_sidecar: bool = False
+
+
+class Cluster(_S):
+    """A set of endpoints plus the traffic policy that applies to them."""
+
+    name: str
+    service: str = ""  # FQDN of the destination service
+    port: int = 0
+    subset: str = ""
+    direction: Literal["outbound", "inbound"] = "outbound"
+    endpoints: tuple[Endpoint, ...] = ()
+    lb: LoadBalancer = LoadBalancer()
+    pool: ConnectionPool = ConnectionPool()
+    outlier: OutlierDetection | None = None
+    tls: TlsSettings | None = None
+    protocol: Literal["http", "http2", "grpc", "tcp"] = "http"
+    # where the policy came from, for readable breaker messages
+    policy_source: str = ""
+
+
+# --------------------------------------------------------------------------- listeners
+
+
+class Listener(_S):
+    """A port the sidecar accepts connections on.
+
+    - ``outbound``: HTTP proxy mode for the app (``HTTP_PROXY``); routes by Host with
+      ``route_table``. If ``default_host`` is set (a per-upstream local port), requests are
+      routed as if sent to that host.
+    - ``inbound``: in front of the app; forwards to ``cluster`` (``inbound|PORT||``).
+    - ``gateway``: an ingress gateway port, routes with ``route_table``.
+    - ``tcp``: raw TCP passthrough to ``cluster``.
+    """
+
+    name: str
+    direction: Literal["outbound", "inbound", "gateway", "tcp"]
+    address: str = "127.0.0.1"
+    port: int = 0  # 0 = pick a free port
+    route_table: str = ""
+    cluster: str = ""
+    default_host: str = ""
+    service_port: int = 0  # the service port this listener stands for (inbound, telemetry)
+
+
+# --------------------------------------------------------------------------- mesh-wide
+
+
+class Tracing(_S):
+    sampling: float = 1.0  # percent, Istio's default
+    otlp_endpoint: str | None = None  # http://host:port/v1/traces
+
+
+class AccessLog(_S):
+    enabled: bool = False
+    format: Literal["text", "json"] = "text"
+    path: str = "/dev/stdout"
+
+
+class MeshConfig(_S):
+    trust_domain: str = "cluster.local"
+    tracing: Tracing = Tracing()
+    access_log: AccessLog = AccessLog()
+    # retry budget: max retries in flight as a percent of active requests (Envoy's default 20%)
+    retry_budget_percent: float = 20.0
+    retry_budget_min: int = 3
+
+
+class Snapshot(_S):
+    version: str
+    node: Node
+    listeners: tuple[Listener, ...] = ()
+    route_tables: tuple[RouteTable, ...] = ()
+    clusters: tuple[Cluster, ...] = ()
+    mesh: MeshConfig = MeshConfig()
+    # opaque extension point for security policies (filled by the security work)
+    security: dict[str, object] = {}
