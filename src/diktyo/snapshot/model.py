@@ -24,6 +24,8 @@ from typing import Literal
 
 import msgspec
 
+from diktyo.snapshot.security import SecurityConfig
+
 
 class _S(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """Base for every snapshot struct: immutable, keyword-only, strict on decode."""
@@ -331,5 +333,5 @@ class Snapshot(_S):
     route_tables: tuple[RouteTable, ...] = ()
     clusters: tuple[Cluster, ...] = ()
     mesh: MeshConfig = MeshConfig()
-    # opaque extension point for security policies (filled by the security work)
-    security: dict[str, object] = {}
+    # peer authentication, authorization policies, JWT rules (diktyo.snapshot.security)
+    security: SecurityConfig = SecurityConfig()
