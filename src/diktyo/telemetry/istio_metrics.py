@@ -1,0 +1,430 @@
+"""Istio's standard metrics (names, labels, buckets) with a hot path of plain integer increments.
+
+Theory of operation
+-------------------
+Istio's labels split in two: those fixed for a (reporter, source, destination) pair — 22 of
+them — and those that vary per request (``response_code``, ``grpc_response_status``,
+``response_flags``). The sidecar builds a :class:`PeerLabels` once per pair (when a snapshot
+is applied or a connection's peer is known) and interns it with :meth:`IstioMetrics.peer`,
+getting a :class:`PeerKey` whose label text is rendered once. Per request it calls
+:meth:`IstioMetrics.record`, which finds one list per (peer, code, flags) series and bumps a
+count, three sums and three histogram buckets (bucket index by ``bisect``). Aggregation into
+cumulative buckets and all text formatting happen only at scrape time (:meth:`collect`).
+
+Not thread-safe by design: one event loop per sidecar process owns its ``IstioMetrics``.
+
+Buckets: Istio's stats filter uses Envoy's default histogram buckets for all three histograms
+(durations in milliseconds, sizes in bytes) unless ``sidecar.istio.io/statsHistogramBuckets``
+overrides them; both are constructor arguments here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+
+from diktyo.telemetry.exposition import format_bound, format_value, header, histogram_lines
+
+# Envoy's default histogram buckets (Istio's defaults for duration and size histograms).
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+    300000, 600000, 1800000, 3600000,
+)  # fmt: skip
+DURATION_BUCKETS_MS = DEFAULT_BUCKETS
+BYTES_BUCKETS = DEFAULT_BUCKETS
+
+REQUESTS_TOTAL = "istio_requests_total"
+REQUEST_DURATION = "istio_request_duration_milliseconds"
+REQUEST_BYTES = "istio_request_bytes"
+RESPONSE_BYTES = "istio_response_bytes"
+TCP_SENT = "istio_tcp_sent_bytes_total"
+TCP_RECEIVED = "istio_tcp_received_bytes_total"
+TCP_OPENED = "istio_tcp_connections_opened_total"
+TCP_CLOSED = "istio_tcp_connections_closed_total"
+
+# Istio's full label set, in Istio's order.
+LABEL_NAMES: tuple[str, ...] = (
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+)
+PER_REQUEST_LABELS = ("response_code", "grpc_response_status", "response_flags")
+UNKNOWN = "unknown"
+
+CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+CANONICAL_REVISION_LABELS = (
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+)
+PEER_METADATA_HEADER = "x-diktyo-peer-metadata"
+
+
+# --------------------------------------------------------------------------- label values
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadInfo:
+    """What Istio knows about one side of a request (from node metadata / peer exchange)."""
+
+    name: str = UNKNOWN
+    namespace: str = UNKNOWN
+    app: str = UNKNOWN
+    version: str = UNKNOWN
+    canonical_service: str = UNKNOWN
+    canonical_revision: str = UNKNOWN
+    principal: str = UNKNOWN
+    cluster: str = UNKNOWN
+
+    @classmethod
+    def from_labels(
+        cls,
+        name: str,
+        namespace: str,
+        labels: Mapping[str, str],
+        principal: str = "",
+        cluster: str = "",
+    ) -> WorkloadInfo:
+        """Derive app/version/canonical service/revision from pod labels like Istio does."""
+        canon = next((labels[k] for k in CANONICAL_NAME_LABELS if labels.get(k)), name or UNKNOWN)
+        rev = next((labels[k] for k in CANONICAL_REVISION_LABELS if labels.get(k)), "latest")
+        return cls(
+            name=name or UNKNOWN,
+            namespace=namespace or UNKNOWN,
+            app=labels.get("app") or UNKNOWN,
+            version=labels.get("version") or UNKNOWN,
+            canonical_service=canon,
+            canonical_revision=rev,
+            principal=principal or UNKNOWN,
+            cluster=cluster or labels.get("topology.istio.io/cluster") or UNKNOWN,
+        )
+
+    def encode(self) -> str:
+        """Compact header value for :data:`PEER_METADATA_HEADER` (base64url of JSON)."""
+        raw = json.dumps([getattr(self, f.name) for f in fields(self)], separators=(",", ":"))
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, value: str) -> WorkloadInfo | None:
+        """Parse :meth:`encode` output from an untrusted header; ``None`` if malformed."""
+        try:
+            raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+            items = json.loads(raw)
+        except (ValueError, TypeError):
+            return None
+        names = [f.name for f in fields(cls)]
+        if not isinstance(items, list) or len(items) != len(names):
+            return None
+        if not all(isinstance(v, str) and len(v) <= 256 for v in items):
+            return None
+        return cls(**dict(zip(names, items, strict=True)))
+
+
+def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+
+
+def _service_parts(host: str) -> tuple[str, str]:
+    parts = host.split(".")
+    if len(parts) >= 2 and not host.replace(".", "").isdigit():
+        return parts[0], parts[1]
+    return host or UNKNOWN, UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLabels:
+    """The 22 labels fixed for one (reporter, source, destination) pair; "unknown" if missing."""
+
+    reporter: str = "source"
+    source_workload: str = UNKNOWN
+    source_canonical_service: str = UNKNOWN
+    source_canonical_revision: str = UNKNOWN
+    source_workload_namespace: str = UNKNOWN
+    source_principal: str = UNKNOWN
+    source_app: str = UNKNOWN
+    source_version: str = UNKNOWN
+    source_cluster: str = UNKNOWN
+    destination_workload: str = UNKNOWN
+    destination_workload_namespace: str = UNKNOWN
+    destination_principal: str = UNKNOWN
+    destination_app: str = UNKNOWN
+    destination_version: str = UNKNOWN
+    destination_service: str = UNKNOWN
+    destination_service_name: str = UNKNOWN
+    destination_service_namespace: str = UNKNOWN
+    destination_canonical_service: str = UNKNOWN
+    destination_canonical_revision: str = UNKNOWN
+    destination_cluster: str = UNKNOWN
+    request_protocol: str = "http"
+    connection_security_policy: str = UNKNOWN
+
+    @classmethod
+    def build(
+        cls,
+        reporter: str,
+        source: WorkloadInfo | None,
+        destination: WorkloadInfo | None,
+        service_host: str = "",
+        protocol: str = "http",
+        mtls: bool = False,
+    ) -> PeerLabels:
+        """Istio's label rules for either reporter.
+
+        ``connection_security_policy`` is "unknown" for ``reporter="source"`` and
+        "mutual_tls"/"none" for ``reporter="destination"``, as in Istio.
+        """
+        s = source or WorkloadInfo()
+        d = destination or WorkloadInfo()
+        svc_name, svc_ns = _service_parts(service_host)
+        if reporter == "source":
+            policy = UNKNOWN
+        else:
+            policy = "mutual_tls" if mtls else "none"
+        return cls(
+            reporter=reporter,
+            source_workload=s.name,
+            source_canonical_service=s.canonical_service,
+            source_canonical_revision=s.canonical_revision,
+            source_workload_namespace=s.namespace,
+            source_principal=s.principal if mtls else UNKNOWN,
+            source_app=s.app,
+            source_version=s.version,
+            source_cluster=s.cluster,
+            destination_workload=d.name,
+            destination_workload_namespace=d.namespace,
+            destination_principal=d.principal if mtls else UNKNOWN,
+            destination_app=d.app,
+            destination_version=d.version,
+            destination_service=service_host or UNKNOWN,
+            destination_service_name=svc_name,
+            destination_service_namespace=svc_ns if svc_ns != UNKNOWN else d.namespace,
+            destination_canonical_service=d.canonical_service,
+            destination_canonical_revision=d.canonical_revision,
+            destination_cluster=d.cluster,
+            request_protocol=protocol,
+            connection_security_policy=policy,
+        )
+
+
+def _esc(v: str) -> str:
+    if "\\" in v or '"' in v or "\n" in v:
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return v
+
+
+class PeerKey:
+    """An interned :class:`PeerLabels` with its label text rendered once. Pass it to ``record``."""
+
+    __slots__ = ("fast", "index", "labels", "prefix", "slow", "suffix")
+
+    def __init__(self, labels: PeerLabels, index: int) -> None:
+        self.labels = labels
+        self.index = index
+        # series by response code when flags are "-" and there is no gRPC status (common case)
+        self.fast: dict[int, list[float]] = {}
+        # series by (response code, response flags, grpc status) otherwise
+        self.slow: dict[tuple[int, str, str], list[float]] = {}
+        head = [n for n in LABEL_NAMES if n not in PER_REQUEST_LABELS][:-1]
+        self.prefix = ",".join(f'{n}="{_esc(getattr(labels, n))}"' for n in head)
+        self.suffix = f'connection_security_policy="{_esc(labels.connection_security_policy)}"'
+
+    def __repr__(self) -> str:
+        return f"PeerKey({self.index}, {self.labels!r})"
+
+
+# --------------------------------------------------------------------------- the recorder
+
+# layout of one HTTP series list: [count, dur_sum, req_sum, resp_sum, dur buckets.., req.., resp..]
+_COUNT, _DUR_SUM, _REQ_SUM, _RESP_SUM, _HEAD = 0, 1, 2, 3, 4
+
+
+class IstioMetrics:
+    """Istio's standard HTTP and TCP metrics for one sidecar.
+
+    Hot path: ``record(peer, code, flags, duration_ms, req_bytes, resp_bytes)``; TCP:
+    ``tcp_open(peer)``, ``tcp_bytes(peer, sent, received)``, ``tcp_close(peer, flags)``.
+    """
+
+    def __init__(
+        self,
+        duration_buckets: Sequence[float] = DURATION_BUCKETS_MS,
+        bytes_buckets: Sequence[float] = BYTES_BUCKETS,
+    ) -> None:
+        self._dur_bounds = tuple(float(b) for b in duration_buckets)
+        self._byte_bounds = tuple(float(b) for b in bytes_buckets)
+        if list(self._dur_bounds) != sorted(set(self._dur_bounds)) or list(
+            self._byte_bounds
+        ) != sorted(set(self._byte_bounds)):
+            raise ValueError("histogram buckets must be strictly increasing, e.g. [1, 5, 50]")
+        nd, nb = len(self._dur_bounds) + 1, len(self._byte_bounds) + 1
+        self._req_off = _HEAD + nd
+        self._resp_off = self._req_off + nb
+        self._width = self._resp_off + nb
+        self._peers: dict[PeerLabels, PeerKey] = {}
+        self.record: Callable[[PeerKey, int, str, float, int, int], None] = self._make_record()
+        """``record(peer, response_code, response_flags, duration_ms, req_bytes, resp_bytes,
+        grpc_status="")``: count one finished HTTP request (dict lookup + list increments)."""
+        # (peer, response_flags) -> [opened, closed, sent, received]
+        self._tcp: dict[tuple[PeerKey, str], list[int]] = {}
+
+    # ----------------------------------------------------------------- setup (not hot)
+
+    def peer(self, labels: PeerLabels) -> PeerKey:
+        """Intern ``labels``: equal labels always give the same key (one series, not two)."""
+        key = self._peers.get(labels)
+        if key is None:
+            key = self._peers[labels] = PeerKey(labels, len(self._peers))
+        return key
+
+    # ----------------------------------------------------------------- hot path
+
+    def _make_record(self) -> Callable[..., None]:
+        """Build ``record`` as a closure: bounds and offsets are cell variables (fast loads)."""
+        dur_bounds, byte_bounds = self._dur_bounds, self._byte_bounds
+        req_off, resp_off, width = self._req_off, self._resp_off, self._width
+        bl = bisect_left
+
+        def record(
+            peer: PeerKey,
+            response_code: int,
+            response_flags: str,
+            duration_ms: float,
+            req_bytes: int,
+            resp_bytes: int,
+            grpc_status: str = "",
+        ) -> None:
+            if response_flags == "-" and not grpc_status:
+                s = peer.fast.get(response_code)
+                if s is None:
+                    s = peer.fast[response_code] = [0] * width
+            else:
+                key = (response_code, response_flags, grpc_status)
+                s = peer.slow.get(key)
+                if s is None:
+                    s = peer.slow[key] = [0] * width
+            s[0] += 1
+            s[1] += duration_ms
+            s[2] += req_bytes
+            s[3] += resp_bytes
+            s[4 + bl(dur_bounds, duration_ms)] += 1
+            s[req_off + (bl(byte_bounds, req_bytes) if req_bytes else 0)] += 1
+            s[resp_off + (bl(byte_bounds, resp_bytes) if resp_bytes else 0)] += 1
+
+        return record
+
+    def tcp_open(self, peer: PeerKey, response_flags: str = "-") -> None:
+        s = self._tcp.get((peer, response_flags))
+        if s is None:
+            s = self._tcp[(peer, response_flags)] = [0, 0, 0, 0]
+        s[0] += 1
+
+    def tcp_bytes(self, peer: PeerKey, sent: int, received: int, response_flags: str = "-") -> None:
+        """Add bytes as they flow (Istio reports TCP bytes periodically, not only at close)."""
+        s = self._tcp.get((peer, response_flags))
+        if s is None:
+            s = self._tcp[(peer, response_flags)] = [0, 0, 0, 0]
+        s[2] += sent
+        s[3] += received
+
+    def tcp_close(self, peer: PeerKey, response_flags: str = "-") -> None:
+        s = self._tcp.get((peer, response_flags))
+        if s is None:
+            s = self._tcp[(peer, response_flags)] = [0, 0, 0, 0]
+        s[1] += 1
+
+    # ----------------------------------------------------------------- scrape time
+
+    def _series(self) -> Iterator[tuple[PeerKey, int, str, str, list[float]]]:
+        for peer in self._peers.values():
+            for code, s in peer.fast.items():
+                yield peer, code, "-", "", s
+            for (code, flags, grpc), s in peer.slow.items():
+                yield peer, code, flags, grpc, s
+
+    def request_count(self, **match: str) -> int:
+        """Sum of ``istio_requests_total`` over series whose labels match (tests, CLI)."""
+        total = 0
+        for peer, code, flags, grpc, s in self._series():
+            values = {"response_code": str(code), "response_flags": flags}
+            values["grpc_response_status"] = grpc
+            if all(values.get(k, getattr(peer.labels, k, None)) == v for k, v in match.items()):
+                total += int(s[0])
+        return total
+
+    def collect(self, out: list[str]) -> None:
+        """Append all Istio metric families in Prometheus text format."""
+        ordered = sorted(self._series(), key=lambda t: (t[0].index, t[1], t[2], t[3]))
+        series = [
+            (
+                (
+                    f'{p.prefix},response_code="{code}",grpc_response_status="{_esc(g)}",'
+                    f'response_flags="{_esc(f)}",{p.suffix}'
+                ),
+                s,
+            )
+            for p, code, f, g, s in ordered
+        ]
+        dur_text = tuple(format_bound(b) for b in self._dur_bounds)
+        byte_text = tuple(format_bound(b) for b in self._byte_bounds)
+        if series:
+            header(out, REQUESTS_TOTAL, "counter", "Requests handled by an Istio proxy.")
+            for labels, s in series:
+                out.append(f"{REQUESTS_TOTAL}{{{labels}}} {int(s[_COUNT])}\n")
+            header(out, REQUEST_DURATION, "histogram", "Duration of requests in milliseconds.")
+            for labels, s in series:
+                histogram_lines(
+                    out, REQUEST_DURATION, labels, dur_text, s, _HEAD, s[_DUR_SUM], int(s[_COUNT])
+                )
+            header(out, REQUEST_BYTES, "histogram", "HTTP request body sizes in bytes.")
+            for labels, s in series:
+                histogram_lines(
+                    out, REQUEST_BYTES, labels, byte_text, s, self._req_off, s[_REQ_SUM],
+                    int(s[_COUNT]),
+                )  # fmt: skip
+            header(out, RESPONSE_BYTES, "histogram", "HTTP response body sizes in bytes.")
+            for labels, s in series:
+                histogram_lines(
+                    out, RESPONSE_BYTES, labels, byte_text, s, self._resp_off, s[_RESP_SUM],
+                    int(s[_COUNT]),
+                )  # fmt: skip
+        if self._tcp:
+            tcp = [
+                (f'{p.prefix},response_flags="{_esc(f)}",{p.suffix}', s)
+                for (p, f), s in sorted(
+                    self._tcp.items(), key=lambda kv: (kv[0][0].index, kv[0][1])
+                )
+            ]
+            for name, idx, text in (
+                (TCP_SENT, 2, "Bytes sent during response in case of a TCP connection."),
+                (TCP_RECEIVED, 3, "Bytes received during request in case of a TCP connection."),
+                (TCP_OPENED, 0, "TCP connections opened."),
+                (TCP_CLOSED, 1, "TCP connections closed."),
+            ):
+                header(out, name, "counter", text)
+                for labels, s in tcp:
+                    out.append(f"{name}{{{labels}}} {format_value(s[idx])}\n")
