@@ -1,0 +1,96 @@
+"""Shared building blocks of the Istio schemas: the strict base model, StringMatch, Percent."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+# Constructs Python's ``re`` accepts but RE2 (Istio/Envoy) rejects.
+_RE2_UNSUPPORTED = re.compile(r"\(\?[=!]|\(\?<[=!]|\\[1-9]|\(\?P=|[*+?}][+]")
+
+
+def check_regex(pattern: str) -> str:
+    """Compile ``pattern``; reject syntax errors and constructs RE2 does not support."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
+    bad = _RE2_UNSUPPORTED.search(pattern)
+    if bad:
+        raise ValueError(
+            f"invalid regex {pattern!r}: {bad.group(0)!r} (lookaround, backreference or "
+            "possessive quantifier) is not supported by RE2, which Istio uses"
+        )
+    return pattern
+
+
+class IstioModel(BaseModel):
+    """Strict, immutable, camelCase: unknown fields are errors, types are not coerced."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=False,
+        strict=True,
+        frozen=True,
+    )
+
+
+class StringMatch(IstioModel):
+    """Istio's StringMatch: exactly one of ``exact``, ``prefix``, ``regex`` (``{}`` = present)."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+
+    @field_validator("regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        return None if v is None else check_regex(v)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> StringMatch:
+        set_ = [k for k in ("exact", "prefix", "regex") if getattr(self, k) is not None]
+        if len(set_) > 1:
+            raise ValueError(f"only one of exact, prefix, regex may be set, got {', '.join(set_)}")
+        return self
+
+
+class Percent(IstioModel):
+    """A percentage ``{value: 50}`` in [0, 100]."""
+
+    value: float = 0.0
+
+    @field_validator("value")
+    @classmethod
+    def _range(cls, v: float) -> float:
+        if not 0.0 <= v <= 100.0:
+            raise ValueError(f"percentage {v} out of range, must be between 0 and 100")
+        return v
+
+
+class PortSelector(IstioModel):
+    number: int | None = None
+
+
+class WorkloadSelector(IstioModel):
+    """``workloadSelector: {labels: ...}`` (Sidecar, ServiceEntry)."""
+
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class LabelSelector(IstioModel):
+    """``selector: {matchLabels: ...}`` (security kinds, DestinationRule.workloadSelector)."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict)
+
+
+class PolicyTargetReference(IstioModel):
+    group: str | None = None
+    kind: str
+    name: str
+    namespace: str | None = None
+

@@ -1,0 +1,526 @@
+"""Istio's networking.istio.io schemas: VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar.
+
+Field names, types and enums follow Istio's CRDs (``customresourcedefinitions.gen.yaml``);
+Python attributes are snake_case, YAML keys are Istio's camelCase.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from diktyo.api.base import IstioModel, LabelSelector, Percent, PortSelector, StringMatch
+from diktyo.api.base import WorkloadSelector
+from diktyo.api.duration import Duration
+
+# --------------------------------------------------------------------------- VirtualService
+
+
+class Destination(IstioModel):
+    host: str
+    subset: str | None = None
+    port: PortSelector | None = None
+
+
+class HeaderOperations(IstioModel):
+    set: dict[str, str] = Field(default_factory=dict)
+    add: dict[str, str] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+
+
+class Headers(IstioModel):
+    request: HeaderOperations | None = None
+    response: HeaderOperations | None = None
+
+
+class HTTPMatchRequest(IstioModel):
+    name: str | None = None
+    uri: StringMatch | None = None
+    scheme: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    headers: dict[str, StringMatch] = Field(default_factory=dict)
+    port: int | None = None
+    source_labels: dict[str, str] = Field(default_factory=dict)
+    gateways: list[str] = Field(default_factory=list)
+    query_params: dict[str, StringMatch] = Field(default_factory=dict)
+    ignore_uri_case: bool = False
+    without_headers: dict[str, StringMatch] = Field(default_factory=dict)
+    source_namespace: str | None = None
+    stat_prefix: str | None = None
+
+
+class HTTPRouteDestination(IstioModel):
+    destination: Destination
+    weight: int | None = None
+    headers: Headers | None = None
+
+
+class RouteDestination(IstioModel):
+    destination: Destination
+    weight: int | None = None
+
+
+class HTTPRedirect(IstioModel):
+    uri: str | None = None
+    authority: str | None = None
+    port: int | None = None
+    derive_port: Literal["FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"] | None = None
+    scheme: str | None = None
+    redirect_code: int | None = None
+    prefix_rewrite: str | None = None
+
+
+class HTTPBody(IstioModel):
+    string: str | None = None
+    bytes: str | None = None  # base64
+
+
+class HTTPDirectResponse(IstioModel):
+    status: int
+    body: HTTPBody | None = None
+
+
+class RegexRewrite(IstioModel):
+    match: str | None = None
+    rewrite: str | None = None
+
+
+class HTTPRewrite(IstioModel):
+    uri: str | None = None
+    authority: str | None = None
+    uri_regex_rewrite: RegexRewrite | None = None
+
+
+class HTTPRetry(IstioModel):
+    attempts: int | None = None
+    per_try_timeout: Duration | None = None
+    retry_on: str | None = None
+    retry_remote_localities: bool | None = None
+    retry_ignore_previous_hosts: bool | None = None
+    backoff: Duration | None = None
+
+
+class FaultDelay(IstioModel):
+    fixed_delay: Duration | None = None
+    exponential_delay: Duration | None = None
+    percentage: Percent | None = None
+    percent: int | None = None  # legacy integer percent
+
+
+class FaultAbort(IstioModel):
+    http_status: int | None = None
+    grpc_status: str | None = None
+    http2_error: str | None = None
+    percentage: Percent | None = None
+    percent: int | None = None  # legacy integer percent (Istio's own samples still use it)
+
+
+class HTTPFaultInjection(IstioModel):
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
+class HTTPMirrorPolicy(IstioModel):
+    destination: Destination
+    percentage: Percent | None = None
+
+
+class CorsPolicy(IstioModel):
+    allow_origins: list[StringMatch] = Field(default_factory=list)
+    allow_origin: list[str] = Field(default_factory=list)
+    allow_methods: list[str] = Field(default_factory=list)
+    allow_headers: list[str] = Field(default_factory=list)
+    expose_headers: list[str] = Field(default_factory=list)
+    max_age: Duration | None = None
+    allow_credentials: bool | None = None
+    unmatched_preflights: Literal["UNSPECIFIED", "FORWARD", "IGNORE"] | None = None
+
+
+class Delegate(IstioModel):
+    name: str | None = None
+    namespace: str | None = None
+
+
+class HTTPRoute(IstioModel):
+    name: str | None = None
+    match: list[HTTPMatchRequest] = Field(default_factory=list)
+    route: list[HTTPRouteDestination] = Field(default_factory=list)
+    redirect: HTTPRedirect | None = None
+    direct_response: HTTPDirectResponse | None = None
+    delegate: Delegate | None = None
+    rewrite: HTTPRewrite | None = None
+    timeout: Duration | None = None
+    retries: HTTPRetry | None = None
+    fault: HTTPFaultInjection | None = None
+    mirror: Destination | None = None
+    mirrors: list[HTTPMirrorPolicy] = Field(default_factory=list)
+    mirror_percent: int | None = None
+    mirror_percent_legacy: int | None = Field(default=None, alias="mirror_percent")
+    mirror_percentage: Percent | None = None
+    cors_policy: CorsPolicy | None = None
+    headers: Headers | None = None
+
+    @model_validator(mode="after")
+    def _actions(self) -> HTTPRoute:
+        if self.redirect is not None and self.direct_response is not None:
+            raise ValueError("redirect and directResponse cannot both be set")
+        return self
+
+
+class L4MatchAttributes(IstioModel):
+    destination_subnets: list[str] = Field(default_factory=list)
+    port: int | None = None
+    source_subnet: str | None = None
+    source_labels: dict[str, str] = Field(default_factory=dict)
+    gateways: list[str] = Field(default_factory=list)
+    source_namespace: str | None = None
+
+
+class TLSMatchAttributes(IstioModel):
+    sni_hosts: list[str]
+    destination_subnets: list[str] = Field(default_factory=list)
+    port: int | None = None
+    source_labels: dict[str, str] = Field(default_factory=dict)
+    gateways: list[str] = Field(default_factory=list)
+    source_namespace: str | None = None
+
+
+class TCPRoute(IstioModel):
+    match: list[L4MatchAttributes] = Field(default_factory=list)
+    route: list[RouteDestination] = Field(default_factory=list)
+
+
+class TLSRoute(IstioModel):
+    match: list[TLSMatchAttributes]
+    route: list[RouteDestination] = Field(default_factory=list)
+
+
+class VirtualService(IstioModel):
+    hosts: list[str] = Field(default_factory=list)
+    gateways: list[str] = Field(default_factory=list)
+    http: list[HTTPRoute] = Field(default_factory=list)
+    tls: list[TLSRoute] = Field(default_factory=list)
+    tcp: list[TCPRoute] = Field(default_factory=list)
+    export_to: list[str] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- DestinationRule
+
+
+class TcpKeepalive(IstioModel):
+    probes: int | None = None
+    time: Duration | None = None
+    interval: Duration | None = None
+
+
+class TCPSettings(IstioModel):
+    max_connections: int | None = None
+    connect_timeout: Duration | None = None
+    tcp_keepalive: TcpKeepalive | None = None
+    max_connection_duration: Duration | None = None
+    idle_timeout: Duration | None = None
+
+
+class HTTP2KeepAlive(IstioModel):
+    interval: Duration | None = None
+    timeout: Duration | None = None
+
+
+class HTTPSettings(IstioModel):
+    http1_max_pending_requests: int | None = None
+    http2_max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    max_retries: int | None = None
+    idle_timeout: Duration | None = None
+    h2_upgrade_policy: Literal["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"] | None = None
+    use_client_protocol: bool | None = None
+    max_concurrent_streams: int | None = None
+    http2_keep_alive: HTTP2KeepAlive | None = None
+
+
+class ConnectionPoolSettings(IstioModel):
+    tcp: TCPSettings | None = None
+    http: HTTPSettings | None = None
+
+
+class HTTPCookieAttribute(IstioModel):
+    name: str
+    value: str | None = None
+
+
+class HTTPCookie(IstioModel):
+    name: str
+    path: str | None = None
+    ttl: Duration | None = None
+    attributes: list[HTTPCookieAttribute] = Field(default_factory=list)
+
+
+class RingHash(IstioModel):
+    minimum_ring_size: int | None = None
+
+
+class MagLev(IstioModel):
+    table_size: int | None = None
+
+
+class ConsistentHashLB(IstioModel):
+    http_header_name: str | None = None
+    http_cookie: HTTPCookie | None = None
+    use_source_ip: bool | None = None
+    http_query_parameter_name: str | None = None
+    ring_hash: RingHash | None = None
+    maglev: MagLev | None = None
+    minimum_ring_size: int | None = None
+
+
+class LocalityDistribute(IstioModel):
+    from_: str | None = Field(default=None, alias="from")
+    to: dict[str, int] = Field(default_factory=dict)
+
+
+class LocalityFailover(IstioModel):
+    from_: str | None = Field(default=None, alias="from")
+    to: str | None = None
+
+
+class LocalityLoadBalancerSetting(IstioModel):
+    distribute: list[LocalityDistribute] = Field(default_factory=list)
+    failover: list[LocalityFailover] = Field(default_factory=list)
+    failover_priority: list[str] = Field(default_factory=list)
+    enabled: bool | None = None
+
+
+class ZoneAwareLbSetting(IstioModel):
+    enabled: bool | None = None
+    failover: list[LocalityFailover] = Field(default_factory=list)
+    failover_priority: list[str] = Field(default_factory=list)
+    min_cluster_size: int | None = None
+
+
+class WarmupConfiguration(IstioModel):
+    duration: Duration
+    minimum_percent: float | None = None
+    aggression: float | None = None
+
+
+class LoadBalancerSettings(IstioModel):
+    simple: (
+        Literal["UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST"]
+        | None
+    ) = None
+    consistent_hash: ConsistentHashLB | None = None
+    locality_lb_setting: LocalityLoadBalancerSetting | None = None
+    warmup_duration_secs: Duration | None = None
+    warmup: WarmupConfiguration | None = None
+    zone_aware_lb_setting: ZoneAwareLbSetting | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> LoadBalancerSettings:
+        if self.simple is not None and self.consistent_hash is not None:
+            raise ValueError("only one of simple, consistentHash may be set")
+        return self
+
+
+class OutlierDetection(IstioModel):
+    split_external_local_origin_errors: bool | None = None
+    consecutive_local_origin_failures: int | None = None
+    consecutive_gateway_errors: int | None = None
+    consecutive_5xx_errors: int | None = Field(default=None, alias="consecutive5xxErrors")
+    interval: Duration | None = None
+    base_ejection_time: Duration | None = None
+    max_ejection_percent: int | None = None
+    min_health_percent: int | None = None
+    consecutive_errors: int | None = None  # deprecated, = consecutive5xxErrors
+    outlier_detection_http_error_codes: list[int] = Field(default_factory=list)
+
+
+class ClientTLSSettings(IstioModel):
+    mode: Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"] | None = None
+    client_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    credential_name: str | None = None
+    subject_alt_names: list[str] = Field(default_factory=list)
+    sni: str | None = None
+    insecure_skip_verify: bool | None = None
+    ca_crl: str | None = None
+
+
+class PortTrafficPolicy(IstioModel):
+    port: PortSelector | None = None
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
+
+
+class TunnelSettings(IstioModel):
+    protocol: str | None = None
+    target_host: str
+    target_port: int
+
+
+class ProxyProtocol(IstioModel):
+    version: Literal["V1", "V2"] | None = None
+
+
+class RetryBudget(IstioModel):
+    percent: float | None = None
+    min_retry_concurrency: int | None = None
+    budget_interval: Duration | None = None
+
+
+class TrafficPolicy(IstioModel):
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
+    port_level_settings: list[PortTrafficPolicy] = Field(default_factory=list)
+    tunnel: TunnelSettings | None = None
+    proxy_protocol: ProxyProtocol | None = None
+    retry_budget: RetryBudget | None = None
+
+
+class Subset(IstioModel):
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    traffic_policy: TrafficPolicy | None = None
+
+
+class DestinationRule(IstioModel):
+    host: str
+    traffic_policy: TrafficPolicy | None = None
+    subsets: list[Subset] = Field(default_factory=list)
+    export_to: list[str] = Field(default_factory=list)
+    workload_selector: LabelSelector | None = None
+
+
+# --------------------------------------------------------------------------- ServiceEntry
+
+
+class ServicePort(IstioModel):
+    number: int
+    protocol: str | None = None
+    name: str
+    target_port: int | None = None
+
+
+class WorkloadEntry(IstioModel):
+    address: str | None = None
+    ports: dict[str, int] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    network: str | None = None
+    locality: str | None = None
+    weight: int | None = None
+    service_account: str | None = None
+
+
+class ServiceEntry(IstioModel):
+    hosts: list[str]
+    addresses: list[str] = Field(default_factory=list)
+    ports: list[ServicePort] = Field(default_factory=list)
+    location: Literal["MESH_EXTERNAL", "MESH_INTERNAL"] | None = None
+    resolution: Literal["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS"] | None = None
+    endpoints: list[WorkloadEntry] = Field(default_factory=list)
+    workload_selector: WorkloadSelector | None = None
+    export_to: list[str] = Field(default_factory=list)
+    subject_alt_names: list[str] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- Gateway
+
+_TLS_VERSIONS = Literal["TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3"]
+
+
+class Port(IstioModel):
+    number: int
+    protocol: str
+    name: str
+    target_port: int | None = None
+
+
+class TLSCertificate(IstioModel):
+    server_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+
+
+class ServerTLSSettings(IstioModel):
+    https_redirect: bool | None = None
+    mode: (
+        Literal["PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"]
+        | None
+    ) = None
+    server_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    ca_crl: str | None = None
+    credential_name: str | None = None
+    credential_names: list[str] = Field(default_factory=list)
+    tls_certificates: list[TLSCertificate] = Field(default_factory=list)
+    subject_alt_names: list[str] = Field(default_factory=list)
+    verify_certificate_spki: list[str] = Field(default_factory=list)
+    verify_certificate_hash: list[str] = Field(default_factory=list)
+    min_protocol_version: _TLS_VERSIONS | None = None
+    max_protocol_version: _TLS_VERSIONS | None = None
+    cipher_suites: list[str] = Field(default_factory=list)
+    insecure_skip_verify: bool | None = None
+    ca_cert_credential_name: str | None = None
+
+
+class Server(IstioModel):
+    port: Port
+    bind: str | None = None
+    hosts: list[str]
+    tls: ServerTLSSettings | None = None
+    default_endpoint: str | None = None
+    name: str | None = None
+
+
+class Gateway(IstioModel):
+    servers: list[Server] = Field(default_factory=list)
+    selector: dict[str, str] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- Sidecar
+
+
+class SidecarPort(IstioModel):
+    number: int | None = None
+    protocol: str | None = None
+    name: str | None = None
+    target_port: int | None = None
+
+
+_CAPTURE = Literal["DEFAULT", "IPTABLES", "NONE"]
+
+
+class IstioIngressListener(IstioModel):
+    port: SidecarPort
+    bind: str | None = None
+    capture_mode: _CAPTURE | None = None
+    default_endpoint: str | None = None
+    tls: ServerTLSSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+
+
+class IstioEgressListener(IstioModel):
+    port: SidecarPort | None = None
+    bind: str | None = None
+    capture_mode: _CAPTURE | None = None
+    hosts: list[str]
+
+
+class OutboundTrafficPolicy(IstioModel):
+    mode: Literal["REGISTRY_ONLY", "ALLOW_ANY"] | None = None
+    egress_proxy: Destination | None = None
+
+
+class Sidecar(IstioModel):
+    workload_selector: WorkloadSelector | None = None
+    ingress: list[IstioIngressListener] = Field(default_factory=list)
+    egress: list[IstioEgressListener] = Field(default_factory=list)
+    inbound_connection_pool: ConnectionPoolSettings | None = None
+    outbound_traffic_policy: OutboundTrafficPolicy | None = None

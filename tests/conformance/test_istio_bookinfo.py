@@ -1,0 +1,34 @@
+"""Istio's own Bookinfo networking samples load unchanged with zero errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diktyo.api import load_paths
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
+BOOKINFO = SHARED / "istio" / "bookinfo"
+FILES = sorted(BOOKINFO.glob("*.yaml")) if BOOKINFO.is_dir() else []
+
+
+@pytest.mark.skipif(not BOOKINFO.is_dir(), reason=f"{BOOKINFO} missing (shared/ beside the repo)")
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_istio_bookinfo_file_loads_without_errors(path: Path) -> None:
+    result = load_paths([path])
+    assert [str(e) for e in result.errors] == []
+    assert result.resources, f"{path.name}: no resources loaded"
+    for res in result.resources:
+        assert res.file == str(path)
+        assert res.line >= 1 and res.positions["kind"][0] >= res.line
+
+
+@pytest.mark.skipif(not BOOKINFO.is_dir(), reason=f"{BOOKINFO} missing (shared/ beside the repo)")
+def test_istio_bookinfo_dir_has_every_expected_kind() -> None:
+    result = load_paths([BOOKINFO])
+    assert result.errors == []
+    kinds = {r.kind for r in result.resources}
+    assert {"VirtualService", "DestinationRule", "Gateway"} <= kinds
+    names = {(r.kind, r.name) for r in result.resources}
+    assert ("VirtualService", "reviews") in names and ("DestinationRule", "ratings") in names
