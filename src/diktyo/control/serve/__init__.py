@@ -1,0 +1,1 @@
+"""diktyo.control.serve: debounce, snapshot cache, push and ACK/NACK bookkeeping."""

@@ -1,0 +1,505 @@
+"""The control plane server: config store + live registry -> translate -> long-poll push, over HTTP.
+
+Theory of operation
+-------------------
+Every change (a config file, ``diktyo apply``, an instance joining, leaving or failing its
+health check, a proxy registering) calls ``kick()``. The push loop debounces (100 ms quiet,
+10 s max, ``serve.debounce``), builds one immutable ``PushContext``, translates every known
+proxy and encodes each changed snapshot once (``serve.cache``), then wakes the long polls of
+the proxies whose version changed. Sidecars poll ``GET /v1/snapshot`` and answer ``POST
+/v1/ack``; ``serve.status`` keeps the ACK/NACK bookkeeping behind ``diktyo proxy-status``.
+
+``ControlPlane`` runs inside any asyncio program (``diktyo up`` hosts it in-process) or alone
+(``diktyo control-plane``). HTTP API: see ``docs/mesh-file.md`` ("Control plane API").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from diktyo.control.model import ProxyNode, PushContext, Registry, Service, WorkloadInstance
+from diktyo.control.serve.cache import SnapshotCache, Translator
+from diktyo.control.serve.debounce import Debouncer
+from diktyo.control.serve.health import HealthTracker
+from diktyo.control.serve.registry import LiveRegistry
+from diktyo.control.serve.status import ProxyStatus
+from diktyo.control.store import ConfigStore, resource_key
+from diktyo.core.clock import SYSTEM_CLOCK, Clock
+from diktyo.snapshot.codec import to_builtins
+from diktyo.snapshot.model import MeshConfig
+
+log = logging.getLogger(__name__)
+
+_PLACEHOLDER_PAGE = """<!doctype html><html><head><title>diktyo</title></head><body>
+<h1>diktyo control plane</h1><p>The dashboard is not built yet. JSON API:
+<a href="/v1/proxies">/v1/proxies</a>, <a href="/v1/registry">/v1/registry</a>,
+<a href="/v1/config">/v1/config</a>.</p></body></html>"""
+
+
+def _default_translator() -> Translator:
+    from diktyo.control.translate import translate  # type: ignore[import-not-found,unused-ignore]
+
+    return translate  # type: ignore[no-any-return]
+
+
+def _merge_service_entries(resources: tuple[Any, ...], registry: Registry) -> Registry:
+    """Add services/instances declared by ServiceEntry resources (config engineer's helper)."""
+    try:
+        from diktyo.control.translate import (  # type: ignore[import-not-found,unused-ignore]
+            registry_from_service_entries,
+        )
+    except ImportError:
+        return registry
+    extra = registry_from_service_entries(resources)
+    return Registry(
+        services=registry.services + tuple(extra.services),
+        instances=registry.instances + tuple(extra.instances),
+    )
+
+
+class ControlPlane:
+    """In-process control plane. ``await start()`` serves HTTP; ``await stop()`` ends every task."""
+
+    def __init__(
+        self,
+        *,
+        config_dir: str | Path | None = None,
+        translator: Translator | None = None,
+        mesh: MeshConfig | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        debounce: float = 0.1,
+        debounce_max: float = 10.0,
+        poll_timeout: float = 25.0,
+        health_interval: float = 1.0,
+        store: ConfigStore | None = None,
+        merge_service_entries: bool = True,
+    ) -> None:
+        self.clock = clock
+        self.mesh = mesh or MeshConfig()
+        self.store = store or ConfigStore(config_dir)
+        self.store.on_change = self.kick
+        self.registry = LiveRegistry(on_change=self.kick)
+        self.cache = SnapshotCache(translator or _LazyTranslator())
+        self.debouncer = Debouncer(debounce, debounce_max)
+        self.poll_timeout = poll_timeout
+        self.health_interval = health_interval
+        self.health = HealthTracker()
+        self.merge_service_entries = merge_service_entries
+        self.proxies: dict[str, ProxyNode] = {}
+        self.status: dict[str, ProxyStatus] = {}
+        self.push_version = 0
+        self.pushes = 0
+        self.last_push: PushContext | None = None
+        self.analysis: list[str] = []
+        self.workloads_provider: Callable[[], list[dict[str, Any]]] | None = None
+        self.url = ""
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._kick = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.app = self._make_app()
+
+    # ------------------------------------------------------------------ state changes
+
+    def kick(self) -> None:
+        """Something changed: schedule a (debounced) push."""
+        self.debouncer.change(self.clock.monotonic())
+        self._kick.set()
+
+    def add_proxy(self, proxy: ProxyNode) -> None:
+        self.proxies[proxy.node.id] = proxy
+        self.status.setdefault(proxy.node.id, ProxyStatus(proxy.node.id))
+        self.push_now(only_new=True)
+        self.kick()
+
+    def remove_proxy(self, node_id: str) -> bool:
+        if self.proxies.pop(node_id, None) is None:
+            return False
+        self.status.pop(node_id, None)
+        self.cache.drop(node_id)
+        for fut in self._waiters.pop(node_id, set()):
+            if not fut.done():
+                fut.set_result(None)
+        return True
+
+    def push_now(self, only_new: bool = False) -> list[str]:
+        """Build a PushContext and translate now (no debounce); return changed node ids."""
+        if only_new:
+            proxies = [p for n, p in self.proxies.items() if self.cache.get(n) is None]
+            push = self.last_push or self._push_context()
+        else:
+            self.push_version += 1
+            push = self._push_context()
+            self.last_push = push
+            proxies = list(self.proxies.values())
+            self.pushes += 1
+            self._analyze(push)
+        changed = self.cache.rebuild(push, proxies)
+        for node_id in changed:
+            entry = self.cache.get(node_id)
+            st = self.status.get(node_id)
+            if entry is not None and st is not None:
+                st.current = entry.version
+            for fut in self._waiters.pop(node_id, set()):
+                if not fut.done():
+                    fut.set_result(None)
+        return changed
+
+    def _push_context(self) -> PushContext:
+        resources = self.store.resources
+        registry = self.registry.view()
+        if self.merge_service_entries:
+            try:
+                registry = _merge_service_entries(resources, registry)
+            except Exception:
+                log.warning("ServiceEntry registry merge failed", exc_info=True)
+        return PushContext(resources, registry, self.mesh, str(self.push_version))
+
+    def _analyze(self, push: PushContext) -> None:
+        try:
+            from diktyo.control.validate import analyze  # type: ignore[attr-defined,unused-ignore]
+        except ImportError:
+            return
+        try:
+            self.analysis = [str(m) for m in analyze(push.resources, push.registry)]
+        except Exception as exc:  # noqa: BLE001 - a validator bug must not stop pushes
+            self.analysis = [f"analyze failed: {type(exc).__name__}: {exc}"]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._kick = asyncio.Event()
+        if self.store.directory is not None:
+            self.store.reload_files(force=True)
+            if self.store.errors:
+                log.warning("starting with config errors:\n  %s", "\n  ".join(self.store.errors))
+        self.debouncer.fire()
+        self.push_now()
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=0.5
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        real_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.url = f"http://{host}:{real_port}"
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._push_loop(), name="cp-push"),
+            loop.create_task(self._health_loop(), name="cp-health"),
+        ]
+        if self.store.directory is not None:
+            self._tasks.append(loop.create_task(self.store.watch(), name="cp-watch"))
+        log.info("control plane serving on %s", self.url)
+        return self.url
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for futs in self._waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(None)
+        self._waiters.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _push_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            while True:
+                deadline = self.debouncer.deadline()
+                if deadline is None:
+                    break
+                now = self.clock.monotonic()
+                if now >= deadline:
+                    self.debouncer.fire()
+                    try:
+                        self.push_now()
+                    except Exception:
+                        log.exception("push failed")
+                    break
+                try:
+                    await asyncio.wait_for(self._kick.wait(), deadline - now)
+                    self._kick.clear()
+                except TimeoutError:
+                    pass
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            targets = list(self.registry.admin_urls.items())
+            if not targets:
+                continue
+            results = await asyncio.gather(*(self._probe(url) for _, url in targets))
+            for (name, _), ok in zip(targets, results, strict=True):
+                inst = self.registry.instances.get(name)
+                if inst is None:
+                    self.health.forget(name)
+                    continue
+                new = self.health.observe(name, ok, inst.healthy)
+                if new is not None:
+                    log.warning("instance %s is now %s", name, "healthy" if new else "UNHEALTHY")
+                    self.registry.set_healthy(name, new)
+
+    async def _probe(self, admin_url: str) -> bool:
+        assert self._session is not None
+        try:
+            async with self._session.get(admin_url + "/ready") as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    # ------------------------------------------------------------------ HTTP API
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        r = app.router
+        r.add_get("/", self._h_index)
+        r.add_get("/healthz", self._h_healthz)
+        r.add_get("/v1/snapshot", self._h_snapshot)
+        r.add_post("/v1/ack", self._h_ack)
+        r.add_get("/v1/config", self._h_config)
+        r.add_post("/v1/config", self._h_apply)
+        r.add_delete("/v1/config", self._h_delete)
+        r.add_delete("/v1/config/{kind}/{namespace}/{name}", self._h_delete_one)
+        r.add_get("/v1/registry", self._h_registry)
+        r.add_post("/v1/registry/services", self._h_add_service)
+        r.add_delete("/v1/registry/services/{hostname}", self._h_del_service)
+        r.add_post("/v1/registry/instances", self._h_add_instance)
+        r.add_delete("/v1/registry/instances/{name}", self._h_del_instance)
+        r.add_post("/v1/registry/proxies", self._h_add_proxy)
+        r.add_delete("/v1/registry/proxies/{node}", self._h_del_proxy)
+        r.add_get("/v1/proxies", self._h_proxies)
+        r.add_get("/v1/proxies/{node}/snapshot", self._h_proxy_snapshot)
+        r.add_get("/v1/workloads", self._h_workloads)
+        return app
+
+    async def _h_index(self, request: web.Request) -> web.Response:
+        return web.Response(text=_PLACEHOLDER_PAGE, content_type="text/html")
+
+    async def _h_healthz(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"ok": True, "proxies": len(self.proxies), "push": self.push_version}
+        )
+
+    async def _h_snapshot(self, request: web.Request) -> web.StreamResponse:
+        node_id = request.query.get("node", "")
+        have = request.query.get("version", "")
+        if node_id not in self.proxies:
+            return _error(
+                404,
+                f"unknown node {node_id!r}: register it first (POST /v1/registry/proxies, "
+                "or start it with 'diktyo up'); known nodes: " + ", ".join(sorted(self.proxies)),
+            )
+        st = self.status[node_id]
+        st.last_seen = self.clock.time()
+        st.polls += 1
+        deadline = self.clock.monotonic() + self.poll_timeout
+        while True:
+            entry = self.cache.get(node_id)
+            if entry is not None and entry.version != have:
+                st.sent = entry.version
+                return web.Response(
+                    body=entry.data,
+                    content_type="application/json",
+                    headers={"x-diktyo-version": entry.version},
+                )
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0 or node_id not in self.proxies:
+                return web.Response(status=204)
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(node_id, set()).add(fut)
+            st.connected = True
+            try:
+                await asyncio.wait({fut}, timeout=remaining)
+            finally:
+                st.connected = False
+                self._waiters.get(node_id, set()).discard(fut)
+            if node_id not in self.proxies:
+                return web.Response(status=204)
+
+    async def _h_ack(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            node_id, version = str(body["node"]), str(body["version"])
+            ok = bool(body.get("ok", True))
+        except (ValueError, KeyError, TypeError):
+            return _error(
+                400, 'ack body must be JSON {"node": ID, "version": V, "ok": bool, "error": "..."}'
+            )
+        st = self.status.get(node_id)
+        if st is None:
+            return _error(404, f"unknown node {node_id!r}")
+        st.ack(version, ok, str(body.get("error") or ""), self.clock.time())
+        if not ok:
+            log.warning("%s rejected snapshot %s: %s", node_id, version, st.error)
+        return web.json_response({"ok": True})
+
+    async def _h_config(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "generation": self.store.generation,
+                "directory": str(self.store.directory or ""),
+                "resources": [list(k) for k in self.store.keys()],  # noqa: SIM118
+                "errors": list(self.store.errors),
+                "warnings": list(self.store.warnings),
+                "analysis": self.analysis,
+                "push_version": self.push_version,
+            }
+        )
+
+    async def _h_apply(self, request: web.Request) -> web.Response:
+        text = await request.text()
+        source = request.query.get("source", "<api>")
+        keys, errors = self.store.apply_text(text, source)
+        if errors:
+            return web.json_response(
+                {
+                    "applied": [],
+                    "errors": list(errors),
+                    "message": "config rejected; the control plane keeps serving the last good config",
+                },
+                status=400,
+            )
+        return web.json_response({"applied": [list(k) for k in keys], "errors": []})
+
+    async def _h_delete(self, request: web.Request) -> web.Response:
+        text = await request.text()
+        keys, errors = self.store.delete_text(text, request.query.get("source", "<api>"))
+        status = 200 if keys or not errors else 404
+        return web.json_response(
+            {"deleted": [list(k) for k in keys], "errors": list(errors)}, status=status
+        )
+
+    async def _h_delete_one(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        keys, errors = self.store.delete_keys([(m["kind"], m["namespace"], m["name"])])
+        return web.json_response(
+            {"deleted": [list(k) for k in keys], "errors": list(errors)},
+            status=200 if keys else 404,
+        )
+
+    async def _h_registry(self, request: web.Request) -> web.Response:
+        reg = self.registry
+        return web.json_response(
+            {
+                "services": msgspec.to_builtins(list(reg.services.values())),
+                "instances": msgspec.to_builtins(list(reg.instances.values())),
+                "proxies": msgspec.to_builtins(list(self.proxies.values())),
+            },
+            dumps=_dumps,
+        )
+
+    async def _h_add_service(self, request: web.Request) -> web.Response:
+        svc = await _decode(request, Service)
+        if isinstance(svc, web.Response):
+            return svc
+        self.registry.add_service(svc)
+        return web.json_response({"ok": True})
+
+    async def _h_del_service(self, request: web.Request) -> web.Response:
+        ok = self.registry.remove_service(request.match_info["hostname"])
+        return web.json_response({"ok": ok}, status=200 if ok else 404)
+
+    async def _h_add_instance(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        try:
+            admin_url = json.loads(raw).pop("admin_url", None)
+            data = json.loads(raw)
+            data.pop("admin_url", None)
+            inst = msgspec.convert(data, WorkloadInstance, strict=False)
+        except (ValueError, msgspec.ValidationError, AttributeError) as exc:
+            return _error(400, f"bad instance: {exc}")
+        self.registry.add_instance(inst, admin_url)
+        return web.json_response({"ok": True})
+
+    async def _h_del_instance(self, request: web.Request) -> web.Response:
+        ok = self.registry.remove_instance(request.match_info["name"])
+        return web.json_response({"ok": ok}, status=200 if ok else 404)
+
+    async def _h_add_proxy(self, request: web.Request) -> web.Response:
+        proxy = await _decode(request, ProxyNode)
+        if isinstance(proxy, web.Response):
+            return proxy
+        self.add_proxy(proxy)
+        return web.json_response({"ok": True, "node": proxy.node.id})
+
+    async def _h_del_proxy(self, request: web.Request) -> web.Response:
+        ok = self.remove_proxy(request.match_info["node"])
+        return web.json_response({"ok": ok}, status=200 if ok else 404)
+
+    async def _h_proxies(self, request: web.Request) -> web.Response:
+        out = []
+        for node_id in sorted(self.proxies):
+            d = self.status[node_id].to_json()
+            proxy = self.proxies[node_id]
+            d["workload"] = proxy.node.workload
+            d["namespace"] = proxy.node.namespace
+            d["mode"] = proxy.node.mode
+            d["translate_error"] = self.cache.errors.get(node_id, "")
+            out.append(d)
+        return web.json_response({"push_version": self.push_version, "proxies": out})
+
+    async def _h_proxy_snapshot(self, request: web.Request) -> web.Response:
+        node_id = request.match_info["node"]
+        entry = self.cache.get(node_id)
+        if entry is None:
+            known = ", ".join(sorted(self.proxies)) or "none"
+            return _error(404, f"no snapshot for node {node_id!r} (known nodes: {known})")
+        return web.Response(body=entry.data, content_type="application/json")
+
+    async def _h_workloads(self, request: web.Request) -> web.Response:
+        items = self.workloads_provider() if self.workloads_provider else []
+        return web.json_response({"workloads": items})
+
+
+class _LazyTranslator:
+    """Import the real translator on first use, so the server starts without it in tests."""
+
+    def __init__(self) -> None:
+        self._fn: Translator | None = None
+
+    def __call__(self, proxy: ProxyNode, push: PushContext) -> Any:
+        if self._fn is None:
+            self._fn = _default_translator()
+        return self._fn(proxy, push)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def _decode(request: web.Request, typ: type) -> Any:
+    raw = await request.read()
+    try:
+        return msgspec.json.decode(raw, type=typ, strict=False)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return _error(400, f"bad {typ.__name__}: {exc}")
+
+
+__all__ = ["ControlPlane", "resource_key", "to_builtins"]

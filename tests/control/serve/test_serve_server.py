@@ -1,0 +1,287 @@
+"""Control plane push over real HTTP: N clients, ACK/NACK, debounce, rejected config, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+
+from diktyo.control.model import Service, ServicePort, WorkloadInstance
+from diktyo.control.server import ControlPlane
+from diktyo.control.store import ConfigStore, LoadOutcome
+from diktyo.proxy.config_client import Backoff, ConfigClient
+from diktyo.snapshot.model import Snapshot
+
+SVC = Service(
+    hostname="reviews.default.svc.cluster.local", short_name="reviews", ports=(ServicePort(9080),)
+)
+
+
+def _inst(name: str, port: int) -> WorkloadInstance:
+    return WorkloadInstance(
+        name=name,
+        workload="reviews-v1",
+        address="127.0.0.1",
+        ports={9080: port},
+        services=(SVC.hostname,),
+    )
+
+
+async def _until(pred, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def _endpoints(snap: Snapshot | None) -> list[int]:
+    assert snap is not None
+    return sorted(e.port for c in snap.clusters for e in c.endpoints)
+
+
+@pytest.fixture
+async def cp(translate):
+    plane = ControlPlane(translator=translate, poll_timeout=2.0, merge_service_entries=False)
+    await plane.start()
+    yield plane
+    await plane.stop()
+
+
+async def test_push_to_many_clients_and_ack(cp: ControlPlane, make_proxy) -> None:
+    n = 20
+    for i in range(n):
+        cp.add_proxy(make_proxy(i))
+    got: dict[int, list[Snapshot]] = {i: [] for i in range(n)}
+    clients = [ConfigClient(cp.url, f"app-{i}.default", got[i].append) for i in range(n)]
+    for c in clients:
+        c.start()
+    try:
+        await _until(lambda: all(c.snapshot is not None for c in clients))
+        cp.registry.add_service(SVC)
+        cp.registry.add_instance(_inst("r1", 7001))
+        await _until(lambda: all(_endpoints(c.snapshot) == [7001] for c in clients))
+        await _until(lambda: all(s.state == "SYNCED" for s in cp.status.values()))
+        assert len({c.version.split("-")[0] for c in clients}) == 1  # one push version for all
+        async with aiohttp.ClientSession() as s, s.get(cp.url + "/v1/proxies") as r:
+            body = await r.json()
+        assert [p["state"] for p in body["proxies"]] == ["SYNCED"] * n
+        # each proxy got: the initial snapshot, then the one with the endpoint (debounced)
+        assert all(len(v) == 2 for v in got.values()), {i: len(v) for i, v in got.items()}
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_nack_keeps_last_good_and_reports_reason(cp: ControlPlane, make_proxy) -> None:
+    cp.add_proxy(make_proxy(1))
+    cp.registry.add_service(SVC)
+
+    def on_snapshot(snap: Snapshot) -> None:
+        if _endpoints(snap) == [7002]:
+            raise ValueError("port 7002 is cursed")
+
+    client = ConfigClient(cp.url, "app-1.default", on_snapshot)
+    client.start()
+    try:
+        await client.wait_ready(5)
+        good = client.snapshot
+        cp.registry.add_instance(_inst("r2", 7002))
+        await _until(lambda: cp.status["app-1.default"].state == "NACK")
+        assert "cursed" in cp.status["app-1.default"].error
+        assert client.snapshot is good and client.stats["nacked"] == 1
+        cp.registry.add_instance(_inst("r3", 7003))
+        await _until(lambda: cp.status["app-1.default"].state == "SYNCED")
+        assert _endpoints(client.snapshot) == [7002, 7003]
+    finally:
+        await client.close()
+
+
+async def test_debounce_merges_a_burst_into_one_push(cp: ControlPlane, make_proxy) -> None:
+    cp.add_proxy(make_proxy(1))
+    cp.registry.add_service(SVC)
+    await asyncio.sleep(0.3)
+    before = cp.pushes
+    for i in range(30):
+        cp.registry.add_instance(_inst(f"r{i}", 7000 + i))
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    assert cp.pushes == before + 1
+    entry = cp.cache.get("app-1.default")
+    assert entry is not None and len(_endpoints(entry.snapshot)) == 30
+
+
+async def test_unknown_node_404_with_help(cp: ControlPlane) -> None:
+    params = {"node": "nope", "version": ""}
+    async with aiohttp.ClientSession() as s, s.get(cp.url + "/v1/snapshot", params=params) as r:
+        assert r.status == 404
+        assert "register it first" in (await r.json())["error"]
+
+
+async def test_long_poll_answers_204_when_nothing_changes(cp: ControlPlane, make_proxy) -> None:
+    cp.poll_timeout = 0.3
+    cp.add_proxy(make_proxy(1))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(
+            cp.url + "/v1/snapshot", params={"node": "app-1.default", "version": ""}
+        ) as r:
+            assert r.status == 200
+            version = r.headers["x-diktyo-version"]
+        async with s.get(
+            cp.url + "/v1/snapshot", params={"node": "app-1.default", "version": version}
+        ) as r:
+            assert r.status == 204
+
+
+@dataclass(frozen=True)
+class _Res:
+    name: str
+    kind: str = "VirtualService"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _fake_loader(text: str, source: str) -> LoadOutcome:
+    """Each non-empty line is a resource name; a line starting with '!' is a load error."""
+    res, errs = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.startswith("!"):
+            errs.append(f"{source}:{n}:1: error: {line[1:]}")
+        elif line.strip():
+            res.append(_Res(line.strip()))
+    return LoadOutcome(tuple(res), tuple(errs))
+
+
+async def test_rejected_config_keeps_last_good(translate, make_proxy, tmp_path) -> None:
+    def load_paths(paths):
+        out = [_fake_loader(p.read_text(), str(p)) for p in paths]
+        return LoadOutcome(
+            tuple(r for o in out for r in o.resources), tuple(e for o in out for e in o.errors)
+        )
+
+    (tmp_path / "a.yaml").write_text("vs-a\n")
+    store = ConfigStore(tmp_path, load_paths=load_paths, load_text=_fake_loader)
+    cp = ControlPlane(
+        translator=translate, store=store, poll_timeout=2.0, merge_service_entries=False
+    )
+    await cp.start()
+    client = ConfigClient(cp.url, "app-1.default", lambda s: None)
+    try:
+        cp.add_proxy(make_proxy(1))
+        client.start()
+        await client.wait_ready(5)
+
+        def hosts() -> list[str]:
+            assert client.snapshot is not None
+            return [vh.name for vh in client.snapshot.route_tables[0].virtual_hosts]
+
+        assert hosts() == ["vs-a"]
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                cp.url + "/v1/config", data="vs-b\n!bad field", params={"source": "b.yaml"}
+            ) as r:
+                assert r.status == 400
+                assert (await r.json())["errors"] == ["b.yaml:2:1: error: bad field"]
+            async with s.post(cp.url + "/v1/config", data="vs-c\n") as r:
+                assert r.status == 200
+            await _until(lambda: hosts() == ["vs-a", "vs-c"])
+            async with s.delete(cp.url + "/v1/config", data="vs-c\n") as r:
+                assert r.status == 200
+            await _until(lambda: hosts() == ["vs-a"])
+        # a broken file is rejected, the last good config keeps serving
+        (tmp_path / "b.yaml").write_text("vs-b\n!oops\n")
+        await _until(lambda: bool(store.errors), timeout=3)
+        assert store.errors == (f"{tmp_path / 'b.yaml'}:2:1: error: oops",)
+        assert hosts() == ["vs-a"]
+        (tmp_path / "b.yaml").write_text("vs-b\n")
+        await _until(lambda: hosts() == ["vs-a", "vs-b"], timeout=3)
+        assert store.errors == ()
+    finally:
+        await client.close()
+        await cp.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_client_survives_control_plane_restart(translate, make_proxy) -> None:
+    port = _free_port()
+    cp = ControlPlane(translator=translate, poll_timeout=2.0, merge_service_entries=False)
+    await cp.start(port=port)
+    cp.add_proxy(make_proxy(1))
+    cp.registry.add_service(SVC)
+    cp.registry.add_instance(_inst("r1", 7001))
+    client = ConfigClient(cp.url, "app-1.default", lambda s: None, backoff_cap=0.3)
+    client.start()
+    try:
+        await _until(lambda: client.snapshot is not None and _endpoints(client.snapshot) == [7001])
+        await cp.stop()
+        await _until(lambda: not client.connected, timeout=5)
+        await asyncio.sleep(0.5)  # several failed reconnects
+        assert _endpoints(client.snapshot) == [7001]  # keeps the last good snapshot
+        cp2 = ControlPlane(translator=translate, poll_timeout=2.0, merge_service_entries=False)
+        await cp2.start(port=port)
+        try:
+            cp2.add_proxy(make_proxy(1))
+            cp2.registry.add_service(SVC)
+            cp2.registry.add_instance(_inst("r9", 7009))
+            await _until(
+                lambda: client.snapshot is not None and _endpoints(client.snapshot) == [7009]
+            )
+            await _until(lambda: cp2.status["app-1.default"].state == "SYNCED")
+            assert client.stats["reconnects"] >= 1
+        finally:
+            await cp2.stop()
+    finally:
+        await client.close()
+
+
+async def test_unhealthy_instance_leaves_endpoints(cp: ControlPlane, make_proxy) -> None:
+    from aiohttp import web
+
+    ready = {"ok": True}
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=200 if ready["ok"] else 503)
+
+    app = web.Application()
+    app.router.add_get("/ready", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    admin = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    cp.health_interval = 0.1
+    cp.add_proxy(make_proxy(1))
+    cp.registry.add_service(SVC)
+    cp.registry.add_instance(_inst("r1", 7001), admin_url=admin)
+    cp.registry.add_instance(_inst("r2", 7002))
+    client = ConfigClient(cp.url, "app-1.default", lambda s: None)
+    client.start()
+    try:
+        await _until(
+            lambda: client.snapshot is not None and _endpoints(client.snapshot) == [7001, 7002]
+        )
+        ready["ok"] = False
+        await _until(lambda: _endpoints(client.snapshot) == [7002])
+        ready["ok"] = True
+        await _until(lambda: _endpoints(client.snapshot) == [7001, 7002])
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    import random
+
+    b = Backoff(0.1, 5.0, random.Random(1))
+    waits = [b.next() for _ in range(12)]
+    assert all(0.05 <= w <= 5.0 for w in waits)
+    assert max(waits[8:]) > 1.0  # grows
+    assert len(set(waits)) == len(waits)  # jittered
