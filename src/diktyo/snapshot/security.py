@@ -24,6 +24,7 @@ import msgspec
 class _S(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """Same base as ``diktyo.snapshot.model._S`` (kept here so model.py can import this module)."""
 
+
 MtlsMode = Literal["PERMISSIVE", "STRICT", "DISABLE"]
 PathNormalization = Literal["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"]
 

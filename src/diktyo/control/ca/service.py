@@ -1,0 +1,56 @@
+"""``POST /v1/certificates`` as a pure function: token + CSR in, cert chain + trust bundle out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diktyo.control.ca.authority import CaError, CertificateAuthority
+from diktyo.control.ca.token import BootstrapTokens, TokenError
+from diktyo.security.spiffe import SpiffeError
+
+
+class CaService:
+    """Checks the bootstrap token, then signs the CSR for the token's identity."""
+
+    __slots__ = ("ca", "issued", "tokens")
+
+    def __init__(self, ca: CertificateAuthority, tokens: BootstrapTokens) -> None:
+        self.ca = ca
+        self.tokens = tokens
+        self.issued = 0
+
+    def handle(self, body: Any, authorization: str | None = None) -> tuple[int, dict[str, Any]]:
+        """``body``: ``{"csr": PEM, "token": str?}``; the token may also come as ``Bearer``.
+
+        Returns ``(status, json)``: 200 ``{cert_chain, trust_bundle, spiffe_id, expires_at}``,
+        400 for a bad request or CSR, 401 for a missing/invalid token, 403 when the CSR asks
+        for another identity than the token's.
+        """
+        if not isinstance(body, dict):
+            return 400, {"error": 'request body must be a JSON object {"csr": PEM, "token": ...}'}
+        token = body.get("token")
+        if token is None and authorization and authorization.lower().startswith("bearer "):
+            token = authorization[7:].strip()
+        if not isinstance(token, str) or not token:
+            return 401, {
+                "error": 'bootstrap token required (field "token" or Authorization: Bearer)'
+            }
+        csr = body.get("csr")
+        if not isinstance(csr, str) or "CERTIFICATE REQUEST" not in csr:
+            return 400, {"error": 'field "csr" must hold a PEM certificate signing request'}
+        try:
+            identity = self.tokens.verify(token)
+        except TokenError as exc:
+            return 401, {"error": str(exc)}
+        try:
+            issued = self.ca.sign_csr(csr, identity)
+        except (CaError, SpiffeError) as exc:
+            status = 403 if "asks for" in str(exc) else 400
+            return status, {"error": str(exc)}
+        self.issued += 1
+        return 200, {
+            "cert_chain": issued.cert_chain_pem,
+            "trust_bundle": issued.trust_bundle_pem,
+            "spiffe_id": issued.spiffe_id,
+            "expires_at": issued.not_after,
+        }

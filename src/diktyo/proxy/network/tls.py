@@ -1,0 +1,248 @@
+"""Mesh mTLS: SSL contexts from in-memory PEM, SPIFFE peer checks, rotation, and XFCC.
+
+Sidecar-to-sidecar traffic uses TLS 1.3 with ECDSA P-256 certificates from the diktyo CA.
+Python's hostname check does not know URI SANs, so contexts are built with
+``check_hostname=False`` and the caller checks the peer's SPIFFE id after the handshake with
+``verify_peer`` (the chain itself is verified by OpenSSL against the trust bundle).
+
+``CertificateStore`` holds the current certificate, key and trust bundle; it builds a fresh
+context per version, so a rotation affects only new connections (existing ones keep theirs).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+from dataclasses import dataclass
+
+from diktyo.security.certs import fingerprint, load_certs, spiffe_id_of, spiffe_id_of_der
+from diktyo.security.spiffe import to_principal
+
+# Istio's sidecars offer these; diktyo speaks HTTP/1.1 inside the tunnel.
+MESH_ALPN = ("istio-http/1.1", "istio", "http/1.1")
+
+
+class TlsConfigError(ValueError):
+    """Certificates or keys that cannot be loaded into an SSL context."""
+
+
+def _load_chain(ctx: ssl.SSLContext, cert_chain_pem: str, key_pem: str) -> None:
+    """``load_cert_chain`` wants paths: hand it an anonymous memory file, never the disk."""
+    data = (key_pem.strip() + "\n" + cert_chain_pem.strip() + "\n").encode()
+    fd = -1
+    path = ""
+    try:
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("diktyo-tls", 0)
+            os.write(fd, data)
+            path = f"/proc/self/fd/{fd}"
+        else:  # pragma: no cover - non-Linux
+            fd, path = tempfile.mkstemp(prefix="diktyo-tls-")
+            os.write(fd, data)
+        ctx.load_cert_chain(path)
+    except ssl.SSLError as exc:
+        raise TlsConfigError(
+            f"cannot load certificate chain and key: {exc.reason or exc}"
+        ) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if path and not path.startswith("/proc/"):  # pragma: no cover
+            os.unlink(path)
+
+
+def _base(
+    purpose: ssl.Purpose, cert_chain_pem: str, key_pem: str, trust_bundle_pem: str
+) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(
+        ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    _load_chain(ctx, cert_chain_pem, key_pem)
+    try:
+        ctx.load_verify_locations(cadata=trust_bundle_pem)
+    except ssl.SSLError as exc:
+        raise TlsConfigError(f"cannot load trust bundle: {exc.reason or exc}") from None
+    return ctx
+
+
+def server_context(
+    cert_chain_pem: str,
+    key_pem: str,
+    trust_bundle_pem: str,
+    require_client_cert: bool = True,
+    alpn: tuple[str, ...] = MESH_ALPN,
+) -> ssl.SSLContext:
+    """Inbound mTLS: ``require_client_cert`` for STRICT, False for PERMISSIVE-over-TLS."""
+    ctx = _base(ssl.Purpose.CLIENT_AUTH, cert_chain_pem, key_pem, trust_bundle_pem)
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def client_context(
+    cert_chain_pem: str,
+    key_pem: str,
+    trust_bundle_pem: str,
+    alpn: tuple[str, ...] = MESH_ALPN,
+) -> ssl.SSLContext:
+    """Outbound mTLS (ISTIO_MUTUAL): present our cert, verify the server's chain."""
+    ctx = _base(ssl.Purpose.SERVER_AUTH, cert_chain_pem, key_pem, trust_bundle_pem)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def peer_certificate_der(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> bytes | None:
+    if ssl_object is None:
+        return None
+    return ssl_object.getpeercert(binary_form=True)
+
+
+def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The peer certificate's ``spiffe://`` URI SAN, None without cert or SAN."""
+    der = peer_certificate_der(ssl_object)
+    if not der:
+        return None
+    try:
+        return spiffe_id_of_der(der)
+    except ValueError:
+        return None
+
+
+def verify_peer(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket | None, expected: set[str] | frozenset[str] | None
+) -> tuple[bool, str]:
+    """Check the peer's SPIFFE id against ``expected`` (``spiffe://`` prefix optional).
+
+    ``expected=None`` accepts any SPIFFE id from the trust bundle. Returns ``(ok, reason)``.
+    """
+    der = peer_certificate_der(ssl_object)
+    if not der:
+        return False, "peer presented no certificate (mTLS required)"
+    try:
+        sid = spiffe_id_of_der(der)
+    except ValueError as exc:
+        return False, f"peer certificate cannot be parsed: {exc}"
+    if sid is None:
+        return False, "peer certificate has no SPIFFE URI SAN (not a mesh workload certificate)"
+    if expected is not None:
+        want = {to_principal(e) for e in expected}
+        if to_principal(sid) not in want:
+            return (
+                False,
+                f"peer identity {sid} is not one of the expected {', '.join(sorted(want))}",
+            )
+    return True, f"peer identity {sid}"
+
+
+def describe_tls_error(exc: BaseException) -> str:
+    """A readable reason for a failed handshake (OpenSSL's verify message when there is one)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        msg = exc.verify_message or str(exc)
+        hints = {
+            "certificate has expired": "the peer's certificate has expired (is its sidecar renewing?)",
+            "unable to get local issuer certificate": (
+                "the peer's certificate is not signed by a root in our trust bundle (another CA?)"
+            ),
+            "self-signed certificate in certificate chain": (
+                "the peer's certificate is not signed by a root in our trust bundle (another CA?)"
+            ),
+            "self-signed certificate": "the peer's certificate is self-signed and not in our trust bundle",
+            "certificate is not yet valid": "the peer's certificate is not yet valid (clock skew?)",
+        }
+        for k, v in hints.items():
+            if k in msg:
+                return f"{v} [{msg}]"
+        return f"certificate verification failed: {msg}"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
+            return f"client presented no certificate but mTLS is required [{reason}]"
+        if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE"):
+            return f"the peer rejected our certificate [{reason}]"
+        if reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED":
+            return f"the peer says our certificate has expired [{reason}]"
+        return f"TLS error: {reason}"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return f"connection closed during TLS handshake: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def xfcc_value(local_spiffe_id: str, peer_cert_der: bytes, peer_spiffe: str | None = None) -> str:
+    """Envoy's ``x-forwarded-client-cert`` element: ``By=<us>;Hash=<sha256>;URI=<peer>``."""
+    if peer_spiffe is None:
+        peer_spiffe = spiffe_id_of_der(peer_cert_der)
+    out = f"By={local_spiffe_id};Hash={fingerprint(peer_cert_der)}"
+    if peer_spiffe:
+        out += f";URI={peer_spiffe}"
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateBundle:
+    cert_chain_pem: str
+    key_pem: str
+    trust_bundle_pem: str
+    spiffe_id: str
+    not_after: float
+
+
+class CertificateStore:
+    """The sidecar's current identity; contexts are rebuilt lazily after each ``update``."""
+
+    __slots__ = ("_bundle", "_client", "_server", "version")
+
+    def __init__(self) -> None:
+        self._bundle: CertificateBundle | None = None
+        self.version = 0
+        self._server: dict[bool, ssl.SSLContext] = {}
+        self._client: ssl.SSLContext | None = None
+
+    @property
+    def bundle(self) -> CertificateBundle | None:
+        return self._bundle
+
+    @property
+    def ready(self) -> bool:
+        return self._bundle is not None
+
+    def update(self, cert_chain_pem: str, key_pem: str, trust_bundle_pem: str) -> CertificateBundle:
+        """Install a new certificate (rotation); validates by building a context first."""
+        leaf = load_certs(cert_chain_pem)[0]
+        sid = spiffe_id_of(leaf) or ""
+        client_context(cert_chain_pem, key_pem, trust_bundle_pem)  # raises TlsConfigError
+        self._bundle = CertificateBundle(
+            cert_chain_pem, key_pem, trust_bundle_pem, sid, leaf.not_valid_after_utc.timestamp()
+        )
+        self.version += 1
+        self._server = {}
+        self._client = None
+        return self._bundle
+
+    def _need(self) -> CertificateBundle:
+        if self._bundle is None:
+            raise TlsConfigError(
+                "no workload certificate yet: the sidecar has not been issued one by the CA"
+            )
+        return self._bundle
+
+    def server_context(self, require_client_cert: bool = True) -> ssl.SSLContext:
+        ctx = self._server.get(require_client_cert)
+        if ctx is None:
+            b = self._need()
+            ctx = server_context(
+                b.cert_chain_pem, b.key_pem, b.trust_bundle_pem, require_client_cert
+            )
+            self._server[require_client_cert] = ctx
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        if self._client is None:
+            b = self._need()
+            self._client = client_context(b.cert_chain_pem, b.key_pem, b.trust_bundle_pem)
+        return self._client
