@@ -1,0 +1,1 @@
+"""diktyo.dashboard: the web UI served by the control plane."""
