@@ -23,9 +23,11 @@ lint: venv
 	$(BIN)/ruff check src tests
 
 bench: venv
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/run.py
 
 bench-quick: venv
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/run.py --quick
 
 clean:

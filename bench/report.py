@@ -1,0 +1,265 @@
+"""Benchmark results: medians and spread per target and scenario, ratios paired within a run,
+the issue's targets checked, a Markdown report and a latency chart."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+PCTS = ("p50", "p90", "p99", "p999")
+GOALS = {
+    "sat_rps_vs_haproxy": ">= 0.5x HAProxy rps at saturation (wrk -c50, small body), one core",
+    "cpu_at_1000": "< 100 us CPU per request at 1,000 rps",
+    "mesh_added_p99": "mesh-path added p99 at 1,000 rps <= 1.5x two HAProxy hops",
+    "idle_rss": "sidecar idle RSS < 40 MiB",
+}
+
+
+def one_line(res: dict[str, Any]) -> str:
+    if "error" in res:
+        return "ERROR " + res["error"][:200]
+    lat = res["latency_us"]
+    cpu = res.get("cpu_us_per_req")
+    return (f"{res['rps']:9.0f} rps  cpu {cpu if cpu is None else round(cpu, 1)!s:>6} us/req "
+            f"(proxy {res['proxy_cpu_util']:.0%})  p50 {lat['p50']:.0f} p99 {lat['p99']:.0f} "
+            f"p99.9 {lat['p999']:.0f} us  errors {res['error_count']}")
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def _metric(res: dict[str, Any], key: str) -> float | None:
+    if "error" in res:
+        return None
+    if key in PCTS:
+        return float(res["latency_us"][key])
+    v = res.get(key)
+    return None if v is None else float(v)
+
+
+def _by_rep(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {r["rep"]: r for r in runs if "error" not in r}
+
+
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    runs = result["runs"]
+    out: dict[str, Any] = {"targets": {}, "ratios": {}, "goals": {}}
+    for t, per in runs.items():
+        out["targets"][t] = {}
+        for s, rs in per.items():
+            m = {k: _spread([_metric(r, k) for r in rs]) for k in
+                 ("rps", "cpu_us_per_req", "proxy_cpu_util", "error_count", *PCTS)}
+            # added latency vs direct, paired by repetition
+            direct = _by_rep(runs.get("direct", {}).get(s, []))
+            for p in ("p50", "p99"):
+                m[f"added_{p}"] = _spread([
+                    r["latency_us"][p] - direct[r["rep"]]["latency_us"][p]
+                    for r in rs if "error" not in r and r["rep"] in direct
+                ]) if t != "direct" else None
+            out["targets"][t][s] = m
+        mem = result["memory"].get(t, {})
+        out["targets"][t]["memory"] = {k: _spread([v / 1024 for v in mem.get(k, [])]) for k in
+                                       ("idle_rss_kib", "peak_rss_kib")}
+
+    def ratio(a: str, b: str, s: str, key: str, added: bool = False) -> dict[str, float] | None:
+        ra, rb = _by_rep(runs.get(a, {}).get(s, [])), _by_rep(runs.get(b, {}).get(s, []))
+        direct = _by_rep(runs.get("direct", {}).get(s, []))
+        vals = []
+        for rep in ra.keys() & rb.keys():
+            x, y = _metric(ra[rep], key), _metric(rb[rep], key)
+            if added:
+                if rep not in direct:
+                    continue
+                d = _metric(direct[rep], key)
+                x, y = (x - d, y - d) if x is not None and y is not None and d is not None else (None, None)
+            if x is not None and y:
+                vals.append(x / y)
+        return _spread(vals)
+
+    pairs = [("diktyo", "haproxy"), ("diktyo", "nginx"), ("mesh-diktyo", "mesh-haproxy")]
+    scen = next(iter(runs.values()), {}).keys() if runs else []
+    for a, b in pairs:
+        if a not in runs or b not in runs:
+            continue
+        out["ratios"][f"{a}/{b}"] = {
+            s: {
+                "rps": ratio(a, b, s, "rps"),
+                "cpu_us_per_req": ratio(a, b, s, "cpu_us_per_req"),
+                "p99": ratio(a, b, s, "p99"),
+                "added_p99": ratio(a, b, s, "p99", added=True),
+            }
+            for s in scen
+        }
+
+    def med(t: str, s: str, k: str) -> float | None:
+        v = out["targets"].get(t, {}).get(s, {}).get(k)
+        return None if v is None else v["median"]
+
+    def goal(value: float | None, limit: float, higher_is_better: bool, unit: str) -> dict[str, Any]:
+        if value is None:
+            return {"value": None, "limit": limit, "met": None, "note": "not measured"}
+        met = value >= limit if higher_is_better else value <= limit
+        if met:
+            note = "met"
+        elif higher_is_better:
+            note = f"missed by {limit - value:.2f}{unit} ({value / limit:.0%} of the target)"
+        else:
+            note = f"missed by {value - limit:.1f}{unit} ({value / limit:.2f}x the limit)"
+        return {"value": value, "limit": limit, "met": met, "note": note}
+
+    r = out["ratios"].get("diktyo/haproxy", {}).get("sat-c50-small", {}) or {}
+    out["goals"]["sat_rps_vs_haproxy"] = goal(r["rps"]["median"] if r.get("rps") else None, 0.5, True, "x")
+    out["goals"]["cpu_at_1000"] = goal(med("diktyo", "rate-1000", "cpu_us_per_req"), 100.0, False, " us")
+    m = out["ratios"].get("mesh-diktyo/mesh-haproxy", {}).get("rate-1000", {}) or {}
+    out["goals"]["mesh_added_p99"] = goal(m["added_p99"]["median"] if m.get("added_p99") else None,
+                                          1.5, False, "x")
+    mem = out["targets"].get("diktyo", {}).get("memory", {}).get("idle_rss_kib")
+    out["goals"]["idle_rss"] = goal(mem["median"] if mem else None, 40.0, False, " MiB")
+    return out
+
+
+def _fmt(sp: dict[str, float] | None, digits: int = 0, spread: bool = True) -> str:
+    if sp is None:
+        return "-"
+    f = f"{{:,.{digits}f}}"
+    if not spread or sp["n"] < 2:
+        return f.format(sp["median"])
+    return f"{f.format(sp['median'])} ({f.format(sp['min'])}-{f.format(sp['max'])})"
+
+
+def markdown(result: dict[str, Any], chart_name: str | None) -> str:
+    s = result["summary"]
+    mi = result["machine"]
+    lines = [
+        f"# diktyo benchmark, {result['mode']} run, {result['date']}",
+        "",
+        f"{result['reps']} repetition(s) x {result['seconds']:g} s per scenario and target, targets interleaved "
+        f"(order rotated per repetition), every proxy restarted per repetition. Medians, (min-max) when "
+        f"more than one repetition. Proxies pinned to core {result['cores']['proxy']}; the upstream nginx "
+        f"and the load generator share core {result['cores']['upstream_and_load']}.",
+        "",
+        f"Machine: {mi['cpu']}, {mi['cores']} cores, Linux {mi['kernel']}; load average "
+        f"{' '.join(mi['loadavg_start'])} at start, {' '.join(mi.get('loadavg_end', []))} at end "
+        f"(the machine is shared: compare within a run). Python {mi['python']}, uvloop {mi['uvloop']}, "
+        f"httptools {mi['httptools']}, diktyo {mi['diktyo']} ({mi['diktyo_commit']}); {mi['nginx']}; "
+        f"{mi['haproxy']}; {mi['wrk']}.",
+        "",
+    ]
+    for n in result["notes"]:
+        lines.append(f"- NOTE: {n}")
+    for t, why in result["failures"].items():
+        lines.append(f"- FAILED: {t}: {why.splitlines()[0][:300]}")
+    if result["notes"] or result["failures"]:
+        lines.append("")
+
+    lines += ["## Targets (issue)", "", "| target | value | verdict |", "|---|---|---|"]
+    for k, desc in GOALS.items():
+        g = s["goals"].get(k, {})
+        v = g.get("value")
+        lines.append(f"| {desc} | {'-' if v is None else f'{v:.2f}'} | {g.get('note', '-')} |")
+    lines.append("")
+
+    lines += [
+        "## Figures",
+        "",
+        "rps: requests per second; CPU: the proxy processes' utime+stime per request (both hops for "
+        "mesh paths); util: proxy CPU / wall time (near 100 % = the proxy is the bottleneck); "
+        "latency in microseconds (saturation rows: wrk's closed-loop latency, not a latency figure; "
+        "rate rows: paced open loop); added = minus direct's, same repetition.",
+        "",
+        "| scenario | target | rps | CPU us/req | util | p50 | p90 | p99 | p99.9 | added p50 | added p99 | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    scen = list(result["scenarios"])
+    for sc in scen:
+        for t in result["targets"]:
+            m = s["targets"].get(t, {}).get(sc)
+            if not m:
+                continue
+            util = m["proxy_cpu_util"]
+            util_s = "-" if util is None or t == "direct" else f"{util['median']:.0%}"
+            lines.append(
+                f"| {sc} | {t} | {_fmt(m['rps'])} | {_fmt(m['cpu_us_per_req'], 1)} | "
+                f"{util_s} | "
+                + " | ".join(_fmt(m[p], 0, p == 'p99') for p in PCTS)
+                + f" | {_fmt(m['added_p50'], 0, False)} | {_fmt(m['added_p99'], 0)} | "
+                f"{_fmt(m['error_count'], 0, False)} |"
+            )
+    lines.append("")
+
+    lines += ["## Memory (MiB, whole process tree)", "", "| target | idle RSS | peak RSS (VmHWM) |", "|---|---|---|"]
+    for t in result["targets"]:
+        mem = s["targets"][t]["memory"]
+        lines.append(f"| {t} | {_fmt(mem['idle_rss_kib'], 1)} | {_fmt(mem['peak_rss_kib'], 1)} |")
+    lines.append("")
+
+    if s["ratios"]:
+        lines += ["## Ratios, paired by repetition", "",
+                  "| pair | scenario | rps | CPU/req | p99 | added p99 |", "|---|---|---|---|---|---|"]
+        for pair, per in s["ratios"].items():
+            for sc, r in per.items():
+                lines.append(f"| {pair} | {sc} | " + " | ".join(_fmt(r[k], 2) for k in
+                                                               ("rps", "cpu_us_per_req", "p99", "added_p99")) + " |")
+        lines.append("")
+
+    lines += [
+        "## Method",
+        "",
+        "- Upstream: nginx, 1 worker, `return 200` (3-byte body on `/`, 1 KiB on `/1k`), keep-alive.",
+        "- nginx proxy: 1 worker, `proxy_http_version 1.1`, upstream `keepalive 128`. HAProxy: `nbthread 1`, "
+        "`http-reuse always`. diktyo: `diktyo sidecar --snapshot` with a per-upstream outbound listener "
+        "(`default_host`), a 4-rule VirtualService (header, regex, prefix, method matches; the benchmark's "
+        "requests fall through to the last, weighted 99/1 v1/v2 rule), a DestinationRule with subsets, "
+        "LEAST_REQUEST, outlier detection; telemetry on. Mesh: client sidecar -> server sidecar's inbound "
+        "listener -> upstream, plaintext (no mTLS), against HAProxy -> HAProxy -> upstream.",
+        "- Saturation: `wrk -t1 -cN --latency` with a Lua `done()` that prints percentiles.",
+        "- Fixed rates: `bench/pacer.c` (open loop, requests scheduled at t0 + i/rate; latency counted from the "
+        "scheduled time when the connection was still busy, i.e. corrected for coordinated omission). "
+        "1,000 rps on 1 connection; 5,000 rps on 5 connections. Debian 12 has no wrk2, vegeta or fortio, "
+        "and hey rounds latencies to 0.1 ms.",
+        "- CPU per request: utime+stime of the proxy processes from /proc/PID/stat before and after "
+        "(10 ms ticks), divided by the requests completed.",
+    ]
+    if chart_name:
+        lines += ["", f"![latency percentiles at fixed rates]({chart_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict[str, Any], path: Path) -> Path | None:
+    """Latency percentiles per target at each fixed rate; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    s = result["summary"]["targets"]
+    rates = [sc for sc, v in result["scenarios"].items() if v["kind"] == "paced"]
+    if not rates:
+        return None
+    fig, axes = plt.subplots(1, len(rates), figsize=(6 * len(rates), 4.5), squeeze=False)
+    targets = result["targets"]
+    width = 0.8 / max(1, len(targets))
+    for ax, sc in zip(axes[0], rates):
+        for i, t in enumerate(targets):
+            m = s.get(t, {}).get(sc)
+            if not m:
+                continue
+            vals = [m[p]["median"] if m[p] else 0 for p in PCTS]
+            ax.bar([x + i * width for x in range(len(PCTS))], vals, width, label=t)
+        ax.set_xticks([x + width * (len(targets) - 1) / 2 for x in range(len(PCTS))])
+        ax.set_xticklabels(["p50", "p90", "p99", "p99.9"])
+        ax.set_yscale("log")
+        ax.set_ylabel("latency (us, log scale)")
+        ax.set_title(f"{sc} rps ({result['mode']}, {result['date'][:16]})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,119 @@
+"""The systems under test, each started fresh per repetition on the same upstream:
+direct, diktyo sidecar, nginx, HAProxy, and the two-hop mesh paths (diktyo and HAProxy)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import configs
+from procs import PROXY_CORE, Proc, free_port, start, start_sidecar
+
+ALL_TARGETS = ("direct", "diktyo", "nginx", "haproxy", "mesh-diktyo", "mesh-haproxy")
+DIKTYO_TARGETS = ("diktyo", "mesh-diktyo")
+
+
+@dataclass
+class Running:
+    """A started target: the port wrk talks to and the proxy processes to measure."""
+
+    name: str
+    port: int
+    procs: list[Proc] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+
+def diktyo_argv() -> list[str]:
+    exe = Path(sys.executable).parent / "diktyo"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("diktyo")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from diktyo.cli.main import main; sys.exit(main())"]
+
+
+def diktyo_sidecar_available() -> tuple[bool, str]:
+    """Whether ``diktyo sidecar`` exists in this checkout (it is being written)."""
+    try:
+        out = subprocess.run([*diktyo_argv(), "sidecar", "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"cannot run diktyo: {exc}"
+    if out.returncode != 0 or "--snapshot" not in out.stdout:
+        return False, "'diktyo sidecar --snapshot FILE' is not available in this checkout"
+    return True, ""
+
+
+def _validate(snap: dict[str, object]) -> None:
+    from diktyo.snapshot import codec
+
+    codec.from_builtins(snap)  # raises SnapshotError with a readable message
+
+
+def _sidecar(tmp: Path, name: str, snap: dict[str, object]) -> Proc:
+    _validate(snap)
+    path = tmp / f"{name}.snapshot.json"
+    path.write_text(json.dumps(snap, indent=1))
+    argv = [*diktyo_argv(), "sidecar", "--snapshot", str(path), "--admin-port", str(free_port())]
+    return start_sidecar(name, argv, tmp / f"{name}.log", PROXY_CORE)
+
+
+def _nginx(tmp: Path, name: str, conf_text: str, port: int, core: int) -> Proc:
+    conf = tmp / f"{name}.conf"
+    conf.write_text(conf_text)
+    argv = ["nginx", "-p", str(tmp), "-e", str(tmp / f"{name}-error.log"), "-c", str(conf)]
+    return start(name, argv, port, tmp / f"{name}.log", core)
+
+
+def _haproxy(tmp: Path, name: str, port: int, upstream_port: int) -> Proc:
+    conf = tmp / f"{name}.cfg"
+    conf.write_text(configs.haproxy_conf(port, upstream_port))
+    return start(name, ["haproxy", "-db", "-f", str(conf)], port, tmp / f"{name}.log", PROXY_CORE)
+
+
+def start_upstream(tmp: Path, core: int) -> Proc:
+    port = free_port()
+    return _nginx(tmp, "upstream", configs.upstream_nginx_conf(tmp, port), port, core)
+
+
+def start_target(name: str, tmp: Path, upstream_port: int) -> Running:
+    if name == "direct":
+        return Running(name, upstream_port)
+    if name == "nginx":
+        port = free_port()
+        p = _nginx(tmp, "nginx", configs.nginx_proxy_conf(tmp, port, upstream_port), port, PROXY_CORE)
+        return Running(name, port, [p])
+    if name == "haproxy":
+        port = free_port()
+        return Running(name, port, [_haproxy(tmp, "haproxy", port, upstream_port)])
+    if name == "mesh-haproxy":
+        ps = free_port()
+        server = _haproxy(tmp, "haproxy-server", ps, upstream_port)
+        pc = free_port()
+        try:
+            client = _haproxy(tmp, "haproxy-client", pc, ps)
+        except Exception:
+            server.stop()
+            raise
+        return Running(name, pc, [client, server])
+    if name == "diktyo":
+        snap = configs.client_sidecar_snapshot(0, [("127.0.0.1", upstream_port)], via_sidecar=False)
+        p = _sidecar(tmp, "diktyo", snap)
+        return Running(name, p.port, [p])
+    if name == "mesh-diktyo":
+        server = _sidecar(tmp, "diktyo-server", configs.server_sidecar_snapshot(0, upstream_port))
+        try:
+            snap = configs.client_sidecar_snapshot(0, [("127.0.0.1", server.port)], via_sidecar=True)
+            client = _sidecar(tmp, "diktyo-client", snap)
+        except Exception:
+            server.stop()
+            raise
+        return Running(name, client.port, [client, server])
+    raise ValueError(f"unknown target {name!r}; choose from {', '.join(ALL_TARGETS)}")
