@@ -1,0 +1,356 @@
+"""AuthorizationPolicy enforcement (Envoy's RBAC filter as Istio configures it), pure code.
+
+Theory of operation
+-------------------
+``AuthzEngine(policies)`` compiles the policies of one workload once (snapshot load) into
+predicates; ``check(attrs)`` evaluates one request in Istio's order:
+
+1. CUSTOM policies are skipped (diktyo has no ext_authz; ``Decision.reason`` never cites them).
+2. Any matching DENY policy denies.
+3. If the workload has no ALLOW policy, the request is allowed.
+4. Otherwise it is allowed only if an ALLOW policy matches. An ALLOW policy without rules
+   (``spec: {}``) matches nothing, so it denies everything; ``rules: [{}]`` allows all.
+5. AUDIT policies never change the decision; matching ones are listed in ``Decision.audit``.
+
+A rule matches when any ``from`` source matches (or there is none), any ``to`` operation
+matches (or there is none) and every ``when`` condition holds. Inside a source/operation all
+set fields must match; a ``notX`` field matches when none of its values match.
+
+Value syntax (Istio): ``*`` = any non-empty value, ``prefix*``, ``*suffix``, exact. Paths also
+accept ``{*}`` (one segment) and ``{**}`` (any rest). Hosts are case-insensitive and match with
+or without the ``:port``. Principals are compared without the ``spiffe://`` prefix.
+Paths must already be normalised (``diktyo.security.pathnorm``); the query is ignored.
+
+A denied request gets 403 with body ``RBAC: access denied``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from diktyo.security.spiffe import namespace_of, to_principal
+from diktyo.snapshot.security import AuthzPolicy, AuthzRule, Condition, Operation, Source
+
+DENIED_STATUS = 403
+DENIED_BODY = b"RBAC: access denied"
+
+Pred = Callable[["RequestAttributes"], bool]
+Match = Callable[[str], bool]
+
+
+@dataclass(slots=True)
+class RequestAttributes:
+    """What the policies may look at for one request (filled by the inbound listener)."""
+
+    method: str = "GET"
+    path: str = "/"  # normalised; a query part is ignored
+    host: str = ""  # Host / :authority
+    port: int = 0  # destination (service/app) port
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    source_principal: str = ""  # peer SPIFFE id from mTLS ("" without mTLS)
+    source_ip: str = ""  # direct peer address
+    remote_ip: str = ""  # original client (X-Forwarded-For); "" = source_ip
+    destination_ip: str = ""
+    request_principal: str = ""  # "iss/sub" from a validated JWT
+    claims: Mapping[str, Any] = field(default_factory=dict)  # validated JWT claims
+    sni: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    policy: str  # "namespace/name" of the deciding policy, "" when none
+    reason: str
+    audit: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- value matchers
+
+
+def _value_matcher(pattern: str, *, fold: bool = False) -> Match:
+    if fold:
+        pattern = pattern.lower()
+    if pattern == "*":
+        return lambda v: v != ""
+    if pattern.startswith("*"):
+        suffix = pattern[1:]
+        return lambda v: v.endswith(suffix)
+    if pattern.endswith("*"):
+        prefix = pattern[:-1]
+        return lambda v: v.startswith(prefix)
+    return lambda v: v == pattern
+
+
+def _path_matcher(pattern: str) -> Match:
+    if "{*}" in pattern or "{**}" in pattern:
+        parts = re.split(r"(\{\*\*\}|\{\*\})", pattern)
+        rx = "".join(
+            "[^/]+" if p == "{*}" else ".*" if p == "{**}" else re.escape(p) for p in parts
+        )
+        compiled = re.compile(rx)
+        return lambda v: compiled.fullmatch(v) is not None
+    return _value_matcher(pattern)
+
+
+def _any(patterns: Sequence[str], make: Callable[[str], Match] = _value_matcher) -> Match | None:
+    if not patterns:
+        return None
+    ms = tuple(make(p) for p in patterns)
+    return lambda v: any(m(v) for m in ms)
+
+
+def _ip_matcher(blocks: Sequence[str]) -> Callable[[str], bool] | None:
+    if not blocks:
+        return None
+    nets = tuple(ipaddress.ip_network(b.strip(), strict=False) for b in blocks)
+
+    def match(ip: str) -> bool:
+        if not ip:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(addr in n for n in nets if n.version == addr.version)
+
+    return match
+
+
+def _field(
+    getter: Callable[[RequestAttributes], str], yes: Match | None, no: Match | None
+) -> Pred | None:
+    if yes is None and no is None:
+        return None
+    if no is None:
+        assert yes is not None
+        return lambda a: yes(getter(a))
+    if yes is None:
+        return lambda a: not no(getter(a))
+    return lambda a: (v := getter(a)) is not None and yes(v) and not no(v)
+
+
+def _all(preds: Sequence[Pred | None]) -> Pred:
+    ps = tuple(p for p in preds if p is not None)
+    if not ps:
+        return lambda a: True
+    if len(ps) == 1:
+        return ps[0]
+    return lambda a: all(p(a) for p in ps)
+
+
+# --------------------------------------------------------------------------- attribute getters
+
+
+def _principal(a: RequestAttributes) -> str:
+    return to_principal(a.source_principal)
+
+
+def _namespace(a: RequestAttributes) -> str:
+    return namespace_of(a.source_principal) if a.source_principal else ""
+
+
+def _service_account(a: RequestAttributes) -> str:
+    p = _principal(a).split("/")
+    return f"{p[2]}/{p[4]}" if len(p) == 5 and p[1] == "ns" and p[3] == "sa" else ""
+
+
+def _trust_domain(a: RequestAttributes) -> str:
+    return _principal(a).split("/", 1)[0] if a.source_principal else ""
+
+
+def _remote_ip(a: RequestAttributes) -> str:
+    return a.remote_ip or a.source_ip
+
+
+def _host_any(patterns: Sequence[str]) -> Match | None:
+    m = _any([p.lower() for p in patterns])
+    if m is None:
+        return None
+
+    def match(host: str) -> bool:
+        h = host.lower()
+        if m(h):
+            return True
+        bare = h.rsplit(":", 1)[0] if ":" in h and not h.endswith("]") else h
+        return bare != h and m(bare)
+
+    return match
+
+
+def _compile_source(s: Source) -> Pred:
+    ip = _ip_matcher
+    return _all(
+        [
+            _field(
+                _principal,
+                _any([to_principal(p) for p in s.principals]),
+                _any([to_principal(p) for p in s.not_principals]),
+            ),
+            _field(
+                lambda a: a.request_principal,
+                _any(s.request_principals),
+                _any(s.not_request_principals),
+            ),
+            _field(_namespace, _any(s.namespaces), _any(s.not_namespaces)),
+            _field(_service_account, _any(s.service_accounts), _any(s.not_service_accounts)),
+            _field(_trust_domain, _any(s.trust_domains), _any(s.not_trust_domains)),
+            _field(lambda a: a.source_ip, ip(s.ip_blocks), ip(s.not_ip_blocks)),
+            _field(_remote_ip, ip(s.remote_ip_blocks), ip(s.not_remote_ip_blocks)),
+        ]
+    )
+
+
+def _path_only(a: RequestAttributes) -> str:
+    q = a.path.find("?")
+    return a.path if q < 0 else a.path[:q]
+
+
+def _compile_operation(o: Operation) -> Pred:
+    exact = lambda ps: (lambda v: v in ps) if ps else None
+    return _all(
+        [
+            _field(lambda a: a.host, _host_any(o.hosts), _host_any(o.not_hosts)),
+            _field(lambda a: str(a.port), exact(frozenset(o.ports)), exact(frozenset(o.not_ports))),
+            _field(lambda a: a.method, _any(o.methods), _any(o.not_methods)),
+            _field(_path_only, _any(o.paths, _path_matcher), _any(o.not_paths, _path_matcher)),
+        ]
+    )
+
+
+_KEY_RX = re.compile(r"^([a-z.]+)((?:\[[^\]]*\])*)$")
+
+
+def _claim_values(a: RequestAttributes, path: Sequence[str]) -> list[str]:
+    cur: Any = a.claims
+    for k in path:
+        if not isinstance(cur, Mapping) or k not in cur:
+            return []
+        cur = cur[k]
+    if isinstance(cur, list):
+        return [str(x) for x in cur if isinstance(x, (str, int, float, bool))]
+    if isinstance(cur, (str, int, float, bool)):
+        return [str(cur).lower() if isinstance(cur, bool) else str(cur)]
+    return []
+
+
+def condition_getter(key: str) -> Callable[[RequestAttributes], list[str]]:
+    """Values of a ``when`` key for a request (a list: claims may hold several)."""
+    m = _KEY_RX.match(key.strip())
+    if not m:
+        raise ValueError(f"unsupported condition key {key!r}")
+    base, subs = m.group(1), re.findall(r"\[([^\]]*)\]", m.group(2))
+    if base == "request.headers" and len(subs) == 1:
+        name = subs[0].lower()
+        return lambda a: [a.headers[name]] if name in a.headers else []
+    if base == "request.auth.claims" and subs:
+        return lambda a: _claim_values(a, subs)
+    if subs:
+        raise ValueError(f"unsupported condition key {key!r}")
+    simple: dict[str, Callable[[RequestAttributes], str]] = {
+        "source.principal": _principal,
+        "source.namespace": _namespace,
+        "source.serviceaccount": _service_account,
+        "request.auth.principal": lambda a: a.request_principal,
+        "request.auth.presenter": lambda a: str(a.claims.get("azp", "")),
+        "destination.port": lambda a: str(a.port),
+        "connection.sni": lambda a: a.sni,
+    }
+    if base == "request.auth.audiences":
+        return lambda a: _claim_values(a, ["aud"])
+    if base in simple:
+        g = simple[base]
+        return lambda a: [v] if (v := g(a)) else []
+    raise ValueError(f"unsupported condition key {key!r}")
+
+
+def _compile_condition(c: Condition) -> Pred:
+    key = c.key.strip()
+    if key in ("source.ip", "remote.ip", "destination.ip"):
+        getter = {
+            "source.ip": lambda a: a.source_ip,
+            "remote.ip": _remote_ip,
+            "destination.ip": lambda a: a.destination_ip,
+        }[key]
+        p = _field(getter, _ip_matcher(c.values), _ip_matcher(c.not_values))
+        return p or (lambda a: True)
+    try:
+        values_of = condition_getter(key)
+    except ValueError:
+        return lambda a: False  # unknown keys never match (validate reports them)
+    yes = _any(c.values)
+    no = _any(c.not_values)
+
+    def pred(a: RequestAttributes) -> bool:
+        vals = values_of(a)
+        if yes is not None and not any(yes(v) for v in vals):
+            return False
+        return not (no is not None and any(no(v) for v in vals))
+
+    return pred
+
+
+def compile_rule(rule: AuthzRule) -> Pred:
+    srcs = tuple(_compile_source(s) for s in rule.sources)
+    ops = tuple(_compile_operation(o) for o in rule.operations)
+    conds = tuple(_compile_condition(c) for c in rule.conditions)
+    preds: list[Pred | None] = [
+        (lambda a: any(s(a) for s in srcs)) if srcs else None,
+        (lambda a: any(o(a) for o in ops)) if ops else None,
+        *conds,
+    ]
+    return _all(preds)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    key: str
+    rules: tuple[Pred, ...]
+
+    def first_match(self, a: RequestAttributes) -> int:
+        for i, r in enumerate(self.rules):
+            if r(a):
+                return i
+        return -1
+
+
+class AuthzEngine:
+    """Compiled authorization policies of one workload; ``check`` is pure and cheap."""
+
+    __slots__ = ("allow", "audit", "custom", "deny")
+
+    def __init__(self, policies: Sequence[AuthzPolicy]) -> None:
+        by_action: dict[str, list[_Compiled]] = {"ALLOW": [], "DENY": [], "AUDIT": [], "CUSTOM": []}
+        for p in policies:
+            comp = _Compiled(f"{p.namespace}/{p.name}", tuple(compile_rule(r) for r in p.rules))
+            by_action[p.action].append(comp)
+        self.deny = tuple(by_action["DENY"])
+        self.allow = tuple(by_action["ALLOW"])
+        self.audit = tuple(by_action["AUDIT"])
+        self.custom = tuple(by_action["CUSTOM"])
+
+    @property
+    def enabled(self) -> bool:
+        """False when no policy can deny: the filter may then be skipped entirely."""
+        return bool(self.deny or self.allow)
+
+    def check(self, attrs: RequestAttributes) -> Decision:
+        audit = tuple(p.key for p in self.audit if p.first_match(attrs) >= 0)
+        for p in self.deny:
+            i = p.first_match(attrs)
+            if i >= 0:
+                return Decision(False, p.key, f"denied by DENY policy {p.key} rule {i}", audit)
+        if not self.allow:
+            return Decision(True, "", "no ALLOW policy applies to this workload", audit)
+        for p in self.allow:
+            i = p.first_match(attrs)
+            if i >= 0:
+                return Decision(True, p.key, f"allowed by ALLOW policy {p.key} rule {i}", audit)
+        names = ", ".join(p.key for p in self.allow)
+        return Decision(False, "", f"no ALLOW policy matched (checked {names})", audit)
