@@ -1,0 +1,88 @@
+"""Periodic scraping of sidecars' ``/stats/prometheus`` into a :class:`MetricStore` (async shell)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+
+from diktyo.core.clock import SYSTEM_CLOCK, Clock
+from diktyo.telemetry.httpclient import request
+from diktyo.telemetry.store import MetricStore
+
+log = logging.getLogger(__name__)
+
+Targets = Callable[[], Iterable[tuple[str, str]]]
+"""Returns (instance name, URL of the sidecar's /stats/prometheus) pairs, asked each round."""
+
+
+class Scraper:
+    """Scrapes every target each ``interval`` seconds; one owned task, cancelled by ``close()``."""
+
+    def __init__(
+        self,
+        store: MetricStore,
+        targets: Targets,
+        interval: float = 5.0,
+        timeout: float = 2.0,
+        clock: Clock = SYSTEM_CLOCK,
+        concurrency: int = 32,
+    ) -> None:
+        self.store = store
+        self.targets = targets
+        self.interval = interval
+        self.timeout = timeout
+        self.clock = clock
+        self._sem = asyncio.Semaphore(concurrency)
+        self._task: asyncio.Task[None] | None = None
+        self.failures = 0
+        self.rounds = 0
+        self._known: set[str] = set()
+
+    async def _one(self, instance: str, url: str) -> bool:
+        async with self._sem:
+            try:
+                status, body = await request("GET", url, timeout=self.timeout)
+            except (OSError, TimeoutError, ValueError) as e:
+                self.failures += 1
+                log.warning("scrape of %s (%s) failed: %s", instance, url, e)
+                return False
+        if status != 200:
+            self.failures += 1
+            log.warning("scrape of %s (%s) answered HTTP %d", instance, url, status)
+            return False
+        self.store.ingest(instance, body.decode("utf-8", "replace"), self.clock.time())
+        return True
+
+    async def scrape_once(self) -> int:
+        """One round over all targets; returns how many succeeded."""
+        targets = list(self.targets())
+        current = {name for name, _ in targets}
+        for gone in self._known - current:
+            self.store.forget(gone)
+        self._known = current
+        results = await asyncio.gather(*(self._one(n, u) for n, u in targets))
+        self.rounds += 1
+        return sum(results)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.scrape_once()
+            except Exception:  # a bad target list must not end scraping for good
+                log.exception("scrape round failed")
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="telemetry-scraper"
+            )
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
