@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -93,4 +92,3 @@ class PolicyTargetReference(IstioModel):
     kind: str
     name: str
     namespace: str | None = None
-

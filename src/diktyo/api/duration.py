@@ -7,7 +7,16 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator
 
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
@@ -38,7 +47,7 @@ def parse_duration(value: str) -> float:
 
 def _validate(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, str):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 - pydantic turns only ValueError into a field error
             f"invalid duration {value!r}: a duration is a string with a unit, "
             "e.g. '1s', '0.5s', '100ms', '1m', '1h'"
         )

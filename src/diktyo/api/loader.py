@@ -55,8 +55,14 @@ def load_paths(paths: list[str | Path] | tuple[str | Path, ...]) -> LoadResult:
                 text = f.read_text(encoding="utf-8")
             except OSError as exc:
                 result.errors.append(
-                    ConfigError(str(f), 0, 0, "", f"cannot read file: {exc.strerror or exc}",
-                                "check the path and permissions")
+                    ConfigError(
+                        str(f),
+                        0,
+                        0,
+                        "",
+                        f"cannot read file: {exc.strerror or exc}",
+                        "check the path and permissions",
+                    )
                 )
                 continue
             except UnicodeDecodeError:
@@ -87,7 +93,9 @@ def load_text(text: str, filename: str = "<string>") -> LoadResult:
             continue
         except YAMLError as exc:
             result.errors.append(
-                ConfigError(filename, offset + 1, 1, "", f"YAML error: {exc}", "fix the YAML syntax")
+                ConfigError(
+                    filename, offset + 1, 1, "", f"YAML error: {exc}", "fix the YAML syntax"
+                )
             )
             continue
         if doc is None:
@@ -122,11 +130,19 @@ def _yaml_error(exc: MarkedYAMLError, filename: str, line: int, col: int) -> Con
         key = re.search(r'found duplicate key "([^"]*)"', str(exc))
         keyname = key.group(1) if key else ""
         return ConfigError(
-            filename, line, col, keyname, f"duplicate key {keyname!r}" if keyname else "duplicate key",
+            filename,
+            line,
+            col,
+            keyname,
+            f"duplicate key {keyname!r}" if keyname else "duplicate key",
             "each key may appear only once in a mapping; remove or merge the repeated key",
         )
     return ConfigError(
-        filename, line, col, "", f"YAML syntax error: {problem}",
+        filename,
+        line,
+        col,
+        "",
+        f"YAML syntax error: {problem}",
         "check indentation, colons and quoting around this position",
     )
 
@@ -138,8 +154,14 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
     if not isinstance(doc, CommentedMap):
         line = offset + 1
         result.errors.append(
-            ConfigError(filename, line, 1, "", f"a document must be a mapping, got {_type_name(doc)}",
-                        "each document needs apiVersion, kind, metadata and spec")
+            ConfigError(
+                filename,
+                line,
+                1,
+                "",
+                f"a document must be a mapping, got {_type_name(doc)}",
+                "each document needs apiVersion, kind, metadata and spec",
+            )
         )
         return
     positions: dict[str, tuple[int, int]] = {}
@@ -155,53 +177,85 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
     kind = data.get("kind")
     errors: list[ConfigError] = []
     if not isinstance(kind, str) or not kind:
-        result.errors.append(err("kind", "missing required field 'kind'",
-                                 "set kind, e.g. 'kind: VirtualService'"))
+        result.errors.append(
+            err("kind", "missing required field 'kind'", "set kind, e.g. 'kind: VirtualService'")
+        )
         return
     if not isinstance(api_version, str) or not api_version:
-        result.errors.append(err("apiVersion", "missing required field 'apiVersion'",
-                                 "set apiVersion, e.g. 'apiVersion: networking.istio.io/v1'"))
+        result.errors.append(
+            err(
+                "apiVersion",
+                "missing required field 'apiVersion'",
+                "set apiVersion, e.g. 'apiVersion: networking.istio.io/v1'",
+            )
+        )
         return
     group, _, version = api_version.rpartition("/")
     spec_entry = KINDS.get(kind)
     if spec_entry is None:
         if "istio.io" in group:
             close = difflib.get_close_matches(kind, list(KINDS), n=1)
-            result.errors.append(err(
-                "kind", f"unknown kind {kind!r}",
-                f"did you mean {close[0]!r}?" if close else "diktyo supports " + ", ".join(KINDS),
-            ))
+            result.errors.append(
+                err(
+                    "kind",
+                    f"unknown kind {kind!r}",
+                    f"did you mean {close[0]!r}?"
+                    if close
+                    else "diktyo supports " + ", ".join(KINDS),
+                )
+            )
         else:
-            result.errors.append(err(
-                "kind", f"{api_version} {kind} is not an Istio resource; ignored",
-                "diktyo reads " + ", ".join(KINDS), severity="warning",
-            ))
+            result.errors.append(
+                err(
+                    "kind",
+                    f"{api_version} {kind} is not an Istio resource; ignored",
+                    "diktyo reads " + ", ".join(KINDS),
+                    severity="warning",
+                )
+            )
         return
     want_group, versions, model = spec_entry
     if group != want_group or version not in versions:
-        result.errors.append(err(
-            "apiVersion", f"unsupported apiVersion {api_version!r} for kind {kind}",
-            "use " + " or ".join(f"{want_group}/{v}" for v in versions),
-        ))
+        result.errors.append(
+            err(
+                "apiVersion",
+                f"unsupported apiVersion {api_version!r} for kind {kind}",
+                "use " + " or ".join(f"{want_group}/{v}" for v in versions),
+            )
+        )
         return
     for key in data:
         if key not in ("apiVersion", "kind", "metadata", "spec", "status"):
-            close = difflib.get_close_matches(str(key), ["apiVersion", "kind", "metadata", "spec"], n=1)
-            errors.append(err(str(key), f"unknown field {key!r}",
-                              f"did you mean {close[0]!r}?" if close else
-                              "top-level fields are apiVersion, kind, metadata, spec"))
+            close = difflib.get_close_matches(
+                str(key), ["apiVersion", "kind", "metadata", "spec"], n=1
+            )
+            errors.append(
+                err(
+                    str(key),
+                    f"unknown field {key!r}",
+                    f"did you mean {close[0]!r}?"
+                    if close
+                    else "top-level fields are apiVersion, kind, metadata, spec",
+                )
+            )
     metadata = data.get("metadata")
     name = ""
     namespace = "default"
     labels: dict[str, str] = {}
     if not isinstance(metadata, dict):
-        errors.append(err("metadata", "missing required field 'metadata'",
-                          "add 'metadata: {name: NAME}'"))
+        errors.append(
+            err("metadata", "missing required field 'metadata'", "add 'metadata: {name: NAME}'")
+        )
     else:
         name = metadata.get("name") or ""
         if not isinstance(name, str) or not name:
-            errors.append(err("metadata.name" if "name" in metadata else "metadata",
-                              "missing required field 'metadata.name'", "give the resource a name"))
+            errors.append(
+                err(
+                    "metadata.name" if "name" in metadata else "metadata",
+                    "missing required field 'metadata.name'",
+                    "give the resource a name",
+                )
+            )
             name = str(name or "")
         ns = metadata.get("namespace")
         if ns is not None:
@@ -227,10 +281,20 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
     if errors or spec is None:
         result.errors.extend(errors)
         return
-    result.resources.append(Resource(
-        kind=kind, api_version=api_version, name=name, namespace=namespace, spec=spec,
-        file=filename, line=start[0], col=start[1], positions=positions, labels=labels,
-    ))
+    result.resources.append(
+        Resource(
+            kind=kind,
+            api_version=api_version,
+            name=name,
+            namespace=namespace,
+            spec=spec,
+            file=filename,
+            line=start[0],
+            col=start[1],
+            positions=positions,
+            labels=labels,
+        )
+    )
 
 
 def _position(
@@ -249,9 +313,7 @@ def _position(
     return default
 
 
-def _collect_positions(
-    node: Any, path: str, offset: int, out: dict[str, tuple[int, int]]
-) -> None:
+def _collect_positions(node: Any, path: str, offset: int, out: dict[str, tuple[int, int]]) -> None:
     if isinstance(node, CommentedMap):
         for key, value in node.items():
             sub = f"{path}.{key}" if path else str(key)
@@ -275,8 +337,10 @@ def _collect_positions(
 def _to_builtins(node: Any) -> Any:
     """ruamel's Commented*/Scalar* types -> plain dict/list/str/int/float/bool (map keys as str)."""
     if isinstance(node, dict):
-        return {str(k) if not isinstance(k, bool) else str(k).lower(): _to_builtins(v)
-                for k, v in node.items()}
+        return {
+            str(k) if not isinstance(k, bool) else str(k).lower(): _to_builtins(v)
+            for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_to_builtins(v) for v in node]
     if isinstance(node, bool):
@@ -311,12 +375,19 @@ def _type_name(value: Any) -> str:
 # --------------------------------------------------------------------------- pydantic errors
 
 _TYPE_WORDS = {
-    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
-    "float_type": "a number", "float_parsing": "a number",
-    "string_type": "a string", "bool_type": "a boolean (true or false)",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "a string",
+    "bool_type": "a boolean (true or false)",
     "bool_parsing": "a boolean (true or false)",
-    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
-    "list_type": "a list", "tuple_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list",
 }
 
 
@@ -397,16 +468,22 @@ def _pydantic_error(e: Any, model: type[BaseModel], err: Any) -> ConfigError:
         return err(path, f"unknown field {loc[-1]!r}", hint)
     if etype == "missing":
         parent_path = _loc_path(loc[:-1])
-        return err(path, f"missing required field {loc[-1]!r}",
-                   f"add '{loc[-1]}' under {parent_path}")
+        return err(
+            path, f"missing required field {loc[-1]!r}", f"add '{loc[-1]}' under {parent_path}"
+        )
     if etype == "literal_error":
         expected = e.get("ctx", {}).get("expected", "")
         return err(path, f"invalid value {value!r}", f"must be one of {expected}")
     if etype in _TYPE_WORDS:
-        return err(path, f"expected {_TYPE_WORDS[etype]}, got {_type_name(value)} {value!r}",
-                   "fix the value's type" if not isinstance(value, str)
-                   else "remove the quotes" if etype.startswith(("int", "float", "bool")) else
-                   "quote the value")
+        return err(
+            path,
+            f"expected {_TYPE_WORDS[etype]}, got {_type_name(value)} {value!r}",
+            "fix the value's type"
+            if not isinstance(value, str)
+            else "remove the quotes"
+            if etype.startswith(("int", "float", "bool"))
+            else "quote the value",
+        )
     if etype == "value_error":
         msg = str(e.get("msg", ""))
         msg = msg.removeprefix("Value error, ")

@@ -10,8 +10,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from diktyo.api.base import IstioModel, LabelSelector, Percent, PortSelector, StringMatch
-from diktyo.api.base import WorkloadSelector
+from diktyo.api.base import (
+    IstioModel,
+    LabelSelector,
+    Percent,
+    PortSelector,
+    StringMatch,
+    WorkloadSelector,
+)
 from diktyo.api.duration import Duration
 
 # --------------------------------------------------------------------------- VirtualService
@@ -307,7 +313,9 @@ class WarmupConfiguration(IstioModel):
 
 class LoadBalancerSettings(IstioModel):
     simple: (
-        Literal["UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST"]
+        Literal[
+            "UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST"
+        ]
         | None
     ) = None
     consistent_hash: ConsistentHashLB | None = None
@@ -450,7 +458,9 @@ class TLSCertificate(IstioModel):
 class ServerTLSSettings(IstioModel):
     https_redirect: bool | None = None
     mode: (
-        Literal["PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"]
+        Literal[
+            "PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"
+        ]
         | None
     ) = None
     server_certificate: str | None = None

@@ -43,9 +43,7 @@ def _walk(schema: dict[str, Any], tp: Any, path: str, problems: list[str]) -> No
             problems.append(f"{path}: CRD object but model type {tp}")
             return
         by_alias = {(f.alias or n): f.annotation for n, f in tp.model_fields.items()}
-        required = {
-            (f.alias or n) for n, f in tp.model_fields.items() if f.is_required()
-        }
+        required = {(f.alias or n) for n, f in tp.model_fields.items() if f.is_required()}
         crd_required = set(schema.get("required", []))
         for extra in required - crd_required:
             problems.append(f"{path}.{extra}: required by diktyo but optional in the CRD")

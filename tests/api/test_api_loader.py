@@ -49,7 +49,11 @@ def test_valid_resource_fields_and_positions() -> None:
     assert result.errors == []
     (res,) = result.resources
     assert (res.kind, res.api_version, res.name, res.namespace) == (
-        "VirtualService", "networking.istio.io/v1", "reviews", "default")
+        "VirtualService",
+        "networking.istio.io/v1",
+        "reviews",
+        "default",
+    )
     assert isinstance(res.spec, VirtualService)
     assert res.spec.http[0].timeout == 0.5
     assert res.spec.http[0].match[0].headers["end-user"].exact == "jason"
@@ -139,13 +143,16 @@ spec:
 
 
 def test_unknown_kind_and_api_version() -> None:
-    err = one_error("apiVersion: networking.istio.io/v1\nkind: VirtualServce\nmetadata: {name: x}\n")
+    err = one_error(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualServce\nmetadata: {name: x}\n"
+    )
     assert err.line == 2 and "unknown kind 'VirtualServce'" in err.message
     assert "VirtualService" in err.hint
     err = one_error("apiVersion: networking.istio.io/v2\nkind: Gateway\nmetadata: {name: x}\n")
     assert err.line == 1 and "unsupported apiVersion" in err.message
-    err = one_error("apiVersion: security.istio.io/v1alpha3\nkind: PeerAuthentication\n"
-                    "metadata: {name: x}\n")
+    err = one_error(
+        "apiVersion: security.istio.io/v1alpha3\nkind: PeerAuthentication\nmetadata: {name: x}\n"
+    )
     assert "security.istio.io/v1" in err.hint
 
 
@@ -155,7 +162,9 @@ def test_non_istio_kind_is_a_warning() -> None:
 
 
 def test_yaml_syntax_error_keeps_other_documents() -> None:
-    text = VS + "---\napiVersion: v1\nkind: [unclosed\n---\n" + VS.replace("reviews\n", "ratings\n", 1)
+    text = (
+        VS + "---\napiVersion: v1\nkind: [unclosed\n---\n" + VS.replace("reviews\n", "ratings\n", 1)
+    )
     result = load_text(text, "multi.yaml")
     assert [r.name for r in result.resources] == ["reviews", "ratings"]
     (err,) = result.errors
@@ -173,15 +182,21 @@ def test_bad_document_does_not_stop_good_ones() -> None:
 def test_missing_metadata_name_and_namespace_default() -> None:
     err = one_error("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {}\n")
     assert "metadata.name" in err.message
-    result = load_text("apiVersion: networking.istio.io/v1\nkind: Gateway\n"
-                       "metadata: {name: g, namespace: istio-system}\n", "g")
+    result = load_text(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\n"
+        "metadata: {name: g, namespace: istio-system}\n",
+        "g",
+    )
     assert result.resources[0].namespace == "istio-system"
 
 
 def test_legacy_percent_and_percentage() -> None:
-    text = VS.replace("    timeout: 0.5s", "    fault:\n      delay:\n        percent: 50\n"
-                      "        fixedDelay: 7s\n      abort:\n        percentage: {value: 10.5}\n"
-                      "        httpStatus: 503")
+    text = VS.replace(
+        "    timeout: 0.5s",
+        "    fault:\n      delay:\n        percent: 50\n"
+        "        fixedDelay: 7s\n      abort:\n        percentage: {value: 10.5}\n"
+        "        httpStatus: 503",
+    )
     result = load_text(text, "f")
     assert result.errors == []
     fault = result.resources[0].spec.http[0].fault  # type: ignore[attr-defined]

@@ -1,0 +1,72 @@
+"""Standalone mode: a folder of Istio YAML -> one Snapshot, no control plane process.
+
+``diktyo sidecar --config DIR`` runs on this: ServiceEntries with STATIC endpoints are the
+registry, VirtualServices and DestinationRules route over them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from diktyo.api import ConfigError, load_paths
+from diktyo.control.model import ProxyNode, PushContext
+from diktyo.control.translate import registry_from_service_entries, translate
+from diktyo.snapshot.model import Node, Snapshot
+
+
+class ConfigLoadError(ValueError):
+    """The config folder has errors; ``str()`` lists every one as ``FILE:LINE:COL: error: ...``."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        lines = [f"{len(errors)} error(s) in config:"] + [str(e) for e in errors]
+        super().__init__("\n".join(lines))
+
+
+def snapshot_from_dir(
+    config_dir: str | Path,
+    *,
+    outbound_port: int = 0,
+    node_id: str = "standalone",
+    version: str | None = None,
+) -> Snapshot:
+    """Load every ``*.yaml``/``*.yml`` under ``config_dir`` and translate it for a standalone node.
+
+    Raises ``ConfigLoadError`` when any document has an error (warnings are ignored).
+    ``version`` defaults to a hash of the input files' names and contents.
+    """
+    path = Path(config_dir)
+    if not path.exists():
+        raise ConfigLoadError(
+            [
+                ConfigError(
+                    str(path), 0, 0, "", "config path does not exist", "pass a folder of YAML"
+                )
+            ]
+        )
+    result = load_paths([path])
+    errors = [e for e in result.errors if e.severity == "error"]
+    if errors:
+        raise ConfigLoadError(errors)
+    if version is None:
+        version = _hash_inputs(path)
+    registry = registry_from_service_entries(result.resources)
+    push = PushContext(resources=tuple(result.resources), registry=registry, version=version)
+    node = Node(id=node_id, workload=node_id, mode="standalone")
+    return translate(ProxyNode(node=node, outbound_port=outbound_port), push)
+
+
+def _hash_inputs(path: Path) -> str:
+    h = hashlib.sha256()
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(f for f in path.rglob("*") if f.suffix in (".yaml", ".yml") and f.is_file())
+    )
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        h.update(b"\0")
+        h.update(f.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:16]

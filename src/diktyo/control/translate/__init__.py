@@ -1,0 +1,71 @@
+"""Translate: the pure function ``translate(proxy, push) -> Snapshot`` (Istio's config generator).
+
+``listeners.py``, ``routes.py`` and ``clusters.py`` each build what they are named after;
+``hosts.py`` resolves names and indexes config; ``registry.py`` turns ServiceEntries into
+registry services and instances.
+"""
+
+from __future__ import annotations
+
+from diktyo.control.model import ProxyNode, PushContext
+from diktyo.control.translate.clusters import build_cluster, build_outbound_clusters
+from diktyo.control.translate.hosts import ConfigIndex
+from diktyo.control.translate.listeners import (
+    gateway_listeners,
+    inbound,
+    local_port_listeners,
+    outbound_listeners,
+)
+from diktyo.control.translate.registry import merge_registries, registry_from_service_entries
+from diktyo.control.translate.routes import (
+    RouteContext,
+    build_gateway_table,
+    build_outbound_table,
+    gateway_servers,
+)
+from diktyo.snapshot.model import Cluster, Snapshot
+
+__all__ = ["merge_registries", "registry_from_service_entries", "translate"]
+
+
+def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
+    """Build the snapshot for ``proxy`` from ``push`` (pure: same input, same output).
+
+    ServiceEntries among ``push.resources`` are added to ``push.registry`` (hosts the registry
+    already has win). Every route target gets a cluster; a target whose service or subset is
+    unknown gets an empty cluster (requests to it fail with 503, as in Istio).
+    """
+    idx = ConfigIndex.build(push.resources, push.registry)
+    trust_domain = push.mesh.trust_domain or proxy.node.trust_domain
+    ctx = RouteContext(idx=idx, proxy=proxy)
+
+    listeners = outbound_listeners(proxy)
+    local, tcp_targets = local_port_listeners(proxy, idx)
+    listeners += local
+    tables = [build_outbound_table(ctx)]
+    if proxy.node.mode == "gateway":
+        servers = gateway_servers(ctx)
+        listeners += gateway_listeners(proxy, list(servers))
+        for port in sorted(servers):
+            tables.append(build_gateway_table(ctx, port, servers[port]))
+    in_listeners, in_clusters = inbound(proxy, idx)
+    listeners += in_listeners
+
+    clusters: dict[str, Cluster] = build_outbound_clusters(idx, proxy, trust_domain)
+    for host, port in tcp_targets:
+        ctx.needed.add((host, port, ""))
+    for host, port, subset in sorted(ctx.needed):
+        name = f"outbound|{port}|{subset}|{host}"
+        if name not in clusters:
+            clusters[name] = build_cluster(
+                idx, proxy, idx.service(host), host, port, subset, trust_domain
+            )
+    all_clusters = list(clusters.values()) + in_clusters
+    return Snapshot(
+        version=push.version,
+        node=proxy.node,
+        listeners=tuple(listeners),
+        route_tables=tuple(tables),
+        clusters=tuple(all_clusters),
+        mesh=push.mesh,
+    )

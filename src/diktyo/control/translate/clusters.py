@@ -1,0 +1,248 @@
+"""Clusters: one per service port, one per DestinationRule subset, with Istio's policy merge.
+
+Traffic policy merge (as Istio's ``MergeTrafficPolicy``): the DestinationRule's top-level
+``trafficPolicy``, then its ``portLevelSettings`` entry for the port, then the subset's
+``trafficPolicy``, then the subset's ``portLevelSettings`` for the port. Each of
+``loadBalancer``, ``connectionPool``, ``outlierDetection`` and ``tls`` is replaced whole by the
+more specific level that sets it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from diktyo.control.model import ProxyNode, Service, WorkloadInstance
+from diktyo.control.translate.hosts import ConfigIndex, protocol_of, selector_matches
+from diktyo.snapshot.model import (
+    Cluster,
+    ConnectionPool,
+    ConsistentHash,
+    Endpoint,
+    LoadBalancer,
+    OutlierDetection,
+    TlsSettings,
+)
+
+
+def cluster_name(port: int, subset: str, host: str) -> str:
+    return f"outbound|{port}|{subset}|{host}"
+
+
+@dataclass
+class _Policy:
+    load_balancer: Any = None
+    connection_pool: Any = None
+    outlier_detection: Any = None
+    tls: Any = None
+
+    def apply(self, tp: Any, port: int) -> None:
+        if tp is None:
+            return
+        self._take(tp)
+        for pls in tp.port_level_settings:
+            if pls.port is not None and pls.port.number == port:
+                self._take(pls)
+                break
+
+    def _take(self, level: Any) -> None:
+        for f in ("load_balancer", "connection_pool", "outlier_detection", "tls"):
+            value = getattr(level, f, None)
+            if value is not None:
+                setattr(self, f, value)
+
+
+def merged_policy(dr: Any, port: int, subset: str = "") -> _Policy:
+    """The effective traffic policy of ``dr`` for ``port`` and ``subset``."""
+    pol = _Policy()
+    if dr is None:
+        return pol
+    pol.apply(dr.spec.traffic_policy, port)
+    if subset:
+        for s in dr.spec.subsets:
+            if s.name == subset:
+                pol.apply(s.traffic_policy, port)
+                break
+    return pol
+
+
+def load_balancer(lb: Any) -> LoadBalancer:
+    if lb is None:
+        return LoadBalancer()
+    simple = {
+        None: "LEAST_REQUEST",
+        "UNSPECIFIED": "LEAST_REQUEST",
+        "LEAST_CONN": "LEAST_REQUEST",
+    }.get(lb.simple, lb.simple)
+    ch = None
+    if lb.consistent_hash is not None:
+        c = lb.consistent_hash
+        ch = ConsistentHash(
+            http_header_name=c.http_header_name,
+            http_cookie=c.http_cookie.name if c.http_cookie else None,
+            http_cookie_ttl=c.http_cookie.ttl if c.http_cookie else None,
+            use_source_ip=bool(c.use_source_ip),
+            http_query_parameter_name=c.http_query_parameter_name,
+        )
+    return LoadBalancer(simple=simple, consistent_hash=ch)
+
+
+def connection_pool(cp: Any) -> ConnectionPool:
+    if cp is None:
+        return ConnectionPool()
+    kw: dict[str, Any] = {}
+    tcp, http = cp.tcp, cp.http
+    if tcp is not None:
+        if tcp.max_connections is not None:
+            kw["max_connections"] = tcp.max_connections
+        if tcp.connect_timeout is not None:
+            kw["connect_timeout"] = tcp.connect_timeout
+        if tcp.idle_timeout is not None:
+            kw["idle_timeout"] = tcp.idle_timeout
+    if http is not None:
+        for src, dst in (
+            ("http1_max_pending_requests", "http1_max_pending_requests"),
+            ("http2_max_requests", "http2_max_requests"),
+            ("max_requests_per_connection", "max_requests_per_connection"),
+            ("max_retries", "max_retries"),
+            ("idle_timeout", "idle_timeout"),
+        ):
+            value = getattr(http, src)
+            if value is not None:
+                kw[dst] = value
+    return ConnectionPool(**kw)
+
+
+def outlier_detection(od: Any) -> OutlierDetection | None:
+    """Istio's mapping: ``consecutive5xxErrors`` (0 disables), legacy ``consecutiveErrors`` counts
+    gateway errors (502/503/504) only, as Istio has done since 1.5."""
+    if od is None:
+        return None
+    c5xx: int | None = 5
+    gateway = od.consecutive_gateway_errors
+    if od.consecutive_5xx_errors is not None:
+        c5xx = od.consecutive_5xx_errors or None
+    elif od.consecutive_errors is not None:
+        c5xx = None
+        if od.consecutive_errors > 0 and gateway is None:
+            gateway = od.consecutive_errors
+    if gateway == 0:
+        gateway = None
+    kw: dict[str, Any] = {"consecutive_5xx_errors": c5xx, "consecutive_gateway_errors": gateway}
+    if od.interval is not None:
+        kw["interval"] = od.interval
+    if od.base_ejection_time is not None:
+        kw["base_ejection_time"] = od.base_ejection_time
+    if od.max_ejection_percent is not None:
+        kw["max_ejection_percent"] = float(od.max_ejection_percent)
+    if od.min_health_percent is not None:
+        kw["min_health_percent"] = float(od.min_health_percent)
+    return OutlierDetection(**kw)
+
+
+def tls_settings(tls: Any) -> TlsSettings | None:
+    if tls is None:
+        return None
+    return TlsSettings(
+        mode=tls.mode or "DISABLE",
+        sni=tls.sni,
+        ca_certificates=tls.ca_certificates,
+        client_certificate=tls.client_certificate,
+        private_key=tls.private_key,
+        subject_alt_names=tuple(tls.subject_alt_names),
+        insecure_skip_verify=bool(tls.insecure_skip_verify),
+    )
+
+
+def endpoints(
+    svc: Service,
+    port: int,
+    instances: tuple[WorkloadInstance, ...],
+    labels: dict[str, str],
+    trust_domain: str,
+) -> tuple[Endpoint, ...]:
+    out: list[Endpoint] = []
+    for inst in instances:
+        if not inst.healthy or svc.hostname not in inst.services or port not in inst.ports:
+            continue
+        if not selector_matches(labels, inst.labels):
+            continue
+        principal = (
+            f"spiffe://{trust_domain}/ns/{inst.namespace}/sa/{inst.service_account}"
+            if inst.has_sidecar
+            else ""
+        )
+        out.append(
+            Endpoint(
+                address=inst.address,
+                port=inst.ports[port],
+                labels=dict(inst.labels),
+                weight=inst.weight,
+                workload=inst.workload,
+                namespace=inst.namespace,
+                principal=principal,
+                has_sidecar=inst.has_sidecar,
+            )
+        )
+    return tuple(out)
+
+
+def build_cluster(
+    idx: ConfigIndex,
+    proxy: ProxyNode,
+    svc: Service | None,
+    host: str,
+    port: int,
+    subset: str,
+    trust_domain: str,
+) -> Cluster:
+    """The outbound cluster for (host, port, subset); empty when the service or subset is unknown."""
+    dr = idx.destination_rule(host, proxy.node.namespace)
+    subset_labels: dict[str, str] | None = {}
+    if subset:
+        subset_labels = None
+        if dr is not None:
+            for s in dr.spec.subsets:
+                if s.name == subset:
+                    subset_labels = dict(s.labels)
+                    break
+    pol = merged_policy(dr, port, subset)
+    protocol = "http"
+    eps: tuple[Endpoint, ...] = ()
+    if svc is not None:
+        for p in svc.ports:
+            if p.number == port:
+                protocol = protocol_of(p.name, p.protocol)
+        if subset_labels is not None:
+            eps = endpoints(svc, port, idx.registry.instances, subset_labels, trust_domain)
+    return Cluster(
+        name=cluster_name(port, subset, host),
+        service=host,
+        port=port,
+        subset=subset,
+        direction="outbound",
+        endpoints=eps,
+        lb=load_balancer(pol.load_balancer),
+        pool=connection_pool(pol.connection_pool),
+        outlier=outlier_detection(pol.outlier_detection),
+        tls=tls_settings(pol.tls),
+        protocol=protocol,  # type: ignore[arg-type]
+        policy_source=f"DestinationRule {dr.name}" if dr is not None else "",
+    )
+
+
+def build_outbound_clusters(
+    idx: ConfigIndex, proxy: ProxyNode, trust_domain: str
+) -> dict[str, Cluster]:
+    """Every registry service port, plus each subset the service's DestinationRule defines."""
+    out: dict[str, Cluster] = {}
+    for svc in idx.registry.services:
+        if "*" in svc.hostname:
+            continue
+        dr = idx.destination_rule(svc.hostname, proxy.node.namespace)
+        subsets = [""] + ([s.name for s in dr.spec.subsets] if dr is not None else [])
+        for p in svc.ports:
+            for subset in subsets:
+                c = build_cluster(idx, proxy, svc, svc.hostname, p.number, subset, trust_domain)
+                out.setdefault(c.name, c)
+    return out

@@ -1,0 +1,150 @@
+"""Host names: resolving short names to FQDNs, wildcard matching, and the index of config by kind."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from diktyo.control.model import Registry, Service
+
+DOMAIN_SUFFIX = "cluster.local"
+
+
+def resolve_host(host: str, namespace: str, services: Iterable[Service] = ()) -> str:
+    """Istio's short-name resolution: ``reviews`` in namespace ``default`` ->
+    ``reviews.default.svc.cluster.local``. ``reviews.default`` and ``reviews.default.svc`` are
+    completed too when such a service exists; anything else is taken as written."""
+    if "*" in host:
+        return host
+    if "." not in host:
+        return f"{host}.{namespace}.svc.{DOMAIN_SUFFIX}"
+    for svc in services:
+        if svc.hostname == host:
+            return host
+    parts = host.split(".")
+    if len(parts) == 2:
+        cand = f"{host}.svc.{DOMAIN_SUFFIX}"
+    elif len(parts) == 3 and parts[2] == "svc":
+        cand = f"{host}.{DOMAIN_SUFFIX}"
+    else:
+        return host
+    if any(svc.hostname == cand for svc in services):
+        return cand
+    return host
+
+
+def host_matches(pattern: str, hostname: str) -> bool:
+    """``pattern`` (an FQDN, ``*`` or ``*.suffix``) covers ``hostname`` (which may be a wildcard)."""
+    if pattern == "*" or pattern == hostname:
+        return True
+    if pattern.startswith("*."):
+        suffix = pattern[1:]
+        if hostname.startswith("*."):
+            return hostname[1:].endswith(suffix)
+        return hostname.endswith(suffix)
+    return False
+
+
+def split_cluster_host(hostname: str) -> tuple[str, str] | None:
+    """``reviews.default.svc.cluster.local`` -> ``("reviews", "default")``; None if external."""
+    suffix = f".svc.{DOMAIN_SUFFIX}"
+    if not hostname.endswith(suffix):
+        return None
+    parts = hostname[: -len(suffix)].split(".")
+    if len(parts) != 2:
+        return None
+    return parts[0], parts[1]
+
+
+def selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def protocol_of(name: str, protocol: str | None) -> str:
+    """Snapshot protocol (http, http2, grpc, tcp) from an Istio port's protocol or name prefix."""
+    proto = (protocol or "").upper()
+    if not proto:
+        prefix = (name or "").split("-", 1)[0].upper()
+        proto = prefix if prefix in _PROTOCOLS else "HTTP"
+    return _PROTOCOLS.get(proto, "tcp")
+
+
+_PROTOCOLS = {
+    "HTTP": "http",
+    "HTTP2": "http2",
+    "GRPC": "grpc",
+    "GRPC-WEB": "http",
+    "TCP": "tcp",
+    "TLS": "tcp",
+    "HTTPS": "tcp",
+    "MONGO": "tcp",
+    "REDIS": "tcp",
+    "MYSQL": "tcp",
+}
+
+
+def is_http(protocol: str) -> bool:
+    return protocol in ("http", "http2", "grpc")
+
+
+@dataclass
+class ConfigIndex:
+    """The push context's resources grouped by kind, in input order, plus the merged registry."""
+
+    virtual_services: list[Any] = field(default_factory=list)
+    destination_rules: list[Any] = field(default_factory=list)
+    gateways: list[Any] = field(default_factory=list)
+    service_entries: list[Any] = field(default_factory=list)
+    sidecars: list[Any] = field(default_factory=list)
+    registry: Registry = field(default_factory=Registry)
+
+    @classmethod
+    def build(cls, resources: Iterable[Any], registry: Registry) -> ConfigIndex:
+        from diktyo.control.translate.registry import (
+            merge_registries,
+            registry_from_service_entries,
+        )
+
+        idx = cls()
+        by_kind = {
+            "VirtualService": idx.virtual_services,
+            "DestinationRule": idx.destination_rules,
+            "Gateway": idx.gateways,
+            "ServiceEntry": idx.service_entries,
+            "Sidecar": idx.sidecars,
+        }
+        for res in resources:
+            bucket = by_kind.get(getattr(res, "kind", ""))
+            if bucket is not None:
+                bucket.append(res)
+        idx.registry = merge_registries(
+            registry, registry_from_service_entries(idx.service_entries)
+        )
+        return idx
+
+    def service(self, hostname: str) -> Service | None:
+        for svc in self.registry.services:
+            if svc.hostname == hostname:
+                return svc
+        return None
+
+    def destination_rule(self, hostname: str, proxy_namespace: str) -> Any | None:
+        """The DestinationRule for ``hostname``: exact host first, then the most specific wildcard.
+
+        Among several for the same host, one in the proxy's namespace wins, then input order."""
+        exact: list[Any] = []
+        wild: list[tuple[int, Any]] = []
+        for dr in self.destination_rules:
+            host = resolve_host(dr.spec.host, dr.namespace, self.registry.services)
+            if host == hostname:
+                exact.append(dr)
+            elif host_matches(host, hostname):
+                wild.append((len(host), dr))
+        if exact:
+            exact.sort(key=lambda d: d.namespace != proxy_namespace)
+            return exact[0]
+        if wild:
+            wild.sort(key=lambda t: -t[0])
+            return wild[0][1]
+        return None

@@ -1,0 +1,97 @@
+"""Service registry from ServiceEntries (STATIC endpoints become workload instances)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from diktyo.control.model import Registry, Service, ServicePort, WorkloadInstance
+from diktyo.control.translate.hosts import resolve_host, split_cluster_host
+
+
+def registry_from_service_entries(resources: Iterable[Any]) -> Registry:
+    """Build a Registry from the ServiceEntry resources among ``resources``.
+
+    Each host becomes a Service (``short_name`` empty unless the host is an in-mesh
+    ``name.ns.svc.cluster.local`` name); each ``endpoints`` entry of a STATIC (or unset
+    resolution) entry becomes a WorkloadInstance without sidecar, its ``ports`` mapping the
+    service port number to the endpoint port (by port name, else ``targetPort``, else the
+    service port itself).
+    """
+    services: list[Service] = []
+    instances: list[WorkloadInstance] = []
+    seen: set[str] = set()
+    for res in resources:
+        if getattr(res, "kind", "") != "ServiceEntry":
+            continue
+        se = res.spec
+        ports = tuple(
+            ServicePort(
+                number=p.number,
+                name=p.name,
+                protocol=(p.protocol or _protocol_from_name(p.name)).upper(),
+                target_port=p.target_port,
+            )
+            for p in se.ports
+        )
+        hostnames = [resolve_host(h, res.namespace) if "." not in h else h for h in se.hosts]
+        external = se.location != "MESH_INTERNAL"
+        for host in hostnames:
+            if host in seen:
+                continue
+            seen.add(host)
+            split = split_cluster_host(host)
+            services.append(
+                Service(
+                    hostname=host,
+                    namespace=res.namespace,
+                    ports=ports,
+                    short_name=split[0] if split else "",
+                    mesh_external=external,
+                    resolution=se.resolution or "NONE",
+                    source="ServiceEntry",
+                )
+            )
+        if se.resolution not in (None, "STATIC", "DNS", "DNS_ROUND_ROBIN"):
+            continue
+        for i, ep in enumerate(se.endpoints):
+            if not ep.address:
+                continue
+            port_map: dict[int, int] = {}
+            for p in ports:
+                port_map[p.number] = ep.ports.get(p.name, p.target_port or p.number)
+            workload = ep.labels.get("app", res.name)
+            version = ep.labels.get("version")
+            instances.append(
+                WorkloadInstance(
+                    name=f"{res.name}-{i}",
+                    workload=f"{workload}-{version}" if version else workload,
+                    address=ep.address,
+                    ports=port_map,
+                    services=tuple(hostnames),
+                    namespace=res.namespace,
+                    labels=dict(ep.labels),
+                    service_account=ep.service_account or "default",
+                    has_sidecar=False,
+                    weight=ep.weight or 1,
+                )
+            )
+    return Registry(services=tuple(services), instances=tuple(instances))
+
+
+def merge_registries(base: Registry, extra: Registry) -> Registry:
+    """``base`` plus the services of ``extra`` whose hostnames ``base`` lacks (with their instances)."""
+    known = {s.hostname for s in base.services}
+    add = [s for s in extra.services if s.hostname not in known]
+    if not add:
+        return base
+    added = {s.hostname for s in add}
+    instances = [i for i in extra.instances if any(h in added for h in i.services)]
+    return Registry(
+        services=base.services + tuple(add), instances=base.instances + tuple(instances)
+    )
+
+
+def _protocol_from_name(name: str) -> str:
+    prefix = (name or "").split("-", 1)[0].upper()
+    return prefix if prefix in ("HTTP", "HTTP2", "GRPC", "TCP", "TLS", "HTTPS") else "HTTP"
