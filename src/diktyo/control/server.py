@@ -136,7 +136,7 @@ class ControlPlane:
         """Build a PushContext and translate now (no debounce); return changed node ids."""
         if only_new:
             proxies = [p for n, p in self.proxies.items() if self.cache.get(n) is None]
-            push = self.last_push or self._push_context()
+            push = self._push_context()  # current state; same push version, new digest
         else:
             self.push_version += 1
             push = self._push_context()
@@ -154,6 +154,18 @@ class ControlPlane:
                 if not fut.done():
                     fut.set_result(None)
         return changed
+
+    async def sync(self, timeout: float = 10.0) -> bool:
+        """Push now and wait until every proxy ACKed (or NACKed) its newest version."""
+        self.debouncer.fire()
+        self.push_now()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if all(s.state in ("SYNCED", "NACK") for s in self.status.values()):
+                return True
+            await asyncio.sleep(0.02)
+        return False
 
     def _push_context(self) -> PushContext:
         resources = self.store.resources

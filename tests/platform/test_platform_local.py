@@ -1,0 +1,181 @@
+"""Local platform: a small mesh of tiny apps behind stand-in sidecars, started and stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from diktyo.control.model import ProxyNode, PushContext
+from diktyo.platform.mesh import load_mesh_text
+from diktyo.platform.state import pid_alive
+from diktyo.platform.supervisor import LocalMesh
+from diktyo.snapshot.model import (
+    Cluster,
+    Endpoint,
+    Listener,
+    Route,
+    RouteTable,
+    Snapshot,
+    VirtualHost,
+    WeightedCluster,
+)
+
+HELPERS = Path(__file__).parent / "helpers"
+
+MESH = f"""
+name: tiny
+services:
+  - name: hello
+    ports: [{{name: http, port: 9080}}]
+  - name: front
+    ports: [{{name: http-web, port: 9080}}]
+workloads:
+  - name: hello-v1
+    labels: {{app: hello, version: v1}}
+    replicas: 2
+    command: ["{{python}}", "{HELPERS / "tiny_app.py"}"]
+  - name: front-v1
+    labels: {{app: front, version: v1}}
+    command: ["{{python}}", "{HELPERS / "tiny_app.py"}"]
+gateways:
+  - ports: [{{port: 8080, hostPort: 0}}]
+"""
+
+
+def tiny_translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
+    clusters, vhosts = [], []
+    for svc in push.registry.services:
+        name = f"outbound|9080||{svc.hostname}"
+        eps = tuple(
+            Endpoint(address=i.address, port=i.ports[9080])
+            for i in push.registry.instances
+            if svc.hostname in i.services
+        )
+        clusters.append(Cluster(name=name, endpoints=eps))
+        vhosts.append(
+            VirtualHost(
+                name=svc.hostname,
+                domains=(svc.short_name, f"{svc.short_name}:9080"),
+                routes=(Route(clusters=(WeightedCluster(cluster=name),)),),
+            )
+        )
+    listeners = []
+    if proxy.node.mode == "gateway":
+        gw_hosts = tuple(
+            VirtualHost(name="gw", domains=(f"127.0.0.1:{p}",), routes=vhosts[0].routes)
+            for p in proxy.gateway_ports.values()
+        )
+        vhosts = [*vhosts, *gw_hosts]
+        for sp, hp in proxy.gateway_ports.items():
+            listeners.append(
+                Listener(name=f"gw-{sp}", direction="gateway", port=hp, route_table="out")
+            )
+    else:
+        listeners.append(
+            Listener(
+                name="outbound", direction="outbound", port=proxy.outbound_port, route_table="out"
+            )
+        )
+    for ib in proxy.inbound:
+        cname = f"inbound|{ib.service_port}||"
+        clusters.append(
+            Cluster(
+                name=cname,
+                direction="inbound",
+                endpoints=(Endpoint(address="127.0.0.1", port=ib.app_port),),
+            )
+        )
+        listeners.append(
+            Listener(
+                name=f"in-{ib.service_port}",
+                direction="inbound",
+                port=ib.listen_port,
+                cluster=cname,
+            )
+        )
+    return Snapshot(
+        version="",
+        node=proxy.node,
+        listeners=tuple(listeners),
+        route_tables=(RouteTable(name="out", virtual_hosts=tuple(vhosts)),),
+        clusters=tuple(clusters),
+    )
+
+
+def fake_sidecar(url: str, node: str, admin: int) -> list[str]:
+    return [
+        sys.executable,
+        str(HELPERS / "fake_sidecar.py"),
+        "--control-plane",
+        url,
+        "--node",
+        node,
+        "--admin-port",
+        str(admin),
+    ]
+
+
+@pytest.mark.slow
+async def test_up_request_through_sidecars_then_down_leaves_nothing() -> None:
+    spec = load_mesh_text(MESH, "tiny.yaml", base_dir=str(HELPERS))
+    out = io.StringIO()
+    mesh = LocalMesh(
+        spec, translator=tiny_translate, sidecar_argv=fake_sidecar, out=out, ready_timeout=20
+    )
+    try:
+        await asyncio.wait_for(mesh.start(), 40)
+        text = out.getvalue()
+        assert "starting 3 workloads (4 replicas)" in text and "(3/3)" in text
+        assert mesh.state == "ready"
+        front = mesh.replica("front-v1-1")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+            # front's app calls hello through its own sidecar (HTTP_PROXY) -> hello's sidecar -> app
+            seen = set()
+            for _ in range(6):
+                async with s.get(f"http://127.0.0.1:{front.app_ports[9080]}/call/hello:9080/") as r:
+                    assert r.status == 200, await r.text()
+                    seen.add(json.loads(await r.read())["pod"])
+            assert seen == {"hello-v1-1", "hello-v1-2"}
+            async with s.get(mesh.gateway_url() + "/") as r:
+                assert r.status == 200
+            async with s.get(mesh.cp.url + "/v1/workloads") as r:
+                states = {w["name"]: w["state"] for w in (await r.json())["workloads"]}
+            assert states == {
+                "hello-v1-1": "ready",
+                "hello-v1-2": "ready",
+                "front-v1-1": "ready",
+                "istio-ingressgateway": "ready",
+            }
+        assert "[hello-v1-1] listening on" in out.getvalue()
+        # an app that exits leaves the registry and its sidecar drains
+        hello2 = mesh.replica("hello-v1-2")
+        assert hello2.app is not None and hello2.app.proc is not None
+        hello2.app.proc.terminate()
+        for _ in range(100):
+            if hello2.state == "exited" and not hello2.sidecar.running:  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.05)
+        assert "hello-v1-2" not in mesh.cp.registry.instances
+        assert hello2.sidecar is not None and not hello2.sidecar.running
+    finally:
+        pids = mesh.pids()
+        print(out.getvalue())
+        await asyncio.wait_for(mesh.stop(), 30)
+    assert len(pids) == 7
+    assert [p for p in pids if pid_alive(p)] == []
+    text = out.getvalue()
+    assert "[hello-v1-1 sidecar] draining" in text
+
+
+def test_bad_mesh_file_says_where() -> None:
+    from diktyo.platform.mesh import MeshFileError
+
+    with pytest.raises(MeshFileError) as info:
+        load_mesh_text("services:\n  - name: x\n    ports: []\nworkloads: []\n", "m.yaml")
+    assert "m.yaml:3:5: error: services[0].ports:" in str(info.value)
