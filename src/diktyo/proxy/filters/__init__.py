@@ -1,0 +1,1 @@
+"""HTTP filters of the sidecar, one module per filter (fault, authz, telemetry, ...)."""

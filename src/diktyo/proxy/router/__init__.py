@@ -1,0 +1,1 @@
+"""Routing: route matching, retry state, timeouts, mirroring."""
