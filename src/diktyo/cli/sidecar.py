@@ -1,0 +1,60 @@
+"""``diktyo sidecar``: run the sidecar proxy (data plane) for one workload."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "sidecar",
+        help="run a sidecar proxy from a snapshot file, an Istio YAML dir or a control plane",
+        description=(
+            "Run diktyo's sidecar proxy. Exactly one config source: --snapshot FILE (snapshot "
+            "JSON), --config DIR (Istio YAML incl. ServiceEntry STATIC endpoints) or "
+            "--control-plane URL --node ID. When ready it prints one JSON line on stdout: "
+            '{"event":"ready","admin":PORT,"listeners":{"NAME":PORT},"version":"V"}; logs go '
+            "to stderr. SIGTERM or POST /drain on the admin port drains and exits."
+        ),
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--snapshot", metavar="FILE", help="snapshot JSON file (diktyo.snapshot)")
+    src.add_argument("--config", metavar="DIR", help="directory of Istio YAML files")
+    src.add_argument("--control-plane", metavar="URL",
+                     help="control plane base URL, e.g. http://127.0.0.1:15010")
+    p.add_argument("--node", metavar="ID", help="node id (with --control-plane)")
+    p.add_argument("--admin-port", type=int, default=0,
+                   help="admin port (/ready, /stats/prometheus, ...); 0 = pick a free one")
+    p.add_argument("--outbound-port", type=int, default=None,
+                   help="override the outbound listener's port (0 = pick a free one)")
+    p.add_argument("--drain-timeout", type=float, default=10.0,
+                   help="seconds to let in-flight requests finish on SIGTERM / drain")
+    p.add_argument("--log-level", default="warning",
+                   choices=["debug", "info", "warning", "error"], help="stderr log level")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from diktyo.proxy.main import SidecarOptions
+    from diktyo.proxy.main import run as run_sidecar
+
+    if args.control_plane and not args.node:
+        print("diktyo sidecar: --control-plane needs --node ID", file=sys.stderr)
+        return 2
+    opts = SidecarOptions(
+        snapshot=args.snapshot, config=args.config, control_plane=args.control_plane,
+        node=args.node, admin_port=args.admin_port, outbound_port=args.outbound_port,
+        drain_timeout=args.drain_timeout,
+    )
+    try:
+        return run_sidecar(opts)
+    except Exception as exc:  # config errors from --config: say what is wrong
+        name = type(exc).__name__
+        if name in ("ConfigLoadError", "SnapshotError", "FileNotFoundError"):
+            print(f"diktyo sidecar: {exc}", file=sys.stderr)
+            return 1
+        raise

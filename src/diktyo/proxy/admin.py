@@ -1,0 +1,112 @@
+"""Admin server on its own port: /ready, /stats/prometheus, /config_dump, /clusters, POST /drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import msgspec
+
+from diktyo.proxy.codec.http1 import CodecError, RequestDecoder, RequestHead, local_response
+
+ROUTES_HELP = (
+    "diktyo sidecar admin: GET /ready, /stats/prometheus, /stats, /config_dump, /clusters, "
+    "/listeners; POST /drain (or /quitquitquit)\n"
+)
+
+
+class AdminConnection(asyncio.Protocol):
+    def __init__(self, admin: AdminServer) -> None:
+        self.admin = admin
+        self.decoder = RequestDecoder(self)
+        self.transport: asyncio.Transport | None = None
+        self.head: RequestHead | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.decoder.feed(data)
+        except CodecError as exc:
+            if self.transport is not None:
+                self.transport.write(local_response(exc.status, exc.message.encode(), close=True))
+                self.transport.close()
+
+    def on_request_head(self, head: RequestHead) -> None:
+        self.head = head
+
+    def on_request_body(self, chunk: bytes) -> None:
+        pass
+
+    def on_request_end(self) -> None:
+        head = self.head
+        if head is None or self.transport is None:
+            return
+        status, body, ctype = self.admin.handle(head.method, head.path)
+        self.transport.write(local_response(status, body, close=not head.keep_alive,
+                                            content_type=ctype))
+        if not head.keep_alive:
+            self.transport.close()
+
+
+class AdminServer:
+    """Serves the sidecar's state; ``handle`` is plain code (tests call it directly too)."""
+
+    def __init__(self, sidecar: Any) -> None:
+        self.sidecar = sidecar
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self, address: str = "127.0.0.1", port: int = 0) -> int:
+        loop = self.sidecar.loop
+        self.server = await loop.create_server(lambda: AdminConnection(self), address, port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def handle(self, method: str, target: str) -> tuple[int, bytes, bytes]:
+        path = target.split("?", 1)[0]
+        sc = self.sidecar
+        text = b"text/plain"
+        js = b"application/json"
+        if path == "/ready":
+            ok = sc.rt is not None and not sc.draining and all(
+                c.server is not None for c in sc.listeners.values())
+            return (200, b"LIVE\n", text) if ok else (503, b"NOT READY\n", text)
+        if path in ("/stats/prometheus", "/metrics"):
+            clusters = sc.rt.clusters if sc.rt is not None else {}
+            body = sc.stats.render_prometheus(clusters).encode()
+            return 200, body, b"text/plain; version=0.0.4"
+        if path == "/config_dump":
+            if sc.rt is None:
+                return 503, b'{"error": "no snapshot applied yet"}\n', js
+            return 200, msgspec.json.encode(sc.rt.snapshot) + b"\n", js
+        if path == "/clusters":
+            clusters = sc.rt.clusters if sc.rt is not None else {}
+            out = []
+            for name, cs in clusters.items():
+                d = cs.describe()
+                pool = sc.pools.get(name)
+                if pool is not None:
+                    d["pool"] = {"active_connections": len(pool.active),
+                                 "idle_connections": sum(len(v) for v in pool.idle.values()),
+                                 "pending": len(pool.pending)}
+                out.append(d)
+            return 200, json.dumps({"clusters": out}, indent=1, default=str).encode(), js
+        if path == "/listeners":
+            return 200, json.dumps(sc.ports()).encode(), js
+        if path in ("/drain", "/quitquitquit", "/drain_listeners"):
+            if method != "POST":
+                return 405, b"use POST\n", text
+            task = sc.loop.create_task(sc.drain())
+            sc.tasks.add(task)
+            task.add_done_callback(sc.tasks.discard)
+            return 200, b"draining\n", text
+        if path == "/":
+            return 200, ROUTES_HELP.encode(), text
+        return 404, ROUTES_HELP.encode(), text

@@ -1,0 +1,426 @@
+"""HTTP/1.1 codec on httptools (llhttp, C): request decoding, response decoding, head encoding.
+
+Theory of operation
+-------------------
+Sans-I/O: a decoder is fed bytes and calls methods on a *sink*; nothing here touches a socket.
+
+- ``RequestDecoder(sink)``: downstream side. ``feed(data)`` calls ``sink.on_request_head(head)``,
+  ``sink.on_request_body(chunk)`` and ``sink.on_request_end()`` for every request found in
+  ``data`` (pipelined requests arrive in order; the sink queues them). Malformed input raises
+  ``CodecError(status, message)`` (400, 431); the connection is unusable afterwards.
+- ``ResponseDecoder(sink)``: upstream side. ``sink.on_response_head(status, headers, ka)``,
+  ``on_response_body(chunk)``, ``on_response_end()``. Call ``expect_no_body()`` before feeding
+  the response to a HEAD request; ``eof()`` ends a close-delimited body.
+- Encoders build one ``bytes`` per head with the framing the proxy chose (hop-by-hop headers
+  removed, ``Transfer-Encoding`` re-framed).
+
+Request headers are kept as a dict of lower-case ``str`` names to ``str`` values (duplicates
+joined with ``, ``; ``cookie`` with ``; ``): routing, load balancing and header operations all
+read it. Response headers stay a list of raw ``(name, value)`` byte pairs (``set-cookie`` may
+repeat) and are forwarded as they came.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httptools
+
+MAX_HEADER_BYTES = 60 * 1024
+MAX_HEADER_COUNT = 100
+
+# request headers the proxy never forwards (hop-by-hop, RFC 9110 7.6.1, plus proxy-connection)
+HOP_BY_HOP_STR = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+     "upgrade", "content-length", "expect"}
+)
+HOP_BY_HOP_BYTES = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+     b"transfer-encoding", b"upgrade"}
+)
+
+REASONS: dict[int, bytes] = {
+    100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
+    206: b"Partial Content", 301: b"Moved Permanently", 302: b"Found", 303: b"See Other",
+    304: b"Not Modified", 307: b"Temporary Redirect", 308: b"Permanent Redirect",
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict",
+    413: b"Payload Too Large", 414: b"URI Too Long", 418: b"I'm a teapot",
+    429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+STATUS_LINES: dict[int, bytes] = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in REASONS.items()
+}
+
+
+def status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))
+    return line
+
+
+class CodecError(Exception):
+    """Malformed or oversized input; ``status`` is the answer to send (400, 413, 431)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class RequestHead:
+    """One decoded request head. ``path`` is origin-form (``/x?y``) even for absolute-form URIs."""
+
+    __slots__ = ("method", "path", "authority", "scheme", "headers", "keep_alive", "version",
+                 "has_body", "chunked", "content_length", "expect_continue", "upgrade")
+
+    def __init__(self) -> None:
+        self.method = "GET"
+        self.path = "/"
+        self.authority = ""
+        self.scheme = "http"
+        self.headers: dict[str, str] = {}
+        self.keep_alive = True
+        self.version = "1.1"
+        self.has_body = False
+        self.chunked = False
+        self.content_length: int | None = None
+        self.expect_continue = False
+        self.upgrade = False
+
+
+class RequestSink(Protocol):
+    def on_request_head(self, head: RequestHead) -> None: ...
+    def on_request_body(self, chunk: bytes) -> None: ...
+    def on_request_end(self) -> None: ...
+
+
+class ResponseSink(Protocol):
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None: ...
+    def on_response_body(self, chunk: bytes) -> None: ...
+    def on_response_end(self) -> None: ...
+
+
+class _Stop(Exception):
+    """Raised inside a callback to stop the C parser (limits, HEAD responses)."""
+
+
+class RequestDecoder:
+    """Downstream HTTP/1.1 request decoder (see module docstring)."""
+
+    __slots__ = ("sink", "_parser", "_url", "_headers", "_hbytes", "_hcount", "_error",
+                 "_cl_seen", "_te_seen", "_head", "_in_message")
+
+    def __init__(self, sink: RequestSink) -> None:
+        self.sink = sink
+        self._parser = httptools.HttpRequestParser(self)
+        self._error: CodecError | None = None
+        self._in_message = False
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._hbytes = 0
+        self._hcount = 0
+        self._cl_seen = False
+        self._te_seen = False
+        self._head: RequestHead | None = None
+
+    @property
+    def in_message(self) -> bool:
+        """True between the first byte of a request and its end (for header/idle timeouts)."""
+        return self._in_message
+
+    # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._reset_message()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._hbytes += len(url)
+        if self._hbytes > MAX_HEADER_BYTES:
+            self._error = CodecError(431, "request headers too large")
+            raise _Stop
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._hbytes += len(name) + len(value) + 4
+        self._hcount += 1
+        if self._hbytes > MAX_HEADER_BYTES or self._hcount > MAX_HEADER_COUNT:
+            self._error = CodecError(431, "request headers too large")
+            raise _Stop
+        key = name.decode("latin-1").lower()
+        val = value.decode("latin-1").strip(" \t")
+        if key == "content-length":
+            if self._cl_seen:
+                self._error = CodecError(400, "duplicate content-length")
+                raise _Stop
+            if not val.isdigit() or not val.isascii():
+                self._error = CodecError(400, "invalid content-length")
+                raise _Stop
+            self._cl_seen = True
+        elif key == "transfer-encoding":
+            self._te_seen = True
+        if self._cl_seen and self._te_seen:
+            self._error = CodecError(400, "both content-length and transfer-encoding")
+            raise _Stop
+        headers = self._headers
+        old = headers.get(key)
+        if old is None:
+            headers[key] = val
+        elif key == "cookie":
+            headers[key] = old + "; " + val
+        else:
+            headers[key] = old + ", " + val
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        head = RequestHead()
+        head.method = parser.get_method().decode("ascii", "replace")
+        head.version = parser.get_http_version()
+        head.keep_alive = parser.should_keep_alive()
+        headers = self._headers
+        head.headers = headers
+        url = self._url
+        if not url:
+            self._error = CodecError(400, "empty request target")
+            raise _Stop
+        if url[0:1] == b"/":
+            path = url.decode("latin-1")
+            authority = headers.get("host", "")
+        elif url == b"*":
+            path = "*"
+            authority = headers.get("host", "")
+        else:
+            # absolute-form (proxy mode) or authority-form (CONNECT)
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                self._error = CodecError(400, "invalid request target")
+                raise _Stop from None
+            if parsed.schema:
+                head.scheme = parsed.schema.decode("latin-1").lower()
+            host = (parsed.host or b"").decode("latin-1")
+            authority = host if parsed.port is None else f"{host}:{parsed.port}"
+            path = (parsed.path or b"/").decode("latin-1")
+            if parsed.query:
+                path += "?" + parsed.query.decode("latin-1")
+            if not authority:
+                self._error = CodecError(400, "invalid request target")
+                raise _Stop
+            headers["host"] = authority
+        if head.version == "1.1" and "host" not in headers:
+            self._error = CodecError(400, "missing host header")
+            raise _Stop
+        head.path = path
+        head.authority = authority
+        te = headers.get("transfer-encoding")
+        if te is not None:
+            if te.lower().replace(" ", "").split(",")[-1] != "chunked":
+                self._error = CodecError(400, "unsupported transfer-encoding")
+                raise _Stop
+            head.chunked = True
+            head.has_body = True
+        else:
+            cl = headers.get("content-length")
+            if cl is not None:
+                n = int(cl)
+                head.content_length = n
+                head.has_body = n > 0
+        exp = headers.get("expect")
+        if exp is not None and exp.lower() == "100-continue":
+            head.expect_continue = True
+        if "upgrade" in headers:
+            head.upgrade = True
+        self._head = head
+        self.sink.on_request_head(head)
+
+    def on_body(self, body: bytes) -> None:
+        self.sink.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        self.sink.on_request_end()
+
+    # -- feeding
+    def feed(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # Upgrade is not supported: the request was handled as a plain request (the
+            # Upgrade header is stripped); go on parsing what follows it with a new parser.
+            offset = exc.args[0] if exc.args else len(data)
+            self._parser = httptools.HttpRequestParser(self)
+            rest = data[offset:]
+            if rest:
+                self.feed(rest)
+        except httptools.HttpParserCallbackError as exc:
+            if self._error is not None:
+                raise self._error from None
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, CodecError):
+                self._error = cause
+                raise cause from None
+            raise
+        except httptools.HttpParserError as exc:
+            if self._error is None:
+                msg = str(exc) or "malformed request"
+                self._error = CodecError(400, f"malformed request: {msg}")
+            raise self._error from None
+
+
+class ResponseDecoder:
+    """Upstream HTTP/1.1 response decoder (see module docstring)."""
+
+    __slots__ = ("sink", "_parser", "_headers", "_hbytes", "_no_body", "_status",
+                 "_in_body", "_close_delimited", "_done", "_started")
+
+    def __init__(self, sink: ResponseSink) -> None:
+        self.sink = sink
+        self._parser = httptools.HttpResponseParser(self)
+        self._no_body = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._hbytes = 0
+        self._status = 0
+        self._in_body = False
+        self._close_delimited = False
+        self._started = False
+
+    def expect_no_body(self) -> None:
+        """The next response answers a HEAD request: its head is the whole message."""
+        self._no_body = True
+
+    @property
+    def started(self) -> bool:
+        """True once any byte of the current response was decoded."""
+        return self._started
+
+    def on_message_begin(self) -> None:
+        self._reset()
+        self._started = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._hbytes += len(name) + len(value)
+        if self._hbytes > 4 * MAX_HEADER_BYTES:
+            raise CodecError(502, "upstream response headers too large")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        self._status = status
+        if 100 <= status < 200 and status != 101:
+            return  # interim response: swallowed (the proxy answers 100-continue itself)
+        headers = self._headers
+        framed = False
+        for name, _ in headers:
+            ln = name.lower()
+            if ln == b"content-length" or ln == b"transfer-encoding":
+                framed = True
+                break
+        ka = parser.should_keep_alive()
+        no_body = self._no_body or status == 204 or status == 304
+        if not framed and not no_body:
+            self._close_delimited = True
+            ka = False
+        self._in_body = True
+        self.sink.on_response_head(status, headers, ka)
+        if self._no_body:
+            self._no_body = False
+            self._in_body = False
+            self._started = False
+            self.sink.on_response_end()
+            raise _Stop
+
+    def on_body(self, body: bytes) -> None:
+        self.sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self._status < 200 and self._status != 101:
+            self._started = False
+            return
+        self._in_body = False
+        self._started = False
+        self.sink.on_response_end()
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, _Stop):
+                self._parser = httptools.HttpResponseParser(self)
+                return
+            if isinstance(cause, CodecError):
+                raise cause from None
+            raise
+        except httptools.HttpParserError as exc:
+            raise CodecError(502, f"malformed upstream response: {exc}") from None
+
+    def eof(self) -> bool:
+        """The upstream closed. Returns True if that ended a close-delimited body."""
+        if self._in_body and self._close_delimited:
+            self._in_body = False
+            self._started = False
+            self.sink.on_response_end()
+            return True
+        return False
+
+
+# --------------------------------------------------------------------------- encoders
+
+_CHUNKED = b"transfer-encoding: chunked\r\n"
+_CRLF = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def encode_request_head(method: str, path: str, headers: dict[str, str], body_framing: bytes) -> bytes:
+    """Request line + headers (hop-by-hop already removed by the caller) + framing header."""
+    parts = [f"{method} {path} HTTP/1.1\r\n"]
+    for k, v in headers.items():
+        parts.append(f"{k}: {v}\r\n")
+    return "".join(parts).encode("latin-1") + body_framing + _CRLF
+
+
+def content_length_header(n: int) -> bytes:
+    return b"content-length: %d\r\n" % n
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def encode_response_head(status: int, headers: list[tuple[bytes, bytes]], extra: bytes) -> bytes:
+    """Status line + forwarded headers + ``extra`` (already CRLF-terminated lines)."""
+    parts = [status_line(status)]
+    for name, value in headers:
+        parts.append(name + b": " + value + _CRLF)
+    parts.append(extra)
+    parts.append(_CRLF)
+    return b"".join(parts)
+
+
+def local_response(status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None,
+                   close: bool = False, content_type: bytes = b"text/plain") -> bytes:
+    """A complete response generated by the proxy itself (errors, redirects, direct responses)."""
+    parts = [status_line(status)]
+    if headers:
+        for name, value in headers:
+            parts.append(name + b": " + value + _CRLF)
+    if body:
+        parts.append(b"content-type: " + content_type + _CRLF)
+    parts.append(b"content-length: %d\r\n" % len(body))
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts.append(_CRLF)
+    parts.append(body)
+    return b"".join(parts)

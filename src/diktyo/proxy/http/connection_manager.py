@@ -1,0 +1,850 @@
+"""HTTP connection manager: one downstream HTTP/1.1 connection and the streams (requests) on it.
+
+Theory of operation
+-------------------
+``HttpConnection`` is the asyncio Protocol of a downstream connection. The codec emits request
+heads, body chunks and ends; each head becomes a ``Stream``. Pipelined requests are processed
+one after the other: only ``streams[0]`` is active, later ones buffer (reading is paused while
+more than one is queued).
+
+A ``Stream`` runs the request through the route (fault -> direct response / redirect ->
+weighted destination -> header operations and rewrites -> mirrors) and then through attempts:
+``ClusterState.pick_host`` -> ``ClusterPool.acquire`` (idle MRU connection, pending queue,
+circuit breaker overflow ``UO``) -> ``attach`` (head and buffered body written in one write) ->
+response events forwarded with re-framing. Failures before the response started become local
+replies with Envoy's status, body and response flag (or a retry per ``RetryState``); failures
+after it reset the downstream connection. A reused pooled connection that dies before any
+response byte (the keep-alive race) is retried once on a fresh connection, transparently.
+
+No Task per request: everything runs in protocol callbacks; timers use ``loop.call_at`` only
+when a timeout is configured. Header/idle timeouts are swept once a second by the sidecar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from diktyo.proxy.codec.http1 import (
+    HOP_BY_HOP_BYTES,
+    HOP_BY_HOP_STR,
+    LAST_CHUNK,
+    CodecError,
+    RequestDecoder,
+    RequestHead,
+    content_length_header,
+    encode_request_head,
+    encode_response_head,
+    local_response,
+)
+from diktyo.proxy.http.policies import LbContext, RetryState, decide_fault
+from diktyo.proxy.router.matcher import CompiledDestination, CompiledRoute, RequestInfo
+
+if TYPE_CHECKING:
+    from diktyo.proxy.sidecar import ListenerContext, Runtime
+
+# Envoy's order of response flags in access logs
+FLAG_ORDER = ("LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX",
+              "RLSE", "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC",
+              "OM")
+_FLAG_RANK = {f: i for i, f in enumerate(FLAG_ORDER)}
+
+RETRY_BUFFER_LIMIT = 1024 * 1024  # body kept for retries (Envoy's default buffer limit)
+BUFFER_HIGH_WATER = 64 * 1024  # pause downstream reads while this much waits for upstream
+
+_CHUNKED_HDR = b"transfer-encoding: chunked\r\n"
+_CLOSE_HDR = b"connection: close\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONTENT_LENGTH = b"content-length"
+
+MSG_CONNECT_FAILURE = "upstream connect error or disconnect/reset before headers. reset reason: "
+MSG_TIMEOUT = b"upstream request timeout"
+MSG_NO_HEALTHY = b"no healthy upstream"
+MSG_FAULT_ABORT = b"fault filter abort"
+
+# reasons the downstream connection stopped reading (bit mask)
+PAUSE_PIPELINE = 1
+PAUSE_UPSTREAM = 2
+PAUSE_BUFFER = 4
+
+_monotonic = time.monotonic
+
+
+def join_flags(flags: set[str] | None) -> str:
+    if not flags:
+        return "-"
+    return ",".join(sorted(flags, key=lambda f: _FLAG_RANK.get(f, 99)))
+
+
+class HttpConnection(asyncio.Protocol):
+    """One downstream connection (see module docstring)."""
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.decoder = RequestDecoder(self)
+        self.transport: asyncio.Transport | None = None
+        self.streams: deque[Stream] = deque()
+        self.paused = 0
+        self.write_paused = False
+        self.closed = False
+        self.close_after = False
+        self.peer = ""
+        self.last_activity = 0.0
+        self.requests = 0
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.last_activity = _monotonic()
+        self.ctx.connections.add(self)
+        self.ctx.stats.server["downstream_cx_total"] += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = _monotonic()
+        try:
+            self.decoder.feed(data)
+        except CodecError as exc:
+            self.codec_error(exc)
+            return
+        s = self.streams[0] if self.streams else None
+        if s is not None and s.uconn is not None and s.uconn.transport is not None and s.upbuf:
+            s.flush_upstream()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.ctx.connections.discard(self)
+        streams = list(self.streams)
+        self.streams.clear()
+        for s in streams:
+            s.downstream_lost()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.streams:
+            u = self.streams[0].uconn
+            if u is not None:
+                u.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.streams:
+            u = self.streams[0].uconn
+            if u is not None:
+                u.resume_reading()
+
+    # -- codec sink
+    def on_request_head(self, head: RequestHead) -> None:
+        self.requests += 1
+        s = Stream(self, head)
+        self.streams.append(s)
+        if len(self.streams) == 1:
+            s.start()
+        else:
+            self.pause(PAUSE_PIPELINE)
+
+    def on_request_body(self, chunk: bytes) -> None:
+        self.streams[-1].on_request_body(chunk)
+
+    def on_request_end(self) -> None:
+        if self.streams:
+            self.streams[-1].on_request_end()
+
+    # -- helpers
+    def pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def codec_error(self, exc: CodecError) -> None:
+        self.ctx.stats.server["downstream_rq_total"] += 1
+        self.ctx.stats.server[f"downstream_rq_{exc.status}"] = (
+            self.ctx.stats.server.get(f"downstream_rq_{exc.status}", 0) + 1)
+        last = self.streams[-1] if self.streams else None
+        if last is not None and not last.req_done:
+            last.downstream_protocol_error(exc)
+            return
+        if self.streams:
+            # a valid request is in flight: close once it is answered
+            self.close_after = True
+            self.pause(PAUSE_PIPELINE)
+            return
+        if self.transport is not None and not self.closed:
+            self.transport.write(local_response(exc.status, exc.message.encode(), close=True))
+            self.transport.close()
+            self.closed = True
+
+    def stream_done(self, s: Stream) -> None:
+        if self.streams and self.streams[0] is s:
+            self.streams.popleft()
+        if self.closed:
+            return
+        if s.close_out or self.close_after:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.streams:
+            if len(self.streams) == 1:
+                self.resume(PAUSE_PIPELINE)
+            self.streams[0].start()
+        else:
+            self.resume(PAUSE_PIPELINE)
+
+    def idle_check(self, now: float, header_timeout: float, idle_timeout: float) -> None:
+        """Called by the sidecar's 1 s sweep: header timeout (408) and idle timeout."""
+        if self.closed or self.transport is None:
+            return
+        if self.streams:
+            return
+        if self.decoder.in_message:
+            if now - self.last_activity > header_timeout:
+                self.transport.write(local_response(408, b"request header timeout", close=True))
+                self.transport.close()
+                self.closed = True
+        elif now - self.last_activity > idle_timeout:
+            self.transport.close()
+            self.closed = True
+
+
+class Stream:
+    """One request/response exchange on a downstream connection."""
+
+    __slots__ = (
+        "conn", "head", "ctx", "rt", "t0", "route", "block", "dest", "cstate", "pool", "host",
+        "tried", "rs", "attempt", "uconn", "chunks", "chunks_size", "replayable", "req_done",
+        "req_bytes", "resp_bytes", "resp_started", "resp_done", "status", "flags", "timer",
+        "try_timer", "retry_timer", "chunked_out", "close_out", "lbctx", "race_retried", "done",
+        "out_headers", "path_out", "sent_all", "upbuf", "pending", "host_active", "in_retry",
+        "reset", "mirrors", "discard", "authority",
+    )
+
+    def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
+        self.conn = conn
+        self.head = head
+        self.ctx = conn.ctx
+        self.rt: Any = None
+        self.t0 = _monotonic()
+        self.route: CompiledRoute | None = None
+        self.block = 0
+        self.dest: CompiledDestination | None = None
+        self.cstate: Any = None
+        self.pool: Any = None
+        self.host: Any = None
+        self.tried: set[tuple[str, int]] | None = None
+        self.rs: Any = None
+        self.attempt = 1
+        self.uconn: Any = None
+        self.chunks: list[bytes] = []
+        self.chunks_size = 0
+        self.replayable = True
+        self.req_done = False
+        self.req_bytes = 0
+        self.resp_bytes = 0
+        self.resp_started = False
+        self.resp_done = False
+        self.status = 0
+        self.flags: set[str] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.try_timer: asyncio.TimerHandle | None = None
+        self.retry_timer: asyncio.TimerHandle | None = None
+        self.chunked_out = False
+        self.close_out = not head.keep_alive
+        self.lbctx: Any = None
+        self.race_retried = False
+        self.done = False
+        self.out_headers: dict[str, str] = {}
+        self.path_out = head.path
+        self.sent_all = False
+        self.upbuf: list[bytes] = []
+        self.pending = False
+        self.host_active = False
+        self.in_retry = False
+        self.reset = False
+        self.mirrors: list[Any] | None = None
+        self.discard = False
+        self.authority = head.authority
+
+    def add_flag(self, flag: str) -> None:
+        if self.flags is None:
+            self.flags = {flag}
+        else:
+            self.flags.add(flag)
+
+    # ------------------------------------------------------------------ request side
+    def start(self) -> None:
+        ctx = self.ctx
+        rt = self.rt = ctx.runtime()
+        head = self.head
+        if head.expect_continue and head.has_body and not self.req_done:
+            self.conn.transport.write(_CONTINUE)  # type: ignore[union-attr]
+        if ctx.direction == "inbound":
+            self.cstate = rt.clusters.get(ctx.cluster)
+            if self.cstate is None:
+                self.local_reply(503, b"", "NC")
+                return
+            self.prepare_headers()
+            self.begin(rt)
+            return
+        authority = ctx.default_host or head.authority
+        self.authority = authority
+        matcher = rt.matchers.get(ctx.route_table)
+        sel = None
+        if matcher is not None:
+            info = RequestInfo(head.method, head.path, authority, head.headers, head.scheme,
+                               ctx.port_for(authority))
+            sel = matcher.select(info)
+        if sel is None:
+            self.local_reply(404, b"", "NR")
+            return
+        _, cr, self.block = sel
+        self.route = cr
+        route = cr.route
+        if route.fault is not None:
+            delay, abort = decide_fault(route.fault, rt.rng)
+            if delay is not None and delay > 0:
+                self.add_flag("DI")
+                self.timer = rt.loop.call_later(delay, self.after_delay, abort)
+                return
+            if abort is not None:
+                self.local_reply(abort, MSG_FAULT_ABORT, "FI")
+                return
+        self.route_action()
+
+    def after_delay(self, abort: int | None) -> None:
+        self.timer = None
+        if self.done or self.resp_started:
+            return
+        if abort is not None:
+            self.local_reply(abort, MSG_FAULT_ABORT, "FI")
+            return
+        self.route_action()
+
+    def route_action(self) -> None:
+        cr = self.route
+        assert cr is not None
+        route = cr.route
+        rt = self.rt
+        if route.direct_response is not None:
+            dr = route.direct_response
+            hdrs: list[tuple[bytes, bytes]] = []
+            if cr.resp_ops:
+                hdrs = cr.resp_ops.apply_response(hdrs)
+            self.local_reply(dr.status, dr.body.encode(), "", hdrs)
+            return
+        if route.redirect is not None:
+            self.local_reply(route.redirect.code, b"", "", [(b"location", self.redirect_location().encode())])
+            return
+        dest = cr.pick(rt.rng)
+        if dest is None:
+            self.local_reply(503, b"", "NC")
+            return
+        self.dest = dest
+        self.cstate = rt.clusters.get(dest.wc.cluster)
+        if self.cstate is None:
+            self.local_reply(503, b"", "NC")
+            return
+        self.prepare_headers()
+        h = self.out_headers
+        if cr.has_rewrite:
+            rw = route.rewrite
+            self.path_out = cr.rewrite_path(self.head.path, self.block)
+            if self.path_out != self.head.path:
+                h["x-envoy-original-path"] = self.head.path
+            if rw is not None and rw.authority:
+                h["host"] = rw.authority
+        if cr.req_ops:
+            cr.req_ops.apply_request(h)
+        if dest.req_ops:
+            dest.req_ops.apply_request(h)
+        if route.mirrors:
+            self.start_mirrors(route)
+        self.begin(rt)
+
+    def redirect_location(self) -> str:
+        rd = self.route.route.redirect  # type: ignore[union-attr]
+        assert rd is not None
+        head = self.head
+        scheme = rd.scheme or head.scheme
+        authority = rd.authority or self.authority
+        if rd.port is not None:
+            i = authority.rfind(":")
+            if i > 0 and authority[i + 1:].isdigit():
+                authority = authority[:i]
+            authority = f"{authority}:{rd.port}"
+        path = head.path
+        if rd.uri is not None:
+            q = path.find("?")
+            path = rd.uri if ("?" in rd.uri or q < 0) else rd.uri + path[q:]
+        return f"{scheme}://{authority}{path}"
+
+    def prepare_headers(self) -> None:
+        """Copy request headers minus hop-by-hop ones, add x-forwarded-*, x-request-id."""
+        src = self.head.headers
+        drop = HOP_BY_HOP_STR
+        conn_hdr = src.get("connection")
+        if conn_hdr is not None:
+            extra = {t.strip().lower() for t in conn_hdr.split(",")}
+            drop = drop | extra
+        h = {k: v for k, v in src.items() if k not in drop}
+        xff = h.get("x-forwarded-for")
+        peer = self.conn.peer
+        if peer:
+            h["x-forwarded-for"] = peer if xff is None else f"{xff}, {peer}"
+        if "x-request-id" not in h:
+            h["x-request-id"] = str(uuid.uuid4())
+        if "x-forwarded-proto" not in h:
+            h["x-forwarded-proto"] = self.head.scheme
+        self.out_headers = h
+
+    def begin(self, rt: Runtime) -> None:
+        """Timeouts, retry state, first attempt."""
+        route = self.route.route if self.route is not None else None
+        timeout = route.timeout if route is not None else None
+        ov = self.head.headers.get("x-envoy-upstream-rq-timeout-ms")
+        if ov is not None and ov.isdigit():
+            timeout = int(ov) / 1000.0
+        if timeout:
+            self.timer = rt.loop.call_later(timeout, self.on_timeout)
+        self.rs = RetryState(route.retries if route is not None else None, rt.rng,
+                             getattr(self.cstate, "retry_budget", None))
+        self.pool = rt.pool_for(self.cstate)
+        self.lbctx = LbContext(self.out_headers, self.conn.peer, None)
+        self.attempt_upstream(False)
+
+    def attempt_upstream(self, fresh: bool) -> None:
+        cs = self.cstate
+        host = cs.pick_host(self.lbctx, self.tried or frozenset())
+        if host is None:
+            self.local_reply(503, MSG_NO_HEALTHY, "UH")
+            return
+        self.host = host
+        if self.tried is None:
+            self.tried = {host.key}
+        else:
+            self.tried.add(host.key)
+        cs.on_request_start(host)
+        self.host_active = True
+        self.pending = True
+        self.pool.acquire(self, host, fresh)
+
+    def end_attempt(self, status: int | None, gateway: bool) -> None:
+        if self.host_active:
+            self.host_active = False
+            self.cstate.on_request_end(self.host, status, gateway)
+        if self.in_retry:
+            self.in_retry = False
+            self.cstate.breaker.end_retry()
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+
+    # pool callbacks -------------------------------------------------------------
+    def attach(self, uconn: Any) -> None:
+        self.pending = False
+        if self.done or self.resp_done:
+            self.pool.release(uconn)
+            return
+        self.uconn = uconn
+        head = self.head
+        h = self.out_headers
+        h["x-envoy-attempt-count"] = str(self.attempt)
+        if head.chunked:
+            framing = _CHUNKED_HDR
+        elif head.content_length is not None:
+            framing = content_length_header(head.content_length)
+        else:
+            framing = b""
+        data = encode_request_head(head.method, self.path_out, h, framing)
+        if self.chunks:
+            data = b"".join([data, *self.chunks])
+            if not self.replayable:
+                self.chunks = []
+                self.chunks_size = 0
+        if self.req_done:
+            if head.chunked:
+                data += LAST_CHUNK
+            self.sent_all = True
+        if head.method == "HEAD":
+            uconn.decoder.expect_no_body()
+        uconn.transport.write(data)
+        if self.conn.paused & PAUSE_BUFFER:
+            self.conn.resume(PAUSE_BUFFER)
+        if self.conn.write_paused:
+            uconn.pause_reading()
+        pt = self.rs.per_try_timeout
+        if pt:
+            self.try_timer = self.rt.loop.call_later(pt, self.on_try_timeout)
+
+    def overflow(self, message: str) -> None:
+        self.pending = False
+        if self.host_active:
+            self.host_active = False
+            self.host.active_requests -= 1
+        self.local_reply(503, message.encode(), "UO")
+
+    def connect_failed(self, reason: str) -> None:
+        self.pending = False
+        self.end_attempt(None, True)
+        if self.try_retry_reset("connect-failure"):
+            return
+        self.local_reply(503, (MSG_CONNECT_FAILURE + reason).encode(), "UF")
+
+    # request body -----------------------------------------------------------------
+    def on_request_body(self, chunk: bytes) -> None:
+        self.req_bytes += len(chunk)
+        if self.discard or self.resp_done:
+            return
+        framed = b"%x\r\n%s\r\n" % (len(chunk), chunk) if self.head.chunked else chunk
+        if self.mirrors:
+            for m in self.mirrors:
+                m.on_body(framed)
+        u = self.uconn
+        if u is not None:
+            self.upbuf.append(framed)
+            if self.replayable:
+                self.chunks.append(framed)
+                self.chunks_size += len(framed)
+                if self.chunks_size > RETRY_BUFFER_LIMIT:
+                    self.replayable = False
+                    self.chunks = []
+                    self.chunks_size = 0
+        else:
+            self.chunks.append(framed)
+            self.chunks_size += len(framed)
+            if self.chunks_size > BUFFER_HIGH_WATER:
+                self.conn.pause(PAUSE_BUFFER)
+                if self.chunks_size > RETRY_BUFFER_LIMIT:
+                    self.replayable = False
+
+    def flush_upstream(self) -> None:
+        buf = self.upbuf
+        self.upbuf = []
+        self.uconn.transport.write(b"".join(buf) if len(buf) > 1 else buf[0])
+
+    def on_request_end(self) -> None:
+        self.req_done = True
+        if self.mirrors:
+            for m in self.mirrors:
+                m.on_end()
+        if self.resp_done:
+            self.finish()
+            return
+        u = self.uconn
+        if u is not None and not self.discard:
+            if self.head.chunked:
+                self.upbuf.append(LAST_CHUNK)
+            self.sent_all = True
+
+    def upstream_pause_writing(self) -> None:
+        self.conn.pause(PAUSE_UPSTREAM)
+
+    def upstream_resume_writing(self) -> None:
+        self.conn.resume(PAUSE_UPSTREAM)
+
+    def downstream_protocol_error(self, exc: CodecError) -> None:
+        """Malformed body framing from the client mid-request."""
+        self.close_out = True
+        self.req_done = True
+        if self.uconn is not None:
+            u = self.uconn
+            self.uconn = None
+            u.close()
+            self.end_attempt(None, False)
+        self.local_reply(exc.status, exc.message.encode(), "")
+
+    # ------------------------------------------------------------------ response side
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], ka: bool) -> None:
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        if status >= 400:
+            if self.retry_status(status):
+                return
+        self.resp_started = True
+        self.status = status
+        head = self.head
+        out: list[tuple[bytes, bytes]] = []
+        has_cl = False
+        for name, value in headers:
+            ln = name.lower()
+            if ln in HOP_BY_HOP_BYTES:
+                continue
+            if ln == _CONTENT_LENGTH:
+                has_cl = True
+            out.append((name, value))
+        cr = self.route
+        if cr is not None:
+            if cr.resp_ops:
+                out = cr.resp_ops.apply_response(out)
+            d = self.dest
+            if d is not None and d.resp_ops:
+                out = d.resp_ops.apply_response(out)
+        lb = self.lbctx
+        if lb is not None and lb.cookie_to_set is not None:
+            name_, value_, ttl = lb.cookie_to_set
+            cookie = f"{name_}={value_}; Max-Age={int(ttl)}; Path=/; HttpOnly" if ttl else \
+                f"{name_}={value_}; Path=/; HttpOnly"
+            out.append((b"set-cookie", cookie.encode("latin-1")))
+        extra = b""
+        if head.method == "HEAD" or status == 204 or status == 304:
+            pass
+        elif has_cl:
+            pass
+        elif head.version == "1.1":
+            extra = _CHUNKED_HDR
+            self.chunked_out = True
+        else:
+            self.close_out = True
+        if self.close_out or self.conn.close_after:
+            self.close_out = True
+            extra += _CLOSE_HDR
+        self.conn.transport.write(encode_response_head(status, out, extra))  # type: ignore[union-attr]
+
+    def retry_status(self, status: int) -> bool:
+        if not self.replayable or self.done:
+            return False
+        rs = self.rs
+        if not rs.should_retry_status(status, None):
+            if getattr(rs, "refused", None) == "limit" and self.attempt > 1:
+                self.add_flag("URX")
+            return False
+        if not self.start_retry():
+            return False
+        u = self.uconn
+        self.uconn = None
+        if u is not None:
+            u.close()
+        self.end_attempt(status, status in (502, 503, 504))
+        self.in_retry = True
+        self.schedule_retry()
+        return True
+
+    def try_retry_reset(self, kind: str) -> bool:
+        if not self.replayable or self.resp_started or self.done or self.rs is None:
+            return False
+        if not self.rs.should_retry_reset(kind):
+            if getattr(self.rs, "refused", None) == "limit" and self.attempt > 1:
+                self.add_flag("URX")
+            return False
+        if not self.start_retry():
+            return False
+        self.in_retry = True
+        self.schedule_retry()
+        return True
+
+    def start_retry(self) -> bool:
+        br = self.cstate.breaker
+        if not br.try_start_retry():
+            self.rt.stats.inc_cluster(self.cstate.cluster.name, "upstream_rq_retry_overflow")
+            return False
+        self.rt.stats.inc_cluster(self.cstate.cluster.name, "upstream_rq_retry")
+        return True
+
+    def schedule_retry(self) -> None:
+        self.attempt += 1
+        delay = self.rs.next_backoff()
+        self.retry_timer = self.rt.loop.call_later(delay, self.do_retry)
+
+    def do_retry(self) -> None:
+        self.retry_timer = None
+        if self.done or self.resp_started:
+            return
+        in_retry = self.in_retry
+        self.attempt_upstream(False)
+        self.in_retry = in_retry and self.host_active
+
+    def on_response_body(self, chunk: bytes) -> None:
+        if not self.resp_started:
+            return
+        self.resp_bytes += len(chunk)
+        t = self.conn.transport
+        if self.chunked_out:
+            t.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))  # type: ignore[union-attr]
+        else:
+            t.write(chunk)  # type: ignore[union-attr]
+
+    def on_response_end(self) -> None:
+        if not self.resp_started:
+            return
+        if self.chunked_out:
+            self.conn.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
+        self.resp_done = True
+        status = self.status
+        self.end_attempt(status, status == 502 or status == 503 or status == 504)
+        u = self.uconn
+        self.uconn = None
+        if u is not None:
+            if self.sent_all and not self.upbuf:
+                self.pool.release(u)
+            else:
+                if self.upbuf and u.transport is not None:
+                    self.flush_upstream_to(u)
+                if self.sent_all:
+                    self.pool.release(u)
+                else:
+                    u.close()
+                    self.discard = True
+        if self.req_done:
+            self.finish()
+
+    def flush_upstream_to(self, u: Any) -> None:
+        buf = self.upbuf
+        self.upbuf = []
+        u.transport.write(b"".join(buf))
+
+    def on_upstream_lost(self, uconn: Any, reason: str, started: bool) -> None:
+        if uconn is not self.uconn:
+            return
+        self.uconn = None
+        self.upbuf = []
+        if self.resp_started:
+            self.end_attempt(None, True)
+            self.add_flag("UC")
+            self.reset_downstream()
+            return
+        self.end_attempt(None, True)
+        if uconn.reused and not started and not self.race_retried and self.replayable \
+                and not self.done:
+            # keep-alive race: the pooled connection was closed by the upstream as we reused it
+            self.race_retried = True
+            self.rt.stats.inc_cluster(self.cstate.cluster.name, "upstream_rq_keepalive_race_retry")
+            self.tried = None
+            self.attempt_upstream(True)
+            return
+        if self.try_retry_reset("reset"):
+            return
+        self.local_reply(503, (MSG_CONNECT_FAILURE + reason).encode(), "UC")
+
+    def on_timeout(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        self.add_flag("UT")
+        if self.resp_started:
+            self.reset_downstream()
+            return
+        self.local_reply(504, MSG_TIMEOUT, "UT")
+
+    def on_try_timeout(self) -> None:
+        self.try_timer = None
+        if self.done or self.resp_started:
+            return
+        u = self.uconn
+        self.uconn = None
+        self.upbuf = []
+        if u is not None:
+            u.close()
+        self.end_attempt(None, True)
+        if self.try_retry_reset("timeout"):
+            return
+        self.local_reply(504, MSG_TIMEOUT, "UT")
+
+    # ------------------------------------------------------------------ ending
+    def cancel_upstream(self) -> None:
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+        if self.pending:
+            self.pending = False
+            self.pool.cancel(self)
+        u = self.uconn
+        if u is not None:
+            self.uconn = None
+            u.close()
+        self.end_attempt(None, False)
+
+    def local_reply(self, status: int, body: bytes, flag: str,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        if self.resp_started:
+            if flag:
+                self.add_flag(flag)
+            self.reset_downstream()
+            return
+        self.cancel_upstream()
+        if flag:
+            self.add_flag(flag)
+        self.status = status
+        self.resp_started = True
+        self.resp_done = True
+        self.resp_bytes = len(body)
+        close = self.close_out or self.conn.close_after
+        if not self.conn.closed and self.conn.transport is not None:
+            self.conn.transport.write(local_response(status, body, headers, close))
+        if self.req_done:
+            self.finish()
+
+    def reset_downstream(self) -> None:
+        self.reset = True
+        self.cancel_upstream()
+        c = self.conn
+        if not c.closed and c.transport is not None:
+            c.closed = True
+            c.transport.abort()
+
+    def downstream_lost(self) -> None:
+        if self.done:
+            return
+        if not self.reset and not self.resp_done:
+            self.add_flag("DC")
+        self.cancel_upstream()
+        self.finish(notify=False)
+
+    def finish(self, notify: bool = True) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        if self.pending or self.uconn is not None or self.retry_timer is not None:
+            self.cancel_upstream()
+        rs = self.rs
+        if rs is not None and hasattr(rs, "finish"):
+            rs.finish()
+        rt = self.rt
+        if rt is not None:
+            ctx = self.ctx
+            flags = join_flags(self.flags)
+            dur = (_monotonic() - self.t0) * 1000.0
+            labels = rt.labels_for(ctx.reporter, self.cstate, self.host)
+            rt.stats.record_request(ctx.reporter, labels, self.status, flags, dur,
+                                    self.req_bytes, self.resp_bytes)
+            if rt.access_log is not None:
+                rt.access_log(self, flags, dur)
+        self.ctx.stats.server["downstream_rq_total"] += 1
+        if notify:
+            self.conn.stream_done(self)
+
+    # ------------------------------------------------------------------ mirrors
+    def start_mirrors(self, route: Any) -> None:
+        from diktyo.proxy.router.mirror import start_mirror
+
+        ms = []
+        for m in route.mirrors:
+            if m.percentage < 100.0 and self.rt.rng.random() * 100 >= m.percentage:
+                continue
+            ms_ = start_mirror(self, m)
+            if ms_ is not None:
+                ms.append(ms_)
+        self.mirrors = ms or None

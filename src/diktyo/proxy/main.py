@@ -1,0 +1,129 @@
+"""Sidecar process entry: load a snapshot (file, config dir or control plane), serve, print the ready line.
+
+When ready it prints one JSON line on stdout, for parents to read the bound ports::
+
+    {"event":"ready","admin":PORT,"listeners":{"NAME":PORT,...},"version":"SNAPSHOT_VERSION"}
+
+Logs go to stderr. SIGTERM / SIGINT / ``POST /drain`` stop accepting, finish in-flight
+requests (up to ``drain_timeout``) and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from diktyo.proxy.admin import AdminServer
+from diktyo.proxy.sidecar import Sidecar, install_uvloop
+from diktyo.snapshot.codec import SnapshotError, decode
+from diktyo.snapshot.model import Snapshot
+
+log = logging.getLogger("diktyo.proxy")
+
+
+@dataclass
+class SidecarOptions:
+    snapshot: str | None = None
+    config: str | None = None
+    control_plane: str | None = None
+    node: str | None = None
+    admin_port: int = 0
+    admin_address: str = "127.0.0.1"
+    outbound_port: int | None = None
+    drain_timeout: float = 10.0
+    seed: int | None = None
+
+
+def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:
+    """Replace the port of the (first) outbound listener, as ``--outbound-port`` asks."""
+    if port is None:
+        return snapshot
+    listeners = []
+    done = False
+    for lst in snapshot.listeners:
+        if lst.direction == "outbound" and not done:
+            lst = msgspec.structs.replace(lst, port=port)
+            done = True
+        listeners.append(lst)
+    return msgspec.structs.replace(snapshot, listeners=tuple(listeners))
+
+
+def load_snapshot(opts: SidecarOptions) -> Snapshot:
+    if opts.snapshot:
+        data = Path(opts.snapshot).read_bytes()
+        return override_outbound_port(decode(data), opts.outbound_port)
+    if opts.config:
+        from diktyo.control.standalone import snapshot_from_dir
+
+        return snapshot_from_dir(opts.config, outbound_port=opts.outbound_port or 0)
+    raise SnapshotError("no snapshot source: pass --snapshot FILE, --config DIR or "
+                        "--control-plane URL --node ID")
+
+
+async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    sidecar = Sidecar(loop, seed=opts.seed)
+    client = None
+    if opts.control_plane:
+        from diktyo.proxy.config_client import ConfigClient
+
+        if not opts.node:
+            print("diktyo sidecar: --control-plane needs --node ID (the node id the control "
+                  "plane knows this sidecar by)", file=sys.stderr)
+            return 2
+        ready_evt = asyncio.Event()
+
+        def on_snapshot(snap: Snapshot) -> None:
+            sidecar.apply(override_outbound_port(snap, opts.outbound_port))
+            ready_evt.set()
+
+        client = ConfigClient(opts.control_plane, opts.node, on_snapshot)
+        client.start()
+        await ready_evt.wait()
+    else:
+        snap = load_snapshot(opts)
+        sidecar.apply(snap)
+    admin = AdminServer(sidecar)
+    await admin.start(opts.admin_address, opts.admin_port)
+    await sidecar.wait_listening()
+    gc.collect()
+    gc.freeze()
+    version = sidecar.rt.snapshot.version if sidecar.rt is not None else ""
+    line = json.dumps({"event": "ready", "admin": admin.port, "listeners": sidecar.ports(),
+                       "version": version}, separators=(",", ":"))
+    print(line, file=ready_out, flush=True)
+    log.info("sidecar ready: %s", line)
+
+    def on_signal() -> None:
+        task = loop.create_task(sidecar.drain(opts.drain_timeout))
+        sidecar.tasks.add(task)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover
+            pass
+    await sidecar.stopped.wait()
+    admin.close()
+    if client is not None:
+        await client.close()
+    return 0
+
+
+def run(opts: SidecarOptions) -> int:
+    install_uvloop()
+    try:
+        return asyncio.run(serve(opts))
+    except SnapshotError as exc:
+        print(f"diktyo sidecar: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

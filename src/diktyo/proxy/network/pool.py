@@ -1,0 +1,198 @@
+"""Upstream connection pools: one per cluster, idle connections per host key, MRU reuse, breaker-aware.
+
+Theory of operation
+-------------------
+``ClusterPool.acquire(stream, host)`` gives ``stream`` a connection to ``host``:
+
+1. the most recently used idle connection to that host, if any (``stream.attach(conn)`` at
+   once; ``conn.reused`` is True, which lets the stream retry the keep-alive race);
+2. otherwise the request becomes *pending* (Envoy semantics: every request without a ready
+   connection is pending, also while its new connection is being established). If the
+   breaker refuses a pending slot the stream gets ``stream.overflow(message)`` -> 503 ``UO``;
+3. a new connection is opened when the breaker allows one more; when it is up the first
+   pending request for that host gets it. Otherwise the request waits until a connection of
+   the cluster is released or closed.
+
+Connections are counted against the breaker of the cluster state *current at close time*
+(``ClusterPool.state`` is replaced on snapshot swaps; the pool object survives them).
+Idle connections expire after ``cluster.pool.idle_timeout`` (swept by ``sweep``), at most
+``MAX_IDLE_PER_HOST`` are kept, and ``max_requests_per_connection`` closes a connection after
+that many requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from diktyo.proxy.network.upstream import UpstreamConnection, open_upstream
+
+MAX_IDLE_PER_HOST = 64
+
+
+class ClusterPool:
+    """All upstream connections of one cluster (survives snapshot swaps)."""
+
+    def __init__(self, name: str, state: Any, loop: asyncio.AbstractEventLoop,
+                 stats: Any, tasks: set[asyncio.Task[Any]]) -> None:
+        self.name = name
+        self.state = state
+        self.loop = loop
+        self.stats = stats
+        self.tasks = tasks
+        self.idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self.pending: deque[tuple[Any, Any]] = deque()  # (stream, host)
+        self.connecting = 0
+        self.active: set[UpstreamConnection] = set()
+
+    # -- acquiring
+    def acquire(self, stream: Any, host: Any, fresh: bool = False) -> None:
+        if not fresh:
+            idle = self.idle.get(host.key)
+            while idle:
+                conn = idle.pop()
+                if conn.closed:
+                    continue
+                conn.reused = True
+                self._hand(conn, stream)
+                return
+        breaker = self.state.breaker
+        if not breaker.try_enter_pending():
+            self.stats.inc_cluster(self.name, "upstream_rq_pending_overflow")
+            stream.overflow(breaker.overflow_message("pending"))
+            return
+        self.pending.append((stream, host))
+        if breaker.can_open_connection():
+            self._open(host)
+        elif not fresh:
+            # a connection of another host may be idle: close it to make room
+            for key, conns in self.idle.items():
+                if conns and key != host.key:
+                    conns.pop(0).close()
+                    break
+
+    def cancel(self, stream: Any) -> None:
+        """Forget a pending stream (downstream went away, timeout)."""
+        for i, (s, _) in enumerate(self.pending):
+            if s is stream:
+                del self.pending[i]
+                self.state.breaker.leave_pending()
+                return
+
+    def _open(self, host: Any) -> None:
+        self.state.breaker.connection_opened()
+        self.connecting += 1
+        self.stats.inc_cluster(self.name, "upstream_cx_total")
+        task = self.loop.create_task(self._connect(host))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _connect(self, host: Any) -> None:
+        cluster = self.state.cluster
+        conn_box: list[UpstreamConnection] = []
+
+        def factory() -> UpstreamConnection:
+            c = UpstreamConnection(self, host.key)
+            conn_box.append(c)
+            return c
+
+        error = "connection failure"
+        try:
+            async with asyncio.timeout(cluster.pool.connect_timeout):
+                await open_upstream(self.loop, host.address, host.port, cluster.tls, factory)
+        except TimeoutError:
+            error = "connection timeout"
+            self.stats.inc_cluster(self.name, "upstream_cx_connect_timeout")
+        except (OSError, ValueError):
+            self.stats.inc_cluster(self.name, "upstream_cx_connect_fail")
+        else:
+            self.connecting -= 1
+            conn = conn_box[0]
+            self.active.add(conn)
+            self._dispatch(conn)
+            return
+        self.connecting -= 1
+        self.state.breaker.connection_closed()
+        # fail the first pending request for this host; others wait for their own attempts
+        for i, (s, h) in enumerate(self.pending):
+            if h.key == host.key:
+                del self.pending[i]
+                self.state.breaker.leave_pending()
+                s.connect_failed(error)
+                break
+        self._serve_pending()
+
+    def _dispatch(self, conn: UpstreamConnection) -> None:
+        """A connection is free: give it to a pending request for its host or park it."""
+        for i, (s, h) in enumerate(self.pending):
+            if h.key == conn.key:
+                del self.pending[i]
+                self.state.breaker.leave_pending()
+                self._hand(conn, s)
+                return
+        if self.pending:
+            # nobody wants this host: close it so a pending request elsewhere can connect
+            conn.close()
+            return
+        idle = self.idle.get(conn.key)
+        if idle is None:
+            idle = self.idle[conn.key] = []
+        if len(idle) >= MAX_IDLE_PER_HOST:
+            conn.close()
+            return
+        conn.idle_since = self.loop.time()
+        idle.append(conn)
+
+    def _hand(self, conn: UpstreamConnection, stream: Any) -> None:
+        conn.requests += 1
+        conn.stream = stream
+        conn.decoder.sink = conn
+        stream.attach(conn)
+
+    def _serve_pending(self) -> None:
+        breaker = self.state.breaker
+        while self.pending and self.connecting < len(self.pending) and breaker.can_open_connection():
+            # open for the oldest pending request not yet covered by a connecting socket
+            idx = self.connecting
+            _, host = self.pending[idx] if idx < len(self.pending) else self.pending[-1]
+            self._open(host)
+
+    # -- releasing
+    def release(self, conn: UpstreamConnection) -> None:
+        """The stream is done with ``conn`` (response complete, request fully sent)."""
+        conn.stream = None
+        if conn.closed:
+            return
+        maxreq = self.state.cluster.pool.max_requests_per_connection
+        if not conn.keep_alive or (maxreq and conn.requests >= maxreq):
+            conn.close()
+            return
+        if conn.read_paused:
+            conn.resume_reading()
+        self._dispatch(conn)
+
+    def connection_closed(self, conn: UpstreamConnection) -> None:
+        """Called once per connection when it closes (either side)."""
+        if conn in self.active:
+            self.active.discard(conn)
+            self.state.breaker.connection_closed()
+            self.stats.inc_cluster(self.name, "upstream_cx_destroy")
+        idle = self.idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+        if self.pending:
+            self.loop.call_soon(self._serve_pending)
+
+    def sweep(self, now: float) -> None:
+        """Close idle connections older than the cluster's idle timeout."""
+        timeout = self.state.cluster.pool.idle_timeout
+        for conns in self.idle.values():
+            while conns and now - conns[0].idle_since > timeout:
+                conns.pop(0).close()
+
+    def close_all(self) -> None:
+        for conns in list(self.idle.values()):
+            for c in list(conns):
+                c.close()
+        self.idle.clear()

@@ -1,0 +1,365 @@
+"""Route matching: a RouteTable compiled into dict lookups and precompiled regexes (sans-I/O).
+
+Theory of operation
+-------------------
+``RouteMatcher(table)`` compiles once per snapshot. ``select(info)`` finds the virtual host by
+the request's authority (exact domain, then the host without its port, then suffix wildcards
+``*.example.com`` longest first, then prefix wildcards ``foo.*``, then ``*``), then walks its
+routes in order: first match wins. A route's match blocks are ORed, the conditions inside one
+block are ANDed; a route without match blocks matches everything. Regexes are full matches
+(Envoy's RE2 semantics). ``explain(info)`` runs the same compiled conditions and reports, for
+each route tried before the winner, the first condition that failed.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from diktyo.snapshot.model import (
+    HeaderOps,
+    KeyMatch,
+    Route,
+    RouteMatch,
+    RouteTable,
+    StringMatch,
+    VirtualHost,
+    WeightedCluster,
+)
+
+
+class RequestInfo:
+    """What routing looks at. ``path`` includes the query string; ``headers`` lower-case names."""
+
+    __slots__ = ("method", "path", "authority", "scheme", "headers", "port", "_query", "_bare_path")
+
+    def __init__(self, method: str, path: str, authority: str, headers: dict[str, str],
+                 scheme: str = "http", port: int | None = None) -> None:
+        self.method = method
+        self.path = path
+        self.authority = authority
+        self.scheme = scheme
+        self.headers = headers
+        self.port = port
+        self._query: dict[str, str] | None = None
+        self._bare_path: str | None = None
+
+    @property
+    def bare_path(self) -> str:
+        """The path without its query string."""
+        bp = self._bare_path
+        if bp is None:
+            i = self.path.find("?")
+            bp = self.path if i < 0 else self.path[:i]
+            self._bare_path = bp
+        return bp
+
+    @property
+    def query(self) -> dict[str, str]:
+        q = self._query
+        if q is None:
+            i = self.path.find("?")
+            q = {} if i < 0 else dict(parse_qsl(self.path[i + 1 :], keep_blank_values=True))
+            self._query = q
+        return q
+
+
+Cond = Callable[[RequestInfo], bool]
+
+
+def _string_pred(sm: StringMatch, ignore_case: bool = False) -> Callable[[str], bool]:
+    v = sm.value
+    if sm.kind == "present":
+        return lambda s: True
+    if sm.kind == "exact":
+        if ignore_case:
+            lv = v.lower()
+            return lambda s: s.lower() == lv
+        return lambda s: s == v
+    if sm.kind == "prefix":
+        if ignore_case:
+            lv = v.lower()
+            return lambda s: s.lower().startswith(lv)
+        return lambda s: s.startswith(v)
+    rx = re.compile(v, re.IGNORECASE if ignore_case else 0)
+    return lambda s: rx.fullmatch(s) is not None
+
+
+def _describe(what: str, sm: StringMatch) -> str:
+    if sm.kind == "present":
+        return f"{what} present"
+    return f"{what} {sm.kind} {sm.value!r}"
+
+
+def _key_cond(km: KeyMatch, source: str, negate: bool) -> tuple[str, Cond]:
+    pred = _string_pred(km.match)
+    name = km.name
+    label = f"{source} {name!r}: " + _describe("value", km.match)
+    if source == "header":
+        def get(info: RequestInfo) -> str | None:
+            return info.headers.get(name)
+    else:
+        def get(info: RequestInfo) -> str | None:
+            return info.query.get(name)
+    if negate:
+        def cond(info: RequestInfo) -> bool:
+            val = get(info)
+            return val is None or not pred(val)
+        return "without " + label, cond
+
+    def cond_pos(info: RequestInfo) -> bool:
+        val = get(info)
+        return val is not None and pred(val)
+    return label, cond_pos
+
+
+def _authority_port(authority: str) -> int | None:
+    i = authority.rfind(":")
+    if i > 0 and authority[i + 1 :].isdigit() and "]" not in authority[i:]:
+        return int(authority[i + 1 :])
+    return None
+
+
+def compile_match(m: RouteMatch) -> list[tuple[str, Cond]]:
+    """One match block -> ordered (description, condition) pairs, all must hold."""
+    conds: list[tuple[str, Cond]] = []
+    if m.uri is not None:
+        pred = _string_pred(m.uri, m.ignore_uri_case)
+        conds.append((_describe("uri", m.uri), lambda i, p=pred: p(i.bare_path)))
+    if m.scheme is not None:
+        pred = _string_pred(m.scheme)
+        conds.append((_describe("scheme", m.scheme), lambda i, p=pred: p(i.scheme)))
+    if m.method is not None:
+        pred = _string_pred(m.method)
+        conds.append((_describe("method", m.method), lambda i, p=pred: p(i.method)))
+    if m.authority is not None:
+        pred = _string_pred(m.authority)
+        conds.append((_describe("authority", m.authority), lambda i, p=pred: p(i.authority)))
+    if m.port is not None:
+        port = m.port
+
+        def port_cond(info: RequestInfo) -> bool:
+            p = info.port if info.port is not None else _authority_port(info.authority)
+            return p == port
+        conds.append((f"port {port}", port_cond))
+    for km in m.headers:
+        conds.append(_key_cond(km, "header", False))
+    for km in m.without_headers:
+        conds.append(_key_cond(km, "header", True))
+    for km in m.query_params:
+        conds.append(_key_cond(km, "query", False))
+    return conds
+
+
+class CompiledHeaderOps:
+    """HeaderOps with names lower-cased once."""
+
+    __slots__ = ("set", "add", "remove")
+
+    def __init__(self, ops: HeaderOps | None) -> None:
+        self.set: list[tuple[str, str]] = []
+        self.add: list[tuple[str, str]] = []
+        self.remove: list[str] = []
+        if ops is not None:
+            self.set = [(k.lower(), v) for k, v in ops.set.items()]
+            self.add = [(k.lower(), v) for k, v in ops.add.items()]
+            self.remove = [k.lower() for k in ops.remove]
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.add or self.remove)
+
+    def apply_request(self, headers: dict[str, str]) -> None:
+        for k in self.remove:
+            headers.pop(k, None)
+        for k, v in self.set:
+            headers[k] = v
+        for k, v in self.add:
+            old = headers.get(k)
+            headers[k] = v if old is None else old + "," + v
+
+    def apply_response(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        drop = {k.encode("latin-1") for k in self.remove}
+        drop.update(k.encode("latin-1") for k, _ in self.set)
+        if drop:
+            headers = [(n, v) for n, v in headers if n.lower() not in drop]
+        for k, v in self.set:
+            headers.append((k.encode("latin-1"), v.encode("latin-1")))
+        for k, v in self.add:
+            headers.append((k.encode("latin-1"), v.encode("latin-1")))
+        return headers
+
+
+class CompiledDestination:
+    __slots__ = ("wc", "req_ops", "resp_ops")
+
+    def __init__(self, wc: WeightedCluster) -> None:
+        self.wc = wc
+        h = wc.headers
+        self.req_ops = CompiledHeaderOps(h.request if h else None)
+        self.resp_ops = CompiledHeaderOps(h.response if h else None)
+
+
+class CompiledRoute:
+    """A Route plus everything precomputed for the hot path."""
+
+    __slots__ = ("route", "index", "blocks", "dests", "cum_weights", "total_weight",
+                 "req_ops", "resp_ops", "uri_regex", "has_rewrite", "extra")
+
+    def __init__(self, route: Route, index: int) -> None:
+        self.route = route
+        self.index = index
+        self.blocks = [compile_match(m) for m in route.matches]
+        self.dests = [CompiledDestination(wc) for wc in route.clusters]
+        cum: list[int] = []
+        total = 0
+        for wc in route.clusters:
+            total += max(0, wc.weight)
+            cum.append(total)
+        self.cum_weights = cum
+        self.total_weight = total
+        h = route.headers
+        self.req_ops = CompiledHeaderOps(h.request if h else None)
+        self.resp_ops = CompiledHeaderOps(h.response if h else None)
+        rw = route.rewrite
+        self.uri_regex = re.compile(rw.uri_regex) if rw is not None and rw.uri_regex else None
+        self.has_rewrite = rw is not None
+        self.extra: dict[str, Any] = {}  # per-route caches owned by the proxy
+
+    def match(self, info: RequestInfo) -> int:
+        """Index of the first match block that holds (0 for match-all), or -1."""
+        blocks = self.blocks
+        if not blocks:
+            return 0
+        for bi, conds in enumerate(blocks):
+            for _, cond in conds:
+                if not cond(info):
+                    break
+            else:
+                return bi
+        return -1
+
+    def why_not(self, info: RequestInfo) -> list[str]:
+        """For each match block, the first condition that failed."""
+        out = []
+        for bi, conds in enumerate(self.blocks):
+            for desc, cond in conds:
+                if not cond(info):
+                    name = self.route.matches[bi].name
+                    out.append(f"match[{bi}]{' ' + repr(name) if name else ''}: {desc} did not match")
+                    break
+        return out
+
+    def pick(self, rng: random.Random) -> CompiledDestination | None:
+        dests = self.dests
+        if not dests:
+            return None
+        if len(dests) == 1:
+            return dests[0]
+        total = self.total_weight
+        if total <= 0:
+            return dests[0]
+        r = rng.randrange(total)
+        for d, cw in zip(dests, self.cum_weights):
+            if r < cw:
+                return d
+        return dests[-1]
+
+    def rewrite_path(self, path: str, block: int) -> str:
+        """Apply ``rewrite.uri`` / ``uriRegexRewrite`` to ``path`` (query string kept)."""
+        rw = self.route.rewrite
+        if rw is None:
+            return path
+        q = path.find("?")
+        bare, query = (path, "") if q < 0 else (path[:q], path[q:])
+        if self.uri_regex is not None:
+            repl = re.sub(r"\\(\d)", r"\\g<\1>", rw.uri_regex_rewrite or "")
+            bare = self.uri_regex.sub(repl, bare)
+        elif rw.uri is not None:
+            m = self.route.matches[block] if self.route.matches else None
+            if m is not None and m.uri is not None and m.uri.kind == "prefix":
+                plen = len(m.uri.value)
+                rest = bare[plen:]
+                new = rw.uri
+                if new.endswith("/") and rest.startswith("/"):
+                    rest = rest[1:]
+                bare = new + rest
+                if not bare:
+                    bare = "/"
+            else:
+                bare = rw.uri
+        return bare + query
+
+
+class CompiledVirtualHost:
+    __slots__ = ("vh", "routes")
+
+    def __init__(self, vh: VirtualHost) -> None:
+        self.vh = vh
+        self.routes = [CompiledRoute(r, i) for i, r in enumerate(vh.routes)]
+
+
+class RouteMatcher:
+    """A compiled RouteTable. Raises ValueError (bad regex) at compile time, never per request."""
+
+    __slots__ = ("table", "exact", "suffixes", "prefixes", "catch_all", "vhosts")
+
+    def __init__(self, table: RouteTable) -> None:
+        self.table = table
+        self.exact: dict[str, CompiledVirtualHost] = {}
+        suffixes: list[tuple[str, CompiledVirtualHost]] = []
+        prefixes: list[tuple[str, CompiledVirtualHost]] = []
+        self.catch_all: CompiledVirtualHost | None = None
+        self.vhosts: list[CompiledVirtualHost] = []
+        for vh in table.virtual_hosts:
+            try:
+                cvh = CompiledVirtualHost(vh)
+            except re.error as exc:
+                raise ValueError(f"virtual host {vh.name!r}: invalid regex: {exc}") from None
+            self.vhosts.append(cvh)
+            for d in vh.domains:
+                d = d.lower()
+                if d == "*":
+                    if self.catch_all is None:
+                        self.catch_all = cvh
+                elif d.startswith("*"):
+                    suffixes.append((d[1:], cvh))
+                elif d.endswith("*"):
+                    prefixes.append((d[:-1], cvh))
+                else:
+                    self.exact.setdefault(d, cvh)
+        suffixes.sort(key=lambda p: -len(p[0]))
+        prefixes.sort(key=lambda p: -len(p[0]))
+        self.suffixes = suffixes
+        self.prefixes = prefixes
+
+    def find_virtual_host(self, authority: str) -> CompiledVirtualHost | None:
+        a = authority.lower()
+        cvh = self.exact.get(a)
+        if cvh is not None:
+            return cvh
+        i = a.rfind(":")
+        if i > 0 and "]" not in a[i:]:
+            cvh = self.exact.get(a[:i])
+            if cvh is not None:
+                return cvh
+        for suffix, cvh in self.suffixes:
+            if a.endswith(suffix):
+                return cvh
+        for prefix, cvh in self.prefixes:
+            if a.startswith(prefix):
+                return cvh
+        return self.catch_all
+
+    def select(self, info: RequestInfo) -> tuple[CompiledVirtualHost, CompiledRoute, int] | None:
+        """(virtual host, route, index of the match block that held) or None (404 NR)."""
+        cvh = self.find_virtual_host(info.authority)
+        if cvh is None:
+            return None
+        for cr in cvh.routes:
+            bi = cr.match(info)
+            if bi >= 0:
+                return cvh, cr, bi
+        return None

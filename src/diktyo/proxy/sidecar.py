@@ -1,0 +1,351 @@
+"""The sidecar: applies snapshots atomically, owns listeners, pools, stats and the 1 s maintenance tick.
+
+Theory of operation
+-------------------
+``Sidecar.apply(snapshot)`` compiles everything a snapshot needs into a ``Runtime`` (route
+matchers, cluster states carried over from the previous runtime with ``previous=``, listener
+sockets bound up front); if any step fails it raises ``SnapshotError`` and the old runtime keeps
+serving. Then it swaps ``self.rt`` in one assignment. A stream captures the runtime when it
+starts, so requests in flight finish on the objects they started with. Connection pools are
+keyed by cluster name and survive swaps (their ``state`` is replaced). Listener changes: new
+names are bound, removed names stop accepting, and a listener with the same name, direction
+and (non-zero) port keeps its socket and gets the new settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from diktyo.core.clock import SYSTEM_CLOCK, Clock, make_random
+from diktyo.proxy.http.connection_manager import HttpConnection
+from diktyo.proxy.http.policies import REAL_UPSTREAM, ClusterState
+from diktyo.proxy.network.pool import ClusterPool
+from diktyo.proxy.router.matcher import RouteMatcher
+from diktyo.proxy.stats import Stats
+from diktyo.snapshot.codec import SnapshotError, validate
+from diktyo.snapshot.model import Listener, Snapshot
+from diktyo.telemetry.istio_metrics import WorkloadInfo, spiffe_id
+
+log = logging.getLogger("diktyo.proxy")
+
+HEADER_TIMEOUT = 30.0
+IDLE_TIMEOUT = 300.0
+
+
+class ListenerContext:
+    """Per-listener settings read by connections (updated in place on snapshot swaps)."""
+
+    def __init__(self, sidecar: Sidecar, listener: Listener) -> None:
+        self.sidecar = sidecar
+        self.stats = sidecar.stats
+        self.connections: set[Any] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.sock: socket.socket | None = None
+        self.port = 0
+        self.update(listener)
+
+    def update(self, listener: Listener) -> None:
+        self.listener = listener
+        self.name = listener.name
+        self.direction = listener.direction
+        self.route_table = listener.route_table
+        self.cluster = listener.cluster
+        self.default_host = listener.default_host
+        self.service_port = listener.service_port
+        self.reporter = "destination" if listener.direction == "inbound" else "source"
+
+    def runtime(self) -> Runtime:
+        return self.sidecar.rt  # type: ignore[return-value]
+
+    def port_for(self, authority: str) -> int | None:
+        i = authority.rfind(":")
+        if i > 0 and authority[i + 1:].isdigit():
+            return int(authority[i + 1:])
+        return self.service_port or None
+
+
+class Runtime:
+    """Everything compiled from one snapshot."""
+
+    def __init__(self, snapshot: Snapshot, sidecar: Sidecar, previous: Runtime | None) -> None:
+        problems = validate(snapshot)
+        if problems:
+            raise SnapshotError("invalid snapshot: " + "; ".join(problems))
+        self.snapshot = snapshot
+        self.loop = sidecar.loop
+        self.clock = sidecar.clock
+        self.rng = sidecar.rng
+        self.stats = sidecar.stats
+        self.sidecar = sidecar
+        matchers: dict[str, RouteMatcher] = {}
+        for table in snapshot.route_tables:
+            try:
+                matchers[table.name] = RouteMatcher(table)
+            except ValueError as exc:
+                raise SnapshotError(f"route table {table.name!r}: {exc}") from None
+        self.matchers = matchers
+        node = snapshot.node
+        principal = spiffe_id(node.trust_domain, node.namespace, node.service_account)
+        self.me = WorkloadInfo.from_labels(node.workload, node.namespace, node.labels, principal)
+        self.inbound_service = node.services[0] if node.services else ""
+        self.access_log: Callable[..., None] | None = None
+        if snapshot.mesh.access_log.enabled:
+            from diktyo.proxy.access_log import make_access_logger
+
+            self.access_log = make_access_logger(snapshot.mesh.access_log)
+        self._peers: dict[tuple[Any, ...], Any] = {}
+        # cluster states last: carrying over mutates shared objects (hosts, breakers)
+        prev = previous.clusters if previous is not None else {}
+        clusters: dict[str, Any] = {}
+        mesh = snapshot.mesh
+        try:
+            for c in snapshot.clusters:
+                if REAL_UPSTREAM:
+                    clusters[c.name] = ClusterState(
+                        c, self.clock, self.rng, previous=prev.get(c.name),
+                        retry_budget_percent=mesh.retry_budget_percent,
+                        retry_budget_min=mesh.retry_budget_min)
+                else:
+                    clusters[c.name] = ClusterState(c, self.clock, self.rng, previous=prev.get(c.name))
+        except (ValueError, TypeError) as exc:
+            raise SnapshotError(f"cluster: {exc}") from None
+        self.clusters = clusters
+
+    def pool_for(self, cstate: Any) -> ClusterPool:
+        return self.sidecar.pools[cstate.cluster.name]
+
+    def labels_for(self, reporter: str, cstate: Any, host: Any) -> Any:
+        key = (reporter, cstate.cluster.name if cstate is not None else "",
+               host.key if host is not None else None)
+        p = self._peers.get(key)
+        if p is not None:
+            return p
+        if reporter == "destination":
+            service = self.inbound_service or (cstate.cluster.service if cstate else "")
+            p = self.stats.peer_for("destination", self.me, None, service)
+        else:
+            other = None
+            service = ""
+            if cstate is not None:
+                service = cstate.cluster.service
+            if host is not None:
+                ep = host.endpoint
+                other = WorkloadInfo.from_labels(ep.workload, ep.namespace, ep.labels,
+                                                 ep.principal)
+            p = self.stats.peer_for("source", self.me, other, service)
+        self._peers[key] = p
+        return p
+
+
+class Sidecar:
+    """One sidecar process' data plane."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, clock: Clock = SYSTEM_CLOCK,
+                 seed: int | None = None, bind_address: str | None = None) -> None:
+        self.loop = loop or asyncio.get_event_loop()
+        self.clock = clock
+        self.rng = make_random(seed)
+        self.stats = Stats()
+        self.rt: Runtime | None = None
+        self.listeners: dict[str, ListenerContext] = {}
+        self.pools: dict[str, ClusterPool] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.bind_address = bind_address
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self._ticker: asyncio.TimerHandle | None = None
+        self.applied = 0
+        self.rejected = 0
+        self.last_error = ""
+
+    # ------------------------------------------------------------------ snapshots
+    def apply(self, snapshot: Snapshot) -> None:
+        """Apply ``snapshot`` whole or raise SnapshotError and keep the old one."""
+        try:
+            new_socks = self._bind_new_listeners(snapshot)
+        except SnapshotError as exc:
+            self.rejected += 1
+            self.last_error = str(exc)
+            self.stats.families["config_rejects"].inc()
+            raise
+        try:
+            rt = Runtime(snapshot, self, self.rt)
+        except SnapshotError as exc:
+            for s in new_socks.values():
+                s.close()
+            self.rejected += 1
+            self.last_error = str(exc)
+            self.stats.families["config_rejects"].inc()
+            raise
+        # -- commit (nothing below may fail)
+        for name, cs in rt.clusters.items():
+            pool = self.pools.get(name)
+            if pool is None:
+                self.pools[name] = ClusterPool(name, cs, self.loop, self.stats, self.tasks)
+            else:
+                pool.state = cs
+        for name in list(self.pools):
+            if name not in rt.clusters:
+                self.pools.pop(name).close_all()
+        self.rt = rt
+        wanted = {lst.name: lst for lst in snapshot.listeners}
+        for name in list(self.listeners):
+            if name not in wanted:
+                ctx = self.listeners.pop(name)
+                if ctx.server is not None:
+                    ctx.server.close()
+        for name, lst in wanted.items():
+            ctx = self.listeners.get(name)
+            if ctx is not None and name not in new_socks:
+                ctx.update(lst)
+                continue
+            ctx = ListenerContext(self, lst)
+            sock = new_socks[name]
+            ctx.sock = sock
+            ctx.port = sock.getsockname()[1]
+            self.listeners[name] = ctx
+            self._serve(ctx, sock)
+        self.applied += 1
+        self.stats.families["config_pushes"].inc()
+        if self._ticker is None:
+            self._ticker = self.loop.call_later(1.0, self._tick)
+        log.info("applied snapshot %s (%d listeners, %d clusters)", snapshot.version,
+                 len(snapshot.listeners), len(snapshot.clusters))
+
+    def _bind_new_listeners(self, snapshot: Snapshot) -> dict[str, socket.socket]:
+        socks: dict[str, socket.socket] = {}
+        try:
+            for lst in snapshot.listeners:
+                cur = self.listeners.get(lst.name)
+                if cur is not None and cur.direction == lst.direction and (
+                    lst.port == 0 or lst.port == cur.port
+                ) and (self.bind_address or lst.address) == cur.sock.getsockname()[0]:  # type: ignore[union-attr]
+                    continue
+                sock = socket.socket(socket.AF_INET6 if ":" in lst.address else socket.AF_INET)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((self.bind_address or lst.address, lst.port))
+                except OSError as exc:
+                    sock.close()
+                    raise SnapshotError(
+                        f"listener {lst.name!r}: cannot bind {lst.address}:{lst.port}: "
+                        f"{exc.strerror or exc}; free the port or pick another one"
+                    ) from None
+                sock.listen(1024)
+                sock.setblocking(False)
+                socks[lst.name] = sock
+        except SnapshotError:
+            for s in socks.values():
+                s.close()
+            raise
+        return socks
+
+    def _serve(self, ctx: ListenerContext, sock: socket.socket) -> None:
+        if ctx.direction == "tcp":
+            from diktyo.proxy.tcp_proxy import TcpProxy
+
+            def factory() -> asyncio.Protocol:
+                return TcpProxy(ctx)
+        else:
+            def factory() -> asyncio.Protocol:
+                return HttpConnection(ctx)
+
+        async def start() -> None:
+            ctx.server = await self.loop.create_server(factory, sock=sock, backlog=1024)
+
+        task = self.loop.create_task(start())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def wait_listening(self) -> None:
+        """Wait until every listener's server is started."""
+        for _ in range(200):
+            if all(c.server is not None for c in self.listeners.values()):
+                return
+            await asyncio.sleep(0.005)
+
+    def ports(self) -> dict[str, int]:
+        return {name: ctx.port for name, ctx in self.listeners.items()}
+
+    # ------------------------------------------------------------------ maintenance
+    def _tick(self) -> None:
+        self._ticker = None
+        if self.stopped.is_set():
+            return
+        try:
+            rt = self.rt
+            if rt is not None:
+                for cs in rt.clusters.values():
+                    cs.tick()
+            now_loop = self.loop.time()
+            for pool in self.pools.values():
+                pool.sweep(now_loop)
+            now = time.monotonic()
+            for ctx in self.listeners.values():
+                for conn in list(ctx.connections):
+                    check = getattr(conn, "idle_check", None)
+                    if check is not None:
+                        check(now, HEADER_TIMEOUT, IDLE_TIMEOUT)
+        except Exception:  # noqa: BLE001 - the tick must keep running
+            log.exception("sidecar maintenance tick failed")
+        self._ticker = self.loop.call_later(1.0, self._tick)
+
+    def active_connections(self) -> int:
+        return sum(len(c.connections) for c in self.listeners.values())
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), then stop."""
+        if self.draining:
+            await self.stopped.wait()
+            return
+        self.draining = True
+        for ctx in self.listeners.values():
+            if ctx.server is not None:
+                ctx.server.close()
+            for conn in list(ctx.connections):
+                if hasattr(conn, "streams"):
+                    conn.close_after = True
+                    if not conn.streams and conn.transport is not None:
+                        conn.transport.close()
+        deadline = self.loop.time() + timeout
+        while self.loop.time() < deadline and self.active_connections():
+            await asyncio.sleep(0.02)
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        for ctx in self.listeners.values():
+            if ctx.server is not None:
+                ctx.server.close()
+            for conn in list(ctx.connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
+        for pool in self.pools.values():
+            pool.close_all()
+            for c in list(pool.active):
+                c.close()
+        cur = asyncio.current_task()
+        others = [t for t in self.tasks if t is not cur]
+        for t in others:
+            t.cancel()
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
+        self.stopped.set()
+
+
+def install_uvloop() -> None:
+    """Use uvloop as the event loop implementation when available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        print("diktyo: uvloop not installed, using the stdlib loop", file=sys.stderr)
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
