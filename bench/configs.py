@@ -80,7 +80,7 @@ def haproxy_conf(port: int, upstream_port: int) -> str:
     """HAProxy, one thread, HTTP mode, keep-alive and connection reuse to the upstream."""
     return f"""global
   nbthread 1
-  maxconn 20000
+  maxconn 4096
   tune.bufsize 16384
 
 defaults
@@ -97,7 +97,7 @@ frontend fe
   default_backend be
 
 backend be
-  server s1 127.0.0.1:{upstream_port} maxconn 10000
+  server s1 127.0.0.1:{upstream_port} maxconn 4096
 """
 
 
