@@ -207,9 +207,11 @@ def test_when_conditions() -> None:
         ),
     )
     eng = AuthzEngine([pol])
-    good = dict(
-        headers={"x-version": "v2beta"}, claims={"groups": ["dev", "admins"]}, source_ip="127.0.0.1"
-    )
+    good = {
+        "headers": {"x-version": "v2beta"},
+        "claims": {"groups": ["dev", "admins"]},
+        "source_ip": "127.0.0.1",
+    }
     assert eng.check(req(**good)).allowed
     assert not eng.check(req(**{**good, "headers": {}})).allowed
     assert not eng.check(req(**{**good, "claims": {"groups": "dev"}})).allowed
