@@ -1,0 +1,164 @@
+"""``diktyo load``: a fortio-like HTTP load client (status-code histogram, latency percentiles)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+from diktyo.api.duration import DurationError, parse_duration
+from diktyo.load.client import TargetError, parse_header
+from diktyo.load.report import format_text, to_json
+from diktyo.load.runner import LoadOptions, LoadResult, run_load
+
+DEFAULT_REQUESTS = 100
+QUIET_LEVELS = ("warning", "error", "critical", "fatal")
+
+
+def _duration(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return parse_duration(text)
+    except DurationError:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use seconds or a unit, e.g. 30s, 500ms, 1m"
+        ) from None
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0 <= p <= 100 for p in values):
+        raise argparse.ArgumentTypeError(
+            f"invalid percentiles {text!r}: use numbers between 0 and 100, e.g. 50,90,99.9"
+        )
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "load",
+        help="send HTTP load to a URL and print a status-code histogram and latency percentiles",
+        description=(
+            "A fortio-like load client. Sends GET requests over C keep-alive connections, "
+            "through the HTTP proxy in HTTP_PROXY (your sidecar) unless --no-proxy or NO_PROXY "
+            "says otherwise, then prints the status codes (Code 200 : 37 (92.5 %%)), latency "
+            "percentiles and the achieved qps. The run is bounded: -n requests (default 100) "
+            "and/or -t duration, whichever ends first. Istio's tasks' fortio commands work, "
+            "e.g. 'diktyo load -c 2 -qps 0 -n 20 -loglevel Warning http://httpbin:8000/get'."
+        ),
+    )
+    p.add_argument("url", help="http:// URL, e.g. http://httpbin:8000/get")
+    p.add_argument("-c", type=int, default=8, metavar="N", help="connections (default 8)")
+    p.add_argument("-n", type=int, default=None, metavar="N", help="number of requests")
+    p.add_argument(
+        "-t", type=_duration, default=None, metavar="DURATION", help="run time, e.g. 10s or 1m"
+    )
+    p.add_argument(
+        "-qps",
+        "--qps",
+        type=float,
+        default=0.0,
+        metavar="Q",
+        help="total requests per second over all connections (default 0: as fast as possible)",
+    )
+    p.add_argument(
+        "-H",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="extra request header (repeatable), e.g. -H 'end-user: jason'",
+    )
+    p.add_argument(
+        "-timeout",
+        "--timeout",
+        type=_duration,
+        default=3.0,
+        metavar="DURATION",
+        help="per-request timeout (default 3s); a timed-out request counts as code -1",
+    )
+    p.add_argument(
+        "-p",
+        type=_percentiles,
+        default=None,
+        metavar="LIST",
+        help="percentiles to report (default 50,75,90,99,99.9)",
+    )
+    p.add_argument("--no-proxy", action="store_true", help="ignore HTTP_PROXY, connect directly")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="result format")
+    p.add_argument(
+        "-loglevel",
+        "--loglevel",
+        default="info",
+        metavar="LEVEL",
+        help="fortio-compatible: Warning or Error hides the progress lines",
+    )
+    p.add_argument("--quiet", action="store_true", help="hide the progress lines")
+    p.set_defaults(func=run)
+
+
+def _describe(options: LoadOptions) -> str:
+    rate = "max qps" if options.qps <= 0 else f"{options.qps:g} qps"
+    if options.requests is not None and options.duration is not None:
+        bound = f"for {options.requests} calls or {options.duration:g}s, whichever ends first"
+    elif options.requests is not None:
+        bound = f"for exactly {options.requests} calls"
+    else:
+        bound = f"for {options.duration:g}s"
+    return f"Starting at {rate} with {options.connections} connection(s) {bound}"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.c < 1:
+        print("diktyo load: -c must be at least 1 connection", file=sys.stderr)
+        return 2
+    if args.n is not None and args.n < 1:
+        print("diktyo load: -n must be at least 1 request", file=sys.stderr)
+        return 2
+    if args.qps < 0:
+        print("diktyo load: -qps must be >= 0 (0 means as fast as possible)", file=sys.stderr)
+        return 2
+    requests = args.n if args.n is not None or args.t is not None else DEFAULT_REQUESTS
+    try:
+        headers = tuple(parse_header(h) for h in args.H)
+        options = LoadOptions(
+            url=args.url,
+            connections=args.c,
+            requests=requests,
+            duration=args.t,
+            qps=args.qps,
+            headers=headers,
+            use_proxy=not args.no_proxy,
+            timeout=args.timeout,
+            **({"percentiles": args.p} if args.p else {}),
+        )
+        quiet = args.quiet or args.output == "json" or args.loglevel.lower() in QUIET_LEVELS
+
+        def progress(elapsed: float, done: int) -> None:
+            rate = done / elapsed if elapsed > 0 else 0.0
+            print(f"{elapsed:6.1f}s: {done} calls, {rate:.1f} qps", file=sys.stderr, flush=True)
+
+        if not quiet:
+            print(_describe(options), file=sys.stderr, flush=True)
+        result: LoadResult = asyncio.run(
+            run_load(options, env=os.environ, progress=None if quiet else progress)
+        )
+    except TargetError as exc:
+        print(f"diktyo load: {exc}", file=sys.stderr)
+        return 2
+    if not quiet and result.proxy:
+        print(
+            f"(through HTTP proxy {result.proxy}; --no-proxy to connect directly)", file=sys.stderr
+        )
+    if args.output == "json":
+        print(json.dumps(to_json(result), indent=2))
+    else:
+        sys.stdout.write(format_text(result))
+    return 0

@@ -1,0 +1,47 @@
+"""When each request of a load run goes out (pure; the caller passes the current time).
+
+Theory of operation: all connections share one ``Schedule``. ``next(now)`` hands out the next
+request slot or ``None`` when the run is over. A run is bounded by a request count, a
+duration, or both (whichever ends first). With ``qps > 0`` slot *i* is due at
+``start + i / qps`` (an even rate across all connections, like fortio's ``-qps``, so a late
+slot is sent at once and the rate catches up); with ``qps == 0`` every slot is due now.
+"""
+
+from __future__ import annotations
+
+
+class Schedule:
+    __slots__ = ("duration", "issued", "qps", "requests", "start")
+
+    def __init__(
+        self, *, start: float, requests: int | None, duration: float | None, qps: float = 0.0
+    ) -> None:
+        if requests is None and duration is None:
+            raise ValueError("a load run needs a request count or a duration (or both)")
+        if requests is not None and requests < 0:
+            raise ValueError(f"request count must be >= 0, got {requests}")
+        if duration is not None and duration < 0:
+            raise ValueError(f"duration must be >= 0, got {duration}")
+        if qps < 0:
+            raise ValueError(f"qps must be >= 0 (0 means as fast as possible), got {qps}")
+        self.start = start
+        self.requests = requests
+        self.duration = duration
+        self.qps = qps
+        self.issued = 0
+
+    @property
+    def end(self) -> float | None:
+        return None if self.duration is None else self.start + self.duration
+
+    def next(self, now: float) -> float | None:
+        """Claim the next request: the time it is due (may be in the past), or None when done."""
+        if self.requests is not None and self.issued >= self.requests:
+            return None
+        due = self.start + self.issued / self.qps if self.qps > 0 else now
+        due = max(due, self.start)
+        end = self.end
+        if end is not None and (now >= end or due >= end):
+            return None
+        self.issued += 1
+        return due
