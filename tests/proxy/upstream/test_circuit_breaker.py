@@ -28,6 +28,8 @@ def test_max_connections() -> None:
     b.connection_opened()
     assert not b.can_open_connection()
     assert b.counters["upstream_cx_overflow"] == 1
+    assert not b.connection_capacity()  # polling does not count overflows
+    assert b.counters["upstream_cx_overflow"] == 1
     assert b.is_open("connections")
     b.connection_closed()
     assert b.can_open_connection()

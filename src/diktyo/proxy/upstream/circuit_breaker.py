@@ -130,6 +130,10 @@ class CircuitBreaker:
         self.counters["upstream_cx_overflow"] += 1
         return False
 
+    def connection_capacity(self) -> bool:
+        """Like ``can_open_connection`` but without counting an overflow (for polling)."""
+        return self.connections < self.max_connections
+
     def connection_opened(self) -> None:
         self.connections += 1
 
