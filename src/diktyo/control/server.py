@@ -81,7 +81,7 @@ class ControlPlane:
         poll_timeout: float = 25.0,
         health_interval: float = 1.0,
         store: ConfigStore | None = None,
-        merge_service_entries: bool = True,
+        merge_service_entries: bool = False,  # translate merges ServiceEntries itself
     ) -> None:
         self.clock = clock
         self.mesh = mesh or MeshConfig()

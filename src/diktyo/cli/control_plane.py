@@ -1,0 +1,48 @@
+"""``diktyo control-plane``: run the control plane alone (config folder + HTTP API), without workloads."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "control-plane",
+        help="run the control plane alone",
+        description="Serve Istio config from a watched folder to sidecars started elsewhere ('diktyo sidecar --control-plane URL --node ID'). Nodes and instances register through the HTTP API (POST /v1/registry/...).",
+    )
+    p.add_argument("--config", metavar="DIR", help="folder of Istio YAML to serve and watch")
+    p.add_argument(
+        "--port", type=int, default=15010, help="HTTP port on 127.0.0.1 (default 15010, 0 = pick)"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=run)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from diktyo.control.server import ControlPlane
+
+    cp = ControlPlane(config_dir=args.config)
+    url = await cp.start(args.host, args.port)
+    print(
+        f"control plane serving on {url}" + (f", config {args.config}" if args.config else ""),
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await cp.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(_main(args))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(_main(args))

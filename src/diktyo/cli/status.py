@@ -1,0 +1,56 @@
+"""``diktyo status``: the running local mesh, its control plane and every workload's ports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from diktyo.cli._common import table
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "status",
+        help="show the running local mesh and its workloads",
+        description="Show the mesh started by 'diktyo up': control plane and dashboard URLs, and per workload replica its state and its sidecar's admin/inbound/outbound ports.",
+    )
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from diktyo.platform.state import running_state
+
+    state = running_state()
+    if state is None:
+        if args.output == "json":
+            print(json.dumps({"running": False}))
+        else:
+            print("no mesh is running (start one with 'diktyo up -f mesh.yaml' or 'diktyo demo')")
+        return 3
+    if args.output == "json":
+        print(json.dumps({"running": True, **state}, indent=2))
+        return 0
+    print(f"mesh {state.get('name')!r}: {state.get('state')} (supervisor pid {state.get('pid')})")
+    print(f"control plane: {state.get('control_plane')}")
+    print(f"dashboard:     {state.get('dashboard')}")
+    if state.get("gateway"):
+        print(f"ingress:       {state.get('gateway')}")
+    rows = []
+    for w in state.get("workloads", []):
+        inbound = ",".join(f"{k}->{v}" for k, v in w.get("inbound_ports", {}).items())
+        gw = ",".join(f"{k}->{v}" for k, v in w.get("gateway_ports", {}).items())
+        rows.append(
+            [
+                w["name"],
+                w["namespace"],
+                w["state"],
+                str(w.get("admin_port", "")),
+                inbound or (f"gateway {gw}" if gw else "-"),
+                str(w.get("outbound_port") or "-"),
+                ",".join(str(v) for v in w.get("app_ports", {}).values()) or "-",
+            ]
+        )
+    print()
+    print(table(rows, ["NAME", "NAMESPACE", "STATE", "ADMIN", "INBOUND", "OUTBOUND", "APP"]))
+    return 0

@@ -1,0 +1,73 @@
+"""``diktyo up``: start a local mesh (control plane, sidecars, apps, gateways) from a mesh file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from diktyo.platform.mesh import MeshFileError, load_mesh
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "up",
+        help="start a local mesh from a mesh file",
+        description=(
+            "Start a local mesh: the control plane, then per workload replica its sidecar and "
+            "its app, and the ingress gateways. Runs in the foreground until Ctrl-C (or 'diktyo "
+            "down'), then stops apps, sidecars and the control plane in that order. "
+            "Mesh file format: docs/mesh-file.md."
+        ),
+    )
+    p.add_argument(
+        "-f", "--file", required=True, metavar="MESH_YAML", help="the mesh file (mesh.yaml)"
+    )
+    p.add_argument(
+        "--config",
+        metavar="DIR",
+        help="folder of Istio YAML to serve and watch (overrides 'config:' in the mesh file)",
+    )
+    p.add_argument(
+        "--detach", "-d", action="store_true", help="run in the background; return once ready"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for --detach (default 120)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from diktyo.platform.run import already_running_message, run_detached, serve_mesh
+
+    try:
+        spec = load_mesh(args.file)
+    except MeshFileError as exc:
+        print(str(exc), file=sys.stderr)
+        print(
+            f"error: {args.file} is not a valid mesh file (format: docs/mesh-file.md)",
+            file=sys.stderr,
+        )
+        return 2
+    config_dir = Path(args.config).resolve() if args.config else None
+    if config_dir is not None and not config_dir.is_dir():
+        print(f"error: --config {args.config}: no such folder", file=sys.stderr)
+        return 2
+    busy = already_running_message()
+    if busy:
+        print(f"error: {busy}", file=sys.stderr)
+        return 1
+    if args.detach:
+        argv = ["up", "-f", str(Path(args.file).resolve())]
+        if config_dir is not None:
+            argv += ["--config", str(config_dir)]
+        return run_detached(argv, args.timeout)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    return runner(serve_mesh(spec, config_dir=config_dir))
