@@ -1,0 +1,123 @@
+"""A real Prometheus server scrapes our exposition and answers PromQL on Istio's metric names."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from aiohttp import web
+
+from diktyo.telemetry.exposition import CONTENT_TYPE, render
+from diktyo.telemetry.httpclient import request
+from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
+from diktyo.telemetry.prometheus_config import DEFAULT_TARGETS, Target, scrape_config
+
+PROMETHEUS = shutil.which("prometheus") or (
+    "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
+)
+PROMTOOL = shutil.which("promtool")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_committed_config_is_generated_and_valid(tmp_path: Path) -> None:
+    committed = (REPO / "deploy/prometheus/prometheus.yml").read_text()
+    assert committed == scrape_config(DEFAULT_TARGETS), (
+        "deploy/prometheus/prometheus.yml is stale: run "
+        "python -m diktyo.telemetry.prometheus_config > deploy/prometheus/prometheus.yml"
+    )
+    if PROMTOOL:
+        cfg = tmp_path / "p.yml"
+        cfg.write_text(scrape_config([Target("127.0.0.1:1", {"workload": 'a"b'})], "1s"))
+        res = subprocess.run([PROMTOOL, "check", "config", str(cfg)], capture_output=True,
+                             text=True, timeout=30, check=False)  # fmt: skip
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_config_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        scrape_config(["nohost"])
+    with pytest.raises(ValueError, match="duration"):
+        scrape_config(["127.0.0.1:1"], scrape_interval="fast")
+
+
+@pytest.mark.skipif(
+    PROMETHEUS is None, reason="prometheus not installed (apt-get install prometheus)"
+)
+async def test_real_prometheus_scrapes_istio_metrics(tmp_path: Path) -> None:
+    m = IstioMetrics()
+    pp = WorkloadInfo.from_labels(
+        "productpage-v1", "default", {"app": "productpage", "version": "v1"}
+    )
+    for v, n in (("v1", 7), ("v2", 5)):
+        rv = WorkloadInfo.from_labels(f"reviews-{v}", "default", {"app": "reviews", "version": v})
+        key = m.peer(PeerLabels.build("source", pp, rv, "reviews.default.svc.cluster.local"))
+        for _ in range(n):
+            m.record(key, 200, "-", 12.0, 0, 300)
+        m.record(key, 503, "UO", 0.3, 0, 0)
+    dkey = m.peer(PeerLabels.build("destination", pp, None, "reviews.default.svc.cluster.local"))
+    m.record(dkey, 200, "-", 1.0, 0, 0)  # must not be counted by reporter="source"
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.Response(text=render(m), headers={"Content-Type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/stats/prometheus", stats)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    sport = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(scrape_config([f"127.0.0.1:{sport}"], scrape_interval="1s"))
+    pport = free_port()
+    log = (tmp_path / "prometheus.log").open("w")
+    proc = await asyncio.create_subprocess_exec(
+        PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{pport}", stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        query = 'sum(istio_requests_total{reporter="source"})'
+        url = f"http://127.0.0.1:{pport}/api/v1/query?query={quote(query)}"
+        value = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and value != 14.0:
+            assert proc.returncode is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            with contextlib.suppress(OSError, TimeoutError):
+                status, body = await request("GET", url, timeout=2)
+                if status == 200:
+                    result = json.loads(body)["data"]["result"]
+                    if result:
+                        value = float(result[0]["value"][1])
+            if value != 14.0:
+                await asyncio.sleep(0.5)
+        assert value == 14.0, f"Prometheus answered {value}; log:\n" + (
+            tmp_path / "prometheus.log").read_text()[-2000:]  # fmt: skip
+        q2 = "histogram_quantile(0.5,sum(rate(istio_request_duration_milliseconds_bucket[1m]))by(le))"
+        status, body = await request(
+            "GET", f"http://127.0.0.1:{pport}/api/v1/query?query={q2}", timeout=5
+        )
+        assert status == 200 and json.loads(body)["status"] == "success"
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+        await runner.cleanup()
