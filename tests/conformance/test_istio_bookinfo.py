@@ -32,3 +32,13 @@ def test_istio_bookinfo_dir_has_every_expected_kind() -> None:
     assert {"VirtualService", "DestinationRule", "Gateway"} <= kinds
     names = {(r.kind, r.name) for r in result.resources}
     assert ("VirtualService", "reviews") in names and ("DestinationRule", "ratings") in names
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "bookinfo" / "networking"
+
+
+@pytest.mark.parametrize("path", sorted(SAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_diktyo_bookinfo_samples_load_without_errors(path: Path) -> None:
+    result = load_paths([path])
+    assert [str(e) for e in result.errors] == []
+    assert result.resources

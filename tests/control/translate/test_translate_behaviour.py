@@ -1,0 +1,202 @@
+"""translate: behaviour checks beside the goldens (what Istio's docs promise for each case)."""
+
+from __future__ import annotations
+
+from translate_golden import TESTDATA, translate_case
+
+from diktyo.api import load_text
+from diktyo.control.model import ProxyNode, PushContext, Registry
+from diktyo.control.translate import registry_from_service_entries, translate
+from diktyo.snapshot import from_builtins, to_builtins
+from diktyo.snapshot.model import Node, Snapshot, VirtualHost
+
+REVIEWS = "reviews.default.svc.cluster.local"
+
+
+def vhost(snap: Snapshot, name: str, table: str = "outbound") -> VirtualHost:
+    for t in snap.route_tables:
+        if t.name == table:
+            for vh in t.virtual_hosts:
+                if vh.name == name:
+                    return vh
+    raise AssertionError(f"no virtual host {name} in {table}")
+
+
+def test_all_v1_routes_every_service_to_its_v1_subset() -> None:
+    snap = translate_case(TESTDATA / "bookinfo-all-v1.in.yaml")
+    for svc in ("productpage", "reviews", "ratings", "details"):
+        (route,) = vhost(snap, f"{svc}.default.svc.cluster.local:9080").routes
+        (wc,) = route.clusters
+        assert (wc.cluster, wc.weight) == (f"outbound|9080|v1|{svc}.default.svc.cluster.local", 100)
+        assert route.timeout is None and route.retries is None
+    clusters = {c.name: c for c in snap.clusters}
+    v3 = clusters[f"outbound|9080|v3|{REVIEWS}"]
+    assert [e.labels["version"] for e in v3.endpoints] == ["v3"]
+    assert v3.endpoints[0].principal == "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+    inbound = clusters["inbound|9080||"]
+    assert inbound.direction == "inbound"
+    assert [(e.address, e.port) for e in inbound.endpoints] == [("127.0.0.1", 9081)]
+    listeners = {lst.name: lst for lst in snap.listeners}
+    assert listeners["outbound"].port == 15001
+    assert listeners["inbound|9080"].port == 15006
+
+
+def test_domains_cover_every_spelling() -> None:
+    snap = translate_case(TESTDATA / "bookinfo-all-v1.in.yaml")
+    domains = set(vhost(snap, f"{REVIEWS}:9080").domains)
+    for name in ("reviews", "reviews.default", "reviews.default.svc", REVIEWS):
+        assert f"{name}:9080" in domains and name in domains
+
+
+def test_jason_goes_to_v2_first_rule_wins() -> None:
+    snap = translate_case(TESTDATA / "reviews-jason.in.yaml")
+    first, second = vhost(snap, f"{REVIEWS}:9080").routes
+    (m,) = first.matches
+    (h,) = m.headers
+    assert (h.name, h.match.kind, h.match.value) == ("end-user", "exact", "jason")
+    assert first.clusters[0].subset == "v2" and second.clusters[0].subset == "v1"
+    assert second.matches == ()
+    assert first.source.name == "reviews" and first.source.rule_name == "jason-to-v2"
+    assert first.source.file.endswith("virtual-service-reviews-test-v2.yaml")
+    assert first.source.line == 11  # the "- name: jason-to-v2" line
+
+
+def test_fault_and_legacy_percent() -> None:
+    snap = translate_case(TESTDATA / "fault-delay-abort.in.yaml")
+    route = vhost(snap, "ratings.default.svc.cluster.local:9080").routes[0]
+    assert route.fault is not None and route.fault.delay is not None
+    assert (route.fault.delay.fixed_delay, route.fault.delay.percentage) == (7.0, 100.0)
+    (details,) = vhost(snap, "details.default.svc.cluster.local:9080").routes
+    assert details.fault is not None and details.fault.abort is not None
+    assert (details.fault.abort.http_status, details.fault.abort.percentage) == (503, 10.0)
+    assert details.fault.delay is not None and details.fault.delay.fixed_delay == 0.1
+
+
+def test_retries_none_zero_and_explicit() -> None:
+    snap = translate_case(TESTDATA / "retries-timeouts.in.yaml")
+    (reviews,) = vhost(snap, f"{REVIEWS}:9080").routes
+    assert reviews.timeout == 0.5 and reviews.retries is None
+    off, explicit, default = vhost(snap, "ratings.default.svc.cluster.local:9080").routes
+    assert off.retries is not None and off.retries.attempts == 0
+    assert default.retries is None and default.timeout is None
+    r = explicit.retries
+    assert r is not None and r.attempts == 3 and r.per_try_timeout == 0.5
+    assert r.retry_on == ("gateway-error", "connect-failure", "retriable-status-codes")
+    assert r.retriable_status_codes == (503, 429)
+    assert explicit.timeout == 3.0
+
+
+def test_weights_50_50() -> None:
+    snap = translate_case(TESTDATA / "reviews-50-v3.in.yaml")
+    (route,) = vhost(snap, f"{REVIEWS}:9080").routes
+    assert [(c.subset, c.weight) for c in route.clusters] == [("v1", 50), ("v3", 50)]
+
+
+def test_source_labels_decided_for_this_proxy() -> None:
+    snap = translate_case(TESTDATA / "actions-and-sources.in.yaml")
+    routes = vhost(snap, f"{REVIEWS}:9080").routes
+    assert [r.name for r in routes] == ["mixed", "old-path", "gone", "mirrored"]
+    (m,) = routes[0].matches
+    assert m.uri is not None and m.uri.value == "/v2" and m.source_labels == {}
+    assert routes[1].redirect is not None and routes[1].redirect.code == 301
+    assert routes[2].direct_response is not None and routes[2].direct_response.status == 410
+    assert routes[3].mirrors[0].percentage == 25.0
+
+
+def test_gateway_listener_and_table() -> None:
+    snap = translate_case(TESTDATA / "gateway.in.yaml")
+    gw = [lst for lst in snap.listeners if lst.direction == "gateway"]
+    assert [(lst.name, lst.port, lst.route_table) for lst in gw] == [
+        ("gateway-8080", 18080, "gateway-8080")
+    ]
+    vh = vhost(snap, "*:8080", table="gateway-8080")
+    assert vh.domains == ("*",)
+    (route,) = vh.routes
+    assert len(route.matches) == 5
+    assert route.clusters[0].cluster == "outbound|9080||productpage.default.svc.cluster.local"
+    # the mesh table does not carry the gateway-bound VirtualService
+    assert all(r.source.name != "bookinfo" for r in vhost(snap, f"{REVIEWS}:9080").routes)
+
+
+def test_gateway_mode_for_a_sidecar_has_no_gateway_listener() -> None:
+    _proxy, push = _case("gateway.in.yaml")
+    node = Node(id="x", workload="x", labels={"istio": "ingressgateway"}, mode="sidecar")
+    snap = translate(ProxyNode(node=node, outbound_port=1), push)
+    assert [lst.direction for lst in snap.listeners] == ["outbound"]
+
+
+def test_unknown_subset_and_host_get_empty_clusters() -> None:
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v9}
+      weight: 50
+    - destination: {host: nowhere.example.com, port: {number: 8000}}
+      weight: 50
+"""
+    result = load_text(text, "vs.yaml")
+    assert result.errors == []
+    from diktyo.control.model import Service, ServicePort
+
+    registry = Registry(
+        services=(
+            Service(hostname=REVIEWS, ports=(ServicePort(number=9080),), short_name="reviews"),
+        )
+    )
+    node = Node(id="a", workload="a")
+    snap = translate(
+        ProxyNode(node=node, outbound_port=15001),
+        PushContext(resources=tuple(result.resources), registry=registry),
+    )
+    from_builtins(to_builtins(snap))
+    clusters = {c.name: c for c in snap.clusters}
+    assert clusters[f"outbound|9080|v9|{REVIEWS}"].endpoints == ()
+    assert clusters["outbound|8000||nowhere.example.com"].endpoints == ()
+
+
+def test_registry_from_service_entries() -> None:
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.shop.example, api]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - {number: 8080, name: http-api}
+  - {number: 9000, name: grpc, protocol: GRPC, targetPort: 9001}
+  endpoints:
+  - address: 10.0.0.1
+    ports: {http-api: 18080}
+    labels: {app: api, version: v1}
+    serviceAccount: api-sa
+  - address: 10.0.0.2
+"""
+    reg = registry_from_service_entries(load_text(text, "se.yaml").resources)
+    assert [s.hostname for s in reg.services] == ["api.shop.example", "api.shop.svc.cluster.local"]
+    assert reg.services[0].short_name == "" and reg.services[1].short_name == "api"
+    assert [(p.number, p.protocol) for p in reg.services[0].ports] == [
+        (8080, "HTTP"),
+        (9000, "GRPC"),
+    ]
+    a, b = reg.instances
+    assert a.ports == {8080: 18080, 9000: 9001} and a.workload == "api-v1"
+    assert not a.has_sidecar and a.service_account == "api-sa" and a.namespace == "shop"
+    assert b.ports == {8080: 8080, 9000: 9001}
+
+
+def _case(name: str) -> tuple[ProxyNode, PushContext]:
+    from translate_golden import build_case
+
+    return build_case(TESTDATA / name)
+
+
+def test_translate_is_pure() -> None:
+    proxy, push = _case("actions-and-sources.in.yaml")
+    assert translate(proxy, push) == translate(proxy, push)
