@@ -47,6 +47,21 @@ def test_committed_config_is_generated_and_valid(tmp_path: Path) -> None:
         assert res.returncode == 0, res.stdout + res.stderr
 
 
+def dashboard_exprs() -> list[str]:
+    dash = json.loads((REPO / "deploy/grafana/diktyo-mesh-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    return [e.replace("$__rate_interval", "1m").replace("$namespace", ".*") for e in exprs]
+
+
+def test_dashboard_uses_istio_metric_names() -> None:
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 10
+    text = " ".join(exprs)
+    for name in ("istio_requests_total", "istio_request_duration_milliseconds_bucket",
+                 "istio_response_bytes_bucket", "istio_tcp_sent_bytes_total"):  # fmt: skip
+        assert name in text
+
+
 def test_config_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="host:port"):
         scrape_config(["nohost"])
