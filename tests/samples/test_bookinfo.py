@@ -224,6 +224,7 @@ async def test_reviews_and_details_down_show_sorry(start_app: StartApp) -> None:
     assert status == 200
     assert "Sorry, product reviews are currently unavailable for this book." in html
     assert "Sorry, product details are currently unavailable for this book." in html
+    assert "Error fetching product reviews!" in html and "Error fetching product details!" in html
     status, text = await get(page + "/api/v1/products/0/reviews")
     assert status == 500 and json.loads(text) == {"error": REVIEWS_UNAVAILABLE}
 

@@ -43,7 +43,8 @@ def proxy_for(host: str, env: Mapping[str, str]) -> str | None:
     if not proxy:
         return None
     no_proxy = env.get("no_proxy") or env.get("NO_PROXY") or ""
-    if no_proxy and urllib.request.proxy_bypass_environment(host, {"no": no_proxy}):
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if no_proxy and bypass(host, {"no": no_proxy}):
         return None
     return proxy
 

@@ -102,7 +102,11 @@ def _stars(rating: Mapping[str, Any]) -> str:
 
 def render_reviews(reviews: Mapping[str, Any]) -> str:
     if "error" in reviews or not isinstance(reviews.get("reviews"), list):
-        return f'<h4 class="text-center text-primary">{escape(str(reviews.get("error", REVIEWS_UNAVAILABLE)))}</h4>'
+        error = escape(str(reviews.get("error", REVIEWS_UNAVAILABLE)))
+        return (
+            '<h4 class="text-center text-primary">Error fetching product reviews!</h4>'
+            f"<p>{error}</p>"
+        )
     parts = []
     for review in reviews["reviews"]:
         rating = review.get("rating") or {}
@@ -126,7 +130,10 @@ def render_reviews(reviews: Mapping[str, Any]) -> str:
 
 def render_details(details: Mapping[str, Any]) -> str:
     if "error" in details:
-        return f'<h4 class="text-center text-primary">{escape(str(details["error"]))}</h4>'
+        return (
+            '<h4 class="text-center text-primary">Error fetching product details!</h4>'
+            f"<p>{escape(str(details['error']))}</p>"
+        )
     rows = [
         ("Type", details.get("type")),
         ("Pages", details.get("pages")),
