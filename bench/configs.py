@@ -153,14 +153,23 @@ def _routes(cluster_prefix: str) -> list[dict[str, Any]]:
             "name": "api-v2",
             "matches": [
                 {"uri": {"kind": "prefix", "value": "/api/v2/"}},
-                {"headers": [{"name": "end-user", "match": {"kind": "regex", "value": "^(jason|ann)$"}}]},
+                {
+                    "headers": [
+                        {"name": "end-user", "match": {"kind": "regex", "value": "^(jason|ann)$"}}
+                    ]
+                },
             ],
             "clusters": [wc("v2", 100)],
             "source": {"name": "upstream", "rule": 1},
         },
         {
             "name": "static",
-            "matches": [{"uri": {"kind": "prefix", "value": "/static/"}, "method": {"kind": "exact", "value": "GET"}}],
+            "matches": [
+                {
+                    "uri": {"kind": "prefix", "value": "/static/"},
+                    "method": {"kind": "exact", "value": "GET"},
+                }
+            ],
             "clusters": [wc("v1", 100)],
             "timeout": 5.0,
             "retries": {"attempts": 3, "per_try_timeout": 2.0},
@@ -168,14 +177,19 @@ def _routes(cluster_prefix: str) -> list[dict[str, Any]]:
         },
         {
             "name": "default",
-            "matches": [{"uri": {"kind": "exact", "value": "/1k"}}, {"uri": {"kind": "prefix", "value": "/"}}],
+            "matches": [
+                {"uri": {"kind": "exact", "value": "/1k"}},
+                {"uri": {"kind": "prefix", "value": "/"}},
+            ],
             "clusters": [wc("v1", 99), wc("v2", 1)],
             "source": {"name": "upstream", "rule": 3},
         },
     ]
 
 
-def _outbound_clusters(port: int, targets: list[tuple[str, int]], has_sidecar: bool) -> list[dict[str, Any]]:
+def _outbound_clusters(
+    port: int, targets: list[tuple[str, int]], has_sidecar: bool
+) -> list[dict[str, Any]]:
     """A DestinationRule with subsets v1 and v2 (both on the same fast upstream here),
     LEAST_REQUEST (Istio's default), connection-pool limits and outlier detection on."""
     # has_sidecar stays False even on the mesh path: the sidecar-to-sidecar hop is plaintext
@@ -194,7 +208,11 @@ def _outbound_clusters(port: int, targets: list[tuple[str, int]], has_sidecar: b
                 "endpoints": eps,
                 "lb": {"simple": "LEAST_REQUEST"},
                 "pool": {"max_connections": 10000, "http1_max_pending_requests": 10000},
-                "outlier": {"consecutive_5xx_errors": 5, "interval": 10.0, "base_ejection_time": 30.0},
+                "outlier": {
+                    "consecutive_5xx_errors": 5,
+                    "interval": 10.0,
+                    "base_ejection_time": 30.0,
+                },
                 "policy_source": "DestinationRule default/upstream",
             }
         )
@@ -241,7 +259,9 @@ def client_sidecar_snapshot(
     }
 
 
-def server_sidecar_snapshot(listen_port: int, app_port: int, version: str = "bench-1") -> dict[str, Any]:
+def server_sidecar_snapshot(
+    listen_port: int, app_port: int, version: str = "bench-1"
+) -> dict[str, Any]:
     """The inbound (server) sidecar in front of the upstream app: ``inbound|80||``."""
     cluster = "inbound|80||"
     return {

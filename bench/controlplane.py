@@ -130,13 +130,15 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
     return status, headers, body
 
 
-async def request(host: str, port: int, method: str, path: str, body: bytes = b"",
-                  ctype: str = "application/json") -> tuple[int, bytes]:
+async def request(
+    host: str, port: int, method: str, path: str, body: bytes = b"", ctype: str = "application/json"
+) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(
             f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
         )
         status, _, data = await _read_response(reader)
         return status, data
@@ -180,7 +182,8 @@ class Sidecar:
                 ack = json.dumps({"node": self.node, "version": version, "ok": True}).encode()
                 writer.write(
                     f"POST /v1/ack HTTP/1.1\r\nHost: cp\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(ack)}\r\n\r\n".encode() + ack
+                    f"Content-Length: {len(ack)}\r\n\r\n".encode()
+                    + ack
                 )
                 st, _, _ = await _read_response(reader)
                 if st != 200:
@@ -217,7 +220,9 @@ async def _wait_all(cars: list[Sidecar], pred: Any, timeout: float, what: str) -
             raise RuntimeError(f"sidecar failed: {errs[0]}")
         if time.monotonic() > deadline:
             done = sum(1 for c in cars if pred(c))
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}: {done}/{len(cars)}")
+            raise RuntimeError(
+                f"timed out after {timeout:.0f}s waiting for {what}: {done}/{len(cars)}"
+            )
         await asyncio.sleep(0.01)
 
 
@@ -230,27 +235,53 @@ async def bench_one(n: int, server_pid: int, host: str, port: int) -> dict[str, 
     t_setup = time.monotonic()
     rss_empty = _proc_kib(server_pid, "VmRSS")
     for i in range(SERVICES):
-        svc = {"hostname": _fqdn(i), "namespace": NS, "short_name": f"svc{i}",
-               "ports": [{"number": 9080, "name": "http", "protocol": "HTTP"}]}
-        st, body = await request(host, port, "POST", "/v1/registry/services", json.dumps(svc).encode())
+        svc = {
+            "hostname": _fqdn(i),
+            "namespace": NS,
+            "short_name": f"svc{i}",
+            "ports": [{"number": 9080, "name": "http", "protocol": "HTTP"}],
+        }
+        st, body = await request(
+            host, port, "POST", "/v1/registry/services", json.dumps(svc).encode()
+        )
         assert st == 200, body
         for j in range(INSTANCES):
-            inst = {"name": f"svc{i}-{j}", "workload": f"svc{i}-v{1 + j % 2}", "address": "127.0.0.1",
-                    "ports": {"9080": 20000 + i * 10 + j}, "services": [_fqdn(i)], "namespace": NS,
-                    "labels": {"app": f"svc{i}", "version": f"v{1 + j % 2}"}, "has_sidecar": True}
-            st, body = await request(host, port, "POST", "/v1/registry/instances", json.dumps(inst).encode())
+            inst = {
+                "name": f"svc{i}-{j}",
+                "workload": f"svc{i}-v{1 + j % 2}",
+                "address": "127.0.0.1",
+                "ports": {"9080": 20000 + i * 10 + j},
+                "services": [_fqdn(i)],
+                "namespace": NS,
+                "labels": {"app": f"svc{i}", "version": f"v{1 + j % 2}"},
+                "has_sidecar": True,
+            }
+            st, body = await request(
+                host, port, "POST", "/v1/registry/instances", json.dumps(inst).encode()
+            )
             assert st == 200, body
-    st, body = await request(host, port, "POST", "/v1/config", mesh_yaml(90).encode(), "application/yaml")
+    st, body = await request(
+        host, port, "POST", "/v1/config", mesh_yaml(90).encode(), "application/yaml"
+    )
     if st != 200:
         raise RuntimeError(f"POST /v1/config answered {st}: {body[:500]!r}")
 
     sem = asyncio.Semaphore(50)
 
     async def register(i: int) -> None:
-        node = {"node": {"id": f"client-{i}.{NS}", "workload": f"client-{i}", "namespace": NS,
-                         "labels": {"app": "client"}}, "outbound_port": 15001}
+        node = {
+            "node": {
+                "id": f"client-{i}.{NS}",
+                "workload": f"client-{i}",
+                "namespace": NS,
+                "labels": {"app": "client"},
+            },
+            "outbound_port": 15001,
+        }
         async with sem:
-            st, body = await request(host, port, "POST", "/v1/registry/proxies", json.dumps(node).encode())
+            st, body = await request(
+                host, port, "POST", "/v1/registry/proxies", json.dumps(node).encode()
+            )
         assert st == 200, body
 
     t_reg = time.monotonic()
@@ -266,7 +297,9 @@ async def bench_one(n: int, server_pid: int, host: str, port: int) -> dict[str, 
         if i % 200 == 199:
             await asyncio.sleep(0.05)  # don't overflow the listen backlog
     try:
-        await _wait_all(cars, lambda c: c.version and c.waiting.is_set(), 120, "first snapshot + ACK")
+        await _wait_all(
+            cars, lambda c: c.version and c.waiting.is_set(), 120, "first snapshot + ACK"
+        )
         await asyncio.sleep(1.0)  # quiet: the last registration push may still be going out
         await _wait_all(cars, lambda c: c.waiting.is_set(), 60, "clients back in long poll")
         first_versions = {c.version for c in cars}
@@ -275,10 +308,14 @@ async def bench_one(n: int, server_pid: int, host: str, port: int) -> dict[str, 
         cpu0 = _proc_cpu(server_pid)
 
         t0 = time.monotonic()
-        st, body = await request(host, port, "POST", "/v1/config", mesh_yaml(80).encode(), "application/yaml")
+        st, body = await request(
+            host, port, "POST", "/v1/config", mesh_yaml(80).encode(), "application/yaml"
+        )
         if st != 200:
             raise RuntimeError(f"config change rejected ({st}): {body[:500]!r}")
-        await _wait_all(cars, lambda c: c.version not in first_versions, 120, "the changed snapshot + ACK")
+        await _wait_all(
+            cars, lambda c: c.version not in first_versions, 120, "the changed snapshot + ACK"
+        )
         t_all = time.monotonic() - t0
         cpu = _proc_cpu(server_pid) - cpu0
         recv = [min(t for v, t in c.received.items() if v not in first_versions) - t0 for c in cars]
@@ -292,13 +329,25 @@ async def bench_one(n: int, server_pid: int, host: str, port: int) -> dict[str, 
         "snapshot_bytes": statistics.median(c.size for c in cars),
         "register_s": round(register_s, 3),
         "setup_s": round(time.monotonic() - t_setup, 3),
-        "receive_ms": {"first": min(recv) * 1e3, "p50": _pct(recv, 0.5) * 1e3, "p99": _pct(recv, 0.99) * 1e3,
-                       "max": max(recv) * 1e3},
-        "ack_ms": {"p50": _pct(acks, 0.5) * 1e3, "p99": _pct(acks, 0.99) * 1e3, "max": max(acks) * 1e3},
+        "receive_ms": {
+            "first": min(recv) * 1e3,
+            "p50": _pct(recv, 0.5) * 1e3,
+            "p99": _pct(recv, 0.99) * 1e3,
+            "max": max(recv) * 1e3,
+        },
+        "ack_ms": {
+            "p50": _pct(acks, 0.5) * 1e3,
+            "p99": _pct(acks, 0.99) * 1e3,
+            "max": max(acks) * 1e3,
+        },
         "all_acked_ms": t_all * 1e3,
         "server_cpu_s": cpu,
-        "server_rss_mib": {"empty": rss_empty / 1024, "registered": rss_before / 1024, "connected": rss_connected / 1024,
-                           "peak": _proc_kib(server_pid, "VmHWM") / 1024},
+        "server_rss_mib": {
+            "empty": rss_empty / 1024,
+            "registered": rss_before / 1024,
+            "connected": rss_connected / 1024,
+            "peak": _proc_kib(server_pid, "VmHWM") / 1024,
+        },
         "kib_per_connected_sidecar": (rss_connected - rss_before) / n,
         "kib_per_sidecar_total": (rss_connected - rss_empty) / n,
     }
@@ -324,12 +373,14 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# diktyo control-plane push, {result['mode']} run, {result['date']}",
         "",
-        "Time from `POST /v1/config` (a VirtualService weight change that alters every sidecar's "
-        "snapshot) until each simulated sidecar received it and until all had ACKed; includes the "
-        "100 ms debounce. Control plane on core 0, clients on core 1. Memory: the control plane's "
-        "RSS growth when the N long polls connect, divided by N (connection + long-poll state), and its "
-        "growth from empty to N registered and connected sidecars, divided by N (also the cached "
-        "snapshots and registry).",
+        (
+            "Time from `POST /v1/config` (a VirtualService weight change that alters every sidecar's "
+            "snapshot) until each simulated sidecar received it and until all had ACKed; includes the "
+            "100 ms debounce. Control plane on core 0, clients on core 1. Memory: the control plane's "
+            "RSS growth when the N long polls connect, divided by N (connection + long-poll state), and its "
+            "growth from empty to N registered and connected sidecars, divided by N (also the cached "
+            "snapshots and registry)."
+        ),
         "",
     ]
     if result.get("skipped"):
@@ -352,7 +403,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="N = 100, 1000 (default adds 5000)")
     ap.add_argument("--sizes", help="comma-separated numbers of sidecars, e.g. 10,100")
@@ -362,24 +415,31 @@ def main(argv: list[str] | None = None) -> int:
         return serve()
 
     try:
-        import diktyo.control.server  # noqa: F401
+        import diktyo.control.server
         import diktyo.control.translate  # noqa: F401
     except ImportError as exc:
-        print(f"controlplane: skipped: the control plane is not importable here ({exc})", file=sys.stderr)
+        print(
+            f"controlplane: skipped: the control plane is not importable here ({exc})",
+            file=sys.stderr,
+        )
         return 0
-    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([100, 1000] if args.quick else [100, 1000, 5000])
+    sizes = (
+        [int(x) for x in args.sizes.split(",")]
+        if args.sizes
+        else ([100, 1000] if args.quick else [100, 1000, 5000])
+    )
     mode = "quick" if args.quick else "custom" if args.sizes else "full"
     if os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
         os.sched_setaffinity(0, {1})
     import uvloop
 
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     runs = []
     for n in sizes:
         proc, host, port = start_server()
         try:
             res = uvloop.run(bench_one(n, proc.pid, host, port))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - recorded in the results
             res = {"sidecars": n, "error": f"{type(exc).__name__}: {exc}"}
         finally:
             proc.terminate()
@@ -389,8 +449,13 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
         runs.append(res)
         print(f"controlplane: N={n}: " + json.dumps(res), file=sys.stderr)
-    result = {"mode": mode, "date": started.isoformat(timespec="seconds"), "runs": runs,
-              "python": sys.version.split()[0], "loadavg": open("/proc/loadavg").read().split()[:3]}
+    result = {
+        "mode": mode,
+        "date": started.isoformat(timespec="seconds"),
+        "runs": runs,
+        "python": sys.version.split()[0],
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{started.strftime('%Y-%m-%d-%H%M')}-controlplane-{mode}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))

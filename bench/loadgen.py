@@ -20,9 +20,19 @@ class LoadError(RuntimeError):
 
 
 def wrk(port: int, path: str, connections: int, seconds: float) -> dict[str, Any]:
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
-            "-s", str(LUA), f"http://127.0.0.1:{port}{path}"]
-    out = subprocess.run(pinned(LOAD_CORE, argv), capture_output=True, text=True, timeout=seconds + 60)
+    argv = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "-s",
+        str(LUA),
+        f"http://127.0.0.1:{port}{path}",
+    ]
+    out = subprocess.run(
+        pinned(LOAD_CORE, argv), capture_output=True, text=True, check=False, timeout=seconds + 60
+    )
     for line in out.stdout.splitlines():
         if line.startswith("WRKJSON "):
             res: dict[str, Any] = json.loads(line[8:])
@@ -31,7 +41,9 @@ def wrk(port: int, path: str, connections: int, seconds: float) -> dict[str, Any
             res["seconds"] = dur
             res["error_count"] = sum(res["errors"].values())
             return res
-    raise LoadError(f"wrk gave no result (exit {out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")
+    raise LoadError(
+        f"wrk gave no result (exit {out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}"
+    )
 
 
 def build_pacer(build_dir: Path) -> Path | None:
@@ -48,9 +60,17 @@ def build_pacer(build_dir: Path) -> Path | None:
     return exe
 
 
-def pacer(exe: Path, port: int, path: str, rate: int, seconds: float, connections: int) -> dict[str, Any]:
+def pacer(
+    exe: Path, port: int, path: str, rate: int, seconds: float, connections: int
+) -> dict[str, Any]:
     argv = [str(exe), "127.0.0.1", str(port), path, str(rate), str(seconds), str(connections)]
-    out = subprocess.run(pinned(LOAD_CORE, argv), capture_output=True, text=True, timeout=seconds * 3 + 30)
+    out = subprocess.run(
+        pinned(LOAD_CORE, argv),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=seconds * 3 + 30,
+    )
     if out.returncode != 0:
         raise LoadError(f"pacer failed (exit {out.returncode}): {out.stderr.strip()[-500:]}")
     res: dict[str, Any] = json.loads(out.stdout)

@@ -176,12 +176,20 @@ class StartError(RuntimeError):
     """A process did not become ready; the message says which and shows its log."""
 
 
-def start(name: str, argv: list[str], port: int, log: Path, core: int, timeout: float = 10.0,
-          ready_path: str = "/") -> Proc:
+def start(
+    name: str,
+    argv: list[str],
+    port: int,
+    log: Path,
+    core: int,
+    timeout: float = 10.0,
+    ready_path: str = "/",
+) -> Proc:
     """Start ``argv`` pinned to ``core`` and wait until ``GET ready_path`` answers on ``port``."""
-    f = open(log, "wb")
-    popen = subprocess.Popen(pinned(core, argv), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    f.close()
+    with open(log, "wb") as f:
+        popen = subprocess.Popen(
+            pinned(core, argv), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     proc = Proc(name, popen, port, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -191,15 +199,18 @@ def start(name: str, argv: list[str], port: int, log: Path, core: int, timeout: 
             return proc
         time.sleep(0.05)
     proc.stop()
-    raise StartError(f"{name} did not answer 200 on 127.0.0.1:{port}{ready_path} within {timeout}s:\n{proc.tail()}")
+    raise StartError(
+        f"{name} did not answer 200 on 127.0.0.1:{port}{ready_path} within {timeout}s:\n{proc.tail()}"
+    )
 
 
 def start_sidecar(name: str, argv: list[str], log: Path, core: int, timeout: float = 20.0) -> Proc:
     """Start a diktyo sidecar and wait for its JSON ready line on stdout:
     ``{"event":"ready","admin":P,"listeners":{"name":port}}``. Stderr goes to ``log``."""
-    errf = open(log, "wb")
-    popen = subprocess.Popen(pinned(core, argv), stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL)
-    errf.close()
+    with open(log, "wb") as errf:
+        popen = subprocess.Popen(
+            pinned(core, argv), stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL
+        )
     assert popen.stdout is not None
     proc = Proc(name, popen, 0, log)
     deadline = time.monotonic() + timeout

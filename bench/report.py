@@ -21,9 +21,11 @@ def one_line(res: dict[str, Any]) -> str:
         return "ERROR " + res["error"][:200]
     lat = res["latency_us"]
     cpu = res.get("cpu_us_per_req")
-    return (f"{res['rps']:9.0f} rps  cpu {cpu if cpu is None else round(cpu, 1)!s:>6} us/req "
-            f"(proxy {res['proxy_cpu_util']:.0%})  p50 {lat['p50']:.0f} p99 {lat['p99']:.0f} "
-            f"p99.9 {lat['p999']:.0f} us  errors {res['error_count']}")
+    return (
+        f"{res['rps']:9.0f} rps  cpu {cpu if cpu is None else round(cpu, 1)!s:>6} us/req "
+        f"(proxy {res['proxy_cpu_util']:.0%})  p50 {lat['p50']:.0f} p99 {lat['p99']:.0f} "
+        f"p99.9 {lat['p999']:.0f} us  errors {res['error_count']}"
+    )
 
 
 def _spread(values: list[float]) -> dict[str, float] | None:
@@ -52,19 +54,29 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     for t, per in runs.items():
         out["targets"][t] = {}
         for s, rs in per.items():
-            m = {k: _spread([_metric(r, k) for r in rs]) for k in
-                 ("rps", "cpu_us_per_req", "proxy_cpu_util", "error_count", *PCTS)}
+            m = {
+                k: _spread([_metric(r, k) for r in rs])
+                for k in ("rps", "cpu_us_per_req", "proxy_cpu_util", "error_count", *PCTS)
+            }
             # added latency vs direct, paired by repetition
             direct = _by_rep(runs.get("direct", {}).get(s, []))
             for p in ("p50", "p99"):
-                m[f"added_{p}"] = _spread([
-                    r["latency_us"][p] - direct[r["rep"]]["latency_us"][p]
-                    for r in rs if "error" not in r and r["rep"] in direct
-                ]) if t != "direct" else None
+                m[f"added_{p}"] = (
+                    _spread(
+                        [
+                            r["latency_us"][p] - direct[r["rep"]]["latency_us"][p]
+                            for r in rs
+                            if "error" not in r and r["rep"] in direct
+                        ]
+                    )
+                    if t != "direct"
+                    else None
+                )
             out["targets"][t][s] = m
         mem = result["memory"].get(t, {})
-        out["targets"][t]["memory"] = {k: _spread([v / 1024 for v in mem.get(k, [])]) for k in
-                                       ("idle_rss_kib", "peak_rss_kib")}
+        out["targets"][t]["memory"] = {
+            k: _spread([v / 1024 for v in mem.get(k, [])]) for k in ("idle_rss_kib", "peak_rss_kib")
+        }
 
     def ratio(a: str, b: str, s: str, key: str, added: bool = False) -> dict[str, float] | None:
         ra, rb = _by_rep(runs.get(a, {}).get(s, [])), _by_rep(runs.get(b, {}).get(s, []))
@@ -76,7 +88,11 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
                 if rep not in direct:
                     continue
                 d = _metric(direct[rep], key)
-                x, y = (x - d, y - d) if x is not None and y is not None and d is not None else (None, None)
+                x, y = (
+                    (x - d, y - d)
+                    if x is not None and y is not None and d is not None
+                    else (None, None)
+                )
             if x is not None and y:
                 vals.append(x / y)
         return _spread(vals)
@@ -100,7 +116,9 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         v = out["targets"].get(t, {}).get(s, {}).get(k)
         return None if v is None else v["median"]
 
-    def goal(value: float | None, limit: float, higher_is_better: bool, unit: str) -> dict[str, Any]:
+    def goal(
+        value: float | None, limit: float, higher_is_better: bool, unit: str
+    ) -> dict[str, Any]:
         if value is None:
             return {"value": None, "limit": limit, "met": None, "note": "not measured"}
         met = value >= limit if higher_is_better else value <= limit
@@ -113,11 +131,16 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         return {"value": value, "limit": limit, "met": met, "note": note}
 
     r = out["ratios"].get("diktyo/haproxy", {}).get("sat-c50-small", {}) or {}
-    out["goals"]["sat_rps_vs_haproxy"] = goal(r["rps"]["median"] if r.get("rps") else None, 0.5, True, "x")
-    out["goals"]["cpu_at_1000"] = goal(med("diktyo", "rate-1000", "cpu_us_per_req"), 100.0, False, " us")
+    out["goals"]["sat_rps_vs_haproxy"] = goal(
+        r["rps"]["median"] if r.get("rps") else None, 0.5, True, "x"
+    )
+    out["goals"]["cpu_at_1000"] = goal(
+        med("diktyo", "rate-1000", "cpu_us_per_req"), 100.0, False, " us"
+    )
     m = out["ratios"].get("mesh-diktyo/mesh-haproxy", {}).get("rate-1000", {}) or {}
-    out["goals"]["mesh_added_p99"] = goal(m["added_p99"]["median"] if m.get("added_p99") else None,
-                                          1.5, False, "x")
+    out["goals"]["mesh_added_p99"] = goal(
+        m["added_p99"]["median"] if m.get("added_p99") else None, 1.5, False, "x"
+    )
     mem = out["targets"].get("diktyo", {}).get("memory", {}).get("idle_rss_kib")
     out["goals"]["idle_rss"] = goal(mem["median"] if mem else None, 40.0, False, " MiB")
     return out
@@ -138,16 +161,20 @@ def markdown(result: dict[str, Any], chart_name: str | None) -> str:
     lines = [
         f"# diktyo benchmark, {result['mode']} run, {result['date']}",
         "",
-        f"{result['reps']} repetition(s) x {result['seconds']:g} s per scenario and target, targets interleaved "
-        f"(order rotated per repetition), every proxy restarted per repetition. Medians, (min-max) when "
-        f"more than one repetition. Proxies pinned to core {result['cores']['proxy']}; the upstream nginx "
-        f"and the load generator share core {result['cores']['upstream_and_load']}.",
+        (
+            f"{result['reps']} repetition(s) x {result['seconds']:g} s per scenario and target, targets interleaved "
+            f"(order rotated per repetition), every proxy restarted per repetition. Medians, (min-max) when "
+            f"more than one repetition. Proxies pinned to core {result['cores']['proxy']}; the upstream nginx "
+            f"and the load generator share core {result['cores']['upstream_and_load']}."
+        ),
         "",
-        f"Machine: {mi['cpu']}, {mi['cores']} cores, Linux {mi['kernel']}; load average "
-        f"{' '.join(mi['loadavg_start'])} at start, {' '.join(mi.get('loadavg_end', []))} at end "
-        f"(the machine is shared: compare within a run). Python {mi['python']}, uvloop {mi['uvloop']}, "
-        f"httptools {mi['httptools']}, diktyo {mi['diktyo']} ({mi['diktyo_commit']}); {mi['nginx']}; "
-        f"{mi['haproxy']}; {mi['wrk']}.",
+        (
+            f"Machine: {mi['cpu']}, {mi['cores']} cores, Linux {mi['kernel']}; load average "
+            f"{' '.join(mi['loadavg_start'])} at start, {' '.join(mi.get('loadavg_end', []))} at end "
+            f"(the machine is shared: compare within a run). Python {mi['python']}, uvloop {mi['uvloop']}, "
+            f"httptools {mi['httptools']}, diktyo {mi['diktyo']} ({mi['diktyo_commit']}); {mi['nginx']}; "
+            f"{mi['haproxy']}; {mi['wrk']}."
+        ),
         "",
     ]
     for n in result["notes"]:
@@ -167,10 +194,12 @@ def markdown(result: dict[str, Any], chart_name: str | None) -> str:
     lines += [
         "## Figures",
         "",
-        "rps: requests per second; CPU: the proxy processes' utime+stime per request (both hops for "
-        "mesh paths); util: proxy CPU / wall time (near 100 % = the proxy is the bottleneck); "
-        "latency in microseconds (saturation rows: wrk's closed-loop latency, not a latency figure; "
-        "rate rows: paced open loop); added = minus direct's, same repetition.",
+        (
+            "rps: requests per second; CPU: the proxy processes' utime+stime per request (both hops for "
+            "mesh paths); util: proxy CPU / wall time (near 100 % = the proxy is the bottleneck); "
+            "latency in microseconds (saturation rows: wrk's closed-loop latency, not a latency figure; "
+            "rate rows: paced open loop); added = minus direct's, same repetition."
+        ),
         "",
         "| scenario | target | rps | CPU us/req | util | p50 | p90 | p99 | p99.9 | added p50 | added p99 | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -186,44 +215,64 @@ def markdown(result: dict[str, Any], chart_name: str | None) -> str:
             lines.append(
                 f"| {sc} | {t} | {_fmt(m['rps'])} | {_fmt(m['cpu_us_per_req'], 1)} | "
                 f"{util_s} | "
-                + " | ".join(_fmt(m[p], 0, p == 'p99') for p in PCTS)
+                + " | ".join(_fmt(m[p], 0, p == "p99") for p in PCTS)
                 + f" | {_fmt(m['added_p50'], 0, False)} | {_fmt(m['added_p99'], 0)} | "
                 f"{_fmt(m['error_count'], 0, False)} |"
             )
     lines.append("")
 
-    lines += ["## Memory (MiB, whole process tree)", "", "| target | idle RSS | peak RSS (VmHWM) |", "|---|---|---|"]
+    lines += [
+        "## Memory (MiB, whole process tree)",
+        "",
+        "| target | idle RSS | peak RSS (VmHWM) |",
+        "|---|---|---|",
+    ]
     for t in result["targets"]:
         mem = s["targets"][t]["memory"]
         lines.append(f"| {t} | {_fmt(mem['idle_rss_kib'], 1)} | {_fmt(mem['peak_rss_kib'], 1)} |")
     lines.append("")
 
     if s["ratios"]:
-        lines += ["## Ratios, paired by repetition", "",
-                  "| pair | scenario | rps | CPU/req | p99 | added p99 |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Ratios, paired by repetition",
+            "",
+            "| pair | scenario | rps | CPU/req | p99 | added p99 |",
+            "|---|---|---|---|---|---|",
+        ]
         for pair, per in s["ratios"].items():
             for sc, r in per.items():
-                lines.append(f"| {pair} | {sc} | " + " | ".join(_fmt(r[k], 2) for k in
-                                                               ("rps", "cpu_us_per_req", "p99", "added_p99")) + " |")
+                lines.append(
+                    f"| {pair} | {sc} | "
+                    + " | ".join(
+                        _fmt(r[k], 2) for k in ("rps", "cpu_us_per_req", "p99", "added_p99")
+                    )
+                    + " |"
+                )
         lines.append("")
 
     lines += [
         "## Method",
         "",
         "- Upstream: nginx, 1 worker, `return 200` (3-byte body on `/`, 1 KiB on `/1k`), keep-alive.",
-        "- nginx proxy: 1 worker, `proxy_http_version 1.1`, upstream `keepalive 128`. HAProxy: `nbthread 1`, "
-        "`http-reuse always`. diktyo: `diktyo sidecar --snapshot` with a per-upstream outbound listener "
-        "(`default_host`), a 4-rule VirtualService (header, regex, prefix, method matches; the benchmark's "
-        "requests fall through to the last, weighted 99/1 v1/v2 rule), a DestinationRule with subsets, "
-        "LEAST_REQUEST, outlier detection; telemetry on. Mesh: client sidecar -> server sidecar's inbound "
-        "listener -> upstream, plaintext (no mTLS), against HAProxy -> HAProxy -> upstream.",
+        (
+            "- nginx proxy: 1 worker, `proxy_http_version 1.1`, upstream `keepalive 128`. HAProxy: `nbthread 1`, "
+            "`http-reuse always`. diktyo: `diktyo sidecar --snapshot` with a per-upstream outbound listener "
+            "(`default_host`), a 4-rule VirtualService (header, regex, prefix, method matches; the benchmark's "
+            "requests fall through to the last, weighted 99/1 v1/v2 rule), a DestinationRule with subsets, "
+            "LEAST_REQUEST, outlier detection; telemetry on. Mesh: client sidecar -> server sidecar's inbound "
+            "listener -> upstream, plaintext (no mTLS), against HAProxy -> HAProxy -> upstream."
+        ),
         "- Saturation: `wrk -t1 -cN --latency` with a Lua `done()` that prints percentiles.",
-        "- Fixed rates: `bench/pacer.c` (open loop, requests scheduled at t0 + i/rate; latency counted from the "
-        "scheduled time when the connection was still busy, i.e. corrected for coordinated omission). "
-        "1,000 rps on 1 connection; 5,000 rps on 5 connections. Debian 12 has no wrk2, vegeta or fortio, "
-        "and hey rounds latencies to 0.1 ms.",
-        "- CPU per request: utime+stime of the proxy processes from /proc/PID/stat before and after "
-        "(10 ms ticks), divided by the requests completed.",
+        (
+            "- Fixed rates: `bench/pacer.c` (open loop, requests scheduled at t0 + i/rate; latency counted from the "
+            "scheduled time when the connection was still busy, i.e. corrected for coordinated omission). "
+            "1,000 rps on 1 connection; 5,000 rps on 5 connections. Debian 12 has no wrk2, vegeta or fortio, "
+            "and hey rounds latencies to 0.1 ms."
+        ),
+        (
+            "- CPU per request: utime+stime of the proxy processes from /proc/PID/stat before and after "
+            "(10 ms ticks), divided by the requests completed."
+        ),
     ]
     if chart_name:
         lines += ["", f"![latency percentiles at fixed rates]({chart_name})"]

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,10 +30,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import loadgen  # noqa: E402
-import procs  # noqa: E402
-import report  # noqa: E402
-import targets as tg  # noqa: E402
+import loadgen
+import procs
+import report
+import targets as tg
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,7 +60,7 @@ def check_tools() -> list[str]:
 
 def _cmd(argv: list[str]) -> str:
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10)
         return (out.stdout + out.stderr).strip().splitlines()[0]
     except (OSError, IndexError, subprocess.TimeoutExpired):
         return "?"
@@ -73,12 +72,12 @@ def machine_info() -> dict[str, Any]:
             from importlib.metadata import version
 
             return version(name)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure: version unknown
             return "?"
 
     cpu = "?"
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -97,15 +96,26 @@ def machine_info() -> dict[str, Any]:
         "haproxy": _cmd(["haproxy", "-v"]),
         "wrk": _cmd(["wrk", "-v"]),
         "gcc": _cmd(["gcc", "--version"]),
-        "loadavg_start": open("/proc/loadavg").read().split()[:3],
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
     }
 
 
-def measure(sc: dict[str, Any], port: int, run: tg.Running, upstream: procs.Proc, seconds: float,
-            pacer: Path | None) -> dict[str, Any]:
+def measure(
+    sc: dict[str, Any],
+    port: int,
+    run: tg.Running,
+    upstream: procs.Proc,
+    seconds: float,
+    pacer: Path | None,
+) -> dict[str, Any]:
     ps = [pid for p in run.procs for pid in p.pids()]
     ns0 = procs.sched_ns(ps)
-    cpu0, up0, cores0, t0 = procs.cpu_seconds(ps), upstream.cpu(), procs.core_busy(), time.monotonic()
+    cpu0, up0, cores0, t0 = (
+        procs.cpu_seconds(ps),
+        upstream.cpu(),
+        procs.core_busy(),
+        time.monotonic(),
+    )
     if sc["kind"] == "wrk":
         res = loadgen.wrk(port, sc["path"], sc["connections"], seconds)
     else:
@@ -131,29 +141,42 @@ def measure(sc: dict[str, Any], port: int, run: tg.Running, upstream: procs.Proc
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="1 repetition x 3 s per scenario")
-    mode.add_argument("--smoke", action="store_true",
-                      help="1 s per scenario, direct + nginx, low paced rates: checks the harness works")
+    mode.add_argument(
+        "--smoke",
+        action="store_true",
+        help="1 s per scenario, direct + nginx, low paced rates: checks the harness works",
+    )
     ap.add_argument("--targets", help=f"comma-separated subset of {','.join(tg.ALL_TARGETS)}")
     ap.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--reps", type=int, help="repetitions (default: full 3, quick 1)")
-    ap.add_argument("--seconds", type=float, help="seconds per measurement (default: full 10, quick 3)")
+    ap.add_argument(
+        "--seconds", type=float, help="seconds per measurement (default: full 10, quick 3)"
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
     ap.add_argument("--no-latest", action="store_true", help="do not overwrite <out>/latest.md")
     args = ap.parse_args(argv)
 
     missing = check_tools()
     if missing:
-        print(f"bench: missing tools: {', '.join(missing)}. Install them with:\n  {APT_HINT}", file=sys.stderr)
+        print(
+            f"bench: missing tools: {', '.join(missing)}. Install them with:\n  {APT_HINT}",
+            file=sys.stderr,
+        )
         return 2
 
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     reps = args.reps or (3 if mode_name == "full" else 1)
     seconds = args.seconds or {"full": 10.0, "quick": 3.0, "smoke": 1.0}[mode_name]
-    wanted = args.targets.split(",") if args.targets else (
-        ["direct", "nginx"] if args.smoke else list(tg.ALL_TARGETS))
+    wanted = (
+        args.targets.split(",")
+        if args.targets
+        else (["direct", "nginx"] if args.smoke else list(tg.ALL_TARGETS))
+    )
     for t in wanted:
         if t not in tg.ALL_TARGETS:
             ap.error(f"unknown target {t!r}; choose from {', '.join(tg.ALL_TARGETS)}")
@@ -179,17 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="diktyo-bench-"))
     pacer = loadgen.build_pacer(tmp / "build")
     if pacer is None:
-        notes.append("paced scenarios skipped: no C compiler to build bench/pacer.c (apt-get install gcc)")
+        notes.append(
+            "paced scenarios skipped: no C compiler to build bench/pacer.c (apt-get install gcc)"
+        )
         scenarios = {k: v for k, v in scenarios.items() if v["kind"] != "paced"}
 
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     info = machine_info()
-    print(f"bench: {mode_name}: {reps} x {seconds:g} s, targets {', '.join(wanted)}; "
-          f"proxies on core {procs.PROXY_CORE}, upstream + load generator on core {procs.LOAD_CORE}",
-          file=sys.stderr)
+    print(
+        f"bench: {mode_name}: {reps} x {seconds:g} s, targets {', '.join(wanted)}; "
+        f"proxies on core {procs.PROXY_CORE}, upstream + load generator on core {procs.LOAD_CORE}",
+        file=sys.stderr,
+    )
     upstream = tg.start_upstream(tmp, procs.LOAD_CORE)
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {t: {s: [] for s in scenarios} for t in wanted}
-    memory: dict[str, dict[str, list[int]]] = {t: {"idle_rss_kib": [], "peak_rss_kib": []} for t in wanted}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        t: {s: [] for s in scenarios} for t in wanted
+    }
+    memory: dict[str, dict[str, list[int]]] = {
+        t: {"idle_rss_kib": [], "peak_rss_kib": []} for t in wanted
+    }
     failures: dict[str, str] = {}
     try:
         for rep in range(reps):
@@ -199,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 try:
                     running[t] = tg.start_target(t, tmp, upstream.port)
-                except Exception as exc:  # a target that cannot start is reported, not fatal
+                except Exception as exc:  # noqa: BLE001 - a target that cannot start is reported
                     failures[t] = f"{type(exc).__name__}: {exc}"
                     print(f"bench: {t} failed to start: {exc}", file=sys.stderr)
             time.sleep(0.5)
@@ -218,18 +249,22 @@ def main(argv: list[str] | None = None) -> int:
                     r = running[t]
                     try:
                         res = measure(sc, r.port, r, upstream, seconds, pacer)
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - recorded in the results
                         res = {"error": f"{type(exc).__name__}: {exc}"}
                     res["rep"] = rep
                     runs[t][sname].append(res)
-                    print(f"bench: rep {rep + 1}/{reps} {sname:14s} {t:13s} " + report.one_line(res), file=sys.stderr)
+                    print(
+                        f"bench: rep {rep + 1}/{reps} {sname:14s} {t:13s} " + report.one_line(res),
+                        file=sys.stderr,
+                    )
             for t, r in running.items():
                 memory[t]["peak_rss_kib"].append(sum(p.hwm_kib() for p in r.procs))
                 r.stop()
     finally:
         upstream.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    info["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    info["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     result = {
         "mode": mode_name,
         "date": started.isoformat(timespec="seconds"),
@@ -255,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "latest.md").write_text(md)
     print(md)
     print(f"bench: wrote {args.out / stem}.json and .md", file=sys.stderr)
-    shutil.rmtree(tmp, ignore_errors=True)
     return 1 if failures and len(failures) == len(wanted) else 0
 
 

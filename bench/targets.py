@@ -43,7 +43,13 @@ def diktyo_argv() -> list[str]:
 def diktyo_sidecar_available() -> tuple[bool, str]:
     """Whether ``diktyo sidecar`` exists in this checkout (it is being written)."""
     try:
-        out = subprocess.run([*diktyo_argv(), "sidecar", "--help"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [*diktyo_argv(), "sidecar", "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"cannot run diktyo: {exc}"
     if out.returncode != 0 or "--snapshot" not in out.stdout:
@@ -88,7 +94,9 @@ def start_target(name: str, tmp: Path, upstream_port: int) -> Running:
         return Running(name, upstream_port)
     if name == "nginx":
         port = free_port()
-        p = _nginx(tmp, "nginx", configs.nginx_proxy_conf(tmp, port, upstream_port), port, PROXY_CORE)
+        p = _nginx(
+            tmp, "nginx", configs.nginx_proxy_conf(tmp, port, upstream_port), port, PROXY_CORE
+        )
         return Running(name, port, [p])
     if name == "haproxy":
         port = free_port()
@@ -110,7 +118,9 @@ def start_target(name: str, tmp: Path, upstream_port: int) -> Running:
     if name == "mesh-diktyo":
         server = _sidecar(tmp, "diktyo-server", configs.server_sidecar_snapshot(0, upstream_port))
         try:
-            snap = configs.client_sidecar_snapshot(0, [("127.0.0.1", server.port)], via_sidecar=True)
+            snap = configs.client_sidecar_snapshot(
+                0, [("127.0.0.1", server.port)], via_sidecar=True
+            )
             client = _sidecar(tmp, "diktyo-client", snap)
         except Exception:
             server.stop()
