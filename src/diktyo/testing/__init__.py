@@ -1,10 +1,11 @@
 """diktyo.testing: public fakes and helpers (fake upstreams, sidecar runners, snapshot builders)."""
 
+from diktyo.testing.client import ClientResponse, HttpClient, http_request
 from diktyo.testing.fake_upstream import FakeUpstream, RecordedRequest, Response
 from diktyo.testing.sidecar import SidecarHandle, start_sidecar, start_sidecar_process
 from diktyo.testing.snapshots import cluster_name, http_snapshot
 
 __all__ = [
-    "FakeUpstream", "RecordedRequest", "Response", "SidecarHandle", "cluster_name",
+    "ClientResponse", "FakeUpstream", "HttpClient", "http_request", "RecordedRequest", "Response", "SidecarHandle", "cluster_name",
     "http_snapshot", "start_sidecar", "start_sidecar_process",
 ]

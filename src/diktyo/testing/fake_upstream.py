@@ -117,7 +117,7 @@ class _Conn(asyncio.Protocol):
         body = resp.body
         if resp.chunked:
             hdrs.setdefault("transfer-encoding", "chunked")
-        elif not (req.method == "HEAD" or resp.status in (204, 304)):
+        elif resp.status not in (204, 304):
             hdrs.setdefault("content-length", str(len(body)))
         if resp.close_after:
             hdrs["connection"] = "close"

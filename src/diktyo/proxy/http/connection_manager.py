@@ -233,7 +233,7 @@ class Stream:
         "req_bytes", "resp_bytes", "resp_started", "resp_done", "status", "flags", "timer",
         "try_timer", "retry_timer", "chunked_out", "close_out", "lbctx", "race_retried", "done",
         "out_headers", "path_out", "sent_all", "upbuf", "pending", "host_active", "in_retry",
-        "reset", "mirrors", "discard", "authority",
+        "reset", "mirrors", "discard", "authority", "obuf",
     )
 
     def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
@@ -281,6 +281,7 @@ class Stream:
         self.mirrors: list[Any] | None = None
         self.discard = False
         self.authority = head.authority
+        self.obuf: list[bytes] = []  # response bytes not yet written downstream
 
     def add_flag(self, flag: str) -> None:
         if self.flags is None:
@@ -616,7 +617,7 @@ class Stream:
         if self.close_out or self.conn.close_after:
             self.close_out = True
             extra += _CLOSE_HDR
-        self.conn.transport.write(encode_response_head(status, out, extra))  # type: ignore[union-attr]
+        self.obuf.append(encode_response_head(status, out, extra))
 
     def retry_status(self, status: int) -> bool:
         if not self.replayable or self.done:
@@ -675,17 +676,28 @@ class Stream:
         if not self.resp_started:
             return
         self.resp_bytes += len(chunk)
-        t = self.conn.transport
         if self.chunked_out:
-            t.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))  # type: ignore[union-attr]
+            self.obuf.append(b"%x\r\n" % len(chunk))
+            self.obuf.append(chunk)
+            self.obuf.append(b"\r\n")
         else:
-            t.write(chunk)  # type: ignore[union-attr]
+            self.obuf.append(chunk)
+
+    def flush_downstream(self) -> None:
+        """Write what the last upstream read produced in one write."""
+        buf = self.obuf
+        if buf:
+            self.obuf = []
+            t = self.conn.transport
+            if t is not None and not self.conn.closed:
+                t.write(b"".join(buf) if len(buf) > 1 else buf[0])
 
     def on_response_end(self) -> None:
         if not self.resp_started:
             return
         if self.chunked_out:
-            self.conn.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
+            self.obuf.append(LAST_CHUNK)
+        self.flush_downstream()
         self.resp_done = True
         status = self.status
         self.end_attempt(status, status == 502 or status == 503 or status == 504)

@@ -77,13 +77,15 @@ class UpstreamConnection(asyncio.Protocol):
         if self.stream is None:
             self.close()  # bytes while idle: protocol violation
             return
+        stream = self.stream
         try:
             self.decoder.feed(data)
         except CodecError as exc:
-            stream = self.stream
             self.close()
-            if stream is not None:
-                stream.on_upstream_lost(self, f"protocol error: {exc.message}", False)
+            stream.on_upstream_lost(self, f"protocol error: {exc.message}", False)
+            return
+        if stream.obuf:
+            stream.flush_downstream()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows

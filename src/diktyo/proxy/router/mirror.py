@@ -19,7 +19,7 @@ class MirrorStream:
     """One shadow request (same pool callbacks as a Stream, results ignored)."""
 
     __slots__ = ("main", "cstate", "pool", "host", "headers", "chunks", "size", "ended",
-                 "uconn", "pending", "cancelled", "chunked", "method", "path", "length")
+                 "uconn", "pending", "cancelled", "chunked", "method", "path", "length", "obuf")
 
     def __init__(self, main: Any, cstate: Any, pool: Any, headers: dict[str, str]) -> None:
         self.main = main
@@ -33,6 +33,7 @@ class MirrorStream:
         self.uconn: Any = None
         self.pending = False
         self.cancelled = False
+        self.obuf: list[bytes] = []
         head = main.head
         self.chunked = head.chunked
         self.length = head.content_length
