@@ -1,0 +1,174 @@
+"""Whole local mesh through the CLI with the real sidecar: up, traffic, apply, proxy-status, down."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from diktyo.platform.state import pid_alive
+
+APPS = Path(__file__).parent / "apps"
+
+MESH = f"""
+name: tiny
+services:
+  - name: hello
+    ports: [{{name: http, port: 9080}}]
+  - name: front
+    ports: [{{name: http, port: 9080}}]
+workloads:
+  - name: hello-v1
+    labels: {{app: hello, version: v1}}
+    command: ["{{python}}", "{APPS / "tiny_app.py"}"]
+  - name: hello-v2
+    labels: {{app: hello, version: v2}}
+    command: ["{{python}}", "{APPS / "tiny_app.py"}"]
+  - name: front-v1
+    labels: {{app: front, version: v1}}
+    command: ["{{python}}", "{APPS / "tiny_app.py"}"]
+"""
+
+ROUTE_V2 = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: hello}
+spec:
+  host: hello
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hello}
+spec:
+  hosts: [hello]
+  http:
+  - route:
+    - destination: {host: hello, subset: v2}
+"""
+
+
+def diktyo(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "diktyo.cli.main", *args],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def child_pids(state: dict) -> list[int]:
+    return [w[k] for w in state["workloads"] for k in ("sidecar_pid", "app_pid") if w.get(k)]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "mesh.yaml").write_text(MESH)
+    return {**os.environ, "DIKTYO_HOME": str(tmp_path / "home"), "NO_PROXY": "*"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_up_detach_traffic_apply_down(tmp_path: Path, env: dict[str, str]) -> None:
+    up = diktyo("up", "-f", str(tmp_path / "mesh.yaml"), "--detach", "--timeout", "45", env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        st = diktyo("status", "-o", "json", env=env)
+        state = json.loads(st.stdout)
+        assert state["running"] and state["state"] == "ready"
+        front = next(w for w in state["workloads"] if w["name"] == "front-v1-1")
+        front_url = f"http://127.0.0.1:{front['app_ports']['9080']}"
+        versions = set()
+        for _ in range(10):
+            code, body = get(front_url + "/call/hello:9080/")
+            assert code == 200, body
+            versions.add(json.loads(body)["version"])
+        assert versions == {"v1", "v2"}
+
+        (tmp_path / "v2.yaml").write_text(ROUTE_V2)
+        applied = diktyo("apply", "-f", str(tmp_path / "v2.yaml"), env=env)
+        assert applied.returncode == 0, applied.stderr
+        assert "virtualservice/hello (default) applied" in applied.stdout
+        deadline = time.monotonic() + 10
+        while diktyo("proxy-status", env=env).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ps = diktyo("proxy-status", env=env)
+        assert ps.returncode == 0 and ps.stdout.count("SYNCED") == 3, ps.stdout
+        for _ in range(10):
+            code, body = get(front_url + "/call/hello:9080/")
+            assert code == 200 and json.loads(body)["version"] == "v2", body
+
+        bad = diktyo("apply", "-f", str(tmp_path / "mesh.yaml"), env=env)  # not Istio YAML
+        assert bad.returncode == 1 and "rejected" in bad.stderr
+        code, body = get(front_url + "/call/hello:9080/")
+        assert code == 200 and json.loads(body)["version"] == "v2"
+
+        routes = diktyo("proxy-config", "front-v1-1", "routes", env=env)
+        assert "outbound|9080|v2|hello.default.svc.cluster.local" in routes.stdout
+    finally:
+        state = json.loads(diktyo("status", "-o", "json", env=env).stdout)
+        down = diktyo("down", env=env)
+    assert down.returncode == 0, down.stderr
+    pids = child_pids(state) + [state["pid"]]
+    assert len(pids) == 7
+    time.sleep(0.2)
+    assert [p for p in pids if pid_alive(p)] == []
+    assert json.loads(diktyo("status", "-o", "json", env=env).stdout) == {"running": False}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_ctrl_c_stops_everything_in_order(tmp_path: Path, env: dict[str, str]) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diktyo.cli.main", "up", "-f", str(tmp_path / "mesh.yaml")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    assert proc.stdout is not None
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "ready" in line and line.startswith("mesh "):
+                break
+        text = "".join(lines)
+        assert "starting 3 workloads (3 replicas)" in text, text
+        assert "(3/3)" in text
+        state = json.loads(diktyo("status", "-o", "json", env=env).stdout)
+        pids = child_pids(state)
+        assert len(pids) == 6
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "stopping: apps, then sidecars, then the control plane" in out
+    assert [p for p in pids if pid_alive(p)] == []
