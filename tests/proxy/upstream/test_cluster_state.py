@@ -73,6 +73,16 @@ def test_request_accounting() -> None:
     assert h.stats.rq_reset == 1 and h.stats.rq_error == 1
 
 
+def test_cancel_undoes_start_without_outlier_accounting() -> None:
+    cs = state(2, outlier=OutlierDetection(consecutive_5xx_errors=1, max_ejection_percent=100.0))
+    h = cs.hosts[0]
+    for _ in range(3):
+        cs.on_request_start(h)
+        cs.on_request_cancel(h)  # e.g. 503 UO: the request never reached the host
+    assert h.active_requests == 0 and cs.active_requests == 0
+    assert h.stats.rq_total == 0 and h.available(cs.clock.monotonic())
+
+
 def test_exclude_prefers_untried_hosts() -> None:
     cs = state(3, lb=LoadBalancer(simple="RANDOM"))
     first = cs.pick_host(LbContext())

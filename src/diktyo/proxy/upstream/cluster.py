@@ -51,6 +51,7 @@ class ClusterState:
     __slots__ = (
         "_avail",
         "_avail_until",
+        "_gen",
         "_host_ids",
         "breaker",
         "clock",
@@ -135,6 +136,7 @@ class ClusterState:
         self.panic = False
         self._avail: list[Host] = []
         self._avail_until = -_INF  # forces a refresh on first pick
+        self._gen = -1
 
     # ------------------------------------------------------------------ availability
     def invalidate(self) -> None:
@@ -150,6 +152,8 @@ class ClusterState:
                 until = min(until, eu)
             elif h.healthy:
                 avail.append(h)
+        od = self.outlier
+        self._gen = od.generation if od is not None else -1
         hosts = self.hosts
         mhp = self.min_health_percent
         panic = bool(hosts) and mhp > 0 and 100.0 * len(avail) / len(hosts) < mhp
@@ -162,7 +166,8 @@ class ClusterState:
     def available_hosts(self) -> list[Host]:
         """Hosts the load balancer may use now (all hosts while in panic)."""
         now = self.clock.monotonic()
-        if now >= self._avail_until:
+        od = self.outlier
+        if now >= self._avail_until or (od is not None and od.generation != self._gen):
             self._refresh(now)
         return self._avail
 
@@ -175,7 +180,8 @@ class ClusterState:
         (Envoy's ``previous_hosts`` predicate gives up after a few attempts the same way).
         """
         now = self.clock.monotonic()
-        if now >= self._avail_until:
+        od = self.outlier
+        if now >= self._avail_until or (od is not None and od.generation != self._gen):
             self._refresh(now)
         avail = self._avail
         if not avail:
@@ -197,6 +203,15 @@ class ClusterState:
     def on_request_start(self, host: Host) -> None:
         host.active_requests += 1
         self.retry_budget.active_requests += 1
+
+    def on_request_cancel(self, host: Host) -> None:
+        """Undo ``on_request_start`` for a request that never reached the host (e.g. a local
+        circuit-breaker overflow): no stats, no outlier accounting."""
+        if host.active_requests > 0:
+            host.active_requests -= 1
+        budget = self.retry_budget
+        if budget.active_requests > 0:
+            budget.active_requests -= 1
 
     def on_request_end(self, host: Host, status: int | None, gateway_error: bool) -> None:
         """``status`` None: reset / connect failure / timeout (counted as a gateway error)."""

@@ -59,6 +59,7 @@ class OutlierDetector:
         "cfg",
         "clock",
         "counters",
+        "generation",
         "interval",
         "max_ejection_percent",
         "max_ejection_time",
@@ -70,6 +71,9 @@ class OutlierDetector:
     def __init__(self, cfg: OutlierDetection, clock: Clock) -> None:
         self.clock = clock
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        # bumped on every ejection / un-ejection: states sharing this detector (old and new
+        # snapshots) rebuild their available-host lists when it changes
+        self.generation = 0
         self._start = clock.monotonic()
         self.interval = 0.0
         self.next_tick = 0.0
@@ -157,6 +161,7 @@ class OutlierDetector:
         host.ejected_at = now
         host.ejected_until = self._tick_at_or_after(now + duration)
         host.ejection_count += 1
+        self.generation += 1
         self.counters["ejections_total"] += 1
         self.counters["ejections_enforced_total"] += 1
         return True
@@ -187,6 +192,8 @@ class OutlierDetector:
                 and now - h.last_unejected_at + _EPS >= interval
             ):
                 h.eject_multiplier -= 1
+        if changed:
+            self.generation += 1
         return changed
 
     def ejected_count(self, hosts: list[Host]) -> int:
