@@ -37,3 +37,11 @@ def make_key_and_csr(spiffe_id: str) -> KeyAndCsr:
         serialization.NoEncryption(),
     ).decode()
     return KeyAndCsr(key_pem, csr.public_bytes(serialization.Encoding.PEM).decode())
+
+
+def sign_proof(key_pem: str, message: bytes) -> bytes:
+    """ECDSA-SHA256 signature of ``message`` with the current key (renewal proof)."""
+    key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TypeError("the workload key is not an EC key")
+    return key.sign(message, ec.ECDSA(hashes.SHA256()))

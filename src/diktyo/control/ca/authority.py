@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from diktyo.core.clock import SYSTEM_CLOCK, Clock
-from diktyo.security.certs import cert_pem, load_certs
+from diktyo.security.certs import cert_pem, load_certs, spiffe_id_of
 from diktyo.security.csr import make_key_and_csr
 from diktyo.security.spiffe import SpiffeId
 
@@ -324,6 +324,40 @@ class CertificateAuthority:
             not_before=not_before,
             not_after=not_after,
         )
+
+    def verify_current(self, cert_chain_pem: str, message: bytes, signature: bytes) -> str:
+        """The SPIFFE id of a still valid certificate from one of our trusted roots whose key
+        signed ``message`` (ECDSA-SHA256); ``CaError`` otherwise. Used to authorise renewals.
+        """
+        try:
+            leaf = load_certs(cert_chain_pem)[0]
+        except (ValueError, IndexError) as exc:
+            raise CaError(f"current certificate unreadable: {exc}") from None
+        self.trust_bundle_pem()  # drop roots past their overlap
+        for root in self._roots:
+            try:
+                leaf.verify_directly_issued_by(root.cert)
+                break
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+        else:
+            raise CaError("current certificate is not signed by a trusted root of this CA")
+        now = self.clock.time()
+        if not leaf.not_valid_before_utc.timestamp() <= now <= leaf.not_valid_after_utc.timestamp():
+            raise CaError("current certificate has expired: start again with a bootstrap token")
+        pub = leaf.public_key()
+        if not isinstance(pub, ec.EllipticCurvePublicKey):
+            raise CaError("current certificate has no EC key")
+        try:
+            pub.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise CaError(
+                "proof signature does not verify with the current certificate's key"
+            ) from None
+        sid = spiffe_id_of(leaf)
+        if sid is None:
+            raise CaError("current certificate has no SPIFFE id")
+        return sid
 
     def issue(self, spiffe_id: str, lifetime: float | None = None) -> tuple[str, IssuedCertificate]:
         """Key + certificate in one step (local mode, tests): returns ``(key_pem, issued)``."""

@@ -1,10 +1,20 @@
-"""``POST /v1/certificates`` as a pure function: token + CSR in, cert chain + trust bundle out."""
+"""``POST /v1/certificates`` as a pure function: token + CSR in, cert chain + trust bundle out.
+
+Two ways to prove who you are:
+
+- first issuance: ``{"csr", "token"}`` with a bootstrap token (``BootstrapTokens``);
+- renewal: ``{"csr", "cert_chain", "proof"}`` where ``cert_chain`` is the sidecar's current,
+  still valid certificate from this CA and ``proof`` is base64 of its key's ECDSA-SHA256
+  signature over the new CSR PEM (``diktyo.security.csr.sign_proof``). The bootstrap token
+  may have expired by then, as Istio's renewals use the current certificate too.
+"""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
-from diktyo.control.ca.authority import CaError, CertificateAuthority
+from diktyo.control.ca.authority import CaError, CertificateAuthority, IssuedCertificate
 from diktyo.control.ca.token import BootstrapTokens, TokenError
 from diktyo.security.spiffe import SpiffeError
 
@@ -28,6 +38,8 @@ class CaService:
         """
         if not isinstance(body, dict):
             return 400, {"error": 'request body must be a JSON object {"csr": PEM, "token": ...}'}
+        if "proof" in body or "cert_chain" in body:
+            return self._renew(body)
         token = body.get("token")
         if token is None and authorization and authorization.lower().startswith("bearer "):
             token = authorization[7:].strip()
@@ -47,6 +59,24 @@ class CaService:
         except (CaError, SpiffeError) as exc:
             status = 403 if "asks for" in str(exc) else 400
             return status, {"error": str(exc)}
+        return self._ok(issued)
+
+    def _renew(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        csr, chain, proof = body.get("csr"), body.get("cert_chain"), body.get("proof")
+        if not all(isinstance(x, str) and x for x in (csr, chain, proof)):
+            return 400, {"error": 'renewal needs "csr", "cert_chain" and "proof" (strings)'}
+        try:
+            identity = self.ca.verify_current(chain, csr.encode(), base64.b64decode(proof))  # type: ignore[union-attr]
+        except (CaError, ValueError) as exc:
+            return 401, {"error": f"renewal refused: {exc}"}
+        try:
+            issued = self.ca.sign_csr(csr, identity)  # type: ignore[arg-type]
+        except (CaError, SpiffeError) as exc:
+            status = 403 if "asks for" in str(exc) else 400
+            return status, {"error": str(exc)}
+        return self._ok(issued)
+
+    def _ok(self, issued: IssuedCertificate) -> tuple[int, dict[str, Any]]:
         self.issued += 1
         return 200, {
             "cert_chain": issued.cert_chain_pem,
