@@ -1,1 +1,16 @@
-"""diktyo.telemetry"""
+"""diktyo.telemetry: Istio's metrics, trace propagation, OTLP export, access logs, embedded store.
+
+Modules (import the one you need; nothing is re-exported so the sidecar loads only its part):
+
+- ``istio_metrics``  ``IstioMetrics`` (hot path ``record``), ``PeerLabels``, ``WorkloadInfo``
+- ``registry``       ``Registry``, ``proxy_registry()`` with Envoy-named cluster stats
+- ``exposition``     ``render(*collectors)``, ``CONTENT_TYPE`` for ``/stats/prometheus``
+- ``tracing``        ``extract``, ``start_span``, ``inject``, ``Sampler``, ``Span``
+- ``tracer``         ``Tracer``: Istio span names/attributes, export of sampled spans
+- ``otlp``           ``OtlpExporter``, ``encode_spans``, ``decode_spans``
+- ``access_log``     ``AccessRecord``, ``format_record`` (Istio text / JSON)
+- ``store``          ``MetricStore`` (edge ring), ``TraceStore`` (SQLite)
+- ``scrape``         ``Scraper`` (sidecars' /stats/prometheus -> MetricStore)
+- ``http``           ``setup_routes(app, metrics, traces)`` for the control plane (aiohttp)
+- ``prometheus_config``  ``scrape_config(targets)`` for a real Prometheus
+"""
