@@ -120,7 +120,7 @@ def test_outlier_ejection_through_requests_and_tick() -> None:
 
 def test_all_hosts_ejected_gives_none() -> None:
     clock = ManualClock(start=0.0)
-    cs = state(1, clock=clock, outlier=OutlierDetection())
+    cs = state(1, clock=clock, outlier=OutlierDetection(max_ejection_percent=100.0))
     h = cs.hosts[0]
     for _ in range(5):
         cs.on_request_start(h)

@@ -161,15 +161,24 @@ def test_max_ejection_percent_caps_ejections() -> None:
     assert not fail(od20, hs20[2], hs20, 5)[-1]
 
 
-def test_at_least_one_host_may_always_be_ejected() -> None:
-    od, _clock = detector()  # 10 % of 3 hosts rounds to 0, Envoy still ejects one
+def test_small_cluster_never_ejects_at_default_percent() -> None:
+    """Envoy >= 1.28: no "at least one host" exception unless always_eject_one_host is set."""
+    od, _clock = detector()  # 10 % of 3 hosts: one ejection would be 33 %
+    hs = make_hosts(3)
+    assert not any(fail(od, hs[0], hs, 20))
+    assert od.counters["ejections_overflow"] == 4
+    single = make_hosts(1)
+    od1, c1 = detector(max_ejection_percent=100.0)  # Istio's circuit-breaking task setting
+    assert fail(od1, single[0], single, 5)[-1]
+    assert not single[0].available(c1.now)
+
+
+def test_always_eject_one_host_option() -> None:
+    clock = ManualClock(start=0.0)
+    od = OutlierDetector(OutlierDetection(), clock, always_eject_one_host=True)
     hs = make_hosts(3)
     assert fail(od, hs[0], hs, 5)[-1]
     assert not fail(od, hs[1], hs, 5)[-1]
-    single = make_hosts(1)
-    od1, c1 = detector()
-    assert fail(od1, single[0], single, 5)[-1]
-    assert not single[0].available(c1.now)
 
 
 def test_max_ejection_percent_fifty() -> None:
@@ -178,6 +187,11 @@ def test_max_ejection_percent_fifty() -> None:
     assert fail(od, hs[0], hs, 5)[-1]
     assert fail(od, hs[1], hs, 5)[-1]
     assert not fail(od, hs[2], hs, 5)[-1]
+    # 50 % of 3 hosts: one (33 %), not two (67 %, which Envoy before 1.27 allowed)
+    od3, _ = detector(max_ejection_percent=50.0)
+    hs3 = make_hosts(3)
+    assert fail(od3, hs3[0], hs3, 5)[-1]
+    assert not fail(od3, hs3[1], hs3, 5)[-1]
 
 
 def test_ejected_host_not_ejected_twice() -> None:

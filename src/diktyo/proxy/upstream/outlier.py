@@ -11,8 +11,11 @@ Theory of operation
 - reaching ``consecutive5xxErrors`` (default 5, 0 disables) or ``consecutiveGatewayErrors``
   (unset/0 disables) tries to eject the host and resets that counter.
 - ``maxEjectionPercent`` (default 10): the host is ejected only if
-  ``100 * (ejected + 1) / hosts <= maxEjectionPercent`` -- or if no host is ejected at all:
-  Envoy always lets one host be ejected. Refused ejections count ``ejections_overflow``.
+  ``100 * (ejected + 1) / hosts <= maxEjectionPercent``. This is Envoy's rule since 1.28
+  (envoyproxy/envoy#27909): the old "at least one host is always ejected" exception is now the
+  opt-in ``always_eject_one_host``, which Istio does not set -- so with the default 10 % a
+  cluster of fewer than 10 endpoints never ejects. Refused ejections count
+  ``ejections_overflow``.
 - ejection lasts ``baseEjectionTime x multiplier`` (capped at Envoy's ``max_ejection_time``,
   300 s; Istio does not expose it). The multiplier grows by one per ejection and shrinks by one
   for every ``interval`` the host stays healthy after coming back.
@@ -55,6 +58,7 @@ class OutlierDetector:
 
     __slots__ = (
         "_start",
+        "always_eject_one_host",
         "base_ejection_time",
         "cfg",
         "clock",
@@ -68,8 +72,11 @@ class OutlierDetector:
         "threshold_gateway",
     )
 
-    def __init__(self, cfg: OutlierDetection, clock: Clock) -> None:
+    def __init__(
+        self, cfg: OutlierDetection, clock: Clock, *, always_eject_one_host: bool = False
+    ) -> None:
         self.clock = clock
+        self.always_eject_one_host = always_eject_one_host
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         # bumped on every ejection / un-ejection: states sharing this detector (old and new
         # snapshots) rebuild their available-host lists when it changes
@@ -151,7 +158,9 @@ class OutlierDetector:
             if h.ejected_until > now:
                 ejected += 1
         total = len(hosts) or 1
-        if ejected > 0 and 100.0 * (ejected + 1) / total > self.max_ejection_percent:
+        if 100.0 * (ejected + 1) / total > self.max_ejection_percent + _EPS and not (
+            self.always_eject_one_host and ejected == 0
+        ):
             self.counters["ejections_overflow"] += 1
             return False
         base = self.base_ejection_time
