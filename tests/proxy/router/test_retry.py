@@ -77,6 +77,11 @@ def test_grpc_conditions_match_grpc_status_header() -> None:
     assert not rs("unavailable").should_retry_status(503, {})
 
 
+def test_overloaded_response_never_retried() -> None:
+    assert not rs("5xx").should_retry_status(503, {"x-envoy-overloaded": "true"})
+    assert rs("5xx").should_retry_status(503, {"server": "x"})
+
+
 def test_envoy_ratelimited() -> None:
     assert rs("envoy-ratelimited").should_retry_status(429, {"x-envoy-ratelimited": "true"})
     assert not rs("envoy-ratelimited").should_retry_status(429, {})

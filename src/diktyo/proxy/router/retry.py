@@ -29,6 +29,9 @@ cancelled, deadline-exceeded, internal, resource-exhausted, unavailable
                              (never matches a plain HTTP/1 response)
 ===========================  ==================================================================
 
+A response with ``x-envoy-overloaded`` (set on circuit-breaker overflow replies) is never
+retried, as in Envoy.
+
 Istio's default (no ``retries`` in the VirtualService): 2 retries on
 ``connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`` with retriable
 status code 503, back-off 25 ms base, host selection avoiding previously tried hosts.
@@ -286,7 +289,13 @@ class RetryState:
         return True
 
     def would_retry_status(self, status: int, headers: dict[str, str] | None = None) -> bool:
-        """Does ``retryOn`` cover this response? (No attempt or budget accounting.)"""
+        """Does ``retryOn`` cover this response? (No attempt or budget accounting.)
+
+        ``headers``: lower-case response header names; a response carrying
+        ``x-envoy-overloaded`` (another proxy's circuit breaker) is never retried (Envoy).
+        """
+        if headers and "x-envoy-overloaded" in headers:
+            return False
         mask = self._mask
         if mask & R_5XX and 500 <= status < 600:
             return True
