@@ -16,7 +16,9 @@ from diktyo.control.ca import CertificateAuthority
 from diktyo.core.clock import ManualClock
 from diktyo.proxy.network.tls import (
     CertificateStore,
+    InboundRefused,
     TlsConfigError,
+    accept_inbound,
     client_context,
     describe_tls_error,
     peer_spiffe_id,
@@ -291,3 +293,83 @@ async def test_openssl_s_client_shows_chain(ca: CertificateAuthority, tmp_path) 
     assert "Verify return code: 0 (ok)" in text
     assert "TLSv1.3" in text
     assert srv.peers == [CLIENT_ID]
+
+
+# --------------------------------------------------------------------------- accept_inbound
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport
+        self.peer = peer_spiffe_id(transport.get_extra_info("ssl_object"))
+
+    def data_received(self, data: bytes) -> None:
+        self.t.write(b"echo:" + data)  # type: ignore[attr-defined]
+
+
+async def _accept_scenarios(ca: CertificateAuthority) -> list[tuple[str, str, str | None, bytes]]:
+    """(mode, client kind) -> (reason or refusal, peer id, reply); runs on the current loop."""
+    import socket
+
+    loop = asyncio.get_running_loop()
+    store = CertificateStore()
+    store.update(*creds(ca, SERVER_ID))
+    results: list[tuple[str, str, str | None, bytes]] = []
+    bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    bare.check_hostname = False
+    bare.load_verify_locations(cadata=ca.trust_bundle_pem())
+    clients = {"mtls": client_context(*creds(ca, CLIENT_ID)), "plain": None, "tls-no-cert": bare}
+    for mode in ("STRICT", "PERMISSIVE", "DISABLE"):
+        for kind, ctx in clients.items():
+            if mode == "DISABLE" and kind != "plain":
+                continue
+            ls = socket.socket()
+            ls.bind(("127.0.0.1", 0))
+            ls.listen()
+            ls.setblocking(False)
+            port = ls.getsockname()[1]
+            got: dict[str, object] = {}
+
+            async def server(ls: socket.socket = ls, mode: str = mode, got: dict = got) -> None:
+                s, _ = await loop.sock_accept(ls)
+                try:
+                    _, proto, reason = await accept_inbound(loop, s, Echo, mode, store, 5)
+                    got["reason"], got["peer"] = reason, proto.peer  # type: ignore[attr-defined]
+                except InboundRefused as exc:
+                    got["reason"], got["peer"] = f"refused: {exc}", None
+
+            task = asyncio.create_task(server())
+            reply = b""
+            try:
+                r, w = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port, ssl=ctx), 5
+                )
+                w.write(b"hi")
+                await w.drain()
+                reply = await asyncio.wait_for(r.read(100), 5)
+                w.close()
+            except (ssl.SSLError, ConnectionError):
+                pass
+            await asyncio.wait_for(task, 5)
+            ls.close()
+            results.append((f"{mode}/{kind}", str(got["reason"]), got["peer"], reply))  # type: ignore[arg-type]
+    return results
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_accept_inbound_modes(ca: CertificateAuthority, loop_kind: str) -> None:
+    import uvloop
+
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    res = {k: (reason, peer, reply) for k, reason, peer, reply in run(_accept_scenarios(ca))}
+    assert res["STRICT/mtls"] == ("mTLS", CLIENT_ID, b"echo:hi")
+    assert (
+        res["STRICT/plain"][0]
+        == "refused: plaintext connection refused: PeerAuthentication mode is STRICT"
+    )
+    assert res["STRICT/plain"][2] == b""
+    assert res["STRICT/tls-no-cert"][0].startswith("refused: client presented no certificate")
+    assert res["PERMISSIVE/mtls"] == ("mTLS", CLIENT_ID, b"echo:hi")
+    assert res["PERMISSIVE/plain"] == ("plaintext (PERMISSIVE)", None, b"echo:hi")
+    assert res["PERMISSIVE/tls-no-cert"][0].startswith("refused: client presented no certificate")
+    assert res["DISABLE/plain"] == ("mTLS disabled", None, b"echo:hi")

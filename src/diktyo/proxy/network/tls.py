@@ -11,9 +11,12 @@ context per version, so a rotation affects only new connections (existing ones k
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import ssl
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from diktyo.security.certs import fingerprint, load_certs, spiffe_id_of, spiffe_id_of_der
@@ -246,3 +249,99 @@ class CertificateStore:
             b = self._need()
             self._client = client_context(b.cert_chain_pem, b.key_pem, b.trust_bundle_pem)
         return self._client
+
+
+# --------------------------------------------------------------------------- inbound accept
+
+
+TLS_HANDSHAKE_RECORD = 0x16
+
+
+def looks_like_tls(first: bytes) -> bool:
+    """True when the first byte opens a TLS handshake record (Envoy's tls_inspector test)."""
+    return bool(first) and first[0] == TLS_HANDSHAKE_RECORD
+
+
+def inbound_tls_policy(mode: str, is_tls: bool) -> tuple[bool, bool, str]:
+    """What PeerAuthentication ``mode`` does with a connection: ``(accept, terminate_tls, reason)``.
+
+    - STRICT: only mTLS (client certificate required); plaintext is refused.
+    - PERMISSIVE: mTLS when the client speaks TLS, plaintext otherwise.
+    - DISABLE: no mTLS; TLS bytes are passed through to the app untouched.
+    """
+    if mode == "DISABLE":
+        return True, False, "mTLS disabled"
+    if is_tls:
+        return True, True, "mTLS"
+    if mode == "STRICT":
+        return False, False, "plaintext connection refused: PeerAuthentication mode is STRICT"
+    return True, False, "plaintext (PERMISSIVE)"
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bytes:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        async with asyncio.timeout(timeout):
+            await fut
+    finally:
+        loop.remove_reader(sock.fileno())
+    return sock.recv(1, socket.MSG_PEEK)
+
+
+class InboundRefused(ConnectionError):
+    """An inbound connection refused by PeerAuthentication or a failed handshake (``reason``)."""
+
+
+async def accept_inbound(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    protocol_factory: Callable[[], asyncio.Protocol],
+    mode: str,
+    store: CertificateStore,
+    handshake_timeout: float = 10.0,
+) -> tuple[asyncio.Transport, asyncio.Protocol, str]:
+    """Sniff an accepted socket, apply ``mode`` and hand it to ``protocol_factory``.
+
+    Works on uvloop and the stdlib loop (``loop.start_tls`` on a server transport does not
+    work on uvloop; ``connect_accepted_socket(ssl=...)`` does). Returns
+    ``(transport, protocol, reason)``; raises ``InboundRefused`` with a readable reason and
+    closes the socket when the connection is refused or the handshake fails. The peer's
+    SPIFFE id is then ``peer_spiffe_id(transport.get_extra_info("ssl_object"))``.
+    """
+    sock.setblocking(False)
+    try:
+        first = await _peek(loop, sock, handshake_timeout)
+    except (TimeoutError, OSError) as exc:
+        sock.close()
+        raise InboundRefused(f"no data from client before the timeout: {exc}") from None
+    if not first:
+        sock.close()
+        raise InboundRefused("client closed the connection before sending anything")
+    accept, terminate, reason = inbound_tls_policy(mode, looks_like_tls(first))
+    if not accept:
+        sock.close()
+        raise InboundRefused(reason)
+    # build the protocol here: uvloop returns its SSLProtocol wrapper, not ours
+    protocol = protocol_factory()
+    if not terminate:
+        transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
+        return transport, protocol, reason  # type: ignore[return-value]
+    try:
+        ctx = store.server_context(require_client_cert=True)
+    except TlsConfigError as exc:
+        sock.close()
+        raise InboundRefused(str(exc)) from None
+    try:
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, sock, ssl=ctx, ssl_handshake_timeout=handshake_timeout
+        )
+    except (ssl.SSLError, OSError, TimeoutError) as exc:
+        sock.close()
+        raise InboundRefused(describe_tls_error(exc)) from None
+    return transport, protocol, reason  # type: ignore[return-value]
