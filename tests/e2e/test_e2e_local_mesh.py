@@ -70,9 +70,12 @@ def diktyo(
     )
 
 
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+
+
 def get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with _opener.open(url, timeout=5) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()

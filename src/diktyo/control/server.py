@@ -103,6 +103,7 @@ class ControlPlane:
         self.workloads_provider: Callable[[], list[dict[str, Any]]] | None = None
         self.url = ""
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._closing = False
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
@@ -191,6 +192,7 @@ class ControlPlane:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         self._kick = asyncio.Event()
+        self._closing = False
         if self.store.directory is not None:
             self.store.reload_files(force=True)
             if self.store.errors:
@@ -219,6 +221,7 @@ class ControlPlane:
         return self.url
 
     async def stop(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -338,7 +341,7 @@ class ControlPlane:
                     headers={"x-diktyo-version": entry.version},
                 )
             remaining = deadline - self.clock.monotonic()
-            if remaining <= 0 or node_id not in self.proxies:
+            if remaining <= 0 or node_id not in self.proxies or self._closing:
                 return web.Response(status=204)
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(node_id, set()).add(fut)
@@ -348,7 +351,7 @@ class ControlPlane:
             finally:
                 st.connected = False
                 self._waiters.get(node_id, set()).discard(fut)
-            if node_id not in self.proxies:
+            if node_id not in self.proxies or self._closing:
                 return web.Response(status=204)
 
     async def _h_ack(self, request: web.Request) -> web.Response:

@@ -1,0 +1,128 @@
+"""Bookinfo on a local mesh (real control plane, sidecars, gateway and apps): Istio's routing tasks."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from diktyo.platform.harness import MeshThread
+from diktyo.platform.state import pid_alive
+
+ROOT = Path(__file__).resolve().parents[2]
+BOOKINFO = ROOT / "samples" / "bookinfo"
+NET = BOOKINFO / "networking"
+SERVED_BY = re.compile(r"Reviews served by:\s*(?:<[^>]*>)?\s*([a-z0-9-]+)")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+
+
+def page(mesh: MeshThread, user: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(mesh.gateway_url + "/productpage")
+    if user:
+        req.add_header("Cookie", f"session={user}")
+    try:
+        with _opener.open(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def served_by(body: str) -> str:
+    m = SERVED_BY.search(body)
+    assert m, body[-600:]
+    return m.group(1)
+
+
+@pytest.fixture(scope="module")
+def bookinfo():
+    with MeshThread(BOOKINFO / "mesh.yaml", gateway_host_port=0) as mesh:
+        for name in (
+            "bookinfo-gateway.yaml",
+            "destination-rule-all.yaml",
+            "virtual-service-all-v1.yaml",
+        ):
+            mesh.apply_file(NET / name)
+        mesh.wait_synced()
+        pids = mesh.pids()
+        yield mesh
+    assert len(pids) == 13  # 6 apps + 6 sidecars + 1 gateway
+    assert [p for p in pids if pid_alive(p)] == []
+
+
+@pytest.fixture
+def mesh(bookinfo: MeshThread):
+    bookinfo.apply_file(NET / "virtual-service-all-v1.yaml")
+    bookinfo.wait_synced()
+    yield bookinfo
+    bookinfo.apply_file(NET / "virtual-service-all-v1.yaml")
+
+
+def test_all_v1(mesh: MeshThread) -> None:
+    for _ in range(10):
+        status, body = page(mesh)
+        assert status == 200
+        assert served_by(body) == "reviews-v1-1"
+        assert "unavailable" not in body
+
+
+def test_jason_goes_to_v2_by_end_user_header(mesh: MeshThread) -> None:
+    mesh.apply_file(NET / "virtual-service-reviews-test-v2.yaml")
+    mesh.wait_synced()
+    for _ in range(5):
+        status, body = page(mesh, user="jason")
+        assert status == 200 and served_by(body) == "reviews-v2-1"
+        status, body = page(mesh, user="alice")
+        assert status == 200 and served_by(body) == "reviews-v1-1"
+        status, body = page(mesh)
+        assert status == 200 and served_by(body) == "reviews-v1-1"
+
+
+def test_fifty_fifty_split(mesh: MeshThread) -> None:
+    mesh.apply_file(NET / "virtual-service-reviews-50-v3.yaml")
+    mesh.wait_synced()
+    n = 100
+    seen = Counter(served_by(page(mesh)[1]) for _ in range(n))
+    assert set(seen) == {"reviews-v1-1", "reviews-v3-1"}, seen
+    # binomial(100, 0.5): sd 5; 30..70 is +-4 sd (false failure rate ~6e-5)
+    assert 30 <= seen["reviews-v3-1"] <= 70, seen
+
+
+def test_config_changes_under_steady_load_fail_no_request(mesh: MeshThread) -> None:
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set() and len(results) < 2000:
+            status, body = page(mesh)
+            results.append((status, served_by(body) if status == 200 else body[:200]))
+
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        for name in (
+            "virtual-service-reviews-50-v3.yaml",
+            "virtual-service-reviews-v3.yaml",
+            "virtual-service-all-v1.yaml",
+            "virtual-service-reviews-50-v3.yaml",
+        ):
+            time.sleep(0.7)
+            mesh.apply_file(NET / name)
+            mesh.wait_synced()
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(15)
+    failed = [r for r in results if r[0] != 200]
+    assert len(results) >= 20
+    assert failed == [], failed[:5]
+    assert {r[1] for r in results} >= {"reviews-v1-1", "reviews-v3-1"}
