@@ -74,12 +74,12 @@ def histogram_lines(
     the last one being the overflow (+Inf) bucket.
     """
     sep = "," if labels else ""
-    acc = 0
+    acc: float = 0
     for i, le in enumerate(bounds_text):
         acc += buckets[offset + i]
-        out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {acc}\n')
+        out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {int(acc)}\n')
     acc += buckets[offset + len(bounds_text)]
-    out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {acc}\n')
+    out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {int(acc)}\n')
     if labels:
         out.append(f"{name}_sum{{{labels}}} {format_value(total)}\n")
         out.append(f"{name}_count{{{labels}}} {count}\n")

@@ -426,5 +426,5 @@ class IstioMetrics:
                 (TCP_CLOSED, 1, "TCP connections closed."),
             ):
                 header(out, name, "counter", text)
-                for labels, s in tcp:
-                    out.append(f"{name}{{{labels}}} {format_value(s[idx])}\n")
+                for labels, t in tcp:
+                    out.append(f"{name}{{{labels}}} {format_value(t[idx])}\n")

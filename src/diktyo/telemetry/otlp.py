@@ -111,7 +111,7 @@ def encode_spans(
             )
         ]
     )
-    return req.SerializeToString()
+    return bytes(req.SerializeToString())
 
 
 @dataclass(slots=True)

@@ -250,8 +250,8 @@ class MetricStore:
                 merged[rest] = (edge[0], acc)
         nodes: dict[str, dict[str, Any]] = {}
         edges_out = []
-        for rest, (reporter, e) in sorted(merged.items()):
-            src_wl, src_ns, src_ver, dst_svc, dst_wl, dst_ver = rest
+        for labels, (reporter, e) in sorted(merged.items()):
+            src_wl, src_ns, src_ver, dst_svc, dst_wl, dst_ver = labels
             src_id = f"{src_ns}/{src_wl}" if src_wl != "unknown" else "unknown"
             dst_id = dst_svc
             nodes.setdefault(src_id, {"id": src_id, "kind": "workload", "name": src_wl,
@@ -452,7 +452,8 @@ class TraceStore:
         since_ns: int | None = None,
     ) -> list[dict[str, Any]]:
         """Newest first: trace id, root, services, start, duration, span and error counts."""
-        where, args = [], []  # type: ignore[var-annotated]
+        where: list[str] = []
+        args: list[object] = []
         if service:
             where.append("instr(services, ?) > 0")
             args.append(f",{service},")

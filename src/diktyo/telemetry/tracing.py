@@ -293,6 +293,7 @@ def inject(span: Span | SpanContext) -> list[tuple[str, str]]:
     The receiver sees ``span`` as its parent. The caller removes any incoming propagation
     headers first (see :data:`PROPAGATION_HEADERS`) so values are not duplicated.
     """
+    sampled: bool | None
     if isinstance(span, Span):
         tid, sid, sampled, parent = span.trace_id, span.span_id, span.sampled, span.parent_id
         state, rid = span.tracestate, span.request_id
