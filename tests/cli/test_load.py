@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from diktyo.cli.load import ViaError, proxy_via
 from diktyo.cli.main import main
 from diktyo.samples.launch import start_sample
 
@@ -115,3 +117,62 @@ def test_bad_duration_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> No
         main(["load", "-t", "soon", "http://127.0.0.1:9/"])
     assert exit_info.value.code == 2
     assert "invalid duration 'soon'" in capsys.readouterr().err
+
+
+STATE = {
+    "name": "bookinfo",
+    "pid": 0,
+    "workloads": [
+        {
+            "name": "sleep-1",
+            "workload": "sleep",
+            "kind": "workload",
+            "state": "ready",
+            "outbound_port": 15001,
+        },
+        {
+            "name": "sleep-2",
+            "workload": "sleep",
+            "kind": "workload",
+            "state": "starting",
+            "outbound_port": 15002,
+        },
+        {
+            "name": "istio-ingressgateway-1",
+            "workload": "istio-ingressgateway",
+            "kind": "gateway",
+            "state": "ready",
+            "outbound_port": 15003,
+        },
+    ],
+}
+
+
+def test_proxy_via_finds_the_sidecar_outbound_port() -> None:
+    assert proxy_via(STATE, "sleep") == "http://127.0.0.1:15001"
+    assert proxy_via(STATE, "sleep-2") == "http://127.0.0.1:15002"
+    with pytest.raises(ViaError, match="known: sleep, sleep-1, sleep-2"):
+        proxy_via(STATE, "fortio")
+    with pytest.raises(ViaError, match="no mesh is running"):
+        proxy_via(None, "sleep")
+
+
+def test_via_sends_through_that_workloads_sidecar(
+    httpbin: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a running mesh whose "sleep" sidecar is httpbin (it answers absolute-form requests)
+    state = {**STATE, "pid": os.getpid()}
+    state["workloads"] = [
+        {**STATE["workloads"][0], "outbound_port": int(httpbin.rsplit(":", 1)[1])}
+    ]
+    (tmp_path / "mesh.json").write_text(json.dumps(state))
+    monkeypatch.setenv("DIKTYO_HOME", str(tmp_path))
+    data = load_json(
+        capsys, "--via", "sleep", "-c", "1", "-n", "4", "http://httpbin:8000/status/503"
+    )
+    assert data["proxy"] == httpbin and data["codes"] == {"503": 4}
+    assert main(["load", "--via", "nope", "http://httpbin:8000/get"]) == 2
+    assert "no ready workload or replica of that name" in capsys.readouterr().err

@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from diktyo.api.duration import DurationError, parse_duration
 from diktyo.load.client import TargetError, parse_header
@@ -40,6 +42,33 @@ def _percentiles(text: str) -> tuple[float, ...]:
             f"invalid percentiles {text!r}: use numbers between 0 and 100, e.g. 50,90,99.9"
         )
     return values
+
+
+class ViaError(LookupError):
+    """``--via`` names no workload of the running mesh; the message lists the ones there are."""
+
+
+def proxy_via(state: Mapping[str, Any] | None, name: str) -> str:
+    """The outbound proxy URL of the sidecar of ``name`` (a replica like ``sleep-1`` or a workload
+    like ``sleep``: its first ready replica) in the state of a running mesh."""
+    if state is None:
+        raise ViaError(
+            f"--via {name}: no mesh is running; start one with 'diktyo up -f mesh.yaml --detach'"
+        )
+    workloads = [w for w in state.get("workloads", []) if w.get("kind", "workload") == "workload"]
+    matches = [w for w in workloads if w.get("name") == name] or [
+        w for w in workloads if w.get("workload") == name and w.get("state") == "ready"
+    ]
+    for w in matches:
+        if w.get("outbound_port"):
+            return f"http://127.0.0.1:{w['outbound_port']}"
+    known = sorted(
+        {str(w.get("workload")) for w in workloads} | {str(w.get("name")) for w in workloads}
+    )
+    raise ViaError(
+        f"--via {name}: no ready workload or replica of that name in mesh "
+        f"{state.get('name')!r}; known: {', '.join(known) or 'none'} (see 'diktyo status')"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -92,6 +121,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="percentiles to report (default 50,75,90,99,99.9)",
     )
     p.add_argument("--no-proxy", action="store_true", help="ignore HTTP_PROXY, connect directly")
+    p.add_argument(
+        "--via",
+        metavar="WORKLOAD",
+        help=(
+            "send from this workload of the running mesh: through its sidecar's outbound port, "
+            "like running fortio inside its pod (e.g. --via sleep)"
+        ),
+    )
     p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="result format")
     p.add_argument(
         "-loglevel",
@@ -125,6 +162,19 @@ def run(args: argparse.Namespace) -> int:
     if args.qps < 0:
         print("diktyo load: -qps must be >= 0 (0 means as fast as possible)", file=sys.stderr)
         return 2
+    env: Mapping[str, str] = os.environ
+    if args.via:
+        from diktyo.platform.state import running_state
+
+        try:
+            proxy = proxy_via(running_state(), args.via)
+        except ViaError as exc:
+            print(f"diktyo load: {exc}", file=sys.stderr)
+            return 2
+        env = {**os.environ, "HTTP_PROXY": proxy, "http_proxy": proxy}
+        env.pop("NO_PROXY", None)
+        env.pop("no_proxy", None)
+        env["NO_PROXY"] = "localhost,127.0.0.1"
     requests = args.n if args.n is not None or args.t is not None else DEFAULT_REQUESTS
     try:
         headers = tuple(parse_header(h) for h in args.H)
@@ -135,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             duration=args.t,
             qps=args.qps,
             headers=headers,
-            use_proxy=not args.no_proxy,
+            use_proxy=not args.no_proxy or bool(args.via),
             timeout=args.timeout,
             **({"percentiles": args.p} if args.p else {}),
         )
@@ -148,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         if not quiet:
             print(_describe(options), file=sys.stderr, flush=True)
         result: LoadResult = asyncio.run(
-            run_load(options, env=os.environ, progress=None if quiet else progress)
+            run_load(options, env=env, progress=None if quiet else progress)
         )
     except TargetError as exc:
         print(f"diktyo load: {exc}", file=sys.stderr)
