@@ -232,3 +232,75 @@ def test_nested_claims_and_unknown_key() -> None:
         name="u", rules=(AuthzRule(conditions=(Condition(key="bogus.key", values=("x",)),)),)
     )
     assert not AuthzEngine([unknown]).check(req()).allowed
+
+
+def test_inbound_security_pipeline() -> None:
+    import json
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    from diktyo.control.ca import CertificateAuthority
+    from diktyo.proxy.filters.authz import InboundSecurity
+    from diktyo.security.certs import load_certs
+    from diktyo.snapshot.security import JwtRule, SecurityConfig
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    jwks = json.dumps({"keys": [{**jwk, "kid": "k", "alg": "ES256"}]})
+    cfg = SecurityConfig(
+        authz=(
+            AuthzPolicy(
+                name="require-jwt",
+                rules=(AuthzRule(sources=(Source(request_principals=("issuer/*",)),)),),
+            ),
+            AuthzPolicy(
+                name="no-admin",
+                action="DENY",
+                rules=(AuthzRule(operations=(Operation(paths=("/admin*",)),)),),
+            ),
+        ),
+        jwt_rules=(JwtRule(issuer="issuer", jwks=jwks),),
+    )
+    me = "spiffe://cluster.local/ns/default/sa/reviews"
+    sec = InboundSecurity(cfg, local_spiffe_id=me)
+    good = jwt.encode(
+        {"iss": "issuer", "sub": "alice", "exp": time.time() + 60},
+        key,
+        "ES256",
+        headers={"kid": "k"},
+    )
+    auth = {"authorization": f"Bearer {good}"}
+
+    v = sec.check("GET", "/x", "reviews:9080", {}, 9080)
+    assert v is not None and v.status == 403 and v.body == b"RBAC: access denied"
+    assert v.details == "rbac_access_denied_matched_policy[none]"
+
+    v = sec.check("GET", "/x", "reviews", {"authorization": "Bearer a.b.c"}, 9080)
+    assert v is not None and v.status == 401
+    v = sec.check("GET", "/x", "reviews", {"authorization": "Bearer " + good[:-4] + "AAAA"}, 9080)
+    assert v is not None and v.status == 401 and v.body == b"Jwt verification fails"
+    assert v.details == "jwt_authn_access_denied{Jwt_verification_fails}"
+
+    ca = CertificateAuthority.generate()
+    _, issued = ca.issue(PRODUCTPAGE)
+    from cryptography.hazmat.primitives import serialization
+
+    der = load_certs(issued.cert_chain_pem)[0].public_bytes(serialization.Encoding.DER)
+    v = sec.check("GET", "/a/./b?q=1", "reviews", auth, 9080, PRODUCTPAGE, "127.0.0.1", der)
+    assert v is not None and v.status == 0
+    assert v.path == "/a/b?q=1" and v.request_principal == "issuer/alice"
+    assert "authorization" in v.remove_headers and "x-forwarded-client-cert" in v.remove_headers
+    xfcc = dict(v.set_headers)["x-forwarded-client-cert"]
+    assert xfcc.startswith(f"By={me};Hash=") and xfcc.endswith(f";URI={PRODUCTPAGE}")
+
+    v = sec.check("GET", "/public/%2e%2e/admin", "reviews", auth, 9080)
+    assert (
+        v is not None
+        and v.status == 403
+        and v.details == "rbac_access_denied_matched_policy[default/no-admin]"
+    )
+    v = sec.check("GET", "/a%00", "reviews", auth, 9080)
+    assert v is not None and v.status == 400

@@ -32,8 +32,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from diktyo.core.clock import SYSTEM_CLOCK, Clock
+from diktyo.proxy.filters.jwt_authn import UNAUTHORIZED_STATUS, Fetcher, JwtAuthenticator, JwtResult
+from diktyo.proxy.network.tls import xfcc_value
+from diktyo.security.pathnorm import PathRejected, normalize_path
 from diktyo.security.spiffe import namespace_of, to_principal
-from diktyo.snapshot.security import AuthzPolicy, AuthzRule, Condition, Operation, Source
+from diktyo.snapshot.security import (
+    AuthzPolicy,
+    AuthzRule,
+    Condition,
+    Operation,
+    SecurityConfig,
+    Source,
+)
 
 DENIED_STATUS = 403
 DENIED_BODY = b"RBAC: access denied"
@@ -354,3 +365,169 @@ class AuthzEngine:
                 return Decision(True, p.key, f"allowed by ALLOW policy {p.key} rule {i}", audit)
         names = ", ".join(p.key for p in self.allow)
         return Decision(False, "", f"no ALLOW policy matched (checked {names})", audit)
+
+
+# --------------------------------------------------------------------------- inbound composition
+
+
+@dataclass(frozen=True, slots=True)
+class InboundVerdict:
+    """What the inbound listener does with one request after the security filters.
+
+    ``status == 0``: continue, forwarding ``path`` (normalised) with ``set_headers`` set and
+    ``remove_headers`` removed. Otherwise answer locally with ``status`` and ``body``.
+    ``details`` follows Envoy's response code details (for access logs).
+    """
+
+    status: int
+    body: bytes = b""
+    details: str = ""
+    path: str = ""
+    request_principal: str = ""
+    set_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    decision: Decision | None = None
+
+
+class InboundSecurity:
+    """Path normalisation -> JWT (RequestAuthentication) -> RBAC (AuthorizationPolicy).
+
+    Built once per snapshot from ``snapshot.security``; ``check`` is synchronous and returns
+    None only when a remote JWKS must be fetched first (then await ``check_async``; call
+    ``prefetch()`` at snapshot load so that never happens on the hot path).
+    """
+
+    __slots__ = ("authz", "jwt", "local_id", "mode")
+
+    def __init__(
+        self,
+        config: SecurityConfig,
+        *,
+        local_spiffe_id: str = "",
+        fetcher: Fetcher | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.authz = AuthzEngine(config.authz)
+        self.jwt = JwtAuthenticator(config.jwt_rules, fetcher=fetcher, clock=clock)
+        self.mode = config.path_normalization
+        self.local_id = local_spiffe_id
+
+    async def prefetch(self) -> None:
+        await self.jwt.prefetch()
+
+    def _pre(self, target: str) -> InboundVerdict | tuple[str, str]:
+        try:
+            path, query = normalize_path(target, self.mode)
+        except PathRejected as exc:
+            return InboundVerdict(400, b"Bad Request", f"path_normalization_failed: {exc}")
+        return path, query
+
+    def _finish(
+        self,
+        path: str,
+        query: str,
+        jr: JwtResult,
+        method: str,
+        authority: str,
+        headers: Mapping[str, str],
+        port: int,
+        peer_principal: str,
+        source_ip: str,
+        peer_cert_der: bytes | None,
+    ) -> InboundVerdict:
+        if jr.status == "failed":
+            detail = "jwt_authn_access_denied{" + jr.message.replace(" ", "_") + "}"
+            return InboundVerdict(UNAUTHORIZED_STATUS, jr.message.encode(), detail)
+        xfcc: tuple[tuple[str, str], ...] = ()
+        if peer_cert_der and self.local_id:
+            xfcc = (("x-forwarded-client-cert", xfcc_value(self.local_id, peer_cert_der)),)
+        if self.authz.enabled:
+            d = self.authz.check(
+                RequestAttributes(
+                    method=method,
+                    path=path,
+                    host=authority,
+                    port=port,
+                    headers=headers,
+                    source_principal=peer_principal,
+                    source_ip=source_ip,
+                    request_principal=jr.principal,
+                    claims=jr.claims,
+                )
+            )
+            if not d.allowed:
+                detail = f"rbac_access_denied_matched_policy[{d.policy or 'none'}]"
+                return InboundVerdict(DENIED_STATUS, DENIED_BODY, detail, decision=d)
+        else:
+            d = None
+        return InboundVerdict(
+            0,
+            path=path + query,
+            request_principal=jr.principal,
+            set_headers=jr.set_headers + xfcc,
+            remove_headers=(*jr.remove_headers, "x-forwarded-client-cert"),
+            decision=d,
+        )
+
+    def check(
+        self,
+        method: str,
+        target: str,
+        authority: str,
+        headers: Mapping[str, str],
+        port: int,
+        peer_principal: str = "",
+        source_ip: str = "",
+        peer_cert_der: bytes | None = None,
+    ) -> InboundVerdict | None:
+        pre = self._pre(target)
+        if isinstance(pre, InboundVerdict):
+            return pre
+        path, query = pre
+        jr = self.jwt.try_authenticate(headers, path + query) if self.jwt.enabled else _NO_JWT
+        if jr is None:
+            return None
+        return self._finish(
+            path,
+            query,
+            jr,
+            method,
+            authority,
+            headers,
+            port,
+            peer_principal,
+            source_ip,
+            peer_cert_der,
+        )
+
+    async def check_async(
+        self,
+        method: str,
+        target: str,
+        authority: str,
+        headers: Mapping[str, str],
+        port: int,
+        peer_principal: str = "",
+        source_ip: str = "",
+        peer_cert_der: bytes | None = None,
+    ) -> InboundVerdict:
+        pre = self._pre(target)
+        if isinstance(pre, InboundVerdict):
+            return pre
+        path, query = pre
+        jr = await self.jwt.authenticate(headers, path + query) if self.jwt.enabled else _NO_JWT
+        return self._finish(
+            path,
+            query,
+            jr,
+            method,
+            authority,
+            headers,
+            port,
+            peer_principal,
+            source_ip,
+            peer_cert_der,
+        )
+
+
+_NO_JWT = JwtResult("missing")
