@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -107,3 +112,29 @@ def test_pick_status() -> None:
 def test_title_case() -> None:
     assert title_case("x-b3-traceid") == "X-B3-Traceid"
     assert title_case("HOST") == "Host"
+
+
+def test_sleep_idles_and_stops_on_sigterm(tmp_path: Path) -> None:
+    log = tmp_path / "sleep.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "diktyo.samples.sleep"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "POD_NAME": "sleep-1", "HTTP_PROXY": "http://127.0.0.1:1"},
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "idle" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert (
+            "sleep-1 idle (no port); outgoing calls go through http://127.0.0.1:1"
+            in log.read_text()
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
