@@ -71,8 +71,8 @@ def _parse_value(v: str) -> float:
 def parse(text: str) -> ParseResult:
     """All samples of an exposition, with ``# TYPE`` info."""
     res = ParseResult()
-    for line in text.splitlines():
-        line = line.strip()
+    for line in text.split("\n"):  # not splitlines(): \x1c-\x1e, \x85 may sit in label values
+        line = line.strip(" \t\r")
         if not line:
             continue
         if line.startswith("#"):
