@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,3 +180,33 @@ def test_via_sends_through_that_workloads_sidecar(
     assert data["proxy"] == httpbin and data["codes"] == {"503": 4}
     assert main(["load", "--via", "nope", "http://httpbin:8000/get"]) == 2
     assert "no ready workload or replica of that name" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_early_and_prints_the_result(httpbin: str) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "diktyo.cli.main",
+            "load",
+            "-c",
+            "2",
+            "-t",
+            "60s",
+            "-qps",
+            "50",
+            f"{httpbin}/get",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    first = proc.stderr.readline()  # "Starting at ..." once it runs
+    assert first.startswith("Starting at 50 qps with 2 connection(s) for 60s"), first
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "interrupted" in err
+    assert "Code 200 : " in out and "All done" in out

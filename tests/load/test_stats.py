@@ -133,3 +133,10 @@ def test_report_text_and_json() -> None:
     assert data["codes"] == {"200": 37, "503": 3}
     assert data["latency_ms"]["percentiles"]["50"] == 2.0
     assert data["actual_qps"] == 20.0
+
+
+def test_schedule_stop_ends_the_run() -> None:
+    sched = Schedule(start=0.0, requests=None, duration=60.0, qps=10)
+    assert sched.next(0.0) == 0.0 and sched.next(0.0) == 0.1
+    sched.stop()
+    assert sched.next(0.2) is None and sched.issued == 2

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from diktyo.api.duration import DurationError, parse_duration
 from diktyo.load.client import TargetError, parse_header
 from diktyo.load.report import format_text, to_json
-from diktyo.load.runner import LoadOptions, LoadResult, run_load
+from diktyo.load.runner import LoadOptions, LoadResult, ProgressFn, run_load
 
 DEFAULT_REQUESTS = 100
 QUIET_LEVELS = ("warning", "error", "critical", "fatal")
@@ -152,6 +153,25 @@ def _describe(options: LoadOptions) -> str:
     return f"Starting at {rate} with {options.connections} connection(s) {bound}"
 
 
+async def _run(
+    options: LoadOptions, env: Mapping[str, str], progress: ProgressFn | None
+) -> LoadResult:
+    """Run the load; the first Ctrl-C ends it early and still prints the result."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def interrupted() -> None:
+        print("interrupted: finishing requests in flight", file=sys.stderr, flush=True)
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl-C quits at once
+
+    loop.add_signal_handler(signal.SIGINT, interrupted)
+    try:
+        return await run_load(options, env=env, progress=progress, stop=stop)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.c < 1:
         print("diktyo load: -c must be at least 1 connection", file=sys.stderr)
@@ -197,9 +217,7 @@ def run(args: argparse.Namespace) -> int:
 
         if not quiet:
             print(_describe(options), file=sys.stderr, flush=True)
-        result: LoadResult = asyncio.run(
-            run_load(options, env=env, progress=None if quiet else progress)
-        )
+        result = asyncio.run(_run(options, env, None if quiet else progress))
     except TargetError as exc:
         print(f"diktyo load: {exc}", file=sys.stderr)
         return 2

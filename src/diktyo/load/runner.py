@@ -52,9 +52,11 @@ async def run_load(
     clock: Clock = SYSTEM_CLOCK,
     progress: ProgressFn | None = None,
     progress_interval: float = 1.0,
+    stop: asyncio.Event | None = None,
 ) -> LoadResult:
     """Run the load described by ``options``; ``env`` is where proxy settings come from
     (None: no proxy). ``progress(elapsed_seconds, requests_done)`` is called every interval.
+    Setting ``stop`` ends the run early: requests in flight finish, the result covers them.
     """
     if options.connections < 1:
         raise ValueError(f"connections must be >= 1, got {options.connections}")
@@ -112,18 +114,24 @@ async def run_load(
             await asyncio.sleep(progress_interval)
             progress(clock.monotonic() - start, recorder.count)
 
-    reporter = asyncio.create_task(report_progress()) if progress is not None else None
+    async def stop_when_asked() -> None:
+        assert stop is not None
+        await stop.wait()
+        schedule.stop()
+
+    helpers = []
+    if progress is not None:
+        helpers.append(asyncio.create_task(report_progress()))
+    if stop is not None:
+        helpers.append(asyncio.create_task(stop_when_asked()))
     try:
         async with asyncio.TaskGroup() as group:
             for _ in range(options.connections):
                 group.create_task(worker())
     finally:
-        if reporter is not None:
-            reporter.cancel()
-            try:
-                await reporter
-            except asyncio.CancelledError:
-                pass
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
     elapsed = clock.monotonic() - start
     return LoadResult(
         url=options.url,

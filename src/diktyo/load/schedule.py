@@ -30,6 +30,10 @@ class Schedule:
         self.qps = qps
         self.issued = 0
 
+    def stop(self) -> None:
+        """End the run now: no more slots are handed out (e.g. on Ctrl-C)."""
+        self.requests = self.issued
+
     @property
     def end(self) -> float | None:
         return None if self.duration is None else self.start + self.duration
