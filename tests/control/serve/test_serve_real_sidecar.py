@@ -1,0 +1,105 @@
+"""The real sidecar against the control plane: it keeps serving while the control plane is away
+and picks up a restarted control plane's config."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from diktyo.control.model import ProxyNode, Service, ServicePort, WorkloadInstance
+from diktyo.control.server import ControlPlane
+from diktyo.platform.ports import free_port
+from diktyo.snapshot.model import Node
+
+SVC = Service(
+    hostname="hello.default.svc.cluster.local", short_name="hello", ports=(ServicePort(9080),)
+)
+NODE = ProxyNode(node=Node(id="client-1.default", workload="client"), outbound_port=0)
+
+
+async def _upstream(text: str) -> tuple[web.AppRunner, int]:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=text)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
+def _instance(name: str, port: int) -> WorkloadInstance:
+    return WorkloadInstance(
+        name=name, workload=name, address="127.0.0.1", ports={9080: port}, services=(SVC.hostname,)
+    )
+
+
+async def _plane(port: int, upstream_port: int, outbound: int) -> ControlPlane:
+    cp = ControlPlane(poll_timeout=2.0)
+    await cp.start(port=port)
+    cp.registry.add_service(SVC)
+    cp.registry.add_instance(_instance(f"hello-{upstream_port}", upstream_port))
+    cp.add_proxy(ProxyNode(node=NODE.node, outbound_port=outbound))
+    return cp
+
+
+async def _get(session: aiohttp.ClientSession, outbound: int) -> tuple[int, str]:
+    async with session.get("http://hello:9080/", proxy=f"http://127.0.0.1:{outbound}") as r:
+        return r.status, await r.text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_sidecar_keeps_serving_without_control_plane_and_resyncs() -> None:
+    up1, p1 = await _upstream("one")
+    up2, p2 = await _upstream("two")
+    cp_port, admin, outbound = free_port(), free_port(), free_port()
+    cp = await _plane(cp_port, p1, outbound)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "diktyo.cli.main",
+        "sidecar",
+        "--control-plane",
+        cp.url,
+        "--node",
+        NODE.node.id,
+        "--admin-port",
+        str(admin),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    cp2: ControlPlane | None = None
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert json.loads(line)["event"] == "ready"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+            assert await _get(s, outbound) == (200, "one")
+            await cp.stop()
+            await asyncio.sleep(1.0)  # the sidecar notices and retries with backoff
+            assert await _get(s, outbound) == (200, "one")
+            async with s.get(f"http://127.0.0.1:{admin}/ready") as r:
+                assert r.status == 200
+            cp2 = await _plane(cp_port, p2, outbound)
+            for _ in range(100):
+                if cp2.status[NODE.node.id].state == "SYNCED":
+                    break
+                await asyncio.sleep(0.1)
+            assert cp2.status[NODE.node.id].state == "SYNCED"
+            assert await _get(s, outbound) == (200, "two")
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)
+        if cp2 is not None:
+            await cp2.stop()
+        await cp.stop()
+        await up1.cleanup()
+        await up2.cleanup()
