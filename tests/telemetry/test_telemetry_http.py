@@ -14,6 +14,7 @@ from diktyo.telemetry.exposition import CONTENT_TYPE, render
 from diktyo.telemetry.http import setup_routes
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
 from diktyo.telemetry.otlp import OtlpExporter
+from diktyo.telemetry.registry import proxy_registry
 from diktyo.telemetry.scrape import Scraper
 from diktyo.telemetry.store import MetricStore, TraceStore
 from diktyo.telemetry.tracing import Sampler, start_span
@@ -90,8 +91,11 @@ async def test_scraper_fills_graph_and_series(api: tuple) -> None:
     rv = WorkloadInfo.from_labels("reviews-v3", "default", {"app": "reviews", "version": "v3"})
     key = m.peer(PeerLabels.build("destination", pp, rv, "reviews.default.svc.cluster.local"))
 
+    reg, fams = proxy_registry()
+    fams["pending_overflow"].labels("inbound|9080||").inc(2)
+
     async def stats(_: web.Request) -> web.Response:
-        return web.Response(text=render(m), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(text=render(m, reg), headers={"Content-Type": CONTENT_TYPE})
 
     sidecar = web.Application()
     sidecar.router.add_get("/stats/prometheus", stats)
@@ -122,6 +126,9 @@ async def test_scraper_fills_graph_and_series(api: tuple) -> None:
         assert [p["requests"] for p in s["points"]] == [0, 21]
         async with http.get(f"{base}/api/metrics/series", params={"bogus": "1"}) as r:
             assert r.status == 400
+        async with http.get(f"{base}/api/metrics/clusters") as r:
+            cl = (await r.json())["instances"]
+        assert cl["reviews-v3-1"]["inbound|9080||"]["upstream_rq_pending_overflow"] == 2
 
 
 async def test_scraper_task_is_owned() -> None:

@@ -4,6 +4,7 @@ Mount with ``setup_routes(app, metrics, traces)``:
 
 - ``GET  /api/metrics/graph?window=60`` — service graph with per-edge rate, error rate, p50/95/99
 - ``GET  /api/metrics/series?window=600&reporter=destination&destination_service=...`` — points
+- ``GET  /api/metrics/clusters`` — latest Envoy cluster stats (breakers, outliers) per sidecar
 - ``GET  /api/traces?service=&minDurationMs=&errors=1&limit=50`` — newest traces first
 - ``GET  /api/traces/{trace_id}`` — all spans of one trace
 - ``POST /v1/traces`` — OTLP/HTTP receiver (``application/x-protobuf``)
@@ -70,6 +71,10 @@ def make_routes() -> web.RouteTableDef:
         store = req.app[METRICS_KEY]
         points = store.series(match, min(window, 86400.0), reporter=reporter)
         return web.json_response({"step": store.resolution, "match": match, "points": points})
+
+    @routes.get("/api/metrics/clusters")
+    async def clusters(req: web.Request) -> web.Response:
+        return web.json_response({"instances": req.app[METRICS_KEY].cluster_stats()})
 
     @routes.get("/api/traces")
     async def traces(req: web.Request) -> web.Response:

@@ -119,6 +119,8 @@ class MetricStore:
         self._ring: dict[int, dict[EdgeKey, EdgeSlot]] = {}
         self._last: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
         self._last_seen: dict[str, float] = {}
+        # latest envoy_cluster_* values: instance -> cluster_name -> stat -> value
+        self._clusters: dict[str, dict[str, dict[str, float]]] = {}
         self.bad_lines = 0
         self.scrapes = 0
 
@@ -147,8 +149,14 @@ class MetricStore:
         slot_idx = int(t // self.resolution)
         slot = self._ring.setdefault(slot_idx, {})
         used = 0
+        clusters: dict[str, dict[str, float]] = {}
         for s in res.samples:
             name = s.name
+            if name.startswith("envoy_cluster_"):
+                cname = s.labels.get("cluster_name")
+                if cname is not None:
+                    clusters.setdefault(cname, {})[name[len("envoy_cluster_") :]] = s.value
+                continue
             if not name.startswith("istio_"):
                 continue
             if name not in (
@@ -190,12 +198,14 @@ class MetricStore:
                 e.tcp_received += d
             else:
                 e.tcp_opened += d
+        self._clusters[instance] = clusters
         self._evict(slot_idx)
         return used
 
     def forget(self, instance: str) -> None:
         """Drop the cumulative state of a sidecar that went away."""
         self._last_seen.pop(instance, None)
+        self._clusters.pop(instance, None)
         for k in [k for k in self._last if k[0] == instance]:
             del self._last[k]
 
@@ -205,6 +215,14 @@ class MetricStore:
             del self._ring[k]
 
     # ------------------------------------------------------------------ queries
+
+    def cluster_stats(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Latest Envoy cluster stats per sidecar: instance -> cluster -> stat -> value.
+
+        Stat names without the ``envoy_cluster_`` prefix, e.g. ``upstream_rq_pending_overflow``,
+        ``upstream_cx_active``, ``outlier_detection_ejections_active`` (breaker/outlier views).
+        """
+        return {i: {c: dict(v) for c, v in cs.items()} for i, cs in sorted(self._clusters.items())}
 
     def _window(self, window: float, now: float | None) -> tuple[int, int]:
         now = self.clock.time() if now is None else now
