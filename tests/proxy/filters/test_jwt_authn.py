@@ -121,7 +121,8 @@ async def test_clock_is_injected() -> None:
     a = JwtAuthenticator([JwtRule(issuer=ISS, jwks=JWKS)], clock=clock)
     t = token({"exp": time.time() + 100})
     assert (await a.authenticate(bearer(t), "/")).status == "ok"
-    clock.advance(100 + 61)  # past exp + 60 s skew
+    clock.advance(100 + 61)  # past exp + 60 s skew; the verified-token cache checks exp too
+    assert (await a.authenticate(bearer(t), "/")).message == "Jwt is expired"
     assert (await a.authenticate(bearer(t), "/")).message == "Jwt is expired"
 
 
@@ -189,7 +190,9 @@ async def test_remote_jwks_fetched_cached_and_stale_on_failure() -> None:
         assert served["hits"] == 1
         clock.advance(301)
         served["fail"] = True
-        r = await a.authenticate(bearer(t), "/")
+        # a verified token is cached; a new token needs the (stale) keys
+        assert (await a.authenticate(bearer(t), "/")).status == "ok" and served["hits"] == 1
+        r = await a.authenticate(bearer(token({"sub": "bob"})), "/")
         assert r.status == "ok" and served["hits"] == 2  # stale keys used after a failed refresh
         assert a.stats["jwks_fetch_failed"] == 1 and a.stats["jwks_stale_used"] == 1
     finally:

@@ -30,6 +30,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from diktyo.core.clock import SYSTEM_CLOCK, Clock
@@ -108,10 +109,45 @@ def _path_matcher(pattern: str) -> Match:
 
 
 def _any(patterns: Sequence[str], make: Callable[[str], Match] = _value_matcher) -> Match | None:
+    """One matcher for a list: exact values by set lookup, prefixes/suffixes by one call each."""
     if not patterns:
         return None
-    ms = tuple(make(p) for p in patterns)
-    return lambda v: any(m(v) for m in ms)
+    if make is not _value_matcher:
+        ms = tuple(make(p) for p in patterns)
+        return lambda v: any(m(v) for m in ms)
+    presence = "*" in patterns
+    exact = frozenset(p for p in patterns if "*" not in p)
+    prefixes = tuple(p[:-1] for p in patterns if p.endswith("*") and not p.startswith("*"))
+    suffixes = tuple(p[1:] for p in patterns if p.startswith("*") and p != "*")
+
+    def match(v: str) -> bool:
+        if v in exact:
+            return True
+        if presence and v:
+            return True
+        return bool((prefixes and v.startswith(prefixes)) or (suffixes and v.endswith(suffixes)))
+
+    return match
+
+
+def _paths_any(patterns: Sequence[str]) -> Match | None:
+    plain = [p for p in patterns if "{*}" not in p and "{**}" not in p]
+    templ = [p for p in patterns if p not in plain]
+    m1 = _any(plain)
+    m2 = _any(templ, _path_matcher)
+    if m2 is None:
+        return m1
+    if m1 is None:
+        return m2
+    return lambda v: m1(v) or m2(v)
+
+
+@lru_cache(maxsize=4096)
+def _parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
 
 
 def _ip_matcher(blocks: Sequence[str]) -> Callable[[str], bool] | None:
@@ -120,11 +156,8 @@ def _ip_matcher(blocks: Sequence[str]) -> Callable[[str], bool] | None:
     nets = tuple(ipaddress.ip_network(b.strip(), strict=False) for b in blocks)
 
     def match(ip: str) -> bool:
-        if not ip:
-            return False
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
+        addr = _parse_ip(ip) if ip else None
+        if addr is None:
             return False
         return any(addr in n for n in nets if n.version == addr.version)
 
@@ -227,7 +260,7 @@ def _compile_operation(o: Operation) -> Pred:
             _field(lambda a: a.host, _host_any(o.hosts), _host_any(o.not_hosts)),
             _field(lambda a: str(a.port), exact(frozenset(o.ports)), exact(frozenset(o.not_ports))),
             _field(lambda a: a.method, _any(o.methods), _any(o.not_methods)),
-            _field(_path_only, _any(o.paths, _path_matcher), _any(o.not_paths, _path_matcher)),
+            _field(_path_only, _paths_any(o.paths), _paths_any(o.not_paths)),
         ]
     )
 
@@ -352,7 +385,7 @@ class AuthzEngine:
         return bool(self.deny or self.allow)
 
     def check(self, attrs: RequestAttributes) -> Decision:
-        audit = tuple(p.key for p in self.audit if p.first_match(attrs) >= 0)
+        audit = tuple(p.key for p in self.audit if p.first_match(attrs) >= 0) if self.audit else ()
         for p in self.deny:
             i = p.first_match(attrs)
             if i >= 0:

@@ -47,6 +47,7 @@ UNAUTHORIZED_STATUS = 401
 CLOCK_SKEW = 60.0  # Envoy's default clock_skew_seconds
 DEFAULT_JWKS_TTL = 300.0  # Envoy's default remote JWKS cache_duration
 DEFAULT_FETCH_TIMEOUT = 5.0
+TOKEN_CACHE_SIZE = 256  # verified tokens kept (exp/nbf still checked on every use)
 FORBIDDEN_ALGS = frozenset({"none", "None", "NONE", ""})
 
 STATS = ("allowed", "denied", "missing", "jwks_fetch_ok", "jwks_fetch_failed", "jwks_stale_used")
@@ -127,7 +128,17 @@ def _b64json(part: str) -> Any:
 class JwtAuthenticator:
     """Validates request JWTs against the RequestAuthentication rules of one workload."""
 
-    __slots__ = ("_clock", "_fetcher", "_inline", "_locs", "_remote", "_ttl", "rules", "stats")
+    __slots__ = (
+        "_cache",
+        "_clock",
+        "_fetcher",
+        "_inline",
+        "_locs",
+        "_remote",
+        "_ttl",
+        "rules",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -153,6 +164,8 @@ class JwtAuthenticator:
         self._clock = clock
         self._ttl = jwks_ttl
         self.stats = dict.fromkeys(STATS, 0)
+        # verified tokens -> (rule index, claims): signature checks are the costly part
+        self._cache: dict[str, tuple[int, dict[str, Any]]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -237,6 +250,7 @@ class JwtAuthenticator:
                 return
             self.stats["jwks_fetch_ok"] += 1
             ent.keys = keys
+            self._cache.clear()
             ent.fetched_at = self._clock.monotonic()
 
     async def prefetch(self) -> None:
@@ -244,6 +258,26 @@ class JwtAuthenticator:
         for i, r in enumerate(self.rules):
             if r.jwks_uri and self._keys_for(i) is None:
                 await self._refresh(r.jwks_uri, r.timeout or DEFAULT_FETCH_TIMEOUT)
+
+    def _time_check(self, claims: Mapping[str, Any]) -> str:
+        now = self._clock.time()
+        exp = claims.get("exp")
+        if exp is not None and (not isinstance(exp, (int, float)) or now > exp + CLOCK_SKEW):
+            return MSG_EXPIRED
+        nbf = claims.get("nbf")
+        if nbf is not None and (not isinstance(nbf, (int, float)) or now + CLOCK_SKEW < nbf):
+            return MSG_NOT_YET
+        return ""
+
+    def _cached(self, token: str, loc: _Location) -> JwtResult | None:
+        hit = self._cache.get(token)
+        if hit is None or loc not in self._locs[hit[0]]:
+            return None
+        bad = self._time_check(hit[1])
+        if bad:
+            self._cache.pop(token, None)
+            return self._fail(bad)
+        return self._success(token, loc, self.rules[hit[0]], hit[1])
 
     def _verify(
         self, token: str, loc: _Location, idx: list[int], header: dict[str, Any]
@@ -291,13 +325,9 @@ class JwtAuthenticator:
             if claims is None:
                 last = MSG_VERIFY
                 continue
-            now = self._clock.time()
-            exp = claims.get("exp")
-            if exp is not None and (not isinstance(exp, (int, float)) or now > exp + CLOCK_SKEW):
-                return self._fail(MSG_EXPIRED)
-            nbf = claims.get("nbf")
-            if nbf is not None and (not isinstance(nbf, (int, float)) or now + CLOCK_SKEW < nbf):
-                return self._fail(MSG_NOT_YET)
+            bad = self._time_check(claims)
+            if bad:
+                return self._fail(bad)
             if rule.audiences:
                 aud = claims.get("aud")
                 auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
@@ -305,6 +335,9 @@ class JwtAuthenticator:
                     return self._fail(
                         MSG_AUDIENCE, f"token audiences {auds} not in {list(rule.audiences)}"
                     )
+            if len(self._cache) >= TOKEN_CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[token] = (i, claims)
             return self._success(token, loc, rule, claims)
         return self._fail(last)
 
@@ -338,6 +371,9 @@ class JwtAuthenticator:
             self.stats["missing"] += 1
             return JwtResult("missing")
         token, loc = found
+        cached = self._cached(token, loc)
+        if cached is not None:
+            return cached
         parts = token.split(".")
         if len(parts) != 3:
             return self._fail(MSG_BAD_FORMAT)
