@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,7 @@ class ConfigIndex:
     service_entries: list[Any] = field(default_factory=list)
     sidecars: list[Any] = field(default_factory=list)
     registry: Registry = field(default_factory=Registry)
+    _dr_cache: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, resources: Iterable[Any], registry: Registry) -> ConfigIndex:
@@ -132,7 +134,15 @@ class ConfigIndex:
     def destination_rule(self, hostname: str, proxy_namespace: str) -> Any | None:
         """The DestinationRule for ``hostname``: exact host first, then the most specific wildcard.
 
-        Among several for the same host, one in the proxy's namespace wins, then input order."""
+        Several for the same host are merged as Istio does: the first (one in the proxy's
+        namespace first, then input order) gives the traffic policy, later ones add subsets
+        with new names."""
+        key = (hostname, proxy_namespace)
+        if key not in self._dr_cache:
+            self._dr_cache[key] = self._find_destination_rule(hostname, proxy_namespace)
+        return self._dr_cache[key]
+
+    def _find_destination_rule(self, hostname: str, proxy_namespace: str) -> Any | None:
         exact: list[Any] = []
         wild: list[tuple[int, Any]] = []
         for dr in self.destination_rules:
@@ -143,8 +153,22 @@ class ConfigIndex:
                 wild.append((len(host), dr))
         if exact:
             exact.sort(key=lambda d: d.namespace != proxy_namespace)
-            return exact[0]
+            return _merge_rules(exact)
         if wild:
             wild.sort(key=lambda t: -t[0])
             return wild[0][1]
         return None
+
+
+def _merge_rules(rules: list[Any]) -> Any:
+    first = rules[0]
+    if len(rules) == 1:
+        return first
+    subsets = list(first.spec.subsets)
+    names = {s.name for s in subsets}
+    for dr in rules[1:]:
+        for s in dr.spec.subsets:
+            if s.name not in names:
+                names.add(s.name)
+                subsets.append(s)
+    return dataclasses.replace(first, spec=first.spec.model_copy(update={"subsets": subsets}))

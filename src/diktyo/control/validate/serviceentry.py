@@ -1,0 +1,43 @@
+"""ServiceEntry checks: endpoints that cannot be reached."""
+
+from __future__ import annotations
+
+from diktyo.control.validate.context import Context
+
+
+def check(ctx: Context) -> None:
+    for se in ctx.idx.service_entries:
+        spec = se.spec
+        names = {p.name for p in spec.ports}
+        if not spec.ports:
+            ctx.report(
+                se,
+                "spec.hosts",
+                "no ports",
+                "add 'ports: [{number: 80, name: http, protocol: HTTP}]'",
+            )
+        for i, ep in enumerate(spec.endpoints):
+            if not ep.address:
+                ctx.report(
+                    se,
+                    f"spec.endpoints[{i}]",
+                    "endpoint without address is ignored",
+                    "add 'address: 127.0.0.1'",
+                    "warning",
+                )
+            for name in ep.ports:
+                if name not in names:
+                    ctx.report(
+                        se,
+                        f"spec.endpoints[{i}].ports.{name}",
+                        f"port name {name!r} is not one of the ServiceEntry's ports",
+                        f"use one of: {', '.join(sorted(names))}",
+                    )
+        if spec.endpoints and spec.resolution in (None, "NONE"):
+            ctx.report(
+                se,
+                "spec.resolution",
+                "endpoints are ignored without resolution STATIC or DNS",
+                "set 'resolution: STATIC'",
+                "warning",
+            )

@@ -1,0 +1,164 @@
+"""analyze(): cross-resource problems with file:line:col, severity and a hint."""
+
+from __future__ import annotations
+
+from diktyo.api import ConfigError, load_text
+from diktyo.control.validate import analyze, registry_for_hosts
+
+DR = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"""
+
+
+def run(text: str, hosts: list[str] | None = None) -> list[ConfigError]:
+    result = load_text(text, "in.yaml")
+    assert [str(e) for e in result.errors] == []
+    return analyze(result.resources, registry_for_hosts(hosts) if hosts else None)
+
+
+def vs(http: str, name: str = "reviews", hosts: str = "[reviews]") -> str:
+    return (
+        f"apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}}}\n"
+        f"spec:\n  hosts: {hosts}\n  http:\n{http}"
+    )
+
+
+def test_clean_config_has_no_problems() -> None:
+    text = vs("  - route:\n    - destination: {host: reviews, subset: v1}\n") + "---\n" + DR
+    assert run(text, ["reviews"]) == []
+
+
+def test_undefined_subset_is_an_error_at_the_subset() -> None:
+    text = vs("  - route:\n    - destination: {host: reviews, subset: v3}\n") + "---\n" + DR
+    (p,) = run(text)
+    assert p.severity == "error" and (p.line, p.field) == (
+        8,
+        "spec.http[0].route[0].destination.subset",
+    )
+    assert "subset 'v3' is not defined for host reviews.default.svc.cluster.local" in p.message
+    assert p.hint == "subsets defined for reviews.default.svc.cluster.local: v1, v2"
+
+
+def test_subset_without_any_destination_rule() -> None:
+    (p,) = run(vs("  - route:\n    - destination:\n        host: reviews\n        subset: v1\n"))
+    assert (p.line, p.col) == (10, 9) and p.field.endswith(".subset")
+    assert "add a DestinationRule for reviews" in p.hint
+
+
+def test_unknown_host_is_a_warning_only_with_a_registry() -> None:
+    text = vs("  - route:\n    - destination: {host: reviewz}\n")
+    assert run(text) == []
+    (p,) = run(text, ["reviews"])
+    assert p.severity == "warning" and "host 'reviewz'" in p.message and "not found" in p.message
+
+
+def test_service_entry_hosts_form_the_registry() -> None:
+    se = (
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext}\n"
+        "spec:\n  hosts: [api.example.com]\n  resolution: STATIC\n"
+        "  ports: [{number: 80, name: http}]\n  endpoints: [{address: 127.0.0.1}]\n---\n"
+    )
+    text = se + vs(
+        "  - route:\n    - destination: {host: api.example.com}\n    - destination: {host: apx.example.com}\n"
+        "      weight: 100\n",
+        hosts="[api.example.com]",
+    )
+    (p,) = run(text)
+    assert p.severity == "warning" and "host 'apx.example.com'" in p.message
+    assert p.line == 18 and p.field == "spec.http[0].route[1].destination.host"
+
+
+def test_weights_not_summing_to_100() -> None:
+    text = (
+        vs(
+            "  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 60\n"
+            "    - destination: {host: reviews, subset: v2}\n      weight: 30\n"
+        )
+        + "---\n"
+        + DR
+    )
+    (p,) = run(text)
+    assert p.severity == "error" and p.field == "spec.http[0].route"
+    assert "weights sum to 90 (60, 30), not 100" in p.message
+
+
+def test_rule_after_catch_all_is_unreachable() -> None:
+    text = (
+        vs(
+            "  - route:\n    - destination: {host: reviews, subset: v1}\n"
+            "  - match:\n    - headers: {end-user: {exact: jason}}\n"
+            "    route:\n    - destination: {host: reviews, subset: v2}\n"
+        )
+        + "---\n"
+        + DR
+    )
+    (p,) = run(text)
+    assert p.severity == "warning" and p.line == 9 and p.field == "spec.http[1]"
+    assert "never used: http[0] above matches every request" in p.message
+
+
+def test_prefix_slash_is_a_catch_all_and_duplicate_match_is_ineffective() -> None:
+    text = vs(
+        "  - match: [{uri: {prefix: /api}}]\n    route:\n    - destination: {host: reviews}\n"
+        "  - match: [{uri: {prefix: /api}}]\n    route:\n    - destination: {host: reviews}\n"
+        "  - match: [{uri: {prefix: /}}]\n    route:\n    - destination: {host: reviews}\n"
+        "  - route:\n    - destination: {host: reviews}\n"
+    )
+    problems = run(text)
+    msgs = [(p.field, p.message.split(": ", 1)[1]) for p in problems]
+    assert msgs[0][0] == "spec.http[1].match[0]" and "same conditions" in msgs[0][1]
+    assert msgs[1][0] == "spec.http[3]" and "http[2] above matches every request" in msgs[1][1]
+    assert len(problems) == 2
+
+
+def test_rewrite_with_redirect() -> None:
+    text = vs("  - redirect: {uri: /new}\n    rewrite: {uri: /x}\n")
+    (p,) = run(text)
+    assert p.severity == "error" and p.field == "spec.http[0].rewrite"
+    assert "rewrite and redirect cannot be used together" in p.message
+
+
+def test_conflicting_destination_rules() -> None:
+    other = DR.replace("name: reviews", "name: reviews-cb").replace(
+        "  subsets:", "  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 1}}\n  subsets:"
+    )
+    problems = run(DR + "---\n" + other)
+    assert [p.severity for p in problems] == ["warning", "error"]
+    assert "only the first rule's trafficPolicy applies" in problems[0].message
+    assert "subset(s) v1, v2 defined in both" in problems[1].message
+    assert "DestinationRule reviews at in.yaml:1" in problems[1].message
+    assert problems[1].line == 17  # the second rule's 'subsets' key
+
+
+def test_same_name_twice_and_second_vs_for_a_host() -> None:
+    one = vs("  - route:\n    - destination: {host: reviews}\n")
+    problems = run(one + "---\n" + one + "---\n" + one.replace("name: reviews", "name: other"))
+    assert problems[0].severity == "error" and "already defined at in.yaml:1" in problems[0].message
+    assert problems[0].line == 12  # the second 'name: reviews'
+    assert [p.severity for p in problems[1:]] == ["warning", "warning"]
+    assert "also routed by VirtualService reviews" in problems[1].message
+
+
+def test_missing_gateway_and_unsupported_delegate() -> None:
+    text = vs("  - delegate: {name: x}\n", hosts="[shop.example.com]\n  gateways: [missing-gw]")
+    problems = run(text)
+    assert [p.severity for p in problems] == ["warning", "warning"]
+    assert "gateway 'missing-gw' not found" in problems[0].message
+    assert "delegate is not supported" in problems[1].message
+
+
+def test_istio_bookinfo_reviews_and_rules_are_clean_together() -> None:
+    text = vs(
+        "  - match:\n    - headers: {end-user: {exact: jason}}\n"
+        "    route:\n    - destination: {host: reviews, subset: v2}\n"
+        "  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 50\n"
+        "    - destination: {host: reviews, subset: v2}\n      weight: 50\n"
+    )
+    assert run(text + "---\n" + DR, ["reviews"]) == []
