@@ -148,6 +148,12 @@ def test_workload_info_from_labels_and_peer_header_roundtrip() -> None:
     assert WorkloadInfo.decode("W10") is None  # "[]": wrong shape
 
 
+def test_workload_info_from_principal() -> None:
+    w = WorkloadInfo.from_principal("spiffe://cluster.local/ns/shop/sa/cart")
+    assert w.namespace == "shop" and w.principal.endswith("/sa/cart") and w.name == "unknown"
+    assert WorkloadInfo.from_principal("garbage").namespace == "unknown"
+
+
 def test_escaping() -> None:
     assert escape_label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
 

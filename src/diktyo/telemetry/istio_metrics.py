@@ -124,6 +124,14 @@ class WorkloadInfo:
             cluster=cluster or labels.get("topology.istio.io/cluster") or UNKNOWN,
         )
 
+    @classmethod
+    def from_principal(cls, principal: str) -> WorkloadInfo:
+        """What an mTLS peer's SPIFFE id alone tells (namespace), when no metadata came along."""
+        parts = principal.split("/")
+        # spiffe://<trust-domain>/ns/<ns>/sa/<sa>
+        ns = parts[4] if len(parts) >= 7 and parts[3] == "ns" and parts[5] == "sa" else UNKNOWN
+        return cls(namespace=ns or UNKNOWN, principal=principal or UNKNOWN)
+
     def encode(self) -> str:
         """Compact header value for :data:`PEER_METADATA_HEADER` (base64url of JSON)."""
         raw = json.dumps([getattr(self, f.name) for f in fields(self)], separators=(",", ":"))
