@@ -195,7 +195,9 @@ def make_app(settings: Settings) -> web.Application:
     async def call(
         request: web.Request, url: str, error: str, attempts: int = 1
     ) -> tuple[int, dict[str, Any]]:
-        headers = outgoing_headers(request.headers, request.cookies.get(SESSION_COOKIE, ""))
+        headers = outgoing_headers(
+            request.headers, clean_user(request.cookies.get(SESSION_COOKIE, ""))
+        )
         status = 500
         for _ in range(attempts):
             try:
@@ -232,7 +234,7 @@ def make_app(settings: Settings) -> web.Application:
         return web.Response(text=INDEX_HTML, content_type="text/html")
 
     async def productpage(request: web.Request) -> web.Response:
-        user = request.cookies.get(SESSION_COOKIE, "")
+        user = clean_user(request.cookies.get(SESSION_COOKIE, ""))
         product = PRODUCTS[0]
         _, details = await details_of(request, product["id"])
         _, reviews = await reviews_of(request, product["id"])
