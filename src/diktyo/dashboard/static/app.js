@@ -94,7 +94,7 @@ function graphElements(g, view) {
   for (const e of g.edges) {
     const err = e.error_rate || 0;
     const cls = e.rps > 0 ? healthClass(err) : "idle";
-    const label = (e.mtls ? "🔒 " : "") + fmt(e.rps, 2) + " rps" + (err > 0 ? " · " + pct(err) + " err" : "");
+    const label = (e.mtls ? "mTLS · " : "") + fmt(e.rps, 2) + " rps" + (err > 0 ? " · " + pct(err) + " err" : "");
     els.push({ group: "edges", data: {
       id: e.source + "->" + e.target, source: e.source, target: e.target, label,
       color: COLORS[cls], width: Math.min(6, 1.5 + Math.log10(1 + (e.rps || 0)) * 2), info: e,
@@ -144,7 +144,7 @@ function showSelection() {
       el("h3", {}, `${info.source} → ${info.target}`),
       kv([["requests/s", fmt(info.rps, 2)], ["success rate", pct(1 - (info.error_rate || 0))],
           ["p50", fmt(info.p50_ms) + " ms"], ["p99", fmt(info.p99_ms) + " ms"],
-          ["mTLS", info.mtls ? "yes 🔒" : "no"], ["response codes", codes(info.codes)]]));
+          ["mTLS", info.mtls ? "yes (mutual TLS)" : "no"], ["response codes", codes(info.codes)]]));
   } else {
     side.replaceChildren(
       el("h3", {}, info.workload || info.app || sel.id()),
