@@ -320,3 +320,16 @@ def _loc_text(loc: tuple[Any, ...]) -> str:
         ):
             out += f".{part}" if out else part
     return out
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of the mesh file (``docs/mesh.schema.json`` is generated from it)."""
+    schema = MeshSpec.model_json_schema(by_alias=True)
+    schema["properties"].pop("baseDir", None)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://diktyo.io/schemas/mesh.schema.json"
+    schema["title"] = "diktyo mesh file (mesh.yaml)"
+    schema["description"] = (
+        "Services, workloads and gateways that 'diktyo up' runs; see docs/mesh-file.md."
+    )
+    return schema
