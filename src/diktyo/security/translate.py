@@ -240,7 +240,7 @@ def _jwt_rule(r: Mapping[str, Any], source: str) -> JwtRule:
 def build_jwt_rules(
     node: Node, resources: Iterable[Any], root: str = ROOT_NAMESPACE
 ) -> tuple[JwtRule, ...]:
-    out = []
+    out: list[JwtRule] = []
     for res in resources:
         if _attr(res, "kind") != "RequestAuthentication":
             continue

@@ -254,7 +254,10 @@ def _path_only(a: RequestAttributes) -> str:
 
 
 def _compile_operation(o: Operation) -> Pred:
-    exact = lambda ps: (lambda v: v in ps) if ps else None
+
+    def exact(ps: frozenset[str]) -> Match | None:
+        return (lambda v: v in ps) if ps else None
+
     return _all(
         [
             _field(lambda a: a.host, _host_any(o.hosts), _host_any(o.not_hosts)),

@@ -331,7 +331,7 @@ async def accept_inbound(
     protocol = protocol_factory()
     if not terminate:
         transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
-        return transport, protocol, reason  # type: ignore[return-value]
+        return transport, protocol, reason
     try:
         ctx = store.server_context(require_client_cert=True)
     except TlsConfigError as exc:
@@ -344,4 +344,4 @@ async def accept_inbound(
     except (ssl.SSLError, OSError, TimeoutError) as exc:
         sock.close()
         raise InboundRefused(describe_tls_error(exc)) from None
-    return transport, protocol, reason  # type: ignore[return-value]
+    return transport, protocol, reason
