@@ -7,6 +7,7 @@ comes from another process.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ class Sample:
     name: str
     labels: dict[str, str]
     value: float
+    series: str = ""  # the sample's text before its value: a cheap identity within one target
 
 
 @dataclass(slots=True)
@@ -26,38 +28,32 @@ class ParseResult:
 
 
 _ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
+_PAIR = re.compile(r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\]|\\.)*)"[ \t]*,?')
+_UNESCAPE = re.compile(r"\\(.)")
+
+
+def _unescape(v: str) -> str:
+    return _UNESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), "\\" + m.group(1)), v)
 
 
 def _parse_labels(s: str, i: int) -> tuple[dict[str, str], int]:
     """Parse ``{a="x",b="y"}`` starting at s[i] == "{"; returns labels and the index after "}"."""
     labels: dict[str, str] = {}
-    i += 1
+    pos = i + 1
     n = len(s)
     while True:
-        while i < n and s[i] in " ,":
-            i += 1
-        if i >= n:
+        while pos < n and s[pos] in " \t":
+            pos += 1
+        if pos >= n:
             raise ValueError("unterminated label set")
-        if s[i] == "}":
-            return labels, i + 1
-        j = s.index("=", i)
-        name = s[i:j].strip()
-        if not name or s[j + 1] != '"':
+        if s[pos] == "}":
+            return labels, pos + 1
+        m = _PAIR.match(s, pos)
+        if m is None:
             raise ValueError("bad label")
-        i = j + 2
-        buf: list[str] = []
-        while True:
-            c = s[i]
-            if c == "\\":
-                buf.append(_ESCAPES.get(s[i + 1], "\\" + s[i + 1]))
-                i += 2
-            elif c == '"':
-                i += 1
-                break
-            else:
-                buf.append(c)
-                i += 1
-        labels[name] = "".join(buf)
+        v = m.group(2)
+        labels[m.group(1)] = _unescape(v) if "\\" in v else v
+        pos = m.end()
 
 
 def _parse_value(v: str) -> float:
@@ -68,9 +64,22 @@ def _parse_value(v: str) -> float:
     return float(v)
 
 
-def parse(text: str) -> ParseResult:
-    """All samples of an exposition, with ``# TYPE`` info."""
+SeriesCache = dict[str, tuple[str, dict[str, str]]]
+MAX_CACHE = 200_000
+
+
+def parse(
+    text: str, prefixes: tuple[str, ...] | None = None, cache: SeriesCache | None = None
+) -> ParseResult:
+    """All samples of an exposition (only names starting with ``prefixes`` if given).
+
+    ``cache`` maps a series' text to its parsed (name, labels); pass the same dict on every
+    scrape of a target so each series' labels are parsed once. Samples share the cached dict:
+    do not mutate ``Sample.labels``.
+    """
     res = ParseResult()
+    if cache is not None and len(cache) > MAX_CACHE:
+        cache.clear()
     for line in text.split("\n"):  # not splitlines(): \x1c-\x1e, \x85 may sit in label values
         line = line.strip(" \t\r")
         if not line:
@@ -80,19 +89,32 @@ def parse(text: str) -> ParseResult:
             if len(parts) >= 4 and parts[1] == "TYPE":
                 res.types[parts[2]] = parts[3]
             continue
+        if prefixes is not None and not line.startswith(prefixes):
+            continue
         try:
             brace = line.find("{")
             space = line.find(" ")
             if brace != -1 and (space == -1 or brace < space):
-                name = line[:brace]
-                labels, end = _parse_labels(line, brace)
+                end = line.rfind("}") + 1
+                series = line[:end]
+                hit = cache.get(series) if cache is not None else None
+                if hit is None:
+                    name = line[:brace]
+                    labels, end2 = _parse_labels(line, brace)
+                    if end2 != end:
+                        raise ValueError("text after the label set")
+                    if cache is not None:
+                        cache[series] = (name, labels)
+                else:
+                    name, labels = hit
                 rest = line[end:].split()
             else:
                 name, *rest = line.split()
+                series = name
                 labels = {}
             if not name or not rest:
                 raise ValueError("no value")
-            res.samples.append(Sample(name, labels, _parse_value(rest[0])))
+            res.samples.append(Sample(name, labels, _parse_value(rest[0]), series))
         except (ValueError, IndexError):
             res.bad_lines += 1
     return res

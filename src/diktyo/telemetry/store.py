@@ -27,7 +27,7 @@ from typing import Any
 
 from diktyo.core.clock import SYSTEM_CLOCK, Clock
 from diktyo.telemetry.otlp import DecodedSpan, OtlpDecodeError, decode_spans
-from diktyo.telemetry.promtext import parse
+from diktyo.telemetry.promtext import SeriesCache, parse
 
 # --------------------------------------------------------------------------- quantiles
 
@@ -69,6 +69,13 @@ EDGE_LABELS = (
     "destination_version",
 )
 EdgeKey = tuple[str, str, str, str, str, str, str]
+_WANTED_PREFIXES = (
+    "istio_requests_total",
+    "istio_request_duration_milliseconds_bucket",
+    "istio_request_duration_milliseconds_sum",
+    "istio_tcp_",
+    "envoy_cluster_",
+)
 
 
 @dataclass(slots=True)
@@ -117,7 +124,8 @@ class MetricStore:
         self.slots = int(retention // resolution)
         self.clock = clock
         self._ring: dict[int, dict[EdgeKey, EdgeSlot]] = {}
-        self._last: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        self._last: dict[tuple[str, str], float] = {}
+        self._series_cache: dict[str, SeriesCache] = {}
         self._last_seen: dict[str, float] = {}
         # latest envoy_cluster_* values: instance -> cluster_name -> stat -> value
         self._clusters: dict[str, dict[str, dict[str, float]]] = {}
@@ -126,10 +134,8 @@ class MetricStore:
 
     # ------------------------------------------------------------------ ingest
 
-    def _delta(
-        self, instance: str, s_name: str, labels: Mapping[str, str], value: float, known: bool
-    ) -> float:
-        key = (instance, s_name, tuple(sorted(labels.items())))
+    def _delta(self, instance: str, series: str, value: float, known: bool) -> float:
+        key = (instance, series)
         prev = self._last.get(key)
         self._last[key] = value
         if prev is None:
@@ -141,7 +147,7 @@ class MetricStore:
     def ingest(self, instance: str, text: str, t: float | None = None) -> int:
         """Fold one scrape of ``instance`` taken at wall time ``t``; returns samples used."""
         t = self.clock.time() if t is None else t
-        res = parse(text)
+        res = parse(text, _WANTED_PREFIXES, self._series_cache.setdefault(instance, {}))
         self.bad_lines += res.bad_lines
         self.scrapes += 1
         first_scrape = instance not in self._last_seen
@@ -168,7 +174,7 @@ class MetricStore:
                 "istio_tcp_connections_opened_total",
             ):
                 continue
-            d = self._delta(instance, name, s.labels, s.value, not first_scrape)
+            d = self._delta(instance, s.series, s.value, not first_scrape)
             used += 1
             if d == 0.0:
                 continue
@@ -206,6 +212,7 @@ class MetricStore:
         """Drop the cumulative state of a sidecar that went away."""
         self._last_seen.pop(instance, None)
         self._clusters.pop(instance, None)
+        self._series_cache.pop(instance, None)
         for k in [k for k in self._last if k[0] == instance]:
             del self._last[k]
 
