@@ -4,7 +4,7 @@ Every sample app (Bookinfo's productpage, details, reviews, ratings and httpbin)
 application run by :func:`run`. What an app reads from its environment:
 
 ``PORT``             port to listen on (``0``: any free port; the chosen one is printed)
-``HOST``             address to listen on, default ``127.0.0.1``
+``BIND_ADDRESS``     address to listen on, default ``127.0.0.1`` (not ``HOST``: zsh sets that)
 ``SERVICE_NAME``     e.g. ``reviews`` (defaults to the app's own name)
 ``SERVICE_VERSION``  e.g. ``v2`` (default ``v1``)
 ``POD_NAME``         instance name shown to users, e.g. ``reviews-v2-1``
@@ -87,7 +87,7 @@ class Settings:
             service=name,
             version=version,
             pod=pod,
-            host=env.get("HOST", "").strip() or "127.0.0.1",
+            host=env.get("BIND_ADDRESS", "").strip() or "127.0.0.1",
             port=port,
             log_requests=env.get("LOG_REQUESTS", "1").strip().lower() not in ("0", "false", "no"),
         )
