@@ -10,6 +10,8 @@ from typing import Any
 
 import jwt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
@@ -205,3 +207,33 @@ async def test_remote_jwks_unreachable() -> None:
     )
     r = await a.authenticate(bearer(token()), "/")
     assert r.status == "failed" and r.message == "Jwks remote fetch is failed"
+
+
+_b64 = st.binary(max_size=60).map(lambda b: jwt.utils.base64url_encode(b).decode())
+_json_part = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda c: (
+        st.lists(c, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["iss", "sub", "aud", "exp", "nbf", "alg", "kid"]), c, max_size=4
+        )
+    ),
+    max_leaves=8,
+).map(lambda v: jwt.utils.base64url_encode(json.dumps(v).encode()).decode())
+_tokens = st.one_of(
+    st.text(max_size=80),
+    st.tuples(_json_part, _json_part, _b64).map(".".join),
+    st.tuples(_b64, _b64, _b64).map(".".join),
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(tok=_tokens, where=st.sampled_from(["header", "param"]))
+def test_untrusted_tokens_never_crash(authn: JwtAuthenticator, tok: str, where: str) -> None:
+    if where == "header":
+        r = authn.try_authenticate({"authorization": "Bearer " + tok}, "/")
+    else:
+        r = authn.try_authenticate({}, "/?access_token=" + tok)
+    assert r is not None and r.status in ("failed", "missing")
