@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diktyo.core.clock import ManualClock, make_random
@@ -139,6 +139,7 @@ def test_finish_sets_status_and_duration() -> None:
                                         "x-b3-spanid", "x-b3-sampled", "x-b3-flags",
                                         "x-b3-parentspanid", "x-request-id"]),
                        st.text(max_size=80)))  # fmt: skip
+@settings(deadline=None)
 def test_extract_never_raises(headers: dict[str, str]) -> None:
     ctx = extract(headers)
     if ctx is not None:
