@@ -166,6 +166,8 @@ async def _run(
         loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl-C quits at once
 
     loop.add_signal_handler(signal.SIGINT, interrupted)
+    if progress is not None:  # announced once Ctrl-C is handled
+        print(_describe(options), file=sys.stderr, flush=True)
     try:
         return await run_load(options, env=env, progress=progress, stop=stop)
     finally:
@@ -215,8 +217,6 @@ def run(args: argparse.Namespace) -> int:
             rate = done / elapsed if elapsed > 0 else 0.0
             print(f"{elapsed:6.1f}s: {done} calls, {rate:.1f} qps", file=sys.stderr, flush=True)
 
-        if not quiet:
-            print(_describe(options), file=sys.stderr, flush=True)
         result = asyncio.run(_run(options, env, None if quiet else progress))
     except TargetError as exc:
         print(f"diktyo load: {exc}", file=sys.stderr)
