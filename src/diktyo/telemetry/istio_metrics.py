@@ -23,8 +23,9 @@ from __future__ import annotations
 import base64
 import json
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 from diktyo.telemetry.exposition import format_bound, format_value, header, histogram_lines
 
@@ -267,6 +268,20 @@ class PeerKey:
 
 # --------------------------------------------------------------------------- the recorder
 
+
+class RecordFn(Protocol):
+    def __call__(
+        self,
+        peer: PeerKey,
+        response_code: int,
+        response_flags: str,
+        duration_ms: float,
+        req_bytes: int,
+        resp_bytes: int,
+        grpc_status: str = "",
+    ) -> None: ...
+
+
 # layout of one HTTP series list: [count, dur_sum, req_sum, resp_sum, dur buckets.., req.., resp..]
 _COUNT, _DUR_SUM, _REQ_SUM, _RESP_SUM, _HEAD = 0, 1, 2, 3, 4
 
@@ -294,7 +309,7 @@ class IstioMetrics:
         self._resp_off = self._req_off + nb
         self._width = self._resp_off + nb
         self._peers: dict[PeerLabels, PeerKey] = {}
-        self.record: Callable[[PeerKey, int, str, float, int, int], None] = self._make_record()
+        self.record: RecordFn = self._make_record()
         """``record(peer, response_code, response_flags, duration_ms, req_bytes, resp_bytes,
         grpc_status="")``: count one finished HTTP request (dict lookup + list increments)."""
         # (peer, response_flags) -> [opened, closed, sent, received]
@@ -311,7 +326,7 @@ class IstioMetrics:
 
     # ----------------------------------------------------------------- hot path
 
-    def _make_record(self) -> Callable[..., None]:
+    def _make_record(self) -> RecordFn:
         """Build ``record`` as a closure: bounds and offsets are cell variables (fast loads)."""
         dur_bounds, byte_bounds = self._dur_bounds, self._byte_bounds
         req_off, resp_off, width = self._req_off, self._resp_off, self._width
