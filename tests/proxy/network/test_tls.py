@@ -373,3 +373,46 @@ def test_accept_inbound_modes(ca: CertificateAuthority, loop_kind: str) -> None:
     assert res["PERMISSIVE/plain"] == ("plaintext (PERMISSIVE)", None, b"echo:hi")
     assert res["PERMISSIVE/tls-no-cert"][0].startswith("refused: client presented no certificate")
     assert res["DISABLE/plain"] == ("mTLS disabled", None, b"echo:hi")
+
+
+async def test_upstream_istio_mutual_and_simple(ca: CertificateAuthority, tmp_path) -> None:
+    from diktyo.proxy.network.tls import upstream_context, verify_upstream
+    from diktyo.snapshot.model import TlsSettings
+
+    store = CertificateStore()
+    store.update(*creds(ca, CLIENT_ID))
+    assert upstream_context(None, store) is None
+    assert upstream_context(TlsSettings(mode="DISABLE"), store) is None
+    mutual = TlsSettings(mode="ISTIO_MUTUAL")
+    srv = Server(server_context(*creds(ca, SERVER_ID)))
+    async with srv as port:
+        _, sslobj = await talk(port, upstream_context(mutual, store))  # type: ignore[arg-type]
+    assert verify_upstream(sslobj, mutual, SERVER_ID)[0]
+    ok, reason = verify_upstream(sslobj, mutual, "spiffe://cluster.local/ns/default/sa/ratings")
+    assert not ok and "is not one of the expected" in reason
+    pinned = TlsSettings(
+        mode="ISTIO_MUTUAL", subject_alt_names=("spiffe://cluster.local/ns/default/sa/other",)
+    )
+    assert not verify_upstream(sslobj, pinned, SERVER_ID)[0]  # DestinationRule SANs win
+
+    (tmp_path / "ca.pem").write_text(ca.trust_bundle_pem())
+    simple = TlsSettings(
+        mode="SIMPLE", ca_certificates=str(tmp_path / "ca.pem"), subject_alt_names=(SERVER_ID,)
+    )
+    srv = Server(server_context(*creds(ca, SERVER_ID), require_client_cert=False))
+    async with srv as port:
+        _, sslobj = await talk(port, upstream_context(simple, store))  # type: ignore[arg-type]
+    assert verify_upstream(sslobj, simple) == (True, "subjectAltNames matched")
+    wrong = TlsSettings(
+        mode="SIMPLE",
+        ca_certificates=str(tmp_path / "ca.pem"),
+        subject_alt_names=("api.example.com",),
+    )
+    ok, reason = verify_upstream(sslobj, wrong)
+    assert not ok and "match none of subjectAltNames" in reason
+    with pytest.raises(TlsConfigError, match="MUTUAL needs clientCertificate"):
+        upstream_context(TlsSettings(mode="MUTUAL"), store)
+    with pytest.raises(TlsConfigError, match="cannot build upstream TLS context"):
+        upstream_context(
+            TlsSettings(mode="SIMPLE", ca_certificates=str(tmp_path / "missing.pem")), store
+        )

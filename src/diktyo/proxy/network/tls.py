@@ -19,8 +19,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cryptography import x509
+
 from diktyo.security.certs import fingerprint, load_certs, spiffe_id_of, spiffe_id_of_der
 from diktyo.security.spiffe import to_principal
+from diktyo.snapshot.model import TlsSettings
 
 # Istio's sidecars offer these; diktyo speaks HTTP/1.1 inside the tunnel.
 MESH_ALPN = ("istio-http/1.1", "istio", "http/1.1")
@@ -345,3 +348,75 @@ async def accept_inbound(
         sock.close()
         raise InboundRefused(describe_tls_error(exc)) from None
     return transport, protocol, reason
+
+
+# --------------------------------------------------------------------------- outbound (DestinationRule tls)
+
+
+def upstream_context(tls: TlsSettings | None, store: CertificateStore) -> ssl.SSLContext | None:
+    """The client context for a cluster's ``trafficPolicy.tls`` (None = plaintext).
+
+    ``ISTIO_MUTUAL`` uses the workload certificate from ``store``; ``SIMPLE`` / ``MUTUAL`` use
+    the files named in the DestinationRule (system CAs when ``caCertificates`` is unset).
+    """
+    if tls is None or tls.mode == "DISABLE":
+        return None
+    if tls.mode == "ISTIO_MUTUAL":
+        return store.client_context()
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca_certificates)
+        if tls.mode == "MUTUAL":
+            if not (tls.client_certificate and tls.private_key):
+                raise TlsConfigError(
+                    "tls mode MUTUAL needs clientCertificate and privateKey in the DestinationRule"
+                )
+            ctx.load_cert_chain(tls.client_certificate, tls.private_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(f"cannot build upstream TLS context: {exc}") from None
+    if tls.insecure_skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif tls.subject_alt_names:
+        ctx.check_hostname = False  # checked by verify_upstream against subjectAltNames
+    return ctx
+
+
+def expected_upstream_ids(tls: TlsSettings | None, endpoint_principal: str) -> set[str] | None:
+    """Identities an ``ISTIO_MUTUAL`` upstream may present: the DestinationRule's
+    ``subjectAltNames`` if set, else the endpoint's own SPIFFE id, else any (None)."""
+    if tls is not None and tls.subject_alt_names:
+        return set(tls.subject_alt_names)
+    if endpoint_principal:
+        return {endpoint_principal}
+    return None
+
+
+def verify_upstream(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
+    tls: TlsSettings | None,
+    endpoint_principal: str = "",
+) -> tuple[bool, str]:
+    """Post-handshake check of an upstream connection (call right after connect)."""
+    if tls is None or tls.mode == "DISABLE" or tls.insecure_skip_verify:
+        return True, "not verified"
+    if tls.mode == "ISTIO_MUTUAL":
+        return verify_peer(ssl_object, expected_upstream_ids(tls, endpoint_principal))
+    if not tls.subject_alt_names:
+        return True, "verified by hostname"
+    der = peer_certificate_der(ssl_object)
+    if not der:
+        return False, "upstream presented no certificate"
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = set(san.get_values_for_type(x509.DNSName)) | set(
+            san.get_values_for_type(x509.UniformResourceIdentifier)
+        )
+    except x509.ExtensionNotFound:
+        names = set()
+    if names & set(tls.subject_alt_names):
+        return True, "subjectAltNames matched"
+    return False, (
+        f"upstream certificate names {sorted(names)} match none of subjectAltNames "
+        f"{list(tls.subject_alt_names)}"
+    )
