@@ -82,6 +82,8 @@ class ControlPlane:
         health_interval: float = 1.0,
         store: ConfigStore | None = None,
         merge_service_entries: bool = False,  # translate merges ServiceEntries itself
+        observability: bool = True,
+        scrape_interval: float = 5.0,
     ) -> None:
         self.clock = clock
         self.mesh = mesh or MeshConfig()
@@ -100,8 +102,15 @@ class ControlPlane:
         self.pushes = 0
         self.last_push: PushContext | None = None
         self.analysis: list[str] = []
+        self.analysis_raw: list[Any] = []
         self.workloads_provider: Callable[[], list[dict[str, Any]]] | None = None
         self.url = ""
+        self.admin_urls: dict[str, str] = {}  # node id -> sidecar admin base URL (scraping)
+        self.scrape_interval = scrape_interval
+        self.metrics: Any = None  # diktyo.telemetry.store.MetricStore when observability is on
+        self.traces: Any = None
+        self._scraper: Any = None
+        self._observability = observability
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._closing = False
         self._kick = asyncio.Event()
@@ -117,13 +126,17 @@ class ControlPlane:
         self.debouncer.change(self.clock.monotonic())
         self._kick.set()
 
-    def add_proxy(self, proxy: ProxyNode) -> None:
+    def add_proxy(self, proxy: ProxyNode, admin_url: str | None = None) -> None:
+        """Register a proxy; ``admin_url`` lets the control plane scrape its metrics."""
+        if admin_url:
+            self.admin_urls[proxy.node.id] = admin_url.rstrip("/")
         self.proxies[proxy.node.id] = proxy
         self.status.setdefault(proxy.node.id, ProxyStatus(proxy.node.id))
         self.push_now(only_new=True)
         self.kick()
 
     def remove_proxy(self, node_id: str) -> bool:
+        self.admin_urls.pop(node_id, None)
         if self.proxies.pop(node_id, None) is None:
             return False
         self.status.pop(node_id, None)
@@ -184,7 +197,8 @@ class ControlPlane:
         except ImportError:
             return
         try:
-            self.analysis = [str(m) for m in analyze(push.resources, push.registry)]
+            self.analysis_raw = list(analyze(push.resources, push.registry))
+            self.analysis = [str(m) for m in self.analysis_raw]
         except Exception as exc:  # noqa: BLE001 - a validator bug must not stop pushes
             self.analysis = [f"analyze failed: {type(exc).__name__}: {exc}"]
 
@@ -193,12 +207,6 @@ class ControlPlane:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         self._kick = asyncio.Event()
         self._closing = False
-        if self.store.directory is not None:
-            self.store.reload_files(force=True)
-            if self.store.errors:
-                log.warning("starting with config errors:\n  %s", "\n  ".join(self.store.errors))
-        self.debouncer.fire()
-        self.push_now()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
         self._runner = web.AppRunner(
             self.app, access_log=None, handle_signals=False, shutdown_timeout=0.5
@@ -210,6 +218,18 @@ class ControlPlane:
         assert server is not None and server.sockets  # type: ignore[attr-defined]
         real_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         self.url = f"http://{host}:{real_port}"
+        if self.traces is not None and self.mesh.tracing.otlp_endpoint is None:
+            # sidecars export spans to the embedded trace store
+            tracing = msgspec.structs.replace(
+                self.mesh.tracing, otlp_endpoint=self.url + "/telemetry/v1/traces"
+            )
+            self.mesh = msgspec.structs.replace(self.mesh, tracing=tracing)
+        if self.store.directory is not None:
+            self.store.reload_files(force=True)
+            if self.store.errors:
+                log.warning("starting with config errors:\n  %s", "\n  ".join(self.store.errors))
+        self.debouncer.fire()
+        self.push_now()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._push_loop(), name="cp-push"),
@@ -217,11 +237,23 @@ class ControlPlane:
         ]
         if self.store.directory is not None:
             self._tasks.append(loop.create_task(self.store.watch(), name="cp-watch"))
+        if self.metrics is not None:
+            from diktyo.telemetry.scrape import Scraper
+
+            self._scraper = Scraper(
+                self.metrics,
+                lambda: [(n, u + "/stats/prometheus") for n, u in self.admin_urls.items()],
+                interval=self.scrape_interval,
+            )
+            self._scraper.start()
         log.info("control plane serving on %s", self.url)
         return self.url
 
     async def stop(self) -> None:
         self._closing = True
+        if self._scraper is not None:
+            await self._scraper.close()
+            self._scraper = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -290,7 +322,6 @@ class ControlPlane:
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         r = app.router
-        r.add_get("/", self._h_index)
         r.add_get("/healthz", self._h_healthz)
         r.add_get("/v1/snapshot", self._h_snapshot)
         r.add_post("/v1/ack", self._h_ack)
@@ -308,7 +339,52 @@ class ControlPlane:
         r.add_get("/v1/proxies", self._h_proxies)
         r.add_get("/v1/proxies/{node}/snapshot", self._h_proxy_snapshot)
         r.add_get("/v1/workloads", self._h_workloads)
+        if not (self._observability and self._setup_observability(app)):
+            r.add_get("/", self._h_index)
         return app
+
+    def _setup_observability(self, app: web.Application) -> bool:
+        """Embedded metric/trace stores, the dashboard at ``/``, telemetry API under ``/telemetry``."""
+        try:
+            from diktyo.dashboard.backend import MeshBackend
+            from diktyo.dashboard.server import setup_dashboard
+            from diktyo.telemetry.http import setup_routes
+            from diktyo.telemetry.store import MetricStore, TraceStore
+        except ImportError as exc:  # a partial install: keep the placeholder page
+            log.info("dashboard not available: %s", exc)
+            return False
+        self.metrics = MetricStore()
+        self.traces = TraceStore()
+        setup_dashboard(app, MeshBackend(self.metrics, self.traces, config=self._dashboard_config))
+        telemetry = web.Application(client_max_size=16 * 1024 * 1024)
+        setup_routes(telemetry, self.metrics, self.traces)
+        app.add_subapp("/telemetry", telemetry)
+        return True
+
+    def _dashboard_config(self) -> dict[str, Any]:
+        resources = []
+        for res in self.store.resources:
+            kind, ns, name = resource_key(res)
+            resources.append(
+                {
+                    "kind": kind,
+                    "namespace": ns,
+                    "name": name,
+                    "file": getattr(res, "file", ""),
+                    "line": getattr(res, "line", 0),
+                }
+            )
+        messages = [
+            m.to_json()
+            if hasattr(m, "to_json")
+            else {"file": "", "line": 0, "column": 0, "severity": "error", "message": str(m)}
+            for m in self.analysis_raw
+        ]
+        for err in self.store.errors:
+            messages.append(
+                {"file": "", "line": 0, "column": 0, "severity": "error", "message": err}
+            )
+        return {"resources": resources, "messages": messages}
 
     async def _h_index(self, request: web.Request) -> web.Response:
         return web.Response(text=_PLACEHOLDER_PAGE, content_type="text/html")

@@ -83,6 +83,7 @@ class Replica:
     app: Child | None = None
     sidecar_ready: asyncio.Event = field(default_factory=asyncio.Event)
     watch: asyncio.Task[None] | None = None
+    sidecar_watch: asyncio.Task[None] | None = None
 
     @property
     def node_id(self) -> str:
@@ -313,7 +314,7 @@ class LocalMesh:
         if self.stopping:
             return
         rep.state = "starting"
-        self.cp.add_proxy(rep.proxy)
+        self.cp.add_proxy(rep.proxy, admin_url=f"http://127.0.0.1:{rep.admin_port}")
 
         def on_sidecar_line(line: str) -> bool:
             if line.startswith("{") and '"ready"' in line:
@@ -338,9 +339,9 @@ class LocalMesh:
                 f"{rep.name}: its sidecar did not become ready in {self.ready_timeout:g}s "
                 f"(see the '[{rep.name} sidecar]' lines above)"
             )
+        rep.sidecar_watch = asyncio.get_running_loop().create_task(self._watch_sidecar(rep))
         if rep.is_gateway:
             rep.state = "ready"
-            rep.watch = asyncio.get_running_loop().create_task(self._watch_sidecar(rep))
             return
         wl = self._spec_of(rep)
         assert isinstance(wl, WorkloadSpec)
@@ -458,11 +459,14 @@ class LocalMesh:
     async def _watch_sidecar(self, rep: Replica) -> None:
         assert rep.sidecar is not None
         code = await rep.sidecar.wait()
-        if self.stopping:
+        if self.stopping or rep.state == "exited":
             return
         rep.state = "failed"
         rep.detail = f"sidecar exited with code {code}"
-        self.say(f"[{rep.name}] sidecar exited with code {code}")
+        self.say(
+            f"[{rep.name}] sidecar exited with code {code}; health checks take the instance out "
+            "of every endpoint list"
+        )
         self._changed()
 
     # ------------------------------------------------------------------ stop
@@ -480,10 +484,11 @@ class LocalMesh:
         await asyncio.gather(*(r.app.stop() for r in apps if r.app is not None))
         await asyncio.gather(*(r.sidecar.stop() for r in self.replicas if r.sidecar is not None))
         for r in self.replicas:
-            if r.watch is not None:
-                r.watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await r.watch
+            for task in (r.watch, r.sidecar_watch):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
             if r.state != "failed":
                 r.state = "stopped"
         await self.cp.stop()
