@@ -48,15 +48,13 @@ def parse_duration(value: str) -> float:
 def _validate(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, str):
         raise ValueError(  # noqa: TRY004 - pydantic turns only ValueError into a field error
-            f"invalid duration {value!r}: a duration is a string with a unit, "
-            "e.g. '1s', '0.5s', '100ms', '1m', '1h'"
+            f"invalid duration {value!r}: expected a string with a unit (ns, us, ms, s, m, h)"
         )
     try:
         return parse_duration(value)
     except DurationError:
         raise ValueError(
-            f"invalid duration {value!r}: use a number with a unit (ns, us, ms, s, m, h), "
-            "e.g. '1s', '0.5s', '100ms', '1m', '1h'"
+            f"invalid duration {value!r}: expected a number with a unit (ns, us, ms, s, m, h)"
         ) from None
 
 

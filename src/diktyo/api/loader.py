@@ -10,6 +10,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -450,7 +451,7 @@ def field_names(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
 
-def _pydantic_error(e: Any, model: type[BaseModel], err: Any) -> ConfigError:
+def _pydantic_error(e: Any, model: type[BaseModel], err: Callable[..., ConfigError]) -> ConfigError:
     loc = tuple(e["loc"])
     path = _loc_path(loc)
     etype = e["type"]

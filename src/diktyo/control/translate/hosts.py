@@ -100,6 +100,7 @@ class ConfigIndex:
     sidecars: list[Any] = field(default_factory=list)
     registry: Registry = field(default_factory=Registry)
     _dr_cache: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    _by_host: dict[str, Service] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, resources: Iterable[Any], registry: Registry) -> ConfigIndex:
@@ -126,10 +127,10 @@ class ConfigIndex:
         return idx
 
     def service(self, hostname: str) -> Service | None:
-        for svc in self.registry.services:
-            if svc.hostname == hostname:
-                return svc
-        return None
+        if not self._by_host and self.registry.services:
+            for svc in self.registry.services:
+                self._by_host.setdefault(svc.hostname, svc)
+        return self._by_host.get(hostname)
 
     def destination_rule(self, hostname: str, proxy_namespace: str) -> Any | None:
         """The DestinationRule for ``hostname``: exact host first, then the most specific wildcard.

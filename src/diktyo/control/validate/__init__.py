@@ -30,6 +30,7 @@ def analyze(resources: Iterable[Any], registry: Registry | None = None) -> list[
     _check_duplicates(ctx)
     for module in (virtualservice, destinationrule, gateway, serviceentry):
         module.check(ctx)
+    serviceentry.check_sidecars(ctx)
     return sorted(ctx.problems, key=lambda e: (e.file, e.line, e.col))
 
 

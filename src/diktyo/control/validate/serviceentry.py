@@ -41,3 +41,14 @@ def check(ctx: Context) -> None:
                 "set 'resolution: STATIC'",
                 "warning",
             )
+
+
+def check_sidecars(ctx: Context) -> None:
+    for sc in ctx.idx.sidecars:
+        ctx.report(
+            sc,
+            "spec",
+            "Sidecar resources are accepted but not applied by diktyo yet",
+            "every sidecar sees every service; remove it to silence this warning",
+            "warning",
+        )

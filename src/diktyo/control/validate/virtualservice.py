@@ -191,7 +191,7 @@ def _is_catch_all(match: Any) -> bool:
     data = match.model_dump(exclude_defaults=True, exclude={"name"})
     if not data:
         return True
-    return data == {"uri": {"prefix": "/"}}
+    return bool(data == {"uri": {"prefix": "/"}})
 
 
 def _check_shadowing(ctx: Context, vs: Any) -> None:
