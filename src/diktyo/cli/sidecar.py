@@ -6,19 +6,27 @@ import argparse
 import logging
 import sys
 
+DESCRIPTION = (
+    "Run diktyo's sidecar proxy. Exactly one config source: --snapshot FILE (snapshot "
+    "JSON), --config DIR (Istio YAML incl. ServiceEntry STATIC endpoints) or "
+    "--control-plane URL --node ID. When ready it prints one JSON line on stdout: "
+    '{"event":"ready","admin":PORT,"listeners":{"NAME":PORT},"version":"V"}; logs go '
+    "to stderr. SIGTERM or POST /drain on the admin port drains and exits. "
+    "'python -m diktyo.proxy' takes the same flags and starts with less memory."
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         "sidecar",
         help="run a sidecar proxy from a snapshot file, an Istio YAML dir or a control plane",
-        description=(
-            "Run diktyo's sidecar proxy. Exactly one config source: --snapshot FILE (snapshot "
-            "JSON), --config DIR (Istio YAML incl. ServiceEntry STATIC endpoints) or "
-            "--control-plane URL --node ID. When ready it prints one JSON line on stdout: "
-            '{"event":"ready","admin":PORT,"listeners":{"NAME":PORT},"version":"V"}; logs go '
-            "to stderr. SIGTERM or POST /drain on the admin port drains and exits."
-        ),
+        description=DESCRIPTION,
     )
+    add_arguments(p)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The sidecar's flags (shared by ``diktyo sidecar`` and ``python -m diktyo.proxy``)."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--snapshot", metavar="FILE", help="snapshot JSON file (diktyo.snapshot)")
     src.add_argument("--config", metavar="DIR", help="directory of Istio YAML files")

@@ -104,6 +104,11 @@ class ResponseSink(Protocol):
     def on_response_end(self) -> None: ...
 
 
+# raw header name -> lower-case str (names repeat: decode and lower each only once)
+_NAMES: dict[bytes, str] = {}
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
+
+
 class _Stop(Exception):
     """Raised inside a callback to stop the C parser (limits, HEAD responses)."""
 
@@ -153,21 +158,27 @@ class RequestDecoder:
         if self._hbytes > MAX_HEADER_BYTES or self._hcount > MAX_HEADER_COUNT:
             self._error = CodecError(431, "request headers too large")
             raise _Stop
-        key = name.decode("latin-1").lower()
-        val = value.decode("latin-1").strip(" \t")
-        if key == "content-length":
-            if self._cl_seen:
-                self._error = CodecError(400, "duplicate content-length")
+        key = _NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(_NAMES) < 4096:
+                _NAMES[name] = key
+        val = value.decode("latin-1")
+        if key in _FRAMING:
+            val = val.strip(" \t")
+            if key == "content-length":
+                if self._cl_seen:
+                    self._error = CodecError(400, "duplicate content-length")
+                    raise _Stop
+                if not val.isdigit() or not val.isascii():
+                    self._error = CodecError(400, "invalid content-length")
+                    raise _Stop
+                self._cl_seen = True
+            else:
+                self._te_seen = True
+            if self._cl_seen and self._te_seen:
+                self._error = CodecError(400, "both content-length and transfer-encoding")
                 raise _Stop
-            if not val.isdigit() or not val.isascii():
-                self._error = CodecError(400, "invalid content-length")
-                raise _Stop
-            self._cl_seen = True
-        elif key == "transfer-encoding":
-            self._te_seen = True
-        if self._cl_seen and self._te_seen:
-            self._error = CodecError(400, "both content-length and transfer-encoding")
-            raise _Stop
         headers = self._headers
         old = headers.get(key)
         if old is None:
@@ -385,10 +396,8 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 def encode_request_head(method: str, path: str, headers: dict[str, str], body_framing: bytes) -> bytes:
     """Request line + headers (hop-by-hop already removed by the caller) + framing header."""
-    parts = [f"{method} {path} HTTP/1.1\r\n"]
-    for k, v in headers.items():
-        parts.append(f"{k}: {v}\r\n")
-    return "".join(parts).encode("latin-1") + body_framing + _CRLF
+    text = "\r\n".join([f"{method} {path} HTTP/1.1", *[f"{k}: {v}" for k, v in headers.items()]])
+    return text.encode("latin-1") + b"\r\n" + body_framing + _CRLF
 
 
 def content_length_header(n: int) -> bytes:

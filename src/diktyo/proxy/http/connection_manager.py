@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +71,14 @@ PAUSE_UPSTREAM = 2
 PAUSE_BUFFER = 4
 
 _monotonic = time.monotonic
+_NO_LB_CONTEXT = LbContext({}, "", None)  # shared by requests whose LB ignores the request
+
+
+def request_id(rng: Any) -> str:
+    """A random UUID (version 4) string for ``x-request-id``, without a syscall per request."""
+    h = "%032x" % ((rng.getrandbits(128) & ~(0xF000 << 64) & ~(0xC << 60)) | (0x4000 << 64)
+                   | (0x8 << 60))
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def join_flags(flags: set[str] | None) -> str:
@@ -233,7 +240,7 @@ class Stream:
         "req_bytes", "resp_bytes", "resp_started", "resp_done", "status", "flags", "timer",
         "try_timer", "retry_timer", "chunked_out", "close_out", "lbctx", "race_retried", "done",
         "out_headers", "path_out", "sent_all", "upbuf", "pending", "host_active", "in_retry",
-        "reset", "mirrors", "discard", "authority", "obuf",
+        "reset", "mirrors", "discard", "authority", "obuf", "per_try",
     )
 
     def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
@@ -282,6 +289,7 @@ class Stream:
         self.discard = False
         self.authority = head.authority
         self.obuf: list[bytes] = []  # response bytes not yet written downstream
+        self.per_try: float | None = None
 
     def add_flag(self, flag: str) -> None:
         if self.flags is None:
@@ -410,7 +418,7 @@ class Stream:
         if peer:
             h["x-forwarded-for"] = peer if xff is None else f"{xff}, {peer}"
         if "x-request-id" not in h:
-            h["x-request-id"] = str(uuid.uuid4())
+            h["x-request-id"] = request_id(self.rt.rng)
         if "x-forwarded-proto" not in h:
             h["x-forwarded-proto"] = self.head.scheme
         self.out_headers = h
@@ -424,11 +432,24 @@ class Stream:
             timeout = int(ov) / 1000.0
         if timeout:
             self.timer = rt.loop.call_later(timeout, self.on_timeout)
-        self.rs = RetryState(route.retries if route is not None else None, rt.rng,
-                             getattr(self.cstate, "retry_budget", None))
-        self.pool = rt.pool_for(self.cstate)
-        self.lbctx = LbContext(self.out_headers, self.conn.peer, None)
+        if route is not None and route.retries is not None:
+            self.per_try = route.retries.per_try_timeout
+        cs = self.cstate
+        self.pool = rt.pool_for(cs)
+        if cs.cluster.lb.consistent_hash is not None:
+            self.lbctx = LbContext(self.out_headers, self.conn.peer, None)
+        else:
+            self.lbctx = _NO_LB_CONTEXT
         self.attempt_upstream(False)
+
+    def retry_state(self) -> Any:
+        """The request's RetryState, created on the first failure (most requests never need it)."""
+        rs = self.rs
+        if rs is None:
+            route = self.route.route if self.route is not None else None
+            rs = self.rs = RetryState(route.retries if route is not None else None, self.rt.rng,
+                                      getattr(self.cstate, "retry_budget", None))
+        return rs
 
     def attempt_upstream(self, fresh: bool) -> None:
         cs = self.cstate
@@ -466,7 +487,7 @@ class Stream:
         self.uconn = uconn
         head = self.head
         h = self.out_headers
-        h["x-envoy-attempt-count"] = str(self.attempt)
+        h["x-envoy-attempt-count"] = "1" if self.attempt == 1 else str(self.attempt)
         if head.chunked:
             framing = _CHUNKED_HDR
         elif head.content_length is not None:
@@ -490,7 +511,7 @@ class Stream:
             self.conn.resume(PAUSE_BUFFER)
         if self.conn.write_paused:
             uconn.pause_reading()
-        pt = self.rs.per_try_timeout
+        pt = self.per_try
         if pt:
             self.try_timer = self.rt.loop.call_later(pt, self.on_try_timeout)
 
@@ -620,9 +641,9 @@ class Stream:
         self.obuf.append(encode_response_head(status, out, extra))
 
     def retry_status(self, status: int) -> bool:
-        if not self.replayable or self.done:
+        if not self.replayable or self.done or self.cstate is None:
             return False
-        rs = self.rs
+        rs = self.retry_state()
         if not rs.should_retry_status(status, None):
             if getattr(rs, "refused", None) == "limit" and self.attempt > 1:
                 self.add_flag("URX")
@@ -639,10 +660,11 @@ class Stream:
         return True
 
     def try_retry_reset(self, kind: str) -> bool:
-        if not self.replayable or self.resp_started or self.done or self.rs is None:
+        if not self.replayable or self.resp_started or self.done or self.cstate is None:
             return False
-        if not self.rs.should_retry_reset(kind):
-            if getattr(self.rs, "refused", None) == "limit" and self.attempt > 1:
+        rs = self.retry_state()
+        if not rs.should_retry_reset(kind):
+            if getattr(rs, "refused", None) == "limit" and self.attempt > 1:
                 self.add_flag("URX")
             return False
         if not self.start_retry():
@@ -661,7 +683,7 @@ class Stream:
 
     def schedule_retry(self) -> None:
         self.attempt += 1
-        delay = self.rs.next_backoff()
+        delay = self.retry_state().next_backoff()
         self.retry_timer = self.rt.loop.call_later(delay, self.do_retry)
 
     def do_retry(self) -> None:
