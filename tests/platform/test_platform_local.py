@@ -153,6 +153,18 @@ async def test_up_request_through_sidecars_then_down_leaves_nothing() -> None:
                 "istio-ingressgateway": "ready",
             }
         assert "[hello-v1-1] listening on" in out.getvalue()
+        # a sidecar whose admin /ready stops answering takes its instance out of the endpoints
+        mesh.cp.health_interval = 0.2
+        hello1 = mesh.replica("hello-v1-1")
+        assert hello1.sidecar is not None and hello1.sidecar.proc is not None
+        hello1.sidecar.proc.kill()
+        for _ in range(100):
+            if not mesh.cp.registry.instances["hello-v1-1"].healthy:
+                break
+            await asyncio.sleep(0.05)
+        assert not mesh.cp.registry.instances["hello-v1-1"].healthy
+        assert "hello-v1-1" not in [i.name for i in mesh.cp.registry.view().instances]
+        assert "sidecar exited with code" in out.getvalue()
         # an app that exits leaves the registry and its sidecar drains
         hello2 = mesh.replica("hello-v1-2")
         assert hello2.app is not None and hello2.app.proc is not None
@@ -170,7 +182,7 @@ async def test_up_request_through_sidecars_then_down_leaves_nothing() -> None:
     assert len(pids) == 7
     assert [p for p in pids if pid_alive(p)] == []
     text = out.getvalue()
-    assert "[hello-v1-1 sidecar] draining" in text
+    assert "[front-v1-1 sidecar] draining" in text  # SIGTERM, not SIGKILL, on stop
 
 
 def test_bad_mesh_file_says_where() -> None:

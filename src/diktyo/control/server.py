@@ -452,7 +452,7 @@ class ControlPlane:
             {
                 "generation": self.store.generation,
                 "directory": str(self.store.directory or ""),
-                "resources": [list(k) for k in self.store.keys()],  # noqa: SIM118
+                "resources": [list(k) for k in self.store.resource_keys()],
                 "errors": list(self.store.errors),
                 "warnings": list(self.store.warnings),
                 "analysis": self.analysis,

@@ -93,7 +93,7 @@ class ConfigStore:
         merged.update(self._applied)
         return tuple(merged.values())
 
-    def keys(self) -> list[ResourceKey]:
+    def resource_keys(self) -> list[ResourceKey]:
         return sorted(set(self._files) | set(self._applied))
 
     # ------------------------------------------------------------------ files
