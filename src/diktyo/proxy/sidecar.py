@@ -113,8 +113,8 @@ class Runtime:
                         retry_budget_min=mesh.retry_budget_min)
                 else:
                     clusters[c.name] = ClusterState(c, self.clock, self.rng, previous=prev.get(c.name))
-        except (ValueError, TypeError) as exc:
-            raise SnapshotError(f"cluster: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure rejects the snapshot whole
+            raise SnapshotError(f"cluster state: {type(exc).__name__}: {exc}") from None
         self.clusters = clusters
 
     def pool_for(self, cstate: Any) -> ClusterPool:
