@@ -35,14 +35,16 @@ def _nginx_http_common(tmp: Path, name: str) -> str:
 """
 
 
-def upstream_nginx_conf(tmp: Path, port: int) -> str:
-    """A fast fixed-response server: ``/`` answers a 3-byte body, ``/1k`` 1 KiB."""
+def upstream_nginx_conf(tmp: Path, port: int, port2: int | None = None) -> str:
+    """A fast fixed-response server: ``/`` answers a 3-byte body, ``/1k`` 1 KiB. ``port2``: a
+    second port on the same server, the "v2" endpoint of the diktyo configs."""
+    second = f"\n    listen 127.0.0.1:{port2} backlog=4096;" if port2 else ""
     return (
         _nginx_common(tmp, "upstream")
         + "http {\n"
         + _nginx_http_common(tmp, "upstream")
         + f"""  server {{
-    listen 127.0.0.1:{port} backlog=4096;
+    listen 127.0.0.1:{port} backlog=4096;{second}
     location = /1k {{ return 200 "{KIB_BODY.rstrip()}\\n"; }}
     location / {{ return 200 "{SMALL_BODY.rstrip()}\\n"; }}
   }}
@@ -293,3 +295,86 @@ def server_sidecar_snapshot(
             }
         ],
     }
+
+
+# --------------------------------------------------------------------------- Istio YAML
+
+
+def istio_yaml(v1: tuple[str, int], v2: tuple[str, int]) -> str:
+    """The same mesh as the hand-written snapshot above, as a user writes it: a ServiceEntry
+    (STATIC endpoints v1 and v2), a DestinationRule with subsets and traffic policy, and a
+    VirtualService whose four rules the benchmark's requests walk to the last one."""
+    return f"""apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: upstream, namespace: bench}}
+spec:
+  hosts: [{SERVICE}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - {{number: 80, name: http, protocol: HTTP}}
+  endpoints:
+  - address: {v1[0]}
+    ports: {{http: {v1[1]}}}
+    labels: {{app: upstream, version: v1}}
+  - address: {v2[0]}
+    ports: {{http: {v2[1]}}}
+    labels: {{app: upstream, version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: upstream, namespace: bench}}
+spec:
+  host: {SERVICE}
+  trafficPolicy:
+    loadBalancer: {{simple: LEAST_REQUEST}}
+    connectionPool:
+      tcp: {{maxConnections: 10000}}
+      http: {{http1MaxPendingRequests: 10000}}
+    outlierDetection:
+      consecutive5xxErrors: 5
+      interval: 10s
+      baseEjectionTime: 30s
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+  - name: v2
+    labels: {{version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: upstream, namespace: bench}}
+spec:
+  hosts: [{SERVICE}]
+  http:
+  - name: canary-header
+    match:
+    - headers:
+        x-canary: {{exact: "true"}}
+    route:
+    - destination: {{host: {SERVICE}, subset: v2}}
+  - name: api-v2
+    match:
+    - uri: {{prefix: /api/v2/}}
+    - headers:
+        end-user: {{regex: "^(jason|ann)$"}}
+    route:
+    - destination: {{host: {SERVICE}, subset: v2}}
+  - name: static
+    match:
+    - uri: {{prefix: /static/}}
+      method: {{exact: GET}}
+    timeout: 5s
+    retries: {{attempts: 3, perTryTimeout: 2s}}
+    route:
+    - destination: {{host: {SERVICE}, subset: v1}}
+  - name: default
+    match:
+    - uri: {{exact: /1k}}
+    - uri: {{prefix: /}}
+    route:
+    - destination: {{host: {SERVICE}, subset: v1}}
+      weight: 99
+    - destination: {{host: {SERVICE}, subset: v2}}
+      weight: 1
+"""

@@ -128,6 +128,7 @@ int main(int argc, char **argv) {
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
 
     long sent = 0, done = 0, errors = 0;
+    static long codes[600];
     struct pollfd pfd[MAXC];
     int64_t t0 = now_ns() + 1000000;
     while (done < total) {
@@ -179,6 +180,7 @@ int main(int argc, char **argv) {
                 raw[done] = t - cc->sent;
                 done++;
                 if (status < 200 || status > 299) errors++;
+                codes[status > 0 && status < 600 ? status : 0]++;
                 memmove(cc->buf, cc->buf + used, cc->len - used);
                 cc->len -= used;
                 cc->busy = 0;
@@ -190,7 +192,13 @@ int main(int argc, char **argv) {
     printf("{\"requests\":%ld,\"errors\":%ld,\"target_rps\":%.1f,\"achieved_rps\":%.1f,\"connections\":%d,",
            done, errors, rate, (double)done / elapsed, k);
     pct("latency_us", lat, done, 1);
-    pct("uncorrected_us", raw, done, 0);
-    printf("}\n");
+    pct("uncorrected_us", raw, done, 1);
+    printf("\"status\":{");
+    for (int i = 0, first = 1; i < 600; i++)
+        if (codes[i]) {
+            printf("%s\"%d\":%ld", first ? "" : ",", i, codes[i]);
+            first = 0;
+        }
+    printf("}}\n");
     return 0;
 }

@@ -204,9 +204,12 @@ def start(
     )
 
 
-def start_sidecar(name: str, argv: list[str], log: Path, core: int, timeout: float = 20.0) -> Proc:
+def start_sidecar(
+    name: str, argv: list[str], log: Path, core: int, timeout: float = 20.0, listener: str = ""
+) -> Proc:
     """Start a diktyo sidecar and wait for its JSON ready line on stdout:
-    ``{"event":"ready","admin":P,"listeners":{"name":port}}``. Stderr goes to ``log``."""
+    ``{"event":"ready","admin":P,"listeners":{"name":port}}``. Stderr goes to ``log``.
+    ``proc.port`` is the port of the listener named ``listener`` (else the first one)."""
     with open(log, "wb") as errf:
         popen = subprocess.Popen(
             pinned(core, argv), stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL
@@ -232,7 +235,12 @@ def start_sidecar(name: str, argv: list[str], log: Path, core: int, timeout: flo
                 if isinstance(msg, dict) and msg.get("event") == "ready":
                     proc.extra = msg
                     listeners = msg.get("listeners") or {}
-                    proc.port = int(next(iter(listeners.values()), 0))
+                    if listener and listener not in listeners:
+                        proc.stop()
+                        raise StartError(
+                            f"{name}: no listener {listener!r} in its ready line: {msg}"
+                        )
+                    proc.port = int(listeners.get(listener) or next(iter(listeners.values()), 0))
                     # keep draining stdout so the sidecar never blocks on a full pipe
                     _drain(popen)
                     return proc
@@ -257,3 +265,28 @@ def _drain(popen: subprocess.Popen[bytes]) -> None:
             pass
 
     threading.Thread(target=run, daemon=True).start()
+
+
+def istio_request_counts(admin_port: int) -> dict[str, int]:
+    """A sidecar's ``istio_requests_total`` summed by ``response_code response_flags`` (from its
+    admin ``/stats/prometheus``): shows what failed when a run has errors."""
+    import re
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{admin_port}/stats/prometheus", timeout=5
+        ) as resp:
+            text = resp.read().decode()
+    except OSError as exc:
+        return {"scrape_error": 1, str(exc)[:100]: 1}
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if not line.startswith("istio_requests_total{"):
+            continue
+        code = re.search(r'response_code="([^"]*)"', line)
+        flags = re.search(r'response_flags="([^"]*)"', line)
+        reporter = re.search(r'reporter="([^"]*)"', line)
+        key = " ".join(m.group(1) if m else "?" for m in (reporter, code, flags))
+        out[key] = out.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out

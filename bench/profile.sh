@@ -37,7 +37,7 @@ import procs, targets
 secs, target, conns, out, pyspy = float(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 tmp = Path(tempfile.mkdtemp(prefix="diktyo-profile-"))
 up = targets.start_upstream(tmp, procs.LOAD_CORE)
-run = targets.start_target(target, tmp, up.port)
+run = targets.start_target(target, tmp, up)
 pid = run.procs[0].pid
 try:
     wrk = subprocess.Popen(procs.pinned(procs.LOAD_CORE, ["wrk", "-t1", f"-c{conns}", f"-d{2 * int(secs) + 4}s",

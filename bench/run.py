@@ -157,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--seconds", type=float, help="seconds per measurement (default: full 10, quick 3)"
     )
+    ap.add_argument(
+        "--diktyo-config",
+        choices=("yaml", "snapshot"),
+        default="yaml",
+        help="diktyo's config: Istio YAML translated by diktyo (default) or the hand-written snapshot",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
     ap.add_argument("--no-latest", action="store_true", help="do not overwrite <out>/latest.md")
     args = ap.parse_args(argv)
@@ -222,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         t: {"idle_rss_kib": [], "peak_rss_kib": []} for t in wanted
     }
     failures: dict[str, str] = {}
+    sidecar_stats: dict[str, list[dict[str, int]]] = {}
     try:
         for rep in range(reps):
             running: dict[str, tg.Running] = {}
@@ -229,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 if t in failures:
                     continue
                 try:
-                    running[t] = tg.start_target(t, tmp, upstream.port)
+                    running[t] = tg.start_target(t, tmp, upstream, args.diktyo_config)
                 except Exception as exc:  # noqa: BLE001 - a target that cannot start is reported
                     failures[t] = f"{type(exc).__name__}: {exc}"
                     print(f"bench: {t} failed to start: {exc}", file=sys.stderr)
@@ -259,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
             for t, r in running.items():
                 memory[t]["peak_rss_kib"].append(sum(p.hwm_kib() for p in r.procs))
+                for p in r.procs:
+                    if "admin" in p.extra:
+                        counts = procs.istio_request_counts(int(p.extra["admin"]))  # type: ignore[call-overload]
+                        sidecar_stats.setdefault(p.name, []).append(counts)
                 r.stop()
     finally:
         upstream.stop()
@@ -274,10 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "scenarios": scenarios,
         "targets": wanted,
+        "diktyo_config": args.diktyo_config,
         "failures": failures,
         "notes": notes,
         "runs": runs,
         "memory": memory,
+        "sidecar_requests": sidecar_stats,
     }
     result["summary"] = report.summarise(result)
     args.out.mkdir(parents=True, exist_ok=True)

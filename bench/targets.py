@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import configs
 from procs import PROXY_CORE, Proc, free_port, start, start_sidecar
@@ -63,12 +64,62 @@ def _validate(snap: dict[str, object]) -> None:
     codec.from_builtins(snap)  # raises SnapshotError with a readable message
 
 
-def _sidecar(tmp: Path, name: str, snap: dict[str, object]) -> Proc:
+def _sidecar(tmp: Path, name: str, snap: dict[str, object], listener: str = "") -> Proc:
     _validate(snap)
     path = tmp / f"{name}.snapshot.json"
     path.write_text(json.dumps(snap, indent=1))
     argv = [*diktyo_argv(), "sidecar", "--snapshot", str(path), "--admin-port", str(free_port())]
-    return start_sidecar(name, argv, tmp / f"{name}.log", PROXY_CORE)
+    return start_sidecar(name, argv, tmp / f"{name}.log", PROXY_CORE, listener=listener)
+
+
+CLIENT_LISTENER = f"outbound|{configs.SERVICE}:80"
+SERVER_LISTENER = "inbound|80"
+
+
+def translated_snapshot(
+    tmp: Path, name: str, yaml_text: str, role: str, app_port: int = 0
+) -> dict[str, Any]:
+    """Istio YAML -> snapshot with diktyo's own loader and translator (as ``diktyo sidecar
+    --config`` does), for a client node with a per-upstream local listener (``default_host``)
+    or a server node with an inbound listener in front of ``app_port``."""
+    from diktyo.api import load_paths
+    from diktyo.control.model import InboundPort, ProxyNode, PushContext
+    from diktyo.control.translate import registry_from_service_entries, translate
+    from diktyo.snapshot import codec
+    from diktyo.snapshot.model import Node
+
+    d = tmp / f"{name}-istio"
+    d.mkdir(exist_ok=True)
+    (d / "mesh.yaml").write_text(yaml_text)
+    result = load_paths([d])
+    errors = [e for e in result.errors if getattr(e, "severity", "error") == "error"]
+    if errors:
+        raise ValueError("bench Istio YAML does not load:\n" + "\n".join(map(str, errors)))
+    push = PushContext(
+        resources=tuple(result.resources),
+        registry=registry_from_service_entries(result.resources),
+        version="bench-1",
+    )
+    if role == "client":
+        node = Node(
+            id="bench-client-1.bench",
+            workload="bench-client",
+            namespace="bench",
+            labels={"app": "bench-client", "version": "v1"},
+        )
+        proxy = ProxyNode(node=node, local_ports={f"{configs.SERVICE}:80": 0})
+    else:
+        node = Node(
+            id="upstream-v1-1.bench",
+            workload="upstream-v1",
+            namespace="bench",
+            labels={"app": "upstream", "version": "v1"},
+            services=(configs.SERVICE,),
+        )
+        proxy = ProxyNode(node=node, inbound=(InboundPort(80, 0, app_port),))
+    out = codec.to_builtins(translate(proxy, push))
+    assert isinstance(out, dict)
+    return out
 
 
 def _nginx(tmp: Path, name: str, conf_text: str, port: int, core: int) -> Proc:
@@ -85,11 +136,18 @@ def _haproxy(tmp: Path, name: str, port: int, upstream_port: int) -> Proc:
 
 
 def start_upstream(tmp: Path, core: int) -> Proc:
-    port = free_port()
-    return _nginx(tmp, "upstream", configs.upstream_nginx_conf(tmp, port), port, core)
+    port, port2 = free_port(), free_port()
+    p = _nginx(tmp, "upstream", configs.upstream_nginx_conf(tmp, port, port2), port, core)
+    p.extra["v2_port"] = port2
+    return p
 
 
-def start_target(name: str, tmp: Path, upstream_port: int) -> Running:
+def start_target(name: str, tmp: Path, upstream: Proc, config: str = "yaml") -> Running:
+    """Start target ``name`` in front of ``upstream``. ``config`` (diktyo targets): ``yaml``
+    translates the bench's Istio YAML with diktyo's translator, ``snapshot`` uses the
+    hand-written snapshot of ``configs.py``."""
+    upstream_port = upstream.port
+    v2_port = int(upstream.extra.get("v2_port") or upstream_port)
     if name == "direct":
         return Running(name, upstream_port)
     if name == "nginx":
@@ -112,16 +170,35 @@ def start_target(name: str, tmp: Path, upstream_port: int) -> Running:
             raise
         return Running(name, pc, [client, server])
     if name == "diktyo":
-        snap = configs.client_sidecar_snapshot(0, [("127.0.0.1", upstream_port)], via_sidecar=False)
-        p = _sidecar(tmp, "diktyo", snap)
+        if config == "yaml":
+            yaml_text = configs.istio_yaml(("127.0.0.1", upstream_port), ("127.0.0.1", v2_port))
+            snap = translated_snapshot(tmp, "diktyo", yaml_text, "client")
+            p = _sidecar(tmp, "diktyo", snap, CLIENT_LISTENER)
+        else:
+            snap = configs.client_sidecar_snapshot(
+                0, [("127.0.0.1", upstream_port)], via_sidecar=False
+            )
+            p = _sidecar(tmp, "diktyo", snap)
         return Running(name, p.port, [p])
     if name == "mesh-diktyo":
-        server = _sidecar(tmp, "diktyo-server", configs.server_sidecar_snapshot(0, upstream_port))
+        if config == "yaml":
+            yaml_text = configs.istio_yaml(("127.0.0.1", upstream_port), ("127.0.0.1", v2_port))
+            snap = translated_snapshot(tmp, "diktyo-server", yaml_text, "server", upstream_port)
+            server = _sidecar(tmp, "diktyo-server", snap, SERVER_LISTENER)
+        else:
+            snap = configs.server_sidecar_snapshot(0, upstream_port)
+            server = _sidecar(tmp, "diktyo-server", snap)
         try:
-            snap = configs.client_sidecar_snapshot(
-                0, [("127.0.0.1", server.port)], via_sidecar=True
-            )
-            client = _sidecar(tmp, "diktyo-client", snap)
+            if config == "yaml":
+                ep = ("127.0.0.1", server.port)
+                yaml_text = configs.istio_yaml(ep, ep)
+                snap = translated_snapshot(tmp, "diktyo-client", yaml_text, "client")
+                client = _sidecar(tmp, "diktyo-client", snap, CLIENT_LISTENER)
+            else:
+                snap = configs.client_sidecar_snapshot(
+                    0, [("127.0.0.1", server.port)], via_sidecar=True
+                )
+                client = _sidecar(tmp, "diktyo-client", snap)
         except Exception:
             server.stop()
             raise
