@@ -1,0 +1,1 @@
+"""Kubernetes: sidecar injection (pure pod mutation), the admission webhook and install manifests."""
