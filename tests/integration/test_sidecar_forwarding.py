@@ -266,3 +266,62 @@ async def test_tcp_listener_passes_bytes_both_ways() -> None:
         assert await asyncio.wait_for(r.readexactly(9), 3) == b"HELLO TCP"
         w.close()
     server.close()
+
+
+async def test_large_response_to_slow_client_is_flow_controlled() -> None:
+    size = 16 * 1024 * 1024
+    async with FakeUpstream(Response(body=b"y" * size)) as up:
+        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
+            r, w = await asyncio.open_connection("127.0.0.1", sc.port(), limit=2**16)
+            # a tiny receive window: the client does not read for a while
+            w.write(b"GET /big HTTP/1.1\r\nHost: reviews\r\n\r\n")
+            await w.drain()
+            await asyncio.sleep(0.5)
+            (ctx,) = [c for c in sc.sidecar.listeners.values() if c.name == "outbound"]
+            (conn,) = list(ctx.connections)
+            buffered = conn.transport.get_write_buffer_size()
+            assert buffered < 4 * 1024 * 1024, buffered  # upstream reads were paused
+            head = await r.readuntil(b"\r\n\r\n")
+            assert b"content-length: %d" % size in head.lower()
+            got = 0
+            while got < size:
+                chunk = await asyncio.wait_for(r.read(1 << 20), 10)
+                assert chunk
+                got += len(chunk)
+            assert got == size
+            w.close()
+
+
+async def test_upload_to_slow_upstream_is_flow_controlled() -> None:
+    readers: list[asyncio.StreamWriter] = []
+
+    async def stalled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        readers.append(writer)  # accepts, never reads
+
+    server = await asyncio.start_server(stalled, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", port)]})) as sc:
+        r, w = await asyncio.open_connection("127.0.0.1", sc.port())
+        sent = 0
+
+        async def upload() -> None:
+            nonlocal sent
+            w.write(b"POST /up HTTP/1.1\r\nHost: reviews\r\nContent-Length: %d\r\n\r\n"
+                    % (64 * 1024 * 1024))
+            piece = b"z" * 65536
+            for _ in range(1024):
+                w.write(piece)
+                await w.drain()
+                sent += len(piece)
+
+        task = asyncio.create_task(upload())
+        await asyncio.sleep(0.8)
+        pool = sc.sidecar.pools["outbound|80||reviews"]
+        (uconn,) = list(pool.active)
+        assert uconn.transport.get_write_buffer_size() < 4 * 1024 * 1024
+        assert sent < 32 * 1024 * 1024  # the client was pushed back
+        task.cancel()
+        w.close()
+    server.close()
+    for wr in readers:
+        wr.close()
