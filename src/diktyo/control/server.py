@@ -152,13 +152,34 @@ class ControlPlane:
             proxies = [p for n, p in self.proxies.items() if self.cache.get(n) is None]
             push = self._push_context()  # current state; same push version, new digest
         else:
-            self.push_version += 1
-            push = self._push_context()
-            self.last_push = push
+            push = self._next_push()
             proxies = list(self.proxies.values())
-            self.pushes += 1
-            self._analyze(push)
-        changed = self.cache.rebuild(push, proxies)
+        return self._publish(self.cache.rebuild(push, proxies))
+
+    async def push_async(self, chunk: int = 25) -> int:
+        """Like ``push_now`` but yields to the loop every ``chunk`` proxies, so proxies already
+        translated get their snapshot while the rest are still being translated."""
+        push = self._next_push()
+        version = self.push_version
+        proxies = list(self.proxies.values())
+        changed = 0
+        for i in range(0, len(proxies), chunk):
+            if self.push_version != version:
+                break  # a newer push (push_now) already covered every proxy
+            batch = [p for p in proxies[i : i + chunk] if p.node.id in self.proxies]
+            changed += len(self._publish(self.cache.rebuild(push, batch)))
+            await asyncio.sleep(0)
+        return changed
+
+    def _next_push(self) -> PushContext:
+        self.push_version += 1
+        push = self._push_context()
+        self.last_push = push
+        self.pushes += 1
+        self._analyze(push)
+        return push
+
+    def _publish(self, changed: list[str]) -> list[str]:
         for node_id in changed:
             entry = self.cache.get(node_id)
             st = self.status.get(node_id)
@@ -282,7 +303,7 @@ class ControlPlane:
                 if now >= deadline:
                     self.debouncer.fire()
                     try:
-                        self.push_now()
+                        await self.push_async()
                     except Exception:
                         log.exception("push failed")
                     break
