@@ -175,3 +175,47 @@ def test_ctrl_c_stops_everything_in_order(tmp_path: Path, env: dict[str, str]) -
     assert proc.returncode == 0, out
     assert "stopping: apps, then sidecars, then the control plane" in out
     assert [p for p in pids if pid_alive(p)] == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_config_folder_is_watched_and_bad_files_keep_the_last_good_config(tmp_path: Path) -> None:
+    from diktyo.platform.harness import MeshThread
+    from diktyo.platform.mesh import load_mesh_text
+
+    config = tmp_path / "config"
+    config.mkdir()
+    spec = load_mesh_text(MESH, "tiny.yaml", base_dir=str(tmp_path))
+    with MeshThread(spec, config_dir=config) as mesh:
+        front = next(w for w in mesh.describe()["workloads"] if w["name"] == "front-v1-1")
+        front_url = f"http://127.0.0.1:{front['app_ports']['9080']}/call/hello:9080/"
+
+        def versions(n: int = 6) -> set[str]:
+            out = set()
+            for _ in range(n):
+                code, body = get(front_url)
+                assert code == 200, body
+                out.add(json.loads(body)["version"])
+            return out
+
+        def wait_for(expected: set[str]) -> None:
+            deadline = time.monotonic() + 10
+            while versions() != expected:
+                assert time.monotonic() < deadline, f"routing never became {expected}"
+                time.sleep(0.2)
+
+        (config / "route.yaml").write_text(ROUTE_V2)
+        wait_for({"v2"})
+        (config / "broken.yaml").write_text(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+            "metadata: {name: x}\nspec: {hosts: [hello], htp: []}\n"
+        )
+        deadline = time.monotonic() + 5
+        while not mesh.mesh.cp.store.errors:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "broken.yaml" in mesh.mesh.cp.store.errors[0]  # type: ignore[union-attr]
+        assert versions() == {"v2"}  # last good config still served
+        (config / "broken.yaml").unlink()
+        (config / "route.yaml").unlink()
+        wait_for({"v1", "v2"})
