@@ -200,3 +200,44 @@ def _case(name: str) -> tuple[ProxyNode, PushContext]:
 def test_translate_is_pure() -> None:
     proxy, push = _case("actions-and-sources.in.yaml")
     assert translate(proxy, push) == translate(proxy, push)
+
+
+def test_fault_without_percentage_is_never_injected_like_istio() -> None:
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r}
+spec:
+  hosts: [reviews]
+  http:
+  - fault:
+      abort: {httpStatus: 418}
+      delay: {fixedDelay: 1s}
+    route:
+    - destination: {host: reviews}
+"""
+    result = load_text(text, "vs.yaml")
+    from diktyo.control.translate.routes import fault
+
+    spec = result.resources[0].spec
+    f = fault(spec.http[0].fault)  # type: ignore[attr-defined]
+    assert f is not None and f.abort is not None and f.delay is not None
+    assert f.abort.percentage == 0.0 and f.delay.percentage == 0.0
+
+
+def test_outlier_detection_mapping_follows_istio() -> None:
+    from diktyo.api.networking import OutlierDetection as OD
+    from diktyo.control.translate.clusters import outlier_detection
+
+    def od(**kw: object) -> tuple[object, object, float]:
+        out = outlier_detection(OD.model_validate(kw))
+        assert out is not None
+        return out.consecutive_5xx_errors, out.consecutive_gateway_errors, out.max_ejection_percent
+
+    assert od() == (5, None, 10.0)
+    assert od(consecutive5xxErrors=0) == (None, None, 10.0)
+    assert od(consecutiveErrors=3) == (None, 3, 10.0)  # legacy: gateway errors only
+    assert od(consecutiveErrors=3, consecutive5xxErrors=7) == (7, 3, 10.0)
+    assert od(consecutiveGatewayErrors=2, maxEjectionPercent=100) == (5, 2, 100.0)
+    assert od(maxEjectionPercent=0) == (5, None, 10.0)
+    assert outlier_detection(None) is None

@@ -162,3 +162,13 @@ def test_istio_bookinfo_reviews_and_rules_are_clean_together() -> None:
         "    - destination: {host: reviews, subset: v2}\n      weight: 50\n"
     )
     assert run(text + "---\n" + DR, ["reviews"]) == []
+
+
+def test_fault_without_percentage_warns() -> None:
+    (p,) = run(
+        vs(
+            "  - fault:\n      abort: {httpStatus: 500}\n    route:\n    - destination: {host: reviews}\n"
+        )
+    )
+    assert p.severity == "warning" and p.field == "spec.http[0].fault.abort"
+    assert "never injected" in p.message and "percentage" in p.hint

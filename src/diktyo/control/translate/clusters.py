@@ -118,22 +118,20 @@ def outlier_detection(od: Any) -> OutlierDetection | None:
     gateway errors (502/503/504) only, as Istio has done since 1.5."""
     if od is None:
         return None
-    c5xx: int | None = 5
-    gateway = od.consecutive_gateway_errors
+    c5xx: int | None = 5  # Envoy's default, enforced
+    gateway: int | None = None
+    if od.consecutive_errors is not None and od.consecutive_errors > 0:
+        gateway, c5xx = od.consecutive_errors, None
     if od.consecutive_5xx_errors is not None:
         c5xx = od.consecutive_5xx_errors or None
-    elif od.consecutive_errors is not None:
-        c5xx = None
-        if od.consecutive_errors > 0 and gateway is None:
-            gateway = od.consecutive_errors
-    if gateway == 0:
-        gateway = None
+    if od.consecutive_gateway_errors is not None:
+        gateway = od.consecutive_gateway_errors or None
     kw: dict[str, Any] = {"consecutive_5xx_errors": c5xx, "consecutive_gateway_errors": gateway}
     if od.interval is not None:
         kw["interval"] = od.interval
     if od.base_ejection_time is not None:
         kw["base_ejection_time"] = od.base_ejection_time
-    if od.max_ejection_percent is not None:
+    if od.max_ejection_percent:  # Istio: 0 keeps the default (10 %)
         kw["max_ejection_percent"] = float(od.max_ejection_percent)
     if od.min_health_percent is not None:
         kw["min_health_percent"] = float(od.min_health_percent)

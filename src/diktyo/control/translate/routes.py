@@ -256,12 +256,12 @@ def destination(ctx: RouteContext, vs: Any, dest: Any, port: int) -> tuple[str, 
     return host, dport, subset
 
 
-def _percent(p: Any, legacy: int | None = None) -> float:
+def _percent(p: Any, legacy: int | None = None, default: float = 100.0) -> float:
     if p is not None:
         return float(p.value)
     if legacy is not None:
         return float(legacy)
-    return 100.0
+    return default
 
 
 def retry_policy(r: Any) -> RetryPolicy | None:
@@ -292,18 +292,20 @@ def retry_policy(r: Any) -> RetryPolicy | None:
 
 
 def fault(f: Any) -> Fault | None:
+    """Istio's translation: a fault without ``percentage`` (or legacy ``percent``) applies to
+    0 % of requests, which is what Envoy does with an unset percentage (istio/istio#36303)."""
     if f is None:
         return None
     delay = abort = None
     if f.delay is not None and f.delay.fixed_delay is not None:
         delay = FaultDelay(
             fixed_delay=f.delay.fixed_delay,
-            percentage=_percent(f.delay.percentage, f.delay.percent),
+            percentage=_percent(f.delay.percentage, f.delay.percent, 0.0),
         )
     if f.abort is not None and f.abort.http_status is not None:
         abort = FaultAbort(
             http_status=f.abort.http_status,
-            percentage=_percent(f.abort.percentage, f.abort.percent),
+            percentage=_percent(f.abort.percentage, f.abort.percent, 0.0),
         )
     if delay is None and abort is None:
         return None

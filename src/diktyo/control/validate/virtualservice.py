@@ -114,6 +114,17 @@ def _check_rule(ctx: Context, vs: Any, i: int, rule: Any) -> None:
         _check_destination(ctx, vs, f"{base}.mirror", rule.mirror)
     for j, mp in enumerate(rule.mirrors):
         _check_destination(ctx, vs, f"{base}.mirrors[{j}].destination", mp.destination)
+    if rule.fault is not None:
+        for kind in ("delay", "abort"):
+            part = getattr(rule.fault, kind)
+            if part is not None and part.percentage is None and part.percent is None:
+                ctx.report(
+                    vs,
+                    f"{base}.fault.{kind}",
+                    f"fault {kind} without percentage is never injected (as in Istio)",
+                    "add 'percentage: {value: 100}'",
+                    "warning",
+                )
     if rule.fault is not None and rule.fault.abort is not None:
         ab = rule.fault.abort
         if ab.http_status is None:
