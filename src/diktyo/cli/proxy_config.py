@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def resolve(name: str, nodes: list[dict[str, Any]]) -> str | None:
-    ids = [n["node"] for n in nodes]
+    ids = [str(n["node"]) for n in nodes]
     if name in ids:
         return name
     for i in ids:

@@ -66,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
         return run_detached(argv, args.timeout)
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover
-        runner = asyncio.run
-    return runner(serve_mesh(spec, config_dir=config_dir))
+        return asyncio.run(serve_mesh(spec, config_dir=config_dir))
+    return uvloop.run(serve_mesh(spec, config_dir=config_dir))

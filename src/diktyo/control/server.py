@@ -46,17 +46,15 @@ _PLACEHOLDER_PAGE = """<!doctype html><html><head><title>diktyo</title></head><b
 
 
 def _default_translator() -> Translator:
-    from diktyo.control.translate import translate  # type: ignore[import-not-found,unused-ignore]
+    from diktyo.control.translate import translate
 
-    return translate  # type: ignore[no-any-return]
+    return translate
 
 
 def _merge_service_entries(resources: tuple[Any, ...], registry: Registry) -> Registry:
     """Add services/instances declared by ServiceEntry resources (config engineer's helper)."""
     try:
-        from diktyo.control.translate import (  # type: ignore[import-not-found,unused-ignore]
-            registry_from_service_entries,
-        )
+        from diktyo.control.translate import registry_from_service_entries
     except ImportError:
         return registry
     extra = registry_from_service_entries(resources)

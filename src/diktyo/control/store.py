@@ -42,19 +42,16 @@ class LoadOutcome:
 
 
 def _load_paths(paths: list[Path]) -> LoadOutcome:
-    from diktyo.api import load_paths  # type: ignore[attr-defined]
+    from diktyo.api import load_paths
 
-    result = load_paths(paths)
+    result = load_paths(list[str | Path](paths))
     return LoadOutcome(tuple(result.resources), tuple(str(e) for e in result.errors))
 
 
 def _load_text(text: str, source: str) -> LoadOutcome:
-    from diktyo.api import load_text  # type: ignore[attr-defined]
+    from diktyo.api import load_text
 
-    try:
-        result = load_text(text, source)
-    except TypeError:
-        result = load_text(text)
+    result = load_text(text, source)
     return LoadOutcome(tuple(result.resources), tuple(str(e) for e in result.errors))
 
 

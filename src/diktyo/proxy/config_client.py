@@ -44,7 +44,7 @@ class Backoff:
     def next(self) -> float:
         ceiling = min(self.cap, self.base * (2**self.attempt))
         self.attempt += 1
-        return self.base / 2 + self.rng.random() * max(0.0, ceiling - self.base / 2)
+        return float(self.base / 2 + self.rng.random() * max(0.0, ceiling - self.base / 2))
 
     def reset(self) -> None:
         self.attempt = 0

@@ -41,9 +41,12 @@ class FakeSidecar:
         return f"http://{ep.address}:{ep.port}"
 
     async def forward(self, request: web.Request, base: str) -> web.Response:
-        async with aiohttp.ClientSession() as s, s.request(
-            request.method, base + request.rel_url.path_qs, data=await request.read()
-        ) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(
+                request.method, base + request.rel_url.path_qs, data=await request.read()
+            ) as r,
+        ):
             return web.Response(status=r.status, body=await r.read())
 
     def handler(self, listener):
