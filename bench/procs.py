@@ -85,6 +85,19 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def sys_seconds(pids: list[int]) -> float:
+    """Kernel-mode CPU (stime) of ``pids``: the share of a proxy's CPU spent in syscalls."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total += int(fields[12])
+        except (OSError, IndexError):
+            pass
+    return total / CLK_TCK
+
+
 def sched_ns(pids: list[int]) -> int:
     """CPU time in ns of every thread of ``pids`` (/proc/PID/task/TID/schedstat): finer than
     the 10 ms ticks of utime+stime, used as a cross-check."""

@@ -71,6 +71,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
                     "cpu_us_per_req",
                     "cpu_us_per_req_schedstat",
                     "rps_per_cpu_s",
+                    "proxy_sys_share",
                     "proxy_cpu_util",
                     "load_core_busy",
                     "error_count",
@@ -221,15 +222,16 @@ def markdown(result: dict[str, Any], chart_name: str | None) -> str:
             "rps: requests per second; CPU: the proxy processes' utime+stime per request (both hops for "
             "mesh paths); util: proxy CPU / wall time (near 100 % = the proxy is the bottleneck); "
             "core 1: how busy the upstream + load generator core was (all processes on it); "
+            "sys: the kernel's (syscalls') share of the proxy's CPU; "
             "latency in microseconds (saturation rows: wrk's closed-loop latency, not a latency figure; "
             "rate rows: paced open loop); added = minus direct's, same repetition."
         ),
         "",
         (
-            "| scenario | target | rps | CPU us/req | util | core 1 | p50 | p90 | p99 | p99.9 | added p50 | added p99 "
+            "| scenario | target | rps | CPU us/req | sys | util | core 1 | p50 | p90 | p99 | p99.9 | added p50 | added p99 "
             "| errors |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     scen = list(result["scenarios"])
     for sc in scen:
@@ -239,6 +241,8 @@ def markdown(result: dict[str, Any], chart_name: str | None) -> str:
                 continue
             util = m["proxy_cpu_util"]
             util_s = "-" if util is None or t == "direct" else f"{util['median']:.0%}"
+            sys_s = m["proxy_sys_share"]
+            util_s = ("-" if sys_s is None else f"{sys_s['median']:.0%}") + " | " + util_s
             lc = m["load_core_busy"]
             util_s += " | -" if lc is None else f" | {lc['median']:.0%}"
             lines.append(

@@ -109,7 +109,7 @@ def measure(
     pacer: Path | None,
 ) -> dict[str, Any]:
     ps = [pid for p in run.procs for pid in p.pids()]
-    ns0 = procs.sched_ns(ps)
+    ns0, sys0 = procs.sched_ns(ps), procs.sys_seconds(ps)
     cpu0, up0, cores0, t0 = (
         procs.cpu_seconds(ps),
         upstream.cpu(),
@@ -124,6 +124,7 @@ def measure(
     wall = time.monotonic() - t0
     cpu = procs.cpu_seconds(ps) - cpu0
     ns = procs.sched_ns(ps) - ns0
+    res["proxy_sys_share"] = (procs.sys_seconds(ps) - sys0) / cpu if cpu > 0 else None
     cores1 = procs.core_busy()
     n = max(1, res["requests"])
     res["proxy_cpu_s"] = cpu
