@@ -113,8 +113,8 @@ def test_bookinfo_samples_validate(all_crds: list[dict[str, Any]]) -> None:
         assert _errors(all_crds, doc, strict=False) == [], name
         strict_findings += [f"{name}: {e}" for e in _errors(all_crds, doc, strict=True)]
     assert strict_findings == [
-        "virtual-service-ratings-test-abort.yaml:VirtualService/ratings: spec/http/0/fault/abort: "
-        "Additional properties are not allowed ('percent' was unexpected)"
+        ("virtual-service-ratings-test-abort.yaml:VirtualService/ratings: spec/http/0/fault/abort: "
+         "Additional properties are not allowed ('percent' was unexpected)")
     ]
 
 

@@ -1,0 +1,1 @@
+"""Ingest: config stores (files, Kubernetes, etcd) and the service registry."""

@@ -1,0 +1,253 @@
+"""Sidecar injection into a pod (pure): Istio's policy and mutation, with diktyo's containers.
+
+``inject_pod(pod, config)`` returns a new pod dict with the ``diktyo-init`` init container
+(traffic capture rules, see ``capture``), the ``diktyo-proxy`` sidecar, their volumes, and
+Istio's labels and annotations (``sidecar.istio.io/status`` marks the pod as injected). A
+pod that opted out (``sidecar.istio.io/inject: "false"``), that uses the host network, or
+that is already injected comes back unchanged (equal, not the same object).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from diktyo.control.ingest.kubernetes import port_protocol
+from diktyo.control.inject.capture import CapturePlan, render_script
+from diktyo.control.inject.config import DEFAULT_CONFIG, InjectConfig
+
+PROXY = "diktyo-proxy"
+INIT = "diktyo-init"
+STATUS = "sidecar.istio.io/status"
+INJECT = "sidecar.istio.io/inject"
+NAMESPACE_LABELS = ("istio-injection", "diktyo-injection")
+VOLUMES = ("diktyo-data", "diktyo-podinfo", "diktyo-token")
+_TRUE = {"true", "y", "yes", "on", "enabled"}
+_FALSE = {"false", "n", "no", "off", "disabled"}
+_LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warning": "warning",
+               "warn": "warning", "error": "error", "critical": "error", "off": "error"}
+
+
+def _explicit(pod: dict[str, Any]) -> bool | None:
+    """The pod's own choice: label ``sidecar.istio.io/inject`` wins over the annotation."""
+    meta = pod.get("metadata") or {}
+    for source in (meta.get("labels") or {}, meta.get("annotations") or {}):
+        value = str(source.get(INJECT, "")).strip().lower()
+        if value in _TRUE:
+            return True
+        if value in _FALSE:
+            return False
+    return None
+
+
+def is_injected(pod: dict[str, Any]) -> bool:
+    meta = pod.get("metadata") or {}
+    if STATUS in (meta.get("annotations") or {}):
+        return True
+    names = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+    return PROXY in names
+
+
+def injection_required(
+    pod: dict[str, Any],
+    config: InjectConfig = DEFAULT_CONFIG,
+    namespace: str | None = None,
+    namespace_labels: dict[str, str] | None = None,
+) -> tuple[bool, str]:
+    """(inject?, reason). ``namespace_labels=None`` means "the webhook's selector already matched"."""
+    spec = pod.get("spec") or {}
+    ns = namespace or (pod.get("metadata") or {}).get("namespace") or ""
+    if spec.get("hostNetwork"):
+        return False, "pod uses the host network"
+    if ns in config.ignored_namespaces:
+        return False, f"namespace {ns} is never injected"
+    if is_injected(pod):
+        return False, "already injected"
+    explicit = _explicit(pod)
+    if explicit is False:
+        return False, f"pod opted out ({INJECT}: false)"
+    if namespace_labels is not None and explicit is None:
+        values = [str(namespace_labels.get(k, "")).lower() for k in NAMESPACE_LABELS]
+        if "enabled" not in values:
+            return False, f"namespace {ns or '?'} is not labelled istio-injection=enabled"
+    return True, "injected"
+
+
+def _annotation(pod: dict[str, Any], key: str, default: str) -> str:
+    return str(((pod.get("metadata") or {}).get("annotations") or {}).get(key, default))
+
+
+def _ports(value: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in (x.strip() for x in value.split(",")) if p)
+
+
+def capture_plan(pod: dict[str, Any], config: InjectConfig) -> CapturePlan:
+    """The capture rules for a pod: config defaults overridden by ``traffic.sidecar.istio.io/*``."""
+    a = "traffic.sidecar.istio.io/"
+    return CapturePlan(
+        outbound_port=config.outbound_capture_port,
+        inbound_port=config.inbound_capture_port,
+        proxy_uid=config.proxy_uid, proxy_gid=config.proxy_uid,
+        include_inbound_ports=_annotation(pod, a + "includeInboundPorts", "*"),
+        exclude_inbound_ports=tuple(dict.fromkeys(
+            config.exclude_inbound_ports + _ports(_annotation(pod, a + "excludeInboundPorts", "")))),
+        include_outbound_ip_ranges=_annotation(pod, a + "includeOutboundIPRanges", "*"),
+        exclude_outbound_ip_ranges=tuple(
+            c.strip() for c in _annotation(pod, a + "excludeOutboundIPRanges", "").split(",") if c.strip()),
+        exclude_outbound_ports=_ports(_annotation(pod, a + "excludeOutboundPorts", "")),
+    )
+
+
+def _pod_ports(containers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for c in containers:
+        for p in c.get("ports") or []:
+            entry: dict[str, Any] = {"containerPort": p.get("containerPort")}
+            if p.get("name"):
+                entry["name"] = p["name"]
+            entry["protocol"] = p.get("protocol", "TCP")
+            entry["meshProtocol"] = port_protocol(p.get("name"), None, p.get("protocol", "TCP"))
+            out.append(entry)
+    return out
+
+
+def _canonical(meta: dict[str, Any]) -> tuple[str, str]:
+    labels = meta.get("labels") or {}
+    name = (labels.get("service.istio.io/canonical-name") or labels.get("app.kubernetes.io/name")
+            or labels.get("app") or meta.get("name")
+            or (meta.get("generateName") or "").rstrip("-") or "unknown")
+    rev = (labels.get("service.istio.io/canonical-revision") or labels.get("app.kubernetes.io/version")
+           or labels.get("version") or "latest")
+    return str(name), str(rev)
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+
+
+def proxy_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]:
+    """The ``diktyo-proxy`` sidecar container for this pod."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    app = spec.get("containers") or []
+    a = "sidecar.istio.io/"
+    log_level = _LOG_LEVELS.get(_annotation(pod, a + "logLevel", config.log_level).lower(), "warning")
+    name, rev = _canonical(meta)
+    return {
+        "name": PROXY,
+        "image": _annotation(pod, a + "proxyImage", config.image),
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["diktyo"],
+        "args": ["sidecar", "--control-plane", config.control_plane,
+                 "--node", "$(POD_NAME).$(POD_NAMESPACE)",
+                 "--admin-port", str(config.admin_port),
+                 "--outbound-port", str(config.outbound_capture_port),
+                 "--log-level", log_level],
+        "env": [
+            _field_env("POD_NAME", "metadata.name"),
+            _field_env("POD_NAMESPACE", "metadata.namespace"),
+            _field_env("INSTANCE_IP", "status.podIP"),
+            _field_env("HOST_IP", "status.hostIP"),
+            _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            {"name": "DIKTYO_TRUST_DOMAIN", "value": config.trust_domain},
+            {"name": "DIKTYO_TRACING_SAMPLING", "value": f"{config.tracing_sampling:g}"},
+            {"name": "DIKTYO_META_WORKLOAD_NAME", "value": name},
+            {"name": "DIKTYO_META_CANONICAL_REVISION", "value": rev},
+            {"name": "DIKTYO_META_APP_CONTAINERS",
+             "value": ",".join(str(c.get("name", "")) for c in app)},
+            {"name": "DIKTYO_META_POD_PORTS",
+             "value": json.dumps(_pod_ports(app), separators=(",", ":"))},
+        ],
+        "ports": [{"containerPort": config.admin_port, "name": "http-diktyo-admin", "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": config.admin_port},
+            "initialDelaySeconds": 1, "periodSeconds": 2, "timeoutSeconds": 3, "failureThreshold": 30,
+        },
+        "resources": {
+            "requests": {"cpu": _annotation(pod, a + "proxyCPU", config.cpu_request),
+                         "memory": _annotation(pod, a + "proxyMemory", config.memory_request)},
+            "limits": {"cpu": _annotation(pod, a + "proxyCPULimit", config.cpu_limit),
+                       "memory": _annotation(pod, a + "proxyMemoryLimit", config.memory_limit)},
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False, "privileged": False,
+            "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+            "runAsUser": config.proxy_uid, "runAsGroup": config.proxy_uid, "runAsNonRoot": True,
+        },
+        "volumeMounts": [
+            {"name": "diktyo-data", "mountPath": "/var/run/diktyo"},
+            {"name": "diktyo-podinfo", "mountPath": "/etc/diktyo/pod"},
+            {"name": "diktyo-token", "mountPath": "/var/run/secrets/tokens"},
+        ],
+    }
+
+
+def init_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]:
+    """The ``diktyo-init`` container: installs the capture rules, then exits."""
+    a = "sidecar.istio.io/"
+    return {
+        "name": INIT,
+        "image": _annotation(pod, a + "proxyImage", config.image),
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["sh", "-c"],
+        "args": [render_script(capture_plan(pod, config))],
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "40Mi"},
+            "limits": {"cpu": _annotation(pod, a + "proxyCPULimit", config.cpu_limit),
+                       "memory": _annotation(pod, a + "proxyMemoryLimit", config.memory_limit)},
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False, "privileged": False,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "readOnlyRootFilesystem": False, "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False,
+        },
+    }
+
+
+def _volumes() -> list[dict[str, Any]]:
+    return [
+        {"name": "diktyo-data", "emptyDir": {"medium": "Memory"}},
+        {"name": "diktyo-podinfo", "downwardAPI": {"items": [
+            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+            {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}},
+        {"name": "diktyo-token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": "diktyo-ca", "expirationSeconds": 43200, "path": "diktyo-token"}}]}},
+    ]
+
+
+def status_annotation(config: InjectConfig) -> str:
+    return json.dumps({"initContainers": [INIT], "containers": [PROXY], "volumes": list(VOLUMES),
+                       "imagePullSecrets": None, "revision": config.revision}, separators=(",", ":"))
+
+
+def inject_pod(
+    pod: dict[str, Any],
+    config: InjectConfig = DEFAULT_CONFIG,
+    namespace: str | None = None,
+    namespace_labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A copy of ``pod`` with the sidecar injected, or an unchanged copy if not required."""
+    out = copy.deepcopy(pod)
+    required, _ = injection_required(pod, config, namespace, namespace_labels)
+    if not required:
+        return out
+    meta = out.setdefault("metadata", {})
+    spec = out.setdefault("spec", {})
+    app = spec.get("containers") or []
+    name, rev = _canonical(meta)
+    labels = meta.setdefault("labels", {})
+    labels.setdefault("security.istio.io/tlsMode", "istio")
+    labels.setdefault("service.istio.io/canonical-name", name)
+    labels.setdefault("service.istio.io/canonical-revision", rev)
+    ann = meta.setdefault("annotations", {})
+    if app:
+        ann.setdefault("kubectl.kubernetes.io/default-container", app[0].get("name", ""))
+    ann.setdefault("prometheus.io/scrape", "true")
+    ann.setdefault("prometheus.io/port", str(config.admin_port))
+    ann.setdefault("prometheus.io/path", "/stats/prometheus")
+    ann[STATUS] = status_annotation(config)
+    spec["initContainers"] = [init_container(pod, config)] + list(spec.get("initContainers") or [])
+    spec["containers"] = list(app) + [proxy_container(pod, config)]
+    spec["volumes"] = list(spec.get("volumes") or []) + _volumes()
+    return out

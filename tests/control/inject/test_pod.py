@@ -1,0 +1,88 @@
+"""inject_pod policy and mutation details (Istio's semantics), beyond the golden files."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from diktyo.control.inject.config import InjectConfig
+from diktyo.control.inject.pod import inject_pod, injection_required
+
+
+def _pod(**meta: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-1", "namespace": "default", **meta},
+            "spec": {"containers": [{"name": "web", "image": "web:1",
+                                     "ports": [{"name": "http-web", "containerPort": 8080}]}]}}
+
+
+@pytest.mark.parametrize(
+    ("pod", "ns_labels", "want"),
+    [
+        (_pod(), {"istio-injection": "enabled"}, True),
+        (_pod(), {"diktyo-injection": "enabled"}, True),
+        (_pod(), {}, False),
+        (_pod(), {"istio-injection": "disabled"}, False),
+        (_pod(), None, True),  # webhook: the namespaceSelector already matched
+        (_pod(labels={"sidecar.istio.io/inject": "true"}), {}, True),
+        (_pod(annotations={"sidecar.istio.io/inject": "false"}), {"istio-injection": "enabled"}, False),
+        # the label wins over the annotation (Istio)
+        (_pod(labels={"sidecar.istio.io/inject": "true"},
+              annotations={"sidecar.istio.io/inject": "false"}), {}, True),
+        (_pod(namespace="kube-system"), None, False),
+    ],
+)
+def test_policy(pod: dict[str, Any], ns_labels: dict[str, str] | None, want: bool) -> None:
+    got, reason = injection_required(pod, InjectConfig(), namespace_labels=ns_labels)
+    assert got is want, reason
+    injected = inject_pod(pod, namespace_labels=ns_labels)
+    names = [c["name"] for c in injected["spec"]["containers"]]
+    assert ("diktyo-proxy" in names) is want
+
+
+def test_host_network_pods_are_left_alone() -> None:
+    pod = _pod()
+    pod["spec"]["hostNetwork"] = True
+    assert inject_pod(pod) == pod
+    assert injection_required(pod)[1] == "pod uses the host network"
+
+
+def test_input_not_mutated_and_proxy_shape() -> None:
+    pod = _pod(labels={"app": "web", "version": "v2"})
+    before = json.dumps(pod, sort_keys=True)
+    cfg = InjectConfig(control_plane="http://cp.mesh.svc:15010", admin_port=15000)
+    out = inject_pod(pod, cfg)
+    assert json.dumps(pod, sort_keys=True) == before
+    proxy = out["spec"]["containers"][-1]
+    assert proxy["name"] == "diktyo-proxy"
+    args = proxy["args"]
+    assert args[:3] == ["sidecar", "--control-plane", "http://cp.mesh.svc:15010"]
+    assert args[args.index("--node") + 1] == "$(POD_NAME).$(POD_NAMESPACE)"
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 15000}
+    env = {e["name"]: e for e in proxy["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    ports = json.loads(env["DIKTYO_META_POD_PORTS"]["value"])
+    assert ports == [{"containerPort": 8080, "name": "http-web", "protocol": "TCP", "meshProtocol": "HTTP"}]
+    assert out["spec"]["initContainers"][0]["name"] == "diktyo-init"
+    assert "NET_ADMIN" in out["spec"]["initContainers"][0]["securityContext"]["capabilities"]["add"]
+    status = json.loads(out["metadata"]["annotations"]["sidecar.istio.io/status"])
+    assert status["containers"] == ["diktyo-proxy"] and status["initContainers"] == ["diktyo-init"]
+    assert {v["name"] for v in out["spec"]["volumes"]} == set(status["volumes"])
+    labels = out["metadata"]["labels"]
+    assert labels["service.istio.io/canonical-name"] == "web"
+    assert labels["service.istio.io/canonical-revision"] == "v2"
+    assert labels["security.istio.io/tlsMode"] == "istio"
+
+
+def test_user_prometheus_annotations_are_kept() -> None:
+    pod = _pod(annotations={"prometheus.io/port": "9102"})
+    assert inject_pod(pod)["metadata"]["annotations"]["prometheus.io/port"] == "9102"
+
+
+def test_excluded_inbound_ports_from_annotation() -> None:
+    pod = _pod(annotations={"traffic.sidecar.istio.io/excludeInboundPorts": "8081"})
+    script = inject_pod(pod)["spec"]["initContainers"][0]["args"][0]
+    assert "-A DIKTYO_INBOUND -p tcp --dport 8081 -j RETURN" in script
