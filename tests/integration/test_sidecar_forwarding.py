@@ -325,3 +325,13 @@ async def test_upload_to_slow_upstream_is_flow_controlled() -> None:
     server.close()
     for wr in readers:
         wr.close()
+
+
+async def test_local_reply_to_head_has_no_body() -> None:
+    async with start_sidecar(http_snapshot({"reviews": []})) as sc:
+        async with HttpClient(sc.port()) as c:
+            r = await c.request("HEAD", "http://reviews/")
+            assert r.status == 503 and r.body == b""
+            assert r.header("content-length") == str(len("no healthy upstream"))
+            r = await c.get("http://reviews/")  # the connection is still in sync
+            assert r.text == "no healthy upstream"

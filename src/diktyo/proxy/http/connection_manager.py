@@ -234,62 +234,56 @@ class HttpConnection(asyncio.Protocol):
 class Stream:
     """One request/response exchange on a downstream connection."""
 
-    __slots__ = (
-        "conn", "head", "ctx", "rt", "t0", "route", "block", "dest", "cstate", "pool", "host",
-        "tried", "rs", "attempt", "uconn", "chunks", "chunks_size", "replayable", "req_done",
-        "req_bytes", "resp_bytes", "resp_started", "resp_done", "status", "flags", "timer",
-        "try_timer", "retry_timer", "chunked_out", "close_out", "lbctx", "race_retried", "done",
-        "out_headers", "path_out", "sent_all", "upbuf", "pending", "host_active", "in_retry",
-        "reset", "mirrors", "discard", "authority", "obuf", "per_try",
-    )
+    # Class-level defaults: a new stream only sets what differs per request (no __slots__,
+    # so the ~40 fields below cost nothing until a request actually changes them).
+    rt: Any = None
+    route: CompiledRoute | None = None
+    block = 0
+    dest: CompiledDestination | None = None
+    cstate: Any = None
+    pool: Any = None
+    host: Any = None
+    tried: set[tuple[str, int]] | None = None
+    rs: Any = None
+    attempt = 1
+    uconn: Any = None
+    chunks_size = 0
+    replayable = True
+    req_done = False
+    req_bytes = 0
+    resp_bytes = 0
+    resp_started = False
+    resp_done = False
+    status = 0
+    flags: set[str] | None = None
+    timer: asyncio.TimerHandle | None = None
+    try_timer: asyncio.TimerHandle | None = None
+    retry_timer: asyncio.TimerHandle | None = None
+    chunked_out = False
+    lbctx: Any = None
+    race_retried = False
+    done = False
+    sent_all = False
+    pending = False
+    host_active = False
+    in_retry = False
+    reset = False
+    mirrors: list[Any] | None = None
+    discard = False
+    per_try: float | None = None
 
     def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
         self.conn = conn
         self.head = head
         self.ctx = conn.ctx
-        self.rt: Any = None
         self.t0 = _monotonic()
-        self.route: CompiledRoute | None = None
-        self.block = 0
-        self.dest: CompiledDestination | None = None
-        self.cstate: Any = None
-        self.pool: Any = None
-        self.host: Any = None
-        self.tried: set[tuple[str, int]] | None = None
-        self.rs: Any = None
-        self.attempt = 1
-        self.uconn: Any = None
         self.chunks: list[bytes] = []
-        self.chunks_size = 0
-        self.replayable = True
-        self.req_done = False
-        self.req_bytes = 0
-        self.resp_bytes = 0
-        self.resp_started = False
-        self.resp_done = False
-        self.status = 0
-        self.flags: set[str] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.try_timer: asyncio.TimerHandle | None = None
-        self.retry_timer: asyncio.TimerHandle | None = None
-        self.chunked_out = False
         self.close_out = not head.keep_alive
-        self.lbctx: Any = None
-        self.race_retried = False
-        self.done = False
-        self.out_headers: dict[str, str] = {}
+        self.out_headers: dict[str, str] = head.headers
         self.path_out = head.path
-        self.sent_all = False
         self.upbuf: list[bytes] = []
-        self.pending = False
-        self.host_active = False
-        self.in_retry = False
-        self.reset = False
-        self.mirrors: list[Any] | None = None
-        self.discard = False
         self.authority = head.authority
         self.obuf: list[bytes] = []  # response bytes not yet written downstream
-        self.per_try: float | None = None
 
     def add_flag(self, flag: str) -> None:
         if self.flags is None:
@@ -405,17 +399,18 @@ class Stream:
         return f"{scheme}://{authority}{path}"
 
     def prepare_headers(self) -> None:
-        """Copy request headers minus hop-by-hop ones, add x-forwarded-*, x-request-id."""
-        src = self.head.headers
-        drop = HOP_BY_HOP_STR
-        conn_hdr = src.get("connection")
-        if conn_hdr is not None:
-            extra = {t.strip().lower() for t in conn_hdr.split(",")}
-            drop = drop | extra
-        h = {k: v for k, v in src.items() if k not in drop}
-        xff = h.get("x-forwarded-for")
+        """Strip hop-by-hop headers (in place), add x-forwarded-*, x-request-id."""
+        h = self.head.headers
+        if not HOP_BY_HOP_STR.isdisjoint(h):
+            conn_hdr = h.get("connection")
+            if conn_hdr is not None:
+                for t in conn_hdr.split(","):
+                    h.pop(t.strip().lower(), None)
+            for k in HOP_BY_HOP_STR.intersection(h):
+                del h[k]
         peer = self.conn.peer
         if peer:
+            xff = h.get("x-forwarded-for")
             h["x-forwarded-for"] = peer if xff is None else f"{xff}, {peer}"
         if "x-request-id" not in h:
             h["x-request-id"] = request_id(self.rt.rng)
@@ -821,7 +816,11 @@ class Stream:
         self.resp_bytes = len(body)
         close = self.close_out or self.conn.close_after
         if not self.conn.closed and self.conn.transport is not None:
-            self.conn.transport.write(local_response(status, body, headers, close))
+            data = local_response(status, body, headers, close)
+            if self.head.method == "HEAD" and body:
+                data = data[: len(data) - len(body)]  # HEAD: same head, no body
+                self.resp_bytes = 0
+            self.conn.transport.write(data)
         if self.req_done:
             self.finish()
 
