@@ -154,3 +154,31 @@ def test_cli_reports_a_missing_snapshot_file() -> None:
                           "/nonexistent/snap.json"], capture_output=True, timeout=60)
     assert res.returncode != 0
     assert b"/nonexistent/snap.json" in res.stderr
+
+
+async def test_listener_port_change_moves_the_listener() -> None:
+    import socket
+
+    def free_port() -> int:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        p = s.getsockname()[1]
+        s.close()
+        return p
+
+    async with FakeUpstream() as up:
+        p1, p2 = free_port(), free_port()
+        base = http_snapshot({"reviews": [("127.0.0.1", up.port)]})
+
+        def with_port(p: int, v: str):  # type: ignore[no-untyped-def]
+            lst = msgspec.structs.replace(base.listeners[0], port=p)
+            return msgspec.structs.replace(base, version=v, listeners=(lst,))
+
+        async with start_sidecar(with_port(p1, "1")) as sc:
+            assert (await http_request(p1, "GET", "http://reviews/")).status == 200
+            sc.sidecar.apply(with_port(p2, "2"))
+            await sc.sidecar.wait_listening()
+            assert (await http_request(p2, "GET", "http://reviews/")).status == 200
+            await asyncio.sleep(0.05)
+            with pytest.raises(OSError):
+                await http_request(p1, "GET", "http://reviews/")

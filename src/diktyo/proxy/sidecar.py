@@ -205,6 +205,8 @@ class Sidecar:
             if ctx is not None and name not in new_socks:
                 ctx.update(lst)
                 continue
+            if ctx is not None and ctx.server is not None:
+                ctx.server.close()  # same name, new address/port/direction: replaced
             ctx = ListenerContext(self, lst)
             sock = new_socks[name]
             ctx.sock = sock
