@@ -9,6 +9,7 @@ more specific level that sets it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +156,7 @@ def tls_settings(tls: Any) -> TlsSettings | None:
 def endpoints(
     svc: Service,
     port: int,
-    instances: tuple[WorkloadInstance, ...],
+    instances: Iterable[WorkloadInstance],
     labels: dict[str, str],
     trust_domain: str,
 ) -> tuple[Endpoint, ...]:
@@ -212,7 +213,7 @@ def build_cluster(
             if p.number == port:
                 protocol = protocol_of(p.name, p.protocol)
         if subset_labels is not None:
-            eps = endpoints(svc, port, idx.registry.instances, subset_labels, trust_domain)
+            eps = endpoints(svc, port, idx.instances_of(svc.hostname), subset_labels, trust_domain)
     return Cluster(
         name=cluster_name(port, subset, host),
         service=host,

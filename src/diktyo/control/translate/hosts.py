@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from diktyo.control.model import Registry, Service
+from diktyo.control.model import Registry, Service, WorkloadInstance
 
 DOMAIN_SUFFIX = "cluster.local"
 
@@ -101,6 +101,12 @@ class ConfigIndex:
     registry: Registry = field(default_factory=Registry)
     _dr_cache: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
     _by_host: dict[str, Service] = field(default_factory=dict, repr=False)
+    # resolved hosts, computed once per index
+    _dr_exact: dict[str, list[Any]] = field(default_factory=dict, repr=False)
+    _dr_wild: list[tuple[str, Any]] = field(default_factory=list, repr=False)
+    _vs_exact: dict[str, list[Any]] = field(default_factory=dict, repr=False)
+    _vs_wild: list[tuple[str, Any]] = field(default_factory=list, repr=False)
+    _instances: dict[str, list[WorkloadInstance]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, resources: Iterable[Any], registry: Registry) -> ConfigIndex:
@@ -124,12 +130,48 @@ class ConfigIndex:
         idx.registry = merge_registries(
             registry, registry_from_service_entries(idx.service_entries)
         )
+        services = idx.registry.services
+        for svc in services:
+            idx._by_host.setdefault(svc.hostname, svc)
+        for inst in idx.registry.instances:
+            for h in inst.services:
+                idx._instances.setdefault(h, []).append(inst)
+        for dr in idx.destination_rules:
+            host = resolve_host(dr.spec.host, dr.namespace, services)
+            if "*" in host:
+                idx._dr_wild.append((host, dr))
+            else:
+                idx._dr_exact.setdefault(host, []).append(dr)
+        for vs in idx.virtual_services:
+            if vs.spec.gateways and "mesh" not in vs.spec.gateways:
+                continue
+            seen: set[str] = set()
+            for h in vs.spec.hosts:
+                host = resolve_host(h, vs.namespace, services)
+                if host in seen:
+                    continue
+                seen.add(host)
+                if "*" in host:
+                    idx._vs_wild.append((host, vs))
+                else:
+                    idx._vs_exact.setdefault(host, []).append(vs)
         return idx
 
+    def instances_of(self, hostname: str) -> list[WorkloadInstance]:
+        """Registry instances serving ``hostname``, in registry order."""
+        return self._instances.get(hostname, [])
+
+    def mesh_virtual_services(self, hostname: str) -> list[Any]:
+        """VirtualServices bound to the mesh whose hosts cover ``hostname``: exact hosts first
+        (input order), then wildcard ones (input order)."""
+        exact = self._vs_exact.get(hostname, [])
+        wild: list[Any] = []
+        for host, vs in self._vs_wild:
+            if host_matches(host, hostname) and vs not in exact and vs not in wild:
+                wild.append(vs)
+        return exact + wild
+
     def service(self, hostname: str) -> Service | None:
-        if not self._by_host and self.registry.services:
-            for svc in self.registry.services:
-                self._by_host.setdefault(svc.hostname, svc)
         return self._by_host.get(hostname)
 
     def destination_rule(self, hostname: str, proxy_namespace: str) -> Any | None:
@@ -144,14 +186,8 @@ class ConfigIndex:
         return self._dr_cache[key]
 
     def _find_destination_rule(self, hostname: str, proxy_namespace: str) -> Any | None:
-        exact: list[Any] = []
-        wild: list[tuple[int, Any]] = []
-        for dr in self.destination_rules:
-            host = resolve_host(dr.spec.host, dr.namespace, self.registry.services)
-            if host == hostname:
-                exact.append(dr)
-            elif host_matches(host, hostname):
-                wild.append((len(host), dr))
+        exact = list(self._dr_exact.get(hostname, []))
+        wild = [(len(host), dr) for host, dr in self._dr_wild if host_matches(host, hostname)]
         if exact:
             exact.sort(key=lambda d: d.namespace != proxy_namespace)
             return _merge_rules(exact)

@@ -80,22 +80,6 @@ def service_domains(svc: Service, port: int, proxy_ns: str) -> list[str]:
     return out
 
 
-def mesh_virtual_services(ctx: RouteContext, hostname: str) -> list[Any]:
-    """VirtualServices bound to the mesh whose hosts cover ``hostname``, exact hosts first."""
-    exact, wild = [], []
-    services = ctx.idx.registry.services
-    for vs in ctx.idx.virtual_services:
-        gws = vs.spec.gateways
-        if gws and MESH not in gws:
-            continue
-        hosts = [resolve_host(h, vs.namespace, services) for h in vs.spec.hosts]
-        if hostname in hosts:
-            exact.append(vs)
-        elif any(host_matches(h, hostname) for h in hosts):
-            wild.append(vs)
-    return exact + wild
-
-
 def build_outbound_table(ctx: RouteContext) -> RouteTable:
     vhosts: list[VirtualHost] = []
     used: set[str] = set()
@@ -107,7 +91,7 @@ def build_outbound_table(ctx: RouteContext) -> RouteTable:
             if not domains:
                 continue
             routes: list[Route] = []
-            for vs in mesh_virtual_services(ctx, svc.hostname):
+            for vs in ctx.idx.mesh_virtual_services(svc.hostname):
                 routes += vs_routes(ctx, vs, port, gateway=None, default_host=svc.hostname)
             if not routes:
                 routes = [default_route(ctx, svc, port)]
