@@ -91,13 +91,47 @@ def machine_info() -> dict[str, Any]:
         "uvloop": mod_version("uvloop"),
         "httptools": mod_version("httptools"),
         "diktyo": mod_version("diktyo"),
-        "diktyo_commit": _cmd(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"]),
+        "diktyo_commit": os.environ.get("DIKTYO_BENCH_COMMIT")
+        or _cmd(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"])
+        + " + working tree",
         "nginx": _cmd(["nginx", "-v"]),
         "haproxy": _cmd(["haproxy", "-v"]),
         "wrk": _cmd(["wrk", "-v"]),
         "gcc": _cmd(["gcc", "--version"]),
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
     }
+
+
+def _reexec_at_commit(rev: str) -> int:
+    """Export ``src/`` at ``rev`` and run this benchmark again with it first on PYTHONPATH, so
+    the translator and every sidecar run the committed code."""
+    root = HERE.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", rev],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except subprocess.CalledProcessError as exc:
+        print(f"bench: --commit {rev}: {exc.stderr.strip()}", file=sys.stderr)
+        return 2
+    dest = Path(tempfile.mkdtemp(prefix=f"diktyo-{commit}-"))
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", commit, "src"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(dest / "src") + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    env["DIKTYO_BENCH_SRC"] = str(dest / "src")
+    env["DIKTYO_BENCH_COMMIT"] = commit
+    print(f"bench: diktyo at commit {commit} (exported to {dest})", file=sys.stderr)
+    try:
+        return subprocess.run([sys.executable, *sys.argv], env=env, check=False).returncode
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def measure(
@@ -164,9 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         default="yaml",
         help="diktyo's config: Istio YAML translated by diktyo (default) or the hand-written snapshot",
     )
+    ap.add_argument(
+        "--commit",
+        metavar="REV",
+        help="benchmark diktyo as committed at REV (e.g. HEAD; exported with git archive), "
+        "not the working tree that others may be editing",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
     ap.add_argument("--no-latest", action="store_true", help="do not overwrite <out>/latest.md")
     args = ap.parse_args(argv)
+    if args.commit and not os.environ.get("DIKTYO_BENCH_SRC"):
+        return _reexec_at_commit(args.commit)
 
     missing = check_tools()
     if missing:
