@@ -17,17 +17,26 @@ async def test_sidecar_follows_control_plane_and_acks() -> None:
 
         def cp(req: RecordedRequest) -> Response:
             if req.path.startswith("/v1/snapshot") and "version=cp-1" not in req.path:
-                return Response(body=body, headers={"content-type": "application/json",
-                                                    "x-diktyo-version": "cp-1"})
+                return Response(
+                    body=body,
+                    headers={"content-type": "application/json", "x-diktyo-version": "cp-1"},
+                )
             if req.path.startswith("/v1/snapshot"):
                 return Response(status=204, body=b"", delay=0.5)
             return Response(body=b"{}", headers={"content-type": "application/json"})
 
         async with FakeUpstream(handler=cp) as plane:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "diktyo.proxy", "--control-plane",
-                f"http://127.0.0.1:{plane.port}", "--node", "test.default",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                sys.executable,
+                "-m",
+                "diktyo.proxy",
+                "--control-plane",
+                f"http://127.0.0.1:{plane.port}",
+                "--node",
+                "test.default",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
             try:
                 assert proc.stdout is not None
                 ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))

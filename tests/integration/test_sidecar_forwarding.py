@@ -28,42 +28,54 @@ def free_port() -> int:
 
 
 async def test_forwards_with_headers_and_keepalive_pooling() -> None:
-    async with FakeUpstream() as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            async with HttpClient(sc.port()) as c:
-                for i in range(5):
-                    r = await c.get(f"http://reviews/x/{i}", {"Connection": "keep-alive",
-                                                              "X-Custom": "v", "TE": "trailers"})
-                    assert r.status == 200 and r.body == b"ok"
-            assert [q.path for q in up.requests] == [f"/x/{i}" for i in range(5)]
-            q = up.requests[0]
-            assert q.headers["host"] == "reviews"
-            assert q.headers["x-forwarded-for"] == "127.0.0.1"
-            assert q.headers["x-forwarded-proto"] == "http"
-            assert q.headers["x-envoy-attempt-count"] == "1"
-            assert len(q.headers["x-request-id"]) == 36
-            assert q.headers["x-custom"] == "v"
-            assert "te" not in q.headers and "connection" not in q.headers
-            assert up.connections == 1  # one pooled upstream connection reused
+    async with (
+        FakeUpstream() as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        async with HttpClient(sc.port()) as c:
+            for i in range(5):
+                r = await c.get(
+                    f"http://reviews/x/{i}",
+                    {"Connection": "keep-alive", "X-Custom": "v", "TE": "trailers"},
+                )
+                assert r.status == 200 and r.body == b"ok"
+        assert [q.path for q in up.requests] == [f"/x/{i}" for i in range(5)]
+        q = up.requests[0]
+        assert q.headers["host"] == "reviews"
+        assert q.headers["x-forwarded-for"] == "127.0.0.1"
+        assert q.headers["x-forwarded-proto"] == "http"
+        assert q.headers["x-envoy-attempt-count"] == "1"
+        assert len(q.headers["x-request-id"]) == 36
+        assert q.headers["x-custom"] == "v"
+        assert "te" not in q.headers and "connection" not in q.headers
+        assert up.connections == 1  # one pooled upstream connection reused
 
 
 async def test_existing_request_id_and_xff_are_kept_and_appended() -> None:
-    async with FakeUpstream() as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            r = await http_request(sc.port(), "GET", "http://reviews/",
-                                   {"X-Request-Id": "abc", "X-Forwarded-For": "10.0.0.1"})
-            assert r.status == 200
-            assert up.requests[0].headers["x-request-id"] == "abc"
-            assert up.requests[0].headers["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
+    async with (
+        FakeUpstream() as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        r = await http_request(
+            sc.port(),
+            "GET",
+            "http://reviews/",
+            {"X-Request-Id": "abc", "X-Forwarded-For": "10.0.0.1"},
+        )
+        assert r.status == 200
+        assert up.requests[0].headers["x-request-id"] == "abc"
+        assert up.requests[0].headers["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
 
 
 async def test_no_route_is_404_nr_and_never_reaches_upstream() -> None:
-    async with FakeUpstream() as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            r = await http_request(sc.port(), "GET", "http://ratings/")
-            assert r.status == 404
-            assert up.requests == []
-            assert sc.sidecar.stats.request_count(response_flags="NR", response_code="404") == 1
+    async with (
+        FakeUpstream() as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        r = await http_request(sc.port(), "GET", "http://ratings/")
+        assert r.status == 404
+        assert up.requests == []
+        assert sc.sidecar.stats.request_count(response_flags="NR", response_code="404") == 1
 
 
 async def test_malformed_requests_never_reach_upstream() -> None:
@@ -74,17 +86,19 @@ async def test_malformed_requests_never_reach_upstream() -> None:
         b"GET /\x00 HTTP/1.1\r\nHost: reviews\r\n\r\n",
         b"\x16\x03\x01garbage\r\n\r\n",
     ]
-    async with FakeUpstream() as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            for raw in bad:
-                c = HttpClient(sc.port())
-                await c.connect()
-                await c.send_raw(raw)
-                r = await c.read_response()
-                assert r.status in (400, 431), raw
-                await c.close()
-            assert up.requests == []
-            assert up.connections == 0
+    async with (
+        FakeUpstream() as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        for raw in bad:
+            c = HttpClient(sc.port())
+            await c.connect()
+            await c.send_raw(raw)
+            r = await c.read_response()
+            assert r.status in (400, 431), raw
+            await c.close()
+        assert up.requests == []
+        assert up.connections == 0
 
 
 async def test_dead_upstream_is_503_uf_quickly() -> None:
@@ -93,8 +107,10 @@ async def test_dead_upstream_is_503_uf_quickly() -> None:
         t0 = time.monotonic()
         r = await http_request(sc.port(), "GET", "http://reviews/")
         assert r.status == 503
-        assert r.text == ("upstream connect error or disconnect/reset before headers. "
-                          "reset reason: connection failure")
+        assert r.text == (
+            "upstream connect error or disconnect/reset before headers. "
+            "reset reason: connection failure"
+        )
         assert time.monotonic() - t0 < 2.0
         # Istio's default retry policy retried the connect failure twice (Envoy: "UF,URX")
         assert sc.sidecar.stats.request_count(response_flags="UF,URX") == 1
@@ -115,18 +131,20 @@ async def test_head_204_and_chunked_responses() -> None:
             return Response(chunked=True, chunks=[b"a" * 10, b"b" * 5])
         return Response(body=b"0123456789")
 
-    async with FakeUpstream(handler=handler) as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            async with HttpClient(sc.port()) as c:
-                r = await c.request("HEAD", "http://reviews/h")
-                assert r.status == 200 and r.body == b"" and r.header("content-length") == "10"
-                r = await c.get("http://reviews/204")
-                assert r.status == 204 and r.body == b""
-                r = await c.get("http://reviews/chunked")
-                assert r.body == b"a" * 10 + b"b" * 5
-                assert r.header("transfer-encoding") == "chunked"
-                r = await c.get("http://reviews/after")  # connection still usable
-                assert r.body == b"0123456789"
+    async with (
+        FakeUpstream(handler=handler) as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+        HttpClient(sc.port()) as c,
+    ):
+        r = await c.request("HEAD", "http://reviews/h")
+        assert r.status == 200 and r.body == b"" and r.header("content-length") == "10"
+        r = await c.get("http://reviews/204")
+        assert r.status == 204 and r.body == b""
+        r = await c.get("http://reviews/chunked")
+        assert r.body == b"a" * 10 + b"b" * 5
+        assert r.header("transfer-encoding") == "chunked"
+        r = await c.get("http://reviews/after")  # connection still usable
+        assert r.body == b"0123456789"
 
 
 async def test_pipelined_requests_answered_in_order() -> None:
@@ -134,52 +152,61 @@ async def test_pipelined_requests_answered_in_order() -> None:
         # the first one is slow: answers must still come back in order
         return Response(body=req.path.encode(), delay=0.1 if req.path == "/1" else 0)
 
-    async with FakeUpstream(handler=handler) as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            async with HttpClient(sc.port()) as c:
-                await c.send_raw(b"".join(
-                    b"GET /%d HTTP/1.1\r\nHost: reviews\r\n\r\n" % i for i in range(1, 4)))
-                bodies = [(await c.read_response()).body for _ in range(3)]
-            assert bodies == [b"/1", b"/2", b"/3"]
+    async with (
+        FakeUpstream(handler=handler) as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        async with HttpClient(sc.port()) as c:
+            await c.send_raw(
+                b"".join(b"GET /%d HTTP/1.1\r\nHost: reviews\r\n\r\n" % i for i in range(1, 4))
+            )
+            bodies = [(await c.read_response()).body for _ in range(3)]
+        assert bodies == [b"/1", b"/2", b"/3"]
 
 
 async def test_expect_100_continue_answered_by_proxy() -> None:
-    async with FakeUpstream() as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            r, w = await asyncio.open_connection("127.0.0.1", sc.port())
-            w.write(b"POST /up HTTP/1.1\r\nHost: reviews\r\nContent-Length: 5\r\n"
-                    b"Expect: 100-continue\r\n\r\n")
-            line = await asyncio.wait_for(r.readline(), 3)
-            assert line == b"HTTP/1.1 100 Continue\r\n"
-            assert await r.readline() == b"\r\n"
-            w.write(b"hello")
-            data = await asyncio.wait_for(r.read(1000), 3)
-            assert data.startswith(b"HTTP/1.1 200")
-            w.close()
-            assert up.requests[0].body == b"hello"
-            assert "expect" not in up.requests[0].headers
+    async with (
+        FakeUpstream() as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", sc.port())
+        w.write(
+            b"POST /up HTTP/1.1\r\nHost: reviews\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        line = await asyncio.wait_for(r.readline(), 3)
+        assert line == b"HTTP/1.1 100 Continue\r\n"
+        assert await r.readline() == b"\r\n"
+        w.write(b"hello")
+        data = await asyncio.wait_for(r.read(1000), 3)
+        assert data.startswith(b"HTTP/1.1 200")
+        w.close()
+        assert up.requests[0].body == b"hello"
+        assert "expect" not in up.requests[0].headers
 
 
 async def test_streams_large_chunked_body_without_buffering() -> None:
-    async with FakeUpstream(keep_bodies=False) as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            r, w = await asyncio.open_connection("127.0.0.1", sc.port())
-            w.write(b"POST /big HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\n\r\n")
-            piece = b"x" * 65536
+    async with (
+        FakeUpstream(keep_bodies=False) as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", sc.port())
+        w.write(b"POST /big HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"x" * 65536
+        w.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await w.drain()
+        # the upstream sees the first chunk while the client has not finished the body
+        await asyncio.wait_for(up.first_body.wait(), 3)
+        total = 65536
+        for _ in range(20 * 16 - 1):  # 20 MiB in 64 KiB chunks
             w.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             await w.drain()
-            # the upstream sees the first chunk while the client has not finished the body
-            await asyncio.wait_for(up.first_body.wait(), 3)
-            total = 65536
-            for _ in range(20 * 16 - 1):  # 20 MiB in 64 KiB chunks
-                w.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                await w.drain()
-                total += len(piece)
-            w.write(b"0\r\n\r\n")
-            data = await asyncio.wait_for(r.read(1000), 10)
-            assert data.startswith(b"HTTP/1.1 200")
-            w.close()
-            assert up.body_bytes == total == 20 * 1024 * 1024
+            total += len(piece)
+        w.write(b"0\r\n\r\n")
+        data = await asyncio.wait_for(r.read(1000), 10)
+        assert data.startswith(b"HTTP/1.1 200")
+        w.close()
+        assert up.body_bytes == total == 20 * 1024 * 1024
 
 
 async def test_keepalive_race_retried_on_fresh_connection() -> None:
@@ -189,57 +216,74 @@ async def test_keepalive_race_retried_on_fresh_connection() -> None:
             return Response(close_without_response=True)
         return Response(body=b"fresh" if req.conn_seq == 1 else b"?")
 
-    async with FakeUpstream(handler=handler) as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            async with HttpClient(sc.port()) as c:
-                assert (await c.get("http://reviews/1")).status == 200
-                r = await c.get("http://reviews/2")
-                assert (r.status, r.body) == (200, b"fresh")
-            assert up.connections == 2
-            assert sc.sidecar.stats.request_count(response_code="503") == 0
+    async with (
+        FakeUpstream(handler=handler) as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        async with HttpClient(sc.port()) as c:
+            assert (await c.get("http://reviews/1")).status == 200
+            r = await c.get("http://reviews/2")
+            assert (r.status, r.body) == (200, b"fresh")
+        assert up.connections == 2
+        assert sc.sidecar.stats.request_count(response_code="503") == 0
 
 
 async def test_upstream_close_after_headers_resets_downstream_uc() -> None:
-    async with FakeUpstream(Response(headers={"content-length": "100"}, body=b"short",
-                                     close_after=True)) as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            c = HttpClient(sc.port())
-            await c.connect()
-            try:
-                await c.get("http://reviews/")
-                raise AssertionError("expected a reset")
-            except ConnectionError:
-                pass
-            finally:
-                await c.close()
-            await asyncio.sleep(0.05)
-            assert sc.sidecar.stats.request_count(response_flags="UC") == 1
+    resp = Response(headers={"content-length": "100"}, body=b"short", close_after=True)
+    async with (
+        FakeUpstream(resp) as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        c = HttpClient(sc.port())
+        await c.connect()
+        try:
+            await c.get("http://reviews/")
+            raise AssertionError("expected a reset")
+        except ConnectionError:
+            pass
+        finally:
+            await c.close()
+        await asyncio.sleep(0.05)
+        assert sc.sidecar.stats.request_count(response_flags="UC") == 1
 
 
 async def test_downstream_disconnect_is_dc() -> None:
-    async with FakeUpstream(Response(delay=0.3)) as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            r, w = await asyncio.open_connection("127.0.0.1", sc.port())
-            w.write(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
-            await w.drain()
-            await asyncio.sleep(0.05)
-            w.close()
-            await asyncio.sleep(0.1)
-            assert sc.sidecar.stats.request_count(response_flags="DC") == 1
+    async with (
+        FakeUpstream(Response(delay=0.3)) as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        _r, w = await asyncio.open_connection("127.0.0.1", sc.port())
+        w.write(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.close()
+        await asyncio.sleep(0.1)
+        assert sc.sidecar.stats.request_count(response_flags="DC") == 1
 
 
 async def test_inbound_listener_forwards_to_app_and_reports_destination() -> None:
     async with FakeUpstream() as app:
         snap = http_snapshot(
             {"reviews": [("127.0.0.1", 1)]},
-            extra_clusters=[{"name": "inbound|9080||", "direction": "inbound",
-                             "endpoints": [{"address": "127.0.0.1", "port": app.port}]}],
-            listeners=[{"name": "inbound", "direction": "inbound", "port": 0,
-                        "cluster": "inbound|9080||", "service_port": 9080}],
+            extra_clusters=[
+                {
+                    "name": "inbound|9080||",
+                    "direction": "inbound",
+                    "endpoints": [{"address": "127.0.0.1", "port": app.port}],
+                }
+            ],
+            listeners=[
+                {
+                    "name": "inbound",
+                    "direction": "inbound",
+                    "port": 0,
+                    "cluster": "inbound|9080||",
+                    "service_port": 9080,
+                }
+            ],
         )
         async with start_sidecar(snap) as sc:
-            r = await http_request(sc.port("inbound"), "GET", "/hello",
-                                   {"Host": "reviews:9080"})
+            r = await http_request(sc.port("inbound"), "GET", "/hello", {"Host": "reviews:9080"})
             assert r.status == 200
             assert app.requests[0].path == "/hello"
             assert sc.sidecar.stats.request_count(reporter="destination") == 1
@@ -256,8 +300,13 @@ async def test_tcp_listener_passes_bytes_both_ways() -> None:
     port = server.sockets[0].getsockname()[1]
     snap = http_snapshot(
         {"reviews": [("127.0.0.1", 1)]},
-        extra_clusters=[{"name": "outbound|5432||db", "protocol": "tcp",
-                         "endpoints": [{"address": "127.0.0.1", "port": port}]}],
+        extra_clusters=[
+            {
+                "name": "outbound|5432||db",
+                "protocol": "tcp",
+                "endpoints": [{"address": "127.0.0.1", "port": port}],
+            }
+        ],
         listeners=[{"name": "db", "direction": "tcp", "port": 0, "cluster": "outbound|5432||db"}],
     )
     async with start_sidecar(snap) as sc:
@@ -270,26 +319,28 @@ async def test_tcp_listener_passes_bytes_both_ways() -> None:
 
 async def test_large_response_to_slow_client_is_flow_controlled() -> None:
     size = 16 * 1024 * 1024
-    async with FakeUpstream(Response(body=b"y" * size)) as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            r, w = await asyncio.open_connection("127.0.0.1", sc.port(), limit=2**16)
-            # a tiny receive window: the client does not read for a while
-            w.write(b"GET /big HTTP/1.1\r\nHost: reviews\r\n\r\n")
-            await w.drain()
-            await asyncio.sleep(0.5)
-            (ctx,) = [c for c in sc.sidecar.listeners.values() if c.name == "outbound"]
-            (conn,) = list(ctx.connections)
-            buffered = conn.transport.get_write_buffer_size()
-            assert buffered < 4 * 1024 * 1024, buffered  # upstream reads were paused
-            head = await r.readuntil(b"\r\n\r\n")
-            assert b"content-length: %d" % size in head.lower()
-            got = 0
-            while got < size:
-                chunk = await asyncio.wait_for(r.read(1 << 20), 10)
-                assert chunk
-                got += len(chunk)
-            assert got == size
-            w.close()
+    async with (
+        FakeUpstream(Response(body=b"y" * size)) as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", sc.port(), limit=2**16)
+        # a tiny receive window: the client does not read for a while
+        w.write(b"GET /big HTTP/1.1\r\nHost: reviews\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(0.5)
+        (ctx,) = [c for c in sc.sidecar.listeners.values() if c.name == "outbound"]
+        (conn,) = list(ctx.connections)
+        buffered = conn.transport.get_write_buffer_size()
+        assert buffered < 4 * 1024 * 1024, buffered  # upstream reads were paused
+        head = await r.readuntil(b"\r\n\r\n")
+        assert b"content-length: %d" % size in head.lower()
+        got = 0
+        while got < size:
+            chunk = await asyncio.wait_for(r.read(1 << 20), 10)
+            assert chunk
+            got += len(chunk)
+        assert got == size
+        w.close()
 
 
 async def test_upload_to_slow_upstream_is_flow_controlled() -> None:
@@ -301,13 +352,15 @@ async def test_upload_to_slow_upstream_is_flow_controlled() -> None:
     server = await asyncio.start_server(stalled, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", port)]})) as sc:
-        r, w = await asyncio.open_connection("127.0.0.1", sc.port())
+        _r, w = await asyncio.open_connection("127.0.0.1", sc.port())
         sent = 0
 
         async def upload() -> None:
             nonlocal sent
-            w.write(b"POST /up HTTP/1.1\r\nHost: reviews\r\nContent-Length: %d\r\n\r\n"
-                    % (64 * 1024 * 1024))
+            w.write(
+                b"POST /up HTTP/1.1\r\nHost: reviews\r\nContent-Length: %d\r\n\r\n"
+                % (64 * 1024 * 1024)
+            )
             piece = b"z" * 65536
             for _ in range(1024):
                 w.write(piece)
@@ -328,10 +381,9 @@ async def test_upload_to_slow_upstream_is_flow_controlled() -> None:
 
 
 async def test_local_reply_to_head_has_no_body() -> None:
-    async with start_sidecar(http_snapshot({"reviews": []})) as sc:
-        async with HttpClient(sc.port()) as c:
-            r = await c.request("HEAD", "http://reviews/")
-            assert r.status == 503 and r.body == b""
-            assert r.header("content-length") == str(len("no healthy upstream"))
-            r = await c.get("http://reviews/")  # the connection is still in sync
-            assert r.text == "no healthy upstream"
+    async with start_sidecar(http_snapshot({"reviews": []})) as sc, HttpClient(sc.port()) as c:
+        r = await c.request("HEAD", "http://reviews/")
+        assert r.status == 503 and r.body == b""
+        assert r.header("content-length") == str(len("no healthy upstream"))
+        r = await c.get("http://reviews/")  # the connection is still in sync
+        assert r.text == "no healthy upstream"

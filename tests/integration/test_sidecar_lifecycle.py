@@ -24,8 +24,10 @@ from diktyo.testing import (
 
 async def test_snapshot_swap_under_load_has_zero_failures() -> None:
     async with FakeUpstream(name="a") as a, FakeUpstream(name="b") as b:
-        snaps = [http_snapshot({"reviews": [("127.0.0.1", up.port)]}, version=str(i))
-                 for i, up in enumerate([a, b] * 5)]
+        snaps = [
+            http_snapshot({"reviews": [("127.0.0.1", up.port)]}, version=str(i))
+            for i, up in enumerate([a, b] * 5)
+        ]
         async with start_sidecar(snaps[0]) as sc:
             stop = asyncio.Event()
             results: list[int] = []
@@ -52,16 +54,37 @@ async def test_invalid_snapshot_rejected_and_old_one_keeps_serving() -> None:
     async with FakeUpstream() as up:
         good = http_snapshot({"reviews": [("127.0.0.1", up.port)]}, version="good")
         async with start_sidecar(good) as sc:
-            bad = http_snapshot({"reviews": [("127.0.0.1", up.port)]}, version="bad", routes={
-                "reviews": [{"name": "x", "matches": [{"uri": {"kind": "regex", "value": "(["}}],
-                             "clusters": [{"cluster": "outbound|80||reviews"}]}]})
+            bad = http_snapshot(
+                {"reviews": [("127.0.0.1", up.port)]},
+                version="bad",
+                routes={
+                    "reviews": [
+                        {
+                            "name": "x",
+                            "matches": [{"uri": {"kind": "regex", "value": "(["}}],
+                            "clusters": [{"cluster": "outbound|80||reviews"}],
+                        }
+                    ]
+                },
+            )
             with pytest.raises(SnapshotError, match="regex"):
                 sc.sidecar.apply(bad)
-            busy = msgspec.structs.replace(good, version="busy", listeners=(
-                *good.listeners,
-                msgspec.convert({"name": "taken", "direction": "outbound", "port": sc.admin,
-                                 "route_table": "outbound"}, type(good.listeners[0])),
-            ))
+            busy = msgspec.structs.replace(
+                good,
+                version="busy",
+                listeners=(
+                    *good.listeners,
+                    msgspec.convert(
+                        {
+                            "name": "taken",
+                            "direction": "outbound",
+                            "port": sc.admin,
+                            "route_table": "outbound",
+                        },
+                        type(good.listeners[0]),
+                    ),
+                ),
+            )
             with pytest.raises(SnapshotError, match="cannot bind"):
                 sc.sidecar.apply(busy)
             assert sc.sidecar.rt.snapshot.version == "good"
@@ -74,9 +97,18 @@ async def test_new_listener_added_by_snapshot_swap() -> None:
     async with FakeUpstream() as up:
         first = http_snapshot({"reviews": [("127.0.0.1", up.port)]}, version="1")
         async with start_sidecar(first) as sc:
-            second = http_snapshot({"reviews": [("127.0.0.1", up.port)]}, version="2", listeners=[
-                {"name": "outbound-2", "direction": "outbound", "port": 0,
-                 "route_table": "outbound"}])
+            second = http_snapshot(
+                {"reviews": [("127.0.0.1", up.port)]},
+                version="2",
+                listeners=[
+                    {
+                        "name": "outbound-2",
+                        "direction": "outbound",
+                        "port": 0,
+                        "route_table": "outbound",
+                    }
+                ],
+            )
             old_port = sc.port("outbound")
             sc.sidecar.apply(second)
             await sc.sidecar.wait_listening()
@@ -107,32 +139,44 @@ async def test_admin_endpoints() -> None:
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 async def test_prometheus_output_passes_promtool() -> None:
-    async with FakeUpstream() as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            await http_request(sc.port(), "GET", "http://reviews/")
-            await http_request(sc.port(), "GET", "http://nope/")
-            text = sc.sidecar.stats.render_prometheus(sc.sidecar.rt.clusters)
-    res = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
-                         capture_output=True, timeout=30)
-    problems = [ln for ln in res.stdout.decode().splitlines() + res.stderr.decode().splitlines()
-                if "error" in ln.lower()]
+    async with (
+        FakeUpstream() as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        await http_request(sc.port(), "GET", "http://reviews/")
+        await http_request(sc.port(), "GET", "http://nope/")
+        text = sc.sidecar.stats.render_prometheus(sc.sidecar.rt.clusters)
+    res = subprocess.run(  # noqa: ASYNC221
+        ["promtool", "check", "metrics"],
+        input=text.encode(),
+        check=False,
+        capture_output=True,
+        timeout=30,
+    )
+    problems = [
+        ln
+        for ln in res.stdout.decode().splitlines() + res.stderr.decode().splitlines()
+        if "error" in ln.lower()
+    ]
     assert not problems, problems
 
 
 async def test_drain_finishes_in_flight_requests() -> None:
     from diktyo.testing import Response
 
-    async with FakeUpstream(Response(delay=0.3, body=b"slow")) as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            req = asyncio.create_task(http_request(sc.port(), "GET", "http://reviews/"))
-            await asyncio.sleep(0.1)
-            r = await http_request(sc.admin, "POST", "/drain", {"Host": "admin"})
-            assert r.status == 200
-            resp = await req
-            assert (resp.status, resp.body) == (200, b"slow")
-            await asyncio.wait_for(sc.sidecar.stopped.wait(), 5)
-            with pytest.raises(OSError):
-                await http_request(sc.port(), "GET", "http://reviews/")
+    async with (
+        FakeUpstream(Response(delay=0.3, body=b"slow")) as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        req = asyncio.create_task(http_request(sc.port(), "GET", "http://reviews/"))
+        await asyncio.sleep(0.1)
+        r = await http_request(sc.admin, "POST", "/drain", {"Host": "admin"})
+        assert r.status == 200
+        resp = await req
+        assert (resp.status, resp.body) == (200, b"slow")
+        await asyncio.wait_for(sc.sidecar.stopped.wait(), 5)
+        with pytest.raises(OSError):
+            await http_request(sc.port(), "GET", "http://reviews/")
 
 
 async def test_cli_subprocess_prints_ready_line_and_serves() -> None:
@@ -150,8 +194,19 @@ async def test_cli_subprocess_prints_ready_line_and_serves() -> None:
 
 
 def test_cli_reports_a_missing_snapshot_file() -> None:
-    res = subprocess.run([sys.executable, "-m", "diktyo.cli.main", "sidecar", "--snapshot",
-                          "/nonexistent/snap.json"], capture_output=True, timeout=60)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diktyo.cli.main",
+            "sidecar",
+            "--snapshot",
+            "/nonexistent/snap.json",
+        ],
+        check=False,
+        capture_output=True,
+        timeout=60,
+    )
     assert res.returncode != 0
     assert b"/nonexistent/snap.json" in res.stderr
 

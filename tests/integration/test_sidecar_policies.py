@@ -40,11 +40,12 @@ async def run_clients(port: int, clients: int, n: int) -> list[tuple[int, str]]:
 
 
 async def test_istio_circuit_breaking_task() -> None:
-    pool = {"max_connections": 1, "http1_max_pending_requests": 1,
-            "max_requests_per_connection": 1}
+    pool = {"max_connections": 1, "http1_max_pending_requests": 1, "max_requests_per_connection": 1}
     async with FakeUpstream(Response(delay=0.01)) as up:
-        snap = http_snapshot({"reviews": [("127.0.0.1", up.port)]},
-                             clusters={"reviews": {"pool": pool, "policy_source": "reviews"}})
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", up.port)]},
+            clusters={"reviews": {"pool": pool, "policy_source": "reviews"}},
+        )
         async with start_sidecar(snap) as sc:
             two = await run_clients(sc.port(), 2, 20)
             ok2 = sum(1 for s, _ in two if s == 200)
@@ -62,12 +63,15 @@ async def test_istio_circuit_breaking_task() -> None:
 
 
 async def test_retry_5xx_on_another_host_with_attempt_count() -> None:
-    async with FakeUpstream(Response(status=503, body=b"bad")) as bad, \
-            FakeUpstream(Response(body=b"good")) as good:
+    async with (
+        FakeUpstream(Response(status=503, body=b"bad")) as bad,
+        FakeUpstream(Response(body=b"good")) as good,
+    ):
         snap = http_snapshot(
             {"reviews": [("127.0.0.1", bad.port), ("127.0.0.1", good.port)]},
             routes=one_route(retries={"attempts": 3, "retry_on": ["5xx"]}),
-            clusters={"reviews": {"lb": {"simple": "ROUND_ROBIN"}}})
+            clusters={"reviews": {"lb": {"simple": "ROUND_ROBIN"}}},
+        )
         async with start_sidecar(snap) as sc:
             for _ in range(4):
                 r = await http_request(sc.port(), "GET", "http://reviews/")
@@ -79,8 +83,10 @@ async def test_retry_5xx_on_another_host_with_attempt_count() -> None:
 
 async def test_retries_exhausted_returns_last_response_with_urx() -> None:
     async with FakeUpstream(Response(status=503, body=b"down")) as up:
-        snap = http_snapshot({"reviews": [("127.0.0.1", up.port)]},
-                             routes=one_route(retries={"attempts": 2, "retry_on": ["5xx"]}))
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", up.port)]},
+            routes=one_route(retries={"attempts": 2, "retry_on": ["5xx"]}),
+        )
         async with start_sidecar(snap) as sc:
             r = await http_request(sc.port(), "GET", "http://reviews/")
             assert (r.status, r.body) == (503, b"down")
@@ -91,12 +97,15 @@ async def test_retries_exhausted_returns_last_response_with_urx() -> None:
 
 async def test_per_try_timeout_retried_then_succeeds() -> None:
     def handler(req):  # type: ignore[no-untyped-def]
-        return Response(delay=1.0 if req.headers["x-envoy-attempt-count"] == "1" else 0,
-                        body=b"second")
+        return Response(
+            delay=1.0 if req.headers["x-envoy-attempt-count"] == "1" else 0, body=b"second"
+        )
 
     async with FakeUpstream(handler=handler) as up:
-        snap = http_snapshot({"reviews": [("127.0.0.1", up.port)]}, routes=one_route(
-            retries={"attempts": 2, "per_try_timeout": 0.1, "retry_on": ["5xx"]}))
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", up.port)]},
+            routes=one_route(retries={"attempts": 2, "per_try_timeout": 0.1, "retry_on": ["5xx"]}),
+        )
         async with start_sidecar(snap) as sc:
             t0 = time.monotonic()
             r = await http_request(sc.port(), "GET", "http://reviews/")
@@ -115,22 +124,39 @@ async def test_route_timeout_is_504_ut() -> None:
             assert sc.sidecar.stats.request_count(response_flags="UT") == 1
             # the header overrides the route timeout
             up.respond(Response(delay=0.3))
-            r = await http_request(sc.port(), "GET", "http://reviews/",
-                                   {"x-envoy-upstream-rq-timeout-ms": "2000"})
+            r = await http_request(
+                sc.port(), "GET", "http://reviews/", {"x-envoy-upstream-rq-timeout-ms": "2000"}
+            )
             assert r.status == 200
 
 
 async def test_fault_abort_fi_and_delay_di() -> None:
     async with FakeUpstream() as up:
-        snap = http_snapshot({"reviews": [("127.0.0.1", up.port)]}, routes={"reviews": [
-            {"name": "abort", "matches": [{"uri": {"kind": "prefix", "value": "/abort"}}],
-             "clusters": [{"cluster": CL}], "fault": {"abort": {"http_status": 418}}},
-            {"name": "delay", "matches": [{"uri": {"kind": "prefix", "value": "/delay"}}],
-             "clusters": [{"cluster": CL}], "fault": {"delay": {"fixed_delay": 0.3}}},
-            {"name": "half", "matches": [{"uri": {"kind": "prefix", "value": "/half"}}],
-             "clusters": [{"cluster": CL}],
-             "fault": {"abort": {"http_status": 500, "percentage": 50.0}}},
-        ]})
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", up.port)]},
+            routes={
+                "reviews": [
+                    {
+                        "name": "abort",
+                        "matches": [{"uri": {"kind": "prefix", "value": "/abort"}}],
+                        "clusters": [{"cluster": CL}],
+                        "fault": {"abort": {"http_status": 418}},
+                    },
+                    {
+                        "name": "delay",
+                        "matches": [{"uri": {"kind": "prefix", "value": "/delay"}}],
+                        "clusters": [{"cluster": CL}],
+                        "fault": {"delay": {"fixed_delay": 0.3}},
+                    },
+                    {
+                        "name": "half",
+                        "matches": [{"uri": {"kind": "prefix", "value": "/half"}}],
+                        "clusters": [{"cluster": CL}],
+                        "fault": {"abort": {"http_status": 500, "percentage": 50.0}},
+                    },
+                ]
+            },
+        )
         async with start_sidecar(snap, seed=42) as sc:
             r = await http_request(sc.port(), "GET", "http://reviews/abort")
             assert (r.status, r.text) == (418, "fault filter abort")
@@ -147,12 +173,15 @@ async def test_fault_abort_fi_and_delay_di() -> None:
 
 
 async def test_mirror_gets_a_shadow_copy_and_never_affects_response() -> None:
-    async with FakeUpstream(Response(body=b"main")) as main, \
-            FakeUpstream(Response(status=500, delay=0.5)) as shadow:
+    async with (
+        FakeUpstream(Response(body=b"main")) as main,
+        FakeUpstream(Response(status=500, delay=0.5)) as shadow,
+    ):
         mcl = cluster_name("mirror")
-        snap = http_snapshot({"reviews": [("127.0.0.1", main.port)],
-                              "mirror": [("127.0.0.1", shadow.port)]},
-                             routes=one_route(mirrors=[{"cluster": mcl, "host": "mirror"}]))
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", main.port)], "mirror": [("127.0.0.1", shadow.port)]},
+            routes=one_route(mirrors=[{"cluster": mcl, "host": "mirror"}]),
+        )
         async with start_sidecar(snap) as sc:
             t0 = time.monotonic()
             r = await http_request(sc.port(), "POST", "http://reviews:80/m", body=b"payload")
@@ -169,18 +198,39 @@ async def test_mirror_gets_a_shadow_copy_and_never_affects_response() -> None:
 
 async def test_redirect_direct_response_header_ops_and_rewrite() -> None:
     async with FakeUpstream(Response(headers={"x-remove-me": "1", "x-keep": "1"})) as up:
-        snap = http_snapshot({"reviews": [("127.0.0.1", up.port)]}, routes={"reviews": [
-            {"name": "redir", "matches": [{"uri": {"kind": "exact", "value": "/old"}}],
-             "redirect": {"uri": "/new", "authority": "ratings"}},
-            {"name": "direct", "matches": [{"uri": {"kind": "exact", "value": "/ping"}}],
-             "direct_response": {"status": 200, "body": "pong"}},
-            {"name": "rw", "matches": [{"uri": {"kind": "prefix", "value": "/v1/"}}],
-             "rewrite": {"uri": "/api/", "authority": "backend"},
-             "headers": {"request": {"set": {"x-set": "s"}, "add": {"x-add": "a"},
-                                     "remove": ["x-drop"]},
-                         "response": {"set": {"x-resp": "r"}, "remove": ["x-remove-me"]}},
-             "clusters": [{"cluster": CL, "headers": {"request": {"set": {"x-dest": "d"}}}}]},
-        ]})
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", up.port)]},
+            routes={
+                "reviews": [
+                    {
+                        "name": "redir",
+                        "matches": [{"uri": {"kind": "exact", "value": "/old"}}],
+                        "redirect": {"uri": "/new", "authority": "ratings"},
+                    },
+                    {
+                        "name": "direct",
+                        "matches": [{"uri": {"kind": "exact", "value": "/ping"}}],
+                        "direct_response": {"status": 200, "body": "pong"},
+                    },
+                    {
+                        "name": "rw",
+                        "matches": [{"uri": {"kind": "prefix", "value": "/v1/"}}],
+                        "rewrite": {"uri": "/api/", "authority": "backend"},
+                        "headers": {
+                            "request": {
+                                "set": {"x-set": "s"},
+                                "add": {"x-add": "a"},
+                                "remove": ["x-drop"],
+                            },
+                            "response": {"set": {"x-resp": "r"}, "remove": ["x-remove-me"]},
+                        },
+                        "clusters": [
+                            {"cluster": CL, "headers": {"request": {"set": {"x-dest": "d"}}}}
+                        ],
+                    },
+                ]
+            },
+        )
         async with start_sidecar(snap) as sc:
             r = await http_request(sc.port(), "GET", "http://reviews/old?q=1")
             assert r.status == 301
@@ -188,8 +238,7 @@ async def test_redirect_direct_response_header_ops_and_rewrite() -> None:
             r = await http_request(sc.port(), "GET", "http://reviews/ping")
             assert (r.status, r.body) == (200, b"pong")
             assert up.requests == []
-            r = await http_request(sc.port(), "GET", "http://reviews/v1/items?x=2",
-                                   {"x-drop": "1"})
+            r = await http_request(sc.port(), "GET", "http://reviews/v1/items?x=2", {"x-drop": "1"})
             assert r.status == 200
             assert r.header("x-resp") == "r" and r.header("x-keep") == "1"
             assert r.header("x-remove-me") is None

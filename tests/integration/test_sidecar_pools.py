@@ -21,8 +21,10 @@ from diktyo.testing import (
 
 async def test_max_requests_per_connection_opens_new_connections() -> None:
     async with FakeUpstream() as up:
-        snap = http_snapshot({"reviews": [("127.0.0.1", up.port)]},
-                             clusters={"reviews": {"pool": {"max_requests_per_connection": 2}}})
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", up.port)]},
+            clusters={"reviews": {"pool": {"max_requests_per_connection": 2}}},
+        )
         async with start_sidecar(snap) as sc:
             async with HttpClient(sc.port()) as c:
                 for _ in range(6):
@@ -32,8 +34,10 @@ async def test_max_requests_per_connection_opens_new_connections() -> None:
 
 async def test_idle_upstream_connections_expire() -> None:
     async with FakeUpstream() as up:
-        snap = http_snapshot({"reviews": [("127.0.0.1", up.port)]},
-                             clusters={"reviews": {"pool": {"idle_timeout": 0.2}}})
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", up.port)]},
+            clusters={"reviews": {"pool": {"idle_timeout": 0.2}}},
+        )
         async with start_sidecar(snap) as sc:
             assert (await http_request(sc.port(), "GET", "http://reviews/")).status == 200
             assert len(up.open_conns) == 1
@@ -48,12 +52,27 @@ async def test_outlier_detection_ejects_failing_host() -> None:
     async with FakeUpstream(Response(status=500)) as bad, FakeUpstream() as good:
         snap = http_snapshot(
             {"reviews": [("127.0.0.1", bad.port), ("127.0.0.1", good.port)]},
-            routes={"reviews": [{"name": "r", "clusters": [{"cluster": "outbound|80||reviews"}],
-                                 "retries": {"attempts": 0}}]},
-            clusters={"reviews": {"lb": {"simple": "ROUND_ROBIN"},
-                                  "outlier": {"consecutive_5xx_errors": 2, "interval": 1.0,
-                                              "base_ejection_time": 30.0,
-                                              "max_ejection_percent": 100.0}}})
+            routes={
+                "reviews": [
+                    {
+                        "name": "r",
+                        "clusters": [{"cluster": "outbound|80||reviews"}],
+                        "retries": {"attempts": 0},
+                    }
+                ]
+            },
+            clusters={
+                "reviews": {
+                    "lb": {"simple": "ROUND_ROBIN"},
+                    "outlier": {
+                        "consecutive_5xx_errors": 2,
+                        "interval": 1.0,
+                        "base_ejection_time": 30.0,
+                        "max_ejection_percent": 100.0,
+                    },
+                }
+            },
+        )
         async with start_sidecar(snap) as sc:
             async with HttpClient(sc.port()) as c:
                 codes = [(await c.get("http://reviews/")).status for _ in range(20)]
@@ -65,25 +84,33 @@ async def test_outlier_detection_ejects_failing_host() -> None:
 
 async def test_header_timeout_answers_408(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sidecar_mod, "HEADER_TIMEOUT", 0.2)
-    async with FakeUpstream() as up:
-        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc:
-            r, w = await asyncio.open_connection("127.0.0.1", sc.port())
-            w.write(b"GET / HTTP/1.1\r\nHost: rev")  # never finishes the head
-            data = await asyncio.wait_for(r.read(1000), 5)
-            assert data.startswith(b"HTTP/1.1 408")
-            assert await asyncio.wait_for(r.read(1000), 5) == b""  # closed
-            w.close()
-            assert up.requests == []
+    async with (
+        FakeUpstream() as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", sc.port())
+        w.write(b"GET / HTTP/1.1\r\nHost: rev")  # never finishes the head
+        data = await asyncio.wait_for(r.read(1000), 5)
+        assert data.startswith(b"HTTP/1.1 408")
+        assert await asyncio.wait_for(r.read(1000), 5) == b""  # closed
+        w.close()
+        assert up.requests == []
 
 
 async def test_access_log_in_istio_text_format(tmp_path: Path) -> None:
     log = tmp_path / "access.log"
     async with FakeUpstream() as up:
-        snap = http_snapshot({"reviews": [("127.0.0.1", up.port)]},
-                             mesh={"access_log": {"enabled": True, "path": str(log)}})
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", up.port)]},
+            mesh={"access_log": {"enabled": True, "path": str(log)}},
+        )
         async with start_sidecar(snap) as sc:
-            await http_request(sc.port(), "GET", "http://reviews/logged",
-                               {"User-Agent": "pytest", "X-Request-Id": "rid-1"})
+            await http_request(
+                sc.port(),
+                "GET",
+                "http://reviews/logged",
+                {"User-Agent": "pytest", "X-Request-Id": "rid-1"},
+            )
             await http_request(sc.port(), "GET", "http://nowhere/x")
     lines = log.read_text().splitlines()
     assert len(lines) == 2

@@ -21,11 +21,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("method", metavar="METHOD", help="HTTP method, e.g. GET")
     p.add_argument("url", metavar="URL", help="request URL, e.g. http://reviews:9080/x")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--config", metavar="DIR", default=None,
-                     help="directory of Istio YAML (default: current directory)")
+    src.add_argument(
+        "--config",
+        metavar="DIR",
+        default=None,
+        help="directory of Istio YAML (default: current directory)",
+    )
     src.add_argument("--snapshot", metavar="FILE", help="a sidecar snapshot JSON file instead")
-    p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
-                   help="request header (repeatable)")
+    p.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="request header (repeatable)",
+    )
     p.add_argument("-o", "--output", choices=["text", "json"], default="text")
     p.set_defaults(func=run)
 

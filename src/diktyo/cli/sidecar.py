@@ -30,23 +30,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--snapshot", metavar="FILE", help="snapshot JSON file (diktyo.snapshot)")
     src.add_argument("--config", metavar="DIR", help="directory of Istio YAML files")
-    src.add_argument("--control-plane", metavar="URL",
-                     help="control plane base URL, e.g. http://127.0.0.1:15010")
+    src.add_argument(
+        "--control-plane", metavar="URL", help="control plane base URL, e.g. http://127.0.0.1:15010"
+    )
     p.add_argument("--node", metavar="ID", help="node id (with --control-plane)")
-    p.add_argument("--admin-port", type=int, default=0,
-                   help="admin port (/ready, /stats/prometheus, ...); 0 = pick a free one")
-    p.add_argument("--outbound-port", type=int, default=None,
-                   help="override the outbound listener's port (0 = pick a free one)")
-    p.add_argument("--drain-timeout", type=float, default=10.0,
-                   help="seconds to let in-flight requests finish on SIGTERM / drain")
-    p.add_argument("--log-level", default="warning",
-                   choices=["debug", "info", "warning", "error"], help="stderr log level")
+    p.add_argument(
+        "--admin-port",
+        type=int,
+        default=0,
+        help="admin port (/ready, /stats/prometheus, ...); 0 = pick a free one",
+    )
+    p.add_argument(
+        "--outbound-port",
+        type=int,
+        default=None,
+        help="override the outbound listener's port (0 = pick a free one)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to let in-flight requests finish on SIGTERM / drain",
+    )
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="stderr log level",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     from diktyo.proxy.main import SidecarOptions
     from diktyo.proxy.main import run as run_sidecar
 
@@ -54,8 +74,12 @@ def run(args: argparse.Namespace) -> int:
         print("diktyo sidecar: --control-plane needs --node ID", file=sys.stderr)
         return 2
     opts = SidecarOptions(
-        snapshot=args.snapshot, config=args.config, control_plane=args.control_plane,
-        node=args.node, admin_port=args.admin_port, outbound_port=args.outbound_port,
+        snapshot=args.snapshot,
+        config=args.config,
+        control_plane=args.control_plane,
+        node=args.node,
+        admin_port=args.admin_port,
+        outbound_port=args.outbound_port,
         drain_timeout=args.drain_timeout,
     )
     try:

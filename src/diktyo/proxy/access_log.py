@@ -37,17 +37,28 @@ def format_json(s: Any, flags: str, dur_ms: float) -> str:
     head = s.head
     h = head.headers
     host = s.host
-    return json.dumps({
-        "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "method": head.method, "path": head.path, "protocol": f"HTTP/{head.version}",
-        "response_code": s.status, "response_flags": flags, "bytes_received": s.req_bytes,
-        "bytes_sent": s.resp_bytes, "duration": int(dur_ms),
-        "x_forwarded_for": h.get("x-forwarded-for"), "user_agent": h.get("user-agent"),
-        "request_id": s.out_headers.get("x-request-id") or h.get("x-request-id"),
-        "authority": head.authority,
-        "upstream_host": f"{host.address}:{host.port}" if host is not None else None,
-        "upstream_cluster": s.cstate.cluster.name if s.cstate is not None else None,
-    }) + "\n"
+    return (
+        json.dumps(
+            {
+                "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "method": head.method,
+                "path": head.path,
+                "protocol": f"HTTP/{head.version}",
+                "response_code": s.status,
+                "response_flags": flags,
+                "bytes_received": s.req_bytes,
+                "bytes_sent": s.resp_bytes,
+                "duration": int(dur_ms),
+                "x_forwarded_for": h.get("x-forwarded-for"),
+                "user_agent": h.get("user-agent"),
+                "request_id": s.out_headers.get("x-request-id") or h.get("x-request-id"),
+                "authority": head.authority,
+                "upstream_host": f"{host.address}:{host.port}" if host is not None else None,
+                "upstream_cluster": s.cstate.cluster.name if s.cstate is not None else None,
+            }
+        )
+        + "\n"
+    )
 
 
 def make_access_logger(cfg: AccessLog) -> Callable[[Any, str, float], None]:

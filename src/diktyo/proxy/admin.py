@@ -45,8 +45,9 @@ class AdminConnection(asyncio.Protocol):
         if head is None or self.transport is None:
             return
         status, body, ctype = self.admin.handle(head.method, head.path)
-        self.transport.write(local_response(status, body, close=not head.keep_alive,
-                                            content_type=ctype))
+        self.transport.write(
+            local_response(status, body, close=not head.keep_alive, content_type=ctype)
+        )
         if not head.keep_alive:
             self.transport.close()
 
@@ -75,8 +76,11 @@ class AdminServer:
         text = b"text/plain"
         js = b"application/json"
         if path == "/ready":
-            ok = sc.rt is not None and not sc.draining and all(
-                c.server is not None for c in sc.listeners.values())
+            ok = (
+                sc.rt is not None
+                and not sc.draining
+                and all(c.server is not None for c in sc.listeners.values())
+            )
             return (200, b"LIVE\n", text) if ok else (503, b"NOT READY\n", text)
         if path in ("/stats/prometheus", "/metrics"):
             clusters = sc.rt.clusters if sc.rt is not None else {}
@@ -93,9 +97,11 @@ class AdminServer:
                 d = cs.describe()
                 pool = sc.pools.get(name)
                 if pool is not None:
-                    d["pool"] = {"active_connections": len(pool.active),
-                                 "idle_connections": sum(len(v) for v in pool.idle.values()),
-                                 "pending": len(pool.pending)}
+                    d["pool"] = {
+                        "active_connections": len(pool.active),
+                        "idle_connections": sum(len(v) for v in pool.idle.values()),
+                        "pending": len(pool.pending),
+                    }
                 out.append(d)
             return 200, json.dumps({"clusters": out}, indent=1, default=str).encode(), js
         if path == "/listeners":

@@ -64,8 +64,9 @@ def load_snapshot(opts: SidecarOptions) -> Snapshot:
         from diktyo.control.standalone import snapshot_from_dir
 
         return snapshot_from_dir(opts.config, outbound_port=opts.outbound_port or 0)
-    raise SnapshotError("no snapshot source: pass --snapshot FILE, --config DIR or "
-                        "--control-plane URL --node ID")
+    raise SnapshotError(
+        "no snapshot source: pass --snapshot FILE, --config DIR or --control-plane URL --node ID"
+    )
 
 
 async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
@@ -76,8 +77,11 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
         from diktyo.proxy.config_client import ConfigClient
 
         if not opts.node:
-            print("diktyo sidecar: --control-plane needs --node ID (the node id the control "
-                  "plane knows this sidecar by)", file=sys.stderr)
+            print(
+                "diktyo sidecar: --control-plane needs --node ID (the node id the control "
+                "plane knows this sidecar by)",
+                file=sys.stderr,
+            )
             return 2
         ready_evt = asyncio.Event()
 
@@ -97,8 +101,10 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
     gc.collect()
     gc.freeze()
     version = sidecar.rt.snapshot.version if sidecar.rt is not None else ""
-    line = json.dumps({"event": "ready", "admin": admin.port, "listeners": sidecar.ports(),
-                       "version": version}, separators=(",", ":"))
+    line = json.dumps(
+        {"event": "ready", "admin": admin.port, "listeners": sidecar.ports(), "version": version},
+        separators=(",", ":"),
+    )
     print(line, file=ready_out, flush=True)
     log.info("sidecar ready: %s", line)
 

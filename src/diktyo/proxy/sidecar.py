@@ -65,8 +65,8 @@ class ListenerContext:
 
     def port_for(self, authority: str) -> int | None:
         i = authority.rfind(":")
-        if i > 0 and authority[i + 1:].isdigit():
-            return int(authority[i + 1:])
+        if i > 0 and authority[i + 1 :].isdigit():
+            return int(authority[i + 1 :])
         return self.service_port or None
 
 
@@ -108,11 +108,17 @@ class Runtime:
             for c in snapshot.clusters:
                 if REAL_UPSTREAM:
                     clusters[c.name] = ClusterState(
-                        c, self.clock, self.rng, previous=prev.get(c.name),
+                        c,
+                        self.clock,
+                        self.rng,
+                        previous=prev.get(c.name),
                         retry_budget_percent=mesh.retry_budget_percent,
-                        retry_budget_min=mesh.retry_budget_min)
+                        retry_budget_min=mesh.retry_budget_min,
+                    )
                 else:
-                    clusters[c.name] = ClusterState(c, self.clock, self.rng, previous=prev.get(c.name))
+                    clusters[c.name] = ClusterState(
+                        c, self.clock, self.rng, previous=prev.get(c.name)
+                    )
         except Exception as exc:  # noqa: BLE001 - any failure rejects the snapshot whole
             raise SnapshotError(f"cluster state: {type(exc).__name__}: {exc}") from None
         self.clusters = clusters
@@ -121,8 +127,11 @@ class Runtime:
         return self.sidecar.pools[cstate.cluster.name]
 
     def labels_for(self, reporter: str, cstate: Any, host: Any) -> Any:
-        key = (reporter, cstate.cluster.name if cstate is not None else "",
-               host.key if host is not None else None)
+        key = (
+            reporter,
+            cstate.cluster.name if cstate is not None else "",
+            host.key if host is not None else None,
+        )
         p = self._peers.get(key)
         if p is not None:
             return p
@@ -136,8 +145,7 @@ class Runtime:
                 service = cstate.cluster.service
             if host is not None:
                 ep = host.endpoint
-                other = WorkloadInfo.from_labels(ep.workload, ep.namespace, ep.labels,
-                                                 ep.principal)
+                other = WorkloadInfo.from_labels(ep.workload, ep.namespace, ep.labels, ep.principal)
             p = self.stats.peer_for("source", self.me, other, service)
         self._peers[key] = p
         return p
@@ -146,8 +154,13 @@ class Runtime:
 class Sidecar:
     """One sidecar process' data plane."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, clock: Clock = SYSTEM_CLOCK,
-                 seed: int | None = None, bind_address: str | None = None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        seed: int | None = None,
+        bind_address: str | None = None,
+    ) -> None:
         self.loop = loop or asyncio.get_event_loop()
         self.clock = clock
         self.rng = make_random(seed)
@@ -217,17 +230,24 @@ class Sidecar:
         self.stats.families["config_pushes"].inc()
         if self._ticker is None:
             self._ticker = self.loop.call_later(1.0, self._tick)
-        log.info("applied snapshot %s (%d listeners, %d clusters)", snapshot.version,
-                 len(snapshot.listeners), len(snapshot.clusters))
+        log.info(
+            "applied snapshot %s (%d listeners, %d clusters)",
+            snapshot.version,
+            len(snapshot.listeners),
+            len(snapshot.clusters),
+        )
 
     def _bind_new_listeners(self, snapshot: Snapshot) -> dict[str, socket.socket]:
         socks: dict[str, socket.socket] = {}
         try:
             for lst in snapshot.listeners:
                 cur = self.listeners.get(lst.name)
-                if cur is not None and cur.direction == lst.direction and (
-                    lst.port == 0 or lst.port == cur.port
-                ) and (self.bind_address or lst.address) == cur.sock.getsockname()[0]:  # type: ignore[union-attr]
+                if (
+                    cur is not None
+                    and cur.direction == lst.direction
+                    and (lst.port == 0 or lst.port == cur.port)
+                    and (self.bind_address or lst.address) == cur.sock.getsockname()[0]
+                ):  # type: ignore[union-attr]
                     continue
                 sock = socket.socket(socket.AF_INET6 if ":" in lst.address else socket.AF_INET)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -255,6 +275,7 @@ class Sidecar:
             def factory() -> asyncio.Protocol:
                 return TcpProxy(ctx)
         else:
+
             def factory() -> asyncio.Protocol:
                 return HttpConnection(ctx)
 
@@ -294,7 +315,7 @@ class Sidecar:
                     check = getattr(conn, "idle_check", None)
                     if check is not None:
                         check(now, HEADER_TIMEOUT, IDLE_TIMEOUT)
-        except Exception:  # noqa: BLE001 - the tick must keep running
+        except Exception:
             log.exception("sidecar maintenance tick failed")
         self._ticker = self.loop.call_later(1.0, self._tick)
 

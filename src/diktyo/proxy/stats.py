@@ -36,12 +36,26 @@ class Stats:
         self.server: dict[str, int] = {"downstream_cx_total": 0, "downstream_rq_total": 0}
         self._peers: dict[tuple[Any, ...], PeerKey] = {}
 
-    def record_request(self, reporter: str, peer: PeerKey, status: int, flags: str,
-                       duration_ms: float, req_bytes: int, resp_bytes: int) -> None:
+    def record_request(
+        self,
+        reporter: str,
+        peer: PeerKey,
+        status: int,
+        flags: str,
+        duration_ms: float,
+        req_bytes: int,
+        resp_bytes: int,
+    ) -> None:
         self.record(peer, status, flags, duration_ms, req_bytes, resp_bytes)
 
-    def peer_for(self, reporter: str, me: WorkloadInfo, other: WorkloadInfo | None,
-                 service: str, protocol: str = "http") -> PeerKey:
+    def peer_for(
+        self,
+        reporter: str,
+        me: WorkloadInfo,
+        other: WorkloadInfo | None,
+        service: str,
+        protocol: str = "http",
+    ) -> PeerKey:
         key = (reporter, me, other, service, protocol)
         p = self._peers.get(key)
         if p is None:
@@ -87,7 +101,8 @@ class Stats:
             for k, v in sorted(self.cluster[cname].items()):
                 esc = cname.replace("\\", "\\\\").replace('"', '\\"')
                 by_metric.setdefault(k, []).append(
-                    f'envoy_cluster_{k}{{cluster_name="{esc}"}} {v}\n')
+                    f'envoy_cluster_{k}{{cluster_name="{esc}"}} {v}\n'
+                )
         for k in sorted(by_metric):
             header(out, f"envoy_cluster_{k}", "counter", f"Envoy cluster stat {k}.")
             out.extend(by_metric[k])

@@ -72,8 +72,9 @@ class TcpProxy(asyncio.Protocol):
     async def _connect(self, rt: Any, cs: Any, host: Any) -> None:
         try:
             async with asyncio.timeout(cs.cluster.pool.connect_timeout):
-                _, up = await open_upstream(rt.loop, host.address, host.port, cs.cluster.tls,
-                                            lambda: _Upstream(self))
+                _, up = await open_upstream(
+                    rt.loop, host.address, host.port, cs.cluster.tls, lambda: _Upstream(self)
+                )
         except (OSError, TimeoutError):
             cs.on_request_end(host, None, True)
             self.host = None

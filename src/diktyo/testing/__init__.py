@@ -6,6 +6,15 @@ from diktyo.testing.sidecar import SidecarHandle, start_sidecar, start_sidecar_p
 from diktyo.testing.snapshots import cluster_name, http_snapshot
 
 __all__ = [
-    "ClientResponse", "FakeUpstream", "HttpClient", "http_request", "RecordedRequest", "Response", "SidecarHandle", "cluster_name",
-    "http_snapshot", "start_sidecar", "start_sidecar_process",
+    "ClientResponse",
+    "FakeUpstream",
+    "HttpClient",
+    "RecordedRequest",
+    "Response",
+    "SidecarHandle",
+    "cluster_name",
+    "http_request",
+    "http_snapshot",
+    "start_sidecar",
+    "start_sidecar_process",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Self
 
 from diktyo.proxy.codec.http1 import ResponseDecoder
 
@@ -33,8 +34,9 @@ class _Sink:
         self.parts: list[bytes] = []
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], ka: bool) -> None:
-        self.cur = ClientResponse(status, [(k.decode("latin-1").lower(), v.decode("latin-1"))
-                                           for k, v in headers])
+        self.cur = ClientResponse(
+            status, [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
+        )
         self.parts = []
 
     def on_response_body(self, chunk: bytes) -> None:
@@ -74,7 +76,7 @@ class HttpClient:
                 pass
             self.writer = None
 
-    async def __aenter__(self) -> HttpClient:
+    async def __aenter__(self) -> Self:
         return await self.connect()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -106,8 +108,9 @@ class HttpClient:
 
         return await asyncio.wait_for(read(), self.timeout)
 
-    async def request(self, method: str, url: str, headers: dict[str, str] | None = None,
-                      body: bytes = b"") -> ClientResponse:
+    async def request(
+        self, method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b""
+    ) -> ClientResponse:
         """``url`` absolute (``http://reviews/x``, proxy form) or origin-form with a Host header."""
         headers = dict(headers or {})
         if url.startswith("http://") and not any(k.lower() == "host" for k in headers):
@@ -125,8 +128,14 @@ class HttpClient:
         return await self.request("GET", url, headers)
 
 
-async def http_request(port: int, method: str, url: str, headers: dict[str, str] | None = None,
-                       body: bytes = b"", timeout: float = 10.0) -> ClientResponse:
+async def http_request(
+    port: int,
+    method: str,
+    url: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    timeout: float = 10.0,
+) -> ClientResponse:
     """One request on a fresh connection."""
     async with HttpClient(port, timeout=timeout) as c:
         return await c.request(method, url, headers, body)

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Self
 
 from diktyo.proxy.codec.http1 import CodecError, RequestDecoder, RequestHead, status_line
 
@@ -70,8 +70,14 @@ class _Conn(asyncio.Protocol):
 
     def on_request_head(self, head: RequestHead) -> None:
         self.seq += 1
-        self.req = RecordedRequest(head.method, head.path, dict(head.headers), conn_id=self.cid,
-                                   conn_seq=self.seq, received_at=time.monotonic())
+        self.req = RecordedRequest(
+            head.method,
+            head.path,
+            dict(head.headers),
+            conn_id=self.cid,
+            conn_seq=self.seq,
+            received_at=time.monotonic(),
+        )
         self.body = []
         if head.expect_continue and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -145,8 +151,13 @@ class FakeUpstream:
     Program it with ``up.respond(Response(...))`` (every request) or ``up.handler = fn``.
     """
 
-    def __init__(self, response: Response | None = None, handler: Handler | None = None,
-                 keep_bodies: bool = True, name: str = "") -> None:
+    def __init__(
+        self,
+        response: Response | None = None,
+        handler: Handler | None = None,
+        keep_bodies: bool = True,
+        name: str = "",
+    ) -> None:
         self.default = response or Response(body=b"ok")
         self.handler: Handler = handler or (lambda req: self.default)
         self.keep_bodies = keep_bodies
@@ -167,8 +178,7 @@ class FakeUpstream:
     async def start(self) -> FakeUpstream:
         loop = asyncio.get_running_loop()
         counter = iter(range(1, 1 << 30))
-        self.server = await loop.create_server(lambda: _Conn(self, next(counter)),
-                                               "127.0.0.1", 0)
+        self.server = await loop.create_server(lambda: _Conn(self, next(counter)), "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -180,8 +190,8 @@ class FakeUpstream:
                     c.transport.abort()
             await self.server.wait_closed()
 
-    async def __aenter__(self) -> FakeUpstream:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()

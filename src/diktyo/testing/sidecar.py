@@ -54,15 +54,23 @@ async def start_sidecar(snapshot: Snapshot, seed: int | None = 1) -> AsyncIterat
 
 
 @contextlib.asynccontextmanager
-async def start_sidecar_process(snapshot: Snapshot, *extra_args: str,
-                                timeout: float = 20.0) -> AsyncIterator[SidecarHandle]:
+async def start_sidecar_process(
+    snapshot: Snapshot, *extra_args: str, timeout: float = 20.0
+) -> AsyncIterator[SidecarHandle]:
     """Run ``python -m diktyo.cli.main sidecar --snapshot F`` and read its ready line."""
     with tempfile.NamedTemporaryFile("wb", suffix=".json", delete=False) as f:
         f.write(encode(snapshot))
         path = f.name
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "diktyo.cli.main", "sidecar", "--snapshot", path, *extra_args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "diktyo.cli.main",
+        "sidecar",
+        "--snapshot",
+        path,
+        *extra_args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None

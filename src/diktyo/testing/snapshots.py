@@ -36,18 +36,29 @@ def http_snapshot(
     for name, eps in services.items():
         cname = cluster_name(name, port)
         c: dict[str, Any] = {
-            "name": cname, "service": name, "port": port,
-            "endpoints": [{"address": a, "port": p, "workload": f"{name}-v1",
-                           "labels": {"app": name, "version": "v1"}} for a, p in eps],
+            "name": cname,
+            "service": name,
+            "port": port,
+            "endpoints": [
+                {
+                    "address": a,
+                    "port": p,
+                    "workload": f"{name}-v1",
+                    "labels": {"app": name, "version": "v1"},
+                }
+                for a, p in eps
+            ],
         }
         c.update(clusters.get(name, {}))
         cls.append(c)
-        vhs.append({
-            "name": name,
-            "domains": [name, f"{name}:{port}"],
-            "routes": routes.get(name) or [{"name": "default",
-                                            "clusters": [{"cluster": cname, "host": name}]}],
-        })
+        vhs.append(
+            {
+                "name": name,
+                "domains": [name, f"{name}:{port}"],
+                "routes": routes.get(name)
+                or [{"name": "default", "clusters": [{"cluster": cname, "host": name}]}],
+            }
+        )
     cls.extend(extra_clusters or [])
     lst = [{"name": "outbound", "direction": "outbound", "port": 0, "route_table": "outbound"}]
     lst.extend(listeners or [])

@@ -59,8 +59,10 @@ def test_absolute_form_sets_authority_and_host() -> None:
 
 
 def test_pipelined_requests_in_one_buffer() -> None:
-    s = decode(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nPOST /2 HTTP/1.1\r\nHost: a\r\n"
-               b"Content-Length: 3\r\n\r\nabcGET /3 HTTP/1.1\r\nHost: a\r\n\r\n")
+    s = decode(
+        b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nPOST /2 HTTP/1.1\r\nHost: a\r\n"
+        b"Content-Length: 3\r\n\r\nabcGET /3 HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
     assert [h.path for h in s.heads()] == ["/1", "/2", "/3"]
     assert s.body() == b"abc"
 
@@ -80,16 +82,25 @@ def test_chunked_body_streams() -> None:
     "raw, status",
     [
         (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+        ),
         (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -3\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3x\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
         (b"NOT HTTP AT ALL\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(120))
-         + b"\r\n", 431),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 10) + b"\r\n\r\n",
-         431),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\n"
+            + b"".join(b"X-%d: v\r\n" % i for i in range(120))
+            + b"\r\n",
+            431,
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 10) + b"\r\n\r\n",
+            431,
+        ),
     ],
 )
 def test_malformed_requests(raw: bytes, status: int) -> None:
@@ -101,11 +112,14 @@ def test_malformed_requests(raw: bytes, status: int) -> None:
 
 
 def test_expect_continue_and_upgrade_flags() -> None:
-    (h,) = decode(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n"
-                  b"\r\n").heads()
+    (h,) = decode(
+        b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"
+    ).heads()
     assert h.expect_continue
-    s = decode(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-               b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    s = decode(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
     assert [h.path for h in s.heads()] == ["/", "/next"]
     assert s.heads()[0].upgrade
 
@@ -145,8 +159,9 @@ def test_response_close_delimited_ends_on_eof() -> None:
 
 def test_interim_100_is_swallowed() -> None:
     r = RSink()
-    ResponseDecoder(r).feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n"
-                            b"Content-Length: 0\r\n\r\n")
+    ResponseDecoder(r).feed(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+    )
     assert r.events == [("head", (201, True)), ("end", None)]
 
 
@@ -157,24 +172,45 @@ def test_encoders() -> None:
     assert lr.endswith(b"\r\n\r\nno healthy upstream")
 
 
-_tokens = st.sampled_from([
-    b"GET ", b"POST ", b"/", b"http://a/", b" HTTP/1.1\r\n", b"HTTP/1.0", b"Host: a\r\n",
-    b"Content-Length: 5\r\n", b"Content-Length: 2\r\n", b"Transfer-Encoding: chunked\r\n",
-    b"\r\n", b"5\r\nhello\r\n", b"0\r\n\r\n", b"abc", b":", b"\x00", b"\xff", b" ", b"\n",
-    b"Expect: 100-continue\r\n", b"Connection: close\r\n",
-])
+_tokens = st.sampled_from(
+    [
+        b"GET ",
+        b"POST ",
+        b"/",
+        b"http://a/",
+        b" HTTP/1.1\r\n",
+        b"HTTP/1.0",
+        b"Host: a\r\n",
+        b"Content-Length: 5\r\n",
+        b"Content-Length: 2\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"\r\n",
+        b"5\r\nhello\r\n",
+        b"0\r\n\r\n",
+        b"abc",
+        b":",
+        b"\x00",
+        b"\xff",
+        b" ",
+        b"\n",
+        b"Expect: 100-continue\r\n",
+        b"Connection: close\r\n",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(_tokens, st.binary(max_size=20)), max_size=30),
-       st.integers(min_value=1, max_value=40))
+@given(
+    st.lists(st.one_of(_tokens, st.binary(max_size=20)), max_size=30),
+    st.integers(min_value=1, max_value=40),
+)
 def test_fuzz_request_decoder_never_crashes(parts: list[bytes], split: int) -> None:
     data = b"".join(parts)
     s = Sink()
     d = RequestDecoder(s)
     try:
         for i in range(0, len(data), split):
-            d.feed(data[i:i + split])
+            d.feed(data[i : i + split])
     except CodecError as exc:
         assert 400 <= exc.status < 500
     # every head has a method and a path

@@ -26,8 +26,12 @@ def route(name: str, *matches: dict[str, Any], **kw: Any) -> dict[str, Any]:
     return r
 
 
-def info(path: str = "/", authority: str = "reviews", method: str = "GET",
-         headers: dict[str, str] | None = None) -> RequestInfo:
+def info(
+    path: str = "/",
+    authority: str = "reviews",
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+) -> RequestInfo:
     return RequestInfo(method, path, authority, headers or {})
 
 
@@ -37,13 +41,15 @@ def sel_name(m: RouteMatcher, i: RequestInfo) -> str | None:
 
 
 def test_virtual_host_lookup_order() -> None:
-    m = table([
-        vh("exact", ["reviews", "reviews:9080"], [route("e")]),
-        vh("suffix", ["*.example.com"], [route("s")]),
-        vh("longer", ["*.api.example.com"], [route("l")]),
-        vh("prefix", ["foo.*"], [route("p")]),
-        vh("all", ["*"], [route("a")]),
-    ])
+    m = table(
+        [
+            vh("exact", ["reviews", "reviews:9080"], [route("e")]),
+            vh("suffix", ["*.example.com"], [route("s")]),
+            vh("longer", ["*.api.example.com"], [route("l")]),
+            vh("prefix", ["foo.*"], [route("p")]),
+            vh("all", ["*"], [route("a")]),
+        ]
+    )
     assert sel_name(m, info(authority="reviews")) == "e"
     assert sel_name(m, info(authority="REVIEWS:9080")) == "e"
     assert sel_name(m, info(authority="reviews:1234")) == "e"  # port stripped as fallback
@@ -60,12 +66,27 @@ def test_no_virtual_host_and_no_route() -> None:
 
 
 def test_first_match_wins_and_or_of_blocks() -> None:
-    m = table([vh("r", ["reviews"], [
-        route("jason", {"headers": [{"name": "end-user", "match": {"kind": "exact", "value": "jason"}}]},
-              {"uri": {"kind": "prefix", "value": "/jason"}}),
-        route("api", {"uri": {"kind": "prefix", "value": "/api"}}),
-        route("default"),
-    ])])
+    m = table(
+        [
+            vh(
+                "r",
+                ["reviews"],
+                [
+                    route(
+                        "jason",
+                        {
+                            "headers": [
+                                {"name": "end-user", "match": {"kind": "exact", "value": "jason"}}
+                            ]
+                        },
+                        {"uri": {"kind": "prefix", "value": "/jason"}},
+                    ),
+                    route("api", {"uri": {"kind": "prefix", "value": "/api"}}),
+                    route("default"),
+                ],
+            )
+        ]
+    )
     assert sel_name(m, info(headers={"end-user": "jason"})) == "jason"
     r = m.select(info(path="/jason/1"))
     assert r is not None and r[1].route.name == "jason" and r[2] == 1
@@ -74,42 +95,92 @@ def test_first_match_wins_and_or_of_blocks() -> None:
 
 
 def test_conditions_are_anded() -> None:
-    m = table([vh("r", ["reviews"], [route("both", {
-        "uri": {"kind": "prefix", "value": "/a"},
-        "method": {"kind": "exact", "value": "POST"},
-    })])])
+    m = table(
+        [
+            vh(
+                "r",
+                ["reviews"],
+                [
+                    route(
+                        "both",
+                        {
+                            "uri": {"kind": "prefix", "value": "/a"},
+                            "method": {"kind": "exact", "value": "POST"},
+                        },
+                    )
+                ],
+            )
+        ]
+    )
     assert sel_name(m, info(path="/a", method="POST")) == "both"
     assert m.select(info(path="/a", method="GET")) is None
     assert m.select(info(path="/b", method="POST")) is None
 
 
-@pytest.mark.parametrize("kind, value, path, ok", [
-    ("exact", "/a", "/a", True),
-    ("exact", "/a", "/a?x=1", True),  # query string is not part of the path match
-    ("exact", "/a", "/ab", False),
-    ("prefix", "/a", "/abc", True),
-    ("prefix", "/b", "/abc", False),
-    ("regex", "/v[0-9]+/.*", "/v12/x", True),
-    ("regex", "/v[0-9]+", "/v12/x", False),  # full match, like Envoy
-])
+@pytest.mark.parametrize(
+    "kind, value, path, ok",
+    [
+        ("exact", "/a", "/a", True),
+        ("exact", "/a", "/a?x=1", True),  # query string is not part of the path match
+        ("exact", "/a", "/ab", False),
+        ("prefix", "/a", "/abc", True),
+        ("prefix", "/b", "/abc", False),
+        ("regex", "/v[0-9]+/.*", "/v12/x", True),
+        ("regex", "/v[0-9]+", "/v12/x", False),  # full match, like Envoy
+    ],
+)
 def test_uri_kinds(kind: str, value: str, path: str, ok: bool) -> None:
     m = table([vh("r", ["reviews"], [route("x", {"uri": {"kind": kind, "value": value}})])])
     assert (m.select(info(path=path)) is not None) is ok
 
 
 def test_ignore_uri_case() -> None:
-    m = table([vh("r", ["reviews"], [route("x", {"uri": {"kind": "prefix", "value": "/API"},
-                                                  "ignore_uri_case": True})])])
+    m = table(
+        [
+            vh(
+                "r",
+                ["reviews"],
+                [route("x", {"uri": {"kind": "prefix", "value": "/API"}, "ignore_uri_case": True})],
+            )
+        ]
+    )
     assert m.select(info(path="/api/x")) is not None
 
 
 def test_headers_without_headers_present_and_query() -> None:
-    m = table([vh("r", ["reviews"], [
-        route("present", {"headers": [{"name": "x-canary", "match": {"kind": "present"}}]}),
-        route("not-debug", {"without_headers": [{"name": "x-debug", "match": {"kind": "present"}}],
-                            "query_params": [{"name": "v", "match": {"kind": "regex", "value": "[0-9]+"}}]}),
-        route("regex-hdr", {"headers": [{"name": "user-agent", "match": {"kind": "regex", "value": ".*Firefox.*"}}]}),
-    ])])
+    m = table(
+        [
+            vh(
+                "r",
+                ["reviews"],
+                [
+                    route(
+                        "present", {"headers": [{"name": "x-canary", "match": {"kind": "present"}}]}
+                    ),
+                    route(
+                        "not-debug",
+                        {
+                            "without_headers": [{"name": "x-debug", "match": {"kind": "present"}}],
+                            "query_params": [
+                                {"name": "v", "match": {"kind": "regex", "value": "[0-9]+"}}
+                            ],
+                        },
+                    ),
+                    route(
+                        "regex-hdr",
+                        {
+                            "headers": [
+                                {
+                                    "name": "user-agent",
+                                    "match": {"kind": "regex", "value": ".*Firefox.*"},
+                                }
+                            ]
+                        },
+                    ),
+                ],
+            )
+        ]
+    )
     assert sel_name(m, info(headers={"x-canary": ""})) == "present"
     assert sel_name(m, info(path="/?v=12")) == "not-debug"
     assert m.select(info(path="/?v=12", headers={"x-debug": "1"})) is None
@@ -118,25 +189,63 @@ def test_headers_without_headers_present_and_query() -> None:
 
 
 def test_authority_scheme_and_port() -> None:
-    m = table([vh("r", ["*"], [
-        route("port", {"port": 9080}),
-        route("auth", {"authority": {"kind": "prefix", "value": "rev"}}),
-    ])])
+    m = table(
+        [
+            vh(
+                "r",
+                ["*"],
+                [
+                    route("port", {"port": 9080}),
+                    route("auth", {"authority": {"kind": "prefix", "value": "rev"}}),
+                ],
+            )
+        ]
+    )
     assert sel_name(m, info(authority="x:9080")) == "port"
     assert sel_name(m, info(authority="reviews:1")) == "auth"
 
 
 def test_why_not_names_first_failing_condition() -> None:
-    m = table([vh("r", ["reviews"], [route("x", {"uri": {"kind": "prefix", "value": "/a"},
-                                                  "method": {"kind": "exact", "value": "POST"}})])])
+    m = table(
+        [
+            vh(
+                "r",
+                ["reviews"],
+                [
+                    route(
+                        "x",
+                        {
+                            "uri": {"kind": "prefix", "value": "/a"},
+                            "method": {"kind": "exact", "value": "POST"},
+                        },
+                    )
+                ],
+            )
+        ]
+    )
     cr = m.vhosts[0].routes[0]
     reasons = cr.why_not(info(path="/a", method="GET"))
     assert reasons == ["match[0]: method exact 'POST' did not match"]
 
 
 def test_weighted_pick_follows_weights_with_seeded_rng() -> None:
-    m = table([vh("r", ["reviews"], [{"name": "w", "clusters": [
-        {"cluster": "v1", "weight": 75}, {"cluster": "v2", "weight": 25}]}])])
+    m = table(
+        [
+            vh(
+                "r",
+                ["reviews"],
+                [
+                    {
+                        "name": "w",
+                        "clusters": [
+                            {"cluster": "v1", "weight": 75},
+                            {"cluster": "v2", "weight": 25},
+                        ],
+                    }
+                ],
+            )
+        ]
+    )
     cr = m.vhosts[0].routes[0]
     rng = random.Random(7)
     picks = [cr.pick(rng).wc.cluster for _ in range(4000)]  # type: ignore[union-attr]
@@ -145,12 +254,29 @@ def test_weighted_pick_follows_weights_with_seeded_rng() -> None:
 
 
 def test_rewrite_prefix_exact_and_regex() -> None:
-    m = table([vh("r", ["reviews"], [
-        route("p", {"uri": {"kind": "prefix", "value": "/old"}}, rewrite={"uri": "/new"}),
-        route("e", {"uri": {"kind": "exact", "value": "/exact"}}, rewrite={"uri": "/replaced"}),
-        route("x", {"uri": {"kind": "prefix", "value": "/rx"}},
-              rewrite={"uri_regex": "^/rx/(.*)$", "uri_regex_rewrite": "/v2/\\1"}),
-    ])])
+    m = table(
+        [
+            vh(
+                "r",
+                ["reviews"],
+                [
+                    route(
+                        "p", {"uri": {"kind": "prefix", "value": "/old"}}, rewrite={"uri": "/new"}
+                    ),
+                    route(
+                        "e",
+                        {"uri": {"kind": "exact", "value": "/exact"}},
+                        rewrite={"uri": "/replaced"},
+                    ),
+                    route(
+                        "x",
+                        {"uri": {"kind": "prefix", "value": "/rx"}},
+                        rewrite={"uri_regex": "^/rx/(.*)$", "uri_regex_rewrite": "/v2/\\1"},
+                    ),
+                ],
+            )
+        ]
+    )
     p, e, x = m.vhosts[0].routes
     assert p.rewrite_path("/old/a?q=1", 0) == "/new/a?q=1"
     assert e.rewrite_path("/exact?z", 0) == "/replaced?z"

@@ -9,20 +9,37 @@ CL = cluster_name("reviews")
 
 
 def snap():  # type: ignore[no-untyped-def]
-    return http_snapshot({"reviews": [("127.0.0.1", 9001), ("127.0.0.1", 9002)]}, routes={
-        "reviews": [
-            {"name": "jason", "matches": [{"headers": [
-                {"name": "end-user", "match": {"kind": "exact", "value": "jason"}}]}],
-             "clusters": [{"cluster": CL, "host": "reviews", "subset": "v2"}], "timeout": 2.0,
-             "source": {"name": "reviews", "rule": 0, "rule_name": "jason"}},
-            {"name": "default", "clusters": [
-                {"cluster": CL, "host": "reviews", "subset": "v1", "weight": 80},
-                {"cluster": CL, "host": "reviews", "subset": "v3", "weight": 20}],
-             "retries": {"attempts": 3, "retry_on": ["5xx"]},
-             "fault": {"delay": {"fixed_delay": 1.0, "percentage": 10.0}},
-             "mirrors": [{"cluster": CL, "host": "reviews", "percentage": 5.0}],
-             "source": {"name": "reviews", "rule": 1, "rule_name": "default"}},
-        ]})
+    return http_snapshot(
+        {"reviews": [("127.0.0.1", 9001), ("127.0.0.1", 9002)]},
+        routes={
+            "reviews": [
+                {
+                    "name": "jason",
+                    "matches": [
+                        {
+                            "headers": [
+                                {"name": "end-user", "match": {"kind": "exact", "value": "jason"}}
+                            ]
+                        }
+                    ],
+                    "clusters": [{"cluster": CL, "host": "reviews", "subset": "v2"}],
+                    "timeout": 2.0,
+                    "source": {"name": "reviews", "rule": 0, "rule_name": "jason"},
+                },
+                {
+                    "name": "default",
+                    "clusters": [
+                        {"cluster": CL, "host": "reviews", "subset": "v1", "weight": 80},
+                        {"cluster": CL, "host": "reviews", "subset": "v3", "weight": 20},
+                    ],
+                    "retries": {"attempts": 3, "retry_on": ["5xx"]},
+                    "fault": {"delay": {"fixed_delay": 1.0, "percentage": 10.0}},
+                    "mirrors": [{"cluster": CL, "host": "reviews", "percentage": 5.0}],
+                    "source": {"name": "reviews", "rule": 1, "rule_name": "default"},
+                },
+            ]
+        },
+    )
 
 
 def test_matched_rule_and_reasons_for_skipped_rules() -> None:

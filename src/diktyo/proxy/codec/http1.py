@@ -31,24 +31,60 @@ MAX_HEADER_COUNT = 100
 
 # request headers the proxy never forwards (hop-by-hop, RFC 9110 7.6.1, plus proxy-connection)
 HOP_BY_HOP_STR = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-     "upgrade", "content-length", "expect"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "expect",
+    }
 )
 HOP_BY_HOP_BYTES = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-     b"transfer-encoding", b"upgrade"}
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
 )
 
 REASONS: dict[int, bytes] = {
-    100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
-    206: b"Partial Content", 301: b"Moved Permanently", 302: b"Found", 303: b"See Other",
-    304: b"Not Modified", 307: b"Temporary Redirect", 308: b"Permanent Redirect",
-    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
-    405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict",
-    413: b"Payload Too Large", 414: b"URI Too Long", 418: b"I'm a teapot",
-    429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
-    503: b"Service Unavailable", 504: b"Gateway Timeout",
+    100: b"Continue",
+    200: b"OK",
+    201: b"Created",
+    202: b"Accepted",
+    204: b"No Content",
+    206: b"Partial Content",
+    301: b"Moved Permanently",
+    302: b"Found",
+    303: b"See Other",
+    304: b"Not Modified",
+    307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    409: b"Conflict",
+    413: b"Payload Too Large",
+    414: b"URI Too Long",
+    418: b"I'm a teapot",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
 }
 STATUS_LINES: dict[int, bytes] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in REASONS.items()
@@ -74,8 +110,20 @@ class CodecError(Exception):
 class RequestHead:
     """One decoded request head. ``path`` is origin-form (``/x?y``) even for absolute-form URIs."""
 
-    __slots__ = ("method", "path", "authority", "scheme", "headers", "keep_alive", "version",
-                 "has_body", "chunked", "content_length", "expect_continue", "upgrade")
+    __slots__ = (
+        "authority",
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "has_body",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "scheme",
+        "upgrade",
+        "version",
+    )
 
     def __init__(self) -> None:
         self.method = "GET"
@@ -99,7 +147,9 @@ class RequestSink(Protocol):
 
 
 class ResponseSink(Protocol):
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None: ...
+    def on_response_head(
+        self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool
+    ) -> None: ...
     def on_response_body(self, chunk: bytes) -> None: ...
     def on_response_end(self) -> None: ...
 
@@ -116,8 +166,19 @@ class _Stop(Exception):
 class RequestDecoder:
     """Downstream HTTP/1.1 request decoder (see module docstring)."""
 
-    __slots__ = ("sink", "_parser", "_url", "_headers", "_hbytes", "_hcount", "_error",
-                 "_cl_seen", "_te_seen", "_head", "_in_message")
+    __slots__ = (
+        "_cl_seen",
+        "_error",
+        "_hbytes",
+        "_hcount",
+        "_head",
+        "_headers",
+        "_in_message",
+        "_parser",
+        "_te_seen",
+        "_url",
+        "sink",
+    )
 
     def __init__(self, sink: RequestSink) -> None:
         self.sink = sink
@@ -289,8 +350,18 @@ class RequestDecoder:
 class ResponseDecoder:
     """Upstream HTTP/1.1 response decoder (see module docstring)."""
 
-    __slots__ = ("sink", "_parser", "_headers", "_hbytes", "_no_body", "_status",
-                 "_in_body", "_close_delimited", "_done", "_started")
+    __slots__ = (
+        "_close_delimited",
+        "_done",
+        "_hbytes",
+        "_headers",
+        "_in_body",
+        "_no_body",
+        "_parser",
+        "_started",
+        "_status",
+        "sink",
+    )
 
     def __init__(self, sink: ResponseSink) -> None:
         self.sink = sink
@@ -394,7 +465,9 @@ _CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-def encode_request_head(method: str, path: str, headers: dict[str, str], body_framing: bytes) -> bytes:
+def encode_request_head(
+    method: str, path: str, headers: dict[str, str], body_framing: bytes
+) -> bytes:
     """Request line + headers (hop-by-hop already removed by the caller) + framing header."""
     text = "\r\n".join([f"{method} {path} HTTP/1.1", *[f"{k}: {v}" for k, v in headers.items()]])
     return text.encode("latin-1") + b"\r\n" + body_framing + _CRLF
@@ -418,8 +491,13 @@ def encode_response_head(status: int, headers: list[tuple[bytes, bytes]], extra:
     return b"".join(parts)
 
 
-def local_response(status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None,
-                   close: bool = False, content_type: bytes = b"text/plain") -> bytes:
+def local_response(
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    close: bool = False,
+    content_type: bytes = b"text/plain",
+) -> bytes:
     """A complete response generated by the proxy itself (errors, redirects, direct responses)."""
     parts = [status_line(status)]
     if headers:

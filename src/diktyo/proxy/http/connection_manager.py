@@ -47,9 +47,34 @@ if TYPE_CHECKING:
     from diktyo.proxy.sidecar import ListenerContext, Runtime
 
 # Envoy's order of response flags in access logs
-FLAG_ORDER = ("LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX",
-              "RLSE", "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC",
-              "OM")
+FLAG_ORDER = (
+    "LH",
+    "UH",
+    "UT",
+    "LR",
+    "UR",
+    "UF",
+    "UC",
+    "UO",
+    "NR",
+    "DI",
+    "FI",
+    "RL",
+    "UAEX",
+    "RLSE",
+    "DC",
+    "URX",
+    "SI",
+    "IH",
+    "DPE",
+    "UMSDR",
+    "RFCF",
+    "NFCF",
+    "DT",
+    "UPE",
+    "NC",
+    "OM",
+)
 _FLAG_RANK = {f: i for i, f in enumerate(FLAG_ORDER)}
 
 RETRY_BUFFER_LIMIT = 1024 * 1024  # body kept for retries (Envoy's default buffer limit)
@@ -76,8 +101,9 @@ _NO_LB_CONTEXT = LbContext({}, "", None)  # shared by requests whose LB ignores 
 
 def request_id(rng: Any) -> str:
     """A random UUID (version 4) string for ``x-request-id``, without a syscall per request."""
-    h = "%032x" % ((rng.getrandbits(128) & ~(0xF000 << 64) & ~(0xC << 60)) | (0x4000 << 64)
-                   | (0x8 << 60))
+    h = "%032x" % (
+        (rng.getrandbits(128) & ~(0xF000 << 64) & ~(0xC << 60)) | (0x4000 << 64) | (0x8 << 60)
+    )
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -183,7 +209,8 @@ class HttpConnection(asyncio.Protocol):
     def codec_error(self, exc: CodecError) -> None:
         self.ctx.stats.server["downstream_rq_total"] += 1
         self.ctx.stats.server[f"downstream_rq_{exc.status}"] = (
-            self.ctx.stats.server.get(f"downstream_rq_{exc.status}", 0) + 1)
+            self.ctx.stats.server.get(f"downstream_rq_{exc.status}", 0) + 1
+        )
         last = self.streams[-1] if self.streams else None
         if last is not None and not last.req_done:
             last.downstream_protocol_error(exc)
@@ -311,8 +338,14 @@ class Stream:
         matcher = rt.matchers.get(ctx.route_table)
         sel = None
         if matcher is not None:
-            info = RequestInfo(head.method, head.path, authority, head.headers, head.scheme,
-                               ctx.port_for(authority))
+            info = RequestInfo(
+                head.method,
+                head.path,
+                authority,
+                head.headers,
+                head.scheme,
+                ctx.port_for(authority),
+            )
             sel = matcher.select(info)
         if sel is None:
             self.local_reply(404, b"", "NR")
@@ -353,7 +386,9 @@ class Stream:
             self.local_reply(dr.status, dr.body.encode(), "", hdrs)
             return
         if route.redirect is not None:
-            self.local_reply(route.redirect.code, b"", "", [(b"location", self.redirect_location().encode())])
+            self.local_reply(
+                route.redirect.code, b"", "", [(b"location", self.redirect_location().encode())]
+            )
             return
         dest = cr.pick(rt.rng)
         if dest is None:
@@ -389,7 +424,7 @@ class Stream:
         authority = rd.authority or self.authority
         if rd.port is not None:
             i = authority.rfind(":")
-            if i > 0 and authority[i + 1:].isdigit():
+            if i > 0 and authority[i + 1 :].isdigit():
                 authority = authority[:i]
             authority = f"{authority}:{rd.port}"
         path = head.path
@@ -442,8 +477,11 @@ class Stream:
         rs = self.rs
         if rs is None:
             route = self.route.route if self.route is not None else None
-            rs = self.rs = RetryState(route.retries if route is not None else None, self.rt.rng,
-                                      getattr(self.cstate, "retry_budget", None))
+            rs = self.rs = RetryState(
+                route.retries if route is not None else None,
+                self.rt.rng,
+                getattr(self.cstate, "retry_budget", None),
+            )
         return rs
 
     def attempt_upstream(self, fresh: bool) -> None:
@@ -592,9 +630,8 @@ class Stream:
         if self.try_timer is not None:
             self.try_timer.cancel()
             self.try_timer = None
-        if status >= 400:
-            if self.retry_status(status):
-                return
+        if status >= 400 and self.retry_status(status):
+            return
         self.resp_started = True
         self.status = status
         head = self.head
@@ -617,13 +654,14 @@ class Stream:
         lb = self.lbctx
         if lb is not None and lb.cookie_to_set is not None:
             name_, value_, ttl = lb.cookie_to_set
-            cookie = f"{name_}={value_}; Max-Age={int(ttl)}; Path=/; HttpOnly" if ttl else \
-                f"{name_}={value_}; Path=/; HttpOnly"
+            cookie = (
+                f"{name_}={value_}; Max-Age={int(ttl)}; Path=/; HttpOnly"
+                if ttl
+                else f"{name_}={value_}; Path=/; HttpOnly"
+            )
             out.append((b"set-cookie", cookie.encode("latin-1")))
         extra = b""
-        if head.method == "HEAD" or status == 204 or status == 304:
-            pass
-        elif has_cl:
+        if head.method == "HEAD" or status == 204 or status == 304 or has_cl:
             pass
         elif head.version == "1.1":
             extra = _CHUNKED_HDR
@@ -750,8 +788,13 @@ class Stream:
             self.reset_downstream()
             return
         self.end_attempt(None, True)
-        if uconn.reused and not started and not self.race_retried and self.replayable \
-                and not self.done:
+        if (
+            uconn.reused
+            and not started
+            and not self.race_retried
+            and self.replayable
+            and not self.done
+        ):
             # keep-alive race: the pooled connection was closed by the upstream as we reused it
             self.race_retried = True
             self.rt.stats.inc_cluster(self.cstate.cluster.name, "upstream_rq_keepalive_race_retry")
@@ -800,8 +843,9 @@ class Stream:
             u.close()
         self.end_attempt(None, False)
 
-    def local_reply(self, status: int, body: bytes, flag: str,
-                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def local_reply(
+        self, status: int, body: bytes, flag: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         if self.resp_started:
             if flag:
                 self.add_flag(flag)
@@ -861,8 +905,9 @@ class Stream:
             flags = join_flags(self.flags)
             dur = (_monotonic() - self.t0) * 1000.0
             labels = rt.labels_for(ctx.reporter, self.cstate, self.host)
-            rt.stats.record_request(ctx.reporter, labels, self.status, flags, dur,
-                                    self.req_bytes, self.resp_bytes)
+            rt.stats.record_request(
+                ctx.reporter, labels, self.status, flags, dur, self.req_bytes, self.resp_bytes
+            )
             if rt.access_log is not None:
                 rt.access_log(self, flags, dur)
         self.ctx.stats.server["downstream_rq_total"] += 1

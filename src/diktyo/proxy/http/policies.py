@@ -16,18 +16,21 @@ from diktyo.snapshot.model import Cluster, ConnectionPool, Endpoint, Fault, Retr
 try:  # pragma: no cover - depends on the other engineer's progress
     from diktyo.proxy.upstream.cluster import ClusterState  # type: ignore[import-not-found]
     from diktyo.proxy.upstream.lb import LbContext  # type: ignore[import-not-found]
+
     REAL_UPSTREAM = True
 except ImportError:
     REAL_UPSTREAM = False
 
 try:  # pragma: no cover
     from diktyo.proxy.router.retry import RetryBudget, RetryState  # type: ignore[import-not-found]
+
     REAL_RETRY = True
 except ImportError:
     REAL_RETRY = False
 
 try:  # pragma: no cover
     from diktyo.proxy.filters.fault import decide_fault  # type: ignore[import-not-found]
+
     REAL_FAULT = True
 except ImportError:
     REAL_FAULT = False
@@ -36,18 +39,33 @@ except ImportError:
 if not REAL_UPSTREAM:
 
     class LbContext:  # type: ignore[no-redef]
-        __slots__ = ("headers", "source_ip", "query", "cookie_to_set")
+        __slots__ = ("cookie_to_set", "headers", "query", "source_ip")
 
-        def __init__(self, headers: dict[str, str] | None = None, source_ip: str = "",
-                     query: dict[str, str] | None = None) -> None:
+        def __init__(
+            self,
+            headers: dict[str, str] | None = None,
+            source_ip: str = "",
+            query: dict[str, str] | None = None,
+        ) -> None:
             self.headers = headers or {}
             self.source_ip = source_ip
             self.query = query or {}
             self.cookie_to_set: tuple[str, str, float] | None = None
 
     class _Host:
-        __slots__ = ("endpoint", "address", "port", "key", "active_requests", "ejected_until",
-                     "ejection_count", "consecutive_5xx", "consecutive_gateway", "healthy", "stats")
+        __slots__ = (
+            "active_requests",
+            "address",
+            "consecutive_5xx",
+            "consecutive_gateway",
+            "ejected_until",
+            "ejection_count",
+            "endpoint",
+            "healthy",
+            "key",
+            "port",
+            "stats",
+        )
 
         def __init__(self, endpoint: Endpoint) -> None:
             self.endpoint = endpoint
@@ -74,7 +92,8 @@ if not REAL_UPSTREAM:
             self.requests = 0
             self.retries = 0
             self.counters: dict[str, int] = {
-                "upstream_rq_pending_overflow": 0, "upstream_cx_overflow": 0,
+                "upstream_rq_pending_overflow": 0,
+                "upstream_cx_overflow": 0,
                 "upstream_rq_retry_overflow": 0,
             }
 
@@ -122,13 +141,16 @@ if not REAL_UPSTREAM:
         def overflow_message(self, what: str) -> str:
             src = f" (DestinationRule {self.source})" if self.source else ""
             if what == "pending":
-                return (f"circuit breaker open: {self.pending} of "
-                        f"{self.pool.http1_max_pending_requests} pending requests queued{src}")
+                return (
+                    f"circuit breaker open: {self.pending} of "
+                    f"{self.pool.http1_max_pending_requests} pending requests queued{src}"
+                )
             return f"circuit breaker open: {what} limit reached{src}"
 
     class ClusterState:  # type: ignore[no-redef]
-        def __init__(self, cluster: Cluster, clock: Any, rng: random.Random,
-                     previous: Any = None) -> None:
+        def __init__(
+            self, cluster: Cluster, clock: Any, rng: random.Random, previous: Any = None
+        ) -> None:
             self.cluster = cluster
             self.clock = clock
             self.rng = rng
@@ -163,9 +185,16 @@ if not REAL_UPSTREAM:
         def describe(self) -> dict[str, Any]:
             return {
                 "name": self.cluster.name,
-                "hosts": [{"address": h.address, "port": h.port, "healthy": h.healthy,
-                           "ejected": h.ejected_until > self.clock.monotonic(),
-                           "active_requests": h.active_requests} for h in self.hosts],
+                "hosts": [
+                    {
+                        "address": h.address,
+                        "port": h.port,
+                        "healthy": h.healthy,
+                        "ejected": h.ejected_until > self.clock.monotonic(),
+                        "active_requests": h.active_requests,
+                    }
+                    for h in self.hosts
+                ],
                 "circuit_breaker": dict(self.breaker.counters),
             }
 
@@ -191,8 +220,9 @@ if not REAL_RETRY:
     _DEFAULT_POLICY = RetryPolicy()
 
     class RetryState:  # type: ignore[no-redef]
-        def __init__(self, policy: RetryPolicy | None, rng: random.Random,
-                     budget: Any = None) -> None:
+        def __init__(
+            self, policy: RetryPolicy | None, rng: random.Random, budget: Any = None
+        ) -> None:
             self.policy = policy if policy is not None else _DEFAULT_POLICY
             self.rng = rng
             self.attempts_done = 1
@@ -212,16 +242,20 @@ if not REAL_RETRY:
 
         def should_retry_status(self, status: int, headers: dict[str, str] | None = None) -> bool:
             on = self._on
-            hit = ((status >= 500 and "5xx" in on)
-                   or (status in (502, 503, 504) and "gateway-error" in on)
-                   or (status == 409 and "retriable-4xx" in on)
-                   or status in self._codes)
+            hit = (
+                (status >= 500 and "5xx" in on)
+                or (status in (502, 503, 504) and "gateway-error" in on)
+                or (status == 409 and "retriable-4xx" in on)
+                or status in self._codes
+            )
             return hit and self._take()
 
         def should_retry_reset(self, kind: str) -> bool:
             on = self._on
             if kind == "connect-failure":
-                hit = "connect-failure" in on or "5xx" in on or "gateway-error" in on or "reset" in on
+                hit = (
+                    "connect-failure" in on or "5xx" in on or "gateway-error" in on or "reset" in on
+                )
             elif kind == "timeout":
                 hit = "5xx" in on or "gateway-error" in on or "reset" in on
             elif kind == "refused-stream":

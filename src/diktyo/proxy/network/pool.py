@@ -34,8 +34,14 @@ MAX_IDLE_PER_HOST = 64
 class ClusterPool:
     """All upstream connections of one cluster (survives snapshot swaps)."""
 
-    def __init__(self, name: str, state: Any, loop: asyncio.AbstractEventLoop,
-                 stats: Any, tasks: set[asyncio.Task[Any]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        state: Any,
+        loop: asyncio.AbstractEventLoop,
+        stats: Any,
+        tasks: set[asyncio.Task[Any]],
+    ) -> None:
         self.name = name
         self.state = state
         self.loop = loop
@@ -152,7 +158,9 @@ class ClusterPool:
 
     def _serve_pending(self) -> None:
         breaker = self.state.breaker
-        while self.pending and self.connecting < len(self.pending) and breaker.can_open_connection():
+        while (
+            self.pending and self.connecting < len(self.pending) and breaker.can_open_connection()
+        ):
             # open for the oldest pending request not yet covered by a connecting socket
             idx = self.connecting
             _, host = self.pending[idx] if idx < len(self.pending) else self.pending[-1]

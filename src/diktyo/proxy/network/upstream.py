@@ -31,9 +31,13 @@ def client_ssl_context(tls: TlsSettings | None) -> ssl.SSLContext | None:
     return ctx
 
 
-async def open_upstream(loop: asyncio.AbstractEventLoop, address: str, port: int,
-                        tls_settings: TlsSettings | None,
-                        factory: Callable[[], asyncio.Protocol]) -> tuple[Any, Any]:
+async def open_upstream(
+    loop: asyncio.AbstractEventLoop,
+    address: str,
+    port: int,
+    tls_settings: TlsSettings | None,
+    factory: Callable[[], asyncio.Protocol],
+) -> tuple[Any, Any]:
     """Open one upstream transport (plaintext or TLS per ``tls_settings``)."""
     ctx = client_ssl_context(tls_settings)
     if ctx is None:
@@ -45,8 +49,20 @@ async def open_upstream(loop: asyncio.AbstractEventLoop, address: str, port: int
 class UpstreamConnection(asyncio.Protocol):
     """One HTTP/1.1 connection to one upstream host, reused through the pool."""
 
-    __slots__ = ("pool", "key", "transport", "decoder", "stream", "requests", "reused",
-                 "idle_since", "closed", "keep_alive", "write_paused", "read_paused")
+    __slots__ = (
+        "closed",
+        "decoder",
+        "idle_since",
+        "keep_alive",
+        "key",
+        "pool",
+        "read_paused",
+        "requests",
+        "reused",
+        "stream",
+        "transport",
+        "write_paused",
+    )
 
     def __init__(self, pool: Any, key: tuple[str, int]) -> None:
         self.pool = pool
@@ -69,6 +85,7 @@ class UpstreamConnection(asyncio.Protocol):
         if sock is not None:
             try:
                 import socket
+
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass

@@ -34,10 +34,17 @@ from diktyo.snapshot.model import (
 class RequestInfo:
     """What routing looks at. ``path`` includes the query string; ``headers`` lower-case names."""
 
-    __slots__ = ("method", "path", "authority", "scheme", "headers", "port", "_query", "_bare_path")
+    __slots__ = ("_bare_path", "_query", "authority", "headers", "method", "path", "port", "scheme")
 
-    def __init__(self, method: str, path: str, authority: str, headers: dict[str, str],
-                 scheme: str = "http", port: int | None = None) -> None:
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        authority: str,
+        headers: dict[str, str],
+        scheme: str = "http",
+        port: int | None = None,
+    ) -> None:
         self.method = method
         self.path = path
         self.authority = authority
@@ -99,20 +106,26 @@ def _key_cond(km: KeyMatch, source: str, negate: bool) -> tuple[str, Cond]:
     name = km.name
     label = f"{source} {name!r}: " + _describe("value", km.match)
     if source == "header":
+
         def get(info: RequestInfo) -> str | None:
             return info.headers.get(name)
     else:
+
         def get(info: RequestInfo) -> str | None:
             return info.query.get(name)
+
     if negate:
+
         def cond(info: RequestInfo) -> bool:
             val = get(info)
             return val is None or not pred(val)
+
         return "without " + label, cond
 
     def cond_pos(info: RequestInfo) -> bool:
         val = get(info)
         return val is not None and pred(val)
+
     return label, cond_pos
 
 
@@ -144,6 +157,7 @@ def compile_match(m: RouteMatch) -> list[tuple[str, Cond]]:
         def port_cond(info: RequestInfo) -> bool:
             p = info.port if info.port is not None else _authority_port(info.authority)
             return p == port
+
         conds.append((f"port {port}", port_cond))
     for km in m.headers:
         conds.append(_key_cond(km, "header", False))
@@ -157,7 +171,7 @@ def compile_match(m: RouteMatch) -> list[tuple[str, Cond]]:
 class CompiledHeaderOps:
     """HeaderOps with names lower-cased once."""
 
-    __slots__ = ("set", "add", "remove")
+    __slots__ = ("add", "remove", "set")
 
     def __init__(self, ops: HeaderOps | None) -> None:
         self.set: list[tuple[str, str]] = []
@@ -193,7 +207,7 @@ class CompiledHeaderOps:
 
 
 class CompiledDestination:
-    __slots__ = ("wc", "req_ops", "resp_ops")
+    __slots__ = ("req_ops", "resp_ops", "wc")
 
     def __init__(self, wc: WeightedCluster) -> None:
         self.wc = wc
@@ -205,8 +219,19 @@ class CompiledDestination:
 class CompiledRoute:
     """A Route plus everything precomputed for the hot path."""
 
-    __slots__ = ("route", "index", "blocks", "dests", "cum_weights", "total_weight",
-                 "req_ops", "resp_ops", "uri_regex", "has_rewrite", "extra")
+    __slots__ = (
+        "blocks",
+        "cum_weights",
+        "dests",
+        "extra",
+        "has_rewrite",
+        "index",
+        "req_ops",
+        "resp_ops",
+        "route",
+        "total_weight",
+        "uri_regex",
+    )
 
     def __init__(self, route: Route, index: int) -> None:
         self.route = route
@@ -248,7 +273,9 @@ class CompiledRoute:
             for desc, cond in conds:
                 if not cond(info):
                     name = self.route.matches[bi].name
-                    out.append(f"match[{bi}]{' ' + repr(name) if name else ''}: {desc} did not match")
+                    out.append(
+                        f"match[{bi}]{' ' + repr(name) if name else ''}: {desc} did not match"
+                    )
                     break
         return out
 
@@ -294,7 +321,7 @@ class CompiledRoute:
 
 
 class CompiledVirtualHost:
-    __slots__ = ("vh", "routes")
+    __slots__ = ("routes", "vh")
 
     def __init__(self, vh: VirtualHost) -> None:
         self.vh = vh
@@ -304,7 +331,7 @@ class CompiledVirtualHost:
 class RouteMatcher:
     """A compiled RouteTable. Raises ValueError (bad regex) at compile time, never per request."""
 
-    __slots__ = ("table", "exact", "suffixes", "prefixes", "catch_all", "vhosts")
+    __slots__ = ("catch_all", "exact", "prefixes", "suffixes", "table", "vhosts")
 
     def __init__(self, table: RouteTable) -> None:
         self.table = table

@@ -18,8 +18,24 @@ MIRROR_BODY_LIMIT = 1024 * 1024
 class MirrorStream:
     """One shadow request (same pool callbacks as a Stream, results ignored)."""
 
-    __slots__ = ("main", "cstate", "pool", "host", "headers", "chunks", "size", "ended",
-                 "uconn", "pending", "cancelled", "chunked", "method", "path", "length", "obuf")
+    __slots__ = (
+        "cancelled",
+        "chunked",
+        "chunks",
+        "cstate",
+        "ended",
+        "headers",
+        "host",
+        "length",
+        "main",
+        "method",
+        "obuf",
+        "path",
+        "pending",
+        "pool",
+        "size",
+        "uconn",
+    )
 
     def __init__(self, main: Any, cstate: Any, pool: Any, headers: dict[str, str]) -> None:
         self.main = main
@@ -110,7 +126,7 @@ class MirrorStream:
 
 
 class _NoCtxType:
-    __slots__ = ("headers", "source_ip", "query", "cookie_to_set")
+    __slots__ = ("cookie_to_set", "headers", "query", "source_ip")
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
@@ -125,7 +141,7 @@ _NoCtx = _NoCtxType()
 def shadow_host(authority: str) -> str:
     """Envoy's shadow Host: ``reviews:9080`` -> ``reviews-shadow:9080``."""
     i = authority.rfind(":")
-    if i > 0 and authority[i + 1:].isdigit():
+    if i > 0 and authority[i + 1 :].isdigit():
         return f"{authority[:i]}-shadow{authority[i:]}"
     return f"{authority}-shadow"
 

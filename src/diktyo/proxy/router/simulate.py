@@ -24,13 +24,22 @@ def _builtins(obj: Any) -> Any:
 
 def _rule(route: Route) -> dict[str, Any]:
     src = route.source
-    return {"name": src.rule_name or route.name, "index": src.rule,
-            "virtualService": f"{src.namespace}/{src.name}" if src.name else None,
-            "file": src.file or None, "line": src.line or None}
+    return {
+        "name": src.rule_name or route.name,
+        "index": src.rule,
+        "virtualService": f"{src.namespace}/{src.name}" if src.name else None,
+        "file": src.file or None,
+        "line": src.line or None,
+    }
 
 
-def simulate(snapshot: Snapshot, method: str, url: str,
-             headers: dict[str, str] | None = None, listener: str | None = None) -> dict[str, Any]:
+def simulate(
+    snapshot: Snapshot,
+    method: str,
+    url: str,
+    headers: dict[str, str] | None = None,
+    listener: str | None = None,
+) -> dict[str, Any]:
     """Explain how the sidecar running ``snapshot`` routes ``method url``."""
     parts = urlsplit(url if "://" in url else f"http://{url}")
     authority = parts.netloc
@@ -41,7 +50,9 @@ def simulate(snapshot: Snapshot, method: str, url: str,
     hdrs.setdefault("host", authority)
     lst = None
     for cand in snapshot.listeners:
-        if (listener is None and cand.direction in ("outbound", "gateway")) or cand.name == listener:
+        if (
+            listener is None and cand.direction in ("outbound", "gateway")
+        ) or cand.name == listener:
             lst = cand
             break
     out: dict[str, Any] = {
@@ -49,10 +60,22 @@ def simulate(snapshot: Snapshot, method: str, url: str,
         "snapshotVersion": snapshot.version,
         "listener": lst.name if lst else None,
         "routeTable": lst.route_table if lst else None,
-        "virtualHost": None, "virtualService": None, "rule": None, "skipped": [],
-        "destination": None, "destinations": [], "cluster": None, "endpoints": [],
-        "timeout": None, "retries": None, "fault": None, "mirror": None, "rewrite": None,
-        "redirect": None, "directResponse": None, "headers": None,
+        "virtualHost": None,
+        "virtualService": None,
+        "rule": None,
+        "skipped": [],
+        "destination": None,
+        "destinations": [],
+        "cluster": None,
+        "endpoints": [],
+        "timeout": None,
+        "retries": None,
+        "fault": None,
+        "mirror": None,
+        "rewrite": None,
+        "redirect": None,
+        "directResponse": None,
+        "headers": None,
         "result": None,
     }
     if lst is None:
@@ -93,11 +116,15 @@ def simulate(snapshot: Snapshot, method: str, url: str,
     dests = []
     for wc in route.clusters:
         c = clusters.get(wc.cluster)
-        dests.append({
-            "host": wc.host or (c.service if c else ""), "subset": wc.subset or (c.subset if c else ""),
-            "port": wc.port if wc.port is not None else (c.port if c else None),
-            "cluster": wc.cluster, "weight": round(100.0 * max(0, wc.weight) / total, 2),
-        })
+        dests.append(
+            {
+                "host": wc.host or (c.service if c else ""),
+                "subset": wc.subset or (c.subset if c else ""),
+                "port": wc.port if wc.port is not None else (c.port if c else None),
+                "cluster": wc.cluster,
+                "weight": round(100.0 * max(0, wc.weight) / total, 2),
+            }
+        )
     out["destinations"] = dests
     if dests:
         best = max(range(len(dests)), key=lambda i: dests[i]["weight"])
@@ -105,16 +132,19 @@ def simulate(snapshot: Snapshot, method: str, url: str,
         c = clusters.get(dests[best]["cluster"])
         out["cluster"] = dests[best]["cluster"]
         if c is not None:
-            out["endpoints"] = [{"address": e.address, "port": e.port, "labels": dict(e.labels)}
-                                for e in c.endpoints]
+            out["endpoints"] = [
+                {"address": e.address, "port": e.port, "labels": dict(e.labels)}
+                for e in c.endpoints
+            ]
             out["connectionPool"] = _builtins(c.pool)
             out["outlierDetection"] = _builtins(c.outlier)
             out["loadBalancer"] = _builtins(c.lb)
     out["timeout"] = route.timeout
     retries = route.retries if route.retries is not None else RetryPolicy()
-    out["retries"] = {**{f: msgspec.to_builtins(getattr(retries, f))
-                         for f in retries.__struct_fields__},
-                      "default": route.retries is None}
+    out["retries"] = {
+        **{f: msgspec.to_builtins(getattr(retries, f)) for f in retries.__struct_fields__},
+        "default": route.retries is None,
+    }
     out["fault"] = _builtins(route.fault)
     out["mirror"] = [msgspec.to_builtins(m) for m in route.mirrors] or None
     out["rewrite"] = _builtins(route.rewrite)
@@ -136,8 +166,10 @@ def format_text(res: dict[str, Any]) -> str:
     """Human-readable rendering of ``simulate``'s result (``diktyo explain``)."""
     req = res["request"]
     lines = [f"{req['method']} http://{req['authority']}{req['path']}"]
-    lines.append(f"  listener {res['listener']} -> route table {res['routeTable']}, "
-                 f"virtual host {res['virtualHost']}")
+    lines.append(
+        f"  listener {res['listener']} -> route table {res['routeTable']}, "
+        f"virtual host {res['virtualHost']}"
+    )
     for s in res["skipped"]:
         why = "; ".join(s["reasons"]) or "no match"
         lines.append(f"  skipped rule {s['index']} {s['name']!r} ({s['virtualService']}): {why}")
@@ -146,19 +178,25 @@ def format_text(res: dict[str, Any]) -> str:
         lines.append(f"  result: {res['result']}")
         return "\n".join(lines) + "\n"
     where = f" at {rule['file']}:{rule['line']}" if rule.get("file") else ""
-    lines.append(f"  matched rule {rule['index']} {rule['name']!r} of VirtualService "
-                 f"{rule['virtualService']}{where} (match block {rule['matchIndex']})")
+    lines.append(
+        f"  matched rule {rule['index']} {rule['name']!r} of VirtualService "
+        f"{rule['virtualService']}{where} (match block {rule['matchIndex']})"
+    )
     lines.append(f"  result: {res['result']}")
     for d in res["destinations"]:
-        lines.append(f"  destination {d['host']} subset={d['subset'] or '-'} port={d['port']} "
-                     f"weight={d['weight']}% cluster={d['cluster']}")
+        lines.append(
+            f"  destination {d['host']} subset={d['subset'] or '-'} port={d['port']} "
+            f"weight={d['weight']}% cluster={d['cluster']}"
+        )
     if res["endpoints"]:
         eps = ", ".join(f"{e['address']}:{e['port']}" for e in res["endpoints"])
         lines.append(f"  endpoints: {eps}")
     lines.append(f"  timeout: {res['timeout'] if res['timeout'] else 'disabled'}")
     r = res["retries"]
-    lines.append(f"  retries: attempts={r['attempts']} retryOn={','.join(r['retry_on'])}"
-                 f" perTryTimeout={r.get('per_try_timeout')}{' (Istio default)' if r['default'] else ''}")
+    lines.append(
+        f"  retries: attempts={r['attempts']} retryOn={','.join(r['retry_on'])}"
+        f" perTryTimeout={r.get('per_try_timeout')}{' (Istio default)' if r['default'] else ''}"
+    )
     for key in ("fault", "mirror", "rewrite", "redirect", "directResponse", "headers"):
         if res.get(key):
             lines.append(f"  {key}: {res[key]}")
