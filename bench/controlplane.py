@@ -371,7 +371,10 @@ def start_server() -> tuple[subprocess.Popen[bytes], str, int]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"# diktyo control-plane push, {result['mode']} run, {result['date']}",
+        (
+            f"# diktyo control-plane push, {result['mode']} run, {result['date']}, "
+            f"diktyo {result.get('commit', '')}"
+        ),
         "",
         (
             "Time from `POST /v1/config` (a VirtualService weight change that alters every sidecar's "
@@ -410,9 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="N = 100, 1000 (default adds 5000)")
     ap.add_argument("--sizes", help="comma-separated numbers of sidecars, e.g. 10,100")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
+    ap.add_argument(
+        "--commit", metavar="REV", help="benchmark the control plane as committed at REV"
+    )
     args = ap.parse_args(argv)
     if args.serve:
         return serve()
+    if args.commit and not os.environ.get("DIKTYO_BENCH_SRC"):
+        from run import _reexec_at_commit
+
+        return _reexec_at_commit(args.commit)
 
     try:
         import diktyo.control.server
