@@ -126,3 +126,41 @@ def test_config_changes_under_steady_load_fail_no_request(mesh: MeshThread) -> N
     assert len(results) >= 20
     assert failed == [], failed[:5]
     assert {r[1] for r in results} >= {"reviews-v1-1", "reviews-v3-1"}
+
+
+def test_dashboard_shows_graph_resilience_and_config(mesh: MeshThread) -> None:
+    import json
+
+    assert mesh.mesh is not None and mesh.mesh.cp._scraper is not None
+    scrape = mesh.mesh.cp._scraper.scrape_once
+    assert mesh.call(scrape()) == 7  # every sidecar and the gateway (a baseline: rates are deltas)
+    for _ in range(5):
+        assert page(mesh)[0] == 200
+    time.sleep(0.2)
+    assert mesh.call(scrape()) == 7
+
+    def api(path: str) -> object:
+        with _opener.open(mesh.url + path, timeout=10) as r:
+            return json.loads(r.read())
+
+    with _opener.open(mesh.url + "/", timeout=10) as r:
+        assert r.status == 200 and b"<html" in r.read().lower()
+    graph = api("/api/graph?window=60")
+    assert isinstance(graph, dict)
+    nodes = {n["id"] for n in graph["nodes"]}
+    assert {
+        "default/productpage-v1",
+        "default/reviews-v1",
+        "istio-system/istio-ingressgateway",
+    } <= nodes
+    cards = api("/api/resilience")
+    assert isinstance(cards, list)
+    assert any(
+        c["workload"] == "productpage-v1"
+        and c["cluster"] == "outbound|9080|v1|details.default.svc.cluster.local"
+        for c in cards
+    ), cards
+    config = api("/api/config")
+    assert isinstance(config, dict)
+    kinds = {r["kind"] for r in config["resources"]}
+    assert {"Gateway", "VirtualService", "DestinationRule"} <= kinds

@@ -374,11 +374,76 @@ class ControlPlane:
             return False
         self.metrics = MetricStore()
         self.traces = TraceStore()
-        setup_dashboard(app, MeshBackend(self.metrics, self.traces, config=self._dashboard_config))
+        backend = MeshBackend(
+            self.metrics, self.traces, config=self._dashboard_config, resilience=self.resilience
+        )
+        setup_dashboard(app, backend)
         telemetry = web.Application(client_max_size=16 * 1024 * 1024)
         setup_routes(telemetry, self.metrics, self.traces)
         app.add_subapp("/telemetry", telemetry)
         return True
+
+    async def resilience(self) -> list[dict[str, Any]]:
+        """Breaker and outlier state of every used outbound cluster of every sidecar (admin /clusters)."""
+        targets = [(n, u) for n, u in self.admin_urls.items() if n in self.proxies]
+
+        async def fetch(url: str) -> Any:
+            if self._session is None:
+                return None
+            try:
+                async with self._session.get(url + "/clusters") as resp:
+                    return await resp.json(content_type=None) if resp.status == 200 else None
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+                return None
+
+        answers = await asyncio.gather(*(fetch(u) for _, u in targets))
+        cards: list[dict[str, Any]] = []
+        for (node_id, _), body in zip(targets, answers, strict=True):
+            if not isinstance(body, dict):
+                continue
+            workload = self.proxies[node_id].node.workload
+            for c in body.get("clusters", []):
+                if not str(c.get("name", "")).startswith("outbound|"):
+                    continue
+                cb = c.get("circuit_breaker") or {}
+                limits, cur = cb.get("limits", {}), cb.get("current", {})
+                hosts = c.get("hosts", [])
+                counters = {k: v for k, v in (cb.get("counters") or {}).items() if v}
+                used = (
+                    c.get("active_requests")
+                    or counters
+                    or any(v for v in (c.get("counters") or {}).values())
+                    or any(h.get("ejected") or h.get("active_requests") for h in hosts)
+                )
+                if not used:
+                    continue
+                cards.append(
+                    {
+                        "node": node_id,
+                        "workload": workload,
+                        "cluster": c["name"],
+                        "breaker": {
+                            "connections": cur.get("connections", 0),
+                            "max_connections": limits.get("max_connections"),
+                            "pending": cur.get("pending", 0),
+                            "max_pending": limits.get("max_pending_requests"),
+                            "requests": cur.get("requests", 0),
+                            "max_requests": limits.get("max_requests"),
+                            "retries": cur.get("retries", 0),
+                            "max_retries": limits.get("max_retries"),
+                        },
+                        "overflows": counters,
+                        "hosts": [
+                            {
+                                "address": f"{h.get('address')}:{h.get('port')}",
+                                "ejected": bool(h.get("ejected")),
+                                "active": h.get("active_requests", 0),
+                            }
+                            for h in hosts
+                        ],
+                    }
+                )
+        return cards
 
     def _dashboard_config(self) -> dict[str, Any]:
         resources = []
