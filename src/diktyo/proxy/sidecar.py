@@ -25,6 +25,7 @@ from typing import Any
 from diktyo.core.clock import SYSTEM_CLOCK, Clock, make_random
 from diktyo.proxy.http.connection_manager import HttpConnection
 from diktyo.proxy.http.policies import REAL_UPSTREAM, ClusterState
+from diktyo.proxy.network.listener import bind_listener, serve
 from diktyo.proxy.network.pool import ClusterPool
 from diktyo.proxy.router.matcher import RouteMatcher
 from diktyo.proxy.stats import Stats
@@ -249,18 +250,13 @@ class Sidecar:
                     and (self.bind_address or lst.address) == cur.sock.getsockname()[0]
                 ):  # type: ignore[union-attr]
                     continue
-                sock = socket.socket(socket.AF_INET6 if ":" in lst.address else socket.AF_INET)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
-                    sock.bind((self.bind_address or lst.address, lst.port))
+                    sock = bind_listener(self.bind_address or lst.address, lst.port)
                 except OSError as exc:
-                    sock.close()
                     raise SnapshotError(
                         f"listener {lst.name!r}: cannot bind {lst.address}:{lst.port}: "
                         f"{exc.strerror or exc}; free the port or pick another one"
                     ) from None
-                sock.listen(1024)
-                sock.setblocking(False)
                 socks[lst.name] = sock
         except SnapshotError:
             for s in socks.values():
@@ -280,11 +276,15 @@ class Sidecar:
                 return HttpConnection(ctx)
 
         async def start() -> None:
-            ctx.server = await self.loop.create_server(factory, sock=sock, backlog=1024)
+            ctx.server = await serve(self.loop, sock, factory, ssl=self.server_ssl(ctx.listener))
 
         task = self.loop.create_task(start())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def server_ssl(self, listener: Listener) -> Any:
+        """TLS seam: the server SSLContext for ``listener`` (None = plaintext)."""
+        return None
 
     async def wait_listening(self) -> None:
         """Wait until every listener's server is started."""
