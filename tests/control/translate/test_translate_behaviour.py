@@ -241,3 +241,33 @@ def test_outlier_detection_mapping_follows_istio() -> None:
     assert od(consecutiveGatewayErrors=2, maxEjectionPercent=100) == (5, 2, 100.0)
     assert od(maxEjectionPercent=0) == (5, None, 10.0)
     assert outlier_detection(None) is None
+
+
+def test_security_policies_for_this_workload_are_in_the_snapshot() -> None:
+    text = """\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  mtls: {mode: STRICT}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-post, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: DENY
+  rules:
+  - to: [{operation: {methods: [POST]}}]
+"""
+    result = load_text(text, "sec.yaml")
+    assert result.errors == []
+    push = PushContext(resources=tuple(result.resources), registry=Registry())
+    reviews = Node(id="r", workload="reviews-v1", labels={"app": "reviews"})
+    snap = translate(ProxyNode(node=reviews, outbound_port=1), push)
+    assert from_builtins(to_builtins(snap)) == snap
+    assert snap.security.peer_authn.mode == "STRICT"
+    assert [p.action for p in snap.security.authz] == ["DENY"]
+    other = translate(ProxyNode(node=Node(id="o", workload="ratings-v1"), outbound_port=1), push)
+    assert other.security.peer_authn.mode == "PERMISSIVE" and other.security.authz == ()

@@ -23,6 +23,7 @@ from diktyo.control.translate.routes import (
     build_outbound_table,
     gateway_servers,
 )
+from diktyo.security.translate import SECURITY_KINDS, build_security
 from diktyo.snapshot.model import Cluster, Snapshot
 
 __all__ = ["merge_registries", "registry_from_service_entries", "translate"]
@@ -33,7 +34,9 @@ def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
 
     ServiceEntries among ``push.resources`` are added to ``push.registry`` (hosts the registry
     already has win). Every route target gets a cluster; a target whose service or subset is
-    unknown gets an empty cluster (requests to it fail with 503, as in Istio).
+    unknown gets an empty cluster (requests to it fail with 503, as in Istio). The security
+    part (PeerAuthentication, AuthorizationPolicy, RequestAuthentication selecting this node)
+    comes from ``diktyo.security.translate.build_security``.
     """
     idx = ConfigIndex.build(push.resources, push.registry)
     trust_domain = push.mesh.trust_domain or proxy.node.trust_domain
@@ -61,6 +64,8 @@ def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
                 idx, proxy, idx.service(host), host, port, subset, trust_domain
             )
     all_clusters = list(clusters.values()) + in_clusters
+    security_resources = [r for r in push.resources if getattr(r, "kind", "") in SECURITY_KINDS]
+    security = build_security(proxy.node, security_resources) if security_resources else None
     return Snapshot(
         version=push.version,
         node=proxy.node,
@@ -68,4 +73,5 @@ def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
         route_tables=tuple(tables),
         clusters=tuple(all_clusters),
         mesh=push.mesh,
+        **({"security": security} if security is not None else {}),
     )
