@@ -271,3 +271,22 @@ spec:
     assert [p.action for p in snap.security.authz] == ["DENY"]
     other = translate(ProxyNode(node=Node(id="o", workload="ratings-v1"), outbound_port=1), push)
     assert other.security.peer_authn.mode == "PERMISSIVE" and other.security.authz == ()
+
+
+def test_dns_service_entry_without_endpoints_dials_the_host() -> None:
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext}
+spec:
+  hosts: [httpbin.org, example.com]
+  resolution: DNS
+  ports:
+  - {number: 80, name: http}
+  - {number: 443, name: tls, protocol: TLS}
+"""
+    reg = registry_from_service_entries(load_text(text, "se.yaml").resources)
+    assert [(i.address, i.ports, i.services) for i in reg.instances] == [
+        ("httpbin.org", {80: 80, 443: 443}, ("httpbin.org",)),
+        ("example.com", {80: 80, 443: 443}, ("example.com",)),
+    ]

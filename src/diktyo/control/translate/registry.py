@@ -16,7 +16,8 @@ def registry_from_service_entries(resources: Iterable[Any]) -> Registry:
     ``name.ns.svc.cluster.local`` name); each ``endpoints`` entry of a STATIC (or unset
     resolution) entry becomes a WorkloadInstance without sidecar, its ``ports`` mapping the
     service port number to the endpoint port (by port name, else ``targetPort``, else the
-    service port itself).
+    service port itself). A DNS entry without endpoints gets one instance per host, dialled
+    by name (as Istio does).
     """
     services: list[Service] = []
     instances: list[WorkloadInstance] = []
@@ -53,6 +54,23 @@ def registry_from_service_entries(resources: Iterable[Any]) -> Registry:
                 )
             )
         if se.resolution not in (None, "STATIC", "DNS", "DNS_ROUND_ROBIN"):
+            continue
+        if se.resolution in ("DNS", "DNS_ROUND_ROBIN") and not se.endpoints:
+            # Istio: with DNS resolution and no endpoints, each host is its own endpoint
+            for host in hostnames:
+                if "*" in host:
+                    continue
+                instances.append(
+                    WorkloadInstance(
+                        name=f"{res.name}-{host}",
+                        workload=res.name,
+                        address=host,
+                        ports={p.number: p.target_port or p.number for p in ports},
+                        services=(host,),
+                        namespace=res.namespace,
+                        has_sidecar=False,
+                    )
+                )
             continue
         for i, ep in enumerate(se.endpoints):
             if not ep.address:
