@@ -103,3 +103,73 @@ async def test_sidecar_keeps_serving_without_control_plane_and_resyncs() -> None
         await cp.stop()
         await up1.cleanup()
         await up2.cleanup()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_real_sidecar_nack_is_reported_by_proxy_status() -> None:
+    import socket
+
+    from diktyo.snapshot.model import Listener, RouteTable, Snapshot
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    state = {"bad": False}
+
+    def translate(proxy: ProxyNode, push: object) -> Snapshot:
+        port = busy.getsockname()[1] if state["bad"] else proxy.outbound_port
+        listener = Listener(name="outbound", direction="outbound", port=port, route_table="out")
+        return Snapshot(
+            version="",
+            node=proxy.node,
+            listeners=(listener,),
+            route_tables=(RouteTable(name="out"),),
+        )
+
+    cp = ControlPlane(translator=translate, observability=False, poll_timeout=2.0)
+    await cp.start()
+    cp.add_proxy(ProxyNode(node=Node(id="a-1.default", workload="a"), outbound_port=free_port()))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "diktyo.cli.main",
+        "sidecar",
+        "--control-plane",
+        cp.url,
+        "--node",
+        "a-1.default",
+        "--admin-port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 20))["event"] == "ready"
+        good = cp.status["a-1.default"].acked
+        state["bad"] = True
+        cp.kick()
+        for _ in range(100):
+            if cp.status["a-1.default"].state == "NACK":
+                break
+            await asyncio.sleep(0.05)
+        st = cp.status["a-1.default"]
+        assert st.state == "NACK" and "cannot bind" in st.error and st.acked == good
+        out = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "diktyo.cli.main",
+            "proxy-status",
+            "--control-plane",
+            cp.url,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        text = (await out.communicate())[0].decode()
+        assert out.returncode == 4
+        assert "a-1.default" in text and "NACK (listener 'outbound': cannot bind" in text, text
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 15)
+        await cp.stop()
+        busy.close()
