@@ -94,7 +94,7 @@ def workload_name(pod: dict[str, Any]) -> str:
 
 
 def service_from_object(obj: dict[str, Any], domain: str = "cluster.local") -> Service | None:
-    """A Kubernetes Service as a registry Service (None for ExternalName without ports etc.)."""
+    """A Kubernetes Service as a registry Service (TCP ports only; None without a name)."""
     meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
     name, ns = meta.get("name"), meta.get("namespace") or "default"
     if not name:
@@ -107,6 +107,7 @@ def service_from_object(obj: dict[str, Any], domain: str = "cluster.local") -> S
             target_port=p["targetPort"] if isinstance(p.get("targetPort"), int) else None,
         )
         for p in spec.get("ports") or []
+        if str(p.get("protocol", "TCP")).upper() == "TCP"  # UDP/SCTP are not proxied (Istio)
     )
     external = spec.get("type") == "ExternalName"
     return Service(

@@ -1,0 +1,313 @@
+"""Kubernetes registry ingest on recorded API objects (``kubectl get ... -o yaml`` shapes).
+
+No cluster: the objects below are written in the exact shape the API server returns (List
+objects whose items carry no kind, EndpointSlice discovery.k8s.io/v1 with conditions and
+targetRef). The list+watch client is not tested here.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from diktyo.control.ingest.kubernetes import (
+    port_protocol,
+    registry_from_objects,
+    service_from_object,
+    workload_name,
+)
+from diktyo.control.inject.manifest import load_docs
+from diktyo.control.model import ServicePort
+
+RECORDED = """\
+apiVersion: v1
+kind: List
+metadata:
+  resourceVersion: ""
+items:
+- apiVersion: v1
+  kind: Service
+  metadata:
+    name: reviews
+    namespace: default
+    labels: {app: reviews, service: reviews}
+    resourceVersion: "1021"
+    uid: 5f1c3a1e-8a2d-4b6f-9c2e-1d0e3f4a5b6c
+  spec:
+    clusterIP: 10.96.120.7
+    clusterIPs: [10.96.120.7]
+    internalTrafficPolicy: Cluster
+    ipFamilies: [IPv4]
+    ipFamilyPolicy: SingleStack
+    ports:
+    - name: http
+      port: 9080
+      protocol: TCP
+      targetPort: 9080
+    selector: {app: reviews}
+    sessionAffinity: None
+    type: ClusterIP
+  status:
+    loadBalancer: {}
+- apiVersion: v1
+  kind: Service
+  metadata:
+    name: shop
+    namespace: shop
+    resourceVersion: "2044"
+  spec:
+    clusterIP: 10.96.7.9
+    ports:
+    - name: web
+      appProtocol: http
+      port: 80
+      protocol: TCP
+      targetPort: http-web
+    - name: grpc-api
+      port: 9090
+      protocol: TCP
+      targetPort: 9090
+    - name: dns
+      port: 53
+      protocol: UDP
+      targetPort: 53
+    selector: {app.kubernetes.io/name: shop}
+    type: ClusterIP
+- apiVersion: v1
+  kind: Service
+  metadata:
+    name: db
+    namespace: shop
+  spec:
+    clusterIP: None
+    ports:
+    - name: tcp-postgres
+      port: 5432
+      protocol: TCP
+      targetPort: 5432
+    selector: {app: db}
+    type: ClusterIP
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSliceList
+metadata:
+  resourceVersion: "3100"
+items:
+- addressType: IPv4
+  apiVersion: discovery.k8s.io/v1
+  endpoints:
+  - addresses: [10.244.1.12]
+    conditions: {ready: true, serving: true, terminating: false}
+    nodeName: node-a
+    targetRef: {kind: Pod, name: reviews-v1-7d8b9c6f5-x2k4p, namespace: default, uid: 11111111-aaaa-4bbb-8ccc-000000000001}
+    zone: zone-a
+  - addresses: [10.244.2.7]
+    conditions: {ready: true, serving: true, terminating: false}
+    nodeName: node-b
+    targetRef: {kind: Pod, name: reviews-v2-5b667bcbf8-q9w8e, namespace: default, uid: 11111111-aaaa-4bbb-8ccc-000000000002}
+    zone: zone-b
+  - addresses: [10.244.2.9]
+    conditions: {ready: false, serving: false, terminating: false}
+    nodeName: node-b
+    targetRef: {kind: Pod, name: reviews-v3-6f9b8d7c4-m3n4b, namespace: default, uid: 11111111-aaaa-4bbb-8ccc-000000000003}
+    zone: zone-b
+  kind: EndpointSlice
+  metadata:
+    generateName: reviews-
+    labels:
+      endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+      kubernetes.io/service-name: reviews
+    name: reviews-8vdfq
+    namespace: default
+    ownerReferences:
+    - {apiVersion: v1, blockOwnerDeletion: true, controller: true, kind: Service, name: reviews, uid: 5f1c3a1e-8a2d-4b6f-9c2e-1d0e3f4a5b6c}
+    resourceVersion: "3001"
+  ports:
+  - {name: http, port: 9080, protocol: TCP}
+- addressType: IPv4
+  apiVersion: discovery.k8s.io/v1
+  endpoints:
+  - addresses: [10.244.3.4]
+    conditions: {ready: true, serving: true, terminating: false}
+    targetRef: {kind: Pod, name: shop-0, namespace: shop}
+  - addresses: [10.244.3.5]
+    conditions: {ready: false, serving: true, terminating: true}
+    targetRef: {kind: Pod, name: shop-1, namespace: shop}
+  kind: EndpointSlice
+  metadata:
+    labels: {kubernetes.io/service-name: shop}
+    name: shop-abcde
+    namespace: shop
+  ports:
+  - {name: web, port: 8080, protocol: TCP}
+  - {name: grpc-api, port: 9090, protocol: TCP}
+  - {name: dns, port: 53, protocol: UDP}
+- addressType: IPv4
+  apiVersion: discovery.k8s.io/v1
+  endpoints:
+  - addresses: [10.244.9.9]
+    conditions: {ready: true}
+  kind: EndpointSlice
+  metadata:
+    labels: {kubernetes.io/service-name: gone}
+    name: gone-zzzzz
+    namespace: default
+  ports:
+  - {name: http, port: 80, protocol: TCP}
+- addressType: FQDN
+  apiVersion: discovery.k8s.io/v1
+  endpoints:
+  - addresses: [db.example.com]
+  kind: EndpointSlice
+  metadata:
+    labels: {kubernetes.io/service-name: db}
+    name: db-fqdn
+    namespace: shop
+  ports:
+  - {name: tcp-postgres, port: 5432}
+---
+apiVersion: v1
+kind: PodList
+metadata:
+  resourceVersion: "3200"
+items:
+- metadata:
+    name: reviews-v1-7d8b9c6f5-x2k4p
+    namespace: default
+    labels: {app: reviews, version: v1, pod-template-hash: 7d8b9c6f5}
+    ownerReferences:
+    - {apiVersion: apps/v1, controller: true, kind: ReplicaSet, name: reviews-v1-7d8b9c6f5, uid: r1}
+  spec:
+    serviceAccountName: bookinfo-reviews
+    containers:
+    - {name: reviews, image: reviews:v1}
+  status:
+    phase: Running
+    podIP: 10.244.1.12
+    podIPs: [{ip: 10.244.1.12}]
+- metadata:
+    name: reviews-v2-5b667bcbf8-q9w8e
+    namespace: default
+    labels: {app: reviews, version: v2, security.istio.io/tlsMode: istio}
+    annotations:
+      sidecar.istio.io/status: '{"initContainers":["diktyo-init"],"containers":["diktyo-proxy"]}'
+    ownerReferences:
+    - {apiVersion: apps/v1, controller: true, kind: ReplicaSet, name: reviews-v2-5b667bcbf8, uid: r2}
+  spec:
+    serviceAccountName: bookinfo-reviews
+    containers:
+    - {name: reviews, image: reviews:v2}
+    - {name: diktyo-proxy, image: diktyo/diktyo:0.1.0}
+  status:
+    podIP: 10.244.2.7
+- metadata:
+    name: reviews-v3-6f9b8d7c4-m3n4b
+    namespace: default
+    labels: {app: reviews, version: v3}
+    ownerReferences:
+    - {apiVersion: apps/v1, controller: true, kind: ReplicaSet, name: reviews-v3-6f9b8d7c4, uid: r3}
+  spec:
+    serviceAccount: legacy-sa
+    containers:
+    - {name: reviews, image: reviews:v3}
+  status:
+    podIP: 10.244.2.9
+- metadata:
+    name: shop-0
+    namespace: shop
+    labels: {app.kubernetes.io/name: shop}
+    ownerReferences:
+    - {apiVersion: apps/v1, controller: true, kind: StatefulSet, name: shop, uid: s1}
+  spec:
+    containers:
+    - {name: shop, image: shop:2.1}
+  status:
+    podIP: 10.244.3.4
+"""
+
+
+@pytest.fixture(scope="module")
+def registry():  # type: ignore[no-untyped-def]
+    return registry_from_objects(load_docs(RECORDED))
+
+
+def test_services_fqdn_and_ports(registry) -> None:  # type: ignore[no-untyped-def]
+    by_host = {s.hostname: s for s in registry.services}
+    assert sorted(by_host) == ["db.shop.svc.cluster.local", "reviews.default.svc.cluster.local",
+                               "shop.shop.svc.cluster.local"]
+    reviews = by_host["reviews.default.svc.cluster.local"]
+    assert reviews.short_name == "reviews" and reviews.namespace == "default"
+    assert reviews.ports == (ServicePort(9080, "http", "HTTP", 9080),)
+    shop = by_host["shop.shop.svc.cluster.local"]
+    # the UDP port is left out: it is not proxied (Istio captures TCP only)
+    assert shop.ports == (ServicePort(80, "web", "HTTP", None), ServicePort(9090, "grpc-api", "GRPC", 9090))
+    assert by_host["db.shop.svc.cluster.local"].resolution == "NONE"  # headless
+    assert by_host["db.shop.svc.cluster.local"].ports[0].protocol == "TCP"
+
+
+def test_endpoints_with_pod_metadata(registry) -> None:  # type: ignore[no-untyped-def]
+    inst = {i.address: i for i in registry.instances}
+    assert sorted(inst) == ["10.244.1.12", "10.244.2.7", "10.244.2.9", "10.244.3.4", "10.244.3.5"]
+    v1, v2, v3 = inst["10.244.1.12"], inst["10.244.2.7"], inst["10.244.2.9"]
+    assert v1.name == "reviews-v1-7d8b9c6f5-x2k4p" and v1.workload == "reviews-v1"
+    assert v1.labels["version"] == "v1" and v1.service_account == "bookinfo-reviews"
+    assert v1.services == ("reviews.default.svc.cluster.local",) and v1.ports == {9080: 9080}
+    assert v1.healthy and not v1.has_sidecar
+    assert v2.has_sidecar and v2.healthy
+    assert not v3.healthy and v3.service_account == "legacy-sa"
+    shop0, shop1 = inst["10.244.3.4"], inst["10.244.3.5"]
+    assert shop0.ports == {80: 8080, 9090: 9090} and shop0.workload == "shop"
+    assert shop0.namespace == "shop" and shop0.labels == {"app.kubernetes.io/name": "shop"}
+    assert not shop1.healthy  # terminating, not ready
+    assert shop1.labels == {} and shop1.workload == "shop-1"  # pod not in the recording
+
+
+def test_slices_of_unknown_services_and_fqdn_slices_ignored(registry) -> None:  # type: ignore[no-untyped-def]
+    assert "10.244.9.9" not in {i.address for i in registry.instances}
+    assert "db.example.com" not in {i.address for i in registry.instances}
+
+
+def test_single_objects_and_shared_address() -> None:
+    objs = [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a", "namespace": "x"},
+         "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b", "namespace": "x"},
+         "spec": {"ports": [{"name": "http", "port": 81, "targetPort": 8080}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+         "metadata": {"name": "a-1", "namespace": "x", "labels": {"kubernetes.io/service-name": "a"}},
+         "endpoints": [{"addresses": ["10.0.0.1"]}], "ports": [{"name": "http", "port": 8080}]},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+         "metadata": {"name": "b-1", "namespace": "x", "labels": {"kubernetes.io/service-name": "b"}},
+         "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": True}}],
+         "ports": [{"name": "http", "port": 8080}]},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ab", "namespace": "x", "labels": {"app": "ab"}},
+         "spec": {"containers": [{"name": "c"}]}, "status": {"podIP": "10.0.0.1"}},
+    ]
+    reg = registry_from_objects(objs, domain="corp.local")
+    assert [s.hostname for s in reg.services] == ["a.x.svc.corp.local", "b.x.svc.corp.local"]
+    (one,) = reg.instances
+    assert one.services == ("a.x.svc.corp.local", "b.x.svc.corp.local")
+    assert one.ports == {80: 8080, 81: 8080}
+    assert one.healthy  # no conditions.ready means ready (API convention: nil = unknown -> ready)
+    assert one.labels == {"app": "ab"}  # found by pod IP without targetRef
+
+
+@pytest.mark.parametrize(
+    ("name", "app", "transport", "want"),
+    [("http", None, "TCP", "HTTP"), ("http-web", None, "TCP", "HTTP"), ("HTTP2-x", None, "TCP", "HTTP2"),
+     ("grpc", None, "TCP", "GRPC"), ("grpc-web", None, "TCP", "GRPC"), ("https", None, "TCP", "HTTPS"),
+     ("tls-db", None, "TCP", "TLS"), ("tcp", None, "TCP", "TCP"), ("mongo", None, "TCP", "TCP"),
+     ("web", "http", "TCP", "HTTP"), ("x", "kubernetes.io/h2c", "TCP", "HTTP2"), ("x", "grpc", "TCP", "GRPC"),
+     ("httpfoo", None, "TCP", "TCP"), (None, None, "TCP", "TCP"), ("http", None, "UDP", "UDP"),
+     ("http", "unknown-proto", "TCP", "HTTP")],
+)
+def test_port_protocol(name: str | None, app: str | None, transport: str, want: str) -> None:
+    assert port_protocol(name, app, transport) == want
+
+
+def test_workload_name_from_owner() -> None:
+    assert workload_name({"metadata": {"name": "p", "ownerReferences": [
+        {"kind": "ReplicaSet", "name": "web-v1-5d9f", "controller": True}]}}) == "web-v1"
+    assert workload_name({"metadata": {"name": "p", "ownerReferences": [
+        {"kind": "Job", "name": "report-28811520", "controller": True}]}}) == "report"
+    assert workload_name({"metadata": {"generateName": "x-"}}) == "x"
+    assert service_from_object({"metadata": {}}) is None
