@@ -191,3 +191,31 @@ def test_bad_mesh_file_says_where() -> None:
     with pytest.raises(MeshFileError) as info:
         load_mesh_text("services:\n  - name: x\n    ports: []\nworkloads: []\n", "m.yaml")
     assert "m.yaml:3:5: error: services[0].ports:" in str(info.value)
+
+
+@pytest.mark.slow
+async def test_an_app_that_dies_at_start_is_reported_and_everything_stops() -> None:
+    from diktyo.platform.supervisor import MeshStartError
+
+    text = """
+services:
+  - name: bad
+    ports: [{name: http, port: 9080}]
+workloads:
+  - name: bad-v1
+    labels: {app: bad}
+    command: ["{python}", "-c", "print('boom'); raise SystemExit(3)"]
+"""
+    spec = load_mesh_text(text, "bad.yaml", base_dir=str(HELPERS))
+    out = io.StringIO()
+    mesh = LocalMesh(
+        spec, translator=tiny_translate, sidecar_argv=fake_sidecar, out=out, ready_timeout=10
+    )
+    with pytest.raises(
+        MeshStartError, match="bad-v1-1: the app did not listen on its port .* exited with code 3"
+    ):
+        await asyncio.wait_for(mesh.start(), 30)
+    pids = mesh.pids()
+    await mesh.stop()
+    assert "[bad-v1-1] boom" in out.getvalue()
+    assert len(pids) == 2 and [p for p in pids if pid_alive(p)] == []
