@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run(args: argparse.Namespace) -> int:
-    from ruamel.yaml import YAMLError
+    from ruamel.yaml.error import YAMLError
 
     from diktyo.control.inject.manifest import dump_docs, inject_manifest, load_docs
     from diktyo.control.inject.webhook import config_from_args

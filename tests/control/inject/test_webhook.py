@@ -79,6 +79,19 @@ async def test_allows_without_patch(webhook: Any, case: str) -> None:
     assert server.stats.skipped == 1
 
 
+async def test_bad_annotation_denies_with_reason(webhook: Any) -> None:
+    _, url, ctx = webhook
+    review = _review("deployment_pod")
+    review["request"]["object"]["metadata"]["annotations"] = {
+        "traffic.sidecar.istio.io/excludeOutboundPorts": "5432,postgres"}
+    status, answer = await _post(url, ctx, json.dumps(review).encode())
+    assert status == 200
+    resp = answer["response"]
+    assert resp["allowed"] is False and "patch" not in resp
+    assert resp["status"]["code"] == 400
+    assert "excludeOutboundPorts" in resp["status"]["message"] and "'postgres'" in resp["status"]["message"]
+
+
 def _broken() -> list[tuple[str, bytes, str]]:
     good = _review("deployment_pod")
     no_uid = copy.deepcopy(good)

@@ -49,8 +49,8 @@ def render_rules(plan: CapturePlan) -> str:
                 r.append(f"-A {INBOUND} -p tcp --dport {port} -j RETURN")
             r.append(f"-A {INBOUND} -p tcp -j {IN_REDIRECT}")
         else:
-            for port in _split(plan.include_inbound_ports):
-                r.append(f"-A {INBOUND} -p tcp --dport {int(port)} -j {IN_REDIRECT}")
+            for name in _split(plan.include_inbound_ports):
+                r.append(f"-A {INBOUND} -p tcp --dport {int(name)} -j {IN_REDIRECT}")
     # outbound
     r.append(f"-A OUTPUT -p tcp -j {OUTPUT}")
     for port in plan.exclude_outbound_ports:

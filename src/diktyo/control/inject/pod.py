@@ -29,6 +29,10 @@ _LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warning": "w
                "warn": "warning", "error": "error", "critical": "error", "off": "error"}
 
 
+class InjectionError(ValueError):
+    """The pod asks for something impossible (e.g. a bad annotation); the message says what."""
+
+
 def _explicit(pod: dict[str, Any]) -> bool | None:
     """The pod's own choice: label ``sidecar.istio.io/inject`` wins over the annotation."""
     meta = pod.get("metadata") or {}
@@ -78,24 +82,37 @@ def _annotation(pod: dict[str, Any], key: str, default: str) -> str:
     return str(((pod.get("metadata") or {}).get("annotations") or {}).get(key, default))
 
 
-def _ports(value: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in (x.strip() for x in value.split(",")) if p)
+def _ports(value: str, key: str = "") -> tuple[int, ...]:
+    out = []
+    for part in (x.strip() for x in value.split(",")):
+        if not part:
+            continue
+        if not part.isdigit() or not 0 < int(part) < 65536:
+            raise InjectionError(f"annotation {key}: {part!r} is not a port; give comma-separated "
+                                 "port numbers, e.g. \"9080,9443\"")
+        out.append(int(part))
+    return tuple(out)
 
 
 def capture_plan(pod: dict[str, Any], config: InjectConfig) -> CapturePlan:
     """The capture rules for a pod: config defaults overridden by ``traffic.sidecar.istio.io/*``."""
     a = "traffic.sidecar.istio.io/"
+    include = _annotation(pod, a + "includeInboundPorts", "*")
+    if include.strip() != "*":
+        _ports(include, a + "includeInboundPorts")
     return CapturePlan(
         outbound_port=config.outbound_capture_port,
         inbound_port=config.inbound_capture_port,
         proxy_uid=config.proxy_uid, proxy_gid=config.proxy_uid,
-        include_inbound_ports=_annotation(pod, a + "includeInboundPorts", "*"),
+        include_inbound_ports=include,
         exclude_inbound_ports=tuple(dict.fromkeys(
-            config.exclude_inbound_ports + _ports(_annotation(pod, a + "excludeInboundPorts", "")))),
+            config.exclude_inbound_ports
+            + _ports(_annotation(pod, a + "excludeInboundPorts", ""), a + "excludeInboundPorts"))),
         include_outbound_ip_ranges=_annotation(pod, a + "includeOutboundIPRanges", "*"),
         exclude_outbound_ip_ranges=tuple(
             c.strip() for c in _annotation(pod, a + "excludeOutboundIPRanges", "").split(",") if c.strip()),
-        exclude_outbound_ports=_ports(_annotation(pod, a + "excludeOutboundPorts", "")),
+        exclude_outbound_ports=_ports(_annotation(pod, a + "excludeOutboundPorts", ""),
+                                      a + "excludeOutboundPorts"),
     )
 
 

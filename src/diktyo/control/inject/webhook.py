@@ -24,7 +24,7 @@ from aiohttp import web
 
 from diktyo.control.inject.config import DEFAULT_CONFIG, InjectConfig
 from diktyo.control.inject.patch import json_patch
-from diktyo.control.inject.pod import inject_pod, injection_required
+from diktyo.control.inject.pod import InjectionError, inject_pod, injection_required
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,13 @@ def review_response(review: Any, config: InjectConfig = DEFAULT_CONFIG,
     if not required:
         _count(stats, False, reason)
         return answer
-    mutated = inject_pod(pod, config, namespace=namespace)
+    try:
+        mutated = inject_pod(pod, config, namespace=namespace)
+    except InjectionError as exc:  # Istio denies the pod with the reason
+        _count(stats, False, "invalid annotation")
+        response["allowed"] = False
+        response["status"] = {"code": 400, "message": f"diktyo sidecar injection: {exc}"}
+        return answer
     ops = json_patch(pod, mutated)
     _count(stats, True, reason)
     response["patchType"] = "JSONPatch"
