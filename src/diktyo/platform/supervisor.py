@@ -42,6 +42,13 @@ from diktyo.platform.process import Child
 from diktyo.snapshot.model import Node
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 def default_sidecar_argv(url: str, node_id: str, admin_port: int) -> list[str]:
     return [
         sys.executable,
@@ -283,13 +290,23 @@ class LocalMesh:
         async def start_workload(wname: str) -> None:
             nonlocal done
             reps = [r for r in self.replicas if r.workload == wname]
-            await asyncio.gather(*(self._start_replica(r) for r in reps))
+            async with asyncio.TaskGroup() as tg:
+                for r in reps:
+                    tg.create_task(self._start_replica(r))
             done += 1
             self.say(f"{wname} ready ({done}/{total})")
             self._changed()
 
         try:
-            await asyncio.gather(*(start_workload(w) for w in workloads))
+            # a failure cancels the other starts, so nothing is spawned after stop()
+            async with asyncio.TaskGroup() as tg:
+                for w in workloads:
+                    tg.create_task(start_workload(w))
+        except BaseExceptionGroup as group:
+            self.state = "failed"
+            errors = _leaves(group)
+            first = next((e for e in errors if isinstance(e, MeshStartError)), errors[0])
+            raise first from None
         except BaseException:
             self.state = "failed"
             raise
