@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from diktyo.core.clock import SYSTEM_CLOCK, Clock, make_random
-from diktyo.proxy.http.connection_manager import HttpConnection
+from diktyo.proxy.http.connection_manager import HttpConnection, RequestIds
 from diktyo.proxy.http.policies import REAL_UPSTREAM, ClusterState
 from diktyo.proxy.network.listener import bind_listener, serve
 from diktyo.proxy.network.pool import ClusterPool
@@ -83,6 +83,7 @@ class Runtime:
         self.clock = sidecar.clock
         self.rng = sidecar.rng
         self.stats = sidecar.stats
+        self.request_ids = sidecar.request_ids
         self.sidecar = sidecar
         matchers: dict[str, RouteMatcher] = {}
         for table in snapshot.route_tables:
@@ -166,6 +167,7 @@ class Sidecar:
         self.clock = clock
         self.rng = make_random(seed)
         self.stats = Stats()
+        self.request_ids = RequestIds(self.rng)
         self.rt: Runtime | None = None
         self.listeners: dict[str, ListenerContext] = {}
         self.pools: dict[str, ClusterPool] = {}

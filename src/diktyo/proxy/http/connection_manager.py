@@ -99,12 +99,27 @@ _monotonic = time.monotonic
 _NO_LB_CONTEXT = LbContext({}, "", None)  # shared by requests whose LB ignores the request
 
 
+class RequestIds:
+    """``x-request-id`` values shaped like UUIDv4: a random 80-bit prefix per process (from the
+    injected rng) plus a 48-bit counter. Unique per process, no syscall, ~0.2 us each."""
+
+    __slots__ = ("n", "prefix")
+
+    def __init__(self, rng: Any) -> None:
+        h = f"{rng.getrandbits(80):020x}"
+        # version 4 and RFC 4122 variant nibbles
+        self.prefix = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-"
+        self.n = rng.getrandbits(32)
+
+    def next(self) -> str:
+        self.n = n = (self.n + 1) & 0xFFFFFFFFFFFF
+        return f"{self.prefix}{n:012x}"
+
+
 def request_id(rng: Any) -> str:
-    """A random UUID (version 4) string for ``x-request-id``, without a syscall per request."""
-    h = "%032x" % (
-        (rng.getrandbits(128) & ~(0xF000 << 64) & ~(0xC << 60)) | (0x4000 << 64) | (0x8 << 60)
-    )
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """One random UUIDv4 string (slow path; the proxy uses ``RequestIds``)."""
+    h = f"{rng.getrandbits(128):032x}"
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def join_flags(flags: set[str] | None) -> str:
@@ -448,7 +463,7 @@ class Stream:
             xff = h.get("x-forwarded-for")
             h["x-forwarded-for"] = peer if xff is None else f"{xff}, {peer}"
         if "x-request-id" not in h:
-            h["x-request-id"] = request_id(self.rt.rng)
+            h["x-request-id"] = self.rt.request_ids.next()
         if "x-forwarded-proto" not in h:
             h["x-forwarded-proto"] = self.head.scheme
         self.out_headers = h
