@@ -108,6 +108,15 @@ def run_detached(argv: list[str], timeout: float = 120.0) -> int:
             start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+    try:
+        return _wait_detached(proc, log, timeout)
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)  # interrupted while starting: stop the mesh too
+        print("interrupted; stopping the mesh", file=sys.stderr)
+        return 130
+
+
+def _wait_detached(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = proc.poll()
