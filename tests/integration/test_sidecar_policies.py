@@ -60,6 +60,10 @@ async def test_istio_circuit_breaking_task() -> None:
             assert stats.cluster_value(CL, "upstream_rq_pending_overflow") == len(uo2) + uo3
             text = stats.render_prometheus()
             assert f'envoy_cluster_upstream_rq_pending_overflow{{cluster_name="{CL}"}}' in text
+            # nothing leaked: every counter went back to zero
+            cs = sc.sidecar.rt.clusters[CL]
+            assert (cs.breaker.pending, cs.breaker.requests, cs.active_requests) == (0, 0, 0)
+            assert all(h.active_requests == 0 for h in cs.hosts)
 
 
 async def test_retry_5xx_on_another_host_with_attempt_count() -> None:

@@ -308,6 +308,7 @@ class Stream:
     sent_all = False
     pending = False
     host_active = False
+    rq_active = False
     in_retry = False
     reset = False
     mirrors: list[Any] | None = None
@@ -510,12 +511,17 @@ class Stream:
             self.tried = {host.key}
         else:
             self.tried.add(host.key)
-        cs.on_request_start(host)
-        self.host_active = True
+        if not cs.breaker.try_start_request():
+            self.local_reply(503, cs.breaker.overflow_message("requests").encode(), "UO")
+            return
+        self.rq_active = True
         self.pending = True
         self.pool.acquire(self, host, fresh)
 
     def end_attempt(self, status: int | None, gateway: bool) -> None:
+        if self.rq_active:
+            self.rq_active = False
+            self.cstate.breaker.end_request()
         if self.host_active:
             self.host_active = False
             self.cstate.on_request_end(self.host, status, gateway)
@@ -533,6 +539,8 @@ class Stream:
             self.pool.release(uconn)
             return
         self.uconn = uconn
+        self.cstate.on_request_start(self.host)
+        self.host_active = True
         head = self.head
         h = self.out_headers
         h["x-envoy-attempt-count"] = "1" if self.attempt == 1 else str(self.attempt)
@@ -565,13 +573,13 @@ class Stream:
 
     def overflow(self, message: str) -> None:
         self.pending = False
-        if self.host_active:
-            self.host_active = False
-            self.host.active_requests -= 1
         self.local_reply(503, message.encode(), "UO")
 
     def connect_failed(self, reason: str) -> None:
         self.pending = False
+        # a connect failure counts for the host (outlier detection: gateway error)
+        self.cstate.on_request_start(self.host)
+        self.host_active = True
         self.end_attempt(None, True)
         if self.try_retry_reset("connect-failure"):
             return
