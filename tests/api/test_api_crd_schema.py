@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,31 @@ def _crds() -> dict[str, dict[str, Any]]:
     return out
 
 
+def _int_bounds(tp: Any) -> tuple[int | None, int | None]:
+    """(ge, le) declared on an integer field type (``Annotated[int, Field(ge=.., le=..)]``)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else tp
+    ge = le = None
+    if typing.get_origin(tp) is typing.Annotated:
+        for meta in typing.get_args(tp)[1:]:
+            for m in [meta, *getattr(meta, "metadata", [])]:
+                ge = getattr(m, "ge", ge)
+                le = getattr(m, "le", le)
+    return ge, le
+
+
+_INT32 = (-(2**31), 2**31 - 1)
+
+
 def _walk(schema: dict[str, Any], tp: Any, path: str, problems: list[str]) -> None:
+    if schema.get("type") == "integer":
+        want = (schema.get("minimum"), schema.get("maximum"))
+        if want == (None, None) and schema.get("format") == "int32":
+            want = _INT32
+        got = _int_bounds(tp)
+        if want != (None, None) and got != want:
+            problems.append(f"{path}: CRD integer range {want}, model {got}")
     tp = _unwrap(tp)
     stype = schema.get("type")
     if "enum" in schema and stype == "string":
@@ -42,7 +67,13 @@ def _walk(schema: dict[str, Any], tp: Any, path: str, problems: list[str]) -> No
         if not (isinstance(tp, type) and issubclass(tp, BaseModel)):
             problems.append(f"{path}: CRD object but model type {tp}")
             return
-        by_alias = {(f.alias or n): f.annotation for n, f in tp.model_fields.items()}
+        # pydantic moves Annotated metadata of non-optional fields into FieldInfo.metadata
+        by_alias = {
+            (f.alias or n): typing.Annotated[f.annotation, *f.metadata]
+            if f.metadata
+            else f.annotation
+            for n, f in tp.model_fields.items()
+        }
         required = {(f.alias or n) for n, f in tp.model_fields.items() if f.is_required()}
         crd_required = set(schema.get("required", []))
         for extra in required - crd_required:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -24,6 +25,14 @@ def check_regex(pattern: str) -> str:
             "possessive quantifier) is not supported by RE2, which Istio uses"
         )
     return pattern
+
+
+# Integer ranges as in Istio's CRDs (protobuf uint32 / int32 and explicit minimums).
+UInt32 = Annotated[int, Field(ge=0, le=4294967295)]
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosInt = Annotated[int, Field(ge=1)]
+HttpCode = Annotated[int, Field(ge=100, le=599)]
 
 
 class IstioModel(BaseModel):
@@ -72,7 +81,7 @@ class Percent(IstioModel):
 
 
 class PortSelector(IstioModel):
-    number: int | None = None
+    number: UInt32 | None = None
 
 
 class WorkloadSelector(IstioModel):

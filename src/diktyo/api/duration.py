@@ -51,11 +51,15 @@ def _validate(value: Any) -> Any:
             f"invalid duration {value!r}: expected a string with a unit (ns, us, ms, s, m, h)"
         )
     try:
-        return parse_duration(value)
+        seconds = parse_duration(value)
     except DurationError:
         raise ValueError(
             f"invalid duration {value!r}: expected a number with a unit (ns, us, ms, s, m, h)"
         ) from None
+    if seconds < 0.001:
+        # Istio's CRDs: duration(self) >= duration('1ms')
+        raise ValueError(f"invalid duration {value!r}: must be a valid duration greater than 1ms")
+    return seconds
 
 
 Duration = Annotated[float, BeforeValidator(_validate)]

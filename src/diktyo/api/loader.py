@@ -485,6 +485,18 @@ def _pydantic_error(e: Any, model: type[BaseModel], err: Callable[..., ConfigErr
             if etype.startswith(("int", "float", "bool"))
             else "quote the value",
         )
+    if etype in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        ctx = e.get("ctx", {})
+        bounds = []
+        if "ge" in ctx:
+            bounds.append(f">= {ctx['ge']}")
+        if "le" in ctx:
+            bounds.append(f"<= {ctx['le']}")
+        return err(
+            path,
+            f"value {value!r} out of range: must be {' and '.join(bounds)}",
+            "use a value in the allowed range",
+        )
     if etype == "value_error":
         msg = str(e.get("msg", ""))
         msg = msg.removeprefix("Value error, ")

@@ -11,11 +11,16 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from diktyo.api.base import (
+    HttpCode,
+    Int32,
     IstioModel,
     LabelSelector,
+    NonNegInt,
     Percent,
     PortSelector,
+    PosInt,
     StringMatch,
+    UInt32,
     WorkloadSelector,
 )
 from diktyo.api.duration import Duration
@@ -47,7 +52,7 @@ class HTTPMatchRequest(IstioModel):
     method: StringMatch | None = None
     authority: StringMatch | None = None
     headers: dict[str, StringMatch] = Field(default_factory=dict)
-    port: int | None = None
+    port: UInt32 | None = None
     source_labels: dict[str, str] = Field(default_factory=dict)
     gateways: list[str] = Field(default_factory=list)
     query_params: dict[str, StringMatch] = Field(default_factory=dict)
@@ -59,22 +64,22 @@ class HTTPMatchRequest(IstioModel):
 
 class HTTPRouteDestination(IstioModel):
     destination: Destination
-    weight: int | None = None
+    weight: Int32 | None = None
     headers: Headers | None = None
 
 
 class RouteDestination(IstioModel):
     destination: Destination
-    weight: int | None = None
+    weight: Int32 | None = None
 
 
 class HTTPRedirect(IstioModel):
     uri: str | None = None
     authority: str | None = None
-    port: int | None = None
+    port: UInt32 | None = None
     derive_port: Literal["FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"] | None = None
     scheme: str | None = None
-    redirect_code: int | None = None
+    redirect_code: UInt32 | None = None
     prefix_rewrite: str | None = None
 
 
@@ -84,7 +89,7 @@ class HTTPBody(IstioModel):
 
 
 class HTTPDirectResponse(IstioModel):
-    status: int
+    status: UInt32
     body: HTTPBody | None = None
 
 
@@ -100,7 +105,7 @@ class HTTPRewrite(IstioModel):
 
 
 class HTTPRetry(IstioModel):
-    attempts: int | None = None
+    attempts: Int32 | None = None
     per_try_timeout: Duration | None = None
     retry_on: str | None = None
     retry_remote_localities: bool | None = None
@@ -112,15 +117,15 @@ class FaultDelay(IstioModel):
     fixed_delay: Duration | None = None
     exponential_delay: Duration | None = None
     percentage: Percent | None = None
-    percent: int | None = None  # legacy integer percent
+    percent: Int32 | None = None  # legacy integer percent
 
 
 class FaultAbort(IstioModel):
-    http_status: int | None = None
+    http_status: Int32 | None = None
     grpc_status: str | None = None
     http2_error: str | None = None
     percentage: Percent | None = None
-    percent: int | None = None  # legacy integer percent (Istio's own samples still use it)
+    percent: Int32 | None = None  # legacy integer percent (Istio's own samples still use it)
 
 
 class HTTPFaultInjection(IstioModel):
@@ -162,8 +167,8 @@ class HTTPRoute(IstioModel):
     fault: HTTPFaultInjection | None = None
     mirror: Destination | None = None
     mirrors: list[HTTPMirrorPolicy] = Field(default_factory=list)
-    mirror_percent: int | None = None
-    mirror_percent_legacy: int | None = Field(default=None, alias="mirror_percent")
+    mirror_percent: UInt32 | None = None
+    mirror_percent_legacy: UInt32 | None = Field(default=None, alias="mirror_percent")
     mirror_percentage: Percent | None = None
     cors_policy: CorsPolicy | None = None
     headers: Headers | None = None
@@ -177,7 +182,7 @@ class HTTPRoute(IstioModel):
 
 class L4MatchAttributes(IstioModel):
     destination_subnets: list[str] = Field(default_factory=list)
-    port: int | None = None
+    port: UInt32 | None = None
     source_subnet: str | None = None
     source_labels: dict[str, str] = Field(default_factory=dict)
     gateways: list[str] = Field(default_factory=list)
@@ -187,7 +192,7 @@ class L4MatchAttributes(IstioModel):
 class TLSMatchAttributes(IstioModel):
     sni_hosts: list[str]
     destination_subnets: list[str] = Field(default_factory=list)
-    port: int | None = None
+    port: UInt32 | None = None
     source_labels: dict[str, str] = Field(default_factory=dict)
     gateways: list[str] = Field(default_factory=list)
     source_namespace: str | None = None
@@ -216,13 +221,13 @@ class VirtualService(IstioModel):
 
 
 class TcpKeepalive(IstioModel):
-    probes: int | None = None
+    probes: UInt32 | None = None
     time: Duration | None = None
     interval: Duration | None = None
 
 
 class TCPSettings(IstioModel):
-    max_connections: int | None = None
+    max_connections: Int32 | None = None
     connect_timeout: Duration | None = None
     tcp_keepalive: TcpKeepalive | None = None
     max_connection_duration: Duration | None = None
@@ -235,14 +240,14 @@ class HTTP2KeepAlive(IstioModel):
 
 
 class HTTPSettings(IstioModel):
-    http1_max_pending_requests: int | None = None
-    http2_max_requests: int | None = None
-    max_requests_per_connection: int | None = None
-    max_retries: int | None = None
+    http1_max_pending_requests: Int32 | None = None
+    http2_max_requests: Int32 | None = None
+    max_requests_per_connection: Int32 | None = None
+    max_retries: Int32 | None = None
     idle_timeout: Duration | None = None
     h2_upgrade_policy: Literal["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"] | None = None
     use_client_protocol: bool | None = None
-    max_concurrent_streams: int | None = None
+    max_concurrent_streams: Int32 | None = None
     http2_keep_alive: HTTP2KeepAlive | None = None
 
 
@@ -264,11 +269,11 @@ class HTTPCookie(IstioModel):
 
 
 class RingHash(IstioModel):
-    minimum_ring_size: int | None = None
+    minimum_ring_size: NonNegInt | None = None
 
 
 class MagLev(IstioModel):
-    table_size: int | None = None
+    table_size: NonNegInt | None = None
 
 
 class ConsistentHashLB(IstioModel):
@@ -278,12 +283,12 @@ class ConsistentHashLB(IstioModel):
     http_query_parameter_name: str | None = None
     ring_hash: RingHash | None = None
     maglev: MagLev | None = None
-    minimum_ring_size: int | None = None
+    minimum_ring_size: NonNegInt | None = None
 
 
 class LocalityDistribute(IstioModel):
     from_: str | None = Field(default=None, alias="from")
-    to: dict[str, int] = Field(default_factory=dict)
+    to: dict[str, UInt32] = Field(default_factory=dict)
 
 
 class LocalityFailover(IstioModel):
@@ -302,7 +307,7 @@ class ZoneAwareLbSetting(IstioModel):
     enabled: bool | None = None
     failover: list[LocalityFailover] = Field(default_factory=list)
     failover_priority: list[str] = Field(default_factory=list)
-    min_cluster_size: int | None = None
+    min_cluster_size: PosInt | None = None
 
 
 class WarmupConfiguration(IstioModel):
@@ -333,15 +338,15 @@ class LoadBalancerSettings(IstioModel):
 
 class OutlierDetection(IstioModel):
     split_external_local_origin_errors: bool | None = None
-    consecutive_local_origin_failures: int | None = None
-    consecutive_gateway_errors: int | None = None
-    consecutive_5xx_errors: int | None = Field(default=None, alias="consecutive5xxErrors")
+    consecutive_local_origin_failures: UInt32 | None = None
+    consecutive_gateway_errors: UInt32 | None = None
+    consecutive_5xx_errors: UInt32 | None = Field(default=None, alias="consecutive5xxErrors")
     interval: Duration | None = None
     base_ejection_time: Duration | None = None
-    max_ejection_percent: int | None = None
-    min_health_percent: int | None = None
-    consecutive_errors: int | None = None  # deprecated, = consecutive5xxErrors
-    outlier_detection_http_error_codes: list[int] = Field(default_factory=list)
+    max_ejection_percent: Int32 | None = None
+    min_health_percent: Int32 | None = None
+    consecutive_errors: Int32 | None = None  # deprecated, = consecutive5xxErrors
+    outlier_detection_http_error_codes: list[HttpCode] = Field(default_factory=list)
 
 
 class ClientTLSSettings(IstioModel):
@@ -367,7 +372,7 @@ class PortTrafficPolicy(IstioModel):
 class TunnelSettings(IstioModel):
     protocol: str | None = None
     target_host: str
-    target_port: int
+    target_port: UInt32
 
 
 class ProxyProtocol(IstioModel):
@@ -376,7 +381,7 @@ class ProxyProtocol(IstioModel):
 
 class RetryBudget(IstioModel):
     percent: float | None = None
-    min_retry_concurrency: int | None = None
+    min_retry_concurrency: UInt32 | None = None
     budget_interval: Duration | None = None
 
 
@@ -409,19 +414,19 @@ class DestinationRule(IstioModel):
 
 
 class ServicePort(IstioModel):
-    number: int
+    number: UInt32
     protocol: str | None = None
     name: str
-    target_port: int | None = None
+    target_port: UInt32 | None = None
 
 
 class WorkloadEntry(IstioModel):
     address: str | None = None
-    ports: dict[str, int] = Field(default_factory=dict)
+    ports: dict[str, UInt32] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     network: str | None = None
     locality: str | None = None
-    weight: int | None = None
+    weight: UInt32 | None = None
     service_account: str | None = None
 
 
@@ -443,10 +448,10 @@ _TLS_VERSIONS = Literal["TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3"]
 
 
 class Port(IstioModel):
-    number: int
+    number: UInt32
     protocol: str
     name: str
-    target_port: int | None = None
+    target_port: UInt32 | None = None
 
 
 class TLSCertificate(IstioModel):
@@ -498,10 +503,10 @@ class Gateway(IstioModel):
 
 
 class SidecarPort(IstioModel):
-    number: int | None = None
+    number: UInt32 | None = None
     protocol: str | None = None
     name: str | None = None
-    target_port: int | None = None
+    target_port: UInt32 | None = None
 
 
 _CAPTURE = Literal["DEFAULT", "IPTABLES", "NONE"]
