@@ -387,3 +387,41 @@ async def test_local_reply_to_head_has_no_body() -> None:
         assert r.header("content-length") == str(len("no healthy upstream"))
         r = await c.get("http://reviews/")  # the connection is still in sync
         assert r.text == "no healthy upstream"
+
+
+async def test_connect_timeout_is_503_uf() -> None:
+    # a listener that never accepts, with its accept queue full: SYNs are dropped, connect hangs
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    port = lsock.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+    await asyncio.sleep(0.1)
+    snap = http_snapshot(
+        {"reviews": [("127.0.0.1", port)]},
+        routes={
+            "reviews": [{"name": "r", "clusters": [{"cluster": CL}], "retries": {"attempts": 0}}]
+        },
+        clusters={"reviews": {"pool": {"connect_timeout": 0.3}}},
+    )
+    try:
+        async with start_sidecar(snap) as sc:
+            t0 = time.monotonic()
+            r = await http_request(sc.port(), "GET", "http://reviews/")
+            elapsed = time.monotonic() - t0
+            assert r.status == 503
+            assert r.text.endswith("reset reason: connection timeout")
+            assert 0.25 < elapsed < 3.0
+            assert sc.sidecar.stats.request_count(response_flags="UF") == 1
+    finally:
+        for c in fillers:
+            c.close()
+        lsock.close()
