@@ -254,6 +254,31 @@ def markdown(result: dict[str, Any], chart_name: str | None) -> str:
             )
     lines.append("")
 
+    paced = [sc for sc, v in result["scenarios"].items() if v["kind"] == "paced"]
+    if paced:
+        lines += [
+            (
+                "Paced rows without the coordinated-omission correction (latency from each request's "
+                "actual send; a stall of the proxy then shows in the max only, and the achieved rate "
+                "drops below the target):"
+            ),
+            "",
+            "| scenario | target | achieved rps | p50 | p90 | p99 | p99.9 | max |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for sc in paced:
+            for t in result["targets"]:
+                rs = [r for r in result["runs"].get(t, {}).get(sc, []) if "uncorrected_us" in r]
+                if not rs:
+                    continue
+                cells = [
+                    _fmt(_spread([r["uncorrected_us"][k] for r in rs]), 0, k == "p99")
+                    for k in ("p50", "p90", "p99", "p999", "max")
+                ]
+                rps = _fmt(_spread([r["rps"] for r in rs]))
+                lines.append(f"| {sc} | {t} | {rps} | " + " | ".join(cells) + " |")
+        lines.append("")
+
     lines += [
         "## Memory (MiB, whole process tree)",
         "",
