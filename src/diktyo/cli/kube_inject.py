@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from ruamel.yaml.error import YAMLError
 
     from diktyo.control.inject.manifest import dump_docs, inject_manifest, load_docs
+    from diktyo.control.inject.pod import InjectionError
     from diktyo.control.inject.webhook import config_from_args
 
     name = "standard input" if args.filename == "-" else args.filename
@@ -51,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"diktyo kube-inject: document {bad[0] + 1} of {name} is not a Kubernetes object "
               "(no 'kind'); give manifests like kubectl apply takes", file=sys.stderr)
         return 1
-    out = dump_docs(inject_manifest(docs, config_from_args(args)))
+    try:
+        out = dump_docs(inject_manifest(docs, config_from_args(args)))
+    except InjectionError as exc:
+        print(f"diktyo kube-inject: {name}: {exc}", file=sys.stderr)
+        return 1
     if args.output:
         Path(args.output).write_text(out, encoding="utf-8")
     else:

@@ -129,6 +129,11 @@ def test_errors_say_what_is_wrong(tmp_path: Path) -> None:
     bad.write_text("kind: Pod\n  spec: [\n", encoding="utf-8")
     res = _run("-f", str(bad))
     assert res.returncode == 1 and "not valid YAML" in res.stderr
+    bad.write_text("kind: Pod\nmetadata:\n  name: p\n  annotations:\n"
+                   "    traffic.sidecar.istio.io/includeInboundPorts: http\n"
+                   "spec:\n  containers: [{name: a, image: a}]\n", encoding="utf-8")
+    res = _run("-f", str(bad))
+    assert res.returncode == 1 and "includeInboundPorts" in res.stderr and "'http' is not a port" in res.stderr
     bad.write_text("- just\n- a list\n", encoding="utf-8")
     res = _run("-f", str(bad))
     assert res.returncode == 1 and "not a Kubernetes object" in res.stderr

@@ -170,9 +170,14 @@ class WebhookServer:
                                   "malformed": s.malformed, "reasons": s.reasons})
 
 
+_ARG_FIELDS = {"image": "image", "control_plane": "control_plane", "trust_domain": "trust_domain",
+               "log_level": "log_level", "tracing_sampling": "tracing_sampling",
+               "proxy_cpu": "cpu_request", "proxy_memory": "memory_request",
+               "proxy_cpu_limit": "cpu_limit", "proxy_memory_limit": "memory_limit"}
+
+
 def config_from_args(args: argparse.Namespace, base: InjectConfig = DEFAULT_CONFIG) -> InjectConfig:
-    changes = {k: getattr(args, k) for k in ("image", "control_plane", "trust_domain", "log_level",
-                                             "tracing_sampling") if getattr(args, k, None) is not None}
+    changes = {f: getattr(args, a) for a, f in _ARG_FIELDS.items() if getattr(args, a, None) is not None}
     return replace(base, **changes)
 
 
@@ -182,6 +187,11 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-domain", help="SPIFFE trust domain (default cluster.local)")
     p.add_argument("--log-level", help="sidecar log level (debug|info|warning|error)")
     p.add_argument("--tracing-sampling", type=float, help="percent of requests traced (0-100)")
+    p.add_argument("--proxy-cpu", help=f"sidecar CPU request (default {DEFAULT_CONFIG.cpu_request})")
+    p.add_argument("--proxy-memory", help=f"sidecar memory request (default {DEFAULT_CONFIG.memory_request})")
+    p.add_argument("--proxy-cpu-limit", help=f"sidecar CPU limit (default {DEFAULT_CONFIG.cpu_limit})")
+    p.add_argument("--proxy-memory-limit",
+                   help=f"sidecar memory limit (default {DEFAULT_CONFIG.memory_limit})")
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -198,7 +208,7 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m diktyo.control.inject.webhook",
                                 description="Serve diktyo's sidecar injection webhook (POST /inject).")
     p.add_argument("--cert", help="TLS certificate file (PEM); the API server only calls HTTPS")
@@ -206,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=15017)
     add_config_arguments(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if bool(args.cert) != bool(args.key):
         print("webhook: give both --cert and --key (or neither, for plain HTTP in tests)", file=sys.stderr)
         return 2
