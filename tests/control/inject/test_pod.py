@@ -86,3 +86,16 @@ def test_excluded_inbound_ports_from_annotation() -> None:
     pod = _pod(annotations={"traffic.sidecar.istio.io/excludeInboundPorts": "8081"})
     script = inject_pod(pod)["spec"]["initContainers"][0]["args"][0]
     assert "-A DIKTYO_INBOUND -p tcp --dport 8081 -j RETURN" in script
+
+
+def test_injected_commands_parse_with_diktyos_parser() -> None:
+    from diktyo.cli.main import build_parser
+
+    out = inject_pod(_pod(), InjectConfig(log_level="info"))
+    proxy = out["spec"]["containers"][-1]
+    assert proxy["command"] == ["diktyo"]
+    args = build_parser().parse_args(proxy["args"])
+    assert args.command == "sidecar" and args.node == "$(POD_NAME).$(POD_NAMESPACE)"
+    assert args.admin_port == 15000 and args.outbound_port == 15001 and args.log_level == "info"
+    init = out["spec"]["initContainers"][0]
+    assert init["command"] == ["sh", "-c"] and init["args"][0].startswith("set -eu\niptables-restore")
