@@ -161,14 +161,16 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = _monotonic()
+        error = None
         try:
             self.decoder.feed(data)
         except CodecError as exc:
-            self.codec_error(exc)
-            return
+            error = exc
         s = self.streams[0] if self.streams else None
-        if s is not None and s.uconn is not None and s.uconn.transport is not None and s.upbuf:
-            s.flush_upstream()
+        if s is not None and s.upbuf and s.uconn is not None and s.uconn.transport is not None:
+            s.flush_upstream()  # what this read produced for the upstream, in one write
+        if error is not None:
+            self.codec_error(error)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
