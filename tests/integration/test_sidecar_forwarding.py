@@ -425,3 +425,24 @@ async def test_connect_timeout_is_503_uf() -> None:
         for c in fillers:
             c.close()
         lsock.close()
+
+
+async def test_close_delimited_upstream_response_is_rechunked() -> None:
+    async def http10(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(http10, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with (
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", port)]})) as sc,
+        HttpClient(sc.port()) as c,
+    ):
+        r = await c.get("http://reviews/")
+        assert (r.status, r.body) == (200, b"until the end")
+        assert r.header("transfer-encoding") == "chunked"
+        r = await c.get("http://reviews/")  # the downstream connection stays usable
+        assert r.body == b"until the end"
+    server.close()
