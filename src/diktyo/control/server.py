@@ -493,6 +493,16 @@ class ControlPlane:
         deadline = self.clock.monotonic() + self.poll_timeout
         while True:
             entry = self.cache.get(node_id)
+            if entry is not None and st.sent != entry.version and _same_content(have, entry.digest):
+                # the proxy already holds this content under another version (e.g. from before a
+                # control plane restart): adopt it instead of pushing it again
+                st.sent = entry.version
+                if request.query.get("rejected") == "1":
+                    st.ack(entry.version, False, f"rejected as {have}", self.clock.time())
+                else:
+                    st.ack(entry.version, True, "", self.clock.time())
+                have = entry.version
+                continue
             if entry is not None and entry.version != have:
                 st.sent = entry.version
                 return web.Response(
@@ -659,6 +669,11 @@ class _LazyTranslator:
         if self._fn is None:
             self._fn = _default_translator()
         return self._fn(proxy, push)
+
+
+def _same_content(version: str, digest: str) -> bool:
+    """Whether ``version`` (``<push>-<hash8>``) names a snapshot with this content digest."""
+    return "-" in version and version.rsplit("-", 1)[1] == digest[:8]
 
 
 def _dumps(obj: Any) -> str:

@@ -72,6 +72,7 @@ class ConfigClient:
         self.snapshot: Snapshot | None = None  # last good snapshot
         self.version = ""  # version of the last snapshot received (good or rejected)
         self.connected = False
+        self.rejected = False  # whether ``version`` was NACKed
         self.last_error = ""
         self.stats = {"received": 0, "acked": 0, "nacked": 0, "errors": 0, "reconnects": 0}
         self.first_snapshot = asyncio.Event()
@@ -126,6 +127,8 @@ class ConfigClient:
 
     async def _poll_once(self, session: aiohttp.ClientSession) -> None:
         params = {"node": self.node_id, "version": self.version}
+        if self.version and self.rejected:
+            params["rejected"] = "1"  # so a restarted control plane knows it was NACKed
         async with session.get(self.url + "/v1/snapshot", params=params) as resp:
             if resp.status == 204:
                 self.connected = True
@@ -149,6 +152,7 @@ class ConfigClient:
         except Exception as exc:  # noqa: BLE001 - any failure to apply is a NACK
             error = str(exc) or type(exc).__name__
         self.version = version
+        self.rejected = bool(error)
         if error:
             self.stats["nacked"] += 1
             log.warning(

@@ -285,3 +285,32 @@ def test_backoff_is_jittered_and_capped() -> None:
     assert all(0.05 <= w <= 5.0 for w in waits)
     assert max(waits[8:]) > 1.0  # grows
     assert len(set(waits)) == len(waits)  # jittered
+
+
+async def test_restarted_control_plane_does_not_repush_same_content(translate, make_proxy) -> None:
+    port = _free_port()
+
+    async def plane() -> ControlPlane:
+        cp = ControlPlane(translator=translate, poll_timeout=1.0, observability=False)
+        await cp.start(port=port)
+        cp.registry.add_service(SVC)
+        cp.registry.add_instance(_inst("r1", 7001))
+        cp.add_proxy(make_proxy(1))
+        return cp
+
+    cp = await plane()
+    client = ConfigClient(cp.url, "app-1.default", lambda s: None, backoff_cap=0.3)
+    client.start()
+    try:
+        await _until(lambda: client.snapshot is not None and _endpoints(client.snapshot) == [7001])
+        await _until(lambda: cp.status["app-1.default"].state == "SYNCED")
+        received = client.stats["received"]
+        await cp.stop()
+        await _until(lambda: not client.connected)
+        cp = await plane()
+        await _until(lambda: cp.status["app-1.default"].state == "SYNCED")
+        await asyncio.sleep(0.3)
+        assert client.stats["received"] == received  # adopted, not pushed again
+    finally:
+        await client.close()
+        await cp.stop()
