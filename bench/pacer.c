@@ -131,8 +131,16 @@ int main(int argc, char **argv) {
     static long codes[600];
     struct pollfd pfd[MAXC];
     int64_t t0 = now_ns() + 1000000;
-    while (done < total) {
+    /* a server that cannot keep up would make the run last for ever: stop sending at twice the
+     * planned duration (+5 s), wait for what is in flight, and say the run was truncated */
+    int64_t hard_stop = t0 + (int64_t)(2 * secs * 1e9) + 5000000000LL;
+    int truncated = 0;
+    while (done < sent || (sent < total && !truncated)) {
         int64_t now = now_ns();
+        if (!truncated && now > hard_stop) {
+            truncated = 1;
+            total = sent;
+        }
         while (sent < total) {
             int64_t sched = t0 + sent * interval;
             if (sched > now) break;
@@ -189,8 +197,9 @@ int main(int argc, char **argv) {
         }
     }
     double elapsed = (double)(now_ns() - t0) / 1e9;
-    printf("{\"requests\":%ld,\"errors\":%ld,\"target_rps\":%.1f,\"achieved_rps\":%.1f,\"connections\":%d,",
-           done, errors, rate, (double)done / elapsed, k);
+    printf("{\"requests\":%ld,\"errors\":%ld,\"target_rps\":%.1f,\"achieved_rps\":%.1f,\"connections\":%d,"
+           "\"truncated\":%s,",
+           done, errors, rate, (double)done / elapsed, k, truncated ? "true" : "false");
     pct("latency_us", lat, done, 1);
     pct("uncorrected_us", raw, done, 1);
     printf("\"status\":{");

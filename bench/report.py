@@ -276,6 +276,8 @@ def markdown(result: dict[str, Any], chart_name: str | None) -> str:
                     for k in ("p50", "p90", "p99", "p999", "max")
                 ]
                 rps = _fmt(_spread([r["rps"] for r in rs]))
+                if any(r.get("truncated") for r in rs):
+                    rps += " (truncated: could not keep up)"
                 lines.append(f"| {sc} | {t} | {rps} | " + " | ".join(cells) + " |")
         lines.append("")
 
