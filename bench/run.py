@@ -340,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"{started.strftime('%Y-%m-%d-%H%M')}-{mode_name}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     chart = report.chart(result, args.out / f"{stem}-latency.png")
+    if chart is None and any(v["kind"] == "paced" for v in scenarios.values()):
+        print(
+            "bench: no latency chart: matplotlib is missing (pip install -e '.[bench]')",
+            file=sys.stderr,
+        )
     md = report.markdown(result, chart.name if chart else None)
     (args.out / f"{stem}.md").write_text(md)
     if not args.no_latest:
