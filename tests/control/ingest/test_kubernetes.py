@@ -2,21 +2,28 @@
 
 No cluster: the objects below are written in the exact shape the API server returns (List
 objects whose items carry no kind, EndpointSlice discovery.k8s.io/v1 with conditions and
-targetRef). The list+watch client is not tested here.
+targetRef). The list+watch client runs against a server replaying recorded list/watch
+responses (bookmarks, 410 Gone, a 503) on 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+from typing import Any
+
 import pytest
+from aiohttp import web
 
 from diktyo.control.ingest.kubernetes import (
+    KubeWatcher,
     port_protocol,
     registry_from_objects,
     service_from_object,
     workload_name,
 )
 from diktyo.control.inject.manifest import load_docs
-from diktyo.control.model import ServicePort
+from diktyo.control.model import Registry, ServicePort
 
 RECORDED = """\
 apiVersion: v1
@@ -311,3 +318,136 @@ def test_workload_name_from_owner() -> None:
         {"kind": "Job", "name": "report-28811520", "controller": True}]}}) == "report"
     assert workload_name({"metadata": {"generateName": "x-"}}) == "x"
     assert service_from_object({"metadata": {}}) is None
+
+
+# --------------------------------------------------------------------------- list+watch replay
+
+def _svc(name: str, rv: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "default", "resourceVersion": rv},
+            "spec": {"ports": [{"name": "http", "port": 9080, "protocol": "TCP", "targetPort": 9080}]}}
+
+
+def _slice(rv: str, *ips: str) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": "reviews-abc", "namespace": "default", "resourceVersion": rv,
+                         "labels": {"kubernetes.io/service-name": "reviews"}},
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips],
+            "ports": [{"name": "http", "port": 9080, "protocol": "TCP"}]}
+
+
+class ReplayApiServer:
+    """Replays recorded list/watch responses of the Kubernetes API on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, str], str]] = []
+        self.stop = asyncio.Event()
+        self.service_lists = 0
+        self.pod_lists = 0
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/api/v1/services", self.services)
+        app.router.add_get("/apis/discovery.k8s.io/v1/endpointslices", self.slices)
+        app.router.add_get("/api/v1/pods", self.pods)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def close(self) -> None:
+        self.stop.set()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def _log(self, request: web.Request) -> None:
+        self.requests.append((request.path, dict(request.query), request.headers.get("Authorization", "")))
+
+    async def _stream(self, request: web.Request, events: list[dict[str, Any]], hang: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for event in events:
+            await resp.write(json.dumps(event).encode() + b"\n")
+        if hang:
+            await self.stop.wait()
+        return resp
+
+    async def services(self, request: web.Request) -> web.StreamResponse:
+        self._log(request)
+        q = request.query
+        if "watch" not in q:
+            self.service_lists += 1
+            if self.service_lists == 1:
+                return web.json_response({"kind": "ServiceList", "apiVersion": "v1",
+                                          "metadata": {"resourceVersion": "100"}, "items": [_svc("reviews", "90")]})
+            return web.json_response({"kind": "ServiceList", "apiVersion": "v1", "metadata": {"resourceVersion": "200"},
+                                      "items": [_svc("reviews", "90"), _svc("ratings", "110"), _svc("details", "190")]})
+        rv = q["resourceVersion"]
+        if rv == "100":  # a bookmark, one addition, then the server ends the watch
+            return await self._stream(request, [
+                {"type": "BOOKMARK", "object": {"kind": "Service", "metadata": {"resourceVersion": "105"}}},
+                {"type": "ADDED", "object": _svc("ratings", "110")}], hang=False)
+        if rv == "110":  # too old by now: 410 Gone as an ERROR event -> relist
+            return await self._stream(request, [{"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": "too old resource version: 110 (150)", "reason": "Expired", "code": 410}}], hang=False)
+        return await self._stream(request, [], hang=True)
+
+    async def slices(self, request: web.Request) -> web.StreamResponse:
+        self._log(request)
+        if "watch" not in request.query:
+            return web.json_response({"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
+                                      "metadata": {"resourceVersion": "100"},
+                                      "items": [_slice("95", "10.0.0.1")]})
+        if request.query["resourceVersion"] == "100":
+            return await self._stream(request, [
+                {"type": "MODIFIED", "object": _slice("120", "10.0.0.1", "10.0.0.2")}], hang=True)
+        return await self._stream(request, [], hang=True)
+
+    async def pods(self, request: web.Request) -> web.StreamResponse:
+        self._log(request)
+        if "watch" not in request.query:
+            self.pod_lists += 1
+            if self.pod_lists == 1:  # the API server is briefly unavailable
+                return web.json_response({"kind": "Status", "code": 503}, status=503)
+            return web.json_response({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "100"},
+                                      "items": [{"metadata": {"name": "reviews-v1-0", "namespace": "default",
+                                                              "labels": {"app": "reviews", "version": "v1"}},
+                                                 "spec": {"serviceAccountName": "bookinfo-reviews",
+                                                          "containers": [{"name": "reviews"}]},
+                                                 "status": {"podIP": "10.0.0.1"}}]})
+        return await self._stream(request, [], hang=True)
+
+
+async def test_watcher_against_replayed_api() -> None:
+    api = ReplayApiServer()
+    url = await api.start()
+    published: list[Registry] = []
+    done = asyncio.Event()
+
+    async def on_registry(reg: Registry) -> None:
+        published.append(reg)
+        hosts = {s.short_name for s in reg.services}
+        if hosts == {"reviews", "ratings", "details"} and len(reg.instances) == 2:
+            done.set()
+
+    watcher = KubeWatcher(base_url=url, token="t0ken", on_registry=on_registry, retry_delay=0.05)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.wait_for(done.wait(), timeout=10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await api.close()
+    # nothing is published before every kind was listed once (pods failed first)
+    assert all(any(i.labels for i in r.instances) for r in published)
+    final = published[-1]
+    inst = {i.address: i for i in final.instances}
+    assert inst["10.0.0.1"].labels == {"app": "reviews", "version": "v1"}
+    assert inst["10.0.0.1"].service_account == "bookinfo-reviews"
+    assert inst["10.0.0.2"].services == ("reviews.default.svc.cluster.local",)
+    watch_rvs = [q["resourceVersion"] for p, q, _ in api.requests if p == "/api/v1/services" and "watch" in q]
+    assert watch_rvs[:3] == ["100", "110", "200"]  # bookmark and event advance it; 410 -> relist at 200
+    assert all(auth == "Bearer t0ken" for _, _, auth in api.requests)
+    assert watcher.errors >= 1 and watcher.relists >= 1 and api.pod_lists == 2

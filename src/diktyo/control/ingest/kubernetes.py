@@ -8,7 +8,8 @@ with Istio's conventions: FQDN ``<svc>.<ns>.svc.<domain>``, port protocol from
 service account, ``conditions.ready`` -> ``healthy``.
 
 ``KubeWatcher`` is a thin list+watch client (resourceVersion, bookmarks, 410 -> relist)
-over the real API; it is not exercised by tests here (no cluster on the build machine).
+over the Kubernetes API; tests run it against a server replaying recorded list/watch
+responses on 127.0.0.1 (there is no cluster on the build machine).
 """
 
 from __future__ import annotations
@@ -227,9 +228,11 @@ class KubeWatcher:
     """List+watch Services, EndpointSlices and Pods from the API server; rebuild the Registry.
 
     Runs inside a pod with the service account token (``in_cluster()``). Keeps the latest
-    object per (kind, namespace, name), follows ``resourceVersion``, relists on 410 Gone and
-    calls ``on_registry`` with a fresh Registry after each change. Not tested here: there
-    is no Kubernetes cluster on the build machine (the pure part above is).
+    object per (kind, namespace, name), follows ``resourceVersion`` (with bookmarks),
+    relists on 410 Gone, retries after connection errors (warning + ``errors`` counter),
+    and calls ``on_registry`` with a fresh Registry after each change once every kind has
+    been listed (no half-synced registry is ever published). Tested against a recorded
+    list/watch replay server, not against a real cluster.
     """
 
     base_url: str
@@ -237,7 +240,12 @@ class KubeWatcher:
     ca_file: str | None = None
     domain: str = "cluster.local"
     on_registry: Callable[[Registry], Awaitable[None]] | None = None
+    retry_delay: float = 1.0
+    watch_timeout: int = 300  # seconds the API server keeps one watch open
     objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    synced: set[str] = field(default_factory=set)
+    errors: int = 0
+    relists: int = 0
 
     RESOURCES = (("Service", "/api/v1/services"),
                  ("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"),
@@ -254,48 +262,70 @@ class KubeWatcher:
     def registry(self) -> Registry:
         return registry_from_objects(self.objects.values(), self.domain)
 
-    async def run(self) -> None:  # pragma: no cover - needs a real API server
+    async def run(self) -> None:
+        """Watch until cancelled."""
         import aiohttp
 
         ctx = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
-        headers = {"Authorization": f"Bearer {self.token}"}
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         async with aiohttp.ClientSession(headers=headers) as session, asyncio.TaskGroup() as tg:
             for kind, path in self.RESOURCES:
                 tg.create_task(self._watch(session, ctx, kind, path))
 
-    async def _watch(self, session: Any, ctx: ssl.SSLContext | None, kind: str,
-                     path: str) -> None:  # pragma: no cover - needs a real API server
+    async def _watch(self, session: Any, ctx: ssl.SSLContext | None, kind: str, path: str) -> None:
+        import aiohttp
+
         while True:
-            async with session.get(self.base_url + path, ssl=ctx) as resp:
-                resp.raise_for_status()
-                body = await resp.json()
-            for key in [k for k in self.objects if k[0] == kind]:
-                del self.objects[key]
-            for item in body.get("items", []):
-                self._store(kind, "ADDED", item)
-            await self._changed()
-            rv = body["metadata"]["resourceVersion"]
-            while True:
-                url = (f"{self.base_url}{path}?watch=1&resourceVersion={rv}"
-                       "&allowWatchBookmarks=true&timeoutSeconds=300")
-                async with session.get(url, ssl=ctx, timeout=None) as resp:
-                    if resp.status == 410:
-                        break
-                    resp.raise_for_status()
-                    gone = False
-                    async for line in resp.content:
-                        event = json.loads(line)
-                        obj = event.get("object") or {}
-                        if event.get("type") == "ERROR":
-                            gone = obj.get("code") == 410
-                            break
-                        rv = (obj.get("metadata") or {}).get("resourceVersion", rv)
-                        if event.get("type") == "BOOKMARK":
-                            continue
-                        self._store(kind, event["type"], obj)
-                        await self._changed()
-                    if gone:
-                        break
+            try:
+                rv: str | None = await self._list(session, ctx, kind, path)
+                while rv is not None:
+                    rv = await self._watch_once(session, ctx, kind, path, rv)
+                self.relists += 1
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as exc:
+                self.errors += 1
+                log.warning("kubernetes %s watch failed (%s: %s); retrying in %.1fs",
+                            kind, type(exc).__name__, exc, self.retry_delay)
+                await asyncio.sleep(self.retry_delay)
+
+    async def _list(self, session: Any, ctx: ssl.SSLContext | None, kind: str, path: str) -> str:
+        async with session.get(self.base_url + path, ssl=ctx) as resp:
+            resp.raise_for_status()
+            body = await resp.json()
+        for key in [k for k in self.objects if k[0] == kind]:
+            del self.objects[key]
+        for item in body.get("items") or []:
+            self._store(kind, "ADDED", item)
+        self.synced.add(kind)
+        await self._changed()
+        return str(body["metadata"]["resourceVersion"])
+
+    async def _watch_once(self, session: Any, ctx: ssl.SSLContext | None, kind: str, path: str,
+                          rv: str) -> str | None:
+        """One watch request; the resourceVersion to continue from, or None to relist."""
+        import aiohttp
+
+        url = (f"{self.base_url}{path}?watch=1&resourceVersion={rv}"
+               f"&allowWatchBookmarks=true&timeoutSeconds={self.watch_timeout}")
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.watch_timeout + 30)
+        async with session.get(url, ssl=ctx, timeout=timeout) as resp:
+            if resp.status == 410:
+                return None
+            resp.raise_for_status()
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                if event.get("type") == "ERROR":  # a Status object
+                    if obj.get("code") == 410:
+                        return None
+                    raise ValueError(f"watch error: {obj.get('message', obj)}")
+                rv = str((obj.get("metadata") or {}).get("resourceVersion", rv))
+                if event.get("type") == "BOOKMARK":
+                    continue
+                self._store(kind, str(event["type"]), obj)
+                await self._changed()
+        return rv
 
     def _store(self, kind: str, event: str, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
@@ -306,5 +336,5 @@ class KubeWatcher:
             self.objects[key] = {"kind": kind, **obj}
 
     async def _changed(self) -> None:
-        if self.on_registry is not None:
+        if self.on_registry is not None and len(self.synced) == len(self.RESOURCES):
             await self.on_registry(self.registry())
