@@ -50,6 +50,8 @@ def send(args: argparse.Namespace, method: str) -> int:
             print(f"{kind.lower()}/{name} ({ns}) {verb}")
         for err in body.get("errors", []):
             print(err, file=sys.stderr)
+        for msg in body.get("messages", []):
+            print(msg, file=sys.stderr)
         if status >= 400:
             code = 1
             if method == "POST":

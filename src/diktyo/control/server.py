@@ -567,7 +567,25 @@ class ControlPlane:
                 },
                 status=400,
             )
-        return web.json_response({"applied": [list(k) for k in keys], "errors": []})
+        return web.json_response(
+            {
+                "applied": [list(k) for k in keys],
+                "errors": [],
+                "messages": self._messages_for(source),
+            }
+        )
+
+    def _messages_for(self, source: str) -> list[str]:
+        """``diktyo analyze`` findings (warnings, errors Istio would accept) about one file."""
+        try:
+            from diktyo.control.validate import analyze
+        except ImportError:
+            return []
+        try:
+            found = analyze(self.store.resources, self.registry.view())
+        except Exception as exc:  # noqa: BLE001 - a validator bug must not fail an apply
+            return [f"analyze failed: {type(exc).__name__}: {exc}"]
+        return [str(m) for m in found if getattr(m, "file", None) == source]
 
     async def _h_delete(self, request: web.Request) -> web.Response:
         text = await request.text()

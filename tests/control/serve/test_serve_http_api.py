@@ -110,3 +110,25 @@ def test_control_plane_command_serves_and_stops(tmp_path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_apply_reports_analysis_of_the_applied_file() -> None:
+    vs = (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: hello}\n"
+        "spec:\n  hosts: [hello]\n  http:\n  - route:\n    - destination: {host: hello, subset: v9}\n"
+    )
+    cp = ControlPlane(observability=False)
+    await cp.start()
+    try:
+        cp.registry.add_service(SVC)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(cp.url + "/v1/config?source=vs.yaml", data=vs) as r,
+        ):
+            body = await r.json()
+        assert r.status == 200 and body["applied"] == [["VirtualService", "default", "hello"]]
+        assert any(m.startswith("vs.yaml:8:") and "subset 'v9'" in m for m in body["messages"]), (
+            body
+        )
+    finally:
+        await cp.stop()
