@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Self
 
-from diktyo.proxy.codec.http1 import ResponseDecoder
+from diktyo.proxy.codec.http1 import ResponseDecoder, parse_header_block
 
 
 @dataclass
@@ -33,9 +33,13 @@ class _Sink:
         self.cur: ClientResponse | None = None
         self.parts: list[bytes] = []
 
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], ka: bool) -> None:
+    def on_response_head(self, status: int, block: bytes, ka: bool) -> None:
         self.cur = ClientResponse(
-            status, [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
+            status,
+            [
+                (k.decode("latin-1").lower(), v.decode("latin-1"))
+                for k, v in parse_header_block(block)
+            ],
         )
         self.parts = []
 

@@ -7,13 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diktyo.proxy.codec.http1 import (
+    HOP_BY_HOP_LINE_RE,
     MAX_HEADER_BYTES,
     CodecError,
     RequestDecoder,
     RequestHead,
     ResponseDecoder,
+    encode_header_block,
     encode_response_head,
     local_response,
+    parse_header_block,
 )
 
 
@@ -127,9 +130,11 @@ def test_expect_continue_and_upgrade_flags() -> None:
 class RSink:
     def __init__(self) -> None:
         self.events: list[tuple[str, object]] = []
+        self.blocks: list[bytes] = []
 
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], ka: bool) -> None:
+    def on_response_head(self, status: int, block: bytes, ka: bool) -> None:
         self.events.append(("head", (status, ka)))
+        self.blocks.append(block)
 
     def on_response_body(self, chunk: bytes) -> None:
         self.events.append(("body", chunk))
@@ -216,3 +221,31 @@ def test_fuzz_request_decoder_never_crashes(parts: list[bytes], split: int) -> N
     # every head has a method and a path
     for h in s.heads():
         assert h.method and h.path
+
+
+def test_response_header_block_across_reads_and_hop_by_hop_removal() -> None:
+    r = RSink()
+    d = ResponseDecoder(r)
+    raw = (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nServer: x\r\n"
+        b"Connection: keep-alive\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+        b"Content-Length: 3\r\n\r\nabc"
+    )
+    for i in range(0, len(raw), 7):  # split anywhere, even inside the head
+        d.feed(raw[i : i + 7])
+    assert r.events[0] == ("head", (200, True))
+    assert r.events[-1] == ("end", None)
+    (block,) = r.blocks
+    assert block == (
+        b"Server: x\r\nConnection: keep-alive\r\nSet-Cookie: a=1\r\n"
+        b"Set-Cookie: b=2\r\nContent-Length: 3\r\n\r\n"
+    )
+    clean = HOP_BY_HOP_LINE_RE.sub(b"", block)
+    assert b"Connection" not in clean
+    assert parse_header_block(clean) == [
+        (b"Server", b"x"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+        (b"Content-Length", b"3"),
+    ]
+    assert encode_header_block(parse_header_block(clean)) == clean

@@ -8,7 +8,7 @@ Sans-I/O: a decoder is fed bytes and calls methods on a *sink*; nothing here tou
   ``sink.on_request_body(chunk)`` and ``sink.on_request_end()`` for every request found in
   ``data`` (pipelined requests arrive in order; the sink queues them). Malformed input raises
   ``CodecError(status, message)`` (400, 431); the connection is unusable afterwards.
-- ``ResponseDecoder(sink)``: upstream side. ``sink.on_response_head(status, headers, ka)``,
+- ``ResponseDecoder(sink)``: upstream side. ``sink.on_response_head(status, header_block, ka)``,
   ``on_response_body(chunk)``, ``on_response_end()``. Call ``expect_no_body()`` before feeding
   the response to a HEAD request; ``eof()`` ends a close-delimited body.
 - Encoders build one ``bytes`` per head with the framing the proxy chose (hop-by-hop headers
@@ -16,12 +16,14 @@ Sans-I/O: a decoder is fed bytes and calls methods on a *sink*; nothing here tou
 
 Request headers are kept as a dict of lower-case ``str`` names to ``str`` values (duplicates
 joined with ``, ``; ``cookie`` with ``; ``): routing, load balancing and header operations all
-read it. Response headers stay a list of raw ``(name, value)`` byte pairs (``set-cookie`` may
-repeat) and are forwarded as they came.
+read it. Response headers stay raw bytes: the header block is cut from the received data and
+forwarded after one regex removes hop-by-hop lines (``set-cookie`` may repeat; nothing is
+decoded per header on the hot path).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 import httptools
@@ -147,9 +149,7 @@ class RequestSink(Protocol):
 
 
 class ResponseSink(Protocol):
-    def on_response_head(
-        self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool
-    ) -> None: ...
+    def on_response_head(self, status: int, header_block: bytes, keep_alive: bool) -> None: ...
     def on_response_body(self, chunk: bytes) -> None: ...
     def on_response_end(self) -> None: ...
 
@@ -348,16 +348,24 @@ class RequestDecoder:
 
 
 class ResponseDecoder:
-    """Upstream HTTP/1.1 response decoder (see module docstring)."""
+    """Upstream HTTP/1.1 response decoder (see module docstring).
+
+    Header lines are not decoded one callback at a time: the sink gets the raw header block
+    (``b"Name: value\\r\\n...\\r\\n"``, status line excluded) cut from the received bytes,
+    which the proxy forwards after removing hop-by-hop lines with one regex. ``parse_header_block``
+    turns it into pairs when a header operation needs them.
+    """
 
     __slots__ = (
+        "_carry",
         "_close_delimited",
-        "_done",
-        "_hbytes",
-        "_headers",
+        "_data",
+        "_head_start",
         "_in_body",
+        "_in_head",
         "_no_body",
         "_parser",
+        "_pos",
         "_started",
         "_status",
         "sink",
@@ -367,11 +375,11 @@ class ResponseDecoder:
         self.sink = sink
         self._parser = httptools.HttpResponseParser(self)
         self._no_body = False
-        self._reset()
-
-    def _reset(self) -> None:
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._hbytes = 0
+        self._data = b""
+        self._pos = 0
+        self._carry = b""
+        self._head_start = 0
+        self._in_head = False
         self._status = 0
         self._in_body = False
         self._close_delimited = False
@@ -387,35 +395,38 @@ class ResponseDecoder:
         return self._started
 
     def on_message_begin(self) -> None:
-        self._reset()
         self._started = True
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._hbytes += len(name) + len(value)
-        if self._hbytes > 4 * MAX_HEADER_BYTES:
-            raise CodecError(502, "upstream response headers too large")
-        self._headers.append((name, value))
+        self._in_head = True
+        self._head_start = self._pos
+        self._carry = b""
+        self._in_body = False
+        self._close_delimited = False
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
         self._status = status
+        # cut the raw head out of what was received
+        data = self._data
+        carry = self._carry
+        buf = carry + data[self._head_start :] if carry else data[self._head_start :]
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            raise CodecError(502, "malformed upstream response head")
+        first = buf.find(b"\r\n")
+        block = buf[first + 2 : end + 4]
+        self._pos = (self._head_start if not carry else -len(carry)) + end + 4
+        self._carry = b""
+        self._in_head = False
         if 100 <= status < 200 and status != 101:
             return  # interim response: swallowed (the proxy answers 100-continue itself)
-        headers = self._headers
-        framed = False
-        for name, _ in headers:
-            ln = name.lower()
-            if ln == b"content-length" or ln == b"transfer-encoding":
-                framed = True
-                break
         ka = parser.should_keep_alive()
         no_body = self._no_body or status == 204 or status == 304
-        if not framed and not no_body:
+        if not no_body and _FRAMED_RE.search(block) is None:
             self._close_delimited = True
             ka = False
         self._in_body = True
-        self.sink.on_response_head(status, headers, ka)
+        self.sink.on_response_head(status, block, ka)
         if self._no_body:
             self._no_body = False
             self._in_body = False
@@ -435,18 +446,26 @@ class ResponseDecoder:
         self.sink.on_response_end()
 
     def feed(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__ or exc.__cause__
             if isinstance(cause, _Stop):
                 self._parser = httptools.HttpResponseParser(self)
+                self._in_head = False
                 return
             if isinstance(cause, CodecError):
                 raise cause from None
             raise
         except httptools.HttpParserError as exc:
             raise CodecError(502, f"malformed upstream response: {exc}") from None
+        if self._in_head:  # the head continues in the next read
+            self._carry += data[self._head_start :]
+            self._head_start = 0
+            if len(self._carry) > 4 * MAX_HEADER_BYTES:
+                raise CodecError(502, "upstream response headers too large")
 
     def eof(self) -> bool:
         """The upstream closed. Returns True if that ended a close-delimited body."""
@@ -456,6 +475,33 @@ class ResponseDecoder:
             self.sink.on_response_end()
             return True
         return False
+
+
+_FRAMED_RE = re.compile(
+    rb"^(?:content-length|transfer-encoding)[ \t]*:", re.IGNORECASE | re.MULTILINE
+)
+# hop-by-hop response header lines (RFC 9110 7.6.1), removed before forwarding
+HOP_BY_HOP_LINE_RE = re.compile(
+    rb"^(?:connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade)"
+    rb"[ \t]*:[^\r\n]*\r\n",
+    re.IGNORECASE | re.MULTILINE,
+)
+CONTENT_LENGTH_RE = re.compile(rb"^content-length[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+def parse_header_block(block: bytes) -> list[tuple[bytes, bytes]]:
+    """``b"A: 1\\r\\nB: 2\\r\\n\\r\\n"`` -> ``[(b"A", b"1"), (b"B", b"2")]``."""
+    out = []
+    for line in block.split(b"\r\n"):
+        if not line:
+            continue
+        name, _, value = line.partition(b":")
+        out.append((name.strip(), value.strip(b" \t")))
+    return out
+
+
+def encode_header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join([n + b": " + v + b"\r\n" for n, v in headers]) + b"\r\n"
 
 
 # --------------------------------------------------------------------------- encoders

@@ -29,16 +29,19 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from diktyo.proxy.codec.http1 import (
-    HOP_BY_HOP_BYTES,
+    CONTENT_LENGTH_RE,
+    HOP_BY_HOP_LINE_RE,
     HOP_BY_HOP_STR,
     LAST_CHUNK,
     CodecError,
     RequestDecoder,
     RequestHead,
     content_length_header,
+    encode_header_block,
     encode_request_head,
-    encode_response_head,
     local_response,
+    parse_header_block,
+    status_line,
 )
 from diktyo.proxy.http.policies import LbContext, RetryState, decide_fault
 from diktyo.proxy.router.matcher import CompiledDestination, CompiledRoute, RequestInfo
@@ -651,7 +654,7 @@ class Stream:
         self.local_reply(exc.status, exc.message.encode(), "")
 
     # ------------------------------------------------------------------ response side
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], ka: bool) -> None:
+    def on_response_head(self, status: int, block: bytes, ka: bool) -> None:
         if self.try_timer is not None:
             self.try_timer.cancel()
             self.try_timer = None
@@ -660,31 +663,14 @@ class Stream:
         self.resp_started = True
         self.status = status
         head = self.head
-        out: list[tuple[bytes, bytes]] = []
-        has_cl = False
-        for name, value in headers:
-            ln = name.lower()
-            if ln in HOP_BY_HOP_BYTES:
-                continue
-            if ln == _CONTENT_LENGTH:
-                has_cl = True
-            out.append((name, value))
+        block = HOP_BY_HOP_LINE_RE.sub(b"", block)
+        has_cl = CONTENT_LENGTH_RE.search(block) is not None
         cr = self.route
-        if cr is not None:
-            if cr.resp_ops:
-                out = cr.resp_ops.apply_response(out)
-            d = self.dest
-            if d is not None and d.resp_ops:
-                out = d.resp_ops.apply_response(out)
         lb = self.lbctx
-        if lb is not None and lb.cookie_to_set is not None:
-            name_, value_, ttl = lb.cookie_to_set
-            cookie = (
-                f"{name_}={value_}; Max-Age={int(ttl)}; Path=/; HttpOnly"
-                if ttl
-                else f"{name_}={value_}; Path=/; HttpOnly"
-            )
-            out.append((b"set-cookie", cookie.encode("latin-1")))
+        if cr is not None and (
+            cr.resp_ops or (self.dest is not None and self.dest.resp_ops) or lb.cookie_to_set
+        ):
+            block = self.response_header_ops(block)
         extra = b""
         if head.method == "HEAD" or status == 204 or status == 304 or has_cl:
             pass
@@ -696,7 +682,27 @@ class Stream:
         if self.close_out or self.conn.close_after:
             self.close_out = True
             extra += _CLOSE_HDR
-        self.obuf.append(encode_response_head(status, out, extra))
+        self.obuf.append(status_line(status) + block[:-2] + extra + b"\r\n")
+
+    def response_header_ops(self, block: bytes) -> bytes:
+        """Route and destination response header operations, and a consistent-hash cookie."""
+        out = parse_header_block(block)
+        cr = self.route
+        if cr is not None and cr.resp_ops:
+            out = cr.resp_ops.apply_response(out)
+        d = self.dest
+        if d is not None and d.resp_ops:
+            out = d.resp_ops.apply_response(out)
+        lb = self.lbctx
+        if lb is not None and lb.cookie_to_set is not None:
+            name_, value_, ttl = lb.cookie_to_set
+            cookie = (
+                f"{name_}={value_}; Max-Age={int(ttl)}; Path=/; HttpOnly"
+                if ttl
+                else f"{name_}={value_}; Path=/; HttpOnly"
+            )
+            out.append((b"set-cookie", cookie.encode("latin-1")))
+        return encode_header_block(out)
 
     def retry_status(self, status: int) -> bool:
         if not self.replayable or self.done or self.cstate is None:

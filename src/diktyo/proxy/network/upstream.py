@@ -133,11 +133,11 @@ class UpstreamConnection(asyncio.Protocol):
             s.upstream_resume_writing()
 
     # -- codec sink: forward to the attached stream
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], ka: bool) -> None:
+    def on_response_head(self, status: int, block: bytes, ka: bool) -> None:
         self.keep_alive = ka
         s = self.stream
         if s is not None:
-            s.on_response_head(status, headers, ka)
+            s.on_response_head(status, block, ka)
 
     def on_response_body(self, chunk: bytes) -> None:
         s = self.stream
