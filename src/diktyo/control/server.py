@@ -288,6 +288,8 @@ class ControlPlane:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self.traces is not None and self._runner is None:
+            self.traces.close()
 
     async def _push_loop(self) -> None:
         while True:
