@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diktyo.api.loader import LoadResult, load_text
 from diktyo.control.model import Registry, Service, ServicePort, WorkloadInstance
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,50 @@ def registry_from_objects(objects: Iterable[dict[str, Any]], domain: str = "clus
         services=tuple(s for _, (s, _) in sorted(services.items())), instances=instances)
 
 
+# --------------------------------------------------------------------------- Istio config (CRDs)
+
+#: Istio config kinds served as CRDs: kind -> (group, plural)
+CONFIG_KINDS: dict[str, tuple[str, str]] = {
+    "VirtualService": ("networking.istio.io", "virtualservices"),
+    "DestinationRule": ("networking.istio.io", "destinationrules"),
+    "ServiceEntry": ("networking.istio.io", "serviceentries"),
+    "Gateway": ("networking.istio.io", "gateways"),
+    "Sidecar": ("networking.istio.io", "sidecars"),
+    "PeerAuthentication": ("security.istio.io", "peerauthentications"),
+    "AuthorizationPolicy": ("security.istio.io", "authorizationpolicies"),
+    "RequestAuthentication": ("security.istio.io", "requestauthentications"),
+}
+_SERVER_FIELDS = ("managedFields", "uid", "resourceVersion", "generation", "creationTimestamp",
+                  "selfLink", "ownerReferences", "finalizers")
+
+
+def config_from_objects(objects: Iterable[dict[str, Any]]) -> LoadResult:
+    """Istio custom resources as returned by the API server -> validated diktyo.api resources.
+
+    Non-Istio objects are ignored; server-populated metadata (managedFields, uid, ...,
+    ``last-applied-configuration``) and ``status`` are dropped. Errors name the object as
+    ``kubernetes:<Kind>/<namespace>/<name>``.
+    """
+    result = LoadResult()
+    for obj in _flatten(objects):
+        kind = _kind(obj)
+        group = str(obj.get("apiVersion", "")).rpartition("/")[0]
+        if kind not in CONFIG_KINDS or group != CONFIG_KINDS[kind][0]:
+            continue
+        meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in _SERVER_FIELDS}
+        annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
+                       if k != "kubectl.kubernetes.io/last-applied-configuration"}
+        if annotations:
+            meta["annotations"] = annotations
+        else:
+            meta.pop("annotations", None)
+        meta.setdefault("namespace", "default")
+        clean = {"apiVersion": obj["apiVersion"], "kind": kind, "metadata": meta, "spec": obj.get("spec") or {}}
+        name = f"kubernetes:{kind}/{meta['namespace']}/{meta.get('name', '?')}"
+        result.extend(load_text(json.dumps(clean, indent=1), name))
+    return result
+
+
 # --------------------------------------------------------------------------- watch client (I/O)
 
 @dataclass(slots=True)
@@ -240,16 +285,20 @@ class KubeWatcher:
     ca_file: str | None = None
     domain: str = "cluster.local"
     on_registry: Callable[[Registry], Awaitable[None]] | None = None
+    on_config: Callable[[LoadResult], Awaitable[None]] | None = None
     retry_delay: float = 1.0
     watch_timeout: int = 300  # seconds the API server keeps one watch open
     objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
     synced: set[str] = field(default_factory=set)
     errors: int = 0
     relists: int = 0
+    published: bool = False
 
     RESOURCES = (("Service", "/api/v1/services"),
                  ("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"),
                  ("Pod", "/api/v1/pods"))
+    CONFIG_RESOURCES = tuple((kind, f"/apis/{group}/v1/{plural}")
+                             for kind, (group, plural) in CONFIG_KINDS.items())
 
     @classmethod
     def in_cluster(cls, **kw: Any) -> KubeWatcher:
@@ -260,7 +309,14 @@ class KubeWatcher:
                    ca_file=str(sa / "ca.crt"), **kw)
 
     def registry(self) -> Registry:
-        return registry_from_objects(self.objects.values(), self.domain)
+        return registry_from_objects(
+            (o for k, o in self.objects.items() if k[0] not in CONFIG_KINDS), self.domain)
+
+    def config(self) -> LoadResult:
+        return config_from_objects(o for k, o in self.objects.items() if k[0] in CONFIG_KINDS)
+
+    def _resources(self) -> tuple[tuple[str, str], ...]:
+        return self.RESOURCES + (self.CONFIG_RESOURCES if self.on_config is not None else ())
 
     async def run(self) -> None:
         """Watch until cancelled."""
@@ -269,7 +325,7 @@ class KubeWatcher:
         ctx = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         async with aiohttp.ClientSession(headers=headers) as session, asyncio.TaskGroup() as tg:
-            for kind, path in self.RESOURCES:
+            for kind, path in self._resources():
                 tg.create_task(self._watch(session, ctx, kind, path))
 
     async def _watch(self, session: Any, ctx: ssl.SSLContext | None, kind: str, path: str) -> None:
@@ -296,7 +352,7 @@ class KubeWatcher:
         for item in body.get("items") or []:
             self._store(kind, "ADDED", item)
         self.synced.add(kind)
-        await self._changed()
+        await self._changed(kind)
         return str(body["metadata"]["resourceVersion"])
 
     async def _watch_once(self, session: Any, ctx: ssl.SSLContext | None, kind: str, path: str,
@@ -324,7 +380,7 @@ class KubeWatcher:
                 if event.get("type") == "BOOKMARK":
                     continue
                 self._store(kind, str(event["type"]), obj)
-                await self._changed()
+                await self._changed(kind)
         return rv
 
     def _store(self, kind: str, event: str, obj: dict[str, Any]) -> None:
@@ -335,6 +391,11 @@ class KubeWatcher:
         else:
             self.objects[key] = {"kind": kind, **obj}
 
-    async def _changed(self) -> None:
-        if self.on_registry is not None and len(self.synced) == len(self.RESOURCES):
+    async def _changed(self, kind: str) -> None:
+        if len(self.synced) < len(self._resources()):
+            return  # publish nothing half-synced
+        first, self.published = not self.published, True
+        if (first or kind in CONFIG_KINDS) and self.on_config is not None:
+            await self.on_config(self.config())
+        if (first or kind not in CONFIG_KINDS) and self.on_registry is not None:
             await self.on_registry(self.registry())
