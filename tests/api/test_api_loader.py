@@ -262,7 +262,62 @@ def test_integer_ranges_and_minimum_duration_follow_the_crds() -> None:
     err = one_error(VS.replace("weight: 40", "weight: 3000000000"))
     assert err.field == "spec.http[1].route[1].weight"
     assert "value 3000000000 out of range: must be <= 2147483647" in err.message
-    err = one_error(VS.replace("        subset: v2", "        subset: v2\n        port: {number: -1}"))
+    err = one_error(
+        VS.replace("        subset: v2", "        subset: v2\n        port: {number: -1}")
+    )
     assert "value -1 out of range: must be >= 0" in err.message
     err = one_error(VS.replace("timeout: 0.5s", "timeout: 0s"))
     assert "must be a valid duration greater than 1ms" in err.message
+
+
+SE = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext}
+spec:
+  hosts: [api.example.com]
+  resolution: STATIC
+  ports:
+  - {number: 80, name: http}
+  endpoints:
+  - address: 127.0.0.1
+    ports: {http: 8080}
+"""
+
+
+def test_service_entry_rules_from_the_crd() -> None:
+    assert load_text(SE, "se.yaml").errors == []
+    cases = {
+        "  resolution: STATIC\n": ("", "NONE mode cannot set endpoints"),
+        "hosts: [api.example.com]": ("hosts: ['*']", "hostname cannot be wildcard"),
+        "{number: 80, name: http}": ("{number: 70000, name: http}", "must be between 1-65535"),
+        "ports: {http: 8080}": ("ports: {http: 0}", "port 0 must be between 1-65535"),
+        "- address: 127.0.0.1\n": ("- labels: {a: b}\n", "Address is required"),
+    }
+    for old, (new, message) in cases.items():
+        err = one_error(SE.replace(old, new))
+        assert message in err.message, (old, str(err))
+    err = one_error(
+        SE.replace(
+            "  - {number: 80, name: http}\n",
+            "  - {number: 80, name: http}\n  - {number: 80, name: http2}\n",
+        )
+    )
+    assert "port number cannot be duplicated" in err.message and err.field == "spec"
+
+
+def test_gateway_tls_credentials_are_exclusive() -> None:
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: ["*"]
+    tls: {mode: SIMPLE, credentialName: a, credentialNames: [b]}
+"""
+    err = one_error(text)
+    assert "only one of credentialName or credentialNames can be set" in err.message
+    assert err.field == "spec.servers[0].tls" and err.line == 9

@@ -507,5 +507,9 @@ def _pydantic_error(e: Any, model: type[BaseModel], err: Callable[..., ConfigErr
             hint = "fix the regular expression (RE2 syntax)"
         elif "only one of" in msg or "cannot both" in msg:
             hint = "keep just one of them"
+        elif "between 1-65535" in msg:
+            hint = "use a port number from 1 to 65535"
+        elif "mode cannot" in msg:
+            hint = "change resolution or remove the endpoints"
         return err(path, msg, hint)
     return err(path, str(e.get("msg", "invalid value")), "")

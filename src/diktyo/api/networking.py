@@ -6,9 +6,11 @@ Python attributes are snake_case, YAML keys are Istio's camelCase.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
+from pydantic.alias_generators import to_camel
 
 from diktyo.api.base import (
     HttpCode,
@@ -413,11 +415,25 @@ class DestinationRule(IstioModel):
 # --------------------------------------------------------------------------- ServiceEntry
 
 
+_PORT_NAME = re.compile(r"^[a-zA-Z0-9](?:[-a-zA-Z0-9]*[a-zA-Z0-9])?$")
+
+
+def _check_port(value: int | None) -> None:
+    if value is not None and not 0 < value <= 65535:
+        raise ValueError(f"port {value} must be between 1-65535")
+
+
 class ServicePort(IstioModel):
     number: UInt32
     protocol: str | None = None
     name: str
     target_port: UInt32 | None = None
+
+    @model_validator(mode="after")
+    def _ports(self) -> ServicePort:
+        _check_port(self.number)
+        _check_port(self.target_port)
+        return self
 
 
 class WorkloadEntry(IstioModel):
@@ -428,6 +444,19 @@ class WorkloadEntry(IstioModel):
     locality: str | None = None
     weight: UInt32 | None = None
     service_account: str | None = None
+
+    @model_validator(mode="after")
+    def _rules(self) -> WorkloadEntry:
+        # the CEL rules of Istio's CRD
+        if self.address is None and self.network is None:
+            raise ValueError("Address is required")
+        for name, port in self.ports.items():
+            if len(name) >= 63 or not _PORT_NAME.match(name):
+                raise ValueError(f"port name {name!r} must be valid (letters, digits, '-')")
+            _check_port(port)
+        if (self.address or "").startswith("unix://") and self.ports:
+            raise ValueError("UDS may not include ports")
+        return self
 
 
 class ServiceEntry(IstioModel):
@@ -440,6 +469,28 @@ class ServiceEntry(IstioModel):
     workload_selector: WorkloadSelector | None = None
     export_to: list[str] = Field(default_factory=list)
     subject_alt_names: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _rules(self) -> ServiceEntry:
+        # the CEL rules of Istio's CRD, with its messages
+        fields = self.model_fields_set
+        resolution = self.resolution or "NONE"
+        if not self.hosts:
+            raise ValueError("hosts must list at least one host")
+        if "*" in self.hosts:
+            raise ValueError("hostname cannot be wildcard")
+        if "workload_selector" in fields and "endpoints" in fields:
+            raise ValueError("only one of WorkloadSelector or Endpoints can be set")
+        if any("/" in a for a in self.addresses) and resolution not in ("STATIC", "NONE"):
+            raise ValueError("CIDR addresses are allowed only for NONE/STATIC resolution types")
+        if resolution == "NONE" and "endpoints" in fields:
+            raise ValueError("NONE mode cannot set endpoints (set 'resolution: STATIC' or DNS)")
+        if resolution == "DNS_ROUND_ROBIN" and len(self.endpoints) > 1:
+            raise ValueError("DNS_ROUND_ROBIN mode cannot have multiple endpoints")
+        numbers = [p.number for p in self.ports]
+        if len(numbers) != len(set(numbers)):
+            raise ValueError("port number cannot be duplicated")
+        return self
 
 
 # --------------------------------------------------------------------------- Gateway
@@ -483,6 +534,21 @@ class ServerTLSSettings(IstioModel):
     cipher_suites: list[str] = Field(default_factory=list)
     insecure_skip_verify: bool | None = None
     ca_cert_credential_name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> ServerTLSSettings:
+        fields = self.model_fields_set
+        for a, b in (
+            ("credential_names", "tls_certificates"),
+            ("credential_name", "credential_names"),
+            ("credential_name", "tls_certificates"),
+        ):
+            if a in fields and b in fields:
+                raise ValueError(f"only one of {to_camel(a)} or {to_camel(b)} can be set")
+        for f in ("credential_names", "tls_certificates"):
+            if f in fields and not 1 <= len(getattr(self, f)) <= 2:
+                raise ValueError(f"{to_camel(f)} must have 1 or 2 entries")
+        return self
 
 
 class Server(IstioModel):

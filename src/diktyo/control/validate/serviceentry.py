@@ -33,14 +33,6 @@ def check(ctx: Context) -> None:
                         f"port name {name!r} is not one of the ServiceEntry's ports",
                         f"use one of: {', '.join(sorted(names))}",
                     )
-        if spec.endpoints and spec.resolution in (None, "NONE"):
-            ctx.report(
-                se,
-                "spec.resolution",
-                "endpoints are ignored without resolution STATIC or DNS",
-                "set 'resolution: STATIC'",
-                "warning",
-            )
 
 
 def check_sidecars(ctx: Context) -> None:
