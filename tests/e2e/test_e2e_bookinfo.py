@@ -164,3 +164,34 @@ def test_dashboard_shows_graph_resilience_and_config(mesh: MeshThread) -> None:
     assert isinstance(config, dict)
     kinds = {r["kind"] for r in config["resources"]}
     assert {"Gateway", "VirtualService", "DestinationRule"} <= kinds
+
+
+def test_fault_abort_for_jason_only(mesh: MeshThread) -> None:
+    """Istio's fault injection task: ratings answers 500 for jason; the page still renders."""
+    mesh.apply_file(NET / "virtual-service-reviews-test-v2.yaml")
+    mesh.apply_file(NET / "virtual-service-ratings-test-abort.yaml")
+    mesh.wait_synced()
+    try:
+        status, body = page(mesh, user="jason")
+        assert status == 200 and served_by(body) == "reviews-v2-1"
+        assert "Ratings service is currently unavailable" in body
+        status, body = page(mesh, user="alice")
+        assert status == 200 and "Ratings service is currently unavailable" not in body
+    finally:
+        mesh.delete_text((NET / "virtual-service-ratings-test-abort.yaml").read_text())
+
+
+def test_fault_delay_exceeds_productpage_timeout(mesh: MeshThread) -> None:
+    """Istio's task: a 7 s ratings delay for jason; productpage gives up on reviews after 2 x 3 s."""
+    mesh.apply_file(NET / "virtual-service-reviews-test-v2.yaml")
+    mesh.apply_file(NET / "virtual-service-ratings-test-delay.yaml")
+    mesh.wait_synced()
+    try:
+        start = time.monotonic()
+        status, body = page(mesh, user="jason")
+        elapsed = time.monotonic() - start
+        assert status == 200
+        assert "Sorry, product reviews are currently unavailable for this book." in body
+        assert elapsed >= 5.5, elapsed  # 3 s timeout and one retry: about 6 s, as in Istio's docs
+    finally:
+        mesh.delete_text((NET / "virtual-service-ratings-test-delay.yaml").read_text())
