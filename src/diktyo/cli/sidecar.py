@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 DESCRIPTION = (
@@ -61,7 +62,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+def _light_reexec() -> None:
+    """When run as the ``diktyo`` command, replace this process (same pid, stdio and signals)
+    with ``python -m diktyo.proxy`` and the same flags: the CLI has imported every subcommand
+    (pydantic models, the control plane...), ~15 MB the sidecar never uses. Set
+    ``DIKTYO_SIDECAR_NO_EXEC=1`` to keep the current process."""
+    if os.environ.get("DIKTYO_SIDECAR_NO_EXEC"):
+        return
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = spec.name if spec is not None else ""
+    file = os.path.basename(getattr(main, "__file__", "") or "")
+    if name != "diktyo.cli.main" and file != "diktyo":
+        return  # called in-process (tests, other tools): never exec
+    if "sidecar" not in sys.argv:
+        return
+    rest = sys.argv[sys.argv.index("sidecar") + 1 :]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "diktyo.proxy", *rest])
+
+
 def run(args: argparse.Namespace) -> int:
+    _light_reexec()
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
