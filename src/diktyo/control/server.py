@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,24 @@ class ControlPlane:
         self.status.setdefault(proxy.node.id, ProxyStatus(proxy.node.id))
         self.push_now(only_new=True)
         self.kick()
+
+    def registry_source(self, name: str) -> Callable[[Registry], Awaitable[None]]:
+        """A callback that replaces the registry of an external source, e.g.
+        ``KubeWatcher(on_registry=cp.registry_source("kubernetes"))``."""
+
+        async def publish(registry: Registry) -> None:
+            self.registry.set_source(name, registry)
+
+        return publish
+
+    def config_source(self, name: str) -> Callable[[Any], Awaitable[None]]:
+        """A callback taking a ``LoadResult`` (resources, errors) from an external config
+        source, e.g. ``KubeWatcher(on_config=cp.config_source("kubernetes"))``."""
+
+        async def publish(result: Any) -> None:
+            self.store.set_source(name, result.resources, result.errors)
+
+        return publish
 
     def remove_proxy(self, node_id: str) -> bool:
         self.admin_urls.pop(node_id, None)

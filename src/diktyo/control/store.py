@@ -77,6 +77,8 @@ class ConfigStore:
         self.on_change = on_change
         self._files: dict[ResourceKey, Any] = {}
         self._applied: dict[ResourceKey, Any] = {}
+        self._sources: dict[str, dict[ResourceKey, Any]] = {}  # external: kubernetes, etcd, ...
+        self.source_errors: dict[str, tuple[str, ...]] = {}
         self._stamp: tuple[tuple[str, float, int], ...] = ()
         self.errors: tuple[str, ...] = ()  # errors of the last rejected change ("" if good)
         self.warnings: tuple[str, ...] = ()
@@ -87,11 +89,16 @@ class ConfigStore:
     @property
     def resources(self) -> tuple[Any, ...]:
         merged = dict(self._files)
+        for source in self._sources.values():
+            merged.update(source)
         merged.update(self._applied)
         return tuple(merged.values())
 
     def resource_keys(self) -> list[ResourceKey]:
-        return sorted(set(self._files) | set(self._applied))
+        keys = set(self._files) | set(self._applied)
+        for source in self._sources.values():
+            keys |= set(source)
+        return sorted(keys)
 
     # ------------------------------------------------------------------ files
 
@@ -138,6 +145,20 @@ class ConfigStore:
                 self.reload_files()
             except Exception:  # never let the watcher die on a bad file system moment
                 log.warning("config folder scan failed", exc_info=True)
+
+    # ------------------------------------------------------------------ external sources
+
+    def set_source(self, name: str, resources: Any, errors: Any = ()) -> None:
+        """Replace everything an external source (Kubernetes CRDs, etcd) holds.
+
+        Unlike a file, a source is not rejected whole: its loadable resources are served and
+        the problems of the others are kept in ``source_errors[name]``.
+        """
+        new = {resource_key(r): r for r in resources}
+        self.source_errors[name] = tuple(str(e) for e in errors)
+        if new != self._sources.get(name):
+            self._sources[name] = new
+            self._changed()
 
     # ------------------------------------------------------------------ apply / delete
 

@@ -20,6 +20,7 @@ class LiveRegistry:
         self.admin_urls: dict[str, str] = {}  # instance name -> sidecar admin base URL
         self.on_change = on_change
         self.generation = 0
+        self.sources: dict[str, Registry] = {}  # external registries (kubernetes, ...) by name
 
     def _changed(self) -> None:
         self.generation += 1
@@ -61,10 +62,19 @@ class LiveRegistry:
         self._changed()
         return True
 
+    def set_source(self, name: str, registry: Registry) -> None:
+        """Replace the whole registry of an external source (e.g. a Kubernetes watcher)."""
+        if self.sources.get(name) != registry:
+            self.sources[name] = registry
+            self._changed()
+
     def view(self) -> Registry:
-        return Registry(
-            services=tuple(self.services[k] for k in sorted(self.services)),
-            instances=tuple(
-                self.instances[k] for k in sorted(self.instances) if self.instances[k].healthy
-            ),
-        )
+        """Own services and healthy instances, then those of external sources (own hosts win)."""
+        services = {k: self.services[k] for k in sorted(self.services)}
+        instances = [self.instances[k] for k in sorted(self.instances) if self.instances[k].healthy]
+        for name in sorted(self.sources):
+            src = self.sources[name]
+            for svc in src.services:
+                services.setdefault(svc.hostname, svc)
+            instances.extend(i for i in src.instances if i.healthy)
+        return Registry(services=tuple(services.values()), instances=tuple(instances))
