@@ -321,3 +321,30 @@ spec:
     err = one_error(text)
     assert "only one of credentialName or credentialNames can be set" in err.message
     assert err.field == "spec.servers[0].tls" and err.line == 9
+
+
+def test_security_rules_from_the_crd() -> None:
+    pa = (
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: pa}\n"
+        "spec:\n  portLevelMtls:\n    8080: {mode: DISABLE}\n"
+    )
+    assert "portLevelMtls requires selector" in one_error(pa).message
+    ap = (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ap}\n"
+        "spec:\n  selector: {matchLabels: {app: '*'}}\n"
+    )
+    assert "wildcard not allowed in label value match" in one_error(ap).message
+    ap2 = ap.replace("{app: '*'}", "{app: x}") + "  targetRefs: [{kind: Gateway, name: gw}]\n"
+    assert "only one of targetRefs or selector can be set" in one_error(ap2).message
+    src = (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ap}\n"
+        "spec:\n  rules:\n  - from:\n    - source: {serviceAccounts: [a], principals: [b]}\n"
+    )
+    err = one_error(src)
+    assert "Cannot set serviceAccounts with namespaces or principals" in err.message
+    assert err.field == "spec.rules[0].from[0].source" and err.line == 7
+    ra = (
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: ra}\n"
+        "spec:\n  jwtRules:\n  - {issuer: me, jwksUri: 'ftp://x/keys'}\n"
+    )
+    assert "url must have scheme http:// or https://" in one_error(ra).message

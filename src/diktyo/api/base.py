@@ -84,10 +84,27 @@ class PortSelector(IstioModel):
     number: UInt32 | None = None
 
 
+def _no_wildcards(labels: dict[str, str]) -> None:
+    for key, value in labels.items():
+        if not key:
+            raise ValueError("key must not be empty")
+        if "*" in key:
+            raise ValueError("wildcard not allowed in label key match")
+        if "*" in value:
+            raise ValueError("wildcard not allowed in label value match")
+
+
 class WorkloadSelector(IstioModel):
     """``workloadSelector: {labels: ...}`` (Sidecar, ServiceEntry)."""
 
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        if any("*" in value for value in v.values()):
+            raise ValueError("wildcard is not supported in selector")
+        return v
 
 
 class LabelSelector(IstioModel):
@@ -95,9 +112,23 @@ class LabelSelector(IstioModel):
 
     match_labels: dict[str, str] = Field(default_factory=dict)
 
+    @field_validator("match_labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        _no_wildcards(v)
+        return v
+
 
 class PolicyTargetReference(IstioModel):
     group: str | None = None
     kind: str
     name: str
     namespace: str | None = None
+
+    @model_validator(mode="after")
+    def _same_namespace(self) -> PolicyTargetReference:
+        if self.namespace:
+            raise ValueError("cross namespace referencing is not currently supported")
+        if not self.kind or not self.name:
+            raise ValueError("kind and name must not be empty")
+        return self

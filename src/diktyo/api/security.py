@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from diktyo.api.base import IstioModel, LabelSelector, PolicyTargetReference
 from diktyo.api.duration import Duration
@@ -20,6 +21,18 @@ class PeerAuthentication(IstioModel):
     selector: LabelSelector | None = None
     mtls: MutualTLS | None = None
     port_level_mtls: dict[str, MutualTLS] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _rules(self) -> PeerAuthentication:
+        if "port_level_mtls" in self.model_fields_set:
+            if not self.port_level_mtls:
+                raise ValueError("portLevelMtls must not be empty")
+            if self.selector is None or not self.selector.match_labels:
+                raise ValueError("portLevelMtls requires selector")
+            for key in self.port_level_mtls:
+                if not key.isdigit() or not 0 < int(key) <= 65535:
+                    raise ValueError(f"portLevelMtls key {key!r}: port must be between 1-65535")
+        return self
 
 
 class Source(IstioModel):
@@ -37,6 +50,18 @@ class Source(IstioModel):
     not_ip_blocks: list[str] = Field(default_factory=list)
     remote_ip_blocks: list[str] = Field(default_factory=list)
     not_remote_ip_blocks: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _service_accounts(self) -> Source:
+        fields = self.model_fields_set
+        if fields & {"service_accounts", "not_service_accounts"} and fields & {
+            "principals",
+            "not_principals",
+            "namespaces",
+            "not_namespaces",
+        }:
+            raise ValueError("Cannot set serviceAccounts with namespaces or principals")
+        return self
 
 
 class Operation(IstioModel):
@@ -82,6 +107,11 @@ class AuthorizationPolicy(IstioModel):
     action: Literal["ALLOW", "DENY", "AUDIT", "CUSTOM"] | None = None
     provider: ExtensionProvider | None = None
 
+    @model_validator(mode="after")
+    def _one_target(self) -> AuthorizationPolicy:
+        _one_target(self.model_fields_set)
+        return self
+
 
 class JWTHeader(IstioModel):
     name: str
@@ -91,6 +121,14 @@ class JWTHeader(IstioModel):
 class ClaimToHeader(IstioModel):
     header: str
     claim: str
+
+    @model_validator(mode="after")
+    def _header(self) -> ClaimToHeader:
+        if not re.match(r"^[-_A-Za-z0-9]+$", self.header):
+            raise ValueError(f"header {self.header!r} must match ^[-_A-Za-z0-9]+$")
+        if not self.claim:
+            raise ValueError("claim must not be empty")
+        return self
 
 
 class JWTRule(IstioModel):
@@ -108,9 +146,31 @@ class JWTRule(IstioModel):
     timeout: Duration | None = None
     space_delimited_claims: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _rules(self) -> JWTRule:
+        fields = self.model_fields_set
+        if len(fields & {"jwks_uri", "jwks_uri_legacy", "jwks"}) > 1:
+            raise ValueError("only one of jwks or jwksUri can be set")
+        for uri in (self.jwks_uri, self.jwks_uri_legacy):
+            if uri is not None and not uri.startswith(("http://", "https://")):
+                raise ValueError(f"jwksUri {uri!r}: url must have scheme http:// or https://")
+        if "issuer" in fields and not self.issuer:
+            raise ValueError("issuer must not be empty")
+        return self
+
 
 class RequestAuthentication(IstioModel):
     selector: LabelSelector | None = None
     target_ref: PolicyTargetReference | None = None
     target_refs: list[PolicyTargetReference] = Field(default_factory=list)
     jwt_rules: list[JWTRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> RequestAuthentication:
+        _one_target(self.model_fields_set)
+        return self
+
+
+def _one_target(fields: set[str]) -> None:
+    if len(fields & {"selector", "target_ref", "target_refs"}) > 1:
+        raise ValueError("only one of targetRefs or selector can be set")
