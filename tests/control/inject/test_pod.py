@@ -99,3 +99,47 @@ def test_injected_commands_parse_with_diktyos_parser() -> None:
     assert args.admin_port == 15000 and args.outbound_port == 15001 and args.log_level == "info"
     init = out["spec"]["initContainers"][0]
     assert init["command"] == ["sh", "-c"] and init["args"][0].startswith("set -eu\niptables-restore")
+
+
+@pytest.mark.parametrize(
+    ("annotations", "needle"),
+    [
+        ({"traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/33"}, "not an IP range"),
+        ({"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/8\nRULES\nreboot"}, "not an IP range"),
+        ({"traffic.sidecar.istio.io/excludeOutboundIPRanges": "fd00::/8"}, "IPv6"),
+        ({"traffic.sidecar.istio.io/includeInboundPorts": "80,0"}, "'0' is not a port"),
+        ({"traffic.sidecar.istio.io/excludeOutboundPorts": "65536"}, "'65536' is not a port"),
+    ],
+)
+def test_bad_capture_annotations_are_refused(annotations: dict[str, str], needle: str) -> None:
+    from diktyo.control.inject.pod import InjectionError
+
+    with pytest.raises(InjectionError, match=needle):
+        inject_pod(_pod(annotations=annotations))
+
+
+def test_cidrs_are_normalised() -> None:
+    pod = _pod(annotations={"traffic.sidecar.istio.io/includeOutboundIPRanges": " 10.1.2.3/8 , 172.16.0.0/12"})
+    script = inject_pod(pod)["spec"]["initContainers"][0]["args"][0]
+    assert "-A DIKTYO_OUTPUT -d 10.0.0.0/8 -j DIKTYO_REDIRECT" in script
+    assert "-A DIKTYO_OUTPUT -d 172.16.0.0/12 -j DIKTYO_REDIRECT" in script
+    assert "-A DIKTYO_OUTPUT -j DIKTYO_REDIRECT" not in script
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda p: p["metadata"].update(labels=["a"]), "metadata.labels"),
+        (lambda p: p["metadata"].update(annotations={"a": 1}), "metadata.annotations"),
+        (lambda p: p["spec"].update(containers="web"), "spec.containers"),
+        (lambda p: p["spec"]["containers"][0].update(ports=[{"containerPort": "80"}]), "ports"),
+        (lambda p: p.update(spec=None), "not a Pod"),
+    ],
+)
+def test_wrong_pod_shapes_are_refused(mutate: Any, needle: str) -> None:
+    from diktyo.control.inject.pod import InjectionError
+
+    pod = _pod()
+    mutate(pod)
+    with pytest.raises(InjectionError, match=needle):
+        inject_pod(pod)

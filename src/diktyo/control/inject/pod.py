@@ -10,6 +10,7 @@ that is already injected comes back unchanged (equal, not the same object).
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 from typing import Any
 
@@ -25,8 +26,16 @@ NAMESPACE_LABELS = ("istio-injection", "diktyo-injection")
 VOLUMES = ("diktyo-data", "diktyo-podinfo", "diktyo-token")
 _TRUE = {"true", "y", "yes", "on", "enabled"}
 _FALSE = {"false", "n", "no", "off", "disabled"}
-_LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warning": "warning",
-               "warn": "warning", "error": "error", "critical": "error", "off": "error"}
+_LOG_LEVELS = {
+    "trace": "debug",
+    "debug": "debug",
+    "info": "info",
+    "warning": "warning",
+    "warn": "warning",
+    "error": "error",
+    "critical": "error",
+    "off": "error",
+}
 
 
 class InjectionError(ValueError):
@@ -42,6 +51,45 @@ def _explicit(pod: dict[str, Any]) -> bool | None:
             return True
         if value in _FALSE:
             return False
+    return None
+
+
+def pod_problem(pod: Any) -> str | None:
+    """What makes ``pod`` not a Pod injection can work on, or None (the API server's shapes)."""
+    if not isinstance(pod, dict):
+        return "the pod must be an object"
+    meta = pod.get("metadata", {})
+    if not isinstance(meta, dict):
+        return "metadata must be an object"
+    for key in ("labels", "annotations"):
+        m = meta.get(key, {})
+        if not isinstance(m, dict) or not all(isinstance(v, str) for v in m.values()):
+            return f"metadata.{key} must map names to strings"
+    for key in ("name", "generateName", "namespace"):
+        if not isinstance(meta.get(key, ""), str):
+            return f"metadata.{key} must be a string"
+    spec = pod.get("spec")
+    if not isinstance(spec, dict) or not isinstance(spec.get("containers"), list):
+        return "spec.containers is missing: this is not a Pod"
+    for key in ("containers", "initContainers", "volumes"):
+        items = spec.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            return f"spec.{key} must be a list of objects"
+    for c in spec["containers"]:
+        if not isinstance(c.get("name", ""), str):
+            return "spec.containers[].name must be a string"
+        ports = c.get("ports", [])
+        if not isinstance(ports, list) or not all(
+            isinstance(p, dict)
+            and isinstance(p.get("containerPort"), int)
+            and isinstance(p.get("name", ""), str)
+            and isinstance(p.get("protocol", "TCP"), str)
+            for p in ports
+        ):
+            return "spec.containers[].ports must be a list of {containerPort: int, name, protocol}"
+    for key in ("serviceAccountName", "serviceAccount"):
+        if not isinstance(spec.get(key, ""), str):
+            return f"spec.{key} must be a string"
     return None
 
 
@@ -87,32 +135,59 @@ def _ports(value: str, key: str = "") -> tuple[int, ...]:
     for part in (x.strip() for x in value.split(",")):
         if not part:
             continue
-        if not part.isdigit() or not 0 < int(part) < 65536:
-            raise InjectionError(f"annotation {key}: {part!r} is not a port; give comma-separated "
-                                 "port numbers, e.g. \"9080,9443\"")
+        if not (part.isascii() and part.isdigit()) or not 0 < int(part) < 65536:
+            raise InjectionError(
+                f"annotation {key}: {part!r} is not a port; give comma-separated "
+                'port numbers, e.g. "9080,9443"'
+            )
         out.append(int(part))
+    return tuple(out)
+
+
+def _cidrs(value: str, key: str) -> tuple[str, ...]:
+    out = []
+    for part in (x.strip() for x in value.split(",")):
+        if not part:
+            continue
+        try:
+            net = ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            raise InjectionError(f"annotation {key}: {part!r} is not an IP range; give comma-separated "
+                                 "CIDRs, e.g. \"10.0.0.0/8,172.16.0.0/12\"") from None
+        if net.version != 4:
+            raise InjectionError(f"annotation {key}: {part!r}: IPv6 ranges are not supported yet")
+        out.append(str(net))
     return tuple(out)
 
 
 def capture_plan(pod: dict[str, Any], config: InjectConfig) -> CapturePlan:
     """The capture rules for a pod: config defaults overridden by ``traffic.sidecar.istio.io/*``."""
     a = "traffic.sidecar.istio.io/"
-    include = _annotation(pod, a + "includeInboundPorts", "*")
-    if include.strip() != "*":
-        _ports(include, a + "includeInboundPorts")
+    include = _annotation(pod, a + "includeInboundPorts", "*").strip()
+    if include != "*":
+        include = ",".join(map(str, _ports(include, a + "includeInboundPorts")))
+    include_out = _annotation(pod, a + "includeOutboundIPRanges", "*").strip()
+    if include_out != "*":
+        include_out = ",".join(_cidrs(include_out, a + "includeOutboundIPRanges"))
     return CapturePlan(
         outbound_port=config.outbound_capture_port,
         inbound_port=config.inbound_capture_port,
-        proxy_uid=config.proxy_uid, proxy_gid=config.proxy_uid,
+        proxy_uid=config.proxy_uid,
+        proxy_gid=config.proxy_uid,
         include_inbound_ports=include,
-        exclude_inbound_ports=tuple(dict.fromkeys(
-            config.exclude_inbound_ports
-            + _ports(_annotation(pod, a + "excludeInboundPorts", ""), a + "excludeInboundPorts"))),
-        include_outbound_ip_ranges=_annotation(pod, a + "includeOutboundIPRanges", "*"),
-        exclude_outbound_ip_ranges=tuple(
-            c.strip() for c in _annotation(pod, a + "excludeOutboundIPRanges", "").split(",") if c.strip()),
-        exclude_outbound_ports=_ports(_annotation(pod, a + "excludeOutboundPorts", ""),
-                                      a + "excludeOutboundPorts"),
+        exclude_inbound_ports=tuple(
+            dict.fromkeys(
+                config.exclude_inbound_ports
+                + _ports(_annotation(pod, a + "excludeInboundPorts", ""), a + "excludeInboundPorts")
+            )
+        ),
+        include_outbound_ip_ranges=include_out,
+        exclude_outbound_ip_ranges=_cidrs(
+            _annotation(pod, a + "excludeOutboundIPRanges", ""), a + "excludeOutboundIPRanges"
+        ),
+        exclude_outbound_ports=_ports(
+            _annotation(pod, a + "excludeOutboundPorts", ""), a + "excludeOutboundPorts"
+        ),
     )
 
 
@@ -131,11 +206,20 @@ def _pod_ports(containers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _canonical(meta: dict[str, Any]) -> tuple[str, str]:
     labels = meta.get("labels") or {}
-    name = (labels.get("service.istio.io/canonical-name") or labels.get("app.kubernetes.io/name")
-            or labels.get("app") or meta.get("name")
-            or (meta.get("generateName") or "").rstrip("-") or "unknown")
-    rev = (labels.get("service.istio.io/canonical-revision") or labels.get("app.kubernetes.io/version")
-           or labels.get("version") or "latest")
+    name = (
+        labels.get("service.istio.io/canonical-name")
+        or labels.get("app.kubernetes.io/name")
+        or labels.get("app")
+        or meta.get("name")
+        or (meta.get("generateName") or "").rstrip("-")
+        or "unknown"
+    )
+    rev = (
+        labels.get("service.istio.io/canonical-revision")
+        or labels.get("app.kubernetes.io/version")
+        or labels.get("version")
+        or "latest"
+    )
     return str(name), str(rev)
 
 
@@ -149,18 +233,28 @@ def proxy_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]
     spec = pod.get("spec") or {}
     app = spec.get("containers") or []
     a = "sidecar.istio.io/"
-    log_level = _LOG_LEVELS.get(_annotation(pod, a + "logLevel", config.log_level).lower(), "warning")
+    log_level = _LOG_LEVELS.get(
+        _annotation(pod, a + "logLevel", config.log_level).lower(), "warning"
+    )
     name, rev = _canonical(meta)
     return {
         "name": PROXY,
         "image": _annotation(pod, a + "proxyImage", config.image),
         "imagePullPolicy": config.image_pull_policy,
         "command": ["diktyo"],
-        "args": ["sidecar", "--control-plane", config.control_plane,
-                 "--node", "$(POD_NAME).$(POD_NAMESPACE)",
-                 "--admin-port", str(config.admin_port),
-                 "--outbound-port", str(config.outbound_capture_port),
-                 "--log-level", log_level],
+        "args": [
+            "sidecar",
+            "--control-plane",
+            config.control_plane,
+            "--node",
+            "$(POD_NAME).$(POD_NAMESPACE)",
+            "--admin-port",
+            str(config.admin_port),
+            "--outbound-port",
+            str(config.outbound_capture_port),
+            "--log-level",
+            log_level,
+        ],
         "env": [
             _field_env("POD_NAME", "metadata.name"),
             _field_env("POD_NAMESPACE", "metadata.namespace"),
@@ -171,26 +265,43 @@ def proxy_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]
             {"name": "DIKTYO_TRACING_SAMPLING", "value": f"{config.tracing_sampling:g}"},
             {"name": "DIKTYO_META_WORKLOAD_NAME", "value": name},
             {"name": "DIKTYO_META_CANONICAL_REVISION", "value": rev},
-            {"name": "DIKTYO_META_APP_CONTAINERS",
-             "value": ",".join(str(c.get("name", "")) for c in app)},
-            {"name": "DIKTYO_META_POD_PORTS",
-             "value": json.dumps(_pod_ports(app), separators=(",", ":"))},
+            {
+                "name": "DIKTYO_META_APP_CONTAINERS",
+                "value": ",".join(str(c.get("name", "")) for c in app),
+            },
+            {
+                "name": "DIKTYO_META_POD_PORTS",
+                "value": json.dumps(_pod_ports(app), separators=(",", ":")),
+            },
         ],
-        "ports": [{"containerPort": config.admin_port, "name": "http-diktyo-admin", "protocol": "TCP"}],
+        "ports": [
+            {"containerPort": config.admin_port, "name": "http-diktyo-admin", "protocol": "TCP"}
+        ],
         "readinessProbe": {
             "httpGet": {"path": "/ready", "port": config.admin_port},
-            "initialDelaySeconds": 1, "periodSeconds": 2, "timeoutSeconds": 3, "failureThreshold": 30,
+            "initialDelaySeconds": 1,
+            "periodSeconds": 2,
+            "timeoutSeconds": 3,
+            "failureThreshold": 30,
         },
         "resources": {
-            "requests": {"cpu": _annotation(pod, a + "proxyCPU", config.cpu_request),
-                         "memory": _annotation(pod, a + "proxyMemory", config.memory_request)},
-            "limits": {"cpu": _annotation(pod, a + "proxyCPULimit", config.cpu_limit),
-                       "memory": _annotation(pod, a + "proxyMemoryLimit", config.memory_limit)},
+            "requests": {
+                "cpu": _annotation(pod, a + "proxyCPU", config.cpu_request),
+                "memory": _annotation(pod, a + "proxyMemory", config.memory_request),
+            },
+            "limits": {
+                "cpu": _annotation(pod, a + "proxyCPULimit", config.cpu_limit),
+                "memory": _annotation(pod, a + "proxyMemoryLimit", config.memory_limit),
+            },
         },
         "securityContext": {
-            "allowPrivilegeEscalation": False, "privileged": False,
-            "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
-            "runAsUser": config.proxy_uid, "runAsGroup": config.proxy_uid, "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsUser": config.proxy_uid,
+            "runAsGroup": config.proxy_uid,
+            "runAsNonRoot": True,
         },
         "volumeMounts": [
             {"name": "diktyo-data", "mountPath": "/var/run/diktyo"},
@@ -211,13 +322,19 @@ def init_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]:
         "args": [render_script(capture_plan(pod, config))],
         "resources": {
             "requests": {"cpu": "10m", "memory": "40Mi"},
-            "limits": {"cpu": _annotation(pod, a + "proxyCPULimit", config.cpu_limit),
-                       "memory": _annotation(pod, a + "proxyMemoryLimit", config.memory_limit)},
+            "limits": {
+                "cpu": _annotation(pod, a + "proxyCPULimit", config.cpu_limit),
+                "memory": _annotation(pod, a + "proxyMemoryLimit", config.memory_limit),
+            },
         },
         "securityContext": {
-            "allowPrivilegeEscalation": False, "privileged": False,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
             "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
-            "readOnlyRootFilesystem": False, "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False,
+            "readOnlyRootFilesystem": False,
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
         },
     }
 
@@ -225,17 +342,43 @@ def init_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]:
 def _volumes() -> list[dict[str, Any]]:
     return [
         {"name": "diktyo-data", "emptyDir": {"medium": "Memory"}},
-        {"name": "diktyo-podinfo", "downwardAPI": {"items": [
-            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
-            {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}},
-        {"name": "diktyo-token", "projected": {"sources": [{"serviceAccountToken": {
-            "audience": "diktyo-ca", "expirationSeconds": 43200, "path": "diktyo-token"}}]}},
+        {
+            "name": "diktyo-podinfo",
+            "downwardAPI": {
+                "items": [
+                    {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                    {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
+                ]
+            },
+        },
+        {
+            "name": "diktyo-token",
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": "diktyo-ca",
+                            "expirationSeconds": 43200,
+                            "path": "diktyo-token",
+                        }
+                    }
+                ]
+            },
+        },
     ]
 
 
 def status_annotation(config: InjectConfig) -> str:
-    return json.dumps({"initContainers": [INIT], "containers": [PROXY], "volumes": list(VOLUMES),
-                       "imagePullSecrets": None, "revision": config.revision}, separators=(",", ":"))
+    return json.dumps(
+        {
+            "initContainers": [INIT],
+            "containers": [PROXY],
+            "volumes": list(VOLUMES),
+            "imagePullSecrets": None,
+            "revision": config.revision,
+        },
+        separators=(",", ":"),
+    )
 
 
 def inject_pod(
@@ -244,7 +387,14 @@ def inject_pod(
     namespace: str | None = None,
     namespace_labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A copy of ``pod`` with the sidecar injected, or an unchanged copy if not required."""
+    """A copy of ``pod`` with the sidecar injected, or an unchanged copy if not required.
+
+    Raises InjectionError for a pod of the wrong shape (see ``pod_problem``) or a bad
+    annotation.
+    """
+    problem = pod_problem(pod)
+    if problem is not None:
+        raise InjectionError(problem)
     out = copy.deepcopy(pod)
     required, _ = injection_required(pod, config, namespace, namespace_labels)
     if not required:

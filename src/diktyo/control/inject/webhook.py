@@ -24,7 +24,7 @@ from aiohttp import web
 
 from diktyo.control.inject.config import DEFAULT_CONFIG, InjectConfig
 from diktyo.control.inject.patch import json_patch
-from diktyo.control.inject.pod import InjectionError, inject_pod, injection_required
+from diktyo.control.inject.pod import InjectionError, inject_pod, injection_required, pod_problem
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,19 @@ def _require(cond: bool, message: str) -> None:
         raise ReviewError(message)
 
 
-def review_response(review: Any, config: InjectConfig = DEFAULT_CONFIG,
-                    stats: WebhookStats | None = None) -> dict[str, Any]:
+def review_response(
+    review: Any, config: InjectConfig = DEFAULT_CONFIG, stats: WebhookStats | None = None
+) -> dict[str, Any]:
     """The AdmissionReview answer for a review; raises ReviewError when it is malformed."""
     _require(isinstance(review, dict), "body must be a JSON object (an AdmissionReview)")
-    _require(review.get("kind") == "AdmissionReview",
-             f"kind must be AdmissionReview, got {review.get('kind')!r}")
+    _require(
+        review.get("kind") == "AdmissionReview",
+        f"kind must be AdmissionReview, got {review.get('kind')!r}",
+    )
     api_version = review.get("apiVersion")
-    _require(api_version in API_VERSIONS,
-             f"apiVersion must be admission.k8s.io/v1, got {api_version!r}")
+    _require(
+        api_version in API_VERSIONS, f"apiVersion must be admission.k8s.io/v1, got {api_version!r}"
+    )
     request = review.get("request")
     _require(isinstance(request, dict), "request is missing: the API server always sends one")
     uid = request.get("uid")
@@ -69,14 +73,21 @@ def review_response(review: Any, config: InjectConfig = DEFAULT_CONFIG,
     answer = {"apiVersion": api_version, "kind": "AdmissionReview", "response": response}
     kind = request.get("kind") or {}
     _require(isinstance(kind, dict), "request.kind must be a GroupVersionKind object")
-    if kind.get("kind") != "Pod" or kind.get("group", "") != "" or request.get("operation", "CREATE") != "CREATE":
+    if (
+        kind.get("kind") != "Pod"
+        or kind.get("group", "") != ""
+        or request.get("operation", "CREATE") != "CREATE"
+    ):
         _count(stats, False, "not a pod creation")
         return answer
     pod = request.get("object")
     _require(isinstance(pod, dict), "request.object must be the Pod being created")
-    _require(isinstance(pod.get("spec"), dict) and isinstance(pod["spec"].get("containers"), list),
-             "request.object is not a Pod: spec.containers is missing")
-    namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default"
+    problem = pod_problem(pod)
+    _require(problem is None, f"request.object: {problem}")
+    namespace = (
+        request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default"
+    )
+    _require(isinstance(namespace, str), "request.namespace must be a string")
     required, reason = injection_required(pod, config, namespace)
     if not required:
         _count(stats, False, reason)
@@ -109,8 +120,13 @@ def _count(stats: WebhookStats | None, injected: bool, reason: str) -> None:
 class WebhookServer:
     """aiohttp server for ``POST /inject`` over TLS (cert and key from files)."""
 
-    def __init__(self, config: InjectConfig = DEFAULT_CONFIG, *, cert_file: str | None = None,
-                 key_file: str | None = None) -> None:
+    def __init__(
+        self,
+        config: InjectConfig = DEFAULT_CONFIG,
+        *,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+    ) -> None:
         self.config = config
         self.stats = WebhookStats()
         self._ssl: ssl.SSLContext | None = None
@@ -166,39 +182,66 @@ class WebhookServer:
 
     async def _stats(self, request: web.Request) -> web.Response:
         s = self.stats
-        return web.json_response({"reviews": s.reviews, "injected": s.injected, "skipped": s.skipped,
-                                  "malformed": s.malformed, "reasons": s.reasons})
+        return web.json_response(
+            {
+                "reviews": s.reviews,
+                "injected": s.injected,
+                "skipped": s.skipped,
+                "malformed": s.malformed,
+                "reasons": s.reasons,
+            }
+        )
 
 
-_ARG_FIELDS = {"image": "image", "control_plane": "control_plane", "trust_domain": "trust_domain",
-               "log_level": "log_level", "tracing_sampling": "tracing_sampling",
-               "proxy_cpu": "cpu_request", "proxy_memory": "memory_request",
-               "proxy_cpu_limit": "cpu_limit", "proxy_memory_limit": "memory_limit"}
+_ARG_FIELDS = {
+    "image": "image",
+    "control_plane": "control_plane",
+    "trust_domain": "trust_domain",
+    "log_level": "log_level",
+    "tracing_sampling": "tracing_sampling",
+    "proxy_cpu": "cpu_request",
+    "proxy_memory": "memory_request",
+    "proxy_cpu_limit": "cpu_limit",
+    "proxy_memory_limit": "memory_limit",
+}
 
 
 def config_from_args(args: argparse.Namespace, base: InjectConfig = DEFAULT_CONFIG) -> InjectConfig:
-    changes = {f: getattr(args, a) for a, f in _ARG_FIELDS.items() if getattr(args, a, None) is not None}
+    changes = {
+        f: getattr(args, a) for a, f in _ARG_FIELDS.items() if getattr(args, a, None) is not None
+    }
     return replace(base, **changes)
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help=f"sidecar image (default {DEFAULT_CONFIG.image})")
-    p.add_argument("--control-plane", help=f"control plane URL (default {DEFAULT_CONFIG.control_plane})")
+    p.add_argument(
+        "--control-plane", help=f"control plane URL (default {DEFAULT_CONFIG.control_plane})"
+    )
     p.add_argument("--trust-domain", help="SPIFFE trust domain (default cluster.local)")
     p.add_argument("--log-level", help="sidecar log level (debug|info|warning|error)")
     p.add_argument("--tracing-sampling", type=float, help="percent of requests traced (0-100)")
-    p.add_argument("--proxy-cpu", help=f"sidecar CPU request (default {DEFAULT_CONFIG.cpu_request})")
-    p.add_argument("--proxy-memory", help=f"sidecar memory request (default {DEFAULT_CONFIG.memory_request})")
-    p.add_argument("--proxy-cpu-limit", help=f"sidecar CPU limit (default {DEFAULT_CONFIG.cpu_limit})")
-    p.add_argument("--proxy-memory-limit",
-                   help=f"sidecar memory limit (default {DEFAULT_CONFIG.memory_limit})")
+    p.add_argument(
+        "--proxy-cpu", help=f"sidecar CPU request (default {DEFAULT_CONFIG.cpu_request})"
+    )
+    p.add_argument(
+        "--proxy-memory", help=f"sidecar memory request (default {DEFAULT_CONFIG.memory_request})"
+    )
+    p.add_argument(
+        "--proxy-cpu-limit", help=f"sidecar CPU limit (default {DEFAULT_CONFIG.cpu_limit})"
+    )
+    p.add_argument(
+        "--proxy-memory-limit", help=f"sidecar memory limit (default {DEFAULT_CONFIG.memory_limit})"
+    )
 
 
 async def _serve(args: argparse.Namespace) -> int:
     server = WebhookServer(config_from_args(args), cert_file=args.cert, key_file=args.key)
     port = await server.start(args.host, args.port)
-    print(f"injection webhook serving on {'https' if args.cert else 'http'}://{args.host}:{port}/inject",
-          flush=True)
+    print(
+        f"injection webhook serving on {'https' if args.cert else 'http'}://{args.host}:{port}/inject",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -209,8 +252,10 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m diktyo.control.inject.webhook",
-                                description="Serve diktyo's sidecar injection webhook (POST /inject).")
+    p = argparse.ArgumentParser(
+        prog="python -m diktyo.control.inject.webhook",
+        description="Serve diktyo's sidecar injection webhook (POST /inject).",
+    )
     p.add_argument("--cert", help="TLS certificate file (PEM); the API server only calls HTTPS")
     p.add_argument("--key", help="TLS private key file (PEM)")
     p.add_argument("--host", default="0.0.0.0")
@@ -222,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if bool(args.cert) != bool(args.key):
-        print("webhook: give both --cert and --key (or neither, for plain HTTP in tests)", file=sys.stderr)
+        print(
+            "webhook: give both --cert and --key (or neither, for plain HTTP in tests)",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     return asyncio.run(_serve(args))
