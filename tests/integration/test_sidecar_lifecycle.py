@@ -237,3 +237,13 @@ async def test_listener_port_change_moves_the_listener() -> None:
             await asyncio.sleep(0.05)
             with pytest.raises(OSError):
                 await http_request(p1, "GET", "http://reviews/")
+
+
+async def test_idle_sidecar_process_stays_under_40_mb() -> None:
+    async with FakeUpstream() as up:
+        snap = http_snapshot({"reviews": [("127.0.0.1", up.port)]})
+        async with start_sidecar_process(snap) as sc:
+            await http_request(sc.port(), "GET", "http://reviews/")
+            with open(f"/proc/{sc.process.pid}/status") as f:
+                rss_kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+            assert rss_kb < 40 * 1024, f"idle RSS {rss_kb} kB"
