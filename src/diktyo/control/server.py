@@ -484,7 +484,10 @@ class ControlPlane:
             else {"file": "", "line": 0, "column": 0, "severity": "error", "message": str(m)}
             for m in self.analysis_raw
         ]
-        for err in self.store.errors:
+        for err in [
+            *self.store.errors,
+            *(e for es in self.store.source_errors.values() for e in es),
+        ]:
             messages.append(
                 {"file": "", "line": 0, "column": 0, "severity": "error", "message": err}
             )
@@ -569,6 +572,7 @@ class ControlPlane:
                 "resources": [list(k) for k in self.store.resource_keys()],
                 "errors": list(self.store.errors),
                 "warnings": list(self.store.warnings),
+                "source_errors": {k: list(v) for k, v in self.store.source_errors.items()},
                 "analysis": self.analysis,
                 "push_version": self.push_version,
             }
