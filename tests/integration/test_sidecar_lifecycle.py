@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -244,6 +245,8 @@ async def test_idle_sidecar_process_stays_under_40_mb() -> None:
         snap = http_snapshot({"reviews": [("127.0.0.1", up.port)]})
         async with start_sidecar_process(snap) as sc:
             await http_request(sc.port(), "GET", "http://reviews/")
-            with open(f"/proc/{sc.process.pid}/status") as f:
-                rss_kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+            status = Path(f"/proc/{sc.process.pid}/status").read_text()  # noqa: ASYNC240
+            rss_kb = next(
+                int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmRSS:")
+            )
             assert rss_kb < 40 * 1024, f"idle RSS {rss_kb} kB"
