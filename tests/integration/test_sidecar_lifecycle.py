@@ -245,7 +245,7 @@ async def test_idle_sidecar_process_stays_under_40_mb() -> None:
         snap = http_snapshot({"reviews": [("127.0.0.1", up.port)]})
         async with start_sidecar_process(snap) as sc:
             await http_request(sc.port(), "GET", "http://reviews/")
-            status = Path(f"/proc/{sc.process.pid}/status").read_text()  # noqa: ASYNC240
+            status = Path(f"/proc/{sc.process.pid}/status").read_text()
             rss_kb = next(
                 int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmRSS:")
             )
