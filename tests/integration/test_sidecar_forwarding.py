@@ -446,3 +446,20 @@ async def test_close_delimited_upstream_response_is_rechunked() -> None:
         r = await c.get("http://reviews/")  # the downstream connection stays usable
         assert r.body == b"until the end"
     server.close()
+
+
+async def test_http10_clients_close_or_keep_alive() -> None:
+    async with (
+        FakeUpstream() as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", sc.port())
+        w.write(b"GET /a HTTP/1.0\r\nHost: reviews\r\nConnection: keep-alive\r\n\r\n")
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 3)
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: keep-alive" in head.lower()
+        assert await r.readexactly(2) == b"ok"
+        w.write(b"GET /b HTTP/1.0\r\nHost: reviews\r\n\r\n")  # no keep-alive: closed after
+        data = await asyncio.wait_for(r.read(), 3)
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"ok")
+        w.close()
+        assert [q.path for q in up.requests] == ["/a", "/b"]

@@ -85,6 +85,7 @@ BUFFER_HIGH_WATER = 64 * 1024  # pause downstream reads while this much waits fo
 
 _CHUNKED_HDR = b"transfer-encoding: chunked\r\n"
 _CLOSE_HDR = b"connection: close\r\n"
+_KEEP_ALIVE_HDR = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CONTENT_LENGTH = b"content-length"
 
@@ -682,6 +683,8 @@ class Stream:
         if self.close_out or self.conn.close_after:
             self.close_out = True
             extra += _CLOSE_HDR
+        elif head.version == "1.0":
+            extra += _KEEP_ALIVE_HDR  # HTTP/1.0 keep-alive must be confirmed
         self.obuf.append(status_line(status) + block[:-2] + extra + b"\r\n")
 
     def response_header_ops(self, block: bytes) -> bytes:
