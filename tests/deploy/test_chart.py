@@ -115,6 +115,13 @@ def test_container_commands_parse_with_diktyos_parsers() -> None:
     assert str(Path(args.cert).parent) in mounts
 
 
+def test_notes_render() -> None:
+    ctx = {"Values": install.DEFAULT_VALUES, "Release": {"Namespace": "mesh", "Name": "diktyo"},
+           "Chart": {"AppVersion": install.APP_VERSION}}
+    text = install.render_template((CHART / "templates" / "NOTES.txt").read_text(encoding="utf-8"), ctx)
+    assert "namespace mesh" in text and "{{" not in text
+
+
 def test_subset_renderer_rejects_other_template_features() -> None:
     ctx = {"Values": {"a": {"b": 1}}, "Release": {}, "Chart": {}}
     assert install.render_template("x: {{ .Values.a.b }}", ctx) == "x: 1"
