@@ -31,7 +31,3 @@ def check_golden(path: Path, actual: str) -> None:
 def golden() -> Callable[[Path, str], None]:
     return check_golden
 
-
-@pytest.fixture
-def testdata() -> Path:
-    return TESTDATA
