@@ -143,3 +143,52 @@ async def test_plain_http_is_refused_by_tls_server(webhook: Any) -> None:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as s, s.post(
                 url.replace("https", "http") + "/inject", data=b"{}") as r:
             await r.read()
+
+
+async def test_entrypoint_process(tmp_path: Path) -> None:
+    """The command the chart runs: python -m diktyo.control.inject.webhook --cert --key ..."""
+    import asyncio
+    import re
+    import signal
+    import sys
+
+    certs = webhook_certs("diktyo", "diktyo-system", ips=("127.0.0.1",))
+    (tmp_path / "tls.crt").write_bytes(certs.cert_pem)
+    (tmp_path / "tls.key").write_bytes(certs.key_pem)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "diktyo.control.inject.webhook", "--cert", str(tmp_path / "tls.crt"),
+        "--key", str(tmp_path / "tls.key"), "--host", "127.0.0.1", "--port", "0",
+        "--image", "registry.example.com/diktyo:9", "--control-plane", "http://cp.mesh.svc:15010",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), timeout=20)).decode()
+        m = re.search(r"https://127\.0\.0\.1:(\d+)/inject", line)
+        assert m, line
+        ctx = ssl.create_default_context(cadata=certs.ca_pem.decode())
+        status, answer = await _post(f"https://127.0.0.1:{m.group(1)}", ctx,
+                                     json.dumps(_review("deployment_pod")).encode())
+        assert status == 200
+        ops = json.loads(base64.b64decode(answer["response"]["patch"]))
+        proxy = next(op["value"] for op in ops if op["path"] == "/spec/containers/-")
+        assert proxy["image"] == "registry.example.com/diktyo:9"
+        assert proxy["args"][proxy["args"].index("--control-plane") + 1] == "http://cp.mesh.svc:15010"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), timeout=10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_entrypoint_needs_both_cert_and_key() -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "diktyo.control.inject.webhook", "--cert", "x.pem"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 2 and "both --cert and --key" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "diktyo.control.inject.webhook", "--cert", "/nonexistent/tls.crt",
+                          "--key", "/nonexistent/tls.key", "--port", "0"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 1 and "cannot load the TLS certificate" in res.stderr, res.stderr

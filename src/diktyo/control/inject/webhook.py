@@ -236,8 +236,17 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    server = WebhookServer(config_from_args(args), cert_file=args.cert, key_file=args.key)
-    port = await server.start(args.host, args.port)
+    try:
+        server = WebhookServer(config_from_args(args), cert_file=args.cert, key_file=args.key)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"webhook: cannot load the TLS certificate {args.cert} / key {args.key}: {exc}; "
+              "mount the diktyo-webhook-tls Secret there", file=sys.stderr)
+        return 1
+    try:
+        port = await server.start(args.host, args.port)
+    except OSError as exc:
+        print(f"webhook: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(
         f"injection webhook serving on {'https' if args.cert else 'http'}://{args.host}:{port}/inject",
         flush=True,
