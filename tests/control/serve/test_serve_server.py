@@ -100,14 +100,17 @@ async def test_nack_keeps_last_good_and_reports_reason(cp: ControlPlane, make_pr
 
 
 async def test_debounce_merges_a_burst_into_one_push(cp: ControlPlane, make_proxy) -> None:
+    cp.debouncer.quiet = 0.5  # wide enough that a busy CI machine cannot split the burst
     cp.add_proxy(make_proxy(1))
     cp.registry.add_service(SVC)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.8)
     before = cp.pushes
     for i in range(30):
         cp.registry.add_instance(_inst(f"r{i}", 7000 + i))
         await asyncio.sleep(0.01)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.2)
+    assert cp.pushes == before  # still quiet-waiting
+    await asyncio.sleep(0.8)
     assert cp.pushes == before + 1
     entry = cp.cache.get("app-1.default")
     assert entry is not None and len(_endpoints(entry.snapshot)) == 30
