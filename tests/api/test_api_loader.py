@@ -348,3 +348,12 @@ def test_security_rules_from_the_crd() -> None:
         "spec:\n  jwtRules:\n  - {issuer: me, jwksUri: 'ftp://x/keys'}\n"
     )
     assert "url must have scheme http:// or https://" in one_error(ra).message
+
+
+def test_names_and_namespaces_follow_kubernetes_rules() -> None:
+    text = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: My_GW}\n"
+    err = one_error(text)
+    assert err.field == "metadata.name" and "invalid name 'My_GW'" in err.message
+    assert err.hint == "e.g. 'my-gw'"
+    err = one_error(text.replace("My_GW", "gw, namespace: Foo.bar"))
+    assert "invalid namespace 'Foo.bar'" in err.message

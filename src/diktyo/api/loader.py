@@ -24,6 +24,16 @@ from diktyo.api.errors import ConfigError
 from diktyo.api.resource import KINDS, Resource
 
 _DOC_SEP = re.compile(r"^(---|\.\.\.)(\s|$)")
+# Kubernetes object names (RFC 1123 subdomain) and namespaces (RFC 1123 label)
+_DNS_SUBDOMAIN = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+_DNS_LABEL = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _suggest_name(name: str) -> str:
+    fixed = re.sub(r"[^a-z0-9.-]+", "-", name.lower()).strip("-.")
+    return fixed[:253] or "my-resource"
 
 
 @dataclass
@@ -258,10 +268,26 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
                 )
             )
             name = str(name or "")
+        if isinstance(name, str) and name and not _DNS_SUBDOMAIN.match(name):
+            errors.append(
+                err(
+                    "metadata.name",
+                    f"invalid name {name!r}: must be lower case letters, digits, '-' and '.', "
+                    "starting and ending with a letter or digit (at most 253 characters)",
+                    f"e.g. {_suggest_name(name)!r}",
+                )
+            )
         ns = metadata.get("namespace")
         if ns is not None:
-            if not isinstance(ns, str) or not ns:
-                errors.append(err("metadata.namespace", "namespace must be a non-empty string"))
+            if not isinstance(ns, str) or not _DNS_LABEL.match(ns):
+                errors.append(
+                    err(
+                        "metadata.namespace",
+                        f"invalid namespace {ns!r}: must be lower case letters, digits and '-' "
+                        "(at most 63 characters)",
+                        "e.g. 'default'",
+                    )
+                )
             else:
                 namespace = ns
         raw_labels = metadata.get("labels") or {}

@@ -290,3 +290,24 @@ spec:
         ("httpbin.org", {80: 80, 443: 443}, ("httpbin.org",)),
         ("example.com", {80: 80, 443: 443}, ("example.com",)),
     ]
+
+
+def test_local_port_with_short_name_resolves_in_the_node_namespace() -> None:
+    from diktyo.control.model import Service, ServicePort
+
+    registry = Registry(
+        services=(
+            Service(
+                hostname="pg.default.svc.cluster.local",
+                ports=(ServicePort(5432, name="tcp-pg", protocol="TCP"),),
+                short_name="pg",
+            ),
+        )
+    )
+    node = Node(id="a", workload="a")
+    snap = translate(
+        ProxyNode(node=node, local_ports={"pg:5432": 15432}),
+        PushContext(resources=(), registry=registry),
+    )
+    (lst,) = snap.listeners
+    assert (lst.direction, lst.cluster) == ("tcp", "outbound|5432||pg.default.svc.cluster.local")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from diktyo.control.model import ProxyNode
-from diktyo.control.translate.hosts import ConfigIndex, is_http, protocol_of
+from diktyo.control.translate.hosts import ConfigIndex, is_http, protocol_of, resolve_host
 from diktyo.snapshot.model import Cluster, Endpoint, Listener
 
 
@@ -35,6 +35,7 @@ def local_port_listeners(
         if not host or not port_s.isdigit():
             host, port_s = key, "80"
         port = int(port_s)
+        host = resolve_host(host, proxy.node.namespace, idx.registry.services)
         svc = idx.service(host)
         proto = "http"
         if svc is not None:
