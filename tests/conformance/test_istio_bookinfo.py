@@ -42,3 +42,32 @@ def test_diktyo_bookinfo_samples_load_without_errors(path: Path) -> None:
     result = load_paths([path])
     assert [str(e) for e in result.errors] == []
     assert result.resources
+
+
+TASKS = [
+    ["virtual-service-all-v1.yaml"],
+    ["virtual-service-reviews-test-v2.yaml"],
+    ["virtual-service-ratings-test-delay.yaml"],
+    ["virtual-service-ratings-test-abort.yaml"],
+    ["virtual-service-reviews-50-v3.yaml"],
+    ["virtual-service-reviews-v3.yaml"],
+    ["virtual-service-ratings-delay-2s.yaml", "virtual-service-reviews-timeout.yaml"],
+    ["bookinfo-gateway.yaml"],
+]
+
+
+@pytest.mark.parametrize("files", TASKS, ids=lambda f: "+".join(f))
+def test_each_bookinfo_task_analyzes_clean(files: list[str]) -> None:
+    from diktyo.control.validate import BOOKINFO_HOSTS, analyze, registry_for_hosts
+
+    result = load_paths([SAMPLES / f for f in [*files, "destination-rule-all.yaml"]])
+    assert result.errors == []
+    problems = analyze(result.resources, registry_for_hosts(BOOKINFO_HOSTS))
+    assert [str(p) for p in problems] == []
+
+
+def test_circuit_breaker_rule_alone_is_clean() -> None:
+    from diktyo.control.validate import BOOKINFO_HOSTS, analyze, registry_for_hosts
+
+    result = load_paths([SAMPLES / "destination-rule-reviews-cb.yaml"])
+    assert analyze(result.resources, registry_for_hosts(BOOKINFO_HOSTS)) == []
