@@ -157,8 +157,25 @@ class Sidecar:
         self.acked: dict[str, float] = {}
         self.waiting = asyncio.Event()
         self.error = ""
+        self.reconnects = 0
+        self.last_failure = ""
 
     async def run(self) -> None:
+        """Poll for ever; reconnect like a real sidecar when the connection fails."""
+        while True:
+            try:
+                await self._session()
+                return
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                self.waiting.clear()
+                self.reconnects += 1
+                self.last_failure = f"{type(exc).__name__}: {exc}"
+                if self.reconnects > 50:
+                    self.error = f"gave up after 50 reconnects; last: {self.last_failure}"
+                    return
+                await asyncio.sleep(min(2.0, 0.1 * self.reconnects))
+
+    async def _session(self) -> None:
         reader, writer = await asyncio.open_connection(self.host, self.port)
         try:
             while True:
@@ -220,8 +237,14 @@ async def _wait_all(cars: list[Sidecar], pred: Any, timeout: float, what: str) -
             raise RuntimeError(f"sidecar failed: {errs[0]}")
         if time.monotonic() > deadline:
             done = sum(1 for c in cars if pred(c))
+            late = [c for c in cars if not pred(c)][:3]
+            why = "; ".join(
+                f"{c.node}: version={c.version!r} waiting={c.waiting.is_set()} "
+                f"reconnects={c.reconnects} last failure={c.last_failure!r}"
+                for c in late
+            )
             raise RuntimeError(
-                f"timed out after {timeout:.0f}s waiting for {what}: {done}/{len(cars)}"
+                f"timed out after {timeout:.0f}s waiting for {what}: {done}/{len(cars)}; e.g. {why}"
             )
         await asyncio.sleep(0.01)
 
@@ -348,6 +371,7 @@ async def bench_one(n: int, server_pid: int, host: str, port: int) -> dict[str, 
             "connected": rss_connected / 1024,
             "peak": _proc_kib(server_pid, "VmHWM") / 1024,
         },
+        "reconnects": sum(c.reconnects for c in cars),
         "kib_per_connected_sidecar": (rss_connected - rss_before) / n,
         "kib_per_sidecar_total": (rss_connected - rss_empty) / n,
     }
