@@ -219,3 +219,51 @@ workloads:
     await mesh.stop()
     assert "[bad-v1-1] boom" in out.getvalue()
     assert len(pids) == 2 and [p for p in pids if pid_alive(p)] == []
+
+
+@pytest.mark.slow
+async def test_a_port_taken_after_it_was_picked_is_replaced() -> None:
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    busy_port = busy.getsockname()[1]
+
+    class Unlucky(LocalMesh):
+        handed = False
+
+        def _alloc(self) -> int:
+            if not Unlucky.handed and len(self._taken) == 1:  # hand out the busy port once
+                Unlucky.handed = True
+                self._taken.add(busy_port)
+                return busy_port
+            return super()._alloc()
+
+    text = f"""
+services:
+  - name: hello
+    ports: [{{name: http, port: 9080}}]
+workloads:
+  - name: hello-v1
+    labels: {{app: hello}}
+    command: ["{{python}}", "{HELPERS / "tiny_app.py"}"]
+"""
+    spec = load_mesh_text(text, "m.yaml", base_dir=str(HELPERS))
+    out = io.StringIO()
+    mesh = Unlucky(
+        spec, translator=tiny_translate, sidecar_argv=fake_sidecar, out=out, ready_timeout=20
+    )
+    try:
+        await asyncio.wait_for(mesh.start(), 30)
+        assert Unlucky.handed
+        rep = mesh.replica("hello-v1-1")
+        assert busy_port not in (
+            rep.proxy.outbound_port,
+            *(i.listen_port for i in rep.proxy.inbound),
+        )
+        assert "picking new listener ports" in out.getvalue()
+        assert mesh.cp.status[rep.node_id].state == "SYNCED"
+    finally:
+        await mesh.stop()
+        busy.close()

@@ -137,6 +137,7 @@ class LocalMesh:
         self.cp = ControlPlane(config_dir=self.config_dir, translator=translator)
         self.cp.workloads_provider = lambda: [r.to_json() for r in self.replicas]
         self.replicas: list[Replica] = []
+        self._taken: set[int] = set()  # ports handed out (never twice)
         self.state = "created"
         self.stopping = False
         self._session: aiohttp.ClientSession | None = None
@@ -187,16 +188,16 @@ class LocalMesh:
 
     # ------------------------------------------------------------------ plan
 
+    def _alloc(self) -> int:
+        while True:
+            p = free_port()
+            if p not in self._taken:
+                self._taken.add(p)
+                return p
+
     def _plan(self) -> None:
         spec = self.spec
-        taken: set[int] = set()
-
-        def alloc() -> int:
-            while True:
-                p = free_port()
-                if p not in taken:
-                    taken.add(p)
-                    return p
+        alloc = self._alloc
 
         for svc in spec.services:
             ns = spec.ns(svc)
@@ -333,21 +334,7 @@ class LocalMesh:
         rep.state = "starting"
         self.cp.add_proxy(rep.proxy, admin_url=f"http://127.0.0.1:{rep.admin_port}")
 
-        def on_sidecar_line(line: str) -> bool:
-            if line.startswith("{") and '"ready"' in line:
-                with contextlib.suppress(ValueError):
-                    if json.loads(line).get("event") == "ready":
-                        rep.sidecar_ready.set()
-                        return True
-            return False
-
-        rep.sidecar = Child(
-            f"{rep.name} sidecar",
-            self.sidecar_argv(self.cp.url, rep.node_id, rep.admin_port),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            out=self.out,
-            on_line=on_sidecar_line,
-        )
+        rep.sidecar = self._sidecar_child(rep)
         await rep.sidecar.start()
         if not await self._wait_sidecar(rep):
             rep.state = "failed"
@@ -420,15 +407,67 @@ class LocalMesh:
         rep.state = "ready"
         rep.watch = asyncio.get_running_loop().create_task(self._watch_app(rep))
 
+    def _reallocate_listeners(self, rep: Replica) -> None:
+        """New outbound/inbound listener ports (another process took one since we picked it)."""
+        p = rep.proxy
+        inbound = tuple(InboundPort(i.service_port, self._alloc(), i.app_port) for i in p.inbound)
+        outbound = self._alloc() if p.outbound_port else 0
+        rep.proxy = ProxyNode(
+            node=p.node,
+            address=p.address,
+            outbound_port=outbound,
+            inbound=inbound,
+            local_ports=p.local_ports,
+            gateway_ports=p.gateway_ports,
+        )
+        self.cp.add_proxy(rep.proxy, admin_url=f"http://127.0.0.1:{rep.admin_port}")
+
+    def _sidecar_child(self, rep: Replica) -> Child:
+        def on_sidecar_line(line: str) -> bool:
+            if line.startswith("{") and '"ready"' in line:
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("event") == "ready":
+                        rep.sidecar_ready.set()
+                        return True
+            return False
+
+        return Child(
+            f"{rep.name} sidecar",
+            self.sidecar_argv(self.cp.url, rep.node_id, rep.admin_port),
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            out=self.out,
+            on_line=on_sidecar_line,
+        )
+
     async def _wait_sidecar(self, rep: Replica) -> bool:
         assert rep.sidecar is not None and self._session is not None
         deadline = time.monotonic() + self.ready_timeout
-        url = f"http://127.0.0.1:{rep.admin_port}/ready"
+        retries = 3
+        handled = ""  # the NACKed version already answered with new ports
         while time.monotonic() < deadline:
+            url = f"http://127.0.0.1:{rep.admin_port}/ready"
             if rep.sidecar_ready.is_set():
                 return True
+            st = self.cp.status.get(rep.node_id)
+            if st is not None and st.state == "NACK" and "bind" in st.error and retries:
+                if st.nacked == handled:
+                    await asyncio.sleep(0.05)
+                    continue
+                # a picked port was taken meanwhile: pick new ones and push them
+                handled = st.nacked
+                retries -= 1
+                self.say(f"[{rep.name}] {st.error}; picking new listener ports")
+                self._reallocate_listeners(rep)
             if not rep.sidecar.running:
-                return False
+                if not retries:
+                    return False
+                retries -= 1  # e.g. its admin port was taken meanwhile: start it again
+                self.say(f"[{rep.name}] sidecar exited before it was ready; starting it again")
+                rep.admin_port = self._alloc()
+                self.cp.add_proxy(rep.proxy, admin_url=f"http://127.0.0.1:{rep.admin_port}")
+                rep.sidecar = self._sidecar_child(rep)
+                await rep.sidecar.start()
+                continue
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
                 async with self._session.get(url) as resp:
                     if resp.status == 200:

@@ -65,19 +65,26 @@ class FakeSidecar:
         return outbound if listener.direction in ("outbound", "gateway") else inbound
 
     async def on_snapshot(self, snap: Snapshot) -> None:
-        first = self.snap is None
-        self.snap = snap
-        if first:
-            ports = {}
-            for lst in snap.listeners:
-                app = web.Application()
-                app.router.add_route("*", "/{tail:.*}", self.handler(lst))
-                runner = web.AppRunner(app, access_log=None)
-                await runner.setup()
-                await web.TCPSite(runner, "127.0.0.1", lst.port).start()
-                self.runners.append(runner)
-                ports[lst.name] = lst.port
+        if self.snap is None:  # listeners are opened once, from the first good snapshot
+            ports, runners = {}, []
+            try:
+                for lst in snap.listeners:
+                    app = web.Application()
+                    app.router.add_route("*", "/{tail:.*}", self.handler(lst))
+                    runner = web.AppRunner(app, access_log=None)
+                    await runner.setup()
+                    runners.append(runner)
+                    await web.TCPSite(runner, "127.0.0.1", lst.port).start()
+                    ports[lst.name] = lst.port
+            except OSError as exc:
+                for r in runners:
+                    await r.cleanup()
+                raise ValueError(f"cannot bind 127.0.0.1:{lst.port}: {exc.strerror}") from None
+            self.runners = runners
+            self.snap = snap
             print(json.dumps({"event": "ready", "listeners": ports}), flush=True)
+        else:
+            self.snap = snap
 
 
 async def main() -> None:
