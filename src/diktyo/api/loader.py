@@ -88,12 +88,12 @@ def load_paths(paths: list[str | Path] | tuple[str | Path, ...]) -> LoadResult:
 def load_text(text: str, filename: str = "<string>") -> LoadResult:
     """Load every document of a (multi-document) YAML text."""
     result = LoadResult()
+    yaml = _new_yaml()
     for offset, chunk in _split_documents(text):
-        yaml = YAML(typ="rt")
-        yaml.allow_duplicate_keys = False
         try:
             doc = yaml.load(chunk)
         except MarkedYAMLError as exc:
+            yaml = _new_yaml()  # do not reuse a parser that stopped half-way
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + offset + 1 if mark is not None else offset + 1
             col = mark.column + 1 if mark is not None else 1
@@ -103,6 +103,7 @@ def load_text(text: str, filename: str = "<string>") -> LoadResult:
             result.errors.append(_yaml_error(exc, filename, line, col))
             continue
         except YAMLError as exc:
+            yaml = _new_yaml()
             result.errors.append(
                 ConfigError(
                     filename, offset + 1, 1, "", f"YAML error: {exc}", "fix the YAML syntax"
@@ -113,6 +114,12 @@ def load_text(text: str, filename: str = "<string>") -> LoadResult:
             continue
         _load_document(doc, filename, offset, result)
     return result
+
+
+def _new_yaml() -> YAML:
+    yaml = YAML(typ="rt")
+    yaml.allow_duplicate_keys = False
+    return yaml
 
 
 def _split_documents(text: str) -> list[tuple[int, str]]:
