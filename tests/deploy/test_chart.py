@@ -178,6 +178,25 @@ def test_install_with_crds() -> None:
     assert kinds.count("kind: CustomResourceDefinition") == 8 and "kind: Namespace" in kinds
 
 
+def test_install_values_file(tmp_path: Path) -> None:
+    vals = tmp_path / "values.yaml"
+    vals.write_text("image:\n  tag: '9.9'\nproxy:\n  resources:\n    limits:\n      memory: 2Gi\n",
+                    encoding="utf-8")
+    res = _cli("--dry-run", "-f", str(vals), "--set", "replicaCount=4")
+    assert res.returncode == 0, res.stderr
+    (deploy,) = [o for o in load_docs(res.stdout) if o["kind"] == "Deployment"]
+    assert deploy["spec"]["replicas"] == 4
+    injector = deploy["spec"]["template"]["spec"]["containers"][1]
+    assert injector["image"] == "diktyo/diktyo:9.9"
+    assert injector["args"][injector["args"].index("--proxy-memory-limit") + 1] == "2Gi"
+    vals.write_text("image:\n  tagg: x\n", encoding="utf-8")
+    res = _cli("--dry-run", "-f", str(vals))
+    assert res.returncode == 2 and "unknown key 'image.tagg'" in res.stderr
+    vals.write_text("image: [\n", encoding="utf-8")
+    res = _cli("--dry-run", "-f", str(vals))
+    assert res.returncode == 2 and "not valid YAML" in res.stderr
+
+
 def test_install_errors() -> None:
     res = _cli()
     assert res.returncode == 2 and "--dry-run | kubectl apply -f -" in res.stderr

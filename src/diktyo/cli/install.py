@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="print the manifests (required: diktyo does not talk to a cluster itself)")
     p.add_argument("-n", "--namespace", default="diktyo-system",
                    help="namespace of the control plane (default diktyo-system)")
+    p.add_argument("-f", "--values", action="append", default=[], metavar="FILE",
+                   help="YAML file of chart values (like helm -f; repeatable, applied before --set)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a chart value, e.g. --set image.tag=0.2.0 (repeatable)")
     p.add_argument("--with-crds", action="store_true",
@@ -35,13 +37,17 @@ def _default_crds() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ruamel.yaml.error import YAMLError
+
     from diktyo.control.inject.install import (
+        DEFAULT_VALUES,
+        merge_values,
         namespace_object,
         render,
         values_with,
         with_webhook_certs,
     )
-    from diktyo.control.inject.manifest import dump_docs
+    from diktyo.control.inject.manifest import dump_docs, load_docs
 
     if not args.dry_run:
         print("diktyo install: diktyo does not talk to a cluster itself; run\n"
@@ -50,7 +56,16 @@ def run(args: argparse.Namespace) -> int:
               "--create-namespace --set-file ... (see docs/kubernetes.md)", file=sys.stderr)
         return 2
     try:
-        values = values_with(args.set)
+        values = DEFAULT_VALUES
+        for path in args.values:
+            try:
+                docs = load_docs(Path(path).read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise ValueError(f"cannot read values file {path}: {exc.strerror or exc}") from None
+            except YAMLError as exc:
+                raise ValueError(f"values file {path} is not valid YAML: {exc}") from None
+            values = merge_values(values, docs[0] if docs else {})
+        values = values_with(args.set, values)
     except ValueError as exc:
         print(f"diktyo install: {exc}", file=sys.stderr)
         return 2

@@ -68,6 +68,25 @@ def values_with(overrides: list[str], base: dict[str, Any] | None = None) -> dic
     return values
 
 
+def merge_values(base: dict[str, Any], override: Any, where: str = "") -> dict[str, Any]:
+    """``base`` deep-merged with a values file's mapping; unknown keys are errors (like a typo)."""
+    if not isinstance(override, dict):
+        raise ValueError(f"values{where or ''}: expected a mapping of chart values")  # noqa: TRY004
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in out:
+            known = ", ".join(sorted(map(str, out)))
+            raise ValueError(f"values: unknown key {path!r}; known here: {known}")
+        if isinstance(out[key], dict):
+            out[key] = merge_values(out[key], value, path)
+        elif isinstance(value, dict | list):
+            raise ValueError(f"values: {path} takes a single value, not a {type(value).__name__}")  # noqa: TRY004
+        else:
+            out[key] = value
+    return out
+
+
 def _fmt(value: Any) -> str:
     """A scalar as Go's text/template prints it."""
     if isinstance(value, bool):
