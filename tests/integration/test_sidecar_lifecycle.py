@@ -250,3 +250,21 @@ async def test_idle_sidecar_process_stays_under_40_mb() -> None:
                 int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmRSS:")
             )
             assert rss_kb < 40 * 1024, f"idle RSS {rss_kb} kB"
+
+
+async def test_removed_cluster_connections_close_after_in_flight_requests() -> None:
+    from diktyo.testing import Response
+
+    async with FakeUpstream(Response(delay=0.2, body=b"old")) as a, FakeUpstream() as b:
+        first = http_snapshot({"reviews": [("127.0.0.1", a.port)]}, version="1")
+        second = http_snapshot({"ratings": [("127.0.0.1", b.port)]}, version="2")
+        async with start_sidecar(first) as sc:
+            req = asyncio.create_task(http_request(sc.port(), "GET", "http://reviews/"))
+            await asyncio.sleep(0.05)
+            sc.sidecar.apply(second)  # the in-flight request's cluster disappears
+            r = await req
+            assert (r.status, r.body) == (200, b"old")  # finished on the old objects
+            await asyncio.sleep(0.05)
+            assert not a.open_conns  # and its upstream connection was not parked forever
+            assert (await http_request(sc.port(), "GET", "http://reviews/")).status == 404
+            assert (await http_request(sc.port(), "GET", "http://ratings/")).status == 200

@@ -208,7 +208,7 @@ class Sidecar:
                 pool.state = cs
         for name in list(self.pools):
             if name not in rt.clusters:
-                self.pools.pop(name).close_all()
+                self.pools.pop(name).retire()
         self.rt = rt
         wanted = {lst.name: lst for lst in snapshot.listeners}
         for name in list(self.listeners):

@@ -51,6 +51,7 @@ class ClusterPool:
         self.pending: deque[tuple[Any, Any]] = deque()  # (stream, host)
         self.connecting = 0
         self.active: set[UpstreamConnection] = set()
+        self.retired = False  # the cluster left the snapshot: close connections as they free up
 
     # -- acquiring
     def acquire(self, stream: Any, host: Any, fresh: bool = False) -> None:
@@ -173,7 +174,7 @@ class ClusterPool:
         if conn.closed:
             return
         maxreq = self.state.cluster.pool.max_requests_per_connection
-        if not conn.keep_alive or (maxreq and conn.requests >= maxreq):
+        if not conn.keep_alive or (maxreq and conn.requests >= maxreq) or self.retired:
             conn.close()
             return
         if conn.read_paused:
@@ -198,6 +199,11 @@ class ClusterPool:
         for conns in self.idle.values():
             while conns and now - conns[0].idle_since > timeout:
                 conns.pop(0).close()
+
+    def retire(self) -> None:
+        """The cluster is gone from the snapshot: close idle connections now, busy ones later."""
+        self.retired = True
+        self.close_all()
 
     def close_all(self) -> None:
         for conns in list(self.idle.values()):
