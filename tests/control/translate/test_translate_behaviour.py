@@ -311,3 +311,27 @@ def test_local_port_with_short_name_resolves_in_the_node_namespace() -> None:
     )
     (lst,) = snap.listeners
     assert (lst.direction, lst.cluster) == ("tcp", "outbound|5432||pg.default.svc.cluster.local")
+
+
+def test_virtual_service_host_without_a_service_is_routed_on_port_80() -> None:
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: teapot}
+spec:
+  hosts: [teapot.example.com, legacy]
+  http:
+  - directResponse: {status: 418, body: {string: "I'm a teapot"}}
+"""
+    result = load_text(text, "vs.yaml")
+    snap = translate(
+        ProxyNode(node=Node(id="a", workload="a"), outbound_port=1),
+        PushContext(resources=tuple(result.resources), registry=Registry()),
+    )
+    from_builtins(to_builtins(snap))
+    vh = vhost(snap, "teapot.example.com:80")
+    assert vh.domains == ("teapot.example.com:80", "teapot.example.com")
+    (route,) = vh.routes
+    assert route.direct_response is not None and route.direct_response.status == 418
+    legacy = vhost(snap, "legacy.default.svc.cluster.local:80")
+    assert "legacy" in legacy.domains and "legacy.default:80" in legacy.domains

@@ -161,6 +161,10 @@ class ConfigIndex:
         """Registry instances serving ``hostname``, in registry order."""
         return self._instances.get(hostname, [])
 
+    def unbacked_mesh_hosts(self) -> list[tuple[str, list[Any]]]:
+        """Exact mesh VirtualService hosts that no registry service has, with their VSs."""
+        return [(h, vss) for h, vss in self._vs_exact.items() if h not in self._by_host]
+
     def mesh_virtual_services(self, hostname: str) -> list[Any]:
         """VirtualServices bound to the mesh whose hosts cover ``hostname``: exact hosts first
         (input order), then wildcard ones (input order)."""

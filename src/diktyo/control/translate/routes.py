@@ -100,7 +100,33 @@ def build_outbound_table(ctx: RouteContext) -> RouteTable:
                     name=f"{svc.hostname}:{port}", domains=tuple(domains), routes=tuple(routes)
                 )
             )
+    # Istio also routes VirtualService hosts that no service backs (e.g. a host answered by
+    # a directResponse, or one whose destinations are other services), on port 80.
+    for host, vss in ctx.idx.unbacked_mesh_hosts():
+        bare = Service(hostname=host, namespace=vss[0].namespace, ports=())
+        domains = [d for d in _unbacked_domains(bare, ns) if d not in used]
+        used.update(domains)
+        routes = []
+        for vs in vss:
+            routes += vs_routes(ctx, vs, 80, gateway=None, default_host=host)
+        if domains and routes:
+            vhosts.append(
+                VirtualHost(name=f"{host}:80", domains=tuple(domains), routes=tuple(routes))
+            )
     return RouteTable(name="outbound", virtual_hosts=tuple(vhosts))
+
+
+def _unbacked_domains(svc: Service, proxy_ns: str) -> list[str]:
+    names = [svc.hostname]
+    split = split_cluster_host(svc.hostname)
+    if split is not None:
+        name, ns = split
+        names = ([name] if ns == proxy_ns else []) + [
+            f"{name}.{ns}",
+            f"{name}.{ns}.svc",
+            svc.hostname,
+        ]
+    return [f"{n}:80" for n in names] + names
 
 
 def default_route(ctx: RouteContext, svc: Service, port: int) -> Route:
