@@ -206,6 +206,7 @@ class Sidecar:
                 self.pools[name] = ClusterPool(name, cs, self.loop, self.stats, self.tasks)
             else:
                 pool.state = cs
+                pool.prune({h.key for h in cs.hosts})
         for name in list(self.pools):
             if name not in rt.clusters:
                 self.pools.pop(name).retire()

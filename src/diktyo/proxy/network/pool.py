@@ -200,6 +200,12 @@ class ClusterPool:
             while conns and now - conns[0].idle_since > timeout:
                 conns.pop(0).close()
 
+    def prune(self, keys: set[tuple[str, int]]) -> None:
+        """Close idle connections to hosts that are no longer endpoints of the cluster."""
+        for key in [k for k in self.idle if k not in keys]:
+            for c in self.idle.pop(key):
+                c.close()
+
     def retire(self) -> None:
         """The cluster is gone from the snapshot: close idle connections now, busy ones later."""
         self.retired = True
