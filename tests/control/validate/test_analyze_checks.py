@@ -172,3 +172,12 @@ def test_fault_without_percentage_warns() -> None:
     )
     assert p.severity == "warning" and p.field == "spec.http[0].fault.abort"
     assert "never injected" in p.message and "percentage" in p.hint
+
+
+def test_wildcard_host_on_the_mesh_and_weight_range() -> None:
+    problems = run(
+        vs("  - route:\n    - destination: {host: reviews}\n      weight: 120\n", hosts="['*']")
+    )
+    assert [p.field for p in problems] == ["spec.hosts[0]", "spec.http[0].route[0].weight"]
+    assert "wildcard host * is not allowed" in problems[0].message
+    assert "weight 120 must be between 0 and 100" in problems[1].message

@@ -147,6 +147,8 @@ class ConfigIndex:
                 continue
             seen: set[str] = set()
             for h in vs.spec.hosts:
+                if h == "*":
+                    continue  # Istio rejects '*' for mesh-bound VirtualServices (analyze says so)
                 host = resolve_host(h, vs.namespace, services)
                 if host in seen:
                     continue

@@ -19,6 +19,15 @@ def check(ctx: Context) -> None:
                 "no hosts",
                 "list the hosts this VirtualService routes, e.g. 'hosts: [reviews]'",
             )
+        mesh_bound = not spec.gateways or "mesh" in spec.gateways
+        for i, h in enumerate(spec.hosts):
+            if h == "*" and mesh_bound:
+                ctx.report(
+                    vs,
+                    f"spec.hosts[{i}]",
+                    "wildcard host * is not allowed for virtual services bound to the mesh",
+                    "name the hosts, or bind it to a Gateway with 'gateways: [NAME]'",
+                )
         for i, gw in enumerate(spec.gateways):
             if gw == "mesh":
                 continue
@@ -98,6 +107,14 @@ def _check_rule(ctx: Context, vs: Any, i: int, rule: Any) -> None:
             "rule has no route, redirect or directResponse",
             "add 'route: [{destination: {host: ...}}]'",
         )
+    for j, rd in enumerate(rule.route):
+        if rd.weight is not None and not 0 <= rd.weight <= 100:
+            ctx.report(
+                vs,
+                f"{base}.route[{j}].weight",
+                f"weight {rd.weight} must be between 0 and 100",
+                "weights are percentages of the traffic",
+            )
     if len(rule.route) > 1:
         total = sum(rd.weight or 0 for rd in rule.route)
         if total != 100:
