@@ -24,7 +24,7 @@ from typing import Any
 
 from diktyo.core.clock import SYSTEM_CLOCK, Clock, make_random
 from diktyo.proxy.http.connection_manager import HttpConnection, RequestIds
-from diktyo.proxy.http.policies import REAL_UPSTREAM, ClusterState
+from diktyo.proxy.http.policies import ClusterState
 from diktyo.proxy.network.listener import bind_listener, serve
 from diktyo.proxy.network.pool import ClusterPool
 from diktyo.proxy.router.matcher import RouteMatcher
@@ -84,6 +84,8 @@ class Runtime:
         self.rng = sidecar.rng
         self.stats = sidecar.stats
         self.request_ids = sidecar.request_ids
+        self.record = sidecar.stats.record  # IstioMetrics.record(peer, code, flags, ms, rq, rs)
+        self.pools = sidecar.pools  # cluster name -> ClusterPool (survives swaps)
         self.sidecar = sidecar
         matchers: dict[str, RouteMatcher] = {}
         for table in snapshot.route_tables:
@@ -108,19 +110,14 @@ class Runtime:
         mesh = snapshot.mesh
         try:
             for c in snapshot.clusters:
-                if REAL_UPSTREAM:
-                    clusters[c.name] = ClusterState(
-                        c,
-                        self.clock,
-                        self.rng,
-                        previous=prev.get(c.name),
-                        retry_budget_percent=mesh.retry_budget_percent,
-                        retry_budget_min=mesh.retry_budget_min,
-                    )
-                else:
-                    clusters[c.name] = ClusterState(
-                        c, self.clock, self.rng, previous=prev.get(c.name)
-                    )
+                clusters[c.name] = ClusterState(
+                    c,
+                    self.clock,
+                    self.rng,
+                    previous=prev.get(c.name),
+                    retry_budget_percent=mesh.retry_budget_percent,
+                    retry_budget_min=mesh.retry_budget_min,
+                )
         except Exception as exc:  # noqa: BLE001 - any failure rejects the snapshot whole
             raise SnapshotError(f"cluster state: {type(exc).__name__}: {exc}") from None
         self.clusters = clusters

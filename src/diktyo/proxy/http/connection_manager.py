@@ -257,10 +257,10 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.close()
             return
         if self.streams:
-            if len(self.streams) == 1:
+            if len(self.streams) == 1 and self.paused:
                 self.resume(PAUSE_PIPELINE)
             self.streams[0].start()
-        else:
+        elif self.paused:
             self.resume(PAUSE_PIPELINE)
 
     def idle_check(self, now: float, header_timeout: float, idle_timeout: float) -> None:
@@ -343,7 +343,7 @@ class Stream:
     # ------------------------------------------------------------------ request side
     def start(self) -> None:
         ctx = self.ctx
-        rt = self.rt = ctx.runtime()
+        rt = self.rt = ctx.sidecar.rt
         head = self.head
         if head.expect_continue and head.has_body and not self.req_done:
             self.conn.transport.write(_CONTINUE)  # type: ignore[union-attr]
@@ -487,7 +487,7 @@ class Stream:
         if route is not None and route.retries is not None:
             self.per_try = route.retries.per_try_timeout
         cs = self.cstate
-        self.pool = rt.pool_for(cs)
+        self.pool = rt.pools[cs.cluster.name]
         if cs.cluster.lb.consistent_hash is not None:
             self.lbctx = LbContext(self.out_headers, self.conn.peer, None)
         else:
@@ -656,6 +656,10 @@ class Stream:
 
     # ------------------------------------------------------------------ response side
     def on_response_head(self, status: int, block: bytes, ka: bool) -> None:
+        u = self.uconn
+        if u is None:
+            return  # not ours (anymore)
+        u.keep_alive = ka
         if self.try_timer is not None:
             self.try_timer.cancel()
             self.try_timer = None
@@ -762,7 +766,7 @@ class Stream:
         self.in_retry = in_retry and self.host_active
 
     def on_response_body(self, chunk: bytes) -> None:
-        if not self.resp_started:
+        if not self.resp_started or self.uconn is None:
             return
         self.resp_bytes += len(chunk)
         if self.chunked_out:
@@ -782,7 +786,7 @@ class Stream:
                 t.write(b"".join(buf) if len(buf) > 1 else buf[0])
 
     def on_response_end(self) -> None:
-        if not self.resp_started:
+        if not self.resp_started or self.uconn is None:
             return
         if self.chunked_out:
             self.obuf.append(LAST_CHUNK)
@@ -939,9 +943,7 @@ class Stream:
             flags = join_flags(self.flags)
             dur = (_monotonic() - self.t0) * 1000.0
             labels = rt.labels_for(ctx.reporter, self.cstate, self.host)
-            rt.stats.record_request(
-                ctx.reporter, labels, self.status, flags, dur, self.req_bytes, self.resp_bytes
-            )
+            rt.record(labels, self.status, flags, dur, self.req_bytes, self.resp_bytes)
             if rt.access_log is not None:
                 rt.access_log(self, flags, dur)
         self.ctx.stats.server["downstream_rq_total"] += 1

@@ -154,7 +154,7 @@ class ClusterPool:
     def _hand(self, conn: UpstreamConnection, stream: Any) -> None:
         conn.requests += 1
         conn.stream = stream
-        conn.decoder.sink = conn
+        conn.decoder.sink = stream  # response events go straight to the stream
         stream.attach(conn)
 
     def _serve_pending(self) -> None:
@@ -171,6 +171,7 @@ class ClusterPool:
     def release(self, conn: UpstreamConnection) -> None:
         """The stream is done with ``conn`` (response complete, request fully sent)."""
         conn.stream = None
+        conn.decoder.sink = conn  # stray bytes while idle end up in the connection: it closes
         if conn.closed:
             return
         maxreq = self.state.cluster.pool.max_requests_per_connection

@@ -162,6 +162,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.stream = None
+        self.decoder.sink = self
         if not self.closed:
             self.closed = True
             if self.transport is not None:

@@ -104,13 +104,16 @@ class MirrorStream:
         self.pending = False
 
     def on_response_head(self, status: int, headers: Any, ka: bool) -> None:
-        pass
+        if self.uconn is not None:
+            self.uconn.keep_alive = ka
 
     def on_response_body(self, chunk: bytes) -> None:
         pass
 
     def on_response_end(self) -> None:
         u = self.uconn
+        if u is None:
+            return
         self.uconn = None
         if u is not None:
             self.pool.release(u)
