@@ -62,7 +62,7 @@ def _check_duplicates(ctx: Context) -> None:
         ctx.report(
             res,
             "metadata.name",
-            f"{res.kind} {res.namespace}/{res.name} is already defined at {ctx.where(first)}",
+            f"already defined at {ctx.where(first)} (namespace {res.namespace})",
             "give it another name, or keep only one of the two (applied together, the later "
             "one replaces the earlier)",
         )

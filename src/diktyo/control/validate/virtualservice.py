@@ -57,7 +57,7 @@ def _check_host_conflicts(ctx: Context) -> None:
             first = owner.get(host)
             if first is None:
                 owner[host] = vs
-            elif first is not vs:
+            elif first is not vs and first.key != vs.key:  # same name: reported as duplicate
                 ctx.report(
                     vs,
                     f"spec.hosts[{i}]",
