@@ -19,6 +19,7 @@ from diktyo.control.model import (
     WorkloadInstance,
 )
 from diktyo.control.translate import translate
+from diktyo.control.validate import analyze
 from diktyo.snapshot import from_builtins, to_builtins
 from diktyo.snapshot.model import Node
 
