@@ -110,36 +110,25 @@ class CodecError(Exception):
 
 
 class RequestHead:
-    """One decoded request head. ``path`` is origin-form (``/x?y``) even for absolute-form URIs."""
+    """One decoded request head. ``path`` is origin-form (``/x?y``) even for absolute-form URIs.
 
-    __slots__ = (
-        "authority",
-        "chunked",
-        "content_length",
-        "expect_continue",
-        "has_body",
-        "headers",
-        "keep_alive",
-        "method",
-        "path",
-        "scheme",
-        "upgrade",
-        "version",
-    )
+    Fields default at class level (no ``__slots__``): the decoder sets only what a request has.
+    """
 
-    def __init__(self) -> None:
-        self.method = "GET"
-        self.path = "/"
-        self.authority = ""
-        self.scheme = "http"
-        self.headers: dict[str, str] = {}
-        self.keep_alive = True
-        self.version = "1.1"
-        self.has_body = False
-        self.chunked = False
-        self.content_length: int | None = None
-        self.expect_continue = False
-        self.upgrade = False
+    method = "GET"
+    path = "/"
+    authority = ""
+    scheme = "http"
+    keep_alive = True
+    version = "1.1"
+    has_body = False
+    chunked = False
+    content_length: int | None = None
+    expect_continue = False
+    upgrade = False
+
+    def __init__(self, headers: dict[str, str] | None = None) -> None:
+        self.headers: dict[str, str] = {} if headers is None else headers
 
 
 class RequestSink(Protocol):
@@ -251,12 +240,14 @@ class RequestDecoder:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        head = RequestHead()
-        head.method = parser.get_method().decode("ascii", "replace")
-        head.version = parser.get_http_version()
-        head.keep_alive = parser.should_keep_alive()
         headers = self._headers
-        head.headers = headers
+        head = RequestHead(headers)
+        head.method = parser.get_method().decode("ascii", "replace")
+        version = parser.get_http_version()
+        if version != "1.1":
+            head.version = version
+        if not parser.should_keep_alive():
+            head.keep_alive = False
         url = self._url
         if not url:
             self._error = CodecError(400, "empty request target")
