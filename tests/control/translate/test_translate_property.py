@@ -169,3 +169,6 @@ def test_translate_output_always_validates(vss: list[Any], drs: list[Any], mode:
     assert (
         translate(proxy, PushContext(resources=tuple(result.resources), registry=REGISTRY)) == snap
     )
+    # and the analyzer copes with anything that loads, locating every problem
+    for problem in analyze(result.resources, REGISTRY):
+        assert problem.file == "prop.yaml" and problem.line >= 1 and problem.message
