@@ -6,6 +6,8 @@ import asyncio
 import socket
 import time
 
+import pytest
+
 from diktyo.testing import (
     FakeUpstream,
     HttpClient,
@@ -463,3 +465,26 @@ async def test_http10_clients_close_or_keep_alive() -> None:
         assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"ok")
         w.close()
         assert [q.path for q in up.requests] == ["/a", "/b"]
+
+
+async def test_internal_error_costs_one_request_not_the_sidecar(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from diktyo.proxy.router.matcher import RouteMatcher
+
+    async with (
+        FakeUpstream() as up,
+        start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
+    ):
+        real = RouteMatcher.select
+
+        def broken(self, info):  # type: ignore[no-untyped-def]
+            if info.path == "/boom":
+                raise RuntimeError("bug")
+            return real(self, info)
+
+        monkeypatch.setattr(RouteMatcher, "select", broken)
+        r = await http_request(sc.port(), "GET", "http://reviews/boom")
+        assert (r.status, r.text) == (500, "internal proxy error")
+        assert (await http_request(sc.port(), "GET", "http://reviews/fine")).status == 200
+        assert sc.sidecar.stats.server["downstream_rq_internal_error"] == 1

@@ -23,6 +23,7 @@ when a timeout is configured. Header/idle timeouts are swept once a second by th
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections import deque
@@ -100,6 +101,7 @@ PAUSE_UPSTREAM = 2
 PAUSE_BUFFER = 4
 
 _monotonic = time.monotonic
+log = logging.getLogger("diktyo.proxy")
 _NO_LB_CONTEXT = LbContext({}, "", None)  # shared by requests whose LB ignores the request
 
 
@@ -204,9 +206,22 @@ class HttpConnection(asyncio.Protocol):
         s = Stream(self, head)
         self.streams.append(s)
         if len(self.streams) == 1:
-            s.start()
+            self.start_stream(s)
         else:
             self.pause(PAUSE_PIPELINE)
+
+    def start_stream(self, s: Stream) -> None:
+        try:
+            s.start()
+        except Exception:  # a bug must cost one request (500), never the connection or process
+            log.exception("internal error handling %s %s", s.head.method, s.head.path)
+            server = self.ctx.stats.server
+            server["downstream_rq_internal_error"] = (
+                server.get("downstream_rq_internal_error", 0) + 1
+            )
+            if not s.resp_started:
+                s.close_out = True
+                s.local_reply(500, b"internal proxy error", "")
 
     def on_request_body(self, chunk: bytes) -> None:
         self.streams[-1].on_request_body(chunk)
@@ -259,7 +274,7 @@ class HttpConnection(asyncio.Protocol):
         if self.streams:
             if len(self.streams) == 1 and self.paused:
                 self.resume(PAUSE_PIPELINE)
-            self.streams[0].start()
+            self.start_stream(self.streams[0])
         elif self.paused:
             self.resume(PAUSE_PIPELINE)
 
