@@ -251,3 +251,63 @@ async def test_redirect_direct_response_header_ops_and_rewrite() -> None:
             assert q.headers["host"] == "backend"
             assert q.headers["x-set"] == "s" and q.headers["x-add"] == "a"
             assert q.headers["x-dest"] == "d" and "x-drop" not in q.headers
+
+
+async def test_weighted_destinations_split_traffic() -> None:
+    async with FakeUpstream(Response(body=b"v1")) as v1, FakeUpstream(Response(body=b"v2")) as v2:
+        c1, c2 = cluster_name("reviews", subset="v1"), cluster_name("reviews", subset="v2")
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", v1.port)]},
+            routes={
+                "reviews": [
+                    {
+                        "name": "split",
+                        "clusters": [
+                            {"cluster": c1, "subset": "v1", "weight": 80},
+                            {"cluster": c2, "subset": "v2", "weight": 20},
+                        ],
+                    }
+                ]
+            },
+            extra_clusters=[
+                {
+                    "name": c1,
+                    "service": "reviews",
+                    "subset": "v1",
+                    "endpoints": [{"address": "127.0.0.1", "port": v1.port}],
+                },
+                {
+                    "name": c2,
+                    "service": "reviews",
+                    "subset": "v2",
+                    "endpoints": [{"address": "127.0.0.1", "port": v2.port}],
+                },
+            ],
+        )
+        async with start_sidecar(snap, seed=3) as sc, HttpClient(sc.port()) as c:
+            bodies = [(await c.get("http://reviews/")).body for _ in range(200)]
+        share = bodies.count(b"v2") / len(bodies)
+        assert 0.1 < share < 0.3
+
+
+async def test_consistent_hash_cookie_is_set_and_sticks() -> None:
+    async with FakeUpstream(Response(body=b"a")) as a, FakeUpstream(Response(body=b"b")) as b:
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", a.port), ("127.0.0.1", b.port)]},
+            clusters={
+                "reviews": {
+                    "lb": {"consistent_hash": {"http_cookie": "user", "http_cookie_ttl": 60.0}}
+                }
+            },
+        )
+        async with start_sidecar(snap) as sc:
+            r = await http_request(sc.port(), "GET", "http://reviews/")
+            cookie = r.header("set-cookie")
+            assert cookie is not None and cookie.startswith("user=")
+            value = cookie.split(";")[0]
+            bodies = set()
+            for _ in range(10):
+                r = await http_request(sc.port(), "GET", "http://reviews/", {"Cookie": value})
+                bodies.add(r.body)
+                assert r.header("set-cookie") is None
+            assert len(bodies) == 1
