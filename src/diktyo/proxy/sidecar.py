@@ -103,7 +103,7 @@ class Runtime:
             from diktyo.proxy.access_log import make_access_logger
 
             self.access_log = make_access_logger(snapshot.mesh.access_log)
-        self._peers: dict[tuple[Any, ...], Any] = {}
+        self.peers: dict[tuple[Any, ...], Any] = {}  # (reporter, cluster, host key) -> PeerKey
         # cluster states last: carrying over mutates shared objects (hosts, breakers)
         prev = previous.clusters if previous is not None else {}
         clusters: dict[str, Any] = {}
@@ -131,7 +131,7 @@ class Runtime:
             cstate.cluster.name if cstate is not None else "",
             host.key if host is not None else None,
         )
-        p = self._peers.get(key)
+        p = self.peers.get(key)
         if p is not None:
             return p
         if reporter == "destination":
@@ -146,7 +146,7 @@ class Runtime:
                 ep = host.endpoint
                 other = WorkloadInfo.from_labels(ep.workload, ep.namespace, ep.labels, ep.principal)
             p = self.stats.peer_for("source", self.me, other, service)
-        self._peers[key] = p
+        self.peers[key] = p
         return p
 
 

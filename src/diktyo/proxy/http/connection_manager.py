@@ -34,6 +34,7 @@ from diktyo.proxy.codec.http1 import (
     HOP_BY_HOP_LINE_RE,
     HOP_BY_HOP_STR,
     LAST_CHUNK,
+    STATUS_LINES,
     CodecError,
     RequestDecoder,
     RequestHead,
@@ -376,12 +377,7 @@ class Stream:
         sel = None
         if matcher is not None:
             info = RequestInfo(
-                head.method,
-                head.path,
-                authority,
-                head.headers,
-                head.scheme,
-                ctx.port_for(authority),
+                head.method, head.path, authority, head.headers, head.scheme, ctx.service_port
             )
             sel = matcher.select(info)
         if sel is None:
@@ -704,7 +700,8 @@ class Stream:
             extra += _CLOSE_HDR
         elif head.version == "1.0":
             extra += _KEEP_ALIVE_HDR  # HTTP/1.0 keep-alive must be confirmed
-        self.obuf.append(status_line(status) + block[:-2] + extra + b"\r\n")
+        line = STATUS_LINES.get(status) or status_line(status)
+        self.obuf.append(line + block[:-2] + extra + b"\r\n")
 
     def response_header_ops(self, block: bytes) -> bytes:
         """Route and destination response header operations, and a consistent-hash cookie."""
@@ -955,9 +952,16 @@ class Stream:
         rt = self.rt
         if rt is not None:
             ctx = self.ctx
-            flags = join_flags(self.flags)
+            flags = "-" if self.flags is None else join_flags(self.flags)
             dur = (_monotonic() - self.t0) * 1000.0
-            labels = rt.labels_for(ctx.reporter, self.cstate, self.host)
+            cs = self.cstate
+            host = self.host
+            key = (
+                ctx.reporter,
+                cs.cluster.name if cs is not None else "",
+                host.key if host is not None else None,
+            )
+            labels = rt.peers.get(key) or rt.labels_for(ctx.reporter, cs, host)
             rt.record(labels, self.status, flags, dur, self.req_bytes, self.resp_bytes)
             if rt.access_log is not None:
                 rt.access_log(self, flags, dur)

@@ -155,8 +155,8 @@ def compile_match(m: RouteMatch) -> list[tuple[str, Cond]]:
         port = m.port
 
         def port_cond(info: RequestInfo) -> bool:
-            p = info.port if info.port is not None else _authority_port(info.authority)
-            return p == port
+            p = _authority_port(info.authority)  # the port in the authority, else the listener's
+            return (p if p is not None else info.port) == port
 
         conds.append((f"port {port}", port_cond))
     for km in m.headers:
@@ -206,14 +206,20 @@ class CompiledHeaderOps:
         return headers
 
 
+def _ops(ops: HeaderOps | None) -> CompiledHeaderOps | None:
+    """Compiled header operations, or None when there are none (a cheap test per request)."""
+    c = CompiledHeaderOps(ops)
+    return c if c else None
+
+
 class CompiledDestination:
     __slots__ = ("req_ops", "resp_ops", "wc")
 
     def __init__(self, wc: WeightedCluster) -> None:
         self.wc = wc
         h = wc.headers
-        self.req_ops = CompiledHeaderOps(h.request if h else None)
-        self.resp_ops = CompiledHeaderOps(h.response if h else None)
+        self.req_ops = _ops(h.request if h else None)
+        self.resp_ops = _ops(h.response if h else None)
 
 
 class CompiledRoute:
@@ -246,8 +252,8 @@ class CompiledRoute:
         self.cum_weights = cum
         self.total_weight = total
         h = route.headers
-        self.req_ops = CompiledHeaderOps(h.request if h else None)
-        self.resp_ops = CompiledHeaderOps(h.response if h else None)
+        self.req_ops = _ops(h.request if h else None)
+        self.resp_ops = _ops(h.response if h else None)
         rw = route.rewrite
         self.uri_regex = re.compile(rw.uri_regex) if rw is not None and rw.uri_regex else None
         self.has_rewrite = rw is not None
