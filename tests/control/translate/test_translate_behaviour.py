@@ -335,3 +335,21 @@ spec:
     assert route.direct_response is not None and route.direct_response.status == 418
     legacy = vhost(snap, "legacy.default.svc.cluster.local:80")
     assert "legacy" in legacy.domains and "legacy.default:80" in legacy.domains
+
+
+def test_sidecar_egress_scope_and_selection() -> None:
+    proxy, push = _case("sidecar-egress.in.yaml")
+    snap = translate(proxy, push)
+    names = [vh.name for vh in snap.route_tables[0].virtual_hosts]
+    assert names == ["reviews.default.svc.cluster.local:9080", "cart.shop.svc.cluster.local:8080"]
+    assert {c.name for c in snap.clusters} == {
+        "outbound|9080||reviews.default.svc.cluster.local",
+        "outbound|8080||cart.shop.svc.cluster.local",
+    }
+    # another workload falls back to the root namespace's Sidecar: sees everything
+    other = ProxyNode(node=Node(id="r", workload="reviews-v1", labels={"app": "reviews"}))
+    hosts = {vh.name for vh in translate(other, push).route_tables[0].virtual_hosts}
+    assert "details.default.svc.cluster.local:9080" in hosts and len(hosts) == 5
+    # gateways ignore Sidecar resources
+    gw = ProxyNode(node=Node(id="g", workload="gw", labels={"app": "productpage"}, mode="gateway"))
+    assert len(translate(gw, push).route_tables[0].virtual_hosts) == 5

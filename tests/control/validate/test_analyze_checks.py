@@ -181,3 +181,12 @@ def test_wildcard_host_on_the_mesh_and_weight_range() -> None:
     assert [p.field for p in problems] == ["spec.hosts[0]", "spec.http[0].route[0].weight"]
     assert "wildcard host * is not allowed" in problems[0].message
     assert "weight 120 must be between 0 and 100" in problems[1].message
+
+
+def test_sidecar_parts_not_applied_are_reported() -> None:
+    text = (
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\nspec:\n"
+        "  egress: [{hosts: ['./*']}]\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n"
+    )
+    (p,) = run(text)
+    assert p.severity == "warning" and p.field == "spec.outboundTrafficPolicy" and p.line == 6

@@ -23,6 +23,7 @@ from diktyo.control.translate.routes import (
     build_outbound_table,
     gateway_servers,
 )
+from diktyo.control.translate.scope import egress_scope
 from diktyo.security.translate import SECURITY_KINDS, build_security
 from diktyo.snapshot.model import Cluster, Snapshot
 
@@ -40,7 +41,8 @@ def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
     """
     idx = ConfigIndex.build(push.resources, push.registry)
     trust_domain = push.mesh.trust_domain or proxy.node.trust_domain
-    ctx = RouteContext(idx=idx, proxy=proxy)
+    visible = egress_scope(idx, proxy.node)
+    ctx = RouteContext(idx=idx, proxy=proxy, visible=visible)
 
     listeners = outbound_listeners(proxy)
     local, tcp_targets = local_port_listeners(proxy, idx)
@@ -54,7 +56,7 @@ def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
     in_listeners, in_clusters = inbound(proxy, idx)
     listeners += in_listeners
 
-    clusters: dict[str, Cluster] = build_outbound_clusters(idx, proxy, trust_domain)
+    clusters: dict[str, Cluster] = build_outbound_clusters(idx, proxy, trust_domain, visible)
     for host, port in tcp_targets:
         ctx.needed.add((host, port, ""))
     for host, port, subset in sorted(ctx.needed):

@@ -9,7 +9,7 @@ more specific level that sets it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,16 +231,21 @@ def build_cluster(
 
 
 def build_outbound_clusters(
-    idx: ConfigIndex, proxy: ProxyNode, trust_domain: str
+    idx: ConfigIndex,
+    proxy: ProxyNode,
+    trust_domain: str,
+    visible: Callable[[Service, int | None], bool] | None = None,
 ) -> dict[str, Cluster]:
-    """Every registry service port, plus each subset the service's DestinationRule defines."""
+    """Every (visible) registry service port, plus each subset of its DestinationRule."""
     out: dict[str, Cluster] = {}
     for svc in idx.registry.services:
-        if "*" in svc.hostname:
+        if "*" in svc.hostname or (visible is not None and not visible(svc, None)):
             continue
         dr = idx.destination_rule(svc.hostname, proxy.node.namespace)
         subsets = [""] + ([s.name for s in dr.spec.subsets] if dr is not None else [])
         for p in svc.ports:
+            if visible is not None and not visible(svc, p.number):
+                continue
             for subset in subsets:
                 c = build_cluster(idx, proxy, svc, svc.hostname, p.number, subset, trust_domain)
                 out.setdefault(c.name, c)

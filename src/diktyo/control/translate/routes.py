@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,8 @@ class RouteContext:
     idx: ConfigIndex
     proxy: ProxyNode
     needed: set[tuple[str, int, str]] = field(default_factory=set)
+    # the Sidecar resource's egress scope; None = every service is visible
+    visible: Callable[[Service, int | None], bool] | None = None
 
 
 # --------------------------------------------------------------------------- outbound
@@ -84,8 +87,11 @@ def build_outbound_table(ctx: RouteContext) -> RouteTable:
     vhosts: list[VirtualHost] = []
     used: set[str] = set()
     ns = ctx.proxy.node.namespace
+    visible = ctx.visible
     for svc in ctx.idx.registry.services:
         for port in http_ports(svc):
+            if visible is not None and not visible(svc, port):
+                continue
             domains = [d for d in service_domains(svc, port, ns) if d not in used]
             used.update(domains)
             if not domains:

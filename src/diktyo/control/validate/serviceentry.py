@@ -37,10 +37,18 @@ def check(ctx: Context) -> None:
 
 def check_sidecars(ctx: Context) -> None:
     for sc in ctx.idx.sidecars:
-        ctx.report(
-            sc,
-            "spec",
-            "Sidecar resources are accepted but not applied by diktyo yet",
-            "every sidecar sees every service; remove it to silence this warning",
-            "warning",
-        )
+        spec = sc.spec
+        for field in ("ingress", "outbound_traffic_policy", "inbound_connection_pool"):
+            if getattr(spec, field):
+                name = {
+                    "ingress": "ingress",
+                    "outbound_traffic_policy": "outboundTrafficPolicy",
+                    "inbound_connection_pool": "inboundConnectionPool",
+                }[field]
+                ctx.report(
+                    sc,
+                    f"spec.{name}",
+                    f"{name} is accepted but not applied by diktyo",
+                    "only egress hosts are applied; remove it to silence this warning",
+                    "warning",
+                )
