@@ -93,7 +93,15 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
         client.start()
         await ready_evt.wait()
     else:
-        snap = load_snapshot(opts)
+        try:
+            snap = load_snapshot(opts)
+        except (SnapshotError, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - config errors are reported, not tracebacks
+            where = opts.config or opts.snapshot
+            raise SnapshotError(
+                f"cannot load config from {where}: {type(exc).__name__}: {exc}"
+            ) from exc
         sidecar.apply(snap)
     admin = AdminServer(sidecar)
     await admin.start(opts.admin_address, opts.admin_port)
@@ -130,7 +138,7 @@ def run(opts: SidecarOptions) -> int:
     install_uvloop()
     try:
         return asyncio.run(serve(opts))
-    except SnapshotError as exc:
+    except (SnapshotError, OSError) as exc:
         print(f"diktyo sidecar: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
