@@ -97,7 +97,7 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
             snap = load_snapshot(opts)
         except (SnapshotError, OSError):
             raise
-        except Exception as exc:  # noqa: BLE001 - config errors are reported, not tracebacks
+        except Exception as exc:
             where = opts.config or opts.snapshot
             raise SnapshotError(
                 f"cannot load config from {where}: {type(exc).__name__}: {exc}"
