@@ -190,3 +190,13 @@ def test_sidecar_parts_not_applied_are_reported() -> None:
     )
     (p,) = run(text)
     assert p.severity == "warning" and p.field == "spec.outboundTrafficPolicy" and p.line == 6
+
+
+def test_sidecar_egress_host_needs_a_namespace() -> None:
+    text = (
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\nspec:\n"
+        "  egress:\n  - hosts: [reviews.default.svc.cluster.local]\n"
+    )
+    (p,) = run(text)
+    assert p.severity == "error" and p.field == "spec.egress[0].hosts[0]"
+    assert "namespace/dnsName" in p.message and "*/reviews" in p.hint

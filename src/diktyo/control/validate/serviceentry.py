@@ -38,6 +38,16 @@ def check(ctx: Context) -> None:
 def check_sidecars(ctx: Context) -> None:
     for sc in ctx.idx.sidecars:
         spec = sc.spec
+        for i, listener in enumerate(spec.egress):
+            for j, host in enumerate(listener.hosts):
+                ns, sep, name = host.partition("/")
+                if not sep or not ns or not name:
+                    ctx.report(
+                        sc,
+                        f"spec.egress[{i}].hosts[{j}]",
+                        f"egress host {host!r} must have the form namespace/dnsName",
+                        f"e.g. './{host}' for the Sidecar's namespace or '*/{host}' for any",
+                    )
         for field in ("ingress", "outbound_traffic_policy", "inbound_connection_pool"):
             if getattr(spec, field):
                 name = {
