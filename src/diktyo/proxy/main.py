@@ -73,16 +73,19 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
     loop = asyncio.get_running_loop()
     sidecar = Sidecar(loop, seed=opts.seed)
     client = None
+    if opts.control_plane and not opts.node:
+        print(
+            "diktyo sidecar: --control-plane needs --node ID (the node id the control "
+            "plane knows this sidecar by)",
+            file=sys.stderr,
+        )
+        return 2
+    # the admin port answers first (/ready is 503 until a snapshot is applied)
+    admin = AdminServer(sidecar)
+    await admin.start(opts.admin_address, opts.admin_port)
     if opts.control_plane:
         from diktyo.proxy.config_client import ConfigClient
 
-        if not opts.node:
-            print(
-                "diktyo sidecar: --control-plane needs --node ID (the node id the control "
-                "plane knows this sidecar by)",
-                file=sys.stderr,
-            )
-            return 2
         ready_evt = asyncio.Event()
 
         def on_snapshot(snap: Snapshot) -> None:
@@ -103,8 +106,6 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
                 f"cannot load config from {where}: {type(exc).__name__}: {exc}"
             ) from exc
         sidecar.apply(snap)
-    admin = AdminServer(sidecar)
-    await admin.start(opts.admin_address, opts.admin_port)
     await sidecar.wait_listening()
     gc.collect()
     gc.freeze()  # config objects leave the collector's view
