@@ -353,3 +353,29 @@ def test_sidecar_egress_scope_and_selection() -> None:
     # gateways ignore Sidecar resources
     gw = ProxyNode(node=Node(id="g", workload="gw", labels={"app": "productpage"}, mode="gateway"))
     assert len(translate(gw, push).route_tables[0].virtual_hosts) == 5
+
+
+def test_gateway_https_redirect() -> None:
+    text = """\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["shop.example.com"]
+    tls: {httpsRedirect: true}
+"""
+    result = load_text(text, "gw.yaml")
+    node = Node(id="g", workload="gw", labels={"istio": "ingressgateway"}, mode="gateway")
+    snap = translate(
+        ProxyNode(node=node), PushContext(resources=tuple(result.resources), registry=Registry())
+    )
+    from_builtins(to_builtins(snap))
+    vh = vhost(snap, "shop.example.com:80", table="gateway-80")
+    (route,) = vh.routes
+    assert route.redirect is not None and (route.redirect.scheme, route.redirect.code) == (
+        "https",
+        301,
+    )

@@ -481,8 +481,10 @@ def build_gateway_table(ctx: RouteContext, port: int, servers: list[tuple[Any, A
     by_host: dict[str, list[Route]] = {}
     order: list[str] = []
     seen: set[tuple[int, str]] = set()
+    redirect_hosts: set[str] = set()
     for gw, server in servers:
         gw_ref = f"{gw.namespace}/{gw.name}"
+        https_redirect = server.tls is not None and bool(server.tls.https_redirect)
         for vs in ctx.idx.virtual_services:
             if gw_ref not in {_gateway_ref(g, vs.namespace) for g in vs.spec.gateways}:
                 continue
@@ -494,15 +496,30 @@ def build_gateway_table(ctx: RouteContext, port: int, servers: list[tuple[Any, A
                 ):
                     continue
                 seen.add((id(vs), vs_host))
+                if https_redirect:
+                    redirect_hosts.add(vs_host)
                 routes = vs_routes(ctx, vs, port, gateway=gw_ref, default_host=vs_host)
                 if vs_host not in by_host:
                     by_host[vs_host] = []
                     order.append(vs_host)
                 by_host[vs_host] += routes
+        if https_redirect:
+            # redirect even without a VirtualService for the server's hosts (Istio does)
+            for h in server.hosts:
+                host = h.partition("/")[2] if "/" in h else h
+                if host not in by_host:
+                    by_host[host] = []
+                    order.append(host)
+                redirect_hosts.add(host)
     vhosts = []
     for host in sorted(order, key=lambda h: (h == "*", h.startswith("*"), order.index(h))):
         domains = (host,) if host == "*" else (host, f"{host}:{port}")
-        vhosts.append(
-            VirtualHost(name=f"{host}:{port}", domains=domains, routes=tuple(by_host[host]))
-        )
+        routes = by_host[host]
+        if host in redirect_hosts:
+            # Gateway tls.httpsRedirect: every plain HTTP request gets a 301 to https
+            routes = [
+                Route(name="https-redirect", redirect=Redirect(scheme="https", code=301)),
+                *routes,
+            ]
+        vhosts.append(VirtualHost(name=f"{host}:{port}", domains=domains, routes=tuple(routes)))
     return RouteTable(name=f"gateway-{port}", virtual_hosts=tuple(vhosts))
