@@ -103,7 +103,22 @@ class Runtime:
             from diktyo.proxy.access_log import make_access_logger
 
             self.access_log = make_access_logger(snapshot.mesh.access_log)
-        self.peers: dict[tuple[Any, ...], Any] = {}  # (reporter, cluster, host key) -> PeerKey
+        self.peers: dict[tuple[Any, ...], Any] = {}
+        # tracing: only with a collector; the exporter is started/reused when applied
+        self.tracer: Any = None
+        self.new_exporter: Any = None
+        tracing = snapshot.mesh.tracing
+        if tracing.otlp_endpoint:
+            from diktyo.telemetry.otlp import OtlpExporter
+
+            try:
+                self.new_exporter = OtlpExporter(
+                    tracing.otlp_endpoint, service_name=f"{node.workload}.{node.namespace}"
+                )
+            except ValueError as exc:
+                raise SnapshotError(
+                    f"mesh.tracing.otlp_endpoint: {exc}"
+                ) from None  # (reporter, cluster, host key) -> PeerKey
         # cluster states last: carrying over mutates shared objects (hosts, breakers)
         prev = previous.clusters if previous is not None else {}
         clusters: dict[str, Any] = {}
@@ -173,6 +188,7 @@ class Sidecar:
         self.draining = False
         self.stopped = asyncio.Event()
         self._ticker: asyncio.TimerHandle | None = None
+        self.exporter: Any = None  # OtlpExporter while tracing is configured
         self.applied = 0
         self.rejected = 0
         self.last_error = ""
@@ -207,6 +223,7 @@ class Sidecar:
         for name in list(self.pools):
             if name not in rt.clusters:
                 self.pools.pop(name).retire()
+        self._apply_tracing(rt)
         self.rt = rt
         wanted = {lst.name: lst for lst in snapshot.listeners}
         for name in list(self.listeners):
@@ -237,6 +254,34 @@ class Sidecar:
             len(snapshot.listeners),
             len(snapshot.clusters),
         )
+
+    def _apply_tracing(self, rt: Runtime) -> None:
+        new = rt.new_exporter
+        old = self.exporter
+        if new is None:
+            if old is not None:
+                self._spawn(old.close())
+                self.exporter = None
+            return
+        if old is None or old.endpoint != new.endpoint:
+            if old is not None:
+                self._spawn(old.close())
+            new.start()
+            self.exporter = new
+        from diktyo.proxy.http.tracer import Tracer
+
+        rt.tracer = Tracer(
+            rt.snapshot.mesh.tracing.sampling,
+            self.rng,
+            self.clock,
+            self.exporter,
+            rt.snapshot.node.id,
+        )
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _bind_new_listeners(self, snapshot: Snapshot) -> dict[str, socket.socket]:
         socks: dict[str, socket.socket] = {}
@@ -355,6 +400,12 @@ class Sidecar:
             pool.close_all()
             for c in list(pool.active):
                 c.close()
+        if self.exporter is not None:
+            exporter, self.exporter = self.exporter, None
+            try:
+                await asyncio.wait_for(exporter.close(), 5)
+            except (TimeoutError, OSError):
+                pass
         cur = asyncio.current_task()
         others = [t for t in self.tasks if t is not cur]
         for t in others:

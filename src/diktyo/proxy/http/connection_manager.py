@@ -129,6 +129,13 @@ def request_id(rng: Any) -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
+def span_name_for(service: str, port: int | None, authority: str) -> str:
+    """Envoy's operation name: ``reviews.default.svc.cluster.local:9080/*``."""
+    if service:
+        return f"{service}:{port}/*" if port else f"{service}/*"
+    return f"{authority}/*"
+
+
 def join_flags(flags: set[str] | None) -> str:
     if not flags:
         return "-"
@@ -336,6 +343,7 @@ class Stream:
     mirrors: list[Any] | None = None
     discard = False
     per_try: float | None = None
+    span: Any = None  # tracing span (only when the mesh has a trace collector)
 
     def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
         self.conn = conn
@@ -369,6 +377,17 @@ class Stream:
                 self.local_reply(503, b"", "NC")
                 return
             self.prepare_headers()
+            if rt.tracer is not None:
+                self.span = rt.tracer.begin(
+                    self.out_headers,
+                    "server",
+                    span_name_for(rt.inbound_service, ctx.service_port, head.authority),
+                    {
+                        "http.method": head.method,
+                        "http.url": head.path,
+                        "node_id": rt.tracer.node_id,
+                    },
+                )
             self.begin(rt)
             return
         authority = ctx.default_host or head.authority
@@ -445,6 +464,18 @@ class Stream:
             cr.req_ops.apply_request(h)
         if dest.req_ops:
             dest.req_ops.apply_request(h)
+        if rt.tracer is not None:
+            wc = dest.wc
+            self.span = rt.tracer.begin(
+                h,
+                "client",
+                span_name_for(wc.host, wc.port or self.cstate.cluster.port or None, self.authority),
+                {
+                    "http.method": self.head.method,
+                    "http.url": self.head.path,
+                    "node_id": rt.tracer.node_id,
+                },
+            )
         if route.mirrors:
             self.start_mirrors(route)
         self.begin(rt)
@@ -965,6 +996,8 @@ class Stream:
             rt.record(labels, self.status, flags, dur, self.req_bytes, self.resp_bytes)
             if rt.access_log is not None:
                 rt.access_log(self, flags, dur)
+            if self.span is not None:
+                rt.tracer.end(self.span, self.status, flags, cs.cluster.name if cs else "")
         self.ctx.stats.server["downstream_rq_total"] += 1
         if notify:
             self.conn.stream_done(self)
