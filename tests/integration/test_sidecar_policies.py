@@ -97,6 +97,8 @@ async def test_retries_exhausted_returns_last_response_with_urx() -> None:
             assert len(up.requests) == 3
             assert [q.headers["x-envoy-attempt-count"] for q in up.requests] == ["1", "2", "3"]
             assert sc.sidecar.stats.request_count(response_flags="URX") == 1
+            breaker = sc.sidecar.rt.clusters[CL].breaker
+            assert (breaker.retries, breaker.requests) == (0, 0)  # every retry slot given back
 
 
 async def test_per_try_timeout_retried_then_succeeds() -> None:

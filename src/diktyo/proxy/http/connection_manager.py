@@ -804,9 +804,7 @@ class Stream:
         self.retry_timer = None
         if self.done or self.resp_started:
             return
-        in_retry = self.in_retry
-        self.attempt_upstream(False)
-        self.in_retry = in_retry and self.host_active
+        self.attempt_upstream(False)  # the retry slot is released when this attempt ends
 
     def on_response_body(self, chunk: bytes) -> None:
         if not self.resp_started or self.uconn is None:
