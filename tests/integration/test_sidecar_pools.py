@@ -118,3 +118,30 @@ async def test_access_log_in_istio_text_format(tmp_path: Path) -> None:
     assert '"pytest" "rid-1" "reviews"' in lines[0]
     assert f'"127.0.0.1:{up.port}" outbound|80||reviews' in lines[0]
     assert '"GET /x HTTP/1.1" 404 NR ' in lines[1]
+
+
+async def test_client_disconnects_do_not_eject_hosts() -> None:
+    async with FakeUpstream(Response(delay=0.5)) as up:
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", up.port)]},
+            clusters={
+                "reviews": {
+                    "outlier": {
+                        "consecutive_5xx_errors": 1,
+                        "consecutive_gateway_errors": 1,
+                        "max_ejection_percent": 100.0,
+                    }
+                }
+            },
+        )
+        async with start_sidecar(snap) as sc:
+            for _ in range(3):  # impatient clients leave before the slow answer
+                _r, w = await asyncio.open_connection("127.0.0.1", sc.port())
+                w.write(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
+                await w.drain()
+                await asyncio.sleep(0.05)
+                w.close()
+            await asyncio.sleep(0.05)
+            assert sc.sidecar.stats.request_count(response_flags="DC") == 3
+            (host,) = sc.sidecar.rt.clusters["outbound|80||reviews"].hosts
+            assert host.ejected_until == 0 and host.active_requests == 0

@@ -566,13 +566,18 @@ class Stream:
         self.pending = True
         self.pool.acquire(self, host, fresh)
 
-    def end_attempt(self, status: int | None, gateway: bool) -> None:
+    def end_attempt(self, status: int | None, gateway: bool, cancel: bool = False) -> None:
+        """The current try is over. ``cancel``: the proxy gave up on it for a reason that is not
+        the host's fault (client left, reply already sent): no host stats, no outlier input."""
         if self.rq_active:
             self.rq_active = False
             self.cstate.breaker.end_request()
         if self.host_active:
             self.host_active = False
-            self.cstate.on_request_end(self.host, status, gateway)
+            if cancel:
+                self.cstate.on_request_cancel(self.host)
+            else:
+                self.cstate.on_request_end(self.host, status, gateway)
         if self.in_retry:
             self.in_retry = False
             self.cstate.breaker.end_retry()
@@ -693,7 +698,7 @@ class Stream:
             u = self.uconn
             self.uconn = None
             u.close()
-            self.end_attempt(None, False)
+            self.end_attempt(None, False, cancel=True)
         self.local_reply(exc.status, exc.message.encode(), "")
 
     # ------------------------------------------------------------------ response side
@@ -889,6 +894,7 @@ class Stream:
         if self.done:
             return
         self.add_flag("UT")
+        self.end_attempt(None, True)  # a timeout counts against the host (Envoy: 504)
         if self.resp_started:
             self.reset_downstream()
             return
@@ -920,7 +926,7 @@ class Stream:
         if u is not None:
             self.uconn = None
             u.close()
-        self.end_attempt(None, False)
+        self.end_attempt(None, False, cancel=True)
 
     def local_reply(
         self, status: int, body: bytes, flag: str, headers: list[tuple[bytes, bytes]] | None = None
