@@ -476,15 +476,15 @@ async def test_internal_error_costs_one_request_not_the_sidecar(
         FakeUpstream() as up,
         start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
     ):
-        real = RouteMatcher.select
+        real = RouteMatcher.find_virtual_host
 
-        def broken(self, info):  # type: ignore[no-untyped-def]
-            if info.path == "/boom":
+        def broken(self, authority):  # type: ignore[no-untyped-def]
+            if authority == "boom":
                 raise RuntimeError("bug")
-            return real(self, info)
+            return real(self, authority)
 
-        monkeypatch.setattr(RouteMatcher, "select", broken)
-        r = await http_request(sc.port(), "GET", "http://reviews/boom")
+        monkeypatch.setattr(RouteMatcher, "find_virtual_host", broken)
+        r = await http_request(sc.port(), "GET", "http://boom/x")
         assert (r.status, r.text) == (500, "internal proxy error")
         assert (await http_request(sc.port(), "GET", "http://reviews/fine")).status == 200
         assert sc.sidecar.stats.server["downstream_rq_internal_error"] == 1

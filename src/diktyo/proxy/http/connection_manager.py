@@ -393,16 +393,26 @@ class Stream:
         authority = ctx.default_host or head.authority
         self.authority = authority
         matcher = rt.matchers.get(ctx.route_table)
-        sel = None
-        if matcher is not None:
+        cvh = matcher.find_virtual_host(authority) if matcher is not None else None
+        if cvh is None:
+            self.local_reply(404, b"", "NR")
+            return
+        routes = cvh.routes
+        if routes and not routes[0].blocks:
+            cr = routes[0]  # a match-all first route: no request conditions to evaluate
+            self.block = 0
+        else:
             info = RequestInfo(
                 head.method, head.path, authority, head.headers, head.scheme, ctx.service_port
             )
-            sel = matcher.select(info)
-        if sel is None:
-            self.local_reply(404, b"", "NR")
-            return
-        _, cr, self.block = sel
+            for cr in routes:
+                bi = cr.match(info)
+                if bi >= 0:
+                    self.block = bi
+                    break
+            else:
+                self.local_reply(404, b"", "NR")
+                return
         self.route = cr
         route = cr.route
         if route.fault is not None:
