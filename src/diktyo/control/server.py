@@ -45,10 +45,11 @@ _PLACEHOLDER_PAGE = """<!doctype html><html><head><title>diktyo</title></head><b
 <a href="/v1/config">/v1/config</a>.</p></body></html>"""
 
 
-def _default_translator() -> Translator:
-    from diktyo.control.translate import translate
+def _default_translator() -> Any:
+    """``translate`` sharing per-view work across proxies (``translate.cache.PushTranslator``)."""
+    from diktyo.control.translate.cache import PushTranslator
 
-    return translate
+    return PushTranslator()
 
 
 def _merge_service_entries(resources: tuple[Any, ...], registry: Registry) -> Registry:
@@ -705,12 +706,16 @@ class _LazyTranslator:
     """Import the real translator on first use, so the server starts without it in tests."""
 
     def __init__(self) -> None:
-        self._fn: Translator | None = None
+        self._fn: Any = None
 
     def __call__(self, proxy: ProxyNode, push: PushContext) -> Any:
+        return self.build(proxy, push).snapshot
+
+    def build(self, proxy: ProxyNode, push: PushContext) -> Any:
+        """Snapshot and its pre-encoded wire twin (``PushTranslator.build``)."""
         if self._fn is None:
             self._fn = _default_translator()
-        return self._fn(proxy, push)
+        return self._fn.build(proxy, push)
 
 
 def _same_content(version: str, digest: str) -> bool:

@@ -1,0 +1,226 @@
+"""Shared translation: ``translate`` for many proxies, computing per-view work once per push.
+
+Most of a sidecar's snapshot does not depend on the sidecar itself: the config index, the
+outbound route table and the outbound clusters depend only on the push and on the proxy's
+*view* of it (mode, namespace, labels, trust domain; labels and namespace decide the Sidecar
+scope and ``sourceLabels``/``sourceNamespace`` matches). ``PushTranslator`` computes those
+once per distinct view per push and builds only the per-proxy parts (listeners, node,
+inbound clusters, gateway tables, security) for each proxy. The result equals
+``translate(proxy, push)`` (tested, including a Hypothesis property).
+
+``PushTranslator.build(proxy, push)`` also returns a *wire* twin of the snapshot whose shared
+parts are pre-encoded ``msgspec.Raw`` JSON fragments, so encoding a proxy's snapshot is
+mostly a byte copy: ``codec.encode(built.wire) == codec.encode(built.snapshot)``. The wire
+twin is only for encoding; never read its fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from diktyo.control.model import ProxyNode, PushContext
+from diktyo.control.translate.clusters import build_cluster, build_outbound_clusters
+from diktyo.control.translate.hosts import ConfigIndex
+from diktyo.control.translate.listeners import (
+    gateway_listeners,
+    inbound,
+    local_port_listeners,
+    outbound_listeners,
+)
+from diktyo.control.translate.routes import (
+    RouteContext,
+    build_gateway_table,
+    build_outbound_table,
+    gateway_servers,
+)
+from diktyo.control.translate.scope import Visible, egress_scope
+from diktyo.security.translate import SECURITY_KINDS, build_security
+from diktyo.snapshot.model import Cluster, RouteTable, Snapshot
+
+_encoder = msgspec.json.Encoder()
+
+ViewKey = tuple[str, str, str, tuple[tuple[str, str], ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """One proxy's snapshot and its wire twin (same JSON, shared parts pre-encoded)."""
+
+    snapshot: Snapshot
+    wire: Snapshot
+
+
+@dataclass(slots=True)
+class _View:
+    """What every proxy with one view of one push shares."""
+
+    visible: Visible | None
+    table: RouteTable
+    table_raw: msgspec.Raw
+    needed: frozenset[tuple[str, int, str]]
+    outbound: dict[str, Cluster]  # build_outbound_clusters(...)
+    clusters: list[Cluster]  # outbound + clusters for ``needed`` (the common final list)
+    raw: dict[str, msgspec.Raw] = field(default_factory=dict)  # cluster name -> encoded
+    extra: dict[tuple[str, int, str], Cluster] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Push:
+    push: PushContext
+    idx: ConfigIndex
+    security_resources: list[Any]
+    views: dict[ViewKey, _View] = field(default_factory=dict)
+
+
+def view_key(proxy: ProxyNode, push: PushContext) -> ViewKey:
+    """Everything of ``proxy`` that the shared parts of its snapshot depend on."""
+    node = proxy.node
+    trust_domain = push.mesh.trust_domain or node.trust_domain
+    return (node.mode, node.namespace, trust_domain, tuple(sorted(node.labels.items())))
+
+
+class PushTranslator:
+    """``translate`` with per-push, per-view sharing; callable like ``translate``.
+
+    Keeps the state of the newest push only (a new ``PushContext`` object starts afresh), so
+    memory is bounded by the number of distinct views, not proxies.
+    """
+
+    def __init__(self) -> None:
+        self._state: _Push | None = None
+        self.views_built = 0  # how many views were computed (tests, stats)
+
+    def __call__(self, proxy: ProxyNode, push: PushContext) -> Snapshot:
+        return self.build(proxy, push).snapshot
+
+    def build(self, proxy: ProxyNode, push: PushContext) -> Built:
+        state = self._push_state(push)
+        key = view_key(proxy, push)
+        view = state.views.get(key)
+        if view is None:
+            view = self._build_view(state, proxy, key[2])
+            state.views[key] = view
+        return self._build_proxy(state, view, proxy, key[2])
+
+    # ------------------------------------------------------------------ internals
+
+    def _push_state(self, push: PushContext) -> _Push:
+        state = self._state
+        if state is None or state.push is not push:
+            state = _Push(
+                push=push,
+                idx=ConfigIndex.build(push.resources, push.registry),
+                security_resources=[
+                    r for r in push.resources if getattr(r, "kind", "") in SECURITY_KINDS
+                ],
+            )
+            self._state = state
+        return state
+
+    def _build_view(self, state: _Push, proxy: ProxyNode, trust_domain: str) -> _View:
+        idx = state.idx
+        visible = egress_scope(idx, proxy.node)
+        ctx = RouteContext(idx=idx, proxy=proxy, visible=visible)
+        table = build_outbound_table(ctx)
+        outbound = build_outbound_clusters(idx, proxy, trust_domain, visible)
+        view = _View(
+            visible=visible,
+            table=table,
+            table_raw=msgspec.Raw(_encoder.encode(table)),
+            needed=frozenset(ctx.needed),
+            outbound=outbound,
+            clusters=[],
+        )
+        clusters = dict(outbound)
+        for host, port, subset in sorted(view.needed):
+            name = f"outbound|{port}|{subset}|{host}"
+            if name not in clusters:
+                clusters[name] = self._extra(state, view, proxy, host, port, subset, trust_domain)
+        view.clusters = list(clusters.values())
+        view.raw = {c.name: msgspec.Raw(_encoder.encode(c)) for c in view.clusters}
+        self.views_built += 1
+        return view
+
+    @staticmethod
+    def _extra(
+        state: _Push,
+        view: _View,
+        proxy: ProxyNode,
+        host: str,
+        port: int,
+        subset: str,
+        trust_domain: str,
+    ) -> Cluster:
+        key = (host, port, subset)
+        c = view.extra.get(key)
+        if c is None:
+            idx = state.idx
+            c = build_cluster(idx, proxy, idx.service(host), host, port, subset, trust_domain)
+            view.extra[key] = c
+        return c
+
+    def _build_proxy(self, state: _Push, view: _View, proxy: ProxyNode, trust_domain: str) -> Built:
+        idx = state.idx
+        push = state.push
+        listeners = outbound_listeners(proxy)
+        local, tcp_targets = local_port_listeners(proxy, idx)
+        listeners += local
+        tables: list[RouteTable] = [view.table]
+        wire_tables: list[Any] = [view.table_raw]
+        needed: set[tuple[str, int, str]] | None = None
+        if proxy.node.mode == "gateway":
+            ctx = RouteContext(idx=idx, proxy=proxy, visible=view.visible, needed=set(view.needed))
+            servers = gateway_servers(ctx)
+            listeners += gateway_listeners(proxy, list(servers))
+            for port in sorted(servers):
+                t = build_gateway_table(ctx, port, servers[port])
+                tables.append(t)
+                wire_tables.append(t)
+            needed = ctx.needed
+        in_listeners, in_clusters = inbound(proxy, idx)
+        listeners += in_listeners
+        if tcp_targets:
+            needed = set(view.needed) if needed is None else needed
+            for host, port in tcp_targets:
+                needed.add((host, port, ""))
+        if needed is None or needed == view.needed:
+            shared = view.clusters
+        else:
+            clusters = dict(view.outbound)
+            for host, port, subset in sorted(needed):
+                name = f"outbound|{port}|{subset}|{host}"
+                if name not in clusters:
+                    clusters[name] = self._extra(
+                        state, view, proxy, host, port, subset, trust_domain
+                    )
+            shared = list(clusters.values())
+        all_clusters = shared + in_clusters
+        raw = view.raw
+        wire_clusters: list[Any] = [raw.get(c.name, c) for c in shared]
+        wire_clusters += in_clusters
+        sec = state.security_resources
+        extra: dict[str, Any] = {}
+        if sec:
+            extra["security"] = build_security(proxy.node, sec)
+        snap = Snapshot(
+            version=push.version,
+            node=proxy.node,
+            listeners=tuple(listeners),
+            route_tables=tuple(tables),
+            clusters=tuple(all_clusters),
+            mesh=push.mesh,
+            **extra,
+        )
+        wire = Snapshot(
+            version=push.version,
+            node=proxy.node,
+            listeners=snap.listeners,
+            route_tables=tuple(wire_tables),
+            clusters=tuple(wire_clusters),
+            mesh=push.mesh,
+            **extra,
+        )
+        return Built(snapshot=snap, wire=wire)
