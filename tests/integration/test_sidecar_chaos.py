@@ -35,7 +35,8 @@ def chaotic(seed: int):  # type: ignore[no-untyped-def]
             return Response(body=b"bye", close_after=True)
         if x < 0.45:
             return Response(delay=0.05, chunked=True, chunks=[b"a", b"b"])
-        return Response(body=b"ok", delay=rng.choice([0, 0, 0.01]))
+        # echo how much body arrived, so clients can check uploads survived retries intact
+        return Response(body=b"%d" % len(req.body), delay=rng.choice([0, 0, 0.01]))
 
     return handler
 
@@ -87,9 +88,13 @@ async def test_chaos_leaves_no_leaked_state(seed: int) -> None:
                         await asyncio.sleep(rng.choice([0, 0.005, 0.02]))
                         w.close()
                         continue
+                    body = b"u" * rng.choice([0, 10, 70_000, 300_000])
                     try:
                         async with HttpClient(sc.port(), timeout=5) as c:
-                            statuses.append((await c.get("http://reviews/x")).status)
+                            r = await c.request("POST", "http://reviews/x", body=body)
+                            statuses.append(r.status)
+                            if r.status == 200 and r.body not in (b"a" + b"b", b"bye"):
+                                assert r.body == b"%d" % len(body)
                     except ConnectionError:
                         statuses.append(0)  # reset mid-response (UC) is allowed
 
