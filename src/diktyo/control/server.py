@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ class ControlPlane:
         merge_service_entries: bool = False,  # translate merges ServiceEntries itself
         observability: bool = True,
         scrape_interval: float = 5.0,
+        prometheus_url: str | None = None,
     ) -> None:
         self.clock = clock
         self.mesh = mesh or MeshConfig()
@@ -106,6 +108,10 @@ class ControlPlane:
         self.url = ""
         self.admin_urls: dict[str, str] = {}  # node id -> sidecar admin base URL (scraping)
         self.scrape_interval = scrape_interval
+        # the dashboard reads graph/series from this Prometheus instead of the embedded store
+        # ('--prometheus URL'; $DIKTYO_PROMETHEUS lets 'diktyo up' pass it to its mesh)
+        self.prometheus_url = prometheus_url or os.environ.get("DIKTYO_PROMETHEUS") or None
+        self.metric_source: Any = None  # what the dashboard reads: self.metrics or Prometheus
         self.metrics: Any = None  # diktyo.telemetry.store.MetricStore when observability is on
         self.traces: Any = None
         self._scraper: Any = None
@@ -395,9 +401,15 @@ class ControlPlane:
             return False
         self.metrics = MetricStore()
         self.traces = TraceStore()
+        self.metric_source = self.metrics
+        if self.prometheus_url:
+            from diktyo.telemetry.prometheus_source import PrometheusSource
+
+            self.metric_source = PrometheusSource(self.prometheus_url)
         backend = MeshBackend(
-            self.metrics, self.traces, config=self._dashboard_config, resilience=self.resilience
-        )
+            self.metric_source, self.traces, config=self._dashboard_config,
+            resilience=self.resilience,
+        )  # fmt: skip
         setup_dashboard(app, backend)
         telemetry = web.Application(client_max_size=16 * 1024 * 1024)
         setup_routes(telemetry, self.metrics, self.traces)

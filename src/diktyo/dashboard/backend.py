@@ -9,14 +9,24 @@ of the server.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
-from diktyo.telemetry.store import MetricStore, TraceStore
+from diktyo.telemetry.store import TraceStore
 
 ConfigFn = Callable[[], dict[str, Any]]
 ResilienceFn = Callable[[], "list[dict[str, Any]] | Awaitable[list[dict[str, Any]]]"]
 MtlsFn = Callable[[str, str], bool]
+
+
+class MetricSource(Protocol):
+    """What the dashboard reads metrics from: the embedded ``MetricStore`` or a
+    ``diktyo.telemetry.prometheus_source.PrometheusSource`` (same shapes)."""
+
+    def graph(self, window: float = ...) -> dict[str, Any]: ...
+    def series(
+        self, match: Mapping[str, str] | None = ..., window: float = ...
+    ) -> list[dict[str, Any]]: ...
 
 
 def short_service(fqdn: str) -> str:
@@ -36,7 +46,7 @@ def app_of(workload: str, version: str) -> str:
 class MeshBackend:
     def __init__(
         self,
-        metrics: MetricStore,
+        metrics: MetricSource,
         traces: TraceStore,
         config: ConfigFn | None = None,
         resilience: ResilienceFn | None = None,
@@ -74,7 +84,9 @@ class MeshBackend:
                                        "app": short_service(svc), "service": svc})  # fmt: skip
             else:
                 parts = svc.split(".")
-                ns = parts[1] if svc.endswith(".svc.cluster.local") and len(parts) > 2 else "default"
+                ns = (
+                    parts[1] if svc.endswith(".svc.cluster.local") and len(parts) > 2 else "default"
+                )
                 dst = f"{ns}/{dst_wl}"
                 nodes.setdefault(dst, {"id": dst, "kind": "workload", "workload": dst_wl,
                                        "app": short_service(svc), "version": dst_ver,
