@@ -79,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "A fortio-like load client. Sends GET requests over C keep-alive connections, "
             "through the HTTP proxy in HTTP_PROXY (your sidecar) unless --no-proxy or NO_PROXY "
-            "says otherwise, then prints the status codes (Code 200 : 37 (92.5 %%)), latency "
+            "says otherwise, then prints the status codes (Code 200 : 37 (92.5 %)), latency "
             "percentiles and the achieved qps. The run is bounded: -n requests (default 100) "
             "and/or -t duration, whichever ends first. Istio's tasks' fortio commands work, "
             "e.g. 'diktyo load -c 2 -qps 0 -n 20 -loglevel Warning http://httpbin:8000/get'."
