@@ -74,6 +74,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument(
         "--requests", type=int, default=10, help="requests to send once ready (default 10)"
     )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=1.0,
+        help="keep sending this many requests per second until Ctrl-C, so the dashboard stays "
+        "live (default 1, 0 = none)",
+    )
     p.add_argument("--exit-after-traffic", action="store_true", help=argparse.SUPPRESS)  # for tests
     p.set_defaults(func=run)
 
@@ -127,6 +134,13 @@ def run(args: argparse.Namespace) -> int:
         print("  try Istio's tasks from another terminal, e.g.")
         print(f"    diktyo apply -f {root / 'networking' / 'virtual-service-reviews-test-v2.yaml'}")
         print("    diktyo proxy-status ; diktyo proxy-config productpage-v1-1 routes")
+        if args.rate > 0 and not args.exit_after_traffic:
+            import threading
+
+            threading.Thread(
+                target=_trickle, args=(url, args.rate), name="demo-traffic", daemon=True
+            ).start()
+            print(f"  sending {args.rate:g} request(s)/s to the product page (--rate 0 stops it)")
         print("  Ctrl-C stops everything", flush=True)
         if args.exit_after_traffic:
             import os
@@ -140,6 +154,18 @@ def run(args: argparse.Namespace) -> int:
         return uvloop.run(serve_mesh(spec, after_start=after_start))
     except ImportError:  # pragma: no cover
         return asyncio.run(serve_mesh(spec, after_start=after_start))
+
+
+def _trickle(url: str, rate: float) -> None:
+    """Background traffic for the dashboard: ``rate`` requests per second, forever (daemon)."""
+    import time
+
+    period = 1.0 / rate
+    next_at = time.monotonic()
+    while True:
+        _traffic(url, 1)
+        next_at += period
+        time.sleep(max(0.0, next_at - time.monotonic()))
 
 
 def _traffic(url: str, n: int) -> dict[str, int]:

@@ -64,8 +64,22 @@ class MeshBackend:
         g = self.metrics.graph(window)
         nodes: dict[str, dict[str, Any]] = {}
         edges: list[dict[str, Any]] = []
+        # A server sidecar that cannot tell who called it reports source "unknown". When the
+        # caller's sidecar reported the same calls itself, that "unknown" edge is a duplicate
+        # view of them, not a second client: drop it (Kiali does the same).
+        seen_by_source = {
+            (e["destinationService"], e["destinationWorkload"])
+            for e in g["edges"]
+            if e.get("reporter") == "source" and e["sourceWorkload"] != "unknown"
+        }
         for e in g["edges"]:
             src_wl, src_ver = e["sourceWorkload"], e["sourceVersion"]
+            if (
+                src_wl == "unknown"
+                and e.get("reporter") == "destination"
+                and (e["destinationService"], e["destinationWorkload"]) in seen_by_source
+            ):
+                continue
             if src_wl == "unknown":
                 src = "unknown"
                 nodes.setdefault(src, {"id": src, "kind": "unknown", "app": "unknown"})
