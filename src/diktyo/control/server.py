@@ -27,6 +27,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from diktyo.control.ca.mesh import MeshIdentity
 from diktyo.control.model import ProxyNode, PushContext, Registry, Service, WorkloadInstance
 from diktyo.control.serve.cache import SnapshotCache, Translator
 from diktyo.control.serve.debounce import Debouncer
@@ -122,6 +123,8 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        # workload identities: the CA and bootstrap tokens (POST /v1/certificates)
+        self.identity = MeshIdentity(self.mesh.trust_domain, clock)
         self.app = self._make_app()
 
     # ------------------------------------------------------------------ state changes
@@ -385,6 +388,7 @@ class ControlPlane:
         r.add_get("/v1/proxies", self._h_proxies)
         r.add_get("/v1/proxies/{node}/snapshot", self._h_proxy_snapshot)
         r.add_get("/v1/workloads", self._h_workloads)
+        app.add_routes(self.identity.routes())
         if not (self._observability and self._setup_observability(app)):
             r.add_get("/", self._h_index)
         return app

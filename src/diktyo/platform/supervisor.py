@@ -33,6 +33,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from diktyo.control.ca.mesh import TOKEN_ENV
 from diktyo.control.model import InboundPort, ProxyNode, Service, ServicePort, WorkloadInstance
 from diktyo.control.serve.cache import Translator
 from diktyo.control.server import ControlPlane
@@ -422,6 +423,12 @@ class LocalMesh:
         )
         self.cp.add_proxy(rep.proxy, admin_url=f"http://127.0.0.1:{rep.admin_port}")
 
+    def _identity_env(self, rep: Replica) -> dict[str, str]:
+        """The sidecar's bootstrap token (its SPIFFE id is inside): it fetches its cert with it."""
+        node = rep.proxy.node
+        token = self.cp.identity.token_for(node.namespace, node.service_account)
+        return {TOKEN_ENV: token}
+
     def _sidecar_child(self, rep: Replica) -> Child:
         def on_sidecar_line(line: str) -> bool:
             if line.startswith("{") and '"ready"' in line:
@@ -434,7 +441,7 @@ class LocalMesh:
         return Child(
             f"{rep.name} sidecar",
             self.sidecar_argv(self.cp.url, rep.node_id, rep.admin_port),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self._identity_env(rep)},
             out=self.out,
             on_line=on_sidecar_line,
         )

@@ -14,13 +14,15 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
+from diktyo.control.ca.mesh import TOKEN_ENV
 from diktyo.proxy.admin import AdminServer
 from diktyo.proxy.sidecar import Sidecar, install_uvloop
 from diktyo.snapshot.codec import SnapshotError, decode
@@ -40,6 +42,10 @@ class SidecarOptions:
     outbound_port: int | None = None
     drain_timeout: float = 10.0
     seed: int | None = None
+    # bootstrap token for the CA ($DIKTYO_CA_TOKEN, set by the local platform); with
+    # --control-plane it gets the workload certificate and turns on mTLS
+    ca_token: str | None = field(default_factory=lambda: os.environ.get(TOKEN_ENV) or None)
+    identity_timeout: float = 30.0
 
 
 def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:
@@ -83,6 +89,13 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
     # the admin port answers first (/ready is 503 until a snapshot is applied)
     admin = AdminServer(sidecar)
     await admin.start(opts.admin_address, opts.admin_port)
+    if opts.control_plane and opts.ca_token:
+        error = await start_identity(sidecar, opts.control_plane, opts.ca_token, opts.identity_timeout)
+        if error:
+            print(f"diktyo sidecar: {error}", file=sys.stderr)
+            admin.close()
+            await sidecar.stop()
+            return 1
     if opts.control_plane:
         from diktyo.proxy.config_client import ConfigClient
 
@@ -133,6 +146,46 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
     if client is not None:
         await client.close()
     return 0
+
+
+async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: float) -> str:
+    """Get the workload certificate (CSR to the control plane's CA), keep renewing it.
+
+    Returns "" when the first certificate is installed in ``sidecar.certs``, else an error.
+    """
+    from diktyo.proxy.network.tls import CertificateStore
+    from diktyo.security.identity import (
+        CertificateRotator,
+        Credentials,
+        IdentityError,
+        token_subject,
+    )
+
+    try:
+        spiffe = token_subject(token)
+    except IdentityError as exc:
+        return f"${TOKEN_ENV}: {exc}"
+    store = CertificateStore()
+    got = asyncio.Event()
+
+    def on_update(c: Credentials) -> None:
+        store.update(c.cert_chain_pem, c.key_pem, c.trust_bundle_pem)
+        log.info("workload certificate for %s installed (expires %.0f)", c.spiffe_id, c.not_after)
+        got.set()
+
+    rotator = CertificateRotator(ca_url, spiffe, token, on_update)
+    sidecar.certs = store
+    sidecar.rotator = rotator
+    sidecar._spawn(rotator.run())
+    try:
+        await asyncio.wait_for(got.wait(), timeout)
+    except TimeoutError:
+        return (
+            f"no workload certificate for {spiffe} from the CA at {ca_url} within {timeout:g}s "
+            f"({rotator.failures} failed attempts; see the warnings above): is the control plane "
+            f"running and is ${TOKEN_ENV} a token it issued?"
+        )
+    return ""
 
 
 def run(opts: SidecarOptions) -> int:

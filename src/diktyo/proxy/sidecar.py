@@ -192,6 +192,9 @@ class Sidecar:
         self.applied = 0
         self.rejected = 0
         self.last_error = ""
+        # workload identity (mTLS): a CertificateStore once the CA issued a certificate
+        self.certs: Any = None
+        self.rotator: Any = None
 
     # ------------------------------------------------------------------ snapshots
     def apply(self, snapshot: Snapshot) -> None:

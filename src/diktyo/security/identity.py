@@ -86,6 +86,21 @@ async def fetch_certificate(
     )
 
 
+def token_subject(token: str) -> str:
+    """The SPIFFE id a bootstrap token is for (read, not verified: the CA verifies it)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise IdentityError("malformed bootstrap token: expected v1.<claims>.<signature>")
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        sub = claims["sub"]
+    except (ValueError, TypeError, KeyError):
+        raise IdentityError("malformed bootstrap token: cannot read its claims") from None
+    if not isinstance(sub, str) or not sub.startswith("spiffe://"):
+        raise IdentityError("bootstrap token has no spiffe:// subject")
+    return sub
+
+
 class CertificateRotator:
     """Keeps a workload certificate fresh; run ``run()`` under the sidecar's TaskGroup."""
 
