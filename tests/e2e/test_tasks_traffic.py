@@ -106,17 +106,7 @@ def test_traffic_shifting_v1_then_fifty_fifty_v3_then_all_v3(mesh: MeshThread) -
 def test_request_timeouts(mesh: MeshThread) -> None:
     """Istio's request timeouts task: ratings delayed 2 s; reviews (v2) given 0.5 s."""
     mesh.apply_file(NET / "virtual-service-ratings-delay-2s.yaml")
-    route_v2 = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews}
-spec:
-  hosts: [reviews]
-  http:
-  - route:
-    - destination: {host: reviews, subset: v2}
-"""
-    mesh.apply_text(route_v2)
+    mesh.apply_file(NET / "virtual-service-reviews-v2.yaml")
     mesh.wait_synced()
     try:
         # step 1: without a timeout the page works but takes about 2 s (black stars, v2)
