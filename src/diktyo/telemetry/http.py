@@ -4,6 +4,8 @@ Mount with ``setup_routes(app, metrics, traces)``:
 
 - ``GET  /api/metrics/graph?window=60`` — service graph with per-edge rate, error rate, p50/95/99
 - ``GET  /api/metrics/series?window=600&reporter=destination&destination_service=...`` — points
+- ``GET  /api/metrics/edges?window=60&reporter=destination`` — raw per-edge sums (no merging),
+  with histogram buckets, for clients that aggregate themselves (``diktyo stat``)
 - ``GET  /api/metrics/clusters`` — latest Envoy cluster stats (breakers, outliers) per sidecar
 - ``GET  /api/traces?service=&minDurationMs=&errors=1&limit=50`` — newest traces first
 - ``GET  /api/traces/{trace_id}`` — all spans of one trace
@@ -71,6 +73,35 @@ def make_routes() -> web.RouteTableDef:
         store = req.app[METRICS_KEY]
         points = store.series(match, min(window, 86400.0), reporter=reporter)
         return web.json_response({"step": store.resolution, "match": match, "points": points})
+
+    @routes.get("/api/metrics/edges")
+    async def edges(req: web.Request) -> web.Response:
+        window = _float(req, "window", 60.0) or 60.0
+        reporter = req.query.get("reporter") or None
+        if reporter not in (None, "source", "destination"):
+            return _bad("reporter must be 'source' or 'destination'")
+        store = req.app[METRICS_KEY]
+        window = min(window, 86400.0)
+        span = max(1, math.ceil(window / store.resolution)) * store.resolution
+        out = [
+            {
+                **dict(zip(EDGE_LABELS, key, strict=True)),
+                "requests": e.requests,
+                "errors": e.errors,
+                "codes": dict(sorted(e.codes.items())),
+                # [le, cumulative count]; le "+Inf" as a string (JSON has no infinity)
+                "durationBuckets": [
+                    ["+Inf" if math.isinf(le) else le, c]
+                    for le, c in sorted(e.duration_buckets.items())
+                ],
+                "durationSum": e.duration_sum,
+                "tcpSent": e.tcp_sent,
+                "tcpReceived": e.tcp_received,
+                "tcpOpened": e.tcp_opened,
+            }
+            for key, e in sorted(store.edges(window, reporter=reporter).items())
+        ]
+        return web.json_response({"window": span, "edges": out})
 
     @routes.get("/api/metrics/clusters")
     async def clusters(req: web.Request) -> web.Response:
