@@ -259,7 +259,9 @@ class ControlPlane:
             self.app, access_log=None, handle_signals=False, shutdown_timeout=0.5
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        # every sidecar holds a long poll open: a deep accept queue keeps a restart or a burst
+        # of thousands of connects from overflowing it (the kernel caps it at somaxconn)
+        site = web.TCPSite(self._runner, host, port, backlog=4096)
         await site.start()
         server = site._server
         assert server is not None and server.sockets  # type: ignore[attr-defined]
@@ -553,23 +555,30 @@ class ControlPlane:
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0 or node_id not in self.proxies or self._closing:
                 return web.Response(status=204)
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(node_id, set()).add(fut)
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            waiters = self._waiters.get(node_id)
+            if waiters is None:
+                waiters = self._waiters[node_id] = set()
+            waiters.add(fut)
             st.connected = True
+            # a timer handle instead of asyncio.wait(): no extra task/callback set per poll
+            timer = loop.call_later(remaining, _wake, fut)
             try:
-                await asyncio.wait({fut}, timeout=remaining)
+                await fut
             finally:
+                timer.cancel()
                 st.connected = False
-                self._waiters.get(node_id, set()).discard(fut)
+                waiters.discard(fut)
             if node_id not in self.proxies or self._closing:
                 return web.Response(status=204)
 
     async def _h_ack(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json()
+            body = msgspec.json.decode(await request.read())
             node_id, version = str(body["node"]), str(body["version"])
             ok = bool(body.get("ok", True))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return _error(
                 400, 'ack body must be JSON {"node": ID, "version": V, "ok": bool, "error": "..."}'
             )
@@ -579,7 +588,7 @@ class ControlPlane:
         st.ack(version, ok, str(body.get("error") or ""), self.clock.time())
         if not ok:
             log.warning("%s rejected snapshot %s: %s", node_id, version, st.error)
-        return web.json_response({"ok": True})
+        return web.Response(body=_ACK_OK, content_type="application/json")
 
     async def _h_config(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -732,6 +741,15 @@ class _LazyTranslator:
         if self._fn is None:
             self._fn = _default_translator()
         return self._fn.build(proxy, push)
+
+
+_ACK_OK = b'{"ok": true}'
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    """Long-poll timeout: wake the waiting handler (it answers 204)."""
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _same_content(version: str, digest: str) -> bool:

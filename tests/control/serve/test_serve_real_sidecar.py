@@ -147,7 +147,12 @@ async def test_real_sidecar_nack_is_reported_by_proxy_status() -> None:
     try:
         assert proc.stdout is not None
         assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 20))["event"] == "ready"
+        for _ in range(100):  # "ready" is printed before the ACK reaches the control plane
+            if cp.status["a-1.default"].state == "SYNCED":
+                break
+            await asyncio.sleep(0.05)
         good = cp.status["a-1.default"].acked
+        assert good
         state["bad"] = True
         cp.kick()
         for _ in range(100):
