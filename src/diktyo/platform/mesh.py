@@ -155,6 +155,22 @@ class ControlPlaneSpec(_M):
     port: int = Field(default=0, ge=0, le=65535)  # 0 = pick a free port
 
 
+class TracingSpec(_M):
+    """Mesh-wide tracing, like Istio's ``meshConfig.defaultConfig.tracing``."""
+
+    sampling: float = Field(default=1.0, ge=0.0, le=100.0)  # percent; Istio's default is 1 %
+    # an extra OTLP/HTTP collector (Jaeger, Tempo, an OpenTelemetry Collector), e.g.
+    # http://127.0.0.1:4318/v1/traces; unset = the control plane's embedded trace store
+    otlp_endpoint: str | None = None
+
+
+class AccessLogSpec(_M):
+    """Sidecar access logs, like Istio's ``meshConfig.accessLogFile`` / ``accessLogEncoding``."""
+
+    enabled: bool = False
+    format: str = Field(default="text", pattern="^(text|json)$")
+
+
 class MeshSpec(_M):
     api_version: str = "diktyo.io/v1alpha1"
     kind: str = "Mesh"
@@ -165,6 +181,8 @@ class MeshSpec(_M):
     services: list[ServiceSpec] = Field(default_factory=list)
     workloads: list[WorkloadSpec] = Field(default_factory=list)
     gateways: list[GatewaySpec] = Field(default_factory=list)
+    tracing: TracingSpec = Field(default_factory=TracingSpec)
+    access_log: AccessLogSpec = Field(default_factory=AccessLogSpec)
     # set by load_mesh: the folder relative paths are resolved against
     base_dir: str = Field(default=".", exclude=True)
 
@@ -320,6 +338,16 @@ def _loc_text(loc: tuple[Any, ...]) -> str:
         ):
             out += f".{part}" if out else part
     return out
+
+
+def mesh_config(spec: MeshSpec) -> Any:
+    """The snapshot's mesh-wide settings from the mesh file (tracing, access log)."""
+    from diktyo.snapshot.model import AccessLog, MeshConfig, Tracing
+
+    return MeshConfig(
+        tracing=Tracing(sampling=spec.tracing.sampling, otlp_endpoint=spec.tracing.otlp_endpoint),
+        access_log=AccessLog(enabled=spec.access_log.enabled, format=spec.access_log.format),  # type: ignore[arg-type]
+    )
 
 
 def json_schema() -> dict[str, Any]:

@@ -135,7 +135,11 @@ class LocalMesh:
         self.out = out or sys.stdout
         self.ready_timeout = ready_timeout
         self.on_change = on_change
-        self.cp = ControlPlane(config_dir=self.config_dir, translator=translator)
+        from diktyo.platform.mesh import mesh_config
+
+        self.cp = ControlPlane(
+            config_dir=self.config_dir, translator=translator, mesh=mesh_config(spec)
+        )
         self.cp.workloads_provider = lambda: [r.to_json() for r in self.replicas]
         self.replicas: list[Replica] = []
         self._taken: set[int] = set()  # ports handed out (never twice)
