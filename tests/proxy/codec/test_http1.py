@@ -249,3 +249,42 @@ def test_response_header_block_across_reads_and_hop_by_hop_removal() -> None:
         (b"Content-Length", b"3"),
     ]
     assert encode_header_block(parse_header_block(clean)) == clean
+
+
+_HDR_NAMES = [
+    b"Connection",
+    b"keep-alive",
+    b"Content-Length",
+    b"TE",
+    b"te-x",
+    b"Transfer-Encoding",
+    b"Upgrade",
+    b"trailer",
+    b"Proxy-Connection",
+    b"connectionx",
+    b"Set-Cookie",
+    b"content-lengthy",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_HDR_NAMES),
+            st.sampled_from([b":", b" :", b"\t:", b": "]),
+            st.sampled_from([b"", b"v", b" a b ", b"\t1", b"x\ry"]),
+        ),
+        max_size=6,
+    )
+)
+def test_strip_hop_by_hop_matches_the_multiline_regex(
+    lines: list[tuple[bytes, bytes, bytes]],
+) -> None:
+    from diktyo.proxy.codec.http1 import CONTENT_LENGTH_RE, strip_hop_by_hop
+
+    block = b"".join(n + s + v + b"\r\n" for n, s, v in lines) + b"\r\n"
+    expected = HOP_BY_HOP_LINE_RE.sub(b"", block)
+    got, has_cl = strip_hop_by_hop(block)
+    assert got == expected
+    assert has_cl == (CONTENT_LENGTH_RE.search(expected) is not None)

