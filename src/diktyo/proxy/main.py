@@ -90,7 +90,9 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
     admin = AdminServer(sidecar)
     await admin.start(opts.admin_address, opts.admin_port)
     if opts.control_plane and opts.ca_token:
-        error = await start_identity(sidecar, opts.control_plane, opts.ca_token, opts.identity_timeout)
+        error = await start_identity(
+            sidecar, opts.control_plane, opts.ca_token, opts.identity_timeout
+        )
         if error:
             print(f"diktyo sidecar: {error}", file=sys.stderr)
             admin.close()

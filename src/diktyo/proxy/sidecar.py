@@ -104,6 +104,21 @@ class Runtime:
 
             self.access_log = make_access_logger(snapshot.mesh.access_log)
         self.peers: dict[tuple[Any, ...], Any] = {}
+        # security: inbound checks (mTLS peer, JWT, RBAC) and the peer metadata we send
+        certs = sidecar.certs
+        self.peer_header: str | None = self.me.encode() if certs is not None else None
+        self.inbound_guard: Any = None
+        sec = snapshot.security
+        if certs is not None or sec.authz or sec.jwt_rules:
+            from diktyo.proxy.filters.inbound import InboundGuard
+            from diktyo.security.http_client import fetch_jwks
+
+            try:
+                self.inbound_guard = InboundGuard(
+                    self, sec, principal if certs is not None else "", fetch_jwks
+                )
+            except Exception as exc:  # noqa: BLE001 - a bad policy rejects the snapshot whole
+                raise SnapshotError(f"security: {type(exc).__name__}: {exc}") from None
         # tracing: only with a collector; the exporter is started/reused when applied
         self.tracer: Any = None
         self.new_exporter: Any = None
@@ -219,15 +234,20 @@ class Sidecar:
         for name, cs in rt.clusters.items():
             pool = self.pools.get(name)
             if pool is None:
-                self.pools[name] = ClusterPool(name, cs, self.loop, self.stats, self.tasks)
+                pool = self.pools[name] = ClusterPool(name, cs, self.loop, self.stats, self.tasks)
+                pool.certs = self.certs
             else:
                 pool.state = cs
                 pool.prune({h.key for h in cs.hosts})
+                if self.certs is not None or cs.cluster.tls is not None:
+                    self._retune_tls(pool, cs)
         for name in list(self.pools):
             if name not in rt.clusters:
                 self.pools.pop(name).retire()
         self._apply_tracing(rt)
         self.rt = rt
+        if rt.inbound_guard is not None and rt.inbound_guard.security.jwt.enabled:
+            self._spawn(self._prefetch_jwks(rt.inbound_guard))
         wanted = {lst.name: lst for lst in snapshot.listeners}
         for name in list(self.listeners):
             if name not in wanted:
@@ -281,6 +301,27 @@ class Sidecar:
             rt.snapshot.node.id,
         )
 
+    def _retune_tls(self, pool: ClusterPool, cs: Any) -> None:
+        """Plaintext and mTLS connections don't mix: drop those whose TLS-ness changed."""
+        from diktyo.proxy.network.upstream import is_secure
+
+        tls = cs.cluster.tls
+        want = {h.key: is_secure(tls, h.endpoint, self.certs) for h in cs.hosts}
+        pool.retune_tls(want.get)
+
+    async def _prefetch_jwks(self, guard: Any) -> None:
+        try:
+            await guard.security.prefetch()
+        except Exception:
+            log.exception("fetching JWKS failed")
+
+    def peer_authn_mode(self, ctx: ListenerContext) -> str:
+        """PeerAuthentication mode for a new connection on inbound listener ``ctx``."""
+        rt = self.rt
+        if rt is None:
+            return "PERMISSIVE"
+        return rt.snapshot.security.peer_authn.mode_for(ctx.service_port or 0)
+
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
         self.tasks.add(task)
@@ -322,6 +363,20 @@ class Sidecar:
 
             def factory() -> asyncio.Protocol:
                 return HttpConnection(ctx)
+
+        if ctx.direction == "inbound" and self.certs is not None:
+            from diktyo.proxy.network.listener import serve_inbound
+
+            def mode() -> str:
+                return self.peer_authn_mode(ctx)
+
+            def refused(reason: str) -> None:
+                self.stats.server["downstream_cx_refused_peer_authn"] = (
+                    self.stats.server.get("downstream_cx_refused_peer_authn", 0) + 1
+                )
+
+            ctx.server = serve_inbound(self.loop, sock, factory, mode, self.certs, refused)
+            return
 
         async def start() -> None:
             ctx.server = await serve(self.loop, sock, factory, ssl=self.server_ssl(ctx.listener))

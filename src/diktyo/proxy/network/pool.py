@@ -52,6 +52,7 @@ class ClusterPool:
         self.connecting = 0
         self.active: set[UpstreamConnection] = set()
         self.retired = False  # the cluster left the snapshot: close connections as they free up
+        self.certs: Any = None  # the sidecar's CertificateStore (auto mTLS), None = no identity
 
     # -- acquiring
     def acquire(self, stream: Any, host: Any, fresh: bool = False) -> None:
@@ -107,7 +108,15 @@ class ClusterPool:
         error = "connection failure"
         try:
             async with asyncio.timeout(cluster.pool.connect_timeout):
-                await open_upstream(self.loop, host.address, host.port, cluster.tls, factory)
+                await open_upstream(
+                    self.loop,
+                    host.address,
+                    host.port,
+                    cluster.tls,
+                    factory,
+                    host.endpoint,
+                    self.certs,
+                )
         except TimeoutError:
             error = "connection timeout"
             self.stats.inc_cluster(self.name, "upstream_cx_connect_timeout")
@@ -116,6 +125,7 @@ class ClusterPool:
         else:
             self.connecting -= 1
             conn = conn_box[0]
+            conn.secure = conn.transport.get_extra_info("ssl_object") is not None
             self.active.add(conn)
             self._dispatch(conn)
             return
@@ -175,7 +185,12 @@ class ClusterPool:
         if conn.closed:
             return
         maxreq = self.state.cluster.pool.max_requests_per_connection
-        if not conn.keep_alive or (maxreq and conn.requests >= maxreq) or self.retired:
+        if (
+            not conn.keep_alive
+            or (maxreq and conn.requests >= maxreq)
+            or self.retired
+            or conn.stale
+        ):
             conn.close()
             return
         if conn.read_paused:
@@ -206,6 +221,20 @@ class ClusterPool:
         for key in [k for k in self.idle if k not in keys]:
             for c in self.idle.pop(key):
                 c.close()
+
+    def retune_tls(self, secure_for: Any) -> None:
+        """Keep plaintext and TLS connections apart after a config change: ``secure_for(key)``
+        says whether a host wants TLS now (None = unknown host); idle connections that differ
+        close, busy ones close when released."""
+        for key, conns in list(self.idle.items()):
+            want = secure_for(key)
+            for c in list(conns):
+                if want is not None and c.secure != want:
+                    c.close()
+        for c in self.active:
+            want = secure_for(c.key)
+            if want is not None and c.secure != want:
+                c.stale = True
 
     def retire(self) -> None:
         """The cluster is gone from the snapshot: close idle connections now, busy ones later."""

@@ -10,6 +10,7 @@ idle in the pool, in which case any byte or EOF just closes it).
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -17,9 +18,11 @@ from typing import Any
 from diktyo.proxy.codec.http1 import CodecError, ResponseDecoder
 from diktyo.snapshot.model import TlsSettings
 
+log = logging.getLogger("diktyo.proxy")
+
 
 def client_ssl_context(tls: TlsSettings | None) -> ssl.SSLContext | None:
-    """TLS seam: the client context for ``tls`` (None for plaintext)."""
+    """The client context for ``tls`` without a workload certificate (None for plaintext)."""
     if tls is None or tls.mode == "DISABLE":
         return None
     ctx = ssl.create_default_context(cafile=tls.ca_certificates)
@@ -31,19 +34,78 @@ def client_ssl_context(tls: TlsSettings | None) -> ssl.SSLContext | None:
     return ctx
 
 
+AUTO_MTLS = TlsSettings(mode="ISTIO_MUTUAL")
+
+
+def effective_tls(tls: TlsSettings | None, endpoint: Any, certs: Any) -> TlsSettings | None:
+    """Istio's auto mTLS: without ``trafficPolicy.tls``, endpoints with a sidecar get ISTIO_MUTUAL
+    (when this sidecar has a workload certificate); ``mode: DISABLE`` turns TLS off."""
+    if tls is None:
+        if endpoint is not None and endpoint.has_sidecar and certs is not None and certs.ready:
+            return AUTO_MTLS
+        return None
+    if tls.mode == "DISABLE":
+        return None
+    return tls
+
+
+def is_secure(tls: TlsSettings | None, endpoint: Any, certs: Any) -> bool:
+    """Whether a connection to ``endpoint`` speaks TLS (pools keep plaintext and TLS apart)."""
+    return effective_tls(tls, endpoint, certs) is not None
+
+
 async def open_upstream(
     loop: asyncio.AbstractEventLoop,
     address: str,
     port: int,
     tls_settings: TlsSettings | None,
     factory: Callable[[], asyncio.Protocol],
+    endpoint: Any = None,
+    certs: Any = None,
 ) -> tuple[Any, Any]:
-    """Open one upstream transport (plaintext or TLS per ``tls_settings``)."""
-    ctx = client_ssl_context(tls_settings)
-    if ctx is None:
+    """Open one upstream transport: plaintext, auto/ISTIO_MUTUAL mTLS or SIMPLE/MUTUAL TLS.
+
+    ``endpoint`` (snapshot Endpoint) and ``certs`` (the sidecar's ``CertificateStore``) enable
+    auto mTLS. After a TLS handshake the server's identity is checked (``verify_upstream``:
+    the endpoint's SPIFFE id or the rule's ``subjectAltNames``); a mismatch closes the
+    connection and raises ``ConnectionError`` with the reason.
+    """
+    tls = effective_tls(tls_settings, endpoint, certs)
+    if tls is None:
         return await loop.create_connection(factory, address, port)
-    sni = tls_settings.sni if tls_settings is not None and tls_settings.sni else address
-    return await loop.create_connection(factory, address, port, ssl=ctx, server_hostname=sni)
+    from diktyo.proxy.network.tls import (
+        CertificateStore,
+        TlsConfigError,
+        describe_tls_error,
+        upstream_context,
+        verify_upstream,
+    )
+
+    try:
+        ctx = upstream_context(tls, certs if certs is not None else CertificateStore())
+    except TlsConfigError as exc:
+        log.warning("upstream %s:%d: %s", address, port, exc)
+        raise ConnectionError(str(exc)) from None
+    assert ctx is not None
+    if tls.mode == "ISTIO_MUTUAL":
+        sni = tls.sni or None
+    else:
+        sni = tls.sni or address
+    try:
+        transport, protocol = await loop.create_connection(
+            factory, address, port, ssl=ctx, server_hostname=sni
+        )
+    except ssl.SSLError as exc:
+        reason = describe_tls_error(exc)
+        log.warning("upstream %s:%d: TLS handshake failed: %s", address, port, reason)
+        raise ConnectionError(reason) from None
+    principal = endpoint.principal if endpoint is not None else ""
+    ok, reason = verify_upstream(transport.get_extra_info("ssl_object"), tls, principal)
+    if not ok:
+        transport.abort()
+        log.warning("upstream %s:%d refused: %s", address, port, reason)
+        raise ConnectionError(reason)
+    return transport, protocol
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -59,6 +121,8 @@ class UpstreamConnection(asyncio.Protocol):
         "read_paused",
         "requests",
         "reused",
+        "secure",
+        "stale",
         "stream",
         "transport",
         "write_paused",
@@ -77,6 +141,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = True
         self.write_paused = False
         self.read_paused = False
+        self.secure = False  # TLS (mTLS) connection: set by the pool when it opens it
+        self.stale = False  # TLS-ness no longer what the config wants: close when released
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
