@@ -112,7 +112,7 @@ async def run(requests: int, conns: int, profile: bool) -> None:
         rows.sort(key=lambda r: -r[1])
         print(f"diktyo Python calls per request: {total_calls / requests:.1f}")
         print(f"diktyo Python self time per request (profiled): {total_tt * 1e6 / requests:.1f} us")
-        for calls, us, name in rows[:45]:
+        for calls, us, name in rows[:80]:
             print(f"  {calls:6.2f} calls  {us:6.2f} us  {name}")
     else:
         dt = await batch(requests)

@@ -397,7 +397,10 @@ class Stream:
         authority = ctx.default_host or head.authority
         self.authority = authority
         matcher = rt.matchers.get(ctx.route_table)
-        cvh = matcher.find_virtual_host(authority) if matcher is not None else None
+        if matcher is None:
+            cvh = None
+        else:
+            cvh = matcher.by_authority.get(authority) or matcher.find_virtual_host(authority)
         if cvh is None:
             self.local_reply(404, b"", "NR")
             return
@@ -528,7 +531,9 @@ class Stream:
             xff = h.get("x-forwarded-for")
             h["x-forwarded-for"] = peer if xff is None else f"{xff}, {peer}"
         if "x-request-id" not in h:
-            h["x-request-id"] = self.rt.request_ids.next()
+            ids = self.rt.request_ids  # RequestIds.next() inlined (hot path)
+            ids.n = n = (ids.n + 1) & 0xFFFFFFFFFFFF
+            h["x-request-id"] = f"{ids.prefix}{n:012x}"
         if "x-forwarded-proto" not in h:
             h["x-forwarded-proto"] = self.head.scheme
         self.out_headers = h

@@ -34,7 +34,7 @@ from diktyo.snapshot.model import (
 class RequestInfo:
     """What routing looks at. ``path`` includes the query string; ``headers`` lower-case names."""
 
-    __slots__ = ("_bare_path", "_query", "authority", "headers", "method", "path", "port", "scheme")
+    __slots__ = ("_query", "authority", "bare_path", "headers", "method", "path", "port", "scheme")
 
     def __init__(
         self,
@@ -52,17 +52,8 @@ class RequestInfo:
         self.headers = headers
         self.port = port
         self._query: dict[str, str] | None = None
-        self._bare_path: str | None = None
-
-    @property
-    def bare_path(self) -> str:
-        """The path without its query string."""
-        bp = self._bare_path
-        if bp is None:
-            i = self.path.find("?")
-            bp = self.path if i < 0 else self.path[:i]
-            self._bare_path = bp
-        return bp
+        i = path.find("?")
+        self.bare_path = path if i < 0 else path[:i]  # the path without its query string
 
     @property
     def query(self) -> dict[str, str]:
@@ -95,6 +86,48 @@ def _string_pred(sm: StringMatch, ignore_case: bool = False) -> Callable[[str], 
     return lambda s: rx.fullmatch(s) is not None
 
 
+def _uri_cond(sm: StringMatch, ignore_case: bool) -> Cond:
+    """A uri condition as one closure over ``info.bare_path`` (one Python call per check)."""
+    v = sm.value
+    if sm.kind == "present":
+        return lambda i: True
+    if sm.kind == "exact":
+        if ignore_case:
+            lv = v.lower()
+            return lambda i: i.bare_path.lower() == lv
+        return lambda i: i.bare_path == v
+    if sm.kind == "prefix":
+        if ignore_case:
+            lv = v.lower()
+            return lambda i: i.bare_path.lower().startswith(lv)
+        return lambda i: i.bare_path.startswith(v)
+    rx = re.compile(v, re.IGNORECASE if ignore_case else 0)
+    return lambda i: rx.fullmatch(i.bare_path) is not None
+
+
+def _header_cond(sm: StringMatch, name: str) -> Cond:
+    """A positive header condition as one closure (one Python call per check)."""
+    v = sm.value
+    if sm.kind == "present":
+        return lambda i: name in i.headers
+    if sm.kind == "exact":
+        return lambda i: i.headers.get(name) == v  # a missing header (None) never equals v
+    if sm.kind == "prefix":
+
+        def prefix_cond(i: RequestInfo) -> bool:
+            val = i.headers.get(name)
+            return val is not None and val.startswith(v)
+
+        return prefix_cond
+    rx = re.compile(v)
+
+    def regex_cond(i: RequestInfo) -> bool:
+        val = i.headers.get(name)
+        return val is not None and rx.fullmatch(val) is not None
+
+    return regex_cond
+
+
 def _describe(what: str, sm: StringMatch) -> str:
     if sm.kind == "present":
         return f"{what} present"
@@ -105,6 +138,8 @@ def _key_cond(km: KeyMatch, source: str, negate: bool) -> tuple[str, Cond]:
     pred = _string_pred(km.match)
     name = km.name
     label = f"{source} {name!r}: " + _describe("value", km.match)
+    if source == "header" and not negate:
+        return label, _header_cond(km.match, name)
     if source == "header":
 
         def get(info: RequestInfo) -> str | None:
@@ -140,8 +175,7 @@ def compile_match(m: RouteMatch) -> list[tuple[str, Cond]]:
     """One match block -> ordered (description, condition) pairs, all must hold."""
     conds: list[tuple[str, Cond]] = []
     if m.uri is not None:
-        pred = _string_pred(m.uri, m.ignore_uri_case)
-        conds.append((_describe("uri", m.uri), lambda i, p=pred: p(i.bare_path)))
+        conds.append((_describe("uri", m.uri), _uri_cond(m.uri, m.ignore_uri_case)))
     if m.scheme is not None:
         pred = _string_pred(m.scheme)
         conds.append((_describe("scheme", m.scheme), lambda i, p=pred: p(i.scheme)))
@@ -334,14 +368,20 @@ class CompiledVirtualHost:
         self.routes = [CompiledRoute(r, i) for i, r in enumerate(vh.routes)]
 
 
+MAX_AUTHORITY_CACHE = 1024  # distinct authorities remembered per route table
+
+
 class RouteMatcher:
     """A compiled RouteTable. Raises ValueError (bad regex) at compile time, never per request."""
 
-    __slots__ = ("catch_all", "exact", "prefixes", "suffixes", "table", "vhosts")
+    __slots__ = ("by_authority", "catch_all", "exact", "prefixes", "suffixes", "table", "vhosts")
 
     def __init__(self, table: RouteTable) -> None:
         self.table = table
         self.exact: dict[str, CompiledVirtualHost] = {}
+        # authority as received -> virtual host, filled by find_virtual_host (the hot path
+        # reads it directly: one dict lookup per request instead of a call)
+        self.by_authority: dict[str, CompiledVirtualHost] = {}
         suffixes: list[tuple[str, CompiledVirtualHost]] = []
         prefixes: list[tuple[str, CompiledVirtualHost]] = []
         self.catch_all: CompiledVirtualHost | None = None
@@ -369,6 +409,14 @@ class RouteMatcher:
         self.prefixes = prefixes
 
     def find_virtual_host(self, authority: str) -> CompiledVirtualHost | None:
+        cvh = self.by_authority.get(authority)
+        if cvh is None:
+            cvh = self._find_virtual_host(authority)
+            if cvh is not None and len(self.by_authority) < MAX_AUTHORITY_CACHE:
+                self.by_authority[authority] = cvh
+        return cvh
+
+    def _find_virtual_host(self, authority: str) -> CompiledVirtualHost | None:
         a = authority.lower()
         cvh = self.exact.get(a)
         if cvh is not None:

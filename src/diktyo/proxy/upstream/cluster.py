@@ -23,9 +23,10 @@ hosts, ejected or not. 0 (Istio's default) disables it: then no available host -
 from __future__ import annotations
 
 import random
+import time as _time
 from typing import Any
 
-from diktyo.core.clock import Clock
+from diktyo.core.clock import Clock, SystemClock
 from diktyo.proxy.router.retry import RetryBudget
 from diktyo.proxy.upstream.circuit_breaker import CircuitBreaker
 from diktyo.proxy.upstream.host import Host
@@ -53,6 +54,7 @@ class ClusterState:
         "_avail_until",
         "_gen",
         "_host_ids",
+        "_monotonic",
         "breaker",
         "clock",
         "cluster",
@@ -83,6 +85,8 @@ class ClusterState:
         self.breaker: CircuitBreaker
         self.retry_budget: RetryBudget
         self.clock = clock
+        # the system clock's C function directly: no Python frame per pick_host
+        self._monotonic = _time.monotonic if type(clock) is SystemClock else clock.monotonic
         self.rng = rng
         old: dict[tuple[str, int], Host] = {}
         if previous is not None:
@@ -179,7 +183,7 @@ class ClusterState:
         host is preferred, but when every available host was tried one of them is reused
         (Envoy's ``previous_hosts`` predicate gives up after a few attempts the same way).
         """
-        now = self.clock.monotonic()
+        now = self._monotonic()
         od = self.outlier
         if now >= self._avail_until or (od is not None and od.generation != self._gen):
             self._refresh(now)
