@@ -174,12 +174,6 @@ def test_metrics_count_every_request_per_reporter_version_and_code(mesh: MeshThr
     assert series_total("source", source_workload="istio-ingressgateway")[0] == N
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the destination reporter never knows its caller: src/diktyo/proxy/sidecar.py:154 "
-    "records inbound requests with peer_for('destination', me, None, ...), so source_workload, "
-    "source_app, source_version are 'unknown' (Istio fills them from peer metadata exchange)",
-)
 def test_destination_reporter_knows_the_source_workload(mesh: MeshThread) -> None:
     page(mesh)
     s = sidecar_stats(mesh)
