@@ -47,5 +47,9 @@ def test_cached_bytes_equal_plain_translate_and_encode(shared: bool) -> None:
         assert entry.snapshot == want
         assert entry.data == encode(want)
         assert decode(entry.data) == want
+    if shared:  # the route table and clusters are one copy for all: only the rest per proxy
+        a, b = cache.get("n1"), cache.get("n2")
+        assert a is not None and b is not None and len(a.parts) > 1
+        assert all(x is y for x, y in zip(a.parts[1::2], b.parts[1::2], strict=True))
     # same content under a new push: nothing changes, nothing is pushed
     assert cache.rebuild(PushContext(resources=(), registry=REG, version="6"), proxies) == []

@@ -9,9 +9,12 @@ inbound clusters, gateway tables, security) for each proxy. The result equals
 ``translate(proxy, push)`` (tested, including a Hypothesis property).
 
 ``PushTranslator.build(proxy, push)`` also returns a *wire* twin of the snapshot whose shared
-parts are pre-encoded ``msgspec.Raw`` JSON fragments, so encoding a proxy's snapshot is
-mostly a byte copy: ``codec.encode(built.wire) == codec.encode(built.snapshot)``. The wire
-twin is only for encoding; never read its fields.
+parts are one-byte markers (``msgspec.Raw(b"\\0")``; a NUL byte never occurs in msgspec's
+JSON) and the pre-encoded fragments they stand for (``Built.shared``, the same ``bytes``
+objects for every proxy of a view). ``Built.parts()`` encodes only the per-proxy bytes and
+interleaves them with the shared fragments: ``b"".join(built.parts()) ==
+codec.encode(built.snapshot)``, and a cache that keeps the parts keeps one copy of the shared
+bytes per view instead of one per proxy. Never read the wire twin's fields.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from diktyo.security.translate import SECURITY_KINDS, build_security
 from diktyo.snapshot.model import Cluster, RouteTable, Snapshot
 
 _encoder = msgspec.json.Encoder()
+MARK = msgspec.Raw(b"\0")  # where a shared fragment goes in the wire twin's encoding
 
 ViewKey = tuple[str, str, str, tuple[tuple[str, str], ...]]
 
@@ -51,6 +55,19 @@ class Built:
 
     snapshot: Snapshot
     wire: Snapshot
+    shared: tuple[bytes, ...]  # the fragments for the wire twin's markers, in order
+
+    def parts(self, version: str | None = None) -> list[bytes]:
+        """The encoded snapshot as chunks (join them for the bytes); ``version`` overrides
+        the snapshot's version."""
+        wire = self.wire if version is None else msgspec.structs.replace(self.wire, version=version)
+        segments = _encoder.encode(wire).split(b"\0")
+        if len(segments) != len(self.shared) + 1:  # pragma: no cover - a marker got lost
+            raise AssertionError("wire snapshot markers do not match its shared fragments")
+        out = [segments[0]]
+        for frag, seg in zip(self.shared, segments[1:], strict=True):
+            out += (frag, seg)
+        return out
 
 
 @dataclass(slots=True)
@@ -59,11 +76,12 @@ class _View:
 
     visible: Visible | None
     table: RouteTable
-    table_raw: msgspec.Raw
+    table_raw: bytes
     needed: frozenset[tuple[str, int, str]]
     outbound: dict[str, Cluster]  # build_outbound_clusters(...)
     clusters: list[Cluster]  # outbound + clusters for ``needed`` (the common final list)
-    raw: dict[str, msgspec.Raw] = field(default_factory=dict)  # cluster name -> encoded
+    clusters_raw: bytes = b""  # the encoded ``clusters``, comma-separated
+    raw: dict[str, bytes] = field(default_factory=dict)  # cluster name -> encoded
     extra: dict[tuple[str, int, str], Cluster] = field(default_factory=dict)
 
 
@@ -129,7 +147,7 @@ class PushTranslator:
         view = _View(
             visible=visible,
             table=table,
-            table_raw=msgspec.Raw(_encoder.encode(table)),
+            table_raw=_encoder.encode(table),
             needed=frozenset(ctx.needed),
             outbound=outbound,
             clusters=[],
@@ -140,7 +158,8 @@ class PushTranslator:
             if name not in clusters:
                 clusters[name] = self._extra(state, view, proxy, host, port, subset, trust_domain)
         view.clusters = list(clusters.values())
-        view.raw = {c.name: msgspec.Raw(_encoder.encode(c)) for c in view.clusters}
+        view.raw = {c.name: _encoder.encode(c) for c in view.clusters}
+        view.clusters_raw = b",".join(view.raw[c.name] for c in view.clusters)
         self.views_built += 1
         return view
 
@@ -169,7 +188,8 @@ class PushTranslator:
         local, tcp_targets = local_port_listeners(proxy, idx)
         listeners += local
         tables: list[RouteTable] = [view.table]
-        wire_tables: list[Any] = [view.table_raw]
+        wire_tables: list[Any] = [MARK]
+        frags: list[bytes] = [view.table_raw]
         needed: set[tuple[str, int, str]] | None = None
         if proxy.node.mode == "gateway":
             ctx = RouteContext(idx=idx, proxy=proxy, visible=view.visible, needed=set(view.needed))
@@ -186,7 +206,8 @@ class PushTranslator:
             needed = set(view.needed) if needed is None else needed
             for host, port in tcp_targets:
                 needed.add((host, port, ""))
-        if needed is None or needed == view.needed:
+        fast = needed is None or needed == view.needed
+        if needed is None or fast:
             shared = view.clusters
         else:
             clusters = dict(view.outbound)
@@ -198,8 +219,19 @@ class PushTranslator:
                     )
             shared = list(clusters.values())
         all_clusters = shared + in_clusters
-        raw = view.raw
-        wire_clusters: list[Any] = [raw.get(c.name, c) for c in shared]
+        wire_clusters: list[Any] = []
+        if fast and shared:
+            wire_clusters.append(MARK)  # every shared cluster in one fragment
+            frags.append(view.clusters_raw)
+        else:
+            raw = view.raw
+            for c in shared:
+                enc = raw.get(c.name)
+                if enc is None:
+                    wire_clusters.append(c)
+                else:
+                    wire_clusters.append(MARK)
+                    frags.append(enc)
         wire_clusters += in_clusters
         sec = state.security_resources
         extra: dict[str, Any] = {}
@@ -223,4 +255,4 @@ class PushTranslator:
             mesh=push.mesh,
             **extra,
         )
-        return Built(snapshot=snap, wire=wire)
+        return Built(snapshot=snap, wire=wire, shared=tuple(frags))
