@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from aiohttp import web
 from diktyo.core.clock import ManualClock
 from diktyo.dashboard.backend import MeshBackend
 from diktyo.telemetry.exposition import CONTENT_TYPE, render
+from diktyo.telemetry.httpclient import request
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
 from diktyo.telemetry.prometheus_config import scrape_config
 from diktyo.telemetry.prometheus_source import (
@@ -238,3 +241,38 @@ async def test_graph_and_series_from_real_prometheus(tmp_path: Path) -> None:
         assert any(r and abs(r - 50 / 60) < 0.05 for r in ds["success_rate"]), ds
         assert [s["name"] for s in backend.services()] == [REVIEWS]
         assert src.failures == 0 and src.queries > 10
+
+        # 'diktyo control-plane --prometheus URL': its dashboard API answers from Prometheus
+        # (the control plane itself scrapes no sidecar here)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "diktyo.cli.main", "control-plane", "--port", "0",
+            "--prometheus", url, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            cp_url = line.split("serving on ")[1].split(",")[0].strip()
+            status, body = await request("GET", cp_url + "/api/graph?window=30", timeout=10)
+            assert status == 200, body
+            cg = json.loads(body)
+            assert [(e["source"], e["target"]) for e in cg["edges"]] == [
+                ("default/productpage-v1", "default/reviews-v1")
+            ]
+            status, body = await request("GET", cp_url + "/telemetry/api/metrics/graph", timeout=10)
+            assert json.loads(body)["edges"] == []  # the embedded store: no sidecars scraped
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)
+
+
+def test_control_plane_reads_prometheus_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'diktyo up --prometheus URL' hands the URL to its mesh's ControlPlane this way."""
+    from diktyo.control.server import ControlPlane
+
+    monkeypatch.setenv("DIKTYO_PROMETHEUS", "http://127.0.0.1:9")
+    cp = ControlPlane()
+    assert isinstance(cp.metric_source, PrometheusSource)
+    assert cp.metric_source.url == "http://127.0.0.1:9" and cp.metrics is not cp.metric_source
+    monkeypatch.delenv("DIKTYO_PROMETHEUS")
+    cp = ControlPlane(prometheus_url=None)
+    assert cp.metric_source is cp.metrics

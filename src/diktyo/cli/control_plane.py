@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -18,13 +19,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--port", type=int, default=15010, help="HTTP port on 127.0.0.1 (default 15010, 0 = pick)"
     )
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="the dashboard reads its graph and charts from this Prometheus (e.g. "
+        "http://127.0.0.1:9090, scraping the sidecars: 'diktyo prometheus-config') instead of "
+        "the embedded store",
+    )
     p.set_defaults(func=run)
 
 
 async def _main(args: argparse.Namespace) -> int:
     from diktyo.control.server import ControlPlane
 
-    cp = ControlPlane(config_dir=args.config)
+    cp = ControlPlane(config_dir=args.config, prometheus_url=args.prometheus)
     url = await cp.start(args.host, args.port)
     print(
         f"control plane serving on {url}" + (f", config {args.config}" if args.config else ""),
@@ -40,6 +48,12 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prometheus and not args.prometheus.startswith(("http://", "https://")):
+        print(
+            f"error: --prometheus {args.prometheus!r} must be a URL like http://127.0.0.1:9090",
+            file=sys.stderr,
+        )
+        return 2
     try:
         import uvloop
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument(
         "--timeout", type=float, default=120.0, help="seconds to wait for --detach (default 120)"
     )
+    p.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="the dashboard reads its graph and charts from this Prometheus (e.g. "
+        "http://127.0.0.1:9090; 'diktyo prometheus-config' prints its scrape config) instead "
+        "of the control plane's embedded store",
+    )
     p.set_defaults(func=run)
 
 
@@ -55,6 +63,14 @@ def run(args: argparse.Namespace) -> int:
     if config_dir is not None and not config_dir.is_dir():
         print(f"error: --config {args.config}: no such folder", file=sys.stderr)
         return 2
+    if args.prometheus:
+        if not args.prometheus.startswith(("http://", "https://")):
+            print(
+                f"error: --prometheus {args.prometheus!r} must be a URL like http://127.0.0.1:9090",
+                file=sys.stderr,
+            )
+            return 2
+        os.environ["DIKTYO_PROMETHEUS"] = args.prometheus  # read by the mesh's ControlPlane
     busy = already_running_message()
     if busy:
         print(f"error: {busy}", file=sys.stderr)
@@ -63,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         argv = ["up", "-f", str(Path(args.file).resolve())]
         if config_dir is not None:
             argv += ["--config", str(config_dir)]
+        if args.prometheus:
+            argv += ["--prometheus", args.prometheus]
         return run_detached(argv, args.timeout)
     try:
         import uvloop
