@@ -257,3 +257,64 @@ def test_stat_with_no_mesh_running_explains_how_to_start_one(tmp_path: Path) -> 
     assert (
         res.returncode == 1 and "cannot reach the control plane at http://127.0.0.1:9" in res.stderr
     )
+
+
+# ----------------------------------------------------------------------------- real mesh
+
+TINY_APP = Path(__file__).resolve().parents[1] / "e2e" / "apps" / "tiny_app.py"
+TINY_MESH = f"""
+name: stat
+services:
+  - name: hello
+    ports: [{{name: http, port: 9080}}]
+  - name: front
+    ports: [{{name: http, port: 9080}}]
+workloads:
+  - name: hello-v1
+    labels: {{app: hello, version: v1}}
+    command: ["{{python}}", "{TINY_APP}"]
+  - name: front-v1
+    labels: {{app: front, version: v1}}
+    command: ["{{python}}", "{TINY_APP}"]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_stat_on_a_real_mesh(tmp_path: Path) -> None:
+    from diktyo.platform.harness import MeshThread
+    from diktyo.platform.mesh import load_mesh
+
+    (tmp_path / "mesh.yaml").write_text(TINY_MESH)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    env = {k: v for k, v in os.environ.items() if k != "DIKTYO_CONTROL_PLANE"}
+    env["DIKTYO_HOME"] = str(tmp_path / "home")
+    with MeshThread(load_mesh(tmp_path / "mesh.yaml")) as mesh:
+        mesh.wait_synced()
+        cp = mesh.mesh.cp if mesh.mesh else None
+        assert cp is not None and cp._scraper is not None
+        mesh.call(cp._scraper.scrape_once())  # baseline of every sidecar's counters
+        front = next(w for w in mesh.describe()["workloads"] if w["name"] == "front-v1-1")
+        front_url = f"http://127.0.0.1:{front['app_ports']['9080']}/call/hello:9080/"
+        for _ in range(10):
+            with opener.open(front_url, timeout=10) as r:
+                assert r.status == 200
+        mesh.call(cp._scraper.scrape_once())
+
+        def stat(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "diktyo.cli.main", "stat", "--control-plane", mesh.url,
+                 *args], env=env, capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+
+        res = stat()
+        assert res.returncode == 0, res.stderr
+        rows = {line.split()[0]: line.split() for line in res.stdout.splitlines()[1:]}
+        assert rows["front-v1"][1:] == ["1/1", "-", "-", "-", "-", "-"], res.stdout
+        hello = rows["hello-v1"]
+        assert hello[1:4] == ["1/1", "100.00%", "0.2rps"], res.stdout
+        assert all(c.endswith("ms") for c in hello[4:7]), res.stdout
+        res = stat("svc/hello", "--from", "front-v1", "-o", "json")
+        (row,) = json.loads(res.stdout)
+        assert row["name"] == "hello" and row["requests"] == 10 and row["success"] == 1.0
+        assert 0 < row["latencyP50Ms"] <= row["latencyP99Ms"]
