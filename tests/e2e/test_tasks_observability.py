@@ -175,9 +175,22 @@ def test_metrics_count_every_request_per_reporter_version_and_code(mesh: MeshThr
 
 
 def test_destination_reporter_knows_the_source_workload(mesh: MeshThread) -> None:
+    """Istio's peer metadata: the callee's sidecar labels requests with the caller's identity."""
     page(mesh)
     s = sidecar_stats(mesh)
-    assert count(s["details-v1-1"], reporter="destination", source_workload="productpage-v1") > 0
+    mtls = {"reporter": "destination", "connection_security_policy": "mutual_tls"}
+    details = s["details-v1-1"]
+    assert count(details, source_workload="productpage-v1", source_app="productpage",
+                 source_version="v1",
+                 source_principal="spiffe://cluster.local/ns/default/sa/bookinfo-productpage",
+                 **mtls) > 0  # fmt: skip
+    # every request details saw came from productpage over mutual TLS
+    assert count(details, reporter="destination") == count(
+        details, source_workload="productpage-v1", **mtls
+    )
+    assert count(s["ratings-v1-1"], source_workload="reviews-v3", **mtls) > 0
+    assert count(s["productpage-v1-1"], reporter="destination",
+                 source_workload="istio-ingressgateway") > 0  # fmt: skip
 
 
 @pytest.mark.skipif(
@@ -222,12 +235,16 @@ def test_real_prometheus_counts_reviews_requests(mesh: MeshThread, tmp_path: Pat
             assert value == expected, (
                 f"Prometheus: {value}, sent {expected}\n" + (log_path.read_text()[-1500:])
             )
-            # every sidecar and the gateway is an up target
-            status, body = get(f"http://127.0.0.1:{port}/api/v1/query?query=up", timeout=5)
-            ups = {
-                r["metric"]["workload"]: r["value"][1] for r in json.loads(body)["data"]["result"]
-            }
-            assert ups == {w["name"]: "1" for w in workloads}
+            # every sidecar and the gateway is an up target (first scrapes are spread over 1 s)
+            want = {w["name"]: "1" for w in workloads}
+            ups: dict[str, str] = {}
+            while ups != want and time.monotonic() < deadline + 5:
+                status, body = get(f"http://127.0.0.1:{port}/api/v1/query?query=up", timeout=5)
+                result = json.loads(body)["data"]["result"] if status == 200 else []
+                ups = {r["metric"]["workload"]: r["value"][1] for r in result}
+                if ups != want:
+                    time.sleep(0.3)
+            assert ups == want
         finally:
             proc.terminate()
             try:
