@@ -114,6 +114,7 @@ def test_services_from_and_small_latencies() -> None:
     lines = format_table(rows).splitlines()
     assert lines[1].split() == ["api.example.com", "-", "50.00%", "0.07rps", "3.0ms", "4.8ms",
                                 "5.0ms"]  # fmt: skip
+    assert lines[3].split()[1] == "1/2"  # replicas of the workloads behind reviews
     assert lines[3].split()[3:5] == ["0.5rps", "0.8ms"]
     only = build_rows(Target("svc", "ratings"), edges, REPLICAS, 60.0)
     assert [r.name for r in only] == ["ratings"]

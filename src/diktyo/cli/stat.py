@@ -179,6 +179,7 @@ def build_rows(
             rows = {target.name: rows[target.name]}
     else:
         with_inbound = {str(e.get("destination_service")) for e in inbound}
+        behind: dict[str, set[str]] = {}  # service -> workloads that answered it
         for e in edges:
             svc = str(e.get("destination_service", "unknown"))
             if svc == "unknown":
@@ -193,6 +194,12 @@ def build_rows(
                 ns = parts[1] if svc.endswith(".svc.cluster.local") and len(parts) > 2 else "-"
                 row = rows[svc] = StatRow(short_service(svc), ns, "-", window)
             row.add(e)
+            behind.setdefault(svc, set()).add(str(e.get("destination_workload", "unknown")))
+        replicas = _replicas(workloads)
+        for svc, row in rows.items():
+            counts = [replicas[w] for w in sorted(behind.get(svc, ())) if w in replicas]
+            if counts:
+                row.meshed = f"{sum(c[1] for c in counts)}/{sum(c[2] for c in counts)}"
         if target.name is not None:
             chosen = {k: r for k, r in rows.items() if target.name in (k, r.name)}
             if not chosen:
