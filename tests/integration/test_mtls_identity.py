@@ -47,3 +47,30 @@ async def test_forged_token_is_refused_with_a_readable_error() -> None:
     finally:
         await sidecar.stop()
         await cp.stop()
+
+
+async def test_sidecar_renews_its_certificate_and_keeps_serving_mtls() -> None:
+    from diktyo.control.ca.authority import CLOCK_SKEW
+
+    cp = ControlPlane(observability=False)
+    cp.identity.ca.workload_lifetime = CLOCK_SKEW + 4  # renewal due in about 2 s
+    url = await cp.start()
+    sidecar = Sidecar(asyncio.get_running_loop())
+    try:
+        token = cp.identity.token_for("default", "reviews")
+        assert await start_identity(sidecar, url, token, 10) == ""
+        first = sidecar.certs.bundle
+        for _ in range(100):
+            if sidecar.rotator.renewals >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert sidecar.rotator.renewals >= 2
+        second = sidecar.certs.bundle
+        assert second.cert_chain_pem != first.cert_chain_pem
+        assert second.key_pem != first.key_pem  # a fresh key per certificate
+        assert second.spiffe_id == first.spiffe_id
+        assert sidecar.certs.version >= 2
+        assert sidecar.rotator.failures == 0
+    finally:
+        await sidecar.stop()
+        await cp.stop()

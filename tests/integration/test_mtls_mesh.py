@@ -98,6 +98,17 @@ spec:
 """
 
 
+NO_TLS_TO_HELLO = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: hello-plaintext, namespace: default}
+spec:
+  host: hello
+  trafficPolicy:
+    tls: {mode: DISABLE}
+"""
+
+
 def test_sidecars_talk_mtls_and_enforce_policies(tmp_path: Path) -> None:
     with MeshThread(mesh_yaml(tmp_path)) as mesh:
         mesh.wait_synced()
@@ -169,3 +180,18 @@ def test_sidecars_talk_mtls_and_enforce_policies(tmp_path: Path) -> None:
             for ln in lines
         )
         assert any('response_code="403"' in ln for ln in lines)
+
+        # DestinationRule tls DISABLE: front's sidecar sends plaintext; STRICT refuses it
+        mesh.apply_text(NO_TLS_TO_HELLO)
+        mesh.wait_synced()
+        status, body = get(f"http://127.0.0.1:{front_in}/call/hello:9080/echo")
+        assert status == 502 and "upstream answered 503" in body, body
+        # PERMISSIVE again: plaintext arrives, but without a principal the policy denies it
+        mesh.delete_text(STRICT)
+        mesh.wait_synced()
+        status, body = get(f"http://127.0.0.1:{front_in}/call/hello:9080/echo")
+        assert status == 502 and "RBAC: access denied" in body, body
+        mesh.delete_text(NO_TLS_TO_HELLO)
+        mesh.wait_synced()
+        status, _ = get(f"http://127.0.0.1:{front_in}/call/hello:9080/echo")
+        assert status == 200
