@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -318,3 +319,20 @@ def test_metrics_show_mutual_tls_and_principals(mesh: MeshThread) -> None:
     assert gw[0]["source_principal"] == (
         "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
     )
+
+
+def test_dashboard_graph_marks_mtls_edges(mesh: MeshThread) -> None:
+    assert mesh.mesh is not None and mesh.mesh.cp._scraper is not None
+    scrape = mesh.mesh.cp._scraper.scrape_once
+    mesh.call(scrape())
+    for _ in range(3):
+        assert page(mesh)[0] == 200
+    mesh.call(scrape())
+    status, body = get(mesh.url + "/api/graph?window=300")
+    assert status == 200
+    edges = {(e["source"], e["target"]): e for e in json.loads(body)["edges"]}
+    e = edges.get(("default/productpage-v1", "default/details-v1"))
+    assert e is not None, sorted(edges)
+    assert e["mtls"] is True
+    gw = edges.get(("istio-system/istio-ingressgateway", "default/productpage-v1"))
+    assert gw is not None and gw["mtls"] is True, sorted(edges)

@@ -415,6 +415,7 @@ class ControlPlane:
         backend = MeshBackend(
             self.metric_source, self.traces, config=self._dashboard_config,
             resilience=self.resilience,
+            mtls=getattr(self.metric_source, "mtls_edge", None),  # edges seen over mTLS
         )  # fmt: skip
         setup_dashboard(app, backend)
         telemetry = web.Application(client_max_size=16 * 1024 * 1024)

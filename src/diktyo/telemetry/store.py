@@ -131,6 +131,15 @@ class MetricStore:
         self._clusters: dict[str, dict[str, dict[str, float]]] = {}
         self.bad_lines = 0
         self.scrapes = 0
+        # ("<src ns>/<src workload>", dst workload) -> [last time seen over mTLS, in plaintext]
+        # (destination reporter's connection_security_policy), for the graph's mTLS flag
+        self._security: dict[tuple[str, str], list[float]] = {}
+
+    def mtls_edge(self, source_id: str, target_id: str) -> bool:
+        """Whether the latest calls from ``ns/workload`` to ``target_id`` (``ns/workload``)
+        used mutual TLS, as the destination sidecar reported (``MeshBackend(mtls=...)``)."""
+        seen = self._security.get((source_id, target_id.rsplit("/", 1)[-1]))
+        return seen is not None and seen[0] >= seen[1] and seen[0] > 0.0
 
     # ------------------------------------------------------------------ ingest
 
@@ -184,6 +193,17 @@ class MetricStore:
             if e is None:
                 e = slot[edge] = EdgeSlot()
             if name == "istio_requests_total":
+                policy = lb.get("connection_security_policy")
+                if policy == "mutual_tls" or policy == "none":
+                    pair = (
+                        f"{lb.get('source_workload_namespace', 'unknown')}/"
+                        f"{lb.get('source_workload', 'unknown')}",
+                        lb.get("destination_workload", "unknown"),
+                    )
+                    seen = self._security.get(pair)
+                    if seen is None:
+                        seen = self._security[pair] = [0.0, 0.0]
+                    seen[0 if policy == "mutual_tls" else 1] = t
                 code = lb.get("response_code", "")
                 e.requests += d
                 cls = _code_class(code)
