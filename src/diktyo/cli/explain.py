@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "Run the sidecar's real route matcher over the config and explain a request: which "
             "VirtualService rule matched (and why earlier rules did not), destination host, "
             "subset and port, endpoints, timeout, retries, fault and mirror. Example: "
-            "diktyo explain --config ./mesh GET http://reviews:9080/reviews/1 -H 'end-user: jason'"
+            "diktyo explain --config ./mesh GET http://reviews:9080/reviews/1 -H 'end-user: jason'; "
+            "on a running mesh: diktyo explain --from productpage-v1 GET http://reviews:9080/reviews/1"
         ),
     )
     p.add_argument("method", metavar="METHOD", help="HTTP method, e.g. GET")
@@ -28,6 +29,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="directory of Istio YAML (default: current directory)",
     )
     src.add_argument("--snapshot", metavar="FILE", help="a sidecar snapshot JSON file instead")
+    src.add_argument(
+        "--from",
+        dest="from_workload",
+        metavar="WORKLOAD",
+        help="use the snapshot the running mesh's control plane sends this workload's sidecar "
+        "(a replica like productpage-v1-1, a workload or an app name)",
+    )
+    p.add_argument(
+        "--control-plane",
+        metavar="URL",
+        help="control plane URL for --from (default: $DIKTYO_CONTROL_PLANE or the mesh started "
+        "by 'diktyo up')",
+    )
     p.add_argument(
         "-H",
         "--header",
@@ -51,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
         k, v = h.split(":", 1)
         headers[k.strip()] = v.strip()
     try:
-        if args.snapshot:
+        if args.from_workload:
+            snap = _snapshot_from_mesh(args)
+            if snap is None:
+                return 1
+        elif args.snapshot:
             from pathlib import Path
 
             from diktyo.snapshot.codec import decode
@@ -70,3 +88,32 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(format_text(res))
     return 0 if res["rule"] is not None else 3
+
+
+def _snapshot_from_mesh(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The snapshot a running sidecar was sent, fetched from the control plane."""
+    from diktyo.cli._common import call, cp_url
+    from diktyo.cli.proxy_config import resolve
+    from diktyo.snapshot.codec import from_builtins
+
+    url = cp_url(args)
+    if url is None:
+        return None
+    try:
+        _, listing = call("GET", url + "/v1/proxies")
+        node = resolve(args.from_workload, listing["proxies"])
+        if node is None:
+            names = ", ".join(n["node"].split(".")[0] for n in listing["proxies"]) or "none"
+            print(
+                f"diktyo explain: no sidecar named {args.from_workload!r}; known: {names}",
+                file=sys.stderr,
+            )
+            return None
+        status, body = call("GET", f"{url}/v1/proxies/{node}/snapshot")
+    except ConnectionError as exc:
+        print(f"diktyo explain: {exc}", file=sys.stderr)
+        return None
+    if status != 200 or not isinstance(body, dict):
+        print(f"diktyo explain: control plane answered {status}: {body}", file=sys.stderr)
+        return None
+    return from_builtins(body)
