@@ -195,11 +195,9 @@ class MetricStore:
             if name == "istio_requests_total":
                 policy = lb.get("connection_security_policy")
                 if policy == "mutual_tls" or policy == "none":
-                    pair = (
-                        f"{lb.get('source_workload_namespace', 'unknown')}/"
-                        f"{lb.get('source_workload', 'unknown')}",
-                        lb.get("destination_workload", "unknown"),
-                    )
+                    src_ns = lb.get("source_workload_namespace", "unknown")
+                    src_wl = lb.get("source_workload", "unknown")
+                    pair = (f"{src_ns}/{src_wl}", lb.get("destination_workload", "unknown"))
                     seen = self._security.get(pair)
                     if seen is None:
                         seen = self._security[pair] = [0.0, 0.0]
