@@ -52,6 +52,22 @@ def stars(body: str) -> set[str]:
     return set(re.findall(r'<font color="([a-z]+)">[★☆]+</font>', body))
 
 
+def ut_count(mesh: MeshThread) -> float:
+    """productpage's ``istio_requests_total`` to reviews with 504 UT (upstream request timeout)."""
+    admin = next(w for w in mesh.describe()["workloads"] if w["name"] == "productpage-v1-1")
+    status, text = get(f"http://127.0.0.1:{admin['admin_port']}/stats/prometheus")
+    assert status == 200
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("istio_requests_total{")
+        and 'reporter="source"' in line
+        and 'destination_service="reviews.default.svc.cluster.local"' in line
+        and 'response_code="504"' in line
+        and 'response_flags="UT"' in line
+    )
+
+
 @pytest.fixture(scope="module")
 def bookinfo() -> Iterator[MeshThread]:
     with MeshThread(BOOKINFO / "mesh.yaml", gateway_host_port=0) as mesh:
@@ -120,6 +136,7 @@ def test_request_timeouts(mesh: MeshThread) -> None:
         # step 2: reviews must answer within 0.5 s; productpage tries twice -> about 1 s
         mesh.apply_file(NET / "virtual-service-reviews-timeout.yaml")
         mesh.wait_synced()
+        before = ut_count(mesh)
         timings = []
         for _ in range(3):
             start = time.monotonic()
@@ -129,6 +146,8 @@ def test_request_timeouts(mesh: MeshThread) -> None:
             assert SORRY_REVIEWS in body
         # 2 x 0.5 s plus the details call and rendering; well under the 2 s delay
         assert all(0.95 <= t < 1.8 for t in timings), timings
+        # productpage's sidecar reports each timed-out try: 504 with flag UT (2 tries per page)
+        assert ut_count(mesh) - before == 6
     finally:
         mesh.delete_text((NET / "virtual-service-ratings-delay-2s.yaml").read_text())
         mesh.wait_synced()
