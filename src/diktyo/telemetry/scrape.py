@@ -39,6 +39,7 @@ class Scraper:
         self.failures = 0
         self.rounds = 0
         self._known: set[str] = set()
+        self._seen_up: set[str] = set()  # scraped at least once: a failure now is news
 
     async def _one(self, instance: str, url: str) -> bool:
         async with self._sem:
@@ -46,13 +47,17 @@ class Scraper:
                 status, body = await request("GET", url, timeout=self.timeout)
             except (OSError, TimeoutError, ValueError) as e:
                 self.failures += 1
-                log.warning("scrape of %s (%s) failed: %s", instance, url, e)
+                # a sidecar that is still starting is not worth a warning; one that answered
+                # before and stopped answering is
+                level = logging.WARNING if instance in self._seen_up else logging.DEBUG
+                log.log(level, "scrape of %s (%s) failed: %s", instance, url, e)
                 return False
         if status != 200:
             self.failures += 1
             log.warning("scrape of %s (%s) answered HTTP %d", instance, url, status)
             return False
         self.store.ingest(instance, body.decode("utf-8", "replace"), self.clock.time())
+        self._seen_up.add(instance)
         return True
 
     async def scrape_once(self) -> int:
@@ -61,6 +66,7 @@ class Scraper:
         current = {name for name, _ in targets}
         for gone in self._known - current:
             self.store.forget(gone)
+            self._seen_up.discard(gone)
         self._known = current
         results = await asyncio.gather(*(self._one(n, u) for n, u in targets))
         self.rounds += 1
