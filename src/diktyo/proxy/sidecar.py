@@ -46,7 +46,7 @@ class ListenerContext:
         self.sidecar = sidecar
         self.stats = sidecar.stats
         self.connections: set[Any] = set()
-        self.server: asyncio.AbstractServer | None = None
+        self.server: Any = None  # asyncio.AbstractServer, or listener.InboundServer with mTLS
         self.sock: socket.socket | None = None
         self.port = 0
         self.update(listener)

@@ -125,7 +125,8 @@ class ClusterPool:
         else:
             self.connecting -= 1
             conn = conn_box[0]
-            conn.secure = conn.transport.get_extra_info("ssl_object") is not None
+            t = conn.transport
+            conn.secure = t is not None and t.get_extra_info("ssl_object") is not None
             self.active.add(conn)
             self._dispatch(conn)
             return
