@@ -52,4 +52,11 @@ def test_cached_bytes_equal_plain_translate_and_encode(shared: bool) -> None:
         assert a is not None and b is not None and len(a.parts) > 1
         assert all(x is y for x, y in zip(a.parts[1::2], b.parts[1::2], strict=True))
     # same content under a new push: nothing changes, nothing is pushed
+    before = {p.node.id: cache.get(p.node.id) for p in proxies}
     assert cache.rebuild(PushContext(resources=(), registry=REG, version="6"), proxies) == []
+    for node_id, old in before.items():
+        new = cache.get(node_id)
+        assert old is not None and new is not None
+        assert (new.version, new.data, new.snapshot) == (old.version, old.data, old.snapshot)
+        if shared:  # but it now holds the new push's shared fragments, not the old ones
+            assert new.parts[1] == old.parts[1] and new.parts[1] is not old.parts[1]

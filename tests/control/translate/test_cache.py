@@ -78,7 +78,9 @@ def test_one_view_per_distinct_labels_namespace_and_mode() -> None:
     node = msgspec.structs.replace(proxy.node, id="other", labels={"app": "other"})
     pt.build(ProxyNode(node=node), push)
     assert pt.views_built == 2
-    # a new push (even with the same content) starts afresh: nothing stale survives
+    # an equal push reuses the views; a different one starts afresh: nothing stale survives
+    pt.build(ProxyNode(node=node), PushContext(push.resources, push.registry, version="golden"))
+    assert pt.views_built == 2
     pt.build(ProxyNode(node=node), PushContext(push.resources, push.registry, version="2"))
     assert pt.views_built == 3
 

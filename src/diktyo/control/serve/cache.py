@@ -98,6 +98,12 @@ class SnapshotCache:
             self.errors.pop(node_id, None)
             old = self._entries.get(node_id)
             if old is not None and old.digest == digest:
+                if build is not None:
+                    # same content, same version; but point the entry at this push's shared
+                    # fragments so the previous push's ones can be freed
+                    parts[0] = encode_versioned(parts[0], old.version)
+                    snap = msgspec.structs.replace(snap, version=old.version)
+                    self._entries[node_id] = Entry(old.version, digest, snap, tuple(parts))
                 continue
             version = f"{push.version}-{digest[:8]}"
             snap = msgspec.structs.replace(snap, version=version)

@@ -103,7 +103,7 @@ def view_key(proxy: ProxyNode, push: PushContext) -> ViewKey:
 class PushTranslator:
     """``translate`` with per-push, per-view sharing; callable like ``translate``.
 
-    Keeps the state of the newest push only (a new ``PushContext`` object starts afresh), so
+    Keeps the state of the newest push only (a different ``PushContext`` starts afresh), so
     memory is bounded by the number of distinct views, not proxies.
     """
 
@@ -127,7 +127,9 @@ class PushTranslator:
 
     def _push_state(self, push: PushContext) -> _Push:
         state = self._state
-        if state is None or state.push is not push:
+        # an equal push (e.g. the control plane's push for a newly registered proxy, which
+        # rebuilds the context without a change) reuses the views: translate is pure
+        if state is None or (state.push is not push and state.push != push):
             state = _Push(
                 push=push,
                 idx=ConfigIndex.build(push.resources, push.registry),
