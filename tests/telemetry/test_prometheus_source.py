@@ -85,11 +85,17 @@ def test_fold_graph_prefers_source_reporter_and_counts_errors() -> None:
 
 def test_unreachable_prometheus_degrades_to_empty_answers() -> None:
     port = free_port()  # nothing listens there
-    src = PrometheusSource(f"http://127.0.0.1:{port}", timeout=0.5)
+    clock = ManualClock()
+    src = PrometheusSource(f"http://127.0.0.1:{port}", timeout=0.5, backoff=5.0, clock=clock)
     assert src.graph(60)["edges"] == []
+    assert src.failures == 1 and "cannot reach Prometheus" in src.last_error
+    # backing off: answered empty without asking
     points = src.series({"destination_service": REVIEWS}, 60)
     assert points and all(p["requests"] == 0 and p["p50"] is None for p in points)
-    assert src.failures == 2 and "cannot reach Prometheus" in src.last_error
+    assert (src.failures, src.skipped, src.queries) == (1, 1, 1)
+    clock.advance(5.0)
+    assert src.series({"destination_service": REVIEWS}, 60)
+    assert (src.failures, src.skipped, src.queries) == (2, 1, 2)
     with pytest.raises(PrometheusError):
         src.query("up")
     with pytest.raises(ValueError, match="http://"):

@@ -19,7 +19,8 @@ class adds blocking HTTP (``urllib``, short timeout, localhost Prometheus answer
 milliseconds) and a short cache so a dashboard polling every few seconds asks once. When
 Prometheus cannot be reached or answers an error, the source logs a warning, counts it in
 ``failures`` and answers an empty graph / empty points (the dashboard shows "no traffic"
-rather than failing).
+rather than failing); for ``backoff`` seconds after a failure it does not ask again (the
+calls block the control plane's loop, so a hung Prometheus must not be waited on per poll).
 """
 
 from __future__ import annotations
@@ -288,6 +289,7 @@ class PrometheusSource:
         rate_window: float = 60.0,
         timeout: float = 2.0,
         cache_ttl: float = 2.0,
+        backoff: float = 5.0,
         clock: Clock = SYSTEM_CLOCK,
         fetch: Fetch | None = None,
     ) -> None:
@@ -305,6 +307,9 @@ class PrometheusSource:
         self.failures = 0
         self.queries = 0
         self.last_error = ""
+        self.backoff = backoff
+        self._down_until = float("-inf")  # after a failure, answer empty until then
+        self.skipped = 0
 
     # ------------------------------------------------------------------ HTTP
 
@@ -345,18 +350,31 @@ class PrometheusSource:
     def _degraded(self, what: str, exc: Exception) -> None:
         self.failures += 1
         self.last_error = str(exc)
-        log.warning("Prometheus %s failed (%d so far): %s", what, self.failures, exc)
+        self._down_until = self.clock.monotonic() + self.backoff
+        log.warning(
+            "Prometheus %s failed (%d so far; not asking again for %gs): %s",
+            what, self.failures, self.backoff, exc,
+        )  # fmt: skip
+
+    def _backing_off(self) -> bool:
+        """After a failure, skip Prometheus for ``backoff`` seconds (the caller blocks on it)."""
+        if self.clock.monotonic() < self._down_until:
+            self.skipped += 1
+            return True
+        return False
 
     # ------------------------------------------------------------------ MetricStore's API
 
     def graph(self, window: float = 60.0, now: float | None = None) -> dict[str, Any]:
         """Nodes and edges with rps, errorRate, codes, p50/p95/p99 (see ``MetricStore.graph``)."""
         at = self._at(now)
-        try:
-            answers = {k: self.query(q, at) for k, q in graph_queries(window).items()}
-        except PrometheusError as exc:
-            self._degraded("graph query", exc)
-            answers = {}
+        answers: dict[str, list[dict[str, Any]]] = {}
+        if not self._backing_off():
+            try:
+                answers = {k: self.query(q, at) for k, q in graph_queries(window).items()}
+            except PrometheusError as exc:
+                self._degraded("graph query", exc)
+                answers = {}
         return fold_graph(window, answers)
 
     def series(
@@ -374,11 +392,13 @@ class PrometheusSource:
         end = math.floor(self._at(now) / step) * step
         n = max(1, math.ceil(window / step))
         start = end - (n - 1) * step
-        try:
-            answers = {k: self.query_range(q, start, end, step) for k, q in queries.items()}
-        except PrometheusError as exc:
-            self._degraded("series query", exc)
-            answers = {}
+        answers: dict[str, list[dict[str, Any]]] = {}
+        if not self._backing_off():
+            try:
+                answers = {k: self.query_range(q, start, end, step) for k, q in queries.items()}
+            except PrometheusError as exc:
+                self._degraded("series query", exc)
+                answers = {}
         return fold_series(start, end, step, answers)
 
     def _at(self, now: float | None) -> float:
