@@ -42,11 +42,16 @@ def export(rev: str, into: Path) -> Path:
     return dest / "src"
 
 
-def measure(port: int, pids: list[int], seconds: float, conns: int) -> dict[str, float]:
+def measure(
+    port: int, pids: list[int], seconds: float, conns: int, rate: int, pacer: Path | None
+) -> dict[str, float]:
     loadgen.wrk(port, "/", conns, 1)  # warm up (pool, caches)
     cpu0 = procs.cpu_seconds(pids)
     sys0 = procs.sys_seconds(pids)
-    res = loadgen.wrk(port, "/", conns, seconds)
+    if rate and pacer is not None:
+        res = loadgen.pacer(pacer, port, "/", rate, seconds, conns)
+    else:
+        res = loadgen.wrk(port, "/", conns, seconds)
     cpu = procs.cpu_seconds(pids) - cpu0
     sy = procs.sys_seconds(pids) - sys0
     n = max(1, res["requests"])
@@ -68,8 +73,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--no-haproxy", action="store_true")
+    ap.add_argument(
+        "--rate", type=int, default=0, help="paced requests/s (bench/pacer.c) instead of wrk"
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="diktyo-ab-"))
+    pacer = loadgen.build_pacer(tmp / "build") if args.rate else None
     variants: list[tuple[str, str | None]] = []
     for item in args.variants.split(","):
         name, _, rev = item.partition("=")
@@ -93,7 +102,9 @@ def main() -> int:
                 try:
                     time.sleep(0.2)
                     pids = [pid for p in run.procs for pid in p.pids()]
-                    row[name] = measure(run.port, pids, args.seconds, args.connections)
+                    row[name] = measure(
+                        run.port, pids, args.seconds, args.connections, args.rate, pacer
+                    )
                 finally:
                     run.stop()
             for name in names:

@@ -237,6 +237,11 @@ class ClusterState:
             c["upstream_rq_5xx"] += 1
         else:
             st.rq_success += 1
+            if self.outlier is not None and id(host) in self._host_ids:
+                # OutlierDetector.record's success path, inlined (the common case)
+                host.consecutive_5xx = 0
+                host.consecutive_gateway = 0
+            return
         od = self.outlier
         if (
             od is not None

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Interleaved in-process A/B: bench/micro/inproc.py --no-profile for each git REV (src/ exported
+# and put first on PYTHONPATH), REPS rounds, all on core 0; prints every run and the best
+# (max rps = least disturbed by other tenants) per REV. Usage: inproc_ab.sh REPS REV...
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REPS=$1; shift
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+for rev in "$@"; do
+  mkdir -p "$TMP/$rev"; git archive "$rev" src | tar -x -C "$TMP/$rev"
+done
+for i in $(seq "$REPS"); do
+  for rev in "$@"; do
+    r=$(PYTHONPATH="$TMP/$rev/src" taskset -c 0 .venv/bin/python bench/micro/inproc.py --no-profile --requests 20000 | awk '{print $1}')
+    echo "$rev $r"
+  done
+done | tee "$TMP/out"
+echo "best (max rps; the in-process loop also runs the client and upstream):"
+sort -k1,1 -k2,2nr "$TMP/out" | awk '!seen[$1]++'
