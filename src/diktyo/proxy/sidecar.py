@@ -364,7 +364,10 @@ class Sidecar:
             def factory() -> asyncio.Protocol:
                 return HttpConnection(ctx)
 
-        if ctx.direction == "inbound" and self.certs is not None:
+        inbound = ctx.direction == "inbound" or (
+            ctx.direction == "tcp" and ctx.listener.name.startswith("inbound|")
+        )
+        if inbound and self.certs is not None:
             from diktyo.proxy.network.listener import serve_inbound
 
             def mode() -> str:

@@ -73,7 +73,13 @@ class TcpProxy(asyncio.Protocol):
         try:
             async with asyncio.timeout(cs.cluster.pool.connect_timeout):
                 _, up = await open_upstream(
-                    rt.loop, host.address, host.port, cs.cluster.tls, lambda: _Upstream(self)
+                    rt.loop,
+                    host.address,
+                    host.port,
+                    cs.cluster.tls,
+                    lambda: _Upstream(self),
+                    host.endpoint,  # auto mTLS to endpoints with a sidecar
+                    rt.sidecar.certs,
                 )
         except (OSError, TimeoutError):
             cs.on_request_end(host, None, True)
