@@ -146,12 +146,6 @@ def test_the_cli_load_via_sleep(mesh: MeshThread, tmp_path: Path) -> None:
     assert "Code 200" in res.stdout and "Code 503" in res.stdout, res.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the sidecar admin has no Envoy text /stats (src/diktyo/proxy/admin.py answers 404): "
-    "Istio's task reads 'pilot-agent request GET stats | grep httpbin | grep pending', lines like "
-    "'cluster.outbound|8000||httpbin.default.svc.cluster.local.upstream_rq_pending_overflow: 21'",
-)
 def test_envoy_text_stats_show_pending_overflow(mesh: MeshThread) -> None:
     load_via(mesh, "sleep", connections=3, requests=30)
     url = f"http://127.0.0.1:{replica(mesh, 'sleep')['admin_port']}/stats"

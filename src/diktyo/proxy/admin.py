@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
+from urllib.parse import parse_qs
 
 import msgspec
 
@@ -86,6 +88,19 @@ class AdminServer:
             clusters = sc.rt.clusters if sc.rt is not None else {}
             body = sc.stats.render_prometheus(clusters).encode()
             return 200, body, b"text/plain; version=0.0.4"
+        if path == "/stats":
+            # Envoy's plain text stats ("cluster.<name>.<stat>: <value>"), which Istio's
+            # circuit-breaking task greps; ?filter=REGEX like Envoy's admin
+            clusters = sc.rt.clusters if sc.rt is not None else {}
+            query = parse_qs(target.split("?", 1)[1]) if "?" in target else {}
+            try:
+                flt = re.compile(query["filter"][0]) if "filter" in query else None
+            except re.error as exc:
+                return 400, f"bad filter regex: {exc}\n".encode(), text
+            lines = envoy_text_stats(sc.stats.render_prometheus(clusters))
+            if flt is not None:
+                lines = [ln for ln in lines if flt.search(ln.split(":", 1)[0])]
+            return 200, "".join(ln + "\n" for ln in lines).encode(), text
         if path == "/config_dump":
             if sc.rt is None:
                 return 503, b'{"error": "no snapshot applied yet"}\n', js
@@ -116,3 +131,31 @@ class AdminServer:
         if path == "/":
             return 200, ROUTES_HELP.encode(), text
         return 404, ROUTES_HELP.encode(), text
+
+
+_CLUSTER_LINE = re.compile(r'^envoy_cluster_(\w+)\{cluster_name="((?:[^"\\]|\\.)*)"\} (\S+)$')
+_PLAIN_LINE = re.compile(r"^envoy_(http|server)_(\w+) (\S+)$")
+
+
+def envoy_text_stats(prometheus_text: str) -> list[str]:
+    """Envoy's ``/stats`` lines from the proxy's own ``envoy_*`` Prometheus series, sorted."""
+    out = []
+    for line in prometheus_text.splitlines():
+        m = _CLUSTER_LINE.match(line)
+        if m:
+            stat, cluster, value = m.groups()
+            out.append(f"cluster.{cluster}.{stat}: {_int(value)}")
+            continue
+        m = _PLAIN_LINE.match(line)
+        if m:
+            scope, stat, value = m.groups()
+            out.append(f"{scope}.{stat}: {_int(value)}")
+    return sorted(out)
+
+
+def _int(value: str) -> str:
+    try:
+        f = float(value)
+    except ValueError:
+        return value
+    return str(int(f)) if f.is_integer() else value
