@@ -119,13 +119,6 @@ def test_requests_succeed_while_the_control_plane_is_down(mesh: MeshThread) -> N
         time.sleep(0.2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ControlPlane.stop() closes the embedded TraceStore (src/diktyo/control/server.py, "
-    "'if self.traces is not None and self._runner is None: self.traces.close()'), and start() "
-    "does not reopen it: after an in-process restart GET /telemetry/api/traces and the OTLP "
-    "receiver answer 500 (sqlite3.ProgrammingError: Cannot operate on a closed database)",
-)
 def test_telemetry_store_works_after_a_control_plane_restart(mesh: MeshThread) -> None:
     assert mesh.mesh is not None
     cp = mesh.mesh.cp

@@ -318,7 +318,12 @@ class ControlPlane:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        if self.traces is not None and self._runner is None:
+        # the trace store stays open: a stopped control plane can be started again (a restart
+        # keeps the recent traces); close() releases it for good
+
+    def close(self) -> None:
+        """Release the embedded stores once this control plane will not be started again."""
+        if self.traces is not None:
             self.traces.close()
 
     async def _push_loop(self) -> None:
