@@ -484,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(res)
         print(f"controlplane: N={n}: " + json.dumps(res), file=sys.stderr)
     result = {
+        "commit": os.environ.get("DIKTYO_BENCH_COMMIT", "working tree"),
         "mode": mode,
         "date": started.isoformat(timespec="seconds"),
         "runs": runs,
