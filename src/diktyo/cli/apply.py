@@ -8,10 +8,15 @@ from pathlib import Path
 
 from diktyo.cli._common import add_cp_arg, call, cp_url
 
+STDIN = Path("-")
+
 
 def yaml_files(paths: list[str]) -> list[Path] | str:
     files: list[Path] = []
     for p in paths:
+        if p == "-":  # like kubectl apply -f -: YAML from standard input
+            files.append(STDIN)
+            continue
         path = Path(p)
         if path.is_dir():
             files += sorted(
@@ -38,7 +43,9 @@ def send(args: argparse.Namespace, method: str) -> int:
         from urllib.parse import quote
 
         try:
-            status, body = call(method, f"{url}/v1/config?source={quote(str(f))}", f.read_bytes())
+            data = sys.stdin.buffer.read() if f == STDIN else f.read_bytes()
+            source = "<stdin>" if f == STDIN else str(f)
+            status, body = call(method, f"{url}/v1/config?source={quote(source)}", data)
         except ConnectionError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -71,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         action="append",
         required=True,
         metavar="FILE|DIR",
-        help="YAML file or folder (repeatable)",
+        help="YAML file, folder, or - for standard input (repeatable)",
     )
     add_cp_arg(p)
     p.set_defaults(func=lambda a: send(a, "POST"))
