@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Interleaved in-process A/B: bench/micro/inproc.py --no-profile for each git REV (src/ exported
-# and put first on PYTHONPATH), REPS rounds, all on core 0; prints every run and the best
-# (max rps = least disturbed by other tenants) per REV. Usage: inproc_ab.sh REPS REV...
+# and put first on PYTHONPATH), REPS rounds, all on core 0; prints every run's CPU us per
+# request and the best (least disturbed by other tenants) per REV. Usage: inproc_ab.sh REPS REV...
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPS=$1; shift
@@ -16,5 +16,5 @@ for i in $(seq "$REPS"); do
     echo "$rev $r"
   done
 done | tee "$TMP/out"
-echo "best (max rps; the in-process loop also runs the client and upstream):"
-sort -k1,1 -k2,2nr "$TMP/out" | awk '!seen[$1]++'
+echo "best (least CPU us per request; the in-process loop also runs the client and upstream):"
+sort -k1,1 -k2,2n "$TMP/out" | awk '!seen[$1]++'
