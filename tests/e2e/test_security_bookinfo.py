@@ -336,3 +336,53 @@ def test_dashboard_graph_marks_mtls_edges(mesh: MeshThread) -> None:
     assert e["mtls"] is True
     gw = edges.get(("istio-system/istio-ingressgateway", "default/productpage-v1"))
     assert gw is not None and gw["mtls"] is True, sorted(edges)
+
+
+INGRESS_POLICIES = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ingress-deny-flagged, namespace: istio-system}
+spec:
+  selector: {matchLabels: {app: istio-ingressgateway}}
+  action: DENY
+  rules:
+  - when:
+    - key: request.headers[x-blocked]
+      values: ["yes"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ingress-allow-list, namespace: istio-system}
+spec:
+  selector: {matchLabels: {app: istio-ingressgateway}}
+  action: ALLOW
+  rules:
+  - from: [{source: {ipBlocks: ["IPS"]}}]
+"""
+
+
+def test_ingress_gateway_enforces_its_policies(mesh: MeshThread) -> None:
+    """Istio's ingress tasks: policies selecting the gateway are enforced on its listener."""
+
+    def blocked_get(flag: str) -> tuple[int, str]:
+        req = urllib.request.Request(mesh.gateway_url + "/productpage", headers={"x-blocked": flag})
+        try:
+            with _opener.open(req, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    outside = INGRESS_POLICIES.replace("IPS", "10.0.0.0/8")
+    try:
+        mesh.apply_text(outside)
+        mesh.wait_synced()
+        assert page(mesh) == (403, "RBAC: access denied")  # 127.0.0.1 is not allow-listed
+        mesh.apply_text(INGRESS_POLICIES.replace("IPS", "127.0.0.1/32"))
+        mesh.wait_synced()
+        assert page(mesh)[0] == 200
+        assert blocked_get("yes") == (403, "RBAC: access denied")
+        assert blocked_get("no")[0] == 200
+    finally:
+        mesh.delete_text(outside)
+        mesh.wait_synced()
+    assert blocked_get("yes")[0] == 200

@@ -108,17 +108,24 @@ class Runtime:
         certs = sidecar.certs
         self.peer_header: str | None = self.me.encode() if certs is not None else None
         self.inbound_guard: Any = None
+        self.gateway_guard: Any = None  # gateways: only when policies select them
         sec = snapshot.security
-        if certs is not None or sec.authz or sec.jwt_rules:
+        gateway = node.mode == "gateway"
+        if (certs is not None and not gateway) or sec.authz or sec.jwt_rules:
             from diktyo.proxy.filters.inbound import InboundGuard
             from diktyo.security.http_client import fetch_jwks
 
             try:
-                self.inbound_guard = InboundGuard(
-                    self, sec, principal if certs is not None else "", fetch_jwks
-                )
+                guard = InboundGuard(
+                    self, sec, principal if certs is not None else "", fetch_jwks,
+                    telemetry=not gateway,
+                )  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - a bad policy rejects the snapshot whole
                 raise SnapshotError(f"security: {type(exc).__name__}: {exc}") from None
+            if gateway:
+                self.gateway_guard = guard
+            else:
+                self.inbound_guard = guard
         # tracing: only with a collector; the exporter is started/reused when applied
         self.tracer: Any = None
         self.new_exporter: Any = None
@@ -246,8 +253,9 @@ class Sidecar:
                 self.pools.pop(name).retire()
         self._apply_tracing(rt)
         self.rt = rt
-        if rt.inbound_guard is not None and rt.inbound_guard.security.jwt.enabled:
-            self._spawn(self._prefetch_jwks(rt.inbound_guard))
+        guard = rt.inbound_guard or rt.gateway_guard
+        if guard is not None and guard.security.jwt.enabled:
+            self._spawn(self._prefetch_jwks(guard))
         wanted = {lst.name: lst for lst in snapshot.listeners}
         for name in list(self.listeners):
             if name not in wanted:

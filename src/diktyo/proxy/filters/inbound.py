@@ -1,5 +1,8 @@
 """Per-request security of the inbound listener: mTLS peer -> path normalisation -> JWT -> RBAC.
 
+Gateways use the same guard on their listeners (``Runtime.gateway_guard``) when an
+AuthorizationPolicy or RequestAuthentication selects them (Istio's ingress policies).
+
 ``InboundGuard`` is built per snapshot (``Runtime.inbound_guard``) when the sidecar has a
 workload certificate or the snapshot carries AuthorizationPolicies / RequestAuthentications.
 ``check(stream)`` runs before the request is forwarded to the app:
@@ -56,16 +59,23 @@ def connection_peer(conn: Any) -> tuple[str, bytes | None]:
 class InboundGuard:
     """The inbound security of one runtime (snapshot)."""
 
-    __slots__ = ("rt", "security", "service")
+    __slots__ = ("rt", "security", "service", "telemetry")
 
     def __init__(
-        self, rt: Any, config: SecurityConfig, local_spiffe_id: str, fetcher: Any = None
+        self,
+        rt: Any,
+        config: SecurityConfig,
+        local_spiffe_id: str,
+        fetcher: Any = None,
+        telemetry: bool = True,
     ) -> None:
         self.rt = rt
         self.security = InboundSecurity(
             config, local_spiffe_id=local_spiffe_id, fetcher=fetcher, clock=rt.clock
         )
         self.service = rt.inbound_service
+        # False on gateways: they report as source, the peer labels are for destinations
+        self.telemetry = telemetry
 
     def labels(self, principal: str, meta: str | None, cstate: Any) -> Any:
         """Destination-reporter metric labels for a request from ``principal`` / peer metadata."""
@@ -95,7 +105,7 @@ class InboundGuard:
         verdict: InboundVerdict | None = stream.__dict__.pop("sec_verdict", None)
         if verdict is None:
             meta = h.pop(PEER_METADATA_HEADER, None)
-            if principal or meta:
+            if self.telemetry and (principal or meta):
                 stream.peer_labels = self.labels(principal, meta, stream.cstate)
             verdict = self.security.check(
                 head.method, head.path, head.authority, h, stream.ctx.service_port or 0,

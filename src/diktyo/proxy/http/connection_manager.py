@@ -399,6 +399,8 @@ class Stream:
                 )
             self.begin(rt)
             return
+        if rt.gateway_guard is not None and not rt.gateway_guard.check(self):
+            return  # a gateway's AuthorizationPolicy / RequestAuthentication answered
         authority = ctx.default_host or head.authority
         self.authority = authority
         matcher = rt.matchers.get(ctx.route_table)
