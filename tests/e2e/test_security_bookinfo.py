@@ -386,3 +386,62 @@ def test_ingress_gateway_enforces_its_policies(mesh: MeshThread) -> None:
         mesh.delete_text(outside)
         mesh.wait_synced()
     assert blocked_get("yes")[0] == 200
+
+
+def test_end_user_authentication_at_the_ingress(mesh: MeshThread) -> None:
+    """Istio's JWT task: RequestAuthentication + AuthorizationPolicy on the ingress gateway."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    jwks = json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "ES256"}]})
+    iss = "testing@secure.istio.io"
+    good = jwt.encode({"iss": iss, "sub": iss, "exp": 4685989700}, key, "ES256", {"kid": "k1"})
+    other = ec.generate_private_key(ec.SECP256R1())
+    forged = jwt.encode({"iss": iss, "sub": iss, "exp": 4685989700}, other, "ES256", {"kid": "k1"})
+    policy = f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt-example, namespace: istio-system}}
+spec:
+  selector: {{matchLabels: {{istio: ingressgateway}}}}
+  jwtRules:
+  - issuer: "{iss}"
+    jwks: '{jwks}'
+"""
+    require = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: frontend-ingress, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  action: DENY
+  rules:
+  - from: [{source: {notRequestPrincipals: ["*"]}}]
+"""
+
+    def with_token(token: str | None) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        req = urllib.request.Request(mesh.gateway_url + "/productpage", headers=headers)
+        try:
+            with _opener.open(req, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    try:
+        mesh.apply_text(policy)
+        mesh.wait_synced()
+        assert with_token("deadbeef")[0] == 401
+        assert with_token(forged)[0] == 401
+        assert with_token(None)[0] == 200  # no token: allowed until a policy requires one
+        assert with_token(good)[0] == 200
+        mesh.apply_text(require)
+        mesh.wait_synced()
+        assert with_token(None) == (403, "RBAC: access denied")
+        assert with_token(good)[0] == 200
+    finally:
+        mesh.delete_text(policy + "---" + require)
+        mesh.wait_synced()
