@@ -863,7 +863,12 @@ class Stream:
             return
         if self.chunked_out:
             self.obuf.append(LAST_CHUNK)
-        self.flush_downstream()
+        buf = self.obuf  # flush_downstream() inlined: one write with what this read produced
+        if buf:
+            self.obuf = []
+            t = self.conn.transport
+            if t is not None and not self.conn.closed:
+                t.write(b"".join(buf) if len(buf) > 1 else buf[0])
         self.resp_done = True
         status = self.status
         self.end_attempt(status, status == 502 or status == 503 or status == 504)
