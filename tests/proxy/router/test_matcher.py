@@ -286,3 +286,19 @@ def test_rewrite_prefix_exact_and_regex() -> None:
 def test_bad_regex_fails_at_compile_time() -> None:
     with pytest.raises(ValueError, match="invalid regex"):
         table([vh("r", ["reviews"], [route("x", {"uri": {"kind": "regex", "value": "(["}})])])
+
+
+def test_virtual_host_cache_by_authority_is_bounded_and_consistent() -> None:
+    from diktyo.proxy.router import matcher as matcher_mod
+
+    m = table([vh("exact", ["reviews"], [route("e")]), vh("all", ["*"], [route("a")])])
+    for _ in range(2):  # the second round is answered from the cache
+        assert m.find_virtual_host("REVIEWS:9080") is m.find_virtual_host("reviews")
+        assert m.find_virtual_host("other") is not m.find_virtual_host("reviews")
+    assert "REVIEWS:9080" in m.by_authority
+    for i in range(matcher_mod.MAX_AUTHORITY_CACHE + 10):
+        assert m.find_virtual_host(f"h{i}") is m.find_virtual_host("other")
+    assert len(m.by_authority) <= matcher_mod.MAX_AUTHORITY_CACHE
+    empty = table([vh("exact", ["reviews"], [route("e")])])
+    assert empty.find_virtual_host("nope") is None
+    assert "nope" not in empty.by_authority
