@@ -302,3 +302,58 @@ def test_virtual_host_cache_by_authority_is_bounded_and_consistent() -> None:
     empty = table([vh("exact", ["reviews"], [route("e")])])
     assert empty.find_virtual_host("nope") is None
     assert "nope" not in empty.by_authority
+
+
+def test_flat_blocks_select_like_route_match() -> None:
+    m = table(
+        [
+            vh(
+                "v",
+                ["reviews"],
+                [
+                    route(
+                        "canary",
+                        {
+                            "headers": [
+                                {"name": "x-canary", "match": {"kind": "exact", "value": "1"}}
+                            ]
+                        },
+                    ),
+                    route(
+                        "api",
+                        {"uri": {"kind": "prefix", "value": "/api/"}},
+                        {"method": {"kind": "exact", "value": "POST"}},
+                    ),
+                    route("re", {"uri": {"kind": "regex", "value": "/r/[0-9]+"}}),
+                    {"name": "all", "matches": [], "clusters": [{"cluster": "c"}]},
+                    route("never", {"uri": {"kind": "prefix", "value": "/"}}),
+                ],
+            )
+        ]
+    )
+    cvh = m.find_virtual_host("reviews")
+    assert cvh is not None
+    cases = [
+        info("/", headers={"x-canary": "1"}),
+        info("/api/x"),
+        info("/other", method="POST"),
+        info("/r/12"),
+        info("/r/x"),
+        info("/"),
+    ]
+    for i in cases:
+        expected = m.select(i)
+        got = None
+        for cr, bi, conds in cvh.blocks:
+            if all(c(i) for c in conds):
+                got = (cr.route.name, bi)
+                break
+        assert expected is not None and got == (expected[1].route.name, expected[2])
+    assert [n for n in (sel_name(m, i) for i in cases)] == [
+        "canary",
+        "api",
+        "api",
+        "re",
+        "all",
+        "all",
+    ]

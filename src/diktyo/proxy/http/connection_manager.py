@@ -419,9 +419,11 @@ class Stream:
             info = RequestInfo(
                 head.method, head.path, authority, head.headers, head.scheme, ctx.service_port
             )
-            for cr in routes:
-                bi = cr.match(info)
-                if bi >= 0:
+            for cr, bi, conds in cvh.blocks:  # CompiledRoute.match without a call per route
+                for cond in conds:
+                    if not cond(info):
+                        break
+                else:
                     self.block = bi
                     break
             else:
