@@ -438,7 +438,7 @@ class Stream:
                 self.timer = rt.loop.call_later(delay, self.after_delay, abort)
                 return
             if abort is not None:
-                self.local_reply(abort, MSG_FAULT_ABORT, "FI")
+                self.abort_fault(abort)
                 return
         self.route_action()
 
@@ -447,9 +447,17 @@ class Stream:
         if self.done or self.resp_started:
             return
         if abort is not None:
-            self.local_reply(abort, MSG_FAULT_ABORT, "FI")
+            self.abort_fault(abort)
             return
         self.route_action()
+
+    def abort_fault(self, status: int) -> None:
+        """Answer a fault abort; telemetry names the route's destination service, as Envoy
+        knows the route's cluster before its fault filter runs (no request is started)."""
+        cr = self.route
+        if cr is not None and cr.route.clusters and self.cstate is None:
+            self.cstate = self.rt.clusters.get(cr.route.clusters[0].cluster)
+        self.local_reply(status, MSG_FAULT_ABORT, "FI")
 
     def route_action(self) -> None:
         cr = self.route

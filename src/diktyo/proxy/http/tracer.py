@@ -20,6 +20,7 @@ from diktyo.telemetry.tracing import (
     Span,
     extract,
     inject,
+    sampling_only,
     start_span,
 )
 
@@ -45,6 +46,9 @@ class Tracer:
     ) -> Span:
         """Start the span for a request and rewrite ``headers`` to carry it upstream."""
         parent = extract(headers)
+        # a bare decision without trace ids (x-b3-sampled: 1 / b3: 0) forces sampling on or off
+        # for a new trace, as Envoy does with Istio's B3 propagation
+        forced = sampling_only(headers) if parent is None else None
         span = start_span(
             parent,
             name,
@@ -53,6 +57,7 @@ class Tracer:
             self.rng,
             self.clock,
             attributes,
+            sampled=forced,
         )
         for h in PROPAGATION_HEADERS:
             if h != "x-request-id":
