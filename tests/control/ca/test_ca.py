@@ -232,3 +232,24 @@ async def test_http_route_end_to_end(ca: CertificateAuthority, clock: ManualCloc
         assert resp.status == 400
     finally:
         await runner.cleanup()
+
+
+async def test_two_phase_root_rotation_trusts_before_it_signs(
+    ca: CertificateAuthority, clock: ManualClock
+) -> None:
+    old_root = ca.root_cert
+    ca.rotate_root(overlap=600, activate_after=300)
+    bundle = load_certs(ca.trust_bundle_pem())
+    assert len(bundle) == 2 and old_root in bundle  # the new root is announced at once ...
+    _, still_old = ca.issue(SID)
+    load_certs(still_old.cert_chain_pem)[0].verify_directly_issued_by(old_root)  # ... not used
+    assert ca.root_cert == old_root
+    clock.advance(301)
+    new_root = ca.root_cert
+    assert new_root != old_root and new_root in bundle
+    _, renewed = ca.issue(SID)
+    load_certs(renewed.cert_chain_pem)[0].verify_directly_issued_by(new_root)
+    clock.advance(598)  # the old root stays trusted for `overlap` after the activation
+    assert len(load_certs(ca.trust_bundle_pem())) == 2
+    clock.advance(3)
+    assert load_certs(ca.trust_bundle_pem()) == [new_root]

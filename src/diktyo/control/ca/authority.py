@@ -50,6 +50,7 @@ class _Root:
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
     trusted_until: float | None = None  # None: current root
+    active_from: float = 0.0  # signs from this time on; before it, it is only trusted
 
 
 def _ts(t: float) -> dt.datetime:
@@ -178,7 +179,7 @@ class CertificateAuthority:
 
     def save(self, key_path: str, cert_path: str) -> None:
         """Write the current root key (mode 0600) and certificate as PEM files."""
-        root = self._roots[0]
+        root = self._signing_root()
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(
@@ -193,13 +194,22 @@ class CertificateAuthority:
 
     # ------------------------------------------------------------------ roots
 
+    def _signing_root(self) -> _Root:
+        """The newest root that is active: a root announced by ``rotate_root(activate_after=)``
+        is trusted (in the bundle) before it signs anything."""
+        now = self.clock.time()
+        for r in self._roots:
+            if r.active_from <= now:
+                return r
+        return self._roots[-1]
+
     @property
     def root_cert(self) -> x509.Certificate:
-        return self._roots[0].cert
+        return self._signing_root().cert
 
     @property
     def root_cert_pem(self) -> str:
-        return cert_pem(self._roots[0].cert)
+        return cert_pem(self._signing_root().cert)
 
     def trust_bundle_pem(self) -> str:
         """Current root plus previous roots still within their overlap period."""
@@ -212,11 +222,18 @@ class CertificateAuthority:
         overlap: float = DEFAULT_WORKLOAD_LIFETIME,
         key_pem: str | bytes | None = None,
         cert_pem_: str | bytes | None = None,
+        activate_after: float = 0.0,
     ) -> None:
         """Make a new root current; the old one stays in the bundle for ``overlap`` seconds.
 
         ``overlap`` should be at least the workload lifetime, so every certificate signed by
         the old root expires before the old root leaves the bundle.
+
+        ``activate_after`` > 0 rotates in two phases, with no failed handshake: the new root
+        joins the trust bundle at once (every workload picks it up at its next renewal) and
+        starts signing only after ``activate_after`` seconds — at least one renewal period
+        (half the workload lifetime), so no workload meets a peer certificate from a root it
+        does not trust yet. The old root's overlap counts from the activation.
         """
         now = self.clock.time()
         if key_pem is not None and cert_pem_ is not None:
@@ -225,9 +242,10 @@ class CertificateAuthority:
         else:
             key = ec.generate_private_key(ec.SECP256R1())
             root = _Root(key, _make_root(key, self.trust_domain, now, self.root_lifetime))
+        root.active_from = now + max(0.0, activate_after)
         for r in self._roots:
             if r.trusted_until is None:
-                r.trusted_until = now + overlap
+                r.trusted_until = root.active_from + overlap
         self._roots.insert(0, root)
 
     # ------------------------------------------------------------------ issuing
@@ -273,7 +291,7 @@ class CertificateAuthority:
         wrong = [u for u in asked if u != sid.uri]
         if wrong:
             raise CaError(f"the CSR asks for {', '.join(wrong)} but the caller is {sid.uri}")
-        root = self._roots[0]
+        root = self._signing_root()
         now = self.clock.time()
         life = self.workload_lifetime if lifetime is None else lifetime
         not_before = now - CLOCK_SKEW
