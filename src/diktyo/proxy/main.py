@@ -22,9 +22,9 @@ from pathlib import Path
 
 import msgspec
 
-from diktyo.control.ca.mesh import TOKEN_ENV
 from diktyo.proxy.admin import AdminServer
 from diktyo.proxy.sidecar import Sidecar, install_uvloop
+from diktyo.security.spiffe import TOKEN_ENV  # light: the CA's code is loaded only with a token
 from diktyo.snapshot.codec import SnapshotError, decode
 from diktyo.snapshot.model import Snapshot
 

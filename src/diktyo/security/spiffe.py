@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# the environment variable a platform hands a sidecar its CA bootstrap token in
+TOKEN_ENV = "DIKTYO_CA_TOKEN"
+
 SCHEME = "spiffe://"
 
 

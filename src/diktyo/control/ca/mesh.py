@@ -16,9 +16,12 @@ from diktyo.control.ca.server import ca_routes
 from diktyo.control.ca.service import CaService
 from diktyo.control.ca.token import DEFAULT_TOKEN_TTL, BootstrapTokens
 from diktyo.core.clock import SYSTEM_CLOCK, Clock
-from diktyo.security.spiffe import spiffe_uri
+from diktyo.security.spiffe import (
+    TOKEN_ENV,
+    spiffe_uri,
+)
 
-TOKEN_ENV = "DIKTYO_CA_TOKEN"
+__all__ = ["TOKEN_ENV", "MeshIdentity"]
 
 
 class MeshIdentity:
