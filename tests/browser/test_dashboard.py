@@ -135,6 +135,18 @@ async def test_graph_metrics_traces_resilience_config(dashboard_url) -> None:
         assert edge_colors["default/details-v1"] == "#22c55e"
         await page.screenshot(path=str(ARTIFACTS / "dashboard-graph.png"))
 
+        # an edge's own charts: select the edge, then "Charts for this edge"
+        await page.evaluate(
+            "state.selected = 'default/productpage-v1->default/reviews-v2'; showSelection()"
+        )
+        await page.click("#edge-charts")
+        await page.wait_for_function("Number(document.querySelector('#tab-metrics').dataset.points) > 0")
+        edge_text = await page.inner_text("#metrics-edge")
+        assert "productpage-v1 → reviews.default.svc.cluster.local" in edge_text
+        assert await page.locator("#chart-success canvas").count() == 1
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-edge.png"))
+        await page.click("#metrics-edge button")  # back to the whole service
+
         await page.click("a[data-tab=metrics]")
         await page.wait_for_function("Number(document.querySelector('#tab-metrics').dataset.points) > 0")
         assert await page.locator("#chart-rps canvas").count() == 1
@@ -160,3 +172,18 @@ async def test_graph_metrics_traces_resilience_config(dashboard_url) -> None:
         await page.screenshot(path=str(ARTIFACTS / "dashboard-config.png"))
         assert errors == []
         await browser.close()
+
+
+def test_edge_series_is_what_the_caller_saw() -> None:
+    clock = ManualClock(start=0.0, wall=1_800_000_000.0)
+    backend = MeshBackend(bookinfo_store(clock), TraceStore())
+    svc = SVC.format("reviews")
+    edge = backend.series(svc, 900.0, source="productpage-v1")
+    whole = backend.series(svc, 900.0)
+    # productpage-v1 made 10 good + 1 UO call to reviews-v2 and 10 to reviews-v1 per scrape:
+    # the edge (caller's view) has them all, 1 of 21 failing per slot
+    ok = [r for r in edge["success_rate"] if r is not None]
+    assert ok and all(abs(r - 20 / 21) < 1e-9 for r in ok)
+    assert sum(x for x in edge["rps"] if x) > 0
+    assert whole["t"] == edge["t"]
+    assert backend.series(svc, 900.0, source="nobody")["rps"] == [0.0] * len(edge["t"])

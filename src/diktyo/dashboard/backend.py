@@ -137,8 +137,16 @@ class MeshBackend:
         seen = sorted({e["destinationService"] for e in self.metrics.graph(3600.0)["edges"]})
         return [{"name": s, "short": short_service(s)} for s in seen]
 
-    def series(self, service: str, window: float) -> dict[str, Any]:
-        points = self.metrics.series({"destination_service": service}, window)
+    def series(self, service: str, window: float, source: str | None = None) -> dict[str, Any]:
+        """Points for a service, or for one edge when ``source`` (a caller workload) is given;
+        an edge is what the caller's sidecar saw (reporter "source"), as Kiali shows it."""
+        if source:
+            points = self.metrics.series(
+                {"destination_service": service, "source_workload": source}, window,
+                reporter="source",
+            )  # fmt: skip
+        else:
+            points = self.metrics.series({"destination_service": service}, window)
         return {
             "t": [p["t"] for p in points],
             "rps": [p["rps"] for p in points],

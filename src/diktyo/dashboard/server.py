@@ -20,7 +20,9 @@ class DashboardBackend(Protocol):
 
     def graph(self, window: float) -> dict[str, Any]: ...
     def services(self) -> list[dict[str, Any]]: ...
-    def series(self, service: str, window: float) -> dict[str, Any]: ...
+    def series(
+        self, service: str, window: float, source: str | None = None
+    ) -> dict[str, Any]: ...
     def traces(
         self, service: str | None, min_ms: float, errors: bool, limit: int
     ) -> list[dict[str, Any]]: ...
@@ -56,7 +58,11 @@ def setup_dashboard(app: web.Application, backend: DashboardBackend, prefix: str
         service = req.query.get("service", "")
         if not service:
             raise web.HTTPBadRequest(text="query parameter 'service' is required")
-        return web.json_response(backend.series(service, _float(req, "window", 900.0)))
+        window = _float(req, "window", 900.0)
+        source = req.query.get("source") or None
+        if source:
+            return web.json_response(backend.series(service, window, source))
+        return web.json_response(backend.series(service, window))
 
     async def traces(req: web.Request) -> web.Response:
         result = backend.traces(

@@ -144,7 +144,13 @@ function showSelection() {
       el("h3", {}, `${info.source} → ${info.target}`),
       kv([["requests/s", fmt(info.rps, 2)], ["success rate", pct(1 - (info.error_rate || 0))],
           ["p50", fmt(info.p50_ms) + " ms"], ["p99", fmt(info.p99_ms) + " ms"],
-          ["mTLS", info.mtls ? "yes (mutual TLS)" : "no"], ["response codes", codes(info.codes)]]));
+          ["mTLS", info.mtls ? "yes (mutual TLS)" : "no"], ["response codes", codes(info.codes)]]),
+      el("button", { id: "edge-charts", onclick: () => {
+        const src = state.cy.getElementById(info.source).data("info") || {};
+        state.edge = { service: info.service, source: src.workload || "", label: `${src.workload || info.source} → ${info.service}` };
+        state.charts = {};
+        location.hash = "#metrics";
+      } }, "Charts for this edge"));
   } else {
     side.replaceChildren(
       el("h3", {}, info.workload || info.app || sel.id()),
@@ -189,8 +195,16 @@ async function refreshMetrics() {
     ts.replaceChildren(el("option", { value: "" }, "any"), ...names.map(n => el("option", { value: n }, n)));
     ts.value = keepT;
   }
-  if (!sel.value) return;
-  const s = await api(`series?service=${encodeURIComponent(sel.value)}&window=${$("#metrics-window").value}`);
+  const edge = state.edge;
+  if (edge && state.services.includes(edge.service)) sel.value = edge.service;
+  $("#metrics-edge").replaceChildren(...(edge ? [
+    el("span", {}, "edge " + edge.label + " "),
+    el("button", { onclick: () => { state.edge = null; state.charts = {}; refresh(); } }, "show the whole service")] : []));
+  const service = edge ? edge.service : sel.value;
+  if (!service) return;
+  const q = `service=${encodeURIComponent(service)}&window=${$("#metrics-window").value}` +
+            (edge && edge.source ? `&source=${encodeURIComponent(edge.source)}` : "");
+  const s = await api("series?" + q);
   makeChart("#chart-rps", [{ label: "rps", stroke: "#38bdf8", width: 2 }], [s.t, s.rps]);
   makeChart("#chart-success", [{ label: "success %", stroke: "#22c55e", width: 2 }], [s.t, s.success_rate.map(x => x === null ? null : 100 * x)]);
   makeChart("#chart-latency", [
@@ -307,7 +321,7 @@ document.addEventListener("DOMContentLoaded", () => {
   initGraph();
   $("#graph-view").addEventListener("change", () => { state.cy.elements().remove(); refresh(); });
   $("#graph-window").addEventListener("change", refresh);
-  $("#metrics-service").addEventListener("change", () => { state.charts = {}; refresh(); });
+  $("#metrics-service").addEventListener("change", () => { state.edge = null; state.charts = {}; refresh(); });
   $("#metrics-window").addEventListener("change", refresh);
   $("#traces-refresh").addEventListener("click", refresh);
   showTab((location.hash || "#graph").slice(1));
