@@ -179,6 +179,11 @@ def test_http_authorization_task(mesh: MeshThread) -> None:
         # details only from productpage's identity: a client without one is denied
         status, body = get(f"http://127.0.0.1:{inbound_port(mesh, 'details-v1-1')}/details/0")
         assert (status, body) == (403, "RBAC: access denied")
+        # ... and the refusal is counted on details' sidecar (Envoy's rbac denied counter)
+        admin = workload(mesh, "details-v1-1")["admin_port"]
+        _, stats = get(f"http://127.0.0.1:{admin}/stats?filter=rbac_denied")
+        m = re.search(r"^http\.rbac_denied: (\d+)$", stats, re.MULTILINE)
+        assert m and int(m.group(1)) >= 1, stats
     finally:
         mesh.delete_text(ALLOW_NOTHING + "---" + PRODUCTPAGE_VIEWER + "---"
                          + DETAILS_REVIEWS_RATINGS_VIEWERS)  # fmt: skip

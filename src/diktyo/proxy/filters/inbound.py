@@ -30,6 +30,9 @@ from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER, PeerLabels, Wor
 
 log = logging.getLogger("diktyo.proxy")
 
+# response status of a refused request -> the sidecar counter it increments (envoy_http_<name>)
+_DENIED_COUNTERS = {403: "rbac_denied", 401: "jwt_authn_denied", 400: "path_rejected"}
+
 MAX_PEER_LABEL_SETS = 4096  # the metadata header is client-controlled: bound the cache
 _PLAIN = ("", None)
 
@@ -116,6 +119,15 @@ class InboundGuard:
                 return False
         if verdict.status:
             flag = "RBAC" if verdict.status == 403 else ""
+            # a counter per refusal kind (Envoy's rbac.denied / jwt_authn.denied) and the reason
+            counter = _DENIED_COUNTERS.get(verdict.status, "security_denied")
+            server = stream.rt.stats.server
+            server[counter] = server.get(counter, 0) + 1
+            log.info(
+                "inbound %s %s from %s refused %d: %s",
+                head.method, head.path[:200], principal or conn.peer or "unknown",
+                verdict.status, verdict.details or verdict.body[:120].decode(errors="replace"),
+            )  # fmt: skip
             stream.local_reply(verdict.status, verdict.body, flag)
             return False
         for k in verdict.remove_headers:
