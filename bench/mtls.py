@@ -235,10 +235,13 @@ def run(
     samples: list[dict[str, Any]] = []
     checks: dict[str, Any] = {}
     retries: list[dict[str, Any]] = []
+    aborted = ""
     with tempfile.TemporaryDirectory(prefix="diktyo-mtls-") as td:
         tmp = Path(td)
         log("starting the mesh (control plane, hello = nginx, bench-client = sleep)")
-        with MeshThread(write_mesh(tmp), start_timeout=60) as mesh:
+        mesh_log = Path(tempfile.gettempdir()) / f"{out.name}-mesh.log"
+        log_file = mesh_log.open("w", buffering=1)
+        with MeshThread(write_mesh(tmp), start_timeout=60, out=log_file) as mesh:
             mesh.wait_synced()
             client, server = workload(mesh, "bench-client"), workload(mesh, "hello")
             port = int(client["outbound_port"])
@@ -252,50 +255,58 @@ def run(
             if status != 200 or body.strip() != b"ok":
                 raise BenchError(f"GET / Host: {HOST} via the outbound port gave {status} {body!r}")
             applied: str | None = None
-            for rep in range(reps):
-                order = list(CONFIGS)
-                order = order[rep % len(order) :] + order[: rep % len(order)]  # rotate per rep
-                for cfg in order:
-                    if time.monotonic() - start > budget:
-                        log(f"time budget of {budget:g}s used up: stopping early")
-                        break
-                    text = CONFIGS[cfg]
-                    if applied is not None and text != applied:
-                        mesh.delete_text(applied)
-                    if text is not None and text != applied:
-                        mesh.apply_text(text)
-                    applied = text
-                    mesh.wait_synced()
-                    if warmup:
-                        wrk(port, 50, 1)  # new connections (and handshakes) outside the figures
-                    want = "none" if cfg.startswith("plain") else "mutual_tls"
-                    for attempt in range(4):
-                        policy = check_policy(port, int(server["admin_port"]), cfg)
-                        if policy == want:
+            try:
+                for rep in range(reps):
+                    order = list(CONFIGS)
+                    order = order[rep % len(order) :] + order[: rep % len(order)]  # rotate per rep
+                    for cfg in order:
+                        if time.monotonic() - start > budget:
+                            log(f"time budget of {budget:g}s used up: stopping early")
                             break
-                        # a sidecar may have rejected (NACKed) the snapshot: push a new one
-                        log(f"{cfg}: check requests went {policy}, not {want}: pushing again")
-                        retries.append({"config": cfg, "rep": rep, "seen": policy})
-                        mesh.apply_text(NUDGE.format(n=attempt))
+                        text = CONFIGS[cfg]
+                        if applied is not None and text != applied:
+                            mesh.delete_text(applied)
+                        if text is not None and text != applied:
+                            mesh.apply_text(text)
+                        applied = text
                         mesh.wait_synced()
-                        mesh.delete_text(NUDGE.format(n=attempt))
-                        mesh.wait_synced()
-                    checks.setdefault(cfg, policy)
-                    for conns in conns_list:
-                        m0 = security_policies(int(server["admin_port"]))
-                        s = measure(port, conns, seconds, pids)
-                        time.sleep(0.2)
-                        m1 = security_policies(int(server["admin_port"]))
-                        d = {k: v - m0.get(k, 0.0) for k, v in m1.items()}
-                        s["mtls_share"] = d.get("mutual_tls", 0.0) / max(1.0, sum(d.values()))
-                        s.update(config=cfg, connections=conns, rep=rep, security_policy=policy)
-                        samples.append(s)
-                        log(
-                            f"rep {rep + 1}/{reps} {cfg:14s} c{conns:<3d} {s['rps']:8.0f} rps  "
-                            f"cpu {s['cpu_us_per_req']:6.0f} us/req (sched "
-                            f"{s['sched_us_per_req']:6.0f})  p50 {s['p50_us'] / 1e3:6.2f} ms  "
-                            f"p99 {s['p99_us'] / 1e3:6.2f} ms  err {s['errors']}  mTLS {s['mtls_share']:.0%}"
-                        )
+                        if warmup:
+                            wrk(port, 50, 1)  # new connections (and handshakes) outside the figures
+                        want = "none" if cfg.startswith("plain") else "mutual_tls"
+                        for attempt in range(4):
+                            policy = check_policy(port, int(server["admin_port"]), cfg)
+                            if policy == want:
+                                break
+                            # a sidecar may have rejected (NACKed) the snapshot: push a new one
+                            log(f"{cfg}: check requests went {policy}, not {want}: pushing again")
+                            retries.append({"config": cfg, "rep": rep, "seen": policy})
+                            mesh.apply_text(NUDGE.format(n=attempt))
+                            mesh.wait_synced()
+                            mesh.delete_text(NUDGE.format(n=attempt))
+                            mesh.wait_synced()
+                        checks.setdefault(cfg, policy)
+                        for conns in conns_list:
+                            m0 = security_policies(int(server["admin_port"]))
+                            s = measure(port, conns, seconds, pids)
+                            time.sleep(0.2)
+                            m1 = security_policies(int(server["admin_port"]))
+                            d = {k: v - m0.get(k, 0.0) for k, v in m1.items()}
+                            s["mtls_share"] = d.get("mutual_tls", 0.0) / max(1.0, sum(d.values()))
+                            s.update(config=cfg, connections=conns, rep=rep, security_policy=policy)
+                            samples.append(s)
+                            log(
+                                f"rep {rep + 1}/{reps} {cfg:14s} c{conns:<3d} {s['rps']:8.0f} rps  "
+                                f"cpu {s['cpu_us_per_req']:6.0f} us/req (sched "
+                                f"{s['sched_us_per_req']:6.0f})  p50 {s['p50_us'] / 1e3:6.2f} ms  "
+                                f"p99 {s['p99_us'] / 1e3:6.2f} ms  err {s['errors']}  mTLS {s['mtls_share']:.0%}"
+                            )
+            except (OSError, BenchError, TimeoutError) as exc:
+                aborted = f"{type(exc).__name__}: {exc}"
+                log(f"aborted: {aborted}; mesh output: {mesh_log}; writing what was measured")
+                tail = mesh_log.read_text()[-3000:] if mesh_log.exists() else ""
+                print(tail, file=sys.stderr)
+
+    log_file.close()
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": _commit(),
@@ -306,6 +317,7 @@ def run(
         f"client app and the bench/control plane process on core {LOAD_CORE}",
         "security_policy_seen": checks,
         "resync": retries,
+        "aborted": aborted,
         "samples": samples,
         "summary": summarize(samples),
     }
@@ -399,6 +411,11 @@ def markdown(r: dict[str, Any]) -> str:
             f"{s['errors']} |"
         )
     lines += ["", "Client/server columns: schedstat µs per request of each sidecar.", ""]
+    if r["aborted"]:
+        lines += [
+            f"**Run aborted early**: {r['aborted']} (figures above are what was measured).",
+            "",
+        ]
     lines += [
         "| ratio | rps | CPU/req | CPU/req (sched) | p50 | p99 |",
         "|---|---|---|---|---|---|",
@@ -439,11 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget or (reps * len(CONFIGS) * (len(conns) * (secs + 2) + 4) + 60)
     stem = args.out or time.strftime("%Y-%m-%d-%H%M", time.gmtime()) + f"-mtls{suffix}"
     try:
-        run(reps, secs, conns, args.out_dir / stem, budget, warmup=not args.smoke)
+        res = run(reps, secs, conns, args.out_dir / stem, budget, warmup=not args.smoke)
     except BenchError as exc:
         print(f"mtls bench: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if res["aborted"] else 0
 
 
 if __name__ == "__main__":
