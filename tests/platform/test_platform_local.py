@@ -27,6 +27,7 @@ from diktyo.snapshot.model import (
 )
 
 HELPERS = Path(__file__).parent / "helpers"
+TINY_APP = Path(__file__).parents[1] / "e2e" / "apps" / "tiny_app.py"  # shared with e2e tests
 
 MESH = f"""
 name: tiny
@@ -39,10 +40,10 @@ workloads:
   - name: hello-v1
     labels: {{app: hello, version: v1}}
     replicas: 2
-    command: ["{{python}}", "{HELPERS / "tiny_app.py"}"]
+    command: ["{{python}}", "{TINY_APP}"]
   - name: front-v1
     labels: {{app: front, version: v1}}
-    command: ["{{python}}", "{HELPERS / "tiny_app.py"}"]
+    command: ["{{python}}", "{TINY_APP}"]
 gateways:
   - ports: [{{port: 8080, hostPort: 0}}]
 """
@@ -247,7 +248,7 @@ services:
 workloads:
   - name: hello-v1
     labels: {{app: hello}}
-    command: ["{{python}}", "{HELPERS / "tiny_app.py"}"]
+    command: ["{{python}}", "{TINY_APP}"]
 """
     spec = load_mesh_text(text, "m.yaml", base_dir=str(HELPERS))
     out = io.StringIO()
