@@ -10,15 +10,13 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
-from aiohttp import web
 
-from diktyo.telemetry.exposition import CONTENT_TYPE, render
-from diktyo.telemetry.httpclient import request
+from diktyo.telemetry.exposition import render
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
 from diktyo.telemetry.prometheus_config import DEFAULT_TARGETS, Target, scrape_config
+from diktyo.testing.prometheus import prometheus_scraping
 
 PROMETHEUS = shutil.which("prometheus") or (
     "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
@@ -86,53 +84,19 @@ async def test_real_prometheus_scrapes_istio_metrics(tmp_path: Path) -> None:
     dkey = m.peer(PeerLabels.build("destination", pp, None, "reviews.default.svc.cluster.local"))
     m.record(dkey, 200, "-", 1.0, 0, 0)  # must not be counted by reporter="source"
 
-    async def stats(_: web.Request) -> web.Response:
-        return web.Response(text=render(m), headers={"Content-Type": CONTENT_TYPE})
-
-    app = web.Application()
-    app.router.add_get("/stats/prometheus", stats)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    sport = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(scrape_config([f"127.0.0.1:{sport}"], scrape_interval="1s"))
-    pport = free_port()
-    log = (tmp_path / "prometheus.log").open("w")
-    proc = await asyncio.create_subprocess_exec(
-        PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{pport}", stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
+    async with prometheus_scraping(lambda: render(m), tmp_path) as prom:
         query = 'sum(istio_requests_total{reporter="source"})'
-        url = f"http://127.0.0.1:{pport}/api/v1/query?query={quote(query)}"
         value = None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and value != 14.0:
-            assert proc.returncode is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-            with contextlib.suppress(OSError, TimeoutError):
-                status, body = await request("GET", url, timeout=2)
-                if status == 200:
-                    result = json.loads(body)["data"]["result"]
-                    if result:
-                        value = float(result[0]["value"][1])
+            assert prom.process.returncode is None, prom.log_tail()
+            with contextlib.suppress(OSError, TimeoutError, ValueError, KeyError):
+                status, result = await prom.query(query)
+                if status == "success" and result:
+                    value = float(result[0]["value"][1])
             if value != 14.0:
                 await asyncio.sleep(0.5)
-        assert value == 14.0, f"Prometheus answered {value}; log:\n" + (
-            tmp_path / "prometheus.log").read_text()[-2000:]  # fmt: skip
+        assert value == 14.0, f"Prometheus answered {value}; log:\n" + prom.log_tail()
         q2 = "histogram_quantile(0.5,sum(rate(istio_request_duration_milliseconds_bucket[1m]))by(le))"
-        status, body = await request(
-            "GET", f"http://127.0.0.1:{pport}/api/v1/query?query={q2}", timeout=5
-        )
-        assert status == 200 and json.loads(body)["status"] == "success"
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        log.close()
-        await runner.cleanup()
+        status, _ = await prom.query(q2)
+        assert status == "success"
