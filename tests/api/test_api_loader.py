@@ -156,9 +156,10 @@ def test_unknown_kind_and_api_version() -> None:
     assert "security.istio.io/v1" in err.hint
 
 
-def test_non_istio_kind_is_a_warning() -> None:
+def test_non_mesh_kubernetes_kind_is_an_info_note() -> None:
     result = load_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n", "d.yaml")
-    assert result.ok and result.errors[0].severity == "warning"
+    assert result.ok and result.errors[0].severity == "info"
+    assert "apps/v1 Deployment x" in result.errors[0].message
 
 
 def test_yaml_syntax_error_keeps_other_documents() -> None:

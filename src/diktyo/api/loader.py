@@ -21,7 +21,8 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from diktyo.api.errors import ConfigError
-from diktyo.api.resource import KINDS, Resource
+from diktyo.api.kinds import KIND_TABLE, is_mesh_group, lookup, rows_of_kind
+from diktyo.api.resource import Resource
 
 _DOC_SEP = re.compile(r"^(---|\.\.\.)(\s|$)")
 # Kubernetes object names (RFC 1123 subdomain) and namespaces (RFC 1123 label)
@@ -194,6 +195,16 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
     api_version = data.get("apiVersion")
     kind = data.get("kind")
     errors: list[ConfigError] = []
+    if not kind and not api_version:
+        result.errors.append(
+            err(
+                "",
+                "not a Kubernetes object: the document has neither apiVersion nor kind",
+                "a config folder holds Istio and Kubernetes objects; keep other YAML (Helm "
+                "values, OpenAPI specs, ...) elsewhere",
+            )
+        )
+        return
     if not isinstance(kind, str) or not kind:
         result.errors.append(
             err("kind", "missing required field 'kind'", "set kind, e.g. 'kind: VirtualService'")
@@ -208,37 +219,20 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
             )
         )
         return
-    group, _, version = api_version.rpartition("/")
-    spec_entry = KINDS.get(kind)
-    if spec_entry is None:
-        if "istio.io" in group:
-            close = difflib.get_close_matches(kind, list(KINDS), n=1)
-            result.errors.append(
-                err(
-                    "kind",
-                    f"unknown kind {kind!r}",
-                    f"did you mean {close[0]!r}?"
-                    if close
-                    else "diktyo supports " + ", ".join(KINDS),
-                )
-            )
-        else:
-            result.errors.append(
-                err(
-                    "kind",
-                    f"{api_version} {kind} is not an Istio resource; ignored",
-                    "diktyo reads " + ", ".join(KINDS),
-                    severity="warning",
-                )
-            )
+    if kind == "List" or (kind.endswith("List") and "items" in data):
+        _load_list(doc, data, filename, offset, result, err)
         return
-    want_group, versions, model = spec_entry
-    if group != want_group or version not in versions:
+    group, _, version = api_version.rpartition("/")
+    row = lookup(group, kind)
+    if row is None:
+        result.errors.append(_unknown_kind(kind, api_version, group, data, err))
+        return
+    if version not in row.versions:
         result.errors.append(
             err(
                 "apiVersion",
                 f"unsupported apiVersion {api_version!r} for kind {kind}",
-                "use " + " or ".join(f"{want_group}/{v}" for v in versions),
+                "use " + " or ".join(row.api_versions()),
             )
         )
         return
@@ -261,12 +255,13 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
     namespace = "default"
     labels: dict[str, str] = {}
     if not isinstance(metadata, dict):
-        errors.append(
-            err("metadata", "missing required field 'metadata'", "add 'metadata: {name: NAME}'")
-        )
+        if row.needs_name or metadata is not None:
+            errors.append(
+                err("metadata", "missing required field 'metadata'", "add 'metadata: {name: NAME}'")
+            )
     else:
         name = metadata.get("name") or ""
-        if not isinstance(name, str) or not name:
+        if (not isinstance(name, str) or not name) and ("name" in metadata or row.needs_name):
             errors.append(
                 err(
                     "metadata.name" if "name" in metadata else "metadata",
@@ -306,12 +301,24 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
     spec: BaseModel | None = None
     if not isinstance(spec_data, dict):
         errors.append(err("spec", f"spec must be a mapping, got {_type_name(spec_data)}"))
+    elif row.model is None:
+        if not errors:
+            errors.append(
+                err(
+                    "kind",
+                    f"{kind} {namespace}/{name or '-'} ignored: {row.reason}",
+                    "it has no effect on diktyo's mesh (Istio would apply it)",
+                    severity="warning",
+                )
+            )
+        result.errors.extend(errors)
+        return
     else:
         try:
-            spec = model.model_validate(spec_data)
+            spec = row.model.model_validate(spec_data)
         except ValidationError as exc:
             for e in exc.errors():
-                errors.append(_pydantic_error(e, model, err))
+                errors.append(_pydantic_error(e, row.model, err))
     if errors or spec is None:
         result.errors.extend(errors)
         return
@@ -328,6 +335,73 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
             positions=positions,
             labels=labels,
         )
+    )
+
+
+def _load_list(
+    doc: CommentedMap,
+    data: dict[str, Any],
+    filename: str,
+    offset: int,
+    result: LoadResult,
+    err: Callable[..., ConfigError],
+) -> None:
+    """``kind: List`` (``kubectl get -o yaml``): load each of ``items`` as its own document."""
+    items = doc.get("items")
+    if items is None:
+        return
+    if not isinstance(items, CommentedSeq):
+        result.errors.append(
+            err(
+                "items",
+                f"items must be a list of objects, got {_type_name(data.get('items'))}",
+                "write 'items:' followed by '- apiVersion: ...' entries",
+            )
+        )
+        return
+    for i, item in enumerate(items):
+        if isinstance(item, CommentedMap):
+            _load_document(item, filename, offset, result)
+            continue
+        result.errors.append(
+            err(
+                f"items[{i}]",
+                f"each item of a {data.get('kind')} must be a mapping, got {_type_name(item)}",
+                "each item needs apiVersion, kind, metadata and spec",
+            )
+        )
+
+
+def _unknown_kind(
+    kind: str, api_version: str, group: str, data: dict[str, Any], err: Callable[..., ConfigError]
+) -> ConfigError:
+    """The problem with a ``(group, kind)`` not in the kind table."""
+    rows = rows_of_kind(kind)
+    if rows:  # a known kind under another group, e.g. networking.istio.io/v1 HTTPRoute
+        choices = [v for row in rows for v in row.api_versions()]
+        return err(
+            "apiVersion",
+            f"unsupported apiVersion {api_version!r} for kind {kind}",
+            "use " + " or ".join(choices),
+        )
+    if is_mesh_group(group):
+        same_group = [row.kind for row in KIND_TABLE if row.group == group]
+        candidates = same_group or [row.kind for row in KIND_TABLE if is_mesh_group(row.group)]
+        close = difflib.get_close_matches(kind, candidates, n=1)
+        return err(
+            "kind",
+            f"unknown kind {kind!r} in {group}",
+            f"did you mean {close[0]!r}?"
+            if close
+            else "diktyo knows " + ", ".join(dict.fromkeys(candidates)),
+        )
+    meta = data.get("metadata")
+    name = meta.get("name", "") if isinstance(meta, dict) else ""
+    return err(
+        "kind",
+        f"{api_version} {kind} {name} is not a mesh resource; ignored".replace("  ", " "),
+        "diktyo reads Istio's kinds and Kubernetes Services",
+        severity="info",
     )
 
 

@@ -6,23 +6,11 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from diktyo.api.networking import DestinationRule, Gateway, ServiceEntry, Sidecar, VirtualService
-from diktyo.api.security import AuthorizationPolicy, PeerAuthentication, RequestAuthentication
+from diktyo.api.kinds import istio_kinds
 
-NETWORKING = "networking.istio.io"
-SECURITY = "security.istio.io"
-
-# kind -> (group, accepted versions, spec model)
-KINDS: dict[str, tuple[str, tuple[str, ...], type[BaseModel]]] = {
-    "VirtualService": (NETWORKING, ("v1", "v1beta1", "v1alpha3"), VirtualService),
-    "DestinationRule": (NETWORKING, ("v1", "v1beta1", "v1alpha3"), DestinationRule),
-    "ServiceEntry": (NETWORKING, ("v1", "v1beta1", "v1alpha3"), ServiceEntry),
-    "Gateway": (NETWORKING, ("v1", "v1beta1", "v1alpha3"), Gateway),
-    "Sidecar": (NETWORKING, ("v1", "v1beta1", "v1alpha3"), Sidecar),
-    "PeerAuthentication": (SECURITY, ("v1", "v1beta1"), PeerAuthentication),
-    "AuthorizationPolicy": (SECURITY, ("v1", "v1beta1"), AuthorizationPolicy),
-    "RequestAuthentication": (SECURITY, ("v1", "v1beta1"), RequestAuthentication),
-}
+# Implemented Istio kinds: kind -> (group, accepted versions, spec model). The full table,
+# with Kubernetes and ignored kinds, is ``diktyo.api.kinds.KIND_TABLE``.
+KINDS = istio_kinds()
 
 
 @dataclass(frozen=True, eq=False)

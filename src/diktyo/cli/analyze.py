@@ -37,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
     p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show notes (severity info), e.g. Kubernetes objects other than Services "
+        "that diktyo ignores",
+    )
+    p.add_argument(
         "--host",
         action="append",
         default=[],
@@ -57,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     hosts = list(args.host) + (list(BOOKINFO_HOSTS) if args.bookinfo else [])
     registry: Registry | None = registry_for_hosts(hosts) if hosts else None
     problems: list[ConfigError] = list(result.errors) + analyze(result.resources, registry)
+    if not args.verbose:
+        problems = [e for e in problems if e.severity != "info"]
     problems.sort(key=lambda e: (e.file, e.line, e.col))
     errors = sum(1 for e in problems if e.severity == "error")
     warnings = sum(1 for e in problems if e.severity == "warning")
