@@ -98,6 +98,7 @@ class ConfigIndex:
     gateways: list[Any] = field(default_factory=list)
     service_entries: list[Any] = field(default_factory=list)
     sidecars: list[Any] = field(default_factory=list)
+    kube_services: list[Any] = field(default_factory=list)  # Kubernetes Services in the config
     registry: Registry = field(default_factory=Registry)
     _dr_cache: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
     _by_host: dict[str, Service] = field(default_factory=dict, repr=False)
@@ -122,13 +123,14 @@ class ConfigIndex:
             "Gateway": idx.gateways,
             "ServiceEntry": idx.service_entries,
             "Sidecar": idx.sidecars,
+            "Service": idx.kube_services,
         }
         for res in resources:
             bucket = by_kind.get(getattr(res, "kind", ""))
             if bucket is not None:
                 bucket.append(res)
         idx.registry = merge_registries(
-            registry, registry_from_service_entries(idx.service_entries)
+            registry, registry_from_service_entries(idx.service_entries + idx.kube_services)
         )
         services = idx.registry.services
         for svc in services:

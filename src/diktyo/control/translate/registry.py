@@ -1,10 +1,12 @@
-"""Service registry from ServiceEntries (STATIC endpoints become workload instances)."""
+"""Service registry from config: ServiceEntries (STATIC endpoints become workload instances)
+and Kubernetes ``v1`` Services found among the config files (services without instances)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
+from diktyo.control.ingest.kubernetes import port_protocol, service_fqdn
 from diktyo.control.model import Registry, Service, ServicePort, WorkloadInstance
 from diktyo.control.translate.hosts import resolve_host, split_cluster_host
 
@@ -18,7 +20,56 @@ def registry_from_service_entries(resources: Iterable[Any]) -> Registry:
     service port number to the endpoint port (by port name, else ``targetPort``, else the
     service port itself). A DNS entry without endpoints gets one instance per host, dialled
     by name (as Istio does).
+
+    Kubernetes Services among ``resources`` are added too (see ``registry_from_kube_services``);
+    for a hostname both declare, the Kubernetes Service wins, as in Istio's registry order.
     """
+    return merge_registries(
+        registry_from_kube_services(resources), _registry_from_entries(resources)
+    )
+
+
+def registry_from_kube_services(
+    resources: Iterable[Any], domain: str = "cluster.local"
+) -> Registry:
+    """Kubernetes ``v1`` Service resources (loaded from config files) as registry services.
+
+    As Istio does: the host is ``<name>.<namespace>.svc.<domain>``; each TCP port keeps its
+    number, name and numeric ``targetPort``; its protocol is ``appProtocol`` if set, else the
+    port name's prefix (``http``, ``http-web``, ``grpc-x``, ...), else TCP. UDP and SCTP ports
+    are not proxied and are left out. No instances: endpoints come from the platform.
+    """
+    services: list[Service] = []
+    for res in resources:
+        if getattr(res, "kind", "") != "Service" or getattr(res, "api_version", "v1") != "v1":
+            continue
+        spec = res.spec
+        ports = tuple(
+            ServicePort(
+                number=p.port,
+                name=p.name or "",
+                protocol=port_protocol(p.name, p.app_protocol, p.protocol),
+                target_port=p.target_port if isinstance(p.target_port, int) else None,
+            )
+            for p in spec.ports
+            if p.protocol == "TCP"
+        )
+        services.append(
+            Service(
+                hostname=service_fqdn(res.name, res.namespace, domain),
+                namespace=res.namespace,
+                ports=ports,
+                short_name=res.name,
+                resolution="DNS"
+                if spec.type == "ExternalName"
+                else ("NONE" if spec.cluster_ip == "None" else "STATIC"),
+                source="kubernetes",
+            )
+        )
+    return Registry(services=tuple(services))
+
+
+def _registry_from_entries(resources: Iterable[Any]) -> Registry:
     services: list[Service] = []
     instances: list[WorkloadInstance] = []
     seen: set[str] = set()

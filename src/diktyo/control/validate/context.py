@@ -23,7 +23,7 @@ class Context:
     def build(cls, resources: Iterable[Any], registry: Registry | None) -> Context:
         resources = list(resources)
         idx = ConfigIndex.build(resources, registry or Registry())
-        known = registry is not None or bool(idx.service_entries)
+        known = registry is not None or bool(idx.service_entries) or bool(idx.kube_services)
         return cls(idx=idx, registry_known=known, resources=resources)
 
     def report(
