@@ -21,6 +21,7 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports --no-cache
 
 bench: venv
 	$(BIN)/pip install -q -e '.[test,bench]'
