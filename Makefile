@@ -22,6 +22,7 @@ test: venv
 lint: venv
 	$(BIN)/ruff check src tests
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 bench: venv
 	$(BIN)/pip install -q -e '.[test,bench]'

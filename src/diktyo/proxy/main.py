@@ -115,6 +115,7 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
             sidecar.apply(override_outbound_port(snap, opts.outbound_port))
             ready_evt.set()
 
+        assert opts.node is not None  # checked above: --control-plane needs --node
         client = ConfigClient(opts.control_plane, opts.node, on_snapshot)
         client.start()
         await ready_evt.wait()
