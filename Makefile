@@ -21,6 +21,8 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 bench: venv
 	$(BIN)/pip install -q -e '.[test,bench]'

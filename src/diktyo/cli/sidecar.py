@@ -6,6 +6,10 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diktyo.snapshot.model import Snapshot
 
 DESCRIPTION = (
     "Run diktyo's sidecar proxy. Exactly one config source: --snapshot FILE (snapshot "
@@ -83,6 +87,13 @@ def _light_reexec() -> None:
     os.execv(sys.executable, [sys.executable, "-m", "diktyo.proxy", *rest])
 
 
+def _standalone_snapshot(config_dir: str, outbound_port: int) -> Snapshot:
+    """Standalone mode: the control plane's translator, composed here above proxy and control."""
+    from diktyo.control.standalone import snapshot_from_dir
+
+    return snapshot_from_dir(config_dir, outbound_port=outbound_port)
+
+
 def run(args: argparse.Namespace) -> int:
     _light_reexec()
     logging.basicConfig(
@@ -104,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         outbound_port=args.outbound_port,
         drain_timeout=args.drain_timeout,
+        config_loader=_standalone_snapshot if args.config else None,
     )
     try:
         return run_sidecar(opts)

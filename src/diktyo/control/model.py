@@ -86,5 +86,5 @@ class PushContext:
 
     resources: tuple[Any, ...]  # diktyo.api resources (validated)
     registry: Registry
-    mesh: MeshConfig = MeshConfig()
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     version: str = "0"

@@ -25,7 +25,11 @@ class MetricSource(Protocol):
 
     def graph(self, window: float = ...) -> dict[str, Any]: ...
     def series(
-        self, match: Mapping[str, str] | None = ..., window: float = ...
+        self,
+        match: Mapping[str, str] | None = ...,
+        window: float = ...,
+        now: float | None = ...,
+        reporter: str = ...,
     ) -> list[dict[str, Any]]: ...
 
 

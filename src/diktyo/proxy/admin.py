@@ -59,7 +59,7 @@ class AdminServer:
 
     def __init__(self, sidecar: Any) -> None:
         self.sidecar = sidecar
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
         self.port = 0
 
     async def start(self, address: str = "127.0.0.1", port: int = 0) -> int:

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,10 @@ class SidecarOptions:
     # --control-plane it gets the workload certificate and turns on mTLS
     ca_token: str | None = field(default_factory=lambda: os.environ.get(TOKEN_ENV) or None)
     identity_timeout: float = 30.0
+    # standalone mode (--config DIR): turns the directory into a snapshot. Given by the caller
+    # (``cli.sidecar`` passes ``control.standalone.snapshot_from_dir``), so the proxy layer
+    # never imports the control plane.
+    config_loader: Callable[[str, int], Snapshot] | None = None
 
 
 def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:
@@ -67,9 +72,12 @@ def load_snapshot(opts: SidecarOptions) -> Snapshot:
         data = Path(opts.snapshot).read_bytes()
         return override_outbound_port(decode(data), opts.outbound_port)
     if opts.config:
-        from diktyo.control.standalone import snapshot_from_dir
-
-        return snapshot_from_dir(opts.config, outbound_port=opts.outbound_port or 0)
+        if opts.config_loader is None:
+            raise SnapshotError(
+                "--config DIR needs the control plane's translator: start the sidecar with "
+                "`diktyo sidecar` or `python -m diktyo.proxy`"
+            )
+        return opts.config_loader(opts.config, opts.outbound_port or 0)
     raise SnapshotError(
         "no snapshot source: pass --snapshot FILE, --config DIR or --control-plane URL --node ID"
     )
@@ -107,6 +115,7 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
             sidecar.apply(override_outbound_port(snap, opts.outbound_port))
             ready_evt.set()
 
+        assert opts.node is not None  # checked above: --control-plane needs --node
         client = ConfigClient(opts.control_plane, opts.node, on_snapshot)
         client.start()
         await ready_evt.wait()

@@ -74,6 +74,8 @@ class ListenerContext:
 class Runtime:
     """Everything compiled from one snapshot."""
 
+    clusters: dict[str, ClusterState]  # read from ``previous`` before this one's are built
+
     def __init__(self, snapshot: Snapshot, sidecar: Sidecar, previous: Runtime | None) -> None:
         problems = validate(snapshot)
         if problems:
@@ -259,9 +261,9 @@ class Sidecar:
         wanted = {lst.name: lst for lst in snapshot.listeners}
         for name in list(self.listeners):
             if name not in wanted:
-                ctx = self.listeners.pop(name)
-                if ctx.server is not None:
-                    ctx.server.close()
+                gone = self.listeners.pop(name)
+                if gone.server is not None:
+                    gone.server.close()
         for name, lst in wanted.items():
             ctx = self.listeners.get(name)
             if ctx is not None and name not in new_socks:
@@ -344,8 +346,9 @@ class Sidecar:
                     cur is not None
                     and cur.direction == lst.direction
                     and (lst.port == 0 or lst.port == cur.port)
+                    and cur.sock is not None
                     and (self.bind_address or lst.address) == cur.sock.getsockname()[0]
-                ):  # type: ignore[union-attr]
+                ):
                     continue
                 try:
                     sock = bind_listener(self.bind_address or lst.address, lst.port)

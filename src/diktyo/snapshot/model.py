@@ -34,7 +34,7 @@ class _S(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_u
 # --------------------------------------------------------------------------- identity
 
 
-class Node(_S):
+class Node(_S, frozen=True):
     """The workload this sidecar sits beside (Istio's proxy metadata)."""
 
     id: str  # e.g. "reviews-v2-1.default"
@@ -51,19 +51,19 @@ class Node(_S):
 # --------------------------------------------------------------------------- matching
 
 
-class StringMatch(_S):
+class StringMatch(_S, frozen=True):
     """Istio's StringMatch: exactly one of exact / prefix / regex; ``present`` for ``{}``."""
 
     kind: Literal["exact", "prefix", "regex", "present"]
     value: str = ""
 
 
-class KeyMatch(_S):
+class KeyMatch(_S, frozen=True):
     name: str  # header names lower-cased; query param names as given
     match: StringMatch
 
 
-class RouteMatch(_S):
+class RouteMatch(_S, frozen=True):
     """One HTTPMatchRequest. All set conditions must hold (AND)."""
 
     name: str = ""
@@ -84,18 +84,18 @@ class RouteMatch(_S):
 # --------------------------------------------------------------------------- route actions
 
 
-class HeaderOps(_S):
+class HeaderOps(_S, frozen=True):
     set: dict[str, str] = {}
     add: dict[str, str] = {}
     remove: tuple[str, ...] = ()
 
 
-class Headers(_S):
+class Headers(_S, frozen=True):
     request: HeaderOps | None = None
     response: HeaderOps | None = None
 
 
-class WeightedCluster(_S):
+class WeightedCluster(_S, frozen=True):
     cluster: str  # cluster name
     weight: int = 100
     host: str = ""  # destination host FQDN (telemetry, explain)
@@ -104,14 +104,14 @@ class WeightedCluster(_S):
     headers: Headers | None = None
 
 
-class Rewrite(_S):
+class Rewrite(_S, frozen=True):
     uri: str | None = None
     authority: str | None = None
     uri_regex: str | None = None  # uriRegexRewrite.match
     uri_regex_rewrite: str | None = None  # uriRegexRewrite.rewrite
 
 
-class Redirect(_S):
+class Redirect(_S, frozen=True):
     uri: str | None = None
     authority: str | None = None
     scheme: str | None = None
@@ -119,12 +119,12 @@ class Redirect(_S):
     code: int = 301
 
 
-class DirectResponse(_S):
+class DirectResponse(_S, frozen=True):
     status: int
     body: str = ""
 
 
-class RetryPolicy(_S):
+class RetryPolicy(_S, frozen=True):
     attempts: int = 2
     per_try_timeout: float | None = None
     # Istio's default retryOn
@@ -133,22 +133,22 @@ class RetryPolicy(_S):
     retry_remote_localnet: bool = False
 
 
-class FaultDelay(_S):
+class FaultDelay(_S, frozen=True):
     fixed_delay: float
     percentage: float = 100.0
 
 
-class FaultAbort(_S):
+class FaultAbort(_S, frozen=True):
     http_status: int
     percentage: float = 100.0
 
 
-class Fault(_S):
+class Fault(_S, frozen=True):
     delay: FaultDelay | None = None
     abort: FaultAbort | None = None
 
 
-class Mirror(_S):
+class Mirror(_S, frozen=True):
     cluster: str
     host: str = ""
     subset: str = ""
@@ -156,7 +156,7 @@ class Mirror(_S):
     percentage: float = 100.0
 
 
-class RouteSource(_S):
+class RouteSource(_S, frozen=True):
     """Where this route came from, for ``diktyo explain`` and logs."""
 
     kind: str = "VirtualService"
@@ -168,7 +168,7 @@ class RouteSource(_S):
     line: int = 0
 
 
-class Route(_S):
+class Route(_S, frozen=True):
     """One HTTPRoute (Istio ``spec.http[i]``). ``matches`` empty means match-all; else OR."""
 
     name: str = ""
@@ -185,7 +185,7 @@ class Route(_S):
     source: RouteSource = RouteSource()
 
 
-class VirtualHost(_S):
+class VirtualHost(_S, frozen=True):
     """All routes for one destination host, reachable under any of ``domains``.
 
     ``domains`` holds every spelling a client may use: ``reviews``, ``reviews:9080``,
@@ -198,7 +198,7 @@ class VirtualHost(_S):
     routes: tuple[Route, ...]
 
 
-class RouteTable(_S):
+class RouteTable(_S, frozen=True):
     name: str
     virtual_hosts: tuple[VirtualHost, ...] = ()
 
@@ -206,7 +206,7 @@ class RouteTable(_S):
 # --------------------------------------------------------------------------- clusters
 
 
-class ConsistentHash(_S):
+class ConsistentHash(_S, frozen=True):
     http_header_name: str | None = None
     http_cookie: str | None = None
     http_cookie_ttl: float | None = None
@@ -214,12 +214,12 @@ class ConsistentHash(_S):
     http_query_parameter_name: str | None = None
 
 
-class LoadBalancer(_S):
+class LoadBalancer(_S, frozen=True):
     simple: Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH"] = "LEAST_REQUEST"
     consistent_hash: ConsistentHash | None = None
 
 
-class ConnectionPool(_S):
+class ConnectionPool(_S, frozen=True):
     """Circuit-breaker limits. Defaults are Envoy's/Istio's (effectively unlimited)."""
 
     max_connections: int = 2**32 - 1
@@ -231,7 +231,7 @@ class ConnectionPool(_S):
     idle_timeout: float = 3600.0  # Istio: 1h
 
 
-class OutlierDetection(_S):
+class OutlierDetection(_S, frozen=True):
     consecutive_5xx_errors: int | None = 5
     consecutive_gateway_errors: int | None = None
     interval: float = 10.0
@@ -240,7 +240,7 @@ class OutlierDetection(_S):
     min_health_percent: float = 0.0
 
 
-class TlsSettings(_S):
+class TlsSettings(_S, frozen=True):
     mode: Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"] = "DISABLE"
     sni: str | None = None
     ca_certificates: str | None = None  # PEM file path
@@ -250,7 +250,7 @@ class TlsSettings(_S):
     insecure_skip_verify: bool = False
 
 
-class Endpoint(_S):
+class Endpoint(_S, frozen=True):
     address: str
     port: int
     labels: dict[str, str] = {}
@@ -261,7 +261,7 @@ class Endpoint(_S):
     has_sidecar: bool = False
 
 
-class Cluster(_S):
+class Cluster(_S, frozen=True):
     """A set of endpoints plus the traffic policy that applies to them."""
 
     name: str
@@ -282,7 +282,7 @@ class Cluster(_S):
 # --------------------------------------------------------------------------- listeners
 
 
-class Listener(_S):
+class Listener(_S, frozen=True):
     """A port the sidecar accepts connections on.
 
     - ``outbound``: HTTP proxy mode for the app (``HTTP_PROXY``); routes by Host with
@@ -306,18 +306,18 @@ class Listener(_S):
 # --------------------------------------------------------------------------- mesh-wide
 
 
-class Tracing(_S):
+class Tracing(_S, frozen=True):
     sampling: float = 1.0  # percent, Istio's default
     otlp_endpoint: str | None = None  # http://host:port/v1/traces
 
 
-class AccessLog(_S):
+class AccessLog(_S, frozen=True):
     enabled: bool = False
     format: Literal["text", "json"] = "text"
     path: str = "/dev/stdout"
 
 
-class MeshConfig(_S):
+class MeshConfig(_S, frozen=True):
     trust_domain: str = "cluster.local"
     tracing: Tracing = Tracing()
     access_log: AccessLog = AccessLog()
@@ -326,7 +326,7 @@ class MeshConfig(_S):
     retry_budget_min: int = 3
 
 
-class Snapshot(_S):
+class Snapshot(_S, frozen=True):
     version: str
     node: Node
     listeners: tuple[Listener, ...] = ()

@@ -29,7 +29,7 @@ MtlsMode = Literal["PERMISSIVE", "STRICT", "DISABLE"]
 PathNormalization = Literal["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"]
 
 
-class PeerAuthn(_S):
+class PeerAuthn(_S, frozen=True):
     """Effective PeerAuthentication for this workload's inbound traffic."""
 
     mode: MtlsMode = "PERMISSIVE"
@@ -40,7 +40,7 @@ class PeerAuthn(_S):
         return self.port_modes.get(port, self.mode)
 
 
-class Source(_S):
+class Source(_S, frozen=True):
     principals: tuple[str, ...] = ()
     not_principals: tuple[str, ...] = ()
     request_principals: tuple[str, ...] = ()
@@ -57,7 +57,7 @@ class Source(_S):
     not_remote_ip_blocks: tuple[str, ...] = ()
 
 
-class Operation(_S):
+class Operation(_S, frozen=True):
     hosts: tuple[str, ...] = ()
     not_hosts: tuple[str, ...] = ()
     ports: tuple[str, ...] = ()
@@ -68,13 +68,13 @@ class Operation(_S):
     not_paths: tuple[str, ...] = ()
 
 
-class Condition(_S):
+class Condition(_S, frozen=True):
     key: str  # e.g. "request.headers[x-token]", "source.ip", "request.auth.claims[groups]"
     values: tuple[str, ...] = ()
     not_values: tuple[str, ...] = ()
 
 
-class AuthzRule(_S):
+class AuthzRule(_S, frozen=True):
     """One ``rules[i]``: (any ``from``) AND (any ``to``) AND (all ``when``); empty = match all."""
 
     sources: tuple[Source, ...] = ()  # rules[i].from[*].source
@@ -82,7 +82,7 @@ class AuthzRule(_S):
     conditions: tuple[Condition, ...] = ()  # rules[i].when
 
 
-class AuthzPolicy(_S):
+class AuthzPolicy(_S, frozen=True):
     """One AuthorizationPolicy selecting this workload. ALLOW with no rules denies everything."""
 
     name: str
@@ -92,17 +92,17 @@ class AuthzPolicy(_S):
     provider: str = ""  # CUSTOM only (not enforced by diktyo)
 
 
-class JwtHeader(_S):
+class JwtHeader(_S, frozen=True):
     name: str  # lower-cased
     prefix: str = ""
 
 
-class ClaimToHeader(_S):
+class ClaimToHeader(_S, frozen=True):
     header: str
     claim: str
 
 
-class JwtRule(_S):
+class JwtRule(_S, frozen=True):
     """One RequestAuthentication ``jwtRules`` entry."""
 
     issuer: str
@@ -119,7 +119,7 @@ class JwtRule(_S):
     source: str = ""  # "namespace/name" of the RequestAuthentication
 
 
-class SecurityConfig(_S):
+class SecurityConfig(_S, frozen=True):
     """Everything security-related a sidecar enforces on its inbound side."""
 
     peer_authn: PeerAuthn = PeerAuthn()

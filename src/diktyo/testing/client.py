@@ -65,7 +65,7 @@ class HttpClient:
         self.sink = _Sink()
         self.decoder = ResponseDecoder(self.sink)
 
-    async def connect(self) -> HttpClient:
+    async def connect(self) -> Self:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         self.sink = _Sink()
         self.decoder = ResponseDecoder(self.sink)

@@ -175,7 +175,7 @@ class FakeUpstream:
         self.default = response
         self.handler = lambda req: response
 
-    async def start(self) -> FakeUpstream:
+    async def start(self) -> Self:
         loop = asyncio.get_running_loop()
         counter = iter(range(1, 1 << 30))
         self.server = await loop.create_server(lambda: _Conn(self, next(counter)), "127.0.0.1", 0)

@@ -76,7 +76,7 @@ async def start_sidecar_process(
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), timeout)
         if not line:
-            err = await proc.stderr.read() if proc.stderr else b""  # type: ignore[union-attr]
+            err = await proc.stderr.read() if proc.stderr else b""
             raise RuntimeError(f"sidecar exited before ready: {err.decode(errors='replace')}")
         ready = json.loads(line)
         yield SidecarHandle(ready["admin"], ready["listeners"], process=proc, extra=ready)

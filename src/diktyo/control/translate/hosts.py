@@ -8,54 +8,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diktyo.control.model import Registry, Service, WorkloadInstance
+from diktyo.control.translate.hostnames import (
+    DOMAIN_SUFFIX,
+    host_matches,
+    resolve_host,
+    split_cluster_host,
+)
+from diktyo.control.translate.registry import merge_registries, registry_from_service_entries
 
-DOMAIN_SUFFIX = "cluster.local"
-
-
-def resolve_host(host: str, namespace: str, services: Iterable[Service] = ()) -> str:
-    """Istio's short-name resolution: ``reviews`` in namespace ``default`` ->
-    ``reviews.default.svc.cluster.local``. ``reviews.default`` and ``reviews.default.svc`` are
-    completed too when such a service exists; anything else is taken as written."""
-    if "*" in host:
-        return host
-    if "." not in host:
-        return f"{host}.{namespace}.svc.{DOMAIN_SUFFIX}"
-    for svc in services:
-        if svc.hostname == host:
-            return host
-    parts = host.split(".")
-    if len(parts) == 2:
-        cand = f"{host}.svc.{DOMAIN_SUFFIX}"
-    elif len(parts) == 3 and parts[2] == "svc":
-        cand = f"{host}.{DOMAIN_SUFFIX}"
-    else:
-        return host
-    if any(svc.hostname == cand for svc in services):
-        return cand
-    return host
-
-
-def host_matches(pattern: str, hostname: str) -> bool:
-    """``pattern`` (an FQDN, ``*`` or ``*.suffix``) covers ``hostname`` (which may be a wildcard)."""
-    if pattern == "*" or pattern == hostname:
-        return True
-    if pattern.startswith("*."):
-        suffix = pattern[1:]
-        if hostname.startswith("*."):
-            return hostname[1:].endswith(suffix)
-        return hostname.endswith(suffix)
-    return False
-
-
-def split_cluster_host(hostname: str) -> tuple[str, str] | None:
-    """``reviews.default.svc.cluster.local`` -> ``("reviews", "default")``; None if external."""
-    suffix = f".svc.{DOMAIN_SUFFIX}"
-    if not hostname.endswith(suffix):
-        return None
-    parts = hostname[: -len(suffix)].split(".")
-    if len(parts) != 2:
-        return None
-    return parts[0], parts[1]
+# the host-name functions live in ``hostnames`` (no cycle with ``registry``); importable here too
+__all__ = [
+    "DOMAIN_SUFFIX",
+    "ConfigIndex",
+    "host_matches",
+    "is_http",
+    "protocol_of",
+    "resolve_host",
+    "selector_matches",
+    "split_cluster_host",
+]
 
 
 def selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -111,11 +82,6 @@ class ConfigIndex:
 
     @classmethod
     def build(cls, resources: Iterable[Any], registry: Registry) -> ConfigIndex:
-        from diktyo.control.translate.registry import (
-            merge_registries,
-            registry_from_service_entries,
-        )
-
         idx = cls()
         by_kind = {
             "VirtualService": idx.virtual_services,

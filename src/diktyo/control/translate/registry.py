@@ -8,7 +8,7 @@ from typing import Any
 
 from diktyo.control.ingest.kubernetes import port_protocol, service_fqdn
 from diktyo.control.model import Registry, Service, ServicePort, WorkloadInstance
-from diktyo.control.translate.hosts import resolve_host, split_cluster_host
+from diktyo.control.translate.hostnames import resolve_host, split_cluster_host
 
 
 def registry_from_service_entries(resources: Iterable[Any]) -> Registry:

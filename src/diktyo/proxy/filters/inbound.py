@@ -39,9 +39,9 @@ _PLAIN = ("", None)
 
 def connection_peer(conn: Any) -> tuple[str, bytes | None]:
     """``(spiffe id, DER certificate)`` of an inbound connection's mTLS peer, ``("", None)`` without."""
-    peer = conn.__dict__.get("mtls_peer")
+    peer: tuple[str, bytes | None] | None = conn.__dict__.get("mtls_peer")
     if peer is not None:
-        return peer  # type: ignore[no-any-return]
+        return peer
     t = conn.transport
     ssl_object = t.get_extra_info("ssl_object") if t is not None else None
     if ssl_object is None:

@@ -49,7 +49,7 @@ from diktyo.proxy.router.matcher import CompiledDestination, CompiledRoute, Requ
 from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER
 
 if TYPE_CHECKING:
-    from diktyo.proxy.sidecar import ListenerContext, Runtime
+    from diktyo.proxy.http.context import ListenerContext, Runtime
 
 # Envoy's order of response flags in access logs
 FLAG_ORDER = (

@@ -113,7 +113,7 @@ def simulate(
     out["virtualService"] = rule["virtualService"]
     clusters = {c.name: c for c in snapshot.clusters}
     total = sum(max(0, wc.weight) for wc in route.clusters) or 1
-    dests = []
+    dests: list[dict[str, Any]] = []
     for wc in route.clusters:
         c = clusters.get(wc.cluster)
         dests.append(

@@ -1,0 +1,96 @@
+"""What the HTTP connection manager needs from the sidecar that hosts it, as Protocols.
+
+``connection_manager`` reads per-listener settings and the compiled runtime of the current
+snapshot; ``proxy.sidecar`` owns the concrete ``ListenerContext`` and ``Runtime`` classes and
+builds the connections. Typing the connection manager against these Protocols (instead of
+importing ``proxy.sidecar``) keeps the dependency one way: sidecar -> connection manager.
+The type checker proves that the sidecar's classes satisfy them where it creates
+``HttpConnection(ctx)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from diktyo.proxy.network.pool import ClusterPool
+from diktyo.proxy.router.matcher import RouteMatcher
+from diktyo.proxy.stats import Stats
+from diktyo.proxy.upstream.cluster import ClusterState
+
+
+class RequestIdSource(Protocol):
+    """``x-request-id`` generator state (``connection_manager.RequestIds``): prefix + counter."""
+
+    prefix: str
+    n: int
+
+
+class Runtime(Protocol):
+    """Everything compiled from one snapshot (``proxy.sidecar.Runtime``)."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def rng(self) -> random.Random: ...
+    @property
+    def stats(self) -> Stats: ...
+    @property
+    def request_ids(self) -> RequestIdSource: ...
+    @property
+    def record(self) -> Callable[..., Any]: ...
+    @property
+    def pools(self) -> dict[str, ClusterPool]: ...
+    @property
+    def clusters(self) -> dict[str, ClusterState]: ...
+    @property
+    def matchers(self) -> dict[str, RouteMatcher]: ...
+    @property
+    def inbound_service(self) -> str: ...
+    @property
+    def access_log(self) -> Callable[..., None] | None: ...
+    @property
+    def peers(self) -> dict[tuple[Any, ...], Any]: ...
+    @property
+    def peer_header(self) -> str | None: ...
+    @property
+    def inbound_guard(self) -> Any: ...  # proxy.filters.inbound.InboundGuard, or None
+    @property
+    def gateway_guard(self) -> Any: ...  # the same, at gateways selected by a policy, or None
+    @property
+    def tracer(self) -> Any: ...  # proxy.http.tracer, or None without a collector
+
+    def labels_for(self, reporter: str, cstate: Any, host: Any) -> Any: ...
+
+
+class SidecarHost(Protocol):
+    """The sidecar as a connection sees it: the runtime of the snapshot being served."""
+
+    @property
+    def rt(self) -> Runtime | None: ...
+
+
+class ListenerContext(Protocol):
+    """Per-listener settings read by connections (``proxy.sidecar.ListenerContext``)."""
+
+    @property
+    def sidecar(self) -> SidecarHost: ...
+    @property
+    def stats(self) -> Stats: ...
+    @property
+    def connections(self) -> set[Any]: ...
+    @property
+    def direction(self) -> str: ...
+    @property
+    def reporter(self) -> str: ...
+    @property
+    def route_table(self) -> str: ...
+    @property
+    def cluster(self) -> str: ...
+
+    default_host: str
+
+    @property
+    def service_port(self) -> int: ...
