@@ -31,6 +31,7 @@ TINY_APP = Path(__file__).parents[1] / "e2e" / "apps" / "tiny_app.py"  # shared 
 
 MESH = f"""
 name: tiny
+restart: {{policy: Never}}  # this test checks what happens when nothing restarts
 services:
   - name: hello
     ports: [{{name: http, port: 9080}}]

@@ -12,10 +12,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser(
         "status",
         help="show the running local mesh and its workloads",
-        description="Show the mesh started by 'diktyo up': control plane and dashboard URLs, and per workload replica its state and its sidecar's admin/inbound/outbound ports.",
+        description="Show the mesh started by 'diktyo up': control plane and dashboard URLs, and per workload replica its state, its sidecar's admin/inbound/outbound ports, how often its app and sidecar were restarted and why the last one ended (exit code or signal).",
     )
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.set_defaults(func=run)
+
+
+def _restarts(w: dict) -> str:
+    """``2 (app 1, sidecar 1)``, like kubectl's RESTARTS summed over a pod's containers."""
+    containers = w.get("containers") or {}
+    total = int(w.get("restarts") or 0)
+    parts = [f"{n} {c['restarts']}" for n, c in sorted(containers.items()) if c.get("restarts")]
+    return f"{total} ({', '.join(parts)})" if parts else str(total)
+
+
+def _last_exit(w: dict) -> str:
+    """``sidecar: killed by SIGKILL (137)``: the latest termination of one of its containers."""
+    last = w.get("last_exit")
+    if not last:
+        return "-"
+    return f"{last.get('container')}: {last.get('reason')} ({last.get('exit_code')})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,8 +65,16 @@ def run(args: argparse.Namespace) -> int:
                 inbound or (f"gateway {gw}" if gw else "-"),
                 str(w.get("outbound_port") or "-"),
                 ",".join(str(v) for v in w.get("app_ports", {}).values()) or "-",
+                _restarts(w),
+                _last_exit(w),
             ]
         )
     print()
-    print(table(rows, ["NAME", "NAMESPACE", "STATE", "ADMIN", "INBOUND", "OUTBOUND", "APP"]))
+    print(
+        table(
+            rows,
+            ["NAME", "NAMESPACE", "STATE", "ADMIN", "INBOUND", "OUTBOUND", "APP", "RESTARTS"]
+            + ["LAST EXIT"],
+        )
+    )
     return 0

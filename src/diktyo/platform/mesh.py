@@ -171,6 +171,26 @@ class AccessLogSpec(_M):
     format: str = Field(default="text", pattern="^(text|json)$")
 
 
+class RestartSpec(_M):
+    """Restarts of crashed apps and sidecars, like Kubernetes' ``restartPolicy`` and
+    CrashLoopBackOff: the first restart is immediate, then ``backoffBase`` seconds, doubling up
+    to ``backoffMax``; a container that ran ``resetAfter`` seconds starts the series again."""
+
+    policy: str = Field(default="Always", pattern="^(Always|OnFailure|Never)$")
+    backoff_base: float = Field(default=10.0, gt=0, le=3600)  # seconds (Kubernetes: 10 s)
+    backoff_max: float = Field(default=300.0, gt=0, le=86400)  # seconds (Kubernetes: 5 min)
+    reset_after: float = Field(default=600.0, gt=0, le=86400)  # seconds (Kubernetes: 10 min)
+
+    @model_validator(mode="after")
+    def _order(self) -> RestartSpec:
+        if self.backoff_max < self.backoff_base:
+            raise ValueError(
+                f"backoffMax ({self.backoff_max:g}) must not be below backoffBase "
+                f"({self.backoff_base:g})"
+            )
+        return self
+
+
 class MeshSpec(_M):
     api_version: str = "diktyo.io/v1alpha1"
     kind: str = "Mesh"
@@ -183,6 +203,7 @@ class MeshSpec(_M):
     gateways: list[GatewaySpec] = Field(default_factory=list)
     tracing: TracingSpec = Field(default_factory=TracingSpec)
     access_log: AccessLogSpec = Field(default_factory=AccessLogSpec)
+    restart: RestartSpec = Field(default_factory=RestartSpec)
     # set by load_mesh: the folder relative paths are resolved against
     base_dir: str = Field(default=".", exclude=True)
 

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from diktyo.control.ca.mesh import TOKEN_ENV
 from diktyo.control.model import InboundPort, ProxyNode, Service, ServicePort, WorkloadInstance
 from diktyo.control.serve.cache import Translator
 from diktyo.control.server import ControlPlane
-from diktyo.platform.mesh import GatewaySpec, MeshSpec, WorkloadSpec, fqdn
+from diktyo.platform.mesh import GatewaySpec, MeshSpec, RestartSpec, WorkloadSpec, fqdn
 from diktyo.platform.ports import free_port, port_in_use
 from diktyo.platform.process import Child
 from diktyo.snapshot.model import Node
@@ -72,6 +73,66 @@ class MeshStartError(RuntimeError):
     """A workload could not start; the message says which and why."""
 
 
+def exit_reason(code: int) -> dict[str, Any]:
+    """How a child ended, as Kubernetes reports a terminated container.
+
+    asyncio gives ``-N`` for a process killed by signal N; Kubernetes (and a shell) report it
+    as exit code ``128 + N`` with the signal's name.
+    """
+    if code < 0:
+        sig = -code
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return {
+            "exit_code": 128 + sig,
+            "signal": name,
+            "reason": f"killed by {name}",
+        }
+    return {
+        "exit_code": code,
+        "signal": None,
+        "reason": "Completed" if code == 0 else f"exited with code {code}",
+    }
+
+
+class BackOff:
+    """Kubernetes' CrashLoopBackOff for one container.
+
+    The first restart is immediate; each further one waits ``base`` seconds, doubling up to
+    ``cap``. A container that ran at least ``reset_after`` seconds before it exited starts the
+    series again (its next restart is immediate).
+    """
+
+    def __init__(self, base: float = 10.0, cap: float = 300.0, reset_after: float = 600.0):
+        self.base = base
+        self.cap = cap
+        self.reset_after = reset_after
+        self.failures = 0  # exits counted since the last reset
+
+    def next_delay(self, ran_for: float) -> float:
+        """Seconds to wait before restarting a container that ran ``ran_for`` seconds."""
+        if ran_for >= self.reset_after:
+            self.failures = 0
+        delay = 0.0 if self.failures == 0 else min(self.cap, self.base * 2 ** (self.failures - 1))
+        self.failures += 1
+        return delay
+
+
+@dataclass
+class ContainerStatus:
+    """Restart count and last termination of one container (``app`` or ``sidecar``)."""
+
+    restarts: int = 0
+    last_exit: dict[str, Any] | None = None
+    started: float = 0.0  # time.monotonic() of the last start
+    backoff: BackOff = field(default_factory=BackOff)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"restarts": self.restarts, "last_exit": self.last_exit}
+
+
 @dataclass
 class Replica:
     """One running copy of a workload (or a gateway): its sidecar, its app, its ports."""
@@ -85,13 +146,34 @@ class Replica:
     app_ports: dict[int, int] = field(default_factory=dict)  # service port -> app port
     services: tuple[str, ...] = ()
     is_gateway: bool = False
-    state: str = "pending"  # pending|starting|ready|exited|failed|stopped
+    state: str = "pending"  # pending|starting|ready|restarting|exited|failed|stopped
     detail: str = ""
     sidecar: Child | None = None
     app: Child | None = None
     sidecar_ready: asyncio.Event = field(default_factory=asyncio.Event)
     watch: asyncio.Task[None] | None = None
     sidecar_watch: asyncio.Task[None] | None = None
+    containers: dict[str, ContainerStatus] = field(default_factory=dict)  # app, sidecar
+
+    def container(self, name: str) -> ContainerStatus:
+        st = self.containers.get(name)
+        if st is None:
+            st = self.containers[name] = ContainerStatus()
+        return st
+
+    @property
+    def restarts(self) -> int:
+        return sum(c.restarts for c in self.containers.values())
+
+    @property
+    def last_exit(self) -> dict[str, Any] | None:
+        """The latest termination of any of its containers (with ``container`` named)."""
+        exits = [
+            {"container": name, **c.last_exit}
+            for name, c in self.containers.items()
+            if c.last_exit is not None
+        ]
+        return max(exits, key=lambda e: e["finished_at"]) if exits else None
 
     @property
     def node_id(self) -> str:
@@ -114,6 +196,9 @@ class Replica:
             "gateway_ports": {str(k): v for k, v in self.proxy.gateway_ports.items()},
             "sidecar_pid": self.sidecar.pid if self.sidecar else None,
             "app_pid": self.app.pid if self.app else None,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "containers": {name: c.to_json() for name, c in sorted(self.containers.items())},
         }
 
 
@@ -338,10 +423,7 @@ class LocalMesh:
             return
         rep.state = "starting"
         self.cp.add_proxy(rep.proxy, admin_url=f"http://127.0.0.1:{rep.admin_port}")
-
-        rep.sidecar = self._sidecar_child(rep)
-        await rep.sidecar.start()
-        if not await self._wait_sidecar(rep):
+        if not await self._start_sidecar(rep):
             rep.state = "failed"
             rep.detail = "sidecar did not become ready"
             raise MeshStartError(
@@ -352,6 +434,33 @@ class LocalMesh:
         if rep.is_gateway:
             rep.state = "ready"
             return
+        if not await self._start_app(rep):
+            rep.state = "failed"
+            assert rep.app is not None
+            first_port = next(iter(rep.app_ports.values()), 0)
+            raise MeshStartError(
+                f"{rep.name}: the app did not listen on its port {first_port} (env PORT) within "
+                f"{self.ready_timeout:g}s"
+                + (
+                    f"; it exited with code {rep.app.proc.returncode}"
+                    if rep.app.proc and rep.app.proc.returncode is not None
+                    else ""
+                )
+            )
+        self._register_instance(rep)
+        rep.state = "ready"
+        rep.watch = asyncio.get_running_loop().create_task(self._watch_app(rep))
+
+    async def _start_sidecar(self, rep: Replica) -> bool:
+        """Start (or restart) the replica's sidecar; True once it is ready."""
+        rep.sidecar_ready = asyncio.Event()
+        rep.sidecar = self._sidecar_child(rep)
+        await rep.sidecar.start()
+        rep.container("sidecar").started = time.monotonic()
+        return await self._wait_sidecar(rep)
+
+    async def _start_app(self, rep: Replica) -> bool:
+        """Start (or restart) the replica's app; True once it accepts connections on its ports."""
         wl = self._spec_of(rep)
         assert isinstance(wl, WorkloadSpec)
         env = dict(os.environ)
@@ -383,34 +492,26 @@ class LocalMesh:
         argv = [a.replace("{python}", sys.executable) for a in wl.argv]
         rep.app = Child(rep.name, argv, env=env, cwd=cwd, out=self.out)
         await rep.app.start()
-        if rep.app_ports and not await self._wait_app(rep):
-            rep.state = "failed"
-            raise MeshStartError(
-                f"{rep.name}: the app did not listen on its port {first_port} (env PORT) within "
-                f"{self.ready_timeout:g}s"
-                + (
-                    f"; it exited with code {rep.app.proc.returncode}"
-                    if rep.app.proc and rep.app.proc.returncode is not None
-                    else ""
-                )
-            )
-        if rep.services:
-            self.cp.registry.add_instance(
-                WorkloadInstance(
-                    name=rep.name,
-                    workload=rep.workload,
-                    address="127.0.0.1",
-                    ports={i.service_port: i.listen_port for i in rep.proxy.inbound},
-                    services=rep.services,
-                    namespace=rep.namespace,
-                    labels=dict(rep.proxy.node.labels),
-                    service_account=rep.proxy.node.service_account,
-                    has_sidecar=True,
-                ),
-                admin_url=f"http://127.0.0.1:{rep.admin_port}",
-            )
-        rep.state = "ready"
-        rep.watch = asyncio.get_running_loop().create_task(self._watch_app(rep))
+        rep.container("app").started = time.monotonic()
+        return not rep.app_ports or await self._wait_app(rep)
+
+    def _register_instance(self, rep: Replica) -> None:
+        if not rep.services:
+            return
+        self.cp.registry.add_instance(
+            WorkloadInstance(
+                name=rep.name,
+                workload=rep.workload,
+                address="127.0.0.1",
+                ports={i.service_port: i.listen_port for i in rep.proxy.inbound},
+                services=rep.services,
+                namespace=rep.namespace,
+                labels=dict(rep.proxy.node.labels),
+                service_account=rep.proxy.node.service_account,
+                has_sidecar=True,
+            ),
+            admin_url=f"http://127.0.0.1:{rep.admin_port}",
+        )
 
     def _reallocate_listeners(self, rep: Replica) -> None:
         """New outbound/inbound listener ports (another process took one since we picked it)."""
@@ -507,34 +608,130 @@ class LocalMesh:
             await asyncio.sleep(0.05)
         return False
 
+    @property
+    def restart_spec(self) -> RestartSpec:
+        return self.spec.restart
+
+    def _should_restart(self, container: str, code: int) -> bool:
+        policy = self.restart_spec.policy
+        if policy == "Never":
+            return False
+        # OnFailure leaves an app that completed (exit 0) alone; sidecars are restarted unless
+        # the policy is Never, as Kubernetes' native sidecars are
+        return not (policy == "OnFailure" and code == 0 and container == "app")
+
+    def _record_exit(
+        self, rep: Replica, container: str, code: int
+    ) -> tuple[ContainerStatus, float]:
+        """Note the exit; the back-off delay before the restart (Kubernetes' CrashLoopBackOff)."""
+        st = rep.container(container)
+        spec = self.restart_spec
+        st.backoff.base, st.backoff.cap = spec.backoff_base, spec.backoff_max
+        st.backoff.reset_after = spec.reset_after
+        st.last_exit = {**exit_reason(code), "finished_at": time.time()}
+        ran_for = time.monotonic() - st.started if st.started else 0.0
+        return st, st.backoff.next_delay(ran_for)
+
     async def _watch_app(self, rep: Replica) -> None:
-        assert rep.app is not None
-        code = await rep.app.wait()
-        if self.stopping:
-            return
-        rep.state = "exited"
-        rep.detail = f"app exited with code {code}"
-        self.say(f"[{rep.name}] exited with code {code}; draining its sidecar")
-        self.cp.registry.remove_instance(rep.name)
-        self._changed()
-        if rep.sidecar is not None:
-            await rep.sidecar.stop()
-        self.cp.remove_proxy(rep.node_id)
-        if all(r.state in ("exited", "failed") for r in self.replicas if not r.is_gateway):
-            self.exited.set()
+        """Wait for the app to exit; restart it with back-off (or drain the replica)."""
+        while True:
+            assert rep.app is not None
+            code = await rep.app.wait()
+            if self.stopping:
+                return
+            st, delay = self._record_exit(rep, "app", code)
+            why = st.last_exit["reason"] if st.last_exit else f"exited with code {code}"
+            self.cp.registry.remove_instance(rep.name)
+            if not self._should_restart("app", code):
+                rep.state = "exited"
+                rep.detail = f"app {why}"
+                self.say(f"[{rep.name}] {why} (exit code {code}); draining its sidecar")
+                self._changed()
+                if rep.sidecar is not None:
+                    await rep.sidecar.stop()
+                self.cp.remove_proxy(rep.node_id)
+                if all(r.state in ("exited", "failed") for r in self.replicas if not r.is_gateway):
+                    self.exited.set()
+                return
+            while True:  # restart until it listens again (each failed start is one more exit)
+                rep.state = "restarting"
+                rep.detail = f"app {why}; back-off {delay:g}s" if delay else f"app {why}"
+                self.say(
+                    f"[{rep.name}] app {why}; restarting it"
+                    + (f" in {delay:g}s (back-off)" if delay else "")
+                    + f" (restart {st.restarts + 1})"
+                )
+                self._changed()
+                if delay:
+                    await asyncio.sleep(delay)
+                if self.stopping:
+                    return
+                st.restarts += 1
+                if await self._start_app(rep):
+                    break
+                assert rep.app is not None
+                if rep.app.running:  # started but does not listen: stop it, count as a crash
+                    await rep.app.stop()
+                if self.stopping:
+                    return
+                code = rep.app.proc.returncode if rep.app.proc else 1
+                st, delay = self._record_exit(rep, "app", code if code is not None else 1)
+                why = st.last_exit["reason"] if st.last_exit else "did not listen"
+            self._register_instance(rep)
+            rep.state = "ready" if rep.sidecar is not None and rep.sidecar.running else rep.state
+            rep.detail = ""
+            self.say(f"[{rep.name}] app restarted and listening")
+            self._changed()
 
     async def _watch_sidecar(self, rep: Replica) -> None:
-        assert rep.sidecar is not None
-        code = await rep.sidecar.wait()
-        if self.stopping or rep.state == "exited":
-            return
-        rep.state = "failed"
-        rep.detail = f"sidecar exited with code {code}"
-        self.say(
-            f"[{rep.name}] sidecar exited with code {code}; health checks take the instance out "
-            "of every endpoint list"
-        )
-        self._changed()
+        """Wait for the sidecar to exit; restart it with back-off on the same ports."""
+        while True:
+            assert rep.sidecar is not None
+            code = await rep.sidecar.wait()
+            if self.stopping or rep.state == "exited":
+                return
+            st, delay = self._record_exit(rep, "sidecar", code)
+            why = st.last_exit["reason"] if st.last_exit else f"exited with code {code}"
+            if not self._should_restart("sidecar", code):
+                rep.state = "failed"
+                rep.detail = f"sidecar {why}"
+                self.say(
+                    f"[{rep.name}] sidecar exited with code {code}; health checks take the "
+                    "instance out of every endpoint list"
+                )
+                self._changed()
+                return
+            while True:
+                rep.state = "restarting"
+                rep.detail = f"sidecar {why}; back-off {delay:g}s" if delay else f"sidecar {why}"
+                self.say(
+                    f"[{rep.name}] sidecar {why} (exit code {code}); health checks take the "
+                    "instance out of every endpoint list; restarting it"
+                    + (f" in {delay:g}s (back-off)" if delay else "")
+                    + f" (restart {st.restarts + 1})"
+                )
+                self._changed()
+                if delay:
+                    await asyncio.sleep(delay)
+                if self.stopping:
+                    return
+                st.restarts += 1
+                if await self._start_sidecar(rep):
+                    break
+                if rep.sidecar is not None and rep.sidecar.running:
+                    await rep.sidecar.stop()
+                if self.stopping:
+                    return
+                assert rep.sidecar is not None and rep.sidecar.proc is not None
+                code = rep.sidecar.proc.returncode if rep.sidecar.proc.returncode is not None else 1
+                st, delay = self._record_exit(rep, "sidecar", code)
+                why = st.last_exit["reason"] if st.last_exit else "did not become ready"
+            app_up = rep.is_gateway or (rep.app is not None and rep.app.running)
+            if app_up and rep.state == "restarting" and rep.detail.startswith("sidecar"):
+                rep.state = "ready"
+                rep.detail = ""
+            self.say(f"[{rep.name}] sidecar restarted and ready")
+            self._changed()
 
     # ------------------------------------------------------------------ stop
 
@@ -545,17 +742,18 @@ class LocalMesh:
         self.stopping = True
         self.state = "stopping"
         self._changed()
+        for r in self.replicas:  # no restart may start a process from here on
+            for task in (r.watch, r.sidecar_watch):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
         apps = [r for r in self.replicas if r.app is not None]
         for r in apps:
             self.cp.registry.remove_instance(r.name)
         await asyncio.gather(*(r.app.stop() for r in apps if r.app is not None))
         await asyncio.gather(*(r.sidecar.stop() for r in self.replicas if r.sidecar is not None))
         for r in self.replicas:
-            for task in (r.watch, r.sidecar_watch):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
             if r.state != "failed":
                 r.state = "stopped"
         await self.cp.stop()

@@ -1,5 +1,6 @@
 // diktyo dashboard: service graph, golden metrics, traces, resilience, config.
-// Talks only to the control plane's JSON API under api/ (see diktyo/dashboard/server.py).
+// Talks only to the control plane's JSON API under api/ (see diktyo/dashboard/server.py), and
+// to its v1/workloads for the local platform's restart counts (absent elsewhere: ignored).
 "use strict";
 
 const POLL_MS = 2000;
@@ -107,6 +108,8 @@ async function refreshGraph() {
   const view = $("#graph-view").value;
   const win = $("#graph-window").value;
   const g = await api(`graph?window=${win}`);
+  fetch("v1/workloads", { cache: "no-store" }).then(r => r.ok ? r.json() : { workloads: [] })
+    .then(w => { state.workloads = w.workloads || []; }).catch(() => { state.workloads = []; });
   const els = graphElements(g, view);
   const cy = state.cy;
   const want = new Set(els.map(e => e.data.id));
@@ -156,8 +159,15 @@ function showSelection() {
       el("h3", {}, info.workload || info.app || sel.id()),
       kv([["app", info.app || "–"], ["version", info.version || "–"], ["namespace", info.namespace || "–"],
           ["inbound rps", fmt(info.rps_in, 2)], ["error rate", pct(info.error_rate_in)],
-          ["p99", fmt(info.p99_ms) + " ms"]]));
+          ["p99", fmt(info.p99_ms) + " ms"], ...restartRows(info)]));
   }
+}
+function restartRows(info) {  // the local platform's replicas of this workload (v1/workloads)
+  const reps = (state.workloads || []).filter(w => w.workload === info.workload && (!info.namespace || w.namespace === info.namespace));
+  if (!reps.length) return [];
+  const last = reps.map(w => w.last_exit).filter(Boolean).sort((a, b) => b.finished_at - a.finished_at)[0];
+  return [["restarts", String(reps.reduce((n, w) => n + (w.restarts || 0), 0))],
+          ["last exit", last ? `${last.container}: ${last.reason} (${last.exit_code})` : "–"]];
 }
 function kv(rows) {
   const dl = el("dl", { class: "kv" });
