@@ -358,3 +358,24 @@ def test_names_and_namespaces_follow_kubernetes_rules() -> None:
     assert err.hint == "e.g. 'my-gw'"
     err = one_error(text.replace("My_GW", "gw, namespace: Foo.bar"))
     assert "invalid namespace 'Foo.bar'" in err.message
+
+
+def test_patterns_python_accepts_but_re2_rejects_are_errors_with_position() -> None:
+    # Python's re compiles all of these; RE2 (Istio/Envoy) does not
+    for bad in (r"ja\Z", "a{2000}", r"(j)a\1"):
+        err = one_error(VS.replace("exact: jason", f"regex: '{bad}'"))
+        assert err.field == "spec.http[0].match[0].headers.end-user.regex"
+        assert (err.line, err.col) == (12, 11), (bad, err.line, err.col)
+        assert str(err).startswith("f.yaml:12:11: error:")
+        assert "RE2" in err.message and err.file == "f.yaml"
+
+
+def test_uri_regex_rewrite_pattern_is_checked() -> None:
+    text = VS.replace(
+        "    timeout: 0.5s\n",
+        "    timeout: 0.5s\n    rewrite:\n      uriRegexRewrite:\n        match: 'a{2000}'\n"
+        "        rewrite: /x\n",
+    )
+    err = one_error(text)
+    assert err.field == "spec.http[0].rewrite.uriRegexRewrite.match"
+    assert "RE2" in err.message and (err.line, err.col) == (20, 9)

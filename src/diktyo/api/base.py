@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-# Constructs Python's ``re`` accepts but RE2 (Istio/Envoy) rejects.
-_RE2_UNSUPPORTED = re.compile(r"\(\?[=!]|\(\?<[=!]|\\[1-9]|\(\?P=|[*+?}][+]")
+from diktyo.core.regex import RegexError, check_re2
 
 
 def check_regex(pattern: str) -> str:
-    """Compile ``pattern``; reject syntax errors and constructs RE2 does not support."""
+    """Compile ``pattern`` with RE2 (as Istio/Envoy do); a pattern RE2 rejects is an error."""
     try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
-    bad = _RE2_UNSUPPORTED.search(pattern)
-    if bad:
-        raise ValueError(
-            f"invalid regex {pattern!r}: {bad.group(0)!r} (lookaround, backreference or "
-            "possessive quantifier) is not supported by RE2, which Istio uses"
-        )
-    return pattern
+        return check_re2(pattern)
+    except RegexError as exc:
+        raise ValueError(f"invalid regex: {exc}") from None
 
 
 # Integer ranges as in Istio's CRDs (protobuf uint32 / int32 and explicit minimums).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from diktyo.api.base import (
@@ -24,6 +24,7 @@ from diktyo.api.base import (
     StringMatch,
     UInt32,
     WorkloadSelector,
+    check_regex,
 )
 from diktyo.api.duration import Duration
 
@@ -98,6 +99,11 @@ class HTTPDirectResponse(IstioModel):
 class RegexRewrite(IstioModel):
     match: str | None = None
     rewrite: str | None = None
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, v: str | None) -> str | None:
+        return None if v is None else check_regex(v)
 
 
 class HTTPRewrite(IstioModel):

@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
+from diktyo.core.regex import RegexError, compile_re2
 from diktyo.proxy.codec.http1 import CodecError, RequestDecoder, RequestHead, local_response
 
 ROUTES_HELP = (
@@ -93,9 +94,9 @@ class AdminServer:
             # circuit-breaking task greps; ?filter=REGEX like Envoy's admin
             clusters = sc.rt.clusters if sc.rt is not None else {}
             query = parse_qs(target.split("?", 1)[1]) if "?" in target else {}
-            try:
-                flt = re.compile(query["filter"][0]) if "filter" in query else None
-            except re.error as exc:
+            try:  # RE2: linear time, so a hostile filter cannot stall the sidecar
+                flt = compile_re2(query["filter"][0]) if "filter" in query else None
+            except RegexError as exc:
                 return 400, f"bad filter regex: {exc}\n".encode(), text
             lines = envoy_text_stats(sc.stats.render_prometheus(clusters))
             if flt is not None:

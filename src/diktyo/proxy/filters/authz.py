@@ -34,6 +34,7 @@ from functools import lru_cache
 from typing import Any
 
 from diktyo.core.clock import SYSTEM_CLOCK, Clock
+from diktyo.core.regex import compile_re2
 from diktyo.proxy.filters.jwt_authn import UNAUTHORIZED_STATUS, Fetcher, JwtAuthenticator, JwtResult
 from diktyo.proxy.network.tls import xfcc_value
 from diktyo.security.pathnorm import PathRejected, normalize_path
@@ -103,7 +104,7 @@ def _path_matcher(pattern: str) -> Match:
         rx = "".join(
             "[^/]+" if p == "{*}" else ".*" if p == "{**}" else re.escape(p) for p in parts
         )
-        compiled = re.compile(rx)
+        compiled = compile_re2(rx, max_program_size=0)  # built from escaped literals
         return lambda v: compiled.fullmatch(v) is not None
     return _value_matcher(pattern)
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
+from diktyo.core.regex import RegexError, compile_re2
 from diktyo.snapshot.model import (
     HeaderOps,
     KeyMatch,
@@ -82,7 +83,7 @@ def _string_pred(sm: StringMatch, ignore_case: bool = False) -> Callable[[str], 
             lv = v.lower()
             return lambda s: s.lower().startswith(lv)
         return lambda s: s.startswith(v)
-    rx = re.compile(v, re.IGNORECASE if ignore_case else 0)
+    rx = compile_re2(v, ignore_case=ignore_case)
     return lambda s: rx.fullmatch(s) is not None
 
 
@@ -101,7 +102,7 @@ def _uri_cond(sm: StringMatch, ignore_case: bool) -> Cond:
             lv = v.lower()
             return lambda i: i.bare_path.lower().startswith(lv)
         return lambda i: i.bare_path.startswith(v)
-    rx = re.compile(v, re.IGNORECASE if ignore_case else 0)
+    rx = compile_re2(v, ignore_case=ignore_case)
     return lambda i: rx.fullmatch(i.bare_path) is not None
 
 
@@ -119,7 +120,7 @@ def _header_cond(sm: StringMatch, name: str) -> Cond:
             return val is not None and val.startswith(v)
 
         return prefix_cond
-    rx = re.compile(v)
+    rx = compile_re2(v)
 
     def regex_cond(i: RequestInfo) -> bool:
         val = i.headers.get(name)
@@ -289,7 +290,7 @@ class CompiledRoute:
         self.req_ops = _ops(h.request if h else None)
         self.resp_ops = _ops(h.response if h else None)
         rw = route.rewrite
-        self.uri_regex = re.compile(rw.uri_regex) if rw is not None and rw.uri_regex else None
+        self.uri_regex = compile_re2(rw.uri_regex) if rw is not None and rw.uri_regex else None
         self.has_rewrite = rw is not None
         self.extra: dict[str, Any] = {}  # per-route caches owned by the proxy
 
@@ -397,7 +398,7 @@ class RouteMatcher:
         for vh in table.virtual_hosts:
             try:
                 cvh = CompiledVirtualHost(vh)
-            except re.error as exc:
+            except RegexError as exc:
                 raise ValueError(f"virtual host {vh.name!r}: invalid regex: {exc}") from None
             self.vhosts.append(cvh)
             for d in vh.domains:
