@@ -22,6 +22,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from diktyo.api.errors import ConfigError
 from diktyo.api.kinds import KIND_TABLE, is_mesh_group, lookup, rows_of_kind
+from diktyo.api.limits import ParseLimitError, check_size, check_yaml
 from diktyo.api.resource import Resource
 
 _DOC_SEP = re.compile(r"^(---|\.\.\.)(\s|$)")
@@ -64,7 +65,11 @@ def load_paths(paths: list[str | Path] | tuple[str | Path, ...]) -> LoadResult:
             files = [path]
         for f in files:
             try:
+                check_size(f.stat().st_size)
                 text = f.read_text(encoding="utf-8")
+            except ParseLimitError as exc:
+                result.errors.append(_limit_error(exc, str(f)))
+                continue
             except OSError as exc:
                 result.errors.append(
                     ConfigError(
@@ -90,9 +95,18 @@ def load_text(text: str, filename: str = "<string>") -> LoadResult:
     """Load every document of a (multi-document) YAML text."""
     result = LoadResult()
     yaml = _new_yaml()
+    try:
+        check_size(len(text.encode("utf-8", "surrogatepass")))
+    except ParseLimitError as exc:
+        result.errors.append(_limit_error(exc, filename))
+        return result
     for offset, chunk in _split_documents(text):
         try:
+            check_yaml(chunk, line_offset=offset)  # bombs, deep nesting: before composing
             doc = yaml.load(chunk)
+        except ParseLimitError as exc:
+            result.errors.append(_limit_error(exc, filename))
+            continue
         except MarkedYAMLError as exc:
             yaml = _new_yaml()  # do not reuse a parser that stopped half-way
             mark = exc.problem_mark or exc.context_mark
@@ -115,6 +129,10 @@ def load_text(text: str, filename: str = "<string>") -> LoadResult:
             continue
         _load_document(doc, filename, offset, result)
     return result
+
+
+def _limit_error(exc: ParseLimitError, filename: str) -> ConfigError:
+    return ConfigError(filename, exc.line, exc.col, "", exc.message, exc.hint)
 
 
 def _new_yaml() -> YAML:

@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"cannot read values file {path}: {exc.strerror or exc}") from None
             except YAMLError as exc:
                 raise ValueError(f"values file {path} is not valid YAML: {exc}") from None
+            except ValueError as exc:  # ParseLimitError: a YAML bomb, deep nesting, too large
+                where = f"{path}:{getattr(exc, 'line', 0)}:{getattr(exc, 'col', 0)}"
+                raise ValueError(f"values file {where}: {exc}") from None
             values = merge_values(values, docs[0] if docs else {})
         values = values_with(args.set, values)
     except ValueError as exc:

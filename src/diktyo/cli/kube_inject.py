@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         docs = load_docs(text)
+    except ValueError as exc:  # ParseLimitError: a YAML bomb, deep nesting, too large
+        print(f"diktyo kube-inject: {name}:{getattr(exc, 'line', 0)}:{getattr(exc, 'col', 0)}: "
+              f"{exc}", file=sys.stderr)
+        return 1
     except YAMLError as exc:
         print(f"diktyo kube-inject: {name} is not valid YAML: {exc}", file=sys.stderr)
         return 1

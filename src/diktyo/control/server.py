@@ -27,6 +27,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from diktyo.api.limits import ParseLimitError, check_json, decode_json
 from diktyo.control.ca.mesh import MeshIdentity
 from diktyo.control.model import ProxyNode, PushContext, Registry, Service, WorkloadInstance
 from diktyo.control.serve.cache import SnapshotCache, Translator
@@ -581,9 +582,11 @@ class ControlPlane:
 
     async def _h_ack(self, request: web.Request) -> web.Response:
         try:
-            body = msgspec.json.decode(await request.read())
+            body = decode_json(await request.read())
             node_id, version = str(body["node"]), str(body["version"])
             ok = bool(body.get("ok", True))
+        except ParseLimitError as exc:
+            return _limit_error(exc)
         except (ValueError, KeyError, TypeError, AttributeError):
             return _error(
                 400, 'ack body must be JSON {"node": ID, "version": V, "ok": bool, "error": "..."}'
@@ -684,10 +687,13 @@ class ControlPlane:
     async def _h_add_instance(self, request: web.Request) -> web.Response:
         raw = await request.read()
         try:
+            check_json(raw)
             admin_url = json.loads(raw).pop("admin_url", None)
             data = json.loads(raw)
             data.pop("admin_url", None)
             inst = msgspec.convert(data, WorkloadInstance, strict=False)
+        except ParseLimitError as exc:
+            return _limit_error(exc)
         except (ValueError, msgspec.ValidationError, AttributeError) as exc:
             return _error(400, f"bad instance: {exc}")
         self.registry.add_instance(inst, admin_url)
@@ -771,10 +777,24 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def _limit_error(exc: ParseLimitError) -> web.Response:
+    """400 for a body that breaks a parsing limit: position, limit, hint."""
+    return web.json_response(
+        {
+            "error": f"<request body>:{exc.line}:{exc.col}: {exc.message}",
+            "limit": exc.limit,
+            "hint": exc.hint,
+        },
+        status=400,
+    )
+
+
 async def _decode(request: web.Request, typ: type) -> Any:
     raw = await request.read()
     try:
-        return msgspec.json.decode(raw, type=typ, strict=False)
+        return decode_json(raw, typ)
+    except ParseLimitError as exc:
+        return _limit_error(exc)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         return _error(400, f"bad {typ.__name__}: {exc}")
 

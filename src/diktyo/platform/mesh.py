@@ -19,6 +19,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
+from diktyo.api.limits import ParseLimitError, check_yaml
+
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 # Istio's protocol selection by port name prefix (``http-web``, ``grpc``, ``tcp-db`` ...).
@@ -286,7 +288,12 @@ def load_mesh_text(text: str, filename: str = "mesh.yaml", base_dir: str = ".") 
     yaml = YAML(typ="rt")
     yaml.allow_duplicate_keys = False
     try:
+        check_yaml(text)  # bombs, deep nesting: refused before composing
         data = yaml.load(text)
+    except ParseLimitError as exc:
+        raise MeshFileError(
+            [f"{filename}:{exc.line}:{exc.col}: error: {exc.message} (hint: {exc.hint})"]
+        ) from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from diktyo.api.limits import ParseLimitError, check_json
 from diktyo.control.ca.service import CaService
 
 MAX_BODY = 64 * 1024
@@ -21,7 +22,10 @@ def ca_routes(service: CaService) -> list[Any]:
         if len(raw) > MAX_BODY:
             return web.json_response({"error": "request too large"}, status=413)
         try:
+            check_json(raw)
             body = json.loads(raw)
+        except ParseLimitError as exc:
+            return web.json_response({"error": f"request body: {exc}"}, status=400)
         except ValueError:
             return web.json_response({"error": "request body is not JSON"}, status=400)
         status, out = service.handle(body, request.headers.get("Authorization"))

@@ -14,6 +14,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.representer import SafeRepresenter
 
+from diktyo.api.limits import check_yaml
 from diktyo.control.inject.config import DEFAULT_CONFIG, InjectConfig
 from diktyo.control.inject.pod import inject_pod
 
@@ -21,7 +22,8 @@ TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Repli
 
 
 def load_docs(text: str) -> list[Any]:
-    """All non-empty documents of a (multi-document) YAML text."""
+    """All non-empty documents of a (multi-document) YAML text (``ParseLimitError`` for bombs)."""
+    check_yaml(text)
     return [d for d in YAML(typ="safe").load_all(io.StringIO(text)) if d is not None]
 
 
