@@ -13,6 +13,14 @@ from diktyo.control.validate.virtualservice import overlaps
 
 def check(ctx: Context) -> None:
     for gw in ctx.idx.gateways:
+        if not gw.spec.servers:
+            ctx.report(
+                m.SCHEMA_VALIDATION_ERROR,
+                gw,
+                "spec",
+                "Schema validation error: gateway must have at least one server",
+                "add 'servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [...]}]'",
+            )
         for i, server in enumerate(gw.spec.servers):
             proto = protocol_of(server.port.name, server.port.protocol)
             if not is_http(proto):

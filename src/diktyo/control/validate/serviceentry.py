@@ -77,7 +77,7 @@ def _check_protocols(ctx: Context) -> None:
                 m.CONFLICTING_SERVICE_ENTRY_PROTOCOL,
                 se,
                 "spec.ports",
-                f"Multiple ServiceEntries ({names}) define the same host {host!r} and port "
+                f'Multiple ServiceEntries ({names}) define the same host "{host}" and port '
                 f"{number} with conflicting protocols ({', '.join(protos)}).",
                 "use one protocol for the port in every ServiceEntry, or keep the host in one",
             )

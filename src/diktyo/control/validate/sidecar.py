@@ -84,8 +84,20 @@ def _check_selectors(ctx: Context) -> None:
                     "which can lead to undefined behavior.",
                     "keep one namespace-wide Sidecar; give the others a workloadSelector",
                 )
-        # IST0110 with the registry's workloads: Sidecars whose selectors pick the same pod
         selected = [s for s in scs if _selector(s)]
+        # IST0101 when the registry knows the workloads: a selector that picks none of them
+        if ctx.idx.registry.instances:
+            pods = [i for i in ctx.idx.registry.instances if i.namespace == ns]
+            for sc in selected:
+                if not any(selector_matches(_selector(sc), p.labels) for p in pods):
+                    ctx.report(
+                        m.REFERENCED_RESOURCE_NOT_FOUND,
+                        sc,
+                        "spec.workloadSelector",
+                        f'Referenced selector not found: "{selector_string(_selector(sc))}"',
+                        f"no workload in namespace {ns} has these labels",
+                    )
+        # IST0110 with the registry's workloads: Sidecars whose selectors pick the same pod
         for inst in ctx.idx.registry.instances:
             if inst.namespace != ns:
                 continue
