@@ -669,3 +669,117 @@ def test_service_port_names() -> None:
 )
 def test_valid_istio_config_has_no_findings(text: str) -> None:
     assert analyze(load(text)) == []
+
+
+# ----------------------------------------------------------------------------- IST0140 / 0150
+
+
+def test_ingress_route_rules_not_affected_by_subsets() -> None:
+    text = (
+        vs(
+            "gateway-route",
+            "default",
+            ["shop.example.com"],
+            "  gateways: [shop-gateway]\n",
+            dest="reviews",
+        )
+        + vs("mesh-split", "default", ["reviews"], dest="reviews, subset: v1")
+        + vs(
+            "gateway-subset",
+            "default",
+            ["a.example.com"],
+            "  gateways: [x]\n",
+            dest="reviews, subset: v2",
+        )
+        + vs("other-host", "default", ["shop2.example.com"], "  gateways: [x]\n", dest="ratings")
+    )
+    problems = analyze(load(text))
+    expect(
+        problems,
+        {"IST0140"},
+        ("IST0140", "VirtualService default/gateway-route"),
+    )
+    assert next(p for p in problems if p.code == "IST0140").message == (
+        "Subset in virtual service default/mesh-split has no effect on ingress gateway "
+        "default/gateway-route requests"
+    )
+
+
+def external_service(name: str, ns: str, port_name: str | None) -> Resource:
+    svc = kube_service(name, ns, [(port_name, 443)])
+    spec = SimpleNamespace(
+        type="ExternalName", external_name="nginx.example.com", selector=None, ports=svc.spec.ports
+    )
+    return Resource("Service", "v1", name, ns, spec, "svc.yaml", 1, 1)  # type: ignore[arg-type]
+
+
+def test_external_name_service_port_names() -> None:
+    problems = analyze(
+        [
+            external_service("nginx", "nginx-ns", "nginx"),
+            external_service("nginx-svc2", "nginx-ns2", None),
+            external_service("nginx-svc3", "nginx-ns3", "tcp"),
+            external_service("nginx-ok", "nginx-ns4", "https"),
+        ]
+    )
+    expect(
+        problems,
+        {"IST0150", "IST0118"},
+        ("IST0150", "Service nginx-ns/nginx"),
+        ("IST0150", "Service nginx-ns2/nginx-svc2"),
+        ("IST0150", "Service nginx-ns3/nginx-svc3"),
+    )
+
+
+# ----------------------------------------------------------------------------- IST0159 / 0160
+
+
+def telemetry(name: str, ns: str, selector: dict[str, str] | None = None) -> Resource:
+    """A Telemetry: loaded from YAML when the loader reads Telemetry, else built."""
+    sel = f"  selector: {{matchLabels: {selector!r}}}\n" if selector else ""
+    text = (
+        f"apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n"
+        f"metadata: {{name: {name}, namespace: {ns}}}\nspec:\n{sel}"
+        "  tracing: [{randomSamplingPercentage: 10}]\n"
+    )
+    loaded = [r for r in load_text(text, "tel.yaml").resources if r.kind == "Telemetry"]
+    if loaded:
+        return loaded[0]
+    spec = SimpleNamespace(
+        selector=SimpleNamespace(match_labels=selector) if selector else None,
+        target_ref=None,
+        target_refs=[],
+    )
+    return Resource("Telemetry", "telemetry.istio.io/v1", name, ns, spec, "tel.yaml", 1, 1)  # type: ignore[arg-type]
+
+
+def test_telemetry_selectors() -> None:
+    resources = [
+        telemetry("mesh-default", "istio-system"),
+        telemetry("ns-1", "shop"),
+        telemetry("ns-2", "shop"),
+        telemetry("reviews-a", "shop", {"app": "reviews"}),
+        telemetry("reviews-b", "shop", {"app": "reviews"}),
+        telemetry("ratings", "shop", {"app": "ratings"}),
+        telemetry("ratings-v1", "shop", {"version": "v1"}),
+    ]
+    expect(
+        analyze(resources),
+        {"IST0159", "IST0160"},
+        ("IST0160", "Telemetry shop/ns-1"),
+        ("IST0160", "Telemetry shop/ns-2"),
+        ("IST0159", "Telemetry shop/reviews-a"),
+        ("IST0159", "Telemetry shop/reviews-b"),
+    )
+    # with the workloads known, overlapping selectors conflict on the pod both pick
+    registry = Registry(
+        instances=(pod("ratings-v1-1", "shop", app="ratings", version="v1"),),
+    )
+    expect(
+        analyze(resources, registry),
+        {"IST0159"},
+        ("IST0159", "Telemetry shop/reviews-a"),
+        ("IST0159", "Telemetry shop/reviews-b"),
+        ("IST0159", "Telemetry shop/ratings"),
+        ("IST0159", "Telemetry shop/ratings-v1"),
+    )

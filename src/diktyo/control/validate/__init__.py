@@ -19,6 +19,7 @@ from diktyo.control.validate import (
     service,
     serviceentry,
     sidecar,
+    telemetry,
     virtualservice,
 )
 from diktyo.control.validate import messages as m
@@ -44,6 +45,7 @@ ANALYZERS = (
     serviceentry.check,
     sidecar.check,
     service.check,
+    telemetry.check,
     deprecation.check,
 )
 

@@ -116,6 +116,13 @@ SERVICE_ENTRY_ADDRESSES_REQUIRED = _m(
     "Warning",
     "Virtual IP addresses are required for ports serving TCP (or unset) protocol.",
 )
+INGRESS_ROUTE_RULES_NOT_AFFECTED = _m(
+    "IST0140",
+    "IngressRouteRulesNotAffected",
+    "Warning",
+    "Subset routing of a host in one VirtualService has no effect on gateway requests that "
+    "another VirtualService routes to that host without a subset.",
+)
 GATEWAY_DUPLICATE_CERTIFICATE = _m(
     "IST0138",
     "GatewayDuplicateCertificate",
@@ -128,6 +135,25 @@ CONFLICTING_GATEWAYS = _m(
     "ConflictingGateways",
     "Error",
     "Gateways with the same selector and port serve overlapping hosts.",
+)
+EXTERNAL_NAME_INVALID_PORT_NAME = _m(
+    "IST0150",
+    "ExternalNameServiceTypeInvalidPortName",
+    "Warning",
+    "A port of an ExternalName Service has no protocol in its name; TCP traffic to it may not "
+    "be forwarded correctly.",
+)
+CONFLICTING_TELEMETRY_WORKLOAD_SELECTORS = _m(
+    "IST0159",
+    "ConflictingTelemetryWorkloadSelectors",
+    "Error",
+    "A Telemetry resource selects the same workloads as another Telemetry resource.",
+)
+MULTIPLE_TELEMETRIES_WITHOUT_SELECTORS = _m(
+    "IST0160",
+    "MultipleTelemetriesWithoutWorkloadSelectors",
+    "Error",
+    "More than one Telemetry resource in a namespace has no workload selector.",
 )
 UNKNOWN_DESTINATION_RULE_HOST = _m(
     "IST0174",

@@ -34,6 +34,39 @@ def check(ctx: Context) -> None:
             _check_destination(ctx, vs, path, dest, what)
         _check_unreachable(ctx, vs)
     _check_host_conflicts(ctx)
+    _check_ingress_subsets(ctx)
+
+
+def _check_ingress_subsets(ctx: Context) -> None:
+    """Istio's IST0140: a VirtualService bound to gateways routes to a host without subset,
+    while another VirtualService of that host splits it by subset: the subsets do not apply
+    to the gateway's requests."""
+    with_subsets: dict[str, list[Any]] = {}  # destination host -> VirtualServices
+    for vs in ctx.idx.virtual_services:
+        for rule in vs.spec.http:
+            for rd in rule.route:
+                d = rd.destination
+                if d.subset and d.host in vs.spec.hosts:
+                    lst = with_subsets.setdefault(d.host, [])
+                    if vs not in lst:
+                        lst.append(vs)
+    for vs in ctx.idx.virtual_services:
+        if not vs.spec.gateways:
+            continue
+        for i, rule in enumerate(vs.spec.http):
+            for j, rd in enumerate(rule.route):
+                if rd.destination.subset:
+                    continue
+                for other in with_subsets.get(rd.destination.host, []):
+                    ctx.report(
+                        m.INGRESS_ROUTE_RULES_NOT_AFFECTED,
+                        vs,
+                        f"spec.http[{i}].route[{j}].destination.host",
+                        f"Subset in virtual service {other.namespace}/{other.name} has no effect "
+                        f"on ingress gateway {vs.namespace}/{vs.name} requests",
+                        "route the gateway's requests to the subsets too, or send them to the "
+                        "host through the mesh",
+                    )
 
 
 # ----------------------------------------------------------------------------- gateways
