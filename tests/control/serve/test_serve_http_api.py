@@ -127,8 +127,10 @@ async def test_apply_reports_analysis_of_the_applied_file() -> None:
         ):
             body = await r.json()
         assert r.status == 200 and body["applied"] == [["VirtualService", "default", "hello"]]
-        assert any(m.startswith("vs.yaml:8:") and "subset 'v9'" in m for m in body["messages"]), (
-            body
-        )
+        assert any(
+            m.startswith("Error [IST0101] (VirtualService default/hello vs.yaml:8:")
+            and '"hello+v9"' in m
+            for m in body["messages"]
+        ), body
     finally:
         await cp.stop()

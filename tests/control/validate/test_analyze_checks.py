@@ -1,9 +1,9 @@
-"""analyze(): cross-resource problems with file:line:col, severity and a hint."""
+"""analyze(): cross-resource problems with Istio codes, file:line:col, level and a hint."""
 
 from __future__ import annotations
 
-from diktyo.api import ConfigError, load_text
-from diktyo.control.validate import analyze, registry_for_hosts
+from diktyo.api import load_text
+from diktyo.control.validate import Finding, analyze, registry_for_hosts
 
 DR = """\
 apiVersion: networking.istio.io/v1
@@ -17,7 +17,7 @@ spec:
 """
 
 
-def run(text: str, hosts: list[str] | None = None) -> list[ConfigError]:
+def run(text: str, hosts: list[str] | None = None) -> list[Finding]:
     result = load_text(text, "in.yaml")
     assert [str(e) for e in result.errors] == []
     return analyze(result.resources, registry_for_hosts(hosts) if hosts else None)
@@ -42,7 +42,8 @@ def test_undefined_subset_is_an_error_at_the_subset() -> None:
         8,
         "spec.http[0].route[0].destination.subset",
     )
-    assert "subset 'v3' is not defined for host reviews.default.svc.cluster.local" in p.message
+    assert p.code == "IST0101" and p.origin == "VirtualService default/reviews"
+    assert p.message == 'Referenced host+subset in destinationrule not found: "reviews+v3"'
     assert p.hint == "subsets defined for reviews.default.svc.cluster.local: v1, v2"
 
 
@@ -52,18 +53,20 @@ def test_subset_without_any_destination_rule() -> None:
     assert "add a DestinationRule for reviews" in p.hint
 
 
-def test_unknown_host_is_a_warning_only_with_a_registry() -> None:
+def test_unknown_host_is_checked_only_with_a_registry() -> None:
     text = vs("  - route:\n    - destination: {host: reviewz}\n")
     assert run(text) == []
     (p,) = run(text, ["reviews"])
-    assert p.severity == "warning" and "host 'reviewz'" in p.message and "not found" in p.message
+    assert (p.code, p.severity) == ("IST0101", "error")
+    assert p.message == 'Referenced host not found: "reviewz"'
+    assert p.hint == "did you mean 'reviews'?"
 
 
 def test_service_entry_hosts_form_the_registry() -> None:
     se = (
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext}\n"
         "spec:\n  hosts: [api.example.com]\n  resolution: STATIC\n"
-        "  ports: [{number: 80, name: http}]\n  endpoints: [{address: 127.0.0.1}]\n---\n"
+        "  ports: [{number: 80, name: http, protocol: HTTP}]\n  endpoints: [{address: 127.0.0.1}]\n---\n"
     )
     text = se + vs(
         "  - route:\n    - destination: {host: api.example.com}\n    - destination: {host: apx.example.com}\n"
@@ -71,7 +74,8 @@ def test_service_entry_hosts_form_the_registry() -> None:
         hosts="[api.example.com]",
     )
     (p,) = run(text)
-    assert p.severity == "warning" and "host 'apx.example.com'" in p.message
+    assert p.code == "IST0101" and p.message == 'Referenced host not found: "apx.example.com"'
+    assert p.hint == "did you mean 'api.example.com'?"
     assert p.line == 18 and p.field == "spec.http[0].route[1].destination.host"
 
 
@@ -85,7 +89,7 @@ def test_weights_not_summing_to_100() -> None:
         + DR
     )
     (p,) = run(text)
-    assert p.severity == "error" and p.field == "spec.http[0].route"
+    assert (p.code, p.severity, p.field) == ("DKT0102", "error", "spec.http[0].route")
     assert "weights sum to 90 (60, 30), not 100" in p.message
 
 
@@ -100,8 +104,11 @@ def test_rule_after_catch_all_is_unreachable() -> None:
         + DR
     )
     (p,) = run(text)
-    assert p.severity == "warning" and p.line == 9 and p.field == "spec.http[1]"
-    assert "never used: http[0] above matches every request" in p.message
+    assert (p.code, p.severity, p.line, p.field) == ("IST0130", "warning", 9, "spec.http[1]")
+    assert p.message == (
+        "VirtualService rule #1 not used (only the last rule can have no matches)."
+    )
+    assert "http[0] above matches every request" in p.hint
 
 
 def test_prefix_slash_is_a_catch_all_and_duplicate_match_is_ineffective() -> None:
@@ -112,17 +119,21 @@ def test_prefix_slash_is_a_catch_all_and_duplicate_match_is_ineffective() -> Non
         "  - route:\n    - destination: {host: reviews}\n"
     )
     problems = run(text)
-    msgs = [(p.field, p.message.split(": ", 1)[1]) for p in problems]
-    assert msgs[0][0] == "spec.http[1].match[0]" and "same conditions" in msgs[0][1]
-    assert msgs[1][0] == "spec.http[3]" and "http[2] above matches every request" in msgs[1][1]
-    assert len(problems) == 2
+    assert [(p.code, p.level, p.field) for p in problems] == [
+        ("IST0131", "Info", "spec.http[1].match[0]"),
+        ("IST0130", "Warning", "spec.http[3]"),
+    ]
+    assert problems[0].message == (
+        "VirtualService rule #1 match #0 is not used (duplicate/overlapping match in rule #0)."
+    )
+    assert "http[2] above matches every request" in problems[1].hint
 
 
 def test_rewrite_with_redirect() -> None:
     text = vs("  - redirect: {uri: /new}\n    rewrite: {uri: /x}\n")
     (p,) = run(text)
-    assert p.severity == "error" and p.field == "spec.http[0].rewrite"
-    assert "rewrite and redirect cannot be used together" in p.message
+    assert (p.code, p.severity, p.field) == ("IST0106", "error", "spec.http[0].rewrite")
+    assert "rewrite may not be used with redirect" in p.message
 
 
 def test_conflicting_destination_rules() -> None:
@@ -130,28 +141,43 @@ def test_conflicting_destination_rules() -> None:
         "  subsets:", "  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 1}}\n  subsets:"
     )
     problems = run(DR + "---\n" + other)
-    assert [p.severity for p in problems] == ["warning", "error"]
+    assert [(p.code, p.severity) for p in problems] == [
+        ("DKT0103", "warning"),
+        ("DKT0103", "error"),
+    ]
     assert "only the first rule's trafficPolicy applies" in problems[0].message
     assert "subset(s) v1, v2 defined in both" in problems[1].message
-    assert "DestinationRule reviews at in.yaml:1" in problems[1].message
+    assert "DestinationRule default/reviews at in.yaml:1" in problems[1].message
     assert problems[1].line == 17  # the second rule's 'subsets' key
 
 
 def test_same_name_twice_and_second_vs_for_a_host() -> None:
     one = vs("  - route:\n    - destination: {host: reviews}\n")
     problems = run(one + "---\n" + one + "---\n" + one.replace("name: reviews", "name: other"))
-    assert problems[0].severity == "error" and "already defined at in.yaml:1" in problems[0].message
-    assert problems[0].line == 12  # the second 'name: reviews'
-    assert [p.severity for p in problems[1:]] == ["warning"]
-    assert "also routed by VirtualService reviews" in problems[1].message
+    # copies of one resource are one resource (DKT0101), but each of them conflicts with
+    # the other VirtualService for the host: IST0109 on every one involved, as Istio does
+    assert [(p.code, p.line, p.resource) for p in problems] == [
+        ("IST0109", 3, "reviews"),
+        ("DKT0101", 12, "reviews"),
+        ("IST0109", 12, "reviews"),
+        ("IST0109", 21, "other"),
+    ]
+    assert "already defined at in.yaml:1" in problems[1].message
+    assert "The VirtualServices default/reviews,default/other associated with mesh gateway" in (
+        problems[0].message
+    )
+    assert "*/reviews.default.svc.cluster.local" in problems[0].message
 
 
-def test_missing_gateway_and_unsupported_delegate() -> None:
+def test_missing_gateway_is_reported_twice_like_istio() -> None:
     text = vs("  - delegate: {name: x}\n", hosts="[shop.example.com]\n  gateways: [missing-gw]")
     problems = run(text)
-    assert [p.severity for p in problems] == ["warning", "warning"]
-    assert "gateway 'missing-gw' not found" in problems[0].message
-    assert "delegate is not supported" in problems[1].message
+    assert [(p.code, p.level) for p in problems] == [("IST0101", "Error"), ("IST0132", "Warning")]
+    assert problems[0].message == 'Referenced gateway not found: "missing-gw"'
+    assert problems[1].message == (
+        "one or more host [shop.example.com] defined in VirtualService default/reviews not "
+        "found in Gateway default/missing-gw."
+    )
 
 
 def test_istio_bookinfo_reviews_and_rules_are_clean_together() -> None:
@@ -170,7 +196,7 @@ def test_fault_without_percentage_warns() -> None:
             "  - fault:\n      abort: {httpStatus: 500}\n    route:\n    - destination: {host: reviews}\n"
         )
     )
-    assert p.severity == "warning" and p.field == "spec.http[0].fault.abort"
+    assert (p.code, p.severity, p.field) == ("DKT0104", "warning", "spec.http[0].fault.abort")
     assert "never injected" in p.message and "percentage" in p.hint
 
 
@@ -178,7 +204,10 @@ def test_wildcard_host_on_the_mesh_and_weight_range() -> None:
     problems = run(
         vs("  - route:\n    - destination: {host: reviews}\n      weight: 120\n", hosts="['*']")
     )
-    assert [p.field for p in problems] == ["spec.hosts[0]", "spec.http[0].route[0].weight"]
+    assert [(p.code, p.field) for p in problems] == [
+        ("IST0106", "spec.hosts[0]"),
+        ("DKT0102", "spec.http[0].route[0].weight"),
+    ]
     assert "wildcard host * is not allowed" in problems[0].message
     assert "weight 120 must be between 0 and 100" in problems[1].message
 
@@ -189,7 +218,12 @@ def test_sidecar_parts_not_applied_are_reported() -> None:
         "  egress: [{hosts: ['./*']}]\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n"
     )
     (p,) = run(text)
-    assert p.severity == "warning" and p.field == "spec.outboundTrafficPolicy" and p.line == 6
+    assert (p.code, p.severity, p.field, p.line) == (
+        "DKT0105",
+        "warning",
+        "spec.outboundTrafficPolicy",
+        6,
+    )
 
 
 def test_sidecar_egress_host_needs_a_namespace() -> None:
@@ -198,5 +232,5 @@ def test_sidecar_egress_host_needs_a_namespace() -> None:
         "  egress:\n  - hosts: [reviews.default.svc.cluster.local]\n"
     )
     (p,) = run(text)
-    assert p.severity == "error" and p.field == "spec.egress[0].hosts[0]"
+    assert (p.code, p.severity, p.field) == ("IST0106", "error", "spec.egress[0].hosts[0]")
     assert "namespace/dnsName" in p.message and "*/reviews" in p.hint

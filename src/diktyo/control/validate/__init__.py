@@ -1,7 +1,9 @@
-"""Validate: cross-resource checks behind ``diktyo analyze`` (one module per kind).
+"""Validate: cross-resource checks behind ``diktyo analyze`` (one module per kind), with
+Istio's analysis message codes and levels (``messages.py`` holds the catalogue).
 
-``analyze(resources, registry=None) -> list[ConfigError]``; load errors come from
-``diktyo.api.load_paths`` and are not repeated here.
+``analyze(resources, registry=None) -> list[Finding]``; each Finding is a ``ConfigError``
+(file, line, col, field, message, hint, severity) with the message's ``code`` and ``origin``.
+Load errors come from ``diktyo.api.load_paths``; ``messages.from_load_error`` codes them.
 """
 
 from __future__ import annotations
@@ -9,29 +11,56 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from diktyo.api import ConfigError
 from diktyo.control.model import Registry, Service, ServicePort
-from diktyo.control.validate import destinationrule, gateway, serviceentry, virtualservice
+from diktyo.control.validate import (
+    deprecation,
+    destinationrule,
+    gateway,
+    service,
+    serviceentry,
+    sidecar,
+    telemetry,
+    virtualservice,
+)
+from diktyo.control.validate import messages as m
 from diktyo.control.validate.context import Context
+from diktyo.control.validate.messages import CATALOGUE, Finding, from_load_error
 
-__all__ = ["BOOKINFO_HOSTS", "analyze", "registry_for_hosts"]
+__all__ = [
+    "BOOKINFO_HOSTS",
+    "CATALOGUE",
+    "Finding",
+    "analyze",
+    "from_load_error",
+    "registry_for_hosts",
+]
 
 BOOKINFO_HOSTS = ("productpage", "reviews", "ratings", "details")
 
+# every analyzer, in the order they run (each takes the Context and reports into it)
+ANALYZERS = (
+    virtualservice.check,
+    destinationrule.check,
+    gateway.check,
+    serviceentry.check,
+    sidecar.check,
+    service.check,
+    telemetry.check,
+    deprecation.check,
+)
 
-def analyze(resources: Iterable[Any], registry: Registry | None = None) -> list[ConfigError]:
+
+def analyze(resources: Iterable[Any], registry: Registry | None = None) -> list[Finding]:
     """Problems across resources, sorted by file and line.
 
-    Host existence is checked only when a ``registry`` is given or the input has
-    ServiceEntries; then unknown hosts are warnings. Errors are things Istio would reject or
-    that break traffic (undefined subsets, weights not adding up to 100, ...).
+    Host existence (IST0101 hosts, IST0174) is checked only when something says which hosts
+    exist: a ``registry``, or ServiceEntries or Kubernetes Services in the input.
     """
     ctx = Context.build(resources, registry)
     _check_duplicates(ctx)
-    for module in (virtualservice, destinationrule, gateway, serviceentry):
-        module.check(ctx)
-    serviceentry.check_sidecars(ctx)
-    return sorted(ctx.problems, key=lambda e: (e.file, e.line, e.col))
+    for run in ANALYZERS:
+        run(ctx)
+    return sorted(ctx.problems, key=lambda e: (e.file, e.line, e.col, e.code))
 
 
 def registry_for_hosts(
@@ -60,9 +89,10 @@ def _check_duplicates(ctx: Context) -> None:
             seen[res.key] = res
             continue
         ctx.report(
+            m.DUPLICATE_RESOURCE,
             res,
             "metadata.name",
-            f"already defined at {ctx.where(first)} (namespace {res.namespace})",
+            f"{res.kind} {res.namespace}/{res.name} is already defined at {ctx.where(first)}",
             "give it another name, or keep only one of the two (applied together, the later "
             "one replaces the earlier)",
         )
