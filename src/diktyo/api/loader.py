@@ -21,6 +21,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from diktyo.api.errors import ConfigError
+from diktyo.api.gateway_api import GATEWAY_API, GATEWAY_API_IGNORED, GATEWAY_API_KINDS
 from diktyo.api.resource import KINDS, Resource
 
 _DOC_SEP = re.compile(r"^(---|\.\.\.)(\s|$)")
@@ -210,6 +211,8 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
         return
     group, _, version = api_version.rpartition("/")
     spec_entry = KINDS.get(kind)
+    if group == GATEWAY_API and kind in GATEWAY_API_KINDS:  # "Gateway" is in both APIs
+        spec_entry = (GATEWAY_API, *GATEWAY_API_KINDS[kind])
     if spec_entry is None:
         if "istio.io" in group:
             close = difflib.get_close_matches(kind, list(KINDS), n=1)
@@ -329,6 +332,8 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
             labels=labels,
         )
     )
+    if group == GATEWAY_API and kind in GATEWAY_API_IGNORED:
+        result.errors.append(err("kind", *GATEWAY_API_IGNORED[kind], severity="warning"))
 
 
 def _position(
