@@ -168,7 +168,7 @@ def _gateway_listeners(gw: Any, out: GatewayApiIndex) -> list[ApiListener]:
                 gw,
                 "spec.gatewayClassName",
                 "warning",
-                f"Gateway {gw.namespace}/{gw.name} of class {cls!r} is ignored: {why}",
+                f"gatewayClassName {cls!r}: {why}; Gateway ignored",
                 "set gatewayClassName: istio",
             )
         )
