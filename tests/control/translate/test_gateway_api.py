@@ -13,7 +13,7 @@ from diktyo.api import load_paths, load_text
 from diktyo.control.model import ProxyNode, PushContext, Registry, Service, ServicePort
 from diktyo.control.translate import translate
 from diktyo.proxy.router.matcher import RequestInfo, RouteMatcher
-from diktyo.proxy.router.simulate import simulate
+from diktyo.proxy.router.simulate import format_text, simulate
 from diktyo.snapshot.model import Node, Snapshot
 
 ISTIO_SAMPLES = Path(__file__).resolve().parents[3] / ".." / "shared" / "istio" / "samples"
@@ -101,6 +101,9 @@ def test_route_source_names_the_httproute_rule() -> None:
     src = table.virtual_hosts[0].routes[0].source
     assert (src.kind, src.name, src.namespace, src.rule) == ("HTTPRoute", "bookinfo", "default", 0)
     assert src.line == 23  # "  - matches:" in bookinfo-gateway.yaml
+    text = format_text(route_of(s, "127.0.0.1:8080/login"))
+    assert "matched rule 0 '' of HTTPRoute default/bookinfo at " in text, text
+    assert "test.yaml:23 (match block 0)" in text, text
 
 
 def test_precedence_across_rules_and_routes() -> None:
