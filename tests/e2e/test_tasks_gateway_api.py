@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from diktyo.platform.harness import MeshThread
-from diktyo.platform.mesh import GatewayPortSpec, PortSpec, ServiceSpec, load_mesh
 
 ROOT = Path(__file__).resolve().parents[2]
 GW_API = ROOT / ".." / "shared" / "istio" / "samples" / "bookinfo" / "gateway-api"
+MESH = ROOT / "samples" / "bookinfo" / "mesh-gateway-api.yaml"
 SERVED_BY = re.compile(r"Reviews served by:\s*(?:<[^>]*>)?\s*([a-z0-9-]+)")
 
 pytestmark = [
@@ -48,31 +48,11 @@ def served_by(body: str) -> str:
     return m.group(1)
 
 
-def bookinfo_with_versions() -> object:
-    """samples/bookinfo/mesh.yaml plus Istio's bookinfo-versions.yaml Services, and the
-    ingress gateway listening for the Gateway's listener port 80 (on a free host port)."""
-    spec = load_mesh(ROOT / "samples" / "bookinfo" / "mesh.yaml")
-    versions = [
-        ServiceSpec(
-            name=f"{app}-{v}",
-            selector={"app": app, "version": v},
-            ports=[PortSpec(name="http", port=9080)],
-        )
-        for app, v in [
-            ("reviews", "v1"), ("reviews", "v2"), ("reviews", "v3"),
-            ("productpage", "v1"), ("ratings", "v1"), ("details", "v1"),
-        ]
-    ]  # fmt: skip
-    gateways = [
-        g.model_copy(update={"ports": [GatewayPortSpec(port=80, host_port=0)]})
-        for g in spec.gateways
-    ]
-    return spec.model_copy(update={"services": [*spec.services, *versions], "gateways": gateways})
-
-
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[MeshThread]:
-    with MeshThread(bookinfo_with_versions()) as m:  # type: ignore[arg-type]
+    # samples/bookinfo/mesh-gateway-api.yaml: Bookinfo plus the version Services of Istio's
+    # bookinfo-versions.yaml, the ingress gateway serving listener port 80 (here a free port)
+    with MeshThread(MESH, gateway_host_port=0) as m:
         m.apply_file(GW_API / "bookinfo-gateway.yaml")
         m.wait_synced()
         yield m
