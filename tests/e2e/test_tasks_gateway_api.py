@@ -138,6 +138,10 @@ spec:
       requestRedirect: {hostname: new.example.com, path: {type: ReplaceFullPath, replaceFullPath: /productpage}}
   - matches: [{path: {type: PathPrefix, value: /elsewhere}}]
     backendRefs: [{name: ratings, namespace: prod, port: 9080}]
+  - matches: [{path: {type: Exact, value: /api/v1/products}}]
+    backendRefs:
+    - {name: productpage, port: 9080}
+    - {name: nosuch, port: 9080}
 """
 
 
@@ -168,6 +172,10 @@ def test_filters_redirect_and_refused_backend_through_the_gateway(mesh: MeshThre
         assert headers["location"] == "http://new.example.com/productpage?y=1"
         # a cross-namespace backend without a ReferenceGrant: 500, never forwarded
         assert raw(mesh, "/elsewhere", "filters.example.com")[0] == 500
+        # one valid and one missing backend, equal weights: about half fail (503), the
+        # snapshot stays valid (the gateway ACKed it: wait_synced above)
+        codes = Counter(raw(mesh, "/api/v1/products", "filters.example.com")[0] for _ in range(40))
+        assert set(codes) == {200, 503}, codes
     finally:
         mesh.delete_text(FILTERS)
         mesh.wait_synced()

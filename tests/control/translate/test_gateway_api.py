@@ -14,6 +14,7 @@ from diktyo.control.model import ProxyNode, PushContext, Registry, Service, Serv
 from diktyo.control.translate import translate
 from diktyo.proxy.router.matcher import RequestInfo, RouteMatcher
 from diktyo.proxy.router.simulate import format_text, simulate
+from diktyo.snapshot.codec import validate
 from diktyo.snapshot.model import Node, Snapshot
 
 ISTIO_SAMPLES = Path(__file__).resolve().parents[3] / ".." / "shared" / "istio" / "samples"
@@ -61,7 +62,9 @@ SIDECAR = ProxyNode(
 def snap(text: str, proxy: ProxyNode = GATEWAY, reg: Registry = BOOKINFO) -> Snapshot:
     result = load_text(text, "test.yaml")
     assert result.ok, [str(e) for e in result.errors]
-    return translate(proxy, PushContext(resources=tuple(result.resources), registry=reg))
+    out = translate(proxy, PushContext(resources=tuple(result.resources), registry=reg))
+    assert validate(out) == []  # what the sidecar checks before it ACKs a snapshot
+    return out
 
 
 def route_of(s: Snapshot, url: str, method: str = "GET", **headers: str) -> dict:
@@ -293,6 +296,10 @@ spec:
   - matches: [{path: {value: /other-ns}}]
     backendRefs: [{name: reviews, namespace: prod, port: 9080}]
   - matches: [{path: {value: /none}}]
+  - matches: [{path: {value: /mixed}}]
+    backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 1}
+    - {name: nosuch, port: 9080, weight: 3}
 """
     )
     r = route_of(s, "gw.example/split")
@@ -301,6 +308,14 @@ spec:
     ]  # fmt: skip
     for path in ("/missing", "/other-ns", "/none"):
         assert route_of(s, f"gw.example{path}")["result"] == "500 direct response", path
+    # a valid and an invalid backend: the invalid one's share goes to an empty cluster
+    r = route_of(s, "gw.example/mixed")
+    assert r["result"] == "forward"
+    assert [(d["host"], d["weight"]) for d in r["destinations"]] == [
+        ("reviews-v1.default.svc.cluster.local", 25.0),
+        ("nosuch.default.gateway-api.invalid", 75.0),
+    ]
+    assert r["endpoints"] == []  # the best-weighted destination is the empty cluster
 
 
 def test_reference_grant_permits_cross_namespace_backend() -> None:

@@ -63,6 +63,7 @@ GATEWAY_CLASSES = ("istio",)  # the classes diktyo's gateways serve
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 INGRESS_LABELS = {"istio": "ingressgateway"}
 HTTP_ROUTE = "HTTPRoute"
+INVALID_SUFFIX = "gateway-api.invalid"  # hosts of clusters standing for invalid backendRefs
 
 Severity = Literal["error", "warning", "info"]
 
@@ -724,10 +725,16 @@ def _route(
         if b is None or ref.weight == 0:
             continue
         if b.host is None or b.port is None:
+            # an empty cluster (no service is named *.invalid, RFC 2606): its share fails
+            # with 503 and the snapshot stays valid
+            host, bport = (
+                f"{ref.name}.{ref.namespace or rt.namespace}.{INVALID_SUFFIX}",
+                ref.port or 1,
+            )
+            ctx.needed.add((host, bport, ""))
             clusters.append(
                 WeightedCluster(
-                    cluster=f"gatewayapi-invalid|{rt.namespace}/{rt.name}|{ri}|{i}",
-                    weight=ref.weight,
+                    cluster=cluster_name(bport, "", host), weight=ref.weight, host=host, port=bport
                 )
             )
             continue
@@ -741,7 +748,7 @@ def _route(
                 headers=_filter_headers(ref.filters),
             )
         )
-    if not clusters or all(not c.host for c in clusters):
+    if not clusters or all(c.host.endswith(INVALID_SUFFIX) for c in clusters):
         # no backend, all weights 0, or all invalid: the Gateway API requires a 500
         return Route(**{**kw, "direct_response": DirectResponse(status=500)})
     return Route(**kw, clusters=tuple(clusters))
