@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from diktyo.api.gateway_api import GATEWAY_API_KINDS
 from diktyo.api.kubernetes import KubeServiceSpec
 from diktyo.api.networking import DestinationRule, Gateway, ServiceEntry, Sidecar, VirtualService
 from diktyo.api.security import AuthorizationPolicy, PeerAuthentication, RequestAuthentication
@@ -32,7 +33,7 @@ CORE = ""  # Kubernetes core group: apiVersion "v1"
 
 _NET_VERSIONS = ("v1", "v1beta1", "v1alpha3")
 _SEC_VERSIONS = ("v1", "v1beta1")
-_GW_NOT_YET = "the Gateway API is not implemented yet; use Istio's Gateway and VirtualService"
+_GW_NOT_YET = "this Gateway API kind is not implemented; diktyo serves Gateway, HTTPRoute and ReferenceGrant"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,14 +119,16 @@ KIND_TABLE: list[KindInfo] = [
     ),
     # ---- Gateway API (gateway.networking.k8s.io)
     KindInfo(GATEWAY_API, "GatewayClass", ("v1", "v1beta1"), reason=_GW_NOT_YET),
-    KindInfo(GATEWAY_API, "Gateway", ("v1", "v1beta1"), reason=_GW_NOT_YET),
-    KindInfo(GATEWAY_API, "HTTPRoute", ("v1", "v1beta1"), reason=_GW_NOT_YET),
-    KindInfo(GATEWAY_API, "GRPCRoute", ("v1", "v1alpha2"), reason=_GW_NOT_YET),
-    KindInfo(GATEWAY_API, "ReferenceGrant", ("v1beta1", "v1alpha2"), reason=_GW_NOT_YET),
     KindInfo(GATEWAY_API, "TCPRoute", ("v1alpha2",), reason=_GW_NOT_YET),
     KindInfo(GATEWAY_API, "TLSRoute", ("v1alpha2", "v1alpha3"), reason=_GW_NOT_YET),
     KindInfo(GATEWAY_API, "UDPRoute", ("v1alpha2",), reason=_GW_NOT_YET),
     KindInfo(GATEWAY_API, "BackendTLSPolicy", ("v1", "v1alpha3"), reason=_GW_NOT_YET),
+    # Gateway API kinds diktyo implements (models in api/gateway_api.py; GRPCRoute loads with
+    # a warning until HTTP/2 exists)
+    *(
+        KindInfo(GATEWAY_API, kind, versions, model)
+        for kind, (versions, model) in GATEWAY_API_KINDS.items()
+    ),
     # ---- Kubernetes kinds diktyo uses
     KindInfo(CORE, "Service", ("v1",), KubeServiceSpec),
 ]

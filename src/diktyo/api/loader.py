@@ -21,6 +21,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from diktyo.api.errors import ConfigError
+from diktyo.api.gateway_api import GATEWAY_API, GATEWAY_API_IGNORED
 from diktyo.api.kinds import KIND_TABLE, is_mesh_group, lookup, rows_of_kind
 from diktyo.api.limits import ParseLimitError, check_size, check_yaml
 from diktyo.api.resource import Resource
@@ -354,6 +355,8 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
             labels=labels,
         )
     )
+    if group == GATEWAY_API and kind in GATEWAY_API_IGNORED:
+        result.errors.append(err("kind", *GATEWAY_API_IGNORED[kind], severity="warning"))
 
 
 def _load_list(

@@ -34,9 +34,15 @@ class Resource:
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
+    def qualified_kind(self) -> str:
+        """``Kind``, or ``Kind.group`` for the Gateway API (whose ``Gateway`` is not Istio's)."""
+        group = self.api_version.rpartition("/")[0]
+        return f"{self.kind}.{group}" if group == "gateway.networking.k8s.io" else self.kind
+
+    @property
     def key(self) -> str:
-        """``Kind/namespace/name``."""
-        return f"{self.kind}/{self.namespace}/{self.name}"
+        """``Kind/namespace/name`` (``Kind.group/...`` for the Gateway API)."""
+        return f"{self.qualified_kind}/{self.namespace}/{self.name}"
 
     def position(self, path: str) -> tuple[int, int]:
         """Position of ``path`` or of its nearest present parent; the document start if none."""

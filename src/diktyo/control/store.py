@@ -29,7 +29,11 @@ ResourceKey = tuple[str, str, str]  # (kind, namespace, name)
 def resource_key(res: Any) -> ResourceKey:
     """(kind, namespace, name) of a loaded resource, whatever wrapper the api layer uses."""
     meta = getattr(res, "metadata", None)
-    kind = getattr(res, "kind", None) or type(getattr(res, "spec", res)).__name__
+    kind = (
+        getattr(res, "qualified_kind", None)
+        or getattr(res, "kind", None)
+        or type(getattr(res, "spec", res)).__name__
+    )
     name = getattr(res, "name", None) or getattr(meta, "name", None) or ""
     ns = getattr(res, "namespace", None) or getattr(meta, "namespace", None) or "default"
     return (str(kind), str(ns), str(name))

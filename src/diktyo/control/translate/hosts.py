@@ -79,9 +79,13 @@ class ConfigIndex:
     _vs_exact: dict[str, list[Any]] = field(default_factory=dict, repr=False)
     _vs_wild: list[tuple[str, Any]] = field(default_factory=list, repr=False)
     _instances: dict[str, list[WorkloadInstance]] = field(default_factory=dict, repr=False)
+    gateway_api: Any = None  # gateway_api.GatewayApiIndex: Gateway API routes bound to parents
 
     @classmethod
     def build(cls, resources: Iterable[Any], registry: Registry) -> ConfigIndex:
+        from diktyo.control.translate import gateway_api
+
+        resources = list(resources)
         idx = cls()
         by_kind = {
             "VirtualService": idx.virtual_services,
@@ -92,13 +96,14 @@ class ConfigIndex:
             "Service": idx.kube_services,
         }
         for res in resources:
-            bucket = by_kind.get(getattr(res, "kind", ""))
+            bucket = by_kind.get(getattr(res, "qualified_kind", None) or getattr(res, "kind", ""))
             if bucket is not None:
                 bucket.append(res)
         idx.registry = merge_registries(
             registry, registry_from_service_entries(idx.service_entries + idx.kube_services)
         )
         services = idx.registry.services
+        idx.gateway_api = gateway_api.bind(resources, services)
         for svc in services:
             idx._by_host.setdefault(svc.hostname, svc)
         for inst in idx.registry.instances:

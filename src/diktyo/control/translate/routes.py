@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diktyo.control.model import ProxyNode, Service
+from diktyo.control.translate import gateway_api
 from diktyo.control.translate.clusters import cluster_name
 from diktyo.control.translate.hosts import (
     ConfigIndex,
@@ -96,8 +97,8 @@ def build_outbound_table(ctx: RouteContext) -> RouteTable:
             used.update(domains)
             if not domains:
                 continue
-            routes: list[Route] = []
-            for vs in ctx.idx.mesh_virtual_services(svc.hostname):
+            routes = gateway_api.mesh_routes(ctx, svc, port) or []  # GAMMA HTTPRoutes win
+            for vs in [] if routes else ctx.idx.mesh_virtual_services(svc.hostname):
                 routes += vs_routes(ctx, vs, port, gateway=None, default_host=svc.hostname)
             if not routes:
                 routes = [default_route(ctx, svc, port)]
@@ -462,6 +463,8 @@ def gateway_servers(ctx: RouteContext) -> dict[int, list[tuple[Any, Any]]]:
             if not is_http(protocol_of(server.port.name, server.port.protocol)):
                 continue
             out.setdefault(server.port.number, []).append((gw, server))
+    for port, listeners in gateway_api.gateway_servers(ctx).items():  # Gateway API Gateways
+        out.setdefault(port, []).extend(listeners)
     return out
 
 
@@ -477,7 +480,10 @@ def _server_host_matches(server_host: str, gw_ns: str, vs: Any, vs_host: str) ->
 
 def build_gateway_table(ctx: RouteContext, port: int, servers: list[tuple[Any, Any]]) -> RouteTable:
     """Route table ``gateway-<port>``: a virtual host per VirtualService host bound to one of
-    the Gateways serving this port, rules of several VirtualServices for one host appended."""
+    the Gateways serving this port, rules of several VirtualServices for one host appended;
+    then the virtual hosts of the Gateway API listeners on this port."""
+    api_listeners = [s for _, s in servers if gateway_api.is_listener(s)]
+    servers = [(gw, s) for gw, s in servers if not gateway_api.is_listener(s)]
     by_host: dict[str, list[Route]] = {}
     order: list[str] = []
     seen: set[tuple[int, str]] = set()
@@ -522,4 +528,6 @@ def build_gateway_table(ctx: RouteContext, port: int, servers: list[tuple[Any, A
                 *routes,
             ]
         vhosts.append(VirtualHost(name=f"{host}:{port}", domains=domains, routes=tuple(routes)))
+    if api_listeners:
+        vhosts += gateway_api.gateway_virtual_hosts(ctx, port, api_listeners)
     return RouteTable(name=f"gateway-{port}", virtual_hosts=tuple(vhosts))

@@ -202,6 +202,13 @@ UNSUPPORTED = _m(
     "Warning",
     "Istio accepts this, but diktyo does not serve it yet; it is ignored.",
 )
+GATEWAY_API_CONDITION = _m(
+    "DKT0106",
+    "GatewayAPICondition",
+    "Error",
+    "A Gateway API route or listener would have a False status condition (Accepted, "
+    "ResolvedRefs) in Istio; diktyo has no status to write, so analyze reports it.",
+)
 
 CATALOGUE: tuple[MessageType, ...] = tuple(
     sorted(

@@ -28,6 +28,7 @@ def _rule(route: Route) -> dict[str, Any]:
         "name": src.rule_name or route.name,
         "index": src.rule,
         "virtualService": f"{src.namespace}/{src.name}" if src.name else None,
+        "kind": src.kind or "VirtualService",  # or HTTPRoute (Gateway API)
         "file": src.file or None,
         "line": src.line or None,
     }
@@ -179,7 +180,7 @@ def format_text(res: dict[str, Any]) -> str:
         return "\n".join(lines) + "\n"
     where = f" at {rule['file']}:{rule['line']}" if rule.get("file") else ""
     lines.append(
-        f"  matched rule {rule['index']} {rule['name']!r} of VirtualService "
+        f"  matched rule {rule['index']} {rule['name']!r} of {rule['kind']} "
         f"{rule['virtualService']}{where} (match block {rule['matchIndex']})"
     )
     lines.append(f"  result: {res['result']}")

@@ -1,0 +1,159 @@
+"""analyze(): Gateway API status conditions (Accepted, ResolvedRefs) as findings at file:line:col."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diktyo.api import ConfigError, load_paths, load_text
+from diktyo.control.validate import analyze, registry_for_hosts
+
+SAMPLES = Path(__file__).resolve().parents[3] / ".." / "shared" / "istio" / "samples"
+BOOKINFO = ["productpage", "reviews", "ratings", "details"]
+VERSIONS = ["productpage-v1", "reviews-v1", "reviews-v2", "reviews-v3", "ratings-v1", "details-v1"]
+
+GW = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: infra}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 80
+    protocol: HTTP
+    hostname: "*.example.com"
+  - name: https
+    port: 443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: cert}]}
+---
+"""
+
+
+def run(text: str, hosts: list[str] | None = None) -> list[ConfigError]:
+    result = load_text(text, "in.yaml")
+    assert [str(e) for e in result.errors] == []
+    return analyze(result.resources, registry_for_hosts(hosts) if hosts else None)
+
+
+def route(parent: str, backend: str = "{name: reviews, port: 9080}", extra: str = "") -> str:
+    return f"""\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: r}}
+spec:
+  parentRefs: [{parent}]
+{extra}  rules:
+  - backendRefs: [{backend}]
+"""
+
+
+def test_bookinfo_samples_are_clean() -> None:
+    d = SAMPLES / "bookinfo" / "gateway-api"
+    for name in ("bookinfo-gateway.yaml", "route-reviews-90-10.yaml", "route-all-v1.yaml"):
+        result = load_paths([d / name])
+        problems = analyze(result.resources, registry_for_hosts(BOOKINFO + VERSIONS))
+        assert problems == [], (name, [str(p) for p in problems])
+
+
+def test_missing_gateway_is_no_matching_parent() -> None:
+    (p,) = run(route("{name: nosuch}"), ["reviews"])
+    assert (p.severity, p.line, p.col, p.field) == ("error", 5, 16, "spec.parentRefs[0]")
+    assert "Accepted=False (NoMatchingParent)" in p.message and "Gateway not found" in p.message
+    assert p.message.startswith("HTTPRoute r: parentRef Gateway default/nosuch")
+
+
+def test_listener_namespace_policy_and_hostname() -> None:
+    # Same (default) namespace policy: a route in another namespace is refused
+    (p,) = [x for x in run(GW + route("{name: gw, namespace: infra}")) if "r:" in x.message]
+    assert "Accepted=False (NotAllowedByListeners)" in p.message
+    # in the Gateway's namespace but without a matching hostname
+    text = GW + route(
+        "{name: gw, namespace: infra, sectionName: http}", extra="  hostnames: [shop.other.org]\n"
+    ).replace("name: r}", "name: r, namespace: infra}")
+    (p,) = [x for x in run(text) if "HTTPRoute" in x.message]
+    assert "Accepted=False (NoMatchingListenerHostname)" in p.message
+    # a listener name that does not exist
+    text = GW + route("{name: gw, namespace: infra, sectionName: web}").replace(
+        "name: r}", "name: r, namespace: infra}"
+    )
+    (p,) = [x for x in run(text) if "HTTPRoute" in x.message]
+    assert "NoMatchingParent" in p.message and "no listener named 'web'" in p.message
+
+
+def test_https_listener_is_reported_unsupported() -> None:
+    (p,) = run(GW)
+    assert p.severity == "warning" and p.field == "spec.listeners[1].protocol"
+    assert "UnsupportedProtocol" in p.message and "TLS termination" in p.message
+    assert p.line == 13
+
+
+def test_backend_not_found_only_with_a_registry() -> None:
+    text = route('{group: "", kind: Service, name: reviews}', "{name: reviewz, port: 9080}")
+    assert run(text) == []  # no registry: existence unknown
+    (p,) = run(text, ["reviews"])
+    assert p.field == "spec.rules[0].backendRefs[0]" and p.line == 7
+    assert "ResolvedRefs=False (BackendNotFound)" in p.message
+    assert "reviewz.default.svc.cluster.local not found" in p.message
+    (p,) = run(route('{group: "", kind: Service, name: reviews, port: 9090}'), ["reviews"])
+    assert "NoMatchingParent" in p.message and "has no port 9090" in p.message
+
+
+def test_cross_namespace_backend_needs_a_reference_grant() -> None:
+    text = route(
+        '{kind: Service, group: "", name: reviews}', "{name: ratings, namespace: prod, port: 9080}"
+    )
+    (p,) = run(text)
+    assert "ResolvedRefs=False (RefNotPermitted)" in p.message
+    assert "add a ReferenceGrant in 'prod'" in p.hint
+    grant = """---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: g, namespace: prod}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}]
+  to: [{group: "", kind: Service, name: ratings}]
+"""
+    assert run(text + grant) == []
+
+
+def test_invalid_kinds() -> None:
+    text = route(
+        "{group: networking.istio.io, kind: Gateway, name: gw}",
+        "{group: example.com, kind: Bucket, name: b}",
+    )
+    msgs = [p.message for p in run(text)]
+    assert any("Accepted=False (UnsupportedValue)" in m for m in msgs), msgs
+    assert any("ResolvedRefs=False (InvalidKind)" in m for m in msgs), msgs
+
+
+def test_gamma_route_beside_a_virtual_service_is_a_warning() -> None:
+    text = (
+        route('{group: "", kind: Service, name: reviews}')
+        + """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews}}]}]
+"""
+    )
+    (p,) = run(text, ["reviews"])
+    assert p.severity == "warning" and p.message.startswith("VirtualService reviews: host ")
+    assert "HTTPRoute default/r" in p.message
+
+
+def test_other_gateway_classes_and_grpcroute() -> None:
+    text = GW.replace("gatewayClassName: istio", "gatewayClassName: istio-waypoint")
+    (p,) = run(text)
+    assert p.field == "spec.gatewayClassName" and "waypoints" in p.message
+    grpc = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g}
+spec: {parentRefs: [{name: gw}]}
+"""
+    result = load_text(grpc, "g.yaml")
+    problems = analyze(result.resources, None)
+    assert [p.severity for p in problems] == ["warning"] and "HTTP/2" in problems[0].message
