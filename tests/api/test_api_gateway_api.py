@@ -81,7 +81,7 @@ def test_unknown_field_names_position_and_suggestion() -> None:
     [
         ("Prefix", "/x", "invalid value 'Prefix'"),
         ("Exact", "x", "must be an absolute path"),
-        ("RegularExpression", "'(?=x)'", "not supported by RE2"),
+        ("RegularExpression", "'(?=x)'", "RE2 cannot compile"),
         ("PathPrefix", "/a//b", "must not contain"),
     ],
 )

@@ -236,10 +236,13 @@ def test_analyze_exits_0_on_ignored_kinds_and_shows_notes_with_v(tmp_path: Path)
     )
     proc = _analyze(str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "warning: kind: EnvoyFilter istio-system/ratelimit ignored" in proc.stdout
+    assert "Warning [DKT0002] (EnvoyFilter istio-system/ratelimit " in proc.stdout or (
+        "Warning [DKT0002]" in proc.stdout and "EnvoyFilter istio-system/ratelimit" in proc.stdout
+    ), proc.stdout
     assert "Deployment" not in proc.stdout
     proc = _analyze("-v", str(tmp_path))
     assert proc.returncode == 0
     assert (
-        "info: kind: apps/v1 Deployment reviews-v1 is not a mesh resource; ignored" in proc.stdout
+        "Info [DKT0002]" in proc.stdout
+        and "apps/v1 Deployment reviews-v1 is not a mesh resource; ignored" in proc.stdout
     )

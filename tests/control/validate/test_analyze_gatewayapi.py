@@ -30,6 +30,12 @@ spec:
 """
 
 
+def _msg(p: ConfigError) -> str:
+    """A finding's message with its resource in front (``Kind name: message``)."""
+    kind = getattr(p, "kind", "")
+    return f"{kind} {getattr(p, 'resource', '')}: {p.message}" if kind else p.message
+
+
 def run(text: str, hosts: list[str] | None = None) -> list[ConfigError]:
     result = load_text(text, "in.yaml")
     assert [str(e) for e in result.errors] == []
@@ -59,32 +65,32 @@ def test_bookinfo_samples_are_clean() -> None:
 def test_missing_gateway_is_no_matching_parent() -> None:
     (p,) = run(route("{name: nosuch}"), ["reviews"])
     assert (p.severity, p.line, p.col, p.field) == ("error", 5, 16, "spec.parentRefs[0]")
-    assert "Accepted=False (NoMatchingParent)" in p.message and "Gateway not found" in p.message
-    assert p.message.startswith("HTTPRoute r: parentRef Gateway default/nosuch")
+    assert "Accepted=False (NoMatchingParent)" in _msg(p) and "Gateway not found" in _msg(p)
+    assert _msg(p).startswith("HTTPRoute r: parentRef Gateway default/nosuch")
 
 
 def test_listener_namespace_policy_and_hostname() -> None:
     # Same (default) namespace policy: a route in another namespace is refused
-    (p,) = [x for x in run(GW + route("{name: gw, namespace: infra}")) if "r:" in x.message]
-    assert "Accepted=False (NotAllowedByListeners)" in p.message
+    (p,) = [x for x in run(GW + route("{name: gw, namespace: infra}")) if "r:" in _msg(x)]
+    assert "Accepted=False (NotAllowedByListeners)" in _msg(p)
     # in the Gateway's namespace but without a matching hostname
     text = GW + route(
         "{name: gw, namespace: infra, sectionName: http}", extra="  hostnames: [shop.other.org]\n"
     ).replace("name: r}", "name: r, namespace: infra}")
-    (p,) = [x for x in run(text) if "HTTPRoute" in x.message]
-    assert "Accepted=False (NoMatchingListenerHostname)" in p.message
+    (p,) = [x for x in run(text) if "HTTPRoute" in _msg(x)]
+    assert "Accepted=False (NoMatchingListenerHostname)" in _msg(p)
     # a listener name that does not exist
     text = GW + route("{name: gw, namespace: infra, sectionName: web}").replace(
         "name: r}", "name: r, namespace: infra}"
     )
-    (p,) = [x for x in run(text) if "HTTPRoute" in x.message]
-    assert "NoMatchingParent" in p.message and "no listener named 'web'" in p.message
+    (p,) = [x for x in run(text) if "HTTPRoute" in _msg(x)]
+    assert "NoMatchingParent" in _msg(p) and "no listener named 'web'" in _msg(p)
 
 
 def test_https_listener_is_reported_unsupported() -> None:
     (p,) = run(GW)
     assert p.severity == "warning" and p.field == "spec.listeners[1].protocol"
-    assert "UnsupportedProtocol" in p.message and "TLS termination" in p.message
+    assert "UnsupportedProtocol" in _msg(p) and "TLS termination" in _msg(p)
     assert p.line == 13
 
 
@@ -93,10 +99,10 @@ def test_backend_not_found_only_with_a_registry() -> None:
     assert run(text) == []  # no registry: existence unknown
     (p,) = run(text, ["reviews"])
     assert p.field == "spec.rules[0].backendRefs[0]" and p.line == 7
-    assert "ResolvedRefs=False (BackendNotFound)" in p.message
-    assert "reviewz.default.svc.cluster.local not found" in p.message
+    assert "ResolvedRefs=False (BackendNotFound)" in _msg(p)
+    assert "reviewz.default.svc.cluster.local not found" in _msg(p)
     (p,) = run(route('{group: "", kind: Service, name: reviews, port: 9090}'), ["reviews"])
-    assert "NoMatchingParent" in p.message and "has no port 9090" in p.message
+    assert "NoMatchingParent" in _msg(p) and "has no port 9090" in _msg(p)
 
 
 def test_cross_namespace_backend_needs_a_reference_grant() -> None:
@@ -104,7 +110,7 @@ def test_cross_namespace_backend_needs_a_reference_grant() -> None:
         '{kind: Service, group: "", name: reviews}', "{name: ratings, namespace: prod, port: 9080}"
     )
     (p,) = run(text)
-    assert "ResolvedRefs=False (RefNotPermitted)" in p.message
+    assert "ResolvedRefs=False (RefNotPermitted)" in _msg(p)
     assert "add a ReferenceGrant in 'prod'" in p.hint
     grant = """---
 apiVersion: gateway.networking.k8s.io/v1beta1
@@ -122,7 +128,7 @@ def test_invalid_kinds() -> None:
         "{group: networking.istio.io, kind: Gateway, name: gw}",
         "{group: example.com, kind: Bucket, name: b}",
     )
-    msgs = [p.message for p in run(text)]
+    msgs = [_msg(p) for p in run(text)]
     assert any("Accepted=False (UnsupportedValue)" in m for m in msgs), msgs
     assert any("ResolvedRefs=False (InvalidKind)" in m for m in msgs), msgs
 
@@ -140,14 +146,14 @@ spec:
 """
     )
     (p,) = run(text, ["reviews"])
-    assert p.severity == "warning" and p.message.startswith("VirtualService reviews: host ")
-    assert "HTTPRoute default/r" in p.message
+    assert p.severity == "warning" and _msg(p).startswith("VirtualService reviews: host ")
+    assert "HTTPRoute default/r" in _msg(p)
 
 
 def test_other_gateway_classes_and_grpcroute() -> None:
     text = GW.replace("gatewayClassName: istio", "gatewayClassName: istio-waypoint")
     (p,) = run(text)
-    assert p.field == "spec.gatewayClassName" and "waypoints" in p.message
+    assert p.field == "spec.gatewayClassName" and "waypoints" in _msg(p)
     grpc = """\
 apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
@@ -156,4 +162,4 @@ spec: {parentRefs: [{name: gw}]}
 """
     result = load_text(grpc, "g.yaml")
     problems = analyze(result.resources, None)
-    assert [p.severity for p in problems] == ["warning"] and "HTTP/2" in problems[0].message
+    assert [p.severity for p in problems] == ["warning"] and "HTTP/2" in _msg(problems[0])
