@@ -407,15 +407,15 @@ class HTTPRouteRule(GatewayApiModel):
         kinds = [f.type for f in self.filters]
         for once in ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect",
                      "URLRewrite"):  # fmt: skip
-            if kinds.count(once) > 1:  # type: ignore[arg-type]
+            if kinds.count(once) > 1:
                 raise ValueError(f"{once} filter cannot be repeated")
         if "RequestRedirect" in kinds and "URLRewrite" in kinds:
             raise ValueError("may specify either RequestRedirect or URLRewrite, but not both")
         if "RequestRedirect" in kinds and self.backend_refs:
             raise ValueError("RequestRedirect filter must not be used with backendRefs")
         for f in self.filters:
-            path = (f.request_redirect or f.url_rewrite).path if f.type in (
-                "RequestRedirect", "URLRewrite") else None  # fmt: skip
+            spec = f.request_redirect or f.url_rewrite
+            path = spec.path if spec is not None else None
             if path is not None and path.type == "ReplacePrefixMatch":
                 for m in self.matches:
                     if m.path.type != "PathPrefix":

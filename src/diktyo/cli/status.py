@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from diktyo.cli._common import table
 
@@ -18,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run)
 
 
-def _restarts(w: dict) -> str:
+def _restarts(w: dict[str, Any]) -> str:
     """``2 (app 1, sidecar 1)``, like kubectl's RESTARTS summed over a pod's containers."""
     containers = w.get("containers") or {}
     total = int(w.get("restarts") or 0)
@@ -26,7 +27,7 @@ def _restarts(w: dict) -> str:
     return f"{total} ({', '.join(parts)})" if parts else str(total)
 
 
-def _last_exit(w: dict) -> str:
+def _last_exit(w: dict[str, Any]) -> str:
     """``sidecar: killed by SIGKILL (137)``: the latest termination of one of its containers."""
     last = w.get("last_exit")
     if not last:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import re2
+import re2  # type: ignore[import-untyped]  # google-re2 ships no type stubs
 
 # Istio's ``re2.max_program_size.error_level`` (its proxy bootstrap's runtime layer).
 MAX_PROGRAM_SIZE = 32768

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from diktyo.api.gateway_api import GATEWAY_API
 from diktyo.control.model import Service
 from diktyo.control.translate.clusters import cluster_name
-from diktyo.control.translate.hosts import DOMAIN_SUFFIX, host_matches
+from diktyo.control.translate.hosts import DOMAIN_SUFFIX, ConfigIndex, host_matches
 from diktyo.snapshot.model import (
     DirectResponse,
     HeaderOps,
@@ -119,6 +119,14 @@ class GatewayApiIndex:
 
 
 # --------------------------------------------------------------------------- binding
+
+
+def index_of(idx: ConfigIndex) -> GatewayApiIndex:
+    """The Gateway API binding of a config index, computed once per index."""
+    if idx.gateway_api is None:
+        idx.gateway_api = bind(idx.resources, idx.registry.services)
+    bound: GatewayApiIndex = idx.gateway_api
+    return bound
 
 
 def bind(resources: Iterable[Any], services: Iterable[Service] | None) -> GatewayApiIndex:
@@ -471,14 +479,14 @@ def serves(gw: Any, labels: dict[str, str]) -> bool:
     """Does the gateway proxy with ``labels`` serve the Gateway API Gateway ``gw``?"""
     named = labels.get(GATEWAY_NAME_LABEL)
     if named is not None:
-        return named == gw.name
+        return bool(named == gw.name)
     return all(labels.get(k) == v for k, v in INGRESS_LABELS.items())
 
 
 def gateway_servers(ctx: RouteContext) -> dict[int, list[tuple[Any, ApiListener]]]:
     """Listeners this gateway proxy serves: port -> [(gateway, listener)]."""
     out: dict[int, list[tuple[Any, ApiListener]]] = {}
-    gidx = ctx.idx.gateway_api
+    gidx = index_of(ctx.idx)
     if not gidx:
         return out
     labels = ctx.proxy.node.labels
@@ -518,7 +526,7 @@ def gateway_virtual_hosts(
 
 def mesh_routes(ctx: RouteContext, svc: Service, port: int) -> list[Route] | None:
     """Routes of the HTTPRoutes whose parent is ``svc`` (on ``port``), None if there are none."""
-    gidx = ctx.idx.gateway_api
+    gidx = index_of(ctx.idx)
     if not gidx:
         return None
     attached = [rt for rt, p in gidx.mesh.get(svc.hostname, []) if p is None or p == port]
@@ -558,7 +566,7 @@ def _routes(ctx: RouteContext, routes: list[Any], port: int) -> list[Route]:
 
 
 def _sm(kind: str, value: str) -> StringMatch:
-    return StringMatch(kind="exact" if kind == "Exact" else "regex", value=value)  # type: ignore[arg-type]
+    return StringMatch(kind="exact" if kind == "Exact" else "regex", value=value)
 
 
 def _first_by_name(items: Iterable[Any], fold: bool) -> list[Any]:
@@ -661,7 +669,7 @@ def _route(
     path_kind: str | None,
     port: int,
 ) -> Route:
-    gidx = ctx.idx.gateway_api
+    gidx = index_of(ctx.idx)
     line, _ = rt.position(f"spec.rules[{ri}]")
     source = RouteSource(
         kind=HTTP_ROUTE,

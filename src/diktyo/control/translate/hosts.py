@@ -79,14 +79,15 @@ class ConfigIndex:
     _vs_exact: dict[str, list[Any]] = field(default_factory=dict, repr=False)
     _vs_wild: list[tuple[str, Any]] = field(default_factory=list, repr=False)
     _instances: dict[str, list[WorkloadInstance]] = field(default_factory=dict, repr=False)
-    gateway_api: Any = None  # gateway_api.GatewayApiIndex: Gateway API routes bound to parents
+    # Gateway API routes bound to their parents (gateway_api.GatewayApiIndex), computed on first
+    # use by gateway_api.index_of() from ``resources`` (this module does not import it: no cycle)
+    gateway_api: Any = None
+    resources: list[Any] = field(default_factory=list, repr=False)
 
     @classmethod
     def build(cls, resources: Iterable[Any], registry: Registry) -> ConfigIndex:
-        from diktyo.control.translate import gateway_api
-
         resources = list(resources)
-        idx = cls()
+        idx = cls(resources=resources)
         by_kind = {
             "VirtualService": idx.virtual_services,
             "DestinationRule": idx.destination_rules,
@@ -96,14 +97,14 @@ class ConfigIndex:
             "Service": idx.kube_services,
         }
         for res in resources:
-            bucket = by_kind.get(getattr(res, "qualified_kind", None) or getattr(res, "kind", ""))
+            kind = str(getattr(res, "qualified_kind", None) or getattr(res, "kind", ""))
+            bucket = by_kind.get(kind)
             if bucket is not None:
                 bucket.append(res)
         idx.registry = merge_registries(
             registry, registry_from_service_entries(idx.service_entries + idx.kube_services)
         )
         services = idx.registry.services
-        idx.gateway_api = gateway_api.bind(resources, services)
         for svc in services:
             idx._by_host.setdefault(svc.hostname, svc)
         for inst in idx.registry.instances:
