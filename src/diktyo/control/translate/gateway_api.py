@@ -456,7 +456,7 @@ def _resolve_backends(
                     path,
                     "error",
                     f"backendRef {kind} {ns}/{b.name}: ResolvedRefs=False ({reason}): {message}"
-                    + ("; its share of requests gets 500" if "Mirror" not in path else ""),
+                    + ("; requests routed to it fail" if "Mirror" not in path else ""),
                     hint,
                 )
             )
