@@ -557,3 +557,27 @@ spec:
     )
     r = route_of(s, "x/")
     assert r["timeout"] == 1.0 and r["retries"]["per_try_timeout"] == 0.5
+
+
+def test_redirect_replace_prefix_match_uses_the_proxy_prefix_rewrite() -> None:
+    s = snap(
+        GW
+        + """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{name: gw}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /old/}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}
+"""
+    )
+    exact = route_of(s, "x/old")
+    assert exact["redirect"]["uri"] == "/new" and exact["redirect"]["code"] == 302
+    below = route_of(s, "x/old/a")
+    assert below["redirect"].get("uri") is None
+    assert below["redirect"]["prefix_rewrite"] == "/new/"  # for the matched prefix "/old/"
+    assert route_of(s, "x/older")["result"].startswith("404 NR")

@@ -755,16 +755,21 @@ def _route(
 
 
 def _redirect(rr: Any, path_kind: str | None) -> Redirect:
-    uri = None
+    uri = prefix = None
     if rr.path is not None:
         if rr.path.type == "ReplaceFullPath":
             uri = rr.path.replace_full_path
-        elif path_kind == "exact":
+        elif path_kind == "prefix":
+            prefix = _prefix_path(rr.path.replace_prefix_match or "/")
+        else:
             uri = rr.path.replace_prefix_match
-        # ReplacePrefixMatch on "/foo/...": the proxy's redirect replaces whole paths only;
-        # the path is kept (analyze warns)
     return Redirect(
-        uri=uri, authority=rr.hostname, scheme=rr.scheme, port=rr.port, code=rr.status_code
+        uri=uri,
+        authority=rr.hostname,
+        scheme=rr.scheme,
+        port=rr.port,
+        code=rr.status_code,
+        prefix_rewrite=prefix,
     )
 
 
