@@ -581,3 +581,19 @@ spec:
     assert below["redirect"].get("uri") is None
     assert below["redirect"]["prefix_rewrite"] == "/new/"  # for the matched prefix "/old/"
     assert route_of(s, "x/older")["result"].startswith("404 NR")
+
+
+def test_shared_translation_equals_translate() -> None:
+    """The control plane's PushTranslator (per-view sharing) gives translate's snapshots."""
+    from diktyo.control.translate.cache import PushTranslator
+    from diktyo.snapshot import encode
+
+    text = (BOOKINFO_GW_API / "bookinfo-gateway.yaml").read_text() + "\n---\n"
+    text += (BOOKINFO_GW_API / "route-reviews-90-10.yaml").read_text()
+    result = load_text(text, "t.yaml")
+    push = PushContext(resources=tuple(result.resources), registry=BOOKINFO)
+    shared = PushTranslator()
+    for proxy in (SIDECAR, GATEWAY, SIDECAR):
+        assert shared(proxy, push) == translate(proxy, push)
+        built = shared.build(proxy, push)
+        assert b"".join(built.parts()) == encode(built.snapshot)
