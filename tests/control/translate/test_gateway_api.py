@@ -12,6 +12,7 @@ import pytest
 from diktyo.api import load_paths, load_text
 from diktyo.control.model import ProxyNode, PushContext, Registry, Service, ServicePort
 from diktyo.control.translate import translate
+from diktyo.control.translate.gateway_api import bind
 from diktyo.proxy.router.matcher import RequestInfo, RouteMatcher
 from diktyo.proxy.router.simulate import format_text, simulate
 from diktyo.snapshot.codec import validate
@@ -530,15 +531,28 @@ spec:
 
 
 @pytest.mark.parametrize(
-    "name",
-    ["bookinfo-gateway.yaml", "route-all-v1.yaml", "route-reviews-50-v3.yaml",
-     "route-reviews-90-10.yaml", "route-reviews-v1.yaml", "route-reviews-v3.yaml"],
-)  # fmt: skip
-def test_every_bookinfo_gateway_api_sample_translates(name: str) -> None:
-    result = load_paths([BOOKINFO_GW_API / name])
-    assert result.ok and not result.errors, [str(e) for e in result.errors]
+    "path",
+    sorted(str(p.relative_to(ISTIO_SAMPLES)) for p in ISTIO_SAMPLES.glob("*/gateway-api/*.yaml")),
+)
+def test_every_gateway_api_sample_of_istio_translates_to_a_valid_snapshot(path: str) -> None:
+    result = load_paths([ISTIO_SAMPLES / path])
+    assert result.ok, [str(e) for e in result.errors]
+    # the Gateways of the sample's folder (helloworld-route.yaml's is in another file)
+    folder = load_paths([(ISTIO_SAMPLES / path).parent]).resources
+    result.resources += [
+        r for r in folder if r.qualified_kind == "Gateway.gateway.networking.k8s.io"
+        and all(x.key != r.key for x in result.resources)
+    ]  # fmt: skip
+    reg = Registry(
+        services=BOOKINFO.services
+        + registry("httpbin", port=8000).services
+        + registry("helloworld", "helloworld-v1", "helloworld-v2", port=5000).services
+    )
     for proxy in (GATEWAY, SIDECAR):
-        translate(proxy, PushContext(resources=tuple(result.resources), registry=BOOKINFO))
+        out = translate(proxy, PushContext(resources=tuple(result.resources), registry=reg))
+        assert validate(out) == []
+    gidx = bind(result.resources, reg.services)
+    assert [f.message for f in gidx.findings if f.severity == "error"] == []
 
 
 def test_timeouts_become_route_and_per_try_timeouts() -> None:
