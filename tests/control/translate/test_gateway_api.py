@@ -611,3 +611,24 @@ def test_shared_translation_equals_translate() -> None:
         assert shared(proxy, push) == translate(proxy, push)
         built = shared.build(proxy, push)
         assert b"".join(built.parts()) == encode(built.snapshot)
+
+
+def test_trailing_slash_does_not_lengthen_a_prefix() -> None:
+    """"/a/" is the prefix "/a": equal length, so the match with a header goes first."""
+    s = snap(
+        GW
+        + """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{name: gw}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /a/}}]
+    backendRefs: [{name: reviews-v1, port: 9080}]
+  - matches: [{path: {type: PathPrefix, value: /a}, headers: [{name: x-v, value: "2"}]}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+"""
+    )
+    assert route_of(s, "x/a/b", **{"x-v": "2"})["destination"]["host"].startswith("reviews-v2.")
+    assert route_of(s, "x/a/b")["destination"]["host"].startswith("reviews-v1.")

@@ -497,20 +497,17 @@ def gateway_virtual_hosts(
 ) -> list[VirtualHost]:
     """Virtual hosts for the Gateway API listeners on ``port``: one per hostname, the rules of
     every route attached for that hostname in precedence order."""
-    by_host: dict[str, list[tuple[Any, int]]] = {}
+    by_host: dict[str, list[Any]] = {}
     for lst in listeners:
         for rt, hosts in lst.routes:
             for h in hosts:
-                entries = by_host.setdefault(h, [])
-                if all(r is not rt for r, _ in entries):
-                    entries.append((rt, len(entries)))
+                attached = by_host.setdefault(h, [])
+                if all(r is not rt for r in attached):
+                    attached.append(rt)
     vhosts = []
     for host in sorted(by_host, key=lambda h: (h == "*", h.startswith("*"), h)):
-        routes = _routes(
-            ctx,
-            [rt for rt, _ in sorted(by_host[host], key=lambda t: (t[0].namespace, t[0].name))],
-            port,
-        )
+        ordered = sorted(by_host[host], key=lambda r: (r.namespace, r.name))
+        routes = _routes(ctx, ordered, port)
         domains = (host,) if host == "*" else (host, f"{host}:{port}")
         vhosts.append(VirtualHost(name=f"{host}:{port}", domains=domains, routes=tuple(routes)))
     return vhosts
@@ -539,8 +536,11 @@ _RANK = {"Exact": 3, "PathPrefix": 2, "RegularExpression": 1}
 
 def _precedence(m: Any) -> tuple[int, int, int, int, int]:
     """Sort key (ascending = first) of one HTTPRouteMatch, as Istio's sortHTTPRoutes."""
-    rank = _RANK[m.path.type] if m.path is not None else 0
-    length = len(m.path.value) if m.path is not None else 0
+    rank = _RANK[m.path.type]
+    value = m.path.value
+    if m.path.type == "PathPrefix" and value != "/":
+        value = value.rstrip("/")  # "/api/" is the prefix "/api"
+    length = len(value)
     return (-rank, -length, 0 if m.method else 1, -len(m.headers), -len(m.query_params))
 
 
