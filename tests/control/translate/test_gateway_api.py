@@ -258,6 +258,7 @@ spec:
     r = route_of(s, "gw.example/old/page")
     assert r["result"] == "301 redirect"
     assert r["redirect"]["scheme"] == "https" and r["redirect"]["authority"] == "new.example.com"
+    assert r["redirect"]["port"] == 443  # the scheme's well-known port (the Location omits it)
     assert r["redirect"].get("uri") is None  # path kept
     r = route_of(s, "gw.example/v1/books?id=1")
     assert r["rewrittenPath"] == "/v2/books?id=1"

@@ -754,6 +754,9 @@ def _route(
     return Route(**kw, clusters=tuple(clusters))
 
 
+_SCHEME_PORTS = {"http": 80, "https": 443}
+
+
 def _redirect(rr: Any, path_kind: str | None) -> Redirect:
     uri = prefix = None
     if rr.path is not None:
@@ -763,11 +766,14 @@ def _redirect(rr: Any, path_kind: str | None) -> Redirect:
             prefix = _prefix_path(rr.path.replace_prefix_match or "/")
         else:
             uri = rr.path.replace_prefix_match
+    port = rr.port
+    if port is None and rr.scheme is not None:
+        port = _SCHEME_PORTS[rr.scheme]  # the Gateway API: the scheme's well-known port
     return Redirect(
         uri=uri,
         authority=rr.hostname,
         scheme=rr.scheme,
-        port=rr.port,
+        port=port,
         code=rr.status_code,
         prefix_rewrite=prefix,
     )

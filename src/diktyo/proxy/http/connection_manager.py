@@ -526,7 +526,8 @@ class Stream:
             i = authority.rfind(":")
             if i > 0 and authority[i + 1 :].isdigit():
                 authority = authority[:i]
-            authority = f"{authority}:{rd.port}"
+            if (scheme, rd.port) not in (("http", 80), ("https", 443)):  # default: not written
+                authority = f"{authority}:{rd.port}"
         path = head.path
         if rd.uri is not None:
             q = path.find("?")
