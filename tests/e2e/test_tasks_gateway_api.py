@@ -136,6 +136,14 @@ spec:
     filters:
     - type: RequestRedirect
       requestRedirect: {hostname: new.example.com, path: {type: ReplaceFullPath, replaceFullPath: /productpage}}
+  - matches: [{path: {type: PathPrefix, value: /v1/books}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /api/v1/products}}
+  - matches: [{path: {type: Exact, value: /secure}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: https}
   - matches: [{path: {type: PathPrefix, value: /elsewhere}}]
     backendRefs: [{name: ratings, namespace: prod, port: 9080}]
   - matches: [{path: {type: Exact, value: /api/v1/products}}]
@@ -170,6 +178,15 @@ def test_filters_redirect_and_refused_backend_through_the_gateway(mesh: MeshThre
         status, headers = raw(mesh, "/old/x?y=1", "filters.example.com")
         assert status == 302  # the Gateway API's default redirect code
         assert headers["location"] == "http://new.example.com/productpage?y=1"
+        # ReplacePrefixMatch: the matched prefix is replaced, the rest of the path kept
+        status, headers = raw(mesh, "/v1/books/0/reviews?x=1", "filters.example.com")
+        assert status == 301
+        assert headers["location"] == "http://filters.example.com/api/v1/products/0/reviews?x=1"
+        status, headers = raw(mesh, "/v1/books", "filters.example.com")
+        assert headers["location"] == "http://filters.example.com/api/v1/products"
+        # a scheme change without a port goes to the scheme's well-known port (not written)
+        status, headers = raw(mesh, "/secure", "filters.example.com:8080")
+        assert (status, headers["location"]) == (302, "https://filters.example.com/secure")
         # a cross-namespace backend without a ReferenceGrant: 500, never forwarded
         assert raw(mesh, "/elsewhere", "filters.example.com")[0] == 500
         # one valid and one missing backend, equal weights: about half fail (503), the

@@ -117,6 +117,8 @@ class Redirect(_S, frozen=True):
     scheme: str | None = None
     port: int | None = None
     code: int = 301
+    # replaces the matched uri prefix (like Envoy's prefix_rewrite; Gateway API ReplacePrefixMatch)
+    prefix_rewrite: str | None = None
 
 
 class DirectResponse(_S, frozen=True):

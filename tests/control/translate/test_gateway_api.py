@@ -12,6 +12,7 @@ import pytest
 from diktyo.api import load_paths, load_text
 from diktyo.control.model import ProxyNode, PushContext, Registry, Service, ServicePort
 from diktyo.control.translate import translate
+from diktyo.control.translate.gateway_api import bind
 from diktyo.proxy.router.matcher import RequestInfo, RouteMatcher
 from diktyo.proxy.router.simulate import format_text, simulate
 from diktyo.snapshot.codec import validate
@@ -257,6 +258,7 @@ spec:
     r = route_of(s, "gw.example/old/page")
     assert r["result"] == "301 redirect"
     assert r["redirect"]["scheme"] == "https" and r["redirect"]["authority"] == "new.example.com"
+    assert r["redirect"]["port"] == 443  # the scheme's well-known port (the Location omits it)
     assert r["redirect"].get("uri") is None  # path kept
     r = route_of(s, "gw.example/v1/books?id=1")
     assert r["rewrittenPath"] == "/v2/books?id=1"
@@ -530,15 +532,28 @@ spec:
 
 
 @pytest.mark.parametrize(
-    "name",
-    ["bookinfo-gateway.yaml", "route-all-v1.yaml", "route-reviews-50-v3.yaml",
-     "route-reviews-90-10.yaml", "route-reviews-v1.yaml", "route-reviews-v3.yaml"],
-)  # fmt: skip
-def test_every_bookinfo_gateway_api_sample_translates(name: str) -> None:
-    result = load_paths([BOOKINFO_GW_API / name])
-    assert result.ok and not result.errors, [str(e) for e in result.errors]
+    "path",
+    sorted(str(p.relative_to(ISTIO_SAMPLES)) for p in ISTIO_SAMPLES.glob("*/gateway-api/*.yaml")),
+)
+def test_every_gateway_api_sample_of_istio_translates_to_a_valid_snapshot(path: str) -> None:
+    result = load_paths([ISTIO_SAMPLES / path])
+    assert result.ok, [str(e) for e in result.errors]
+    # the Gateways of the sample's folder (helloworld-route.yaml's is in another file)
+    folder = load_paths([(ISTIO_SAMPLES / path).parent]).resources
+    result.resources += [
+        r for r in folder if r.qualified_kind == "Gateway.gateway.networking.k8s.io"
+        and all(x.key != r.key for x in result.resources)
+    ]  # fmt: skip
+    reg = Registry(
+        services=BOOKINFO.services
+        + registry("httpbin", port=8000).services
+        + registry("helloworld", "helloworld-v1", "helloworld-v2", port=5000).services
+    )
     for proxy in (GATEWAY, SIDECAR):
-        translate(proxy, PushContext(resources=tuple(result.resources), registry=BOOKINFO))
+        out = translate(proxy, PushContext(resources=tuple(result.resources), registry=reg))
+        assert validate(out) == []
+    gidx = bind(result.resources, reg.services)
+    assert [f.message for f in gidx.findings if f.severity == "error"] == []
 
 
 def test_timeouts_become_route_and_per_try_timeouts() -> None:
@@ -557,3 +572,64 @@ spec:
     )
     r = route_of(s, "x/")
     assert r["timeout"] == 1.0 and r["retries"]["per_try_timeout"] == 0.5
+
+
+def test_redirect_replace_prefix_match_uses_the_proxy_prefix_rewrite() -> None:
+    s = snap(
+        GW
+        + """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{name: gw}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /old/}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}
+"""
+    )
+    exact = route_of(s, "x/old")
+    assert exact["redirect"]["uri"] == "/new" and exact["redirect"]["code"] == 302
+    below = route_of(s, "x/old/a")
+    assert below["redirect"].get("uri") is None
+    assert below["redirect"]["prefix_rewrite"] == "/new/"  # for the matched prefix "/old/"
+    assert route_of(s, "x/older")["result"].startswith("404 NR")
+
+
+def test_shared_translation_equals_translate() -> None:
+    """The control plane's PushTranslator (per-view sharing) gives translate's snapshots."""
+    from diktyo.control.translate.cache import PushTranslator
+    from diktyo.snapshot import encode
+
+    text = (BOOKINFO_GW_API / "bookinfo-gateway.yaml").read_text() + "\n---\n"
+    text += (BOOKINFO_GW_API / "route-reviews-90-10.yaml").read_text()
+    result = load_text(text, "t.yaml")
+    push = PushContext(resources=tuple(result.resources), registry=BOOKINFO)
+    shared = PushTranslator()
+    for proxy in (SIDECAR, GATEWAY, SIDECAR):
+        assert shared(proxy, push) == translate(proxy, push)
+        built = shared.build(proxy, push)
+        assert b"".join(built.parts()) == encode(built.snapshot)
+
+
+def test_trailing_slash_does_not_lengthen_a_prefix() -> None:
+    """"/a/" is the prefix "/a": equal length, so the match with a header goes first."""
+    s = snap(
+        GW
+        + """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{name: gw}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /a/}}]
+    backendRefs: [{name: reviews-v1, port: 9080}]
+  - matches: [{path: {type: PathPrefix, value: /a}, headers: [{name: x-v, value: "2"}]}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+"""
+    )
+    assert route_of(s, "x/a/b", **{"x-v": "2"})["destination"]["host"].startswith("reviews-v2.")
+    assert route_of(s, "x/a/b")["destination"]["host"].startswith("reviews-v1.")

@@ -464,7 +464,7 @@ def _resolve_backends(
                     path,
                     "error",
                     f"backendRef {kind} {ns}/{b.name}: ResolvedRefs=False ({reason}): {message}"
-                    + ("; its share of requests gets 500" if "Mirror" not in path else ""),
+                    + ("; requests routed to it fail" if "Mirror" not in path else ""),
                     hint,
                 )
             )
@@ -505,20 +505,17 @@ def gateway_virtual_hosts(
 ) -> list[VirtualHost]:
     """Virtual hosts for the Gateway API listeners on ``port``: one per hostname, the rules of
     every route attached for that hostname in precedence order."""
-    by_host: dict[str, list[tuple[Any, int]]] = {}
+    by_host: dict[str, list[Any]] = {}
     for lst in listeners:
         for rt, hosts in lst.routes:
             for h in hosts:
-                entries = by_host.setdefault(h, [])
-                if all(r is not rt for r, _ in entries):
-                    entries.append((rt, len(entries)))
+                attached = by_host.setdefault(h, [])
+                if all(r is not rt for r in attached):
+                    attached.append(rt)
     vhosts = []
     for host in sorted(by_host, key=lambda h: (h == "*", h.startswith("*"), h)):
-        routes = _routes(
-            ctx,
-            [rt for rt, _ in sorted(by_host[host], key=lambda t: (t[0].namespace, t[0].name))],
-            port,
-        )
+        ordered = sorted(by_host[host], key=lambda r: (r.namespace, r.name))
+        routes = _routes(ctx, ordered, port)
         domains = (host,) if host == "*" else (host, f"{host}:{port}")
         vhosts.append(VirtualHost(name=f"{host}:{port}", domains=domains, routes=tuple(routes)))
     return vhosts
@@ -547,8 +544,11 @@ _RANK = {"Exact": 3, "PathPrefix": 2, "RegularExpression": 1}
 
 def _precedence(m: Any) -> tuple[int, int, int, int, int]:
     """Sort key (ascending = first) of one HTTPRouteMatch, as Istio's sortHTTPRoutes."""
-    rank = _RANK[m.path.type] if m.path is not None else 0
-    length = len(m.path.value) if m.path is not None else 0
+    rank = _RANK[m.path.type]
+    value = m.path.value
+    if m.path.type == "PathPrefix" and value != "/":
+        value = value.rstrip("/")  # "/api/" is the prefix "/api"
+    length = len(value)
     return (-rank, -length, 0 if m.method else 1, -len(m.headers), -len(m.query_params))
 
 
@@ -762,17 +762,28 @@ def _route(
     return Route(**kw, clusters=tuple(clusters))
 
 
+_SCHEME_PORTS = {"http": 80, "https": 443}
+
+
 def _redirect(rr: Any, path_kind: str | None) -> Redirect:
-    uri = None
+    uri = prefix = None
     if rr.path is not None:
         if rr.path.type == "ReplaceFullPath":
             uri = rr.path.replace_full_path
-        elif path_kind == "exact":
+        elif path_kind == "prefix":
+            prefix = _prefix_path(rr.path.replace_prefix_match or "/")
+        else:
             uri = rr.path.replace_prefix_match
-        # ReplacePrefixMatch on "/foo/...": the proxy's redirect replaces whole paths only;
-        # the path is kept (analyze warns)
+    port = rr.port
+    if port is None and rr.scheme is not None:
+        port = _SCHEME_PORTS[rr.scheme]  # the Gateway API: the scheme's well-known port
     return Redirect(
-        uri=uri, authority=rr.hostname, scheme=rr.scheme, port=rr.port, code=rr.status_code
+        uri=uri,
+        authority=rr.hostname,
+        scheme=rr.scheme,
+        port=port,
+        code=rr.status_code,
+        prefix_rewrite=prefix,
     )
 
 

@@ -66,19 +66,3 @@ def _unsupported_filters(ctx: Context) -> None:
                         "get 500, as the Gateway API requires for an unresolved filter",
                         "remove the filter",
                     )
-                rr = f.request_redirect
-                if (
-                    rr is not None
-                    and rr.path is not None
-                    and rr.path.type == "ReplacePrefixMatch"
-                    and any(m.path.value.rstrip("/") for m in rule.matches)
-                ):
-                    ctx.report(
-                        GATEWAY_API_CONDITION,
-                        rt,
-                        f"{path}.requestRedirect.path",
-                        "a redirect with ReplacePrefixMatch replaces the path of requests for "
-                        "the prefix itself only; for longer paths diktyo keeps the path",
-                        "use ReplaceFullPath, or a prefix of '/'",
-                        "Warning",
-                    )

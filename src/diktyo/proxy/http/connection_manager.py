@@ -526,11 +526,14 @@ class Stream:
             i = authority.rfind(":")
             if i > 0 and authority[i + 1 :].isdigit():
                 authority = authority[:i]
-            authority = f"{authority}:{rd.port}"
+            if (scheme, rd.port) not in (("http", 80), ("https", 443)):  # default: not written
+                authority = f"{authority}:{rd.port}"
         path = head.path
         if rd.uri is not None:
             q = path.find("?")
             path = rd.uri if ("?" in rd.uri or q < 0) else rd.uri + path[q:]
+        elif rd.prefix_rewrite is not None:
+            path = self.route.rewrite_prefix(path, self.block, rd.prefix_rewrite)  # type: ignore[union-attr]
         return f"{scheme}://{authority}{path}"
 
     def prepare_headers(self) -> None:

@@ -346,18 +346,22 @@ class CompiledRoute:
             repl = re.sub(r"\\(\d)", r"\\g<\1>", rw.uri_regex_rewrite or "")
             bare = self.uri_regex.sub(repl, bare)
         elif rw.uri is not None:
-            m = self.route.matches[block] if self.route.matches else None
-            if m is not None and m.uri is not None and m.uri.kind == "prefix":
-                plen = len(m.uri.value)
-                rest = bare[plen:]
-                new = rw.uri
-                if new.endswith("/") and rest.startswith("/"):
-                    rest = rest[1:]
-                bare = new + rest
-                if not bare:
-                    bare = "/"
-            else:
-                bare = rw.uri
+            return self.rewrite_prefix(path, block, rw.uri)
+        return bare + query
+
+    def rewrite_prefix(self, path: str, block: int, new: str) -> str:
+        """``path`` with the uri prefix matched by match block ``block`` replaced by ``new``
+        (the whole path when that match is not a prefix match); the query string is kept."""
+        q = path.find("?")
+        bare, query = (path, "") if q < 0 else (path[:q], path[q:])
+        m = self.route.matches[block] if self.route.matches else None
+        if m is not None and m.uri is not None and m.uri.kind == "prefix":
+            rest = bare[len(m.uri.value) :]
+            if new.endswith("/") and rest.startswith("/"):
+                rest = rest[1:]
+            bare = new + rest or "/"
+        else:
+            bare = new
         return bare + query
 
 
