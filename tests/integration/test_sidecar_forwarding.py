@@ -13,20 +13,13 @@ from diktyo.testing import (
     HttpClient,
     Response,
     cluster_name,
+    free_port,
     http_request,
     http_snapshot,
     start_sidecar,
 )
 
 CL = cluster_name("reviews")
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 async def test_forwards_with_headers_and_keepalive_pooling() -> None:
