@@ -5,7 +5,7 @@
 it raises ``AssertionError`` saying what was awaited and what ``check`` returned (or raised)
 last. Exceptions listed in ``ignore`` mean "not yet" (a port that does not answer yet);
 any other exception fails at once. ``what`` names the condition in that message; give a function
-to have it evaluated at the deadline (a process log tail, say). ``eventually_sync`` is the same for tests without a loop.
+to have it evaluated at the deadline (a process log tail, say). ``eventually_sync`` is the same for tests without a running loop.
 
 Real time on purpose: these wait for real processes and sockets. Code under test takes a clock.
 """
@@ -74,19 +74,7 @@ def eventually_sync(
     ignore: tuple[type[BaseException], ...] = (),
     what: Describe = "",
 ) -> T:
-    """``eventually`` for code without an event loop (polls with ``time.sleep``)."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    error: BaseException | None = None
-    while True:
-        try:
-            result = check()
-        except ignore as exc:
-            error = exc
-        else:
-            if result:
-                return result
-            last, error = result, None
-        if time.monotonic() >= deadline:
-            raise _failure(what, timeout, last, error) from error
-        time.sleep(interval)
+    """``eventually`` for tests without an event loop (runs it on a loop of its own)."""
+    return asyncio.run(
+        eventually(check, timeout=timeout, interval=interval, ignore=ignore, what=what)
+    )
