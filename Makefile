@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint bench bench-quick clean
+.PHONY: venv demo test test-fast lint bench bench-quick clean
 
 $(BIN)/diktyo: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# between edits: pure and socket-level tests; no whole-mesh e2e, browser or benchmark smoke
+test-fast: venv
+	$(BIN)/python -m pytest -m "not (e2e or browser or bench or slow)"
 
 lint: venv
 	$(BIN)/ruff check src tests

@@ -6,9 +6,9 @@ The control plane (``diktyo.control.server.ControlPlane``, its real translator, 
 in its own process pinned to core 0. This process, pinned to core 1, registers a small mesh
 (10 services x 3 instances, a VirtualService with a weighted split and a DestinationRule with
 subsets), registers N proxies, and runs N long-poll clients (raw asyncio streams, the protocol
-of SNAPSHOT_PROTOCOL.md: ``GET /v1/snapshot?node=&version=`` then ``POST /v1/ack``). Once
-every client holds the first version and waits in its long poll, it changes the
-VirtualService's weights (``POST /v1/config``) and times each client's receipt and ACK.
+in docs/mesh-file.md, "Control plane API": ``GET /v1/snapshot?node=&version=`` then
+``POST /v1/ack``). Once every client holds the first version and waits in its long poll, it
+changes the VirtualService's weights (``POST /v1/config``) and times each client's receipt and ACK.
 The figures include the control plane's 100 ms debounce (istiod also waits 100 ms).
 
     python bench/controlplane.py            # N = 100, 1000, 5000

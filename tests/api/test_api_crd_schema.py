@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,7 @@ CRDS = SHARED / "istio" / "customresourcedefinitions.gen.yaml"
 _PY_TYPES = {"string": (str,), "integer": (int,), "number": (float,), "boolean": (bool,)}
 
 
+@functools.cache  # one parse of the large CRD file for every parametrised kind
 def _crds() -> dict[str, dict[str, Any]]:
     if not CRDS.exists():
         pytest.skip(f"Istio CRDs not found at {CRDS} (shared/ must sit beside the repo)")

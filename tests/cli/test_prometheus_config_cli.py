@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,12 @@ from diktyo.control.server import ControlPlane
 from diktyo.telemetry.exposition import CONTENT_TYPE, render
 from diktyo.telemetry.httpclient import request
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
+from diktyo.testing import free_port
 
 PROMETHEUS = shutil.which("prometheus") or (
     "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
 )
 PROMTOOL = shutil.which("promtool")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_targets_are_labelled_like_istio_pods() -> None:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -29,6 +28,7 @@ import pytest
 
 from diktyo.platform.harness import MeshThread
 from diktyo.telemetry.prometheus_config import Target, scrape_config
+from diktyo.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOKINFO = ROOT / "samples" / "bookinfo"
@@ -71,12 +71,6 @@ def requests_total(text: str) -> list[tuple[dict[str, str], float]]:
 
 def count(samples: list[tuple[dict[str, str], float]], **labels: str) -> float:
     return sum(v for got, v in samples if all(got.get(k) == w for k, w in labels.items()))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,14 @@ from diktyo.testing import (
     HttpClient,
     Response,
     cluster_name,
+    eventually,
+    free_port,
     http_request,
     http_snapshot,
     start_sidecar,
 )
 
 CL = cluster_name("reviews")
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 async def test_forwards_with_headers_and_keepalive_pooling() -> None:
@@ -245,8 +239,7 @@ async def test_upstream_close_after_headers_resets_downstream_uc() -> None:
             pass
         finally:
             await c.close()
-        await asyncio.sleep(0.05)
-        assert sc.sidecar.stats.request_count(response_flags="UC") == 1
+        await eventually(lambda: sc.sidecar.stats.request_count(response_flags="UC") == 1)
 
 
 async def test_downstream_disconnect_is_dc() -> None:
@@ -257,10 +250,9 @@ async def test_downstream_disconnect_is_dc() -> None:
         _r, w = await asyncio.open_connection("127.0.0.1", sc.port())
         w.write(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
         await w.drain()
-        await asyncio.sleep(0.05)
+        await eventually(lambda: up.open_conns, what="the request reached the upstream")
         w.close()
-        await asyncio.sleep(0.1)
-        assert sc.sidecar.stats.request_count(response_flags="DC") == 1
+        await eventually(lambda: sc.sidecar.stats.request_count(response_flags="DC") == 1)
 
 
 async def test_inbound_listener_forwards_to_app_and_reports_destination() -> None:

@@ -13,6 +13,7 @@ from diktyo.testing import (
     FakeUpstream,
     HttpClient,
     Response,
+    eventually,
     http_request,
     http_snapshot,
     start_sidecar,
@@ -141,7 +142,6 @@ async def test_client_disconnects_do_not_eject_hosts() -> None:
                 await w.drain()
                 await asyncio.sleep(0.05)
                 w.close()
-            await asyncio.sleep(0.05)
-            assert sc.sidecar.stats.request_count(response_flags="DC") == 3
+            await eventually(lambda: sc.sidecar.stats.request_count(response_flags="DC") == 3)
             (host,) = sc.sidecar.rt.clusters["outbound|80||reviews"].hosts
             assert host.ejected_until == 0 and host.active_requests == 0

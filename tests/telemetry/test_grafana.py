@@ -3,11 +3,7 @@ real Prometheus (Debian's package) that scraped real Istio metrics, and most ret
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,7 @@ from diktyo.telemetry.exposition import render
 from diktyo.telemetry.grafana import DASHBOARDS
 from diktyo.telemetry.grafana import render as render_dashboard
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
+from diktyo.testing import eventually
 from diktyo.testing.prometheus import PROMETHEUS, prometheus_scraping
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,12 +53,6 @@ def test_three_dashboards_on_istio_names() -> None:
         assert ("istio_" in expr or "envoy_cluster_" in expr) and "$" not in expr, expr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (apt-get install prometheus)")
 async def test_every_panel_query_runs_on_real_prometheus(tmp_path: Path) -> None:
     m = IstioMetrics()
@@ -84,16 +75,16 @@ async def test_every_panel_query_runs_on_real_prometheus(tmp_path: Path) -> None
 
     async with prometheus_scraping(scrape, tmp_path) as prom:
         probe = 'sum(rate(istio_requests_total{reporter="source"}[1m]))'
-        deadline = time.monotonic() + 40
-        ready = False
-        while time.monotonic() < deadline and not ready:
+
+        async def rate_seen() -> bool:
             assert prom.process.returncode is None, prom.log_tail()
-            with contextlib.suppress(OSError, TimeoutError, ValueError, KeyError):
-                status, result = await prom.query(probe)
-                ready = status == "success" and bool(result) and float(result[0]["value"][1]) > 0
-            if not ready:
-                await asyncio.sleep(0.5)
-        assert ready, prom.log_tail()
+            status, result = await prom.query(probe)
+            return status == "success" and bool(result) and float(result[0]["value"][1]) > 0
+
+        await eventually(
+            rate_seen, timeout=40, interval=0.5, ignore=(OSError, TimeoutError, ValueError, KeyError),
+            what=lambda: f"a request rate in Prometheus; log:\n{prom.log_tail()}",
+        )  # fmt: skip
         empty = []
         exprs = all_exprs()
         for dash, title, expr in exprs:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,12 +22,6 @@ PROMETHEUS = shutil.which("prometheus") or (
 )
 PROMTOOL = shutil.which("promtool")
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_committed_config_is_generated_and_valid(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,17 +31,12 @@ from diktyo.telemetry.prometheus_source import (
     series_queries,
 )
 from diktyo.telemetry.store import MetricStore, TraceStore
+from diktyo.testing import free_port
 
 PROMETHEUS = shutil.which("prometheus") or (
     "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
 )
 REVIEWS = "reviews.default.svc.cluster.local"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ----------------------------------------------------------------------------- pure parts

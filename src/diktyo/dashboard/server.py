@@ -16,7 +16,7 @@ STATIC = Path(__file__).parent / "static"
 
 
 class DashboardBackend(Protocol):
-    """What the dashboard asks of the control plane. Shapes are documented in docs/dashboard.md."""
+    """What the dashboard asks of the control plane. Shapes: docs/observability-cli.md."""
 
     def graph(self, window: float) -> dict[str, Any]: ...
     def services(self) -> list[dict[str, Any]]: ...

@@ -8,7 +8,8 @@ until it has a different version, or answers 204 after ~25 s). A 200 body is dec
 the version is NACKed with the exception's message and the last good snapshot keeps serving;
 otherwise it is ACKed and becomes the last good one. When the control plane is away (refused
 connection, 5xx, 404 unknown node) the client retries with jittered exponential backoff
-(0.1 s .. 5 s, "full jitter") and keeps serving. Protocol: ``notes/SNAPSHOT_PROTOCOL.md``.
+(0.1 s .. 5 s, "full jitter") and keeps serving.
+Protocol: ``docs/mesh-file.md`` ("Control plane API").
 """
 
 from __future__ import annotations

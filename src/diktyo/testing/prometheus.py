@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from diktyo.platform.ports import free_port
 from diktyo.telemetry.exposition import CONTENT_TYPE
 from diktyo.telemetry.httpclient import request
 from diktyo.telemetry.prometheus_config import scrape_config
@@ -28,12 +28,6 @@ from diktyo.telemetry.prometheus_config import scrape_config
 PROMETHEUS = shutil.which("prometheus") or (
     "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

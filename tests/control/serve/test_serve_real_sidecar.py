@@ -15,6 +15,7 @@ from diktyo.control.model import ProxyNode, Service, ServicePort, WorkloadInstan
 from diktyo.control.server import ControlPlane
 from diktyo.platform.ports import free_port
 from diktyo.snapshot.model import Node
+from diktyo.testing import eventually
 
 SVC = Service(
     hostname="hello.default.svc.cluster.local", short_name="hello", ports=(ServicePort(9080),)
@@ -147,18 +148,13 @@ async def test_real_sidecar_nack_is_reported_by_proxy_status() -> None:
     try:
         assert proc.stdout is not None
         assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 20))["event"] == "ready"
-        for _ in range(100):  # "ready" is printed before the ACK reaches the control plane
-            if cp.status["a-1.default"].state == "SYNCED":
-                break
-            await asyncio.sleep(0.05)
+        # "ready" is printed before the ACK reaches the control plane
+        await eventually(lambda: cp.status["a-1.default"].state == "SYNCED", timeout=5)
         good = cp.status["a-1.default"].acked
         assert good
         state["bad"] = True
         cp.kick()
-        for _ in range(100):
-            if cp.status["a-1.default"].state == "NACK":
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: cp.status["a-1.default"].state == "NACK", timeout=5)
         st = cp.status["a-1.default"]
         assert st.state == "NACK" and "cannot bind" in st.error and st.acked == good
         out = await asyncio.create_subprocess_exec(

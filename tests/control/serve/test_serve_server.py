@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from dataclasses import dataclass
 
 import aiohttp
@@ -14,6 +13,7 @@ from diktyo.control.server import ControlPlane
 from diktyo.control.store import ConfigStore, LoadOutcome
 from diktyo.proxy.config_client import Backoff, ConfigClient
 from diktyo.snapshot.model import Snapshot
+from diktyo.testing import free_port
 
 SVC = Service(
     hostname="reviews.default.svc.cluster.local", short_name="reviews", ports=(ServicePort(9080),)
@@ -207,14 +207,8 @@ async def test_rejected_config_keeps_last_good(translate, make_proxy, tmp_path) 
         await cp.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_client_survives_control_plane_restart(translate, make_proxy) -> None:
-    port = _free_port()
+    port = free_port()
     cp = ControlPlane(translator=translate, poll_timeout=2.0, merge_service_entries=False)
     await cp.start(port=port)
     cp.add_proxy(make_proxy(1))
@@ -291,7 +285,7 @@ def test_backoff_is_jittered_and_capped() -> None:
 
 
 async def test_restarted_control_plane_does_not_repush_same_content(translate, make_proxy) -> None:
-    port = _free_port()
+    port = free_port()
 
     async def plane() -> ControlPlane:
         cp = ControlPlane(translator=translate, poll_timeout=1.0, observability=False)

@@ -2,7 +2,7 @@
 
 Host state, load balancing, circuit breaking and outlier detection live in
 ``diktyo.proxy.upstream``, retry state in ``diktyo.proxy.router.retry`` and fault decisions in
-``diktyo.proxy.filters.fault`` (contract: notes/UPSTREAM_API.md).
+``diktyo.proxy.filters.fault`` (behaviour: docs/upstream.md).
 """
 
 from __future__ import annotations
