@@ -166,6 +166,12 @@ class RouteSource(_S):
     rule_name: str = ""
     file: str = ""
     line: int = 0
+    # set when the rule came through a delegate VirtualService (Istio's ``delegate``): its
+    # ``namespace/name``, the index in its spec.http and where that rule is written
+    delegate: str = ""
+    delegate_rule: int = 0
+    delegate_file: str = ""
+    delegate_line: int = 0
 
 
 class Route(_S):

@@ -146,12 +146,12 @@ def test_same_name_twice_and_second_vs_for_a_host() -> None:
     assert "also routed by VirtualService reviews" in problems[1].message
 
 
-def test_missing_gateway_and_unsupported_delegate() -> None:
+def test_missing_gateway_and_missing_delegate() -> None:
     text = vs("  - delegate: {name: x}\n", hosts="[shop.example.com]\n  gateways: [missing-gw]")
     problems = run(text)
     assert [p.severity for p in problems] == ["warning", "warning"]
     assert "gateway 'missing-gw' not found" in problems[0].message
-    assert "delegate is not supported" in problems[1].message
+    assert "delegate VirtualService default/x not found" in problems[1].message
 
 
 def test_istio_bookinfo_reviews_and_rules_are_clean_together() -> None:

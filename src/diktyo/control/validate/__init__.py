@@ -11,7 +11,13 @@ from typing import Any
 
 from diktyo.api import ConfigError
 from diktyo.control.model import Registry, Service, ServicePort
-from diktyo.control.validate import destinationrule, gateway, serviceentry, virtualservice
+from diktyo.control.validate import (
+    delegation,
+    destinationrule,
+    gateway,
+    serviceentry,
+    virtualservice,
+)
 from diktyo.control.validate.context import Context
 
 __all__ = ["BOOKINFO_HOSTS", "analyze", "registry_for_hosts"]
@@ -28,7 +34,7 @@ def analyze(resources: Iterable[Any], registry: Registry | None = None) -> list[
     """
     ctx = Context.build(resources, registry)
     _check_duplicates(ctx)
-    for module in (virtualservice, destinationrule, gateway, serviceentry):
+    for module in (virtualservice, delegation, destinationrule, gateway, serviceentry):
         module.check(ctx)
     serviceentry.check_sidecars(ctx)
     return sorted(ctx.problems, key=lambda e: (e.file, e.line, e.col))

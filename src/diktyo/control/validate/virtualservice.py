@@ -12,13 +12,6 @@ def check(ctx: Context) -> None:
     gateways = {f"{g.namespace}/{g.name}" for g in ctx.idx.gateways}
     for vs in ctx.idx.virtual_services:
         spec = vs.spec
-        if not spec.hosts:
-            ctx.report(
-                vs,
-                "spec.hosts",
-                "no hosts",
-                "list the hosts this VirtualService routes, e.g. 'hosts: [reviews]'",
-            )
         mesh_bound = not spec.gateways or "mesh" in spec.gateways
         for i, h in enumerate(spec.hosts):
             if h == "*" and mesh_bound:
@@ -71,14 +64,7 @@ def _check_host_conflicts(ctx: Context) -> None:
 def _check_rule(ctx: Context, vs: Any, i: int, rule: Any) -> None:
     base = f"spec.http[{i}]"
     if rule.delegate is not None:
-        ctx.report(
-            vs,
-            f"{base}.delegate",
-            "delegate is not supported by diktyo; rule ignored",
-            "copy the delegate VirtualService's rules here",
-            "warning",
-        )
-        return
+        return  # a root route: delegation.py checks it
     if rule.rewrite is not None and rule.redirect is not None:
         ctx.report(
             vs,
