@@ -8,9 +8,11 @@ from pydantic import BaseModel
 
 from diktyo.api.networking import DestinationRule, Gateway, ServiceEntry, Sidecar, VirtualService
 from diktyo.api.security import AuthorizationPolicy, PeerAuthentication, RequestAuthentication
+from diktyo.api.telemetry import Telemetry
 
 NETWORKING = "networking.istio.io"
 SECURITY = "security.istio.io"
+TELEMETRY = "telemetry.istio.io"
 
 # kind -> (group, accepted versions, spec model)
 KINDS: dict[str, tuple[str, tuple[str, ...], type[BaseModel]]] = {
@@ -22,6 +24,7 @@ KINDS: dict[str, tuple[str, tuple[str, ...], type[BaseModel]]] = {
     "PeerAuthentication": (SECURITY, ("v1", "v1beta1"), PeerAuthentication),
     "AuthorizationPolicy": (SECURITY, ("v1", "v1beta1"), AuthorizationPolicy),
     "RequestAuthentication": (SECURITY, ("v1", "v1beta1"), RequestAuthentication),
+    "Telemetry": (TELEMETRY, ("v1", "v1alpha1"), Telemetry),
 }
 
 

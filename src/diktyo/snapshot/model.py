@@ -332,6 +332,55 @@ class MeshConfig(_S):
     retry_budget_min: int = 3
 
 
+# --------------------------------------------------------------------------- Telemetry API
+
+
+class CustomTag(_S):
+    """A span tag (Telemetry ``tracing[].customTags``): a literal, an env variable or a header."""
+
+    name: str
+    kind: Literal["literal", "environment", "header"]
+    value: str = ""  # the literal, the variable name or the (lower-case) header name
+    default: str = ""
+
+
+class TracingPolicy(_S):
+    sampling: float = 1.0  # percent
+    span_reporting: bool = True  # False: propagate context, export no spans
+    custom_tags: tuple[CustomTag, ...] = ()
+    providers: tuple[str, ...] = ()
+
+
+class AccessLogPolicy(_S):
+    enabled: bool = False
+    filter: str = ""  # CEL subset (diktyo.telemetry.cel); "" = every request
+    providers: tuple[str, ...] = ()
+
+
+class MetricOverride(_S):
+    """One ``metrics[].overrides[]`` entry; applied in order, later entries win."""
+
+    metric: str = "ALL_METRICS"  # REQUEST_COUNT, REQUEST_DURATION, ... (Istio's enum)
+    mode: Literal["CLIENT_AND_SERVER", "CLIENT", "SERVER"] = "CLIENT_AND_SERVER"
+    disabled: bool | None = None
+    upsert: dict[str, str] = {}  # tag -> constant value
+    remove: tuple[str, ...] = ()
+
+
+class TelemetryPolicy(_S):
+    """The Telemetry API resources that apply to this workload, merged (mesh < namespace <
+    workload). ``client`` is outbound and gateway traffic (reporter=source), ``server`` is
+    inbound (reporter=destination). Absent from the snapshot when no Telemetry applies; then
+    ``mesh.tracing`` / ``mesh.access_log`` hold."""
+
+    client_tracing: TracingPolicy = TracingPolicy()
+    server_tracing: TracingPolicy = TracingPolicy()
+    client_access_log: AccessLogPolicy = AccessLogPolicy()
+    server_access_log: AccessLogPolicy = AccessLogPolicy()
+    metrics: tuple[MetricOverride, ...] = ()
+    sources: tuple[str, ...] = ()  # "namespace/name" of each applied Telemetry, widest first
+
+
 class Snapshot(_S):
     version: str
     node: Node
@@ -341,3 +390,5 @@ class Snapshot(_S):
     mesh: MeshConfig = MeshConfig()
     # peer authentication, authorization policies, JWT rules (diktyo.snapshot.security)
     security: SecurityConfig = SecurityConfig()
+    # the Telemetry API for this workload (None: the mesh-wide defaults in ``mesh``)
+    telemetry: TelemetryPolicy | None = None
