@@ -14,7 +14,8 @@ directions its ``match.mode`` names (CLIENT = outbound, SERVER = inbound; defaul
   same name. The mesh file's ``tracing.sampling`` is the starting sampling percentage.
 - access logging: an entry turns logging on, or off with ``disabled: true``; its
   ``filter.expression`` replaces the wider filter. The mesh file's ``accessLog.enabled`` is
-  the starting state. diktyo has one access log sink (and one trace sink): provider names
+  the starting state. A filter outside diktyo's CEL subset (``diktyo.telemetry.cel``) is
+  dropped, so every request is logged, and analyze warns. diktyo has one access log sink (and one trace sink): provider names
   are kept for display, every provider writes to it.
 - metrics: every ``overrides`` entry is kept in order (mesh, namespace, workload); the
   sidecar applies them in order at scrape time, later ones winning. ``UPSERT`` values are
@@ -38,6 +39,7 @@ from diktyo.snapshot.model import (
     TelemetryPolicy,
     TracingPolicy,
 )
+from diktyo.telemetry import cel
 
 CLIENT, SERVER = "client", "server"
 
@@ -119,7 +121,9 @@ def build_telemetry(
                 if al.providers:
                     cur["providers"] = tuple(p.name for p in al.providers)
                 if al.filter is not None and al.filter.expression is not None:
-                    cur["filter"] = al.filter.expression
+                    # outside diktyo's CEL subset: log unfiltered (analyze warns)
+                    ok = cel.check(al.filter.expression) is None
+                    cur["filter"] = al.filter.expression if ok else ""
         for m in t.spec.metrics:
             for ov in m.overrides:
                 mo = _override(ov)
