@@ -16,6 +16,7 @@ from diktyo.control.validate import (
     destinationrule,
     gateway,
     serviceentry,
+    telemetry,
     virtualservice,
 )
 from diktyo.control.validate.context import Context
@@ -34,7 +35,7 @@ def analyze(resources: Iterable[Any], registry: Registry | None = None) -> list[
     """
     ctx = Context.build(resources, registry)
     _check_duplicates(ctx)
-    for module in (virtualservice, delegation, destinationrule, gateway, serviceentry):
+    for module in (virtualservice, delegation, destinationrule, gateway, serviceentry, telemetry):
         module.check(ctx)
     serviceentry.check_sidecars(ctx)
     return sorted(ctx.problems, key=lambda e: (e.file, e.line, e.col))
