@@ -47,3 +47,12 @@ def test_delegate_not_exported_to_the_root_namespace() -> None:
     (p,) = analyze(result.resources)
     assert "not exported to namespace default" in p.message
     assert p.field == "spec.http[0].delegate"
+
+
+def test_delegate_with_hosts_is_no_delegate() -> None:
+    leaf = LEAF.replace("EXPORT", "  hosts: [api.team.svc.cluster.local]")
+    result = load_text(ROOT + leaf, "in.yaml")
+    assert result.ok, [str(e) for e in result.errors]
+    (p,) = analyze(result.resources)
+    assert "has hosts, so it cannot be a delegate" in p.message
+    assert p.field == "spec.http[0].delegate"

@@ -5,7 +5,7 @@ Istio drops such routes silently (a debug log in istiod); these warnings say whi
 
 from __future__ import annotations
 
-from diktyo.control.translate.delegation import find_delegate, merge_matches
+from diktyo.control.translate.delegation import delegate_key, find_delegate, merge_matches
 from diktyo.control.validate.context import Context
 
 
@@ -17,6 +17,14 @@ def check(ctx: Context) -> None:
             if rule.delegate is None:
                 continue
             dvs, why = find_delegate(ctx.idx.delegates, vs, rule)
+            key = delegate_key(rule.delegate, vs.namespace)
+            if dvs is None and any(
+                (o.namespace, o.name) == key and o.spec.hosts for o in ctx.idx.virtual_services
+            ):
+                why = (
+                    f"VirtualService {key[0]}/{key[1]} has hosts, so it cannot be a delegate "
+                    "(delegate hosts must be empty)"
+                )
             if dvs is None:
                 ctx.report(
                     vs,
