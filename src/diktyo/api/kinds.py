@@ -22,6 +22,7 @@ from diktyo.api.gateway_api import GATEWAY_API_KINDS
 from diktyo.api.kubernetes import KubeServiceSpec
 from diktyo.api.networking import DestinationRule, Gateway, ServiceEntry, Sidecar, VirtualService
 from diktyo.api.security import AuthorizationPolicy, PeerAuthentication, RequestAuthentication
+from diktyo.api.telemetry import Telemetry
 
 NETWORKING = "networking.istio.io"
 SECURITY = "security.istio.io"
@@ -91,13 +92,7 @@ KIND_TABLE: list[KindInfo] = [
         _NET_VERSIONS,
         reason="WorkloadGroup (VM auto-registration) is not implemented",
     ),
-    KindInfo(
-        TELEMETRY,
-        "Telemetry",
-        ("v1", "v1alpha1"),
-        reason="the Telemetry API is not implemented yet; tracing and access logging come from "
-        "the mesh file",
-    ),
+    KindInfo(TELEMETRY, "Telemetry", ("v1", "v1alpha1"), Telemetry),
     KindInfo(
         EXTENSIONS,
         "WasmPlugin",

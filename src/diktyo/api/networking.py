@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from diktyo.api.base import (
@@ -185,6 +185,17 @@ class HTTPRoute(IstioModel):
     def _actions(self) -> HTTPRoute:
         if self.redirect is not None and self.direct_response is not None:
             raise ValueError("redirect and directResponse cannot both be set")
+        if self.delegate is not None:
+            # Istio's validation of a root route: only the delegate says where requests go
+            name = f" {self.name}" if self.name else ""
+            if self.route:
+                raise ValueError(
+                    f"root HTTP route{name} must not specify route (it has a delegate)"
+                )
+            if self.redirect is not None:
+                raise ValueError(
+                    f"root HTTP route{name} must not specify redirect (it has a delegate)"
+                )
         return self
 
 
@@ -217,12 +228,50 @@ class TLSRoute(IstioModel):
 
 
 class VirtualService(IstioModel):
+    """A VirtualService; one without ``hosts`` is a *delegate*, used only through the
+    ``delegate`` of another VirtualService's HTTP route (Istio's rules, one level deep)."""
+
     hosts: list[str] = Field(default_factory=list)
     gateways: list[str] = Field(default_factory=list)
     http: list[HTTPRoute] = Field(default_factory=list)
     tls: list[TLSRoute] = Field(default_factory=list)
     tcp: list[TCPRoute] = Field(default_factory=list)
     export_to: list[str] = Field(default_factory=list)
+
+    @field_validator("gateways")
+    @classmethod
+    def _delegate_gateways(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if v and not info.data.get("hosts"):
+            raise ValueError(
+                "delegate virtual service must have no gateways specified (a VirtualService "
+                "without hosts is a delegate; the root VirtualService binds the gateways)"
+            )
+        return v
+
+    @field_validator("http")
+    @classmethod
+    def _delegate_routes(cls, v: list[HTTPRoute], info: ValidationInfo) -> list[HTTPRoute]:
+        if "hosts" in info.data and not info.data["hosts"]:
+            for i, rule in enumerate(v):
+                if rule.delegate is not None:
+                    raise ValueError(
+                        f"http[{i}]: delegate HTTP route cannot contain delegate (a "
+                        "VirtualService without hosts is a delegate; only one level of "
+                        "delegation is supported)"
+                    )
+                if not rule.route and rule.redirect is None and rule.direct_response is None:
+                    raise ValueError(f"http[{i}]: HTTP route or redirect is required")
+        return v
+
+    @field_validator("tls", "tcp")
+    @classmethod
+    def _delegate_l4(cls, v: list[object], info: ValidationInfo) -> list[object]:
+        if v and "hosts" in info.data and not info.data["hosts"]:
+            raise ValueError(
+                f"delegate virtual service must have no {info.field_name} route specified "
+                "(only HTTP routes can be delegated)"
+            )
+        return v
 
 
 # --------------------------------------------------------------------------- DestinationRule

@@ -1,4 +1,5 @@
-"""``diktyo proxy-config WORKLOAD routes|clusters|endpoints|listeners``: what one sidecar was sent."""
+"""``diktyo proxy-config WORKLOAD routes|clusters|endpoints|listeners|telemetry``: what one
+sidecar was sent."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from diktyo.cli._common import add_cp_arg, call, cp_url, table
 
-SECTIONS = ("routes", "clusters", "endpoints", "listeners", "all")
+SECTIONS = ("routes", "clusters", "endpoints", "listeners", "telemetry", "all")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -76,10 +77,49 @@ def _section(snap: dict[str, Any], section: str) -> Any:
             for c in snap.get("clusters", [])
             for e in c.get("endpoints", [])
         ]
+    if section == "telemetry":
+        return snap.get("telemetry") or {}
     return snap.get(section, [])
 
 
+def _render_telemetry(snap: dict[str, Any]) -> str:
+    tel = snap.get("telemetry")
+    mesh = snap.get("mesh", {})
+    if not tel:
+        log = "on" if mesh.get("access_log", {}).get("enabled") else "off"
+        sampling = mesh.get("tracing", {}).get("sampling", 1.0)
+        return f"no Telemetry applies: mesh defaults (access log {log}, sampling {sampling:g}%)"
+    rows = []
+    for d in ("client", "server"):
+        al = tel.get(f"{d}_access_log", {})
+        tr = tel.get(f"{d}_tracing", {})
+        tags = ", ".join(t["name"] for t in tr.get("custom_tags", [])) or "-"
+        rows.append(
+            [
+                d,
+                "on" if al.get("enabled") else "off",
+                al.get("filter") or "-",
+                f"{tr.get('sampling', 1.0):g}%",
+                "reported" if tr.get("span_reporting", True) else "not reported",
+                tags,
+            ]
+        )
+    out = table(rows, ["DIRECTION", "ACCESS LOG", "FILTER", "SAMPLING", "SPANS", "TAGS"])
+    for ov in tel.get("metrics", []):
+        what = []
+        if ov.get("disabled") is not None:
+            what.append("disabled" if ov["disabled"] else "enabled")
+        what += [f"-{t}" for t in ov.get("remove", [])]
+        what += [f"{k}={v}" for k, v in ov.get("upsert", {}).items()]
+        metric = ov.get("metric", "ALL_METRICS")
+        mode = ov.get("mode", "CLIENT_AND_SERVER")
+        out += f"\nmetric override {metric} ({mode}): {' '.join(what) or '-'}"
+    return out + "\nfrom Telemetry: " + ", ".join(tel.get("sources", []))
+
+
 def _render(snap: dict[str, Any], section: str) -> str:
+    if section == "telemetry":
+        return _render_telemetry(snap)
     if section == "listeners":
         rows = [
             [
@@ -121,9 +161,10 @@ def _render(snap: dict[str, Any], section: str) -> str:
                 if r.get("direct_response"):
                     dests = f"direct {r['direct_response']['status']}"
                 src = r.get("source", {})
-                rows.append(
-                    [t["name"], vh["name"], matches, dests, src.get("name", "") or "default"]
-                )
+                vs = src.get("name", "") or "default"
+                if src.get("delegate"):
+                    vs += f" via {src['delegate']}"
+                rows.append([t["name"], vh["name"], matches, dests, vs])
     return table(rows, ["TABLE", "HOST", "MATCH", "DESTINATIONS", "VIRTUAL SERVICE"])
 
 

@@ -101,7 +101,14 @@ class Runtime:
         self.me = WorkloadInfo.from_labels(node.workload, node.namespace, node.labels, principal)
         self.inbound_service = node.services[0] if node.services else ""
         self.access_log: Callable[..., None] | None = None
-        if snapshot.mesh.access_log.enabled:
+        if snapshot.telemetry is not None:  # the Telemetry API for this workload
+            from diktyo.proxy.access_log import make_policy_logger
+
+            try:
+                self.access_log = make_policy_logger(snapshot.mesh.access_log, snapshot.telemetry)
+            except ValueError as exc:
+                raise SnapshotError(f"telemetry access log filter: {exc}") from None
+        elif snapshot.mesh.access_log.enabled:
             from diktyo.proxy.access_log import make_access_logger
 
             self.access_log = make_access_logger(snapshot.mesh.access_log)
@@ -254,6 +261,8 @@ class Sidecar:
             if name not in rt.clusters:
                 self.pools.pop(name).retire()
         self._apply_tracing(rt)
+        tel = snapshot.telemetry
+        self.stats.metrics.overrides = tel.metrics if tel is not None else ()
         self.rt = rt
         guard = rt.inbound_guard or rt.gateway_guard
         if guard is not None and guard.security.jwt.enabled:
@@ -309,6 +318,7 @@ class Sidecar:
             self.clock,
             self.exporter,
             rt.snapshot.node.id,
+            rt.snapshot.telemetry,
         )
 
     def _retune_tls(self, pool: ClusterPool, cs: Any) -> None:

@@ -168,6 +168,12 @@ class RouteSource(_S, frozen=True):
     rule_name: str = ""
     file: str = ""
     line: int = 0
+    # set when the rule came through a delegate VirtualService (Istio's ``delegate``): its
+    # ``namespace/name``, the index in its spec.http and where that rule is written
+    delegate: str = ""
+    delegate_rule: int = 0
+    delegate_file: str = ""
+    delegate_line: int = 0
 
 
 class Route(_S, frozen=True):
@@ -328,6 +334,55 @@ class MeshConfig(_S, frozen=True):
     retry_budget_min: int = 3
 
 
+# --------------------------------------------------------------------------- Telemetry API
+
+
+class CustomTag(_S, frozen=True):
+    """A span tag (Telemetry ``tracing[].customTags``): a literal, an env variable or a header."""
+
+    name: str
+    kind: Literal["literal", "environment", "header"]
+    value: str = ""  # the literal, the variable name or the (lower-case) header name
+    default: str = ""
+
+
+class TracingPolicy(_S, frozen=True):
+    sampling: float = 1.0  # percent
+    span_reporting: bool = True  # False: propagate context, export no spans
+    custom_tags: tuple[CustomTag, ...] = ()
+    providers: tuple[str, ...] = ()
+
+
+class AccessLogPolicy(_S, frozen=True):
+    enabled: bool = False
+    filter: str = ""  # CEL subset (diktyo.telemetry.cel); "" = every request
+    providers: tuple[str, ...] = ()
+
+
+class MetricOverride(_S, frozen=True):
+    """One ``metrics[].overrides[]`` entry; applied in order, later entries win."""
+
+    metric: str = "ALL_METRICS"  # REQUEST_COUNT, REQUEST_DURATION, ... (Istio's enum)
+    mode: Literal["CLIENT_AND_SERVER", "CLIENT", "SERVER"] = "CLIENT_AND_SERVER"
+    disabled: bool | None = None
+    upsert: dict[str, str] = {}  # tag -> constant value
+    remove: tuple[str, ...] = ()
+
+
+class TelemetryPolicy(_S, frozen=True):
+    """The Telemetry API resources that apply to this workload, merged (mesh < namespace <
+    workload). ``client`` is outbound and gateway traffic (reporter=source), ``server`` is
+    inbound (reporter=destination). Absent from the snapshot when no Telemetry applies; then
+    ``mesh.tracing`` / ``mesh.access_log`` hold."""
+
+    client_tracing: TracingPolicy = TracingPolicy()
+    server_tracing: TracingPolicy = TracingPolicy()
+    client_access_log: AccessLogPolicy = AccessLogPolicy()
+    server_access_log: AccessLogPolicy = AccessLogPolicy()
+    metrics: tuple[MetricOverride, ...] = ()
+    sources: tuple[str, ...] = ()  # "namespace/name" of each applied Telemetry, widest first
+
+
 class Snapshot(_S, frozen=True):
     version: str
     node: Node
@@ -337,3 +392,5 @@ class Snapshot(_S, frozen=True):
     mesh: MeshConfig = MeshConfig()
     # peer authentication, authorization policies, JWT rules (diktyo.snapshot.security)
     security: SecurityConfig = SecurityConfig()
+    # the Telemetry API for this workload (None: the mesh-wide defaults in ``mesh``)
+    telemetry: TelemetryPolicy | None = None

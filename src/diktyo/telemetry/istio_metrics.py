@@ -25,7 +25,7 @@ import json
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 from diktyo.telemetry.exposition import format_bound, format_value, header, histogram_lines
 
@@ -314,6 +314,8 @@ class IstioMetrics:
         grpc_status="")``: count one finished HTTP request (dict lookup + list increments)."""
         # (peer, response_flags) -> [opened, closed, sent, received]
         self._tcp: dict[tuple[PeerKey, str], list[int]] = {}
+        # Telemetry API metric overrides (snapshot ``MetricOverride``s), applied at scrape time
+        self.overrides: tuple[Any, ...] = ()
 
     # ----------------------------------------------------------------- setup (not hot)
 
@@ -401,6 +403,9 @@ class IstioMetrics:
 
     def collect(self, out: list[str]) -> None:
         """Append all Istio metric families in Prometheus text format."""
+        if self.overrides:
+            self._collect_overridden(out)
+            return
         ordered = sorted(self._series(), key=lambda t: (t[0].index, t[1], t[2], t[3]))
         series = [
             (
@@ -451,3 +456,109 @@ class IstioMetrics:
                 header(out, name, "counter", text)
                 for labels, t in tcp:
                     out.append(f"{name}{{{labels}}} {format_value(t[idx])}\n")
+
+    def _collect_overridden(self, out: list[str]) -> None:
+        """``collect`` with the Telemetry API's metric overrides: a family disabled for a
+        reporter loses those series; removed tags go (series that become equal are summed),
+        upserted tags get their value."""
+        http = [
+            (REQUESTS_TOTAL, "REQUEST_COUNT", "counter", "Requests handled by an Istio proxy."),
+            (REQUEST_DURATION, "REQUEST_DURATION", "histogram",
+             "Duration of requests in milliseconds."),
+            (REQUEST_BYTES, "REQUEST_SIZE", "histogram", "HTTP request body sizes in bytes."),
+            (RESPONSE_BYTES, "RESPONSE_SIZE", "histogram", "HTTP response body sizes in bytes."),
+        ]  # fmt: skip
+        ordered = sorted(self._series(), key=lambda t: (t[0].index, t[1], t[2], t[3]))
+        dur_text = tuple(format_bound(b) for b in self._dur_bounds)
+        byte_text = tuple(format_bound(b) for b in self._byte_bounds)
+        for name, metric, kind, text in http:
+            merged: dict[str, list[float]] = {}
+            for p, code, f, g, s in ordered:
+                values = _label_values(p.labels, str(code), g, f)
+                labels = _apply_overrides(self.overrides, metric, values)
+                if labels is None:
+                    continue
+                acc = merged.get(labels)
+                merged[labels] = (
+                    list(s) if acc is None else [a + b for a, b in zip(acc, s, strict=True)]
+                )
+            if not merged:
+                continue
+            header(out, name, kind, text)
+            for labels, s in merged.items():
+                if metric == "REQUEST_COUNT":
+                    out.append(f"{name}{{{labels}}} {int(s[_COUNT])}\n")
+                elif metric == "REQUEST_DURATION":
+                    histogram_lines(
+                        out, name, labels, dur_text, s, _HEAD, s[_DUR_SUM], int(s[_COUNT])
+                    )
+                elif metric == "REQUEST_SIZE":
+                    histogram_lines(
+                        out, name, labels, byte_text, s, self._req_off, s[_REQ_SUM], int(s[_COUNT])
+                    )
+                else:
+                    histogram_lines(
+                        out, name, labels, byte_text, s, self._resp_off, s[_RESP_SUM],
+                        int(s[_COUNT]),
+                    )  # fmt: skip
+        tcp_items = sorted(self._tcp.items(), key=lambda kv: (kv[0][0].index, kv[0][1]))
+        for name, metric, idx, text in (
+            (TCP_SENT, "TCP_SENT_BYTES", 2, "Bytes sent during response in case of a TCP connection."),
+            (TCP_RECEIVED, "TCP_RECEIVED_BYTES", 3,
+             "Bytes received during request in case of a TCP connection."),
+            (TCP_OPENED, "TCP_OPENED_CONNECTIONS", 0, "TCP connections opened."),
+            (TCP_CLOSED, "TCP_CLOSED_CONNECTIONS", 1, "TCP connections closed."),
+        ):  # fmt: skip
+            totals: dict[str, int] = {}
+            for (p, f), t in tcp_items:
+                values = _label_values(p.labels, None, None, f)
+                labels = _apply_overrides(self.overrides, metric, values)
+                if labels is not None:
+                    totals[labels] = totals.get(labels, 0) + t[idx]
+            if totals:
+                header(out, name, "counter", text)
+                for labels, v in totals.items():
+                    out.append(f"{name}{{{labels}}} {format_value(v)}\n")
+
+
+def _label_values(
+    labels: PeerLabels, code: str | None, grpc: str | None, flags: str
+) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for n in LABEL_NAMES:
+        if n == "response_code":
+            if code is not None:
+                out[n] = code
+        elif n == "grpc_response_status":
+            if grpc is not None:
+                out[n] = grpc
+        elif n == "response_flags":
+            out[n] = flags
+        else:
+            out[n] = getattr(labels, n)
+    return out
+
+
+_MODE_REPORTER = {"CLIENT": "source", "SERVER": "destination"}
+
+
+def _apply_overrides(overrides: Sequence[Any], metric: str, values: dict[str, str]) -> str | None:
+    """Label text after the overrides that match ``metric`` and the series' reporter, or None
+    when the metric is disabled for it (later overrides win)."""
+    reporter = values.get("reporter", "")
+    disabled = False
+    for ov in overrides:
+        if ov.metric not in ("ALL_METRICS", metric):
+            continue
+        want = _MODE_REPORTER.get(ov.mode)
+        if want is not None and want != reporter:
+            continue
+        if ov.disabled is not None:
+            disabled = ov.disabled
+        for tag in ov.remove:
+            values.pop(tag, None)
+        for tag, v in ov.upsert.items():
+            values[tag] = v
+    if disabled:
+        return None
+    return ",".join(f'{k}="{_esc(v)}"' for k, v in values.items())

@@ -172,12 +172,17 @@ def test_same_name_twice_and_second_vs_for_a_host() -> None:
 def test_missing_gateway_is_reported_twice_like_istio() -> None:
     text = vs("  - delegate: {name: x}\n", hosts="[shop.example.com]\n  gateways: [missing-gw]")
     problems = run(text)
-    assert [(p.code, p.level) for p in problems] == [("IST0101", "Error"), ("IST0132", "Warning")]
+    assert [(p.code, p.level) for p in problems] == [
+        ("IST0101", "Error"),
+        ("IST0132", "Warning"),
+        ("DKT0107", "Warning"),
+    ]
     assert problems[0].message == 'Referenced gateway not found: "missing-gw"'
     assert problems[1].message == (
         "one or more host [shop.example.com] defined in VirtualService default/reviews not "
         "found in Gateway default/missing-gw."
     )
+    assert "delegate VirtualService default/x not found" in problems[2].message
 
 
 def test_istio_bookinfo_reviews_and_rules_are_clean_together() -> None:

@@ -24,6 +24,7 @@ from diktyo.control.translate.routes import (
     gateway_servers,
 )
 from diktyo.control.translate.scope import egress_scope
+from diktyo.control.translate.telemetry import build_telemetry
 from diktyo.security.translate import SECURITY_KINDS, build_security
 from diktyo.snapshot.model import Cluster, Snapshot
 
@@ -68,6 +69,7 @@ def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
     all_clusters = list(clusters.values()) + in_clusters
     security_resources = [r for r in push.resources if getattr(r, "kind", "") in SECURITY_KINDS]
     security = build_security(proxy.node, security_resources) if security_resources else None
+    telemetry = build_telemetry(push.resources, proxy.node, push.mesh)
     return Snapshot(
         version=push.version,
         node=proxy.node,
@@ -76,4 +78,5 @@ def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
         clusters=tuple(all_clusters),
         mesh=push.mesh,
         **({"security": security} if security is not None else {}),
+        telemetry=telemetry,
     )

@@ -40,6 +40,7 @@ from diktyo.control.translate.routes import (
     gateway_servers,
 )
 from diktyo.control.translate.scope import Visible, egress_scope
+from diktyo.control.translate.telemetry import build_telemetry
 from diktyo.security.translate import SECURITY_KINDS, build_security
 from diktyo.snapshot.model import Cluster, RouteTable, Snapshot
 
@@ -90,6 +91,7 @@ class _Push:
     push: PushContext
     idx: ConfigIndex
     security_resources: list[Any]
+    telemetries: list[Any] = field(default_factory=list)  # Telemetry API resources
     views: dict[ViewKey, _View] = field(default_factory=dict)
 
 
@@ -136,6 +138,7 @@ class PushTranslator:
                 security_resources=[
                     r for r in push.resources if getattr(r, "kind", "") in SECURITY_KINDS
                 ],
+                telemetries=[r for r in push.resources if getattr(r, "kind", "") == "Telemetry"],
             )
             self._state = state
         return state
@@ -239,6 +242,8 @@ class PushTranslator:
         extra: dict[str, Any] = {}
         if sec:
             extra["security"] = build_security(proxy.node, sec)
+        if state.telemetries:
+            extra["telemetry"] = build_telemetry(state.telemetries, proxy.node, push.mesh)
         snap = Snapshot(
             version=push.version,
             node=proxy.node,

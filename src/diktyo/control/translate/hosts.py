@@ -70,6 +70,9 @@ class ConfigIndex:
     service_entries: list[Any] = field(default_factory=list)
     sidecars: list[Any] = field(default_factory=list)
     kube_services: list[Any] = field(default_factory=list)  # Kubernetes Services in the config
+
+    # VirtualServices without hosts, by (namespace, name): used only through a root's delegate
+    delegates: dict[tuple[str, str], Any] = field(default_factory=dict)
     registry: Registry = field(default_factory=Registry)
     _dr_cache: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
     _by_host: dict[str, Service] = field(default_factory=dict, repr=False)
@@ -117,6 +120,8 @@ class ConfigIndex:
             else:
                 idx._dr_exact.setdefault(host, []).append(dr)
         for vs in idx.virtual_services:
+            if not vs.spec.hosts:
+                idx.delegates.setdefault((vs.namespace, vs.name), vs)
             if vs.spec.gateways and "mesh" not in vs.spec.gateways:
                 continue
             seen: set[str] = set()

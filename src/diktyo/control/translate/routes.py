@@ -15,9 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from diktyo.control.model import ProxyNode, Service
 from diktyo.control.translate import gateway_api
 from diktyo.control.translate.clusters import cluster_name
+from diktyo.control.translate.delegation import find_delegate, merge_route, resolve_destinations
 from diktyo.control.translate.hosts import (
     ConfigIndex,
     host_matches,
@@ -164,17 +167,56 @@ def vs_routes(
     out: list[Route] = []
     for i, rule in enumerate(vs.spec.http):
         if rule.delegate is not None:
-            continue  # delegation is not supported (analyze warns)
-        if not rule.route and rule.redirect is None and rule.direct_response is None:
+            out += delegated_routes(ctx, vs, i, rule, port, gateway)
             continue
-        matches: list[RouteMatch] = []
-        for m in rule.match:
-            rm = route_match(ctx, vs, m, port, gateway)
-            if rm is not None:
-                matches.append(rm)
-        if rule.match and not matches:
+        r = _rule_route(ctx, vs, i, rule, port, gateway)
+        if r is not None:
+            out.append(r)
+    return out
+
+
+def _rule_route(
+    ctx: RouteContext, vs: Any, i: int, rule: Any, port: int, gateway: str | None
+) -> Route | None:
+    if not rule.route and rule.redirect is None and rule.direct_response is None:
+        return None
+    matches: list[RouteMatch] = []
+    for m in rule.match:
+        rm = route_match(ctx, vs, m, port, gateway)
+        if rm is not None:
+            matches.append(rm)
+    if rule.match and not matches:
+        return None
+    return route(ctx, vs, i, rule, tuple(matches), port)
+
+
+def delegated_routes(
+    ctx: RouteContext, vs: Any, i: int, rule: Any, port: int, gateway: str | None
+) -> list[Route]:
+    """Root route ``vs.spec.http[i]`` replaced by its delegate's routes, merged as Istio does
+    (``delegation.py``); none when the delegate is missing or not exported to the root."""
+    dvs, _why = find_delegate(ctx.idx.delegates, vs, rule)
+    if dvs is None:
+        return []
+    services = ctx.idx.registry.services
+    root_rule = resolve_destinations(rule, vs.namespace, services)
+    out: list[Route] = []
+    for j, leaf in enumerate(dvs.spec.http):
+        merged = merge_route(root_rule, resolve_destinations(leaf, dvs.namespace, services))
+        if merged is None:
             continue
-        out.append(route(ctx, vs, i, rule, tuple(matches), port))
+        r = _rule_route(ctx, vs, i, merged, port, gateway)
+        if r is None:
+            continue
+        line, _ = dvs.position(f"spec.http[{j}]")
+        source = msgspec.structs.replace(
+            r.source,
+            delegate=f"{dvs.namespace}/{dvs.name}",
+            delegate_rule=j,
+            delegate_file=dvs.file,
+            delegate_line=line,
+        )
+        out.append(msgspec.structs.replace(r, source=source))
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from diktyo.control.model import Registry, Service, ServicePort
 from diktyo.control.validate import (
+    delegation,
     deprecation,
     destinationrule,
     gateway,
@@ -21,6 +22,7 @@ from diktyo.control.validate import (
     serviceentry,
     sidecar,
     telemetry,
+    telemetry_api,
     virtualservice,
 )
 from diktyo.control.validate import messages as m
@@ -41,6 +43,7 @@ BOOKINFO_HOSTS = ("productpage", "reviews", "ratings", "details")
 # every analyzer, in the order they run (each takes the Context and reports into it)
 ANALYZERS = (
     virtualservice.check,
+    delegation.check,
     destinationrule.check,
     gateway.check,
     gatewayapi.check,
@@ -48,6 +51,7 @@ ANALYZERS = (
     sidecar.check,
     service.check,
     telemetry.check,
+    telemetry_api.check,
     deprecation.check,
 )
 

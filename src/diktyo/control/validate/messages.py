@@ -209,6 +209,13 @@ GATEWAY_API_CONDITION = _m(
     "A Gateway API route or listener would have a False status condition (Accepted, "
     "ResolvedRefs) in Istio; diktyo has no status to write, so analyze reports it.",
 )
+VIRTUAL_SERVICE_DELEGATION = _m(
+    "DKT0107",
+    "VirtualServiceDelegation",
+    "Warning",
+    "A route delegates to a VirtualService that is missing or not exported, or a delegate's "
+    "route can never apply within the root route's match.",
+)
 
 CATALOGUE: tuple[MessageType, ...] = tuple(
     sorted(

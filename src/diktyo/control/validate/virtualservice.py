@@ -185,7 +185,7 @@ def _check_host_conflicts(ctx: Context) -> None:
 def _check_rule(ctx: Context, vs: Any, i: int, rule: Any) -> None:
     base = f"spec.http[{i}]"
     if rule.delegate is not None:
-        return  # a delegate rule has no actions of its own; its delegate is checked apart
+        return  # a root route: delegation.py checks it
     if rule.rewrite is not None and rule.redirect is not None:
         ctx.report(
             m.SCHEMA_VALIDATION_ERROR,

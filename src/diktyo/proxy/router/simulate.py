@@ -24,7 +24,7 @@ def _builtins(obj: Any) -> Any:
 
 def _rule(route: Route) -> dict[str, Any]:
     src = route.source
-    return {
+    out: dict[str, Any] = {
         "name": src.rule_name or route.name,
         "index": src.rule,
         "virtualService": f"{src.namespace}/{src.name}" if src.name else None,
@@ -32,6 +32,22 @@ def _rule(route: Route) -> dict[str, Any]:
         "file": src.file or None,
         "line": src.line or None,
     }
+    if src.delegate:
+        out["delegate"] = {
+            "virtualService": src.delegate,
+            "index": src.delegate_rule,
+            "file": src.delegate_file or None,
+            "line": src.delegate_line or None,
+        }
+    return out
+
+
+def _via(rule: dict[str, Any]) -> str:
+    d = rule.get("delegate")
+    if not d:
+        return ""
+    where = f" at {d['file']}:{d['line']}" if d.get("file") else ""
+    return f" via delegate {d['virtualService']} rule {d['index']}{where}"
 
 
 def simulate(
@@ -112,6 +128,8 @@ def simulate(
         rule["match"] = _builtins(route.matches[bi])
     out["rule"] = rule
     out["virtualService"] = rule["virtualService"]
+    if "delegate" in rule:
+        out["delegate"] = rule["delegate"]["virtualService"]
     clusters = {c.name: c for c in snapshot.clusters}
     total = sum(max(0, wc.weight) for wc in route.clusters) or 1
     dests: list[dict[str, Any]] = []
@@ -173,7 +191,9 @@ def format_text(res: dict[str, Any]) -> str:
     )
     for s in res["skipped"]:
         why = "; ".join(s["reasons"]) or "no match"
-        lines.append(f"  skipped rule {s['index']} {s['name']!r} ({s['virtualService']}): {why}")
+        lines.append(
+            f"  skipped rule {s['index']} {s['name']!r} ({s['virtualService']}{_via(s)}): {why}"
+        )
     rule = res["rule"]
     if rule is None:
         lines.append(f"  result: {res['result']}")
@@ -181,7 +201,7 @@ def format_text(res: dict[str, Any]) -> str:
     where = f" at {rule['file']}:{rule['line']}" if rule.get("file") else ""
     lines.append(
         f"  matched rule {rule['index']} {rule['name']!r} of {rule['kind']} "
-        f"{rule['virtualService']}{where} (match block {rule['matchIndex']})"
+        f"{rule['virtualService']}{where}{_via(rule)} (match block {rule['matchIndex']})"
     )
     lines.append(f"  result: {res['result']}")
     for d in res["destinations"]:

@@ -1,0 +1,116 @@
+"""The Telemetry API on the local Bookinfo mesh (docs/tasks.md "Telemetry API"): the mesh file
+turns access logs on and samples every request; Telemetry resources turn the access log off for
+productpage, filter reviews' log to errors, and stop new traces mesh-wide."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from diktyo.platform.harness import MeshThread
+
+ROOT = Path(__file__).resolve().parents[2]
+BOOKINFO = ROOT / "samples" / "bookinfo"
+TEL = BOOKINFO / "telemetry"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+ACCESS = re.compile(
+    r'^\[(?P<who>[a-z0-9-]+) sidecar\] \[[0-9T:-]+Z\] "(?P<method>\w+) (?P<path>\S+)'
+)
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with _opener.open(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[MeshThread]:
+    with MeshThread(BOOKINFO / "mesh.yaml", gateway_host_port=0) as m:
+        m.apply_file(BOOKINFO / "networking" / "bookinfo-gateway.yaml")
+        m.wait_synced()
+        yield m
+
+
+def access_lines(mesh: MeshThread, start: int) -> list[tuple[str, str]]:
+    """(sidecar, path) of the access log lines written after output offset ``start``."""
+    out = []
+    for line in mesh.output()[start:].splitlines():
+        m = ACCESS.match(line)
+        if m:
+            out.append((m.group("who"), m.group("path")))
+    return out
+
+
+def pages(mesh: MeshThread, n: int) -> None:
+    for _ in range(n):
+        status, body = get(mesh.gateway_url + "/productpage")
+        assert status == 200, body[:300]
+
+
+def wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def test_access_log_off_for_productpage_and_errors_only_for_reviews(mesh: MeshThread) -> None:
+    start = len(mesh.output())
+    pages(mesh, 2)
+    wait_for(lambda: {"productpage-v1-1"} <= {w for w, _ in access_lines(mesh, start)})
+    mesh.apply_file(TEL / "access-log-off-productpage.yaml")
+    mesh.apply_file(TEL / "reviews-errors-only.yaml")
+    mesh.wait_synced()
+    start = len(mesh.output())
+    pages(mesh, 3)
+    wait_for(lambda: any(w.startswith("details") for w, _ in access_lines(mesh, start)))
+    time.sleep(0.5)  # lines of the other sidecars, written at the same time, have arrived
+    who = {w for w, _ in access_lines(mesh, start)}
+    assert "productpage-v1-1" not in who  # the workload Telemetry turned it off
+    assert not any(w.startswith("reviews") for w in who)  # every reviews call was a 200
+    assert {"details-v1-1", "istio-ingressgateway"} <= who  # the mesh default still holds
+    mesh.delete_text((TEL / "access-log-off-productpage.yaml").read_text())
+    mesh.delete_text((TEL / "reviews-errors-only.yaml").read_text())
+    mesh.wait_synced()
+
+
+def traces_since(mesh: MeshThread, since_ns: int) -> list[dict]:  # type: ignore[type-arg]
+    status, body = get(mesh.url + "/telemetry/api/traces?limit=50")
+    assert status == 200, body
+    return [t for t in json.loads(body)["traces"] if t["startNs"] >= since_ns]
+
+
+def test_mesh_wide_sampling_zero_starts_no_trace(mesh: MeshThread) -> None:
+    since = time.time_ns()
+    pages(mesh, 1)
+    wait_for(lambda: traces_since(mesh, since))  # the mesh file samples 100 %
+    mesh.apply_file(TEL / "mesh-no-sampling.yaml")
+    mesh.wait_synced()
+    since = time.time_ns()
+    pages(mesh, 3)
+    time.sleep(2.5)  # sidecars flush spans every second
+    assert traces_since(mesh, since) == []
+    # a request that arrives with a sampled trace context is still traced end to end
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    status, _ = get(
+        mesh.gateway_url + "/productpage",
+        {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+    )
+    assert status == 200
+    wait_for(lambda: any(t["traceId"] == trace_id for t in traces_since(mesh, since)))
+    mesh.delete_text((TEL / "mesh-no-sampling.yaml").read_text())
+    mesh.wait_synced()
