@@ -234,3 +234,24 @@ def test_sidecar_egress_host_needs_a_namespace() -> None:
     (p,) = run(text)
     assert (p.code, p.severity, p.field) == ("IST0106", "error", "spec.egress[0].hosts[0]")
     assert "namespace/dnsName" in p.message and "*/reviews" in p.hint
+
+
+def test_checks_written_before_the_catalogue_still_report() -> None:
+    from diktyo.control.validate.context import Context
+
+    ctx = Context.build(
+        load_text(vs("  - route:\n    - destination: {host: reviews}\n"), "in.yaml").resources, None
+    )
+    (res,) = ctx.resources
+    ctx.report(res, "spec.http[0]", "something diktyo-only", "fix it", "warning")
+    (p,) = ctx.problems
+    assert (p.code, p.level, p.line, p.origin) == (
+        "DKT0100",
+        "Warning",
+        7,
+        "VirtualService default/reviews",
+    )
+    assert str(p) == (
+        "Warning [DKT0100] (VirtualService default/reviews in.yaml:7:5) something diktyo-only "
+        "(hint: fix it)"
+    )

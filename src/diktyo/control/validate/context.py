@@ -5,11 +5,17 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from diktyo.control.model import Registry
 from diktyo.control.translate.hosts import DOMAIN_SUFFIX, ConfigIndex, host_matches
-from diktyo.control.validate.messages import Finding, Level, MessageType, finding
+from diktyo.control.validate.messages import (
+    DIKTYO_CHECK,
+    Finding,
+    Level,
+    MessageType,
+    finding,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,16 +94,27 @@ class Context:
             )
         return out
 
-    def report(
+    def report(self, mt: Any, *args: Any, **kwargs: Any) -> None:
+        """``report(MessageType, res, path, message, hint="", level=None)``.
+
+        The older form ``report(res, path, message, hint="", severity="error")`` (checks
+        written before the catalogue) still works and reports under ``DKT0100``.
+        """
+        if isinstance(mt, MessageType):
+            self.problems.append(finding(mt, *args, **kwargs))
+            return
+        self._report_legacy(mt, *args, **kwargs)
+
+    def _report_legacy(
         self,
-        mt: MessageType,
         res: Any,
         path: str,
         message: str,
         hint: str = "",
-        level: Level | None = None,
+        severity: Literal["error", "warning", "info"] = "error",
     ) -> None:
-        self.problems.append(finding(mt, res, path, message, hint, level))
+        level: Level = {"error": "Error", "warning": "Warning", "info": "Info"}[severity]  # type: ignore[assignment]
+        self.problems.append(finding(DIKTYO_CHECK, res, path, message, hint, level))
 
     def lookup(self, host: str, namespace: str) -> KnownHost | None:
         """The known host a destination ``host`` written in ``namespace`` names, or None."""

@@ -175,6 +175,12 @@ FILE_PARSE_ERROR = _m(
 RESOURCE_IGNORED = _m(
     "DKT0002", "ResourceIgnored", "Warning", "A document or field is read but not used."
 )
+DIKTYO_CHECK = _m(
+    "DKT0100",
+    "DiktyoCheck",
+    "Warning",
+    "A diktyo check without a code of its own (its level is given with each message).",
+)
 DUPLICATE_RESOURCE = _m(
     "DKT0101",
     "DuplicateResource",
