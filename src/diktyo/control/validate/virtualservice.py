@@ -323,7 +323,7 @@ def _check_destination(ctx: Context, vs: Any, path: str, dest: Any, what: str) -
             )
     if dest.subset:
         host = ctx.resolve(dest.host, vs.namespace)
-        defined = _subsets(ctx, host)
+        defined = ctx.subsets(host)
         if dest.subset not in defined:
             reftype = "host+subset" if what == "route" else "mirror+subset"
             close = difflib.get_close_matches(dest.subset, sorted(defined), n=1)
@@ -342,15 +342,6 @@ def _check_destination(ctx: Context, vs: Any, path: str, dest: Any, what: str) -
                 f'Referenced {reftype} in destinationrule not found: "{dest.host}+{dest.subset}"',
                 hint,
             )
-
-
-def _subsets(ctx: Context, host: str) -> set[str]:
-    names: set[str] = set()
-    for dr in ctx.idx.destination_rules:
-        dr_host = ctx.resolve(dr.spec.host, dr.namespace)
-        if dr_host == host or host_matches(dr_host, host):
-            names.update(s.name for s in dr.spec.subsets)
-    return names
 
 
 # ----------------------------------------------------------------------------- IST0130/0131
