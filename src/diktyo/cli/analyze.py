@@ -81,6 +81,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "too); repeatable",
     )
     p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the loader's notes (DKT0002 at level Info), e.g. Kubernetes objects "
+        "other than Services that diktyo ignores",
+    )
+    p.add_argument(
         "-L",
         "--list-analyzers",
         action="store_true",
@@ -163,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     found = [from_load_error(e) for e in result.errors]
     found += analyze(result.resources, registry)
     found = [f for f in found if not _suppressed(f, rules)]
+    if not args.verbose:
+        found = [f for f in found if not (f.code == "DKT0002" and f.level == "Info")]
     found.sort(key=lambda e: (e.file, e.line, e.col, e.code))
 
     rank = {lv: i for i, lv in enumerate(_LEVELS)}
