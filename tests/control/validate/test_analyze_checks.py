@@ -105,9 +105,7 @@ def test_rule_after_catch_all_is_unreachable() -> None:
     )
     (p,) = run(text)
     assert (p.code, p.severity, p.line, p.field) == ("IST0130", "warning", 9, "spec.http[1]")
-    assert p.message == (
-        "VirtualService rule #1 not used (only the last rule can have no matches)."
-    )
+    assert p.message == ("VirtualService rule #1 not used (a prior rule matches every request).")
     assert "http[0] above matches every request" in p.hint
 
 
@@ -119,14 +117,20 @@ def test_prefix_slash_is_a_catch_all_and_duplicate_match_is_ineffective() -> Non
         "  - route:\n    - destination: {host: reviews}\n"
     )
     problems = run(text)
+    # as Istio: the repeated match (IST0131), and the rule whose every match is repeated
+    # (IST0130); diktyo adds the rule after the 'prefix: /' catch-all (IST0130)
     assert [(p.code, p.level, p.field) for p in problems] == [
+        ("IST0130", "Warning", "spec.http[1]"),
         ("IST0131", "Info", "spec.http[1].match[0]"),
         ("IST0130", "Warning", "spec.http[3]"),
     ]
     assert problems[0].message == (
+        "VirtualService rule #1 not used (all matches used by prior rules)."
+    )
+    assert problems[1].message == (
         "VirtualService rule #1 match #0 is not used (duplicate/overlapping match in rule #0)."
     )
-    assert "http[2] above matches every request" in problems[1].hint
+    assert "http[2] above matches every request" in problems[2].hint
 
 
 def test_rewrite_with_redirect() -> None:
