@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         registry_for_hosts,
     )
     from diktyo.control.validate.messages import is_parse_error
+    from diktyo.control.validate.origin import origin_of
 
     if args.list_analyzers:
         for mt in CATALOGUE:
@@ -167,7 +168,10 @@ def run(args: argparse.Namespace) -> int:
     hosts = list(args.host) + (list(BOOKINFO_HOSTS) if args.bookinfo else [])
     registry: Registry | None = registry_for_hosts(hosts) if hosts else None
     parse_errors = [e for e in result.errors if is_parse_error(e)]
-    found = [from_load_error(e) for e in result.errors]
+    found = [
+        from_load_error(e, None if is_parse_error(e) else origin_of(e.file, e.line))
+        for e in result.errors
+    ]
     found += analyze(result.resources, registry)
     found = [f for f in found if not _suppressed(f, rules)]
     if not args.verbose:
@@ -177,9 +181,7 @@ def run(args: argparse.Namespace) -> int:
     rank = {lv: i for i, lv in enumerate(_LEVELS)}
     shown = [f for f in found if rank[f.level] >= rank[args.output_threshold]]
     failing = [
-        f
-        for f in found
-        if rank[f.level] >= rank[args.failure_threshold] and f.code != "DKT0001"
+        f for f in found if rank[f.level] >= rank[args.failure_threshold] and f.code != "DKT0001"
     ]
     if args.output == "json":
         json.dump([f.to_json() for f in shown], sys.stdout, indent=2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from diktyo.api import load_text
 from diktyo.control.validate import Finding, analyze, registry_for_hosts
 
@@ -259,3 +261,20 @@ def test_checks_written_before_the_catalogue_still_report() -> None:
         "Warning [DKT0100] (VirtualService default/reviews in.yaml:7:5) something diktyo-only "
         "(hint: fix it)"
     )
+
+
+def test_origin_of_a_load_error_is_the_document_around_its_line(tmp_path: Path) -> None:
+    from diktyo.control.validate.origin import origin_of
+
+    f = tmp_path / "two.yaml"
+    f.write_text(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\n"
+        "spec: {servers: []}\n---\n"
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+        "metadata:\n  name: reviews\n  namespace: shop\nspec:\n  hosts: [reviews]\n"
+        "  htp: []\n---\nkind: [broken\n"
+    )
+    assert origin_of(str(f), 2) == ("Gateway", "default", "gw")
+    assert origin_of(str(f), 13) == ("VirtualService", "shop", "reviews")
+    assert origin_of(str(f), 15) is None  # not YAML: no origin
+    assert origin_of(str(tmp_path / "missing.yaml"), 1) is None

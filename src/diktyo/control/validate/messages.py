@@ -334,9 +334,10 @@ def is_parse_error(err: ConfigError) -> bool:
     return err.severity == "error" and err.message.startswith(_PARSE_PREFIXES)
 
 
-def from_load_error(err: ConfigError) -> Finding:
+def from_load_error(err: ConfigError, origin: tuple[str, str, str] | None = None) -> Finding:
     """A loader error as a Finding: IST0106 for schema errors, DKT0001 for unparseable files,
-    DKT0002 for documents that are read but ignored (warnings and notes)."""
+    DKT0002 for documents that are read but ignored (warnings and notes). ``origin`` is the
+    ``(kind, namespace, name)`` of the document, when known."""
     if isinstance(err, Finding):
         return err
     if is_parse_error(err):
@@ -358,4 +359,7 @@ def from_load_error(err: ConfigError) -> Finding:
         severity=err.severity,
         code=mt.code,
         name=mt.name,
+        kind=origin[0] if origin else "",
+        namespace=origin[1] if origin else "",
+        resource=origin[2] if origin else "",
     )
