@@ -692,6 +692,7 @@ def test_ingress_route_rules_not_affected_by_subsets() -> None:
             dest="reviews, subset: v2",
         )
         + vs("other-host", "default", ["shop2.example.com"], "  gateways: [x]\n", dest="ratings")
+        + vs("mesh-only", "default", ["shop3.example.com"], "  gateways: [mesh]\n", dest="reviews")
     )
     problems = analyze(load(text))
     expect(

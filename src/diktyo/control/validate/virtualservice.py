@@ -51,8 +51,8 @@ def _check_ingress_subsets(ctx: Context) -> None:
                     if vs not in lst:
                         lst.append(vs)
     for vs in ctx.idx.virtual_services:
-        if not vs.spec.gateways:
-            continue
+        if not set(vs.spec.gateways) - {"mesh"}:
+            continue  # bound to the mesh only: no gateway requests (Istio also reports these)
         for i, rule in enumerate(vs.spec.http):
             for j, rd in enumerate(rule.route):
                 if rd.destination.subset:
