@@ -81,6 +81,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "too); repeatable",
     )
     p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the loader's notes (DKT0002 at level Info), e.g. Kubernetes objects "
+        "other than Services that diktyo ignores",
+    )
+    p.add_argument(
         "-L",
         "--list-analyzers",
         action="store_true",
@@ -133,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         registry_for_hosts,
     )
     from diktyo.control.validate.messages import is_parse_error
+    from diktyo.control.validate.origin import origin_of
 
     if args.list_analyzers:
         for mt in CATALOGUE:
@@ -168,18 +176,20 @@ def run(args: argparse.Namespace) -> int:
     registry: Registry | None = registry_for_hosts(hosts) if hosts else None
     parse_errors = [e for e in result.errors if is_parse_error(e)]
     found = [
-        from_load_error(e) for e in result.errors if args.verbose or e.severity != "info"
+        from_load_error(e, None if is_parse_error(e) else origin_of(e.file, e.line))
+        for e in result.errors
+        if args.verbose or e.severity != "info"
     ]
     found += analyze(result.resources, registry)
     found = [f for f in found if not _suppressed(f, rules)]
+    if not args.verbose:
+        found = [f for f in found if not (f.code == "DKT0002" and f.level == "Info")]
     found.sort(key=lambda e: (e.file, e.line, e.col, e.code))
 
     rank = {lv: i for i, lv in enumerate(_LEVELS)}
     shown = [f for f in found if rank[f.level] >= rank[args.output_threshold]]
     failing = [
-        f
-        for f in found
-        if rank[f.level] >= rank[args.failure_threshold] and f.code != "DKT0001"
+        f for f in found if rank[f.level] >= rank[args.failure_threshold] and f.code != "DKT0001"
     ]
     if args.output == "json":
         json.dump([f.to_json() for f in shown], sys.stdout, indent=2)

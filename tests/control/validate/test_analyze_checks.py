@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from diktyo.api import load_text
 from diktyo.control.validate import Finding, analyze, registry_for_hosts
 
@@ -105,9 +107,7 @@ def test_rule_after_catch_all_is_unreachable() -> None:
     )
     (p,) = run(text)
     assert (p.code, p.severity, p.line, p.field) == ("IST0130", "warning", 9, "spec.http[1]")
-    assert p.message == (
-        "VirtualService rule #1 not used (only the last rule can have no matches)."
-    )
+    assert p.message == ("VirtualService rule #1 not used (a prior rule matches every request).")
     assert "http[0] above matches every request" in p.hint
 
 
@@ -119,14 +119,20 @@ def test_prefix_slash_is_a_catch_all_and_duplicate_match_is_ineffective() -> Non
         "  - route:\n    - destination: {host: reviews}\n"
     )
     problems = run(text)
+    # as Istio: the repeated match (IST0131), and the rule whose every match is repeated
+    # (IST0130); diktyo adds the rule after the 'prefix: /' catch-all (IST0130)
     assert [(p.code, p.level, p.field) for p in problems] == [
+        ("IST0130", "Warning", "spec.http[1]"),
         ("IST0131", "Info", "spec.http[1].match[0]"),
         ("IST0130", "Warning", "spec.http[3]"),
     ]
     assert problems[0].message == (
+        "VirtualService rule #1 not used (all matches used by prior rules)."
+    )
+    assert problems[1].message == (
         "VirtualService rule #1 match #0 is not used (duplicate/overlapping match in rule #0)."
     )
-    assert "http[2] above matches every request" in problems[1].hint
+    assert "http[2] above matches every request" in problems[2].hint
 
 
 def test_rewrite_with_redirect() -> None:
@@ -239,3 +245,41 @@ def test_sidecar_egress_host_needs_a_namespace() -> None:
     (p,) = run(text)
     assert (p.code, p.severity, p.field) == ("IST0106", "error", "spec.egress[0].hosts[0]")
     assert "namespace/dnsName" in p.message and "*/reviews" in p.hint
+
+
+def test_checks_written_before_the_catalogue_still_report() -> None:
+    from diktyo.control.validate.context import Context
+
+    ctx = Context.build(
+        load_text(vs("  - route:\n    - destination: {host: reviews}\n"), "in.yaml").resources, None
+    )
+    (res,) = ctx.resources
+    ctx.report(res, "spec.http[0]", "something diktyo-only", "fix it", "warning")
+    (p,) = ctx.problems
+    assert (p.code, p.level, p.line, p.origin) == (
+        "DKT0100",
+        "Warning",
+        7,
+        "VirtualService default/reviews",
+    )
+    assert str(p) == (
+        "Warning [DKT0100] (VirtualService default/reviews in.yaml:7:5) something diktyo-only "
+        "(hint: fix it)"
+    )
+
+
+def test_origin_of_a_load_error_is_the_document_around_its_line(tmp_path: Path) -> None:
+    from diktyo.control.validate.origin import origin_of
+
+    f = tmp_path / "two.yaml"
+    f.write_text(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\n"
+        "spec: {servers: []}\n---\n"
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+        "metadata:\n  name: reviews\n  namespace: shop\nspec:\n  hosts: [reviews]\n"
+        "  htp: []\n---\nkind: [broken\n"
+    )
+    assert origin_of(str(f), 2) == ("Gateway", "default", "gw")
+    assert origin_of(str(f), 13) == ("VirtualService", "shop", "reviews")
+    assert origin_of(str(f), 15) is None  # not YAML: no origin
+    assert origin_of(str(tmp_path / "missing.yaml"), 1) is None

@@ -44,7 +44,8 @@ def test_schema_error_exits_79_with_istioctl_line(tmp_path: Path) -> None:
     assert proc.returncode == 79
     assert proc.stdout.splitlines() == [
         (
-            f"Error [IST0106] ({bad}:12:5) Schema validation error: spec.http[0].timout: "
+            f"Error [IST0106] (VirtualService default/reviews {bad}:12:5) Schema validation "
+            "error: spec.http[0].timout: "
             "unknown field 'timout' (hint: did you mean 'timeout'?)"
         )
     ]

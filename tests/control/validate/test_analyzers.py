@@ -692,6 +692,7 @@ def test_ingress_route_rules_not_affected_by_subsets() -> None:
             dest="reviews, subset: v2",
         )
         + vs("other-host", "default", ["shop2.example.com"], "  gateways: [x]\n", dest="ratings")
+        + vs("mesh-only", "default", ["shop3.example.com"], "  gateways: [mesh]\n", dest="reviews")
     )
     problems = analyze(load(text))
     expect(
@@ -783,3 +784,87 @@ def test_telemetry_selectors() -> None:
         ("IST0159", "Telemetry shop/ratings"),
         ("IST0159", "Telemetry shop/ratings-v1"),
     )
+
+
+# ----------------------------------------------------------------------------- IST0130 / 0131
+
+
+def test_unreachable_rules_and_ineffective_matches() -> None:
+    def rules(name: str, body: str) -> str:
+        return (
+            f"apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}}}\n"
+            f"spec:\n  hosts: [{name}]\n{body}---\n"
+        )
+
+    route = "    route:\n    - destination: {host: reviews}\n"
+    tcp_route = "    route:\n    - destination: {host: db, port: {number: 5432}}\n"
+    text = (
+        # a match repeated in a later rule: the match is ineffective, the rule unreachable
+        rules(
+            "duplicate-match",
+            "  http:\n  - match: [{uri: {exact: /a}}]\n"
+            + route
+            + "  - match: [{uri: {exact: /a}}]\n"
+            + route,
+        )
+        # one of two matches repeated: only the match is ineffective
+        + rules(
+            "almost-duplicate-match",
+            "  http:\n  - match: [{uri: {exact: /a}}]\n"
+            + route
+            + "  - match: [{uri: {exact: /a}}, {uri: {exact: /b}}]\n"
+            + route,
+        )
+        # a repeat inside one rule counts too
+        + rules(
+            "overlapping-in-single-match",
+            "  http:\n  - match: [{method: {exact: GET}}, {method: {exact: GET}}]\n" + route,
+        )
+        # names do not make matches different
+        + rules(
+            "named",
+            "  http:\n  - name: first\n    match: [{name: a, uri: {exact: /a}}]\n"
+            + route
+            + "  - name: second\n    match: [{name: b, uri: {exact: /a}}]\n"
+            + route,
+        )
+        # tcp: two rules without match
+        + rules(
+            "duplicate-empty-tcp",
+            "  tcp:\n  - match: []\n" + tcp_route + "  - route:\n    - destination: {host: db}\n",
+        )
+        + rules(
+            "duplicate-tcp-match",
+            "  tcp:\n  - match: [{port: 5432}]\n"
+            + tcp_route
+            + "  - match: [{port: 5432}]\n"
+            + tcp_route,
+        )
+    )
+    problems = analyze(load(text))
+    expect(
+        problems,
+        {"IST0130", "IST0131"},
+        ("IST0130", "VirtualService default/duplicate-match"),
+        ("IST0131", "VirtualService default/duplicate-match"),
+        ("IST0131", "VirtualService default/almost-duplicate-match"),
+        ("IST0131", "VirtualService default/overlapping-in-single-match"),
+        ("IST0130", "VirtualService default/named"),
+        ("IST0131", "VirtualService default/named"),
+        ("IST0130", "VirtualService default/duplicate-empty-tcp"),
+        ("IST0130", "VirtualService default/duplicate-tcp-match"),
+        ("IST0131", "VirtualService default/duplicate-tcp-match"),
+    )
+    named = {p.message for p in problems if p.resource == "named"}
+    assert named == {
+        'VirtualService rule "second" not used (all matches used by prior rules).',
+        (
+            'VirtualService rule "second" match "b" is not used (duplicate/overlapping match in '
+            'rule "first").'
+        ),
+    }
+    empty_tcp = next(p for p in problems if p.resource == "duplicate-empty-tcp")
+    assert empty_tcp.message == (
+        "VirtualService rule #1 not used (only the last rule can have no matches)."
+    )
+    assert empty_tcp.field == "spec.tcp[1]"

@@ -5,11 +5,17 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from diktyo.control.model import Registry
 from diktyo.control.translate.hosts import DOMAIN_SUFFIX, ConfigIndex, host_matches
-from diktyo.control.validate.messages import Finding, Level, MessageType, finding
+from diktyo.control.validate.messages import (
+    DIKTYO_CHECK,
+    Finding,
+    Level,
+    MessageType,
+    finding,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +57,11 @@ class Context:
     problems: list[Finding] = field(default_factory=list)
     services: list[Any] = field(default_factory=list)  # Kubernetes Service resources
     hosts: list[KnownHost] = field(default_factory=list)
+    _by_name: dict[str, list[KnownHost]] = field(default_factory=dict, repr=False)
+    _wild: list[KnownHost] = field(default_factory=list, repr=False)
+    _subsets: tuple[dict[str, set[str]], list[tuple[str, set[str]]]] | None = field(
+        default=None, repr=False
+    )
 
     @classmethod
     def build(cls, resources: Iterable[Any], registry: Registry | None) -> Context:
@@ -60,6 +71,11 @@ class Context:
         known = registry is not None or bool(idx.service_entries) or bool(services)
         ctx = cls(idx=idx, registry_known=known, resources=resources, services=services)
         ctx.hosts = ctx._known_hosts(registry)
+        for kh in ctx.hosts:
+            if "*" in kh.hostname:
+                ctx._wild.append(kh)
+            else:
+                ctx._by_name.setdefault(kh.hostname, []).append(kh)
         return ctx
 
     def _known_hosts(self, registry: Registry | None) -> list[KnownHost]:
@@ -88,16 +104,27 @@ class Context:
             )
         return out
 
-    def report(
+    def report(self, mt: Any, *args: Any, **kwargs: Any) -> None:
+        """``report(MessageType, res, path, message, hint="", level=None)``.
+
+        The older form ``report(res, path, message, hint="", severity="error")`` (checks
+        written before the catalogue) still works and reports under ``DKT0100``.
+        """
+        if isinstance(mt, MessageType):
+            self.problems.append(finding(mt, *args, **kwargs))
+            return
+        self._report_legacy(mt, *args, **kwargs)
+
+    def _report_legacy(
         self,
-        mt: MessageType,
         res: Any,
         path: str,
         message: str,
         hint: str = "",
-        level: Level | None = None,
+        severity: Literal["error", "warning", "info"] = "error",
     ) -> None:
-        self.problems.append(finding(mt, res, path, message, hint, level))
+        level: Level = {"error": "Error", "warning": "Warning", "info": "Info"}[severity]  # type: ignore[assignment]
+        self.problems.append(finding(DIKTYO_CHECK, res, path, message, hint, level))
 
     def lookup(self, host: str, namespace: str) -> KnownHost | None:
         """The known host a destination ``host`` written in ``namespace`` names, or None."""
@@ -108,13 +135,12 @@ class Context:
         elif "*" not in host and len(parts) == 3 and parts[2] == "svc":
             candidates.append(f"{host}.{DOMAIN_SUFFIX}")
         for cand in candidates:
-            for kh in self.hosts:
-                if kh.hostname == cand and kh.visible_from(namespace):
+            for kh in self._by_name.get(cand, ()):
+                if kh.visible_from(namespace):
                     return kh
         for cand in candidates:
-            for kh in self.hosts:
-                wild = "*" in kh.hostname and host_matches(kh.hostname, cand)
-                if wild and kh.visible_from(namespace):
+            for kh in self._wild:
+                if host_matches(kh.hostname, cand) and kh.visible_from(namespace):
                     return kh
         return None
 
@@ -124,6 +150,26 @@ class Context:
         if kh is not None and "*" not in kh.hostname:
             return kh.hostname
         return fqdn(host, namespace)
+
+    def subsets(self, host: str) -> set[str]:
+        """Subset names the DestinationRules for ``host`` (an FQDN) define."""
+        if self._subsets is None:
+            exact: dict[str, set[str]] = {}
+            wild: list[tuple[str, set[str]]] = []
+            for dr in self.idx.destination_rules:
+                dr_host = self.resolve(dr.spec.host, dr.namespace)
+                names = {s.name for s in dr.spec.subsets}
+                if "*" in dr_host:
+                    wild.append((dr_host, names))
+                else:
+                    exact.setdefault(dr_host, set()).update(names)
+            self._subsets = (exact, wild)
+        exact, wild = self._subsets
+        out = set(exact.get(host, ()))
+        for pattern, names in wild:
+            if host_matches(pattern, host):
+                out |= names
+        return out
 
     def suggest(self, host: str, namespace: str) -> str:
         """A 'did you mean' hint for an unknown host ('' when nothing is close)."""

@@ -175,6 +175,12 @@ FILE_PARSE_ERROR = _m(
 RESOURCE_IGNORED = _m(
     "DKT0002", "ResourceIgnored", "Warning", "A document or field is read but not used."
 )
+DIKTYO_CHECK = _m(
+    "DKT0100",
+    "DiktyoCheck",
+    "Warning",
+    "A diktyo check without a code of its own (its level is given with each message).",
+)
 DUPLICATE_RESOURCE = _m(
     "DKT0101",
     "DuplicateResource",
@@ -342,9 +348,10 @@ def is_parse_error(err: ConfigError) -> bool:
     return err.severity == "error" and err.message.startswith(_PARSE_PREFIXES)
 
 
-def from_load_error(err: ConfigError) -> Finding:
+def from_load_error(err: ConfigError, origin: tuple[str, str, str] | None = None) -> Finding:
     """A loader error as a Finding: IST0106 for schema errors, DKT0001 for unparseable files,
-    DKT0002 for documents that are read but ignored (warnings and notes)."""
+    DKT0002 for documents that are read but ignored (warnings and notes). ``origin`` is the
+    ``(kind, namespace, name)`` of the document, when known."""
     if isinstance(err, Finding):
         return err
     if is_parse_error(err):
@@ -366,4 +373,7 @@ def from_load_error(err: ConfigError) -> Finding:
         severity=err.severity,
         code=mt.code,
         name=mt.name,
+        kind=origin[0] if origin else "",
+        namespace=origin[1] if origin else "",
+        resource=origin[2] if origin else "",
     )

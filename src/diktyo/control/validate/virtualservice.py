@@ -51,8 +51,8 @@ def _check_ingress_subsets(ctx: Context) -> None:
                     if vs not in lst:
                         lst.append(vs)
     for vs in ctx.idx.virtual_services:
-        if not vs.spec.gateways:
-            continue
+        if not set(vs.spec.gateways) - {"mesh"}:
+            continue  # bound to the mesh only: no gateway requests (Istio also reports these)
         for i, rule in enumerate(vs.spec.http):
             for j, rd in enumerate(rule.route):
                 if rd.destination.subset:
@@ -323,7 +323,7 @@ def _check_destination(ctx: Context, vs: Any, path: str, dest: Any, what: str) -
             )
     if dest.subset:
         host = ctx.resolve(dest.host, vs.namespace)
-        defined = _subsets(ctx, host)
+        defined = ctx.subsets(host)
         if dest.subset not in defined:
             reftype = "host+subset" if what == "route" else "mirror+subset"
             close = difflib.get_close_matches(dest.subset, sorted(defined), n=1)
@@ -344,15 +344,6 @@ def _check_destination(ctx: Context, vs: Any, path: str, dest: Any, what: str) -
             )
 
 
-def _subsets(ctx: Context, host: str) -> set[str]:
-    names: set[str] = set()
-    for dr in ctx.idx.destination_rules:
-        dr_host = ctx.resolve(dr.spec.host, dr.namespace)
-        if dr_host == host or host_matches(dr_host, host):
-            names.update(s.name for s in dr.spec.subsets)
-    return names
-
-
 # ----------------------------------------------------------------------------- IST0130/0131
 
 
@@ -364,38 +355,101 @@ def _is_catch_all(match: Any) -> bool:
     return bool(data == {"uri": {"prefix": "/"}})
 
 
-def _rule_name(rule: Any, i: int) -> str:
-    return f'"{rule.name}"' if rule.name else f"#{i}"
+def _name(obj: Any, i: int) -> str:
+    """Istio's way of naming a rule or match in messages: its quoted name, else ``#i``."""
+    name = getattr(obj, "name", None)
+    return f'"{name}"' if name else f"#{i}"
+
+
+def _match_key(match: Any) -> str:
+    return repr(sorted(match.model_dump(exclude_defaults=True, exclude={"name"}).items()))
 
 
 def _check_unreachable(ctx: Context, vs: Any) -> None:
-    rules = vs.spec.http
-    seen: dict[str, tuple[int, int]] = {}
-    for i, rule in enumerate(rules):
-        catch_all = not rule.match or any(_is_catch_all(mt) for mt in rule.match)
-        for k, match in enumerate(rule.match):
-            key = repr(sorted(match.model_dump(exclude_defaults=True, exclude={"name"}).items()))
-            if key in seen and seen[key][0] != i:
-                pi, pk = seen[key]
-                ctx.report(
-                    m.VS_INEFFECTIVE_MATCH,
+    """Istio's unreachable-rule analysis of http, tcp and tls rules: a second rule without
+    match (IST0130), a match repeating an earlier one (IST0131) and a rule all of whose
+    matches repeat earlier ones (IST0130). diktyo adds: an HTTP rule after one that matches
+    every request (no match, an empty match or ``uri: {prefix: /}``) is never used."""
+    for kind in ("http", "tcp", "tls"):
+        rules = getattr(vs.spec, kind)
+        seen: dict[str, tuple[int, int]] = {}
+        empty_at = -1
+        catch_all_at = -1
+        for i, rule in enumerate(rules):
+            base = f"spec.{kind}[{i}]"
+            if not rule.match:
+                if empty_at >= 0:
+                    _unreachable(
+                        ctx,
+                        vs,
+                        base,
+                        rule,
+                        i,
+                        "only the last rule can have no matches",
+                        f"{kind}[{empty_at}] above has no match either; keep one such rule, last",
+                    )
+                elif catch_all_at >= 0:
+                    _after_catch_all(ctx, vs, base, rule, i, kind, catch_all_at)
+                empty_at = i
+                if catch_all_at < 0:
+                    catch_all_at = i
+                continue
+            duplicates = 0
+            for k, match in enumerate(rule.match):
+                key = _match_key(match)
+                if key in seen:
+                    pi, pk = seen[key]
+                    duplicates += 1
+                    ctx.report(
+                        m.VS_INEFFECTIVE_MATCH,
+                        vs,
+                        f"{base}.match[{k}]",
+                        f"VirtualService rule {_name(rule, i)} match {_name(match, k)} is not "
+                        f"used (duplicate/overlapping match in rule {_name(rules[pi], pi)}).",
+                        f"{kind}[{pi}].match[{pk}] has the same conditions; remove this one or "
+                        "make its conditions different",
+                    )
+                else:
+                    seen[key] = (i, k)
+            if duplicates == len(rule.match):
+                _unreachable(
+                    ctx,
                     vs,
-                    f"spec.http[{i}].match[{k}]",
-                    f"VirtualService rule {_rule_name(rule, i)} match #{k} is not used "
-                    f"(duplicate/overlapping match in rule {_rule_name(rules[pi], pi)}).",
-                    f"http[{pi}].match[{pk}] above has the same conditions; remove this one or "
-                    "make its conditions different",
+                    base,
+                    rule,
+                    i,
+                    "all matches used by prior rules",
+                    "every match of this rule is an earlier rule's; remove it or make "
+                    "its matches different",
                 )
-            seen.setdefault(key, (i, k))
-        if catch_all and i + 1 < len(rules):
-            for j in range(i + 1, len(rules)):
-                ctx.report(
-                    m.VS_UNREACHABLE_RULE,
-                    vs,
-                    f"spec.http[{j}]",
-                    f"VirtualService rule {_rule_name(rules[j], j)} not used (only the last "
-                    "rule can have no matches).",
-                    f"http[{i}] above matches every request; move the catch-all rule last "
-                    "(the first matching rule wins)",
-                )
-            return
+            elif catch_all_at >= 0 and kind == "http":
+                _after_catch_all(ctx, vs, base, rule, i, kind, catch_all_at)
+            if kind == "http" and catch_all_at < 0 and any(_is_catch_all(x) for x in rule.match):
+                catch_all_at = i
+
+
+def _unreachable(
+    ctx: Context, vs: Any, path: str, rule: Any, i: int, reason: str, hint: str
+) -> None:
+    ctx.report(
+        m.VS_UNREACHABLE_RULE,
+        vs,
+        path,
+        f"VirtualService rule {_name(rule, i)} not used ({reason}).",
+        hint,
+    )
+
+
+def _after_catch_all(
+    ctx: Context, vs: Any, path: str, rule: Any, i: int, kind: str, at: int
+) -> None:
+    _unreachable(
+        ctx,
+        vs,
+        path,
+        rule,
+        i,
+        "a prior rule matches every request",
+        f"{kind}[{at}] above matches every request; move the catch-all rule last (the first "
+        "matching rule wins)",
+    )
