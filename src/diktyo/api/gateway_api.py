@@ -216,7 +216,7 @@ class HTTPRouteMatch(GatewayApiModel):
     path: HTTPPathMatch = Field(default_factory=HTTPPathMatch)  # the CRD's default: PathPrefix /
     headers: list[HTTPHeaderMatch] = Field(default_factory=list, max_length=16)
     query_params: list[HTTPQueryParamMatch] = Field(default_factory=list, max_length=16)
-    method: Literal[HTTP_METHODS] | None = None  # type: ignore[valid-type]
+    method: Literal[HTTP_METHODS] | None = None  # type: ignore[valid-type]  # Literal over a tuple constant
 
     @model_validator(mode="after")
     def _unique(self) -> HTTPRouteMatch:

@@ -198,7 +198,7 @@ class _Parser:
                     node = _method(name, node, self.args())
                 elif path is not None:
                     path = f"{path}.{name}"
-                    node = None  # type: ignore[assignment]
+                    node = None  # type: ignore[assignment]  # cleared once consumed
                 else:
                     raise CelError(f"field selection .{name} is only supported on attributes")
             elif self.accept("["):

@@ -56,8 +56,8 @@ def test_second_namespace_wide_telemetry_and_unsupported_fields() -> None:
         tel("c", "shop", "  targetRef: {kind: Gateway, name: gw}\n"),
     )
     messages = [(p.field, p.message) for p in problems]
-    # two namespace-wide Telemetries: Istio's IST0159 on both
-    assert sorted(p.resource for p in problems if p.code == "IST0159") == ["a", "b"]
+    # two namespace-wide Telemetries: Istio's IST0160 on both
+    assert sorted(p.resource for p in problems if p.code == "IST0160") == ["a", "b"]
     assert any(f.endswith("match.customMetric") for f, _ in messages)
     assert any(f.endswith("tagOverrides.host.value") and "request.host" in m for f, m in messages)
     assert any(f == "spec.targetRef" and "not applied" in m for f, m in messages)

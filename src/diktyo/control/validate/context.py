@@ -123,7 +123,7 @@ class Context:
         hint: str = "",
         severity: Literal["error", "warning", "info"] = "error",
     ) -> None:
-        level: Level = {"error": "Error", "warning": "Warning", "info": "Info"}[severity]  # type: ignore[assignment]
+        level: Level = {"error": "Error", "warning": "Warning", "info": "Info"}[severity]  # type: ignore[assignment]  # dict values are Levels
         self.problems.append(finding(DIKTYO_CHECK, res, path, message, hint, level))
 
     def lookup(self, host: str, namespace: str) -> KnownHost | None:

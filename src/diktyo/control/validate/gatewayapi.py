@@ -42,7 +42,7 @@ def _mixed_with_virtual_services(
                     GATEWAY_API_CONDITION,
                     vs,
                     f"spec.hosts[{i}]",
-                    f"host {host} also has HTTPRoute {rt.namespace}/{rt.name} (parentRef "  # type: ignore[attr-defined]
+                    f"host {host} also has HTTPRoute {rt.namespace}/{rt.name} (parentRef "  # type: ignore[attr-defined]  # rt is a Resource
                     "Service); sidecars route it by the HTTPRoute and ignore this "
                     "VirtualService",
                     "route a service with one API: remove the VirtualService or the HTTPRoute",

@@ -249,7 +249,7 @@ class Finding(ConfigError):
 
     @property
     def level(self) -> Level:
-        return {"error": "Error", "warning": "Warning", "info": "Info"}[self.severity]  # type: ignore[return-value]
+        return {"error": "Error", "warning": "Warning", "info": "Info"}[self.severity]  # type: ignore[return-value]  # dict values are Levels
 
     @property
     def origin(self) -> str:

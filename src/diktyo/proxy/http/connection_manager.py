@@ -533,7 +533,7 @@ class Stream:
             q = path.find("?")
             path = rd.uri if ("?" in rd.uri or q < 0) else rd.uri + path[q:]
         elif rd.prefix_rewrite is not None:
-            path = self.route.rewrite_prefix(path, self.block, rd.prefix_rewrite)  # type: ignore[union-attr]
+            path = self.route.rewrite_prefix(path, self.block, rd.prefix_rewrite)  # type: ignore[union-attr]  # redirect set here
         return f"{scheme}://{authority}{path}"
 
     def prepare_headers(self) -> None:
