@@ -1,6 +1,6 @@
 """Istio's mirroring task on a local mesh: all httpbin traffic to v1, a shadow copy to v2.
 
-``tests/e2e/mirroring/mesh.yaml`` runs httpbin v1 and v2 behind one service and a ``sleep``
+``samples/mirroring/mesh.yaml`` runs httpbin v1 and v2 behind one service and a ``sleep``
 client. With ``httpbin-mirror-v2.yaml`` every request still gets its answer from v1, and v2
 receives a copy (Host ``httpbin-shadow:8000``) whose answer is dropped.
 """
@@ -21,7 +21,7 @@ import pytest
 from diktyo.load import LoadOptions, LoadResult, run_load
 from diktyo.platform.harness import MeshThread
 
-HERE = Path(__file__).resolve().parent / "mirroring"
+HERE = Path(__file__).resolve().parents[2] / "samples" / "mirroring"
 URL = "http://httpbin:8000/headers"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]

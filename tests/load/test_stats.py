@@ -140,3 +140,15 @@ def test_schedule_stop_ends_the_run() -> None:
     assert sched.next(0.0) == 0.0 and sched.next(0.0) == 0.1
     sched.stop()
     assert sched.next(0.2) is None and sched.issued == 2
+
+
+def test_split_requests_gives_each_connection_its_share_like_fortio() -> None:
+    from diktyo.load.schedule import split_requests
+
+    assert split_requests(20, 2) == [10, 10]
+    assert split_requests(30, 3) == [10, 10, 10]
+    assert split_requests(7, 3) == [3, 2, 2]
+    assert split_requests(2, 4) == [1, 1, 0, 0]
+    assert split_requests(None, 2) == [None, None]
+    with pytest.raises(ValueError, match="connections"):
+        split_requests(10, 0)

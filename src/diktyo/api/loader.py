@@ -20,6 +20,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from diktyo.api.crd_schema import spec_schema, validate
 from diktyo.api.errors import ConfigError
 from diktyo.api.gateway_api import GATEWAY_API, GATEWAY_API_IGNORED
 from diktyo.api.kinds import KIND_TABLE, is_mesh_group, lookup, rows_of_kind
@@ -321,6 +322,11 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
     if not isinstance(spec_data, dict):
         errors.append(err("spec", f"spec must be a mapping, got {_type_name(spec_data)}"))
     elif row.model is None:
+        schema = spec_schema(kind, version)
+        for path, message in validate(spec_data, schema) if schema else []:
+            errors.append(
+                err(path, message, f"Istio's {kind} CRD ({api_version}) does not accept this")
+            )
         if not errors:
             errors.append(
                 err(

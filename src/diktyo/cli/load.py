@@ -87,7 +87,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("url", help="http:// URL, e.g. http://httpbin:8000/get")
     p.add_argument("-c", type=int, default=8, metavar="N", help="connections (default 8)")
-    p.add_argument("-n", type=int, default=None, metavar="N", help="number of requests")
+    p.add_argument(
+        "-n",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of requests, split evenly over the connections as fortio does",
+    )
     p.add_argument(
         "-t", type=_duration, default=None, metavar="DURATION", help="run time, e.g. 10s or 1m"
     )

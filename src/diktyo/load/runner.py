@@ -1,4 +1,4 @@
-"""Runs a bounded load: ``connections`` workers share one schedule and one recorder."""
+"""Runs a bounded load: ``connections`` workers, each with its own schedule, one recorder."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from diktyo.core.clock import SYSTEM_CLOCK, Clock
 from diktyo.load.client import Connection, ResponseError, Target, connect
-from diktyo.load.schedule import Schedule
+from diktyo.load.schedule import Schedule, split_requests
 from diktyo.load.stats import DEFAULT_PERCENTILES, LatencySummary, Recorder
 
 ProgressFn = Callable[[float, int], None]
@@ -64,13 +64,19 @@ async def run_load(
         options.url, headers=options.headers, env=env if options.use_proxy else None
     )
     start = clock.monotonic()
-    schedule = Schedule(
-        start=start, requests=options.requests, duration=options.duration, qps=options.qps
-    )
+    schedules = [
+        Schedule(
+            start=start,
+            requests=share,
+            duration=options.duration,
+            qps=options.qps / options.connections,
+        )
+        for share in split_requests(options.requests, options.connections)
+    ]
     recorder = Recorder()
     sockets = 0
 
-    async def worker() -> None:
+    async def worker(schedule: Schedule) -> None:
         nonlocal sockets
         conn: Connection | None = None
         try:
@@ -117,7 +123,8 @@ async def run_load(
     async def stop_when_asked() -> None:
         assert stop is not None
         await stop.wait()
-        schedule.stop()
+        for schedule in schedules:
+            schedule.stop()
 
     helpers = []
     if progress is not None:
@@ -126,8 +133,8 @@ async def run_load(
         helpers.append(asyncio.create_task(stop_when_asked()))
     try:
         async with asyncio.TaskGroup() as group:
-            for _ in range(options.connections):
-                group.create_task(worker())
+            for schedule in schedules:
+                group.create_task(worker(schedule))
     finally:
         for task in helpers:
             task.cancel()

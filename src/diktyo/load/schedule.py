@@ -1,10 +1,13 @@
 """When each request of a load run goes out (pure; the caller passes the current time).
 
-Theory of operation: all connections share one ``Schedule``. ``next(now)`` hands out the next
-request slot or ``None`` when the run is over. A run is bounded by a request count, a
-duration, or both (whichever ends first). With ``qps > 0`` slot *i* is due at
-``start + i / qps`` (an even rate across all connections, like fortio's ``-qps``, so a late
-slot is sent at once and the rate catches up); with ``qps == 0`` every slot is due now.
+Theory of operation: each connection has its own ``Schedule``, as each of fortio's threads
+does: ``split_requests`` gives every connection its share of the request count (fortio's
+``-n`` is "exactly n calls", n/c per connection), and each runs at ``qps / connections``.
+So a connection whose requests fail fast (503 from an open circuit breaker) does not use up
+the requests of the others. ``next(now)`` hands out the next request slot or ``None`` when
+the run is over. A run is bounded by a request count, a duration, or both (whichever ends
+first). With ``qps > 0`` slot *i* is due at ``start + i / qps`` (a late slot is sent at once
+and the rate catches up); with ``qps == 0`` every slot is due now.
 """
 
 from __future__ import annotations
@@ -49,3 +52,17 @@ class Schedule:
             return None
         self.issued += 1
         return due
+
+
+def split_requests(total: int | None, connections: int) -> list[int | None]:
+    """Each connection's share of ``total`` requests (None: no count, the run has a duration).
+
+    Like fortio's ``-n`` with ``-c``: ``total // connections`` each; the remainder goes one
+    each to the first connections.
+    """
+    if connections < 1:
+        raise ValueError(f"connections must be >= 1, got {connections}")
+    if total is None:
+        return [None] * connections
+    base, extra = divmod(total, connections)
+    return [base + (1 if i < extra else 0) for i in range(connections)]

@@ -357,3 +357,20 @@ def test_flat_blocks_select_like_route_match() -> None:
         "all",
         "all",
     ]
+
+
+def test_port_match_uses_listener_port_then_authority_then_scheme_default() -> None:
+    """Istio: ``match.port`` is the port the request is addressed to; with no port in the
+    authority that is the scheme's default (``Host: www.googleapis.com`` is port 80)."""
+    m = table([vh("g", ["*"], [route("p80", {"port": 80}), route("p443", {"port": 443})])])
+
+    def at(authority: str, scheme: str = "http", port: int | None = None) -> str | None:
+        return sel_name(m, RequestInfo("GET", "/", authority, {}, scheme, port))
+
+    assert at("www.googleapis.com") == "p80"
+    assert at("www.googleapis.com", scheme="https") == "p443"
+    assert at("www.googleapis.com:443") == "p443"
+    assert at("www.googleapis.com:8080") is None
+    # a listener standing for a service or gateway server port: that port, whatever Host says
+    assert at("www.googleapis.com:18080", port=443) == "p443"
+    assert at("www.googleapis.com", port=80, scheme="https") == "p80"

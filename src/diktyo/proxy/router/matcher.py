@@ -165,6 +165,9 @@ def _key_cond(km: KeyMatch, source: str, negate: bool) -> tuple[str, Cond]:
     return label, cond_pos
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def _authority_port(authority: str) -> int | None:
     i = authority.rfind(":")
     if i > 0 and authority[i + 1 :].isdigit() and "]" not in authority[i:]:
@@ -190,8 +193,10 @@ def compile_match(m: RouteMatch) -> list[tuple[str, Cond]]:
         port = m.port
 
         def port_cond(info: RequestInfo) -> bool:
-            p = _authority_port(info.authority)  # the port in the authority, else the listener's
-            return (p if p is not None else info.port) == port
+            # Istio: the port the request is addressed to - the listener's service/server port
+            # when known, else the authority's port, else the scheme's default (80/443)
+            p = info.port or _authority_port(info.authority)
+            return (p or _DEFAULT_PORTS.get(info.scheme, 80)) == port
 
         conds.append((f"port {port}", port_cond))
     for km in m.headers:

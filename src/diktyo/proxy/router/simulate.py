@@ -104,7 +104,9 @@ def simulate(
         return out
     matcher = RouteMatcher(table)
     eff_authority = lst.default_host or authority
-    info = RequestInfo(method, path, eff_authority, hdrs, parts.scheme or "http")
+    info = RequestInfo(
+        method, path, eff_authority, hdrs, parts.scheme or "http", lst.service_port or None
+    )
     cvh = matcher.find_virtual_host(eff_authority)
     if cvh is None:
         out["result"] = f"404 NR: no virtual host for authority {eff_authority!r}"
