@@ -54,6 +54,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds to let in-flight requests finish on SIGTERM / drain",
     )
     p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="time a client has to send a whole request head, counted from its first byte "
+        "(not reset by each byte); past it the sidecar answers 408 and closes (default 30)",
+    )
+    p.add_argument(
+        "--accept-http-10",
+        action="store_true",
+        default=os.environ.get("DIKTYO_HTTP10", "") in ("1", "true"),
+        help="accept HTTP/1.0 requests (they must still carry Host); by default they are "
+        "answered 426 Upgrade Required, as Envoy and Istio do (env DIKTYO_HTTP10=1, like "
+        "Istio's PILOT_HTTP10)",
+    )
+    p.add_argument(
         "--log-level",
         default="warning",
         choices=["debug", "info", "warning", "error"],
@@ -104,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         outbound_port=args.outbound_port,
         drain_timeout=args.drain_timeout,
+        header_timeout=args.header_timeout,
+        accept_http_10=args.accept_http_10,
     )
     try:
         return run_sidecar(opts)

@@ -41,6 +41,8 @@ class SidecarOptions:
     admin_address: str = "127.0.0.1"
     outbound_port: int | None = None
     drain_timeout: float = 10.0
+    header_timeout: float = 30.0  # seconds from a request head's first byte to its end
+    accept_http_10: bool = False  # Envoy's accept_http_10 (Istio: PILOT_HTTP10)
     seed: int | None = None
     # bootstrap token for the CA ($DIKTYO_CA_TOKEN, set by the local platform); with
     # --control-plane it gets the workload certificate and turns on mTLS
@@ -78,6 +80,8 @@ def load_snapshot(opts: SidecarOptions) -> Snapshot:
 async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
     loop = asyncio.get_running_loop()
     sidecar = Sidecar(loop, seed=opts.seed)
+    sidecar.header_timeout = opts.header_timeout
+    sidecar.accept_http_10 = opts.accept_http_10
     client = None
     if opts.control_plane and not opts.node:
         print(

@@ -35,8 +35,14 @@ from diktyo.telemetry.istio_metrics import WorkloadInfo, spiffe_id
 
 log = logging.getLogger("diktyo.proxy")
 
-HEADER_TIMEOUT = 30.0
+HEADER_TIMEOUT = 30.0  # from a request head's first byte to its end (--header-timeout)
 IDLE_TIMEOUT = 300.0
+
+
+def _drain_reason(old: Any, new: Any) -> str:
+    """Which settings that pooled connections were made under differ ("" = none)."""
+    what = [f for f in ("tls", "pool", "protocol") if getattr(old, f) != getattr(new, f)]
+    return ", ".join(what)
 
 
 class ListenerContext:
@@ -217,6 +223,10 @@ class Sidecar:
         # workload identity (mTLS): a CertificateStore once the CA issued a certificate
         self.certs: Any = None
         self.rotator: Any = None
+        self.header_timeout = HEADER_TIMEOUT
+        # Envoy's (and Istio's) default: HTTP/1.0 requests are answered 426 (--accept-http-10)
+        self.accept_http_10 = False
+        self.idle_timeout = IDLE_TIMEOUT
 
     # ------------------------------------------------------------------ snapshots
     def apply(self, snapshot: Snapshot) -> None:
@@ -244,8 +254,13 @@ class Sidecar:
                 pool = self.pools[name] = ClusterPool(name, cs, self.loop, self.stats, self.tasks)
                 pool.certs = self.certs
             else:
+                before = pool.state.cluster
                 pool.state = cs
                 pool.prune({h.key for h in cs.hosts})
+                changed = _drain_reason(before, cs.cluster)
+                if changed:
+                    n = pool.drain(changed)
+                    log.info("cluster %s: %s changed, %d pooled connections drained", name, changed, n)
                 if self.certs is not None or cs.cluster.tls is not None:
                     self._retune_tls(pool, cs)
         for name in list(self.pools):
@@ -428,7 +443,7 @@ class Sidecar:
                 for conn in list(ctx.connections):
                     check = getattr(conn, "idle_check", None)
                     if check is not None:
-                        check(now, HEADER_TIMEOUT, IDLE_TIMEOUT)
+                        check(now, self.header_timeout, self.idle_timeout)
         except Exception:
             log.exception("sidecar maintenance tick failed")
         self._ticker = self.loop.call_later(1.0, self._tick)
