@@ -62,6 +62,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(not reset by each byte); past it the sidecar answers 408 and closes (default 30)",
     )
     p.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        default=os.environ.get("DIKTYO_ADMIN_TOKEN_FILE", ""),
+        help="file (mode 0600) with the bearer token that state-changing admin endpoints "
+        "(POST /drain, /quitquitquit) need; created with a fresh token if missing. Default: "
+        "$DIKTYO_ADMIN_TOKEN_FILE, else a token generated into "
+        "$DIKTYO_HOME/sidecars/PID/admin-token (the ready line names the file)",
+    )
+    p.add_argument(
         "--accept-http-10",
         action="store_true",
         default=os.environ.get("DIKTYO_HTTP10", "") in ("1", "true"),
@@ -122,12 +131,13 @@ def run(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         header_timeout=args.header_timeout,
         accept_http_10=args.accept_http_10,
+        admin_token_file=args.admin_token_file,
     )
     try:
         return run_sidecar(opts)
     except Exception as exc:  # config errors from --config: say what is wrong
         name = type(exc).__name__
-        if name in ("ConfigLoadError", "SnapshotError", "FileNotFoundError"):
+        if name in ("ConfigLoadError", "SnapshotError", "FileNotFoundError", "AdminTokenError"):
             print(f"diktyo sidecar: {exc}", file=sys.stderr)
             return 1
         raise

@@ -2,7 +2,11 @@
 
 When ready it prints one JSON line on stdout, for parents to read the bound ports::
 
-    {"event":"ready","admin":PORT,"listeners":{"NAME":PORT,...},"version":"SNAPSHOT_VERSION"}
+    {"event":"ready","admin":PORT,"listeners":{"NAME":PORT,...},"version":"SNAPSHOT_VERSION",
+     "admin_token_file":"PATH"}
+
+``PATH`` holds the bearer token that ``POST /drain`` (and other state-changing admin
+endpoints) need; see ``diktyo.proxy.admin``.
 
 Logs go to stderr. SIGTERM / SIGINT / ``POST /drain`` stop accepting, finish in-flight
 requests (up to ``drain_timeout``) and exit 0.
@@ -22,7 +26,13 @@ from pathlib import Path
 
 import msgspec
 
-from diktyo.proxy.admin import AdminServer
+from diktyo.proxy.admin import (
+    TOKEN_FILE_ENV,
+    AdminServer,
+    AdminTokenError,
+    default_token_path,
+    load_or_create_token,
+)
 from diktyo.proxy.sidecar import Sidecar, install_uvloop
 from diktyo.security.spiffe import TOKEN_ENV  # light: the CA's code is loaded only with a token
 from diktyo.snapshot.codec import SnapshotError, decode
@@ -48,6 +58,8 @@ class SidecarOptions:
     # --control-plane it gets the workload certificate and turns on mTLS
     ca_token: str | None = field(default_factory=lambda: os.environ.get(TOKEN_ENV) or None)
     identity_timeout: float = 30.0
+    # bearer token file for state-changing admin endpoints ("" = generate one in the state dir)
+    admin_token_file: str = field(default_factory=lambda: os.environ.get(TOKEN_FILE_ENV, ""))
 
 
 def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:
@@ -78,11 +90,9 @@ def load_snapshot(opts: SidecarOptions) -> Snapshot:
 
 
 async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    sidecar = Sidecar(loop, seed=opts.seed)
+    sidecar = Sidecar(asyncio.get_running_loop(), seed=opts.seed)
     sidecar.header_timeout = opts.header_timeout
     sidecar.accept_http_10 = opts.accept_http_10
-    client = None
     if opts.control_plane and not opts.node:
         print(
             "diktyo sidecar: --control-plane needs --node ID (the node id the control "
@@ -90,8 +100,29 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
             file=sys.stderr,
         )
         return 2
+    # the admin credential: a 0600 file given, or one generated into the state dir
+    token_path = Path(opts.admin_token_file) if opts.admin_token_file else default_token_path()
+    try:
+        if not opts.admin_token_file:
+            token_path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+        token, created = load_or_create_token(token_path)
+    except (AdminTokenError, OSError) as exc:
+        print(f"diktyo sidecar: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return await _serve(opts, ready_out, sidecar, token, token_path)
+    finally:
+        if created and not opts.admin_token_file:
+            _remove_token(token_path)
+
+
+async def _serve(  # type: ignore[no-untyped-def]
+    opts: SidecarOptions, ready_out, sidecar: Sidecar, token: str, token_path: Path
+) -> int:
+    loop = asyncio.get_running_loop()
+    client = None
     # the admin port answers first (/ready is 503 until a snapshot is applied)
-    admin = AdminServer(sidecar)
+    admin = AdminServer(sidecar, token, str(token_path))
     await admin.start(opts.admin_address, opts.admin_port)
     if opts.control_plane and opts.ca_token:
         error = await start_identity(
@@ -132,7 +163,13 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
     gc.set_threshold(20000, 20, 20)
     version = sidecar.rt.snapshot.version if sidecar.rt is not None else ""
     line = json.dumps(
-        {"event": "ready", "admin": admin.port, "listeners": sidecar.ports(), "version": version},
+        {
+            "event": "ready",
+            "admin": admin.port,
+            "listeners": sidecar.ports(),
+            "version": version,
+            "admin_token_file": str(token_path),
+        },
         separators=(",", ":"),
     )
     print(line, file=ready_out, flush=True)
@@ -152,6 +189,15 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
     if client is not None:
         await client.close()
     return 0
+
+
+def _remove_token(path: Path) -> None:
+    """Remove a token file this sidecar generated in its state dir (and the dir if empty)."""
+    try:
+        path.unlink()
+        path.parent.rmdir()
+    except OSError:
+        pass
 
 
 async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: float) -> str:
