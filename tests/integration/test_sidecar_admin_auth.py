@@ -114,3 +114,34 @@ async def test_default_token_is_generated_in_the_state_dir_and_removed(tmp_path:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_unwritable_state_dir_still_starts_with_mutations_disabled(tmp_path: Path) -> None:
+    import json
+
+    from diktyo.snapshot.codec import encode
+
+    snap_file = tmp_path / "snap.json"
+    snap_file.write_bytes(encode(http_snapshot({"reviews": [("127.0.0.1", 1)]})))
+    (tmp_path / "a-file").write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "DIKTYO_ADMIN_TOKEN_FILE"}
+    env["DIKTYO_HOME"] = str(tmp_path / "a-file" / "home")  # cannot be created (even as root)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "diktyo.proxy", "--snapshot", str(snap_file),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert ready["admin_token_file"] is None
+        r = await http_request(ready["admin"], "POST", "/quitquitquit", {"Host": "x"})
+        assert r.status == 401
+        assert (await http_request(ready["admin"], "GET", "/ready", {"Host": "x"})).status == 200
+        proc.terminate()  # SIGTERM still drains
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert proc.stderr is not None
+        assert b"--admin-token-file" in await proc.stderr.read()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -3,16 +3,16 @@
 Endpoints that change state (``POST /drain``, ``/quitquitquit``, ``/drain_listeners``) need
 ``Authorization: Bearer TOKEN``. The token comes from a 0600 file (``--admin-token-file`` or
 ``$DIKTYO_ADMIN_TOKEN_FILE``; created with a fresh token if missing) or, with neither, is
-generated into ``$DIKTYO_HOME/sidecars/PID/admin-token`` (0600, removed at exit). The ready
-line names the file. Read-only endpoints stay open while the admin port is on loopback; on
-any other address they need the token too.
+generated into ``$DIKTYO_HOME/sidecars/PID/admin-token`` (0600, removed at exit; if no state
+dir is writable, e.g. a read-only root filesystem, the token stays in memory and those
+endpoints cannot be used: SIGTERM still drains). The ready line names the file. Read-only
+endpoints stay open (the admin port listens on loopback unless told otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -77,13 +77,25 @@ def load_or_create_token(path: Path) -> tuple[str, bool]:
     return token, False
 
 
-def _is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
+def resolve_token(token_file: str) -> tuple[str, Path | None, bool]:
+    """The admin token: from ``token_file`` (errors are fatal: the operator asked for it), else
+    generated into the first writable state dir. Returns (token, path or None, created)."""
+    if token_file:
+        path = Path(token_file)
+        token, created = load_or_create_token(path)
+        return token, path, created
+    path = default_token_path()
     try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+        token, created = load_or_create_token(path)
+        return token, path, created
+    except (AdminTokenError, OSError) as exc:
+        log.warning(
+            "no admin token file (%s): POST /drain and /quitquitquit are disabled; pass "
+            "--admin-token-file FILE (or $%s) to use them, SIGTERM drains either way",
+            exc, TOKEN_FILE_ENV,
+        )  # fmt: skip
+        return secrets.token_urlsafe(32), None, False
 
 
 class AdminConnection(asyncio.Protocol):
@@ -140,10 +152,8 @@ class AdminServer:
         # the bearer token state-changing endpoints need; None = a random one nobody knows
         self.token = token if token else secrets.token_urlsafe(32)
         self.token_file = token_file  # named in 401 answers (where to find the token)
-        self.open_reads = True  # read-only endpoints without a token (loopback only)
 
     async def start(self, address: str = "127.0.0.1", port: int = 0) -> int:
-        self.open_reads = _is_loopback(address)
         loop = self.sidecar.loop
         self.server = await loop.create_server(lambda: AdminConnection(self), address, port)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -164,7 +174,7 @@ class AdminServer:
         sc = self.sidecar
         text = b"text/plain"
         js = b"application/json"
-        if (path in MUTATING or not self.open_reads) and not self.authorized(authorization):
+        if path in MUTATING and not self.authorized(authorization):
             where = f" (the token is in {self.token_file})" if self.token_file else ""
             log.warning("admin %s %s refused: missing or wrong bearer token", method, path)
             return (

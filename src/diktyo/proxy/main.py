@@ -26,13 +26,7 @@ from pathlib import Path
 
 import msgspec
 
-from diktyo.proxy.admin import (
-    TOKEN_FILE_ENV,
-    AdminServer,
-    AdminTokenError,
-    default_token_path,
-    load_or_create_token,
-)
+from diktyo.proxy.admin import TOKEN_FILE_ENV, AdminServer, AdminTokenError, resolve_token
 from diktyo.proxy.sidecar import Sidecar, install_uvloop
 from diktyo.security.spiffe import TOKEN_ENV  # light: the CA's code is loaded only with a token
 from diktyo.snapshot.codec import SnapshotError, decode
@@ -101,28 +95,25 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
         )
         return 2
     # the admin credential: a 0600 file given, or one generated into the state dir
-    token_path = Path(opts.admin_token_file) if opts.admin_token_file else default_token_path()
     try:
-        if not opts.admin_token_file:
-            token_path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
-        token, created = load_or_create_token(token_path)
+        token, token_path, created = resolve_token(opts.admin_token_file)
     except (AdminTokenError, OSError) as exc:
         print(f"diktyo sidecar: {exc}", file=sys.stderr)
         return 1
     try:
         return await _serve(opts, ready_out, sidecar, token, token_path)
     finally:
-        if created and not opts.admin_token_file:
+        if created and not opts.admin_token_file and token_path is not None:
             _remove_token(token_path)
 
 
 async def _serve(  # type: ignore[no-untyped-def]
-    opts: SidecarOptions, ready_out, sidecar: Sidecar, token: str, token_path: Path
+    opts: SidecarOptions, ready_out, sidecar: Sidecar, token: str, token_path: Path | None
 ) -> int:
     loop = asyncio.get_running_loop()
     client = None
     # the admin port answers first (/ready is 503 until a snapshot is applied)
-    admin = AdminServer(sidecar, token, str(token_path))
+    admin = AdminServer(sidecar, token, str(token_path) if token_path else "")
     await admin.start(opts.admin_address, opts.admin_port)
     if opts.control_plane and opts.ca_token:
         error = await start_identity(
@@ -168,7 +159,7 @@ async def _serve(  # type: ignore[no-untyped-def]
             "admin": admin.port,
             "listeners": sidecar.ports(),
             "version": version,
-            "admin_token_file": str(token_path),
+            "admin_token_file": str(token_path) if token_path else None,
         },
         separators=(",", ":"),
     )
