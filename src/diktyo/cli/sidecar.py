@@ -71,6 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "$DIKTYO_HOME/sidecars/PID/admin-token (the ready line names the file)",
     )
     p.add_argument(
+        "--access-log-buffer-kb",
+        type=int,
+        default=1024,
+        metavar="KB",
+        help="access log bytes kept for a slow reader of stdout (KiB, default 1024); lines "
+        "beyond it are dropped and counted (access_log_lines_dropped), never waited for",
+    )
+    p.add_argument(
         "--accept-http-10",
         action="store_true",
         default=os.environ.get("DIKTYO_HTTP10", "") in ("1", "true"),
@@ -132,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         header_timeout=args.header_timeout,
         accept_http_10=args.accept_http_10,
         admin_token_file=args.admin_token_file,
+        access_log_buffer=max(1, args.access_log_buffer_kb) * 1024,
     )
     try:
         return run_sidecar(opts)

@@ -47,6 +47,7 @@ class SidecarOptions:
     drain_timeout: float = 10.0
     header_timeout: float = 30.0  # seconds from a request head's first byte to its end
     accept_http_10: bool = False  # Envoy's accept_http_10 (Istio: PILOT_HTTP10)
+    access_log_buffer: int = 1024 * 1024  # bytes of access log buffered before lines drop
     seed: int | None = None
     # bootstrap token for the CA ($DIKTYO_CA_TOKEN, set by the local platform); with
     # --control-plane it gets the workload certificate and turns on mTLS
@@ -87,6 +88,7 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
     sidecar = Sidecar(asyncio.get_running_loop(), seed=opts.seed)
     sidecar.header_timeout = opts.header_timeout
     sidecar.accept_http_10 = opts.accept_http_10
+    sidecar.access_log_buffer = opts.access_log_buffer
     if opts.control_plane and not opts.node:
         print(
             "diktyo sidecar: --control-plane needs --node ID (the node id the control "

@@ -108,7 +108,12 @@ class Runtime:
         if snapshot.mesh.access_log.enabled:
             from diktyo.proxy.access_log import make_access_logger
 
-            self.access_log = make_access_logger(snapshot.mesh.access_log)
+            cfg = snapshot.mesh.access_log
+            try:
+                writer = sidecar.access_log_writer(cfg.path)
+            except OSError as exc:
+                raise SnapshotError(f"access log {cfg.path}: {exc.strerror}") from None
+            self.access_log = make_access_logger(cfg, writer)
         self.peers: dict[tuple[Any, ...], Any] = {}
         # security: inbound checks (mTLS peer, JWT, RBAC) and the peer metadata we send
         certs = sidecar.certs
@@ -224,9 +229,22 @@ class Sidecar:
         self.certs: Any = None
         self.rotator: Any = None
         self.header_timeout = HEADER_TIMEOUT
+        self.log_writers: dict[str, Any] = {}  # access log path -> AccessLogWriter
+        self.access_log_buffer = 1024 * 1024  # bytes buffered for a slow reader, then drops
         # Envoy's (and Istio's) default: HTTP/1.0 requests are answered 426 (--accept-http-10)
         self.accept_http_10 = False
         self.idle_timeout = IDLE_TIMEOUT
+
+    def access_log_writer(self, path: str) -> Any:
+        """The one non-blocking writer for an access log path (kept across snapshot swaps)."""
+        w = self.log_writers.get(path)
+        if w is None:
+            from diktyo.proxy.access_log import AccessLogWriter
+
+            w = self.log_writers[path] = AccessLogWriter(
+                self.loop, path, self.stats.server, self.access_log_buffer
+            )
+        return w
 
     # ------------------------------------------------------------------ snapshots
     def apply(self, snapshot: Snapshot) -> None:
@@ -474,6 +492,9 @@ class Sidecar:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        for w in self.log_writers.values():
+            w.flush_and_close()  # best effort, still non-blocking
+        self.log_writers.clear()
         for ctx in self.listeners.values():
             if ctx.server is not None:
                 ctx.server.close()

@@ -101,6 +101,9 @@ async def start_sidecar_process(
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        # read what is left in the pipes to EOF, so their transports close on this loop
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.communicate(), 5)
         os.unlink(path)
         if token_dir is not None:
             shutil.rmtree(token_dir, ignore_errors=True)
