@@ -305,6 +305,10 @@ def mutated_responses(draw: st.DrawFn) -> bytes:
 @FUZZ
 @given(mutated_responses(), st.lists(st.integers(0, 80000), max_size=6))
 @example(_RESP_SEED.replace(b"200 OK", b"101 Switching Protocols"), [])
+# found by this fuzzer: an empty line before the status line made the status line part of
+# the forwarded header block when the response arrived in one read
+@example(b"\r\n" + _RESP_SEED, [1])
+@example(b"\r\n\r\n" + _RESP_SEED, [])
 @example(_RESP_SEED.replace(b"Server: x", b"x-big: " + b"v" * 70000), [3000, 40000])
 @example(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\r\n", [20])
 def test_mutated_responses_never_pass_101_or_huge_heads(data: bytes, cuts: list[int]) -> None:

@@ -118,11 +118,16 @@ def _light_reexec() -> None:
 
 def run(args: argparse.Namespace) -> int:
     _light_reexec()
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from diktyo.proxy.access_log import NonBlockingLogHandler
+
+    # logs go to stderr without ever blocking the event loop (a stalled reader drops lines)
+    handler: logging.Handler
+    try:
+        handler = NonBlockingLogHandler("/dev/stderr")
+    except OSError:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     from diktyo.proxy.main import SidecarOptions
     from diktyo.proxy.main import run as run_sidecar
 

@@ -207,6 +207,28 @@ class AccessLogWriter:
             os.close(self.fd)
 
 
+class NonBlockingLogHandler(logging.Handler):
+    """The sidecar's stderr log handler: one ``os.write`` per record on a non-blocking fd of
+    its own; a record the reader has no room for is dropped (and counted in ``dropped``),
+    never waited for. Lines up to PIPE_BUF (4 KiB) reach a pipe whole or not at all."""
+
+    def __init__(self, path: str = "/dev/stderr") -> None:
+        super().__init__()
+        self.fd = _open_nonblocking(path)
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "replace")
+            n = os.write(self.fd, data)
+            if n < len(data):
+                self.dropped += 1
+        except BlockingIOError:
+            self.dropped += 1
+        except Exception:  # noqa: BLE001 - logging must never take the sidecar down
+            self.handleError(record)
+
+
 def make_access_logger(
     cfg: AccessLog, writer: AccessLogWriter | None = None
 ) -> Callable[[Any, str, float], None]:

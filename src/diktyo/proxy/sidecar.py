@@ -278,7 +278,9 @@ class Sidecar:
                 changed = _drain_reason(before, cs.cluster)
                 if changed:
                     n = pool.drain(changed)
-                    log.info("cluster %s: %s changed, %d pooled connections drained", name, changed, n)
+                    log.info(
+                        "cluster %s: %s changed, %d pooled connections drained", name, changed, n
+                    )
                 if self.certs is not None or cs.cluster.tls is not None:
                     self._retune_tls(pool, cs)
         for name in list(self.pools):

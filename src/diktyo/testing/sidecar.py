@@ -94,16 +94,17 @@ async def start_sidecar_process(
             ready["admin_token"] = Path(token_file).read_text().strip()
         yield SidecarHandle(ready["admin"], ready["listeners"], process=proc, extra=ready)
     finally:
+        # communicate() reads the pipes to EOF while waiting: a wait() alone can hang on a
+        # child that filled a pipe nobody reads (asyncio reports the exit once pipes close)
         if proc.returncode is None:
             proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
+        try:
+            await asyncio.wait_for(proc.communicate(), 15)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-                await proc.wait()
-        # read what is left in the pipes to EOF, so their transports close on this loop
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.communicate(), 5)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.communicate(), 5)
         os.unlink(path)
         if token_dir is not None:
             shutil.rmtree(token_dir, ignore_errors=True)

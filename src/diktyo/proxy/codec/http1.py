@@ -441,7 +441,12 @@ class ResponseDecoder:
         data = self._data
         carry = self._carry
         buf = carry + data[self._head_start :] if carry else data[self._head_start :]
-        end = buf.find(b"\r\n\r\n")
+        # llhttp skips empty lines before a status line; so must the cut (found by fuzzing:
+        # b"\r\nHTTP/1.1 200 OK..." forwarded the status line as a header)
+        lead = 0
+        while buf[lead : lead + 1] in (b"\r", b"\n"):
+            lead += 1
+        end = buf.find(b"\r\n\r\n", lead)
         if end < 0:
             raise CodecError(502, "malformed upstream response head")
         if end > MAX_HEADER_BYTES:
@@ -450,7 +455,7 @@ class ResponseDecoder:
         if status == 101:
             # the proxy never forwards Upgrade, so no request asked to switch protocols
             raise CodecError(502, "unexpected 101 Switching Protocols from upstream")
-        first = buf.find(b"\r\n")
+        first = buf.find(b"\r\n", lead)
         block = buf[first + 2 : end + 4]
         self._pos = (self._head_start if not carry else -len(carry)) + end + 4
         self._carry = b""
