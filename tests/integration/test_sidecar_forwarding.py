@@ -447,6 +447,7 @@ async def test_http10_clients_close_or_keep_alive() -> None:
         FakeUpstream() as up,
         start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
     ):
+        sc.sidecar.accept_http_10 = True  # --accept-http-10 (default: 426, as Envoy)
         r, w = await asyncio.open_connection("127.0.0.1", sc.port())
         w.write(b"GET /a HTTP/1.0\r\nHost: reviews\r\nConnection: keep-alive\r\n\r\n")
         head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 3)

@@ -173,7 +173,10 @@ async def test_drain_finishes_in_flight_requests() -> None:
     ):
         req = asyncio.create_task(http_request(sc.port(), "GET", "http://reviews/"))
         await asyncio.sleep(0.1)
-        r = await http_request(sc.admin, "POST", "/drain", {"Host": "admin"})
+        token = sc.extra["admin_token"]
+        r = await http_request(
+            sc.admin, "POST", "/drain", {"Host": "admin", "Authorization": f"Bearer {token}"}
+        )
         assert r.status == 200
         resp = await req
         assert (resp.status, resp.body) == (200, b"slow")

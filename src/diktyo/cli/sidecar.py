@@ -58,6 +58,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds to let in-flight requests finish on SIGTERM / drain",
     )
     p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="time a client has to send a whole request head, counted from its first byte "
+        "(not reset by each byte); past it the sidecar answers 408 and closes (default 30)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        default=os.environ.get("DIKTYO_ADMIN_TOKEN_FILE", ""),
+        help="file (mode 0600) with the bearer token that state-changing admin endpoints "
+        "(POST /drain, /quitquitquit) need; created with a fresh token if missing. Default: "
+        "$DIKTYO_ADMIN_TOKEN_FILE, else a token generated into "
+        "$DIKTYO_HOME/sidecars/PID/admin-token (the ready line names the file)",
+    )
+    p.add_argument(
+        "--access-log-buffer-kb",
+        type=int,
+        default=1024,
+        metavar="KB",
+        help="access log bytes kept for a slow reader of stdout (KiB, default 1024); lines "
+        "beyond it are dropped and counted (access_log_lines_dropped), never waited for",
+    )
+    p.add_argument(
+        "--accept-http-10",
+        action="store_true",
+        default=os.environ.get("DIKTYO_HTTP10", "") in ("1", "true"),
+        help="accept HTTP/1.0 requests (they must still carry Host); by default they are "
+        "answered 426 Upgrade Required, as Envoy and Istio do (env DIKTYO_HTTP10=1, like "
+        "Istio's PILOT_HTTP10)",
+    )
+    p.add_argument(
         "--log-level",
         default="warning",
         choices=["debug", "info", "warning", "error"],
@@ -96,11 +129,16 @@ def _standalone_snapshot(config_dir: str, outbound_port: int) -> Snapshot:
 
 def run(args: argparse.Namespace) -> int:
     _light_reexec()
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from diktyo.proxy.access_log import NonBlockingLogHandler
+
+    # logs go to stderr without ever blocking the event loop (a stalled reader drops lines)
+    handler: logging.Handler
+    try:
+        handler = NonBlockingLogHandler("/dev/stderr")
+    except OSError:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     from diktyo.proxy.main import SidecarOptions
     from diktyo.proxy.main import run as run_sidecar
 
@@ -116,12 +154,17 @@ def run(args: argparse.Namespace) -> int:
         outbound_port=args.outbound_port,
         drain_timeout=args.drain_timeout,
         config_loader=_standalone_snapshot if args.config else None,
+
+        header_timeout=args.header_timeout,
+        accept_http_10=args.accept_http_10,
+        admin_token_file=args.admin_token_file,
+        access_log_buffer=max(1, args.access_log_buffer_kb) * 1024,
     )
     try:
         return run_sidecar(opts)
     except Exception as exc:  # config errors from --config: say what is wrong
         name = type(exc).__name__
-        if name in ("ConfigLoadError", "SnapshotError", "FileNotFoundError"):
+        if name in ("ConfigLoadError", "SnapshotError", "FileNotFoundError", "AdminTokenError"):
             print(f"diktyo sidecar: {exc}", file=sys.stderr)
             return 1
         raise

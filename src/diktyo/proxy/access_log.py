@@ -1,12 +1,30 @@
-"""Access log lines in Istio's default text format (or JSON), written when the mesh enables them."""
+"""Access log lines in Istio's default text format (or JSON), written when the mesh enables them.
+
+Theory of operation
+-------------------
+Writing must never block the event loop: a stalled reader of the sidecar's stdout (a paused
+supervisor, a full pipe) would otherwise stop all traffic. ``AccessLogWriter`` owns its own
+non-blocking file description (``/proc/self/fd/N`` reopened, so ``O_NONBLOCK`` does not leak to
+other holders of the same pipe or terminal; ``dup`` where that is impossible) and a bounded
+buffer (``MAX_BUFFER`` bytes). A line is written at once if the fd takes it; otherwise it is
+buffered and flushed when the loop says the fd is writable. When the buffer is full the line
+is dropped, ``access_log_lines_dropped`` is counted in the admin stats, and a warning is
+logged at most once per ``WARN_INTERVAL`` seconds.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import json
+import logging
+import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 from diktyo.snapshot.model import AccessLog, TelemetryPolicy
 
@@ -61,21 +79,170 @@ def format_json(s: Any, flags: str, dur_ms: float) -> str:
     )
 
 
-def make_access_logger(cfg: AccessLog) -> Callable[[Any, str, float], None]:
-    fmt = format_json if cfg.format == "json" else format_text
-    out: IO[str]
-    if cfg.path in ("/dev/stdout", "-", ""):
-        out = sys.stdout
-    elif cfg.path == "/dev/stderr":
-        out = sys.stderr
+log = logging.getLogger("diktyo.proxy")
+
+MAX_BUFFER = 1024 * 1024  # bytes of access log waiting for a slow reader; then lines drop
+WARN_INTERVAL = 10.0
+
+
+def _open_nonblocking(path: str) -> int:
+    """A new non-blocking fd for ``path`` (stdout/stderr reopened through /proc, or a file)."""
+    std = {"/dev/stdout": 1, "-": 1, "": 1, "/dev/stderr": 2}.get(path)
+    if std is None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
     else:
-        out = open(cfg.path, "a", buffering=1)  # noqa: SIM115 - lives as long as the runtime
+        with contextlib.suppress(OSError):
+            (sys.stdout if std == 1 else sys.stderr).flush()
+        try:
+            # a new open file description: O_NONBLOCK stays ours, not the terminal's or pipe's
+            fd = os.open(f"/proc/self/fd/{std}", os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
+        except OSError:
+            fd = os.dup(std)  # e.g. a socket: shares the description, still non-blocking below
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    return fd
 
-    def log(stream: Any, flags: str, dur_ms: float) -> None:
-        out.write(fmt(stream, flags, dur_ms))
-        out.flush()
 
-    return log
+class AccessLogWriter:
+    """Bounded, non-blocking line writer on the event loop (see module docstring)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        path: str,
+        stats: dict[str, int],
+        max_buffer: int = MAX_BUFFER,
+    ) -> None:
+        self.loop = loop
+        self.path = path
+        self.fd = _open_nonblocking(path)
+        self.stats = stats  # Stats.server: access_log_lines_dropped / _written
+        self.max_buffer = max_buffer
+        self.buf: deque[bytes] = deque()
+        self.buffered = 0
+        self.watching = False
+        self.dropped_since_warn = 0
+        self.last_warn = -WARN_INTERVAL
+        self.closed = False
+
+    def write(self, line: str) -> None:
+        data = line.encode("utf-8", "replace")
+        if self.closed:
+            return
+        if not self.buf:
+            try:
+                n = os.write(self.fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                self._drop(f"write failed: {exc.strerror}")
+                return
+            if n == len(data):
+                self.stats["access_log_lines_written"] = (
+                    self.stats.get("access_log_lines_written", 0) + 1
+                )
+                return
+            data = data[n:]
+        if self.buffered + len(data) > self.max_buffer:
+            self._drop("the reader is not keeping up and the buffer is full")
+            return
+        self.buf.append(data)
+        self.buffered += len(data)
+        self.stats["access_log_lines_written"] = self.stats.get("access_log_lines_written", 0) + 1
+        if not self.watching:
+            self.watching = True
+            self.loop.add_writer(self.fd, self._flush)
+
+    def _drop(self, why: str) -> None:
+        self.stats["access_log_lines_dropped"] = self.stats.get("access_log_lines_dropped", 0) + 1
+        self.dropped_since_warn += 1
+        now = time.monotonic()
+        if now - self.last_warn >= WARN_INTERVAL:
+            log.warning(
+                "access log %s: dropped %d line(s): %s (buffer %d bytes); see "
+                "access_log_lines_dropped in the admin /stats",
+                self.path, self.dropped_since_warn, why, self.max_buffer,
+            )  # fmt: skip
+            self.last_warn = now
+            self.dropped_since_warn = 0
+
+    def _flush(self) -> None:
+        while self.buf:
+            data = self.buf[0]
+            try:
+                n = os.write(self.fd, data)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._drop(f"write failed: {exc.strerror}")
+                self.buf.clear()
+                self.buffered = 0
+                break
+            self.buffered -= n
+            if n < len(data):
+                self.buf[0] = data[n:]
+                return
+            self.buf.popleft()
+        if self.watching:
+            self.watching = False
+            self.loop.remove_writer(self.fd)
+
+    def flush_and_close(self) -> None:
+        """What the fd takes now is written (never waits), the rest is dropped; then close."""
+        self._flush()
+        if self.buf:
+            for _ in self.buf:
+                self._drop("the sidecar is stopping and the reader is not keeping up")
+            self.buf.clear()
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.watching:
+            self.loop.remove_writer(self.fd)
+            self.watching = False
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class NonBlockingLogHandler(logging.Handler):
+    """The sidecar's stderr log handler: one ``os.write`` per record on a non-blocking fd of
+    its own; a record the reader has no room for is dropped (and counted in ``dropped``),
+    never waited for. Lines up to PIPE_BUF (4 KiB) reach a pipe whole or not at all."""
+
+    def __init__(self, path: str = "/dev/stderr") -> None:
+        super().__init__()
+        self.fd = _open_nonblocking(path)
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "replace")
+            n = os.write(self.fd, data)
+            if n < len(data):
+                self.dropped += 1
+        except BlockingIOError:
+            self.dropped += 1
+        except Exception:  # noqa: BLE001 - logging must never take the sidecar down
+            self.handleError(record)
+
+
+def make_access_logger(
+    cfg: AccessLog, writer: AccessLogWriter | None = None
+) -> Callable[[Any, str, float], None]:
+    """A per-request callback writing ``cfg.format`` lines to ``writer`` (the sidecar keeps
+    one writer per path across snapshot swaps)."""
+    fmt = format_json if cfg.format == "json" else format_text
+    if writer is None:
+        writer = AccessLogWriter(asyncio.get_event_loop(), cfg.path, {})
+    write = writer.write
+
+    def access_log(stream: Any, flags: str, dur_ms: float) -> None:
+        write(fmt(stream, flags, dur_ms))
+
+    return access_log
 
 
 def attributes(s: Any, flags: str) -> dict[str, Any]:
@@ -112,7 +279,7 @@ def attributes(s: Any, flags: str) -> dict[str, Any]:
 
 
 def make_policy_logger(
-    cfg: AccessLog, policy: TelemetryPolicy
+    cfg: AccessLog, policy: TelemetryPolicy, writer: AccessLogWriter | None = None
 ) -> Callable[[Any, str, float], None] | None:
     """The Telemetry API's access logging: on/off and a CEL filter per direction (client =
     outbound and gateway listeners, server = inbound); None when both directions are off."""
@@ -121,7 +288,7 @@ def make_policy_logger(
     client, server = policy.client_access_log, policy.server_access_log
     if not client.enabled and not server.enabled:
         return None
-    write = make_access_logger(cfg)
+    write = make_access_logger(cfg, writer)
     cf = compile_filter(client.filter) if client.enabled and client.filter else None
     sf = compile_filter(server.filter) if server.enabled and server.filter else None
     client_on, server_on = client.enabled, server.enabled

@@ -1,10 +1,25 @@
-"""Admin server on its own port: /ready, /stats/prometheus, /config_dump, /clusters, POST /drain."""
+"""Admin server on its own port: /ready, /stats/prometheus, /config_dump, /clusters, POST /drain.
+
+Endpoints that change state (``POST /drain``, ``/quitquitquit``, ``/drain_listeners``) need
+``Authorization: Bearer TOKEN``. The token comes from a 0600 file (``--admin-token-file`` or
+``$DIKTYO_ADMIN_TOKEN_FILE``; created with a fresh token if missing) or, with neither, is
+generated into ``$DIKTYO_HOME/sidecars/PID/admin-token`` (0600, removed at exit; if no state
+dir is writable, e.g. a read-only root filesystem, the token stays in memory and those
+endpoints cannot be used: SIGTERM still drains). The ready line names the file. Read-only
+endpoints stay open (the admin port listens on loopback unless told otherwise).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
+import os
 import re
+import secrets
+import stat
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -15,8 +30,72 @@ from diktyo.proxy.codec.http1 import CodecError, RequestDecoder, RequestHead, lo
 
 ROUTES_HELP = (
     "diktyo sidecar admin: GET /ready, /stats/prometheus, /stats, /config_dump, /clusters, "
-    "/listeners; POST /drain (or /quitquitquit)\n"
+    "/listeners; POST /drain (or /quitquitquit) with Authorization: Bearer TOKEN\n"
 )
+MUTATING = frozenset({"/drain", "/quitquitquit", "/drain_listeners"})
+TOKEN_FILE_ENV = "DIKTYO_ADMIN_TOKEN_FILE"
+
+log = logging.getLogger("diktyo.proxy")
+
+
+class AdminTokenError(Exception):
+    """The admin token file cannot be used (unsafe mode, unreadable, empty)."""
+
+
+def default_token_path() -> Path:
+    """``$DIKTYO_HOME/sidecars/PID/admin-token`` (``DIKTYO_HOME`` defaults to ``~/.diktyo``)."""
+    home = Path(os.environ.get("DIKTYO_HOME") or Path.home() / ".diktyo")
+    return home / "sidecars" / str(os.getpid()) / "admin-token"
+
+
+def load_or_create_token(path: Path) -> tuple[str, bool]:
+    """Read the bearer token from ``path`` (must not be readable by group or others), or write
+    a fresh one there with mode 0600 if it does not exist. Returns (token, created)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise AdminTokenError(f"cannot create admin token file {path}: {exc.strerror}") from None
+    else:
+        token = secrets.token_urlsafe(32)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token, True
+    try:
+        st = path.stat()
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise AdminTokenError(
+                f"admin token file {path} is accessible by other users "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+            )
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise AdminTokenError(f"cannot read admin token file {path}: {exc.strerror}") from None
+    if not token:
+        raise AdminTokenError(f"admin token file {path} is empty; put a token in it or delete it")
+    return token, False
+
+
+def resolve_token(token_file: str) -> tuple[str, Path | None, bool]:
+    """The admin token: from ``token_file`` (errors are fatal: the operator asked for it), else
+    generated into the first writable state dir. Returns (token, path or None, created)."""
+    if token_file:
+        path = Path(token_file)
+        token, created = load_or_create_token(path)
+        return token, path, created
+    path = default_token_path()
+    try:
+        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+        token, created = load_or_create_token(path)
+        return token, path, created
+    except (AdminTokenError, OSError) as exc:
+        log.warning(
+            "no admin token file (%s): POST /drain and /quitquitquit are disabled; pass "
+            "--admin-token-file FILE (or $%s) to use them, SIGTERM drains either way",
+            exc, TOKEN_FILE_ENV,
+        )  # fmt: skip
+        return secrets.token_urlsafe(32), None, False
 
 
 class AdminConnection(asyncio.Protocol):
@@ -47,9 +126,17 @@ class AdminConnection(asyncio.Protocol):
         head = self.head
         if head is None or self.transport is None:
             return
-        status, body, ctype = self.admin.handle(head.method, head.path)
+        auth = head.headers.get("authorization", "")
+        status, body, ctype = self.admin.handle(head.method, head.path, auth)
+        extra = [(b"www-authenticate", b'Bearer realm="diktyo-sidecar-admin"')]
         self.transport.write(
-            local_response(status, body, close=not head.keep_alive, content_type=ctype)
+            local_response(
+                status,
+                body,
+                extra if status == 401 else None,
+                close=not head.keep_alive,
+                content_type=ctype,
+            )
         )
         if not head.keep_alive:
             self.transport.close()
@@ -58,10 +145,13 @@ class AdminConnection(asyncio.Protocol):
 class AdminServer:
     """Serves the sidecar's state; ``handle`` is plain code (tests call it directly too)."""
 
-    def __init__(self, sidecar: Any) -> None:
+    def __init__(self, sidecar: Any, token: str | None = None, token_file: str = "") -> None:
         self.sidecar = sidecar
         self.server: asyncio.Server | None = None
         self.port = 0
+        # the bearer token state-changing endpoints need; None = a random one nobody knows
+        self.token = token if token else secrets.token_urlsafe(32)
+        self.token_file = token_file  # named in 401 answers (where to find the token)
 
     async def start(self, address: str = "127.0.0.1", port: int = 0) -> int:
         loop = self.sidecar.loop
@@ -73,11 +163,25 @@ class AdminServer:
         if self.server is not None:
             self.server.close()
 
-    def handle(self, method: str, target: str) -> tuple[int, bytes, bytes]:
+    def authorized(self, authorization: str) -> bool:
+        scheme, _, cred = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(cred.strip().encode(), self.token.encode())
+
+    def handle(self, method: str, target: str, authorization: str = "") -> tuple[int, bytes, bytes]:
         path = target.split("?", 1)[0]
         sc = self.sidecar
         text = b"text/plain"
         js = b"application/json"
+        if path in MUTATING and not self.authorized(authorization):
+            where = f" (the token is in {self.token_file})" if self.token_file else ""
+            log.warning("admin %s %s refused: missing or wrong bearer token", method, path)
+            return (
+                401,
+                f"{method} {path} needs 'Authorization: Bearer TOKEN'{where}\n".encode(),
+                text,
+            )
         if path == "/ready":
             ok = (
                 sc.rt is not None

@@ -2,7 +2,11 @@
 
 When ready it prints one JSON line on stdout, for parents to read the bound ports::
 
-    {"event":"ready","admin":PORT,"listeners":{"NAME":PORT,...},"version":"SNAPSHOT_VERSION"}
+    {"event":"ready","admin":PORT,"listeners":{"NAME":PORT,...},"version":"SNAPSHOT_VERSION",
+     "admin_token_file":"PATH"}
+
+``PATH`` holds the bearer token that ``POST /drain`` (and other state-changing admin
+endpoints) need; see ``diktyo.proxy.admin``.
 
 Logs go to stderr. SIGTERM / SIGINT / ``POST /drain`` stop accepting, finish in-flight
 requests (up to ``drain_timeout``) and exit 0.
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import msgspec
 
-from diktyo.proxy.admin import AdminServer
+from diktyo.proxy.admin import TOKEN_FILE_ENV, AdminServer, AdminTokenError, resolve_token
 from diktyo.proxy.sidecar import Sidecar, install_uvloop
 from diktyo.security.spiffe import TOKEN_ENV  # light: the CA's code is loaded only with a token
 from diktyo.snapshot.codec import SnapshotError, decode
@@ -42,6 +46,9 @@ class SidecarOptions:
     admin_address: str = "127.0.0.1"
     outbound_port: int | None = None
     drain_timeout: float = 10.0
+    header_timeout: float = 30.0  # seconds from a request head's first byte to its end
+    accept_http_10: bool = False  # Envoy's accept_http_10 (Istio: PILOT_HTTP10)
+    access_log_buffer: int = 1024 * 1024  # bytes of access log buffered before lines drop
     seed: int | None = None
     # bootstrap token for the CA ($DIKTYO_CA_TOKEN, set by the local platform); with
     # --control-plane it gets the workload certificate and turns on mTLS
@@ -51,6 +58,9 @@ class SidecarOptions:
     # (``cli.sidecar`` passes ``control.standalone.snapshot_from_dir``), so the proxy layer
     # never imports the control plane.
     config_loader: Callable[[str, int], Snapshot] | None = None
+
+    # bearer token file for state-changing admin endpoints ("" = generate one in the state dir)
+    admin_token_file: str = field(default_factory=lambda: os.environ.get(TOKEN_FILE_ENV, ""))
 
 
 def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:
@@ -84,9 +94,10 @@ def load_snapshot(opts: SidecarOptions) -> Snapshot:
 
 
 async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    sidecar = Sidecar(loop, seed=opts.seed)
-    client = None
+    sidecar = Sidecar(asyncio.get_running_loop(), seed=opts.seed)
+    sidecar.header_timeout = opts.header_timeout
+    sidecar.accept_http_10 = opts.accept_http_10
+    sidecar.access_log_buffer = opts.access_log_buffer
     if opts.control_plane and not opts.node:
         print(
             "diktyo sidecar: --control-plane needs --node ID (the node id the control "
@@ -94,8 +105,26 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
             file=sys.stderr,
         )
         return 2
+    # the admin credential: a 0600 file given, or one generated into the state dir
+    try:
+        token, token_path, created = resolve_token(opts.admin_token_file)
+    except (AdminTokenError, OSError) as exc:
+        print(f"diktyo sidecar: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return await _serve(opts, ready_out, sidecar, token, token_path)
+    finally:
+        if created and not opts.admin_token_file and token_path is not None:
+            _remove_token(token_path)
+
+
+async def _serve(  # type: ignore[no-untyped-def]
+    opts: SidecarOptions, ready_out, sidecar: Sidecar, token: str, token_path: Path | None
+) -> int:
+    loop = asyncio.get_running_loop()
+    client = None
     # the admin port answers first (/ready is 503 until a snapshot is applied)
-    admin = AdminServer(sidecar)
+    admin = AdminServer(sidecar, token, str(token_path) if token_path else "")
     await admin.start(opts.admin_address, opts.admin_port)
     if opts.control_plane and opts.ca_token:
         error = await start_identity(
@@ -137,7 +166,13 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
     gc.set_threshold(20000, 20, 20)
     version = sidecar.rt.snapshot.version if sidecar.rt is not None else ""
     line = json.dumps(
-        {"event": "ready", "admin": admin.port, "listeners": sidecar.ports(), "version": version},
+        {
+            "event": "ready",
+            "admin": admin.port,
+            "listeners": sidecar.ports(),
+            "version": version,
+            "admin_token_file": str(token_path) if token_path else None,
+        },
         separators=(",", ":"),
     )
     print(line, file=ready_out, flush=True)
@@ -157,6 +192,15 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
     if client is not None:
         await client.close()
     return 0
+
+
+def _remove_token(path: Path) -> None:
+    """Remove a token file this sidecar generated in its state dir (and the dir if empty)."""
+    try:
+        path.unlink()
+        path.parent.rmdir()
+    except OSError:
+        pass
 
 
 async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: float) -> str:

@@ -35,8 +35,14 @@ from diktyo.telemetry.istio_metrics import WorkloadInfo, spiffe_id
 
 log = logging.getLogger("diktyo.proxy")
 
-HEADER_TIMEOUT = 30.0
+HEADER_TIMEOUT = 30.0  # from a request head's first byte to its end (--header-timeout)
 IDLE_TIMEOUT = 300.0
+
+
+def _drain_reason(old: Any, new: Any) -> str:
+    """Which settings that pooled connections were made under differ ("" = none)."""
+    what = [f for f in ("tls", "pool", "protocol") if getattr(old, f) != getattr(new, f)]
+    return ", ".join(what)
 
 
 class ListenerContext:
@@ -104,14 +110,25 @@ class Runtime:
         if snapshot.telemetry is not None:  # the Telemetry API for this workload
             from diktyo.proxy.access_log import make_policy_logger
 
+            cfg = snapshot.mesh.access_log
+            tel = snapshot.telemetry
             try:
-                self.access_log = make_policy_logger(snapshot.mesh.access_log, snapshot.telemetry)
+                on = tel.client_access_log.enabled or tel.server_access_log.enabled
+                writer = sidecar.access_log_writer(cfg.path) if on else None
+                self.access_log = make_policy_logger(cfg, tel, writer)
             except ValueError as exc:
                 raise SnapshotError(f"telemetry access log filter: {exc}") from None
+            except OSError as exc:
+                raise SnapshotError(f"access log {cfg.path}: {exc.strerror}") from None
         elif snapshot.mesh.access_log.enabled:
             from diktyo.proxy.access_log import make_access_logger
 
-            self.access_log = make_access_logger(snapshot.mesh.access_log)
+            cfg = snapshot.mesh.access_log
+            try:
+                writer = sidecar.access_log_writer(cfg.path)
+            except OSError as exc:
+                raise SnapshotError(f"access log {cfg.path}: {exc.strerror}") from None
+            self.access_log = make_access_logger(cfg, writer)
         self.peers: dict[tuple[Any, ...], Any] = {}
         # security: inbound checks (mTLS peer, JWT, RBAC) and the peer metadata we send
         certs = sidecar.certs
@@ -226,6 +243,23 @@ class Sidecar:
         # workload identity (mTLS): a CertificateStore once the CA issued a certificate
         self.certs: Any = None
         self.rotator: Any = None
+        self.header_timeout = HEADER_TIMEOUT
+        self.log_writers: dict[str, Any] = {}  # access log path -> AccessLogWriter
+        self.access_log_buffer = 1024 * 1024  # bytes buffered for a slow reader, then drops
+        # Envoy's (and Istio's) default: HTTP/1.0 requests are answered 426 (--accept-http-10)
+        self.accept_http_10 = False
+        self.idle_timeout = IDLE_TIMEOUT
+
+    def access_log_writer(self, path: str) -> Any:
+        """The one non-blocking writer for an access log path (kept across snapshot swaps)."""
+        w = self.log_writers.get(path)
+        if w is None:
+            from diktyo.proxy.access_log import AccessLogWriter
+
+            w = self.log_writers[path] = AccessLogWriter(
+                self.loop, path, self.stats.server, self.access_log_buffer
+            )
+        return w
 
     # ------------------------------------------------------------------ snapshots
     def apply(self, snapshot: Snapshot) -> None:
@@ -253,8 +287,15 @@ class Sidecar:
                 pool = self.pools[name] = ClusterPool(name, cs, self.loop, self.stats, self.tasks)
                 pool.certs = self.certs
             else:
+                before = pool.state.cluster
                 pool.state = cs
                 pool.prune({h.key for h in cs.hosts})
+                changed = _drain_reason(before, cs.cluster)
+                if changed:
+                    n = pool.drain(changed)
+                    log.info(
+                        "cluster %s: %s changed, %d pooled connections drained", name, changed, n
+                    )
                 if self.certs is not None or cs.cluster.tls is not None:
                     self._retune_tls(pool, cs)
         for name in list(self.pools):
@@ -441,7 +482,7 @@ class Sidecar:
                 for conn in list(ctx.connections):
                     check = getattr(conn, "idle_check", None)
                     if check is not None:
-                        check(now, HEADER_TIMEOUT, IDLE_TIMEOUT)
+                        check(now, self.header_timeout, self.idle_timeout)
         except Exception:
             log.exception("sidecar maintenance tick failed")
         self._ticker = self.loop.call_later(1.0, self._tick)
@@ -472,6 +513,9 @@ class Sidecar:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        for w in self.log_writers.values():
+            w.flush_and_close()  # best effort, still non-blocking
+        self.log_writers.clear()
         for ctx in self.listeners.values():
             if ctx.server is not None:
                 ctx.server.close()

@@ -288,3 +288,12 @@ def test_strip_hop_by_hop_matches_the_multiline_regex(
     got, has_cl = strip_hop_by_hop(block)
     assert got == expected
     assert has_cl == (CONTENT_LENGTH_RE.search(expected) is not None)
+
+
+def test_empty_lines_before_the_status_line_are_not_part_of_the_header_block() -> None:
+    # regression found by tests/fuzz: the status line was cut into the forwarded block
+    for raw in (b"\r\nHTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\n\r\nok",
+                b"\n\r\nHTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\n\r\nok"):  # fmt: skip
+        r = RSink()
+        ResponseDecoder(r).feed(raw)
+        assert r.blocks == [b"Server: x\r\nContent-Length: 2\r\n\r\n"]

@@ -80,6 +80,7 @@ REASONS: dict[int, bytes] = {
     413: b"Payload Too Large",
     414: b"URI Too Long",
     418: b"I'm a teapot",
+    426: b"Upgrade Required",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
@@ -87,6 +88,7 @@ REASONS: dict[int, bytes] = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 STATUS_LINES: dict[int, bytes] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in REASONS.items()
@@ -101,7 +103,8 @@ def status_line(status: int) -> bytes:
 
 
 class CodecError(Exception):
-    """Malformed or oversized input; ``status`` is the answer to send (400, 413, 431)."""
+    """Malformed, unsupported or oversized input; ``status`` is the answer to send (400, 413,
+    426, 431, 501, 505; 502 on the upstream side)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -143,6 +146,10 @@ class ResponseSink(Protocol):
     def on_response_end(self) -> None: ...
 
 
+# a character outside RFC 3986's authority set (unreserved, sub-delims, ":", "@", "[", "]",
+# pct-encoded): "Host: a b" and the like are answered 400, never routed or forwarded
+_BAD_AUTHORITY = re.compile(r"[^A-Za-z0-9\-._~%!$&'()*+,;=:@\[\]]").search
+
 # raw header name -> lower-case str (names repeat: decode and lower each only once)
 _NAMES: dict[bytes, str] = {}
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
@@ -166,14 +173,23 @@ class RequestDecoder:
         "_parser",
         "_te_seen",
         "_url",
+        "accept_http_10",
+        "begun",
+        "in_head",
         "sink",
     )
 
-    def __init__(self, sink: RequestSink) -> None:
+    def __init__(self, sink: RequestSink, accept_http_10: bool = True) -> None:
         self.sink = sink
+        # False: an HTTP/1.0 request is answered 426, as Envoy does without accept_http_10
+        self.accept_http_10 = accept_http_10
         self._parser = httptools.HttpRequestParser(self)
         self._error: CodecError | None = None
         self._in_message = False
+        # header timeout bookkeeping: ``begun`` counts request heads started, ``in_head`` is
+        # True from a head's first byte until it is complete
+        self.begun = 0
+        self.in_head = False
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -193,6 +209,8 @@ class RequestDecoder:
     # -- httptools callbacks
     def on_message_begin(self) -> None:
         self._in_message = True
+        self.in_head = True
+        self.begun += 1
         # _reset_message() inlined: one Python call less per request
         self._url = b""
         self._headers = {}
@@ -240,18 +258,28 @@ class RequestDecoder:
         old = headers.get(key)
         if old is None:
             headers[key] = val
+        elif key == "host":
+            self._error = CodecError(400, "multiple host headers")
+            raise _Stop
         elif key == "cookie":
             headers[key] = old + "; " + val
         else:
             headers[key] = old + ", " + val
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         parser = self._parser
         headers = self._headers
         head = RequestHead(headers)
         head.method = parser.get_method().decode("ascii", "replace")
         version = parser.get_http_version()
         if version != "1.1":
+            if version != "1.0":
+                self._error = CodecError(505, f"HTTP/{version} is not supported")
+                raise _Stop
+            if not self.accept_http_10:
+                self._error = CodecError(426, "HTTP/1.0 is not accepted: use HTTP/1.1")
+                raise _Stop
             head.version = version
         if not parser.should_keep_alive():
             head.keep_alive = False
@@ -283,15 +311,20 @@ class RequestDecoder:
                 self._error = CodecError(400, "invalid request target")
                 raise _Stop
             headers["host"] = authority
-        if head.version == "1.1" and "host" not in headers:
+        if "host" not in headers:  # HTTP/1.0 too: a request is never forwarded without Host
             self._error = CodecError(400, "missing host header")
+            raise _Stop
+        if _BAD_AUTHORITY(authority) is not None:
+            self._error = CodecError(400, "invalid host header")
             raise _Stop
         head.path = path
         head.authority = authority
         te = headers.get("transfer-encoding")
         if te is not None:
-            if te.lower().replace(" ", "").split(",")[-1] != "chunked":
-                self._error = CodecError(400, "unsupported transfer-encoding")
+            if te.lower() != "chunked":
+                # gzip, chunked / deflate / identity...: Envoy and nginx answer 501 rather
+                # than forward a body whose coding they would silently drop
+                self._error = CodecError(501, f"unsupported transfer-encoding {te!r}")
                 raise _Stop
             head.chunked = True
             head.has_body = True
@@ -408,10 +441,21 @@ class ResponseDecoder:
         data = self._data
         carry = self._carry
         buf = carry + data[self._head_start :] if carry else data[self._head_start :]
-        end = buf.find(b"\r\n\r\n")
+        # llhttp skips empty lines before a status line; so must the cut (found by fuzzing:
+        # b"\r\nHTTP/1.1 200 OK..." forwarded the status line as a header)
+        lead = 0
+        while buf[lead : lead + 1] in (b"\r", b"\n"):
+            lead += 1
+        end = buf.find(b"\r\n\r\n", lead)
         if end < 0:
             raise CodecError(502, "malformed upstream response head")
-        first = buf.find(b"\r\n")
+        if end > MAX_HEADER_BYTES:
+            # Envoy's max_response_headers_kb defaults to 60: 502, flag UPE
+            raise CodecError(502, "upstream response headers too large")
+        if status == 101:
+            # the proxy never forwards Upgrade, so no request asked to switch protocols
+            raise CodecError(502, "unexpected 101 Switching Protocols from upstream")
+        first = buf.find(b"\r\n", lead)
         block = buf[first + 2 : end + 4]
         self._pos = (self._head_start if not carry else -len(carry)) + end + 4
         self._carry = b""
@@ -462,7 +506,7 @@ class ResponseDecoder:
         if self._in_head:  # the head continues in the next read
             self._carry += data[self._head_start :]
             self._head_start = 0
-            if len(self._carry) > 4 * MAX_HEADER_BYTES:
+            if len(self._carry) > MAX_HEADER_BYTES:
                 raise CodecError(502, "upstream response headers too large")
 
     def eof(self) -> bool:

@@ -91,6 +91,9 @@ _KEEP_ALIVE_HDR = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CONTENT_LENGTH = b"content-length"
 
+# end-to-end headers a client cannot make hop-by-hop by naming them in Connection
+_NEVER_HOP_BY_HOP = frozenset({"host"})
+
 MSG_CONNECT_FAILURE = "upstream connect error or disconnect/reset before headers. reset reason: "
 MSG_TIMEOUT = b"upstream request timeout"
 MSG_NO_HEALTHY = b"no healthy upstream"
@@ -136,6 +139,15 @@ def span_name_for(service: str, port: int | None, authority: str) -> str:
     return f"{authority}/*"
 
 
+def strip_edge_headers(headers: dict[str, str]) -> None:
+    """At the edge (a gateway listener), drop every ``x-envoy-*`` request header, as Envoy does
+    for external requests: a client must not set the route timeout
+    (``x-envoy-upstream-rq-timeout-ms``), retries or other proxy controls."""
+    bad = [k for k in headers if k.startswith("x-envoy-")]
+    for k in bad:
+        del headers[k]
+
+
 def join_flags(flags: set[str] | None) -> str:
     if not flags:
         return "-"
@@ -147,7 +159,7 @@ class HttpConnection(asyncio.Protocol):
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
-        self.decoder = RequestDecoder(self)
+        self.decoder = RequestDecoder(self, accept_http_10=ctx.sidecar.accept_http_10)
         self.transport: asyncio.Transport | None = None
         self.streams: deque[Stream] = deque()
         self.paused = 0
@@ -156,6 +168,7 @@ class HttpConnection(asyncio.Protocol):
         self.close_after = False
         self.peer = ""
         self.last_activity = 0.0
+        self.head_start = 0.0  # arrival of the first byte of the request head being read
         self.requests = 0
 
     # -- asyncio.Protocol
@@ -174,12 +187,16 @@ class HttpConnection(asyncio.Protocol):
         self.ctx.stats.server["downstream_cx_total"] += 1
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = _monotonic()
+        self.last_activity = now = _monotonic()
         error = None
+        decoder = self.decoder
+        begun = decoder.begun
         try:
-            self.decoder.feed(data)
+            decoder.feed(data)
         except CodecError as exc:
             error = exc
+        if decoder.begun != begun:
+            self.head_start = now  # a head began in this read: the header timer starts here
         s = self.streams[0] if self.streams else None
         if s is not None and s.upbuf and s.uconn is not None and s.uconn.transport is not None:
             s.flush_upstream()  # what this read produced for the upstream, in one write
@@ -292,13 +309,20 @@ class HttpConnection(asyncio.Protocol):
             self.resume(PAUSE_PIPELINE)
 
     def idle_check(self, now: float, header_timeout: float, idle_timeout: float) -> None:
-        """Called by the sidecar's 1 s sweep: header timeout (408) and idle timeout."""
+        """Called by the sidecar's 1 s sweep: header timeout (408) and idle timeout.
+
+        The header timeout is absolute, counted from the first byte of the head (as nginx's
+        ``client_header_timeout`` and Envoy's ``request_headers_timeout``): a client that
+        drips one byte at a time is answered 408 and closed all the same."""
         if self.closed or self.transport is None:
             return
         if self.streams:
             return
-        if self.decoder.in_message:
-            if now - self.last_activity > header_timeout:
+        if self.decoder.in_head:
+            if now - self.head_start > header_timeout:
+                self.ctx.stats.server["downstream_rq_header_timeout"] = (
+                    self.ctx.stats.server.get("downstream_rq_header_timeout", 0) + 1
+                )
                 self.transport.write(local_response(408, b"request header timeout", close=True))
                 self.transport.close()
                 self.closed = True
@@ -399,6 +423,8 @@ class Stream:
                 )
             self.begin(rt)
             return
+        if ctx.direction == "gateway":
+            strip_edge_headers(head.headers)
         if rt.gateway_guard is not None and not rt.gateway_guard.check(self):
             return  # a gateway's AuthorizationPolicy / RequestAuthentication answered
         authority = ctx.default_host or head.authority
@@ -543,7 +569,9 @@ class Stream:
             conn_hdr = h.get("connection")
             if conn_hdr is not None:
                 for t in conn_hdr.split(","):
-                    h.pop(t.strip().lower(), None)
+                    t = t.strip().lower()
+                    if t not in _NEVER_HOP_BY_HOP:  # "Connection: host" must not strip Host
+                        h.pop(t, None)
             for k in HOP_BY_HOP_STR.intersection(h):
                 del h[k]
         peer = self.conn.peer
@@ -933,6 +961,25 @@ class Stream:
         if self.try_retry_reset("reset"):
             return
         self.local_reply(503, (MSG_CONNECT_FAILURE + reason).encode(), "UC")
+
+    def on_upstream_protocol_error(self, uconn: Any, detail: str) -> None:
+        """The upstream's response broke HTTP/1.1 (a 101 nobody asked for, a head over
+        60 KiB, bad framing): Envoy answers 502 with flag ``UPE`` and never forwards it."""
+        if uconn is not self.uconn:
+            return
+        self.uconn = None
+        self.upbuf = []
+        log.warning(
+            "upstream %s:%s sent an invalid response to %s %s: %s (answered 502 UPE)",
+            getattr(self.host, "address", "?"), getattr(self.host, "port", "?"), self.head.method, self.head.path, detail,
+        )  # fmt: skip
+        self.rt.stats.inc_cluster(self.cstate.cluster.name, "upstream_rq_protocol_error")
+        self.end_attempt(None, True)
+        self.add_flag("UPE")
+        if self.resp_started:
+            self.reset_downstream()
+            return
+        self.local_reply(502, (MSG_CONNECT_FAILURE + "protocol error").encode(), "UPE")
 
     def on_timeout(self) -> None:
         self.timer = None

@@ -18,6 +18,11 @@ Connections are counted against the breaker of the cluster state *current at clo
 Idle connections expire after ``cluster.pool.idle_timeout`` (swept by ``sweep``), at most
 ``MAX_IDLE_PER_HOST`` are kept, and ``max_requests_per_connection`` closes a connection after
 that many requests.
+
+When a snapshot changes a cluster's TLS or connection-pool settings, ``drain`` retires every
+connection made under the old ones (Envoy drains a cluster's pools on a cluster update): idle
+connections close at once, busy ones when their request is done, and connections still being
+established serve the request they were opened for and then close.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class ClusterPool:
         self.active: set[UpstreamConnection] = set()
         self.retired = False  # the cluster left the snapshot: close connections as they free up
         self.certs: Any = None  # the sidecar's CertificateStore (auto mTLS), None = no identity
+        self.generation = 0  # bumped by drain(): connections of an older one are not reused
 
     # -- acquiring
     def acquire(self, stream: Any, host: Any, fresh: bool = False) -> None:
@@ -98,6 +104,7 @@ class ClusterPool:
 
     async def _connect(self, host: Any) -> None:
         cluster = self.state.cluster
+        generation = self.generation
         conn_box: list[UpstreamConnection] = []
 
         def factory() -> UpstreamConnection:
@@ -127,6 +134,8 @@ class ClusterPool:
             conn = conn_box[0]
             t = conn.transport
             conn.secure = t is not None and t.get_extra_info("ssl_object") is not None
+            if generation != self.generation:
+                conn.stale = True  # opened under settings drained meanwhile: one request only
             self.active.add(conn)
             self._dispatch(conn)
             return
@@ -236,6 +245,24 @@ class ClusterPool:
             want = secure_for(c.key)
             if want is not None and c.secure != want:
                 c.stale = True
+
+    def drain(self, reason: str) -> int:
+        """The cluster's TLS or pool settings changed: close idle connections now, busy ones
+        once their request is done; returns how many connections were retired."""
+        self.generation += 1
+        n = 0
+        for conns in list(self.idle.values()):
+            for c in list(conns):
+                c.close()
+                n += 1
+        self.idle.clear()
+        for c in list(self.active):
+            if not c.closed and not c.stale:
+                c.stale = True
+                n += 1
+        if n:
+            self.stats.inc_cluster(self.name, "upstream_cx_pool_drained", n)
+        return n
 
     def retire(self) -> None:
         """The cluster is gone from the snapshot: close idle connections now, busy ones later."""

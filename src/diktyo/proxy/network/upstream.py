@@ -165,7 +165,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.decoder.feed(data)
         except CodecError as exc:
             self.close()
-            stream.on_upstream_lost(self, f"protocol error: {exc.message}", False)
+            stream.on_upstream_protocol_error(self, exc.message)
             return
         if stream.obuf:
             stream.flush_downstream()
