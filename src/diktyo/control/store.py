@@ -60,6 +60,32 @@ def _only_errors(errors: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(e for e in errors if ": warning: " not in e and ": info: " not in e)
 
 
+@dataclass(frozen=True, slots=True)
+class StoreView:
+    """The store's layers at one moment (copies): files < external sources < applied."""
+
+    files: dict[ResourceKey, Any]
+    sources: tuple[dict[ResourceKey, Any], ...]
+    applied: dict[ResourceKey, Any]
+
+    def resources(self, extra: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+        """Merged resources, with ``extra`` applied on top (what an apply would serve)."""
+        merged = dict(self.files)
+        for source in self.sources:
+            merged.update(source)
+        merged.update(self.applied)
+        for res in extra:
+            merged[resource_key(res)] = res
+        return tuple(merged.values())
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedApply:
+    resources: tuple[Any, ...]
+    errors: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
 class ConfigStore:
     """Files of ``directory`` (optional) + applied overlay; ``on_change()`` after each change."""
 
@@ -170,14 +196,39 @@ class ConfigStore:
         errors = _only_errors(outcome.errors)
         if errors:
             return [], errors
+        return self.commit(outcome.resources), ()
+
+    # an apply in two steps, so the heavy part runs off the event loop (``ControlPlane``):
+    # ``view()`` on the loop, ``prepare()`` in a worker thread, ``commit()`` on the loop
+
+    def view(self) -> StoreView:
+        """A copy of what the store holds now, for ``prepare`` to work on in another thread."""
+        return StoreView(
+            dict(self._files), tuple(dict(s) for s in self._sources.values()), dict(self._applied)
+        )
+
+    def prepare(self, files: list[tuple[str, str]]) -> PreparedApply:
+        """Load ``[(source, text)]`` (thread-safe: touches no store state). All or nothing."""
+        resources: list[Any] = []
+        errors: list[str] = []
+        warnings: list[str] = []
+        for source, text in files:
+            outcome = self._load_text(text, source)
+            bad = _only_errors(outcome.errors)
+            errors += bad
+            warnings += [e for e in outcome.errors if e not in bad]
+            resources += outcome.resources
+        return PreparedApply(tuple(resources), tuple(errors), tuple(warnings))
+
+    def commit(self, resources: tuple[Any, ...] | list[Any]) -> list[ResourceKey]:
         keys = []
-        for res in outcome.resources:
+        for res in resources:
             key = resource_key(res)
             self._applied[key] = res
             keys.append(key)
         if keys:
             self._changed()
-        return keys, ()
+        return keys
 
     def delete_text(
         self, text: str, source: str = "<api>"
