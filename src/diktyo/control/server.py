@@ -185,26 +185,33 @@ class ControlPlane:
         return self._publish(self.cache.rebuild(push, proxies))
 
     async def push_async(self, chunk: int = 25) -> int:
-        """Like ``push_now`` but yields to the loop every ``chunk`` proxies, so proxies already
-        translated get their snapshot while the rest are still being translated."""
-        push = self._next_push()
+        """Like ``push_now``, but analysis and translation run in a worker thread, ``chunk``
+        proxies at a time: the event loop keeps answering long polls, ACKs and ``/healthz``
+        while a large config is translated, and proxies already translated get their snapshot
+        while the rest are still being translated."""
+        push = self._next_push(analyze=False)
         version = self.push_version
+        await asyncio.to_thread(self._analyze, push)
         proxies = list(self.proxies.values())
         changed = 0
         for i in range(0, len(proxies), chunk):
             if self.push_version != version:
                 break  # a newer push (push_now) already covered every proxy
             batch = [p for p in proxies[i : i + chunk] if p.node.id in self.proxies]
-            changed += len(self._publish(self.cache.rebuild(push, batch)))
-            await asyncio.sleep(0)
+            built = await asyncio.to_thread(self.cache.compute, push, batch)
+            if self.push_version != version:
+                break  # superseded while translating: do not install older snapshots
+            built = [b for b in built if b.node_id in self.proxies]
+            changed += len(self._publish(self.cache.install(push, built)))
         return changed
 
-    def _next_push(self) -> PushContext:
+    def _next_push(self, analyze: bool = True) -> PushContext:
         self.push_version += 1
         push = self._push_context()
         self.last_push = push
         self.pushes += 1
-        self._analyze(push)
+        if analyze:
+            self._analyze(push)
         return push
 
     def _publish(self, changed: list[str]) -> list[str]:

@@ -147,7 +147,20 @@ class ConfigStore:
         if stamp == self._stamp and not force:
             return False
         self._stamp = stamp
-        outcome = self._load_paths([Path(s[0]) for s in stamp])
+        return self._use_files(self._load_paths([Path(s[0]) for s in stamp]))
+
+    async def reload_files_async(self) -> bool:
+        """``reload_files`` with the loading (the heavy part) in a worker thread."""
+        stamp = self._scan()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        outcome = await asyncio.to_thread(self._load_paths, [Path(s[0]) for s in stamp])
+        if stamp != self._stamp:
+            return False  # a newer scan took over meanwhile
+        return self._use_files(outcome)
+
+    def _use_files(self, outcome: LoadOutcome) -> bool:
         errors = _only_errors(outcome.errors)
         if errors:
             self.errors = errors
@@ -168,7 +181,7 @@ class ConfigStore:
         while True:
             await asyncio.sleep(interval)
             try:
-                self.reload_files()
+                await self.reload_files_async()
             except Exception:  # never let the watcher die on a bad file system moment
                 log.warning("config folder scan failed", exc_info=True)
 
