@@ -7,9 +7,9 @@ Python attributes are snake_case, YAML keys are Istio's camelCase.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from diktyo.api.base import (
@@ -28,11 +28,43 @@ from diktyo.api.base import (
 )
 from diktyo.api.duration import Duration
 
+# --------------------------------------------------------------------------- hosts
+
+_DNS_LABEL = re.compile(r"^[a-zA-Z0-9](?:[-a-zA-Z0-9]*[a-zA-Z0-9])?$")
+
+
+def _check_host(value: str) -> str:
+    """Istio's wildcard-domain rule: ASCII DNS labels (RFC 1123), '*' only as the first label.
+
+    A Unicode host (``revіews`` with a Cyrillic 'і') can never match a request's Host header,
+    which is ASCII (IDNA ``xn--`` form); Istio's webhook refuses it.
+    """
+    if len(value) > 255:
+        raise ValueError(f"host {value[:40]!r}... is longer than 255 characters")
+    rest = value
+    if rest == "*":
+        return value
+    if rest.startswith("*."):
+        rest = rest[2:]
+    elif rest.startswith("*"):
+        rest = rest[1:]
+    for label in rest.split("."):
+        if len(label) > 63 or not _DNS_LABEL.match(label):
+            if not label.isascii():
+                why = "has non-ASCII characters; write internationalised names in their xn-- form"
+            else:
+                why = "must be letters, digits and '-', starting and ending with a letter or digit"
+            raise ValueError(f"invalid host {value!r}: label {label!r} {why}")
+    return value
+
+
+Host = Annotated[str, AfterValidator(_check_host)]
+
 # --------------------------------------------------------------------------- VirtualService
 
 
 class Destination(IstioModel):
-    host: str
+    host: Host
     subset: str | None = None
     port: PortSelector | None = None
 
@@ -231,7 +263,7 @@ class VirtualService(IstioModel):
     """A VirtualService; one without ``hosts`` is a *delegate*, used only through the
     ``delegate`` of another VirtualService's HTTP route (Istio's rules, one level deep)."""
 
-    hosts: list[str] = Field(default_factory=list)
+    hosts: list[Host] = Field(default_factory=list)
     gateways: list[str] = Field(default_factory=list)
     http: list[HTTPRoute] = Field(default_factory=list)
     tls: list[TLSRoute] = Field(default_factory=list)

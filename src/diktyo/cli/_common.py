@@ -28,12 +28,17 @@ def cp_url(args: Any) -> str | None:
 
 
 def call(
-    method: str, url: str, body: bytes | None = None, timeout: float = 10.0
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    timeout: float = 10.0,
+    *,
+    json_body: bool = False,
 ) -> tuple[int, Any]:
     """HTTP call returning (status, parsed JSON or text). Raises ConnectionError with advice."""
     req = urllib.request.Request(url, data=body, method=method)
     if body is not None:
-        req.add_header("content-type", "application/yaml")
+        req.add_header("content-type", "application/json" if json_body else "application/yaml")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, raw = resp.status, resp.read()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 from diktyo.cli._common import add_cp_arg, call, cp_url
 
@@ -29,7 +31,68 @@ def yaml_files(paths: list[str]) -> list[Path] | str:
     return files
 
 
+def _read(f: Path) -> tuple[str, bytes]:
+    if f == STDIN:
+        return "<stdin>", sys.stdin.buffer.read()
+    return str(f), f.read_bytes()
+
+
+def _report(body: dict, verb: str) -> None:  # type: ignore[type-arg]
+    for kind, ns, name in body.get(verb, []):
+        print(f"{kind.lower()}/{name} ({ns}) {verb}")
+    for err in body.get("errors", []):
+        print(err, file=sys.stderr)
+    for msg in body.get("messages", []):
+        print(msg, file=sys.stderr)
+
+
+def apply(args: argparse.Namespace) -> int:
+    """All files in one request: the control plane applies them together or not at all."""
+    url = cp_url(args)
+    if url is None:
+        return 1
+    files = yaml_files(args.file)
+    if isinstance(files, str):
+        print(f"error: {files}", file=sys.stderr)
+        return 2
+    payload = []
+    for f in files:
+        source, data = _read(f)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            print(f"error: {source} is not UTF-8 text; save it as UTF-8", file=sys.stderr)
+            return 2
+        payload.append({"source": source, "text": text})
+    try:
+        status, body = call(
+            "POST",
+            f"{url}/v1/config",
+            json.dumps({"files": payload}).encode(),
+            timeout=300.0,  # a large config takes a while to load and analyze
+            json_body=True,
+        )
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not isinstance(body, dict):
+        print(f"error: unexpected answer {status}: {body}", file=sys.stderr)
+        return 1
+    _report(body, "applied")
+    if status >= 400:
+        if body.get("error"):
+            print(f"error: {body['error']}", file=sys.stderr)
+        names = ", ".join(p["source"] for p in payload)
+        print(
+            f"error: {names} rejected: nothing applied; the mesh keeps its last good config",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def send(args: argparse.Namespace, method: str) -> int:
+    """``diktyo delete``: one request per file."""
     url = cp_url(args)
     if url is None:
         return 1
@@ -40,11 +103,8 @@ def send(args: argparse.Namespace, method: str) -> int:
     code = 0
     verb = "applied" if method == "POST" else "deleted"
     for f in files:
-        from urllib.parse import quote
-
         try:
-            data = sys.stdin.buffer.read() if f == STDIN else f.read_bytes()
-            source = "<stdin>" if f == STDIN else str(f)
+            source, data = _read(f)
             status, body = call(method, f"{url}/v1/config?source={quote(source)}", data)
         except ConnectionError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -53,16 +113,9 @@ def send(args: argparse.Namespace, method: str) -> int:
             print(f"error: {f}: unexpected answer {status}: {body}", file=sys.stderr)
             code = 1
             continue
-        for kind, ns, name in body.get(verb, []):
-            print(f"{kind.lower()}/{name} ({ns}) {verb}")
-        for err in body.get("errors", []):
-            print(err, file=sys.stderr)
-        for msg in body.get("messages", []):
-            print(msg, file=sys.stderr)
+        _report(body, verb)
         if status >= 400:
             code = 1
-            if method == "POST":
-                print(f"error: {f} rejected; the mesh keeps its last good config", file=sys.stderr)
     return code
 
 
@@ -70,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser(
         "apply",
         help="apply Istio YAML to the running mesh",
-        description="Send VirtualService, DestinationRule, Gateway, ... YAML to the control plane. A file with errors is rejected whole (errors as FILE:LINE:COL) and the mesh keeps its last good config.",
+        description="Send VirtualService, DestinationRule, Gateway, ... YAML to the control plane. All the files are applied together or not at all: a load error (FILE:LINE:COL) or an error found by analysis ('diktyo analyze': weights over 100, undefined subsets, '*' hosts, ...) rejects them, exits 1, and the mesh keeps its last good config. Warnings are printed and pass.",
     )
     p.add_argument(
         "-f",
@@ -81,4 +134,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="YAML file, folder, or - for standard input (repeatable)",
     )
     add_cp_arg(p)
-    p.set_defaults(func=lambda a: send(a, "POST"))
+    p.set_defaults(func=apply)

@@ -35,7 +35,7 @@ from diktyo.control.serve.debounce import Debouncer
 from diktyo.control.serve.health import HealthTracker
 from diktyo.control.serve.registry import LiveRegistry
 from diktyo.control.serve.status import ProxyStatus
-from diktyo.control.store import ConfigStore, resource_key
+from diktyo.control.store import ConfigStore, StoreView, resource_key
 from diktyo.core.clock import SYSTEM_CLOCK, Clock
 from diktyo.snapshot.codec import to_builtins
 from diktyo.snapshot.model import MeshConfig
@@ -120,6 +120,7 @@ class ControlPlane:
         self._observability = observability
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._closing = False
+        self._apply_lock = asyncio.Lock()
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
@@ -184,26 +185,33 @@ class ControlPlane:
         return self._publish(self.cache.rebuild(push, proxies))
 
     async def push_async(self, chunk: int = 25) -> int:
-        """Like ``push_now`` but yields to the loop every ``chunk`` proxies, so proxies already
-        translated get their snapshot while the rest are still being translated."""
-        push = self._next_push()
+        """Like ``push_now``, but analysis and translation run in a worker thread, ``chunk``
+        proxies at a time: the event loop keeps answering long polls, ACKs and ``/healthz``
+        while a large config is translated, and proxies already translated get their snapshot
+        while the rest are still being translated."""
+        push = self._next_push(analyze=False)
         version = self.push_version
+        await asyncio.to_thread(self._analyze, push)
         proxies = list(self.proxies.values())
         changed = 0
         for i in range(0, len(proxies), chunk):
             if self.push_version != version:
                 break  # a newer push (push_now) already covered every proxy
             batch = [p for p in proxies[i : i + chunk] if p.node.id in self.proxies]
-            changed += len(self._publish(self.cache.rebuild(push, batch)))
-            await asyncio.sleep(0)
+            built = await asyncio.to_thread(self.cache.compute, push, batch)
+            if self.push_version != version:
+                break  # superseded while translating: do not install older snapshots
+            built = [b for b in built if b.node_id in self.proxies]
+            changed += len(self._publish(self.cache.install(push, built)))
         return changed
 
-    def _next_push(self) -> PushContext:
+    def _next_push(self, analyze: bool = True) -> PushContext:
         self.push_version += 1
         push = self._push_context()
         self.last_push = push
         self.pushes += 1
-        self._analyze(push)
+        if analyze:
+            self._analyze(push)
         return push
 
     def _publish(self, changed: list[str]) -> list[str]:
@@ -614,37 +622,70 @@ class ControlPlane:
         )
 
     async def _h_apply(self, request: web.Request) -> web.Response:
-        text = await request.text()
-        source = request.query.get("source", "<api>")
-        keys, errors = self.store.apply_text(text, source)
-        if errors:
-            return web.json_response(
-                {
-                    "applied": [],
-                    "errors": list(errors),
-                    "message": "config rejected; the control plane keeps serving the last good config",
-                },
-                status=400,
+        """``POST /v1/config``: YAML (``?source=NAME``) or JSON ``{"files": [{source, text}]}``.
+
+        All files are applied together or not at all: load errors, then analysis errors (in
+        the applied files, or new ones elsewhere that the change causes) reject the whole
+        request and the last good config keeps serving. Loading and analysis run in a worker
+        thread, so a large apply does not stall the event loop (long polls, ``/healthz``).
+        """
+        files = await _apply_files(request)
+        if isinstance(files, web.Response):
+            return files
+        async with self._apply_lock:
+            view = self.store.view()
+            registry = self.registry.view()
+            resources, errors, messages = await asyncio.to_thread(
+                self._prepare_apply, files, view, registry
             )
+            if errors:
+                log.warning(
+                    "apply of %s rejected (%d errors); keeping the last good config",
+                    ", ".join(f for f, _ in files),
+                    len(errors),
+                )
+                return web.json_response(
+                    {
+                        "applied": [],
+                        "errors": list(errors),
+                        "messages": list(messages),
+                        "message": "config rejected; the control plane keeps serving the last "
+                        "good config",
+                    },
+                    status=400,
+                )
+            keys = self.store.commit(resources)
         return web.json_response(
-            {
-                "applied": [list(k) for k in keys],
-                "errors": [],
-                "messages": self._messages_for(source),
-            }
+            {"applied": [list(k) for k in keys], "errors": [], "messages": list(messages)}
         )
 
-    def _messages_for(self, source: str) -> list[str]:
-        """``diktyo analyze`` findings (warnings, errors Istio would accept) about one file."""
+    def _prepare_apply(
+        self, files: list[tuple[str, str]], view: StoreView, registry: Registry
+    ) -> tuple[tuple[Any, ...], tuple[str, ...], tuple[str, ...]]:
+        """(resources, errors, other findings) of an apply; runs in a worker thread."""
+        prepared = self.store.prepare(files)
+        if prepared.errors:
+            return (), prepared.errors, prepared.warnings
         try:
             from diktyo.control.validate import analyze
         except ImportError:
-            return []
+            return prepared.resources, (), prepared.warnings
+        sources = {source for source, _ in files}
         try:
-            found = analyze(self.store.resources, self.registry.view())
-        except Exception as exc:  # noqa: BLE001 - a validator bug must not fail an apply
-            return [f"analyze failed: {type(exc).__name__}: {exc}"]
-        return [str(m) for m in found if getattr(m, "file", None) == source]
+            before = {str(m) for m in analyze(view.resources(), registry) if _is_error(m)}
+            after = analyze(view.resources(prepared.resources), registry)
+        except Exception as exc:  # a validator bug must not block every apply
+            log.warning("analysis of an apply failed", exc_info=True)
+            return prepared.resources, (), (f"analyze failed: {type(exc).__name__}: {exc}",)
+        errors = tuple(
+            str(m)
+            for m in after
+            if _is_error(m) and (getattr(m, "file", None) in sources or str(m) not in before)
+        )
+        messages = prepared.warnings + tuple(
+            str(m) for m in after if not _is_error(m) and getattr(m, "file", None) in sources
+        )
+        return prepared.resources, errors, messages
 
     async def _h_delete(self, request: web.Request) -> web.Response:
         text = await request.text()
@@ -767,6 +808,45 @@ def _wake(fut: asyncio.Future[None]) -> None:
 def _same_content(version: str, digest: str) -> bool:
     """Whether ``version`` (``<push>-<hash8>``) names a snapshot with this content digest."""
     return "-" in version and version.rsplit("-", 1)[1] == digest[:8]
+
+
+# Error findings about things that appear by themselves later (a service or workload that
+# registers when it starts, a Gateway applied next): reported with the apply, not rejecting it,
+# as Istio accepts such config and only `istioctl analyze` reports it.
+_REGISTRY_DEPENDENT = (
+    "Referenced host not found",
+    "Referenced host:port not found",
+    "Referenced selector not found",
+    "Referenced gateway not found",
+)
+
+
+def _is_error(finding: Any) -> bool:
+    """An analyzer finding that rejects an apply (warnings, infos and registry-dependent
+    references pass)."""
+    if str(getattr(finding, "severity", "error")).lower() != "error":
+        return False
+    return not str(getattr(finding, "message", "")).startswith(_REGISTRY_DEPENDENT)
+
+
+async def _apply_files(request: web.Request) -> list[tuple[str, str]] | web.Response:
+    """``[(source, text)]`` of an apply request, or the 400 answer."""
+    source = request.query.get("source", "<api>")
+    if request.content_type != "application/json":
+        return [(source, await request.text())]
+    raw = await request.read()
+    try:
+        body = decode_json(raw)
+        files = [(str(f.get("source") or source), str(f["text"])) for f in body["files"]]
+    except ParseLimitError as exc:
+        return _limit_error(exc)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return _error(
+            400,
+            'a JSON apply body is {"files": [{"source": NAME, "text": YAML}, ...]}; '
+            "or send the YAML itself with content-type application/yaml",
+        )
+    return files
 
 
 def _dumps(obj: Any) -> str:

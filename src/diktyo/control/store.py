@@ -64,6 +64,32 @@ def _only_errors(errors: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(e for e in errors if ": warning: " not in e and ": info: " not in e)
 
 
+@dataclass(frozen=True, slots=True)
+class StoreView:
+    """The store's layers at one moment (copies): files < external sources < applied."""
+
+    files: dict[ResourceKey, Any]
+    sources: tuple[dict[ResourceKey, Any], ...]
+    applied: dict[ResourceKey, Any]
+
+    def resources(self, extra: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+        """Merged resources, with ``extra`` applied on top (what an apply would serve)."""
+        merged = dict(self.files)
+        for source in self.sources:
+            merged.update(source)
+        merged.update(self.applied)
+        for res in extra:
+            merged[resource_key(res)] = res
+        return tuple(merged.values())
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedApply:
+    resources: tuple[Any, ...]
+    errors: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
 class ConfigStore:
     """Files of ``directory`` (optional) + applied overlay; ``on_change()`` after each change."""
 
@@ -125,7 +151,20 @@ class ConfigStore:
         if stamp == self._stamp and not force:
             return False
         self._stamp = stamp
-        outcome = self._load_paths([Path(s[0]) for s in stamp])
+        return self._use_files(self._load_paths([Path(s[0]) for s in stamp]))
+
+    async def reload_files_async(self) -> bool:
+        """``reload_files`` with the loading (the heavy part) in a worker thread."""
+        stamp = self._scan()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        outcome = await asyncio.to_thread(self._load_paths, [Path(s[0]) for s in stamp])
+        if stamp != self._stamp:
+            return False  # a newer scan took over meanwhile
+        return self._use_files(outcome)
+
+    def _use_files(self, outcome: LoadOutcome) -> bool:
         errors = _only_errors(outcome.errors)
         if errors:
             self.errors = errors
@@ -146,7 +185,7 @@ class ConfigStore:
         while True:
             await asyncio.sleep(interval)
             try:
-                self.reload_files()
+                await self.reload_files_async()
             except Exception:  # never let the watcher die on a bad file system moment
                 log.warning("config folder scan failed", exc_info=True)
 
@@ -174,14 +213,39 @@ class ConfigStore:
         errors = _only_errors(outcome.errors)
         if errors:
             return [], errors
+        return self.commit(outcome.resources), ()
+
+    # an apply in two steps, so the heavy part runs off the event loop (``ControlPlane``):
+    # ``view()`` on the loop, ``prepare()`` in a worker thread, ``commit()`` on the loop
+
+    def view(self) -> StoreView:
+        """A copy of what the store holds now, for ``prepare`` to work on in another thread."""
+        return StoreView(
+            dict(self._files), tuple(dict(s) for s in self._sources.values()), dict(self._applied)
+        )
+
+    def prepare(self, files: list[tuple[str, str]]) -> PreparedApply:
+        """Load ``[(source, text)]`` (thread-safe: touches no store state). All or nothing."""
+        resources: list[Any] = []
+        errors: list[str] = []
+        warnings: list[str] = []
+        for source, text in files:
+            outcome = self._load_text(text, source)
+            bad = _only_errors(outcome.errors)
+            errors += bad
+            warnings += [e for e in outcome.errors if e not in bad]
+            resources += outcome.resources
+        return PreparedApply(tuple(resources), tuple(errors), tuple(warnings))
+
+    def commit(self, resources: tuple[Any, ...] | list[Any]) -> list[ResourceKey]:
         keys = []
-        for res in outcome.resources:
+        for res in resources:
             key = resource_key(res)
             self._applied[key] = res
             keys.append(key)
         if keys:
             self._changed()
-        return keys, ()
+        return keys
 
     def delete_text(
         self, text: str, source: str = "<api>"

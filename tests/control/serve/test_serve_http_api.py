@@ -113,6 +113,7 @@ def test_control_plane_command_serves_and_stops(tmp_path) -> None:
 
 
 async def test_apply_reports_analysis_of_the_applied_file() -> None:
+    """Analysis errors reject an apply (issue 12, item 14); warnings pass and are reported."""
     vs = (
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: hello}\n"
         "spec:\n  hosts: [hello]\n  http:\n  - route:\n    - destination: {host: hello, subset: v9}\n"
@@ -126,10 +127,23 @@ async def test_apply_reports_analysis_of_the_applied_file() -> None:
             s.post(cp.url + "/v1/config?source=vs.yaml", data=vs) as r,
         ):
             body = await r.json()
+        assert r.status == 400 and body["applied"] == []
+        assert any(
+            m.startswith("Error [IST0101] (VirtualService default/hello vs.yaml:8:")
+            and "'v9'" in m
+            for m in body["errors"]
+        ), body
+        assert cp.store.resources == ()
+        warn = vs.replace("{host: hello, subset: v9}", "{host: nowhere}")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(cp.url + "/v1/config?source=vs.yaml", data=warn) as r,
+        ):
+            body = await r.json()
         assert r.status == 200 and body["applied"] == [["VirtualService", "default", "hello"]]
         assert any(
             m.startswith("Error [IST0101] (VirtualService default/hello vs.yaml:8:")
-            and '"hello+v9"' in m
+            and 'Referenced host not found: "nowhere"' in m
             for m in body["messages"]
         ), body
     finally:

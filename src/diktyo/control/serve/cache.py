@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -58,8 +59,20 @@ def encode_versioned(body: bytes, version: str) -> bytes:
     return b"".join((_VERSION_PREFIX, msgspec.json.encode(version)[1:], body[len(empty) :]))
 
 
+@dataclass(slots=True)
+class Built:
+    """One proxy's translation, before the cache keeps it (``SnapshotCache.compute``)."""
+
+    node_id: str
+    snapshot: Snapshot | None
+    parts: list[bytes]
+    digest: str
+    error: str
+
+
 class SnapshotCache:
     def __init__(self, translator: Translator) -> None:
+        self._lock = threading.Lock()  # the translator's own caches are not thread-safe
         self._translate = translator
         self._build = getattr(translator, "build", None)
         self._entries: dict[str, Entry] = {}
@@ -75,25 +88,43 @@ class SnapshotCache:
 
     def rebuild(self, push: PushContext, proxies: Iterable[ProxyNode]) -> list[str]:
         """Translate each proxy; return the node ids whose version changed."""
+        return self.install(push, self.compute(push, proxies))
+
+    def compute(self, push: PushContext, proxies: Iterable[ProxyNode]) -> list[Built]:
+        """Translate and encode (the heavy part); changes nothing here, so it can run in a
+        worker thread while the event loop keeps serving. One translation at a time."""
+        out: list[Built] = []
+        build = self._build
+        with self._lock:
+            for proxy in proxies:
+                node_id = proxy.node.id
+                try:
+                    if build is not None:
+                        built = build(proxy, push)
+                        snap = built.snapshot
+                        parts = built.parts(version="")
+                    else:
+                        snap = self._translate(proxy, push)
+                        parts = [encode(msgspec.structs.replace(snap, version=""))]
+                    h = hashlib.sha256()
+                    for part in parts:
+                        h.update(part)
+                    digest = h.hexdigest()[:12]
+                except Exception as exc:  # a translate bug must not stop other proxies' pushes
+                    log.warning("translate failed for %s: %s", node_id, exc, exc_info=True)
+                    out.append(Built(node_id, None, [], "", f"{type(exc).__name__}: {exc}"))
+                    continue
+                out.append(Built(node_id, snap, parts, digest, ""))
+        return out
+
+    def install(self, push: PushContext, results: Iterable[Built]) -> list[str]:
+        """Keep what ``compute`` built (on the loop); return the node ids whose version changed."""
         changed: list[str] = []
         build = self._build
-        for proxy in proxies:
-            node_id = proxy.node.id
-            try:
-                if build is not None:
-                    built = build(proxy, push)
-                    snap = built.snapshot
-                    parts = built.parts(version="")
-                else:
-                    snap = self._translate(proxy, push)
-                    parts = [encode(msgspec.structs.replace(snap, version=""))]
-                h = hashlib.sha256()
-                for part in parts:
-                    h.update(part)
-                digest = h.hexdigest()[:12]
-            except Exception as exc:  # a translate bug must not stop other proxies' pushes
-                log.warning("translate failed for %s: %s", node_id, exc, exc_info=True)
-                self.errors[node_id] = f"{type(exc).__name__}: {exc}"
+        for b in results:
+            node_id, snap, parts, digest = b.node_id, b.snapshot, b.parts, b.digest
+            if b.error or snap is None:
+                self.errors[node_id] = b.error
                 continue
             self.errors.pop(node_id, None)
             old = self._entries.get(node_id)
