@@ -11,9 +11,19 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from diktyo.platform.mesh import MeshSpec
-from diktyo.platform.state import log_path, read_state, running_state, state_path, write_state
+from diktyo.platform.state import (
+    home,
+    live_children,
+    log_path,
+    orphaned_hint,
+    read_state,
+    running_state,
+    state_path,
+    write_state,
+)
 from diktyo.platform.supervisor import LocalMesh, MeshStartError
 
 AfterStart = Callable[[LocalMesh], Awaitable[None]]
@@ -23,6 +33,8 @@ def already_running_message() -> str | None:
     state = running_state()
     if state is None:
         return None
+    if state.get("state") == "orphaned":
+        return orphaned_hint(state)
     return (
         f"a mesh is already running (supervisor pid {state.get('pid')}, control plane "
         f"{state.get('control_plane')}); stop it with 'diktyo down' first"
@@ -35,8 +47,14 @@ async def serve_mesh(
     config_dir: str | Path | None = None,
     after_start: AfterStart | None = None,
     write_state_file: bool = True,
+    mesh_file: str | Path | None = None,
+    adopt: dict[str, Any] | None = None,
 ) -> int:
-    """Start the mesh, run until SIGINT/SIGTERM, stop in order. Returns the exit code."""
+    """Start the mesh (or ``adopt`` the orphaned one of that state file), run until
+    SIGINT/SIGTERM, stop in order. Returns the exit code.
+
+    With the state file (``diktyo up``/``demo``) the mesh outlives a killed supervisor: its
+    children run without a parent-death signal and log to ``$DIKTYO_HOME/logs``."""
     mesh: LocalMesh
 
     def save() -> None:
@@ -44,14 +62,20 @@ async def serve_mesh(
             with contextlib.suppress(OSError):
                 write_state(mesh.describe())
 
-    mesh = LocalMesh(spec, config_dir=config_dir, on_change=save)
+    mesh = LocalMesh(
+        spec,
+        config_dir=config_dir,
+        on_change=save,
+        home=home() if write_state_file else None,
+        mesh_file=mesh_file,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     code = 0
     try:
-        start = loop.create_task(mesh.start())
+        start = loop.create_task(mesh.adopt(adopt) if adopt is not None else mesh.start())
         stopper = loop.create_task(stop.wait())
         await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if start.done():
@@ -148,6 +172,8 @@ def stop_running(timeout: float = 60.0) -> int:
     if state is None:
         print("no mesh is running")
         return 0
+    if state.get("state") == "orphaned":
+        return stop_orphaned(state)
     pid = int(state["pid"])
     os.kill(pid, signal.SIGTERM)
     print(f"stopping mesh {state.get('name')!r} (supervisor pid {pid}) ...", flush=True)
@@ -169,3 +195,27 @@ def stop_running(timeout: float = 60.0) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def stop_orphaned(state: dict[str, Any], grace: float = 5.0) -> int:
+    """Stop a mesh whose supervisor died, from its state file: apps, then sidecars."""
+    from diktyo.platform.process import stop_pids
+
+    live = live_children(state)
+    print(
+        f"the supervisor of mesh {state.get('name')!r} (pid {state.get('pid')}) is gone; "
+        f"stopping its {len(live['app'])} apps, then its {len(live['sidecar'])} sidecars ...",
+        flush=True,
+    )
+    killed = stop_pids([live["app"], live["sidecar"]], grace=grace)
+    if killed:
+        print(f"killed (did not stop in {grace:g}s after SIGTERM): {killed}")
+    left = [p for ps in live_children(state).values() for p in ps]
+    if left:
+        print(f"error: still running: {left}; kill them with 'kill -9 PID'", file=sys.stderr)
+        return 1
+    with contextlib.suppress(OSError):
+        if (read_state() or {}).get("pid") == state.get("pid"):
+            state_path().unlink()
+    print("mesh stopped")
+    return 0
