@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -92,6 +94,26 @@ def _up(tmp_path: Path, env: dict[str, str]) -> dict:
     return _state(env)
 
 
+def _up_foreground(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
+    """'diktyo up' in the foreground (no keeper), as in a terminal; returns once ready."""
+    out = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diktyo.cli.main", "up", "-f", str(tmp_path / "mesh.yaml")],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    out.close()
+    deadline = time.monotonic() + 60
+    while True:
+        st = _state(env)
+        if st.get("running") and st.get("pid") == proc.pid and st.get("state") == "ready":
+            return proc, st
+        assert proc.poll() is None, (tmp_path / "up.log").read_text()
+        assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+        time.sleep(0.2)
+
+
 def _kill_supervisor(state: dict) -> None:
     os.kill(state["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -112,7 +134,7 @@ def _wait_synced(env: dict[str, str], n: int, timeout: float = 30) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_kill_9_supervisor_under_load_then_up_adopts(tmp_path: Path, env: dict[str, str]) -> None:
-    before = _up(tmp_path, env)
+    proc, before = _up_foreground(tmp_path, env)
     try:
         front = next(w for w in before["workloads"] if w["name"] == "front-v1-1")
         url = f"http://127.0.0.1:{front['app_ports']['9080']}/call/hello:9080/"
@@ -122,7 +144,8 @@ def test_kill_9_supervisor_under_load_then_up_adopts(tmp_path: Path, env: dict[s
         _wait_synced(env, 3)
         with Traffic(url, rps=20) as traffic:
             time.sleep(1.5)
-            _kill_supervisor(before)  # the control plane runs in it: both are gone now
+            proc.kill()  # SIGKILL; the control plane runs in it: both are gone now
+            proc.wait()
             time.sleep(3.0)
             orphan = _state(env)
             assert orphan["state"] == "orphaned", orphan
@@ -146,13 +169,13 @@ def test_kill_9_supervisor_under_load_then_up_adopts(tmp_path: Path, env: dict[s
         assert traffic.failed == [], traffic.failed[:5]
         assert traffic.ok >= 60, traffic.ok
         assert traffic.versions == {"v2"}  # the applied route held throughout and after
-        assert "served again: 2 resources" in (Path(env["DIKTYO_HOME"]) / "mesh.log").read_text()
         assert "SYNCED" in synced
         # the same processes serve on: adopted, not restarted
         assert sorted(child_pids(after)) == sorted(child_pids(before))
         assert all(w["restarts"] == 0 for w in after["workloads"])
         log = (Path(env["DIKTYO_HOME"]) / "mesh.log").read_text()
         assert "adopting mesh 'survivor'" in log, log[-2000:]
+        assert "served again: 2 resources" in log
 
         # the new supervisor watches the adopted processes: a killed app comes back
         hello = next(w for w in after["workloads"] if w["name"] == "hello-v1-1")
@@ -180,10 +203,11 @@ def test_kill_9_supervisor_under_load_then_up_adopts(tmp_path: Path, env: dict[s
 def test_down_stops_an_orphaned_mesh_from_the_state_file(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    before = _up(tmp_path, env)
+    proc, before = _up_foreground(tmp_path, env)
     pids = child_pids(before)
     assert len(pids) == 6
-    _kill_supervisor(before)
+    proc.kill()
+    proc.wait()
     assert all(pid_alive(p) for p in pids)  # the data plane outlives the supervisor
     down = diktyo("down", env=env)
     assert down.returncode == 0, down.stdout + down.stderr
@@ -191,3 +215,43 @@ def test_down_stops_an_orphaned_mesh_from_the_state_file(
     assert [p for p in pids if pid_alive(p)] == []
     assert _state(env) == {"running": False}
     assert not (Path(env["DIKTYO_HOME"]) / "mesh.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_keeper_of_a_detached_mesh_restarts_its_supervisor_under_load(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    before = _up(tmp_path, env)
+    keeper = before["keeper_pid"]
+    assert keeper and pid_alive(keeper)
+    try:
+        front = next(w for w in before["workloads"] if w["name"] == "front-v1-1")
+        url = f"http://127.0.0.1:{front['app_ports']['9080']}/call/hello:9080/"
+        with Traffic(url, rps=20) as traffic:
+            time.sleep(1.5)
+            _kill_supervisor(before)  # supervisor and control plane: gone
+            deadline = time.monotonic() + 60
+            while True:  # the keeper starts a new supervisor, which adopts the mesh
+                after = _state(env)
+                if after.get("pid") != before["pid"] and after.get("state") == "ready":
+                    break
+                assert time.monotonic() < deadline, after
+                time.sleep(0.2)
+            _wait_synced(env, 3)
+            time.sleep(2.0)
+        assert traffic.failed == [], traffic.failed[:5]
+        assert traffic.ok >= 50, traffic.ok
+        assert after["control_plane"] == before["control_plane"]
+        assert after["keeper_pid"] == keeper
+        assert sorted(child_pids(after)) == sorted(child_pids(before))  # adopted, not restarted
+        log = (Path(env["DIKTYO_HOME"]) / "mesh.log").read_text()
+        assert f"keeper: the supervisor (pid {before['pid']}) was killed by SIGKILL" in log, log
+        assert "adopting mesh 'survivor'" in log
+    finally:
+        state = _state(env)
+        down = diktyo("down", env=env)
+    assert down.returncode == 0, down.stdout + down.stderr
+    time.sleep(0.2)
+    pids = child_pids(state) + child_pids(before) + [state["pid"], keeper]
+    assert [p for p in pids if pid_alive(p)] == []

@@ -78,6 +78,17 @@ def run(args: argparse.Namespace) -> int:
     adopt = None
     state = running_state()
     if state is not None and state.get("state") == "orphaned":
+        from diktyo.platform.state import pid_alive
+
+        keeper = int(state.get("keeper_pid") or 0)
+        mine = os.environ.get("DIKTYO_KEEPER_PID") == str(keeper)  # started by that keeper
+        if keeper and pid_alive(keeper) and not mine:
+            print(
+                f"error: the supervisor of mesh {state.get('name')!r} died; its keeper (pid "
+                f"{keeper}) is starting a new one that adopts the mesh: see 'diktyo status'",
+                file=sys.stderr,
+            )
+            return 1
         if state.get("mesh_file") != str(Path(args.file).resolve()):
             print(
                 f"error: {already_running_message()}\n(it was started from "

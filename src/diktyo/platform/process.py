@@ -291,6 +291,11 @@ def stop_pids(groups: list[list[int]], grace: float = 5.0) -> list[int]:
     return killed
 
 
+def is_running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    return _alive(pid)
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie, already dead but not yet reaped by init, counts as gone)."""
     try:

@@ -19,6 +19,7 @@ from diktyo.platform.state import (
     live_children,
     log_path,
     orphaned_hint,
+    pid_alive,
     read_state,
     running_state,
     state_path,
@@ -56,11 +57,14 @@ async def serve_mesh(
     With the state file (``diktyo up``/``demo``) the mesh outlives a killed supervisor: its
     children run without a parent-death signal and log to ``$DIKTYO_HOME/logs``."""
     mesh: LocalMesh
+    from diktyo.platform.keeper import KEEPER_ENV
+
+    keeper = os.environ.pop(KEEPER_ENV, None)  # not passed on to sidecars and apps
 
     def save() -> None:
         if write_state_file:
             with contextlib.suppress(OSError):
-                write_state(mesh.describe())
+                write_state({**mesh.describe(), "keeper_pid": int(keeper) if keeper else None})
 
     mesh = LocalMesh(
         spec,
@@ -125,7 +129,8 @@ def run_detached(argv: list[str], timeout: float = 120.0) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "diktyo.cli.main", *argv],
+            # the keeper runs 'diktyo ARGV' and starts it again (adopting the mesh) if killed
+            [sys.executable, "-m", "diktyo.platform.keeper", *argv],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -153,8 +158,11 @@ def _wait_detached(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> 
             )
             return 1
         state = read_state()
-        if state and state.get("pid") == proc.pid and state.get("state") == "ready":
-            print(f"mesh {state.get('name')!r} ready (supervisor pid {proc.pid}, log {log})")
+        if state and state.get("keeper_pid") == proc.pid and state.get("state") == "ready":
+            print(
+                f"mesh {state.get('name')!r} ready (supervisor pid {state.get('pid')}, "
+                f"keeper pid {proc.pid}, log {log})"
+            )
             print(f"  control plane: {state.get('control_plane')}")
             print(f"  dashboard:     {state.get('dashboard')}")
             if state.get("gateway"):
@@ -168,33 +176,55 @@ def _wait_detached(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> 
 
 
 def stop_running(timeout: float = 60.0) -> int:
+    """Stop the mesh: SIGTERM to its keeper and supervisor (which stops apps, sidecars and the
+    control plane in order); then whatever of the state file still runs (an orphaned mesh, or
+    a supervisor that died while stopping) is stopped from the state file."""
+    from diktyo.platform.process import is_running
+
     state = running_state()
     if state is None:
         print("no mesh is running")
         return 0
-    if state.get("state") == "orphaned":
-        return stop_orphaned(state)
     pid = int(state["pid"])
-    os.kill(pid, signal.SIGTERM)
+    keeper = int(state.get("keeper_pid") or 0)
+    if keeper and is_running(keeper):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(keeper, signal.SIGTERM)  # no new supervisor from here on
+    if state.get("state") == "orphaned":
+        _wait_gone([keeper], 10.0)
+        return stop_orphaned(state)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
     print(f"stopping mesh {state.get('name')!r} (supervisor pid {pid}) ...", flush=True)
-    deadline = time.monotonic() + timeout
-    from diktyo.platform.state import pid_alive
+    if not _wait_gone([pid, keeper], timeout):
+        print(
+            f"error: supervisor pid {pid} still running after {timeout:g}s; kill it with "
+            f"'kill {pid}'",
+            file=sys.stderr,
+        )
+        return 1
+    if any(live_children(state).values()):
+        return stop_orphaned(state)
+    with contextlib.suppress(OSError):
+        if state_path().exists() and (read_state() or {}).get("pid") == pid:
+            state_path().unlink()
+    print("mesh stopped")
+    return 0
 
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            with contextlib.suppress(OSError):
-                if state_path().exists() and (read_state() or {}).get("pid") == pid:
-                    state_path().unlink()
-            print("mesh stopped")
-            return 0
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+
+def _wait_gone(pids: list[int], timeout: float) -> bool:
+    from diktyo.platform.process import is_running
+
+    deadline = time.monotonic() + timeout
+    while any(p and is_running(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        for p in pids:
+            if p:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(p, os.WNOHANG)
         time.sleep(0.1)
-    print(
-        f"error: supervisor pid {pid} still running after {timeout:g}s; kill it with 'kill {pid}'",
-        file=sys.stderr,
-    )
-    return 1
+    return True
 
 
 def stop_orphaned(state: dict[str, Any], grace: float = 5.0) -> int:
@@ -215,7 +245,8 @@ def stop_orphaned(state: dict[str, Any], grace: float = 5.0) -> int:
         print(f"error: still running: {left}; kill them with 'kill -9 PID'", file=sys.stderr)
         return 1
     with contextlib.suppress(OSError):
-        if (read_state() or {}).get("pid") == state.get("pid"):
+        current = read_state() or {}
+        if current.get("pid") == state.get("pid") or not pid_alive(int(current.get("pid") or 0)):
             state_path().unlink()
     print("mesh stopped")
     return 0

@@ -38,13 +38,21 @@ def read_state(path: Path | None = None) -> dict[str, Any] | None:
 
 
 def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (dead, waiting for its parent to reap it)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
+    except (OSError, ValueError):
+        return True
 
 
 def live_children(state: dict[str, Any]) -> dict[str, list[int]]:

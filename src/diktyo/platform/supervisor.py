@@ -38,6 +38,7 @@ from diktyo.control.ca.mesh import TOKEN_ENV
 from diktyo.control.model import InboundPort, ProxyNode, Service, ServicePort, WorkloadInstance
 from diktyo.control.serve.cache import Translator
 from diktyo.control.server import ControlPlane
+from diktyo.platform.backoff import BackOff
 from diktyo.platform.mesh import GatewaySpec, MeshSpec, RestartSpec, WorkloadSpec, fqdn
 from diktyo.platform.ports import free_port, port_in_use
 from diktyo.platform.process import Child
@@ -121,29 +122,6 @@ def exit_reason(code: int | None) -> dict[str, Any]:
         "signal": None,
         "reason": "Completed" if code == 0 else f"exited with code {code}",
     }
-
-
-class BackOff:
-    """Kubernetes' CrashLoopBackOff for one container.
-
-    The first restart is immediate; each further one waits ``base`` seconds, doubling up to
-    ``cap``. A container that ran at least ``reset_after`` seconds before it exited starts the
-    series again (its next restart is immediate).
-    """
-
-    def __init__(self, base: float = 10.0, cap: float = 300.0, reset_after: float = 600.0):
-        self.base = base
-        self.cap = cap
-        self.reset_after = reset_after
-        self.failures = 0  # exits counted since the last reset
-
-    def next_delay(self, ran_for: float) -> float:
-        """Seconds to wait before restarting a container that ran ``ran_for`` seconds."""
-        if ran_for >= self.reset_after:
-            self.failures = 0
-        delay = 0.0 if self.failures == 0 else min(self.cap, self.base * 2 ** (self.failures - 1))
-        self.failures += 1
-        return delay
 
 
 @dataclass
