@@ -87,6 +87,8 @@ class Child:
         on_line: Callable[[str], bool] | None = None,
         log_dir: str | Path | None = None,
         die_with_parent: bool = True,
+        user: int | None = None,
+        group: int | None = None,
     ) -> None:
         self.label = label
         self.argv = argv
@@ -96,6 +98,8 @@ class Child:
         self.on_line = on_line  # return True to swallow the line
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.die_with_parent = die_with_parent
+        self.user = user  # run as this uid/gid (needs root); supplementary groups dropped
+        self.group = group
         self.proc: asyncio.subprocess.Process | None = None
         self.adopted_pid: int | None = None  # a process started by an earlier supervisor
         self.start_time: int | None = None
@@ -139,6 +143,7 @@ class Child:
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.env,
                 cwd=self.cwd,
+                **self._credentials(),
                 preexec_fn=(
                     _setup_with_pdeathsig if self.die_with_parent else _setup_without_pdeathsig
                 ),
@@ -153,6 +158,17 @@ class Child:
         self._reader = asyncio.get_running_loop().create_task(
             self._tail(path, offset), name=f"log-{self.label}"
         )
+
+    def _credentials(self) -> dict[str, object]:
+        if self.user is None and self.group is None:
+            return {}
+        creds: dict[str, object] = {"extra_groups": []}
+        if self.user is not None:
+            creds["user"] = self.user
+            creds["group"] = self.group if self.group is not None else self.user
+        else:
+            creds["group"] = self.group
+        return creds
 
     def adopt(self, pid: int, start_time: int | None) -> bool:
         """Take over a process an earlier supervisor started (same pid and start time).

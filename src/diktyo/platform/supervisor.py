@@ -396,6 +396,7 @@ class LocalMesh:
 
     async def start(self, host: str = "127.0.0.1") -> None:
         self.state = "starting"
+        self._check_users()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
         self._save_ca()
         self._save_applied()  # a new mesh starts without the applied config of an earlier one
@@ -446,6 +447,18 @@ class LocalMesh:
             )
         self.state = "ready"
         self._changed()
+
+    def _check_users(self) -> None:
+        users = [("sidecar", self.spec.sidecar.run_as_user, self.spec.sidecar.run_as_group)]
+        users += [
+            (f"workloads[{w.name}]", w.run_as_user, w.run_as_group) for w in self.spec.workloads
+        ]
+        for where, uid, gid in users:
+            if (uid is not None or gid is not None) and os.geteuid() != 0:
+                raise MeshStartError(
+                    f"{where}.runAsUser/runAsGroup need diktyo to run as root (it runs as uid "
+                    f"{os.geteuid()}); run 'diktyo up' as root or remove them from the mesh file"
+                )
 
     # ------------------------------------------------------------------ adopt
 
@@ -756,7 +769,9 @@ class LocalMesh:
             else self.spec.base_dir
         )
         argv = [a.replace("{python}", sys.executable) for a in wl.argv]
-        rep.app = self._child(rep.name, argv, env=env, cwd=cwd)
+        rep.app = self._child(
+            rep.name, argv, env=env, cwd=cwd, user=wl.run_as_user, group=wl.run_as_group
+        )
         await rep.app.start()
         rep.container("app").started = time.monotonic()
         return not rep.app_ports or await self._wait_app(rep)
@@ -814,6 +829,10 @@ class LocalMesh:
             self.sidecar_argv(self.cp.url, rep.node_id, rep.admin_port),
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self._identity_env(rep)},
             on_line=on_sidecar_line,
+            user=self.spec.sidecar.run_as_user,
+            group=self.spec.sidecar.run_as_group,
+            # its own uid may not read the supervisor's folder
+            cwd="/" if self.spec.sidecar.run_as_user is not None else None,
         )
 
     def _child(self, label: str, argv: list[str], **kwargs: Any) -> Child:
