@@ -219,19 +219,3 @@ def test_config_folder_is_watched_and_bad_files_keep_the_last_good_config(tmp_pa
         (config / "broken.yaml").unlink()
         (config / "route.yaml").unlink()
         wait_for({"v1", "v2"})
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(60)
-def test_children_die_with_a_killed_supervisor(tmp_path: Path, env: dict[str, str]) -> None:
-    up = diktyo("up", "-f", str(tmp_path / "mesh.yaml"), "--detach", "--timeout", "45", env=env)
-    assert up.returncode == 0, up.stdout + up.stderr
-    state = json.loads(diktyo("status", "-o", "json", env=env).stdout)
-    pids = child_pids(state)
-    assert len(pids) == 6
-    os.kill(state["pid"], signal.SIGKILL)  # no chance to stop anything in order
-    deadline = time.monotonic() + 15
-    while [p for p in pids if pid_alive(p)] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert [p for p in pids if pid_alive(p)] == []  # parent-death signal
-    assert json.loads(diktyo("status", "-o", "json", env=env).stdout) == {"running": False}

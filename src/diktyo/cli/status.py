@@ -32,7 +32,10 @@ def _last_exit(w: dict[str, Any]) -> str:
     last = w.get("last_exit")
     if not last:
         return "-"
-    return f"{last.get('container')}: {last.get('reason')} ({last.get('exit_code')})"
+    code = last.get("exit_code")
+    return f"{last.get('container')}: {last.get('reason')}" + (
+        f" ({code})" if code is not None else ""
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"running": True, **state}, indent=2))
         return 0
     print(f"mesh {state.get('name')!r}: {state.get('state')} (supervisor pid {state.get('pid')})")
+    if state.get("state") == "orphaned":
+        from diktyo.platform.state import orphaned_hint
+
+        print(f"warning: {orphaned_hint(state)}")
     print(f"control plane: {state.get('control_plane')}")
     print(f"dashboard:     {state.get('dashboard')}")
     if state.get("gateway"):

@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "Start a local mesh: the control plane, then per workload replica its sidecar and "
             "its app, and the ingress gateways. Runs in the foreground until Ctrl-C (or 'diktyo "
             "down'), then stops apps, sidecars and the control plane in that order. "
-            "Mesh file format: docs/mesh-file.md."
+            "Sidecars and apps outlive a killed supervisor (they keep serving); run 'diktyo up' "
+            "with the same mesh file again to adopt them (the control plane comes back on its "
+            "port), or 'diktyo down' to stop them. Mesh file format: docs/mesh-file.md."
         ),
     )
     p.add_argument(
@@ -71,9 +73,37 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         os.environ["DIKTYO_PROMETHEUS"] = args.prometheus  # read by the mesh's ControlPlane
-    busy = already_running_message()
-    if busy:
-        print(f"error: {busy}", file=sys.stderr)
+    from diktyo.platform.state import running_state
+
+    adopt = None
+    state = running_state()
+    if state is not None and state.get("state") == "orphaned":
+        from diktyo.platform.state import pid_alive
+
+        keeper = int(state.get("keeper_pid") or 0)
+        mine = os.environ.get("DIKTYO_KEEPER_PID") == str(keeper)  # started by that keeper
+        if keeper and pid_alive(keeper) and not mine:
+            print(
+                f"error: the supervisor of mesh {state.get('name')!r} died; its keeper (pid "
+                f"{keeper}) is starting a new one that adopts the mesh: see 'diktyo status'",
+                file=sys.stderr,
+            )
+            return 1
+        if state.get("mesh_file") != str(Path(args.file).resolve()):
+            print(
+                f"error: {already_running_message()}\n(it was started from "
+                f"{state.get('mesh_file') or 'diktyo demo'}, not {args.file})",
+                file=sys.stderr,
+            )
+            return 1
+        adopt = state  # the mesh of this file runs on without its supervisor: take it over
+        print(
+            f"mesh {state.get('name')!r} runs without its supervisor (pid {state.get('pid')} is "
+            "gone): adopting its sidecars and apps",
+            flush=True,
+        )
+    elif state is not None:
+        print(f"error: {already_running_message()}", file=sys.stderr)
         return 1
     if args.detach:
         argv = ["up", "-f", str(Path(args.file).resolve())]
@@ -82,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
         if args.prometheus:
             argv += ["--prometheus", args.prometheus]
         return run_detached(argv, args.timeout)
+    main = serve_mesh(spec, config_dir=config_dir, mesh_file=args.file, adopt=adopt)
     try:
         import uvloop
     except ImportError:  # pragma: no cover
-        return asyncio.run(serve_mesh(spec, config_dir=config_dir))
-    return uvloop.run(serve_mesh(spec, config_dir=config_dir))
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -120,6 +120,9 @@ class WorkloadSpec(_M):
     command: list[str] | str
     env: dict[str, str] = Field(default_factory=dict)
     working_dir: str | None = None
+    # the app's uid/gid (diktyo must run as root), like a pod's securityContext.runAsUser
+    run_as_user: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    run_as_group: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
     _n = field_validator("name")(classmethod(lambda cls, v: _dns_name(v)))
 
@@ -193,6 +196,14 @@ class RestartSpec(_M):
         return self
 
 
+class SidecarSpec(_M):
+    """How sidecars run. ``runAsUser``: their own uid, apart from the apps' (diktyo must run as
+    root), as Istio's ``istio-proxy`` container runs as uid 1337."""
+
+    run_as_user: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    run_as_group: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+
 class MeshSpec(_M):
     api_version: str = "diktyo.io/v1alpha1"
     kind: str = "Mesh"
@@ -206,6 +217,7 @@ class MeshSpec(_M):
     tracing: TracingSpec = Field(default_factory=TracingSpec)
     access_log: AccessLogSpec = Field(default_factory=AccessLogSpec)
     restart: RestartSpec = Field(default_factory=RestartSpec)
+    sidecar: SidecarSpec = Field(default_factory=SidecarSpec)
     # set by load_mesh: the folder relative paths are resolved against
     base_dir: str = Field(default=".", exclude=True)
 

@@ -11,9 +11,20 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from diktyo.platform.mesh import MeshSpec
-from diktyo.platform.state import log_path, read_state, running_state, state_path, write_state
+from diktyo.platform.state import (
+    home,
+    live_children,
+    log_path,
+    orphaned_hint,
+    pid_alive,
+    read_state,
+    running_state,
+    state_path,
+    write_state,
+)
 from diktyo.platform.supervisor import LocalMesh, MeshStartError
 
 AfterStart = Callable[[LocalMesh], Awaitable[None]]
@@ -23,6 +34,8 @@ def already_running_message() -> str | None:
     state = running_state()
     if state is None:
         return None
+    if state.get("state") == "orphaned":
+        return orphaned_hint(state)
     return (
         f"a mesh is already running (supervisor pid {state.get('pid')}, control plane "
         f"{state.get('control_plane')}); stop it with 'diktyo down' first"
@@ -35,23 +48,38 @@ async def serve_mesh(
     config_dir: str | Path | None = None,
     after_start: AfterStart | None = None,
     write_state_file: bool = True,
+    mesh_file: str | Path | None = None,
+    adopt: dict[str, Any] | None = None,
 ) -> int:
-    """Start the mesh, run until SIGINT/SIGTERM, stop in order. Returns the exit code."""
+    """Start the mesh (or ``adopt`` the orphaned one of that state file), run until
+    SIGINT/SIGTERM, stop in order. Returns the exit code.
+
+    With the state file (``diktyo up``/``demo``) the mesh outlives a killed supervisor: its
+    children run without a parent-death signal and log to ``$DIKTYO_HOME/logs``."""
     mesh: LocalMesh
+    from diktyo.platform.keeper import KEEPER_ENV
+
+    keeper = os.environ.pop(KEEPER_ENV, None)  # not passed on to sidecars and apps
 
     def save() -> None:
         if write_state_file:
             with contextlib.suppress(OSError):
-                write_state(mesh.describe())
+                write_state({**mesh.describe(), "keeper_pid": int(keeper) if keeper else None})
 
-    mesh = LocalMesh(spec, config_dir=config_dir, on_change=save)
+    mesh = LocalMesh(
+        spec,
+        config_dir=config_dir,
+        on_change=save,
+        home=home() if write_state_file else None,
+        mesh_file=mesh_file,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     code = 0
     try:
-        start = loop.create_task(mesh.start())
+        start = loop.create_task(mesh.adopt(adopt) if adopt is not None else mesh.start())
         stopper = loop.create_task(stop.wait())
         await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if start.done():
@@ -101,7 +129,8 @@ def run_detached(argv: list[str], timeout: float = 120.0) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "diktyo.cli.main", *argv],
+            # the keeper runs 'diktyo ARGV' and starts it again (adopting the mesh) if killed
+            [sys.executable, "-m", "diktyo.platform.keeper", *argv],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -129,8 +158,11 @@ def _wait_detached(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> 
             )
             return 1
         state = read_state()
-        if state and state.get("pid") == proc.pid and state.get("state") == "ready":
-            print(f"mesh {state.get('name')!r} ready (supervisor pid {proc.pid}, log {log})")
+        if state and state.get("keeper_pid") == proc.pid and state.get("state") == "ready":
+            print(
+                f"mesh {state.get('name')!r} ready (supervisor pid {state.get('pid')}, "
+                f"keeper pid {proc.pid}, log {log})"
+            )
             print(f"  control plane: {state.get('control_plane')}")
             print(f"  dashboard:     {state.get('dashboard')}")
             if state.get("gateway"):
@@ -144,28 +176,77 @@ def _wait_detached(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> 
 
 
 def stop_running(timeout: float = 60.0) -> int:
+    """Stop the mesh: SIGTERM to its keeper and supervisor (which stops apps, sidecars and the
+    control plane in order); then whatever of the state file still runs (an orphaned mesh, or
+    a supervisor that died while stopping) is stopped from the state file."""
+    from diktyo.platform.process import is_running
+
     state = running_state()
     if state is None:
         print("no mesh is running")
         return 0
     pid = int(state["pid"])
-    os.kill(pid, signal.SIGTERM)
+    keeper = int(state.get("keeper_pid") or 0)
+    if keeper and is_running(keeper):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(keeper, signal.SIGTERM)  # no new supervisor from here on
+    if state.get("state") == "orphaned":
+        _wait_gone([keeper], 10.0)
+        return stop_orphaned(state)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
     print(f"stopping mesh {state.get('name')!r} (supervisor pid {pid}) ...", flush=True)
-    deadline = time.monotonic() + timeout
-    from diktyo.platform.state import pid_alive
+    if not _wait_gone([pid, keeper], timeout):
+        print(
+            f"error: supervisor pid {pid} still running after {timeout:g}s; kill it with "
+            f"'kill {pid}'",
+            file=sys.stderr,
+        )
+        return 1
+    if any(live_children(state).values()):
+        return stop_orphaned(state)
+    with contextlib.suppress(OSError):
+        if state_path().exists() and (read_state() or {}).get("pid") == pid:
+            state_path().unlink()
+    print("mesh stopped")
+    return 0
 
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            with contextlib.suppress(OSError):
-                if state_path().exists() and (read_state() or {}).get("pid") == pid:
-                    state_path().unlink()
-            print("mesh stopped")
-            return 0
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+
+def _wait_gone(pids: list[int], timeout: float) -> bool:
+    from diktyo.platform.process import is_running
+
+    deadline = time.monotonic() + timeout
+    while any(p and is_running(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        for p in pids:
+            if p:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(p, os.WNOHANG)
         time.sleep(0.1)
+    return True
+
+
+def stop_orphaned(state: dict[str, Any], grace: float = 5.0) -> int:
+    """Stop a mesh whose supervisor died, from its state file: apps, then sidecars."""
+    from diktyo.platform.process import stop_pids
+
+    live = live_children(state)
     print(
-        f"error: supervisor pid {pid} still running after {timeout:g}s; kill it with 'kill {pid}'",
-        file=sys.stderr,
+        f"the supervisor of mesh {state.get('name')!r} (pid {state.get('pid')}) is gone; "
+        f"stopping its {len(live['app'])} apps, then its {len(live['sidecar'])} sidecars ...",
+        flush=True,
     )
-    return 1
+    killed = stop_pids([live["app"], live["sidecar"]], grace=grace)
+    if killed:
+        print(f"killed (did not stop in {grace:g}s after SIGTERM): {killed}")
+    left = [p for ps in live_children(state).values() for p in ps]
+    if left:
+        print(f"error: still running: {left}; kill them with 'kill -9 PID'", file=sys.stderr)
+        return 1
+    with contextlib.suppress(OSError):
+        current = read_state() or {}
+        if current.get("pid") == state.get("pid") or not pid_alive(int(current.get("pid") or 0)):
+            state_path().unlink()
+    print("mesh stopped")
+    return 0

@@ -38,6 +38,7 @@ from diktyo.control.ca.mesh import TOKEN_ENV
 from diktyo.control.model import InboundPort, ProxyNode, Service, ServicePort, WorkloadInstance
 from diktyo.control.serve.cache import Translator
 from diktyo.control.server import ControlPlane
+from diktyo.platform.backoff import BackOff
 from diktyo.platform.mesh import GatewaySpec, MeshSpec, RestartSpec, WorkloadSpec, fqdn
 from diktyo.platform.ports import free_port, port_in_use
 from diktyo.platform.process import Child
@@ -69,16 +70,42 @@ def default_sidecar_argv(url: str, node_id: str, admin_port: int) -> list[str]:
 SidecarArgv = Callable[[str, str, int], list[str]]
 
 
+def _verified(workloads: list[dict[str, Any]], container: str) -> list[int]:
+    """Pids of ``container`` (app|sidecar) in state-file entries that still run as that process
+    (same start time: not a reused pid)."""
+    from diktyo.platform.process import same_process
+
+    out = []
+    for w in workloads:
+        pid, start = w.get(f"{container}_pid"), w.get(f"{container}_start_time")
+        if pid and same_process(int(pid), start):
+            out.append(int(pid))
+    return out
+
+
+def stop_pids_of(w: dict[str, Any]) -> None:
+    from diktyo.platform.process import stop_pids
+
+    stop_pids([_verified([w], "app"), _verified([w], "sidecar")])
+
+
 class MeshStartError(RuntimeError):
     """A workload could not start; the message says which and why."""
 
 
-def exit_reason(code: int) -> dict[str, Any]:
+def exit_reason(code: int | None) -> dict[str, Any]:
     """How a child ended, as Kubernetes reports a terminated container.
 
     asyncio gives ``-N`` for a process killed by signal N; Kubernetes (and a shell) report it
-    as exit code ``128 + N`` with the signal's name.
+    as exit code ``128 + N`` with the signal's name. ``None``: a process adopted from an
+    earlier supervisor, whose exit status nobody alive can read.
     """
+    if code is None:
+        return {
+            "exit_code": None,
+            "signal": None,
+            "reason": "exited (status unknown: started by an earlier supervisor)",
+        }
     if code < 0:
         sig = -code
         try:
@@ -95,29 +122,6 @@ def exit_reason(code: int) -> dict[str, Any]:
         "signal": None,
         "reason": "Completed" if code == 0 else f"exited with code {code}",
     }
-
-
-class BackOff:
-    """Kubernetes' CrashLoopBackOff for one container.
-
-    The first restart is immediate; each further one waits ``base`` seconds, doubling up to
-    ``cap``. A container that ran at least ``reset_after`` seconds before it exited starts the
-    series again (its next restart is immediate).
-    """
-
-    def __init__(self, base: float = 10.0, cap: float = 300.0, reset_after: float = 600.0):
-        self.base = base
-        self.cap = cap
-        self.reset_after = reset_after
-        self.failures = 0  # exits counted since the last reset
-
-    def next_delay(self, ran_for: float) -> float:
-        """Seconds to wait before restarting a container that ran ``ran_for`` seconds."""
-        if ran_for >= self.reset_after:
-            self.failures = 0
-        delay = 0.0 if self.failures == 0 else min(self.cap, self.base * 2 ** (self.failures - 1))
-        self.failures += 1
-        return delay
 
 
 @dataclass
@@ -154,6 +158,7 @@ class Replica:
     watch: asyncio.Task[None] | None = None
     sidecar_watch: asyncio.Task[None] | None = None
     containers: dict[str, ContainerStatus] = field(default_factory=dict)  # app, sidecar
+    adoptable: bool = False  # its ports were taken over from a dead supervisor's state
 
     def container(self, name: str) -> ContainerStatus:
         st = self.containers.get(name)
@@ -196,6 +201,8 @@ class Replica:
             "gateway_ports": {str(k): v for k, v in self.proxy.gateway_ports.items()},
             "sidecar_pid": self.sidecar.pid if self.sidecar else None,
             "app_pid": self.app.pid if self.app else None,
+            "sidecar_start_time": self.sidecar.start_time if self.sidecar else None,
+            "app_start_time": self.app.start_time if self.app else None,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "containers": {name: c.to_json() for name, c in sorted(self.containers.items())},
@@ -213,8 +220,24 @@ class LocalMesh:
         out: TextIO | None = None,
         ready_timeout: float = 30.0,
         on_change: Callable[[], None] | None = None,
+        home: str | Path | None = None,
+        mesh_file: str | Path | None = None,
     ) -> None:
+        """``home``: the folder of a mesh that outlives its supervisor (``diktyo up``): child
+        output in ``home/logs``, the CA in ``home/ca``, children without a parent-death
+        signal, so a killed supervisor leaves the data plane serving and a new one can
+        ``adopt()`` it. Without it (tests, ``MeshThread``) children end with the supervisor."""
         self.spec = spec
+        self.home = Path(home) if home is not None else None
+        self.mesh_file = str(Path(mesh_file).resolve()) if mesh_file else None
+        if self.home is not None:
+            self.log_dir = self.home / "logs"
+            self._own_log_dir = False
+        else:
+            import tempfile
+
+            self.log_dir = Path(tempfile.mkdtemp(prefix="diktyo-mesh-logs-"))
+            self._own_log_dir = True
         self.config_dir = Path(config_dir) if config_dir else spec.config_dir()
         self.sidecar_argv = sidecar_argv
         self.out = out or sys.stdout
@@ -226,6 +249,15 @@ class LocalMesh:
             config_dir=self.config_dir, translator=translator, mesh=mesh_config(spec)
         )
         self.cp.workloads_provider = lambda: [r.to_json() for r in self.replicas]
+        if self.home is not None:  # keep applied config for a supervisor that adopts the mesh
+            kick = self.cp.store.on_change
+
+            def on_store_change() -> None:
+                if kick is not None:
+                    kick()
+                self._save_applied()
+
+            self.cp.store.on_change = on_store_change
         self.replicas: list[Replica] = []
         self._taken: set[int] = set()  # ports handed out (never twice)
         self.state = "created"
@@ -268,6 +300,8 @@ class LocalMesh:
         return {
             "name": self.spec.name,
             "pid": os.getpid(),
+            "mesh_file": self.mesh_file,
+            "home": str(self.home) if self.home is not None else None,
             "state": self.state,
             "control_plane": self.cp.url,
             "dashboard": self.cp.url + "/",
@@ -285,7 +319,9 @@ class LocalMesh:
                 self._taken.add(p)
                 return p
 
-    def _plan(self) -> None:
+    def _plan(self, adopting: frozenset[int] = frozenset()) -> None:
+        """Replicas and their ports. ``adopting``: gateway host ports the running gateways of
+        an adopted mesh hold (not a conflict)."""
         spec = self.spec
         alloc = self._alloc
 
@@ -335,7 +371,7 @@ class LocalMesh:
             ports: dict[int, int] = {}
             for gp in gw.ports:
                 host = gp.host_port or alloc()
-                if port_in_use(host):
+                if host not in adopting and port_in_use(host):
                     raise MeshStartError(
                         f"gateway {gw.name}: host port {host} is already in use; free it or set "
                         f"gateways[].ports[].hostPort in the mesh file (0 picks a free port)"
@@ -360,7 +396,10 @@ class LocalMesh:
 
     async def start(self, host: str = "127.0.0.1") -> None:
         self.state = "starting"
+        self._check_users()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
+        self._save_ca()
+        self._save_applied()  # a new mesh starts without the applied config of an earlier one
         await self.cp.start(host, self.spec.control_plane.port)
         self.say(
             f"control plane on {self.cp.url}"
@@ -408,6 +447,246 @@ class LocalMesh:
             )
         self.state = "ready"
         self._changed()
+
+    def _check_users(self) -> None:
+        users = [("sidecar", self.spec.sidecar.run_as_user, self.spec.sidecar.run_as_group)]
+        users += [
+            (f"workloads[{w.name}]", w.run_as_user, w.run_as_group) for w in self.spec.workloads
+        ]
+        for where, uid, gid in users:
+            if (uid is not None or gid is not None) and os.geteuid() != 0:
+                raise MeshStartError(
+                    f"{where}.runAsUser/runAsGroup need diktyo to run as root (it runs as uid "
+                    f"{os.geteuid()}); run 'diktyo up' as root or remove them from the mesh file"
+                )
+
+    # ------------------------------------------------------------------ adopt
+
+    def _ca_paths(self) -> tuple[Path, Path] | None:
+        if self.home is None:
+            return None
+        return self.home / "ca" / "root-key.pem", self.home / "ca" / "root-cert.pem"
+
+    def _save_ca(self) -> None:
+        """Keep the mesh's CA root in ``home/ca`` (key 0600): a supervisor that adopts this
+        mesh signs with the same root, so running and restarted sidecars trust each other."""
+        paths = self._ca_paths()
+        if paths is None:
+            return
+        paths[0].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.cp.identity.ca.save(str(paths[0]), str(paths[1]))
+
+    def _load_ca(self) -> None:
+        from diktyo.control.ca.authority import CertificateAuthority
+
+        paths = self._ca_paths()
+        if paths is None or not paths[0].exists():
+            self.say(
+                "warning: the mesh's CA was not saved; sidecars get certificates of a new root"
+            )
+            self._save_ca()
+            return
+        ca = CertificateAuthority.from_files(
+            str(paths[0]), str(paths[1]), trust_domain=self.cp.identity.trust_domain
+        )
+        self.cp.identity.ca = ca
+        self.cp.identity.service.ca = ca
+
+    def _applied_path(self) -> Path | None:
+        return self.home / "applied.yaml" if self.home is not None else None
+
+    def _save_applied(self) -> None:
+        """Write the resources applied over the API (``diktyo apply``) to ``home/applied.yaml``."""
+        path = self._applied_path()
+        if path is None:
+            return
+        docs = []
+        for res in getattr(self.cp.store, "_applied", {}).values():
+            dump = getattr(res.spec, "model_dump", None)
+            if dump is None:
+                continue
+            meta: dict[str, Any] = {"name": res.name, "namespace": res.namespace}
+            if res.labels:
+                meta["labels"] = dict(res.labels)
+            docs.append(
+                {
+                    "apiVersion": res.api_version,
+                    "kind": res.kind,
+                    "metadata": meta,
+                    "spec": dump(mode="json", by_alias=True, exclude_unset=True),
+                }
+            )
+        tmp = path.with_suffix(".tmp")
+        try:
+            # JSON documents are YAML: one per resource, read back with the usual loader
+            tmp.write_text("".join(f"---\n{json.dumps(d, indent=1)}\n" for d in docs))
+            tmp.replace(path)
+        except OSError as exc:
+            self.say(f"warning: cannot keep applied config in {path}: {exc}")
+
+    def _load_applied(self) -> None:
+        path = self._applied_path()
+        if path is None or not path.exists():
+            return
+        text = path.read_text()
+        if not text.strip():
+            return
+        keys, errors = self.cp.store.apply_text(text, str(path))
+        if errors:
+            self.say(
+                f"warning: applied config kept in {path} not served again:\n  "
+                + "\n  ".join(errors)
+            )
+        else:
+            self.say(f"applied config served again: {len(keys)} resources from {path}")
+
+    async def adopt(self, state: dict[str, Any], host: str = "127.0.0.1") -> None:
+        """Take over a mesh whose supervisor died (``state``: its state file).
+
+        The control plane starts again on the same port with the same CA root; the replicas the
+        state file names keep their ports, and their sidecars and apps that still run (same pid
+        and start time) are watched again, not restarted. What is gone is started again and
+        counted as a restart; replicas the mesh file no longer has are stopped.
+        """
+        from urllib.parse import urlsplit
+
+        self.state = "starting"
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
+        self._load_ca()
+        self._load_applied()
+        port = urlsplit(str(state.get("control_plane") or "")).port or self.spec.control_plane.port
+        await self.cp.start(host, port)
+        old = {str(w.get("name")): w for w in state.get("workloads", []) if isinstance(w, dict)}
+        held = frozenset(
+            int(v) for w in old.values() for v in (w.get("gateway_ports") or {}).values()
+        )
+        self._plan(adopting=held)
+        self.say(
+            f"adopting mesh {state.get('name')!r} of supervisor pid {state.get('pid')} "
+            f"(control plane again on {self.cp.url}) ..."
+        )
+        for rep in self.replicas:
+            w = old.pop(rep.name, None)
+            if w is not None:
+                self._reuse_ports(rep, w)
+        if old:  # replicas the mesh file no longer has
+            from diktyo.platform.process import stop_pids
+
+            gone = list(old.values())
+            self.say(f"stopping replicas the mesh file no longer has: {', '.join(old)}")
+            stop_pids(
+                [_verified(gone, "app"), _verified(gone, "sidecar")],
+                grace=5.0,
+            )
+        adopted = {r.name: self._state_of(state, r.name) for r in self.replicas}
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for r in self.replicas:
+                    w = adopted.get(r.name)
+                    tg.create_task(
+                        self._adopt_replica(r, w) if w is not None else self._start_replica(r)
+                    )
+        except BaseExceptionGroup as group:
+            self.state = "failed"
+            errors = _leaves(group)
+            first = next((e for e in errors if isinstance(e, MeshStartError)), errors[0])
+            raise first from None
+        if not await self.cp.sync(10.0):
+            late = [s.node for s in self.cp.status.values() if s.state not in ("SYNCED", "NACK")]
+            self.say(f"warning: not every sidecar resynchronised yet: {', '.join(late)}")
+        self.state = "ready"
+        self._changed()
+
+    @staticmethod
+    def _state_of(state: dict[str, Any], name: str) -> dict[str, Any] | None:
+        for w in state.get("workloads", []):
+            if isinstance(w, dict) and w.get("name") == name:
+                return w
+        return None
+
+    def _reuse_ports(self, rep: Replica, w: dict[str, Any]) -> None:
+        """The ports the replica had under the dead supervisor (its processes hold them)."""
+        p = rep.proxy
+        inbound_ports = {int(k): int(v) for k, v in (w.get("inbound_ports") or {}).items()}
+        app_ports = {int(k): int(v) for k, v in (w.get("app_ports") or {}).items()}
+        if rep.is_gateway:
+            gw = {int(k): int(v) for k, v in (w.get("gateway_ports") or {}).items()}
+            if set(gw) != set(p.gateway_ports):
+                return  # the gateway's ports changed in the mesh file: start it anew
+            rep.proxy = ProxyNode(node=p.node, address=p.address, gateway_ports=gw)
+        else:
+            if set(inbound_ports) != {i.service_port for i in p.inbound} or set(app_ports) != set(
+                rep.app_ports
+            ):
+                return  # its service ports changed in the mesh file: start it anew
+            rep.app_ports = app_ports
+            rep.proxy = ProxyNode(
+                node=p.node,
+                address=p.address,
+                outbound_port=int(w.get("outbound_port") or 0),
+                inbound=tuple(
+                    InboundPort(sp, inbound_ports[sp], app_ports[sp]) for sp in sorted(app_ports)
+                ),
+                local_ports=p.local_ports,
+            )
+        rep.admin_port = int(w.get("admin_port") or rep.admin_port)
+        self._taken.update(
+            [rep.admin_port, rep.proxy.outbound_port, *inbound_ports.values(), *app_ports.values()]
+        )
+        for name, c in (w.get("containers") or {}).items():
+            st = rep.container(str(name))
+            st.restarts = int(c.get("restarts") or 0)
+            st.last_exit = c.get("last_exit")
+        rep.adoptable = True
+
+    async def _adopt_replica(self, rep: Replica, w: dict[str, Any]) -> None:
+        if not rep.adoptable:
+            self.say(f"[{rep.name}] its ports changed in the mesh file; starting it anew")
+            stop_pids_of(w)
+            await self._start_replica(rep)
+            return
+        rep.state = "starting"
+        self.cp.add_proxy(rep.proxy, admin_url=f"http://127.0.0.1:{rep.admin_port}")
+        sidecar = self._sidecar_child(rep)
+        if sidecar.adopt(int(w.get("sidecar_pid") or 0), w.get("sidecar_start_time")):
+            rep.sidecar = sidecar
+            rep.container("sidecar").started = time.monotonic()
+            ok = await self._wait_sidecar(rep)
+        else:
+            self.say(f"[{rep.name}] its sidecar is gone; starting it again")
+            self._note_gone(rep, "sidecar")
+            ok = await self._start_sidecar(rep)
+        if not ok:
+            rep.state = "failed"
+            raise MeshStartError(f"{rep.name}: its sidecar did not become ready")
+        rep.sidecar_watch = asyncio.get_running_loop().create_task(self._watch_sidecar(rep))
+        if rep.is_gateway:
+            rep.state = "ready"
+            return
+        app = self._child(rep.name, [])
+        if app.adopt(int(w.get("app_pid") or 0), w.get("app_start_time")):
+            rep.app = app
+            rep.container("app").started = time.monotonic()
+            if rep.app_ports and not await self._wait_app(rep):
+                self.say(f"[{rep.name}] the running app does not listen on its port; restarting it")
+                await app.stop()
+                rep.app = None
+        else:
+            app_pid = w.get("app_pid")
+            if app_pid:
+                self.say(f"[{rep.name}] its app is gone; starting it again")
+                self._note_gone(rep, "app")
+        if (rep.app is None or not rep.app.running) and not await self._start_app(rep):
+            rep.state = "failed"
+            raise MeshStartError(f"{rep.name}: the app did not listen on its port again")
+        self._register_instance(rep)
+        rep.state = "ready"
+        rep.watch = asyncio.get_running_loop().create_task(self._watch_app(rep))
+
+    def _note_gone(self, rep: Replica, container: str) -> None:
+        st = rep.container(container)
+        st.restarts += 1
+        st.last_exit = {**exit_reason(None), "finished_at": time.time()}
 
     def _spec_of(self, rep: Replica) -> WorkloadSpec | GatewaySpec:
         for w in self.spec.workloads:
@@ -490,7 +769,9 @@ class LocalMesh:
             else self.spec.base_dir
         )
         argv = [a.replace("{python}", sys.executable) for a in wl.argv]
-        rep.app = Child(rep.name, argv, env=env, cwd=cwd, out=self.out)
+        rep.app = self._child(
+            rep.name, argv, env=env, cwd=cwd, user=wl.run_as_user, group=wl.run_as_group
+        )
         await rep.app.start()
         rep.container("app").started = time.monotonic()
         return not rep.app_ports or await self._wait_app(rep)
@@ -543,12 +824,25 @@ class LocalMesh:
                         return True
             return False
 
-        return Child(
+        return self._child(
             f"{rep.name} sidecar",
             self.sidecar_argv(self.cp.url, rep.node_id, rep.admin_port),
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self._identity_env(rep)},
-            out=self.out,
             on_line=on_sidecar_line,
+            user=self.spec.sidecar.run_as_user,
+            group=self.spec.sidecar.run_as_group,
+            # its own uid may not read the supervisor's folder
+            cwd="/" if self.spec.sidecar.run_as_user is not None else None,
+        )
+
+    def _child(self, label: str, argv: list[str], **kwargs: Any) -> Child:
+        return Child(
+            label,
+            argv,
+            out=self.out,
+            log_dir=self.log_dir,
+            die_with_parent=self.home is None,
+            **kwargs,
         )
 
     async def _wait_sidecar(self, rep: Replica) -> bool:
@@ -612,7 +906,7 @@ class LocalMesh:
     def restart_spec(self) -> RestartSpec:
         return self.spec.restart
 
-    def _should_restart(self, container: str, code: int) -> bool:
+    def _should_restart(self, container: str, code: int | None) -> bool:
         policy = self.restart_spec.policy
         if policy == "Never":
             return False
@@ -621,7 +915,7 @@ class LocalMesh:
         return not (policy == "OnFailure" and code == 0 and container == "app")
 
     def _record_exit(
-        self, rep: Replica, container: str, code: int
+        self, rep: Replica, container: str, code: int | None
     ) -> tuple[ContainerStatus, float]:
         """Note the exit; the back-off delay before the restart (Kubernetes' CrashLoopBackOff)."""
         st = rep.container(container)
@@ -674,8 +968,7 @@ class LocalMesh:
                     await rep.app.stop()
                 if self.stopping:
                     return
-                code = rep.app.proc.returncode if rep.app.proc else 1
-                st, delay = self._record_exit(rep, "app", code if code is not None else 1)
+                st, delay = self._record_exit(rep, "app", rep.app.returncode)
                 why = st.last_exit["reason"] if st.last_exit else "did not listen"
             self._register_instance(rep)
             rep.state = "ready" if rep.sidecar is not None and rep.sidecar.running else rep.state
@@ -722,8 +1015,8 @@ class LocalMesh:
                     await rep.sidecar.stop()
                 if self.stopping:
                     return
-                assert rep.sidecar is not None and rep.sidecar.proc is not None
-                code = rep.sidecar.proc.returncode if rep.sidecar.proc.returncode is not None else 1
+                assert rep.sidecar is not None
+                code = rep.sidecar.returncode
                 st, delay = self._record_exit(rep, "sidecar", code)
                 why = st.last_exit["reason"] if st.last_exit else "did not become ready"
             app_up = rep.is_gateway or (rep.app is not None and rep.app.running)
@@ -759,6 +1052,10 @@ class LocalMesh:
         await self.cp.stop()
         if self._session is not None:
             await self._session.close()
+        if self._own_log_dir:
+            import shutil
+
+            shutil.rmtree(self.log_dir, ignore_errors=True)
         self.state = "stopped"
         self._changed()
 
