@@ -72,10 +72,10 @@ async def test_apply_with_errors_exits_1_and_keeps_the_old_config(
         assert cp.store.generation == generation
         assert {(r.kind, r.name): r.spec for r in cp.store.resources} == good
         # a raw POST cannot bypass the CLI's check: the control plane itself refuses
-        async with aiohttp.ClientSession() as s:
-            async with s.post(cp.url + f"/v1/config?source={name}", data=text.encode()) as r:
-                body = await r.json()
-                assert r.status == 400 and body["applied"] == [], body
+        url = cp.url + f"/v1/config?source={name}"
+        async with aiohttp.ClientSession() as s, s.post(url, data=text.encode()) as r:
+            body = await r.json()
+            assert r.status == 400 and body["applied"] == [], body
         assert cp.store.generation == generation
     finally:
         await cp.stop()
