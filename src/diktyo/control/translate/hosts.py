@@ -89,6 +89,12 @@ def is_http(protocol: str) -> bool:
     return protocol in ("http", "http2", "grpc")
 
 
+def _foreign_group(res: Any) -> bool:
+    """True for a resource whose apiVersion is neither an Istio group nor core ``v1``."""
+    group = str(getattr(res, "api_version", "") or "").rpartition("/")[0]
+    return bool(group) and not group.endswith("istio.io")
+
+
 @dataclass
 class ConfigIndex:
     """The push context's resources grouped by kind, in input order, plus the merged registry."""
@@ -127,7 +133,8 @@ class ConfigIndex:
         }
         for res in resources:
             bucket = by_kind.get(getattr(res, "kind", ""))
-            if bucket is not None:
+            # same kind name, other API group (Gateway API's Gateway): not Istio's
+            if bucket is not None and not _foreign_group(res):
                 bucket.append(res)
         idx.registry = merge_registries(
             registry, registry_from_service_entries(idx.service_entries + idx.kube_services)
