@@ -111,3 +111,20 @@ def test_multi_port_service_routes_per_port(tmp_path: Path) -> None:
     assert admin["cluster"] == "outbound|9000||web.shop.svc.cluster.local"
     db = simulate(snap, "GET", "http://web.shop.svc.cluster.local:5432/")
     assert db["result"].startswith("404 NR")  # a TCP port has no HTTP routes
+
+
+def test_a_gateway_api_gateway_is_not_taken_for_istios() -> None:
+    from dataclasses import replace
+
+    from diktyo.control.model import Registry
+    from diktyo.control.translate.hosts import ConfigIndex
+
+    gw = load_text(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec:\n"
+        "  selector: {istio: ingressgateway}\n  servers:\n"
+        "  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: ['*']\n"
+    ).resources[0]
+    # what a Gateway API row with a model would produce: same kind name, other group
+    other = replace(gw, api_version="gateway.networking.k8s.io/v1", name="k8s")
+    idx = ConfigIndex.build([gw, other], Registry())
+    assert [g.name for g in idx.gateways] == ["g"]
