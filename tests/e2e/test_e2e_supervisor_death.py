@@ -252,6 +252,11 @@ def test_the_keeper_of_a_detached_mesh_restarts_its_supervisor_under_load(
         state = _state(env)
         down = diktyo("down", env=env)
     assert down.returncode == 0, down.stdout + down.stderr
+    # the adopting supervisor stopped the mesh in order (SIGTERM from both 'down' and the
+    # keeper did not kill it halfway), nothing was left for 'down' to clean up
+    assert "is gone; stopping its" not in down.stdout, down.stdout
+    log = (Path(env["DIKTYO_HOME"]) / "mesh.log").read_text()
+    assert log.rstrip().endswith("mesh stopped"), log[-1000:]
     time.sleep(0.2)
     pids = child_pids(state) + child_pids(before) + [state["pid"], keeper]
     assert [p for p in pids if pid_alive(p)] == []

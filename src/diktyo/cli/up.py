@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
             )
             return 1
         adopt = state  # the mesh of this file runs on without its supervisor: take it over
+        if config_dir is None and state.get("config_dir"):
+            config_dir = Path(state["config_dir"])  # the config folder it was started with
         print(
             f"mesh {state.get('name')!r} runs without its supervisor (pid {state.get('pid')} is "
             "gone): adopting its sidecars and apps",

@@ -98,9 +98,13 @@ async def serve_mesh(
         print(f"error: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
+        # a second Ctrl-C/SIGTERM (e.g. from both 'diktyo down' and the keeper) must not kill
+        # the supervisor halfway through stopping the mesh in order
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: None)
+        await mesh.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await mesh.stop()
         if write_state_file:
             state = read_state()
             if state is not None and state.get("pid") == os.getpid():

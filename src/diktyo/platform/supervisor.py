@@ -994,12 +994,15 @@ class LocalMesh:
                 )
                 self._changed()
                 return
+            # like the kubelet setting a pod un-Ready when a container dies: out of the endpoints
+            # now, not after two failed health checks
+            self.cp.registry.set_healthy(rep.name, False)
             while True:
                 rep.state = "restarting"
                 rep.detail = f"sidecar {why}; back-off {delay:g}s" if delay else f"sidecar {why}"
                 self.say(
-                    f"[{rep.name}] sidecar {why} (exit code {code}); health checks take the "
-                    "instance out of every endpoint list; restarting it"
+                    f"[{rep.name}] sidecar {why} (exit code {code}); its instance leaves every "
+                    "endpoint list until it is ready again; restarting it"
                     + (f" in {delay:g}s (back-off)" if delay else "")
                     + f" (restart {st.restarts + 1})"
                 )
@@ -1019,6 +1022,10 @@ class LocalMesh:
                 code = rep.sidecar.returncode
                 st, delay = self._record_exit(rep, "sidecar", code)
                 why = st.last_exit["reason"] if st.last_exit else "did not become ready"
+            # ready again: back in the endpoints at once; a probe that failed while it was down
+            # must not take it out again
+            self.cp.health.forget(rep.name)
+            self.cp.registry.set_healthy(rep.name, True)
             app_up = rep.is_gateway or (rep.app is not None and rep.app.running)
             if app_up and rep.state == "restarting" and rep.detail.startswith("sidecar"):
                 rep.state = "ready"
