@@ -94,13 +94,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="list the message codes diktyo reports, with level and description, and exit",
     )
     p.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="also show notes (severity info), e.g. Kubernetes objects other than Services "
-        "that diktyo ignores",
-    )
-    p.add_argument(
         "--host",
         action="append",
         default=[],
