@@ -25,6 +25,7 @@ from diktyo.snapshot.model import (
     VirtualHost,
     WeightedCluster,
 )
+from diktyo.testing.controlplane import admin_headers
 
 HELPERS = Path(__file__).parent / "helpers"
 TINY_APP = Path(__file__).parents[1] / "e2e" / "apps" / "tiny_app.py"  # shared with e2e tests
@@ -145,7 +146,7 @@ async def test_up_request_through_sidecars_then_down_leaves_nothing() -> None:
             assert seen == {"hello-v1-1", "hello-v1-2"}
             async with s.get(mesh.gateway_url() + "/") as r:
                 assert r.status == 200
-            async with s.get(mesh.cp.url + "/v1/workloads") as r:
+            async with s.get(mesh.cp.url + "/v1/workloads", headers=admin_headers(mesh.cp)) as r:
                 states = {w["name"]: w["state"] for w in (await r.json())["workloads"]}
             assert states == {
                 "hello-v1-1": "ready",

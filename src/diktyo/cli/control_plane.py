@@ -20,6 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (besides 127.0.0.1, localhost, "
+        "[::1] and --host); others are refused against DNS rebinding (repeatable)",
+    )
+    p.add_argument(
         "--prometheus",
         metavar="URL",
         help="the dashboard reads its graph and charts from this Prometheus (e.g. "
@@ -31,11 +39,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 async def _main(args: argparse.Namespace) -> int:
     from diktyo.control.server import ControlPlane
+    from diktyo.security import admin_token
 
-    cp = ControlPlane(config_dir=args.config, prometheus_url=args.prometheus)
+    token = admin_token.ensure()  # $DIKTYO_HOME/admin-token (0600): the CLI sends it
+    cp = ControlPlane(
+        config_dir=args.config,
+        prometheus_url=args.prometheus,
+        admin_token=token,
+        admin_token_file=admin_token.token_path(),
+        allowed_hosts=tuple(args.allowed_host),
+    )
     url = await cp.start(args.host, args.port)
     print(
         f"control plane serving on {url}" + (f", config {args.config}" if args.config else ""),
+        flush=True,
+    )
+    print(
+        f"admin credential in {admin_token.token_path()} (mode 0600); dashboard: "
+        f"{url}/?token={token}",
         flush=True,
     )
     stop = asyncio.Event()

@@ -36,6 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--node", metavar="ID", help="node id (with --control-plane)")
     p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file (mode 0600) holding this sidecar's bootstrap token, which proves its "
+        "identity to the control plane and gets its workload certificate (default: the path "
+        "in $DIKTYO_CA_TOKEN_FILE, set by 'diktyo up'; for a standalone control plane, an admin "
+        "gets one with POST /v1/tokens {\"namespace\": NS, \"service_account\": SA})",
+    )
+    p.add_argument(
         "--admin-port",
         type=int,
         default=0,
@@ -105,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         outbound_port=args.outbound_port,
         drain_timeout=args.drain_timeout,
     )
+    if getattr(args, "token_file", None):
+        opts.token_file = args.token_file
     try:
         return run_sidecar(opts)
     except Exception as exc:  # config errors from --config: say what is wrong

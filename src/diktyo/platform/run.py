@@ -15,6 +15,7 @@ from pathlib import Path
 from diktyo.platform.mesh import MeshSpec
 from diktyo.platform.state import log_path, read_state, running_state, state_path, write_state
 from diktyo.platform.supervisor import LocalMesh, MeshStartError
+from diktyo.security import admin_token
 
 AfterStart = Callable[[LocalMesh], Awaitable[None]]
 
@@ -44,7 +45,9 @@ async def serve_mesh(
             with contextlib.suppress(OSError):
                 write_state(mesh.describe())
 
-    mesh = LocalMesh(spec, config_dir=config_dir, on_change=save)
+    # the admin credential the CLI and dashboard use ($DIKTYO_HOME/admin-token, 0600)
+    token = admin_token.ensure() if write_state_file else None
+    mesh = LocalMesh(spec, config_dir=config_dir, on_change=save, admin_token=token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -87,7 +90,7 @@ def print_ready(mesh: LocalMesh) -> None:
     lines = [
         f"mesh {d['name']!r} ready",
         f"  control plane: {d['control_plane']}",
-        f"  dashboard:     {d['dashboard']}",
+        f"  dashboard:     {d['dashboard']}?token={mesh.cp.admin_token}",
     ]
     if d["gateway"]:
         lines.append(f"  ingress:       {d['gateway']}")
@@ -132,7 +135,7 @@ def _wait_detached(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> 
         if state and state.get("pid") == proc.pid and state.get("state") == "ready":
             print(f"mesh {state.get('name')!r} ready (supervisor pid {proc.pid}, log {log})")
             print(f"  control plane: {state.get('control_plane')}")
-            print(f"  dashboard:     {state.get('dashboard')}")
+            print(f"  dashboard:     {state.get('dashboard')}?token={admin_token.read() or ''}")
             if state.get("gateway"):
                 print(f"  ingress:       {state.get('gateway')}")
             print("  'diktyo status' lists workloads; 'diktyo down' stops the mesh")

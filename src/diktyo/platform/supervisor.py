@@ -24,7 +24,9 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,13 +35,14 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from diktyo.control.ca.mesh import TOKEN_ENV
 from diktyo.control.model import InboundPort, ProxyNode, Service, ServicePort, WorkloadInstance
 from diktyo.control.serve.cache import Translator
 from diktyo.control.server import ControlPlane
 from diktyo.platform.mesh import GatewaySpec, MeshSpec, WorkloadSpec, fqdn
 from diktyo.platform.ports import free_port, port_in_use
 from diktyo.platform.process import Child
+from diktyo.security.admin_token import write_secret
+from diktyo.security.spiffe import TOKEN_FILE_ENV
 from diktyo.snapshot.model import Node
 
 
@@ -128,6 +131,7 @@ class LocalMesh:
         out: TextIO | None = None,
         ready_timeout: float = 30.0,
         on_change: Callable[[], None] | None = None,
+        admin_token: str | None = None,
     ) -> None:
         self.spec = spec
         self.config_dir = Path(config_dir) if config_dir else spec.config_dir()
@@ -138,8 +142,14 @@ class LocalMesh:
         from diktyo.platform.mesh import mesh_config
 
         self.cp = ControlPlane(
-            config_dir=self.config_dir, translator=translator, mesh=mesh_config(spec)
+            config_dir=self.config_dir,
+            translator=translator,
+            mesh=mesh_config(spec),
+            admin_token=admin_token,
         )
+        # sidecars' bootstrap tokens, one 0600 file each (never in the environment, which
+        # /proc/PID/environ shows); the directory goes away with the mesh
+        self._token_dir = Path(tempfile.mkdtemp(prefix="diktyo-tokens-"))
         self.cp.workloads_provider = lambda: [r.to_json() for r in self.replicas]
         self.replicas: list[Replica] = []
         self._taken: set[int] = set()  # ports handed out (never twice)
@@ -431,7 +441,9 @@ class LocalMesh:
         """The sidecar's bootstrap token (its SPIFFE id is inside): it fetches its cert with it."""
         node = rep.proxy.node
         token = self.cp.identity.token_for(node.namespace, node.service_account)
-        return {TOKEN_ENV: token}
+        path = self._token_dir / f"{rep.node_id}.token"
+        write_secret(path, token)
+        return {TOKEN_FILE_ENV: str(path)}  # a path, not the secret
 
     def _sidecar_child(self, rep: Replica) -> Child:
         def on_sidecar_line(line: str) -> bool:
@@ -559,6 +571,7 @@ class LocalMesh:
             if r.state != "failed":
                 r.state = "stopped"
         await self.cp.stop()
+        shutil.rmtree(self._token_dir, ignore_errors=True)
         if self._session is not None:
             await self._session.close()
         self.state = "stopped"

@@ -24,7 +24,7 @@ import msgspec
 
 from diktyo.proxy.admin import AdminServer
 from diktyo.proxy.sidecar import Sidecar, install_uvloop
-from diktyo.security.spiffe import TOKEN_ENV  # light: the CA's code is loaded only with a token
+from diktyo.security.spiffe import TOKEN_FILE_ENV  # light: CA code loads only with a token
 from diktyo.snapshot.codec import SnapshotError, decode
 from diktyo.snapshot.model import Snapshot
 
@@ -42,9 +42,11 @@ class SidecarOptions:
     outbound_port: int | None = None
     drain_timeout: float = 10.0
     seed: int | None = None
-    # bootstrap token for the CA ($DIKTYO_CA_TOKEN, set by the local platform); with
-    # --control-plane it gets the workload certificate and turns on mTLS
-    ca_token: str | None = field(default_factory=lambda: os.environ.get(TOKEN_ENV) or None)
+    # bootstrap token: proves this sidecar's identity to the control plane (snapshots, ACKs)
+    # and gets the workload certificate (mTLS). Read from a 0600 file (--token-file, or the
+    # path in $DIKTYO_CA_TOKEN_FILE set by the local platform), never from the environment.
+    ca_token: str | None = None
+    token_file: str | None = field(default_factory=lambda: os.environ.get(TOKEN_FILE_ENV) or None)
     identity_timeout: float = 30.0
 
 
@@ -86,6 +88,14 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
             file=sys.stderr,
         )
         return 2
+    if opts.ca_token is None and opts.token_file:
+        from diktyo.security.admin_token import read_secret_file
+
+        try:
+            opts.ca_token = read_secret_file(opts.token_file)
+        except ValueError as exc:
+            print(f"diktyo sidecar: bootstrap token: {exc}", file=sys.stderr)
+            return 2
     # the admin port answers first (/ready is 503 until a snapshot is applied)
     admin = AdminServer(sidecar)
     await admin.start(opts.admin_address, opts.admin_port)
@@ -107,7 +117,7 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
             sidecar.apply(override_outbound_port(snap, opts.outbound_port))
             ready_evt.set()
 
-        client = ConfigClient(opts.control_plane, opts.node, on_snapshot)
+        client = ConfigClient(opts.control_plane, opts.node, on_snapshot, token=opts.ca_token)
         client.start()
         await ready_evt.wait()
     else:
@@ -166,7 +176,7 @@ async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: flo
     try:
         spiffe = token_subject(token)
     except IdentityError as exc:
-        return f"${TOKEN_ENV}: {exc}"
+        return f"bootstrap token: {exc}"
     store = CertificateStore()
     got = asyncio.Event()
 
@@ -185,7 +195,7 @@ async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: flo
         return (
             f"no workload certificate for {spiffe} from the CA at {ca_url} within {timeout:g}s "
             f"({rotator.failures} failed attempts; see the warnings above): is the control plane "
-            f"running and is ${TOKEN_ENV} a token it issued?"
+            "running and is the bootstrap token (--token-file) one it issued?"
         )
     return ""
 

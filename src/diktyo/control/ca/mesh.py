@@ -32,10 +32,12 @@ class MeshIdentity:
         trust_domain: str = "cluster.local",
         clock: Clock = SYSTEM_CLOCK,
         ca: CertificateAuthority | None = None,
+        token_key: bytes | None = None,
     ) -> None:
         self.trust_domain = trust_domain or "cluster.local"
         self.ca = ca or CertificateAuthority.generate(trust_domain=self.trust_domain, clock=clock)
-        self.tokens = BootstrapTokens(clock=clock)
+        # the same key across restarts keeps the sidecars' bootstrap tokens valid
+        self.tokens = BootstrapTokens(token_key, clock=clock)
         self.service = CaService(self.ca, self.tokens)
 
     def spiffe_id(self, namespace: str, service_account: str) -> str:
