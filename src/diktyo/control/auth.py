@@ -164,7 +164,8 @@ class AccessPolicy:
                 and hmac.compare_digest(given.encode(), self.admin_token.encode())
             ):
                 # keep the token in a cookie and drop it from the address bar
-                resp = web.Response(status=302, headers={"Location": path})
+                rest = request.rel_url.without_query_params("token")
+                resp = web.Response(status=302, headers={"Location": str(rest)})
                 resp.set_cookie(COOKIE, given, httponly=True, samesite="Strict", path="/")
                 return resp
             return self.unauthorized(request, "missing or wrong admin credential")

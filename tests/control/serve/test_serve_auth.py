@@ -118,8 +118,9 @@ async def test_dashboard_link_sets_a_cookie_the_page_uses() -> None:
                 assert r.status == 401
             async with s.get(cp.url + "/?token=wrong", allow_redirects=False) as r:
                 assert r.status == 401
-            async with s.get(cp.url + f"/?token={cp.admin_token}", allow_redirects=False) as r:
-                assert r.status == 302 and r.headers["Location"] == "/"
+            link = cp.url + f"/?token={cp.admin_token}&window=3600"
+            async with s.get(link, allow_redirects=False) as r:
+                assert r.status == 302 and r.headers["Location"] == "/?window=3600"
                 cookie = r.headers["Set-Cookie"]
                 assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
             async with s.get(cp.url + "/") as r:
