@@ -44,6 +44,7 @@ from diktyo.security.admin_token import COOKIE, token_path
 
 ADMIN = "admin"  # request[PRINCIPAL] of a request with the admin credential
 PRINCIPAL = web.RequestKey("principal", str)  # "admin" or a sidecar's SPIFFE id
+UNVERIFIED = "unverified-sidecar"  # snapshot/ACK without a token, when sidecar auth is off
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "[::1]", "localhost.localdomain"})
 _WRITE_TYPES = frozenset(
     {
@@ -80,8 +81,13 @@ class AccessPolicy:
         *,
         allowed_hosts: Iterable[str] = (),
         token_file: str | Path | None = None,
+        sidecar_auth: bool = True,
     ) -> None:
         self.admin_token = admin_token
+        # off only where the network already confines who reaches the API (the Helm chart:
+        # in-cluster sidecars have no diktyo bootstrap token yet); applies to snapshots/ACKs
+        self.sidecar_auth = sidecar_auth
+        self.check_host = True
         self.tokens = tokens
         env = os.environ.get("DIKTYO_ALLOWED_HOSTS", "")
         extra = [h for h in env.split(",") if h.strip()]
@@ -94,7 +100,10 @@ class AccessPolicy:
         name = _hostname(host)
         try:
             if ipaddress.ip_address(name).is_unspecified:
-                return  # 0.0.0.0 / :: is not a name a client sends
+                # 0.0.0.0 / :: is not a name a client sends: listening on every address (a
+                # pod), clients use names we cannot know, unless given with --allowed-host
+                self.check_host = self.allowed_hosts != set(_LOOPBACK)
+                return
         except ValueError:
             pass
         self.allowed_hosts.add(name)
@@ -153,6 +162,9 @@ class AccessPolicy:
                 if identity is not None:
                     request[PRINCIPAL] = identity
                     return await handler(request)
+                if not self.sidecar_auth and path in ("/v1/snapshot", "/v1/ack"):
+                    request[PRINCIPAL] = UNVERIFIED
+                    return await handler(request)
                 return self.unauthorized(
                     request, "no valid admin credential or sidecar bootstrap token"
                 )
@@ -174,7 +186,7 @@ class AccessPolicy:
 
     def _guard(self, request: web.Request) -> web.Response | None:
         host = _hostname(request.headers.get("Host", ""))
-        if host not in self.allowed_hosts:
+        if self.check_host and host not in self.allowed_hosts:
             self.refused["host"] += 1
             return web.json_response(
                 {

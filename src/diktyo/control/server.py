@@ -28,7 +28,7 @@ import msgspec
 from aiohttp import web
 
 from diktyo.api.limits import ParseLimitError, check_json, decode_json
-from diktyo.control.auth import ADMIN, PRINCIPAL, AccessPolicy
+from diktyo.control.auth import ADMIN, PRINCIPAL, UNVERIFIED, AccessPolicy
 from diktyo.control.ca.mesh import MeshIdentity
 from diktyo.control.model import ProxyNode, PushContext, Registry, Service, WorkloadInstance
 from diktyo.control.serve.cache import SnapshotCache, Translator
@@ -93,6 +93,7 @@ class ControlPlane:
         admin_token_file: str | Path | None = None,
         allowed_hosts: tuple[str, ...] = (),
         token_key: bytes | None = None,
+        sidecar_auth: bool = True,
     ) -> None:
         self.clock = clock
         self.mesh = mesh or MeshConfig()
@@ -141,6 +142,7 @@ class ControlPlane:
             self.identity.tokens,
             allowed_hosts=allowed_hosts,
             token_file=admin_token_file,
+            sidecar_auth=sidecar_auth,
         )
         self.app = self._make_app()
 
@@ -157,7 +159,7 @@ class ControlPlane:
     def _may_act_for(self, request: web.Request, namespace: str, service_account: str) -> bool:
         """Admin, or a sidecar whose proven SPIFFE id is this namespace + service account."""
         principal = request.get(PRINCIPAL)
-        if principal == ADMIN:
+        if principal == ADMIN or principal == UNVERIFIED:  # UNVERIFIED: snapshot/ACK only
             return True
         return principal == self.identity.spiffe_id(namespace, service_account)
 
@@ -593,7 +595,7 @@ class ControlPlane:
         # a sidecar's token is renewed on every answer, so a long-running sidecar keeps polling
         renew = (
             {}
-            if request.get(PRINCIPAL) == ADMIN
+            if request.get(PRINCIPAL) in (ADMIN, UNVERIFIED)
             else {"x-diktyo-token": self.sidecar_token(proxy)}
         )
         st = self.status[node_id]

@@ -212,3 +212,47 @@ async def test_cli_without_the_token_gets_401_naming_the_file(tmp_path: Path) ->
         assert cp.store.resources == ()
     finally:
         await cp.stop()
+
+
+async def test_sidecar_auth_off_opens_only_snapshots_and_acks() -> None:
+    """``--sidecar-auth none`` (the Helm chart): snapshots/ACKs without a token, nothing else."""
+    cp = ControlPlane(observability=False, poll_timeout=0.5, sidecar_auth=False)
+    await cp.start()
+    cp.add_proxy(REVIEWS)
+    try:
+        async with aiohttp.ClientSession() as s:
+            params = {"node": REVIEWS.node.id, "version": ""}
+            async with s.get(cp.url + "/v1/snapshot", params=params) as r:
+                assert r.status == 200 and "x-diktyo-token" not in r.headers
+            own = _instance("reviews-1", "bookinfo-reviews")
+            async with s.post(cp.url + "/v1/registry/instances", data=own, headers=JSON) as r:
+                assert r.status == 401  # the registry still needs a credential
+            async with s.post(cp.url + "/v1/config", data=VS, headers=YAML) as r:
+                assert r.status == 401
+    finally:
+        await cp.stop()
+
+
+async def test_listening_on_every_address_checks_host_only_when_names_are_given() -> None:
+    cp = ControlPlane(observability=False)
+    await cp.start(host="0.0.0.0")
+    port = cp.url.rsplit(":", 1)[1]
+    url = f"http://127.0.0.1:{port}"
+    named = ControlPlane(observability=False, allowed_hosts=("diktyo.diktyo-system.svc",))
+    await named.start(host="0.0.0.0")
+    nport = named.url.rsplit(":", 1)[1]
+    nurl = f"http://127.0.0.1:{nport}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            h = {"Host": f"diktyo.diktyo-system.svc:{port}", **admin_headers(cp)}
+            async with s.get(url + "/v1/config", headers=h) as r:
+                assert r.status == 200  # a pod's clients use names it cannot know
+            h = {"Host": f"evil.example:{nport}", **admin_headers(named)}
+            async with s.get(nurl + "/v1/config", headers=h) as r:
+                assert r.status == 403
+            h = {"Host": f"diktyo.diktyo-system.svc:{nport}", **admin_headers(named)}
+            async with s.get(nurl + "/v1/config", headers=h) as r:
+                assert r.status == 200
+    finally:
+        await cp.stop()
+        await named.stop()
