@@ -3,7 +3,7 @@
 ``MeshIdentity(trust_domain)`` creates a fresh self-signed root (``CertificateAuthority.generate``),
 a bootstrap-token key and the ``POST /v1/certificates`` service. The local platform calls
 ``token_for(namespace, service_account)`` for each sidecar it starts and hands the token over
-in the ``DIKTYO_CA_TOKEN`` environment variable; the sidecar then asks for its certificate
+in a 0600 file (path in ``DIKTYO_CA_TOKEN_FILE``); the sidecar then asks for its certificate
 with a CSR (its key never leaves it).
 """
 
