@@ -301,6 +301,7 @@ def test_stat_on_a_real_mesh(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DIKTYO_CONTROL_PLANE"}
     env["DIKTYO_HOME"] = str(tmp_path / "home")
     with MeshThread(load_mesh(tmp_path / "mesh.yaml")) as mesh:
+        write_admin_token(mesh, tmp_path / "home")  # what the CLI sends
         mesh.wait_synced()
         cp = mesh.mesh.cp if mesh.mesh else None
         assert cp is not None and cp._scraper is not None
