@@ -115,3 +115,15 @@ def test_json_depth_and_size() -> None:
     assert decode_json(b'{"a": "' + b"[" * 500 + b'"}') == {"a": "[" * 500}
     with pytest.raises(ParseLimitError):
         check_json(b"[" + b"1," * 100 + b"1]", ParseLimits(max_bytes=50))
+
+
+@pytest.mark.timeout(60)
+def test_megabytes_of_flow_brackets_are_refused_before_the_scanner() -> None:
+    """ruamel's scanner spends ~0.1 ms per bracket before its first event: 2 million brackets
+    would hold a worker for minutes; the bracket pre-scan refuses them at the 101st."""
+    result = load_text(HEAD + "  hosts: " + "[" * 2_000_000 + "]" * 2_000_000 + "\n", "big.yaml")
+    [err] = result.errors
+    assert (err.line, err.col) == (5, 110) and "max_depth=100" in err.message
+    # brackets in quotes and comments do not count
+    quoted = HEAD + '  hosts: ["' + "[" * 300 + '"]  # ' + "{" * 300 + "\n"
+    assert all("max_depth" not in e.message for e in load_text(quoted, "q.yaml").errors)

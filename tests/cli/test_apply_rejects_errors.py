@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import tempfile
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from diktyo.control.server import ControlPlane
+from diktyo.testing.controlplane import YAML, admin_session, cli_env
 
 DR = (
     "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\n"
@@ -28,8 +29,10 @@ def vs(
 
 
 async def _cli(cp: ControlPlane, *args: str) -> tuple[int, str, str]:
+    home = tempfile.mkdtemp(prefix="diktyo-home-")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "diktyo.cli.main", *args, "--control-plane", cp.url,
+        env=cli_env(cp, home),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -72,8 +75,10 @@ async def test_apply_with_errors_exits_1_and_keeps_the_old_config(
         assert cp.store.generation == generation
         assert {(r.kind, r.name): r.spec for r in cp.store.resources} == good
         # a raw POST cannot bypass the CLI's check: the control plane itself refuses
-        url = cp.url + f"/v1/config?source={name}"
-        async with aiohttp.ClientSession() as s, s.post(url, data=text.encode()) as r:
+        async with (
+            admin_session(cp) as s,
+            s.post(cp.url + f"/v1/config?source={name}", data=text.encode(), headers=YAML) as r,
+        ):
             body = await r.json()
             assert r.status == 400 and body["applied"] == [], body
         assert cp.store.generation == generation

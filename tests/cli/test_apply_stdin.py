@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import tempfile
 
 from diktyo.control.server import ControlPlane
+from diktyo.testing.controlplane import cli_env
 
 VS = (
     "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: hello}\n"
@@ -14,9 +16,10 @@ VS = (
 
 
 async def _cli(cp: ControlPlane, *args: str, stdin: str) -> tuple[int, str, str]:
+    home = tempfile.mkdtemp(prefix="diktyo-home-")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "diktyo.cli.main", *args, "--control-plane", cp.url,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        env=cli_env(cp, home), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 30)

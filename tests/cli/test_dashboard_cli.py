@@ -14,6 +14,7 @@ import pytest
 from diktyo.cli.dashboard import dashboard_url, should_open_browser
 from diktyo.control.server import ControlPlane
 from diktyo.telemetry.httpclient import request
+from diktyo.testing.controlplane import write_admin_token
 
 
 def test_browser_only_when_asked_and_possible() -> None:
@@ -60,13 +61,15 @@ async def test_command_prints_url_and_forwards(tmp_path: Path) -> None:
     env["DIKTYO_HOME"] = str(tmp_path)
     cp = ControlPlane()
     await cp.start()
+    write_admin_token(cp, tmp_path)
     try:
         proc = await diktyo(
             "dashboard", "--control-plane", cp.url, env=env
         )  # no display: no browser
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err
-        assert out.decode().strip() == cp.url + "/"
+        # the link carries the admin credential, like Jupyter's
+        assert out.decode().strip() == f"{cp.url}/?token={cp.admin_token}"
 
         env_cp = {**env, "DIKTYO_CONTROL_PLANE": cp.url}
         proc = await diktyo(
@@ -78,9 +81,12 @@ async def test_command_prints_url_and_forwards(tmp_path: Path) -> None:
             assert line.startswith("dashboard: http://127.0.0.1:") and cp.url in line, line
             local = line.split()[1]
             assert local != cp.url + "/"
+            assert local.endswith(f"/?token={cp.admin_token}")
             status, body = await request("GET", local, timeout=5)
-            assert status == 200 and b"<html" in body.lower()
-            status, body = await request("GET", local + "healthz", timeout=5)
+            assert status == 302  # the token goes into a cookie, out of the address bar
+            status, body = await request("GET", local.split("?")[0], timeout=5)
+            assert status == 401 and b"admin-token" in body  # no cookie, no token: refused
+            status, body = await request("GET", local.split("?")[0] + "healthz", timeout=5)
             assert status == 200
         finally:
             proc.send_signal(signal.SIGINT)

@@ -21,6 +21,7 @@ from diktyo.telemetry.exposition import CONTENT_TYPE, render
 from diktyo.telemetry.httpclient import request
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
 from diktyo.testing import free_port
+from diktyo.testing.controlplane import cli_env, write_admin_token
 
 PROMETHEUS = shutil.which("prometheus") or (
     "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
@@ -80,6 +81,7 @@ async def test_real_prometheus_scrapes_the_mesh_with_the_config(tmp_path: Path) 
     await cp.start()
     env = {k: v for k, v in os.environ.items() if k != "DIKTYO_CONTROL_PLANE"}
     env["DIKTYO_HOME"] = str(tmp_path)
+    write_admin_token(cp, tmp_path)
     proc = None
     try:
         cfg = tmp_path / "prometheus.yml"
@@ -143,7 +145,7 @@ async def test_standalone_control_plane_has_no_targets(tmp_path: Path) -> None:
     cp = ControlPlane(observability=False)
     await cp.start()
     try:
-        env = {**os.environ, "DIKTYO_HOME": str(tmp_path), "DIKTYO_CONTROL_PLANE": cp.url}
+        env = {**cli_env(cp, tmp_path), "DIKTYO_CONTROL_PLANE": cp.url}
         code, _, err = await diktyo("prometheus-config", env=env)
         assert code == 1 and "python -m diktyo.telemetry.prometheus_config" in err
     finally:

@@ -31,6 +31,7 @@ from diktyo.control.server import ControlPlane
 from diktyo.snapshot.model import Node
 from diktyo.telemetry.exposition import CONTENT_TYPE, render
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
+from diktyo.testing.controlplane import admin_headers, write_admin_token
 
 REVIEWS = "reviews.default.svc.cluster.local"
 RATINGS = "ratings.default.svc.cluster.local"
@@ -158,8 +159,9 @@ async def wait_scrapes(cp: ControlPlane, n: int) -> None:
         await asyncio.sleep(0.05)
 
 
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as r:
+def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=5) as r:
         return json.loads(r.read())
 
 
@@ -170,7 +172,9 @@ async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, 
     return code, out, err
 
 
-async def test_stat_against_a_running_control_plane(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_stat_against_a_running_control_plane(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     m = IstioMetrics()
     pp = WorkloadInfo.from_labels(
         "productpage-v1", "default", {"app": "productpage", "version": "v1"}
@@ -180,6 +184,8 @@ async def test_stat_against_a_running_control_plane(capsys: pytest.CaptureFixtur
     dst = m.peer(PeerLabels.build("destination", pp, rv, REVIEWS))
     cp = ControlPlane(scrape_interval=0.1)
     cp.workloads_provider = lambda: REPLICAS
+    monkeypatch.setenv("DIKTYO_HOME", str(tmp_path))  # the CLI runs in-process
+    write_admin_token(cp, tmp_path)
     await cp.start()
     try:
         async with sidecar_stats(m) as admin:
@@ -225,7 +231,7 @@ async def test_stat_against_a_running_control_plane(capsys: pytest.CaptureFixtur
 
             # the raw endpoint behind it: per-reporter edges with buckets
             url = cp.url + "/telemetry/api/metrics/edges?window=60&reporter=destination"
-            body = await asyncio.to_thread(get_json, url)
+            body = await asyncio.to_thread(get_json, url, admin_headers(cp))
             (e,) = body["edges"]
             assert e["reporter"] == "destination" and e["requests"] == 20 and e["errors"] == 2
             assert e["durationBuckets"][-1] == ["+Inf", 20.0]
@@ -233,8 +239,12 @@ async def test_stat_against_a_running_control_plane(capsys: pytest.CaptureFixtur
         await cp.stop()
 
 
-async def test_stat_without_observability_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_stat_without_observability_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cp = ControlPlane(observability=False)
+    monkeypatch.setenv("DIKTYO_HOME", str(tmp_path))
+    write_admin_token(cp, tmp_path)
     await cp.start()
     try:
         code, _, err = await run_cli(capsys, "stat", "--control-plane", cp.url)
@@ -291,6 +301,7 @@ def test_stat_on_a_real_mesh(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DIKTYO_CONTROL_PLANE"}
     env["DIKTYO_HOME"] = str(tmp_path / "home")
     with MeshThread(load_mesh(tmp_path / "mesh.yaml")) as mesh:
+        write_admin_token(mesh, tmp_path / "home")  # what the CLI sends
         mesh.wait_synced()
         cp = mesh.mesh.cp if mesh.mesh else None
         assert cp is not None and cp._scraper is not None

@@ -13,6 +13,7 @@ import pytest
 
 from diktyo.platform.harness import MeshThread
 from diktyo.platform.state import pid_alive
+from diktyo.testing.controlplane import admin_get
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOKINFO = ROOT / "samples" / "bookinfo"
@@ -140,11 +141,12 @@ def test_dashboard_shows_graph_resilience_and_config(mesh: MeshThread) -> None:
     assert mesh.call(scrape()) == 7
 
     def api(path: str) -> object:
-        with _opener.open(mesh.url + path, timeout=10) as r:
-            return json.loads(r.read())
+        status, body = admin_get(mesh, mesh.url + path)
+        assert status == 200, body[:300]
+        return json.loads(body)
 
-    with _opener.open(mesh.url + "/", timeout=10) as r:
-        assert r.status == 200 and b"<html" in r.read().lower()
+    status, body = admin_get(mesh, mesh.url + "/")
+    assert status == 200 and "<html" in body.lower()
     graph = api("/api/graph?window=60")
     assert isinstance(graph, dict)
     nodes = {n["id"] for n in graph["nodes"]}

@@ -36,5 +36,9 @@ def test_demo_serves_the_product_page(tmp_path) -> None:
     assert "virtual-service-all-v1.yaml (4 resources)" in out
     assert "/productpage (200: 5)" in out
     assert "dashboard:    http://127.0.0.1:" in out
+    # the admin credential: created private in DIKTYO_HOME, carried by the dashboard link
+    token_file = tmp_path / "admin-token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert f"/?token={token_file.read_text().strip()}" in out
     assert "[reviews-v1-1] " in out and "mesh stopped" in out
     assert not (tmp_path / "mesh.json").exists()

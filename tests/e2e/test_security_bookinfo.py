@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from diktyo.platform.harness import MeshThread
+from diktyo.testing.controlplane import admin_get
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOKINFO = ROOT / "samples" / "bookinfo"
@@ -335,7 +336,7 @@ def test_dashboard_graph_marks_mtls_edges(mesh: MeshThread) -> None:
     for _ in range(3):
         assert page(mesh)[0] == 200
     mesh.call(scrape())
-    status, body = get(mesh.url + "/api/graph?window=300")
+    status, body = admin_get(mesh, mesh.url + "/api/graph?window=300")
     assert status == 200
     edges = {(e["source"], e["target"]): e for e in json.loads(body)["edges"]}
     e = edges.get(("default/productpage-v1", "default/details-v1"))

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from diktyo.platform.harness import MeshThread
+from diktyo.testing.controlplane import admin_get
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOKINFO = ROOT / "samples" / "bookinfo"
@@ -63,8 +64,8 @@ def mesh() -> Iterator[MeshThread]:
         yield m
 
 
-def proxies(url: str) -> list[dict[str, object]]:
-    status, body = get(url + "/v1/proxies")
+def proxies(mesh: MeshThread) -> list[dict[str, object]]:
+    status, body = admin_get(mesh, mesh.url + "/v1/proxies")
     assert status == 200, body
     return json.loads(body)["proxies"]  # type: ignore[no-any-return]
 
@@ -110,12 +111,12 @@ def test_requests_succeed_while_the_control_plane_is_down(mesh: MeshThread) -> N
     assert len(during) >= 10, len(during)
     assert {r[2] for r in during} == {"reviews-v1-1"}  # the last good snapshot kept serving
     assert results[-1][2] == "reviews-v3-1"  # the change made while down arrived after restart
-    states = {p["node"]: p["state"] for p in proxies(url)}
+    states = {p["node"]: p["state"] for p in proxies(mesh)}
     assert len(states) == 7 and set(states.values()) == {"SYNCED"}, states
     # the sidecars long-poll the restarted control plane again
     deadline = time.monotonic() + 10
-    while not all(p["connected"] for p in proxies(url)):
-        assert time.monotonic() < deadline, proxies(url)
+    while not all(p["connected"] for p in proxies(mesh)):
+        assert time.monotonic() < deadline, proxies(mesh)
         time.sleep(0.2)
 
 
@@ -126,5 +127,5 @@ def test_telemetry_store_works_after_a_control_plane_restart(mesh: MeshThread) -
     mesh.call(cp.stop())
     mesh.call(cp.start(port=port))
     mesh.wait_synced()
-    status, body = get(mesh.url + "/telemetry/api/traces?limit=5")
+    status, body = admin_get(mesh, mesh.url + "/telemetry/api/traces?limit=5")
     assert status == 200, body[:300]

@@ -29,6 +29,7 @@ import pytest
 from diktyo.platform.harness import MeshThread
 from diktyo.telemetry.prometheus_config import Target, scrape_config
 from diktyo.testing import free_port
+from diktyo.testing.controlplane import admin_get
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOKINFO = ROOT / "samples" / "bookinfo"
@@ -149,7 +150,7 @@ def test_metrics_count_every_request_per_reporter_version_and_code(mesh: MeshThr
 
     def series_total(reporter: str, **match: str) -> tuple[int, dict[str, int]]:
         query = urlencode({"window": 600, "reporter": reporter, **match})
-        status, body = get(mesh.url + "/telemetry/api/metrics/series?" + query)
+        status, body = admin_get(mesh, mesh.url + "/telemetry/api/metrics/series?" + query)
         assert status == 200, body
         points = json.loads(body)["points"]
         codes: Counter[str] = Counter()
@@ -298,11 +299,11 @@ def find_trace(mesh: MeshThread, want: set[str], since_ns: int) -> list[dict[str
     """Spans of the newest trace started after ``since_ns`` whose services include ``want``."""
     deadline = time.monotonic() + 10
     while True:
-        status, body = get(mesh.url + "/telemetry/api/traces?limit=20")
+        status, body = admin_get(mesh, mesh.url + "/telemetry/api/traces?limit=20")
         assert status == 200, body
         for t in json.loads(body)["traces"]:
             if t["startNs"] >= since_ns and want <= set(t["services"]):
-                status, body = get(mesh.url + "/telemetry/api/traces/" + t["traceId"])
+                status, body = admin_get(mesh, mesh.url + "/telemetry/api/traces/" + t["traceId"])
                 assert status == 200
                 spans: list[dict[str, Any]] = json.loads(body)["spans"]
                 if len(spans) == 8:  # every span exported (they arrive in batches)
@@ -363,7 +364,7 @@ def test_a_bare_b3_not_sampled_decision_is_honoured(mesh: MeshThread) -> None:
     page(mesh)  # traced: 100 % sampling
     find_trace_after(mesh, marker)
     time.sleep(0.5)
-    status, body = get(mesh.url + "/telemetry/api/traces?limit=50")
+    status, body = admin_get(mesh, mesh.url + "/telemetry/api/traces?limit=50")
     started = [t for t in json.loads(body)["traces"] if since <= t["startNs"] < marker]
     assert started == [], started
 
@@ -377,7 +378,7 @@ def get_with(url: str, headers: dict[str, str]) -> tuple[int, str]:
 def find_trace_after(mesh: MeshThread, since_ns: int) -> None:
     deadline = time.monotonic() + 10
     while True:
-        _status, body = get(mesh.url + "/telemetry/api/traces?limit=20")
+        _status, body = admin_get(mesh, mesh.url + "/telemetry/api/traces?limit=20")
         if any(t["startNs"] >= since_ns for t in json.loads(body)["traces"]):
             return
         assert time.monotonic() < deadline, body[:300]

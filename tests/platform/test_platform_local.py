@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import stat
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from diktyo.snapshot.model import (
     VirtualHost,
     WeightedCluster,
 )
+from diktyo.testing.controlplane import admin_headers
 
 HELPERS = Path(__file__).parent / "helpers"
 TINY_APP = Path(__file__).parents[1] / "e2e" / "apps" / "tiny_app.py"  # shared with e2e tests
@@ -136,6 +138,17 @@ async def test_up_request_through_sidecars_then_down_leaves_nothing() -> None:
         assert "starting 3 workloads (4 replicas)" in text and "(3/3)" in text
         assert mesh.state == "ready"
         front = mesh.replica("front-v1-1")
+        # the bootstrap token reaches the sidecar in a 0600 file, not in its environment
+        # (which any process of the user can read in /proc/PID/environ)
+        assert front.sidecar is not None and front.sidecar.pid is not None
+        environ = Path(f"/proc/{front.sidecar.pid}/environ").read_bytes().split(b"\0")
+        env = dict(e.decode().split("=", 1) for e in environ if b"=" in e)
+        assert "DIKTYO_CA_TOKEN" not in env
+        token_file = Path(env["DIKTYO_CA_TOKEN_FILE"])
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert mesh.cp.identity.tokens.verify(token).endswith("/sa/default")
+        assert not any(token in v for v in env.values())
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
             # front's app calls hello through its own sidecar (HTTP_PROXY) -> hello's sidecar -> app
             seen = set()
@@ -146,7 +159,7 @@ async def test_up_request_through_sidecars_then_down_leaves_nothing() -> None:
             assert seen == {"hello-v1-1", "hello-v1-2"}
             async with s.get(mesh.gateway_url() + "/") as r:
                 assert r.status == 200
-            async with s.get(mesh.cp.url + "/v1/workloads") as r:
+            async with s.get(mesh.cp.url + "/v1/workloads", headers=admin_headers(mesh.cp)) as r:
                 states = {w["name"]: w["state"] for w in (await r.json())["workloads"]}
             assert states == {
                 "hello-v1-1": "ready",
@@ -183,6 +196,7 @@ async def test_up_request_through_sidecars_then_down_leaves_nothing() -> None:
         await asyncio.wait_for(mesh.stop(), 30)
     assert len(pids) == 7
     assert [p for p in pids if pid_alive(p)] == []
+    assert not token_file.exists()  # the token files go away with the mesh
     text = out.getvalue()
     assert "[front-v1-1 sidecar] draining" in text  # SIGTERM, not SIGKILL, on stop
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,13 +14,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from diktyo.core.clock import ManualClock
 from diktyo.dashboard.backend import MeshBackend
+from diktyo.security import admin_token
 from diktyo.telemetry.exposition import CONTENT_TYPE, render
-from diktyo.telemetry.httpclient import request
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
 from diktyo.telemetry.prometheus_config import scrape_config
 from diktyo.telemetry.prometheus_source import (
@@ -247,11 +249,23 @@ async def test_graph_and_series_from_real_prometheus(tmp_path: Path) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "diktyo.cli.main", "control-plane", "--port", "0",
             "--prometheus", url, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "DIKTYO_HOME": str(tmp_path / "home")},
         )  # fmt: skip
         try:
             assert proc.stdout is not None
             line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
             cp_url = line.split("serving on ")[1].split(",")[0].strip()
+            token = admin_token.read(tmp_path / "home")  # 'control-plane' created it
+            assert token is not None
+
+            async def request(method: str, url: str, timeout: float) -> tuple[int, bytes]:
+                auth = {"Authorization": f"Bearer {token}"}
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s,
+                    s.request(method, url, headers=auth) as r,
+                ):
+                    return r.status, await r.read()
+
             status, body = await request("GET", cp_url + "/api/graph?window=30", timeout=10)
             assert status == 200, body
             cg = json.loads(body)

@@ -9,6 +9,7 @@ import urllib.request
 from typing import Any
 
 from diktyo.platform.state import control_plane_url
+from diktyo.security import admin_token
 
 
 def add_cp_arg(parser: Any) -> None:
@@ -37,6 +38,9 @@ def call(
 ) -> tuple[int, Any]:
     """HTTP call returning (status, parsed JSON or text). Raises ConnectionError with advice."""
     req = urllib.request.Request(url, data=body, method=method)
+    token = admin_token.read()  # $DIKTYO_HOME/admin-token, written by up/demo/control-plane
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     if body is not None:
         req.add_header("content-type", "application/json" if json_body else "application/yaml")
     try:
@@ -51,9 +55,12 @@ def call(
             "running ('diktyo status')?"
         ) from None
     try:
-        return status, json.loads(raw)
+        parsed = json.loads(raw)
     except ValueError:
         return status, raw.decode(errors="replace")
+    if status == 401 and isinstance(parsed, dict):
+        print(f"error: {parsed.get('error', 'unauthorized')}", file=sys.stderr)
+    return status, parsed
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:

@@ -20,6 +20,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument(
+        "--sidecar-auth",
+        choices=["token", "none"],
+        default="token",
+        help="how sidecars prove their identity before they get a snapshot or ACK: 'token' "
+        "(their bootstrap token, the default) or 'none' (only where the network already "
+        "confines who reaches the control plane, e.g. inside a Kubernetes cluster whose "
+        "sidecars have no diktyo token; the admin API still needs the admin credential)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (besides 127.0.0.1, localhost, "
+        "[::1] and --host); others are refused against DNS rebinding (repeatable)",
+    )
+    p.add_argument(
         "--prometheus",
         metavar="URL",
         help="the dashboard reads its graph and charts from this Prometheus (e.g. "
@@ -31,11 +48,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 async def _main(args: argparse.Namespace) -> int:
     from diktyo.control.server import ControlPlane
+    from diktyo.security import admin_token
 
-    cp = ControlPlane(config_dir=args.config, prometheus_url=args.prometheus)
+    try:
+        token = admin_token.ensure()  # $DIKTYO_HOME/admin-token (0600): the CLI sends it
+    except OSError as exc:  # a read-only home (a container): this run's token only
+        token = admin_token.new_token()
+        print(
+            f"warning: cannot write the admin credential to {admin_token.token_path()} "
+            f"({exc.strerror or exc}); using a random one for this run (set DIKTYO_HOME to a "
+            "writable folder, or mount a token file there)",
+            file=sys.stderr,
+            flush=True,
+        )
+    cp = ControlPlane(
+        config_dir=args.config,
+        prometheus_url=args.prometheus,
+        admin_token=token,
+        admin_token_file=admin_token.token_path(),
+        allowed_hosts=tuple(args.allowed_host),
+        sidecar_auth=args.sidecar_auth == "token",
+    )
     url = await cp.start(args.host, args.port)
     print(
         f"control plane serving on {url}" + (f", config {args.config}" if args.config else ""),
+        flush=True,
+    )
+    print(
+        f"admin credential in {admin_token.token_path()} (mode 0600); dashboard: "
+        f"{url}/?token={token}",
         flush=True,
     )
     stop = asyncio.Event()

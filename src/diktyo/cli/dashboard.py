@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from diktyo.cli._common import add_cp_arg, call
 from diktyo.platform.state import control_plane_url, running_state
+from diktyo.security import admin_token
 
 DEFAULT_FORWARD_PORT = 20001
 
@@ -135,6 +136,8 @@ async def _forward(url: str, address: str, port: int, open_browser: bool) -> int
         )
         return 1
     local = f"http://{address}:{local_port}{parts.path or '/'}"
+    if parts.query:
+        local += "?" + parts.query
     print(f"dashboard: {local} (forwarding to {url}; Ctrl-C to stop)", flush=True)
     if open_browser:
         webbrowser.open(local)
@@ -171,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     open_browser = should_open_browser(args.no_browser, os.environ, sys.platform)
+    token = admin_token.read()  # the link carries the admin credential (the page keeps it)
+    if token:
+        url = f"{base}/?token={token}"
     if args.port_forward:
         return asyncio.run(_forward(url, args.address, args.port, open_browser))
     print(url)

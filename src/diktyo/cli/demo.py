@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"sent {args.requests} requests to {url} ({summary})")
         print()
         print(f"  product page: {url}")
-        print(f"  dashboard:    {mesh.url}/")
+        print(f"  dashboard:    {mesh.url}/?token={mesh.cp.admin_token}")
         print("  try Istio's tasks from another terminal, e.g.")
         print(f"    diktyo apply -f {root / 'networking' / 'virtual-service-reviews-test-v2.yaml'}")
         print("    diktyo proxy-status ; diktyo proxy-config productpage-v1-1 routes")

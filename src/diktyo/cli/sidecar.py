@@ -40,6 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--node", metavar="ID", help="node id (with --control-plane)")
     p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file (mode 0600) holding this sidecar's bootstrap token, which proves its "
+        "identity to the control plane and gets its workload certificate (default: the path "
+        "in $DIKTYO_CA_TOKEN_FILE, set by 'diktyo up'; for a standalone control plane, an admin "
+        "gets one with POST /v1/tokens {\"namespace\": NS, \"service_account\": SA})",
+    )
+    p.add_argument(
         "--admin-port",
         type=int,
         default=0,
@@ -160,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         admin_token_file=args.admin_token_file,
         access_log_buffer=max(1, args.access_log_buffer_kb) * 1024,
     )
+    if getattr(args, "token_file", None):
+        opts.token_file = args.token_file
     try:
         return run_sidecar(opts)
     except Exception as exc:  # config errors from --config: say what is wrong

@@ -28,6 +28,7 @@ import msgspec
 from aiohttp import web
 
 from diktyo.api.limits import ParseLimitError, check_json, decode_json
+from diktyo.control.auth import ADMIN, PRINCIPAL, UNVERIFIED, AccessPolicy
 from diktyo.control.ca.mesh import MeshIdentity
 from diktyo.control.model import ProxyNode, PushContext, Registry, Service, WorkloadInstance
 from diktyo.control.serve.cache import SnapshotCache, Translator
@@ -37,6 +38,7 @@ from diktyo.control.serve.registry import LiveRegistry
 from diktyo.control.serve.status import ProxyStatus
 from diktyo.control.store import ConfigStore, StoreView, resource_key
 from diktyo.core.clock import SYSTEM_CLOCK, Clock
+from diktyo.security.admin_token import new_token as new_admin_token
 from diktyo.snapshot.codec import to_builtins
 from diktyo.snapshot.model import MeshConfig
 
@@ -87,6 +89,11 @@ class ControlPlane:
         observability: bool = True,
         scrape_interval: float = 5.0,
         prometheus_url: str | None = None,
+        admin_token: str | None = None,
+        admin_token_file: str | Path | None = None,
+        allowed_hosts: tuple[str, ...] = (),
+        token_key: bytes | None = None,
+        sidecar_auth: bool = True,
     ) -> None:
         self.clock = clock
         self.mesh = mesh or MeshConfig()
@@ -126,10 +133,44 @@ class ControlPlane:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         # workload identities: the CA and bootstrap tokens (POST /v1/certificates)
-        self.identity = MeshIdentity(self.mesh.trust_domain, clock)
+        self.identity = MeshIdentity(self.mesh.trust_domain, clock, token_key=token_key)
+        # the admin credential (CLI, dashboard); random unless the platform passes the one of
+        # $DIKTYO_HOME/admin-token. Sidecars prove themselves with their bootstrap token.
+        self.admin_token = admin_token or new_admin_token()
+        self.access = AccessPolicy(
+            self.admin_token,
+            self.identity.tokens,
+            allowed_hosts=allowed_hosts,
+            token_file=admin_token_file,
+            sidecar_auth=sidecar_auth,
+        )
         self.app = self._make_app()
 
     # ------------------------------------------------------------------ state changes
+
+    def admin_headers(self) -> dict[str, str]:
+        """``Authorization`` header carrying the admin credential (for in-process callers)."""
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def sidecar_token(self, proxy: ProxyNode, ttl: float = 3600.0) -> str:
+        """A bootstrap token for ``proxy``'s identity (what the platform gives each sidecar)."""
+        return self.identity.token_for(proxy.node.namespace, proxy.node.service_account, ttl)
+
+    def _may_act_for(self, request: web.Request, namespace: str, service_account: str) -> bool:
+        """Admin, or a sidecar whose proven SPIFFE id is this namespace + service account."""
+        principal = request.get(PRINCIPAL)
+        if principal == ADMIN or principal == UNVERIFIED:  # UNVERIFIED: snapshot/ACK only
+            return True
+        return principal == self.identity.spiffe_id(namespace, service_account)
+
+    def _forbidden(self, request: web.Request, what: str) -> web.Response:
+        principal = request.get(PRINCIPAL) or "anonymous"
+        log.warning("refused: %s may not act for %s", principal, what)
+        return _error(
+            403,
+            f"{principal} may not act for {what}: a sidecar's bootstrap token is good only for "
+            "its own workload (namespace and service account)",
+        )
 
     def kick(self) -> None:
         """Something changed: schedule a (debounced) push."""
@@ -272,6 +313,7 @@ class ControlPlane:
         # of thousands of connects from overflowing it (the kernel caps it at somaxconn)
         site = web.TCPSite(self._runner, host, port, backlog=4096)
         await site.start()
+        self.access.allow_host(host)
         server = site._server
         assert server is not None and server.sockets  # type: ignore[attr-defined]
         real_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
@@ -385,7 +427,9 @@ class ControlPlane:
     # ------------------------------------------------------------------ HTTP API
 
     def _make_app(self) -> web.Application:
-        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app = web.Application(
+            client_max_size=16 * 1024 * 1024, middlewares=[self.access.middleware()]
+        )
         r = app.router
         r.add_get("/healthz", self._h_healthz)
         r.add_get("/v1/snapshot", self._h_snapshot)
@@ -404,6 +448,7 @@ class ControlPlane:
         r.add_get("/v1/proxies", self._h_proxies)
         r.add_get("/v1/proxies/{node}/snapshot", self._h_proxy_snapshot)
         r.add_get("/v1/workloads", self._h_workloads)
+        r.add_post("/v1/tokens", self._h_token)
         app.add_routes(self.identity.routes())
         if not (self._observability and self._setup_observability(app)):
             r.add_get("/", self._h_index)
@@ -544,6 +589,15 @@ class ControlPlane:
                 f"unknown node {node_id!r}: register it first (POST /v1/registry/proxies, "
                 "or start it with 'diktyo up'); known nodes: " + ", ".join(sorted(self.proxies)),
             )
+        proxy = self.proxies[node_id]
+        if not self._may_act_for(request, proxy.node.namespace, proxy.node.service_account):
+            return self._forbidden(request, f"node {node_id!r}")
+        # a sidecar's token is renewed on every answer, so a long-running sidecar keeps polling
+        renew = (
+            {}
+            if request.get(PRINCIPAL) in (ADMIN, UNVERIFIED)
+            else {"x-diktyo-token": self.sidecar_token(proxy)}
+        )
         st = self.status[node_id]
         st.last_seen = self.clock.time()
         st.polls += 1
@@ -565,11 +619,11 @@ class ControlPlane:
                 return web.Response(
                     body=entry.data,
                     content_type="application/json",
-                    headers={"x-diktyo-version": entry.version},
+                    headers={"x-diktyo-version": entry.version, **renew},
                 )
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0 or node_id not in self.proxies or self._closing:
-                return web.Response(status=204)
+                return web.Response(status=204, headers=renew)
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[None] = loop.create_future()
             waiters = self._waiters.get(node_id)
@@ -600,8 +654,11 @@ class ControlPlane:
                 400, 'ack body must be JSON {"node": ID, "version": V, "ok": bool, "error": "..."}'
             )
         st = self.status.get(node_id)
-        if st is None:
+        proxy = self.proxies.get(node_id)
+        if st is None or proxy is None:
             return _error(404, f"unknown node {node_id!r}")
+        if not self._may_act_for(request, proxy.node.namespace, proxy.node.service_account):
+            return self._forbidden(request, f"node {node_id!r}")
         st.ack(version, ok, str(body.get("error") or ""), self.clock.time())
         if not ok:
             log.warning("%s rejected snapshot %s: %s", node_id, version, st.error)
@@ -737,6 +794,8 @@ class ControlPlane:
             return _limit_error(exc)
         except (ValueError, msgspec.ValidationError, AttributeError) as exc:
             return _error(400, f"bad instance: {exc}")
+        if not self._may_act_for(request, inst.namespace, inst.service_account):
+            return self._forbidden(request, f"instance {inst.name!r}")
         self.registry.add_instance(inst, admin_url)
         return web.json_response({"ok": True})
 
@@ -748,6 +807,13 @@ class ControlPlane:
         proxy = await _decode(request, ProxyNode)
         if isinstance(proxy, web.Response):
             return proxy
+        if not self._may_act_for(request, proxy.node.namespace, proxy.node.service_account):
+            return self._forbidden(request, f"node {proxy.node.id!r}")
+        known = self.proxies.get(proxy.node.id)
+        if known is not None and not self._may_act_for(
+            request, known.node.namespace, known.node.service_account
+        ):
+            return self._forbidden(request, f"node {proxy.node.id!r}")
         self.add_proxy(proxy)
         return web.json_response({"ok": True, "node": proxy.node.id})
 
@@ -774,6 +840,21 @@ class ControlPlane:
             known = ", ".join(sorted(self.proxies)) or "none"
             return _error(404, f"no snapshot for node {node_id!r} (known nodes: {known})")
         return web.Response(body=entry.data, content_type="application/json")
+
+    async def _h_token(self, request: web.Request) -> web.Response:
+        """Admin: a bootstrap token for ``{"namespace", "service_account", "ttl"?}`` (a sidecar
+        started by hand passes it with ``--token-file``)."""
+        try:
+            body = decode_json(await request.read())
+            ns = str(body.get("namespace") or "default")
+            sa = str(body.get("service_account") or "default")
+            ttl = float(body.get("ttl") or 3600.0)
+            token = self.identity.token_for(ns, sa, ttl)
+        except ParseLimitError as exc:
+            return _limit_error(exc)
+        except (ValueError, TypeError, AttributeError) as exc:
+            return _error(400, f'body must be {{"namespace": NS, "service_account": SA}}: {exc}')
+        return web.json_response({"token": token, "spiffe_id": self.identity.spiffe_id(ns, sa)})
 
     async def _h_workloads(self, request: web.Request) -> web.Response:
         items = self.workloads_provider() if self.workloads_provider else []

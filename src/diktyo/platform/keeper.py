@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
         while not stopping and time.monotonic() < deadline:
             time.sleep(0.1)
         if stopping:
-            return 0
+            return 0  # type: ignore[unreachable]  # `stopping` is set by the signal handler
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 _PR_SET_PDEATHSIG = 1
 _MAX_LOG = 4 << 20  # a log file the supervisor has read is truncated past this size
@@ -159,10 +159,10 @@ class Child:
             self._tail(path, offset), name=f"log-{self.label}"
         )
 
-    def _credentials(self) -> dict[str, object]:
+    def _credentials(self) -> dict[str, Any]:
         if self.user is None and self.group is None:
             return {}
-        creds: dict[str, object] = {"extra_groups": []}
+        creds: dict[str, Any] = {"extra_groups": []}
         if self.user is not None:
             creds["user"] = self.user
             creds["group"] = self.group if self.group is not None else self.user

@@ -26,6 +26,7 @@ from diktyo.platform.state import (
     write_state,
 )
 from diktyo.platform.supervisor import LocalMesh, MeshStartError
+from diktyo.security import admin_token
 
 AfterStart = Callable[[LocalMesh], Awaitable[None]]
 
@@ -66,12 +67,15 @@ async def serve_mesh(
             with contextlib.suppress(OSError):
                 write_state({**mesh.describe(), "keeper_pid": int(keeper) if keeper else None})
 
+    # the admin credential the CLI and dashboard use ($DIKTYO_HOME/admin-token, 0600)
+    token = admin_token.ensure() if write_state_file else None
     mesh = LocalMesh(
         spec,
         config_dir=config_dir,
         on_change=save,
         home=home() if write_state_file else None,
         mesh_file=mesh_file,
+        admin_token=token,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -119,7 +123,7 @@ def print_ready(mesh: LocalMesh) -> None:
     lines = [
         f"mesh {d['name']!r} ready",
         f"  control plane: {d['control_plane']}",
-        f"  dashboard:     {d['dashboard']}",
+        f"  dashboard:     {d['dashboard']}?token={mesh.cp.admin_token}",
     ]
     if d["gateway"]:
         lines.append(f"  ingress:       {d['gateway']}")
@@ -168,7 +172,7 @@ def _wait_detached(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> 
                 f"keeper pid {proc.pid}, log {log})"
             )
             print(f"  control plane: {state.get('control_plane')}")
-            print(f"  dashboard:     {state.get('dashboard')}")
+            print(f"  dashboard:     {state.get('dashboard')}?token={admin_token.read() or ''}")
             if state.get("gateway"):
                 print(f"  ingress:       {state.get('gateway')}")
             print("  'diktyo status' lists workloads; 'diktyo down' stops the mesh")

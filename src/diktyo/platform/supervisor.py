@@ -24,6 +24,8 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
+import shutil
 import signal
 import sys
 import time
@@ -34,7 +36,6 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from diktyo.control.ca.mesh import TOKEN_ENV
 from diktyo.control.model import InboundPort, ProxyNode, Service, ServicePort, WorkloadInstance
 from diktyo.control.serve.cache import Translator
 from diktyo.control.server import ControlPlane
@@ -42,6 +43,8 @@ from diktyo.platform.backoff import BackOff
 from diktyo.platform.mesh import GatewaySpec, MeshSpec, RestartSpec, WorkloadSpec, fqdn
 from diktyo.platform.ports import free_port, port_in_use
 from diktyo.platform.process import Child
+from diktyo.security.admin_token import read_secret_file, write_secret
+from diktyo.security.spiffe import TOKEN_FILE_ENV
 from diktyo.snapshot.model import Node
 
 
@@ -209,6 +212,19 @@ class Replica:
         }
 
 
+def _token_key(home: Path) -> bytes:
+    """The key that signs sidecars' bootstrap tokens, kept in ``$DIKTYO_HOME/token-key`` (0600)."""
+    path = home / "token-key"
+    try:
+        return bytes.fromhex(read_secret_file(path))
+    except ValueError:
+        if path.exists():
+            raise
+    key = secrets.token_bytes(32)
+    write_secret(path, key.hex())
+    return key
+
+
 class LocalMesh:
     def __init__(
         self,
@@ -222,6 +238,7 @@ class LocalMesh:
         on_change: Callable[[], None] | None = None,
         home: str | Path | None = None,
         mesh_file: str | Path | None = None,
+        admin_token: str | None = None,
     ) -> None:
         """``home``: the folder of a mesh that outlives its supervisor (``diktyo up``): child
         output in ``home/logs``, the CA in ``home/ca``, children without a parent-death
@@ -246,8 +263,17 @@ class LocalMesh:
         from diktyo.platform.mesh import mesh_config
 
         self.cp = ControlPlane(
-            config_dir=self.config_dir, translator=translator, mesh=mesh_config(spec)
+            config_dir=self.config_dir,
+            translator=translator,
+            mesh=mesh_config(spec),
+            admin_token=admin_token,
+            # a supervisor that adopts this mesh signs bootstrap tokens with the same key, so
+            # the running sidecars' tokens stay valid across a control-plane restart
+            token_key=_token_key(Path(home)) if home is not None else None,
         )
+        # sidecars' bootstrap tokens, one 0600 file each (never in the environment, which
+        # /proc/PID/environ shows); the directory goes away with the mesh
+        self._token_dir = Path(tempfile.mkdtemp(prefix="diktyo-tokens-"))
         self.cp.workloads_provider = lambda: [r.to_json() for r in self.replicas]
         if self.home is not None:  # keep applied config for a supervisor that adopts the mesh
             kick = self.cp.store.on_change
@@ -813,7 +839,14 @@ class LocalMesh:
         """The sidecar's bootstrap token (its SPIFFE id is inside): it fetches its cert with it."""
         node = rep.proxy.node
         token = self.cp.identity.token_for(node.namespace, node.service_account)
-        return {TOKEN_ENV: token}
+        path = self._token_dir / f"{rep.node_id}.token"
+        write_secret(path, token)
+        uid = self.spec.sidecar.run_as_user
+        if uid is not None:  # the sidecar's own uid reads it; the folder only lets it through
+            gid = self.spec.sidecar.run_as_group
+            os.chown(path, uid, gid if gid is not None else -1)
+            self._token_dir.chmod(0o711)
+        return {TOKEN_FILE_ENV: str(path)}  # a path, not the secret
 
     def _sidecar_child(self, rep: Replica) -> Child:
         def on_sidecar_line(line: str) -> bool:
@@ -1057,11 +1090,10 @@ class LocalMesh:
             if r.state != "failed":
                 r.state = "stopped"
         await self.cp.stop()
+        shutil.rmtree(self._token_dir, ignore_errors=True)
         if self._session is not None:
             await self._session.close()
         if self._own_log_dir:
-            import shutil
-
             shutil.rmtree(self.log_dir, ignore_errors=True)
         self.state = "stopped"
         self._changed()

@@ -64,8 +64,12 @@ class ConfigClient:
         poll_timeout: float = 35.0,
         backoff_base: float = 0.1,
         backoff_cap: float = 5.0,
+        token: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        # bootstrap token proving this sidecar's identity; the control plane renews it in
+        # each answer's x-diktyo-token header
+        self.token = token
         self.node_id = node_id
         self.on_snapshot = on_snapshot
         self.poll_timeout = poll_timeout
@@ -130,7 +134,10 @@ class ConfigClient:
         params = {"node": self.node_id, "version": self.version}
         if self.version and self.rejected:
             params["rejected"] = "1"  # so a restarted control plane knows it was NACKed
-        async with session.get(self.url + "/v1/snapshot", params=params) as resp:
+        async with session.get(
+            self.url + "/v1/snapshot", params=params, headers=self._auth()
+        ) as resp:
+            self.token = resp.headers.get("x-diktyo-token") or self.token
             if resp.status == 204:
                 self.connected = True
                 return
@@ -168,10 +175,15 @@ class ConfigClient:
             self.first_snapshot.set()
         await self._ack(session, version, error)
 
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
     async def _ack(self, session: aiohttp.ClientSession, version: str, error: str) -> None:
         payload = {"node": self.node_id, "version": version, "ok": not error, "error": error}
         try:
-            async with session.post(self.url + "/v1/ack", json=payload) as resp:
+            async with session.post(
+                self.url + "/v1/ack", json=payload, headers=self._auth()
+            ) as resp:
                 await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.info("ack of %s not delivered: %s", version, exc)

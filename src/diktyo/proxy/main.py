@@ -27,9 +27,10 @@ from pathlib import Path
 
 import msgspec
 
-from diktyo.proxy.admin import TOKEN_FILE_ENV, AdminServer, AdminTokenError, resolve_token
+from diktyo.proxy.admin import TOKEN_FILE_ENV as ADMIN_TOKEN_FILE_ENV
+from diktyo.proxy.admin import AdminServer, AdminTokenError, resolve_token
 from diktyo.proxy.sidecar import Sidecar, install_uvloop
-from diktyo.security.spiffe import TOKEN_ENV  # light: the CA's code is loaded only with a token
+from diktyo.security.spiffe import TOKEN_FILE_ENV  # light: CA code loads only with a token
 from diktyo.snapshot.codec import SnapshotError, decode
 from diktyo.snapshot.model import Snapshot
 
@@ -50,9 +51,11 @@ class SidecarOptions:
     accept_http_10: bool = False  # Envoy's accept_http_10 (Istio: PILOT_HTTP10)
     access_log_buffer: int = 1024 * 1024  # bytes of access log buffered before lines drop
     seed: int | None = None
-    # bootstrap token for the CA ($DIKTYO_CA_TOKEN, set by the local platform); with
-    # --control-plane it gets the workload certificate and turns on mTLS
-    ca_token: str | None = field(default_factory=lambda: os.environ.get(TOKEN_ENV) or None)
+    # bootstrap token: proves this sidecar's identity to the control plane (snapshots, ACKs)
+    # and gets the workload certificate (mTLS). Read from a 0600 file (--token-file, or the
+    # path in $DIKTYO_CA_TOKEN_FILE set by the local platform), never from the environment.
+    ca_token: str | None = None
+    token_file: str | None = field(default_factory=lambda: os.environ.get(TOKEN_FILE_ENV) or None)
     identity_timeout: float = 30.0
     # standalone mode (--config DIR): turns the directory into a snapshot. Given by the caller
     # (``cli.sidecar`` passes ``control.standalone.snapshot_from_dir``), so the proxy layer
@@ -60,7 +63,9 @@ class SidecarOptions:
     config_loader: Callable[[str, int], Snapshot] | None = None
 
     # bearer token file for state-changing admin endpoints ("" = generate one in the state dir)
-    admin_token_file: str = field(default_factory=lambda: os.environ.get(TOKEN_FILE_ENV, ""))
+    admin_token_file: str = field(
+        default_factory=lambda: os.environ.get(ADMIN_TOKEN_FILE_ENV, "")
+    )
 
 
 def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:
@@ -105,6 +110,14 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
             file=sys.stderr,
         )
         return 2
+    if opts.ca_token is None and opts.token_file:
+        from diktyo.security.admin_token import read_secret_file
+
+        try:
+            opts.ca_token = read_secret_file(opts.token_file)
+        except ValueError as exc:
+            print(f"diktyo sidecar: bootstrap token: {exc}", file=sys.stderr)
+            return 2
     # the admin credential: a 0600 file given, or one generated into the state dir
     try:
         token, token_path, created = resolve_token(opts.admin_token_file)
@@ -145,7 +158,7 @@ async def _serve(  # type: ignore[no-untyped-def]
             ready_evt.set()
 
         assert opts.node is not None  # checked above: --control-plane needs --node
-        client = ConfigClient(opts.control_plane, opts.node, on_snapshot)
+        client = ConfigClient(opts.control_plane, opts.node, on_snapshot, token=opts.ca_token)
         client.start()
         await ready_evt.wait()
     else:
@@ -219,7 +232,7 @@ async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: flo
     try:
         spiffe = token_subject(token)
     except IdentityError as exc:
-        return f"${TOKEN_ENV}: {exc}"
+        return f"bootstrap token: {exc}"
     store = CertificateStore()
     got = asyncio.Event()
 
@@ -238,7 +251,7 @@ async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: flo
         return (
             f"no workload certificate for {spiffe} from the CA at {ca_url} within {timeout:g}s "
             f"({rotator.failures} failed attempts; see the warnings above): is the control plane "
-            f"running and is ${TOKEN_ENV} a token it issued?"
+            "running and is the bootstrap token (--token-file) one it issued?"
         )
     return ""
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 # the environment variable a platform hands a sidecar its CA bootstrap token in
 TOKEN_ENV = "DIKTYO_CA_TOKEN"
+# what the local platform sets instead: the path of a 0600 file holding that token (the
+# environment of a process is readable in /proc/PID/environ, a 0600 file only by its owner)
+TOKEN_FILE_ENV = "DIKTYO_CA_TOKEN_FILE"
 
 SCHEME = "spiffe://"
 

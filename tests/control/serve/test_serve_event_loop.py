@@ -11,6 +11,7 @@ import aiohttp
 
 from diktyo.control.model import Service, ServicePort
 from diktyo.control.server import ControlPlane
+from diktyo.testing.controlplane import YAML, admin_session
 
 SVC = Service(hostname="a.default.svc.cluster.local", short_name="a", ports=(ServicePort(80),))
 
@@ -41,10 +42,12 @@ async def test_health_answers_while_a_big_apply_is_loaded_and_analyzed() -> None
     await cp.start()
     body = virtual_services(1000)
     try:
-        async with aiohttp.ClientSession() as s:
+        async with admin_session(cp) as s:
 
             async def apply() -> tuple[int, float]:
-                async with s.post(cp.url + "/v1/config?source=big.yaml", data=body) as r:
+                async with s.post(
+                    cp.url + "/v1/config?source=big.yaml", data=body, headers=YAML
+                ) as r:
                     await r.read()
                     return r.status, time.monotonic()
 

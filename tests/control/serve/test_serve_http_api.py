@@ -7,13 +7,13 @@ import json
 import subprocess
 import sys
 
-import aiohttp
 import msgspec
 import pytest
 
 from diktyo.control.model import ProxyNode, Service, ServicePort, WorkloadInstance
 from diktyo.control.server import ControlPlane
 from diktyo.snapshot.model import Node
+from diktyo.testing.controlplane import JSON, YAML, admin_session
 
 SVC = Service(
     hostname="hello.default.svc.cluster.local", short_name="hello", ports=(ServicePort(9080),)
@@ -24,10 +24,10 @@ async def test_register_over_http_and_poll(translate) -> None:
     cp = ControlPlane(translator=translate, poll_timeout=1.0, observability=False)
     await cp.start()
     try:
-        async with aiohttp.ClientSession() as s:
+        async with admin_session(cp) as s:
 
             async def post(path: str, obj: object) -> int:
-                async with s.post(cp.url + path, data=msgspec.json.encode(obj)) as r:
+                async with s.post(cp.url + path, data=msgspec.json.encode(obj), headers=JSON) as r:
                     return r.status
 
             proxy = ProxyNode(node=Node(id="c-1.default", workload="c"), outbound_port=15001)
@@ -123,8 +123,8 @@ async def test_apply_reports_analysis_of_the_applied_file() -> None:
     try:
         cp.registry.add_service(SVC)
         async with (
-            aiohttp.ClientSession() as s,
-            s.post(cp.url + "/v1/config?source=vs.yaml", data=vs) as r,
+            admin_session(cp) as s,
+            s.post(cp.url + "/v1/config?source=vs.yaml", data=vs, headers=YAML) as r,
         ):
             body = await r.json()
         assert r.status == 400 and body["applied"] == []
@@ -136,8 +136,8 @@ async def test_apply_reports_analysis_of_the_applied_file() -> None:
         assert cp.store.resources == ()
         warn = vs.replace("{host: hello, subset: v9}", "{host: nowhere}")
         async with (
-            aiohttp.ClientSession() as s,
-            s.post(cp.url + "/v1/config?source=vs.yaml", data=warn) as r,
+            admin_session(cp) as s,
+            s.post(cp.url + "/v1/config?source=vs.yaml", data=warn, headers=YAML) as r,
         ):
             body = await r.json()
         assert r.status == 200 and body["applied"] == [["VirtualService", "default", "hello"]]

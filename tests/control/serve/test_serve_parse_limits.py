@@ -7,9 +7,8 @@ import itertools
 import sys
 from pathlib import Path
 
-import aiohttp
-
 from diktyo.control.server import ControlPlane
+from diktyo.testing.controlplane import JSON, YAML, admin_session
 
 GOOD = (
     "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: hello}\n"
@@ -30,8 +29,8 @@ async def test_bomb_and_deep_yaml_get_400_and_the_last_good_config_keeps_serving
     cp = ControlPlane(observability=False)
     await cp.start()
     try:
-        async with aiohttp.ClientSession() as s:
-            async with s.post(cp.url + "/v1/config?source=good.yaml", data=GOOD) as r:
+        async with admin_session(cp) as s:
+            async with s.post(cp.url + "/v1/config?source=good.yaml", data=GOOD, headers=YAML) as r:
                 assert r.status == 200
             generation = cp.store.generation
             bodies = {
@@ -44,7 +43,7 @@ async def test_bomb_and_deep_yaml_get_400_and_the_last_good_config_keeps_serving
             }
             for name, (body, where, limit) in bodies.items():
                 post = asyncio.ensure_future(
-                    s.post(cp.url + f"/v1/config?source={name}", data=body)
+                    s.post(cp.url + f"/v1/config?source={name}", data=body, headers=YAML)
                 )
                 # the control plane keeps answering while it refuses the body
                 async with s.get(cp.url + "/healthz") as h:
@@ -65,7 +64,7 @@ async def test_deeply_nested_json_bodies_get_400_not_500() -> None:
     await cp.start()
     deep = b'{"name": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
     try:
-        async with aiohttp.ClientSession() as s:
+        async with admin_session(cp) as s:
             for path in (
                 "/v1/registry/instances",
                 "/v1/registry/services",
@@ -73,7 +72,7 @@ async def test_deeply_nested_json_bodies_get_400_not_500() -> None:
                 "/v1/ack",
                 "/v1/certificates",
             ):
-                async with s.post(cp.url + path, data=deep) as r:
+                async with s.post(cp.url + path, data=deep, headers=JSON) as r:
                     body = await r.json()
                     assert r.status == 400, (path, body)
                     assert "max_depth" in str(body), (path, body)

@@ -14,8 +14,10 @@ from aiohttp import web
 from diktyo.control.model import ProxyNode, Service, ServicePort, WorkloadInstance
 from diktyo.control.server import ControlPlane
 from diktyo.platform.ports import free_port
+from diktyo.security.admin_token import write_secret
 from diktyo.snapshot.model import Node
 from diktyo.testing import eventually
+from diktyo.testing.controlplane import cli_env
 
 SVC = Service(
     hostname="hello.default.svc.cluster.local", short_name="hello", ports=(ServicePort(9080),)
@@ -42,8 +44,11 @@ def _instance(name: str, port: int) -> WorkloadInstance:
     )
 
 
+KEY = b"k" * 32  # the bootstrap-token key, kept across the control plane's restart
+
+
 async def _plane(port: int, upstream_port: int, outbound: int) -> ControlPlane:
-    cp = ControlPlane(poll_timeout=2.0)
+    cp = ControlPlane(poll_timeout=2.0, token_key=KEY)
     await cp.start(port=port)
     cp.registry.add_service(SVC)
     cp.registry.add_instance(_instance(f"hello-{upstream_port}", upstream_port))
@@ -58,11 +63,13 @@ async def _get(session: aiohttp.ClientSession, outbound: int) -> tuple[int, str]
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-async def test_sidecar_keeps_serving_without_control_plane_and_resyncs() -> None:
+async def test_sidecar_keeps_serving_without_control_plane_and_resyncs(tmp_path) -> None:
     up1, p1 = await _upstream("one")
     up2, p2 = await _upstream("two")
     cp_port, admin, outbound = free_port(), free_port(), free_port()
     cp = await _plane(cp_port, p1, outbound)
+    token = tmp_path / "token"
+    write_secret(token, cp.sidecar_token(NODE))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -72,6 +79,8 @@ async def test_sidecar_keeps_serving_without_control_plane_and_resyncs() -> None
         cp.url,
         "--node",
         NODE.node.id,
+        "--token-file",
+        str(token),
         "--admin-port",
         str(admin),
         stdout=asyncio.subprocess.PIPE,
@@ -108,7 +117,7 @@ async def test_sidecar_keeps_serving_without_control_plane_and_resyncs() -> None
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-async def test_real_sidecar_nack_is_reported_by_proxy_status() -> None:
+async def test_real_sidecar_nack_is_reported_by_proxy_status(tmp_path) -> None:
     import socket
 
     from diktyo.snapshot.model import Listener, RouteTable, Snapshot
@@ -130,7 +139,10 @@ async def test_real_sidecar_nack_is_reported_by_proxy_status() -> None:
 
     cp = ControlPlane(translator=translate, observability=False, poll_timeout=2.0)
     await cp.start()
-    cp.add_proxy(ProxyNode(node=Node(id="a-1.default", workload="a"), outbound_port=free_port()))
+    node = ProxyNode(node=Node(id="a-1.default", workload="a"), outbound_port=free_port())
+    cp.add_proxy(node)
+    token = tmp_path / "token"
+    write_secret(token, cp.sidecar_token(node))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -140,6 +152,8 @@ async def test_real_sidecar_nack_is_reported_by_proxy_status() -> None:
         cp.url,
         "--node",
         "a-1.default",
+        "--token-file",
+        str(token),
         "--admin-port",
         "0",
         stdout=asyncio.subprocess.PIPE,
@@ -165,6 +179,7 @@ async def test_real_sidecar_nack_is_reported_by_proxy_status() -> None:
             "--control-plane",
             cp.url,
             stdout=asyncio.subprocess.PIPE,
+            env=cli_env(cp, tmp_path / "home"),
         )
         text = (await out.communicate())[0].decode()
         assert out.returncode == 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import aiohttp
 import pytest
 
 from diktyo.control.model import Service, ServicePort, WorkloadInstance
@@ -14,6 +13,7 @@ from diktyo.control.store import ConfigStore, LoadOutcome
 from diktyo.proxy.config_client import Backoff, ConfigClient
 from diktyo.snapshot.model import Snapshot
 from diktyo.testing import free_port
+from diktyo.testing.controlplane import YAML, admin_session
 
 SVC = Service(
     hostname="reviews.default.svc.cluster.local", short_name="reviews", ports=(ServicePort(9080),)
@@ -56,7 +56,12 @@ async def test_push_to_many_clients_and_ack(cp: ControlPlane, make_proxy) -> Non
     for i in range(n):
         cp.add_proxy(make_proxy(i))
     got: dict[int, list[Snapshot]] = {i: [] for i in range(n)}
-    clients = [ConfigClient(cp.url, f"app-{i}.default", got[i].append) for i in range(n)]
+    clients = [
+        ConfigClient(
+            cp.url, f"app-{i}.default", got[i].append, token=cp.sidecar_token(make_proxy(i))
+        )
+        for i in range(n)
+    ]
     for c in clients:
         c.start()
     try:
@@ -66,7 +71,7 @@ async def test_push_to_many_clients_and_ack(cp: ControlPlane, make_proxy) -> Non
         await _until(lambda: all(_endpoints(c.snapshot) == [7001] for c in clients))
         await _until(lambda: all(s.state == "SYNCED" for s in cp.status.values()))
         assert len({c.version.split("-")[0] for c in clients}) == 1  # one push version for all
-        async with aiohttp.ClientSession() as s, s.get(cp.url + "/v1/proxies") as r:
+        async with admin_session(cp) as s, s.get(cp.url + "/v1/proxies") as r:
             body = await r.json()
         assert [p["state"] for p in body["proxies"]] == ["SYNCED"] * n
         # each proxy got: the initial snapshot, then the one with the endpoint (debounced)
@@ -83,7 +88,9 @@ async def test_nack_keeps_last_good_and_reports_reason(cp: ControlPlane, make_pr
         if _endpoints(snap) == [7002]:
             raise ValueError("port 7002 is cursed")
 
-    client = ConfigClient(cp.url, "app-1.default", on_snapshot)
+    client = ConfigClient(
+        cp.url, "app-1.default", on_snapshot, token=cp.sidecar_token(make_proxy(1))
+    )
     client.start()
     try:
         await client.wait_ready(5)
@@ -118,7 +125,7 @@ async def test_debounce_merges_a_burst_into_one_push(cp: ControlPlane, make_prox
 
 async def test_unknown_node_404_with_help(cp: ControlPlane) -> None:
     params = {"node": "nope", "version": ""}
-    async with aiohttp.ClientSession() as s, s.get(cp.url + "/v1/snapshot", params=params) as r:
+    async with admin_session(cp) as s, s.get(cp.url + "/v1/snapshot", params=params) as r:
         assert r.status == 404
         assert "register it first" in (await r.json())["error"]
 
@@ -126,7 +133,7 @@ async def test_unknown_node_404_with_help(cp: ControlPlane) -> None:
 async def test_long_poll_answers_204_when_nothing_changes(cp: ControlPlane, make_proxy) -> None:
     cp.poll_timeout = 0.3
     cp.add_proxy(make_proxy(1))
-    async with aiohttp.ClientSession() as s:
+    async with admin_session(cp) as s:
         async with s.get(
             cp.url + "/v1/snapshot", params={"node": "app-1.default", "version": ""}
         ) as r:
@@ -171,7 +178,9 @@ async def test_rejected_config_keeps_last_good(translate, make_proxy, tmp_path) 
         translator=translate, store=store, poll_timeout=2.0, merge_service_entries=False
     )
     await cp.start()
-    client = ConfigClient(cp.url, "app-1.default", lambda s: None)
+    client = ConfigClient(
+        cp.url, "app-1.default", lambda s: None, token=cp.sidecar_token(make_proxy(1))
+    )
     try:
         cp.add_proxy(make_proxy(1))
         client.start()
@@ -182,16 +191,19 @@ async def test_rejected_config_keeps_last_good(translate, make_proxy, tmp_path) 
             return [vh.name for vh in client.snapshot.route_tables[0].virtual_hosts]
 
         assert hosts() == ["vs-a"]
-        async with aiohttp.ClientSession() as s:
+        async with admin_session(cp) as s:
             async with s.post(
-                cp.url + "/v1/config", data="vs-b\n!bad field", params={"source": "b.yaml"}
+                cp.url + "/v1/config",
+                data="vs-b\n!bad field",
+                params={"source": "b.yaml"},
+                headers=YAML,
             ) as r:
                 assert r.status == 400
                 assert (await r.json())["errors"] == ["b.yaml:2:1: error: bad field"]
-            async with s.post(cp.url + "/v1/config", data="vs-c\n") as r:
+            async with s.post(cp.url + "/v1/config", data="vs-c\n", headers=YAML) as r:
                 assert r.status == 200
             await _until(lambda: hosts() == ["vs-a", "vs-c"])
-            async with s.delete(cp.url + "/v1/config", data="vs-c\n") as r:
+            async with s.delete(cp.url + "/v1/config", data="vs-c\n", headers=YAML) as r:
                 assert r.status == 200
             await _until(lambda: hosts() == ["vs-a"])
         # a broken file is rejected, the last good config keeps serving
@@ -214,7 +226,10 @@ async def test_client_survives_control_plane_restart(translate, make_proxy) -> N
     cp.add_proxy(make_proxy(1))
     cp.registry.add_service(SVC)
     cp.registry.add_instance(_inst("r1", 7001))
-    client = ConfigClient(cp.url, "app-1.default", lambda s: None, backoff_cap=0.3)
+    # the admin credential: a restarted control plane keeps it ($DIKTYO_HOME/admin-token)
+    client = ConfigClient(
+        cp.url, "app-1.default", lambda s: None, backoff_cap=0.3, token=cp.admin_token
+    )
     client.start()
     try:
         await _until(lambda: client.snapshot is not None and _endpoints(client.snapshot) == [7001])
@@ -222,7 +237,12 @@ async def test_client_survives_control_plane_restart(translate, make_proxy) -> N
         await _until(lambda: not client.connected, timeout=5)
         await asyncio.sleep(0.5)  # several failed reconnects
         assert _endpoints(client.snapshot) == [7001]  # keeps the last good snapshot
-        cp2 = ControlPlane(translator=translate, poll_timeout=2.0, merge_service_entries=False)
+        cp2 = ControlPlane(
+            translator=translate,
+            poll_timeout=2.0,
+            merge_service_entries=False,
+            admin_token=cp.admin_token,
+        )
         await cp2.start(port=port)
         try:
             cp2.add_proxy(make_proxy(1))
@@ -259,7 +279,9 @@ async def test_unhealthy_instance_leaves_endpoints(cp: ControlPlane, make_proxy)
     cp.registry.add_service(SVC)
     cp.registry.add_instance(_inst("r1", 7001), admin_url=admin)
     cp.registry.add_instance(_inst("r2", 7002))
-    client = ConfigClient(cp.url, "app-1.default", lambda s: None)
+    client = ConfigClient(
+        cp.url, "app-1.default", lambda s: None, token=cp.sidecar_token(make_proxy(1))
+    )
     client.start()
     try:
         await _until(
@@ -288,7 +310,9 @@ async def test_restarted_control_plane_does_not_repush_same_content(translate, m
     port = free_port()
 
     async def plane() -> ControlPlane:
-        cp = ControlPlane(translator=translate, poll_timeout=1.0, observability=False)
+        cp = ControlPlane(
+            translator=translate, poll_timeout=1.0, observability=False, admin_token="restart-admin"
+        )
         await cp.start(port=port)
         cp.registry.add_service(SVC)
         cp.registry.add_instance(_inst("r1", 7001))
@@ -296,7 +320,10 @@ async def test_restarted_control_plane_does_not_repush_same_content(translate, m
         return cp
 
     cp = await plane()
-    client = ConfigClient(cp.url, "app-1.default", lambda s: None, backoff_cap=0.3)
+    # the admin credential: a restarted control plane keeps it ($DIKTYO_HOME/admin-token)
+    client = ConfigClient(
+        cp.url, "app-1.default", lambda s: None, backoff_cap=0.3, token=cp.admin_token
+    )
     client.start()
     try:
         await _until(lambda: client.snapshot is not None and _endpoints(client.snapshot) == [7001])

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import signal
 import sys
 
@@ -20,6 +21,8 @@ from aiohttp import web
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0] + "/src")
 
 from diktyo.proxy.config_client import ConfigClient
+from diktyo.security.admin_token import read_secret_file
+from diktyo.security.spiffe import TOKEN_FILE_ENV
 from diktyo.snapshot.model import Snapshot
 
 
@@ -94,7 +97,10 @@ async def main() -> None:
     ap.add_argument("--admin-port", type=int)
     args = ap.parse_args()
     sc = FakeSidecar()
-    client = ConfigClient(args.control_plane, args.node, sc.on_snapshot)
+    # the bootstrap token the platform hands over in a 0600 file (path in the environment)
+    token_file = os.environ.get(TOKEN_FILE_ENV)
+    token = read_secret_file(token_file) if token_file else None
+    client = ConfigClient(args.control_plane, args.node, sc.on_snapshot, token=token)
 
     async def ready(request: web.Request) -> web.Response:
         return web.Response(status=200 if sc.snap else 503, text="ok")

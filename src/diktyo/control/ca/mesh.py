@@ -3,7 +3,7 @@
 ``MeshIdentity(trust_domain)`` creates a fresh self-signed root (``CertificateAuthority.generate``),
 a bootstrap-token key and the ``POST /v1/certificates`` service. The local platform calls
 ``token_for(namespace, service_account)`` for each sidecar it starts and hands the token over
-in the ``DIKTYO_CA_TOKEN`` environment variable; the sidecar then asks for its certificate
+in a 0600 file (path in ``DIKTYO_CA_TOKEN_FILE``); the sidecar then asks for its certificate
 with a CSR (its key never leaves it).
 """
 
@@ -32,10 +32,12 @@ class MeshIdentity:
         trust_domain: str = "cluster.local",
         clock: Clock = SYSTEM_CLOCK,
         ca: CertificateAuthority | None = None,
+        token_key: bytes | None = None,
     ) -> None:
         self.trust_domain = trust_domain or "cluster.local"
         self.ca = ca or CertificateAuthority.generate(trust_domain=self.trust_domain, clock=clock)
-        self.tokens = BootstrapTokens(clock=clock)
+        # the same key across restarts keeps the sidecars' bootstrap tokens valid
+        self.tokens = BootstrapTokens(token_key, clock=clock)
         self.service = CaService(self.ca, self.tokens)
 
     def spiffe_id(self, namespace: str, service_account: str) -> str:

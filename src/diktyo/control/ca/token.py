@@ -1,8 +1,9 @@
 """Bootstrap tokens: HMAC-signed, identity-bound, short-lived; the CA signs only for their holder.
 
 Format: ``v1.<base64url(JSON {"sub": spiffe-id, "exp": unix-time})>.<base64url(HMAC-SHA256)>``.
-The local platform creates one per sidecar (``issue``) and hands it over with the process
-environment; the CA checks it (``verify``) and signs only for the identity inside it.
+The local platform creates one per sidecar (``issue``) and hands it over in a 0600 file; the
+CA checks it (``verify``) and signs only for the identity inside it, and the control plane's
+API accepts it as the sidecar's proof of identity (``diktyo.control.auth``).
 """
 
 from __future__ import annotations
