@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from diktyo.cli._common import add_cp_arg, call, cp_url
@@ -37,7 +38,7 @@ def _read(f: Path) -> tuple[str, bytes]:
     return str(f), f.read_bytes()
 
 
-def _report(body: dict, verb: str) -> None:  # type: ignore[type-arg]
+def _report(body: dict[str, Any], verb: str) -> None:
     for kind, ns, name in body.get(verb, []):
         print(f"{kind.lower()}/{name} ({ns}) {verb}")
     for err in body.get("errors", []):

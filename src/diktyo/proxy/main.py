@@ -131,7 +131,7 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
             _remove_token(token_path)
 
 
-async def _serve(  # type: ignore[no-untyped-def]
+async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
     opts: SidecarOptions, ready_out, sidecar: Sidecar, token: str, token_path: Path | None
 ) -> int:
     loop = asyncio.get_running_loop()
