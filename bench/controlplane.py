@@ -100,7 +100,8 @@ def serve() -> int:
     async def main() -> None:
         cp = ControlPlane()
         url = await cp.start()
-        print(json.dumps({"event": "ready", "url": url}), flush=True)
+        ready = {"event": "ready", "url": url, "admin_token": cp.admin_token}
+        print(json.dumps(ready), flush=True)
         try:
             await asyncio.Event().wait()
         finally:
@@ -130,13 +131,18 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
     return status, headers, body
 
 
+# "Authorization: Bearer ...\r\n": the control plane's admin credential (from its ready line);
+# the simulated sidecars use it too (the control plane accepts it for snapshots and ACKs)
+AUTH = ""
+
+
 async def request(
     host: str, port: int, method: str, path: str, body: bytes = b"", ctype: str = "application/json"
 ) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(
-            f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {ctype}\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{AUTH}Content-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
             + body
         )
@@ -181,7 +187,7 @@ class Sidecar:
             while True:
                 writer.write(
                     f"GET /v1/snapshot?node={self.node}&version={self.version} HTTP/1.1\r\n"
-                    f"Host: cp\r\n\r\n".encode()
+                    f"Host: {self.host}\r\n{AUTH}\r\n".encode()
                 )
                 self.waiting.set()
                 status, headers, body = await _read_response(reader)
@@ -198,7 +204,8 @@ class Sidecar:
                 json.loads(body)  # a real sidecar decodes what it gets
                 ack = json.dumps({"node": self.node, "version": version, "ok": True}).encode()
                 writer.write(
-                    f"POST /v1/ack HTTP/1.1\r\nHost: cp\r\nContent-Type: application/json\r\n"
+                    f"POST /v1/ack HTTP/1.1\r\nHost: {self.host}\r\n{AUTH}"
+                    "Content-Type: application/json\r\n"
                     f"Content-Length: {len(ack)}\r\n\r\n".encode()
                     + ack
                 )
@@ -388,7 +395,10 @@ def start_server() -> tuple[subprocess.Popen[bytes], str, int]:
         err = p.stderr.read().decode(errors="replace") if p.stderr else ""
         p.kill()
         raise RuntimeError(f"control plane did not start:\n{err[-3000:]}")
-    url = json.loads(line)["url"]
+    global AUTH
+    ready = json.loads(line)
+    url = ready["url"]
+    AUTH = f"Authorization: Bearer {ready['admin_token']}\r\n"
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     return p, host, int(port)
 

@@ -28,6 +28,7 @@ import secrets
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -251,8 +252,6 @@ class LocalMesh:
             self.log_dir = self.home / "logs"
             self._own_log_dir = False
         else:
-            import tempfile
-
             self.log_dir = Path(tempfile.mkdtemp(prefix="diktyo-mesh-logs-"))
             self._own_log_dir = True
         self.config_dir = Path(config_dir) if config_dir else spec.config_dir()
