@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from diktyo.platform.harness import MeshThread
+from diktyo.testing.controlplane import admin_headers
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOKINFO = ROOT / "samples" / "bookinfo"
@@ -89,7 +90,7 @@ def test_access_log_off_for_productpage_and_errors_only_for_reviews(mesh: MeshTh
 
 
 def traces_since(mesh: MeshThread, since_ns: int) -> list[dict]:  # type: ignore[type-arg]
-    status, body = get(mesh.url + "/telemetry/api/traces?limit=50")
+    status, body = get(mesh.url + "/telemetry/api/traces?limit=50", admin_headers(mesh))
     assert status == 200, body
     return [t for t in json.loads(body)["traces"] if t["startNs"] >= since_ns]
 

@@ -15,6 +15,7 @@ from test_platform_local import HELPERS, TINY_APP, fake_sidecar, tiny_translate
 from diktyo.platform.mesh import MeshFileError, load_mesh_text
 from diktyo.platform.state import pid_alive
 from diktyo.platform.supervisor import BackOff, LocalMesh, exit_reason
+from diktyo.testing.controlplane import admin_headers
 
 
 def test_backoff_is_kubernetes_crashloopbackoff() -> None:
@@ -111,7 +112,7 @@ async def test_a_crashing_app_restarts_with_back_off_and_serves_again() -> None:
             async with s.get(gw + "/") as r:  # traffic reaches the restarted app
                 assert r.status == 200, await r.text()
                 assert json.loads(await r.read())["pod"] == "hello-v1-1"
-            async with s.get(mesh.cp.url + "/v1/workloads") as r:
+            async with s.get(mesh.cp.url + "/v1/workloads", headers=admin_headers(mesh)) as r:
                 w = next(x for x in (await r.json())["workloads"] if x["name"] == "hello-v1-1")
         assert w["restarts"] == 3 and w["containers"]["app"]["restarts"] == 3
         assert w["last_exit"]["container"] == "app"
