@@ -292,6 +292,10 @@ class LocalMesh:
 
     # ------------------------------------------------------------------ helpers
 
+    def _stopping_now(self) -> bool:
+        """``stopping``, read afresh (an await may have let ``stop()`` set it)."""
+        return self.stopping
+
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
         self.out.flush()
@@ -990,7 +994,7 @@ class LocalMesh:
                 self._changed()
                 if delay:
                     await asyncio.sleep(delay)
-                if self.stopping:
+                if self._stopping_now():  # set by stop() while we awaited
                     return
                 st.restarts += 1
                 if await self._start_app(rep):
@@ -998,7 +1002,7 @@ class LocalMesh:
                 assert rep.app is not None
                 if rep.app.running:  # started but does not listen: stop it, count as a crash
                     await rep.app.stop()
-                if self.stopping:
+                if self._stopping_now():  # set by stop() while we awaited
                     return
                 st, delay = self._record_exit(rep, "app", rep.app.returncode)
                 why = st.last_exit["reason"] if st.last_exit else "did not listen"
@@ -1041,14 +1045,14 @@ class LocalMesh:
                 self._changed()
                 if delay:
                     await asyncio.sleep(delay)
-                if self.stopping:
+                if self._stopping_now():  # set by stop() while we awaited
                     return
                 st.restarts += 1
                 if await self._start_sidecar(rep):
                     break
                 if rep.sidecar is not None and rep.sidecar.running:
                     await rep.sidecar.stop()
-                if self.stopping:
+                if self._stopping_now():  # set by stop() while we awaited
                     return
                 assert rep.sidecar is not None
                 code = rep.sidecar.returncode

@@ -166,7 +166,7 @@ def _check_host_conflicts(ctx: Context) -> None:
                 if id(vs) in reported:
                     continue
                 reported.add(id(vs))
-                others = ", ".join(f"{k} at {ctx.where(copies[k][0])}" for k in group if k != key)
+                peers = ", ".join(f"{k} at {ctx.where(copies[k][0])}" for k in group if k != key)
                 ctx.report(
                     m.CONFLICTING_MESH_GATEWAY_VS_HOSTS,
                     vs,
@@ -174,7 +174,7 @@ def _check_host_conflicts(ctx: Context) -> None:
                     f"The VirtualServices {names} associated with mesh gateway define the same "
                     f"host {scope}/{host} which can lead to undefined behavior. This can be fixed "
                     "by merging the conflicting VirtualServices into a single resource.",
-                    f"conflicts with {others}; diktyo appends the later VirtualService's rules "
+                    f"conflicts with {peers}; diktyo appends the later VirtualService's rules "
                     "after the earlier one's",
                 )
 
