@@ -17,24 +17,24 @@ from diktyo.platform.state import pid_alive
 
 APPS = Path(__file__).parent / "apps"
 
-MESH = f"""
-name: tiny
-services:
-  - name: hello
-    ports: [{{name: http, port: 9080}}]
-  - name: front
-    ports: [{{name: http, port: 9080}}]
-workloads:
-  - name: hello-v1
-    labels: {{app: hello, version: v1}}
-    command: ["{{python}}", "{APPS / "tiny_app.py"}"]
-  - name: hello-v2
-    labels: {{app: hello, version: v2}}
-    command: ["{{python}}", "{APPS / "tiny_app.py"}"]
-  - name: front-v1
-    labels: {{app: front, version: v1}}
-    command: ["{{python}}", "{APPS / "tiny_app.py"}"]
-"""
+
+def tiny_mesh(name: str, hello_versions: tuple[str, ...] = ("v1", "v2"), restart: str = "") -> str:
+    """A mesh file: services hello and front, the tiny app as hello-<version>... and front-v1."""
+    app = f'command: ["{{python}}", "{APPS / "tiny_app.py"}"]'
+    workloads = [(f"hello-{v}", "hello", v) for v in hello_versions] + [("front-v1", "front", "v1")]
+    return (
+        f"name: {name}\n" + (f"restart: {restart}\n" if restart else "") + "services:\n"
+        "  - name: hello\n    ports: [{name: http, port: 9080}]\n"
+        "  - name: front\n    ports: [{name: http, port: 9080}]\n"
+        "workloads:\n"
+        + "".join(
+            f"  - name: {w}\n    labels: {{app: {a}, version: {v}}}\n    {app}\n"
+            for w, a, v in workloads
+        )
+    )
+
+
+MESH = tiny_mesh("tiny")
 
 ROUTE_V2 = """
 apiVersion: networking.istio.io/v1

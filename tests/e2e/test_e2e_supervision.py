@@ -9,26 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_e2e_local_mesh import APPS, child_pids, diktyo, get
+from test_e2e_local_mesh import child_pids, diktyo, get, tiny_mesh
 
 from diktyo.platform.state import pid_alive
 
-MESH = f"""
-name: supervised
-restart: {{backoffBase: 1, backoffMax: 4}}
-services:
-  - name: hello
-    ports: [{{name: http, port: 9080}}]
-  - name: front
-    ports: [{{name: http, port: 9080}}]
-workloads:
-  - name: hello-v1
-    labels: {{app: hello, version: v1}}
-    command: ["{{python}}", "{APPS / "tiny_app.py"}"]
-  - name: front-v1
-    labels: {{app: front, version: v1}}
-    command: ["{{python}}", "{APPS / "tiny_app.py"}"]
-"""
+MESH = tiny_mesh("supervised", ("v1",), restart="{backoffBase: 1, backoffMax: 4}")
 
 
 @pytest.fixture

@@ -18,29 +18,11 @@ from pathlib import Path
 from typing import Self
 
 import pytest
-from test_e2e_local_mesh import APPS, ROUTE_V2, child_pids, diktyo, get
+from test_e2e_local_mesh import ROUTE_V2, child_pids, diktyo, get, tiny_mesh
 
 from diktyo.platform.state import pid_alive
 
-MESH = f"""
-name: survivor
-restart: {{backoffBase: 1, backoffMax: 2}}
-services:
-  - name: hello
-    ports: [{{name: http, port: 9080}}]
-  - name: front
-    ports: [{{name: http, port: 9080}}]
-workloads:
-  - name: hello-v1
-    labels: {{app: hello, version: v1}}
-    command: ["{{python}}", "{APPS / "tiny_app.py"}"]
-  - name: hello-v2
-    labels: {{app: hello, version: v2}}
-    command: ["{{python}}", "{APPS / "tiny_app.py"}"]
-  - name: front-v1
-    labels: {{app: front, version: v1}}
-    command: ["{{python}}", "{APPS / "tiny_app.py"}"]
-"""
+MESH = tiny_mesh("survivor", restart="{backoffBase: 1, backoffMax: 2}")
 
 
 class Traffic:

@@ -47,8 +47,8 @@ def _report(body: dict[str, Any], verb: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def apply(args: argparse.Namespace) -> int:
-    """All files in one request: the control plane applies them together or not at all."""
+def _target(args: argparse.Namespace) -> tuple[str, list[Path]] | int:
+    """The control plane's URL and the YAML files to send, or the exit code saying why not."""
     url = cp_url(args)
     if url is None:
         return 1
@@ -56,6 +56,15 @@ def apply(args: argparse.Namespace) -> int:
     if isinstance(files, str):
         print(f"error: {files}", file=sys.stderr)
         return 2
+    return url, files
+
+
+def apply(args: argparse.Namespace) -> int:
+    """All files in one request: the control plane applies them together or not at all."""
+    target = _target(args)
+    if isinstance(target, int):
+        return target
+    url, files = target
     payload = []
     for f in files:
         source, data = _read(f)
@@ -94,13 +103,10 @@ def apply(args: argparse.Namespace) -> int:
 
 def send(args: argparse.Namespace, method: str) -> int:
     """``diktyo delete``: one request per file."""
-    url = cp_url(args)
-    if url is None:
-        return 1
-    files = yaml_files(args.file)
-    if isinstance(files, str):
-        print(f"error: {files}", file=sys.stderr)
-        return 2
+    target = _target(args)
+    if isinstance(target, int):
+        return target
+    url, files = target
     code = 0
     verb = "applied" if method == "POST" else "deleted"
     for f in files:

@@ -891,23 +891,11 @@ def _same_content(version: str, digest: str) -> bool:
     return "-" in version and version.rsplit("-", 1)[1] == digest[:8]
 
 
-# Error findings about things that appear by themselves later (a service or workload that
-# registers when it starts, a Gateway applied next): reported with the apply, not rejecting it,
-# as Istio accepts such config and only `istioctl analyze` reports it.
-_REGISTRY_DEPENDENT = (
-    "Referenced host not found",
-    "Referenced host:port not found",
-    "Referenced selector not found",
-    "Referenced gateway not found",
-)
-
-
 def _is_error(finding: Any) -> bool:
-    """An analyzer finding that rejects an apply (warnings, infos and registry-dependent
-    references pass)."""
-    if str(getattr(finding, "severity", "error")).lower() != "error":
-        return False
-    return not str(getattr(finding, "message", "")).startswith(_REGISTRY_DEPENDENT)
+    """An analyzer finding that rejects an apply (see ``validate.messages.rejects_apply``)."""
+    from diktyo.control.validate.messages import rejects_apply
+
+    return rejects_apply(finding)
 
 
 async def _apply_files(request: web.Request) -> list[tuple[str, str]] | web.Response:

@@ -343,6 +343,24 @@ _PARSE_PREFIXES = (
 )
 
 
+# Error findings about things that appear by themselves later (a service or workload that
+# registers when it starts, a Gateway applied next): an apply reports them but is not refused
+# for them, as Istio accepts such config and only `istioctl analyze` reports it.
+_REGISTRY_DEPENDENT = (
+    "Referenced host not found",
+    "Referenced host:port not found",
+    "Referenced selector not found",
+    "Referenced gateway not found",
+)
+
+
+def rejects_apply(finding: Any) -> bool:
+    """Does this finding refuse an apply? Errors do, except registry-dependent references."""
+    if str(getattr(finding, "severity", "error")).lower() != "error":
+        return False
+    return not str(getattr(finding, "message", "")).startswith(_REGISTRY_DEPENDENT)
+
+
 def is_parse_error(err: ConfigError) -> bool:
     """A load error that means the file could not be parsed at all (istioctl's exit code 65)."""
     return err.severity == "error" and err.message.startswith(_PARSE_PREFIXES)
