@@ -14,12 +14,12 @@ from diktyo.testing import (
     HttpClient,
     RecordedRequest,
     Response,
-    cluster_name,
     http_snapshot,
+    outbound_cluster,
     start_sidecar,
 )
 
-CL = cluster_name("reviews")
+CL = outbound_cluster("reviews")
 
 
 def chaotic(seed: int):  # type: ignore[no-untyped-def]

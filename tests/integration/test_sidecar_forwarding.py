@@ -12,15 +12,15 @@ from diktyo.testing import (
     FakeUpstream,
     HttpClient,
     Response,
-    cluster_name,
     eventually,
     free_port,
     http_request,
     http_snapshot,
+    outbound_cluster,
     start_sidecar,
 )
 
-CL = cluster_name("reviews")
+CL = outbound_cluster("reviews")
 
 
 async def test_forwards_with_headers_and_keepalive_pooling() -> None:

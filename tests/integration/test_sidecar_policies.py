@@ -11,13 +11,13 @@ from diktyo.testing import (
     FakeUpstream,
     HttpClient,
     Response,
-    cluster_name,
     http_request,
     http_snapshot,
+    outbound_cluster,
     start_sidecar,
 )
 
-CL = cluster_name("reviews")
+CL = outbound_cluster("reviews")
 
 
 def one_route(**kw: Any) -> dict[str, list[dict[str, Any]]]:
@@ -183,7 +183,7 @@ async def test_mirror_gets_a_shadow_copy_and_never_affects_response() -> None:
         FakeUpstream(Response(body=b"main")) as main,
         FakeUpstream(Response(status=500, delay=0.5)) as shadow,
     ):
-        mcl = cluster_name("mirror")
+        mcl = outbound_cluster("mirror")
         snap = http_snapshot(
             {"reviews": [("127.0.0.1", main.port)], "mirror": [("127.0.0.1", shadow.port)]},
             routes=one_route(mirrors=[{"cluster": mcl, "host": "mirror"}]),
@@ -257,7 +257,7 @@ async def test_redirect_direct_response_header_ops_and_rewrite() -> None:
 
 async def test_weighted_destinations_split_traffic() -> None:
     async with FakeUpstream(Response(body=b"v1")) as v1, FakeUpstream(Response(body=b"v2")) as v2:
-        c1, c2 = cluster_name("reviews", subset="v1"), cluster_name("reviews", subset="v2")
+        c1, c2 = outbound_cluster("reviews", subset="v1"), outbound_cluster("reviews", subset="v2")
         snap = http_snapshot(
             {"reviews": [("127.0.0.1", v1.port)]},
             routes={

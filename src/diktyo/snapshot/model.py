@@ -269,6 +269,11 @@ class Endpoint(_S, frozen=True):
     has_sidecar: bool = False
 
 
+def cluster_name(port: int, subset: str, host: str) -> str:
+    """An outbound cluster's name, as Istio writes it: ``outbound|<port>|<subset>|<host>``."""
+    return f"outbound|{port}|{subset}|{host}"
+
+
 class Cluster(_S, frozen=True):
     """A set of endpoints plus the traffic policy that applies to them."""
 

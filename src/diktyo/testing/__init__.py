@@ -5,7 +5,7 @@ from diktyo.platform.ports import free_port
 from diktyo.testing.client import ClientResponse, HttpClient, http_request
 from diktyo.testing.fake_upstream import FakeUpstream, RecordedRequest, Response
 from diktyo.testing.sidecar import SidecarHandle, start_sidecar, start_sidecar_process
-from diktyo.testing.snapshots import cluster_name, http_snapshot
+from diktyo.testing.snapshots import http_snapshot, outbound_cluster
 from diktyo.testing.wait import eventually, eventually_sync
 
 __all__ = [
@@ -15,12 +15,12 @@ __all__ = [
     "RecordedRequest",
     "Response",
     "SidecarHandle",
-    "cluster_name",
     "eventually",
     "eventually_sync",
     "free_port",
     "http_request",
     "http_snapshot",
+    "outbound_cluster",
     "start_sidecar",
     "start_sidecar_process",
 ]

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from diktyo.snapshot.codec import from_builtins
-from diktyo.snapshot.model import Snapshot
+from diktyo.snapshot.model import Snapshot, cluster_name
 
 
-def cluster_name(service: str, port: int = 80, subset: str = "") -> str:
-    return f"outbound|{port}|{subset}|{service}"
+def outbound_cluster(service: str, port: int = 80, subset: str = "") -> str:
+    """``snapshot.model.cluster_name`` with the argument order tests find handy."""
+    return cluster_name(port, subset, service)
 
 
 def http_snapshot(
@@ -34,7 +35,7 @@ def http_snapshot(
     cls: list[dict[str, Any]] = []
     vhs: list[dict[str, Any]] = []
     for name, eps in services.items():
-        cname = cluster_name(name, port)
+        cname = outbound_cluster(name, port)
         c: dict[str, Any] = {
             "name": cname,
             "service": name,

@@ -1,4 +1,4 @@
-"""PushTranslator (translate/cache.py) gives exactly what ``translate`` gives, for every proxy."""
+"""One generator shared across proxies (PushTranslator) gives what a fresh one (``translate``) gives."""
 
 from __future__ import annotations
 

@@ -599,7 +599,7 @@ spec:
 
 
 def test_shared_translation_equals_translate() -> None:
-    """The control plane's PushTranslator (per-view sharing) gives translate's snapshots."""
+    """One generator shared across proxies gives what a fresh one (translate) gives each."""
     from diktyo.control.translate.cache import PushTranslator
     from diktyo.snapshot import encode
 

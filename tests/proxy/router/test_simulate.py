@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from diktyo.proxy.router.simulate import format_text, simulate
-from diktyo.testing import cluster_name, http_snapshot
+from diktyo.testing import http_snapshot, outbound_cluster
 
-CL = cluster_name("reviews")
+CL = outbound_cluster("reviews")
 
 
 def snap():  # type: ignore[no-untyped-def]

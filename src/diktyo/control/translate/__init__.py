@@ -8,27 +8,11 @@ registry services and instances.
 from __future__ import annotations
 
 from diktyo.control.model import ProxyNode, PushContext
-from diktyo.control.translate.clusters import build_cluster, build_outbound_clusters
-from diktyo.control.translate.hosts import ConfigIndex
-from diktyo.control.translate.listeners import (
-    gateway_listeners,
-    inbound,
-    local_port_listeners,
-    outbound_listeners,
-)
+from diktyo.control.translate.cache import PushTranslator
 from diktyo.control.translate.registry import merge_registries, registry_from_service_entries
-from diktyo.control.translate.routes import (
-    RouteContext,
-    build_gateway_table,
-    build_outbound_table,
-    gateway_servers,
-)
-from diktyo.control.translate.scope import egress_scope
-from diktyo.control.translate.telemetry import build_telemetry
-from diktyo.security.translate import SECURITY_KINDS, build_security
-from diktyo.snapshot.model import Cluster, Snapshot
+from diktyo.snapshot.model import Snapshot
 
-__all__ = ["merge_registries", "registry_from_service_entries", "translate"]
+__all__ = ["PushTranslator", "merge_registries", "registry_from_service_entries", "translate"]
 
 
 def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
@@ -39,44 +23,8 @@ def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
     unknown gets an empty cluster (requests to it fail with 503, as in Istio). The security
     part (PeerAuthentication, AuthorizationPolicy, RequestAuthentication selecting this node)
     comes from ``diktyo.security.translate.build_security``.
+
+    This is the control plane's generator (``cache.PushTranslator``) with nothing shared: a
+    fresh generator per call, so there is one assembler, not a reference copy beside it.
     """
-    idx = ConfigIndex.build(push.resources, push.registry)
-    trust_domain = push.mesh.trust_domain or proxy.node.trust_domain
-    visible = egress_scope(idx, proxy.node)
-    ctx = RouteContext(idx=idx, proxy=proxy, visible=visible)
-
-    listeners = outbound_listeners(proxy)
-    local, tcp_targets = local_port_listeners(proxy, idx)
-    listeners += local
-    tables = [build_outbound_table(ctx)]
-    if proxy.node.mode == "gateway":
-        servers = gateway_servers(ctx)
-        listeners += gateway_listeners(proxy, list(servers))
-        for port in sorted(servers):
-            tables.append(build_gateway_table(ctx, port, servers[port]))
-    in_listeners, in_clusters = inbound(proxy, idx)
-    listeners += in_listeners
-
-    clusters: dict[str, Cluster] = build_outbound_clusters(idx, proxy, trust_domain, visible)
-    for host, port in tcp_targets:
-        ctx.needed.add((host, port, ""))
-    for host, port, subset in sorted(ctx.needed):
-        name = f"outbound|{port}|{subset}|{host}"
-        if name not in clusters:
-            clusters[name] = build_cluster(
-                idx, proxy, idx.service(host), host, port, subset, trust_domain
-            )
-    all_clusters = list(clusters.values()) + in_clusters
-    security_resources = [r for r in push.resources if getattr(r, "kind", "") in SECURITY_KINDS]
-    security = build_security(proxy.node, security_resources) if security_resources else None
-    telemetry = build_telemetry(push.resources, proxy.node, push.mesh)
-    return Snapshot(
-        version=push.version,
-        node=proxy.node,
-        listeners=tuple(listeners),
-        route_tables=tuple(tables),
-        clusters=tuple(all_clusters),
-        mesh=push.mesh,
-        **({"security": security} if security is not None else {}),
-        telemetry=telemetry,
-    )
+    return PushTranslator().build(proxy, push).snapshot

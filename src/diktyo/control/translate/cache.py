@@ -1,12 +1,17 @@
-"""Shared translation: ``translate`` for many proxies, computing per-view work once per push.
+"""The config generator: snapshots for many proxies, computing per-view work once per push.
+
+This is the only snapshot assembler (``translate(proxy, push)`` is a fresh ``PushTranslator``
+used once), with its caches inside it, as Istio's ``ConfigGenerator`` holds its cluster and
+route caches.
 
 Most of a sidecar's snapshot does not depend on the sidecar itself: the config index, the
 outbound route table and the outbound clusters depend only on the push and on the proxy's
 *view* of it (mode, namespace, labels, trust domain; labels and namespace decide the Sidecar
 scope and ``sourceLabels``/``sourceNamespace`` matches). ``PushTranslator`` computes those
 once per distinct view per push and builds only the per-proxy parts (listeners, node,
-inbound clusters, gateway tables, security) for each proxy. The result equals
-``translate(proxy, push)`` (tested, including a Hypothesis property).
+inbound clusters, gateway tables, security) for each proxy. Sharing never changes a result:
+one generator used for many proxies gives what a fresh one gives for each (tested, including
+a Hypothesis property).
 
 ``PushTranslator.build(proxy, push)`` also returns a *wire* twin of the snapshot whose shared
 parts are one-byte markers (``msgspec.Raw(b"\\0")``; a NUL byte never occurs in msgspec's
@@ -25,7 +30,7 @@ from typing import Any
 import msgspec
 
 from diktyo.control.model import ProxyNode, PushContext
-from diktyo.control.translate.clusters import build_cluster, build_outbound_clusters
+from diktyo.control.translate.clusters import build_cluster, build_outbound_clusters, cluster_name
 from diktyo.control.translate.hosts import ConfigIndex
 from diktyo.control.translate.listeners import (
     gateway_listeners,
@@ -159,7 +164,7 @@ class PushTranslator:
         )
         clusters = dict(outbound)
         for host, port, subset in sorted(view.needed):
-            name = f"outbound|{port}|{subset}|{host}"
+            name = cluster_name(port, subset, host)
             if name not in clusters:
                 clusters[name] = self._extra(state, view, proxy, host, port, subset, trust_domain)
         view.clusters = list(clusters.values())
@@ -217,7 +222,7 @@ class PushTranslator:
         else:
             clusters = dict(view.outbound)
             for host, port, subset in sorted(needed):
-                name = f"outbound|{port}|{subset}|{host}"
+                name = cluster_name(port, subset, host)
                 if name not in clusters:
                     clusters[name] = self._extra(
                         state, view, proxy, host, port, subset, trust_domain

@@ -23,11 +23,8 @@ from diktyo.snapshot.model import (
     LoadBalancer,
     OutlierDetection,
     TlsSettings,
+    cluster_name,
 )
-
-
-def cluster_name(port: int, subset: str, host: str) -> str:
-    return f"outbound|{port}|{subset}|{host}"
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diktyo.control.model import ProxyNode
 from diktyo.control.translate.hosts import ConfigIndex, is_http, protocol_of, resolve_host
-from diktyo.snapshot.model import Cluster, Endpoint, Listener
+from diktyo.snapshot.model import Cluster, Endpoint, Listener, cluster_name
 
 
 def outbound_listeners(proxy: ProxyNode) -> list[Listener]:
@@ -62,7 +62,7 @@ def local_port_listeners(
                     direction="tcp",
                     address=proxy.address,
                     port=listen_port,
-                    cluster=f"outbound|{port}||{host}",
+                    cluster=cluster_name(port, "", host),
                     service_port=port,
                 )
             )
