@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 
 from diktyo.control.model import ProxyNode, PushContext
-from diktyo.control.translate.clusters import build_cluster, build_outbound_clusters, cluster_name
+from diktyo.control.translate.clusters import build_cluster, build_outbound_clusters
 from diktyo.control.translate.hosts import ConfigIndex
 from diktyo.control.translate.listeners import (
     gateway_listeners,
@@ -47,7 +47,7 @@ from diktyo.control.translate.routes import (
 from diktyo.control.translate.scope import Visible, egress_scope
 from diktyo.control.translate.telemetry import build_telemetry
 from diktyo.security.translate import SECURITY_KINDS, build_security
-from diktyo.snapshot.model import Cluster, RouteTable, Snapshot
+from diktyo.snapshot.model import Cluster, RouteTable, Snapshot, cluster_name
 
 _encoder = msgspec.json.Encoder()
 MARK = msgspec.Raw(b"\0")  # where a shared fragment goes in the wire twin's encoding

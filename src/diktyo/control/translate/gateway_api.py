@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from diktyo.api.gateway_api import GATEWAY_API
 from diktyo.control.model import Service
-from diktyo.control.translate.clusters import cluster_name
 from diktyo.control.translate.hosts import DOMAIN_SUFFIX, ConfigIndex, host_matches
 from diktyo.snapshot.model import (
     DirectResponse,
@@ -54,6 +53,7 @@ from diktyo.snapshot.model import (
     StringMatch,
     VirtualHost,
     WeightedCluster,
+    cluster_name,
 )
 
 if TYPE_CHECKING:

@@ -19,7 +19,6 @@ import msgspec
 
 from diktyo.control.model import ProxyNode, Service
 from diktyo.control.translate import gateway_api
-from diktyo.control.translate.clusters import cluster_name
 from diktyo.control.translate.delegation import find_delegate, merge_route, resolve_destinations
 from diktyo.control.translate.hosts import (
     ConfigIndex,
@@ -49,6 +48,7 @@ from diktyo.snapshot.model import (
     StringMatch,
     VirtualHost,
     WeightedCluster,
+    cluster_name,
 )
 
 MESH = "mesh"
