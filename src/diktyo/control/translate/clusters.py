@@ -15,6 +15,7 @@ from typing import Any
 
 from diktyo.control.model import ProxyNode, Service, WorkloadInstance
 from diktyo.control.translate.hosts import ConfigIndex, protocol_of, selector_matches
+from diktyo.security.spiffe import SpiffeId
 from diktyo.snapshot.model import (
     Cluster,
     ConnectionPool,
@@ -164,7 +165,7 @@ def endpoints(
         if not selector_matches(labels, inst.labels):
             continue
         principal = (
-            f"spiffe://{trust_domain}/ns/{inst.namespace}/sa/{inst.service_account}"
+            SpiffeId(trust_domain, inst.namespace, inst.service_account).uri
             if inst.has_sidecar
             else ""
         )
