@@ -93,9 +93,8 @@ def test_markdown_has_every_section() -> None:
         failures={},
         targets=list(result["runs"]),
         scenarios={"sat-c50-small": {"kind": "wrk"}, "rate-1000": {"kind": "paced"}},
-        machine={
-            k: "x"
-            for k in (
+        machine=dict.fromkeys(
+            (
                 "cpu",
                 "cores",
                 "kernel",
@@ -107,8 +106,9 @@ def test_markdown_has_every_section() -> None:
                 "nginx",
                 "haproxy",
                 "wrk",
-            )
-        }
+            ),
+            "x",
+        )
         | {"loadavg_start": ["1", "1", "1"], "loadavg_end": ["1", "1", "1"]},
     )
     result["summary"] = report.summarise(result)
