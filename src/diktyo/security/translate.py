@@ -1,8 +1,8 @@
 """Translate Istio's security kinds into one workload's ``SecurityConfig`` (pure).
 
 ``build_security(node, resources)`` takes ``diktyo.api`` resources (``.kind``, ``.name``,
-``.namespace``, ``.spec`` as a pydantic model with Istio's camelCase aliases, or a plain dict)
-and applies Istio's selection rules:
+``.namespace``, ``.spec`` as the kind's typed model from ``diktyo.api.security``; a plain dict
+spec is validated into that model first) and applies Istio's selection rules:
 
 - **PeerAuthentication**: a policy without selector in the root namespace is mesh-wide, in the
   workload's namespace namespace-wide; a policy with a selector matching the workload's labels
@@ -18,8 +18,10 @@ and applies Istio's selection rules:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
+from diktyo.api import security as api
+from diktyo.api.base import LabelSelector
 from diktyo.snapshot.model import Node
 from diktyo.snapshot.security import (
     AuthzPolicy,
@@ -40,15 +42,22 @@ ROOT_NAMESPACE = "istio-system"
 SECURITY_KINDS = frozenset({"PeerAuthentication", "AuthorizationPolicy", "RequestAuthentication"})
 
 
-def _spec(res: Any) -> dict[str, Any]:
+_MODELS: dict[str, type[Any]] = {
+    "PeerAuthentication": api.PeerAuthentication,
+    "AuthorizationPolicy": api.AuthorizationPolicy,
+    "RequestAuthentication": api.RequestAuthentication,
+}
+
+
+def _spec(res: Any, kind: str) -> Any:
+    """The typed spec of ``res`` (a plain dict spec is validated into the kind's model)."""
     spec = getattr(res, "spec", None)
     if spec is None and isinstance(res, Mapping):
         spec = res.get("spec")
-    if spec is None:
-        return {}
-    if hasattr(spec, "model_dump"):
-        return cast(dict[str, Any], spec.model_dump(by_alias=True, exclude_none=True))
-    return dict(spec)
+    model = _MODELS[kind]
+    if isinstance(spec, model):
+        return spec
+    return model.model_validate(spec or {})
 
 
 def _attr(res: Any, name: str, default: str = "") -> str:
@@ -59,28 +68,24 @@ def _attr(res: Any, name: str, default: str = "") -> str:
     return str(getattr(res, name, default) or default)
 
 
-def _selector(spec: Mapping[str, Any]) -> dict[str, str] | None:
-    sel = spec.get("selector")
-    if sel is None:
-        return None
-    return dict(sel.get("matchLabels") or {})
+def _selector(spec: Any) -> dict[str, str] | None:
+    sel: LabelSelector | None = spec.selector
+    return None if sel is None else dict(sel.match_labels)
 
 
 def _matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def _has_target_ref(spec: Mapping[str, Any]) -> bool:
-    return bool(spec.get("targetRef") or spec.get("targetRefs"))
-
-
 def _t(values: Iterable[Any] | None) -> tuple[str, ...]:
     return tuple(str(v) for v in values or ())
 
 
-def _applies(spec: Mapping[str, Any], ns: str, node: Node, root: str) -> bool:
-    if _has_target_ref(spec):
-        return False
+def _applies(
+    spec: api.AuthorizationPolicy | api.RequestAuthentication, ns: str, node: Node, root: str
+) -> bool:
+    if spec.target_ref is not None or spec.target_refs:
+        return False  # attached to gateways / waypoints, not sidecars
     if ns != node.namespace and ns != root:
         return False
     sel = _selector(spec)
@@ -90,11 +95,11 @@ def _applies(spec: Mapping[str, Any], ns: str, node: Node, root: str) -> bool:
 # --------------------------------------------------------------------------- peer authentication
 
 
-def _mode(m: Any) -> MtlsMode | None:
-    mode = (m or {}).get("mode") if isinstance(m, Mapping) else None
-    if mode in ("PERMISSIVE", "STRICT", "DISABLE"):
-        return cast(MtlsMode, mode)
-    return None  # UNSET / missing: inherit
+def _mode(m: api.MutualTLS | None) -> MtlsMode | None:
+    mode = None if m is None else m.mode
+    if mode is None or mode == "UNSET":
+        return None  # inherit
+    return mode
 
 
 def build_peer_authn(node: Node, resources: Iterable[Any], root: str = ROOT_NAMESPACE) -> PeerAuthn:
@@ -102,7 +107,7 @@ def build_peer_authn(node: Node, resources: Iterable[Any], root: str = ROOT_NAME
     for res in resources:
         if _attr(res, "kind") != "PeerAuthentication":
             continue
-        spec = _spec(res)
+        spec: api.PeerAuthentication = _spec(res, "PeerAuthentication")
         ns = _attr(res, "namespace", "default")
         sel = _selector(spec)
         entry = (f"{ns}/{_attr(res, 'name')}", spec)
@@ -116,12 +121,12 @@ def build_peer_authn(node: Node, resources: Iterable[Any], root: str = ROOT_NAME
     mode: MtlsMode = "PERMISSIVE"
     source = ""
     for level in (mesh, namespace, workload):
-        if level is not None and (m := _mode(level[1].get("mtls"))) is not None:
+        if level is not None and (m := _mode(level[1].mtls)) is not None:
             mode, source = m, level[0]
     ports: dict[int, MtlsMode] = {}
     if workload is not None:
-        for port, m in (workload[1].get("portLevelMtls") or {}).items():
-            pm = _mode(m)
+        for port, pm_spec in workload[1].port_level_mtls.items():
+            pm = _mode(pm_spec)
             try:
                 ports[int(port)] = pm or mode
             except (TypeError, ValueError):
@@ -132,47 +137,44 @@ def build_peer_authn(node: Node, resources: Iterable[Any], root: str = ROOT_NAME
 # --------------------------------------------------------------------------- authorization
 
 
-def _source(s: Mapping[str, Any]) -> Source:
+def _source(s: api.Source) -> Source:
     return Source(
-        principals=_t(s.get("principals")),
-        not_principals=_t(s.get("notPrincipals")),
-        request_principals=_t(s.get("requestPrincipals")),
-        not_request_principals=_t(s.get("notRequestPrincipals")),
-        namespaces=_t(s.get("namespaces")),
-        not_namespaces=_t(s.get("notNamespaces")),
-        service_accounts=_t(s.get("serviceAccounts")),
-        not_service_accounts=_t(s.get("notServiceAccounts")),
-        trust_domains=_t(s.get("trustDomains")),
-        not_trust_domains=_t(s.get("notTrustDomains")),
-        ip_blocks=_t(s.get("ipBlocks")),
-        not_ip_blocks=_t(s.get("notIpBlocks")),
-        remote_ip_blocks=_t(s.get("remoteIpBlocks")),
-        not_remote_ip_blocks=_t(s.get("notRemoteIpBlocks")),
+        principals=_t(s.principals),
+        not_principals=_t(s.not_principals),
+        request_principals=_t(s.request_principals),
+        not_request_principals=_t(s.not_request_principals),
+        namespaces=_t(s.namespaces),
+        not_namespaces=_t(s.not_namespaces),
+        service_accounts=_t(s.service_accounts),
+        not_service_accounts=_t(s.not_service_accounts),
+        trust_domains=_t(s.trust_domains),
+        not_trust_domains=_t(s.not_trust_domains),
+        ip_blocks=_t(s.ip_blocks),
+        not_ip_blocks=_t(s.not_ip_blocks),
+        remote_ip_blocks=_t(s.remote_ip_blocks),
+        not_remote_ip_blocks=_t(s.not_remote_ip_blocks),
     )
 
 
-def _operation(o: Mapping[str, Any]) -> Operation:
+def _operation(o: api.Operation) -> Operation:
     return Operation(
-        hosts=_t(o.get("hosts")),
-        not_hosts=_t(o.get("notHosts")),
-        ports=_t(o.get("ports")),
-        not_ports=_t(o.get("notPorts")),
-        methods=_t(o.get("methods")),
-        not_methods=_t(o.get("notMethods")),
-        paths=_t(o.get("paths")),
-        not_paths=_t(o.get("notPaths")),
+        hosts=_t(o.hosts),
+        not_hosts=_t(o.not_hosts),
+        ports=_t(o.ports),
+        not_ports=_t(o.not_ports),
+        methods=_t(o.methods),
+        not_methods=_t(o.not_methods),
+        paths=_t(o.paths),
+        not_paths=_t(o.not_paths),
     )
 
 
-def _rule(r: Mapping[str, Any]) -> AuthzRule:
+def _rule(r: api.Rule) -> AuthzRule:
     return AuthzRule(
-        sources=tuple(_source(f.get("source") or {}) for f in r.get("from") or ()),
-        operations=tuple(_operation(t.get("operation") or {}) for t in r.get("to") or ()),
+        sources=tuple(_source(f.source or api.Source()) for f in r.from_),
+        operations=tuple(_operation(t.operation or api.Operation()) for t in r.to),
         conditions=tuple(
-            Condition(
-                key=str(c["key"]), values=_t(c.get("values")), not_values=_t(c.get("notValues"))
-            )
-            for c in r.get("when") or ()
+            Condition(key=c.key, values=_t(c.values), not_values=_t(c.not_values)) for c in r.when
         ),
     )
 
@@ -184,18 +186,17 @@ def build_authz(
     for res in resources:
         if _attr(res, "kind") != "AuthorizationPolicy":
             continue
-        spec = _spec(res)
+        spec: api.AuthorizationPolicy = _spec(res, "AuthorizationPolicy")
         ns = _attr(res, "namespace", "default")
         if not _applies(spec, ns, node, root):
             continue
-        provider = spec.get("provider") or {}
         out.append(
             AuthzPolicy(
                 name=_attr(res, "name"),
                 namespace=ns,
-                action=spec.get("action") or "ALLOW",
-                rules=tuple(_rule(r) for r in spec.get("rules") or ()),
-                provider=str(provider.get("name") or ""),
+                action=spec.action or "ALLOW",
+                rules=tuple(_rule(r) for r in spec.rules),
+                provider=(spec.provider.name or "") if spec.provider is not None else "",
             )
         )
     return tuple(out)
@@ -204,35 +205,23 @@ def build_authz(
 # --------------------------------------------------------------------------- request authentication
 
 
-def _seconds(v: Any) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    from diktyo.api.duration import parse_duration
-
-    return parse_duration(str(v))
-
-
-def _jwt_rule(r: Mapping[str, Any], source: str) -> JwtRule:
+def _jwt_rule(r: api.JWTRule, source: str) -> JwtRule:
     return JwtRule(
-        issuer=str(r.get("issuer") or ""),
-        audiences=_t(r.get("audiences")),
-        jwks=str(r.get("jwks") or ""),
-        jwks_uri=str(r.get("jwksUri") or r.get("jwks_uri") or ""),
+        issuer=r.issuer or "",
+        audiences=_t(r.audiences),
+        jwks=r.jwks or "",
+        jwks_uri=r.jwks_uri or r.jwks_uri_legacy or "",
         from_headers=tuple(
-            JwtHeader(name=str(h["name"]).lower(), prefix=str(h.get("prefix") or ""))
-            for h in r.get("fromHeaders") or ()
+            JwtHeader(name=h.name.lower(), prefix=h.prefix or "") for h in r.from_headers
         ),
-        from_params=_t(r.get("fromParams")),
-        from_cookies=_t(r.get("fromCookies")),
-        forward_original_token=bool(r.get("forwardOriginalToken") or False),
-        output_payload_to_header=str(r.get("outputPayloadToHeader") or ""),
+        from_params=_t(r.from_params),
+        from_cookies=_t(r.from_cookies),
+        forward_original_token=bool(r.forward_original_token),
+        output_payload_to_header=r.output_payload_to_header or "",
         output_claim_to_headers=tuple(
-            ClaimToHeader(header=str(c["header"]), claim=str(c["claim"]))
-            for c in r.get("outputClaimToHeaders") or ()
+            ClaimToHeader(header=c.header, claim=c.claim) for c in r.output_claim_to_headers
         ),
-        timeout=_seconds(r.get("timeout")),
+        timeout=r.timeout,
         source=source,
     )
 
@@ -244,12 +233,12 @@ def build_jwt_rules(
     for res in resources:
         if _attr(res, "kind") != "RequestAuthentication":
             continue
-        spec = _spec(res)
+        spec: api.RequestAuthentication = _spec(res, "RequestAuthentication")
         ns = _attr(res, "namespace", "default")
         if not _applies(spec, ns, node, root):
             continue
         src = f"{ns}/{_attr(res, 'name')}"
-        out.extend(_jwt_rule(r, src) for r in spec.get("jwtRules") or ())
+        out.extend(_jwt_rule(r, src) for r in spec.jwt_rules)
     return tuple(out)
 
 
