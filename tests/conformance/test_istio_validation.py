@@ -8,6 +8,7 @@ part must load cleanly (so the error comes from that rule and nothing else).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ CRDS = (
 )
 
 
+@functools.cache
 def _rules() -> dict[str, set[str]]:
-    """kind -> the messages of its CEL validation rules."""
+    """kind -> the messages of its CEL validation rules (the CRD file is parsed once)."""
     out: dict[str, set[str]] = {}
 
     def walk(node: Any, kind: str) -> None:
