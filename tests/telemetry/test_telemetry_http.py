@@ -10,11 +10,11 @@ import pytest
 from aiohttp import web
 
 from diktyo.core.clock import ManualClock, make_random
+from diktyo.proxy.stats import Stats
 from diktyo.telemetry.exposition import CONTENT_TYPE, render
 from diktyo.telemetry.http import setup_routes
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
 from diktyo.telemetry.otlp import OtlpExporter
-from diktyo.telemetry.registry import proxy_registry
 from diktyo.telemetry.scrape import Scraper
 from diktyo.telemetry.store import MetricStore, TraceStore
 from diktyo.telemetry.tracing import Sampler, start_span
@@ -91,11 +91,11 @@ async def test_scraper_fills_graph_and_series(api: tuple) -> None:
     rv = WorkloadInfo.from_labels("reviews-v3", "default", {"app": "reviews", "version": "v3"})
     key = m.peer(PeerLabels.build("destination", pp, rv, "reviews.default.svc.cluster.local"))
 
-    reg, fams = proxy_registry()
-    fams["pending_overflow"].labels("inbound|9080||").inc(2)
+    proxy_stats = Stats()
+    proxy_stats.inc_cluster("inbound|9080||", "upstream_rq_pending_overflow", 2)
 
     async def stats(_: web.Request) -> web.Response:
-        return web.Response(text=render(m, reg), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(text=render(m, proxy_stats), headers={"Content-Type": CONTENT_TYPE})
 
     sidecar = web.Application()
     sidecar.router.add_get("/stats/prometheus", stats)

@@ -3,7 +3,7 @@
 Modules (import the one you need; nothing is re-exported so the sidecar loads only its part):
 
 - ``istio_metrics``  ``IstioMetrics`` (hot path ``record``), ``PeerLabels``, ``WorkloadInfo``
-- ``registry``       ``Registry``, ``proxy_registry()`` with Envoy-named cluster stats
+- ``stats``          every exported stat declared once (Envoy-style stats lists), ``collect``
 - ``exposition``     ``render(*collectors)``, ``CONTENT_TYPE`` for ``/stats/prometheus``
 - ``tracing``        ``extract``, ``start_span``, ``inject``, ``Sampler``, ``Span``
 - ``tracer``         ``Tracer``: Istio span names/attributes, export of sampled spans

@@ -27,7 +27,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
-from diktyo.telemetry.exposition import format_bound, format_value, header, histogram_lines
+from diktyo.telemetry.exposition import (
+    escape_label_value,
+    format_bound,
+    format_value,
+    histogram_lines,
+)
+from diktyo.telemetry.stats import ISTIO_NAMES, istio_header
 
 # Envoy's default histogram buckets (Istio's defaults for duration and size histograms).
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -37,14 +43,15 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 DURATION_BUCKETS_MS = DEFAULT_BUCKETS
 BYTES_BUCKETS = DEFAULT_BUCKETS
 
-REQUESTS_TOTAL = "istio_requests_total"
-REQUEST_DURATION = "istio_request_duration_milliseconds"
-REQUEST_BYTES = "istio_request_bytes"
-RESPONSE_BYTES = "istio_response_bytes"
-TCP_SENT = "istio_tcp_sent_bytes_total"
-TCP_RECEIVED = "istio_tcp_received_bytes_total"
-TCP_OPENED = "istio_tcp_connections_opened_total"
-TCP_CLOSED = "istio_tcp_connections_closed_total"
+# names, types and HELP are declared once, in ``diktyo.telemetry.stats.ISTIO_STATS``
+REQUESTS_TOTAL = ISTIO_NAMES["REQUEST_COUNT"]
+REQUEST_DURATION = ISTIO_NAMES["REQUEST_DURATION"]
+REQUEST_BYTES = ISTIO_NAMES["REQUEST_SIZE"]
+RESPONSE_BYTES = ISTIO_NAMES["RESPONSE_SIZE"]
+TCP_SENT = ISTIO_NAMES["TCP_SENT_BYTES"]
+TCP_RECEIVED = ISTIO_NAMES["TCP_RECEIVED_BYTES"]
+TCP_OPENED = ISTIO_NAMES["TCP_OPENED_CONNECTIONS"]
+TCP_CLOSED = ISTIO_NAMES["TCP_CLOSED_CONNECTIONS"]
 
 # Istio's full label set, in Istio's order.
 LABEL_NAMES: tuple[str, ...] = (
@@ -240,10 +247,7 @@ class PeerLabels:
         )
 
 
-def _esc(v: str) -> str:
-    if "\\" in v or '"' in v or "\n" in v:
-        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return v
+_esc = escape_label_value  # the one escaping function (exposition format 0.0.4)
 
 
 class PeerKey:
@@ -281,6 +285,15 @@ class RecordFn(Protocol):
         grpc_status: str = "",
     ) -> None: ...
 
+
+_HTTP_METRICS = ("REQUEST_COUNT", "REQUEST_DURATION", "REQUEST_SIZE", "RESPONSE_SIZE")
+# (Telemetry API metric, index in a TCP series [opened, closed, sent, received]), in output order
+_TCP_FIELDS = (
+    ("TCP_SENT_BYTES", 2),
+    ("TCP_RECEIVED_BYTES", 3),
+    ("TCP_OPENED_CONNECTIONS", 0),
+    ("TCP_CLOSED_CONNECTIONS", 1),
+)
 
 # layout of one HTTP series list: [count, dur_sum, req_sum, resp_sum, dur buckets.., req.., resp..]
 _COUNT, _DUR_SUM, _REQ_SUM, _RESP_SUM, _HEAD = 0, 1, 2, 3, 4
@@ -420,21 +433,21 @@ class IstioMetrics:
         dur_text = tuple(format_bound(b) for b in self._dur_bounds)
         byte_text = tuple(format_bound(b) for b in self._byte_bounds)
         if series:
-            header(out, REQUESTS_TOTAL, "counter", "Requests handled by an Istio proxy.")
+            istio_header(out, "REQUEST_COUNT")
             for labels, s in series:
                 out.append(f"{REQUESTS_TOTAL}{{{labels}}} {int(s[_COUNT])}\n")
-            header(out, REQUEST_DURATION, "histogram", "Duration of requests in milliseconds.")
+            istio_header(out, "REQUEST_DURATION")
             for labels, s in series:
                 histogram_lines(
                     out, REQUEST_DURATION, labels, dur_text, s, _HEAD, s[_DUR_SUM], int(s[_COUNT])
                 )
-            header(out, REQUEST_BYTES, "histogram", "HTTP request body sizes in bytes.")
+            istio_header(out, "REQUEST_SIZE")
             for labels, s in series:
                 histogram_lines(
                     out, REQUEST_BYTES, labels, byte_text, s, self._req_off, s[_REQ_SUM],
                     int(s[_COUNT]),
                 )  # fmt: skip
-            header(out, RESPONSE_BYTES, "histogram", "HTTP response body sizes in bytes.")
+            istio_header(out, "RESPONSE_SIZE")
             for labels, s in series:
                 histogram_lines(
                     out, RESPONSE_BYTES, labels, byte_text, s, self._resp_off, s[_RESP_SUM],
@@ -447,13 +460,9 @@ class IstioMetrics:
                     self._tcp.items(), key=lambda kv: (kv[0][0].index, kv[0][1])
                 )
             ]
-            for name, idx, text in (
-                (TCP_SENT, 2, "Bytes sent during response in case of a TCP connection."),
-                (TCP_RECEIVED, 3, "Bytes received during request in case of a TCP connection."),
-                (TCP_OPENED, 0, "TCP connections opened."),
-                (TCP_CLOSED, 1, "TCP connections closed."),
-            ):
-                header(out, name, "counter", text)
+            for metric, idx in _TCP_FIELDS:
+                name = ISTIO_NAMES[metric]
+                istio_header(out, metric)
                 for labels, t in tcp:
                     out.append(f"{name}{{{labels}}} {format_value(t[idx])}\n")
 
@@ -461,17 +470,11 @@ class IstioMetrics:
         """``collect`` with the Telemetry API's metric overrides: a family disabled for a
         reporter loses those series; removed tags go (series that become equal are summed),
         upserted tags get their value."""
-        http = [
-            (REQUESTS_TOTAL, "REQUEST_COUNT", "counter", "Requests handled by an Istio proxy."),
-            (REQUEST_DURATION, "REQUEST_DURATION", "histogram",
-             "Duration of requests in milliseconds."),
-            (REQUEST_BYTES, "REQUEST_SIZE", "histogram", "HTTP request body sizes in bytes."),
-            (RESPONSE_BYTES, "RESPONSE_SIZE", "histogram", "HTTP response body sizes in bytes."),
-        ]  # fmt: skip
         ordered = sorted(self._series(), key=lambda t: (t[0].index, t[1], t[2], t[3]))
         dur_text = tuple(format_bound(b) for b in self._dur_bounds)
         byte_text = tuple(format_bound(b) for b in self._byte_bounds)
-        for name, metric, kind, text in http:
+        for metric in _HTTP_METRICS:
+            name = ISTIO_NAMES[metric]
             merged: dict[str, list[float]] = {}
             for p, code, f, g, s in ordered:
                 values = _label_values(p.labels, str(code), g, f)
@@ -484,7 +487,7 @@ class IstioMetrics:
                 )
             if not merged:
                 continue
-            header(out, name, kind, text)
+            istio_header(out, metric)
             for labels, s in merged.items():
                 if metric == "REQUEST_COUNT":
                     out.append(f"{name}{{{labels}}} {int(s[_COUNT])}\n")
@@ -502,13 +505,8 @@ class IstioMetrics:
                         int(s[_COUNT]),
                     )  # fmt: skip
         tcp_items = sorted(self._tcp.items(), key=lambda kv: (kv[0][0].index, kv[0][1]))
-        for name, metric, idx, text in (
-            (TCP_SENT, "TCP_SENT_BYTES", 2, "Bytes sent during response in case of a TCP connection."),
-            (TCP_RECEIVED, "TCP_RECEIVED_BYTES", 3,
-             "Bytes received during request in case of a TCP connection."),
-            (TCP_OPENED, "TCP_OPENED_CONNECTIONS", 0, "TCP connections opened."),
-            (TCP_CLOSED, "TCP_CLOSED_CONNECTIONS", 1, "TCP connections closed."),
-        ):  # fmt: skip
+        for metric, idx in _TCP_FIELDS:
+            name = ISTIO_NAMES[metric]
             totals: dict[str, int] = {}
             for (p, f), t in tcp_items:
                 values = _label_values(p.labels, None, None, f)
@@ -516,7 +514,7 @@ class IstioMetrics:
                 if labels is not None:
                     totals[labels] = totals.get(labels, 0) + t[idx]
             if totals:
-                header(out, name, "counter", text)
+                istio_header(out, metric)
                 for labels, v in totals.items():
                     out.append(f"{name}{{{labels}}} {format_value(v)}\n")
 
