@@ -28,6 +28,7 @@ from diktyo.telemetry.prometheus_source import (
     PrometheusError,
     PrometheusSource,
     fold_graph,
+    graph_queries,
     promql_string,
     selector,
     series_queries,
@@ -290,3 +291,37 @@ def test_control_plane_reads_prometheus_from_env(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("DIKTYO_PROMETHEUS")
     cp = ControlPlane(prometheus_url=None)
     assert cp.metric_source is cp.metrics
+
+
+async def test_a_slow_prometheus_does_not_block_the_event_loop() -> None:
+    """Regression: queries were blocking urllib calls made on the control plane's loop."""
+    release = asyncio.Event()
+    asked = 0
+
+    async def query(_: web.Request) -> web.Response:
+        nonlocal asked
+        asked += 1
+        await release.wait()
+        return web.json_response({"status": "success", "data": {"result": []}})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/query", query)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        src = PrometheusSource(f"http://127.0.0.1:{port}", timeout=30, cache_ttl=0.0)
+        pending = asyncio.ensure_future(src.graph(60))
+        # while Prometheus holds every query, the loop keeps running other work: here it
+        # serves all the graph's queries at once (they are concurrent, not one by one)
+        deadline = time.monotonic() + 20
+        while asked < len(graph_queries(60)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert asked == len(graph_queries(60)) and not pending.done()
+        release.set()
+        graph = await asyncio.wait_for(pending, 20)
+        assert graph["edges"] == [] and src.failures == 0
+    finally:
+        await runner.cleanup()
