@@ -366,10 +366,12 @@ class PrometheusSource:
     ) -> dict[str, list[dict[str, Any]]]:
         """Run the queries concurrently; the first failure fails the whole answer."""
         results = await asyncio.gather(*calls.values(), return_exceptions=True)
-        for r in results:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name, r in zip(calls, results, strict=True):
             if isinstance(r, BaseException):
                 raise r
-        return dict(zip(calls, results, strict=True))  # type: ignore[arg-type]
+            out[name] = r
+        return out
 
     def _at(self, now: float | None) -> float:
         if now is not None:
