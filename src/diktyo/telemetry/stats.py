@@ -130,6 +130,7 @@ SERVER_STATS = StatsList("envoy_http_", (), (
     Stat("downstream_cx_total", COUNTER, "Downstream connections accepted.", always=True),
     Stat("downstream_rq_total", COUNTER, "Downstream requests (including malformed ones).",
          always=True),
+    Stat("downstream_cx_http2_total", COUNTER, "Downstream HTTP/2 connections accepted."),
     Stat("downstream_rq_400", COUNTER, "Malformed requests answered 400 by the codec."),
     Stat("downstream_rq_426", COUNTER, "HTTP/1.0 requests refused with 426 (accept_http_10 off)."),
     Stat("downstream_rq_431", COUNTER, "Requests refused with 431: request headers too large."),
@@ -139,6 +140,8 @@ SERVER_STATS = StatsList("envoy_http_", (), (
          "Requests answered 408 because their headers did not arrive in time."),
     Stat("downstream_rq_internal_error", COUNTER,
          "Requests answered 500 because of a bug in the proxy (logged with a traceback)."),
+    Stat("downstream_cx_rbac_denied", COUNTER,
+         "Inbound TCP connections denied by an AuthorizationPolicy."),
     Stat("downstream_cx_refused_peer_authn", COUNTER,
          "Inbound connections refused by PeerAuthentication (STRICT mTLS, no client certificate)."),
     Stat("rbac_denied", COUNTER, "Inbound requests denied by an AuthorizationPolicy (403)."),
@@ -152,7 +155,10 @@ SERVER_STATS = StatsList("envoy_http_", (), (
 
 CLUSTER_STATS = StatsList("envoy_cluster_", ("cluster_name",), (
     Stat("upstream_cx_total", COUNTER, "Upstream connections opened."),
+    Stat("upstream_cx_http2_total", COUNTER, "Upstream HTTP/2 connections opened."),
     Stat("upstream_cx_connect_fail", COUNTER, "Upstream connection attempts that failed."),
+    Stat("upstream_cx_protocol_error", COUNTER,
+         "Upstream connections closed because the upstream broke the HTTP/2 protocol."),
     Stat("upstream_cx_connect_timeout", COUNTER, "Upstream connection attempts that timed out."),
     Stat("upstream_cx_destroy", COUNTER, "Upstream connections closed."),
     Stat("upstream_cx_overflow", COUNTER,
