@@ -19,8 +19,9 @@ from diktyo.telemetry import stats as stats_mod
 from diktyo.telemetry.istio_metrics import PeerLabels
 from diktyo.telemetry.stats import (
     CLUSTER_STATS,
+    ISTIO_HTTP_STATS,
     ISTIO_NAMES,
-    ISTIO_STATS,
+    ISTIO_TCP_STATS,
     PROXY_STATS,
     SERVER_STATS,
 )
@@ -68,8 +69,8 @@ def test_every_declared_stat_is_exported_with_its_type() -> None:
             name = slist.name(st.key)
             assert types.get(name) == st.kind, name
             assert samples.get(name), f"{name} declared but not exported"
-    for st in ISTIO_STATS.stats:
-        name = ISTIO_NAMES[st.key]
+    for st in (*ISTIO_HTTP_STATS.stats, *ISTIO_TCP_STATS.stats):
+        name = ISTIO_NAMES[st.api]
         assert types.get(name) == st.kind, name
         assert samples.get(name), name
     # nothing exported that is not declared

@@ -9,9 +9,11 @@ type or HELP text is written down:
 - :data:`SERVER_STATS`  ``envoy_http_*`` (the HTTP connection manager and the listeners)
 - :data:`CLUSTER_STATS` ``envoy_cluster_*{cluster_name=...}`` (pools, retries, kernels)
 - :data:`PROXY_STATS`   ``diktyo_proxy_*`` (snapshots applied / rejected)
-- :data:`ISTIO_STATS`   Istio's standard metrics, keyed by the Telemetry API's metric names
-  (``REQUEST_COUNT``...); their series live in ``istio_metrics.IstioMetrics`` because each
-  one is a row of histogram buckets, but name, type and HELP come from here.
+- :data:`ISTIO_HTTP_STATS` ``istio_request*`` (Istio's HTTP metrics); their series live in
+  ``istio_metrics.IstioMetrics`` as rows of a count, sums and histogram buckets (a histogram is
+  not a counter), but name, type and HELP come from here
+- :data:`ISTIO_TCP_STATS` ``istio_tcp_*`` (Istio's TCP metrics), blocks like the others, one
+  per (peer, response flags)
 
 One counting mechanism: a scope's values are a *block*, a plain ``dict`` from key to number
 made by :meth:`StatsList.block` with every declared counter present at 0. The hot path is
@@ -43,6 +45,7 @@ class Stat:
     kind: str
     help: str
     always: bool = False  # shown at 0 too (otherwise a counter appears once it has counted)
+    api: str = ""  # Istio's Telemetry API metric name (MetricSelector), for Istio's metrics
 
 
 class StatsList:
@@ -203,35 +206,73 @@ PROXY_STATS = StatsList("diktyo_proxy_", (), (
     Stat("config_rejected_total", COUNTER, "Snapshots rejected (NACK)."),
 ))  # fmt: skip
 
-# Istio's standard metrics; keys are the Telemetry API's metric names (MetricSelector).
-ISTIO_STATS = StatsList("istio_", (), (
-    Stat("REQUEST_COUNT", COUNTER, "Requests handled by an Istio proxy."),
-    Stat("REQUEST_DURATION", HISTOGRAM, "Duration of requests in milliseconds."),
-    Stat("REQUEST_SIZE", HISTOGRAM, "HTTP request body sizes in bytes."),
-    Stat("RESPONSE_SIZE", HISTOGRAM, "HTTP response body sizes in bytes."),
-    Stat("TCP_SENT_BYTES", COUNTER, "Bytes sent during response in case of a TCP connection."),
-    Stat("TCP_RECEIVED_BYTES", COUNTER,
-         "Bytes received during request in case of a TCP connection."),
-    Stat("TCP_OPENED_CONNECTIONS", COUNTER, "TCP connections opened."),
-    Stat("TCP_CLOSED_CONNECTIONS", COUNTER, "TCP connections closed."),
+# Istio's full label set, in Istio's order.
+LABEL_NAMES: tuple[str, ...] = (
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+)
+PER_REQUEST_LABELS = ("response_code", "grpc_response_status", "response_flags")
+UNKNOWN = "unknown"
+
+# Istio's standard metrics (``api``: the Telemetry API's metric name, for metric overrides)
+ISTIO_HTTP_STATS = StatsList("istio_", LABEL_NAMES, (
+    Stat("requests_total", COUNTER, "Requests handled by an Istio proxy.", api="REQUEST_COUNT"),
+    Stat("request_duration_milliseconds", HISTOGRAM, "Duration of requests in milliseconds.",
+         api="REQUEST_DURATION"),
+    Stat("request_bytes", HISTOGRAM, "HTTP request body sizes in bytes.", api="REQUEST_SIZE"),
+    Stat("response_bytes", HISTOGRAM, "HTTP response body sizes in bytes.", api="RESPONSE_SIZE"),
 ))  # fmt: skip
 
-# Istio's exposition names are not prefix + key: the Telemetry API name maps to them.
+# label names of a TCP series: Istio's, without the HTTP-only response_code and grpc status
+_TCP_LABELS = tuple(n for n in LABEL_NAMES if n not in ("response_code", "grpc_response_status"))
+
+ISTIO_TCP_STATS = StatsList("istio_tcp_", _TCP_LABELS, (
+    Stat("sent_bytes_total", COUNTER, "Bytes sent during response in case of a TCP connection.",
+         always=True, api="TCP_SENT_BYTES"),
+    Stat("received_bytes_total", COUNTER,
+         "Bytes received during request in case of a TCP connection.",
+         always=True, api="TCP_RECEIVED_BYTES"),
+    Stat("connections_opened_total", COUNTER, "TCP connections opened.",
+         always=True, api="TCP_OPENED_CONNECTIONS"),
+    Stat("connections_closed_total", COUNTER, "TCP connections closed.",
+         always=True, api="TCP_CLOSED_CONNECTIONS"),
+))  # fmt: skip
+
+# Telemetry API metric name -> exposition name
 ISTIO_NAMES: dict[str, str] = {
-    "REQUEST_COUNT": "istio_requests_total",
-    "REQUEST_DURATION": "istio_request_duration_milliseconds",
-    "REQUEST_SIZE": "istio_request_bytes",
-    "RESPONSE_SIZE": "istio_response_bytes",
-    "TCP_SENT_BYTES": "istio_tcp_sent_bytes_total",
-    "TCP_RECEIVED_BYTES": "istio_tcp_received_bytes_total",
-    "TCP_OPENED_CONNECTIONS": "istio_tcp_connections_opened_total",
-    "TCP_CLOSED_CONNECTIONS": "istio_tcp_connections_closed_total",
+    st.api: sl.name(st.key) for sl in (ISTIO_HTTP_STATS, ISTIO_TCP_STATS) for st in sl.stats
 }
+_ISTIO_BY_API = {st.api: (sl, st) for sl in (ISTIO_HTTP_STATS, ISTIO_TCP_STATS) for st in sl.stats}
 
-ALL_LISTS: tuple[StatsList, ...] = (SERVER_STATS, CLUSTER_STATS, PROXY_STATS, ISTIO_STATS)
+ALL_LISTS: tuple[StatsList, ...] = (
+    SERVER_STATS, CLUSTER_STATS, PROXY_STATS, ISTIO_HTTP_STATS, ISTIO_TCP_STATS,
+)  # fmt: skip
 
 
-def istio_header(out: list[str], key: str) -> None:
-    """HELP/TYPE of one Istio metric, from :data:`ISTIO_STATS`."""
-    st = ISTIO_STATS.by_key[key]
-    header(out, ISTIO_NAMES[key], st.kind, st.help)
+def istio_header(out: list[str], api: str) -> None:
+    """HELP/TYPE of one Istio metric by its Telemetry API name (``REQUEST_COUNT``...)."""
+    sl, st = _ISTIO_BY_API[api]
+    header(out, sl.name(st.key), st.kind, st.help)
