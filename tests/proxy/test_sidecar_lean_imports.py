@@ -1,6 +1,7 @@
 """A standalone sidecar (``--config DIR``) runs without the YAML loader, pydantic, ruamel,
 aiohttp or the control plane's translator in its process: the translation runs in a child
-process that hands over the snapshot (issue 11, memory)."""
+process that hands over the snapshot (issue 11, memory). RE2 loads only for a config with a
+regex in it."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ WRAPPER = textwrap.dedent(
     """
     import json, runpy, sys
 
-    HEAVY = ("pydantic", "pydantic_core", "ruamel", "aiohttp", "yarl", "jsonschema",
+    HEAVY = ("pydantic", "pydantic_core", "ruamel", "aiohttp", "yarl", "jsonschema", "re2",
              "diktyo.api", "diktyo.control", "diktyo.dashboard")
 
     class Out:
