@@ -59,3 +59,20 @@ async def test_json_line_has_istio_keys(tmp_path: Path) -> None:
     for key in ("route_name", "protocol", "bytes_received", "bytes_sent", "duration",
                 "downstream_remote_address", "upstream_host", "request_id", "authority"):  # fmt: skip
         assert key in rec, key
+
+
+def test_grpc_status_goes_to_the_details_slot_and_json() -> None:
+    from types import SimpleNamespace as NS
+
+    from diktyo.proxy.access_log import format_json, format_text
+
+    head = NS(method="POST", path="/pkg.Svc/Call", version="2", authority="svc:50051",
+              headers={"user-agent": "grpc-python"})  # fmt: skip
+    stream = NS(head=head, host=None, cstate=None, route=None, status=200, req_bytes=5,
+                resp_bytes=7, out_headers={}, conn=NS(peer="127.0.0.1"), grpc_status="14")  # fmt: skip
+    line = format_text(stream, "-", 3.0)
+    assert ' 200 - grpc_status=14 - "-" 5 7 3 ' in line
+    assert json.loads(format_json(stream, "-", 3.0))["grpc_status"] == "14"
+    stream.grpc_status = ""
+    assert json.loads(format_json(stream, "-", 3.0))["grpc_status"] is None
+    assert ' 200 - - - "-" 5 7 3 ' in format_text(stream, "-", 3.0)

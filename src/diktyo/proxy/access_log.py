@@ -37,6 +37,7 @@ def record_of(s: Any, flags: str, dur_ms: float) -> AccessRecord:
     h = head.headers
     host = s.host
     route = s.route.route.name if s.route is not None and s.route.route.name else "default"
+    grpc = getattr(s, "grpc_status", "") or ""  # set by the HTTP/2 / gRPC stream
     return AccessRecord(
         start_time=time.time() - dur_ms / 1000,
         method=head.method,
@@ -44,6 +45,8 @@ def record_of(s: Any, flags: str, dur_ms: float) -> AccessRecord:
         protocol=f"HTTP/{head.version}",
         response_code=s.status,
         response_flags=flags,
+        response_code_details=f"grpc_status={grpc}" if grpc else "",  # as the h2 branch logs it
+        grpc_status=grpc,
         bytes_received=s.req_bytes,
         bytes_sent=s.resp_bytes,
         duration_ms=int(dur_ms),
