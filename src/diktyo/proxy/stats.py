@@ -53,7 +53,8 @@ class Counter:
     __slots__ = ("block", "key")
 
     def __init__(self, block: dict[str, int], key: str) -> None:
-        block[key]
+        if key not in block:
+            raise KeyError(f"stat {key!r} is not declared in diktyo.telemetry.stats")
         self.block = block
         self.key = key
 
