@@ -174,16 +174,17 @@ async def test_graph_metrics_traces_resilience_config(dashboard_url) -> None:
         await browser.close()
 
 
-def test_edge_series_is_what_the_caller_saw() -> None:
+async def test_edge_series_is_what_the_caller_saw() -> None:
     clock = ManualClock(start=0.0, wall=1_800_000_000.0)
     backend = MeshBackend(bookinfo_store(clock), TraceStore())
     svc = SVC.format("reviews")
-    edge = backend.series(svc, 900.0, source="productpage-v1")
-    whole = backend.series(svc, 900.0)
+    edge = await backend.series(svc, 900.0, source="productpage-v1")
+    whole = await backend.series(svc, 900.0)
     # productpage-v1 made 10 good + 1 UO call to reviews-v2 and 10 to reviews-v1 per scrape:
     # the edge (caller's view) has them all, 1 of 21 failing per slot
     ok = [r for r in edge["success_rate"] if r is not None]
     assert ok and all(abs(r - 20 / 21) < 1e-9 for r in ok)
     assert sum(x for x in edge["rps"] if x) > 0
     assert whole["t"] == edge["t"]
-    assert backend.series(svc, 900.0, source="nobody")["rps"] == [0.0] * len(edge["t"])
+    nobody = await backend.series(svc, 900.0, source="nobody")
+    assert nobody["rps"] == [0.0] * len(edge["t"])

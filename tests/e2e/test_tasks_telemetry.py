@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 ACCESS = re.compile(
-    r'^\[(?P<who>[a-z0-9-]+) sidecar\] \[[0-9T:-]+Z\] "(?P<method>\w+) (?P<path>\S+)'
+    r'^\[(?P<who>[a-z0-9-]+) sidecar\] \[[0-9T:.-]+Z\] "(?P<method>\w+) (?P<path>\S+)'
 )
 
 

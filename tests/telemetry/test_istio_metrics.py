@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from diktyo.proxy.stats import Stats
 from diktyo.telemetry.exposition import escape_label_value, render
 from diktyo.telemetry.istio_metrics import (
     DEFAULT_BUCKETS,
@@ -16,14 +17,14 @@ from diktyo.telemetry.istio_metrics import (
     PeerLabels,
     WorkloadInfo,
 )
-from diktyo.telemetry.registry import Registry, proxy_registry
+from diktyo.telemetry.stats import Stat, StatsList
 
 PROMTOOL = shutil.which("promtool")
 # Lint findings promtool reports on names that Istio/Envoy themselves chose; dashboards depend
 # on these exact names, so they are kept. Anything else is a failure.
 ACCEPTED_LINT = (
     re.compile(r'^istio_request_duration_milliseconds use base unit "seconds"'),
-    re.compile(r'^envoy_cluster_[a-z_]+ counter metrics should have "_total" suffix$'),
+    re.compile(r'^envoy_(cluster|http)_[a-z0-9_]+ counter metrics should have "_total" suffix$'),
 )
 
 
@@ -43,8 +44,9 @@ def promtool_problems(text: str) -> list[str]:
     return [ln for ln in lines if not any(p.match(ln) for p in ACCEPTED_LINT)]
 
 
-def realistic() -> tuple[IstioMetrics, Registry]:
-    m = IstioMetrics()
+def realistic() -> Stats:
+    stats = Stats()
+    m = stats.metrics
     pp = WorkloadInfo.from_labels(
         "productpage-v1", "default", {"app": "productpage", "version": "v1"},
         principal="spiffe://cluster.local/ns/default/sa/bookinfo-productpage",
@@ -69,14 +71,14 @@ def realistic() -> tuple[IstioMetrics, Registry]:
     m.tcp_close(tcp)
     weird = m.peer(PeerLabels(source_workload='we"ird\\name\nx', destination_service="a b"))
     m.record(weird, 0, "DC", 12.5, 5, 0)
-    reg, fams = proxy_registry()
     cl = "outbound|9080|v2|reviews.default.svc.cluster.local"
-    fams["pending_overflow"].labels(cl).inc(3)
-    fams["rq_retry"].labels(cl).inc()
-    fams["cx_active"].labels(cl).set(4)
-    fams["config_pushes"].inc()
-    reg.gauge_func("diktyo_proxy_up", "Sidecar is up.", [], lambda: [((), 1)])
-    return m, reg
+    stats.inc_cluster(cl, "upstream_rq_pending_overflow", 3)
+    stats.inc_cluster(cl, "upstream_rq_retry")
+    stats.inc_cluster('we"ird\\cluster\nname', "upstream_cx_total")
+    stats.cluster_stats(cl)["upstream_cx_active"] = 4
+    stats.families["config_pushes"].inc()
+    stats.server["downstream_rq_total"] += 7
+    return stats
 
 
 def test_labels_in_istio_order_with_unknown_defaults() -> None:
@@ -160,8 +162,7 @@ def test_escaping() -> None:
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed")
 def test_realistic_exposition_passes_promtool() -> None:
-    m, reg = realistic()
-    text = render(m, reg)
+    text = render(realistic())
     assert promtool_problems(text) == []
     assert "# TYPE istio_tcp_connections_opened_total counter" in text
     assert 'envoy_cluster_upstream_rq_pending_overflow{cluster_name="outbound|9080|v2|' in text
@@ -169,8 +170,7 @@ def test_realistic_exposition_passes_promtool() -> None:
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed")
 def test_promtool_check_is_not_vacuous() -> None:
-    m, reg = realistic()
-    text = render(m, reg)
+    text = render(realistic())
     broken = text.replace(
         "# TYPE istio_requests_total counter\n",
         "# TYPE istio_requests_total counter\nistio_requests_total{bad 1\n",
@@ -179,14 +179,13 @@ def test_promtool_check_is_not_vacuous() -> None:
     assert promtool_problems(broken) != []
 
 
-def test_registry_rejects_bad_names_and_duplicates() -> None:
-    reg = Registry()
-    reg.counter("diktyo_x_total", "x", ["cluster_name"])
+def test_stats_lists_reject_bad_names_and_duplicates() -> None:
+    ok = Stat("x_total", "counter", "x")
     with pytest.raises(ValueError, match="declared twice"):
-        reg.counter("diktyo_x_total", "x")
+        StatsList("diktyo_", (), (ok, ok))
     with pytest.raises(ValueError, match="invalid metric name"):
-        reg.counter("bad-name", "x")
-    fam = reg.get("diktyo_x_total")
-    assert fam is not None
-    with pytest.raises(ValueError, match="takes labels"):
-        fam.labels()
+        StatsList("diktyo_", (), (Stat("bad-name", "counter", "x"),))
+    with pytest.raises(ValueError, match="invalid label name"):
+        StatsList("diktyo_", ("__reserved",), (ok,))
+    with pytest.raises(ValueError, match="kind"):
+        StatsList("diktyo_", (), (Stat("y", "summary", "x"),))

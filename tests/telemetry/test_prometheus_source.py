@@ -28,6 +28,7 @@ from diktyo.telemetry.prometheus_source import (
     PrometheusError,
     PrometheusSource,
     fold_graph,
+    graph_queries,
     promql_string,
     selector,
     series_queries,
@@ -79,21 +80,23 @@ def test_fold_graph_prefers_source_reporter_and_counts_errors() -> None:
     assert edge["p50"] == 17.5 and edge["p99"] is None
 
 
-def test_unreachable_prometheus_degrades_to_empty_answers() -> None:
+async def test_unreachable_prometheus_degrades_to_empty_answers() -> None:
     port = free_port()  # nothing listens there
     clock = ManualClock()
     src = PrometheusSource(f"http://127.0.0.1:{port}", timeout=0.5, backoff=5.0, clock=clock)
-    assert src.graph(60)["edges"] == []
+    assert (await src.graph(60))["edges"] == []
     assert src.failures == 1 and "cannot reach Prometheus" in src.last_error
     # backing off: answered empty without asking
-    points = src.series({"destination_service": REVIEWS}, 60)
+    points = await src.series({"destination_service": REVIEWS}, 60)
     assert points and all(p["requests"] == 0 and p["p50"] is None for p in points)
-    assert (src.failures, src.skipped, src.queries) == (1, 1, 1)
+    assert src.failures == 1 and src.skipped == 1
+    asked = src.queries
+    assert asked >= 1
     clock.advance(5.0)
-    assert src.series({"destination_service": REVIEWS}, 60)
-    assert (src.failures, src.skipped, src.queries) == (2, 1, 2)
+    assert await src.series({"destination_service": REVIEWS}, 60)
+    assert src.failures == 2 and src.skipped == 1 and src.queries > asked
     with pytest.raises(PrometheusError):
-        src.query("up")
+        await src.query("up")
     with pytest.raises(ValueError, match="http://"):
         PrometheusSource("127.0.0.1:9090")
 
@@ -171,9 +174,7 @@ async def wait_total(src: PrometheusSource, expected: float, deadline: float) ->
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            res = await asyncio.to_thread(
-                src.query, 'sum(istio_requests_total{reporter="source"})', time.time()
-            )
+            res = await src.query('sum(istio_requests_total{reporter="source"})', time.time())
             last = res
             if res and float(res[0]["value"][1]) == expected:
                 return
@@ -199,7 +200,7 @@ async def test_graph_and_series_from_real_prometheus(tmp_path: Path) -> None:
         await wait_total(src, 260.0, deadline)
         await asyncio.sleep(2.5)  # a few more scrapes: rate() needs two samples before a point
 
-        graph = await asyncio.to_thread(src.graph, 30.0)
+        graph = await src.graph(30.0)
         (edge,) = graph["edges"]
         assert edge["reporter"] == "source"  # destination-reported twin is merged away
         assert edge["sourceWorkload"] == "productpage-v1" and edge["destinationService"] == REVIEWS
@@ -222,26 +223,26 @@ async def test_graph_and_series_from_real_prometheus(tmp_path: Path) -> None:
         assert set(ref) == set(graph) and set(ref["edges"][0]) == set(edge)
         assert set(ref["nodes"][0]) == set(graph["nodes"][0])
 
-        points = await asyncio.to_thread(src.series, {"destination_service": REVIEWS}, 20.0)
+        points = await src.series({"destination_service": REVIEWS}, 20.0)
         assert len(points) == 20 and set(points[0]) == set(store.series({}, 20.0)[0])
         busy = [p for p in points if p["requests"] > 0]
         assert busy, points
         assert all(abs(p["errorRate"] - 10 / 60) < 0.05 for p in busy[-3:]), busy[-3:]
         assert busy[-1]["p50"] == pytest.approx(17.5)
         assert all(p["t"] % 1.0 == 0 for p in points)
-        none = await asyncio.to_thread(src.series, {"destination_workload": "nobody"}, 10.0)
+        none = await src.series({"destination_workload": "nobody"}, 10.0)
         assert all(p["requests"] == 0 and p["p99"] is None for p in none)
 
         # MeshBackend works unchanged on top of it: the dashboard's graph and charts
         backend = MeshBackend(src, TraceStore())
-        dg = await asyncio.to_thread(backend.graph, 30.0)
+        dg = await backend.graph(30.0)
         assert [(e["source"], e["target"]) for e in dg["edges"]] == [
             ("default/productpage-v1", "default/reviews-v1")
         ]
         assert dg["edges"][0]["p50_ms"] == pytest.approx(17.5)
-        ds = await asyncio.to_thread(backend.series, REVIEWS, 20.0)
+        ds = await backend.series(REVIEWS, 20.0)
         assert any(r and abs(r - 50 / 60) < 0.05 for r in ds["success_rate"]), ds
-        assert [s["name"] for s in backend.services()] == [REVIEWS]
+        assert [s["name"] for s in await backend.services()] == [REVIEWS]
         assert src.failures == 0 and src.queries > 10
 
         # 'diktyo control-plane --prometheus URL': its dashboard API answers from Prometheus
@@ -290,3 +291,37 @@ def test_control_plane_reads_prometheus_from_env(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("DIKTYO_PROMETHEUS")
     cp = ControlPlane(prometheus_url=None)
     assert cp.metric_source is cp.metrics
+
+
+async def test_a_slow_prometheus_does_not_block_the_event_loop() -> None:
+    """Regression: queries were blocking urllib calls made on the control plane's loop."""
+    release = asyncio.Event()
+    asked = 0
+
+    async def query(_: web.Request) -> web.Response:
+        nonlocal asked
+        asked += 1
+        await release.wait()
+        return web.json_response({"status": "success", "data": {"result": []}})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/query", query)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        src = PrometheusSource(f"http://127.0.0.1:{port}", timeout=30, cache_ttl=0.0)
+        pending = asyncio.ensure_future(src.graph(60))
+        # while Prometheus holds every query, the loop keeps running other work: here it
+        # serves all the graph's queries at once (they are concurrent, not one by one)
+        deadline = time.monotonic() + 20
+        while asked < len(graph_queries(60)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert asked == len(graph_queries(60)) and not pending.done()
+        release.set()
+        graph = await asyncio.wait_for(pending, 20)
+        assert graph["edges"] == [] and src.failures == 0
+    finally:
+        await runner.cleanup()

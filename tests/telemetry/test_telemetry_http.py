@@ -10,11 +10,11 @@ import pytest
 from aiohttp import web
 
 from diktyo.core.clock import ManualClock, make_random
+from diktyo.proxy.stats import Stats
 from diktyo.telemetry.exposition import CONTENT_TYPE, render
 from diktyo.telemetry.http import setup_routes
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
 from diktyo.telemetry.otlp import OtlpExporter
-from diktyo.telemetry.registry import proxy_registry
 from diktyo.telemetry.scrape import Scraper
 from diktyo.telemetry.store import MetricStore, TraceStore
 from diktyo.telemetry.tracing import Sampler, start_span
@@ -91,19 +91,19 @@ async def test_scraper_fills_graph_and_series(api: tuple) -> None:
     rv = WorkloadInfo.from_labels("reviews-v3", "default", {"app": "reviews", "version": "v3"})
     key = m.peer(PeerLabels.build("destination", pp, rv, "reviews.default.svc.cluster.local"))
 
-    reg, fams = proxy_registry()
-    fams["pending_overflow"].labels("inbound|9080||").inc(2)
+    proxy_stats = Stats()
+    proxy_stats.inc_cluster("inbound|9080||", "upstream_rq_pending_overflow", 2)
 
     async def stats(_: web.Request) -> web.Response:
-        return web.Response(text=render(m, reg), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(text=render(m, proxy_stats), headers={"Content-Type": CONTENT_TYPE})
 
     sidecar = web.Application()
     sidecar.router.add_get("/stats/prometheus", stats)
     runner, sbase = await serve(sidecar)
+    scraper = Scraper(metrics, lambda: [("reviews-v3-1", f"{sbase}/stats/prometheus"),
+                                        ("gone", "http://127.0.0.1:9/stats/prometheus")],
+                      clock=clock, timeout=2)  # fmt: skip
     try:
-        scraper = Scraper(metrics, lambda: [("reviews-v3-1", f"{sbase}/stats/prometheus"),
-                                            ("gone", "http://127.0.0.1:9/stats/prometheus")],
-                          clock=clock, timeout=2)  # fmt: skip
         assert await scraper.scrape_once() == 1
         assert scraper.failures == 1
         for _ in range(20):
@@ -112,6 +112,7 @@ async def test_scraper_fills_graph_and_series(api: tuple) -> None:
         clock.advance(5)
         assert await scraper.scrape_once() == 1
     finally:
+        await scraper.close()
         await runner.cleanup()
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base}/api/metrics/graph", params={"window": "10"}) as r:
@@ -138,3 +139,29 @@ async def test_scraper_task_is_owned() -> None:
     assert scraper.rounds >= 1
     await scraper.close()
     assert not any(t.get_name() == "telemetry-scraper" for t in asyncio.all_tasks())
+
+
+async def test_scraper_refuses_an_oversized_exposition(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diktyo.telemetry import scrape
+
+    monkeypatch.setattr(scrape, "MAX_BODY", 1000)
+
+    async def big(req: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()  # chunked: no Content-Length to refuse up front
+        await resp.prepare(req)
+        for _ in range(10):
+            await resp.write(b"# " + b"x" * 497 + b"\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/stats/prometheus", big)
+    runner, base = await serve(app)
+    store = MetricStore()
+    scraper = Scraper(store, lambda: [("big", f"{base}/stats/prometheus")], timeout=5)
+    try:
+        assert await scraper.scrape_once() == 0
+        assert scraper.failures == 1
+    finally:
+        await scraper.close()
+        await runner.cleanup()

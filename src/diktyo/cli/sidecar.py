@@ -128,11 +128,31 @@ def _light_reexec() -> None:
     os.execv(sys.executable, [sys.executable, "-m", "diktyo.proxy", *rest])
 
 
-def _standalone_snapshot(config_dir: str, outbound_port: int) -> Snapshot:
-    """Standalone mode: the control plane's translator, composed here above proxy and control."""
-    from diktyo.control.standalone import snapshot_from_dir
+class ConfigLoadError(ValueError):
+    """``--config DIR`` has errors; ``str()`` lists each as ``FILE:LINE:COL: error: ...``."""
 
-    return snapshot_from_dir(config_dir, outbound_port=outbound_port)
+
+def _standalone_snapshot(config_dir: str, outbound_port: int) -> Snapshot:
+    """Standalone mode: the control plane's translator, composed here above proxy and control.
+
+    It runs in a short-lived child process (``python -m diktyo.control.standalone``) that
+    prints the snapshot as JSON: the YAML loader, the typed models (pydantic, ruamel) and the
+    translator never load into the long-running sidecar, which keeps its idle memory down."""
+    import subprocess
+
+    from diktyo.snapshot.codec import decode
+
+    argv = [sys.executable, "-m", "diktyo.control.standalone", config_dir,
+            "--outbound-port", str(outbound_port)]  # fmt: skip
+    res = subprocess.run(argv, capture_output=True, check=False, timeout=300)
+    if res.returncode != 0:
+        err = res.stderr.decode(errors="replace").strip()
+        if res.returncode == 1 and err:
+            raise ConfigLoadError(err)
+        raise ConfigLoadError(
+            f"translating {config_dir} failed (exit status {res.returncode}):\n{err}"
+        )
+    return decode(res.stdout)
 
 
 def run(args: argparse.Namespace) -> int:

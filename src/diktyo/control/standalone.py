@@ -70,3 +70,37 @@ def _hash_inputs(path: Path) -> str:
         h.update(f.read_bytes())
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diktyo.control.standalone DIR [--outbound-port N]``: the snapshot (JSON,
+    ``diktyo.snapshot.codec``) on stdout; the config's errors on stderr with exit status 1.
+
+    ``diktyo sidecar --config DIR`` runs this as a short-lived child process, so the sidecar
+    itself never loads the YAML loader, the typed models (pydantic, ruamel) or the translator.
+    """
+    import argparse
+    import sys
+
+    from diktyo.snapshot.codec import encode
+
+    p = argparse.ArgumentParser(
+        prog="python -m diktyo.control.standalone",
+        description="Translate a folder of Istio YAML into a standalone sidecar's snapshot "
+        "(JSON on stdout).",
+    )
+    p.add_argument("config_dir", metavar="DIR", help="directory of Istio YAML files")
+    p.add_argument("--outbound-port", type=int, default=0, help="outbound listener port")
+    args = p.parse_args(argv)
+    try:
+        snap = snapshot_from_dir(args.config_dir, outbound_port=args.outbound_port)
+    except ConfigLoadError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(encode(snap))
+    sys.stdout.buffer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import re2  # type: ignore[import-untyped]  # google-re2 ships no type stubs
-
 # Istio's ``re2.max_program_size.error_level`` (its proxy bootstrap's runtime layer).
 MAX_PROGRAM_SIZE = 32768
 
@@ -34,6 +32,9 @@ def compile_re2(
     ``max_program_size`` (default :data:`MAX_PROGRAM_SIZE`; 0 for no limit) bounds the
     compiled program as Envoy does.
     """
+    # imported on first use: a sidecar whose config has no regex never loads RE2 (~3 MB)
+    import re2  # type: ignore[import-untyped]  # google-re2 ships no type stubs
+
     opts = re2.Options()
     opts.log_errors = False  # RE2 would otherwise print to stderr on every bad pattern
     if ignore_case:

@@ -20,17 +20,22 @@ MtlsFn = Callable[[str, str], bool]
 
 
 class MetricSource(Protocol):
-    """What the dashboard reads metrics from: the embedded ``MetricStore`` or a
-    ``diktyo.telemetry.prometheus_source.PrometheusSource`` (same shapes)."""
+    """What the dashboard reads metrics from: the embedded ``MetricStore`` (answers at once)
+    or a ``diktyo.telemetry.prometheus_source.PrometheusSource`` (same shapes, awaitable:
+    it asks Prometheus without blocking the event loop)."""
 
-    def graph(self, window: float = ...) -> dict[str, Any]: ...
+    def graph(self, window: float = ...) -> Any: ...
     def series(
         self,
         match: Mapping[str, str] | None = ...,
         window: float = ...,
         now: float | None = ...,
         reporter: str = ...,
-    ) -> list[dict[str, Any]]: ...
+    ) -> Any: ...
+
+
+async def _value(result: Any) -> Any:
+    return await result if inspect.isawaitable(result) else result
 
 
 def short_service(fqdn: str) -> str:
@@ -64,8 +69,8 @@ class MeshBackend:
 
     # ------------------------------------------------------------------ graph
 
-    def graph(self, window: float) -> dict[str, Any]:
-        g = self.metrics.graph(window)
+    async def graph(self, window: float) -> dict[str, Any]:
+        g = await _value(self.metrics.graph(window))
         nodes: dict[str, dict[str, Any]] = {}
         edges: list[dict[str, Any]] = []
         # A server sidecar that cannot tell who called it reports source "unknown". When the
@@ -137,20 +142,23 @@ class MeshBackend:
             n["unhealthy"] = n["error_rate_in"] > 0.1
         return {"window": g["window"], "nodes": list(nodes.values()), "edges": edges}
 
-    def services(self) -> list[dict[str, Any]]:
-        seen = sorted({e["destinationService"] for e in self.metrics.graph(3600.0)["edges"]})
+    async def services(self) -> list[dict[str, Any]]:
+        g = await _value(self.metrics.graph(3600.0))
+        seen = sorted({e["destinationService"] for e in g["edges"]})
         return [{"name": s, "short": short_service(s)} for s in seen]
 
-    def series(self, service: str, window: float, source: str | None = None) -> dict[str, Any]:
+    async def series(
+        self, service: str, window: float, source: str | None = None
+    ) -> dict[str, Any]:
         """Points for a service, or for one edge when ``source`` (a caller workload) is given;
         an edge is what the caller's sidecar saw (reporter "source"), as Kiali shows it."""
         if source:
-            points = self.metrics.series(
+            points = await _value(self.metrics.series(
                 {"destination_service": service, "source_workload": source}, window,
                 reporter="source",
-            )  # fmt: skip
+            ))  # fmt: skip
         else:
-            points = self.metrics.series({"destination_service": service}, window)
+            points = await _value(self.metrics.series({"destination_service": service}, window))
         return {
             "t": [p["t"] for p in points],
             "rps": [p["rps"] for p in points],

@@ -18,11 +18,11 @@ STATIC = Path(__file__).parent / "static"
 class DashboardBackend(Protocol):
     """What the dashboard asks of the control plane. Shapes: docs/observability-cli.md."""
 
-    def graph(self, window: float) -> dict[str, Any]: ...
-    def services(self) -> list[dict[str, Any]]: ...
-    def series(
-        self, service: str, window: float, source: str | None = None
-    ) -> dict[str, Any]: ...
+    # graph, services and series: the value, or an awaitable of it (Prometheus is asked
+    # asynchronously, the embedded store answers at once)
+    def graph(self, window: float) -> Any: ...
+    def services(self) -> Any: ...
+    def series(self, service: str, window: float, source: str | None = None) -> Any: ...
     def traces(
         self, service: str | None, min_ms: float, errors: bool, limit: int
     ) -> list[dict[str, Any]]: ...
@@ -49,10 +49,10 @@ def setup_dashboard(app: web.Application, backend: DashboardBackend, prefix: str
         return web.FileResponse(STATIC / "index.html")
 
     async def graph(req: web.Request) -> web.Response:
-        return web.json_response(backend.graph(_float(req, "window", 300.0)))
+        return web.json_response(await _maybe_await(backend.graph(_float(req, "window", 300.0))))
 
     async def services(_: web.Request) -> web.Response:
-        return web.json_response(backend.services())
+        return web.json_response(await _maybe_await(backend.services()))
 
     async def series(req: web.Request) -> web.Response:
         service = req.query.get("service", "")
@@ -61,8 +61,8 @@ def setup_dashboard(app: web.Application, backend: DashboardBackend, prefix: str
         window = _float(req, "window", 900.0)
         source = req.query.get("source") or None
         if source:
-            return web.json_response(backend.series(service, window, source))
-        return web.json_response(backend.series(service, window))
+            return web.json_response(await _maybe_await(backend.series(service, window, source)))
+        return web.json_response(await _maybe_await(backend.series(service, window)))
 
     async def traces(req: web.Request) -> web.Response:
         result = backend.traces(

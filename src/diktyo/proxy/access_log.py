@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import sys
@@ -27,56 +26,49 @@ from collections.abc import Callable
 from typing import Any
 
 from diktyo.snapshot.model import AccessLog, TelemetryPolicy
+from diktyo.telemetry.access_log import AccessRecord
+from diktyo.telemetry.access_log import format_json as json_line
+from diktyo.telemetry.access_log import format_text as text_line
 
 
-def _q(v: str | None) -> str:
-    return v if v else "-"
+def record_of(s: Any, flags: str, dur_ms: float) -> AccessRecord:
+    """The access record of a finished stream (``diktyo.telemetry.access_log`` formats it)."""
+    head = s.head
+    h = head.headers
+    host = s.host
+    route = s.route.route.name if s.route is not None and s.route.route.name else "default"
+    grpc = getattr(s, "grpc_status", "") or ""  # set by the HTTP/2 / gRPC stream
+    return AccessRecord(
+        start_time=time.time() - dur_ms / 1000,
+        method=head.method,
+        path=head.path,
+        protocol=f"HTTP/{head.version}",
+        response_code=s.status,
+        response_flags=flags,
+        response_code_details=f"grpc_status={grpc}" if grpc else "",  # as the h2 branch logs it
+        grpc_status=grpc,
+        bytes_received=s.req_bytes,
+        bytes_sent=s.resp_bytes,
+        duration_ms=int(dur_ms),
+        x_forwarded_for=h.get("x-forwarded-for") or "",
+        user_agent=h.get("user-agent") or "",
+        request_id=s.out_headers.get("x-request-id") or h.get("x-request-id") or "",
+        authority=head.authority or "",
+        upstream_host=f"{host.address}:{host.port}" if host is not None else "",
+        upstream_cluster=s.cstate.cluster.name if s.cstate is not None else "",
+        downstream_remote_address=s.conn.peer or "",
+        route_name=route,
+    )
 
 
 def format_text(s: Any, flags: str, dur_ms: float) -> str:
     """Istio's default format: ``[START] "METHOD PATH PROTO" CODE FLAGS ... ROUTE``."""
-    head = s.head
-    h = head.headers
-    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - dur_ms / 1000))
-    host = s.host
-    upstream_host = f"{host.address}:{host.port}" if host is not None else "-"
-    cluster = s.cstate.cluster.name if s.cstate is not None else "-"
-    route = s.route.route.name if s.route is not None and s.route.route.name else "default"
-    return (
-        f'[{start}Z] "{head.method} {head.path} HTTP/{head.version}" {s.status} {flags} - - "-" '
-        f"{s.req_bytes} {s.resp_bytes} {int(dur_ms)} - "
-        f'"{_q(h.get("x-forwarded-for"))}" "{_q(h.get("user-agent"))}" '
-        f'"{_q(s.out_headers.get("x-request-id") or h.get("x-request-id"))}" '
-        f'"{_q(head.authority)}" "{upstream_host}" {cluster} - - {s.conn.peer or "-"} - {route}\n'
-    )
+    return text_line(record_of(s, flags, dur_ms))
 
 
 def format_json(s: Any, flags: str, dur_ms: float) -> str:
-    head = s.head
-    h = head.headers
-    host = s.host
-    return (
-        json.dumps(
-            {
-                "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "method": head.method,
-                "path": head.path,
-                "protocol": f"HTTP/{head.version}",
-                "response_code": s.status,
-                "response_flags": flags,
-                "bytes_received": s.req_bytes,
-                "bytes_sent": s.resp_bytes,
-                "duration": int(dur_ms),
-                "x_forwarded_for": h.get("x-forwarded-for"),
-                "user_agent": h.get("user-agent"),
-                "request_id": s.out_headers.get("x-request-id") or h.get("x-request-id"),
-                "authority": head.authority,
-                "upstream_host": f"{host.address}:{host.port}" if host is not None else None,
-                "upstream_cluster": s.cstate.cluster.name if s.cstate is not None else None,
-            }
-        )
-        + "\n"
-    )
+    """Istio's JSON access log (``accessLogEncoding: JSON``), one object per line."""
+    return json_line(record_of(s, flags, dur_ms))
 
 
 log = logging.getLogger("diktyo.proxy")

@@ -1,27 +1,68 @@
-"""Sidecar counters: Istio's standard metrics (``diktyo.telemetry``) plus Envoy-named cluster stats.
+"""Sidecar counters: one mechanism for every stat, declared in ``diktyo.telemetry.stats``.
 
-The hot path calls ``record_request(reporter, peer, status, flags, duration_ms, req_bytes,
+Istio's standard metrics go through ``record(peer, status, flags, duration_ms, req_bytes,
 resp_bytes)`` with a ``peer`` key computed once per (reporter, cluster, host) by
-``Stats.peer_for`` — a dict lookup and a few integer increments per request. Cluster counters
-(``inc_cluster``) are plain dict increments; everything is formatted at scrape time.
+:meth:`Stats.peer_for` (``IstioMetrics``: a dict lookup and a few list increments).
+
+Envoy-named stats are *blocks* (``telemetry.stats.StatsList.block``): plain dicts with every
+declared counter present at 0, one per scope:
+
+- ``stats.server``: ``envoy_http_*``; callers do ``stats.server["downstream_rq_total"] += 1``.
+- one block per cluster (``envoy_cluster_*{cluster_name=...}``): ``inc_cluster(cluster, key)``,
+  or keep ``cluster_stats(cluster)`` and do ``block[key] += 1``.
+- ``stats.proxy``: ``diktyo_proxy_*`` (``families["config_pushes"].inc()`` for the sidecar).
+
+Gauges and the counters the upstream kernels keep themselves (``ClusterState``, the outlier
+detector) are copied into the cluster blocks at scrape time; everything is formatted then.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from diktyo.telemetry.exposition import header
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerKey, PeerLabels, WorkloadInfo
-from diktyo.telemetry.registry import proxy_registry
+from diktyo.telemetry.stats import (
+    CLUSTER_STATS,
+    PROXY_STATS,
+    SERVER_STATS,
+    collect,
+    label_text,
+)
 
-# our counter name -> telemetry registry family short name
-_FAMILIES = {
-    "upstream_rq_pending_overflow": "pending_overflow",
-    "upstream_cx_overflow": "cx_overflow",
-    "upstream_rq_retry": "rq_retry",
-    "upstream_rq_retry_overflow": "rq_retry_overflow",
-    "upstream_rq_timeout": "rq_timeout",
-}
+log = logging.getLogger(__name__)
+
+_GAUGES = tuple(s.key for s in CLUSTER_STATS.stats if s.kind == "gauge")
+# ClusterState.counters keys exported as Envoy's cluster stats of the same name
+_KERNEL_CLUSTER = tuple(
+    k
+    for k in (
+        "upstream_cx_none_healthy",
+        "lb_healthy_panic",
+        "upstream_rq_total",
+        "upstream_rq_5xx",
+    )
+    if k in CLUSTER_STATS
+)
+_OUTLIER = "outlier_detection_"
+
+
+class Counter:
+    """A handle on one unlabelled counter of a block (``inc``/``value``), for rare events."""
+
+    __slots__ = ("block", "key")
+
+    def __init__(self, block: dict[str, int], key: str) -> None:
+        if key not in block:
+            raise KeyError(f"stat {key!r} is not declared in diktyo.telemetry.stats")
+        self.block = block
+        self.key = key
+
+    def inc(self, n: int = 1) -> None:
+        self.block[self.key] += n
+
+    def value(self) -> int:
+        return self.block[self.key]
 
 
 class Stats:
@@ -29,12 +70,18 @@ class Stats:
 
     def __init__(self) -> None:
         self.metrics = IstioMetrics()
-        self.registry, self.families = proxy_registry()
         self.record = self.metrics.record
-        # cluster name -> counter -> value, for counters without a registry family
-        self.cluster: dict[str, dict[str, int]] = {}
-        self.server: dict[str, int] = {"downstream_cx_total": 0, "downstream_rq_total": 0}
+        self.server: dict[str, int] = SERVER_STATS.block()
+        self.proxy: dict[str, int] = PROXY_STATS.block()
+        self.families = {
+            "config_pushes": Counter(self.proxy, "config_applied_total"),
+            "config_rejects": Counter(self.proxy, "config_rejected_total"),
+        }
+        # cluster name -> (escaped label text, block)
+        self._clusters: dict[str, dict[str, int]] = {}
+        self._labels: dict[str, str] = {}
         self._peers: dict[tuple[Any, ...], PeerKey] = {}
+        self._warned: set[str] = set()
 
     def record_request(
         self,
@@ -66,47 +113,87 @@ class Stats:
             p = self._peers[key] = self.metrics.peer(labels)
         return p
 
+    # ----------------------------------------------------------------- cluster stats
+
+    def cluster_stats(self, cluster: str) -> dict[str, int]:
+        """The block of ``cluster`` (made once, label text escaped once): keep it and do
+        ``block["upstream_rq_retry"] += 1`` on a hot path."""
+        b = self._clusters.get(cluster)
+        if b is None:
+            b = self._clusters[cluster] = CLUSTER_STATS.block()
+            self._labels[cluster] = label_text(CLUSTER_STATS, (cluster,))
+        return b
+
     def inc_cluster(self, cluster: str, name: str, n: int = 1) -> None:
-        fam = _FAMILIES.get(name)
-        if fam is not None:
-            self.families[fam].labels(cluster).inc(n)
-            return
-        c = self.cluster.get(cluster)
-        if c is None:
-            c = self.cluster[cluster] = {}
-        c[name] = c.get(name, 0) + n
+        b = self._clusters.get(cluster)
+        if b is None:
+            b = self.cluster_stats(cluster)
+        try:
+            b[name] += n
+        except KeyError:
+            self._undeclared(b, name, n)
+
+    def _undeclared(self, block: dict[str, int], name: str, n: int) -> None:
+        block[name] = block.get(name, 0) + n
+        if name not in self._warned:
+            self._warned.add(name)
+            log.warning(
+                "stat %r is not declared in diktyo.telemetry.stats; it is exported with a "
+                "placeholder HELP: declare it there",
+                name,
+            )
 
     def cluster_value(self, cluster: str, name: str) -> int:
-        fam = _FAMILIES.get(name)
-        if fam is not None:
-            return int(self.families[fam].value(cluster))
-        return self.cluster.get(cluster, {}).get(name, 0)
+        return self._clusters.get(cluster, {}).get(name, 0)
+
+    @property
+    def cluster(self) -> dict[str, dict[str, int]]:
+        """Non-zero cluster counters by cluster name (a copy, for tests and the CLI)."""
+        return {
+            c: {k: v for k, v in b.items() if v and k not in _GAUGES}
+            for c, b in self._clusters.items()
+        }
 
     def request_count(self, **match: str) -> int:
         return self.metrics.request_count(**match)
 
-    def render_prometheus(self, cluster_states: dict[str, Any] | None = None) -> str:
-        out: list[str] = []
+    # ----------------------------------------------------------------- scrape time
+
+    def _read_cluster_states(self, cluster_states: dict[str, Any]) -> None:
+        """Gauges and kernel-owned counters into the blocks; clusters gone lose their gauges."""
+        for b in self._clusters.values():
+            for g in _GAUGES:
+                b.pop(g, None)
+        for name, cs in cluster_states.items():
+            b = self.cluster_stats(name)
+            br = getattr(cs, "breaker", None)
+            if br is not None:
+                b["upstream_cx_active"] = getattr(br, "connections", 0)
+            b["upstream_rq_active"] = getattr(cs, "active_requests", 0)
+            counters = getattr(cs, "counters", None)
+            if counters:
+                for k in _KERNEL_CLUSTER:
+                    b[k] = counters.get(k, 0)
+            od = getattr(cs, "outlier", None)
+            if od is not None:
+                for k, v in od.counters.items():
+                    if _OUTLIER + k in CLUSTER_STATS:
+                        b[_OUTLIER + k] = v
+                b["outlier_detection_ejections_active"] = od.ejected_count(cs.hosts)
+
+    def collect(self, out: list[str]) -> None:
+        """Every family, Istio's first (``exposition.Collector``)."""
         self.metrics.collect(out)
-        if cluster_states:
-            fams = self.families
-            for name, cs in cluster_states.items():
-                br = getattr(cs, "breaker", None)
-                if br is not None:
-                    fams["cx_active"].labels(name).set(getattr(br, "connections", 0))
-                fams["rq_active"].labels(name).set(getattr(cs, "active_requests", 0))
-        self.registry.collect(out)
-        by_metric: dict[str, list[str]] = {}
-        for cname in sorted(self.cluster):
-            for k, v in sorted(self.cluster[cname].items()):
-                esc = cname.replace("\\", "\\\\").replace('"', '\\"')
-                by_metric.setdefault(k, []).append(
-                    f'envoy_cluster_{k}{{cluster_name="{esc}"}} {v}\n'
-                )
-        for k in sorted(by_metric):
-            header(out, f"envoy_cluster_{k}", "counter", f"Envoy cluster stat {k}.")
-            out.extend(by_metric[k])
-        for k, v in sorted(self.server.items()):
-            header(out, f"envoy_http_{k}", "counter", f"Envoy HTTP connection manager stat {k}.")
-            out.append(f"envoy_http_{k} {v}\n")
+        labels = self._labels
+        collect(out, CLUSTER_STATS, ((labels[c], b) for c, b in sorted(self._clusters.items())))
+        collect(out, PROXY_STATS, [("", self.proxy)])
+        collect(out, SERVER_STATS, [("", self.server)])
+
+    def render_prometheus(self, cluster_states: dict[str, Any] | None = None) -> str:
+        """``/stats/prometheus``; ``cluster_states`` (name -> ``ClusterState``) feed the gauges
+        and the counters the upstream kernels keep."""
+        if cluster_states is not None:
+            self._read_cluster_states(cluster_states)
+        out: list[str] = []
+        self.collect(out)
         return "".join(out)

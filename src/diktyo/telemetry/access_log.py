@@ -50,6 +50,7 @@ class AccessRecord:
     downstream_remote_address: str = ""
     requested_server_name: str = ""
     route_name: str = ""
+    grpc_status: str = ""  # gRPC requests: the grpc-status the response ended with (%GRPC_STATUS%)
 
 
 def format_start_time(t: float) -> str:
@@ -97,6 +98,7 @@ def to_json_dict(r: AccessRecord) -> dict[str, Any]:
         "path": _opt(r.path),
         "protocol": _opt(r.protocol),
         "response_code": r.response_code,
+        "grpc_status": _opt(r.grpc_status),
         "response_flags": _opt(r.response_flags),
         "response_code_details": _opt(r.response_code_details),
         "connection_termination_details": _opt(r.connection_termination_details),

@@ -1,5 +1,8 @@
 """Grafana dashboards for a service and a workload, on Istio's metric names (like Istio's own).
 
+The PromQL comes from :mod:`diktyo.telemetry.promql`, the builder the dashboard's Prometheus
+source uses too.
+
 ``python -m diktyo.telemetry.grafana`` rewrites ``deploy/grafana/diktyo-{service,workload}-
 dashboard.json``; a test keeps the committed files equal to this generator and runs every
 panel's PromQL against a real Prometheus. The mesh overview lives beside them
@@ -13,8 +16,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from diktyo.telemetry.promql import (
+    DURATION,
+    REQUESTS,
+    RESPONSE_BYTES,
+    TCP_SENT,
+    Matcher,
+    quantile,
+    rate,
+    selector,
+    success_ratio,
+    sum_by,
+)
+
 DS = {"type": "prometheus", "uid": "${datasource}"}
-RATE = "[$__rate_interval]"
+RATE = "$__rate_interval"
 
 
 def _var(name: str, label: str, query: str, include_all: bool = False) -> dict[str, Any]:
@@ -80,50 +96,47 @@ def _dashboard(title: str, uid: str, description: str, variables: list[dict[str,
     }
 
 
-def _golden(sel: str, by: str, y: int, first_id: int, who: str) -> list[dict[str, Any]]:
+def _golden(sel: list[Matcher], by: str, y: int, first_id: int, who: str) -> list[dict[str, Any]]:
     """Request rate, success rate, p50/p90/p99 and bytes for ``istio_*{sel}`` grouped ``by``."""
-    dur = "istio_request_duration_milliseconds_bucket"
+    flagged = selector([*sel, ("response_flags", "!=", "-")])
     return [
         _panel(first_id, f"Request rate by {who}", "timeseries",
-               [(f"round(sum(rate(istio_requests_total{{{sel}}}{RATE})) by ({by}, response_code), 0.001)",
+               [(f"round({sum_by(rate(REQUESTS, selector(sel), RATE), (by, 'response_code'))}, 0.001)",
                  f"{{{{{by}}}}} {{{{response_code}}}}")],
                0, y, 12, 8, "reqps", "Requests per second by response code."),
         _panel(first_id + 1, f"Success rate by {who}", "timeseries",
-               [((f"sum(rate(istio_requests_total{{{sel},response_code!~\"5..\"}}{RATE})) by ({by})"
-                 f" / sum(rate(istio_requests_total{{{sel}}}{RATE})) by ({by})"),
-                 f"{{{{{by}}}}}")],
+               [(success_ratio(sel, RATE, (by,)), f"{{{{{by}}}}}")],
                12, y, 12, 8, "percentunit", "Share of requests answered without a 5xx."),
         _panel(first_id + 2, f"Request duration by {who}", "timeseries",
-               [(f"histogram_quantile({q}, sum(rate({dur}{{{sel}}}{RATE})) by ({by}, le))",
-                 f"{{{{{by}}}}} p{int(q * 100)}") for q in (0.5, 0.9, 0.99)],
+               [(quantile(q, DURATION, selector(sel), RATE, (by,)), f"{{{{{by}}}}} p{int(q * 100)}")
+                for q in (0.5, 0.9, 0.99)],
                0, y + 8, 12, 8, "ms", "Latency percentiles from Istio's duration histogram."),
         _panel(first_id + 3, f"Response size by {who}", "timeseries",
-               [(f"histogram_quantile(0.5, sum(rate(istio_response_bytes_bucket{{{sel}}}{RATE})) by ({by}, le))",
-                 f"{{{{{by}}}}} p50"),
-                (f"histogram_quantile(0.99, sum(rate(istio_response_bytes_bucket{{{sel}}}{RATE})) by ({by}, le))",
-                 f"{{{{{by}}}}} p99")],
+               [(quantile(0.5, RESPONSE_BYTES, selector(sel), RATE, (by,)), f"{{{{{by}}}}} p50"),
+                (quantile(0.99, RESPONSE_BYTES, selector(sel), RATE, (by,)), f"{{{{{by}}}}} p99")],
                12, y + 8, 12, 8, "bytes", "Response body sizes."),
         _panel(first_id + 4, f"Response flags by {who}", "timeseries",
-               [(f"sum(rate(istio_requests_total{{{sel},response_flags!=\"-\"}}{RATE})) by ({by}, response_flags)",
+               [(sum_by(rate(REQUESTS, flagged, RATE), (by, "response_flags")),
                  f"{{{{{by}}}}} {{{{response_flags}}}}")],
                0, y + 16, 24, 7, "reqps",
                "Envoy response flags (UO circuit breaker, UH no healthy upstream, UT timeout, ...)."),
     ]  # fmt: skip
 
 
+def _volume(sel: list[Matcher]) -> str:
+    return f"round({sum_by(rate(REQUESTS, selector(sel), RATE))}, 0.01)"
+
+
 def service_dashboard() -> dict[str, Any]:
-    sel_in = 'reporter="destination",destination_service=~"$service"'
-    sel_out = 'reporter="source",destination_service=~"$service"'
+    sel_in: list[Matcher] = [("reporter", "=", "destination"), ("destination_service", "=~", "$service")]
+    sel_out: list[Matcher] = [("reporter", "=", "source"), ("destination_service", "=~", "$service")]
     panels = [
-        _panel(1, "Client request volume", "stat",
-               [(f"round(sum(rate(istio_requests_total{{{sel_out}}}{RATE})), 0.01)", "")],
+        _panel(1, "Client request volume", "stat", [(_volume(sel_out), "")],
                0, 0, 8, 4, "reqps", "Requests per second to this service, as clients report."),
-        _panel(2, "Client success rate (non-5xx)", "stat",
-               [((f"sum(rate(istio_requests_total{{{sel_out},response_code!~\"5..\"}}{RATE}))"
-                 f" / sum(rate(istio_requests_total{{{sel_out}}}{RATE}))"), "")],
+        _panel(2, "Client success rate (non-5xx)", "stat", [(success_ratio(sel_out, RATE), "")],
                8, 0, 8, 4, "percentunit", "Share of client requests without a 5xx."),
         _panel(3, "Client request duration p99", "stat",
-               [(f"histogram_quantile(0.99, sum(rate(istio_request_duration_milliseconds_bucket{{{sel_out}}}{RATE})) by (le))", "")],
+               [(quantile(0.99, DURATION, selector(sel_out), RATE), "")],
                16, 0, 8, 4, "ms", "p99 latency clients see."),
         *_golden(sel_out, "source_workload", 4, 10, "client workload"),
         *_golden(sel_in, "destination_workload", 27, 20, "service workload"),
@@ -132,24 +145,28 @@ def service_dashboard() -> dict[str, Any]:
         "diktyo service", "diktyo-service",
         "One service: what its clients see and what its workloads serve (Istio metric names).",
         [_var("service", "Service",
-              "label_values(istio_requests_total, destination_service)")],
+              f"label_values({REQUESTS}, destination_service)")],
         panels,
     )  # fmt: skip
 
 
 def workload_dashboard() -> dict[str, Any]:
-    sel_in = 'reporter="destination",destination_workload=~"$workload",destination_workload_namespace=~"$namespace"'
-    sel_out = 'reporter="source",source_workload=~"$workload",source_workload_namespace=~"$namespace"'
+    sel_in: list[Matcher] = [
+        ("reporter", "=", "destination"), ("destination_workload", "=~", "$workload"),
+        ("destination_workload_namespace", "=~", "$namespace"),
+    ]  # fmt: skip
+    sel_out: list[Matcher] = [
+        ("reporter", "=", "source"), ("source_workload", "=~", "$workload"),
+        ("source_workload_namespace", "=~", "$namespace"),
+    ]  # fmt: skip
+    ns = selector([("destination_workload_namespace", "=~", "$namespace")])
     panels = [
-        _panel(1, "Incoming request volume", "stat",
-               [(f"round(sum(rate(istio_requests_total{{{sel_in}}}{RATE})), 0.01)", "")],
+        _panel(1, "Incoming request volume", "stat", [(_volume(sel_in), "")],
                0, 0, 8, 4, "reqps", "Requests per second this workload serves."),
-        _panel(2, "Incoming success rate (non-5xx)", "stat",
-               [((f"sum(rate(istio_requests_total{{{sel_in},response_code!~\"5..\"}}{RATE}))"
-                 f" / sum(rate(istio_requests_total{{{sel_in}}}{RATE}))"), "")],
+        _panel(2, "Incoming success rate (non-5xx)", "stat", [(success_ratio(sel_in, RATE), "")],
                8, 0, 8, 4, "percentunit", "Share of served requests without a 5xx."),
         _panel(3, "TCP bytes sent", "stat",
-               [(f"sum(rate(istio_tcp_sent_bytes_total{{{sel_in}}}{RATE}))", "")],
+               [(sum_by(rate(TCP_SENT, selector(sel_in), RATE)), "")],
                16, 0, 8, 4, "Bps", "TCP bytes per second this workload sends back."),
         *_golden(sel_in, "source_workload", 4, 10, "caller (inbound)"),
         *_golden(sel_out, "destination_service", 27, 20, "destination (outbound)"),
@@ -158,9 +175,9 @@ def workload_dashboard() -> dict[str, Any]:
         "diktyo workload", "diktyo-workload",
         "One workload: inbound traffic by caller and outbound traffic by destination.",
         [_var("namespace", "Namespace",
-              "label_values(istio_requests_total, destination_workload_namespace)", True),
+              f"label_values({REQUESTS}, destination_workload_namespace)", True),
          _var("workload", "Workload",
-              'label_values(istio_requests_total{destination_workload_namespace=~"$namespace"}, destination_workload)')],
+              f"label_values({REQUESTS}{ns}, destination_workload)")],
         panels,
     )  # fmt: skip
 

@@ -1,7 +1,10 @@
-"""A minimal asyncio HTTP/1.1 client for telemetry's own calls (OTLP posts, admin scrapes).
+"""A minimal asyncio HTTP/1.1 client for the sidecar's own telemetry calls (OTLP span posts).
 
 One request per connection (``Connection: close``), bounded time and body size. Kept here so
-the sidecar does not need an HTTP client library for its telemetry.
+the sidecar does not load an HTTP client library (aiohttp) for its telemetry; the control
+plane's calls (scrapes, Prometheus queries) go through aiohttp, the control side's client.
+Issue 13 wants the sidecar's one internal client built on its own HTTP/1 codec: this should
+move onto ``proxy/codec`` once the rebuilt codec (issue 9) has a client side.
 """
 
 from __future__ import annotations

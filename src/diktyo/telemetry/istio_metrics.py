@@ -27,7 +27,22 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
-from diktyo.telemetry.exposition import format_bound, format_value, header, histogram_lines
+from diktyo.telemetry.exposition import (
+    escape_label_value,
+    format_bound,
+    format_value,
+    histogram_lines,
+)
+from diktyo.telemetry.stats import (
+    ISTIO_HTTP_STATS,
+    ISTIO_NAMES,
+    ISTIO_TCP_STATS,
+    LABEL_NAMES,
+    PER_REQUEST_LABELS,
+    UNKNOWN,
+    collect,
+    istio_header,
+)
 
 # Envoy's default histogram buckets (Istio's defaults for duration and size histograms).
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -37,45 +52,16 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 DURATION_BUCKETS_MS = DEFAULT_BUCKETS
 BYTES_BUCKETS = DEFAULT_BUCKETS
 
-REQUESTS_TOTAL = "istio_requests_total"
-REQUEST_DURATION = "istio_request_duration_milliseconds"
-REQUEST_BYTES = "istio_request_bytes"
-RESPONSE_BYTES = "istio_response_bytes"
-TCP_SENT = "istio_tcp_sent_bytes_total"
-TCP_RECEIVED = "istio_tcp_received_bytes_total"
-TCP_OPENED = "istio_tcp_connections_opened_total"
-TCP_CLOSED = "istio_tcp_connections_closed_total"
+# names, types, HELP and label names are declared once, in ``diktyo.telemetry.stats``
+REQUESTS_TOTAL = ISTIO_NAMES["REQUEST_COUNT"]
+REQUEST_DURATION = ISTIO_NAMES["REQUEST_DURATION"]
+REQUEST_BYTES = ISTIO_NAMES["REQUEST_SIZE"]
+RESPONSE_BYTES = ISTIO_NAMES["RESPONSE_SIZE"]
+TCP_SENT = ISTIO_NAMES["TCP_SENT_BYTES"]
+TCP_RECEIVED = ISTIO_NAMES["TCP_RECEIVED_BYTES"]
+TCP_OPENED = ISTIO_NAMES["TCP_OPENED_CONNECTIONS"]
+TCP_CLOSED = ISTIO_NAMES["TCP_CLOSED_CONNECTIONS"]
 
-# Istio's full label set, in Istio's order.
-LABEL_NAMES: tuple[str, ...] = (
-    "reporter",
-    "source_workload",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_cluster",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_cluster",
-    "request_protocol",
-    "response_code",
-    "grpc_response_status",
-    "response_flags",
-    "connection_security_policy",
-)
-PER_REQUEST_LABELS = ("response_code", "grpc_response_status", "response_flags")
-UNKNOWN = "unknown"
 
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
 CANONICAL_REVISION_LABELS = (
@@ -240,10 +226,7 @@ class PeerLabels:
         )
 
 
-def _esc(v: str) -> str:
-    if "\\" in v or '"' in v or "\n" in v:
-        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return v
+_esc = escape_label_value  # the one escaping function (exposition format 0.0.4)
 
 
 class PeerKey:
@@ -282,6 +265,8 @@ class RecordFn(Protocol):
     ) -> None: ...
 
 
+_HTTP_METRICS = tuple(st.api for st in ISTIO_HTTP_STATS.stats)
+
 # layout of one HTTP series list: [count, dur_sum, req_sum, resp_sum, dur buckets.., req.., resp..]
 _COUNT, _DUR_SUM, _REQ_SUM, _RESP_SUM, _HEAD = 0, 1, 2, 3, 4
 
@@ -312,8 +297,9 @@ class IstioMetrics:
         self.record: RecordFn = self._make_record()
         """``record(peer, response_code, response_flags, duration_ms, req_bytes, resp_bytes,
         grpc_status="")``: count one finished HTTP request (dict lookup + list increments)."""
-        # (peer, response_flags) -> [opened, closed, sent, received]
-        self._tcp: dict[tuple[PeerKey, str], list[int]] = {}
+        # (peer, response_flags) -> a block of ISTIO_TCP_STATS, and its label text
+        self._tcp: dict[tuple[PeerKey, str], dict[str, int]] = {}
+        self._tcp_labels: dict[tuple[PeerKey, str], str] = {}
         # Telemetry API metric overrides (snapshot ``MetricOverride``s), applied at scrape time
         self.overrides: tuple[Any, ...] = ()
 
@@ -362,25 +348,31 @@ class IstioMetrics:
 
         return record
 
+    def _tcp_block(self, peer: PeerKey, response_flags: str) -> dict[str, int]:
+        """The TCP series of (peer, flags): a ``stats.ISTIO_TCP_STATS`` block, its label text
+        rendered (and escaped) once, here."""
+        key = (peer, response_flags)
+        b = self._tcp.get(key)
+        if b is None:
+            b = self._tcp[key] = ISTIO_TCP_STATS.block()
+            self._tcp_labels[key] = (
+                f'{peer.prefix},response_flags="{_esc(response_flags)}",{peer.suffix}'
+            )
+        return b
+
     def tcp_open(self, peer: PeerKey, response_flags: str = "-") -> None:
-        s = self._tcp.get((peer, response_flags))
-        if s is None:
-            s = self._tcp[(peer, response_flags)] = [0, 0, 0, 0]
-        s[0] += 1
+        b = self._tcp.get((peer, response_flags)) or self._tcp_block(peer, response_flags)
+        b["connections_opened_total"] += 1
 
     def tcp_bytes(self, peer: PeerKey, sent: int, received: int, response_flags: str = "-") -> None:
         """Add bytes as they flow (Istio reports TCP bytes periodically, not only at close)."""
-        s = self._tcp.get((peer, response_flags))
-        if s is None:
-            s = self._tcp[(peer, response_flags)] = [0, 0, 0, 0]
-        s[2] += sent
-        s[3] += received
+        b = self._tcp.get((peer, response_flags)) or self._tcp_block(peer, response_flags)
+        b["sent_bytes_total"] += sent
+        b["received_bytes_total"] += received
 
     def tcp_close(self, peer: PeerKey, response_flags: str = "-") -> None:
-        s = self._tcp.get((peer, response_flags))
-        if s is None:
-            s = self._tcp[(peer, response_flags)] = [0, 0, 0, 0]
-        s[1] += 1
+        b = self._tcp.get((peer, response_flags)) or self._tcp_block(peer, response_flags)
+        b["connections_closed_total"] += 1
 
     # ----------------------------------------------------------------- scrape time
 
@@ -420,58 +412,39 @@ class IstioMetrics:
         dur_text = tuple(format_bound(b) for b in self._dur_bounds)
         byte_text = tuple(format_bound(b) for b in self._byte_bounds)
         if series:
-            header(out, REQUESTS_TOTAL, "counter", "Requests handled by an Istio proxy.")
+            istio_header(out, "REQUEST_COUNT")
             for labels, s in series:
                 out.append(f"{REQUESTS_TOTAL}{{{labels}}} {int(s[_COUNT])}\n")
-            header(out, REQUEST_DURATION, "histogram", "Duration of requests in milliseconds.")
+            istio_header(out, "REQUEST_DURATION")
             for labels, s in series:
                 histogram_lines(
                     out, REQUEST_DURATION, labels, dur_text, s, _HEAD, s[_DUR_SUM], int(s[_COUNT])
                 )
-            header(out, REQUEST_BYTES, "histogram", "HTTP request body sizes in bytes.")
+            istio_header(out, "REQUEST_SIZE")
             for labels, s in series:
                 histogram_lines(
                     out, REQUEST_BYTES, labels, byte_text, s, self._req_off, s[_REQ_SUM],
                     int(s[_COUNT]),
                 )  # fmt: skip
-            header(out, RESPONSE_BYTES, "histogram", "HTTP response body sizes in bytes.")
+            istio_header(out, "RESPONSE_SIZE")
             for labels, s in series:
                 histogram_lines(
                     out, RESPONSE_BYTES, labels, byte_text, s, self._resp_off, s[_RESP_SUM],
                     int(s[_COUNT]),
                 )  # fmt: skip
         if self._tcp:
-            tcp = [
-                (f'{p.prefix},response_flags="{_esc(f)}",{p.suffix}', s)
-                for (p, f), s in sorted(
-                    self._tcp.items(), key=lambda kv: (kv[0][0].index, kv[0][1])
-                )
-            ]
-            for name, idx, text in (
-                (TCP_SENT, 2, "Bytes sent during response in case of a TCP connection."),
-                (TCP_RECEIVED, 3, "Bytes received during request in case of a TCP connection."),
-                (TCP_OPENED, 0, "TCP connections opened."),
-                (TCP_CLOSED, 1, "TCP connections closed."),
-            ):
-                header(out, name, "counter", text)
-                for labels, t in tcp:
-                    out.append(f"{name}{{{labels}}} {format_value(t[idx])}\n")
+            keys = sorted(self._tcp, key=lambda k: (k[0].index, k[1]))
+            collect(out, ISTIO_TCP_STATS, [(self._tcp_labels[k], self._tcp[k]) for k in keys])
 
     def _collect_overridden(self, out: list[str]) -> None:
         """``collect`` with the Telemetry API's metric overrides: a family disabled for a
         reporter loses those series; removed tags go (series that become equal are summed),
         upserted tags get their value."""
-        http = [
-            (REQUESTS_TOTAL, "REQUEST_COUNT", "counter", "Requests handled by an Istio proxy."),
-            (REQUEST_DURATION, "REQUEST_DURATION", "histogram",
-             "Duration of requests in milliseconds."),
-            (REQUEST_BYTES, "REQUEST_SIZE", "histogram", "HTTP request body sizes in bytes."),
-            (RESPONSE_BYTES, "RESPONSE_SIZE", "histogram", "HTTP response body sizes in bytes."),
-        ]  # fmt: skip
         ordered = sorted(self._series(), key=lambda t: (t[0].index, t[1], t[2], t[3]))
         dur_text = tuple(format_bound(b) for b in self._dur_bounds)
         byte_text = tuple(format_bound(b) for b in self._byte_bounds)
-        for name, metric, kind, text in http:
+        for metric in _HTTP_METRICS:
+            name = ISTIO_NAMES[metric]
             merged: dict[str, list[float]] = {}
             for p, code, f, g, s in ordered:
                 values = _label_values(p.labels, str(code), g, f)
@@ -484,7 +457,7 @@ class IstioMetrics:
                 )
             if not merged:
                 continue
-            header(out, name, kind, text)
+            istio_header(out, metric)
             for labels, s in merged.items():
                 if metric == "REQUEST_COUNT":
                     out.append(f"{name}{{{labels}}} {int(s[_COUNT])}\n")
@@ -502,21 +475,16 @@ class IstioMetrics:
                         int(s[_COUNT]),
                     )  # fmt: skip
         tcp_items = sorted(self._tcp.items(), key=lambda kv: (kv[0][0].index, kv[0][1]))
-        for name, metric, idx, text in (
-            (TCP_SENT, "TCP_SENT_BYTES", 2, "Bytes sent during response in case of a TCP connection."),
-            (TCP_RECEIVED, "TCP_RECEIVED_BYTES", 3,
-             "Bytes received during request in case of a TCP connection."),
-            (TCP_OPENED, "TCP_OPENED_CONNECTIONS", 0, "TCP connections opened."),
-            (TCP_CLOSED, "TCP_CLOSED_CONNECTIONS", 1, "TCP connections closed."),
-        ):  # fmt: skip
+        for st in ISTIO_TCP_STATS.stats:
+            metric, name = st.api, ISTIO_TCP_STATS.name(st.key)
             totals: dict[str, int] = {}
-            for (p, f), t in tcp_items:
+            for (p, f), b in tcp_items:
                 values = _label_values(p.labels, None, None, f)
                 labels = _apply_overrides(self.overrides, metric, values)
                 if labels is not None:
-                    totals[labels] = totals.get(labels, 0) + t[idx]
+                    totals[labels] = totals.get(labels, 0) + b[st.key]
             if totals:
-                header(out, name, "counter", text)
+                istio_header(out, metric)
                 for labels, v in totals.items():
                     out.append(f"{name}{{{labels}}} {format_value(v)}\n")
 

@@ -13,52 +13,46 @@ API (``/api/v1/query`` for the graph, ``/api/v1/query_range`` for series):
   (rate(istio_request_duration_milliseconds_bucket[W])))`` for q = 0.5, 0.95, 0.99;
 - mean latency and TCP byte rates from ``..._sum`` and ``istio_tcp_*_bytes_total``.
 
-The PromQL text and the folding of answers into the store's shapes are pure functions
-(:func:`graph_queries`, :func:`fold_graph`, :func:`series_queries`, :func:`fold_series`); the
-class adds blocking HTTP (``urllib``, short timeout, localhost Prometheus answers in
-milliseconds) and a short cache so a dashboard polling every few seconds asks once. When
-Prometheus cannot be reached or answers an error, the source logs a warning, counts it in
-``failures`` and answers an empty graph / empty points (the dashboard shows "no traffic"
-rather than failing); for ``backoff`` seconds after a failure it does not ask again (the
-calls block the control plane's loop, so a hung Prometheus must not be waited on per poll).
+The PromQL text (built by :mod:`diktyo.telemetry.promql`, as the Grafana dashboards are) and
+the folding of answers into the store's shapes (``store.golden_signals`` and
+``store.service_graph``, the same fold as the embedded store's) are pure functions
+(:func:`graph_queries`, :func:`fold_graph`, :func:`series_queries`, :func:`fold_series`). The
+class adds asynchronous HTTP (aiohttp, the control side's one client: the queries of one
+answer run concurrently and never block the control plane's event loop; short timeout) and a
+short cache so a dashboard polling every few seconds asks once. ``graph`` and ``series`` are
+coroutines; callers await them (``MetricStore``'s are plain functions, the dashboard takes
+both). When Prometheus cannot be reached or answers an error, the source logs a warning,
+counts it in ``failures`` and answers an empty graph / empty points (the dashboard shows "no
+traffic" rather than failing); for ``backoff`` seconds after a failure it does not ask again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from diktyo.core.clock import SYSTEM_CLOCK, Clock
-from diktyo.telemetry.store import EDGE_LABELS
+from diktyo.telemetry import promql
+from diktyo.telemetry.promql import selector
+from diktyo.telemetry.store import EDGE_LABELS, code_class, golden_signals, is_error, service_graph
 
 log = logging.getLogger(__name__)
 
 QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
-_BY = ", ".join(EDGE_LABELS)
 
-Fetch = Callable[[str], Any]  # URL -> parsed JSON body of a Prometheus API answer
+Fetch = Callable[[str], Awaitable[Any]]  # URL -> parsed JSON body of a Prometheus API answer
+promql_string = promql.string  # kept for callers of the old name
+__all__ = ["PrometheusError", "PrometheusSource", "fold_graph", "fold_series", "graph_queries",
+           "promql_string", "selector", "series_queries"]  # fmt: skip
 
 
 class PrometheusError(RuntimeError):
     """Prometheus could not be reached or rejected a query."""
-
-
-def promql_string(value: str) -> str:
-    """A PromQL double-quoted string literal for ``value``."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-def selector(match: Mapping[str, str]) -> str:
-    """``{k="v",...}`` for label equality matchers (``""`` for none)."""
-    if not match:
-        return ""
-    return "{" + ",".join(f"{k}={promql_string(v)}" for k, v in sorted(match.items())) + "}"
 
 
 def _duration(seconds: float) -> str:
@@ -73,31 +67,22 @@ def _num(raw: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _code_class(code: str) -> str:
-    return f"{code[0]}xx" if len(code) == 3 and code.isdigit() else code or "0"
-
-
-def _is_error(code: str) -> bool:
-    return code in ("0", "") or code.startswith("5")
-
-
 # --------------------------------------------------------------------------- graph (pure)
 
 
 def graph_queries(window: float) -> dict[str, str]:
     """The instant PromQL queries behind ``graph(window)``, by name."""
     w = _duration(window)
+    by = EDGE_LABELS
     q = {
-        "requests": f"sum by ({_BY}, response_code) (increase(istio_requests_total[{w}]))",
-        "duration_sum": f"sum by ({_BY}) (increase(istio_request_duration_milliseconds_sum[{w}]))",
-        "tcp_sent": f"sum by ({_BY}) (rate(istio_tcp_sent_bytes_total[{w}]))",
-        "tcp_received": f"sum by ({_BY}) (rate(istio_tcp_received_bytes_total[{w}]))",
-    }
+        "requests": promql.sum_by(promql.rate(promql.REQUESTS, "", w, "increase"),
+                                  (*by, "response_code")),
+        "duration_sum": promql.sum_by(promql.rate(promql.DURATION + "_sum", "", w, "increase"), by),
+        "tcp_sent": promql.sum_by(promql.rate(promql.TCP_SENT, "", w), by),
+        "tcp_received": promql.sum_by(promql.rate(promql.TCP_RECEIVED, "", w), by),
+    }  # fmt: skip
     for name, quant in QUANTILES:
-        q[name] = (
-            f"histogram_quantile({quant}, sum by ({_BY}, le) "
-            f"(rate(istio_request_duration_milliseconds_bucket[{w}])))"
-        )
+        q[name] = promql.quantile(quant, promql.DURATION, "", w, by)
     return q
 
 
@@ -111,23 +96,15 @@ def _empty_stats() -> dict[str, Any]:
 
 
 def _summary(s: Mapping[str, Any], seconds: float) -> dict[str, Any]:
-    rq = s["requests"]
-    return {
-        "requests": rq,
-        "rps": rq / seconds if seconds > 0 else 0.0,
-        "errorRate": (s["errors"] / rq) if rq else 0.0,
-        "codes": dict(sorted(s["codes"].items())),
-        "p50": s["p50"] if rq else None,
-        "p95": s["p95"] if rq else None,
-        "p99": s["p99"] if rq else None,
-        "meanMs": (s["duration_sum"] / rq) if rq else None,
-        "tcpSentBps": s["tcp_sent"],
-        "tcpReceivedBps": s["tcp_received"],
-    }
+    return golden_signals(
+        seconds, s["requests"], s["errors"], s["codes"], (s["p50"], s["p95"], s["p99"]),
+        s["duration_sum"], s["tcp_sent"], s["tcp_received"],
+    )  # fmt: skip
 
 
 def fold_graph(window: float, answers: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """``MetricStore.graph`` shape from the instant-vector answers of :func:`graph_queries`."""
+    """``MetricStore.graph`` shape from the instant-vector answers of :func:`graph_queries`:
+    per-edge numbers here, the graph itself by ``store.service_graph`` (one fold for both)."""
     span = float(max(1, math.ceil(window)))
     per_edge: dict[tuple[str, ...], dict[str, Any]] = {}
 
@@ -145,9 +122,9 @@ def fold_graph(window: float, answers: Mapping[str, list[dict[str, Any]]]) -> di
         s = stats(r["metric"])
         code = r["metric"].get("response_code", "")
         s["requests"] += v
-        cls = _code_class(code)
+        cls = code_class(code)
         s["codes"][cls] = s["codes"].get(cls, 0.0) + v
-        if _is_error(code):
+        if is_error(code):
             s["errors"] += v
     for name in ("duration_sum", "tcp_sent", "tcp_received", "p50", "p95", "p99"):
         for r in answers.get(name, []):
@@ -160,35 +137,7 @@ def fold_graph(window: float, answers: Mapping[str, list[dict[str, Any]]]) -> di
             if not v and key not in per_edge:
                 continue
             stats(r["metric"])[name] = v
-    # one edge per (source, destination): reporter="source" when present, like MetricStore
-    merged: dict[tuple[str, ...], tuple[str, dict[str, Any]]] = {}
-    for key, s in sorted(per_edge.items(), key=lambda kv: kv[0][0] != "source"):
-        rest = key[1:]
-        if rest not in merged:
-            merged[rest] = (key[0], s)
-    nodes: dict[str, dict[str, Any]] = {}
-    edges_out = []
-    for (src_wl, src_ns, src_ver, dst_svc, dst_wl, dst_ver), (reporter, s) in sorted(
-        merged.items()
-    ):
-        src_id = f"{src_ns}/{src_wl}" if src_wl != "unknown" else "unknown"
-        nodes.setdefault(src_id, {"id": src_id, "kind": "workload", "name": src_wl,
-                                  "namespace": src_ns})  # fmt: skip
-        nodes.setdefault(dst_svc, {"id": dst_svc, "kind": "service", "name": dst_svc})
-        edges_out.append(
-            {
-                "source": src_id,
-                "target": dst_svc,
-                "sourceWorkload": src_wl,
-                "sourceVersion": src_ver,
-                "destinationService": dst_svc,
-                "destinationWorkload": dst_wl,
-                "destinationVersion": dst_ver,
-                "reporter": reporter,
-                **_summary(s, span),
-            }
-        )
-    return {"window": span, "nodes": list(nodes.values()), "edges": edges_out}
+    return service_graph(span, {k: _summary(s, span) for k, s in per_edge.items()})
 
 
 # --------------------------------------------------------------------------- series (pure)
@@ -202,16 +151,13 @@ def series_queries(match: Mapping[str, str], reporter: str, rate_window: float) 
     sel = selector({**match, "reporter": reporter})
     r = _duration(rate_window)
     q = {
-        "codes": f"sum by (response_code) (rate(istio_requests_total{sel}[{r}]))",
-        "duration_sum": f"sum(rate(istio_request_duration_milliseconds_sum{sel}[{r}]))",
-        "tcp_sent": f"sum(rate(istio_tcp_sent_bytes_total{sel}[{r}]))",
-        "tcp_received": f"sum(rate(istio_tcp_received_bytes_total{sel}[{r}]))",
+        "codes": promql.sum_by(promql.rate(promql.REQUESTS, sel, r), ("response_code",)),
+        "duration_sum": promql.sum_by(promql.rate(promql.DURATION + "_sum", sel, r)),
+        "tcp_sent": promql.sum_by(promql.rate(promql.TCP_SENT, sel, r)),
+        "tcp_received": promql.sum_by(promql.rate(promql.TCP_RECEIVED, sel, r)),
     }
     for name, quant in QUANTILES:
-        q[name] = (
-            f"histogram_quantile({quant}, sum by (le) "
-            f"(rate(istio_request_duration_milliseconds_bucket{sel}[{r}])))"
-        )
+        q[name] = promql.quantile(quant, promql.DURATION, sel, r)
     return q
 
 
@@ -235,9 +181,9 @@ def fold_series(
                 if name == "codes":
                     rq = v * step  # a rate per second -> requests in this step
                     s["requests"] += rq
-                    cls = _code_class(code)
+                    cls = code_class(code)
                     s["codes"][cls] = s["codes"].get(cls, 0.0) + rq
-                    if _is_error(code):
+                    if is_error(code):
                         s["errors"] += rq
                 elif name == "duration_sum":
                     s[name] += v * step
@@ -249,21 +195,29 @@ def fold_series(
 # --------------------------------------------------------------------------- the source
 
 
-def _urllib_fetch(timeout: float) -> Fetch:
-    def fetch(url: str) -> Any:
+def _aiohttp_fetch(timeout: float) -> Fetch:
+    """GET a Prometheus API URL with aiohttp (the control side's one HTTP client)."""
+
+    async def fetch(url: str) -> Any:
+        import aiohttp  # the control plane has it loaded already; keep module import light
+
+        base = url.split("/api/")[0]
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as exc:
-            body = exc.read()
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http,
+                http.get(url) as resp,
+            ):
+                body = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise PrometheusError(f"cannot reach Prometheus at {base}: {reason}") from None
+        if status >= 400:
             try:
                 err = json.loads(body).get("error", "")
-            except ValueError:
+            except (ValueError, AttributeError):
                 err = body[:200].decode(errors="replace")
-            raise PrometheusError(f"Prometheus answered HTTP {exc.code}: {err}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise PrometheusError(f"cannot reach Prometheus at {url.split('/api/')[0]}: {reason}")
+            raise PrometheusError(f"Prometheus answered HTTP {status}: {err}")
         try:
             return json.loads(body)
         except ValueError:
@@ -302,7 +256,7 @@ class PrometheusSource:
         self.rate_window = rate_window
         self.cache_ttl = cache_ttl
         self.clock = clock
-        self._fetch = fetch or _urllib_fetch(timeout)
+        self._fetch = fetch or _aiohttp_fetch(timeout)
         self._cache: dict[str, tuple[float, Any]] = {}
         self.failures = 0
         self.queries = 0
@@ -313,29 +267,29 @@ class PrometheusSource:
 
     # ------------------------------------------------------------------ HTTP
 
-    def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
+    async def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
         """An instant query; the result vector. Raises :class:`PrometheusError`."""
         params = {"query": promql}
         if at is not None:
             params["time"] = f"{at:.3f}"
-        return self._get("/api/v1/query", params)
+        return await self._get("/api/v1/query", params)
 
-    def query_range(
+    async def query_range(
         self, promql: str, start: float, end: float, step: float
     ) -> list[dict[str, Any]]:
         """A range query; the result matrix. Raises :class:`PrometheusError`."""
         params = {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}",
                   "step": f"{step:g}"}  # fmt: skip
-        return self._get("/api/v1/query_range", params)
+        return await self._get("/api/v1/query_range", params)
 
-    def _get(self, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
+    async def _get(self, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
         now = self.clock.monotonic()
         hit = self._cache.get(url)
         if hit is not None and now - hit[0] < self.cache_ttl:
             return list(hit[1])
         self.queries += 1
-        body = self._fetch(url)
+        body = await self._fetch(url)
         if not isinstance(body, dict) or body.get("status") != "success":
             err = body.get("error", body) if isinstance(body, dict) else body
             raise PrometheusError(f"Prometheus rejected the query: {err}")
@@ -357,7 +311,8 @@ class PrometheusSource:
         )  # fmt: skip
 
     def _backing_off(self) -> bool:
-        """After a failure, skip Prometheus for ``backoff`` seconds (the caller blocks on it)."""
+        """After a failure, skip Prometheus for ``backoff`` seconds (a dashboard poll must not
+        wait out a timeout each time)."""
         if self.clock.monotonic() < self._down_until:
             self.skipped += 1
             return True
@@ -365,19 +320,21 @@ class PrometheusSource:
 
     # ------------------------------------------------------------------ MetricStore's API
 
-    def graph(self, window: float = 60.0, now: float | None = None) -> dict[str, Any]:
+    async def graph(self, window: float = 60.0, now: float | None = None) -> dict[str, Any]:
         """Nodes and edges with rps, errorRate, codes, p50/p95/p99 (see ``MetricStore.graph``)."""
         at = self._at(now)
         answers: dict[str, list[dict[str, Any]]] = {}
         if not self._backing_off():
             try:
-                answers = {k: self.query(q, at) for k, q in graph_queries(window).items()}
+                answers = await self._all(
+                    {k: self.query(q, at) for k, q in graph_queries(window).items()}
+                )
             except PrometheusError as exc:
                 self._degraded("graph query", exc)
                 answers = {}
         return fold_graph(window, answers)
 
-    def series(
+    async def series(
         self,
         match: Mapping[str, str] | None = None,
         window: float = 600.0,
@@ -395,11 +352,26 @@ class PrometheusSource:
         answers: dict[str, list[dict[str, Any]]] = {}
         if not self._backing_off():
             try:
-                answers = {k: self.query_range(q, start, end, step) for k, q in queries.items()}
+                answers = await self._all(
+                    {k: self.query_range(q, start, end, step) for k, q in queries.items()}
+                )
             except PrometheusError as exc:
                 self._degraded("series query", exc)
                 answers = {}
         return fold_series(start, end, step, answers)
+
+    @staticmethod
+    async def _all(
+        calls: Mapping[str, Awaitable[list[dict[str, Any]]]],
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Run the queries concurrently; the first failure fails the whole answer."""
+        results = await asyncio.gather(*calls.values(), return_exceptions=True)
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name, r in zip(calls, results, strict=True):
+            if isinstance(r, BaseException):
+                raise r
+            out[name] = r
+        return out
 
     def _at(self, now: float | None) -> float:
         if now is not None:

@@ -1,4 +1,8 @@
-"""Periodic scraping of sidecars' ``/stats/prometheus`` into a :class:`MetricStore` (async shell)."""
+"""Periodic scraping of sidecars' ``/stats/prometheus`` into a :class:`MetricStore` (async shell).
+
+Runs in the control plane, so it speaks HTTP through aiohttp, the control side's one client:
+one session per scraper, connections to sidecars' admin ports kept alive between rounds, at
+most ``concurrency`` at a time, each exposition capped at :data:`MAX_BODY` bytes."""
 
 from __future__ import annotations
 
@@ -7,11 +11,14 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
+import aiohttp
+
 from diktyo.core.clock import SYSTEM_CLOCK, Clock
-from diktyo.telemetry.httpclient import request
 from diktyo.telemetry.store import MetricStore
 
 log = logging.getLogger(__name__)
+
+MAX_BODY = 16 * 1024 * 1024  # bytes of one sidecar's exposition; more is refused
 
 Targets = Callable[[], Iterable[tuple[str, str]]]
 """Returns (instance name, URL of the sidecar's /stats/prometheus) pairs, asked each round."""
@@ -34,7 +41,9 @@ class Scraper:
         self.interval = interval
         self.timeout = timeout
         self.clock = clock
+        self.concurrency = concurrency
         self._sem = asyncio.Semaphore(concurrency)
+        self._http: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self.failures = 0
         self.rounds = 0
@@ -44,8 +53,8 @@ class Scraper:
     async def _one(self, instance: str, url: str) -> bool:
         async with self._sem:
             try:
-                status, body = await request("GET", url, timeout=self.timeout)
-            except (OSError, TimeoutError, ValueError) as e:
+                status, body = await self._get(url)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
                 self.failures += 1
                 # a sidecar that is still starting is not worth a warning; one that answered
                 # before and stopped answering is
@@ -59,6 +68,23 @@ class Scraper:
         self.store.ingest(instance, body.decode("utf-8", "replace"), self.clock.time())
         self._seen_up.add(instance)
         return True
+
+    async def _get(self, url: str) -> tuple[int, bytes]:
+        http = self._http
+        if http is None or http.closed:
+            http = self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(limit=self.concurrency),
+            )
+        async with http.get(url) as resp:
+            if (resp.content_length or 0) > MAX_BODY:
+                raise ValueError(f"exposition of {resp.content_length} bytes > {MAX_BODY}")
+            body = bytearray()
+            async for chunk in resp.content.iter_chunked(65536):
+                body += chunk
+                if len(body) > MAX_BODY:
+                    raise ValueError(f"exposition larger than {MAX_BODY} bytes")
+            return resp.status, bytes(body)
 
     async def scrape_once(self) -> int:
         """One round over all targets; returns how many succeeded."""
@@ -92,3 +118,6 @@ class Scraper:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()

@@ -104,14 +104,6 @@ class EdgeSlot:
         self.tcp_opened += other.tcp_opened
 
 
-def _code_class(code: str) -> str:
-    return f"{code[0]}xx" if len(code) == 3 and code.isdigit() else code or "0"
-
-
-def _is_error(code: str) -> bool:
-    return code == "0" or code.startswith("5") or code == ""
-
-
 class MetricStore:
     """Bounded time-series ring of per-edge request deltas (default 1 h at 5 s)."""
 
@@ -204,9 +196,9 @@ class MetricStore:
                     seen[0 if policy == "mutual_tls" else 1] = t
                 code = lb.get("response_code", "")
                 e.requests += d
-                cls = _code_class(code)
+                cls = code_class(code)
                 e.codes[cls] = e.codes.get(cls, 0.0) + d
-                if _is_error(code):
+                if is_error(code):
                     e.errors += d
             elif name == "istio_request_duration_milliseconds_bucket":
                 try:
@@ -279,41 +271,9 @@ class MetricStore:
         an edge uses ``reporter="source"`` data when there is any, else ``destination``.
         """
         span = max(1, math.ceil(window / self.resolution)) * self.resolution
-        data = self.edges(window, now)
-        merged: dict[tuple[str, ...], tuple[str, EdgeSlot]] = {}
-        for edge, e in sorted(data.items(), key=lambda kv: kv[0][0] != "source"):
-            rest = edge[1:]
-            if rest in merged and merged[rest][0] != edge[0]:
-                continue  # source already seen for this edge
-            if rest in merged:
-                merged[rest][1].add(e)
-            else:
-                acc = EdgeSlot()
-                acc.add(e)
-                merged[rest] = (edge[0], acc)
-        nodes: dict[str, dict[str, Any]] = {}
-        edges_out = []
-        for labels, (reporter, e) in sorted(merged.items()):
-            src_wl, src_ns, src_ver, dst_svc, dst_wl, dst_ver = labels
-            src_id = f"{src_ns}/{src_wl}" if src_wl != "unknown" else "unknown"
-            dst_id = dst_svc
-            nodes.setdefault(src_id, {"id": src_id, "kind": "workload", "name": src_wl,
-                                      "namespace": src_ns})  # fmt: skip
-            nodes.setdefault(dst_id, {"id": dst_id, "kind": "service", "name": dst_svc})
-            edges_out.append(
-                {
-                    "source": src_id,
-                    "target": dst_id,
-                    "sourceWorkload": src_wl,
-                    "sourceVersion": src_ver,
-                    "destinationService": dst_svc,
-                    "destinationWorkload": dst_wl,
-                    "destinationVersion": dst_ver,
-                    "reporter": reporter,
-                    **summarize(e, span),
-                }
-            )
-        return {"window": span, "nodes": list(nodes.values()), "edges": edges_out}
+        return service_graph(
+            span, {k: summarize(e, span) for k, e in self.edges(window, now).items()}
+        )
 
     def series(
         self,
@@ -342,20 +302,91 @@ class MetricStore:
 
 
 def summarize(e: EdgeSlot, seconds: float) -> dict[str, Any]:
-    """Golden signals of summed deltas over ``seconds``."""
-    rq = e.requests
+    """Golden signals of summed deltas over ``seconds`` (quantiles from the summed buckets)."""
+    b = e.duration_buckets
+    return golden_signals(
+        seconds, e.requests, e.errors, e.codes,
+        (histogram_quantile(0.50, b), histogram_quantile(0.95, b), histogram_quantile(0.99, b)),
+        e.duration_sum,
+        e.tcp_sent / seconds if seconds > 0 else 0.0,
+        e.tcp_received / seconds if seconds > 0 else 0.0,
+    )  # fmt: skip
+
+
+def golden_signals(
+    seconds: float,
+    requests: float,
+    errors: float,
+    codes: Mapping[str, float],
+    quantiles: tuple[float | None, float | None, float | None],
+    duration_sum: float,
+    tcp_sent_bps: float,
+    tcp_received_bps: float,
+) -> dict[str, Any]:
+    """The one shape of an edge's or a point's numbers, whatever the source (the embedded
+    store or Prometheus): rps, errorRate, codes by class, p50/p95/p99, meanMs, TCP rates."""
+    rq = requests
+    p50, p95, p99 = quantiles if rq else (None, None, None)
     return {
         "requests": rq,
         "rps": rq / seconds if seconds > 0 else 0.0,
-        "errorRate": (e.errors / rq) if rq else 0.0,
-        "codes": dict(sorted(e.codes.items())),
-        "p50": histogram_quantile(0.50, e.duration_buckets),
-        "p95": histogram_quantile(0.95, e.duration_buckets),
-        "p99": histogram_quantile(0.99, e.duration_buckets),
-        "meanMs": (e.duration_sum / rq) if rq else None,
-        "tcpSentBps": e.tcp_sent / seconds if seconds > 0 else 0.0,
-        "tcpReceivedBps": e.tcp_received / seconds if seconds > 0 else 0.0,
+        "errorRate": (errors / rq) if rq else 0.0,
+        "codes": dict(sorted(codes.items())),
+        "p50": p50,
+        "p95": p95,
+        "p99": p99,
+        "meanMs": (duration_sum / rq) if rq else None,
+        "tcpSentBps": tcp_sent_bps,
+        "tcpReceivedBps": tcp_received_bps,
     }
+
+
+def service_graph(
+    span: float, edges: Mapping[tuple[str, ...], Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The service graph from per-edge golden signals keyed by :data:`EDGE_LABELS` values.
+
+    Each request is usually reported twice (by the client's and the server's sidecar): one
+    edge per (source, destination), from ``reporter="source"`` data when there is any, else
+    ``destination``. Nodes are source workloads (``namespace/name``) and destination services.
+    The one fold for both metric sources (``MetricStore`` and ``PrometheusSource``).
+    """
+    merged: dict[tuple[str, ...], tuple[str, Mapping[str, Any]]] = {}
+    for key, sig in sorted(edges.items(), key=lambda kv: kv[0][0] != "source"):
+        merged.setdefault(key[1:], (key[0], sig))
+    nodes: dict[str, dict[str, Any]] = {}
+    edges_out = []
+    for (src_wl, src_ns, src_ver, dst_svc, dst_wl, dst_ver), (reporter, sig) in sorted(
+        merged.items()
+    ):
+        src_id = f"{src_ns}/{src_wl}" if src_wl != "unknown" else "unknown"
+        nodes.setdefault(src_id, {"id": src_id, "kind": "workload", "name": src_wl,
+                                  "namespace": src_ns})  # fmt: skip
+        nodes.setdefault(dst_svc, {"id": dst_svc, "kind": "service", "name": dst_svc})
+        edges_out.append(
+            {
+                "source": src_id,
+                "target": dst_svc,
+                "sourceWorkload": src_wl,
+                "sourceVersion": src_ver,
+                "destinationService": dst_svc,
+                "destinationWorkload": dst_wl,
+                "destinationVersion": dst_ver,
+                "reporter": reporter,
+                **sig,
+            }
+        )
+    return {"window": span, "nodes": list(nodes.values()), "edges": edges_out}
+
+
+def code_class(code: str) -> str:
+    """``"503"`` -> ``"5xx"``; ``"0"`` (no response) and other values stay as they are."""
+    return f"{code[0]}xx" if len(code) == 3 and code.isdigit() else code or "0"
+
+
+def is_error(code: str) -> bool:
+    """5xx, or no response at all (``0`` / empty): what error rates count."""
+    return code in ("0", "") or code.startswith("5")
 
 
 # --------------------------------------------------------------------------- trace store
