@@ -23,6 +23,9 @@ Variables (``ENV_VARS`` is the table ``--help`` and ``docs/kubernetes.md`` show)
 ``DIKTYO_LOG_LEVEL``            debug | info | warning | error (Istio's trace/warn/critical/off map)
 ``DIKTYO_DRAIN_TIMEOUT``        seconds in-flight requests get on SIGTERM
 ``DIKTYO_TOKEN_FILE``           bootstrap token file (``DIKTYO_CA_TOKEN_FILE`` is read too)
+``DIKTYO_KUBE_TOKEN_FILE``      the pod's projected service-account token (audience diktyo-ca):
+                                proves the sidecar to the control plane (TokenReview) when it
+                                has no bootstrap token
 ``DIKTYO_TRUST_DOMAIN``         SPIFFE trust domain this pod expects; a snapshot for another is
                                 logged as a warning
 ``DIKTYO_TRACING_SAMPLING``     percent of requests traced (0-100), the mesh-wide default the
@@ -204,6 +207,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("DIKTYO_LOG_LEVEL", "log_level", _log_level, "log level"),
     EnvVar("DIKTYO_DRAIN_TIMEOUT", "drain_timeout", _seconds, "drain seconds"),
     EnvVar("DIKTYO_TOKEN_FILE", "token_file", _text, "bootstrap token file"),
+    EnvVar("DIKTYO_KUBE_TOKEN_FILE", "kube_token_file", _text, "projected service-account token"),
     EnvVar("DIKTYO_TRUST_DOMAIN", "trust_domain", _domain, "expected trust domain"),
     EnvVar("DIKTYO_TRACING_SAMPLING", "tracing_sampling", _percent, "percent of requests traced"),
     EnvVar("INSTANCE_IP", "pod_ip", _address, "pod IP (app probes go there)"),

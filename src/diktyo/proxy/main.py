@@ -76,6 +76,9 @@ class SidecarOptions:
     trust_domain: str | None = None  # expected; a snapshot for another one is logged
     tracing_sampling: float | None = None  # mesh-wide default percent (DIKTYO_TRACING_SAMPLING)
     metadata: dict[str, str] = field(default_factory=dict)  # DIKTYO_META_*
+    # the pod's projected service-account token (audience diktyo-ca): the control plane checks
+    # it with a TokenReview; used for snapshots/ACKs when there is no bootstrap token
+    kube_token_file: str | None = None
 
 
 def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:
@@ -221,8 +224,22 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
             ready_evt.set()
 
         assert opts.node is not None  # checked above: --control-plane needs --node
-        client = ConfigClient(opts.control_plane, opts.node, on_snapshot, token=opts.ca_token)
+        cp_token = opts.ca_token
+        if cp_token is None and opts.kube_token_file:
+            try:
+                cp_token = read_kube_token(opts.kube_token_file)
+            except OSError as exc:
+                print(f"diktyo sidecar: cannot read the service-account token "
+                      f"{opts.kube_token_file}: {exc.strerror or exc}", file=sys.stderr)
+                admin.close()
+                if status is not None:
+                    status.close()
+                await sidecar.stop()
+                return 1
+        client = ConfigClient(opts.control_plane, opts.node, on_snapshot, token=cp_token)
         client.start()
+        if opts.ca_token is None and opts.kube_token_file:
+            sidecar._spawn(_refresh_kube_token(client, opts.kube_token_file))
         await ready_evt.wait()
     else:
         try:
@@ -271,6 +288,26 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
     if client is not None:
         await client.close()
     return 0
+
+
+def read_kube_token(path: str) -> str:
+    """The pod's projected service-account token (the kubelet writes and rotates the file)."""
+    token = Path(path).read_text().strip()
+    if not token:
+        raise OSError(f"{path} is empty")
+    return token
+
+
+async def _refresh_kube_token(client: Any, path: str, every: float = 60.0) -> None:
+    """Go back to the projected token every minute: the kubelet rotates it, and the diktyo
+    token the control plane hands out in answers dies with a control plane that restarts
+    without a persistent store."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            client.token = read_kube_token(path)
+        except OSError as exc:
+            log.warning("cannot re-read the service-account token %s: %s", path, exc)
 
 
 def _remove_token(path: Path) -> None:

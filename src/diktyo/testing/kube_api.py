@@ -29,6 +29,9 @@ class FakeApiServer:
         self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
         self.events: list[tuple[int, str, dict[str, Any]]] = []  # (rv, path, event)
         self.missing: set[str] = set()
+        # TokenReview: bearer token -> (username, audiences it was issued for)
+        self.tokens: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.reviews: list[dict[str, Any]] = []
         self.requests: list[tuple[str, dict[str, str], str]] = []
         self._changed = asyncio.Condition()
         self._closing = False
@@ -79,6 +82,7 @@ class FakeApiServer:
     # ------------------------------------------------------------------ serving
     async def start(self) -> str:
         app = web.Application()
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._review)
         app.router.add_get("/api/{version}/{plural}", self._handle)
         app.router.add_get("/apis/{group}/{version}/{plural}", self._handle)
         self.runner = web.AppRunner(app, access_log=None)
@@ -99,6 +103,25 @@ class FakeApiServer:
     def _status(self, code: int, reason: str, message: str) -> web.Response:
         return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                   "message": message, "reason": reason, "code": code}, status=code)
+
+    async def _review(self, request: web.Request) -> web.Response:
+        """TokenReview (authentication.k8s.io/v1), as the API server answers it."""
+        if request.headers.get("Authorization", "") != f"Bearer {self.token}":
+            return self._status(401, "Unauthorized", "Unauthorized")
+        review = await request.json()
+        self.reviews.append(review)
+        spec = review.get("spec") or {}
+        wanted = tuple(spec.get("audiences") or ())
+        known = self.tokens.get(str(spec.get("token", "")))
+        status: dict[str, Any]
+        if known is None or (wanted and not set(wanted) & set(known[1])):
+            status = {"authenticated": False, "error": "[invalid bearer token, token audiences "
+                      "don't match]" if known else "[invalid bearer token]"}
+        else:
+            user, auds = known
+            status = {"authenticated": True, "user": {"username": user, "groups": [
+                "system:serviceaccounts"]}, "audiences": [a for a in wanted if a in auds] or list(auds)}
+        return web.json_response({**review, "status": status}, status=201)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path

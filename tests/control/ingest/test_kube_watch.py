@@ -205,6 +205,14 @@ async def test_control_plane_in_a_pod_serves_a_sidecar_from_api_objects(tmp_path
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(tmp_path / "api.crt", tmp_path / "api.key")
     api = await _api(tls)
+    api.tokens = {  # projected tokens the kubelet gave the pods (TokenReview answers)
+        "reviews-pod-token": ("system:serviceaccount:bookinfo:bookinfo-reviews", ("diktyo-ca",)),
+        "ratings-pod-token": ("system:serviceaccount:bookinfo:bookinfo-ratings", ("diktyo-ca",)),
+        "api-audience-token": ("system:serviceaccount:bookinfo:bookinfo-reviews",
+                               ("https://kubernetes.default.svc",)),
+        "user-token": ("alice@example.com", ("diktyo-ca",)),
+    }
+    (tmp_path / "pod-token").write_text("reviews-pod-token\n")
     sa = tmp_path / "sa"
     sa.mkdir()
     (sa / "token").write_text("t0ken")
@@ -215,8 +223,7 @@ async def test_control_plane_in_a_pod_serves_a_sidecar_from_api_objects(tmp_path
            "KUBERNETES_SERVICE_PORT": port, "DIKTYO_KUBE_SA_DIR": str(sa),
            "DIKTYO_HOME": str(tmp_path / "home")}
     cp = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "diktyo.cli.main", "control-plane", "--port", "0",
-        "--sidecar-auth", "none", env=env,
+        sys.executable, "-m", "diktyo.cli.main", "control-plane", "--port", "0", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     sidecar = None
     try:
@@ -239,12 +246,21 @@ async def test_control_plane_in_a_pod_serves_a_sidecar_from_api_objects(tmp_path
             async with s.get(cp_url + "/v1/config") as r:
                 config = json.dumps(await r.json())
             assert "VirtualService" in config and "gateway.networking.k8s.io" in config
+        # sidecar auth stays on: only the pod's own service account may fetch its snapshot
+        snap = cp_url + "/v1/snapshot?node=reviews-v1-7d9c5-abcde.bookinfo"
+        async with aiohttp.ClientSession() as s:
+            for token, want in [("", 401), ("ratings-pod-token", 403), ("api-audience-token", 401),
+                                ("user-token", 401), ("garbage", 401)]:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                async with s.get(snap, headers=headers) as r:
+                    assert r.status == want, (token, r.status, await r.text())
         # the injected sidecar of that pod: only the environment the injector sets
         side_env = {**_base_env(tmp_path), "DIKTYO_CONTROL_PLANE": cp_url,
                     "POD_NAME": "reviews-v1-7d9c5-abcde", "POD_NAMESPACE": NS,
                     "INSTANCE_IP": "127.0.0.1", "DIKTYO_ADMIN_PORT": "0", "DIKTYO_STATUS_PORT": "0",
                     "DIKTYO_READINESS_PORT": "0", "DIKTYO_OUTBOUND_PORT": "0",
-                    "DIKTYO_ADMIN_TOKEN_FILE": str(tmp_path / "sidecar-admin")}
+                    "DIKTYO_ADMIN_TOKEN_FILE": str(tmp_path / "sidecar-admin"),
+                    "DIKTYO_KUBE_TOKEN_FILE": str(tmp_path / "pod-token")}
         sidecar = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "diktyo.proxy", env=side_env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -265,9 +281,41 @@ async def test_control_plane_in_a_pod_serves_a_sidecar_from_api_objects(tmp_path
         node = dump["node"]
         assert node["id"] == "reviews-v1-7d9c5-abcde.bookinfo"
         assert node["service_account"] == "bookinfo-reviews" and node["workload"] == "reviews-v1"
+        reviewed = [r["spec"] for r in api.reviews]
+        assert {"token": "reviews-pod-token", "audiences": ["diktyo-ca"]} in reviewed
     finally:
         for proc in (sidecar, cp):
             if proc is not None and proc.returncode is None:
                 proc.terminate()
                 await asyncio.wait_for(proc.communicate(), 20)
         await api.close()
+
+
+async def test_token_reviewer_answers_and_caches() -> None:
+    from diktyo.control.ingest.kubernetes import TokenReviewer
+
+    api = FakeApiServer(token="cp-token")
+    api.tokens = {"pod": ("system:serviceaccount:shop:web", ("diktyo-ca",)),
+                  "kube-api": ("system:serviceaccount:shop:web", ("https://kubernetes.default.svc",)),
+                  "node": ("system:node:worker-1", ("diktyo-ca",))}
+    await api.start()
+    now = [0.0]
+    reviewer = TokenReviewer(api.url, token="cp-token", ttl=60, negative_ttl=5,
+                             clock=lambda: now[0])
+    try:
+        assert await reviewer("pod") == ("shop", "web")
+        assert await reviewer("pod") == ("shop", "web") and reviewer.reviews == 1  # cached
+        assert await reviewer("kube-api") is None  # a token for the API server, not for diktyo
+        assert await reviewer("node") is None  # not a service account
+        assert await reviewer("nope") is None
+        now[0] = 61.0
+        assert await reviewer("pod") == ("shop", "web") and reviewer.reviews == 5  # expired
+        reviewer.token = "wrong"  # the control plane's own token is refused: nobody passes
+        reviewer.cache.clear()
+        assert await reviewer("pod") is None
+        assert all(r["spec"]["audiences"] == ["diktyo-ca"] for r in api.reviews)
+    finally:
+        await reviewer.close()
+        await api.close()
+    assert await reviewer("never-seen") is None  # API server gone: refused, not crashed
+    await reviewer.close()

@@ -164,7 +164,9 @@ async def test_real_sidecar_started_with_only_the_environment(tmp_path: Path) ->
                                 "spec.serviceAccountName": "web"})
     env.update(DIKTYO_CONTROL_PLANE=cp.url, DIKTYO_ADMIN_PORT="0", DIKTYO_STATUS_PORT="0",
                DIKTYO_READINESS_PORT="0", DIKTYO_OUTBOUND_PORT="0", DIKTYO_TRACING_SAMPLING="0.5",
-               DIKTYO_LOG_LEVEL="info", DIKTYO_ADMIN_TOKEN_FILE=str(tmp_path / "admin-token"))
+               DIKTYO_LOG_LEVEL="info", DIKTYO_ADMIN_TOKEN_FILE=str(tmp_path / "admin-token"),
+               DIKTYO_KUBE_TOKEN_FILE=str(tmp_path / "projected-token"))
+    (tmp_path / "projected-token").write_text("not-checked-here\n")
     env.pop("DIKTYO_INTERCEPTION_MODE", None)  # capture listeners are not this test's subject
     env.update({k: os.environ[k] for k in ("PATH", "PYTHONPATH", "HOME") if k in os.environ})
     proc, line = await _run(env)
@@ -227,3 +229,16 @@ async def test_flags_override_the_environment(tmp_path: Path) -> None:
     got = resolve(p.parse_args(["--snapshot", "s.json"]), {"DIKTYO_CONTROL_PLANE": "http://cp"})
     assert "control_plane" not in got and got["admin_port"] == 0 and got["drain_timeout"] == 10.0
     await eventually(lambda: True)
+
+
+async def test_missing_projected_token_is_named(tmp_path: Path) -> None:
+    base = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "HOME") if k in os.environ}
+    env = {**base, "DIKTYO_CONTROL_PLANE": "http://127.0.0.1:1", "DIKTYO_NODE": "a.b",
+           "DIKTYO_KUBE_TOKEN_FILE": str(tmp_path / "nope"),
+           "DIKTYO_ADMIN_TOKEN_FILE": str(tmp_path / "admin")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "diktyo.proxy", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1 and out == b""
+    assert f"cannot read the service-account token {tmp_path / 'nope'}" in err.decode()

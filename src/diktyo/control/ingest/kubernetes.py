@@ -566,6 +566,95 @@ class KubeWatcher:
             await self.on_proxies(self.proxies())
 
 
+# --------------------------------------------------------------------------- sidecar tokens
+
+TOKEN_AUDIENCE = "diktyo-ca"  # the injected pods' projected token (volume diktyo-token)
+_SA_USER = "system:serviceaccount:"
+
+
+class TokenReviewer:
+    """Proves a sidecar's identity from its projected service-account token, as istiod does:
+    ``POST /apis/authentication.k8s.io/v1/tokenreviews`` with audience ``diktyo-ca``.
+
+    ``await reviewer(token)`` -> ``(namespace, service_account)`` or None (not authenticated,
+    not a service account, wrong audience, API unreachable: all logged). Answers are cached
+    per token for ``ttl`` seconds (refusals for ``negative_ttl``) so long polls do not cost a
+    review each."""
+
+    def __init__(self, base_url: str, token_file: str | None = None, token: str = "",
+                 ca_file: str | None = None, ttl: float = 60.0, negative_ttl: float = 5.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.base_url = base_url
+        self.token_file = token_file
+        self.token = token
+        self.ctx = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        self.ttl, self.negative_ttl = ttl, negative_ttl
+        self.clock = clock or time.monotonic
+        self.cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
+        self.reviews = 0
+        self._session: Any = None
+
+    def _auth(self) -> str:
+        token = Path(self.token_file).read_text().strip() if self.token_file else self.token
+        return f"Bearer {token}"
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __call__(self, token: str) -> tuple[str, str] | None:
+        import hashlib
+
+        import aiohttp
+
+        key = hashlib.sha256(token.encode()).hexdigest()
+        now = self.clock()
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "spec": {"token": token, "audiences": [TOKEN_AUDIENCE]}}
+        self.reviews += 1
+        try:
+            async with self._session.post(
+                    self.base_url + "/apis/authentication.k8s.io/v1/tokenreviews", json=body,
+                    ssl=self.ctx, headers={"Authorization": self._auth()}) as resp:
+                if resp.status != 201 and resp.status != 200:
+                    log.warning("TokenReview answered %d (does the ClusterRole allow creating "
+                                "tokenreviews?); sidecar refused", resp.status)
+                    return None  # not cached: the API server may be back on the next poll
+                answer = await resp.json()
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            log.warning("TokenReview failed (%s: %s); sidecar refused", type(exc).__name__, exc)
+            return None
+        result = self._identity(answer.get("status") or {})
+        self.cache[key] = (now + (self.ttl if result else self.negative_ttl), result)
+        if len(self.cache) > 10000:  # tokens of pods long gone
+            self.cache = {k: v for k, v in self.cache.items() if v[0] > now}
+        return result
+
+    @staticmethod
+    def _identity(status: dict[str, Any]) -> tuple[str, str] | None:
+        user = str((status.get("user") or {}).get("username", ""))
+        audiences = status.get("audiences")
+        if not status.get("authenticated"):
+            log.info("sidecar token not authenticated: %s", status.get("error", "no reason given"))
+            return None
+        if audiences is not None and TOKEN_AUDIENCE not in audiences:
+            log.warning("sidecar token for %s is not for audience %s", user, TOKEN_AUDIENCE)
+            return None
+        if not user.startswith(_SA_USER) or user.count(":") != 3:
+            log.warning("token of %r is not a service account's: refused", user)
+            return None
+        namespace, sa = user[len(_SA_USER):].split(":")
+        return namespace, sa
+
+
 # --------------------------------------------------------------------------- control plane
 
 class ProxySync:
@@ -605,6 +694,15 @@ def watch_in_cluster(
         on_config=cp.config_source("kubernetes"),
         on_proxies=ProxySync(cp),
     )
+    reviewer = TokenReviewer(cfg.base_url, cfg.token_file,
+                             ca_file=cfg.ca_file if Path(cfg.ca_file).is_file() else None)
+
+    async def review(token: str) -> str | None:
+        who = await reviewer(token)
+        return cp.identity.spiffe_id(*who) if who else None
+
+    cp.access.token_reviewer = review  # sidecars prove themselves with their projected token
     log.info("in a Kubernetes pod: watching %s (Services, EndpointSlices, Pods, Istio and "
-             "Gateway API resources)", cfg.base_url)
+             "Gateway API resources); sidecars authenticate with their service-account token",
+             cfg.base_url)
     return watcher, asyncio.get_running_loop().create_task(watcher.run(), name="kubernetes-watch")

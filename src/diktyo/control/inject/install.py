@@ -169,7 +169,7 @@ def render(values: dict[str, Any] | None = None, namespace: str = "diktyo-system
                     "containers": [
                         {"name": "discovery", "image": image, "imagePullPolicy": v["image"]["pullPolicy"],
                          "command": ["diktyo"],
-                         "args": ["control-plane", "--host", "0.0.0.0", "--port", "15010", "--sidecar-auth", "none"],
+                         "args": ["control-plane", "--host", "0.0.0.0", "--port", "15010"],
                          "env": [
                              {"name": "DIKTYO_TRUST_DOMAIN", "value": _fmt(v["trustDomain"])},
                              {"name": "DIKTYO_TRACING_SAMPLING", "value": sampling},

@@ -262,6 +262,8 @@ def proxy_container(
             {"name": "DIKTYO_READINESS_PORT", "value": str(config.readiness_port)},
             {"name": "DIKTYO_LOG_LEVEL", "value": log_level},
             {"name": "DIKTYO_INTERCEPTION_MODE", "value": "REDIRECT"},
+            # the projected token (volume diktyo-token): the control plane's TokenReview
+            {"name": "DIKTYO_KUBE_TOKEN_FILE", "value": "/var/run/secrets/tokens/diktyo-token"},
             {"name": "DIKTYO_TRUST_DOMAIN", "value": config.trust_domain},
             {"name": "DIKTYO_TRACING_SAMPLING", "value": f"{config.tracing_sampling:g}"},
             {"name": "DIKTYO_META_WORKLOAD_NAME", "value": name},
