@@ -85,8 +85,8 @@ def test_user_prometheus_annotations_are_kept() -> None:
 
 def test_excluded_inbound_ports_from_annotation() -> None:
     pod = _pod(annotations={"traffic.sidecar.istio.io/excludeInboundPorts": "8081"})
-    script = inject_pod(pod)["spec"]["initContainers"][0]["args"][0]
-    assert "-A DIKTYO_INBOUND -p tcp --dport 8081 -j RETURN" in script
+    args = inject_pod(pod)["spec"]["initContainers"][0]["args"]
+    assert args[args.index("-d") + 1] == "15000,15090,15021,15020,8081"
 
 
 def test_injected_commands_parse_with_diktyos_parser() -> None:
@@ -104,7 +104,7 @@ def test_injected_commands_parse_with_diktyos_parser() -> None:
     assert settings["admin_port"] == 15000 and settings["outbound_port"] == 15001
     assert settings["log_level"] == "info" and settings["status_port"] == 15020
     init = out["spec"]["initContainers"][0]
-    assert init["command"] == ["sh", "-c"] and init["args"][0].startswith("set -eu\niptables-restore")
+    assert init["command"] == ["diktyo"] and init["args"][:2] == ["init", "--apply"]
 
 
 @pytest.mark.parametrize(
@@ -126,10 +126,8 @@ def test_bad_capture_annotations_are_refused(annotations: dict[str, str], needle
 
 def test_cidrs_are_normalised() -> None:
     pod = _pod(annotations={"traffic.sidecar.istio.io/includeOutboundIPRanges": " 10.1.2.3/8 , 172.16.0.0/12"})
-    script = inject_pod(pod)["spec"]["initContainers"][0]["args"][0]
-    assert "-A DIKTYO_OUTPUT -d 10.0.0.0/8 -j DIKTYO_REDIRECT" in script
-    assert "-A DIKTYO_OUTPUT -d 172.16.0.0/12 -j DIKTYO_REDIRECT" in script
-    assert "-A DIKTYO_OUTPUT -j DIKTYO_REDIRECT" not in script
+    args = inject_pod(pod)["spec"]["initContainers"][0]["args"]
+    assert args[args.index("-i") + 1] == "10.0.0.0/8,172.16.0.0/12"
 
 
 @pytest.mark.parametrize(

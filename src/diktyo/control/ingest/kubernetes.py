@@ -341,18 +341,17 @@ def proxies_from_objects(objects: Iterable[dict[str, Any]], domain: str = "clust
         insts = by_address.get((ns, ip), [])
         services = tuple(dict.fromkeys(s for i in insts for s in i.services))
         ports = {sp: tp for i in insts for sp, tp in i.ports.items()}
+        extra: dict[str, Any] = {}
+        if "interception_mode" in Node.__struct_fields__:  # capture (issue 10, engineer tcp)
+            extra["interception_mode"] = "REDIRECT"  # the init container's iptables rules
         node = Node(id=f"{meta.get('name', '')}.{ns}", workload=info.workload, namespace=ns,
                     labels=info.labels, service_account=info.service_account,
-                    trust_domain=trust_domain, services=services)
+                    trust_domain=trust_domain, services=services, **extra)
         inbound = tuple(InboundPort(service_port=sp, listen_port=0, app_port=tp)
                         for sp, tp in sorted(ports.items()))
-        extra: dict[str, Any] = {}
-        if "capture" in getattr(ProxyNode, "__dataclass_fields__", {}):
-            extra["capture"] = True  # pods are captured by the init container's iptables rules
         # listeners bind every address of the pod's network namespace, as Istio's 15001/15006
         # do (other sidecars reach this one at its pod IP, from the registry)
-        out.append(ProxyNode(node=node, address="0.0.0.0", outbound_port=15001, inbound=inbound,
-                             **extra))
+        out.append(ProxyNode(node=node, address="0.0.0.0", outbound_port=15001, inbound=inbound))
     return sorted(out, key=lambda p: p.node.id)
 
 

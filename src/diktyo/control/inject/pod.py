@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from diktyo.control.ingest.kubernetes import port_protocol
-from diktyo.control.inject.capture import CapturePlan, render_script
+from diktyo.control.inject.capture import CapturePlan, init_args
 from diktyo.control.inject.config import DEFAULT_CONFIG, InjectConfig
 from diktyo.control.inject.probes import ENV as PROBERS_ENV
 from diktyo.control.inject.probes import rewrite_probes, should_rewrite
@@ -316,14 +316,15 @@ def proxy_container(
 
 
 def init_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]:
-    """The ``diktyo-init`` container: installs the capture rules, then exits."""
+    """The ``diktyo-init`` container: ``diktyo init --apply`` installs the capture rules, then
+    it exits."""
     a = "sidecar.istio.io/"
     return {
         "name": INIT,
         "image": _annotation(pod, a + "proxyImage", config.image),
         "imagePullPolicy": config.image_pull_policy,
-        "command": ["sh", "-c"],
-        "args": [render_script(capture_plan(pod, config))],
+        "command": ["diktyo"],
+        "args": init_args(capture_plan(pod, config)),
         "resources": {
             "requests": {"cpu": "10m", "memory": "40Mi"},
             "limits": {
