@@ -54,6 +54,7 @@ def test_every_variable_the_injector_sets_is_read() -> None:
                                 "status.podIP": "10.1.2.3", "status.hostIP": "192.0.2.1",
                                 "spec.serviceAccountName": "web"})
     known = {v.name for v in ENV_VARS} | {"DIKTYO_KUBE_APP_PROBERS", "DIKTYO_INTERCEPTION_MODE",
+                                          "DIKTYO_HOME",
                                           "POD_NAME", "POD_NAMESPACE", "HOST_IP", "SERVICE_ACCOUNT"}
     unread = [k for k in env if k not in known and not k.startswith("DIKTYO_META_")]
     assert unread == [], f"the injector sets variables nothing reads: {unread}"
@@ -164,14 +165,16 @@ async def test_real_sidecar_started_with_only_the_environment(tmp_path: Path) ->
                                 "spec.serviceAccountName": "web"})
     env.update(DIKTYO_CONTROL_PLANE=cp.url, DIKTYO_ADMIN_PORT="0", DIKTYO_STATUS_PORT="0",
                DIKTYO_READINESS_PORT="0", DIKTYO_OUTBOUND_PORT="0", DIKTYO_TRACING_SAMPLING="0.5",
-               DIKTYO_LOG_LEVEL="info", DIKTYO_ADMIN_TOKEN_FILE=str(tmp_path / "admin-token"),
-               DIKTYO_KUBE_TOKEN_FILE=str(tmp_path / "projected-token"))
+               DIKTYO_LOG_LEVEL="info", DIKTYO_KUBE_TOKEN_FILE=str(tmp_path / "projected-token"))
     (tmp_path / "projected-token").write_text("not-checked-here\n")
     env.pop("DIKTYO_INTERCEPTION_MODE", None)  # capture listeners are not this test's subject
+    env["DIKTYO_HOME"] = str(tmp_path / "home")  # the pod's memory volume
     env.update({k: os.environ[k] for k in ("PATH", "PYTHONPATH", "HOME") if k in os.environ})
     proc, line = await _run(env)
     try:
         assert _listen_address(line["admin"]) == "127.0.0.1"  # the admin port stays private
+        # the admin token went to DIKTYO_HOME (the pod's memory volume), not the read-only root
+        assert line["admin_token_file"].startswith(str(tmp_path / "home" / "sidecars"))
         assert _listen_address(line["status"]) == "0.0.0.0"  # the kubelet probes the pod IP
         assert _listen_address(line["readiness"]) == "0.0.0.0"
         async with aiohttp.ClientSession() as s:

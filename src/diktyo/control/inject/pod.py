@@ -262,6 +262,8 @@ def proxy_container(
             {"name": "DIKTYO_READINESS_PORT", "value": str(config.readiness_port)},
             {"name": "DIKTYO_LOG_LEVEL", "value": log_level},
             {"name": "DIKTYO_INTERCEPTION_MODE", "value": "REDIRECT"},
+            # state (the admin token for POST /drain) on the memory volume: the root is read-only
+            {"name": "DIKTYO_HOME", "value": "/var/run/diktyo"},
             # the projected token (volume diktyo-token): the control plane's TokenReview
             {"name": "DIKTYO_KUBE_TOKEN_FILE", "value": "/var/run/secrets/tokens/diktyo-token"},
             {"name": "DIKTYO_TRUST_DOMAIN", "value": config.trust_domain},
