@@ -18,7 +18,10 @@ binds ``0.0.0.0`` (``DIKTYO_STATUS_ADDRESS``) on two ports, as Istio's sidecar d
     come back; a redirect to the same host is followed (at most 10), any other redirect
     counts as success (200), as the kubelet does. No answer in time / refused: 500.
   - ``tcpSocket``: 200 if a connection to ``POD_IP:PORT`` opens within the timeout, else 500.
-  - ``grpc``: not forwarded yet (500, logged once); the injector leaves gRPC probes alone.
+  - ``grpc``: the gRPC health check (``grpc.health.v1.Health/Check`` with the probe's
+    ``service``) over plaintext HTTP/2 to ``POD_IP:PORT``: 200 if the answer is ``SERVING``,
+    else 500 (``NOT_SERVING``, an error status such as unknown service or unimplemented, no
+    answer in time), as the kubelet's gRPC probe decides.
 
   An unknown probe path is 400, as Istio answers. Probe connections come from 127.0.0.6
   (Istio's inbound passthrough source), which the capture rules never redirect.
@@ -170,8 +173,7 @@ class StatusServer:
                 conn[1].close()
                 result = ProbeResult(200)
             else:
-                log.warning("%s: gRPC probes are not forwarded by diktyo yet; answering 500", path)
-                result = ProbeResult(500, b"gRPC app probes are not supported by diktyo yet\n")
+                result = await asyncio.wait_for(self._grpc_probe(prober["grpc"], headers), timeout)
         except TimeoutError:
             log.warning("app probe %s: no answer within %gs", path, timeout)
             result = ProbeResult(500, f"probe timed out after {timeout:g}s\n".encode())
@@ -243,6 +245,110 @@ class StatusServer:
             return int(parts[1]), resp_headers.get("location", ""), body
         finally:
             writer.close()
+
+
+    async def _grpc_probe(self, action: dict[str, Any], in_headers: dict[str, str]) -> ProbeResult:
+        """``grpc.health.v1.Health/Check`` over h2c (prior knowledge), as the kubelet sends it."""
+        port = int(action["port"])
+        reader, writer = await self._connect(port, None)
+        try:
+            service = str(action.get("service") or "").encode()
+            request = (b"\x0a" + _varint(len(service)) + service) if service else b""
+            headers = b"".join(_hpack(n, v) for n, v in (
+                (b":method", b"POST"), (b":scheme", b"http"),
+                (b":path", b"/grpc.health.v1.Health/Check"),
+                (b":authority", f"{self.pod_ip}:{port}".encode()),
+                (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+                (b"user-agent", in_headers.get("user-agent", "diktyo-probe").encode("latin-1")),
+            ))  # fmt: skip
+            message = b"\x00" + len(request).to_bytes(4, "big") + request
+            writer.write(H2_PREFACE + _h2_frame(4, 0, 0, b"") + _h2_frame(1, 4, 1, headers)
+                         + _h2_frame(0, 1, 1, message))
+            await writer.drain()
+            data = b""
+            while True:
+                head = await reader.readexactly(9)
+                length, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
+                stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                payload = await reader.readexactly(length)
+                if kind == 4 and not flags & 1:  # SETTINGS: acknowledge
+                    writer.write(_h2_frame(4, 1, 0, b""))
+                elif kind == 6 and not flags & 1:  # PING: answer
+                    writer.write(_h2_frame(6, 1, 0, payload))
+                elif kind == 7 or (kind == 3 and stream == 1):  # GOAWAY, RST_STREAM
+                    return ProbeResult(500, b"gRPC health check: stream reset\n")
+                elif kind == 0 and stream == 1:
+                    if flags & 8:  # PADDED
+                        payload = payload[1:len(payload) - payload[0]]
+                    data += payload
+                if stream == 1 and kind in (0, 1) and flags & 1:  # END_STREAM
+                    break
+        finally:
+            writer.close()
+        status = _health_status(data)
+        if status == 1:  # SERVING
+            return ProbeResult(200)
+        names = {0: "UNKNOWN", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+        what = names.get(status, "no answer (an error status)") if status is not None else (
+            "no answer (an error status: unknown service or not implemented)")
+        return ProbeResult(500, f"gRPC health check: {what}\n".encode())
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _hpack_int(value: int, prefix: int, first: int = 0) -> bytes:
+    limit = (1 << prefix) - 1
+    if value < limit:
+        return bytes([first | value])
+    out, value = bytearray([first | limit]), value - limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack(name: bytes, value: bytes) -> bytes:
+    """A header as an HPACK literal without indexing, new name, no Huffman (RFC 7541 6.2.2)."""
+    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _health_status(data: bytes) -> int | None:
+    """The ``status`` of a length-prefixed ``HealthCheckResponse``, or None without one."""
+    if len(data) < 5 or data[0] != 0:
+        return None
+    msg = data[5:5 + int.from_bytes(data[1:5], "big")]
+    i, status = 0, 0  # proto3: an absent field is its default, UNKNOWN (0)
+    while i < len(msg):
+        tag = msg[i]
+        i += 1
+        if tag == 0x08:  # field 1, varint
+            value, shift = 0, 0
+            while i < len(msg):
+                b = msg[i]
+                i += 1
+                value |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    break
+            status = value
+        else:
+            return status  # other fields: not in grpc.health.v1; stop reading
+    return status
 
 
 async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:

@@ -229,3 +229,53 @@ async def test_kubelet_follows_the_injected_probe_to_the_app(status: StatusServe
     await runner.cleanup()
     code, _ = await _get(status.status_port, app["livenessProbe"]["httpGet"]["path"])
     assert code == 500  # the app is gone: the kubelet sees the liveness probe fail
+
+
+async def test_grpc_probe_asks_the_health_service(status: StatusServer) -> None:
+    grpc = pytest.importorskip("grpc", reason="grpcio is a test dependency")
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    for name, state in (("", serving), ("cart", not_serving)):
+        result = servicer.set(name, state)
+        if asyncio.iscoroutine(result):
+            await result
+    closed = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    free = closed.sockets[0].getsockname()[1]
+    closed.close()
+    await closed.wait_closed()
+    status.probers = parse_app_probers(json.dumps({
+        "/app-health/api/readyz": {"grpc": {"port": port}},
+        "/app-health/api/livez": {"grpc": {"port": port, "service": "cart"}},
+        "/app-health/api/startupz": {"grpc": {"port": port, "service": "unknown"}},
+        "/app-health/gone/readyz": {"grpc": {"port": free}}}))
+    try:
+        assert (await _get(status.status_port, "/app-health/api/readyz"))[0] == 200
+        code, body = await _get(status.status_port, "/app-health/api/livez")
+        assert code == 500 and b"NOT_SERVING" in body
+        code, body = await _get(status.status_port, "/app-health/api/startupz")
+        assert code == 500 and b"unknown service" in body  # NOT_FOUND status, no message
+        assert (await _get(status.status_port, "/app-health/gone/readyz"))[0] == 500
+        result = servicer.set("", not_serving)
+        if asyncio.iscoroutine(result):
+            await result
+        assert (await _get(status.status_port, "/app-health/api/readyz"))[0] == 500
+    finally:
+        await server.stop(None)
+
+
+def test_grpc_probes_are_rewritten() -> None:
+    pod = {"metadata": {"name": "g", "namespace": "ns"}, "spec": {"containers": [{
+        "name": "api", "image": "a", "ports": [{"containerPort": 9090}],
+        "livenessProbe": {"grpc": {"port": 9090, "service": "cart"}, "periodSeconds": 3}}]}}
+    app, proxy = inject_pod(pod)["spec"]["containers"]
+    assert app["livenessProbe"] == {"periodSeconds": 3, "httpGet": {
+        "path": "/app-health/api/livez", "port": 15020, "scheme": "HTTP"}}
+    env = {e["name"]: e.get("value") for e in proxy["env"]}
+    assert json.loads(env["DIKTYO_KUBE_APP_PROBERS"]) == {
+        "/app-health/api/livez": {"grpc": {"port": 9090, "service": "cart"}}}

@@ -3,7 +3,7 @@
 With capture on, the kubelet's probes of the app would go through the sidecar's inbound path
 (and fail under STRICT mTLS: the kubelet has no mesh certificate). So each app container's
 ``readinessProbe``, ``livenessProbe`` and ``startupProbe`` of type ``httpGet`` or
-``tcpSocket`` becomes an ``httpGet`` of ``/app-health/<container>/readyz|livez|startupz`` on
+``tcpSocket`` or ``grpc`` becomes an ``httpGet`` of ``/app-health/<container>/readyz|livez|startupz`` on
 the sidecar's status port (15020), and the original probe goes to the sidecar in
 ``DIKTYO_KUBE_APP_PROBERS``, in Istio's ``ISTIO_KUBE_APP_PROBERS`` JSON format::
 
@@ -12,9 +12,10 @@ the sidecar's status port (15020), and the original probe goes to the sidecar in
 
 Named ports are resolved against the container's ports (a name that does not resolve leaves
 that probe alone: the kubelet fails it exactly as it would without the mesh). ``HTTPS``
-probes become ``HTTP`` towards the sidecar, which calls the app over TLS. Probes on ports
-that are not captured (``traffic.sidecar.istio.io/excludeInboundPorts`` or outside
-``includeInboundPorts``) and ``grpc`` / ``exec`` probes are left alone. The pod annotation
+probes become ``HTTP`` towards the sidecar, which calls the app over TLS; ``grpc`` probes
+become the sidecar's gRPC health check. Probes on ports that are not captured
+(``traffic.sidecar.istio.io/excludeInboundPorts`` or outside ``includeInboundPorts``) and
+``exec`` probes are left alone. The pod annotation
 ``sidecar.istio.io/rewriteAppHTTPProbers: "false"`` turns rewriting off.
 """
 
@@ -71,10 +72,10 @@ def rewrite_probes(containers: list[dict[str, Any]], plan: CapturePlan,
             probe = c.get(field)
             if not isinstance(probe, dict):
                 continue
-            kind = "httpGet" if isinstance(probe.get("httpGet"), dict) else (
-                "tcpSocket" if isinstance(probe.get("tcpSocket"), dict) else None)
+            kind = next((k for k in ("httpGet", "tcpSocket", "grpc")
+                         if isinstance(probe.get(k), dict)), None)
             if kind is None:
-                continue  # exec, grpc: left alone
+                continue  # exec: left alone (it runs inside the container, not over the network)
             action = probe[kind]
             port = _resolve(action.get("port"), c)
             if port is None or not _captured(port, plan):
@@ -87,12 +88,16 @@ def rewrite_probes(containers: list[dict[str, Any]], plan: CapturePlan,
                                                                       "httpHeaders")}
                 original["port"] = port
                 entry["httpGet"] = original
-            else:
+            elif kind == "tcpSocket":
                 entry["tcpSocket"] = {"port": port}
+            else:
+                entry["grpc"] = {"port": port}
+                if isinstance(action.get("service"), str) and action["service"]:
+                    entry["grpc"]["service"] = action["service"]
             if isinstance(timeout, int) and not isinstance(timeout, bool) and timeout > 0:
                 entry["timeoutSeconds"] = timeout
             probers[path] = entry
-            new = {k: v for k, v in probe.items() if k not in ("httpGet", "tcpSocket")}
+            new = {k: v for k, v in probe.items() if k not in ("httpGet", "tcpSocket", "grpc")}
             http: dict[str, Any] = {"path": path, "port": status_port, "scheme": "HTTP"}
             if kind == "httpGet" and action.get("httpHeaders"):
                 http["httpHeaders"] = action["httpHeaders"]  # the sidecar forwards them
