@@ -48,14 +48,15 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
             500: "Internal Server Error", 503: "Service Unavailable"}
 
 
-def _response(status: int, body: bytes, close: bool, ctype: str = "text/plain") -> bytes:
+def _response(status: int, body: bytes, close: bool, ctype: str = "text/plain",
+              head_only: bool = False) -> bytes:
     reason = _REASONS.get(status, "Status")
     head = f"HTTP/1.1 {status} {reason}\r\ncontent-length: {len(body)}\r\n"
     if body:
         head += f"content-type: {ctype}\r\n"
     if close:
         head += "connection: close\r\n"
-    return head.encode() + b"\r\n" + body
+    return head.encode() + b"\r\n" + (b"" if head_only else body)
 
 
 @dataclass
@@ -127,7 +128,7 @@ class StatusServer:
                     break
                 close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
                 status, body, ctype = await self.handle(method, target, headers, full)
-                writer.write(_response(status, body, close, ctype))
+                writer.write(_response(status, body, close, ctype, head_only=method == "HEAD"))
                 await writer.drain()
                 if close:
                     break

@@ -184,6 +184,12 @@ async def test_bad_requests(status: StatusServer) -> None:
     code, body = await _get(status.status_port, "/stats/prometheus")
     assert code == 200 and body == b"envoy_server_live 1\n"
     reader, writer = await asyncio.open_connection("127.0.0.1", status.status_port)
+    writer.write(b"HEAD /stats/prometheus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = await reader.read()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n")  # no body
+    assert b"content-length: 20\r\n" in answer
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", status.status_port)
     writer.write(b"GARBAGE\r\n\r\n")
     assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
     writer.close()
