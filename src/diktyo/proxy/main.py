@@ -95,13 +95,18 @@ def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:
     return msgspec.structs.replace(snapshot, listeners=tuple(listeners))
 
 
+_WARNED: set[tuple[str, str | None]] = set()
+
+
 def pod_overrides(snapshot: Snapshot, opts: SidecarOptions) -> Snapshot:
     """The pod's environment applied to a snapshot: ``--outbound-port`` and the mesh-wide
     tracing sampling (Istio's ProxyConfig ``tracing.sampling``; Telemetry resources in the
     snapshot still override it per workload). A trust domain other than the pod expects is
     logged (the control plane's is the one used)."""
     snapshot = override_outbound_port(snapshot, opts.outbound_port)
-    if opts.trust_domain and snapshot.node.trust_domain != opts.trust_domain:
+    mismatch = (snapshot.node.trust_domain, opts.trust_domain)
+    if opts.trust_domain and mismatch[0] != mismatch[1] and mismatch not in _WARNED:
+        _WARNED.add(mismatch)  # once, not on every push
         log.warning(
             "snapshot %s is for trust domain %r but DIKTYO_TRUST_DOMAIN says %r: the control "
             "plane's is used; check the chart's trustDomain value",
@@ -259,11 +264,11 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
     gc.set_threshold(20000, 20, 20)
     version = sidecar.rt.snapshot.version if sidecar.rt is not None else ""
     ready = {
-            "event": "ready",
-            "admin": admin.port,
-            "listeners": sidecar.ports(),
-            "version": version,
-            "admin_token_file": str(token_path) if token_path else None,
+        "event": "ready",
+        "admin": admin.port,
+        "listeners": sidecar.ports(),
+        "version": version,
+        "admin_token_file": str(token_path) if token_path else None,
     }
     if status is not None:
         ready["status"] = status.status_port

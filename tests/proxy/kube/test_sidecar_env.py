@@ -245,3 +245,19 @@ async def test_missing_projected_token_is_named(tmp_path: Path) -> None:
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1 and out == b""
     assert f"cannot read the service-account token {tmp_path / 'nope'}" in err.decode()
+
+
+def test_pod_overrides_sampling_and_trust_domain(caplog: pytest.LogCaptureFixture) -> None:
+    from diktyo.proxy.main import pod_overrides
+    from diktyo.testing.snapshots import http_snapshot
+
+    snap = http_snapshot({"web": [("127.0.0.1", 1)]})
+    opts = SidecarOptions(tracing_sampling=2.5, trust_domain="corp.example", outbound_port=0)
+    with caplog.at_level("WARNING", logger="diktyo.proxy"):
+        out = pod_overrides(snap, opts)
+        pod_overrides(snap, opts)
+    assert out.mesh.tracing.sampling == 2.5 and snap.mesh.tracing.sampling != 2.5
+    assert next(lst.port for lst in out.listeners if lst.direction == "outbound") == 0
+    warnings = [r for r in caplog.records if "DIKTYO_TRUST_DOMAIN" in r.getMessage()]
+    assert len(warnings) == 1 and "'cluster.local'" in warnings[0].getMessage()  # once
+    assert pod_overrides(snap, SidecarOptions()) == snap  # nothing set: unchanged
