@@ -107,7 +107,7 @@ def test_proxies_from_recorded_pods() -> None:
     assert (node.workload, node.namespace, node.service_account) == ("reviews-v1", NS, "bookinfo-reviews")
     assert node.services == ("reviews.bookinfo.svc.cluster.local",)
     assert node.trust_domain == "corp.example" and node.labels["version"] == "v1"
-    assert proxy.address == "0.0.0.0" and proxy.outbound_port == 15001  # the pod's netns
+    assert proxy.address == "0.0.0.0" and proxy.outbound_port == 0  # captured: no HTTP proxy port
     assert proxy.inbound == (InboundPort(service_port=9080, listen_port=0, app_port=9080),)
 
 

@@ -101,7 +101,7 @@ def test_injected_commands_parse_with_diktyos_parser() -> None:
     env.update(POD_NAME="web-1", POD_NAMESPACE="default", INSTANCE_IP="10.0.0.7")
     settings = resolve(args, env)  # what the sidecar makes of its command line + environment
     assert args.command == "sidecar" and settings["node"] == "web-1.default"
-    assert settings["admin_port"] == 15000 and settings["outbound_port"] == 15001
+    assert settings["admin_port"] == 15000 and "outbound_port" not in settings
     assert settings["log_level"] == "info" and settings["status_port"] == 15020
     init = out["spec"]["initContainers"][0]
     assert init["command"] == ["diktyo"] and init["args"][:2] == ["init", "--apply"]

@@ -350,8 +350,9 @@ def proxies_from_objects(objects: Iterable[dict[str, Any]], domain: str = "clust
         inbound = tuple(InboundPort(service_port=sp, listen_port=0, app_port=tp)
                         for sp, tp in sorted(ports.items()))
         # listeners bind every address of the pod's network namespace, as Istio's 15001/15006
-        # do (other sidecars reach this one at its pod IP, from the registry)
-        out.append(ProxyNode(node=node, address="0.0.0.0", outbound_port=15001, inbound=inbound))
+        # do (other sidecars reach this one at its pod IP, from the registry); no HTTP-proxy
+        # listener (outbound_port 0): the app's traffic is captured into virtualOutbound 15001
+        out.append(ProxyNode(node=node, address="0.0.0.0", outbound_port=0, inbound=inbound))
     return sorted(out, key=lambda p: p.node.id)
 
 

@@ -257,7 +257,6 @@ def proxy_container(
             {"name": "DIKTYO_CONTROL_PLANE", "value": config.control_plane},
             {"name": "DIKTYO_ADMIN_PORT", "value": str(config.admin_port)},
             {"name": "DIKTYO_ADMIN_ADDRESS", "value": "127.0.0.1"},  # private: probes use 15021
-            {"name": "DIKTYO_OUTBOUND_PORT", "value": str(config.outbound_capture_port)},
             {"name": "DIKTYO_STATUS_PORT", "value": str(config.status_port)},
             {"name": "DIKTYO_READINESS_PORT", "value": str(config.readiness_port)},
             {"name": "DIKTYO_LOG_LEVEL", "value": log_level},
