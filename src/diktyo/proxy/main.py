@@ -64,9 +64,7 @@ class SidecarOptions:
     config_loader: Callable[[str, int], Snapshot] | None = None
 
     # bearer token file for state-changing admin endpoints ("" = generate one in the state dir)
-    admin_token_file: str = field(
-        default_factory=lambda: os.environ.get(ADMIN_TOKEN_FILE_ENV, "")
-    )
+    admin_token_file: str = field(default_factory=lambda: os.environ.get(ADMIN_TOKEN_FILE_ENV, ""))
     # Kubernetes (set from DIKTYO_* env by diktyo.proxy.env): the kubelet's ports on the pod IP
     status_port: int | None = None  # Istio's 15020: /healthz/ready, /app-health/..., metrics
     readiness_port: int | None = None  # Istio's 15021: /healthz/ready
