@@ -106,6 +106,7 @@ def test_container_commands_parse_with_diktyos_parsers() -> None:
     containers = {c["name"]: c for c in deploy["spec"]["template"]["spec"]["containers"]}
     cp = build_parser().parse_args(containers["discovery"]["args"])
     assert cp.command == "control-plane" and cp.port == 15010 and cp.host == "0.0.0.0"
+    assert cp.sidecar_auth == "token"  # sidecars prove themselves (projected token, TokenReview)
     args = webhook_parser().parse_args(containers["injector"]["args"])
     assert args.port == 15017 and args.cert.endswith("tls.crt")
     cfg = config_from_args(args)

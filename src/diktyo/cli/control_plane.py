@@ -79,11 +79,18 @@ async def _main(args: argparse.Namespace) -> int:
         f"{url}/?token={token}",
         flush=True,
     )
+    from diktyo.control.ingest.kubernetes import watch_in_cluster  # k8s: in a pod, watch the API
+
+    kube = watch_in_cluster(cp)
+    if kube is not None:
+        print(f"in a Kubernetes pod: watching the API server at {kube[0].base_url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if kube is not None:
+        kube[1].cancel()
     await cp.stop()
     return 0
 

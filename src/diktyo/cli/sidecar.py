@@ -17,7 +17,11 @@ DESCRIPTION = (
     "--control-plane URL --node ID. When ready it prints one JSON line on stdout: "
     '{"event":"ready","admin":PORT,"listeners":{"NAME":PORT},"version":"V"}; logs go '
     "to stderr. SIGTERM or POST /drain on the admin port drains and exits. "
-    "'python -m diktyo.proxy' takes the same flags and starts with less memory."
+    "'python -m diktyo.proxy' takes the same flags and starts with less memory. In a "
+    "Kubernetes pod every setting comes from the environment the injector sets "
+    "(DIKTYO_CONTROL_PLANE, DIKTYO_NODE or POD_NAME+POD_NAMESPACE, DIKTYO_ADMIN_PORT, "
+    "DIKTYO_OUTBOUND_PORT, DIKTYO_STATUS_PORT, DIKTYO_READINESS_PORT, DIKTYO_LOG_LEVEL, "
+    "DIKTYO_KUBE_APP_PROBERS, ...; see docs/kubernetes.md); flags override the environment."
 )
 
 
@@ -32,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The sidecar's flags (shared by ``diktyo sidecar`` and ``python -m diktyo.proxy``)."""
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()  # or $DIKTYO_CONTROL_PLANE (checked in run)
     src.add_argument("--snapshot", metavar="FILE", help="snapshot JSON file (diktyo.snapshot)")
     src.add_argument("--config", metavar="DIR", help="directory of Istio YAML files")
     src.add_argument(
@@ -50,8 +54,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--admin-port",
         type=int,
-        default=0,
-        help="admin port (/ready, /stats/prometheus, ...); 0 = pick a free one",
+        default=None,
+        help="admin port (/ready, /stats/prometheus, ...) on 127.0.0.1; 0 = pick a free one "
+        "(default 0, env DIKTYO_ADMIN_PORT)",
+    )
+    p.add_argument(
+        "--status-port",
+        type=int,
+        default=None,
+        help="status port for the kubelet, on 0.0.0.0 (Istio's 15020): /healthz/ready, "
+        "/app-health/<container>/readyz|livez|startupz, /stats/prometheus (env "
+        "DIKTYO_STATUS_PORT; default: none)",
+    )
+    p.add_argument(
+        "--readiness-port",
+        type=int,
+        default=None,
+        help="readiness port on 0.0.0.0 (Istio's 15021): /healthz/ready (env "
+        "DIKTYO_READINESS_PORT; default: none)",
     )
     p.add_argument(
         "--outbound-port",
@@ -62,8 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-timeout",
         type=float,
-        default=10.0,
-        help="seconds to let in-flight requests finish on SIGTERM / drain",
+        default=None,
+        help="seconds to let in-flight requests finish on SIGTERM / drain (default 10, env "
+        "DIKTYO_DRAIN_TIMEOUT)",
     )
     p.add_argument(
         "--header-timeout",
@@ -100,9 +121,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--log-level",
-        default="warning",
+        default=None,
         choices=["debug", "info", "warning", "error"],
-        help="stderr log level",
+        help="stderr log level (default warning, env DIKTYO_LOG_LEVEL)",
     )
     p.set_defaults(func=run)
 
@@ -155,8 +176,45 @@ def _standalone_snapshot(config_dir: str, outbound_port: int) -> Snapshot:
     return decode(res.stdout)
 
 
+# option defaults when neither a flag nor the environment sets them
+_DEFAULTS = {"admin_port": 0, "drain_timeout": 10.0, "log_level": "warning"}
+
+
+def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, object]:
+    """Flags over ``DIKTYO_*`` environment over defaults: the sidecar's settings.
+
+    Raises ``diktyo.proxy.env.EnvError`` for a bad environment value."""
+    from diktyo.proxy.env import sidecar_env
+
+    env = sidecar_env(os.environ if environ is None else environ)
+    out: dict[str, object] = dict(_DEFAULTS)
+    out.update(env)
+    for name in ("control_plane", "node", "admin_port", "status_port", "readiness_port",
+                 "outbound_port", "drain_timeout", "log_level", "token_file"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = value
+    if args.snapshot or args.config:
+        out.pop("control_plane", None)  # an explicit file/dir source wins over the env's URL
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     _light_reexec()
+    from diktyo.proxy.env import EnvError
+
+    try:
+        settings = resolve(args)
+    except EnvError as exc:
+        print(f"diktyo sidecar: {exc}", file=sys.stderr)
+        return 2
+    if not (args.snapshot or args.config or settings.get("control_plane")):
+        print(
+            "diktyo sidecar: no config source: pass --snapshot FILE, --config DIR or "
+            "--control-plane URL (or set DIKTYO_CONTROL_PLANE)",
+            file=sys.stderr,
+        )
+        return 2
     from diktyo.proxy.access_log import NonBlockingLogHandler
 
     # logs go to stderr without ever blocking the event loop (a stalled reader drops lines)
@@ -166,21 +224,20 @@ def run(args: argparse.Namespace) -> int:
     except OSError:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    logging.basicConfig(level=str(settings["log_level"]).upper(), handlers=[handler])
     from diktyo.proxy.main import SidecarOptions
     from diktyo.proxy.main import run as run_sidecar
 
-    if args.control_plane and not args.node:
-        print("diktyo sidecar: --control-plane needs --node ID", file=sys.stderr)
+    if settings.get("control_plane") and not settings.get("node"):
+        print(
+            "diktyo sidecar: --control-plane needs --node ID (or DIKTYO_NODE, or POD_NAME and "
+            "POD_NAMESPACE as the injector sets them)",
+            file=sys.stderr,
+        )
         return 2
     opts = SidecarOptions(
         snapshot=args.snapshot,
         config=args.config,
-        control_plane=args.control_plane,
-        node=args.node,
-        admin_port=args.admin_port,
-        outbound_port=args.outbound_port,
-        drain_timeout=args.drain_timeout,
         config_loader=_standalone_snapshot if args.config else None,
 
         header_timeout=args.header_timeout,
@@ -188,8 +245,9 @@ def run(args: argparse.Namespace) -> int:
         admin_token_file=args.admin_token_file,
         access_log_buffer=max(1, args.access_log_buffer_kb) * 1024,
     )
-    if getattr(args, "token_file", None):
-        opts.token_file = args.token_file
+    for name, value in settings.items():
+        if name != "log_level":
+            setattr(opts, name, value)
     try:
         return run_sidecar(opts)
     except Exception as exc:  # config errors from --config: say what is wrong

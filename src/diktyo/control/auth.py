@@ -19,8 +19,10 @@ One aiohttp middleware runs before every handler, in this order:
      bootstrap token), ``POST /telemetry/v1/traces`` (sidecars' spans);
    - sidecar routes (``/v1/snapshot``, ``/v1/ack``, ``POST /v1/registry/proxies`` and
      ``/instances``): the admin token, or a sidecar's bootstrap token (``Bearer``, HMAC-signed
-     by this control plane, ``diktyo.control.ca.token``); the handler then checks that the
-     node or instance belongs to the token's SPIFFE identity (namespace + service account);
+     by this control plane, ``diktyo.control.ca.token``) or, in a Kubernetes pod, its
+     projected service-account token (audience ``diktyo-ca``, checked with a TokenReview);
+     the handler then checks that the node or instance belongs to the token's SPIFFE
+     identity (namespace + service account);
    - everything else (config, registry, proxies, workloads, dashboard, telemetry API): the
      admin token as ``Authorization: Bearer`` or the dashboard's cookie. ``GET /?token=T``
      with the right token sets that cookie (HttpOnly, SameSite=Strict) and redirects to ``/``.
@@ -93,6 +95,9 @@ class AccessPolicy:
         extra = [h for h in env.split(",") if h.strip()]
         self.allowed_hosts = set(_LOOPBACK) | {_hostname(h) for h in [*allowed_hosts, *extra]}
         self.token_file = Path(token_file) if token_file else None
+        # in a Kubernetes pod: a sidecar's projected service-account token -> its SPIFFE id
+        # (TokenReview, diktyo.control.ingest.kubernetes.TokenReviewer); None elsewhere
+        self.token_reviewer: Callable[[str], Awaitable[str | None]] | None = None
         self.refused = {"host": 0, "origin": 0, "content_type": 0, "credential": 0}
 
     def allow_host(self, host: str) -> None:
@@ -159,6 +164,9 @@ class AccessPolicy:
                 return await handler(request)
             if path.startswith(_SIDECAR) and request.method in ("GET", "POST"):
                 identity = self.sidecar_identity(request)
+                token = _bearer(request)
+                if identity is None and self.token_reviewer is not None and token:
+                    identity = await self.token_reviewer(token)
                 if identity is not None:
                     request[PRINCIPAL] = identity
                     return await handler(request)

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -63,9 +64,19 @@ class SidecarOptions:
     config_loader: Callable[[str, int], Snapshot] | None = None
 
     # bearer token file for state-changing admin endpoints ("" = generate one in the state dir)
-    admin_token_file: str = field(
-        default_factory=lambda: os.environ.get(ADMIN_TOKEN_FILE_ENV, "")
-    )
+    admin_token_file: str = field(default_factory=lambda: os.environ.get(ADMIN_TOKEN_FILE_ENV, ""))
+    # Kubernetes (set from DIKTYO_* env by diktyo.proxy.env): the kubelet's ports on the pod IP
+    status_port: int | None = None  # Istio's 15020: /healthz/ready, /app-health/..., metrics
+    readiness_port: int | None = None  # Istio's 15021: /healthz/ready
+    status_address: str = "0.0.0.0"
+    app_probers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pod_ip: str = "127.0.0.1"  # where app probes go (INSTANCE_IP)
+    trust_domain: str | None = None  # expected; a snapshot for another one is logged
+    tracing_sampling: float | None = None  # mesh-wide default percent (DIKTYO_TRACING_SAMPLING)
+    metadata: dict[str, str] = field(default_factory=dict)  # DIKTYO_META_*
+    # the pod's projected service-account token (audience diktyo-ca): the control plane checks
+    # it with a TokenReview; used for snapshots/ACKs when there is no bootstrap token
+    kube_token_file: str | None = None
 
 
 def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:
@@ -82,10 +93,59 @@ def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:
     return msgspec.structs.replace(snapshot, listeners=tuple(listeners))
 
 
+_WARNED: set[tuple[str, str | None]] = set()
+
+
+def pod_overrides(snapshot: Snapshot, opts: SidecarOptions) -> Snapshot:
+    """The pod's environment applied to a snapshot: ``--outbound-port`` and the mesh-wide
+    tracing sampling (Istio's ProxyConfig ``tracing.sampling``; Telemetry resources in the
+    snapshot still override it per workload). A trust domain other than the pod expects is
+    logged (the control plane's is the one used)."""
+    snapshot = override_outbound_port(snapshot, opts.outbound_port)
+    mismatch = (snapshot.node.trust_domain, opts.trust_domain)
+    if opts.trust_domain and mismatch[0] != mismatch[1] and mismatch not in _WARNED:
+        _WARNED.add(mismatch)  # once, not on every push
+        log.warning(
+            "snapshot %s is for trust domain %r but DIKTYO_TRUST_DOMAIN says %r: the control "
+            "plane's is used; check the chart's trustDomain value",
+            snapshot.version, snapshot.node.trust_domain, opts.trust_domain,
+        )
+    if opts.tracing_sampling is not None:
+        tracing = msgspec.structs.replace(snapshot.mesh.tracing, sampling=opts.tracing_sampling)
+        mesh = msgspec.structs.replace(snapshot.mesh, tracing=tracing)
+        snapshot = msgspec.structs.replace(snapshot, mesh=mesh)
+    return snapshot
+
+
+def sidecar_ready(sidecar: Sidecar) -> bool:
+    """Serving: a snapshot is applied, every listener is up, and it is not draining."""
+    return (
+        sidecar.rt is not None
+        and not sidecar.draining
+        and all(c.server is not None for c in sidecar.listeners.values())
+    )
+
+
+async def start_status(sidecar: Sidecar, opts: SidecarOptions) -> Any:
+    """The kubelet's status/readiness ports (``diktyo.proxy.status``), or None if not asked for."""
+    if opts.status_port is None and opts.readiness_port is None:
+        return None
+    from diktyo.proxy.status import StatusServer
+
+    def metrics() -> str:
+        clusters = sidecar.rt.clusters if sidecar.rt is not None else {}
+        text: str = sidecar.stats.render_prometheus(clusters)
+        return text
+
+    status = StatusServer(lambda: sidecar_ready(sidecar), metrics, opts.app_probers, opts.pod_ip)
+    await status.start(opts.status_address, opts.status_port, opts.readiness_port)
+    return status
+
+
 def load_snapshot(opts: SidecarOptions) -> Snapshot:
     if opts.snapshot:
         data = Path(opts.snapshot).read_bytes()
-        return override_outbound_port(decode(data), opts.outbound_port)
+        return pod_overrides(decode(data), opts)
     if opts.config:
         if opts.config_loader is None:
             raise SnapshotError(
@@ -139,6 +199,13 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
     # the admin port answers first (/ready is 503 until a snapshot is applied)
     admin = AdminServer(sidecar, token, str(token_path) if token_path else "")
     await admin.start(opts.admin_address, opts.admin_port)
+    try:
+        status = await start_status(sidecar, opts)
+    except OSError as exc:
+        admin.close()
+        print(f"diktyo sidecar: cannot open the status/readiness ports on "
+              f"{opts.status_address}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     if opts.control_plane and opts.ca_token:
         error = await start_identity(
             sidecar, opts.control_plane, opts.ca_token, opts.identity_timeout
@@ -146,6 +213,8 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
         if error:
             print(f"diktyo sidecar: {error}", file=sys.stderr)
             admin.close()
+            if status is not None:
+                status.close()
             await sidecar.stop()
             return 1
     if opts.control_plane:
@@ -154,12 +223,26 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
         ready_evt = asyncio.Event()
 
         def on_snapshot(snap: Snapshot) -> None:
-            sidecar.apply(override_outbound_port(snap, opts.outbound_port))
+            sidecar.apply(pod_overrides(snap, opts))
             ready_evt.set()
 
         assert opts.node is not None  # checked above: --control-plane needs --node
-        client = ConfigClient(opts.control_plane, opts.node, on_snapshot, token=opts.ca_token)
+        cp_token = opts.ca_token
+        if cp_token is None and opts.kube_token_file:
+            try:
+                cp_token = read_kube_token(opts.kube_token_file)
+            except OSError as exc:
+                print(f"diktyo sidecar: cannot read the service-account token "
+                      f"{opts.kube_token_file}: {exc.strerror or exc}", file=sys.stderr)
+                admin.close()
+                if status is not None:
+                    status.close()
+                await sidecar.stop()
+                return 1
+        client = ConfigClient(opts.control_plane, opts.node, on_snapshot, token=cp_token)
         client.start()
+        if opts.ca_token is None and opts.kube_token_file:
+            sidecar._spawn(_refresh_kube_token(client, opts.kube_token_file))
         await ready_evt.wait()
     else:
         try:
@@ -178,16 +261,17 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
     # per-request objects die by reference counting; collect cycles less often on the hot path
     gc.set_threshold(20000, 20, 20)
     version = sidecar.rt.snapshot.version if sidecar.rt is not None else ""
-    line = json.dumps(
-        {
-            "event": "ready",
-            "admin": admin.port,
-            "listeners": sidecar.ports(),
-            "version": version,
-            "admin_token_file": str(token_path) if token_path else None,
-        },
-        separators=(",", ":"),
-    )
+    ready = {
+        "event": "ready",
+        "admin": admin.port,
+        "listeners": sidecar.ports(),
+        "version": version,
+        "admin_token_file": str(token_path) if token_path else None,
+    }
+    if status is not None:
+        ready["status"] = status.status_port
+        ready["readiness"] = status.readiness_port
+    line = json.dumps(ready, separators=(",", ":"))
     print(line, file=ready_out, flush=True)
     log.info("sidecar ready: %s", line)
 
@@ -202,9 +286,31 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
             pass
     await sidecar.stopped.wait()
     admin.close()
+    if status is not None:
+        status.close()
     if client is not None:
         await client.close()
     return 0
+
+
+def read_kube_token(path: str) -> str:
+    """The pod's projected service-account token (the kubelet writes and rotates the file)."""
+    token = Path(path).read_text().strip()
+    if not token:
+        raise OSError(f"{path} is empty")
+    return token
+
+
+async def _refresh_kube_token(client: Any, path: str, every: float = 60.0) -> None:
+    """Go back to the projected token every minute: the kubelet rotates it, and the diktyo
+    token the control plane hands out in answers dies with a control plane that restarts
+    without a persistent store."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            client.token = read_kube_token(path)
+        except OSError as exc:
+            log.warning("cannot re-read the service-account token %s: %s", path, exc)
 
 
 def _remove_token(path: Path) -> None:

@@ -57,11 +57,12 @@ def test_input_not_mutated_and_proxy_shape() -> None:
     assert json.dumps(pod, sort_keys=True) == before
     proxy = out["spec"]["containers"][-1]
     assert proxy["name"] == "diktyo-proxy"
-    args = proxy["args"]
-    assert args[:3] == ["sidecar", "--control-plane", "http://cp.mesh.svc:15010"]
-    assert args[args.index("--node") + 1] == "$(POD_NAME).$(POD_NAMESPACE)"
-    assert proxy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 15000}
+    assert proxy["args"] == ["sidecar"]  # everything else comes from the environment
+    # the kubelet probes Istio's readiness port on the pod IP (the admin port is private)
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
     env = {e["name"]: e for e in proxy["env"]}
+    assert env["DIKTYO_CONTROL_PLANE"]["value"] == "http://cp.mesh.svc:15010"
+    assert env["DIKTYO_ADMIN_ADDRESS"]["value"] == "127.0.0.1"
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     ports = json.loads(env["DIKTYO_META_POD_PORTS"]["value"])
@@ -84,21 +85,26 @@ def test_user_prometheus_annotations_are_kept() -> None:
 
 def test_excluded_inbound_ports_from_annotation() -> None:
     pod = _pod(annotations={"traffic.sidecar.istio.io/excludeInboundPorts": "8081"})
-    script = inject_pod(pod)["spec"]["initContainers"][0]["args"][0]
-    assert "-A DIKTYO_INBOUND -p tcp --dport 8081 -j RETURN" in script
+    args = inject_pod(pod)["spec"]["initContainers"][0]["args"]
+    assert args[args.index("-d") + 1] == "15000,15090,15021,15020,8081"
 
 
 def test_injected_commands_parse_with_diktyos_parser() -> None:
     from diktyo.cli.main import build_parser
+    from diktyo.cli.sidecar import resolve
 
     out = inject_pod(_pod(), InjectConfig(log_level="info"))
     proxy = out["spec"]["containers"][-1]
     assert proxy["command"] == ["diktyo"]
     args = build_parser().parse_args(proxy["args"])
-    assert args.command == "sidecar" and args.node == "$(POD_NAME).$(POD_NAMESPACE)"
-    assert args.admin_port == 15000 and args.outbound_port == 15001 and args.log_level == "info"
+    env = {e["name"]: e.get("value", "") for e in proxy["env"]}
+    env.update(POD_NAME="web-1", POD_NAMESPACE="default", INSTANCE_IP="10.0.0.7")
+    settings = resolve(args, env)  # what the sidecar makes of its command line + environment
+    assert args.command == "sidecar" and settings["node"] == "web-1.default"
+    assert settings["admin_port"] == 15000 and "outbound_port" not in settings
+    assert settings["log_level"] == "info" and settings["status_port"] == 15020
     init = out["spec"]["initContainers"][0]
-    assert init["command"] == ["sh", "-c"] and init["args"][0].startswith("set -eu\niptables-restore")
+    assert init["command"] == ["diktyo"] and init["args"][:2] == ["init", "--apply"]
 
 
 @pytest.mark.parametrize(
@@ -120,10 +126,8 @@ def test_bad_capture_annotations_are_refused(annotations: dict[str, str], needle
 
 def test_cidrs_are_normalised() -> None:
     pod = _pod(annotations={"traffic.sidecar.istio.io/includeOutboundIPRanges": " 10.1.2.3/8 , 172.16.0.0/12"})
-    script = inject_pod(pod)["spec"]["initContainers"][0]["args"][0]
-    assert "-A DIKTYO_OUTPUT -d 10.0.0.0/8 -j DIKTYO_REDIRECT" in script
-    assert "-A DIKTYO_OUTPUT -d 172.16.0.0/12 -j DIKTYO_REDIRECT" in script
-    assert "-A DIKTYO_OUTPUT -j DIKTYO_REDIRECT" not in script
+    args = inject_pod(pod)["spec"]["initContainers"][0]["args"]
+    assert args[args.index("-i") + 1] == "10.0.0.0/8,172.16.0.0/12"
 
 
 @pytest.mark.parametrize(

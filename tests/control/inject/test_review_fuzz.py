@@ -31,7 +31,8 @@ ANNOTATIONS = ["sidecar.istio.io/inject", "sidecar.istio.io/proxyImage", "sideca
                "traffic.sidecar.istio.io/excludeInboundPorts", "traffic.sidecar.istio.io/excludeOutboundIPRanges"]
 
 
-RULE = re.compile(r"^(\*nat|COMMIT|:DIKTYO_[A-Z_]+ - \[0:0\]|-A [A-Z_]+( !? ?-[-a-z]+( [A-Za-z0-9_./!-]+)?)+)$")
+FLAGS = ["init", "--apply", "-p", "-z", "-u", "-g", "-m", "-i", "-x", "-b", "-d", "-o"]
+VALUE = re.compile(r"^(\*|REDIRECT|[0-9]+(,[0-9]+)*|[0-9./]+(,[0-9./]+)*|)$")
 
 
 def _set(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
@@ -54,12 +55,14 @@ def _check(review: Any) -> None:
     if "patch" in resp:
         ops = json.loads(base64.b64decode(resp["patch"]))
         pod = jsonpatch.apply_patch(copy.deepcopy(review["request"]["object"]), ops)
-        script = pod["spec"]["initContainers"][0]["args"][0]
-        # annotations cannot smuggle shell or rules into the root init container's script
-        lines = script.splitlines()
-        assert lines.count("RULES") == 1 and lines[-1] == "iptables-save -t nat"
-        rules = lines[lines.index("iptables-restore --noflush <<'RULES'") + 1: lines.index("RULES")]
-        assert all(RULE.match(line) for line in rules), rules
+        init = pod["spec"]["initContainers"][0]
+        # annotations cannot smuggle flags or anything but ports/CIDRs into the root container
+        assert init["command"] == ["diktyo"]
+        args = init["args"]
+        assert args[:2] == ["init", "--apply"] and len(args) % 2 == 0
+        pairs = list(zip(args[2::2], args[3::2], strict=True))
+        assert all(flag in FLAGS[2:] for flag, _ in pairs), args
+        assert all(VALUE.match(value) for _, value in pairs), args
 
 
 @settings(max_examples=300, deadline=None)

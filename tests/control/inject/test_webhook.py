@@ -172,7 +172,8 @@ async def test_entrypoint_process(tmp_path: Path) -> None:
         ops = json.loads(base64.b64decode(answer["response"]["patch"]))
         proxy = next(op["value"] for op in ops if op["path"] == "/spec/containers/-")
         assert proxy["image"] == "registry.example.com/diktyo:9"
-        assert proxy["args"][proxy["args"].index("--control-plane") + 1] == "http://cp.mesh.svc:15010"
+        env = {e["name"]: e.get("value") for e in proxy["env"]}
+        assert env["DIKTYO_CONTROL_PLANE"] == "http://cp.mesh.svc:15010"
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), timeout=10) == 0
     finally:

@@ -17,14 +17,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diktyo.api.loader import LoadResult, load_text
-from diktyo.control.model import Registry, Service, ServicePort, WorkloadInstance
+from diktyo.control.model import (
+    InboundPort,
+    ProxyNode,
+    Registry,
+    Service,
+    ServicePort,
+    WorkloadInstance,
+)
+from diktyo.snapshot.model import Node
 
 log = logging.getLogger(__name__)
 
@@ -222,35 +231,75 @@ def registry_from_objects(objects: Iterable[dict[str, Any]], domain: str = "clus
         services=tuple(s for _, (s, _) in sorted(services.items())), instances=instances)
 
 
-# --------------------------------------------------------------------------- Istio config (CRDs)
+# --------------------------------------------------------------------------- resources watched
 
-#: Istio config kinds served as CRDs: kind -> (group, plural)
-CONFIG_KINDS: dict[str, tuple[str, str]] = {
-    "VirtualService": ("networking.istio.io", "virtualservices"),
-    "DestinationRule": ("networking.istio.io", "destinationrules"),
-    "ServiceEntry": ("networking.istio.io", "serviceentries"),
-    "Gateway": ("networking.istio.io", "gateways"),
-    "Sidecar": ("networking.istio.io", "sidecars"),
-    "PeerAuthentication": ("security.istio.io", "peerauthentications"),
-    "AuthorizationPolicy": ("security.istio.io", "authorizationpolicies"),
-    "RequestAuthentication": ("security.istio.io", "requestauthentications"),
-}
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One API resource the watcher lists and watches, identified by group/version/kind.
+
+    Objects are kept per (group, version, kind, namespace, name): the Gateway API's
+    ``Gateway`` (gateway.networking.k8s.io) and Istio's (networking.istio.io) never collide."""
+
+    group: str  # "" = the core group
+    version: str
+    kind: str
+    plural: str
+    config: bool = False  # Istio / Gateway API config (a CRD that may not be installed)
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def path(self) -> str:
+        if not self.group:
+            return f"/api/{self.version}/{self.plural}"
+        return f"/apis/{self.group}/{self.version}/{self.plural}"
+
+    def __str__(self) -> str:
+        return f"{self.kind}.{self.group or 'core'}/{self.version}"
+
+
+CORE_RESOURCES: tuple[Resource, ...] = (
+    Resource("", "v1", "Service", "services"),
+    Resource("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+    Resource("", "v1", "Pod", "pods"),
+)
+#: Istio and Gateway API custom resources diktyo serves (the version each is watched at)
+CONFIG_RESOURCES: tuple[Resource, ...] = tuple(
+    Resource(g, v, k, p, config=True) for g, v, k, p in (
+        ("networking.istio.io", "v1", "VirtualService", "virtualservices"),
+        ("networking.istio.io", "v1", "DestinationRule", "destinationrules"),
+        ("networking.istio.io", "v1", "ServiceEntry", "serviceentries"),
+        ("networking.istio.io", "v1", "Gateway", "gateways"),
+        ("networking.istio.io", "v1", "Sidecar", "sidecars"),
+        ("security.istio.io", "v1", "PeerAuthentication", "peerauthentications"),
+        ("security.istio.io", "v1", "AuthorizationPolicy", "authorizationpolicies"),
+        ("security.istio.io", "v1", "RequestAuthentication", "requestauthentications"),
+        ("telemetry.istio.io", "v1", "Telemetry", "telemetries"),
+        ("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
+        ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+        ("gateway.networking.k8s.io", "v1beta1", "ReferenceGrant", "referencegrants"),
+    )
+)  # fmt: skip
+_CONFIG_GROUP_KINDS = {(r.group, r.kind) for r in CONFIG_RESOURCES}
 _SERVER_FIELDS = ("managedFields", "uid", "resourceVersion", "generation", "creationTimestamp",
                   "selfLink", "ownerReferences", "finalizers")
 
 
 def config_from_objects(objects: Iterable[dict[str, Any]]) -> LoadResult:
-    """Istio custom resources as returned by the API server -> validated diktyo.api resources.
+    """Istio and Gateway API custom resources as returned by the API server -> validated
+    diktyo.api resources.
 
-    Non-Istio objects are ignored; server-populated metadata (managedFields, uid, ...,
-    ``last-applied-configuration``) and ``status`` are dropped. Errors name the object as
-    ``kubernetes:<Kind>/<namespace>/<name>``.
+    Other objects are ignored (by group *and* kind: a Gateway API ``Gateway`` is not Istio's);
+    server-populated metadata (managedFields, uid, ..., ``last-applied-configuration``) and
+    ``status`` are dropped. Errors name the object as ``kubernetes:<Kind>/<namespace>/<name>``.
     """
     result = LoadResult()
     for obj in _flatten(objects):
         kind = _kind(obj)
         group = str(obj.get("apiVersion", "")).rpartition("/")[0]
-        if kind not in CONFIG_KINDS or group != CONFIG_KINDS[kind][0]:
+        if (group, kind) not in _CONFIG_GROUP_KINDS:
             continue
         meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in _SERVER_FIELDS}
         annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
@@ -261,111 +310,220 @@ def config_from_objects(objects: Iterable[dict[str, Any]]) -> LoadResult:
             meta.pop("annotations", None)
         meta.setdefault("namespace", "default")
         clean = {"apiVersion": obj["apiVersion"], "kind": kind, "metadata": meta, "spec": obj.get("spec") or {}}
-        name = f"kubernetes:{kind}/{meta['namespace']}/{meta.get('name', '?')}"
+        shown = kind if group != "gateway.networking.k8s.io" else f"{kind}.{group}"
+        name = f"kubernetes:{shown}/{meta['namespace']}/{meta.get('name', '?')}"
         result.extend(load_text(json.dumps(clean, indent=1), name))
     return result
 
 
+# --------------------------------------------------------------------------- sidecars (pods)
+
+def proxies_from_objects(objects: Iterable[dict[str, Any]], domain: str = "cluster.local",
+                         trust_domain: str = "cluster.local") -> list[ProxyNode]:
+    """A ``ProxyNode`` for every running pod with an injected sidecar, under the node id the
+    sidecar uses (``$POD_NAME.$POD_NAMESPACE``): its labels, service account, workload, the
+    services whose endpoints it backs, and inbound ports (service port -> the app's port)."""
+    objs = _flatten(objects)
+    registry = registry_from_objects(objs, domain)
+    by_address: dict[tuple[str, str], list[WorkloadInstance]] = {}
+    for inst in registry.instances:
+        by_address.setdefault((inst.namespace, inst.address), []).append(inst)
+    out = []
+    for pod in objs:
+        if _kind(pod) != "Pod":
+            continue
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        info = _pod_info(pod)
+        ip = status.get("podIP")
+        if not info.has_sidecar or not ip or status.get("phase") in ("Succeeded", "Failed"):
+            continue
+        ns = meta.get("namespace") or "default"
+        insts = by_address.get((ns, ip), [])
+        services = tuple(dict.fromkeys(s for i in insts for s in i.services))
+        ports = {sp: tp for i in insts for sp, tp in i.ports.items()}
+        extra: dict[str, Any] = {}
+        if "interception_mode" in Node.__struct_fields__:  # capture (issue 10, engineer tcp)
+            extra["interception_mode"] = "REDIRECT"  # the init container's iptables rules
+        node = Node(id=f"{meta.get('name', '')}.{ns}", workload=info.workload, namespace=ns,
+                    labels=info.labels, service_account=info.service_account,
+                    trust_domain=trust_domain, services=services, **extra)
+        inbound = tuple(InboundPort(service_port=sp, listen_port=0, app_port=tp)
+                        for sp, tp in sorted(ports.items()))
+        # listeners bind every address of the pod's network namespace, as Istio's 15001/15006
+        # do (other sidecars reach this one at its pod IP, from the registry); no HTTP-proxy
+        # listener (outbound_port 0): the app's traffic is captured into virtualOutbound 15001
+        out.append(ProxyNode(node=node, address="0.0.0.0", outbound_port=0, inbound=inbound))
+    return sorted(out, key=lambda p: p.node.id)
+
+
 # --------------------------------------------------------------------------- watch client (I/O)
+
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+@dataclass(frozen=True, slots=True)
+class InCluster:
+    """Where the API server is and how to prove who we are, from inside a pod."""
+
+    base_url: str
+    token_file: str
+    ca_file: str
+    namespace: str
+
+
+def in_cluster(environ: Mapping[str, str] | None = None, sa_dir: str | None = None) -> InCluster | None:
+    """The in-cluster API config, or None when not in a pod: ``KUBERNETES_SERVICE_HOST`` /
+    ``_PORT`` (set by the kubelet in every container) and the service account's token and CA
+    in ``/var/run/secrets/kubernetes.io/serviceaccount`` (``$DIKTYO_KUBE_SA_DIR`` elsewhere)."""
+    env = os.environ if environ is None else environ
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+    sa = Path(sa_dir or env.get("DIKTYO_KUBE_SA_DIR") or SA_DIR)
+    if not host or not port or not (sa / "token").is_file():
+        return None
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 service IP
+    ns_file = sa / "namespace"
+    namespace = ns_file.read_text().strip() if ns_file.is_file() else env.get("POD_NAMESPACE", "")
+    return InCluster(f"https://{host}:{port}", str(sa / "token"), str(sa / "ca.crt"), namespace)
+
 
 @dataclass(slots=True)
 class KubeWatcher:
-    """List+watch Services, EndpointSlices and Pods from the API server; rebuild the Registry.
+    """List+watch Services, EndpointSlices and Pods (and, with ``on_config``, Istio and Gateway
+    API custom resources) from the API server; publish a Registry, config and sidecar nodes.
 
-    Runs inside a pod with the service account token (``in_cluster()``). Keeps the latest
-    object per (kind, namespace, name), follows ``resourceVersion`` (with bookmarks),
-    relists on 410 Gone, retries after connection errors (warning + ``errors`` counter),
-    and calls ``on_registry`` with a fresh Registry after each change once every kind has
-    been listed (no half-synced registry is ever published). Tested against a recorded
-    list/watch replay server, not against a real cluster.
+    Keeps the latest object per (group, version, kind, namespace, name), follows
+    ``resourceVersion`` (with bookmarks), relists on 410 Gone, retries after connection errors
+    (warning + ``errors`` counter). The registry (and ``on_proxies``) is published after each
+    change once Services, EndpointSlices and Pods have all been listed (never half-synced).
+    Config is published once every custom resource is listed *or known to be missing*: a CRD
+    that is not installed (404) or not readable (403) is polled every ``crd_poll`` seconds and
+    picked up when it appears, without holding up the rest. Tested against a small API server
+    on 127.0.0.1 replaying recorded objects, not against a real cluster.
     """
 
     base_url: str
-    token: str
+    token: str = ""
     ca_file: str | None = None
+    token_file: str | None = None  # re-read before each request (the kubelet rotates it)
     domain: str = "cluster.local"
+    trust_domain: str = "cluster.local"
     on_registry: Callable[[Registry], Awaitable[None]] | None = None
     on_config: Callable[[LoadResult], Awaitable[None]] | None = None
+    on_proxies: Callable[[list[ProxyNode]], Awaitable[None]] | None = None
     retry_delay: float = 1.0
+    crd_poll: float = 30.0  # seconds between looks for a custom resource that is not there
     watch_timeout: int = 300  # seconds the API server keeps one watch open
-    objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
-    synced: set[str] = field(default_factory=set)
+    objects: dict[tuple[Resource, str, str], dict[str, Any]] = field(default_factory=dict)
+    synced: set[Resource] = field(default_factory=set)
+    absent: set[Resource] = field(default_factory=set)
     errors: int = 0
     relists: int = 0
     published: bool = False
-
-    RESOURCES = (("Service", "/api/v1/services"),
-                 ("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"),
-                 ("Pod", "/api/v1/pods"))
-    CONFIG_RESOURCES = tuple((kind, f"/apis/{group}/v1/{plural}")
-                             for kind, (group, plural) in CONFIG_KINDS.items())
+    config_published: bool = False
 
     @classmethod
-    def in_cluster(cls, **kw: Any) -> KubeWatcher:
-        import os
-        sa = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-        host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]
-        return cls(base_url=f"https://{host}:{port}", token=(sa / "token").read_text().strip(),
-                   ca_file=str(sa / "ca.crt"), **kw)
+    def in_cluster(cls, config: InCluster | None = None, **kw: Any) -> KubeWatcher:
+        cfg = config or in_cluster()
+        if cfg is None:
+            raise RuntimeError("not in a Kubernetes pod: KUBERNETES_SERVICE_HOST or the "
+                               f"service account token in {SA_DIR} is missing")
+        return cls(base_url=cfg.base_url, token_file=cfg.token_file,
+                   ca_file=cfg.ca_file if Path(cfg.ca_file).is_file() else None, **kw)
+
+    def _items(self, config: bool) -> Iterable[dict[str, Any]]:
+        return (o for (res, _, _), o in self.objects.items() if res.config == config)
 
     def registry(self) -> Registry:
-        return registry_from_objects(
-            (o for k, o in self.objects.items() if k[0] not in CONFIG_KINDS), self.domain)
+        return registry_from_objects(self._items(False), self.domain)
+
+    def proxies(self) -> list[ProxyNode]:
+        return proxies_from_objects(self._items(False), self.domain, self.trust_domain)
 
     def config(self) -> LoadResult:
-        return config_from_objects(o for k, o in self.objects.items() if k[0] in CONFIG_KINDS)
+        return config_from_objects(self._items(True))
 
-    def _resources(self) -> tuple[tuple[str, str], ...]:
-        return self.RESOURCES + (self.CONFIG_RESOURCES if self.on_config is not None else ())
+    def resources(self) -> tuple[Resource, ...]:
+        return CORE_RESOURCES + (CONFIG_RESOURCES if self.on_config is not None else ())
+
+    def _headers(self) -> dict[str, str]:
+        token = self.token
+        if self.token_file:
+            token = Path(self.token_file).read_text().strip()
+        return {"Authorization": f"Bearer {token}", "Accept": "application/json"}
 
     async def run(self) -> None:
         """Watch until cancelled."""
         import aiohttp
 
         ctx = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
-        async with aiohttp.ClientSession(headers=headers) as session, asyncio.TaskGroup() as tg:
-            for kind, path in self._resources():
-                tg.create_task(self._watch(session, ctx, kind, path))
+        async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
+            for res in self.resources():
+                tg.create_task(self._watch(session, ctx, res))
 
-    async def _watch(self, session: Any, ctx: ssl.SSLContext | None, kind: str, path: str) -> None:
+    async def _watch(self, session: Any, ctx: ssl.SSLContext | None, res: Resource) -> None:
         import aiohttp
 
         while True:
             try:
-                rv: str | None = await self._list(session, ctx, kind, path)
+                rv: str | None = await self._list(session, ctx, res)
+                if rv is None:  # the resource is not served (CRD missing) or not allowed
+                    await asyncio.sleep(self.crd_poll)
+                    continue
                 while rv is not None:
-                    rv = await self._watch_once(session, ctx, kind, path, rv)
+                    rv = await self._watch_once(session, ctx, res, rv)
                 self.relists += 1
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as exc:
                 self.errors += 1
                 log.warning("kubernetes %s watch failed (%s: %s); retrying in %.1fs",
-                            kind, type(exc).__name__, exc, self.retry_delay)
+                            res, type(exc).__name__, exc, self.retry_delay)
                 await asyncio.sleep(self.retry_delay)
 
-    async def _list(self, session: Any, ctx: ssl.SSLContext | None, kind: str, path: str) -> str:
-        async with session.get(self.base_url + path, ssl=ctx) as resp:
+    async def _list(self, session: Any, ctx: ssl.SSLContext | None, res: Resource) -> str | None:
+        """List ``res``; its resourceVersion, or None for a custom resource the API server does
+        not serve (404: CRD not installed) or lets us not read (403: RBAC)."""
+        async with session.get(self.base_url + res.path, ssl=ctx, headers=self._headers()) as resp:
+            if res.config and resp.status in (403, 404):
+                if res not in self.absent:
+                    why = ("its CRD is not installed" if resp.status == 404 else
+                           "the service account may not list it (add it to the ClusterRole)")
+                    log.warning("kubernetes %s: %d, %s; serving without it, looking again every "
+                                "%gs", res, resp.status, why, self.crd_poll)
+                had = self._drop(res)
+                self.absent.add(res)
+                self.synced.discard(res)
+                if had or not self.config_published:
+                    await self._changed(res)
+                return None
             resp.raise_for_status()
             body = await resp.json()
-        for key in [k for k in self.objects if k[0] == kind]:
-            del self.objects[key]
+        if res in self.absent:
+            log.info("kubernetes %s: now served, watching it", res)
+            self.absent.discard(res)
+        self._drop(res)
         for item in body.get("items") or []:
-            self._store(kind, "ADDED", item)
-        self.synced.add(kind)
-        await self._changed(kind)
+            self._store(res, "ADDED", item)
+        self.synced.add(res)
+        await self._changed(res)
         return str(body["metadata"]["resourceVersion"])
 
-    async def _watch_once(self, session: Any, ctx: ssl.SSLContext | None, kind: str, path: str,
+    def _drop(self, res: Resource) -> bool:
+        keys = [k for k in self.objects if k[0] == res]
+        for key in keys:
+            del self.objects[key]
+        return bool(keys)
+
+    async def _watch_once(self, session: Any, ctx: ssl.SSLContext | None, res: Resource,
                           rv: str) -> str | None:
         """One watch request; the resourceVersion to continue from, or None to relist."""
         import aiohttp
 
-        url = (f"{self.base_url}{path}?watch=1&resourceVersion={rv}"
+        url = (f"{self.base_url}{res.path}?watch=1&resourceVersion={rv}"
                f"&allowWatchBookmarks=true&timeoutSeconds={self.watch_timeout}")
         timeout = aiohttp.ClientTimeout(total=None, sock_read=self.watch_timeout + 30)
-        async with session.get(url, ssl=ctx, timeout=timeout) as resp:
-            if resp.status == 410:
-                return None
+        async with session.get(url, ssl=ctx, timeout=timeout, headers=self._headers()) as resp:
+            if resp.status in (404, 410):
+                return None  # 410: too old; 404: the CRD went away -> relist finds out
             resp.raise_for_status()
             async for line in resp.content:
                 if not line.strip():
@@ -379,23 +537,172 @@ class KubeWatcher:
                 rv = str((obj.get("metadata") or {}).get("resourceVersion", rv))
                 if event.get("type") == "BOOKMARK":
                     continue
-                self._store(kind, str(event["type"]), obj)
-                await self._changed(kind)
+                self._store(res, str(event["type"]), obj)
+                await self._changed(res)
         return rv
 
-    def _store(self, kind: str, event: str, obj: dict[str, Any]) -> None:
+    def _store(self, res: Resource, event: str, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
-        key = (kind, meta.get("namespace", ""), meta.get("name", ""))
+        key = (res, meta.get("namespace", ""), meta.get("name", ""))
         if event == "DELETED":
             self.objects.pop(key, None)
         else:
-            self.objects[key] = {"kind": kind, **obj}
+            self.objects[key] = {"kind": res.kind, "apiVersion": res.api_version, **obj}
 
-    async def _changed(self, kind: str) -> None:
-        if len(self.synced) < len(self._resources()):
-            return  # publish nothing half-synced
-        first, self.published = not self.published, True
-        if (first or kind in CONFIG_KINDS) and self.on_config is not None:
-            await self.on_config(self.config())
-        if (first or kind not in CONFIG_KINDS) and self.on_registry is not None:
+    async def _changed(self, res: Resource) -> None:
+        if res.config:
+            if self.on_config is None:
+                return
+            if all(r in self.synced or r in self.absent for r in CONFIG_RESOURCES):
+                self.config_published = True
+                await self.on_config(self.config())
+            return
+        if not all(r in self.synced for r in CORE_RESOURCES):
+            return  # publish no half-synced registry
+        self.published = True
+        if self.on_registry is not None:
             await self.on_registry(self.registry())
+        if self.on_proxies is not None:
+            await self.on_proxies(self.proxies())
+
+
+# --------------------------------------------------------------------------- sidecar tokens
+
+TOKEN_AUDIENCE = "diktyo-ca"  # the injected pods' projected token (volume diktyo-token)
+_SA_USER = "system:serviceaccount:"
+
+
+class TokenReviewer:
+    """Proves a sidecar's identity from its projected service-account token, as istiod does:
+    ``POST /apis/authentication.k8s.io/v1/tokenreviews`` with audience ``diktyo-ca``.
+
+    ``await reviewer(token)`` -> ``(namespace, service_account)`` or None (not authenticated,
+    not a service account, wrong audience, API unreachable: all logged). Answers are cached
+    per token for ``ttl`` seconds (refusals for ``negative_ttl``) so long polls do not cost a
+    review each."""
+
+    def __init__(self, base_url: str, token_file: str | None = None, token: str = "",
+                 ca_file: str | None = None, ttl: float = 60.0, negative_ttl: float = 5.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.base_url = base_url
+        self.token_file = token_file
+        self.token = token
+        self.ctx = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        self.ttl, self.negative_ttl = ttl, negative_ttl
+        self.clock = clock or time.monotonic
+        self.cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
+        self.reviews = 0
+        self._session: Any = None
+
+    def _auth(self) -> str:
+        token = Path(self.token_file).read_text().strip() if self.token_file else self.token
+        return f"Bearer {token}"
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __call__(self, token: str) -> tuple[str, str] | None:
+        import hashlib
+
+        import aiohttp
+
+        key = hashlib.sha256(token.encode()).hexdigest()
+        now = self.clock()
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "spec": {"token": token, "audiences": [TOKEN_AUDIENCE]}}
+        self.reviews += 1
+        try:
+            async with self._session.post(
+                    self.base_url + "/apis/authentication.k8s.io/v1/tokenreviews", json=body,
+                    ssl=self.ctx, headers={"Authorization": self._auth()}) as resp:
+                if resp.status != 201 and resp.status != 200:
+                    log.warning("TokenReview answered %d (does the ClusterRole allow creating "
+                                "tokenreviews?); sidecar refused", resp.status)
+                    return None  # not cached: the API server may be back on the next poll
+                answer = await resp.json()
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            log.warning("TokenReview failed (%s: %s); sidecar refused", type(exc).__name__, exc)
+            return None
+        result = self._identity(answer.get("status") or {})
+        self.cache[key] = (now + (self.ttl if result else self.negative_ttl), result)
+        if len(self.cache) > 10000:  # tokens of pods long gone
+            self.cache = {k: v for k, v in self.cache.items() if v[0] > now}
+        return result
+
+    @staticmethod
+    def _identity(status: dict[str, Any]) -> tuple[str, str] | None:
+        user = str((status.get("user") or {}).get("username", ""))
+        audiences = status.get("audiences")
+        if not status.get("authenticated"):
+            log.info("sidecar token not authenticated: %s", status.get("error", "no reason given"))
+            return None
+        if audiences is not None and TOKEN_AUDIENCE not in audiences:
+            log.warning("sidecar token for %s is not for audience %s", user, TOKEN_AUDIENCE)
+            return None
+        if not user.startswith(_SA_USER) or user.count(":") != 3:
+            log.warning("token of %r is not a service account's: refused", user)
+            return None
+        namespace, sa = user[len(_SA_USER):].split(":")
+        return namespace, sa
+
+
+# --------------------------------------------------------------------------- control plane
+
+class ProxySync:
+    """Keeps the control plane's proxies equal to the watched pods with sidecars (only those
+    this source added: proxies registered through the HTTP API are left alone)."""
+
+    def __init__(self, cp: Any) -> None:
+        self.cp = cp
+        self.known: dict[str, ProxyNode] = {}
+
+    async def __call__(self, proxies: list[ProxyNode]) -> None:
+        want = {p.node.id: p for p in proxies}
+        for node_id in [n for n in self.known if n not in want]:
+            self.cp.remove_proxy(node_id)
+            del self.known[node_id]
+            log.info("kubernetes: sidecar %s is gone", node_id)
+        for node_id, proxy in want.items():
+            if self.known.get(node_id) != proxy:
+                self.cp.add_proxy(proxy)
+                if node_id not in self.known:
+                    log.info("kubernetes: sidecar %s (%s, %d services)", node_id,
+                             proxy.node.service_account, len(proxy.node.services))
+                self.known[node_id] = proxy
+
+
+def watch_in_cluster(
+    cp: Any, config: InCluster | None = None
+) -> tuple[KubeWatcher, asyncio.Task[None]] | None:
+    """When running in a pod, start a ``KubeWatcher`` feeding ``cp`` (a ControlPlane): the
+    registry, Istio/Gateway API config and a node per injected pod. None outside a cluster."""
+    cfg = config or in_cluster()
+    if cfg is None:
+        return None
+    watcher = KubeWatcher.in_cluster(
+        cfg, trust_domain=cp.mesh.trust_domain,
+        on_registry=cp.registry_source("kubernetes"),
+        on_config=cp.config_source("kubernetes"),
+        on_proxies=ProxySync(cp),
+    )
+    reviewer = TokenReviewer(cfg.base_url, cfg.token_file,
+                             ca_file=cfg.ca_file if Path(cfg.ca_file).is_file() else None)
+
+    async def review(token: str) -> str | None:
+        who = await reviewer(token)
+        return cp.identity.spiffe_id(*who) if who else None
+
+    cp.access.token_reviewer = review  # sidecars prove themselves with their projected token
+    log.info("in a Kubernetes pod: watching %s (Services, EndpointSlices, Pods, Istio and "
+             "Gateway API resources); sidecars authenticate with their service-account token",
+             cfg.base_url)
+    return watcher, asyncio.get_running_loop().create_task(watcher.run(), name="kubernetes-watch")

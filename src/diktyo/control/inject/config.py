@@ -21,7 +21,10 @@ class InjectConfig:
     tracing_sampling: float = 1.0  # percent of requests traced (Istio's meshConfig sampling)
     revision: str = "default"
     proxy_uid: int = 1337  # traffic from this uid/gid is never captured (Istio's 1337)
-    admin_port: int = 15000  # /ready, /stats/prometheus, /config_dump
+    admin_port: int = 15000  # /ready, /stats/prometheus, /config_dump (on 127.0.0.1)
+    status_port: int = 15020  # Istio's: /healthz/ready, /app-health/..., /stats/prometheus
+    readiness_port: int = 15021  # Istio's: /healthz/ready (the sidecar's readinessProbe)
+    rewrite_app_probes: bool = True  # sidecar.istio.io/rewriteAppHTTPProbers decides per pod
     outbound_capture_port: int = 15001
     inbound_capture_port: int = 15006
     cpu_request: str = "100m"

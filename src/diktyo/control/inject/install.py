@@ -140,7 +140,10 @@ def render(values: dict[str, Any] | None = None, namespace: str = "diktyo-system
               "verbs": ["get", "list", "watch"]},
              {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
               "verbs": ["get", "list", "watch"]},
-             {"apiGroups": ["networking.istio.io", "security.istio.io"], "resources": ["*"],
+             {"apiGroups": ["networking.istio.io", "security.istio.io", "telemetry.istio.io"],
+              "resources": ["*"], "verbs": ["get", "list", "watch"]},
+             {"apiGroups": ["gateway.networking.k8s.io"],
+              "resources": ["gateways", "httproutes", "referencegrants"],
               "verbs": ["get", "list", "watch"]},
              {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
          ]},
@@ -166,7 +169,7 @@ def render(values: dict[str, Any] | None = None, namespace: str = "diktyo-system
                     "containers": [
                         {"name": "discovery", "image": image, "imagePullPolicy": v["image"]["pullPolicy"],
                          "command": ["diktyo"],
-                         "args": ["control-plane", "--host", "0.0.0.0", "--port", "15010", "--sidecar-auth", "none"],
+                         "args": ["control-plane", "--host", "0.0.0.0", "--port", "15010"],
                          "env": [
                              {"name": "DIKTYO_TRUST_DOMAIN", "value": _fmt(v["trustDomain"])},
                              {"name": "DIKTYO_TRACING_SAMPLING", "value": sampling},

@@ -15,8 +15,10 @@ import json
 from typing import Any
 
 from diktyo.control.ingest.kubernetes import port_protocol
-from diktyo.control.inject.capture import CapturePlan, render_script
+from diktyo.control.inject.capture import CapturePlan, init_args
 from diktyo.control.inject.config import DEFAULT_CONFIG, InjectConfig
+from diktyo.control.inject.probes import ENV as PROBERS_ENV
+from diktyo.control.inject.probes import rewrite_probes, should_rewrite
 
 PROXY = "diktyo-proxy"
 INIT = "diktyo-init"
@@ -227,8 +229,11 @@ def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
 
-def proxy_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]:
-    """The ``diktyo-proxy`` sidecar container for this pod."""
+def proxy_container(
+    pod: dict[str, Any], config: InjectConfig, app_probers: str = ""
+) -> dict[str, Any]:
+    """The ``diktyo-proxy`` sidecar container for this pod, configured by its environment
+    (``diktyo.proxy.env`` reads every ``DIKTYO_*`` variable set here)."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     app = spec.get("containers") or []
@@ -242,25 +247,24 @@ def proxy_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]
         "image": _annotation(pod, a + "proxyImage", config.image),
         "imagePullPolicy": config.image_pull_policy,
         "command": ["diktyo"],
-        "args": [
-            "sidecar",
-            "--control-plane",
-            config.control_plane,
-            "--node",
-            "$(POD_NAME).$(POD_NAMESPACE)",
-            "--admin-port",
-            str(config.admin_port),
-            "--outbound-port",
-            str(config.outbound_capture_port),
-            "--log-level",
-            log_level,
-        ],
+        "args": ["sidecar"],
         "env": [
             _field_env("POD_NAME", "metadata.name"),
             _field_env("POD_NAMESPACE", "metadata.namespace"),
             _field_env("INSTANCE_IP", "status.podIP"),
             _field_env("HOST_IP", "status.hostIP"),
             _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            {"name": "DIKTYO_CONTROL_PLANE", "value": config.control_plane},
+            {"name": "DIKTYO_ADMIN_PORT", "value": str(config.admin_port)},
+            {"name": "DIKTYO_ADMIN_ADDRESS", "value": "127.0.0.1"},  # private: probes use 15021
+            {"name": "DIKTYO_STATUS_PORT", "value": str(config.status_port)},
+            {"name": "DIKTYO_READINESS_PORT", "value": str(config.readiness_port)},
+            {"name": "DIKTYO_LOG_LEVEL", "value": log_level},
+            {"name": "DIKTYO_INTERCEPTION_MODE", "value": "REDIRECT"},
+            # state (the admin token for POST /drain) on the memory volume: the root is read-only
+            {"name": "DIKTYO_HOME", "value": "/var/run/diktyo"},
+            # the projected token (volume diktyo-token): the control plane's TokenReview
+            {"name": "DIKTYO_KUBE_TOKEN_FILE", "value": "/var/run/secrets/tokens/diktyo-token"},
             {"name": "DIKTYO_TRUST_DOMAIN", "value": config.trust_domain},
             {"name": "DIKTYO_TRACING_SAMPLING", "value": f"{config.tracing_sampling:g}"},
             {"name": "DIKTYO_META_WORKLOAD_NAME", "value": name},
@@ -273,12 +277,13 @@ def proxy_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]
                 "name": "DIKTYO_META_POD_PORTS",
                 "value": json.dumps(_pod_ports(app), separators=(",", ":")),
             },
-        ],
+        ]
+        + ([{"name": PROBERS_ENV, "value": app_probers}] if app_probers else []),
         "ports": [
-            {"containerPort": config.admin_port, "name": "http-diktyo-admin", "protocol": "TCP"}
+            {"containerPort": config.status_port, "name": "http-dkt-status", "protocol": "TCP"}
         ],
         "readinessProbe": {
-            "httpGet": {"path": "/ready", "port": config.admin_port},
+            "httpGet": {"path": "/healthz/ready", "port": config.readiness_port},
             "initialDelaySeconds": 1,
             "periodSeconds": 2,
             "timeoutSeconds": 3,
@@ -312,14 +317,15 @@ def proxy_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]
 
 
 def init_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]:
-    """The ``diktyo-init`` container: installs the capture rules, then exits."""
+    """The ``diktyo-init`` container: ``diktyo init --apply`` installs the capture rules, then
+    it exits."""
     a = "sidecar.istio.io/"
     return {
         "name": INIT,
         "image": _annotation(pod, a + "proxyImage", config.image),
         "imagePullPolicy": config.image_pull_policy,
-        "command": ["sh", "-c"],
-        "args": [render_script(capture_plan(pod, config))],
+        "command": ["diktyo"],
+        "args": init_args(capture_plan(pod, config)),
         "resources": {
             "requests": {"cpu": "10m", "memory": "40Mi"},
             "limits": {
@@ -411,10 +417,13 @@ def inject_pod(
     if app:
         ann.setdefault("kubectl.kubernetes.io/default-container", app[0].get("name", ""))
     ann.setdefault("prometheus.io/scrape", "true")
-    ann.setdefault("prometheus.io/port", str(config.admin_port))
+    ann.setdefault("prometheus.io/port", str(config.status_port))
     ann.setdefault("prometheus.io/path", "/stats/prometheus")
     ann[STATUS] = status_annotation(config)
     spec["initContainers"] = [init_container(pod, config)] + list(spec.get("initContainers") or [])
-    spec["containers"] = list(app) + [proxy_container(pod, config)]
+    probers = ""
+    if should_rewrite(ann, config.rewrite_app_probes):
+        app, probers = rewrite_probes(list(app), capture_plan(pod, config), config.status_port)
+    spec["containers"] = list(app) + [proxy_container(pod, config, probers)]
     spec["volumes"] = list(spec.get("volumes") or []) + _volumes()
     return out
