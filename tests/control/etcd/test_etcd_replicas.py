@@ -1,0 +1,191 @@
+"""Control-plane replicas sharing one real etcd: config, registry, proxies, CA, CAS, leader."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from diktyo.api import load_text
+from diktyo.control.backend import StoreConflict, StoreUnavailable
+from diktyo.control.etcd import secrets
+from diktyo.control.etcd.backend import EtcdBackend, parse_etcd_url
+from diktyo.control.model import ProxyNode, Service, ServicePort, WorkloadInstance
+from diktyo.control.server import ControlPlane
+from diktyo.snapshot.model import Node
+from diktyo.testing.controlplane import YAML, admin_session
+from diktyo.testing.etcd import EtcdCluster
+from diktyo.testing.wait import eventually
+
+SVC = Service(hostname="x.default.svc.cluster.local", short_name="x", ports=(ServicePort(9080),))
+
+
+def vs(name: str, host: str = "x", timeout: str = "7s") -> str:
+    return f"""apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}}}
+spec:
+  hosts: [{host}]
+  http:
+  - timeout: {timeout}
+    route:
+    - destination: {{host: {host}}}
+"""
+
+
+async def _apply(cp: ControlPlane, text: str, source: str = "vs.yaml") -> tuple[int, dict]:
+    async with (
+        admin_session(cp) as s,
+        s.post(cp.url + "/v1/config", params={"source": source}, data=text, headers=YAML) as r,
+    ):
+        return r.status, await r.json()
+
+
+async def test_apply_on_one_replica_is_served_by_every_replica(replicas) -> None:
+    a, b = await replicas(2)
+    a.registry.add_service(SVC)
+    b.add_proxy(ProxyNode(node=Node(id="p-1.default", workload="p")))
+    status, body = await _apply(a, vs("x-route"), "routes/x.yaml")
+    assert status == 200, body
+    key = ("VirtualService", "default", "x-route")
+    await eventually(lambda: key in b.store.resource_keys(), timeout=5, what="watch on b")
+    res = next(r for r in b.store.resources if r.name == "x-route")
+    assert (res.file, res.line) == ("routes/x.yaml", 1)  # origin survives the round trip
+
+    # b's push reacted to the watch: its proxy's snapshot routes the applied host
+    def routed() -> bool:
+        entry = b.cache.get("p-1.default")
+        return entry is not None and any(
+            vh.name.startswith("x.default") and [r.timeout for r in vh.routes] == [7.0]
+            for table in entry.snapshot.route_tables
+            for vh in table.virtual_hosts
+        )
+
+    await eventually(routed, timeout=5, what="b pushed the applied route")
+    # registry writes go through etcd too, and the proxy registered on b is known to a
+    await eventually(lambda: SVC.hostname in b.registry.services, timeout=5)
+    await eventually(lambda: "p-1.default" in a.proxies, timeout=5)
+    # delete through b removes it everywhere
+    url = b.url + "/v1/config/VirtualService/default/x-route"
+    async with admin_session(b) as s, s.delete(url) as r:
+        assert r.status == 200
+    await eventually(lambda: key not in a.store.resource_keys(), timeout=5)
+
+
+async def test_replicas_share_the_sealed_ca_and_token_key(replicas, etcd1: EtcdCluster) -> None:
+    a, b = await replicas(2)
+    assert a.identity.ca.root_cert_pem == b.identity.ca.root_cert_pem
+    token = a.identity.token_for("default", "reviews")
+    assert b.identity.tokens.verify(token) == "spiffe://cluster.local/ns/default/sa/reviews"
+    # in etcd the CA key is ciphertext only
+    kv = await a.backend.client.get("/diktyo/ca/identity")
+    assert kv is not None and b"PRIVATE KEY" not in kv.value and b"BEGIN" not in kv.value
+
+
+async def test_wrong_store_key_is_refused_with_a_clear_error(
+    replicas, etcd1: EtcdCluster, tmp_path: Path
+) -> None:
+    await replicas(1)
+    other = tmp_path / "other.key"
+    cp = ControlPlane(
+        observability=False,
+        backend=EtcdBackend(etcd1.client_urls, key_file=other, replica_id="intruder"),
+    )
+    with pytest.raises(secrets.SealError, match="same --store-key-file"):
+        await cp.start()
+
+
+async def test_compare_and_swap_refuses_a_write_based_on_stale_revisions(replicas) -> None:
+    a, b = await replicas(2)
+    files = [("v.yaml", vs("shared"))]
+    res = load_text(files[0][1], "v.yaml").resources
+    await a.backend.commit(res, files)
+    key = ("VirtualService", "default", "shared")
+    await eventually(lambda: key in b.backend.config_revisions, timeout=5)
+    # b writes a newer version; a's next write still carries the revision a validated
+    stale = dict(a.backend.config_revisions)
+    await b.backend.commit(
+        load_text(vs("shared", "y"), "v.yaml").resources, [("v.yaml", vs("shared", "y"))]
+    )
+    a.backend.config_revisions.update(stale)  # as if a's watch had not delivered it yet
+    with pytest.raises(StoreConflict):
+        await a.backend.commit(res, files)
+    assert a.backend.stats["conflicts"] == 1
+
+
+async def test_concurrent_applies_through_two_replicas_are_all_stored(replicas) -> None:
+    a, b = await replicas(2)
+    # the same resource changed 10 times through each replica at once, plus 10 new ones each
+    texts = [(cp, vs("hot", "x", f"{i + 1}s")) for i in range(10) for cp in (a, b)]
+    texts += [
+        (cp, vs(f"own-{cp.backend.replica_id}-{i}", f"own-{cp.backend.replica_id}-{i}"))
+        for i in range(10)
+        for cp in (a, b)
+    ]
+    results = await asyncio.gather(*(_apply(cp, t) for cp, t in texts))
+    assert [s for s, _ in results] == [200] * len(texts), [b for s, b in results if s != 200]
+    names = {k[2] for k in a.store.resource_keys()}
+    assert {f"own-r{r}-{i}" for r in (0, 1) for i in range(10)} <= names
+    await eventually(lambda: a.backend.config_revisions == b.backend.config_revisions, timeout=5)
+    kv = await a.backend.client.get("/diktyo/config/VirtualService/default/hot")
+    assert (
+        kv is not None
+        and kv.mod_revision == a.backend.config_revisions[("VirtualService", "default", "hot")]
+    )
+
+
+async def test_one_leader_and_a_new_one_when_it_stops(replicas) -> None:
+    a, b, c = await replicas(3, lease_ttl=2)
+    cps = [a, b, c]
+    await eventually(lambda: sum(cp.backend.is_leader for cp in cps) == 1, timeout=10)
+    leader = next(cp for cp in cps if cp.backend.is_leader)
+    rest = [cp for cp in cps if cp is not leader]
+    assert all(cp.backend.leader == leader.backend.replica_id for cp in rest)
+    await leader.stop()  # revokes its lease
+    await eventually(lambda: sum(cp.backend.is_leader for cp in rest) == 1, timeout=10)
+    assert {r["id"] for r in rest[0].backend.describe()["replicas"]} == {
+        cp.backend.replica_id for cp in rest
+    }
+
+
+async def test_registration_unhealthy_past_its_grace_is_removed_by_the_leader(replicas) -> None:
+    a, b = await replicas(2)
+    for cp in (a, b):
+        cp.backend.registration_grace = 0.5
+    inst = WorkloadInstance(
+        name="gone-1", workload="gone", address="127.0.0.1", ports={9080: 1}, services=()
+    )
+    a.registry.add_instance(inst)
+    await eventually(lambda: "gone-1" in b.registry.instances, timeout=5)
+    a.registry.set_healthy("gone-1", False)
+    await eventually(lambda: "gone-1" not in a.registry.instances, timeout=10)
+    await eventually(lambda: "gone-1" not in b.registry.instances, timeout=5)
+
+
+async def test_apply_without_etcd_fails_naming_the_cause(replicas, etcd1: EtcdCluster) -> None:
+    (a,) = await replicas(1)
+    a.backend.client.timeout = 1.0
+    etcd1.stop_member(0)
+    status, body = await _apply(a, vs("late"))
+    assert status == 503
+    assert "config not stored" in body["error"] and "majority of the etcd members" in body["error"]
+    assert ("VirtualService", "default", "late") not in a.store.resource_keys()
+
+
+async def test_start_without_etcd_says_so(tmp_path: Path) -> None:
+    cp = ControlPlane(
+        observability=False,
+        backend=EtcdBackend(["http://127.0.0.1:9"], key_file=tmp_path / "k", timeout=0.5),
+    )
+    with pytest.raises(StoreUnavailable, match="not answering"):
+        await cp.start()
+
+
+def test_store_urls() -> None:
+    assert parse_etcd_url("etcd://127.0.0.1:2379,h:22379") == [
+        "http://127.0.0.1:2379",
+        "http://h:22379",
+    ]
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_etcd_url("etcd://nohost")
