@@ -189,3 +189,52 @@ def test_store_urls() -> None:
     ]
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_etcd_url("etcd://nohost")
+
+
+async def test_config_client_fails_over_and_resyncs_by_version(replicas) -> None:
+    from diktyo.proxy.config_client import ConfigClient
+
+    a, b = await replicas(2)
+    a.registry.add_service(SVC)
+    proxy = ProxyNode(node=Node(id="p-1.default", workload="p"))
+    a.add_proxy(proxy)
+    await eventually(lambda: "p-1.default" in b.proxies, timeout=5)
+    client = ConfigClient(
+        [a.url, b.url], "p-1.default", lambda s: None, token=a.sidecar_token(proxy)
+    )
+    client.start()
+    try:
+        await client.wait_ready(10)
+        await eventually(lambda: b.backend.connection_of("p-1.default") == "r0", timeout=5)
+        received = client.stats["received"]
+        before = (client.version, a.cache.get("p-1.default").version)
+        await a.stop()  # the replica goes away
+        await eventually(lambda: client.url == b.url, timeout=5)
+        await eventually(lambda: b.backend.connection_of("p-1.default") == "r1", timeout=5)
+        # b holds the same content under its own version: nothing is sent again
+        await asyncio.sleep(0.5)
+        assert client.stats["received"] == received, (before, b.cache.get("p-1.default").version)
+        assert client.stats["failovers"] >= 1
+        # a change applied through b reaches the client
+        status, body = await _apply(b, vs("after-failover", "x", "9s"))
+        assert status == 200, body
+        await eventually(lambda: client.stats["received"] == received + 1, timeout=5)
+        assert client.snapshot is not None
+        assert [
+            r.timeout
+            for t in client.snapshot.route_tables
+            for vh in t.virtual_hosts
+            if vh.name.startswith("x.default")
+            for r in vh.routes
+        ] == [9.0]
+    finally:
+        await client.close()
+
+
+def test_config_client_takes_a_list_of_replicas() -> None:
+    from diktyo.proxy.config_client import ConfigClient
+
+    c = ConfigClient("http://a:1/, http://b:2", "n", lambda s: None)
+    assert c.urls == ["http://a:1", "http://b:2"] and c.url == "http://a:1"
+    with pytest.raises(ValueError, match="at least one"):
+        ConfigClient("", "n", lambda s: None)

@@ -40,10 +40,11 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
     from diktyo.control.server import ControlPlane
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PREFIX = "/diktyo/"
 CONFIG = PREFIX + "config/"
@@ -106,6 +108,25 @@ def parse_etcd_url(spec: str) -> list[str]:
     if not endpoints:
         raise ValueError(f"no etcd endpoint in {spec!r}: expected etcd://HOST:PORT[,HOST:PORT...]")
     return endpoints
+
+
+def _interned(obj: Any) -> Any:
+    """``obj`` (decoded JSON) with every string interned. msgspec leaves a field out of an
+    encoding (``omit_defaults``) only when it *is* the default object, so an equal but
+    separately decoded "default" would change a snapshot's bytes and content digest: a
+    sidecar failing over would then be sent the same snapshot again under another version."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, list):
+        return [_interned(v) for v in obj]
+    if isinstance(obj, dict):
+        return {sys.intern(k): _interned(v) for k, v in obj.items()}
+    return obj
+
+
+def _decode(value: bytes | Any, typ: type[T]) -> T:
+    raw = json.loads(value) if isinstance(value, bytes) else value
+    return msgspec.convert(_interned(raw), typ, strict=False)
 
 
 def config_key(key: ResourceKey) -> str:
@@ -207,13 +228,13 @@ class EtcdRegistry(LiveRegistry):
 
     def remote_put(self, key: str, value: bytes) -> None:
         if key.startswith(SERVICES):
-            svc = msgspec.json.decode(value, type=Service)
+            svc = _decode(value, Service)
             if self.services.get(svc.hostname) != svc:
                 self.services[svc.hostname] = svc
                 self._changed()
             return
         record = json.loads(value)
-        inst = msgspec.convert(record["instance"], WorkloadInstance, strict=False)
+        inst = _decode(record["instance"], WorkloadInstance)
         if record.get("admin_url"):
             self.admin_urls[inst.name] = str(record["admin_url"])
         if record.get("unhealthy_since"):
@@ -474,7 +495,7 @@ class EtcdBackend:
             node = key[len(PROXIES) :]
             if put:
                 self._wrote_proxies[node] = value
-                proxy = msgspec.json.decode(value, type=ProxyNode)
+                proxy = _decode(value, ProxyNode)
                 if self.cp.proxies.get(node) != proxy:
                     self.cp.add_proxy(proxy)
             else:
@@ -572,10 +593,21 @@ class EtcdBackend:
                 log.warning("store: revision %d stored but not seen by the watch yet", revision)
 
     async def _txn(self, compare: list[Any], ops: list[Any]) -> Any:
+        # a write that times out in etcd may still commit once quorum returns; a linearizable
+        # read first (it needs a quorum, and proposes nothing) refuses it cleanly instead
+        try:
+            await self.client.call("kv/range", {"key": b64(LEADER)})
+        except EtcdUnavailable as exc:
+            raise StoreUnavailable(
+                f"etcd has no quorum, nothing was written ({exc}); {_QUORUM_HINT}"
+            ) from None
         try:
             return await self.client.txn(compare, ops)
         except EtcdUnavailable as exc:
-            raise StoreUnavailable(f"etcd did not take the write ({exc}); {_QUORUM_HINT}") from None
+            raise StoreUnavailable(
+                f"etcd did not confirm the write ({exc}); it lost its quorum meanwhile, so the "
+                f"write may still land when the quorum returns; {_QUORUM_HINT}"
+            ) from None
         except EtcdError as exc:
             raise StoreUnavailable(f"etcd refused the write: {exc}") from None
 

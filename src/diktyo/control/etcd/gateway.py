@@ -150,11 +150,11 @@ class EtcdClient:
                 async with asyncio.timeout(limit):
                     async with self._http().post(f"{url}/v3/{path}", json=body) as resp:
                         text = await resp.text()
+            except TimeoutError:  # before OSError, its base class
+                reasons.append(f"{url}: no answer within {limit:g} s")
+                continue
             except (aiohttp.ClientError, OSError) as exc:
                 reasons.append(f"{url}: {type(exc).__name__}: {exc}")
-                continue
-            except TimeoutError:
-                reasons.append(f"{url}: no answer within {limit:g} s")
                 continue
             try:
                 answer = json.loads(text)
