@@ -239,6 +239,28 @@ async def test_replica_killed_under_load_loses_nothing(mesh: Mesh) -> None:
         mesh.kill_replica("r0")  # kill -9
         # a's sidecar moves to another replica within a few seconds
         await eventually(lambda: _moved(mesh, r1, "a.default"), timeout=8, what="a moved off r0")
+        # proxy-status (CLI) names the replica each sidecar talks to, and the leader (r0's
+        # records go when its lease expires)
+        async def proxy_status() -> str:
+            ps = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", CLI, "proxy-status", "--control-plane", r2,
+                env=mesh.env, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out = (await ps.communicate())[0].decode()
+            ok = out.startswith("store: etcd, replicas: r1") and "(leader)" in out
+            return out if ps.returncode == 0 and ok else ""
+
+        out = await eventually(proxy_status, timeout=15, what="proxy-status all SYNCED, r0 gone")
+        row_a = next(line for line in out.splitlines() if line.startswith("a.default"))
+        row_b = next(line for line in out.splitlines() if line.startswith("b.default"))
+        assert " r1 " in row_a or " r2 " in row_a, out
+        assert " r1 " in row_b and "SYNCED" in row_b, out
+        # the dashboard's config API shows replicas and leader
+        _, cfg = await mesh.call(r1, "GET", "/api/config")
+        cp = cfg["control_plane"]
+        assert cp["backend"] == "etcd" and cp["replica"] == "r1"
+        assert {r["id"] for r in cp["replicas"]} == {"r1", "r2"}
+        assert cp["leader"] in ("r1", "r2")
         # 100 applies at once through the two live replicas: all stored
         texts = [vs(f"svc-{i}", f"{i % 9 + 1}s") for i in range(100)]
         results = await asyncio.gather(

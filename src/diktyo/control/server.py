@@ -585,7 +585,12 @@ class ControlPlane:
             messages.append(
                 {"file": "", "line": 0, "column": 0, "severity": "error", "message": err}
             )
-        return {"resources": resources, "messages": messages}
+        # which replica answers, all replicas and the leader (etcd store; one for embedded)
+        return {
+            "resources": resources,
+            "messages": messages,
+            "control_plane": self.backend.describe(),
+        }
 
     async def _h_index(self, request: web.Request) -> web.Response:
         return web.Response(text=_PLACEHOLDER_PAGE, content_type="text/html")

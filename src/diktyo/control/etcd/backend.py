@@ -296,6 +296,7 @@ class EtcdBackend:
         self._wrote_proxies: dict[str, bytes] = {}
         self._committed: dict[tuple[ResourceKey, int], Any] = {}  # parsed by our own commit
         self._wake_writer = asyncio.Event()
+        self._campaign_now = asyncio.Event()
         self._flushed = asyncio.Event()
         self._revision_seen = asyncio.Condition()
         self._lease_ok_at = 0.0
@@ -320,6 +321,7 @@ class EtcdBackend:
 
     async def start(self) -> None:
         self._wake_writer = asyncio.Event()
+        self._campaign_now = asyncio.Event()
         self._flushed = asyncio.Event()
         self._flushed.set()
         self._revision_seen = asyncio.Condition()
@@ -517,6 +519,8 @@ class EtcdBackend:
             self.leader = value.decode() if put else ""
             if self.leader != self.replica_id:
                 self._leading = False
+            if not put:
+                self._campaign_now.set()  # the leader left (or its lease expired): run now
         elif key == IDENTITY and put:
             try:
                 before = secrets.root_fingerprint(self.cp.identity)
@@ -696,7 +700,11 @@ class EtcdBackend:
 
     async def _lease_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.lease_ttl / 3)
+            try:  # every third of the TTL, or at once when the leader key goes away
+                await asyncio.wait_for(self._campaign_now.wait(), self.lease_ttl / 3)
+            except TimeoutError:
+                pass
+            self._campaign_now.clear()
             try:
                 ttl = await self.client.keepalive(self.lease)
                 if ttl <= 0:  # expired (etcd lost us for a TTL): a new lease, records again
