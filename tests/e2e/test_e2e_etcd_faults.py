@@ -239,6 +239,7 @@ async def test_replica_killed_under_load_loses_nothing(mesh: Mesh) -> None:
         mesh.kill_replica("r0")  # kill -9
         # a's sidecar moves to another replica within a few seconds
         await eventually(lambda: _moved(mesh, r1, "a.default"), timeout=8, what="a moved off r0")
+
         # proxy-status (CLI) names the replica each sidecar talks to, and the leader (r0's
         # records go when its lease expires)
         async def proxy_status() -> str:
@@ -320,6 +321,14 @@ async def test_etcd_members_stopping(mesh: Mesh) -> None:
         assert status == 503
         assert "config not stored" in body["error"]
         assert "majority of the etcd members" in body["error"]
+        # a registration during the outage is queued on r0 and lands when quorum returns
+        late = WorkloadInstance(
+            name="late-1", workload="late", address="127.0.0.1", ports={9080: 1}, services=()
+        )
+        status, _ = await mesh.call(
+            r0, "POST", "/v1/registry/instances", data=msgspec.json.encode(late)
+        )
+        assert status == 200
         await asyncio.sleep(2.0)  # sidecars keep serving the last good snapshot
         mesh.etcd.start_member(1, wait=False)
         mesh.etcd.start_member(2, wait=False)
@@ -338,7 +347,9 @@ async def test_etcd_members_stopping(mesh: Mesh) -> None:
             async def has_all(url: str = url) -> bool:
                 _, cfg = await mesh.call(url, "GET", "/v1/config")
                 seen[url] = {r[2] for r in cfg["resources"]}
-                return {"one-down", "after"} <= seen[url] and "no-quorum" not in seen[url]
+                _, reg = await mesh.call(url, "GET", "/v1/registry")
+                late = any(i["name"] == "late-1" for i in reg["instances"])
+                return late and {"one-down", "after"} <= seen[url] and "no-quorum" not in seen[url]
 
             await eventually(has_all, timeout=10, what=lambda url=url: f"{url}: {seen.get(url)}")
 

@@ -238,3 +238,48 @@ def test_config_client_takes_a_list_of_replicas() -> None:
     assert c.urls == ["http://a:1", "http://b:2"] and c.url == "http://a:1"
     with pytest.raises(ValueError, match="at least one"):
         ConfigClient("", "n", lambda s: None)
+
+
+async def test_only_the_leader_health_checks(replicas) -> None:
+    a, b = await replicas(2, health_interval=0.1)
+    probes = {a.backend.replica_id: 0, b.backend.replica_id: 0}
+
+    def counting(cp: ControlPlane):  # type: ignore[no-untyped-def]
+        async def probe(url: str) -> bool:
+            probes[cp.backend.replica_id] += 1
+            return False
+
+        return probe
+
+    a._probe = counting(a)  # type: ignore[method-assign]
+    b._probe = counting(b)  # type: ignore[method-assign]
+    inst = WorkloadInstance(
+        name="w-1", workload="w", address="127.0.0.1", ports={9080: 1}, services=()
+    )
+    a.registry.add_instance(inst, admin_url="http://127.0.0.1:9")
+    await eventually(lambda: "w-1" in b.registry.admin_urls, timeout=5)
+    await eventually(lambda: a.backend.is_leader or b.backend.is_leader, timeout=10)
+    leader, follower = (a, b) if a.backend.is_leader else (b, a)
+    before = dict(probes)
+    await eventually(
+        lambda: probes[leader.backend.replica_id] > before[leader.backend.replica_id] + 3,
+        timeout=5,
+    )
+    assert probes[follower.backend.replica_id] == before[follower.backend.replica_id]
+    # the leader's verdict reaches the follower through etcd
+    await eventually(lambda: not follower.registry.instances["w-1"].healthy, timeout=10)
+
+
+async def test_ca_root_rotated_by_the_leader_reaches_every_replica(replicas) -> None:
+    a, b = await replicas(2)
+    await eventually(lambda: a.backend.is_leader or b.backend.is_leader, timeout=10)
+    leader, follower = (a, b) if a.backend.is_leader else (b, a)
+    old = follower.identity.ca.root_cert_pem
+    leader.backend.ca_rotate_before = 1.0  # the root is due now
+    await leader.backend._rotate_ca_if_due()
+    leader.backend.ca_rotate_before = 0.2
+    new = leader.identity.ca.root_cert_pem
+    assert new != old
+    await eventually(lambda: follower.identity.ca.root_cert_pem == new, timeout=5)
+    bundle = follower.identity.ca.trust_bundle_pem()
+    assert old in bundle and new in bundle  # the old root stays trusted during the overlap
