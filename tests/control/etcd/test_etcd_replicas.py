@@ -195,10 +195,20 @@ async def test_config_client_fails_over_and_resyncs_by_version(replicas) -> None
     from diktyo.proxy.config_client import ConfigClient
 
     a, b = await replicas(2)
-    a.registry.add_service(SVC)
     proxy = ProxyNode(node=Node(id="p-1.default", workload="p"))
-    a.add_proxy(proxy)
+    # registered over HTTP with every default spelled out, as a client may send them: a's
+    # objects then hold freshly decoded strings, b's come from etcd
+    node = {"id": "p-1.default", "workload": "p", "namespace": "default", "mode": "sidecar",
+            "service_account": "default", "trust_domain": "cluster.local"}  # fmt: skip
+    svc = {"hostname": SVC.hostname, "short_name": "x", "namespace": "default",
+           "ports": [{"number": 9080, "name": "http", "protocol": "HTTP"}],
+           "resolution": "STATIC", "source": "registry"}  # fmt: skip
+    async with admin_session(a) as s:
+        for path, body in (("services", svc), ("proxies", {"node": node})):
+            async with s.post(f"{a.url}/v1/registry/{path}", json=body) as r:
+                assert r.status == 200, await r.text()
     await eventually(lambda: "p-1.default" in b.proxies, timeout=5)
+    await eventually(lambda: SVC.hostname in b.registry.services, timeout=5)
     client = ConfigClient(
         [a.url, b.url], "p-1.default", lambda s: None, token=a.sidecar_token(proxy)
     )

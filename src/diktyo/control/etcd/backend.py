@@ -120,7 +120,7 @@ def _interned(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_interned(v) for v in obj]
     if isinstance(obj, dict):
-        return {sys.intern(k): _interned(v) for k, v in obj.items()}
+        return {_interned(k): _interned(v) for k, v in obj.items()}
     return obj
 
 
@@ -182,6 +182,7 @@ class EtcdRegistry(LiveRegistry):
         self.unhealthy_since: dict[str, float] = {}
 
     def add_service(self, service: Service) -> None:
+        service = _decode(msgspec.to_builtins(service), Service)  # as every replica holds it
         super().add_service(service)
         self._backend.enqueue(SERVICES + service.hostname, msgspec.json.encode(service))
 
@@ -191,6 +192,7 @@ class EtcdRegistry(LiveRegistry):
         return had
 
     def add_instance(self, instance: WorkloadInstance, admin_url: str | None = None) -> None:
+        instance = _decode(msgspec.to_builtins(instance), WorkloadInstance)
         super().add_instance(instance, admin_url)
         self._write_instance(instance.name)
 
@@ -670,6 +672,8 @@ class EtcdBackend:
                 self.enqueue(PROXIES + node_id, None)
             return
         raw = msgspec.json.encode(proxy)
+        # the same objects every other replica decodes (see _interned)
+        self.cp.proxies[node_id] = _decode(json.loads(raw), ProxyNode)
         if self._wrote_proxies.get(node_id) != raw:
             self._wrote_proxies[node_id] = raw
             self.enqueue(PROXIES + node_id, raw)
