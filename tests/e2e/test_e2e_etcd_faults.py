@@ -319,8 +319,16 @@ async def test_etcd_members_stopping(mesh: Mesh) -> None:
         mesh.etcd.stop_member(1)  # quorum lost
         status, body = await mesh.apply(r1, vs("no-quorum"))
         assert status == 503
-        assert "config not stored" in body["error"]
+        assert "config not stored: etcd has no quorum, nothing was written" in body["error"]
         assert "majority of the etcd members" in body["error"]
+        # as a user sees it: 'diktyo apply' exits 1 and names the cause
+        (mesh.tmp / "nq.yaml").write_text(vs("no-quorum"))
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CLI, "apply", "-f", str(mesh.tmp / "nq.yaml"),
+            "--control-plane", r0, env=mesh.env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        err = (await cli.communicate())[1].decode()
+        assert cli.returncode == 1 and "etcd has no quorum" in err, err
         # a registration during the outage is queued on r0 and lands when quorum returns
         late = WorkloadInstance(
             name="late-1", workload="late", address="127.0.0.1", ports={9080: 1}, services=()
