@@ -293,3 +293,18 @@ async def test_ca_root_rotated_by_the_leader_reaches_every_replica(replicas) -> 
     await eventually(lambda: follower.identity.ca.root_cert_pem == new, timeout=5)
     bundle = follower.identity.ca.trust_bundle_pem()
     assert old in bundle and new in bundle  # the old root stays trusted during the overlap
+
+
+async def test_apply_lost_to_other_writers_every_time_is_refused_whole(replicas) -> None:
+    a, b = await replicas(2)
+    status, _ = await _apply(b, vs("shared", "x", "3s"))
+    assert status == 200
+    key = ("VirtualService", "default", "shared")
+    await eventually(lambda: key in a.backend.config_revisions, timeout=5)
+    a.backend.config_revisions[key] -= 1  # a believes in a revision that is gone
+    status, body = await _apply(a, vs("shared", "x", "4s") + "---\n" + vs("other", "other"))
+    assert status == 409 and "other replicas kept changing" in body["error"], body
+    assert a.backend.stats["conflicts"] == 8
+    kv = await a.backend.client.get("/diktyo/config/VirtualService/default/shared")
+    assert kv is not None and b"3s" in kv.value  # b's version stands
+    assert await a.backend.client.get("/diktyo/config/VirtualService/default/other") is None
