@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -288,11 +289,16 @@ async def test_ca_root_rotated_by_the_leader_reaches_every_replica(replicas) -> 
     leader.backend.ca_rotate_before = 1.0  # the root is due now
     await leader.backend._rotate_ca_if_due()
     leader.backend.ca_rotate_before = 0.2
-    new = leader.identity.ca.root_cert_pem
+    from diktyo.security.certs import cert_pem
+
+    announced = leader.identity.ca._roots[0]
+    new = cert_pem(announced.cert)
     assert new != old
-    await eventually(lambda: follower.identity.ca.root_cert_pem == new, timeout=5)
-    bundle = follower.identity.ca.trust_bundle_pem()
-    assert old in bundle and new in bundle  # the old root stays trusted during the overlap
+    # phase one everywhere: the new root is trusted at once, the old one still signs
+    await eventually(lambda: new in follower.identity.ca.trust_bundle_pem(), timeout=5)
+    assert old in follower.identity.ca.trust_bundle_pem()
+    assert follower.identity.ca.root_cert_pem == old
+    assert follower.identity.ca._roots[0].active_from == announced.active_from > time.time()
 
 
 async def test_apply_lost_to_other_writers_every_time_is_refused_whole(replicas) -> None:

@@ -789,7 +789,9 @@ class EtcdBackend:
         if end - ca.clock.time() > (end - start) * self.ca_rotate_before:
             return
         kv = await self.client.get(IDENTITY)
-        ca.rotate_root()
+        # two phases: the new root is trusted at once and signs one renewal period later, so
+        # no workload meets a certificate from a root it does not trust yet
+        ca.rotate_root(activate_after=ca.workload_lifetime / 2)
         blob = secrets.seal(self.cp.identity, self._key)
         result = await self.client.txn(
             [mod_equals(IDENTITY, kv.mod_revision if kv else 0)], [put_op(IDENTITY, blob)]
