@@ -268,6 +268,9 @@ class EtcdClient:
                                 f"watch from revision {next_rev} compacted "
                                 f"(oldest kept {result['compact_revision']})"
                             )
+                        if result.get("canceled"):  # e.g. the member is shutting down
+                            reason = result.get("cancel_reason") or "canceled by etcd"
+                            raise aiohttp.ClientPayloadError(f"watch canceled: {reason}")
                         attempt = 0
                         events = [
                             Event(e.get("type", "PUT"), KeyValue.from_json(e["kv"]))
