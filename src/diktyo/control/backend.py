@@ -43,6 +43,7 @@ class StoreBackend(Protocol):
 
     kind: str  # "embedded" | "etcd"
     replica_id: str
+    scoped: bool  # True: translate only the proxies ``serves()`` names (replicas)
 
     @property
     def is_leader(self) -> bool:
@@ -79,6 +80,10 @@ class StoreBackend(Protocol):
         """The replica (id) ``node_id`` is connected to, "" if unknown."""
         ...
 
+    def serves(self, node_id: str) -> bool:
+        """Whether this process translates ``node_id``'s snapshots (pushes to it)."""
+        ...
+
     def proxy_changed(self, node_id: str) -> None:
         """A proxy registered or left on this replica (the etcd backend shares it)."""
 
@@ -91,6 +96,7 @@ class EmbeddedBackend:
     """Today's single-process state: the ``ConfigStore`` overlay and ``LiveRegistry`` in memory."""
 
     kind = "embedded"
+    scoped = False
 
     def __init__(self) -> None:
         self.replica_id = "embedded"
@@ -134,6 +140,9 @@ class EmbeddedBackend:
 
     def proxy_changed(self, node_id: str) -> None:
         return None
+
+    def serves(self, node_id: str) -> bool:
+        return True
 
     def describe(self) -> dict[str, Any]:
         url = self._cp.url if self._cp is not None else ""

@@ -225,12 +225,25 @@ class ControlPlane:
     def push_now(self, only_new: bool = False) -> list[str]:
         """Build a PushContext and translate now (no debounce); return changed node ids."""
         if only_new:
-            proxies = [p for n, p in self.proxies.items() if self.cache.get(n) is None]
+            proxies = [p for p in self._served() if self.cache.get(p.node.id) is None]
             push = self._push_context()  # current state; same push version, new digest
         else:
             push = self._next_push()
-            proxies = list(self.proxies.values())
+            proxies = self._served()
         return self._publish(self.cache.rebuild(push, proxies))
+
+    def _served(self) -> list[ProxyNode]:
+        """The proxies this control plane translates: all of them, or (replicas on etcd) those
+        long-polling this replica; the others' cached snapshots are dropped, so a sidecar that
+        comes back is translated afresh on its first poll."""
+        serves = self.backend.serves
+        out = []
+        for node_id, proxy in self.proxies.items():
+            if serves(node_id):
+                out.append(proxy)
+            else:
+                self.cache.drop(node_id)
+        return out
 
     async def push_async(self, chunk: int = 25) -> int:
         """Like ``push_now``, but analysis and translation run in a worker thread, ``chunk``
@@ -240,7 +253,7 @@ class ControlPlane:
         push = self._next_push(analyze=False)
         version = self.push_version
         await asyncio.to_thread(self._analyze, push)
-        proxies = list(self.proxies.values())
+        proxies = self._served()
         changed = 0
         for i in range(0, len(proxies), chunk):
             if self.push_version != version:
@@ -628,6 +641,8 @@ class ControlPlane:
         st.last_seen = self.clock.time()
         st.polls += 1
         self.backend.note_connection(node_id)
+        if self.backend.scoped and self.cache.get(node_id) is None:
+            self.push_now(only_new=True)  # a sidecar new to this replica (etcd): translate it
         deadline = self.clock.monotonic() + self.poll_timeout
         while True:
             entry = self.cache.get(node_id)

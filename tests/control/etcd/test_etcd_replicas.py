@@ -44,34 +44,44 @@ async def _apply(cp: ControlPlane, text: str, source: str = "vs.yaml") -> tuple[
 
 
 async def test_apply_on_one_replica_is_served_by_every_replica(replicas) -> None:
+    from diktyo.proxy.config_client import ConfigClient
+
     a, b = await replicas(2)
     a.registry.add_service(SVC)
-    b.add_proxy(ProxyNode(node=Node(id="p-1.default", workload="p")))
-    status, body = await _apply(a, vs("x-route"), "routes/x.yaml")
-    assert status == 200, body
-    key = ("VirtualService", "default", "x-route")
-    await eventually(lambda: key in b.store.resource_keys(), timeout=5, what="watch on b")
-    res = next(r for r in b.store.resources if r.name == "x-route")
-    assert (res.file, res.line) == ("routes/x.yaml", 1)  # origin survives the round trip
+    proxy = ProxyNode(node=Node(id="p-1.default", workload="p"))
+    b.add_proxy(proxy)
+    client = ConfigClient(b.url, "p-1.default", lambda s: None, token=b.sidecar_token(proxy))
+    client.start()
+    try:
+        await client.wait_ready(10)
+        status, body = await _apply(a, vs("x-route"), "routes/x.yaml")
+        assert status == 200, body
+        key = ("VirtualService", "default", "x-route")
+        await eventually(lambda: key in b.store.resource_keys(), timeout=5, what="watch on b")
+        res = next(r for r in b.store.resources if r.name == "x-route")
+        assert (res.file, res.line) == ("routes/x.yaml", 1)  # origin survives the round trip
 
-    # b's push reacted to the watch: its proxy's snapshot routes the applied host
-    def routed() -> bool:
-        entry = b.cache.get("p-1.default")
-        return entry is not None and any(
-            vh.name.startswith("x.default") and [r.timeout for r in vh.routes] == [7.0]
-            for table in entry.snapshot.route_tables
-            for vh in table.virtual_hosts
-        )
+        # b's push reacted to the watch: the sidecar on b got the applied route
+        def routed() -> bool:
+            snap = client.snapshot
+            return snap is not None and any(
+                vh.name.startswith("x.default") and [r.timeout for r in vh.routes] == [7.0]
+                for table in snap.route_tables
+                for vh in table.virtual_hosts
+            )
 
-    await eventually(routed, timeout=5, what="b pushed the applied route")
-    # registry writes go through etcd too, and the proxy registered on b is known to a
-    await eventually(lambda: SVC.hostname in b.registry.services, timeout=5)
-    await eventually(lambda: "p-1.default" in a.proxies, timeout=5)
-    # delete through b removes it everywhere
-    url = b.url + "/v1/config/VirtualService/default/x-route"
-    async with admin_session(b) as s, s.delete(url) as r:
-        assert r.status == 200
-    await eventually(lambda: key not in a.store.resource_keys(), timeout=5)
+        await eventually(routed, timeout=5, what="b pushed the applied route")
+        # the proxy registered on b is known to a, but only b (its replica) translates it
+        await eventually(lambda: "p-1.default" in a.proxies, timeout=5)
+        assert a.cache.get("p-1.default") is None and b.cache.get("p-1.default") is not None
+        # delete through b removes it everywhere
+        url = b.url + "/v1/config/VirtualService/default/x-route"
+        async with admin_session(b) as s, s.delete(url) as r:
+            assert r.status == 200
+        await eventually(lambda: key not in a.store.resource_keys(), timeout=5)
+        await eventually(lambda: not routed(), timeout=5, what="the route left the sidecar")
+    finally:
+        await client.close()
 
 
 async def test_replicas_share_the_sealed_ca_and_token_key(replicas, etcd1: EtcdCluster) -> None:

@@ -263,6 +263,7 @@ class EtcdBackend:
     """State in etcd at ``endpoints``; see the module docstring."""
 
     kind = "etcd"
+    scoped = True  # each replica translates only the sidecars long-polling it
 
     def __init__(
         self,
@@ -685,6 +686,9 @@ class EtcdBackend:
 
     def connection_of(self, node_id: str) -> str:
         return self.connections.get(node_id, "")
+
+    def serves(self, node_id: str) -> bool:
+        return self.connections.get(node_id) == self.replica_id
 
     def describe(self) -> dict[str, Any]:
         return {
