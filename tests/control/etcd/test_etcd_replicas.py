@@ -182,6 +182,9 @@ async def test_apply_without_etcd_fails_naming_the_cause(replicas, etcd1: EtcdCl
     assert status == 503
     assert "config not stored" in body["error"] and "majority of the etcd members" in body["error"]
     assert ("VirtualService", "default", "late") not in a.store.resource_keys()
+    # the replica says so: /v1/replicas (and the dashboard) show etcd unreachable
+    await eventually(lambda: not a.backend.describe()["etcd_reachable"], timeout=10)
+    assert a.backend.stats["lease_failures"] > 0 and not a.backend.is_leader
 
 
 async def test_start_without_etcd_says_so(tmp_path: Path) -> None:

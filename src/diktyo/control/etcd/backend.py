@@ -291,7 +291,14 @@ class EtcdBackend:
         self.connections: dict[str, str] = {}  # node -> replica id
         self.leader = ""
         self.lease = 0
-        self.stats = {"conflicts": 0, "write_retries": 0, "watch_events": 0, "elections": 0}
+        self.stats = {
+            "conflicts": 0,
+            "write_retries": 0,
+            "watch_events": 0,
+            "elections": 0,
+            "lease_failures": 0,
+        }
+        self._lease_failing = False
         self._leading = False
         self._cp: ControlPlane | None = None
         self._key = b""
@@ -697,6 +704,7 @@ class EtcdBackend:
             "replica": self.replica_id,
             "leader": self.leader,
             "revision": self.revision,
+            "etcd_reachable": time.monotonic() - self._lease_ok_at < self.lease_ttl,
             "replicas": [
                 {"id": rid, "url": r.get("url", ""), "leader": rid == self.leader}
                 for rid, r in sorted(self.replicas.items())
@@ -722,9 +730,21 @@ class EtcdBackend:
                     self._leading = False
                     self.lease = await self.client.grant(self.lease_ttl)
                     self._reregister()
+                if self._lease_failing:
+                    log.warning("store: etcd reachable again (replica %s)", self.replica_id)
+                    self._lease_failing = False
                 self._lease_ok_at = time.monotonic()
                 await self._campaign()
             except EtcdError as exc:
+                self.stats["lease_failures"] += 1
+                if not self._lease_failing:
+                    log.warning(
+                        "store: cannot refresh replica %s's lease (%s); serving the last state "
+                        "from etcd, applies fail until it is back",
+                        self.replica_id,
+                        exc,
+                    )
+                    self._lease_failing = True
                 if self._leading and not self.is_leader:
                     log.warning("store: stepping down as leader: etcd unreachable (%s)", exc)
                     self._leading = False
