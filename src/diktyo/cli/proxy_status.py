@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         names = ", ".join(
             r["id"] + (" (leader)" if r.get("leader") else "") for r in replicas.get("replicas", [])
         )
-        print(f"store: etcd, replicas: {names or 'none'}")
+        away = "" if replicas.get("etcd_reachable", True) else " (etcd unreachable: no quorum?)"
+        print(f"store: etcd, replicas: {names or 'none'}{away}")
         body = _from_each_replica(body, replicas.get("replicas", []))
     rows = []
     for p in body["proxies"]:

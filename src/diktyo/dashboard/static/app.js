@@ -302,7 +302,8 @@ async function refreshConfig() {
   if (cp) {
     const reps = (cp.replicas || []).map(r => r.id + (r.leader ? " (leader)" : "")).join(", ");
     $("#config-replicas").textContent =
-      `control plane: ${cp.backend} store · replicas: ${reps || "none"} · this page from ${cp.replica}`;
+      `control plane: ${cp.backend} store · replicas: ${reps || "none"} · this page from ${cp.replica}` +
+      (cp.etcd_reachable === false ? " · etcd unreachable (no quorum?)" : "");
   }
   const msgs = cfg.messages || [];
   $("#config-messages").replaceChildren(...msgs.map(m =>
