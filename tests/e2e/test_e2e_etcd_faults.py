@@ -337,7 +337,17 @@ async def test_etcd_members_stopping(mesh: Mesh) -> None:
             r0, "POST", "/v1/registry/instances", data=msgspec.json.encode(late)
         )
         assert status == 200
-        await asyncio.sleep(2.0)  # sidecars keep serving the last good snapshot
+        # proxy-status tells the operator why
+        async def says_unreachable() -> str:
+            ps = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", CLI, "proxy-status", "--control-plane", r1,
+                env=mesh.env, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out = (await ps.communicate())[0].decode()
+            return out if "(etcd unreachable: no quorum?)" in out.splitlines()[0] else ""
+
+        await eventually(says_unreachable, timeout=15)
+        await asyncio.sleep(1.0)  # sidecars keep serving the last good snapshot
         mesh.etcd.start_member(1, wait=False)
         mesh.etcd.start_member(2, wait=False)
         mesh.etcd.wait_healthy(30)
