@@ -337,6 +337,7 @@ async def test_etcd_members_stopping(mesh: Mesh) -> None:
             r0, "POST", "/v1/registry/instances", data=msgspec.json.encode(late)
         )
         assert status == 200
+
         # proxy-status tells the operator why
         async def says_unreachable() -> str:
             ps = await asyncio.create_subprocess_exec(
