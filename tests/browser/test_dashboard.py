@@ -88,6 +88,9 @@ async def dashboard_url():
             {"file": "vs.yaml", "line": 9, "column": 7, "severity": "warning",
              "message": "subset v9 is not defined in any DestinationRule for reviews"},
         ],
+        "control_plane": {"backend": "etcd", "replica": "r1", "leader": "r0", "replicas": [
+            {"id": "r0", "url": "http://127.0.0.1:1", "leader": True},
+            {"id": "r1", "url": "http://127.0.0.1:2", "leader": False}]},
     }
     resilience = [{
         "workload": "productpage-v1", "cluster": "outbound|9080|v2|reviews.default.svc.cluster.local",
@@ -169,6 +172,8 @@ async def test_graph_metrics_traces_resilience_config(dashboard_url) -> None:
         await page.click("a[data-tab=config]")
         await page.locator("#config-table tbody tr").wait_for()
         assert "subset v9 is not defined" in await page.inner_text("#config-table")
+        replicas = await page.inner_text("#config-replicas")  # replicas and leader (etcd store)
+        assert "etcd store · replicas: r0 (leader), r1 · this page from r1" in replicas, replicas
         await page.screenshot(path=str(ARTIFACTS / "dashboard-config.png"))
         assert errors == []
         await browser.close()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -43,7 +44,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "http://127.0.0.1:9090, scraping the sidecars: 'diktyo prometheus-config') instead of "
         "the embedded store",
     )
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        default="embedded",
+        help="where config, registry and the mesh CA live: 'embedded' (this process's memory, "
+        "the default) or etcd://HOST:PORT[,HOST:PORT...] (the client URLs of an etcd cluster); "
+        "with etcd, run as many control-plane replicas as you want on the same store and give "
+        "sidecars all their addresses (docs/fleet.md)",
+    )
+    p.add_argument(
+        "--store-key-file",
+        metavar="PATH",
+        help="with an etcd store: the key that encrypts the mesh CA in etcd (32 random bytes, "
+        "base64; created mode 0600 if absent). Give every replica the same file; it never goes "
+        "into etcd (default: $DIKTYO_HOME/store.key)",
+    )
+    p.add_argument(
+        "--replica-id",
+        metavar="ID",
+        help="this replica's name in the store (default: HOSTNAME-PID)",
+    )
     p.set_defaults(func=run)
+
+
+def open_backend(args: argparse.Namespace) -> Any:
+    """The store backend named by ``--store`` (``ValueError`` with a hint if it is not valid)."""
+    from diktyo.control.backend import EmbeddedBackend
+
+    spec = args.store or "embedded"
+    if spec == "embedded":
+        return EmbeddedBackend()
+    if not spec.startswith("etcd://"):
+        raise ValueError(
+            f"--store {spec!r}: use 'embedded' (the default) or "
+            "etcd://HOST:PORT[,HOST:PORT...] (the client URLs of your etcd members)"
+        )
+    from diktyo.control.etcd.backend import EtcdBackend, parse_etcd_url
+    from diktyo.security.admin_token import default_home
+
+    key_file = args.store_key_file or str(default_home() / "store.key")
+    return EtcdBackend(parse_etcd_url(spec), key_file=key_file, replica_id=args.replica_id)
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -61,7 +102,11 @@ async def _main(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+    from diktyo.control.backend import StoreUnavailable
+    from diktyo.control.etcd.secrets import SealError
+
     cp = ControlPlane(
+        backend=open_backend(args),
         config_dir=args.config,
         prometheus_url=args.prometheus,
         admin_token=token,
@@ -69,9 +114,19 @@ async def _main(args: argparse.Namespace) -> int:
         allowed_hosts=tuple(args.allowed_host),
         sidecar_auth=args.sidecar_auth == "token",
     )
-    url = await cp.start(args.host, args.port)
+    try:
+        url = await cp.start(args.host, args.port)
+    except (StoreUnavailable, SealError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     print(
-        f"control plane serving on {url}" + (f", config {args.config}" if args.config else ""),
+        f"control plane serving on {url}"
+        + (f", config {args.config}" if args.config else "")
+        + (
+            f", store {args.store} as replica {cp.backend.replica_id}"
+            if args.store != "embedded"
+            else ""
+        ),
         flush=True,
     )
     print(
@@ -96,6 +151,11 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        open_backend(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.prometheus and not args.prometheus.startswith(("http://", "https://")):
         print(
             f"error: --prometheus {args.prometheus!r} must be a URL like http://127.0.0.1:9090",

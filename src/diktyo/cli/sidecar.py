@@ -40,7 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--snapshot", metavar="FILE", help="snapshot JSON file (diktyo.snapshot)")
     src.add_argument("--config", metavar="DIR", help="directory of Istio YAML files")
     src.add_argument(
-        "--control-plane", metavar="URL", help="control plane base URL, e.g. http://127.0.0.1:15010"
+        "--control-plane",
+        metavar="URL[,URL...]",
+        help="control plane base URL, e.g. http://127.0.0.1:15010; several replicas "
+        "(comma-separated) are failed over between (docs/fleet.md)",
     )
     p.add_argument("--node", metavar="ID", help="node id (with --control-plane)")
     p.add_argument(

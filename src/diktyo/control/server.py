@@ -29,6 +29,7 @@ from aiohttp import web
 
 from diktyo.api.limits import ParseLimitError, check_json, decode_json
 from diktyo.control.auth import ADMIN, PRINCIPAL, UNVERIFIED, AccessPolicy
+from diktyo.control.backend import EmbeddedBackend, StoreBackend, StoreConflict, StoreUnavailable
 from diktyo.control.ca.mesh import MeshIdentity
 from diktyo.control.model import ProxyNode, PushContext, Registry, Service, WorkloadInstance
 from diktyo.control.serve.cache import SnapshotCache, Translator
@@ -94,12 +95,16 @@ class ControlPlane:
         allowed_hosts: tuple[str, ...] = (),
         token_key: bytes | None = None,
         sidecar_auth: bool = True,
+        backend: StoreBackend | None = None,
     ) -> None:
         self.clock = clock
         self.mesh = mesh or MeshConfig()
         self.store = store or ConfigStore(config_dir)
         self.store.on_change = self.kick
         self.registry = LiveRegistry(on_change=self.kick)
+        # where config, registry and CA live: in memory (default) or etcd (control/backend.py)
+        self.backend: StoreBackend = backend or EmbeddedBackend()
+        self.backend.attach(self)  # may replace self.registry by a write-through one
         self.cache = SnapshotCache(translator or _LazyTranslator())
         self.debouncer = Debouncer(debounce, debounce_max)
         self.poll_timeout = poll_timeout
@@ -183,6 +188,7 @@ class ControlPlane:
             self.admin_urls[proxy.node.id] = admin_url.rstrip("/")
         self.proxies[proxy.node.id] = proxy
         self.status.setdefault(proxy.node.id, ProxyStatus(proxy.node.id))
+        self.backend.proxy_changed(proxy.node.id)  # shared with the other replicas (etcd)
         self.push_now(only_new=True)
         self.kick()
 
@@ -208,6 +214,7 @@ class ControlPlane:
         self.admin_urls.pop(node_id, None)
         if self.proxies.pop(node_id, None) is None:
             return False
+        self.backend.proxy_changed(node_id)
         self.status.pop(node_id, None)
         self.cache.drop(node_id)
         for fut in self._waiters.pop(node_id, set()):
@@ -218,12 +225,25 @@ class ControlPlane:
     def push_now(self, only_new: bool = False) -> list[str]:
         """Build a PushContext and translate now (no debounce); return changed node ids."""
         if only_new:
-            proxies = [p for n, p in self.proxies.items() if self.cache.get(n) is None]
+            proxies = [p for p in self._served() if self.cache.get(p.node.id) is None]
             push = self._push_context()  # current state; same push version, new digest
         else:
             push = self._next_push()
-            proxies = list(self.proxies.values())
+            proxies = self._served()
         return self._publish(self.cache.rebuild(push, proxies))
+
+    def _served(self) -> list[ProxyNode]:
+        """The proxies this control plane translates: all of them, or (replicas on etcd) those
+        long-polling this replica; the others' cached snapshots are dropped, so a sidecar that
+        comes back is translated afresh on its first poll."""
+        serves = self.backend.serves
+        out = []
+        for node_id, proxy in self.proxies.items():
+            if serves(node_id):
+                out.append(proxy)
+            else:
+                self.cache.drop(node_id)
+        return out
 
     async def push_async(self, chunk: int = 25) -> int:
         """Like ``push_now``, but analysis and translation run in a worker thread, ``chunk``
@@ -233,7 +253,7 @@ class ControlPlane:
         push = self._next_push(analyze=False)
         version = self.push_version
         await asyncio.to_thread(self._analyze, push)
-        proxies = list(self.proxies.values())
+        proxies = self._served()
         changed = 0
         for i in range(0, len(proxies), chunk):
             if self.push_version != version:
@@ -328,6 +348,12 @@ class ControlPlane:
             self.store.reload_files(force=True)
             if self.store.errors:
                 log.warning("starting with config errors:\n  %s", "\n  ".join(self.store.errors))
+        try:
+            await self.backend.start()  # the stored state (etcd) before the first push
+        except BaseException:
+            await self._runner.cleanup()
+            await self._session.close()
+            raise
         self.debouncer.fire()
         self.push_now()
         loop = asyncio.get_running_loop()
@@ -351,6 +377,7 @@ class ControlPlane:
 
     async def stop(self) -> None:
         self._closing = True
+        await self.backend.stop()
         if self._scraper is not None:
             await self._scraper.close()
             self._scraper = None
@@ -403,7 +430,7 @@ class ControlPlane:
         while True:
             await asyncio.sleep(self.health_interval)
             targets = list(self.registry.admin_urls.items())
-            if not targets:
+            if not targets or not self.backend.is_leader:  # one replica checks (etcd leader)
                 continue
             results = await asyncio.gather(*(self._probe(url) for _, url in targets))
             for (name, _), ok in zip(targets, results, strict=True):
@@ -446,6 +473,7 @@ class ControlPlane:
         r.add_post("/v1/registry/proxies", self._h_add_proxy)
         r.add_delete("/v1/registry/proxies/{node}", self._h_del_proxy)
         r.add_get("/v1/proxies", self._h_proxies)
+        r.add_get("/v1/replicas", self._h_replicas)
         r.add_get("/v1/proxies/{node}/snapshot", self._h_proxy_snapshot)
         r.add_get("/v1/workloads", self._h_workloads)
         r.add_post("/v1/tokens", self._h_token)
@@ -570,14 +598,25 @@ class ControlPlane:
             messages.append(
                 {"file": "", "line": 0, "column": 0, "severity": "error", "message": err}
             )
-        return {"resources": resources, "messages": messages}
+        # which replica answers, all replicas and the leader (etcd store; one for embedded)
+        return {
+            "resources": resources,
+            "messages": messages,
+            "control_plane": self.backend.describe(),
+        }
 
     async def _h_index(self, request: web.Request) -> web.Response:
         return web.Response(text=_PLACEHOLDER_PAGE, content_type="text/html")
 
     async def _h_healthz(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"ok": True, "proxies": len(self.proxies), "push": self.push_version}
+            {
+                "ok": True,
+                "proxies": len(self.proxies),
+                "push": self.push_version,
+                "replica": self.backend.replica_id,
+                "leader": self.backend.is_leader,
+            }
         )
 
     async def _h_snapshot(self, request: web.Request) -> web.StreamResponse:
@@ -601,6 +640,9 @@ class ControlPlane:
         st = self.status[node_id]
         st.last_seen = self.clock.time()
         st.polls += 1
+        self.backend.note_connection(node_id)
+        if self.backend.scoped and self.cache.get(node_id) is None:
+            self.push_now(only_new=True)  # a sidecar new to this replica (etcd): translate it
         deadline = self.clock.monotonic() + self.poll_timeout
         while True:
             entry = self.cache.get(node_id)
@@ -689,12 +731,32 @@ class ControlPlane:
         files = await _apply_files(request)
         if isinstance(files, web.Response):
             return files
+        keys: list[Any] = []
         async with self._apply_lock:
-            view = self.store.view()
-            registry = self.registry.view()
-            resources, errors, messages = await asyncio.to_thread(
-                self._prepare_apply, files, view, registry
-            )
+            for attempt in range(8):  # a compare-and-swap lost to another replica: re-validate
+                view = self.store.view()
+                registry = self.registry.view()
+                resources, errors, messages = await asyncio.to_thread(
+                    self._prepare_apply, files, view, registry
+                )
+                if errors:
+                    break
+                try:
+                    keys = await self.backend.commit(resources, files)
+                    break
+                except StoreConflict:
+                    log.info("apply conflicted with another replica's write; retrying")
+                    await asyncio.sleep(0.01 * attempt)
+                    await self.backend.catch_up()
+                except StoreUnavailable as exc:
+                    log.warning("apply of %s failed: %s", ", ".join(f for f, _ in files), exc)
+                    return _error(503, f"config not stored: {exc}")
+            else:
+                return _error(
+                    409,
+                    "config not stored: other replicas kept changing the same "
+                    "resources (8 attempts); apply again",
+                )
             if errors:
                 log.warning(
                     "apply of %s rejected (%d errors); keeping the last good config",
@@ -711,7 +773,6 @@ class ControlPlane:
                     },
                     status=400,
                 )
-            keys = self.store.commit(resources)
         return web.json_response(
             {"applied": [list(k) for k in keys], "errors": [], "messages": list(messages)}
         )
@@ -746,7 +807,13 @@ class ControlPlane:
 
     async def _h_delete(self, request: web.Request) -> web.Response:
         text = await request.text()
-        keys, errors = self.store.delete_text(text, request.query.get("source", "<api>"))
+        named, errors = self.store.names_in(text, request.query.get("source", "<api>"))
+        keys: list[Any] = []
+        if named:
+            deleted = await self._delete_keys(named)
+            if isinstance(deleted, web.Response):
+                return deleted
+            keys, errors = deleted
         status = 200 if keys or not errors else 404
         return web.json_response(
             {"deleted": [list(k) for k in keys], "errors": list(errors)}, status=status
@@ -754,11 +821,30 @@ class ControlPlane:
 
     async def _h_delete_one(self, request: web.Request) -> web.Response:
         m = request.match_info
-        keys, errors = self.store.delete_keys([(m["kind"], m["namespace"], m["name"])])
+        deleted = await self._delete_keys([(m["kind"], m["namespace"], m["name"])])
+        if isinstance(deleted, web.Response):
+            return deleted
+        keys, errors = deleted
         return web.json_response(
             {"deleted": [list(k) for k in keys], "errors": list(errors)},
             status=200 if keys else 404,
         )
+
+    async def _delete_keys(
+        self, keys: list[Any]
+    ) -> tuple[list[Any], tuple[str, ...]] | web.Response:
+        async with self._apply_lock:
+            for _ in range(8):
+                try:
+                    return await self.backend.delete(keys)
+                except StoreConflict:
+                    await self.backend.catch_up()
+                except StoreUnavailable as exc:
+                    return _error(503, f"config not deleted: {exc}")
+        return _error(409, "config not deleted: other replicas kept changing it; try again")
+
+    async def _h_replicas(self, request: web.Request) -> web.Response:
+        return web.json_response(self.backend.describe())
 
     async def _h_registry(self, request: web.Request) -> web.Response:
         reg = self.registry
@@ -830,6 +916,7 @@ class ControlPlane:
             d["namespace"] = proxy.node.namespace
             d["mode"] = proxy.node.mode
             d["translate_error"] = self.cache.errors.get(node_id, "")
+            d["replica"] = self.backend.connection_of(node_id)
             out.append(d)
         return web.json_response({"push_version": self.push_version, "proxies": out})
 

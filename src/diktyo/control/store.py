@@ -251,16 +251,53 @@ class ConfigStore:
         self, text: str, source: str = "<api>"
     ) -> tuple[list[ResourceKey], tuple[str, ...]]:
         """Delete the resources named in YAML text (only the identity of each matters)."""
+        keys, errors = self.names_in(text, source)
+        if not keys:
+            return [], errors
+        return self.delete_keys(keys)
+
+    def names_in(
+        self, text: str, source: str = "<api>"
+    ) -> tuple[list[ResourceKey], tuple[str, ...]]:
+        """The resources named in YAML text, or (if none) the errors that hid them."""
         outcome = self._load_text(text, source)
         keys = [resource_key(r) for r in outcome.resources]
         if not keys and outcome.errors:
             return [], _only_errors(outcome.errors)
-        return self.delete_keys(keys)
+        return keys, ()
+
+    # the applied layer as a replica of a shared store (``control/etcd/backend.py``)
+
+    def replace_applied(self, applied: dict[ResourceKey, Any]) -> None:
+        """Make the applied layer exactly ``applied`` (a store's full state)."""
+        if applied != self._applied:
+            self._applied = dict(applied)
+            self._changed()
+
+    def set_applied(self, key: ResourceKey, res: Any | None) -> None:
+        """One applied resource changed in the store (``None``: deleted or unloadable)."""
+        if res is None:
+            if self._applied.pop(key, None) is not None:
+                self._changed()
+        elif self._applied.get(key) is not res:
+            self._applied[key] = res
+            self._changed()
+
+    def problems_deleting(
+        self, keys: list[ResourceKey]
+    ) -> tuple[list[ResourceKey], tuple[str, ...]]:
+        """Why ``keys`` (not in the applied layer) cannot be deleted."""
+        return self._delete(keys, dry=True)
 
     def delete_keys(self, keys: list[ResourceKey]) -> tuple[list[ResourceKey], tuple[str, ...]]:
+        return self._delete(keys, dry=False)
+
+    def _delete(
+        self, keys: list[ResourceKey], dry: bool
+    ) -> tuple[list[ResourceKey], tuple[str, ...]]:
         deleted, problems = [], []
         for key in keys:
-            if key in self._applied:
+            if key in self._applied and not dry:
                 del self._applied[key]
                 deleted.append(key)
             elif key in self._files:

@@ -9,6 +9,12 @@ the version is NACKed with the exception's message and the last good snapshot ke
 otherwise it is ACKed and becomes the last good one. When the control plane is away (refused
 connection, 5xx, 404 unknown node) the client retries with jittered exponential backoff
 (0.1 s .. 5 s, "full jitter") and keeps serving.
+
+Replicas: ``url`` may list several control planes (``URL,URL,...``, replicas sharing one
+etcd store). The client talks to one at a time; when it goes away the client moves to the
+next one at once (backoff only after every replica failed in a row) and resyncs by version:
+it sends the version it holds, and a replica with the same content answers nothing new.
+The sidecar keeps serving its snapshot throughout, so a replica's death fails no request.
 Protocol: ``docs/mesh-file.md`` ("Control plane API").
 """
 
@@ -52,11 +58,14 @@ class Backoff:
 
 
 class ConfigClient:
-    """Keeps a sidecar's snapshot in sync with the control plane at ``url`` for ``node_id``."""
+    """Keeps a sidecar's snapshot in sync with the control plane at ``url`` for ``node_id``.
+
+    ``url``: one base URL, or several (a list, or ``URL,URL,...``) of replicas to fail over between.
+    """
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         node_id: str,
         on_snapshot: OnSnapshot,
         *,
@@ -66,7 +75,12 @@ class ConfigClient:
         backoff_cap: float = 5.0,
         token: str | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        urls = url.split(",") if isinstance(url, str) else list(url)
+        self.urls = [u.strip().rstrip("/") for u in urls if u.strip()]
+        if not self.urls:
+            raise ValueError("ConfigClient needs at least one control plane URL")
+        self._index = 0
+        self._failed_in_row = 0
         # bootstrap token proving this sidecar's identity; the control plane renews it in
         # each answer's x-diktyo-token header
         self.token = token
@@ -79,9 +93,21 @@ class ConfigClient:
         self.connected = False
         self.rejected = False  # whether ``version`` was NACKed
         self.last_error = ""
-        self.stats = {"received": 0, "acked": 0, "nacked": 0, "errors": 0, "reconnects": 0}
+        self.stats = {
+            "received": 0,
+            "acked": 0,
+            "nacked": 0,
+            "errors": 0,
+            "reconnects": 0,
+            "failovers": 0,
+        }
         self.first_snapshot = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        """The control plane (replica) this client talks to now."""
+        return self.urls[self._index]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -111,11 +137,25 @@ class ConfigClient:
                 try:
                     await self._poll_once(session)
                     self.backoff.reset()
+                    self._failed_in_row = 0
                 except asyncio.CancelledError:
                     raise
                 except (aiohttp.ClientError, TimeoutError, OSError, _Unavailable) as exc:
                     self._went_away(str(exc) or type(exc).__name__)
+                    self._failed_in_row += 1
+                    if len(self.urls) > 1:
+                        self._fail_over()
+                        if self._failed_in_row < len(self.urls):
+                            await asyncio.sleep(0.02)  # the next replica, almost at once
+                            continue
+                        self._failed_in_row = 0
                     await asyncio.sleep(self.backoff.next())
+
+    def _fail_over(self) -> None:
+        old = self.url
+        self._index = (self._index + 1) % len(self.urls)
+        self.stats["failovers"] += 1
+        log.warning("control plane %s failed; moving to replica %s", old, self.url)
 
     def _went_away(self, why: str) -> None:
         if self.connected:

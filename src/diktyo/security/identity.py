@@ -134,7 +134,16 @@ class CertificateRotator:
         cur = self.current
         if cur is not None and cur.not_after <= self.clock.time():
             cur = None  # expired: only the bootstrap token can help now
-        creds = await fetch_certificate(self.ca_url, self.spiffe_id, token=self.token, current=cur)
+        # several control-plane replicas (``URL,URL,...``) share one CA: the first that answers
+        error: IdentityError | None = None
+        for url in [u for u in self.ca_url.split(",") if u]:
+            try:
+                creds = await fetch_certificate(url, self.spiffe_id, token=self.token, current=cur)
+                break
+            except IdentityError as exc:
+                error = exc
+        else:
+            raise error or IdentityError("no CA URL")
         self.current = creds
         self.renewals += 1
         self.on_update(creds)

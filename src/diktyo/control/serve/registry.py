@@ -62,6 +62,9 @@ class LiveRegistry:
         self._changed()
         return True
 
+    async def flush(self) -> None:
+        """Wait until every change is stored (in memory: at once; ``EtcdRegistry``: in etcd)."""
+
     def set_source(self, name: str, registry: Registry) -> None:
         """Replace the whole registry of an external source (e.g. a Kubernetes watcher)."""
         if self.sources.get(name) != registry:

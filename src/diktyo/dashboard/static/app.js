@@ -298,6 +298,13 @@ async function refreshResilience() {
 // ---------------------------------------------------------------- config
 async function refreshConfig() {
   const cfg = await api("config");
+  const cp = cfg.control_plane;
+  if (cp) {
+    const reps = (cp.replicas || []).map(r => r.id + (r.leader ? " (leader)" : "")).join(", ");
+    $("#config-replicas").textContent =
+      `control plane: ${cp.backend} store · replicas: ${reps || "none"} · this page from ${cp.replica}` +
+      (cp.etcd_reachable === false ? " · etcd unreachable (no quorum?)" : "");
+  }
   const msgs = cfg.messages || [];
   $("#config-messages").replaceChildren(...msgs.map(m =>
     el("div", { class: "msg " + m.severity }, `${m.file}:${m.line}:${m.column}: ${m.severity}: ${m.message}`)));
