@@ -1,5 +1,6 @@
-"""Service registry from config: ServiceEntries (STATIC endpoints become workload instances)
-and Kubernetes ``v1`` Services found among the config files (services without instances)."""
+"""Service registry from config: ServiceEntries (STATIC endpoints, or the WorkloadEntries a
+``workloadSelector`` selects, become workload instances) and Kubernetes ``v1`` Services found
+among the config files (services without instances)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from diktyo.control.ingest.kubernetes import port_protocol, service_fqdn
 from diktyo.control.model import Registry, Service, ServicePort, WorkloadInstance
 from diktyo.control.translate.hostnames import resolve_host, split_cluster_host
+from diktyo.control.translate.workload_entries import selected_instances
 
 
 def registry_from_service_entries(resources: Iterable[Any]) -> Registry:
@@ -73,6 +75,8 @@ def _registry_from_entries(resources: Iterable[Any]) -> Registry:
     services: list[Service] = []
     instances: list[WorkloadInstance] = []
     seen: set[str] = set()
+    resources = list(resources)
+    workload_entries = [r for r in resources if getattr(r, "kind", "") == "WorkloadEntry"]
     for res in resources:
         if getattr(res, "kind", "") != "ServiceEntry":
             continue
@@ -105,6 +109,10 @@ def _registry_from_entries(resources: Iterable[Any]) -> Registry:
                 )
             )
         if se.resolution not in (None, "STATIC", "DNS", "DNS_ROUND_ROBIN"):
+            continue
+        if se.workload_selector is not None:
+            # endpoints are the WorkloadEntries it selects (translate.workload_entries)
+            instances += selected_instances(res, hostnames, ports, workload_entries)
             continue
         if se.resolution in ("DNS", "DNS_ROUND_ROBIN") and not se.endpoints:
             # Istio: with DNS resolution and no endpoints, each host is its own endpoint
