@@ -42,7 +42,7 @@ SIGTERM or Ctrl-C stops apps, then sidecars, then the registrations.
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse private generic
     p = subparsers.add_parser(
         "join",
         help="run this host's workloads in the mesh and keep them registered (VM agent)",
