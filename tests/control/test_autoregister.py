@@ -235,3 +235,76 @@ def test_entry_names_follow_istio() -> None:
     assert entry_name("g", "10.0.0.1") == "g-10.0.0.1"
     assert entry_name("g", "fd00::1", "net1") == "g-fd00--1-net1"
     assert len(entry_name("x" * 300, "10.0.0.1")) == 253
+
+
+async def test_deleting_the_group_deletes_its_entries_and_ends_the_sessions(
+    cp: ControlPlane,
+) -> None:
+    reg = registration(cp)
+    task = await _run(reg)
+    try:
+        reg.register({"address": "127.0.0.8", "node": "n", "inbound": {"9080": 15002}})
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        assert entry(cp, "ratings-127.0.0.8") is not None
+        deleted, problems = cp.store.delete_keys([("WorkloadGroup", "shop", "ratings")])
+        assert deleted and not problems
+        await eventually(lambda: entry(cp, "ratings-127.0.0.8") is None, timeout=5)
+        await eventually(lambda: "WorkloadGroup shop/ratings was deleted" in reg.last_error
+                         or "cannot find WorkloadGroup shop/ratings" in reg.last_error,
+                         timeout=5)  # fmt: skip
+        # the group comes back: the registrant registers again by itself
+        cp.store.apply_text(GROUP, "group.yaml")
+        await eventually(lambda: entry(cp, "ratings-127.0.0.8") is not None, timeout=10)
+    finally:
+        await _stop(task)
+
+
+async def test_a_registered_workload_gets_fresh_tokens_for_its_identity(
+    cp: ControlPlane,
+) -> None:
+    cp.autoregister.token_refresh = 0.2
+    reg = registration(cp)
+    first = reg.token
+    tokens: list[str] = []
+    reg.on_token = tokens.append
+    task = await _run(reg)
+    try:
+        reg.register({"address": "127.0.0.6", "node": "n", "inbound": {}})
+        await eventually(lambda: len(tokens) >= 3, timeout=5)  # at registration, then periodic
+        assert reg.token == tokens[-1] != first
+        for token in tokens:
+            sid = cp.identity.tokens.verify(token)
+            assert sid == "spiffe://cluster.local/ns/shop/sa/ratings-sa"
+    finally:
+        await _stop(task)
+
+
+async def test_after_a_control_plane_restart_the_registrant_registers_again() -> None:
+    key = b"r" * 32
+    cp = ControlPlane(observability=False, debounce=0.01, token_key=key)
+    await cp.start()
+    port = int(cp.url.rsplit(":", 1)[1])
+    cp.store.apply_text(GROUP, "group.yaml")
+    reg = registration(cp)
+    again: list[str] = []
+
+    async def on_registered(url: str) -> None:
+        again.append(url)
+
+    reg.on_registered = on_registered
+    task = await _run(reg)
+    new: ControlPlane | None = None
+    try:
+        reg.register({"address": "127.0.0.4", "node": "n", "inbound": {"9080": 15003}})
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        await cp.stop()
+        new = ControlPlane(observability=False, debounce=0.01, token_key=key)
+        await new.start(port=port)
+        new.store.apply_text(GROUP, "group.yaml")
+        plane = new
+        await eventually(lambda: entry(plane, "ratings-127.0.0.4") is not None, timeout=15)
+        await eventually(lambda: again == [plane.url], timeout=5)
+    finally:
+        await _stop(task)
+        if new is not None:
+            await new.stop()

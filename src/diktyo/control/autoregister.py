@@ -22,12 +22,17 @@ A registrant (``diktyo join``'s agent, beside each sidecar it runs) opens a WebS
    registrant's sidecar has an inbound listener for is replaced by that listener's port.
 3. ``{"type": "health", "healthy": bool, "message": "..."}``, sent on each transition, sets
    the entry's ``status.conditions`` ``Healthy``.
+4. The control plane sends ``{"type": "token", "token": T}`` after registering and every 10
+   minutes: a fresh bootstrap token for the same identity, so a host that stays up can still
+   restart its sidecars after its first token expired.
 
 When the WebSocket ends (closed, reset, or no pong to the 5 s heartbeat), the entry is marked
 ``istio.io/disconnectedAt``; once it has stayed disconnected for the grace period (Istio's
 ``PILOT_WORKLOAD_ENTRY_GRACE_PERIOD``, default 10 s, read from that variable) the sweep deletes
 it. A registrant that reconnects within the grace period keeps its entry. After a control
 plane restart, entries nobody reconnected to within the grace period are swept the same way.
+Deleting a WorkloadGroup deletes its auto-registered entries and ends their sessions (in Istio
+Kubernetes' garbage collector does this through the entries' owner reference).
 
 Entries are ordinary config resources (``kubectl get workloadentries`` in Istio): every write
 goes through ``EntryStore``, the one adapter between this module and the config store.
@@ -270,6 +275,9 @@ class AutoRegistrar:
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
         self.stats = Stats()
         self._live: dict[tuple[str, str], int] = {}  # (namespace, entry name) -> connections
+        self._sessions: dict[tuple[str, str], set[web.WebSocketResponse]] = {}
+        self.token_refresh = 600.0  # seconds between fresh tokens sent to a registrant
+        self.token_ttl = 3600.0
         self._lock = asyncio.Lock()
         self._started = 0.0
 
@@ -291,7 +299,16 @@ class AutoRegistrar:
         await ws.prepare(request)
         conn: _Conn | None = None
         try:
-            async for msg in ws:
+            while not ws.closed:
+                try:
+                    msg = await ws.receive(timeout=self.token_refresh)
+                except TimeoutError:
+                    await self._send_token(request, ws, conn)
+                    continue
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    break
+                if msg.type == WSMsgType.ERROR:
+                    break
                 if msg.type != WSMsgType.TEXT:
                     continue
                 try:
@@ -307,10 +324,25 @@ class AutoRegistrar:
                     break
                 if reply is not None:
                     await ws.send_json(reply)
+                    if reply.get("type") == "registered" and conn is not None:
+                        self._sessions.setdefault((conn.namespace, conn.name), set()).add(ws)
+                        await self._send_token(request, ws, conn)
         finally:
             if conn is not None and conn.name:
+                self._sessions.get((conn.namespace, conn.name), set()).discard(ws)
                 await self._disconnected(conn)
         return ws
+
+    async def _send_token(
+        self, request: web.Request, ws: web.WebSocketResponse, conn: _Conn | None
+    ) -> None:
+        """A fresh bootstrap token for the registrant's identity (as the snapshot long poll
+        renews a sidecar's): a host that stays up keeps a token its sidecars can restart with."""
+        principal = request.get(PRINCIPAL)
+        if conn is None or not conn.name or principal in (None, ADMIN) or ws.closed:
+            return
+        token = self.cp.identity.tokens.issue(str(principal), self.token_ttl)
+        await ws.send_json({"type": "token", "token": token})
 
     async def _on_message(
         self, request: web.Request, conn: _Conn | None, body: dict[str, Any]
@@ -482,11 +514,19 @@ class AutoRegistrar:
         deleted = 0
         settled = self.cp.clock.monotonic() - self._started >= self.grace_period
         embedded = getattr(self.cp, "backend", None) is None
+        groups = {
+            (r.namespace, r.name)
+            for r in self.cp.store.resources
+            if getattr(r, "kind", "") == "WorkloadGroup"
+        }
         for res in self.store.entries():
             ann = res.annotations
             if AUTO_REGISTRATION_GROUP not in ann:
                 continue
             key = (res.namespace, res.name)
+            if (res.namespace, ann[AUTO_REGISTRATION_GROUP]) not in groups:
+                deleted += await self._collect(res)
+                continue
             if CONNECTED_AT in ann:
                 mine = embedded or ann.get(CONTROLLER) == self.controller
                 if settled and mine and key not in self._live:
@@ -509,6 +549,28 @@ class AutoRegistrar:
                         self.grace_period,
                     )
         return deleted
+
+    async def _collect(self, res: Any) -> int:
+        """Delete an entry whose WorkloadGroup is gone (Kubernetes' garbage collector does it
+        in Istio, through the entry's ownerReference) and end its registrants' sessions."""
+        group = res.annotations[AUTO_REGISTRATION_GROUP]
+        for ws in list(self._sessions.pop((res.namespace, res.name), set())):
+            await ws.send_json(
+                {"type": "error", "error": f"WorkloadGroup {res.namespace}/{group} was deleted"}
+            )
+            await ws.close(code=4004, message=b"WorkloadGroup deleted")
+        async with self._lock:
+            self._live.pop((res.namespace, res.name), None)
+            if not await self.store.delete(res.namespace, res.name):
+                return 0
+        self.stats.deletes += 1
+        log.info(
+            "deleted WorkloadEntry %s/%s: its WorkloadGroup %s is gone",
+            res.namespace,
+            res.name,
+            group,
+        )
+        return 1
 
     async def run(self) -> None:
         """The sweep, every quarter grace period (at most 1 s); an owned task of the server."""

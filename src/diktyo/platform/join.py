@@ -211,7 +211,22 @@ class JoinAgent:
         copy = self._secrets / f"{w.namespace}.{w.group}.token"
         write_secret(copy, token)  # the sidecars read this copy (0600, removed on stop)
         reg = WorkloadRegistration(self.urls, token, w.namespace, w.group)
-        return _Run(w, token, copy, reg)
+        run = _Run(w, token, copy, reg)
+
+        def keep_token(fresh: str) -> None:  # a restarted sidecar starts with a valid token
+            run.token = fresh
+            write_secret(copy, fresh)
+
+        async def registered_again(url: str) -> None:
+            # a restarted control plane does not know the sidecar's node yet
+            try:
+                await self._register_node(run)
+            except JoinError as exc:
+                self.say(str(exc))
+
+        reg.on_token = keep_token
+        reg.on_registered = registered_again
+        return run
 
     async def _start_workload(self, run: _Run) -> None:
         w = run.spec

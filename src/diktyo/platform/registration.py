@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -59,6 +60,10 @@ class WorkloadRegistration:
         self._health: tuple[bool, str] | None = None
         self._health_changed = asyncio.Event()
         self._rng = random.Random()
+        # called after each (re)registration with the control plane's URL, and with each fresh
+        # token the control plane sends (the agent re-registers its sidecar, keeps the token)
+        self.on_registered: Callable[[str], Awaitable[None]] | None = None
+        self.on_token: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ the workload's side
 
@@ -137,6 +142,8 @@ class WorkloadRegistration:
             log.info("registered WorkloadEntry %s/%s at %s", self.namespace, self.name, url)
             if self._health is not None:
                 self._health_changed.set()  # the control plane gets the current state again
+            if self.on_registered is not None and self.connects > 1:
+                await self.on_registered(url)
             closed = asyncio.ensure_future(self._until_closed(ws))
             try:
                 while not closed.done():
@@ -172,6 +179,12 @@ class WorkloadRegistration:
             if msg.type == aiohttp.WSMsgType.TEXT:
                 with contextlib.suppress(ValueError):
                     body = msg.json()
-                    if isinstance(body, dict) and body.get("type") == "error":
+                    if not isinstance(body, dict):
+                        continue
+                    if body.get("type") == "error":
                         self.last_error = str(body.get("error"))
                         log.warning("control plane: %s", self.last_error)
+                    elif body.get("type") == "token" and body.get("token"):
+                        self.token = str(body["token"])
+                        if self.on_token is not None:
+                            self.on_token(self.token)
