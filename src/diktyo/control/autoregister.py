@@ -228,15 +228,20 @@ class EntryStore:
         if prepared.errors:
             raise RegistrationError("; ".join(prepared.errors))
         backend = getattr(self.cp, "backend", None)
-        if backend is not None and hasattr(backend, "commit"):
-            await backend.commit(prepared.resources, files)
-        else:
+        if backend is None:
             self.cp.store.commit(prepared.resources)
+            return
+        try:  # versioned (compare-and-swap) with etcd; StoreUnavailable without quorum
+            await backend.commit(prepared.resources, files)
+        except Exception as exc:
+            raise RegistrationError(
+                f"the store refused WorkloadEntry {meta['namespace']}/{meta['name']}: {exc}"
+            ) from exc
 
     async def delete(self, namespace: str, name: str) -> bool:
         key = ("WorkloadEntry", namespace, name)
         backend = getattr(self.cp, "backend", None)
-        if backend is not None and hasattr(backend, "delete"):
+        if backend is not None:
             deleted, _ = await backend.delete([key])
         else:
             deleted, _ = self.cp.store.delete_keys([key])
@@ -283,7 +288,13 @@ class AutoRegistrar:
 
     @property
     def controller(self) -> str:
-        return str(getattr(self.cp, "replica_id", "") or self.instance_id)
+        """This replica's id (the store backend's), written as ``istio.io/workloadController``."""
+        backend = getattr(self.cp, "backend", None)
+        return str(getattr(backend, "replica_id", "") or self.instance_id)
+
+    def _single_replica(self) -> bool:
+        backend = getattr(self.cp, "backend", None)
+        return backend is None or getattr(backend, "kind", "embedded") == "embedded"
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get(PATH, self.handle)]
@@ -513,7 +524,7 @@ class AutoRegistrar:
         now = self.cp.clock.time()
         deleted = 0
         settled = self.cp.clock.monotonic() - self._started >= self.grace_period
-        embedded = getattr(self.cp, "backend", None) is None
+        embedded = self._single_replica()
         groups = {
             (r.namespace, r.name)
             for r in self.cp.store.resources
