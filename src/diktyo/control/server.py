@@ -399,7 +399,10 @@ class ControlPlane:
                         log.exception("push failed")
                     break
                 try:
-                    await asyncio.wait_for(self._kick.wait(), deadline - now)
+                    # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel
+                    # that arrives as the kick does, and stop() then waits for this task forever
+                    async with asyncio.timeout(deadline - now):
+                        await self._kick.wait()
                     self._kick.clear()
                 except TimeoutError:
                     pass
