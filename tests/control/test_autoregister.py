@@ -308,3 +308,16 @@ async def test_after_a_control_plane_restart_the_registrant_registers_again() ->
         await _stop(task)
         if new is not None:
             await new.stop()
+
+
+async def test_a_token_of_another_control_plane_is_explained(cp: ControlPlane) -> None:
+    other = ControlPlane(observability=False)
+    token = other.identity.token_for("shop", "ratings-sa")  # signed with another key
+    reg = WorkloadRegistration([cp.url], token, "shop", "ratings")
+    task = await _run(reg)
+    try:
+        with pytest.raises(RegistrationRefused) as exc:
+            await reg.wait_group(1.5)
+        assert "401 the control plane refused the bootstrap token" in str(exc.value)
+    finally:
+        await _stop(task)

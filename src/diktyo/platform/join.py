@@ -331,7 +331,13 @@ class JoinAgent:
 
         run.sidecar = self._child(
             f"{run.spec.group} sidecar",
-            self.sidecar_argv(url, run.node.node.id, run.admin_port),
+            # the sidecar fails over between control plane replicas itself ("URL,URL,...");
+            # the one that registered its node goes first
+            self.sidecar_argv(
+                ",".join([url, *(u for u in self.urls if u != url)]),
+                run.node.node.id,
+                run.admin_port,
+            ),
             env={**os.environ, "PYTHONUNBUFFERED": "1", TOKEN_FILE_ENV: str(run.token_path)},
             on_line=on_line,
         )

@@ -104,6 +104,15 @@ class WorkloadRegistration:
                     attempt = 0
                 except asyncio.CancelledError:
                     raise
+                except aiohttp.WSServerHandshakeError as exc:
+                    self.last_error = f"{url}: {exc.status} " + (
+                        "the control plane refused the bootstrap token: it was not issued by "
+                        "this control plane, or it expired; get a new one (POST /v1/tokens)"
+                        if exc.status in (401, 403)
+                        else f"registration endpoint answered {exc.message}"
+                    )
+                    log.warning("registration into %s/%s: %s", self.namespace, self.group,
+                                self.last_error)  # fmt: skip
                 except RegistrationRefused as exc:
                     self.last_error = str(exc)
                     log.warning("registration into %s/%s refused by %s: %s",
