@@ -166,3 +166,34 @@ def test_dns_service_entry_with_selector_does_not_dial_its_host() -> None:
     eps = clusters["outbound|9080||ratings.shop.svc.cluster.local"].endpoints
     # with a selector the host is not an endpoint of its own; DNS entries may use names
     assert sorted(e.address for e in eps) == ["10.1.0.5", "10.1.0.6", "vm.example.com"]
+
+
+KUBE = """
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: shop}
+spec:
+  selector: {app: ratings}
+  ports:
+  - {name: http, port: 9080, targetPort: 7070}
+  - {name: metrics, port: 9090}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-a, namespace: shop}
+spec: {address: 10.3.0.1, ports: {metrics: 19090}, labels: {app: ratings}, serviceAccount: r}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-other, namespace: shop}
+spec: {address: 10.3.0.2, labels: {app: reviews}}
+"""
+
+
+def test_a_kubernetes_service_selector_selects_workload_entries_too() -> None:
+    clusters = _snapshot(KUBE)
+    http = clusters["outbound|9080||ratings.shop.svc.cluster.local"].endpoints
+    metrics = clusters["outbound|9090||ratings.shop.svc.cluster.local"].endpoints
+    assert [(e.address, e.port) for e in http] == [("10.3.0.1", 7070)]  # targetPort
+    assert [(e.address, e.port) for e in metrics] == [("10.3.0.1", 19090)]  # the entry's port
+    assert http[0].principal == "spiffe://cluster.local/ns/shop/sa/r"

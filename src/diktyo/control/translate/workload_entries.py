@@ -1,12 +1,13 @@
-"""WorkloadEntries as endpoints: a ServiceEntry's ``workloadSelector`` picks them by labels.
+"""WorkloadEntries as endpoints: a ServiceEntry's ``workloadSelector`` (or a Kubernetes
+Service's ``selector``) picks them by labels.
 
 Istio's semantics (``serviceregistry/serviceentry``), implemented here for diktyo's registry:
 
-- a ServiceEntry with ``workloadSelector`` selects the WorkloadEntries **of its own namespace**
-  whose labels match; an entry's labels are its ``spec.labels`` merged with its
+- a ServiceEntry with ``workloadSelector``, or a Kubernetes Service with a ``selector``, selects
+  the WorkloadEntries **of its own namespace** whose labels match; an entry's labels are its ``spec.labels`` merged with its
   ``metadata.labels`` (metadata wins);
-- the endpoint port of each ServiceEntry port is the entry's ``ports[<port name>]``, else the
-  port's ``targetPort``, else the port number itself;
+- the endpoint port of each service port is the entry's ``ports[<port name>]``, else the
+  port's (numeric) ``targetPort``, else the port number itself;
 - ``weight`` is the load-balancing weight (0 or unset: 1); ``locality`` (or the
   ``istio-locality`` label) and ``network`` become the topology labels Istio adds to every
   endpoint (``topology.kubernetes.io/region``/``zone``, ``topology.istio.io/subzone``,
@@ -103,9 +104,24 @@ def selected_instances(
     """The endpoints of ServiceEntry ``se`` (a loaded resource with ``workloadSelector``)."""
     selector = dict(se.spec.workload_selector.labels) if se.spec.workload_selector else {}
     dns = se.spec.resolution in ("DNS", "DNS_ROUND_ROBIN")
+    return instances_selected_by(selector, se.namespace, hostnames, ports, entries, dns=dns)
+
+
+def instances_selected_by(
+    selector: dict[str, str],
+    namespace: str,
+    hostnames: list[str],
+    ports: tuple[ServicePort, ...],
+    entries: Iterable[Any],
+    *,
+    dns: bool = False,
+) -> list[WorkloadInstance]:
+    """Endpoints of the WorkloadEntries of ``namespace`` that ``selector`` matches: a
+    ServiceEntry's ``workloadSelector``, or a Kubernetes Service's ``selector`` (Istio's
+    ``PILOT_ENABLE_K8S_SELECT_WORKLOAD_ENTRIES``, on by default)."""
     out: list[WorkloadInstance] = []
     for entry in entries:
-        if entry.namespace != se.namespace:
+        if entry.namespace != namespace:
             continue
         labels = entry_labels(entry)
         if not all(labels.get(k) == v for k, v in selector.items()):
