@@ -186,6 +186,11 @@ async def test_two_hosts_join_talk_mtls_follow_probes_and_a_killed_host_leaves(
             flag.unlink()
             await eventually(reaches_b, timeout=15, what="ratings healthy again")
 
+            # host B's sidecar crashes: the agent starts it again on the same ports
+            os.kill(joined_b["workloads"][0]["sidecar_pid"], signal.SIGKILL)
+            await eventually(refused, timeout=10, what="ratings down with its sidecar")
+            await eventually(reaches_b, timeout=30, what="ratings' sidecar restarted")
+
             # kill host B's agent: its sidecar and app die with it, the entry is marked
             # disconnected at once and removed after the grace period (2 s here)
             b.send_signal(signal.SIGKILL)

@@ -451,6 +451,8 @@ class JoinAgent:
                         str(i.service_port): i.listen_port for i in (node.inbound if node else ())
                     },
                     "app_ports": {str(k): v for k, v in run.app_ports.items()},
+                    "sidecar_pid": run.sidecar.pid if run.sidecar else None,
+                    "app_pid": run.app.pid if run.app else None,
                 }
             )
         return out
