@@ -19,8 +19,6 @@ IGNORED = [
     ("networking.istio.io/v1alpha3", "EnvoyFilter", "configPatches: []"),
     ("extensions.istio.io/v1alpha1", "WasmPlugin", "url: oci://example/plugin:1"),
     ("networking.istio.io/v1beta1", "ProxyConfig", "concurrency: 2"),
-    ("networking.istio.io/v1", "WorkloadEntry", "address: 10.0.0.1"),
-    ("networking.istio.io/v1", "WorkloadGroup", "template: {address: 10.0.0.1}"),
 ]
 
 

@@ -110,17 +110,6 @@ def test_other_unimplemented_kinds_are_checked_too() -> None:
         "'abc' does not match '(^$|^[a-f0-9]{64}$)'"
     ]
     assert errors(wasm + "  url: oci://x/y:1\n  phase: AUTHZ\n  priority: 10\n") == []
-    we = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w}\nspec:\n"
-    assert errors(we + "  address: 10.0.0.1\n  ports: {http: 8080}\n") == []
-    # the 1-65535 port rule is a CEL rule (not evaluated); the uint32 type is checked
-    assert errors(we + "  address: 10.0.0.1\n  ports: {http: -1}\n") == [
-        "value -1 out of range [0, 4294967295]"
-    ]
-    wg = "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {name: g}\nspec:\n"
-    assert errors(wg + "  template: {address: 10.0.0.1}\n  probe: {httpGet: {port: 80}}\n") == []
-    assert errors(
-        wg + "  template: {}\n  probe: {httpGet: {port: 80}, tcpSocket: {port: 80}}\n"
-    ) == ["only one of exec, grpc, httpGet, tcpSocket may be set"]
 
 
 def test_validate_reports_paths_and_keeps_preserved_fields() -> None:

@@ -23,6 +23,7 @@ from diktyo.api.kubernetes import KubeServiceSpec
 from diktyo.api.networking import DestinationRule, Gateway, ServiceEntry, Sidecar, VirtualService
 from diktyo.api.security import AuthorizationPolicy, PeerAuthentication, RequestAuthentication
 from diktyo.api.telemetry import Telemetry
+from diktyo.api.workloads import WorkloadEntry, WorkloadGroup
 
 NETWORKING = "networking.istio.io"
 SECURITY = "security.istio.io"
@@ -47,6 +48,7 @@ class KindInfo:
     model: type[BaseModel] | None = None  # spec model of a kind diktyo uses
     reason: str = ""  # why a recognised kind is ignored (rows without a model)
     needs_name: bool = True  # metadata.name required (not for istioctl install's input)
+    crd_checked: bool = False  # a used kind whose spec is also checked against Istio's CRD schema
 
     @property
     def used(self) -> bool:
@@ -63,6 +65,9 @@ KIND_TABLE: list[KindInfo] = [
     KindInfo(NETWORKING, "ServiceEntry", _NET_VERSIONS, ServiceEntry),
     KindInfo(NETWORKING, "Gateway", _NET_VERSIONS, Gateway),
     KindInfo(NETWORKING, "Sidecar", _NET_VERSIONS, Sidecar),
+    # VM workloads: the loader checks them against Istio's CRD schema, then the model (CEL rules)
+    KindInfo(NETWORKING, "WorkloadEntry", _NET_VERSIONS, WorkloadEntry, crd_checked=True),
+    KindInfo(NETWORKING, "WorkloadGroup", _NET_VERSIONS, WorkloadGroup, crd_checked=True),
     KindInfo(SECURITY, "PeerAuthentication", _SEC_VERSIONS, PeerAuthentication),
     KindInfo(SECURITY, "AuthorizationPolicy", _SEC_VERSIONS, AuthorizationPolicy),
     KindInfo(SECURITY, "RequestAuthentication", _SEC_VERSIONS, RequestAuthentication),
@@ -78,19 +83,6 @@ KIND_TABLE: list[KindInfo] = [
         "ProxyConfig",
         ("v1beta1",),
         reason="per-workload proxy settings (concurrency, image, ...) are not implemented",
-    ),
-    KindInfo(
-        NETWORKING,
-        "WorkloadEntry",
-        _NET_VERSIONS,
-        reason="WorkloadEntry is not implemented; list non-Kubernetes endpoints in a "
-        "ServiceEntry's 'endpoints' instead",
-    ),
-    KindInfo(
-        NETWORKING,
-        "WorkloadGroup",
-        _NET_VERSIONS,
-        reason="WorkloadGroup (VM auto-registration) is not implemented",
     ),
     KindInfo(TELEMETRY, "Telemetry", ("v1", "v1alpha1"), Telemetry),
     KindInfo(

@@ -274,6 +274,7 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
     name = ""
     namespace = "default"
     labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
     if not isinstance(metadata, dict):
         if row.needs_name or metadata is not None:
             errors.append(
@@ -315,6 +316,9 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
         raw_labels = metadata.get("labels") or {}
         if isinstance(raw_labels, dict):
             labels = {str(k): str(v) for k, v in raw_labels.items()}
+        raw_annotations = metadata.get("annotations") or {}
+        if isinstance(raw_annotations, dict):
+            annotations = {str(k): str(v) for k, v in raw_annotations.items()}
     spec_data = data.get("spec")
     if spec_data is None:
         spec_data = {}
@@ -339,8 +343,14 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
         result.errors.extend(errors)
         return
     else:
+        schema = spec_schema(kind, version) if row.crd_checked else None
+        for path, message in validate(spec_data, schema) if schema else []:
+            errors.append(
+                err(path, message, f"Istio's {kind} CRD ({api_version}) does not accept this")
+            )
         try:
-            spec = row.model.model_validate(spec_data)
+            if not errors:
+                spec = row.model.model_validate(spec_data)
         except ValidationError as exc:
             for e in exc.errors():
                 errors.append(_pydantic_error(e, row.model, err))
@@ -359,6 +369,8 @@ def _load_document(doc: Any, filename: str, offset: int, result: LoadResult) -> 
             col=start[1],
             positions=positions,
             labels=labels,
+            annotations=annotations,
+            status=dict(data["status"]) if isinstance(data.get("status"), dict) else {},
         )
     )
     if group == GATEWAY_API and kind in GATEWAY_API_IGNORED:

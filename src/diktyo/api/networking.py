@@ -541,8 +541,14 @@ class WorkloadEntry(IstioModel):
             if len(name) >= 63 or not _PORT_NAME.match(name):
                 raise ValueError(f"port name {name!r} must be valid (letters, digits, '-')")
             _check_port(port)
-        if (self.address or "").startswith("unix://") and self.ports:
-            raise ValueError("UDS may not include ports")
+        address = self.address or ""
+        if address.startswith("unix://"):
+            if address[len("unix://") :][:1] not in ("/", "@"):
+                raise ValueError("UDS must be an absolute path or abstract socket")
+            if address.endswith("/"):
+                raise ValueError("UDS may not be a dir")
+            if self.ports:
+                raise ValueError("UDS may not include ports")
         return self
 
 

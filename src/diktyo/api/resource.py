@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -32,6 +33,9 @@ class Resource:
     col: int = 0
     positions: dict[str, tuple[int, int]] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    # the object's ``status`` as given (a WorkloadEntry's health condition lives there)
+    status: dict[str, Any] = field(default_factory=dict)
 
     @property
     def qualified_kind(self) -> str:

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "explain": "show how the mesh routes a request (matched rule, destination, timeout, retries)",
     "install": "render diktyo's Kubernetes manifests (control plane, sidecar injector, RBAC)",
     "kube-inject": "inject the diktyo sidecar into Kubernetes manifests (Deployments, Pods, ...)",
+    "join": "run this host's workloads in the mesh and keep them registered (VM agent)",
     "load": "send HTTP load to a URL and print a status-code histogram and latency percentiles",
     "prometheus-config": "print a Prometheus scrape config for the mesh's sidecars",
     "proxy-config": "show the config of one sidecar (like istioctl proxy-config)",

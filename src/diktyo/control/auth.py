@@ -18,11 +18,11 @@ One aiohttp middleware runs before every handler, in this order:
    - open: ``/healthz``, dashboard static files, ``POST /v1/certificates`` (checks its own
      bootstrap token), ``POST /telemetry/v1/traces`` (sidecars' spans);
    - sidecar routes (``/v1/snapshot``, ``/v1/ack``, ``POST /v1/registry/proxies`` and
-     ``/instances``): the admin token, or a sidecar's bootstrap token (``Bearer``, HMAC-signed
-     by this control plane, ``diktyo.control.ca.token``) or, in a Kubernetes pod, its
-     projected service-account token (audience ``diktyo-ca``, checked with a TokenReview);
-     the handler then checks that the node or instance belongs to the token's SPIFFE
-     identity (namespace + service account);
+     ``/instances``, the ``/v1/registry/workloadentries`` WebSocket): the admin token, or a
+     sidecar's bootstrap token (``Bearer``, HMAC-signed by this control plane,
+     ``diktyo.control.ca.token``) or, in a Kubernetes pod, its projected service-account token
+     (audience ``diktyo-ca``, checked with a TokenReview); the handler then checks that the
+     node or instance belongs to the token's SPIFFE identity (namespace + service account);
    - everything else (config, registry, proxies, workloads, dashboard, telemetry API): the
      admin token as ``Authorization: Bearer`` or the dashboard's cookie. ``GET /?token=T``
      with the right token sets that cookie (HttpOnly, SameSite=Strict) and redirects to ``/``.
@@ -58,7 +58,13 @@ _WRITE_TYPES = frozenset(
     }
 )
 _OPEN = ("/healthz", "/static/", "/v1/certificates", "/telemetry/v1/traces", "/favicon.ico")
-_SIDECAR = ("/v1/snapshot", "/v1/ack", "/v1/registry/proxies", "/v1/registry/instances")
+_SIDECAR = (
+    "/v1/snapshot",
+    "/v1/ack",
+    "/v1/registry/proxies",
+    "/v1/registry/instances",
+    "/v1/registry/workloadentries",  # auto-registration (control.autoregister)
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

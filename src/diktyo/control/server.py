@@ -149,6 +149,10 @@ class ControlPlane:
             token_file=admin_token_file,
             sidecar_auth=sidecar_auth,
         )
+        # WorkloadEntry auto-registration (``diktyo join``): its WebSocket route and sweep task
+        from diktyo.control.autoregister import AutoRegistrar
+
+        self.autoregister = AutoRegistrar(self)
         self.app = self._make_app()
 
     # ------------------------------------------------------------------ state changes
@@ -360,6 +364,7 @@ class ControlPlane:
         self._tasks = [
             loop.create_task(self._push_loop(), name="cp-push"),
             loop.create_task(self._health_loop(), name="cp-health"),
+            loop.create_task(self.autoregister.run(), name="cp-autoregister"),
         ]
         if self.store.directory is not None:
             self._tasks.append(loop.create_task(self.store.watch(), name="cp-watch"))
@@ -421,7 +426,10 @@ class ControlPlane:
                         log.exception("push failed")
                     break
                 try:
-                    await asyncio.wait_for(self._kick.wait(), deadline - now)
+                    # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel
+                    # that arrives as the kick does, and stop() then waits for this task forever
+                    async with asyncio.timeout(deadline - now):
+                        await self._kick.wait()
                     self._kick.clear()
                 except TimeoutError:
                     pass
@@ -478,6 +486,7 @@ class ControlPlane:
         r.add_get("/v1/workloads", self._h_workloads)
         r.add_post("/v1/tokens", self._h_token)
         app.add_routes(self.identity.routes())
+        app.add_routes(self.autoregister.routes())
         if not (self._observability and self._setup_observability(app)):
             r.add_get("/", self._h_index)
         return app

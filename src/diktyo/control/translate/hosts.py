@@ -70,6 +70,7 @@ class ConfigIndex:
     service_entries: list[Any] = field(default_factory=list)
     sidecars: list[Any] = field(default_factory=list)
     kube_services: list[Any] = field(default_factory=list)  # Kubernetes Services in the config
+    workload_entries: list[Any] = field(default_factory=list)  # selected by ServiceEntries
 
     # VirtualServices without hosts, by (namespace, name): used only through a root's delegate
     delegates: dict[tuple[str, str], Any] = field(default_factory=dict)
@@ -98,6 +99,7 @@ class ConfigIndex:
             "ServiceEntry": idx.service_entries,
             "Sidecar": idx.sidecars,
             "Service": idx.kube_services,
+            "WorkloadEntry": idx.workload_entries,
         }
         for res in resources:
             kind = str(getattr(res, "qualified_kind", None) or getattr(res, "kind", ""))
@@ -105,7 +107,10 @@ class ConfigIndex:
             if bucket is not None:
                 bucket.append(res)
         idx.registry = merge_registries(
-            registry, registry_from_service_entries(idx.service_entries + idx.kube_services)
+            registry,
+            registry_from_service_entries(
+                idx.service_entries + idx.kube_services + idx.workload_entries
+            ),
         )
         services = idx.registry.services
         for svc in services:

@@ -1,5 +1,6 @@
-"""Service registry from config: ServiceEntries (STATIC endpoints become workload instances)
-and Kubernetes ``v1`` Services found among the config files (services without instances)."""
+"""Service registry from config: ServiceEntries (STATIC endpoints, or the WorkloadEntries a
+``workloadSelector`` selects, become workload instances) and Kubernetes ``v1`` Services found
+among the config files (services without instances)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from diktyo.control.ingest.kubernetes import port_protocol, service_fqdn
 from diktyo.control.model import Registry, Service, ServicePort, WorkloadInstance
 from diktyo.control.translate.hostnames import resolve_host, split_cluster_host
+from diktyo.control.translate.workload_entries import instances_selected_by, selected_instances
 
 
 def registry_from_service_entries(resources: Iterable[Any]) -> Registry:
@@ -37,9 +39,13 @@ def registry_from_kube_services(
     As Istio does: the host is ``<name>.<namespace>.svc.<domain>``; each TCP port keeps its
     number, name and numeric ``targetPort``; its protocol is ``appProtocol`` if set, else the
     port name's prefix (``http``, ``http-web``, ``grpc-x``, ...), else TCP. UDP and SCTP ports
-    are not proxied and are left out. No instances: endpoints come from the platform.
+    are not proxied and are left out. Endpoints come from the platform, except the
+    WorkloadEntries a Service's ``selector`` selects (``translate.workload_entries``).
     """
     services: list[Service] = []
+    instances: list[WorkloadInstance] = []
+    resources = list(resources)
+    workload_entries = [r for r in resources if getattr(r, "kind", "") == "WorkloadEntry"]
     for res in resources:
         if getattr(res, "kind", "") != "Service" or getattr(res, "api_version", "v1") != "v1":
             continue
@@ -66,13 +72,21 @@ def registry_from_kube_services(
                 source="kubernetes",
             )
         )
-    return Registry(services=tuple(services))
+        if spec.selector and workload_entries:
+            # Istio: a Service's selector also selects WorkloadEntries of its namespace
+            instances += instances_selected_by(
+                dict(spec.selector), res.namespace, [services[-1].hostname], ports,
+                workload_entries,
+            )  # fmt: skip
+    return Registry(services=tuple(services), instances=tuple(instances))
 
 
 def _registry_from_entries(resources: Iterable[Any]) -> Registry:
     services: list[Service] = []
     instances: list[WorkloadInstance] = []
     seen: set[str] = set()
+    resources = list(resources)
+    workload_entries = [r for r in resources if getattr(r, "kind", "") == "WorkloadEntry"]
     for res in resources:
         if getattr(res, "kind", "") != "ServiceEntry":
             continue
@@ -105,6 +119,10 @@ def _registry_from_entries(resources: Iterable[Any]) -> Registry:
                 )
             )
         if se.resolution not in (None, "STATIC", "DNS", "DNS_ROUND_ROBIN"):
+            continue
+        if se.workload_selector is not None:
+            # endpoints are the WorkloadEntries it selects (translate.workload_entries)
+            instances += selected_instances(res, hostnames, ports, workload_entries)
             continue
         if se.resolution in ("DNS", "DNS_ROUND_ROBIN") and not se.endpoints:
             # Istio: with DNS resolution and no endpoints, each host is its own endpoint

@@ -1,0 +1,225 @@
+"""Two hosts join a control plane with ``diktyo join`` (two agent processes on one machine, each
+with its own loopback address): their workloads auto-register, talk through their sidecars with
+mTLS, health probes take an entry out and back, and a killed host's entry is removed after the
+grace period."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from diktyo.control.autoregister import DISCONNECTED_AT
+from diktyo.control.server import ControlPlane
+from diktyo.platform.join import JoinError, load_host_file
+from diktyo.security.admin_token import write_secret
+from diktyo.testing import eventually
+
+pytestmark = pytest.mark.slow
+
+APPS = Path(__file__).parent.parent / "e2e" / "apps"
+
+ECHO_APP = r"""
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+FLAG = sys.argv[1]
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/healthz":
+            code = 503 if os.path.exists(FLAG) else 200
+            self.send_response(code); self.send_header("content-length", "0"); self.end_headers()
+            return
+        body = json.dumps({"pod": os.environ["POD_NAME"], "path": self.path,
+                           "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+CONFIG = """
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: front}
+spec:
+  metadata: {labels: {app: front}}
+  template: {ports: {http: 9080}, serviceAccount: front-sa}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: ratings}
+spec:
+  metadata: {labels: {app: ratings, version: v1}}
+  template: {ports: {http: 9080}, serviceAccount: ratings-sa}
+  probe:
+    periodSeconds: 1
+    httpGet: {port: 9080, path: /healthz}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: front}
+spec:
+  hosts: [front.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  workloadSelector: {labels: {app: front}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings}
+spec:
+  hosts: [ratings.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  workloadSelector: {labels: {app: ratings}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: ratings-strict}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  mtls: {mode: STRICT}
+"""
+
+
+async def _agent(
+    tmp: Path, name: str, cp: ControlPlane, sa: str, host: str
+) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    token = tmp / f"{name}.token"
+    write_secret(token, cp.identity.token_for("default", sa))
+    host_file = tmp / f"{name}.yaml"
+    host_file.write_text(host)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "diktyo.cli.main", "join",
+        "--control-plane", cp.url, "--token-file", str(token), "--host-file", str(host_file),
+        "--log-dir", str(tmp / f"{name}-logs"),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    while True:
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert line, f"agent {name} exited with {await proc.wait()}"
+        if line.startswith(b'{"event": "joined"'):
+            return proc, json.loads(line)
+
+
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        return resp.status, await resp.text()
+
+
+def _entry(cp: ControlPlane, name: str) -> Any:
+    return cp.autoregister.store.get("WorkloadEntry", "default", name)
+
+
+@pytest.mark.timeout(150)
+async def test_two_hosts_join_talk_mtls_follow_probes_and_a_killed_host_leaves(
+    tmp_path: Path,
+) -> None:
+    cp = ControlPlane(observability=False, debounce=0.02)
+    cp.autoregister.grace_period = 2.0
+    await cp.start()
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        _, errors = cp.store.apply_text(CONFIG, "fleet.yaml")
+        assert not errors
+        (tmp_path / "echo.py").write_text(ECHO_APP)
+        flag = tmp_path / "ratings-unhealthy"
+        host_b = (
+            "address: 127.0.0.3\nlocality: eu-west/zone-b\nworkloads:\n- group: ratings\n"
+            f'  command: ["{sys.executable}", "{tmp_path / "echo.py"}", "{flag}"]\n'
+        )
+        host_a = (
+            "address: 127.0.0.2\nworkloads:\n- group: front\n"
+            f'  command: ["{sys.executable}", "{APPS / "tiny_app.py"}"]\n'
+        )
+        b, joined_b = await _agent(tmp_path, "host-b", cp, "ratings-sa", host_b)
+        procs.append(b)
+        a, joined_a = await _agent(tmp_path, "host-a", cp, "front-sa", host_a)
+        procs.append(a)
+        assert [w["entry"] for w in joined_b["workloads"]] == ["ratings-127.0.0.3"]
+        assert [w["entry"] for w in joined_a["workloads"]] == ["front-127.0.0.2"]
+        ratings = _entry(cp, "ratings-127.0.0.3")
+        assert ratings.spec.address == "127.0.0.3" and ratings.spec.locality == "eu-west/zone-b"
+        assert ratings.labels == {"app": "ratings", "version": "v1"}
+        front_port = joined_a["workloads"][0]["inbound_ports"]["9080"]
+        call = f"http://127.0.0.2:{front_port}/call/ratings:9080/echo"
+
+        async with aiohttp.ClientSession() as session:
+            # host A's app -> its sidecar -> mTLS -> host B's sidecar -> host B's app
+            async def reaches_b() -> dict[str, Any] | None:
+                status, body = await _get(session, call)
+                return json.loads(body) if status == 200 else None
+
+            seen = await eventually(reaches_b, timeout=20, what="front -> ratings")
+            assert seen["pod"] == "ratings-127.0.0.3"
+            xfcc = seen["headers"]["x-forwarded-client-cert"]
+            assert xfcc.startswith("By=spiffe://cluster.local/ns/default/sa/ratings-sa;")
+            assert xfcc.endswith(";URI=spiffe://cluster.local/ns/default/sa/front-sa")
+
+            # the group's probe: the app fails its health check -> no endpoint; back -> traffic
+            flag.touch()
+            await eventually(
+                lambda: (
+                    _entry(cp, "ratings-127.0.0.3").status["conditions"][0]["status"] == "False"
+                ),
+                timeout=15,
+            )
+
+            async def refused() -> bool:
+                status, body = await _get(session, call)
+                return status == 502 and "503" in body
+
+            await eventually(refused, timeout=10, what="no healthy ratings endpoint")
+            flag.unlink()
+            await eventually(reaches_b, timeout=15, what="ratings healthy again")
+
+            # host B's sidecar crashes: the agent starts it again on the same ports
+            os.kill(joined_b["workloads"][0]["sidecar_pid"], signal.SIGKILL)
+            await eventually(refused, timeout=10, what="ratings down with its sidecar")
+            await eventually(reaches_b, timeout=30, what="ratings' sidecar restarted")
+
+            # kill host B's agent: its sidecar and app die with it, the entry is marked
+            # disconnected at once and removed after the grace period (2 s here)
+            b.send_signal(signal.SIGKILL)
+            await b.wait()
+            await eventually(
+                lambda: DISCONNECTED_AT in _entry(cp, "ratings-127.0.0.3").annotations,
+                timeout=15,
+            )
+            marked = asyncio.get_running_loop().time()
+            await eventually(lambda: _entry(cp, "ratings-127.0.0.3") is None, timeout=15)
+            assert asyncio.get_running_loop().time() - marked >= 1.0  # not before the grace
+            assert _entry(cp, "front-127.0.0.2") is not None  # host A stays
+            await eventually(refused, timeout=10, what="ratings gone with its host")
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 30)
+                except TimeoutError:
+                    os.kill(proc.pid, signal.SIGKILL)
+        await cp.stop()
+
+
+def test_host_file_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    bad = tmp_path / "host.yaml"
+    bad.write_text("address: 127.0.0.2\nworkloads:\n- namespace: shop\n  comand: [x]\n")
+    with pytest.raises(JoinError) as exc:
+        load_host_file(bad)
+    text = str(exc.value)
+    assert f"{bad}:3: error: workloads[0].group: Field required" in text
+    assert f"{bad}:4: error: workloads[0].comand: Extra inputs are not permitted" in text
