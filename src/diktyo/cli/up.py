@@ -96,14 +96,27 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        adopt = state  # the mesh of this file runs on without its supervisor: take it over
-        if config_dir is None and state.get("config_dir"):
+        if state.get("capture") == "transparent":
+            # namespaces are not adopted: stop what runs, remove the network, start anew
+            from diktyo.platform.run import stop_orphaned
+
+            print(
+                f"mesh {state.get('name')!r} (transparent capture) runs without its supervisor "
+                f"(pid {state.get('pid')} is gone): stopping it and starting it anew",
+                flush=True,
+            )
+            if stop_orphaned(state) != 0:
+                return 1
+        else:
+            adopt = state  # the mesh of this file runs on without its supervisor: take it over
+        if adopt is not None and config_dir is None and state.get("config_dir"):
             config_dir = Path(state["config_dir"])  # the config folder it was started with
-        print(
-            f"mesh {state.get('name')!r} runs without its supervisor (pid {state.get('pid')} is "
-            "gone): adopting its sidecars and apps",
-            flush=True,
-        )
+        if adopt is not None:
+            print(
+                f"mesh {state.get('name')!r} runs without its supervisor (pid "
+                f"{state.get('pid')} is gone): adopting its sidecars and apps",
+                flush=True,
+            )
     elif state is not None:
         print(f"error: {already_running_message()}", file=sys.stderr)
         return 1

@@ -31,6 +31,7 @@ class Service:
     mesh_external: bool = False
     resolution: str = "STATIC"  # STATIC | DNS | NONE
     source: str = "registry"  # registry | ServiceEntry
+    addresses: tuple[str, ...] = ()  # virtual IPs (ClusterIP, ServiceEntry addresses)
 
 
 @dataclass(frozen=True, slots=True)
