@@ -31,7 +31,9 @@ class Service:
     mesh_external: bool = False
     resolution: str = "STATIC"  # STATIC | DNS | NONE
     source: str = "registry"  # registry | ServiceEntry
-    addresses: tuple[str, ...] = ()  # virtual IPs (ClusterIP, ServiceEntry addresses)
+    # virtual IPs (ClusterIP, ServiceEntry ``addresses`` incl. CIDRs): what transparent capture
+    # matches the original destination against
+    addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

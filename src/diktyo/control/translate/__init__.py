@@ -7,7 +7,10 @@ registry services and instances.
 
 from __future__ import annotations
 
+from typing import Any
+
 from diktyo.control.model import ProxyNode, PushContext
+from diktyo.control.translate.capture import build_capture, capture_listeners, interception
 from diktyo.control.translate.clusters import build_cluster, build_outbound_clusters
 from diktyo.control.translate.hosts import ConfigIndex
 from diktyo.control.translate.listeners import (
@@ -55,7 +58,13 @@ def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
         for port in sorted(servers):
             tables.append(build_gateway_table(ctx, port, servers[port]))
     in_listeners, in_clusters = inbound(proxy, idx)
-    listeners += in_listeners
+    extra: dict[str, Any] = {}
+    if interception(proxy):  # transparent capture: 15001 / 15006 instead of per-port inbound
+        listeners += capture_listeners(proxy)
+        extra["capture"], cap_needed = build_capture(idx, proxy, visible, push.mesh)
+        ctx.needed |= cap_needed
+    else:
+        listeners += in_listeners
 
     clusters: dict[str, Cluster] = build_outbound_clusters(idx, proxy, trust_domain, visible)
     for host, port in tcp_targets:
@@ -69,6 +78,8 @@ def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
     all_clusters = list(clusters.values()) + in_clusters
     security_resources = [r for r in push.resources if getattr(r, "kind", "") in SECURITY_KINDS]
     security = build_security(proxy.node, security_resources) if security_resources else None
+    if security is not None:
+        extra["security"] = security
     telemetry = build_telemetry(push.resources, proxy.node, push.mesh)
     return Snapshot(
         version=push.version,
@@ -77,6 +88,6 @@ def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
         route_tables=tuple(tables),
         clusters=tuple(all_clusters),
         mesh=push.mesh,
-        **({"security": security} if security is not None else {}),
         telemetry=telemetry,
+        **extra,
     )

@@ -60,6 +60,7 @@ def registry_from_kube_services(
                 namespace=res.namespace,
                 ports=ports,
                 short_name=res.name,
+                addresses=(spec.cluster_ip,) if spec.cluster_ip not in (None, "", "None") else (),
                 resolution="DNS"
                 if spec.type == "ExternalName"
                 else ("NONE" if spec.cluster_ip == "None" else "STATIC"),
@@ -100,6 +101,7 @@ def _registry_from_entries(resources: Iterable[Any]) -> Registry:
                     ports=ports,
                     short_name=split[0] if split else "",
                     mesh_external=external,
+                    addresses=tuple(se.addresses),
                     resolution=se.resolution or "NONE",
                     source="ServiceEntry",
                 )
