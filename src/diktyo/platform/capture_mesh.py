@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ from diktyo.platform.capture_netns import (
     capture_unavailable_reason,
     hosts_file,
     service_names,
+    socket_in,
 )
 from diktyo.platform.capture_rules import DEFAULT_EXCLUDE_INBOUND_PORTS, CaptureConfig
 
@@ -64,6 +66,18 @@ def capture_mode(spec: MeshSpec) -> tuple[str, str]:
             "then use HTTP_PROXY) or 'capture: auto'"
         )
     return "proxy", f"transparent capture unavailable ({reason}); apps use HTTP_PROXY"
+
+
+async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            w.close()
 
 
 def _listening_ports(pid: int) -> set[int]:
@@ -93,6 +107,7 @@ class TransparentNetwork:
         self.namespaces: dict[str, str] = {}  # replica name -> netns
         self.setpriv = shutil.which("setpriv") or "setpriv"
         self._runtime: tuple[str, dict[str, str], int | None] | None = None
+        self._admin_servers: list[asyncio.Server] = []
 
     @property
     def gateway(self) -> str:
@@ -175,21 +190,47 @@ class TransparentNetwork:
     def listening(pid: int, ports: list[int]) -> bool:
         return set(ports) <= _listening_ports(pid)
 
-    # ------------------------------------------------------------------ control-plane relay
+    # ------------------------------------------------------------------ relays
+
+    async def start_admin_relay(self, ns: str, address: str, port: int = ADMIN_PORT) -> bool:
+        """Make the sidecar's admin port (on 127.0.0.1 inside ``ns``) reachable from the host
+        at ``address:port``: a listening socket made inside the namespace, each connection
+        relayed to 127.0.0.1:port there. False when the address is taken (the sidecar binds
+        its admin port on every address itself, ``DIKTYO_ADMIN_ADDRESS=0.0.0.0``)."""
+        lsock = await asyncio.to_thread(socket_in, ns)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            lsock.bind((address, port))
+        except OSError:
+            lsock.close()
+            return False
+        lsock.listen(64)
+        lsock.setblocking(False)
+
+        async def relay(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._relays.add(task)
+            try:
+                up = await asyncio.to_thread(socket_in, ns)
+                up.setblocking(False)
+                try:
+                    await asyncio.get_running_loop().sock_connect(up, ("127.0.0.1", port))
+                except OSError:
+                    up.close()
+                    w.close()
+                    return
+                ur, uw = await asyncio.open_connection(sock=up)
+                await asyncio.gather(_pipe(r, uw), _pipe(ur, w))
+            finally:
+                if task is not None:
+                    self._relays.discard(task)
+
+        self._admin_servers.append(await asyncio.start_server(relay, sock=lsock))
+        return True
 
     async def start_forwarder(self, port: int) -> None:
         """Relay ``<bridge address>:port`` to the control plane on ``127.0.0.1:port``."""
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            try:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    w.close()
 
         async def relay(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
@@ -201,7 +242,7 @@ class TransparentNetwork:
                 w.close()
                 return
             try:
-                await asyncio.gather(pipe(r, uw), pipe(ur, w))
+                await asyncio.gather(_pipe(r, uw), _pipe(ur, w))
             finally:
                 if task is not None:
                     self._relays.discard(task)
@@ -209,11 +250,14 @@ class TransparentNetwork:
         self._server = await asyncio.start_server(relay, self.gateway, port)
 
     async def close(self) -> dict[str, list[str]]:
-        if self._server is not None:
-            self._server.close()
-            for t in list(self._relays):
-                t.cancel()
+        servers = [*self._admin_servers, *([self._server] if self._server is not None else [])]
+        for srv in servers:
+            srv.close()
+        for t in list(self._relays):
+            t.cancel()
+        for srv in servers:
             with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
+                await asyncio.wait_for(srv.wait_closed(), 2)
+        self._server = None
+        self._admin_servers = []
         return await asyncio.to_thread(self.netns.remove_all)

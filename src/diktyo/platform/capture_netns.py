@@ -20,9 +20,12 @@ so nothing a dead supervisor made is left behind.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import ipaddress
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -148,6 +151,34 @@ def service_names(name: str, namespace: str, cluster_domain: str = "cluster.loca
         f"{name}.{namespace}.svc",
         f"{name}.{namespace}.svc.{cluster_domain}",
     ]
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def socket_in(
+    ns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
+) -> socket.socket:
+    """A socket that belongs to network namespace ``ns`` (made there, usable from anywhere).
+    The calling thread enters ``ns`` only for the ``socket()`` call (``setns`` changes the
+    calling thread alone); call it from a worker thread, not the event loop's."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(NETNS_RUN / ns, os.O_RDONLY)
+        try:
+            if libc.setns(target, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns into {ns}: {os.strerror(err)}")
+            try:
+                return socket.socket(family, kind)
+            finally:
+                if libc.setns(own, _CLONE_NEWNET) != 0:  # pragma: no cover - cannot happen
+                    raise OSError(errno.EPERM, "could not return to the host's network namespace")
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
 
 
 def _run(argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:

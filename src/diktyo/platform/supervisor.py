@@ -165,6 +165,7 @@ class Replica:
     adoptable: bool = False  # its ports were taken over from a dead supervisor's state
     address: str = "127.0.0.1"  # where its sidecar's admin port (and app) are reached
     netns: str = ""  # its network namespace (transparent capture), "" = the host's
+    admin_relay: bool = False  # the supervisor relays pod address:15000 into the namespace
 
     def container(self, name: str) -> ContainerStatus:
         st = self.containers.get(name)
@@ -456,8 +457,7 @@ class LocalMesh:
         from diktyo.platform.capture_mesh import ADMIN_PORT
 
         assert self.net is not None
-        if "interception_mode" in Node.__struct_fields__:  # Istio's ISTIO_META_INTERCEPTION_MODE
-            node = msgspec.structs.replace(node, interception_mode="REDIRECT")  # type: ignore[call-arg,unused-ignore]
+        node = msgspec.structs.replace(node, interception_mode="REDIRECT")  # Istio's capture
         services = [(s.name, self.spec.ns(s)) for s in self.spec.services]
         netns, address = self.net.add_instance(name, node.namespace, services)
         proxy = ProxyNode(node=node, inbound=tuple(InboundPort(sp, 0, sp) for sp in sports))
@@ -815,6 +815,10 @@ class LocalMesh:
                 f"(see the '[{rep.name} sidecar]' lines above)"
             )
         rep.sidecar_watch = asyncio.get_running_loop().create_task(self._watch_sidecar(rep))
+        if rep.netns and self.net is not None and not rep.admin_relay:
+            # its admin port on the pod address, for health checks and scraping (unless the
+            # sidecar already binds it there itself)
+            rep.admin_relay = await self.net.start_admin_relay(rep.netns, rep.address)
         if rep.is_gateway:
             rep.state = "ready"
             return
