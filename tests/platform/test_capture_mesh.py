@@ -19,6 +19,7 @@ from diktyo.platform.capture_mesh import capture_mode
 from diktyo.platform.capture_netns import Netns, capture_unavailable_reason
 from diktyo.platform.mesh import MeshFileError, load_mesh_text
 from diktyo.platform.supervisor import LocalMesh, MeshStartError
+from diktyo.testing.controlplane import admin_get
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_APP = ROOT / "tests" / "e2e" / "apps" / "tiny_app.py"
@@ -48,6 +49,7 @@ workloads:
   - name: front-v1
     namespace: web
     labels: {{app: front, version: v1}}
+    annotations: {{traffic.sidecar.istio.io/excludeOutboundPorts: "5432", traffic.sidecar.istio.io/excludeInboundPorts: "9901"}}
     command: ["{{python}}", "{TINY_APP}"]
 """
 
@@ -111,7 +113,12 @@ async def test_transparent_mesh_namespaces_addresses_uids_and_cleanup() -> None:
             )
             rules = saved.stdout
             assert "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in rules
-            assert "--dports 15090,15021,15020,15000 -j RETURN" in rules
+            if r.workload == "front-v1":  # its traffic.sidecar.istio.io annotations
+                assert "--dports 15090,15021,15020,15000,9901 -j RETURN" in rules
+                assert "-A ISTIO_OUTPUT -p tcp -m multiport --dports 5432 -j RETURN" in rules
+            else:
+                assert "--dports 15090,15021,15020,15000 -j RETURN" in rules
+                assert "5432" not in rules
         # services have virtual IPs in the upper half; names resolve to them by namespace
         view = mesh.cp.registry.view()
         vips = {s.short_name: s.addresses for s in view.services}
@@ -130,6 +137,12 @@ async def test_transparent_mesh_namespaces_addresses_uids_and_cleanup() -> None:
         row = next(w for w in desc["workloads"] if w["name"] == "front-v1-1")
         assert row["address"] == reps["front-v1-1"].address and row["capture"] == "transparent"
         assert len(netns.namespaces()) == 3
+        # the dashboard's workload list (v1/workloads) carries them too
+        code, text = await asyncio.to_thread(admin_get, mesh.cp, mesh.cp.url + "/v1/workloads")
+        assert code == 200
+        listed = {w["name"]: w for w in json.loads(text)["workloads"]}
+        assert listed["hello-v1-2"]["address"] == reps["hello-v1-2"].address
+        assert listed["hello-v1-2"]["capture"] == "transparent"
     finally:
         await asyncio.wait_for(mesh.stop(), 40)
         print(out.getvalue())
@@ -168,6 +181,11 @@ def test_transparent_impossible_is_a_clear_start_error(monkeypatch: pytest.Monke
         ("network: {cidr: 8.8.0.0/16}\n", "private"),
         ("network: {cidr: nonsense}\n", "CIDR form"),
         ("network: {linkPrefix: waytoolongprefix}\n", "linkPrefix"),
+        (
+            "workloads: [{name: a, command: x, annotations: "
+            "{traffic.sidecar.istio.io/excludeOutboundPorts: smtp}}]\n",
+            "outbound_ports_exclude: 'smtp' is not a port number",
+        ),
     ],
 )
 def test_bad_capture_settings_name_file_line_and_field(text: str, words: str) -> None:

@@ -42,7 +42,11 @@ from diktyo.platform.capture_netns import (
     service_names,
     socket_in,
 )
-from diktyo.platform.capture_rules import DEFAULT_EXCLUDE_INBOUND_PORTS, CaptureConfig
+from diktyo.platform.capture_rules import (
+    DEFAULT_EXCLUDE_INBOUND_PORTS,
+    CaptureConfig,
+    from_annotations,
+)
 
 if TYPE_CHECKING:
     from diktyo.platform.mesh import MeshSpec
@@ -123,10 +127,16 @@ class TransparentNetwork:
         return self.plan.vip(fqdn)
 
     def add_instance(
-        self, replica: str, namespace: str, services: list[tuple[str, str]]
+        self,
+        replica: str,
+        namespace: str,
+        services: list[tuple[str, str]],
+        annotations: dict[str, str] | None = None,
     ) -> tuple[str, str]:
         """Namespace, address, hosts file and capture rules of one instance; ``services``:
-        (name, namespace) of every service of the mesh. Returns (netns, address)."""
+        (name, namespace) of every service of the mesh; ``annotations``: the workload's pod
+        annotations (``traffic.sidecar.istio.io/*`` change its rules). Returns (netns,
+        address)."""
         address = self.plan.pod(f"{replica}.{namespace}")
         ns = self.netns.add_namespace(f"{namespace}-{replica}", address, self.plan)
         self.namespaces[replica] = ns
@@ -137,7 +147,8 @@ class TransparentNetwork:
                 names = names[1:]  # the short name resolves in its own namespace only
             entries.append((self.vip(f"{name}.{svc_ns}.svc.cluster.local"), names))
         self.netns.write_hosts(ns, hosts_file(entries, (address, replica)))
-        apply_rules(self.rules, netns=ns)
+        rules = from_annotations(annotations, self.rules) if annotations else self.rules
+        apply_rules(rules, netns=ns)
         return ns, address
 
     def wrap(self, ns: str, argv: list[str], uid: int | None, gid: int | None) -> list[str]:

@@ -123,8 +123,19 @@ class WorkloadSpec(_M):
     # the app's uid/gid (diktyo must run as root), like a pod's securityContext.runAsUser
     run_as_user: int | None = Field(default=None, ge=0, le=2**31 - 1)
     run_as_group: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    # pod annotations; with capture: transparent, Istio's traffic.sidecar.istio.io/* ones shape
+    # the replica's capture rules (includeInboundPorts, excludeOutboundPorts, ...)
+    annotations: dict[str, str] = Field(default_factory=dict)
 
     _n = field_validator("name")(classmethod(lambda cls, v: _dns_name(v)))
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, v: dict[str, str]) -> dict[str, str]:
+        from diktyo.platform.capture_rules import from_annotations
+
+        from_annotations(v)  # a bad port list or CIDR is an error when loading, not at start
+        return v
 
     @field_validator("command")
     @classmethod

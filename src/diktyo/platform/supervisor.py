@@ -459,7 +459,7 @@ class LocalMesh:
         assert self.net is not None
         node = msgspec.structs.replace(node, interception_mode="REDIRECT")  # Istio's capture
         services = [(s.name, self.spec.ns(s)) for s in self.spec.services]
-        netns, address = self.net.add_instance(name, node.namespace, services)
+        netns, address = self.net.add_instance(name, node.namespace, services, dict(wl.annotations))
         proxy = ProxyNode(node=node, inbound=tuple(InboundPort(sp, 0, sp) for sp in sports))
         rep = Replica(
             name,
