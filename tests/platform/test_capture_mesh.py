@@ -182,8 +182,10 @@ def test_transparent_impossible_is_a_clear_start_error(monkeypatch: pytest.Monke
         ("network: {cidr: nonsense}\n", "CIDR form"),
         ("network: {linkPrefix: waytoolongprefix}\n", "linkPrefix"),
         (
-            "workloads: [{name: a, command: x, annotations: "
-            "{traffic.sidecar.istio.io/excludeOutboundPorts: smtp}}]\n",
+            (
+                "workloads: [{name: a, command: x, annotations: "
+                "{traffic.sidecar.istio.io/excludeOutboundPorts: smtp}}]\n"
+            ),
             "outbound_ports_exclude: 'smtp' is not a port number",
         ),
     ],
