@@ -168,3 +168,41 @@ def test_bookinfo_without_proxy_settings() -> None:
     finally:
         spec_file.unlink(missing_ok=True)
     assert netns.leftovers() == {"namespaces": [], "links": [], "hosts": []}
+
+
+def test_killed_supervisor_is_replaced_and_down_leaves_nothing(tmp_path: Path) -> None:
+    """kill -9 of the supervisor: its keeper starts a new one, which stops the orphaned
+    replicas, removes their network and makes it anew (namespaces are not adopted)."""
+    tag = secrets.token_hex(2)
+    (tmp_path / "mesh.yaml").write_text(
+        f"name: tk{tag}\ncapture: transparent\n" + _network(tag) + "services:\n"
+        "  - name: hello\n    ports: [{name: http, port: 9080}]\n"
+        "workloads:\n"
+        f'  - name: hello-v1\n    labels: {{app: hello, version: v1}}\n    command: ["{{python}}", "{TINY_APP}"]\n'
+    )
+    env = {**os.environ, "DIKTYO_HOME": str(tmp_path / "home"), "NO_PROXY": "*"}
+    netns = Netns(prefix=f"dke{tag}-", link_prefix=f"e{tag}")
+    up = _diktyo("up", "-f", str(tmp_path / "mesh.yaml"), "--detach", "--timeout", "60", env=env)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        first = json.loads(_diktyo("status", "-o", "json", env=env).stdout)
+        old_app = first["workloads"][0]["app_pid"]
+        os.kill(int(first["pid"]), 9)
+        deadline = time.monotonic() + 60
+        while True:
+            st = json.loads(_diktyo("status", "-o", "json", env=env).stdout)
+            if st.get("running") and st["pid"] != first["pid"] and st.get("state") == "ready":
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.5)
+        hello = st["workloads"][0]
+        assert hello["app_pid"] != old_app  # started anew, in a namespace made anew
+        assert netns.namespaces() == [hello["netns"]]
+        out = _in_ns(hello["netns"], "curl", "-sS", "-m", "10", "http://hello:9080/")
+        assert out.returncode == 0 and json.loads(out.stdout)["pod"] == "hello-v1-1", out.stderr
+        log = (tmp_path / "home" / "mesh.log").read_text()
+        assert "stopping it and starting it anew" in log and "removed the mesh's network" in log
+    finally:
+        down = _diktyo("down", env=env)
+        assert down.returncode == 0, down.stdout + down.stderr
+    assert netns.leftovers() == {"namespaces": [], "links": [], "hosts": []}
