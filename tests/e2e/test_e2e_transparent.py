@@ -70,7 +70,7 @@ def _in_ns(ns: str, *argv: str) -> subprocess.CompletedProcess[str]:
 def test_curl_without_proxy_settings_goes_through_the_mesh(tmp_path: Path) -> None:
     tag = secrets.token_hex(2)
     (tmp_path / "mesh.yaml").write_text(
-        f"name: tp{tag}\ncapture: transparent\n" + _network(tag) + "accessLog: {enabled: true}\n"
+        f"name: tp{tag}\n" + _network(tag) + "accessLog: {enabled: true}\n"
         "services:\n"
         "  - name: hello\n    ports: [{name: http, port: 9080}]\n"
         "  - name: front\n    ports: [{name: http, port: 9080}]\n"
@@ -80,7 +80,10 @@ def test_curl_without_proxy_settings_goes_through_the_mesh(tmp_path: Path) -> No
     )
     env = {**os.environ, "DIKTYO_HOME": str(tmp_path / "home"), "NO_PROXY": "*"}
     netns = Netns(prefix=f"dke{tag}-", link_prefix=f"e{tag}")
-    up = _diktyo("up", "-f", str(tmp_path / "mesh.yaml"), "--detach", "--timeout", "60", env=env)
+    up = _diktyo(
+        "up", "-f", str(tmp_path / "mesh.yaml"), "--capture", "transparent", "--detach",
+        "--timeout", "60", env=env,
+    )  # fmt: skip
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads(_diktyo("status", "-o", "json", env=env).stdout)
