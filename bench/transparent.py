@@ -83,7 +83,7 @@ def write_mesh(tmp: Path, mode: str, tag: str) -> Path:
         f'sed "s/@PORT@/$PORT/" {tmp}/upstream.conf.in > {tmp}/upstream.conf && '
         f"exec {nginx} -p {tmp} -c {tmp}/upstream.conf"
     )
-    net = ""
+    net = "capture: proxy\n"
     if mode == "transparent":
         net = (
             "capture: transparent\n"

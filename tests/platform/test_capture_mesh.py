@@ -152,6 +152,7 @@ async def test_transparent_mesh_namespaces_addresses_uids_and_cleanup() -> None:
 def test_capture_mode_auto_and_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     import diktyo.platform.capture_mesh as cm
 
+    monkeypatch.delenv("DIKTYO_CAPTURE", raising=False)
     spec = load_mesh_text("capture: auto\n", "m.yaml")
     monkeypatch.setattr(cm, "capture_unavailable_reason", lambda: "needs root (test)")
     mode, why = capture_mode(spec)
@@ -163,7 +164,21 @@ def test_capture_mode_auto_and_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cm, "capture_unavailable_reason", lambda: None)
     assert capture_mode(spec)[0] == "transparent"
     assert capture_mode(load_mesh_text("capture: proxy\n", "m.yaml"))[0] == "proxy"
-    assert capture_mode(load_mesh_text("name: x\n", "m.yaml"))[0] == "proxy"  # the default
+    # the default is auto: transparent where namespaces can be made
+    assert capture_mode(load_mesh_text("name: x\n", "m.yaml")) == (
+        "transparent",
+        "capture: auto (the default)",
+    )
+    # $DIKTYO_CAPTURE decides for a file without 'capture:', never against one that has it
+    monkeypatch.setenv("DIKTYO_CAPTURE", "proxy")
+    assert capture_mode(load_mesh_text("name: x\n", "m.yaml")) == (
+        "proxy",
+        "capture: proxy ($DIKTYO_CAPTURE)",
+    )
+    assert capture_mode(load_mesh_text("capture: auto\n", "m.yaml"))[0] == "transparent"
+    monkeypatch.setenv("DIKTYO_CAPTURE", "sideways")
+    with pytest.raises(RuntimeError, match="DIKTYO_CAPTURE='sideways'"):
+        capture_mode(load_mesh_text("name: x\n", "m.yaml"))
 
 
 def test_transparent_impossible_is_a_clear_start_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -206,3 +206,19 @@ def test_address_plan_bad_ranges_are_refused() -> None:
         AddressPlan("10.209.0.0/33")
     with pytest.raises(ValueError, match="/24 or larger"):
         AddressPlan("10.209.0.0/28")
+
+
+def test_remove_all_never_touches_links_that_only_share_the_prefix(net: Net) -> None:
+    """Another tool's veth whose name starts with the link prefix stays."""
+    other = f"{net.netns.link_prefix}hx{secrets.token_hex(1)}"
+    peer = f"{net.netns.link_prefix}q{secrets.token_hex(2)}"
+    subprocess.run(["ip", "link", "add", other, "type", "veth", "peer", "name", peer], check=True)
+    try:
+        assert other not in net.netns.links() and peer not in net.netns.links()
+        net.netns.remove_all()
+        shown = subprocess.run(
+            ["ip", "-o", "link", "show", other], capture_output=True, check=False
+        )
+        assert shown.returncode == 0  # still there
+    finally:
+        subprocess.run(["ip", "link", "del", other], capture_output=True, check=False)

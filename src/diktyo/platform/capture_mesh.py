@@ -57,13 +57,21 @@ ADMIN_PORT = 15000  # the sidecar's admin port inside a namespace (not captured 
 
 def capture_mode(spec: MeshSpec) -> tuple[str, str]:
     """(``transparent`` | ``proxy``, why) for the mesh file's ``capture`` setting; ``auto``
-    picks transparent when this machine can make network namespaces."""
-    wanted = spec.capture
+    (the default) picks transparent when this machine can make network namespaces. A mesh
+    file without ``capture:`` takes ``$DIKTYO_CAPTURE`` when it is set."""
+    wanted, source = spec.capture, "the mesh file"
+    env = os.environ.get("DIKTYO_CAPTURE", "").strip().lower()
+    if "capture" not in spec.model_fields_set and env:
+        if env not in ("proxy", "transparent", "auto"):
+            raise RuntimeError(f"DIKTYO_CAPTURE={env!r}: use proxy, transparent or auto")
+        wanted, source = env, "$DIKTYO_CAPTURE"
+    elif "capture" not in spec.model_fields_set:
+        source = "the default"
     if wanted == "proxy":
-        return "proxy", "capture: proxy in the mesh file"
+        return "proxy", f"capture: proxy ({source})"
     reason = capture_unavailable_reason()
     if reason is None:
-        return "transparent", f"capture: {wanted}"
+        return "transparent", f"capture: {wanted} ({source})"
     if wanted == "transparent":
         raise RuntimeError(
             f"capture: transparent is not possible here: {reason}; set 'capture: proxy' (apps "

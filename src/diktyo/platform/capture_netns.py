@@ -24,6 +24,7 @@ import ctypes
 import errno
 import ipaddress
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -199,6 +200,9 @@ class Netns:
         self.link_prefix = link_prefix
         self.bridge = f"{link_prefix}br0"
         self._veths = 0
+        # exactly the names this class gives (the bridge, veth host ends N h PID): another
+        # tool's interface that merely starts with the prefix is never touched
+        self._ours = re.compile(re.escape(link_prefix) + r"(?:br0|\d+[hp]\d+)")
 
     # ------------------------------------------------------------------ create
 
@@ -256,7 +260,7 @@ class Netns:
             parts = line.split(":", 2)
             if len(parts) >= 2:
                 name = parts[1].strip().split("@", 1)[0]
-                if name.startswith(self.link_prefix):
+                if self._ours.fullmatch(name):
                     out.append(name)
         return sorted(out)
 

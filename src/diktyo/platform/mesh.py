@@ -247,8 +247,9 @@ class MeshSpec(_M):
     restart: RestartSpec = Field(default_factory=RestartSpec)
     sidecar: SidecarSpec = Field(default_factory=SidecarSpec)
     # proxy: apps use HTTP_PROXY; transparent: each instance in its own network namespace,
-    # iptables sends its traffic through the sidecar; auto: transparent when possible
-    capture: str = Field(default="proxy", pattern="^(proxy|transparent|auto)$")
+    # iptables sends its traffic through the sidecar; auto (default): transparent when
+    # possible. Unset in the file, $DIKTYO_CAPTURE decides (the test suite sets proxy).
+    capture: str = Field(default="auto", pattern="^(proxy|transparent|auto)$")
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     # set by load_mesh: the folder relative paths are resolved against
     base_dir: str = Field(default=".", exclude=True)
