@@ -222,3 +222,25 @@ def test_remove_all_never_touches_links_that_only_share_the_prefix(net: Net) -> 
         assert shown.returncode == 0  # still there
     finally:
         subprocess.run(["ip", "link", "del", other], capture_output=True, check=False)
+
+
+def test_every_golden_rule_set_is_accepted_by_the_kernel(net: Net) -> None:
+    """Each golden case (Istio's and the annotation ones) installs for real, replacing the
+    previous one, and iptables-save then lists exactly as many ISTIO rules as were written."""
+    from dataclasses import replace
+
+    from test_capture_rules import CASES, ISTIO_CASES
+
+    from diktyo.platform.capture_apply import apply, saved
+    from diktyo.platform.capture_rules import CaptureConfig, build_rules, from_annotations
+
+    configs = [replace(CaptureConfig(), **c) for c in ISTIO_CASES.values()]  # type: ignore[arg-type]
+    for case in sorted(CASES.glob("*.in.yaml")):
+        from diktyo.cli.init import _annotations
+
+        configs.append(from_annotations(_annotations(str(case))))
+    for cfg in configs:
+        apply(cfg, netns=net.a)
+        rules = [r for r in build_rules(cfg) if r.startswith("-A ")]
+        got = [r for r in saved(netns=net.a).splitlines() if r.startswith("-A ")]
+        assert len(got) == len(rules), (cfg, got)

@@ -10,11 +10,15 @@ that namespace only. See docs/transparent.md.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 
-from diktyo.platform.capture_rules import CaptureConfig, cleanup_commands, render
+from diktyo.platform.capture_rules import CaptureConfig, render
+
+# an excluded interface's rule as build_rules writes it (and iptables-save prints it)
+_IFACE_RETURN = re.compile(r"-A (?:PREROUTING -i|OUTPUT -o) \S+ -j RETURN")
 
 BACKENDS = {
     "nft": ("iptables-nft", "iptables-nft-restore", "iptables-nft-save"),
@@ -81,12 +85,31 @@ def apply(cfg: CaptureConfig, *, netns: str | None = None, backend: Backend | No
     return text
 
 
-def remove(cfg: CaptureConfig, *, netns: str | None = None, backend: Backend | None = None) -> int:
-    """Remove the jumps and ISTIO_* chains ``cfg`` would install; returns how many iptables
-    commands succeeded (0 = nothing was installed)."""
+def remove(
+    cfg: CaptureConfig | None = None, *, netns: str | None = None, backend: Backend | None = None
+) -> int:
+    """Remove what ``build_rules`` installs, whatever the settings it was installed with: read
+    the nat table, delete the built-in chains' jumps to ``ISTIO_*`` and, when ``ISTIO_*``
+    chains exist, the ``-i IFACE -j RETURN`` / ``-o IFACE -j RETURN`` rules of excluded
+    interfaces, then flush and delete the ``ISTIO_*`` chains. Returns how many rules and
+    chains were removed (0 = nothing was installed). ``cfg`` is accepted for symmetry."""
+    del cfg
     backend = backend or find_backend()
+    table = saved(netns=netns, backend=backend)
+    chains = [ln[1:].split()[0] for ln in table.splitlines() if ln.startswith(":ISTIO_")]
+    doomed: list[list[str]] = []
+    for line in table.splitlines():
+        if not line.startswith(("-A PREROUTING ", "-A OUTPUT ")):
+            continue
+        parts = line.split()
+        target = parts[parts.index("-j") + 1] if "-j" in parts[:-1] else ""
+        excluded_iface = bool(chains) and _IFACE_RETURN.fullmatch(line) is not None
+        if target.startswith("ISTIO_") or excluded_iface:
+            doomed.append(["-t", "nat", "-D", *parts[1:]])
+    doomed += [["-t", "nat", "-F", c] for c in chains]
+    doomed += [["-t", "nat", "-X", c] for c in chains]
     done = 0
-    for args in cleanup_commands(cfg):
+    for args in doomed:
         proc = subprocess.run(
             _in_netns(netns, [backend.iptables, "-w", *args]),
             capture_output=True,

@@ -257,18 +257,3 @@ def render(cfg: CaptureConfig) -> str:
     """``build_rules`` as the text ``iptables-restore --noflush`` reads."""
     lines = build_rules(cfg)
     return "\n".join(lines) + "\n" if lines else ""
-
-
-def cleanup_commands(cfg: CaptureConfig) -> list[list[str]]:
-    """``iptables`` argument lists that remove what ``build_rules(cfg)`` installed: the jumps
-    from the built-in chains, then the ISTIO_* chains (flushed, then deleted). Each may fail
-    with "does not exist" when nothing was installed; callers ignore that."""
-    cmds: list[list[str]] = []
-    for iface in split(cfg.exclude_interfaces):
-        cmds.append(["-t", "nat", "-D", "PREROUTING", "-i", iface, "-j", "RETURN"])
-        cmds.append(["-t", "nat", "-D", "OUTPUT", "-o", iface, "-j", "RETURN"])
-    cmds.append(["-t", "nat", "-D", "PREROUTING", "-p", "tcp", "-j", "ISTIO_INBOUND"])
-    cmds.append(["-t", "nat", "-D", "OUTPUT", "-j", "ISTIO_OUTPUT"])
-    cmds += [["-t", "nat", "-F", c] for c in CHAINS]
-    cmds += [["-t", "nat", "-X", c] for c in CHAINS]
-    return cmds
