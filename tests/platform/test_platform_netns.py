@@ -229,7 +229,7 @@ def test_every_golden_rule_set_is_accepted_by_the_kernel(net: Net) -> None:
     previous one, and iptables-save then lists exactly as many ISTIO rules as were written."""
     from dataclasses import replace
 
-    from test_capture_rules import CASES, ISTIO_CASES
+    from test_platform_capture_rules import CASES, ISTIO_CASES
 
     from diktyo.platform.capture_apply import apply, saved
     from diktyo.platform.capture_rules import CaptureConfig, build_rules, from_annotations
