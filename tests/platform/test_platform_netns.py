@@ -110,6 +110,11 @@ def test_each_instance_has_its_own_address_on_the_bridge(net: Net) -> None:
     assert seen["peer"] == net.plan.pod("a")  # a's own address, not the host's
     addrs = net.run(net.a, "ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout
     assert f"{net.plan.pod('a')}/{net.plan.prefixlen}" in addrs
+    # bridged frames skip the host's iptables (br_netfilter, Docker's FORWARD DROP)
+    bridge = subprocess.run(
+        ["ip", "-d", "link", "show", net.netns.bridge], capture_output=True, text=True, check=True
+    ).stdout
+    assert "nf_call_iptables 0" in bridge
 
 
 def test_service_names_resolve_to_the_vip_inside_the_namespace(net: Net) -> None:

@@ -207,7 +207,12 @@ class Netns:
     # ------------------------------------------------------------------ create
 
     def create_bridge(self, plan: AddressPlan) -> None:
-        _run(["ip", "link", "add", self.bridge, "type", "bridge"])
+        # frames between namespaces skip the host's iptables even where br_netfilter is
+        # loaded (Docker hosts: FORWARD policy DROP); each namespace has its own rules
+        _run(
+            ["ip", "link", "add", self.bridge, "type", "bridge"]
+            + ["nf_call_iptables", "0", "nf_call_ip6tables", "0", "nf_call_arptables", "0"]
+        )
         _run(["ip", "addr", "add", f"{plan.gateway}/{plan.prefixlen}", "dev", self.bridge])
         _run(["ip", "link", "set", self.bridge, "up"])
 
