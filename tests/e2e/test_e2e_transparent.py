@@ -124,6 +124,15 @@ def test_curl_without_proxy_settings_goes_through_the_mesh(tmp_path: Path) -> No
             assert time.monotonic() < deadline, list((tmp_path / "home" / "logs").iterdir())
             time.sleep(0.1)
 
+        # diktyo load --via front runs inside front's namespace, like fortio in its pod
+        load = _diktyo(
+            "load", "--via", "front-v1", "-c", "1", "-n", "5", "-o", "json",
+            "http://hello:9080/", env=env,
+        )  # fmt: skip
+        assert load.returncode == 0, load.stdout + load.stderr
+        report = json.loads(load.stdout)
+        assert report["codes"] == {"200": 5} and report["proxy"] in (None, ""), report
+
         # an address outside the mesh has no route: nothing leaves the machine
         out = _in_ns(front["netns"], "curl", "-sS", "-m", "5", "http://192.0.2.10/")
         assert out.returncode != 0

@@ -209,3 +209,19 @@ def test_bad_capture_settings_name_file_line_and_field(text: str, words: str) ->
     with pytest.raises(MeshFileError) as err:
         load_mesh_text(text, "m.yaml")
     assert "m.yaml:1:" in str(err.value) and words in str(err.value)
+
+
+def test_load_via_a_transparent_replica_runs_in_its_namespace() -> None:
+    from diktyo.cli.load import proxy_via
+
+    state = {
+        "name": "m",
+        "workloads": [
+            {"name": "sleep-1", "workload": "sleep", "state": "ready", "kind": "workload",
+             "netns": "diktyo-default-sleep-1", "outbound_port": 0},
+            {"name": "web-1", "workload": "web", "state": "ready", "kind": "workload",
+             "netns": "", "outbound_port": 15999},
+        ],
+    }  # fmt: skip
+    assert proxy_via(state, "sleep") == "netns:diktyo-default-sleep-1"
+    assert proxy_via(state, "web") == "http://127.0.0.1:15999"
