@@ -225,3 +225,16 @@ def test_load_via_a_transparent_replica_runs_in_its_namespace() -> None:
     }  # fmt: skip
     assert proxy_via(state, "sleep") == "netns:diktyo-default-sleep-1"
     assert proxy_via(state, "web") == "http://127.0.0.1:15999"
+
+
+def test_prometheus_targets_are_the_replicas_own_addresses_in_transparent_mode() -> None:
+    from diktyo.cli.prometheus_config import targets_of
+
+    got = targets_of(
+        [
+            {"name": "a-1", "workload": "a", "admin_port": 15000, "address": "10.209.0.2"},
+            {"name": "b-1", "workload": "b", "admin_port": 41234, "address": "127.0.0.1"},
+            {"name": "gw", "workload": "gw", "admin_port": 41235},
+        ]
+    )
+    assert [t.address for t in got] == ["10.209.0.2:15000", "127.0.0.1:41234", "127.0.0.1:41235"]
