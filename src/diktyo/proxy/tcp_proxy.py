@@ -373,6 +373,8 @@ class TcpProxy(asyncio.Protocol):
         up = self.up
         if up is not None:
             self._forward_eof(up)
+        if self.transport is not None and self.transport.get_extra_info("ssl_object") is not None:
+            return None  # TLS (close_notify) cannot half-close: the transport closes
         return True  # half-close: keep sending the upstream's answer (or connect first)
 
     def _forward_eof(self, up: _Upstream) -> None:

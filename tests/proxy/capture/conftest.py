@@ -166,10 +166,59 @@ class Pods:
         ready["proc"] = p
         return ready
 
+    async def sidecar_cp(self, pod: Pod, url: str, node_id: str, token: str,
+                         timeout: float = 30) -> dict[str, Any]:  # fmt: skip
+        """Run ``diktyo sidecar --control-plane URL --node ID`` in ``pod`` as uid 1337, with
+        its bootstrap token in a 0600 file it owns (identity + mTLS certificate from the CA)."""
+        tok = self.tmp / f"ca-token-{next(_seq)}"
+        tok.write_text(token)
+        os.chown(tok, SIDECAR_UID, SIDECAR_UID)
+        tok.chmod(0o600)
+        admin_tok = self.tmp / f"admin-token-{next(_seq)}"
+        p = await pod.start(SYSTEM_PYTHON, "-m", "diktyo.cli.main", "sidecar", "--control-plane",
+                            url, "--node", node_id, "--token-file", str(tok),
+                            "--admin-token-file", str(admin_tok),
+                            uid=SIDECAR_UID, env=sidecar_env())  # fmt: skip
+        assert p.stdout is not None
+        line = await asyncio.wait_for(p.stdout.readline(), timeout)
+        if not line:
+            err = await p.stderr.read() if p.stderr else b""
+            raise RuntimeError(f"sidecar in {pod.ns} exited: {err.decode(errors='replace')}")
+        ready: dict[str, Any] = json.loads(line)
+        ready["proc"] = p
+        return ready
+
+    async def wait_metric(self, pod: Pod, admin: int, name: str, want: float,
+                          **labels: str) -> str:  # fmt: skip
+        """Scrape ``pod``'s sidecar until ``name{labels}`` reaches ``want``; the last text."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            text = await self.metrics(pod, admin)
+            if metric(text, name, **labels) >= want:
+                return text
+            if loop.time() > deadline:
+                raise AssertionError(f"{name}{labels} never reached {want}:\n{text}")
+            await asyncio.sleep(0.1)
+
+    metric = staticmethod(lambda text, name, **labels: metric(text, name, **labels))
+
     async def metrics(self, pod: Pod, admin: int) -> str:
         rc, out, err = await pod.arun("curl", "-sS", f"http://127.0.0.1:{admin}/stats/prometheus")
         assert rc == 0, err
         return out.decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith((name + "{", name + " ")):
+            continue
+        ok = all(f'{k}="{v}"' in line for k, v in labels.items())
+        if ok:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 @pytest.fixture
@@ -185,6 +234,7 @@ def _namespaces() -> Iterator[tuple[str, str, str]]:
     a, b = f"dkt-t{n}-a", f"dkt-t{n}-b"
     va, vb = f"dkta{n}"[:15], f"dktb{n}"[:15]
     made: list[str] = []
+    hosts: list[str] = []
     try:
         for ns in (a, b):
             _run("ip", "netns", "add", ns)
@@ -192,10 +242,25 @@ def _namespaces() -> Iterator[tuple[str, str, str]]:
         _run("ip", "link", "add", va, "type", "veth", "peer", "name", vb)
         _run("ip", "link", "set", va, "netns", a)
         _run("ip", "link", "set", vb, "netns", b)
+        # a point-to-point link from the host to each pod, for a control plane run by the test
+        for ns, tag, net in ((a, "a", 8), (b, "b", 9)):
+            host, pod = f"dkh{tag}{n}"[:15], f"dkp{tag}{n}"[:15]
+            _run("ip", "link", "add", host, "type", "veth", "peer", "name", pod)
+            hosts.append(host)
+            _run("ip", "link", "set", pod, "netns", ns)
+            _run("ip", "addr", "add", f"10.250.{net}.1/30", "dev", host)
+            _run("ip", "link", "set", host, "up")
+            _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.250.{net}.2/30", "dev", pod)
+            _run("ip", "netns", "exec", ns, "ip", "link", "set", pod, "up")
+            # the control plane listens on 10.250.8.1 (the host end of pod A's link)
+            if net == 9:
+                _run("ip", "netns", "exec", ns, "ip", "route", "add", "10.250.8.1/32", "dev", pod)
         yield a, b, f"{va}|{vb}"
     finally:
         for ns in made:
             _run("ip", "netns", "del", ns, check=False)
+        for host in hosts:
+            _run("ip", "link", "del", host, check=False)  # gone with its peer's namespace
         _run("ip", "link", "del", va, check=False)  # only if it never moved
 
 

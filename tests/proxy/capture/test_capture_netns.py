@@ -198,18 +198,6 @@ def server_snapshot() -> Snapshot:
     )
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        ok = all(f'{k}="{v}"' in line for k, v in labels.items())
-        if ok:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 async def tcp_exchange(pods, ip: str, port: int, payload: bytes) -> bytes:
     """A raw TCP client in pod A (python, no proxy settings): send, half-close, read all."""
     code = (
@@ -236,17 +224,6 @@ async def start_app(pods) -> None:
     assert (await asyncio.wait_for(p.stdout.readline(), 20)).strip() == b"ready"
 
 
-async def wait_metric(pods, pod, admin: int, name: str, want: float, **labels: str) -> str:
-    deadline = asyncio.get_running_loop().time() + 10
-    while True:
-        text = await pods.metrics(pod, admin)
-        if metric(text, name, **labels) >= want:
-            return text
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{name}{labels} never reached {want}:\n{text}")
-        await asyncio.sleep(0.1)
-
-
 async def test_outbound_and_inbound_capture_by_original_destination(pods) -> None:
     await start_app(pods)
     a = await pods.sidecar(pods.a, client_snapshot())
@@ -260,8 +237,7 @@ async def test_outbound_and_inbound_capture_by_original_destination(pods) -> Non
     )
     assert rc == 0, err.decode()
     assert out.lower() == b"web get /hello http/1.1 host: 10.250.1.10:8080"
-    text = await wait_metric(
-        pods,
+    text = await pods.wait_metric(
         pods.a,
         a["admin"],
         "istio_requests_total",
@@ -270,8 +246,7 @@ async def test_outbound_and_inbound_capture_by_original_destination(pods) -> Non
         destination_service=WEB,
         response_code="200",
     )
-    text = await wait_metric(
-        pods,
+    text = await pods.wait_metric(
         pods.b,
         b["admin"],
         "istio_requests_total",
@@ -282,8 +257,7 @@ async def test_outbound_and_inbound_capture_by_original_destination(pods) -> Non
 
     # TCP to a VIP: the declared tcp port; bytes counted by both sidecars
     assert await tcp_exchange(pods, "10.250.1.11", 7000, b"world") == b"hello world"
-    text = await wait_metric(
-        pods,
+    text = await pods.wait_metric(
         pods.a,
         a["admin"],
         "istio_tcp_connections_closed_total",
@@ -292,14 +266,14 @@ async def test_outbound_and_inbound_capture_by_original_destination(pods) -> Non
         destination_service=ECHO,
     )
     sel = {"reporter": "source", "destination_service": ECHO, "request_protocol": "tcp"}
-    assert metric(text, "istio_tcp_connections_opened_total", **sel) == 1
-    assert metric(text, "istio_tcp_received_bytes_total", **sel) == 5
-    assert metric(text, "istio_tcp_sent_bytes_total", **sel) == 11
-    text = await wait_metric(
-        pods, pods.b, b["admin"], "istio_tcp_connections_closed_total", 1, reporter="destination"
+    assert pods.metric(text, "istio_tcp_connections_opened_total", **sel) == 1
+    assert pods.metric(text, "istio_tcp_received_bytes_total", **sel) == 5
+    assert pods.metric(text, "istio_tcp_sent_bytes_total", **sel) == 11
+    text = await pods.wait_metric(
+        pods.b, b["admin"], "istio_tcp_connections_closed_total", 1, reporter="destination"
     )
-    assert metric(text, "istio_tcp_received_bytes_total", reporter="destination") == 5
-    assert metric(text, "istio_tcp_sent_bytes_total", reporter="destination") == 11
+    assert pods.metric(text, "istio_tcp_received_bytes_total", reporter="destination") == 5
+    assert pods.metric(text, "istio_tcp_sent_bytes_total", reporter="destination") == 11
 
     # a ServiceEntry-like CIDR with a tcp route on destinationSubnets: .100 -> v2, .70 -> default
     assert (
@@ -316,19 +290,19 @@ async def test_unnamed_port_is_sniffed(pods) -> None:
     assert rc == 0, err.decode()
     assert out.startswith(b"sniffed GET /s HTTP/1.1")
     assert await tcp_exchange(pods, "10.250.1.12", 7001, b"raw") == b"hello raw"
-    text = await wait_metric(
-        pods, pods.a, a["admin"], "istio_requests_total", 1, destination_service=AUTO
+    text = await pods.wait_metric(
+        pods.a, a["admin"], "istio_requests_total", 1, destination_service=AUTO
     )
-    text = await wait_metric(
-        pods, pods.a, a["admin"], "istio_tcp_connections_closed_total", 1, destination_service=AUTO
+    text = await pods.wait_metric(
+        pods.a, a["admin"], "istio_tcp_connections_closed_total", 1, destination_service=AUTO
     )
     # one HTTP request and one TCP connection: nothing counted twice
-    assert metric(text, "istio_requests_total", destination_service=AUTO) == 1
-    assert metric(text, "istio_tcp_connections_opened_total", destination_service=AUTO) == 1
-    text = await wait_metric(
-        pods, pods.b, b["admin"], "istio_requests_total", 1, reporter="destination"
+    assert pods.metric(text, "istio_requests_total", destination_service=AUTO) == 1
+    assert pods.metric(text, "istio_tcp_connections_opened_total", destination_service=AUTO) == 1
+    text = await pods.wait_metric(
+        pods.b, b["admin"], "istio_requests_total", 1, reporter="destination"
     )
-    assert metric(text, "istio_tcp_connections_opened_total", reporter="destination") == 1
+    assert pods.metric(text, "istio_tcp_connections_opened_total", reporter="destination") == 1
 
 
 async def test_outside_registry_allow_any_is_passthrough(pods) -> None:
@@ -338,15 +312,14 @@ async def test_outside_registry_allow_any_is_passthrough(pods) -> None:
     # B's pod IP is no service VIP: PassthroughCluster to the original destination; B's
     # sidecar still captures it inbound (port 7000 is declared there)
     assert await tcp_exchange(pods, "10.250.0.3", 7000, b"direct") == b"hello direct"
-    text = await wait_metric(
-        pods,
+    text = await pods.wait_metric(
         pods.a,
         a["admin"],
         "istio_tcp_connections_closed_total",
         1,
         destination_service_name="PassthroughCluster",
     )
-    assert metric(text, "istio_tcp_received_bytes_total",
+    assert pods.metric(text, "istio_tcp_received_bytes_total",
                   destination_service_name="PassthroughCluster") == 6  # fmt: skip
 
 
@@ -355,8 +328,7 @@ async def test_outside_registry_registry_only_is_blackhole(pods) -> None:
     a = await pods.sidecar(pods.a, client_snapshot("REGISTRY_ONLY"))
     await pods.sidecar(pods.b, server_snapshot())
     assert await tcp_exchange(pods, "10.250.0.3", 7000, b"direct") == b""
-    text = await wait_metric(
-        pods,
+    text = await pods.wait_metric(
         pods.a,
         a["admin"],
         "istio_tcp_connections_closed_total",
@@ -364,7 +336,7 @@ async def test_outside_registry_registry_only_is_blackhole(pods) -> None:
         destination_service_name="BlackHoleCluster",
         response_flags="UH",
     )
-    assert metric(text, "istio_tcp_connections_opened_total",
+    assert pods.metric(text, "istio_tcp_connections_opened_total",
                   destination_service_name="BlackHoleCluster") == 1  # fmt: skip
     # the registry still works under REGISTRY_ONLY
     assert await tcp_exchange(pods, "10.250.1.11", 7000, b"in") == b"hello in"
