@@ -147,7 +147,8 @@ class Pods:
     b: Pod
     tmp: Path
 
-    async def sidecar(self, pod: Pod, snapshot: Snapshot, timeout: float = 30) -> dict[str, Any]:
+    async def sidecar(self, pod: Pod, snapshot: Snapshot, *args: str, timeout: float = 30,
+                      env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
         """Run ``diktyo sidecar --snapshot`` inside ``pod`` as uid 1337; returns its ready line
         (``admin``, ``listeners``) plus ``proc``."""
         path = self.tmp / f"snap-{pod.ns}-{next(_seq)}.json"
@@ -155,8 +156,8 @@ class Pods:
         path.chmod(0o644)
         token = self.tmp / f"admin-token-{next(_seq)}"
         p = await pod.start(SYSTEM_PYTHON, "-m", "diktyo.cli.main", "sidecar", "--snapshot",
-                            str(path), "--admin-token-file", str(token),
-                            uid=SIDECAR_UID, env=sidecar_env())  # fmt: skip
+                            str(path), "--admin-token-file", str(token), *args,
+                            uid=SIDECAR_UID, env={**sidecar_env(), **(env or {})})  # fmt: skip
         assert p.stdout is not None
         line = await asyncio.wait_for(p.stdout.readline(), timeout)
         if not line:

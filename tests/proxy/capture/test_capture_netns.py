@@ -341,3 +341,21 @@ async def test_outside_registry_registry_only_is_blackhole(pods) -> None:
     # the registry still works under REGISTRY_ONLY
     assert await tcp_exchange(pods, "10.250.1.11", 7000, b"in") == b"hello in"
     assert not re.search(r'destination_service_name="PassthroughCluster"', text)
+
+
+async def test_interception_mode_redirect_without_capture_config_passes_through(pods) -> None:
+    """DIKTYO_INTERCEPTION_MODE=REDIRECT with a snapshot that has no capture listeners (the
+    node was not registered REDIRECT): the sidecar opens 15001/15006 itself in passthrough,
+    so the app's redirected connections still work."""
+    await start_app(pods)
+    plain = Snapshot(version="1", node=Node(id="client.default", workload="client"))
+    a = await pods.sidecar(pods.a, plain, env={"DIKTYO_INTERCEPTION_MODE": "redirect"})
+    assert a["listeners"]["virtualOutbound"] == 15001
+    await pods.sidecar(pods.b, server_snapshot())
+    assert await tcp_exchange(pods, "10.250.0.3", 7000, b"anyway") == b"hello anyway"
+    text = await pods.wait_metric(pods.a, a["admin"], "istio_tcp_connections_closed_total", 1,
+                                  destination_service_name="PassthroughCluster")  # fmt: skip
+    assert pods.metric(text, "istio_tcp_received_bytes_total") == 6
+    # without the mode, the same snapshot opens no capture listener at all
+    b = await pods.sidecar(pods.b, plain)
+    assert "virtualOutbound" not in b["listeners"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -230,3 +231,18 @@ def test_tcp_deny_rule_with_http_only_fields_denies_more() -> None:
         rules=(AuthzRule(sources=(Source(request_principals=("iss/sub",)),)),),
     )
     assert not _authz(rp).check(1, "", "10.0.0.2").allowed  # emptied source matches everyone
+
+
+def test_unknown_interception_mode_is_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    snap = tmp_path / "s.json"
+    snap.write_bytes(encode(Snapshot(version="1", node=Node(id="a", workload="a"))))
+    r = subprocess.run(
+        [sys.executable, "-m", "diktyo.proxy", "--snapshot", str(snap), "--interception-mode",
+         "tproxy", "--admin-token-file", str(tmp_path / "tok")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "interception mode 'TPROXY' is not one of NONE, REDIRECT" in r.stderr
