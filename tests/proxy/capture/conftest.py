@@ -47,7 +47,7 @@ def capture_unavailable() -> str:
     """Why namespaces + iptables cannot be used here ("" when they can)."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, iptables)"
-    for tool in ("ip", "iptables", "setpriv", "curl"):
+    for tool in ("ip", "iptables", "ip6tables", "setpriv", "curl"):
         if shutil.which(tool) is None:
             return f"{tool} not installed (Debian: iproute2 / iptables / util-linux / curl)"
     r = subprocess.run(
@@ -112,19 +112,23 @@ class Pod:
         return p
 
     def redirect_outbound(self, port: int = 15001) -> None:
-        """istio-iptables' OUTPUT rules: the sidecar (uid 1337) and loopback are not captured."""
-        ipt = ("iptables", "-t", "nat")
-        self.run(*ipt, "-N", "DKT_OUTPUT")
-        self.run(*ipt, "-A", "OUTPUT", "-p", "tcp", "-j", "DKT_OUTPUT")
-        self.run(*ipt, "-A", "DKT_OUTPUT", "-m", "owner", "--uid-owner", str(SIDECAR_UID),
-                 "-j", "RETURN")  # fmt: skip
-        self.run(*ipt, "-A", "DKT_OUTPUT", "-d", "127.0.0.1/32", "-j", "RETURN")
-        self.run(*ipt, "-A", "DKT_OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(port))
+        """istio-iptables' OUTPUT rules (IPv4 and IPv6): the sidecar (uid 1337) and loopback
+        are not captured."""
+        for tool, lo in (("iptables", "127.0.0.1/32"), ("ip6tables", "::1/128")):
+            ipt = (tool, "-t", "nat")
+            self.run(*ipt, "-N", "DKT_OUTPUT")
+            self.run(*ipt, "-A", "OUTPUT", "-p", "tcp", "-j", "DKT_OUTPUT")
+            self.run(*ipt, "-A", "DKT_OUTPUT", "-m", "owner", "--uid-owner", str(SIDECAR_UID),
+                     "-j", "RETURN")  # fmt: skip
+            self.run(*ipt, "-A", "DKT_OUTPUT", "-d", lo, "-j", "RETURN")
+            self.run(*ipt, "-A", "DKT_OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports",
+                     str(port))  # fmt: skip
 
     def redirect_inbound(self, port: int = 15006) -> None:
         """istio-iptables' PREROUTING rule: every inbound TCP connection to the sidecar."""
-        self.run("iptables", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", "REDIRECT",
-                 "--to-ports", str(port))  # fmt: skip
+        for tool in ("iptables", "ip6tables"):
+            self.run(tool, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", "REDIRECT",
+                     "--to-ports", str(port))  # fmt: skip
 
     async def stop(self) -> None:
         for p in self.procs:
@@ -258,11 +262,15 @@ def _namespaces() -> Iterator[tuple[str, str, str]]:
                 _run("ip", "netns", "exec", ns, "ip", "route", "add", "10.250.8.1/32", "dev", pod)
         yield a, b, f"{va}|{vb}"
     finally:
+        # links first: deleting a veth end removes its peer at once, whereas a namespace is
+        # destroyed asynchronously and its links could linger into the next test
+        for host in hosts:
+            _run("ip", "link", "del", host, check=False)
+        _run("ip", "link", "del", va, check=False)  # only if it never moved
+        if made:
+            _run("ip", "-n", made[0], "link", "del", va, check=False)
         for ns in made:
             _run("ip", "netns", "del", ns, check=False)
-        for host in hosts:
-            _run("ip", "link", "del", host, check=False)  # gone with its peer's namespace
-        _run("ip", "link", "del", va, check=False)  # only if it never moved
 
 
 @pytest.fixture
@@ -273,11 +281,13 @@ async def pods(capture_ok: None) -> AsyncIterator[Pods]:
         va, vb = links.split("|")
         os.chmod(tmp, 0o777)
         pa, pb = Pod(a, "10.250.0.2"), Pod(b, "10.250.0.3")
-        for pod, dev in ((pa, va), (pb, vb)):
+        for pod, dev, six in ((pa, va, "fd00:250::2"), (pb, vb, "fd00:250::3")):
             pod.run("ip", "link", "set", "lo", "up")
             pod.run("ip", "addr", "add", f"{pod.ip}/24", "dev", dev)
+            pod.run("ip", "addr", "add", f"{six}/64", "dev", dev, "nodad")
             pod.run("ip", "link", "set", dev, "up")
         pa.run("ip", "route", "add", "10.250.1.0/24", "dev", va)
+        pa.run("ip", "-6", "route", "add", "fd00:250:1::/64", "dev", va)
         pa.redirect_outbound()
         pb.redirect_inbound()
         pods = Pods(pa, pb, Path(tmp))

@@ -99,6 +99,7 @@ def client_snapshot(policy: str = "ALLOW_ANY") -> Snapshot:
     web = f"outbound|8080||{WEB}"
     echo = f"outbound|7000||{ECHO}"
     echo_v2 = f"outbound|7000|v2|{ECHO}"
+    echo6 = f"outbound|7000|v6|{ECHO}"
     auto = f"outbound|7001||{AUTO}"
     return Snapshot(
         version="1",
@@ -129,6 +130,14 @@ def client_snapshot(policy: str = "ALLOW_ANY") -> Snapshot:
             _cluster(web, WEB, 8080, 8080, "http"),
             _cluster(echo, ECHO, 7000, 7000),
             _cluster(echo_v2, ECHO, 7000, 7002),
+            Cluster(
+                name=echo6,
+                service=ECHO,
+                port=7000,
+                subset="v6",
+                protocol="tcp",
+                endpoints=(Endpoint(address="fd00:250::3", port=7000, workload="server"),),
+            ),
             _cluster(auto, AUTO, 7001, 7001),
         ),
         capture=Capture(
@@ -142,6 +151,10 @@ def client_snapshot(policy: str = "ALLOW_ANY") -> Snapshot:
                 ),
                 CaptureService(
                     address="10.250.1.12", port=7001, host=AUTO, protocol="auto", cluster=auto
+                ),
+                # an IPv6 service address (ip6tables REDIRECT, IP6T_SO_ORIGINAL_DST)
+                CaptureService(
+                    address="fd00:250:1::11", port=7000, host=ECHO, protocol="tcp", cluster=echo6
                 ),
                 # a ServiceEntry-like CIDR whose tcp route sends 10.250.1.128/25 to v2
                 CaptureService(
@@ -280,6 +293,11 @@ async def test_outbound_and_inbound_capture_by_original_destination(pods) -> Non
         await tcp_exchange(pods, "10.250.1.100", 7000, b"x") == b"hello v2:hello x"
     )  # via B's inbound passthrough (7002 undeclared)
     assert await tcp_exchange(pods, "10.250.1.70", 7000, b"y") == b"hello y"
+
+    # IPv6 both ways: A's ip6tables OUTPUT rule -> 15001 ([::]), B's PREROUTING -> 15006
+    assert await tcp_exchange(pods, "fd00:250:1::11", 7000, b"six") == b"hello six"
+    text = await pods.wait_metric(pods.b, b["admin"], "istio_tcp_connections_closed_total", 4,
+                                  reporter="destination")  # fmt: skip
 
 
 async def test_unnamed_port_is_sniffed(pods) -> None:
