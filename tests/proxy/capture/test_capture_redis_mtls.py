@@ -1,4 +1,5 @@
-"""A real Redis and its own client through two captured sidecars under mTLS.
+"""A real Redis and its own client (and curl to an HTTP app) through two captured sidecars
+under mTLS.
 
 Pod A runs ``redis-cli`` (no proxy settings; it dials the Redis service's virtual IP), pod B
 runs ``redis-server`` on 127.0.0.1. Both sidecars run as uid 1337 inside their namespace,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sys
 
 import pytest
 
@@ -31,6 +33,17 @@ pytestmark = pytest.mark.slow
 
 REDIS = "redis.default.svc.cluster.local"
 VIP = "10.250.1.20"
+WEB = "web.default.svc.cluster.local"
+WEB_VIP = "10.250.1.21"
+WEB_APP = (
+    "import http.server as h\n"
+    "class H(h.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        b = b'web:' + self.path.encode()\n"
+    "        self.send_response(200); self.send_header('content-length', str(len(b)))\n"
+    "        self.end_headers(); self.wfile.write(b)\n"
+    "h.HTTPServer(('127.0.0.1', 8080), H).serve_forever()\n"
+)
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 REDIS_ID = "spiffe://cluster.local/ns/default/sa/redis"
 
@@ -48,7 +61,7 @@ spec:
   action: ALLOW
   rules:
   - from: [{source: {principals: [PRINCIPAL]}}]
-    to: [{operation: {ports: ["6379"]}}]
+    to: [{operation: {ports: ["6379", "8080"]}}]
 """
 
 
@@ -68,15 +81,19 @@ async def test_redis_through_two_sidecars_mtls_strict_authz_metrics(pods, redis_
     a, b = pods.a, pods.b
     redis = await b.start("redis-server", "--port", "6379", "--bind", "127.0.0.1", "--save", "",
                           "--appendonly", "no", "--daemonize", "no")  # fmt: skip
+    web = await b.start(sys.executable, "-c", WEB_APP)
     cp = ControlPlane(observability=False, debounce=0.05)
     url = await cp.start(host="10.250.8.1")
     try:
         await cp.registry_source("test")(Registry(
             services=(Service(hostname=REDIS, short_name="redis", addresses=(VIP,),
-                              ports=(ServicePort(6379, "tcp-redis", "TCP"),)),),
+                              ports=(ServicePort(6379, "tcp-redis", "TCP"),)),
+                      Service(hostname=WEB, short_name="web", addresses=(WEB_VIP,),
+                              ports=(ServicePort(8080, "http", "HTTP"),))),
             instances=(WorkloadInstance(name="redis-1", workload="redis", address=b.ip,
-                                        ports={6379: 6379}, services=(REDIS,), has_sidecar=True,
-                                        labels={"app": "redis"}, service_account="redis"),),
+                                        ports={6379: 6379, 8080: 8080}, services=(REDIS, WEB),
+                                        has_sidecar=True, labels={"app": "redis"},
+                                        service_account="redis"),),
         ))  # fmt: skip
         await cp.config_source("test")(_config("cluster.local/ns/default/sa/client"))
         client = ProxyNode(node=Node(id="client-1.default", workload="client",
@@ -84,8 +101,9 @@ async def test_redis_through_two_sidecars_mtls_strict_authz_metrics(pods, redis_
                                      interception_mode="REDIRECT"))  # fmt: skip
         server = ProxyNode(
             node=Node(id="redis-1.default", workload="redis", service_account="redis",
-                      labels={"app": "redis"}, services=(REDIS,), interception_mode="REDIRECT"),
-            inbound=(InboundPort(service_port=6379, listen_port=0, app_port=6379),),
+                      labels={"app": "redis"}, services=(REDIS, WEB), interception_mode="REDIRECT"),
+            inbound=(InboundPort(service_port=6379, listen_port=0, app_port=6379),
+                     InboundPort(service_port=8080, listen_port=0, app_port=8080)),
         )  # fmt: skip
         cp.add_proxy(client)
         cp.add_proxy(server)
@@ -98,6 +116,14 @@ async def test_redis_through_two_sidecars_mtls_strict_authz_metrics(pods, redis_
             rc, out, err = await a.arun("redis-cli", "-h", VIP, "-p", "6379", *args, uid=uid,
                                         timeout=20)  # fmt: skip
             return rc, (out + err).decode().strip()
+
+        # HTTP through the same pair of sidecars: curl by VIP, mTLS, the HTTP inbound guard
+        rc, out, err = await a.arun("curl", "-sS", "--max-time", "10", f"http://{WEB_VIP}:8080/x")
+        assert (rc, out) == (0, b"web:/x"), err
+        text = await pods.wait_metric(b, sb["admin"], "istio_requests_total", 1,
+                                      reporter="destination", response_code="200",
+                                      connection_security_policy="mutual_tls",
+                                      source_principal=CLIENT_ID)  # fmt: skip
 
         assert await cli("SET", "mesh", "diktyo") == (0, "OK")
         assert await cli("GET", "mesh") == (0, "diktyo")
@@ -162,6 +188,10 @@ async def test_redis_through_two_sidecars_mtls_strict_authz_metrics(pods, redis_
         _, out = await cli("GET", "mesh")
         assert "diktyo" not in out
         assert await redis_connections() == before + 1
+        # HTTP on the same workload is refused per request, as an HTTP policy is (403)
+        rc, out, err = await a.arun("curl", "-sS", "--max-time", "10", f"http://{WEB_VIP}:8080/x")
+        assert (rc, out) == (0, b"RBAC: access denied"), err
     finally:
         await cp.stop()
         redis.terminate()
+        web.terminate()
