@@ -11,6 +11,7 @@ from diktyo.control.model import ProxyNode, PushContext, Registry, Service, Serv
 from diktyo.control.translate import translate
 from diktyo.snapshot.model import (
     Cluster,
+    ConnectionPool,
     Endpoint,
     Listener,
     Node,
@@ -173,3 +174,51 @@ spec:
         "outbound|9000|v2|db.default.svc.cluster.local"
     ]
     assert "outbound|9000|v2|db.default.svc.cluster.local" in {c.name for c in snap.clusters}
+
+
+async def test_tcp_max_connections_is_enforced_with_uo() -> None:
+    """DestinationRule connectionPool.tcp.maxConnections limits TCP proxying too: the
+    connection over the limit is closed, counted as an overflow, flagged UO."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        held.append(w)
+        data = await r.read(100)
+        w.write(b"ok:" + data)
+        await w.drain()
+        await r.read()  # until the client's FIN (passed on by the proxy), then close
+        w.close()
+
+    app = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = app.sockets[0].getsockname()[1]
+    snap = Snapshot(
+        version="1",
+        node=Node(id="c.default", workload="c"),
+        listeners=(Listener(name="outbound|db:9000", direction="tcp",
+                            cluster="outbound|9000||db", service_port=9000),),
+        clusters=(Cluster(name="outbound|9000||db", service="db", port=9000,
+                          pool=ConnectionPool(max_connections=1),
+                          endpoints=(Endpoint(address="127.0.0.1", port=port),)),),
+    )  # fmt: skip
+    try:
+        async with start_sidecar(snap) as h:
+            lport = h.port("outbound|db:9000")
+            r1, w1 = await asyncio.open_connection("127.0.0.1", lport)
+            w1.write(b"one")
+            assert await asyncio.wait_for(r1.read(100), 5) == b"ok:one"
+            assert await _talk(lport, b"two") == b""  # over the limit: closed at once
+            stats = h.sidecar.stats
+            assert stats.cluster_value("outbound|9000||db", "upstream_cx_overflow") == 1
+            text: list[str] = []
+            stats.metrics.collect(text)
+            uo = [x for x in text if x.startswith("istio_tcp_connections_closed_total{")
+                  and 'response_flags="UO"' in x]  # fmt: skip
+            assert uo and uo[0].rstrip().endswith(" 1")
+            w1.close()
+            await _wait(lambda: h.sidecar.rt.clusters["outbound|9000||db"].breaker.connections == 0,
+                        "the first connection never released its slot")  # fmt: skip
+            assert await _talk(lport, b"three") == b"ok:three"
+    finally:
+        for w in held:
+            w.close()
+        app.close()
