@@ -236,8 +236,8 @@ def capture_ok() -> None:
 @contextlib.contextmanager
 def _namespaces() -> Iterator[tuple[str, str, str]]:
     n = f"{os.getpid() % 100000}x{next(_seq)}"
-    a, b = f"dkt-t{n}-a", f"dkt-t{n}-b"
-    va, vb = f"dkta{n}"[:15], f"dktb{n}"[:15]
+    a, b = f"tcpt-{n}-a", f"tcpt-{n}-b"
+    va, vb = f"tcta{n}"[:15], f"tctb{n}"[:15]
     made: list[str] = []
     hosts: list[str] = []
     try:
@@ -249,7 +249,7 @@ def _namespaces() -> Iterator[tuple[str, str, str]]:
         _run("ip", "link", "set", vb, "netns", b)
         # a point-to-point link from the host to each pod, for a control plane run by the test
         for ns, tag, net in ((a, "a", 8), (b, "b", 9)):
-            host, pod = f"dkh{tag}{n}"[:15], f"dkp{tag}{n}"[:15]
+            host, pod = f"tch{tag}{n}"[:15], f"tcp{tag}{n}"[:15]
             _run("ip", "link", "add", host, "type", "veth", "peer", "name", pod)
             hosts.append(host)
             _run("ip", "link", "set", pod, "netns", ns)
