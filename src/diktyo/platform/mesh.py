@@ -123,8 +123,19 @@ class WorkloadSpec(_M):
     # the app's uid/gid (diktyo must run as root), like a pod's securityContext.runAsUser
     run_as_user: int | None = Field(default=None, ge=0, le=2**31 - 1)
     run_as_group: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    # pod annotations; with capture: transparent, Istio's traffic.sidecar.istio.io/* ones shape
+    # the replica's capture rules (includeInboundPorts, excludeOutboundPorts, ...)
+    annotations: dict[str, str] = Field(default_factory=dict)
 
     _n = field_validator("name")(classmethod(lambda cls, v: _dns_name(v)))
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, v: dict[str, str]) -> dict[str, str]:
+        from diktyo.platform.capture_rules import from_annotations
+
+        from_annotations(v)  # a bad port list or CIDR is an error when loading, not at start
+        return v
 
     @field_validator("command")
     @classmethod
@@ -204,6 +215,23 @@ class SidecarSpec(_M):
     run_as_group: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
 
+class NetworkSpec(_M):
+    """Transparent mode's network: one private range (the bridge, one address per workload
+    instance, the services' virtual IPs) and the name prefixes of what diktyo creates."""
+
+    cidr: str = "10.209.0.0/16"
+    name_prefix: str = Field(default="diktyo-", pattern=r"^[a-z][a-z0-9-]{0,19}$")
+    link_prefix: str = Field(default="dk", pattern=r"^[a-z][a-z0-9]{0,5}$")
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        from diktyo.platform.capture_netns import AddressPlan
+
+        AddressPlan(v)  # raises ValueError with the reason
+        return v
+
+
 class MeshSpec(_M):
     api_version: str = "diktyo.io/v1alpha1"
     kind: str = "Mesh"
@@ -218,6 +246,11 @@ class MeshSpec(_M):
     access_log: AccessLogSpec = Field(default_factory=AccessLogSpec)
     restart: RestartSpec = Field(default_factory=RestartSpec)
     sidecar: SidecarSpec = Field(default_factory=SidecarSpec)
+    # proxy: apps use HTTP_PROXY; transparent: each instance in its own network namespace,
+    # iptables sends its traffic through the sidecar; auto (default): transparent when
+    # possible. Unset in the file, $DIKTYO_CAPTURE decides (the test suite sets proxy).
+    capture: str = Field(default="auto", pattern="^(proxy|transparent|auto)$")
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
     # set by load_mesh: the folder relative paths are resolved against
     base_dir: str = Field(default=".", exclude=True)
 
