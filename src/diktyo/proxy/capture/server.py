@@ -61,7 +61,9 @@ class Sniffer(asyncio.Protocol):
         timeout: float,
         loop: asyncio.AbstractEventLoop,
         on_decided: Callable[[str], None] | None = None,
+        connections: set[Any] | None = None,
     ) -> None:
+        self.connections = connections  # the listener's: stop() closes undecided ones too
         self.choose = choose
         self.timeout = timeout
         self.loop = loop
@@ -73,6 +75,8 @@ class Sniffer(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if self.connections is not None:
+            self.connections.add(self)
         if self.timeout > 0:
             self.timer = self.loop.call_later(self.timeout, self._decide, "tcp")
 
@@ -98,6 +102,8 @@ class Sniffer(asyncio.Protocol):
         if self.done or self.transport is None or self.transport.is_closing():
             return
         self.done = True
+        if self.connections is not None:
+            self.connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -112,6 +118,8 @@ class Sniffer(asyncio.Protocol):
             proto.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.connections is not None:
+            self.connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -226,7 +234,7 @@ class CaptureServer:
     def _sniffing(
         self, choose: Callable[[str], asyncio.Protocol], timeout: float
     ) -> ProtocolFactory:
-        return lambda: Sniffer(choose, timeout, self.loop, self._count)
+        return lambda: Sniffer(choose, timeout, self.loop, self._count, self.ctx.connections)
 
     # ---------------------------------------------------------------- outbound (15001)
     async def _outbound(self, conn: socket.socket, rt: Any, table: CaptureTable, ip: str,
