@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -167,6 +167,13 @@ class GatewaySpec(_M):
     _n = field_validator("name")(classmethod(lambda cls, v: _dns_name(v)))
 
 
+class OutboundTrafficPolicySpec(_M):
+    """Istio's ``meshConfig.outboundTrafficPolicy``: where captured connections to destinations
+    outside the registry go (transparent mode; a Sidecar resource may override it)."""
+
+    mode: Literal["ALLOW_ANY", "REGISTRY_ONLY"] = "ALLOW_ANY"
+
+
 class ControlPlaneSpec(_M):
     port: int = Field(default=0, ge=0, le=65535)  # 0 = pick a free port
 
@@ -244,6 +251,20 @@ class MeshSpec(_M):
     gateways: list[GatewaySpec] = Field(default_factory=list)
     tracing: TracingSpec = Field(default_factory=TracingSpec)
     access_log: AccessLogSpec = Field(default_factory=AccessLogSpec)
+    # Istio's meshConfig.outboundTrafficPolicy and protocolDetectionTimeout (transparent mode)
+    outbound_traffic_policy: OutboundTrafficPolicySpec = Field(
+        default_factory=OutboundTrafficPolicySpec
+    )
+    # a duration ("100ms", "1s"); "0s" = no timeout (Istio's default since 1.8)
+    protocol_detection_timeout: str = "0s"
+
+    @field_validator("protocol_detection_timeout")
+    @classmethod
+    def _detection_timeout(cls, v: str) -> str:
+        from diktyo.api.duration import parse_duration
+
+        parse_duration(v)  # raises ValueError: "invalid duration '...'"
+        return v
     restart: RestartSpec = Field(default_factory=RestartSpec)
     sidecar: SidecarSpec = Field(default_factory=SidecarSpec)
     # proxy: apps use HTTP_PROXY; transparent: each instance in its own network namespace,
@@ -414,12 +435,15 @@ def _loc_text(loc: tuple[Any, ...]) -> str:
 
 
 def mesh_config(spec: MeshSpec) -> Any:
-    """The snapshot's mesh-wide settings from the mesh file (tracing, access log)."""
+    """The snapshot's mesh-wide settings from the mesh file (tracing, access log, capture)."""
+    from diktyo.api.duration import parse_duration
     from diktyo.snapshot.model import AccessLog, MeshConfig, Tracing
 
     return MeshConfig(
         tracing=Tracing(sampling=spec.tracing.sampling, otlp_endpoint=spec.tracing.otlp_endpoint),
         access_log=AccessLog(enabled=spec.access_log.enabled, format=spec.access_log.format),  # type: ignore[arg-type]
+        outbound_traffic_policy=spec.outbound_traffic_policy.mode,
+        protocol_detection_timeout=parse_duration(spec.protocol_detection_timeout),
     )
 
 

@@ -29,6 +29,8 @@ import msgspec
 
 from diktyo.proxy.admin import TOKEN_FILE_ENV as ADMIN_TOKEN_FILE_ENV
 from diktyo.proxy.admin import AdminServer, AdminTokenError, resolve_token
+from diktyo.proxy.capture import MODES as INTERCEPTION_MODES
+from diktyo.proxy.capture import ensure_capture
 from diktyo.proxy.sidecar import Sidecar, install_uvloop
 from diktyo.security.spiffe import TOKEN_FILE_ENV  # light: CA code loads only with a token
 from diktyo.snapshot.codec import SnapshotError, decode
@@ -62,6 +64,11 @@ class SidecarOptions:
     # never imports the control plane.
     config_loader: Callable[[str, int], Snapshot] | None = None
 
+    # Istio's ISTIO_META_INTERCEPTION_MODE: REDIRECT = iptables sends the app's traffic to
+    # 15001 / 15006 (diktyo.proxy.capture.ensure_capture); NONE = explicit proxy mode
+    interception_mode: str = field(
+        default_factory=lambda: os.environ.get("DIKTYO_INTERCEPTION_MODE", "NONE").upper() or "NONE"
+    )
     # bearer token file for state-changing admin endpoints ("" = generate one in the state dir)
     admin_token_file: str = field(
         default_factory=lambda: os.environ.get(ADMIN_TOKEN_FILE_ENV, "")
@@ -85,20 +92,30 @@ def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:
 def load_snapshot(opts: SidecarOptions) -> Snapshot:
     if opts.snapshot:
         data = Path(opts.snapshot).read_bytes()
-        return override_outbound_port(decode(data), opts.outbound_port)
+        snap = override_outbound_port(decode(data), opts.outbound_port)
+        return ensure_capture(snap, opts.interception_mode)
     if opts.config:
         if opts.config_loader is None:
             raise SnapshotError(
                 "--config DIR needs the control plane's translator: start the sidecar with "
                 "`diktyo sidecar` or `python -m diktyo.proxy`"
             )
-        return opts.config_loader(opts.config, opts.outbound_port or 0)
+        return ensure_capture(
+            opts.config_loader(opts.config, opts.outbound_port or 0), opts.interception_mode
+        )
     raise SnapshotError(
         "no snapshot source: pass --snapshot FILE, --config DIR or --control-plane URL --node ID"
     )
 
 
 async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
+    if opts.interception_mode not in INTERCEPTION_MODES:
+        print(
+            f"diktyo sidecar: interception mode {opts.interception_mode!r} is not one of "
+            f"{', '.join(INTERCEPTION_MODES)} (--interception-mode / DIKTYO_INTERCEPTION_MODE)",
+            file=sys.stderr,
+        )
+        return 2
     sidecar = Sidecar(asyncio.get_running_loop(), seed=opts.seed)
     sidecar.header_timeout = opts.header_timeout
     sidecar.accept_http_10 = opts.accept_http_10
@@ -154,7 +171,8 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
         ready_evt = asyncio.Event()
 
         def on_snapshot(snap: Snapshot) -> None:
-            sidecar.apply(override_outbound_port(snap, opts.outbound_port))
+            snap = override_outbound_port(snap, opts.outbound_port)
+            sidecar.apply(ensure_capture(snap, opts.interception_mode))
             ready_evt.set()
 
         assert opts.node is not None  # checked above: --control-plane needs --node

@@ -18,7 +18,8 @@ a denied connection is closed before any byte reaches the app.
 Istio's TCP metrics (``istio_tcp_connections_opened_total``, ``..._closed_total``,
 ``istio_tcp_sent_bytes_total``, ``istio_tcp_received_bytes_total``) carry
 ``request_protocol="tcp"``; bytes are added on every maintenance tick and at close. Response
-flags on close: ``UH`` no healthy upstream (also BlackHoleCluster), ``UF`` connect failure.
+flags on close: ``UH`` no healthy upstream (also BlackHoleCluster), ``UF`` connect failure,
+``UO`` the cluster's ``connectionPool.tcp.maxConnections`` reached (circuit breaker).
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ class TcpProxy(asyncio.Protocol):
         self.closed = False
         self.flags = "-"
         self.last_activity = time.monotonic()
+        self.breaker: Any = None  # the cluster's circuit breaker while a connection counts
         self.down_eof = False  # the downstream sent FIN
         self.up_eof = False  # the upstream sent FIN
 
@@ -291,14 +293,22 @@ class TcpProxy(asyncio.Protocol):
             return
         cs = self.cstate = rt.clusters.get(target.cluster)
         host = cs.pick_host(LbContext({}, "", None)) if cs is not None else None
-        if host is None:
+        if host is None or not cs.breaker.can_open_connection():
             if cs is not None:
                 self.peer_key = _tcp_peer(rt, ctx.reporter, cs, None, mtls_down, principal, "")
                 rt.stats.metrics.tcp_open(self.peer_key)
                 self.flags = "UH"
+                if host is not None:  # connectionPool.tcp.maxConnections reached (Envoy: UO)
+                    self.flags = "UO"
+                    rt.stats.inc_cluster(cs.cluster.name, "upstream_cx_overflow")
+                    log.info("TCP connection to %s refused: %s", cs.cluster.name,
+                             cs.breaker.overflow_message("connections"))  # fmt: skip
             transport.close()
             return
         self.host = host
+        self.breaker = cs.breaker
+        cs.breaker.connection_opened()
+        rt.stats.inc_cluster(cs.cluster.name, "upstream_cx_total")
         cs.on_request_start(host)
         mtls = mtls_down if inbound else is_secure(cs.cluster.tls, host.endpoint, rt.sidecar.certs)
         self.peer_key = _tcp_peer(rt, ctx.reporter, cs, host, mtls, principal, "")
@@ -373,6 +383,8 @@ class TcpProxy(asyncio.Protocol):
         up = self.up
         if up is not None:
             self._forward_eof(up)
+        if self.transport is not None and self.transport.get_extra_info("ssl_object") is not None:
+            return None  # TLS (close_notify) cannot half-close: the transport closes
         return True  # half-close: keep sending the upstream's answer (or connect first)
 
     def _forward_eof(self, up: _Upstream) -> None:
@@ -429,3 +441,6 @@ class TcpProxy(asyncio.Protocol):
         if self.host is not None and self.cstate is not None:
             self.cstate.on_request_end(self.host, 200, False)
             self.host = None
+        if self.breaker is not None:
+            self.breaker.connection_closed()
+            self.breaker = None

@@ -3,14 +3,17 @@ TCP routes, TCP authorization semantics."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import struct
+from pathlib import Path
 
 import msgspec
 import pytest
 
 from diktyo.proxy.capture.original_dst import original_dst, parse_sockaddr
+from diktyo.proxy.capture.server import Sniffer
 from diktyo.proxy.capture.sniff import H2_PREFACE, detect
 from diktyo.proxy.capture.table import CaptureTable, CompiledTcpRoutes, weighted_choice
 from diktyo.proxy.tcp_authz import TcpAuthz, rule_uses_http, tcp_policies
@@ -230,3 +233,77 @@ def test_tcp_deny_rule_with_http_only_fields_denies_more() -> None:
         rules=(AuthzRule(sources=(Source(request_principals=("iss/sub",)),)),),
     )
     assert not _authz(rp).check(1, "", "10.0.0.2").allowed  # emptied source matches everyone
+
+
+def test_unknown_interception_mode_is_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    snap = tmp_path / "s.json"
+    snap.write_bytes(encode(Snapshot(version="1", node=Node(id="a", workload="a"))))
+    r = subprocess.run(
+        [sys.executable, "-m", "diktyo.proxy", "--snapshot", str(snap), "--interception-mode",
+         "tproxy", "--admin-token-file", str(tmp_path / "tok")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "interception mode 'TPROXY' is not one of NONE, REDIRECT" in r.stderr
+
+
+class _Banner(asyncio.Protocol):
+    """Stands for a server-first protocol behind the sniffer: speaks as soon as it is chosen."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(b"220 ready\r\n")  # type: ignore[attr-defined]  # a Transport here
+
+
+async def _sniffed_silent_client(timeout: float) -> tuple[bytes, list[str]]:
+    loop = asyncio.get_running_loop()
+    decided: list[str] = []
+    server = await loop.create_server(
+        lambda: Sniffer(lambda kind: _Banner(), timeout, loop, decided.append), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        try:
+            got = await asyncio.wait_for(r.read(100), 1.0)
+        except TimeoutError:
+            got = b""
+    finally:
+        w.close()
+        server.close()
+    return got, decided
+
+
+async def test_protocol_detection_timeout_makes_a_silent_connection_tcp() -> None:
+    # meshConfig.protocolDetectionTimeout set: a client that waits for the server is TCP after it
+    got, decided = await _sniffed_silent_client(0.1)
+    assert (got, decided) == (b"220 ready\r\n", ["tcp"])
+    # Istio's default (0): no timeout, the sniffer waits for the client's first bytes
+    got, decided = await _sniffed_silent_client(0.0)
+    assert (got, decided) == (b"", [])
+
+
+def test_mesh_file_sets_outbound_policy_and_detection_timeout() -> None:
+    from diktyo.platform.mesh import load_mesh_text, mesh_config
+
+    spec = load_mesh_text(
+        "outboundTrafficPolicy: {mode: REGISTRY_ONLY}\nprotocolDetectionTimeout: 250ms\n", "m.yaml"
+    )
+    mesh = mesh_config(spec)
+    assert (mesh.outbound_traffic_policy, mesh.protocol_detection_timeout) == (
+        "REGISTRY_ONLY",
+        0.25,
+    )
+    default = mesh_config(load_mesh_text("{}\n", "m.yaml"))
+    assert (default.outbound_traffic_policy, default.protocol_detection_timeout) == (
+        "ALLOW_ANY",
+        0.0,
+    )
+    with pytest.raises(
+        ValueError, match=r"outboundTrafficPolicy.mode: Input should be 'ALLOW_ANY'"
+    ):
+        load_mesh_text("outboundTrafficPolicy: {mode: DENY}\n", "m.yaml")
+    with pytest.raises(ValueError, match="protocolDetectionTimeout: invalid duration 'soon'"):
+        load_mesh_text("protocolDetectionTimeout: soon\n", "m.yaml")

@@ -67,8 +67,8 @@ def translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
         listeners += in_listeners
 
     clusters: dict[str, Cluster] = build_outbound_clusters(idx, proxy, trust_domain, visible)
-    for host, port in tcp_targets:
-        ctx.needed.add((host, port, ""))
+    for host, port, subset in tcp_targets:
+        ctx.needed.add((host, port, subset))
     for host, port, subset in sorted(ctx.needed):
         name = f"outbound|{port}|{subset}|{host}"
         if name not in clusters:

@@ -218,8 +218,8 @@ class PushTranslator:
             listeners += in_listeners
         if tcp_targets:
             needed = set(view.needed) if needed is None else needed
-            for host, port in tcp_targets:
-                needed.add((host, port, ""))
+            for host, port, subset in tcp_targets:
+                needed.add((host, port, subset))
         fast = needed is None or needed == view.needed
         if needed is None or fast:
             shared = view.clusters

@@ -60,7 +60,7 @@ def registry_from_kube_services(
                 namespace=res.namespace,
                 ports=ports,
                 short_name=res.name,
-                addresses=(spec.cluster_ip,) if spec.cluster_ip not in (None, "", "None") else (),
+                addresses=_cluster_ips(spec),
                 resolution="DNS"
                 if spec.type == "ExternalName"
                 else ("NONE" if spec.cluster_ip == "None" else "STATIC"),
@@ -68,6 +68,12 @@ def registry_from_kube_services(
             )
         )
     return Registry(services=tuple(services))
+
+
+def _cluster_ips(spec: Any) -> tuple[str, ...]:
+    """A Service's ``clusterIP`` as its virtual address (none for headless / ExternalName)."""
+    ip = getattr(spec, "cluster_ip", None)
+    return (ip,) if ip not in (None, "", "None") else ()
 
 
 def _registry_from_entries(resources: Iterable[Any]) -> Registry:

@@ -61,7 +61,9 @@ class Sniffer(asyncio.Protocol):
         timeout: float,
         loop: asyncio.AbstractEventLoop,
         on_decided: Callable[[str], None] | None = None,
+        connections: set[Any] | None = None,
     ) -> None:
+        self.connections = connections  # the listener's: stop() closes undecided ones too
         self.choose = choose
         self.timeout = timeout
         self.loop = loop
@@ -73,6 +75,8 @@ class Sniffer(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if self.connections is not None:
+            self.connections.add(self)
         if self.timeout > 0:
             self.timer = self.loop.call_later(self.timeout, self._decide, "tcp")
 
@@ -98,6 +102,8 @@ class Sniffer(asyncio.Protocol):
         if self.done or self.transport is None or self.transport.is_closing():
             return
         self.done = True
+        if self.connections is not None:
+            self.connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -112,6 +118,8 @@ class Sniffer(asyncio.Protocol):
             proto.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.connections is not None:
+            self.connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -163,18 +171,22 @@ class CaptureServer:
         self.last_refusal = ""
         self.decisions: dict[str, int] = {}  # sniffing outcomes (http1, http2, tls, tcp)
         self._pending: set[asyncio.Task[None]] = set()
-        self._task = self.loop.create_task(self._accept())
+        self.socks = [sock]
+        six = _ipv6_twin(sock)
+        if six is not None:
+            self.socks.append(six)
+        self._tasks = [self.loop.create_task(self._accept(s)) for s in self.socks]
 
     # ---------------------------------------------------------------- accept loop
-    async def _accept(self) -> None:
+    async def _accept(self, sock: socket.socket) -> None:
         loop = self.loop
         while True:
             try:
-                conn, _ = await loop.sock_accept(self.sock)
+                conn, _ = await loop.sock_accept(sock)
             except asyncio.CancelledError:
                 raise
             except OSError as exc:
-                if self.sock.fileno() < 0:
+                if sock.fileno() < 0:
                     return
                 log.warning("capture accept failed: %s", exc)
                 await asyncio.sleep(0.05)
@@ -222,7 +234,7 @@ class CaptureServer:
     def _sniffing(
         self, choose: Callable[[str], asyncio.Protocol], timeout: float
     ) -> ProtocolFactory:
-        return lambda: Sniffer(choose, timeout, self.loop, self._count)
+        return lambda: Sniffer(choose, timeout, self.loop, self._count, self.ctx.connections)
 
     # ---------------------------------------------------------------- outbound (15001)
     async def _outbound(self, conn: socket.socket, rt: Any, table: CaptureTable, ip: str,
@@ -322,16 +334,40 @@ class CaptureServer:
 
     # ---------------------------------------------------------------- server interface
     def close(self) -> None:
-        self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
         for t in list(self._pending):
             t.cancel()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        for sock in self.socks:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     def is_serving(self) -> bool:
-        return not self._task.done()
+        return not self._tasks[0].done()
+
+
+def _ipv6_twin(sock: socket.socket) -> socket.socket | None:
+    """An IPv6-only socket on the same port beside a ``0.0.0.0`` capture listener, so
+    connections redirected by ip6tables arrive too (their destination comes from
+    ``IP6T_SO_ORIGINAL_DST``). IPv4 keeps its own socket: peers stay plain IPv4 addresses for
+    policies and logs. None when the host has no IPv6."""
+    host, port = sock.getsockname()[:2]
+    if sock.family != socket.AF_INET or host != "0.0.0.0" or not socket.has_ipv6:
+        return None
+    six = socket.socket(socket.AF_INET6)
+    try:
+        six.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        six.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        six.bind(("::", port))
+        six.listen(1024)
+        six.setblocking(False)
+    except OSError as exc:
+        six.close()
+        log.info("capture listener on port %d: IPv4 only (no IPv6: %s)", port, exc.strerror)
+        return None
+    return six
 
 
 def serve_capture(sidecar: Any, ctx: Any, sock: socket.socket) -> CaptureServer:

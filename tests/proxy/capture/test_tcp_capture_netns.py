@@ -99,6 +99,7 @@ def client_snapshot(policy: str = "ALLOW_ANY") -> Snapshot:
     web = f"outbound|8080||{WEB}"
     echo = f"outbound|7000||{ECHO}"
     echo_v2 = f"outbound|7000|v2|{ECHO}"
+    echo6 = f"outbound|7000|v6|{ECHO}"
     auto = f"outbound|7001||{AUTO}"
     return Snapshot(
         version="1",
@@ -129,6 +130,14 @@ def client_snapshot(policy: str = "ALLOW_ANY") -> Snapshot:
             _cluster(web, WEB, 8080, 8080, "http"),
             _cluster(echo, ECHO, 7000, 7000),
             _cluster(echo_v2, ECHO, 7000, 7002),
+            Cluster(
+                name=echo6,
+                service=ECHO,
+                port=7000,
+                subset="v6",
+                protocol="tcp",
+                endpoints=(Endpoint(address="fd00:250::3", port=7000, workload="server"),),
+            ),
             _cluster(auto, AUTO, 7001, 7001),
         ),
         capture=Capture(
@@ -142,6 +151,10 @@ def client_snapshot(policy: str = "ALLOW_ANY") -> Snapshot:
                 ),
                 CaptureService(
                     address="10.250.1.12", port=7001, host=AUTO, protocol="auto", cluster=auto
+                ),
+                # an IPv6 service address (ip6tables REDIRECT, IP6T_SO_ORIGINAL_DST)
+                CaptureService(
+                    address="fd00:250:1::11", port=7000, host=ECHO, protocol="tcp", cluster=echo6
                 ),
                 # a ServiceEntry-like CIDR whose tcp route sends 10.250.1.128/25 to v2
                 CaptureService(
@@ -198,18 +211,6 @@ def server_snapshot() -> Snapshot:
     )
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        ok = all(f'{k}="{v}"' in line for k, v in labels.items())
-        if ok:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 async def tcp_exchange(pods, ip: str, port: int, payload: bytes) -> bytes:
     """A raw TCP client in pod A (python, no proxy settings): send, half-close, read all."""
     code = (
@@ -236,17 +237,6 @@ async def start_app(pods) -> None:
     assert (await asyncio.wait_for(p.stdout.readline(), 20)).strip() == b"ready"
 
 
-async def wait_metric(pods, pod, admin: int, name: str, want: float, **labels: str) -> str:
-    deadline = asyncio.get_running_loop().time() + 10
-    while True:
-        text = await pods.metrics(pod, admin)
-        if metric(text, name, **labels) >= want:
-            return text
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{name}{labels} never reached {want}:\n{text}")
-        await asyncio.sleep(0.1)
-
-
 async def test_outbound_and_inbound_capture_by_original_destination(pods) -> None:
     await start_app(pods)
     a = await pods.sidecar(pods.a, client_snapshot())
@@ -260,8 +250,7 @@ async def test_outbound_and_inbound_capture_by_original_destination(pods) -> Non
     )
     assert rc == 0, err.decode()
     assert out.lower() == b"web get /hello http/1.1 host: 10.250.1.10:8080"
-    text = await wait_metric(
-        pods,
+    text = await pods.wait_metric(
         pods.a,
         a["admin"],
         "istio_requests_total",
@@ -270,8 +259,7 @@ async def test_outbound_and_inbound_capture_by_original_destination(pods) -> Non
         destination_service=WEB,
         response_code="200",
     )
-    text = await wait_metric(
-        pods,
+    text = await pods.wait_metric(
         pods.b,
         b["admin"],
         "istio_requests_total",
@@ -282,8 +270,7 @@ async def test_outbound_and_inbound_capture_by_original_destination(pods) -> Non
 
     # TCP to a VIP: the declared tcp port; bytes counted by both sidecars
     assert await tcp_exchange(pods, "10.250.1.11", 7000, b"world") == b"hello world"
-    text = await wait_metric(
-        pods,
+    text = await pods.wait_metric(
         pods.a,
         a["admin"],
         "istio_tcp_connections_closed_total",
@@ -292,20 +279,25 @@ async def test_outbound_and_inbound_capture_by_original_destination(pods) -> Non
         destination_service=ECHO,
     )
     sel = {"reporter": "source", "destination_service": ECHO, "request_protocol": "tcp"}
-    assert metric(text, "istio_tcp_connections_opened_total", **sel) == 1
-    assert metric(text, "istio_tcp_received_bytes_total", **sel) == 5
-    assert metric(text, "istio_tcp_sent_bytes_total", **sel) == 11
-    text = await wait_metric(
-        pods, pods.b, b["admin"], "istio_tcp_connections_closed_total", 1, reporter="destination"
+    assert pods.metric(text, "istio_tcp_connections_opened_total", **sel) == 1
+    assert pods.metric(text, "istio_tcp_received_bytes_total", **sel) == 5
+    assert pods.metric(text, "istio_tcp_sent_bytes_total", **sel) == 11
+    text = await pods.wait_metric(
+        pods.b, b["admin"], "istio_tcp_connections_closed_total", 1, reporter="destination"
     )
-    assert metric(text, "istio_tcp_received_bytes_total", reporter="destination") == 5
-    assert metric(text, "istio_tcp_sent_bytes_total", reporter="destination") == 11
+    assert pods.metric(text, "istio_tcp_received_bytes_total", reporter="destination") == 5
+    assert pods.metric(text, "istio_tcp_sent_bytes_total", reporter="destination") == 11
 
     # a ServiceEntry-like CIDR with a tcp route on destinationSubnets: .100 -> v2, .70 -> default
     assert (
         await tcp_exchange(pods, "10.250.1.100", 7000, b"x") == b"hello v2:hello x"
     )  # via B's inbound passthrough (7002 undeclared)
     assert await tcp_exchange(pods, "10.250.1.70", 7000, b"y") == b"hello y"
+
+    # IPv6 both ways: A's ip6tables OUTPUT rule -> 15001 ([::]), B's PREROUTING -> 15006
+    assert await tcp_exchange(pods, "fd00:250:1::11", 7000, b"six") == b"hello six"
+    text = await pods.wait_metric(pods.b, b["admin"], "istio_tcp_connections_closed_total", 4,
+                                  reporter="destination")  # fmt: skip
 
 
 async def test_unnamed_port_is_sniffed(pods) -> None:
@@ -316,19 +308,19 @@ async def test_unnamed_port_is_sniffed(pods) -> None:
     assert rc == 0, err.decode()
     assert out.startswith(b"sniffed GET /s HTTP/1.1")
     assert await tcp_exchange(pods, "10.250.1.12", 7001, b"raw") == b"hello raw"
-    text = await wait_metric(
-        pods, pods.a, a["admin"], "istio_requests_total", 1, destination_service=AUTO
+    text = await pods.wait_metric(
+        pods.a, a["admin"], "istio_requests_total", 1, destination_service=AUTO
     )
-    text = await wait_metric(
-        pods, pods.a, a["admin"], "istio_tcp_connections_closed_total", 1, destination_service=AUTO
+    text = await pods.wait_metric(
+        pods.a, a["admin"], "istio_tcp_connections_closed_total", 1, destination_service=AUTO
     )
     # one HTTP request and one TCP connection: nothing counted twice
-    assert metric(text, "istio_requests_total", destination_service=AUTO) == 1
-    assert metric(text, "istio_tcp_connections_opened_total", destination_service=AUTO) == 1
-    text = await wait_metric(
-        pods, pods.b, b["admin"], "istio_requests_total", 1, reporter="destination"
+    assert pods.metric(text, "istio_requests_total", destination_service=AUTO) == 1
+    assert pods.metric(text, "istio_tcp_connections_opened_total", destination_service=AUTO) == 1
+    text = await pods.wait_metric(
+        pods.b, b["admin"], "istio_requests_total", 1, reporter="destination"
     )
-    assert metric(text, "istio_tcp_connections_opened_total", reporter="destination") == 1
+    assert pods.metric(text, "istio_tcp_connections_opened_total", reporter="destination") == 1
 
 
 async def test_outside_registry_allow_any_is_passthrough(pods) -> None:
@@ -338,15 +330,14 @@ async def test_outside_registry_allow_any_is_passthrough(pods) -> None:
     # B's pod IP is no service VIP: PassthroughCluster to the original destination; B's
     # sidecar still captures it inbound (port 7000 is declared there)
     assert await tcp_exchange(pods, "10.250.0.3", 7000, b"direct") == b"hello direct"
-    text = await wait_metric(
-        pods,
+    text = await pods.wait_metric(
         pods.a,
         a["admin"],
         "istio_tcp_connections_closed_total",
         1,
         destination_service_name="PassthroughCluster",
     )
-    assert metric(text, "istio_tcp_received_bytes_total",
+    assert pods.metric(text, "istio_tcp_received_bytes_total",
                   destination_service_name="PassthroughCluster") == 6  # fmt: skip
 
 
@@ -355,8 +346,7 @@ async def test_outside_registry_registry_only_is_blackhole(pods) -> None:
     a = await pods.sidecar(pods.a, client_snapshot("REGISTRY_ONLY"))
     await pods.sidecar(pods.b, server_snapshot())
     assert await tcp_exchange(pods, "10.250.0.3", 7000, b"direct") == b""
-    text = await wait_metric(
-        pods,
+    text = await pods.wait_metric(
         pods.a,
         a["admin"],
         "istio_tcp_connections_closed_total",
@@ -364,8 +354,26 @@ async def test_outside_registry_registry_only_is_blackhole(pods) -> None:
         destination_service_name="BlackHoleCluster",
         response_flags="UH",
     )
-    assert metric(text, "istio_tcp_connections_opened_total",
+    assert pods.metric(text, "istio_tcp_connections_opened_total",
                   destination_service_name="BlackHoleCluster") == 1  # fmt: skip
     # the registry still works under REGISTRY_ONLY
     assert await tcp_exchange(pods, "10.250.1.11", 7000, b"in") == b"hello in"
     assert not re.search(r'destination_service_name="PassthroughCluster"', text)
+
+
+async def test_interception_mode_redirect_without_capture_config_passes_through(pods) -> None:
+    """DIKTYO_INTERCEPTION_MODE=REDIRECT with a snapshot that has no capture listeners (the
+    node was not registered REDIRECT): the sidecar opens 15001/15006 itself in passthrough,
+    so the app's redirected connections still work."""
+    await start_app(pods)
+    plain = Snapshot(version="1", node=Node(id="client.default", workload="client"))
+    a = await pods.sidecar(pods.a, plain, env={"DIKTYO_INTERCEPTION_MODE": "redirect"})
+    assert a["listeners"]["virtualOutbound"] == 15001
+    await pods.sidecar(pods.b, server_snapshot())
+    assert await tcp_exchange(pods, "10.250.0.3", 7000, b"anyway") == b"hello anyway"
+    text = await pods.wait_metric(pods.a, a["admin"], "istio_tcp_connections_closed_total", 1,
+                                  destination_service_name="PassthroughCluster")  # fmt: skip
+    assert pods.metric(text, "istio_tcp_received_bytes_total") == 6
+    # without the mode, the same snapshot opens no capture listener at all
+    b = await pods.sidecar(pods.b, plain)
+    assert "virtualOutbound" not in b["listeners"]
