@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,9 @@ def _in_ns(ns: str, *argv: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.skipif(
+    shutil.which("curl") is None, reason="needs curl (Debian: apt-get install curl)"
+)
 def test_curl_without_proxy_settings_goes_through_the_mesh(tmp_path: Path) -> None:
     tag = secrets.token_hex(2)
     (tmp_path / "mesh.yaml").write_text(
@@ -210,7 +214,12 @@ def test_killed_supervisor_is_replaced_and_down_leaves_nothing(tmp_path: Path) -
         hello = st["workloads"][0]
         assert hello["app_pid"] != old_app  # started anew, in a namespace made anew
         assert netns.namespaces() == [hello["netns"]]
-        out = _in_ns(hello["netns"], "curl", "-sS", "-m", "10", "http://hello:9080/")
+        code = (
+            "import json, urllib.request; o = urllib.request.build_opener("
+            "urllib.request.ProxyHandler({})); "
+            "print(o.open('http://hello:9080/', timeout=10).read().decode())"
+        )
+        out = _in_ns(hello["netns"], sys.executable, "-c", code)
         assert out.returncode == 0 and json.loads(out.stdout)["pod"] == "hello-v1-1", out.stderr
         log = (tmp_path / "home" / "mesh.log").read_text()
         assert "stopping it and starting it anew" in log and "removed the mesh's network" in log
