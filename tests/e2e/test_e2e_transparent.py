@@ -90,6 +90,7 @@ def test_curl_without_proxy_settings_goes_through_the_mesh(tmp_path: Path) -> No
     )  # fmt: skip
     try:
         assert up.returncode == 0, up.stdout + up.stderr
+        assert "capture:       transparent, network 10." in up.stdout, up.stdout
         state = json.loads(_diktyo("status", "-o", "json", env=env).stdout)
         assert state["capture"] == "transparent"
         rows = {w["name"]: w for w in state["workloads"]}

@@ -175,6 +175,9 @@ def _wait_detached(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> 
             print(f"  dashboard:     {state.get('dashboard')}?token={admin_token.read() or ''}")
             if state.get("gateway"):
                 print(f"  ingress:       {state.get('gateway')}")
+            if state.get("capture"):
+                net = f", network {state['network']}" if state.get("network") else ""
+                print(f"  capture:       {state['capture']}{net}")
             print("  'diktyo status' lists workloads; 'diktyo down' stops the mesh")
             return 0
         time.sleep(0.1)
