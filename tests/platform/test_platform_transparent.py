@@ -162,6 +162,10 @@ def test_capture_mode_auto_and_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         capture_mode(load_mesh_text("capture: transparent\n", "m.yaml"))
     monkeypatch.setattr(cm, "capture_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cm, "probe_capture", lambda: "iptables nat rules cannot be installed: x")
+    mode, why = capture_mode(spec)  # auto tries it for real: a failed probe means proxy mode
+    assert mode == "proxy" and "nat rules cannot be installed" in why
+    monkeypatch.setattr(cm, "probe_capture", lambda: None)
     assert capture_mode(spec)[0] == "transparent"
     assert capture_mode(load_mesh_text("capture: proxy\n", "m.yaml"))[0] == "proxy"
     # the default is auto: transparent where namespaces can be made
@@ -238,3 +242,12 @@ def test_prometheus_targets_are_the_replicas_own_addresses_in_transparent_mode()
         ]
     )
     assert [t.address for t in got] == ["10.209.0.2:15000", "127.0.0.1:41234", "127.0.0.1:41235"]
+
+
+@needs_netns
+def test_probe_capture_succeeds_here_and_leaves_nothing() -> None:
+    from diktyo.platform.capture_netns import probe_capture
+
+    assert probe_capture() is None
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert f"dkprobe-{os.getpid()}" not in listed.stdout

@@ -39,6 +39,7 @@ from diktyo.platform.capture_netns import (
     Netns,
     capture_unavailable_reason,
     hosts_file,
+    probe_capture,
     service_names,
     socket_in,
 )
@@ -70,6 +71,8 @@ def capture_mode(spec: MeshSpec) -> tuple[str, str]:
     if wanted == "proxy":
         return "proxy", f"capture: proxy ({source})"
     reason = capture_unavailable_reason()
+    if reason is None and wanted == "auto":
+        reason = probe_capture()  # root may still lack namespaces or the nat table
     if reason is None:
         return "transparent", f"capture: {wanted} ({source})"
     if wanted == "transparent":

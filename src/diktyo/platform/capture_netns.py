@@ -56,6 +56,32 @@ def capture_unavailable_reason() -> str | None:
     return None
 
 
+def probe_capture() -> str | None:
+    """Why a network namespace with capture rules cannot be made here (None: it can): makes
+    a throwaway namespace, installs a nat rule with the owner match in it, removes it."""
+    ns = f"dkprobe-{os.getpid()}"
+    rules = (
+        "* nat\n:DKPROBE - [0:0]\n-A OUTPUT -p tcp -m owner --uid-owner 1337 -j DKPROBE\nCOMMIT\n"
+    )
+    try:
+        made = _run(["ip", "netns", "add", ns], check=False)
+        if made.returncode != 0:
+            return f"'ip netns add' failed: {made.stderr.strip() or made.returncode}"
+        restore = shutil.which("iptables-nft-restore") or shutil.which("iptables-restore")
+        proc = subprocess.run(
+            ["ip", "netns", "exec", ns, str(restore), "--noflush"],
+            input=rules,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            return f"iptables nat rules cannot be installed: {proc.stderr.strip()}"
+        return None
+    finally:
+        _run(["ip", "netns", "del", ns], check=False)
+
+
 def _has_caps(*caps: int) -> bool:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
