@@ -251,3 +251,18 @@ def test_probe_capture_succeeds_here_and_leaves_nothing() -> None:
     assert probe_capture() is None
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     assert f"dkprobe-{os.getpid()}" not in listed.stdout
+
+
+async def test_a_mesh_of_another_capture_mode_is_not_adopted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An orphaned proxy-mode mesh and a supervisor that resolves 'auto' to transparent (or
+    the other way round) must not mix: adopt() refuses with the fix."""
+    import diktyo.platform.capture_mesh as cm
+
+    monkeypatch.setattr(cm, "capture_unavailable_reason", lambda: "no namespaces (test)")
+    mesh = LocalMesh(load_mesh_text("capture: auto\n", "m.yaml"), out=io.StringIO())
+    assert mesh.capture == "proxy"
+    with pytest.raises(MeshStartError, match="cannot adopt it: stop it with 'diktyo down'"):
+        await mesh.adopt({"name": "old", "capture": "transparent", "workloads": []})
+    await mesh.stop()

@@ -655,6 +655,12 @@ class LocalMesh:
         """
         from urllib.parse import urlsplit
 
+        if self.net is not None or state.get("capture", "proxy") != self.capture:
+            raise MeshStartError(
+                f"mesh {state.get('name')!r} ran with capture {state.get('capture', 'proxy')!r}; "
+                f"this supervisor would run it with {self.capture!r} and cannot adopt it: stop "
+                "it with 'diktyo down' and start it again"
+            )
         self.state = "starting"
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
         self._load_ca()
