@@ -95,6 +95,7 @@ def write_mesh(tmp: Path) -> Path:
     spec = tmp / "mesh.yaml"
     spec.write_text(
         f"""name: mtls-bench
+capture: proxy
 services:
   - name: hello
     ports: [{{name: http, port: 9080}}]

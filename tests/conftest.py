@@ -7,11 +7,17 @@ A test elsewhere that starts a whole mesh marks itself ``@pytest.mark.slow``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).resolve().parent
+
+# Local meshes default to 'capture: auto' (transparent when run as root); the suite's meshes
+# are written for proxy mode (HTTP_PROXY, app ports on 127.0.0.1). Transparent-mode tests set
+# 'capture:' in their mesh files, which wins over this (docs/transparent.md).
+os.environ.setdefault("DIKTYO_CAPTURE", "proxy")
 
 # first path part below tests/ -> marker given to every test collected there
 DIRECTORY_MARKERS = {

@@ -81,6 +81,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="keep sending this many requests per second until Ctrl-C, so the dashboard stays "
         "live (default 1, 0 = none)",
     )
+    p.add_argument(
+        "--capture",
+        choices=["proxy", "transparent", "auto"],
+        help="proxy (default: the apps use HTTP_PROXY), transparent (each replica in its own "
+        "network namespace, the apps run without proxy settings; needs root) or auto",
+    )
     p.add_argument("--exit-after-traffic", action="store_true", help=argparse.SUPPRESS)  # for tests
     p.set_defaults(func=run)
 
@@ -109,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     spec = with_gateway_host_port(load_mesh(root / "mesh.yaml"), args.port)
+    if args.capture:
+        spec = spec.model_copy(update={"capture": args.capture})
     texts: list[tuple[str, str]] = []
     for name in _DEFAULT_FILES:
         f = root / "networking" / name

@@ -61,6 +61,8 @@ def proxy_via(state: Mapping[str, Any] | None, name: str) -> str:
         w for w in workloads if w.get("workload") == name and w.get("state") == "ready"
     ]
     for w in matches:
+        if w.get("netns"):  # transparent capture: run inside its network namespace instead
+            return f"netns:{w['netns']}"
         if w.get("outbound_port"):
             return f"http://127.0.0.1:{w['outbound_port']}"
     known = sorted(
@@ -70,6 +72,36 @@ def proxy_via(state: Mapping[str, Any] | None, name: str) -> str:
         f"--via {name}: no ready workload or replica of that name in mesh "
         f"{state.get('name')!r}; known: {', '.join(known) or 'none'} (see 'diktyo status')"
     )
+
+
+def _run_in_netns(netns: str, args: argparse.Namespace) -> int:
+    """``--via`` a replica in transparent mode: the same load, run inside the replica's network
+    namespace with no proxy settings (its iptables rules send it through its sidecar), as
+    fortio runs inside a pod."""
+    import subprocess
+
+    argv = [args.url, "-c", str(args.c), "-qps", str(args.qps), "--timeout", str(args.timeout)]
+    argv += ["-o", args.output, "--loglevel", args.loglevel]
+    if args.n is not None:
+        argv += ["-n", str(args.n)]
+    if args.t is not None:
+        argv += ["-t", str(args.t)]
+    if args.p:
+        argv += ["-p", ",".join(str(p) for p in args.p)]
+    for h in args.H:
+        argv += ["-H", h]
+    if args.quiet:
+        argv.append("--quiet")
+    env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_ENV}
+    cmd = ["ip", "netns", "exec", netns, sys.executable, "-m", "diktyo.cli.main", "load", *argv]
+    try:
+        return subprocess.run(cmd, env=env, check=False).returncode
+    except FileNotFoundError:
+        print("diktyo load: --via a transparent workload needs 'ip' (iproute2)", file=sys.stderr)
+        return 2
+
+
+_PROXY_ENV = frozenset(("http_proxy", "https_proxy", "all_proxy", "no_proxy"))
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -133,7 +165,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="WORKLOAD",
         help=(
             "send from this workload of the running mesh: through its sidecar's outbound port, "
-            "like running fortio inside its pod (e.g. --via sleep)"
+            "like running fortio inside its pod (e.g. --via sleep); in transparent mode the "
+            "load runs inside the replica's network namespace (needs root)"
         ),
     )
     p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="result format")
@@ -199,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
         except ViaError as exc:
             print(f"diktyo load: {exc}", file=sys.stderr)
             return 2
+        if proxy.startswith("netns:"):
+            return _run_in_netns(proxy.removeprefix("netns:"), args)
         env = {**os.environ, "HTTP_PROXY": proxy, "http_proxy": proxy}
         env.pop("NO_PROXY", None)
         env.pop("no_proxy", None)

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "demo": "run Bookinfo on a local mesh (start here)",
     "down": "stop the running local mesh",
     "explain": "show how the mesh routes a request (matched rule, destination, timeout, retries)",
+    "init": "print or install a pod's traffic-capture iptables rules (like istio-iptables)",
     "install": "render diktyo's Kubernetes manifests (control plane, sidecar injector, RBAC)",
     "kube-inject": "inject the diktyo sidecar into Kubernetes manifests (Deployments, Pods, ...)",
     "join": "run this host's workloads in the mesh and keep them registered (VM agent)",

@@ -33,7 +33,8 @@ def targets_of(replicas: Iterable[Mapping[str, Any]], host: str = "127.0.0.1") -
         }
         if r.get("version"):
             labels["version"] = str(r["version"])
-        out.append(Target(f"{host}:{int(port)}", labels))
+        addr = str(r.get("address") or "")  # transparent mode: the replica's own address
+        out.append(Target(f"{addr if addr and addr != '127.0.0.1' else host}:{int(port)}", labels))
     return sorted(out, key=lambda t: (t.labels.get("namespace", ""), t.labels.get("pod", "")))
 
 

@@ -123,6 +123,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Istio's PILOT_HTTP10)",
     )
     p.add_argument(
+        "--interception-mode",
+        type=str.upper,
+        default=os.environ.get("DIKTYO_INTERCEPTION_MODE", "NONE").upper() or "NONE",
+        metavar="MODE",
+        help="REDIRECT: iptables sends the app's traffic to 15001/15006 (transparent capture, "
+        "Istio's ISTIO_META_INTERCEPTION_MODE); a snapshot without capture listeners then gets "
+        "passthrough ones. NONE (default): explicit proxy mode. Env DIKTYO_INTERCEPTION_MODE",
+    )
+    p.add_argument(
         "--log-level",
         default=None,
         choices=["debug", "info", "warning", "error"],
@@ -247,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
         accept_http_10=args.accept_http_10,
         admin_token_file=args.admin_token_file,
         access_log_buffer=max(1, args.access_log_buffer_kb) * 1024,
+        interception_mode=args.interception_mode,
     )
     for name, value in settings.items():
         if name != "log_level":

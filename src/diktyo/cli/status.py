@@ -60,18 +60,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"dashboard:     {state.get('dashboard')}")
     if state.get("gateway"):
         print(f"ingress:       {state.get('gateway')}")
+    if state.get("capture"):
+        net = f" (network {state['network']})" if state.get("network") else ""
+        print(f"capture:       {state['capture']}{net}")
     rows = []
     for w in state.get("workloads", []):
-        inbound = ",".join(f"{k}->{v}" for k, v in w.get("inbound_ports", {}).items())
+        if w.get("netns"):  # transparent: the app's ports, captured by 15006
+            inbound = ",".join(f"{k}->15006" for k in w.get("inbound_ports", {}))
+        else:
+            inbound = ",".join(f"{k}->{v}" for k, v in w.get("inbound_ports", {}).items())
         gw = ",".join(f"{k}->{v}" for k, v in w.get("gateway_ports", {}).items())
         rows.append(
             [
                 w["name"],
                 w["namespace"],
                 w["state"],
+                w.get("address", "127.0.0.1"),
+                w.get("capture", "proxy"),
                 str(w.get("admin_port", "")),
                 inbound or (f"gateway {gw}" if gw else "-"),
-                str(w.get("outbound_port") or "-"),
+                "15001" if w.get("netns") else str(w.get("outbound_port") or "-"),
                 ",".join(str(v) for v in w.get("app_ports", {}).values()) or "-",
                 _restarts(w),
                 _last_exit(w),
@@ -81,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         table(
             rows,
-            ["NAME", "NAMESPACE", "STATE", "ADMIN", "INBOUND", "OUTBOUND", "APP", "RESTARTS"]
-            + ["LAST EXIT"],
+            ["NAME", "NAMESPACE", "STATE", "ADDRESS", "CAPTURE", "ADMIN", "INBOUND", "OUTBOUND"]
+            + ["APP", "RESTARTS", "LAST EXIT"],
         )
     )
     return 0

@@ -44,6 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "http://127.0.0.1:9090; 'diktyo prometheus-config' prints its scrape config) instead "
         "of the control plane's embedded store",
     )
+    p.add_argument(
+        "--capture",
+        choices=["proxy", "transparent", "auto"],
+        help="override the mesh file's 'capture:': proxy (apps use HTTP_PROXY), transparent "
+        "(each replica in its own network namespace, iptables capture; needs root) or auto "
+        "(transparent when possible); see docs/transparent.md",
+    )
     p.set_defaults(func=run)
 
 
@@ -61,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if getattr(args, "capture", None):
+        spec = spec.model_copy(update={"capture": args.capture})
     config_dir = Path(args.config).resolve() if args.config else None
     if config_dir is not None and not config_dir.is_dir():
         print(f"error: --config {args.config}: no such folder", file=sys.stderr)
@@ -96,14 +105,27 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        adopt = state  # the mesh of this file runs on without its supervisor: take it over
-        if config_dir is None and state.get("config_dir"):
+        if state.get("capture") == "transparent":
+            # namespaces are not adopted: stop what runs, remove the network, start anew
+            from diktyo.platform.run import stop_orphaned
+
+            print(
+                f"mesh {state.get('name')!r} (transparent capture) runs without its supervisor "
+                f"(pid {state.get('pid')} is gone): stopping it and starting it anew",
+                flush=True,
+            )
+            if stop_orphaned(state) != 0:
+                return 1
+        else:
+            adopt = state  # the mesh of this file runs on without its supervisor: take it over
+        if adopt is not None and config_dir is None and state.get("config_dir"):
             config_dir = Path(state["config_dir"])  # the config folder it was started with
-        print(
-            f"mesh {state.get('name')!r} runs without its supervisor (pid {state.get('pid')} is "
-            "gone): adopting its sidecars and apps",
-            flush=True,
-        )
+        if adopt is not None:
+            print(
+                f"mesh {state.get('name')!r} runs without its supervisor (pid "
+                f"{state.get('pid')} is gone): adopting its sidecars and apps",
+                flush=True,
+            )
     elif state is not None:
         print(f"error: {already_running_message()}", file=sys.stderr)
         return 1
@@ -113,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
             argv += ["--config", str(config_dir)]
         if args.prometheus:
             argv += ["--prometheus", args.prometheus]
+        if getattr(args, "capture", None):
+            argv += ["--capture", args.capture]
         return run_detached(argv, args.timeout)
     main = serve_mesh(spec, config_dir=config_dir, mesh_file=args.file, adopt=adopt)
     try:

@@ -31,6 +31,9 @@ class Service:
     mesh_external: bool = False
     resolution: str = "STATIC"  # STATIC | DNS | NONE
     source: str = "registry"  # registry | ServiceEntry
+    # virtual IPs (ClusterIP, ServiceEntry ``addresses`` incl. CIDRs): what transparent capture
+    # matches the original destination against
+    addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

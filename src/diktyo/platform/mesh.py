@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -123,8 +123,19 @@ class WorkloadSpec(_M):
     # the app's uid/gid (diktyo must run as root), like a pod's securityContext.runAsUser
     run_as_user: int | None = Field(default=None, ge=0, le=2**31 - 1)
     run_as_group: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    # pod annotations; with capture: transparent, Istio's traffic.sidecar.istio.io/* ones shape
+    # the replica's capture rules (includeInboundPorts, excludeOutboundPorts, ...)
+    annotations: dict[str, str] = Field(default_factory=dict)
 
     _n = field_validator("name")(classmethod(lambda cls, v: _dns_name(v)))
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, v: dict[str, str]) -> dict[str, str]:
+        from diktyo.platform.capture_rules import from_annotations
+
+        from_annotations(v)  # a bad port list or CIDR is an error when loading, not at start
+        return v
 
     @field_validator("command")
     @classmethod
@@ -154,6 +165,13 @@ class GatewaySpec(_M):
     ports: list[GatewayPortSpec] = Field(default_factory=lambda: [GatewayPortSpec()])
 
     _n = field_validator("name")(classmethod(lambda cls, v: _dns_name(v)))
+
+
+class OutboundTrafficPolicySpec(_M):
+    """Istio's ``meshConfig.outboundTrafficPolicy``: where captured connections to destinations
+    outside the registry go (transparent mode; a Sidecar resource may override it)."""
+
+    mode: Literal["ALLOW_ANY", "REGISTRY_ONLY"] = "ALLOW_ANY"
 
 
 class ControlPlaneSpec(_M):
@@ -204,6 +222,23 @@ class SidecarSpec(_M):
     run_as_group: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
 
+class NetworkSpec(_M):
+    """Transparent mode's network: one private range (the bridge, one address per workload
+    instance, the services' virtual IPs) and the name prefixes of what diktyo creates."""
+
+    cidr: str = "10.209.0.0/16"
+    name_prefix: str = Field(default="diktyo-", pattern=r"^[a-z][a-z0-9-]{0,19}$")
+    link_prefix: str = Field(default="dk", pattern=r"^[a-z][a-z0-9]{0,5}$")
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        from diktyo.platform.capture_netns import AddressPlan
+
+        AddressPlan(v)  # raises ValueError with the reason
+        return v
+
+
 class MeshSpec(_M):
     api_version: str = "diktyo.io/v1alpha1"
     kind: str = "Mesh"
@@ -216,8 +251,27 @@ class MeshSpec(_M):
     gateways: list[GatewaySpec] = Field(default_factory=list)
     tracing: TracingSpec = Field(default_factory=TracingSpec)
     access_log: AccessLogSpec = Field(default_factory=AccessLogSpec)
+    # Istio's meshConfig.outboundTrafficPolicy and protocolDetectionTimeout (transparent mode)
+    outbound_traffic_policy: OutboundTrafficPolicySpec = Field(
+        default_factory=OutboundTrafficPolicySpec
+    )
+    # a duration ("100ms", "1s"); "0s" = no timeout (Istio's default since 1.8)
+    protocol_detection_timeout: str = "0s"
+
+    @field_validator("protocol_detection_timeout")
+    @classmethod
+    def _detection_timeout(cls, v: str) -> str:
+        from diktyo.api.duration import parse_duration
+
+        parse_duration(v)  # raises ValueError: "invalid duration '...'"
+        return v
     restart: RestartSpec = Field(default_factory=RestartSpec)
     sidecar: SidecarSpec = Field(default_factory=SidecarSpec)
+    # proxy: apps use HTTP_PROXY; transparent: each instance in its own network namespace,
+    # iptables sends its traffic through the sidecar; auto (default): transparent when
+    # possible. Unset in the file, $DIKTYO_CAPTURE decides (the test suite sets proxy).
+    capture: str = Field(default="auto", pattern="^(proxy|transparent|auto)$")
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
     # set by load_mesh: the folder relative paths are resolved against
     base_dir: str = Field(default=".", exclude=True)
 
@@ -381,12 +435,15 @@ def _loc_text(loc: tuple[Any, ...]) -> str:
 
 
 def mesh_config(spec: MeshSpec) -> Any:
-    """The snapshot's mesh-wide settings from the mesh file (tracing, access log)."""
+    """The snapshot's mesh-wide settings from the mesh file (tracing, access log, capture)."""
+    from diktyo.api.duration import parse_duration
     from diktyo.snapshot.model import AccessLog, MeshConfig, Tracing
 
     return MeshConfig(
         tracing=Tracing(sampling=spec.tracing.sampling, otlp_endpoint=spec.tracing.otlp_endpoint),
         access_log=AccessLog(enabled=spec.access_log.enabled, format=spec.access_log.format),  # type: ignore[arg-type]
+        outbound_traffic_policy=spec.outbound_traffic_policy.mode,
+        protocol_detection_timeout=parse_duration(spec.protocol_detection_timeout),
     )
 
 

@@ -175,6 +175,9 @@ def _wait_detached(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> 
             print(f"  dashboard:     {state.get('dashboard')}?token={admin_token.read() or ''}")
             if state.get("gateway"):
                 print(f"  ingress:       {state.get('gateway')}")
+            if state.get("capture"):
+                net = f", network {state['network']}" if state.get("network") else ""
+                print(f"  capture:       {state['capture']}{net}")
             print("  'diktyo status' lists workloads; 'diktyo down' stops the mesh")
             return 0
         time.sleep(0.1)
@@ -235,6 +238,21 @@ def _wait_gone(pids: list[int], timeout: float) -> bool:
     return True
 
 
+def remove_network(state: dict[str, Any]) -> None:
+    """Transparent mode: the namespaces, links and hosts files a dead supervisor left."""
+    prefixes = state.get("network_prefixes")
+    if state.get("capture") != "transparent" or not prefixes:
+        return
+    from diktyo.platform.capture_netns import Netns
+
+    removed = Netns(prefix=prefixes[0], link_prefix=prefixes[1]).remove_all()
+    if any(removed.values()):
+        print(
+            "removed the mesh's network: "
+            + "; ".join(f"{k}: {', '.join(v)}" for k, v in removed.items() if v)
+        )
+
+
 def stop_orphaned(state: dict[str, Any], grace: float = 5.0) -> int:
     """Stop a mesh whose supervisor died, from its state file: apps, then sidecars."""
     from diktyo.platform.process import stop_pids
@@ -252,6 +270,7 @@ def stop_orphaned(state: dict[str, Any], grace: float = 5.0) -> int:
     if left:
         print(f"error: still running: {left}; kill them with 'kill -9 PID'", file=sys.stderr)
         return 1
+    remove_network(state)
     with contextlib.suppress(OSError):
         current = read_state() or {}
         if current.get("pid") == state.get("pid") or not pid_alive(int(current.get("pid") or 0)):

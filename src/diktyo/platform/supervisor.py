@@ -163,6 +163,9 @@ class Replica:
     sidecar_watch: asyncio.Task[None] | None = None
     containers: dict[str, ContainerStatus] = field(default_factory=dict)  # app, sidecar
     adoptable: bool = False  # its ports were taken over from a dead supervisor's state
+    address: str = "127.0.0.1"  # where its sidecar's admin port (and app) are reached
+    netns: str = ""  # its network namespace (transparent capture), "" = the host's
+    admin_relay: bool = False  # the supervisor relays pod address:15000 into the namespace
 
     def container(self, name: str) -> ContainerStatus:
         st = self.containers.get(name)
@@ -199,6 +202,9 @@ class Replica:
             "detail": self.detail,
             "node": self.node_id,
             "admin_port": self.admin_port,
+            "address": self.address,
+            "capture": "transparent" if self.netns else "proxy",
+            "netns": self.netns,
             "outbound_port": self.proxy.outbound_port,
             "inbound_ports": {str(i.service_port): i.listen_port for i in self.proxy.inbound},
             "app_ports": {str(k): v for k, v in self.app_ports.items()},
@@ -246,6 +252,14 @@ class LocalMesh:
         signal, so a killed supervisor leaves the data plane serving and a new one can
         ``adopt()`` it. Without it (tests, ``MeshThread``) children end with the supervisor."""
         self.spec = spec
+        from diktyo.platform.capture_mesh import TransparentNetwork, capture_mode
+
+        try:
+            self.capture, self.capture_reason = capture_mode(spec)
+        except RuntimeError as exc:
+            raise MeshStartError(str(exc)) from None
+        self.net = TransparentNetwork(spec) if self.capture == "transparent" else None
+        self._warned_root_sidecar = False
         self.home = Path(home) if home is not None else None
         self.mesh_file = str(Path(mesh_file).resolve()) if mesh_file else None
         if self.home is not None:
@@ -336,6 +350,13 @@ class LocalMesh:
             "dashboard": self.cp.url + "/",
             "config_dir": str(self.config_dir or ""),
             "gateway": next((self.gateway_url() for r in self.replicas if r.is_gateway), None),
+            "capture": self.capture,
+            "network": self.spec.network.cidr if self.net is not None else None,
+            "network_prefixes": (
+                [self.net.netns.prefix, self.net.netns.link_prefix]
+                if self.net is not None
+                else None
+            ),
             "workloads": [r.to_json() for r in self.replicas],
         }
 
@@ -362,6 +383,7 @@ class LocalMesh:
                     namespace=ns,
                     short_name=svc.name,
                     ports=tuple(ServicePort(p.port, p.name, p.protocol) for p in svc.ports),
+                    addresses=(self.net.vip(fqdn(svc.name, ns)),) if self.net is not None else (),
                 )
             )
         for wl in spec.workloads:
@@ -370,17 +392,21 @@ class LocalMesh:
             for i in range(1, wl.replicas + 1):
                 name = f"{wl.name}-{i}"
                 ns = spec.ns(wl)
+                node = Node(
+                    id=f"{name}.{ns}",
+                    workload=wl.name,
+                    namespace=ns,
+                    labels=dict(wl.labels),
+                    service_account=wl.service_account,
+                    services=tuple(fqdn(s.name, spec.ns(s)) for s in services),
+                    mode="sidecar",
+                )
+                if self.net is not None:  # own namespace: the app listens on the service ports
+                    self.replicas.append(self._transparent_replica(name, wl, node, sports))
+                    continue
                 app_ports = {sp: alloc() for sp in sports}
                 proxy = ProxyNode(
-                    node=Node(
-                        id=f"{name}.{ns}",
-                        workload=wl.name,
-                        namespace=ns,
-                        labels=dict(wl.labels),
-                        service_account=wl.service_account,
-                        services=tuple(fqdn(s.name, spec.ns(s)) for s in services),
-                        mode="sidecar",
-                    ),
+                    node=node,
                     outbound_port=alloc(),
                     inbound=tuple(InboundPort(sp, alloc(), app_ports[sp]) for sp in sports),
                 )
@@ -421,6 +447,36 @@ class LocalMesh:
                 Replica(gw.name, gw.name, gw.namespace, "", proxy, alloc(), is_gateway=True)
             )
 
+    def _transparent_replica(
+        self, name: str, wl: WorkloadSpec, node: Node, sports: list[int]
+    ) -> Replica:
+        """A replica in its own network namespace (transparent capture): the app listens on
+        the service ports, the sidecar (uid 1337) on 15001/15006 and its admin port 15000."""
+        import msgspec
+
+        from diktyo.platform.capture_mesh import ADMIN_PORT
+
+        assert self.net is not None
+        node = msgspec.structs.replace(node, interception_mode="REDIRECT")  # Istio's capture
+        services = [(s.name, self.spec.ns(s)) for s in self.spec.services]
+        netns, address = self.net.add_instance(name, node.namespace, services, dict(wl.annotations))
+        proxy = ProxyNode(node=node, inbound=tuple(InboundPort(sp, 0, sp) for sp in sports))
+        rep = Replica(
+            name,
+            wl.name,
+            node.namespace,
+            wl.labels.get("version", ""),
+            proxy,
+            ADMIN_PORT,
+            {sp: sp for sp in sports},
+            node.services,
+        )
+        rep.address, rep.netns = address, netns
+        return rep
+
+    def _admin_url(self, rep: Replica) -> str:
+        return f"http://{rep.address}:{rep.admin_port}"
+
     # ------------------------------------------------------------------ start
 
     async def start(self, host: str = "127.0.0.1") -> None:
@@ -429,10 +485,30 @@ class LocalMesh:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
         self._save_ca()
         self._save_applied()  # a new mesh starts without the applied config of an earlier one
+        if self.net is not None:
+            removed = await asyncio.to_thread(self.net.setup)
+            if any(removed.values()):
+                self.say(
+                    "removed what an earlier run left behind: "
+                    + "; ".join(f"{k}: {', '.join(v)}" for k, v in removed.items() if v)
+                )
         await self.cp.start(host, self.spec.control_plane.port)
+        if self.net is not None:
+            from urllib.parse import urlsplit
+
+            await self.net.start_forwarder(urlsplit(self.cp.url).port or 0)
+            self.cp.access.allow_host(self.net.gateway)  # what sidecars send as Host
         self.say(
             f"control plane on {self.cp.url}"
             + (f" (config: {self.config_dir})" if self.config_dir else "")
+        )
+        self.say(
+            f"capture: {self.capture} ({self.capture_reason})"
+            + (
+                f"; network {self.spec.network.cidr}, bridge {self.net.netns.bridge}"
+                if self.net is not None
+                else ""
+            )
         )
         if self.cp.store.errors:
             self.say(
@@ -579,6 +655,12 @@ class LocalMesh:
         """
         from urllib.parse import urlsplit
 
+        if self.net is not None or state.get("capture", "proxy") != self.capture:
+            raise MeshStartError(
+                f"mesh {state.get('name')!r} ran with capture {state.get('capture', 'proxy')!r}; "
+                f"this supervisor would run it with {self.capture!r} and cannot adopt it: stop "
+                "it with 'diktyo down' and start it again"
+            )
         self.state = "starting"
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
         self._load_ca()
@@ -675,7 +757,7 @@ class LocalMesh:
             await self._start_replica(rep)
             return
         rep.state = "starting"
-        self.cp.add_proxy(rep.proxy, admin_url=f"http://127.0.0.1:{rep.admin_port}")
+        self.cp.add_proxy(rep.proxy, admin_url=self._admin_url(rep))
         sidecar = self._sidecar_child(rep)
         if sidecar.adopt(int(w.get("sidecar_pid") or 0), w.get("sidecar_start_time")):
             rep.sidecar = sidecar
@@ -730,7 +812,7 @@ class LocalMesh:
         if self.stopping:
             return
         rep.state = "starting"
-        self.cp.add_proxy(rep.proxy, admin_url=f"http://127.0.0.1:{rep.admin_port}")
+        self.cp.add_proxy(rep.proxy, admin_url=self._admin_url(rep))
         if not await self._start_sidecar(rep):
             rep.state = "failed"
             rep.detail = "sidecar did not become ready"
@@ -739,6 +821,10 @@ class LocalMesh:
                 f"(see the '[{rep.name} sidecar]' lines above)"
             )
         rep.sidecar_watch = asyncio.get_running_loop().create_task(self._watch_sidecar(rep))
+        if rep.netns and self.net is not None and not rep.admin_relay:
+            # its admin port on the pod address, for health checks and scraping (unless the
+            # sidecar already binds it there itself)
+            rep.admin_relay = await self.net.start_admin_relay(rep.netns, rep.address)
         if rep.is_gateway:
             rep.state = "ready"
             return
@@ -772,14 +858,22 @@ class LocalMesh:
         wl = self._spec_of(rep)
         assert isinstance(wl, WorkloadSpec)
         env = dict(os.environ)
-        proxy_url = f"http://127.0.0.1:{rep.proxy.outbound_port}"
         first_port = next(iter(rep.app_ports.values()), 0)
+        if not rep.netns:  # transparent capture needs no proxy settings
+            proxy_url = f"http://127.0.0.1:{rep.proxy.outbound_port}"
+            env.update(
+                {
+                    "HTTP_PROXY": proxy_url,
+                    "http_proxy": proxy_url,
+                    "NO_PROXY": "localhost,127.0.0.1",
+                    "no_proxy": "localhost,127.0.0.1",
+                }
+            )
+        else:
+            for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY"):
+                env.pop(k, None)
         env.update(
             {
-                "HTTP_PROXY": proxy_url,
-                "http_proxy": proxy_url,
-                "NO_PROXY": "localhost,127.0.0.1",
-                "no_proxy": "localhost,127.0.0.1",
                 "PORT": str(first_port),
                 "SERVICE_NAME": rep.services[0].split(".")[0] if rep.services else rep.workload,
                 "SERVICE_VERSION": rep.version,
@@ -798,9 +892,11 @@ class LocalMesh:
             else self.spec.base_dir
         )
         argv = [a.replace("{python}", sys.executable) for a in wl.argv]
-        rep.app = self._child(
-            rep.name, argv, env=env, cwd=cwd, user=wl.run_as_user, group=wl.run_as_group
-        )
+        user, group = wl.run_as_user, wl.run_as_group
+        if rep.netns and self.net is not None:  # 'ip netns exec' runs as root, then setpriv
+            argv = self.net.wrap(rep.netns, argv, user, group)
+            user = group = None
+        rep.app = self._child(rep.name, argv, env=env, cwd=cwd, user=user, group=group)
         await rep.app.start()
         rep.container("app").started = time.monotonic()
         return not rep.app_ports or await self._wait_app(rep)
@@ -812,15 +908,19 @@ class LocalMesh:
             WorkloadInstance(
                 name=rep.name,
                 workload=rep.workload,
-                address="127.0.0.1",
-                ports={i.service_port: i.listen_port for i in rep.proxy.inbound},
+                address=rep.address,
+                # transparent: the app's own port (the peer's inbound capture takes it)
+                ports={
+                    i.service_port: i.app_port if rep.netns else i.listen_port
+                    for i in rep.proxy.inbound
+                },
                 services=rep.services,
                 namespace=rep.namespace,
                 labels=dict(rep.proxy.node.labels),
                 service_account=rep.proxy.node.service_account,
                 has_sidecar=True,
             ),
-            admin_url=f"http://127.0.0.1:{rep.admin_port}",
+            admin_url=self._admin_url(rep),
         )
 
     def _reallocate_listeners(self, rep: Replica) -> None:
@@ -836,17 +936,19 @@ class LocalMesh:
             local_ports=p.local_ports,
             gateway_ports=p.gateway_ports,
         )
-        self.cp.add_proxy(rep.proxy, admin_url=f"http://127.0.0.1:{rep.admin_port}")
+        self.cp.add_proxy(rep.proxy, admin_url=self._admin_url(rep))
 
-    def _identity_env(self, rep: Replica) -> dict[str, str]:
+    def _identity_env(
+        self, rep: Replica, uid: int | None = None, gid: int | None = None
+    ) -> dict[str, str]:
         """The sidecar's bootstrap token (its SPIFFE id is inside): it fetches its cert with it."""
         node = rep.proxy.node
         token = self.cp.identity.token_for(node.namespace, node.service_account)
         path = self._token_dir / f"{rep.node_id}.token"
         write_secret(path, token)
-        uid = self.spec.sidecar.run_as_user
+        if uid is None:
+            uid, gid = self.spec.sidecar.run_as_user, self.spec.sidecar.run_as_group
         if uid is not None:  # the sidecar's own uid reads it; the folder only lets it through
-            gid = self.spec.sidecar.run_as_group
             os.chown(path, uid, gid if gid is not None else -1)
             self._token_dir.chmod(0o711)
         return {TOKEN_FILE_ENV: str(path)}  # a path, not the secret
@@ -860,6 +962,8 @@ class LocalMesh:
                         return True
             return False
 
+        if rep.netns and self.net is not None:
+            return self._transparent_sidecar_child(rep, on_sidecar_line)
         return self._child(
             f"{rep.name} sidecar",
             self.sidecar_argv(self.cp.url, rep.node_id, rep.admin_port),
@@ -869,6 +973,52 @@ class LocalMesh:
             group=self.spec.sidecar.run_as_group,
             # its own uid may not read the supervisor's folder
             cwd="/" if self.spec.sidecar.run_as_user is not None else None,
+        )
+
+    def _transparent_sidecar_child(self, rep: Replica, on_line: Callable[[str], bool]) -> Child:
+        """The sidecar in the replica's namespace as uid/gid 1337 (what the capture rules
+        leave alone), talking to the control plane through the bridge address."""
+        from urllib.parse import urlsplit
+
+        from diktyo.platform.capture_mesh import SIDECAR_UID
+
+        assert self.net is not None
+        uid = self.spec.sidecar.run_as_user
+        uid = SIDECAR_UID if uid is None else uid
+        gid = self.spec.sidecar.run_as_group
+        gid = uid if gid is None else gid
+        python, extra, run_uid = self.net.sidecar_runtime(rep.netns, uid, gid)
+        if run_uid is None and not self._warned_root_sidecar:
+            self._warned_root_sidecar = True
+            self.say(
+                f"warning: uid {uid} cannot run this Python ({python}); sidecars run as root "
+                f"with gid {gid}, which the capture rules exclude (install python3 for all "
+                "users, or set sidecar.runAsUser to a uid that can read the venv)"
+            )
+        env = {
+            **os.environ,
+            **extra,
+            "PYTHONUNBUFFERED": "1",
+            "DIKTYO_INTERCEPTION_MODE": "REDIRECT",
+            "DIKTYO_ADMIN_ADDRESS": "0.0.0.0",  # the supervisor reaches it on the pod address
+            **self._identity_env(rep, uid, gid),
+        }
+        # its admin token where its own uid can read it (not under the supervisor's home)
+        admin_token = self._token_dir / f"{rep.node_id}.admin-token"
+        if not admin_token.exists():
+            write_secret(admin_token, secrets.token_urlsafe(32))
+        os.chown(admin_token, run_uid if run_uid is not None else 0, gid)
+        env["DIKTYO_ADMIN_TOKEN_FILE"] = str(admin_token)
+        cp_url = f"http://{self.net.gateway}:{urlsplit(self.cp.url).port}"
+        argv = self.sidecar_argv(cp_url, rep.node_id, rep.admin_port)
+        if argv and argv[0] == sys.executable:
+            argv = [python, *argv[1:]]
+        return self._child(
+            f"{rep.name} sidecar",
+            self.net.wrap(rep.netns, argv, run_uid, gid),
+            env=env,
+            on_line=on_line,
+            cwd="/",
         )
 
     def _child(self, label: str, argv: list[str], **kwargs: Any) -> Child:
@@ -887,7 +1037,7 @@ class LocalMesh:
         retries = 3
         handled = ""  # the NACKed version already answered with new ports
         while time.monotonic() < deadline:
-            url = f"http://127.0.0.1:{rep.admin_port}/ready"
+            url = f"{self._admin_url(rep)}/ready"
             if rep.sidecar_ready.is_set():
                 return True
             st = self.cp.status.get(rep.node_id)
@@ -905,8 +1055,9 @@ class LocalMesh:
                     return False
                 retries -= 1  # e.g. its admin port was taken meanwhile: start it again
                 self.say(f"[{rep.name}] sidecar exited before it was ready; starting it again")
-                rep.admin_port = self._alloc()
-                self.cp.add_proxy(rep.proxy, admin_url=f"http://127.0.0.1:{rep.admin_port}")
+                if self.net is None:  # in its own namespace its admin port stays 15000
+                    rep.admin_port = self._alloc()
+                self.cp.add_proxy(rep.proxy, admin_url=self._admin_url(rep))
                 rep.sidecar = self._sidecar_child(rep)
                 await rep.sidecar.start()
                 continue
@@ -925,6 +1076,12 @@ class LocalMesh:
         while time.monotonic() < deadline:
             if not rep.app.running:
                 return False
+            if rep.netns:  # a connection from here would be captured: ask its namespace
+                pid = rep.app.pid
+                if pid is not None and self.net is not None and self.net.listening(pid, ports):
+                    return True
+                await asyncio.sleep(0.05)
+                continue
             ok = True
             for p in ports:
                 try:
@@ -1093,6 +1250,8 @@ class LocalMesh:
             if r.state != "failed":
                 r.state = "stopped"
         await self.cp.stop()
+        if self.net is not None:  # namespaces, links, hosts files: nothing left behind
+            await self.net.close()
         shutil.rmtree(self._token_dir, ignore_errors=True)
         if self._session is not None:
             await self._session.close()

@@ -30,6 +30,8 @@ import msgspec
 
 from diktyo.proxy.admin import TOKEN_FILE_ENV as ADMIN_TOKEN_FILE_ENV
 from diktyo.proxy.admin import AdminServer, AdminTokenError, resolve_token
+from diktyo.proxy.capture import MODES as INTERCEPTION_MODES
+from diktyo.proxy.capture import ensure_capture
 from diktyo.proxy.sidecar import Sidecar, install_uvloop
 from diktyo.security.spiffe import TOKEN_FILE_ENV  # light: CA code loads only with a token
 from diktyo.snapshot.codec import SnapshotError, decode
@@ -63,6 +65,11 @@ class SidecarOptions:
     # never imports the control plane.
     config_loader: Callable[[str, int], Snapshot] | None = None
 
+    # Istio's ISTIO_META_INTERCEPTION_MODE: REDIRECT = iptables sends the app's traffic to
+    # 15001 / 15006 (diktyo.proxy.capture.ensure_capture); NONE = explicit proxy mode
+    interception_mode: str = field(
+        default_factory=lambda: os.environ.get("DIKTYO_INTERCEPTION_MODE", "NONE").upper() or "NONE"
+    )
     # bearer token file for state-changing admin endpoints ("" = generate one in the state dir)
     admin_token_file: str = field(default_factory=lambda: os.environ.get(ADMIN_TOKEN_FILE_ENV, ""))
     # Kubernetes (set from DIKTYO_* env by diktyo.proxy.env): the kubelet's ports on the pod IP
@@ -145,20 +152,29 @@ async def start_status(sidecar: Sidecar, opts: SidecarOptions) -> Any:
 def load_snapshot(opts: SidecarOptions) -> Snapshot:
     if opts.snapshot:
         data = Path(opts.snapshot).read_bytes()
-        return pod_overrides(decode(data), opts)
+        return ensure_capture(pod_overrides(decode(data), opts), opts.interception_mode)
     if opts.config:
         if opts.config_loader is None:
             raise SnapshotError(
                 "--config DIR needs the control plane's translator: start the sidecar with "
                 "`diktyo sidecar` or `python -m diktyo.proxy`"
             )
-        return opts.config_loader(opts.config, opts.outbound_port or 0)
+        return ensure_capture(
+            opts.config_loader(opts.config, opts.outbound_port or 0), opts.interception_mode
+        )
     raise SnapshotError(
         "no snapshot source: pass --snapshot FILE, --config DIR or --control-plane URL --node ID"
     )
 
 
 async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
+    if opts.interception_mode not in INTERCEPTION_MODES:
+        print(
+            f"diktyo sidecar: interception mode {opts.interception_mode!r} is not one of "
+            f"{', '.join(INTERCEPTION_MODES)} (--interception-mode / DIKTYO_INTERCEPTION_MODE)",
+            file=sys.stderr,
+        )
+        return 2
     sidecar = Sidecar(asyncio.get_running_loop(), seed=opts.seed)
     sidecar.header_timeout = opts.header_timeout
     sidecar.accept_http_10 = opts.accept_http_10
@@ -223,7 +239,7 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
         ready_evt = asyncio.Event()
 
         def on_snapshot(snap: Snapshot) -> None:
-            sidecar.apply(pod_overrides(snap, opts))
+            sidecar.apply(ensure_capture(pod_overrides(snap, opts), opts.interception_mode))
             ready_evt.set()
 
         assert opts.node is not None  # checked above: --control-plane needs --node

@@ -65,7 +65,8 @@ class ListenerContext:
         self.cluster = listener.cluster
         self.default_host = listener.default_host
         self.service_port = listener.service_port
-        self.reporter = "destination" if listener.direction == "inbound" else "source"
+        inbound = listener.direction == "inbound" or listener.name.startswith("inbound|")
+        self.reporter = "destination" if inbound else "source"
 
     def runtime(self) -> Runtime:
         return self.sidecar.rt  # type: ignore[return-value]
@@ -393,16 +394,19 @@ class Sidecar:
         try:
             for lst in snapshot.listeners:
                 cur = self.listeners.get(lst.name)
+                # capture listeners bind where iptables redirects to (0.0.0.0), never elsewhere
+                capture = lst.direction.startswith("capture_")
+                address = lst.address if capture else (self.bind_address or lst.address)
                 if (
                     cur is not None
                     and cur.direction == lst.direction
                     and (lst.port == 0 or lst.port == cur.port)
                     and cur.sock is not None
-                    and (self.bind_address or lst.address) == cur.sock.getsockname()[0]
+                    and address == cur.sock.getsockname()[0]
                 ):
                     continue
                 try:
-                    sock = bind_listener(self.bind_address or lst.address, lst.port)
+                    sock = bind_listener(address, lst.port)
                 except OSError as exc:
                     raise SnapshotError(
                         f"listener {lst.name!r}: cannot bind {lst.address}:{lst.port}: "
@@ -416,6 +420,11 @@ class Sidecar:
         return socks
 
     def _serve(self, ctx: ListenerContext, sock: socket.socket) -> None:
+        if ctx.direction.startswith("capture_"):  # 15001 / 15006 (diktyo.proxy.capture)
+            from diktyo.proxy.capture.server import serve_capture
+
+            ctx.server = serve_capture(self, ctx, sock)
+            return
         if ctx.direction == "tcp":
             from diktyo.proxy.tcp_proxy import TcpProxy
 

@@ -59,6 +59,11 @@ def validate(snap: Snapshot) -> list[str]:
             problems.append(f"listener {lst.name!r}: unknown route table {lst.route_table!r}")
         if lst.direction in ("inbound", "tcp") and lst.cluster not in clusters:
             problems.append(f"listener {lst.name!r}: unknown cluster {lst.cluster!r}")
+        for r in lst.tcp_routes:
+            for wc in r.clusters:
+                if wc.cluster not in clusters:
+                    problems.append(f"listener {lst.name!r}: tcp route to unknown cluster {wc.cluster!r}")
+    problems += _capture_problems(snap, clusters)
     for table in snap.route_tables:
         for vh in table.virtual_hosts:
             for route in vh.routes:
@@ -72,3 +77,32 @@ def validate(snap: Snapshot) -> list[str]:
                 if not route.clusters and route.redirect is None and route.direct_response is None:
                     problems.append(f"route {route.name!r} in {vh.name!r} has no action")
     return problems
+
+
+def _capture_problems(snap: Snapshot, clusters: set[str]) -> list[str]:
+    """Capture config: clusters exist, addresses and subnets parse."""
+    import ipaddress
+
+    cap = snap.capture
+    if cap is None:
+        return []
+    out: list[str] = []
+    for s in cap.services:
+        where = f"capture service {s.host}:{s.port} ({s.address})"
+        try:
+            ipaddress.ip_network(s.address, strict=False)
+        except ValueError as exc:
+            out.append(f"{where}: address: {exc}")
+        names = [s.cluster] + [wc.cluster for r in s.tcp_routes for wc in r.clusters]
+        out += [f"{where}: unknown cluster {n!r}" for n in names if n and n not in clusters]
+        for r in s.tcp_routes:
+            for m in r.matches:
+                for sub in m.destination_subnets:
+                    try:
+                        ipaddress.ip_network(sub, strict=False)
+                    except ValueError as exc:
+                        out.append(f"{where}: destinationSubnets: {exc}")
+    for i in cap.inbound:
+        if i.cluster and i.cluster not in clusters:
+            out.append(f"capture inbound port {i.port}: unknown cluster {i.cluster!r}")
+    return out

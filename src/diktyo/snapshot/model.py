@@ -46,6 +46,9 @@ class Node(_S, frozen=True):
     # services this workload implements (FQDNs), used for inbound telemetry labels
     services: tuple[str, ...] = ()
     mode: Literal["sidecar", "gateway", "standalone"] = "sidecar"
+    # Istio's ISTIO_META_INTERCEPTION_MODE: REDIRECT = iptables sends the app's traffic to the
+    # capture listeners (15001 / 15006, ``Snapshot.capture``); NONE = explicit proxy mode
+    interception_mode: Literal["NONE", "REDIRECT"] = "NONE"
 
 
 # --------------------------------------------------------------------------- matching
@@ -292,6 +295,62 @@ class Cluster(_S, frozen=True):
     policy_source: str = ""
 
 
+# --------------------------------------------------------------------------- TCP routes, capture
+
+
+class TcpRouteMatch(_S, frozen=True):
+    """One VirtualService ``tcp[].match[]`` (L4MatchAttributes) left for the proxy to check;
+    ``sourceLabels`` / ``sourceNamespace`` / ``gateways`` are decided when translating."""
+
+    destination_subnets: tuple[str, ...] = ()  # IPs or CIDRs of the original destination
+    port: int | None = None
+
+
+class TcpRoute(_S, frozen=True):
+    """One VirtualService ``tcp[]`` rule: first rule whose matches hold (OR; none = all) wins."""
+
+    matches: tuple[TcpRouteMatch, ...] = ()
+    clusters: tuple[WeightedCluster, ...] = ()
+    source: RouteSource = RouteSource()
+
+
+class CaptureService(_S, frozen=True):
+    """What an outbound connection to ``address:port`` (a service VIP, or a CIDR of a
+    ServiceEntry) is: Envoy's filter chain of the virtualOutbound listener for it."""
+
+    address: str  # an IP or a CIDR
+    port: int
+    host: str  # FQDN of the service
+    # "auto": Istio's protocol sniffing (unnamed port); else the declared protocol
+    protocol: Literal["http", "http2", "grpc", "tcp", "auto"] = "auto"
+    cluster: str = ""  # outbound|PORT||HOST, the TCP default when no tcp route matches
+    tcp_routes: tuple[TcpRoute, ...] = ()
+
+
+class CaptureInbound(_S, frozen=True):
+    """One inbound port of this workload, keyed by the original destination (workload) port."""
+
+    port: int  # the port the connection was sent to (container/target port)
+    service_port: int = 0
+    protocol: Literal["http", "http2", "grpc", "tcp", "auto"] = "auto"
+    cluster: str = ""  # inbound|SERVICE_PORT||
+
+
+class Capture(_S, frozen=True):
+    """Transparent capture (iptables REDIRECT): what 15001 / 15006 do with a connection."""
+
+    outbound_port: int = 15001
+    inbound_port: int = 15006
+    # meshConfig.outboundTrafficPolicy.mode (or the Sidecar resource's): destinations outside
+    # the registry go to PassthroughCluster (ALLOW_ANY) or BlackHoleCluster (REGISTRY_ONLY)
+    outbound_traffic_policy: Literal["ALLOW_ANY", "REGISTRY_ONLY"] = "ALLOW_ANY"
+    # meshConfig.protocolDetectionTimeout: Istio's default since 1.8 is 0 = wait for the
+    # client's first bytes without a timeout; after a timeout the connection is plain TCP
+    protocol_detection_timeout: float = 0.0
+    services: tuple[CaptureService, ...] = ()
+    inbound: tuple[CaptureInbound, ...] = ()
+
+
 # --------------------------------------------------------------------------- listeners
 
 
@@ -303,17 +362,23 @@ class Listener(_S, frozen=True):
       routed as if sent to that host.
     - ``inbound``: in front of the app; forwards to ``cluster`` (``inbound|PORT||``).
     - ``gateway``: an ingress gateway port, routes with ``route_table``.
-    - ``tcp``: raw TCP passthrough to ``cluster``.
+    - ``tcp``: raw TCP passthrough to ``cluster`` (or by ``tcp_routes`` when set).
+    - ``capture_outbound`` / ``capture_inbound``: Istio's virtualOutbound (15001) and
+      virtualInbound (15006): connections redirected by iptables, demultiplexed by their
+      original destination with ``Snapshot.capture`` (``diktyo.proxy.capture``).
     """
 
     name: str
-    direction: Literal["outbound", "inbound", "gateway", "tcp"]
+    direction: Literal[
+        "outbound", "inbound", "gateway", "tcp", "capture_outbound", "capture_inbound"
+    ]
     address: str = "127.0.0.1"
     port: int = 0  # 0 = pick a free port
     route_table: str = ""
     cluster: str = ""
     default_host: str = ""
     service_port: int = 0  # the service port this listener stands for (inbound, telemetry)
+    tcp_routes: tuple[TcpRoute, ...] = ()  # ``tcp`` listeners: VirtualService ``tcp:`` rules
 
 
 # --------------------------------------------------------------------------- mesh-wide
@@ -337,6 +402,10 @@ class MeshConfig(_S, frozen=True):
     # retry budget: max retries in flight as a percent of active requests (Envoy's default 20%)
     retry_budget_percent: float = 20.0
     retry_budget_min: int = 3
+    # meshConfig.outboundTrafficPolicy.mode (a Sidecar resource may override it per workload)
+    outbound_traffic_policy: Literal["ALLOW_ANY", "REGISTRY_ONLY"] = "ALLOW_ANY"
+    # meshConfig.protocolDetectionTimeout in seconds; 0 = none (Istio's default since 1.8)
+    protocol_detection_timeout: float = 0.0
 
 
 # --------------------------------------------------------------------------- Telemetry API
@@ -399,3 +468,5 @@ class Snapshot(_S, frozen=True):
     security: SecurityConfig = SecurityConfig()
     # the Telemetry API for this workload (None: the mesh-wide defaults in ``mesh``)
     telemetry: TelemetryPolicy | None = None
+    # transparent capture (Node.interception_mode REDIRECT): the 15001 / 15006 demultiplexing
+    capture: Capture | None = None

@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 
 from diktyo.control.model import ProxyNode, PushContext
+from diktyo.control.translate.capture import build_capture, capture_listeners, interception
 from diktyo.control.translate.clusters import build_cluster, build_outbound_clusters
 from diktyo.control.translate.hosts import ConfigIndex
 from diktyo.control.translate.listeners import (
@@ -211,11 +212,19 @@ class PushTranslator:
                 wire_tables.append(t)
             needed = ctx.needed
         in_listeners, in_clusters = inbound(proxy, idx)
-        listeners += in_listeners
+        extra: dict[str, Any] = {}
+        if interception(proxy):  # transparent capture: 15001 / 15006 instead of per-port inbound
+            listeners += capture_listeners(proxy)
+            extra["capture"], cap_needed = build_capture(idx, proxy, view.visible, push.mesh)
+            if not cap_needed <= (view.needed if needed is None else needed):
+                needed = set(view.needed) if needed is None else needed
+                needed |= cap_needed
+        else:
+            listeners += in_listeners
         if tcp_targets:
             needed = set(view.needed) if needed is None else needed
-            for host, port in tcp_targets:
-                needed.add((host, port, ""))
+            for host, port, subset in tcp_targets:
+                needed.add((host, port, subset))
         fast = needed is None or needed == view.needed
         if needed is None or fast:
             shared = view.clusters
@@ -244,7 +253,6 @@ class PushTranslator:
                     frags.append(enc)
         wire_clusters += in_clusters
         sec = state.security_resources
-        extra: dict[str, Any] = {}
         if sec:
             extra["security"] = build_security(proxy.node, sec)
         if state.telemetries:

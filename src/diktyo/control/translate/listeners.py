@@ -26,10 +26,13 @@ def outbound_listeners(proxy: ProxyNode) -> list[Listener]:
 
 def local_port_listeners(
     proxy: ProxyNode, idx: ConfigIndex
-) -> tuple[list[Listener], list[tuple[str, int]]]:
-    """Listeners for ``proxy.local_ports`` and the (host, port) of TCP ones (they need a cluster)."""
+) -> tuple[list[Listener], list[tuple[str, int, str]]]:
+    """Listeners for ``proxy.local_ports`` and the (host, port, subset) clusters TCP ones need
+    (the service's own and those of its VirtualService ``tcp:`` routes)."""
+    from diktyo.control.translate.capture import tcp_routes_for
+
     out: list[Listener] = []
-    tcp: list[tuple[str, int]] = []
+    tcp: list[tuple[str, int, str]] = []
     for key, listen_port in sorted(proxy.local_ports.items()):
         host, _, port_s = key.rpartition(":")
         if not host or not port_s.isdigit():
@@ -55,7 +58,9 @@ def local_port_listeners(
                 )
             )
         else:
-            tcp.append((host, port))
+            tcp.append((host, port, ""))
+            routes, needed = tcp_routes_for(idx, proxy, host, port)
+            tcp += sorted(needed)
             out.append(
                 Listener(
                     name=f"outbound|{key}",
@@ -64,6 +69,7 @@ def local_port_listeners(
                     port=listen_port,
                     cluster=cluster_name(port, "", host),
                     service_port=port,
+                    tcp_routes=routes,
                 )
             )
     return out, tcp

@@ -66,6 +66,7 @@ def registry_from_kube_services(
                 namespace=res.namespace,
                 ports=ports,
                 short_name=res.name,
+                addresses=_cluster_ips(spec),
                 resolution="DNS"
                 if spec.type == "ExternalName"
                 else ("NONE" if spec.cluster_ip == "None" else "STATIC"),
@@ -79,6 +80,12 @@ def registry_from_kube_services(
                 workload_entries,
             )  # fmt: skip
     return Registry(services=tuple(services), instances=tuple(instances))
+
+
+def _cluster_ips(spec: Any) -> tuple[str, ...]:
+    """A Service's ``clusterIP`` as its virtual address (none for headless / ExternalName)."""
+    ip = getattr(spec, "cluster_ip", None)
+    return (ip,) if ip not in (None, "", "None") else ()
 
 
 def _registry_from_entries(resources: Iterable[Any]) -> Registry:
@@ -114,6 +121,7 @@ def _registry_from_entries(resources: Iterable[Any]) -> Registry:
                     ports=ports,
                     short_name=split[0] if split else "",
                     mesh_external=external,
+                    addresses=tuple(se.addresses),
                     resolution=se.resolution or "NONE",
                     source="ServiceEntry",
                 )

@@ -166,7 +166,9 @@ function restartRows(info) {  // the local platform's replicas of this workload 
   const reps = (state.workloads || []).filter(w => w.workload === info.workload && (!info.namespace || w.namespace === info.namespace));
   if (!reps.length) return [];
   const last = reps.map(w => w.last_exit).filter(Boolean).sort((a, b) => b.finished_at - a.finished_at)[0];
-  return [["restarts", String(reps.reduce((n, w) => n + (w.restarts || 0), 0))],
+  return [["address", reps.map(w => w.address || "127.0.0.1").join(", ")],
+          ["capture", [...new Set(reps.map(w => w.capture || "proxy"))].join(", ")],
+          ["restarts", String(reps.reduce((n, w) => n + (w.restarts || 0), 0))],
           ["last exit", last ? `${last.container}: ${last.reason} (${last.exit_code})` : "–"]];
 }
 function kv(rows) {
