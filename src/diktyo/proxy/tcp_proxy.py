@@ -37,7 +37,8 @@ from typing import Any, cast
 from diktyo.proxy.http.policies import LbContext
 from diktyo.proxy.network.upstream import is_secure, open_upstream
 from diktyo.snapshot.model import TcpRoute, WeightedCluster
-from diktyo.telemetry.istio_metrics import UNKNOWN, PeerLabels, WorkloadInfo
+from diktyo.telemetry.istio_metrics import PeerLabels, WorkloadInfo
+from diktyo.telemetry.stats import UNKNOWN
 
 log = logging.getLogger("diktyo.proxy")
 
