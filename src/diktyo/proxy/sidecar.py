@@ -102,7 +102,7 @@ class Runtime:
             except ValueError as exc:
                 raise SnapshotError(f"route table {table.name!r}: {exc}") from None
         self.matchers = matchers
-        self.filter_chains: dict[tuple[str, str], Any] = {}  # (direction, reporter) -> FilterChain
+        self.filter_chains: dict[str, Any] = {}  # listener direction -> FilterChain
         node = snapshot.node
         principal = spiffe_id(node.trust_domain, node.namespace, node.service_account)
         self.me = WorkloadInfo.from_labels(node.workload, node.namespace, node.labels, principal)

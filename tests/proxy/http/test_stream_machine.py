@@ -264,14 +264,18 @@ def request(body: bool) -> RequestHead:
 
 
 class TracedStream(DownstreamStream):
-    """Records every phase transition the stream makes."""
+    """Records every phase the stream enters (also where the hot path assigns it inline)."""
 
     def __init__(self, *args: Any) -> None:
+        self.trace: list[Phase] = [DownstreamStream.phase]
         super().__init__(*args)
-        self.trace: list[Phase] = [self.phase]
 
-    def _go(self, new: Phase) -> None:
-        super()._go(new)
+    @property  # type: ignore[override]  # a recording property over the plain attribute
+    def phase(self) -> Phase:
+        return self.trace[-1]
+
+    @phase.setter
+    def phase(self, new: Phase) -> None:
         self.trace.append(new)
 
 

@@ -43,7 +43,7 @@ from diktyo.proxy.codec.events import (
 from diktyo.proxy.codec.http1 import HOP_BY_HOP_STR, Http1ServerCodec
 from diktyo.proxy.filters.contract import STOP, FilterChain, HttpFilter
 from diktyo.proxy.filters.fault import MSG_FAULT_ABORT, FaultFilter
-from diktyo.proxy.filters.header_ops import HeaderOpsFilter
+from diktyo.proxy.filters.header_ops import RequestHeaderOpsFilter, ResponseHeaderOpsFilter
 from diktyo.proxy.filters.telemetry import (
     AccessLogFilter,
     StatsFilter,
@@ -57,6 +57,8 @@ from diktyo.proxy.http.phases import (
     RESET,
     RESPONDED,
     RESPONDING,
+    TRANSITIONS,
+    IllegalTransition,
     Phase,
     check_transition,
 )
@@ -127,6 +129,7 @@ log = logging.getLogger("diktyo.proxy")
 _NO_LB_CONTEXT = LbContext({}, "", None)  # shared by requests whose LB ignores the request
 _PLAIN_PEER: tuple[str, bytes | None] = ("", None)
 _TEXT_PLAIN = (b"content-type", b"text/plain")
+_NEXT = TRANSITIONS
 
 
 class RequestIds:
@@ -167,7 +170,26 @@ def join_flags(flags: set[str] | None) -> str:
     return ",".join(sorted(flags, key=lambda f: _FLAG_RANK.get(f, 99)))
 
 
-_HEADER_OPS = HeaderOpsFilter()
+_REQUEST_HEADER_OPS = RequestHeaderOpsFilter()
+_RESPONSE_HEADER_OPS = ResponseHeaderOpsFilter()
+
+
+def header_ops_in(rt: Runtime) -> tuple[bool, bool]:
+    """Whether any route (or destination) has request / response header operations; a
+    consistent-hash cookie counts as a response operation."""
+    req = resp = False
+    for m in rt.matchers.values():
+        for cvh in m.vhosts:
+            for cr in cvh.routes:
+                req = req or bool(cr.req_ops) or any(d.req_ops for d in cr.dests)
+                resp = resp or bool(cr.resp_ops) or any(d.resp_ops for d in cr.dests)
+    if not resp:
+        for cs in rt.clusters.values():
+            ch = cs.cluster.lb.consistent_hash
+            if ch is not None and ch.http_cookie:
+                resp = True
+                break
+    return req, resp
 
 
 def build_filter_chain(rt: Runtime, direction: str, reporter: str) -> FilterChain:
@@ -191,17 +213,23 @@ def build_filter_chain(rt: Runtime, direction: str, reporter: str) -> FilterChai
         )
         if faults:
             decode.append(FaultFilter(rt.loop, rt.rng))
-        route.append(_HEADER_OPS)
+        req_ops, resp_ops = header_ops_in(rt)
+        if req_ops:
+            route.append(_REQUEST_HEADER_OPS)
+        if resp_ops:
+            other.append(_RESPONSE_HEADER_OPS)
     if rt.tracer is not None:
         route.append(TracingFilter(rt.tracer, direction == "inbound", rt.inbound_service))
     return FilterChain(decode, route, other)
 
 
 def chain_for(rt: Runtime, ctx: ListenerContext) -> FilterChain:
-    key = (ctx.direction, ctx.reporter)
-    chain = rt.filter_chains.get(key)
+    """The runtime's chain for the listener's direction (built on first use)."""
+    chain = rt.filter_chains.get(ctx.direction)
     if chain is None:
-        chain = rt.filter_chains[key] = build_filter_chain(rt, ctx.direction, ctx.reporter)
+        chain = rt.filter_chains[ctx.direction] = build_filter_chain(
+            rt, ctx.direction, ctx.reporter
+        )
     return chain
 
 
@@ -507,6 +535,8 @@ class DownstreamStream:
     def _go(self, new: Phase) -> None:
         self.phase = check_transition(self.phase, new)
 
+    # The hot path inlines _go: ``if NEW not in _NEXT[self.phase]: raise ...`` (same table).
+
     def add_flag(self, flag: str) -> None:
         if self.flags is None:
             self.flags = {flag}
@@ -600,8 +630,9 @@ class DownstreamStream:
         head = self.head
         if head.expect_continue and head.has_body and not self.req_done:
             self.conn.send_continue(self.sid)
-        self.chain = chain_for(rt, ctx)
         direction = ctx.direction
+        chain = rt.filter_chains.get(direction)  # chain_for() inlined (hot path)
+        self.chain = chain if chain is not None else chain_for(rt, ctx)
         if direction == "inbound":
             self.cstate = rt.clusters.get(ctx.cluster)
             if self.cstate is None:
@@ -740,7 +771,9 @@ class DownstreamStream:
 
     def begin(self, rt: Runtime) -> None:
         """Timeouts, retry state, first attempt."""
-        self._go(FORWARDING)
+        if FORWARDING not in _NEXT[self.phase]:
+            raise IllegalTransition(self.phase, FORWARDING)
+        self.phase = FORWARDING
         route = self.route.route if self.route is not None else None
         timeout = route.timeout if route is not None else None
         ov = self.head.headers.get("x-envoy-upstream-rq-timeout-ms")
@@ -933,7 +966,7 @@ class DownstreamStream:
         status = head.status
         if status >= 400 and self.retry_status(a, status):
             return
-        self._go(RESPONDING)
+        self.phase = RESPONDING  # FORWARDING -> RESPONDING, checked above
         self.status = status
         chain = self.chain
         if chain is not None:
@@ -960,7 +993,7 @@ class DownstreamStream:
             return
         self.codec.send_data(self.sid, b"", True)
         self.conn.flush()
-        self._go(RESPONDED)
+        self.phase = RESPONDED  # RESPONDING -> RESPONDED, checked above
         status = self.status
         a.end(status, status == 502 or status == 503 or status == 504)
         conn = self._drop(a)
@@ -1152,9 +1185,12 @@ class DownstreamStream:
         self.finish(notify=False)
 
     def finish(self, notify: bool = True) -> None:
-        if self.phase is DONE:
+        phase = self.phase
+        if phase is DONE:
             return
-        self._go(DONE)
+        if DONE not in _NEXT[phase]:
+            raise IllegalTransition(phase, DONE)
+        self.phase = DONE
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

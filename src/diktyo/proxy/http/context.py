@@ -63,7 +63,7 @@ class Runtime(Protocol):
     @property
     def tracer(self) -> Any: ...  # proxy.http.tracer, or None without a collector
     @property
-    def filter_chains(self) -> dict[tuple[str, str], FilterChain]: ...
+    def filter_chains(self) -> dict[str, FilterChain]: ...
     @property
     def sidecar(self) -> Any: ...  # the hosting sidecar (spawns background checks)
 
