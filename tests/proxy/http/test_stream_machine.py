@@ -92,8 +92,8 @@ class UpConn:
     def write(self) -> None:
         self.written += self.codec.data_to_send()
 
-    def close(self) -> None:
-        self.closed = True
+    def reset_stream(self, sid: int) -> None:
+        self.closed = True  # HTTP/1.1: abandoning the stream closes the connection
 
     def pause_reading(self) -> None:
         pass

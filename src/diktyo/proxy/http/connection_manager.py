@@ -67,7 +67,8 @@ from diktyo.proxy.http.upstream_request import UpstreamRequest
 from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER
 
 if TYPE_CHECKING:
-    from diktyo.proxy.http.context import ListenerContext, Runtime
+    from diktyo.proxy.http.context import DownstreamConnection, ListenerContext, Runtime
+    from diktyo.proxy.network.upstream import UpstreamConnectionLike
     from diktyo.proxy.router.matcher import CompiledDestination, CompiledRoute
 
 __all__ = [
@@ -520,7 +521,7 @@ class DownstreamStream:
     state: dict[str, Any] | None = None  # per-stream filter state
     _peer_labels: Any = None  # inbound: metric labels from the mTLS peer / peer metadata
 
-    def __init__(self, conn: HttpConnection, sid: int, head: RequestHead) -> None:
+    def __init__(self, conn: DownstreamConnection, sid: int, head: RequestHead) -> None:
         self.conn = conn
         self.codec = conn.codec
         self.sid = sid
@@ -878,8 +879,9 @@ class DownstreamStream:
             return
         self.local_reply(503, (MSG_CONNECT_FAILURE + reason).encode(), "UF")
 
-    def _drop(self, a: UpstreamRequest) -> Any:
-        """Stop listening to attempt ``a``; returns its connection (the caller closes it)."""
+    def _drop(self, a: UpstreamRequest) -> UpstreamConnectionLike | None:
+        """Stop listening to attempt ``a``; returns its connection (the caller resets the
+        attempt's stream on it, or releases it)."""
         a.detach()
         if self.upstream is a:
             self.upstream = None
@@ -949,9 +951,10 @@ class DownstreamStream:
         self.conn.close_after = True
         self.req_done = True
         a = self.upstream
-        if a is not None and a.conn is not None:
+        if a is not None and a.conn is not None:  # (a pending one is cancelled below)
             conn = self._drop(a)
-            conn.close()
+            if conn is not None:
+                conn.reset_stream(a.sid)
             a.end(None, False, cancel=True)
         self.local_reply(exc.status, exc.message.encode(), "")
 
@@ -1002,7 +1005,7 @@ class DownstreamStream:
             if a.sent_all:
                 self.pool.release(conn)
             else:
-                conn.close()
+                conn.reset_stream(a.sid)
                 self.discard = True
         if self.req_done:
             self.finish()
@@ -1019,7 +1022,7 @@ class DownstreamStream:
             return False
         conn = self._drop(a)
         if conn is not None:
-            conn.close()
+            conn.reset_stream(a.sid)
         a.end(status, status in (502, 503, 504))
         self.in_retry = True
         self.schedule_retry()
@@ -1114,7 +1117,7 @@ class DownstreamStream:
             return
         conn = self._drop(a)
         if conn is not None:
-            conn.close()
+            conn.reset_stream(a.sid)
         a.end(None, True)
         if self.try_retry_reset("timeout"):
             return
@@ -1132,7 +1135,7 @@ class DownstreamStream:
                 a.pending = False
                 self.pool.cancel(a)
             if conn is not None:
-                conn.close()
+                conn.reset_stream(a.sid)
             a.end(None, False, cancel=True)
         if self.in_retry:
             self.in_retry = False

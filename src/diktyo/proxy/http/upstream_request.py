@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from diktyo.proxy.codec.events import HeaderList, ResponseHead
 
 if TYPE_CHECKING:
-    from diktyo.proxy.network.upstream import UpstreamConnection
+    from diktyo.proxy.network.upstream import UpstreamConnectionLike
 
 
 class UpstreamRequest:
@@ -36,7 +36,7 @@ class UpstreamRequest:
 
     # Class-level defaults (no __slots__): an attempt sets only what differs, which keeps
     # the per-request cost of the object to six assignments.
-    conn: UpstreamConnection | None = None
+    conn: UpstreamConnectionLike | None = None
     sid = 0
     pending = False
     rq_active = True  # the breaker admitted it (the stream checked before creating it)
@@ -100,7 +100,7 @@ class UpstreamRequest:
             conn.write()
 
     # ------------------------------------------------------------------ pool callbacks
-    def attach(self, conn: UpstreamConnection) -> None:
+    def attach(self, conn: UpstreamConnectionLike) -> None:
         self.pending = False
         s = self.stream
         if s is None:
