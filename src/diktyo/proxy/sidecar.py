@@ -389,6 +389,10 @@ class Sidecar:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background; ``stop()`` cancels it (filters' async checks)."""
+        self._spawn(coro)
+
     def _bind_new_listeners(self, snapshot: Snapshot) -> dict[str, socket.socket]:
         socks: dict[str, socket.socket] = {}
         try:

@@ -304,6 +304,11 @@ class StreamMachine(RuleBasedStateMachine):
     def request_data(self, size: int) -> None:
         self.s.decode_data(b"x" * size)
 
+    @precondition(lambda self: self.body and not self.s.req_done and not self.conn.closed)
+    @rule()
+    def request_trailers(self) -> None:
+        self.s.decode_trailers([(b"x-checksum", b"1")])
+
     @precondition(lambda self: not self.s.req_done and not self.conn.closed)
     @rule()
     def request_end(self) -> None:
@@ -351,6 +356,12 @@ class StreamMachine(RuleBasedStateMachine):
     def response_data(self, data: st.DataObject) -> None:
         a = data.draw(st.sampled_from(self.attached()))
         a.on_response_data(a.sid, b"hello")
+
+    @precondition(lambda self: self.attached())
+    @rule(data=st.data())
+    def response_trailers(self, data: st.DataObject) -> None:
+        a = data.draw(st.sampled_from(self.attached()))
+        a.on_response_trailers(a.sid, [(b"grpc-status", b"0")])
 
     @precondition(lambda self: self.attached())
     @rule(data=st.data())

@@ -331,7 +331,8 @@ class HttpConnection(asyncio.Protocol):
         self.streams[-1].decode_data(data)
 
     def on_request_trailers(self, sid: int, trailers: HeaderList) -> None:
-        pass  # HTTP/1.1 request trailers are not forwarded (llhttp drops them)
+        if self.streams:  # (the HTTP/1.1 decoder drops request trailers: never called today)
+            self.streams[-1].decode_trailers(trailers)
 
     def on_request_end(self, sid: int) -> None:
         if self.streams:
@@ -520,6 +521,8 @@ class DownstreamStream:
     upstream_head: RequestHead | None = None  # the head as forwarded, when the path differs
     state: dict[str, Any] | None = None  # per-stream filter state
     _peer_labels: Any = None  # inbound: metric labels from the mTLS peer / peer metadata
+    req_trailers: HeaderList | None = None  # request trailers, kept for retries
+    resp_trailers_sent = False
 
     def __init__(self, conn: DownstreamConnection, sid: int, head: RequestHead) -> None:
         self.conn = conn
@@ -848,15 +851,18 @@ class DownstreamStream:
             uh = head
         chunks = self.chunks
         req_done = self.req_done
-        codec.send_headers(sid, uh, req_done and not chunks)
+        trailers = self.req_trailers
+        codec.send_headers(sid, uh, req_done and not chunks and trailers is None)
         if chunks:
             for c in chunks:
                 codec.send_data(sid, c)
             if not self.replayable:
                 self.chunks = []
                 self.chunks_size = 0
-            if req_done:
+            if req_done and trailers is None:
                 codec.send_data(sid, b"", True)
+        if req_done and trailers is not None:
+            codec.send_trailers(sid, trailers)
         if req_done:
             a.sent_all = True
         conn.write()
@@ -919,6 +925,17 @@ class DownstreamStream:
                 if self.chunks_size > RETRY_BUFFER_LIMIT:
                     self.replayable = False
 
+    def decode_trailers(self, trailers: HeaderList) -> None:
+        """Request trailers (HTTP/2, gRPC): forwarded before the end of the request (not to
+        mirrors; HTTP/1.1 upstreams get them only on a chunked request)."""
+        if self.discard or self.phase >= RESPONDED:
+            return
+        chain = self.chain
+        if chain is not None and chain.decode_body:
+            for f in chain.decode_body:
+                f.decode_trailers(self, trailers)
+        self.req_trailers = trailers
+
     def decode_end(self) -> None:
         self.req_done = True
         if self.mirrors:
@@ -929,7 +946,11 @@ class DownstreamStream:
             return
         a = self.upstream
         if a is not None and a.conn is not None and not self.discard:
-            a.send_data(b"", True)
+            if self.req_trailers is not None:
+                a.conn.codec.send_trailers(a.sid, self.req_trailers)
+                a.sent_all = True
+            else:
+                a.send_data(b"", True)
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
@@ -981,11 +1002,23 @@ class DownstreamStream:
         if self.phase is not RESPONDING:
             return
         self.resp_bytes += len(data)
+        chain = self.chain
+        if chain is not None and chain.encode_body:
+            for f in chain.encode_body:
+                f.encode_data(self, data, False)
         self.codec.send_data(self.sid, data)
 
     def upstream_trailers(self, a: UpstreamRequest, trailers: HeaderList) -> None:
-        if self.phase is RESPONDING:
-            self.codec.send_trailers(self.sid, trailers)
+        """Response trailers (gRPC status) end the response on the wire; the end event that
+        follows only completes the stream."""
+        if self.phase is not RESPONDING or self.resp_trailers_sent:
+            return
+        chain = self.chain
+        if chain is not None and chain.encode_body:
+            for f in chain.encode_body:
+                f.encode_trailers(self, trailers)
+        self.resp_trailers_sent = True
+        self.codec.send_trailers(self.sid, trailers)
 
     def flush_downstream(self) -> None:
         """Write what the last upstream read produced in one write."""
@@ -994,7 +1027,8 @@ class DownstreamStream:
     def upstream_end(self, a: UpstreamRequest) -> None:
         if self.phase is not RESPONDING:
             return
-        self.codec.send_data(self.sid, b"", True)
+        if not self.resp_trailers_sent:
+            self.codec.send_data(self.sid, b"", True)
         self.conn.flush()
         self.phase = RESPONDED  # RESPONDING -> RESPONDED, checked above
         status = self.status
