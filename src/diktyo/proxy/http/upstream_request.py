@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from diktyo.proxy.codec.events import HeaderList, ResponseHead
+from diktyo.proxy.codec.events import HeaderList, ResetReason, ResponseHead
 
 if TYPE_CHECKING:
     from diktyo.proxy.network.upstream import UpstreamConnectionLike
@@ -151,6 +151,16 @@ class UpstreamRequest:
         s = self.stream
         if s is not None:
             s.upstream_lost(self, reason, started)
+
+    def on_stream_reset(self, sid: int, reason: ResetReason) -> None:
+        # the codec reset this stream (HTTP/2 RST_STREAM, GOAWAY): as if its connection went
+        self.on_upstream_lost(reason.value, True)
+
+    def on_send_blocked(self, sid: int) -> None:
+        self.upstream_pause_writing()
+
+    def on_send_unblocked(self, sid: int) -> None:
+        self.upstream_resume_writing()
 
     def on_upstream_protocol_error(self, detail: str) -> None:
         s = self.stream

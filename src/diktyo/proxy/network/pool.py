@@ -232,7 +232,7 @@ class Http1Pool:
 
     def _hand(self, conn: UpstreamConnection, stream: Any) -> None:
         conn.requests += 1
-        conn.stream = stream  # the connection hands its codec's events to the requester
+        conn.hand_to(stream)  # the codec's events now go straight to the requester
         stream.attach(conn)
 
     def _serve_pending(self) -> None:
@@ -248,7 +248,7 @@ class Http1Pool:
     # -- releasing
     def release(self, conn: UpstreamConnection) -> None:
         """The stream is done with ``conn`` (response complete, request fully sent)."""
-        conn.stream = None  # stray bytes while idle end up in the connection: it closes
+        conn.hand_to(None)  # stray bytes while idle end up in the connection: it closes
         if conn.closed:
             return
         maxreq = self.state.cluster.pool.max_requests_per_connection
