@@ -7,12 +7,19 @@ Sans-I/O: a decoder is fed bytes and calls methods on a *sink*; nothing here tou
 - ``RequestDecoder(sink)``: downstream side. ``feed(data)`` calls ``sink.on_request_head(head)``,
   ``sink.on_request_body(chunk)`` and ``sink.on_request_end()`` for every request found in
   ``data`` (pipelined requests arrive in order; the sink queues them). Malformed input raises
-  ``CodecError(status, message)`` (400, 431); the connection is unusable afterwards.
+  ``CodecError(status, message)`` (400, 426, 431, 501, 505); the connection is unusable
+  afterwards.
 - ``ResponseDecoder(sink)``: upstream side. ``sink.on_response_head(status, header_block, ka)``,
   ``on_response_body(chunk)``, ``on_response_end()``. Call ``expect_no_body()`` before feeding
   the response to a HEAD request; ``eof()`` ends a close-delimited body.
 - Encoders build one ``bytes`` per head with the framing the proxy chose (hop-by-hop headers
   removed, ``Transfer-Encoding`` re-framed).
+- ``Http1ServerCodec`` / ``Http1ClientCodec`` wrap the decoders and encoders behind the
+  protocol-neutral interfaces of ``codec.events`` (stream ids, ``ServerSink`` /
+  ``ClientSink`` events, ``send_headers`` / ``send_data`` / ``send_trailers``,
+  ``data_to_send``). They are the only place that writes HTTP/1 framing: status lines,
+  chunking and the last chunk, ``100 Continue``, ``connection: close`` / ``keep-alive``,
+  request framing and the HEAD rule. The proxy uses only these.
 
 Request headers are kept as a dict of lower-case ``str`` names to ``str`` values (duplicates
 joined with ``, ``; ``cookie`` with ``; ``): routing, load balancing and header operations all

@@ -5,7 +5,8 @@ implementation from ``upstream_protocol(cluster)``. ``Http1Pool`` is the HTTP/1.
 
 Theory of operation
 -------------------
-``ClusterPool.acquire(stream, host)`` gives ``stream`` a connection to ``host``:
+``Http1Pool.acquire(requester, host)`` gives ``requester`` (an upstream attempt or a mirror
+copy) a connection to ``host``:
 
 1. the most recently used idle connection to that host, if any (``stream.attach(conn)`` at
    once; ``conn.reused`` is True, which lets the stream retry the keep-alive race);
