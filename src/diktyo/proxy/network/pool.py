@@ -32,12 +32,14 @@ established serve the request they were opened for and then close.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from typing import Any, Protocol
 
 from diktyo.proxy.network.upstream import UpstreamConnection, open_upstream
 
 MAX_IDLE_PER_HOST = 64
+log = logging.getLogger("diktyo.proxy")
 
 
 HTTP1 = "HTTP/1.1"
@@ -45,13 +47,10 @@ HTTP2 = "HTTP/2"
 
 
 def upstream_protocol(cluster: Any) -> str:
-    """The protocol the sidecar speaks to a cluster's endpoints: the one place that reads
-    ``Cluster.protocol`` (``http``, ``http2``, ``grpc``; ``tcp`` clusters have no HTTP pool).
-
-    Only HTTP/1.1 is implemented today, so every cluster gets ``HTTP1``; the HTTP/2 pool
-    (``proxy/network/h2pool.py``) extends this function, and ``new_pool`` with it.
-    """
-    return HTTP1
+    """The protocol a cluster's endpoints want, from ``Cluster.protocol`` (set by translation
+    from the port name / ``appProtocol``): ``HTTP2`` for ``http2`` and ``grpc``, else ``HTTP1``.
+    The one place that reads the field; ``new_pool`` builds the pool from its answer."""
+    return HTTP2 if cluster.protocol in ("http2", "grpc") else HTTP1
 
 
 class ConnectionPool(Protocol):
@@ -90,7 +89,16 @@ def new_pool(
     stats: Any,
     tasks: set[asyncio.Task[Any]],
 ) -> ConnectionPool:
-    """The pool for a cluster, by ``upstream_protocol`` (HTTP/1.1 only, for now)."""
+    """The pool for a cluster, by ``upstream_protocol``. Only the HTTP/1.1 pool exists yet: a
+    cluster that wants HTTP/2 gets it too, and the sidecar says so once (the HTTP/2 pool,
+    ``network/h2pool.py``, plugs in here)."""
+    protocol = upstream_protocol(state.cluster)
+    if protocol != HTTP1:
+        log.warning(
+            "cluster %s: its port protocol %r wants %s upstream; this sidecar speaks HTTP/1.1 to "
+            "it (HTTP/2 upstreams are not implemented yet)",
+            name, state.cluster.protocol, protocol,
+        )  # fmt: skip
     return Http1Pool(name, state, loop, stats, tasks)
 
 
