@@ -632,17 +632,30 @@ class Http1ServerCodec:
     protocol = "HTTP/1.1"
     multiplexed = False
 
-    __slots__ = ("_chunked", "_closing", "_no_body", "_out", "_requests", "_sid", "decoder", "sink")
+    __slots__ = (
+        "_chunked",
+        "_no_body",
+        "_out",
+        "_requests",
+        "_sid",
+        "closing",
+        "decoder",
+        "feed",
+        "sink",
+    )
 
     def __init__(self, sink: ServerSink, accept_http_10: bool = True) -> None:
         self.sink = sink
         self.decoder = RequestDecoder(self, accept_http_10=accept_http_10)
+        # feed(data) decodes (events go to the sink; CodecError on malformed input): the
+        # decoder's own method, so a read costs no extra call
+        self.feed = self.decoder.feed
         self._sid = 0
         self._requests: dict[int, RequestHead] = {}  # sid -> head, until its response is sent
         self._out: list[bytes] = []
         self._chunked = False
         self._no_body = False
-        self._closing = False
+        self.closing = False  # a response went out with connection: close (= not reusable)
 
     # -- RequestDecoder sink -> events
     def on_request_head(self, head: RequestHead) -> None:
@@ -657,9 +670,6 @@ class Http1ServerCodec:
         self.sink.on_request_end(self._sid)
 
     # -- input
-    def feed(self, data: bytes) -> None:
-        self.decoder.feed(data)
-
     def eof(self) -> None:
         pass  # a request cut short is reported by the connection (the client went away)
 
@@ -676,11 +686,11 @@ class Http1ServerCodec:
     @property
     def reusable(self) -> bool:
         """False once a response went out with ``connection: close``."""
-        return not self._closing
+        return not self.closing
 
     def drain(self) -> None:
         """Answer the request in flight with ``connection: close``, then stop."""
-        self._closing = True
+        self.closing = True
 
     # -- output
     def data_to_send(self) -> bytes:
@@ -705,9 +715,9 @@ class Http1ServerCodec:
             extra = _CHUNKED
             self._chunked = True
         else:
-            self._closing = True  # HTTP/1.0 without a length: the body ends with the connection
-        if self._closing or not req.keep_alive:
-            self._closing = True
+            self.closing = True  # HTTP/1.0 without a length: the body ends with the connection
+        if self.closing or not req.keep_alive:
+            self.closing = True
             extra += _CLOSE_HDR
         elif req.version == "1.0":
             extra += _KEEP_ALIVE_HDR  # HTTP/1.0 keep-alive must be confirmed
@@ -723,8 +733,12 @@ class Http1ServerCodec:
                 self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
             else:
                 self._out.append(data)
-        if end_stream:
-            self._end(sid)
+        if end_stream:  # _end(sid) inlined (hot path)
+            if self._chunked:
+                self._chunked = False
+                if not self._no_body:
+                    self._out.append(LAST_CHUNK)
+            self._requests.pop(sid, None)
 
     def send_trailers(self, sid: int, trailers: HeaderList) -> None:
         if self._chunked and not self._no_body:
@@ -741,12 +755,12 @@ class Http1ServerCodec:
 
     def send_reset(self, sid: int, reason: ResetReason) -> None:
         # HTTP/1.1 has no stream reset: the connection must be aborted by its owner
-        self._closing = True
+        self.closing = True
         self._requests.pop(sid, None)
 
     def send_error(self, status: int, message: str) -> None:
         """A connection-level error answer (malformed request, header timeout), then close."""
-        self._closing = True
+        self.closing = True
         self._out.append(local_response(status, message.encode(), close=True))
 
     # -- flow control: HTTP/1.1 relies on the transport (pause_reading on the socket)
@@ -776,13 +790,14 @@ class Http1ClientCodec:
     multiplexed = False
     max_concurrent_streams = 1
 
-    __slots__ = ("_chunked", "_out", "_sid", "decoder", "keep_alive", "sink")
+    __slots__ = ("_chunked", "_sid", "decoder", "feed", "keep_alive", "out", "sink")
 
     def __init__(self, sink: ClientSink) -> None:
         self.sink = sink
         self.decoder = ResponseDecoder(self)
+        self.feed = self.decoder.feed  # (see Http1ServerCodec.feed)
         self._sid = 0
-        self._out: list[bytes] = []
+        self.out: list[bytes] = []  # encoded, not yet taken by data_to_send()
         self._chunked = False
         self.keep_alive = True
 
@@ -803,9 +818,6 @@ class Http1ClientCodec:
         self.sink.on_response_end(self._sid)
 
     # -- input
-    def feed(self, data: bytes) -> None:
-        self.decoder.feed(data)
-
     def eof(self) -> None:
         self.decoder.eof()
 
@@ -816,10 +828,10 @@ class Http1ClientCodec:
 
     # -- output
     def data_to_send(self) -> bytes:
-        out = self._out
+        out = self.out
         if not out:
             return b""
-        self._out = []
+        self.out = []
         return out[0] if len(out) == 1 else b"".join(out)
 
     def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
@@ -832,25 +844,25 @@ class Http1ClientCodec:
             framing = b"" if cl is None else b"content-length: %d\r\n" % cl
         if head.method == "HEAD":
             self.decoder.expect_no_body()
-        self._out.append(encode_request_head(head.method, head.path, head.headers, framing))
+        self.out.append(encode_request_head(head.method, head.path, head.headers, framing))
         if end_stream and self._chunked:
             self._chunked = False
-            self._out.append(LAST_CHUNK)
+            self.out.append(LAST_CHUNK)
 
     def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
         if self._chunked:
             if data:
-                self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
+                self.out.append(b"%x\r\n%s\r\n" % (len(data), data))
             if end_stream:
                 self._chunked = False
-                self._out.append(LAST_CHUNK)
+                self.out.append(LAST_CHUNK)
         elif data:
-            self._out.append(data)
+            self.out.append(data)
 
     def send_trailers(self, sid: int, trailers: HeaderList) -> None:
         if self._chunked:
             self._chunked = False
-            self._out.append(b"0\r\n" + encode_header_block(trailers))
+            self.out.append(b"0\r\n" + encode_header_block(trailers))
 
     def send_reset(self, sid: int, reason: ResetReason) -> None:
         self.keep_alive = False  # HTTP/1.1: the owner closes the connection

@@ -241,7 +241,8 @@ class Http1Pool:
 
     def _hand(self, conn: UpstreamConnection, stream: Any) -> None:
         conn.requests += 1
-        conn.hand_to(stream)  # the codec's events now go straight to the requester
+        conn.stream = stream  # conn.hand_to(stream) inlined: the codec's events now go
+        conn.codec.sink = stream  # straight to the requester
         stream.attach(conn)
 
     def _serve_pending(self) -> None:
@@ -257,12 +258,13 @@ class Http1Pool:
     # -- releasing
     def release(self, conn: UpstreamConnection) -> None:
         """The stream is done with ``conn`` (response complete, request fully sent)."""
-        conn.hand_to(None)  # stray bytes while idle end up in the connection: it closes
+        conn.stream = None  # conn.hand_to(None) inlined: stray bytes while idle end up in
+        conn.codec.sink = conn  # the connection, which closes
         if conn.closed:
             return
         maxreq = self.state.cluster.pool.max_requests_per_connection
         if (
-            not conn.keep_alive
+            not conn.codec.keep_alive
             or (maxreq and conn.requests >= maxreq)
             or self.retired
             or conn.stale

@@ -216,7 +216,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             stream.on_upstream_protocol_error(exc.message)
             return
-        stream.flush_downstream()  # what this read produced, in one downstream write
+        if self.stream is stream:  # (a finished response already went out, and released us)
+            stream.flush_downstream()  # what this read produced, in one downstream write
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -287,9 +288,11 @@ class UpstreamConnection(asyncio.Protocol):
     # -- helpers
     def write(self) -> None:
         """Write what the codec encoded (one ``transport.write``)."""
-        data = self.codec.data_to_send()
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+        codec = self.codec
+        if codec.out:
+            data = codec.data_to_send()
+            if self.transport is not None and not self.closed:
+                self.transport.write(data)
 
     def reset_stream(self, sid: int) -> None:
         """Abandon the stream in flight: HTTP/1.1 can only close the connection."""
