@@ -1024,10 +1024,6 @@ class DownstreamStream:
         self.resp_trailers_sent = True
         self.codec.send_trailers(self.sid, trailers)
 
-    def flush_downstream(self) -> None:
-        """Write what the last upstream read produced in one write."""
-        self.conn.flush()
-
     def upstream_end(self, a: UpstreamRequest) -> None:
         if self.phase is not RESPONDING:
             return

@@ -86,19 +86,6 @@ class UpstreamRequest:
     def start_try_timer(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self.try_timer = loop.call_later(timeout, self.on_try_timeout)
 
-    def send_data(self, data: bytes, end_stream: bool = False) -> None:
-        """Encode request body (written by ``flush``)."""
-        conn = self.conn
-        if conn is not None:
-            conn.codec.send_data(self.sid, data, end_stream)
-            if end_stream:
-                self.sent_all = True
-
-    def flush(self) -> None:
-        conn = self.conn
-        if conn is not None:
-            conn.write()
-
     # ------------------------------------------------------------------ pool callbacks
     def attach(self, conn: UpstreamConnectionLike) -> None:
         self.pending = False
