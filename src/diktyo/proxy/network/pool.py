@@ -1,8 +1,12 @@
 """Upstream connection pools: one per cluster, idle connections per host key, MRU reuse, breaker-aware.
 
+``ConnectionPool`` is the interface the connection manager uses; ``new_pool`` picks the
+implementation from ``upstream_protocol(cluster)``. ``Http1Pool`` is the HTTP/1.1 one.
+
 Theory of operation
 -------------------
-``ClusterPool.acquire(stream, host)`` gives ``stream`` a connection to ``host``:
+``Http1Pool.acquire(requester, host)`` gives ``requester`` (an upstream attempt or a mirror
+copy) a connection to ``host``:
 
 1. the most recently used idle connection to that host, if any (``stream.attach(conn)`` at
    once; ``conn.reused`` is True, which lets the stream retry the keep-alive race);
@@ -28,16 +32,80 @@ established serve the request they were opened for and then close.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 from diktyo.proxy.network.upstream import UpstreamConnection, open_upstream
 
 MAX_IDLE_PER_HOST = 64
+log = logging.getLogger("diktyo.proxy")
 
 
-class ClusterPool:
-    """All upstream connections of one cluster (survives snapshot swaps)."""
+HTTP1 = "HTTP/1.1"
+HTTP2 = "HTTP/2"
+
+
+def upstream_protocol(cluster: Any) -> str:
+    """The protocol a cluster's endpoints want, from ``Cluster.protocol`` (set by translation
+    from the port name / ``appProtocol``): ``HTTP2`` for ``http2`` and ``grpc``, else ``HTTP1``.
+    The one place that reads the field; ``new_pool`` builds the pool from its answer."""
+    return HTTP2 if cluster.protocol in ("http2", "grpc") else HTTP1
+
+
+class ConnectionPool(Protocol):
+    """The interface of an upstream connection pool (one per cluster, survives snapshot swaps).
+
+    ``acquire(requester, host, fresh)`` eventually calls exactly one of ``requester.attach(conn)``,
+    ``requester.overflow(message)`` (503 UO) or ``requester.connect_failed(reason)`` - unless
+    ``cancel(requester)`` came first. ``release(conn)`` gives back what ``attach`` handed out
+    once the requester's stream is done with it. An HTTP/1.1 pool hands each connection to one
+    requester at a time; a multiplexed (HTTP/2) pool hands the same connection to up to its
+    per-connection stream limit, and counts the requests, not the connections, against the
+    circuit breaker (``http2MaxRequests``), as Envoy does.
+    """
+
+    name: str
+    protocol: str
+    state: Any  # ClusterState of the current snapshot
+    certs: Any
+    active: set[Any]
+
+    def acquire(self, stream: Any, host: Any, fresh: bool = False) -> None: ...
+    def cancel(self, stream: Any) -> None: ...
+    def release(self, conn: Any) -> None: ...
+    def sweep(self, now: float) -> None: ...
+    def prune(self, keys: set[tuple[str, int]]) -> None: ...
+    def retune_tls(self, secure_for: Any) -> None: ...
+    def drain(self, reason: str) -> int: ...
+    def retire(self) -> None: ...
+    def close_all(self) -> None: ...
+
+
+def new_pool(
+    name: str,
+    state: Any,
+    loop: asyncio.AbstractEventLoop,
+    stats: Any,
+    tasks: set[asyncio.Task[Any]],
+) -> ConnectionPool:
+    """The pool for a cluster, by ``upstream_protocol``. Only the HTTP/1.1 pool exists yet: a
+    cluster that wants HTTP/2 gets it too, and the sidecar says so once (the HTTP/2 pool,
+    ``network/h2pool.py``, plugs in here)."""
+    protocol = upstream_protocol(state.cluster)
+    if protocol != HTTP1:
+        log.warning(
+            "cluster %s: its port protocol %r wants %s upstream; this sidecar speaks HTTP/1.1 to "
+            "it (HTTP/2 upstreams are not implemented yet)",
+            name, state.cluster.protocol, protocol,
+        )  # fmt: skip
+    return Http1Pool(name, state, loop, stats, tasks)
+
+
+class Http1Pool:
+    """All HTTP/1.1 upstream connections of one cluster: one request per connection at a time."""
+
+    protocol = HTTP1
 
     def __init__(
         self,
@@ -173,8 +241,8 @@ class ClusterPool:
 
     def _hand(self, conn: UpstreamConnection, stream: Any) -> None:
         conn.requests += 1
-        conn.stream = stream
-        conn.decoder.sink = stream  # response events go straight to the stream
+        conn.stream = stream  # conn.hand_to(stream) inlined: the codec's events now go
+        conn.codec.sink = stream  # straight to the requester
         stream.attach(conn)
 
     def _serve_pending(self) -> None:
@@ -190,13 +258,13 @@ class ClusterPool:
     # -- releasing
     def release(self, conn: UpstreamConnection) -> None:
         """The stream is done with ``conn`` (response complete, request fully sent)."""
-        conn.stream = None
-        conn.decoder.sink = conn  # stray bytes while idle end up in the connection: it closes
+        conn.stream = None  # conn.hand_to(None) inlined: stray bytes while idle end up in
+        conn.codec.sink = conn  # the connection, which closes
         if conn.closed:
             return
         maxreq = self.state.cluster.pool.max_requests_per_connection
         if (
-            not conn.keep_alive
+            not conn.codec.keep_alive
             or (maxreq and conn.requests >= maxreq)
             or self.retired
             or conn.stale
@@ -274,3 +342,6 @@ class ClusterPool:
             for c in list(conns):
                 c.close()
         self.idle.clear()
+
+
+ClusterPool = Http1Pool  # the name before the pool interface existed
