@@ -10,10 +10,10 @@ from typing import Any
 from diktyo.testing import (
     FakeUpstream,
     Response,
-    cluster_name,
     eventually,
     http_request,
     http_snapshot,
+    outbound_cluster,
     start_sidecar,
 )
 
@@ -37,14 +37,14 @@ async def test_a_shadow_that_breaks_http1_costs_only_the_copy() -> None:
     shadow_port = server.sockets[0].getsockname()[1]
     try:
         async with FakeUpstream(Response(body=b"main")) as main:
-            mcl = cluster_name("mirror")
+            mcl = outbound_cluster("mirror")
             snap = http_snapshot(
                 {"reviews": [("127.0.0.1", main.port)], "mirror": [("127.0.0.1", shadow_port)]},
                 routes={
                     "reviews": [
                         {
                             "name": "m",
-                            "clusters": [{"cluster": cluster_name("reviews"), "host": "reviews"}],
+                            "clusters": [{"cluster": outbound_cluster("reviews"), "host": "reviews"}],
                             "mirrors": [{"cluster": mcl, "host": "mirror"}],
                         }
                     ]

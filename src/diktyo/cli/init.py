@@ -19,7 +19,7 @@ DESCRIPTION = (
 )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
     p = subparsers.add_parser(
         "init",
         help="print or install a pod's traffic-capture iptables rules (like istio-iptables)",

@@ -84,7 +84,7 @@ class CaptureConfig:
             inbound_ports_exclude=DEFAULT_EXCLUDE_INBOUND_PORTS,
             outbound_ip_ranges_include="*",
         )
-        return replace(base, **changes)  # type: ignore[arg-type]
+        return replace(base, **changes)  # type: ignore[arg-type]  # replace() rejects unknown field names at run time
 
     def validate(self) -> CaptureConfig:
         """Self if every setting is valid; raises ``CaptureConfigError`` naming the bad one."""
@@ -186,7 +186,7 @@ def from_annotations(
         if field_name == "inbound_ports_exclude":
             value = ",".join(split(cfg.inbound_ports_exclude) + split(value))
         changes[field_name] = value
-    return replace(cfg, **changes).validate()  # type: ignore[arg-type]
+    return replace(cfg, **changes).validate()  # type: ignore[arg-type]  # keys come from ANNOTATIONS, all CaptureConfig str fields
 
 
 def build_rules(cfg: CaptureConfig) -> list[str]:

@@ -66,7 +66,7 @@ class EtcdCluster:
         self.wait_healthy(timeout)
 
     def start_member(self, i: int, wait: bool = True, timeout: float = 20.0) -> None:
-        if self.procs[i] is not None and self.procs[i].poll() is None:  # type: ignore[union-attr]
+        if self.procs[i] is not None and self.procs[i].poll() is None:  # type: ignore[union-attr]  # checked for None on the left
             return
         data = self.directory / f"{self.names[i]}.etcd"
         log = open(self.directory / f"{self.names[i]}.log", "ab")  # noqa: SIM115 - child owns it
