@@ -28,6 +28,10 @@ from typing import Protocol
 
 import httptools
 
+from diktyo.proxy.codec.events import CodecError, RequestHead
+
+__all__ = ["CodecError", "RequestHead"]  # defined in events (protocol-neutral), re-exported
+
 MAX_HEADER_BYTES = 60 * 1024
 MAX_HEADER_COUNT = 100
 
@@ -100,38 +104,6 @@ def status_line(status: int) -> bytes:
     if line is None:
         line = b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))
     return line
-
-
-class CodecError(Exception):
-    """Malformed, unsupported or oversized input; ``status`` is the answer to send (400, 413,
-    426, 431, 501, 505; 502 on the upstream side)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class RequestHead:
-    """One decoded request head. ``path`` is origin-form (``/x?y``) even for absolute-form URIs.
-
-    Fields default at class level (no ``__slots__``): the decoder sets only what a request has.
-    """
-
-    method = "GET"
-    path = "/"
-    authority = ""
-    scheme = "http"
-    keep_alive = True
-    version = "1.1"
-    has_body = False
-    chunked = False
-    content_length: int | None = None
-    expect_continue = False
-    upgrade = False
-
-    def __init__(self, headers: dict[str, str] | None = None) -> None:
-        self.headers: dict[str, str] = {} if headers is None else headers
 
 
 class RequestSink(Protocol):
