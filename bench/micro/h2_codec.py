@@ -145,8 +145,10 @@ def main() -> None:
     body = b"x" * a.body
     import h2 as h2pkg
 
-    print(f"h2 {h2pkg.__version__}, {a.requests} requests, {a.concurrency} streams at a time, "
-          f"{a.body} B body; CPU us per round trip (client+server side), best of {a.reps}")
+    print(
+        f"h2 {h2pkg.__version__}, {a.requests} requests, {a.concurrency} streams at a time, "
+        f"{a.body} B body; CPU us per round trip (client+server side), best of {a.reps}"
+    )
     rows = [
         ("http1 (httptools)", run_h1, False),
         ("h2, header validation on", run_h2, True),
