@@ -246,6 +246,7 @@ class _H2Codec:
         self._streams: dict[int, _Stream] = {}
         self._closed = False
         self.goaway_received = False
+        self.peer_settings_received = False
         self.last_stream_id_from_peer = _BIG
         # flood accounting
         self._control_queued = 0
@@ -553,6 +554,7 @@ class _H2Codec:
                         if st.pending:
                             self._flush(sid, st)
             elif t is E.RemoteSettingsChanged:
+                self.peer_settings_received = True
                 if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
                     for sid, st in list(self._streams.items()):
                         if st.pending:
