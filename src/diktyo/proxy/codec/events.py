@@ -238,11 +238,24 @@ class ServerCodec(_Codec, Protocol):
         """``100 Continue`` for a request that expects it."""
         ...
 
+    def drain(self) -> None:
+        """Take no new streams: HTTP/1.1 answers the request in flight with
+        ``connection: close``; HTTP/2 sends GOAWAY and lets open streams finish."""
+        ...
+
+    @property
+    def reusable(self) -> bool:
+        """False once the connection must close after the streams in flight."""
+        ...
+
 
 class ClientCodec(_Codec, Protocol):
     """Upstream side: requests out, responses in."""
 
     max_concurrent_streams: int  # 1 for HTTP/1.1; the peer's SETTINGS value for HTTP/2
+    # False: no further stream may start on this connection (HTTP/1.1 "Connection: close" or a
+    # close-delimited body; HTTP/2 GOAWAY received); the pool closes it when it is idle
+    keep_alive: bool
 
     def new_stream(self) -> int:
         """A stream id for the next request (HTTP/1.1: only when no stream is open)."""

@@ -24,11 +24,21 @@ decoded per header on the hot path).
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
-from diktyo.proxy.codec.events import CodecError, RequestHead
+from diktyo.proxy.codec.events import (
+    ClientCodec,
+    ClientSink,
+    CodecError,
+    HeaderList,
+    RequestHead,
+    ResetReason,
+    ResponseHead,
+    ServerCodec,
+    ServerSink,
+)
 
 __all__ = ["CodecError", "RequestHead"]  # defined in events (protocol-neutral), re-exported
 
@@ -592,3 +602,263 @@ def local_response(
     parts.append(_CRLF)
     parts.append(body)
     return b"".join(parts)
+
+
+# --------------------------------------------------------------------------- codecs (events.py)
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CLOSE_HDR = b"connection: close\r\n"
+_KEEP_ALIVE_HDR = b"connection: keep-alive\r\n"
+
+
+class Http1ServerCodec:
+    """``events.ServerCodec`` for HTTP/1.1: requests in (``RequestDecoder``), responses out.
+
+    Requests are numbered 1, 2, 3... (pipelined requests are decoded in order; the connection
+    answers them one at a time, in order). The response framing is chosen here alone: the
+    upstream's ``content-length`` is kept, else HTTP/1.1 responses are chunked and HTTP/1.0
+    ones close-delimited; ``HEAD``, 204 and 304 carry no body; ``connection: close`` goes out
+    when the request asked for it, the response is close-delimited or ``drain()`` was called
+    (then ``reusable`` turns False once the response is written).
+    """
+
+    protocol = "HTTP/1.1"
+    multiplexed = False
+
+    __slots__ = ("_chunked", "_closing", "_no_body", "_out", "_requests", "_sid", "decoder", "sink")
+
+    def __init__(self, sink: ServerSink, accept_http_10: bool = True) -> None:
+        self.sink = sink
+        self.decoder = RequestDecoder(self, accept_http_10=accept_http_10)
+        self._sid = 0
+        self._requests: dict[int, RequestHead] = {}  # sid -> head, until its response is sent
+        self._out: list[bytes] = []
+        self._chunked = False
+        self._no_body = False
+        self._closing = False
+
+    # -- RequestDecoder sink -> events
+    def on_request_head(self, head: RequestHead) -> None:
+        self._sid = sid = self._sid + 1
+        self._requests[sid] = head
+        self.sink.on_request_headers(sid, head)
+
+    def on_request_body(self, chunk: bytes) -> None:
+        self.sink.on_request_data(self._sid, chunk)
+
+    def on_request_end(self) -> None:
+        self.sink.on_request_end(self._sid)
+
+    # -- input
+    def feed(self, data: bytes) -> None:
+        self.decoder.feed(data)
+
+    def eof(self) -> None:
+        pass  # a request cut short is reported by the connection (the client went away)
+
+    @property
+    def heads_begun(self) -> int:
+        """How many request heads began (header-timeout bookkeeping)."""
+        return self.decoder.begun
+
+    @property
+    def in_head(self) -> bool:
+        """True from a request head's first byte until it is complete."""
+        return self.decoder.in_head
+
+    @property
+    def reusable(self) -> bool:
+        """False once a response went out with ``connection: close``."""
+        return not self._closing
+
+    def drain(self) -> None:
+        """Answer the request in flight with ``connection: close``, then stop."""
+        self._closing = True
+
+    # -- output
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def send_continue(self, sid: int) -> None:
+        self._out.append(_CONTINUE)
+
+    def send_headers(self, sid: int, head: ResponseHead, end_stream: bool = False) -> None:
+        req = self._requests.get(sid) or _NO_REQUEST
+        status = head.status
+        extra = b""
+        self._chunked = False
+        self._no_body = no_body = req.method == "HEAD"
+        if no_body or status == 204 or status == 304 or head.has_content_length:
+            pass
+        elif req.version == "1.1":
+            extra = _CHUNKED
+            self._chunked = True
+        else:
+            self._closing = True  # HTTP/1.0 without a length: the body ends with the connection
+        if self._closing or not req.keep_alive:
+            self._closing = True
+            extra += _CLOSE_HDR
+        elif req.version == "1.0":
+            extra += _KEEP_ALIVE_HDR  # HTTP/1.0 keep-alive must be confirmed
+        block = head.raw if head.raw is not None else head.block()
+        line = STATUS_LINES.get(status) or status_line(status)
+        self._out.append(line + block[:-2] + extra + _CRLF)
+        if end_stream:
+            self._end(sid)
+
+    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
+        if data and not self._no_body:
+            if self._chunked:
+                self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
+            else:
+                self._out.append(data)
+        if end_stream:
+            self._end(sid)
+
+    def send_trailers(self, sid: int, trailers: HeaderList) -> None:
+        if self._chunked and not self._no_body:
+            self._chunked = False
+            self._out.append(b"0\r\n" + encode_header_block(trailers))
+        self._end(sid)
+
+    def _end(self, sid: int) -> None:
+        if self._chunked:
+            self._chunked = False
+            if not self._no_body:
+                self._out.append(LAST_CHUNK)
+        self._requests.pop(sid, None)
+
+    def send_reset(self, sid: int, reason: ResetReason) -> None:
+        # HTTP/1.1 has no stream reset: the connection must be aborted by its owner
+        self._closing = True
+        self._requests.pop(sid, None)
+
+    def send_error(self, status: int, message: str) -> None:
+        """A connection-level error answer (malformed request, header timeout), then close."""
+        self._closing = True
+        self._out.append(local_response(status, message.encode(), close=True))
+
+    # -- flow control: HTTP/1.1 relies on the transport (pause_reading on the socket)
+    def acknowledge(self, sid: int, n: int) -> None:
+        pass
+
+    def pause_reading(self, sid: int) -> None:
+        pass
+
+    def resume_reading(self, sid: int) -> None:
+        pass
+
+
+_NO_REQUEST = RequestHead()
+
+
+class Http1ClientCodec:
+    """``events.ClientCodec`` for HTTP/1.1: requests out, responses in (``ResponseDecoder``).
+
+    One stream at a time. The request body is framed with the head's ``content-length``, else
+    chunked when it has one; response heads come out as ``ResponseHead`` with the raw header
+    block (hop-by-hop lines removed). ``keep_alive`` says whether the connection may carry
+    another request after the response.
+    """
+
+    protocol = "HTTP/1.1"
+    multiplexed = False
+    max_concurrent_streams = 1
+
+    __slots__ = ("_chunked", "_out", "_sid", "decoder", "keep_alive", "sink")
+
+    def __init__(self, sink: ClientSink) -> None:
+        self.sink = sink
+        self.decoder = ResponseDecoder(self)
+        self._sid = 0
+        self._out: list[bytes] = []
+        self._chunked = False
+        self.keep_alive = True
+
+    def new_stream(self) -> int:
+        self._sid += 1
+        return self._sid
+
+    # -- ResponseDecoder sink -> events
+    def on_response_head(self, status: int, block: bytes, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        raw, has_cl = strip_hop_by_hop(block)
+        self.sink.on_response_headers(self._sid, ResponseHead(status, None, raw, has_cl))
+
+    def on_response_body(self, chunk: bytes) -> None:
+        self.sink.on_response_data(self._sid, chunk)
+
+    def on_response_end(self) -> None:
+        self.sink.on_response_end(self._sid)
+
+    # -- input
+    def feed(self, data: bytes) -> None:
+        self.decoder.feed(data)
+
+    def eof(self) -> None:
+        self.decoder.eof()
+
+    @property
+    def started(self) -> bool:
+        """True once a byte of the current response was decoded."""
+        return self.decoder.started
+
+    # -- output
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
+        if head.chunked or (head.has_body and head.content_length is None):
+            framing = _CHUNKED
+            self._chunked = True
+        else:
+            self._chunked = False
+            cl = head.content_length
+            framing = b"" if cl is None else b"content-length: %d\r\n" % cl
+        if head.method == "HEAD":
+            self.decoder.expect_no_body()
+        self._out.append(encode_request_head(head.method, head.path, head.headers, framing))
+        if end_stream and self._chunked:
+            self._chunked = False
+            self._out.append(LAST_CHUNK)
+
+    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
+        if self._chunked:
+            if data:
+                self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
+            if end_stream:
+                self._chunked = False
+                self._out.append(LAST_CHUNK)
+        elif data:
+            self._out.append(data)
+
+    def send_trailers(self, sid: int, trailers: HeaderList) -> None:
+        if self._chunked:
+            self._chunked = False
+            self._out.append(b"0\r\n" + encode_header_block(trailers))
+
+    def send_reset(self, sid: int, reason: ResetReason) -> None:
+        self.keep_alive = False  # HTTP/1.1: the owner closes the connection
+
+    def acknowledge(self, sid: int, n: int) -> None:
+        pass
+
+    def pause_reading(self, sid: int) -> None:
+        pass
+
+    def resume_reading(self, sid: int) -> None:
+        pass
+
+
+if TYPE_CHECKING:  # the type checker proves both codecs implement the neutral interfaces
+
+    def _conforms(s: ServerSink, c: ClientSink) -> tuple[ServerCodec, ClientCodec]:
+        return Http1ServerCodec(s), Http1ClientCodec(c)
