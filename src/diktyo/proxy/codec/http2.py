@@ -45,7 +45,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h2.config
 import h2.connection
@@ -58,12 +58,14 @@ import hyperframe.exceptions as hfe
 import hyperframe.frame as hf
 
 from diktyo.proxy.codec.events import (
+    ClientCodec,
     ClientSink,
     CodecError,
     HeaderList,
     RequestHead,
     ResetReason,
     ResponseHead,
+    ServerCodec,
     ServerSink,
 )
 
@@ -720,6 +722,14 @@ class Http2ServerCodec(_H2Codec):
         if sid in self._streams:
             self._conn.send_headers(sid, [(b":status", b"100")])
 
+    def drain(self) -> None:
+        """GOAWAY(NO_ERROR) naming the last stream taken; open streams finish."""
+        self.goaway(0)
+
+    @property
+    def reusable(self) -> bool:
+        return not self.closed
+
     def _sink_data(self, sid: int, data: bytes) -> None:
         self.sink.on_request_data(sid, data)
 
@@ -755,9 +765,26 @@ class Http2ClientCodec(_H2Codec):
         super().__init__(True, options, stats, clock)
         self.sink = sink
 
+    _stream_cap = _BIG
+    _no_new_streams = False
+
     @property
     def max_concurrent_streams(self) -> int:
-        return int(self._conn.remote_settings.max_concurrent_streams)
+        """The peer's SETTINGS_MAX_CONCURRENT_STREAMS (capped by an assignment)."""
+        return min(int(self._conn.remote_settings.max_concurrent_streams), self._stream_cap)
+
+    @max_concurrent_streams.setter
+    def max_concurrent_streams(self, value: int) -> None:
+        self._stream_cap = value
+
+    @property
+    def keep_alive(self) -> bool:
+        """False after a GOAWAY (either way), a connection error or ``keep_alive = False``."""
+        return not (self.closed or self._no_new_streams)
+
+    @keep_alive.setter
+    def keep_alive(self, value: bool) -> None:
+        self._no_new_streams = not value
 
     def new_stream(self) -> int:
         sid = int(self._conn.get_next_available_stream_id())
@@ -832,3 +859,12 @@ class Http2ClientCodec(_H2Codec):
     def _premature_reset(self, st: _Stream) -> None:
         # upstream resets are the upstream's business; rapid reset guards downstream peers
         return
+
+
+if TYPE_CHECKING:  # mypy checks that both classes implement core's codec interfaces
+
+    def _server(s: ServerSink) -> ServerCodec:
+        return Http2ServerCodec(s)
+
+    def _client(c: ClientSink) -> ClientCodec:
+        return Http2ClientCodec(c)
