@@ -39,7 +39,7 @@ class _Conn(asyncio.Protocol):
         self.requests: dict[int, H2Request] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # asyncio hands a BaseTransport; TCP gives a Transport
         self.server.conns.append(self)
         self.flush()
 

@@ -185,7 +185,7 @@ class _ServerSettings(h2.settings.Settings):
     refuse it with RST_STREAM(REFUSED_STREAM) after HPACK-decoding it (`h2` would raise before
     decoding and leave the HPACK table out of step with the peer's)."""
 
-    @property  # type: ignore[misc]
+    @property  # type: ignore[misc]  # read-only on purpose: see the class docstring
     def max_concurrent_streams(self) -> int:
         return _BIG
 

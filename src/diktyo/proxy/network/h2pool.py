@@ -110,7 +110,7 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # asyncio hands a BaseTransport; TCP gives a Transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             import socket
