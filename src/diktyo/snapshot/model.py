@@ -143,6 +143,9 @@ class FaultDelay(_S, frozen=True):
 class FaultAbort(_S, frozen=True):
     http_status: int
     percentage: float = 100.0
+    # fault.abort.grpcStatus: gRPC requests get this grpc-status (HTTP 200, trailers-only);
+    # other requests get ``http_status`` (Envoy's mapping of the code)
+    grpc_status: int | None = None
 
 
 class Fault(_S, frozen=True):
