@@ -228,3 +228,17 @@ async def test_large_response_flows_through_the_window(size: int) -> None:
         assert await asyncio.wait_for(r.outcome, 10) == "ok"
         assert len(r.data) == size
         pool.close_all()
+
+
+async def test_destination_rule_max_concurrent_streams_caps_each_connection() -> None:
+    async with FakeH2Upstream() as up:  # the peer would allow 100
+        pool, host, _ = make_pool(up.port, max_concurrent_streams=2)
+        reqs = [Req("/hold") for _ in range(4)]
+        for r in reqs:
+            pool.acquire(r, host)
+        await eventually(lambda: len(up.requests) == 4, timeout=10)
+        assert sorted({rq.conn_id for rq in up.requests}) == [1, 2]
+        assert max(sum(1 for rq in up.requests if rq.conn_id == c) for c in (1, 2)) == 2
+        up.release_held()
+        assert await asyncio.wait_for(asyncio.gather(*(r.outcome for r in reqs)), 10) == ["ok"] * 4
+        pool.close_all()

@@ -95,8 +95,13 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     # -- capacity
     def stream_limit(self) -> int:
+        """The peer's SETTINGS_MAX_CONCURRENT_STREAMS, capped by the DestinationRule's
+        ``connectionPool.http.maxConcurrentStreams`` (Envoy's upstream max_concurrent_streams)."""
         peer = self.codec.max_concurrent_streams
-        limit = self.pool.max_streams_per_connection
+        limit = (
+            self.pool.state.cluster.pool.max_concurrent_streams
+            or self.pool.max_streams_per_connection
+        )
         return min(peer, limit) if peer else 0
 
     def usable(self) -> bool:
