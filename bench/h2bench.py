@@ -41,9 +41,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import configs  # noqa: E402
-import procs  # noqa: E402
-from procs import LOAD_CORE, PROXY_CORE, Proc, free_port  # noqa: E402
+import configs
+import procs
+from procs import LOAD_CORE, PROXY_CORE, Proc, free_port
 
 BODY = "ok\n"
 
