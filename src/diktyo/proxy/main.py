@@ -63,9 +63,7 @@ class SidecarOptions:
     config_loader: Callable[[str, int], Snapshot] | None = None
 
     # bearer token file for state-changing admin endpoints ("" = generate one in the state dir)
-    admin_token_file: str = field(
-        default_factory=lambda: os.environ.get(ADMIN_TOKEN_FILE_ENV, "")
-    )
+    admin_token_file: str = field(default_factory=lambda: os.environ.get(ADMIN_TOKEN_FILE_ENV, ""))
 
 
 def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:

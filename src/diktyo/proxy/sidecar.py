@@ -26,7 +26,7 @@ from diktyo.core.clock import SYSTEM_CLOCK, Clock, make_random
 from diktyo.proxy.http.connection_manager import HttpConnection, RequestIds
 from diktyo.proxy.http.policies import ClusterState
 from diktyo.proxy.network.listener import bind_listener, serve
-from diktyo.proxy.network.pool import ClusterPool
+from diktyo.proxy.network.pool import ConnectionPool, new_pool
 from diktyo.proxy.router.matcher import RouteMatcher
 from diktyo.proxy.stats import Stats
 from diktyo.snapshot.codec import SnapshotError, validate
@@ -102,6 +102,7 @@ class Runtime:
             except ValueError as exc:
                 raise SnapshotError(f"route table {table.name!r}: {exc}") from None
         self.matchers = matchers
+        self.filter_chains: dict[tuple[str, str], Any] = {}  # (direction, reporter) -> FilterChain
         node = snapshot.node
         principal = spiffe_id(node.trust_domain, node.namespace, node.service_account)
         self.me = WorkloadInfo.from_labels(node.workload, node.namespace, node.labels, principal)
@@ -185,7 +186,7 @@ class Runtime:
             raise SnapshotError(f"cluster state: {type(exc).__name__}: {exc}") from None
         self.clusters = clusters
 
-    def pool_for(self, cstate: Any) -> ClusterPool:
+    def pool_for(self, cstate: Any) -> ConnectionPool:
         return self.sidecar.pools[cstate.cluster.name]
 
     def labels_for(self, reporter: str, cstate: Any, host: Any) -> Any:
@@ -230,7 +231,7 @@ class Sidecar:
         self.request_ids = RequestIds(self.rng)
         self.rt: Runtime | None = None
         self.listeners: dict[str, ListenerContext] = {}
-        self.pools: dict[str, ClusterPool] = {}
+        self.pools: dict[str, ConnectionPool] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.bind_address = bind_address
         self.draining = False
@@ -284,7 +285,7 @@ class Sidecar:
         for name, cs in rt.clusters.items():
             pool = self.pools.get(name)
             if pool is None:
-                pool = self.pools[name] = ClusterPool(name, cs, self.loop, self.stats, self.tasks)
+                pool = self.pools[name] = new_pool(name, cs, self.loop, self.stats, self.tasks)
                 pool.certs = self.certs
             else:
                 before = pool.state.cluster
@@ -362,7 +363,7 @@ class Sidecar:
             rt.snapshot.telemetry,
         )
 
-    def _retune_tls(self, pool: ClusterPool, cs: Any) -> None:
+    def _retune_tls(self, pool: ConnectionPool, cs: Any) -> None:
         """Plaintext and mTLS connections don't mix: drop those whose TLS-ness changed."""
         from diktyo.proxy.network.upstream import is_secure
 

@@ -5,7 +5,7 @@ AuthorizationPolicy or RequestAuthentication selects them (Istio's ingress polic
 
 ``InboundGuard`` is built per snapshot (``Runtime.inbound_guard``) when the sidecar has a
 workload certificate or the snapshot carries AuthorizationPolicies / RequestAuthentications.
-``check(stream)`` runs before the request is forwarded to the app:
+It is a filter (``filters.contract``); ``decode_headers`` runs before the request is forwarded:
 
 - the peer's SPIFFE id and certificate come from the connection's TLS session (cached per
   connection); ``x-forwarded-client-cert`` is replaced by ``By=<us>;Hash=<sha256>;URI=<peer>``;
@@ -23,7 +23,15 @@ import dataclasses
 import logging
 from typing import Any
 
+from diktyo.proxy.codec.events import RequestHead
 from diktyo.proxy.filters.authz import InboundSecurity, InboundVerdict
+from diktyo.proxy.filters.contract import (
+    CONTINUE,
+    STOP,
+    FilterCallbacks,
+    FilterStatus,
+    HttpFilter,
+)
 from diktyo.security.certs import spiffe_id_of_der
 from diktyo.snapshot.security import SecurityConfig
 from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER, PeerLabels, WorkloadInfo
@@ -59,8 +67,10 @@ def connection_peer(conn: Any) -> tuple[str, bytes | None]:
     return peer
 
 
-class InboundGuard:
-    """The inbound security of one runtime (snapshot)."""
+class InboundGuard(HttpFilter):
+    """The inbound security of one runtime (snapshot), as the first filter of the chain:
+    mTLS peer -> path normalisation -> JWT -> RBAC (one filter, as RBAC reads the JWT
+    verdict's claims)."""
 
     __slots__ = ("rt", "security", "service", "telemetry")
 
@@ -99,55 +109,59 @@ class InboundGuard:
             rt.peers[key] = p
         return p
 
-    def check(self, stream: Any) -> bool:
-        """True: forward the request; False: it was answered here (or continues asynchronously)."""
-        conn = stream.conn
-        principal, der = connection_peer(conn)
-        head = stream.head
+    def decode_headers(self, cb: FilterCallbacks, head: RequestHead) -> FilterStatus:
+        """CONTINUE: forward the request; STOP: answered here, or continues once a remote
+        JWKS is fetched."""
+        principal, der = cb.downstream_tls_peer()
         h = head.headers
-        verdict: InboundVerdict | None = stream.__dict__.pop("sec_verdict", None)
-        if verdict is None:
-            meta = h.pop(PEER_METADATA_HEADER, None)
-            if self.telemetry and (principal or meta):
-                stream.peer_labels = self.labels(principal, meta, stream.cstate)
-            verdict = self.security.check(
-                head.method, head.path, head.authority, h, stream.ctx.service_port or 0,
-                principal, conn.peer, der,
-            )  # fmt: skip
-            if verdict is None:  # a remote JWKS is not fetched yet
-                stream.rt.sidecar._spawn(self._later(stream, principal, der))
-                return False
+        meta = h.pop(PEER_METADATA_HEADER, None)
+        if self.telemetry and (principal or meta):
+            cb.set_peer_labels(self.labels(principal, meta, cb.cstate))
+        verdict = self.security.check(
+            head.method, head.path, head.authority, h, cb.service_port() or 0,
+            principal, cb.downstream_address(), der,
+        )  # fmt: skip
+        if verdict is None:  # a remote JWKS is not fetched yet
+            self.rt.sidecar._spawn(self._later(cb, head, principal, der))
+            return STOP
+        return self._apply(cb, head, verdict, principal)
+
+    def _apply(
+        self, cb: FilterCallbacks, head: RequestHead, verdict: InboundVerdict, principal: str
+    ) -> FilterStatus:
         if verdict.status:
             flag = "RBAC" if verdict.status == 403 else ""
             # a counter per refusal kind (Envoy's rbac.denied / jwt_authn.denied) and the reason
             counter = _DENIED_COUNTERS.get(verdict.status, "security_denied")
-            server = stream.rt.stats.server
+            server = self.rt.stats.server
             server[counter] = server.get(counter, 0) + 1
             log.info(
                 "inbound %s %s from %s refused %d: %s",
-                head.method, head.path[:200], principal or conn.peer or "unknown",
+                head.method, head.path[:200], principal or cb.downstream_address() or "unknown",
                 verdict.status, verdict.details or verdict.body[:120].decode(errors="replace"),
             )  # fmt: skip
-            stream.local_reply(verdict.status, verdict.body, flag)
-            return False
+            cb.send_local_reply(verdict.status, verdict.body, flag)
+            return STOP
+        h = head.headers
         for k in verdict.remove_headers:
             h.pop(k, None)
         for k, v in verdict.set_headers:
             h[k] = v
-        stream.path_out = verdict.path
-        return True
+        cb.set_upstream_path(verdict.path)
+        return CONTINUE
 
-    async def _later(self, stream: Any, principal: str, der: bytes | None) -> None:
-        head = stream.head
+    async def _later(
+        self, cb: FilterCallbacks, head: RequestHead, principal: str, der: bytes | None
+    ) -> None:
         try:
             verdict = await self.security.check_async(
                 head.method, head.path, head.authority, head.headers,
-                stream.ctx.service_port or 0, principal, stream.conn.peer, der,
+                cb.service_port() or 0, principal, cb.downstream_address(), der,
             )  # fmt: skip
         except Exception:
             log.exception("inbound security check failed")
             verdict = InboundVerdict(500, b"internal proxy error", "security_check_failed")
-        if stream.done or stream.resp_started:
+        if not cb.active():
             return
-        stream.sec_verdict = verdict
-        stream.conn.start_stream(stream)
+        if self._apply(cb, head, verdict, principal) is CONTINUE:
+            cb.continue_decoding()

@@ -1,20 +1,24 @@
-"""HTTP connection manager: one downstream HTTP/1.1 connection and the streams (requests) on it.
+"""HTTP connection manager: downstream connections and the streams (requests) on them.
 
 Theory of operation
 -------------------
-``HttpConnection`` is the asyncio Protocol of a downstream connection. The codec emits request
-heads, body chunks and ends; each head becomes a ``Stream``. Pipelined requests are processed
-one after the other: only ``streams[0]`` is active, later ones buffer (reading is paused while
-more than one is queued).
+``HttpConnection`` is the asyncio Protocol of one downstream HTTP/1.1 connection. Its codec
+(``codec.http1.Http1ServerCodec``, the ``events.ServerCodec`` interface) turns bytes into
+protocol-neutral events and back: every request head becomes a ``DownstreamStream``; the
+stream encodes its response through the same codec and never writes framing itself.
+Pipelined requests are processed one after the other: only ``streams[0]`` is active, later
+ones buffer (reading is paused while more than one is queued).
 
-A ``Stream`` runs the request through the route (fault -> direct response / redirect ->
-weighted destination -> header operations and rewrites -> mirrors) and then through attempts:
-``ClusterState.pick_host`` -> ``ClusterPool.acquire`` (idle MRU connection, pending queue,
-circuit breaker overflow ``UO``) -> ``attach`` (head and buffered body written in one write) ->
-response events forwarded with re-framing. Failures before the response started become local
-replies with Envoy's status, body and response flag (or a retry per ``RetryState``); failures
-after it reset the downstream connection. A reused pooled connection that dies before any
-response byte (the keep-alive race) is retried once on a fresh connection, transparently.
+A ``DownstreamStream`` moves through explicit phases (``http.phases``: DECODING ->
+FORWARDING -> RESPONDING -> RESPONDED -> DONE, or RESET), each transition checked against the
+table. It runs its filter chain (``filters.contract``: authn/authz and fault before the route
+action; header operations and tracing once the destination is chosen), then forwards the
+request through upstream attempts: each try is one ``UpstreamRequest``
+(``ClusterState.pick_host`` -> ``ConnectionPool.acquire`` -> ``attach``: head and buffered body
+encoded by the upstream connection's codec, one write). Failures before the response started
+become local replies with Envoy's status, body and response flag (or a retry, which is a new
+attempt); failures after it reset the downstream connection. A reused pooled connection that
+dies before any response byte (the keep-alive race) is retried once on a fresh connection.
 
 No Task per request: everything runs in protocol callbacks; timers use ``loop.call_at`` only
 when a timeout is configured. Header/idle timeouts are swept once a second by the sidecar.
@@ -29,27 +33,48 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from diktyo.proxy.codec.http1 import (
-    HOP_BY_HOP_STR,
-    LAST_CHUNK,
-    STATUS_LINES,
+from diktyo.proxy.codec.events import (
     CodecError,
-    RequestDecoder,
+    HeaderList,
     RequestHead,
-    content_length_header,
-    encode_header_block,
-    encode_request_head,
-    local_response,
-    parse_header_block,
-    status_line,
-    strip_hop_by_hop,
+    ResetReason,
+    ResponseHead,
 )
-from diktyo.proxy.http.policies import LbContext, RetryState, decide_fault
-from diktyo.proxy.router.matcher import CompiledDestination, CompiledRoute, RequestInfo
+from diktyo.proxy.codec.http1 import HOP_BY_HOP_STR, Http1ServerCodec
+from diktyo.proxy.filters.contract import STOP, FilterChain, HttpFilter
+from diktyo.proxy.filters.fault import MSG_FAULT_ABORT, FaultFilter
+from diktyo.proxy.filters.header_ops import HeaderOpsFilter
+from diktyo.proxy.filters.telemetry import (
+    AccessLogFilter,
+    StatsFilter,
+    TracingFilter,
+    span_name_for,
+)
+from diktyo.proxy.http.phases import (
+    DECODING,
+    DONE,
+    FORWARDING,
+    RESET,
+    RESPONDED,
+    RESPONDING,
+    Phase,
+    check_transition,
+)
+from diktyo.proxy.http.policies import LbContext, RetryState
+from diktyo.proxy.http.upstream_request import UpstreamRequest
 from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER
 
 if TYPE_CHECKING:
     from diktyo.proxy.http.context import ListenerContext, Runtime
+    from diktyo.proxy.router.matcher import CompiledDestination, CompiledRoute
+
+__all__ = [
+    "MSG_FAULT_ABORT",
+    "DownstreamStream",
+    "HttpConnection",
+    "RequestIds",
+    "span_name_for",
+]
 
 # Envoy's order of response flags in access logs
 FLAG_ORDER = (
@@ -85,19 +110,12 @@ _FLAG_RANK = {f: i for i, f in enumerate(FLAG_ORDER)}
 RETRY_BUFFER_LIMIT = 1024 * 1024  # body kept for retries (Envoy's default buffer limit)
 BUFFER_HIGH_WATER = 64 * 1024  # pause downstream reads while this much waits for upstream
 
-_CHUNKED_HDR = b"transfer-encoding: chunked\r\n"
-_CLOSE_HDR = b"connection: close\r\n"
-_KEEP_ALIVE_HDR = b"connection: keep-alive\r\n"
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CONTENT_LENGTH = b"content-length"
-
 # end-to-end headers a client cannot make hop-by-hop by naming them in Connection
 _NEVER_HOP_BY_HOP = frozenset({"host"})
 
 MSG_CONNECT_FAILURE = "upstream connect error or disconnect/reset before headers. reset reason: "
 MSG_TIMEOUT = b"upstream request timeout"
 MSG_NO_HEALTHY = b"no healthy upstream"
-MSG_FAULT_ABORT = b"fault filter abort"
 
 # reasons the downstream connection stopped reading (bit mask)
 PAUSE_PIPELINE = 1
@@ -107,6 +125,8 @@ PAUSE_BUFFER = 4
 _monotonic = time.monotonic
 log = logging.getLogger("diktyo.proxy")
 _NO_LB_CONTEXT = LbContext({}, "", None)  # shared by requests whose LB ignores the request
+_PLAIN_PEER: tuple[str, bytes | None] = ("", None)
+_TEXT_PLAIN = (b"content-type", b"text/plain")
 
 
 class RequestIds:
@@ -132,13 +152,6 @@ def request_id(rng: Any) -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
-def span_name_for(service: str, port: int | None, authority: str) -> str:
-    """Envoy's operation name: ``reviews.default.svc.cluster.local:9080/*``."""
-    if service:
-        return f"{service}:{port}/*" if port else f"{service}/*"
-    return f"{authority}/*"
-
-
 def strip_edge_headers(headers: dict[str, str]) -> None:
     """At the edge (a gateway listener), drop every ``x-envoy-*`` request header, as Envoy does
     for external requests: a client must not set the route timeout
@@ -154,26 +167,76 @@ def join_flags(flags: set[str] | None) -> str:
     return ",".join(sorted(flags, key=lambda f: _FLAG_RANK.get(f, 99)))
 
 
+_HEADER_OPS = HeaderOpsFilter()
+
+
+def build_filter_chain(rt: Runtime, direction: str, reporter: str) -> FilterChain:
+    """The filters of a listener direction in a snapshot (only those configured)."""
+    decode: list[HttpFilter] = []
+    route: list[HttpFilter] = []
+    other: list[HttpFilter] = [StatsFilter(rt, reporter)]
+    if rt.access_log is not None:
+        other.append(AccessLogFilter(rt.access_log))
+    if direction == "inbound":
+        if rt.inbound_guard is not None:
+            decode.append(rt.inbound_guard)
+    else:
+        if rt.gateway_guard is not None:
+            decode.append(rt.gateway_guard)
+        faults = any(
+            cr.route.fault is not None
+            for m in rt.matchers.values()
+            for cvh in m.vhosts
+            for cr in cvh.routes
+        )
+        if faults:
+            decode.append(FaultFilter(rt.loop, rt.rng))
+        route.append(_HEADER_OPS)
+    if rt.tracer is not None:
+        route.append(TracingFilter(rt.tracer, direction == "inbound", rt.inbound_service))
+    return FilterChain(decode, route, other)
+
+
+def chain_for(rt: Runtime, ctx: ListenerContext) -> FilterChain:
+    key = (ctx.direction, ctx.reporter)
+    chain = rt.filter_chains.get(key)
+    if chain is None:
+        chain = rt.filter_chains[key] = build_filter_chain(rt, ctx.direction, ctx.reporter)
+    return chain
+
+
 class HttpConnection(asyncio.Protocol):
-    """One downstream connection (see module docstring)."""
+    """One downstream HTTP/1.1 connection (see module docstring); the codec's ``ServerSink``."""
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
-        self.decoder = RequestDecoder(self, accept_http_10=ctx.sidecar.accept_http_10)
+        self.codec = Http1ServerCodec(self, accept_http_10=ctx.sidecar.accept_http_10)
+        self.decoder = self.codec.decoder  # header-timeout bookkeeping reads it per read
         self.transport: asyncio.Transport | None = None
-        self.streams: deque[Stream] = deque()
+        self.streams: deque[DownstreamStream] = deque()
         self.paused = 0
         self.write_paused = False
         self.closed = False
-        self.close_after = False
+        self._close_after = False
         self.peer = ""
         self.last_activity = 0.0
         self.head_start = 0.0  # arrival of the first byte of the request head being read
         self.requests = 0
 
+    @property
+    def close_after(self) -> bool:
+        """True: close once the request in flight is answered (drain, a bad pipelined request)."""
+        return self._close_after
+
+    @close_after.setter
+    def close_after(self, value: bool) -> None:
+        self._close_after = value
+        if value:
+            self.codec.drain()
+
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # uvloop's TCP/TLS transports are Transports without subclassing it
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         sock = transport.get_extra_info("socket")
@@ -192,14 +255,15 @@ class HttpConnection(asyncio.Protocol):
         decoder = self.decoder
         begun = decoder.begun
         try:
-            decoder.feed(data)
+            self.codec.feed(data)
         except CodecError as exc:
             error = exc
         if decoder.begun != begun:
             self.head_start = now  # a head began in this read: the header timer starts here
-        s = self.streams[0] if self.streams else None
-        if s is not None and s.upbuf and s.uconn is not None and s.uconn.transport is not None:
-            s.flush_upstream()  # what this read produced for the upstream, in one write
+        if self.streams:
+            u = self.streams[0].upstream
+            if u is not None:
+                u.flush()  # what this read produced for the upstream, in one write
         if error is not None:
             self.codec_error(error)
 
@@ -214,21 +278,17 @@ class HttpConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         if self.streams:
-            u = self.streams[0].uconn
-            if u is not None:
-                u.pause_reading()
+            self.streams[0].downstream_write_paused(True)
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.streams:
-            u = self.streams[0].uconn
-            if u is not None:
-                u.resume_reading()
+            self.streams[0].downstream_write_paused(False)
 
-    # -- codec sink
-    def on_request_head(self, head: RequestHead) -> None:
+    # -- codec events (ServerSink)
+    def on_request_headers(self, sid: int, head: RequestHead) -> None:
         self.requests += 1
-        s = Stream(self, head)
+        s = DownstreamStream(self, sid, head)
         self.streams.append(s)
         if len(self.streams) == 1:
             try:  # start_stream(s) inlined: one Python call less per request
@@ -238,29 +298,85 @@ class HttpConnection(asyncio.Protocol):
         else:
             self.pause(PAUSE_PIPELINE)
 
-    def start_stream(self, s: Stream) -> None:
+    def on_request_data(self, sid: int, data: bytes) -> None:
+        self.streams[-1].decode_data(data)
+
+    def on_request_trailers(self, sid: int, trailers: HeaderList) -> None:
+        pass  # HTTP/1.1 request trailers are not forwarded (llhttp drops them)
+
+    def on_request_end(self, sid: int) -> None:
+        if self.streams:
+            self.streams[-1].decode_end()
+
+    def on_stream_reset(self, sid: int, reason: ResetReason) -> None:
+        for s in list(self.streams):
+            if s.sid == sid:
+                s.downstream_lost()
+
+    def on_send_blocked(self, sid: int) -> None:
+        pass  # HTTP/1.1: pause_writing on the transport does this
+
+    def on_send_unblocked(self, sid: int) -> None:
+        pass
+
+    # -- what a stream uses
+    def flush(self) -> None:
+        """Write what the codec encoded (one ``transport.write``)."""
+        data = self.codec.data_to_send()
+        if data:
+            t = self.transport
+            if t is not None and not self.closed:
+                t.write(data)
+
+    def send_continue(self, sid: int) -> None:
+        self.codec.send_continue(sid)
+        self.flush()
+
+    def reset_stream(self, sid: int) -> None:
+        """HTTP/1.1 has no stream reset: abort the connection."""
+        self.codec.send_reset(sid, ResetReason.LOCAL_RESET)
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    def tls_peer(self) -> tuple[str, bytes | None]:
+        """``(spiffe id, DER certificate)`` of the mTLS client, ``("", None)`` without."""
+        peer: tuple[str, bytes | None] | None = self.__dict__.get("mtls_peer")
+        if peer is not None:
+            return peer
+        t = self.transport
+        ssl_object = t.get_extra_info("ssl_object") if t is not None else None
+        if ssl_object is None:
+            peer = _PLAIN_PEER
+        else:
+            from diktyo.security.certs import spiffe_id_of_der  # mTLS only: keeps idle RSS low
+
+            der = ssl_object.getpeercert(binary_form=True)
+            sid = ""
+            if der:
+                try:
+                    sid = spiffe_id_of_der(der) or ""
+                except ValueError:
+                    sid = ""
+            peer = (sid, der or None)
+        self.mtls_peer = peer
+        return peer
+
+    def start_stream(self, s: DownstreamStream) -> None:
         try:
             s.start()
         except Exception:  # noqa: BLE001 - a bug costs one request (logged, 500)
             self.internal_error(s)
 
-    def internal_error(self, s: Stream) -> None:
+    def internal_error(self, s: DownstreamStream) -> None:
         """A bug must cost one request (500), never the connection or process."""
         log.exception("internal error handling %s %s", s.head.method, s.head.path)
         server = self.ctx.stats.server
         server["downstream_rq_internal_error"] = server.get("downstream_rq_internal_error", 0) + 1
-        if not s.resp_started:
-            s.close_out = True
+        if s.phase < RESPONDING:
+            self.close_after = True
             s.local_reply(500, b"internal proxy error", "")
 
-    def on_request_body(self, chunk: bytes) -> None:
-        self.streams[-1].on_request_body(chunk)
-
-    def on_request_end(self) -> None:
-        if self.streams:
-            self.streams[-1].on_request_end()
-
-    # -- helpers
     def pause(self, reason: int) -> None:
         if not self.paused and self.transport is not None and not self.closed:
             self.transport.pause_reading()
@@ -273,10 +389,9 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def codec_error(self, exc: CodecError) -> None:
-        self.ctx.stats.server["downstream_rq_total"] += 1
-        self.ctx.stats.server[f"downstream_rq_{exc.status}"] = (
-            self.ctx.stats.server.get(f"downstream_rq_{exc.status}", 0) + 1
-        )
+        server = self.ctx.stats.server
+        server["downstream_rq_total"] += 1
+        server[f"downstream_rq_{exc.status}"] = server.get(f"downstream_rq_{exc.status}", 0) + 1
         last = self.streams[-1] if self.streams else None
         if last is not None and not last.req_done:
             last.downstream_protocol_error(exc)
@@ -287,16 +402,17 @@ class HttpConnection(asyncio.Protocol):
             self.pause(PAUSE_PIPELINE)
             return
         if self.transport is not None and not self.closed:
-            self.transport.write(local_response(exc.status, exc.message.encode(), close=True))
+            self.codec.send_error(exc.status, exc.message)
+            self.flush()
             self.transport.close()
             self.closed = True
 
-    def stream_done(self, s: Stream) -> None:
+    def stream_done(self, s: DownstreamStream) -> None:
         if self.streams and self.streams[0] is s:
             self.streams.popleft()
         if self.closed:
             return
-        if s.close_out or self.close_after:
+        if self._close_after or not self.codec.reusable:
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
@@ -320,10 +436,12 @@ class HttpConnection(asyncio.Protocol):
             return
         if self.decoder.in_head:
             if now - self.head_start > header_timeout:
-                self.ctx.stats.server["downstream_rq_header_timeout"] = (
-                    self.ctx.stats.server.get("downstream_rq_header_timeout", 0) + 1
+                server = self.ctx.stats.server
+                server["downstream_rq_header_timeout"] = (
+                    server.get("downstream_rq_header_timeout", 0) + 1
                 )
-                self.transport.write(local_response(408, b"request header timeout", close=True))
+                self.codec.send_error(408, "request header timeout")
+                self.flush()
                 self.transport.close()
                 self.closed = True
         elif now - self.last_activity > idle_timeout:
@@ -331,13 +449,21 @@ class HttpConnection(asyncio.Protocol):
             self.closed = True
 
 
-class Stream:
-    """One request/response exchange on a downstream connection."""
+class DownstreamStream:
+    """One request/response exchange on a downstream connection, independent of the wire
+    protocol: it talks to its connection's codec through the ``events`` interfaces, to its
+    filters through ``FilterCallbacks`` (which it implements) and to the upstream through one
+    ``UpstreamRequest`` per attempt."""
 
     # Class-level defaults: a new stream only sets what differs per request (no __slots__,
-    # so the ~40 fields below cost nothing until a request actually changes them).
-    rt: Any = None
+    # so the fields below cost nothing until a request actually changes them).
+    phase: Phase = DECODING
+    rt: Runtime
+    chain: FilterChain | None = None
+    filter_stage = 0  # 0: decode filters, 1: route filters (where continue_decoding resumes)
+    filter_index = 0
     route: CompiledRoute | None = None
+    route_done = False
     block = 0
     dest: CompiledDestination | None = None
     cstate: Any = None
@@ -346,47 +472,40 @@ class Stream:
     tried: set[tuple[str, int]] | None = None
     rs: Any = None
     attempt = 1
-    uconn: Any = None
+    upstream: UpstreamRequest | None = None
     chunks_size = 0
     replayable = True
     req_done = False
     req_bytes = 0
     resp_bytes = 0
-    resp_started = False
-    resp_done = False
     status = 0
     flags: set[str] | None = None
     timer: asyncio.TimerHandle | None = None
-    try_timer: asyncio.TimerHandle | None = None
     retry_timer: asyncio.TimerHandle | None = None
-    chunked_out = False
     lbctx: Any = None
     race_retried = False
-    done = False
-    sent_all = False
-    pending = False
-    host_active = False
-    rq_active = False
-    in_retry = False
-    reset = False
+    in_retry = False  # a retry slot is held while the retry waits for its backoff
     mirrors: list[Any] | None = None
     discard = False
     per_try: float | None = None
-    span: Any = None  # tracing span (only when the mesh has a trace collector)
-    peer_labels: Any = None  # inbound: metric labels from the mTLS peer / peer metadata
+    upstream_head: RequestHead | None = None  # the head as forwarded, when the path differs
+    state: dict[str, Any] | None = None  # per-stream filter state
+    _peer_labels: Any = None  # inbound: metric labels from the mTLS peer / peer metadata
 
-    def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
+    def __init__(self, conn: HttpConnection, sid: int, head: RequestHead) -> None:
         self.conn = conn
+        self.codec = conn.codec
+        self.sid = sid
         self.head = head
         self.ctx = conn.ctx
         self.t0 = _monotonic()
         self.chunks: list[bytes] = []
-        self.close_out = not head.keep_alive
         self.out_headers: dict[str, str] = head.headers
         self.path_out = head.path
-        self.upbuf: list[bytes] = []
         self.authority = head.authority
-        self.obuf: list[bytes] = []  # response bytes not yet written downstream
+
+    def _go(self, new: Phase) -> None:
+        self.phase = check_transition(self.phase, new)
 
     def add_flag(self, flag: str) -> None:
         if self.flags is None:
@@ -394,96 +513,126 @@ class Stream:
         else:
             self.flags.add(flag)
 
+    # ------------------------------------------------------------------ FilterCallbacks
+    def route_entry(self) -> CompiledRoute | None:
+        if self.route_done:
+            return self.route
+        self.route_done = True
+        ctx = self.ctx
+        if ctx.direction == "inbound":
+            return None
+        head = self.head
+        authority = ctx.default_host or head.authority
+        self.authority = authority
+        matcher = self.rt.matchers.get(ctx.route_table)
+        if matcher is None:
+            return None
+        found = matcher.match_request(
+            head.method, head.path, authority, head.headers, head.scheme, ctx.service_port
+        )
+        if found is not None:
+            self.route, self.block = found
+        return self.route
+
+    def routing_authority(self) -> str:
+        return self.authority
+
+    def downstream_address(self) -> str:
+        return self.conn.peer
+
+    def downstream_tls_peer(self) -> tuple[str, bytes | None]:
+        return self.conn.tls_peer()
+
+    def service_port(self) -> int:
+        return self.ctx.service_port
+
+    def send_local_reply(
+        self, status: int, body: bytes, flag: str, headers: HeaderList | None = None
+    ) -> None:
+        self.local_reply(status, body, flag, headers)
+
+    def active(self) -> bool:
+        return self.phase is DECODING
+
+    def set_upstream_path(self, path: str) -> None:
+        self.path_out = path
+
+    def set_upstream_cluster(self, name: str) -> None:
+        if self.cstate is None:
+            self.cstate = self.rt.clusters.get(name)
+
+    def set_peer_labels(self, labels: Any) -> None:
+        self._peer_labels = labels
+
+    def peer_labels(self) -> Any:
+        return self._peer_labels
+
+    def lb_cookie(self) -> tuple[str, str, float] | None:
+        lb = self.lbctx
+        return None if lb is None else lb.cookie_to_set
+
+    def set_state(self, key: str, value: Any) -> None:
+        if self.state is None:
+            self.state = {key: value}
+        else:
+            self.state[key] = value
+
+    def get_state(self, key: str) -> Any:
+        return None if self.state is None else self.state.get(key)
+
+    def continue_decoding(self) -> None:
+        if self.phase is not DECODING:
+            return
+        try:
+            if self.filter_stage == 0:
+                self.run_decoders(self.filter_index)
+            else:
+                self.run_route_filters(self.filter_index)
+        except Exception:  # noqa: BLE001 - a bug costs one request (logged, 500)
+            self.conn.internal_error(self)
+
     # ------------------------------------------------------------------ request side
     def start(self) -> None:
         ctx = self.ctx
-        rt = self.rt = ctx.sidecar.rt
+        rt = ctx.sidecar.rt
+        assert rt is not None
+        self.rt = rt
         head = self.head
         if head.expect_continue and head.has_body and not self.req_done:
-            self.conn.transport.write(_CONTINUE)  # type: ignore[union-attr]
-        if ctx.direction == "inbound":
+            self.conn.send_continue(self.sid)
+        self.chain = chain_for(rt, ctx)
+        direction = ctx.direction
+        if direction == "inbound":
             self.cstate = rt.clusters.get(ctx.cluster)
             if self.cstate is None:
                 self.local_reply(503, b"", "NC")
                 return
-            guard = rt.inbound_guard  # mTLS peer, JWT, RBAC, XFCC (diktyo.proxy.filters.inbound)
-            if guard is not None and not guard.check(self):
-                return
-            self.prepare_headers()
-            if rt.tracer is not None:
-                self.span = rt.tracer.begin(
-                    self.out_headers,
-                    "server",
-                    span_name_for(rt.inbound_service, ctx.service_port, head.authority),
-                    {
-                        "http.method": head.method,
-                        "http.url": head.path,
-                        "node_id": rt.tracer.node_id,
-                    },
-                )
-            self.begin(rt)
-            return
-        if ctx.direction == "gateway":
+        elif direction == "gateway":
             strip_edge_headers(head.headers)
-        if rt.gateway_guard is not None and not rt.gateway_guard.check(self):
-            return  # a gateway's AuthorizationPolicy / RequestAuthentication answered
-        authority = ctx.default_host or head.authority
-        self.authority = authority
-        matcher = rt.matchers.get(ctx.route_table)
-        if matcher is None:
-            cvh = None
-        else:
-            cvh = matcher.by_authority.get(authority) or matcher.find_virtual_host(authority)
-        if cvh is None:
+        self.run_decoders(0)
+
+    def run_decoders(self, i: int) -> None:
+        assert self.chain is not None
+        filters = self.chain.decode
+        head = self.head
+        n = len(filters)
+        while i < n:
+            f = filters[i]
+            i += 1
+            if f.decode_headers(self, head) is STOP:
+                self.filter_stage = 0
+                self.filter_index = i
+                return
+            if self.phase is not DECODING:
+                return
+        if self.ctx.direction == "inbound":
+            self.prepare_headers()
+            self.run_route_filters(0)
+            return
+        if self.route_entry() is None:
             self.local_reply(404, b"", "NR")
             return
-        routes = cvh.routes
-        if routes and not routes[0].blocks:
-            cr = routes[0]  # a match-all first route: no request conditions to evaluate
-            self.block = 0
-        else:
-            info = RequestInfo(
-                head.method, head.path, authority, head.headers, head.scheme, ctx.service_port
-            )
-            for cr, bi, conds in cvh.blocks:  # CompiledRoute.match without a call per route
-                for cond in conds:
-                    if not cond(info):
-                        break
-                else:
-                    self.block = bi
-                    break
-            else:
-                self.local_reply(404, b"", "NR")
-                return
-        self.route = cr
-        route = cr.route
-        if route.fault is not None:
-            delay, abort = decide_fault(route.fault, rt.rng)
-            if delay is not None and delay > 0:
-                self.add_flag("DI")
-                self.timer = rt.loop.call_later(delay, self.after_delay, abort)
-                return
-            if abort is not None:
-                self.abort_fault(abort)
-                return
         self.route_action()
-
-    def after_delay(self, abort: int | None) -> None:
-        self.timer = None
-        if self.done or self.resp_started:
-            return
-        if abort is not None:
-            self.abort_fault(abort)
-            return
-        self.route_action()
-
-    def abort_fault(self, status: int) -> None:
-        """Answer a fault abort; telemetry names the route's destination service, as Envoy
-        knows the route's cluster before its fault filter runs (no request is started)."""
-        cr = self.route
-        if cr is not None and cr.route.clusters and self.cstate is None:
-            self.cstate = self.rt.clusters.get(cr.route.clusters[0].cluster)
-        self.local_reply(status, MSG_FAULT_ABORT, "FI")
 
     def route_action(self) -> None:
         cr = self.route
@@ -492,7 +641,7 @@ class Stream:
         rt = self.rt
         if route.direct_response is not None:
             dr = route.direct_response
-            hdrs: list[tuple[bytes, bytes]] = []
+            hdrs: HeaderList = []
             if cr.resp_ops:
                 hdrs = cr.resp_ops.apply_response(hdrs)
             self.local_reply(dr.status, dr.body.encode(), "", hdrs)
@@ -522,28 +671,31 @@ class Stream:
                 h["x-envoy-original-path"] = self.head.path
             if rw is not None and rw.authority:
                 h["host"] = rw.authority
-        if cr.req_ops:
-            cr.req_ops.apply_request(h)
-        if dest.req_ops:
-            dest.req_ops.apply_request(h)
-        if rt.tracer is not None:
-            wc = dest.wc
-            self.span = rt.tracer.begin(
-                h,
-                "client",
-                span_name_for(wc.host, wc.port or self.cstate.cluster.port or None, self.authority),
-                {
-                    "http.method": self.head.method,
-                    "http.url": self.head.path,
-                    "node_id": rt.tracer.node_id,
-                },
-            )
-        if route.mirrors:
-            self.start_mirrors(route)
-        self.begin(rt)
+        self.run_route_filters(0)
+
+    def run_route_filters(self, i: int) -> None:
+        assert self.chain is not None
+        filters = self.chain.route
+        head = self.head
+        n = len(filters)
+        while i < n:
+            f = filters[i]
+            i += 1
+            if f.decode_headers(self, head) is STOP:
+                self.filter_stage = 1
+                self.filter_index = i
+                return
+            if self.phase is not DECODING:
+                return
+        cr = self.route
+        if cr is not None and cr.route.mirrors:
+            self.start_mirrors(cr)
+        self.begin(self.rt)
 
     def redirect_location(self) -> str:
-        rd = self.route.route.redirect  # type: ignore[union-attr]
+        cr = self.route
+        assert cr is not None
+        rd = cr.route.redirect
         assert rd is not None
         head = self.head
         scheme = rd.scheme or head.scheme
@@ -559,7 +711,7 @@ class Stream:
             q = path.find("?")
             path = rd.uri if ("?" in rd.uri or q < 0) else rd.uri + path[q:]
         elif rd.prefix_rewrite is not None:
-            path = self.route.rewrite_prefix(path, self.block, rd.prefix_rewrite)  # type: ignore[union-attr]  # redirect set here
+            path = cr.rewrite_prefix(path, self.block, rd.prefix_rewrite)
         return f"{scheme}://{authority}{path}"
 
     def prepare_headers(self) -> None:
@@ -588,6 +740,7 @@ class Stream:
 
     def begin(self, rt: Runtime) -> None:
         """Timeouts, retry state, first attempt."""
+        self._go(FORWARDING)
         route = self.route.route if self.route is not None else None
         timeout = route.timeout if route is not None else None
         ov = self.head.headers.get("x-envoy-upstream-rq-timeout-ms")
@@ -631,204 +784,196 @@ class Stream:
         if not cs.breaker.try_start_request():
             self.local_reply(503, cs.breaker.overflow_message("requests").encode(), "UO")
             return
-        self.rq_active = True
-        self.pending = True
-        self.pool.acquire(self, host, fresh)
+        a = UpstreamRequest(self, host, self.attempt, self.in_retry)
+        self.in_retry = False  # the retry slot now belongs to the attempt
+        self.upstream = a
+        a.pending = True
+        self.pool.acquire(a, host, fresh)
 
-    def end_attempt(self, status: int | None, gateway: bool, cancel: bool = False) -> None:
-        """The current try is over. ``cancel``: the proxy gave up on it for a reason that is not
-        the host's fault (client left, reply already sent): no host stats, no outlier input."""
-        if self.rq_active:
-            self.rq_active = False
-            self.cstate.breaker.end_request()
-        if self.host_active:
-            self.host_active = False
-            if cancel:
-                self.cstate.on_request_cancel(self.host)
-            else:
-                self.cstate.on_request_end(self.host, status, gateway)
-        if self.in_retry:
-            self.in_retry = False
-            self.cstate.breaker.end_retry()
-        if self.try_timer is not None:
-            self.try_timer.cancel()
-            self.try_timer = None
-
-    # pool callbacks -------------------------------------------------------------
-    def attach(self, uconn: Any) -> None:
-        self.pending = False
-        if self.done or self.resp_done:
-            self.pool.release(uconn)
-            return
-        self.uconn = uconn
-        self.cstate.on_request_start(self.host)
-        self.host_active = True
-        head = self.head
+    # attempt callbacks (UpstreamRequest calls these only while attached) ------------------
+    def attempt_attached(self, a: UpstreamRequest) -> None:
+        conn = a.conn
+        assert conn is not None
+        codec = conn.codec
         h = self.out_headers
-        h["x-envoy-attempt-count"] = "1" if self.attempt == 1 else str(self.attempt)
-        if head.chunked:
-            framing = _CHUNKED_HDR
-        elif head.content_length is not None:
-            framing = content_length_header(head.content_length)
+        h["x-envoy-attempt-count"] = "1" if a.attempt == 1 else str(a.attempt)
+        a.sid = sid = codec.new_stream()
+        head = self.head
+        if self.path_out != head.path:
+            uh = self.upstream_head
+            if uh is None:
+                uh = self.upstream_head = RequestHead(h)
+                uh.method = head.method
+                uh.path = self.path_out
+                uh.authority = head.authority
+                uh.scheme = head.scheme
+                uh.has_body = head.has_body
+                uh.chunked = head.chunked
+                uh.content_length = head.content_length
         else:
-            framing = b""
-        data = encode_request_head(head.method, self.path_out, h, framing)
-        if self.chunks:
-            data = b"".join([data, *self.chunks])
+            uh = head
+        chunks = self.chunks
+        req_done = self.req_done
+        codec.send_headers(sid, uh, req_done and not chunks)
+        if chunks:
+            for c in chunks:
+                codec.send_data(sid, c)
             if not self.replayable:
                 self.chunks = []
                 self.chunks_size = 0
-        if self.req_done:
-            if head.chunked:
-                data += LAST_CHUNK
-            self.sent_all = True
-        if head.method == "HEAD":
-            uconn.decoder.expect_no_body()
-        uconn.transport.write(data)
-        if self.conn.paused & PAUSE_BUFFER:
-            self.conn.resume(PAUSE_BUFFER)
-        if self.conn.write_paused:
-            uconn.pause_reading()
+            if req_done:
+                codec.send_data(sid, b"", True)
+        if req_done:
+            a.sent_all = True
+        conn.write()
+        dc = self.conn
+        if dc.paused & PAUSE_BUFFER:
+            dc.resume(PAUSE_BUFFER)
+        if dc.write_paused:
+            conn.pause_reading()
         pt = self.per_try
         if pt:
-            self.try_timer = self.rt.loop.call_later(pt, self.on_try_timeout)
+            a.start_try_timer(self.rt.loop, pt)
 
-    def overflow(self, message: str) -> None:
-        self.pending = False
+    def attempt_overflow(self, a: UpstreamRequest, message: str) -> None:
         self.local_reply(503, message.encode(), "UO")
 
-    def connect_failed(self, reason: str) -> None:
-        self.pending = False
-        # a connect failure counts for the host (outlier detection: gateway error)
-        self.cstate.on_request_start(self.host)
-        self.host_active = True
-        self.end_attempt(None, True)
+    def attempt_connect_failed(self, a: UpstreamRequest, reason: str) -> None:
+        self._drop(a)
+        a.end(None, True)
         if self.try_retry_reset("connect-failure"):
             return
         self.local_reply(503, (MSG_CONNECT_FAILURE + reason).encode(), "UF")
 
+    def _drop(self, a: UpstreamRequest) -> Any:
+        """Stop listening to attempt ``a``; returns its connection (the caller closes it)."""
+        a.detach()
+        if self.upstream is a:
+            self.upstream = None
+        conn = a.conn
+        a.conn = None
+        return conn
+
     # request body -----------------------------------------------------------------
-    def on_request_body(self, chunk: bytes) -> None:
+    def decode_data(self, chunk: bytes) -> None:
         self.req_bytes += len(chunk)
-        if self.discard or self.resp_done:
+        if self.discard or self.phase >= RESPONDED:
             return
-        framed = b"%x\r\n%s\r\n" % (len(chunk), chunk) if self.head.chunked else chunk
+        chain = self.chain
+        if chain is not None and chain.decode_body:
+            for f in chain.decode_body:
+                f.decode_data(self, chunk, False)
         if self.mirrors:
             for m in self.mirrors:
-                m.on_body(framed)
-        u = self.uconn
-        if u is not None:
-            self.upbuf.append(framed)
+                m.on_body(chunk)
+        a = self.upstream
+        if a is not None and a.conn is not None:
+            a.conn.codec.send_data(a.sid, chunk)
             if self.replayable:
-                self.chunks.append(framed)
-                self.chunks_size += len(framed)
+                self.chunks.append(chunk)
+                self.chunks_size += len(chunk)
                 if self.chunks_size > RETRY_BUFFER_LIMIT:
                     self.replayable = False
                     self.chunks = []
                     self.chunks_size = 0
         else:
-            self.chunks.append(framed)
-            self.chunks_size += len(framed)
+            self.chunks.append(chunk)
+            self.chunks_size += len(chunk)
             if self.chunks_size > BUFFER_HIGH_WATER:
                 self.conn.pause(PAUSE_BUFFER)
                 if self.chunks_size > RETRY_BUFFER_LIMIT:
                     self.replayable = False
 
-    def flush_upstream(self) -> None:
-        buf = self.upbuf
-        self.upbuf = []
-        self.uconn.transport.write(b"".join(buf) if len(buf) > 1 else buf[0])
-
-    def on_request_end(self) -> None:
+    def decode_end(self) -> None:
         self.req_done = True
         if self.mirrors:
             for m in self.mirrors:
                 m.on_end()
-        if self.resp_done:
+        if self.phase is RESPONDED:
             self.finish()
             return
-        u = self.uconn
-        if u is not None and not self.discard:
-            if self.head.chunked:
-                self.upbuf.append(LAST_CHUNK)
-            self.sent_all = True
+        a = self.upstream
+        if a is not None and a.conn is not None and not self.discard:
+            a.send_data(b"", True)
 
-    def upstream_pause_writing(self) -> None:
-        self.conn.pause(PAUSE_UPSTREAM)
+    def upstream_write_paused(self, paused: bool) -> None:
+        if paused:
+            self.conn.pause(PAUSE_UPSTREAM)
+        else:
+            self.conn.resume(PAUSE_UPSTREAM)
 
-    def upstream_resume_writing(self) -> None:
-        self.conn.resume(PAUSE_UPSTREAM)
+    def downstream_write_paused(self, paused: bool) -> None:
+        a = self.upstream
+        conn = a.conn if a is not None else None
+        if conn is not None:
+            if paused:
+                conn.pause_reading()
+            else:
+                conn.resume_reading()
 
     def downstream_protocol_error(self, exc: CodecError) -> None:
         """Malformed body framing from the client mid-request."""
-        self.close_out = True
+        self.conn.close_after = True
         self.req_done = True
-        if self.uconn is not None:
-            u = self.uconn
-            self.uconn = None
-            u.close()
-            self.end_attempt(None, False, cancel=True)
+        a = self.upstream
+        if a is not None and a.conn is not None:
+            conn = self._drop(a)
+            conn.close()
+            a.end(None, False, cancel=True)
         self.local_reply(exc.status, exc.message.encode(), "")
 
     # ------------------------------------------------------------------ response side
-    def on_response_head(self, status: int, block: bytes, ka: bool) -> None:
-        u = self.uconn
-        if u is None:
-            return  # not ours (anymore)
-        u.keep_alive = ka
-        if self.try_timer is not None:
-            self.try_timer.cancel()
-            self.try_timer = None
-        if status >= 400 and self.retry_status(status):
+    def upstream_headers(self, a: UpstreamRequest, head: ResponseHead) -> None:
+        t = a.try_timer
+        if t is not None:
+            a.try_timer = None
+            t.cancel()
+        status = head.status
+        if status >= 400 and self.retry_status(a, status):
             return
-        self.resp_started = True
+        self._go(RESPONDING)
         self.status = status
-        head = self.head
-        block, has_cl = strip_hop_by_hop(block)
-        cr = self.route
-        lb = self.lbctx
-        if cr is not None and (
-            cr.resp_ops or (self.dest is not None and self.dest.resp_ops) or lb.cookie_to_set
-        ):
-            block = self.response_header_ops(block)
-        extra = b""
-        if head.method == "HEAD" or status == 204 or status == 304 or has_cl:
-            pass
-        elif head.version == "1.1":
-            extra = _CHUNKED_HDR
-            self.chunked_out = True
-        else:
-            self.close_out = True
-        if self.close_out or self.conn.close_after:
-            self.close_out = True
-            extra += _CLOSE_HDR
-        elif head.version == "1.0":
-            extra += _KEEP_ALIVE_HDR  # HTTP/1.0 keep-alive must be confirmed
-        line = STATUS_LINES.get(status) or status_line(status)
-        self.obuf.append(line + block[:-2] + extra + b"\r\n")
+        chain = self.chain
+        if chain is not None:
+            for f in chain.encode:
+                f.encode_headers(self, head)
+        self.codec.send_headers(self.sid, head)
 
-    def response_header_ops(self, block: bytes) -> bytes:
-        """Route and destination response header operations, and a consistent-hash cookie."""
-        out = parse_header_block(block)
-        cr = self.route
-        if cr is not None and cr.resp_ops:
-            out = cr.resp_ops.apply_response(out)
-        d = self.dest
-        if d is not None and d.resp_ops:
-            out = d.resp_ops.apply_response(out)
-        lb = self.lbctx
-        if lb is not None and lb.cookie_to_set is not None:
-            name_, value_, ttl = lb.cookie_to_set
-            cookie = (
-                f"{name_}={value_}; Max-Age={int(ttl)}; Path=/; HttpOnly"
-                if ttl
-                else f"{name_}={value_}; Path=/; HttpOnly"
-            )
-            out.append((b"set-cookie", cookie.encode("latin-1")))
-        return encode_header_block(out)
+    def upstream_data(self, a: UpstreamRequest, data: bytes) -> None:
+        if self.phase is not RESPONDING:
+            return
+        self.resp_bytes += len(data)
+        self.codec.send_data(self.sid, data)
 
-    def retry_status(self, status: int) -> bool:
-        if not self.replayable or self.done or self.cstate is None:
+    def upstream_trailers(self, a: UpstreamRequest, trailers: HeaderList) -> None:
+        if self.phase is RESPONDING:
+            self.codec.send_trailers(self.sid, trailers)
+
+    def flush_downstream(self) -> None:
+        """Write what the last upstream read produced in one write."""
+        self.conn.flush()
+
+    def upstream_end(self, a: UpstreamRequest) -> None:
+        if self.phase is not RESPONDING:
+            return
+        self.codec.send_data(self.sid, b"", True)
+        self.conn.flush()
+        self._go(RESPONDED)
+        status = self.status
+        a.end(status, status == 502 or status == 503 or status == 504)
+        conn = self._drop(a)
+        if conn is not None:
+            conn.write()  # request bytes still encoded but not written (a fast response)
+            if a.sent_all:
+                self.pool.release(conn)
+            else:
+                conn.close()
+                self.discard = True
+        if self.req_done:
+            self.finish()
+
+    def retry_status(self, a: UpstreamRequest, status: int) -> bool:
+        if not self.replayable or self.cstate is None:
             return False
         rs = self.retry_state()
         if not rs.should_retry_status(status, None):
@@ -837,17 +982,16 @@ class Stream:
             return False
         if not self.start_retry():
             return False
-        u = self.uconn
-        self.uconn = None
-        if u is not None:
-            u.close()
-        self.end_attempt(status, status in (502, 503, 504))
+        conn = self._drop(a)
+        if conn is not None:
+            conn.close()
+        a.end(status, status in (502, 503, 504))
         self.in_retry = True
         self.schedule_retry()
         return True
 
     def try_retry_reset(self, kind: str) -> bool:
-        if not self.replayable or self.resp_started or self.done or self.cstate is None:
+        if not self.replayable or self.phase >= RESPONDING or self.cstate is None:
             return False
         rs = self.retry_state()
         if not rs.should_retry_reset(kind):
@@ -875,83 +1019,21 @@ class Stream:
 
     def do_retry(self) -> None:
         self.retry_timer = None
-        if self.done or self.resp_started:
+        if self.phase is not FORWARDING:
             return
-        self.attempt_upstream(False)  # the retry slot is released when this attempt ends
+        self.attempt_upstream(False)  # the retry slot goes to the new attempt
 
-    def on_response_body(self, chunk: bytes) -> None:
-        if not self.resp_started or self.uconn is None:
-            return
-        self.resp_bytes += len(chunk)
-        if self.chunked_out:
-            self.obuf.append(b"%x\r\n" % len(chunk))
-            self.obuf.append(chunk)
-            self.obuf.append(b"\r\n")
-        else:
-            self.obuf.append(chunk)
-
-    def flush_downstream(self) -> None:
-        """Write what the last upstream read produced in one write."""
-        buf = self.obuf
-        if buf:
-            self.obuf = []
-            t = self.conn.transport
-            if t is not None and not self.conn.closed:
-                t.write(b"".join(buf) if len(buf) > 1 else buf[0])
-
-    def on_response_end(self) -> None:
-        if not self.resp_started or self.uconn is None:
-            return
-        if self.chunked_out:
-            self.obuf.append(LAST_CHUNK)
-        buf = self.obuf  # flush_downstream() inlined: one write with what this read produced
-        if buf:
-            self.obuf = []
-            t = self.conn.transport
-            if t is not None and not self.conn.closed:
-                t.write(b"".join(buf) if len(buf) > 1 else buf[0])
-        self.resp_done = True
-        status = self.status
-        self.end_attempt(status, status == 502 or status == 503 or status == 504)
-        u = self.uconn
-        self.uconn = None
-        if u is not None:
-            if self.sent_all and not self.upbuf:
-                self.pool.release(u)
-            else:
-                if self.upbuf and u.transport is not None:
-                    self.flush_upstream_to(u)
-                if self.sent_all:
-                    self.pool.release(u)
-                else:
-                    u.close()
-                    self.discard = True
-        if self.req_done:
-            self.finish()
-
-    def flush_upstream_to(self, u: Any) -> None:
-        buf = self.upbuf
-        self.upbuf = []
-        u.transport.write(b"".join(buf))
-
-    def on_upstream_lost(self, uconn: Any, reason: str, started: bool) -> None:
-        if uconn is not self.uconn:
-            return
-        self.uconn = None
-        self.upbuf = []
-        if self.resp_started:
-            self.end_attempt(None, True)
+    def upstream_lost(self, a: UpstreamRequest, reason: str, started: bool) -> None:
+        conn = self._drop(a)
+        reused = conn is not None and conn.reused
+        a.end(None, True)
+        if self.phase is RESPONDING:
             self.add_flag("UC")
             self.reset_downstream()
             return
-        self.end_attempt(None, True)
-        if (
-            uconn.reused
-            and not started
-            and not self.race_retried
-            and self.replayable
-            and not self.done
-        ):
+        if self.phase is not FORWARDING:
+            return
+        if reused and not started and not self.race_retried and self.replayable:
             # keep-alive race: the pooled connection was closed by the upstream as we reused it
             self.race_retried = True
             self.rt.stats.inc_cluster(self.cstate.cluster.name, "upstream_rq_keepalive_race_retry")
@@ -962,46 +1044,43 @@ class Stream:
             return
         self.local_reply(503, (MSG_CONNECT_FAILURE + reason).encode(), "UC")
 
-    def on_upstream_protocol_error(self, uconn: Any, detail: str) -> None:
+    def upstream_protocol_error(self, a: UpstreamRequest, detail: str) -> None:
         """The upstream's response broke HTTP/1.1 (a 101 nobody asked for, a head over
         60 KiB, bad framing): Envoy answers 502 with flag ``UPE`` and never forwards it."""
-        if uconn is not self.uconn:
-            return
-        self.uconn = None
-        self.upbuf = []
+        self._drop(a)
+        host = a.host
         log.warning(
             "upstream %s:%s sent an invalid response to %s %s: %s (answered 502 UPE)",
-            getattr(self.host, "address", "?"), getattr(self.host, "port", "?"), self.head.method, self.head.path, detail,
+            getattr(host, "address", "?"), getattr(host, "port", "?"), self.head.method, self.head.path, detail,
         )  # fmt: skip
         self.rt.stats.inc_cluster(self.cstate.cluster.name, "upstream_rq_protocol_error")
-        self.end_attempt(None, True)
+        a.end(None, True)
         self.add_flag("UPE")
-        if self.resp_started:
+        if self.phase >= RESPONDING:
             self.reset_downstream()
             return
         self.local_reply(502, (MSG_CONNECT_FAILURE + "protocol error").encode(), "UPE")
 
     def on_timeout(self) -> None:
         self.timer = None
-        if self.done:
+        if self.phase is DONE:
             return
         self.add_flag("UT")
-        self.end_attempt(None, True)  # a timeout counts against the host (Envoy: 504)
-        if self.resp_started:
+        a = self.upstream
+        if a is not None:
+            a.end(None, True)  # a timeout counts against the host (Envoy: 504)
+        if self.phase >= RESPONDING:
             self.reset_downstream()
             return
         self.local_reply(504, MSG_TIMEOUT, "UT")
 
-    def on_try_timeout(self) -> None:
-        self.try_timer = None
-        if self.done or self.resp_started:
+    def attempt_timeout(self, a: UpstreamRequest) -> None:
+        if self.phase is not FORWARDING:
             return
-        u = self.uconn
-        self.uconn = None
-        self.upbuf = []
-        if u is not None:
-            u.close()
-        self.end_attempt(None, True)
+        conn = self._drop(a)
+        if conn is not None:
+            conn.close()
+        a.end(None, True)
         if self.try_retry_reset("timeout"):
             return
         self.local_reply(504, MSG_TIMEOUT, "UT")
@@ -1011,19 +1090,23 @@ class Stream:
         if self.retry_timer is not None:
             self.retry_timer.cancel()
             self.retry_timer = None
-        if self.pending:
-            self.pending = False
-            self.pool.cancel(self)
-        u = self.uconn
-        if u is not None:
-            self.uconn = None
-            u.close()
-        self.end_attempt(None, False, cancel=True)
+        a = self.upstream
+        if a is not None:
+            conn = self._drop(a)
+            if a.pending:
+                a.pending = False
+                self.pool.cancel(a)
+            if conn is not None:
+                conn.close()
+            a.end(None, False, cancel=True)
+        if self.in_retry:
+            self.in_retry = False
+            self.cstate.breaker.end_retry()
 
     def local_reply(
-        self, status: int, body: bytes, flag: str, headers: list[tuple[bytes, bytes]] | None = None
+        self, status: int, body: bytes, flag: str, headers: HeaderList | None = None
     ) -> None:
-        if self.resp_started:
+        if self.phase >= RESPONDING:
             if flag:
                 self.add_flag(flag)
             self.reset_downstream()
@@ -1032,81 +1115,82 @@ class Stream:
         if flag:
             self.add_flag(flag)
         self.status = status
-        self.resp_started = True
-        self.resp_done = True
+        self._go(RESPONDED)
         self.resp_bytes = len(body)
-        close = self.close_out or self.conn.close_after
-        if not self.conn.closed and self.conn.transport is not None:
-            data = local_response(status, body, headers, close)
-            if self.head.method == "HEAD" and body:
-                data = data[: len(data) - len(body)]  # HEAD: same head, no body
-                self.resp_bytes = 0
-            self.conn.transport.write(data)
+        conn = self.conn
+        if not conn.closed and conn.transport is not None:
+            pairs = list(headers) if headers else []
+            if body:
+                pairs.append(_TEXT_PLAIN)
+            pairs.append((b"content-length", b"%d" % len(body)))
+            codec = self.codec
+            codec.send_headers(self.sid, ResponseHead(status, pairs, None, True), not body)
+            if body:
+                if self.head.method == "HEAD":
+                    self.resp_bytes = 0  # HEAD: same head, no body (the codec drops it)
+                codec.send_data(self.sid, body, True)
+            conn.flush()
         if self.req_done:
             self.finish()
 
     def reset_downstream(self) -> None:
-        self.reset = True
+        if self.phase < RESET:
+            self._go(RESET)
         self.cancel_upstream()
-        c = self.conn
-        if not c.closed and c.transport is not None:
-            c.closed = True
-            c.transport.abort()
+        self.conn.reset_stream(self.sid)
 
     def downstream_lost(self) -> None:
-        if self.done:
+        phase = self.phase
+        if phase is DONE:
             return
-        if not self.reset and not self.resp_done:
+        if phase < RESPONDED:
             self.add_flag("DC")
+            self._go(RESET)
         self.cancel_upstream()
         self.finish(notify=False)
 
     def finish(self, notify: bool = True) -> None:
-        if self.done:
+        if self.phase is DONE:
             return
-        self.done = True
+        self._go(DONE)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.try_timer is not None:
-            self.try_timer.cancel()
-            self.try_timer = None
-        if self.pending or self.uconn is not None or self.retry_timer is not None:
+        if self.upstream is not None or self.retry_timer is not None or self.in_retry:
             self.cancel_upstream()
         rs = self.rs
         if rs is not None and hasattr(rs, "finish"):
             rs.finish()
-        rt = self.rt
-        if rt is not None:
-            ctx = self.ctx
+        chain = self.chain
+        if chain is not None:
             flags = "-" if self.flags is None else join_flags(self.flags)
             dur = (_monotonic() - self.t0) * 1000.0
-            cs = self.cstate
-            host = self.host
-            key = (
-                ctx.reporter,
-                cs.cluster.name if cs is not None else "",
-                host.key if host is not None else None,
-            )
-            labels = self.peer_labels or rt.peers.get(key) or rt.labels_for(ctx.reporter, cs, host)
-            rt.record(labels, self.status, flags, dur, self.req_bytes, self.resp_bytes)
-            if rt.access_log is not None:
-                rt.access_log(self, flags, dur)
-            if self.span is not None:
-                rt.tracer.end(self.span, self.status, flags, cs.cluster.name if cs else "")
+            for f in chain.complete:
+                f.on_complete(self, flags, dur)
         self.ctx.stats.server["downstream_rq_total"] += 1
         if notify:
             self.conn.stream_done(self)
 
     # ------------------------------------------------------------------ mirrors
-    def start_mirrors(self, route: Any) -> None:
+    def _lb(self) -> Any:
+        return self.lbctx
+
+    def start_mirrors(self, cr: CompiledRoute) -> None:
         from diktyo.proxy.router.mirror import start_mirror
 
         ms = []
-        for m in route.mirrors:
+        head = self.head
+        for m in cr.route.mirrors:
             if m.percentage < 100.0 and self.rt.rng.random() * 100 >= m.percentage:
                 continue
-            ms_ = start_mirror(self, m)
+            ms_ = start_mirror(
+                self.rt, m, head, self.path_out, self.out_headers, self.authority, self._lb
+            )
             if ms_ is not None:
+                if self.req_done:
+                    ms_.on_end()
                 ms.append(ms_)
         self.mirrors = ms or None
+
+
+Stream = DownstreamStream  # the name before streams had phases

@@ -15,7 +15,8 @@ import random
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from diktyo.proxy.network.pool import ClusterPool
+from diktyo.proxy.filters.contract import FilterChain
+from diktyo.proxy.network.pool import ConnectionPool
 from diktyo.proxy.router.matcher import RouteMatcher
 from diktyo.proxy.stats import Stats
 from diktyo.proxy.upstream.cluster import ClusterState
@@ -42,7 +43,7 @@ class Runtime(Protocol):
     @property
     def record(self) -> Callable[..., Any]: ...
     @property
-    def pools(self) -> dict[str, ClusterPool]: ...
+    def pools(self) -> dict[str, ConnectionPool]: ...
     @property
     def clusters(self) -> dict[str, ClusterState]: ...
     @property
@@ -61,6 +62,10 @@ class Runtime(Protocol):
     def gateway_guard(self) -> Any: ...  # the same, at gateways selected by a policy, or None
     @property
     def tracer(self) -> Any: ...  # proxy.http.tracer, or None without a collector
+    @property
+    def filter_chains(self) -> dict[tuple[str, str], FilterChain]: ...
+    @property
+    def sidecar(self) -> Any: ...  # the hosting sidecar (spawns background checks)
 
     def labels_for(self, reporter: str, cstate: Any, host: Any) -> Any: ...
 
@@ -70,6 +75,8 @@ class SidecarHost(Protocol):
 
     @property
     def rt(self) -> Runtime | None: ...
+    @property
+    def accept_http_10(self) -> bool: ...
 
 
 class ListenerContext(Protocol):

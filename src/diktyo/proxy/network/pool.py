@@ -1,5 +1,8 @@
 """Upstream connection pools: one per cluster, idle connections per host key, MRU reuse, breaker-aware.
 
+``ConnectionPool`` is the interface the connection manager uses; ``new_pool`` picks the
+implementation from ``upstream_protocol(cluster)``. ``Http1Pool`` is the HTTP/1.1 one.
+
 Theory of operation
 -------------------
 ``ClusterPool.acquire(stream, host)`` gives ``stream`` a connection to ``host``:
@@ -29,15 +32,71 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 from diktyo.proxy.network.upstream import UpstreamConnection, open_upstream
 
 MAX_IDLE_PER_HOST = 64
 
 
-class ClusterPool:
-    """All upstream connections of one cluster (survives snapshot swaps)."""
+HTTP1 = "HTTP/1.1"
+HTTP2 = "HTTP/2"
+
+
+def upstream_protocol(cluster: Any) -> str:
+    """The protocol the sidecar speaks to a cluster's endpoints: the one place that reads
+    ``Cluster.protocol`` (``http``, ``http2``, ``grpc``; ``tcp`` clusters have no HTTP pool).
+
+    Only HTTP/1.1 is implemented today, so every cluster gets ``HTTP1``; the HTTP/2 pool
+    (``proxy/network/h2pool.py``) extends this function, and ``new_pool`` with it.
+    """
+    return HTTP1
+
+
+class ConnectionPool(Protocol):
+    """The interface of an upstream connection pool (one per cluster, survives snapshot swaps).
+
+    ``acquire(requester, host, fresh)`` eventually calls exactly one of ``requester.attach(conn)``,
+    ``requester.overflow(message)`` (503 UO) or ``requester.connect_failed(reason)`` - unless
+    ``cancel(requester)`` came first. ``release(conn)`` gives back what ``attach`` handed out
+    once the requester's stream is done with it. An HTTP/1.1 pool hands each connection to one
+    requester at a time; a multiplexed (HTTP/2) pool hands the same connection to up to its
+    per-connection stream limit, and counts the requests, not the connections, against the
+    circuit breaker (``http2MaxRequests``), as Envoy does.
+    """
+
+    name: str
+    protocol: str
+    state: Any  # ClusterState of the current snapshot
+    certs: Any
+    active: set[Any]
+
+    def acquire(self, stream: Any, host: Any, fresh: bool = False) -> None: ...
+    def cancel(self, stream: Any) -> None: ...
+    def release(self, conn: Any) -> None: ...
+    def sweep(self, now: float) -> None: ...
+    def prune(self, keys: set[tuple[str, int]]) -> None: ...
+    def retune_tls(self, secure_for: Any) -> None: ...
+    def drain(self, reason: str) -> int: ...
+    def retire(self) -> None: ...
+    def close_all(self) -> None: ...
+
+
+def new_pool(
+    name: str,
+    state: Any,
+    loop: asyncio.AbstractEventLoop,
+    stats: Any,
+    tasks: set[asyncio.Task[Any]],
+) -> ConnectionPool:
+    """The pool for a cluster, by ``upstream_protocol`` (HTTP/1.1 only, for now)."""
+    return Http1Pool(name, state, loop, stats, tasks)
+
+
+class Http1Pool:
+    """All HTTP/1.1 upstream connections of one cluster: one request per connection at a time."""
+
+    protocol = HTTP1
 
     def __init__(
         self,
@@ -173,8 +232,7 @@ class ClusterPool:
 
     def _hand(self, conn: UpstreamConnection, stream: Any) -> None:
         conn.requests += 1
-        conn.stream = stream
-        conn.decoder.sink = stream  # response events go straight to the stream
+        conn.stream = stream  # the connection hands its codec's events to the requester
         stream.attach(conn)
 
     def _serve_pending(self) -> None:
@@ -190,8 +248,7 @@ class ClusterPool:
     # -- releasing
     def release(self, conn: UpstreamConnection) -> None:
         """The stream is done with ``conn`` (response complete, request fully sent)."""
-        conn.stream = None
-        conn.decoder.sink = conn  # stray bytes while idle end up in the connection: it closes
+        conn.stream = None  # stray bytes while idle end up in the connection: it closes
         if conn.closed:
             return
         maxreq = self.state.cluster.pool.max_requests_per_connection
@@ -274,3 +331,6 @@ class ClusterPool:
             for c in list(conns):
                 c.close()
         self.idle.clear()
+
+
+ClusterPool = Http1Pool  # the name before the pool interface existed

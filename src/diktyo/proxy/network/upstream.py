@@ -2,8 +2,9 @@
 
 ``open_upstream(loop, address, port, tls_settings, factory)`` creates the transport; a later
 mTLS engineer adds the client ``SSLContext`` there and nowhere else. ``UpstreamConnection`` is
-the asyncio Protocol of one pooled HTTP/1.1 connection: it decodes responses with the codec
-and hands the events to the stream currently attached to it (``stream`` may be ``None`` while
+the asyncio Protocol of one pooled HTTP/1.1 connection: its ``Http1ClientCodec`` encodes
+requests and decodes responses, and the events go to the requester currently attached to it
+(``UpstreamCallbacks``: one upstream attempt or a mirror copy; ``stream`` is ``None`` while
 idle in the pool, in which case any byte or EOF just closes it).
 """
 
@@ -13,9 +14,10 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from diktyo.proxy.codec.http1 import CodecError, ResponseDecoder
+from diktyo.proxy.codec.events import CodecError, HeaderList, ResetReason, ResponseHead
+from diktyo.proxy.codec.http1 import Http1ClientCodec
 from diktyo.snapshot.model import TlsSettings
 
 log = logging.getLogger("diktyo.proxy")
@@ -109,14 +111,37 @@ async def open_upstream(
     return transport, protocol
 
 
+class UpstreamCallbacks(Protocol):
+    """What a pooled connection and its pool call on the requester holding it: one upstream
+    attempt (``proxy.http.upstream_request.UpstreamRequest``) or a mirror copy. Response
+    events are the codec's ``ClientSink`` events for the requester's stream."""
+
+    # pool
+    def attach(self, conn: UpstreamConnection) -> None: ...
+    def overflow(self, message: str) -> None: ...
+    def connect_failed(self, reason: str) -> None: ...
+
+    # connection (decoded response, failures, write flow control)
+    def on_response_headers(self, sid: int, head: ResponseHead) -> None: ...
+    def on_response_data(self, sid: int, data: bytes) -> None: ...
+    def on_response_trailers(self, sid: int, trailers: HeaderList) -> None: ...
+    def on_response_end(self, sid: int) -> None: ...
+    def on_upstream_lost(self, reason: str, started: bool) -> None: ...
+    def on_upstream_protocol_error(self, detail: str) -> None: ...
+    def upstream_pause_writing(self) -> None: ...
+    def upstream_resume_writing(self) -> None: ...
+    def flush_downstream(self) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
-    """One HTTP/1.1 connection to one upstream host, reused through the pool."""
+    """One HTTP/1.1 connection to one upstream host, reused through the pool. Its codec's
+    events go to the requester attached to it (``stream``); while idle, any byte or EOF
+    closes it."""
 
     __slots__ = (
         "closed",
-        "decoder",
+        "codec",
         "idle_since",
-        "keep_alive",
         "key",
         "pool",
         "read_paused",
@@ -133,21 +158,24 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self.decoder = ResponseDecoder(self)
-        self.stream: Any = None
+        self.codec = Http1ClientCodec(self)
+        self.stream: UpstreamCallbacks | None = None
         self.requests = 0
         self.reused = False
         self.idle_since = 0.0
         self.closed = False
-        self.keep_alive = True
         self.write_paused = False
         self.read_paused = False
         self.secure = False  # TLS (mTLS) connection: set by the pool when it opens it
         self.stale = False  # TLS-ness no longer what the config wants: close when released
 
+    @property
+    def keep_alive(self) -> bool:
+        return self.codec.keep_alive
+
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # create_connection gives a Transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -158,18 +186,17 @@ class UpstreamConnection(asyncio.Protocol):
                 pass
 
     def data_received(self, data: bytes) -> None:
-        if self.stream is None:
+        stream = self.stream
+        if stream is None:
             self.close()  # bytes while idle: protocol violation
             return
-        stream = self.stream
         try:
-            self.decoder.feed(data)
+            self.codec.feed(data)
         except CodecError as exc:
             self.close()
-            stream.on_upstream_protocol_error(self, exc.message)
+            stream.on_upstream_protocol_error(exc.message)
             return
-        if stream.obuf:
-            stream.flush_downstream()
+        stream.flush_downstream()  # what this read produced, in one downstream write
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -179,11 +206,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         stream = self.stream
         if stream is not None:
-            if self.decoder.eof():
-                stream = self.stream  # the stream may have detached on response end
+            self.codec.eof()  # may end a close-delimited body (the stream then detaches)
+            stream = self.stream
             if stream is not None:
                 self.stream = None
-                stream.on_upstream_lost(self, "connection termination", self.decoder.started)
+                stream.on_upstream_lost("connection termination", self.codec.started)
         if not was_closed:
             self.pool.connection_closed(self)
 
@@ -199,24 +226,46 @@ class UpstreamConnection(asyncio.Protocol):
         if s is not None:
             s.upstream_resume_writing()
 
-    # -- codec sink: forward to the attached stream
-    def on_response_head(self, status: int, block: bytes, ka: bool) -> None:
-        self.keep_alive = ka
+    # -- codec sink (ClientSink): forward to the attached requester
+    def on_response_headers(self, sid: int, head: ResponseHead) -> None:
         s = self.stream
         if s is not None:
-            s.on_response_head(status, block, ka)
+            s.on_response_headers(sid, head)
 
-    def on_response_body(self, chunk: bytes) -> None:
+    def on_response_data(self, sid: int, data: bytes) -> None:
         s = self.stream
         if s is not None:
-            s.on_response_body(chunk)
+            s.on_response_data(sid, data)
 
-    def on_response_end(self) -> None:
+    def on_response_trailers(self, sid: int, trailers: HeaderList) -> None:
         s = self.stream
         if s is not None:
-            s.on_response_end()
+            s.on_response_trailers(sid, trailers)
+
+    def on_response_end(self, sid: int) -> None:
+        s = self.stream
+        if s is not None:
+            s.on_response_end(sid)
+
+    def on_stream_reset(self, sid: int, reason: ResetReason) -> None:
+        s = self.stream
+        if s is not None:
+            self.stream = None
+            s.on_upstream_lost(reason.value, self.codec.started)
+
+    def on_send_blocked(self, sid: int) -> None:
+        pass  # HTTP/1.1: the transport's pause_writing does this
+
+    def on_send_unblocked(self, sid: int) -> None:
+        pass
 
     # -- helpers
+    def write(self) -> None:
+        """Write what the codec encoded (one ``transport.write``)."""
+        data = self.codec.data_to_send()
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
     def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None:
             self.read_paused = True
@@ -229,7 +278,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.stream = None
-        self.decoder.sink = self
         if not self.closed:
             self.closed = True
             if self.transport is not None:

@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-``RouteMatcher(table)`` compiles once per snapshot. ``select(info)`` finds the virtual host by
+``RouteMatcher(table)`` compiles once per snapshot. ``select(info)`` (and ``match_request``, the
+same walk for the proxy's hot path) finds the virtual host by
 the request's authority (exact domain, then the host without its port, then suffix wildcards
 ``*.example.com`` longest first, then prefix wildcards ``foo.*``, then ``*``), then walks its
 routes in order: first match wins. A route's match blocks are ORed, the conditions inside one
@@ -299,19 +300,6 @@ class CompiledRoute:
         self.has_rewrite = rw is not None
         self.extra: dict[str, Any] = {}  # per-route caches owned by the proxy
 
-    def match(self, info: RequestInfo) -> int:
-        """Index of the first match block that holds (0 for match-all), or -1."""
-        blocks = self.blocks
-        if not blocks:
-            return 0
-        for bi, conds in enumerate(blocks):
-            for _, cond in conds:
-                if not cond(info):
-                    break
-            else:
-                return bi
-        return -1
-
     def why_not(self, info: RequestInfo) -> list[str]:
         """For each match block, the first condition that failed."""
         out = []
@@ -454,11 +442,39 @@ class RouteMatcher:
 
     def select(self, info: RequestInfo) -> tuple[CompiledVirtualHost, CompiledRoute, int] | None:
         """(virtual host, route, index of the match block that held) or None (404 NR)."""
-        cvh = self.find_virtual_host(info.authority)
+        cvh = self.by_authority.get(info.authority) or self.find_virtual_host(info.authority)
         if cvh is None:
             return None
-        for cr in cvh.routes:
-            bi = cr.match(info)
-            if bi >= 0:
-                return cvh, cr, bi
-        return None
+        found = _first_match(cvh, info)
+        return None if found is None else (cvh, found[0], found[1])
+
+    def match_request(
+        self,
+        method: str,
+        path: str,
+        authority: str,
+        headers: dict[str, str],
+        scheme: str,
+        port: int | None,
+    ) -> tuple[CompiledRoute, int] | None:
+        """``select`` for the proxy's hot path: (route, match block index) or None (404 NR).
+        A virtual host whose first route matches everything needs no ``RequestInfo``."""
+        cvh = self.by_authority.get(authority) or self.find_virtual_host(authority)
+        if cvh is None:
+            return None
+        routes = cvh.routes
+        if routes and not routes[0].blocks:
+            return routes[0], 0
+        return _first_match(cvh, RequestInfo(method, path, authority, headers, scheme, port))
+
+
+def _first_match(cvh: CompiledVirtualHost, info: RequestInfo) -> tuple[CompiledRoute, int] | None:
+    """The first route (in order) with a match block whose conditions all hold: one walk over
+    the virtual host's flat (route, block, conditions) list, no call per route."""
+    for cr, bi, conds in cvh.blocks:
+        for cond in conds:
+            if not cond(info):
+                break
+        else:
+            return cr, bi
+    return None

@@ -1,77 +1,70 @@
 """Request mirroring: a fire-and-forget copy of a request to another cluster (Host ``<host>-shadow``).
 
 The copy buffers the request body (up to ``MIRROR_BODY_LIMIT``; larger bodies cancel the copy),
-sends it through the mirror cluster's pool once the original request is complete, and drops
-the response. It never touches the main stream's response, timing or status.
+sends it through the mirror cluster's pool once the original request is complete (the pooled
+connection's codec frames it: there is no encoder here), and drops the response. It never touches the main stream's response, timing or status.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from diktyo.proxy.codec.http1 import LAST_CHUNK, content_length_header, encode_request_head
+from diktyo.proxy.codec.events import HeaderList, RequestHead, ResponseHead
 from diktyo.snapshot.model import Mirror
 
 MIRROR_BODY_LIMIT = 1024 * 1024
 
 
 class MirrorStream:
-    """One shadow request (same pool callbacks as a Stream, results ignored)."""
+    """One shadow request: a requester of the mirror cluster's pool (``UpstreamCallbacks``)
+    whose response is dropped. The request is encoded by the pooled connection's codec."""
 
     __slots__ = (
         "cancelled",
-        "chunked",
         "chunks",
         "cstate",
         "ended",
-        "headers",
+        "head",
         "host",
-        "length",
-        "main",
-        "method",
-        "obuf",
-        "path",
+        "lb_context",
         "pending",
         "pool",
         "size",
         "uconn",
     )
 
-    def __init__(self, main: Any, cstate: Any, pool: Any, headers: dict[str, str]) -> None:
-        self.main = main
+    def __init__(
+        self, cstate: Any, pool: Any, head: RequestHead, lb_context: Callable[[], Any]
+    ) -> None:
         self.cstate = cstate
         self.pool = pool
+        self.head = head
+        self.lb_context = lb_context
         self.host: Any = None
-        self.headers = headers
         self.chunks: list[bytes] = []
         self.size = 0
         self.ended = False
         self.uconn: Any = None
         self.pending = False
         self.cancelled = False
-        self.obuf: list[bytes] = []
-        head = main.head
-        self.chunked = head.chunked
-        self.length = head.content_length
-        self.method = head.method
-        self.path = main.path_out
 
     # main stream feeds
-    def on_body(self, framed: bytes) -> None:
+    def on_body(self, chunk: bytes) -> None:
         if self.cancelled:
             return
-        self.size += len(framed)
+        self.size += len(chunk)
         if self.size > MIRROR_BODY_LIMIT:
             self.cancelled = True
             self.chunks = []
             return
-        self.chunks.append(framed)
+        self.chunks.append(chunk)
 
     def on_end(self) -> None:
         if self.cancelled or self.ended:
             return
         self.ended = True
-        host = self.cstate.pick_host(self.main.lbctx or _NoCtx, frozenset())
+        host = self.cstate.pick_host(self.lb_context() or _NoCtx, frozenset())
         if host is None:
             return
         self.host = host
@@ -82,20 +75,16 @@ class MirrorStream:
     def attach(self, uconn: Any) -> None:
         self.pending = False
         self.uconn = uconn
-        h = self.headers
-        if self.chunked:
-            framing = b"transfer-encoding: chunked\r\n"
-        elif self.length is not None:
-            framing = content_length_header(self.length)
-        else:
-            framing = b""
-        data = [encode_request_head(self.method, self.path, h, framing), *self.chunks]
-        if self.chunked:
-            data.append(LAST_CHUNK)
+        codec = uconn.codec
+        sid = codec.new_stream()
+        chunks = self.chunks
         self.chunks = []
-        if self.method == "HEAD":
-            uconn.decoder.expect_no_body()
-        uconn.transport.write(b"".join(data))
+        codec.send_headers(sid, self.head, not chunks)
+        if chunks:
+            for c in chunks:
+                codec.send_data(sid, c)
+            codec.send_data(sid, b"", True)
+        uconn.write()
 
     def overflow(self, message: str) -> None:
         self.pending = False
@@ -103,28 +92,36 @@ class MirrorStream:
     def connect_failed(self, reason: str) -> None:
         self.pending = False
 
-    def on_response_head(self, status: int, headers: Any, ka: bool) -> None:
-        if self.uconn is not None:
-            self.uconn.keep_alive = ka
-
-    def on_response_body(self, chunk: bytes) -> None:
+    # connection callbacks: the response is dropped
+    def on_response_headers(self, sid: int, head: ResponseHead) -> None:
         pass
 
-    def on_response_end(self) -> None:
+    def on_response_data(self, sid: int, data: bytes) -> None:
+        pass
+
+    def on_response_trailers(self, sid: int, trailers: HeaderList) -> None:
+        pass
+
+    def on_response_end(self, sid: int) -> None:
         u = self.uconn
         if u is None:
             return
         self.uconn = None
-        if u is not None:
-            self.pool.release(u)
+        self.pool.release(u)
 
-    def on_upstream_lost(self, uconn: Any, reason: str, started: bool) -> None:
+    def on_upstream_lost(self, reason: str, started: bool) -> None:
         self.uconn = None
+
+    def on_upstream_protocol_error(self, detail: str) -> None:
+        self.uconn = None  # the connection closed itself; the copy's answer is dropped anyway
 
     def upstream_pause_writing(self) -> None:
         pass
 
     def upstream_resume_writing(self) -> None:
+        pass
+
+    def flush_downstream(self) -> None:
         pass
 
 
@@ -149,14 +146,29 @@ def shadow_host(authority: str) -> str:
     return f"{authority}-shadow"
 
 
-def start_mirror(main: Any, mirror: Mirror) -> MirrorStream | None:
-    rt = main.rt
+def start_mirror(
+    rt: Any,
+    mirror: Mirror,
+    head: RequestHead,
+    path: str,
+    headers: dict[str, str],
+    authority: str,
+    lb_context: Callable[[], Any],
+) -> MirrorStream | None:
+    """A shadow copy of a request being forwarded: ``head`` as received, ``path`` and
+    ``headers`` as forwarded (copied here); ``lb_context()`` gives the main request's load
+    balancing context when the copy picks its host (once the request is complete)."""
     cstate = rt.clusters.get(mirror.cluster)
     if cstate is None:
         return None
-    headers = dict(main.out_headers)
-    headers["host"] = shadow_host(headers.get("host") or main.authority)
-    ms = MirrorStream(main, cstate, rt.pool_for(cstate), headers)
-    if main.req_done:
-        ms.on_end()
-    return ms
+    h = dict(headers)
+    h["host"] = shadow_host(h.get("host") or authority)
+    copy = RequestHead(h)
+    copy.method = head.method
+    copy.path = path
+    copy.authority = h["host"]
+    copy.scheme = head.scheme
+    copy.has_body = head.has_body
+    copy.chunked = head.chunked
+    copy.content_length = head.content_length
+    return MirrorStream(cstate, rt.pool_for(cstate), copy, lb_context)

@@ -112,17 +112,16 @@ def simulate(
         out["result"] = f"404 NR: no virtual host for authority {eff_authority!r}"
         return out
     out["virtualHost"] = cvh.vh.name
-    chosen = None
+    selected = matcher.select(info)  # the proxy's own matching
+    winner = selected[1] if selected is not None else None
     for cr in cvh.routes:
-        bi = cr.match(info)
-        if bi >= 0:
-            chosen = (cr, bi)
+        if cr is winner:
             break
         out["skipped"].append({**_rule(cr.route), "reasons": cr.why_not(info)})
-    if chosen is None:
+    if selected is None:
         out["result"] = "404 NR: no route matched"
         return out
-    cr, bi = chosen
+    _, cr, bi = selected
     route = cr.route
     rule = _rule(route)
     rule["matchIndex"] = bi

@@ -1,0 +1,95 @@
+"""Telemetry as filters: Istio's request metrics, the access log and trace spans.
+
+``StatsFilter`` records ``istio_requests_total`` and friends when a stream is done (labels
+per peer: the mTLS/metadata peer of an inbound request, else the upstream host's workload);
+``AccessLogFilter`` writes the access log line; ``TracingFilter`` starts a span once the
+destination is known (chain stage *route*, so the trace headers it writes go upstream and to
+mirrors) and ends it with the response status and flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from diktyo.proxy.codec.events import RequestHead
+from diktyo.proxy.filters.contract import CONTINUE, FilterCallbacks, FilterStatus, HttpFilter
+
+
+def span_name_for(service: str, port: int | None, authority: str) -> str:
+    """Envoy's operation name: ``reviews.default.svc.cluster.local:9080/*``."""
+    if service:
+        return f"{service}:{port}/*" if port else f"{service}/*"
+    return f"{authority}/*"
+
+
+class StatsFilter(HttpFilter):
+    """Istio standard metrics, one ``record`` per request."""
+
+    __slots__ = ("reporter", "rt")
+
+    def __init__(self, rt: Any, reporter: str) -> None:
+        self.rt = rt
+        self.reporter = reporter
+
+    def on_complete(self, cb: FilterCallbacks, flags: str, duration_ms: float) -> None:
+        rt = self.rt
+        labels = cb.peer_labels()
+        if labels is None:
+            cs = cb.cstate
+            host = cb.host
+            key = (
+                self.reporter,
+                cs.cluster.name if cs is not None else "",
+                host.key if host is not None else None,
+            )
+            labels = rt.peers.get(key) or rt.labels_for(self.reporter, cs, host)
+        rt.record(labels, cb.status, flags, duration_ms, cb.req_bytes, cb.resp_bytes)
+
+
+class AccessLogFilter(HttpFilter):
+    """The access log (``proxy.access_log``): one line per request."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, write: Callable[..., None]) -> None:
+        self.write = write
+
+    def on_complete(self, cb: FilterCallbacks, flags: str, duration_ms: float) -> None:
+        self.write(cb, flags, duration_ms)
+
+
+class TracingFilter(HttpFilter):
+    """A span per request: ``server`` on inbound listeners, ``client`` elsewhere."""
+
+    __slots__ = ("inbound", "service", "tracer")
+
+    def __init__(self, tracer: Any, inbound: bool, service: str) -> None:
+        self.tracer = tracer
+        self.inbound = inbound
+        self.service = service
+
+    def decode_headers(self, cb: FilterCallbacks, head: RequestHead) -> FilterStatus:
+        tracer = self.tracer
+        if self.inbound:
+            kind = "server"
+            name = span_name_for(self.service, cb.service_port(), head.authority)
+        else:
+            kind = "client"
+            wc = cb.dest.wc
+            port = wc.port or cb.cstate.cluster.port or None
+            name = span_name_for(wc.host, port, cb.routing_authority())
+        span = tracer.begin(
+            head.headers,
+            kind,
+            name,
+            {"http.method": head.method, "http.url": head.path, "node_id": tracer.node_id},
+        )
+        cb.set_state("span", span)
+        return CONTINUE
+
+    def on_complete(self, cb: FilterCallbacks, flags: str, duration_ms: float) -> None:
+        span = cb.get_state("span")
+        if span is not None:
+            cs = cb.cstate
+            self.tracer.end(span, cb.status, flags, cs.cluster.name if cs is not None else "")
