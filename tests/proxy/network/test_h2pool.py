@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from diktyo.proxy.codec.events import HeaderList, RequestHead, ResetReason, ResponseHead
+from diktyo.proxy.codec.events import HeaderList, RequestHead, ResponseHead
 from diktyo.proxy.codec.http2 import Http2Options
 from diktyo.proxy.network.h2pool import H2ClusterPool, H2StreamHandle
 from diktyo.proxy.stats import Stats
@@ -20,55 +20,63 @@ from diktyo.testing.wait import eventually
 
 
 class Req:
-    """A stand-in for the router's upstream attempt: sends on attach, records the answer."""
+    """A stand-in for the router's upstream attempt (``UpstreamCallbacks``): opens its stream
+    on attach as ``UpstreamRequest`` does, records the answer."""
 
     def __init__(self, path: str = "/", body: bytes = b"") -> None:
         self.path = path
         self.body = body
-        self.handle: H2StreamHandle | None = None
+        self.conn: H2StreamHandle | None = None
+        self.sid = 0
         self.status = 0
         self.data = bytearray()
         self.trailers: HeaderList | None = None
         self.outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
-    def attach(self, handle: H2StreamHandle) -> None:
-        self.handle = handle
+    def attach(self, conn: H2StreamHandle) -> None:
+        self.conn = conn
         head = RequestHead({"host": "up.test"})
         head.method = "POST" if self.body else "GET"
         head.path = self.path
-        handle.codec.send_headers(handle.sid, head, end_stream=not self.body)
+        codec = conn.codec
+        self.sid = sid = codec.new_stream()
+        codec.send_headers(sid, head, end_stream=not self.body)
         if self.body:
-            handle.codec.send_data(handle.sid, self.body, end_stream=True)
-        handle.flush()
+            codec.send_data(sid, self.body, end_stream=True)
+        conn.write()
 
     def _done(self, what: str) -> None:
         if not self.outcome.done():
             self.outcome.set_result(what)
 
     def on_response_headers(self, sid: int, head: ResponseHead) -> None:
+        assert sid == self.sid
         self.status = head.status
 
     def on_response_data(self, sid: int, data: bytes) -> None:
         self.data += data
-        assert self.handle is not None
-        self.handle.codec.acknowledge(sid, len(data))
-        self.handle.flush()
 
     def on_response_trailers(self, sid: int, trailers: HeaderList) -> None:
         self.trailers = trailers
 
     def on_response_end(self, sid: int) -> None:
-        assert self.handle is not None
-        self.handle.release()
+        assert self.conn is not None
+        self.conn.conn.pool.release(self.conn)
         self._done("ok")
 
-    def on_stream_reset(self, sid: int, reason: ResetReason) -> None:
-        self._done(f"reset:{reason.name}")
+    def on_upstream_lost(self, reason: str, started: bool) -> None:
+        self._done(f"lost:{reason}")
 
-    def on_send_blocked(self, sid: int) -> None:
+    def on_upstream_protocol_error(self, detail: str) -> None:
+        self._done(f"protocol_error:{detail}")
+
+    def upstream_pause_writing(self) -> None:
         pass
 
-    def on_send_unblocked(self, sid: int) -> None:
+    def upstream_resume_writing(self) -> None:
+        pass
+
+    def flush_downstream(self) -> None:
         pass
 
     def overflow(self, message: str) -> None:
@@ -187,7 +195,7 @@ async def test_upstream_dropping_the_connection_resets_its_streams() -> None:
             assert c.transport is not None
             c.transport.abort()
         outcomes = await asyncio.wait_for(asyncio.gather(*(r.outcome for r in reqs)), 5)
-        assert outcomes == ["reset:CONNECTION_TERMINATION"] * 2
+        assert outcomes == ["lost:connection termination"] * 2
         await eventually(lambda: pool.state.breaker.connections == 0, timeout=5)
 
 

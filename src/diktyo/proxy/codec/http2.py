@@ -71,6 +71,7 @@ from diktyo.proxy.codec.events import (
 
 ErrorCodes = h2.errors.ErrorCodes
 _BIG = 2**31 - 1
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what an h2c (prior knowledge) client sends first
 
 # connection-specific headers (RFC 9113 8.2.2): never sent on HTTP/2
 _HOP_BY_HOP = frozenset(

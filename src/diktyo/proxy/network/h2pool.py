@@ -8,9 +8,12 @@ upstream protocol. Inside, the unit handed out is a *stream*, not a connection:
 
 1. ``acquire(req, host)``: the first connection to ``host`` that is usable (no GOAWAY, not
    draining, under ``maxRequestsPerConnection`` streams in its life) and has a free stream
-   slot gets the request at once: ``req.attach(handle)`` with an ``H2StreamHandle`` (codec +
-   stream id). A slot is free while the connection's open streams are below
-   ``min(peer's SETTINGS_MAX_CONCURRENT_STREAMS, max_streams_per_connection)``.
+   slot gets the request at once: ``req.attach(handle)`` with an ``H2StreamHandle``, which the
+   requester uses like an HTTP/1.1 connection (``handle.codec.new_stream()``, ``send_*``,
+   ``handle.write()``; ``pool.release(handle)`` when done). A slot is free while the
+   connection's open streams are below ``min(peer's SETTINGS_MAX_CONCURRENT_STREAMS,
+   connectionPool.http.maxConcurrentStreams)``. Streams are handed out once the peer's
+   SETTINGS arrived (its limit is known): one round trip when a connection opens.
 2. Otherwise the request is *pending* (the breaker's ``http1MaxPendingRequests`` bounds the
    queue: overflow -> ``req.overflow(message)``, 503 ``UO``), and a new connection is opened
    when the connections already being opened to that host cannot take all the pending
@@ -34,7 +37,13 @@ import logging
 from collections import deque
 from typing import Any
 
-from diktyo.proxy.codec.events import CodecError, HeaderList, ResetReason, ResponseHead
+from diktyo.proxy.codec.events import (
+    CodecError,
+    HeaderList,
+    RequestHead,
+    ResetReason,
+    ResponseHead,
+)
 from diktyo.proxy.codec.http2 import DEFAULT_OPTIONS, Http2ClientCodec, Http2Options, Http2Stats
 from diktyo.proxy.network.upstream import open_upstream
 
@@ -47,43 +56,133 @@ H2_ALPN = ("istio-h2", "h2")
 DEFAULT_STREAM_LIMIT = 100
 
 
-class H2StreamHandle:
-    """One request's stream on a pooled HTTP/2 connection (what ``req.attach`` receives)."""
+class _StreamCodec:
+    """The connection's codec as one requester sees it: ``new_stream`` also registers the
+    stream, so that the connection routes that stream's events to this requester."""
 
-    __slots__ = ("codec", "conn", "released", "reused", "sid")
+    __slots__ = ("handle",)
+    protocol = "HTTP/2"
+    multiplexed = True
+
+    def __init__(self, handle: H2StreamHandle) -> None:
+        self.handle = handle
+
+    @property
+    def keep_alive(self) -> bool:
+        return self.handle.conn.codec.keep_alive
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        return self.handle.conn.codec.max_concurrent_streams
+
+    def new_stream(self) -> int:
+        h = self.handle
+        sid = h.conn.codec.new_stream()
+        h.sid = sid
+        h.conn.requests[sid] = h
+        return sid
+
+    def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
+        self.handle.conn.codec.send_headers(sid, head, end_stream)
+
+    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
+        self.handle.conn.codec.send_data(sid, data, end_stream)
+
+    def send_trailers(self, sid: int, trailers: HeaderList) -> None:
+        self.handle.conn.codec.send_trailers(sid, trailers)
+
+    def send_reset(self, sid: int, reason: ResetReason) -> None:
+        self.handle.conn.codec.send_reset(sid, reason)
+
+    def acknowledge(self, sid: int, n: int) -> None:
+        self.handle.conn.codec.acknowledge(sid, n)
+
+    def pause_reading(self, sid: int) -> None:
+        self.handle.conn.codec.pause_reading(sid)
+
+    def resume_reading(self, sid: int) -> None:
+        self.handle.conn.codec.resume_reading(sid)
+
+    def data_to_send(self) -> bytes:
+        return self.handle.conn.codec.data_to_send()
+
+
+class H2StreamHandle:
+    """One requester's stream on a pooled HTTP/2 connection: what ``attach`` hands out.
+
+    It looks like an HTTP/1.1 ``UpstreamConnection`` to the requester (``codec``, ``write``,
+    ``close``, ``pause_reading``, ``reused``...), but ``close`` resets only this stream and
+    ``pause_reading`` withholds flow-control credit from this stream only: the other streams
+    of the connection go on."""
+
+    __slots__ = ("codec", "conn", "released", "requester", "reused", "sid", "started")
     protocol = "HTTP/2"
 
-    def __init__(self, conn: H2UpstreamConnection, sid: int, reused: bool) -> None:
+    def __init__(self, conn: H2UpstreamConnection, requester: Any, reused: bool) -> None:
         self.conn = conn
-        self.codec = conn.codec
-        self.sid = sid
+        self.requester = requester
+        self.codec = _StreamCodec(self)
+        self.sid = 0  # set by codec.new_stream()
         self.reused = reused
+        self.started = False  # response headers received
         self.released = False
+
+    @property
+    def closed(self) -> bool:
+        return self.released or self.conn.closed
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.conn.transport
 
     @property
     def secure(self) -> bool:
         return self.conn.secure
 
-    def flush(self) -> None:
-        """Write what the codec has queued (call after ``send_*`` on ``codec``)."""
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.conn.key
+
+    @property
+    def keep_alive(self) -> bool:
+        return self.conn.codec.keep_alive
+
+    def write(self) -> None:
+        """Write what the codec has queued (one ``transport.write``)."""
         self.conn.flush()
 
+    flush = write
+
+    def close(self) -> None:
+        """Abandon this stream (RST_STREAM CANCEL) and free its slot."""
+        self.conn.pool.release(self)
+
     def release(self) -> None:
-        """The attempt is over (response done, reset or abandoned): free the stream slot; a
-        stream still open is reset (CANCEL)."""
-        if not self.released:
-            self.released = True
-            self.conn.pool.release(self)
+        self.conn.pool.release(self)
+
+    def pause_reading(self) -> None:
+        if self.sid:
+            self.conn.codec.pause_reading(self.sid)
+
+    def resume_reading(self) -> None:
+        if self.sid:
+            self.conn.codec.resume_reading(self.sid)
+            self.conn.flush()  # the WINDOW_UPDATE for what was withheld
 
 
 class H2UpstreamConnection(asyncio.Protocol):
-    """One HTTP/2 connection to one upstream host; routes codec events to requests by stream."""
+    """One HTTP/2 connection to one upstream host; routes codec events to requesters by stream.
+
+    Response DATA is acknowledged (flow-control credit) once handed to the requester; a
+    requester that pauses reading (its downstream is slow) withholds it, so the upstream stops
+    at its window."""
 
     def __init__(self, pool: H2ClusterPool, key: tuple[str, int]) -> None:
         self.pool = pool
         self.key = key
         self.codec = Http2ClientCodec(self, pool.options, pool.h2stats, pool.loop.time)
-        self.requests: dict[int, Any] = {}  # sid -> request
+        self.requests: dict[int, H2StreamHandle] = {}  # sid -> handle
+        self.attaching = 0  # handed out, stream not opened yet
         self.transport: asyncio.Transport | None = None
         self.streams_total = 0
         self.idle_since = 0.0
@@ -92,6 +191,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.stale = False  # settings changed under it: no new stream, close when empty
         self.ready = False  # the peer's SETTINGS arrived: its stream limit is known
         self.write_paused = False
+        self._touched: list[H2StreamHandle] | None = None
 
     # -- capacity
     def stream_limit(self) -> int:
@@ -111,7 +211,11 @@ class H2UpstreamConnection(asyncio.Protocol):
         return not (maxreq and self.streams_total >= maxreq)
 
     def has_slot(self) -> bool:
-        return self.ready and self.usable() and len(self.requests) < self.stream_limit()
+        return (
+            self.ready
+            and self.usable()
+            and len(self.requests) + self.attaching < self.stream_limit()
+        )
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -127,9 +231,12 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.flush()  # connection preface + SETTINGS
 
     def data_received(self, data: bytes) -> None:
+        touched: list[H2StreamHandle] = []
+        self._touched = touched
         try:
             self.codec.feed(data)
         except CodecError as exc:
+            self._touched = None
             log.warning(
                 "upstream %s:%d (cluster %s): %s; closing the connection",
                 self.key[0],
@@ -138,10 +245,20 @@ class H2UpstreamConnection(asyncio.Protocol):
                 exc.message,
             )
             self.pool.stats.inc_cluster(self.pool.name, "upstream_cx_protocol_error")
-            self.flush()
+            handles = list(self.requests.values())
+            self.requests.clear()
             self.close()
+            for h in handles:
+                h.released = True
+                h.requester.on_upstream_protocol_error(f"HTTP/2: {exc.message}")
             return
+        self._touched = None
         self.flush()
+        seen: set[int] = set()
+        for h in touched:
+            if id(h) not in seen:
+                seen.add(id(h))
+                h.requester.flush_downstream()
         if self.codec.closed and not self.requests:
             self.close()
             return
@@ -157,62 +274,79 @@ class H2UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was_closed = self.closed
         self.closed = True
-        if self.requests:
-            self.codec.eof()  # resets every open stream: CONNECTION_TERMINATION to each request
-            self.requests.clear()
+        handles = list(self.requests.values())
+        self.requests.clear()
+        for h in handles:
+            if not h.released:
+                h.released = True
+                h.requester.on_upstream_lost("connection termination", h.started)
         if not was_closed:
             self.pool.connection_closed(self)
 
     def pause_writing(self) -> None:
         self.write_paused = True
         self.codec.set_write_paused(True)
-        for sid, req in list(self.requests.items()):
-            req.on_send_blocked(sid)
+        for h in list(self.requests.values()):
+            h.requester.upstream_pause_writing()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         self.codec.set_write_paused(False)
-        for sid, req in list(self.requests.items()):
-            req.on_send_unblocked(sid)
+        for h in list(self.requests.values()):
+            h.requester.upstream_resume_writing()
 
-    # -- ClientSink: events to the request that owns the stream
+    # -- ClientSink: events to the requester that owns the stream
     def on_response_headers(self, sid: int, head: ResponseHead) -> None:
-        r = self.requests.get(sid)
-        if r is not None:
-            r.on_response_headers(sid, head)
+        h = self.requests.get(sid)
+        if h is not None:
+            h.started = True
+            if self._touched is not None:
+                self._touched.append(h)
+            h.requester.on_response_headers(sid, head)
 
     def on_response_data(self, sid: int, data: bytes) -> None:
-        r = self.requests.get(sid)
-        if r is not None:
-            r.on_response_data(sid, data)
-        else:
-            self.codec.acknowledge(sid, len(data))
+        h = self.requests.get(sid)
+        if h is not None:
+            if self._touched is not None:
+                self._touched.append(h)
+            h.requester.on_response_data(sid, data)
+        self.codec.acknowledge(sid, len(data))  # withheld while the stream's reading is paused
 
     def on_response_trailers(self, sid: int, trailers: HeaderList) -> None:
-        r = self.requests.get(sid)
-        if r is not None:
-            r.on_response_trailers(sid, trailers)
+        h = self.requests.get(sid)
+        if h is not None:
+            if self._touched is not None:
+                self._touched.append(h)
+            h.requester.on_response_trailers(sid, trailers)
 
     def on_response_end(self, sid: int) -> None:
-        r = self.requests.get(sid)
-        if r is not None:
-            r.on_response_end(sid)
+        h = self.requests.get(sid)
+        if h is not None:
+            if self._touched is not None:
+                self._touched.append(h)
+            h.requester.on_response_end(sid)
 
     def on_stream_reset(self, sid: int, reason: ResetReason) -> None:
-        r = self.requests.pop(sid, None)
-        if r is not None:
-            r.on_stream_reset(sid, reason)
-            self.pool.slot_freed(self)
+        h = self.requests.pop(sid, None)
+        if h is None or h.released:
+            return
+        h.released = True
+        if reason is ResetReason.REMOTE_REFUSED:
+            # not processed by the upstream (REFUSED_STREAM, or above a GOAWAY's last stream):
+            # safe to send again, as Envoy does transparently
+            h.reused = True
+        h.requester.on_upstream_lost(reason.value, h.started)
+        self.pool.slot_freed(self)
 
     def on_send_blocked(self, sid: int) -> None:
-        r = self.requests.get(sid)
-        if r is not None:
-            r.on_send_blocked(sid)
+        h = self.requests.get(sid)
+        if h is not None:
+            h.requester.upstream_pause_writing()
 
     def on_send_unblocked(self, sid: int) -> None:
-        r = self.requests.get(sid)
-        if r is not None:
-            r.on_send_unblocked(sid)
+        h = self.requests.get(sid)
+        if h is not None:
+            h.requester.upstream_resume_writing()
 
     # -- helpers
     def flush(self) -> None:
@@ -225,13 +359,16 @@ class H2UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.closed:
             return
-        if self.requests:
-            self.codec.eof()
-            self.requests.clear()
+        handles = list(self.requests.values())
+        self.requests.clear()
         self.closed = True
         if self.transport is not None:
             self.flush_goaway()
             self.transport.abort()
+        for h in handles:
+            if not h.released:
+                h.released = True
+                h.requester.on_upstream_lost("connection termination", h.started)
         self.pool.connection_closed(self)
 
     def flush_goaway(self) -> None:
@@ -275,6 +412,7 @@ class H2ClusterPool:
         self.conns: dict[tuple[str, int], list[H2UpstreamConnection]] = {}
         self.connecting: dict[tuple[str, int], int] = {}
         self.pending: deque[tuple[Any, Any]] = deque()  # (request, host)
+        self.active: set[H2UpstreamConnection] = set()  # every established connection
         self.retired = False
         self.certs: Any = None
         self.generation = 0
@@ -361,6 +499,7 @@ class H2ClusterPool:
             if generation != self.generation:
                 conn.stale = True
             self.conns.setdefault(host.key, []).append(conn)
+            self.active.add(conn)
             conn.idle_since = self.loop.time()
             if conn.ready:
                 self.serve_all()
@@ -389,12 +528,13 @@ class H2ClusterPool:
             self.connecting.pop(key, None)
 
     def _hand(self, conn: H2UpstreamConnection, req: Any) -> None:
-        sid = conn.codec.new_stream()
-        reused = conn.streams_total > 0
+        handle = H2StreamHandle(conn, req, False)
         conn.streams_total += 1
-        conn.requests[sid] = req
-        self.stats.inc_cluster(self.name, "upstream_rq_total")
-        req.attach(H2StreamHandle(conn, sid, reused))
+        conn.attaching += 1
+        try:
+            req.attach(handle)  # the requester opens its stream (codec.new_stream) in there
+        finally:
+            conn.attaching -= 1
 
     def serve(self, conn: H2UpstreamConnection) -> None:
         """Hand pending requests for ``conn``'s host to it while it has free slots."""
@@ -426,9 +566,14 @@ class H2ClusterPool:
 
     # -- releasing
     def release(self, handle: H2StreamHandle) -> None:
+        """The requester is done with its stream: reset it if still open (no-op once ended
+        both ways) and free the slot. Idempotent."""
+        if handle.released:
+            return
+        handle.released = True
         conn = handle.conn
-        if conn.requests.pop(handle.sid, None) is not None and not conn.closed:
-            conn.codec.send_reset(handle.sid, ResetReason.LOCAL_RESET)  # no-op once ended
+        if handle.sid and conn.requests.pop(handle.sid, None) is not None and not conn.closed:
+            conn.codec.send_reset(handle.sid, ResetReason.LOCAL_RESET)
             conn.flush()
         self.slot_freed(conn)
 
@@ -453,6 +598,7 @@ class H2ClusterPool:
                 "check the port's protocol (name/appProtocol) and the DestinationRule's "
                 "h2UpgradePolicy",
             )
+        self.active.discard(conn)
         conns = self.conns.get(conn.key)
         if conns and conn in conns:
             conns.remove(conn)
@@ -503,6 +649,11 @@ class H2ClusterPool:
         for conns in list(self.conns.values()):
             for c in list(conns):
                 c.drain()
+
+    @property
+    def idle(self) -> dict[tuple[str, int], list[H2UpstreamConnection]]:
+        """Established connections without an open stream, per host."""
+        return {k: [c for c in v if not c.requests] for k, v in self.conns.items()}
 
     def describe(self) -> dict[str, Any]:
         return {

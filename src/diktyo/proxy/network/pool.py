@@ -47,9 +47,13 @@ def upstream_protocol(cluster: Any) -> str:
     """The protocol the sidecar speaks to a cluster's endpoints: the one place that reads
     ``Cluster.protocol`` (``http``, ``http2``, ``grpc``; ``tcp`` clusters have no HTTP pool).
 
-    Only HTTP/1.1 is implemented today, so every cluster gets ``HTTP1``; the HTTP/2 pool
-    (``proxy/network/h2pool.py``) extends this function, and ``new_pool`` with it.
+    Translation decides it per Istio (``Cluster.upstream_protocol``: HTTP/2 for http2/grpc/
+    grpc-web ports and ``h2UpgradePolicy: UPGRADE``); ``protocol`` is the fallback for
+    snapshots written without that field.
     """
+    up = getattr(cluster, "upstream_protocol", HTTP1)
+    if up == HTTP2 or getattr(cluster, "protocol", "http") in ("http2", "grpc"):
+        return HTTP2
     return HTTP1
 
 
@@ -89,7 +93,11 @@ def new_pool(
     stats: Any,
     tasks: set[asyncio.Task[Any]],
 ) -> ConnectionPool:
-    """The pool for a cluster, by ``upstream_protocol`` (HTTP/1.1 only, for now)."""
+    """The pool for a cluster, by ``upstream_protocol``."""
+    if upstream_protocol(state.cluster) == HTTP2:
+        from diktyo.proxy.network.h2pool import H2ClusterPool
+
+        return H2ClusterPool(name, state, loop, stats, tasks)
     return Http1Pool(name, state, loop, stats, tasks)
 
 

@@ -27,6 +27,8 @@ from diktyo.snapshot.model import TlsSettings
 
 # Istio's sidecars offer these; diktyo speaks HTTP/1.1 inside the tunnel.
 MESH_ALPN = ("istio-http/1.1", "istio", "http/1.1")
+# what inbound listeners accept: HTTP/2 first when the client offers it (the server's order wins)
+INBOUND_ALPN = ("istio-h2", "h2", *MESH_ALPN)
 
 
 class TlsConfigError(ValueError):
@@ -359,7 +361,7 @@ async def accept_inbound(
         transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
         return transport, protocol, reason
     try:
-        ctx = store.server_context(require_client_cert=True)
+        ctx = store.server_context(require_client_cert=True, alpn=INBOUND_ALPN)
     except TlsConfigError as exc:
         sock.close()
         raise InboundRefused(str(exc)) from None
