@@ -802,16 +802,22 @@ class Http2ClientCodec(_H2Codec):
             (b":authority", authority.encode("latin-1")),
             (b":path", head.path.encode("latin-1")),
         ]
+        has_te = False
         for name, value in hdrs.items():
             if name in _HOP_BY_HOP_STR:
                 if name == "te" and value.strip().lower() == "trailers":
                     pairs.append((b"te", b"trailers"))
+                    has_te = True
                 continue
             n = name.lower().encode("latin-1")
             if name == "cookie":
                 pairs.extend((n, c.strip().encode("latin-1")) for c in value.split(";"))
             else:
                 pairs.append((n, value.encode("latin-1")))
+        if not has_te and hdrs.get("content-type", "").startswith("application/grpc"):
+            # gRPC servers require "te: trailers"; the stream strips TE as hop-by-hop (Envoy
+            # keeps "te: trailers"), so a gRPC request gets it back here
+            pairs.append((b"te", b"trailers"))
         if head.content_length is not None and "content-length" not in hdrs:
             pairs.append((b"content-length", str(head.content_length).encode()))
         st = _Stream(self._clock())
