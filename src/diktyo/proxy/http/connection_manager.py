@@ -924,6 +924,8 @@ class DownstreamStream:
 
     # ------------------------------------------------------------------ response side
     def upstream_headers(self, a: UpstreamRequest, head: ResponseHead) -> None:
+        if self.phase is not FORWARDING:
+            return  # a second response head from a misbehaving codec: the first one stands
         t = a.try_timer
         if t is not None:
             a.try_timer = None
