@@ -42,8 +42,10 @@ def format_text(s: Any, flags: str, dur_ms: float) -> str:
     upstream_host = f"{host.address}:{host.port}" if host is not None else "-"
     cluster = s.cstate.cluster.name if s.cstate is not None else "-"
     route = s.route.route.name if s.route is not None and s.route.route.name else "default"
+    g = getattr(s, "grpc_status", "")  # gRPC: in the %RESPONSE_CODE_DETAILS% slot
+    details = f"grpc_status={g}" if g else "-"
     return (
-        f'[{start}Z] "{head.method} {head.path} HTTP/{head.version}" {s.status} {flags} - - "-" '
+        f'[{start}Z] "{head.method} {head.path} HTTP/{head.version}" {s.status} {flags} {details} - "-" '
         f"{s.req_bytes} {s.resp_bytes} {int(dur_ms)} - "
         f'"{_q(h.get("x-forwarded-for"))}" "{_q(h.get("user-agent"))}" '
         f'"{_q(s.out_headers.get("x-request-id") or h.get("x-request-id"))}" '
@@ -63,6 +65,7 @@ def format_json(s: Any, flags: str, dur_ms: float) -> str:
                 "path": head.path,
                 "protocol": f"HTTP/{head.version}",
                 "response_code": s.status,
+                "grpc_status": getattr(s, "grpc_status", "") or None,
                 "response_flags": flags,
                 "bytes_received": s.req_bytes,
                 "bytes_sent": s.resp_bytes,

@@ -190,18 +190,20 @@ class Runtime:
     def pool_for(self, cstate: Any) -> ConnectionPool:
         return self.sidecar.pools[cstate.cluster.name]
 
-    def labels_for(self, reporter: str, cstate: Any, host: Any) -> Any:
-        key = (
+    def labels_for(self, reporter: str, cstate: Any, host: Any, protocol: str = "http") -> Any:
+        key: tuple[Any, ...] = (
             reporter,
             cstate.cluster.name if cstate is not None else "",
             host.key if host is not None else None,
         )
+        if protocol != "http":
+            key += (protocol,)
         p = self.peers.get(key)
         if p is not None:
             return p
         if reporter == "destination":
             service = self.inbound_service or (cstate.cluster.service if cstate else "")
-            p = self.stats.peer_for("destination", self.me, None, service)
+            p = self.stats.peer_for("destination", self.me, None, service, protocol)
         else:
             other = None
             service = ""
@@ -210,7 +212,7 @@ class Runtime:
             if host is not None:
                 ep = host.endpoint
                 other = WorkloadInfo.from_labels(ep.workload, ep.namespace, ep.labels, ep.principal)
-            p = self.stats.peer_for("source", self.me, other, service)
+            p = self.stats.peer_for("source", self.me, other, service, protocol)
         self.peers[key] = p
         return p
 

@@ -35,16 +35,20 @@ class StatsFilter(HttpFilter):
     def on_complete(self, cb: FilterCallbacks, flags: str, duration_ms: float) -> None:
         rt = self.rt
         labels = cb.peer_labels()
+        grpc_status: str = getattr(cb, "grpc_status", "")
         if labels is None:
             cs = cb.cstate
             host = cb.host
-            key = (
-                self.reporter,
-                cs.cluster.name if cs is not None else "",
-                host.key if host is not None else None,
-            )
-            labels = rt.peers.get(key) or rt.labels_for(self.reporter, cs, host)
-        rt.record(labels, cb.status, flags, duration_ms, cb.req_bytes, cb.resp_bytes)
+            if getattr(cb, "grpc", False):  # request_protocol="grpc"
+                labels = rt.labels_for(self.reporter, cs, host, "grpc")
+            else:
+                key = (
+                    self.reporter,
+                    cs.cluster.name if cs is not None else "",
+                    host.key if host is not None else None,
+                )
+                labels = rt.peers.get(key) or rt.labels_for(self.reporter, cs, host)
+        rt.record(labels, cb.status, flags, duration_ms, cb.req_bytes, cb.resp_bytes, grpc_status)
 
 
 class AccessLogFilter(HttpFilter):

@@ -33,6 +33,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from diktyo.proxy.codec import grpc
 from diktyo.proxy.codec.events import (
     CodecError,
     HeaderList,
@@ -491,6 +492,9 @@ class DownstreamStream:
     upstream_head: RequestHead | None = None  # the head as forwarded, when the path differs
     state: dict[str, Any] | None = None  # per-stream filter state
     _peer_labels: Any = None  # inbound: metric labels from the mTLS peer / peer metadata
+    grpc = False  # content-type application/grpc (h2: local replies, grpc-timeout, status)
+    grpc_status = ""  # the response's grpc-status (trailers, or a trailers-only head)
+    trailers_only: ResponseHead | None = None  # a gRPC trailers-only head, held for END_STREAM
 
     def __init__(self, conn: HttpConnection, sid: int, head: RequestHead) -> None:
         self.conn = conn
@@ -598,6 +602,9 @@ class DownstreamStream:
         assert rt is not None
         self.rt = rt
         head = self.head
+        ct = head.headers.get("content-type")
+        if ct is not None and ct.startswith("application/grpc"):
+            self.grpc = grpc.is_grpc(ct)
         if head.expect_continue and head.has_body and not self.req_done:
             self.conn.send_continue(self.sid)
         self.chain = chain_for(rt, ctx)
@@ -743,6 +750,8 @@ class DownstreamStream:
         self._go(FORWARDING)
         route = self.route.route if self.route is not None else None
         timeout = route.timeout if route is not None else None
+        if self.grpc:  # Istio: grpc-timeout applies, capped by the route's timeout
+            timeout = grpc.effective_timeout(timeout, self.head.headers.get("grpc-timeout"))
         ov = self.head.headers.get("x-envoy-upstream-rq-timeout-ms")
         if ov is not None and ov.isdigit():
             timeout = int(ov) / 1000.0
@@ -931,6 +940,12 @@ class DownstreamStream:
             a.try_timer = None
             t.cancel()
         status = head.status
+        if self.grpc:
+            g = grpc.status_of(head.pairs(), None)
+            if g:
+                self.grpc_status = g  # trailers-only: retryOn's gRPC conditions look here
+                if self.retry_status(a, status, {"grpc-status": g}):
+                    return
         if status >= 400 and self.retry_status(a, status):
             return
         self._go(RESPONDING)
@@ -939,16 +954,27 @@ class DownstreamStream:
         if chain is not None:
             for f in chain.encode:
                 f.encode_headers(self, head)
+        if self.grpc_status:
+            self.trailers_only = head  # sent with END_STREAM by upstream_end (gRPC needs that)
+            return
         self.codec.send_headers(self.sid, head)
 
     def upstream_data(self, a: UpstreamRequest, data: bytes) -> None:
         if self.phase is not RESPONDING:
             return
+        if self.trailers_only is not None:  # not trailers-only after all: the head goes first
+            self.codec.send_headers(self.sid, self.trailers_only)
+            self.trailers_only = None
         self.resp_bytes += len(data)
         self.codec.send_data(self.sid, data)
 
     def upstream_trailers(self, a: UpstreamRequest, trailers: HeaderList) -> None:
         if self.phase is RESPONDING:
+            if self.trailers_only is not None:
+                self.codec.send_headers(self.sid, self.trailers_only)
+                self.trailers_only = None
+            if self.grpc:
+                self.grpc_status = grpc.status_of(None, trailers) or self.grpc_status
             self.codec.send_trailers(self.sid, trailers)
 
     def flush_downstream(self) -> None:
@@ -958,7 +984,12 @@ class DownstreamStream:
     def upstream_end(self, a: UpstreamRequest) -> None:
         if self.phase is not RESPONDING:
             return
-        self.codec.send_data(self.sid, b"", True)
+        to = self.trailers_only
+        if to is not None:
+            self.trailers_only = None
+            self.codec.send_headers(self.sid, to, True)
+        else:
+            self.codec.send_data(self.sid, b"", True)
         self.conn.flush()
         self._go(RESPONDED)
         status = self.status
@@ -974,11 +1005,13 @@ class DownstreamStream:
         if self.req_done:
             self.finish()
 
-    def retry_status(self, a: UpstreamRequest, status: int) -> bool:
+    def retry_status(
+        self, a: UpstreamRequest, status: int, headers: dict[str, str] | None = None
+    ) -> bool:
         if not self.replayable or self.cstate is None:
             return False
         rs = self.retry_state()
-        if not rs.should_retry_status(status, None):
+        if not rs.should_retry_status(status, headers):
             if getattr(rs, "refused", None) == "limit" and self.attempt > 1:
                 self.add_flag("URX")
             return False
@@ -1116,6 +1149,9 @@ class DownstreamStream:
         self.cancel_upstream()
         if flag:
             self.add_flag(flag)
+        if self.grpc:
+            self.grpc_local_reply(status, body)
+            return
         self.status = status
         self._go(RESPONDED)
         self.resp_bytes = len(body)
@@ -1131,6 +1167,26 @@ class DownstreamStream:
                 if self.head.method == "HEAD":
                     self.resp_bytes = 0  # HEAD: same head, no body (the codec drops it)
                 codec.send_data(self.sid, body, True)
+            conn.flush()
+        if self.req_done:
+            self.finish()
+
+    def grpc_local_reply(self, status: int, body: bytes) -> None:
+        """A reply the proxy makes to a gRPC request is gRPC-shaped, as Envoy's: HTTP 200,
+        trailers-only, ``grpc-status`` from the HTTP status (or the one a filter chose with
+        ``set_state("grpc_status", code)``, e.g. ``fault.abort.grpcStatus``) and
+        ``grpc-message`` naming the cause."""
+        chosen = self.state.get("grpc_status") if self.state else None
+        code = chosen if chosen is not None else grpc.http_to_grpc_status(status)
+        self.status = 200
+        self.grpc_status = str(code)
+        self._go(RESPONDED)
+        self.resp_bytes = 0
+        conn = self.conn
+        if not conn.closed and conn.transport is not None:
+            msg = body.decode("utf-8", "replace") or f"HTTP {status}"
+            pairs = grpc.local_reply(code, msg)
+            self.codec.send_headers(self.sid, ResponseHead(200, pairs, None, False), True)
             conn.flush()
         if self.req_done:
             self.finish()
