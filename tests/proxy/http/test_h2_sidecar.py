@@ -209,3 +209,50 @@ async def test_client_reset_cancels_the_upstream_stream(n: int) -> None:
             assert [c.body(1 + 2 * i) for i in range(1, n)] == [b"held"] * (n - 1)
         finally:
             c.close()
+
+
+def grpc_req(path: str, timeout: str | None = None) -> list[tuple[str, str]]:
+    h = [*req(path, "POST"), ("content-type", "application/grpc"), ("te", "trailers")]
+    if timeout:
+        h.append(("grpc-timeout", timeout))
+    return h
+
+
+async def test_grpc_timeout_header_bounds_the_request() -> None:
+    async with FakeH2Upstream() as up, start_sidecar(snap(up.port, True)) as sc:
+        c = await RawH2.open(sc.port())
+        try:
+            t0 = asyncio.get_running_loop().time()
+            c.c.send_headers(1, grpc_req("/hold", "300m"), end_stream=True)
+            await c.send()
+            await c.read_until(lambda: c.ended(1))
+            elapsed = asyncio.get_running_loop().time() - t0
+            assert 0.3 <= elapsed < 5
+            (resp,) = c.of(h2.events.ResponseReceived, 1)
+            h = dict(resp.headers)
+            # the proxy's own reply to a gRPC request: HTTP 200, trailers-only, UNAVAILABLE
+            assert h[b":status"] == b"200"
+            assert h[b"grpc-status"] == b"14"
+            assert b"timeout" in h[b"grpc-message"]
+            assert resp.stream_ended is not None  # trailers-only: END_STREAM on the HEADERS
+            assert c.body(1) == b""
+            assert up.requests[0].head.headers["grpc-timeout"] == "300m"
+        finally:
+            up.release_held()
+            c.close()
+
+
+async def test_grpc_request_without_route_gets_unimplemented() -> None:
+    async with FakeH2Upstream() as up, start_sidecar(snap(up.port, True)) as sc:
+        c = await RawH2.open(sc.port())
+        try:
+            hdrs = [(k, "nowhere" if k == ":authority" else v) for k, v in grpc_req("/x")]
+            c.c.send_headers(1, hdrs, end_stream=True)
+            await c.send()
+            await c.read_until(lambda: c.ended(1))
+            (resp,) = c.of(h2.events.ResponseReceived, 1)
+            h = dict(resp.headers)
+            assert (h[b":status"], h[b"grpc-status"]) == (b"200", b"12")  # 404 NR -> UNIMPLEMENTED
+            assert up.requests == []
+        finally:
+            c.close()
