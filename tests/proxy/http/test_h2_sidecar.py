@@ -253,6 +253,7 @@ async def test_grpc_request_without_route_gets_unimplemented() -> None:
             (resp,) = c.of(h2.events.ResponseReceived, 1)
             h = dict(resp.headers)
             assert (h[b":status"], h[b"grpc-status"]) == (b"200", b"12")  # 404 NR -> UNIMPLEMENTED
+            assert b"no route matched" in h[b"grpc-message"]
             assert up.requests == []
         finally:
             c.close()

@@ -128,6 +128,13 @@ log = logging.getLogger("diktyo.proxy")
 _NO_LB_CONTEXT = LbContext({}, "", None)  # shared by requests whose LB ignores the request
 _PLAIN_PEER: tuple[str, bytes | None] = ("", None)
 _TEXT_PLAIN = (b"content-type", b"text/plain")
+# grpc-message of a gRPC local reply whose HTTP form has no body
+_GRPC_EMPTY_BODY_CAUSE = {
+    404: "no route matched (check the VirtualService's hosts and http[].match for this "
+    "authority and path)",
+    403: "RBAC: access denied",
+    503: "no cluster for this route (NC)",
+}
 
 
 class RequestIds:
@@ -1184,7 +1191,9 @@ class DownstreamStream:
         self.resp_bytes = 0
         conn = self.conn
         if not conn.closed and conn.transport is not None:
-            msg = body.decode("utf-8", "replace") or f"HTTP {status}"
+            msg = body.decode("utf-8", "replace") or _GRPC_EMPTY_BODY_CAUSE.get(
+                status, f"proxy answered HTTP {status}"
+            )
             pairs = grpc.local_reply(code, msg)
             self.codec.send_headers(self.sid, ResponseHead(200, pairs, None, False), True)
             conn.flush()
