@@ -61,6 +61,23 @@ def test_unary_and_streaming_calls_through_two_sidecars(client: Client) -> None:
     assert [m["n"] for m in out] == [0, 1, 2, 3]
 
 
+def test_stream_messages_are_counted(mesh: MeshThread, client: Client) -> None:
+    def totals(name: str) -> float:
+        return sum(
+            float(ln.rsplit(" ", 1)[1])
+            for ln in prometheus(mesh, "sleep").splitlines()
+            if ln.startswith(name + "{") and 'reporter="source"' in ln
+        )
+
+    req0 = totals("istio_request_messages_total")
+    resp0 = totals("istio_response_messages_total")
+    out = list(client.chat(iter([{"n": i} for i in range(6)]), timeout=20))
+    assert len(out) == 6
+    assert client.record(iter([{"s": i} for i in range(3)]), timeout=20)["received"] == 3
+    assert totals("istio_request_messages_total") - req0 == 6 + 3
+    assert totals("istio_response_messages_total") - resp0 == 6 + 1
+
+
 def test_metadata_routes_to_v2(client: Client) -> None:
     md = (("x-user", "jason"),)
     versions = {client.get({"product": i}, metadata=md, timeout=20)["version"] for i in range(10)}

@@ -41,6 +41,8 @@ REQUESTS_TOTAL = "istio_requests_total"
 REQUEST_DURATION = "istio_request_duration_milliseconds"
 REQUEST_BYTES = "istio_request_bytes"
 RESPONSE_BYTES = "istio_response_bytes"
+REQUEST_MESSAGES = "istio_request_messages_total"  # gRPC messages (streams), Istio's names
+RESPONSE_MESSAGES = "istio_response_messages_total"
 TCP_SENT = "istio_tcp_sent_bytes_total"
 TCP_RECEIVED = "istio_tcp_received_bytes_total"
 TCP_OPENED = "istio_tcp_connections_opened_total"
@@ -314,6 +316,8 @@ class IstioMetrics:
         grpc_status="")``: count one finished HTTP request (dict lookup + list increments)."""
         # (peer, response_flags) -> [opened, closed, sent, received]
         self._tcp: dict[tuple[PeerKey, str], list[int]] = {}
+        # gRPC: (peer, code, flags, grpc status) -> [request messages, response messages]
+        self._messages: dict[tuple[PeerKey, int, str, str], list[int]] = {}
         # Telemetry API metric overrides (snapshot ``MetricOverride``s), applied at scrape time
         self.overrides: tuple[Any, ...] = ()
 
@@ -382,6 +386,18 @@ class IstioMetrics:
             s = self._tcp[(peer, response_flags)] = [0, 0, 0, 0]
         s[1] += 1
 
+    def record_messages(
+        self, peer: PeerKey, response_code: int, response_flags: str, grpc_status: str,
+        request_messages: int, response_messages: int,
+    ) -> None:  # fmt: skip
+        """Count one gRPC request's messages (``istio_request/response_messages_total``)."""
+        key = (peer, response_code, response_flags, grpc_status)
+        s = self._messages.get(key)
+        if s is None:
+            s = self._messages[key] = [0, 0]
+        s[0] += request_messages
+        s[1] += response_messages
+
     # ----------------------------------------------------------------- scrape time
 
     def _series(self) -> Iterator[tuple[PeerKey, int, str, str, list[float]]]:
@@ -440,6 +456,27 @@ class IstioMetrics:
                     out, RESPONSE_BYTES, labels, byte_text, s, self._resp_off, s[_RESP_SUM],
                     int(s[_COUNT]),
                 )  # fmt: skip
+        if self._messages:
+            msgs = [
+                (
+                    (
+                        f'{p.prefix},response_code="{code}",grpc_response_status="{_esc(g)}",'
+                        f'response_flags="{_esc(f)}",{p.suffix}'
+                    ),
+                    m,
+                )
+                for (p, code, f, g), m in sorted(
+                    self._messages.items(),
+                    key=lambda kv: (kv[0][0].index, kv[0][1], kv[0][2], kv[0][3]),
+                )
+            ]
+            for name, idx, text in (
+                (REQUEST_MESSAGES, 0, "gRPC messages sent by clients (request streams)."),
+                (RESPONSE_MESSAGES, 1, "gRPC messages sent by servers (response streams)."),
+            ):
+                header(out, name, "counter", text)
+                for labels, m in msgs:
+                    out.append(f"{name}{{{labels}}} {m[idx]}\n")
         if self._tcp:
             tcp = [
                 (f'{p.prefix},response_flags="{_esc(f)}",{p.suffix}', s)

@@ -49,6 +49,11 @@ class StatsFilter(HttpFilter):
                 )
                 labels = rt.peers.get(key) or rt.labels_for(self.reporter, cs, host)
         rt.record(labels, cb.status, flags, duration_ms, cb.req_bytes, cb.resp_bytes, grpc_status)
+        msgs = getattr(cb, "grpc_msgs", None)
+        if msgs is not None:
+            rt.stats.metrics.record_messages(
+                labels, cb.status, flags, grpc_status, msgs[0].count, msgs[1].count
+            )
 
 
 class AccessLogFilter(HttpFilter):

@@ -41,6 +41,7 @@ from diktyo.proxy.codec.events import (
     ResetReason,
     ResponseHead,
 )
+from diktyo.proxy.codec.grpc import MessageCounter
 from diktyo.proxy.codec.http1 import HOP_BY_HOP_STR, Http1ServerCodec
 from diktyo.proxy.filters.contract import STOP, FilterChain, HttpFilter
 from diktyo.proxy.filters.fault import MSG_FAULT_ABORT, FaultFilter
@@ -502,6 +503,7 @@ class DownstreamStream:
     grpc = False  # content-type application/grpc (h2: local replies, grpc-timeout, status)
     grpc_status = ""  # the response's grpc-status (trailers, or a trailers-only head)
     trailers_only: ResponseHead | None = None  # a gRPC trailers-only head, held for END_STREAM
+    grpc_msgs: tuple[MessageCounter, MessageCounter] | None = None  # (request, response)
 
     def __init__(self, conn: HttpConnection, sid: int, head: RequestHead) -> None:
         self.conn = conn
@@ -612,6 +614,8 @@ class DownstreamStream:
         ct = head.headers.get("content-type")
         if ct is not None and ct.startswith("application/grpc"):
             self.grpc = grpc.is_grpc(ct)
+            if self.grpc:
+                self.grpc_msgs = (MessageCounter(), MessageCounter())
         if head.expect_continue and head.has_body and not self.req_done:
             self.conn.send_continue(self.sid)
         self.chain = chain_for(rt, ctx)
@@ -873,6 +877,8 @@ class DownstreamStream:
     # request body -----------------------------------------------------------------
     def decode_data(self, chunk: bytes) -> None:
         self.req_bytes += len(chunk)
+        if self.grpc_msgs is not None:
+            self.grpc_msgs[0].feed(chunk)
         if self.discard or self.phase >= RESPONDED:
             return
         chain = self.chain
@@ -972,6 +978,8 @@ class DownstreamStream:
         if self.trailers_only is not None:  # not trailers-only after all: the head goes first
             self.codec.send_headers(self.sid, self.trailers_only)
             self.trailers_only = None
+        if self.grpc_msgs is not None:
+            self.grpc_msgs[1].feed(data)
         self.resp_bytes += len(data)
         self.codec.send_data(self.sid, data)
 
