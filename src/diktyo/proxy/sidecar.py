@@ -103,7 +103,7 @@ class Runtime:
             except ValueError as exc:
                 raise SnapshotError(f"route table {table.name!r}: {exc}") from None
         self.matchers = matchers
-        self.filter_chains: dict[tuple[str, str], Any] = {}  # (direction, reporter) -> FilterChain
+        self.filter_chains: dict[str, Any] = {}  # listener direction -> FilterChain
         node = snapshot.node
         principal = spiffe_id(node.trust_domain, node.namespace, node.service_account)
         self.me = WorkloadInfo.from_labels(node.workload, node.namespace, node.labels, principal)
@@ -396,6 +396,10 @@ class Sidecar:
         task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background; ``stop()`` cancels it (filters' async checks)."""
+        self._spawn(coro)
 
     def _bind_new_listeners(self, snapshot: Snapshot) -> dict[str, socket.socket]:
         socks: dict[str, socket.socket] = {}

@@ -24,7 +24,8 @@ reads or writes another object's fields). A stream runs the hooks of its ``Filte
   trace end), with Envoy's response flags string.
 
 A filter that is not configured in a snapshot is not in its chain at all: a plain request
-through a sidecar without faults, policies or tracing runs only header operations and stats.
+through a sidecar without faults, policies, header operations or tracing runs no filter hook
+but the completion ones (stats, access log).
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ from diktyo.proxy.codec.events import RequestHead, ResponseHead
 from diktyo.proxy.filters.contract import CONTINUE, FilterCallbacks, FilterStatus, HttpFilter
 
 
-class HeaderOpsFilter(HttpFilter):
+class RequestHeaderOpsFilter(HttpFilter):
+    """Route and destination request header operations (in the chain only when a route has
+    some)."""
+
     __slots__ = ()
 
     def decode_headers(self, cb: FilterCallbacks, head: RequestHead) -> FilterStatus:
@@ -25,6 +28,13 @@ class HeaderOpsFilter(HttpFilter):
             if d is not None and d.req_ops:
                 d.req_ops.apply_request(h)
         return CONTINUE
+
+
+class ResponseHeaderOpsFilter(HttpFilter):
+    """Route and destination response header operations and the consistent-hash cookie (in
+    the chain only when a route has some or a cluster hashes on a cookie)."""
+
+    __slots__ = ()
 
     def encode_headers(self, cb: FilterCallbacks, head: ResponseHead) -> FilterStatus:
         cr = cb.route

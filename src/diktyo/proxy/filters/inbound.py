@@ -129,7 +129,7 @@ class InboundGuard(HttpFilter):
             principal, cb.downstream_address(), der,
         )  # fmt: skip
         if verdict is None:  # a remote JWKS is not fetched yet
-            self.rt.sidecar._spawn(self._later(cb, head, principal, der))
+            self.rt.sidecar.spawn(self._later(cb, head, principal, der))
             return STOP
         return self._apply(cb, head, verdict, principal)
 

@@ -45,7 +45,7 @@ from diktyo.proxy.codec.grpc import MessageCounter
 from diktyo.proxy.codec.http1 import HOP_BY_HOP_STR, Http1ServerCodec
 from diktyo.proxy.filters.contract import STOP, FilterChain, HttpFilter
 from diktyo.proxy.filters.fault import MSG_FAULT_ABORT, FaultFilter
-from diktyo.proxy.filters.header_ops import HeaderOpsFilter
+from diktyo.proxy.filters.header_ops import RequestHeaderOpsFilter, ResponseHeaderOpsFilter
 from diktyo.proxy.filters.telemetry import (
     AccessLogFilter,
     StatsFilter,
@@ -59,6 +59,8 @@ from diktyo.proxy.http.phases import (
     RESET,
     RESPONDED,
     RESPONDING,
+    TRANSITIONS,
+    IllegalTransition,
     Phase,
     check_transition,
 )
@@ -67,7 +69,8 @@ from diktyo.proxy.http.upstream_request import UpstreamRequest
 from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER
 
 if TYPE_CHECKING:
-    from diktyo.proxy.http.context import ListenerContext, Runtime
+    from diktyo.proxy.http.context import DownstreamConnection, ListenerContext, Runtime
+    from diktyo.proxy.network.upstream import UpstreamConnectionLike
     from diktyo.proxy.router.matcher import CompiledDestination, CompiledRoute
 
 __all__ = [
@@ -136,6 +139,7 @@ _GRPC_EMPTY_BODY_CAUSE = {
     403: "RBAC: access denied",
     503: "no cluster for this route (NC)",
 }
+_NEXT = TRANSITIONS
 
 
 class RequestIds:
@@ -176,7 +180,26 @@ def join_flags(flags: set[str] | None) -> str:
     return ",".join(sorted(flags, key=lambda f: _FLAG_RANK.get(f, 99)))
 
 
-_HEADER_OPS = HeaderOpsFilter()
+_REQUEST_HEADER_OPS = RequestHeaderOpsFilter()
+_RESPONSE_HEADER_OPS = ResponseHeaderOpsFilter()
+
+
+def header_ops_in(rt: Runtime) -> tuple[bool, bool]:
+    """Whether any route (or destination) has request / response header operations; a
+    consistent-hash cookie counts as a response operation."""
+    req = resp = False
+    for m in rt.matchers.values():
+        for cvh in m.vhosts:
+            for cr in cvh.routes:
+                req = req or bool(cr.req_ops) or any(d.req_ops for d in cr.dests)
+                resp = resp or bool(cr.resp_ops) or any(d.resp_ops for d in cr.dests)
+    if not resp:
+        for cs in rt.clusters.values():
+            ch = cs.cluster.lb.consistent_hash
+            if ch is not None and ch.http_cookie:
+                resp = True
+                break
+    return req, resp
 
 
 def build_filter_chain(rt: Runtime, direction: str, reporter: str) -> FilterChain:
@@ -200,17 +223,23 @@ def build_filter_chain(rt: Runtime, direction: str, reporter: str) -> FilterChai
         )
         if faults:
             decode.append(FaultFilter(rt.loop, rt.rng))
-        route.append(_HEADER_OPS)
+        req_ops, resp_ops = header_ops_in(rt)
+        if req_ops:
+            route.append(_REQUEST_HEADER_OPS)
+        if resp_ops:
+            other.append(_RESPONSE_HEADER_OPS)
     if rt.tracer is not None:
         route.append(TracingFilter(rt.tracer, direction == "inbound", rt.inbound_service))
     return FilterChain(decode, route, other)
 
 
 def chain_for(rt: Runtime, ctx: ListenerContext) -> FilterChain:
-    key = (ctx.direction, ctx.reporter)
-    chain = rt.filter_chains.get(key)
+    """The runtime's chain for the listener's direction (built on first use)."""
+    chain = rt.filter_chains.get(ctx.direction)
     if chain is None:
-        chain = rt.filter_chains[key] = build_filter_chain(rt, ctx.direction, ctx.reporter)
+        chain = rt.filter_chains[ctx.direction] = build_filter_chain(
+            rt, ctx.direction, ctx.reporter
+        )
     return chain
 
 
@@ -311,7 +340,8 @@ class HttpConnection(asyncio.Protocol):
         self.streams[-1].decode_data(data)
 
     def on_request_trailers(self, sid: int, trailers: HeaderList) -> None:
-        pass  # HTTP/1.1 request trailers are not forwarded (llhttp drops them)
+        if self.streams:  # (the HTTP/1.1 decoder drops request trailers: never called today)
+            self.streams[-1].decode_trailers(trailers)
 
     def on_request_end(self, sid: int) -> None:
         if self.streams:
@@ -504,8 +534,10 @@ class DownstreamStream:
     grpc_status = ""  # the response's grpc-status (trailers, or a trailers-only head)
     trailers_only: ResponseHead | None = None  # a gRPC trailers-only head, held for END_STREAM
     grpc_msgs: tuple[MessageCounter, MessageCounter] | None = None  # (request, response)
+    req_trailers: HeaderList | None = None  # request trailers, kept for retries
+    resp_trailers_sent = False
 
-    def __init__(self, conn: HttpConnection, sid: int, head: RequestHead) -> None:
+    def __init__(self, conn: DownstreamConnection, sid: int, head: RequestHead) -> None:
         self.conn = conn
         self.codec = conn.codec
         self.sid = sid
@@ -519,6 +551,8 @@ class DownstreamStream:
 
     def _go(self, new: Phase) -> None:
         self.phase = check_transition(self.phase, new)
+
+    # The hot path inlines _go: ``if NEW not in _NEXT[self.phase]: raise ...`` (same table).
 
     def add_flag(self, flag: str) -> None:
         if self.flags is None:
@@ -618,8 +652,9 @@ class DownstreamStream:
                 self.grpc_msgs = (MessageCounter(), MessageCounter())
         if head.expect_continue and head.has_body and not self.req_done:
             self.conn.send_continue(self.sid)
-        self.chain = chain_for(rt, ctx)
         direction = ctx.direction
+        chain = rt.filter_chains.get(direction)  # chain_for() inlined (hot path)
+        self.chain = chain if chain is not None else chain_for(rt, ctx)
         if direction == "inbound":
             self.cstate = rt.clusters.get(ctx.cluster)
             if self.cstate is None:
@@ -758,7 +793,9 @@ class DownstreamStream:
 
     def begin(self, rt: Runtime) -> None:
         """Timeouts, retry state, first attempt."""
-        self._go(FORWARDING)
+        if FORWARDING not in _NEXT[self.phase]:
+            raise IllegalTransition(self.phase, FORWARDING)
+        self.phase = FORWARDING
         route = self.route.route if self.route is not None else None
         timeout = route.timeout if route is not None else None
         if self.grpc:  # Istio: grpc-timeout applies, capped by the route's timeout
@@ -834,15 +871,18 @@ class DownstreamStream:
             uh = head
         chunks = self.chunks
         req_done = self.req_done
-        codec.send_headers(sid, uh, req_done and not chunks)
+        trailers = self.req_trailers
+        codec.send_headers(sid, uh, req_done and not chunks and trailers is None)
         if chunks:
             for c in chunks:
                 codec.send_data(sid, c)
             if not self.replayable:
                 self.chunks = []
                 self.chunks_size = 0
-            if req_done:
+            if req_done and trailers is None:
                 codec.send_data(sid, b"", True)
+        if req_done and trailers is not None:
+            codec.send_trailers(sid, trailers)
         if req_done:
             a.sent_all = True
         conn.write()
@@ -865,8 +905,9 @@ class DownstreamStream:
             return
         self.local_reply(503, (MSG_CONNECT_FAILURE + reason).encode(), "UF")
 
-    def _drop(self, a: UpstreamRequest) -> Any:
-        """Stop listening to attempt ``a``; returns its connection (the caller closes it)."""
+    def _drop(self, a: UpstreamRequest) -> UpstreamConnectionLike | None:
+        """Stop listening to attempt ``a``; returns its connection (the caller resets the
+        attempt's stream on it, or releases it)."""
         a.detach()
         if self.upstream is a:
             self.upstream = None
@@ -906,6 +947,17 @@ class DownstreamStream:
                 if self.chunks_size > RETRY_BUFFER_LIMIT:
                     self.replayable = False
 
+    def decode_trailers(self, trailers: HeaderList) -> None:
+        """Request trailers (HTTP/2, gRPC): forwarded before the end of the request (not to
+        mirrors; HTTP/1.1 upstreams get them only on a chunked request)."""
+        if self.discard or self.phase >= RESPONDED:
+            return
+        chain = self.chain
+        if chain is not None and chain.decode_body:
+            for f in chain.decode_body:
+                f.decode_trailers(self, trailers)
+        self.req_trailers = trailers
+
     def decode_end(self) -> None:
         self.req_done = True
         if self.mirrors:
@@ -916,7 +968,11 @@ class DownstreamStream:
             return
         a = self.upstream
         if a is not None and a.conn is not None and not self.discard:
-            a.send_data(b"", True)
+            if self.req_trailers is not None:
+                a.conn.codec.send_trailers(a.sid, self.req_trailers)
+                a.sent_all = True
+            else:
+                a.send_data(b"", True)
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
@@ -938,9 +994,10 @@ class DownstreamStream:
         self.conn.close_after = True
         self.req_done = True
         a = self.upstream
-        if a is not None and a.conn is not None:
+        if a is not None and a.conn is not None:  # (a pending one is cancelled below)
             conn = self._drop(a)
-            conn.close()
+            if conn is not None:
+                conn.reset_stream(a.sid)
             a.end(None, False, cancel=True)
         self.local_reply(exc.status, exc.message.encode(), "")
 
@@ -961,7 +1018,7 @@ class DownstreamStream:
                     return
         if status >= 400 and self.retry_status(a, status):
             return
-        self._go(RESPONDING)
+        self.phase = RESPONDING  # FORWARDING -> RESPONDING, checked above
         self.status = status
         chain = self.chain
         if chain is not None:
@@ -981,16 +1038,28 @@ class DownstreamStream:
         if self.grpc_msgs is not None:
             self.grpc_msgs[1].feed(data)
         self.resp_bytes += len(data)
+        chain = self.chain
+        if chain is not None and chain.encode_body:
+            for f in chain.encode_body:
+                f.encode_data(self, data, False)
         self.codec.send_data(self.sid, data)
 
     def upstream_trailers(self, a: UpstreamRequest, trailers: HeaderList) -> None:
-        if self.phase is RESPONDING:
-            if self.trailers_only is not None:
-                self.codec.send_headers(self.sid, self.trailers_only)
-                self.trailers_only = None
-            if self.grpc:
-                self.grpc_status = grpc.status_of(None, trailers) or self.grpc_status
-            self.codec.send_trailers(self.sid, trailers)
+        """Response trailers (gRPC status) end the response on the wire; the end event that
+        follows only completes the stream."""
+        if self.phase is not RESPONDING or self.resp_trailers_sent:
+            return
+        if self.trailers_only is not None:  # a head held as trailers-only goes first after all
+            self.codec.send_headers(self.sid, self.trailers_only)
+            self.trailers_only = None
+        if self.grpc:
+            self.grpc_status = grpc.status_of(None, trailers) or self.grpc_status
+        chain = self.chain
+        if chain is not None and chain.encode_body:
+            for f in chain.encode_body:
+                f.encode_trailers(self, trailers)
+        self.resp_trailers_sent = True
+        self.codec.send_trailers(self.sid, trailers)
 
     def flush_downstream(self) -> None:
         """Write what the last upstream read produced in one write."""
@@ -1003,10 +1072,10 @@ class DownstreamStream:
         if to is not None:
             self.trailers_only = None
             self.codec.send_headers(self.sid, to, True)
-        else:
+        elif not self.resp_trailers_sent:
             self.codec.send_data(self.sid, b"", True)
         self.conn.flush()
-        self._go(RESPONDED)
+        self.phase = RESPONDED  # RESPONDING -> RESPONDED, checked above
         status = self.status
         a.end(status, status == 502 or status == 503 or status == 504)
         conn = self._drop(a)
@@ -1015,7 +1084,7 @@ class DownstreamStream:
             if a.sent_all:
                 self.pool.release(conn)
             else:
-                conn.close()
+                conn.reset_stream(a.sid)
                 self.discard = True
         if self.req_done:
             self.finish()
@@ -1034,7 +1103,7 @@ class DownstreamStream:
             return False
         conn = self._drop(a)
         if conn is not None:
-            conn.close()
+            conn.reset_stream(a.sid)
         a.end(status, status in (502, 503, 504))
         self.in_retry = True
         self.schedule_retry()
@@ -1129,7 +1198,7 @@ class DownstreamStream:
             return
         conn = self._drop(a)
         if conn is not None:
-            conn.close()
+            conn.reset_stream(a.sid)
         a.end(None, True)
         if self.try_retry_reset("timeout"):
             return
@@ -1147,7 +1216,7 @@ class DownstreamStream:
                 a.pending = False
                 self.pool.cancel(a)
             if conn is not None:
-                conn.close()
+                conn.reset_stream(a.sid)
             a.end(None, False, cancel=True)
         if self.in_retry:
             self.in_retry = False
@@ -1225,9 +1294,12 @@ class DownstreamStream:
         self.finish(notify=False)
 
     def finish(self, notify: bool = True) -> None:
-        if self.phase is DONE:
+        phase = self.phase
+        if phase is DONE:
             return
-        self._go(DONE)
+        if DONE not in _NEXT[phase]:
+            raise IllegalTransition(phase, DONE)
+        self.phase = DONE
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -15,6 +15,7 @@ import random
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from diktyo.proxy.codec.events import ServerCodec
 from diktyo.proxy.filters.contract import FilterChain
 from diktyo.proxy.network.pool import ConnectionPool
 from diktyo.proxy.router.matcher import RouteMatcher
@@ -63,7 +64,7 @@ class Runtime(Protocol):
     @property
     def tracer(self) -> Any: ...  # proxy.http.tracer, or None without a collector
     @property
-    def filter_chains(self) -> dict[tuple[str, str], FilterChain]: ...
+    def filter_chains(self) -> dict[str, FilterChain]: ...
     @property
     def sidecar(self) -> Any: ...  # the hosting sidecar (spawns background checks)
 
@@ -103,3 +104,35 @@ class ListenerContext(Protocol):
 
     @property
     def service_port(self) -> int: ...
+
+
+class DownstreamConnection(Protocol):
+    """What a ``DownstreamStream`` needs from the downstream connection it belongs to: its
+    codec (``events.ServerCodec``) for everything on the wire, plus the connection-level
+    acts - write out, reset one stream, pause reading, report the stream done. The HTTP/1.1
+    ``HttpConnection`` implements it; an HTTP/2 connection implements it too (``reset_stream``
+    then sends RST_STREAM instead of closing the connection)."""
+
+    ctx: ListenerContext
+    peer: str  # the client's address
+    closed: bool
+    paused: int  # bit mask of PAUSE_* reasons
+    write_paused: bool
+
+    @property
+    def codec(self) -> ServerCodec: ...
+    @property
+    def transport(self) -> Any: ...
+    @property
+    def close_after(self) -> bool: ...
+    @close_after.setter
+    def close_after(self, value: bool) -> None: ...
+
+    def flush(self) -> None: ...
+    def send_continue(self, sid: int) -> None: ...
+    def reset_stream(self, sid: int) -> None: ...
+    def tls_peer(self) -> tuple[str, bytes | None]: ...
+    def pause(self, reason: int) -> None: ...
+    def resume(self, reason: int) -> None: ...
+    def internal_error(self, s: Any) -> None: ...
+    def stream_done(self, s: Any) -> None: ...

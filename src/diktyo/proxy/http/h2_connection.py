@@ -273,7 +273,10 @@ class Http2Connection(asyncio.Protocol):
         self.codec.acknowledge(sid, len(data))  # withheld while the stream is paused
 
     def on_request_trailers(self, sid: int, trailers: HeaderList) -> None:
-        pass  # request trailers are not forwarded (as on HTTP/1.1); gRPC clients send none
+        s = self.streams.get(sid)
+        if s is not None:
+            s.decode_trailers(trailers)
+            self._touched.append(s)
 
     def on_request_end(self, sid: int) -> None:
         s = self.streams.get(sid)

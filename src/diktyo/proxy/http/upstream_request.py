@@ -28,27 +28,21 @@ from typing import TYPE_CHECKING, Any
 from diktyo.proxy.codec.events import HeaderList, ResponseHead
 
 if TYPE_CHECKING:
-    from diktyo.proxy.network.upstream import UpstreamConnection
+    from diktyo.proxy.network.upstream import UpstreamConnectionLike
 
 
 class UpstreamRequest:
     """One try of one request against one upstream host."""
 
-    __slots__ = (
-        "attempt",
-        "conn",
-        "cstate",
-        "host",
-        "host_active",
-        "pending",
-        "pool",
-        "retry_slot",
-        "rq_active",
-        "sent_all",
-        "sid",
-        "stream",
-        "try_timer",
-    )
+    # Class-level defaults (no __slots__): an attempt sets only what differs, which keeps
+    # the per-request cost of the object to six assignments.
+    conn: UpstreamConnectionLike | None = None
+    sid = 0
+    pending = False
+    rq_active = True  # the breaker admitted it (the stream checked before creating it)
+    host_active = False
+    sent_all = False  # the whole request (end of stream included) was encoded
+    try_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, stream: Any, host: Any, attempt: int, retry_slot: bool) -> None:
         self.stream: Any = stream  # http.connection_manager.DownstreamStream; None: detached
@@ -57,13 +51,6 @@ class UpstreamRequest:
         self.pool = stream.pool
         self.attempt = attempt
         self.retry_slot = retry_slot  # this attempt is a retry and holds a retry slot
-        self.conn: UpstreamConnection | None = None
-        self.sid = 0
-        self.pending = False
-        self.rq_active = True  # the breaker admitted it (the stream checked before creating)
-        self.host_active = False
-        self.sent_all = False  # the whole request (end of stream included) was encoded
-        self.try_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ stream side
     def detach(self) -> None:
@@ -113,7 +100,7 @@ class UpstreamRequest:
             conn.write()
 
     # ------------------------------------------------------------------ pool callbacks
-    def attach(self, conn: UpstreamConnection) -> None:
+    def attach(self, conn: UpstreamConnectionLike) -> None:
         self.pending = False
         s = self.stream
         if s is None:
@@ -189,4 +176,4 @@ class UpstreamRequest:
     def flush_downstream(self) -> None:
         s = self.stream
         if s is not None:
-            s.flush_downstream()
+            s.conn.flush()

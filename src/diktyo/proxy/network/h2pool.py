@@ -157,6 +157,10 @@ class H2StreamHandle:
         """Abandon this stream (RST_STREAM CANCEL) and free its slot."""
         self.conn.pool.release(self)
 
+    def reset_stream(self, sid: int) -> None:
+        """Abandon this stream (RST_STREAM CANCEL) and free its slot; the connection stays."""
+        self.conn.pool.release(self)
+
     def release(self) -> None:
         self.conn.pool.release(self)
 

@@ -16,7 +16,13 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from diktyo.proxy.codec.events import CodecError, HeaderList, ResetReason, ResponseHead
+from diktyo.proxy.codec.events import (
+    ClientCodec,
+    CodecError,
+    HeaderList,
+    ResetReason,
+    ResponseHead,
+)
 from diktyo.proxy.codec.http1 import Http1ClientCodec
 from diktyo.snapshot.model import TlsSettings
 
@@ -111,13 +117,30 @@ async def open_upstream(
     return transport, protocol
 
 
+class UpstreamConnectionLike(Protocol):
+    """What a requester uses of the connection the pool handed it: the codec (``events.
+    ClientCodec``) to encode its stream, ``write`` to send what was encoded, ``reset_stream``
+    to abandon its stream (HTTP/1.1: the connection closes; HTTP/2: RST_STREAM), read
+    pausing, and ``reused`` (it served a request before: the keep-alive race)."""
+
+    reused: bool
+    closed: bool
+
+    @property
+    def codec(self) -> ClientCodec: ...
+    def write(self) -> None: ...
+    def reset_stream(self, sid: int) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
 class UpstreamCallbacks(Protocol):
     """What a pooled connection and its pool call on the requester holding it: one upstream
     attempt (``proxy.http.upstream_request.UpstreamRequest``) or a mirror copy. Response
     events are the codec's ``ClientSink`` events for the requester's stream."""
 
     # pool
-    def attach(self, conn: UpstreamConnection) -> None: ...
+    def attach(self, conn: UpstreamConnectionLike) -> None: ...
     def overflow(self, message: str) -> None: ...
     def connect_failed(self, reason: str) -> None: ...
 
@@ -265,6 +288,10 @@ class UpstreamConnection(asyncio.Protocol):
         data = self.codec.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def reset_stream(self, sid: int) -> None:
+        """Abandon the stream in flight: HTTP/1.1 can only close the connection."""
+        self.close()
 
     def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None:
