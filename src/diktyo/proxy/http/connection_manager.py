@@ -472,6 +472,18 @@ class HttpConnection(asyncio.Protocol):
         if self.closed or self.transport is None:
             return
         if self.streams:
+            s = self.streams[0]
+            if s.tunnel_seen:  # a WebSocket: the cluster's idle timeout if shorter
+                limit = idle_timeout
+                cs = s.cstate
+                if cs is not None:
+                    limit = min(limit, cs.cluster.pool.idle_timeout)
+                if now - s.tunnel_seen > limit:
+                    server = self.ctx.stats.server
+                    server["downstream_cx_idle_timeout"] = (
+                        server.get("downstream_cx_idle_timeout", 0) + 1
+                    )
+                    self.transport.close()  # connection_lost ends the stream and its upstream
             return
         if self.decoder.in_head:
             if now - self.head_start > header_timeout:
@@ -534,6 +546,7 @@ class DownstreamStream:
     grpc_status = ""  # the response's grpc-status (trailers, or a trailers-only head)
     trailers_only: ResponseHead | None = None  # a gRPC trailers-only head, held for END_STREAM
     grpc_msgs: tuple[MessageCounter, MessageCounter] | None = None  # (request, response)
+    tunnel_seen = 0.0  # WebSocket after its 101: last byte either way (0: not a tunnel)
     req_trailers: HeaderList | None = None  # request trailers, kept for retries
     resp_trailers_sent = False
 
@@ -918,6 +931,8 @@ class DownstreamStream:
     # request body -----------------------------------------------------------------
     def decode_data(self, chunk: bytes) -> None:
         self.req_bytes += len(chunk)
+        if self.tunnel_seen:
+            self.tunnel_seen = _monotonic()
         if self.grpc_msgs is not None:
             self.grpc_msgs[0].feed(chunk)
         if self.discard or self.phase >= RESPONDED:
@@ -1020,6 +1035,11 @@ class DownstreamStream:
             return
         self.phase = RESPONDING  # FORWARDING -> RESPONDING, checked above
         self.status = status
+        if status == 101:  # WebSocket tunnel: no route timeout from here, the idle timeout
+            self.tunnel_seen = _monotonic()
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
         chain = self.chain
         if chain is not None:
             for f in chain.encode:
@@ -1037,6 +1057,8 @@ class DownstreamStream:
             self.trailers_only = None
         if self.grpc_msgs is not None:
             self.grpc_msgs[1].feed(data)
+        if self.tunnel_seen:
+            self.tunnel_seen = _monotonic()
         self.resp_bytes += len(data)
         chain = self.chain
         if chain is not None and chain.encode_body:
