@@ -15,11 +15,15 @@ measured with ``h2load -c C -m M`` (saturation) from core 1:
 Per target: rps, CPU per request of the proxy processes (utime+stime / requests) and p50/p99
 of the per-request times h2load logs (``--log-file``).
 
-The gRPC unary comparison the issue also asks for (two sidecars against two HAProxy hops at
-1,000 calls/s) is not written yet.
+gRPC part (``--grpc``): the sample's grpcio server (``diktyo.samples.grpc_ratings``, core 1)
+called with ``h2load --rps`` (one connection, a fixed rate, ``--grpc-rate`` calls/s) directly,
+through two diktyo sidecars (client sidecar -> server sidecar -> app, HTTP/2 on every hop) and
+through two HAProxy hops (h2 both sides); p50/p99 from h2load's request log. The issue's
+target: the two sidecars' p99 within 2x two HAProxy hops at 1,000 calls/s.
 
     python bench/h2bench.py --smoke          # 1 s per target, the harness's own check
     python bench/h2bench.py                  # 3 repetitions x 10 s
+    python bench/h2bench.py --grpc           # add the gRPC unary comparison
 
 Do not run it while others use the machine: it saturates both cores.
 """
@@ -197,24 +201,8 @@ def start_target(name: str, tmp: Path, upstream_port: int) -> tuple[int, list[Pr
 # ----------------------------------------------------------------------------- h2load
 
 
-def h2load(port: int, seconds: float, clients: int, streams: int, log: Path) -> dict[str, Any]:
-    argv = [
-        "h2load",
-        f"-D{seconds:g}",
-        f"-c{clients}",
-        f"-m{streams}",
-        "-t1",
-        f"--log-file={log}",
-        f"http://127.0.0.1:{port}/",
-    ]
-    out = subprocess.run(
-        procs.pinned(LOAD_CORE, argv),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=seconds + 60,
-    )
-    text = out.stdout
+def parse_h2load(text: str, log: Path) -> dict[str, Any]:
+    """rps, successes and failures from h2load's summary; p50/p99 from its request log."""
     res: dict[str, Any] = {"ok": 0, "failed": 0, "rps": 0.0}
     for line in text.splitlines():
         line = line.strip()
@@ -239,8 +227,29 @@ def h2load(port: int, seconds: float, clients: int, streams: int, log: Path) -> 
     if times:
         res["p50_ms"] = times[len(times) // 2]
         res["p99_ms"] = times[min(len(times) - 1, int(len(times) * 0.99))]
+    return res
+
+
+def h2load(port: int, seconds: float, clients: int, streams: int, log: Path) -> dict[str, Any]:
+    argv = [
+        "h2load",
+        f"-D{seconds:g}",
+        f"-c{clients}",
+        f"-m{streams}",
+        "-t1",
+        f"--log-file={log}",
+        f"http://127.0.0.1:{port}/",
+    ]
+    out = subprocess.run(
+        procs.pinned(LOAD_CORE, argv),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=seconds + 60,
+    )
+    res = parse_h2load(out.stdout, log)
     if out.returncode != 0 and not res["ok"]:
-        res["error"] = (out.stderr or text)[-500:]
+        res["error"] = (out.stderr or out.stdout)[-500:]
     return res
 
 
@@ -276,6 +285,133 @@ def run_h2c(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- gRPC unary
+
+
+def grpc_haproxy_conf(port: int, upstream_port: int) -> str:
+    return haproxy_conf(port, upstream_port)
+
+
+def grpc_body(path: Path) -> Path:
+    msg = b'{"product":1}'
+    path.write_bytes(b"\x00" + len(msg).to_bytes(4, "big") + msg)
+    return path
+
+
+def start_grpc_server(tmp: Path) -> tuple[int, Proc]:
+    port = free_port()
+    env_argv = [sys.executable, "-m", "diktyo.samples.grpc_ratings", "serve"]
+    log = tmp / "grpc-server.log"
+    import os
+
+    with open(log, "wb") as f:
+        popen = subprocess.Popen(
+            procs.pinned(LOAD_CORE, env_argv),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PORT": str(port), "SERVICE_VERSION": "v1"},
+        )
+    proc = Proc("grpc-server", popen, port, log)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return port, proc
+        except OSError:
+            time.sleep(0.1)
+    proc.stop()
+    raise procs.StartError(f"grpc server did not listen on {port}:\n{proc.tail()}")
+
+
+def start_grpc_path(name: str, tmp: Path, app_port: int) -> tuple[int, list[Proc]]:
+    """direct, mesh-diktyo (client sidecar -> server sidecar -> app, HTTP/2 on every hop,
+    plaintext between the sidecars like the HAProxy pair), mesh-haproxy (two h2 hops)."""
+    if name == "direct":
+        return app_port, []
+    if name == "mesh-haproxy":
+        p2 = free_port()
+        (tmp / "hb.cfg").write_text(haproxy_conf(p2, app_port))
+        b = spawn_tcp("haproxy-b", ["haproxy", "-f", str(tmp / "hb.cfg"), "-db"], p2, tmp)
+        p1 = free_port()
+        (tmp / "ha.cfg").write_text(haproxy_conf(p1, p2))
+        a = spawn_tcp("haproxy-a", ["haproxy", "-f", str(tmp / "ha.cfg"), "-db"], p1, tmp)
+        return p1, [a, b]
+    if name == "mesh-diktyo":
+        import targets as tg
+
+        server = configs.server_sidecar_snapshot(0, app_port)
+        for c in server["clusters"]:
+            c["upstream_protocol"] = "HTTP/2"
+        (tmp / "srv.json").write_text(json.dumps(server))
+        argv = [*tg.diktyo_argv(), "sidecar", "--snapshot", str(tmp / "srv.json"),
+                "--admin-port", "0"]  # fmt: skip
+        b = procs.start_sidecar("diktyo-b", argv, tmp / "diktyo-b.log", PROXY_CORE)
+        client = diktyo_snapshot(0, b.port)
+        (tmp / "cli.json").write_text(json.dumps(client))
+        argv = [*tg.diktyo_argv(), "sidecar", "--snapshot", str(tmp / "cli.json"),
+                "--admin-port", "0"]  # fmt: skip
+        a = procs.start_sidecar("diktyo-a", argv, tmp / "diktyo-a.log", PROXY_CORE)
+        return a.port, [a, b]
+    raise SystemExit(f"unknown gRPC path {name!r}")
+
+
+def spawn_tcp(name: str, argv: list[str], port: int, tmp: Path) -> Proc:
+    log = tmp / f"{name}.log"
+    with open(log, "wb") as f:
+        popen = subprocess.Popen(
+            procs.pinned(PROXY_CORE, argv), stdout=f, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    proc = Proc(name, popen, port, log)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.stop()
+    raise procs.StartError(f"{name} did not listen on {port}:\n{proc.tail()}")
+
+
+def run_grpc(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    """gRPC unary at a fixed rate (h2load --rps, one connection): p50/p99 per path."""
+    app_port, app = start_grpc_server(tmp)
+    body = grpc_body(tmp / "grpc.bin")
+    rows: list[dict[str, Any]] = []
+    try:
+        for rep in range(args.reps):
+            for name in ("direct", "mesh-diktyo", "mesh-haproxy"):
+                port, ps = start_grpc_path(name, tmp, app_port)
+                try:
+                    cpu0 = sum(p.cpu() for p in ps)
+                    log = tmp / f"grpc-{name}.tsv"
+                    argv = [
+                        "h2load", f"-D{args.seconds:g}", "-c1", "-m100", "-t1",
+                        f"--rps={args.grpc_rate}", f"-d{body}", f"--log-file={log}",
+                        "-H", "content-type: application/grpc", "-H", "te: trailers",
+                        f"http://127.0.0.1:{port}/ratings.Ratings/Get",
+                    ]  # fmt: skip
+                    out = subprocess.run(
+                        procs.pinned(LOAD_CORE, argv), capture_output=True, text=True,
+                        check=False, timeout=args.seconds + 60,
+                    )  # fmt: skip
+                    cpu = sum(p.cpu() for p in ps) - cpu0
+                finally:
+                    for p in ps:
+                        p.stop()
+                res = parse_h2load(out.stdout, log)
+                res.update(target=f"grpc-{name}", rep=rep)
+                if ps and res["ok"]:
+                    res["cpu_us_per_req"] = cpu / res["ok"] * 1e6
+                rows.append(res)
+                print(json.dumps(res), flush=True)
+    finally:
+        app.stop()
+    return rows
+
+
 def summarize(rows: list[dict[str, Any]]) -> str:
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -308,6 +444,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=10, help="h2load -c")
     ap.add_argument("--streams", type=int, default=10, help="h2load -m (streams per connection)")
     ap.add_argument("--targets", default="direct,diktyo,haproxy,nginx")
+    ap.add_argument("--grpc", action="store_true", help="also gRPC unary at --grpc-rate")
+    ap.add_argument("--grpc-rate", type=int, default=1000, help="gRPC calls per second")
     a = ap.parse_args()
     a.targets = a.targets.split(",")
     if a.smoke:
@@ -320,6 +458,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="diktyo-h2bench-") as d:
         tmp = Path(d)
         rows = run_h2c(a, tmp)
+        if a.grpc:
+            rows += run_grpc(a, tmp)
         print(summarize(rows))
 
 
