@@ -257,3 +257,30 @@ async def test_grpc_request_without_route_gets_unimplemented() -> None:
             assert up.requests == []
         finally:
             c.close()
+
+
+@pytest.mark.parametrize("direction", ["outbound", "inbound", "gateway"])
+async def test_every_http_listener_accepts_h2c(direction: str) -> None:
+    async with FakeH2Upstream() as up:
+        listener: dict[str, Any] = {"name": "l", "direction": direction, "port": 0}
+        if direction == "inbound":
+            listener.update(cluster="inbound|7070||", service_port=7070)
+        else:
+            listener.update(route_table="outbound")
+        s = http_snapshot(
+            {"svc": [("127.0.0.1", up.port)]},
+            clusters={"svc": H2},
+            extra_clusters=[
+                {
+                    "name": "inbound|7070||",
+                    "direction": "inbound",
+                    "upstream_protocol": "HTTP/2",
+                    "endpoints": [{"address": "127.0.0.1", "port": up.port}],
+                }
+            ],
+            listeners=[listener],
+        )
+        async with start_sidecar(s) as sc, httpx.AsyncClient(http1=False, http2=True) as client:
+            r = await client.get(f"http://127.0.0.1:{sc.port('l')}/d", headers={"host": "svc"})
+        assert (r.http_version, r.status_code, r.text) == ("HTTP/2", 200, "GET /d ")
+        assert up.requests[0].head.version == "2"
