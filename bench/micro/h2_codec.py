@@ -131,6 +131,60 @@ def run_h1(n: int, conc: int, body: bytes, validate: bool) -> float:
     return (time.process_time() - t0) / n
 
 
+class _Null:
+    """A sink for both sides that acknowledges nothing itself (the loop below does)."""
+
+    def __init__(self) -> None:
+        self.ended = 0
+        self.requests: list[int] = []
+
+    def on_request_headers(self, sid: int, head: object) -> None:
+        self.requests.append(sid)
+
+    def on_response_end(self, sid: int) -> None:
+        self.ended += 1
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *a: None
+
+
+def run_diktyo(n: int, conc: int, body: bytes, validate: bool) -> float:
+    """The same round trip through diktyo's codecs (``proxy/codec/http2.py``): what the
+    sidecar runs, flood checks and event translation included."""
+    del validate
+    from diktyo.proxy.codec.events import RequestHead, ResponseHead
+    from diktyo.proxy.codec.http2 import Http2ClientCodec, Http2ServerCodec
+
+    cs, ss = _Null(), _Null()
+    client, server = Http2ClientCodec(cs), Http2ServerCodec(ss)
+    server.feed(client.data_to_send())
+    client.feed(server.data_to_send())
+    server.feed(client.data_to_send())
+    head = RequestHead({k: v for k, v in REQ_HEADERS[4:]} | {"host": REQ_HEADERS[2][1]})
+    head.path = "/reviews/0"
+    resp = ResponseHead(
+        200, [(k.encode(), v.encode()) for k, v in RESP_HEADERS_BASE[1:]]
+        + [(b"content-length", str(len(body)).encode())], None, True,
+    )  # fmt: skip
+    done = 0
+    t0 = time.process_time()
+    while done < n:
+        batch = min(conc, n - done)
+        for _ in range(batch):
+            client.send_headers(client.new_stream(), head, end_stream=True)
+        server.feed(client.data_to_send())
+        for sid in ss.requests:
+            server.send_headers(sid, resp)
+            server.send_data(sid, body, end_stream=True)
+        ss.requests.clear()
+        before = cs.ended
+        client.feed(server.data_to_send())
+        server.feed(client.data_to_send())
+        assert cs.ended - before == batch
+        done += batch
+    return (time.process_time() - t0) / n
+
+
 def best(fn: Callable[[int, int, bytes, bool], float], reps: int, *args: object) -> float:
     return min(fn(*args) for _ in range(reps))  # type: ignore[arg-type]
 
@@ -153,6 +207,7 @@ def main() -> None:
         ("http1 (httptools)", run_h1, False),
         ("h2, header validation on", run_h2, True),
         ("h2, header validation off", run_h2, False),
+        ("diktyo's codecs (on h2)", run_diktyo, True),
     ]
     for name, fn, validate in rows:
         us = best(fn, a.reps, a.requests, a.concurrency, body, validate) * 1e6
