@@ -13,6 +13,8 @@ import h2.settings
 import hpack
 import hyperframe.frame as hf
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diktyo.proxy.codec.events import CodecError, RequestHead, ResetReason, ResponseHead
 from diktyo.proxy.codec.http2 import (
@@ -496,3 +498,65 @@ def test_upstream_rst_stream_reaches_the_sink() -> None:
     client.feed(upstream.data_to_send())
     assert sink.named("on_stream_reset") == [("on_stream_reset", sid, ResetReason.REMOTE_REFUSED)]
     assert client.open_streams == 0
+
+
+# ------------------------------------------------------------------------------ fuzz
+
+
+def _frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + sid.to_bytes(4, "big") + payload
+
+
+_frames = st.builds(
+    _frame,
+    st.integers(0, 12),  # DATA..CONTINUATION, plus unknown types
+    st.integers(0, 255),
+    st.sampled_from([0, 1, 2, 3, 5, 2**31 - 1]),
+    st.binary(max_size=64),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_frames, max_size=12), st.booleans())
+def test_fuzz_server_codec_never_crashes(frames: list[bytes], valid_start: bool) -> None:
+    """Any frame sequence after the preface: events or CodecError (with a GOAWAY queued),
+    never another exception; nothing reaches the sink after the codec failed."""
+    server, sink, client = server_pair()
+    if valid_start:
+        client.send_headers(1, REQ)
+        server.feed(client.data_to_send())
+    failed = False
+    for f in frames:
+        try:
+            server.feed(f)
+        except CodecError:
+            failed = True
+            assert goaway_code(server.data_to_send()) is not None
+            break
+        server.data_to_send()
+    if failed:
+        n = len(sink.calls)
+        server.feed(_frame(1, 5, 7, hpack.Encoder().encode(REQ)))
+        assert len(sink.calls) == n
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_frames, max_size=12))
+def test_fuzz_client_codec_never_crashes(frames: list[bytes]) -> None:
+    """What an upstream sends is untrusted too: the client codec raises only CodecError."""
+    sink = Recorder()
+    client = Http2ClientCodec(sink)
+    upstream = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    upstream.initiate_connection()
+    upstream.receive_data(client.data_to_send())
+    client.feed(upstream.data_to_send())
+    client.send_headers(client.new_stream(), RequestHead({"host": "a"}), end_stream=True)
+    for f in frames:
+        try:
+            client.feed(f)
+        except CodecError:
+            assert client.closed and not client.keep_alive
+            break
+        client.data_to_send()
