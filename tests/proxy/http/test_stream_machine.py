@@ -30,6 +30,8 @@ from hypothesis.stateful import (
 from diktyo.core.clock import ManualClock
 from diktyo.proxy.codec.events import RequestHead, ResponseHead
 from diktyo.proxy.codec.http1 import Http1ClientCodec
+from diktyo.proxy.filters.contract import CONTINUE, STOP, FilterChain, FilterStatus, HttpFilter
+from diktyo.proxy.filters.telemetry import StatsFilter
 from diktyo.proxy.http.connection_manager import DownstreamStream, RequestIds
 from diktyo.proxy.http.phases import DONE, RESET, TRANSITIONS, IllegalTransition, Phase
 from diktyo.proxy.http.phases import check_transition as check
@@ -525,3 +527,84 @@ def test_a_per_try_timeout_makes_a_new_attempt_and_the_old_timer_is_inert() -> N
     [backoff] = timers.live()
     backoff.run()
     assert len(pool.attempts) == 2 and pool.attempts[1].attempt == 2
+
+
+class Pausing(HttpFilter):
+    """A decoder filter that stops the chain and resumes it later (like a fault delay or a
+    JWKS fetch), or answers itself."""
+
+    def __init__(self, answer: bool = False) -> None:
+        self.answer = answer
+        self.stopped: list[Any] = []
+        self.seen_route: list[Any] = []
+
+    def decode_headers(self, cb: Any, head: RequestHead) -> FilterStatus:
+        if self.answer:
+            cb.send_local_reply(403, b"RBAC: access denied", "RBAC")
+            return STOP
+        self.seen_route.append(cb.route_entry())
+        self.stopped.append(cb)
+        return STOP
+
+
+class Counting(HttpFilter):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def decode_headers(self, cb: Any, head: RequestHead) -> FilterStatus:
+        self.calls.append("decode")
+        head.headers["x-counted"] = "1"
+        return CONTINUE
+
+    def encode_headers(self, cb: Any, head: ResponseHead) -> FilterStatus:
+        self.calls.append(f"encode {head.status}")
+        return CONTINUE
+
+    def on_complete(self, cb: Any, flags: str, duration_ms: float) -> None:
+        self.calls.append(f"complete {cb.status} {flags}")
+
+
+def _chained(decode: list[HttpFilter], route: list[HttpFilter]) -> tuple[Any, ...]:
+    timers = Timers()
+    pool = Pool()
+    rt = Runtime(snapshot(None, None), pool, timers)
+    rt.filter_chains["outbound"] = FilterChain(decode, route, [StatsFilter(rt, "source")])
+    conn = Conn(Ctx(rt))
+    s = DownstreamStream(conn, 1, request(False))  # type: ignore[arg-type]
+    s.start()
+    s.decode_end()
+    return s, conn, pool, rt
+
+
+def test_a_filter_stops_the_chain_and_resumes_it() -> None:
+    pausing, counting = Pausing(), Counting()
+    s, _, pool, rt = _chained([pausing], [counting])
+    assert s.phase.name == "DECODING" and not pool.attempts and counting.calls == []
+    assert pausing.seen_route[0].route.name == "r"  # the route is matched on demand
+    pausing.stopped[0].continue_decoding()
+    assert counting.calls == ["decode"] and len(pool.attempts) == 1
+    a = pool.pending.pop(0)
+    a.attach(UpConn(False))  # type: ignore[arg-type]
+    assert b"x-counted: 1\r\n" in a.conn.written  # route filters run before the request goes
+    a.on_response_headers(a.sid, ResponseHead(200, raw=b"\r\n"))
+    a.on_response_end(a.sid)
+    assert counting.calls == ["decode", "encode 200", "complete 200 -"]
+    assert len(rt.records) == 1
+
+
+def test_a_stopped_stream_whose_client_left_is_not_resumed() -> None:
+    pausing = Pausing()
+    s, conn, pool, rt = _chained([pausing], [])
+    s.downstream_lost()
+    assert s.phase is DONE and not pausing.stopped[0].active()
+    pausing.stopped[0].continue_decoding()  # the timer / fetch completes later: nothing
+    assert not pool.attempts and conn.codec.heads == []
+    assert rt.records[0][2] == "DC"
+
+
+def test_a_filter_answers_locally() -> None:
+    counting = Counting()
+    s, conn, pool, rt = _chained([Pausing(answer=True), counting], [])
+    assert conn.codec.heads == [403] and s.phase is DONE and not pool.attempts
+    assert counting.calls == ["complete 403 RBAC"]  # its decode hook never ran
+    assert rt.records[0][1:3] == (403, "RBAC")

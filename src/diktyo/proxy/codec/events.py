@@ -23,6 +23,9 @@ Client side (upstream; ``ClientCodec`` calls a ``ClientSink``)::
     on_response_end(sid)                 once
     on_stream_reset(sid, reason)         nothing follows for that stream
 
+A client codec's ``sink`` may be replaced while no stream is open on it: a pool that hands
+a connection to the next request points the codec at that request's attempt.
+
 Encoding goes the other way: ``send_headers`` / ``send_data`` / ``send_trailers`` /
 ``send_reset`` append bytes to the codec's output; ``data_to_send()`` drains it (one
 ``transport.write`` per batch). ``end_stream=True`` on a send closes our side of the stream
@@ -45,8 +48,12 @@ Heads
     ``ResponseHead`` carries ``status`` and the headers either as pairs of ``bytes`` or, from
     an HTTP/1.1 upstream, as the raw header block (hop-by-hop lines removed) so that a
     pass-through response is never split and re-joined; ``pairs()`` / ``block()`` convert on
-    demand. Hop-by-hop headers (``connection``, ``transfer-encoding``...) never appear in a
-    decoded head: framing is the codec's business alone.
+    demand. Framing is the codec's business alone: a decoded HTTP/1.1 request head still lists
+    its connection-level headers (``connection``, ``transfer-encoding``, ``content-length``) as
+    received, for the proxy to strip (it removes every hop-by-hop header before forwarding);
+    ``chunked`` / ``content_length`` / ``has_body`` say how the body was framed; encoders write
+    their own framing and never copy it from a head. A decoded response head has no hop-by-hop
+    headers.
 
 Errors
     A malformed stream (one bad request on a multiplexed connection) is reported as
@@ -57,8 +64,8 @@ Errors
 Flow control
     ``acknowledge(sid, n)``: the consumer has passed on ``n`` bytes of received data (HTTP/2:
     window update; HTTP/1.1: nothing). ``pause_reading(sid)`` / ``resume_reading(sid)``: stop /
-    restart accepting data for that stream (HTTP/2: stop crediting its window; HTTP/1.1: the
-    connection stops reading the socket). When the peer's window is exhausted the codec keeps
+    restart accepting data for that stream (HTTP/2: stop crediting its window; HTTP/1.1: a
+    no-op, the connection pauses the socket itself). When the peer's window is exhausted the codec keeps
     what ``send_data`` was given and calls ``sink.on_send_blocked(sid)``; it calls
     ``sink.on_send_unblocked(sid)`` once the buffered data has gone out, so the source can be
     paused meanwhile (never buffer without bound). An HTTP/1.1 codec never calls them (the

@@ -7,12 +7,19 @@ Sans-I/O: a decoder is fed bytes and calls methods on a *sink*; nothing here tou
 - ``RequestDecoder(sink)``: downstream side. ``feed(data)`` calls ``sink.on_request_head(head)``,
   ``sink.on_request_body(chunk)`` and ``sink.on_request_end()`` for every request found in
   ``data`` (pipelined requests arrive in order; the sink queues them). Malformed input raises
-  ``CodecError(status, message)`` (400, 431); the connection is unusable afterwards.
+  ``CodecError(status, message)`` (400, 426, 431, 501, 505); the connection is unusable
+  afterwards.
 - ``ResponseDecoder(sink)``: upstream side. ``sink.on_response_head(status, header_block, ka)``,
   ``on_response_body(chunk)``, ``on_response_end()``. Call ``expect_no_body()`` before feeding
   the response to a HEAD request; ``eof()`` ends a close-delimited body.
 - Encoders build one ``bytes`` per head with the framing the proxy chose (hop-by-hop headers
   removed, ``Transfer-Encoding`` re-framed).
+- ``Http1ServerCodec`` / ``Http1ClientCodec`` wrap the decoders and encoders behind the
+  protocol-neutral interfaces of ``codec.events`` (stream ids, ``ServerSink`` /
+  ``ClientSink`` events, ``send_headers`` / ``send_data`` / ``send_trailers``,
+  ``data_to_send``). They are the only place that writes HTTP/1 framing: status lines,
+  chunking and the last chunk, ``100 Continue``, ``connection: close`` / ``keep-alive``,
+  request framing and the HEAD rule. The proxy uses only these.
 
 Request headers are kept as a dict of lower-case ``str`` names to ``str`` values (duplicates
 joined with ``, ``; ``cookie`` with ``; ``): routing, load balancing and header operations all
@@ -664,17 +671,30 @@ class Http1ServerCodec:
     protocol = "HTTP/1.1"
     multiplexed = False
 
-    __slots__ = ("_chunked", "_closing", "_no_body", "_out", "_requests", "_sid", "decoder", "sink")
+    __slots__ = (
+        "_chunked",
+        "_no_body",
+        "_out",
+        "_requests",
+        "_sid",
+        "closing",
+        "decoder",
+        "feed",
+        "sink",
+    )
 
     def __init__(self, sink: ServerSink, accept_http_10: bool = True) -> None:
         self.sink = sink
         self.decoder = RequestDecoder(self, accept_http_10=accept_http_10)
+        # feed(data) decodes (events go to the sink; CodecError on malformed input): the
+        # decoder's own method, so a read costs no extra call
+        self.feed = self.decoder.feed
         self._sid = 0
         self._requests: dict[int, RequestHead] = {}  # sid -> head, until its response is sent
         self._out: list[bytes] = []
         self._chunked = False
         self._no_body = False
-        self._closing = False
+        self.closing = False  # a response went out with connection: close (= not reusable)
 
     # -- RequestDecoder sink -> events
     def on_request_head(self, head: RequestHead) -> None:
@@ -689,9 +709,6 @@ class Http1ServerCodec:
         self.sink.on_request_end(self._sid)
 
     # -- input
-    def feed(self, data: bytes) -> None:
-        self.decoder.feed(data)
-
     def eof(self) -> None:
         pass  # a request cut short is reported by the connection (the client went away)
 
@@ -708,11 +725,11 @@ class Http1ServerCodec:
     @property
     def reusable(self) -> bool:
         """False once a response went out with ``connection: close``."""
-        return not self._closing
+        return not self.closing
 
     def drain(self) -> None:
         """Answer the request in flight with ``connection: close``, then stop."""
-        self._closing = True
+        self.closing = True
 
     # -- output
     def data_to_send(self) -> bytes:
@@ -734,7 +751,7 @@ class Http1ServerCodec:
         if status == 101:
             # WebSocket: the upstream's Upgrade/Connection headers go out as they came; raw
             # bytes follow, and the connection closes when the tunnel does
-            self._closing = True
+            self.closing = True
             block = head.raw if head.raw is not None else head.block()
             self._out.append(b"HTTP/1.1 101 Switching Protocols\r\n")
             self._out.append(block)
@@ -747,9 +764,9 @@ class Http1ServerCodec:
             extra = _CHUNKED
             self._chunked = True
         else:
-            self._closing = True  # HTTP/1.0 without a length: the body ends with the connection
-        if self._closing or not req.keep_alive:
-            self._closing = True
+            self.closing = True  # HTTP/1.0 without a length: the body ends with the connection
+        if self.closing or not req.keep_alive:
+            self.closing = True
             extra += _CLOSE_HDR
         elif req.version == "1.0":
             extra += _KEEP_ALIVE_HDR  # HTTP/1.0 keep-alive must be confirmed
@@ -765,8 +782,12 @@ class Http1ServerCodec:
                 self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
             else:
                 self._out.append(data)
-        if end_stream:
-            self._end(sid)
+        if end_stream:  # _end(sid) inlined (hot path)
+            if self._chunked:
+                self._chunked = False
+                if not self._no_body:
+                    self._out.append(LAST_CHUNK)
+            self._requests.pop(sid, None)
 
     def send_trailers(self, sid: int, trailers: HeaderList) -> None:
         if self._chunked and not self._no_body:
@@ -783,12 +804,12 @@ class Http1ServerCodec:
 
     def send_reset(self, sid: int, reason: ResetReason) -> None:
         # HTTP/1.1 has no stream reset: the connection must be aborted by its owner
-        self._closing = True
+        self.closing = True
         self._requests.pop(sid, None)
 
     def send_error(self, status: int, message: str) -> None:
         """A connection-level error answer (malformed request, header timeout), then close."""
-        self._closing = True
+        self.closing = True
         self._out.append(local_response(status, message.encode(), close=True))
 
     # -- flow control: HTTP/1.1 relies on the transport (pause_reading on the socket)
@@ -818,13 +839,14 @@ class Http1ClientCodec:
     multiplexed = False
     max_concurrent_streams = 1
 
-    __slots__ = ("_chunked", "_out", "_sid", "decoder", "keep_alive", "sink")
+    __slots__ = ("_chunked", "_sid", "decoder", "feed", "keep_alive", "out", "sink")
 
     def __init__(self, sink: ClientSink) -> None:
         self.sink = sink
         self.decoder = ResponseDecoder(self)
+        self.feed = self.decoder.feed  # (see Http1ServerCodec.feed)
         self._sid = 0
-        self._out: list[bytes] = []
+        self.out: list[bytes] = []  # encoded, not yet taken by data_to_send()
         self._chunked = False
         self.keep_alive = True
 
@@ -848,9 +870,6 @@ class Http1ClientCodec:
         self.sink.on_response_end(self._sid)
 
     # -- input
-    def feed(self, data: bytes) -> None:
-        self.decoder.feed(data)
-
     def eof(self) -> None:
         self.decoder.eof()
 
@@ -861,10 +880,10 @@ class Http1ClientCodec:
 
     # -- output
     def data_to_send(self) -> bytes:
-        out = self._out
+        out = self.out
         if not out:
             return b""
-        self._out = []
+        self.out = []
         return out[0] if len(out) == 1 else b"".join(out)
 
     def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
@@ -881,25 +900,25 @@ class Http1ClientCodec:
             # WebSocket: the stream removed hop-by-hop headers; the upgrade goes on upstream
             self.decoder.upgrade_ok = True
             framing = b"connection: upgrade\r\nupgrade: " + head.upgrade_to.encode() + b"\r\n"
-        self._out.append(encode_request_head(head.method, head.path, head.headers, framing))
+        self.out.append(encode_request_head(head.method, head.path, head.headers, framing))
         if end_stream and self._chunked:
             self._chunked = False
-            self._out.append(LAST_CHUNK)
+            self.out.append(LAST_CHUNK)
 
     def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
         if self._chunked:
             if data:
-                self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
+                self.out.append(b"%x\r\n%s\r\n" % (len(data), data))
             if end_stream:
                 self._chunked = False
-                self._out.append(LAST_CHUNK)
+                self.out.append(LAST_CHUNK)
         elif data:
-            self._out.append(data)
+            self.out.append(data)
 
     def send_trailers(self, sid: int, trailers: HeaderList) -> None:
         if self._chunked:
             self._chunked = False
-            self._out.append(b"0\r\n" + encode_header_block(trailers))
+            self.out.append(b"0\r\n" + encode_header_block(trailers))
 
     def send_reset(self, sid: int, reason: ResetReason) -> None:
         self.keep_alive = False  # HTTP/1.1: the owner closes the connection

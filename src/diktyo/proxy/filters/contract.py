@@ -158,4 +158,6 @@ class FilterChain:
         self.encode_body = tuple(
             f for f in every if _overrides(f, "encode_data") or _overrides(f, "encode_trailers")
         )
-        self.complete = tuple(f for f in every if _overrides(f, "on_complete"))
+        # completion: the ``other`` filters (stats, access log) first, then the rest (a span
+        # ends last, as before the filter chain existed)
+        self.complete = tuple(f for f in [*other, *decode, *route] if _overrides(f, "on_complete"))

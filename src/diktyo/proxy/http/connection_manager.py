@@ -293,7 +293,7 @@ class HttpConnection(asyncio.Protocol):
         decoder = self.decoder
         begun = decoder.begun
         try:
-            self.codec.feed(data)
+            self.codec.feed(data)  # (the decoder's own method: no wrapper call)
         except CodecError as exc:
             error = exc
         if decoder.begun != begun:
@@ -301,7 +301,9 @@ class HttpConnection(asyncio.Protocol):
         if self.streams:
             u = self.streams[0].upstream
             if u is not None:
-                u.flush()  # what this read produced for the upstream, in one write
+                uc = u.conn
+                if uc is not None:
+                    uc.write()  # what this read produced for the upstream, in one write
         if error is not None:
             self.codec_error(error)
 
@@ -451,7 +453,7 @@ class HttpConnection(asyncio.Protocol):
             self.streams.popleft()
         if self.closed:
             return
-        if self._close_after or not self.codec.reusable:
+        if self._close_after or self.codec.closing:
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
@@ -982,12 +984,14 @@ class DownstreamStream:
             self.finish()
             return
         a = self.upstream
-        if a is not None and a.conn is not None and not self.discard:
-            if self.req_trailers is not None:
-                a.conn.codec.send_trailers(a.sid, self.req_trailers)
+        if a is not None and not self.discard:
+            conn = a.conn
+            if conn is not None:
+                if self.req_trailers is not None:
+                    conn.codec.send_trailers(a.sid, self.req_trailers)
+                else:
+                    conn.codec.send_data(a.sid, b"", True)
                 a.sent_all = True
-            else:
-                a.send_data(b"", True)
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
@@ -1082,10 +1086,6 @@ class DownstreamStream:
                 f.encode_trailers(self, trailers)
         self.resp_trailers_sent = True
         self.codec.send_trailers(self.sid, trailers)
-
-    def flush_downstream(self) -> None:
-        """Write what the last upstream read produced in one write."""
-        self.conn.flush()
 
     def upstream_end(self, a: UpstreamRequest) -> None:
         if self.phase is not RESPONDING:

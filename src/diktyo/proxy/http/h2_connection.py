@@ -224,7 +224,9 @@ class Http2Connection(asyncio.Protocol):
             for s in touched:
                 u = s.upstream
                 if u is not None:
-                    u.flush()  # what this read produced for that upstream, in one write
+                    uc = u.conn
+                    if uc is not None:
+                        uc.write()  # what this read produced for that upstream, in one write
             touched.clear()
         self.flush()
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from diktyo.proxy.codec.events import HeaderList, ResponseHead
+from diktyo.proxy.codec.events import HeaderList, ResetReason, ResponseHead
 
 if TYPE_CHECKING:
     from diktyo.proxy.network.upstream import UpstreamConnectionLike
@@ -86,19 +86,6 @@ class UpstreamRequest:
     def start_try_timer(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self.try_timer = loop.call_later(timeout, self.on_try_timeout)
 
-    def send_data(self, data: bytes, end_stream: bool = False) -> None:
-        """Encode request body (written by ``flush``)."""
-        conn = self.conn
-        if conn is not None:
-            conn.codec.send_data(self.sid, data, end_stream)
-            if end_stream:
-                self.sent_all = True
-
-    def flush(self) -> None:
-        conn = self.conn
-        if conn is not None:
-            conn.write()
-
     # ------------------------------------------------------------------ pool callbacks
     def attach(self, conn: UpstreamConnectionLike) -> None:
         self.pending = False
@@ -151,6 +138,16 @@ class UpstreamRequest:
         s = self.stream
         if s is not None:
             s.upstream_lost(self, reason, started)
+
+    def on_stream_reset(self, sid: int, reason: ResetReason) -> None:
+        # the codec reset this stream (HTTP/2 RST_STREAM, GOAWAY): as if its connection went
+        self.on_upstream_lost(reason.value, True)
+
+    def on_send_blocked(self, sid: int) -> None:
+        self.upstream_pause_writing()
+
+    def on_send_unblocked(self, sid: int) -> None:
+        self.upstream_resume_writing()
 
     def on_upstream_protocol_error(self, detail: str) -> None:
         s = self.stream

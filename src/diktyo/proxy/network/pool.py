@@ -5,7 +5,8 @@ implementation from ``upstream_protocol(cluster)``. ``Http1Pool`` is the HTTP/1.
 
 Theory of operation
 -------------------
-``ClusterPool.acquire(stream, host)`` gives ``stream`` a connection to ``host``:
+``Http1Pool.acquire(requester, host)`` gives ``requester`` (an upstream attempt or a mirror
+copy) a connection to ``host``:
 
 1. the most recently used idle connection to that host, if any (``stream.attach(conn)`` at
    once; ``conn.reused`` is True, which lets the stream retry the keep-alive race);
@@ -31,12 +32,14 @@ established serve the request they were opened for and then close.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from typing import Any, Protocol
 
 from diktyo.proxy.network.upstream import UpstreamConnection, open_upstream
 
 MAX_IDLE_PER_HOST = 64
+log = logging.getLogger("diktyo.proxy")
 
 
 HTTP1 = "HTTP/1.1"
@@ -240,7 +243,8 @@ class Http1Pool:
 
     def _hand(self, conn: UpstreamConnection, stream: Any) -> None:
         conn.requests += 1
-        conn.stream = stream  # the connection hands its codec's events to the requester
+        conn.stream = stream  # conn.hand_to(stream) inlined: the codec's events now go
+        conn.codec.sink = stream  # straight to the requester
         stream.attach(conn)
 
     def _serve_pending(self) -> None:
@@ -256,12 +260,13 @@ class Http1Pool:
     # -- releasing
     def release(self, conn: UpstreamConnection) -> None:
         """The stream is done with ``conn`` (response complete, request fully sent)."""
-        conn.stream = None  # stray bytes while idle end up in the connection: it closes
+        conn.stream = None  # conn.hand_to(None) inlined: stray bytes while idle end up in
+        conn.codec.sink = conn  # the connection, which closes
         if conn.closed:
             return
         maxreq = self.state.cluster.pool.max_requests_per_connection
         if (
-            not conn.keep_alive
+            not conn.codec.keep_alive
             or (maxreq and conn.requests >= maxreq)
             or self.retired
             or conn.stale

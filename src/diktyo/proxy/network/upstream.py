@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from diktyo.proxy.codec.events import (
     ClientCodec,
+    ClientSink,
     CodecError,
     HeaderList,
     ResetReason,
@@ -134,10 +135,11 @@ class UpstreamConnectionLike(Protocol):
     def resume_reading(self) -> None: ...
 
 
-class UpstreamCallbacks(Protocol):
+class UpstreamCallbacks(ClientSink, Protocol):
     """What a pooled connection and its pool call on the requester holding it: one upstream
-    attempt (``proxy.http.upstream_request.UpstreamRequest``) or a mirror copy. Response
-    events are the codec's ``ClientSink`` events for the requester's stream."""
+    attempt (``proxy.http.upstream_request.UpstreamRequest``) or a mirror copy. While it
+    holds the connection the requester *is* the codec's ``ClientSink``: response events go
+    to it with no hop through the connection."""
 
     # pool
     def attach(self, conn: UpstreamConnectionLike) -> None: ...
@@ -145,10 +147,6 @@ class UpstreamCallbacks(Protocol):
     def connect_failed(self, reason: str) -> None: ...
 
     # connection (decoded response, failures, write flow control)
-    def on_response_headers(self, sid: int, head: ResponseHead) -> None: ...
-    def on_response_data(self, sid: int, data: bytes) -> None: ...
-    def on_response_trailers(self, sid: int, trailers: HeaderList) -> None: ...
-    def on_response_end(self, sid: int) -> None: ...
     def on_upstream_lost(self, reason: str, started: bool) -> None: ...
     def on_upstream_protocol_error(self, detail: str) -> None: ...
     def upstream_pause_writing(self) -> None: ...
@@ -219,7 +217,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             stream.on_upstream_protocol_error(exc.message)
             return
-        stream.flush_downstream()  # what this read produced, in one downstream write
+        if self.stream is stream:  # (a finished response already went out, and released us)
+            stream.flush_downstream()  # what this read produced, in one downstream write
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -232,7 +231,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.codec.eof()  # may end a close-delimited body (the stream then detaches)
             stream = self.stream
             if stream is not None:
-                self.stream = None
+                self.hand_to(None)
                 stream.on_upstream_lost("connection termination", self.codec.started)
         if not was_closed:
             self.pool.connection_closed(self)
@@ -249,7 +248,12 @@ class UpstreamConnection(asyncio.Protocol):
         if s is not None:
             s.upstream_resume_writing()
 
-    # -- codec sink (ClientSink): forward to the attached requester
+    def hand_to(self, requester: UpstreamCallbacks | None) -> None:
+        """Attach the requester the pool gave this connection to (None: idle again)."""
+        self.stream = requester
+        self.codec.sink = self if requester is None else requester
+
+    # -- codec sink (ClientSink) while idle or between requesters: forward if attached
     def on_response_headers(self, sid: int, head: ResponseHead) -> None:
         s = self.stream
         if s is not None:
@@ -273,7 +277,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_stream_reset(self, sid: int, reason: ResetReason) -> None:
         s = self.stream
         if s is not None:
-            self.stream = None
+            self.hand_to(None)
             s.on_upstream_lost(reason.value, self.codec.started)
 
     def on_send_blocked(self, sid: int) -> None:
@@ -285,9 +289,11 @@ class UpstreamConnection(asyncio.Protocol):
     # -- helpers
     def write(self) -> None:
         """Write what the codec encoded (one ``transport.write``)."""
-        data = self.codec.data_to_send()
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+        codec = self.codec
+        if codec.out:
+            data = codec.data_to_send()
+            if self.transport is not None and not self.closed:
+                self.transport.write(data)
 
     def reset_stream(self, sid: int) -> None:
         """Abandon the stream in flight: HTTP/1.1 can only close the connection."""
@@ -304,7 +310,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
-        self.stream = None
+        self.hand_to(None)
         if not self.closed:
             self.closed = True
             if self.transport is not None:

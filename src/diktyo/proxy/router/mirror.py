@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from diktyo.proxy.codec.events import HeaderList, RequestHead, ResponseHead
+from diktyo.proxy.codec.events import HeaderList, RequestHead, ResetReason, ResponseHead
 from diktyo.snapshot.model import Mirror
 
 MIRROR_BODY_LIMIT = 1024 * 1024
@@ -111,6 +111,16 @@ class MirrorStream:
 
     def on_upstream_lost(self, reason: str, started: bool) -> None:
         self.uconn = None
+
+    def on_stream_reset(self, sid: int, reason: ResetReason) -> None:
+        # the codec reset this stream (HTTP/2 RST_STREAM, GOAWAY): as if its connection went
+        self.uconn = None
+
+    def on_send_blocked(self, sid: int) -> None:
+        pass
+
+    def on_send_unblocked(self, sid: int) -> None:
+        pass
 
     def on_upstream_protocol_error(self, detail: str) -> None:
         self.uconn = None  # the connection closed itself; the copy's answer is dropped anyway
