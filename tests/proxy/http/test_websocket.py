@@ -84,3 +84,15 @@ async def test_plain_requests_still_refuse_other_upgrades(ws_server: int) -> Non
         line = await asyncio.wait_for(r.readline(), 5)
         w.close()
         assert not line.startswith(b"HTTP/1.1 101")
+
+
+async def test_upgrade_to_an_http2_only_route_is_refused(ws_server: int) -> None:
+    """A route whose cluster speaks HTTP/2 upstream cannot carry an HTTP/1.1 upgrade: 403."""
+    async with start_sidecar(snap(ws_server, upstream_protocol="HTTP/2")) as sc:
+        uri = f"ws://127.0.0.1:{sc.port('to-ws')}/x"
+        with pytest.raises(websockets.InvalidStatus) as err:
+            async with websockets.connect(uri, proxy=None):
+                pass
+        resp = err.value.response
+        assert resp.status_code == 403
+        assert b"websocket upgrade refused" in resp.body and b"HTTP/2" in resp.body

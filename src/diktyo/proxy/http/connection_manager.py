@@ -824,6 +824,17 @@ class DownstreamStream:
             self.per_try = route.retries.per_try_timeout
         cs = self.cstate
         self.pool = rt.pools[cs.cluster.name]
+        if self.head.upgrade_to and self.pool.protocol != "HTTP/1.1":
+            # a WebSocket upgrade needs HTTP/1.1 to the endpoints; Envoy refuses an upgrade
+            # its route cannot carry with 403 (response code details "upgrade_failed")
+            self.local_reply(
+                403,
+                f"websocket upgrade refused: cluster {cs.cluster.name} speaks "
+                f"{self.pool.protocol} to its endpoints (port protocol {cs.cluster.protocol!r}); "
+                "name the port http (or drop h2UpgradePolicy: UPGRADE) to carry WebSockets".encode(),
+                "",
+            )
+            return
         if cs.cluster.lb.consistent_hash is not None:
             self.lbctx = LbContext(self.out_headers, self.conn.peer, None)
         else:
