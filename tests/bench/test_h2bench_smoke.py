@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_h2bench_smoke() -> None:
     missing = [t for t in ("h2load", "nginx", "haproxy", "taskset") if not shutil.which(t)]
     if missing:
-        pytest.skip(f"needs Debian packages for {', '.join(missing)} (nghttp2-client nginx haproxy)")
+        pytest.skip(
+            f"needs Debian packages for {', '.join(missing)} (nghttp2-client nginx haproxy)"
+        )
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "h2bench.py"), "--smoke",
          "--targets", "direct,diktyo,haproxy,nginx"],
