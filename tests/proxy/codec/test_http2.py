@@ -560,3 +560,22 @@ def test_fuzz_client_codec_never_crashes(frames: list[bytes]) -> None:
             assert client.closed and not client.keep_alive
             break
         client.data_to_send()
+
+
+def test_graceful_goaway_lets_open_streams_finish_and_refuses_new_ones() -> None:
+    server, sink, client = server_pair()
+    client.send_headers(1, REQ, end_stream=True)
+    server.feed(client.data_to_send())
+    server.drain()
+    assert goaway_code(server.data_to_send()) == 0
+    assert not server.reusable
+    # a stream opened after the GOAWAY (the client had not seen it yet) is refused
+    raw = _frame(1, 5, 3, hpack.Encoder().encode(REQ))
+    server.feed(raw)
+    assert rst_codes(server.data_to_send()) == {3: h2.errors.ErrorCodes.REFUSED_STREAM}
+    assert [c[1] for c in sink.named("on_request_headers")] == [1]
+    # stream 1 is still answered
+    server.send_headers(1, ResponseHead(200, []))
+    server.send_data(1, b"late", end_stream=True)
+    frames = parse_frames(server.data_to_send())
+    assert any(isinstance(f, hf.DataFrame) and f.data == b"late" for f in frames)

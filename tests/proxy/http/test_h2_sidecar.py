@@ -284,3 +284,52 @@ async def test_every_http_listener_accepts_h2c(direction: str) -> None:
             r = await client.get(f"http://127.0.0.1:{sc.port('l')}/d", headers={"host": "svc"})
         assert (r.http_version, r.status_code, r.text) == ("HTTP/2", 200, "GET /d ")
         assert up.requests[0].head.version == "2"
+
+
+async def test_sidecar_drain_sends_goaway_and_finishes_open_streams() -> None:
+    """Graceful drain: GOAWAY(NO_ERROR) naming the last stream, and that stream still gets its
+    answer. (Read as raw frames: the h2 library, as a client, drops a connection at GOAWAY.)"""
+    import hyperframe.frame as hf
+
+    async with FakeH2Upstream() as up, start_sidecar(snap(up.port, True)) as sc:
+        c = await RawH2.open(sc.port())
+        try:
+            c.c.send_headers(1, req("/hold"), end_stream=True)
+            await c.send()
+            await eventually(lambda: len(up.requests) == 1, timeout=10)
+            drain = asyncio.get_running_loop().create_task(sc.sidecar.drain(timeout=10))
+            frames: list[hf.Frame] = []
+            buf = b""
+
+            async def until(pred: Any) -> None:
+                nonlocal buf
+                async with asyncio.timeout(10):
+                    while not pred():
+                        data = await c.r.read(65536)
+                        assert data, "connection closed early"
+                        buf += data
+                        while len(buf) >= 9:
+                            f, n = hf.Frame.parse_frame_header(memoryview(buf[:9]))
+                            if len(buf) < 9 + n:
+                                break
+                            f.parse_body(memoryview(buf[9 : 9 + n]))
+                            frames.append(f)
+                            buf = buf[9 + n :]
+
+            def goaway() -> list[hf.GoAwayFrame]:
+                return [f for f in frames if isinstance(f, hf.GoAwayFrame)]
+
+            await until(lambda: goaway())
+            assert (goaway()[0].error_code, goaway()[0].last_stream_id) == (0, 1)
+            up.release_held()
+            await until(
+                lambda: any(
+                    isinstance(f, hf.DataFrame) and f.stream_id == 1 and "END_STREAM" in f.flags
+                    for f in frames
+                )
+            )
+            body = b"".join(f.data for f in frames if isinstance(f, hf.DataFrame))
+            assert body == b"held"
+            await asyncio.wait_for(drain, 10)
+        finally:
+            c.close()

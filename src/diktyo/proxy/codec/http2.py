@@ -71,6 +71,8 @@ from diktyo.proxy.codec.events import (
 
 ErrorCodes = h2.errors.ErrorCodes
 _BIG = 2**31 - 1
+# sending on a stream the peer has reset (a race the proxy cannot avoid) is not an error here
+_SEND_ERRORS = (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError)
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what an h2c (prior knowledge) client sends first
 
 # connection-specific headers (RFC 9113 8.2.2): never sent on HTTP/2
@@ -248,6 +250,8 @@ class _H2Codec:
         self._conn = conn
         self._streams: dict[int, _Stream] = {}
         self._closed = False
+        self._draining = False  # a graceful GOAWAY went out: open streams finish
+        self._goaway_last = _BIG
         self.goaway_received = False
         self.peer_settings_received = False
         self.last_stream_id_from_peer = _BIG
@@ -270,7 +274,7 @@ class _H2Codec:
     @property
     def closed(self) -> bool:
         """A GOAWAY was sent or received, or the connection failed: open no new stream."""
-        return self._closed or self.goaway_received
+        return self._closed or self.goaway_received or self._draining
 
     def data_to_send(self) -> bytes:
         if not self._write_paused:
@@ -333,7 +337,11 @@ class _H2Codec:
             st.pending_trailers = trailers
             st.pending_end = True
             return
-        self._conn.send_headers(sid, _lower(trailers), end_stream=True)
+        try:
+            self._conn.send_headers(sid, _lower(trailers), end_stream=True)
+        except _SEND_ERRORS:
+            self._drop(sid)  # the peer reset the stream meanwhile: nothing to send
+            return
         self._local_end(sid, st)
 
     def send_reset(self, sid: int, reason: ResetReason) -> None:
@@ -365,11 +373,23 @@ class _H2Codec:
                 self._credit(sid, n)
 
     def goaway(self, error_code: int = 0, message: str = "") -> None:
-        """Graceful drain (NO_ERROR) or a connection error: no new stream after the last one."""
-        if not self._closed:
-            self._conn.close_connection(error_code, additional_data=message.encode()[:256] or None)
-            self.stats.goaway_sent += 1
-            self._closed = True
+        """Graceful drain (NO_ERROR: GOAWAY naming the last stream taken; open streams go on,
+        later ones are refused) or a connection error (GOAWAY with the code; nothing more)."""
+        if self._closed or (error_code == 0 and self._draining):
+            return
+        self.stats.goaway_sent += 1
+        if error_code == 0:
+            # h2's close_connection() would also forbid sending on the open streams
+            f = hf.GoAwayFrame(0)
+            f.last_stream_id = self._goaway_last = int(self._conn.highest_inbound_stream_id)
+            f.error_code = 0
+            if message:
+                f.additional_data = message.encode()[:256]
+            self._conn._prepare_for_sending([f])
+            self._draining = True
+            return
+        self._conn.close_connection(error_code, additional_data=message.encode()[:256] or None)
+        self._closed = True
 
     # ------------------------------------------------------------------ internals
 
@@ -469,10 +489,18 @@ class _H2Codec:
                     self._sink_blocked(sid)
                 return
             chunk, view = view[:window], view[window:]
-            conn.send_data(sid, chunk.tobytes(), end_stream=end_stream and not view)
+            try:
+                conn.send_data(sid, chunk.tobytes(), end_stream=end_stream and not view)
+            except _SEND_ERRORS:
+                self._drop(sid)
+                return
             self._data_frames_out += 1
         if not data and end_stream:
-            conn.send_data(sid, b"", end_stream=True)
+            try:
+                conn.send_data(sid, b"", end_stream=True)
+            except _SEND_ERRORS:
+                self._drop(sid)
+                return
             self._data_frames_out += 1
         if end_stream:
             self._local_end(sid, st)
@@ -490,7 +518,11 @@ class _H2Codec:
             st.pending_trailers = trailers
             return
         if trailers is not None:
-            self._conn.send_headers(sid, _lower(trailers), end_stream=True)
+            try:
+                self._conn.send_headers(sid, _lower(trailers), end_stream=True)
+            except _SEND_ERRORS:
+                self._drop(sid)
+                return
             self._local_end(sid, st)
         if st.blocked:
             st.blocked = False
@@ -657,6 +689,9 @@ class Http2ServerCodec(_H2Codec):
         self._streams_opened += 1
         st = _Stream(self._clock())
         o = self.options
+        if self._draining and sid > self._goaway_last:
+            self._reset_wire(sid, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: not processed
+            return
         if len(self._streams) >= o.max_concurrent_streams:
             self.stats.streams_refused += 1
             self._reset_wire(sid, ErrorCodes.REFUSED_STREAM)
@@ -715,13 +750,20 @@ class Http2ServerCodec(_H2Codec):
             return
         pairs: HeaderList = [(b":status", str(head.status).encode())]
         pairs += _lower(head.pairs())
-        self._conn.send_headers(sid, pairs, end_stream=end_stream)
+        try:
+            self._conn.send_headers(sid, pairs, end_stream=end_stream)
+        except _SEND_ERRORS:
+            self._drop(sid)  # the client reset the stream meanwhile
+            return
         if end_stream:
             self._local_end(sid, st)
 
     def send_continue(self, sid: int) -> None:
         if sid in self._streams:
-            self._conn.send_headers(sid, [(b":status", b"100")])
+            try:
+                self._conn.send_headers(sid, [(b":status", b"100")])
+            except _SEND_ERRORS:
+                self._drop(sid)
 
     def drain(self) -> None:
         """GOAWAY(NO_ERROR) naming the last stream taken; open streams finish."""
