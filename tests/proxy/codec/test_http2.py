@@ -579,3 +579,44 @@ def test_graceful_goaway_lets_open_streams_finish_and_refuses_new_ones() -> None
     server.send_data(1, b"late", end_stream=True)
     frames = parse_frames(server.data_to_send())
     assert any(isinstance(f, hf.DataFrame) and f.data == b"late" for f in frames)
+
+
+def test_upstream_graceful_goaway_lets_streams_in_flight_finish() -> None:
+    """nginx/gRPC servers send GOAWAY(NO_ERROR) while streams are open: those at or below its
+    last stream id still get their answers; those above are refused (retry elsewhere)."""
+    sink = Recorder()
+    client = Http2ClientCodec(sink)
+    upstream = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    upstream.initiate_connection()
+    upstream.receive_data(client.data_to_send())
+    client.feed(upstream.data_to_send())
+    a, b = client.new_stream(), 0
+    client.send_headers(a, RequestHead({"host": "x"}), end_stream=True)
+    b = client.new_stream()
+    client.send_headers(b, RequestHead({"host": "x"}), end_stream=True)
+    upstream.receive_data(client.data_to_send())
+    g = hf.GoAwayFrame(0)
+    g.last_stream_id = a
+    upstream.send_headers(a, [(":status", "200")])
+    wire = upstream.data_to_send() + g.serialize()
+    upstream.send_data(a, b"done", end_stream=True)
+    wire += upstream.data_to_send()
+    client.feed(wire)
+    assert client.closed  # no new streams on this connection
+    assert sink.data(a) == b"done" and ("on_response_end", a) in sink.calls
+    assert ("on_stream_reset", b, ResetReason.REMOTE_REFUSED) in sink.calls
+
+
+def test_client_graceful_goaway_does_not_cut_its_open_streams() -> None:
+    server, sink, client = server_pair()
+    client.send_headers(1, REQ)
+    server.feed(client.data_to_send())
+    g = hf.GoAwayFrame(0)
+    g.last_stream_id = 0  # the client takes no pushed streams
+    server.feed(g.serialize())
+    client.send_data(1, b"rest", end_stream=True)
+    server.feed(client.data_to_send())
+    assert sink.data(1) == b"rest" and ("on_request_end", 1) in sink.calls
+    assert not sink.named("on_stream_reset")

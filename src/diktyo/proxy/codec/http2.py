@@ -295,6 +295,11 @@ class _H2Codec:
             conn.incoming_buffer.max_frame_size = conn.max_inbound_frame_size
             for frame in conn.incoming_buffer:
                 self._inspect(frame)
+                if type(frame) is hf.GoAwayFrame and frame.error_code == 0:
+                    # a graceful GOAWAY: `h2` would close its state machine and refuse the
+                    # frames of the streams still in flight; take it here instead
+                    self._on_goaway(frame)
+                    continue
                 events = conn._receive_frame(frame)
                 if events:
                     self._dispatch(events)
@@ -617,16 +622,20 @@ class _H2Codec:
                 self._other_event(ev)
 
     def _on_goaway(self, ev: Any) -> None:
+        """GOAWAY from the peer (an h2 event, or the frame itself when graceful): no new
+        stream; on the client side, streams above ``last_stream_id`` were not processed
+        (REMOTE_REFUSED: safe to retry); an error code ends every stream."""
         self.goaway_received = True
         last = ev.last_stream_id if ev.last_stream_id is not None else _BIG
         self.last_stream_id_from_peer = last
+        ours = bool(self._conn.config.client_side)  # a server's streams are the client's
         for sid in sorted(self._streams):
-            if sid > last or ev.error_code != ErrorCodes.NO_ERROR:
+            if (ours and sid > last) or ev.error_code != ErrorCodes.NO_ERROR:
                 self._drop(sid)
                 self._sink_reset(
                     sid,
                     ResetReason.REMOTE_REFUSED
-                    if sid > last
+                    if ours and sid > last and ev.error_code == ErrorCodes.NO_ERROR
                     else ResetReason.CONNECTION_TERMINATION,
                 )
 
