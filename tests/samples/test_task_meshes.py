@@ -11,7 +11,7 @@ from diktyo.api import load_paths
 from diktyo.platform.mesh import load_mesh
 
 REPO = Path(__file__).resolve().parents[2]
-TASKS = ["circuit-breaking", "mirroring"]
+TASKS = ["circuit-breaking", "mirroring", "grpc"]
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -138,10 +138,11 @@ def _render(snap: dict[str, Any], section: str) -> str:
                 c.get("direction", "outbound"),
                 str(len(c.get("endpoints", []))),
                 c.get("protocol", "http"),
+                c.get("upstream_protocol", "HTTP/1.1"),
             ]
             for c in snap.get("clusters", [])
         ]
-        return table(rows, ["CLUSTER", "DIRECTION", "ENDPOINTS", "PROTOCOL"])
+        return table(rows, ["CLUSTER", "DIRECTION", "ENDPOINTS", "PROTOCOL", "UPSTREAM"])
     if section == "endpoints":
         rows = [
             [f"{e['address']}:{e['port']}", e.get("workload", ""), e["cluster"]]

@@ -218,6 +218,7 @@ class AdminServer:
                 pool = sc.pools.get(name)
                 if pool is not None:
                     d["pool"] = {
+                        "protocol": pool.protocol,
                         "active_connections": len(pool.active),
                         "idle_connections": sum(len(v) for v in pool.idle.values()),
                         "pending": len(pool.pending),

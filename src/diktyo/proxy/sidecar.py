@@ -23,10 +23,11 @@ from collections.abc import Callable
 from typing import Any
 
 from diktyo.core.clock import SYSTEM_CLOCK, Clock, make_random
-from diktyo.proxy.http.connection_manager import HttpConnection, RequestIds
+from diktyo.proxy.http.connection_manager import RequestIds
+from diktyo.proxy.http.h2_connection import DownstreamSniffer
 from diktyo.proxy.http.policies import ClusterState
 from diktyo.proxy.network.listener import bind_listener, serve
-from diktyo.proxy.network.pool import ConnectionPool, new_pool
+from diktyo.proxy.network.pool import ConnectionPool, new_pool, upstream_protocol
 from diktyo.proxy.router.matcher import RouteMatcher
 from diktyo.proxy.stats import Stats
 from diktyo.snapshot.codec import SnapshotError, validate
@@ -190,18 +191,20 @@ class Runtime:
     def pool_for(self, cstate: Any) -> ConnectionPool:
         return self.sidecar.pools[cstate.cluster.name]
 
-    def labels_for(self, reporter: str, cstate: Any, host: Any) -> Any:
-        key = (
+    def labels_for(self, reporter: str, cstate: Any, host: Any, protocol: str = "http") -> Any:
+        key: tuple[Any, ...] = (
             reporter,
             cstate.cluster.name if cstate is not None else "",
             host.key if host is not None else None,
         )
+        if protocol != "http":
+            key += (protocol,)
         p = self.peers.get(key)
         if p is not None:
             return p
         if reporter == "destination":
             service = self.inbound_service or (cstate.cluster.service if cstate else "")
-            p = self.stats.peer_for("destination", self.me, None, service)
+            p = self.stats.peer_for("destination", self.me, None, service, protocol)
         else:
             other = None
             service = ""
@@ -210,7 +213,7 @@ class Runtime:
             if host is not None:
                 ep = host.endpoint
                 other = WorkloadInfo.from_labels(ep.workload, ep.namespace, ep.labels, ep.principal)
-            p = self.stats.peer_for("source", self.me, other, service)
+            p = self.stats.peer_for("source", self.me, other, service, protocol)
         self.peers[key] = p
         return p
 
@@ -285,6 +288,11 @@ class Sidecar:
         # -- commit (nothing below may fail)
         for name, cs in rt.clusters.items():
             pool = self.pools.get(name)
+            if pool is not None and pool.protocol != upstream_protocol(cs.cluster):
+                # HTTP/1.1 <-> HTTP/2 (port protocol or h2UpgradePolicy changed): a new pool;
+                # streams in flight finish on the old one, which then closes its connections
+                self.pools.pop(name).retire()
+                pool = None
             if pool is None:
                 pool = self.pools[name] = new_pool(name, cs, self.loop, self.stats, self.tasks)
                 pool.certs = self.certs
@@ -438,7 +446,8 @@ class Sidecar:
         else:
 
             def factory() -> asyncio.Protocol:
-                return HttpConnection(ctx)
+                # HTTP/1.1 or HTTP/2 (h2c prior knowledge, ALPN h2): decided per connection
+                return DownstreamSniffer(ctx)
 
         inbound = ctx.direction == "inbound" or (
             ctx.direction == "tcp" and ctx.listener.name.startswith("inbound|")

@@ -146,6 +146,9 @@ class FaultDelay(_S, frozen=True):
 class FaultAbort(_S, frozen=True):
     http_status: int
     percentage: float = 100.0
+    # fault.abort.grpcStatus: gRPC requests get this grpc-status (HTTP 200, trailers-only);
+    # other requests get ``http_status`` (Envoy's mapping of the code)
+    grpc_status: int | None = None
 
 
 class Fault(_S, frozen=True):
@@ -240,6 +243,7 @@ class ConnectionPool(_S, frozen=True):
     max_requests_per_connection: int = 0  # 0 = unlimited
     max_retries: int = 2**32 - 1
     idle_timeout: float = 3600.0  # Istio: 1h
+    max_concurrent_streams: int = 0  # HTTP/2 streams per upstream connection; 0 = the peer's
 
 
 class OutlierDetection(_S, frozen=True):
@@ -291,6 +295,9 @@ class Cluster(_S, frozen=True):
     outlier: OutlierDetection | None = None
     tls: TlsSettings | None = None
     protocol: Literal["http", "http2", "grpc", "tcp"] = "http"
+    # what the sidecar speaks to the endpoints: HTTP/2 for http2/grpc/grpc-web ports and for http
+    # ports whose DestinationRule says h2UpgradePolicy: UPGRADE (Istio's rules)
+    upstream_protocol: Literal["HTTP/1.1", "HTTP/2"] = "HTTP/1.1"
     # where the policy came from, for readable breaker messages
     policy_source: str = ""
 

@@ -34,6 +34,7 @@ from diktyo.telemetry.exposition import (
     histogram_lines,
 )
 from diktyo.telemetry.stats import (
+    ISTIO_GRPC_STATS,
     ISTIO_HTTP_STATS,
     ISTIO_NAMES,
     ISTIO_TCP_STATS,
@@ -61,6 +62,8 @@ TCP_SENT = ISTIO_NAMES["TCP_SENT_BYTES"]
 TCP_RECEIVED = ISTIO_NAMES["TCP_RECEIVED_BYTES"]
 TCP_OPENED = ISTIO_NAMES["TCP_OPENED_CONNECTIONS"]
 TCP_CLOSED = ISTIO_NAMES["TCP_CLOSED_CONNECTIONS"]
+REQUEST_MESSAGES = ISTIO_NAMES["GRPC_REQUEST_MESSAGES"]  # gRPC messages (streams)
+RESPONSE_MESSAGES = ISTIO_NAMES["GRPC_RESPONSE_MESSAGES"]
 
 
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
@@ -300,6 +303,9 @@ class IstioMetrics:
         # (peer, response_flags) -> a block of ISTIO_TCP_STATS, and its label text
         self._tcp: dict[tuple[PeerKey, str], dict[str, int]] = {}
         self._tcp_labels: dict[tuple[PeerKey, str], str] = {}
+        # gRPC: (peer, code, flags, grpc status) -> a block of ISTIO_GRPC_STATS, and its labels
+        self._messages: dict[tuple[PeerKey, int, str, str], dict[str, int]] = {}
+        self._message_labels: dict[tuple[PeerKey, int, str, str], str] = {}
         # Telemetry API metric overrides (snapshot ``MetricOverride``s), applied at scrape time
         self.overrides: tuple[Any, ...] = ()
 
@@ -374,6 +380,23 @@ class IstioMetrics:
         b = self._tcp.get((peer, response_flags)) or self._tcp_block(peer, response_flags)
         b["connections_closed_total"] += 1
 
+    def record_messages(
+        self, peer: PeerKey, response_code: int, response_flags: str, grpc_status: str,
+        request_messages: int, response_messages: int,
+    ) -> None:  # fmt: skip
+        """Count one gRPC request's messages (``istio_request/response_messages_total``)."""
+        key = (peer, response_code, response_flags, grpc_status)
+        b = self._messages.get(key)
+        if b is None:
+            b = self._messages[key] = ISTIO_GRPC_STATS.block()
+            self._message_labels[key] = (
+                f'{peer.prefix},response_code="{response_code}",'
+                f'grpc_response_status="{_esc(grpc_status)}",'
+                f'response_flags="{_esc(response_flags)}",{peer.suffix}'
+            )
+        b["request_messages_total"] += request_messages
+        b["response_messages_total"] += response_messages
+
     # ----------------------------------------------------------------- scrape time
 
     def _series(self) -> Iterator[tuple[PeerKey, int, str, str, list[float]]]:
@@ -432,6 +455,10 @@ class IstioMetrics:
                     out, RESPONSE_BYTES, labels, byte_text, s, self._resp_off, s[_RESP_SUM],
                     int(s[_COUNT]),
                 )  # fmt: skip
+        if self._messages:
+            keys = sorted(self._messages, key=lambda k: (k[0].index, k[1], k[2], k[3]))
+            rows = [(self._message_labels[k], self._messages[k]) for k in keys]
+            collect(out, ISTIO_GRPC_STATS, rows)
         if self._tcp:
             keys = sorted(self._tcp, key=lambda k: (k[0].index, k[1]))
             collect(out, ISTIO_TCP_STATS, [(self._tcp_labels[k], self._tcp[k]) for k in keys])

@@ -246,6 +246,14 @@ ISTIO_HTTP_STATS = StatsList("istio_", LABEL_NAMES, (
     Stat("response_bytes", HISTOGRAM, "HTTP response body sizes in bytes.", api="RESPONSE_SIZE"),
 ))  # fmt: skip
 
+# gRPC streams: messages per request, with the HTTP series' labels (Istio's names)
+ISTIO_GRPC_STATS = StatsList("istio_", LABEL_NAMES, (
+    Stat("request_messages_total", COUNTER, "gRPC messages sent by clients (request streams).",
+         always=True, api="GRPC_REQUEST_MESSAGES"),
+    Stat("response_messages_total", COUNTER, "gRPC messages sent by servers (response streams).",
+         always=True, api="GRPC_RESPONSE_MESSAGES"),
+))  # fmt: skip
+
 # label names of a TCP series: Istio's, without the HTTP-only response_code and grpc status
 _TCP_LABELS = tuple(n for n in LABEL_NAMES if n not in ("response_code", "grpc_response_status"))
 
@@ -263,12 +271,16 @@ ISTIO_TCP_STATS = StatsList("istio_tcp_", _TCP_LABELS, (
 
 # Telemetry API metric name -> exposition name
 ISTIO_NAMES: dict[str, str] = {
-    st.api: sl.name(st.key) for sl in (ISTIO_HTTP_STATS, ISTIO_TCP_STATS) for st in sl.stats
+    st.api: sl.name(st.key) for sl in (ISTIO_HTTP_STATS, ISTIO_GRPC_STATS, ISTIO_TCP_STATS) for st in sl.stats
 }
-_ISTIO_BY_API = {st.api: (sl, st) for sl in (ISTIO_HTTP_STATS, ISTIO_TCP_STATS) for st in sl.stats}
+_ISTIO_BY_API = {
+    st.api: (sl, st)
+    for sl in (ISTIO_HTTP_STATS, ISTIO_GRPC_STATS, ISTIO_TCP_STATS)
+    for st in sl.stats
+}
 
 ALL_LISTS: tuple[StatsList, ...] = (
-    SERVER_STATS, CLUSTER_STATS, PROXY_STATS, ISTIO_HTTP_STATS, ISTIO_TCP_STATS,
+    SERVER_STATS, CLUSTER_STATS, PROXY_STATS, ISTIO_HTTP_STATS, ISTIO_GRPC_STATS, ISTIO_TCP_STATS,
 )  # fmt: skip
 
 

@@ -122,12 +122,21 @@ def test_expect_continue_and_upgrade_flags() -> None:
         b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"
     ).heads()
     assert h.expect_continue
+    # a WebSocket upgrade: what follows the head is the tunnel's bytes, not another request
     s = decode(
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
         b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
     )
+    assert [h.path for h in s.heads()] == ["/"]
+    assert s.heads()[0].upgrade and s.heads()[0].upgrade_to == "websocket"
+    assert s.body() == b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    # any other upgrade is not supported: the request is a plain one, parsing goes on
+    s = decode(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+        b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
     assert [h.path for h in s.heads()] == ["/", "/next"]
-    assert s.heads()[0].upgrade
+    assert s.heads()[0].upgrade and not s.heads()[0].upgrade_to
 
 
 class RSink:

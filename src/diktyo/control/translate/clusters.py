@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from diktyo.control.model import ProxyNode, Service, WorkloadInstance
-from diktyo.control.translate.hosts import ConfigIndex, protocol_of, selector_matches
+from diktyo.control.translate.hosts import (
+    ConfigIndex,
+    protocol_of,
+    selector_matches,
+    upstream_protocol,
+)
 from diktyo.security.spiffe import SpiffeId
 from diktyo.snapshot.model import (
     Cluster,
@@ -86,6 +91,11 @@ def load_balancer(lb: Any) -> LoadBalancer:
     return LoadBalancer(simple=simple, consistent_hash=ch)
 
 
+def _h2_upgrade(cp: Any) -> str | None:
+    http = cp.http if cp is not None else None
+    return http.h2_upgrade_policy if http is not None else None
+
+
 def connection_pool(cp: Any) -> ConnectionPool:
     if cp is None:
         return ConnectionPool()
@@ -105,6 +115,7 @@ def connection_pool(cp: Any) -> ConnectionPool:
             ("max_requests_per_connection", "max_requests_per_connection"),
             ("max_retries", "max_retries"),
             ("idle_timeout", "idle_timeout"),
+            ("max_concurrent_streams", "max_concurrent_streams"),
         ):
             value = getattr(http, src)
             if value is not None:
@@ -212,7 +223,11 @@ def build_cluster(
                 protocol = protocol_of(p.name, p.protocol)
         if subset_labels is not None:
             eps = endpoints(svc, port, idx.instances_of(svc.hostname), subset_labels, trust_domain)
+    # only set when not the default: snapshots omit defaults (msgspec compares by identity)
+    up = upstream_protocol(protocol, _h2_upgrade(pol.connection_pool))
+    extra: dict[str, Any] = {"upstream_protocol": up} if up == "HTTP/2" else {}
     return Cluster(
+        **extra,
         name=cluster_name(port, subset, host),
         service=host,
         port=port,

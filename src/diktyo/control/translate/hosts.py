@@ -46,7 +46,7 @@ _PROTOCOLS = {
     "HTTP": "http",
     "HTTP2": "http2",
     "GRPC": "grpc",
-    "GRPC-WEB": "http",
+    "GRPC-WEB": "http2",  # Istio: gRPC-Web ports are HTTP/2 upstream (protocol.IsHTTP2)
     "TCP": "tcp",
     "TLS": "tcp",
     "HTTPS": "tcp",
@@ -54,6 +54,16 @@ _PROTOCOLS = {
     "REDIS": "tcp",
     "MYSQL": "tcp",
 }
+
+
+def upstream_protocol(protocol: str, h2_upgrade_policy: str | None = None) -> str:
+    """Istio's upstream protocol: HTTP/2 for http2/grpc/grpc-web ports, and for http ports whose
+    DestinationRule sets ``connectionPool.http.h2UpgradePolicy: UPGRADE``; else HTTP/1.1."""
+    if protocol in ("http2", "grpc"):
+        return "HTTP/2"
+    if protocol == "http" and h2_upgrade_policy == "UPGRADE":
+        return "HTTP/2"
+    return "HTTP/1.1"
 
 
 def is_http(protocol: str) -> bool:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from diktyo.control.model import ProxyNode
-from diktyo.control.translate.hosts import ConfigIndex, is_http, protocol_of, resolve_host
+from diktyo.control.translate.hosts import (
+    ConfigIndex,
+    is_http,
+    protocol_of,
+    resolve_host,
+    upstream_protocol,
+)
 from diktyo.snapshot.model import Cluster, Endpoint, Listener, cluster_name
 
 
@@ -98,8 +106,11 @@ def inbound(proxy: ProxyNode, idx: ConfigIndex) -> tuple[list[Listener], list[Cl
                 service_port=ib.service_port,
             )
         )
+        up = upstream_protocol(proto)
+        extra: dict[str, Any] = {"upstream_protocol": up} if up == "HTTP/2" else {}
         clusters.append(
             Cluster(
+                **extra,
                 name=name,
                 port=ib.service_port,
                 direction="inbound",

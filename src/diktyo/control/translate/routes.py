@@ -29,6 +29,8 @@ from diktyo.control.translate.hosts import (
     selector_matches,
     split_cluster_host,
 )
+from diktyo.core.grpc_status import HTTP_STATUS as GRPC_HTTP_STATUS
+from diktyo.core.grpc_status import parse_status
 from diktyo.snapshot.model import (
     DirectResponse,
     Fault,
@@ -364,6 +366,14 @@ def fault(f: Any) -> Fault | None:
     if f.abort is not None and f.abort.http_status is not None:
         abort = FaultAbort(
             http_status=f.abort.http_status,
+            percentage=_percent(f.abort.percentage, f.abort.percent, 0.0),
+        )
+    elif f.abort is not None and parse_status(f.abort.grpc_status) is not None:
+        code = parse_status(f.abort.grpc_status)
+        assert code is not None
+        abort = FaultAbort(
+            http_status=GRPC_HTTP_STATUS.get(code, 500),
+            grpc_status=code,
             percentage=_percent(f.abort.percentage, f.abort.percent, 0.0),
         )
     if delay is None and abort is None:

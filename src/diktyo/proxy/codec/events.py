@@ -124,6 +124,7 @@ class RequestHead:
     content_length: int | None = None
     expect_continue = False
     upgrade = False
+    upgrade_to = ""  # "websocket": an HTTP/1.1 Upgrade the proxy tunnels after a 101
 
     def __init__(self, headers: dict[str, str] | None = None) -> None:
         self.headers: dict[str, str] = {} if headers is None else headers

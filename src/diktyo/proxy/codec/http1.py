@@ -166,10 +166,12 @@ class RequestDecoder:
         "begun",
         "in_head",
         "sink",
+        "tunnel",
     )
 
     def __init__(self, sink: RequestSink, accept_http_10: bool = True) -> None:
         self.sink = sink
+        self.tunnel = False  # after a WebSocket upgrade request: the bytes that follow are raw
         # False: an HTTP/1.0 request is answered 426, as Envoy does without accept_http_10
         self.accept_http_10 = accept_http_10
         self._parser = httptools.HttpRequestParser(self)
@@ -328,6 +330,9 @@ class RequestDecoder:
             head.expect_continue = True
         if "upgrade" in headers:
             head.upgrade = True
+            up = headers["upgrade"].strip().lower()
+            if up == "websocket" and "upgrade" in headers.get("connection", "").lower():
+                head.upgrade_to = up
         self._head = head
         self.sink.on_request_head(head)
 
@@ -340,16 +345,26 @@ class RequestDecoder:
 
     # -- feeding
     def feed(self, data: bytes) -> None:
+        if self.tunnel:
+            self.sink.on_request_body(data)  # WebSocket: raw bytes after the upgrade request
+            return
         if self._error is not None:
             raise self._error
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            # Upgrade is not supported: the request was handled as a plain request (the
-            # Upgrade header is stripped); go on parsing what follows it with a new parser.
             offset = exc.args[0] if exc.args else len(data)
-            self._parser = httptools.HttpRequestParser(self)
             rest = data[offset:]
+            head = self._head
+            if head is not None and head.upgrade_to:
+                # WebSocket: what follows the request head is the tunnel's first bytes
+                self.tunnel = True
+                if rest:
+                    self.sink.on_request_body(rest)
+                return
+            # other upgrades are not supported: the request was handled as a plain request
+            # (the Upgrade header is stripped); go on parsing what follows with a new parser
+            self._parser = httptools.HttpRequestParser(self)
             if rest:
                 self.feed(rest)
         except httptools.HttpParserCallbackError as exc:
@@ -389,10 +404,14 @@ class ResponseDecoder:
         "_started",
         "_status",
         "sink",
+        "upgrade_ok",
+        "upgraded",
     )
 
     def __init__(self, sink: ResponseSink) -> None:
         self.sink = sink
+        self.upgrade_ok = False  # the request asked for a WebSocket upgrade: 101 is expected
+        self.upgraded = False  # a 101 came: the bytes that follow are the tunnel's
         self._parser = httptools.HttpResponseParser(self)
         self._no_body = False
         self._data = b""
@@ -441,14 +460,20 @@ class ResponseDecoder:
         if end > MAX_HEADER_BYTES:
             # Envoy's max_response_headers_kb defaults to 60: 502, flag UPE
             raise CodecError(502, "upstream response headers too large")
-        if status == 101:
-            # the proxy never forwards Upgrade, so no request asked to switch protocols
+        if status == 101 and not self.upgrade_ok:
+            # only a WebSocket upgrade request may be answered 101
             raise CodecError(502, "unexpected 101 Switching Protocols from upstream")
         first = buf.find(b"\r\n", lead)
         block = buf[first + 2 : end + 4]
         self._pos = (self._head_start if not carry else -len(carry)) + end + 4
         self._carry = b""
         self._in_head = False
+        if status == 101:
+            self.upgraded = True
+            self._in_body = True
+            self._close_delimited = True  # the tunnel ends with the connection
+            self.sink.on_response_head(101, block, False)
+            raise _Stop
         if 100 <= status < 200 and status != 101:
             return  # interim response: swallowed (the proxy answers 100-continue itself)
         ka = parser.should_keep_alive()
@@ -477,6 +502,9 @@ class ResponseDecoder:
         self.sink.on_response_end()
 
     def feed(self, data: bytes) -> None:
+        if self.upgraded:
+            self.sink.on_response_body(data)  # WebSocket tunnel: raw bytes
+            return
         self._data = data
         self._pos = 0
         try:
@@ -486,6 +514,7 @@ class ResponseDecoder:
             if isinstance(cause, _Stop):
                 self._parser = httptools.HttpResponseParser(self)
                 self._in_head = False
+                self._after_upgrade(data)
                 return
             if isinstance(cause, CodecError):
                 raise cause from None
@@ -497,6 +526,16 @@ class ResponseDecoder:
             self._head_start = 0
             if len(self._carry) > MAX_HEADER_BYTES:
                 raise CodecError(502, "upstream response headers too large")
+
+    def _after_upgrade(self, data: bytes) -> bool:
+        """After a 101 (set by ``on_headers_complete`` during ``feed``): the rest of ``data``
+        is the WebSocket tunnel's first bytes."""
+        if not self.upgraded:
+            return False
+        rest = data[self._pos :]
+        if rest:
+            self.sink.on_response_body(rest)
+        return True
 
     def eof(self) -> bool:
         """The upstream closed. Returns True if that ended a close-delimited body."""
@@ -709,6 +748,16 @@ class Http1ServerCodec:
         extra = b""
         self._chunked = False
         self._no_body = no_body = req.method == "HEAD"
+        if status == 101:
+            # WebSocket: the upstream's Upgrade/Connection headers go out as they came; raw
+            # bytes follow, and the connection closes when the tunnel does
+            self.closing = True
+            block = head.raw if head.raw is not None else head.block()
+            self._out.append(b"HTTP/1.1 101 Switching Protocols\r\n")
+            self._out.append(block)
+            if end_stream:
+                self._end(sid)
+            return
         if no_body or status == 204 or status == 304 or head.has_content_length:
             pass
         elif req.version == "1.1":
@@ -808,6 +857,9 @@ class Http1ClientCodec:
     # -- ResponseDecoder sink -> events
     def on_response_head(self, status: int, block: bytes, keep_alive: bool) -> None:
         self.keep_alive = keep_alive
+        if status == 101:  # WebSocket: Upgrade/Connection go back to the client as they came
+            self.sink.on_response_headers(self._sid, ResponseHead(101, None, block, False))
+            return
         raw, has_cl = strip_hop_by_hop(block)
         self.sink.on_response_headers(self._sid, ResponseHead(status, None, raw, has_cl))
 
@@ -844,6 +896,10 @@ class Http1ClientCodec:
             framing = b"" if cl is None else b"content-length: %d\r\n" % cl
         if head.method == "HEAD":
             self.decoder.expect_no_body()
+        if head.upgrade_to:
+            # WebSocket: the stream removed hop-by-hop headers; the upgrade goes on upstream
+            self.decoder.upgrade_ok = True
+            framing = b"connection: upgrade\r\nupgrade: " + head.upgrade_to.encode() + b"\r\n"
         self.out.append(encode_request_head(head.method, head.path, head.headers, framing))
         if end_stream and self._chunked:
             self._chunked = False

@@ -84,4 +84,7 @@ class FaultFilter(HttpFilter):
         cr = cb.route_entry()
         if cr is not None and cr.route.clusters:
             cb.set_upstream_cluster(cr.route.clusters[0].cluster)
+        abort = cr.route.fault.abort if cr is not None and cr.route.fault is not None else None
+        if abort is not None and abort.grpc_status is not None:
+            cb.set_state("grpc_status", abort.grpc_status)  # a gRPC client gets this status
         cb.send_local_reply(status, MSG_FAULT_ABORT, "FI")

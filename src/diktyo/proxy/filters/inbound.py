@@ -90,10 +90,13 @@ class InboundGuard(HttpFilter):
         # False on gateways: they report as source, the peer labels are for destinations
         self.telemetry = telemetry
 
-    def labels(self, principal: str, meta: str | None, cstate: Any) -> Any:
-        """Destination-reporter metric labels for a request from ``principal`` / peer metadata."""
+    def labels(
+        self, principal: str, meta: str | None, cstate: Any, protocol: str = "http"
+    ) -> Any:
+        """Destination-reporter metric labels for a request from ``principal`` / peer metadata
+        (``protocol``: Istio's ``request_protocol``, ``grpc`` for gRPC requests)."""
         rt = self.rt
-        key = ("inbound-peer", principal, meta)
+        key = ("inbound-peer", principal, meta, protocol)
         p = rt.peers.get(key)
         if p is not None:
             return p
@@ -103,7 +106,9 @@ class InboundGuard(HttpFilter):
         elif principal:
             src = dataclasses.replace(src, principal=principal)  # the certificate is the truth
         service = self.service or (cstate.cluster.service if cstate is not None else "")
-        labels = PeerLabels.build("destination", src, rt.me, service, mtls=bool(principal))
+        labels = PeerLabels.build(
+            "destination", src, rt.me, service, protocol=protocol, mtls=bool(principal)
+        )
         p = rt.stats.metrics.peer(labels)
         if len(rt.peers) < MAX_PEER_LABEL_SETS:
             rt.peers[key] = p
@@ -116,7 +121,9 @@ class InboundGuard(HttpFilter):
         h = head.headers
         meta = h.pop(PEER_METADATA_HEADER, None)
         if self.telemetry and (principal or meta):
-            cb.set_peer_labels(self.labels(principal, meta, cb.cstate))
+            ct = h.get("content-type")
+            proto = "grpc" if ct is not None and ct.startswith("application/grpc") else "http"
+            cb.set_peer_labels(self.labels(principal, meta, cb.cstate, proto))
         verdict = self.security.check(
             head.method, head.path, head.authority, h, cb.service_port() or 0,
             principal, cb.downstream_address(), der,

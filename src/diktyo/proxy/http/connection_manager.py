@@ -33,6 +33,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from diktyo.proxy.codec import grpc
 from diktyo.proxy.codec.events import (
     CodecError,
     HeaderList,
@@ -40,6 +41,7 @@ from diktyo.proxy.codec.events import (
     ResetReason,
     ResponseHead,
 )
+from diktyo.proxy.codec.grpc import MessageCounter
 from diktyo.proxy.codec.http1 import HOP_BY_HOP_STR, Http1ServerCodec
 from diktyo.proxy.filters.contract import STOP, FilterChain, HttpFilter
 from diktyo.proxy.filters.fault import MSG_FAULT_ABORT, FaultFilter
@@ -130,6 +132,13 @@ log = logging.getLogger("diktyo.proxy")
 _NO_LB_CONTEXT = LbContext({}, "", None)  # shared by requests whose LB ignores the request
 _PLAIN_PEER: tuple[str, bytes | None] = ("", None)
 _TEXT_PLAIN = (b"content-type", b"text/plain")
+# grpc-message of a gRPC local reply whose HTTP form has no body
+_GRPC_EMPTY_BODY_CAUSE = {
+    404: "no route matched (check the VirtualService's hosts and http[].match for this "
+    "authority and path)",
+    403: "RBAC: access denied",
+    503: "no cluster for this route (NC)",
+}
 _NEXT = TRANSITIONS
 
 
@@ -465,6 +474,18 @@ class HttpConnection(asyncio.Protocol):
         if self.closed or self.transport is None:
             return
         if self.streams:
+            s = self.streams[0]
+            if s.tunnel_seen:  # a WebSocket: the cluster's idle timeout if shorter
+                limit = idle_timeout
+                cs = s.cstate
+                if cs is not None:
+                    limit = min(limit, cs.cluster.pool.idle_timeout)
+                if now - s.tunnel_seen > limit:
+                    server = self.ctx.stats.server
+                    server["downstream_cx_idle_timeout"] = (
+                        server.get("downstream_cx_idle_timeout", 0) + 1
+                    )
+                    self.transport.close()  # connection_lost ends the stream and its upstream
             return
         if self.decoder.in_head:
             if now - self.head_start > header_timeout:
@@ -523,6 +544,11 @@ class DownstreamStream:
     upstream_head: RequestHead | None = None  # the head as forwarded, when the path differs
     state: dict[str, Any] | None = None  # per-stream filter state
     _peer_labels: Any = None  # inbound: metric labels from the mTLS peer / peer metadata
+    grpc = False  # content-type application/grpc (h2: local replies, grpc-timeout, status)
+    grpc_status = ""  # the response's grpc-status (trailers, or a trailers-only head)
+    trailers_only: ResponseHead | None = None  # a gRPC trailers-only head, held for END_STREAM
+    grpc_msgs: tuple[MessageCounter, MessageCounter] | None = None  # (request, response)
+    tunnel_seen = 0.0  # WebSocket after its 101: last byte either way (0: not a tunnel)
     req_trailers: HeaderList | None = None  # request trailers, kept for retries
     resp_trailers_sent = False
 
@@ -634,6 +660,11 @@ class DownstreamStream:
         assert rt is not None
         self.rt = rt
         head = self.head
+        ct = head.headers.get("content-type")
+        if ct is not None and ct.startswith("application/grpc"):
+            self.grpc = grpc.is_grpc(ct)
+            if self.grpc:
+                self.grpc_msgs = (MessageCounter(), MessageCounter())
         if head.expect_continue and head.has_body and not self.req_done:
             self.conn.send_continue(self.sid)
         direction = ctx.direction
@@ -782,6 +813,8 @@ class DownstreamStream:
         self.phase = FORWARDING
         route = self.route.route if self.route is not None else None
         timeout = route.timeout if route is not None else None
+        if self.grpc:  # Istio: grpc-timeout applies, capped by the route's timeout
+            timeout = grpc.effective_timeout(timeout, self.head.headers.get("grpc-timeout"))
         ov = self.head.headers.get("x-envoy-upstream-rq-timeout-ms")
         if ov is not None and ov.isdigit():
             timeout = int(ov) / 1000.0
@@ -791,6 +824,17 @@ class DownstreamStream:
             self.per_try = route.retries.per_try_timeout
         cs = self.cstate
         self.pool = rt.pools[cs.cluster.name]
+        if self.head.upgrade_to and self.pool.protocol != "HTTP/1.1":
+            # a WebSocket upgrade needs HTTP/1.1 to the endpoints; Envoy refuses an upgrade
+            # its route cannot carry with 403 (response code details "upgrade_failed")
+            self.local_reply(
+                403,
+                f"websocket upgrade refused: cluster {cs.cluster.name} speaks "
+                f"{self.pool.protocol} to its endpoints (port protocol {cs.cluster.protocol!r}); "
+                "name the port http (or drop h2UpgradePolicy: UPGRADE) to carry WebSockets".encode(),
+                "",
+            )
+            return
         if cs.cluster.lb.consistent_hash is not None:
             self.lbctx = LbContext(self.out_headers, self.conn.peer, None)
         else:
@@ -900,6 +944,10 @@ class DownstreamStream:
     # request body -----------------------------------------------------------------
     def decode_data(self, chunk: bytes) -> None:
         self.req_bytes += len(chunk)
+        if self.tunnel_seen:
+            self.tunnel_seen = _monotonic()
+        if self.grpc_msgs is not None:
+            self.grpc_msgs[0].feed(chunk)
         if self.discard or self.phase >= RESPONDED:
             return
         chain = self.chain
@@ -992,19 +1040,40 @@ class DownstreamStream:
             a.try_timer = None
             t.cancel()
         status = head.status
+        if self.grpc:
+            g = grpc.status_of(head.pairs(), None)
+            if g:
+                self.grpc_status = g  # trailers-only: retryOn's gRPC conditions look here
+                if self.retry_status(a, status, {"grpc-status": g}):
+                    return
         if status >= 400 and self.retry_status(a, status):
             return
         self.phase = RESPONDING  # FORWARDING -> RESPONDING, checked above
         self.status = status
+        if status == 101:  # WebSocket tunnel: no route timeout from here, the idle timeout
+            self.tunnel_seen = _monotonic()
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
         chain = self.chain
         if chain is not None:
             for f in chain.encode:
                 f.encode_headers(self, head)
+        if self.grpc_status:
+            self.trailers_only = head  # sent with END_STREAM by upstream_end (gRPC needs that)
+            return
         self.codec.send_headers(self.sid, head)
 
     def upstream_data(self, a: UpstreamRequest, data: bytes) -> None:
         if self.phase is not RESPONDING:
             return
+        if self.trailers_only is not None:  # not trailers-only after all: the head goes first
+            self.codec.send_headers(self.sid, self.trailers_only)
+            self.trailers_only = None
+        if self.grpc_msgs is not None:
+            self.grpc_msgs[1].feed(data)
+        if self.tunnel_seen:
+            self.tunnel_seen = _monotonic()
         self.resp_bytes += len(data)
         chain = self.chain
         if chain is not None and chain.encode_body:
@@ -1017,6 +1086,11 @@ class DownstreamStream:
         follows only completes the stream."""
         if self.phase is not RESPONDING or self.resp_trailers_sent:
             return
+        if self.trailers_only is not None:  # a head held as trailers-only goes first after all
+            self.codec.send_headers(self.sid, self.trailers_only)
+            self.trailers_only = None
+        if self.grpc:
+            self.grpc_status = grpc.status_of(None, trailers) or self.grpc_status
         chain = self.chain
         if chain is not None and chain.encode_body:
             for f in chain.encode_body:
@@ -1027,7 +1101,11 @@ class DownstreamStream:
     def upstream_end(self, a: UpstreamRequest) -> None:
         if self.phase is not RESPONDING:
             return
-        if not self.resp_trailers_sent:
+        to = self.trailers_only
+        if to is not None:
+            self.trailers_only = None
+            self.codec.send_headers(self.sid, to, True)
+        elif not self.resp_trailers_sent:
             self.codec.send_data(self.sid, b"", True)
         self.conn.flush()
         self.phase = RESPONDED  # RESPONDING -> RESPONDED, checked above
@@ -1044,11 +1122,13 @@ class DownstreamStream:
         if self.req_done:
             self.finish()
 
-    def retry_status(self, a: UpstreamRequest, status: int) -> bool:
+    def retry_status(
+        self, a: UpstreamRequest, status: int, headers: dict[str, str] | None = None
+    ) -> bool:
         if not self.replayable or self.cstate is None:
             return False
         rs = self.retry_state()
-        if not rs.should_retry_status(status, None):
+        if not rs.should_retry_status(status, headers):
             if getattr(rs, "refused", None) == "limit" and self.attempt > 1:
                 self.add_flag("URX")
             return False
@@ -1186,6 +1266,9 @@ class DownstreamStream:
         self.cancel_upstream()
         if flag:
             self.add_flag(flag)
+        if self.grpc:
+            self.grpc_local_reply(status, body)
+            return
         self.status = status
         self._go(RESPONDED)
         self.resp_bytes = len(body)
@@ -1201,6 +1284,28 @@ class DownstreamStream:
                 if self.head.method == "HEAD":
                     self.resp_bytes = 0  # HEAD: same head, no body (the codec drops it)
                 codec.send_data(self.sid, body, True)
+            conn.flush()
+        if self.req_done:
+            self.finish()
+
+    def grpc_local_reply(self, status: int, body: bytes) -> None:
+        """A reply the proxy makes to a gRPC request is gRPC-shaped, as Envoy's: HTTP 200,
+        trailers-only, ``grpc-status`` from the HTTP status (or the one a filter chose with
+        ``set_state("grpc_status", code)``, e.g. ``fault.abort.grpcStatus``) and
+        ``grpc-message`` naming the cause."""
+        chosen = self.state.get("grpc_status") if self.state else None
+        code = chosen if chosen is not None else grpc.http_to_grpc_status(status)
+        self.status = 200
+        self.grpc_status = str(code)
+        self._go(RESPONDED)
+        self.resp_bytes = 0
+        conn = self.conn
+        if not conn.closed and conn.transport is not None:
+            msg = body.decode("utf-8", "replace") or _GRPC_EMPTY_BODY_CAUSE.get(
+                status, f"proxy answered HTTP {status}"
+            )
+            pairs = grpc.local_reply(code, msg)
+            self.codec.send_headers(self.sid, ResponseHead(200, pairs, None, False), True)
             conn.flush()
         if self.req_done:
             self.finish()

@@ -68,7 +68,9 @@ class Runtime(Protocol):
     @property
     def sidecar(self) -> Any: ...  # the hosting sidecar (spawns background checks)
 
-    def labels_for(self, reporter: str, cstate: Any, host: Any) -> Any: ...
+    def labels_for(
+        self, reporter: str, cstate: Any, host: Any, protocol: str = "http"
+    ) -> Any: ...
 
 
 class SidecarHost(Protocol):

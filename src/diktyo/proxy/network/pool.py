@@ -47,10 +47,17 @@ HTTP2 = "HTTP/2"
 
 
 def upstream_protocol(cluster: Any) -> str:
-    """The protocol a cluster's endpoints want, from ``Cluster.protocol`` (set by translation
-    from the port name / ``appProtocol``): ``HTTP2`` for ``http2`` and ``grpc``, else ``HTTP1``.
-    The one place that reads the field; ``new_pool`` builds the pool from its answer."""
-    return HTTP2 if cluster.protocol in ("http2", "grpc") else HTTP1
+    """The protocol the sidecar speaks to a cluster's endpoints: the one place that reads
+    ``Cluster.protocol`` (``http``, ``http2``, ``grpc``; ``tcp`` clusters have no HTTP pool).
+
+    Translation decides it per Istio (``Cluster.upstream_protocol``: HTTP/2 for http2/grpc/
+    grpc-web ports and ``h2UpgradePolicy: UPGRADE``); ``protocol`` is the fallback for
+    snapshots written without that field.
+    """
+    up = getattr(cluster, "upstream_protocol", HTTP1)
+    if up == HTTP2 or getattr(cluster, "protocol", "http") in ("http2", "grpc"):
+        return HTTP2
+    return HTTP1
 
 
 class ConnectionPool(Protocol):
@@ -89,16 +96,11 @@ def new_pool(
     stats: Any,
     tasks: set[asyncio.Task[Any]],
 ) -> ConnectionPool:
-    """The pool for a cluster, by ``upstream_protocol``. Only the HTTP/1.1 pool exists yet: a
-    cluster that wants HTTP/2 gets it too, and the sidecar says so once (the HTTP/2 pool,
-    ``network/h2pool.py``, plugs in here)."""
-    protocol = upstream_protocol(state.cluster)
-    if protocol != HTTP1:
-        log.warning(
-            "cluster %s: its port protocol %r wants %s upstream; this sidecar speaks HTTP/1.1 to "
-            "it (HTTP/2 upstreams are not implemented yet)",
-            name, state.cluster.protocol, protocol,
-        )  # fmt: skip
+    """The pool for a cluster, by ``upstream_protocol``."""
+    if upstream_protocol(state.cluster) == HTTP2:
+        from diktyo.proxy.network.h2pool import H2ClusterPool
+
+        return H2ClusterPool(name, state, loop, stats, tasks)
     return Http1Pool(name, state, loop, stats, tasks)
 
 

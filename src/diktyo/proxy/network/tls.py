@@ -27,6 +27,8 @@ from diktyo.snapshot.model import TlsSettings
 
 # Istio's sidecars offer these; diktyo speaks HTTP/1.1 inside the tunnel.
 MESH_ALPN = ("istio-http/1.1", "istio", "http/1.1")
+# what inbound listeners accept: HTTP/2 first when the client offers it (the server's order wins)
+INBOUND_ALPN = ("istio-h2", "h2", *MESH_ALPN)
 
 
 class TlsConfigError(ValueError):
@@ -201,13 +203,15 @@ class CertificateBundle:
 class CertificateStore:
     """The sidecar's current identity; contexts are rebuilt lazily after each ``update``."""
 
-    __slots__ = ("_bundle", "_client", "_server", "version")
+    __slots__ = ("_bundle", "_client", "_client_alpn", "_server", "_server_alpn", "version")
 
     def __init__(self) -> None:
         self._bundle: CertificateBundle | None = None
         self.version = 0
         self._server: dict[bool, ssl.SSLContext] = {}
         self._client: ssl.SSLContext | None = None
+        self._client_alpn: dict[tuple[str, ...], ssl.SSLContext] = {}
+        self._server_alpn: dict[tuple[bool, tuple[str, ...]], ssl.SSLContext] = {}
 
     @property
     def bundle(self) -> CertificateBundle | None:
@@ -228,6 +232,8 @@ class CertificateStore:
         self.version += 1
         self._server = {}
         self._client = None
+        self._client_alpn = {}
+        self._server_alpn = {}
         return self._bundle
 
     def _need(self) -> CertificateBundle:
@@ -237,7 +243,19 @@ class CertificateStore:
             )
         return self._bundle
 
-    def server_context(self, require_client_cert: bool = True) -> ssl.SSLContext:
+    def server_context(
+        self, require_client_cert: bool = True, alpn: tuple[str, ...] = MESH_ALPN
+    ) -> ssl.SSLContext:
+        if alpn != MESH_ALPN:  # listeners that accept HTTP/2 offer "h2" first
+            key = (require_client_cert, alpn)
+            sctx = self._server_alpn.get(key)
+            if sctx is None:
+                b = self._need()
+                sctx = server_context(
+                    b.cert_chain_pem, b.key_pem, b.trust_bundle_pem, require_client_cert, alpn
+                )
+                self._server_alpn[key] = sctx
+            return sctx
         ctx = self._server.get(require_client_cert)
         if ctx is None:
             b = self._need()
@@ -247,7 +265,14 @@ class CertificateStore:
             self._server[require_client_cert] = ctx
         return ctx
 
-    def client_context(self) -> ssl.SSLContext:
+    def client_context(self, alpn: tuple[str, ...] = MESH_ALPN) -> ssl.SSLContext:
+        if alpn != MESH_ALPN:  # HTTP/2 pools: one more cached context per ALPN list
+            ctx = self._client_alpn.get(alpn)
+            if ctx is None:
+                b = self._need()
+                ctx = client_context(b.cert_chain_pem, b.key_pem, b.trust_bundle_pem, alpn)
+                self._client_alpn[alpn] = ctx
+            return ctx
         if self._client is None:
             b = self._need()
             self._client = client_context(b.cert_chain_pem, b.key_pem, b.trust_bundle_pem)
@@ -336,7 +361,7 @@ async def accept_inbound(
         transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
         return transport, protocol, reason
     try:
-        ctx = store.server_context(require_client_cert=True)
+        ctx = store.server_context(require_client_cert=True, alpn=INBOUND_ALPN)
     except TlsConfigError as exc:
         sock.close()
         raise InboundRefused(str(exc)) from None
@@ -353,7 +378,9 @@ async def accept_inbound(
 # --------------------------------------------------------------------------- outbound (DestinationRule tls)
 
 
-def upstream_context(tls: TlsSettings | None, store: CertificateStore) -> ssl.SSLContext | None:
+def upstream_context(
+    tls: TlsSettings | None, store: CertificateStore, alpn: tuple[str, ...] = ()
+) -> ssl.SSLContext | None:
     """The client context for a cluster's ``trafficPolicy.tls`` (None = plaintext).
 
     ``ISTIO_MUTUAL`` uses the workload certificate from ``store``; ``SIMPLE`` / ``MUTUAL`` use
@@ -362,7 +389,7 @@ def upstream_context(tls: TlsSettings | None, store: CertificateStore) -> ssl.SS
     if tls is None or tls.mode == "DISABLE":
         return None
     if tls.mode == "ISTIO_MUTUAL":
-        return store.client_context()
+        return store.client_context(alpn) if alpn else store.client_context()
     try:
         ctx = ssl.create_default_context(cafile=tls.ca_certificates)
         if tls.mode == "MUTUAL":
@@ -378,6 +405,8 @@ def upstream_context(tls: TlsSettings | None, store: CertificateStore) -> ssl.SS
         ctx.verify_mode = ssl.CERT_NONE
     elif tls.subject_alt_names:
         ctx.check_hostname = False  # checked by verify_upstream against subjectAltNames
+    if alpn:
+        ctx.set_alpn_protocols([a for a in alpn if not a.startswith("istio")])
     return ctx
 
 

@@ -71,11 +71,12 @@ async def open_upstream(
     factory: Callable[[], asyncio.Protocol],
     endpoint: Any = None,
     certs: Any = None,
+    alpn: tuple[str, ...] = (),
 ) -> tuple[Any, Any]:
     """Open one upstream transport: plaintext, auto/ISTIO_MUTUAL mTLS or SIMPLE/MUTUAL TLS.
 
     ``endpoint`` (snapshot Endpoint) and ``certs`` (the sidecar's ``CertificateStore``) enable
-    auto mTLS. After a TLS handshake the server's identity is checked (``verify_upstream``:
+    auto mTLS; ``alpn`` (HTTP/2 pools: ``tls.H2_ALPN``) replaces the protocols offered. After a TLS handshake the server's identity is checked (``verify_upstream``:
     the endpoint's SPIFFE id or the rule's ``subjectAltNames``); a mismatch closes the
     connection and raises ``ConnectionError`` with the reason.
     """
@@ -91,7 +92,7 @@ async def open_upstream(
     )
 
     try:
-        ctx = upstream_context(tls, certs if certs is not None else CertificateStore())
+        ctx = upstream_context(tls, certs if certs is not None else CertificateStore(), alpn)
     except TlsConfigError as exc:
         log.warning("upstream %s:%d: %s", address, port, exc)
         raise ConnectionError(str(exc)) from None

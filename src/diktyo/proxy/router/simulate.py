@@ -143,6 +143,7 @@ def simulate(
                 "port": wc.port if wc.port is not None else (c.port if c else None),
                 "cluster": wc.cluster,
                 "weight": round(100.0 * max(0, wc.weight) / total, 2),
+                "upstreamProtocol": c.upstream_protocol if c else None,
             }
         )
     out["destinations"] = dests
@@ -209,6 +210,7 @@ def format_text(res: dict[str, Any]) -> str:
         lines.append(
             f"  destination {d['host']} subset={d['subset'] or '-'} port={d['port']} "
             f"weight={d['weight']}% cluster={d['cluster']}"
+            + (f" upstream={d['upstreamProtocol']}" if d.get("upstreamProtocol") else "")
         )
     if res["endpoints"]:
         eps = ", ".join(f"{e['address']}:{e['port']}" for e in res["endpoints"])
