@@ -456,8 +456,8 @@ class IstioMetrics:
                     int(s[_COUNT]),
                 )  # fmt: skip
         if self._messages:
-            keys = sorted(self._messages, key=lambda k: (k[0].index, k[1], k[2], k[3]))
-            rows = [(self._message_labels[k], self._messages[k]) for k in keys]
+            mkeys = sorted(self._messages, key=lambda k: (k[0].index, k[1], k[2], k[3]))
+            rows = [(self._message_labels[k], self._messages[k]) for k in mkeys]
             collect(out, ISTIO_GRPC_STATS, rows)
         if self._tcp:
             keys = sorted(self._tcp, key=lambda k: (k[0].index, k[1]))
@@ -501,6 +501,21 @@ class IstioMetrics:
                         out, name, labels, byte_text, s, self._resp_off, s[_RESP_SUM],
                         int(s[_COUNT]),
                     )  # fmt: skip
+        msg_items = sorted(
+            self._messages.items(), key=lambda kv: (kv[0][0].index, kv[0][1], kv[0][2], kv[0][3])
+        )
+        for st in ISTIO_GRPC_STATS.stats:
+            metric, name = st.api, ISTIO_GRPC_STATS.name(st.key)
+            sums: dict[str, int] = {}
+            for (p, code, f, g), b in msg_items:
+                values = _label_values(p.labels, str(code), g, f)
+                labels = _apply_overrides(self.overrides, metric, values)
+                if labels is not None:
+                    sums[labels] = sums.get(labels, 0) + b[st.key]
+            if sums:
+                istio_header(out, metric)
+                for labels, v in sums.items():
+                    out.append(f"{name}{{{labels}}} {format_value(v)}\n")
         tcp_items = sorted(self._tcp.items(), key=lambda kv: (kv[0][0].index, kv[0][1]))
         for st in ISTIO_TCP_STATS.stats:
             metric, name = st.api, ISTIO_TCP_STATS.name(st.key)
