@@ -21,9 +21,9 @@ import pytest
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate is a test dependency (pip install -e '.[test]')")
 
-from diktyo.control.ingest.kubernetes import CONFIG_RESOURCES, CORE_RESOURCES
-from diktyo.control.inject import install
-from diktyo.control.inject.manifest import dump_docs, inject_manifest, load_docs
+from diktyo.control.ingest.kubernetes import CONFIG_RESOURCES, CORE_RESOURCES  # noqa: E402
+from diktyo.control.inject import install  # noqa: E402
+from diktyo.control.inject.manifest import dump_docs, inject_manifest, load_docs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "diktyo"

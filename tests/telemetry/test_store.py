@@ -66,9 +66,9 @@ def test_edge_rate_error_rate_and_latency() -> None:
     m = IstioMetrics()
     src = m.peer(PeerLabels.build("source", PP, RV2, HOST))
     scrape(store, m, clock.time())  # first scrape: baseline, no rate
-    for i in range(90):
+    for _i in range(90):
         m.record(src, 200, "-", 20.0, 0, 100)
-    for i in range(10):
+    for _i in range(10):
         m.record(src, 503, "UO", 1.0, 0, 0)
     clock.advance(5)
     scrape(store, m, clock.time())

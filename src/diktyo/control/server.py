@@ -168,7 +168,7 @@ class ControlPlane:
     def _may_act_for(self, request: web.Request, namespace: str, service_account: str) -> bool:
         """Admin, or a sidecar whose proven SPIFFE id is this namespace + service account."""
         principal = request.get(PRINCIPAL)
-        if principal == ADMIN or principal == UNVERIFIED:  # UNVERIFIED: snapshot/ACK only
+        if principal in (ADMIN, UNVERIFIED):  # UNVERIFIED: snapshot/ACK only
             return True
         return principal == self.identity.spiffe_id(namespace, service_account)
 

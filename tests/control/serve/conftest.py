@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from diktyo.control.model import ProxyNode, PushContext
 from diktyo.snapshot.model import (
     Cluster,
@@ -53,8 +55,6 @@ def tiny_translate(proxy: ProxyNode, push: PushContext) -> Snapshot:
 def proxy(i: int) -> ProxyNode:
     return ProxyNode(node=Node(id=f"app-{i}.default", workload="app"), outbound_port=15000 + i)
 
-
-import pytest
 
 
 @pytest.fixture

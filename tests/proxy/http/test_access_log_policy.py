@@ -29,7 +29,8 @@ async def test_filter_on_headers_path_and_code(tmp_path: Path) -> None:
         "request.headers['x-debug'] == '1' "
         "|| (response.code >= 500 && request.path.startsWith('/api'))"
     )
-    handler = lambda req: Response(status=503 if "fail" in req.path else 200)
+    def handler(req):
+        return Response(status=503 if "fail" in req.path else 200)
     async with FakeUpstream(handler=handler) as app, start_sidecar(_snap(app.port, log, flt)) as sc:
         port = sc.port()
         await http_request(port, "GET", "http://reviews/plain")

@@ -156,7 +156,7 @@ class Runtime:
             c.name: ClusterState(c, ManualClock(), rng, retry_budget_percent=100.0)
             for c in snapshot.clusters
         }
-        self.pools = {name: pool for name in self.clusters}
+        self.pools = dict.fromkeys(self.clusters, pool)
         self.filter_chains: dict[Any, Any] = {}
         self.access_log = None
         self.inbound_guard = None

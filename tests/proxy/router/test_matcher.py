@@ -349,7 +349,7 @@ def test_flat_blocks_select_like_route_match() -> None:
                 got = (cr.route.name, bi)
                 break
         assert expected is not None and got == (expected[1].route.name, expected[2])
-    assert [n for n in (sel_name(m, i) for i in cases)] == [
+    assert [sel_name(m, i) for i in cases] == [
         "canary",
         "api",
         "api",

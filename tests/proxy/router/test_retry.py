@@ -142,7 +142,7 @@ def test_backoff_bounds_seeded() -> None:
             b = r.next_backoff()
             assert 0.0 <= b < cap
             maxima[i] = max(maxima[i], b)
-    for m, cap in zip(maxima, caps):
+    for m, cap in zip(maxima, caps, strict=False):
         assert m > cap * 0.9  # fully jittered: the whole range is used
     a = RetryState(None, random.Random(5))
     b = RetryState(None, random.Random(5))

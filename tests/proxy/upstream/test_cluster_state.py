@@ -241,7 +241,7 @@ def test_consistent_hash_through_cluster_state_survives_ejection() -> None:
         cs.on_request_start(bad)
         cs.on_request_end(bad, 503, False)
     after = [cs.pick_host(c) for c in ctxs]
-    for b, a in zip(before, after):
+    for b, a in zip(before, after, strict=False):
         assert a is not bad
         if b is not bad:
             assert a is b

@@ -28,7 +28,7 @@ def load_docs(text: str) -> list[Any]:
 
 
 def _str(rep: SafeRepresenter, data: str) -> Any:
-    style = "|" if "\n" in data and not any(l != l.rstrip() for l in data.splitlines()) else None
+    style = "|" if "\n" in data and not any(ln != ln.rstrip() for ln in data.splitlines()) else None
     return rep.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
 

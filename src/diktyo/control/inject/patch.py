@@ -46,7 +46,7 @@ def _diff(a: Any, b: Any, path: str, ops: list[dict[str, Any]]) -> None:
         if mid_a and len(mid_b) > len(mid_a):  # pure insertion around kept items?
             n = len(mid_a)
             for k in range(len(mid_b) - n + 1):
-                if all(_same(x, y) for x, y in zip(mid_b[k:k + n], mid_a)):
+                if all(_same(x, y) for x, y in zip(mid_b[k:k + n], mid_a, strict=False)):
                     for j, item in enumerate(mid_b[:k]):
                         ops.append({"op": "add", "path": f"{path}/{head + j}", "value": item})
                     for j, item in enumerate(mid_b[k + n:]):

@@ -728,7 +728,7 @@ def _route(
     if "redirect" in kw:
         return Route(**kw)
     clusters = []
-    for i, ref in enumerate(rule.backend_refs):
+    for _i, ref in enumerate(rule.backend_refs):
         b = gidx.backends.get(id(ref))
         if b is None or ref.weight == 0:
             continue

@@ -72,7 +72,7 @@ def locality_of(spec_locality: str | None, labels: dict[str, str]) -> str:
 def augment_labels(labels: dict[str, str], locality: str, network: str | None) -> dict[str, str]:
     """The topology labels Istio adds to an endpoint's labels (its ``AugmentLabels``)."""
     out = dict(labels)
-    parts = [p for p in locality.split("/")] if locality else []
+    parts = list(locality.split("/")) if locality else []
     for key, value in zip((REGION_LABEL, ZONE_LABEL, SUBZONE_LABEL), parts, strict=False):
         if value:
             out[key] = value

@@ -67,7 +67,7 @@ def _check_protocols(ctx: Context) -> None:
             for h in se.spec.hosts:
                 by_port.setdefault((fqdn(h, se.namespace), port.number), []).append((se, proto))
     for (host, number), entries in by_port.items():
-        for se, proto in entries:
+        for se, _proto in entries:
             peers = [(o, p) for o, p in entries if _share_namespace(_visible(se), _visible(o))]
             protos = sorted({p for _, p in peers})
             if len(protos) < 2:

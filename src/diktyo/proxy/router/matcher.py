@@ -323,7 +323,7 @@ class CompiledRoute:
         if total <= 0:
             return dests[0]
         r = int(rng.random() * total)  # one C call (randrange costs ~5 calls in Python)
-        for d, cw in zip(dests, self.cum_weights):
+        for d, cw in zip(dests, self.cum_weights, strict=False):
             if r < cw:
                 return d
         return dests[-1]

@@ -68,10 +68,7 @@ def _all_weights_equal(hosts: list[Host]) -> bool:
     if not hosts:
         return True
     w = hosts[0].weight
-    for h in hosts:
-        if h.weight != w:
-            return False
-    return True
+    return all(h.weight == w for h in hosts)
 
 
 class RoundRobinLB:
