@@ -18,7 +18,7 @@ import pytest
 
 from diktyo.control.autoregister import DISCONNECTED_AT
 from diktyo.control.server import ControlPlane
-from diktyo.platform.join import JoinError, load_host_file
+from diktyo.platform.join import JoinAgent, JoinError, load_host_file
 from diktyo.security.admin_token import write_secret
 from diktyo.testing import eventually
 
@@ -223,3 +223,21 @@ def test_host_file_errors_name_file_line_and_field(tmp_path: Path) -> None:
     text = str(exc.value)
     assert f"{bad}:3: error: workloads[0].group: Field required" in text
     assert f"{bad}:4: error: workloads[0].comand: Extra inputs are not permitted" in text
+
+
+async def test_an_address_this_host_lacks_is_refused_before_anything_registers(
+    tmp_path: Path,
+) -> None:
+    # 192.0.2.0/24 is TEST-NET-1: never an address of this machine. Without the check the
+    # agent registered first and died with a traceback when its sidecar's port was picked.
+    host = tmp_path / "host.yaml"
+    host.write_text("address: 192.0.2.7\nworkloads:\n- group: front\n")
+    agent = JoinAgent(load_host_file(host), ["http://127.0.0.1:9"], ready_timeout=2)
+    try:
+        with pytest.raises(JoinError) as exc:
+            await agent.start()
+    finally:
+        await agent.stop()
+    assert "host file address '192.0.2.7' is not an address of this host" in str(exc.value)
+    assert "ip netns exec" in str(exc.value)
+    assert agent.runs == []  # no token read, no registration session opened

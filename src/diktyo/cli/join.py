@@ -26,6 +26,7 @@ service account from an admin:
 
 Host file (YAML):
   address: 127.0.0.2        # this host's address; sidecars listen on it (default 127.0.0.1)
+                            # (run in a network namespace: the namespace's address)
   network: ""               # optional Istio network name
   locality: eu-west/zone-a  # optional region/zone/subzone
   workloads:

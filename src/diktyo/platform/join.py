@@ -182,6 +182,7 @@ class JoinAgent:
     # ------------------------------------------------------------------ start
 
     async def start(self) -> None:
+        _check_address(self.spec.address)
         for w in self.spec.workloads:
             self.runs.append(self._prepare(w))
         for run in self.runs:
@@ -456,6 +457,21 @@ class JoinAgent:
                 }
             )
         return out
+
+
+def _check_address(address: str) -> None:
+    """``JoinError`` unless this host (or the network namespace the agent runs in) has
+    ``address``: the sidecars listen on it, so a wrong one would fail only after registering."""
+    try:
+        free_port(address)
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise JoinError(
+            f"host file address {address!r} is not an address of this host ({reason}): the "
+            "sidecars listen on it. Set 'address' to one of this host's addresses (see "
+            "'ip -br addr'); an agent run in a network namespace ('ip netns exec NS diktyo "
+            "join ...') needs the namespace's own address"
+        ) from None
 
 
 def _token_sa(token: str) -> str:
