@@ -19,6 +19,7 @@ from diktyo.telemetry import stats as stats_mod
 from diktyo.telemetry.istio_metrics import PeerLabels
 from diktyo.telemetry.stats import (
     CLUSTER_STATS,
+    ISTIO_GRPC_STATS,
     ISTIO_HTTP_STATS,
     ISTIO_NAMES,
     ISTIO_TCP_STATS,
@@ -58,6 +59,7 @@ def everything_counted() -> Stats:
     s.metrics.tcp_open(tcp)
     s.metrics.tcp_bytes(tcp, 5, 6)
     s.metrics.tcp_close(tcp)
+    s.metrics.record_messages(http, 200, "-", "0", 3, 4)
     return s
 
 
@@ -69,7 +71,7 @@ def test_every_declared_stat_is_exported_with_its_type() -> None:
             name = slist.name(st.key)
             assert types.get(name) == st.kind, name
             assert samples.get(name), f"{name} declared but not exported"
-    for st in (*ISTIO_HTTP_STATS.stats, *ISTIO_TCP_STATS.stats):
+    for st in (*ISTIO_HTTP_STATS.stats, *ISTIO_GRPC_STATS.stats, *ISTIO_TCP_STATS.stats):
         name = ISTIO_NAMES[st.api]
         assert types.get(name) == st.kind, name
         assert samples.get(name), name

@@ -134,6 +134,8 @@ SERVER_STATS = StatsList("envoy_http_", (), (
     Stat("downstream_rq_total", COUNTER, "Downstream requests (including malformed ones).",
          always=True),
     Stat("downstream_cx_http2_total", COUNTER, "Downstream HTTP/2 connections accepted."),
+    Stat("downstream_cx_idle_timeout", COUNTER,
+         "Downstream connections closed by the idle timeout (upgraded WebSocket tunnels)."),
     Stat("downstream_rq_400", COUNTER, "Malformed requests answered 400 by the codec."),
     Stat("downstream_rq_426", COUNTER, "HTTP/1.0 requests refused with 426 (accept_http_10 off)."),
     Stat("downstream_rq_431", COUNTER, "Requests refused with 431: request headers too large."),

@@ -481,10 +481,7 @@ class HttpConnection(asyncio.Protocol):
                 if cs is not None:
                     limit = min(limit, cs.cluster.pool.idle_timeout)
                 if now - s.tunnel_seen > limit:
-                    server = self.ctx.stats.server
-                    server["downstream_cx_idle_timeout"] = (
-                        server.get("downstream_cx_idle_timeout", 0) + 1
-                    )
+                    self.ctx.stats.server["downstream_cx_idle_timeout"] += 1
                     self.transport.close()  # connection_lost ends the stream and its upstream
             return
         if self.decoder.in_head:
