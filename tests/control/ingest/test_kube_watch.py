@@ -44,7 +44,7 @@ POD = {"metadata": {"name": "reviews-v1-7d9c5-abcde", "namespace": NS,
                     "annotations": {"sidecar.istio.io/status": '{"containers":["diktyo-proxy"]}'},
                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
                                          "name": "reviews-v1-7d9c5", "controller": True}]},
-       "spec": {"serviceAccountName": "bookinfo-reviews",
+       "spec": {"serviceAccountName": "bookinfo-reviews", "initContainers": [{"name": "diktyo-init"}],
                 "containers": [{"name": "reviews"}, {"name": "diktyo-proxy"}]},
        "status": {"phase": "Running", "podIP": "10.244.1.7"}}
 PLAIN_POD = {"metadata": {"name": "job-x", "namespace": NS},
@@ -108,6 +108,7 @@ def test_proxies_from_recorded_pods() -> None:
     assert node.services == ("reviews.bookinfo.svc.cluster.local",)
     assert node.trust_domain == "corp.example" and node.labels["version"] == "v1"
     assert proxy.address == "0.0.0.0" and proxy.outbound_port == 0  # captured: no HTTP proxy port
+    assert node.interception_mode == "REDIRECT"  # the diktyo-init container's iptables rules
     assert proxy.inbound == (InboundPort(service_port=9080, listen_port=0, app_port=9080),)
 
 
