@@ -716,6 +716,20 @@ class ProxySync:
                 self.known[node_id] = proxy
 
 
+def use_token_review(cp: Any, reviewer: TokenReviewer) -> None:
+    """Sidecars of ``cp`` (a ControlPlane) prove themselves with their projected
+    service-account token, checked by ``reviewer``: for snapshots/ACKs and for their workload
+    certificate (``POST /v1/certificates``), both under the SPIFFE id of its namespace and
+    service account in the control plane's trust domain."""
+
+    async def review(token: str) -> str | None:
+        who = await reviewer(token)
+        return cp.identity.spiffe_id(*who) if who else None
+
+    cp.access.token_reviewer = review
+    cp.identity.service.token_reviewer = review
+
+
 def watch_in_cluster(
     cp: Any, config: InCluster | None = None
 ) -> tuple[KubeWatcher, asyncio.Task[None]] | None:
@@ -730,15 +744,10 @@ def watch_in_cluster(
         on_config=cp.config_source("kubernetes"),
         on_proxies=ProxySync(cp),
     )
-    reviewer = TokenReviewer(cfg.base_url, cfg.token_file,
-                             ca_file=cfg.ca_file if Path(cfg.ca_file).is_file() else None)
-
-    async def review(token: str) -> str | None:
-        who = await reviewer(token)
-        return cp.identity.spiffe_id(*who) if who else None
-
-    cp.access.token_reviewer = review  # sidecars prove themselves with their projected token
+    use_token_review(cp, TokenReviewer(
+        cfg.base_url, cfg.token_file, ca_file=cfg.ca_file if Path(cfg.ca_file).is_file() else None))
     log.info("in a Kubernetes pod: watching %s (Services, EndpointSlices, Pods, Istio and "
-             "Gateway API resources); sidecars authenticate with their service-account token",
+             "Gateway API resources); sidecars authenticate, and get workload certificates, with "
+             "their service-account token",
              cfg.base_url)
     return watcher, asyncio.get_running_loop().create_task(watcher.run(), name="kubernetes-watch")
