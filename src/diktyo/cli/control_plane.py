@@ -65,7 +65,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="ID",
         help="this replica's name in the store (default: HOSTNAME-PID)",
     )
+    p.add_argument(
+        "--trust-domain",
+        metavar="DOMAIN",
+        help="SPIFFE trust domain of the workload certificates and identities "
+        "(spiffe://DOMAIN/ns/NS/sa/SA); default $DIKTYO_TRUST_DOMAIN (the Helm chart's "
+        "trustDomain), else cluster.local",
+    )
+    p.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help="debug, info, warning or error (Istio's trace/warn/critical/off are accepted); "
+        "default $DIKTYO_LOG_LEVEL (the Helm chart's logLevel), else warning",
+    )
     p.set_defaults(func=run)
+
+
+def settings(args: argparse.Namespace, environ: Any = None) -> tuple[str, str]:
+    """``(trust_domain, log_level)``: the flag, else the chart's ``DIKTYO_TRUST_DOMAIN`` /
+    ``DIKTYO_LOG_LEVEL``, else cluster.local / warning. ``ValueError`` names a bad value's
+    flag or variable and what is expected."""
+    import os
+
+    from diktyo.proxy.env import EnvError, _domain, _log_level  # the sidecar's own checks
+
+    env = os.environ if environ is None else environ
+    out = []
+    for flag, var, check, default in (
+        ("--trust-domain", "DIKTYO_TRUST_DOMAIN", _domain, "cluster.local"),
+        ("--log-level", "DIKTYO_LOG_LEVEL", _log_level, "warning"),
+    ):
+        given = getattr(args, flag[2:].replace("-", "_"), None)
+        name, raw = (flag, given) if given is not None else (var, env.get(var))
+        if raw is None or (name == var and not raw.strip()):
+            out.append(default)
+            continue
+        try:
+            out.append(check(name, raw))
+        except EnvError as exc:
+            raise ValueError(str(exc).replace(f"{flag}=", f"{flag} ")) from None
+    return out[0], out[1]
 
 
 def open_backend(args: argparse.Namespace) -> Any:
@@ -104,8 +143,11 @@ async def _main(args: argparse.Namespace) -> int:
         )
     from diktyo.control.backend import StoreUnavailable
     from diktyo.control.etcd.secrets import SealError
+    from diktyo.snapshot.model import MeshConfig
 
+    trust_domain, _ = settings(args)
     cp = ControlPlane(
+        mesh=MeshConfig(trust_domain=trust_domain),
         backend=open_backend(args),
         config_dir=args.config,
         prometheus_url=args.prometheus,
@@ -153,9 +195,14 @@ async def _main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         open_backend(args)
+        _, log_level = settings(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    import logging
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.prometheus and not args.prometheus.startswith(("http://", "https://")):
         print(
             f"error: --prometheus {args.prometheus!r} must be a URL like http://127.0.0.1:9090",

@@ -16,7 +16,7 @@ One aiohttp middleware runs before every handler, in this order:
    may send cross-site without a CORS preflight, which this server never grants.
 4. **Credential**, by route:
    - open: ``/healthz``, dashboard static files, ``POST /v1/certificates`` (checks its own
-     bootstrap token), ``POST /telemetry/v1/traces`` (sidecars' spans);
+     bootstrap token or, in a Kubernetes pod, the projected service-account token), ``POST /telemetry/v1/traces`` (sidecars' spans);
    - sidecar routes (``/v1/snapshot``, ``/v1/ack``, ``POST /v1/registry/proxies`` and
      ``/instances``, the ``/v1/registry/workloadentries`` WebSocket): the admin token, or a
      sidecar's bootstrap token (``Bearer``, HMAC-signed by this control plane,

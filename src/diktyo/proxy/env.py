@@ -25,7 +25,9 @@ Variables (``ENV_VARS`` is the table ``--help`` and ``docs/kubernetes.md`` show)
 ``DIKTYO_TOKEN_FILE``           bootstrap token file (``DIKTYO_CA_TOKEN_FILE`` is read too)
 ``DIKTYO_KUBE_TOKEN_FILE``      the pod's projected service-account token (audience diktyo-ca):
                                 proves the sidecar to the control plane (TokenReview) when it
-                                has no bootstrap token
+                                has no bootstrap token, for snapshots and for its workload
+                                certificate (``spiffe://<trust domain>/ns/$POD_NAMESPACE/sa/
+                                $SERVICE_ACCOUNT``)
 ``DIKTYO_TRUST_DOMAIN``         SPIFFE trust domain this pod expects; a snapshot for another is
                                 logged as a warning
 ``DIKTYO_TRACING_SAMPLING``     percent of requests traced (0-100), the mesh-wide default the
@@ -224,6 +226,10 @@ def sidecar_env(environ: Mapping[str, str]) -> dict[str, Any]:
         out[var.option] = var.parse(var.name, raw)
     if "node" not in out and environ.get("POD_NAME") and environ.get("POD_NAMESPACE"):
         out["node"] = f"{environ['POD_NAME']}.{environ['POD_NAMESPACE']}"
+    # the SPIFFE id asked for with the projected token (namespace + service account)
+    for name, option in (("POD_NAMESPACE", "pod_namespace"), ("SERVICE_ACCOUNT", "service_account")):
+        if environ.get(name, "").strip():
+            out[option] = environ[name].strip()
     for name in ("DIKTYO_KUBE_APP_PROBERS", "ISTIO_KUBE_APP_PROBERS"):
         raw = environ.get(name)
         if raw:

@@ -84,6 +84,10 @@ class SidecarOptions:
     # the pod's projected service-account token (audience diktyo-ca): the control plane checks
     # it with a TokenReview; used for snapshots/ACKs when there is no bootstrap token
     kube_token_file: str | None = None
+    # POD_NAMESPACE and SERVICE_ACCOUNT (downward API): with DIKTYO_TRUST_DOMAIN, the SPIFFE id
+    # the workload certificate is asked for with the projected token (as Istio's pilot-agent)
+    pod_namespace: str | None = None
+    service_account: str | None = None
 
 
 def override_outbound_port(snapshot: Snapshot, port: int | None) -> Snapshot:
@@ -222,9 +226,24 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
         print(f"diktyo sidecar: cannot open the status/readiness ports on "
               f"{opts.status_address}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    if opts.control_plane and opts.ca_token:
+    kube_identity = kube_spiffe_id(opts) if opts.control_plane and not opts.ca_token else None
+    kube_token = ""
+    if kube_identity is not None:
+        assert opts.kube_token_file is not None
+        try:
+            kube_token = read_kube_token(opts.kube_token_file)
+        except OSError as exc:
+            print(f"diktyo sidecar: cannot read the service-account token "
+                  f"{opts.kube_token_file}: {exc.strerror or exc}", file=sys.stderr)
+            admin.close()
+            if status is not None:
+                status.close()
+            await sidecar.stop()
+            return 1
+    if opts.control_plane and (opts.ca_token or kube_token):
         error = await start_identity(
-            sidecar, opts.control_plane, opts.ca_token, opts.identity_timeout
+            sidecar, opts.control_plane, opts.ca_token or kube_token, opts.identity_timeout,
+            spiffe_id=kube_identity,
         )
         if error:
             print(f"diktyo sidecar: {error}", file=sys.stderr)
@@ -258,7 +277,8 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
         client = ConfigClient(opts.control_plane, opts.node, on_snapshot, token=cp_token)
         client.start()
         if opts.ca_token is None and opts.kube_token_file:
-            sidecar._spawn(_refresh_kube_token(client, opts.kube_token_file))
+            sidecar._spawn(_refresh_kube_token(
+                client, opts.kube_token_file, getattr(sidecar, "rotator", None)))
         await ready_evt.wait()
     else:
         try:
@@ -317,16 +337,38 @@ def read_kube_token(path: str) -> str:
     return token
 
 
-async def _refresh_kube_token(client: Any, path: str, every: float = 60.0) -> None:
+async def _refresh_kube_token(client: Any, path: str, rotator: Any = None,
+                              every: float = 60.0) -> None:
     """Go back to the projected token every minute: the kubelet rotates it, and the diktyo
     token the control plane hands out in answers dies with a control plane that restarts
-    without a persistent store."""
+    without a persistent store. The certificate rotator gets it too (renewals prove
+    themselves with the current certificate; the token is needed once that has expired)."""
     while True:
         await asyncio.sleep(every)
         try:
             client.token = read_kube_token(path)
         except OSError as exc:
             log.warning("cannot re-read the service-account token %s: %s", path, exc)
+            continue
+        if rotator is not None:
+            rotator.token = client.token
+
+
+def kube_spiffe_id(opts: SidecarOptions) -> str | None:
+    """The SPIFFE id a pod's sidecar asks its certificate for with its projected token:
+    ``spiffe://<DIKTYO_TRUST_DOMAIN>/ns/<POD_NAMESPACE>/sa/<SERVICE_ACCOUNT>``; None (with a
+    warning) when the token or the pod's namespace / service account is not known."""
+    if not opts.kube_token_file:
+        return None
+    if not opts.pod_namespace or not opts.service_account:
+        log.warning("no workload certificate (mTLS): POD_NAMESPACE and SERVICE_ACCOUNT must be "
+                    "set (the injector sets both from the downward API) to ask the CA with the "
+                    "service-account token %s", opts.kube_token_file)
+        return None
+    from diktyo.security.spiffe import spiffe_uri
+
+    return spiffe_uri(opts.trust_domain or "cluster.local", opts.pod_namespace,
+                      opts.service_account)
 
 
 def _remove_token(path: Path) -> None:
@@ -338,10 +380,13 @@ def _remove_token(path: Path) -> None:
         pass
 
 
-async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: float) -> str:
+async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: float,
+                         spiffe_id: str | None = None) -> str:
     """Get the workload certificate (CSR to the control plane's CA), keep renewing it.
 
-    Returns "" when the first certificate is installed in ``sidecar.certs``, else an error.
+    ``token`` is a bootstrap token (its subject is the SPIFFE id) or, with ``spiffe_id``, the
+    pod's projected service-account token. Returns "" when the first certificate is installed
+    in ``sidecar.certs``, else an error.
     """
     from diktyo.proxy.network.tls import CertificateStore
     from diktyo.security.identity import (
@@ -352,9 +397,12 @@ async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: flo
     )
 
     try:
-        spiffe = token_subject(token)
+        spiffe = spiffe_id or token_subject(token)
     except IdentityError as exc:
         return f"bootstrap token: {exc}"
+    proof = ("the pod's service-account token (is the control plane running in the cluster, "
+             "allowed to create tokenreviews, with the same trust domain?)" if spiffe_id else
+             "the bootstrap token (--token-file), one it issued?")
     store = CertificateStore()
     got = asyncio.Event()
 
@@ -373,7 +421,7 @@ async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: flo
         return (
             f"no workload certificate for {spiffe} from the CA at {ca_url} within {timeout:g}s "
             f"({rotator.failures} failed attempts; see the warnings above): is the control plane "
-            "running and is the bootstrap token (--token-file) one it issued?"
+            f"running and does it accept {proof}"
         )
     return ""
 

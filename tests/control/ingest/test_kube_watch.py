@@ -44,7 +44,7 @@ POD = {"metadata": {"name": "reviews-v1-7d9c5-abcde", "namespace": NS,
                     "annotations": {"sidecar.istio.io/status": '{"containers":["diktyo-proxy"]}'},
                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
                                          "name": "reviews-v1-7d9c5", "controller": True}]},
-       "spec": {"serviceAccountName": "bookinfo-reviews",
+       "spec": {"serviceAccountName": "bookinfo-reviews", "initContainers": [{"name": "diktyo-init"}],
                 "containers": [{"name": "reviews"}, {"name": "diktyo-proxy"}]},
        "status": {"phase": "Running", "podIP": "10.244.1.7"}}
 PLAIN_POD = {"metadata": {"name": "job-x", "namespace": NS},
@@ -108,6 +108,7 @@ def test_proxies_from_recorded_pods() -> None:
     assert node.services == ("reviews.bookinfo.svc.cluster.local",)
     assert node.trust_domain == "corp.example" and node.labels["version"] == "v1"
     assert proxy.address == "0.0.0.0" and proxy.outbound_port == 0  # captured: no HTTP proxy port
+    assert node.interception_mode == "REDIRECT"  # the diktyo-init container's iptables rules
     assert proxy.inbound == (InboundPort(service_port=9080, listen_port=0, app_port=9080),)
 
 
@@ -254,9 +255,12 @@ async def test_control_plane_in_a_pod_serves_a_sidecar_from_api_objects(tmp_path
                 headers = {"Authorization": f"Bearer {token}"} if token else {}
                 async with s.get(snap, headers=headers) as r:
                     assert r.status == want, (token, r.status, await r.text())
+        # workload certificates: the projected token gets one for exactly its own identity
+        await _check_certificates(cp_url)
         # the injected sidecar of that pod: only the environment the injector sets
         side_env = {**_base_env(tmp_path), "DIKTYO_CONTROL_PLANE": cp_url,
                     "POD_NAME": "reviews-v1-7d9c5-abcde", "POD_NAMESPACE": NS,
+                    "SERVICE_ACCOUNT": "bookinfo-reviews", "DIKTYO_LOG_LEVEL": "info",
                     "INSTANCE_IP": "127.0.0.1", "DIKTYO_ADMIN_PORT": "0", "DIKTYO_STATUS_PORT": "0",
                     "DIKTYO_READINESS_PORT": "0", "DIKTYO_OUTBOUND_PORT": "0",
                     "DIKTYO_ADMIN_TOKEN_FILE": str(tmp_path / "sidecar-admin"),
@@ -284,11 +288,51 @@ async def test_control_plane_in_a_pod_serves_a_sidecar_from_api_objects(tmp_path
         reviewed = [r["spec"] for r in api.reviews]
         assert {"token": "reviews-pod-token", "audiences": ["diktyo-ca"]} in reviewed
     finally:
-        for proc in (sidecar, cp):
+        errs = {}
+        for name, proc in (("sidecar", sidecar), ("cp", cp)):
             if proc is not None and proc.returncode is None:
                 proc.terminate()
-                await asyncio.wait_for(proc.communicate(), 20)
+                errs[name] = (await asyncio.wait_for(proc.communicate(), 20))[1].decode(errors="replace")
         await api.close()
+    # the sidecar asked for its certificate with its projected token before its snapshot
+    assert ("workload certificate for spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews "
+            "installed") in errs["sidecar"], errs["sidecar"][-3000:]
+
+
+async def _check_certificates(cp_url: str) -> None:
+    """POST /v1/certificates with projected service-account tokens (TokenReview, as Istio's CA
+    takes Kubernetes JWTs): the token's own identity 200, another one's 403, garbage 401."""
+    from cryptography import x509
+
+    from diktyo.security.csr import make_key_and_csr
+
+    reviews = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
+    async with aiohttp.ClientSession() as s:
+        async def ask(token: str, spiffe: str, bearer: bool = False) -> tuple[int, dict[str, Any]]:
+            body: dict[str, str] = {"csr": make_key_and_csr(spiffe).csr_pem}
+            headers = {"Authorization": f"Bearer {token}"} if bearer else {}
+            if not bearer:
+                body["token"] = token
+            async with s.post(cp_url + "/v1/certificates", json=body, headers=headers) as r:
+                return r.status, await r.json()
+
+        status, out = await ask("reviews-pod-token", reviews)
+        assert status == 200, out
+        assert out["spiffe_id"] == reviews
+        leaf = x509.load_pem_x509_certificate(out["cert_chain"].encode())
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert [str(u) for u in sans.get_values_for_type(x509.UniformResourceIdentifier)] == [reviews]
+        status, out = await ask("reviews-pod-token", reviews, bearer=True)  # as a Bearer header
+        assert status == 200 and out["spiffe_id"] == reviews
+        # another service account's token cannot get this identity, nor this one another's
+        status, out = await ask("ratings-pod-token", reviews)
+        assert status == 403 and "asks for" in out["error"], out
+        status, out = await ask("reviews-pod-token",
+                                "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-ratings")
+        assert status == 403, out
+        for token in ("garbage", "api-audience-token", "user-token"):
+            status, out = await ask(token, reviews)
+            assert status == 401 and "TokenReview" in out["error"], (token, out)
 
 
 async def test_token_reviewer_answers_and_caches() -> None:

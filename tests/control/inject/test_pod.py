@@ -147,3 +147,20 @@ def test_wrong_pod_shapes_are_refused(mutate: Any, needle: str) -> None:
     mutate(pod)
     with pytest.raises(InjectionError, match=needle):
         inject_pod(pod)
+
+
+def test_interception_mode_none_adds_no_capture() -> None:
+    """Istio's template: interceptionMode NONE -> no capture init container; the sidecar is told."""
+    from diktyo.control.inject.pod import InjectionError
+
+    out = inject_pod(_pod(annotations={"sidecar.istio.io/interceptionMode": "NONE"}))
+    assert [c["name"] for c in out["spec"].get("initContainers") or []] == []
+    env = {e["name"]: e.get("value") for e in out["spec"]["containers"][-1]["env"]}
+    assert env["DIKTYO_INTERCEPTION_MODE"] == "NONE"
+    assert json.loads(out["metadata"]["annotations"]["sidecar.istio.io/status"])["initContainers"] == []
+    default = inject_pod(_pod())
+    assert [c["name"] for c in default["spec"]["initContainers"]] == ["diktyo-init"]
+    assert {e["name"]: e.get("value") for e in default["spec"]["containers"][-1]["env"]}[
+        "DIKTYO_INTERCEPTION_MODE"] == "REDIRECT"
+    with pytest.raises(InjectionError, match="interceptionMode: 'TPROXY' is not supported"):
+        inject_pod(_pod(annotations={"sidecar.istio.io/interceptionMode": "TPROXY"}))

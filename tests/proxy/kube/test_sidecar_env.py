@@ -14,12 +14,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from diktyo.control.ingest.kubernetes import TokenReviewer, use_token_review
 from diktyo.control.inject.pod import PROXY, inject_pod
 from diktyo.control.model import ProxyNode
 from diktyo.control.server import ControlPlane
 from diktyo.proxy.env import ENV_VARS, EnvError, parse_app_probers, sidecar_env
 from diktyo.proxy.main import SidecarOptions
 from diktyo.snapshot.model import Node
+from diktyo.testing.kube_api import FakeApiServer
 from diktyo.testing.wait import eventually
 
 POD = {
@@ -153,7 +155,12 @@ async def test_real_sidecar_started_with_only_the_environment(tmp_path: Path) ->
     await site.start()
     app_port = runner.addresses[0][1]
 
+    api = FakeApiServer(token="cp-token")  # answers the TokenReview for the pod's token
+    api.tokens = {"projected-web": ("system:serviceaccount:shop:web", ("diktyo-ca",))}
+    await api.start()
+    reviewer = TokenReviewer(api.url, token="cp-token")
     cp = ControlPlane(observability=False, sidecar_auth=False)
+    use_token_review(cp, reviewer)
     await cp.start()
     cp.add_proxy(ProxyNode(node=Node(id="web-5d8f7-abcde.shop", workload="web", namespace="shop",
                                      service_account="web")))
@@ -166,7 +173,7 @@ async def test_real_sidecar_started_with_only_the_environment(tmp_path: Path) ->
     env.update(DIKTYO_CONTROL_PLANE=cp.url, DIKTYO_ADMIN_PORT="0", DIKTYO_STATUS_PORT="0",
                DIKTYO_READINESS_PORT="0", DIKTYO_OUTBOUND_PORT="0", DIKTYO_TRACING_SAMPLING="0.5",
                DIKTYO_LOG_LEVEL="info", DIKTYO_KUBE_TOKEN_FILE=str(tmp_path / "projected-token"))
-    (tmp_path / "projected-token").write_text("not-checked-here\n")
+    (tmp_path / "projected-token").write_text("projected-web\n")
     env.pop("DIKTYO_INTERCEPTION_MODE", None)  # capture listeners are not this test's subject
     env["DIKTYO_HOME"] = str(tmp_path / "home")  # the pod's memory volume
     env.update({k: os.environ[k] for k in ("PATH", "PYTHONPATH", "HOME") if k in os.environ})
@@ -190,12 +197,18 @@ async def test_real_sidecar_started_with_only_the_environment(tmp_path: Path) ->
         assert hits == ["/ready"]
         assert dump["node"]["id"] == "web-5d8f7-abcde.shop"
         assert dump["mesh"]["tracing"]["sampling"] == 0.5  # DIKTYO_TRACING_SAMPLING applied
+        # its workload certificate came with the projected token, for POD_NAMESPACE/SERVICE_ACCOUNT
+        assert cp.identity.service.issued == 1
+        assert [r["spec"]["token"] for r in api.reviews] == ["projected-web"]
     finally:
         proc.terminate()
         _, err = await asyncio.wait_for(proc.communicate(), 20)
         await cp.stop()
+        await reviewer.close()
+        await api.close()
         await runner.cleanup()
     assert proc.returncode == 0, err.decode(errors="replace")
+    assert "workload certificate for spiffe://cluster.local/ns/shop/sa/web installed" in err.decode()
 
 
 @pytest.mark.parametrize(

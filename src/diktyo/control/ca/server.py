@@ -28,7 +28,7 @@ def ca_routes(service: CaService) -> list[Any]:
             return web.json_response({"error": f"request body: {exc}"}, status=400)
         except ValueError:
             return web.json_response({"error": "request body is not JSON"}, status=400)
-        status, out = service.handle(body, request.headers.get("Authorization"))
+        status, out = await service.handle_async(body, request.headers.get("Authorization"))
         return web.json_response(out, status=status)
 
     return [web.post("/v1/certificates", certificates)]

@@ -22,7 +22,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from diktyo.api.loader import LoadResult, load_text
 from diktyo.control.model import (
@@ -126,7 +126,45 @@ def service_from_object(obj: dict[str, Any], domain: str = "cluster.local") -> S
         mesh_external=False,
         resolution="DNS" if external else ("NONE" if spec.get("clusterIP") == "None" else "STATIC"),
         source="kubernetes",
+        addresses=() if external else cluster_ips(spec),
     )
+
+
+def cluster_ips(spec: dict[str, Any]) -> tuple[str, ...]:
+    """The Service's virtual IPs: ``clusterIPs`` (dual stack, primary first) or ``clusterIP``;
+    none for a headless Service (``"None"``) or one not allocated yet (``""``)."""
+    ips = [str(ip) for ip in spec.get("clusterIPs") or ()]
+    if spec.get("clusterIP"):
+        ips.insert(0, str(spec["clusterIP"]))
+    return tuple(dict.fromkeys(ip for ip in ips if ip and ip != "None"))
+
+
+INTERCEPTION_ANNOTATION = "sidecar.istio.io/interceptionMode"
+CAPTURE_INIT_CONTAINERS = ("diktyo-init", "istio-init")  # install the iptables REDIRECT rules
+_warned_modes: set[tuple[str, str, str]] = set()
+
+
+def interception_mode(pod: dict[str, Any]) -> Literal["REDIRECT", "NONE"]:
+    """The sidecar's interception mode, as Istio's injector decides it: the pod's
+    ``sidecar.istio.io/interceptionMode`` annotation, REDIRECT by default, but only when the
+    pod carries the capture init container (``diktyo-init``/``istio-init``): without it nothing
+    sends traffic to 15001/15006. ``NONE`` (capture disabled) -> NONE; ``TPROXY`` is not
+    supported by diktyo's sidecar (it reads ``SO_ORIGINAL_DST``): NONE, with a warning."""
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    inits = {str(c.get("name")) for c in spec.get("initContainers") or ()}
+    if not inits & set(CAPTURE_INIT_CONTAINERS):
+        return "NONE"
+    mode = str((meta.get("annotations") or {}).get(INTERCEPTION_ANNOTATION, "REDIRECT"))
+    mode = mode.strip().upper() or "REDIRECT"
+    if mode in ("REDIRECT", "NONE"):
+        return "REDIRECT" if mode == "REDIRECT" else "NONE"
+    key = (str(meta.get("namespace", "")), str(meta.get("name", "")), mode)
+    if key not in _warned_modes:
+        _warned_modes.add(key)
+        log.warning("pod %s/%s: %s=%s is not supported (diktyo's sidecar captures with REDIRECT "
+                    "only); its sidecar gets no capture listeners", key[0], key[1],
+                    INTERCEPTION_ANNOTATION, mode)
+    return "NONE"
 
 
 def _kind(obj: dict[str, Any]) -> str:
@@ -341,12 +379,10 @@ def proxies_from_objects(objects: Iterable[dict[str, Any]], domain: str = "clust
         insts = by_address.get((ns, ip), [])
         services = tuple(dict.fromkeys(s for i in insts for s in i.services))
         ports = {sp: tp for i in insts for sp, tp in i.ports.items()}
-        extra: dict[str, Any] = {}
-        if "interception_mode" in Node.__struct_fields__:  # capture (issue 10, engineer tcp)
-            extra["interception_mode"] = "REDIRECT"  # the init container's iptables rules
         node = Node(id=f"{meta.get('name', '')}.{ns}", workload=info.workload, namespace=ns,
                     labels=info.labels, service_account=info.service_account,
-                    trust_domain=trust_domain, services=services, **extra)
+                    trust_domain=trust_domain, services=services,
+                    interception_mode=interception_mode(pod))
         inbound = tuple(InboundPort(service_port=sp, listen_port=0, app_port=tp)
                         for sp, tp in sorted(ports.items()))
         # listeners bind every address of the pod's network namespace, as Istio's 15001/15006
@@ -680,6 +716,20 @@ class ProxySync:
                 self.known[node_id] = proxy
 
 
+def use_token_review(cp: Any, reviewer: TokenReviewer) -> None:
+    """Sidecars of ``cp`` (a ControlPlane) prove themselves with their projected
+    service-account token, checked by ``reviewer``: for snapshots/ACKs and for their workload
+    certificate (``POST /v1/certificates``), both under the SPIFFE id of its namespace and
+    service account in the control plane's trust domain."""
+
+    async def review(token: str) -> str | None:
+        who = await reviewer(token)
+        return cp.identity.spiffe_id(*who) if who else None
+
+    cp.access.token_reviewer = review
+    cp.identity.service.token_reviewer = review
+
+
 def watch_in_cluster(
     cp: Any, config: InCluster | None = None
 ) -> tuple[KubeWatcher, asyncio.Task[None]] | None:
@@ -694,15 +744,10 @@ def watch_in_cluster(
         on_config=cp.config_source("kubernetes"),
         on_proxies=ProxySync(cp),
     )
-    reviewer = TokenReviewer(cfg.base_url, cfg.token_file,
-                             ca_file=cfg.ca_file if Path(cfg.ca_file).is_file() else None)
-
-    async def review(token: str) -> str | None:
-        who = await reviewer(token)
-        return cp.identity.spiffe_id(*who) if who else None
-
-    cp.access.token_reviewer = review  # sidecars prove themselves with their projected token
+    use_token_review(cp, TokenReviewer(
+        cfg.base_url, cfg.token_file, ca_file=cfg.ca_file if Path(cfg.ca_file).is_file() else None))
     log.info("in a Kubernetes pod: watching %s (Services, EndpointSlices, Pods, Istio and "
-             "Gateway API resources); sidecars authenticate with their service-account token",
+             "Gateway API resources); sidecars authenticate, and get workload certificates, with "
+             "their service-account token",
              cfg.base_url)
     return watcher, asyncio.get_running_loop().create_task(watcher.run(), name="kubernetes-watch")

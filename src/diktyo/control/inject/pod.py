@@ -162,6 +162,18 @@ def _cidrs(value: str, key: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def interception_mode(pod: dict[str, Any]) -> str:
+    """``sidecar.istio.io/interceptionMode``: REDIRECT (default: the ``diktyo-init`` container
+    installs the capture rules) or NONE (no init container, no capture, as Istio's template).
+    TPROXY and anything else deny the pod."""
+    key = "sidecar.istio.io/interceptionMode"
+    mode = _annotation(pod, key, "REDIRECT").strip().upper() or "REDIRECT"
+    if mode not in ("REDIRECT", "NONE"):
+        raise InjectionError(f"annotation {key}: {mode!r} is not supported; use REDIRECT "
+                             "(iptables NAT redirect, the default) or NONE (no capture)")
+    return mode
+
+
 def capture_plan(pod: dict[str, Any], config: InjectConfig) -> CapturePlan:
     """The capture rules for a pod: config defaults overridden by ``traffic.sidecar.istio.io/*``."""
     a = "traffic.sidecar.istio.io/"
@@ -260,7 +272,7 @@ def proxy_container(
             {"name": "DIKTYO_STATUS_PORT", "value": str(config.status_port)},
             {"name": "DIKTYO_READINESS_PORT", "value": str(config.readiness_port)},
             {"name": "DIKTYO_LOG_LEVEL", "value": log_level},
-            {"name": "DIKTYO_INTERCEPTION_MODE", "value": "REDIRECT"},
+            {"name": "DIKTYO_INTERCEPTION_MODE", "value": interception_mode(pod)},
             # state (the admin token for POST /drain) on the memory volume: the root is read-only
             {"name": "DIKTYO_HOME", "value": "/var/run/diktyo"},
             # the projected token (volume diktyo-token): the control plane's TokenReview
@@ -374,10 +386,10 @@ def _volumes() -> list[dict[str, Any]]:
     ]
 
 
-def status_annotation(config: InjectConfig) -> str:
+def status_annotation(config: InjectConfig, capture: bool = True) -> str:
     return json.dumps(
         {
-            "initContainers": [INIT],
+            "initContainers": [INIT] if capture else [],
             "containers": [PROXY],
             "volumes": list(VOLUMES),
             "imagePullSecrets": None,
@@ -419,8 +431,10 @@ def inject_pod(
     ann.setdefault("prometheus.io/scrape", "true")
     ann.setdefault("prometheus.io/port", str(config.status_port))
     ann.setdefault("prometheus.io/path", "/stats/prometheus")
-    ann[STATUS] = status_annotation(config)
-    spec["initContainers"] = [init_container(pod, config)] + list(spec.get("initContainers") or [])
+    capture = interception_mode(pod) == "REDIRECT"
+    ann[STATUS] = status_annotation(config, capture)
+    if capture:  # NONE: no capture rules, no init container
+        spec["initContainers"] = [init_container(pod, config)] + list(spec.get("initContainers") or [])
     probers = ""
     if should_rewrite(ann, config.rewrite_app_probes):
         app, probers = rewrite_probes(list(app), capture_plan(pod, config), config.status_port)
