@@ -124,6 +124,14 @@ async def test_redis_through_two_sidecars_mtls_strict_authz_metrics(pods, redis_
                                       reporter="destination", response_code="200",
                                       connection_security_policy="mutual_tls",
                                       source_principal=CLIENT_ID)  # fmt: skip
+        # the same with an HTTP/2 client (prior knowledge): L7 through the capture listener
+        rc, out, err = await a.arun("curl", "-sS", "--http2-prior-knowledge", "--max-time", "10",
+                                    "-w", "\n%{http_version}", f"http://{WEB_VIP}:8080/h2")  # fmt: skip
+        assert (rc, out) == (0, b"web:/h2\n2"), err
+        text = await pods.wait_metric(b, sb["admin"], "istio_requests_total", 2,
+                                      reporter="destination", response_code="200",
+                                      connection_security_policy="mutual_tls",
+                                      source_principal=CLIENT_ID)  # fmt: skip
 
         assert await cli("SET", "mesh", "diktyo") == (0, "OK")
         assert await cli("GET", "mesh") == (0, "diktyo")

@@ -377,3 +377,34 @@ async def test_interception_mode_redirect_without_capture_config_passes_through(
     # without the mode, the same snapshot opens no capture listener at all
     b = await pods.sidecar(pods.b, plain)
     assert "virtualOutbound" not in b["listeners"]
+
+
+async def test_http2_on_captured_ports_is_routed_as_http(pods) -> None:
+    """An HTTP/2 client (curl, prior knowledge, no proxy settings) on a declared HTTP port and
+    on a sniffed port gets L7 handling: routed, counted in istio_requests_total, not tunnelled
+    as TCP. (Before, a sniffed HTTP/2 preface was proxied as TCP.)"""
+    await start_app(pods)
+    a = await pods.sidecar(pods.a, client_snapshot())
+    b = await pods.sidecar(pods.b, server_snapshot())
+    for url, want in (
+        ("http://10.250.1.10:8080/h2", b"web get /h2 http/1.1 host: 10.250.1.10:8080"),
+        ("http://10.250.1.12:7001/h2s", b"sniffed get /h2s http/1.1"),
+    ):
+        rc, out, err = await pods.a.arun(
+            "curl", "-sS", "--http2-prior-knowledge", "--max-time", "10", "-o", "-",
+            "-w", "\n%{http_version}", url,
+        )  # fmt: skip
+        assert rc == 0, err.decode()
+        body, _, version = out.rpartition(b"\n")
+        assert version == b"2", out  # the client spoke HTTP/2 to the capture listener
+        assert body.lower().startswith(want), body
+    text = await pods.wait_metric(
+        pods.a, a["admin"], "istio_requests_total", 1, reporter="source", destination_service=AUTO
+    )
+    assert (
+        pods.metric(text, "istio_requests_total", reporter="source", destination_service=WEB) == 1
+    )
+    # nothing went through as a TCP tunnel
+    assert pods.metric(text, "istio_tcp_connections_opened_total", destination_service=AUTO) == 0
+    assert pods.metric(text, "istio_tcp_connections_opened_total", destination_service=WEB) == 0
+    await pods.wait_metric(pods.b, b["admin"], "istio_requests_total", 2, reporter="destination")

@@ -44,11 +44,16 @@ log = logging.getLogger("diktyo.proxy")
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
 
-def _http_protocol(ctx: Any) -> asyncio.Protocol:
-    """The one place a captured connection is handed to the HTTP connection manager."""
-    from diktyo.proxy.http.connection_manager import HttpConnection
+HTTP_KINDS = ("http1", "http2")  # sniffed kinds the HTTP connection managers take
 
-    return HttpConnection(ctx)
+
+def _http_protocol(ctx: Any) -> asyncio.Protocol:
+    """The one place a captured connection is handed to the HTTP connection managers: the
+    listeners' own first protocol, which picks HTTP/1.1 or HTTP/2 (prior-knowledge preface, or
+    ALPN ``h2``/``istio-h2`` after mTLS) exactly as on a declared HTTP listener."""
+    from diktyo.proxy.http.h2_connection import DownstreamSniffer
+
+    return DownstreamSniffer(ctx)
 
 
 class Sniffer(asyncio.Protocol):
@@ -115,7 +120,9 @@ class Sniffer(asyncio.Protocol):
         proto.connection_made(t)
         if self.buf and not t.is_closing():
             data, self.buf = self.buf, b""
-            proto.data_received(data)
+            # to the transport's protocol now: ``proto`` may have handed the connection on in
+            # connection_made (an HTTP/2 connection chosen by ALPN)
+            cast(asyncio.Protocol, t.get_protocol()).data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.connections is not None:
@@ -271,9 +278,9 @@ class CaptureServer:
             return
 
         def choose(kind: str) -> asyncio.Protocol:
-            if kind == "http1":
+            if kind in HTTP_KINDS:
                 return _http_protocol(http_ctx)
-            return tcp()  # HTTP/2 and TLS are proxied as TCP (see docs/tcp.md)
+            return tcp()  # TLS from the app (e.g. HTTPS) is proxied as TCP (see docs/tcp.md)
 
         await self.loop.connect_accepted_socket(
             self._sniffing(choose, cap.protocol_detection_timeout), conn
@@ -313,7 +320,7 @@ class CaptureServer:
             else:
 
                 def choose(kind: str) -> asyncio.Protocol:
-                    return _http_protocol(http_ctx) if kind == "http1" else tcp()
+                    return _http_protocol(http_ctx) if kind in HTTP_KINDS else tcp()
 
                 factory = self._sniffing(choose, cap.protocol_detection_timeout)
         certs = self.sidecar.certs
