@@ -32,7 +32,7 @@ from diktyo.proxy.filters.contract import (
     FilterStatus,
     HttpFilter,
 )
-from diktyo.security.certs import spiffe_id_of_der
+from diktyo.proxy.network.peer import transport_peer
 from diktyo.snapshot.security import SecurityConfig
 from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER, PeerLabels, WorkloadInfo
 
@@ -42,28 +42,12 @@ log = logging.getLogger("diktyo.proxy")
 _DENIED_COUNTERS = {403: "rbac_denied", 401: "jwt_authn_denied", 400: "path_rejected"}
 
 MAX_PEER_LABEL_SETS = 4096  # the metadata header is client-controlled: bound the cache
-_PLAIN = ("", None)
-
-
 def connection_peer(conn: Any) -> tuple[str, bytes | None]:
-    """``(spiffe id, DER certificate)`` of an inbound connection's mTLS peer, ``("", None)`` without."""
+    """``(spiffe id, DER certificate)`` of an inbound connection's mTLS peer, ``("", None)``
+    without; cached on the connection."""
     peer: tuple[str, bytes | None] | None = conn.__dict__.get("mtls_peer")
-    if peer is not None:
-        return peer
-    t = conn.transport
-    ssl_object = t.get_extra_info("ssl_object") if t is not None else None
-    if ssl_object is None:
-        peer = _PLAIN
-    else:
-        der = ssl_object.getpeercert(binary_form=True)
-        sid = ""
-        if der:
-            try:
-                sid = spiffe_id_of_der(der) or ""
-            except ValueError:
-                sid = ""
-        peer = (sid, der or None)
-    conn.mtls_peer = peer
+    if peer is None:
+        peer = conn.mtls_peer = transport_peer(conn.transport)
     return peer
 
 

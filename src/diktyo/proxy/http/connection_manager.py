@@ -66,6 +66,7 @@ from diktyo.proxy.http.phases import (
 )
 from diktyo.proxy.http.policies import LbContext, RetryState
 from diktyo.proxy.http.upstream_request import UpstreamRequest
+from diktyo.proxy.network.peer import transport_peer
 from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER
 
 if TYPE_CHECKING:
@@ -130,7 +131,6 @@ PAUSE_BUFFER = 4
 _monotonic = time.monotonic
 log = logging.getLogger("diktyo.proxy")
 _NO_LB_CONTEXT = LbContext({}, "", None)  # shared by requests whose LB ignores the request
-_PLAIN_PEER: tuple[str, bytes | None] = ("", None)
 _TEXT_PLAIN = (b"content-type", b"text/plain")
 # grpc-message of a gRPC local reply whose HTTP form has no body
 _GRPC_EMPTY_BODY_CAUSE = {
@@ -383,24 +383,8 @@ class HttpConnection(asyncio.Protocol):
     def tls_peer(self) -> tuple[str, bytes | None]:
         """``(spiffe id, DER certificate)`` of the mTLS client, ``("", None)`` without."""
         peer: tuple[str, bytes | None] | None = self.__dict__.get("mtls_peer")
-        if peer is not None:
-            return peer
-        t = self.transport
-        ssl_object = t.get_extra_info("ssl_object") if t is not None else None
-        if ssl_object is None:
-            peer = _PLAIN_PEER
-        else:
-            from diktyo.security.certs import spiffe_id_of_der  # mTLS only: keeps idle RSS low
-
-            der = ssl_object.getpeercert(binary_form=True)
-            sid = ""
-            if der:
-                try:
-                    sid = spiffe_id_of_der(der) or ""
-                except ValueError:
-                    sid = ""
-            peer = (sid, der or None)
-        self.mtls_peer = peer
+        if peer is None:
+            peer = self.mtls_peer = transport_peer(self.transport)
         return peer
 
     def start_stream(self, s: DownstreamStream) -> None:

@@ -38,6 +38,7 @@ from diktyo.proxy.codec.events import CodecError, HeaderList, RequestHead, Reset
 from diktyo.proxy.codec.http2 import PREFACE, Http2ServerCodec
 from diktyo.proxy.http.connection_manager import DownstreamStream, HttpConnection
 from diktyo.proxy.http.phases import RESPONDING
+from diktyo.proxy.network.peer import transport_peer
 
 if TYPE_CHECKING:
     from diktyo.proxy.http.context import ListenerContext
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("diktyo.proxy")
 
 H2_ALPN = frozenset({"h2", "istio-h2"})
-_PLAIN_PEER: tuple[str, bytes | None] = ("", None)
 
 
 class DownstreamSniffer(asyncio.Protocol):
@@ -312,24 +312,8 @@ class Http2Connection(asyncio.Protocol):
     def tls_peer(self) -> tuple[str, bytes | None]:
         """``(spiffe id, DER certificate)`` of the mTLS client, ``("", None)`` without."""
         peer = self._mtls_peer
-        if peer is not None:
-            return peer
-        t = self.transport
-        ssl_object = t.get_extra_info("ssl_object") if t is not None else None
-        if ssl_object is None:
-            peer = _PLAIN_PEER
-        else:
-            from diktyo.security.certs import spiffe_id_of_der
-
-            der = ssl_object.getpeercert(binary_form=True)
-            spiffe = ""
-            if der:
-                try:
-                    spiffe = spiffe_id_of_der(der) or ""
-                except ValueError:
-                    spiffe = ""
-            peer = (spiffe, der or None)
-        self._mtls_peer = peer
+        if peer is None:
+            peer = self._mtls_peer = transport_peer(self.transport)
         return peer
 
     def stream_done(self, s: DownstreamStream) -> None:
