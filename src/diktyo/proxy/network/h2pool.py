@@ -45,7 +45,7 @@ from diktyo.proxy.codec.events import (
     ResponseHead,
 )
 from diktyo.proxy.codec.http2 import DEFAULT_OPTIONS, Http2ClientCodec, Http2Options, Http2Stats
-from diktyo.proxy.network.upstream import open_upstream
+from diktyo.proxy.network.upstream import dial
 
 log = logging.getLogger("diktyo.proxy")
 
@@ -468,40 +468,9 @@ class H2ClusterPool:
         task.add_done_callback(self.tasks.discard)
 
     async def _connect(self, host: Any) -> None:
-        cluster = self.state.cluster
-        generation = self.generation
-        box: list[H2UpstreamConnection] = []
-
-        def factory() -> H2UpstreamConnection:
-            c = H2UpstreamConnection(self, host.key)
-            box.append(c)
-            return c
-
-        error = "connection failure"
-        try:
-            async with asyncio.timeout(cluster.pool.connect_timeout):
-                await open_upstream(
-                    self.loop,
-                    host.address,
-                    host.port,
-                    cluster.tls,
-                    factory,
-                    host.endpoint,
-                    self.certs,
-                    alpn=H2_ALPN,
-                )
-        except TimeoutError:
-            error = "connection timeout"
-            self.stats.inc_cluster(self.name, "upstream_cx_connect_timeout")
-        except (OSError, ValueError):
-            self.stats.inc_cluster(self.name, "upstream_cx_connect_fail")
-        else:
+        conn, error = await dial(self, host, lambda: H2UpstreamConnection(self, host.key), H2_ALPN)
+        if conn is not None:
             self._connecting_done(host.key)
-            conn = box[0]
-            t = conn.transport
-            conn.secure = t is not None and t.get_extra_info("ssl_object") is not None
-            if generation != self.generation:
-                conn.stale = True
             self.conns.setdefault(host.key, []).append(conn)
             self.active.add(conn)
             conn.idle_since = self.loop.time()

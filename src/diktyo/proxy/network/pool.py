@@ -36,7 +36,7 @@ import logging
 from collections import deque
 from typing import Any, Protocol
 
-from diktyo.proxy.network.upstream import UpstreamConnection, open_upstream
+from diktyo.proxy.network.upstream import UpstreamConnection, dial
 
 MAX_IDLE_PER_HOST = 64
 log = logging.getLogger("diktyo.proxy")
@@ -173,39 +173,9 @@ class Http1Pool:
         task.add_done_callback(self.tasks.discard)
 
     async def _connect(self, host: Any) -> None:
-        cluster = self.state.cluster
-        generation = self.generation
-        conn_box: list[UpstreamConnection] = []
-
-        def factory() -> UpstreamConnection:
-            c = UpstreamConnection(self, host.key)
-            conn_box.append(c)
-            return c
-
-        error = "connection failure"
-        try:
-            async with asyncio.timeout(cluster.pool.connect_timeout):
-                await open_upstream(
-                    self.loop,
-                    host.address,
-                    host.port,
-                    cluster.tls,
-                    factory,
-                    host.endpoint,
-                    self.certs,
-                )
-        except TimeoutError:
-            error = "connection timeout"
-            self.stats.inc_cluster(self.name, "upstream_cx_connect_timeout")
-        except (OSError, ValueError):
-            self.stats.inc_cluster(self.name, "upstream_cx_connect_fail")
-        else:
+        conn, error = await dial(self, host, lambda: UpstreamConnection(self, host.key))
+        if conn is not None:
             self.connecting -= 1
-            conn = conn_box[0]
-            t = conn.transport
-            conn.secure = t is not None and t.get_extra_info("ssl_object") is not None
-            if generation != self.generation:
-                conn.stale = True  # opened under settings drained meanwhile: one request only
             self.active.add(conn)
             self._dispatch(conn)
             return

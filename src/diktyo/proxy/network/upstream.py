@@ -14,7 +14,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from diktyo.proxy.codec.events import (
     ClientCodec,
@@ -116,6 +116,54 @@ async def open_upstream(
         log.warning("upstream %s:%d refused: %s", address, port, reason)
         raise ConnectionError(reason)
     return transport, protocol
+
+
+class Dialable(Protocol):
+    """What ``dial`` sets on the connection it opened for a pool."""
+
+    transport: Any
+    secure: bool
+    stale: bool
+
+
+_D = TypeVar("_D", bound=Dialable)
+
+
+async def dial(pool: Any, host: Any, make: Callable[[], _D], alpn: tuple[str, ...] = ()) -> (
+    tuple[_D | None, str]
+):  # fmt: skip
+    """Open one connection of ``pool`` (HTTP/1 or HTTP/2) to ``host`` within the cluster's
+    connect timeout; timeouts and failures are counted in the pool's cluster stats.
+
+    Returns ``(connection, "")`` with ``secure`` (TLS) and ``stale`` (opened under settings
+    the pool drained meanwhile) set, or ``(None, error)``."""
+    cluster = pool.state.cluster
+    generation = pool.generation
+    box: list[_D] = []
+
+    def factory() -> asyncio.Protocol:
+        c = make()
+        box.append(c)
+        return cast(asyncio.Protocol, c)
+
+    try:
+        async with asyncio.timeout(cluster.pool.connect_timeout):
+            await open_upstream(
+                pool.loop, host.address, host.port, cluster.tls, factory, host.endpoint,
+                pool.certs, alpn=alpn,
+            )  # fmt: skip
+    except TimeoutError:
+        pool.stats.inc_cluster(pool.name, "upstream_cx_connect_timeout")
+        return None, "connection timeout"
+    except (OSError, ValueError):
+        pool.stats.inc_cluster(pool.name, "upstream_cx_connect_fail")
+        return None, "connection failure"
+    conn = box[0]
+    t = conn.transport
+    conn.secure = t is not None and t.get_extra_info("ssl_object") is not None
+    if generation != pool.generation:
+        conn.stale = True  # opened under settings drained meanwhile
+    return conn, ""
 
 
 class UpstreamConnectionLike(Protocol):
