@@ -210,6 +210,8 @@ class _H2Codec:
     protocol = "HTTP/2"
     multiplexed = True
 
+    sink: ServerSink | ClientSink  # set by the subclass
+
     def __init__(
         self,
         client_side: bool,
@@ -652,14 +654,15 @@ class _H2Codec:
     def _sink_trailers(self, sid: int, trailers: HeaderList) -> None:
         raise NotImplementedError
 
+    # the same on both sides (``sink`` is the subclass's ServerSink or ClientSink)
     def _sink_reset(self, sid: int, reason: ResetReason) -> None:
-        raise NotImplementedError
+        self.sink.on_stream_reset(sid, reason)
 
     def _sink_blocked(self, sid: int) -> None:
-        raise NotImplementedError
+        self.sink.on_send_blocked(sid)
 
     def _sink_unblocked(self, sid: int) -> None:
-        raise NotImplementedError
+        self.sink.on_send_unblocked(sid)
 
 
 def _code_name(code: int) -> str:
@@ -678,6 +681,8 @@ def _lower(pairs: HeaderList) -> HeaderList:
 
 class Http2ServerCodec(_H2Codec):
     """Downstream side: HTTP/2 requests in (prior knowledge or after ALPN ``h2``), responses out."""
+
+    sink: ServerSink
 
     def __init__(
         self,
@@ -791,21 +796,14 @@ class Http2ServerCodec(_H2Codec):
     def _sink_trailers(self, sid: int, trailers: HeaderList) -> None:
         self.sink.on_request_trailers(sid, trailers)
 
-    def _sink_reset(self, sid: int, reason: ResetReason) -> None:
-        self.sink.on_stream_reset(sid, reason)
-
-    def _sink_blocked(self, sid: int) -> None:
-        self.sink.on_send_blocked(sid)
-
-    def _sink_unblocked(self, sid: int) -> None:
-        self.sink.on_send_unblocked(sid)
-
 
 # ---------------------------------------------------------------------------------- client
 
 
 class Http2ClientCodec(_H2Codec):
     """Upstream side: requests out, responses in, many streams on one connection."""
+
+    sink: ClientSink
 
     def __init__(
         self,
@@ -904,15 +902,6 @@ class Http2ClientCodec(_H2Codec):
 
     def _sink_trailers(self, sid: int, trailers: HeaderList) -> None:
         self.sink.on_response_trailers(sid, trailers)
-
-    def _sink_reset(self, sid: int, reason: ResetReason) -> None:
-        self.sink.on_stream_reset(sid, reason)
-
-    def _sink_blocked(self, sid: int) -> None:
-        self.sink.on_send_blocked(sid)
-
-    def _sink_unblocked(self, sid: int) -> None:
-        self.sink.on_send_unblocked(sid)
 
     def _premature_reset(self, st: _Stream) -> None:
         # upstream resets are the upstream's business; rapid reset guards downstream peers
