@@ -36,22 +36,7 @@ pytestmark = [
 ]
 
 TINY_APP = Path(__file__).parent / "apps" / "tiny_app.py"
-
-ECHO_APP = r"""
-import json, os
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"pod": os.environ["POD_NAME"],
-                           "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"""
+JOIN_ECHO = Path(__file__).parent / "apps" / "join_echo.py"  # shared with tests/platform/test_join.py
 
 CONFIG = """
 apiVersion: networking.istio.io/v1
@@ -154,7 +139,6 @@ async def test_hosts_in_their_own_network_namespaces_join_talk_mtls_and_leave(
         assert cp.url.startswith(f"http://{plan.gateway}:")
         _, errors = cp.store.apply_text(CONFIG, "fleet.yaml")
         assert not errors
-        (tmp_path / "echo.py").write_text(ECHO_APP)
 
         # an agent in host A's namespace whose host file names host B's address is refused at
         # once, before it registers anything (B's address exists only in B's namespace)
@@ -176,7 +160,7 @@ async def test_hosts_in_their_own_network_namespaces_join_talk_mtls_and_leave(
         b, joined_b = await _join_in(
             ns_b, tmp_path, "host-b", cp, "ratings-sa",
             f"address: {addr_b}\nworkloads:\n- group: ratings\n"
-            f'  command: ["{sys.executable}", "{tmp_path / "echo.py"}"]\n',
+            f'  command: ["{sys.executable}", "{JOIN_ECHO}"]\n',
         )  # fmt: skip
         procs.append(b)
         a, joined_a = await _join_in(

@@ -26,27 +26,6 @@ pytestmark = pytest.mark.slow
 
 APPS = Path(__file__).parent.parent / "e2e" / "apps"
 
-ECHO_APP = r"""
-import json, os, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-FLAG = sys.argv[1]
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        if self.path == "/healthz":
-            code = 503 if os.path.exists(FLAG) else 200
-            self.send_response(code); self.send_header("content-length", "0"); self.end_headers()
-            return
-        body = json.dumps({"pod": os.environ["POD_NAME"], "path": self.path,
-                           "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"""
-
 CONFIG = """
 apiVersion: networking.istio.io/v1
 kind: WorkloadGroup
@@ -135,11 +114,10 @@ async def test_two_hosts_join_talk_mtls_follow_probes_and_a_killed_host_leaves(
     try:
         _, errors = cp.store.apply_text(CONFIG, "fleet.yaml")
         assert not errors
-        (tmp_path / "echo.py").write_text(ECHO_APP)
         flag = tmp_path / "ratings-unhealthy"
         host_b = (
             "address: 127.0.0.3\nlocality: eu-west/zone-b\nworkloads:\n- group: ratings\n"
-            f'  command: ["{sys.executable}", "{tmp_path / "echo.py"}", "{flag}"]\n'
+            f'  command: ["{sys.executable}", "{APPS / "join_echo.py"}", "{flag}"]\n'
         )
         host_a = (
             "address: 127.0.0.2\nworkloads:\n- group: front\n"
