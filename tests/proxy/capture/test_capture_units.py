@@ -307,3 +307,61 @@ def test_mesh_file_sets_outbound_policy_and_detection_timeout() -> None:
         load_mesh_text("outboundTrafficPolicy: {mode: DENY}\n", "m.yaml")
     with pytest.raises(ValueError, match="protocolDetectionTimeout: invalid duration 'soon'"):
         load_mesh_text("protocolDetectionTimeout: soon\n", "m.yaml")
+
+
+class _Transport(asyncio.Transport):
+    """Just enough of a transport for the sniffer's hand-off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proto: asyncio.BaseProtocol | None = None
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.proto = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.proto is not None
+        return self.proto
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Recorder(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+
+class _HandsOn(_Recorder):
+    """Like the listeners' HTTP sniffer after an ALPN ``h2`` handshake: it gives the
+    connection to another protocol as soon as it is made."""
+
+    def __init__(self, successor: _Recorder) -> None:
+        super().__init__()
+        self.successor = successor
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.set_protocol(self.successor)
+        self.successor.connection_made(transport)
+
+
+def test_sniffed_bytes_go_to_the_protocol_the_connection_ended_up_with() -> None:
+    """The bytes read while sniffing reach the transport's protocol after the hand-off, not the
+    one chosen first when it already passed the connection on (an HTTP/2 connection picked by
+    ALPN). Before the fix they went to the first one, which built a second HTTP/2 connection."""
+    loop = asyncio.new_event_loop()
+    try:
+        final = _Recorder()
+        first = _HandsOn(final)
+        sniffer = Sniffer(lambda kind: first, 0, loop)
+        t = _Transport()
+        t.set_protocol(sniffer)
+        sniffer.connection_made(t)
+        sniffer.data_received(H2_PREFACE)
+        assert t.get_protocol() is final
+        assert final.data == H2_PREFACE and first.data == b""
+    finally:
+        loop.close()
