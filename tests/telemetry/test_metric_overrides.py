@@ -61,3 +61,22 @@ def test_disabled_for_client_keeps_server_series_and_later_override_wins() -> No
     )
     text = _text(m)
     assert "istio_request_bytes" not in text and "istio_requests_total{" in text
+
+
+def test_grpc_message_counts_follow_the_overrides() -> None:
+    """``GRPC_REQUEST_MESSAGES``/``GRPC_RESPONSE_MESSAGES`` (Istio's Telemetry API names for
+    ``istio_request/response_messages_total``) are disabled and re-tagged like the others."""
+    m = _metrics()
+    me = WorkloadInfo.from_labels("web", "shop", {"app": "web"})
+    for reporter in ("source", "destination"):
+        peer = m.peer(PeerLabels.build(reporter, me, None, "db.shop.svc.cluster.local", "grpc"))
+        m.record_messages(peer, 200, "-", "0", 3, 5)
+    m.overrides = (
+        MetricOverride(metric="GRPC_REQUEST_MESSAGES", mode="CLIENT", disabled=True),
+        MetricOverride(metric="GRPC_RESPONSE_MESSAGES", upsert={"env": "prod"}),
+    )
+    lines = _text(m).splitlines()
+    req = [ln for ln in lines if ln.startswith("istio_request_messages_total{")]
+    resp = [ln for ln in lines if ln.startswith("istio_response_messages_total{")]
+    assert len(req) == 1 and 'reporter="destination"' in req[0] and req[0].endswith(" 3")
+    assert len(resp) == 2 and all('env="prod"' in ln and ln.endswith(" 5") for ln in resp)
