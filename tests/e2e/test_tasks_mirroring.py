@@ -92,8 +92,10 @@ def test_mirroring_sends_a_copy_to_v2(mesh: MeshThread) -> None:
             for line in mesh.output().splitlines()
             if re.match(r"\[httpbin-v2-1[^\]]*\]", line) and "GET /headers" in line
         ]
-        if len(v2_lines) >= 10 or time.monotonic() > deadline:
+        # the app's own lines match too and come first; the sidecar's access log lines
+        # (written through a buffer) carry the shadow Host: wait for those
+        shadow = [line for line in v2_lines if '"httpbin-shadow:8000"' in line]
+        if len(shadow) >= 10 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    shadow = [line for line in v2_lines if '"httpbin-shadow:8000"' in line]
     assert len(shadow) >= 10, "\n".join(v2_lines[-5:]) or mesh.output()[-2000:]
