@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test test-fast lint bench bench-quick clean
+.PHONY: venv build demo test test-fast test-pure lint bench bench-quick clean
 
 $(BIN)/diktyo: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,11 +13,24 @@ $(BIN)/diktyo: pyproject.toml
 
 venv: $(BIN)/diktyo
 
+# The compiled hot path (mypyc; setup.py, docs/decisions.md): `pip install -e .` builds it in
+# place; this rebuilds it when one of its sources changed, since a stale .so would shadow the
+# edit (diktyo then runs pure Python and warns; `diktyo --version` says which build runs).
+HOT_PATH_SRC := $(shell $(PY) -c "import runpy; print(' '.join('src/' + m.replace('.', '/') + '.py' for m in runpy.run_path('src/diktyo/_build.py')['HOT_PATH']))" 2>/dev/null)
+build: venv src/diktyo/_build_info.json
+
+src/diktyo/_build_info.json: $(HOT_PATH_SRC) src/diktyo/_build.py setup.py | $(BIN)/diktyo
+	$(BIN)/python setup.py -q build_ext --inplace
+
 demo: venv
 	$(BIN)/diktyo demo
 
-test: venv
+test: venv build
 	$(BIN)/python -m pytest
+
+# the proxy's fast tests on the pure-Python sources (the compiled build is what `test` runs)
+test-pure: venv
+	DIKTYO_PURE=1 $(BIN)/python -m pytest tests/proxy -m "not (e2e or browser or bench or slow)"
 
 # between edits: pure and socket-level tests; no whole-mesh e2e, browser or benchmark smoke
 test-fast: venv
@@ -37,4 +50,5 @@ bench-quick: venv
 	$(BIN)/python bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info src/diktyo/_build_info.json
+	find src -name '*.so' -delete

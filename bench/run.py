@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     failures: dict[str, str] = {}
     sidecar_stats: dict[str, list[dict[str, int]]] = {}
+    compiled: dict[str, bool] = {}  # diktyo sidecar -> ran the compiled hot path (else pure)
     try:
         for rep in range(reps):
             running: dict[str, tg.Running] = {}
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             for t, r in running.items():
                 memory[t]["peak_rss_kib"].append(sum(p.hwm_kib() for p in r.procs))
                 for p in r.procs:
+                    if "compiled" in p.extra:  # the sidecar's ready line: mypyc hot path or not
+                        compiled[p.name] = bool(p.extra["compiled"])
                     if "admin" in p.extra:
                         counts = procs.istio_request_counts(int(p.extra["admin"]))  # type: ignore[call-overload]
                         sidecar_stats.setdefault(p.name, []).append(counts)
@@ -334,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "memory": memory,
         "sidecar_requests": sidecar_stats,
+        "diktyo_compiled": compiled,
     }
     result["summary"] = report.summarise(result)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -350,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_latest:
         (args.out / "latest.md").write_text(md)
     print(md)
+    for name, c in sorted(compiled.items()):
+        print(f"bench: {name} ran {'compiled (mypyc)' if c else 'pure Python'}", file=sys.stderr)
     print(f"bench: wrote {args.out / stem}.json and .md", file=sys.stderr)
     return 1 if failures and len(failures) == len(wanted) else 0
 

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterable
 
 import diktyo
+from diktyo import _build
 
 # command -> summary for `diktyo --help`; the same text as the module's add_parser(help=...)
 COMMANDS: dict[str, str] = {
@@ -61,7 +62,9 @@ def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
         ),
         epilog="Start with 'diktyo demo' for a whole Bookinfo mesh, or 'diktyo COMMAND --help'.",
     )
-    parser.add_argument("--version", action="version", version=f"diktyo {diktyo.__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"diktyo {diktyo.__version__}, {_build.describe()}"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, summary in COMMANDS.items():
         if load is None or name in load:

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from diktyo import _build
 from diktyo.proxy.admin import TOKEN_FILE_ENV as ADMIN_TOKEN_FILE_ENV
 from diktyo.proxy.admin import AdminServer, AdminTokenError, resolve_token
 from diktyo.proxy.capture import MODES as INTERCEPTION_MODES
@@ -303,6 +304,7 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
         "listeners": sidecar.ports(),
         "version": version,
         "admin_token_file": str(token_path) if token_path else None,
+        "compiled": bool(_build.status()["compiled"]),  # the mypyc hot path, or pure Python
     }
     if status is not None:
         ready["status"] = status.status_port

@@ -31,7 +31,7 @@ decoded per header on the hot path).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
@@ -287,7 +287,9 @@ class RequestDecoder:
         else:
             # absolute-form (proxy mode) or authority-form (CONNECT)
             try:
-                parsed = httptools.parse_url(url)
+                # Any: httptools' stub says bytes/int where absent parts are None, and
+                # compiled (mypyc) code would trust the stub
+                parsed: Any = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
                 self._error = CodecError(400, "invalid request target")
                 raise _Stop from None
@@ -348,8 +350,9 @@ class RequestDecoder:
         if self.tunnel:
             self.sink.on_request_body(data)  # WebSocket: raw bytes after the upgrade request
             return
-        if self._error is not None:
-            raise self._error
+        err = self._error  # a local: a narrowed self._error would be trusted by mypyc
+        if err is not None:
+            raise err
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:

@@ -1,0 +1,141 @@
+"""Builds the sidecar's hot path with mypyc (docs/decisions.md, "Compiled hot path").
+
+``pip install .`` and ``pip install -e .`` compile the modules listed in
+``src/diktyo/_build.py`` (HOT_PATH) into one mypyc group. The ``.py`` sources stay: they are
+what runs with ``DIKTYO_PURE=1`` or when a compiled module is stale (``diktyo/_build.py``).
+
+Without a C compiler or Python's headers (or with ``DIKTYO_PURE=1`` set while installing) the
+install still succeeds, pure Python, and says so; ``diktyo --version`` tells which build runs.
+Everything else about the package is in ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+os.chdir(ROOT)  # mypyc takes the sources and writes its C files relative to here
+BUILD = runpy.run_path(str(ROOT / "src" / "diktyo" / "_build.py"))  # stdlib only
+HOT_PATH: tuple[str, ...] = BUILD["HOT_PATH"]
+# placeholder until build_ext runs: mypyc type-checks the whole group, which takes a while, so
+# it runs only when extensions are really built (not for egg_info, sdist, ...)
+PLACEHOLDER = "diktyo._hotpath_placeholder"
+# mypy settings for the build: the project's own (pyproject.toml, --strict) assume the runtime
+# dependencies are installed, which an isolated build environment does not have; the type
+# checking proper is `make lint`'s job. Third-party types become Any: mypyc calls them through
+# the generic C API either way.
+MYPY_FLAGS = [
+    "--config-file=",
+    "--python-version=3.11",
+    "--ignore-missing-imports",
+    "--follow-imports=silent",
+    "--disable-error-code=misc",  # the matcher's bound-default lambdas (pyproject override)
+]
+
+
+def say(msg: str) -> None:
+    print(f"diktyo build: {msg}", file=sys.stderr, flush=True)
+
+
+def why_no_compiler() -> str | None:
+    """Why a C extension cannot be built here, or None when it can."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    cc = os.environ.get("CC", cc).split()[0]
+    if shutil.which(cc) is None:
+        return f"no C compiler ({cc!r} not found)"
+    include = sysconfig.get_paths().get("include", "")
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        return f"no Python headers ({include}/Python.h missing)"
+    return None
+
+
+class BuildHotPath(build_ext):
+    """build_ext that compiles HOT_PATH with mypyc, or records why it installs pure Python."""
+
+    reason: str | None = None
+
+    def finalize_options(self) -> None:
+        # mypyc's extensions replace the placeholder before setuptools prepares them
+        self.reason = self.plan()
+        super().finalize_options()
+
+    def run(self) -> None:
+        if self.reason is None:
+            try:
+                super().run()
+            except Exception as exc:  # compiler or linker failure: install pure, say why
+                self.reason = f"the C build failed ({type(exc).__name__}: {exc})"
+                self.extensions = []
+        out_dir = self.package_dir()
+        info: dict[str, object] = {"compiled": self.reason is None}
+        if self.reason is None:
+            import mypy.version
+
+            info["compiler"] = f"mypyc {mypy.version.__version__}"
+            info["modules"] = {
+                m: BUILD["file_record"](BUILD["source_path"](m, str(ROOT / "src" / "diktyo")))
+                for m in HOT_PATH
+            }
+            say(f"compiled {len(HOT_PATH)} hot-path modules with {info['compiler']}")
+        else:
+            info["reason"] = f"pure-Python install: {self.reason}"
+            say(
+                f"NOT compiling the hot path: {self.reason}. diktyo is installed as pure Python "
+                "(works, slower per request). To compile it install a C compiler and Python's "
+                "headers (Debian: apt-get install gcc libc6-dev python3.11-dev) and reinstall."
+            )
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, BUILD["BUILD_INFO"]), "w") as f:
+            json.dump(info, f, indent=1, sort_keys=True)
+            f.write("\n")
+
+    def package_dir(self) -> str:
+        if self.inplace or getattr(self, "editable_mode", False):
+            return str(ROOT / "src" / "diktyo")
+        return os.path.join(self.build_lib, "diktyo")
+
+    def plan(self) -> str | None:
+        """Sets the extensions to build; returns why none can be, or None."""
+        self.distribution.ext_modules = []
+        if os.environ.get("DIKTYO_PURE", "") not in ("", "0"):
+            return "DIKTYO_PURE=1 was set while installing"
+        reason = why_no_compiler()
+        if reason is not None:
+            return reason
+        try:
+            from mypyc.build import mypycify
+        except ImportError as exc:
+            return f"mypyc is not importable ({exc})"
+        paths = [str(Path("src", *m.split(".")).with_suffix(".py")) for m in HOT_PATH]
+        old = os.environ.get("MYPYPATH")
+        os.environ["MYPYPATH"] = "src"
+        try:
+            exts = mypycify(MYPY_FLAGS + paths, opt_level="3", group_name="diktyo_hotpath")
+        except SystemExit as exc:  # mypyc found a type error: reported above by mypy
+            return f"mypyc could not compile the hot path (mypy exit {exc.code}; see above)"
+        finally:
+            if old is None:
+                os.environ.pop("MYPYPATH", None)
+            else:
+                os.environ["MYPYPATH"] = old
+        self.distribution.ext_modules = exts
+        return None
+
+    def get_outputs(self) -> list[str]:
+        outs = [o for o in super().get_outputs() if PLACEHOLDER.rpartition(".")[2] not in o]
+        return [*outs, os.path.join(self.package_dir(), BUILD["BUILD_INFO"])]
+
+
+setup(
+    ext_modules=[Extension(PLACEHOLDER, sources=[])],
+    cmdclass={"build_ext": BuildHotPath},
+)
