@@ -219,9 +219,9 @@ class RequestDecoder:
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._hbytes += len(name) + len(value) + 4
-        self._hcount += 1
-        if self._hbytes > MAX_HEADER_BYTES or self._hcount > MAX_HEADER_COUNT:
+        self._hbytes = hb = self._hbytes + len(name) + len(value) + 4
+        self._hcount = hc = self._hcount + 1
+        if hb > MAX_HEADER_BYTES or hc > MAX_HEADER_COUNT:
             self._error = CodecError(431, "request headers too large")
             raise _Stop
         key = _NAMES.get(name)
