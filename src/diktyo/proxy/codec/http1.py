@@ -219,9 +219,9 @@ class RequestDecoder:
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._hbytes += len(name) + len(value) + 4
-        self._hcount += 1
-        if self._hbytes > MAX_HEADER_BYTES or self._hcount > MAX_HEADER_COUNT:
+        self._hbytes = hb = self._hbytes + len(name) + len(value) + 4
+        self._hcount = hc = self._hcount + 1
+        if hb > MAX_HEADER_BYTES or hc > MAX_HEADER_COUNT:
             self._error = CodecError(431, "request headers too large")
             raise _Stop
         key = _NAMES.get(name)
@@ -449,18 +449,22 @@ class ResponseDecoder:
         status = parser.get_status_code()
         self._status = status
         # cut the raw head out of what was received
-        data = self._data
         carry = self._carry
-        buf = carry + data[self._head_start :] if carry else data[self._head_start :]
+        if carry:
+            buf = carry + self._data[self._head_start :]
+            lead = 0
+        else:  # the whole head is in this read: cut it from it, no copy
+            buf = self._data
+            lead = self._head_start
+        start = lead
         # llhttp skips empty lines before a status line; so must the cut (found by fuzzing:
         # b"\r\nHTTP/1.1 200 OK..." forwarded the status line as a header)
-        lead = 0
         while buf[lead : lead + 1] in (b"\r", b"\n"):
             lead += 1
         end = buf.find(b"\r\n\r\n", lead)
         if end < 0:
             raise CodecError(502, "malformed upstream response head")
-        if end > MAX_HEADER_BYTES:
+        if end - start > MAX_HEADER_BYTES:
             # Envoy's max_response_headers_kb defaults to 60: 502, flag UPE
             raise CodecError(502, "upstream response headers too large")
         if status == 101 and not self.upgrade_ok:
@@ -468,7 +472,7 @@ class ResponseDecoder:
             raise CodecError(502, "unexpected 101 Switching Protocols from upstream")
         first = buf.find(b"\r\n", lead)
         block = buf[first + 2 : end + 4]
-        self._pos = (self._head_start if not carry else -len(carry)) + end + 4
+        self._pos = end + 4 if not carry else end + 4 - len(carry) + self._head_start
         self._carry = b""
         self._in_head = False
         if status == 101:
@@ -481,7 +485,7 @@ class ResponseDecoder:
             return  # interim response: swallowed (the proxy answers 100-continue itself)
         ka = parser.should_keep_alive()
         no_body = self._no_body or status == 204 or status == 304
-        if not no_body and _FRAMED_NL_RE.search(b"\n" + block) is None:
+        if not no_body and not (_BLOCK_CACHE.get(block) or _block_facts(block))[2]:
             self._close_delimited = True
             ka = False
         self._in_body = True
@@ -573,11 +577,42 @@ _HOP_BY_HOP_NL_RE = re.compile(
 _CONTENT_LENGTH_NL_RE = re.compile(rb"\ncontent-length[ \t]*:", re.IGNORECASE)
 
 
+def _block_facts(block: bytes) -> tuple[bytes, bool, bool]:
+    nb = b"\n" + block
+    stripped = _HOP_BY_HOP_NL_RE.sub(b"", nb)
+    facts = (
+        stripped[1:],
+        _CONTENT_LENGTH_NL_RE.search(stripped) is not None,
+        _FRAMED_NL_RE.search(nb) is not None,
+    )
+    if len(block) <= BLOCK_CACHE_ENTRY_MAX:
+        if len(_BLOCK_CACHE) >= BLOCK_CACHE_SIZE:
+            _BLOCK_CACHE.clear()
+        _BLOCK_CACHE[block] = facts
+    return facts
+
+
+# Response header blocks seen recently -> (block without hop-by-hop lines, has content-length,
+# has content-length or transfer-encoding). An upstream sends the same head again and again
+# (nginx's changes with its Date header once a second), so each response costs one dict
+# lookup instead of three regex passes (~2 us). Bounded: blocks up to 1 KiB, 256 of them
+# (cleared when full: a changing header only costs the lookup).
+BLOCK_CACHE_SIZE = 256
+BLOCK_CACHE_ENTRY_MAX = 1024
+_BLOCK_CACHE: dict[bytes, tuple[bytes, bool, bool]] = {}
+
+
+def response_block_facts(block: bytes) -> tuple[bytes, bool, bool]:
+    """``(block without hop-by-hop lines, has content-length, is framed)`` for a response
+    header block (see ``strip_hop_by_hop``; framed: a content-length or transfer-encoding)."""
+    return _BLOCK_CACHE.get(block) or _block_facts(block)
+
+
 def strip_hop_by_hop(block: bytes) -> tuple[bytes, bool]:
     """A response header block without its hop-by-hop lines (same result as
     ``HOP_BY_HOP_LINE_RE.sub(b"", block)``), and whether it has a ``content-length`` line."""
-    nb = _HOP_BY_HOP_NL_RE.sub(b"", b"\n" + block)
-    return nb[1:], _CONTENT_LENGTH_NL_RE.search(nb) is not None
+    facts = _BLOCK_CACHE.get(block) or _block_facts(block)
+    return facts[0], facts[1]
 
 
 def parse_header_block(block: bytes) -> list[tuple[bytes, bytes]]:
@@ -677,12 +712,12 @@ class Http1ServerCodec:
     __slots__ = (
         "_chunked",
         "_no_body",
-        "_out",
         "_requests",
         "_sid",
         "closing",
         "decoder",
         "feed",
+        "out",
         "sink",
     )
 
@@ -694,7 +729,8 @@ class Http1ServerCodec:
         self.feed = self.decoder.feed
         self._sid = 0
         self._requests: dict[int, RequestHead] = {}  # sid -> head, until its response is sent
-        self._out: list[bytes] = []
+        # encoded, not yet taken by data_to_send() (HttpConnection.flush reads it directly)
+        self.out: list[bytes] = []
         self._chunked = False
         self._no_body = False
         self.closing = False  # a response went out with connection: close (= not reusable)
@@ -736,14 +772,14 @@ class Http1ServerCodec:
 
     # -- output
     def data_to_send(self) -> bytes:
-        out = self._out
+        out = self.out
         if not out:
             return b""
-        self._out = []
+        self.out = []
         return out[0] if len(out) == 1 else b"".join(out)
 
     def send_continue(self, sid: int) -> None:
-        self._out.append(_CONTINUE)
+        self.out.append(_CONTINUE)
 
     def send_headers(self, sid: int, head: ResponseHead, end_stream: bool = False) -> None:
         req = self._requests.get(sid) or _NO_REQUEST
@@ -756,8 +792,8 @@ class Http1ServerCodec:
             # bytes follow, and the connection closes when the tunnel does
             self.closing = True
             block = head.raw if head.raw is not None else head.block()
-            self._out.append(b"HTTP/1.1 101 Switching Protocols\r\n")
-            self._out.append(block)
+            self.out.append(b"HTTP/1.1 101 Switching Protocols\r\n")
+            self.out.append(block)
             if end_stream:
                 self._end(sid)
             return
@@ -773,36 +809,38 @@ class Http1ServerCodec:
             extra += _CLOSE_HDR
         elif req.version == "1.0":
             extra += _KEEP_ALIVE_HDR  # HTTP/1.0 keep-alive must be confirmed
-        block = head.raw if head.raw is not None else head.block()
+        raw = head.raw
+        block = raw if raw is not None else head.block()
         line = STATUS_LINES.get(status) or status_line(status)
-        self._out.append(line + block[:-2] + extra + _CRLF)
+        # block ends with the empty line: extra headers go before it
+        self.out.append(line + block[:-2] + extra + _CRLF if extra else line + block)
         if end_stream:
             self._end(sid)
 
     def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
         if data and not self._no_body:
             if self._chunked:
-                self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
+                self.out.append(b"%x\r\n%s\r\n" % (len(data), data))
             else:
-                self._out.append(data)
+                self.out.append(data)
         if end_stream:  # _end(sid) inlined (hot path)
             if self._chunked:
                 self._chunked = False
                 if not self._no_body:
-                    self._out.append(LAST_CHUNK)
+                    self.out.append(LAST_CHUNK)
             self._requests.pop(sid, None)
 
     def send_trailers(self, sid: int, trailers: HeaderList) -> None:
         if self._chunked and not self._no_body:
             self._chunked = False
-            self._out.append(b"0\r\n" + encode_header_block(trailers))
+            self.out.append(b"0\r\n" + encode_header_block(trailers))
         self._end(sid)
 
     def _end(self, sid: int) -> None:
         if self._chunked:
             self._chunked = False
             if not self._no_body:
-                self._out.append(LAST_CHUNK)
+                self.out.append(LAST_CHUNK)
         self._requests.pop(sid, None)
 
     def send_reset(self, sid: int, reason: ResetReason) -> None:
@@ -813,7 +851,7 @@ class Http1ServerCodec:
     def send_error(self, status: int, message: str) -> None:
         """A connection-level error answer (malformed request, header timeout), then close."""
         self.closing = True
-        self._out.append(local_response(status, message.encode(), close=True))
+        self.out.append(local_response(status, message.encode(), close=True))
 
     # -- flow control: HTTP/1.1 relies on the transport (pause_reading on the socket)
     def acknowledge(self, sid: int, n: int) -> None:
@@ -863,8 +901,8 @@ class Http1ClientCodec:
         if status == 101:  # WebSocket: Upgrade/Connection go back to the client as they came
             self.sink.on_response_headers(self._sid, ResponseHead(101, None, block, False))
             return
-        raw, has_cl = strip_hop_by_hop(block)
-        self.sink.on_response_headers(self._sid, ResponseHead(status, None, raw, has_cl))
+        facts = _BLOCK_CACHE.get(block) or _block_facts(block)  # (strip_hop_by_hop, cached)
+        self.sink.on_response_headers(self._sid, ResponseHead(status, None, facts[0], facts[1]))
 
     def on_response_body(self, chunk: bytes) -> None:
         self.sink.on_response_data(self._sid, chunk)
