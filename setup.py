@@ -58,6 +58,16 @@ def why_no_compiler() -> str | None:
     return None
 
 
+def remove_compiled(root: str) -> None:
+    """Deletes the hot path's extension files under ``root`` (a dir holding ``diktyo/``)."""
+    pkg = os.path.join(root, "diktyo")
+    libs = [str(p) for p in Path(root).glob("diktyo_hotpath__mypyc*")]
+    for path in [*(BUILD["compiled_path"](m, pkg) for m in HOT_PATH), *libs]:
+        if path and os.path.exists(path):
+            os.unlink(path)
+            say(f"removed {path} (an earlier compiled build)")
+
+
 class BuildHotPath(build_ext):
     """build_ext that compiles HOT_PATH with mypyc, or records why it installs pure Python."""
 
@@ -87,6 +97,9 @@ class BuildHotPath(build_ext):
             }
             say(f"compiled {len(HOT_PATH)} hot-path modules with {info['compiler']}")
         else:
+            # no compiled module of an earlier build may stay behind (build/lib, or src/ in place)
+            for where in {os.path.dirname(out_dir), self.build_lib}:
+                remove_compiled(where)
             info["reason"] = f"pure-Python install: {self.reason}"
             say(
                 f"NOT compiling the hot path: {self.reason}. diktyo is installed as pure Python "
