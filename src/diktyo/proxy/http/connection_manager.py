@@ -1103,7 +1103,8 @@ class DownstreamStream:
         self.phase = RESPONDED  # RESPONDING -> RESPONDED, checked above
         status = self.status
         a.end(status, status == 502 or status == 503 or status == 504)
-        a.detach()  # self._drop(a) inlined (hot path)
+        # self._drop(a) inlined (hot path); a.detach() is only this, end() cancelled the timer
+        a.stream = None
         self.upstream = None
         conn = a.conn
         a.conn = None
