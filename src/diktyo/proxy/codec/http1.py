@@ -692,6 +692,53 @@ _CLOSE_HDR = b"connection: close\r\n"
 _KEEP_ALIVE_HDR = b"connection: keep-alive\r\n"
 
 
+class _ServerRequestDecoder(RequestDecoder):
+    """The server codec's decoder: a body chunk and the end of a request go straight to the
+    codec's sink as events (one Python call each instead of two); the rest is
+    ``RequestDecoder``'s."""
+
+    __slots__ = ("codec",)
+
+    def __init__(self, codec: Http1ServerCodec, accept_http_10: bool = True) -> None:
+        super().__init__(codec, accept_http_10)
+        self.codec = codec
+
+    def on_body(self, body: bytes) -> None:
+        c = self.codec
+        c.sink.on_request_data(c._sid, body)  # Http1ServerCodec.on_request_body, inlined
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        c = self.codec
+        c.sink.on_request_end(c._sid)  # Http1ServerCodec.on_request_end, inlined
+
+
+class _ClientResponseDecoder(ResponseDecoder):
+    """The client codec's decoder: body chunks and the end of a response go straight to the
+    codec's (current) sink as events; the rest is ``ResponseDecoder``'s."""
+
+    __slots__ = ("codec",)
+
+    def __init__(self, codec: Http1ClientCodec) -> None:
+        super().__init__(codec)
+        self.codec = codec
+
+    def on_body(self, body: bytes) -> None:
+        c = self.codec
+        c.sink.on_response_data(c._sid, body)  # Http1ClientCodec.on_response_body, inlined
+
+    def on_message_complete(self) -> None:
+        # ResponseDecoder.on_message_complete with Http1ClientCodec.on_response_end inlined
+        status = self._status
+        if 100 <= status < 200 and status != 101:
+            self._started = False
+            return
+        self._in_body = False
+        self._started = False
+        c = self.codec
+        c.sink.on_response_end(c._sid)
+
+
 class Http1ServerCodec:
     """``events.ServerCodec`` for HTTP/1.1: requests in (``RequestDecoder``), responses out.
 
@@ -720,7 +767,7 @@ class Http1ServerCodec:
 
     def __init__(self, sink: ServerSink, accept_http_10: bool = True) -> None:
         self.sink = sink
-        self.decoder = RequestDecoder(self, accept_http_10=accept_http_10)
+        self.decoder = _ServerRequestDecoder(self, accept_http_10=accept_http_10)
         # feed(data) decodes (events go to the sink; CodecError on malformed input): the
         # decoder's own method, so a read costs no extra call
         self.feed = self.decoder.feed
@@ -881,7 +928,7 @@ class Http1ClientCodec:
 
     def __init__(self, sink: ClientSink) -> None:
         self.sink = sink
-        self.decoder = ResponseDecoder(self)
+        self.decoder = _ClientResponseDecoder(self)
         self.feed = self.decoder.feed  # (see Http1ServerCodec.feed)
         self._sid = 0
         self.out: list[bytes] = []  # encoded, not yet taken by data_to_send()
