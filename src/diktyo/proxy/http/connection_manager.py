@@ -687,14 +687,11 @@ class DownstreamStream:
             self.prepare_headers()
             self.run_route_filters(0)
             return
-        if self.route_entry() is None:
+        cr = self.route_entry()
+        if cr is None:
             self.local_reply(404, b"", "NR")
             return
-        self.route_action()
-
-    def route_action(self) -> None:
-        cr = self.route
-        assert cr is not None
+        # the route's action (here, not in a method of its own: one call less per request)
         route = cr.route
         rt = self.rt
         if route.direct_response is not None:
