@@ -138,6 +138,10 @@ class ResponseSink(Protocol):
 # a character outside RFC 3986's authority set (unreserved, sub-delims, ":", "@", "[", "]",
 # pct-encoded): "Host: a b" and the like are answered 400, never routed or forwarded
 _BAD_AUTHORITY = re.compile(r"[^A-Za-z0-9\-._~%!$&'()*+,;=:@\[\]]").search
+# authorities that passed _BAD_AUTHORITY (clients repeat theirs: a set lookup instead of a
+# regex search per request); bounded, cleared when full
+_GOOD_AUTHORITIES: set[str] = set()
+GOOD_AUTHORITIES_MAX = 1024
 
 # raw header name -> lower-case str (names repeat: decode and lower each only once)
 _NAMES: dict[bytes, str] = {}
@@ -305,9 +309,13 @@ class RequestDecoder:
         if "host" not in headers:  # HTTP/1.0 too: a request is never forwarded without Host
             self._error = CodecError(400, "missing host header")
             raise _Stop
-        if _BAD_AUTHORITY(authority) is not None:
-            self._error = CodecError(400, "invalid host header")
-            raise _Stop
+        if authority not in _GOOD_AUTHORITIES:
+            if _BAD_AUTHORITY(authority) is not None:
+                self._error = CodecError(400, "invalid host header")
+                raise _Stop
+            if len(_GOOD_AUTHORITIES) >= GOOD_AUTHORITIES_MAX:
+                _GOOD_AUTHORITIES.clear()
+            _GOOD_AUTHORITIES.add(authority)
         head.path = path
         head.authority = authority
         te = headers.get("transfer-encoding")
