@@ -95,3 +95,37 @@ def test_unframed_response_is_still_close_delimited(counting: CountingSub) -> No
         d.feed(b"HTTP/1.1 200 OK\r\nServer: x\r\n\r\nabc")
         assert d.eof()
     assert events == [False, b"abc", "end", False, b"abc", "end"]
+
+
+def test_a_valid_authority_is_checked_once_and_a_bad_one_never_remembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checked: list[str] = []
+    real = http1._BAD_AUTHORITY
+
+    def counting(a: str) -> Any:
+        checked.append(a)
+        return real(a)
+
+    monkeypatch.setattr(http1, "_BAD_AUTHORITY", counting)
+    monkeypatch.setattr(http1, "_GOOD_AUTHORITIES", set())
+    from diktyo.proxy.codec.http1 import CodecError, RequestDecoder
+
+    class Sink:
+        def on_request_head(self, head: Any) -> None:
+            pass
+
+        def on_request_body(self, chunk: bytes) -> None:
+            pass
+
+        def on_request_end(self) -> None:
+            pass
+
+    d = RequestDecoder(Sink())
+    d.feed(b"GET / HTTP/1.1\r\nHost: a.b:80\r\n\r\n" * 3)
+    assert checked == ["a.b:80"]
+    for _ in range(2):  # rejected every time: a bad authority is never cached as good
+        with pytest.raises(CodecError) as exc:
+            RequestDecoder(Sink()).feed(b'GET / HTTP/1.1\r\nHost: a"b\r\n\r\n')
+        assert exc.value.status == 400
+    assert checked == ["a.b:80", 'a"b', 'a"b']

@@ -138,6 +138,10 @@ class ResponseSink(Protocol):
 # a character outside RFC 3986's authority set (unreserved, sub-delims, ":", "@", "[", "]",
 # pct-encoded): "Host: a b" and the like are answered 400, never routed or forwarded
 _BAD_AUTHORITY = re.compile(r"[^A-Za-z0-9\-._~%!$&'()*+,;=:@\[\]]").search
+# authorities that passed _BAD_AUTHORITY (clients repeat theirs: a set lookup instead of a
+# regex search per request); bounded, cleared when full
+_GOOD_AUTHORITIES: set[str] = set()
+GOOD_AUTHORITIES_MAX = 1024
 
 # raw header name -> lower-case str (names repeat: decode and lower each only once)
 _NAMES: dict[bytes, str] = {}
@@ -307,9 +311,13 @@ class RequestDecoder:
         if "host" not in headers:  # HTTP/1.0 too: a request is never forwarded without Host
             self._error = CodecError(400, "missing host header")
             raise _Stop
-        if _BAD_AUTHORITY(authority) is not None:
-            self._error = CodecError(400, "invalid host header")
-            raise _Stop
+        if authority not in _GOOD_AUTHORITIES:
+            if _BAD_AUTHORITY(authority) is not None:
+                self._error = CodecError(400, "invalid host header")
+                raise _Stop
+            if len(_GOOD_AUTHORITIES) >= GOOD_AUTHORITIES_MAX:
+                _GOOD_AUTHORITIES.clear()
+            _GOOD_AUTHORITIES.add(authority)
         head.path = path
         head.authority = authority
         te = headers.get("transfer-encoding")
@@ -695,6 +703,53 @@ _CLOSE_HDR = b"connection: close\r\n"
 _KEEP_ALIVE_HDR = b"connection: keep-alive\r\n"
 
 
+class _ServerRequestDecoder(RequestDecoder):
+    """The server codec's decoder: a body chunk and the end of a request go straight to the
+    codec's sink as events (one Python call each instead of two); the rest is
+    ``RequestDecoder``'s."""
+
+    __slots__ = ("codec",)
+
+    def __init__(self, codec: Http1ServerCodec, accept_http_10: bool = True) -> None:
+        super().__init__(codec, accept_http_10)
+        self.codec = codec
+
+    def on_body(self, body: bytes) -> None:
+        c = self.codec
+        c.sink.on_request_data(c._sid, body)  # Http1ServerCodec.on_request_body, inlined
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        c = self.codec
+        c.sink.on_request_end(c._sid)  # Http1ServerCodec.on_request_end, inlined
+
+
+class _ClientResponseDecoder(ResponseDecoder):
+    """The client codec's decoder: body chunks and the end of a response go straight to the
+    codec's (current) sink as events; the rest is ``ResponseDecoder``'s."""
+
+    __slots__ = ("codec",)
+
+    def __init__(self, codec: Http1ClientCodec) -> None:
+        super().__init__(codec)
+        self.codec = codec
+
+    def on_body(self, body: bytes) -> None:
+        c = self.codec
+        c.sink.on_response_data(c._sid, body)  # Http1ClientCodec.on_response_body, inlined
+
+    def on_message_complete(self) -> None:
+        # ResponseDecoder.on_message_complete with Http1ClientCodec.on_response_end inlined
+        status = self._status
+        if 100 <= status < 200 and status != 101:
+            self._started = False
+            return
+        self._in_body = False
+        self._started = False
+        c = self.codec
+        c.sink.on_response_end(c._sid)
+
+
 class Http1ServerCodec:
     """``events.ServerCodec`` for HTTP/1.1: requests in (``RequestDecoder``), responses out.
 
@@ -723,7 +778,7 @@ class Http1ServerCodec:
 
     def __init__(self, sink: ServerSink, accept_http_10: bool = True) -> None:
         self.sink = sink
-        self.decoder = RequestDecoder(self, accept_http_10=accept_http_10)
+        self.decoder = _ServerRequestDecoder(self, accept_http_10=accept_http_10)
         # feed(data) decodes (events go to the sink; CodecError on malformed input): the
         # decoder's own method, so a read costs no extra call
         self.feed = self.decoder.feed
@@ -884,7 +939,7 @@ class Http1ClientCodec:
 
     def __init__(self, sink: ClientSink) -> None:
         self.sink = sink
-        self.decoder = ResponseDecoder(self)
+        self.decoder = _ClientResponseDecoder(self)
         self.feed = self.decoder.feed  # (see Http1ServerCodec.feed)
         self._sid = 0
         self.out: list[bytes] = []  # encoded, not yet taken by data_to_send()

@@ -512,6 +512,9 @@ class DownstreamStream:
     rs: Any = None
     attempt = 1
     upstream: UpstreamRequest | None = None
+    # request body kept for retries / until an attempt attaches (None until a body chunk
+    # comes: a bodiless request allocates no list)
+    chunks: list[bytes] | None = None
     chunks_size = 0
     replayable = True
     req_done = False
@@ -548,7 +551,6 @@ class DownstreamStream:
         self.head = head
         self.ctx = conn.ctx
         self.t0 = _monotonic()
-        self.chunks: list[bytes] = []
         self.out_headers: dict[str, str] = head.headers
         self.path_out = head.path
         self.authority = head.authority
@@ -687,14 +689,11 @@ class DownstreamStream:
             self.prepare_headers()
             self.run_route_filters(0)
             return
-        if self.route_entry() is None:
+        cr = self.route_entry()
+        if cr is None:
             self.local_reply(404, b"", "NR")
             return
-        self.route_action()
-
-    def route_action(self) -> None:
-        cr = self.route
-        assert cr is not None
+        # the route's action (here, not in a method of its own: one call less per request)
         route = cr.route
         rt = self.rt
         if route.direct_response is not None:
@@ -894,7 +893,7 @@ class DownstreamStream:
             for c in chunks:
                 codec.send_data(sid, c)
             if not self.replayable:
-                self.chunks = []
+                self.chunks = None
                 self.chunks_size = 0
             if req_done and trailers is None:
                 codec.send_data(sid, b"", True)
@@ -953,14 +952,20 @@ class DownstreamStream:
         if a is not None and a.conn is not None:
             a.conn.codec.send_data(a.sid, chunk)
             if self.replayable:
-                self.chunks.append(chunk)
+                kept = self.chunks
+                if kept is None:
+                    kept = self.chunks = []
+                kept.append(chunk)
                 self.chunks_size += len(chunk)
                 if self.chunks_size > RETRY_BUFFER_LIMIT:
                     self.replayable = False
-                    self.chunks = []
+                    self.chunks = None
                     self.chunks_size = 0
         else:
-            self.chunks.append(chunk)
+            kept = self.chunks
+            if kept is None:
+                kept = self.chunks = []
+            kept.append(chunk)
             self.chunks_size += len(chunk)
             if self.chunks_size > BUFFER_HIGH_WATER:
                 self.conn.pause(PAUSE_BUFFER)
@@ -1103,7 +1108,8 @@ class DownstreamStream:
         self.phase = RESPONDED  # RESPONDING -> RESPONDED, checked above
         status = self.status
         a.end(status, status == 502 or status == 503 or status == 504)
-        a.detach()  # self._drop(a) inlined (hot path)
+        # self._drop(a) inlined (hot path); a.detach() is only this, end() cancelled the timer
+        a.stream = None
         self.upstream = None
         conn = a.conn
         a.conn = None
