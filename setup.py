@@ -68,6 +68,17 @@ def remove_compiled(root: str) -> None:
             say(f"removed {path} (an earlier compiled build)")
 
 
+def remove_strays(root: str) -> None:
+    """Deletes compiled modules under ``root/diktyo`` that are no longer in HOT_PATH: they
+    would shadow their ``.py`` and link against a group library that no longer has them."""
+    for so in Path(root, "diktyo").rglob("*.so"):
+        rel = so.relative_to(root)
+        module = ".".join([*rel.parts[:-1], so.name.split(".")[0]])
+        if module not in HOT_PATH:
+            so.unlink()
+            say(f"removed {so} ({module} is no longer compiled)")
+
+
 class BuildHotPath(build_ext):
     """build_ext that compiles HOT_PATH with mypyc, or records why it installs pure Python."""
 
@@ -79,6 +90,8 @@ class BuildHotPath(build_ext):
         super().finalize_options()
 
     def run(self) -> None:
+        for where in {str(ROOT / "src"), self.build_lib}:
+            remove_strays(where)
         if self.reason is None:
             try:
                 super().run()
