@@ -284,6 +284,9 @@ class LocalMesh:
             # the running sidecars' tokens stay valid across a control-plane restart
             token_key=_token_key(Path(home)) if home is not None else None,
         )
+        from diktyo.dashboard import mount as mount_dashboard
+
+        mount_dashboard(self.cp)  # the dashboard at the control plane's /
         # sidecars' bootstrap tokens, one 0600 file each (never in the environment, which
         # /proc/PID/environ shows); the directory goes away with the mesh
         self._token_dir = Path(tempfile.mkdtemp(prefix="diktyo-tokens-"))

@@ -33,9 +33,7 @@ def _may_differ(default: Any) -> bool:
 
 
 def _plan(cls: type) -> tuple[tuple[str, Any], ...]:
-    plan = tuple(
-        (f.name, f.default) for f in msgspec.structs.fields(cls) if _may_differ(f.default)
-    )
+    plan = tuple((f.name, f.default) for f in msgspec.structs.fields(cls) if _may_differ(f.default))
     _PLANS[cls] = plan
     return plan
 
