@@ -30,9 +30,10 @@ from diktyo.proxy.network.listener import bind_listener, serve
 from diktyo.proxy.network.pool import ConnectionPool, new_pool, upstream_protocol
 from diktyo.proxy.router.matcher import RouteMatcher
 from diktyo.proxy.stats import Stats
+from diktyo.security.spiffe import SpiffeId
 from diktyo.snapshot.codec import SnapshotError, validate
 from diktyo.snapshot.model import Listener, Snapshot
-from diktyo.telemetry.istio_metrics import WorkloadInfo, spiffe_id
+from diktyo.telemetry.istio_metrics import WorkloadInfo
 
 log = logging.getLogger("diktyo.proxy")
 
@@ -106,7 +107,7 @@ class Runtime:
         self.matchers = matchers
         self.filter_chains: dict[str, Any] = {}  # listener direction -> FilterChain
         node = snapshot.node
-        principal = spiffe_id(node.trust_domain, node.namespace, node.service_account)
+        principal = SpiffeId(node.trust_domain, node.namespace, node.service_account).uri
         self.me = WorkloadInfo.from_labels(node.workload, node.namespace, node.labels, principal)
         self.inbound_service = node.services[0] if node.services else ""
         self.access_log: Callable[..., None] | None = None

@@ -132,6 +132,15 @@ def _annotation(pod: dict[str, Any], key: str, default: str) -> str:
     return str(((pod.get("metadata") or {}).get("annotations") or {}).get(key, default))
 
 
+def _limits(pod: dict[str, Any], prefix: str, config: InjectConfig) -> dict[str, str]:
+    """The proxy's CPU/memory limits (``sidecar.istio.io/proxyCPULimit``/``proxyMemoryLimit``),
+    shared by the sidecar and the init container, as Istio's injector does."""
+    return {
+        "cpu": _annotation(pod, prefix + "proxyCPULimit", config.cpu_limit),
+        "memory": _annotation(pod, prefix + "proxyMemoryLimit", config.memory_limit),
+    }
+
+
 def _ports(value: str, key: str = "") -> tuple[int, ...]:
     out = []
     for part in (x.strip() for x in value.split(",")):
@@ -306,10 +315,7 @@ def proxy_container(
                 "cpu": _annotation(pod, a + "proxyCPU", config.cpu_request),
                 "memory": _annotation(pod, a + "proxyMemory", config.memory_request),
             },
-            "limits": {
-                "cpu": _annotation(pod, a + "proxyCPULimit", config.cpu_limit),
-                "memory": _annotation(pod, a + "proxyMemoryLimit", config.memory_limit),
-            },
+            "limits": _limits(pod, a, config),
         },
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -340,10 +346,7 @@ def init_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]:
         "args": init_args(capture_plan(pod, config)),
         "resources": {
             "requests": {"cpu": "10m", "memory": "40Mi"},
-            "limits": {
-                "cpu": _annotation(pod, a + "proxyCPULimit", config.cpu_limit),
-                "memory": _annotation(pod, a + "proxyMemoryLimit", config.memory_limit),
-            },
+            "limits": _limits(pod, a, config),
         },
         "securityContext": {
             "allowPrivilegeEscalation": False,
