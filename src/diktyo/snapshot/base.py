@@ -11,6 +11,7 @@ different bytes: a sidecar would be sent the same content again under a new vers
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -18,7 +19,7 @@ import msgspec
 # per struct class: (field name, default) of the defaults an equal value may not be
 # identical to (str, int, float, bytes, non-empty tuple); containers built by a factory are
 # omitted when empty whatever their identity, and None/True/False are singletons
-_PLANS: dict[type, tuple[tuple[str, Any], ...]] = {}
+_PLANS: dict[type, Callable[[Any], None]] = {}
 _NOT_SINGLETON = (str, int, float, bytes, tuple, msgspec.Struct)
 
 
@@ -33,9 +34,26 @@ def _may_differ(default: Any) -> bool:
 
 
 def _plan(cls: type) -> tuple[tuple[str, Any], ...]:
-    plan = tuple((f.name, f.default) for f in msgspec.structs.fields(cls) if _may_differ(f.default))
-    _PLANS[cls] = plan
-    return plan
+    return tuple((f.name, f.default) for f in msgspec.structs.fields(cls) if _may_differ(f.default))
+
+
+def _compile(cls: type) -> Callable[[Any], None]:
+    """``cls``'s canonicalizer, written out field by field (about twice as fast as a loop over
+    the plan: it runs for every struct a push builds). Field names are Python identifiers."""
+    env: dict[str, Any] = {"set": msgspec.structs.force_setattr}
+    lines = ["def canonical(self):"]
+    for i, (name, default) in enumerate(_plan(cls)):
+        env[f"d{i}"], env[f"t{i}"] = default, type(default)
+        lines += [
+            f"    v = self.{name}",
+            f"    if v is not d{i} and type(v) is t{i} and v == d{i}: set(self, {name!r}, d{i})",
+        ]
+    if len(lines) == 1:
+        lines.append("    pass")
+    exec("\n".join(lines), env)  # noqa: S102 - generated from the class's own field names
+    fn: Callable[[Any], None] = env["canonical"]
+    _PLANS[cls] = fn
+    return fn
 
 
 class SnapshotStruct(
@@ -51,10 +69,7 @@ class CanonicalStruct(SnapshotStruct, frozen=True):
 
     def __post_init__(self) -> None:
         try:
-            plan = _PLANS[type(self)]
+            canonical = _PLANS[type(self)]
         except KeyError:
-            plan = _plan(type(self))
-        for name, default in plan:
-            value = getattr(self, name)
-            if value is not default and value == default and type(value) is type(default):
-                msgspec.structs.force_setattr(self, name, default)
+            canonical = _compile(type(self))
+        canonical(self)
