@@ -36,7 +36,7 @@ from typing import Any
 
 from cryptography import x509
 
-from diktyo.security.certs import fingerprint, load_certs, spiffe_id_of, spiffe_id_of_der
+from diktyo.security.certs import fingerprint, load_certs, spiffe_id_of
 from diktyo.security.spiffe import to_principal
 from diktyo.snapshot.model import TlsSettings
 
@@ -186,10 +186,10 @@ def resumed_peer_problem(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> st
     if not der:
         return ""  # no certificate: the caller's identity check refuses it
     try:
-        cert = x509.load_der_x509_certificate(der)
+        not_after = peer_facts(der)[1]
     except ValueError as exc:
         return f"peer certificate of the resumed session cannot be parsed: {exc}"
-    if cert.not_valid_after_utc.timestamp() <= time.time():
+    if not_after <= time.time():
         return "the peer certificate of the resumed TLS session has expired since"
     return ""
 
@@ -206,6 +206,11 @@ def _base(
     if purpose is ssl.Purpose.CLIENT_AUTH:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.num_tickets = SERVER_TICKETS
+        # stateful TLS 1.3 tickets: the session stays in this context's cache and the ticket
+        # only names it, so a resumption neither serialises nor re-parses the client
+        # certificate (OpenSSL 3.0's decoders made that ~0.5 ms of a resumed handshake); such
+        # tickets are single-use and die with the context at the next rotation
+        ctx.options |= ssl.OP_NO_TICKET
     else:
         ctx = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -253,13 +258,32 @@ def peer_certificate_der(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> by
     return ssl_object.getpeercert(binary_form=True)
 
 
+_PEER_FACTS: dict[bytes, tuple[str | None, float]] = {}
+_PEER_FACTS_MAX = 1024
+
+
+def peer_facts(der: bytes) -> tuple[str | None, float]:
+    """``(SPIFFE id or None, notAfter timestamp)`` of a DER certificate, memoised: every new
+    connection of a peer presents (or resumes) the same certificate, and parsing it with
+    ``cryptography`` cost more than the rest of the connection's Python work. Raises
+    ``ValueError`` for a certificate that cannot be parsed."""
+    facts = _PEER_FACTS.get(der)
+    if facts is None:
+        cert = x509.load_der_x509_certificate(der)
+        facts = (spiffe_id_of(cert), cert.not_valid_after_utc.timestamp())
+        if len(_PEER_FACTS) >= _PEER_FACTS_MAX:
+            _PEER_FACTS.clear()  # certificates rotate: start over now and then
+        _PEER_FACTS[der] = facts
+    return facts
+
+
 def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
     """The peer certificate's ``spiffe://`` URI SAN, None without cert or SAN."""
     der = peer_certificate_der(ssl_object)
     if not der:
         return None
     try:
-        return spiffe_id_of_der(der)
+        return peer_facts(der)[0]
     except ValueError:
         return None
 
@@ -275,7 +299,7 @@ def verify_peer(
     if not der:
         return False, "peer presented no certificate (mTLS required)"
     try:
-        sid = spiffe_id_of_der(der)
+        sid = peer_facts(der)[0]
     except ValueError as exc:
         return False, f"peer certificate cannot be parsed: {exc}"
     if sid is None:
@@ -345,7 +369,7 @@ _XFCC_MAX = 4096
 
 def _xfcc_value(local_spiffe_id: str, peer_cert_der: bytes, peer_spiffe: str | None) -> str:
     if peer_spiffe is None:
-        peer_spiffe = spiffe_id_of_der(peer_cert_der)
+        peer_spiffe = peer_facts(peer_cert_der)[0]
     out = f"By={local_spiffe_id};Hash={fingerprint(peer_cert_der)}"
     if peer_spiffe:
         out += f";URI={peer_spiffe}"
