@@ -162,6 +162,21 @@ def security_policies(admin_port: int) -> dict[str, float]:
     return out
 
 
+def handshakes(admin_port: int) -> tuple[float, float]:
+    """The server sidecar's inbound (handshakes, resumed) counters (0, 0 before they existed)."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{admin_port}/stats/prometheus", timeout=5) as r:
+        text = r.read().decode()
+    got = {"envoy_listener_ssl_handshake": 0.0, "envoy_listener_ssl_session_reused": 0.0}
+    for ln in text.splitlines():
+        name = ln.split(" ", 1)[0]
+        if name in got:
+            got[name] = float(ln.rsplit(" ", 1)[1])
+    return got["envoy_listener_ssl_handshake"], got["envoy_listener_ssl_session_reused"]
+
+
 NUDGE = """apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: bench-nudge-{n}, namespace: default}}
@@ -295,9 +310,13 @@ def run(
                         checks.setdefault(cfg, policy)
                         for conns in conns_list:
                             m0 = security_policies(int(server["admin_port"]))
+                            h0 = handshakes(int(server["admin_port"]))
                             s = measure(port, conns, seconds, pids)
                             time.sleep(0.2)
                             m1 = security_policies(int(server["admin_port"]))
+                            h1 = handshakes(int(server["admin_port"]))
+                            s["handshakes_per_req"] = (h1[0] - h0[0]) / max(1, s["requests"])
+                            s["resumed_share"] = (h1[1] - h0[1]) / max(1.0, h1[0] - h0[0])
                             d = {k: v - m0.get(k, 0.0) for k, v in m1.items()}
                             s["mtls_share"] = d.get("mutual_tls", 0.0) / max(1.0, sum(d.values()))
                             s.update(config=cfg, connections=conns, rep=rep, security_policy=policy)
@@ -349,6 +368,8 @@ FIELDS = (
     "p99_us",
     "sidecars_util",
     "mtls_share",
+    "handshakes_per_req",
+    "resumed_share",
 )
 
 
@@ -359,7 +380,7 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         groups.setdefault(f"{s['config']}/c{s['connections']}", []).append(s)
     out: dict[str, dict[str, Any]] = {}
     for key, ss in groups.items():
-        row: dict[str, Any] = {f: statistics.median(s[f] for s in ss) for f in FIELDS}
+        row: dict[str, Any] = {f: statistics.median(s.get(f, 0.0) for s in ss) for f in FIELDS}
         row["rps_min"] = min(s["rps"] for s in ss)
         row["rps_max"] = max(s["rps"] for s in ss)
         row["errors"] = sum(s["errors"] for s in ss)
@@ -590,7 +611,7 @@ def ab_main(args: argparse.Namespace, argv: list[str]) -> int:
         f"load average at the end {' '.join(loadavg)}. Medians over all samples of each side; "
         "CPU = utime+stime of both sidecars per request.",
         "",
-        "| cell | old rps | new rps | old CPU µs/req (client+server) | new CPU µs/req (client+server) | new/old CPU | old mTLS share | new mTLS share |",
+        "| cell | old rps | new rps | old CPU µs/req (client+server) | new CPU µs/req (client+server) | new/old CPU | mTLS share old/new | inbound handshakes per request, resumed share (new) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for key in summary["new"]:
@@ -602,7 +623,8 @@ def ab_main(args: argparse.Namespace, argv: list[str]) -> int:
             f"({o['cpu_us_per_req_client']:.0f}+{o['cpu_us_per_req_server']:.0f}) | "
             f"{n['cpu_us_per_req']:.0f} ({n['cpu_us_per_req_client']:.0f}+"
             f"{n['cpu_us_per_req_server']:.0f}) | {n['cpu_us_per_req'] / o['cpu_us_per_req']:.2f} | "
-            f"{o['mtls_share']:.0%} | {n['mtls_share']:.0%} |"
+            f"{o['mtls_share']:.0%}/{n['mtls_share']:.0%} | "
+            f"{n['handshakes_per_req']:.2f}, {n['resumed_share']:.0%} |"
         )
     lines += ["", "| ratio (same side) | old | new |", "|---|---|---|"]
     rat = {side: ratios(summary[side]) for side in summary}
