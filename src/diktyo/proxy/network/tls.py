@@ -364,7 +364,7 @@ def xfcc_value(local_spiffe_id: str, peer_cert_der: bytes, peer_spiffe: str | No
 
 
 _XFCC: dict[tuple[str, bytes, str | None], str] = {}
-_XFCC_MAX = 4096
+_XFCC_MAX = 1024
 
 
 def _xfcc_value(local_spiffe_id: str, peer_cert_der: bytes, peer_spiffe: str | None) -> str:
