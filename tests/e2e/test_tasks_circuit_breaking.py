@@ -123,11 +123,12 @@ def test_overflows_fail_fast_with_uo_and_never_reach_httpbin(mesh: MeshThread) -
     strict=False,
     reason="known gap (docs/tasks.md, Circuit breaking): Istio's figures come from Envoy with "
     "2 worker threads (Istio's sidecar default), whose per-worker pools each open a connection "
-    "when they have none (past maxConnections, as diktyo's pool now does per process). With one "
-    "worker the task's rule alternates the clients: the one just answered always finds the "
-    "other's request pending, so at most ~50 % (-c 2) and ~33 % (-c 3) can be 200, in Envoy too. "
-    "Measured here: ~40 % and ~25 %; at concurrency 2 (workers branch) ~62 % and ~29 %, the "
-    "rest being the milliseconds a request stays pending while its mTLS connection is set up",
+    "when they have none (past maxConnections). With one worker, or with diktyo's workers that "
+    "keep the limit exact, the task's rule alternates the clients: the one just answered finds "
+    "the other's request pending, so at most ~50 % (-c 2) and ~33 % (-c 3) can be 200, in "
+    "Envoy too. Measured here: ~40 % and ~25 %; with Envoy's per-worker rule at concurrency 2 "
+    "~62 % and ~29 %, the rest being the milliseconds a request stays pending while its mTLS "
+    "connection is set up",
 )
 def test_two_and_three_connections_give_istios_figures(mesh: MeshThread) -> None:
     two = load_via(mesh, "sleep", connections=2, requests=20)

@@ -16,12 +16,13 @@ copy) a connection to ``host``:
 3. a new connection is opened when the breaker allows one more; when it is up the first
    pending request for that host gets it. Otherwise the request waits until a connection of
    the cluster is released or closed - unless the pool has no connection at all to that host
-   (none connecting, busy or idle): then, as Envoy's pool does "to prevent pending streams
-   being queued to this upstream with no way to be processed", one is opened anyway, past
-   ``maxConnections`` (``upstream_cx_overflow`` still counts the refusal). In Envoy each
-   worker thread has its own pools, so with N workers this allows up to N connections to a
-   host at ``maxConnections: 1``: the leeway behind the figures of Istio's circuit-breaking
-   task.
+   (none connecting, busy or idle) while it holds connections to other hosts of the cluster:
+   then, as Envoy's pool does "to prevent pending streams being queued to this upstream with
+   no way to be processed", one is opened anyway, past ``maxConnections``
+   (``upstream_cx_overflow`` still counts the refusal). Envoy applies that rule per worker
+   thread too (each has its own pools), which with N workers allows up to N connections to a
+   single host at ``maxConnections: 1``; diktyo's worker processes keep the limit exact for
+   the sidecar as a whole instead (see docs/tasks.md, Circuit breaking).
 
 Connections are counted against the breaker of the cluster state *current at close time*
 (``ClusterPool.state`` is replaced on snapshot swaps; the pool object survives them).
@@ -158,8 +159,8 @@ class Http1Pool:
             self._open(host)
             return
         self.stats.inc_cluster(self.name, "upstream_cx_overflow")
-        if not self.per_host.get(host.key):
-            self._open(host)  # Envoy: no connection to this host at all, open one anyway
+        if self.per_host and not self.per_host.get(host.key):
+            self._open(host)  # Envoy: the limit is held by other hosts, none by this one
         elif not fresh:
             # a connection of another host may be idle: close it to make room
             for key, conns in self.idle.items():
@@ -241,9 +242,9 @@ class Http1Pool:
             self._open(host)
         if self.pending and self.connecting < len(self.pending):
             self.stats.inc_cluster(self.name, "upstream_cx_overflow")
-            # at the limit: a host with pending requests and no connection at all still gets one
+            # at the limit because of other hosts: a pending host with no connection gets one
             for _, host in list(self.pending):
-                if not self.per_host.get(host.key):
+                if self.per_host and not self.per_host.get(host.key):
                     self._open(host)
 
     def _host_gone(self, key: tuple[str, int]) -> None:
