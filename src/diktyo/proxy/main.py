@@ -404,6 +404,7 @@ async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: flo
              "allowed to create tokenreviews, with the same trust domain?)" if spiffe_id else
              "the bootstrap token (--token-file), one it issued?")
     store = CertificateStore()
+    store.inbound_stats = sidecar.stats.listener  # envoy_listener_ssl_handshake / _session_reused
     got = asyncio.Event()
 
     def on_update(c: Credentials) -> None:

@@ -464,6 +464,7 @@ class Sidecar:
                     self.stats.server.get("downstream_cx_refused_peer_authn", 0) + 1
                 )
 
+            self.certs.inbound_stats = self.stats.listener  # envoy_listener_ssl_* counters
             ctx.server = serve_inbound(self.loop, sock, factory, mode, self.certs, refused)
             return
 
