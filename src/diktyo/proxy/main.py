@@ -360,6 +360,7 @@ def start_workers(sidecar: Sidecar, opts: SidecarOptions) -> Any:
         "access_log_buffer": opts.access_log_buffer, "seed": opts.seed, "log_level": level,
     }  # fmt: skip
     workers = Workers(sidecar, n, settings)
+    sidecar.workers = workers  # the admin's /workers
     workers.start()
     log.info("sidecar runs %d workers (concurrency %s)", n, opts.concurrency)
     return workers

@@ -260,6 +260,7 @@ class Sidecar:
             lambda name, address, port: bind_listener(address, port)
         )
         self.on_drain: list[Callable[[float], None]] = []  # told when draining starts
+        self.workers: Any = None  # diktyo.proxy.workers.Workers with concurrency > 1
 
     def access_log_writer(self, path: str) -> Any:
         """The one non-blocking writer for an access log path (kept across snapshot swaps)."""

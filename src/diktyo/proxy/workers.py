@@ -54,8 +54,14 @@ from typing import Any
 
 import msgspec
 
+from diktyo.proxy.network.listener import bind_listener
 from diktyo.proxy.upstream import shared_breaker
-from diktyo.proxy.upstream.shared_breaker import MAX_WORKERS, SharedCounts
+from diktyo.proxy.upstream.shared_breaker import (
+    MAX_WORKERS,
+    PENDING,
+    SharedCircuitBreaker,
+    SharedCounts,
+)
 
 log = logging.getLogger("diktyo.proxy")
 
@@ -171,6 +177,66 @@ def _num(v: float) -> str:
     return repr(v)
 
 
+# ---------------------------------------------------------------------------- pools
+
+
+NUDGE_BUSY = 0.005  # seconds between checks while requests wait for a connection
+NUDGE_IDLE = 0.05
+
+
+def nudge_pools(sidecar: Any) -> bool:
+    """What a pool cannot see from its own process, checked on a short timer.
+
+    A pool retries opening a connection for its pending requests when one of *its*
+    connections closes. With workers the slot may be freed by another process, so a pool
+    with pending requests retries when the shared total has room. And a worker parking an
+    idle connection at the limit closes it when another worker's requests are pending (as a
+    single pool closes an idle connection of another host to make room). Returns True while
+    anything waits (the timer then runs fast)."""
+    busy = False
+    for pool in list(sidecar.pools.values()):
+        br = pool.state.breaker
+        if not isinstance(br, SharedCircuitBreaker):
+            continue
+        serve = getattr(pool, "_serve_pending", None)
+        if getattr(pool, "pending", None) and serve is not None:
+            busy = True
+            if br.connection_capacity():
+                serve()
+        idle = getattr(pool, "idle", None)
+        if idle and br.total(PENDING) > br.pending and not br.connection_capacity():
+            for conns in idle.values():
+                if conns:
+                    conns.pop(0).close()
+                    busy = True
+                    break
+    return busy
+
+
+class Nudger:
+    """Runs ``nudge_pools`` every few milliseconds while requests wait, else every 50 ms."""
+
+    def __init__(self, sidecar: Any) -> None:
+        self.sidecar = sidecar
+        self.handle: asyncio.TimerHandle | None = sidecar.loop.call_later(NUDGE_IDLE, self.tick)
+
+    def tick(self) -> None:
+        if self.sidecar.stopped.is_set():
+            self.handle = None
+            return
+        try:
+            busy = nudge_pools(self.sidecar)
+        except Exception:  # noqa: BLE001 - never let the timer die
+            log.exception("worker pool check failed")
+            busy = False
+        self.handle = self.sidecar.loop.call_later(NUDGE_BUSY if busy else NUDGE_IDLE, self.tick)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 # ---------------------------------------------------------------------------- leader side
 
 
@@ -185,6 +251,7 @@ class _Worker:
         self.reader = _Reader()
         self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.version = ""  # the version it serves
+        self.given: dict[str, int] = {}  # listener name -> id() of the leader socket it mirrors
         self.started = 0.0
         self.restarts = 0
         self.stats_seq = 0
@@ -210,6 +277,14 @@ class Workers:
         self.draining_timeout: float | None = None
         sidecar.stats.merge = self.merged_metrics
         sidecar.on_drain.append(self.drain)
+        self.nudger = Nudger(sidecar)
+        # how workers get listener sockets (docs/performance.md, "Workers"): "reuseport" = one
+        # SO_REUSEPORT socket per worker, "shared" = the leader's socket, one accept queue
+        self.sockets = os.environ.get("DIKTYO_WORKER_SOCKETS", "reuseport")
+        if self.sockets not in ("reuseport", "shared"):
+            raise ValueError(f"DIKTYO_WORKER_SOCKETS={self.sockets!r}: expected reuseport or shared")
+        if self.sockets == "reuseport":
+            sidecar.listener_socket = _bind_reuseport
         store = getattr(sidecar, "certs", None)
         if store is not None:  # mTLS: workers need the workload certificate too
             self.watch_certs(store)
@@ -252,6 +327,7 @@ class Workers:
         w.reader = _Reader()
         w.started = time.monotonic()
         w.version = ""
+        w.given = {}
         self.loop.add_reader(ctrl.fileno(), self._on_readable, w)
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
         if self.certs is not None:
@@ -307,22 +383,47 @@ class Workers:
             return fut
         self.seq += 1
         seq = self.seq
-        names: list[str] = []
-        fds: list[int] = []
-        for name, ctx in self.sidecar.listeners.items():
-            sock = ctx.sock
-            if sock is not None and sock.fileno() >= 0:
-                names.append(name)
-                fds.append(sock.fileno())
+        names, socks = self._sockets_for(w)
         w.waiting[seq] = fut
         msg = {
             "op": "apply", "seq": seq, "snapshot": self.snapshot_frame,
             "rows": self.shared.rows, "listeners": names,
         }  # fmt: skip
-        if not self._send(w, msg, fds):
+        if not self._send(w, msg, [s.fileno() for s in socks]):
             w.waiting.pop(seq, None)
             fut.set_result({"op": "rejected", "error": "the worker is not reachable"})
+        if self.sockets == "reuseport":
+            for s in socks:  # the worker holds the only copy now: if it dies, its socket
+                s.close()  # leaves the port's group and the others take its connections
         return fut
+
+    def _sockets_for(self, w: _Worker) -> tuple[list[str], list[socket.socket]]:
+        """The listener sockets worker ``w`` lacks: those the leader bound anew since the last
+        push (a worker decides like the leader which listeners keep their socket)."""
+        names: list[str] = []
+        socks: list[socket.socket] = []
+        current = {}
+        for name, ctx in self.sidecar.listeners.items():
+            sock = ctx.sock
+            if sock is None or sock.fileno() < 0:
+                continue
+            current[name] = id(sock)
+            if w.given.get(name) == id(sock):
+                continue
+            if self.sockets == "shared":
+                mine = sock
+            else:
+                address, port = sock.getsockname()[:2]
+                try:
+                    mine = bind_listener(address, port, reuse_port=True)
+                except OSError as exc:
+                    log.warning("worker %d: cannot bind %s:%d for listener %s: %s",
+                                w.index, address, port, name, exc)  # fmt: skip
+                    continue
+            names.append(name)
+            socks.append(mine)
+        w.given = current
+        return names, socks
 
     def _on_readable(self, w: _Worker) -> None:
         assert w.ctrl is not None
@@ -457,18 +558,46 @@ class Workers:
                 proc.kill()
                 proc.wait()
             self._close_channels(w)
+        self.nudger.cancel()
         shared_breaker.SHARED = None
         shared_breaker.ASSIGN_ROWS = False
 
-    def describe(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = [{"worker": 0, "pid": os.getpid(), "role": "leader"}]
+    def describe(self, detail: bool = False) -> list[dict[str, Any]]:
+        """One entry per worker (0 = the leader); ``detail`` adds the downstream requests and
+        connections each has served (asks every worker, like a scrape)."""
+        sc = self.sidecar
+        lead: dict[str, Any] = {"worker": 0, "pid": os.getpid(), "role": "leader", "alive": True,
+                                "version": sc.rt.snapshot.version if sc.rt is not None else ""}
+        if detail:
+            lead.update({k: sc.stats.server.get(k, 0) for k in _SERVED})
+        out = [lead]
         for w in self.workers:
             alive = w.proc is not None and w.proc.poll() is None
-            out.append({
+            d: dict[str, Any] = {
                 "worker": w.index, "pid": w.proc.pid if w.proc else None, "alive": alive,
                 "version": w.version, "restarts": w.restarts,
-            })  # fmt: skip
+            }  # fmt: skip
+            if detail:
+                text = self._worker_metrics(w) if alive else None
+                for k in _SERVED:
+                    d[k] = _sample(text or "", "envoy_http_" + k)
+            out.append(d)
         return out
+
+
+_SERVED = ("downstream_rq_total", "downstream_cx_total")
+
+
+def _sample(text: str, name: str) -> int:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+def _bind_reuseport(name: str, address: str, port: int) -> socket.socket:
+    """The leader's listener sockets, bound with SO_REUSEPORT so workers can join the port."""
+    return bind_listener(address, port, reuse_port=True)
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
@@ -625,7 +754,9 @@ async def _worker(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # the leader drains us; the group's signal
         loop.add_signal_handler(sig, lambda: None)  # (Ctrl-C) reaches it first
     task = loop.create_task(handle())
+    nudger = Nudger(sidecar)
     await done.wait()
+    nudger.cancel()
     task.cancel()
     if not sidecar.stopped.is_set():
         await sidecar.stop()

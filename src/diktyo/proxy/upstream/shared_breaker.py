@@ -47,6 +47,7 @@ MAX_WORKERS = 64
 MAX_CLUSTERS = 4096
 RESOURCES = ("connections", "pending", "requests", "retries")
 _CX, _PENDING, _RQ, _RETRY = 0, 1, 2, 3
+PENDING = _PENDING
 # limits at or above this are Istio's "unlimited" defaults: no lock needed to admit
 UNLIMITED = 2**31
 
