@@ -15,11 +15,13 @@ to each over two Unix socket pairs:
 - **stats**: the leader asks, the worker answers its ``/stats/prometheus`` text; the leader
   sums every sample (``merge_prometheus``), so one scrape returns the sidecar's totals.
 
-Listeners: the leader binds every listener socket once and hands the same socket to every
-worker (``SCM_RIGHTS``); all processes accept from one queue. This balanced better than one
-``SO_REUSEPORT`` socket per worker in our measurements (``docs/performance.md``, "Workers"):
-with reuseport the kernel hashes each new connection to one socket whatever that worker's
-load, with one shared queue the idle worker takes the next connection.
+Listeners: every process accepts on its own socket of the same port (``SO_REUSEPORT``): the
+leader binds its listener sockets with it and, for each worker, binds one more per listener
+and hands it over (``SCM_RIGHTS``), keeping no copy, so a worker that dies takes its socket
+out of the port's group and the others get its share of new connections. We measured the
+alternative, one socket bound once and inherited by all (one accept queue,
+``DIKTYO_WORKER_SOCKETS=shared``): it split 50 ``wrk`` connections 42/8 in one run of two;
+reuseport's hash gave 19/31 and 26/24 (``docs/performance.md``, "Workers").
 
 Snapshots: the leader applies a snapshot first (a rejected one never reaches the workers),
 then sends it to every worker and waits until every one answers that it serves it; only then

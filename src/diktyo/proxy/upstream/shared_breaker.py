@@ -105,7 +105,7 @@ class SharedCounts:
 class SharedCircuitBreaker(CircuitBreaker):
     """A ``CircuitBreaker`` whose limits hold across the sidecar's worker processes."""
 
-    __slots__ = ("_base", "_fd", "_n", "_reserved", "_slots", "_worker")
+    __slots__ = ("_base", "_fd", "_n", "_reserved", "_rq_slot", "_slots", "_worker")
 
     def __init__(self, pool: ConnectionPool, source: str, shared: SharedCounts, row: int) -> None:
         super().__init__(pool, source)
@@ -115,6 +115,7 @@ class SharedCircuitBreaker(CircuitBreaker):
         self._worker = shared.worker
         self._base = row * shared.row_size  # resource r of worker w: base + r * n + w
         self._reserved = 0
+        self._rq_slot = self._base + _RQ * self._n + self._worker  # the per-request one
 
     # -- totals
     def total(self, res: int) -> int:
@@ -183,7 +184,7 @@ class SharedCircuitBreaker(CircuitBreaker):
     # -- requests in flight
     def try_start_request(self) -> bool:
         if self.max_requests >= UNLIMITED:
-            self._add(_RQ, 1)
+            self._slots[self._rq_slot] += 1  # _add inlined: once per request
         elif not self._admit(_RQ, self.max_requests):
             self.counters["upstream_rq_pending_overflow"] += 1
             return False
@@ -193,7 +194,7 @@ class SharedCircuitBreaker(CircuitBreaker):
     def end_request(self) -> None:
         if self.requests > 0:
             self.requests -= 1
-            self._add(_RQ, -1)
+            self._slots[self._rq_slot] -= 1
 
     # -- retries in flight
     def try_start_retry(self) -> bool:
