@@ -938,6 +938,19 @@ class LocalMesh:
         )
         self.cp.add_proxy(rep.proxy, admin_url=self._admin_url(rep))
 
+    def _proxy_env(self, rep: Replica) -> dict[str, str]:
+        """Istio's ``concurrency``: the workload's ``proxy.istio.io/config`` annotation, else
+        the mesh's ``sidecar.concurrency`` (meshConfig.defaultConfig), else the sidecar's
+        default (1)."""
+        from diktyo.core.proxy_config import annotation_concurrency
+
+        n = self.spec.sidecar.concurrency
+        for wl in self.spec.workloads if not rep.is_gateway else []:
+            if wl.name == rep.workload and (wl.namespace or self.spec.namespace) == rep.namespace:
+                n = annotation_concurrency(wl.annotations) if wl.annotations else None
+                n = self.spec.sidecar.concurrency if n is None else n
+        return {} if n is None else {"DIKTYO_CONCURRENCY": str(n)}
+
     def _identity_env(
         self, rep: Replica, uid: int | None = None, gid: int | None = None
     ) -> dict[str, str]:
@@ -967,7 +980,8 @@ class LocalMesh:
         return self._child(
             f"{rep.name} sidecar",
             self.sidecar_argv(self.cp.url, rep.node_id, rep.admin_port),
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **self._identity_env(rep)},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self._identity_env(rep),
+                 **self._proxy_env(rep)},
             on_line=on_sidecar_line,
             user=self.spec.sidecar.run_as_user,
             group=self.spec.sidecar.run_as_group,
@@ -1002,6 +1016,7 @@ class LocalMesh:
             "DIKTYO_INTERCEPTION_MODE": "REDIRECT",
             "DIKTYO_ADMIN_ADDRESS": "0.0.0.0",  # the supervisor reaches it on the pod address
             **self._identity_env(rep, uid, gid),
+            **self._proxy_env(rep),
         }
         # its admin token where its own uid can read it (not under the supervisor's home)
         admin_token = self._token_dir / f"{rep.node_id}.admin-token"
