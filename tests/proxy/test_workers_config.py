@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from diktyo.control.inject.config import InjectConfig
 from diktyo.control.inject.pod import PROXY, InjectionError, inject_pod
 from diktyo.core.proxy_config import annotation_concurrency
 from diktyo.platform.mesh import load_mesh_text
@@ -54,6 +55,12 @@ def test_injector_passes_the_annotation_to_the_sidecar_env() -> None:
                                "annotations": {"proxy.istio.io/config": '{"concurrency": 99}'}}}
     with pytest.raises(InjectionError, match="concurrency 99"):
         inject_pod(bad)
+    # the mesh-wide default (meshConfig.defaultConfig.concurrency); the annotation still wins
+    mesh_wide = InjectConfig(concurrency=0)
+    (proxy,) = [c for c in inject_pod(POD, mesh_wide)["spec"]["containers"] if c["name"] == PROXY]
+    assert {"name": "DIKTYO_CONCURRENCY", "value": "0"} in proxy["env"]
+    (proxy,) = [c for c in inject_pod(pod, mesh_wide)["spec"]["containers"] if c["name"] == PROXY]
+    assert {"name": "DIKTYO_CONCURRENCY", "value": "2"} in proxy["env"]
 
 
 def test_env_value_is_checked() -> None:

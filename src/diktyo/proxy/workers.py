@@ -200,11 +200,17 @@ def nudge_pools(sidecar: Any) -> bool:
         br = pool.state.breaker
         if not isinstance(br, SharedCircuitBreaker):
             continue
-        serve = getattr(pool, "_serve_pending", None)
-        if getattr(pool, "pending", None) and serve is not None:
+        pending = getattr(pool, "pending", None)
+        if pending:
             busy = True
             if br.connection_capacity():
-                serve()
+                serve = getattr(pool, "_serve_pending", None)  # HTTP/1.1
+                if serve is not None:
+                    serve()
+                maybe_open = getattr(pool, "_maybe_open", None)  # HTTP/2
+                if maybe_open is not None:
+                    for host in {id(h): h for _, h in list(pending)}.values():
+                        maybe_open(host)
         idle = getattr(pool, "idle", None)
         if idle and br.total(PENDING) > br.pending and not br.connection_capacity():
             for conns in idle.values():

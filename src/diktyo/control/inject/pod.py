@@ -237,14 +237,16 @@ def _canonical(meta: dict[str, Any]) -> tuple[str, str]:
     return str(name), str(rev)
 
 
-def _concurrency_env(pod: dict[str, Any]) -> list[dict[str, Any]]:
-    """Istio's ``proxy.istio.io/config: '{"concurrency": N}'``: the sidecar's worker processes."""
+def _concurrency_env(pod: dict[str, Any], default: int | None) -> list[dict[str, Any]]:
+    """Istio's ``proxy.istio.io/config: '{"concurrency": N}'`` (else the mesh-wide default):
+    the sidecar's worker processes."""
     from diktyo.core.proxy_config import annotation_concurrency
 
     try:
         n = annotation_concurrency((pod.get("metadata") or {}).get("annotations"))
     except ValueError as exc:
         raise InjectionError(str(exc)) from None
+    n = default if n is None else n
     return [] if n is None else [{"name": "DIKTYO_CONCURRENCY", "value": str(n)}]
 
 
@@ -302,7 +304,7 @@ def proxy_container(
             },
         ]
         + ([{"name": PROBERS_ENV, "value": app_probers}] if app_probers else [])
-        + _concurrency_env(pod),
+        + _concurrency_env(pod, config.concurrency),
         "ports": [
             {"containerPort": config.status_port, "name": "http-dkt-status", "protocol": "TCP"}
         ],
