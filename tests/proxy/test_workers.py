@@ -313,21 +313,75 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-async def test_crash_is_logged_with_its_status(counting: CountingUpstream) -> None:
+async def test_crash_is_logged_and_sigterm_drains_every_worker(counting: CountingUpstream) -> None:
     snap = http_snapshot({"svc": [("127.0.0.1", counting.port)]})
     async with start_sidecar_process(snap, "--concurrency", "2", "--log-level", "info") as h:
         _, worker = h.extra["workers"]
         os.kill(worker, signal.SIGKILL)
         await eventually(lambda: _restarted(h.admin, worker), timeout=20, what="restart")
+        new = workers_of(h.admin)[1]["pid"]
         h.process.terminate()
         _, err = await asyncio.wait_for(h.process.communicate(), 20)
+        assert h.process.returncode == 0  # drained and exited cleanly
+        assert not os.path.exists(f"/proc/{new}") or _zombie(new)  # the worker drained too
     log = err.decode()
     assert f"worker 1 (pid {worker}): it exited (killed by SIGKILL); restarting it" in log, log
+    assert "did not exit after draining" not in log
 
 
 def _restarted(admin: int, old: int) -> bool:
     ws = workers_of(admin)
     return bool(ws[1]["pid"] != old and ws[1]["version"])
+
+
+async def test_rejected_push_reaches_no_worker_and_v1_keeps_serving() -> None:
+    """A snapshot the leader rejects is NACKed and never sent to the workers: every worker
+    keeps serving v1."""
+    async with FakeUpstream(Response(body=b"A")) as a:
+        good = encode(http_snapshot({"svc": [("127.0.0.1", a.port)]}, version="1"))
+        # a second listener on a port that is taken (the upstream's): the leader cannot bind
+        busy = {"name": "busy", "direction": "outbound", "address": "127.0.0.1",
+                "port": a.port, "route_table": "outbound"}  # fmt: skip
+        bad = encode(http_snapshot({"svc": [("127.0.0.1", a.port)]}, listeners=[busy],
+                                   version="2"))  # fmt: skip
+        bodies = {"1": good, "2": bad}
+        current = ["1"]
+
+        def cp(req: RecordedRequest) -> Response:
+            if req.path.startswith("/v1/snapshot"):
+                v = current[0]
+                if f"version={v}" in req.path:
+                    return Response(status=204, body=b"", delay=0.2)
+                return Response(body=bodies[v], headers={
+                    "content-type": "application/json", "x-diktyo-version": v})  # fmt: skip
+            return Response(body=b"{}", headers={"content-type": "application/json"})
+
+        async with FakeUpstream(handler=cp) as plane:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "diktyo.proxy", "--concurrency", "2",
+                "--control-plane", f"http://127.0.0.1:{plane.port}", "--node", "test.default",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                assert proc.stdout is not None
+                ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+                current[0] = "2"
+
+                def nacked() -> bool:
+                    acks = [json.loads(q.body) for q in plane.requests if q.path == "/v1/ack"]
+                    return any(x["version"] == "2" and not x["ok"] for x in acks)
+
+                await eventually(nacked, timeout=20, what="NACK of v2")
+                acks = [json.loads(q.body) for q in plane.requests if q.path == "/v1/ack"]
+                assert "cannot bind" in next(x for x in acks if x["version"] == "2")["error"]
+                ws = await asyncio.to_thread(workers_of, ready["admin"])
+                assert [w["version"] for w in ws] == ["1", "1"], ws
+                codes = await _load(ready["listeners"]["outbound"], connections=8,
+                                    per_connection=2)  # fmt: skip
+                assert codes == [200] * 16
+            finally:
+                proc.terminate()
+                await asyncio.wait_for(proc.communicate(), 20)
 
 
 async def test_push_under_load_is_acked_once_every_worker_serves_it() -> None:
