@@ -18,6 +18,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -454,3 +455,70 @@ async def test_push_under_load_is_acked_once_every_worker_serves_it() -> None:
         assert (b"A", "1") in seen and (b"B", "2") in seen
         assert after and set(after) == {(b"B", "2")}, set(after)
         assert all((r.body, r.header("x-v")) == (b"B", "2") for r in fresh)
+
+
+STANDALONE = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews]
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {v1}}}, labels: {{version: v1}}}}
+  - {{address: 127.0.0.1, ports: {{http: {v2}}}, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: default}}
+spec:
+  host: reviews
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - headers: {{end-user: {{exact: jason}}}}
+    route:
+    - destination: {{host: reviews, subset: v2}}
+  - route:
+    - destination: {{host: reviews, subset: v1}}
+"""
+
+
+async def test_standalone_config_dir_with_concurrency_from_the_env(tmp_path: Path) -> None:
+    """``DIKTYO_CONCURRENCY=2 diktyo sidecar --config DIR``: both workers route by the
+    VirtualService of the directory."""
+    async with FakeUpstream(Response(body=b"v1")) as v1, FakeUpstream(Response(body=b"v2")) as v2:
+        (tmp_path / "mesh.yaml").write_text(STANDALONE.format(v1=v1.port, v2=v2.port))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "diktyo.cli.main", "sidecar", "--config", str(tmp_path),
+            "--outbound-port", "0", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, "DIKTYO_CONCURRENCY": "2"},
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+            assert len(ready["workers"]) == 2
+            port = ready["listeners"]["outbound"]
+
+            async def one(i: int) -> bytes:
+                headers = {"end-user": "jason"} if i % 2 else {}
+                r = await http_request(port, "GET", "http://reviews:9080/r", headers)
+                return r.body
+
+            bodies = await asyncio.gather(*(one(i) for i in range(24)))
+            assert bodies == [b"v2" if i % 2 else b"v1" for i in range(24)]
+            ws = await asyncio.to_thread(workers_of, ready["admin"])
+            assert all(w["downstream_rq_total"] > 0 for w in ws), ws
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.communicate(), 20)
