@@ -156,7 +156,8 @@ def test_merge_sums_every_sample_and_keeps_families_grouped() -> None:
 
 
 def test_shared_breaker_limits_hold_across_workers() -> None:
-    pool = ConnectionPool(max_connections=1, http1_max_pending_requests=1, http2_max_requests=2)
+    pool = ConnectionPool(max_connections=1, http1_max_pending_requests=1, http2_max_requests=2,
+                          max_retries=1)  # fmt: skip
     a = SharedCounts.create(2)
     b = SharedCounts(a.fd, 1, 2)
     try:
@@ -177,6 +178,10 @@ def test_shared_breaker_limits_hold_across_workers() -> None:
         wa.end_request()
         assert wb.try_start_request()
         assert wa.try_enter_pending() and not wb.try_enter_pending()
+        assert wb.try_start_retry() and not wa.try_start_retry()  # maxRetries: 1 in flight
+        assert wa.counters["upstream_rq_retry_overflow"] == 1
+        wb.end_retry()
+        assert wa.try_start_retry()
         wa.connection_closed()
         assert wb.can_open_connection()
         wb.connection_opened()
