@@ -302,7 +302,10 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
         sidecar.apply(snap)
         await sidecar.wait_listening()
         if workers is not None:
-            await workers.push()
+            try:
+                await workers.push()
+            except RuntimeError as exc:  # the leader serves; those workers are restarted
+                log.error("%s", exc)
     await sidecar.wait_listening()
     gc.collect()
     gc.freeze()  # config objects leave the collector's view

@@ -263,6 +263,7 @@ class _Worker:
         self.started = 0.0
         self.restarts = 0
         self.stats_seq = 0
+        self.hello: asyncio.Future[None] | None = None  # set once it reads its control socket
 
 
 class Workers:
@@ -336,6 +337,7 @@ class Workers:
         w.started = time.monotonic()
         w.version = ""
         w.given = {}
+        w.hello = self.loop.create_future()
         self.loop.add_reader(ctrl.fileno(), self._on_readable, w)
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
         if self.certs is not None:
@@ -367,6 +369,11 @@ class Workers:
         from diktyo.snapshot.codec import encode
 
         self.snapshot_frame = encode(rt.snapshot)
+        # a worker still starting reads nothing yet: a snapshot larger than the socket buffer
+        # would block the leader's loop in sendall, so wait for its hello first
+        starting = [w.hello for w in self.workers if w.hello is not None and not w.hello.done()]
+        if starting:
+            await asyncio.wait(starting, timeout=timeout)
         waits = [(w, self._apply(w)) for w in self.workers if w.ctrl is not None]
         if not waits:
             return
@@ -440,7 +447,10 @@ class Workers:
             os.close(fd)
         w.reader.fds.clear()
         for msg in w.reader.frames():
-            if msg.get("op") in ("applied", "rejected"):
+            if msg.get("op") == "hello":
+                if w.hello is not None and not w.hello.done():
+                    w.hello.set_result(None)
+            elif msg.get("op") in ("applied", "rejected"):
                 if msg.get("op") == "applied":
                     w.version = msg.get("version", "")
                 fut = w.waiting.pop(msg.get("seq", -1), None)
@@ -460,6 +470,8 @@ class Workers:
                 w.proc.kill()
                 status = w.proc.wait()
         self.shared.clear_worker(w.index)
+        if w.hello is not None and not w.hello.done():
+            w.hello.set_result(None)  # nobody waits for a dead worker's hello
         for fut in w.waiting.values():
             if not fut.done():
                 fut.set_result({"op": "rejected", "error": f"worker exited (status {status})"})
@@ -489,13 +501,19 @@ class Workers:
             return
         self._spawn(w)
         if self.snapshot_frame is not None:
-            fut = self._apply(w)
+            task = self.loop.create_task(self._reapply(w))
+            self.sidecar.tasks.add(task)
+            task.add_done_callback(self.sidecar.tasks.discard)
 
-            def done(f: asyncio.Future[dict[str, Any]]) -> None:
-                if not f.cancelled() and f.result().get("op") == "applied":
-                    log.info("worker %d serves snapshot %s again", w.index, w.version)
-
-            fut.add_done_callback(done)
+    async def _reapply(self, w: _Worker) -> None:
+        """A restarted worker gets the snapshot the leader serves, once it says hello."""
+        if w.hello is not None:
+            await asyncio.wait([w.hello], timeout=APPLY_TIMEOUT)
+        res = await self._apply(w)
+        if res.get("op") == "applied":
+            log.info("worker %d serves snapshot %s again", w.index, w.version)
+        else:
+            log.warning("worker %d: %s", w.index, res.get("error", res))
 
     def _close_channels(self, w: _Worker) -> None:
         if w.ctrl is not None:
@@ -759,6 +777,7 @@ async def _worker(args: argparse.Namespace) -> int:
 
     loop.add_reader(ctrl.fileno(), on_ctrl)
     loop.add_reader(stats.fileno(), on_stats)
+    reply({"op": "hello"})
     for sig in (signal.SIGTERM, signal.SIGINT):  # the leader drains us; the group's signal
         loop.add_signal_handler(sig, lambda: None)  # (Ctrl-C) reaches it first
     task = loop.create_task(handle())
