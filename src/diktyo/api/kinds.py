@@ -82,7 +82,9 @@ KIND_TABLE: list[KindInfo] = [
         NETWORKING,
         "ProxyConfig",
         ("v1beta1",),
-        reason="per-workload proxy settings (concurrency, image, ...) are not implemented",
+        reason="per-workload proxy settings (image, ...) are not implemented; for "
+        "concurrency use the pod annotation proxy.istio.io/config or the mesh file's "
+        "sidecar.concurrency",
     ),
     KindInfo(TELEMETRY, "Telemetry", ("v1", "v1alpha1"), Telemetry),
     KindInfo(
