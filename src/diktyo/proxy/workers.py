@@ -147,10 +147,9 @@ def merge_prometheus(texts: list[str], leader_only: tuple[str, ...] = ("diktyo_p
                     if fam not in families:
                         families[fam] = ([], {})
                         order.append(fam)
-                    if i == 0 or not families[fam][0] or parts[1] not in families[fam][0][-1]:
-                        meta = families[fam][0]
-                        if line not in meta:
-                            meta.append(line)
+                    meta = families[fam][0]  # one HELP and one TYPE, the first text's
+                    if not any(m.split(" ", 2)[1] == parts[1] for m in meta):
+                        meta.append(line)
                 continue
             if i > 0 and fam.startswith(leader_only):
                 continue
