@@ -120,3 +120,48 @@ def test_help_explains_the_flag() -> None:
     text = " ".join(out.split())
     assert "--concurrency N" in text and "0 = one per core, default 1" in text
     assert "DIKTYO_CONCURRENCY" in text
+
+
+PROXY_CONFIGS = """
+apiVersion: networking.istio.io/v1beta1
+kind: ProxyConfig
+metadata: {name: mesh-wide, namespace: istio-system}
+spec: {concurrency: 0}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ProxyConfig
+metadata: {name: for-a, namespace: default}
+spec:
+  selector: {matchLabels: {app: a}}
+  concurrency: 3
+"""
+
+
+def test_proxyconfig_resources_follow_istios_precedence() -> None:
+    from diktyo.api import load_text
+    from diktyo.control.model import ProxyNode
+    from diktyo.snapshot.model import Node
+
+    loaded = load_text(PROXY_CONFIGS, "proxyconfig.yaml")
+    assert loaded.ok, loaded.errors
+    mesh = LocalMesh(load_mesh_text(MESH))
+    mesh.cp.store.set_source("test", loaded.resources, [])
+
+    def env(workload: str, labels: dict[str, str]) -> dict[str, str]:
+        node = Node(id=f"{workload}-1.default", workload=workload, namespace="default",
+                    labels=labels)  # fmt: skip
+        return mesh._proxy_env(Replica(f"{workload}-1", workload, "default", "",
+                                       ProxyNode(node=node), 0))  # fmt: skip
+
+    # Istio's EffectiveProxyConfig, lowest first: meshConfig.defaultConfig (the mesh file's
+    # sidecar.concurrency: 2), mesh-wide ProxyConfig (0), namespace ProxyConfig, the pod's
+    # annotation, a ProxyConfig selecting the workload
+    assert env("a", {"app": "a"}) == {"DIKTYO_CONCURRENCY": "3"}  # its workload ProxyConfig
+    assert env("b", {"app": "b"}) == {"DIKTYO_CONCURRENCY": "1"}  # annotation over mesh-wide
+    assert env("c", {"app": "c"}) == {"DIKTYO_CONCURRENCY": "0"}  # mesh-wide over the file
+    ns_text = PROXY_CONFIGS.replace("name: mesh-wide, namespace: istio-system",
+                                    "name: ns, namespace: default")  # fmt: skip
+    ns = load_text(ns_text.replace("{concurrency: 0}", "{concurrency: 4}"), "ns.yaml")
+    mesh.cp.store.set_source("test", [*loaded.resources, *ns.resources], [])
+    assert env("c", {"app": "c"}) == {"DIKTYO_CONCURRENCY": "4"}  # namespace over mesh-wide
+    assert env("a", {"app": "a"}) == {"DIKTYO_CONCURRENCY": "3"}

@@ -939,16 +939,26 @@ class LocalMesh:
         self.cp.add_proxy(rep.proxy, admin_url=self._admin_url(rep))
 
     def _proxy_env(self, rep: Replica) -> dict[str, str]:
-        """Istio's ``concurrency``: the workload's ``proxy.istio.io/config`` annotation, else
-        the mesh's ``sidecar.concurrency`` (meshConfig.defaultConfig), else the sidecar's
-        default (1)."""
-        from diktyo.core.proxy_config import annotation_concurrency
+        """Istio's ``concurrency`` for the replica's sidecar, with Istio's precedence (lowest
+        first): the mesh's ``sidecar.concurrency`` (meshConfig.defaultConfig), a ProxyConfig
+        in ``istio-system`` (mesh-wide), one in the workload's namespace, the workload's
+        ``proxy.istio.io/config`` annotation, a ProxyConfig selecting the workload. Unset
+        everywhere: the sidecar's default (1). Read when the sidecar starts: like Istio, a
+        change applies on restart."""
+        from diktyo.api.proxy_config import concurrency_levels
+        from diktyo.core.proxy_config import MAX_CONCURRENCY, annotation_concurrency
 
-        n = self.spec.sidecar.concurrency
+        annotated = None
         for wl in self.spec.workloads if not rep.is_gateway else []:
             if wl.name == rep.workload and (wl.namespace or self.spec.namespace) == rep.namespace:
-                n = annotation_concurrency(wl.annotations) if wl.annotations else None
-                n = self.spec.sidecar.concurrency if n is None else n
+                annotated = annotation_concurrency(wl.annotations) if wl.annotations else None
+        labels = dict(rep.proxy.node.labels) if rep.proxy is not None else {}
+        workload, namespace, mesh = concurrency_levels(
+            self.cp.store.resources, rep.namespace, labels
+        )
+        n = self.spec.sidecar.concurrency
+        for level in (mesh, namespace, annotated, workload):
+            n = n if level is None else min(level, MAX_CONCURRENCY)
         return {} if n is None else {"DIKTYO_CONCURRENCY": str(n)}
 
     def _identity_env(
