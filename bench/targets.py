@@ -4,6 +4,7 @@ direct, diktyo sidecar, nginx, HAProxy, and the two-hop mesh paths (diktyo and H
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -74,8 +75,9 @@ def _sidecar(
     path = tmp / f"{name}.snapshot.json"
     path.write_text(json.dumps(snap, indent=1))
     argv = [*diktyo_argv(), "sidecar", "--snapshot", str(path), "--admin-port", str(free_port())]
-    if concurrency > 1:  # every core (taskset re-pins the pinned launcher's child)
-        argv = ["taskset", "-c", f"0-{concurrency - 1}", *argv, "--concurrency", str(concurrency)]
+    if concurrency > 1:  # one core per worker (taskset re-pins the pinned launcher's child)
+        last = min(concurrency, os.cpu_count() or 1) - 1
+        argv = ["taskset", "-c", f"0-{last}", *argv, "--concurrency", str(concurrency)]
     return start_sidecar(name, argv, tmp / f"{name}.log", PROXY_CORE, listener=listener)
 
 
