@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -527,3 +528,21 @@ async def test_standalone_config_dir_with_concurrency_from_the_env(tmp_path: Pat
         finally:
             proc.terminate()
             await asyncio.wait_for(proc.communicate(), 20)
+
+
+async def test_a_port_another_reuseport_group_holds_is_refused(counting: CountingUpstream) -> None:
+    """SO_REUSEPORT would let a sidecar with workers silently join a port another process of
+    the same user serves with it (another sidecar with workers): it must fail to bind."""
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    port = other.getsockname()[1]
+    try:
+        snap = http_snapshot({"svc": [("127.0.0.1", counting.port)]})
+        with pytest.raises(RuntimeError, match="cannot bind"):
+            async with start_sidecar_process(snap, "--concurrency", "2",
+                                             "--outbound-port", str(port)):  # fmt: skip
+                pass
+    finally:
+        other.close()

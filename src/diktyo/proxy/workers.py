@@ -621,7 +621,15 @@ def _sample(text: str, name: str) -> int:
 
 
 def _bind_reuseport(name: str, address: str, port: int) -> socket.socket:
-    """The leader's listener sockets, bound with SO_REUSEPORT so workers can join the port."""
+    """The leader's listener sockets, bound with SO_REUSEPORT so workers can join the port.
+
+    A plain bind first: SO_REUSEPORT alone would silently *join* a port another process of
+    the same user already serves with it (another sidecar with workers, a mistyped port),
+    sharing its connections; the probe fails with EADDRINUSE instead, and port 0 gets a port
+    nobody uses."""
+    probe = bind_listener(address, port)
+    port = probe.getsockname()[1]
+    probe.close()
     return bind_listener(address, port, reuse_port=True)
 
 
