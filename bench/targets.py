@@ -4,6 +4,7 @@ direct, diktyo sidecar, nginx, HAProxy, and the two-hop mesh paths (diktyo and H
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,11 @@ from typing import Any
 import configs
 from procs import PROXY_CORE, Proc, free_port, start, start_sidecar
 
-ALL_TARGETS = ("direct", "diktyo", "nginx", "haproxy", "mesh-diktyo", "mesh-haproxy")
-DIKTYO_TARGETS = ("diktyo", "mesh-diktyo")
+ALL_TARGETS = (
+    "direct", "diktyo", "diktyo-c2", "nginx", "haproxy", "mesh-diktyo", "mesh-haproxy"
+)
+DIKTYO_TARGETS = ("diktyo", "diktyo-c2", "mesh-diktyo")
+# diktyo-c2: the same sidecar with concurrency 2 (two worker processes), allowed on both cores
 
 
 @dataclass
@@ -64,11 +68,16 @@ def _validate(snap: dict[str, object]) -> None:
     codec.from_builtins(snap)  # raises SnapshotError with a readable message
 
 
-def _sidecar(tmp: Path, name: str, snap: dict[str, object], listener: str = "") -> Proc:
+def _sidecar(
+    tmp: Path, name: str, snap: dict[str, object], listener: str = "", concurrency: int = 1
+) -> Proc:
     _validate(snap)
     path = tmp / f"{name}.snapshot.json"
     path.write_text(json.dumps(snap, indent=1))
     argv = [*diktyo_argv(), "sidecar", "--snapshot", str(path), "--admin-port", str(free_port())]
+    if concurrency > 1:  # one core per worker (taskset re-pins the pinned launcher's child)
+        last = min(concurrency, os.cpu_count() or 1) - 1
+        argv = ["taskset", "-c", f"0-{last}", *argv, "--concurrency", str(concurrency)]
     return start_sidecar(name, argv, tmp / f"{name}.log", PROXY_CORE, listener=listener)
 
 
@@ -169,16 +178,17 @@ def start_target(name: str, tmp: Path, upstream: Proc, config: str = "yaml") -> 
             server.stop()
             raise
         return Running(name, pc, [client, server])
-    if name == "diktyo":
+    if name in ("diktyo", "diktyo-c2"):
+        workers = 2 if name == "diktyo-c2" else 1
         if config == "yaml":
             yaml_text = configs.istio_yaml(("127.0.0.1", upstream_port), ("127.0.0.1", v2_port))
-            snap = translated_snapshot(tmp, "diktyo", yaml_text, "client")
-            p = _sidecar(tmp, "diktyo", snap, CLIENT_LISTENER)
+            snap = translated_snapshot(tmp, name, yaml_text, "client")
+            p = _sidecar(tmp, name, snap, CLIENT_LISTENER, workers)
         else:
             snap = configs.client_sidecar_snapshot(
                 0, [("127.0.0.1", upstream_port)], via_sidecar=False
             )
-            p = _sidecar(tmp, "diktyo", snap)
+            p = _sidecar(tmp, name, snap, concurrency=workers)
         return Running(name, p.port, [p])
     if name == "mesh-diktyo":
         if config == "yaml":

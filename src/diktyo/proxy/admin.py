@@ -30,7 +30,7 @@ from diktyo.proxy.codec.http1 import CodecError, RequestDecoder, RequestHead, lo
 
 ROUTES_HELP = (
     "diktyo sidecar admin: GET /ready, /stats/prometheus, /stats, /config_dump, /clusters, "
-    "/listeners; POST /drain (or /quitquitquit) with Authorization: Bearer TOKEN\n"
+    "/workers, /listeners; POST /drain (or /quitquitquit) with Authorization: Bearer TOKEN\n"
 )
 MUTATING = frozenset({"/drain", "/quitquitquit", "/drain_listeners"})
 TOKEN_FILE_ENV = "DIKTYO_ADMIN_TOKEN_FILE"
@@ -227,6 +227,10 @@ class AdminServer:
             return 200, json.dumps({"clusters": out}, indent=1, default=str).encode(), js
         if path == "/listeners":
             return 200, json.dumps(sc.ports()).encode(), js
+        if path == "/workers":  # concurrency N: each worker process (diktyo.proxy.workers)
+            wk = getattr(sc, "workers", None)
+            found = wk.describe(detail=True) if wk is not None else [{"worker": 0, "role": "leader"}]
+            return 200, json.dumps({"workers": found}, indent=1).encode(), js
         if path in ("/drain", "/quitquitquit", "/drain_listeners"):
             if method != "POST":
                 return 405, b"use POST\n", text

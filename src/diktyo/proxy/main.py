@@ -54,6 +54,9 @@ class SidecarOptions:
     accept_http_10: bool = False  # Envoy's accept_http_10 (Istio: PILOT_HTTP10)
     access_log_buffer: int = 1024 * 1024  # bytes of access log buffered before lines drop
     seed: int | None = None
+    # Istio's ProxyConfig concurrency: worker processes (None = diktyo's default 1, 0 = one
+    # per core); see diktyo.proxy.workers
+    concurrency: int | None = None
     # bootstrap token: proves this sidecar's identity to the control plane (snapshots, ACKs)
     # and gets the workload certificate (mTLS). Read from a 0600 file (--token-file, or the
     # path in $DIKTYO_CA_TOKEN_FILE set by the local platform), never from the environment.
@@ -252,14 +255,20 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
                 status.close()
             await sidecar.stop()
             return 1
+    workers = start_workers(sidecar, opts)
     if opts.control_plane:
         from diktyo.proxy.config_client import ConfigClient
 
         ready_evt = asyncio.Event()
 
-        def on_snapshot(snap: Snapshot) -> None:
+        async def on_snapshot(snap: Snapshot) -> None:
             sidecar.apply(ensure_capture(pod_overrides(snap, opts), opts.interception_mode))
-            ready_evt.set()
+            try:
+                if workers is not None:  # ACKed once every worker serves it too
+                    await sidecar.wait_listening()
+                    await workers.push()
+            finally:
+                ready_evt.set()
 
         assert opts.node is not None  # checked above: --control-plane needs --node
         cp_token = opts.ca_token
@@ -291,6 +300,12 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
                 f"cannot load config from {where}: {type(exc).__name__}: {exc}"
             ) from exc
         sidecar.apply(snap)
+        await sidecar.wait_listening()
+        if workers is not None:
+            try:
+                await workers.push()
+            except RuntimeError as exc:  # the leader serves; those workers are restarted
+                log.error("%s", exc)
     await sidecar.wait_listening()
     gc.collect()
     gc.freeze()  # config objects leave the collector's view
@@ -307,6 +322,8 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
     if status is not None:
         ready["status"] = status.status_port
         ready["readiness"] = status.readiness_port
+    if workers is not None:
+        ready["workers"] = [w["pid"] for w in workers.describe()]
     line = json.dumps(ready, separators=(",", ":"))
     print(line, file=ready_out, flush=True)
     log.info("sidecar ready: %s", line)
@@ -321,12 +338,35 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
     await sidecar.stopped.wait()
+    if workers is not None:
+        await workers.stop()
     admin.close()
     if status is not None:
         status.close()
     if client is not None:
         await client.close()
     return 0
+
+
+def start_workers(sidecar: Sidecar, opts: SidecarOptions) -> Any:
+    """With concurrency > 1: the worker processes (``diktyo.proxy.workers``), else None."""
+    from diktyo.proxy.workers import resolve_concurrency
+
+    n = resolve_concurrency(opts.concurrency)
+    if n <= 1:
+        return None
+    from diktyo.proxy.workers import Workers
+
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    settings = {
+        "header_timeout": opts.header_timeout, "accept_http_10": opts.accept_http_10,
+        "access_log_buffer": opts.access_log_buffer, "seed": opts.seed, "log_level": level,
+    }  # fmt: skip
+    workers = Workers(sidecar, n, settings)
+    sidecar.workers = workers  # the admin's /workers
+    workers.start()
+    log.info("sidecar runs %d workers (concurrency %s)", n, opts.concurrency)
+    return workers
 
 
 def read_kube_token(path: str) -> str:

@@ -255,6 +255,13 @@ class Sidecar:
         # Envoy's (and Istio's) default: HTTP/1.0 requests are answered 426 (--accept-http-10)
         self.accept_http_10 = False
         self.idle_timeout = IDLE_TIMEOUT
+        # where listener sockets come from: bound here, or (a worker process) handed over by
+        # the leader (diktyo.proxy.workers); (listener name, address, port) -> socket
+        self.listener_socket: Callable[[str, str, int], socket.socket] = (
+            lambda name, address, port: bind_listener(address, port)
+        )
+        self.on_drain: list[Callable[[float], None]] = []  # told when draining starts
+        self.workers: Any = None  # diktyo.proxy.workers.Workers with concurrency > 1
 
     def access_log_writer(self, path: str) -> Any:
         """The one non-blocking writer for an access log path (kept across snapshot swaps)."""
@@ -420,7 +427,7 @@ class Sidecar:
                 ):
                     continue
                 try:
-                    sock = bind_listener(address, lst.port)
+                    sock = self.listener_socket(lst.name, address, lst.port)
                 except OSError as exc:
                     raise SnapshotError(
                         f"listener {lst.name!r}: cannot bind {lst.address}:{lst.port}: "
@@ -521,6 +528,8 @@ class Sidecar:
             await self.stopped.wait()
             return
         self.draining = True
+        for hook in self.on_drain:
+            hook(timeout)
         for ctx in self.listeners.values():
             if ctx.server is not None:
                 ctx.server.close()

@@ -85,6 +85,8 @@ class Stats:
         self._labels: dict[str, str] = {}
         self._peers: dict[tuple[Any, ...], PeerKey] = {}
         self._warned: set[str] = set()
+        # with worker processes (diktyo.proxy.workers): adds the other workers' series
+        self.merge: Any = None
 
     def record_request(
         self,
@@ -200,4 +202,5 @@ class Stats:
             self._read_cluster_states(cluster_states)
         out: list[str] = []
         self.collect(out)
-        return "".join(out)
+        text = "".join(out)
+        return text if self.merge is None else str(self.merge(text))

@@ -246,6 +246,19 @@ def _canonical(meta: dict[str, Any]) -> tuple[str, str]:
     return str(name), str(rev)
 
 
+def _concurrency_env(pod: dict[str, Any], default: int | None) -> list[dict[str, Any]]:
+    """Istio's ``proxy.istio.io/config: '{"concurrency": N}'`` (else the mesh-wide default):
+    the sidecar's worker processes."""
+    from diktyo.core.proxy_config import annotation_concurrency
+
+    try:
+        n = annotation_concurrency((pod.get("metadata") or {}).get("annotations"))
+    except ValueError as exc:
+        raise InjectionError(str(exc)) from None
+    n = default if n is None else n
+    return [] if n is None else [{"name": "DIKTYO_CONCURRENCY", "value": str(n)}]
+
+
 def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
@@ -299,7 +312,8 @@ def proxy_container(
                 "value": json.dumps(_pod_ports(app), separators=(",", ":")),
             },
         ]
-        + ([{"name": PROBERS_ENV, "value": app_probers}] if app_probers else []),
+        + ([{"name": PROBERS_ENV, "value": app_probers}] if app_probers else [])
+        + _concurrency_env(pod, config.concurrency),
         "ports": [
             {"containerPort": config.status_port, "name": "http-dkt-status", "protocol": "TCP"}
         ],
