@@ -159,8 +159,10 @@ class Http1Pool:
             self._open(host)
             return
         self.stats.inc_cluster(self.name, "upstream_cx_overflow")
-        if self.per_host and not self.per_host.get(host.key):
-            self._open(host)  # Envoy: the limit is held by other hosts, none by this one
+        if not self.per_host.get(host.key):
+            # Envoy: a host picked by the load balancer always gets one connection in this
+            # pool, even past maxConnections (held by other hosts, or by other workers' pools)
+            self._open(host)
         elif not fresh:
             # a connection of another host may be idle: close it to make room
             for key, conns in self.idle.items():
@@ -244,7 +246,7 @@ class Http1Pool:
             self.stats.inc_cluster(self.name, "upstream_cx_overflow")
             # at the limit because of other hosts: a pending host with no connection gets one
             for _, host in list(self.pending):
-                if self.per_host and not self.per_host.get(host.key):
+                if not self.per_host.get(host.key):
                     self._open(host)
 
     def _host_gone(self, key: tuple[str, int]) -> None:
