@@ -12,11 +12,22 @@ import h2.events
 import httpx
 import pytest
 
+from diktyo.proxy.codec import http2_nghttp2, http2_select
 from diktyo.testing.fake_upstream import FakeUpstream
 from diktyo.testing.h2upstream import FakeH2Upstream
 from diktyo.testing.sidecar import start_sidecar
 from diktyo.testing.snapshots import http_snapshot
 from diktyo.testing.wait import eventually
+
+
+@pytest.fixture(autouse=True, params=["h2", "nghttp2"])
+def h2_codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the sidecar on each HTTP/2 codec (the fake upstream stays on h2:
+    two implementations talk to each other)."""
+    if request.param == "nghttp2" and not http2_nghttp2.available():
+        pytest.skip("libnghttp2 (Debian libnghttp2-14) or cffi is not installed")
+    monkeypatch.setattr(http2_select, "_selected", http2_select.select_codec(request.param))
+    return str(request.param)
 
 H2 = {"upstream_protocol": "HTTP/2"}
 

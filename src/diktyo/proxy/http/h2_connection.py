@@ -35,12 +35,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from diktyo.proxy.codec.events import CodecError, HeaderList, RequestHead, ResetReason
-from diktyo.proxy.codec.http2 import PREFACE, Http2ServerCodec
+from diktyo.proxy.codec.http2_common import PREFACE
+from diktyo.proxy.codec.http2_select import select_codec
 from diktyo.proxy.http.connection_manager import DownstreamStream, HttpConnection
 from diktyo.proxy.http.phases import RESPONDING
 from diktyo.proxy.network.peer import transport_peer
 
 if TYPE_CHECKING:
+    from diktyo.proxy.codec.http2 import Http2ServerCodec
     from diktyo.proxy.http.context import ListenerContext
 
 log = logging.getLogger("diktyo.proxy")
@@ -157,11 +159,12 @@ class _StreamConn:
 
 
 class Http2Connection(asyncio.Protocol):
-    """One downstream HTTP/2 connection: the ``Http2ServerCodec``'s sink, many streams."""
+    """One downstream HTTP/2 connection: the HTTP/2 server codec's sink, many streams."""
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
-        self.codec = Http2ServerCodec(self)
+        # libnghttp2's codec or h2's (codec/http2_select.py): the same interface
+        self.codec: Http2ServerCodec = select_codec()[0](self)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, DownstreamStream] = {}
         self.closed = False

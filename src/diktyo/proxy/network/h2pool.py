@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diktyo.proxy.codec.events import (
     CodecError,
@@ -44,8 +44,12 @@ from diktyo.proxy.codec.events import (
     ResetReason,
     ResponseHead,
 )
-from diktyo.proxy.codec.http2 import DEFAULT_OPTIONS, Http2ClientCodec, Http2Options, Http2Stats
+from diktyo.proxy.codec.http2_common import DEFAULT_OPTIONS, Http2Options, Http2Stats
+from diktyo.proxy.codec.http2_select import select_codec
 from diktyo.proxy.network.upstream import dial
+
+if TYPE_CHECKING:
+    from diktyo.proxy.codec.http2 import Http2ClientCodec
 
 log = logging.getLogger("diktyo.proxy")
 
@@ -184,7 +188,10 @@ class H2UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: H2ClusterPool, key: tuple[str, int]) -> None:
         self.pool = pool
         self.key = key
-        self.codec = Http2ClientCodec(self, pool.options, pool.h2stats, pool.loop.time)
+        # libnghttp2's codec or h2's: the same interface (typed as the h2 one)
+        self.codec: Http2ClientCodec = select_codec()[1](
+            self, pool.options, pool.h2stats, pool.loop.time
+        )
         self.requests: dict[int, H2StreamHandle] = {}  # sid -> handle
         self.attaching = 0  # handed out, stream not opened yet
         self.transport: asyncio.Transport | None = None
