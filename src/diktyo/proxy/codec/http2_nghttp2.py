@@ -136,7 +136,7 @@ int nghttp2_session_client_new2(nghttp2_session **, const nghttp2_session_callba
     const nghttp2_option *);
 void nghttp2_session_del(nghttp2_session *);
 ssize_t nghttp2_session_mem_recv(nghttp2_session *, const uint8_t *, size_t);
-ssize_t nghttp2_session_mem_send(nghttp2_session *, const uint8_t **);
+ssize_t nghttp2_session_mem_send(nghttp2_session *, const char **);
 int nghttp2_session_want_read(nghttp2_session *);
 int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *, size_t);
 int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t);
@@ -204,6 +204,8 @@ class NghttpUnavailable(RuntimeError):
 
 _ffi: Any = None
 _lib: Any = None
+_B: Any = None  # ffi._backend: its newp / cast / from_buffer / unpack skip cffi's wrappers
+_T: dict[str, Any] = {}  # C types parsed once
 _callbacks: Any = None
 _read_cb: Any = None
 _keep: list[Any] = []  # the C callbacks must outlive every session
@@ -212,7 +214,7 @@ _load_error: str | None = None
 
 def load() -> tuple[Any, Any]:
     """``(ffi, lib)``; raises ``NghttpUnavailable`` with the reason when it cannot load."""
-    global _ffi, _lib, _load_error
+    global _ffi, _lib, _B, _load_error
     if _lib is not None:
         return _ffi, _lib
     if _load_error is not None:
@@ -236,7 +238,9 @@ def load() -> tuple[Any, Any]:
             f"libnghttp2-14 and the PyPI package cffi"
         )
         raise NghttpUnavailable(_load_error) from e
-    _ffi, _lib = ffi, lib
+    _ffi, _lib, _B = ffi, lib, ffi._backend
+    for t in ("char[]", "uintptr_t", "nghttp2_nv[]", "nghttp2_data_provider *"):
+        _T[t] = ffi.typeof(t)
     _make_callbacks(ffi, lib)
     return ffi, lib
 
@@ -256,20 +260,9 @@ def available() -> bool:
 
 def _make_callbacks(ffi: Any, lib: Any) -> None:
     global _callbacks, _read_cb
-    from_handle = ffi.from_handle
-    unpack = ffi.unpack
-
-    def guard(fn: Callable[..., int]) -> Callable[..., int]:
-        # an exception must never unwind through C: it fails the session instead
-        def wrapped(*args: Any) -> int:
-            try:
-                return fn(*args)
-            except BaseException as e:  # noqa: BLE001 - recorded, re-raised after mem_recv
-                codec = from_handle(args[-1])
-                codec._error = e
-                return _ERR_CALLBACK_FAILURE
-
-        return wrapped
+    # the backend's functions: ffi.from_handle / ffi.unpack are Python wrappers around them
+    from_handle = ffi._backend.from_handle
+    unpack = ffi._backend.unpack
 
     def on_begin_frame(session: Any, hd: Any, ud: Any) -> int:
         return int(from_handle(ud)._begin_frame(hd.type, hd.flags, hd.length))
@@ -281,9 +274,8 @@ def _make_callbacks(ffi: Any, lib: Any) -> None:
     def on_header(
         session: Any, frame: Any, name: Any, nlen: int, value: Any, vlen: int, fl: int, ud: Any
     ) -> int:
-        return int(
-            from_handle(ud)._header(frame.hd.stream_id, unpack(name, nlen), unpack(value, vlen))
-        )
+        from_handle(ud)._header(frame.hd.stream_id, unpack(name, nlen), unpack(value, vlen))
+        return 0
 
     def on_invalid_header(
         session: Any, frame: Any, name: Any, nlen: int, value: Any, vlen: int, fl: int, ud: Any
@@ -315,33 +307,39 @@ def _make_callbacks(ffi: Any, lib: Any) -> None:
     ) -> int:
         return int(from_handle(ud)._read(sid, buf, length, flags))
 
-    def fail_cb(*a: Any) -> int:
+    def fail_cb(exc_type: Any, exc: BaseException | None, tb: Any) -> int:
+        # an exception must never unwind through C: it fails the session, and feed() re-raises
+        # it (a _Flood becomes GOAWAY); the codec is found from the callback's user_data
+        try:
+            from_handle(tb.tb_frame.f_locals["ud"])._error = exc
+        except Exception:  # noqa: BLE001 - nothing more can be done from inside C
+            pass
         return _ERR_CALLBACK_FAILURE
 
     def zero_cb(*a: Any) -> int:
         return 0
 
     cb_on_begin_frame = ffi.callback(
-        "nghttp2_on_begin_frame_callback", guard(on_begin_frame), onerror=fail_cb
+        "nghttp2_on_begin_frame_callback", on_begin_frame, onerror=fail_cb
     )
     cb_on_begin_headers = ffi.callback(
-        "nghttp2_on_begin_headers_callback", guard(on_begin_headers), onerror=fail_cb
+        "nghttp2_on_begin_headers_callback", on_begin_headers, onerror=fail_cb
     )
-    cb_on_header = ffi.callback("nghttp2_on_header_callback", guard(on_header), onerror=fail_cb)
+    cb_on_header = ffi.callback("nghttp2_on_header_callback", on_header, onerror=fail_cb)
     cb_on_invalid_header = ffi.callback(
-        "nghttp2_on_header_callback", guard(on_invalid_header), onerror=fail_cb
+        "nghttp2_on_header_callback", on_invalid_header, onerror=fail_cb
     )
     cb_on_frame_recv = ffi.callback(
-        "nghttp2_on_frame_recv_callback", guard(on_frame_recv), onerror=fail_cb
+        "nghttp2_on_frame_recv_callback", on_frame_recv, onerror=fail_cb
     )
     cb_on_invalid_frame_recv = ffi.callback(
-        "nghttp2_on_invalid_frame_recv_callback", guard(on_invalid_frame_recv), onerror=fail_cb
+        "nghttp2_on_invalid_frame_recv_callback", on_invalid_frame_recv, onerror=fail_cb
     )
     cb_on_data_chunk = ffi.callback(
-        "nghttp2_on_data_chunk_recv_callback", guard(on_data_chunk), onerror=fail_cb
+        "nghttp2_on_data_chunk_recv_callback", on_data_chunk, onerror=fail_cb
     )
     cb_on_stream_close = ffi.callback(
-        "nghttp2_on_stream_close_callback", guard(on_stream_close), onerror=fail_cb
+        "nghttp2_on_stream_close_callback", on_stream_close, onerror=fail_cb
     )
     cb_on_error = ffi.callback("nghttp2_error_callback2", on_error, onerror=zero_cb)
     cb_on_read = ffi.callback("nghttp2_data_source_read_callback", on_read, onerror=fail_cb)
@@ -380,10 +378,10 @@ def _make_callbacks(ffi: Any, lib: Any) -> None:
 def _nva(pairs: HeaderList) -> tuple[Any, Any, int]:
     """``(keep-alive, nghttp2_nv *, n)`` for ``pairs``: one blob of names and values and one
     packed array pointing into it (nghttp2 copies both on submit)."""
-    ffi = _ffi
+    B = _B
     blob = b"".join([b for pair in pairs for b in pair])
-    buf = ffi.from_buffer(blob)
-    off = int(ffi.cast("uintptr_t", buf))
+    buf = B.from_buffer(_T["char[]"], blob, False)
+    off = int(B.cast(_T["uintptr_t"], buf))
     recs: list[int] = []
     for name, value in pairs:
         ln = len(name)
@@ -392,7 +390,7 @@ def _nva(pairs: HeaderList) -> tuple[Any, Any, int]:
         off += ln + lv
     count = len(pairs)
     packed = struct.pack(_NV * count, *recs)
-    return (buf, packed), ffi.from_buffer("nghttp2_nv[]", packed), count
+    return (buf, packed), B.from_buffer(_T["nghttp2_nv[]"], packed, False), count
 
 
 class _Flood(Exception):
@@ -492,7 +490,7 @@ class _NgCodec:
         self._out: list[bytes] = []
         self._dead: bytes | None = None  # after a connection error: the GOAWAY to send
         self._busy = False  # inside nghttp2_session_mem_recv (no mem_send from there)
-        self._pp = ffi.new("const uint8_t **")
+        self._pp = ffi.new("const char **")
         # flood accounting (as the h2 codec)
         self._control_queued = 0
         self._write_paused = False
@@ -532,7 +530,8 @@ class _NgCodec:
 
     def _pull(self) -> None:
         """Serialize what nghttp2 has queued into ``self._out`` (frames in order)."""
-        lib, ffi = self._lib, self._ffi
+        lib = self._lib
+        unpack = _B.unpack
         pp = self._pp
         out = self._out
         session = self._session
@@ -540,7 +539,7 @@ class _NgCodec:
             n = lib.nghttp2_session_mem_send(session, pp)
             if n <= 0:
                 break
-            out.append(ffi.unpack(ffi.cast("char *", pp[0]), n))
+            out.append(unpack(pp[0], n))
         if self._prd:
             for sid in list(self._prd):
                 st = self._streams.get(sid)
@@ -745,10 +744,10 @@ class _NgCodec:
             st.hsize = 0
         self._hdr[sid] = st
 
-    def _header(self, sid: int, name: bytes, value: bytes) -> int:
+    def _header(self, sid: int, name: bytes, value: bytes) -> None:
         st = self._hdr.get(sid)
         if st is None:
-            return 0
+            return
         st.hsize += len(name) + len(value) + 32
         if st.hsize > self.options.max_header_list_bytes:
             self.stats.header_overflow += 1
@@ -756,16 +755,7 @@ class _NgCodec:
                 ENHANCE_YOUR_CALM,
                 f"header list too large: over {self.options.max_header_list_bytes} bytes",
             )
-        if st.rejected:
-            return 0
-        hs = st.headers
-        hs.append((name, value))
-        if len(hs) > self.options.max_headers_count + 4:
-            regular = sum(1 for n, _ in hs if n[:1] != b":")
-            if regular > self.options.max_headers_count:
-                st.rejected = 1
-                st.headers = []
-        return 0
+        st.headers.append((name, value))
 
     def _invalid_header(self, sid: int, name: bytes, value: bytes) -> None:
         """A header field HTTP/2 forbids (upper case, connection-specific, bad characters,
@@ -818,6 +808,12 @@ class _NgCodec:
             st = self._hdr.pop(sid, None)
             if st is None:
                 return 0
+            hs = st.headers
+            if len(hs) > self.options.max_headers_count + 4:
+                regular = sum(1 for n, _ in hs if n[:1] != b":")
+                if regular > self.options.max_headers_count:
+                    st.rejected = 1
+                    st.headers = []
             self._headers(sid, st, frame.headers.cat, st.headers, bool(hd.flags & _END_STREAM))
             if hd.flags & _END_STREAM and sid in self._streams:
                 self._remote_end(sid, st)
@@ -899,7 +895,7 @@ class _NgCodec:
         """A data provider for ``sid``: it reads ``st.pending`` and defers while it is empty
         (``send_data`` / ``send_trailers`` resume it); END_STREAM goes on the last DATA frame
         unless trailers follow."""
-        prd = self._ffi.new("nghttp2_data_provider *")
+        prd = _B.newp(_T["nghttp2_data_provider *"], None)
         prd.read_callback = _read_cb
         st.prd = True
         self._prd.add(sid)
