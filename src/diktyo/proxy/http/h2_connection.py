@@ -39,6 +39,7 @@ from diktyo.proxy.codec.http2_common import PREFACE
 from diktyo.proxy.codec.http2_select import select_codec
 from diktyo.proxy.http.connection_manager import DownstreamStream, HttpConnection
 from diktyo.proxy.http.phases import RESPONDING
+from diktyo.proxy.network.h2pool import defer_flush, write_batch
 from diktyo.proxy.network.peer import transport_peer
 
 if TYPE_CHECKING:
@@ -209,6 +210,10 @@ class Http2Connection(asyncio.Protocol):
         self.flush()  # our SETTINGS
 
     def data_received(self, data: bytes) -> None:
+        with write_batch():  # one write per connection for everything this read produced
+            self._data_received(data)
+
+    def _data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
         touched = self._touched
         try:
@@ -305,7 +310,13 @@ class Http2Connection(asyncio.Protocol):
             s.downstream_write_paused(False)
 
     # -- what streams use
+    flush_dirty = False
+
     def flush(self) -> None:
+        if not defer_flush(self):
+            self.flush_now()
+
+    def flush_now(self) -> None:
         data = self.codec.data_to_send()
         if data:
             t = self.transport
@@ -345,6 +356,7 @@ class Http2Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         if not self.closed and self.transport is not None:
+            self.flush_now()  # a deferred flush (GOAWAY...) goes out before the close
             self.closed = True
             self.transport.close()
 

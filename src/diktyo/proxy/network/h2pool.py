@@ -59,6 +59,42 @@ H2_ALPN = ("istio-h2", "h2")
 # streams per connection before the peer's SETTINGS arrive (RFC 9113 recommends >= 100)
 DEFAULT_STREAM_LIMIT = 100
 
+# Write coalescing for HTTP/2 connections (both directions). While a read callback of an HTTP/2
+# connection runs (``write_batch``), ``flush`` only marks its connection dirty; the outermost
+# batch writes each dirty connection once when it ends. So one read carrying ten requests makes
+# one write per connection, not one per stream (each stream's events used to flush at once).
+_batch_depth = 0
+_dirty: list[Any] = []
+
+
+class write_batch:  # noqa: N801 - used as ``with write_batch():``
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        global _batch_depth
+        _batch_depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _batch_depth
+        _batch_depth -= 1
+        if _batch_depth == 0:
+            while _dirty:
+                conns = _dirty[:]
+                _dirty.clear()
+                for c in conns:
+                    c.flush_dirty = False
+                    c.flush_now()
+
+
+def defer_flush(conn: Any) -> bool:
+    """True if a batch is open: ``conn.flush_now()`` runs when it ends (once)."""
+    if _batch_depth:
+        if not conn.flush_dirty:
+            conn.flush_dirty = True
+            _dirty.append(conn)
+        return True
+    return False
+
 
 class _StreamCodec:
     """The connection's codec as one requester sees it: ``new_stream`` also registers the
@@ -242,6 +278,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.flush()  # connection preface + SETTINGS
 
     def data_received(self, data: bytes) -> None:
+        with write_batch():
+            self._data_received(data)
+
+    def _data_received(self, data: bytes) -> None:
         touched: list[H2StreamHandle] = []
         self._touched = touched
         try:
@@ -360,7 +400,13 @@ class H2UpstreamConnection(asyncio.Protocol):
             h.requester.upstream_resume_writing()
 
     # -- helpers
+    flush_dirty = False
+
     def flush(self) -> None:
+        if not defer_flush(self):
+            self.flush_now()
+
+    def flush_now(self) -> None:
         t = self.transport
         if t is not None and not self.closed:
             out = self.codec.data_to_send()
