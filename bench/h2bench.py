@@ -409,6 +409,13 @@ def run_grpc(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             for name in args.grpc_paths:
                 port, ps = start_grpc_path(name, tmp, app_port)
                 try:
+                    # warm-up (as the HTTP/1 bench): connections open, lazy imports done
+                    warm = [
+                        "h2load", "-n200", "-c1", "-m10", "-t1", f"-d{body}",
+                        "-H", "content-type: application/grpc", "-H", "te: trailers",
+                        f"http://127.0.0.1:{port}/ratings.Ratings/Get",
+                    ]  # fmt: skip
+                    subprocess.run(procs.pinned(LOAD_CORE, warm), capture_output=True, timeout=60)
                     cpu0 = sum(p.cpu() for p in ps)
                     log = tmp / f"grpc-{name}.tsv"
                     argv = [

@@ -466,6 +466,9 @@ class H2ClusterPool:
         self.options = options
         self.max_streams_per_connection = max_streams_per_connection
         self.h2stats = Http2Stats()
+        # load the HTTP/2 codec now (libnghttp2 + cffi's declaration parse: ~0.1 s), not on the
+        # first request: it would stall that request and every one queued behind it
+        select_codec()
         self.conns: dict[tuple[str, int], list[H2UpstreamConnection]] = {}
         self.connecting: dict[tuple[str, int], int] = {}
         self.pending: deque[tuple[Any, Any]] = deque()  # (request, host)
