@@ -89,13 +89,18 @@ def req(path: str, method: str = "GET") -> list[tuple[str, str]]:
     return [(":method", method), (":scheme", "http"), (":authority", "svc"), (":path", path)]
 
 
-async def test_h2c_client_to_http2_upstream_multiplexed() -> None:
+async def test_h2c_client_to_http2_upstream_multiplexed(h2_codec: str) -> None:
     async with FakeH2Upstream() as up, start_sidecar(snap(up.port, True)) as sc:
         async with httpx.AsyncClient(http1=False, http2=True) as client:
             url = f"http://127.0.0.1:{sc.port()}"
             rs = await asyncio.gather(
                 *(client.get(f"{url}/r{i}", headers={"host": "svc"}) for i in range(20))
             )
+        # the admin page (HTTP/1.1) names the HTTP/2 codec the sidecar runs
+        async with httpx.AsyncClient() as plain:
+            admin = (await plain.get(f"http://127.0.0.1:{sc.admin}/clusters")).json()
+        pools = [c["pool"] for c in admin["clusters"] if c.get("pool")]
+        assert any(p["codec"].startswith(f"{h2_codec} ") for p in pools), pools
         assert [r.http_version for r in rs] == ["HTTP/2"] * 20
         assert [r.status_code for r in rs] == [200] * 20
         assert sorted(r.text for r in rs) == sorted(f"GET /r{i} " for i in range(20))

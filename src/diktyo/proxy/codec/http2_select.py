@@ -45,6 +45,7 @@ def select_codec(choice: str | None = None) -> tuple[Any, Any, str]:
         picked = (h2codec.Http2ServerCodec, h2codec.Http2ClientCodec, f"h2 {h2.__version__}")
     if choice is None:
         _selected = picked
+        log.info("HTTP/2 codec: %s (%s=%s)", picked[2], CODEC_ENV, want)
     return picked
 
 

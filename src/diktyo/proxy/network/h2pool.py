@@ -45,7 +45,7 @@ from diktyo.proxy.codec.events import (
     ResponseHead,
 )
 from diktyo.proxy.codec.http2_common import DEFAULT_OPTIONS, Http2Options, Http2Stats
-from diktyo.proxy.codec.http2_select import select_codec
+from diktyo.proxy.codec.http2_select import codec_description, select_codec
 from diktyo.proxy.network.upstream import dial
 
 if TYPE_CHECKING:
@@ -684,9 +684,15 @@ class H2ClusterPool:
         """Established connections without an open stream, per host."""
         return {k: [c for c in v if not c.requests] for k, v in self.conns.items()}
 
+    @property
+    def codec(self) -> str:
+        """The HTTP/2 codec this process runs, e.g. ``nghttp2 1.52.0 (cffi)`` or ``h2 4.4.1``."""
+        return codec_description()
+
     def describe(self) -> dict[str, Any]:
         return {
             "protocol": self.protocol,
+            "codec": self.codec,
             "connections": {
                 f"{k[0]}:{k[1]}": [len(c.requests) for c in v] for k, v in self.conns.items()
             },
