@@ -234,6 +234,21 @@ def test_codec_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         assert server is http2_nghttp2.NgHttp2ServerCodec and desc.startswith("nghttp2 1.")
 
 
+def test_codec_falls_back_to_h2_without_libnghttp2(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from diktyo.proxy.codec import http2_select
+
+    monkeypatch.setattr(http2_nghttp2, "_lib", None)
+    monkeypatch.setattr(http2_nghttp2, "_load_error", None)
+    monkeypatch.setattr(http2_nghttp2, "LIBRARY", "libnghttp2-missing.so.99")
+    server, _, desc = http2_select.select_codec("auto")
+    assert server is h2codec.Http2ServerCodec and desc.startswith("h2 ")
+    assert "libnghttp2 unavailable" in caplog.text and "libnghttp2-14" in caplog.text
+    with pytest.raises(http2_nghttp2.NghttpUnavailable, match="libnghttp2-missing"):
+        http2_select.select_codec("nghttp2")
+
+
 def test_client_codec_against_server_codec() -> None:
     up_sink, down_sink = Recorder(), Recorder()
     client = Http2ClientCodec(up_sink)

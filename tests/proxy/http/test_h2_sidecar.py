@@ -29,6 +29,7 @@ def h2_codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(http2_select, "_selected", http2_select.select_codec(request.param))
     return str(request.param)
 
+
 H2 = {"upstream_protocol": "HTTP/2"}
 
 
