@@ -220,7 +220,7 @@ def load() -> tuple[Any, Any]:
     if _load_error is not None:
         raise NghttpUnavailable(_load_error)
     try:
-        import cffi  # type: ignore[import-untyped]
+        import cffi  # type: ignore[import-untyped]  # cffi ships no type stubs
 
         ffi = cffi.FFI()
         ffi.cdef(_CDEF)
