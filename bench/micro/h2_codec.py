@@ -1,4 +1,5 @@
-"""CPU cost of one request through the `h2` library, in memory: the codec's share of a proxied request.
+"""CPU cost of one request through the `h2` library (and diktyo's two HTTP/2 codecs, on `h2` and
+on libnghttp2), in memory: the codec's share of a proxied request.
 
 A sidecar proxying one HTTP/2 request runs the codec twice: as a *server* for the downstream
 (decode HEADERS, encode the response HEADERS + DATA) and as a *client* for the upstream (encode
