@@ -409,9 +409,12 @@ def run_grpc(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             for name in args.grpc_paths:
                 port, ps = start_grpc_path(name, tmp, app_port)
                 try:
-                    # warm-up (as the HTTP/1 bench): connections open, lazy imports done
+                    # 1 s warm-up at the same rate (as the HTTP/1 bench): connections open,
+                    # lazy imports done, and what the previous path left queued in the shared
+                    # grpcio server (an overloaded path ends with calls in flight) drained
                     warm = [
-                        "h2load", "-n200", "-c1", "-m10", "-t1", f"-d{body}",
+                        "h2load", "-D1", "-c1", "-m100", "-t1", f"--rps={args.grpc_rate}",
+                        f"-d{body}",
                         "-H", "content-type: application/grpc", "-H", "te: trailers",
                         f"http://127.0.0.1:{port}/ratings.Ratings/Get",
                     ]  # fmt: skip
