@@ -219,6 +219,7 @@ class AdminServer:
                 if pool is not None:
                     d["pool"] = {
                         "protocol": pool.protocol,
+                        "codec": getattr(pool, "codec", "httptools"),  # HTTP/2: nghttp2 or h2
                         "active_connections": len(pool.active),
                         "idle_connections": sum(len(v) for v in pool.idle.values()),
                         "pending": len(pool.pending),

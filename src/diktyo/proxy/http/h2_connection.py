@@ -35,12 +35,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from diktyo.proxy.codec.events import CodecError, HeaderList, RequestHead, ResetReason
-from diktyo.proxy.codec.http2 import PREFACE, Http2ServerCodec
+from diktyo.proxy.codec.http2_common import PREFACE
+from diktyo.proxy.codec.http2_select import select_codec
 from diktyo.proxy.http.connection_manager import DownstreamStream, HttpConnection
 from diktyo.proxy.http.phases import RESPONDING
+from diktyo.proxy.network.h2pool import defer_flush, write_batch
 from diktyo.proxy.network.peer import transport_peer
 
 if TYPE_CHECKING:
+    from diktyo.proxy.codec.http2 import Http2ServerCodec
     from diktyo.proxy.http.context import ListenerContext
 
 log = logging.getLogger("diktyo.proxy")
@@ -157,11 +160,12 @@ class _StreamConn:
 
 
 class Http2Connection(asyncio.Protocol):
-    """One downstream HTTP/2 connection: the ``Http2ServerCodec``'s sink, many streams."""
+    """One downstream HTTP/2 connection: the HTTP/2 server codec's sink, many streams."""
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
-        self.codec = Http2ServerCodec(self)
+        # libnghttp2's codec or h2's (codec/http2_select.py): the same interface
+        self.codec: Http2ServerCodec = select_codec()[0](self)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, DownstreamStream] = {}
         self.closed = False
@@ -206,6 +210,10 @@ class Http2Connection(asyncio.Protocol):
         self.flush()  # our SETTINGS
 
     def data_received(self, data: bytes) -> None:
+        with write_batch():  # one write per connection for everything this read produced
+            self._data_received(data)
+
+    def _data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
         touched = self._touched
         try:
@@ -302,7 +310,13 @@ class Http2Connection(asyncio.Protocol):
             s.downstream_write_paused(False)
 
     # -- what streams use
+    flush_dirty = False
+
     def flush(self) -> None:
+        if not defer_flush(self):
+            self.flush_now()
+
+    def flush_now(self) -> None:
         data = self.codec.data_to_send()
         if data:
             t = self.transport
@@ -342,6 +356,7 @@ class Http2Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         if not self.closed and self.transport is not None:
+            self.flush_now()  # a deferred flush (GOAWAY...) goes out before the close
             self.closed = True
             self.transport.close()
 
