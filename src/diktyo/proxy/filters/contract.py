@@ -58,6 +58,9 @@ class StreamInfo(Protocol):
     cstate: Any  # upstream.cluster.ClusterState or None
     host: Any  # the last upstream host tried, or None
     attempt: int  # upstream attempts made (1 before any retry)
+    grpc: bool  # the request is gRPC (content-type application/grpc)
+    grpc_status: str  # the response's grpc-status ("" until known)
+    grpc_msgs: Any  # (request, response) gRPC message counters, None unless gRPC
 
 
 class FilterCallbacks(StreamInfo, Protocol):

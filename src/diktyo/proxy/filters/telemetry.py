@@ -35,11 +35,11 @@ class StatsFilter(HttpFilter):
     def on_complete(self, cb: FilterCallbacks, flags: str, duration_ms: float) -> None:
         rt = self.rt
         labels = cb.peer_labels()
-        grpc_status: str = getattr(cb, "grpc_status", "")
+        grpc_status = cb.grpc_status
         if labels is None:
             cs = cb.cstate
             host = cb.host
-            if getattr(cb, "grpc", False):  # request_protocol="grpc"
+            if cb.grpc:  # request_protocol="grpc"
                 labels = rt.labels_for(self.reporter, cs, host, "grpc")
             else:
                 key = (
@@ -49,7 +49,7 @@ class StatsFilter(HttpFilter):
                 )
                 labels = rt.peers.get(key) or rt.labels_for(self.reporter, cs, host)
         rt.record(labels, cb.status, flags, duration_ms, cb.req_bytes, cb.resp_bytes, grpc_status)
-        msgs = getattr(cb, "grpc_msgs", None)
+        msgs = cb.grpc_msgs
         if msgs is not None:
             rt.stats.metrics.record_messages(
                 labels, cb.status, flags, grpc_status, msgs[0].count, msgs[1].count

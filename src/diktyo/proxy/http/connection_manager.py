@@ -299,7 +299,9 @@ class HttpConnection(asyncio.Protocol):
         if decoder.begun != begun:
             self.head_start = now  # a head began in this read: the header timer starts here
         if self.streams:
-            u = self.streams[0].upstream
+            s = self.streams[0]
+            s.in_read = False
+            u = s.upstream
             if u is not None:
                 uc = u.conn
                 if uc is not None:
@@ -331,6 +333,7 @@ class HttpConnection(asyncio.Protocol):
         s = DownstreamStream(self, sid, head)
         self.streams.append(s)
         if len(self.streams) == 1:
+            s.in_read = True  # started inside data_received, which writes what it encodes
             try:  # start_stream(s) inlined: one Python call less per request
                 s.start()
             except Exception:  # noqa: BLE001 - a bug costs one request (logged, 500)
@@ -363,11 +366,13 @@ class HttpConnection(asyncio.Protocol):
     # -- what a stream uses
     def flush(self) -> None:
         """Write what the codec encoded (one ``transport.write``)."""
-        data = self.codec.data_to_send()
-        if data:
+        codec = self.codec
+        out = codec.out  # codec.data_to_send() inlined (hot path)
+        if out:
+            codec.out = []
             t = self.transport
             if t is not None and not self.closed:
-                t.write(data)
+                t.write(out[0] if len(out) == 1 else b"".join(out))
 
     def send_continue(self, sid: int) -> None:
         self.codec.send_continue(sid)
@@ -507,6 +512,9 @@ class DownstreamStream:
     rs: Any = None
     attempt = 1
     upstream: UpstreamRequest | None = None
+    # request body kept for retries / until an attempt attaches (None until a body chunk
+    # comes: a bodiless request allocates no list)
+    chunks: list[bytes] | None = None
     chunks_size = 0
     replayable = True
     req_done = False
@@ -532,6 +540,9 @@ class DownstreamStream:
     tunnel_seen = 0.0  # WebSocket after its 101: last byte either way (0: not a tunnel)
     req_trailers: HeaderList | None = None  # request trailers, kept for retries
     resp_trailers_sent = False
+    # started by an HTTP/1.1 read that is still being decoded: the attempt's request bytes
+    # are written once by HttpConnection.data_received at the end of the read
+    in_read = False
 
     def __init__(self, conn: DownstreamConnection, sid: int, head: RequestHead) -> None:
         self.conn = conn
@@ -540,7 +551,6 @@ class DownstreamStream:
         self.head = head
         self.ctx = conn.ctx
         self.t0 = _monotonic()
-        self.chunks: list[bytes] = []
         self.out_headers: dict[str, str] = head.headers
         self.path_out = head.path
         self.authority = head.authority
@@ -628,42 +638,43 @@ class DownstreamStream:
             return
         try:
             if self.filter_stage == 0:
-                self.run_decoders(self.filter_index)
+                self.start(self.filter_index)
             else:
                 self.run_route_filters(self.filter_index)
         except Exception:  # noqa: BLE001 - a bug costs one request (logged, 500)
             self.conn.internal_error(self)
 
     # ------------------------------------------------------------------ request side
-    def start(self) -> None:
-        ctx = self.ctx
-        rt = ctx.sidecar.rt
-        assert rt is not None
-        self.rt = rt
+    def start(self, i: int = 0) -> None:
+        """Start the stream (``i == 0``: per-request setup, then the decoder filters from the
+        first), or resume its decoder filters at ``i`` (``continue_decoding``); then match
+        the route and go on. One method for both, so a request whose chain has no decoder
+        filter (the common case) costs no extra call here."""
         head = self.head
-        ct = head.headers.get("content-type")
-        if ct is not None and ct.startswith("application/grpc"):
-            self.grpc = grpc.is_grpc(ct)
-            if self.grpc:
-                self.grpc_msgs = (MessageCounter(), MessageCounter())
-        if head.expect_continue and head.has_body and not self.req_done:
-            self.conn.send_continue(self.sid)
-        direction = ctx.direction
-        chain = rt.filter_chains.get(direction)  # chain_for() inlined (hot path)
-        self.chain = chain if chain is not None else chain_for(rt, ctx)
-        if direction == "inbound":
-            self.cstate = rt.clusters.get(ctx.cluster)
-            if self.cstate is None:
-                self.local_reply(503, b"", "NC")
-                return
-        elif direction == "gateway":
-            strip_edge_headers(head.headers)
-        self.run_decoders(0)
-
-    def run_decoders(self, i: int) -> None:
+        ctx = self.ctx
+        if i == 0:
+            rt = ctx.sidecar.rt
+            assert rt is not None
+            self.rt = rt
+            ct = head.headers.get("content-type")
+            if ct is not None and ct.startswith("application/grpc"):
+                self.grpc = grpc.is_grpc(ct)
+                if self.grpc:
+                    self.grpc_msgs = (MessageCounter(), MessageCounter())
+            if head.expect_continue and head.has_body and not self.req_done:
+                self.conn.send_continue(self.sid)
+            direction = ctx.direction
+            chain = rt.filter_chains.get(direction)  # chain_for() inlined (hot path)
+            self.chain = chain if chain is not None else chain_for(rt, ctx)
+            if direction == "inbound":
+                self.cstate = rt.clusters.get(ctx.cluster)
+                if self.cstate is None:
+                    self.local_reply(503, b"", "NC")
+                    return
+            elif direction == "gateway":
+                strip_edge_headers(head.headers)
         assert self.chain is not None
         filters = self.chain.decode
-        head = self.head
         n = len(filters)
         while i < n:
             f = filters[i]
@@ -674,18 +685,15 @@ class DownstreamStream:
                 return
             if self.phase is not DECODING:
                 return
-        if self.ctx.direction == "inbound":
+        if ctx.direction == "inbound":
             self.prepare_headers()
             self.run_route_filters(0)
             return
-        if self.route_entry() is None:
+        cr = self.route_entry()
+        if cr is None:
             self.local_reply(404, b"", "NR")
             return
-        self.route_action()
-
-    def route_action(self) -> None:
-        cr = self.route
-        assert cr is not None
+        # the route's action (here, not in a method of its own: one call less per request)
         route = cr.route
         rt = self.rt
         if route.direct_response is not None:
@@ -739,7 +747,43 @@ class DownstreamStream:
         cr = self.route
         if cr is not None and cr.route.mirrors:
             self.start_mirrors(cr)
-        self.begin(self.rt)
+        # begin: timeouts, retry state, first attempt (here, not in a method of its own: the
+        # common route, without timeout, retries or upgrade, skips each stage with one test)
+        if FORWARDING not in _NEXT[self.phase]:
+            raise IllegalTransition(self.phase, FORWARDING)
+        self.phase = FORWARDING
+        rt = self.rt
+        route = cr.route if cr is not None else None
+        head = self.head
+        hh = head.headers
+        timeout = route.timeout if route is not None else None
+        if self.grpc:  # Istio: grpc-timeout applies, capped by the route's timeout
+            timeout = grpc.effective_timeout(timeout, hh.get("grpc-timeout"))
+        ov = hh.get("x-envoy-upstream-rq-timeout-ms")
+        if ov is not None and ov.isdigit():
+            timeout = int(ov) / 1000.0
+        if timeout:
+            self.timer = rt.loop.call_later(timeout, self.on_timeout)
+        if route is not None and route.retries is not None:
+            self.per_try = route.retries.per_try_timeout
+        cs = self.cstate
+        self.pool = pool = rt.pools[cs.cluster.name]
+        if head.upgrade_to and pool.protocol != "HTTP/1.1":
+            # a WebSocket upgrade needs HTTP/1.1 to the endpoints; Envoy refuses an upgrade
+            # its route cannot carry with 403 (response code details "upgrade_failed")
+            self.local_reply(
+                403,
+                f"websocket upgrade refused: cluster {cs.cluster.name} speaks "
+                f"{pool.protocol} to its endpoints (port protocol {cs.cluster.protocol!r}); "
+                "name the port http (or drop h2UpgradePolicy: UPGRADE) to carry WebSockets".encode(),
+                "",
+            )
+            return
+        if cs.cluster.lb.consistent_hash is not None:
+            self.lbctx = LbContext(self.out_headers, self.conn.peer, None)
+        else:
+            self.lbctx = _NO_LB_CONTEXT
+        self.attempt_upstream(False)
 
     def redirect_location(self) -> str:
         cr = self.route
@@ -786,41 +830,6 @@ class DownstreamStream:
         if "x-forwarded-proto" not in h:
             h["x-forwarded-proto"] = self.head.scheme
         self.out_headers = h
-
-    def begin(self, rt: Runtime) -> None:
-        """Timeouts, retry state, first attempt."""
-        if FORWARDING not in _NEXT[self.phase]:
-            raise IllegalTransition(self.phase, FORWARDING)
-        self.phase = FORWARDING
-        route = self.route.route if self.route is not None else None
-        timeout = route.timeout if route is not None else None
-        if self.grpc:  # Istio: grpc-timeout applies, capped by the route's timeout
-            timeout = grpc.effective_timeout(timeout, self.head.headers.get("grpc-timeout"))
-        ov = self.head.headers.get("x-envoy-upstream-rq-timeout-ms")
-        if ov is not None and ov.isdigit():
-            timeout = int(ov) / 1000.0
-        if timeout:
-            self.timer = rt.loop.call_later(timeout, self.on_timeout)
-        if route is not None and route.retries is not None:
-            self.per_try = route.retries.per_try_timeout
-        cs = self.cstate
-        self.pool = rt.pools[cs.cluster.name]
-        if self.head.upgrade_to and self.pool.protocol != "HTTP/1.1":
-            # a WebSocket upgrade needs HTTP/1.1 to the endpoints; Envoy refuses an upgrade
-            # its route cannot carry with 403 (response code details "upgrade_failed")
-            self.local_reply(
-                403,
-                f"websocket upgrade refused: cluster {cs.cluster.name} speaks "
-                f"{self.pool.protocol} to its endpoints (port protocol {cs.cluster.protocol!r}); "
-                "name the port http (or drop h2UpgradePolicy: UPGRADE) to carry WebSockets".encode(),
-                "",
-            )
-            return
-        if cs.cluster.lb.consistent_hash is not None:
-            self.lbctx = LbContext(self.out_headers, self.conn.peer, None)
-        else:
-            self.lbctx = _NO_LB_CONTEXT
-        self.attempt_upstream(False)
 
     def retry_state(self) -> Any:
         """The request's RetryState, created on the first failure (most requests never need it)."""
@@ -884,7 +893,7 @@ class DownstreamStream:
             for c in chunks:
                 codec.send_data(sid, c)
             if not self.replayable:
-                self.chunks = []
+                self.chunks = None
                 self.chunks_size = 0
             if req_done and trailers is None:
                 codec.send_data(sid, b"", True)
@@ -892,7 +901,8 @@ class DownstreamStream:
             codec.send_trailers(sid, trailers)
         if req_done:
             a.sent_all = True
-        conn.write()
+        if not self.in_read:  # else data_received writes it, with what the rest of the read adds
+            conn.write()
         dc = self.conn
         if dc.paused & PAUSE_BUFFER:
             dc.resume(PAUSE_BUFFER)
@@ -942,14 +952,20 @@ class DownstreamStream:
         if a is not None and a.conn is not None:
             a.conn.codec.send_data(a.sid, chunk)
             if self.replayable:
-                self.chunks.append(chunk)
+                kept = self.chunks
+                if kept is None:
+                    kept = self.chunks = []
+                kept.append(chunk)
                 self.chunks_size += len(chunk)
                 if self.chunks_size > RETRY_BUFFER_LIMIT:
                     self.replayable = False
-                    self.chunks = []
+                    self.chunks = None
                     self.chunks_size = 0
         else:
-            self.chunks.append(chunk)
+            kept = self.chunks
+            if kept is None:
+                kept = self.chunks = []
+            kept.append(chunk)
             self.chunks_size += len(chunk)
             if self.chunks_size > BUFFER_HIGH_WATER:
                 self.conn.pause(PAUSE_BUFFER)
@@ -1092,7 +1108,11 @@ class DownstreamStream:
         self.phase = RESPONDED  # RESPONDING -> RESPONDED, checked above
         status = self.status
         a.end(status, status == 502 or status == 503 or status == 504)
-        conn = self._drop(a)
+        # self._drop(a) inlined (hot path); a.detach() is only this, end() cancelled the timer
+        a.stream = None
+        self.upstream = None
+        conn = a.conn
+        a.conn = None
         if conn is not None:
             conn.write()  # request bytes still encoded but not written (a fast response)
             if a.sent_all:
