@@ -12,13 +12,15 @@ endpoints stay open (the admin port listens on loopback unless told otherwise).
 from __future__ import annotations
 
 import asyncio
-import hmac
+import base64
 import json
 import logging
 import os
 import re
-import secrets
 import stat
+
+# hmac's compare_digest (constant time) without importing hmac/hashlib into the sidecar
+from _operator import _compare_digest as compare_digest
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -26,11 +28,12 @@ from urllib.parse import parse_qs
 import msgspec
 
 from diktyo.core.regex import RegexError, compile_re2
+from diktyo.proxy import memory
 from diktyo.proxy.codec.http1 import CodecError, RequestDecoder, RequestHead, local_response
 
 ROUTES_HELP = (
     "diktyo sidecar admin: GET /ready, /stats/prometheus, /stats, /config_dump, /clusters, "
-    "/listeners; POST /drain (or /quitquitquit) with Authorization: Bearer TOKEN\n"
+    "/listeners, /memory; POST /drain (or /quitquitquit) with Authorization: Bearer TOKEN\n"
 )
 MUTATING = frozenset({"/drain", "/quitquitquit", "/drain_listeners"})
 TOKEN_FILE_ENV = "DIKTYO_ADMIN_TOKEN_FILE"
@@ -40,6 +43,12 @@ log = logging.getLogger("diktyo.proxy")
 
 class AdminTokenError(Exception):
     """The admin token file cannot be used (unsafe mode, unreadable, empty)."""
+
+
+def new_token() -> str:
+    """A fresh random bearer token: 32 bytes from the OS, URL-safe base64 (what
+    ``secrets.token_urlsafe(32)`` makes, without loading ``secrets``' imports into the sidecar)."""
+    return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode("ascii")
 
 
 def default_token_path() -> Path:
@@ -58,7 +67,7 @@ def load_or_create_token(path: Path) -> tuple[str, bool]:
     except OSError as exc:
         raise AdminTokenError(f"cannot create admin token file {path}: {exc.strerror}") from None
     else:
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         return token, True
@@ -95,7 +104,7 @@ def resolve_token(token_file: str) -> tuple[str, Path | None, bool]:
             "--admin-token-file FILE (or $%s) to use them, SIGTERM drains either way",
             exc, TOKEN_FILE_ENV,
         )  # fmt: skip
-        return secrets.token_urlsafe(32), None, False
+        return new_token(), None, False
 
 
 class AdminConnection(asyncio.Protocol):
@@ -150,7 +159,7 @@ class AdminServer:
         self.server: asyncio.Server | None = None
         self.port = 0
         # the bearer token state-changing endpoints need; None = a random one nobody knows
-        self.token = token if token else secrets.token_urlsafe(32)
+        self.token = token if token else new_token()
         self.token_file = token_file  # named in 401 answers (where to find the token)
 
     async def start(self, address: str = "127.0.0.1", port: int = 0) -> int:
@@ -167,7 +176,7 @@ class AdminServer:
         scheme, _, cred = authorization.partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(cred.strip().encode(), self.token.encode())
+        return compare_digest(cred.strip().encode(), self.token.encode())
 
     def handle(self, method: str, target: str, authorization: str = "") -> tuple[int, bytes, bytes]:
         path = target.split("?", 1)[0]
@@ -227,6 +236,8 @@ class AdminServer:
             return 200, json.dumps({"clusters": out}, indent=1, default=str).encode(), js
         if path == "/listeners":
             return 200, json.dumps(sc.ports()).encode(), js
+        if path == "/memory":  # RSS and which optional libraries are loaded (issue 11)
+            return 200, json.dumps(memory.report(), indent=1).encode() + b"\n", js
         if path in ("/drain", "/quitquitquit", "/drain_listeners"):
             if method != "POST":
                 return 405, b"use POST\n", text
