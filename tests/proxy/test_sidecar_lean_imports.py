@@ -37,7 +37,8 @@ WRAPPER = textwrap.dedent(
     import json, runpy, sys
 
     HEAVY = ("pydantic", "pydantic_core", "ruamel", "aiohttp", "yarl", "jsonschema", "re2",
-             "h2", "hpack", "hyperframe", "diktyo.api", "diktyo.control", "diktyo.dashboard")
+             "h2", "hpack", "hyperframe", "shutil", "diktyo.api", "diktyo.control",
+             "diktyo.dashboard")
 
     class Out:
         def __init__(self, real):
