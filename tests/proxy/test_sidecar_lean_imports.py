@@ -37,7 +37,7 @@ WRAPPER = textwrap.dedent(
     import json, runpy, sys
 
     HEAVY = ("pydantic", "pydantic_core", "ruamel", "aiohttp", "yarl", "jsonschema", "re2",
-             "h2", "hpack", "hyperframe", "shutil", "diktyo.api", "diktyo.control",
+             "h2", "hpack", "hyperframe", "shutil", "pathlib", "diktyo.api", "diktyo.control",
              "diktyo.dashboard")
 
     class Out:

@@ -21,9 +21,7 @@ import stat
 
 # hmac's compare_digest (constant time) without importing hmac/hashlib into the sidecar
 from _operator import _compare_digest as compare_digest
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import msgspec
 
@@ -51,13 +49,15 @@ def new_token() -> str:
     return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode("ascii")
 
 
-def default_token_path() -> Path:
+# token paths are str and os.path, not pathlib: pathlib (with urllib.parse and ipaddress)
+# would stay in every sidecar for these few calls at start-up, ~0.6 MiB (issue 11)
+def default_token_path() -> str:
     """``$DIKTYO_HOME/sidecars/PID/admin-token`` (``DIKTYO_HOME`` defaults to ``~/.diktyo``)."""
-    home = Path(os.environ.get("DIKTYO_HOME") or Path.home() / ".diktyo")
-    return home / "sidecars" / str(os.getpid()) / "admin-token"
+    home = os.environ.get("DIKTYO_HOME") or os.path.join(os.path.expanduser("~"), ".diktyo")
+    return os.path.join(home, "sidecars", str(os.getpid()), "admin-token")
 
 
-def load_or_create_token(path: Path) -> tuple[str, bool]:
+def load_or_create_token(path: str) -> tuple[str, bool]:
     """Read the bearer token from ``path`` (must not be readable by group or others), or write
     a fresh one there with mode 0600 if it does not exist. Returns (token, created)."""
     try:
@@ -72,13 +72,14 @@ def load_or_create_token(path: Path) -> tuple[str, bool]:
             f.write(token + "\n")
         return token, True
     try:
-        st = path.stat()
+        st = os.stat(path)
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise AdminTokenError(
                 f"admin token file {path} is accessible by other users "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
             )
-        token = path.read_text().strip()
+        with open(path) as f:
+            token = f.read().strip()
     except OSError as exc:
         raise AdminTokenError(f"cannot read admin token file {path}: {exc.strerror}") from None
     if not token:
@@ -86,16 +87,16 @@ def load_or_create_token(path: Path) -> tuple[str, bool]:
     return token, False
 
 
-def resolve_token(token_file: str) -> tuple[str, Path | None, bool]:
+def resolve_token(token_file: str) -> tuple[str, str | None, bool]:
     """The admin token: from ``token_file`` (errors are fatal: the operator asked for it), else
     generated into the first writable state dir. Returns (token, path or None, created)."""
     if token_file:
-        path = Path(token_file)
+        path = token_file
         token, created = load_or_create_token(path)
         return token, path, created
     path = default_token_path()
     try:
-        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # the leaf gets 0700
         token, created = load_or_create_token(path)
         return token, path, created
     except (AdminTokenError, OSError) as exc:
@@ -206,6 +207,8 @@ class AdminServer:
             # Envoy's plain text stats ("cluster.<name>.<stat>: <value>"), which Istio's
             # circuit-breaking task greps; ?filter=REGEX like Envoy's admin
             clusters = sc.rt.clusters if sc.rt is not None else {}
+            from urllib.parse import parse_qs  # (+ ipaddress): not in an idle sidecar
+
             query = parse_qs(target.split("?", 1)[1]) if "?" in target else {}
             try:  # RE2: linear time, so a hostile filter cannot stall the sidecar
                 flt = compile_re2(query["filter"][0]) if "filter" in query else None
