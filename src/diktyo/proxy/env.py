@@ -49,7 +49,6 @@ not here. Other ``DIKTYO_*`` variables of the sidecar (``DIKTYO_ADMIN_TOKEN_FILE
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -77,6 +76,8 @@ def _port(name: str, raw: str, zero_ok: bool = True) -> int:
 
 
 def _address(name: str, raw: str) -> str:
+    import ipaddress  # only when the environment sets an address (issue 11, idle RSS)
+
     try:
         return str(ipaddress.ip_address(raw.strip()))
     except ValueError:

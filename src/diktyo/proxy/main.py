@@ -23,7 +23,6 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -158,7 +157,8 @@ async def start_status(sidecar: Sidecar, opts: SidecarOptions) -> Any:
 
 def load_snapshot(opts: SidecarOptions) -> Snapshot:
     if opts.snapshot:
-        data = Path(opts.snapshot).read_bytes()
+        with open(opts.snapshot, "rb") as f:
+            data = f.read()
         return ensure_capture(pod_overrides(decode(data), opts), opts.interception_mode)
     if opts.config:
         if opts.config_loader is None:
@@ -215,7 +215,7 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
 
 
 async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
-    opts: SidecarOptions, ready_out, sidecar: Sidecar, token: str, token_path: Path | None
+    opts: SidecarOptions, ready_out, sidecar: Sidecar, token: str, token_path: str | None
 ) -> int:
     loop = asyncio.get_running_loop()
     client = None
@@ -371,7 +371,8 @@ def start_workers(sidecar: Sidecar, opts: SidecarOptions) -> Any:
 
 def read_kube_token(path: str) -> str:
     """The pod's projected service-account token (the kubelet writes and rotates the file)."""
-    token = Path(path).read_text().strip()
+    with open(path) as f:
+        token = f.read().strip()
     if not token:
         raise OSError(f"{path} is empty")
     return token
@@ -411,11 +412,11 @@ def kube_spiffe_id(opts: SidecarOptions) -> str | None:
                       opts.service_account)
 
 
-def _remove_token(path: Path) -> None:
+def _remove_token(path: str) -> None:
     """Remove a token file this sidecar generated in its state dir (and the dir if empty)."""
     try:
-        path.unlink()
-        path.parent.rmdir()
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
     except OSError:
         pass
 

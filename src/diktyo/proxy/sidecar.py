@@ -24,8 +24,8 @@ from typing import Any
 
 from diktyo.core.clock import SYSTEM_CLOCK, Clock, make_random
 from diktyo.proxy.http.connection_manager import RequestIds
-from diktyo.proxy.http.h2_connection import DownstreamSniffer
 from diktyo.proxy.http.policies import ClusterState
+from diktyo.proxy.http.sniffer import DownstreamSniffer
 from diktyo.proxy.network.listener import bind_listener, serve
 from diktyo.proxy.network.pool import ConnectionPool, new_pool, upstream_protocol
 from diktyo.proxy.router.matcher import RouteMatcher

@@ -2,12 +2,11 @@
 
 Theory of operation
 -------------------
-Every HTTP listener's connections start as a ``DownstreamSniffer``. It picks the protocol once
-and hands the transport over (``transport.set_protocol``):
-
-- TLS with ALPN ``h2`` / ``istio-h2`` negotiated -> ``Http2Connection`` at once;
-- otherwise the first bytes: the HTTP/2 connection preface (``PRI * HTTP/2.0``...: h2c with
-  prior knowledge) -> ``Http2Connection``; anything else -> the HTTP/1.1 ``HttpConnection``.
+Every HTTP listener's connections start as a ``DownstreamSniffer`` (``sniffer.py``, which
+imports this module on the first HTTP/2 connection only). It picks the protocol once and hands
+the transport over (``transport.set_protocol``): TLS with ALPN ``h2`` / ``istio-h2``, or the
+HTTP/2 connection preface (h2c with prior knowledge) -> ``Http2Connection``; anything else ->
+the HTTP/1.1 ``HttpConnection``.
 
 ``Http2Connection`` runs an ``Http2ServerCodec`` and one ``DownstreamStream`` per HTTP/2
 stream, the same stream class HTTP/1.1 uses: routing, filters, retries and upstream attempts
@@ -35,9 +34,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from diktyo.proxy.codec.events import CodecError, HeaderList, RequestHead, ResetReason
-from diktyo.proxy.codec.http2_common import PREFACE
 from diktyo.proxy.codec.http2_select import select_codec
-from diktyo.proxy.http.connection_manager import DownstreamStream, HttpConnection
+from diktyo.proxy.http.connection_manager import DownstreamStream
 from diktyo.proxy.http.phases import RESPONDING
 from diktyo.proxy.network.h2pool import defer_flush, write_batch
 from diktyo.proxy.network.peer import transport_peer
@@ -47,50 +45,6 @@ if TYPE_CHECKING:
     from diktyo.proxy.http.context import ListenerContext
 
 log = logging.getLogger("diktyo.proxy")
-
-H2_ALPN = frozenset({"h2", "istio-h2"})
-
-
-class DownstreamSniffer(asyncio.Protocol):
-    """The first protocol of every downstream HTTP connection: decides HTTP/2 or HTTP/1.1."""
-
-    __slots__ = ("buf", "ctx", "transport")
-
-    def __init__(self, ctx: ListenerContext) -> None:
-        self.ctx = ctx
-        self.transport: asyncio.Transport | None = None
-        self.buf = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # asyncio hands a BaseTransport; TCP/TLS give Transports
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None and ssl_object.selected_alpn_protocol() in H2_ALPN:
-            self._become(Http2Connection(self.ctx), b"")
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf + data if self.buf else data
-        n = min(len(buf), len(PREFACE))
-        if buf[:n] != PREFACE[:n]:
-            self._become(HttpConnection(self.ctx), buf)
-        elif len(buf) >= len(PREFACE):
-            self._become(Http2Connection(self.ctx), buf)
-        else:
-            self.buf = buf  # a prefix of the preface so far: wait for more
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
-
-    def _become(self, proto: asyncio.Protocol, data: bytes) -> None:
-        t = self.transport
-        assert t is not None
-        self.buf = b""
-        t.set_protocol(proto)
-        proto.connection_made(t)
-        if data:
-            proto.data_received(data)
 
 
 class _StreamConn:
