@@ -14,7 +14,8 @@ from typing import Any
 
 # top-level packages loaded only when a feature in use needs them (or never, in a sidecar)
 OPTIONAL_MODULES = (
-    "h2", "hpack", "hyperframe",  # HTTP/2: first h2 connection or h2/gRPC cluster
+    "h2", "hpack", "hyperframe",  # HTTP/2 on the h2 codec: first h2 connection or h2 cluster
+    "cffi", "_cffi_backend",  # HTTP/2 on libnghttp2 (the default codec when it loads)
     "re2",  # the first regex in the config (or an admin /stats?filter=)
     "cryptography",  # mTLS: workload certificates from the CA
     "pydantic", "pydantic_core", "ruamel", "yaml", "aiohttp", "yarl", "jsonschema",  # never
