@@ -371,6 +371,8 @@ class Sidecar:
             self.exporter,
             rt.snapshot.node.id,
             rt.snapshot.telemetry,
+            rt.snapshot.node,
+            rt.snapshot.mesh.trust_domain,
         )
 
     def _retune_tls(self, pool: ConnectionPool, cs: Any) -> None:
