@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from types import SimpleNamespace
 from typing import Any
+
+import msgspec
+import pytest
 
 from diktyo.telemetry.otlp import decode_spans
 from diktyo.testing import FakeUpstream, Response, http_request, http_snapshot, start_sidecar
@@ -154,3 +159,31 @@ async def test_spans_carry_envoy_and_istio_tags() -> None:
     assert b["user_agent"] == "-"
     assert b["upstream_cluster"] == "inbound|9080||"
     assert b["request_size"] == "0"
+
+
+async def test_a_collector_path_is_on_the_control_plane_the_sidecar_talks_to(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The embedded collector comes as a path: the sidecar joins it to its control plane's URL
+    (the address it reaches it by); a sidecar without a control plane exports nothing."""
+    async with FakeUpstream() as app, FakeUpstream(Response(body=b"")) as collector:
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", app.port)]},
+            mesh={"tracing": {"sampling": 100.0, "otlp_endpoint": "/telemetry/v1/traces"}},
+        )
+        with caplog.at_level(logging.WARNING, logger="diktyo.proxy"):
+            async with start_sidecar(snap) as sc:
+                assert sc.sidecar.rt.tracer is None
+        assert "is a path on the control plane, and this sidecar has none" in caplog.text
+        async with start_sidecar(http_snapshot({"reviews": [("127.0.0.1", app.port)]})) as sc:
+            # as main.py does with its ConfigClient: only ``.url`` is read
+            sc.sidecar.control_plane = SimpleNamespace(url=f"http://127.0.0.1:{collector.port}")
+            sc.sidecar.apply(msgspec.structs.replace(snap, version="2"))
+            assert sc.sidecar.exporter.endpoint == (
+                f"http://127.0.0.1:{collector.port}/telemetry/v1/traces"
+            )
+            r = await http_request(sc.port(), "GET", "http://reviews/x")
+            assert r.status == 200
+            (span,) = await _spans(collector, 1)
+            assert collector.requests[0].path == "/telemetry/v1/traces"
+            assert span.name == "reviews:80/*"
