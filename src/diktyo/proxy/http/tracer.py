@@ -110,17 +110,26 @@ class Tracer:
         return span
 
     def begin_request(self, head: Any, peer: str, kind: str, name: str) -> Span:
-        """:meth:`begin` with Envoy's request tags; ``head`` is the ``RequestHead``."""
+        """:meth:`begin` with Envoy's request tags; ``head`` is the ``RequestHead``.
+
+        Tags are built only for a sampled span (the others are never exported), so a request
+        that is not traced pays for the sampling decision and the propagation headers only."""
         h = head.headers
-        attrs = self.static.copy()
-        attrs["guid:x-request-id"] = h.get("x-request-id", "")
-        attrs["http.url"] = f"{head.scheme}://{head.authority}{head.path[:MAX_PATH_TAG_LENGTH]}"
-        attrs["http.method"] = head.method
-        attrs["http.protocol"] = _PROTOCOLS.get(head.version) or f"HTTP/{head.version}"
-        attrs["downstream_cluster"] = h.get("x-envoy-downstream-service-cluster") or "-"
-        attrs["user_agent"] = h.get("user-agent") or "-"
-        attrs["peer.address"] = peer
-        return self.begin(h, kind, name, attrs)
+        span = self.begin(h, kind, name, {})
+        if span.sampled:
+            attrs = self.static.copy()
+            attrs["guid:x-request-id"] = h.get("x-request-id", "")
+            path = head.path[:MAX_PATH_TAG_LENGTH]
+            attrs["http.url"] = f"{head.scheme}://{head.authority}{path}"
+            attrs["http.method"] = head.method
+            attrs["http.protocol"] = _PROTOCOLS.get(head.version) or f"HTTP/{head.version}"
+            attrs["downstream_cluster"] = h.get("x-envoy-downstream-service-cluster") or "-"
+            attrs["user_agent"] = h.get("user-agent") or "-"
+            attrs["peer.address"] = peer
+            if span.attributes:  # the Telemetry API's custom tags win over the standard ones
+                attrs.update(span.attributes)
+            span.attributes = attrs
+        return span
 
     def end(
         self,
@@ -131,6 +140,8 @@ class Tracer:
         req_bytes: int | None = None,
         resp_bytes: int | None = None,
     ) -> None:
+        if not span.sampled:  # never exported
+            return
         a = span.attributes
         if cluster:  # Envoy tags the cluster only when one was chosen
             a["upstream_cluster"] = cluster
@@ -141,7 +152,7 @@ class Tracer:
             a["response_size"] = str(resp_bytes)
         span.finish(self.clock, status, flags)
         a["http.status_code"] = str(status)  # Envoy's tags are strings
-        if span.sampled and not a.pop(_NO_REPORT, False):
+        if not a.pop(_NO_REPORT, False):
             self.exporter.export(span)
 
 
