@@ -271,9 +271,11 @@ class ControlPlane:
         real_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         self.url = f"http://{host}:{real_port}"
         if self.observability is not None and self.mesh.tracing.otlp_endpoint is None:
-            # sidecars export spans to the embedded trace store
+            # sidecars export spans to the embedded trace store, as a path: each sidecar sends
+            # them to the address it reaches this control plane by (a sidecar in a network
+            # namespace reaches it through the bridge, not at self.url's 127.0.0.1)
             tracing = msgspec.structs.replace(
-                self.mesh.tracing, otlp_endpoint=self.url + "/telemetry/v1/traces"
+                self.mesh.tracing, otlp_endpoint="/telemetry/v1/traces"
             )
             self.mesh = msgspec.structs.replace(self.mesh, tracing=tracing)
         if self.store.directory is not None:

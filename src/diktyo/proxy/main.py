@@ -284,6 +284,7 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
                 await sidecar.stop()
                 return 1
         client = ConfigClient(opts.control_plane, opts.node, on_snapshot, token=cp_token)
+        sidecar.control_plane = client  # a path otlp_endpoint is on the replica it talks to
         client.start()
         if opts.ca_token is None and opts.kube_token_file:
             sidecar._spawn(_refresh_kube_token(

@@ -160,12 +160,25 @@ class Runtime:
         self.tracer: Any = None
         self.new_exporter: Any = None
         tracing = snapshot.mesh.tracing
-        if tracing.otlp_endpoint:
+        endpoint = tracing.otlp_endpoint
+        if endpoint and endpoint.startswith("/"):  # a path on the control plane
+            cp = sidecar.control_plane
+            if cp is None:
+                log.warning(
+                    "mesh.tracing.otlp_endpoint %r is a path on the control plane, and this "
+                    "sidecar has none (--snapshot / --config): spans are not exported; give an "
+                    "http://host:port/v1/traces URL to export them",
+                    endpoint,
+                )
+                endpoint = None
+            else:
+                endpoint = cp.url + endpoint
+        if endpoint:
             from diktyo.telemetry.otlp import OtlpExporter
 
             try:
                 self.new_exporter = OtlpExporter(
-                    tracing.otlp_endpoint, service_name=f"{node.workload}.{node.namespace}"
+                    endpoint, service_name=f"{node.workload}.{node.namespace}"
                 )
             except ValueError as exc:
                 raise SnapshotError(
@@ -243,6 +256,7 @@ class Sidecar:
         self.stopped = asyncio.Event()
         self._ticker: asyncio.TimerHandle | None = None
         self.exporter: Any = None  # OtlpExporter while tracing is configured
+        self.control_plane: Any = None  # the ConfigClient feeding snapshots (its .url), if any
         self.applied = 0
         self.rejected = 0
         self.last_error = ""
@@ -378,6 +392,8 @@ class Sidecar:
             self.exporter,
             rt.snapshot.node.id,
             rt.snapshot.telemetry,
+            rt.snapshot.node,
+            rt.snapshot.mesh.trust_domain,
         )
 
     def _retune_tls(self, pool: ConnectionPool, cs: Any) -> None:

@@ -397,7 +397,9 @@ class Listener(_D, frozen=True):
 
 class Tracing(_D, frozen=True):
     sampling: float = 1.0  # percent, Istio's default
-    otlp_endpoint: str | None = None  # http://host:port/v1/traces
+    # http://host:port/v1/traces; a path (/telemetry/v1/traces) is on the control plane the
+    # sidecar is connected to, at the address the sidecar reaches it by
+    otlp_endpoint: str | None = None
 
 
 class AccessLog(_D, frozen=True):
