@@ -31,7 +31,9 @@ Do not run it while others use the machine: it saturates both cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +176,24 @@ def spawn(name: str, argv: list[str], port: int, log: Path, core: int) -> Proc:
     return proc
 
 
+@contextlib.contextmanager
+def codec_env(target: str) -> Iterator[None]:
+    """``diktyo-h2`` / ``diktyo-nghttp2`` (and ``mesh-diktyo-...``): start the sidecar with
+    ``DIKTYO_HTTP2_CODEC`` set to that codec; plain ``diktyo`` runs the default (auto)."""
+    codec = target.rsplit("-", 1)[1] if target.endswith(("-h2", "-nghttp2")) else ""
+    old = os.environ.get("DIKTYO_HTTP2_CODEC")
+    if codec:
+        os.environ["DIKTYO_HTTP2_CODEC"] = codec
+    try:
+        yield
+    finally:
+        if codec:
+            if old is None:
+                os.environ.pop("DIKTYO_HTTP2_CODEC", None)
+            else:
+                os.environ["DIKTYO_HTTP2_CODEC"] = old
+
+
 def start_target(name: str, tmp: Path, upstream_port: int) -> tuple[int, list[Proc]]:
     if name == "direct":
         return upstream_port, []
@@ -186,13 +207,14 @@ def start_target(name: str, tmp: Path, upstream_port: int) -> tuple[int, list[Pr
         conf.write_text(haproxy_conf(port, upstream_port))
         argv = ["haproxy", "-f", str(conf), "-db"]
         return port, [spawn(name, argv, port, tmp / "haproxy.log", PROXY_CORE)]
-    if name == "diktyo":
+    if name.startswith("diktyo"):
         import targets as tg
 
         snap = tmp / "h2diktyo.json"
         snap.write_text(json.dumps(diktyo_snapshot(0, upstream_port)))
         argv = [*tg.diktyo_argv(), "sidecar", "--snapshot", str(snap), "--admin-port", "0"]
-        proc = procs.start_sidecar(name, argv, tmp / "diktyo.log", PROXY_CORE)
+        with codec_env(name):
+            proc = procs.start_sidecar(name, argv, tmp / "diktyo.log", PROXY_CORE)
         wait_h2(proc.port)
         return proc.port, [proc]
     raise SystemExit(f"unknown target {name!r}")
@@ -337,7 +359,7 @@ def start_grpc_path(name: str, tmp: Path, app_port: int) -> tuple[int, list[Proc
         (tmp / "ha.cfg").write_text(haproxy_conf(p1, p2))
         a = spawn_tcp("haproxy-a", ["haproxy", "-f", str(tmp / "ha.cfg"), "-db"], p1, tmp)
         return p1, [a, b]
-    if name == "mesh-diktyo":
+    if name.startswith("mesh-diktyo"):
         import targets as tg
 
         server = configs.server_sidecar_snapshot(0, app_port)
@@ -346,12 +368,14 @@ def start_grpc_path(name: str, tmp: Path, app_port: int) -> tuple[int, list[Proc
         (tmp / "srv.json").write_text(json.dumps(server))
         argv = [*tg.diktyo_argv(), "sidecar", "--snapshot", str(tmp / "srv.json"),
                 "--admin-port", "0"]  # fmt: skip
-        b = procs.start_sidecar("diktyo-b", argv, tmp / "diktyo-b.log", PROXY_CORE)
+        with codec_env(name):
+            b = procs.start_sidecar("diktyo-b", argv, tmp / "diktyo-b.log", PROXY_CORE)
         client = diktyo_snapshot(0, b.port)
         (tmp / "cli.json").write_text(json.dumps(client))
         argv = [*tg.diktyo_argv(), "sidecar", "--snapshot", str(tmp / "cli.json"),
                 "--admin-port", "0"]  # fmt: skip
-        a = procs.start_sidecar("diktyo-a", argv, tmp / "diktyo-a.log", PROXY_CORE)
+        with codec_env(name):
+            a = procs.start_sidecar("diktyo-a", argv, tmp / "diktyo-a.log", PROXY_CORE)
         return a.port, [a, b]
     raise SystemExit(f"unknown gRPC path {name!r}")
 
@@ -382,9 +406,19 @@ def run_grpc(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     try:
         for rep in range(args.reps):
-            for name in ("direct", "mesh-diktyo", "mesh-haproxy"):
+            for name in args.grpc_paths:
                 port, ps = start_grpc_path(name, tmp, app_port)
                 try:
+                    # 1 s warm-up at the same rate (as the HTTP/1 bench): connections open,
+                    # lazy imports done, and what the previous path left queued in the shared
+                    # grpcio server (an overloaded path ends with calls in flight) drained
+                    warm = [
+                        "h2load", "-D1", "-c1", "-m100", "-t1", f"--rps={args.grpc_rate}",
+                        f"-d{body}",
+                        "-H", "content-type: application/grpc", "-H", "te: trailers",
+                        f"http://127.0.0.1:{port}/ratings.Ratings/Get",
+                    ]  # fmt: skip
+                    subprocess.run(procs.pinned(LOAD_CORE, warm), capture_output=True, timeout=60)
                     cpu0 = sum(p.cpu() for p in ps)
                     log = tmp / f"grpc-{name}.tsv"
                     argv = [
@@ -430,9 +464,11 @@ def summarize(rows: list[dict[str, Any]]) -> str:
             f"| {name} | {med(rs, 'rps')} | {med(rs, 'cpu_us_per_req')} | {med(rs, 'p50_ms')} "
             f"| {med(rs, 'p99_ms')} | {sum(r['failed'] for r in rs)} |"
         )
-    h = [statistics.median([r["rps"] for r in by[t]]) for t in ("diktyo", "haproxy") if t in by]
-    if len(h) == 2 and h[1]:
-        lines.append(f"\ndiktyo / HAProxy saturation rps: {h[0] / h[1]:.2f}x (target >= 0.4x)")
+    if by.get("haproxy"):
+        ha = statistics.median([r["rps"] for r in by["haproxy"]])
+        for t in [t for t in by if t.startswith("diktyo")]:
+            d = statistics.median([r["rps"] for r in by[t]])
+            lines.append(f"\n{t} / HAProxy saturation rps: {d / ha:.2f}x (target >= 0.4x)")
     return "\n".join(lines)
 
 
@@ -446,8 +482,13 @@ def main() -> None:
     ap.add_argument("--targets", default="direct,diktyo,haproxy,nginx")
     ap.add_argument("--grpc", action="store_true", help="also gRPC unary at --grpc-rate")
     ap.add_argument("--grpc-rate", type=int, default=1000, help="gRPC calls per second")
+    ap.add_argument(
+        "--grpc-paths", default="direct,mesh-diktyo,mesh-haproxy",
+        help="gRPC paths; mesh-diktyo-h2 / mesh-diktyo-nghttp2 pin the sidecars' HTTP/2 codec",
+    )  # fmt: skip
     a = ap.parse_args()
     a.targets = a.targets.split(",")
+    a.grpc_paths = a.grpc_paths.split(",")
     if a.smoke:
         a.reps, a.seconds = 1, 1.0
     missing = [t for t in ("h2load", "nginx", "haproxy", "taskset") if not shutil.which(t)]

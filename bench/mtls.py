@@ -5,6 +5,12 @@ and without connection reuse, measured interleaved in one run.
     .venv/bin/python bench/mtls.py            # full: 3 repetitions x 10 s per cell
     .venv/bin/python bench/mtls.py --quick    # 2 repetitions x 3 s
     .venv/bin/python bench/mtls.py --smoke    # 1 repetition x 1 s, -c50 only (tests/bench)
+    .venv/bin/python bench/mtls.py --quick --ab 6d5c389 --conns 50   # A/B: REV vs the tree,
+        # alternated (REV, tree, REV, tree: --rounds), one results file with both
+
+``--commit REV`` benchmarks diktyo as committed at REV (``src/`` exported with git archive and
+put first on PYTHONPATH for the control plane and every sidecar). ``--configs`` and ``--conns``
+pick cells.
 
 A mesh is started in-process (``MeshThread``): workload ``hello`` runs a one-worker nginx
 (``return 200``) on its ``$PORT``; workload ``bench-client`` is ``diktyo.samples.sleep``. wrk
@@ -40,12 +46,13 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "src"))
+# --commit REV: the exported src of REV (also on PYTHONPATH for the sidecars), else this tree's
+sys.path.insert(0, os.environ.get("DIKTYO_BENCH_SRC") or str(HERE.parent / "src"))
 
-from configs import upstream_nginx_conf
-from procs import LOAD_CORE, PROXY_CORE, cpu_seconds, sched_ns, tree
+from configs import upstream_nginx_conf  # noqa: E402
+from procs import LOAD_CORE, PROXY_CORE, cpu_seconds, sched_ns, tree  # noqa: E402
 
-from diktyo.platform.harness import MeshThread
+from diktyo.platform.harness import MeshThread  # noqa: E402
 
 LUA = HERE / "report.lua"
 RESULTS = HERE / "results"
@@ -153,6 +160,21 @@ def security_policies(admin_port: int) -> dict[str, float]:
             pol = ln.split('connection_security_policy="', 1)[1].split('"', 1)[0]
             out[pol] = out.get(pol, 0.0) + float(ln.rsplit(" ", 1)[1])
     return out
+
+
+def handshakes(admin_port: int) -> tuple[float, float]:
+    """The server sidecar's inbound (handshakes, resumed) counters (0, 0 before they existed)."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{admin_port}/stats/prometheus", timeout=5) as r:
+        text = r.read().decode()
+    got = {"envoy_listener_ssl_handshake": 0.0, "envoy_listener_ssl_session_reused": 0.0}
+    for ln in text.splitlines():
+        name = ln.split(" ", 1)[0]
+        if name in got:
+            got[name] = float(ln.rsplit(" ", 1)[1])
+    return got["envoy_listener_ssl_handshake"], got["envoy_listener_ssl_session_reused"]
 
 
 NUDGE = """apiVersion: networking.istio.io/v1
@@ -288,9 +310,13 @@ def run(
                         checks.setdefault(cfg, policy)
                         for conns in conns_list:
                             m0 = security_policies(int(server["admin_port"]))
+                            h0 = handshakes(int(server["admin_port"]))
                             s = measure(port, conns, seconds, pids)
                             time.sleep(0.2)
                             m1 = security_policies(int(server["admin_port"]))
+                            h1 = handshakes(int(server["admin_port"]))
+                            s["handshakes_per_req"] = (h1[0] - h0[0]) / max(1, s["requests"])
+                            s["resumed_share"] = (h1[1] - h0[1]) / max(1.0, h1[0] - h0[0])
                             d = {k: v - m0.get(k, 0.0) for k, v in m1.items()}
                             s["mtls_share"] = d.get("mutual_tls", 0.0) / max(1.0, sum(d.values()))
                             s.update(config=cfg, connections=conns, rep=rep, security_policy=policy)
@@ -342,6 +368,8 @@ FIELDS = (
     "p99_us",
     "sidecars_util",
     "mtls_share",
+    "handshakes_per_req",
+    "resumed_share",
 )
 
 
@@ -352,7 +380,7 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         groups.setdefault(f"{s['config']}/c{s['connections']}", []).append(s)
     out: dict[str, dict[str, Any]] = {}
     for key, ss in groups.items():
-        row: dict[str, Any] = {f: statistics.median(s[f] for s in ss) for f in FIELDS}
+        row: dict[str, Any] = {f: statistics.median(s.get(f, 0.0) for s in ss) for f in FIELDS}
         row["rps_min"] = min(s["rps"] for s in ss)
         row["rps_max"] = max(s["rps"] for s in ss)
         row["errors"] = sum(s["errors"] for s in ss)
@@ -430,6 +458,8 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def _commit() -> str:
+    if os.environ.get("DIKTYO_BENCH_COMMIT"):
+        return os.environ["DIKTYO_BENCH_COMMIT"]
     out = subprocess.run(
         ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
         capture_output=True,
@@ -447,13 +477,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="stop after this many seconds")
     ap.add_argument("--out", default=None, help="results file stem (default <date>-mtls[-mode])")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where to write (bench/results)")
+    ap.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated cells to run, of {', '.join(CONFIGS)} (default: all)",
+    )
+    ap.add_argument("--conns", default="", help="wrk connections, comma-separated (e.g. 50,1)")
+    ap.add_argument("--commit", default="", help="benchmark diktyo as committed at REV")
+    ap.add_argument(
+        "--ab",
+        default="",
+        metavar="REV",
+        help="A/B: run REV and this tree alternately (--rounds times each) and compare",
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="rounds per side with --ab (default 2)")
     args = ap.parse_args(argv)
+    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if unknown:
+        ap.error(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
+    if args.ab:
+        return ab_main(args, argv if argv is not None else sys.argv[1:])
+    if args.commit and not os.environ.get("DIKTYO_BENCH_SRC"):
+        return _reexec_at_commit(args.commit, argv if argv is not None else sys.argv[1:])
+    for name in list(CONFIGS):
+        if name not in args.configs.split(","):
+            del CONFIGS[name]
     if args.smoke:
         reps, secs, conns, suffix = 1, 1, [50], "-smoke"
     elif args.quick:
         reps, secs, conns, suffix = 2, 3, [50, 1], "-quick"
     else:
         reps, secs, conns, suffix = 3, 10, [50, 1], ""
+    if args.conns:
+        conns = [int(c) for c in args.conns.split(",")]
     budget = args.budget or (reps * len(CONFIGS) * (len(conns) * (secs + 2) + 4) + 60)
     stem = args.out or time.strftime("%Y-%m-%d-%H%M", time.gmtime()) + f"-mtls{suffix}"
     try:
@@ -462,6 +518,142 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mtls bench: {exc}", file=sys.stderr)
         return 1
     return 1 if res["aborted"] else 0
+
+
+def _export(rev: str) -> tuple[str, Path]:
+    root = HERE.parent
+    commit = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", rev],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dest = Path(tempfile.mkdtemp(prefix=f"diktyo-{commit}-"))
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", commit, "src"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return commit, dest
+
+
+def _env_at(commit: str, dest: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(dest / "src") + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    env["DIKTYO_BENCH_SRC"] = str(dest / "src")
+    env["DIKTYO_BENCH_COMMIT"] = commit
+    return env
+
+
+def _reexec_at_commit(rev: str, argv: list[str]) -> int:
+    try:
+        commit, dest = _export(rev)
+    except subprocess.CalledProcessError as exc:
+        print(f"mtls bench: --commit {rev}: {exc.stderr!r}", file=sys.stderr)
+        return 2
+    log(f"diktyo at commit {commit} (exported to {dest})")
+    try:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
+        return subprocess.run(cmd, env=_env_at(commit, dest), check=False).returncode
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def _strip(argv: list[str], *opts: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in opts:
+            skip = True
+            continue
+        if any(a.startswith(o + "=") for o in opts):
+            continue
+        out.append(a)
+    return out
+
+
+def ab_main(args: argparse.Namespace, argv: list[str]) -> int:
+    """REV and this tree alternately, ``--rounds`` each; medians of both in one file."""
+    try:
+        old, dest = _export(args.ab)
+    except subprocess.CalledProcessError as exc:
+        print(f"mtls bench: --ab {args.ab}: {exc.stderr!r}", file=sys.stderr)
+        return 2
+    new = _commit() + ("+dirty" if _dirty() else "")
+    base = _strip(argv, "--ab", "--rounds", "--out", "--out-dir", "--commit")
+    stem = args.out or time.strftime("%Y-%m-%d-%H%M", time.gmtime()) + "-mtls-ab"
+    tmp = Path(tempfile.mkdtemp(prefix="diktyo-mtls-ab-"))
+    runs: list[tuple[str, Path]] = []
+    try:
+        for r in range(args.rounds):
+            for side, env in (("old", _env_at(old, dest)), ("new", dict(os.environ))):
+                out = tmp / f"{side}-{r}"
+                log(f"A/B round {r + 1}/{args.rounds}: {side} ({old if side == 'old' else new})")
+                cmd = [sys.executable, str(Path(__file__).resolve()), *base]
+                cmd += ["--out-dir", str(tmp), "--out", out.name]
+                subprocess.run(cmd, env=env, check=False)
+                if out.with_name(out.name + ".json").exists():
+                    runs.append((side, out))
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+    samples: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
+    for side, out in runs:
+        samples[side] += json.loads(out.with_name(out.name + ".json").read_text())["samples"]
+    summary = {side: summarize(ss) for side, ss in samples.items()}
+    loadavg = Path("/proc/loadavg").read_text().split()[:3]
+    lines = [
+        f"# mTLS bench A/B: {old} (old) vs {new} (new), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"Alternated old/new, {args.rounds} round(s) each (`bench/mtls.py {' '.join(argv)}`); "
+        f"load average at the end {' '.join(loadavg)}. Medians over all samples of each side; "
+        "CPU = utime+stime of both sidecars per request.",
+        "",
+        "| cell | old rps | new rps | old CPU µs/req (client+server) | new CPU µs/req (client+server) | new/old CPU | mTLS share old/new | inbound handshakes per request, resumed share (new) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in summary["new"]:
+        o, n = summary["old"].get(key), summary["new"][key]
+        if o is None:
+            continue
+        lines.append(
+            f"| {key} | {o['rps']:.0f} | {n['rps']:.0f} | {o['cpu_us_per_req']:.0f} "
+            f"({o['cpu_us_per_req_client']:.0f}+{o['cpu_us_per_req_server']:.0f}) | "
+            f"{n['cpu_us_per_req']:.0f} ({n['cpu_us_per_req_client']:.0f}+"
+            f"{n['cpu_us_per_req_server']:.0f}) | {n['cpu_us_per_req'] / o['cpu_us_per_req']:.2f} | "
+            f"{o['mtls_share']:.0%}/{n['mtls_share']:.0%} | "
+            f"{n['handshakes_per_req']:.2f}, {n['resumed_share']:.0%} |"
+        )
+    lines += ["", "| ratio (same side) | old | new |", "|---|---|---|"]
+    rat = {side: ratios(summary[side]) for side in summary}
+    for name, q in rat["new"].items():
+        if name in rat["old"]:
+            lines.append(
+                f"| {name}: CPU/req | {rat['old'][name]['cpu_us_per_req']:.2f} | "
+                f"{q['cpu_us_per_req']:.2f} |"
+            )
+    text = "\n".join(lines) + "\n"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{stem}.md").write_text(text)
+    (args.out_dir / f"{stem}.json").write_text(
+        json.dumps({"old": old, "new": new, "summary": summary, "samples": samples}, indent=1)
+        + "\n"
+    )
+    print(text)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _dirty() -> bool:
+    out = subprocess.run(
+        ["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return bool(out.stdout.strip())
 
 
 if __name__ == "__main__":

@@ -97,6 +97,13 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         out["targets"][t]["memory"] = {
             k: _spread([v / 1024 for v in mem.get(k, [])]) for k in ("idle_rss_kib", "peak_rss_kib")
         }
+        conns = [c for c in mem.get("idle_conns", []) if "error" not in c]
+        out["targets"][t]["memory"]["idle_conn_bytes"] = _spread(
+            [c["downstream"]["bytes_per_conn"] for c in conns]
+        )
+        out["targets"][t]["memory"]["idle_conn_with_upstream_bytes"] = _spread(
+            [c["with_upstream"]["bytes_per_conn"] for c in conns]
+        )
 
     def ratio(a: str, b: str, s: str, key: str, added: bool = False) -> dict[str, float] | None:
         ra, rb = _by_rep(runs.get(a, {}).get(s, [])), _by_rep(runs.get(b, {}).get(s, []))
@@ -117,8 +124,13 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
                 vals.append(x / y)
         return _spread(vals)
 
-    pairs = [("diktyo", "haproxy"), ("diktyo", "nginx"), ("mesh-diktyo", "mesh-haproxy")]
-    scen = next(iter(runs.values()), {}).keys() if runs else []
+    pairs = [
+        ("diktyo", "haproxy"),
+        ("diktyo", "nginx"),
+        ("mesh-diktyo", "mesh-haproxy"),
+        (CONCURRENCY_TARGET, "diktyo"),
+    ]
+    scen = list(dict.fromkeys(sc for per in runs.values() for sc in per))  # every target's
     for a, b in pairs:
         if a not in runs or b not in runs:
             continue
@@ -167,6 +179,92 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     )
     mem = out["targets"].get("diktyo", {}).get("memory", {}).get("idle_rss_kib")
     out["goals"]["idle_rss"] = goal(mem["median"] if mem else None, 40.0, False, " MiB")
+    out["issue11"] = issue11_targets(result, out)
+    return out
+
+
+# issue 11's targets: (key, figure, target text). Rows whose data this run lacks say so.
+ISSUE11 = (
+    ("sat_small", "saturation rps, wrk -c50, small body", ">= 0.8x HAProxy 1 thread"),
+    ("sat_1k", "saturation rps, wrk -c50, 1 KiB body", ">= 0.8x HAProxy 1 thread"),
+    ("cpu_1000", "CPU per request at paced 1,000 rps", "<= 1.5x HAProxy's"),
+    ("idle_rss", "idle RSS (diktyo sidecar --snapshot, bench config)", "<= 30 MB"),
+    ("rss_per_conn", "RSS per idle keep-alive client connection", "<= 4 KB"),
+    ("mtls_reuse", "mTLS between two sidecars, connections reused, -c50: CPU/request", "<= 1.3x plaintext"),
+    ("mtls_resumption", "mTLS, one request per connection: new-connection CPU", "halved by TLS session resumption"),
+    ("concurrency2", "concurrency: 2 on 2 cores, saturation rps", ">= 1.8x one worker"),
+)  # fmt: skip
+# the target name a `concurrency: 2` diktyo gets in run.py (added with the workers feature)
+CONCURRENCY_TARGET = "diktyo-c2"
+MB = 1e6  # the issue's MB and KB are decimal; the tables show MiB / bytes beside them
+
+
+def _row(
+    value: float | None, limit: float, higher_is_better: bool, shown: str, why_absent: str
+) -> dict[str, Any]:
+    if value is None:
+        return {
+            "value": None,
+            "shown": "-",
+            "met": None,
+            "note": f"not measured in this run: {why_absent}",
+        }
+    met = value >= limit if higher_is_better else value <= limit
+    return {"value": value, "shown": shown, "met": met, "note": "met" if met else "missed"}
+
+
+def issue11_targets(result: dict[str, Any], summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Issue 11's targets from this run (and the mTLS results passed in with it), one row each:
+    the value, met / missed, or why it was not measured."""
+    rat = summary["ratios"].get("diktyo/haproxy", {})
+    out: dict[str, dict[str, Any]] = {}
+    for key, scen in (("sat_small", "sat-c50-small"), ("sat_1k", "sat-c50-1k")):
+        r = (rat.get(scen) or {}).get("rps")
+        v = r["median"] if r else None
+        out[key] = _row(v, 0.8, True, f"{v:.2f}x" if v is not None else "",
+                        f"needs diktyo and haproxy targets and the {scen} scenario")  # fmt: skip
+    r = (rat.get("rate-1000") or {}).get("cpu_us_per_req")
+    v = r["median"] if r else None
+    out["cpu_1000"] = _row(v, 1.5, False, f"{v:.2f}x" if v is not None else "",
+                           "needs diktyo and haproxy targets and the rate-1000 scenario")  # fmt: skip
+    mem = summary["targets"].get("diktyo", {}).get("memory", {}).get("idle_rss_kib")
+    v = mem["median"] * 1024 * 1024 / MB if mem else None
+    out["idle_rss"] = _row(v, 30.0, False,
+                           f"{v:.1f} MB ({mem['median']:.1f} MiB)" if mem else "",
+                           "needs the diktyo target")  # fmt: skip
+    conns = [
+        c["downstream"]["bytes_per_conn"]
+        for c in result.get("memory", {}).get("diktyo", {}).get("idle_conns", [])
+        if "error" not in c
+    ]
+    v = statistics.median(conns) if conns else None
+    out["rss_per_conn"] = _row(v, 4000.0, False, f"{v / 1000:.1f} KB" if v is not None else "",
+                               "needs the diktyo target (bench/idleconns.py)")  # fmt: skip
+    mtls = result.get("mtls") or {}
+    src = f" (bench/mtls.py run of {mtls.get('date', '?')})" if mtls else ""
+    m = (mtls.get("ratios") or {}).get("mtls/c50 vs plain/c50", {}).get("cpu_us_per_req")
+    out["mtls_reuse"] = _row(m, 1.3, False, f"{m:.2f}x{src}" if m is not None else "",
+                             "pass a bench/mtls.py result with --mtls-json FILE")  # fmt: skip
+    ms = mtls.get("summary") or {}
+    full, resumed = ms.get("mtls-noresume-noreuse/c1"), ms.get("mtls-noreuse/c1")
+    base = ms.get("mtls/c1")
+    v = None
+    if full and resumed and base:
+        cost_full = full["cpu_us_per_req"] - base["cpu_us_per_req"]
+        cost_resumed = resumed["cpu_us_per_req"] - base["cpu_us_per_req"]
+        v = cost_resumed / cost_full if cost_full > 0 else None
+    out["mtls_resumption"] = _row(
+        v,
+        0.5,
+        False,
+        f"{v:.2f}x the full handshake's{src}" if v is not None else "",
+        "needs a bench/mtls.py result with the cells mtls-noresume-noreuse/c1 (tickets off), "
+        "mtls-noreuse/c1 and mtls/c1 (--mtls-json FILE)",
+    )
+    c2 = summary["ratios"].get(f"{CONCURRENCY_TARGET}/diktyo", {}).get("sat-c50-small", {})
+    v = c2["rps"]["median"] if c2 and c2.get("rps") else None
+    out["concurrency2"] = _row(v, 1.8, True, f"{v:.2f}x" if v is not None else "",
+                               f"needs a {CONCURRENCY_TARGET} target (concurrency: 2)")  # fmt: skip
     return out
 
 
@@ -213,6 +311,17 @@ def markdown(result: dict[str, Any], chart_name: str | None) -> str:
         g = s["goals"].get(k, {})
         v = g.get("value")
         lines.append(f"| {desc} | {'-' if v is None else f'{v:.2f}'} | {g.get('note', '-')} |")
+    lines.append("")
+
+    lines += [
+        "## Issue 11 targets",
+        "",
+        "| figure | target | diktyo | verdict |",
+        "|---|---|---|---|",
+    ]
+    for key, figure, target in ISSUE11:
+        g = s.get("issue11", {}).get(key, {})
+        lines.append(f"| {figure} | {target} | {g.get('shown', '-')} | {g.get('note', '-')} |")
     lines.append("")
 
     lines += [
@@ -284,12 +393,22 @@ def markdown(result: dict[str, Any], chart_name: str | None) -> str:
     lines += [
         "## Memory (MiB, whole process tree)",
         "",
-        "| target | idle RSS | peak RSS (VmHWM) |",
-        "|---|---|---|",
+        (
+            "RSS per idle keep-alive connection (bytes, `bench/idleconns.py`): N client "
+            "connections, one request each, then idle; *client only*: the requests one after "
+            "another (one upstream connection); *with upstream*: all in flight at once, so the "
+            "proxy also keeps up to N idle upstream connections in its pool."
+        ),
+        "",
+        "| target | idle RSS | peak RSS (VmHWM) | per idle client conn | per client + upstream conn |",
+        "|---|---|---|---|---|",
     ]
     for t in result["targets"]:
         mem = s["targets"][t]["memory"]
-        lines.append(f"| {t} | {_fmt(mem['idle_rss_kib'], 1)} | {_fmt(mem['peak_rss_kib'], 1)} |")
+        lines.append(
+            f"| {t} | {_fmt(mem['idle_rss_kib'], 1)} | {_fmt(mem['peak_rss_kib'], 1)} | "
+            f"{_fmt(mem.get('idle_conn_bytes'))} | {_fmt(mem.get('idle_conn_with_upstream_bytes'))} |"
+        )
     lines.append("")
 
     if result.get("sidecar_requests"):

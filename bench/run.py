@@ -30,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import idleconns
 import loadgen
 import procs
 import report
@@ -134,6 +135,18 @@ def _reexec_at_commit(rev: str) -> int:
         shutil.rmtree(dest, ignore_errors=True)
 
 
+def compile_diktyo() -> None:
+    """Byte-compile the diktyo package the sidecars will import: with stale or missing ``.pyc``
+    files (an edited tree, ``PYTHONDONTWRITEBYTECODE``) every sidecar compiles its sources at
+    start, which costs it ~1.5 MiB of idle RSS that an installed sidecar does not pay."""
+    import compileall
+    import importlib.util
+
+    spec = importlib.util.find_spec("diktyo")
+    for d in (spec.submodule_search_locations or []) if spec else []:
+        compileall.compile_dir(d, quiet=1, workers=1)
+
+
 def measure(
     sc: dict[str, Any],
     port: int,
@@ -204,6 +217,19 @@ def main(argv: list[str] | None = None) -> int:
         help="benchmark diktyo as committed at REV (e.g. HEAD; exported with git archive), "
         "not the working tree that others may be editing",
     )
+    ap.add_argument(
+        "--idle-conns",
+        type=int,
+        help="idle keep-alive connections opened per proxy for the RSS-per-connection figure "
+        "(default: 1000; smoke 200; 0 = skip)",
+    )
+    ap.add_argument(
+        "--mtls-json",
+        type=Path,
+        metavar="FILE",
+        help="a bench/mtls.py result (JSON) whose figures fill the issue-11 mTLS rows; "
+        "without it they say 'not measured in this run'",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
     ap.add_argument("--no-latest", action="store_true", help="do not overwrite <out>/latest.md")
     args = ap.parse_args(argv)
@@ -241,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         scenarios[s] = sc
 
     notes: list[str] = []
+    n_idle = args.idle_conns if args.idle_conns is not None else (200 if args.smoke else 1000)
+    mtls = None
+    if args.mtls_json:
+        try:
+            mtls = json.loads(args.mtls_json.read_text())
+        except (OSError, ValueError) as exc:
+            ap.error(f"--mtls-json {args.mtls_json}: {exc}")
     if any(t in tg.DIKTYO_TARGETS for t in wanted):
         ok, why = tg.diktyo_sidecar_available()
         if not ok:
@@ -248,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {notes[-1]}", file=sys.stderr)
             wanted = [t for t in wanted if t not in tg.DIKTYO_TARGETS]
 
+    if any(t in tg.DIKTYO_TARGETS for t in wanted):
+        compile_diktyo()
     tmp = Path(tempfile.mkdtemp(prefix="diktyo-bench-"))
     pacer = loadgen.build_pacer(tmp / "build")
     if pacer is None:
@@ -267,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
         t: {s: [] for s in scenarios} for t in wanted
     }
-    memory: dict[str, dict[str, list[int]]] = {
+    memory: dict[str, dict[str, list[Any]]] = {
         t: {"idle_rss_kib": [], "peak_rss_kib": []} for t in wanted
     }
     failures: dict[str, str] = {}
@@ -310,6 +345,23 @@ def main(argv: list[str] | None = None) -> int:
                     )
             for t, r in running.items():
                 memory[t]["peak_rss_kib"].append(sum(p.hwm_kib() for p in r.procs))
+                if r.procs and n_idle > 0:  # after the peak: the connections raise VmHWM
+                    try:
+                        conns = idleconns.measure(r.port, r.procs, n_idle)
+                    except Exception as exc:  # noqa: BLE001 - recorded in the results
+                        conns = {"error": f"{type(exc).__name__}: {exc}"}
+                    memory[t].setdefault("idle_conns", []).append(conns)
+                    print(
+                        f"bench: rep {rep + 1}/{reps} idle conns     {t:13s} "
+                        + (
+                            conns["error"][:200]
+                            if "error" in conns
+                            else f"{conns['downstream']['bytes_per_conn']:,.0f} B per client conn, "
+                            f"{conns['with_upstream']['bytes_per_conn']:,.0f} B with upstream "
+                            f"({n_idle} connections)"
+                        ),
+                        file=sys.stderr,
+                    )
                 for p in r.procs:
                     if "compiled" in p.extra:  # the sidecar's ready line: mypyc hot path or not
                         compiled[p.name] = bool(p.extra["compiled"])
@@ -338,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         "memory": memory,
         "sidecar_requests": sidecar_stats,
         "diktyo_compiled": compiled,
+        "idle_conns": n_idle,
     }
+    if mtls is not None:
+        result["mtls"] = mtls
     result["summary"] = report.summarise(result)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{started.strftime('%Y-%m-%d-%H%M')}-{mode_name}"

@@ -4,6 +4,7 @@ direct, diktyo sidecar, nginx, HAProxy, and the two-hop mesh paths (diktyo and H
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,11 +16,13 @@ import configs
 from procs import PROXY_CORE, Proc, free_port, start, start_sidecar
 
 ALL_TARGETS = (
-    "direct", "diktyo", "diktyo-pure", "nginx", "haproxy", "mesh-diktyo", "mesh-haproxy"
+    "direct", "diktyo", "diktyo-c2", "diktyo-pure", "nginx", "haproxy", "mesh-diktyo",
+    "mesh-haproxy",
 )
+DIKTYO_TARGETS = ("diktyo", "diktyo-c2", "diktyo-pure", "mesh-diktyo")
+# diktyo-c2: the same sidecar with concurrency 2 (two worker processes), allowed on both cores
 # diktyo-pure: the same sidecar with DIKTYO_PURE=1, i.e. the .py sources even where the hot path
 # is compiled (pure vs compiled of one commit in one run)
-DIKTYO_TARGETS = ("diktyo", "diktyo-pure", "mesh-diktyo")
 
 
 @dataclass
@@ -69,13 +72,22 @@ def _validate(snap: dict[str, object]) -> None:
 
 
 def _sidecar(
-    tmp: Path, name: str, snap: dict[str, object], listener: str = "", pure: bool = False
+    tmp: Path,
+    name: str,
+    snap: dict[str, object],
+    listener: str = "",
+    concurrency: int = 1,
+    pure: bool = False,
 ) -> Proc:
     _validate(snap)
     path = tmp / f"{name}.snapshot.json"
     path.write_text(json.dumps(snap, indent=1))
-    env = ["env", "DIKTYO_PURE=1"] if pure else []  # env execs: the measured pid is diktyo's
-    argv = [*env, *diktyo_argv(), "sidecar", "--snapshot", str(path), "--admin-port", str(free_port())]
+    argv = [*diktyo_argv(), "sidecar", "--snapshot", str(path), "--admin-port", str(free_port())]
+    if pure:  # env execs: the measured pid is diktyo's
+        argv = ["env", "DIKTYO_PURE=1", *argv]
+    if concurrency > 1:  # one core per worker (taskset re-pins the pinned launcher's child)
+        last = min(concurrency, os.cpu_count() or 1) - 1
+        argv = ["taskset", "-c", f"0-{last}", *argv, "--concurrency", str(concurrency)]
     return start_sidecar(name, argv, tmp / f"{name}.log", PROXY_CORE, listener=listener)
 
 
@@ -176,17 +188,18 @@ def start_target(name: str, tmp: Path, upstream: Proc, config: str = "yaml") -> 
             server.stop()
             raise
         return Running(name, pc, [client, server])
-    if name in ("diktyo", "diktyo-pure"):
+    if name in ("diktyo", "diktyo-c2", "diktyo-pure"):
+        workers = 2 if name == "diktyo-c2" else 1
         pure = name == "diktyo-pure"
         if config == "yaml":
             yaml_text = configs.istio_yaml(("127.0.0.1", upstream_port), ("127.0.0.1", v2_port))
             snap = translated_snapshot(tmp, name, yaml_text, "client")
-            p = _sidecar(tmp, name, snap, CLIENT_LISTENER, pure=pure)
+            p = _sidecar(tmp, name, snap, CLIENT_LISTENER, workers, pure)
         else:
             snap = configs.client_sidecar_snapshot(
                 0, [("127.0.0.1", upstream_port)], via_sidecar=False
             )
-            p = _sidecar(tmp, name, snap, pure=pure)
+            p = _sidecar(tmp, name, snap, concurrency=workers, pure=pure)
         return Running(name, p.port, [p])
     if name == "mesh-diktyo":
         if config == "yaml":

@@ -1,4 +1,5 @@
-"""CPU cost of one request through the `h2` library, in memory: the codec's share of a proxied request.
+"""CPU cost of one request through the `h2` library (and diktyo's two HTTP/2 codecs, on `h2` and
+on libnghttp2), in memory: the codec's share of a proxied request.
 
 A sidecar proxying one HTTP/2 request runs the codec twice: as a *server* for the downstream
 (decode HEADERS, encode the response HEADERS + DATA) and as a *client* for the upstream (encode
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -137,6 +139,7 @@ class _Null:
     def __init__(self) -> None:
         self.ended = 0
         self.requests: list[int] = []
+        self.codec: Any = None
 
     def on_request_headers(self, sid: int, head: object) -> None:
         self.requests.append(sid)
@@ -144,19 +147,24 @@ class _Null:
     def on_response_end(self, sid: int) -> None:
         self.ended += 1
 
+    def on_response_data(self, sid: int, data: bytes) -> None:
+        self.codec.acknowledge(sid, len(data))  # as the pool does: credit what was passed on
+
     def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *a: None
 
 
 def run_diktyo(n: int, conc: int, body: bytes, validate: bool) -> float:
-    """The same round trip through diktyo's codecs (``proxy/codec/http2.py``): what the
+    """The same round trip through diktyo's codecs (``proxy/codec/http2.py`` on `h2`, or
+    ``http2_nghttp2.py`` on libnghttp2 when ``validate`` is the string "nghttp2"): what the
     sidecar runs, flood checks and event translation included."""
-    del validate
     from diktyo.proxy.codec.events import RequestHead, ResponseHead
-    from diktyo.proxy.codec.http2 import Http2ClientCodec, Http2ServerCodec
+    from diktyo.proxy.codec.http2_select import select_codec
 
+    server_cls, client_cls, _ = select_codec("nghttp2" if validate == "nghttp2" else "h2")
     cs, ss = _Null(), _Null()
-    client, server = Http2ClientCodec(cs), Http2ServerCodec(ss)
+    client, server = client_cls(cs), server_cls(ss)
+    cs.codec = client
     server.feed(client.data_to_send())
     client.feed(server.data_to_send())
     server.feed(client.data_to_send())
@@ -208,6 +216,7 @@ def main() -> None:
         ("h2, header validation on", run_h2, True),
         ("h2, header validation off", run_h2, False),
         ("diktyo's codecs (on h2)", run_diktyo, True),
+        ("diktyo's codecs (on nghttp2)", run_diktyo, "nghttp2"),
     ]
     for name, fn, validate in rows:
         us = best(fn, a.reps, a.requests, a.concurrency, body, validate) * 1e6

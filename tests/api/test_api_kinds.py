@@ -18,7 +18,6 @@ REPO = Path(__file__).resolve().parents[2]
 IGNORED = [
     ("networking.istio.io/v1alpha3", "EnvoyFilter", "configPatches: []"),
     ("extensions.istio.io/v1alpha1", "WasmPlugin", "url: oci://example/plugin:1"),
-    ("networking.istio.io/v1beta1", "ProxyConfig", "concurrency: 2"),
 ]
 
 

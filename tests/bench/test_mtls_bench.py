@@ -44,3 +44,7 @@ def test_mtls_bench_smoke(tmp_path: Path) -> None:
     assert "mtls/c50 vs plain/c50" in res["ratios"]
     assert res["ratios"]["mtls/c50 vs plain/c50"]["cpu_us_per_req"] > 0
     assert "| mtls-noreuse | 50 |" in md.read_text()
+    # one inbound handshake per request without reuse, and sidecars resume TLS sessions
+    noreuse = res["summary"]["mtls-noreuse/c50"]
+    assert noreuse["handshakes_per_req"] > 0.5 and noreuse["resumed_share"] > 0, noreuse
+    assert res["summary"]["plain-noreuse/c50"]["handshakes_per_req"] == 0

@@ -117,3 +117,53 @@ def test_markdown_has_every_section() -> None:
         assert heading in md
     assert "| sat-c50-small | diktyo | 18,000 (16,000-20,000) |" in md
     assert "![latency percentiles at fixed rates](chart.png)" in md
+
+
+def test_issue11_table_has_a_verdict_or_says_not_measured() -> None:
+    result = _result()
+    result["runs"]["diktyo"]["sat-c50-1k"] = [_run(0, 30000, 30, 1000, 2000)]
+    result["runs"]["haproxy"]["sat-c50-1k"] = [_run(0, 35000, 25, 1000, 2000)]
+    result["memory"]["diktyo"]["idle_conns"] = [
+        {"downstream": {"bytes_per_conn": 2200.0}, "with_upstream": {"bytes_per_conn": 9800.0}},
+        {"error": "IdleConnError: the proxy closed a connection"},
+    ]
+    rows = report.summarise(result)["issue11"]
+    assert set(rows) == {key for key, _, _ in report.ISSUE11}
+    # 18,000 / 40,000 median rps ratio (0.5, 0.4) -> 0.45x, target 0.8x
+    assert rows["sat_small"]["met"] is False and abs(rows["sat_small"]["value"] - 0.45) < 1e-9
+    assert rows["sat_1k"]["met"] is True  # 30,000 / 35,000 = 0.86x
+    # CPU at 1,000 rps: 120/40 and 80/40 -> 2.5x median, target <= 1.5x
+    assert rows["cpu_1000"]["met"] is False and rows["cpu_1000"]["value"] == 2.5
+    # idle RSS median 40 MiB = 41.9 MB > 30 MB
+    assert rows["idle_rss"]["met"] is False and "41.9 MB (40.0 MiB)" in rows["idle_rss"]["shown"]
+    # the failed idle-connection measurement is left out, not counted as zero
+    assert rows["rss_per_conn"]["value"] == 2200.0 and rows["rss_per_conn"]["met"] is True
+    for key in ("mtls_reuse", "mtls_resumption", "concurrency2"):
+        assert rows[key]["met"] is None and rows[key]["value"] is None
+        assert rows[key]["note"].startswith("not measured in this run: ")
+
+
+def test_issue11_mtls_and_concurrency_rows_from_their_data() -> None:
+    result = _result()
+    result["runs"]["diktyo-c2"] = {
+        "sat-c50-small": [_run(0, 38000, 50, 900, 2000), _run(1, 30400, 50, 900, 2000)]
+    }
+    result["memory"]["diktyo-c2"] = {"idle_rss_kib": [], "peak_rss_kib": []}
+    cell = {"cpu_us_per_req": 0.0}
+    result["mtls"] = {
+        "date": "2026-01-01",
+        "ratios": {"mtls/c50 vs plain/c50": {"cpu_us_per_req": 1.25}},
+        "summary": {
+            "mtls/c1": cell | {"cpu_us_per_req": 100.0},
+            "mtls-noreuse/c1": cell | {"cpu_us_per_req": 1100.0},
+            "mtls-noresume-noreuse/c1": cell | {"cpu_us_per_req": 2500.0},
+        },
+    }
+    rows = report.summarise(result)["issue11"]
+    assert rows["mtls_reuse"]["met"] is True and "1.25x" in rows["mtls_reuse"]["shown"]
+    # new-connection cost: resumed 1000 us vs full 2400 us -> 0.42x, halved
+    assert abs(rows["mtls_resumption"]["value"] - 1000 / 2400) < 1e-9
+    assert rows["mtls_resumption"]["met"] is True
+    # 38,000 / 20,000 and 30,400 / 16,000 = 1.9x both: met
+    assert abs(rows["concurrency2"]["value"] - 1.9) < 1e-9 and rows["concurrency2"]["met"] is True
+    result["summary"] = report.summarise(result)

@@ -13,6 +13,7 @@ import pytest
 
 from diktyo.cli.dashboard import dashboard_url, should_open_browser
 from diktyo.control.server import ControlPlane
+from diktyo.dashboard import mount as mount_dashboard
 from diktyo.telemetry.httpclient import request
 from diktyo.testing.controlplane import write_admin_token
 
@@ -60,6 +61,7 @@ async def test_command_prints_url_and_forwards(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DIKTYO_CONTROL_PLANE", "DISPLAY")}
     env["DIKTYO_HOME"] = str(tmp_path)
     cp = ControlPlane()
+    mount_dashboard(cp)
     await cp.start()
     write_admin_token(cp, tmp_path)
     try:

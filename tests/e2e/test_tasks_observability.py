@@ -352,8 +352,13 @@ def test_one_page_gives_one_trace_with_correct_parents(mesh: MeshThread) -> None
             parent["startNs"] <= child["startNs"] and child["endNs"] <= parent["endNs"] + 2_000_000
         )
     assert all(s["status"] == "ok" for s in spans)
-    assert gw["attributes"]["http.status_code"] == 200
-    assert gw["attributes"]["http.url"] == "/productpage"
+    assert gw["attributes"]["http.status_code"] == "200"  # Envoy's tags are strings
+    gw_authority = mesh.gateway_url.split("://", 1)[1].rstrip("/")
+    assert gw["attributes"]["http.url"] == f"http://{gw_authority}/productpage"
+    assert gw["attributes"]["component"] == "proxy"
+    assert reviews_in["attributes"]["istio.canonical_service"] == "reviews"
+    assert reviews_in["attributes"]["istio.canonical_revision"] == "v3"
+    assert reviews_in["attributes"]["istio.namespace"] == "default"
 
 
 def test_a_bare_b3_not_sampled_decision_is_honoured(mesh: MeshThread) -> None:

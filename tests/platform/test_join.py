@@ -219,3 +219,56 @@ async def test_an_address_this_host_lacks_is_refused_before_anything_registers(
     assert "host file address '192.0.2.7' is not an address of this host" in str(exc.value)
     assert "ip netns exec" in str(exc.value)
     assert agent.runs == []  # no token read, no registration session opened
+
+
+@pytest.mark.parametrize(
+    ("address", "words"),
+    [
+        ("0.0.0.0", "is the unspecified address"),
+        ('"::"', "is the unspecified address"),
+        ("224.0.0.5", "is a multicast address"),
+        ("ff02::1", "is a multicast address"),
+        ("255.255.255.255", "is the broadcast address"),
+    ],
+)
+def test_a_host_address_no_peer_can_reach_is_refused(
+    tmp_path: Path, address: str, words: str
+) -> None:
+    # 0.0.0.0 used to pass: the sidecars could bind it, and the WorkloadEntry then told every
+    # other workload to send to 0.0.0.0
+    host = tmp_path / "host.yaml"
+    host.write_text(f"# fleet host\nworkloads:\n- group: front\naddress: {address}\n")
+    with pytest.raises(JoinError) as exc:
+        load_host_file(host, ["http://127.0.0.1:15010"])
+    text = str(exc.value)
+    assert text.startswith(f"{host}:4: error: address: "), text
+    assert words in text
+    assert "'ip -br addr'" in text  # the hint
+
+
+def test_a_loopback_host_address_is_refused_only_with_a_remote_control_plane(
+    tmp_path: Path,
+) -> None:
+    host = tmp_path / "host.yaml"
+    host.write_text("address: 127.0.0.2\nworkloads:\n- group: front\n")
+    for local in (["http://127.0.0.1:15010"], ["http://localhost:15010"], ["http://[::1]:1"], []):
+        assert load_host_file(host, local).address == "127.0.0.2"
+    with pytest.raises(JoinError) as exc:
+        load_host_file(host, ["http://127.0.0.1:15010", "http://192.0.2.10:15010"])
+    text = str(exc.value)
+    assert text.startswith(f"{host}:1: error: address: '127.0.0.2' is a loopback address")
+    assert "http://192.0.2.10:15010 is on another host" in text
+
+
+def test_join_command_reports_a_bad_host_address_before_starting(tmp_path: Path) -> None:
+    import subprocess
+
+    host = tmp_path / "host.yaml"
+    host.write_text("address: 0.0.0.0\nworkloads:\n- group: front\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "diktyo.cli.main", "join", "--control-plane",
+         "http://127.0.0.1:9", "--host-file", str(host)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"diktyo join: {host}:1: error: address: '0.0.0.0' is the unspecified" in proc.stderr

@@ -9,8 +9,11 @@ import asyncio
 import io
 import json
 import os
+import re
 import secrets
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -266,3 +269,59 @@ async def test_a_mesh_of_another_capture_mode_is_not_adopted(
     with pytest.raises(MeshStartError, match="cannot adopt it: stop it with 'diktyo down'"):
         await mesh.adopt({"name": "old", "capture": "transparent", "workloads": []})
     await mesh.stop()
+
+
+@needs_netns
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_transparent_sidecars_export_spans_and_stop_without_warnings() -> None:
+    # A sidecar in a namespace was told to export spans to the control plane's 127.0.0.1 URL,
+    # its namespace's own loopback: every span was lost and each flush logged a failed export
+    # (seen on 'diktyo down'). The embedded collector is now a path on the control plane the
+    # sidecar talks to, which it reaches through the bridge.
+    tag = secrets.token_hex(2)
+    text = f"""
+name: s{tag}
+capture: transparent
+network: {{cidr: 10.{100 + secrets.randbelow(100)}.0.0/16, namePrefix: dks{tag}-, linkPrefix: s{tag}}}
+tracing: {{sampling: 100}}
+services:
+  - name: hello
+    ports: [{{name: http, port: 9080}}]
+workloads:
+  - name: hello-v1
+    labels: {{app: hello, version: v1}}
+    command: ["{{python}}", "{TINY_APP}"]
+"""
+    spec = load_mesh_text(text, "s.yaml", base_dir="/")
+    netns = Netns(prefix=f"dks{tag}-", link_prefix=f"s{tag}")
+    out = io.StringIO()
+    mesh = LocalMesh(spec, out=out, ready_timeout=40)
+    try:
+        await asyncio.wait_for(mesh.start(), 90)
+        (rep,) = mesh.replicas
+        url = f"http://{rep.address}:9080/"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + 30
+        traces: list[dict[str, object]] = []
+        while not traces and time.monotonic() < deadline:
+            with await asyncio.to_thread(opener.open, url, timeout=5) as r:
+                assert r.status == 200
+            await asyncio.sleep(0.5)
+            code, body = await asyncio.to_thread(
+                admin_get, mesh.cp, mesh.cp.url + "/telemetry/api/traces?limit=5"
+            )
+            assert code == 200
+            traces = json.loads(body)["traces"]
+        assert traces, "no span from the sidecar reached the control plane\n" + out.getvalue()
+    finally:
+        await asyncio.wait_for(mesh.stop(), 40)
+        print(out.getvalue())
+    logged = out.getvalue()
+    # the sidecars' own log lines are echoed into out ("[hello-v1-1 sidecar] ..."): none may
+    # be a warning or an error, neither while serving nor while the mesh stops
+    bad = [
+        ln for ln in logged.splitlines() if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", ln)
+    ]
+    assert bad == []
+    assert netns.leftovers() == {"namespaces": [], "links": [], "hosts": []}

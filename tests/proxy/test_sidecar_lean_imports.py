@@ -1,7 +1,8 @@
 """A standalone sidecar (``--config DIR``) runs without the YAML loader, pydantic, ruamel,
 aiohttp or the control plane's translator in its process: the translation runs in a child
 process that hands over the snapshot (issue 11, memory). RE2 loads only for a config with a
-regex in it."""
+regex in it, ``h2`` only on the first HTTP/2 connection (the admin ``/memory`` report says
+which optional libraries are loaded)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import httpx
 
 from diktyo.testing import FakeUpstream, http_request
 
@@ -34,7 +37,8 @@ WRAPPER = textwrap.dedent(
     import json, runpy, sys
 
     HEAVY = ("pydantic", "pydantic_core", "ruamel", "aiohttp", "yarl", "jsonschema", "re2",
-             "diktyo.api", "diktyo.control", "diktyo.dashboard")
+             "h2", "hpack", "hyperframe", "shutil", "pathlib", "diktyo.api", "diktyo.control",
+             "diktyo.dashboard")
 
     class Out:
         def __init__(self, real):
@@ -95,3 +99,54 @@ def test_config_dir_errors_still_name_file_line_and_column(tmp_path: Path) -> No
     assert res.returncode == 1, res.stderr
     assert f"{tmp_path / 'bad.yaml'}:9:" in res.stderr and "weight" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+def _diktyo_command() -> list[str]:
+    exe = Path(sys.executable).parent / "diktyo"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "diktyo.cli.main"]
+
+
+async def _admin_memory(admin: int) -> dict[str, object]:
+    async with httpx.AsyncClient() as c:
+        r = await c.get(f"http://127.0.0.1:{admin}/memory")
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert isinstance(out, dict)
+    return out
+
+
+async def test_diktyo_sidecar_loads_h2_only_for_the_first_http2_connection(
+    tmp_path: Path,
+) -> None:
+    """``diktyo sidecar --config DIR`` (the command, as the benchmark runs it): serving
+    HTTP/1.1, its admin ``/memory`` lists no optional library; the first h2c (prior knowledge)
+    connection loads ``h2`` and is served."""
+    async with FakeUpstream() as app:
+        (tmp_path / "mesh.yaml").write_text(MESH.format(port=app.port))
+        proc = await asyncio.create_subprocess_exec(
+            *_diktyo_command(), "sidecar", "--config", str(tmp_path), "--outbound-port", "0",
+            "--admin-port", "0", "--admin-token-file", str(tmp_path / "admin-token"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+            port, admin = ready["listeners"]["outbound"], ready["admin"]
+            r = await http_request(port, "GET", "http://reviews:9080/")
+            assert r.status == 200
+            mem = await _admin_memory(admin)
+            assert mem["optional_modules_loaded"] == []
+            assert isinstance(mem["rss_bytes"], int) and mem["rss_bytes"] > 0
+            assert (
+                isinstance(mem["peak_rss_bytes"], int) and mem["peak_rss_bytes"] >= mem["rss_bytes"]
+            )
+            async with httpx.AsyncClient(http1=False, http2=True) as c:  # h2c prior knowledge
+                h2r = await c.get(f"http://127.0.0.1:{port}/", headers={"host": "reviews:9080"})
+            assert h2r.status_code == 200 and h2r.http_version == "HTTP/2"
+            loaded = (await _admin_memory(admin))["optional_modules_loaded"]
+            # the HTTP/2 codec in use: libnghttp2 through cffi, or the h2 library as fallback
+            assert isinstance(loaded, list)
+            assert "cffi" in loaded or {"h2", "hpack", "hyperframe"} <= set(loaded), loaded
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)

@@ -2,8 +2,11 @@
 
 Checked: every relative Markdown link in README.md and docs/, every path written in code
 spans there that starts at a top-level entry of the repository (``src/...``, ``docs/...``,
-``samples/...``) or climbs out with ``../``, and every ``docs/*.md`` or ``notes/*.md`` named in
-Python sources. A path must exist and stay inside the repository (the CI clone has nothing
+``samples/...``) or climbs out with ``../``, every module path written in code spans relative
+to the package (``proxy/sidecar.py``, ``serve/push.py``: it must exist under ``src/diktyo/`` or
+one of its packages), every ``src/``, ``tests/``, ``docs/``, ``bench/`` or ``samples/`` path
+written anywhere, in prose or in a diagram (a glob must match a file), and every ``docs/*.md``
+or ``notes/*.md`` named in Python sources. A path must exist and stay inside the repository (the CI clone has nothing
 else). Placeholders (``deploy/NAME``, ``<dir>``, globs, ``{a,b}``) are not paths.
 """
 
@@ -25,6 +28,13 @@ LINK = re.compile(r"\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
 DOC_IN_SOURCE = re.compile(r"\b((?:docs|notes)/[\w./-]+\.md)\b")
 PLACEHOLDER = re.compile(r"[<>*{}$|?=\s]|(?:^|/)[A-Z][A-Z_]+(?:/|$)")
+PACKAGE = ROOT / "src" / "diktyo"
+# where a module path written relative to the package may start: the package, or any of its
+# packages (``http/context.py`` in the sidecar's section means ``proxy/http/context.py``)
+PACKAGE_DIRS = [PACKAGE, *sorted(p for p in PACKAGE.rglob("*") if (p / "__init__.py").is_file())]
+PACKAGE_NAMES = {p.name for p in PACKAGE_DIRS[1:]}
+# a repository path anywhere in the text (prose, tables, diagrams), up to its last word char
+BARE = re.compile(r"(?<![\w./-])((?:src|tests|docs|bench|samples)/[\w./*-]*[\w/*])")
 
 
 def _inside(path: Path) -> bool:
@@ -37,6 +47,40 @@ def _existing(base: Path, target: str) -> bool:
         if _inside(p) and p.exists():
             return True
     return False
+
+
+def _module_exists(token: str) -> bool:
+    return any((base / token).exists() for base in PACKAGE_DIRS)
+
+
+def _bare_exists(token: str) -> bool:
+    if "*" in token:
+        return next(ROOT.glob(token), None) is not None
+    return (ROOT / token).exists()
+
+
+def module_paths_named(doc: Path) -> list[tuple[int, str]]:
+    """(line, path) of every package-relative module path in a code span (``proxy/x.py``)."""
+    found: list[tuple[int, str]] = []
+    for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+        for m in CODE_SPAN.finditer(line):
+            token = m.group(1).strip().rstrip(".,:;")
+            if PLACEHOLDER.search(token) or "/" not in token or "://" in token:
+                continue
+            first = token.split("/", 1)[0]
+            if first in PACKAGE_NAMES and first not in TOP_LEVEL and token.endswith((".py", "/")):
+                found.append((n, token))
+    return found
+
+
+def bare_paths_named(doc: Path) -> list[tuple[int, str]]:
+    """(line, path) of every ``src/``, ``tests/``, ``docs/``, ``bench/``, ``samples/`` path
+    written anywhere in ``doc``, fences and prose included."""
+    return [
+        (n, m.group(1))
+        for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1)
+        for m in BARE.finditer(line)
+    ]
 
 
 def paths_named(doc: Path) -> list[tuple[int, str]]:
@@ -69,6 +113,13 @@ def test_every_path_a_doc_names_exists(doc: Path) -> None:
     assert not missing, f"{doc.relative_to(ROOT)} names files that do not exist: {missing}"
 
 
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_module_a_doc_names_exists(doc: Path) -> None:
+    missing = [f"line {n}: {t}" for n, t in module_paths_named(doc) if not _module_exists(t)]
+    missing += [f"line {n}: {t}" for n, t in bare_paths_named(doc) if not _bare_exists(t)]
+    assert not missing, f"{doc.relative_to(ROOT)} names files that do not exist: {missing}"
+
+
 def test_sources_name_only_existing_docs() -> None:
     missing = [
         f"{p.relative_to(ROOT)}: {m.group(1)}"
@@ -94,3 +145,30 @@ def test_the_checker_sees_what_it_must(tmp_path: Path) -> None:
     ]
     assert not _existing(ROOT, "../shared/A.md")  # outside the repository even if present
     assert _existing(ROOT / "docs", "../README.md")
+
+
+def test_the_module_checker_sees_what_it_must(tmp_path: Path) -> None:
+    doc = tmp_path / "x.md"
+    doc.write_text(
+        "The push server is `control/serve/push.py`, its routes `serve/config_api.py`, and\n"
+        "`proxy/gone.py` is not there; nor is `control/serve/`'s twin `control/server/`.\n"
+        "```\n  src/diktyo/control/server.py  -> tests/control/serve/test_x_*.py\n```\n"
+        "Plain prose: src/diktyo/dashboard/mount.py and bench/results/*.nothing.\n"
+    )
+    named = module_paths_named(doc)
+    assert [t for _, t in named] == [
+        "control/serve/push.py",
+        "serve/config_api.py",
+        "proxy/gone.py",
+        "control/serve/",
+        "control/server/",
+    ]
+    assert [t for _, t in named if not _module_exists(t)] == ["proxy/gone.py", "control/server/"]
+    bare = [t for _, t in bare_paths_named(doc)]
+    assert bare == [
+        "src/diktyo/control/server.py",
+        "tests/control/serve/test_x_*.py",
+        "src/diktyo/dashboard/mount.py",
+        "bench/results/*.nothing",
+    ]
+    assert [t for t in bare if not _bare_exists(t)] == bare[1:]

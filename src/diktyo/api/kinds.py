@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from diktyo.api.gateway_api import GATEWAY_API_KINDS
 from diktyo.api.kubernetes import KubeServiceSpec
 from diktyo.api.networking import DestinationRule, Gateway, ServiceEntry, Sidecar, VirtualService
+from diktyo.api.proxy_config import ProxyConfig
 from diktyo.api.security import AuthorizationPolicy, PeerAuthentication, RequestAuthentication
 from diktyo.api.telemetry import Telemetry
 from diktyo.api.workloads import WorkloadEntry, WorkloadGroup
@@ -65,6 +66,8 @@ KIND_TABLE: list[KindInfo] = [
     KindInfo(NETWORKING, "ServiceEntry", _NET_VERSIONS, ServiceEntry),
     KindInfo(NETWORKING, "Gateway", _NET_VERSIONS, Gateway),
     KindInfo(NETWORKING, "Sidecar", _NET_VERSIONS, Sidecar),
+    # concurrency only (diktyo.platform, diktyo.control.inject); image and env have no effect
+    KindInfo(NETWORKING, "ProxyConfig", ("v1beta1",), ProxyConfig),
     # VM workloads: the loader checks them against Istio's CRD schema, then the model (CEL rules)
     KindInfo(NETWORKING, "WorkloadEntry", _NET_VERSIONS, WorkloadEntry, crd_checked=True),
     KindInfo(NETWORKING, "WorkloadGroup", _NET_VERSIONS, WorkloadGroup, crd_checked=True),
@@ -77,12 +80,6 @@ KIND_TABLE: list[KindInfo] = [
         "EnvoyFilter",
         ("v1alpha3",),
         reason="it patches Envoy's own configuration, which diktyo's sidecar does not have",
-    ),
-    KindInfo(
-        NETWORKING,
-        "ProxyConfig",
-        ("v1beta1",),
-        reason="per-workload proxy settings (concurrency, image, ...) are not implemented",
     ),
     KindInfo(TELEMETRY, "Telemetry", ("v1", "v1alpha1"), Telemetry),
     KindInfo(

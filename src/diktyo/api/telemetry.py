@@ -7,7 +7,7 @@ value and one with ``REMOVE`` must have none; ``randomSamplingPercentage`` in [0
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -15,19 +15,6 @@ from diktyo.api.base import IstioModel, LabelSelector
 from diktyo.api.duration import Duration
 
 _MODE = Literal["CLIENT_AND_SERVER", "CLIENT", "SERVER"]
-METRICS = (
-    "ALL_METRICS",
-    "REQUEST_COUNT",
-    "REQUEST_DURATION",
-    "REQUEST_SIZE",
-    "RESPONSE_SIZE",
-    "TCP_OPENED_CONNECTIONS",
-    "TCP_CLOSED_CONNECTIONS",
-    "TCP_SENT_BYTES",
-    "TCP_RECEIVED_BYTES",
-    "GRPC_REQUEST_MESSAGES",
-    "GRPC_RESPONSE_MESSAGES",
-)
 _METRIC = Literal[
     "ALL_METRICS",
     "REQUEST_COUNT",
@@ -41,6 +28,7 @@ _METRIC = Literal[
     "GRPC_REQUEST_MESSAGES",
     "GRPC_RESPONSE_MESSAGES",
 ]
+METRICS: tuple[str, ...] = get_args(_METRIC)
 
 
 class ProviderRef(IstioModel):

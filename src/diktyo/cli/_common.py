@@ -20,6 +20,13 @@ def add_cp_arg(parser: Any) -> None:
     )
 
 
+def add_files_arg(parser: Any, help: str) -> None:
+    """``-f/--file FILE|DIR`` (repeatable, required): the YAML of ``apply`` and ``delete``."""
+    parser.add_argument(
+        "-f", "--file", action="append", required=True, metavar="FILE|DIR", help=help
+    )
+
+
 def cp_url(args: Any) -> str | None:
     try:
         return control_plane_url(getattr(args, "control_plane", None))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from diktyo.cli._common import add_cp_arg, call, cp_url
+from diktyo.cli._common import add_cp_arg, add_files_arg, call, cp_url
 
 STDIN = Path("-")
 
@@ -132,13 +132,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="apply Istio YAML to the running mesh",
         description="Send VirtualService, DestinationRule, Gateway, ... YAML to the control plane. All the files are applied together or not at all: a load error (FILE:LINE:COL) or an error found by analysis ('diktyo analyze': weights over 100, undefined subsets, '*' hosts, ...) rejects them, exits 1, and the mesh keeps its last good config. Warnings are printed and pass.",
     )
-    p.add_argument(
-        "-f",
-        "--file",
-        action="append",
-        required=True,
-        metavar="FILE|DIR",
-        help="YAML file, folder, or - for standard input (repeatable)",
-    )
+    add_files_arg(p, "YAML file, folder, or - for standard input (repeatable)")
     add_cp_arg(p)
     p.set_defaults(func=apply)

@@ -156,6 +156,9 @@ async def _main(args: argparse.Namespace) -> int:
         allowed_hosts=tuple(args.allowed_host),
         sidecar_auth=args.sidecar_auth == "token",
     )
+    from diktyo.dashboard import mount as mount_dashboard
+
+    mount_dashboard(cp)  # the UI at / (the control plane itself never imports the dashboard)
     try:
         url = await cp.start(args.host, args.port)
     except (StoreUnavailable, SealError) as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from diktyo.cli._common import add_cp_arg
+from diktyo.cli._common import add_cp_arg, add_files_arg
 from diktyo.cli.apply import send
 
 
@@ -14,13 +14,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="delete Istio resources from the running mesh",
         description="Delete the resources named (kind, namespace, name) in the given YAML from the control plane's applied config.",
     )
-    p.add_argument(
-        "-f",
-        "--file",
-        action="append",
-        required=True,
-        metavar="FILE|DIR",
-        help="YAML file or folder (repeatable)",
-    )
+    add_files_arg(p, "YAML file or folder (repeatable)")
     add_cp_arg(p)
     p.set_defaults(func=lambda a: send(a, "DELETE"))

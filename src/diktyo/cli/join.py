@@ -27,6 +27,8 @@ service account from an admin:
 Host file (YAML):
   address: 127.0.0.2        # this host's address; sidecars listen on it (default 127.0.0.1)
                             # (run in a network namespace: the namespace's address)
+                            # one unicast address: not 0.0.0.0/::, multicast or broadcast;
+                            # loopback only when the control plane is on this host too
   network: ""               # optional Istio network name
   locality: eu-west/zone-a  # optional region/zone/subzone
   workloads:
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     urls = [u.strip() for arg in args.control_plane for u in arg.split(",") if u.strip()]
     try:
-        spec = load_host_file(args.host_file)
+        spec = load_host_file(args.host_file, urls)
     except JoinError as exc:
         print(f"diktyo join: {exc}", file=sys.stderr)
         return 2

@@ -90,6 +90,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "DIKTYO_DRAIN_TIMEOUT)",
     )
     p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes serving the listeners, Istio's ProxyConfig concurrency: 0 = one "
+        "per core, default 1 (Istio's sidecar default is 2; each worker costs its own memory, "
+        "see docs/decisions.md). The workers share the listener sockets, circuit-breaker limits "
+        "(for the sidecar as a whole) and one /stats/prometheus (summed); a worker that dies is "
+        "restarted. Env DIKTYO_CONCURRENCY",
+    )
+    p.add_argument(
         "--header-timeout",
         type=float,
         default=30.0,
@@ -202,7 +213,7 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
     out: dict[str, object] = dict(_DEFAULTS)
     out.update(env)
     for name in ("control_plane", "node", "admin_port", "status_port", "readiness_port",
-                 "outbound_port", "drain_timeout", "log_level", "token_file"):
+                 "outbound_port", "drain_timeout", "log_level", "token_file", "concurrency"):
         value = getattr(args, name, None)
         if value is not None:
             out[name] = value

@@ -27,13 +27,22 @@ One aiohttp middleware runs before every handler, in this order:
      admin token as ``Authorization: Bearer`` or the dashboard's cookie. ``GET /?token=T``
      with the right token sets that cookie (HttpOnly, SameSite=Strict) and redirects to ``/``.
    A missing or wrong credential is a 401 whose message names the token file.
+5. **TokenReview budget** (only where a ``token_reviewer`` is set, i.e. in a Kubernetes pod):
+   each refused credential on a route that may ask the API server for a TokenReview (the
+   sidecar routes and ``POST /v1/certificates``) spends one of a few refusals per source
+   address (``ReviewLimiter``: 10 at once, one more per second); a source with none left gets
+   429 with ``Retry-After`` before any review. Sidecars with good tokens are never refused,
+   and their answers are cached, so they do not feel it. (The reviewer itself also refuses
+   what cannot be a projected token before asking: ``ingest.kubernetes.token_shape_problem``.)
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import math
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -66,6 +75,9 @@ _SIDECAR = (
     "/v1/registry/workloadentries",  # auto-registration (control.autoregister)
 )
 
+# routes whose refusals may each have cost a TokenReview (in a Kubernetes pod)
+_REVIEWED = (*_SIDECAR, "/v1/certificates")
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -77,6 +89,43 @@ def _hostname(value: str) -> str:
     if value.count(":") == 1:
         return value.split(":", 1)[0]
     return value
+
+
+class ReviewLimiter:
+    """Refused credentials per source address, as token buckets: ``burst`` at once, then
+    ``rate`` per second. At most ``sources`` addresses are remembered (the fullest buckets
+    are forgotten first: forgetting one only gives it back its full budget)."""
+
+    def __init__(
+        self,
+        burst: float = 10.0,
+        rate: float = 1.0,
+        sources: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst, self.rate, self.sources, self.clock = burst, rate, sources, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, at)
+        self.limited = 0  # requests answered 429 (stats, tests)
+
+    def _level(self, source: str, now: float) -> float:
+        tokens, at = self._buckets.get(source, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
+
+    def wait(self, source: str) -> float:
+        """0 if ``source`` may still be refused once more; else seconds until it may."""
+        level = self._level(source, self.clock())
+        if level >= 1.0:
+            return 0.0
+        self.limited += 1
+        return (1.0 - level) / self.rate
+
+    def refused(self, source: str) -> None:
+        now = self.clock()
+        self._buckets[source] = (self._level(source, now) - 1.0, now)
+        if len(self._buckets) > self.sources:
+            fullest = sorted(self._buckets, key=lambda k: self._level(k, now), reverse=True)
+            for k in fullest[: len(self._buckets) - self.sources]:
+                del self._buckets[k]
 
 
 class AccessPolicy:
@@ -104,6 +153,7 @@ class AccessPolicy:
         # in a Kubernetes pod: a sidecar's projected service-account token -> its SPIFFE id
         # (TokenReview, diktyo.control.ingest.kubernetes.TokenReviewer); None elsewhere
         self.token_reviewer: Callable[[str], Awaitable[str | None]] | None = None
+        self.review_limit = ReviewLimiter()
         self.refused = {"host": 0, "origin": 0, "content_type": 0, "credential": 0}
 
     def allow_host(self, host: str) -> None:
@@ -163,40 +213,60 @@ class AccessPolicy:
             if refusal is not None:
                 return refusal
             path = request.path
-            if path.startswith(_OPEN) or path == "/healthz":
-                return await handler(request)
-            if self.is_admin(request):
-                request[PRINCIPAL] = ADMIN
-                return await handler(request)
-            if path.startswith(_SIDECAR) and request.method in ("GET", "POST"):
-                identity = self.sidecar_identity(request)
-                token = _bearer(request)
-                if identity is None and self.token_reviewer is not None and token:
-                    identity = await self.token_reviewer(token)
-                if identity is not None:
-                    request[PRINCIPAL] = identity
-                    return await handler(request)
-                if not self.sidecar_auth and path in ("/v1/snapshot", "/v1/ack"):
-                    request[PRINCIPAL] = UNVERIFIED
-                    return await handler(request)
-                return self.unauthorized(
-                    request, "no valid admin credential or sidecar bootstrap token"
-                )
-            given = request.query.get("token")
             if (
-                given is not None
-                and request.method == "GET"
-                and path in ("/", "/dashboard")
-                and hmac.compare_digest(given.encode(), self.admin_token.encode())
+                self.token_reviewer is not None
+                and path.startswith(_REVIEWED)
+                and not self.is_admin(request)
+                and self.sidecar_identity(request) is None
             ):
-                # keep the token in a cookie and drop it from the address bar
-                rest = request.rel_url.without_query_params("token")
-                resp = web.Response(status=302, headers={"Location": str(rest)})
-                resp.set_cookie(COOKIE, given, httponly=True, samesite="Strict", path="/")
+                # each refusal here may have cost a TokenReview: a budget per source (the
+                # admin and bootstrap tokens are checked here, at no cost, and not limited)
+                source = request.remote or ""
+                wait = self.review_limit.wait(source)
+                if wait > 0:
+                    return _too_many(source, wait)
+                resp = await self._check(request, handler, path)
+                if resp.status == 401:
+                    self.review_limit.refused(source)
                 return resp
-            return self.unauthorized(request, "missing or wrong admin credential")
+            return await self._check(request, handler, path)
 
         return access
+
+    async def _check(self, request: web.Request, handler: Handler, path: str) -> web.StreamResponse:
+        """Step 4 (the credential), then the handler."""
+        if path.startswith(_OPEN) or path == "/healthz":
+            return await handler(request)
+        if self.is_admin(request):
+            request[PRINCIPAL] = ADMIN
+            return await handler(request)
+        if path.startswith(_SIDECAR) and request.method in ("GET", "POST"):
+            identity = self.sidecar_identity(request)
+            token = _bearer(request)
+            if identity is None and self.token_reviewer is not None and token:
+                identity = await self.token_reviewer(token)
+            if identity is not None:
+                request[PRINCIPAL] = identity
+                return await handler(request)
+            if not self.sidecar_auth and path in ("/v1/snapshot", "/v1/ack"):
+                request[PRINCIPAL] = UNVERIFIED
+                return await handler(request)
+            return self.unauthorized(
+                request, "no valid admin credential or sidecar bootstrap token"
+            )
+        given = request.query.get("token")
+        if (
+            given is not None
+            and request.method == "GET"
+            and path in ("/", "/dashboard")
+            and hmac.compare_digest(given.encode(), self.admin_token.encode())
+        ):
+            # keep the token in a cookie and drop it from the address bar
+            rest = request.rel_url.without_query_params("token")
+            resp = web.Response(status=302, headers={"Location": str(rest)})
+            resp.set_cookie(COOKIE, given, httponly=True, samesite="Strict", path="/")
+            return resp
+        return self.unauthorized(request, "missing or wrong admin credential")
 
     def _guard(self, request: web.Request) -> web.Response | None:
         host = _hostname(request.headers.get("Host", ""))
@@ -246,6 +316,20 @@ class AccessPolicy:
             return False
         own = request.url.port
         return (port or (443 if parts.scheme == "https" else 80)) == own
+
+
+def _too_many(source: str, wait: float) -> web.Response:
+    seconds = max(1, math.ceil(wait))
+    return web.json_response(
+        {
+            "error": f"too many refused credentials from {source}: each may cost the Kubernetes "
+            f"API server a TokenReview; try again in {seconds} s with a valid token (a "
+            "sidecar's projected service-account token, audience diktyo-ca)",
+            "retry_after": seconds,
+        },
+        status=429,
+        headers={"Retry-After": str(seconds)},
+    )
 
 
 def _bearer(request: web.Request) -> str:

@@ -34,15 +34,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -89,8 +93,11 @@ class HostSpec(_M):
     workloads: list[HostWorkload] = Field(min_length=1)
 
 
-def load_host_file(path: str | Path) -> HostSpec:
-    """The host file, or ``JoinError`` naming file, line and field of each problem."""
+def load_host_file(path: str | Path, control_planes: Sequence[str] = ()) -> HostSpec:
+    """The host file, or ``JoinError`` naming file, line and field of each problem.
+
+    ``control_planes`` (their URLs) decide whether a loopback ``address`` is fine: only when
+    every control plane is on this host too (see :func:`address_problem`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -105,7 +112,7 @@ def load_host_file(path: str | Path) -> HostSpec:
     if not isinstance(data, dict):
         raise JoinError(f"{path}:1:1: a host file is a mapping with 'workloads' (see --help)")
     try:
-        return HostSpec.model_validate(json.loads(json.dumps(data)))
+        spec = HostSpec.model_validate(json.loads(json.dumps(data)))
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -113,6 +120,60 @@ def load_host_file(path: str | Path) -> HostSpec:
             line = _line_of(data, err["loc"])
             problems.append(f"{path}:{line}: error: {loc.replace('.[', '[')}: {err['msg']}")
         raise JoinError("\n".join(problems)) from None
+    problem = address_problem(spec.address, control_planes)
+    if problem:
+        line = _line_of(data, ("address",))
+        raise JoinError(f"{path}:{line}: error: address: {problem}")
+    return spec
+
+
+def address_problem(address: str, control_planes: Sequence[str] = ()) -> str:
+    """Why ``address`` cannot be this host's address in the mesh ("" when it can).
+
+    Other workloads reach this host's sidecars at ``address`` (its WorkloadEntry), so it must be
+    one unicast address: not the unspecified address (``0.0.0.0``, ``::``), not multicast, not
+    the IPv4 broadcast address, and not loopback when a control plane is on another host (the
+    other hosts would reach their own loopback). A host name is left to the bind check."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return ""
+    hint = "set it to one of this host's own unicast addresses (see 'ip -br addr')"
+    if ip.is_unspecified:
+        return (
+            f"{address!r} is the unspecified address (listen on all): other workloads cannot "
+            f"send to it; {hint}"
+        )
+    if ip.is_multicast:
+        return f"{address!r} is a multicast address, not one host's address; {hint}"
+    if ip == ipaddress.IPv4Address("255.255.255.255"):
+        return f"{address!r} is the broadcast address, not one host's address; {hint}"
+    if ip.is_loopback:
+        remote = [u for u in control_planes if not _is_local_url(u)]
+        if remote:
+            return (
+                f"{address!r} is a loopback address, but the control plane {remote[0]} is on "
+                "another host: workloads there would reach their own loopback, not this host; "
+                f"{hint} (a loopback address only suits a mesh on one machine)"
+            )
+    return ""
+
+
+def _is_local_url(url: str) -> bool:
+    """True when ``url``'s host is a loopback address or resolves only to loopback ones."""
+    host = urlsplit(url if "://" in url else f"http://{url}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False  # unknown names count as remote
+    addrs = {str(info[4][0]) for info in infos}
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
 
 
 def _line_of(data: Any, loc: tuple[Any, ...]) -> int:

@@ -135,6 +135,9 @@ class WorkloadSpec(_M):
         from diktyo.platform.capture_rules import from_annotations
 
         from_annotations(v)  # a bad port list or CIDR is an error when loading, not at start
+        from diktyo.core.proxy_config import annotation_concurrency
+
+        annotation_concurrency(v)  # proxy.istio.io/config: a bad ProxyConfig too
         return v
 
     @field_validator("command")
@@ -220,6 +223,9 @@ class SidecarSpec(_M):
 
     run_as_user: int | None = Field(default=None, ge=0, le=2**31 - 1)
     run_as_group: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    # Istio's meshConfig.defaultConfig.concurrency: every sidecar's worker processes (0 = one
+    # per core); a workload's proxy.istio.io/config annotation overrides it. Unset: 1
+    concurrency: int | None = Field(default=None, ge=0, le=64)
 
 
 class NetworkSpec(_M):

@@ -284,6 +284,9 @@ class LocalMesh:
             # the running sidecars' tokens stay valid across a control-plane restart
             token_key=_token_key(Path(home)) if home is not None else None,
         )
+        from diktyo.dashboard import mount as mount_dashboard
+
+        mount_dashboard(self.cp)  # the dashboard at the control plane's /
         # sidecars' bootstrap tokens, one 0600 file each (never in the environment, which
         # /proc/PID/environ shows); the directory goes away with the mesh
         self._token_dir = Path(tempfile.mkdtemp(prefix="diktyo-tokens-"))
@@ -938,6 +941,29 @@ class LocalMesh:
         )
         self.cp.add_proxy(rep.proxy, admin_url=self._admin_url(rep))
 
+    def _proxy_env(self, rep: Replica) -> dict[str, str]:
+        """Istio's ``concurrency`` for the replica's sidecar, with Istio's precedence (lowest
+        first): the mesh's ``sidecar.concurrency`` (meshConfig.defaultConfig), a ProxyConfig
+        in ``istio-system`` (mesh-wide), one in the workload's namespace, the workload's
+        ``proxy.istio.io/config`` annotation, a ProxyConfig selecting the workload. Unset
+        everywhere: the sidecar's default (1). Read when the sidecar starts: like Istio, a
+        change applies on restart."""
+        from diktyo.api.proxy_config import concurrency_levels
+        from diktyo.core.proxy_config import MAX_CONCURRENCY, annotation_concurrency
+
+        annotated = None
+        for wl in self.spec.workloads if not rep.is_gateway else []:
+            if wl.name == rep.workload and (wl.namespace or self.spec.namespace) == rep.namespace:
+                annotated = annotation_concurrency(wl.annotations) if wl.annotations else None
+        labels = dict(rep.proxy.node.labels) if rep.proxy is not None else {}
+        workload, namespace, mesh = concurrency_levels(
+            self.cp.store.resources, rep.namespace, labels
+        )
+        n = self.spec.sidecar.concurrency
+        for level in (mesh, namespace, annotated, workload):
+            n = n if level is None else min(level, MAX_CONCURRENCY)
+        return {} if n is None else {"DIKTYO_CONCURRENCY": str(n)}
+
     def _identity_env(
         self, rep: Replica, uid: int | None = None, gid: int | None = None
     ) -> dict[str, str]:
@@ -967,7 +993,8 @@ class LocalMesh:
         return self._child(
             f"{rep.name} sidecar",
             self.sidecar_argv(self.cp.url, rep.node_id, rep.admin_port),
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **self._identity_env(rep)},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self._identity_env(rep),
+                 **self._proxy_env(rep)},
             on_line=on_sidecar_line,
             user=self.spec.sidecar.run_as_user,
             group=self.spec.sidecar.run_as_group,
@@ -1002,6 +1029,7 @@ class LocalMesh:
             "DIKTYO_INTERCEPTION_MODE": "REDIRECT",
             "DIKTYO_ADMIN_ADDRESS": "0.0.0.0",  # the supervisor reaches it on the pod address
             **self._identity_env(rep, uid, gid),
+            **self._proxy_env(rep),
         }
         # its admin token where its own uid can read it (not under the supervisor's home)
         admin_token = self._token_dir / f"{rep.node_id}.admin-token"

@@ -12,25 +12,27 @@ endpoints stay open (the admin port listens on loopback unless told otherwise).
 from __future__ import annotations
 
 import asyncio
-import hmac
+import base64
 import json
 import logging
 import os
 import re
-import secrets
 import stat
-from pathlib import Path
+
+# hmac's compare_digest (constant time) without importing hmac/hashlib into the sidecar
+from _operator import _compare_digest as compare_digest
 from typing import Any
-from urllib.parse import parse_qs
 
 import msgspec
 
 from diktyo.core.regex import RegexError, compile_re2
+from diktyo.proxy import memory
 from diktyo.proxy.codec.http1 import CodecError, RequestDecoder, RequestHead, local_response
 
 ROUTES_HELP = (
     "diktyo sidecar admin: GET /ready, /stats/prometheus, /stats, /config_dump, /clusters, "
-    "/listeners; POST /drain (or /quitquitquit) with Authorization: Bearer TOKEN\n"
+    "/workers, /listeners, /memory; POST /drain (or /quitquitquit) with Authorization: Bearer "
+    "TOKEN\n"
 )
 MUTATING = frozenset({"/drain", "/quitquitquit", "/drain_listeners"})
 TOKEN_FILE_ENV = "DIKTYO_ADMIN_TOKEN_FILE"
@@ -42,13 +44,21 @@ class AdminTokenError(Exception):
     """The admin token file cannot be used (unsafe mode, unreadable, empty)."""
 
 
-def default_token_path() -> Path:
+def new_token() -> str:
+    """A fresh random bearer token: 32 bytes from the OS, URL-safe base64 (what
+    ``secrets.token_urlsafe(32)`` makes, without loading ``secrets``' imports into the sidecar)."""
+    return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode("ascii")
+
+
+# token paths are str and os.path, not pathlib: pathlib (with urllib.parse and ipaddress)
+# would stay in every sidecar for these few calls at start-up, ~0.6 MiB (issue 11)
+def default_token_path() -> str:
     """``$DIKTYO_HOME/sidecars/PID/admin-token`` (``DIKTYO_HOME`` defaults to ``~/.diktyo``)."""
-    home = Path(os.environ.get("DIKTYO_HOME") or Path.home() / ".diktyo")
-    return home / "sidecars" / str(os.getpid()) / "admin-token"
+    home = os.environ.get("DIKTYO_HOME") or os.path.join(os.path.expanduser("~"), ".diktyo")
+    return os.path.join(home, "sidecars", str(os.getpid()), "admin-token")
 
 
-def load_or_create_token(path: Path) -> tuple[str, bool]:
+def load_or_create_token(path: str) -> tuple[str, bool]:
     """Read the bearer token from ``path`` (must not be readable by group or others), or write
     a fresh one there with mode 0600 if it does not exist. Returns (token, created)."""
     try:
@@ -58,18 +68,19 @@ def load_or_create_token(path: Path) -> tuple[str, bool]:
     except OSError as exc:
         raise AdminTokenError(f"cannot create admin token file {path}: {exc.strerror}") from None
     else:
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         return token, True
     try:
-        st = path.stat()
+        st = os.stat(path)
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise AdminTokenError(
                 f"admin token file {path} is accessible by other users "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
             )
-        token = path.read_text().strip()
+        with open(path) as f:
+            token = f.read().strip()
     except OSError as exc:
         raise AdminTokenError(f"cannot read admin token file {path}: {exc.strerror}") from None
     if not token:
@@ -77,16 +88,16 @@ def load_or_create_token(path: Path) -> tuple[str, bool]:
     return token, False
 
 
-def resolve_token(token_file: str) -> tuple[str, Path | None, bool]:
+def resolve_token(token_file: str) -> tuple[str, str | None, bool]:
     """The admin token: from ``token_file`` (errors are fatal: the operator asked for it), else
     generated into the first writable state dir. Returns (token, path or None, created)."""
     if token_file:
-        path = Path(token_file)
+        path = token_file
         token, created = load_or_create_token(path)
         return token, path, created
     path = default_token_path()
     try:
-        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # the leaf gets 0700
         token, created = load_or_create_token(path)
         return token, path, created
     except (AdminTokenError, OSError) as exc:
@@ -95,7 +106,7 @@ def resolve_token(token_file: str) -> tuple[str, Path | None, bool]:
             "--admin-token-file FILE (or $%s) to use them, SIGTERM drains either way",
             exc, TOKEN_FILE_ENV,
         )  # fmt: skip
-        return secrets.token_urlsafe(32), None, False
+        return new_token(), None, False
 
 
 class AdminConnection(asyncio.Protocol):
@@ -150,7 +161,7 @@ class AdminServer:
         self.server: asyncio.Server | None = None
         self.port = 0
         # the bearer token state-changing endpoints need; None = a random one nobody knows
-        self.token = token if token else secrets.token_urlsafe(32)
+        self.token = token if token else new_token()
         self.token_file = token_file  # named in 401 answers (where to find the token)
 
     async def start(self, address: str = "127.0.0.1", port: int = 0) -> int:
@@ -167,7 +178,7 @@ class AdminServer:
         scheme, _, cred = authorization.partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(cred.strip().encode(), self.token.encode())
+        return compare_digest(cred.strip().encode(), self.token.encode())
 
     def handle(self, method: str, target: str, authorization: str = "") -> tuple[int, bytes, bytes]:
         path = target.split("?", 1)[0]
@@ -197,6 +208,8 @@ class AdminServer:
             # Envoy's plain text stats ("cluster.<name>.<stat>: <value>"), which Istio's
             # circuit-breaking task greps; ?filter=REGEX like Envoy's admin
             clusters = sc.rt.clusters if sc.rt is not None else {}
+            from urllib.parse import parse_qs  # (+ ipaddress): not in an idle sidecar
+
             query = parse_qs(target.split("?", 1)[1]) if "?" in target else {}
             try:  # RE2: linear time, so a hostile filter cannot stall the sidecar
                 flt = compile_re2(query["filter"][0]) if "filter" in query else None
@@ -219,6 +232,7 @@ class AdminServer:
                 if pool is not None:
                     d["pool"] = {
                         "protocol": pool.protocol,
+                        "codec": getattr(pool, "codec", "httptools"),  # HTTP/2: nghttp2 or h2
                         "active_connections": len(pool.active),
                         "idle_connections": sum(len(v) for v in pool.idle.values()),
                         "pending": len(pool.pending),
@@ -227,6 +241,12 @@ class AdminServer:
             return 200, json.dumps({"clusters": out}, indent=1, default=str).encode(), js
         if path == "/listeners":
             return 200, json.dumps(sc.ports()).encode(), js
+        if path == "/workers":  # concurrency N: each worker process (diktyo.proxy.workers)
+            wk = getattr(sc, "workers", None)
+            found = wk.describe(detail=True) if wk is not None else [{"worker": 0, "role": "leader"}]
+            return 200, json.dumps({"workers": found}, indent=1).encode(), js
+        if path == "/memory":  # RSS and which optional libraries are loaded (issue 11)
+            return 200, json.dumps(memory.report(), indent=1).encode() + b"\n", js
         if path in ("/drain", "/quitquitquit", "/drain_listeners"):
             if method != "POST":
                 return 405, b"use POST\n", text

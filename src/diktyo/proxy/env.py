@@ -22,6 +22,8 @@ Variables (``ENV_VARS`` is the table ``--help`` and ``docs/kubernetes.md`` show)
 ``DIKTYO_STATUS_ADDRESS``       address of both (default 0.0.0.0: the kubelet probes the pod IP)
 ``DIKTYO_LOG_LEVEL``            debug | info | warning | error (Istio's trace/warn/critical/off map)
 ``DIKTYO_DRAIN_TIMEOUT``        seconds in-flight requests get on SIGTERM
+``DIKTYO_CONCURRENCY``          worker processes (Istio's ProxyConfig ``concurrency``; 0 = one
+                                per core; default 1)
 ``DIKTYO_TOKEN_FILE``           bootstrap token file (``DIKTYO_CA_TOKEN_FILE`` is read too)
 ``DIKTYO_KUBE_TOKEN_FILE``      the pod's projected service-account token (audience diktyo-ca):
                                 proves the sidecar to the control plane (TokenReview) when it
@@ -47,7 +49,6 @@ not here. Other ``DIKTYO_*`` variables of the sidecar (``DIKTYO_ADMIN_TOKEN_FILE
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -75,10 +76,20 @@ def _port(name: str, raw: str, zero_ok: bool = True) -> int:
 
 
 def _address(name: str, raw: str) -> str:
+    import ipaddress  # only when the environment sets an address (issue 11, idle RSS)
+
     try:
         return str(ipaddress.ip_address(raw.strip()))
     except ValueError:
         raise EnvError(f"{name}={raw!r}: expected an IP address, e.g. 0.0.0.0 or 127.0.0.1") from None
+
+
+def _concurrency(name: str, raw: str) -> int:
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) > 64:
+        raise EnvError(f"{name}={raw!r}: expected a number of worker processes 0-64 "
+                       "(0 = one per core)")
+    return int(text)
 
 
 def _url(name: str, raw: str) -> str:
@@ -208,6 +219,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("DIKTYO_STATUS_ADDRESS", "status_address", _address, "status/readiness address"),
     EnvVar("DIKTYO_LOG_LEVEL", "log_level", _log_level, "log level"),
     EnvVar("DIKTYO_DRAIN_TIMEOUT", "drain_timeout", _seconds, "drain seconds"),
+    EnvVar("DIKTYO_CONCURRENCY", "concurrency", _concurrency, "worker processes (0 = per core)"),
     EnvVar("DIKTYO_TOKEN_FILE", "token_file", _text, "bootstrap token file"),
     EnvVar("DIKTYO_KUBE_TOKEN_FILE", "kube_token_file", _text, "projected service-account token"),
     EnvVar("DIKTYO_TRUST_DOMAIN", "trust_domain", _domain, "expected trust domain"),

@@ -23,7 +23,6 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -55,6 +54,9 @@ class SidecarOptions:
     accept_http_10: bool = False  # Envoy's accept_http_10 (Istio: PILOT_HTTP10)
     access_log_buffer: int = 1024 * 1024  # bytes of access log buffered before lines drop
     seed: int | None = None
+    # Istio's ProxyConfig concurrency: worker processes (None = diktyo's default 1, 0 = one
+    # per core); see diktyo.proxy.workers
+    concurrency: int | None = None
     # bootstrap token: proves this sidecar's identity to the control plane (snapshots, ACKs)
     # and gets the workload certificate (mTLS). Read from a 0600 file (--token-file, or the
     # path in $DIKTYO_CA_TOKEN_FILE set by the local platform), never from the environment.
@@ -156,7 +158,8 @@ async def start_status(sidecar: Sidecar, opts: SidecarOptions) -> Any:
 
 def load_snapshot(opts: SidecarOptions) -> Snapshot:
     if opts.snapshot:
-        data = Path(opts.snapshot).read_bytes()
+        with open(opts.snapshot, "rb") as f:
+            data = f.read()
         return ensure_capture(pod_overrides(decode(data), opts), opts.interception_mode)
     if opts.config:
         if opts.config_loader is None:
@@ -213,7 +216,7 @@ async def serve(opts: SidecarOptions, ready_out=sys.stdout) -> int:  # type: ign
 
 
 async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
-    opts: SidecarOptions, ready_out, sidecar: Sidecar, token: str, token_path: Path | None
+    opts: SidecarOptions, ready_out, sidecar: Sidecar, token: str, token_path: str | None
 ) -> int:
     loop = asyncio.get_running_loop()
     client = None
@@ -253,14 +256,20 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
                 status.close()
             await sidecar.stop()
             return 1
+    workers = start_workers(sidecar, opts)
     if opts.control_plane:
         from diktyo.proxy.config_client import ConfigClient
 
         ready_evt = asyncio.Event()
 
-        def on_snapshot(snap: Snapshot) -> None:
+        async def on_snapshot(snap: Snapshot) -> None:
             sidecar.apply(ensure_capture(pod_overrides(snap, opts), opts.interception_mode))
-            ready_evt.set()
+            try:
+                if workers is not None:  # ACKed once every worker serves it too
+                    await sidecar.wait_listening()
+                    await workers.push()
+            finally:
+                ready_evt.set()
 
         assert opts.node is not None  # checked above: --control-plane needs --node
         cp_token = opts.ca_token
@@ -276,6 +285,7 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
                 await sidecar.stop()
                 return 1
         client = ConfigClient(opts.control_plane, opts.node, on_snapshot, token=cp_token)
+        sidecar.control_plane = client  # a path otlp_endpoint is on the replica it talks to
         client.start()
         if opts.ca_token is None and opts.kube_token_file:
             sidecar._spawn(_refresh_kube_token(
@@ -292,6 +302,12 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
                 f"cannot load config from {where}: {type(exc).__name__}: {exc}"
             ) from exc
         sidecar.apply(snap)
+        await sidecar.wait_listening()
+        if workers is not None:
+            try:
+                await workers.push()
+            except RuntimeError as exc:  # the leader serves; those workers are restarted
+                log.error("%s", exc)
     await sidecar.wait_listening()
     gc.collect()
     gc.freeze()  # config objects leave the collector's view
@@ -309,6 +325,8 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
     if status is not None:
         ready["status"] = status.status_port
         ready["readiness"] = status.readiness_port
+    if workers is not None:
+        ready["workers"] = [w["pid"] for w in workers.describe()]
     line = json.dumps(ready, separators=(",", ":"))
     print(line, file=ready_out, flush=True)
     log.info("sidecar ready: %s", line)
@@ -323,6 +341,8 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
     await sidecar.stopped.wait()
+    if workers is not None:
+        await workers.stop()
     admin.close()
     if status is not None:
         status.close()
@@ -331,9 +351,31 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
     return 0
 
 
+def start_workers(sidecar: Sidecar, opts: SidecarOptions) -> Any:
+    """With concurrency > 1: the worker processes (``diktyo.proxy.workers``), else None."""
+    from diktyo.proxy.workers import resolve_concurrency
+
+    n = resolve_concurrency(opts.concurrency)
+    if n <= 1:
+        return None
+    from diktyo.proxy.workers import Workers
+
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    settings = {
+        "header_timeout": opts.header_timeout, "accept_http_10": opts.accept_http_10,
+        "access_log_buffer": opts.access_log_buffer, "seed": opts.seed, "log_level": level,
+    }  # fmt: skip
+    workers = Workers(sidecar, n, settings)
+    sidecar.workers = workers  # the admin's /workers
+    workers.start()
+    log.info("sidecar runs %d workers (concurrency %s)", n, opts.concurrency)
+    return workers
+
+
 def read_kube_token(path: str) -> str:
     """The pod's projected service-account token (the kubelet writes and rotates the file)."""
-    token = Path(path).read_text().strip()
+    with open(path) as f:
+        token = f.read().strip()
     if not token:
         raise OSError(f"{path} is empty")
     return token
@@ -373,11 +415,11 @@ def kube_spiffe_id(opts: SidecarOptions) -> str | None:
                       opts.service_account)
 
 
-def _remove_token(path: Path) -> None:
+def _remove_token(path: str) -> None:
     """Remove a token file this sidecar generated in its state dir (and the dir if empty)."""
     try:
-        path.unlink()
-        path.parent.rmdir()
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
     except OSError:
         pass
 
@@ -406,6 +448,7 @@ async def start_identity(sidecar: Sidecar, ca_url: str, token: str, timeout: flo
              "allowed to create tokenreviews, with the same trust domain?)" if spiffe_id else
              "the bootstrap token (--token-file), one it issued?")
     store = CertificateStore()
+    store.inbound_stats = sidecar.stats.listener  # envoy_listener_ssl_handshake / _session_reused
     got = asyncio.Event()
 
     def on_update(c: Credentials) -> None:

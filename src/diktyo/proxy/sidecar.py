@@ -24,15 +24,16 @@ from typing import Any
 
 from diktyo.core.clock import SYSTEM_CLOCK, Clock, make_random
 from diktyo.proxy.http.connection_manager import RequestIds
-from diktyo.proxy.http.h2_connection import DownstreamSniffer
 from diktyo.proxy.http.policies import ClusterState
+from diktyo.proxy.http.sniffer import DownstreamSniffer
 from diktyo.proxy.network.listener import bind_listener, serve
 from diktyo.proxy.network.pool import ConnectionPool, new_pool, upstream_protocol
 from diktyo.proxy.router.matcher import RouteMatcher
 from diktyo.proxy.stats import Stats
+from diktyo.security.spiffe import SpiffeId
 from diktyo.snapshot.codec import SnapshotError, validate
 from diktyo.snapshot.model import Listener, Snapshot
-from diktyo.telemetry.istio_metrics import WorkloadInfo, spiffe_id
+from diktyo.telemetry.istio_metrics import WorkloadInfo
 
 log = logging.getLogger("diktyo.proxy")
 
@@ -106,7 +107,7 @@ class Runtime:
         self.matchers = matchers
         self.filter_chains: dict[str, Any] = {}  # listener direction -> FilterChain
         node = snapshot.node
-        principal = spiffe_id(node.trust_domain, node.namespace, node.service_account)
+        principal = SpiffeId(node.trust_domain, node.namespace, node.service_account).uri
         self.me = WorkloadInfo.from_labels(node.workload, node.namespace, node.labels, principal)
         self.inbound_service = node.services[0] if node.services else ""
         self.access_log: Callable[..., None] | None = None
@@ -159,12 +160,25 @@ class Runtime:
         self.tracer: Any = None
         self.new_exporter: Any = None
         tracing = snapshot.mesh.tracing
-        if tracing.otlp_endpoint:
+        endpoint = tracing.otlp_endpoint
+        if endpoint and endpoint.startswith("/"):  # a path on the control plane
+            cp = sidecar.control_plane
+            if cp is None:
+                log.warning(
+                    "mesh.tracing.otlp_endpoint %r is a path on the control plane, and this "
+                    "sidecar has none (--snapshot / --config): spans are not exported; give an "
+                    "http://host:port/v1/traces URL to export them",
+                    endpoint,
+                )
+                endpoint = None
+            else:
+                endpoint = cp.url + endpoint
+        if endpoint:
             from diktyo.telemetry.otlp import OtlpExporter
 
             try:
                 self.new_exporter = OtlpExporter(
-                    tracing.otlp_endpoint, service_name=f"{node.workload}.{node.namespace}"
+                    endpoint, service_name=f"{node.workload}.{node.namespace}"
                 )
             except ValueError as exc:
                 raise SnapshotError(
@@ -242,6 +256,7 @@ class Sidecar:
         self.stopped = asyncio.Event()
         self._ticker: asyncio.TimerHandle | None = None
         self.exporter: Any = None  # OtlpExporter while tracing is configured
+        self.control_plane: Any = None  # the ConfigClient feeding snapshots (its .url), if any
         self.applied = 0
         self.rejected = 0
         self.last_error = ""
@@ -254,6 +269,13 @@ class Sidecar:
         # Envoy's (and Istio's) default: HTTP/1.0 requests are answered 426 (--accept-http-10)
         self.accept_http_10 = False
         self.idle_timeout = IDLE_TIMEOUT
+        # where listener sockets come from: bound here, or (a worker process) handed over by
+        # the leader (diktyo.proxy.workers); (listener name, address, port) -> socket
+        self.listener_socket: Callable[[str, str, int], socket.socket] = (
+            lambda name, address, port: bind_listener(address, port)
+        )
+        self.on_drain: list[Callable[[float], None]] = []  # told when draining starts
+        self.workers: Any = None  # diktyo.proxy.workers.Workers with concurrency > 1
 
     def access_log_writer(self, path: str) -> Any:
         """The one non-blocking writer for an access log path (kept across snapshot swaps)."""
@@ -370,6 +392,8 @@ class Sidecar:
             self.exporter,
             rt.snapshot.node.id,
             rt.snapshot.telemetry,
+            rt.snapshot.node,
+            rt.snapshot.mesh.trust_domain,
         )
 
     def _retune_tls(self, pool: ConnectionPool, cs: Any) -> None:
@@ -419,7 +443,7 @@ class Sidecar:
                 ):
                     continue
                 try:
-                    sock = bind_listener(address, lst.port)
+                    sock = self.listener_socket(lst.name, address, lst.port)
                 except OSError as exc:
                     raise SnapshotError(
                         f"listener {lst.name!r}: cannot bind {lst.address}:{lst.port}: "
@@ -463,6 +487,7 @@ class Sidecar:
                     self.stats.server.get("downstream_cx_refused_peer_authn", 0) + 1
                 )
 
+            self.certs.inbound_stats = self.stats.listener  # envoy_listener_ssl_* counters
             ctx.server = serve_inbound(self.loop, sock, factory, mode, self.certs, refused)
             return
 
@@ -519,6 +544,8 @@ class Sidecar:
             await self.stopped.wait()
             return
         self.draining = True
+        for hook in self.on_drain:
+            hook(timeout)
         for ctx in self.listeners.values():
             if ctx.server is not None:
                 ctx.server.close()

@@ -24,6 +24,7 @@ from typing import Any
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerKey, PeerLabels, WorkloadInfo
 from diktyo.telemetry.stats import (
     CLUSTER_STATS,
+    LISTENER_STATS,
     PROXY_STATS,
     SERVER_STATS,
     collect,
@@ -73,6 +74,8 @@ class Stats:
         self.record = self.metrics.record
         self.server: dict[str, int] = SERVER_STATS.block()
         self.proxy: dict[str, int] = PROXY_STATS.block()
+        # inbound mTLS handshakes (the CertificateStore's ``inbound_stats`` is this block)
+        self.listener: dict[str, int] = LISTENER_STATS.block()
         self.families = {
             "config_pushes": Counter(self.proxy, "config_applied_total"),
             "config_rejects": Counter(self.proxy, "config_rejected_total"),
@@ -82,6 +85,8 @@ class Stats:
         self._labels: dict[str, str] = {}
         self._peers: dict[tuple[Any, ...], PeerKey] = {}
         self._warned: set[str] = set()
+        # with worker processes (diktyo.proxy.workers): adds the other workers' series
+        self.merge: Any = None
 
     def record_request(
         self,
@@ -186,6 +191,7 @@ class Stats:
         self.metrics.collect(out)
         labels = self._labels
         collect(out, CLUSTER_STATS, ((labels[c], b) for c, b in sorted(self._clusters.items())))
+        collect(out, LISTENER_STATS, [("", self.listener)])
         collect(out, PROXY_STATS, [("", self.proxy)])
         collect(out, SERVER_STATS, [("", self.server)])
 
@@ -196,4 +202,5 @@ class Stats:
             self._read_cluster_states(cluster_states)
         out: list[str] = []
         self.collect(out)
-        return "".join(out)
+        text = "".join(out)
+        return text if self.merge is None else str(self.merge(text))

@@ -25,10 +25,7 @@ def decode(data: bytes | str) -> Snapshot:
         raise SnapshotError(f"invalid snapshot: {exc}") from None
     except msgspec.DecodeError as exc:
         raise SnapshotError(f"malformed snapshot JSON: {exc}") from None
-    problems = validate(snap)
-    if problems:
-        raise SnapshotError("invalid snapshot: " + "; ".join(problems))
-    return snap
+    return _valid(snap)
 
 
 def to_builtins(snapshot: Snapshot) -> object:
@@ -41,6 +38,11 @@ def from_builtins(obj: object) -> Snapshot:
         snap = msgspec.convert(obj, Snapshot)
     except msgspec.ValidationError as exc:
         raise SnapshotError(f"invalid snapshot: {exc}") from None
+    return _valid(snap)
+
+
+def _valid(snap: Snapshot) -> Snapshot:
+    """``snap`` if ``validate`` finds nothing, else ``SnapshotError`` naming every problem."""
     problems = validate(snap)
     if problems:
         raise SnapshotError("invalid snapshot: " + "; ".join(problems))

@@ -22,19 +22,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-import msgspec
-
+from diktyo.snapshot.base import CanonicalStruct, SnapshotStruct
 from diktyo.snapshot.security import SecurityConfig
 
 
-class _S(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+class _S(SnapshotStruct, frozen=True):
     """Base for every snapshot struct: immutable, keyword-only, strict on decode."""
+
+
+class _D(CanonicalStruct, frozen=True):
+    """``_S`` for a struct with a default an equal value may not be identical to (a string,
+    a float, a struct...): equal values still encode the same (``snapshot.base``)."""
 
 
 # --------------------------------------------------------------------------- identity
 
 
-class Node(_S, frozen=True):
+class Node(_D, frozen=True):
     """The workload this sidecar sits beside (Istio's proxy metadata)."""
 
     id: str  # e.g. "reviews-v2-1.default"
@@ -114,7 +118,7 @@ class Rewrite(_S, frozen=True):
     uri_regex_rewrite: str | None = None  # uriRegexRewrite.rewrite
 
 
-class Redirect(_S, frozen=True):
+class Redirect(_D, frozen=True):
     uri: str | None = None
     authority: str | None = None
     scheme: str | None = None
@@ -129,7 +133,7 @@ class DirectResponse(_S, frozen=True):
     body: str = ""
 
 
-class RetryPolicy(_S, frozen=True):
+class RetryPolicy(_D, frozen=True):
     attempts: int = 2
     per_try_timeout: float | None = None
     # Istio's default retryOn
@@ -138,12 +142,12 @@ class RetryPolicy(_S, frozen=True):
     retry_remote_localnet: bool = False
 
 
-class FaultDelay(_S, frozen=True):
+class FaultDelay(_D, frozen=True):
     fixed_delay: float
     percentage: float = 100.0
 
 
-class FaultAbort(_S, frozen=True):
+class FaultAbort(_D, frozen=True):
     http_status: int
     percentage: float = 100.0
     # fault.abort.grpcStatus: gRPC requests get this grpc-status (HTTP 200, trailers-only);
@@ -156,7 +160,7 @@ class Fault(_S, frozen=True):
     abort: FaultAbort | None = None
 
 
-class Mirror(_S, frozen=True):
+class Mirror(_D, frozen=True):
     cluster: str
     host: str = ""
     subset: str = ""
@@ -164,7 +168,7 @@ class Mirror(_S, frozen=True):
     percentage: float = 100.0
 
 
-class RouteSource(_S, frozen=True):
+class RouteSource(_D, frozen=True):
     """Where this route came from, for ``diktyo explain`` and logs."""
 
     kind: str = "VirtualService"
@@ -182,7 +186,7 @@ class RouteSource(_S, frozen=True):
     delegate_line: int = 0
 
 
-class Route(_S, frozen=True):
+class Route(_D, frozen=True):
     """One HTTPRoute (Istio ``spec.http[i]``). ``matches`` empty means match-all; else OR."""
 
     name: str = ""
@@ -228,12 +232,12 @@ class ConsistentHash(_S, frozen=True):
     http_query_parameter_name: str | None = None
 
 
-class LoadBalancer(_S, frozen=True):
+class LoadBalancer(_D, frozen=True):
     simple: Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH"] = "LEAST_REQUEST"
     consistent_hash: ConsistentHash | None = None
 
 
-class ConnectionPool(_S, frozen=True):
+class ConnectionPool(_D, frozen=True):
     """Circuit-breaker limits. Defaults are Envoy's/Istio's (effectively unlimited)."""
 
     max_connections: int = 2**32 - 1
@@ -246,7 +250,7 @@ class ConnectionPool(_S, frozen=True):
     max_concurrent_streams: int = 0  # HTTP/2 streams per upstream connection; 0 = the peer's
 
 
-class OutlierDetection(_S, frozen=True):
+class OutlierDetection(_D, frozen=True):
     consecutive_5xx_errors: int | None = 5
     consecutive_gateway_errors: int | None = None
     interval: float = 10.0
@@ -255,7 +259,7 @@ class OutlierDetection(_S, frozen=True):
     min_health_percent: float = 0.0
 
 
-class TlsSettings(_S, frozen=True):
+class TlsSettings(_D, frozen=True):
     mode: Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"] = "DISABLE"
     sni: str | None = None
     ca_certificates: str | None = None  # PEM file path
@@ -265,7 +269,7 @@ class TlsSettings(_S, frozen=True):
     insecure_skip_verify: bool = False
 
 
-class Endpoint(_S, frozen=True):
+class Endpoint(_D, frozen=True):
     address: str
     port: int
     labels: dict[str, str] = {}
@@ -281,7 +285,7 @@ def cluster_name(port: int, subset: str, host: str) -> str:
     return f"outbound|{port}|{subset}|{host}"
 
 
-class Cluster(_S, frozen=True):
+class Cluster(_D, frozen=True):
     """A set of endpoints plus the traffic policy that applies to them."""
 
     name: str
@@ -313,7 +317,7 @@ class TcpRouteMatch(_S, frozen=True):
     port: int | None = None
 
 
-class TcpRoute(_S, frozen=True):
+class TcpRoute(_D, frozen=True):
     """One VirtualService ``tcp[]`` rule: first rule whose matches hold (OR; none = all) wins."""
 
     matches: tuple[TcpRouteMatch, ...] = ()
@@ -321,7 +325,7 @@ class TcpRoute(_S, frozen=True):
     source: RouteSource = RouteSource()
 
 
-class CaptureService(_S, frozen=True):
+class CaptureService(_D, frozen=True):
     """What an outbound connection to ``address:port`` (a service VIP, or a CIDR of a
     ServiceEntry) is: Envoy's filter chain of the virtualOutbound listener for it."""
 
@@ -334,7 +338,7 @@ class CaptureService(_S, frozen=True):
     tcp_routes: tuple[TcpRoute, ...] = ()
 
 
-class CaptureInbound(_S, frozen=True):
+class CaptureInbound(_D, frozen=True):
     """One inbound port of this workload, keyed by the original destination (workload) port."""
 
     port: int  # the port the connection was sent to (container/target port)
@@ -343,7 +347,7 @@ class CaptureInbound(_S, frozen=True):
     cluster: str = ""  # inbound|SERVICE_PORT||
 
 
-class Capture(_S, frozen=True):
+class Capture(_D, frozen=True):
     """Transparent capture (iptables REDIRECT): what 15001 / 15006 do with a connection."""
 
     outbound_port: int = 15001
@@ -361,7 +365,7 @@ class Capture(_S, frozen=True):
 # --------------------------------------------------------------------------- listeners
 
 
-class Listener(_S, frozen=True):
+class Listener(_D, frozen=True):
     """A port the sidecar accepts connections on.
 
     - ``outbound``: HTTP proxy mode for the app (``HTTP_PROXY``); routes by Host with
@@ -391,18 +395,20 @@ class Listener(_S, frozen=True):
 # --------------------------------------------------------------------------- mesh-wide
 
 
-class Tracing(_S, frozen=True):
+class Tracing(_D, frozen=True):
     sampling: float = 1.0  # percent, Istio's default
-    otlp_endpoint: str | None = None  # http://host:port/v1/traces
+    # http://host:port/v1/traces; a path (/telemetry/v1/traces) is on the control plane the
+    # sidecar is connected to, at the address the sidecar reaches it by
+    otlp_endpoint: str | None = None
 
 
-class AccessLog(_S, frozen=True):
+class AccessLog(_D, frozen=True):
     enabled: bool = False
     format: Literal["text", "json"] = "text"
     path: str = "/dev/stdout"
 
 
-class MeshConfig(_S, frozen=True):
+class MeshConfig(_D, frozen=True):
     trust_domain: str = "cluster.local"
     tracing: Tracing = Tracing()
     access_log: AccessLog = AccessLog()
@@ -427,7 +433,7 @@ class CustomTag(_S, frozen=True):
     default: str = ""
 
 
-class TracingPolicy(_S, frozen=True):
+class TracingPolicy(_D, frozen=True):
     sampling: float = 1.0  # percent
     span_reporting: bool = True  # False: propagate context, export no spans
     custom_tags: tuple[CustomTag, ...] = ()
@@ -440,7 +446,7 @@ class AccessLogPolicy(_S, frozen=True):
     providers: tuple[str, ...] = ()
 
 
-class MetricOverride(_S, frozen=True):
+class MetricOverride(_D, frozen=True):
     """One ``metrics[].overrides[]`` entry; applied in order, later entries win."""
 
     metric: str = "ALL_METRICS"  # REQUEST_COUNT, REQUEST_DURATION, ... (Istio's enum)
@@ -450,7 +456,7 @@ class MetricOverride(_S, frozen=True):
     remove: tuple[str, ...] = ()
 
 
-class TelemetryPolicy(_S, frozen=True):
+class TelemetryPolicy(_D, frozen=True):
     """The Telemetry API resources that apply to this workload, merged (mesh < namespace <
     workload). ``client`` is outbound and gateway traffic (reporter=source), ``server`` is
     inbound (reporter=destination). Absent from the snapshot when no Telemetry applies; then
@@ -464,7 +470,7 @@ class TelemetryPolicy(_S, frozen=True):
     sources: tuple[str, ...] = ()  # "namespace/name" of each applied Telemetry, widest first
 
 
-class Snapshot(_S, frozen=True):
+class Snapshot(_D, frozen=True):
     version: str
     node: Node
     listeners: tuple[Listener, ...] = ()

@@ -18,18 +18,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-import msgspec
+from diktyo.snapshot.base import CanonicalStruct, SnapshotStruct
 
 
-class _S(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
-    """Same base as ``diktyo.snapshot.model._S`` (kept here so model.py can import this module)."""
+class _S(SnapshotStruct, frozen=True):
+    """Same base as ``diktyo.snapshot.model._S`` (``snapshot.base``)."""
+
+
+class _D(CanonicalStruct, frozen=True):
+    """Same as ``diktyo.snapshot.model._D``."""
 
 
 MtlsMode = Literal["PERMISSIVE", "STRICT", "DISABLE"]
 PathNormalization = Literal["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"]
 
 
-class PeerAuthn(_S, frozen=True):
+class PeerAuthn(_D, frozen=True):
     """Effective PeerAuthentication for this workload's inbound traffic."""
 
     mode: MtlsMode = "PERMISSIVE"
@@ -82,7 +86,7 @@ class AuthzRule(_S, frozen=True):
     conditions: tuple[Condition, ...] = ()  # rules[i].when
 
 
-class AuthzPolicy(_S, frozen=True):
+class AuthzPolicy(_D, frozen=True):
     """One AuthorizationPolicy selecting this workload. ALLOW with no rules denies everything."""
 
     name: str
@@ -119,7 +123,7 @@ class JwtRule(_S, frozen=True):
     source: str = ""  # "namespace/name" of the RequestAuthentication
 
 
-class SecurityConfig(_S, frozen=True):
+class SecurityConfig(_D, frozen=True):
     """Everything security-related a sidecar enforces on its inbound side."""
 
     peer_authn: PeerAuthn = PeerAuthn()

@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+from diktyo.security.spiffe import SCHEME, SpiffeError, SpiffeId
 from diktyo.telemetry.exposition import (
     escape_label_value,
     format_bound,
@@ -117,10 +118,11 @@ class WorkloadInfo:
     @classmethod
     def from_principal(cls, principal: str) -> WorkloadInfo:
         """What an mTLS peer's SPIFFE id alone tells (namespace), when no metadata came along."""
-        parts = principal.split("/")
-        # spiffe://<trust-domain>/ns/<ns>/sa/<sa>
-        ns = parts[4] if len(parts) >= 7 and parts[3] == "ns" and parts[5] == "sa" else UNKNOWN
-        return cls(namespace=ns or UNKNOWN, principal=principal or UNKNOWN)
+        try:
+            ns = SpiffeId.parse(principal).namespace if principal.startswith(SCHEME) else UNKNOWN
+        except SpiffeError:
+            ns = UNKNOWN
+        return cls(namespace=ns, principal=principal or UNKNOWN)
 
     def encode(self) -> str:
         """Compact header value for :data:`PEER_METADATA_HEADER` (base64url of JSON)."""
@@ -141,10 +143,6 @@ class WorkloadInfo:
         if not all(isinstance(v, str) and len(v) <= 256 for v in items):
             return None
         return cls(**dict(zip(names, items, strict=True)))
-
-
-def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
 def _service_parts(host: str) -> tuple[str, str]:

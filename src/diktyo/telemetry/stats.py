@@ -172,6 +172,8 @@ CLUSTER_STATS = StatsList("envoy_cluster_", ("cluster_name",), (
          "Upstream connections retired because the cluster's TLS or pool settings changed."),
     Stat("upstream_cx_none_healthy", COUNTER,
          "Requests that found no healthy host (503 UH)."),
+    Stat("ssl_handshake", COUNTER, "Upstream TLS handshakes completed (full or resumed)."),
+    Stat("ssl_session_reused", COUNTER, "Upstream TLS handshakes that resumed a session."),
     Stat("upstream_rq_total", COUNTER, "Upstream requests."),
     Stat("upstream_rq_5xx", COUNTER, "Upstream requests that ended in a 5xx or a gateway error."),
     Stat("upstream_rq_pending_overflow", COUNTER,
@@ -202,6 +204,11 @@ CLUSTER_STATS = StatsList("envoy_cluster_", ("cluster_name",), (
     Stat("upstream_rq_active", GAUGE, "Active upstream requests."),
     Stat("outlier_detection_ejections_active", GAUGE, "Hosts currently ejected."),
 ))  # fmt: skip
+
+LISTENER_STATS = StatsList("envoy_listener_", (), (
+    Stat("ssl_handshake", COUNTER, "Inbound mTLS handshakes completed (full or resumed)."),
+    Stat("ssl_session_reused", COUNTER, "Inbound mTLS handshakes that resumed a session."),
+))
 
 PROXY_STATS = StatsList("diktyo_proxy_", (), (
     Stat("config_applied_total", COUNTER, "Snapshots applied (ACK)."),

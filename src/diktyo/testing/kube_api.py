@@ -20,6 +20,30 @@ from typing import Any
 from aiohttp import web
 
 
+def projected_token(
+    user: str, audiences: tuple[str, ...], name: str = "", exp: float | None = None
+) -> str:
+    """A JWT shaped like a projected service-account token: header ``{"alg": "RS256"}``,
+    payload with ``sub``, ``aud``, ``exp`` (an hour from now unless given) and ``name`` as
+    ``jti`` (so tokens for one user differ). The signature is made up: as with the real API
+    server, the TokenReview is what decides."""
+    import base64
+    import time
+
+    def part(obj: Any) -> str:
+        raw = json.dumps(obj, separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    payload = {
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "sub": user,
+        "aud": list(audiences),
+        "exp": int(time.time() + 3600 if exp is None else exp),
+        "jti": name,
+    }
+    return f"{part({'alg': 'RS256', 'kid': 'fake'})}.{part(payload)}.c2lnbmF0dXJl"
+
+
 class FakeApiServer:
     def __init__(self, token: str = "t0ken", tls: ssl.SSLContext | None = None) -> None:
         self.token = token
@@ -99,6 +123,13 @@ class FakeApiServer:
             self._changed.notify_all()
         if self.runner is not None:
             await self.runner.cleanup()
+
+    def issue(self, user: str, audiences: tuple[str, ...], name: str = "") -> str:
+        """A token this API server's TokenReview knows (``user``, ``audiences``), shaped like a
+        kubelet's projected service-account token (``projected_token``)."""
+        token = projected_token(user, audiences, name)
+        self.tokens[token] = (user, audiences)
+        return token
 
     def _status(self, code: int, reason: str, message: str) -> web.Response:
         return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure",

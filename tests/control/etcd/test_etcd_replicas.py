@@ -275,8 +275,8 @@ async def test_only_the_leader_health_checks(replicas) -> None:
 
         return probe
 
-    a._probe = counting(a)  # type: ignore[method-assign]
-    b._probe = counting(b)  # type: ignore[method-assign]
+    a.health_checker.probe = counting(a)  # type: ignore[method-assign]
+    b.health_checker.probe = counting(b)  # type: ignore[method-assign]
     inst = WorkloadInstance(
         name="w-1", workload="w", address="127.0.0.1", ports={9080: 1}, services=()
     )

@@ -25,7 +25,7 @@ from diktyo.control.ingest.kubernetes import (
 from diktyo.control.inject.certs import webhook_certs
 from diktyo.control.model import InboundPort, Registry
 from diktyo.control.server import ControlPlane
-from diktyo.testing.kube_api import FakeApiServer
+from diktyo.testing.kube_api import FakeApiServer, projected_token
 from diktyo.testing.wait import eventually
 
 NS = "bookinfo"
@@ -206,14 +206,17 @@ async def test_control_plane_in_a_pod_serves_a_sidecar_from_api_objects(tmp_path
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(tmp_path / "api.crt", tmp_path / "api.key")
     api = await _api(tls)
-    api.tokens = {  # projected tokens the kubelet gave the pods (TokenReview answers)
-        "reviews-pod-token": ("system:serviceaccount:bookinfo:bookinfo-reviews", ("diktyo-ca",)),
-        "ratings-pod-token": ("system:serviceaccount:bookinfo:bookinfo-ratings", ("diktyo-ca",)),
-        "api-audience-token": ("system:serviceaccount:bookinfo:bookinfo-reviews",
-                               ("https://kubernetes.default.svc",)),
-        "user-token": ("alice@example.com", ("diktyo-ca",)),
+    tok = {  # projected tokens the kubelet gave the pods (TokenReview answers)
+        name: api.issue(user, auds, name) for name, user, auds in [
+            ("reviews-pod-token", "system:serviceaccount:bookinfo:bookinfo-reviews", ("diktyo-ca",)),
+            ("ratings-pod-token", "system:serviceaccount:bookinfo:bookinfo-ratings", ("diktyo-ca",)),
+            ("api-audience-token", "system:serviceaccount:bookinfo:bookinfo-reviews",
+             ("https://kubernetes.default.svc",)),
+            ("user-token", "alice@example.com", ("diktyo-ca",)),
+        ]
     }
-    (tmp_path / "pod-token").write_text("reviews-pod-token\n")
+    tok["garbage"] = "garbage"
+    (tmp_path / "pod-token").write_text(tok["reviews-pod-token"] + "\n")
     sa = tmp_path / "sa"
     sa.mkdir()
     (sa / "token").write_text("t0ken")
@@ -250,13 +253,14 @@ async def test_control_plane_in_a_pod_serves_a_sidecar_from_api_objects(tmp_path
         # sidecar auth stays on: only the pod's own service account may fetch its snapshot
         snap = cp_url + "/v1/snapshot?node=reviews-v1-7d9c5-abcde.bookinfo"
         async with aiohttp.ClientSession() as s:
-            for token, want in [("", 401), ("ratings-pod-token", 403), ("api-audience-token", 401),
-                                ("user-token", 401), ("garbage", 401)]:
+            for name, want in [("", 401), ("ratings-pod-token", 403), ("api-audience-token", 401),
+                               ("user-token", 401), ("garbage", 401)]:
+                token = tok.get(name, "")
                 headers = {"Authorization": f"Bearer {token}"} if token else {}
                 async with s.get(snap, headers=headers) as r:
                     assert r.status == want, (token, r.status, await r.text())
         # workload certificates: the projected token gets one for exactly its own identity
-        await _check_certificates(cp_url)
+        await _check_certificates(cp_url, tok)
         # the injected sidecar of that pod: only the environment the injector sets
         side_env = {**_base_env(tmp_path), "DIKTYO_CONTROL_PLANE": cp_url,
                     "POD_NAME": "reviews-v1-7d9c5-abcde", "POD_NAMESPACE": NS,
@@ -286,7 +290,11 @@ async def test_control_plane_in_a_pod_serves_a_sidecar_from_api_objects(tmp_path
         assert node["id"] == "reviews-v1-7d9c5-abcde.bookinfo"
         assert node["service_account"] == "bookinfo-reviews" and node["workload"] == "reviews-v1"
         reviewed = [r["spec"] for r in api.reviews]
-        assert {"token": "reviews-pod-token", "audiences": ["diktyo-ca"]} in reviewed
+        assert {"token": tok["reviews-pod-token"], "audiences": ["diktyo-ca"]} in reviewed
+        # tokens that cannot be projected service-account tokens cost no TokenReview
+        assert not {tok["user-token"], tok["api-audience-token"], "garbage"} & {
+            r["token"] for r in reviewed
+        }
     finally:
         errs = {}
         for name, proc in (("sidecar", sidecar), ("cp", cp)):
@@ -299,7 +307,7 @@ async def test_control_plane_in_a_pod_serves_a_sidecar_from_api_objects(tmp_path
             "installed") in errs["sidecar"], errs["sidecar"][-3000:]
 
 
-async def _check_certificates(cp_url: str) -> None:
+async def _check_certificates(cp_url: str, tok: dict[str, str]) -> None:
     """POST /v1/certificates with projected service-account tokens (TokenReview, as Istio's CA
     takes Kubernetes JWTs): the token's own identity 200, another one's 403, garbage 401."""
     from cryptography import x509
@@ -316,22 +324,22 @@ async def _check_certificates(cp_url: str) -> None:
             async with s.post(cp_url + "/v1/certificates", json=body, headers=headers) as r:
                 return r.status, await r.json()
 
-        status, out = await ask("reviews-pod-token", reviews)
+        status, out = await ask(tok["reviews-pod-token"], reviews)
         assert status == 200, out
         assert out["spiffe_id"] == reviews
         leaf = x509.load_pem_x509_certificate(out["cert_chain"].encode())
         sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert [str(u) for u in sans.get_values_for_type(x509.UniformResourceIdentifier)] == [reviews]
-        status, out = await ask("reviews-pod-token", reviews, bearer=True)  # as a Bearer header
+        status, out = await ask(tok["reviews-pod-token"], reviews, bearer=True)  # as a Bearer header
         assert status == 200 and out["spiffe_id"] == reviews
         # another service account's token cannot get this identity, nor this one another's
-        status, out = await ask("ratings-pod-token", reviews)
+        status, out = await ask(tok["ratings-pod-token"], reviews)
         assert status == 403 and "asks for" in out["error"], out
-        status, out = await ask("reviews-pod-token",
+        status, out = await ask(tok["reviews-pod-token"],
                                 "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-ratings")
         assert status == 403, out
         for token in ("garbage", "api-audience-token", "user-token"):
-            status, out = await ask(token, reviews)
+            status, out = await ask(tok[token], reviews)
             assert status == 401 and "TokenReview" in out["error"], (token, out)
 
 
@@ -339,27 +347,36 @@ async def test_token_reviewer_answers_and_caches() -> None:
     from diktyo.control.ingest.kubernetes import TokenReviewer
 
     api = FakeApiServer(token="cp-token")
-    api.tokens = {"pod": ("system:serviceaccount:shop:web", ("diktyo-ca",)),
-                  "kube-api": ("system:serviceaccount:shop:web", ("https://kubernetes.default.svc",)),
-                  "node": ("system:node:worker-1", ("diktyo-ca",))}
+    tok = {name: api.issue(user, auds, name) for name, user, auds in [
+        ("pod", "system:serviceaccount:shop:web", ("diktyo-ca",)),
+        ("kube-api", "system:serviceaccount:shop:web", ("https://kubernetes.default.svc",)),
+        ("node", "system:node:worker-1", ("diktyo-ca",)),
+        ("forged", "system:serviceaccount:shop:web", ("diktyo-ca",)),
+    ]}
+    del api.tokens[tok["forged"]]  # well-formed, but the API server never issued it
     await api.start()
     now = [0.0]
     reviewer = TokenReviewer(api.url, token="cp-token", ttl=60, negative_ttl=5,
                              clock=lambda: now[0])
     try:
-        assert await reviewer("pod") == ("shop", "web")
-        assert await reviewer("pod") == ("shop", "web") and reviewer.reviews == 1  # cached
-        assert await reviewer("kube-api") is None  # a token for the API server, not for diktyo
-        assert await reviewer("node") is None  # not a service account
-        assert await reviewer("nope") is None
+        assert await reviewer(tok["pod"]) == ("shop", "web")
+        assert await reviewer(tok["pod"]) == ("shop", "web") and reviewer.reviews == 1  # cached
+        # refused without asking: a token for the API server, not for diktyo; not a service
+        # account; not a JWT; too long; expired
+        expired = projected_token("system:serviceaccount:shop:web", ("diktyo-ca",), exp=1.0)
+        for token in (tok["kube-api"], tok["node"], "nope", "a.b.c", "x" * 9000, expired):
+            assert await reviewer(token) is None
+        assert reviewer.reviews == 1 and reviewer.prechecked == 6
+        assert await reviewer(tok["forged"]) is None and reviewer.reviews == 2  # well-formed
         now[0] = 61.0
-        assert await reviewer("pod") == ("shop", "web") and reviewer.reviews == 5  # expired
+        assert await reviewer(tok["pod"]) == ("shop", "web") and reviewer.reviews == 3  # expired
         reviewer.token = "wrong"  # the control plane's own token is refused: nobody passes
         reviewer.cache.clear()
-        assert await reviewer("pod") is None
+        assert await reviewer(tok["pod"]) is None
         assert all(r["spec"]["audiences"] == ["diktyo-ca"] for r in api.reviews)
     finally:
         await reviewer.close()
         await api.close()
-    assert await reviewer("never-seen") is None  # API server gone: refused, not crashed
+    # API server gone: refused, not crashed
+    assert await reviewer(projected_token("system:serviceaccount:a:b", ("diktyo-ca",))) is None
     await reviewer.close()

@@ -13,6 +13,7 @@ import msgspec
 
 from diktyo.control.model import ProxyNode, WorkloadInstance
 from diktyo.control.server import ControlPlane
+from diktyo.dashboard import mount as mount_dashboard
 from diktyo.security import admin_token
 from diktyo.snapshot.model import Node
 from diktyo.testing.controlplane import JSON, YAML, admin_headers
@@ -109,7 +110,8 @@ async def test_browser_attacks_are_refused_even_with_the_credential() -> None:
 
 
 async def test_dashboard_link_sets_a_cookie_the_page_uses() -> None:
-    cp = ControlPlane()  # with the dashboard
+    cp = ControlPlane()
+    assert mount_dashboard(cp)  # the dashboard mounts itself on the API app
     await cp.start()
     try:
         jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP address host

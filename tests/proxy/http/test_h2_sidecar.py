@@ -12,11 +12,23 @@ import h2.events
 import httpx
 import pytest
 
+from diktyo.proxy.codec import http2_nghttp2, http2_select
 from diktyo.testing.fake_upstream import FakeUpstream
 from diktyo.testing.h2upstream import FakeH2Upstream
 from diktyo.testing.sidecar import start_sidecar
 from diktyo.testing.snapshots import http_snapshot
 from diktyo.testing.wait import eventually
+
+
+@pytest.fixture(autouse=True, params=["h2", "nghttp2"])
+def h2_codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the sidecar on each HTTP/2 codec (the fake upstream stays on h2:
+    two implementations talk to each other)."""
+    if request.param == "nghttp2" and not http2_nghttp2.available():
+        pytest.skip("libnghttp2 (Debian libnghttp2-14) or cffi is not installed")
+    monkeypatch.setattr(http2_select, "_selected", http2_select.select_codec(request.param))
+    return str(request.param)
+
 
 H2 = {"upstream_protocol": "HTTP/2"}
 
@@ -78,13 +90,18 @@ def req(path: str, method: str = "GET") -> list[tuple[str, str]]:
     return [(":method", method), (":scheme", "http"), (":authority", "svc"), (":path", path)]
 
 
-async def test_h2c_client_to_http2_upstream_multiplexed() -> None:
+async def test_h2c_client_to_http2_upstream_multiplexed(h2_codec: str) -> None:
     async with FakeH2Upstream() as up, start_sidecar(snap(up.port, True)) as sc:
         async with httpx.AsyncClient(http1=False, http2=True) as client:
             url = f"http://127.0.0.1:{sc.port()}"
             rs = await asyncio.gather(
                 *(client.get(f"{url}/r{i}", headers={"host": "svc"}) for i in range(20))
             )
+        # the admin page (HTTP/1.1) names the HTTP/2 codec the sidecar runs
+        async with httpx.AsyncClient() as plain:
+            admin = (await plain.get(f"http://127.0.0.1:{sc.admin}/clusters")).json()
+        pools = [c["pool"] for c in admin["clusters"] if c.get("pool")]
+        assert any(p["codec"].startswith(f"{h2_codec} ") for p in pools), pools
         assert [r.http_version for r in rs] == ["HTTP/2"] * 20
         assert [r.status_code for r in rs] == [200] * 20
         assert sorted(r.text for r in rs) == sorted(f"GET /r{i} " for i in range(20))

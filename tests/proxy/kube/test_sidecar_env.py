@@ -156,7 +156,7 @@ async def test_real_sidecar_started_with_only_the_environment(tmp_path: Path) ->
     app_port = runner.addresses[0][1]
 
     api = FakeApiServer(token="cp-token")  # answers the TokenReview for the pod's token
-    api.tokens = {"projected-web": ("system:serviceaccount:shop:web", ("diktyo-ca",))}
+    projected = api.issue("system:serviceaccount:shop:web", ("diktyo-ca",))
     await api.start()
     reviewer = TokenReviewer(api.url, token="cp-token")
     cp = ControlPlane(observability=False, sidecar_auth=False)
@@ -173,7 +173,7 @@ async def test_real_sidecar_started_with_only_the_environment(tmp_path: Path) ->
     env.update(DIKTYO_CONTROL_PLANE=cp.url, DIKTYO_ADMIN_PORT="0", DIKTYO_STATUS_PORT="0",
                DIKTYO_READINESS_PORT="0", DIKTYO_OUTBOUND_PORT="0", DIKTYO_TRACING_SAMPLING="0.5",
                DIKTYO_LOG_LEVEL="info", DIKTYO_KUBE_TOKEN_FILE=str(tmp_path / "projected-token"))
-    (tmp_path / "projected-token").write_text("projected-web\n")
+    (tmp_path / "projected-token").write_text(projected + "\n")
     env.pop("DIKTYO_INTERCEPTION_MODE", None)  # capture listeners are not this test's subject
     env["DIKTYO_HOME"] = str(tmp_path / "home")  # the pod's memory volume
     env.update({k: os.environ[k] for k in ("PATH", "PYTHONPATH", "HOME") if k in os.environ})
@@ -199,7 +199,7 @@ async def test_real_sidecar_started_with_only_the_environment(tmp_path: Path) ->
         assert dump["mesh"]["tracing"]["sampling"] == 0.5  # DIKTYO_TRACING_SAMPLING applied
         # its workload certificate came with the projected token, for POD_NAMESPACE/SERVICE_ACCOUNT
         assert cp.identity.service.issued == 1
-        assert [r["spec"]["token"] for r in api.reviews] == ["projected-web"]
+        assert [r["spec"]["token"] for r in api.reviews] == [projected]
     finally:
         proc.terminate()
         _, err = await asyncio.wait_for(proc.communicate(), 20)

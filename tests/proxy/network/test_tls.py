@@ -260,6 +260,14 @@ def test_xfcc_value(ca: CertificateAuthority) -> None:
     v = xfcc_value(SERVER_ID, der)
     assert v == f"By={SERVER_ID};Hash={fingerprint(der)};URI={CLIENT_ID}"
     assert len(fingerprint(der)) == 64
+    # memoised per (us, certificate): another peer or another local identity is its own entry
+    other_id = "spiffe://cluster.local/ns/default/sa/ratings"
+    other = load_certs(creds(ca, other_id)[0])[0].public_bytes(serialization.Encoding.DER)
+    assert (
+        xfcc_value(SERVER_ID, other) == f"By={SERVER_ID};Hash={fingerprint(other)};URI={other_id}"
+    )
+    assert xfcc_value(other_id, der).startswith(f"By={other_id};Hash={fingerprint(der)}")
+    assert xfcc_value(SERVER_ID, der) == v
 
 
 async def test_openssl_s_client_shows_chain(ca: CertificateAuthority, tmp_path) -> None:

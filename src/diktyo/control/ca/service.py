@@ -99,12 +99,7 @@ class CaService:
             identity = self.ca.verify_current(chain, csr.encode(), base64.b64decode(proof))
         except (CaError, ValueError) as exc:
             return 401, {"error": f"renewal refused: {exc}"}
-        try:
-            issued = self.ca.sign_csr(csr, identity)
-        except (CaError, SpiffeError) as exc:
-            status = 403 if "asks for" in str(exc) else 400
-            return status, {"error": str(exc)}
-        return self._ok(issued)
+        return self._sign(csr, identity)
 
     def _ok(self, issued: IssuedCertificate) -> tuple[int, dict[str, Any]]:
         self.issued += 1

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,23 +109,9 @@ def parse_etcd_url(spec: str) -> list[str]:
     return endpoints
 
 
-def _interned(obj: Any) -> Any:
-    """``obj`` (decoded JSON) with every string interned. msgspec leaves a field out of an
-    encoding (``omit_defaults``) only when it *is* the default object, so an equal but
-    separately decoded "default" would change a snapshot's bytes and content digest: a
-    sidecar failing over would then be sent the same snapshot again under another version."""
-    if isinstance(obj, str):
-        return sys.intern(obj)
-    if isinstance(obj, list):
-        return [_interned(v) for v in obj]
-    if isinstance(obj, dict):
-        return {_interned(k): _interned(v) for k, v in obj.items()}
-    return obj
-
-
 def _decode(value: bytes | Any, typ: type[T]) -> T:
     raw = json.loads(value) if isinstance(value, bytes) else value
-    return msgspec.convert(_interned(raw), typ, strict=False)
+    return msgspec.convert(raw, typ, strict=False)
 
 
 def config_key(key: ResourceKey) -> str:

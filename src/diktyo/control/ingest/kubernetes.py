@@ -606,6 +606,50 @@ class KubeWatcher:
 
 TOKEN_AUDIENCE = "diktyo-ca"  # the injected pods' projected token (volume diktyo-token)
 _SA_USER = "system:serviceaccount:"
+MAX_TOKEN_BYTES = 8192  # a projected service-account token is about 1 KB
+_CLOCK_SKEW = 60.0  # seconds an "exp" may lie in the past before the pre-check refuses
+
+
+def _b64url_json(part: str) -> Any:
+    import base64
+
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+def token_shape_problem(token: str, now: float) -> str | None:
+    """Why ``token`` cannot be a pod's projected service-account token for diktyo, or None.
+
+    Checked before a TokenReview, so garbage costs the API server nothing: the size, the JWT
+    form (three base64url parts, a JSON header naming a signing algorithm, a JSON payload),
+    the audience ``diktyo-ca``, a service account as subject, and ``exp`` not in the past
+    (``now``: seconds since the epoch). This verifies nothing: a well-formed forgery still
+    goes to the API server, which checks the signature (and the source's refusal budget,
+    ``control.auth.ReviewLimiter``, bounds how often that can happen)."""
+    if len(token) > MAX_TOKEN_BYTES:
+        return f"longer than {MAX_TOKEN_BYTES} bytes"
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts):
+        return "not a JWT (header.payload.signature)"
+    try:
+        header, payload = _b64url_json(parts[0]), _b64url_json(parts[1])
+    except (ValueError, UnicodeDecodeError):
+        return "a JWT whose header or payload is not base64url-encoded JSON"
+    if not isinstance(header, dict) or not isinstance(payload, dict):
+        return "a JWT whose header or payload is not a JSON object"
+    alg = header.get("alg")
+    if not isinstance(alg, str) or not alg or alg.lower() == "none":
+        return "an unsigned JWT"
+    aud = payload.get("aud")
+    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    if TOKEN_AUDIENCE not in audiences:
+        return f"not for audience {TOKEN_AUDIENCE}"
+    sub = payload.get("sub")
+    if not isinstance(sub, str) or not sub.startswith(_SA_USER) or sub.count(":") != 3:
+        return "not a service account's token"
+    exp = payload.get("exp")
+    if isinstance(exp, int | float) and exp + _CLOCK_SKEW < now:
+        return "expired"
+    return None
 
 
 class TokenReviewer:
@@ -615,11 +659,13 @@ class TokenReviewer:
     ``await reviewer(token)`` -> ``(namespace, service_account)`` or None (not authenticated,
     not a service account, wrong audience, API unreachable: all logged). Answers are cached
     per token for ``ttl`` seconds (refusals for ``negative_ttl``) so long polls do not cost a
-    review each."""
+    review each. A token that cannot be a projected token (``token_shape_problem``) is refused
+    without a review (``prechecked`` counts them)."""
 
     def __init__(self, base_url: str, token_file: str | None = None, token: str = "",
                  ca_file: str | None = None, ttl: float = 60.0, negative_ttl: float = 5.0,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None,
+                 wall: Callable[[], float] | None = None) -> None:
         import time
 
         self.base_url = base_url
@@ -628,8 +674,10 @@ class TokenReviewer:
         self.ctx = ssl.create_default_context(cafile=ca_file) if ca_file else None
         self.ttl, self.negative_ttl = ttl, negative_ttl
         self.clock = clock or time.monotonic
+        self.wall = wall or time.time  # for the tokens' "exp"
         self.cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
         self.reviews = 0
+        self.prechecked = 0  # tokens refused without a review
         self._session: Any = None
 
     def _auth(self) -> str:
@@ -651,6 +699,11 @@ class TokenReviewer:
         hit = self.cache.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
+        problem = token_shape_problem(token, self.wall())
+        if problem is not None:
+            self.prechecked += 1
+            log.debug("sidecar token refused without a TokenReview: %s", problem)
+            return None
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",

@@ -19,6 +19,9 @@ class InjectConfig:
     trust_domain: str = "cluster.local"
     log_level: str = "warning"
     tracing_sampling: float = 1.0  # percent of requests traced (Istio's meshConfig sampling)
+    # sidecar worker processes (Istio's meshConfig.defaultConfig.concurrency; 0 = one per core;
+    # None = the sidecar's default, 1); a pod's proxy.istio.io/config annotation wins
+    concurrency: int | None = None
     revision: str = "default"
     proxy_uid: int = 1337  # traffic from this uid/gid is never captured (Istio's 1337)
     admin_port: int = 15000  # /ready, /stats/prometheus, /config_dump (on 127.0.0.1)

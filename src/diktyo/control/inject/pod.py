@@ -132,6 +132,15 @@ def _annotation(pod: dict[str, Any], key: str, default: str) -> str:
     return str(((pod.get("metadata") or {}).get("annotations") or {}).get(key, default))
 
 
+def _limits(pod: dict[str, Any], prefix: str, config: InjectConfig) -> dict[str, str]:
+    """The proxy's CPU/memory limits (``sidecar.istio.io/proxyCPULimit``/``proxyMemoryLimit``),
+    shared by the sidecar and the init container, as Istio's injector does."""
+    return {
+        "cpu": _annotation(pod, prefix + "proxyCPULimit", config.cpu_limit),
+        "memory": _annotation(pod, prefix + "proxyMemoryLimit", config.memory_limit),
+    }
+
+
 def _ports(value: str, key: str = "") -> tuple[int, ...]:
     out = []
     for part in (x.strip() for x in value.split(",")):
@@ -237,6 +246,19 @@ def _canonical(meta: dict[str, Any]) -> tuple[str, str]:
     return str(name), str(rev)
 
 
+def _concurrency_env(pod: dict[str, Any], default: int | None) -> list[dict[str, Any]]:
+    """Istio's ``proxy.istio.io/config: '{"concurrency": N}'`` (else the mesh-wide default):
+    the sidecar's worker processes."""
+    from diktyo.core.proxy_config import annotation_concurrency
+
+    try:
+        n = annotation_concurrency((pod.get("metadata") or {}).get("annotations"))
+    except ValueError as exc:
+        raise InjectionError(str(exc)) from None
+    n = default if n is None else n
+    return [] if n is None else [{"name": "DIKTYO_CONCURRENCY", "value": str(n)}]
+
+
 def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
@@ -290,7 +312,8 @@ def proxy_container(
                 "value": json.dumps(_pod_ports(app), separators=(",", ":")),
             },
         ]
-        + ([{"name": PROBERS_ENV, "value": app_probers}] if app_probers else []),
+        + ([{"name": PROBERS_ENV, "value": app_probers}] if app_probers else [])
+        + _concurrency_env(pod, config.concurrency),
         "ports": [
             {"containerPort": config.status_port, "name": "http-dkt-status", "protocol": "TCP"}
         ],
@@ -306,10 +329,7 @@ def proxy_container(
                 "cpu": _annotation(pod, a + "proxyCPU", config.cpu_request),
                 "memory": _annotation(pod, a + "proxyMemory", config.memory_request),
             },
-            "limits": {
-                "cpu": _annotation(pod, a + "proxyCPULimit", config.cpu_limit),
-                "memory": _annotation(pod, a + "proxyMemoryLimit", config.memory_limit),
-            },
+            "limits": _limits(pod, a, config),
         },
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -340,10 +360,7 @@ def init_container(pod: dict[str, Any], config: InjectConfig) -> dict[str, Any]:
         "args": init_args(capture_plan(pod, config)),
         "resources": {
             "requests": {"cpu": "10m", "memory": "40Mi"},
-            "limits": {
-                "cpu": _annotation(pod, a + "proxyCPULimit", config.cpu_limit),
-                "memory": _annotation(pod, a + "proxyMemoryLimit", config.memory_limit),
-            },
+            "limits": _limits(pod, a, config),
         },
         "securityContext": {
             "allowPrivilegeEscalation": False,

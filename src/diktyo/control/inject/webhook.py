@@ -199,6 +199,7 @@ _ARG_FIELDS = {
     "trust_domain": "trust_domain",
     "log_level": "log_level",
     "tracing_sampling": "tracing_sampling",
+    "proxy_concurrency": "concurrency",
     "proxy_cpu": "cpu_request",
     "proxy_memory": "memory_request",
     "proxy_cpu_limit": "cpu_limit",
@@ -221,6 +222,12 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-domain", help="SPIFFE trust domain (default cluster.local)")
     p.add_argument("--log-level", help="sidecar log level (debug|info|warning|error)")
     p.add_argument("--tracing-sampling", type=float, help="percent of requests traced (0-100)")
+    p.add_argument(
+        "--proxy-concurrency", type=int, choices=range(65), metavar="N",
+        help="worker processes per sidecar (Istio's meshConfig.defaultConfig.concurrency; 0 = "
+        "one per core; default: the sidecar's, 1); a pod's proxy.istio.io/config annotation "
+        "wins",
+    )  # fmt: skip
     p.add_argument(
         "--proxy-cpu", help=f"sidecar CPU request (default {DEFAULT_CONFIG.cpu_request})"
     )

@@ -51,7 +51,7 @@ def _http_protocol(ctx: Any) -> asyncio.Protocol:
     """The one place a captured connection is handed to the HTTP connection managers: the
     listeners' own first protocol, which picks HTTP/1.1 or HTTP/2 (prior-knowledge preface, or
     ALPN ``h2``/``istio-h2`` after mTLS) exactly as on a declared HTTP listener."""
-    from diktyo.proxy.http.h2_connection import DownstreamSniffer
+    from diktyo.proxy.http.sniffer import DownstreamSniffer
 
     return DownstreamSniffer(ctx)
 

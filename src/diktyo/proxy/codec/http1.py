@@ -146,6 +146,7 @@ GOOD_AUTHORITIES_MAX = 1024
 # raw header name -> lower-case str (names repeat: decode and lower each only once)
 _NAMES: dict[bytes, str] = {}
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
+_IDLE_HEADERS: dict[str, str] = {}  # between requests (never written: a head starts a new dict)
 
 
 class _Stop(Exception):
@@ -351,6 +352,11 @@ class RequestDecoder:
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        # an idle keep-alive connection keeps nothing of its last request (issue 11, RSS):
+        # the stream owns the head; an upgrade's head is still needed by feed()
+        self._headers = _IDLE_HEADERS
+        if self._head is not None and not self._head.upgrade_to:
+            self._head = None
         self.sink.on_request_end()
 
     # -- feeding

@@ -88,12 +88,7 @@ class TracingFilter(HttpFilter):
             wc = cb.dest.wc
             port = wc.port or cb.cstate.cluster.port or None
             name = span_name_for(wc.host, port, cb.routing_authority())
-        span = tracer.begin(
-            head.headers,
-            kind,
-            name,
-            {"http.method": head.method, "http.url": head.path, "node_id": tracer.node_id},
-        )
+        span = tracer.begin_request(head, cb.downstream_address(), kind, name)
         cb.set_state("span", span)
         return CONTINUE
 
@@ -101,4 +96,5 @@ class TracingFilter(HttpFilter):
         span = cb.get_state("span")
         if span is not None:
             cs = cb.cstate
-            self.tracer.end(span, cb.status, flags, cs.cluster.name if cs is not None else "")
+            cluster = cs.cluster.name if cs is not None else ""
+            self.tracer.end(span, cb.status, flags, cluster, cb.req_bytes, cb.resp_bytes)

@@ -30,7 +30,6 @@ import asyncio
 import logging
 import socket
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from diktyo.proxy.codec import grpc
@@ -251,7 +250,8 @@ class HttpConnection(asyncio.Protocol):
         self.codec = Http1ServerCodec(self, accept_http_10=ctx.sidecar.accept_http_10)
         self.decoder = self.codec.decoder  # header-timeout bookkeeping reads it per read
         self.transport: asyncio.Transport | None = None
-        self.streams: deque[DownstreamStream] = deque()
+        # a list, not a deque: a deque allocates a 64-slot block (~600 B) per idle connection
+        self.streams: list[DownstreamStream] = []
         self.paused = 0
         self.write_paused = False
         self.closed = False
@@ -439,7 +439,7 @@ class HttpConnection(asyncio.Protocol):
 
     def stream_done(self, s: DownstreamStream) -> None:
         if self.streams and self.streams[0] is s:
-            self.streams.popleft()
+            del self.streams[0]
         if self.closed:
             return
         if self._close_after or self.codec.closing:

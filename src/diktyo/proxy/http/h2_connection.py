@@ -2,12 +2,11 @@
 
 Theory of operation
 -------------------
-Every HTTP listener's connections start as a ``DownstreamSniffer``. It picks the protocol once
-and hands the transport over (``transport.set_protocol``):
-
-- TLS with ALPN ``h2`` / ``istio-h2`` negotiated -> ``Http2Connection`` at once;
-- otherwise the first bytes: the HTTP/2 connection preface (``PRI * HTTP/2.0``...: h2c with
-  prior knowledge) -> ``Http2Connection``; anything else -> the HTTP/1.1 ``HttpConnection``.
+Every HTTP listener's connections start as a ``DownstreamSniffer`` (``sniffer.py``, which
+imports this module on the first HTTP/2 connection only). It picks the protocol once and hands
+the transport over (``transport.set_protocol``): TLS with ALPN ``h2`` / ``istio-h2``, or the
+HTTP/2 connection preface (h2c with prior knowledge) -> ``Http2Connection``; anything else ->
+the HTTP/1.1 ``HttpConnection``.
 
 ``Http2Connection`` runs an ``Http2ServerCodec`` and one ``DownstreamStream`` per HTTP/2
 stream, the same stream class HTTP/1.1 uses: routing, filters, retries and upstream attempts
@@ -35,59 +34,17 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from diktyo.proxy.codec.events import CodecError, HeaderList, RequestHead, ResetReason
-from diktyo.proxy.codec.http2 import PREFACE, Http2ServerCodec
-from diktyo.proxy.http.connection_manager import DownstreamStream, HttpConnection
+from diktyo.proxy.codec.http2_select import select_codec
+from diktyo.proxy.http.connection_manager import DownstreamStream
 from diktyo.proxy.http.phases import RESPONDING
+from diktyo.proxy.network.h2pool import defer_flush, write_batch
 from diktyo.proxy.network.peer import transport_peer
 
 if TYPE_CHECKING:
+    from diktyo.proxy.codec.http2 import Http2ServerCodec
     from diktyo.proxy.http.context import ListenerContext
 
 log = logging.getLogger("diktyo.proxy")
-
-H2_ALPN = frozenset({"h2", "istio-h2"})
-
-
-class DownstreamSniffer(asyncio.Protocol):
-    """The first protocol of every downstream HTTP connection: decides HTTP/2 or HTTP/1.1."""
-
-    __slots__ = ("buf", "ctx", "transport")
-
-    def __init__(self, ctx: ListenerContext) -> None:
-        self.ctx = ctx
-        self.transport: asyncio.Transport | None = None
-        self.buf = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # asyncio hands a BaseTransport; TCP/TLS give Transports
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None and ssl_object.selected_alpn_protocol() in H2_ALPN:
-            self._become(Http2Connection(self.ctx), b"")
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf + data if self.buf else data
-        n = min(len(buf), len(PREFACE))
-        if buf[:n] != PREFACE[:n]:
-            self._become(HttpConnection(self.ctx), buf)
-        elif len(buf) >= len(PREFACE):
-            self._become(Http2Connection(self.ctx), buf)
-        else:
-            self.buf = buf  # a prefix of the preface so far: wait for more
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
-
-    def _become(self, proto: asyncio.Protocol, data: bytes) -> None:
-        t = self.transport
-        assert t is not None
-        self.buf = b""
-        t.set_protocol(proto)
-        proto.connection_made(t)
-        if data:
-            proto.data_received(data)
 
 
 class _StreamConn:
@@ -157,11 +114,12 @@ class _StreamConn:
 
 
 class Http2Connection(asyncio.Protocol):
-    """One downstream HTTP/2 connection: the ``Http2ServerCodec``'s sink, many streams."""
+    """One downstream HTTP/2 connection: the HTTP/2 server codec's sink, many streams."""
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
-        self.codec = Http2ServerCodec(self)
+        # libnghttp2's codec or h2's (codec/http2_select.py): the same interface
+        self.codec: Http2ServerCodec = select_codec()[0](self)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, DownstreamStream] = {}
         self.closed = False
@@ -206,6 +164,10 @@ class Http2Connection(asyncio.Protocol):
         self.flush()  # our SETTINGS
 
     def data_received(self, data: bytes) -> None:
+        with write_batch():  # one write per connection for everything this read produced
+            self._data_received(data)
+
+    def _data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
         touched = self._touched
         try:
@@ -302,7 +264,13 @@ class Http2Connection(asyncio.Protocol):
             s.downstream_write_paused(False)
 
     # -- what streams use
+    flush_dirty = False
+
     def flush(self) -> None:
+        if not defer_flush(self):
+            self.flush_now()
+
+    def flush_now(self) -> None:
         data = self.codec.data_to_send()
         if data:
             t = self.transport
@@ -342,6 +310,7 @@ class Http2Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         if not self.closed and self.transport is not None:
+            self.flush_now()  # a deferred flush (GOAWAY...) goes out before the close
             self.closed = True
             self.transport.close()
 

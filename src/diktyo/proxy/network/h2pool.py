@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diktyo.proxy.codec.events import (
     CodecError,
@@ -44,8 +44,12 @@ from diktyo.proxy.codec.events import (
     ResetReason,
     ResponseHead,
 )
-from diktyo.proxy.codec.http2 import DEFAULT_OPTIONS, Http2ClientCodec, Http2Options, Http2Stats
+from diktyo.proxy.codec.http2_common import DEFAULT_OPTIONS, Http2Options, Http2Stats
+from diktyo.proxy.codec.http2_select import codec_description, select_codec
 from diktyo.proxy.network.upstream import dial
+
+if TYPE_CHECKING:
+    from diktyo.proxy.codec.http2 import Http2ClientCodec
 
 log = logging.getLogger("diktyo.proxy")
 
@@ -54,6 +58,42 @@ log = logging.getLogger("diktyo.proxy")
 H2_ALPN = ("istio-h2", "h2")
 # streams per connection before the peer's SETTINGS arrive (RFC 9113 recommends >= 100)
 DEFAULT_STREAM_LIMIT = 100
+
+# Write coalescing for HTTP/2 connections (both directions). While a read callback of an HTTP/2
+# connection runs (``write_batch``), ``flush`` only marks its connection dirty; the outermost
+# batch writes each dirty connection once when it ends. So one read carrying ten requests makes
+# one write per connection, not one per stream (each stream's events used to flush at once).
+_batch_depth = 0
+_dirty: list[Any] = []
+
+
+class write_batch:  # noqa: N801 - used as ``with write_batch():``
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        global _batch_depth
+        _batch_depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _batch_depth
+        _batch_depth -= 1
+        if _batch_depth == 0:
+            while _dirty:
+                conns = _dirty[:]
+                _dirty.clear()
+                for c in conns:
+                    c.flush_dirty = False
+                    c.flush_now()
+
+
+def defer_flush(conn: Any) -> bool:
+    """True if a batch is open: ``conn.flush_now()`` runs when it ends (once)."""
+    if _batch_depth:
+        if not conn.flush_dirty:
+            conn.flush_dirty = True
+            _dirty.append(conn)
+        return True
+    return False
 
 
 class _StreamCodec:
@@ -184,7 +224,10 @@ class H2UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: H2ClusterPool, key: tuple[str, int]) -> None:
         self.pool = pool
         self.key = key
-        self.codec = Http2ClientCodec(self, pool.options, pool.h2stats, pool.loop.time)
+        # libnghttp2's codec or h2's: the same interface (typed as the h2 one)
+        self.codec: Http2ClientCodec = select_codec()[1](
+            self, pool.options, pool.h2stats, pool.loop.time
+        )
         self.requests: dict[int, H2StreamHandle] = {}  # sid -> handle
         self.attaching = 0  # handed out, stream not opened yet
         self.transport: asyncio.Transport | None = None
@@ -235,6 +278,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.flush()  # connection preface + SETTINGS
 
     def data_received(self, data: bytes) -> None:
+        with write_batch():
+            self._data_received(data)
+
+    def _data_received(self, data: bytes) -> None:
         touched: list[H2StreamHandle] = []
         self._touched = touched
         try:
@@ -353,7 +400,13 @@ class H2UpstreamConnection(asyncio.Protocol):
             h.requester.upstream_resume_writing()
 
     # -- helpers
+    flush_dirty = False
+
     def flush(self) -> None:
+        if not defer_flush(self):
+            self.flush_now()
+
+    def flush_now(self) -> None:
         t = self.transport
         if t is not None and not self.closed:
             out = self.codec.data_to_send()
@@ -413,6 +466,9 @@ class H2ClusterPool:
         self.options = options
         self.max_streams_per_connection = max_streams_per_connection
         self.h2stats = Http2Stats()
+        # load the HTTP/2 codec now (libnghttp2 + cffi's declaration parse: ~0.1 s), not on the
+        # first request: it would stall that request and every one queued behind it
+        select_codec()
         self.conns: dict[tuple[str, int], list[H2UpstreamConnection]] = {}
         self.connecting: dict[tuple[str, int], int] = {}
         self.pending: deque[tuple[Any, Any]] = deque()  # (request, host)
@@ -628,9 +684,15 @@ class H2ClusterPool:
         """Established connections without an open stream, per host."""
         return {k: [c for c in v if not c.requests] for k, v in self.conns.items()}
 
+    @property
+    def codec(self) -> str:
+        """The HTTP/2 codec this process runs, e.g. ``nghttp2 1.52.0 (cffi)`` or ``h2 4.4.1``."""
+        return codec_description()
+
     def describe(self) -> dict[str, Any]:
         return {
             "protocol": self.protocol,
+            "codec": self.codec,
             "connections": {
                 f"{k[0]}:{k[1]}": [len(c.requests) for c in v] for k, v in self.conns.items()
             },

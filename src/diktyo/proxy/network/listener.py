@@ -15,11 +15,16 @@ from collections.abc import Callable
 log = logging.getLogger("diktyo.proxy")
 
 
-def bind_listener(address: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A listening, non-blocking socket on ``address:port`` (0 = any free port); raises OSError."""
+def bind_listener(
+    address: str, port: int, backlog: int = 1024, reuse_port: bool = False
+) -> socket.socket:
+    """A listening, non-blocking socket on ``address:port`` (0 = any free port); raises OSError.
+    ``reuse_port``: SO_REUSEPORT, for one socket per worker process on the same port."""
     sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address, port))
         sock.listen(backlog)
         sock.setblocking(False)

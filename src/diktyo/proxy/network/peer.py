@@ -14,13 +14,13 @@ def transport_peer(transport: asyncio.BaseTransport | None) -> tuple[str, bytes 
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if ssl_object is None:
         return PLAIN_PEER
-    from diktyo.security.certs import spiffe_id_of_der  # mTLS only: keeps idle RSS low
+    from diktyo.proxy.network.tls import peer_facts  # mTLS only: keeps idle RSS low
 
     der = ssl_object.getpeercert(binary_form=True)
     sid = ""
     if der:
         try:
-            sid = spiffe_id_of_der(der) or ""
+            sid = peer_facts(der)[0] or ""
         except ValueError:
             sid = ""
     return (sid, der or None)

@@ -15,7 +15,14 @@ copy) a connection to ``host``:
    breaker refuses a pending slot the stream gets ``stream.overflow(message)`` -> 503 ``UO``;
 3. a new connection is opened when the breaker allows one more; when it is up the first
    pending request for that host gets it. Otherwise the request waits until a connection of
-   the cluster is released or closed.
+   the cluster is released or closed - unless the pool has no connection at all to that host
+   (none connecting, busy or idle) while it holds connections to other hosts of the cluster:
+   then, as Envoy's pool does "to prevent pending streams being queued to this upstream with
+   no way to be processed", one is opened anyway, past ``maxConnections``
+   (``upstream_cx_overflow`` still counts the refusal). Envoy applies that rule per worker
+   thread too (each has its own pools), which with N workers allows up to N connections to a
+   single host at ``maxConnections: 1``; diktyo's worker processes keep the limit exact for
+   the sidecar as a whole instead (see docs/tasks.md, Circuit breaking).
 
 Connections are counted against the breaker of the cluster state *current at close time*
 (``ClusterPool.state`` is replaced on snapshot swaps; the pool object survives them).
@@ -125,6 +132,7 @@ class Http1Pool:
         self.idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self.pending: deque[tuple[Any, Any]] = deque()  # (stream, host)
         self.connecting = 0
+        self.per_host: dict[tuple[str, int], int] = {}  # connecting + open, by host key
         self.active: set[UpstreamConnection] = set()
         self.retired = False  # the cluster left the snapshot: close connections as they free up
         self.certs: Any = None  # the sidecar's CertificateStore (auto mTLS), None = no identity
@@ -149,6 +157,12 @@ class Http1Pool:
         self.pending.append((stream, host))
         if breaker.can_open_connection():
             self._open(host)
+            return
+        self.stats.inc_cluster(self.name, "upstream_cx_overflow")
+        if not self.per_host.get(host.key):
+            # Envoy: a host picked by the load balancer always gets one connection in this
+            # pool, even past maxConnections (held by other hosts, or by other workers' pools)
+            self._open(host)
         elif not fresh:
             # a connection of another host may be idle: close it to make room
             for key, conns in self.idle.items():
@@ -167,6 +181,7 @@ class Http1Pool:
     def _open(self, host: Any) -> None:
         self.state.breaker.connection_opened()
         self.connecting += 1
+        self.per_host[host.key] = self.per_host.get(host.key, 0) + 1
         self.stats.inc_cluster(self.name, "upstream_cx_total")
         task = self.loop.create_task(self._connect(host))
         self.tasks.add(task)
@@ -180,6 +195,7 @@ class Http1Pool:
             self._dispatch(conn)
             return
         self.connecting -= 1
+        self._host_gone(host.key)
         self.state.breaker.connection_closed()
         # fail the first pending request for this host; others wait for their own attempts
         for i, (s, h) in enumerate(self.pending):
@@ -226,6 +242,19 @@ class Http1Pool:
             idx = self.connecting
             _, host = self.pending[idx] if idx < len(self.pending) else self.pending[-1]
             self._open(host)
+        if self.pending and self.connecting < len(self.pending):
+            self.stats.inc_cluster(self.name, "upstream_cx_overflow")
+            # at the limit because of other hosts: a pending host with no connection gets one
+            for _, host in list(self.pending):
+                if not self.per_host.get(host.key):
+                    self._open(host)
+
+    def _host_gone(self, key: tuple[str, int]) -> None:
+        n = self.per_host.get(key, 0) - 1
+        if n > 0:
+            self.per_host[key] = n
+        else:
+            self.per_host.pop(key, None)
 
     # -- releasing
     def release(self, conn: UpstreamConnection) -> None:
@@ -251,6 +280,7 @@ class Http1Pool:
         """Called once per connection when it closes (either side)."""
         if conn in self.active:
             self.active.discard(conn)
+            self._host_gone(conn.key)
             self.state.breaker.connection_closed()
             self.stats.inc_cluster(self.name, "upstream_cx_destroy")
         idle = self.idle.get(conn.key)

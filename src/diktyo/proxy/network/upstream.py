@@ -87,6 +87,8 @@ async def open_upstream(
         CertificateStore,
         TlsConfigError,
         describe_tls_error,
+        offering,
+        resumed_peer_problem,
         upstream_context,
         verify_upstream,
     )
@@ -101,20 +103,39 @@ async def open_upstream(
         sni = tls.sni or None
     else:
         sni = tls.sni or address
+    principal = endpoint.principal if endpoint is not None else ""
+    # TLS session resumption: offer the newest session of this upstream (same context, so
+    # the same certificates and trust bundle; same address, SNI and expected identity)
+    sessions = getattr(ctx, "sessions", None)
+    key = (address, port, sni, principal, tls.subject_alt_names)
+    token = offering(sessions.offer(key)) if sessions is not None else None
     try:
         transport, protocol = await loop.create_connection(
             factory, address, port, ssl=ctx, server_hostname=sni
         )
     except ssl.SSLError as exc:
+        if sessions is not None:
+            sessions.forget(key)
         reason = describe_tls_error(exc)
         log.warning("upstream %s:%d: TLS handshake failed: %s", address, port, reason)
         raise ConnectionError(reason) from None
-    principal = endpoint.principal if endpoint is not None else ""
-    ok, reason = verify_upstream(transport.get_extra_info("ssl_object"), tls, principal)
+    finally:
+        if token is not None:
+            token.var.reset(token)
+    so = transport.get_extra_info("ssl_object")
+    ok, reason = verify_upstream(so, tls, principal)
+    if ok:
+        problem = resumed_peer_problem(so)
+        if problem:
+            ok, reason = False, problem
     if not ok:
+        if sessions is not None:
+            sessions.forget(key)
         transport.abort()
         log.warning("upstream %s:%d refused: %s", address, port, reason)
         raise ConnectionError(reason)
+    if sessions is not None and so is not None:
+        sessions.remember(key, so)
     return transport, protocol
 
 
@@ -160,7 +181,12 @@ async def dial(pool: Any, host: Any, make: Callable[[], _D], alpn: tuple[str, ..
         return None, "connection failure"
     conn = box[0]
     t = conn.transport
-    conn.secure = t is not None and t.get_extra_info("ssl_object") is not None
+    so = t.get_extra_info("ssl_object") if t is not None else None
+    conn.secure = so is not None
+    if so is not None:  # Envoy's cluster ssl.handshake / ssl.session_reused
+        pool.stats.inc_cluster(pool.name, "ssl_handshake")
+        if so.session_reused:
+            pool.stats.inc_cluster(pool.name, "ssl_session_reused")
     if generation != pool.generation:
         conn.stale = True  # opened under settings drained meanwhile
     return conn, ""

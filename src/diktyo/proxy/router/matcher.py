@@ -18,7 +18,6 @@ import random
 import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
 from diktyo.core.regex import RegexError, compile_re2
 from diktyo.snapshot.model import (
@@ -62,7 +61,12 @@ class RequestInfo:
         q = self._query
         if q is None:
             i = self.path.find("?")
-            q = {} if i < 0 else dict(parse_qsl(self.path[i + 1 :], keep_blank_values=True))
+            if i < 0:
+                q = {}
+            else:  # urllib.parse (+ ipaddress) loads with the first query match (issue 11, RSS)
+                from urllib.parse import parse_qsl
+
+                q = dict(parse_qsl(self.path[i + 1 :], keep_blank_values=True))
             self._query = q
         return q
 

@@ -32,6 +32,7 @@ from diktyo.proxy.upstream.circuit_breaker import CircuitBreaker
 from diktyo.proxy.upstream.host import Host
 from diktyo.proxy.upstream.lb import LbContext, LoadBalancerImpl, make_load_balancer
 from diktyo.proxy.upstream.outlier import OutlierDetector
+from diktyo.proxy.upstream.shared_breaker import new_breaker
 from diktyo.snapshot.model import Cluster
 
 _INF = float("inf")
@@ -116,7 +117,8 @@ class ClusterState:
             self.retry_budget = previous.retry_budget
             self.retry_budget.update(retry_budget_percent, retry_budget_min)
         else:
-            self.breaker = CircuitBreaker(cluster.pool, cluster.policy_source)
+            # shared across the sidecar's worker processes when it runs several
+            self.breaker = new_breaker(cluster.name, cluster.pool, cluster.policy_source)
             self.retry_budget = RetryBudget(retry_budget_percent, retry_budget_min)
 
         od = cluster.outlier

@@ -1,0 +1,1220 @@
+"""HTTP/2 codec on libnghttp2 (C, through cffi in ABI mode): the same events, limits and
+counters as the `h2` codec (``http2.py``), at a fraction of its CPU.
+
+Theory of operation
+-------------------
+``ffi.dlopen("libnghttp2.so.14")`` with a hand-written declaration of the few types and
+functions used (no headers, no build step). One set of C callbacks is shared by every session;
+each session's ``user_data`` is a handle to its Python codec. nghttp2 does the framing, HPACK,
+the stream state machine, flow-control bookkeeping and HTTP/2 message validation (pseudo-
+headers, connection-specific and upper-case names, content-length against DATA); this module
+turns its callbacks into the sink calls of ``codec/events.py`` and adds the protections that
+libnghttp2 1.52 lacks or applies differently:
+
+- every frame header passes ``on_begin_frame`` before its payload is read, where the per-frame
+  limits of the `h2` codec apply unchanged: the header block that HEADERS + CONTINUATION
+  accumulate (**CONTINUATION flood**, CVE-2024-28182: 1.52 has no ``max_continuations``),
+  consecutive empty frames, PRIORITY and WINDOW_UPDATE floods, PING/SETTINGS acknowledgements
+  queued while the transport does not drain them;
+- the decoded header list size and field count are counted in ``on_header``;
+- **rapid reset** (CVE-2023-44487): 1.52 has no ``stream_reset_rate_limit``; premature resets
+  are counted as in the `h2` codec;
+- nghttp2's own limits are set too: ``max_settings`` (entries per SETTINGS frame),
+  ``max_outbound_ack``, ``max_send_header_block_length``;
+- a malformed message (nghttp2 would reset just that stream) closes the connection with
+  GOAWAY(PROTOCOL_ERROR), as Envoy does with ``stream_error_on_invalid_http_messaging: false``
+  and as the `h2` codec does; nothing of it reaches the sink, nor anything after it.
+
+A limit that trips makes the callback fail, which stops ``nghttp2_session_mem_recv`` at that
+frame; the codec then queues GOAWAY with the limit's error code and raises ``CodecError``.
+
+Flow control: automatic WINDOW_UPDATEs are off; ``acknowledge`` calls
+``nghttp2_session_consume`` (withheld while the stream is paused), so a slow consumer stops
+the peer at its window. Outbound DATA goes through a data provider reading the stream's
+pending buffer; what the peer's window does not admit stays there, the sink hears
+``on_send_blocked`` and, once it went out, ``on_send_unblocked``.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from diktyo.proxy.codec.events import (
+    ClientCodec,
+    ClientSink,
+    CodecError,
+    HeaderList,
+    RequestHead,
+    ResetReason,
+    ResponseHead,
+    ServerCodec,
+    ServerSink,
+)
+from diktyo.proxy.codec.http2_common import (
+    _HOP_BY_HOP_STR,
+    DEFAULT_OPTIONS,
+    Http2Options,
+    Http2Stats,
+    _lower,
+)
+
+_CDEF = """
+typedef struct nghttp2_session nghttp2_session;
+typedef struct nghttp2_session_callbacks nghttp2_session_callbacks;
+typedef struct nghttp2_option nghttp2_option;
+typedef struct { int age; int version_num; const char *version_str; const char *proto_str; }
+    nghttp2_info;
+typedef struct { uint8_t *name; uint8_t *value; size_t namelen; size_t valuelen;
+    uint8_t flags; } nghttp2_nv;
+typedef struct { int32_t settings_id; uint32_t value; } nghttp2_settings_entry;
+typedef struct { size_t length; int32_t stream_id; uint8_t type; uint8_t flags;
+    uint8_t reserved; } nghttp2_frame_hd;
+typedef struct { int32_t stream_id; int32_t weight; uint8_t exclusive; } nghttp2_priority_spec;
+typedef struct { nghttp2_frame_hd hd; size_t padlen; nghttp2_priority_spec pri_spec;
+    nghttp2_nv *nva; size_t nvlen; int cat; } nghttp2_headers;
+typedef struct { nghttp2_frame_hd hd; uint32_t error_code; } nghttp2_rst_stream;
+typedef struct { nghttp2_frame_hd hd; int32_t last_stream_id; uint32_t error_code;
+    uint8_t *opaque_data; size_t opaque_data_len; uint8_t reserved; } nghttp2_goaway;
+typedef union { nghttp2_frame_hd hd; nghttp2_headers headers; nghttp2_rst_stream rst_stream;
+    nghttp2_goaway goaway; } nghttp2_frame;
+typedef union { int fd; void *ptr; } nghttp2_data_source;
+typedef ssize_t (*nghttp2_data_source_read_callback)(nghttp2_session *, int32_t, uint8_t *,
+    size_t, uint32_t *, nghttp2_data_source *, void *);
+typedef struct { nghttp2_data_source source; nghttp2_data_source_read_callback read_callback; }
+    nghttp2_data_provider;
+
+typedef int (*nghttp2_on_begin_frame_callback)(nghttp2_session *, const nghttp2_frame_hd *,
+    void *);
+typedef int (*nghttp2_on_frame_recv_callback)(nghttp2_session *, const nghttp2_frame *, void *);
+typedef int (*nghttp2_on_invalid_frame_recv_callback)(nghttp2_session *, const nghttp2_frame *,
+    int, void *);
+typedef int (*nghttp2_on_data_chunk_recv_callback)(nghttp2_session *, uint8_t, int32_t,
+    const char *, size_t, void *);
+typedef int (*nghttp2_on_stream_close_callback)(nghttp2_session *, int32_t, uint32_t, void *);
+typedef int (*nghttp2_on_header_callback)(nghttp2_session *, const nghttp2_frame *,
+    const char *, size_t, const char *, size_t, uint8_t, void *);
+typedef int (*nghttp2_on_begin_headers_callback)(nghttp2_session *, const nghttp2_frame *,
+    void *);
+typedef int (*nghttp2_error_callback2)(nghttp2_session *, int, const char *, size_t, void *);
+
+nghttp2_info *nghttp2_version(int least_version);
+const char *nghttp2_strerror(int lib_error_code);
+int nghttp2_session_callbacks_new(nghttp2_session_callbacks **callbacks_ptr);
+void nghttp2_session_callbacks_set_on_begin_frame_callback(nghttp2_session_callbacks *,
+    nghttp2_on_begin_frame_callback);
+void nghttp2_session_callbacks_set_on_frame_recv_callback(nghttp2_session_callbacks *,
+    nghttp2_on_frame_recv_callback);
+void nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(nghttp2_session_callbacks *,
+    nghttp2_on_invalid_frame_recv_callback);
+void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callbacks *,
+    nghttp2_on_data_chunk_recv_callback);
+void nghttp2_session_callbacks_set_on_stream_close_callback(nghttp2_session_callbacks *,
+    nghttp2_on_stream_close_callback);
+void nghttp2_session_callbacks_set_on_header_callback(nghttp2_session_callbacks *,
+    nghttp2_on_header_callback);
+void nghttp2_session_callbacks_set_on_invalid_header_callback(nghttp2_session_callbacks *,
+    nghttp2_on_header_callback);
+void nghttp2_session_callbacks_set_on_begin_headers_callback(nghttp2_session_callbacks *,
+    nghttp2_on_begin_headers_callback);
+void nghttp2_session_callbacks_set_error_callback2(nghttp2_session_callbacks *,
+    nghttp2_error_callback2);
+
+int nghttp2_option_new(nghttp2_option **option_ptr);
+void nghttp2_option_del(nghttp2_option *);
+void nghttp2_option_set_no_auto_window_update(nghttp2_option *, int);
+void nghttp2_option_set_max_settings(nghttp2_option *, size_t);
+void nghttp2_option_set_max_outbound_ack(nghttp2_option *, size_t);
+void nghttp2_option_set_max_send_header_block_length(nghttp2_option *, size_t);
+void nghttp2_option_set_peer_max_concurrent_streams(nghttp2_option *, uint32_t);
+
+int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
+    const nghttp2_option *);
+int nghttp2_session_client_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
+    const nghttp2_option *);
+void nghttp2_session_del(nghttp2_session *);
+ssize_t nghttp2_session_mem_recv(nghttp2_session *, const uint8_t *, size_t);
+ssize_t nghttp2_session_mem_send(nghttp2_session *, const char **);
+int nghttp2_session_want_read(nghttp2_session *);
+int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *, size_t);
+int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t);
+int32_t nghttp2_submit_request(nghttp2_session *, const nghttp2_priority_spec *,
+    const nghttp2_nv *, size_t, const nghttp2_data_provider *, void *);
+int32_t nghttp2_submit_headers(nghttp2_session *, uint8_t, int32_t,
+    const nghttp2_priority_spec *, const nghttp2_nv *, size_t, void *);
+int nghttp2_submit_trailer(nghttp2_session *, int32_t, const nghttp2_nv *, size_t);
+int nghttp2_submit_response(nghttp2_session *, int32_t, const nghttp2_nv *, size_t,
+    const nghttp2_data_provider *);
+int nghttp2_session_resume_data(nghttp2_session *, int32_t);
+int32_t nghttp2_session_get_stream_remote_window_size(nghttp2_session *, int32_t);
+int32_t nghttp2_session_get_remote_window_size(nghttp2_session *);
+int nghttp2_submit_rst_stream(nghttp2_session *, uint8_t, int32_t, uint32_t);
+int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *,
+    size_t);
+int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *);
+uint32_t nghttp2_session_get_next_stream_id(nghttp2_session *);
+uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int);
+int nghttp2_session_consume(nghttp2_session *, int32_t, size_t);
+int nghttp2_session_consume_connection(nghttp2_session *, size_t);
+"""
+
+LIBRARY = "libnghttp2.so.14"
+MIN_VERSION = 0x013400  # 1.52.0: the release this module's declarations were written against
+
+# frame types and flags (RFC 9113)
+_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS = 0, 1, 2, 3, 4
+_PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = 6, 7, 8, 9
+_END_STREAM, _ACK, _END_HEADERS = 1, 1, 4
+# error codes
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
+REFUSED_STREAM, CANCEL, CONNECT_ERROR, ENHANCE_YOUR_CALM = 7, 8, 0xA, 0xB
+_CODE_NAMES = {
+    0: "NO_ERROR", 1: "PROTOCOL_ERROR", 2: "INTERNAL_ERROR", 3: "FLOW_CONTROL_ERROR",
+    4: "SETTINGS_TIMEOUT", 5: "STREAM_CLOSED", 6: "FRAME_SIZE_ERROR", 7: "REFUSED_STREAM",
+    8: "CANCEL", 9: "COMPRESSION_ERROR", 0xA: "CONNECT_ERROR", 0xB: "ENHANCE_YOUR_CALM",
+    0xC: "INADEQUATE_SECURITY", 0xD: "HTTP_1_1_REQUIRED",
+}  # fmt: skip
+# libnghttp2 return codes
+_ERR_CALLBACK_FAILURE = -902
+_ERR_REFUSED_STREAM = -533
+_ERR_DEFERRED = -508
+_DATA_FLAG_EOF, _DATA_FLAG_NO_END_STREAM = 1, 2
+_HCAT_REQUEST, _HCAT_RESPONSE, _HCAT_HEADERS = 0, 1, 3
+_BIG = 2**31 - 1
+
+_RESET_CODES: dict[ResetReason, int] = {
+    ResetReason.LOCAL_RESET: CANCEL,
+    ResetReason.LOCAL_REFUSED: REFUSED_STREAM,
+    ResetReason.REMOTE_RESET: CANCEL,
+    ResetReason.REMOTE_REFUSED: REFUSED_STREAM,
+    ResetReason.CONNECTION_FAILURE: CONNECT_ERROR,
+    ResetReason.CONNECTION_TERMINATION: CANCEL,
+    ResetReason.OVERFLOW: REFUSED_STREAM,
+    ResetReason.PROTOCOL_ERROR: PROTOCOL_ERROR,
+}
+
+_NV = "QQQQB7x"  # nghttp2_nv on LP64: two pointers, two size_t, the flags byte, padding
+
+
+class NghttpUnavailable(RuntimeError):
+    """libnghttp2 (Debian ``libnghttp2-14``) or cffi is missing or too old."""
+
+
+_ffi: Any = None
+_lib: Any = None
+_B: Any = None  # ffi._backend: its newp / cast / from_buffer / unpack skip cffi's wrappers
+_T: dict[str, Any] = {}  # C types parsed once
+_callbacks: Any = None
+_read_cb: Any = None
+_keep: list[Any] = []  # the C callbacks must outlive every session
+_load_error: str | None = None
+
+
+def load() -> tuple[Any, Any]:
+    """``(ffi, lib)``; raises ``NghttpUnavailable`` with the reason when it cannot load."""
+    global _ffi, _lib, _B, _load_error
+    if _lib is not None:
+        return _ffi, _lib
+    if _load_error is not None:
+        raise NghttpUnavailable(_load_error)
+    try:
+        import cffi  # type: ignore[import-untyped]  # cffi ships no type stubs
+
+        ffi = cffi.FFI()
+        ffi.cdef(_CDEF)
+        lib = ffi.dlopen(LIBRARY)
+        info = lib.nghttp2_version(0)
+        if info == ffi.NULL or info.version_num < MIN_VERSION:
+            have = ffi.string(info.version_str).decode() if info != ffi.NULL else "?"
+            raise NghttpUnavailable(f"{LIBRARY} is {have}, 1.52.0 or newer is needed")
+    except NghttpUnavailable as e:
+        _load_error = str(e)
+        raise
+    except (ImportError, OSError, AttributeError) as e:
+        _load_error = (
+            f"cannot load {LIBRARY} through cffi ({e}); install the Debian package "
+            f"libnghttp2-14 and the PyPI package cffi"
+        )
+        raise NghttpUnavailable(_load_error) from e
+    _ffi, _lib, _B = ffi, lib, ffi._backend
+    for t in ("char[]", "uintptr_t", "nghttp2_nv[]", "nghttp2_data_provider *"):
+        _T[t] = ffi.typeof(t)
+    _make_callbacks(ffi, lib)
+    return ffi, lib
+
+
+def version() -> str:
+    ffi, lib = load()
+    return str(ffi.string(lib.nghttp2_version(0).version_str).decode())
+
+
+def available() -> bool:
+    try:
+        load()
+    except NghttpUnavailable:
+        return False
+    return True
+
+
+def _make_callbacks(ffi: Any, lib: Any) -> None:
+    global _callbacks, _read_cb
+    # the backend's functions: ffi.from_handle / ffi.unpack are Python wrappers around them
+    from_handle = ffi._backend.from_handle
+    unpack = ffi._backend.unpack
+
+    def on_begin_frame(session: Any, hd: Any, ud: Any) -> int:
+        return int(from_handle(ud)._begin_frame(hd.type, hd.flags, hd.length))
+
+    def on_begin_headers(session: Any, frame: Any, ud: Any) -> int:
+        from_handle(ud)._begin_headers(frame.hd.stream_id)
+        return 0
+
+    def on_header(
+        session: Any, frame: Any, name: Any, nlen: int, value: Any, vlen: int, fl: int, ud: Any
+    ) -> int:
+        from_handle(ud)._header(frame.hd.stream_id, unpack(name, nlen), unpack(value, vlen))
+        return 0
+
+    def on_invalid_header(
+        session: Any, frame: Any, name: Any, nlen: int, value: Any, vlen: int, fl: int, ud: Any
+    ) -> int:
+        codec = from_handle(ud)
+        codec._invalid_header(frame.hd.stream_id, unpack(name, nlen), unpack(value, vlen))
+        return _ERR_CALLBACK_FAILURE  # stop here: no RST_STREAM, the connection goes
+
+    def on_frame_recv(session: Any, frame: Any, ud: Any) -> int:
+        return int(from_handle(ud)._frame_recv(frame))
+
+    def on_invalid_frame_recv(session: Any, frame: Any, err: int, ud: Any) -> int:
+        return int(from_handle(ud)._invalid_frame(frame.hd.stream_id, frame.hd.type, err))
+
+    def on_data_chunk(session: Any, flags: int, sid: int, data: Any, n: int, ud: Any) -> int:
+        from_handle(ud)._data(sid, unpack(data, n))
+        return 0
+
+    def on_stream_close(session: Any, sid: int, code: int, ud: Any) -> int:
+        from_handle(ud)._stream_closed(sid, code)
+        return 0
+
+    def on_error(session: Any, err: int, msg: Any, n: int, ud: Any) -> int:
+        from_handle(ud)._lib_message = unpack(msg, n).decode("latin-1")
+        return 0
+
+    def on_read(
+        session: Any, sid: int, buf: Any, length: int, flags: Any, src: Any, ud: Any
+    ) -> int:
+        return int(from_handle(ud)._read(sid, buf, length, flags))
+
+    def fail_cb(exc_type: Any, exc: BaseException | None, tb: Any) -> int:
+        # an exception must never unwind through C: it fails the session, and feed() re-raises
+        # it (a _Flood becomes GOAWAY); the codec is found from the callback's user_data
+        try:
+            from_handle(tb.tb_frame.f_locals["ud"])._error = exc
+        except Exception:  # noqa: BLE001 - nothing more can be done from inside C
+            pass
+        return _ERR_CALLBACK_FAILURE
+
+    def zero_cb(*a: Any) -> int:
+        return 0
+
+    cb_on_begin_frame = ffi.callback(
+        "nghttp2_on_begin_frame_callback", on_begin_frame, onerror=fail_cb
+    )
+    cb_on_begin_headers = ffi.callback(
+        "nghttp2_on_begin_headers_callback", on_begin_headers, onerror=fail_cb
+    )
+    cb_on_header = ffi.callback("nghttp2_on_header_callback", on_header, onerror=fail_cb)
+    cb_on_invalid_header = ffi.callback(
+        "nghttp2_on_header_callback", on_invalid_header, onerror=fail_cb
+    )
+    cb_on_frame_recv = ffi.callback(
+        "nghttp2_on_frame_recv_callback", on_frame_recv, onerror=fail_cb
+    )
+    cb_on_invalid_frame_recv = ffi.callback(
+        "nghttp2_on_invalid_frame_recv_callback", on_invalid_frame_recv, onerror=fail_cb
+    )
+    cb_on_data_chunk = ffi.callback(
+        "nghttp2_on_data_chunk_recv_callback", on_data_chunk, onerror=fail_cb
+    )
+    cb_on_stream_close = ffi.callback(
+        "nghttp2_on_stream_close_callback", on_stream_close, onerror=fail_cb
+    )
+    cb_on_error = ffi.callback("nghttp2_error_callback2", on_error, onerror=zero_cb)
+    cb_on_read = ffi.callback("nghttp2_data_source_read_callback", on_read, onerror=fail_cb)
+
+    pp = ffi.new("nghttp2_session_callbacks **")
+    if lib.nghttp2_session_callbacks_new(pp) != 0:
+        raise NghttpUnavailable("nghttp2_session_callbacks_new failed")
+    cbs = pp[0]
+    lib.nghttp2_session_callbacks_set_on_begin_frame_callback(cbs, cb_on_begin_frame)
+    lib.nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, cb_on_begin_headers)
+    lib.nghttp2_session_callbacks_set_on_header_callback(cbs, cb_on_header)
+    lib.nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, cb_on_frame_recv)
+    lib.nghttp2_session_callbacks_set_on_invalid_header_callback(cbs, cb_on_invalid_header)
+    lib.nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(cbs, cb_on_invalid_frame_recv)
+    lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, cb_on_data_chunk)
+    lib.nghttp2_session_callbacks_set_on_stream_close_callback(cbs, cb_on_stream_close)
+    lib.nghttp2_session_callbacks_set_error_callback2(cbs, cb_on_error)
+    _keep.extend(
+        [
+            cb_on_begin_frame,
+            cb_on_begin_headers,
+            cb_on_header,
+            cb_on_invalid_header,
+            cb_on_frame_recv,
+            cb_on_invalid_frame_recv,
+            cb_on_data_chunk,
+            cb_on_stream_close,
+            cb_on_error,
+            cb_on_read,
+        ]
+    )
+    _callbacks = cbs
+    _read_cb = cb_on_read
+
+
+def _nva(pairs: HeaderList) -> tuple[Any, Any, int]:
+    """``(keep-alive, nghttp2_nv *, n)`` for ``pairs``: one blob of names and values and one
+    packed array pointing into it (nghttp2 copies both on submit)."""
+    B = _B
+    blob = b"".join([b for pair in pairs for b in pair])
+    buf = B.from_buffer(_T["char[]"], blob, False)
+    off = int(B.cast(_T["uintptr_t"], buf))
+    recs: list[int] = []
+    for name, value in pairs:
+        ln = len(name)
+        lv = len(value)
+        recs += (off, off + ln, ln, lv, 0)
+        off += ln + lv
+    count = len(pairs)
+    packed = struct.pack(_NV * count, *recs)
+    return (buf, packed), B.from_buffer(_T["nghttp2_nv[]"], packed, False), count
+
+
+class _Flood(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Stream:
+    __slots__ = (
+        "blocked", "end", "headers", "hsize", "local_done", "opened_at", "owed", "paused",
+        "pending", "prd", "rejected", "remote_done", "trailers", "deferred",
+    )  # fmt: skip
+
+    def __init__(self, opened_at: float) -> None:
+        self.opened_at = opened_at
+        self.pending = bytearray()
+        self.end = False  # END_STREAM once pending is out
+        self.trailers: HeaderList | None = None  # ... or these trailers
+        self.prd = False  # a data provider is submitted
+        self.deferred = False  # ... and waits for data (NGHTTP2_ERR_DEFERRED)
+        self.blocked = False
+        self.paused = False
+        self.owed = 0
+        self.local_done = False
+        self.remote_done = False
+        self.headers: HeaderList = []
+        self.hsize = 0
+        self.rejected = 0  # why the header block is refused: 0 no, 1 too many fields
+
+
+class _NgCodec:
+    protocol = "HTTP/2"
+    multiplexed = True
+    implementation = "nghttp2"
+
+    sink: ServerSink | ClientSink
+
+    def __init__(
+        self,
+        client_side: bool,
+        options: Http2Options,
+        stats: Http2Stats | None,
+        clock: Callable[[], float],
+    ) -> None:
+        ffi, lib = load()
+        self._ffi, self._lib = ffi, lib
+        self.options = options
+        self.stats = stats if stats is not None else Http2Stats()
+        self._clock = clock
+        self._client = client_side
+        self._handle = ffi.new_handle(self)
+        opt_pp = ffi.new("nghttp2_option **")
+        lib.nghttp2_option_new(opt_pp)
+        opt = opt_pp[0]
+        lib.nghttp2_option_set_no_auto_window_update(opt, 1)
+        lib.nghttp2_option_set_max_settings(opt, 32)
+        lib.nghttp2_option_set_max_outbound_ack(opt, options.max_outbound_control_frames + 1)
+        lib.nghttp2_option_set_max_send_header_block_length(opt, 1 << 20)
+        lib.nghttp2_option_set_peer_max_concurrent_streams(opt, 100)
+        sp = ffi.new("nghttp2_session **")
+        new = lib.nghttp2_session_client_new2 if client_side else lib.nghttp2_session_server_new2
+        if new(sp, _callbacks, self._handle, opt) != 0:
+            lib.nghttp2_option_del(opt)
+            raise NghttpUnavailable("nghttp2 session creation failed")
+        lib.nghttp2_option_del(opt)  # the session keeps a copy
+        self._session = ffi.gc(sp[0], lib.nghttp2_session_del)
+        iv = ffi.new("nghttp2_settings_entry[]", 4)
+        entries = [
+            (3, options.max_concurrent_streams),
+            (4, options.initial_stream_window_size),
+            (6, options.max_header_list_bytes),
+        ]
+        if client_side:
+            entries.append((2, 0))  # ENABLE_PUSH
+        for i, (k, v) in enumerate(entries):
+            iv[i].settings_id = k
+            iv[i].value = v
+        lib.nghttp2_submit_settings(self._session, 0, iv, len(entries))
+        if options.initial_connection_window_size > 65_535:
+            lib.nghttp2_session_set_local_window_size(
+                self._session, 0, 0, options.initial_connection_window_size
+            )
+        self._streams: dict[int, _Stream] = {}
+        self._hdr: dict[int, _Stream] = {}  # streams whose header block is being decoded
+        self._prd: set[int] = set()  # streams with a submitted data provider
+        self._unblocked: list[int] = []
+        self._closed = False
+        self._draining = False
+        self._goaway_last = _BIG
+        self.goaway_received = False
+        self.peer_settings_received = False
+        self.last_stream_id_from_peer = _BIG
+        self._error: BaseException | None = None
+        self._fatal: tuple[int, str] | None = None  # a malformed stream: close after this read
+        self._lib_message = ""
+        self._out: list[bytes] = []
+        self._dead: bytes | None = None  # after a connection error: the GOAWAY to send
+        self._busy = False  # inside nghttp2_session_mem_recv (no mem_send from there)
+        self._pp = ffi.new("const char **")
+        # flood accounting (as the h2 codec)
+        self._control_queued = 0
+        self._write_paused = False
+        self._empty_run = 0
+        self._block = 0  # bytes of the header block being received
+        self._window_updates_in = 0
+        self._data_frames_out = 0
+        self._streams_opened = 0
+        self._premature = 0
+        self._priority_in = 0
+
+    # ------------------------------------------------------------------ shared API
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self.goaway_received or self._draining
+
+    def data_to_send(self) -> bytes:
+        if self._busy:
+            return b""  # called from a callback of feed(): its caller flushes afterwards
+        if not self._write_paused:
+            self._control_queued = 0
+        if self._dead is None:
+            self._pull()
+        elif self._dead:
+            self._out.append(self._dead)  # our GOAWAY, and nothing after it
+            self._dead = b""
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _pull(self) -> None:
+        """Serialize what nghttp2 has queued into ``self._out`` (frames in order)."""
+        lib = self._lib
+        unpack = _B.unpack
+        pp = self._pp
+        out = self._out
+        session = self._session
+        while True:
+            n = lib.nghttp2_session_mem_send(session, pp)
+            if n <= 0:
+                break
+            out.append(unpack(pp[0], n))
+        if self._prd:
+            for sid in list(self._prd):
+                st = self._streams.get(sid)
+                if st is not None and st.pending and not st.blocked:
+                    st.blocked = True
+                    self.sink.on_send_blocked(sid)
+        if self._unblocked:
+            sids, self._unblocked = self._unblocked, []
+            for sid in sids:
+                self.sink.on_send_unblocked(sid)
+
+    def set_write_paused(self, paused: bool) -> None:
+        self._write_paused = paused
+
+    def feed(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._busy = True
+        try:
+            rv = self._lib.nghttp2_session_mem_recv(self._session, data, len(data))
+        finally:
+            self._busy = False
+        err, self._error = self._error, None
+        if err is not None:
+            if isinstance(err, _Flood):
+                self._fail(err.code, str(err))
+            raise err  # a bug in a sink: as the h2 codec, it propagates
+        if self._fatal is not None:
+            code, message = self._fatal
+            self._fail(code, message)
+        if rv < 0:
+            if rv == -904:  # NGHTTP2_ERR_FLOODED: its own outbound ACK limit
+                self.stats.outbound_control_flood += 1
+                self._fail(ENHANCE_YOUR_CALM, "PING/SETTINGS acknowledgements queued but not "
+                           "written: the peer floods and does not read")  # fmt: skip
+            msg = self._lib_message or self._ffi.string(self._lib.nghttp2_strerror(rv)).decode()
+            self._fail(PROTOCOL_ERROR, msg)
+        if self.goaway_received or self._draining:
+            return
+        self._pull()  # a GOAWAY nghttp2 queued for a connection error shows only once sent
+        if not self._lib.nghttp2_session_want_read(self._session):
+            self.stats.rx_messaging_error += 1
+            code, msg = _goaway_in(self._out)
+            self._fail(code, msg or self._lib_message or "protocol error", queue=False)
+
+    def eof(self) -> None:
+        self._closed = True
+        for sid in list(self._streams):
+            self._drop(sid)
+            self.sink.on_stream_reset(sid, ResetReason.CONNECTION_TERMINATION)
+
+    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
+        st = self._streams.get(sid)
+        if st is None or st.local_done or self._closed:
+            return
+        if data:
+            st.pending += data
+        if end_stream:
+            st.end = True
+            st.local_done = True
+        if st.deferred and (data or end_stream):
+            st.deferred = False
+            self._lib.nghttp2_session_resume_data(self._session, sid)
+        if data and not st.blocked:
+            lib = self._lib
+            window = min(
+                lib.nghttp2_session_get_stream_remote_window_size(self._session, sid),
+                lib.nghttp2_session_get_remote_window_size(self._session),
+            )
+            if len(st.pending) > window:  # more than the peer admits: pause the source now
+                st.blocked = True
+                self.sink.on_send_blocked(sid)
+
+    def send_trailers(self, sid: int, trailers: HeaderList) -> None:
+        st = self._streams.get(sid)
+        if st is None or st.local_done or self._closed:
+            return
+        st.local_done = True
+        st.trailers = _lower(trailers)  # sent by the data provider after the last DATA
+        if st.deferred:
+            st.deferred = False
+            self._lib.nghttp2_session_resume_data(self._session, sid)
+
+    def send_reset(self, sid: int, reason: ResetReason) -> None:
+        if sid not in self._streams:
+            return
+        self._drop(sid)
+        self._reset_wire(sid, _RESET_CODES.get(reason, CANCEL))
+
+    def acknowledge(self, sid: int, n: int) -> None:
+        st = self._streams.get(sid)
+        if st is None:
+            return
+        if st.paused:
+            st.owed += n
+            return
+        self._lib.nghttp2_session_consume(self._session, sid, n)
+
+    def pause_reading(self, sid: int) -> None:
+        st = self._streams.get(sid)
+        if st is not None:
+            st.paused = True
+
+    def resume_reading(self, sid: int) -> None:
+        st = self._streams.get(sid)
+        if st is not None and st.paused:
+            st.paused = False
+            if st.owed:
+                n, st.owed = st.owed, 0
+                self._lib.nghttp2_session_consume(self._session, sid, n)
+
+    def goaway(self, error_code: int = 0, message: str = "") -> None:
+        if self._closed or (error_code == 0 and self._draining):
+            return
+        self.stats.goaway_sent += 1
+        last = int(self._lib.nghttp2_session_get_last_proc_stream_id(self._session))
+        opaque = message.encode()[:256]
+        self._lib.nghttp2_submit_goaway(self._session, 0, last, error_code, opaque, len(opaque))
+        if error_code == 0:
+            self._goaway_last = last
+            self._draining = True
+        else:
+            self._closed = True
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _begin_frame(self, t: int, flags: int, length: int) -> int:
+        """Per-frame limits, before nghttp2 reads the payload (as ``_H2Codec._inspect``)."""
+        if self._closed:
+            return _ERR_CALLBACK_FAILURE
+        o = self.options
+        if t in (_DATA, _HEADERS):
+            if length or flags & _END_STREAM:
+                self._empty_run = 0
+            else:
+                self._empty_frame()
+            if t == _HEADERS:
+                self._block = length
+        elif t == _CONTINUATION:
+            if not length and not flags & _END_HEADERS:
+                self._empty_frame()
+            self._block += length
+            if self._block > o.max_header_list_bytes:
+                self.stats.continuation_flood += 1
+                raise _Flood(
+                    ENHANCE_YOUR_CALM,
+                    f"header block of {self._block} bytes across HEADERS/CONTINUATION frames "
+                    f"exceeds {o.max_header_list_bytes} bytes",
+                )
+        elif t in (_PING, _SETTINGS):
+            if not flags & _ACK:
+                self._control_queued += 1
+                if self._control_queued > o.max_outbound_control_frames:
+                    self.stats.outbound_control_flood += 1
+                    raise _Flood(
+                        ENHANCE_YOUR_CALM,
+                        f"{self._control_queued} PING/SETTINGS acknowledgements queued but not "
+                        f"written (limit {o.max_outbound_control_frames}): the peer floods and "
+                        f"does not read",
+                    )
+        elif t == _WINDOW_UPDATE:
+            self._window_updates_in += 1
+            limit = 5 + 2 * (
+                self._streams_opened
+                + o.max_inbound_window_update_frames_per_data_frame_sent * self._data_frames_out
+            )
+            if self._window_updates_in > limit:
+                self.stats.inbound_window_update_frames_flood += 1
+                raise _Flood(
+                    ENHANCE_YOUR_CALM,
+                    f"{self._window_updates_in} WINDOW_UPDATE frames for "
+                    f"{self._data_frames_out} DATA frames sent",
+                )
+        elif t == _PRIORITY:
+            self._priority_in += 1
+            limit = o.max_inbound_priority_frames_per_stream * (1 + self._streams_opened)
+            if self._priority_in > limit:
+                self.stats.inbound_priority_frames_flood += 1
+                raise _Flood(
+                    ENHANCE_YOUR_CALM,
+                    f"{self._priority_in} PRIORITY frames for {self._streams_opened} streams "
+                    f"(limit {o.max_inbound_priority_frames_per_stream} per stream)",
+                )
+        return 0
+
+    def _empty_frame(self) -> None:
+        self._empty_run += 1
+        if self._empty_run > self.options.max_consecutive_inbound_frames_with_empty_payload:
+            self.stats.inbound_empty_frames_flood += 1
+            raise _Flood(
+                ENHANCE_YOUR_CALM,
+                f"{self._empty_run} consecutive frames with an empty payload (limit "
+                f"{self.options.max_consecutive_inbound_frames_with_empty_payload})",
+            )
+
+    def _begin_headers(self, sid: int) -> None:
+        st = self._streams.get(sid)
+        if st is None:
+            st = _Stream(self._clock())
+        else:
+            st.headers = []
+            st.hsize = 0
+        self._hdr[sid] = st
+
+    def _header(self, sid: int, name: bytes, value: bytes) -> None:
+        st = self._hdr.get(sid)
+        if st is None:
+            return
+        st.hsize += len(name) + len(value) + 32
+        if st.hsize > self.options.max_header_list_bytes:
+            self.stats.header_overflow += 1
+            raise _Flood(
+                ENHANCE_YOUR_CALM,
+                f"header list too large: over {self.options.max_header_list_bytes} bytes",
+            )
+        st.headers.append((name, value))
+
+    def _invalid_header(self, sid: int, name: bytes, value: bytes) -> None:
+        """A header field HTTP/2 forbids (upper case, connection-specific, bad characters,
+        a pseudo-header out of place): the connection is closed with GOAWAY(PROTOCOL_ERROR)."""
+        self._hdr.pop(sid, None)
+        self.stats.rx_messaging_error += 1
+        if self._fatal is None:
+            self._fatal = (
+                PROTOCOL_ERROR,
+                f"invalid header field {name[:64]!r} on stream {sid}",
+            )
+
+    def _invalid_frame(self, sid: int, t: int, err: int) -> int:
+        if err == _ERR_REFUSED_STREAM:  # beyond our stream limit or after our GOAWAY
+            self._hdr.pop(sid, None)
+            if not (self._draining and sid > self._goaway_last):
+                self.stats.streams_refused += 1
+                self._streams_opened += 1
+                try:
+                    self._premature_reset(_Stream(self._clock()))
+                except _Flood as e:
+                    self._error = e
+            return 0
+        # a malformed message: nghttp2 resets the stream; diktyo closes the connection
+        self._hdr.pop(sid, None)
+        msg = self._lib_message or self._ffi.string(self._lib.nghttp2_strerror(err)).decode()
+        limit = self.options.max_concurrent_streams
+        if t == _HEADERS and sid not in self._streams and len(self._streams) >= limit:
+            self.stats.streams_refused += 1
+            msg = f"stream beyond SETTINGS_MAX_CONCURRENT_STREAMS ({limit}) ({msg})"
+        else:
+            self.stats.rx_messaging_error += 1
+        if self._fatal is None:
+            self._fatal = (PROTOCOL_ERROR, f"malformed frame on stream {sid}: {msg}")
+        return 0
+
+    def _frame_recv(self, frame: Any) -> int:
+        if self._fatal is not None:
+            return 0
+        hd = frame.hd
+        t = hd.type
+        sid = hd.stream_id
+        if t == _DATA:
+            if hd.flags & _END_STREAM:
+                st = self._streams.get(sid)
+                if st is not None:
+                    self._remote_end(sid, st)
+                    self._sink_end(sid)
+        elif t == _HEADERS:
+            st = self._hdr.pop(sid, None)
+            if st is None:
+                return 0
+            hs = st.headers
+            if len(hs) > self.options.max_headers_count + 4:
+                regular = sum(1 for n, _ in hs if n[:1] != b":")
+                if regular > self.options.max_headers_count:
+                    st.rejected = 1
+                    st.headers = []
+            self._headers(sid, st, frame.headers.cat, st.headers, bool(hd.flags & _END_STREAM))
+            if hd.flags & _END_STREAM and sid in self._streams:
+                self._remote_end(sid, st)
+                self._sink_end(sid)
+        elif t == _RST_STREAM:
+            self._hdr.pop(sid, None)
+            st = self._drop(sid)
+            self.stats.rx_reset += 1
+            if st is not None:
+                code = frame.rst_stream.error_code
+                self.sink.on_stream_reset(
+                    sid,
+                    ResetReason.REMOTE_REFUSED
+                    if code == REFUSED_STREAM
+                    else ResetReason.REMOTE_RESET,
+                )
+                self._premature_reset(st)
+        elif t == _SETTINGS:
+            if not hd.flags & _ACK:
+                self.peer_settings_received = True
+        elif t == _GOAWAY:
+            self._on_goaway(frame.goaway.last_stream_id, frame.goaway.error_code)
+        return 0
+
+    def _data(self, sid: int, data: bytes) -> None:
+        st = self._streams.get(sid)
+        if st is None or self._fatal is not None:
+            self._lib.nghttp2_session_consume(self._session, sid, len(data))
+            return
+        self._sink_data(sid, data)
+
+    def _stream_closed(self, sid: int, code: int) -> None:
+        self._hdr.pop(sid, None)
+        self._prd.discard(sid)
+        st = self._streams.pop(sid, None)
+        if st is None or (st.local_done and st.remote_done):
+            return
+        # nghttp2 reset it (content-length mismatch, a stream error...)
+        self.sink.on_stream_reset(
+            sid, ResetReason.PROTOCOL_ERROR if code else ResetReason.CONNECTION_TERMINATION
+        )
+
+    def _read(self, sid: int, buf: Any, length: int, flags: Any) -> int:
+        st = self._streams.get(sid)
+        if st is None:
+            self._prd.discard(sid)
+            flags[0] = _DATA_FLAG_EOF
+            return 0
+        pending = st.pending
+        n = min(length, len(pending))
+        if n:
+            self._ffi.memmove(buf, pending, n)
+            del pending[:n]
+        if not pending:
+            if st.blocked:
+                st.blocked = False
+                self._unblocked.append(sid)  # told once this send is over
+            if st.trailers is None and not st.end:
+                if not n:
+                    st.deferred = True  # until send_data / send_trailers resume it
+                    return _ERR_DEFERRED
+            else:
+                st.prd = False
+                self._prd.discard(sid)
+                if st.trailers is not None:
+                    flags[0] = _DATA_FLAG_EOF | _DATA_FLAG_NO_END_STREAM
+                    _k, nva, cnt = _nva(st.trailers)
+                    st.trailers = None
+                    self._lib.nghttp2_submit_trailer(self._session, sid, nva, cnt)
+                else:
+                    flags[0] = _DATA_FLAG_EOF
+                self._local_end(sid, st)
+        self._data_frames_out += 1
+        return n
+
+    # ------------------------------------------------------------------ internals
+
+    def _provider(self, sid: int, st: _Stream) -> Any:
+        """A data provider for ``sid``: it reads ``st.pending`` and defers while it is empty
+        (``send_data`` / ``send_trailers`` resume it); END_STREAM goes on the last DATA frame
+        unless trailers follow."""
+        prd = _B.newp(_T["nghttp2_data_provider *"], None)
+        prd.read_callback = _read_cb
+        st.prd = True
+        self._prd.add(sid)
+        return prd
+
+    def _local_end(self, sid: int, st: _Stream) -> None:
+        st.local_done = True
+        if st.remote_done and not st.prd:
+            self._drop(sid)
+
+    def _remote_end(self, sid: int, st: _Stream) -> None:
+        st.remote_done = True
+        if st.local_done and not st.prd and not st.trailers:
+            self._drop(sid)
+
+    def _drop(self, sid: int) -> _Stream | None:
+        self._prd.discard(sid)
+        return self._streams.pop(sid, None)
+
+    def _reset_wire(self, sid: int, code: int) -> None:
+        if self._lib.nghttp2_submit_rst_stream(self._session, 0, sid, code) == 0:
+            self.stats.tx_reset += 1
+
+    def _fail(self, code: int, message: str, queue: bool = True) -> None:
+        if not self._closed:
+            if queue:
+                # built here, and nghttp2's queue is dropped: what it queued for the offending
+                # frame (RST_STREAM of a stream the peer may not consider open) is not sent
+                last = int(self._lib.nghttp2_session_get_last_proc_stream_id(self._session))
+                opaque = message.encode()[:256]
+                payload = last.to_bytes(4, "big") + code.to_bytes(4, "big") + opaque
+                self._dead = (
+                    len(payload).to_bytes(3, "big") + bytes([_GOAWAY, 0]) + bytes(4) + payload
+                )
+            self.stats.goaway_sent += 1
+        self._closed = True
+        for sid in list(self._streams):
+            self._drop(sid)
+            self.sink.on_stream_reset(sid, ResetReason.CONNECTION_TERMINATION)
+        raise CodecError(400, f"HTTP/2 connection error {_code_name(code)}: {message}")
+
+    def _premature_reset(self, st: _Stream) -> None:
+        if self._client:
+            return  # upstream resets are the upstream's business
+        if self._clock() - st.opened_at >= self.options.premature_reset_min_stream_lifetime:
+            return
+        self._premature += 1
+        self.stats.premature_resets += 1
+        o = self.options
+        if (
+            self._streams_opened >= o.premature_reset_total_stream_count
+            and self._premature * 2 >= self._streams_opened
+        ):
+            self.stats.rapid_reset_goaway += 1
+            raise _Flood(
+                ENHANCE_YOUR_CALM,
+                f"rapid reset: {self._premature} of {self._streams_opened} streams reset "
+                f"within {o.premature_reset_min_stream_lifetime:g}s of opening",
+            )
+
+    def _on_goaway(self, last: int, code: int) -> None:
+        self.goaway_received = True
+        self.last_stream_id_from_peer = last
+        ours = self._client
+        for sid in sorted(self._streams):
+            if (ours and sid > last) or code != NO_ERROR:
+                self._drop(sid)
+                self.sink.on_stream_reset(
+                    sid,
+                    ResetReason.REMOTE_REFUSED
+                    if ours and sid > last and code == NO_ERROR
+                    else ResetReason.CONNECTION_TERMINATION,
+                )
+
+    # the two sides
+    def _headers(self, sid: int, st: _Stream, cat: int, pairs: HeaderList, end: bool) -> None:
+        raise NotImplementedError
+
+    def _sink_data(self, sid: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _sink_end(self, sid: int) -> None:
+        raise NotImplementedError
+
+
+def _goaway_in(chunks: list[bytes]) -> tuple[int, str]:
+    """The error code and debug data of the last GOAWAY frame in ``chunks``."""
+    data = b"".join(chunks)
+    found = (PROTOCOL_ERROR, "")
+    i = 0
+    while i + 9 <= len(data):
+        n = int.from_bytes(data[i : i + 3], "big")
+        if data[i + 3] == _GOAWAY and n >= 8:
+            p = data[i + 9 : i + 9 + n]
+            found = (int.from_bytes(p[4:8], "big"), p[8:].decode("latin-1"))
+        i += 9 + n
+    return found
+
+
+def _code_name(code: int) -> str:
+    return _CODE_NAMES.get(code, str(code))
+
+
+# ---------------------------------------------------------------------------------- server
+
+
+class NgHttp2ServerCodec(_NgCodec):
+    """Downstream side on libnghttp2 (same contract as ``http2.Http2ServerCodec``)."""
+
+    sink: ServerSink
+
+    def __init__(
+        self,
+        sink: ServerSink,
+        options: Http2Options = DEFAULT_OPTIONS,
+        stats: Http2Stats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(False, options, stats, clock)
+        self.sink = sink
+
+    def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList, end: bool) -> None:
+        if cat != _HCAT_REQUEST:
+            if sid in self._streams:  # trailers
+                self.stats.trailers += 1
+                self.sink.on_request_trailers(sid, raw)
+            return
+        self._streams_opened += 1
+        if st.rejected:
+            self.stats.header_overflow += 1
+            self._reset_wire(sid, PROTOCOL_ERROR)
+            self._premature_reset(st)
+            return
+        head = RequestHead()
+        head.version = "2"
+        headers = head.headers
+        authority = ""
+        for n, v in raw:
+            name = n.decode("latin-1")
+            value = v.decode("latin-1")
+            if name[0] == ":":
+                if name == ":method":
+                    head.method = value
+                elif name == ":path":
+                    head.path = value
+                elif name == ":authority":
+                    authority = value
+                elif name == ":scheme":
+                    head.scheme = value
+                continue
+            if name in headers:
+                headers[name] += ("; " if name == "cookie" else ", ") + value
+            else:
+                headers[name] = value
+        st.headers = []
+        if not authority:
+            authority = headers.get("host", "")
+        head.authority = authority
+        headers["host"] = authority
+        cl = headers.get("content-length")
+        if cl is not None:
+            head.content_length = int(cl)  # nghttp2 checked it is a number
+        head.has_body = not end
+        self._streams[sid] = st
+        self.sink.on_request_headers(sid, head)
+
+    def send_headers(self, sid: int, head: ResponseHead, end_stream: bool = False) -> None:
+        st = self._streams.get(sid)
+        if st is None or st.local_done or self._closed:
+            return
+        pairs: HeaderList = [(b":status", str(head.status).encode())]
+        pairs += _lower(head.pairs())
+        _k, nva, n = _nva(pairs)
+        prd = self._ffi.NULL if end_stream else self._provider(sid, st)
+        rv = self._lib.nghttp2_submit_response(self._session, sid, nva, n, prd)
+        if rv < 0:
+            self._drop(sid)  # the client reset the stream meanwhile
+            return
+        if end_stream:
+            self._local_end(sid, st)
+
+    def send_continue(self, sid: int) -> None:
+        if sid in self._streams:
+            _k, nva, n = _nva([(b":status", b"100")])
+            self._lib.nghttp2_submit_headers(
+                self._session, 0, sid, self._ffi.NULL, nva, n, self._ffi.NULL
+            )
+
+    def drain(self) -> None:
+        self.goaway(0)
+
+    @property
+    def reusable(self) -> bool:
+        return not self.closed
+
+    def _sink_data(self, sid: int, data: bytes) -> None:
+        self.sink.on_request_data(sid, data)
+
+    def _sink_end(self, sid: int) -> None:
+        self.sink.on_request_end(sid)
+
+
+# ---------------------------------------------------------------------------------- client
+
+
+class NgHttp2ClientCodec(_NgCodec):
+    """Upstream side on libnghttp2 (same contract as ``http2.Http2ClientCodec``)."""
+
+    sink: ClientSink
+
+    def __init__(
+        self,
+        sink: ClientSink,
+        options: Http2Options = DEFAULT_OPTIONS,
+        stats: Http2Stats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(True, options, stats, clock)
+        self.sink = sink
+
+    _stream_cap = _BIG
+    _no_new_streams = False
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        peer = int(self._lib.nghttp2_session_get_remote_settings(self._session, 3))
+        return min(peer, self._stream_cap)
+
+    @max_concurrent_streams.setter
+    def max_concurrent_streams(self, value: int) -> None:
+        self._stream_cap = value
+
+    @property
+    def keep_alive(self) -> bool:
+        return not (self.closed or self._no_new_streams)
+
+    @keep_alive.setter
+    def keep_alive(self, value: bool) -> None:
+        self._no_new_streams = not value
+
+    def new_stream(self) -> int:
+        return int(self._lib.nghttp2_session_get_next_stream_id(self._session))
+
+    def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
+        if self.closed:
+            raise CodecError(503, "HTTP/2 upstream connection is closing (GOAWAY)")
+        hdrs = head.headers
+        authority = hdrs.get("host") or head.authority
+        pairs: HeaderList = [
+            (b":method", head.method.encode("latin-1")),
+            (b":scheme", head.scheme.encode("latin-1")),
+            (b":authority", authority.encode("latin-1")),
+            (b":path", head.path.encode("latin-1")),
+        ]
+        has_te = False
+        for name, value in hdrs.items():
+            if name in _HOP_BY_HOP_STR:
+                if name == "te" and value.strip().lower() == "trailers":
+                    pairs.append((b"te", b"trailers"))
+                    has_te = True
+                continue
+            n = name.lower().encode("latin-1")
+            if name == "cookie":
+                pairs.extend((n, c.strip().encode("latin-1")) for c in value.split(";"))
+            else:
+                pairs.append((n, value.encode("latin-1")))
+        if not has_te and hdrs.get("content-type", "").startswith("application/grpc"):
+            pairs.append((b"te", b"trailers"))
+        if head.content_length is not None and "content-length" not in hdrs:
+            pairs.append((b"content-length", str(head.content_length).encode()))
+        _k, nva, cnt = _nva(pairs)
+        st = _Stream(self._clock())
+        prd = self._ffi.NULL if end_stream else self._provider(sid, st)
+        got = self._lib.nghttp2_submit_request(
+            self._session, self._ffi.NULL, nva, cnt, prd, self._ffi.NULL
+        )
+        if got != sid:
+            self._prd.discard(sid)
+            raise CodecError(503, f"HTTP/2 upstream stream not opened (got {got} for {sid})")
+        self._streams[sid] = st
+        self._streams_opened += 1
+        if end_stream:
+            self._local_end(sid, st)
+
+    def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList, end: bool) -> None:
+        if sid not in self._streams:
+            return
+        if raw and raw[0][0] == b":status" or any(n == b":status" for n, _ in raw):
+            status = 0
+            pairs: HeaderList = []
+            has_cl = False
+            for n, v in raw:
+                if n[:1] == b":":
+                    if n == b":status":
+                        status = int(v)
+                    continue
+                if n == b"content-length":
+                    has_cl = True
+                pairs.append((n, v))
+            st.headers = []
+            if 100 <= status < 200:
+                return  # informational: the final head follows
+            self.sink.on_response_headers(sid, ResponseHead(status, pairs, None, has_cl))
+            return
+        self.stats.trailers += 1
+        st.headers = []
+        self.sink.on_response_trailers(sid, raw)
+
+    def _sink_data(self, sid: int, data: bytes) -> None:
+        self.sink.on_response_data(sid, data)
+
+    def _sink_end(self, sid: int) -> None:
+        self.sink.on_response_end(sid)
+
+
+if TYPE_CHECKING:
+
+    def _server(s: ServerSink) -> ServerCodec:
+        return NgHttp2ServerCodec(s)
+
+    def _client(c: ClientSink) -> ClientCodec:
+        return NgHttp2ClientCodec(c)

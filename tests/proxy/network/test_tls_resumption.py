@@ -1,0 +1,266 @@
+"""TLS 1.3 session resumption between mesh peers: real handshakes over 127.0.0.1 through the
+sidecar's own ``open_upstream`` (client) and ``accept_inbound`` (server), on uvloop and asyncio.
+
+What must hold: a second connection to the same upstream resumes (both sides see
+``session_reused``) and still yields the right peer SPIFFE ids; a certificate or trust-bundle
+rotation on either side means a full handshake, never a resumed session of the old identity;
+a session is only offered to the upstream (address, SNI, expected identity) it came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+from diktyo.control.ca import CertificateAuthority
+from diktyo.proxy.network.tls import (
+    CertificateStore,
+    InboundRefused,
+    ResumingClientContext,
+    SessionCache,
+    accept_inbound,
+    peer_spiffe_id,
+    upstream_context,
+)
+from diktyo.proxy.network.upstream import AUTO_MTLS, open_upstream
+from diktyo.snapshot.model import Endpoint, TlsSettings
+
+TD = "cluster.local"
+SERVER_ID = f"spiffe://{TD}/ns/default/sa/reviews"
+OTHER_SERVER_ID = f"spiffe://{TD}/ns/default/sa/ratings"
+CLIENT_ID = f"spiffe://{TD}/ns/default/sa/productpage"
+
+
+def store_for(ca: CertificateAuthority, sid: str) -> CertificateStore:
+    s = CertificateStore()
+    rotate(s, ca, sid)
+    return s
+
+
+def rotate(store: CertificateStore, ca: CertificateAuthority, sid: str, bundle: str = "") -> None:
+    key, issued = ca.issue(sid, None)
+    store.update(issued.cert_chain_pem, key, bundle or ca.trust_bundle_pem())
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t: Any = transport
+        so = transport.get_extra_info("ssl_object")
+        self.peer = peer_spiffe_id(so)
+        self.reused = bool(so is not None and so.session_reused)
+
+    def data_received(self, data: bytes) -> None:
+        self.t.write(b"echo:" + data)
+
+
+class Client(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        if not self.got.done():
+            self.got.set_result(data)
+
+
+class InboundServer:
+    """A listener that terminates mTLS with ``accept_inbound`` and records each peer."""
+
+    def __init__(self, store: CertificateStore) -> None:
+        self.store = store
+        self.seen: list[tuple[str | None, bool]] = []  # (peer SPIFFE id, resumed)
+        self.refusals: list[str] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.task: asyncio.Task[None] | None = None
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            s, _ = await loop.sock_accept(self.sock)
+            try:
+                _, proto, _ = await accept_inbound(loop, s, Echo, "STRICT", self.store, 5)
+            except InboundRefused as exc:
+                self.refusals.append(str(exc))
+                continue
+            self.seen.append((proto.peer, proto.reused))  # type: ignore[attr-defined]
+
+    def __enter__(self) -> InboundServer:
+        self.task = asyncio.get_running_loop().create_task(self._serve())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        self.sock.close()
+
+
+async def request(
+    port: int, client: CertificateStore, principal: str = SERVER_ID, tls: TlsSettings | None = None
+) -> tuple[bytes, bool, str | None]:
+    """One connection through ``open_upstream``: (reply, resumed, server's SPIFFE id)."""
+    loop = asyncio.get_running_loop()
+    ep = Endpoint(address="127.0.0.1", port=port, principal=principal, has_sidecar=True)
+    t, p = await asyncio.wait_for(
+        open_upstream(loop, "127.0.0.1", port, tls, Client, ep, client), 5
+    )
+    t.write(b"hi")
+    reply = await asyncio.wait_for(p.got, 5)  # type: ignore[attr-defined]
+    so = t.get_extra_info("ssl_object")
+    t.close()
+    return reply, bool(so.session_reused), peer_spiffe_id(so)
+
+
+def on_both_loops(fn: Callable[[], Awaitable[None]], loop_kind: str) -> None:
+    (uvloop.run if loop_kind == "uvloop" else asyncio.run)(fn())
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.generate(trust_domain=TD)
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_second_connection_resumes_with_the_same_identities(
+    ca: CertificateAuthority, loop_kind: str
+) -> None:
+    server, client = store_for(ca, SERVER_ID), store_for(ca, CLIENT_ID)
+
+    async def main() -> None:
+        with InboundServer(server) as srv:
+            first = await request(srv.port, client)
+            later = [await request(srv.port, client) for _ in range(3)]
+        assert first == (b"echo:hi", False, SERVER_ID)
+        # resumed: no certificates were sent, yet each side still knows the other's identity
+        assert later == [(b"echo:hi", True, SERVER_ID)] * 3
+        assert srv.seen == [(CLIENT_ID, False)] + [(CLIENT_ID, True)] * 3
+        assert server.inbound_stats == {"ssl_handshake": 4, "ssl_session_reused": 3}
+
+    on_both_loops(main, loop_kind)
+
+
+def test_rotation_on_either_side_means_a_full_handshake(ca: CertificateAuthority) -> None:
+    server, client = store_for(ca, SERVER_ID), store_for(ca, CLIENT_ID)
+
+    async def main() -> None:
+        with InboundServer(server) as srv:
+            assert (await request(srv.port, client))[1] is False
+            assert (await request(srv.port, client))[1] is True
+            rotate(client, ca, CLIENT_ID)  # our certificate renewed: new context, empty cache
+            assert (await request(srv.port, client))[1] is False
+            assert (await request(srv.port, client))[1] is True
+            rotate(server, ca, SERVER_ID)  # the server's renewed: its old tickets are refused
+            assert (await request(srv.port, client))[1] is False
+            assert (await request(srv.port, client))[1] is True
+        assert [r for _, r in srv.seen] == [False, True] * 3
+
+    uvloop.run(main())
+
+
+def test_new_identity_or_trust_bundle_is_never_resumed_into_the_old_one(
+    ca: CertificateAuthority,
+) -> None:
+    other_ca = CertificateAuthority.generate(trust_domain=TD)
+    both = ca.trust_bundle_pem() + other_ca.trust_bundle_pem()
+    server, client = store_for(ca, SERVER_ID), store_for(ca, CLIENT_ID)
+
+    async def main() -> None:
+        with InboundServer(server) as srv:
+            await request(srv.port, client)
+            assert (await request(srv.port, client))[1] is True
+            # the workload behind the address is now another service account: the client
+            # holds a session of `reviews`, and the server's new context cannot resume it
+            rotate(server, ca, OTHER_SERVER_ID)
+            reply, resumed, peer = await request(srv.port, client, principal=OTHER_SERVER_ID)
+            assert (reply, resumed, peer) == (b"echo:hi", False, OTHER_SERVER_ID)
+            # trust bundle change (a second root added, CA migration) on both sides
+            rotate(server, other_ca, OTHER_SERVER_ID, bundle=both)
+            rotate(client, ca, CLIENT_ID, bundle=both)
+            reply, resumed, peer = await request(srv.port, client, principal=OTHER_SERVER_ID)
+            assert (reply, resumed, peer) == (b"echo:hi", False, OTHER_SERVER_ID)
+            assert (await request(srv.port, client, principal=OTHER_SERVER_ID))[1] is True
+            # a client still expecting the old identity is refused (not resumed into it)
+            with pytest.raises(ConnectionError, match="is not one of the expected"):
+                await request(srv.port, client, principal=SERVER_ID)
+        assert srv.seen[-1] == (CLIENT_ID, True)
+
+    uvloop.run(main())
+
+
+def test_sessions_are_offered_only_to_the_upstream_they_came_from(
+    ca: CertificateAuthority,
+) -> None:
+    """Two listeners of the same server store (one SSL_CTX, so tickets would be accepted by
+    both): a session of one is not offered to the other, nor under another expected identity."""
+    server, client = store_for(ca, SERVER_ID), store_for(ca, CLIENT_ID)
+
+    async def main() -> None:
+        with InboundServer(server) as a, InboundServer(server) as b:
+            await request(a.port, client)
+            assert (await request(a.port, client))[1] is True
+            assert (await request(b.port, client))[1] is False  # another address
+            pinned = TlsSettings(mode="ISTIO_MUTUAL", subject_alt_names=(SERVER_ID,))
+            assert (await request(a.port, client, tls=pinned))[1] is False  # other expectation
+            assert (await request(a.port, client, tls=pinned))[1] is True
+        ctx = upstream_context(AUTO_MTLS, client)
+        assert isinstance(ctx, ResumingClientContext) and len(ctx.sessions) == 3
+
+    uvloop.run(main())
+
+
+def test_session_cache_keeps_the_last_good_session_until_a_newer_ticket_arrives() -> None:
+    class Fake:
+        def __init__(self, sess: Any) -> None:
+            self.session = sess
+
+        def version(self) -> str:
+            return "TLSv1.3"
+
+    class Sess:
+        def __init__(self, ticket: bool, age: float = 0.0) -> None:
+            self.has_ticket, self.id = ticket, b"x"
+            self.time, self.timeout = int(time.time() - age), 7200
+
+    cache = SessionCache(max_entries=2)
+    good, newer = Sess(True), Sess(True)
+    cache.remember("a", Fake(good))  # type: ignore[arg-type]
+    assert cache.offer("a") is good
+    cache.remember("a", Fake(Sess(False)))  # type: ignore[arg-type] # ticket not read yet
+    assert cache.offer("a") is good
+    cache.remember("a", Fake(newer))  # type: ignore[arg-type]
+    assert cache.offer("a") is newer
+    cache.remember("b", Fake(Sess(True, age=8000)))  # type: ignore[arg-type] # expired
+    assert cache.offer("b") is None
+    cache.remember("c", Fake(Sess(True)))  # type: ignore[arg-type]
+    assert cache.offer("a") is None and len(cache) == 2  # least recently used dropped
+
+
+def test_simple_tls_context_is_built_once_per_file_version(
+    ca: CertificateAuthority, tmp_path
+) -> None:
+    store = CertificateStore()
+    pem = tmp_path / "ca.pem"
+    pem.write_text(ca.trust_bundle_pem())
+    simple = TlsSettings(mode="SIMPLE", ca_certificates=str(pem))
+    first = upstream_context(simple, store)
+    assert upstream_context(simple, store) is first  # not one context per connection
+    assert isinstance(first, ResumingClientContext)
+    pem.write_text(ca.trust_bundle_pem() + "\n")  # the file changed (new mtime/inode)
+    import os
+
+    st = os.stat(pem)
+    os.utime(pem, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert upstream_context(simple, store) is not first
+    assert isinstance(first, ssl.SSLContext) and first.verify_mode == ssl.CERT_REQUIRED
