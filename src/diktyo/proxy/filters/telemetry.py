@@ -34,7 +34,7 @@ class StatsFilter(HttpFilter):
 
     def on_complete(self, cb: FilterCallbacks, flags: str, duration_ms: float) -> None:
         rt = self.rt
-        labels = cb.peer_labels()
+        labels = cb.peer  # (not cb.peer_labels(): one call less per request)
         grpc_status = cb.grpc_status
         if labels is None:
             cs = cb.cstate

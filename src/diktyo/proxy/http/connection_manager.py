@@ -532,7 +532,7 @@ class DownstreamStream:
     per_try: float | None = None
     upstream_head: RequestHead | None = None  # the head as forwarded, when the path differs
     state: dict[str, Any] | None = None  # per-stream filter state
-    _peer_labels: Any = None  # inbound: metric labels from the mTLS peer / peer metadata
+    peer: Any = None  # inbound: metric labels from the mTLS peer / peer metadata
     grpc = False  # content-type application/grpc (h2: local replies, grpc-timeout, status)
     grpc_status = ""  # the response's grpc-status (trailers, or a trailers-only head)
     trailers_only: ResponseHead | None = None  # a gRPC trailers-only head, held for END_STREAM
@@ -615,10 +615,10 @@ class DownstreamStream:
             self.cstate = self.rt.clusters.get(name)
 
     def set_peer_labels(self, labels: Any) -> None:
-        self._peer_labels = labels
+        self.peer = labels
 
     def peer_labels(self) -> Any:
-        return self._peer_labels
+        return self.peer
 
     def lb_cookie(self) -> tuple[str, str, float] | None:
         lb = self.lbctx
