@@ -66,6 +66,7 @@ from diktyo.proxy.http.phases import (
 from diktyo.proxy.http.policies import LbContext, RetryState
 from diktyo.proxy.http.upstream_request import UpstreamRequest
 from diktyo.proxy.network.peer import transport_peer
+from diktyo.proxy.network.upstream import UpstreamConnection
 from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER
 
 if TYPE_CHECKING:
@@ -508,7 +509,7 @@ class DownstreamStream:
     cstate: Any = None
     pool: Any = None
     host: Any = None
-    tried: set[tuple[str, int]] | None = None
+    tried: tuple[tuple[str, int]] | set[tuple[str, int]] | None = None
     rs: Any = None
     attempt = 1
     upstream: UpstreamRequest | None = None
@@ -845,15 +846,20 @@ class DownstreamStream:
 
     def attempt_upstream(self, fresh: bool) -> None:
         cs = self.cstate
-        host = cs.pick_host(self.lbctx, self.tried or frozenset())
+        tried = self.tried
+        host = cs.pick_host(self.lbctx) if tried is None else cs.pick_host(self.lbctx, tried)
         if host is None:
             self.local_reply(503, MSG_NO_HEALTHY, "UH")
             return
         self.host = host
-        if self.tried is None:
-            self.tried = {host.key}
+        # keys of the hosts tried: a 1-tuple for the first attempt (no set per request), a set
+        # from the first retry on
+        if tried is None:
+            self.tried = (host.key,)
+        elif isinstance(tried, set):
+            tried.add(host.key)
         else:
-            self.tried.add(host.key)
+            self.tried = {*tried, host.key}
         if not cs.breaker.try_start_request():
             self.local_reply(503, cs.breaker.overflow_message("requests").encode(), "UO")
             return
@@ -1114,7 +1120,10 @@ class DownstreamStream:
         conn = a.conn
         a.conn = None
         if conn is not None:
-            conn.write()  # request bytes still encoded but not written (a fast response)
+            # request bytes still encoded but not written (a fast response); an HTTP/1.1
+            # connection's codec says so without a call (usually there are none)
+            if type(conn) is not UpstreamConnection or conn.codec.out:
+                conn.write()
             if a.sent_all:
                 self.pool.release(conn)
             else:
