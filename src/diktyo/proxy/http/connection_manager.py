@@ -509,7 +509,7 @@ class DownstreamStream:
     cstate: Any = None
     pool: Any = None
     host: Any = None
-    tried: tuple[tuple[str, int]] | set[tuple[str, int]] | None = None
+    tried: set[tuple[str, int]] | None = None  # (a tuple|set union here: mypyc drops the default)
     rs: Any = None
     attempt = 1
     upstream: UpstreamRequest | None = None
@@ -852,14 +852,10 @@ class DownstreamStream:
             self.local_reply(503, MSG_NO_HEALTHY, "UH")
             return
         self.host = host
-        # keys of the hosts tried: a 1-tuple for the first attempt (no set per request), a set
-        # from the first retry on
         if tried is None:
-            self.tried = (host.key,)
-        elif isinstance(tried, set):
-            tried.add(host.key)
+            self.tried = {host.key}
         else:
-            self.tried = {*tried, host.key}
+            tried.add(host.key)
         if not cs.breaker.try_start_request():
             self.local_reply(503, cs.breaker.overflow_message("requests").encode(), "UO")
             return
