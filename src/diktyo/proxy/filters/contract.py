@@ -61,6 +61,7 @@ class StreamInfo(Protocol):
     grpc: bool  # the request is gRPC (content-type application/grpc)
     grpc_status: str  # the response's grpc-status ("" until known)
     grpc_msgs: Any  # (request, response) gRPC message counters, None unless gRPC
+    peer: Any  # metric labels of the peer set by ``set_peer_labels`` (inbound), else None
 
 
 class FilterCallbacks(StreamInfo, Protocol):

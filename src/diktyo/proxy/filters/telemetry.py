@@ -26,28 +26,29 @@ def span_name_for(service: str, port: int | None, authority: str) -> str:
 class StatsFilter(HttpFilter):
     """Istio standard metrics, one ``record`` per request."""
 
-    __slots__ = ("reporter", "rt")
+    __slots__ = ("by_host", "reporter", "rt")
 
     def __init__(self, rt: Any, reporter: str) -> None:
         self.rt = rt
         self.reporter = reporter
+        # upstream Host -> its HTTP peer labels, for this snapshot (a host belongs to one
+        # cluster, so the host alone is the key: no (reporter, cluster, host) tuple per request)
+        self.by_host: dict[Any, Any] = {}
 
     def on_complete(self, cb: FilterCallbacks, flags: str, duration_ms: float) -> None:
         rt = self.rt
-        labels = cb.peer_labels()
+        labels = cb.peer  # (not cb.peer_labels(): one call less per request)
         grpc_status = cb.grpc_status
         if labels is None:
-            cs = cb.cstate
             host = cb.host
             if cb.grpc:  # request_protocol="grpc"
-                labels = rt.labels_for(self.reporter, cs, host, "grpc")
+                labels = rt.labels_for(self.reporter, cb.cstate, host, "grpc")
             else:
-                key = (
-                    self.reporter,
-                    cs.cluster.name if cs is not None else "",
-                    host.key if host is not None else None,
-                )
-                labels = rt.peers.get(key) or rt.labels_for(self.reporter, cs, host)
+                labels = self.by_host.get(host)
+                if labels is None:
+                    labels = rt.labels_for(self.reporter, cb.cstate, host)
+                    if host is not None:
+                        self.by_host[host] = labels
         rt.record(labels, cb.status, flags, duration_ms, cb.req_bytes, cb.resp_bytes, grpc_status)
         msgs = cb.grpc_msgs
         if msgs is not None:

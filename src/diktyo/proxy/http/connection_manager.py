@@ -66,6 +66,7 @@ from diktyo.proxy.http.phases import (
 from diktyo.proxy.http.policies import LbContext, RetryState
 from diktyo.proxy.http.upstream_request import UpstreamRequest
 from diktyo.proxy.network.peer import transport_peer
+from diktyo.proxy.network.upstream import UpstreamConnection
 from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER
 
 if TYPE_CHECKING:
@@ -508,7 +509,7 @@ class DownstreamStream:
     cstate: Any = None
     pool: Any = None
     host: Any = None
-    tried: set[tuple[str, int]] | None = None
+    tried: set[tuple[str, int]] | None = None  # (a tuple|set union here: mypyc drops the default)
     rs: Any = None
     attempt = 1
     upstream: UpstreamRequest | None = None
@@ -532,7 +533,7 @@ class DownstreamStream:
     per_try: float | None = None
     upstream_head: RequestHead | None = None  # the head as forwarded, when the path differs
     state: dict[str, Any] | None = None  # per-stream filter state
-    _peer_labels: Any = None  # inbound: metric labels from the mTLS peer / peer metadata
+    peer: Any = None  # inbound: metric labels from the mTLS peer / peer metadata
     grpc = False  # content-type application/grpc (h2: local replies, grpc-timeout, status)
     grpc_status = ""  # the response's grpc-status (trailers, or a trailers-only head)
     trailers_only: ResponseHead | None = None  # a gRPC trailers-only head, held for END_STREAM
@@ -615,10 +616,10 @@ class DownstreamStream:
             self.cstate = self.rt.clusters.get(name)
 
     def set_peer_labels(self, labels: Any) -> None:
-        self._peer_labels = labels
+        self.peer = labels
 
     def peer_labels(self) -> Any:
-        return self._peer_labels
+        return self.peer
 
     def lb_cookie(self) -> tuple[str, str, float] | None:
         lb = self.lbctx
@@ -845,15 +846,16 @@ class DownstreamStream:
 
     def attempt_upstream(self, fresh: bool) -> None:
         cs = self.cstate
-        host = cs.pick_host(self.lbctx, self.tried or frozenset())
+        tried = self.tried
+        host = cs.pick_host(self.lbctx) if tried is None else cs.pick_host(self.lbctx, tried)
         if host is None:
             self.local_reply(503, MSG_NO_HEALTHY, "UH")
             return
         self.host = host
-        if self.tried is None:
+        if tried is None:
             self.tried = {host.key}
         else:
-            self.tried.add(host.key)
+            tried.add(host.key)
         if not cs.breaker.try_start_request():
             self.local_reply(503, cs.breaker.overflow_message("requests").encode(), "UO")
             return
@@ -1114,7 +1116,10 @@ class DownstreamStream:
         conn = a.conn
         a.conn = None
         if conn is not None:
-            conn.write()  # request bytes still encoded but not written (a fast response)
+            # request bytes still encoded but not written (a fast response); an HTTP/1.1
+            # connection's codec says so without a call (usually there are none)
+            if type(conn) is not UpstreamConnection or conn.codec.out:
+                conn.write()
             if a.sent_all:
                 self.pool.release(conn)
             else:

@@ -94,7 +94,8 @@ class UpstreamRequest:
             self.pool.release(conn)  # the stream gave up while this try waited for a connection
             return
         self.conn = conn
-        self.cstate.on_request_start(self.host)
+        self.host.active_requests += 1  # self.cstate.on_request_start(self.host) inlined
+        self.cstate.retry_budget.active_requests += 1
         self.host_active = True
         s.attempt_attached(self)
 

@@ -147,7 +147,10 @@ class Http1Pool:
                 if conn.closed:
                     continue
                 conn.reused = True
-                self._hand(conn, stream)
+                conn.requests += 1  # self._hand(conn, stream) inlined (hot path)
+                conn.stream = stream
+                conn.codec.sink = stream
+                stream.attach(conn)
                 return
         breaker = self.state.breaker
         if not breaker.try_enter_pending():
@@ -192,7 +195,7 @@ class Http1Pool:
         if conn is not None:
             self.connecting -= 1
             self.active.add(conn)
-            self._dispatch(conn)
+            self.release(conn, True)
             return
         self.connecting -= 1
         self._host_gone(host.key)
@@ -205,27 +208,6 @@ class Http1Pool:
                 s.connect_failed(error)
                 break
         self._serve_pending()
-
-    def _dispatch(self, conn: UpstreamConnection) -> None:
-        """A connection is free: give it to a pending request for its host or park it."""
-        for i, (s, h) in enumerate(self.pending):
-            if h.key == conn.key:
-                del self.pending[i]
-                self.state.breaker.leave_pending()
-                self._hand(conn, s)
-                return
-        if self.pending:
-            # nobody wants this host: close it so a pending request elsewhere can connect
-            conn.close()
-            return
-        idle = self.idle.get(conn.key)
-        if idle is None:
-            idle = self.idle[conn.key] = []
-        if len(idle) >= MAX_IDLE_PER_HOST:
-            conn.close()
-            return
-        conn.idle_since = self.loop.time()
-        idle.append(conn)
 
     def _hand(self, conn: UpstreamConnection, stream: Any) -> None:
         conn.requests += 1
@@ -257,24 +239,45 @@ class Http1Pool:
             self.per_host.pop(key, None)
 
     # -- releasing
-    def release(self, conn: UpstreamConnection) -> None:
-        """The stream is done with ``conn`` (response complete, request fully sent)."""
-        conn.stream = None  # conn.hand_to(None) inlined: stray bytes while idle end up in
-        conn.codec.sink = conn  # the connection, which closes
-        if conn.closed:
-            return
-        maxreq = self.state.cluster.pool.max_requests_per_connection
-        if (
-            not conn.codec.keep_alive
-            or (maxreq and conn.requests >= maxreq)
-            or self.retired
-            or conn.stale
-        ):
+    def release(self, conn: UpstreamConnection, fresh: bool = False) -> None:
+        """The stream is done with ``conn`` (response complete, request fully sent), or
+        ``fresh``: ``conn`` just connected. Give it to a pending request for its host or park
+        it (one method: the dispatch is not a second call per request)."""
+        if not fresh:
+            conn.stream = None  # conn.hand_to(None) inlined: stray bytes while idle end up in
+            conn.codec.sink = conn  # the connection, which closes
+            if conn.closed:
+                return
+            maxreq = self.state.cluster.pool.max_requests_per_connection
+            if (
+                not conn.codec.keep_alive
+                or (maxreq and conn.requests >= maxreq)
+                or self.retired
+                or conn.stale
+            ):
+                conn.close()
+                return
+            if conn.read_paused:
+                conn.resume_reading()
+        pending = self.pending
+        if pending:
+            for i, (s, h) in enumerate(pending):
+                if h.key == conn.key:
+                    del pending[i]
+                    self.state.breaker.leave_pending()
+                    self._hand(conn, s)
+                    return
+            # nobody wants this host: close it so a pending request elsewhere can connect
             conn.close()
             return
-        if conn.read_paused:
-            conn.resume_reading()
-        self._dispatch(conn)
+        idle = self.idle.get(conn.key)
+        if idle is None:
+            idle = self.idle[conn.key] = []
+        if len(idle) >= MAX_IDLE_PER_HOST:
+            conn.close()
+            return
+        conn.idle_since = self.loop.time()
+        idle.append(conn)
 
     def connection_closed(self, conn: UpstreamConnection) -> None:
         """Called once per connection when it closes (either side)."""
