@@ -45,7 +45,7 @@ MAX_PEER_LABEL_SETS = 4096  # the metadata header is client-controlled: bound th
 def connection_peer(conn: Any) -> tuple[str, bytes | None]:
     """``(spiffe id, DER certificate)`` of an inbound connection's mTLS peer, ``("", None)``
     without; cached on the connection."""
-    peer: tuple[str, bytes | None] | None = conn.__dict__.get("mtls_peer")
+    peer: tuple[str, bytes | None] | None = getattr(conn, "mtls_peer", None)
     if peer is None:
         peer = conn.mtls_peer = transport_peer(conn.transport)
     return peer

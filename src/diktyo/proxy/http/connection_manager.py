@@ -261,6 +261,9 @@ class HttpConnection(asyncio.Protocol):
         self.last_activity = 0.0
         self.head_start = 0.0  # arrival of the first byte of the request head being read
         self.requests = 0
+        # (spiffe id, DER) of the mTLS client, read once on first use (tls_peer); a declared
+        # attribute, not a __dict__ entry: the compiled class has no __dict__
+        self.mtls_peer: tuple[str, bytes | None] | None = None
 
     @property
     def close_after(self) -> bool:
@@ -388,7 +391,7 @@ class HttpConnection(asyncio.Protocol):
 
     def tls_peer(self) -> tuple[str, bytes | None]:
         """``(spiffe id, DER certificate)`` of the mTLS client, ``("", None)`` without."""
-        peer: tuple[str, bytes | None] | None = self.__dict__.get("mtls_peer")
+        peer = self.mtls_peer
         if peer is None:
             peer = self.mtls_peer = transport_peer(self.transport)
         return peer
