@@ -30,7 +30,8 @@ test: venv build
 
 # the proxy's fast tests on the pure-Python sources (the compiled build is what `test` runs)
 test-pure: venv
-	DIKTYO_PURE=1 $(BIN)/python -m pytest tests/proxy -m "not (e2e or browser or bench or slow)"
+	DIKTYO_PURE=1 $(BIN)/python -m pytest tests/proxy tests/integration/test_sidecar_forwarding.py \
+	  -m "not (e2e or browser or bench or slow)"
 
 # between edits: pure and socket-level tests; no whole-mesh e2e, browser or benchmark smoke
 test-fast: venv
