@@ -43,9 +43,12 @@ if XDIST_WORKER is not None:
 # Modules that share something machine-wide: one group each, so under xdist they run on one
 # worker, one at a time (paths relative to tests/; a folder takes every module below it).
 SHARED_RESOURCE_GROUPS = {
-    # the transparent mesh's bridge and /etc/netns, network namespaces, iptables, uid 1337;
-    # a transparent mesh removes a crashed run's leftovers under its name prefixes on start
-    "netns": (
+    # (1) the transparent mesh's bridge and /etc/netns, network namespaces, iptables, uid 1337;
+    # a transparent mesh removes a crashed run's leftovers under its name prefixes on start.
+    # (2) tests that load the whole machine on purpose (benchmark smoke runs: wrk at full
+    # speed, cores pinned) and tests that assert "no request fails" while processes are killed
+    # or certificates rotate under load: never two of these at the same time.
+    "host": (
         "proxy/capture/test_tcp_capture_netns.py",
         "proxy/capture/test_capture_redis_mtls.py",
         "platform/test_platform_netns.py",
@@ -55,7 +58,10 @@ SHARED_RESOURCE_GROUPS = {
         "e2e/test_e2e_transparent.py",
         "e2e/test_e2e_fleet_netns.py",
         "e2e/test_e2e_redis_transparent.py",
-        "bench/test_transparent_bench.py",
+        "bench",
+        "e2e/test_e2e_supervision.py",
+        "e2e/test_e2e_supervisor_death.py",
+        "integration/test_mtls_rotation.py",
     ),
     # real etcd clusters (3 members each, heavy on CPU and fsync): one at a time
     "etcd": (
@@ -68,7 +74,7 @@ SHARED_RESOURCE_GROUPS = {
 
 # Under xdist, groups are handed out in collection order (--no-loadscope-reorder): the long
 # ones first, so no worker starts a long module while the others are already done.
-FIRST = ("e2e", "netns", "etcd", "browser", "bench", "slow")
+FIRST = ("host", "e2e", "etcd", "browser", "bench", "slow")
 
 # first path part below tests/ -> marker given to every test collected there
 DIRECTORY_MARKERS = {
