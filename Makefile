@@ -25,8 +25,13 @@ src/diktyo/_build_info.json: $(HOT_PATH_SRC) src/diktyo/_build.py setup.py | $(B
 demo: venv
 	$(BIN)/diktyo demo
 
+# Tests run on 3 pytest-xdist workers (most e2e time is waiting on processes and sockets);
+# tests/conftest.py groups each module, and the modules sharing a machine-wide resource, onto
+# one worker. `make test PARALLEL=` runs them one at a time. docs/testing.md has the figures.
+PARALLEL ?= -n 3 --dist loadgroup --no-loadscope-reorder
+
 test: venv build
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PARALLEL)
 
 # the proxy's fast tests on the pure-Python sources (the compiled build is what `test` runs)
 test-pure: venv
@@ -35,7 +40,7 @@ test-pure: venv
 
 # between edits: pure and socket-level tests; no whole-mesh e2e, browser or benchmark smoke
 test-fast: venv
-	$(BIN)/python -m pytest -m "not (e2e or browser or bench or slow)"
+	$(BIN)/python -m pytest $(PARALLEL) -m "not (e2e or browser or bench or slow)"
 
 lint: venv
 	$(BIN)/ruff check src tests

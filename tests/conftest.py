@@ -1,14 +1,24 @@
-"""Test tiers: markers by directory, so no test file has to carry them.
+"""Test tiers: markers by directory, so no test file has to carry them; parallel runs.
 
 ``make test-fast`` runs ``-m "not (e2e or browser or bench or slow)"``: pure and socket-level
 tests (real sidecars and upstreams on 127.0.0.1 are fine). ``make test`` runs everything.
 A test elsewhere that starts a whole mesh marks itself ``@pytest.mark.slow``.
+
+Both targets run under pytest-xdist (``-n 3 --dist loadgroup --no-loadscope-reorder``, see
+docs/testing.md). Under xdist every test gets an ``xdist_group``: its module (so module-scoped
+fixtures, such as a whole mesh, are built once), or one named group for modules that share a
+machine-wide resource (``SHARED_RESOURCE_GROUPS``), which then run one after the other on one
+worker. Each worker has its own ``$DIKTYO_HOME``. Plain ``pytest`` (no ``-n``) is unchanged.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +29,53 @@ TESTS = Path(__file__).resolve().parent
 # 'capture:' in their mesh files, which wins over this (docs/transparent.md).
 os.environ.setdefault("DIKTYO_CAPTURE", "proxy")
 
+# pytest-xdist worker id ("gw0", ...) or None in a plain run
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+if XDIST_WORKER is not None:
+    # `diktyo up`/`demo`, the control plane's admin token and the sidecars' files live in
+    # $DIKTYO_HOME (default ~/.diktyo, and `up` refuses while mesh.json names a live mesh):
+    # one home per worker, so two meshes on two workers never see each other's state.
+    _home = tempfile.mkdtemp(prefix=f"diktyo-test-{XDIST_WORKER}-")
+    os.environ["DIKTYO_HOME"] = _home
+    atexit.register(shutil.rmtree, _home, ignore_errors=True)
+
+# Modules that share something machine-wide: one group each, so under xdist they run on one
+# worker, one at a time (paths relative to tests/; a folder takes every module below it).
+SHARED_RESOURCE_GROUPS = {
+    # (1) the transparent mesh's bridge and /etc/netns, network namespaces, iptables, uid 1337;
+    # a transparent mesh removes a crashed run's leftovers under its name prefixes on start.
+    # (2) tests that load the whole machine on purpose (benchmark smoke runs: wrk at full
+    # speed, cores pinned) and tests that assert "no request fails" while processes are killed
+    # or certificates rotate under load: never two of these at the same time.
+    "host": (
+        "proxy/capture/test_tcp_capture_netns.py",
+        "proxy/capture/test_capture_redis_mtls.py",
+        "platform/test_platform_netns.py",
+        "platform/test_platform_transparent.py",
+        "platform/test_platform_users.py",
+        "platform/test_join.py",
+        "e2e/test_e2e_transparent.py",
+        "e2e/test_e2e_fleet_netns.py",
+        "e2e/test_e2e_redis_transparent.py",
+        "bench",
+        "e2e/test_e2e_supervision.py",
+        "e2e/test_e2e_supervisor_death.py",
+        "integration/test_mtls_rotation.py",
+    ),
+    # real etcd clusters (3 members each, heavy on CPU and fsync): one at a time
+    "etcd": (
+        "control/etcd",
+        "cli/test_control_plane_store_cli.py",
+        "control/serve/test_serve_sources.py",
+        "e2e/test_e2e_etcd_faults.py",
+    ),
+}
+
+# Under xdist, groups are handed out in collection order (--no-loadscope-reorder): the long
+# ones first, so no worker starts a long module while the others are already done.
+FIRST = ("host", "e2e", "etcd", "browser", "bench", "slow")
+
 # first path part below tests/ -> marker given to every test collected there
 DIRECTORY_MARKERS = {
     "e2e": "e2e",  # whole local meshes (control plane, sidecars, sample apps)
@@ -27,12 +84,61 @@ DIRECTORY_MARKERS = {
 }
 
 
+ISTIO_CRDS = TESTS.parent.parent / "shared" / "istio" / "customresourcedefinitions.gen.yaml"
+
+
+@pytest.fixture(scope="session")
+def istio_crd_docs() -> list[dict[str, Any]]:
+    """The documents of Istio's ``customresourcedefinitions.gen.yaml`` (0.9 MB), parsed once per
+    session. libyaml (PyYAML's C loader) reads it in ~0.1 s where the pure-Python YAML parser
+    takes 2-3 s; the two give the same documents for this file (plain JSON-like YAML)."""
+    if not ISTIO_CRDS.exists():
+        pytest.skip(f"Istio CRDs not found at {ISTIO_CRDS} (shared/ must sit beside the repo)")
+    text = ISTIO_CRDS.read_text(encoding="utf-8")
+    try:
+        import yaml
+
+        docs = list(yaml.load_all(text, Loader=yaml.CSafeLoader))
+    except (ImportError, AttributeError):  # no libyaml here: the slower parser, same result
+        from ruamel.yaml import YAML
+
+        docs = list(YAML(typ="safe").load_all(text))
+    return [d for d in docs if d]
+
+
+def _group(rel: Path) -> str:
+    """The xdist group of the module at ``rel`` (relative to tests/)."""
+    for name, paths in SHARED_RESOURCE_GROUPS.items():
+        for p in paths:
+            if rel == Path(p) or Path(p) in rel.parents:
+                return name
+    return rel.as_posix()
+
+
+def _rank(item: pytest.Item, group: str) -> int:
+    if group in FIRST:
+        return FIRST.index(group)
+    for i, mark in enumerate(FIRST):
+        if item.get_closest_marker(mark) is not None:
+            return i
+    return len(FIRST)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist appends the group to the node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    groups: dict[str, str] = {}
     for item in items:
         try:
-            top = Path(item.path).resolve().relative_to(TESTS).parts[0]
+            rel = Path(item.path).resolve().relative_to(TESTS)
+            top = rel.parts[0]
         except (ValueError, IndexError):
             continue
         marker = DIRECTORY_MARKERS.get(top)
         if marker is not None:
             item.add_marker(marker)
+        if XDIST_WORKER is not None:
+            group = groups[item.nodeid] = _group(rel)
+            item.add_marker(pytest.mark.xdist_group(group))
+    if XDIST_WORKER is not None:
+        # stable sort: within a rank, collection order (the same on every worker)
+        items.sort(key=lambda item: _rank(item, groups.get(item.nodeid, "")))

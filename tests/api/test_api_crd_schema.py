@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-import functools
 import types
 import typing
-from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from ruamel.yaml import YAML
 
 from diktyo.api import KINDS
 from diktyo.api.loader import _unwrap
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-CRDS = SHARED / "istio" / "customresourcedefinitions.gen.yaml"
-
 _PY_TYPES = {"string": (str,), "integer": (int,), "number": (float,), "boolean": (bool,)}
 
 
-@functools.cache  # one parse of the large CRD file for every parametrised kind
-def _crds() -> dict[str, dict[str, Any]]:
-    if not CRDS.exists():
-        pytest.skip(f"Istio CRDs not found at {CRDS} (shared/ must sit beside the repo)")
-    out: dict[str, dict[str, Any]] = {}
-    for doc in YAML(typ="safe").load_all(CRDS.read_text()):
-        if doc and doc.get("kind") == "CustomResourceDefinition":
-            out[doc["spec"]["names"]["kind"]] = doc
-    return out
+def _crds(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """kind -> its CRD (``istio_crd_docs``: the file parsed once per session, tests/conftest.py)"""
+    return {
+        doc["spec"]["names"]["kind"]: doc
+        for doc in docs
+        if doc.get("kind") == "CustomResourceDefinition"
+    }
 
 
 def _int_bounds(tp: Any) -> tuple[int | None, int | None]:
@@ -110,8 +102,8 @@ def _walk(schema: dict[str, Any], tp: Any, path: str, problems: list[str]) -> No
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_models_accept_every_crd_property(kind: str) -> None:
-    crd = _crds()[kind]
+def test_models_accept_every_crd_property(kind: str, istio_crd_docs: list[dict[str, Any]]) -> None:
+    crd = _crds(istio_crd_docs)[kind]
     group, versions, model = KINDS[kind]
     assert crd["spec"]["group"] == group
     crd_versions = {v["name"] for v in crd["spec"]["versions"]}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from diktyo.cli.load import ViaError, proxy_via
 from diktyo.cli.main import main
 from diktyo.samples.launch import start_sample
+from diktyo.testing import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,9 +88,7 @@ def test_goes_through_http_proxy(
 def test_errors_and_timeouts_are_code_minus_1(
     httpbin: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = free_port()  # nothing listens there
     data = load_json(capsys, "-c", "1", "-n", "3", f"http://127.0.0.1:{closed}/")
     assert data["codes"] == {"-1": 3} and data["errors"] == {"connection refused": 3}
     data = load_json(capsys, "-c", "2", "-n", "2", "-timeout", "200ms", f"{httpbin}/delay/2")

@@ -8,27 +8,17 @@ part must load cleanly (so the error comes from that rule and nothing else).
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 from typing import Any
 
 import pytest
-from ruamel.yaml import YAML
 
 from diktyo.api import load_text
 
-CRDS = (
-    Path(__file__).resolve().parents[2]
-    / ".."
-    / "shared"
-    / "istio"
-    / "customresourcedefinitions.gen.yaml"
-)
 
-
-@functools.cache
-def _rules() -> dict[str, set[str]]:
-    """kind -> the messages of its CEL validation rules (the CRD file is parsed once)."""
+@pytest.fixture(scope="module")
+def crd_rules(istio_crd_docs: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """kind -> the messages of its CEL validation rules (``istio_crd_docs``: the CRD file
+    parsed once per session, tests/conftest.py)."""
     out: dict[str, set[str]] = {}
 
     def walk(node: Any, kind: str) -> None:
@@ -41,8 +31,8 @@ def _rules() -> dict[str, set[str]]:
             for v in node:
                 walk(v, kind)
 
-    for doc in YAML(typ="safe").load_all(CRDS.read_text()):
-        if doc and doc.get("kind") == "CustomResourceDefinition":
+    for doc in istio_crd_docs:
+        if doc.get("kind") == "CustomResourceDefinition":
             walk(doc["spec"]["versions"], doc["spec"]["names"]["kind"])
     return out
 
@@ -237,11 +227,9 @@ def _doc(kind: str, api_version: str, spec: str) -> str:
     ids=[f"{c[0]}:{c[4]}" for c in CASES],
 )
 def test_istio_validation_rule_is_enforced(
-    kind: str, api_version: str, good: str, bad: str, rule: str
+    kind: str, api_version: str, good: str, bad: str, rule: str, crd_rules: dict[str, set[str]]
 ) -> None:
-    if not CRDS.exists():
-        pytest.skip(f"{CRDS} missing")
-    assert rule in _rules().get(kind, set()), f"{kind}: no CRD rule {rule!r}"
+    assert rule in crd_rules.get(kind, set()), f"{kind}: no CRD rule {rule!r}"
     ok = load_text(_doc(kind, api_version, good), "good.yaml")
     assert [str(e) for e in ok.errors] == [] and len(ok.resources) == 1
     rejected = load_text(_doc(kind, api_version, bad), "bad.yaml")

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import pytest
 from diktyo.control.model import ProxyNode, Service, ServicePort, WorkloadInstance
 from diktyo.security.identity import fetch_certificate
 from diktyo.snapshot.model import Node
-from diktyo.testing import FakeUpstream, Response, http_request
+from diktyo.testing import FakeUpstream, Response, free_port, http_request
 from diktyo.testing.etcd import EtcdCluster, etcd_available
 from diktyo.testing.wait import eventually
 
@@ -111,7 +110,7 @@ class Mesh:
         token_file = self.tmp / f"{node}.token"
         token_file.write_text(body["token"])
         os.chmod(token_file, 0o600)
-        outbound = _free_port()
+        outbound = free_port()
         proxy = ProxyNode(
             node=Node(id=f"{node}.default", workload=node, service_account=node),
             outbound_port=outbound,
@@ -375,12 +374,6 @@ async def test_etcd_members_stopping(mesh: Mesh) -> None:
 
 def _log(path: Path) -> Any:
     return open(path, "ab")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _get_ok(port: int) -> bool:

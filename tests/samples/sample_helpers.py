@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,16 +11,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from diktyo.samples.launch import SampleProcess
+from diktyo.testing import free_port
 
 StartApp = Callable[..., SampleProcess]
 
 
 def closed_port_url() -> str:
     """A URL on 127.0.0.1 where nothing listens (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @dataclass

@@ -15,12 +15,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from diktyo.platform.ports import free_port
 
 ETCD_BIN = os.environ.get("DIKTYO_ETCD") or shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -29,20 +30,14 @@ def etcd_available() -> bool:
     return os.access(ETCD_BIN, os.X_OK)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class EtcdCluster:
     """``members`` etcd processes forming one cluster on 127.0.0.1."""
 
     def __init__(self, directory: str | Path, members: int = 3, name: str = "t") -> None:
         self.directory = Path(directory)
         self.names = [f"{name}{i}" for i in range(members)]
-        self.client_ports = [_free_port() for _ in range(members)]
-        self.peer_ports = [_free_port() for _ in range(members)]
+        self.client_ports = [free_port() for _ in range(members)]
+        self.peer_ports = [free_port() for _ in range(members)]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * members
         self.token = f"diktyo-test-{os.getpid()}-{time.monotonic_ns()}"
 

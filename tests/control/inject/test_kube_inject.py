@@ -1,11 +1,17 @@
-"""``diktyo kube-inject``: a real CLI process on multi-document manifests."""
+"""``diktyo kube-inject`` on multi-document manifests: the first case runs a real CLI process
+(``python -m diktyo.cli.main``); the others call the same ``main(argv)`` in this process, with
+stdin, stdout and stderr redirected (a new interpreter costs ~1 s of CPU per call)."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
 
+from diktyo.cli.main import main
 from diktyo.control.inject.manifest import load_docs
 
 MANIFEST = """\
@@ -83,9 +89,22 @@ spec:
 """
 
 
-def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def _process(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "diktyo.cli.main", "kube-inject", *args],
                           input=stdin, capture_output=True, text=True, timeout=60, check=False)
+
+
+def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``diktyo kube-inject ARGS`` in this process: exit status, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch("sys.stdin", io.StringIO(stdin or "")), redirect_stdout(out), \
+            redirect_stderr(err):  # fmt: skip
+        try:
+            code = main(["kube-inject", *args])
+        except SystemExit as exc:  # argparse errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["diktyo", "kube-inject", *args], code, out.getvalue(),
+                                       err.getvalue())  # fmt: skip
 
 
 def _containers(spec: dict) -> list[str]:  # type: ignore[type-arg]
@@ -95,7 +114,7 @@ def _containers(spec: dict) -> list[str]:  # type: ignore[type-arg]
 def test_multi_document_manifest(tmp_path: Path) -> None:
     path = tmp_path / "bookinfo.yaml"
     path.write_text(MANIFEST, encoding="utf-8")
-    res = _run("-f", str(path), "--image", "registry.example.com/diktyo:1.0")
+    res = _process("-f", str(path), "--image", "registry.example.com/diktyo:1.0")
     assert res.returncode == 0, res.stderr
     svc, deploy, sts, cron, pod = load_docs(res.stdout)
     assert svc == load_docs(MANIFEST)[0]

@@ -10,9 +10,10 @@ import pytest
 from diktyo.control.model import Service, ServicePort, WorkloadInstance
 from diktyo.control.server import ControlPlane
 from diktyo.control.store import ConfigStore, LoadOutcome
+from diktyo.core.clock import ManualClock
 from diktyo.proxy.config_client import Backoff, ConfigClient
 from diktyo.snapshot.model import Snapshot
-from diktyo.testing import free_port
+from diktyo.testing import eventually, free_port
 from diktyo.testing.controlplane import YAML, admin_session
 
 SVC = Service(
@@ -106,21 +107,41 @@ async def test_nack_keeps_last_good_and_reports_reason(cp: ControlPlane, make_pr
         await client.close()
 
 
-async def test_debounce_merges_a_burst_into_one_push(cp: ControlPlane, make_proxy) -> None:
-    cp.debouncer.quiet = 0.5  # wide enough that a busy CI machine cannot split the burst
-    cp.add_proxy(make_proxy(1))
-    cp.registry.add_service(SVC)
-    await asyncio.sleep(0.8)
-    before = cp.pushes
-    for i in range(30):
-        cp.registry.add_instance(_inst(f"r{i}", 7000 + i))
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)
-    assert cp.pushes == before  # still quiet-waiting
-    await asyncio.sleep(0.8)
-    assert cp.pushes == before + 1
-    entry = cp.cache.get("app-1.default")
-    assert entry is not None and len(_endpoints(entry.snapshot)) == 30
+async def test_debounce_merges_a_burst_into_one_push(translate, make_proxy) -> None:
+    """The real push loop on virtual time (``clock=ManualClock()``): however busy the machine,
+    no time passes for the debouncer unless the test advances it, so the burst cannot be split
+    and the push happens exactly when the quiet period has passed."""
+    clock = ManualClock()
+    cp = ControlPlane(
+        translator=translate, poll_timeout=2.0, merge_service_entries=False, clock=clock,
+        debounce=0.05,
+    )  # fmt: skip
+    await cp.start()
+    try:
+        cp.add_proxy(make_proxy(1))
+        cp.registry.add_service(SVC)
+        clock.advance(0.05)  # the registration's own push falls due
+        await eventually(lambda: not cp.debouncer.pending, timeout=5, what="first push fired")
+        before = cp.pushes
+        for i in range(30):
+            cp.registry.add_instance(_inst(f"r{i}", 7000 + i))
+            clock.advance(0.01)
+            await asyncio.sleep(0)  # the push loop sees each change
+        clock.advance(0.03)  # 0.04 s after the last change: still inside the quiet period
+        await asyncio.sleep(0.2)  # the loop re-checks the clock every <= 0.05 s meanwhile
+        assert cp.debouncer.pending and cp.pushes == before  # still quiet-waiting
+        clock.advance(0.01)  # quiet period over
+        await eventually(lambda: cp.pushes > before, timeout=5, what="the burst's push")
+
+        def thirty() -> bool:
+            entry = cp.cache.get("app-1.default")
+            return entry is not None and len(_endpoints(entry.snapshot)) == 30
+
+        await eventually(thirty, timeout=5, what="one snapshot with all 30 endpoints")
+        assert cp.pushes == before + 1  # one push for the whole burst
+        assert cp.debouncer.fire() == 0  # and nothing left pending
+    finally:
+        await cp.stop()
 
 
 async def test_unknown_node_404_with_help(cp: ControlPlane) -> None:
