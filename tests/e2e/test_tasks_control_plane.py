@@ -88,18 +88,18 @@ def test_requests_succeed_while_the_control_plane_is_down(mesh: MeshThread) -> N
     for w in workers:
         w.start()
     try:
-        time.sleep(1.0)
+        time.sleep(1.0)  # real time: traffic runs before the control plane stops
         mesh.call(cp.stop())
         down_at = time.monotonic()
         assert not control_plane_up(url)
         # config changes while the control plane is down are kept and pushed on restart
         mesh.apply_file(NET / "virtual-service-reviews-v3.yaml")
-        time.sleep(3.0)  # sidecars retry with backoff (cap 5 s) and keep their snapshots
+        time.sleep(3.0)  # real time: sidecars retry with backoff (cap 5 s) and keep their snapshots
         up_at = time.monotonic()
         assert mesh.call(cp.start(port=port)) == url
         assert control_plane_up(url)
         mesh.wait_synced(20)
-        time.sleep(1.0)
+        time.sleep(1.0)  # real time: traffic keeps flowing after the restart
     finally:
         stop.set()
         for w in workers:

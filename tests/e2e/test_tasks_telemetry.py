@@ -76,7 +76,7 @@ def settled(mesh: MeshThread, quiet: float = 0.5, timeout: float = 10.0) -> None
     size, since = len(mesh.output()), time.monotonic()
     while time.monotonic() - since < quiet:
         assert time.monotonic() < deadline, "the mesh's output never settled"
-        time.sleep(0.1)
+        time.sleep(0.1)  # real time: the output must stay quiet this long
         now = len(mesh.output())
         if now != size:
             size, since = now, time.monotonic()

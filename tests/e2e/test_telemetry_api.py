@@ -153,7 +153,7 @@ async def test_telemetry_api_scopes_through_sidecars(tmp_path: Path) -> None:
                 return [s for q in collector.requests for s in decode_spans(q.body)]
 
             await _until(lambda: len(spans()) >= 3)
-            await asyncio.sleep(0.5)  # a span from cart would have arrived by now
+            await asyncio.sleep(0.5)  # real time: a span from cart would have arrived by now
             got = spans()
             assert {s.attributes.get("node_id") for s in got} == {"web-1.shop"}
             assert len(got) == 3

@@ -85,7 +85,7 @@ async def test_chaos_leaves_no_leaked_state(seed: int) -> None:
                         _r, w = await asyncio.open_connection("127.0.0.1", sc.port())
                         w.write(b"GET /x HTTP/1.1\r\nHost: reviews\r\n\r\n")
                         await w.drain()
-                        await asyncio.sleep(rng.choice([0, 0.005, 0.02]))
+                        await asyncio.sleep(rng.choice([0, 0.005, 0.02]))  # real time: random client pacing
                         w.close()
                         continue
                     body = b"u" * rng.choice([0, 10, 70_000, 300_000])

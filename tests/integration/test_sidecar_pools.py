@@ -140,7 +140,7 @@ async def test_client_disconnects_do_not_eject_hosts() -> None:
                 _r, w = await asyncio.open_connection("127.0.0.1", sc.port())
                 w.write(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
                 await w.drain()
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # real time: the client leaves before the slow answer
                 w.close()
             await eventually(lambda: sc.sidecar.stats.request_count(response_flags="DC") == 3)
             (host,) = sc.sidecar.rt.clusters["outbound|80||reviews"].hosts

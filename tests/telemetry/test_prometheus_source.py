@@ -198,7 +198,7 @@ async def test_graph_and_series_from_real_prometheus(tmp_path: Path) -> None:
         await wait_total(src, 200.0, deadline)
         sidecars.traffic(ok=50, failed=10)
         await wait_total(src, 260.0, deadline)
-        await asyncio.sleep(2.5)  # a few more scrapes: rate() needs two samples before a point
+        await asyncio.sleep(2.5)  # real time: a few more scrapes: rate() needs two samples before a point
 
         graph = await src.graph(30.0)
         (edge,) = graph["edges"]
