@@ -31,12 +31,8 @@ def _inst(name: str, port: int) -> WorkloadInstance:
     )
 
 
-async def _until(pred, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+async def _until(pred, timeout: float = 10.0) -> None:
+    await eventually(pred, timeout=timeout, interval=0.02)
 
 
 def _endpoints(snap: Snapshot | None) -> list[int]:
