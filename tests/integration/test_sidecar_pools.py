@@ -42,11 +42,7 @@ async def test_idle_upstream_connections_expire() -> None:
         async with start_sidecar(snap) as sc:
             assert (await http_request(sc.port(), "GET", "http://reviews/")).status == 200
             assert len(up.open_conns) == 1
-            for _ in range(40):
-                await asyncio.sleep(0.1)
-                if not up.open_conns:
-                    break
-            assert not up.open_conns
+            await eventually(lambda: not up.open_conns, timeout=10, what="the idle connection closed")
 
 
 async def test_outlier_detection_ejects_failing_host() -> None:

@@ -34,7 +34,7 @@ from diktyo.telemetry.prometheus_source import (
     series_queries,
 )
 from diktyo.telemetry.store import MetricStore, TraceStore
-from diktyo.testing import free_port
+from diktyo.testing import eventually, free_port
 
 PROMETHEUS = shutil.which("prometheus") or (
     "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
@@ -316,9 +316,9 @@ async def test_a_slow_prometheus_does_not_block_the_event_loop() -> None:
         pending = asyncio.ensure_future(src.graph(60))
         # while Prometheus holds every query, the loop keeps running other work: here it
         # serves all the graph's queries at once (they are concurrent, not one by one)
-        deadline = time.monotonic() + 20
-        while asked < len(graph_queries(60)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await eventually(
+            lambda: asked >= len(graph_queries(60)), timeout=20, interval=0.01, what="all queries"
+        )
         assert asked == len(graph_queries(60)) and not pending.done()
         release.set()
         graph = await asyncio.wait_for(pending, 20)

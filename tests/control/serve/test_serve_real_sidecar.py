@@ -98,10 +98,9 @@ async def test_sidecar_keeps_serving_without_control_plane_and_resyncs(tmp_path)
             async with s.get(f"http://127.0.0.1:{admin}/ready") as r:
                 assert r.status == 200
             cp2 = await _plane(cp_port, p2, outbound)
-            for _ in range(100):
-                if cp2.status[NODE.node.id].state == "SYNCED":
-                    break
-                await asyncio.sleep(0.1)
+            await eventually(
+                lambda: cp2.status[NODE.node.id].state == "SYNCED", timeout=20, what="SYNCED again"
+            )
             assert cp2.status[NODE.node.id].state == "SYNCED"
             assert await _get(s, outbound) == (200, "two")
     finally:
