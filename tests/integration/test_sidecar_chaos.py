@@ -14,6 +14,7 @@ from diktyo.testing import (
     HttpClient,
     RecordedRequest,
     Response,
+    eventually,
     http_snapshot,
     outbound_cluster,
     start_sidecar,
@@ -103,12 +104,13 @@ async def test_chaos_leaves_no_leaked_state(seed: int) -> None:
             assert set(statuses) <= {0, 200, 503, 504}
             assert statuses.count(200) > len(statuses) // 3
             # let the dust settle, then every counter must be back to zero
-            for _ in range(100):
-                await asyncio.sleep(0.05)
-                if not any(
+            await eventually(
+                lambda: not any(
                     c.streams for ctx in sc.sidecar.listeners.values() for c in ctx.connections
-                ):
-                    break
+                ),
+                timeout=15,
+                what="every stream finished",
+            )
             await asyncio.sleep(0.1)
             cs = sc.sidecar.rt.clusters[CL]
             pool = sc.sidecar.pools[CL]
