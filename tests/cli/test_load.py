@@ -202,7 +202,7 @@ def test_ctrl_c_ends_early_and_prints_the_result(httpbin: str) -> None:
     assert proc.stderr is not None
     first = proc.stderr.readline()  # "Starting at ..." once it runs
     assert first.startswith("Starting at 50 qps with 2 connection(s) for 60s"), first
-    time.sleep(0.5)
+    time.sleep(0.5)  # real time: the load generator runs a while before SIGINT
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err

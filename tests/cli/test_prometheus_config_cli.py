@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -20,7 +19,7 @@ from diktyo.control.server import ControlPlane
 from diktyo.telemetry.exposition import CONTENT_TYPE, render
 from diktyo.telemetry.httpclient import request
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
-from diktyo.testing import free_port
+from diktyo.testing import eventually, free_port
 from diktyo.testing.controlplane import cli_env, write_admin_token
 
 PROMETHEUS = shutil.which("prometheus") or (
@@ -113,18 +112,24 @@ async def test_real_prometheus_scrapes_the_mesh_with_the_config(tmp_path: Path) 
         query = 'sum(istio_requests_total{workload="reviews-v1",pod="reviews-v1-1"})'
         url = f"http://127.0.0.1:{pport}/api/v1/query?query={quote(query)}"
         value = None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and value != 1.0:
-            assert proc.returncode is None, log.read_text()[-2000:]
+
+        async def scraped() -> bool:
+            nonlocal value
+            assert proc is not None and proc.returncode is None, log.read_text()[-2000:]
             try:
                 status, body = await request("GET", url, timeout=2)
                 result = json.loads(body)["data"]["result"] if status == 200 else []
                 value = float(result[0]["value"][1]) if result else None
             except (OSError, TimeoutError):
                 pass
-            if value != 1.0:
-                await asyncio.sleep(0.3)
-        assert value == 1.0, log.read_text()[-2000:]
+            return value == 1.0
+
+        await eventually(
+            scraped,
+            timeout=30,
+            interval=0.3,
+            what=lambda: f"Prometheus answering 1.0 (last {value}); log: {log.read_text()[-2000:]}",
+        )
     finally:
         if proc is not None and proc.returncode is None:
             proc.terminate()

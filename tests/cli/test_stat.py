@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from diktyo.control.server import ControlPlane
 from diktyo.snapshot.model import Node
 from diktyo.telemetry.exposition import CONTENT_TYPE, render
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
+from diktyo.testing import eventually
 from diktyo.testing.controlplane import admin_headers, write_admin_token
 
 REVIEWS = "reviews.default.svc.cluster.local"
@@ -153,10 +153,9 @@ async def sidecar_stats(metrics: IstioMetrics) -> AsyncIterator[str]:
 
 
 async def wait_scrapes(cp: ControlPlane, n: int) -> None:
-    deadline = time.monotonic() + 10
-    while cp.metrics.scrapes < n:
-        assert time.monotonic() < deadline, "the control plane never scraped the sidecar"
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: cp.metrics.scrapes >= n, timeout=15, what=f"{n} scrapes of the sidecar"
+    )
 
 
 def get_json(url: str, headers: dict[str, str] | None = None) -> Any:

@@ -176,7 +176,7 @@ async def test_a_registrant_back_within_the_grace_period_keeps_its_entry(
         assert res is not None and CONNECTED_AT in res.annotations  # type: ignore[attr-defined]
         assert DISCONNECTED_AT not in res.annotations  # type: ignore[attr-defined]
         assert endpoints(cp) == [("127.0.0.7", 15001)]
-        await asyncio.sleep(3.5)  # longer than the grace period: still there
+        await asyncio.sleep(3.5)  # real time: longer than the grace period: still there
         assert entry(cp, name) is not None
     finally:
         await _stop(task)

@@ -16,6 +16,6 @@ async def test_stop_right_after_a_change_returns() -> None:
     cp = ControlPlane(observability=False, debounce=0.5)
     await cp.start()
     cp.kick()
-    await asyncio.sleep(0.05)  # the push loop now waits out the debounce
+    await asyncio.sleep(0.05)  # real time: the push loop now waits out the debounce
     cp.kick()  # a change and the stop in the same loop iteration
     await asyncio.wait_for(cp.stop(), 5)

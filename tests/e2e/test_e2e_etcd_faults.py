@@ -187,7 +187,7 @@ class Load:
                     self.failed.append(f"HTTP {r.status}")
             except Exception as exc:  # noqa: BLE001 - every failure counts
                 self.failed.append(repr(exc))
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # real time: the load generator's pause
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -234,7 +234,7 @@ async def test_replica_killed_under_load_loses_nothing(mesh: Mesh) -> None:
 
         load = Load(port)
         load.start()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # real time: load runs before the fault
         mesh.kill_replica("r0")  # kill -9
         # a's sidecar moves to another replica within a few seconds
         await eventually(lambda: _moved(mesh, r1, "a.default"), timeout=5, what="a moved off r0")
@@ -267,7 +267,7 @@ async def test_replica_killed_under_load_loses_nothing(mesh: Mesh) -> None:
             *(mesh.apply((r1, r2)[i % 2], t) for i, t in enumerate(texts))
         )
         assert [s for s, _ in results] == [200] * 100, [b for s, b in results if s != 200]
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # real time: load keeps running after the applies
         await load.stop()
         assert load.failed == [], load.failed[:5]
         assert load.ok > 50
@@ -347,7 +347,7 @@ async def test_etcd_members_stopping(mesh: Mesh) -> None:
             return out if "(etcd unreachable: no quorum?)" in out.splitlines()[0] else ""
 
         await eventually(says_unreachable, timeout=15)
-        await asyncio.sleep(1.0)  # sidecars keep serving the last good snapshot
+        await asyncio.sleep(1.0)  # real time: sidecars keep serving the last good snapshot
         mesh.etcd.start_member(1, wait=False)
         mesh.etcd.start_member(2, wait=False)
         mesh.etcd.wait_healthy(30)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from diktyo.platform.state import pid_alive
+from diktyo.testing import eventually_sync
 
 APPS = Path(__file__).parent / "apps"
 
@@ -199,10 +200,12 @@ def test_config_folder_is_watched_and_bad_files_keep_the_last_good_config(tmp_pa
             return out
 
         def wait_for(expected: set[str]) -> None:
-            deadline = time.monotonic() + 10
-            while versions() != expected:
-                assert time.monotonic() < deadline, f"routing never became {expected}"
-                time.sleep(0.2)
+            eventually_sync(
+                lambda: versions() == expected,
+                timeout=15,
+                interval=0.2,
+                what=f"routing to {expected}",
+            )
 
         (config / "route.yaml").write_text(ROUTE_V2)
         wait_for({"v2"})
@@ -210,10 +213,12 @@ def test_config_folder_is_watched_and_bad_files_keep_the_last_good_config(tmp_pa
             "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
             "metadata: {name: x}\nspec: {hosts: [hello], htp: []}\n"
         )
-        deadline = time.monotonic() + 5
-        while not mesh.mesh.cp.store.errors:  # type: ignore[union-attr]
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        eventually_sync(
+            lambda: mesh.mesh.cp.store.errors,  # type: ignore[union-attr]
+            timeout=10,
+            interval=0.1,
+            what="broken.yaml rejected",
+        )
         assert "broken.yaml" in mesh.mesh.cp.store.errors[0]  # type: ignore[union-attr]
         assert versions() == {"v2"}  # last good config still served
         (config / "broken.yaml").unlink()

@@ -11,13 +11,13 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from diktyo.platform.capture_netns import Netns, capture_unavailable_reason
+from diktyo.testing import eventually_sync
 
 pytestmark = [
     pytest.mark.skipif(
@@ -79,13 +79,16 @@ def _scrape(address: str) -> str:
 
 
 def _wait_metric(address: str, name: str, want: float, **labels: str) -> str:
-    deadline = time.monotonic() + 15
-    while True:
+    def reached() -> str | None:
         text = _scrape(address)
-        if _metric(text, name, **labels) >= want:
-            return text
-        assert time.monotonic() < deadline, f"{name}{labels} < {want}:\n{text[-3000:]}"
-        time.sleep(0.2)
+        return text if _metric(text, name, **labels) >= want else None
+
+    return eventually_sync(
+        reached,
+        timeout=20,
+        interval=0.2,
+        what=lambda: f"{name}{labels} >= {want}:\n{_scrape(address)[-3000:]}",
+    )
 
 
 def test_redis_cli_through_the_transparent_mesh(tmp_path: Path) -> None:
@@ -120,10 +123,12 @@ def test_redis_cli_through_the_transparent_mesh(tmp_path: Path) -> None:
             out = _in_ns(row["netns"], "redis-cli", "-h", "redis", "-p", "6379", *args, uid=uid)
             return (out.stdout + out.stderr).strip()
 
-        deadline = time.monotonic() + 30  # until both sidecars have the policies applied
-        while (got := cli(client, "SET", "mesh", "diktyo")) != "OK":
-            assert time.monotonic() < deadline, got
-            time.sleep(0.5)
+        eventually_sync(  # until both sidecars have the policies applied
+            lambda: cli(client, "SET", "mesh", "diktyo") == "OK",
+            timeout=30,
+            interval=0.5,
+            what="SET through both sidecars",
+        )
         assert cli(client, "GET", "mesh") == "diktyo"
 
         sel = {"reporter": "source", "destination_service": REDIS, "request_protocol": "tcp"}

@@ -12,6 +12,7 @@ import pytest
 from test_e2e_local_mesh import child_pids, diktyo, get, tiny_mesh
 
 from diktyo.platform.state import pid_alive
+from diktyo.testing import eventually_sync
 
 MESH = tiny_mesh("supervised", ("v1",), restart="{backoffBase: 1, backoffMax: 4}")
 
@@ -45,16 +46,21 @@ def test_kill_9_app_and_sidecar_both_restart_and_status_says_why(
         os.kill(hello["app_pid"], signal.SIGKILL)
         os.kill(hello["sidecar_pid"], signal.SIGKILL)
 
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        def restarted():
             w = _workload(env, "hello-v1-1")
-            if (
+            ok = (
                 w["state"] == "ready"
                 and w["containers"].get("app", {}).get("restarts") == 1
                 and w["containers"].get("sidecar", {}).get("restarts") == 1
-            ):
-                break
-            time.sleep(0.2)
+            )
+            return w if ok else None
+
+        w = eventually_sync(
+            restarted,
+            timeout=60,
+            interval=0.2,
+            what=lambda: f"hello-v1-1 restarted once: {_workload(env, 'hello-v1-1')}",
+        )
         assert w["state"] == "ready", w
         assert w["app_pid"] != hello["app_pid"] and w["sidecar_pid"] != hello["sidecar_pid"]
         assert w["restarts"] == 2
@@ -64,12 +70,13 @@ def test_kill_9_app_and_sidecar_both_restart_and_status_says_why(
         assert w["last_exit"]["reason"] == "killed by SIGKILL"
 
         # traffic resumes: front -> its sidecar -> hello's new sidecar -> hello's new app
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        def answered():
             code, body = get(call)
-            if code == 200:
-                break
-            time.sleep(0.2)
+            return (code, body) if code == 200 else None
+
+        code, body = eventually_sync(
+            answered, timeout=30, interval=0.2, what="a 200 through hello's new sidecar"
+        )
         assert code == 200 and json.loads(body)["pod"] == "hello-v1-1", body
         for _ in range(5):
             assert get(call)[0] == 200

@@ -125,10 +125,10 @@ def test_kill_9_supervisor_under_load_then_up_adopts(tmp_path: Path, env: dict[s
         assert applied.returncode == 0, applied.stderr
         _wait_synced(env, 3)
         with Traffic(url, rps=20) as traffic:
-            time.sleep(1.5)
+            time.sleep(1.5)  # real time: traffic flows before the kill
             proc.kill()  # SIGKILL; the control plane runs in it: both are gone now
             proc.wait()
-            time.sleep(3.0)
+            time.sleep(3.0)  # real time: the mesh stays dead under traffic
             orphan = _state(env)
             assert orphan["state"] == "orphaned", orphan
             assert sorted(child_pids(orphan)) == sorted(child_pids(before))
@@ -146,7 +146,7 @@ def test_kill_9_supervisor_under_load_then_up_adopts(tmp_path: Path, env: dict[s
             assert after["state"] == "ready" and after["pid"] != before["pid"]
             assert after["control_plane"] == before["control_plane"]  # same port again
             synced = _wait_synced(env, 3)
-            time.sleep(2.0)
+            time.sleep(2.0)  # real time: traffic keeps flowing after recovery
         # ~20 rps for ~8 s across the supervisor's death and the adoption: none failed
         assert traffic.failed == [], traffic.failed[:5]
         assert traffic.ok >= 60, traffic.ok
@@ -211,7 +211,7 @@ def test_the_keeper_of_a_detached_mesh_restarts_its_supervisor_under_load(
         front = next(w for w in before["workloads"] if w["name"] == "front-v1-1")
         url = f"http://127.0.0.1:{front['app_ports']['9080']}/call/hello:9080/"
         with Traffic(url, rps=20) as traffic:
-            time.sleep(1.5)
+            time.sleep(1.5)  # real time: traffic flows before the kill
             _kill_supervisor(before)  # supervisor and control plane: gone
             deadline = time.monotonic() + 60
             while True:  # the keeper starts a new supervisor, which adopts the mesh
@@ -221,7 +221,7 @@ def test_the_keeper_of_a_detached_mesh_restarts_its_supervisor_under_load(
                 assert time.monotonic() < deadline, after
                 time.sleep(0.2)
             _wait_synced(env, 3)
-            time.sleep(2.0)
+            time.sleep(2.0)  # real time: traffic keeps flowing after recovery
         assert traffic.failed == [], traffic.failed[:5]
         assert traffic.ok >= 50, traffic.ok
         assert after["control_plane"] == before["control_plane"]

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from diktyo.platform.harness import MeshThread
+from diktyo.testing import eventually_sync
 from diktyo.testing.controlplane import admin_get
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,18 +89,18 @@ def test_requests_succeed_while_the_control_plane_is_down(mesh: MeshThread) -> N
     for w in workers:
         w.start()
     try:
-        time.sleep(1.0)
+        time.sleep(1.0)  # real time: traffic runs before the control plane stops
         mesh.call(cp.stop())
         down_at = time.monotonic()
         assert not control_plane_up(url)
         # config changes while the control plane is down are kept and pushed on restart
         mesh.apply_file(NET / "virtual-service-reviews-v3.yaml")
-        time.sleep(3.0)  # sidecars retry with backoff (cap 5 s) and keep their snapshots
+        time.sleep(3.0)  # real time: sidecars retry with backoff (cap 5 s) and keep their snapshots
         up_at = time.monotonic()
         assert mesh.call(cp.start(port=port)) == url
         assert control_plane_up(url)
         mesh.wait_synced(20)
-        time.sleep(1.0)
+        time.sleep(1.0)  # real time: traffic keeps flowing after the restart
     finally:
         stop.set()
         for w in workers:
@@ -114,10 +115,12 @@ def test_requests_succeed_while_the_control_plane_is_down(mesh: MeshThread) -> N
     states = {p["node"]: p["state"] for p in proxies(mesh)}
     assert len(states) == 7 and set(states.values()) == {"SYNCED"}, states
     # the sidecars long-poll the restarted control plane again
-    deadline = time.monotonic() + 10
-    while not all(p["connected"] for p in proxies(mesh)):
-        assert time.monotonic() < deadline, proxies(mesh)
-        time.sleep(0.2)
+    eventually_sync(
+        lambda: all(p["connected"] for p in proxies(mesh)),
+        timeout=15,
+        interval=0.2,
+        what=lambda: f"all sidecars connected: {proxies(mesh)}",
+    )
 
 
 def test_telemetry_store_works_after_a_control_plane_restart(mesh: MeshThread) -> None:

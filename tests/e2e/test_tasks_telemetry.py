@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from diktyo.platform.harness import MeshThread
+from diktyo.testing import eventually_sync
 from diktyo.testing.controlplane import admin_headers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,11 +63,8 @@ def pages(mesh: MeshThread, n: int) -> None:
         assert status == 200, body[:300]
 
 
-def wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
+def wait_for(cond, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    eventually_sync(cond, timeout=timeout, interval=0.1)
 
 
 def settled(mesh: MeshThread, quiet: float = 0.5, timeout: float = 10.0) -> None:
@@ -76,7 +74,7 @@ def settled(mesh: MeshThread, quiet: float = 0.5, timeout: float = 10.0) -> None
     size, since = len(mesh.output()), time.monotonic()
     while time.monotonic() - since < quiet:
         assert time.monotonic() < deadline, "the mesh's output never settled"
-        time.sleep(0.1)
+        time.sleep(0.1)  # real time: the output must stay quiet this long
         now = len(mesh.output())
         if now != size:
             size, since = now, time.monotonic()

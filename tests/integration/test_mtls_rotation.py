@@ -123,7 +123,7 @@ def test_renewals_and_root_rotation_under_load_fail_no_request(tmp_path: Path, m
                     results.append(f"{exc.code}: {exc.read()[:200]!r}")
                 except OSError as exc:
                     results.append(repr(exc))
-                time.sleep(0.01)
+                time.sleep(0.01)  # real time: the load generator's pause
 
         threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
         for t in threads:
@@ -139,7 +139,7 @@ def test_renewals_and_root_rotation_under_load_fail_no_request(tmp_path: Path, m
             old_root = mesh.run(lambda: identity.ca.root_cert)
             # phase 1 now (new root in every bundle at the next renewals), phase 2 in 12 s
             mesh.run(lambda: identity.ca.rotate_root(overlap=120, activate_after=12))
-            time.sleep(12.5)
+            time.sleep(12.5)  # real time: past the 12 s activate_after of phase 2
             new_root = mesh.run(lambda: identity.ca.root_cert)
             assert new_root != old_root
             issued1 = identity.service.issued
@@ -150,7 +150,7 @@ def test_renewals_and_root_rotation_under_load_fail_no_request(tmp_path: Path, m
             ):
                 time.sleep(0.5)
                 leaf = presented_certificate(hello_in)
-            time.sleep(1.0)
+            time.sleep(1.0)  # real time: traffic keeps flowing after the switch
         finally:
             stop.set()
             for t in threads:

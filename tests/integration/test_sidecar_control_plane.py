@@ -7,7 +7,14 @@ import json
 import sys
 
 from diktyo.snapshot.codec import encode
-from diktyo.testing import FakeUpstream, RecordedRequest, Response, http_request, http_snapshot
+from diktyo.testing import (
+    FakeUpstream,
+    RecordedRequest,
+    Response,
+    eventually,
+    http_request,
+    http_snapshot,
+)
 
 
 async def test_sidecar_follows_control_plane_and_acks() -> None:
@@ -43,11 +50,11 @@ async def test_sidecar_follows_control_plane_and_acks() -> None:
                 assert ready["version"] == "cp-1"
                 r = await http_request(ready["listeners"]["outbound"], "GET", "http://reviews/")
                 assert r.body == b"app"
-                for _ in range(100):
-                    acks = [q for q in plane.requests if q.path == "/v1/ack"]
-                    if acks:
-                        break
-                    await asyncio.sleep(0.05)
+                acks = await eventually(
+                    lambda: [q for q in plane.requests if q.path == "/v1/ack"],
+                    timeout=10,
+                    what="an ACK from the sidecar",
+                )
                 ack = json.loads(acks[0].body)
                 assert ack["node"] == "test.default" and ack["version"] == "cp-1"
                 assert ack["ok"] is True

@@ -322,7 +322,7 @@ async def test_large_response_to_slow_client_is_flow_controlled() -> None:
         # a tiny receive window: the client does not read for a while
         w.write(b"GET /big HTTP/1.1\r\nHost: reviews\r\n\r\n")
         await w.drain()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # real time: the client does not read for a while
         (ctx,) = [c for c in sc.sidecar.listeners.values() if c.name == "outbound"]
         (conn,) = list(ctx.connections)
         buffered = conn.transport.get_write_buffer_size()
@@ -363,7 +363,7 @@ async def test_upload_to_slow_upstream_is_flow_controlled() -> None:
                 sent += len(piece)
 
         task = asyncio.create_task(upload())
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(0.8)  # real time: the upload pushes against the slow reader for a while
         pool = sc.sidecar.pools["outbound|80||reviews"]
         (uconn,) = list(pool.active)
         assert uconn.transport.get_write_buffer_size() < 4 * 1024 * 1024

@@ -36,7 +36,7 @@ async def test_dripping_client_gets_408_at_the_header_timeout() -> None:
                 await writer.drain()
             except ConnectionError:
                 break
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # real time: a slow client drips one byte at a time
         data = await asyncio.wait_for(answer, 5) if answer.done() else b""
         elapsed = time.monotonic() - start
         writer.close()

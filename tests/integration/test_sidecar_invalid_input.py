@@ -96,7 +96,7 @@ async def _raw_upstream(answer: Callable[[], bytes]) -> AsyncIterator[tuple[int,
             got.append(await r.readuntil(b"\r\n\r\n"))
             w.write(answer())
             await w.drain()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # real time: the upstream holds the connection open
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:

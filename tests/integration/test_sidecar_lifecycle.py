@@ -42,9 +42,9 @@ async def test_snapshot_swap_under_load_has_zero_failures() -> None:
 
             tasks = [asyncio.create_task(client()) for _ in range(4)]
             for snap in snaps[1:]:
-                await asyncio.sleep(0.03)
+                await asyncio.sleep(0.03)  # real time: snapshots spaced out while traffic flows
                 sc.sidecar.apply(snap)
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(0.03)  # real time: traffic after the last snapshot
             stop.set()
             await asyncio.gather(*tasks)
             assert len(results) > 20

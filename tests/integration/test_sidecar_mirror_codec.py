@@ -30,7 +30,7 @@ async def test_a_shadow_that_breaks_http1_costs_only_the_copy() -> None:
         seen.append(head)
         w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: nope\r\n\r\n")  # nobody asked
         await w.drain()
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # real time: the upstream holds the connection before closing
         w.close()
 
     server = await asyncio.start_server(bad_shadow, "127.0.0.1", 0)

@@ -11,6 +11,7 @@ from diktyo.testing import (
     FakeUpstream,
     HttpClient,
     Response,
+    eventually,
     http_request,
     http_snapshot,
     outbound_cluster,
@@ -193,10 +194,7 @@ async def test_mirror_gets_a_shadow_copy_and_never_affects_response() -> None:
             r = await http_request(sc.port(), "POST", "http://reviews:80/m", body=b"payload")
             assert (r.status, r.body) == (200, b"main")
             assert time.monotonic() - t0 < 0.4  # not waiting for the slow shadow
-            for _ in range(100):
-                if shadow.requests:
-                    break
-                await asyncio.sleep(0.01)
+            await eventually(lambda: shadow.requests, timeout=10, what="the mirrored copy")
             (copy,) = shadow.requests
             assert copy.headers["host"] == "reviews-shadow:80"
             assert copy.body == b"payload"

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from diktyo.testing import FakeUpstream, HttpClient, http_snapshot, start_sidecar
+from diktyo.testing import FakeUpstream, HttpClient, eventually, http_snapshot, start_sidecar
 from diktyo.testing.fake_upstream import Response
 
 
@@ -135,10 +135,9 @@ async def test_pool_settings_change_drains_idle_and_busy_connections() -> None:
         up.handler = lambda req: Response(body=b"slow", delay=0.5 if req.path == "/slow" else 0)
         async with HttpClient(sc.port()) as slow_client:
             slow = asyncio.ensure_future(slow_client.get("http://reviews/slow"))
-            for _ in range(100):
-                if up.requests[-1].path == "/slow":
-                    break
-                await asyncio.sleep(0.02)
+            await eventually(
+                lambda: up.requests[-1].path == "/slow", timeout=10, what="/slow at the upstream"
+            )
             sc.sidecar.apply(_pool_snapshot(up.port, "3", idle_timeout=120.0))
             assert (await slow).status == 200
         async with HttpClient(sc.port()) as c:

@@ -11,7 +11,14 @@ import msgspec
 import pytest
 
 from diktyo.telemetry.otlp import decode_spans
-from diktyo.testing import FakeUpstream, Response, http_request, http_snapshot, start_sidecar
+from diktyo.testing import (
+    FakeUpstream,
+    Response,
+    eventually,
+    http_request,
+    http_snapshot,
+    start_sidecar,
+)
 
 
 async def test_spans_exported_and_context_propagated() -> None:
@@ -45,10 +52,7 @@ async def test_spans_exported_and_context_propagated() -> None:
             assert q1.headers["x-request-id"] == "rid-7"
             assert q2.headers["traceparent"].endswith("-01")  # sampled at 100 %
             assert q2.headers["x-b3-traceid"] != parent_trace
-            for _ in range(60):
-                if collector.requests:
-                    break
-                await asyncio.sleep(0.05)
+            await eventually(lambda: collector.requests, timeout=10, what="spans exported")
             spans = [s for q in collector.requests for s in decode_spans(q.body)]
             assert {s.trace_id for s in spans} >= {parent_trace}
             span = next(s for s in spans if s.trace_id == parent_trace)

@@ -23,7 +23,7 @@ async def test_a_fast_failing_connection_keeps_to_its_share() -> None:
                 return
             per_connection[conn] += 1
             if conn == 0:  # the first connection is served slowly with 200s
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # real time: the slow connection's service time
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
             else:  # the other one gets an immediate 503, like a breaker overflow
                 writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")

@@ -26,6 +26,7 @@ from diktyo.snapshot.model import (
     VirtualHost,
     WeightedCluster,
 )
+from diktyo.testing import eventually
 from diktyo.testing.controlplane import admin_headers
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -173,10 +174,11 @@ async def test_up_request_through_sidecars_then_down_leaves_nothing() -> None:
         hello1 = mesh.replica("hello-v1-1")
         assert hello1.sidecar is not None and hello1.sidecar.proc is not None
         hello1.sidecar.proc.kill()
-        for _ in range(100):
-            if not mesh.cp.registry.instances["hello-v1-1"].healthy:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: not mesh.cp.registry.instances["hello-v1-1"].healthy,
+            timeout=15,
+            what="hello-v1-1 marked unhealthy",
+        )
         assert not mesh.cp.registry.instances["hello-v1-1"].healthy
         assert "hello-v1-1" not in [i.name for i in mesh.cp.registry.view().instances]
         assert "sidecar exited with code" in out.getvalue()
@@ -184,10 +186,11 @@ async def test_up_request_through_sidecars_then_down_leaves_nothing() -> None:
         hello2 = mesh.replica("hello-v1-2")
         assert hello2.app is not None and hello2.app.proc is not None
         hello2.app.proc.terminate()
-        for _ in range(100):
-            if hello2.state == "exited" and not hello2.sidecar.running:  # type: ignore[union-attr]
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: hello2.state == "exited" and not hello2.sidecar.running,  # type: ignore[union-attr]
+            timeout=15,
+            what="hello-v1-2 exited and its sidecar drained",
+        )
         assert "hello-v1-2" not in mesh.cp.registry.instances
         assert hello2.sidecar is not None and not hello2.sidecar.running
     finally:

@@ -9,7 +9,6 @@ import random
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from diktyo.platform.capture_netns import (
     hosts_file,
     service_names,
 )
+from diktyo.testing import eventually_sync
 
 PROBE = str(Path(__file__).resolve().parent / "helpers" / "capture_probe.py")
 
@@ -198,9 +198,9 @@ def test_remove_all_after_a_crash_leaves_nothing(net: Net) -> None:
     stray.wait()
     removed = net.netns.remove_all()
     assert sorted(removed["namespaces"]) == before["namespaces"]
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(net.netns.leftovers().values()):
-        time.sleep(0.05)
+    eventually_sync(
+        lambda: not any(net.netns.leftovers().values()), timeout=10, what="no leftovers"
+    )
     assert net.netns.leftovers() == {"namespaces": [], "links": [], "hosts": []}
 
 

@@ -15,6 +15,7 @@ from test_platform_local import HELPERS, TINY_APP, fake_sidecar, tiny_translate
 from diktyo.platform.mesh import MeshFileError, load_mesh_text
 from diktyo.platform.state import pid_alive
 from diktyo.platform.supervisor import BackOff, LocalMesh, exit_reason
+from diktyo.testing import eventually
 from diktyo.testing.controlplane import admin_headers
 
 
@@ -65,10 +66,7 @@ gateways:
 
 
 async def _until(cond, timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
+    await eventually(cond, timeout=timeout, interval=0.02, what=what)
 
 
 @pytest.mark.slow

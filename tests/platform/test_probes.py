@@ -10,6 +10,7 @@ from aiohttp import web
 
 from diktyo.platform.ports import free_port
 from diktyo.platform.probes import ProbeConfig, ProbeTracker, WorkloadProber
+from diktyo.testing import eventually
 
 
 def test_defaults_are_istios() -> None:
@@ -66,22 +67,13 @@ async def test_http_probe_follows_the_app_and_maps_the_workload_port() -> None:
     prober = WorkloadProber(cfg, lambda ok, why: changes.append((ok, why)), port_map={9080: port})
     task = asyncio.get_running_loop().create_task(prober.run())
     try:
-        for _ in range(100):
-            if changes:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: changes, timeout=10, what="the first probe result")
         assert changes == [(True, "")]
         status[0] = 503
-        for _ in range(100):
-            if len(changes) == 2:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: len(changes) == 2, timeout=10, what="the 503 noticed")
         assert changes[1][0] is False and "answered 503" in changes[1][1]
         status[0] = 302  # 2xx and 3xx are successes
-        for _ in range(100):
-            if len(changes) == 3:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: len(changes) == 3, timeout=10, what="the 302 noticed")
         assert changes[2] == (True, "")
     finally:
         task.cancel()

@@ -7,6 +7,7 @@ import fcntl
 import os
 
 from diktyo.proxy.access_log import AccessLogWriter
+from diktyo.testing import eventually
 
 
 async def test_full_pipe_drops_lines_without_blocking_then_flushes_in_order() -> None:
@@ -24,15 +25,17 @@ async def test_full_pipe_drops_lines_without_blocking_then_flushes_in_order() ->
         assert writer.buffered <= 4096
         # now a reader drains the pipe; the loop flushes the buffer as the fd becomes writable
         got = b""
-        for _ in range(500):
+
+        def drained() -> bool:
+            nonlocal got
             try:
                 while chunk := os.read(r, 65536):
                     got += chunk
             except BlockingIOError:
                 pass
-            if not writer.buf:
-                break
-            await asyncio.sleep(0.01)
+            return not writer.buf
+
+        await eventually(drained, timeout=10, interval=0.01, what="the buffer flushed")
         try:
             got += os.read(r, 65536)
         except BlockingIOError:

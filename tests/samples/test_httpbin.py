@@ -17,6 +17,7 @@ from sample_helpers import StartApp
 
 from diktyo.core.clock import make_random
 from diktyo.samples.httpbin import pick_status, title_case
+from diktyo.testing import eventually_sync
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,10 +125,12 @@ def test_sleep_idles_and_stops_on_sigterm(tmp_path: Path) -> None:
             env={**os.environ, "POD_NAME": "sleep-1", "HTTP_PROXY": "http://127.0.0.1:1"},
         )
     try:
-        deadline = time.monotonic() + 30
-        while "idle" not in log.read_text() and time.monotonic() < deadline:
+
+        def idle() -> bool:
             assert proc.poll() is None, log.read_text()
-            time.sleep(0.05)
+            return "idle" in log.read_text()
+
+        eventually_sync(idle, timeout=30, what="sleep-1's idle line")
         assert (
             "sleep-1 idle (no port); outgoing calls go through http://127.0.0.1:1"
             in log.read_text()

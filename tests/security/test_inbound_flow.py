@@ -23,6 +23,7 @@ from diktyo.proxy.network.tls import (
 )
 from diktyo.security.translate import build_security
 from diktyo.snapshot.model import Node
+from diktyo.testing import eventually
 
 REVIEWS = Node(
     id="reviews-1.default",
@@ -153,10 +154,8 @@ async def test_strict_inbound_flow() -> None:
         except ConnectionError:
             pass
         assert plain == b""
-        for _ in range(500):  # the server records the refusal right after closing
-            if refusals:
-                break
-            await asyncio.sleep(0.01)
+        # the server records the refusal right after closing
+        await eventually(lambda: refusals, timeout=10, what="the refusal recorded")
         assert refusals == ["plaintext connection refused: PeerAuthentication mode is STRICT"]
     finally:
         server.cancel()

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import pytest
 from diktyo.telemetry.exposition import render
 from diktyo.telemetry.istio_metrics import IstioMetrics, PeerLabels, WorkloadInfo
 from diktyo.telemetry.prometheus_config import DEFAULT_TARGETS, Target, scrape_config
+from diktyo.testing import eventually
 from diktyo.testing.prometheus import prometheus_scraping
 
 PROMETHEUS = shutil.which("prometheus") or (
@@ -80,16 +79,22 @@ async def test_real_prometheus_scrapes_istio_metrics(tmp_path: Path) -> None:
     async with prometheus_scraping(lambda: render(m), tmp_path) as prom:
         query = 'sum(istio_requests_total{reporter="source"})'
         value = None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and value != 14.0:
+
+        async def scraped() -> bool:
+            nonlocal value
             assert prom.process.returncode is None, prom.log_tail()
             with contextlib.suppress(OSError, TimeoutError, ValueError, KeyError):
                 status, result = await prom.query(query)
                 if status == "success" and result:
                     value = float(result[0]["value"][1])
-            if value != 14.0:
-                await asyncio.sleep(0.5)
-        assert value == 14.0, f"Prometheus answered {value}; log:\n" + prom.log_tail()
+            return value == 14.0
+
+        await eventually(
+            scraped,
+            timeout=30,
+            interval=0.5,
+            what=lambda: f"Prometheus answering 14 (last {value}); log:\n" + prom.log_tail(),
+        )
         q2 = "histogram_quantile(0.5,sum(rate(istio_request_duration_milliseconds_bucket[1m]))by(le))"
         status, _ = await prom.query(q2)
         assert status == "success"

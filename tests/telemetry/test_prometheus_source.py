@@ -34,7 +34,7 @@ from diktyo.telemetry.prometheus_source import (
     series_queries,
 )
 from diktyo.telemetry.store import MetricStore, TraceStore
-from diktyo.testing import free_port
+from diktyo.testing import eventually, free_port
 
 PROMETHEUS = shutil.which("prometheus") or (
     "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
@@ -198,7 +198,7 @@ async def test_graph_and_series_from_real_prometheus(tmp_path: Path) -> None:
         await wait_total(src, 200.0, deadline)
         sidecars.traffic(ok=50, failed=10)
         await wait_total(src, 260.0, deadline)
-        await asyncio.sleep(2.5)  # a few more scrapes: rate() needs two samples before a point
+        await asyncio.sleep(2.5)  # real time: a few more scrapes: rate() needs two samples before a point
 
         graph = await src.graph(30.0)
         (edge,) = graph["edges"]
@@ -316,9 +316,9 @@ async def test_a_slow_prometheus_does_not_block_the_event_loop() -> None:
         pending = asyncio.ensure_future(src.graph(60))
         # while Prometheus holds every query, the loop keeps running other work: here it
         # serves all the graph's queries at once (they are concurrent, not one by one)
-        deadline = time.monotonic() + 20
-        while asked < len(graph_queries(60)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await eventually(
+            lambda: asked >= len(graph_queries(60)), timeout=20, interval=0.01, what="all queries"
+        )
         assert asked == len(graph_queries(60)) and not pending.done()
         release.set()
         graph = await asyncio.wait_for(pending, 20)

@@ -18,6 +18,7 @@ from diktyo.telemetry.otlp import OtlpExporter
 from diktyo.telemetry.scrape import Scraper
 from diktyo.telemetry.store import MetricStore, TraceStore
 from diktyo.telemetry.tracing import Sampler, start_span
+from diktyo.testing import eventually
 
 
 async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
@@ -135,8 +136,7 @@ async def test_scraper_fills_graph_and_series(api: tuple) -> None:
 async def test_scraper_task_is_owned() -> None:
     scraper = Scraper(MetricStore(), list, interval=0.01)
     scraper.start()
-    await asyncio.sleep(0.05)
-    assert scraper.rounds >= 1
+    await eventually(lambda: scraper.rounds >= 1, timeout=10, what="a scrape round")
     await scraper.close()
     assert not any(t.get_name() == "telemetry-scraper" for t in asyncio.all_tasks())
 

@@ -236,7 +236,7 @@ async def test_config_client_fails_over_and_resyncs_by_version(replicas) -> None
         await eventually(lambda: client.url == b.url, timeout=5)
         await eventually(lambda: b.backend.connection_of("p-1.default") == "r1", timeout=5)
         # b holds the same content under its own version: nothing is sent again
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # real time: an idle period in which nothing may be sent
         assert client.stats["received"] == received, (before, b.cache.get("p-1.default").version)
         assert client.stats["failovers"] >= 1
         # a change applied through b reaches the client

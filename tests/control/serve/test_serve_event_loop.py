@@ -34,7 +34,7 @@ async def _health_until(url: str, done: asyncio.Future[object], log: list[float]
                 assert r.status == 200
                 await r.read()
             log.append(time.monotonic())
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # real time: probe pacing
 
 
 async def test_health_answers_while_a_big_apply_is_loaded_and_analyzed() -> None:
@@ -72,7 +72,7 @@ async def test_health_answers_while_translation_runs(translate, make_proxy) -> N
     def slow_translate(p, push):  # type: ignore[no-untyped-def]
         """The real (tiny) translator, made as slow as translating a huge config is."""
         start = time.monotonic()
-        time.sleep(0.4)  # blocks whichever thread translates, as heavy translation does
+        time.sleep(0.4)  # real time: blocks whichever thread translates, as heavy translation does
         snap = translate(p, push)
         with lock:
             spans.append((start, time.monotonic()))

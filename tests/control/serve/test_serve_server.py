@@ -31,12 +31,8 @@ def _inst(name: str, port: int) -> WorkloadInstance:
     )
 
 
-async def _until(pred, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+async def _until(pred, timeout: float = 10.0) -> None:
+    await eventually(pred, timeout=timeout, interval=0.02)
 
 
 def _endpoints(snap: Snapshot | None) -> list[int]:
@@ -126,9 +122,9 @@ async def test_debounce_merges_a_burst_into_one_push(translate, make_proxy) -> N
         for i in range(30):
             cp.registry.add_instance(_inst(f"r{i}", 7000 + i))
             clock.advance(0.01)
-            await asyncio.sleep(0)  # the push loop sees each change
+            await asyncio.sleep(0)  # real time: the push loop sees each change
         clock.advance(0.03)  # 0.04 s after the last change: still inside the quiet period
-        await asyncio.sleep(0.2)  # the loop re-checks the clock every <= 0.05 s meanwhile
+        await asyncio.sleep(0.2)  # real time: the loop re-checks the clock every <= 0.05 s meanwhile
         assert cp.debouncer.pending and cp.pushes == before  # still quiet-waiting
         clock.advance(0.01)  # quiet period over
         await eventually(lambda: cp.pushes > before, timeout=5, what="the burst's push")
@@ -256,7 +252,7 @@ async def test_client_survives_control_plane_restart(translate, make_proxy) -> N
         await _until(lambda: client.snapshot is not None and _endpoints(client.snapshot) == [7001])
         await cp.stop()
         await _until(lambda: not client.connected, timeout=5)
-        await asyncio.sleep(0.5)  # several failed reconnects
+        await asyncio.sleep(0.5)  # real time: several failed reconnects
         assert _endpoints(client.snapshot) == [7001]  # keeps the last good snapshot
         cp2 = ControlPlane(
             translator=translate,
@@ -354,7 +350,7 @@ async def test_restarted_control_plane_does_not_repush_same_content(translate, m
         await _until(lambda: not client.connected)
         cp = await plane()
         await _until(lambda: cp.status["app-1.default"].state == "SYNCED")
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # real time: an idle period in which nothing may be pushed
         assert client.stats["received"] == received  # adopted, not pushed again
     finally:
         await client.close()

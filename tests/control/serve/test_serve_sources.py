@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from diktyo.api import load_text
 from diktyo.control.model import Registry, Service, ServicePort, WorkloadInstance
 from diktyo.control.server import ControlPlane
+from diktyo.testing import eventually
 
 OWN = Service(hostname="a.default.svc.cluster.local", short_name="a", ports=(ServicePort(9080),))
 KUBE = Service(hostname="b.default.svc.cluster.local", short_name="b", ports=(ServicePort(9080),))
@@ -52,8 +51,7 @@ async def test_registry_and_config_sources_merge_and_trigger_pushes(make_proxy) 
         result = load_text(VS, "kube:VirtualService/default/b")
         await cp.config_source("kubernetes")(result)
         assert [k[2] for k in cp.store.resource_keys()] == ["b"]
-        await asyncio.sleep(0.2)
-        assert cp.pushes > before
+        await eventually(lambda: cp.pushes > before, timeout=10, what="a push of the change")
         entry = cp.cache.get("app-1.default")
         assert entry is not None
         eps = [

@@ -20,6 +20,7 @@ from diktyo.snapshot.model import (
     WeightedCluster,
 )
 from diktyo.snapshot.security import AuthzPolicy, AuthzRule, Operation, SecurityConfig, Source
+from diktyo.testing import eventually
 from diktyo.testing.sidecar import start_sidecar
 
 
@@ -68,11 +69,7 @@ def _inbound(app_port: int, *policies: AuthzPolicy) -> Snapshot:
 
 
 async def _wait(cond, what: str) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while not cond():
-        assert loop.time() < deadline, what
-        await asyncio.sleep(0.02)
+    await eventually(cond, timeout=10, interval=0.02, what=what)
 
 
 async def test_inbound_tcp_listener_reports_destination_tcp_metrics() -> None:

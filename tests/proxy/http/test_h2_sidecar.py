@@ -173,7 +173,7 @@ async def test_slow_downstream_reader_stops_the_upstream() -> None:
             # what left the upstream: the client's window (65,535, delivered) plus at most the
             # sidecar's own stream window (64 KiB, buffered in the sidecar): bounded, not 3 MB
             assert 3_000_000 - pending <= 65_535 + 65_536
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # real time: an idle period: nothing beyond the window may arrive
             assert len(c.body(1)) == 65_535  # nothing beyond the client's window
             # the client reads again: everything arrives
             c.c.acknowledge_received_data(len(c.body(1)), 1)
@@ -203,7 +203,7 @@ async def test_malformed_request_is_answered_with_goaway_and_not_forwarded() -> 
             )
             (gone,) = [e for e in c.events if isinstance(e, h2.events.ConnectionTerminated)]
             assert gone.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # real time: an idle period: nothing may reach the upstream
             assert up.requests == []
         finally:
             c.close()

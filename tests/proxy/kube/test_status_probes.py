@@ -153,7 +153,7 @@ async def test_https_probe_without_verification(status: StatusServer, tmp_path: 
 
 async def test_timeouts_refusals_and_tcp(status: StatusServer) -> None:
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(5)
+        await asyncio.sleep(5)  # real time: a handler slower than the probe's timeout
         return web.Response()
 
     runner, port, _ = await _app({"/slow": slow})
