@@ -70,6 +70,12 @@ SHARED_RESOURCE_GROUPS = {
         "control/serve/test_serve_sources.py",
         "e2e/test_e2e_etcd_faults.py",
     ),
+    # one Bookinfo mesh per session shared by these modules (``bookinfo_mesh`` in
+    # tests/e2e/conftest.py): on one worker, so it is booted once
+    "bookinfo": (
+        "e2e/test_e2e_bookinfo.py",
+        "e2e/test_tasks_traffic.py",
+    ),
 }
 
 # Under xdist, groups are handed out in collection order (--no-loadscope-reorder): the long

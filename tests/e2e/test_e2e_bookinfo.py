@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from diktyo.platform.harness import MeshThread
-from diktyo.platform.state import pid_alive
 from diktyo.testing.controlplane import admin_get
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,28 +41,10 @@ def served_by(body: str) -> str:
     return m.group(1)
 
 
-@pytest.fixture(scope="module")
-def bookinfo():
-    with MeshThread(BOOKINFO / "mesh.yaml", gateway_host_port=0) as mesh:
-        for name in (
-            "bookinfo-gateway.yaml",
-            "destination-rule-all.yaml",
-            "virtual-service-all-v1.yaml",
-        ):
-            mesh.apply_file(NET / name)
-        mesh.wait_synced()
-        pids = mesh.pids()
-        yield mesh
-    assert len(pids) == 13  # 6 apps + 6 sidecars + 1 gateway
-    assert [p for p in pids if pid_alive(p)] == []
-
-
 @pytest.fixture
-def mesh(bookinfo: MeshThread):
-    bookinfo.apply_file(NET / "virtual-service-all-v1.yaml")
-    bookinfo.wait_synced()
-    yield bookinfo
-    bookinfo.apply_file(NET / "virtual-service-all-v1.yaml")
+def mesh(bookinfo_baseline: MeshThread) -> MeshThread:
+    """The shared Bookinfo mesh (tests/e2e/conftest.py), reset to its baseline around each test."""
+    return bookinfo_baseline
 
 
 def test_all_v1(mesh: MeshThread) -> None:

@@ -11,7 +11,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,26 +67,10 @@ def ut_count(mesh: MeshThread) -> float:
     )
 
 
-@pytest.fixture(scope="module")
-def bookinfo() -> Iterator[MeshThread]:
-    with MeshThread(BOOKINFO / "mesh.yaml", gateway_host_port=0) as mesh:
-        for name in (
-            "bookinfo-gateway.yaml",
-            "destination-rule-all.yaml",
-            "virtual-service-all-v1.yaml",
-        ):
-            mesh.apply_file(NET / name)
-        mesh.wait_synced()
-        yield mesh
-
-
 @pytest.fixture
-def mesh(bookinfo: MeshThread) -> Iterator[MeshThread]:
-    bookinfo.apply_file(NET / "virtual-service-all-v1.yaml")
-    bookinfo.wait_synced()
-    yield bookinfo
-    bookinfo.apply_file(NET / "virtual-service-all-v1.yaml")
-    bookinfo.wait_synced()
+def mesh(bookinfo_baseline: MeshThread) -> MeshThread:
+    """The shared Bookinfo mesh (tests/e2e/conftest.py), reset to its baseline around each test."""
+    return bookinfo_baseline
 
 
 def test_traffic_shifting_v1_then_fifty_fifty_v3_then_all_v3(mesh: MeshThread) -> None:
