@@ -94,7 +94,8 @@ class Span:
         self, clock: Clock, status_code: int | None = None, response_flags: str = "-"
     ) -> None:
         """End the span; HTTP 5xx, 0 (no response) or a response flag other than "-" is an error."""
-        self.end_ns = max(self.start_ns, int(clock.time() * 1e9))
+        # an end stamped when the response was written (Tracer.responded) is kept
+        self.end_ns = max(self.start_ns, self.end_ns or int(clock.time() * 1e9))
         if status_code is not None:
             self.attributes["http.status_code"] = status_code
             self.attributes["response_flags"] = response_flags

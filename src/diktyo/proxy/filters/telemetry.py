@@ -91,6 +91,7 @@ class TracingFilter(HttpFilter):
             name = span_name_for(wc.host, port, cb.routing_authority())
         span = tracer.begin_request(head, cb.downstream_address(), kind, name)
         cb.set_state("span", span)
+        cb.set_state("tracer", tracer)  # the stream stamps the span's end before its last write
         return CONTINUE
 
     def on_complete(self, cb: FilterCallbacks, flags: str, duration_ms: float) -> None:

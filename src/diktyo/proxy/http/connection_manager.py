@@ -492,6 +492,17 @@ class HttpConnection(asyncio.Protocol):
             self.closed = True
 
 
+def _stamp_response_end(state: dict[str, Any]) -> None:
+    """A traced stream's span ends when its last response byte is handed to the transport,
+    stamped just before that write: a caller that has the whole response can never end its
+    own span before this one (stamped after the write, a descheduled sidecar would end the
+    callee's span after the caller's)."""
+    span = state.get("span")
+    tracer = state.get("tracer")
+    if span is not None and tracer is not None:
+        tracer.responded(span)
+
+
 class DownstreamStream:
     """One request/response exchange on a downstream connection, independent of the wire
     protocol: it talks to its connection's codec through the ``events`` interfaces, to its
@@ -1109,6 +1120,8 @@ class DownstreamStream:
             self.codec.send_headers(self.sid, to, True)
         elif not self.resp_trailers_sent:
             self.codec.send_data(self.sid, b"", True)
+        if self.state is not None:
+            _stamp_response_end(self.state)
         self.conn.flush()
         self.phase = RESPONDED  # RESPONDING -> RESPONDED, checked above
         status = self.status
@@ -1293,6 +1306,8 @@ class DownstreamStream:
                 if self.head.method == "HEAD":
                     self.resp_bytes = 0  # HEAD: same head, no body (the codec drops it)
                 codec.send_data(self.sid, body, True)
+            if self.state is not None:
+                _stamp_response_end(self.state)
             conn.flush()
         if self.req_done:
             self.finish()
@@ -1315,6 +1330,8 @@ class DownstreamStream:
             )
             pairs = grpc.local_reply(code, msg)
             self.codec.send_headers(self.sid, ResponseHead(200, pairs, None, False), True)
+            if self.state is not None:
+                _stamp_response_end(self.state)
             conn.flush()
         if self.req_done:
             self.finish()

@@ -131,6 +131,11 @@ class Tracer:
             span.attributes = attrs
         return span
 
+    def responded(self, span: Span) -> None:
+        """The whole response is about to be written: this is the span's end time."""
+        if span.sampled:
+            span.end_ns = max(span.start_ns, int(self.clock.time() * 1e9))
+
     def end(
         self,
         span: Span,
