@@ -136,8 +136,14 @@ async def test_concurrent_applies_through_two_replicas_are_all_stored(replicas) 
     ]
     results = await asyncio.gather(*(_apply(cp, t) for cp, t in texts))
     assert [s for s, _ in results] == [200] * len(texts), [b for s, b in results if s != 200]
+    # every apply was acknowledged (stored in etcd); b's writes reach a's store through a's
+    # watch, asynchronously: wait for it, then the same assertion
+    wanted = {f"own-r{r}-{i}" for r in (0, 1) for i in range(10)}
+    await eventually(
+        lambda: wanted <= {k[2] for k in a.store.resource_keys()}, timeout=5, what="watch on a"
+    )
     names = {k[2] for k in a.store.resource_keys()}
-    assert {f"own-r{r}-{i}" for r in (0, 1) for i in range(10)} <= names
+    assert wanted <= names
     await eventually(lambda: a.backend.config_revisions == b.backend.config_revisions, timeout=5)
     kv = await a.backend.client.get("/diktyo/config/VirtualService/default/hot")
     assert (
