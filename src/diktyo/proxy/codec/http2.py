@@ -68,14 +68,14 @@ from diktyo.proxy.codec.events import (
     ServerCodec,
     ServerSink,
 )
-from diktyo.proxy.codec.http2_common import (
-    _HOP_BY_HOP_STR,
-    _lower,
-)
 from diktyo.proxy.codec.http2_common import DEFAULT_OPTIONS as DEFAULT_OPTIONS
 from diktyo.proxy.codec.http2_common import PREFACE as PREFACE
 from diktyo.proxy.codec.http2_common import Http2Options as Http2Options
 from diktyo.proxy.codec.http2_common import Http2Stats as Http2Stats
+from diktyo.proxy.codec.http2_common import (
+    _lower,
+    request_header_list,
+)
 
 ErrorCodes = h2.errors.ErrorCodes
 _BIG = 2**31 - 1
@@ -781,32 +781,7 @@ class Http2ClientCodec(_H2Codec):
     def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
         if self.closed:
             raise CodecError(503, "HTTP/2 upstream connection is closing (GOAWAY)")
-        hdrs = head.headers
-        authority = hdrs.get("host") or head.authority
-        pairs: HeaderList = [
-            (b":method", head.method.encode("latin-1")),
-            (b":scheme", head.scheme.encode("latin-1")),
-            (b":authority", authority.encode("latin-1")),
-            (b":path", head.path.encode("latin-1")),
-        ]
-        has_te = False
-        for name, value in hdrs.items():
-            if name in _HOP_BY_HOP_STR:
-                if name == "te" and value.strip().lower() == "trailers":
-                    pairs.append((b"te", b"trailers"))
-                    has_te = True
-                continue
-            n = name.lower().encode("latin-1")
-            if name == "cookie":
-                pairs.extend((n, c.strip().encode("latin-1")) for c in value.split(";"))
-            else:
-                pairs.append((n, value.encode("latin-1")))
-        if not has_te and hdrs.get("content-type", "").startswith("application/grpc"):
-            # gRPC servers require "te: trailers"; the stream strips TE as hop-by-hop (Envoy
-            # keeps "te: trailers"), so a gRPC request gets it back here
-            pairs.append((b"te", b"trailers"))
-        if head.content_length is not None and "content-length" not in hdrs:
-            pairs.append((b"content-length", str(head.content_length).encode()))
+        pairs = request_header_list(head)
         st = _Stream(self._clock())
         self._streams[sid] = st
         self._streams_opened += 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from diktyo.proxy.codec.events import HeaderList, RequestHead
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what an h2c (prior knowledge) client sends first
 
 # connection-specific headers (RFC 9113 8.2.2): never sent on HTTP/2
@@ -78,3 +80,36 @@ def lower_pairs(pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 
 
 _lower = lower_pairs
+
+
+def request_header_list(head: RequestHead) -> HeaderList:
+    """The HTTP/2 header list of an upstream request (both codecs): pseudo-headers first,
+    hop-by-hop headers dropped except ``te: trailers``, cookies split into crumbs (RFC 9113
+    8.2.3), ``content-length`` from the head when it has one."""
+    hdrs = head.headers
+    authority = hdrs.get("host") or head.authority
+    pairs: HeaderList = [
+        (b":method", head.method.encode("latin-1")),
+        (b":scheme", head.scheme.encode("latin-1")),
+        (b":authority", authority.encode("latin-1")),
+        (b":path", head.path.encode("latin-1")),
+    ]
+    has_te = False
+    for name, value in hdrs.items():
+        if name in _HOP_BY_HOP_STR:
+            if name == "te" and value.strip().lower() == "trailers":
+                pairs.append((b"te", b"trailers"))
+                has_te = True
+            continue
+        n = name.lower().encode("latin-1")
+        if name == "cookie":
+            pairs.extend((n, c.strip().encode("latin-1")) for c in value.split(";"))
+        else:
+            pairs.append((n, value.encode("latin-1")))
+    if not has_te and hdrs.get("content-type", "").startswith("application/grpc"):
+        # gRPC servers require "te: trailers"; the stream strips TE as hop-by-hop (Envoy
+        # keeps "te: trailers"), so a gRPC request gets it back here
+        pairs.append((b"te", b"trailers"))
+    if head.content_length is not None and "content-length" not in hdrs:
+        pairs.append((b"content-length", str(head.content_length).encode()))
+    return pairs

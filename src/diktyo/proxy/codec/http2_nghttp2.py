@@ -54,11 +54,11 @@ from diktyo.proxy.codec.events import (
     ServerSink,
 )
 from diktyo.proxy.codec.http2_common import (
-    _HOP_BY_HOP_STR,
     DEFAULT_OPTIONS,
     Http2Options,
     Http2Stats,
     _lower,
+    request_header_list,
 )
 
 _CDEF = """
@@ -1142,30 +1142,7 @@ class NgHttp2ClientCodec(_NgCodec):
     def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
         if self.closed:
             raise CodecError(503, "HTTP/2 upstream connection is closing (GOAWAY)")
-        hdrs = head.headers
-        authority = hdrs.get("host") or head.authority
-        pairs: HeaderList = [
-            (b":method", head.method.encode("latin-1")),
-            (b":scheme", head.scheme.encode("latin-1")),
-            (b":authority", authority.encode("latin-1")),
-            (b":path", head.path.encode("latin-1")),
-        ]
-        has_te = False
-        for name, value in hdrs.items():
-            if name in _HOP_BY_HOP_STR:
-                if name == "te" and value.strip().lower() == "trailers":
-                    pairs.append((b"te", b"trailers"))
-                    has_te = True
-                continue
-            n = name.lower().encode("latin-1")
-            if name == "cookie":
-                pairs.extend((n, c.strip().encode("latin-1")) for c in value.split(";"))
-            else:
-                pairs.append((n, value.encode("latin-1")))
-        if not has_te and hdrs.get("content-type", "").startswith("application/grpc"):
-            pairs.append((b"te", b"trailers"))
-        if head.content_length is not None and "content-length" not in hdrs:
-            pairs.append((b"content-length", str(head.content_length).encode()))
+        pairs = request_header_list(head)
         _k, nva, cnt = _nva(pairs)
         st = _Stream(self._clock())
         prd = self._ffi.NULL if end_stream else self._provider(sid, st)
