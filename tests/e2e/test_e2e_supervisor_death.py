@@ -121,9 +121,11 @@ def test_kill_9_supervisor_under_load_then_up_adopts(tmp_path: Path, env: dict[s
         front = next(w for w in before["workloads"] if w["name"] == "front-v1-1")
         url = f"http://127.0.0.1:{front['app_ports']['9080']}/call/hello:9080/"
         (tmp_path / "v2.yaml").write_text(ROUTE_V2)  # applied config must survive too
-        applied = diktyo("apply", "-f", str(tmp_path / "v2.yaml"), env=env)
+        # --wait: back once every sidecar ACKed the route (proxy-status alone can still show
+        # the previous version SYNCED while the push is debounced)
+        applied = diktyo("apply", "-f", str(tmp_path / "v2.yaml"), "--wait", env=env)
         assert applied.returncode == 0, applied.stderr
-        _wait_synced(env, 3)
+        assert "distributed to 3 of 3 sidecars" in applied.stdout, applied.stdout
         with Traffic(url, rps=20) as traffic:
             time.sleep(1.5)  # real time: traffic flows before the kill
             proc.kill()  # SIGKILL; the control plane runs in it: both are gone now

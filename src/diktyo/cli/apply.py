@@ -47,6 +47,45 @@ def _report(body: dict[str, Any], verb: str) -> None:
         print(msg, file=sys.stderr)
 
 
+def add_wait_arg(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        const=30.0,
+        type=float,
+        metavar="SECONDS",
+        help=f"return once every sidecar has {verb} the change (ACKed the snapshot that has "
+        "it), like 'istioctl experimental wait --for=distribution'; exit 1 naming the "
+        "sidecars that did not within SECONDS (default 30)",
+    )
+
+
+def _query(args: argparse.Namespace) -> str:
+    wait = getattr(args, "wait", None)
+    return "" if wait is None else f"wait={wait:g}"
+
+
+def _distribution(body: dict[str, Any], wait: float | None) -> int:
+    """Print where the change reached; 1 if some sidecar did not ACK it in time."""
+    dist = body.get("distribution")
+    if wait is None or not isinstance(dist, dict):
+        return 0
+    synced, late = dist.get("synced", []), dist.get("late", [])
+    total = len(synced) + len(late)
+    if not late:
+        print(f"distributed to {total} of {total} sidecars (push version {dist.get('version')})")
+        return 0
+    names = ", ".join(
+        f"{x['node']} ({x['state']}{': ' + x['error'] if x.get('error') else ''})" for x in late
+    )
+    print(
+        f"error: distributed to {len(synced)} of {total} sidecars within {wait:g}s; not to: "
+        f"{names}. 'diktyo proxy-status' shows them; a NACK's reason is in the sidecar's log",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def _target(args: argparse.Namespace) -> tuple[str, list[Path]] | int:
     """The control plane's URL and the YAML files to send, or the exit code saying why not."""
     url = cp_url(args)
@@ -75,11 +114,13 @@ def apply(args: argparse.Namespace) -> int:
             return 2
         payload.append({"source": source, "text": text})
     try:
+        query = _query(args)
         status, body = call(
             "POST",
-            f"{url}/v1/config",
+            f"{url}/v1/config" + (f"?{query}" if query else ""),
             json.dumps({"files": payload}).encode(),
-            timeout=300.0,  # a large config takes a while to load and analyze
+            # a large config takes a while to load and analyze
+            timeout=300.0 + (args.wait or 0.0),
             json_body=True,
         )
     except ConnectionError as exc:
@@ -98,7 +139,7 @@ def apply(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    return _distribution(body, args.wait)
 
 
 def send(args: argparse.Namespace, method: str) -> int:
@@ -112,7 +153,9 @@ def send(args: argparse.Namespace, method: str) -> int:
     for f in files:
         try:
             source, data = _read(f)
-            status, body = call(method, f"{url}/v1/config?source={quote(source)}", data)
+            query = "&".join(q for q in (f"source={quote(source)}", _query(args)) if q)
+            timeout = 10.0 + (getattr(args, "wait", None) or 0.0)
+            status, body = call(method, f"{url}/v1/config?{query}", data, timeout=timeout)
         except ConnectionError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -121,7 +164,7 @@ def send(args: argparse.Namespace, method: str) -> int:
             code = 1
             continue
         _report(body, verb)
-        if status >= 400:
+        if status >= 400 or _distribution(body, getattr(args, "wait", None)):
             code = 1
     return code
 
@@ -134,4 +177,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     add_files_arg(p, "YAML file, folder, or - for standard input (repeatable)")
     add_cp_arg(p)
+    add_wait_arg(p, "applied")
     p.set_defaults(func=apply)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from diktyo.cli._common import add_cp_arg, add_files_arg
-from diktyo.cli.apply import send
+from diktyo.cli.apply import add_wait_arg, send
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -16,4 +16,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     add_files_arg(p, "YAML file or folder (repeatable)")
     add_cp_arg(p)
+    add_wait_arg(p, "dropped")
     p.set_defaults(func=lambda a: send(a, "DELETE"))

@@ -44,6 +44,7 @@ from diktyo.platform.backoff import BackOff
 from diktyo.platform.mesh import GatewaySpec, MeshSpec, RestartSpec, WorkloadSpec, fqdn
 from diktyo.platform.ports import free_port, port_in_use
 from diktyo.platform.process import Child
+from diktyo.platform.state import pid_alive
 from diktyo.security.admin_token import read_secret_file, write_secret
 from diktyo.security.spiffe import TOKEN_FILE_ENV
 from diktyo.snapshot.model import Node
@@ -669,20 +670,29 @@ class LocalMesh:
         self._load_ca()
         self._load_applied()
         port = urlsplit(str(state.get("control_plane") or "")).port or self.spec.control_plane.port
-        await self.cp.start(host, port)
+        self._taken.add(port)
         old = {str(w.get("name")): w for w in state.get("workloads", []) if isinstance(w, dict)}
         held = frozenset(
             int(v) for w in old.values() for v in (w.get("gateway_ports") or {}).values()
         )
         self._plan(adopting=held)
+        for rep in self.replicas:
+            w = old.get(rep.name)
+            if w is None:
+                continue
+            self._reuse_ports(rep, w)
+            if rep.adoptable and not rep.is_gateway and pid_alive(int(w.get("app_pid") or 0)):
+                # Known before the control plane listens: the running sidecars reconnect at
+                # once, and a first snapshot without these endpoints would answer their
+                # callers 503 UH ("no healthy upstream") until the replica is re-adopted.
+                self._register_instance(rep)
+        await self.cp.start(host, port)
         self.say(
             f"adopting mesh {state.get('name')!r} of supervisor pid {state.get('pid')} "
             f"(control plane again on {self.cp.url}) ..."
         )
         for rep in self.replicas:
-            w = old.pop(rep.name, None)
-            if w is not None:
-                self._reuse_ports(rep, w)
+            old.pop(rep.name, None)
         if old:  # replicas the mesh file no longer has
             from diktyo.platform.process import stop_pids
 

@@ -17,7 +17,7 @@ from diktyo.platform.ports import free_port
 from diktyo.security.admin_token import write_secret
 from diktyo.snapshot.model import Node
 from diktyo.testing import eventually
-from diktyo.testing.controlplane import cli_env
+from diktyo.testing.controlplane import admin_session, cli_env
 
 SVC = Service(
     hostname="hello.default.svc.cluster.local", short_name="hello", ports=(ServicePort(9080),)
@@ -188,3 +188,98 @@ async def test_real_sidecar_nack_is_reported_by_proxy_status(tmp_path) -> None:
         await asyncio.wait_for(proc.wait(), 15)
         await cp.stop()
         busy.close()
+
+
+ROUTE_TO_V2 = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: hello}
+spec:
+  host: hello
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hello}
+spec:
+  hosts: [hello]
+  http:
+  - route:
+    - destination: {host: hello, subset: v2}
+"""
+
+
+async def _run_cli(cp: ControlPlane, home: object, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "diktyo.cli.main", *args, "--control-plane", cp.url,
+        env=cli_env(cp, home), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_apply_wait_returns_once_every_sidecar_serves_the_change(tmp_path) -> None:
+    """``diktyo apply --wait``: the first request after it already takes the new route (the
+    push is not left to the debounce), and a sidecar that never ACKs makes it exit 1 by name."""
+    import dataclasses
+
+    up1, p1 = await _upstream("one")
+    up2, p2 = await _upstream("two")
+    outbound = free_port()
+    cp = ControlPlane(poll_timeout=2.0, observability=False)
+    cp.debouncer.quiet = 2.0  # a slow debounce: only --wait's push can be seen at once
+    await cp.start()
+    cp.registry.add_service(SVC)
+    for port, version in ((p1, "v1"), (p2, "v2")):
+        inst = _instance(f"hello-{version}", port)
+        cp.registry.add_instance(dataclasses.replace(inst, labels={"version": version}))
+    cp.add_proxy(ProxyNode(node=NODE.node, outbound_port=outbound))
+    token = tmp_path / "token"
+    write_secret(token, cp.sidecar_token(NODE))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "diktyo.cli.main", "sidecar", "--control-plane", cp.url,
+        "--node", NODE.node.id, "--token-file", str(token), "--admin-port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 20))["event"] == "ready"
+        await eventually(lambda: cp.status[NODE.node.id].state == "SYNCED", timeout=10)
+        (tmp_path / "v2.yaml").write_text(ROUTE_TO_V2)
+        rc, out, err = await _run_cli(
+            cp, tmp_path / "h", "apply", "-f", str(tmp_path / "v2.yaml"), "--wait"
+        )
+        assert rc == 0, err
+        assert "virtualservice/hello (default) applied" in out
+        assert "distributed to 1 of 1 sidecars" in out, out
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+            assert [await _get(s, outbound) for _ in range(10)] == [(200, "two")] * 10
+
+        # a sidecar that never connects: --wait gives up after its seconds and names it
+        cp.add_proxy(ProxyNode(node=Node(id="ghost-1.default", workload="ghost"), outbound_port=0))
+        rc, out, err = await _run_cli(
+            cp, tmp_path / "h", "delete", "-f", str(tmp_path / "v2.yaml"), "--wait", "1"
+        )
+        assert rc == 1
+        assert "virtualservice/hello (default) deleted" in out
+        assert "distributed to 1 of 2 sidecars within 1s" in err, err
+        assert "ghost-1.default (NOT CONNECTED)" in err, err
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+            assert {(await _get(s, outbound))[1] for _ in range(20)} == {"one", "two"}
+
+        async with admin_session(cp) as s:  # a wait that is not seconds: 400, nothing applied
+            before = cp.store.generation
+            yaml = {"Content-Type": "application/yaml"}
+            async with s.post(f"{cp.url}/v1/config?wait=soon", data=ROUTE_TO_V2, headers=yaml) as r:
+                assert r.status == 400 and "give seconds" in (await r.json())["error"]
+            assert cp.store.generation == before
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 15)
+        await cp.stop()
+        await up1.cleanup()
+        await up2.cleanup()

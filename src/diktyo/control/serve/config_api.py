@@ -58,6 +58,9 @@ class ConfigApi:
 
     async def _h_apply(self, request: web.Request) -> web.Response:
         """``POST /v1/config``: YAML (``?source=NAME``) or JSON ``{"files": [{source, text}]}``."""
+        wait = _wait_seconds(request)
+        if isinstance(wait, web.Response):
+            return wait
         files = await _apply_files(request)
         if isinstance(files, web.Response):
             return files
@@ -104,9 +107,29 @@ class ConfigApi:
                     },
                     status=400,
                 )
-        return web.json_response(
-            {"applied": [list(k) for k in keys], "errors": [], "messages": list(messages)}
-        )
+        body: dict[str, Any] = {
+            "applied": [list(k) for k in keys],
+            "errors": [],
+            "messages": list(messages),
+        }
+        if wait is not None:
+            body["distribution"] = await self._distribute(wait)
+        return web.json_response(body)
+
+    async def _distribute(self, timeout: float) -> dict[str, Any]:
+        """Wait until every sidecar this control plane serves ACKed (or NACKed) a snapshot built
+        after the change, like ``istioctl experimental wait --for=distribution``: pushed now,
+        not after the debounce. ``synced``/``late`` name the sidecars."""
+        cp = self.cp
+        await cp.backend.catch_up()  # etcd: the local store holds the write before the push
+        await cp.sync(timeout)
+        synced, late = [], []
+        for node, st in sorted(cp.status.items()):
+            if st.state == "SYNCED":
+                synced.append(node)
+            else:
+                late.append({"node": node, "state": st.state, "error": st.error})
+        return {"version": str(cp.push.push_version), "synced": synced, "late": late}
 
     def _prepare_apply(
         self, files: list[tuple[str, str]], view: StoreView, registry: Registry
@@ -136,6 +159,9 @@ class ConfigApi:
         return prepared.resources, errors, messages
 
     async def _h_delete(self, request: web.Request) -> web.Response:
+        wait = _wait_seconds(request)
+        if isinstance(wait, web.Response):
+            return wait
         text = await request.text()
         named, errors = self.cp.store.names_in(text, request.query.get("source", "<api>"))
         keys: list[Any] = []
@@ -145,9 +171,10 @@ class ConfigApi:
                 return deleted
             keys, errors = deleted
         status = 200 if keys or not errors else 404
-        return web.json_response(
-            {"deleted": [list(k) for k in keys], "errors": list(errors)}, status=status
-        )
+        body: dict[str, Any] = {"deleted": [list(k) for k in keys], "errors": list(errors)}
+        if wait is not None and keys:
+            body["distribution"] = await self._distribute(wait)
+        return web.json_response(body, status=status)
 
     async def _h_delete_one(self, request: web.Request) -> web.Response:
         m = request.match_info
@@ -175,6 +202,23 @@ class ConfigApi:
 
     async def _h_replicas(self, request: web.Request) -> web.Response:
         return web.json_response(self.cp.backend.describe())
+
+
+MAX_WAIT = 300.0
+
+
+def _wait_seconds(request: web.Request) -> float | None | web.Response:
+    """``?wait=SECONDS``: answer once the change reached every sidecar (at most ``MAX_WAIT``)."""
+    raw = request.query.get("wait")
+    if raw is None:
+        return None
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= MAX_WAIT:  # also rejects nan
+        return error(400, f"wait={raw!r}: give seconds from 0 to {MAX_WAIT:g}")
+    return wait
 
 
 def _is_error(finding: Any) -> bool:
