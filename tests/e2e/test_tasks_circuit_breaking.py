@@ -127,11 +127,12 @@ def within(share: float, c: int) -> bool:
 
 
 def test_three_connections_give_istios_figure(mesh: MeshThread) -> None:
-    three = load_via(mesh, "sleep", connections=3, requests=30)
-    share = three.codes.get(200, 0) / 30
+    # three runs of Istio's command, their mean compared: one run of 30 swings by +-9 points
+    runs = [load_via(mesh, "sleep", connections=3, requests=30) for _ in range(3)]
+    share = sum(r.codes.get(200, 0) for r in runs) / 90
     assert within(share, 3), (
         f"-c 3: {share:.0%} of requests got 200, Istio's task shows {ISTIO_SHARE_200[3]:.0%}",
-        three.codes,
+        [r.codes for r in runs],
     )
 
 
