@@ -150,3 +150,35 @@ async def test_diktyo_sidecar_loads_h2_only_for_the_first_http2_connection(
         finally:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 15)
+
+
+async def test_idle_diktyo_sidecar_has_none_of_the_lazy_stdlib_modules(tmp_path: Path) -> None:
+    """``diktyo sidecar --config DIR`` hands its parsed flags to the re-executed process (no
+    argparse there) and loads neither ctypes (workers), hashlib, ipaddress nor the idna codec
+    while idle (issue 11, idle RSS); the flags still apply (--header-timeout: a stalled head
+    gets its 408 after 1 s, not the default 30)."""
+    async with FakeUpstream() as app:
+        (tmp_path / "mesh.yaml").write_text(MESH.format(port=app.port))
+        proc = await asyncio.create_subprocess_exec(
+            *_diktyo_command(), "sidecar", "--config", str(tmp_path), "--outbound-port", "0",
+            "--admin-port", "0", "--admin-token-file", str(tmp_path / "admin-token"),
+            "--header-timeout", "1",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+            port, admin = ready["listeners"]["outbound"], ready["admin"]
+            r = await http_request(port, "GET", "http://reviews:9080/")
+            assert r.status == 200
+            mem = await _admin_memory(admin)
+            assert mem["lazy_stdlib_loaded"] == [] and mem["optional_modules_loaded"] == [], mem
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: reviews:9080\r\n")  # never finished
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readline(), 10)  # default timeout: 30 s
+            assert head.startswith(b"HTTP/1.1 408"), head
+            writer.close()
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)

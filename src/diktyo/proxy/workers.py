@@ -39,7 +39,6 @@ if it keeps dying) and zeroes its breaker slots. Draining the sidecar drains eve
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import json
@@ -51,7 +50,7 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -63,6 +62,9 @@ from diktyo.proxy.upstream.shared_breaker import (
     SharedCircuitBreaker,
     SharedCounts,
 )
+
+if TYPE_CHECKING:
+    import argparse
 
 log = logging.getLogger("diktyo.proxy")
 
@@ -799,6 +801,8 @@ async def _worker(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse  # in worker processes only: not in the leader (issue 11, idle RSS)
+
     p = argparse.ArgumentParser(
         prog="python -m diktyo.proxy.workers",
         description="One worker process of a diktyo sidecar started with concurrency N (the "
