@@ -14,7 +14,8 @@ an edit, with its compiled ``.so`` files) with this venv's dependencies::
     .venv/bin/python bench/idlerss.py --variant base:PYTHONPATH=/tmp/base-src --variant new
 
 Every variant's tree is byte-compiled first (stale ``.pyc`` files cost ~1.5 MiB).
-``--modules`` also prints, per variant, the optional packages the admin ``/memory``
+It also prints the median time from spawning the sidecar to its ready line (``--source
+snapshot`` includes translating the YAML in this process). ``--modules`` also prints, per variant, the optional packages the admin ``/memory``
 endpoint reports loaded.
 """
 
@@ -98,6 +99,7 @@ def main() -> int:
     for _, env in variants:
         byte_compile(env)
     rss: dict[str, list[int]] = {name: [] for name, _ in variants}
+    ready: dict[str, list[float]] = {name: [] for name, _ in variants}  # spawn -> ready line
     with tempfile.TemporaryDirectory(prefix="idlerss-") as td:
         tmp = Path(td)
         upstream = tg.start_upstream(tmp, 1)
@@ -105,7 +107,9 @@ def main() -> int:
             for rep in range(args.reps):
                 order = variants if rep % 2 == 0 else variants[::-1]
                 for name, env in order:
+                    t0 = time.monotonic()
                     p = start(tmp, name, args.source, upstream, env)
+                    ready[name].append(time.monotonic() - t0)
                     try:
                         time.sleep(args.settle)
                         rss[name].append(p.rss_kib())
@@ -125,7 +129,8 @@ def main() -> int:
         med = statistics.median(rss[name])
         print(
             f"{name:>16}: median {med / 1024:6.2f} MiB = {med * 1024 / 1e6:5.2f} MB "
-            f"(delta {(med - base) / 1024:+.2f} MiB)  samples KiB {rss[name]}"
+            f"(delta {(med - base) / 1024:+.2f} MiB), ready after "
+            f"{statistics.median(ready[name]):.2f} s;  samples KiB {rss[name]}"
         )
     return 0
 
