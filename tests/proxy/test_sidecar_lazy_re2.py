@@ -209,7 +209,11 @@ async def test_pushed_bad_regex_is_nacked_and_the_last_good_snapshot_serves() ->
                 {
                     "name": "testers",
                     "matches": [
-                        {"headers": [{"name": "end-user", "match": {"kind": "regex", "value": regex}}]}
+                        {
+                            "headers": [
+                                {"name": "end-user", "match": {"kind": "regex", "value": regex}}
+                            ]
+                        }
                     ],
                     "direct_response": {"status": 418, "body": "tester"},
                 },

@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import httpx
+import pytest
 
 from diktyo.testing import FakeUpstream, http_request
 
@@ -182,3 +183,26 @@ async def test_idle_diktyo_sidecar_has_none_of_the_lazy_stdlib_modules(tmp_path:
         finally:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 15)
+
+
+def test_parsed_flags_apply_only_to_the_command_line_they_came_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``$DIKTYO_SIDECAR_ARGS`` (set by ``diktyo sidecar`` just before it re-executes) is
+    used for that argv only, and removed so that the sidecar's children never see it."""
+    import os
+
+    from diktyo.cli.sidecar import PARSED_ARGS_ENV
+    from diktyo.proxy.__main__ import _parsed_by_diktyo
+
+    argv = ["--snapshot", "s.json"]
+    packed = json.dumps({"snapshot": "s.json", "header_timeout": 2.5, "__argv__": argv})
+    monkeypatch.setenv(PARSED_ARGS_ENV, packed)
+    args = _parsed_by_diktyo(["--snapshot", "s.json"])
+    assert args is not None and args.snapshot == "s.json" and args.header_timeout == 2.5
+    assert not hasattr(args, "__argv__")
+    assert PARSED_ARGS_ENV not in os.environ
+    monkeypatch.setenv(PARSED_ARGS_ENV, packed)
+    assert _parsed_by_diktyo(["--snapshot", "other.json"]) is None  # parse argv instead
+    assert PARSED_ARGS_ENV not in os.environ
+    assert _parsed_by_diktyo(["--snapshot", "s.json"]) is None  # nothing set

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # argparse only in the process that parses: not in the re-exe
 # the flags ``diktyo sidecar`` parsed, handed to the re-executed ``python -m diktyo.proxy``
 # (JSON), which then needs no argparse (with gettext and locale: ~0.4 MiB, issue 11)
 PARSED_ARGS_ENV = "DIKTYO_SIDECAR_ARGS"
+ARGV_KEY = "__argv__"
 
 DESCRIPTION = (
     "Run diktyo's sidecar proxy. Exactly one config source: --snapshot FILE (snapshot "
@@ -176,7 +177,8 @@ def _light_reexec(args: argparse.Namespace) -> None:
     import json
 
     plain = (str, int, float, bool, type(None))
-    parsed = {k: v for k, v in vars(args).items() if isinstance(v, plain)}
+    parsed: dict[str, object] = {k: v for k, v in vars(args).items() if isinstance(v, plain)}
+    parsed[ARGV_KEY] = rest  # the new process uses them only for this very argv
     sys.stdout.flush()
     sys.stderr.flush()
     os.environ[PARSED_ARGS_ENV] = json.dumps(parsed)
