@@ -115,6 +115,16 @@ def test_check_all_validates_in_a_child_and_compiles_on_first_use() -> None:
             assert str(exc) == verdicts[bad.key]
         else:
             raise AssertionError("a bad pattern compiled")
+        # no reference cycle, compiled or not: a replaced route table goes by refcount alone
+        import gc, weakref
+        gc.disable()
+        for warm in (True, False):
+            tmp = R.LazyRegex("x+")
+            if warm:
+                assert tmp.fullmatch("xx") is not None
+            ref = weakref.ref(tmp)
+            del tmp
+            assert ref() is None, "a LazyRegex is in a reference cycle"
         print("ok")
         """
     )

@@ -86,13 +86,12 @@ MAX_VERDICTS = 4096
 class LazyRegex:
     """An RE2 pattern compiled on its first ``fullmatch`` / ``search`` / ``sub``.
 
-    After the first call the three names are the compiled regex's own bound methods (instance
-    attributes), so later calls cost what a compiled regex costs. Validate with
-    :func:`check_all` (or :meth:`error`) before use: compiling a bad pattern here raises
-    :class:`RegexError` at the first call.
+    Once compiled, the compiled regex's own bound methods are set as instance attributes
+    under those three names, so later calls skip this class (and no reference cycle is made:
+    a replaced route table is freed by reference counting). Validate with :func:`check_all`
+    (or :meth:`error`) before use: compiling a bad pattern here raises :class:`RegexError`
+    at the first call.
     """
-
-    __slots__ = ("_rx", "fullmatch", "key", "search", "sub")
 
     def __init__(
         self, pattern: str, *, ignore_case: bool = False, max_program_size: int | None = None
@@ -100,9 +99,6 @@ class LazyRegex:
         limit = MAX_PROGRAM_SIZE if max_program_size is None else max_program_size
         self.key: RegexKey = (pattern, ignore_case, limit)
         self._rx: Regex = None
-        self.fullmatch: Any = self._first_fullmatch
-        self.search: Any = self._first_search
-        self.sub: Any = self._first_sub
 
     @property
     def pattern(self) -> str:
@@ -120,20 +116,21 @@ class LazyRegex:
             pattern, ignore_case, limit = self.key
             rx = compile_re2(pattern, ignore_case=ignore_case, max_program_size=limit)
             self._rx = rx
-            self.fullmatch, self.search, self.sub = rx.fullmatch, rx.search, rx.sub
+            d = self.__dict__  # instance attributes win over these methods from now on
+            d["fullmatch"], d["search"], d["sub"] = rx.fullmatch, rx.search, rx.sub
         return rx
 
     def error(self) -> str:
         """Why RE2 cannot compile the pattern, or "" when it can (validated, not compiled)."""
         return check_all([self]).get(self.key, "")
 
-    def _first_fullmatch(self, *args: Any) -> Any:
+    def fullmatch(self, *args: Any) -> Any:
         return self.compiled().fullmatch(*args)
 
-    def _first_search(self, *args: Any) -> Any:
+    def search(self, *args: Any) -> Any:
         return self.compiled().search(*args)
 
-    def _first_sub(self, *args: Any) -> Any:
+    def sub(self, *args: Any) -> Any:
         return self.compiled().sub(*args)
 
     def __repr__(self) -> str:
