@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import httpx
+import pytest
 
 from diktyo.testing import FakeUpstream, http_request
 
@@ -150,3 +151,78 @@ async def test_diktyo_sidecar_loads_h2_only_for_the_first_http2_connection(
         finally:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 15)
+
+
+async def test_idle_diktyo_sidecar_has_none_of_the_lazy_stdlib_modules(tmp_path: Path) -> None:
+    """``diktyo sidecar --config DIR`` hands its parsed flags to the re-executed process (no
+    argparse there) and loads neither ctypes (workers), hashlib, ipaddress nor the idna codec
+    while idle (issue 11, idle RSS); the flags still apply (--header-timeout: a stalled head
+    gets its 408 after 1 s, not the default 30)."""
+    async with FakeUpstream() as app:
+        (tmp_path / "mesh.yaml").write_text(MESH.format(port=app.port))
+        proc = await asyncio.create_subprocess_exec(
+            *_diktyo_command(), "sidecar", "--config", str(tmp_path), "--outbound-port", "0",
+            "--admin-port", "0", "--admin-token-file", str(tmp_path / "admin-token"),
+            "--header-timeout", "1",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+            port, admin = ready["listeners"]["outbound"], ready["admin"]
+            r = await http_request(port, "GET", "http://reviews:9080/")
+            assert r.status == 200
+            mem = await _admin_memory(admin)
+            assert mem["lazy_stdlib_loaded"] == [] and mem["optional_modules_loaded"] == [], mem
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: reviews:9080\r\n")  # never finished
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readline(), 10)  # default timeout: 30 s
+            assert head.startswith(b"HTTP/1.1 408"), head
+            writer.close()
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)
+
+
+def test_parsed_flags_apply_only_to_the_command_line_they_came_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``$DIKTYO_SIDECAR_ARGS`` (set by ``diktyo sidecar`` just before it re-executes) is
+    used for that argv only, and removed so that the sidecar's children never see it."""
+    import os
+
+    from diktyo.cli.sidecar import PARSED_ARGS_ENV
+    from diktyo.proxy.__main__ import _parsed_by_diktyo
+
+    argv = ["--snapshot", "s.json"]
+    packed = json.dumps({"snapshot": "s.json", "header_timeout": 2.5, "__argv__": argv})
+    monkeypatch.setenv(PARSED_ARGS_ENV, packed)
+    args = _parsed_by_diktyo(["--snapshot", "s.json"])
+    assert args is not None and args.snapshot == "s.json" and args.header_timeout == 2.5
+    assert not hasattr(args, "__argv__")
+    assert PARSED_ARGS_ENV not in os.environ
+    monkeypatch.setenv(PARSED_ARGS_ENV, packed)
+    assert _parsed_by_diktyo(["--snapshot", "other.json"]) is None  # parse argv instead
+    assert PARSED_ARGS_ENV not in os.environ
+    assert _parsed_by_diktyo(["--snapshot", "s.json"]) is None  # nothing set
+
+
+def test_build_record_hashes_sources_without_openssl(tmp_path: Path) -> None:
+    """A sidecar whose hot-path sources' mtimes differ from its build record (an installed
+    wheel) hashes them at every start: with CPython's own SHA-256, not hashlib's OpenSSL
+    (which stayed loaded: +0.55 MiB idle RSS); the digest is the same."""
+    src = tmp_path / "m.py"
+    src.write_bytes(b"x = 1\n" * 1000)
+    script = (
+        "import sys; from diktyo import _build; "
+        f"rec = _build.file_record({str(src)!r}); "
+        "assert '_hashlib' not in sys.modules and 'hashlib' not in sys.modules, 'hashlib loaded'; "
+        "import hashlib; "
+        f"assert rec['sha256'] == hashlib.sha256(open({str(src)!r}, 'rb').read()).hexdigest(); "
+        "print('ok')"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # argparse only in the process that parses: not in the re-executed sidecar
+    import argparse
+
     from diktyo.snapshot.model import Snapshot
+
+# the flags ``diktyo sidecar`` parsed, handed to the re-executed ``python -m diktyo.proxy``
+# (JSON), which then needs no argparse (with gettext and locale: ~0.4 MiB, issue 11)
+PARSED_ARGS_ENV = "DIKTYO_SIDECAR_ARGS"
+ARGV_KEY = "__argv__"
 
 DESCRIPTION = (
     "Run diktyo's sidecar proxy. Exactly one config source: --snapshot FILE (snapshot "
@@ -151,11 +157,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-def _light_reexec() -> None:
+def _light_reexec(args: argparse.Namespace) -> None:
     """When run as the ``diktyo`` command, replace this process (same pid, stdio and signals)
     with ``python -m diktyo.proxy`` and the same flags: the CLI has imported every subcommand
-    (pydantic models, the control plane...), ~15 MB the sidecar never uses. Set
-    ``DIKTYO_SIDECAR_NO_EXEC=1`` to keep the current process."""
+    (pydantic models, the control plane...), ~15 MB the sidecar never uses. The flags as
+    parsed here go along in ``$DIKTYO_SIDECAR_ARGS``, so the new process does not parse them
+    again (no argparse in it). Set ``DIKTYO_SIDECAR_NO_EXEC=1`` to keep the current process."""
     if os.environ.get("DIKTYO_SIDECAR_NO_EXEC"):
         return
     main = sys.modules.get("__main__")
@@ -167,9 +174,18 @@ def _light_reexec() -> None:
     if "sidecar" not in sys.argv:
         return
     rest = sys.argv[sys.argv.index("sidecar") + 1 :]
+    import json
+
+    plain = (str, int, float, bool, type(None))
+    parsed: dict[str, object] = {k: v for k, v in vars(args).items() if isinstance(v, plain)}
+    parsed[ARGV_KEY] = rest  # the new process uses them only for this very argv
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "diktyo.proxy", *rest])
+    os.environ[PARSED_ARGS_ENV] = json.dumps(parsed)
+    try:
+        os.execv(sys.executable, [sys.executable, "-m", "diktyo.proxy", *rest])
+    finally:  # only when exec failed
+        os.environ.pop(PARSED_ARGS_ENV, None)
 
 
 class ConfigLoadError(ValueError):
@@ -223,7 +239,7 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    _light_reexec()
+    _light_reexec(args)
     from diktyo.proxy.env import EnvError
 
     try:

@@ -21,6 +21,12 @@ OPTIONAL_MODULES = (
     "pydantic", "pydantic_core", "ruamel", "yaml", "aiohttp", "yarl", "jsonschema",  # never
 )  # fmt: skip
 NEVER_IN_SIDECAR = ("diktyo.api", "diktyo.control", "diktyo.dashboard", "diktyo.cli.main")
+# standard-library modules an idle sidecar does without, each loaded only by what needs it
+# (issue 11, "Idle RSS, stop 19" in docs/performance.md): argparse when ``python -m
+# diktyo.proxy`` parses flags itself (``diktyo sidecar`` hands them over parsed), ctypes in
+# worker processes, hashlib (OpenSSL's digests) never, ipaddress with capture or authz
+# config, the idna codec (with unicodedata) at the first name lookup
+LAZY_STDLIB = ("argparse", "ctypes", "hashlib", "_hashlib", "ipaddress", "encodings.idna")
 
 
 def _status_kib() -> dict[str, int]:
@@ -44,9 +50,15 @@ def loaded_optional() -> list[str]:
     return found
 
 
+def loaded_lazy_stdlib() -> list[str]:
+    """The modules of ``LAZY_STDLIB`` loaded in this process."""
+    return [m for m in LAZY_STDLIB if m in sys.modules]
+
+
 def report() -> dict[str, Any]:
     """RSS (bytes, from /proc/self/status), peak RSS, its anonymous and file-backed parts, the
-    number of Python modules loaded and which optional ones are among them."""
+    number of Python modules loaded, which optional ones are among them and which of the
+    standard library's that an idle sidecar does without."""
     st = _status_kib()
     return {
         "rss_bytes": st.get("VmRSS", 0) * 1024,
@@ -55,4 +67,5 @@ def report() -> dict[str, Any]:
         "file_bytes": st.get("RssFile", 0) * 1024,
         "python_modules": len(sys.modules),
         "optional_modules_loaded": loaded_optional(),
+        "lazy_stdlib_loaded": loaded_lazy_stdlib(),
     }

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from diktyo.core.clock import SYSTEM_CLOCK, Clock, make_random
+from diktyo.core.regex import check_all
 from diktyo.proxy.http.connection_manager import RequestIds
 from diktyo.proxy.http.policies import ClusterState
 from diktyo.proxy.http.sniffer import DownstreamSniffer
@@ -98,12 +99,15 @@ class Runtime:
         self.record = sidecar.stats.record  # IstioMetrics.record(peer, code, flags, ms, rq, rs)
         self.pools = sidecar.pools  # cluster name -> ClusterPool (survives swaps)
         self.sidecar = sidecar
-        matchers: dict[str, RouteMatcher] = {}
-        for table in snapshot.route_tables:
+        # regexes compile on first use; all the tables' are validated here at once (one
+        # child process while RE2 is not loaded: diktyo.core.regex.check_all; issue 11)
+        matchers = {t.name: RouteMatcher(t, check=False) for t in snapshot.route_tables}
+        check_all([rx for m in matchers.values() for rx in m.regexes()])
+        for name, m in matchers.items():
             try:
-                matchers[table.name] = RouteMatcher(table)
+                m.check()  # the verdicts are known now: no second validation
             except ValueError as exc:
-                raise SnapshotError(f"route table {table.name!r}: {exc}") from None
+                raise SnapshotError(f"route table {name!r}: {exc}") from None
         self.matchers = matchers
         self.filter_chains: dict[str, Any] = {}  # listener direction -> FilterChain
         node = snapshot.node

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from diktyo.core.regex import RegexError, compile_re2
+from diktyo.core.regex import LazyRegex, check_all
 from diktyo.snapshot.model import (
     HeaderOps,
     KeyMatch,
@@ -74,7 +74,17 @@ class RequestInfo:
 Cond = Callable[[RequestInfo], bool]
 
 
-def _string_pred(sm: StringMatch, ignore_case: bool = False) -> Callable[[str], bool]:
+def _regex(pattern: str, rxs: list[LazyRegex], ignore_case: bool = False) -> LazyRegex:
+    """A regex compiled on its first use (RE2 stays out of a sidecar until a request needs
+    it, issue 11); ``rxs`` collects it for the validation ``RouteMatcher`` runs up front."""
+    rx = LazyRegex(pattern, ignore_case=ignore_case)
+    rxs.append(rx)
+    return rx
+
+
+def _string_pred(
+    sm: StringMatch, rxs: list[LazyRegex], ignore_case: bool = False
+) -> Callable[[str], bool]:
     v = sm.value
     if sm.kind == "present":
         return lambda s: True
@@ -88,11 +98,11 @@ def _string_pred(sm: StringMatch, ignore_case: bool = False) -> Callable[[str], 
             lv = v.lower()
             return lambda s: s.lower().startswith(lv)
         return lambda s: s.startswith(v)
-    rx = compile_re2(v, ignore_case=ignore_case)
+    rx = _regex(v, rxs, ignore_case)
     return lambda s: rx.fullmatch(s) is not None
 
 
-def _uri_cond(sm: StringMatch, ignore_case: bool) -> Cond:
+def _uri_cond(sm: StringMatch, ignore_case: bool, rxs: list[LazyRegex]) -> Cond:
     """A uri condition as one closure over ``info.bare_path`` (one Python call per check)."""
     v = sm.value
     if sm.kind == "present":
@@ -107,11 +117,11 @@ def _uri_cond(sm: StringMatch, ignore_case: bool) -> Cond:
             lv = v.lower()
             return lambda i: i.bare_path.lower().startswith(lv)
         return lambda i: i.bare_path.startswith(v)
-    rx = compile_re2(v, ignore_case=ignore_case)
+    rx = _regex(v, rxs, ignore_case)
     return lambda i: rx.fullmatch(i.bare_path) is not None
 
 
-def _header_cond(sm: StringMatch, name: str) -> Cond:
+def _header_cond(sm: StringMatch, name: str, rxs: list[LazyRegex]) -> Cond:
     """A positive header condition as one closure (one Python call per check)."""
     v = sm.value
     if sm.kind == "present":
@@ -125,7 +135,7 @@ def _header_cond(sm: StringMatch, name: str) -> Cond:
             return val is not None and val.startswith(v)
 
         return prefix_cond
-    rx = compile_re2(v)
+    rx = _regex(v, rxs)
 
     def regex_cond(i: RequestInfo) -> bool:
         val = i.headers.get(name)
@@ -140,12 +150,12 @@ def _describe(what: str, sm: StringMatch) -> str:
     return f"{what} {sm.kind} {sm.value!r}"
 
 
-def _key_cond(km: KeyMatch, source: str, negate: bool) -> tuple[str, Cond]:
-    pred = _string_pred(km.match)
+def _key_cond(km: KeyMatch, source: str, negate: bool, rxs: list[LazyRegex]) -> tuple[str, Cond]:
     name = km.name
     label = f"{source} {name!r}: " + _describe("value", km.match)
     if source == "header" and not negate:
-        return label, _header_cond(km.match, name)
+        return label, _header_cond(km.match, name, rxs)
+    pred = _string_pred(km.match, rxs)
     if source == "header":
 
         def get(info: RequestInfo) -> str | None:
@@ -180,19 +190,20 @@ def _authority_port(authority: str) -> int | None:
     return None
 
 
-def compile_match(m: RouteMatch) -> list[tuple[str, Cond]]:
-    """One match block -> ordered (description, condition) pairs, all must hold."""
+def compile_match(m: RouteMatch, rxs: list[LazyRegex]) -> list[tuple[str, Cond]]:
+    """One match block -> ordered (description, condition) pairs, all must hold; its regexes
+    (not compiled yet) are appended to ``rxs``."""
     conds: list[tuple[str, Cond]] = []
     if m.uri is not None:
-        conds.append((_describe("uri", m.uri), _uri_cond(m.uri, m.ignore_uri_case)))
+        conds.append((_describe("uri", m.uri), _uri_cond(m.uri, m.ignore_uri_case, rxs)))
     if m.scheme is not None:
-        pred = _string_pred(m.scheme)
+        pred = _string_pred(m.scheme, rxs)
         conds.append((_describe("scheme", m.scheme), lambda i, p=pred: p(i.scheme)))
     if m.method is not None:
-        pred = _string_pred(m.method)
+        pred = _string_pred(m.method, rxs)
         conds.append((_describe("method", m.method), lambda i, p=pred: p(i.method)))
     if m.authority is not None:
-        pred = _string_pred(m.authority)
+        pred = _string_pred(m.authority, rxs)
         conds.append((_describe("authority", m.authority), lambda i, p=pred: p(i.authority)))
     if m.port is not None:
         port = m.port
@@ -205,11 +216,11 @@ def compile_match(m: RouteMatch) -> list[tuple[str, Cond]]:
 
         conds.append((f"port {port}", port_cond))
     for km in m.headers:
-        conds.append(_key_cond(km, "header", False))
+        conds.append(_key_cond(km, "header", False, rxs))
     for km in m.without_headers:
-        conds.append(_key_cond(km, "header", True))
+        conds.append(_key_cond(km, "header", True, rxs))
     for km in m.query_params:
-        conds.append(_key_cond(km, "query", False))
+        conds.append(_key_cond(km, "query", False, rxs))
     return conds
 
 
@@ -285,10 +296,10 @@ class CompiledRoute:
         "weighted",
     )
 
-    def __init__(self, route: Route, index: int) -> None:
+    def __init__(self, route: Route, index: int, rxs: list[LazyRegex]) -> None:
         self.route = route
         self.index = index
-        self.blocks = [compile_match(m) for m in route.matches]
+        self.blocks = [compile_match(m, rxs) for m in route.matches]
         self.dests = [CompiledDestination(wc) for wc in route.clusters]
         cum: list[int] = []
         total = 0
@@ -303,7 +314,7 @@ class CompiledRoute:
         self.req_ops = _ops(h.request if h else None)
         self.resp_ops = _ops(h.response if h else None)
         rw = route.rewrite
-        self.uri_regex = compile_re2(rw.uri_regex) if rw is not None and rw.uri_regex else None
+        self.uri_regex = _regex(rw.uri_regex, rxs) if rw is not None and rw.uri_regex else None
         self.has_rewrite = rw is not None
         self.extra: dict[str, Any] = {}  # per-route caches owned by the proxy
 
@@ -366,11 +377,13 @@ class CompiledRoute:
 
 
 class CompiledVirtualHost:
-    __slots__ = ("blocks", "routes", "vh")
+    __slots__ = ("blocks", "regexes", "routes", "vh")
 
     def __init__(self, vh: VirtualHost) -> None:
         self.vh = vh
-        self.routes = [CompiledRoute(r, i) for i, r in enumerate(vh.routes)]
+        # its regexes, compiled on first use; RouteMatcher validates them when it is built
+        self.regexes: list[LazyRegex] = []
+        self.routes = [CompiledRoute(r, i, self.regexes) for i, r in enumerate(vh.routes)]
         # every (route, match block index, conditions) in evaluation order, so the hot path
         # walks one flat list instead of calling CompiledRoute.match per route (same result:
         # first route whose first holding block wins; a route without blocks matches all)
@@ -385,11 +398,17 @@ MAX_AUTHORITY_CACHE = 1024  # distinct authorities remembered per route table
 
 
 class RouteMatcher:
-    """A compiled RouteTable. Raises ValueError (bad regex) at compile time, never per request."""
+    """A compiled RouteTable. Raises ValueError (bad regex) when built, never per request.
+
+    Its regexes are validated when it is built but compiled on their first use, so a sidecar
+    whose requests never reach a regex never loads RE2 (issue 11, idle RSS).
+    ``check=False`` leaves the validation to the caller: :meth:`check` (the sidecar validates
+    the regexes of all a snapshot's route tables at once, ``diktyo.core.regex.check_all``).
+    """
 
     __slots__ = ("by_authority", "catch_all", "exact", "prefixes", "suffixes", "table", "vhosts")
 
-    def __init__(self, table: RouteTable) -> None:
+    def __init__(self, table: RouteTable, check: bool = True) -> None:
         self.table = table
         self.exact: dict[str, CompiledVirtualHost] = {}
         # authority as received -> virtual host, filled by find_virtual_host (the hot path
@@ -400,10 +419,7 @@ class RouteMatcher:
         self.catch_all: CompiledVirtualHost | None = None
         self.vhosts: list[CompiledVirtualHost] = []
         for vh in table.virtual_hosts:
-            try:
-                cvh = CompiledVirtualHost(vh)
-            except RegexError as exc:
-                raise ValueError(f"virtual host {vh.name!r}: invalid regex: {exc}") from None
+            cvh = CompiledVirtualHost(vh)
             self.vhosts.append(cvh)
             for d in vh.domains:
                 d = d.lower()
@@ -420,6 +436,21 @@ class RouteMatcher:
         prefixes.sort(key=lambda p: -len(p[0]))
         self.suffixes = suffixes
         self.prefixes = prefixes
+        if check:
+            self.check()
+
+    def regexes(self) -> list[LazyRegex]:
+        """Every regex of the table (compiled or not), in evaluation order."""
+        return [rx for cvh in self.vhosts for rx in cvh.regexes]
+
+    def check(self) -> None:
+        """Raise ValueError naming the virtual host of the first regex RE2 cannot compile."""
+        verdicts = check_all(self.regexes())
+        for cvh in self.vhosts:
+            for rx in cvh.regexes:
+                err = verdicts.get(rx.key, "")
+                if err:
+                    raise ValueError(f"virtual host {cvh.vh.name!r}: invalid regex: {err}")
 
     def find_virtual_host(self, authority: str) -> CompiledVirtualHost | None:
         cvh = self.by_authority.get(authority)

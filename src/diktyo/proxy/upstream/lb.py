@@ -24,12 +24,16 @@ built over it, so ejecting a host only moves that host's keys).
 from __future__ import annotations
 
 import bisect
-import hashlib
 import random
 from typing import Protocol
 
 from diktyo.proxy.upstream.host import Host
 from diktyo.snapshot.model import ConsistentHash, LoadBalancer
+
+try:  # what hashlib.blake2b is; hashlib also loads OpenSSL's _hashlib: ~0.6 MiB RSS (issue 11)
+    from _blake2 import blake2b
+except ImportError:  # a Python built without its own BLAKE2
+    from hashlib import blake2b
 
 _EMPTY: dict[str, str] = {}
 
@@ -203,7 +207,7 @@ class PassthroughLB:
 
 def hash64(value: str) -> int:
     """Stable 64-bit hash (same in every process, unlike ``hash()``)."""
-    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "big")
+    return int.from_bytes(blake2b(value.encode(), digest_size=8).digest(), "big")
 
 
 def cookie_value(cookie_header: str, name: str) -> str | None:
