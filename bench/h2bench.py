@@ -179,19 +179,24 @@ def spawn(name: str, argv: list[str], port: int, log: Path, core: int) -> Proc:
 @contextlib.contextmanager
 def codec_env(target: str) -> Iterator[None]:
     """``diktyo-h2`` / ``diktyo-nghttp2`` (and ``mesh-diktyo-...``): start the sidecar with
-    ``DIKTYO_HTTP2_CODEC`` set to that codec; plain ``diktyo`` runs the default (auto)."""
-    codec = target.rsplit("-", 1)[1] if target.endswith(("-h2", "-nghttp2")) else ""
-    old = os.environ.get("DIKTYO_HTTP2_CODEC")
-    if codec:
-        os.environ["DIKTYO_HTTP2_CODEC"] = codec
+    ``DIKTYO_HTTP2_CODEC`` set to that codec; plain ``diktyo`` runs the default (auto).
+    ``diktyo-nghttp2abi``: libnghttp2 through cffi's ABI mode (``DIKTYO_NGHTTP2_CFFI=abi``),
+    not the compiled extension, for an A/B of the two in one run."""
+    suffix = target.rsplit("-", 1)[1] if target.endswith(("-h2", "-nghttp2", "-nghttp2abi")) else ""
+    env: dict[str, str] = {}
+    if suffix:
+        env["DIKTYO_HTTP2_CODEC"] = suffix.removesuffix("abi")
+        env["DIKTYO_NGHTTP2_CFFI"] = "abi" if suffix.endswith("abi") else "auto"
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if codec:
-            if old is None:
-                os.environ.pop("DIKTYO_HTTP2_CODEC", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ["DIKTYO_HTTP2_CODEC"] = old
+                os.environ[k] = v
 
 
 def start_target(name: str, tmp: Path, upstream_port: int) -> tuple[int, list[Proc]]:

@@ -3,6 +3,7 @@ events and frames out; flow control both ways and each of Envoy's protections.""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import h2.config
@@ -27,20 +28,25 @@ from diktyo.proxy.codec.http2 import (
 )
 
 
-@pytest.fixture(autouse=True, params=["h2", "nghttp2"])
-def codec(request: pytest.FixtureRequest) -> str:
-    """Every test runs against both codecs (same events, limits and counters)."""
+@pytest.fixture(autouse=True, params=["h2", "nghttp2", "nghttp2-abi"])
+def codec(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs against both codecs (same events, limits and counters), libnghttp2's
+    in both of its cffi modes: the compiled extension (when built) and ABI mode (dlopen)."""
     global Http2ServerCodec, Http2ClientCodec
-    if request.param == "nghttp2":
+    restore = None
+    if request.param.startswith("nghttp2"):
         if not http2_nghttp2.available():
             pytest.skip("libnghttp2 (Debian libnghttp2-14) or cffi is not installed")
+        restore = http2_nghttp2.reload_mode(abi=request.param == "nghttp2-abi")
         Http2ServerCodec, Http2ClientCodec = (  # type: ignore[misc]
             http2_nghttp2.NgHttp2ServerCodec,
             http2_nghttp2.NgHttp2ClientCodec,
         )
     else:
         Http2ServerCodec, Http2ClientCodec = h2codec.Http2ServerCodec, h2codec.Http2ClientCodec
-    return str(request.param)
+    yield str(request.param)
+    if restore is not None:
+        restore()
 
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -242,6 +248,7 @@ def test_codec_falls_back_to_h2_without_libnghttp2(
     monkeypatch.setattr(http2_nghttp2, "_lib", None)
     monkeypatch.setattr(http2_nghttp2, "_load_error", None)
     monkeypatch.setattr(http2_nghttp2, "LIBRARY", "libnghttp2-missing.so.99")
+    monkeypatch.setenv(http2_nghttp2.API_ENV, "abi")  # the extension links the real library
     server, _, desc = http2_select.select_codec("auto")
     assert server is h2codec.Http2ServerCodec and desc.startswith("h2 ")
     assert "libnghttp2 unavailable" in caplog.text and "libnghttp2-14" in caplog.text
@@ -340,7 +347,7 @@ def test_streams_beyond_the_limit_are_refused_and_never_forwarded(codec: str) ->
     client.remote_settings = h2.settings.Settings(client=False)
     for sid in (1, 3, 5, 7):
         client.send_headers(sid, REQ)
-    if codec == "nghttp2":
+    if codec.startswith("nghttp2"):
         # libnghttp2 (as Envoy on it) answers a stream beyond the limit the client has
         # acknowledged with a connection error; the stream is never forwarded either way
         with pytest.raises(CodecError) as err:

@@ -686,7 +686,7 @@ class H2ClusterPool:
 
     @property
     def codec(self) -> str:
-        """The HTTP/2 codec this process runs, e.g. ``nghttp2 1.52.0 (cffi)`` or ``h2 4.4.1``."""
+        """The HTTP/2 codec this process runs, e.g. ``nghttp2 1.52.0 (cffi API)`` or ``h2 4.4.1``."""
         return codec_description()
 
     def describe(self) -> dict[str, Any]:
