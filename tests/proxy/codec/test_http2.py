@@ -725,3 +725,43 @@ def test_client_graceful_goaway_does_not_cut_its_open_streams() -> None:
     server.feed(client.data_to_send())
     assert sink.data(1) == b"rest" and ("on_request_end", 1) in sink.calls
     assert not sink.named("on_stream_reset")
+
+
+def test_nghttp2_stale_extension_falls_back_to_abi_mode(
+    codec: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An extension built from other C sources (an editable install not rebuilt) is refused:
+    the codec runs cffi's ABI mode and the log says how to rebuild."""
+    if codec != "nghttp2":
+        pytest.skip("about libnghttp2's compiled extension")
+    try:
+        from diktyo.proxy.codec import _nghttp2_api  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError:
+        pytest.skip("the compiled extension is not built here (no C compiler at install)")
+    from diktyo.proxy.codec import _nghttp2_build
+
+    monkeypatch.setattr(_nghttp2_build, "API_VERSION", _nghttp2_build.API_VERSION + 1)
+    restore = http2_nghttp2.reload_mode(abi=False)
+    try:
+        assert http2_nghttp2.mode() == "cffi ABI"
+        assert "stale" in http2_nghttp2.mode_note() and "make build" in caplog.text
+        server, sink, client = server_pair()  # and it serves
+        client.send_headers(1, REQ, end_stream=True)
+        server.feed(client.data_to_send())
+        assert [c[1] for c in sink.named("on_request_headers")] == [1]
+    finally:
+        restore()
+
+
+def test_response_header_with_nul_is_not_sent(codec: str) -> None:
+    """RFC 9113 8.2.1: a field value with NUL must not be sent. The compiled extension passes
+    a header block as ``name\\0value\\0...``, so it drops such a field rather than cut it."""
+    if codec != "nghttp2" or http2_nghttp2.mode() != "cffi API":
+        pytest.skip("about libnghttp2's compiled extension (the others send the field as is)")
+    server, sink, client = server_pair()
+    client.send_headers(1, REQ, end_stream=True)
+    server.feed(client.data_to_send())
+    server.send_headers(1, ResponseHead(200, [(b"x-ok", b"1"), (b"x-bad", b"a\0b")]), True)
+    events = client.receive_data(server.data_to_send())  # the h2 peer would refuse a NUL
+    got = [dict(e.headers) for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert got == [{b":status": b"200", b"x-ok": b"1"}]
