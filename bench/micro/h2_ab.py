@@ -33,7 +33,10 @@ import procs  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("old", nargs="?", default="", help="git revision to compare with the tree")
+    ap.add_argument(
+        "old", nargs="?", default="",
+        help="git revision to compare with the tree (its pure sources), or a src directory",
+    )  # fmt: skip
     ap.add_argument("--env", default="", help="VAR=A,B: the tree with VAR=A against VAR=B")
     ap.add_argument("--haproxy", action="store_true", help="HAProxy in every repetition too")
     ap.add_argument("--codec", default="auto", help="DIKTYO_HTTP2_CODEC for both (auto|nghttp2|h2)")
@@ -46,6 +49,8 @@ def main() -> None:
         var, _, values = a.env.partition("=")
         for v in values.split(","):
             revs[f"{var}={v}"] = (ROOT / "src", {var: v})
+    elif Path(a.old, "diktyo").is_dir():  # a prepared source tree (built extensions inside)
+        revs = {a.old: (Path(a.old), {}), "worktree": (ROOT / "src", {})}
     else:
         old_dir = tmp / "old"
         old_dir.mkdir()

@@ -59,7 +59,7 @@ dk_ctx *dk_ctx_new(void *handle, size_t max_hsize);
 void dk_ctx_del(dk_ctx *);
 int dk_submit(nghttp2_session *, int kind, int32_t sid, const char *blob, size_t len,
     int with_data);
-ssize_t dk_mem_send(nghttp2_session *, const char **);
+ssize_t dk_mem_send(nghttp2_session *, dk_ctx *, const char **);
 
 extern "Python" int dk_py_begin_frame(void *, int, int, size_t);
 extern "Python" int dk_py_frame(void *, int, int, int32_t, uint32_t, int32_t);
@@ -213,6 +213,7 @@ typedef struct {
     int overflow;            /* hsize went over max_hsize */
     size_t empty_run;        /* consecutive frames without payload (flood check) */
     size_t block;            /* bytes of the header block on the wire (CONTINUATION flood) */
+    char *obuf; size_t ocap; /* what dk_mem_send serialized */
 } dk_ctx;
 
 /* the Python side (cffi's extern "Python", defined by the generated code further down) */
@@ -378,12 +379,33 @@ static dk_ctx *dk_ctx_new(void *handle, size_t max_hsize) {
 static void dk_ctx_del(dk_ctx *c) {
     if (c != NULL) {
         free(c->buf);
+        free(c->obuf);
         free(c);
     }
 }
 
-static ssize_t dk_mem_send(nghttp2_session *s, const char **out) {
-    return nghttp2_session_mem_send(s, (const uint8_t **)out);
+/* Everything nghttp2 has queued, in one buffer (one Python call instead of one per frame). */
+static ssize_t dk_mem_send(nghttp2_session *s, dk_ctx *c, const char **out) {
+    size_t len = 0;
+    for (;;) {
+        const uint8_t *p;
+        ssize_t n = nghttp2_session_mem_send(s, &p);
+        if (n <= 0)
+            break;
+        if (len + (size_t)n > c->ocap) {
+            size_t cap = c->ocap ? c->ocap : 16384;
+            char *nb;
+            while (cap < len + (size_t)n) cap *= 2;
+            nb = (char *)realloc(c->obuf, cap);
+            if (nb == NULL) return -901;  /* NGHTTP2_ERR_NOMEM: the frame is lost, Python raises */
+            c->obuf = nb;
+            c->ocap = cap;
+        }
+        memcpy(c->obuf + len, p, (size_t)n);
+        len += (size_t)n;
+    }
+    *out = c->obuf;
+    return (ssize_t)len;
 }
 
 /* Submits a header block given as name\0value\0... (count = number of NULs / 2).

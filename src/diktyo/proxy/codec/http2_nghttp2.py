@@ -656,6 +656,7 @@ class _NgCodec:
         self._error: BaseException | None = None
         self._fatal: tuple[int, str] | None = None  # a malformed stream: close after this read
         self._lib_message = ""
+        self._block_in: bytes | None = None  # the compiled extension's header block, as is
         self._out: list[bytes] = []
         self._dead: bytes | None = None  # after a connection error: the GOAWAY to send
         self._busy = False  # inside nghttp2_session_mem_recv (no mem_send from there)
@@ -699,16 +700,23 @@ class _NgCodec:
 
     def _pull(self) -> None:
         """Serialize what nghttp2 has queued into ``self._out`` (frames in order)."""
-        mem_send = self._mem_send
         unpack = _B.unpack
         pp = self._pp
         out = self._out
         session = self._session
-        while True:
-            n = mem_send(session, pp)
-            if n <= 0:
-                break
-            out.append(unpack(pp[0], n))
+        if self._api:  # all queued frames in one call
+            n = self._mem_send(session, self._ctx, pp)
+            if n > 0:
+                out.append(unpack(pp[0], n))
+            elif n < 0:
+                raise MemoryError("HTTP/2: out of memory serializing frames")
+        else:
+            mem_send = self._mem_send
+            while True:
+                n = mem_send(session, pp)
+                if n <= 0:
+                    break
+                out.append(unpack(pp[0], n))
         if self._prd:
             for sid in list(self._prd):
                 st = self._streams.get(sid)
@@ -990,6 +998,7 @@ class _NgCodec:
             st = _Stream(self._clock())
         parts = block.split(b"\0")
         st.headers = list(zip(parts[::2], parts[1::2], strict=False))  # parts ends with b""
+        self._block_in = block  # a request head decodes it at once (server side)
         return self._headers_frame(sid, flags, cat, st)
 
     def _headers_frame(self, sid: int, flags: int, cat: int, st: _Stream) -> int:
@@ -1258,9 +1267,13 @@ class NgHttp2ServerCodec(_NgCodec):
         head.version = "2"
         headers = head.headers
         authority = ""
-        for n, v in raw:
-            name = n.decode("latin-1")
-            value = v.decode("latin-1")
+        block, self._block_in = self._block_in, None
+        if block is not None:  # name\0value\0...: one decode for the whole head
+            it = iter(block.decode("latin-1").split("\0"))
+            fields: Any = zip(it, it, strict=False)  # the trailing "" has no partner
+        else:
+            fields = ((n.decode("latin-1"), v.decode("latin-1")) for n, v in raw)
+        for name, value in fields:
             if name[0] == ":":
                 if name == ":method":
                     head.method = value
