@@ -765,3 +765,32 @@ def test_response_header_with_nul_is_not_sent(codec: str) -> None:
     events = client.receive_data(server.data_to_send())  # the h2 peer would refuse a NUL
     got = [dict(e.headers) for e in events if isinstance(e, h2.events.ResponseReceived)]
     assert got == [{b":status": b"200", b"x-ok": b"1"}]
+
+
+_hname = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)
+_hvalue = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=20)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.dictionaries(
+        st.one_of(_hname, st.sampled_from(["cookie", "te", "connection", "content-type"])),
+        _hvalue,
+        max_size=8,
+    ),
+    st.one_of(st.none(), st.integers(0, 10**9)),
+)
+def test_request_header_block_is_the_header_list(
+    headers: dict[str, str], content_length: int | None
+) -> None:
+    """The compiled extension's request block carries exactly ``request_header_list``'s
+    fields, in order (hop-by-hop dropped, cookies split, te: trailers for gRPC)."""
+    from diktyo.proxy.codec.http2_common import request_header_block, request_header_list
+
+    head = RequestHead(dict(headers))
+    head.method, head.path, head.authority = "POST", "/a", "svc:80"
+    head.content_length = content_length
+    blob, n = request_header_block(head)
+    flat = [x for pair in request_header_list(head) for x in pair]
+    assert n == len(flat) // 2
+    assert blob == b"".join(x + b"\0" for x in flat)

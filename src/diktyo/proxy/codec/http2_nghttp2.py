@@ -60,6 +60,7 @@ from diktyo.proxy.codec.http2_common import (
     Http2Options,
     Http2Stats,
     _lower,
+    request_header_block,
     request_header_list,
 )
 
@@ -1377,11 +1378,20 @@ class NgHttp2ClientCodec(_NgCodec):
     def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
         if self.closed:
             raise CodecError(503, "HTTP/2 upstream connection is closing (GOAWAY)")
-        pairs = request_header_list(head)
         st = _Stream(self._clock())
         if not end_stream:
             self._provider(sid, st)
-        got = self._submit(_SUBMIT_REQUEST, sid, pairs, not end_stream)
+        if self._api:
+            blob, n = request_header_block(head)
+            if blob.count(b"\0") == 2 * n:
+                got = int(
+                    self._lib.dk_submit(self._session, _SUBMIT_REQUEST, sid, blob, len(blob),
+                                        not end_stream)  # fmt: skip
+                )
+            else:  # a NUL in a field: _submit leaves that field out
+                got = self._submit(_SUBMIT_REQUEST, sid, request_header_list(head), not end_stream)
+        else:
+            got = self._submit(_SUBMIT_REQUEST, sid, request_header_list(head), not end_stream)
         if got != sid:
             self._prd.discard(sid)
             raise CodecError(503, f"HTTP/2 upstream stream not opened (got {got} for {sid})")
