@@ -794,3 +794,41 @@ def test_request_header_block_is_the_header_list(
     flat = [x for pair in request_header_list(head) for x in pair]
     assert n == len(flat) // 2
     assert blob == b"".join(x + b"\0" for x in flat)
+
+
+def test_bodyless_http2_request_ends_on_its_headers_upstream(codec: str) -> None:
+    """A request whose downstream HEADERS carried END_STREAM goes upstream as HEADERS with
+    END_STREAM (libnghttp2 codec), not HEADERS + an empty DATA frame; the stream's later
+    ``send_data(b"", True)`` adds nothing."""
+    if not codec.startswith("nghttp2"):
+        pytest.skip("the h2 codec sends the empty DATA frame")
+    server, ssink, down = server_pair()
+    down.send_headers(1, REQ, end_stream=True)
+    server.feed(down.data_to_send())
+    head = ssink.named("on_request_headers")[0][2]
+    assert head.version == "2" and not head.has_body
+    client = Http2ClientCodec(Recorder())
+    upstream = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    upstream.initiate_connection()
+    upstream.receive_data(client.data_to_send())
+    client.feed(upstream.data_to_send())
+    sid = client.new_stream()
+    client.send_headers(sid, head)  # the stream does not know yet that the request ended
+    client.send_data(sid, b"", end_stream=True)
+    raw = client.data_to_send()
+    events = upstream.receive_data(raw)
+    got = [type(e).__name__ for e in events if not isinstance(e, h2.events.SettingsAcknowledged)]
+    assert got == ["RequestReceived", "StreamEnded"]
+    assert [f.type for f in _frames_of(raw) if f.type == hf.DataFrame.type] == []
+
+
+def _frames_of(data: bytes) -> list[Any]:
+    out = []
+    while len(data) >= 9:
+        f, n = hf.Frame.parse_frame_header(memoryview(data[:9]))
+        f.parse_body(memoryview(data[9 : 9 + n]))
+        out.append(f)
+        data = data[9 + n :]
+    return out

@@ -1378,6 +1378,11 @@ class NgHttp2ClientCodec(_NgCodec):
     def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
         if self.closed:
             raise CodecError(503, "HTTP/2 upstream connection is closing (GOAWAY)")
+        if not end_stream and head.version == "2" and not head.has_body and head.method != "CONNECT":
+            # the downstream HEADERS carried END_STREAM (an HTTP/2 codec decoded this head): so
+            # do ours, instead of an empty DATA frame with END_STREAM once the stream hears the
+            # end (its send_data(b"", True) finds the stream done and sends nothing)
+            end_stream = True
         st = _Stream(self._clock())
         if not end_stream:
             self._provider(sid, st)
