@@ -486,6 +486,8 @@ def _make_api_callbacks(ffi: Any) -> None:
     @ffi.def_extern(onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
     def dk_py_begin_frame(ud: Any, t: int, flags: int, length: int) -> int:
         codec = from_handle(ud)
+        if t > _CONTINUATION or t not in (_DATA, _HEADERS, _CONTINUATION):
+            return int(codec._begin_frame(t, flags, length))  # no C-side counter involved
         ctx = codec._ctx
         codec._empty_run = ctx.empty_run
         codec._block = ctx.block
@@ -1305,10 +1307,10 @@ class NgHttp2ServerCodec(_NgCodec):
         st = self._streams.get(sid)
         if st is None or st.local_done or self._closed:
             return
-        pairs: HeaderList = [(b":status", str(head.status).encode())]
-        pairs += _lower(head.pairs())
         if not end_stream:
             self._provider(sid, st)
+        pairs: HeaderList = [(b":status", str(head.status).encode())]
+        pairs += _lower(head.pairs())
         rv = self._submit(_SUBMIT_RESPONSE, sid, pairs, not end_stream)
         if rv < 0:
             self._drop(sid)  # the client reset the stream meanwhile
