@@ -34,8 +34,10 @@ HOT_PATH: tuple[str, ...] = (
     "diktyo.proxy.codec.http1",
     "diktyo.proxy.http.connection_manager",
     "diktyo.proxy.http.context",
+    "diktyo.proxy.http.h2_connection",  # HTTP/2 downstream (h2fast, stop 19)
     "diktyo.proxy.http.policies",
     "diktyo.proxy.http.upstream_request",
+    "diktyo.proxy.network.h2pool",  # HTTP/2 upstream pool (h2fast, stop 19)
     "diktyo.proxy.router.matcher",
     "diktyo.proxy.upstream.cluster",
     "diktyo.proxy.upstream.host",
