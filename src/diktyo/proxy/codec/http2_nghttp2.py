@@ -220,6 +220,7 @@ _callbacks: Any = None
 _read_cb: Any = None
 _keep: list[Any] = []  # the C callbacks must outlive every session
 _load_error: str | None = None
+_current: Any = None  # the codec inside nghttp2 (feed / _pull): where a callback's error goes
 
 
 def load() -> tuple[Any, Any]:
@@ -400,11 +401,10 @@ def _make_callbacks(ffi: Any, lib: Any) -> None:
 
     def fail_cb(exc_type: Any, exc: BaseException | None, tb: Any) -> int:
         # an exception must never unwind through C: it fails the session, and feed() re-raises
-        # it (a _Flood becomes GOAWAY); the codec is found from the callback's user_data
-        try:
-            from_handle(tb.tb_frame.f_locals["ud"])._error = exc
-        except Exception:  # noqa: BLE001 - nothing more can be done from inside C
-            pass
+        # it (a _Flood becomes GOAWAY); the codec is the one whose feed / _pull runs
+        codec = _current
+        if codec is not None:
+            codec._error = exc
         return _ERR_CALLBACK_FAILURE
 
     def zero_cb(*a: Any) -> int:
@@ -468,16 +468,14 @@ def _make_callbacks(ffi: Any, lib: Any) -> None:
 
 def _make_api_callbacks(ffi: Any) -> None:
     """The Python side of the compiled extension: one call per frame that matters, plain
-    integers in (``_nghttp2_build.py`` does the rest in C). Every parameter holding the codec's
-    handle is named ``ud``, as in ABI mode, so that ``fail_cb`` finds the codec."""
+    integers in (``_nghttp2_build.py`` does the rest in C)."""
     from_handle = ffi.from_handle
     unpack = ffi.unpack
 
     def fail_cb(exc_type: Any, exc: BaseException | None, tb: Any) -> int:
-        try:
-            from_handle(tb.tb_frame.f_locals["ud"])._error = exc
-        except Exception:  # noqa: BLE001 - nothing more can be done from inside C
-            pass
+        codec = _current  # as in ABI mode
+        if codec is not None:
+            codec._error = exc
         return _ERR_CALLBACK_FAILURE
 
     def zero_cb(*a: Any) -> int:
@@ -703,6 +701,24 @@ class _NgCodec:
 
     def _pull(self) -> None:
         """Serialize what nghttp2 has queued into ``self._out`` (frames in order)."""
+        global _current
+        prev, _current = _current, self
+        try:
+            self._serialize()
+        finally:
+            _current = prev
+        if self._prd:
+            for sid in list(self._prd):
+                st = self._streams.get(sid)
+                if st is not None and st.pending and not st.blocked:
+                    st.blocked = True
+                    self.sink.on_send_blocked(sid)
+        if self._unblocked:
+            sids, self._unblocked = self._unblocked, []
+            for sid in sids:
+                self.sink.on_send_unblocked(sid)
+
+    def _serialize(self) -> None:
         unpack = _B.unpack
         pp = self._pp
         out = self._out
@@ -720,28 +736,21 @@ class _NgCodec:
                 if n <= 0:
                     break
                 out.append(unpack(pp[0], n))
-        if self._prd:
-            for sid in list(self._prd):
-                st = self._streams.get(sid)
-                if st is not None and st.pending and not st.blocked:
-                    st.blocked = True
-                    self.sink.on_send_blocked(sid)
-        if self._unblocked:
-            sids, self._unblocked = self._unblocked, []
-            for sid in sids:
-                self.sink.on_send_unblocked(sid)
 
     def set_write_paused(self, paused: bool) -> None:
         self._write_paused = paused
 
     def feed(self, data: bytes) -> None:
+        global _current
         if self._closed:
             return
         self._busy = True
+        prev, _current = _current, self
         try:
             rv = self._lib.nghttp2_session_mem_recv(self._session, data, len(data))
         finally:
             self._busy = False
+            _current = prev
         err, self._error = self._error, None
         if err is not None:
             if isinstance(err, _Flood):
