@@ -75,6 +75,12 @@ class Http2Stats:
         return {f"http2.{k}": getattr(self, k) for k in self.__dataclass_fields__}
 
 
+class NghttpUnavailable(RuntimeError):
+    """libnghttp2 (Debian ``libnghttp2-14``) or cffi is missing or too old (raised by
+    ``http2_nghttp2.py``; defined here because mypyc compiles that module and cannot compile
+    a ``RuntimeError`` subclass)."""
+
+
 def lower_pairs(pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(n.lower(), v) for n, v in pairs if n.lower() not in _HOP_BY_HOP]
 

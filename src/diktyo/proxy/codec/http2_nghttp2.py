@@ -63,6 +63,9 @@ from diktyo.proxy.codec.http2_common import (
     request_header_block,
     request_header_list,
 )
+from diktyo.proxy.codec.http2_common import (
+    NghttpUnavailable as NghttpUnavailable,  # re-exported: http2_select, tests
+)
 
 log = logging.getLogger("diktyo.proxy")
 
@@ -203,10 +206,6 @@ _RESET_CODES: dict[ResetReason, int] = {
 }
 
 _NV = "QQQQB7x"  # nghttp2_nv on LP64: two pointers, two size_t, the flags byte, padding
-
-
-class NghttpUnavailable(RuntimeError):
-    """libnghttp2 (Debian ``libnghttp2-14``) or cffi is missing or too old."""
 
 
 API_ENV = "DIKTYO_NGHTTP2_CFFI"  # "auto" (default): the compiled extension when built; "abi"
@@ -468,7 +467,8 @@ def _make_callbacks(ffi: Any, lib: Any) -> None:
 
 def _make_api_callbacks(ffi: Any) -> None:
     """The Python side of the compiled extension: one call per frame that matters, plain
-    integers in (``_nghttp2_build.py`` does the rest in C)."""
+    integers in (``_nghttp2_build.py`` does the rest in C). Each extern is named explicitly:
+    mypyc's compiled nested functions have no ``__name__`` for cffi to take it from."""
     from_handle = ffi.from_handle
     unpack = ffi.unpack
 
@@ -481,7 +481,7 @@ def _make_api_callbacks(ffi: Any) -> None:
     def zero_cb(*a: Any) -> int:
         return 0
 
-    @ffi.def_extern(onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
+    @ffi.def_extern(name="dk_py_begin_frame", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
     def dk_py_begin_frame(ud: Any, t: int, flags: int, length: int) -> int:
         codec = from_handle(ud)
         if t > _CONTINUATION or t not in (_DATA, _HEADERS, _CONTINUATION):
@@ -494,15 +494,15 @@ def _make_api_callbacks(ffi: Any) -> None:
         ctx.block = codec._block
         return rv
 
-    @ffi.def_extern(onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_frame", onerror=fail_cb)  # type: ignore[untyped-decorator]
     def dk_py_frame(ud: Any, t: int, flags: int, sid: int, a: int, b: int) -> int:
         return int(from_handle(ud)._frame(t, flags, sid, a, b))
 
-    @ffi.def_extern(onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_headers", onerror=fail_cb)  # type: ignore[untyped-decorator]
     def dk_py_headers(ud: Any, sid: int, flags: int, cat: int, buf: Any, n: int) -> int:
         return int(from_handle(ud)._api_headers(sid, flags, cat, unpack(buf, n)))
 
-    @ffi.def_extern(onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_data", onerror=fail_cb)  # type: ignore[untyped-decorator]
     def dk_py_data(ud: Any, sid: int, buf: Any, n: int) -> int:
         codec = from_handle(ud)
         if codec._closed:
@@ -510,26 +510,26 @@ def _make_api_callbacks(ffi: Any) -> None:
         codec._data(sid, unpack(buf, n))
         return 0
 
-    @ffi.def_extern(onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_close", onerror=fail_cb)  # type: ignore[untyped-decorator]
     def dk_py_close(ud: Any, sid: int, code: int) -> int:
         from_handle(ud)._stream_closed(sid, code)
         return 0
 
-    @ffi.def_extern(onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_invalid_header", onerror=fail_cb)  # type: ignore[untyped-decorator]
     def dk_py_invalid_header(ud: Any, sid: int, name: Any, n: int) -> int:
         from_handle(ud)._invalid_header(sid, unpack(name, n), b"")
         return _ERR_CALLBACK_FAILURE
 
-    @ffi.def_extern(onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_invalid_frame", onerror=fail_cb)  # type: ignore[untyped-decorator]
     def dk_py_invalid_frame(ud: Any, sid: int, t: int, err: int) -> int:
         return int(from_handle(ud)._invalid_frame(sid, t, err))
 
-    @ffi.def_extern(onerror=zero_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_error", onerror=zero_cb)  # type: ignore[untyped-decorator]
     def dk_py_error(ud: Any, msg: Any, n: int) -> int:
         from_handle(ud)._lib_message = unpack(msg, n).decode("latin-1")
         return 0
 
-    @ffi.def_extern(onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_read", onerror=fail_cb)  # type: ignore[untyped-decorator]
     def dk_py_read(ud: Any, sid: int, buf: Any, length: int, flags: Any) -> int:
         return int(from_handle(ud)._read(sid, buf, length, flags))
 
@@ -586,7 +586,7 @@ class _NgCodec:
     multiplexed = True
     implementation = "nghttp2"
 
-    sink: ServerSink | ClientSink
+    sink: Any  # ServerSink | ClientSink: one type for both sides, which mypyc needs
 
     def __init__(
         self,
@@ -658,6 +658,7 @@ class _NgCodec:
         self._fatal: tuple[int, str] | None = None  # a malformed stream: close after this read
         self._lib_message = ""
         self._block_in: bytes | None = None  # the compiled extension's header block, as is
+        self._nva_keep: Any = None
         self._out: list[bytes] = []
         self._dead: bytes | None = None  # after a connection error: the GOAWAY to send
         self._busy = False  # inside nghttp2_session_mem_recv (no mem_send from there)
@@ -1134,7 +1135,9 @@ class _NgCodec:
             return int(self._lib.dk_submit(session, kind, sid, blob, len(blob), with_data))
         lib = self._lib
         NULL = self._ffi.NULL
-        _k, nva, n = _nva(pairs)
+        # the blob and the nv array must live until submit copied them: held by self (compiled
+        # code drops an unused local at once, not at return)
+        self._nva_keep, nva, n = _nva(pairs)
         prd = NULL
         if with_data:
             prd = _B.newp(_T["nghttp2_data_provider *"], None)
@@ -1251,8 +1254,6 @@ def _code_name(code: int) -> str:
 class NgHttp2ServerCodec(_NgCodec):
     """Downstream side on libnghttp2 (same contract as ``http2.Http2ServerCodec``)."""
 
-    sink: ServerSink
-
     def __init__(
         self,
         sink: ServerSink,
@@ -1351,8 +1352,6 @@ class NgHttp2ServerCodec(_NgCodec):
 class NgHttp2ClientCodec(_NgCodec):
     """Upstream side on libnghttp2 (same contract as ``http2.Http2ClientCodec``)."""
 
-    sink: ClientSink
-
     def __init__(
         self,
         sink: ClientSink,
@@ -1362,9 +1361,8 @@ class NgHttp2ClientCodec(_NgCodec):
     ) -> None:
         super().__init__(True, options, stats, clock)
         self.sink = sink
-
-    _stream_cap = _BIG
-    _no_new_streams = False
+        self._stream_cap = _BIG  # set here: mypyc compiles no class-level default from a name
+        self._no_new_streams = False
 
     @property
     def max_concurrent_streams(self) -> int:
