@@ -1,11 +1,21 @@
-"""HTTP/2 codec on libnghttp2 (C, through cffi in ABI mode): the same events, limits and
-counters as the `h2` codec (``http2.py``), at a fraction of its CPU.
+"""HTTP/2 codec on libnghttp2 (C, through cffi): the same events, limits and counters as the
+`h2` codec (``http2.py``), at a fraction of its CPU.
 
 Theory of operation
 -------------------
-``ffi.dlopen("libnghttp2.so.14")`` with a hand-written declaration of the few types and
-functions used (no headers, no build step). One set of C callbacks is shared by every session;
-each session's ``user_data`` is a handle to its Python codec. nghttp2 does the framing, HPACK,
+Two ways to reach libnghttp2, chosen once per process (``load()``; ``mode()`` says which):
+
+- **cffi API mode** (the default when built): ``_nghttp2_api``, a C extension that
+  ``setup.py`` compiles from ``_nghttp2_build.py``. Its C callbacks collect each header block
+  into one buffer and call Python once per frame that matters (``dk_py_*`` below, plain
+  integers in); outgoing header blocks go down as one ``name\0value\0...`` blob.
+- **cffi ABI mode** (no compiler at install, a stale extension, ``DIKTYO_NGHTTP2_CFFI=abi``):
+  ``ffi.dlopen("libnghttp2.so.14")`` with a hand-written declaration of the few types and
+  functions used (no headers, no build step); libnghttp2 calls Python per header field.
+
+After that point both modes run the same methods (``_headers_frame``, ``_frame``, ...). One set
+of C callbacks is shared by every session; each session's ``user_data`` leads to its Python
+codec (ABI: a handle; API: a C context holding the handle). nghttp2 does the framing, HPACK,
 the stream state machine, flow-control bookkeeping and HTTP/2 message validation (pseudo-
 headers, connection-specific and upper-case names, content-length against DATA); this module
 turns its callbacks into the sink calls of ``codec/events.py`` and adds the protections that
