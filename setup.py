@@ -26,6 +26,9 @@ ROOT = Path(__file__).resolve().parent
 os.chdir(ROOT)  # mypyc takes the sources and writes its C files relative to here
 BUILD = runpy.run_path(str(ROOT / "src" / "diktyo" / "_build.py"))  # stdlib only
 HOT_PATH: tuple[str, ...] = BUILD["HOT_PATH"]
+# the HTTP/2 codec's C side on libnghttp2 (cffi API mode; optional: without it the codec runs
+# cffi's ABI mode): built with the hot path, its own failure only costs itself
+NGHTTP2 = runpy.run_path(str(ROOT / "src" / "diktyo" / "proxy" / "codec" / "_nghttp2_build.py"))
 # placeholder until build_ext runs: mypyc type-checks the whole group, which takes a while, so
 # it runs only when extensions are really built (not for egg_info, sdist, ...)
 PLACEHOLDER = "diktyo._hotpath_placeholder"
@@ -62,6 +65,7 @@ def remove_compiled(root: str) -> None:
     """Deletes the hot path's extension files under ``root`` (a dir holding ``diktyo/``)."""
     pkg = os.path.join(root, "diktyo")
     libs = [str(p) for p in Path(root).glob("diktyo_hotpath__mypyc*")]
+    libs += [str(p) for p in Path(root, "diktyo", "proxy", "codec").glob("_nghttp2_api.*")]
     for path in [*(BUILD["compiled_path"](m, pkg) for m in HOT_PATH), *libs]:
         if path and os.path.exists(path):
             os.unlink(path)
@@ -74,7 +78,7 @@ def remove_strays(root: str) -> None:
     for so in Path(root, "diktyo").rglob("*.so"):
         rel = so.relative_to(root)
         module = ".".join([*rel.parts[:-1], so.name.split(".")[0]])
-        if module not in HOT_PATH:
+        if module not in HOT_PATH and module != NGHTTP2["MODULE"]:
             so.unlink()
             say(f"removed {so} ({module} is no longer compiled)")
 
@@ -83,6 +87,7 @@ class BuildHotPath(build_ext):
     """build_ext that compiles HOT_PATH with mypyc, or records why it installs pure Python."""
 
     reason: str | None = None
+    nghttp2_ext: Extension | None = None
 
     def finalize_options(self) -> None:
         # mypyc's extensions replace the placeholder before setuptools prepares them
@@ -92,14 +97,27 @@ class BuildHotPath(build_ext):
     def run(self) -> None:
         for where in {str(ROOT / "src"), self.build_lib}:
             remove_strays(where)
+        nghttp2 = "not built"
         if self.reason is None:
             try:
                 super().run()
+                if self.nghttp2_ext is not None:
+                    nghttp2 = "compiled"
             except Exception as exc:  # compiler or linker failure: install pure, say why
-                self.reason = f"the C build failed ({type(exc).__name__}: {exc})"
-                self.extensions = []
+                if self.nghttp2_ext is not None and self.nghttp2_ext in self.extensions:
+                    nghttp2 = f"the C build failed ({type(exc).__name__}: {exc})"
+                    say(f"HTTP/2 C extension: {nghttp2}; the codec runs cffi's ABI mode")
+                    self.extensions.remove(self.nghttp2_ext)
+                    try:
+                        super().run()
+                    except Exception as exc2:
+                        self.reason = f"the C build failed ({type(exc2).__name__}: {exc2})"
+                        self.extensions = []
+                else:
+                    self.reason = f"the C build failed ({type(exc).__name__}: {exc})"
+                    self.extensions = []
         out_dir = self.package_dir()
-        info: dict[str, object] = {"compiled": self.reason is None}
+        info: dict[str, object] = {"compiled": self.reason is None, "nghttp2": nghttp2}
         if self.reason is None:
             import mypy.version
 
@@ -153,6 +171,14 @@ class BuildHotPath(build_ext):
                 os.environ.pop("MYPYPATH", None)
             else:
                 os.environ["MYPYPATH"] = old
+        self.nghttp2_ext = None
+        try:
+            self.nghttp2_ext = NGHTTP2["ffibuilder"]().distutils_extension(
+                tmpdir=str(ROOT / "build" / "cffi")
+            )
+            exts = [*exts, self.nghttp2_ext]
+        except Exception as exc:  # noqa: BLE001 - cffi missing...: the codec runs ABI mode
+            say(f"HTTP/2 C extension not built ({type(exc).__name__}: {exc}); cffi ABI mode runs")
         self.distribution.ext_modules = exts
         return None
 

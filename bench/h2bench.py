@@ -53,6 +53,7 @@ import procs
 from procs import LOAD_CORE, PROXY_CORE, Proc, free_port
 
 BODY = "ok\n"
+BASE_SRC = ""  # --base-src: the src directory the *-base targets run
 
 
 # ----------------------------------------------------------------------------- configs
@@ -179,19 +180,29 @@ def spawn(name: str, argv: list[str], port: int, log: Path, core: int) -> Proc:
 @contextlib.contextmanager
 def codec_env(target: str) -> Iterator[None]:
     """``diktyo-h2`` / ``diktyo-nghttp2`` (and ``mesh-diktyo-...``): start the sidecar with
-    ``DIKTYO_HTTP2_CODEC`` set to that codec; plain ``diktyo`` runs the default (auto)."""
-    codec = target.rsplit("-", 1)[1] if target.endswith(("-h2", "-nghttp2")) else ""
-    old = os.environ.get("DIKTYO_HTTP2_CODEC")
-    if codec:
-        os.environ["DIKTYO_HTTP2_CODEC"] = codec
+    ``DIKTYO_HTTP2_CODEC`` set to that codec; plain ``diktyo`` runs the default (auto).
+    ``diktyo-nghttp2abi``: libnghttp2 through cffi's ABI mode (``DIKTYO_NGHTTP2_CFFI=abi``),
+    not the compiled extension, for an A/B of the two in one run. ``diktyo-base`` (and
+    ``mesh-diktyo-base``): the sources of ``--base-src`` (an older tree, built in place)."""
+    suffix = target.rsplit("-", 1)[1] if target.endswith(("-h2", "-nghttp2", "-nghttp2abi")) else ""
+    env: dict[str, str] = {}
+    if target.endswith("-base"):
+        if not BASE_SRC:
+            raise SystemExit(f"{target}: give --base-src DIR (an older tree's src, built in place)")
+        env["PYTHONPATH"] = BASE_SRC
+    if suffix:
+        env["DIKTYO_HTTP2_CODEC"] = suffix.removesuffix("abi")
+        env["DIKTYO_NGHTTP2_CFFI"] = "abi" if suffix.endswith("abi") else "auto"
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if codec:
-            if old is None:
-                os.environ.pop("DIKTYO_HTTP2_CODEC", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ["DIKTYO_HTTP2_CODEC"] = old
+                os.environ[k] = v
 
 
 def start_target(name: str, tmp: Path, upstream_port: int) -> tuple[int, list[Proc]]:
@@ -481,12 +492,18 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=10, help="h2load -m (streams per connection)")
     ap.add_argument("--targets", default="direct,diktyo,haproxy,nginx")
     ap.add_argument("--grpc", action="store_true", help="also gRPC unary at --grpc-rate")
+    ap.add_argument(
+        "--base-src", default="",
+        help="src directory of an older tree (built in place) for the diktyo-base targets",
+    )  # fmt: skip
     ap.add_argument("--grpc-rate", type=int, default=1000, help="gRPC calls per second")
     ap.add_argument(
         "--grpc-paths", default="direct,mesh-diktyo,mesh-haproxy",
         help="gRPC paths; mesh-diktyo-h2 / mesh-diktyo-nghttp2 pin the sidecars' HTTP/2 codec",
     )  # fmt: skip
     a = ap.parse_args()
+    global BASE_SRC
+    BASE_SRC = a.base_src
     a.targets = a.targets.split(",")
     a.grpc_paths = a.grpc_paths.split(",")
     if a.smoke:

@@ -161,7 +161,11 @@ def run_diktyo(n: int, conc: int, body: bytes, validate: bool) -> float:
     from diktyo.proxy.codec.events import RequestHead, ResponseHead
     from diktyo.proxy.codec.http2_select import select_codec
 
-    server_cls, client_cls, _ = select_codec("nghttp2" if validate == "nghttp2" else "h2")
+    if isinstance(validate, str):  # "nghttp2-api" / "nghttp2-abi": libnghttp2 in that cffi mode
+        from diktyo.proxy.codec import http2_nghttp2
+
+        http2_nghttp2.reload_mode(abi=validate == "nghttp2-abi")
+    server_cls, client_cls, _ = select_codec("nghttp2" if validate else "h2")
     cs, ss = _Null(), _Null()
     client, server = client_cls(cs), server_cls(ss)
     cs.codec = client
@@ -203,6 +207,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=10)
     ap.add_argument("--body", type=int, default=100, help="response body bytes")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", default="", help="run the variants whose name has this word")
     a = ap.parse_args()
     body = b"x" * a.body
     import h2 as h2pkg
@@ -216,11 +221,14 @@ def main() -> None:
         ("h2, header validation on", run_h2, True),
         ("h2, header validation off", run_h2, False),
         ("diktyo's codecs (on h2)", run_diktyo, True),
-        ("diktyo's codecs (on nghttp2)", run_diktyo, "nghttp2"),
+        ("diktyo's codecs (nghttp2, cffi ABI)", run_diktyo, "nghttp2-abi"),
+        ("diktyo's codecs (nghttp2, cffi API)", run_diktyo, "nghttp2-api"),
     ]
     for name, fn, validate in rows:
+        if a.only and a.only not in name:
+            continue
         us = best(fn, a.reps, a.requests, a.concurrency, body, validate) * 1e6
-        print(f"  {name:28s} {us:8.1f} us   (~{1e6 / us:,.0f} round trips per CPU-second)")
+        print(f"  {name:36s} {us:8.1f} us   (~{1e6 / us:,.0f} round trips per CPU-second)")
 
 
 if __name__ == "__main__":

@@ -32,10 +32,13 @@ from types import ModuleType
 HOT_PATH: tuple[str, ...] = (
     "diktyo.proxy.codec.events",
     "diktyo.proxy.codec.http1",
+    "diktyo.proxy.codec.http2_nghttp2",  # the libnghttp2 codec's Python side (h2fast, stop 19)
     "diktyo.proxy.http.connection_manager",
     "diktyo.proxy.http.context",
+    "diktyo.proxy.http.h2_connection",  # HTTP/2 downstream (h2fast, stop 19)
     "diktyo.proxy.http.policies",
     "diktyo.proxy.http.upstream_request",
+    "diktyo.proxy.network.h2pool",  # HTTP/2 upstream pool (h2fast, stop 19)
     "diktyo.proxy.router.matcher",
     "diktyo.proxy.upstream.cluster",
     "diktyo.proxy.upstream.host",

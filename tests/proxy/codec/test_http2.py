@@ -3,6 +3,7 @@ events and frames out; flow control both ways and each of Envoy's protections.""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import h2.config
@@ -27,20 +28,25 @@ from diktyo.proxy.codec.http2 import (
 )
 
 
-@pytest.fixture(autouse=True, params=["h2", "nghttp2"])
-def codec(request: pytest.FixtureRequest) -> str:
-    """Every test runs against both codecs (same events, limits and counters)."""
+@pytest.fixture(autouse=True, params=["h2", "nghttp2", "nghttp2-abi"])
+def codec(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs against both codecs (same events, limits and counters), libnghttp2's
+    in both of its cffi modes: the compiled extension (when built) and ABI mode (dlopen)."""
     global Http2ServerCodec, Http2ClientCodec
-    if request.param == "nghttp2":
+    restore = None
+    if request.param.startswith("nghttp2"):
         if not http2_nghttp2.available():
             pytest.skip("libnghttp2 (Debian libnghttp2-14) or cffi is not installed")
+        restore = http2_nghttp2.reload_mode(abi=request.param == "nghttp2-abi")
         Http2ServerCodec, Http2ClientCodec = (  # type: ignore[misc]
             http2_nghttp2.NgHttp2ServerCodec,
             http2_nghttp2.NgHttp2ClientCodec,
         )
     else:
         Http2ServerCodec, Http2ClientCodec = h2codec.Http2ServerCodec, h2codec.Http2ClientCodec
-    return str(request.param)
+    yield str(request.param)
+    if restore is not None:
+        restore()
 
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -242,6 +248,7 @@ def test_codec_falls_back_to_h2_without_libnghttp2(
     monkeypatch.setattr(http2_nghttp2, "_lib", None)
     monkeypatch.setattr(http2_nghttp2, "_load_error", None)
     monkeypatch.setattr(http2_nghttp2, "LIBRARY", "libnghttp2-missing.so.99")
+    monkeypatch.setenv(http2_nghttp2.API_ENV, "abi")  # the extension links the real library
     server, _, desc = http2_select.select_codec("auto")
     assert server is h2codec.Http2ServerCodec and desc.startswith("h2 ")
     assert "libnghttp2 unavailable" in caplog.text and "libnghttp2-14" in caplog.text
@@ -340,7 +347,7 @@ def test_streams_beyond_the_limit_are_refused_and_never_forwarded(codec: str) ->
     client.remote_settings = h2.settings.Settings(client=False)
     for sid in (1, 3, 5, 7):
         client.send_headers(sid, REQ)
-    if codec == "nghttp2":
+    if codec.startswith("nghttp2"):
         # libnghttp2 (as Envoy on it) answers a stream beyond the limit the client has
         # acknowledged with a connection error; the stream is never forwarded either way
         with pytest.raises(CodecError) as err:
@@ -718,3 +725,110 @@ def test_client_graceful_goaway_does_not_cut_its_open_streams() -> None:
     server.feed(client.data_to_send())
     assert sink.data(1) == b"rest" and ("on_request_end", 1) in sink.calls
     assert not sink.named("on_stream_reset")
+
+
+def test_nghttp2_stale_extension_falls_back_to_abi_mode(
+    codec: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An extension built from other C sources (an editable install not rebuilt) is refused:
+    the codec runs cffi's ABI mode and the log says how to rebuild."""
+    if codec != "nghttp2":
+        pytest.skip("about libnghttp2's compiled extension")
+    try:
+        from diktyo.proxy.codec import _nghttp2_api  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError:
+        pytest.skip("the compiled extension is not built here (no C compiler at install)")
+    from diktyo.proxy.codec import _nghttp2_build
+
+    monkeypatch.setattr(_nghttp2_build, "API_VERSION", _nghttp2_build.API_VERSION + 1)
+    restore = http2_nghttp2.reload_mode(abi=False)
+    try:
+        assert http2_nghttp2.mode() == "cffi ABI"
+        assert "stale" in http2_nghttp2.mode_note() and "make build" in caplog.text
+        server, sink, client = server_pair()  # and it serves
+        client.send_headers(1, REQ, end_stream=True)
+        server.feed(client.data_to_send())
+        assert [c[1] for c in sink.named("on_request_headers")] == [1]
+    finally:
+        restore()
+
+
+def test_response_header_with_nul_is_not_sent(codec: str) -> None:
+    """RFC 9113 8.2.1: a field value with NUL must not be sent. The compiled extension passes
+    a header block as ``name\\0value\\0...``, so it drops such a field rather than cut it."""
+    if codec != "nghttp2" or http2_nghttp2.mode() != "cffi API":
+        pytest.skip("about libnghttp2's compiled extension (the others send the field as is)")
+    server, sink, client = server_pair()
+    client.send_headers(1, REQ, end_stream=True)
+    server.feed(client.data_to_send())
+    server.send_headers(1, ResponseHead(200, [(b"x-ok", b"1"), (b"x-bad", b"a\0b")]), True)
+    events = client.receive_data(server.data_to_send())  # the h2 peer would refuse a NUL
+    got = [dict(e.headers) for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert got == [{b":status": b"200", b"x-ok": b"1"}]
+
+
+_hname = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)
+_hvalue = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=20)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.dictionaries(
+        st.one_of(_hname, st.sampled_from(["cookie", "te", "connection", "content-type"])),
+        _hvalue,
+        max_size=8,
+    ),
+    st.one_of(st.none(), st.integers(0, 10**9)),
+)
+def test_request_header_block_is_the_header_list(
+    headers: dict[str, str], content_length: int | None
+) -> None:
+    """The compiled extension's request block carries exactly ``request_header_list``'s
+    fields, in order (hop-by-hop dropped, cookies split, te: trailers for gRPC)."""
+    from diktyo.proxy.codec.http2_common import request_header_block, request_header_list
+
+    head = RequestHead(dict(headers))
+    head.method, head.path, head.authority = "POST", "/a", "svc:80"
+    head.content_length = content_length
+    blob, n = request_header_block(head)
+    flat = [x for pair in request_header_list(head) for x in pair]
+    assert n == len(flat) // 2
+    assert blob == b"".join(x + b"\0" for x in flat)
+
+
+def test_bodyless_http2_request_ends_on_its_headers_upstream(codec: str) -> None:
+    """A request whose downstream HEADERS carried END_STREAM goes upstream as HEADERS with
+    END_STREAM (libnghttp2 codec), not HEADERS + an empty DATA frame; the stream's later
+    ``send_data(b"", True)`` adds nothing."""
+    if not codec.startswith("nghttp2"):
+        pytest.skip("the h2 codec sends the empty DATA frame")
+    server, ssink, down = server_pair()
+    down.send_headers(1, REQ, end_stream=True)
+    server.feed(down.data_to_send())
+    head = ssink.named("on_request_headers")[0][2]
+    assert head.version == "2" and not head.has_body
+    client = Http2ClientCodec(Recorder())
+    upstream = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    upstream.initiate_connection()
+    upstream.receive_data(client.data_to_send())
+    client.feed(upstream.data_to_send())
+    sid = client.new_stream()
+    client.send_headers(sid, head)  # the stream does not know yet that the request ended
+    client.send_data(sid, b"", end_stream=True)
+    raw = client.data_to_send()
+    events = upstream.receive_data(raw)
+    got = [type(e).__name__ for e in events if not isinstance(e, h2.events.SettingsAcknowledged)]
+    assert got == ["RequestReceived", "StreamEnded"]
+    assert [f.type for f in _frames_of(raw) if f.type == hf.DataFrame.type] == []
+
+
+def _frames_of(data: bytes) -> list[Any]:
+    out = []
+    while len(data) >= 9:
+        f, n = hf.Frame.parse_frame_header(memoryview(data[:9]))
+        f.parse_body(memoryview(data[9 : 9 + n]))
+        out.append(f)
+        data = data[9 + n :]
+    return out

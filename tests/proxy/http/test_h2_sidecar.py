@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import h2.config
@@ -20,14 +21,21 @@ from diktyo.testing.snapshots import http_snapshot
 from diktyo.testing.wait import eventually
 
 
-@pytest.fixture(autouse=True, params=["h2", "nghttp2"])
-def h2_codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture(autouse=True, params=["h2", "nghttp2", "nghttp2-abi"])
+def h2_codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Every test runs with the sidecar on each HTTP/2 codec (the fake upstream stays on h2:
-    two implementations talk to each other)."""
-    if request.param == "nghttp2" and not http2_nghttp2.available():
-        pytest.skip("libnghttp2 (Debian libnghttp2-14) or cffi is not installed")
-    monkeypatch.setattr(http2_select, "_selected", http2_select.select_codec(request.param))
-    return str(request.param)
+    two implementations talk to each other), libnghttp2's in both cffi modes (the compiled
+    extension when built, and ABI mode)."""
+    restore = None
+    if request.param.startswith("nghttp2"):
+        if not http2_nghttp2.available():
+            pytest.skip("libnghttp2 (Debian libnghttp2-14) or cffi is not installed")
+        restore = http2_nghttp2.reload_mode(abi=request.param == "nghttp2-abi")
+    codec = request.param.split("-")[0]
+    monkeypatch.setattr(http2_select, "_selected", http2_select.select_codec(codec))
+    yield str(request.param)
+    if restore is not None:
+        restore()
 
 
 H2 = {"upstream_protocol": "HTTP/2"}
@@ -101,7 +109,11 @@ async def test_h2c_client_to_http2_upstream_multiplexed(h2_codec: str) -> None:
         async with httpx.AsyncClient() as plain:
             admin = (await plain.get(f"http://127.0.0.1:{sc.admin}/clusters")).json()
         pools = [c["pool"] for c in admin["clusters"] if c.get("pool")]
-        assert any(p["codec"].startswith(f"{h2_codec} ") for p in pools), pools
+        codec, _, cffi_mode = h2_codec.partition("-")
+        assert any(p["codec"].startswith(f"{codec} ") for p in pools), pools
+        if codec == "nghttp2":  # and which cffi mode: "abi", or the extension when it is built
+            want = "(cffi ABI)" if cffi_mode == "abi" else f"({http2_nghttp2.mode()})"
+            assert any(p["codec"].endswith(want) for p in pools), pools
         assert [r.http_version for r in rs] == ["HTTP/2"] * 20
         assert [r.status_code for r in rs] == [200] * 20
         assert sorted(r.text for r in rs) == sorted(f"GET /r{i} " for i in range(20))

@@ -75,6 +75,12 @@ class Http2Stats:
         return {f"http2.{k}": getattr(self, k) for k in self.__dataclass_fields__}
 
 
+class NghttpUnavailable(RuntimeError):
+    """libnghttp2 (Debian ``libnghttp2-14``) or cffi is missing or too old (raised by
+    ``http2_nghttp2.py``; defined here because mypyc compiles that module and cannot compile
+    a ``RuntimeError`` subclass)."""
+
+
 def lower_pairs(pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(n.lower(), v) for n, v in pairs if n.lower() not in _HOP_BY_HOP]
 
@@ -113,3 +119,31 @@ def request_header_list(head: RequestHead) -> HeaderList:
     if head.content_length is not None and "content-length" not in hdrs:
         pairs.append((b"content-length", str(head.content_length).encode()))
     return pairs
+
+
+def request_header_block(head: RequestHead) -> tuple[bytes, int]:
+    """``request_header_list(head)`` as one ``name\\0value\\0...`` block and its field count
+    (libnghttp2's compiled extension takes that form): the same fields in the same order, with
+    one encode for the whole block instead of two per field."""
+    hdrs = head.headers
+    authority = hdrs.get("host") or head.authority
+    parts = [":method", head.method, ":scheme", head.scheme, ":authority", authority,
+             ":path", head.path]  # fmt: skip
+    has_te = False
+    for name, value in hdrs.items():
+        if name in _HOP_BY_HOP_STR:
+            if name == "te" and value.strip().lower() == "trailers":
+                parts += ("te", "trailers")
+                has_te = True
+            continue
+        if name == "cookie":
+            for c in value.split(";"):
+                parts += ("cookie", c.strip())
+        else:
+            parts += (name.lower(), value)
+    if not has_te and hdrs.get("content-type", "").startswith("application/grpc"):
+        parts += ("te", "trailers")
+    if head.content_length is not None and "content-length" not in hdrs:
+        parts += ("content-length", str(head.content_length))
+    parts.append("")
+    return "\0".join(parts).encode("latin-1"), (len(parts) - 1) // 2

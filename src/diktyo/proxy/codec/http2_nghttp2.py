@@ -1,11 +1,21 @@
-"""HTTP/2 codec on libnghttp2 (C, through cffi in ABI mode): the same events, limits and
-counters as the `h2` codec (``http2.py``), at a fraction of its CPU.
+"""HTTP/2 codec on libnghttp2 (C, through cffi): the same events, limits and counters as the
+`h2` codec (``http2.py``), at a fraction of its CPU.
 
 Theory of operation
 -------------------
-``ffi.dlopen("libnghttp2.so.14")`` with a hand-written declaration of the few types and
-functions used (no headers, no build step). One set of C callbacks is shared by every session;
-each session's ``user_data`` is a handle to its Python codec. nghttp2 does the framing, HPACK,
+Two ways to reach libnghttp2, chosen once per process (``load()``; ``mode()`` says which):
+
+- **cffi API mode** (the default when built): ``_nghttp2_api``, a C extension that
+  ``setup.py`` compiles from ``_nghttp2_build.py``. Its C callbacks collect each header block
+  into one buffer and call Python once per frame that matters (``dk_py_*`` below, plain
+  integers in); outgoing header blocks go down as one ``name\0value\0...`` blob.
+- **cffi ABI mode** (no compiler at install, a stale extension, ``DIKTYO_NGHTTP2_CFFI=abi``):
+  ``ffi.dlopen("libnghttp2.so.14")`` with a hand-written declaration of the few types and
+  functions used (no headers, no build step); libnghttp2 calls Python per header field.
+
+After that point both modes run the same methods (``_headers_frame``, ``_frame``, ...). One set
+of C callbacks is shared by every session; each session's ``user_data`` leads to its Python
+codec (ABI: a handle; API: a C context holding the handle). nghttp2 does the framing, HPACK,
 the stream state machine, flow-control bookkeeping and HTTP/2 message validation (pseudo-
 headers, connection-specific and upper-case names, content-length against DATA); this module
 turns its callbacks into the sink calls of ``codec/events.py`` and adds the protections that
@@ -37,6 +47,8 @@ pending buffer; what the peer's window does not admit stays there, the sink hear
 
 from __future__ import annotations
 
+import logging
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -58,8 +70,14 @@ from diktyo.proxy.codec.http2_common import (
     Http2Options,
     Http2Stats,
     _lower,
+    request_header_block,
     request_header_list,
 )
+from diktyo.proxy.codec.http2_common import (
+    NghttpUnavailable as NghttpUnavailable,  # re-exported: http2_select, tests
+)
+
+log = logging.getLogger("diktyo.proxy")
 
 _CDEF = """
 typedef struct nghttp2_session nghttp2_session;
@@ -181,6 +199,8 @@ _ERR_CALLBACK_FAILURE = -902
 _ERR_REFUSED_STREAM = -533
 _ERR_DEFERRED = -508
 _DATA_FLAG_EOF, _DATA_FLAG_NO_END_STREAM = 1, 2
+# what _submit sends (the compiled extension's dk_submit takes the same numbers)
+_SUBMIT_RESPONSE, _SUBMIT_REQUEST, _SUBMIT_HEADERS, _SUBMIT_TRAILER = 0, 1, 2, 3
 _HCAT_REQUEST, _HCAT_RESPONSE, _HCAT_HEADERS = 0, 1, 3
 _BIG = 2**31 - 1
 
@@ -198,33 +218,37 @@ _RESET_CODES: dict[ResetReason, int] = {
 _NV = "QQQQB7x"  # nghttp2_nv on LP64: two pointers, two size_t, the flags byte, padding
 
 
-class NghttpUnavailable(RuntimeError):
-    """libnghttp2 (Debian ``libnghttp2-14``) or cffi is missing or too old."""
-
-
+API_ENV = "DIKTYO_NGHTTP2_CFFI"  # "auto" (default): the compiled extension when built; "abi"
 _ffi: Any = None
 _lib: Any = None
+_api = False  # the compiled extension (cffi API mode, _nghttp2_build.py) runs, not dlopen
+_api_note = ""  # why the ABI mode runs
 _B: Any = None  # ffi._backend: its newp / cast / from_buffer / unpack skip cffi's wrappers
 _T: dict[str, Any] = {}  # C types parsed once
 _callbacks: Any = None
 _read_cb: Any = None
 _keep: list[Any] = []  # the C callbacks must outlive every session
 _load_error: str | None = None
+_current: Any = None  # the codec inside nghttp2 (feed / _pull): where a callback's error goes
 
 
 def load() -> tuple[Any, Any]:
     """``(ffi, lib)``; raises ``NghttpUnavailable`` with the reason when it cannot load."""
-    global _ffi, _lib, _B, _load_error
+    global _ffi, _lib, _B, _load_error, _api
     if _lib is not None:
         return _ffi, _lib
     if _load_error is not None:
         raise NghttpUnavailable(_load_error)
     try:
-        import cffi  # type: ignore[import-untyped]  # cffi ships no type stubs
+        api = _load_api()
+        if api is not None:
+            ffi, lib = api
+        else:
+            import cffi  # type: ignore[import-untyped]  # cffi ships no type stubs
 
-        ffi = cffi.FFI()
-        ffi.cdef(_CDEF)
-        lib = ffi.dlopen(LIBRARY)
+            ffi = cffi.FFI()
+            ffi.cdef(_CDEF)
+            lib = ffi.dlopen(LIBRARY)
         info = lib.nghttp2_version(0)
         if info == ffi.NULL or info.version_num < MIN_VERSION:
             have = ffi.string(info.version_str).decode() if info != ffi.NULL else "?"
@@ -238,11 +262,77 @@ def load() -> tuple[Any, Any]:
             f"libnghttp2-14 and the PyPI package cffi"
         )
         raise NghttpUnavailable(_load_error) from e
-    _ffi, _lib, _B = ffi, lib, ffi._backend
-    for t in ("char[]", "uintptr_t", "nghttp2_nv[]", "nghttp2_data_provider *"):
-        _T[t] = ffi.typeof(t)
-    _make_callbacks(ffi, lib)
+    # ABI mode: ffi._backend's functions skip cffi's Python wrappers; the compiled module's
+    # ffi is the C object itself
+    _ffi, _lib, _api = ffi, lib, api is not None
+    _B = ffi if _api else ffi._backend
+    if _api:
+        _make_api_callbacks(ffi)
+    else:
+        for t in ("char[]", "uintptr_t", "nghttp2_nv[]", "nghttp2_data_provider *"):
+            _T[t] = ffi.typeof(t)
+        _make_callbacks(ffi, lib)
     return ffi, lib
+
+
+def _load_api() -> tuple[Any, Any] | None:
+    """The compiled extension's ``(ffi, lib)``, or None (``_api_note`` says why)."""
+    global _api_note
+    want = os.environ.get(API_ENV, "").strip().lower() or "auto"
+    if want == "abi":
+        _api_note = f"{API_ENV}=abi"
+        return None
+    from diktyo.proxy.codec._nghttp2_build import API_VERSION
+
+    try:
+        from diktyo.proxy.codec import _nghttp2_api  # type: ignore[attr-defined]  # built by setup.py
+    except ImportError as e:
+        _api_note = f"the compiled extension is not built ({e})"
+        return None
+    have = int(_nghttp2_api.lib.dk_api_version())
+    if have != API_VERSION:
+        _api_note = f"the compiled extension is stale (version {have}, want {API_VERSION})"
+        log.warning("HTTP/2: %s: using cffi's ABI mode; rebuild with `make build`", _api_note)
+        return None
+    return _nghttp2_api.ffi, _nghttp2_api.lib
+
+
+_STATE = ("_ffi", "_lib", "_B", "_api", "_api_note", "_load_error", "_callbacks", "_read_cb")
+
+
+def reload_mode(abi: bool) -> Callable[[], None]:
+    """Load libnghttp2 again, in cffi's ABI mode (``abi``) or the compiled extension's; returns
+    a function that puts the previous mode back (tests run both). Codecs keep the mode they
+    were created in."""
+    g = globals()
+    saved = {k: g[k] for k in _STATE}
+    env = os.environ.get(API_ENV)
+    g["_lib"] = g["_load_error"] = None
+    os.environ[API_ENV] = "abi" if abi else "auto"
+    try:
+        load()
+    finally:
+        if env is None:
+            os.environ.pop(API_ENV, None)
+        else:
+            os.environ[API_ENV] = env
+
+    def restore() -> None:
+        g.update(saved)
+
+    return restore
+
+
+def mode() -> str:
+    """``cffi API`` (the compiled extension) or ``cffi ABI`` (dlopen, no build)."""
+    load()
+    return "cffi API" if _api else "cffi ABI"
+
+
+def mode_note() -> str:
+    """Why cffi's ABI mode runs ("" when the compiled extension does)."""
+    load()
+    return "" if _api else _api_note
 
 
 def version() -> str:
@@ -285,7 +375,18 @@ def _make_callbacks(ffi: Any, lib: Any) -> None:
         return _ERR_CALLBACK_FAILURE  # stop here: no RST_STREAM, the connection goes
 
     def on_frame_recv(session: Any, frame: Any, ud: Any) -> int:
-        return int(from_handle(ud)._frame_recv(frame))
+        codec = from_handle(ud)
+        hd = frame.hd
+        t = hd.type
+        if t == _HEADERS:
+            return int(codec._abi_headers(hd.stream_id, hd.flags, frame.headers.cat))
+        a = b = 0
+        if t == _RST_STREAM:
+            a = frame.rst_stream.error_code
+        elif t == _GOAWAY:
+            a = frame.goaway.error_code
+            b = frame.goaway.last_stream_id
+        return int(codec._frame(t, hd.flags, hd.stream_id, a, b))
 
     def on_invalid_frame_recv(session: Any, frame: Any, err: int, ud: Any) -> int:
         return int(from_handle(ud)._invalid_frame(frame.hd.stream_id, frame.hd.type, err))
@@ -309,11 +410,10 @@ def _make_callbacks(ffi: Any, lib: Any) -> None:
 
     def fail_cb(exc_type: Any, exc: BaseException | None, tb: Any) -> int:
         # an exception must never unwind through C: it fails the session, and feed() re-raises
-        # it (a _Flood becomes GOAWAY); the codec is found from the callback's user_data
-        try:
-            from_handle(tb.tb_frame.f_locals["ud"])._error = exc
-        except Exception:  # noqa: BLE001 - nothing more can be done from inside C
-            pass
+        # it (a _Flood becomes GOAWAY); the codec is the one whose feed / _pull runs
+        codec = _current
+        if codec is not None:
+            codec._error = exc
         return _ERR_CALLBACK_FAILURE
 
     def zero_cb(*a: Any) -> int:
@@ -375,6 +475,75 @@ def _make_callbacks(ffi: Any, lib: Any) -> None:
     _read_cb = cb_on_read
 
 
+def _make_api_callbacks(ffi: Any) -> None:
+    """The Python side of the compiled extension: one call per frame that matters, plain
+    integers in (``_nghttp2_build.py`` does the rest in C). Each extern is named explicitly:
+    mypyc's compiled nested functions have no ``__name__`` for cffi to take it from."""
+    from_handle = ffi.from_handle
+    unpack = ffi.unpack
+
+    def fail_cb(exc_type: Any, exc: BaseException | None, tb: Any) -> int:
+        codec = _current  # as in ABI mode
+        if codec is not None:
+            codec._error = exc
+        return _ERR_CALLBACK_FAILURE
+
+    def zero_cb(*a: Any) -> int:
+        return 0
+
+    @ffi.def_extern(name="dk_py_begin_frame", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
+    def dk_py_begin_frame(ud: Any, t: int, flags: int, length: int) -> int:
+        codec = from_handle(ud)
+        if t > _CONTINUATION or t not in (_DATA, _HEADERS, _CONTINUATION):
+            return int(codec._begin_frame(t, flags, length))  # no C-side counter involved
+        ctx = codec._ctx
+        codec._empty_run = ctx.empty_run
+        codec._block = ctx.block
+        rv = int(codec._begin_frame(t, flags, length))
+        ctx.empty_run = codec._empty_run
+        ctx.block = codec._block
+        return rv
+
+    @ffi.def_extern(name="dk_py_frame", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    def dk_py_frame(ud: Any, t: int, flags: int, sid: int, a: int, b: int) -> int:
+        return int(from_handle(ud)._frame(t, flags, sid, a, b))
+
+    @ffi.def_extern(name="dk_py_headers", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    def dk_py_headers(ud: Any, sid: int, flags: int, cat: int, buf: Any, n: int) -> int:
+        return int(from_handle(ud)._api_headers(sid, flags, cat, unpack(buf, n)))
+
+    @ffi.def_extern(name="dk_py_data", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    def dk_py_data(ud: Any, sid: int, buf: Any, n: int) -> int:
+        codec = from_handle(ud)
+        if codec._closed:
+            return _ERR_CALLBACK_FAILURE
+        codec._data(sid, unpack(buf, n))
+        return 0
+
+    @ffi.def_extern(name="dk_py_close", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    def dk_py_close(ud: Any, sid: int, code: int) -> int:
+        from_handle(ud)._stream_closed(sid, code)
+        return 0
+
+    @ffi.def_extern(name="dk_py_invalid_header", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    def dk_py_invalid_header(ud: Any, sid: int, name: Any, n: int) -> int:
+        from_handle(ud)._invalid_header(sid, unpack(name, n), b"")
+        return _ERR_CALLBACK_FAILURE
+
+    @ffi.def_extern(name="dk_py_invalid_frame", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    def dk_py_invalid_frame(ud: Any, sid: int, t: int, err: int) -> int:
+        return int(from_handle(ud)._invalid_frame(sid, t, err))
+
+    @ffi.def_extern(name="dk_py_error", onerror=zero_cb)  # type: ignore[untyped-decorator]
+    def dk_py_error(ud: Any, msg: Any, n: int) -> int:
+        from_handle(ud)._lib_message = unpack(msg, n).decode("latin-1")
+        return 0
+
+    @ffi.def_extern(name="dk_py_read", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    def dk_py_read(ud: Any, sid: int, buf: Any, length: int, flags: Any) -> int:
+        return int(from_handle(ud)._read(sid, buf, length, flags))
+
+
 def _nva(pairs: HeaderList) -> tuple[Any, Any, int]:
     """``(keep-alive, nghttp2_nv *, n)`` for ``pairs``: one blob of names and values and one
     packed array pointing into it (nghttp2 copies both on submit)."""
@@ -427,7 +596,7 @@ class _NgCodec:
     multiplexed = True
     implementation = "nghttp2"
 
-    sink: ServerSink | ClientSink
+    sink: Any  # ServerSink | ClientSink: one type for both sides, which mypyc needs
 
     def __init__(
         self,
@@ -443,6 +612,17 @@ class _NgCodec:
         self._clock = clock
         self._client = client_side
         self._handle = ffi.new_handle(self)
+        self._api = _api
+        self._ctx: Any = None
+        if _api:
+            self._ctx = ffi.gc(
+                lib.dk_ctx_new(self._handle, options.max_header_list_bytes), lib.dk_ctx_del
+            )
+            callbacks, ud = lib.dk_callbacks(), self._ctx
+            self._mem_send = lib.dk_mem_send
+        else:
+            callbacks, ud = _callbacks, self._handle
+            self._mem_send = lib.nghttp2_session_mem_send
         opt_pp = ffi.new("nghttp2_option **")
         lib.nghttp2_option_new(opt_pp)
         opt = opt_pp[0]
@@ -453,7 +633,7 @@ class _NgCodec:
         lib.nghttp2_option_set_peer_max_concurrent_streams(opt, 100)
         sp = ffi.new("nghttp2_session **")
         new = lib.nghttp2_session_client_new2 if client_side else lib.nghttp2_session_server_new2
-        if new(sp, _callbacks, self._handle, opt) != 0:
+        if new(sp, callbacks, ud, opt) != 0:
             lib.nghttp2_option_del(opt)
             raise NghttpUnavailable("nghttp2 session creation failed")
         lib.nghttp2_option_del(opt)  # the session keeps a copy
@@ -487,6 +667,8 @@ class _NgCodec:
         self._error: BaseException | None = None
         self._fatal: tuple[int, str] | None = None  # a malformed stream: close after this read
         self._lib_message = ""
+        self._block_in: bytes | None = None  # the compiled extension's header block, as is
+        self._nva_keep: Any = None
         self._out: list[bytes] = []
         self._dead: bytes | None = None  # after a connection error: the GOAWAY to send
         self._busy = False  # inside nghttp2_session_mem_recv (no mem_send from there)
@@ -530,16 +712,12 @@ class _NgCodec:
 
     def _pull(self) -> None:
         """Serialize what nghttp2 has queued into ``self._out`` (frames in order)."""
-        lib = self._lib
-        unpack = _B.unpack
-        pp = self._pp
-        out = self._out
-        session = self._session
-        while True:
-            n = lib.nghttp2_session_mem_send(session, pp)
-            if n <= 0:
-                break
-            out.append(unpack(pp[0], n))
+        global _current
+        prev, _current = _current, self
+        try:
+            self._serialize()
+        finally:
+            _current = prev
         if self._prd:
             for sid in list(self._prd):
                 st = self._streams.get(sid)
@@ -551,17 +729,39 @@ class _NgCodec:
             for sid in sids:
                 self.sink.on_send_unblocked(sid)
 
+    def _serialize(self) -> None:
+        unpack = _B.unpack
+        pp = self._pp
+        out = self._out
+        session = self._session
+        if self._api:  # all queued frames in one call
+            n = self._mem_send(session, self._ctx, pp)
+            if n > 0:
+                out.append(unpack(pp[0], n))
+            elif n < 0:
+                raise MemoryError("HTTP/2: out of memory serializing frames")
+        else:
+            mem_send = self._mem_send
+            while True:
+                n = mem_send(session, pp)
+                if n <= 0:
+                    break
+                out.append(unpack(pp[0], n))
+
     def set_write_paused(self, paused: bool) -> None:
         self._write_paused = paused
 
     def feed(self, data: bytes) -> None:
+        global _current
         if self._closed:
             return
         self._busy = True
+        prev, _current = _current, self
         try:
             rv = self._lib.nghttp2_session_mem_recv(self._session, data, len(data))
         finally:
             self._busy = False
+            _current = prev
         err, self._error = self._error, None
         if err is not None:
             if isinstance(err, _Flood):
@@ -571,6 +771,14 @@ class _NgCodec:
             code, message = self._fatal
             self._fail(code, message)
         if rv < 0:
+            ctx = self._ctx
+            if ctx is not None and ctx.overflow:  # the compiled extension counts in C
+                ctx.overflow = 0
+                self.stats.header_overflow += 1
+                self._fail(
+                    ENHANCE_YOUR_CALM,
+                    f"header list too large: over {self.options.max_header_list_bytes} bytes",
+                )
             if rv == -904:  # NGHTTP2_ERR_FLOODED: its own outbound ACK limit
                 self.stats.outbound_control_flood += 1
                 self._fail(ENHANCE_YOUR_CALM, "PING/SETTINGS acknowledgements queued but not "
@@ -792,38 +1000,62 @@ class _NgCodec:
             self._fatal = (PROTOCOL_ERROR, f"malformed frame on stream {sid}: {msg}")
         return 0
 
-    def _frame_recv(self, frame: Any) -> int:
+    def _abi_headers(self, sid: int, flags: int, cat: int) -> int:
+        """ABI mode: a header block's fields arrived one ``_header`` call each."""
         if self._fatal is not None:
             return 0
-        hd = frame.hd
-        t = hd.type
-        sid = hd.stream_id
+        st = self._hdr.pop(sid, None)
+        if st is None:
+            return 0
+        return self._headers_frame(sid, flags, cat, st)
+
+    def _api_headers(self, sid: int, flags: int, cat: int, block: bytes) -> int:
+        """The compiled extension: the whole block at once, ``name\0value\0...``, its size
+        already checked."""
+        if self._closed:
+            return _ERR_CALLBACK_FAILURE
+        if self._fatal is not None:
+            return 0
+        st = self._streams.get(sid)
+        if st is None:
+            st = _Stream(self._clock())
+        parts = block.split(b"\0")
+        st.headers = list(zip(parts[::2], parts[1::2], strict=False))  # parts ends with b""
+        self._block_in = block  # a request head decodes it at once (server side)
+        return self._headers_frame(sid, flags, cat, st)
+
+    def _headers_frame(self, sid: int, flags: int, cat: int, st: _Stream) -> int:
+        hs = st.headers
+        if len(hs) > self.options.max_headers_count + 4:
+            regular = sum(1 for n, _ in hs if n[:1] != b":")
+            if regular > self.options.max_headers_count:
+                st.rejected = 1
+                st.headers = []
+        self._headers(sid, st, cat, st.headers, bool(flags & _END_STREAM))
+        if flags & _END_STREAM and sid in self._streams:
+            self._remote_end(sid, st)
+            self._sink_end(sid)
+        return 0
+
+    def _frame(self, t: int, flags: int, sid: int, a: int, b: int) -> int:
+        """A frame other than HEADERS; ``a`` is RST_STREAM's / GOAWAY's error code, ``b``
+        GOAWAY's last stream id."""
+        if self._fatal is not None:
+            return 0
         if t == _DATA:
-            if hd.flags & _END_STREAM:
+            if flags & _END_STREAM:
+                if self._api and self._closed:
+                    return _ERR_CALLBACK_FAILURE
                 st = self._streams.get(sid)
                 if st is not None:
                     self._remote_end(sid, st)
                     self._sink_end(sid)
-        elif t == _HEADERS:
-            st = self._hdr.pop(sid, None)
-            if st is None:
-                return 0
-            hs = st.headers
-            if len(hs) > self.options.max_headers_count + 4:
-                regular = sum(1 for n, _ in hs if n[:1] != b":")
-                if regular > self.options.max_headers_count:
-                    st.rejected = 1
-                    st.headers = []
-            self._headers(sid, st, frame.headers.cat, st.headers, bool(hd.flags & _END_STREAM))
-            if hd.flags & _END_STREAM and sid in self._streams:
-                self._remote_end(sid, st)
-                self._sink_end(sid)
         elif t == _RST_STREAM:
             self._hdr.pop(sid, None)
             st = self._drop(sid)
             self.stats.rx_reset += 1
             if st is not None:
-                code = frame.rst_stream.error_code
+                code = a
                 self.sink.on_stream_reset(
                     sid,
                     ResetReason.REMOTE_REFUSED
@@ -832,10 +1064,10 @@ class _NgCodec:
                 )
                 self._premature_reset(st)
         elif t == _SETTINGS:
-            if not hd.flags & _ACK:
+            if not flags & _ACK:
                 self.peer_settings_received = True
         elif t == _GOAWAY:
-            self._on_goaway(frame.goaway.last_stream_id, frame.goaway.error_code)
+            self._on_goaway(b, a)
         return 0
 
     def _data(self, sid: int, data: bytes) -> None:
@@ -880,9 +1112,8 @@ class _NgCodec:
                 self._prd.discard(sid)
                 if st.trailers is not None:
                     flags[0] = _DATA_FLAG_EOF | _DATA_FLAG_NO_END_STREAM
-                    _k, nva, cnt = _nva(st.trailers)
-                    st.trailers = None
-                    self._lib.nghttp2_submit_trailer(self._session, sid, nva, cnt)
+                    trailers, st.trailers = st.trailers, None
+                    self._submit(_SUBMIT_TRAILER, sid, trailers, False)
                 else:
                     flags[0] = _DATA_FLAG_EOF
                 self._local_end(sid, st)
@@ -891,15 +1122,43 @@ class _NgCodec:
 
     # ------------------------------------------------------------------ internals
 
-    def _provider(self, sid: int, st: _Stream) -> Any:
-        """A data provider for ``sid``: it reads ``st.pending`` and defers while it is empty
-        (``send_data`` / ``send_trailers`` resume it); END_STREAM goes on the last DATA frame
-        unless trailers follow."""
-        prd = _B.newp(_T["nghttp2_data_provider *"], None)
-        prd.read_callback = _read_cb
+    def _provider(self, sid: int, st: _Stream) -> None:
+        """``sid`` gets a data provider (``_submit(..., with_data=True)``): it reads
+        ``st.pending`` and defers while it is empty (``send_data`` / ``send_trailers`` resume
+        it); END_STREAM goes on the last DATA frame unless trailers follow."""
         st.prd = True
         self._prd.add(sid)
-        return prd
+
+    def _submit(self, kind: int, sid: int, pairs: HeaderList, with_data: bool) -> int:
+        """Submit a header block (``_SUBMIT_*``); a request returns its stream id."""
+        session = self._session
+        if self._api:
+            if not pairs:
+                blob = b""
+            else:
+                blob = b"\0".join([b for pair in pairs for b in pair]) + b"\0"
+                if blob.count(b"\0") != 2 * len(pairs):
+                    # a NUL in a name or value: malformed in HTTP/2 (RFC 9113 8.2.1), and the
+                    # blob could not carry it; such a field is not sent
+                    pairs = [(n, v) for n, v in pairs if b"\0" not in n and b"\0" not in v]
+                    return self._submit(kind, sid, pairs, with_data)
+            return int(self._lib.dk_submit(session, kind, sid, blob, len(blob), with_data))
+        lib = self._lib
+        NULL = self._ffi.NULL
+        # the blob and the nv array must live until submit copied them: held by self (compiled
+        # code drops an unused local at once, not at return)
+        self._nva_keep, nva, n = _nva(pairs)
+        prd = NULL
+        if with_data:
+            prd = _B.newp(_T["nghttp2_data_provider *"], None)
+            prd.read_callback = _read_cb
+        if kind == _SUBMIT_RESPONSE:
+            return int(lib.nghttp2_submit_response(session, sid, nva, n, prd))
+        if kind == _SUBMIT_REQUEST:
+            return int(lib.nghttp2_submit_request(session, NULL, nva, n, prd, NULL))
+        if kind == _SUBMIT_HEADERS:
+            return int(lib.nghttp2_submit_headers(session, 0, sid, NULL, nva, n, NULL))
+        return int(lib.nghttp2_submit_trailer(session, sid, nva, n))
 
     def _local_end(self, sid: int, st: _Stream) -> None:
         st.local_done = True
@@ -1005,8 +1264,6 @@ def _code_name(code: int) -> str:
 class NgHttp2ServerCodec(_NgCodec):
     """Downstream side on libnghttp2 (same contract as ``http2.Http2ServerCodec``)."""
 
-    sink: ServerSink
-
     def __init__(
         self,
         sink: ServerSink,
@@ -1033,9 +1290,13 @@ class NgHttp2ServerCodec(_NgCodec):
         head.version = "2"
         headers = head.headers
         authority = ""
-        for n, v in raw:
-            name = n.decode("latin-1")
-            value = v.decode("latin-1")
+        block, self._block_in = self._block_in, None
+        if block is not None:  # name\0value\0...: one decode for the whole head
+            it = iter(block.decode("latin-1").split("\0"))
+            fields: Any = zip(it, it, strict=False)  # the trailing "" has no partner
+        else:
+            fields = ((n.decode("latin-1"), v.decode("latin-1")) for n, v in raw)
+        for name, value in fields:
             if name[0] == ":":
                 if name == ":method":
                     head.method = value
@@ -1066,11 +1327,11 @@ class NgHttp2ServerCodec(_NgCodec):
         st = self._streams.get(sid)
         if st is None or st.local_done or self._closed:
             return
+        if not end_stream:
+            self._provider(sid, st)
         pairs: HeaderList = [(b":status", str(head.status).encode())]
         pairs += _lower(head.pairs())
-        _k, nva, n = _nva(pairs)
-        prd = self._ffi.NULL if end_stream else self._provider(sid, st)
-        rv = self._lib.nghttp2_submit_response(self._session, sid, nva, n, prd)
+        rv = self._submit(_SUBMIT_RESPONSE, sid, pairs, not end_stream)
         if rv < 0:
             self._drop(sid)  # the client reset the stream meanwhile
             return
@@ -1079,10 +1340,7 @@ class NgHttp2ServerCodec(_NgCodec):
 
     def send_continue(self, sid: int) -> None:
         if sid in self._streams:
-            _k, nva, n = _nva([(b":status", b"100")])
-            self._lib.nghttp2_submit_headers(
-                self._session, 0, sid, self._ffi.NULL, nva, n, self._ffi.NULL
-            )
+            self._submit(_SUBMIT_HEADERS, sid, [(b":status", b"100")], False)
 
     def drain(self) -> None:
         self.goaway(0)
@@ -1104,8 +1362,6 @@ class NgHttp2ServerCodec(_NgCodec):
 class NgHttp2ClientCodec(_NgCodec):
     """Upstream side on libnghttp2 (same contract as ``http2.Http2ClientCodec``)."""
 
-    sink: ClientSink
-
     def __init__(
         self,
         sink: ClientSink,
@@ -1115,9 +1371,8 @@ class NgHttp2ClientCodec(_NgCodec):
     ) -> None:
         super().__init__(True, options, stats, clock)
         self.sink = sink
-
-    _stream_cap = _BIG
-    _no_new_streams = False
+        self._stream_cap = _BIG  # set here: mypyc compiles no class-level default from a name
+        self._no_new_streams = False
 
     @property
     def max_concurrent_streams(self) -> int:
@@ -1142,13 +1397,25 @@ class NgHttp2ClientCodec(_NgCodec):
     def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
         if self.closed:
             raise CodecError(503, "HTTP/2 upstream connection is closing (GOAWAY)")
-        pairs = request_header_list(head)
-        _k, nva, cnt = _nva(pairs)
+        if not end_stream and head.version == "2" and not head.has_body and head.method != "CONNECT":
+            # the downstream HEADERS carried END_STREAM (an HTTP/2 codec decoded this head): so
+            # do ours, instead of an empty DATA frame with END_STREAM once the stream hears the
+            # end (its send_data(b"", True) finds the stream done and sends nothing)
+            end_stream = True
         st = _Stream(self._clock())
-        prd = self._ffi.NULL if end_stream else self._provider(sid, st)
-        got = self._lib.nghttp2_submit_request(
-            self._session, self._ffi.NULL, nva, cnt, prd, self._ffi.NULL
-        )
+        if not end_stream:
+            self._provider(sid, st)
+        if self._api:
+            blob, n = request_header_block(head)
+            if blob.count(b"\0") == 2 * n:
+                got = int(
+                    self._lib.dk_submit(self._session, _SUBMIT_REQUEST, sid, blob, len(blob),
+                                        not end_stream)  # fmt: skip
+                )
+            else:  # a NUL in a field: _submit leaves that field out
+                got = self._submit(_SUBMIT_REQUEST, sid, request_header_list(head), not end_stream)
+        else:
+            got = self._submit(_SUBMIT_REQUEST, sid, request_header_list(head), not end_stream)
         if got != sid:
             self._prd.discard(sid)
             raise CodecError(503, f"HTTP/2 upstream stream not opened (got {got} for {sid})")

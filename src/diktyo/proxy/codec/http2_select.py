@@ -32,7 +32,10 @@ def select_codec(choice: str | None = None) -> tuple[Any, Any, str]:
 
         try:
             v = ng.version()
-            picked = (ng.NgHttp2ServerCodec, ng.NgHttp2ClientCodec, f"nghttp2 {v} (cffi)")
+            desc = f"nghttp2 {v} ({ng.mode()})"
+            picked = (ng.NgHttp2ServerCodec, ng.NgHttp2ClientCodec, desc)
+            if ng.mode_note():
+                log.info("HTTP/2: libnghttp2 through cffi's ABI mode: %s", ng.mode_note())
         except ng.NghttpUnavailable as e:
             if want == "nghttp2":
                 raise

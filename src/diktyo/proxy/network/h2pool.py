@@ -191,7 +191,8 @@ class H2StreamHandle:
         """Write what the codec has queued (one ``transport.write``)."""
         self.conn.flush()
 
-    flush = write
+    def flush(self) -> None:  # the same as write (a class-level alias does not compile)
+        self.conn.flush()
 
     def close(self) -> None:
         """Abandon this stream (RST_STREAM CANCEL) and free its slot."""
@@ -686,7 +687,7 @@ class H2ClusterPool:
 
     @property
     def codec(self) -> str:
-        """The HTTP/2 codec this process runs, e.g. ``nghttp2 1.52.0 (cffi)`` or ``h2 4.4.1``."""
+        """The HTTP/2 codec this process runs, e.g. ``nghttp2 1.52.0 (cffi API)`` or ``h2 4.4.1``."""
         return codec_description()
 
     def describe(self) -> dict[str, Any]:
