@@ -29,6 +29,8 @@ from diktyo.proxy.codec.events import HeaderList, ResetReason, ResponseHead
 
 if TYPE_CHECKING:
     from diktyo.proxy.network.upstream import UpstreamConnectionLike
+    from diktyo.proxy.upstream.cluster import ClusterState
+    from diktyo.proxy.upstream.host import Host
 
 
 class UpstreamRequest:
@@ -38,8 +40,9 @@ class UpstreamRequest:
         # every field set here, none as a class-level default: mypyc leaves a class-level
         # default of a type from another compiled module (the connection Protocol) unset
         self.stream: Any = stream  # http.connection_manager.DownstreamStream; None: detached
-        self.host = host
-        self.cstate = stream.cstate
+        # typed (not Any): compiled, the host and cluster state are read and called natively
+        self.host: Host = host
+        self.cstate: ClusterState = stream.cstate
         self.pool = stream.pool
         self.attempt = attempt
         self.retry_slot = retry_slot  # this attempt is a retry and holds a retry slot
