@@ -473,7 +473,8 @@ class ResponseDecoder:
         start = lead
         # llhttp skips empty lines before a status line; so must the cut (found by fuzzing:
         # b"\r\nHTTP/1.1 200 OK..." forwarded the status line as a header)
-        while buf[lead : lead + 1] in (b"\r", b"\n"):
+        n = len(buf)
+        while lead < n and buf[lead] in (13, 10):  # CR, LF (an int test: no slice per line)
             lead += 1
         end = buf.find(b"\r\n\r\n", lead)
         if end < 0:
