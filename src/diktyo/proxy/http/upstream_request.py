@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from diktyo.proxy.codec.events import HeaderList, ResetReason, ResponseHead
 
 if TYPE_CHECKING:
+    from diktyo.proxy.http.connection_manager import DownstreamStream
     from diktyo.proxy.network.upstream import UpstreamConnectionLike
     from diktyo.proxy.upstream.cluster import ClusterState
     from diktyo.proxy.upstream.host import Host
@@ -36,10 +37,11 @@ if TYPE_CHECKING:
 class UpstreamRequest:
     """One try of one request against one upstream host."""
 
-    def __init__(self, stream: Any, host: Any, attempt: int, retry_slot: bool) -> None:
+    def __init__(self, stream: DownstreamStream, host: Any, attempt: int, retry_slot: bool) -> None:
         # every field set here, none as a class-level default: mypyc leaves a class-level
         # default of a type from another compiled module (the connection Protocol) unset
-        self.stream: Any = stream  # http.connection_manager.DownstreamStream; None: detached
+        # typed (not Any): compiled, the stream's callbacks below are native calls
+        self.stream: DownstreamStream | None = stream  # None: detached
         # typed (not Any): compiled, the host and cluster state are read and called natively
         self.host: Host = host
         self.cstate: ClusterState = stream.cstate
