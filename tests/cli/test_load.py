@@ -56,7 +56,10 @@ def test_counts_200_and_503(httpbin: str, capsys: pytest.CaptureFixture[str]) ->
     assert data["count"] == 200
     assert set(data["codes"]) == {"200", "503"}
     assert data["codes"]["200"] + data["codes"]["503"] == 200
-    assert data["sockets"] == 4  # keep-alive: one socket per connection
+    # as fortio: keep-alive after a 200, a new socket after each 503 unless it was the
+    # connection's last request
+    n503 = data["codes"]["503"]
+    assert n503 <= data["sockets"] <= 4 + n503, (data["sockets"], n503)
     assert data["latency_ms"]["min"] <= data["latency_ms"]["percentiles"]["50"]
     assert data["latency_ms"]["percentiles"]["50"] <= data["latency_ms"]["percentiles"]["99.9"]
 

@@ -1,10 +1,11 @@
 """Istio's circuit breaking task on a local mesh: httpbin behind a tight connection pool.
 
 ``samples/circuit-breaking/mesh.yaml`` runs httpbin and a ``sleep`` client (each with a
-sidecar); the task's DestinationRule allows one connection, one queued request and one request
-per connection. A fortio-like load from inside ``sleep`` (``diktyo load --via sleep``) with two
-or three concurrent connections trips the breaker: some requests get 503 with flag ``UO``, and
-the share of 200s is the one Istio's task shows (85 % and 63 %), within a stated tolerance.
+sidecar; sleep's with Istio's default of 2 workers); the task's DestinationRule allows one
+connection, one queued request and one request per connection. A fortio-like load from inside
+``sleep`` (``diktyo load --via sleep``) with two or three concurrent connections trips the
+breaker: some requests get 503 with flag ``UO``, and the share of 200s is compared with the one
+Istio's task shows (85 % and 36.7 %), within a stated tolerance.
 """
 
 from __future__ import annotations
@@ -77,11 +78,13 @@ def test_one_connection_never_trips_the_breaker(mesh: MeshThread) -> None:
     assert result.codes == {200: 20}, (result.codes, result.errors)
 
 
-# Istio's circuit-breaking task (fortio through the client's sidecar, the same DestinationRule):
-# "-c 2 -n 20" gives 17 of 20 (85 %) 200, "-c 3 -n 30" 19 of 30 (63 %). Those are one run's
-# figures; 20 or 30 requests put about 8-9 points of binomial noise on a share, so diktyo must
-# land within 20 points (over 2 standard deviations) of each.
-ISTIO_SHARE_200 = {2: 0.85, 3: 0.63}
+# Istio's circuit-breaking task (fortio 1.3.1 through the client's sidecar, Envoy with Istio's
+# default 2 workers, the same DestinationRule; istio.io content/en/docs/tasks/traffic-management/
+# circuit-breaking): "-c 2 -n 20" gives 17 of 20 (85 %) 200, "-c 3 -n 30" 11 of 30 (36.7 %) 200 -
+# its 63.3 % at -c 3 is the share of 503s. (The page's 2018 version, fortio 0.6.2, showed 19/20 and
+# 19/30 200.) Those are one run's figures; 20 or 30 requests put about 8-9 points of binomial
+# noise on a share, so diktyo must land within 20 points (over 2 standard deviations) of each.
+ISTIO_SHARE_200 = {2: 17 / 20, 3: 11 / 30}
 TOLERANCE = 0.20
 
 
@@ -119,27 +122,35 @@ def test_overflows_fail_fast_with_uo_and_never_reach_httpbin(mesh: MeshThread) -
     assert served == 0
 
 
+def within(share: float, c: int) -> bool:
+    return abs(share - ISTIO_SHARE_200[c]) <= TOLERANCE + 1e-9  # 5 of 30 is 20 points off 11/30
+
+
+def test_three_connections_give_istios_figure(mesh: MeshThread) -> None:
+    three = load_via(mesh, "sleep", connections=3, requests=30)
+    share = three.codes.get(200, 0) / 30
+    assert within(share, 3), (
+        f"-c 3: {share:.0%} of requests got 200, Istio's task shows {ISTIO_SHARE_200[3]:.0%}",
+        three.codes,
+    )
+
+
 @pytest.mark.xfail(
     strict=False,
-    reason="known gap (docs/tasks.md, Circuit breaking): Istio's figures come from Envoy with "
-    "2 worker threads (Istio's sidecar default), whose per-worker pools each open a connection "
-    "when they have none (past maxConnections). With one worker, or with diktyo's workers that "
-    "keep the limit exact, the task's rule alternates the clients: the one just answered finds "
-    "the other's request pending, so at most ~50 % (-c 2) and ~33 % (-c 3) can be 200, in "
-    "Envoy too. Measured here: ~40 % and ~25 %; with Envoy's per-worker rule at concurrency 2 "
-    "~62 % and ~29 %, the rest being the milliseconds a request stays pending while its mTLS "
-    "connection is set up",
+    reason="known gap (docs/tasks.md, Circuit breaking): the breaker and pools follow Envoy, but "
+    "a request is pending while its new mTLS connection is set up, and between two Python "
+    "sidecars that takes 2.5-5.5 ms here (median; 1.5 ms between idle processes), as long as the "
+    "proxied request or longer, where Envoy's handshake is well under a millisecond and shorter "
+    "than the request; the other client's request arriving meanwhile overflows. Measured: "
+    "-c 2 35-62 % 200 (Istio 85 %); with plaintext connections (0.2 ms) 91 %",
 )
-def test_two_and_three_connections_give_istios_figures(mesh: MeshThread) -> None:
+def test_two_connections_give_istios_figure(mesh: MeshThread) -> None:
     two = load_via(mesh, "sleep", connections=2, requests=20)
-    three = load_via(mesh, "sleep", connections=3, requests=30)
-    share = {2: two.codes.get(200, 0) / 20, 3: three.codes.get(200, 0) / 30}
-    for c, want in ISTIO_SHARE_200.items():
-        assert abs(share[c] - want) <= TOLERANCE, (
-            f"-c {c}: {share[c]:.0%} of requests got 200, Istio's task shows {want:.0%}",
-            two.codes,
-            three.codes,
-        )
+    share = two.codes.get(200, 0) / 20
+    assert within(share, 2), (
+        f"-c 2: {share:.0%} of requests got 200, Istio's task shows {ISTIO_SHARE_200[2]:.0%}",
+        two.codes,
+    )
 
 
 def test_the_cli_load_via_sleep(mesh: MeshThread, tmp_path: Path) -> None:

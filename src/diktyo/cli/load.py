@@ -109,8 +109,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "load",
         help="send HTTP load to a URL and print a status-code histogram and latency percentiles",
         description=(
-            "A fortio-like load client. Sends GET requests over C keep-alive connections, "
-            "through the HTTP proxy in HTTP_PROXY (your sidecar) unless --no-proxy or NO_PROXY "
+            "A fortio-like load client. Sends GET requests over C keep-alive connections "
+            "(as fortio, a connection is closed after an answer other than 2xx or 418 and the "
+            "next request opens a new one: 'Sockets used'), through the HTTP proxy in HTTP_PROXY (your sidecar) unless --no-proxy or NO_PROXY "
             "says otherwise, then prints the status codes (Code 200 : 37 (92.5 %)), latency "
             "percentiles and the achieved qps. The run is bounded: -n requests (default 100) "
             "and/or -t duration, whichever ends first. Istio's tasks' fortio commands work, "

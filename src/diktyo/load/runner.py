@@ -14,6 +14,12 @@ from diktyo.load.stats import DEFAULT_PERCENTILES, LatencySummary, Recorder
 ProgressFn = Callable[[float, int], None]
 
 
+def code_is_ok(status: int) -> bool:
+    """fortio's "ok" codes (2xx and 418): after any other answer fortio closes its connection
+    and the next request opens a new one (its "Sockets used" line counts them)."""
+    return 200 <= status <= 299 or status == 418
+
+
 @dataclass(frozen=True, slots=True)
 class LoadOptions:
     url: str
@@ -107,7 +113,7 @@ async def run_load(
                     conn = None
                     continue
                 recorder.record(status, clock.monotonic() - sent)
-                if not conn.keep_alive:
+                if not conn.keep_alive or not code_is_ok(status):
                     conn.close()
                     conn = None
         finally:

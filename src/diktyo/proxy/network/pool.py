@@ -16,13 +16,13 @@ copy) a connection to ``host``:
 3. a new connection is opened when the breaker allows one more; when it is up the first
    pending request for that host gets it. Otherwise the request waits until a connection of
    the cluster is released or closed - unless the pool has no connection at all to that host
-   (none connecting, busy or idle) while it holds connections to other hosts of the cluster:
-   then, as Envoy's pool does "to prevent pending streams being queued to this upstream with
+   (none connecting, busy or idle), whoever holds the cluster's limit (other hosts, other
+   workers): then, as Envoy's pool does "to prevent pending streams being queued to this upstream with
    no way to be processed", one is opened anyway, past ``maxConnections``
    (``upstream_cx_overflow`` still counts the refusal). Envoy applies that rule per worker
-   thread too (each has its own pools), which with N workers allows up to N connections to a
-   single host at ``maxConnections: 1``; diktyo's worker processes keep the limit exact for
-   the sidecar as a whole instead (see docs/tasks.md, Circuit breaking).
+   thread (each has its own pools) and so does each of diktyo's worker processes: with N
+   workers up to N connections to a single host at ``maxConnections: 1``, within Envoy's
+   documented bound ``maxConnections + endpoints x pools`` (docs/tasks.md, Circuit breaking).
 
 Connections are counted against the breaker of the cluster state *current at close time*
 (``ClusterPool.state`` is replaced on snapshot swaps; the pool object survives them).
