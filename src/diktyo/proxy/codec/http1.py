@@ -345,7 +345,11 @@ class RequestDecoder:
             if up == "websocket" and "upgrade" in headers.get("connection", "").lower():
                 head.upgrade_to = up
         self._head = head
-        self.sink.on_request_head(head)
+        sink = self.sink
+        if isinstance(sink, Http1ServerCodec):  # the usual sink: compiled, a native call
+            sink.on_request_head(head)
+        else:
+            sink.on_request_head(head)
 
     def on_body(self, body: bytes) -> None:
         self.sink.on_request_body(body)
@@ -504,7 +508,11 @@ class ResponseDecoder:
             self._close_delimited = True
             ka = False
         self._in_body = True
-        self.sink.on_response_head(status, block, ka)
+        sink = self.sink
+        if isinstance(sink, Http1ClientCodec):  # the usual sink: compiled, a native call
+            sink.on_response_head(status, block, ka)
+        else:
+            sink.on_response_head(status, block, ka)
         if self._no_body:
             self._no_body = False
             self._in_body = False

@@ -66,6 +66,7 @@ from diktyo.proxy.http.phases import (
 from diktyo.proxy.http.policies import LbContext, RetryState
 from diktyo.proxy.http.upstream_request import UpstreamRequest
 from diktyo.proxy.network.peer import transport_peer
+from diktyo.proxy.network.pool import Http1Pool
 from diktyo.proxy.network.upstream import UpstreamConnection
 from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER
 
@@ -881,7 +882,11 @@ class DownstreamStream:
         self.in_retry = False  # the retry slot now belongs to the attempt
         self.upstream = a
         a.pending = True
-        self.pool.acquire(a, host, fresh)
+        pool = self.pool
+        if isinstance(pool, Http1Pool):  # compiled: a native call (HTTP/2 pools are Python)
+            pool.acquire(a, host, fresh)
+        else:
+            pool.acquire(a, host, fresh)
 
     # attempt callbacks (UpstreamRequest calls these only while attached) ------------------
     def attempt_attached(self, a: UpstreamRequest) -> None:
@@ -1141,7 +1146,11 @@ class DownstreamStream:
             if type(conn) is not UpstreamConnection or conn.codec.out:
                 conn.write()
             if a.sent_all:
-                self.pool.release(conn)
+                pool = self.pool
+                if isinstance(pool, Http1Pool):  # compiled: a native call
+                    pool.release(conn)  # type: ignore[arg-type]  # an Http1Pool lends UpstreamConnections
+                else:
+                    pool.release(conn)
             else:
                 conn.reset_stream(a.sid)
                 self.discard = True
