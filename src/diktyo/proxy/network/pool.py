@@ -114,8 +114,6 @@ def new_pool(
 class Http1Pool:
     """All HTTP/1.1 upstream connections of one cluster: one request per connection at a time."""
 
-    protocol = HTTP1
-
     def __init__(
         self,
         name: str,
@@ -124,6 +122,7 @@ class Http1Pool:
         stats: Any,
         tasks: set[asyncio.Task[Any]],
     ) -> None:
+        self.protocol = HTTP1  # (set here: mypyc leaves a class-level default unset)
         self.name = name
         self.state = state
         self.loop = loop

@@ -286,11 +286,15 @@ class CompiledRoute:
         "cum_weights",
         "dests",
         "extra",
+        "has_mirrors",
         "has_rewrite",
         "index",
         "req_ops",
         "resp_ops",
+        "retries",
         "route",
+        "terminal",
+        "timeout",
         "total_weight",
         "uri_regex",
         "weighted",
@@ -316,6 +320,12 @@ class CompiledRoute:
         rw = route.rewrite
         self.uri_regex = _regex(rw.uri_regex, rxs) if rw is not None and rw.uri_regex else None
         self.has_rewrite = rw is not None
+        # the route's fields the stream reads per request, copied here once: compiled, they
+        # are native attribute reads (the snapshot model's are dictionary lookups)
+        self.terminal = route.direct_response is not None or route.redirect is not None
+        self.has_mirrors = bool(route.mirrors)
+        self.timeout = route.timeout
+        self.retries = route.retries
         self.extra: dict[str, Any] = {}  # per-route caches owned by the proxy
 
     def why_not(self, info: RequestInfo) -> list[str]:

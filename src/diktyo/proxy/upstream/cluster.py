@@ -60,6 +60,7 @@ class ClusterState:
         "clock",
         "cluster",
         "counters",
+        "hashed",
         "hosts",
         "lb",
         "min_health_percent",
@@ -138,6 +139,7 @@ class ClusterState:
             self.min_health_percent = od.min_health_percent
 
         self.lb: LoadBalancerImpl = make_load_balancer(cluster.lb, rng)
+        self.hashed = cluster.lb.consistent_hash is not None  # read per request (native)
         self.lb.set_hosts(hosts)
         self.panic = False
         self._avail: list[Host] = []
