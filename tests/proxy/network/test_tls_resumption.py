@@ -21,6 +21,7 @@ import uvloop
 
 from diktyo.control.ca import CertificateAuthority
 from diktyo.proxy.network.tls import (
+    SESSION_EXPIRY_MARGIN,
     CertificateStore,
     InboundRefused,
     ResumingClientContext,
@@ -220,31 +221,121 @@ def test_sessions_are_offered_only_to_the_upstream_they_came_from(
     uvloop.run(main())
 
 
+class FakeConn:
+    """What ``SessionCache`` reads of an ``SSLObject``."""
+
+    def __init__(self, sess: Any, reused: bool = True) -> None:
+        self.session = sess
+        self.session_reused = reused
+
+    def version(self) -> str:
+        return "TLSv1.3"
+
+
+class FakeSession:
+    def __init__(self, ticket: bool = True, age: float = 0.0, timeout: int = 7200) -> None:
+        self.has_ticket, self.id = ticket, b"x"
+        self.time, self.timeout = int(time.time() - age), timeout
+
+
 def test_session_cache_keeps_the_last_good_session_until_a_newer_ticket_arrives() -> None:
-    class Fake:
-        def __init__(self, sess: Any) -> None:
-            self.session = sess
-
-        def version(self) -> str:
-            return "TLSv1.3"
-
-    class Sess:
-        def __init__(self, ticket: bool, age: float = 0.0) -> None:
-            self.has_ticket, self.id = ticket, b"x"
-            self.time, self.timeout = int(time.time() - age), 7200
-
-    cache = SessionCache(max_entries=2)
-    good, newer = Sess(True), Sess(True)
-    cache.remember("a", Fake(good))  # type: ignore[arg-type]
+    cache = SessionCache(max_entries=2, refresh_after=0)  # take the newest ticket every time
+    good, newer = FakeSession(), FakeSession()
+    cache.remember("a", FakeConn(good))  # type: ignore[arg-type]
     assert cache.offer("a") is good
-    cache.remember("a", Fake(Sess(False)))  # type: ignore[arg-type] # ticket not read yet
+    cache.remember("a", FakeConn(FakeSession(False)))  # type: ignore[arg-type] # no ticket yet
     assert cache.offer("a") is good
-    cache.remember("a", Fake(newer))  # type: ignore[arg-type]
+    cache.remember("a", FakeConn(newer))  # type: ignore[arg-type]
     assert cache.offer("a") is newer
-    cache.remember("b", Fake(Sess(True, age=8000)))  # type: ignore[arg-type] # expired
+    cache.remember("b", FakeConn(FakeSession(age=8000)))  # type: ignore[arg-type] # expired
     assert cache.offer("b") is None
-    cache.remember("c", Fake(Sess(True)))  # type: ignore[arg-type]
+    cache.remember("c", FakeConn(FakeSession()))  # type: ignore[arg-type]
     assert cache.offer("a") is None and len(cache) == 2  # least recently used dropped
+
+
+def test_session_cache_offers_one_session_until_refresh_or_expiry() -> None:
+    cache = SessionCache(refresh_after=60)
+    first = FakeSession()
+    cache.remember("a", FakeConn(first, reused=False))  # type: ignore[arg-type]
+    assert cache.offer("a") is first
+    for _ in range(3):  # later connections resumed it: their tickets are not taken (no copy)
+        cache.remember("a", FakeConn(FakeSession()))  # type: ignore[arg-type]
+        assert cache.offer("a") is first
+    # a session near its end is refreshed at half its remaining lifetime, not after 60 s
+    short = FakeSession(timeout=SESSION_EXPIRY_MARGIN + 2)
+    cache.remember("s", FakeConn(short, reused=False))  # type: ignore[arg-type]
+    assert cache.offer("s") is short
+    later = FakeSession()
+    cache.remember("s", FakeConn(later))  # type: ignore[arg-type]
+    deadline = time.monotonic() + 5
+    while cache.offer("s") is short and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache.offer("s") is later
+    # expiry is honoured even when no newer ticket came: a full handshake then
+    dying = FakeSession(age=7200 - SESSION_EXPIRY_MARGIN - 1)
+    cache.remember("d", FakeConn(dying, reused=False))  # type: ignore[arg-type]
+    assert cache.offer("d") is dying
+    deadline = time.monotonic() + 5
+    while cache.offer("d") is dying and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache.offer("d") is None
+    # the server refused the offered session (restart, rotation): its new ticket is taken
+    newest = FakeSession()
+    cache.remember("a", FakeConn(newest, reused=False))  # type: ignore[arg-type]
+    assert cache.offer("a") is newest
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_one_session_offered_to_many_connections_resumes_each(
+    ca: CertificateAuthority, loop_kind: str
+) -> None:
+    """The inbound listener's stateful TLS 1.3 tickets are accepted more than once: the
+    client offers the same ``SSLSession`` object again and again and every connection is
+    resumed on both sides, with both identities known."""
+    server, client = store_for(ca, SERVER_ID), store_for(ca, CLIENT_ID)
+
+    async def main() -> None:
+        ctx = upstream_context(AUTO_MTLS, client)
+        assert isinstance(ctx, ResumingClientContext)
+        with InboundServer(server) as srv:
+            key = ("127.0.0.1", srv.port, None, SERVER_ID, ())
+            assert (await request(srv.port, client))[1] is False
+            offered = ctx.sessions.offer(key)
+            assert offered is not None
+            for _ in range(4):
+                assert await request(srv.port, client) == (b"echo:hi", True, SERVER_ID)
+                assert ctx.sessions.offer(key) is offered  # the same session, not a copy
+        assert srv.seen == [(CLIENT_ID, False)] + [(CLIENT_ID, True)] * 4
+        assert server.inbound_stats == {"ssl_handshake": 5, "ssl_session_reused": 4}
+
+    on_both_loops(main, loop_kind)
+
+
+def test_session_offered_many_times_after_rotation_is_a_full_handshake(
+    ca: CertificateAuthority,
+) -> None:
+    """A session reused for many connections is still refused after the server's
+    certificate rotates (full handshake, new identity checked), and the client then takes
+    the new connection's ticket at once instead of offering the dead one until refresh."""
+    server, client = store_for(ca, SERVER_ID), store_for(ca, CLIENT_ID)
+
+    async def main() -> None:
+        ctx = upstream_context(AUTO_MTLS, client)
+        assert isinstance(ctx, ResumingClientContext)
+        with InboundServer(server) as srv:
+            key = ("127.0.0.1", srv.port, None, SERVER_ID, ())
+            await request(srv.port, client)
+            for _ in range(3):
+                assert (await request(srv.port, client))[1] is True
+            old = ctx.sessions.offer(key)
+            rotate(server, ca, SERVER_ID)
+            assert (await request(srv.port, client))[1] is False
+            assert ctx.sessions.offer(key) is not old
+            for _ in range(2):
+                assert (await request(srv.port, client))[1] is True
+        assert [r for _, r in srv.seen] == [False, True, True, True, False, True, True]
+
+    uvloop.run(main())
 
 
 def test_simple_tls_context_is_built_once_per_file_version(

@@ -11,7 +11,9 @@ context per version, so a rotation affects only new connections (existing ones k
 Session resumption (TLS 1.3 tickets): client contexts are ``ResumingClientContext``s, each with
 its own ``SessionCache`` keyed per upstream (address, port, SNI, expected identity). The
 server sends its tickets after the handshake, so the cache keeps the newest connection's
-``SSLObject`` and takes its session when the next connection to that upstream is opened.
+``SSLObject`` and takes its session lazily; one session is then offered to every new
+connection to that upstream for up to a minute (the inbound listener's stateful tickets can
+be used more than once), since taking a session out of CPython's ``SSLObject`` copies it.
 Tickets are encrypted with keys of the server's ``SSL_CTX``, which lives until the next
 certificate or trust-bundle rotation; a rotation on either side therefore means a full
 handshake (the client's new context starts with an empty cache, the server's new context
@@ -102,20 +104,40 @@ def _resumable(obj: ssl.SSLObject) -> ssl.SSLSession | None:
     return sess if not tls13 and sess.id else None  # TLS 1.2 session-id resumption
 
 
+# how long one session is offered before the newest connection's ticket replaces it: taking a
+# session out of an ``SSLObject`` makes CPython copy it (serialised and parsed again, peer
+# certificate included, ~0.26 ms), so it is done once per upstream and interval instead of per
+# connection. diktyo's inbound listeners issue stateful tickets, which OpenSSL keeps in the
+# server context's cache and accepts any number of times (it removes one on use only when
+# early data with anti-replay is on, which diktyo never enables).
+SESSION_REFRESH_SECONDS = 60.0
+# a session this close to its end is no longer offered (it could expire during the handshake)
+SESSION_EXPIRY_MARGIN = 5.0
+
+
 class SessionCache:
-    """The newest resumable session per upstream key, for one client context.
+    """One resumable session per upstream key, for one client context, offered to many
+    connections.
 
     ``remember(key, ssl_object)`` after each handshake; ``offer(key)`` before the next
     connection. TLS 1.3 tickets arrive after the handshake, so the newest connection's
-    ``SSLObject`` is kept and its session taken lazily; the last good session stays in use
-    until then. At most ``max_entries`` upstreams are kept (least recently used dropped).
+    ``SSLObject`` is kept and its session taken lazily, at most once per ``refresh_after``
+    seconds (or half the session's remaining lifetime, if shorter); the current session stays
+    in use until then. A connection that offered the current session and was not resumed
+    (the server lost it: restart, rotation, cache eviction) drops it, so the next connection
+    takes that connection's new ticket. At most ``max_entries`` upstreams are kept (least
+    recently used dropped).
     """
 
-    __slots__ = ("_entries", "max_entries")
+    __slots__ = ("_entries", "max_entries", "refresh_after")
 
-    def __init__(self, max_entries: int = 1024) -> None:
+    def __init__(
+        self, max_entries: int = 1024, refresh_after: float = SESSION_REFRESH_SECONDS
+    ) -> None:
+        # key -> [session, newest SSLObject, refresh at (monotonic), offer until (wall clock)]
         self._entries: OrderedDict[Hashable, list[Any]] = OrderedDict()
         self.max_entries = max_entries
+        self.refresh_after = refresh_after
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -124,25 +146,30 @@ class SessionCache:
         e = self._entries.get(key)
         if e is None:
             return None
-        latest = e[1]
-        if latest is not None:
-            sess = _resumable(latest)
-            if sess is not None:
-                e[0] = sess
-                e[1] = None
         sess = e[0]
-        if sess is not None and sess.time + sess.timeout <= time.time():
+        latest = e[1]
+        if latest is not None and (sess is None or time.monotonic() >= e[2]):
+            fresh = _resumable(latest)
+            if fresh is not None:
+                e[0] = sess = fresh
+                e[1] = None
+                now = time.time()
+                e[3] = until = fresh.time + fresh.timeout - SESSION_EXPIRY_MARGIN
+                e[2] = time.monotonic() + min(self.refresh_after, max(0.0, (until - now) / 2))
+        if sess is not None and e[3] <= time.time():
             e[0] = sess = None
         return sess
 
     def remember(self, key: Hashable, ssl_object: ssl.SSLObject) -> None:
         e = self._entries.get(key)
         if e is None:
-            self._entries[key] = [None, ssl_object]
+            self._entries[key] = [None, ssl_object, 0.0, 0.0]
             if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
         else:
             e[1] = ssl_object
+            if e[0] is not None and not ssl_object.session_reused:
+                e[0] = None  # the server refused the session we offer: take the new one
             self._entries.move_to_end(key)
 
     def forget(self, key: Hashable) -> None:
@@ -209,7 +236,8 @@ def _base(
         # stateful TLS 1.3 tickets: the session stays in this context's cache and the ticket
         # only names it, so a resumption neither serialises nor re-parses the client
         # certificate (OpenSSL 3.0's decoders made that ~0.5 ms of a resumed handshake); such
-        # tickets are single-use and die with the context at the next rotation
+        # tickets can be offered again and again (``SessionCache``) and die with the context
+        # at the next rotation
         ctx.options |= ssl.OP_NO_TICKET
     else:
         ctx = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
