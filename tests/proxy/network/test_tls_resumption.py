@@ -355,3 +355,96 @@ def test_simple_tls_context_is_built_once_per_file_version(
     os.utime(pem, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert upstream_context(simple, store) is not first
     assert isinstance(first, ssl.SSLContext) and first.verify_mode == ssl.CERT_REQUIRED
+
+
+def _pump(a: tuple[Any, ...], b: tuple[Any, ...]) -> None:
+    """Move TLS records between two in-memory ``SSLObject``s until the handshake is done."""
+    for _ in range(20):
+        for x, y in ((a, b), (b, a)):
+            data = x[2].read()
+            if data:
+                y[1].write(data)
+        for x in (a, b):
+            try:
+                x[0].do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        if a[0].session_reused is not None and not a[2].pending and not b[2].pending:
+            if getattr(a[0], "_done", False):
+                return
+            a[0]._done = True  # one more round so the last flight is delivered
+
+
+def _memory_pair(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> tuple[Any, Any]:
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client_ctx.wrap_bio(c_in, c_out)
+    s = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    _pump((c, c_in, c_out), (s, s_in, s_out))
+    return (c, c_in, c_out), (s, s_in, s_out)
+
+
+def _exchange(c: tuple[Any, ...], s: tuple[Any, ...]) -> None:
+    """One request and response: the client reads the server's ticket on the way."""
+    c[0].write(b"q")
+    s[1].write(c[2].read())
+    assert s[0].read() == b"q"
+    s[0].write(b"r")
+    c[1].write(s[2].read())
+    assert c[0].read() == b"r"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_shared_session_freed_before_its_ticket_costs_one_full_handshake(
+    ca: CertificateAuthority, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL marks a session not resumable when a connection still using it is freed
+    uncleanly (openssl/openssl#1550). Offered without CPython's copy, the shared session then
+    gives one full handshake, after which the cache takes the new connection's ticket."""
+    from diktyo.proxy.network import tls as tls_mod
+
+    monkeypatch.setattr(tls_mod, "_NATIVE", [] if native else [None])
+    server, client = store_for(ca, SERVER_ID), store_for(ca, CLIENT_ID)
+    sctx = server.server_context()
+    cctx = client.client_context()
+    assert isinstance(cctx, ResumingClientContext)
+    cache = cctx.sessions
+    servers: list[tuple[Any, ...]] = []
+
+    def connect(exchange: bool = True) -> tuple[bool, tuple[Any, ...]]:
+        token = tls_mod.offering(cache.offer("k"))
+        try:
+            c, s = _memory_pair(cctx, sctx)
+        finally:
+            token.var.reset(token)
+        if exchange:
+            _exchange(c, s)
+        cache.remember("k", c[0])
+        servers.append(s)  # an uncleanly freed server side would drop its cached session
+        assert tls_mod.peer_spiffe_id(c[0]) == SERVER_ID
+        assert tls_mod.peer_spiffe_id(s[0]) == CLIENT_ID
+        return bool(c[0].session_reused), c
+
+    assert connect()[0] is False
+    assert [connect()[0] for _ in range(3)] == [True] * 3
+    assert (tls_mod._NATIVE[0] is not None) is native  # the no-copy path was taken
+    reused, dying = connect(exchange=False)  # handshake only: its ticket is never read
+    assert reused is True
+    cache.remember("k", connect()[1][0])  # keep the cache off the dying connection
+    del dying  # freed uncleanly while still holding the shared session
+    import gc
+
+    gc.collect()
+    first_after = connect()[0]
+    # native: the shared session is now refused once, then the cache takes a new ticket;
+    # the copying setter hands OpenSSL a fresh copy, which is resumable again
+    assert first_after is (not native)
+    assert [connect()[0] for _ in range(3)] == [True] * 3
+
+
+def test_session_copy_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diktyo.proxy.network import tls as tls_mod
+
+    monkeypatch.setenv("DIKTYO_TLS_SESSION_COPY", "1")
+    assert tls_mod._native_setter() is None
+    monkeypatch.delenv("DIKTYO_TLS_SESSION_COPY")
+    assert tls_mod._native_setter() is not None  # CPython 3.11 with its _ssl layout

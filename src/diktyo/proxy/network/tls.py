@@ -13,7 +13,8 @@ its own ``SessionCache`` keyed per upstream (address, port, SNI, expected identi
 server sends its tickets after the handshake, so the cache keeps the newest connection's
 ``SSLObject`` and takes its session lazily; one session is then offered to every new
 connection to that upstream for up to a minute (the inbound listener's stateful tickets can
-be used more than once), since taking a session out of CPython's ``SSLObject`` copies it.
+be used more than once), since taking a session out of CPython's ``SSLObject`` is slow
+(~0.2-0.35 ms measured) and putting one in copies it (~0.27 ms; see ``_offer_native``).
 Tickets are encrypted with keys of the server's ``SSL_CTX``, which lives until the next
 certificate or trust-bundle rotation; a rotation on either side therefore means a full
 handshake (the client's new context starts with an empty cache, the server's new context
@@ -105,9 +106,8 @@ def _resumable(obj: ssl.SSLObject) -> ssl.SSLSession | None:
 
 
 # how long one session is offered before the newest connection's ticket replaces it: taking a
-# session out of an ``SSLObject`` makes CPython copy it (serialised and parsed again, peer
-# certificate included, ~0.26 ms), so it is done once per upstream and interval instead of per
-# connection. diktyo's inbound listeners issue stateful tickets, which OpenSSL keeps in the
+# session out of an ``SSLObject`` costs ~0.2-0.35 ms in CPython 3.11 (measured), so it is
+# done once per upstream and interval instead of per connection. diktyo's inbound listeners issue stateful tickets, which OpenSSL keeps in the
 # server context's cache and accepts any number of times (it removes one on use only when
 # early data with anti-replay is on, which diktyo never enables).
 SESSION_REFRESH_SECONDS = 60.0
@@ -134,7 +134,8 @@ class SessionCache:
     def __init__(
         self, max_entries: int = 1024, refresh_after: float = SESSION_REFRESH_SECONDS
     ) -> None:
-        # key -> [session, newest SSLObject, refresh at (monotonic), offer until (wall clock)]
+        # key -> [session, newest SSLObject, refresh at (monotonic), offer until (wall clock),
+        #         the SSLObject the session came from]
         self._entries: OrderedDict[Hashable, list[Any]] = OrderedDict()
         self.max_entries = max_entries
         self.refresh_after = refresh_after
@@ -146,13 +147,17 @@ class SessionCache:
         e = self._entries.get(key)
         if e is None:
             return None
-        sess = e[0]
+        sess: ssl.SSLSession | None = e[0]
         latest = e[1]
         if latest is not None and (sess is None or time.monotonic() >= e[2]):
             fresh = _resumable(latest)
             if fresh is not None:
                 e[0] = sess = fresh
                 e[1] = None
+                # the session is the connection's own SSL_SESSION (CPython's getter does not
+                # copy it): OpenSSL marks it not resumable when that connection is freed
+                # without a close_notify (an aborted upstream), so keep it until replaced
+                e[4] = latest
                 now = time.time()
                 e[3] = until = fresh.time + fresh.timeout - SESSION_EXPIRY_MARGIN
                 e[2] = time.monotonic() + min(self.refresh_after, max(0.0, (until - now) / 2))
@@ -163,7 +168,7 @@ class SessionCache:
     def remember(self, key: Hashable, ssl_object: ssl.SSLObject) -> None:
         e = self._entries.get(key)
         if e is None:
-            self._entries[key] = [None, ssl_object, 0.0, 0.0]
+            self._entries[key] = [None, ssl_object, 0.0, 0.0, None]
             if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
         else:
@@ -174,6 +179,94 @@ class SessionCache:
 
     def forget(self, key: Hashable) -> None:
         self._entries.pop(key, None)
+
+
+# CPython's ``SSLObject`` session setter copies the session before ``SSL_set_session``
+# (serialised and parsed again, peer certificate included: ~0.27 ms, as much as the resumed
+# handshake itself), a workaround for an OpenSSL 1.1.0 bug (openssl/openssl#1550: a session
+# whose connection was freed uncleanly is marked not resumable). Clients of OpenSSL share one
+# SSL_SESSION between connections (curl, nginx); OpenSSL's TLS 1.3 client copies the session
+# before changing it (new ticket), and one that became not resumable is simply not offered
+# (full handshake, and ``SessionCache.remember`` then drops it). So on CPython 3.11 the
+# session is handed to OpenSSL directly, through the struct layout of ``_ssl`` objects;
+# checked on first use against OpenSSL's own getters, falling back to the copying setter.
+# ``DIKTYO_TLS_SESSION_COPY=1`` forces the fallback.
+_NATIVE: list[Any] = []  # [] = not tried yet, [None] = unavailable, [setter] otherwise
+
+
+def _native_setter() -> Callable[[ssl.SSLObject, ssl.SSLSession], bool] | None:
+    import sys
+
+    if (
+        sys.implementation.name != "cpython"
+        or sys.version_info[:2] != (3, 11)
+        or os.environ.get("DIKTYO_TLS_SESSION_COPY", "") not in ("", "0")
+    ):
+        return None
+    try:
+        import _ssl
+        import ctypes
+
+        lib = ctypes.CDLL(_ssl.__file__)  # resolves in the libssl that _ssl is linked to
+        set_session = lib.SSL_set_session
+        get_session = lib.SSL_get_session
+        get_ctx = lib.SSL_get_SSL_CTX
+        in_before = lib.SSL_in_before
+        sess_time = lib.SSL_SESSION_get_time
+        sess_timeout = lib.SSL_SESSION_get_timeout
+    except (ImportError, OSError, AttributeError):
+        return None
+    vp = ctypes.c_void_p
+    set_session.argtypes, set_session.restype = [vp, vp], ctypes.c_int
+    get_session.argtypes, get_session.restype = [vp], vp
+    get_ctx.argtypes, get_ctx.restype = [vp], vp
+    in_before.argtypes, in_before.restype = [vp], ctypes.c_int
+    sess_time.argtypes, sess_time.restype = [vp], ctypes.c_long
+    sess_timeout.argtypes, sess_timeout.restype = [vp], ctypes.c_long
+    # CPython 3.11 _ssl.c: PySSLSocket {PyObject_HEAD; PyObject *Socket; SSL *ssl; ...},
+    # PySSLSession {PyObject_HEAD; SSL_SESSION *session; ...}, PySSLContext {HEAD; SSL_CTX *ctx}
+    head = object.__basicsize__
+    ptr = ctypes.sizeof(vp)
+    at = vp.from_address
+    checked: list[bool] = []
+
+    def native_set(obj: ssl.SSLObject, session: ssl.SSLSession) -> bool:
+        ssl_p = at(id(obj._sslobj) + head + ptr).value  # type: ignore[attr-defined]
+        sess_p = at(id(session) + head).value
+        if not checked:  # once: the layout is the one assumed, or never again
+            ctx_p = at(id(obj.context) + head).value
+            if not (
+                ssl_p
+                and sess_p
+                and get_ctx(ssl_p) == ctx_p
+                and in_before(ssl_p) == 1
+                and sess_time(sess_p) == session.time
+                and sess_timeout(sess_p) == session.timeout
+            ):
+                return False
+        if set_session(ssl_p, sess_p) != 1:
+            return False
+        if not checked:
+            if get_session(ssl_p) != sess_p:
+                return False
+            checked.append(True)
+        return True
+
+    return native_set
+
+
+def _offer_native(obj: ssl.SSLObject, session: ssl.SSLSession) -> bool:
+    """Offer ``session`` on the not yet started ``obj`` without CPython's copy; False when
+    not possible here (the caller then uses the copying setter)."""
+    if not _NATIVE:
+        _NATIVE.append(_native_setter())
+    setter = _NATIVE[0]
+    if setter is None:
+        return False
+    if setter(obj, session):
+        return True
+    _NATIVE[0] = None  # unexpected layout or refusal: copy from now on
+    return False
 
 
 class ResumingClientContext(ssl.SSLContext):
@@ -195,7 +288,12 @@ class ResumingClientContext(ssl.SSLContext):
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
         if session is None and not server_side:
-            session = _OFFER.get()
+            offer = _OFFER.get()
+            if offer is not None:
+                obj = super().wrap_bio(incoming, outgoing, False, server_hostname)
+                if not _offer_native(obj, offer):
+                    obj.session = offer
+                return obj
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
 
