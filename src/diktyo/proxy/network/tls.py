@@ -149,9 +149,11 @@ class SessionCache:
             return None
         sess: ssl.SSLSession | None = e[0]
         latest = e[1]
+        if sess is not None and not _still_resumable(sess):
+            e[0] = sess = None  # a connection offered it was freed before its new ticket
         if latest is not None and (sess is None or time.monotonic() >= e[2]):
             fresh = _resumable(latest)
-            if fresh is not None:
+            if fresh is not None and _still_resumable(fresh):
                 e[0] = sess = fresh
                 e[1] = None
                 # the session is the connection's own SSL_SESSION (CPython's getter does not
@@ -214,6 +216,7 @@ def _native_setter() -> Callable[[ssl.SSLObject, ssl.SSLSession], bool] | None:
         in_before = lib.SSL_in_before
         sess_time = lib.SSL_SESSION_get_time
         sess_timeout = lib.SSL_SESSION_get_timeout
+        is_resumable = lib.SSL_SESSION_is_resumable
     except (ImportError, OSError, AttributeError):
         return None
     vp = ctypes.c_void_p
@@ -223,15 +226,20 @@ def _native_setter() -> Callable[[ssl.SSLObject, ssl.SSLSession], bool] | None:
     in_before.argtypes, in_before.restype = [vp], ctypes.c_int
     sess_time.argtypes, sess_time.restype = [vp], ctypes.c_long
     sess_timeout.argtypes, sess_timeout.restype = [vp], ctypes.c_long
+    is_resumable.argtypes, is_resumable.restype = [vp], ctypes.c_int
     # CPython 3.11 _ssl.c: PySSLSocket {PyObject_HEAD; PyObject *Socket; SSL *ssl; ...},
     # PySSLSession {PyObject_HEAD; SSL_SESSION *session; ...}, PySSLContext {HEAD; SSL_CTX *ctx}
     head = object.__basicsize__
+    socket_type, session_type = _ssl._SSLSocket, _ssl.SSLSession
     ptr = ctypes.sizeof(vp)
     at = vp.from_address
     checked: list[bool] = []
 
     def native_set(obj: ssl.SSLObject, session: ssl.SSLSession) -> bool:
-        ssl_p = at(id(obj._sslobj) + head + ptr).value  # type: ignore[attr-defined]
+        sslobj = getattr(obj, "_sslobj", None)
+        if type(sslobj) is not socket_type or type(session) is not session_type:
+            return False  # only the _ssl objects whose layout is known are read raw
+        ssl_p = at(id(sslobj) + head + ptr).value
         sess_p = at(id(session) + head).value
         if not checked:  # once: the layout is the one assumed, or never again
             ctx_p = at(id(obj.context) + head).value
@@ -252,7 +260,21 @@ def _native_setter() -> Callable[[ssl.SSLObject, ssl.SSLSession], bool] | None:
             checked.append(True)
         return True
 
+    def resumable(session: ssl.SSLSession) -> bool:
+        if not checked or type(session) is not session_type:
+            return True  # layout not confirmed yet, or not an _ssl session: no raw read
+        return bool(is_resumable(at(id(session) + head).value))
+
+    native_set.resumable = resumable  # type: ignore[attr-defined]
     return native_set
+
+
+def _still_resumable(session: ssl.SSLSession) -> bool:
+    """False when OpenSSL has marked the shared ``session`` not resumable: a connection it
+    was handed to without a copy was freed without close_notify before its new ticket came
+    (openssl/openssl#1550). Always True when sessions are copied (the copy is resumable)."""
+    setter = _NATIVE[0] if _NATIVE else None
+    return setter is None or bool(setter.resumable(session))
 
 
 def _offer_native(obj: ssl.SSLObject, session: ssl.SSLSession) -> bool:
