@@ -230,7 +230,7 @@ def _native_setter() -> Callable[[ssl.SSLObject, ssl.SSLSession], bool] | None:
     # CPython 3.11 _ssl.c: PySSLSocket {PyObject_HEAD; PyObject *Socket; SSL *ssl; ...},
     # PySSLSession {PyObject_HEAD; SSL_SESSION *session; ...}, PySSLContext {HEAD; SSL_CTX *ctx}
     head = object.__basicsize__
-    socket_type, session_type = _ssl._SSLSocket, _ssl.SSLSession
+    socket_type, session_type = _ssl._SSLSocket, _ssl.SSLSession  # type: ignore[attr-defined]
     ptr = ctypes.sizeof(vp)
     at = vp.from_address
     checked: list[bool] = []
