@@ -447,3 +447,69 @@ def test_session_copy_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tls_mod._native_setter() is None
     monkeypatch.delenv("DIKTYO_TLS_SESSION_COPY")
     assert tls_mod._native_setter() is not None  # CPython 3.11 with its _ssl layout
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_pool_close_keeps_the_servers_session_resumable(
+    ca: CertificateAuthority, loop_kind: str
+) -> None:
+    """``UpstreamConnection.close`` (maxRequestsPerConnection, idle timeout) aborts without
+    waiting; it sends close_notify first, else OpenSSL on the server side drops the stateful
+    session of that connection's ticket (a bare EOF is an unclean close) and the next
+    connection, offered that ticket, needs a full handshake."""
+    from diktyo.proxy.network.upstream import UpstreamConnection
+
+    server, client = store_for(ca, SERVER_ID), store_for(ca, CLIENT_ID)
+    lost: list[int] = []
+
+    class Server(asyncio.Protocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.append(1)
+
+    class Pool:
+        closed = 0
+
+        def connection_closed(self, conn: object) -> None:
+            Pool.closed += 1
+
+    async def until(cond: Callable[[], bool]) -> None:
+        deadline = asyncio.get_running_loop().time() + 5
+        while not cond():
+            assert asyncio.get_running_loop().time() < deadline, "timed out"
+            await asyncio.sleep(0.005)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        sock.setblocking(False)
+        port = sock.getsockname()[1]
+
+        async def serve() -> None:
+            while True:
+                s, _ = await loop.sock_accept(sock)
+                await accept_inbound(loop, s, Server, "STRICT", server, 5)
+
+        task = loop.create_task(serve())
+        ep = Endpoint(address="127.0.0.1", port=port, principal=SERVER_ID, has_sidecar=True)
+        resumed = []
+        try:
+            for i in range(4):
+                conn = UpstreamConnection(Pool(), ("127.0.0.1", port))
+                t, _ = await asyncio.wait_for(
+                    open_upstream(loop, "127.0.0.1", port, None, lambda c=conn: c, ep, client), 5
+                )
+                so = t.get_extra_info("ssl_object")
+                resumed.append(bool(so.session_reused))
+                conn.secure = True  # as the pool sets it
+                await until(lambda so=so: so.session is not None and so.session.has_ticket)
+                conn.close()
+                await until(lambda n=i + 1: len(lost) == n)  # the server side has closed too
+        finally:
+            task.cancel()
+            sock.close()
+        assert resumed == [False, True, True, True]
+        assert Pool.closed == 4
+
+    on_both_loops(main, loop_kind)
