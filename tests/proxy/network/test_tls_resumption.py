@@ -32,6 +32,7 @@ from diktyo.proxy.network.tls import (
 )
 from diktyo.proxy.network.upstream import AUTO_MTLS, open_upstream
 from diktyo.snapshot.model import Endpoint, TlsSettings
+from diktyo.testing.wait import eventually, eventually_sync
 
 TD = "cluster.local"
 SERVER_ID = f"spiffe://{TD}/ns/default/sa/reviews"
@@ -267,17 +268,17 @@ def test_session_cache_offers_one_session_until_refresh_or_expiry() -> None:
     assert cache.offer("s") is short
     later = FakeSession()
     cache.remember("s", FakeConn(later))  # type: ignore[arg-type]
-    deadline = time.monotonic() + 5
-    while cache.offer("s") is short and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually_sync(
+        lambda: cache.offer("s") is not short, timeout=5, what="the short session refreshed"
+    )
     assert cache.offer("s") is later
     # expiry is honoured even when no newer ticket came: a full handshake then
     dying = FakeSession(age=7200 - SESSION_EXPIRY_MARGIN - 1)
     cache.remember("d", FakeConn(dying, reused=False))  # type: ignore[arg-type]
     assert cache.offer("d") is dying
-    deadline = time.monotonic() + 5
-    while cache.offer("d") is dying and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually_sync(
+        lambda: cache.offer("d") is not dying, timeout=5, what="the dying session dropped"
+    )
     assert cache.offer("d") is None
     # the server refused the offered session (restart, rotation): its new ticket is taken
     newest = FakeSession()
@@ -472,12 +473,6 @@ def test_pool_close_keeps_the_servers_session_resumable(
         def connection_closed(self, conn: object) -> None:
             Pool.closed += 1
 
-    async def until(cond: Callable[[], bool]) -> None:
-        deadline = asyncio.get_running_loop().time() + 5
-        while not cond():
-            assert asyncio.get_running_loop().time() < deadline, "timed out"
-            await asyncio.sleep(0.005)
-
     async def main() -> None:
         loop = asyncio.get_running_loop()
         sock = socket.socket()
@@ -503,9 +498,15 @@ def test_pool_close_keeps_the_servers_session_resumable(
                 so = t.get_extra_info("ssl_object")
                 resumed.append(bool(so.session_reused))
                 conn.secure = True  # as the pool sets it
-                await until(lambda so=so: so.session is not None and so.session.has_ticket)
+                await eventually(
+                    lambda so=so: so.session is not None and so.session.has_ticket,
+                    timeout=5,
+                    what="the server's ticket read by the client",
+                )
                 conn.close()
-                await until(lambda n=i + 1: len(lost) == n)  # the server side has closed too
+                await eventually(
+                    lambda n=i + 1: len(lost) == n, timeout=5, what="the server side closed"
+                )
         finally:
             task.cancel()
             sock.close()

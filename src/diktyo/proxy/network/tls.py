@@ -230,7 +230,8 @@ def _native_setter() -> Callable[[ssl.SSLObject, ssl.SSLSession], bool] | None:
     # CPython 3.11 _ssl.c: PySSLSocket {PyObject_HEAD; PyObject *Socket; SSL *ssl; ...},
     # PySSLSession {PyObject_HEAD; SSL_SESSION *session; ...}, PySSLContext {HEAD; SSL_CTX *ctx}
     head = object.__basicsize__
-    socket_type, session_type = _ssl._SSLSocket, _ssl.SSLSession  # type: ignore[attr-defined]
+    # _SSLSocket is private to _ssl and missing from typeshed
+    socket_type, session_type = _ssl._SSLSocket, _ssl.SSLSession  # type: ignore[attr-defined]  # private
     ptr = ctypes.sizeof(vp)
     at = vp.from_address
     checked: list[bool] = []
@@ -265,7 +266,7 @@ def _native_setter() -> Callable[[ssl.SSLObject, ssl.SSLSession], bool] | None:
             return True  # layout not confirmed yet, or not an _ssl session: no raw read
         return bool(is_resumable(at(id(session) + head).value))
 
-    native_set.resumable = resumable  # type: ignore[attr-defined]
+    native_set.resumable = resumable  # type: ignore[attr-defined]  # a function attribute
     return native_set
 
 
