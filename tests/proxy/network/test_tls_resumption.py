@@ -298,6 +298,7 @@ def test_one_session_offered_to_many_connections_resumes_each(
     async def main() -> None:
         ctx = upstream_context(AUTO_MTLS, client)
         assert isinstance(ctx, ResumingClientContext)
+        ctx.sessions.refresh_after = 60  # no refresh during the test, however slow the machine
         with InboundServer(server) as srv:
             key = ("127.0.0.1", srv.port, None, SERVER_ID, ())
             assert (await request(srv.port, client))[1] is False
@@ -514,3 +515,27 @@ def test_pool_close_keeps_the_servers_session_resumable(
         assert Pool.closed == 4
 
     on_both_loops(main, loop_kind)
+
+
+def test_server_session_cache_is_capped_and_resumption_goes_on(ca: CertificateAuthority) -> None:
+    """Every connection's ticket is a stateful session in the server context's cache, kept
+    for 2 h: the cache is capped (OpenSSL evicts the oldest), and as clients offer a recent
+    session, connections keep resuming past the cap."""
+    from diktyo.proxy.network import tls as tls_mod
+
+    server, client = store_for(ca, SERVER_ID), store_for(ca, CLIENT_ID)
+    sctx = server.server_context(require_client_cert=True, alpn=tls_mod.INBOUND_ALPN)
+    assert tls_mod.limit_session_cache(sctx, 8)
+
+    async def main() -> None:
+        with InboundServer(server) as srv:
+            resumed = [(await request(srv.port, client))[1] for _ in range(20)]
+            # every connection offers the session of the first one, the oldest in the
+            # server's cache: once evicted, one full handshake, then a recent one is offered
+            assert resumed.count(False) <= 3, resumed
+            await eventually(lambda: len(srv.seen) == 20, timeout=5, what="20 accepted")
+        stats = sctx.session_stats()
+        assert 0 < stats["number"] <= 8, stats
+        assert stats["cache_full"] > 0, stats
+
+    uvloop.run(main())
