@@ -12,7 +12,7 @@ Session resumption (TLS 1.3 tickets): client contexts are ``ResumingClientContex
 its own ``SessionCache`` keyed per upstream (address, port, SNI, expected identity). The
 server sends its tickets after the handshake, so the cache keeps the newest connection's
 ``SSLObject`` and takes its session lazily; one session is then offered to every new
-connection to that upstream for up to a minute (the inbound listener's stateful tickets can
+connection to that upstream for up to a second (the inbound listener's stateful tickets can
 be used more than once), since taking a session out of CPython's ``SSLObject`` is slow
 (~0.2-0.35 ms measured) and putting one in copies it (~0.27 ms; see ``_offer_native``).
 Tickets are encrypted with keys of the server's ``SSL_CTX``, which lives until the next
