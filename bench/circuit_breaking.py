@@ -75,6 +75,7 @@ def shares(rounds: int, concurrency: int | None, plaintext: bool) -> None:
                     f"{', errors ' + str(res.errors) if res.errors else ''})"
                 )
             print("  ".join(line), flush=True)
+        print(f"sleep's upstream mTLS handshakes to httpbin: {_resumed(sleep['admin_port'])}")
     for c, values in got.items():
         print(
             f"-c {c}: mean {statistics.mean(values):.0%} (min {min(values):.0%}, max "
@@ -82,6 +83,24 @@ def shares(rounds: int, concurrency: int | None, plaintext: bool) -> None:
             f"{sum(abs(v - ISTIO[c]) <= 0.2 + 1e-9 for v in values)} of {len(values)}"
         )
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
+
+
+def _resumed(admin_port: int) -> str:
+    """Envoy's cluster ``ssl.handshake`` / ``ssl.session_reused`` counters of httpbin's cluster."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats/prometheus", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+
+    def total(name: str) -> float:
+        return sum(
+            float(ln.rsplit(" ", 1)[1])
+            for ln in lines
+            if ln.startswith(name + "{") and "httpbin" in ln
+        )
+
+    full = total("envoy_cluster_ssl_handshake")
+    return f"{full:.0f}, of which {total('envoy_cluster_ssl_session_reused'):.0f} resumed"
 
 
 def handshake(count: int) -> None:

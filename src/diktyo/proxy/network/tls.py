@@ -11,7 +11,10 @@ context per version, so a rotation affects only new connections (existing ones k
 Session resumption (TLS 1.3 tickets): client contexts are ``ResumingClientContext``s, each with
 its own ``SessionCache`` keyed per upstream (address, port, SNI, expected identity). The
 server sends its tickets after the handshake, so the cache keeps the newest connection's
-``SSLObject`` and takes its session when the next connection to that upstream is opened.
+``SSLObject`` and takes its session lazily; one session is then offered to every new
+connection to that upstream for up to a second (the inbound listener's stateful tickets can
+be used more than once), since taking a session out of CPython's ``SSLObject`` is slow
+(~0.2-0.35 ms measured) and putting one in copies it (~0.27 ms; see ``_offer_native``).
 Tickets are encrypted with keys of the server's ``SSL_CTX``, which lives until the next
 certificate or trust-bundle rotation; a rotation on either side therefore means a full
 handshake (the client's new context starts with an empty cache, the server's new context
@@ -102,20 +105,41 @@ def _resumable(obj: ssl.SSLObject) -> ssl.SSLSession | None:
     return sess if not tls13 and sess.id else None  # TLS 1.2 session-id resumption
 
 
+# how long one session is offered before the newest connection's ticket replaces it: taking a
+# session out of an ``SSLObject`` costs ~0.2-0.35 ms in CPython 3.11 (measured), so it is
+# done once per upstream and interval instead of per connection. Short, so that the session
+# stays among the newest of the server's capped session cache (``SERVER_SESSION_CACHE``). diktyo's inbound listeners issue stateful tickets, which OpenSSL keeps in the
+# server context's cache and accepts any number of times (it removes one on use only when
+# early data with anti-replay is on, which diktyo never enables).
+SESSION_REFRESH_SECONDS = 1.0
+# a session this close to its end is no longer offered (it could expire during the handshake)
+SESSION_EXPIRY_MARGIN = 5.0
+
+
 class SessionCache:
-    """The newest resumable session per upstream key, for one client context.
+    """One resumable session per upstream key, for one client context, offered to many
+    connections.
 
     ``remember(key, ssl_object)`` after each handshake; ``offer(key)`` before the next
     connection. TLS 1.3 tickets arrive after the handshake, so the newest connection's
-    ``SSLObject`` is kept and its session taken lazily; the last good session stays in use
-    until then. At most ``max_entries`` upstreams are kept (least recently used dropped).
+    ``SSLObject`` is kept and its session taken lazily, at most once per ``refresh_after``
+    seconds (or half the session's remaining lifetime, if shorter); the current session stays
+    in use until then. A connection that offered the current session and was not resumed
+    (the server lost it: restart, rotation, cache eviction) drops it, so the next connection
+    takes that connection's new ticket. At most ``max_entries`` upstreams are kept (least
+    recently used dropped).
     """
 
-    __slots__ = ("_entries", "max_entries")
+    __slots__ = ("_entries", "max_entries", "refresh_after")
 
-    def __init__(self, max_entries: int = 1024) -> None:
+    def __init__(
+        self, max_entries: int = 1024, refresh_after: float = SESSION_REFRESH_SECONDS
+    ) -> None:
+        # key -> [session, newest SSLObject, refresh at (monotonic), offer until (wall clock),
+        #         the SSLObject the session came from]
         self._entries: OrderedDict[Hashable, list[Any]] = OrderedDict()
         self.max_entries = max_entries
+        self.refresh_after = refresh_after
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -124,29 +148,149 @@ class SessionCache:
         e = self._entries.get(key)
         if e is None:
             return None
+        sess: ssl.SSLSession | None = e[0]
         latest = e[1]
-        if latest is not None:
-            sess = _resumable(latest)
-            if sess is not None:
-                e[0] = sess
+        if sess is not None and not _still_resumable(sess):
+            e[0] = sess = None  # a connection offered it was freed before its new ticket
+        if latest is not None and (sess is None or time.monotonic() >= e[2]):
+            fresh = _resumable(latest)
+            if fresh is not None and _still_resumable(fresh):
+                e[0] = sess = fresh
                 e[1] = None
-        sess = e[0]
-        if sess is not None and sess.time + sess.timeout <= time.time():
+                # the session is the connection's own SSL_SESSION (CPython's getter does not
+                # copy it): OpenSSL marks it not resumable when that connection is freed
+                # without a close_notify (an aborted upstream), so keep it until replaced
+                e[4] = latest
+                now = time.time()
+                e[3] = until = fresh.time + fresh.timeout - SESSION_EXPIRY_MARGIN
+                e[2] = time.monotonic() + min(self.refresh_after, max(0.0, (until - now) / 2))
+        if sess is not None and e[3] <= time.time():
             e[0] = sess = None
         return sess
 
     def remember(self, key: Hashable, ssl_object: ssl.SSLObject) -> None:
         e = self._entries.get(key)
         if e is None:
-            self._entries[key] = [None, ssl_object]
+            self._entries[key] = [None, ssl_object, 0.0, 0.0, None]
             if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
         else:
             e[1] = ssl_object
+            if e[0] is not None and not ssl_object.session_reused:
+                e[0] = None  # the server refused the session we offer: take the new one
             self._entries.move_to_end(key)
 
     def forget(self, key: Hashable) -> None:
         self._entries.pop(key, None)
+
+
+# CPython's ``SSLObject`` session setter copies the session before ``SSL_set_session``
+# (serialised and parsed again, peer certificate included: ~0.27 ms, as much as the resumed
+# handshake itself), a workaround for an OpenSSL 1.1.0 bug (openssl/openssl#1550: a session
+# whose connection was freed uncleanly is marked not resumable). Clients of OpenSSL share one
+# SSL_SESSION between connections (curl, nginx); OpenSSL's TLS 1.3 client copies the session
+# before changing it (new ticket), and one that became not resumable is simply not offered
+# (full handshake, and ``SessionCache.remember`` then drops it). So on CPython 3.11 the
+# session is handed to OpenSSL directly, through the struct layout of ``_ssl`` objects;
+# checked on first use against OpenSSL's own getters, falling back to the copying setter.
+# ``DIKTYO_TLS_SESSION_COPY=1`` forces the fallback.
+_NATIVE: list[Any] = []  # [] = not tried yet, [None] = unavailable, [setter] otherwise
+
+
+def _native_setter() -> Callable[[ssl.SSLObject, ssl.SSLSession], bool] | None:
+    import sys
+
+    if (
+        sys.implementation.name != "cpython"
+        or sys.version_info[:2] != (3, 11)
+        or os.environ.get("DIKTYO_TLS_SESSION_COPY", "") not in ("", "0")
+    ):
+        return None
+    try:
+        import _ssl
+        import ctypes
+
+        lib = ctypes.CDLL(_ssl.__file__)  # resolves in the libssl that _ssl is linked to
+        set_session = lib.SSL_set_session
+        get_session = lib.SSL_get_session
+        get_ctx = lib.SSL_get_SSL_CTX
+        in_before = lib.SSL_in_before
+        sess_time = lib.SSL_SESSION_get_time
+        sess_timeout = lib.SSL_SESSION_get_timeout
+        is_resumable = lib.SSL_SESSION_is_resumable
+    except (ImportError, OSError, AttributeError):
+        return None
+    vp = ctypes.c_void_p
+    set_session.argtypes, set_session.restype = [vp, vp], ctypes.c_int
+    get_session.argtypes, get_session.restype = [vp], vp
+    get_ctx.argtypes, get_ctx.restype = [vp], vp
+    in_before.argtypes, in_before.restype = [vp], ctypes.c_int
+    sess_time.argtypes, sess_time.restype = [vp], ctypes.c_long
+    sess_timeout.argtypes, sess_timeout.restype = [vp], ctypes.c_long
+    is_resumable.argtypes, is_resumable.restype = [vp], ctypes.c_int
+    # CPython 3.11 _ssl.c: PySSLSocket {PyObject_HEAD; PyObject *Socket; SSL *ssl; ...},
+    # PySSLSession {PyObject_HEAD; SSL_SESSION *session; ...}, PySSLContext {HEAD; SSL_CTX *ctx}
+    head = object.__basicsize__
+    # _SSLSocket is private to _ssl and missing from typeshed
+    socket_type, session_type = _ssl._SSLSocket, _ssl.SSLSession  # type: ignore[attr-defined]  # private
+    ptr = ctypes.sizeof(vp)
+    at = vp.from_address
+    checked: list[bool] = []
+
+    def native_set(obj: ssl.SSLObject, session: ssl.SSLSession) -> bool:
+        sslobj = getattr(obj, "_sslobj", None)
+        if type(sslobj) is not socket_type or type(session) is not session_type:
+            return False  # only the _ssl objects whose layout is known are read raw
+        ssl_p = at(id(sslobj) + head + ptr).value
+        sess_p = at(id(session) + head).value
+        if not checked:  # once: the layout is the one assumed, or never again
+            ctx_p = at(id(obj.context) + head).value
+            if not (
+                ssl_p
+                and sess_p
+                and get_ctx(ssl_p) == ctx_p
+                and in_before(ssl_p) == 1
+                and sess_time(sess_p) == session.time
+                and sess_timeout(sess_p) == session.timeout
+            ):
+                return False
+        if set_session(ssl_p, sess_p) != 1:
+            return False
+        if not checked:
+            if get_session(ssl_p) != sess_p:
+                return False
+            checked.append(True)
+        return True
+
+    def resumable(session: ssl.SSLSession) -> bool:
+        if not checked or type(session) is not session_type:
+            return True  # layout not confirmed yet, or not an _ssl session: no raw read
+        return bool(is_resumable(at(id(session) + head).value))
+
+    native_set.resumable = resumable  # type: ignore[attr-defined]  # a function attribute
+    return native_set
+
+
+def _still_resumable(session: ssl.SSLSession) -> bool:
+    """False when OpenSSL has marked the shared ``session`` not resumable: a connection it
+    was handed to without a copy was freed without close_notify before its new ticket came
+    (openssl/openssl#1550). Always True when sessions are copied (the copy is resumable)."""
+    setter = _NATIVE[0] if _NATIVE else None
+    return setter is None or bool(setter.resumable(session))
+
+
+def _offer_native(obj: ssl.SSLObject, session: ssl.SSLSession) -> bool:
+    """Offer ``session`` on the not yet started ``obj`` without CPython's copy; False when
+    not possible here (the caller then uses the copying setter)."""
+    if not _NATIVE:
+        _NATIVE.append(_native_setter())
+    setter = _NATIVE[0]
+    if setter is None:
+        return False
+    if setter(obj, session):
+        return True
+    _NATIVE[0] = None  # unexpected layout or refusal: copy from now on
+    return False
 
 
 class ResumingClientContext(ssl.SSLContext):
@@ -168,7 +312,12 @@ class ResumingClientContext(ssl.SSLContext):
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
         if session is None and not server_side:
-            session = _OFFER.get()
+            offer = _OFFER.get()
+            if offer is not None:
+                obj = super().wrap_bio(incoming, outgoing, False, server_hostname)
+                if not _offer_native(obj, offer):
+                    obj.session = offer
+                return obj
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
 
@@ -209,7 +358,8 @@ def _base(
         # stateful TLS 1.3 tickets: the session stays in this context's cache and the ticket
         # only names it, so a resumption neither serialises nor re-parses the client
         # certificate (OpenSSL 3.0's decoders made that ~0.5 ms of a resumed handshake); such
-        # tickets are single-use and die with the context at the next rotation
+        # tickets can be offered again and again (``SessionCache``) and die with the context
+        # at the next rotation
         ctx.options |= ssl.OP_NO_TICKET
     else:
         ctx = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -221,6 +371,52 @@ def _base(
     except ssl.SSLError as exc:
         raise TlsConfigError(f"cannot load trust bundle: {exc.reason or exc}") from None
     return ctx
+
+
+# stateful sessions a server context keeps (OpenSSL's default: 20,480, ~66 MB). Every
+# connection's ticket adds one, kept until it expires (2 h) or is evicted oldest first; ~3.3 KB
+# each (measured: 3,000 sessions, +10 MB RSS), so at most ~27 MB. Clients offer a session at
+# most ``SESSION_REFRESH_SECONDS`` old; measured under mtls-noreuse -c50 (~800 new connections
+# a second): 8,192 resumed 100 %, 2,048 only 92-97 %.
+SERVER_SESSION_CACHE = 8192
+_SSL_CTRL_SET_SESS_CACHE_SIZE = 42
+_SSL_CTRL_GET_SESS_CACHE_SIZE = 43
+
+
+def limit_session_cache(ctx: ssl.SSLContext, size: int = SERVER_SESSION_CACHE) -> bool:
+    """Cap ``ctx``'s server-side session cache (``SSL_CTX_sess_set_cache_size``, which
+    Python's ``ssl`` does not offer) on CPython 3.11; False when not possible here (the
+    context then keeps OpenSSL's default)."""
+    import sys
+
+    if sys.implementation.name != "cpython" or sys.version_info[:2] != (3, 11):
+        return False
+    try:
+        import _ssl
+        import ctypes
+
+        lib = ctypes.CDLL(_ssl.__file__)
+        ctrl = lib.SSL_CTX_ctrl
+        get_ctx = lib.SSL_get_SSL_CTX
+    except (ImportError, OSError, AttributeError):
+        return False
+    vp = ctypes.c_void_p
+    ctrl.argtypes, ctrl.restype = [vp, ctypes.c_int, ctypes.c_long, vp], ctypes.c_long
+    get_ctx.argtypes, get_ctx.restype = [vp], vp
+    if type(ctx) is not ssl.SSLContext or not isinstance(ctx, _ssl._SSLContext):
+        return False
+    head = object.__basicsize__
+    ctx_p = vp.from_address(id(ctx) + head).value  # PySSLContext {PyObject_HEAD; SSL_CTX *ctx}
+    # check the layout on a throwaway connection of this context before writing anything
+    probe = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+    sslobj = probe._sslobj  # type: ignore[attr-defined]  # private: the _ssl object
+    if type(sslobj) is not _ssl._SSLSocket:  # type: ignore[attr-defined]  # private type
+        return False
+    ssl_p = vp.from_address(id(sslobj) + head + ctypes.sizeof(vp)).value
+    if not ctx_p or not ssl_p or get_ctx(ssl_p) != ctx_p:
+        return False
+    ctrl(ctx_p, _SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
+    return bool(ctrl(ctx_p, _SSL_CTRL_GET_SESS_CACHE_SIZE, 0, None) == size)
 
 
 def server_context(
@@ -235,6 +431,7 @@ def server_context(
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
+    limit_session_cache(ctx)
     return ctx
 
 

@@ -388,5 +388,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             if self.transport is not None:
+                if self.secure:  # close_notify first, not awaited: an upstream that sees a bare
+                    self.transport.close()  # EOF drops this connection's TLS session ticket
                 self.transport.abort()
             self.pool.connection_closed(self)
