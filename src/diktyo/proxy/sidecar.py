@@ -295,6 +295,11 @@ class Sidecar:
     # ------------------------------------------------------------------ snapshots
     def apply(self, snapshot: Snapshot) -> None:
         """Apply ``snapshot`` whole or raise SnapshotError and keep the old one."""
+        if self.draining:  # its listeners are closed: binding or swapping now would be wrong
+            raise SnapshotError(
+                f"snapshot {snapshot.version or '?'} not applied: the sidecar is draining "
+                "(shutting down)"
+            )
         try:
             new_socks = self._bind_new_listeners(snapshot)
         except SnapshotError as exc:
