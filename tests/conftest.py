@@ -75,6 +75,7 @@ SHARED_RESOURCE_GROUPS = {
     "bookinfo": (
         "e2e/test_e2e_bookinfo.py",
         "e2e/test_tasks_traffic.py",
+        "e2e/test_explain_from_mesh.py",
     ),
 }
 

@@ -34,14 +34,7 @@ MARK = "# real time:"
 # file -> synchronization sleeps (poll loops and fixed waits) not yet turned into eventually()
 BASELINE: dict[str, int] = {
     "control/serve/test_serve_http_api.py": 1,
-    "e2e/test_e2e_bookinfo.py": 3,
-    "e2e/test_e2e_local_mesh.py": 2,
-    "e2e/test_e2e_supervision.py": 1,
-    "e2e/test_e2e_supervisor_death.py": 7,
     "e2e/test_e2e_transparent.py": 3,
-    "e2e/test_tasks_mirroring.py": 1,
-    "e2e/test_tasks_observability.py": 4,
-    "e2e/test_tasks_telemetry.py": 2,
     "integration/test_mtls_rotation.py": 2,
     "integration/test_sidecar_chaos.py": 1,
     "integration/test_sidecar_forwarding.py": 1,
