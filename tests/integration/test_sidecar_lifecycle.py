@@ -172,7 +172,7 @@ async def test_drain_finishes_in_flight_requests() -> None:
         start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
     ):
         req = asyncio.create_task(http_request(sc.port(), "GET", "http://reviews/"))
-        await asyncio.sleep(0.1)
+        await eventually(lambda: up.requests, what="the request in flight at the upstream")
         token = sc.extra["admin_token"]
         r = await http_request(
             sc.admin, "POST", "/drain", {"Host": "admin", "Authorization": f"Bearer {token}"}
