@@ -175,3 +175,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if XDIST_WORKER is not None:
         # stable sort: within a rank, collection order (the same on every worker)
         items.sort(key=lambda item: _rank(item, groups.get(item.nodeid, "")))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` with the groups above, taken from each test's path.
+
+    pytest-xdist's own loadgroup reads the group from a ``@group`` suffix it appends to the node
+    id of each test with an ``xdist_group`` mark; since pytest 9.2 (node ids derived from
+    ``Node._id``) that append has no effect, every test became a group of its own, and the
+    ``host`` / ``etcd`` / ``bookinfo`` groups and module-scoped fixtures were spread over all
+    workers. The controller computes the groups here instead (the marks above stay for a
+    plain xdist that honours them)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    rootpath = config.rootpath
+
+    class PathGroupScheduling(LoadGroupScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            scope: str = super()._split_scope(nodeid)
+            if scope != nodeid:  # an "@group" suffix: xdist's own grouping works
+                return scope
+            try:
+                rel = (rootpath / nodeid.split("::", 1)[0]).resolve().relative_to(TESTS)
+            except ValueError:
+                return nodeid.split("::", 1)[0]
+            return _group(rel)
+
+    return PathGroupScheduling(config, log)
