@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODULES = ("tests/platform/test_platform_ports.py", "tests/repo/test_no_sync_sleeps.py")
 
 
+@pytest.mark.slow  # a pytest run of its own (8 s): in `make test`, not the fast tier
 @pytest.mark.timeout(120)
 def test_a_module_runs_on_one_worker() -> None:
     out = subprocess.run(
