@@ -8,12 +8,14 @@ Both targets run under pytest-xdist (``-n 3 --dist loadgroup --no-loadscope-reor
 docs/testing.md). Under xdist every test gets an ``xdist_group``: its module (so module-scoped
 fixtures, such as a whole mesh, are built once), or one named group for modules that share a
 machine-wide resource (``SHARED_RESOURCE_GROUPS``), which then run one after the other on one
-worker. Each worker has its own ``$DIKTYO_HOME``. Plain ``pytest`` (no ``-n``) is unchanged.
+worker. Each worker has its own ``$DIKTYO_HOME`` and its own slice of ``$DIKTYO_PORT_RANGE``.
+Plain ``pytest`` (no ``-n``) is unchanged.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import shutil
 import tempfile
@@ -32,6 +34,29 @@ os.environ.setdefault("DIKTYO_CAPTURE", "proxy")
 # pytest-xdist worker id ("gw0", ...) or None in a plain run
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
+PORT_SLOTS = 6
+
+
+def _port_range_per_worker(worker: str) -> None:
+    """Each worker's meshes (and their `diktyo up` children) pick ports from a slice of its own
+    of diktyo's port range (``DIKTYO_PORT_RANGE``, diktyo.platform.ports): a port one worker's
+    supervisor picked and its sidecar binds seconds later is never picked by another worker.
+    The slices of a run start at a slot drawn from the run's id, so two runs on one machine
+    (two developers) seldom share slices."""
+    from diktyo.platform.ports import RANGE_ENV, port_range
+
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    rng = None if RANGE_ENV in os.environ else port_range()
+    if rng is None or not 0 < count <= PORT_SLOTS or not worker.startswith("gw"):
+        return
+    lo, hi = rng
+    size = (hi - lo + 1) // PORT_SLOTS
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
+    first = int(hashlib.sha256(run.encode()).hexdigest(), 16) % PORT_SLOTS
+    slot = (first + int(worker[2:])) % PORT_SLOTS
+    os.environ[RANGE_ENV] = f"{lo + slot * size}-{lo + (slot + 1) * size - 1}"
+
+
 if XDIST_WORKER is not None:
     # `diktyo up`/`demo`, the control plane's admin token and the sidecars' files live in
     # $DIKTYO_HOME (default ~/.diktyo, and `up` refuses while mesh.json names a live mesh):
@@ -39,6 +64,7 @@ if XDIST_WORKER is not None:
     _home = tempfile.mkdtemp(prefix=f"diktyo-test-{XDIST_WORKER}-")
     os.environ["DIKTYO_HOME"] = _home
     atexit.register(shutil.rmtree, _home, ignore_errors=True)
+    _port_range_per_worker(XDIST_WORKER)
 
 # Modules that share something machine-wide: one group each, so under xdist they run on one
 # worker, one at a time (paths relative to tests/; a folder takes every module below it).
@@ -75,6 +101,7 @@ SHARED_RESOURCE_GROUPS = {
     "bookinfo": (
         "e2e/test_e2e_bookinfo.py",
         "e2e/test_tasks_traffic.py",
+        "e2e/test_explain_from_mesh.py",
     ),
 }
 
@@ -148,3 +175,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if XDIST_WORKER is not None:
         # stable sort: within a rank, collection order (the same on every worker)
         items.sort(key=lambda item: _rank(item, groups.get(item.nodeid, "")))
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (absent with -p no:xdist)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` with the groups above, taken from each test's path.
+
+    pytest-xdist's own loadgroup reads the group from a ``@group`` suffix it appends to the node
+    id of each test with an ``xdist_group`` mark; since pytest 9.2 (node ids derived from
+    ``Node._id``) that append has no effect, every test became a group of its own, and the
+    ``host`` / ``etcd`` / ``bookinfo`` groups and module-scoped fixtures were spread over all
+    workers. The controller computes the groups here instead (the marks above stay for a
+    plain xdist that honours them)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    rootpath = config.rootpath
+
+    class PathGroupScheduling(LoadGroupScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            scope: str = super()._split_scope(nodeid)
+            if scope != nodeid:  # an "@group" suffix: xdist's own grouping works
+                return scope
+            try:
+                rel = (rootpath / nodeid.split("::", 1)[0]).resolve().relative_to(TESTS)
+            except ValueError:
+                return nodeid.split("::", 1)[0]
+            return _group(rel)
+
+    return PathGroupScheduling(config, log)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from diktyo.platform.harness import MeshThread
+from diktyo.testing import eventually_sync
 from diktyo.testing.controlplane import admin_get
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,6 +87,16 @@ def test_config_changes_under_steady_load_fail_no_request(mesh: MeshThread) -> N
             status, body = page(mesh)
             results.append((status, served_by(body) if status == 200 else body[:200]))
 
+    def pages_served(n: int) -> None:
+        """``n`` more pages answered under the current config (slow on a loaded machine)."""
+        want = len(results) + n
+        eventually_sync(
+            lambda: len(results) >= want or not any(w.is_alive() for w in workers),
+            timeout=30,
+            interval=0.05,
+            what=lambda: f"{want} pages answered ({len(results)} so far)",
+        )
+
     workers = [threading.Thread(target=load) for _ in range(2)]
     for w in workers:
         w.start()
@@ -96,10 +107,10 @@ def test_config_changes_under_steady_load_fail_no_request(mesh: MeshThread) -> N
             "virtual-service-all-v1.yaml",
             "virtual-service-reviews-50-v3.yaml",
         ):
-            time.sleep(0.7)
+            pages_served(10)  # load before (and between) the changes
             mesh.apply_file(NET / name)
             mesh.wait_synced()
-        time.sleep(0.5)
+        pages_served(10)  # and after the last
     finally:
         stop.set()
         for w in workers:
@@ -118,24 +129,27 @@ def test_dashboard_shows_graph_resilience_and_config(mesh: MeshThread) -> None:
     assert mesh.call(scrape()) == 7  # every sidecar and the gateway (a baseline: rates are deltas)
     for _ in range(5):
         assert page(mesh)[0] == 200
-    time.sleep(0.2)
-    assert mesh.call(scrape()) == 7
 
     def api(path: str) -> object:
         status, body = admin_get(mesh, mesh.url + path)
         assert status == 200, body[:300]
         return json.loads(body)
 
+    want = {"default/productpage-v1", "default/reviews-v1", "istio-system/istio-ingressgateway"}
+    nodes: set[str] = set()
+
+    def graph_has_the_pages() -> bool:
+        assert mesh.call(scrape()) == 7  # a scrape after the pages (another adds no delta)
+        graph = api("/api/graph?window=60")
+        assert isinstance(graph, dict)
+        nodes.clear()
+        nodes.update(n["id"] for n in graph["nodes"])
+        return want <= nodes
+
+    eventually_sync(graph_has_the_pages, timeout=10, interval=0.2, what=lambda: f"{want} <= {nodes}")
+
     status, body = admin_get(mesh, mesh.url + "/")
     assert status == 200 and "<html" in body.lower()
-    graph = api("/api/graph?window=60")
-    assert isinstance(graph, dict)
-    nodes = {n["id"] for n in graph["nodes"]}
-    assert {
-        "default/productpage-v1",
-        "default/reviews-v1",
-        "istio-system/istio-ingressgateway",
-    } <= nodes
     cards = api("/api/resilience")
     assert isinstance(cards, list)
     assert any(

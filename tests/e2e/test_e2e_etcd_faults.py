@@ -268,6 +268,7 @@ async def test_replica_killed_under_load_loses_nothing(mesh: Mesh) -> None:
         )
         assert [s for s, _ in results] == [200] * 100, [b for s, b in results if s != 200]
         await asyncio.sleep(1.0)  # real time: load keeps running after the applies
+        await eventually(lambda: load.ok > 50, timeout=30, what=lambda: f"51 answers: {load.ok}")
         await load.stop()
         assert load.failed == [], load.failed[:5]
         assert load.ok > 50

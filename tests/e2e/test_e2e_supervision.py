@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
-from test_e2e_local_mesh import child_pids, diktyo, get, tiny_mesh
+from test_e2e_local_mesh import assert_gone, child_pids, diktyo, get, tiny_mesh
 
-from diktyo.platform.state import pid_alive
 from diktyo.testing import eventually_sync
 
 MESH = tiny_mesh("supervised", ("v1",), restart="{backoffBase: 1, backoffMax: 4}")
@@ -90,6 +88,4 @@ def test_kill_9_app_and_sidecar_both_restart_and_status_says_why(
         state = json.loads(diktyo("status", "-o", "json", env=env).stdout)
         down = diktyo("down", env=env)
     assert down.returncode == 0, down.stderr
-    pids = child_pids(state) + [state["pid"]]
-    time.sleep(0.2)
-    assert [p for p in pids if pid_alive(p)] == []
+    assert_gone(child_pids(state) + [state["pid"]])

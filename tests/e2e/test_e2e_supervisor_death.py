@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Self
 
 import pytest
-from test_e2e_local_mesh import ROUTE_V2, child_pids, diktyo, get, tiny_mesh
+from test_e2e_local_mesh import ROUTE_V2, assert_gone, child_pids, diktyo, get, tiny_mesh
 
 from diktyo.platform.state import pid_alive
+from diktyo.testing import eventually_sync
 
 MESH = tiny_mesh("survivor", restart="{backoffBase: 1, backoffMax: 2}")
 
@@ -50,6 +51,9 @@ class Traffic:
                 self.failed.append(f"{code}: {body[:200]}")
             next_at += self.interval
             self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def seen(self) -> str:
+        return f"{self.ok} requests ok, {len(self.failed)} failed: {self.failed[:3]}"
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -86,31 +90,37 @@ def _up_foreground(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Pope
         stderr=subprocess.STDOUT,
     )
     out.close()
-    deadline = time.monotonic() + 60
-    while True:
+
+    def ready() -> dict | None:
+        assert proc.poll() is None, (tmp_path / "up.log").read_text()  # died: fail at once
         st = _state(env)
-        if st.get("running") and st.get("pid") == proc.pid and st.get("state") == "ready":
-            return proc, st
-        assert proc.poll() is None, (tmp_path / "up.log").read_text()
-        assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
-        time.sleep(0.2)
+        ok = st.get("running") and st.get("pid") == proc.pid and st.get("state") == "ready"
+        return st if ok else None
+
+    def what() -> str:
+        return "'diktyo up' ready; its log:\n" + (tmp_path / "up.log").read_text()
+
+    return proc, eventually_sync(ready, timeout=60, interval=0.2, what=what)
 
 
 def _kill_supervisor(state: dict) -> None:
     os.kill(state["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while pid_alive(state["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually_sync(lambda: not pid_alive(state["pid"]), timeout=10, what="supervisor gone")
 
 
 def _wait_synced(env: dict[str, str], n: int, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
+    """proxy-status shows ``n`` sidecars SYNCED (after an adoption: no config change is
+    pending, so a SYNCED row is the new control plane's own, not a stale one)."""
+    seen: list[str] = []
+
+    def synced() -> str | None:
         ps = diktyo("proxy-status", env=env)
-        if ps.returncode == 0 and ps.stdout.count("SYNCED") == n:
-            return ps.stdout
-        assert time.monotonic() < deadline, ps.stdout + ps.stderr
-        time.sleep(0.3)
+        seen[:] = [ps.stdout + ps.stderr]
+        return ps.stdout if ps.returncode == 0 and ps.stdout.count("SYNCED") == n else None
+
+    return eventually_sync(
+        synced, timeout=timeout, interval=0.3, what=lambda: f"{n} sidecars SYNCED: {seen}"
+    )
 
 
 @pytest.mark.slow
@@ -149,6 +159,8 @@ def test_kill_9_supervisor_under_load_then_up_adopts(tmp_path: Path, env: dict[s
             assert after["control_plane"] == before["control_plane"]  # same port again
             synced = _wait_synced(env, 3)
             time.sleep(2.0)  # real time: traffic keeps flowing after recovery
+            # a loaded machine sends fewer than 20 rps: wait for the requests the count needs
+            eventually_sync(lambda: traffic.ok >= 60, timeout=30, what=traffic.seen)
         # ~20 rps for ~8 s across the supervisor's death and the adoption: none failed
         assert traffic.failed == [], traffic.failed[:5]
         assert traffic.ok >= 60, traffic.ok
@@ -164,21 +176,19 @@ def test_kill_9_supervisor_under_load_then_up_adopts(tmp_path: Path, env: dict[s
         # the new supervisor watches the adopted processes: a killed app comes back
         hello = next(w for w in after["workloads"] if w["name"] == "hello-v1-1")
         os.kill(hello["app_pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def restarted() -> dict | None:
             w = next(x for x in _state(env)["workloads"] if x["name"] == "hello-v1-1")
-            if w["state"] == "ready" and w["app_pid"] != hello["app_pid"]:
-                break
-            time.sleep(0.2)
+            return w if w["state"] == "ready" and w["app_pid"] != hello["app_pid"] else None
+
+        w = eventually_sync(restarted, timeout=30, interval=0.2, what="hello-v1-1 restarted")
         assert w["containers"]["app"]["restarts"] == 1, w
         assert "earlier supervisor" in w["containers"]["app"]["last_exit"]["reason"]
     finally:
         state = _state(env)
         down = diktyo("down", env=env)
     assert down.returncode == 0, down.stdout + down.stderr
-    pids = child_pids(state) + child_pids(before)
-    time.sleep(0.2)
-    assert [p for p in pids if pid_alive(p)] == []
+    assert_gone(child_pids(state) + child_pids(before))
     assert _state(env) == {"running": False}
 
 
@@ -215,15 +225,16 @@ def test_the_keeper_of_a_detached_mesh_restarts_its_supervisor_under_load(
         with Traffic(url, rps=20) as traffic:
             time.sleep(1.5)  # real time: traffic flows before the kill
             _kill_supervisor(before)  # supervisor and control plane: gone
-            deadline = time.monotonic() + 60
-            while True:  # the keeper starts a new supervisor, which adopts the mesh
-                after = _state(env)
-                if after.get("pid") != before["pid"] and after.get("state") == "ready":
-                    break
-                assert time.monotonic() < deadline, after
-                time.sleep(0.2)
+
+            def adopted() -> dict | None:  # the keeper starts a new supervisor, which adopts
+                st = _state(env)
+                return st if st.get("pid") != before["pid"] and st.get("state") == "ready" else None
+
+            after = eventually_sync(adopted, timeout=60, interval=0.2, what="mesh adopted")
             _wait_synced(env, 3)
             time.sleep(2.0)  # real time: traffic keeps flowing after recovery
+            # a loaded machine sends fewer than 20 rps: wait for the requests the count needs
+            eventually_sync(lambda: traffic.ok >= 50, timeout=30, what=traffic.seen)
         assert traffic.failed == [], traffic.failed[:5]
         assert traffic.ok >= 50, traffic.ok
         assert after["control_plane"] == before["control_plane"]
@@ -241,6 +252,4 @@ def test_the_keeper_of_a_detached_mesh_restarts_its_supervisor_under_load(
     assert "is gone; stopping its" not in down.stdout, down.stdout
     log = (Path(env["DIKTYO_HOME"]) / "mesh.log").read_text()
     assert log.rstrip().endswith("mesh stopped"), log[-1000:]
-    time.sleep(0.2)
-    pids = child_pids(state) + child_pids(before) + [state["pid"], keeper]
-    assert [p for p in pids if pid_alive(p)] == []
+    assert_gone(child_pids(state) + child_pids(before) + [state["pid"], keeper])

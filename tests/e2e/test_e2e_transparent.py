@@ -11,7 +11,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from diktyo.platform.capture_netns import Netns, capture_unavailable_reason
 from diktyo.platform.harness import MeshThread
 from diktyo.platform.mesh import load_mesh
+from diktyo.testing import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_APP = Path(__file__).parent / "apps" / "tiny_app.py"
@@ -124,10 +124,11 @@ def test_curl_without_proxy_settings_goes_through_the_mesh(tmp_path: Path) -> No
         assert dest and 'connection_security_policy="mutual_tls"' in dest[0], metrics[-2000:]
         # and logged it (Istio's text access log on the sidecar's stdout)
         log = tmp_path / "home" / "logs" / "hello-v1-1-sidecar.log"
-        deadline = time.monotonic() + 10
-        while "GET / HTTP/1.1" not in (log.read_text() if log.exists() else ""):
-            assert time.monotonic() < deadline, list((tmp_path / "home" / "logs").iterdir())
-            time.sleep(0.1)
+        eventually_sync(
+            lambda: "GET / HTTP/1.1" in (log.read_text() if log.exists() else ""),
+            timeout=10,
+            what=lambda: f"an access log line in {log}: {list(log.parent.iterdir())}",
+        )
 
         # diktyo load --via front runs inside front's namespace, like fortio in its pod
         load = _diktyo(
@@ -169,13 +170,16 @@ def test_bookinfo_without_proxy_settings() -> None:
                 if rep.app is not None:
                     env = Path(f"/proc/{rep.app.pid}/environ").read_bytes()
                     assert b"HTTP_PROXY=" not in env and b"http_proxy=" not in env
-            deadline = time.monotonic() + 30
-            while True:
+            seen: list[str] = []
+
+            def served_page() -> tuple[int, str] | None:
                 code, body = _get(mesh.gateway_url + "/productpage")
-                if code == 200 and "Reviews served by" in body or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            assert code == 200, body[-800:]
+                seen[:] = [f"{code}: {body[-800:]}"]
+                return (code, body) if code == 200 and "Reviews served by" in body else None
+
+            code, body = eventually_sync(
+                served_page, timeout=30, interval=0.5, what=lambda: f"a product page: {seen}"
+            )
             # productpage -> details, reviews (v3 by the VirtualService) -> ratings (red stars)
             served = SERVED_BY.search(body)
             assert served is not None and served.group(1).startswith("reviews-v3"), body[-800:]
@@ -205,13 +209,13 @@ def test_killed_supervisor_is_replaced_and_down_leaves_nothing(tmp_path: Path) -
         first = json.loads(_diktyo("status", "-o", "json", env=env).stdout)
         old_app = first["workloads"][0]["app_pid"]
         os.kill(int(first["pid"]), 9)
-        deadline = time.monotonic() + 60
-        while True:
+
+        def replaced() -> dict | None:
             st = json.loads(_diktyo("status", "-o", "json", env=env).stdout)
-            if st.get("running") and st["pid"] != first["pid"] and st.get("state") == "ready":
-                break
-            assert time.monotonic() < deadline, st
-            time.sleep(0.5)
+            ok = st.get("running") and st["pid"] != first["pid"] and st.get("state") == "ready"
+            return st if ok else None
+
+        st = eventually_sync(replaced, timeout=60, interval=0.5, what="a new supervisor ready")
         hello = st["workloads"][0]
         assert hello["app_pid"] != old_app  # started anew, in a namespace made anew
         assert netns.namespaces() == [hello["netns"]]

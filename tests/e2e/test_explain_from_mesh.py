@@ -1,5 +1,8 @@
 """``diktyo explain --from WORKLOAD`` asks the running mesh's control plane for that sidecar's
-snapshot and runs the sidecar's real matcher on it."""
+snapshot and runs the sidecar's real matcher on it.
+
+On the shared Bookinfo mesh (``bookinfo_baseline``, tests/e2e/conftest.py): booting a mesh of
+its own inside this test's timeout was the slowest part of it on a loaded machine."""
 
 from __future__ import annotations
 
@@ -30,25 +33,24 @@ def explain(cp: str, *args: str, env: dict[str, str]) -> tuple[int, dict]:
     return proc.returncode, json.loads(proc.stdout)
 
 
-def test_explain_from_a_running_sidecar(tmp_path: Path) -> None:
-    with MeshThread(BOOKINFO / "mesh.yaml", gateway_host_port=0) as mesh:
-        env = cli_env(mesh, tmp_path)  # the CLI sends the mesh's admin credential
-        for name in ("destination-rule-all.yaml", "virtual-service-reviews-test-v2.yaml"):
-            mesh.apply_file(NET / name)
-        mesh.wait_synced()
-        url = "http://reviews:9080/reviews/0"
-        rc, jason = explain(
-            mesh.url, "--from", "productpage-v1", "GET", url, "-H", "end-user: jason", env=env
-        )
-        assert rc == 0
-        assert jason["virtualService"] == "default/reviews"
-        assert jason["destination"]["subset"] == "v2"
-        rc, other = explain(mesh.url, "--from", "productpage-v1", "GET", url, env=env)
-        assert rc == 0 and other["destination"]["subset"] == "v1"
-        assert other["rule"] != jason["rule"]
-        proc = subprocess.run(
-            [sys.executable, "-m", "diktyo.cli.main", "explain", "--control-plane", mesh.url,
-             "--from", "nosuch", "GET", url],
-            check=False, capture_output=True, text=True, timeout=30, env=env,
-        )  # fmt: skip
-        assert proc.returncode == 1 and "no sidecar named 'nosuch'" in proc.stderr
+def test_explain_from_a_running_sidecar(bookinfo_baseline: MeshThread, tmp_path: Path) -> None:
+    mesh = bookinfo_baseline  # destination-rule-all; reviews' route is replaced below
+    env = cli_env(mesh, tmp_path)  # the CLI sends the mesh's admin credential
+    mesh.apply_file(NET / "virtual-service-reviews-test-v2.yaml")
+    mesh.wait_synced()
+    url = "http://reviews:9080/reviews/0"
+    rc, jason = explain(
+        mesh.url, "--from", "productpage-v1", "GET", url, "-H", "end-user: jason", env=env
+    )
+    assert rc == 0
+    assert jason["virtualService"] == "default/reviews"
+    assert jason["destination"]["subset"] == "v2"
+    rc, other = explain(mesh.url, "--from", "productpage-v1", "GET", url, env=env)
+    assert rc == 0 and other["destination"]["subset"] == "v1"
+    assert other["rule"] != jason["rule"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "diktyo.cli.main", "explain", "--control-plane", mesh.url,
+         "--from", "nosuch", "GET", url],
+        check=False, capture_output=True, text=True, timeout=30, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "no sidecar named 'nosuch'" in proc.stderr

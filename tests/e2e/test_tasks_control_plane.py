@@ -77,15 +77,18 @@ def test_requests_succeed_while_the_control_plane_is_down(mesh: MeshThread) -> N
     url = mesh.url
     port = urlsplit(url).port
     results: list[tuple[float, int, str]] = []
+    last_started: dict[int, float] = {}  # per load thread: when its newest answered page began
     stop = threading.Event()
 
-    def load() -> None:
+    def load(i: int) -> None:
         while not stop.is_set() and len(results) < 3000:
+            started = time.monotonic()
             status, body = get(mesh.gateway_url + "/productpage")
             m = SERVED_BY.search(body) if status == 200 else None
             results.append((time.monotonic(), status, m.group(1) if m else body[:200]))
+            last_started[i] = started
 
-    workers = [threading.Thread(target=load) for _ in range(2)]
+    workers = [threading.Thread(target=load, args=(i,)) for i in range(2)]
     for w in workers:
         w.start()
     try:
@@ -96,11 +99,24 @@ def test_requests_succeed_while_the_control_plane_is_down(mesh: MeshThread) -> N
         # config changes while the control plane is down are kept and pushed on restart
         mesh.apply_file(NET / "virtual-service-reviews-v3.yaml")
         time.sleep(3.0)  # real time: sidecars retry with backoff (cap 5 s) and keep their snapshots
+        eventually_sync(  # a loaded machine answers fewer pages in those 3 s: wait for 10
+            lambda: len([r for r in results if r[0] > down_at]) >= 10,
+            timeout=30,
+            what=lambda: f"10 pages while the control plane is down: {results[-3:]}",
+        )
         up_at = time.monotonic()
         assert mesh.call(cp.start(port=port)) == url
         assert control_plane_up(url)
         mesh.wait_synced(20)
+        synced_at = time.monotonic()
         time.sleep(1.0)  # real time: traffic keeps flowing after the restart
+        # every load thread's newest answered page began after the sync, so the page answered
+        # last (results[-1]) was routed on the new config, however slow pages are here
+        eventually_sync(
+            lambda: all(last_started.get(i, 0.0) > synced_at for i in range(2)),
+            timeout=30,
+            what=lambda: f"a page begun after the sync on each thread: {results[-3:]}",
+        )
     finally:
         stop.set()
         for w in workers:

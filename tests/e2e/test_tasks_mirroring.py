@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,17 +87,19 @@ def test_mirroring_sends_a_copy_to_v2(mesh: MeshThread) -> None:
     )
     assert served(mesh, "httpbin-v2") == 10
     # v2 saw the shadow Host (its sidecar's access log: "%REQ(:AUTHORITY)%")
-    deadline = time.monotonic() + 5
-    while True:
-        v2_lines = [
+    def v2_lines() -> list[str]:
+        return [
             line
             for line in mesh.output().splitlines()
             if re.match(r"\[httpbin-v2-1[^\]]*\]", line) and "GET /headers" in line
         ]
-        # the app's own lines match too and come first; the sidecar's access log lines
-        # (written through a buffer) carry the shadow Host: wait for those
-        shadow = [line for line in v2_lines if '"httpbin-shadow:8000"' in line]
-        if len(shadow) >= 10 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert len(shadow) >= 10, "\n".join(v2_lines[-5:]) or mesh.output()[-2000:]
+
+    # the app's own lines match too and come first; the sidecar's access log lines
+    # (written through a buffer) carry the shadow Host: wait for those
+    eventually_sync(
+        lambda: len([line for line in v2_lines() if '"httpbin-shadow:8000"' in line]) >= 10,
+        timeout=10,
+        interval=0.2,
+        what=lambda: "10 access log lines with the shadow Host: "
+        + ("\n".join(v2_lines()[-5:]) or mesh.output()[-2000:]),
+    )

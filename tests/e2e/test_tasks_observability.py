@@ -9,7 +9,6 @@ page gives one trace ingress -> productpage -> reviews -> ratings with correct p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
@@ -28,7 +27,7 @@ import pytest
 
 from diktyo.platform.harness import MeshThread
 from diktyo.telemetry.prometheus_config import Target, scrape_config
-from diktyo.testing import free_port
+from diktyo.testing import eventually_sync, free_port
 from diktyo.testing.controlplane import admin_get
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,30 +264,36 @@ def test_real_prometheus_counts_reviews_requests(mesh: MeshThread, tmp_path: Pat
                 'sum(istio_requests_total{reporter="destination",destination_service=~"reviews.*"})'
             )
             url = f"http://127.0.0.1:{port}/api/v1/query?query={quote(query)}"
-            value = None
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and value != expected:
-                assert proc.poll() is None, log_path.read_text()[-2000:]
-                with contextlib.suppress(OSError):
-                    status, body = get(url, timeout=2)
-                    result = json.loads(body)["data"]["result"] if status == 200 else []
-                    if result:
-                        value = float(result[0]["value"][1])
-                if value != expected:
-                    time.sleep(0.5)
-            assert value == expected, (
-                f"Prometheus: {value}, sent {expected}\n" + (log_path.read_text()[-1500:])
+            seen: dict[str, Any] = {"value": None, "ups": {}}
+
+            def counted() -> bool:
+                assert proc.poll() is None, log_path.read_text()[-2000:]  # died: fail at once
+                status, body = get(url, timeout=2)
+                result = json.loads(body)["data"]["result"] if status == 200 else []
+                if result:
+                    seen["value"] = float(result[0]["value"][1])
+                return seen["value"] == expected
+
+            eventually_sync(
+                counted,
+                timeout=30,
+                interval=0.5,
+                ignore=(OSError,),  # not listening yet
+                what=lambda: f"Prometheus: {seen['value']}, sent {expected}\n"
+                + log_path.read_text()[-1500:],
             )
             # every sidecar and the gateway is an up target (first scrapes are spread over 1 s)
             want = {w["name"]: "1" for w in workloads}
-            ups: dict[str, str] = {}
-            while ups != want and time.monotonic() < deadline + 5:
+
+            def all_up() -> bool:
                 status, body = get(f"http://127.0.0.1:{port}/api/v1/query?query=up", timeout=5)
                 result = json.loads(body)["data"]["result"] if status == 200 else []
-                ups = {r["metric"]["workload"]: r["value"][1] for r in result}
-                if ups != want:
-                    time.sleep(0.3)
-            assert ups == want
+                seen["ups"] = {r["metric"]["workload"]: r["value"][1] for r in result}
+                return seen["ups"] == want
+
+            eventually_sync(
+                all_up, timeout=10, interval=0.3, what=lambda: f"up == {want}: {seen['ups']}"
+            )
         finally:
             proc.terminate()
             try:
@@ -300,19 +305,28 @@ def test_real_prometheus_counts_reviews_requests(mesh: MeshThread, tmp_path: Pat
 
 def find_trace(mesh: MeshThread, want: set[str], since_ns: int) -> list[dict[str, Any]]:
     """Spans of the newest trace started after ``since_ns`` whose services include ``want``."""
-    deadline = time.monotonic() + 10
-    while True:
+    seen = [""]
+
+    def complete() -> list[dict[str, Any]] | None:
         status, body = admin_get(mesh, mesh.url + "/telemetry/api/traces?limit=20")
         assert status == 200, body
+        seen[0] = body
         for t in json.loads(body)["traces"]:
             if t["startNs"] >= since_ns and want <= set(t["services"]):
                 status, body = admin_get(mesh, mesh.url + "/telemetry/api/traces/" + t["traceId"])
                 assert status == 200
+                seen[0] = body
                 spans: list[dict[str, Any]] = json.loads(body)["spans"]
                 if len(spans) == 8:  # every span exported (they arrive in batches)
                     return spans
-        assert time.monotonic() < deadline, f"no complete trace through {want}: {body[:500]}"
-        time.sleep(0.3)
+        return None
+
+    return eventually_sync(
+        complete,
+        timeout=10,
+        interval=0.3,
+        what=lambda: f"a complete trace through {want}: {seen[0][:500]}",
+    )
 
 
 def test_one_page_gives_one_trace_with_correct_parents(mesh: MeshThread) -> None:
@@ -384,10 +398,13 @@ def get_with(url: str, headers: dict[str, str]) -> tuple[int, str]:
 
 
 def find_trace_after(mesh: MeshThread, since_ns: int) -> None:
-    deadline = time.monotonic() + 10
-    while True:
+    seen = [""]
+
+    def started() -> bool:
         _status, body = admin_get(mesh, mesh.url + "/telemetry/api/traces?limit=20")
-        if any(t["startNs"] >= since_ns for t in json.loads(body)["traces"]):
-            return
-        assert time.monotonic() < deadline, body[:300]
-        time.sleep(0.2)
+        seen[0] = body
+        return any(t["startNs"] >= since_ns for t in json.loads(body)["traces"])
+
+    eventually_sync(
+        started, timeout=10, interval=0.2, what=lambda: f"a trace after the marker: {seen[0][:300]}"
+    )

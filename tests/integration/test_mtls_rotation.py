@@ -23,6 +23,7 @@ from cryptography import x509
 
 from diktyo.control.ca import authority
 from diktyo.platform.harness import MeshThread
+from diktyo.testing import eventually_sync
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -130,12 +131,15 @@ def test_renewals_and_root_rotation_under_load_fail_no_request(tmp_path: Path, m
             t.start()
         try:
             issued0 = identity.service.issued
-            deadline = time.monotonic() + 20
-            while identity.service.issued < issued0 + 4 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            leaf0 = presented_certificate(hello_in)
-            life = (leaf0.not_valid_after_utc - leaf0.not_valid_before_utc).total_seconds()
-            assert identity.service.issued >= issued0 + 4, f"sidecars did not renew (life {life})"
+
+            def life() -> str:
+                leaf0 = presented_certificate(hello_in)
+                life = (leaf0.not_valid_after_utc - leaf0.not_valid_before_utc).total_seconds()
+                return f"sidecars renewing (leaf life {life} s)"
+
+            eventually_sync(
+                lambda: identity.service.issued >= issued0 + 4, timeout=20, interval=0.2, what=life
+            )
             old_root = mesh.run(lambda: identity.ca.root_cert)
             # phase 1 now (new root in every bundle at the next renewals), phase 2 in 12 s
             mesh.run(lambda: identity.ca.rotate_root(overlap=120, activate_after=12))
@@ -143,13 +147,19 @@ def test_renewals_and_root_rotation_under_load_fail_no_request(tmp_path: Path, m
             new_root = mesh.run(lambda: identity.ca.root_cert)
             assert new_root != old_root
             issued1 = identity.service.issued
-            deadline = time.monotonic() + 25
             leaf = presented_certificate(hello_in)
-            while (leaf.issuer != new_root.subject or identity.service.issued < issued1 + 4) and (
-                time.monotonic() < deadline
-            ):
-                time.sleep(0.5)
+
+            def switched() -> bool:
+                nonlocal leaf
                 leaf = presented_certificate(hello_in)
+                return leaf.issuer == new_root.subject and identity.service.issued >= issued1 + 4
+
+            eventually_sync(
+                switched,
+                timeout=25,
+                interval=0.5,
+                what=lambda: f"hello on the new root ({leaf.issuer}), 4 more leaves issued",
+            )
             time.sleep(1.0)  # real time: traffic keeps flowing after the switch
         finally:
             stop.set()

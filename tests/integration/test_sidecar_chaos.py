@@ -111,10 +111,14 @@ async def test_chaos_leaves_no_leaked_state(seed: int) -> None:
                 timeout=15,
                 what="every stream finished",
             )
-            await asyncio.sleep(0.1)
             cs = sc.sidecar.rt.clusters[CL]
             pool = sc.sidecar.pools[CL]
             br = cs.breaker
+            await eventually(  # a reset stream's upstream side is let go on the next callbacks
+                lambda: (br.pending, br.requests, br.retries) == (0, 0, 0) and not pool.pending,
+                timeout=5,
+                what=lambda: f"breaker counters back to zero: {br.pending, br.requests, br.retries}",
+            )
             assert (br.pending, br.requests, br.retries) == (0, 0, 0)
             assert br.connections == len(pool.active) + pool.connecting
             assert not pool.pending

@@ -399,7 +399,15 @@ async def test_connect_timeout_is_503_uf() -> None:
         except BlockingIOError:
             pass
         fillers.append(c)
-    await asyncio.sleep(0.1)
+
+    def queue_full() -> bool:  # the first handshake completed: it sits in the accept queue
+        try:
+            fillers[0].getpeername()
+        except OSError:
+            return False
+        return True
+
+    await eventually(queue_full, what="the listener's accept queue full")
     snap = http_snapshot(
         {"reviews": [("127.0.0.1", port)]},
         routes={

@@ -41,10 +41,14 @@ async def test_snapshot_swap_under_load_has_zero_failures() -> None:
                         results.append((await c.get("http://reviews/")).status)
 
             tasks = [asyncio.create_task(client()) for _ in range(4)]
+            async def more_answers(n: int = 3) -> None:
+                want = len(results) + n
+                await eventually(lambda: len(results) >= want, what=f"{want} answers")
+
             for snap in snaps[1:]:
-                await asyncio.sleep(0.03)  # real time: snapshots spaced out while traffic flows
+                await more_answers()  # snapshots spaced out while traffic flows
                 sc.sidecar.apply(snap)
-            await asyncio.sleep(0.03)  # real time: traffic after the last snapshot
+            await more_answers()  # traffic after the last snapshot
             stop.set()
             await asyncio.gather(*tasks)
             assert len(results) > 20
@@ -172,7 +176,7 @@ async def test_drain_finishes_in_flight_requests() -> None:
         start_sidecar(http_snapshot({"reviews": [("127.0.0.1", up.port)]})) as sc,
     ):
         req = asyncio.create_task(http_request(sc.port(), "GET", "http://reviews/"))
-        await asyncio.sleep(0.1)
+        await eventually(lambda: up.requests, what="the request in flight at the upstream")
         token = sc.extra["admin_token"]
         r = await http_request(
             sc.admin, "POST", "/drain", {"Host": "admin", "Authorization": f"Bearer {token}"}

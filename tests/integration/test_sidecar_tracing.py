@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from types import SimpleNamespace
 from typing import Any
@@ -72,12 +71,15 @@ async def test_no_collector_no_trace_headers() -> None:
 
 async def _spans(collector: FakeUpstream, n: int) -> list[Any]:
     """The spans the collector received, once ``n`` have arrived (10 s deadline)."""
-    deadline = asyncio.get_running_loop().time() + 10
-    while True:
-        spans = [s for q in collector.requests for s in decode_spans(q.body)]
-        if len(spans) >= n or asyncio.get_running_loop().time() > deadline:
-            return spans
-        await asyncio.sleep(0.05)
+
+    def spans() -> list[Any]:
+        return [s for q in collector.requests for s in decode_spans(q.body)]
+
+    return await eventually(
+        lambda: len(spans()) >= n and spans(),
+        timeout=10,
+        what=lambda: f"{n} spans at the collector (have {len(spans())})",
+    )
 
 
 async def test_spans_carry_envoy_and_istio_tags() -> None:

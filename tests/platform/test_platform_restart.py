@@ -143,11 +143,13 @@ async def test_a_killed_sidecar_restarts_on_its_ports_and_policy_never_leaves_it
         assert st.restarts == 1 and st.last_exit["reason"] == "killed by SIGKILL"  # type: ignore[index]
         assert "app" not in rep.containers or rep.containers["app"].restarts == 0
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-            for _ in range(100):  # health checks put the instance back once /ready answers
+            seen: list[int] = []
+
+            async def served() -> bool:  # health checks put the instance back once /ready answers
                 async with s.get(mesh.gateway_url() + "/") as r:
-                    if r.status == 200:
-                        break
-                await asyncio.sleep(0.1)
-            assert r.status == 200
+                    seen[:] = [r.status]
+                    return r.status == 200
+
+            await eventually(served, timeout=10, interval=0.1, what=lambda: f"a 200: {seen}")
     finally:
         await asyncio.wait_for(mesh.stop(), 30)

@@ -12,7 +12,6 @@ import os
 import re
 import secrets
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from diktyo.platform.capture_mesh import capture_mode
 from diktyo.platform.capture_netns import Netns, capture_unavailable_reason
 from diktyo.platform.mesh import MeshFileError, load_mesh_text
 from diktyo.platform.supervisor import LocalMesh, MeshStartError
+from diktyo.testing import eventually
 from diktyo.testing.controlplane import admin_get
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -302,18 +302,21 @@ workloads:
         (rep,) = mesh.replicas
         url = f"http://{rep.address}:9080/"
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        deadline = time.monotonic() + 30
-        traces: list[dict[str, object]] = []
-        while not traces and time.monotonic() < deadline:
+        async def traced() -> list[dict[str, object]]:
             with await asyncio.to_thread(opener.open, url, timeout=5) as r:
                 assert r.status == 200
-            await asyncio.sleep(0.5)
             code, body = await asyncio.to_thread(
                 admin_get, mesh.cp, mesh.cp.url + "/telemetry/api/traces?limit=5"
             )
             assert code == 200
-            traces = json.loads(body)["traces"]
-        assert traces, "no span from the sidecar reached the control plane\n" + out.getvalue()
+            return json.loads(body)["traces"]  # type: ignore[no-any-return]
+
+        await eventually(
+            traced,
+            timeout=30,
+            interval=0.5,
+            what=lambda: "a span from the sidecar at the control plane\n" + out.getvalue(),
+        )
     finally:
         await asyncio.wait_for(mesh.stop(), 40)
         print(out.getvalue())

@@ -446,7 +446,8 @@ async def test_push_under_load_is_acked_once_every_worker_serves_it() -> None:
                                 after.append(got)
 
                 load = [asyncio.create_task(client()) for _ in range(8)]
-                await asyncio.sleep(0.3)  # real time: load runs on v1 before the change
+                # load runs on v1 before the change (a loaded machine answers later: wait)
+                await eventually(lambda: (b"A", "1") in seen, timeout=20, what="answers on v1")
                 current[0] = "2"
 
                 def acked_v2() -> bool:
@@ -455,7 +456,8 @@ async def test_push_under_load_is_acked_once_every_worker_serves_it() -> None:
                     return acked[0]
 
                 await eventually(acked_v2, timeout=20, interval=0.002, what="ACK of v2")
-                await asyncio.sleep(0.3)  # real time: load keeps running after the ACK
+                # load keeps running after the ACK: answers to requests sent after it
+                await eventually(lambda: len(after) >= 8, timeout=20, what="answers after the ACK")
                 stop.set()
                 await asyncio.gather(*load)
                 fresh = [(await http_request(port, "GET", "http://svc/")) for _ in range(10)]

@@ -171,17 +171,21 @@ async def prometheus(tmp_path: Path, target_port: int) -> AsyncIterator[str]:
 
 async def wait_total(src: PrometheusSource, expected: float, deadline: float) -> None:
     """Until Prometheus has scraped ``expected`` source-reported requests (cache bypassed)."""
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            res = await src.query('sum(istio_requests_total{reporter="source"})', time.time())
-            last = res
-            if res and float(res[0]["value"][1]) == expected:
-                return
-        except PrometheusError as exc:
-            last = exc
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"Prometheus never saw {expected} requests; last answer {last!r}")
+    last: list[Any] = [None]
+
+    async def seen() -> bool:
+        res = last[0] = await src.query(
+            'sum(istio_requests_total{reporter="source"})', time.time()
+        )
+        return bool(res) and float(res[0]["value"][1]) == expected
+
+    await eventually(
+        seen,
+        timeout=max(0.0, deadline - time.monotonic()),
+        interval=0.3,
+        ignore=(PrometheusError,),
+        what=lambda: f"Prometheus seeing {expected} source-reported requests ({last[0]!r})",
+    )
 
 
 @pytest.mark.skipif(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 from diktyo.control.model import ProxyNode, Service, ServicePort, WorkloadInstance
 from diktyo.control.server import ControlPlane
 from diktyo.snapshot.model import Node
+from diktyo.testing import eventually
 from diktyo.testing.controlplane import JSON, YAML, admin_session
 
 SVC = Service(
@@ -47,13 +47,18 @@ async def test_register_over_http_and_poll(translate) -> None:
                 == 200
             )
             assert await post("/v1/registry/proxies", {"node": {"id": 3}}) == 400
-            await asyncio.sleep(0.3)  # debounce
             params = {"node": "c-1.default", "version": ""}
-            async with s.get(cp.url + "/v1/snapshot", params=params) as r:
-                assert r.status == 200
-                snap = json.loads(await r.read())
-                version = r.headers["x-diktyo-version"]
-            ports = [e["port"] for c in snap["clusters"] for e in c.get("endpoints", [])]
+            ports: list[int] = []
+
+            async def pushed() -> str | None:
+                """The debounced push has the instance: the version that carries it."""
+                async with s.get(cp.url + "/v1/snapshot", params=params) as r:
+                    assert r.status == 200
+                    snap = json.loads(await r.read())
+                ports[:] = [e["port"] for c in snap.get("clusters", []) for e in c.get("endpoints", [])]
+                return r.headers["x-diktyo-version"] if ports else None
+
+            version = await eventually(pushed, what=lambda: f"h-1's endpoint pushed: {ports}")
             assert ports == [7001]
             async with s.get(cp.url + "/v1/registry") as r:
                 reg = await r.json()

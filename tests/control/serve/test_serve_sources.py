@@ -51,15 +51,24 @@ async def test_registry_and_config_sources_merge_and_trigger_pushes(make_proxy) 
         result = load_text(VS, "kube:VirtualService/default/b")
         await cp.config_source("kubernetes")(result)
         assert [k[2] for k in cp.store.resource_keys()] == ["b"]
-        await eventually(lambda: cp.pushes > before, timeout=10, what="a push of the change")
-        entry = cp.cache.get("app-1.default")
-        assert entry is not None
-        eps = [
-            e.port
-            for c in entry.snapshot.clusters
-            if c.service == KUBE.hostname
-            for e in c.endpoints
-        ]
-        assert eps == [7001]
+
+        def kube_endpoints() -> list[int] | None:
+            entry = cp.cache.get("app-1.default")
+            if entry is None:
+                return None
+            return [
+                e.port
+                for c in entry.snapshot.clusters
+                if c.service == KUBE.hostname
+                for e in c.endpoints
+            ]
+
+        # cp.pushes counts a push when it starts; its snapshots are installed once translated
+        # (in a worker thread): wait for the snapshot, not the counter
+        await eventually(
+            lambda: cp.pushes > before and kube_endpoints() == [7001],
+            timeout=10,
+            what=lambda: f"a push of the change (b's endpoints: {kube_endpoints()})",
+        )
     finally:
         await cp.stop()

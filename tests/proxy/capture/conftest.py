@@ -25,6 +25,7 @@ import pytest
 
 from diktyo.snapshot.codec import encode
 from diktyo.snapshot.model import Snapshot
+from diktyo.testing import eventually
 
 SIDECAR_UID = 1337
 ROOT = Path(__file__).resolve().parents[3]
@@ -196,15 +197,15 @@ class Pods:
     async def wait_metric(self, pod: Pod, admin: int, name: str, want: float,
                           **labels: str) -> str:  # fmt: skip
         """Scrape ``pod``'s sidecar until ``name{labels}`` reaches ``want``; the last text."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while True:
-            text = await self.metrics(pod, admin)
-            if metric(text, name, **labels) >= want:
-                return text
-            if loop.time() > deadline:
-                raise AssertionError(f"{name}{labels} never reached {want}:\n{text}")
-            await asyncio.sleep(0.1)
+        last = [""]
+
+        async def reached() -> str | None:
+            last[0] = text = await self.metrics(pod, admin)
+            return text if metric(text, name, **labels) >= want else None
+
+        return await eventually(
+            reached, timeout=10, interval=0.1, what=lambda: f"{name}{labels} >= {want}:\n{last[0]}"
+        )
 
     metric = staticmethod(lambda text, name, **labels: metric(text, name, **labels))
 

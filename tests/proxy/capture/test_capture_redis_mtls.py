@@ -11,7 +11,6 @@ Istio's TCP metrics.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import sys
 
@@ -28,6 +27,7 @@ from diktyo.control.model import (
 )
 from diktyo.control.server import ControlPlane
 from diktyo.snapshot.model import Node
+from diktyo.testing import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -181,13 +181,11 @@ async def test_redis_through_two_sidecars_mtls_strict_authz_metrics(pods, redis_
 
         # the AuthorizationPolicy now allows another identity only: the client is refused
         await cp.config_source("test")(_config("cluster.local/ns/default/sa/other"))
-        deadline = asyncio.get_running_loop().time() + 15
-        while True:
+        async def refused() -> str | None:
             _, out = await cli("GET", "mesh")
-            if out != "diktyo":
-                break
-            assert asyncio.get_running_loop().time() < deadline, "policy change never applied"
-            await asyncio.sleep(0.2)
+            return out if out != "diktyo" else None
+
+        out = await eventually(refused, timeout=15, interval=0.2, what="policy change applied")
         assert "diktyo" not in out
         text = await pods.metrics(b, sb["admin"])
         assert pods.metric(text, "envoy_http_downstream_cx_rbac_denied") >= 1

@@ -55,7 +55,7 @@ async def test_websocket_through_the_sidecar_and_across_a_config_push(ws_server:
             assert await asyncio.wait_for(ws.recv(), 10) == big
             # a config push while the tunnel is open: it stays up
             sc.sidecar.apply(snap(ws_server, version="2", lb={"simple": "ROUND_ROBIN"}))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # real time: the push's follow-up work runs; the tunnel stays
             await ws.send("after push")
             assert await asyncio.wait_for(ws.recv(), 5) == "after push"
         # the client closed: the sidecar lets go of both sides
