@@ -78,7 +78,7 @@ def file_record(path: str) -> dict[str, object]:
     # sidecar whose sources' mtimes differ from the build's, e.g. an installed wheel: +0.55 MiB
     # of idle RSS (issue 11, rss)
     try:
-        from _sha256 import sha256  # type: ignore[import-not-found]
+        from _sha256 import sha256  # type: ignore[import-not-found]  # CPython module without stubs
     except ImportError:
         from hashlib import sha256
 

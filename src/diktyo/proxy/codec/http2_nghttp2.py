@@ -504,15 +504,15 @@ def _make_api_callbacks(ffi: Any) -> None:
         ctx.block = codec._block
         return rv
 
-    @ffi.def_extern(name="dk_py_frame", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_frame", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
     def dk_py_frame(ud: Any, t: int, flags: int, sid: int, a: int, b: int) -> int:
         return int(from_handle(ud)._frame(t, flags, sid, a, b))
 
-    @ffi.def_extern(name="dk_py_headers", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_headers", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
     def dk_py_headers(ud: Any, sid: int, flags: int, cat: int, buf: Any, n: int) -> int:
         return int(from_handle(ud)._api_headers(sid, flags, cat, unpack(buf, n)))
 
-    @ffi.def_extern(name="dk_py_data", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_data", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
     def dk_py_data(ud: Any, sid: int, buf: Any, n: int) -> int:
         codec = from_handle(ud)
         if codec._closed:
@@ -520,26 +520,26 @@ def _make_api_callbacks(ffi: Any) -> None:
         codec._data(sid, unpack(buf, n))
         return 0
 
-    @ffi.def_extern(name="dk_py_close", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_close", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
     def dk_py_close(ud: Any, sid: int, code: int) -> int:
         from_handle(ud)._stream_closed(sid, code)
         return 0
 
-    @ffi.def_extern(name="dk_py_invalid_header", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_invalid_header", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
     def dk_py_invalid_header(ud: Any, sid: int, name: Any, n: int) -> int:
         from_handle(ud)._invalid_header(sid, unpack(name, n), b"")
         return _ERR_CALLBACK_FAILURE
 
-    @ffi.def_extern(name="dk_py_invalid_frame", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_invalid_frame", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
     def dk_py_invalid_frame(ud: Any, sid: int, t: int, err: int) -> int:
         return int(from_handle(ud)._invalid_frame(sid, t, err))
 
-    @ffi.def_extern(name="dk_py_error", onerror=zero_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_error", onerror=zero_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
     def dk_py_error(ud: Any, msg: Any, n: int) -> int:
         from_handle(ud)._lib_message = unpack(msg, n).decode("latin-1")
         return 0
 
-    @ffi.def_extern(name="dk_py_read", onerror=fail_cb)  # type: ignore[untyped-decorator]
+    @ffi.def_extern(name="dk_py_read", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
     def dk_py_read(ud: Any, sid: int, buf: Any, length: int, flags: Any) -> int:
         return int(from_handle(ud)._read(sid, buf, length, flags))
 
