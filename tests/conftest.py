@@ -157,8 +157,45 @@ def _rank(item: pytest.Item, group: str) -> int:
     return len(FIRST)
 
 
+# Seconds each group took in the last runs (pytest's cache, ``.pytest_cache``): within a rank
+# the longest groups are handed out first (longest-processing-time first), so the run does not
+# end with one worker busy on a long module the others could have shared out. A fresh clone
+# has no cache yet and runs in collection order.
+DURATIONS_KEY = "diktyo/group-seconds"
+_seconds: dict[str, float] = {}
+
+
+def _group_of_nodeid(rootpath: Path, nodeid: str) -> str | None:
+    try:
+        return _group((rootpath / nodeid.split("::", 1)[0]).resolve().relative_to(TESTS))
+    except ValueError:
+        return None
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if XDIST_WORKER is None and _ROOT:  # the controller (or a plain run) sees every report
+        group = _group_of_nodeid(_ROOT[0], report.nodeid)
+        if group is not None:
+            _seconds[group] = _seconds.get(group, 0.0) + report.duration
+
+
+_ROOT: list[Path] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _ROOT[:] = [config.rootpath]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    cache = session.config.cache
+    if XDIST_WORKER is None and _seconds and cache is not None:
+        known = dict(cache.get(DURATIONS_KEY, {}))
+        known.update({g: round(t, 2) for g, t in _seconds.items()})
+        cache.set(DURATIONS_KEY, known)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist appends the group to the node ids
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     groups: dict[str, str] = {}
     for item in items:
         try:
@@ -173,8 +210,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             group = groups[item.nodeid] = _group(rel)
             item.add_marker(pytest.mark.xdist_group(group))
     if XDIST_WORKER is not None:
-        # stable sort: within a rank, collection order (the same on every worker)
-        items.sort(key=lambda item: _rank(item, groups.get(item.nodeid, "")))
+        # a group's rank is its first test's; within a rank the longest groups of the last
+        # runs first, then collection order (every worker reads the same cache: same order)
+        seconds: dict[str, float] = config.cache.get(DURATIONS_KEY, {}) if config.cache else {}
+        key: dict[str, tuple[int, float, int]] = {}
+        for i, item in enumerate(items):
+            g = groups.get(item.nodeid, "")
+            if g not in key:
+                key[g] = (_rank(item, g), -float(seconds.get(g, 0.0)), i)
+        items.sort(key=lambda item: key[groups.get(item.nodeid, "")])
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (absent with -p no:xdist)
