@@ -187,7 +187,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    cache = session.config.cache
+    cache = getattr(session.config, "cache", None)  # absent with -p no:cacheprovider
     if XDIST_WORKER is None and _seconds and cache is not None:
         known = dict(cache.get(DURATIONS_KEY, {}))
         known.update({g: round(t, 2) for g, t in _seconds.items()})
@@ -212,7 +212,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if XDIST_WORKER is not None:
         # a group's rank is its first test's; within a rank the longest groups of the last
         # runs first, then collection order (every worker reads the same cache: same order)
-        seconds: dict[str, float] = config.cache.get(DURATIONS_KEY, {}) if config.cache else {}
+        cache = getattr(config, "cache", None)  # absent with -p no:cacheprovider
+        seconds: dict[str, float] = cache.get(DURATIONS_KEY, {}) if cache is not None else {}
         key: dict[str, tuple[int, float, int]] = {}
         for i, item in enumerate(items):
             g = groups.get(item.nodeid, "")
