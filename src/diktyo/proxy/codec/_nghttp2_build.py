@@ -31,8 +31,10 @@ from typing import Any
 MODULE = "diktyo.proxy.codec._nghttp2_api"
 LIBRARY = "libnghttp2.so.14"
 
-# what Python sees of the extension
-CDEF = """
+# libnghttp2 1.52's public ABI, declared by hand (no -dev headers needed), written once for the
+# extension's C source (SOURCE), its cffi declarations (CDEF) and the ABI mode's declarations
+# (``http2_nghttp2._CDEF``)
+TYPES_BASE = """
 typedef struct nghttp2_session nghttp2_session;
 typedef struct nghttp2_session_callbacks nghttp2_session_callbacks;
 typedef struct nghttp2_option nghttp2_option;
@@ -41,36 +43,24 @@ typedef struct { int age; int version_num; const char *version_str; const char *
 typedef struct { uint8_t *name; uint8_t *value; size_t namelen; size_t valuelen;
     uint8_t flags; } nghttp2_nv;
 typedef struct { int32_t settings_id; uint32_t value; } nghttp2_settings_entry;
-
-typedef struct {
-    void *handle;
-    char *buf; size_t len; size_t cap;
-    size_t hsize; size_t max_hsize;
-    int32_t hsid;
-    int overflow;
-    size_t empty_run;
-    size_t block;
-    ...;
-} dk_ctx;
-
-int dk_api_version(void);
-nghttp2_session_callbacks *dk_callbacks(void);
-dk_ctx *dk_ctx_new(void *handle, size_t max_hsize);
-void dk_ctx_del(dk_ctx *);
-int dk_submit(nghttp2_session *, int kind, int32_t sid, const char *blob, size_t len,
-    int with_data);
-ssize_t dk_mem_send(nghttp2_session *, dk_ctx *, const char **);
-
-extern "Python" int dk_py_begin_frame(void *, int, int, size_t);
-extern "Python" int dk_py_frame(void *, int, int, int32_t, uint32_t, int32_t);
-extern "Python" int dk_py_headers(void *, int32_t, int, int, const char *, size_t);
-extern "Python" int dk_py_data(void *, int32_t, const char *, size_t);
-extern "Python" int dk_py_close(void *, int32_t, uint32_t);
-extern "Python" int dk_py_invalid_header(void *, int32_t, const char *, size_t);
-extern "Python" int dk_py_invalid_frame(void *, int32_t, int, int);
-extern "Python" int dk_py_error(void *, const char *, size_t);
-extern "Python" ssize_t dk_py_read(void *, int32_t, uint8_t *, size_t, uint32_t *);
-
+"""
+TYPES_FRAMES = """typedef struct { size_t length; int32_t stream_id; uint8_t type; uint8_t flags;
+    uint8_t reserved; } nghttp2_frame_hd;
+typedef struct { int32_t stream_id; int32_t weight; uint8_t exclusive; } nghttp2_priority_spec;
+typedef struct { nghttp2_frame_hd hd; size_t padlen; nghttp2_priority_spec pri_spec;
+    nghttp2_nv *nva; size_t nvlen; int cat; } nghttp2_headers;
+typedef struct { nghttp2_frame_hd hd; uint32_t error_code; } nghttp2_rst_stream;
+typedef struct { nghttp2_frame_hd hd; int32_t last_stream_id; uint32_t error_code;
+    uint8_t *opaque_data; size_t opaque_data_len; uint8_t reserved; } nghttp2_goaway;
+typedef union { nghttp2_frame_hd hd; nghttp2_headers headers; nghttp2_rst_stream rst_stream;
+    nghttp2_goaway goaway; } nghttp2_frame;
+typedef union { int fd; void *ptr; } nghttp2_data_source;
+typedef ssize_t (*nghttp2_data_source_read_callback)(nghttp2_session *, int32_t, uint8_t *,
+    size_t, uint32_t *, nghttp2_data_source *, void *);
+typedef struct { nghttp2_data_source source; nghttp2_data_source_read_callback read_callback; }
+    nghttp2_data_provider;
+"""
+SESSION_API = """
 nghttp2_info *nghttp2_version(int least_version);
 const char *nghttp2_strerror(int lib_error_code);
 int nghttp2_option_new(nghttp2_option **option_ptr);
@@ -100,37 +90,65 @@ uint32_t nghttp2_session_get_next_stream_id(nghttp2_session *);
 uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int);
 int nghttp2_session_consume(nghttp2_session *, int32_t, size_t);
 """
+SUBMIT_API = """
+int32_t nghttp2_submit_request(nghttp2_session *, const nghttp2_priority_spec *,
+    const nghttp2_nv *, size_t, const nghttp2_data_provider *, void *);
+int32_t nghttp2_submit_headers(nghttp2_session *, uint8_t, int32_t,
+    const nghttp2_priority_spec *, const nghttp2_nv *, size_t, void *);
+int nghttp2_submit_trailer(nghttp2_session *, int32_t, const nghttp2_nv *, size_t);
+int nghttp2_submit_response(nghttp2_session *, int32_t, const nghttp2_nv *, size_t,
+    const nghttp2_data_provider *);
+"""
 
-SOURCE = r"""
+# what Python sees of the extension
+CDEF = (
+    TYPES_BASE
+    + """
+typedef struct {
+    void *handle;
+    char *buf; size_t len; size_t cap;
+    size_t hsize; size_t max_hsize;
+    int32_t hsid;
+    int overflow;
+    size_t empty_run;
+    size_t block;
+    ...;
+} dk_ctx;
+
+int dk_api_version(void);
+nghttp2_session_callbacks *dk_callbacks(void);
+dk_ctx *dk_ctx_new(void *handle, size_t max_hsize);
+void dk_ctx_del(dk_ctx *);
+int dk_submit(nghttp2_session *, int kind, int32_t sid, const char *blob, size_t len,
+    int with_data);
+ssize_t dk_mem_send(nghttp2_session *, dk_ctx *, const char **);
+
+extern "Python" int dk_py_begin_frame(void *, int, int, size_t);
+extern "Python" int dk_py_frame(void *, int, int, int32_t, uint32_t, int32_t);
+extern "Python" int dk_py_headers(void *, int32_t, int, int, const char *, size_t);
+extern "Python" int dk_py_data(void *, int32_t, const char *, size_t);
+extern "Python" int dk_py_close(void *, int32_t, uint32_t);
+extern "Python" int dk_py_invalid_header(void *, int32_t, const char *, size_t);
+extern "Python" int dk_py_invalid_frame(void *, int32_t, int, int);
+extern "Python" int dk_py_error(void *, const char *, size_t);
+extern "Python" ssize_t dk_py_read(void *, int32_t, uint8_t *, size_t, uint32_t *);
+
+"""
+    + SESSION_API
+)
+
+SOURCE = (
+    r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
 
 /* libnghttp2 1.52's public ABI, declared by hand (no -dev headers needed) */
-typedef struct nghttp2_session nghttp2_session;
-typedef struct nghttp2_session_callbacks nghttp2_session_callbacks;
-typedef struct nghttp2_option nghttp2_option;
-typedef struct { int age; int version_num; const char *version_str; const char *proto_str; }
-    nghttp2_info;
-typedef struct { uint8_t *name; uint8_t *value; size_t namelen; size_t valuelen;
-    uint8_t flags; } nghttp2_nv;
-typedef struct { int32_t settings_id; uint32_t value; } nghttp2_settings_entry;
-typedef struct { size_t length; int32_t stream_id; uint8_t type; uint8_t flags;
-    uint8_t reserved; } nghttp2_frame_hd;
-typedef struct { int32_t stream_id; int32_t weight; uint8_t exclusive; } nghttp2_priority_spec;
-typedef struct { nghttp2_frame_hd hd; size_t padlen; nghttp2_priority_spec pri_spec;
-    nghttp2_nv *nva; size_t nvlen; int cat; } nghttp2_headers;
-typedef struct { nghttp2_frame_hd hd; uint32_t error_code; } nghttp2_rst_stream;
-typedef struct { nghttp2_frame_hd hd; int32_t last_stream_id; uint32_t error_code;
-    uint8_t *opaque_data; size_t opaque_data_len; uint8_t reserved; } nghttp2_goaway;
-typedef union { nghttp2_frame_hd hd; nghttp2_headers headers; nghttp2_rst_stream rst_stream;
-    nghttp2_goaway goaway; } nghttp2_frame;
-typedef union { int fd; void *ptr; } nghttp2_data_source;
-typedef ssize_t (*nghttp2_data_source_read_callback)(nghttp2_session *, int32_t, uint8_t *,
-    size_t, uint32_t *, nghttp2_data_source *, void *);
-typedef struct { nghttp2_data_source source; nghttp2_data_source_read_callback read_callback; }
-    nghttp2_data_provider;
+"""
+    + TYPES_BASE
+    + TYPES_FRAMES
+    + r"""
 typedef int (*dk_begin_frame_cb)(nghttp2_session *, const nghttp2_frame_hd *, void *);
 typedef int (*dk_frame_cb)(nghttp2_session *, const nghttp2_frame *, void *);
 typedef int (*dk_invalid_frame_cb)(nghttp2_session *, const nghttp2_frame *, int, void *);
@@ -140,8 +158,6 @@ typedef int (*dk_header_cb)(nghttp2_session *, const nghttp2_frame *, const uint
     const uint8_t *, size_t, uint8_t, void *);
 typedef int (*dk_error_cb)(nghttp2_session *, int, const char *, size_t, void *);
 
-nghttp2_info *nghttp2_version(int least_version);
-const char *nghttp2_strerror(int lib_error_code);
 int nghttp2_session_callbacks_new(nghttp2_session_callbacks **);
 void nghttp2_session_callbacks_set_on_begin_frame_callback(nghttp2_session_callbacks *,
     dk_begin_frame_cb);
@@ -160,41 +176,11 @@ void nghttp2_session_callbacks_set_on_invalid_header_callback(nghttp2_session_ca
 void nghttp2_session_callbacks_set_on_begin_headers_callback(nghttp2_session_callbacks *,
     dk_frame_cb);
 void nghttp2_session_callbacks_set_error_callback2(nghttp2_session_callbacks *, dk_error_cb);
-int nghttp2_option_new(nghttp2_option **option_ptr);
-void nghttp2_option_del(nghttp2_option *);
-void nghttp2_option_set_no_auto_window_update(nghttp2_option *, int);
-void nghttp2_option_set_max_settings(nghttp2_option *, size_t);
-void nghttp2_option_set_max_outbound_ack(nghttp2_option *, size_t);
-void nghttp2_option_set_max_send_header_block_length(nghttp2_option *, size_t);
-void nghttp2_option_set_peer_max_concurrent_streams(nghttp2_option *, uint32_t);
-int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
-    const nghttp2_option *);
-int nghttp2_session_client_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
-    const nghttp2_option *);
-void nghttp2_session_del(nghttp2_session *);
-ssize_t nghttp2_session_mem_recv(nghttp2_session *, const uint8_t *, size_t);
 ssize_t nghttp2_session_mem_send(nghttp2_session *, const uint8_t **);
-int nghttp2_session_want_read(nghttp2_session *);
-int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *, size_t);
-int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t);
-int32_t nghttp2_submit_request(nghttp2_session *, const nghttp2_priority_spec *,
-    const nghttp2_nv *, size_t, const nghttp2_data_provider *, void *);
-int32_t nghttp2_submit_headers(nghttp2_session *, uint8_t, int32_t,
-    const nghttp2_priority_spec *, const nghttp2_nv *, size_t, void *);
-int nghttp2_submit_trailer(nghttp2_session *, int32_t, const nghttp2_nv *, size_t);
-int nghttp2_submit_response(nghttp2_session *, int32_t, const nghttp2_nv *, size_t,
-    const nghttp2_data_provider *);
-int nghttp2_session_resume_data(nghttp2_session *, int32_t);
-int32_t nghttp2_session_get_stream_remote_window_size(nghttp2_session *, int32_t);
-int32_t nghttp2_session_get_remote_window_size(nghttp2_session *);
-int nghttp2_submit_rst_stream(nghttp2_session *, uint8_t, int32_t, uint32_t);
-int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *,
-    size_t);
-int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *);
-uint32_t nghttp2_session_get_next_stream_id(nghttp2_session *);
-uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int);
-int nghttp2_session_consume(nghttp2_session *, int32_t, size_t);
-
+"""
+    + SESSION_API
+    + SUBMIT_API
+    + r"""
 #define DK_API_VERSION @API_VERSION@
 #define DK_CALLBACK_FAILURE (-902)
 #define DK_DATA 0
@@ -455,6 +441,7 @@ static int dk_submit(nghttp2_session *s, int kind, int32_t sid, const char *blob
     return rv;
 }
 """
+)
 
 # a checksum of the declarations and the C source, compiled into the extension: an extension
 # built from other sources (an editable install not rebuilt after an edit here) is refused by

@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from diktyo.proxy.codec._nghttp2_build import SESSION_API, SUBMIT_API, TYPES_BASE, TYPES_FRAMES
 from diktyo.proxy.codec.events import (
     ClientCodec,
     ClientSink,
@@ -79,31 +80,10 @@ from diktyo.proxy.codec.http2_common import (
 
 log = logging.getLogger("diktyo.proxy")
 
-_CDEF = """
-typedef struct nghttp2_session nghttp2_session;
-typedef struct nghttp2_session_callbacks nghttp2_session_callbacks;
-typedef struct nghttp2_option nghttp2_option;
-typedef struct { int age; int version_num; const char *version_str; const char *proto_str; }
-    nghttp2_info;
-typedef struct { uint8_t *name; uint8_t *value; size_t namelen; size_t valuelen;
-    uint8_t flags; } nghttp2_nv;
-typedef struct { int32_t settings_id; uint32_t value; } nghttp2_settings_entry;
-typedef struct { size_t length; int32_t stream_id; uint8_t type; uint8_t flags;
-    uint8_t reserved; } nghttp2_frame_hd;
-typedef struct { int32_t stream_id; int32_t weight; uint8_t exclusive; } nghttp2_priority_spec;
-typedef struct { nghttp2_frame_hd hd; size_t padlen; nghttp2_priority_spec pri_spec;
-    nghttp2_nv *nva; size_t nvlen; int cat; } nghttp2_headers;
-typedef struct { nghttp2_frame_hd hd; uint32_t error_code; } nghttp2_rst_stream;
-typedef struct { nghttp2_frame_hd hd; int32_t last_stream_id; uint32_t error_code;
-    uint8_t *opaque_data; size_t opaque_data_len; uint8_t reserved; } nghttp2_goaway;
-typedef union { nghttp2_frame_hd hd; nghttp2_headers headers; nghttp2_rst_stream rst_stream;
-    nghttp2_goaway goaway; } nghttp2_frame;
-typedef union { int fd; void *ptr; } nghttp2_data_source;
-typedef ssize_t (*nghttp2_data_source_read_callback)(nghttp2_session *, int32_t, uint8_t *,
-    size_t, uint32_t *, nghttp2_data_source *, void *);
-typedef struct { nghttp2_data_source source; nghttp2_data_source_read_callback read_callback; }
-    nghttp2_data_provider;
-
+_CDEF = (
+    TYPES_BASE
+    + TYPES_FRAMES
+    + """
 typedef int (*nghttp2_on_begin_frame_callback)(nghttp2_session *, const nghttp2_frame_hd *,
     void *);
 typedef int (*nghttp2_on_frame_recv_callback)(nghttp2_session *, const nghttp2_frame *, void *);
@@ -118,8 +98,6 @@ typedef int (*nghttp2_on_begin_headers_callback)(nghttp2_session *, const nghttp
     void *);
 typedef int (*nghttp2_error_callback2)(nghttp2_session *, int, const char *, size_t, void *);
 
-nghttp2_info *nghttp2_version(int least_version);
-const char *nghttp2_strerror(int lib_error_code);
 int nghttp2_session_callbacks_new(nghttp2_session_callbacks **callbacks_ptr);
 void nghttp2_session_callbacks_set_on_begin_frame_callback(nghttp2_session_callbacks *,
     nghttp2_on_begin_frame_callback);
@@ -140,43 +118,12 @@ void nghttp2_session_callbacks_set_on_begin_headers_callback(nghttp2_session_cal
 void nghttp2_session_callbacks_set_error_callback2(nghttp2_session_callbacks *,
     nghttp2_error_callback2);
 
-int nghttp2_option_new(nghttp2_option **option_ptr);
-void nghttp2_option_del(nghttp2_option *);
-void nghttp2_option_set_no_auto_window_update(nghttp2_option *, int);
-void nghttp2_option_set_max_settings(nghttp2_option *, size_t);
-void nghttp2_option_set_max_outbound_ack(nghttp2_option *, size_t);
-void nghttp2_option_set_max_send_header_block_length(nghttp2_option *, size_t);
-void nghttp2_option_set_peer_max_concurrent_streams(nghttp2_option *, uint32_t);
-
-int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
-    const nghttp2_option *);
-int nghttp2_session_client_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
-    const nghttp2_option *);
-void nghttp2_session_del(nghttp2_session *);
-ssize_t nghttp2_session_mem_recv(nghttp2_session *, const uint8_t *, size_t);
 ssize_t nghttp2_session_mem_send(nghttp2_session *, const char **);
-int nghttp2_session_want_read(nghttp2_session *);
-int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *, size_t);
-int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t);
-int32_t nghttp2_submit_request(nghttp2_session *, const nghttp2_priority_spec *,
-    const nghttp2_nv *, size_t, const nghttp2_data_provider *, void *);
-int32_t nghttp2_submit_headers(nghttp2_session *, uint8_t, int32_t,
-    const nghttp2_priority_spec *, const nghttp2_nv *, size_t, void *);
-int nghttp2_submit_trailer(nghttp2_session *, int32_t, const nghttp2_nv *, size_t);
-int nghttp2_submit_response(nghttp2_session *, int32_t, const nghttp2_nv *, size_t,
-    const nghttp2_data_provider *);
-int nghttp2_session_resume_data(nghttp2_session *, int32_t);
-int32_t nghttp2_session_get_stream_remote_window_size(nghttp2_session *, int32_t);
-int32_t nghttp2_session_get_remote_window_size(nghttp2_session *);
-int nghttp2_submit_rst_stream(nghttp2_session *, uint8_t, int32_t, uint32_t);
-int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *,
-    size_t);
-int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *);
-uint32_t nghttp2_session_get_next_stream_id(nghttp2_session *);
-uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int);
-int nghttp2_session_consume(nghttp2_session *, int32_t, size_t);
 int nghttp2_session_consume_connection(nghttp2_session *, size_t);
 """
+    + SESSION_API
+    + SUBMIT_API
+)
 
 LIBRARY = "libnghttp2.so.14"
 MIN_VERSION = 0x013400  # 1.52.0: the release this module's declarations were written against
@@ -1397,7 +1344,12 @@ class NgHttp2ClientCodec(_NgCodec):
     def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
         if self.closed:
             raise CodecError(503, "HTTP/2 upstream connection is closing (GOAWAY)")
-        if not end_stream and head.version == "2" and not head.has_body and head.method != "CONNECT":
+        if (
+            not end_stream
+            and head.version == "2"
+            and not head.has_body
+            and head.method != "CONNECT"
+        ):
             # the downstream HEADERS carried END_STREAM (an HTTP/2 codec decoded this head): so
             # do ours, instead of an empty DATA frame with END_STREAM once the stream hears the
             # end (its send_data(b"", True) finds the stream done and sends nothing)
@@ -1409,8 +1361,9 @@ class NgHttp2ClientCodec(_NgCodec):
             blob, n = request_header_block(head)
             if blob.count(b"\0") == 2 * n:
                 got = int(
-                    self._lib.dk_submit(self._session, _SUBMIT_REQUEST, sid, blob, len(blob),
-                                        not end_stream)  # fmt: skip
+                    self._lib.dk_submit(
+                        self._session, _SUBMIT_REQUEST, sid, blob, len(blob), not end_stream
+                    )  # fmt: skip
                 )
             else:  # a NUL in a field: _submit leaves that field out
                 got = self._submit(_SUBMIT_REQUEST, sid, request_header_list(head), not end_stream)
