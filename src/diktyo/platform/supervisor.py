@@ -677,7 +677,7 @@ class LocalMesh:
         )
         self._plan(adopting=held)
         for rep in self.replicas:
-            w = old.get(rep.name)
+            w = old.pop(rep.name, None)  # what is left: replicas the mesh file no longer has
             if w is None:
                 continue
             self._reuse_ports(rep, w)
@@ -691,8 +691,6 @@ class LocalMesh:
             f"adopting mesh {state.get('name')!r} of supervisor pid {state.get('pid')} "
             f"(control plane again on {self.cp.url}) ..."
         )
-        for rep in self.replicas:
-            old.pop(rep.name, None)
         if old:  # replicas the mesh file no longer has
             from diktyo.platform.process import stop_pids
 
