@@ -286,3 +286,45 @@ workloads:
     finally:
         await mesh.stop()
         busy.close()
+
+
+@pytest.mark.slow
+async def test_adopting_registers_running_replicas_before_the_control_plane_listens(
+    tmp_path: Path,
+) -> None:
+    """A supervisor that adopts a mesh knows the endpoints of its running apps before its
+    control plane listens: the sidecars reconnect at once, and a first snapshot without them
+    answered their callers 503 UH (the CI failure of stop 18)."""
+    spec = load_mesh_text(MESH, "tiny.yaml", base_dir=str(HELPERS))
+    first = LocalMesh(
+        spec, translator=tiny_translate, sidecar_argv=fake_sidecar, out=io.StringIO(),
+        ready_timeout=20, home=tmp_path,
+    )  # fmt: skip
+    second: LocalMesh | None = None
+    try:
+        await asyncio.wait_for(first.start(), 40)
+        state = first.describe()
+        for rep in first.replicas:  # the first supervisor dies: nothing watches its children
+            for task in (rep.watch, rep.sidecar_watch):
+                if task is not None:
+                    task.cancel()
+        await first.cp.stop()
+        second = LocalMesh(
+            spec, translator=tiny_translate, sidecar_argv=fake_sidecar, out=io.StringIO(),
+            ready_timeout=20, home=tmp_path,
+        )  # fmt: skip
+        known_at_listen: list[list[str]] = []
+        listen = second.cp.start
+
+        async def start(host: str = "127.0.0.1", port: int = 0) -> str:
+            known_at_listen.append(sorted(second.cp.registry.instances))
+            return await listen(host, port)
+
+        second.cp.start = start  # type: ignore[method-assign]  # observe the moment it listens
+        await asyncio.wait_for(second.adopt(state), 40)
+        assert known_at_listen == [["front-v1-1", "hello-v1-1", "hello-v1-2"]]
+        assert second.state == "ready"
+    finally:
+        if second is not None:
+            await second.stop()
+        await first.stop()
