@@ -113,8 +113,8 @@ def test_a_range_is_used_up_before_a_port_repeats(
     monkeypatch: pytest.MonkeyPatch, fresh_picks: None
 ) -> None:
     eph_lo, _ = _ephemeral()
-    base = next(
-        (b for b in range(ports.DEFAULT_LOW, eph_lo - 3, 7)
+    base = next(  # from the top down: other runs' picks start at the bottom of their slices
+        (b for b in range(eph_lo - 3, ports.DEFAULT_LOW, -7)
          if not any(port_in_use(p) for p in (b, b + 1, b + 2))),
         None,
     )  # fmt: skip

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ("tests/platform/test_platform_ports.py", "tests/repo/test_no_sync_sleeps.py")
+# two modules of pure tests (no ports, files or processes: nothing another run can race)
+MODULES = ("tests/api/test_api_limits.py", "tests/repo/test_no_sync_sleeps.py")
 
 
 @pytest.mark.slow  # a pytest run of its own (8 s): in `make test`, not the fast tier
