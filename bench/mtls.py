@@ -533,7 +533,31 @@ def _export(rev: str) -> tuple[str, Path]:
         ["git", "-C", str(root), "archive", commit, "src"], capture_output=True, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    _copy_build(root / "src", dest / "src")
     return commit, dest
+
+
+def _copy_build(src: Path, dest: Path) -> None:
+    """This tree's compiled extension modules and build record, copied into an export: REV then
+    runs compiled where its hot-path sources are the ones this build was made from (checked by
+    source hash in ``diktyo._build``, as at every start) and pure Python otherwise, so an A/B of
+    a change outside the hot path compares compiled with compiled. Which build each side ran is
+    logged."""
+    for so in src.rglob("*.so"):
+        target = dest / so.relative_to(src)
+        if target.parent.is_dir():
+            shutil.copy2(so, target)
+    info = src / "diktyo" / "_build_info.json"
+    if info.exists():
+        shutil.copy2(info, dest / "diktyo" / "_build_info.json")
+    out = subprocess.run(
+        [sys.executable, "-c", "import diktyo._build as b; print(b.describe())"],
+        env={**os.environ, "PYTHONPATH": str(dest)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    log(f"exported diktyo: {(out.stdout or out.stderr).strip().splitlines()[-1:]}")
 
 
 def _env_at(commit: str, dest: Path) -> dict[str, str]:

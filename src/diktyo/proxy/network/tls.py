@@ -78,6 +78,32 @@ def _load_chain(ctx: ssl.SSLContext, cert_chain_pem: str, key_pem: str) -> None:
             os.unlink(path)
 
 
+# ---------------------------------------------------------------------- record reads
+
+# the largest plaintext one TLS record carries (RFC 8446 5.1: 2^14 bytes); OpenSSL's SSL_read
+# returns at most one record's data per call
+TLS_MAX_PLAINTEXT = 16384
+
+
+class RecordSizedSSLObject(ssl.SSLObject):
+    """An ``SSLObject`` whose ``read(n)`` without a buffer asks OpenSSL for at most one
+    record's plaintext.
+
+    uvloop's (and the stdlib's) SSL protocol reads decrypted data with ``read(256 KiB)`` in a
+    loop while bytes are pending. CPython allocates the full ``n`` bytes first and shrinks the
+    object to what was read: 256 KiB is above glibc's mmap threshold, so every read of a small
+    request or response was an ``mmap`` + ``mremap`` + ``munmap`` and fresh pages (strace:
+    three syscalls per TLS read). Capped at one record the buffer comes from the heap; the
+    protocol's loop still drains everything, one record per call. Nothing about the TLS itself
+    changes (same records, versions, verification)."""
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        sslobj = self._sslobj  # type: ignore[attr-defined]  # the private _ssl object
+        if buffer is not None:
+            return sslobj.read(len, buffer)
+        return sslobj.read(len if len <= TLS_MAX_PLAINTEXT else TLS_MAX_PLAINTEXT)
+
+
 # ---------------------------------------------------------------------- session resumption
 
 # the session ``open_upstream`` offers for the connection it is opening: asyncio's
@@ -299,6 +325,7 @@ class ResumingClientContext(ssl.SSLContext):
     them, so each context has its own cache and a rotated context starts empty."""
 
     sessions: SessionCache
+    sslobject_class = RecordSizedSSLObject
 
     def __init__(self, protocol: int = ssl.PROTOCOL_TLS_CLIENT) -> None:
         self.sessions = SessionCache()
@@ -354,7 +381,8 @@ def _base(
     ctx: ssl.SSLContext
     if purpose is ssl.Purpose.CLIENT_AUTH:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.num_tickets = SERVER_TICKETS
+        ctx.sslobject_class = RecordSizedSSLObject  # an instance attribute: the type stays
+        ctx.num_tickets = SERVER_TICKETS  # ssl.SSLContext (limit_session_cache checks it)
         # stateful TLS 1.3 tickets: the session stays in this context's cache and the ticket
         # only names it, so a resumption neither serialises nor re-parses the client
         # certificate (OpenSSL 3.0's decoders made that ~0.5 ms of a resumed handshake); such
