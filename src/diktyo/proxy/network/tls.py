@@ -728,6 +728,12 @@ def inbound_tls_policy(mode: str, is_tls: bool) -> tuple[bool, bool, str]:
 
 
 async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bytes:
+    # the client's first bytes (a ClientHello) are usually there by the time the connection
+    # is accepted: then no reader, future and loop iteration before the handshake starts
+    try:
+        return sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        pass
     fut: asyncio.Future[None] = loop.create_future()
 
     def ready() -> None:
