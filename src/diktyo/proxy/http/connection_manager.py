@@ -1131,7 +1131,6 @@ class DownstreamStream:
             self.codec.send_data(self.sid, b"", True)
         if self.state is not None:
             _stamp_response_end(self.state)
-        self.conn.flush()
         self.phase = RESPONDED  # RESPONDING -> RESPONDED, checked above
         status = self.status
         a.end(status, status == 502 or status == 503 or status == 504)
@@ -1154,6 +1153,10 @@ class DownstreamStream:
             else:
                 conn.reset_stream(a.sid)
                 self.discard = True
+        # downstream after the pool had the connection back (tls2, issue 14): as in Envoy, whose
+        # downstream write waits for the event loop, a request pending for this connection's
+        # slot gets its own new connection going before the client sees this response
+        self.conn.flush()
         if self.req_done:
             self.finish()
 

@@ -289,7 +289,11 @@ class Http1Pool:
         if idle and conn in idle:
             idle.remove(conn)
         if self.pending:
-            self.loop.call_soon(self._serve_pending)
+            # at once, as Envoy's pool does on a connection's close event ("if we have pending
+            # streams and we just lost a connection we should make a new one"): a connection
+            # closed after its last allowed request makes room for the pending request's new one
+            # before that request's response is even written downstream
+            self._serve_pending()
 
     def sweep(self, now: float) -> None:
         """Close idle connections older than the cluster's idle timeout."""
