@@ -146,7 +146,7 @@ class BuildHotPath(build_ext):
                     if not unorder_idle_code(self.extensions):
                         raise
                     say(f"linking with the idle-code ordering failed ({exc}); linking without")
-                    super().run()
+                    self.rerun()
                 if self.nghttp2_ext is not None:
                     nghttp2 = "compiled"
             except Exception as exc:  # compiler or linker failure: install pure, say why
@@ -155,7 +155,7 @@ class BuildHotPath(build_ext):
                     say(f"HTTP/2 C extension: {nghttp2}; the codec runs cffi's ABI mode")
                     self.extensions.remove(self.nghttp2_ext)
                     try:
-                        super().run()
+                        self.rerun()
                     except Exception as exc2:
                         self.reason = f"the C build failed ({type(exc2).__name__}: {exc2})"
                         self.extensions = []
@@ -187,6 +187,14 @@ class BuildHotPath(build_ext):
         with open(os.path.join(out_dir, BUILD["BUILD_INFO"]), "w") as f:
             json.dump(info, f, indent=1, sort_keys=True)
             f.write("\n")
+
+    def rerun(self) -> None:
+        """Builds the extensions again after a failure. Not ``super().run()``: that makes a new
+        compiler from ``self.compiler``, which its first call replaced by the compiler object."""
+        if isinstance(self.compiler, str) or self.compiler is None:
+            super().run()
+        else:
+            self.build_extensions()
 
     def package_dir(self) -> str:
         if self.inplace or getattr(self, "editable_mode", False):
