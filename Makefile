@@ -19,7 +19,7 @@ venv: $(BIN)/diktyo
 HOT_PATH_SRC := $(shell $(PY) -c "import runpy; print(' '.join('src/' + m.replace('.', '/') + '.py' for m in runpy.run_path('src/diktyo/_build.py')['HOT_PATH']))" 2>/dev/null)
 build: venv src/diktyo/_build_info.json
 
-src/diktyo/_build_info.json: $(HOT_PATH_SRC) src/diktyo/_build.py setup.py \
+src/diktyo/_build_info.json: $(HOT_PATH_SRC) src/diktyo/_build.py setup.py src/diktyo/_idle_order.py \
   src/diktyo/proxy/codec/_nghttp2_build.py | $(BIN)/diktyo
 	$(BIN)/python setup.py -q build_ext --inplace
 

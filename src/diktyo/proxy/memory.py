@@ -19,6 +19,7 @@ OPTIONAL_MODULES = (
     "re2",  # the first regex in the config (or an admin /stats?filter=)
     "cryptography",  # mTLS: workload certificates from the CA
     "pydantic", "pydantic_core", "ruamel", "yaml", "aiohttp", "yarl", "jsonschema",  # never
+    "typing_extensions",  # never: msgspec imports without it (diktyo.proxy.__main__)
 )  # fmt: skip
 NEVER_IN_SIDECAR = ("diktyo.api", "diktyo.control", "diktyo.dashboard", "diktyo.cli.main")
 # standard-library modules an idle sidecar does without, each loaded only by what needs it

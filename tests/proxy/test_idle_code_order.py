@@ -1,0 +1,65 @@
+"""The compiled hot path lays out what an idle sidecar runs in one place (setup.py's
+``order_idle_code``, ``diktyo/_idle_order.py``; issue 11, idle RSS): the kernel maps a file's
+pages 64 KiB around every page touched, so idle code scattered over the library keeps all
+of it resident."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import diktyo
+from diktyo import _build
+from diktyo._idle_order import IDLE_FUNCTIONS
+
+SRC = Path(diktyo.__file__).resolve().parent.parent
+
+
+def group_library() -> Path:
+    ok, why, _ = _build.check(str(SRC / "diktyo"))
+    if not ok:
+        pytest.skip(f"no compiled build: {why}")
+    libs = sorted(SRC.glob("diktyo_hotpath__mypyc*.so"))
+    if not libs:
+        pytest.skip("the compiled build's group library is not beside the package")
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils) not installed")
+    return libs[0]
+
+
+def text_symbols(lib: Path) -> list[str]:
+    """The library's function symbols in address order."""
+    out = subprocess.run(["nm", "-n", str(lib)], capture_output=True, text=True, check=True)
+    return [p[2] for p in (line.split() for line in out.stdout.splitlines())
+            if len(p) == 3 and p[1] in "tT"]  # fmt: skip
+
+
+def test_the_idle_list_names_the_libraries_functions() -> None:
+    """A list gone stale (hot-path functions renamed) only costs RSS, but should be noticed:
+    regenerate it with ``bench/idleorder.py``."""
+    names = set(text_symbols(group_library()))
+    listed = set(IDLE_FUNCTIONS)
+    missing = sorted(listed - names)
+    assert len(missing) <= len(listed) // 5, (
+        f"{len(missing)} of the {len(listed)} functions in diktyo/_idle_order.py are not in the "
+        f"compiled library (e.g. {missing[:5]}): run bench/idleorder.py, then make build"
+    )
+
+
+def test_idle_functions_are_laid_out_together() -> None:
+    lib = group_library()
+    if shutil.which("ld.gold") is None:  # the build machine is this one (setup.py)
+        pytest.skip("no ld.gold (binutils): setup.py links the idle code unordered")
+    symbols = text_symbols(lib)
+    listed = set(IDLE_FUNCTIONS)
+    where = [i for i, name in enumerate(symbols) if name in listed]
+    assert where, "none of the idle functions is in the library"
+    between = [n for n in symbols[where[0] : where[-1] + 1] if n not in listed]
+    # a few static helpers gcc split off or renamed may sit among them; not hundreds
+    assert len(between) <= 10, (
+        f"{len(between)} functions an idle sidecar does not run sit among the {len(where)} "
+        f"it runs (e.g. {between[:5]}): the library was not linked in idle order"
+    )
