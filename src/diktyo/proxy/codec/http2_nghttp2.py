@@ -70,12 +70,15 @@ from diktyo.proxy.codec.http2_common import (
     DEFAULT_OPTIONS,
     Http2Options,
     Http2Stats,
-    _lower,
-    request_header_block,
-    request_header_list,
 )
 from diktyo.proxy.codec.http2_common import (
     NghttpUnavailable as NghttpUnavailable,  # re-exported: http2_select, tests
+)
+from diktyo.proxy.codec.http2_fields import (
+    lower_pairs,
+    request_header_block,
+    request_header_list,
+    response_header_block,
 )
 
 log = logging.getLogger("diktyo.proxy")
@@ -773,7 +776,7 @@ class _NgCodec:
         if st is None or st.local_done or self._closed:
             return
         st.local_done = True
-        st.trailers = _lower(trailers)  # sent by the data provider after the last DATA
+        st.trailers = lower_pairs(trailers)  # sent by the data provider after the last DATA
         if st.deferred:
             st.deferred = False
             self._lib.nghttp2_session_resume_data(self._session, sid)
@@ -958,7 +961,8 @@ class _NgCodec:
 
     def _api_headers(self, sid: int, flags: int, cat: int, block: bytes) -> int:
         """The compiled extension: the whole block at once, ``name\0value\0...``, its size
-        already checked."""
+        already checked. A block within the field count goes to ``_headers`` as is (each side
+        reads it in one pass); only an oversized one is split into pairs first."""
         if self._closed:
             return _ERR_CALLBACK_FAILURE
         if self._fatal is not None:
@@ -966,10 +970,16 @@ class _NgCodec:
         st = self._streams.get(sid)
         if st is None:
             st = _Stream(self._clock())
-        parts = block.split(b"\0")
-        st.headers = list(zip(parts[::2], parts[1::2], strict=False))  # parts ends with b""
-        self._block_in = block  # a request head decodes it at once (server side)
-        return self._headers_frame(sid, flags, cat, st)
+        if block.count(b"\0") > 2 * (self.options.max_headers_count + 4):
+            st.headers = _split_block(block)
+            return self._headers_frame(sid, flags, cat, st)
+        self._block_in = block
+        end = bool(flags & _END_STREAM)
+        self._headers(sid, st, cat, None, end)
+        if end and sid in self._streams:
+            self._remote_end(sid, st)
+            self._sink_end(sid)
+        return 0
 
     def _headers_frame(self, sid: int, flags: int, cat: int, st: _Stream) -> int:
         hs = st.headers
@@ -1177,14 +1187,28 @@ class _NgCodec:
                 )
 
     # the two sides
-    def _headers(self, sid: int, st: _Stream, cat: int, pairs: HeaderList, end: bool) -> None:
+    def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList | None, end: bool) -> None:
+        """A header block: as ``raw`` pairs, or (``raw`` None) as ``self._block_in``."""
         raise NotImplementedError
+
+    def _raw(self, raw: HeaderList | None) -> HeaderList:
+        """The pairs of a header block (``_headers``' ``raw``, or the block split)."""
+        if raw is not None:
+            return raw
+        block, self._block_in = self._block_in, None
+        return _split_block(block or b"")
 
     def _sink_data(self, sid: int, data: bytes) -> None:
         raise NotImplementedError
 
     def _sink_end(self, sid: int) -> None:
         raise NotImplementedError
+
+
+def _split_block(block: bytes) -> HeaderList:
+    """``name\0value\0...`` as ``(name, value)`` pairs."""
+    parts = block.split(b"\0")
+    return list(zip(parts[::2], parts[1::2], strict=False))  # parts ends with b""
 
 
 def _goaway_in(chunks: list[bytes]) -> tuple[int, str]:
@@ -1199,6 +1223,12 @@ def _goaway_in(chunks: list[bytes]) -> tuple[int, str]:
             found = (int.from_bytes(p[4:8], "big"), p[8:].decode("latin-1"))
         i += 9 + n
     return found
+
+
+def _response_list(head: ResponseHead) -> HeaderList:
+    pairs: HeaderList = [(b":status", str(head.status).encode())]
+    pairs += lower_pairs(head.pairs())
+    return pairs
 
 
 def _code_name(code: int) -> str:
@@ -1221,14 +1251,16 @@ class NgHttp2ServerCodec(_NgCodec):
         super().__init__(False, options, stats, clock)
         self.sink = sink
 
-    def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList, end: bool) -> None:
+    def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList | None, end: bool) -> None:
         if cat != _HCAT_REQUEST:
+            pairs = self._raw(raw)
             if sid in self._streams:  # trailers
                 self.stats.trailers += 1
-                self.sink.on_request_trailers(sid, raw)
+                self.sink.on_request_trailers(sid, pairs)
             return
         self._streams_opened += 1
         if st.rejected:
+            self._block_in = None
             self.stats.header_overflow += 1
             self._reset_wire(sid, PROTOCOL_ERROR)
             self._premature_reset(st)
@@ -1242,7 +1274,7 @@ class NgHttp2ServerCodec(_NgCodec):
             it = iter(block.decode("latin-1").split("\0"))
             fields: Any = zip(it, it, strict=False)  # the trailing "" has no partner
         else:
-            fields = ((n.decode("latin-1"), v.decode("latin-1")) for n, v in raw)
+            fields = ((n.decode("latin-1"), v.decode("latin-1")) for n, v in raw or ())
         for name, value in fields:
             if name[0] == ":":
                 if name == ":method":
@@ -1276,9 +1308,18 @@ class NgHttp2ServerCodec(_NgCodec):
             return
         if not end_stream:
             self._provider(sid, st)
-        pairs: HeaderList = [(b":status", str(head.status).encode())]
-        pairs += _lower(head.pairs())
-        rv = self._submit(_SUBMIT_RESPONSE, sid, pairs, not end_stream)
+        if self._api:
+            blob, n = response_header_block(head.status, head.pairs())
+            if blob.count(b"\0") == 2 * n:
+                rv = int(
+                    self._lib.dk_submit(
+                        self._session, _SUBMIT_RESPONSE, sid, blob, len(blob), not end_stream
+                    )  # fmt: skip
+                )
+            else:  # a NUL in a field: _submit leaves that field out
+                rv = self._submit(_SUBMIT_RESPONSE, sid, _response_list(head), not end_stream)
+        else:
+            rv = self._submit(_SUBMIT_RESPONSE, sid, _response_list(head), not end_stream)
         if rv < 0:
             self._drop(sid)  # the client reset the stream meanwhile
             return
@@ -1377,9 +1418,17 @@ class NgHttp2ClientCodec(_NgCodec):
         if end_stream:
             self._local_end(sid, st)
 
-    def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList, end: bool) -> None:
+    def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList | None, end: bool) -> None:
         if sid not in self._streams:
+            self._block_in = None
             return
+        if raw is None:
+            block = self._block_in or b""
+            if block.startswith(b":status\0"):  # nghttp2 checked: pseudo-headers come first
+                self._block_in = None
+                self._response_block(sid, st, block)
+                return
+            raw = self._raw(None)
         if raw and raw[0][0] == b":status" or any(n == b":status" for n, _ in raw):
             status = 0
             pairs: HeaderList = []
@@ -1400,6 +1449,25 @@ class NgHttp2ClientCodec(_NgCodec):
         self.stats.trailers += 1
         st.headers = []
         self.sink.on_response_trailers(sid, raw)
+
+    def _response_block(self, sid: int, st: _Stream, block: bytes) -> None:
+        """A response head from the extension's block, read in one pass."""
+        parts = block.split(b"\0")
+        status = int(parts[1])
+        pairs: HeaderList = []
+        has_cl = False
+        n = len(parts) - 1  # the block ends with NUL: the last part is b""
+        i = 2
+        while i < n:
+            name = parts[i]
+            if name[:1] != b":":
+                if name == b"content-length":
+                    has_cl = True
+                pairs.append((name, parts[i + 1]))
+            i += 2
+        if 100 <= status < 200:
+            return  # informational: the final head follows
+        self.sink.on_response_headers(sid, ResponseHead(status, pairs, None, has_cl))
 
     def _sink_data(self, sid: int, data: bytes) -> None:
         self.sink.on_response_data(sid, data)
