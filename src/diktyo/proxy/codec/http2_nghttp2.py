@@ -153,6 +153,9 @@ _DATA_FLAG_EOF, _DATA_FLAG_NO_END_STREAM = 1, 2
 _SUBMIT_RESPONSE, _SUBMIT_REQUEST, _SUBMIT_HEADERS, _SUBMIT_TRAILER = 0, 1, 2, 3
 _HCAT_REQUEST, _HCAT_RESPONSE, _HCAT_HEADERS = 0, 1, 3
 _BIG = 2**31 - 1
+_C_BODY_MAX = (
+    65_536  # a response body up to this size, whole when its head goes out, is sent from C
+)
 
 _RESET_CODES: dict[ResetReason, int] = {
     ResetReason.LOCAL_RESET: CANCEL,
@@ -521,7 +524,7 @@ class _Flood(Exception):
 class _Stream:
     __slots__ = (
         "blocked", "end", "headers", "hsize", "local_done", "opened_at", "owed", "paused",
-        "pending", "prd", "rejected", "remote_done", "trailers", "deferred",
+        "pending", "prd", "rejected", "remote_done", "trailers", "deferred", "head",
     )  # fmt: skip
 
     def __init__(self, opened_at: float) -> None:
@@ -539,6 +542,9 @@ class _Stream:
         self.headers: HeaderList = []
         self.hsize = 0
         self.rejected = 0  # why the header block is refused: 0 no, 1 too many fields
+        # a response head not submitted yet (compiled extension): it goes out with its whole
+        # body (dk_submit_body) once the body ends, or with a data provider at the next _pull
+        self.head: bytes | None = None
 
 
 class _NgCodec:
@@ -608,6 +614,7 @@ class _NgCodec:
         self._hdr: dict[int, _Stream] = {}  # streams whose header block is being decoded
         self._prd: set[int] = set()  # streams with a submitted data provider
         self._unblocked: list[int] = []
+        self._unsent: list[int] = []  # streams whose response head waits (_Stream.head)
         self._closed = False
         self._draining = False
         self._goaway_last = _BIG
@@ -663,6 +670,12 @@ class _NgCodec:
     def _pull(self) -> None:
         """Serialize what nghttp2 has queued into ``self._out`` (frames in order)."""
         global _current
+        if self._unsent:  # response heads whose body did not end in time: with a provider
+            sids, self._unsent = self._unsent, []
+            for sid in sids:
+                st = self._streams.get(sid)
+                if st is not None and st.head is not None:
+                    self._submit_head(sid, st)
         prev, _current = _current, self
         try:
             self._serialize()
@@ -753,6 +766,14 @@ class _NgCodec:
         st = self._streams.get(sid)
         if st is None or st.local_done or self._closed:
             return
+        if st.head is not None:  # the response head waits for its body
+            if not end_stream:
+                st.pending += data
+                return
+            if len(st.pending) + len(data) <= _C_BODY_MAX:
+                self._submit_body(sid, st, bytes(st.pending) + data if st.pending else data)
+                return
+            self._submit_head(sid, st)
         if data:
             st.pending += data
         if end_stream:
@@ -775,6 +796,10 @@ class _NgCodec:
         st = self._streams.get(sid)
         if st is None or st.local_done or self._closed:
             return
+        if st.head is not None:
+            self._submit_head(sid, st)
+            if sid not in self._streams:
+                return
         st.local_done = True
         st.trailers = lower_pairs(trailers)  # sent by the data provider after the last DATA
         if st.deferred:
@@ -1086,6 +1111,34 @@ class _NgCodec:
         st.prd = True
         self._prd.add(sid)
 
+    def _submit_head(self, sid: int, st: _Stream) -> None:
+        """Submit the waiting response head with a data provider (its body streams)."""
+        blob = st.head or b""
+        st.head = None
+        self._provider(sid, st)
+        rv = int(self._lib.dk_submit(self._session, _SUBMIT_RESPONSE, sid, blob, len(blob), True))
+        if rv < 0:
+            self._drop(sid)  # the client reset the stream meanwhile
+
+    def _submit_body(self, sid: int, st: _Stream, body: bytes) -> None:
+        """Submit the waiting response head with its whole body, sent from C: no data
+        provider, and no close callback when the request had ended already."""
+        blob = st.head or b""
+        st.head = None
+        st.pending = bytearray()
+        rv = int(
+            self._lib.dk_submit_body(
+                self._session, self._ctx, sid, blob, len(blob), body, len(body), st.remote_done
+            )
+        )
+        if rv < 0:
+            self._drop(sid)
+            return
+        if body:
+            self._data_frames_out += 1 + len(body) // 16_384
+        st.end = True
+        self._local_end(sid, st)
+
     def _submit(self, kind: int, sid: int, pairs: HeaderList, with_data: bool) -> int:
         """Submit a header block (``_SUBMIT_*``); a request returns its stream id."""
         session = self._session
@@ -1265,31 +1318,47 @@ class NgHttp2ServerCodec(_NgCodec):
             self._reset_wire(sid, PROTOCOL_ERROR)
             self._premature_reset(st)
             return
-        head = RequestHead()
-        head.version = "2"
-        headers = head.headers
-        authority = ""
         block, self._block_in = self._block_in, None
         if block is not None:  # name\0value\0...: one decode for the whole head
-            it = iter(block.decode("latin-1").split("\0"))
-            fields: Any = zip(it, it, strict=False)  # the trailing "" has no partner
+            parts = block.decode("latin-1").split("\0")  # ends with "" (the block ends with NUL)
         else:
-            fields = ((n.decode("latin-1"), v.decode("latin-1")) for n, v in raw or ())
-        for name, value in fields:
-            if name[0] == ":":
-                if name == ":method":
-                    head.method = value
-                elif name == ":path":
-                    head.path = value
-                elif name == ":authority":
-                    authority = value
-                elif name == ":scheme":
-                    head.scheme = value
-                continue
-            if name in headers:
-                headers[name] += ("; " if name == "cookie" else ", ") + value
-            else:
-                headers[name] = value
+            parts = []
+            for n, v in raw or ():
+                parts.append(n.decode("latin-1"))
+                parts.append(v.decode("latin-1"))
+            parts.append("")
+        nf = len(parts) - 1
+        method = path = authority = ""
+        scheme = "http"
+        i = 0
+        while i < nf:  # pseudo-headers come first (nghttp2 rejects a block where they do not)
+            name = parts[i]
+            if not name.startswith(":"):
+                break
+            value = parts[i + 1]
+            if name == ":method":
+                method = value
+            elif name == ":path":
+                path = value
+            elif name == ":authority":
+                authority = value
+            elif name == ":scheme":
+                scheme = value
+            i += 2
+        headers: dict[str, str] = {}
+        while i < nf:
+            name = parts[i]
+            prev = headers.get(name)
+            if prev is None:
+                headers[name] = parts[i + 1]
+            else:  # a repeated field: one value, joined as HTTP/1.1's
+                headers[name] = prev + ("; " if name == "cookie" else ", ") + parts[i + 1]
+            i += 2
+        head = RequestHead(headers)
+        head.version = "2"
+        head.method = method or "GET"
+        head.path = path or "/"
+        head.scheme = scheme
         st.headers = []
         if not authority:
             authority = headers.get("host", "")
@@ -1306,18 +1375,23 @@ class NgHttp2ServerCodec(_NgCodec):
         st = self._streams.get(sid)
         if st is None or st.local_done or self._closed:
             return
-        if not end_stream:
-            self._provider(sid, st)
+        blob = b""
         if self._api:
             blob, n = response_header_block(head.status, head.pairs())
-            if blob.count(b"\0") == 2 * n:
-                rv = int(
-                    self._lib.dk_submit(
-                        self._session, _SUBMIT_RESPONSE, sid, blob, len(blob), not end_stream
-                    )  # fmt: skip
-                )
-            else:  # a NUL in a field: _submit leaves that field out
-                rv = self._submit(_SUBMIT_RESPONSE, sid, _response_list(head), not end_stream)
+            if blob.count(b"\0") != 2 * n:  # a NUL in a field: _submit leaves that field out
+                blob = b""
+            elif not end_stream:
+                st.head = blob  # goes out with its body (send_data) or at the next _pull
+                self._unsent.append(sid)
+                return
+        if not end_stream:
+            self._provider(sid, st)
+        if blob:
+            rv = int(
+                self._lib.dk_submit(
+                    self._session, _SUBMIT_RESPONSE, sid, blob, len(blob), not end_stream
+                )  # fmt: skip
+            )
         else:
             rv = self._submit(_SUBMIT_RESPONSE, sid, _response_list(head), not end_stream)
         if rv < 0:
@@ -1451,23 +1525,24 @@ class NgHttp2ClientCodec(_NgCodec):
         self.sink.on_response_trailers(sid, raw)
 
     def _response_block(self, sid: int, st: _Stream, block: bytes) -> None:
-        """A response head from the extension's block, read in one pass."""
+        """A response head from the extension's block: ``:status`` first, then the regular
+        fields (nghttp2 rejects any other pseudo-header in a response)."""
         parts = block.split(b"\0")
         status = int(parts[1])
-        pairs: HeaderList = []
-        has_cl = False
-        n = len(parts) - 1  # the block ends with NUL: the last part is b""
-        i = 2
-        while i < n:
-            name = parts[i]
-            if name[:1] != b":":
-                if name == b"content-length":
-                    has_cl = True
-                pairs.append((name, parts[i + 1]))
-            i += 2
         if 100 <= status < 200:
             return  # informational: the final head follows
-        self.sink.on_response_headers(sid, ResponseHead(status, pairs, None, has_cl))
+        nf = len(parts) - 1  # the block ends with NUL: the last part is b""
+        pairs: HeaderList = []
+        has_cl = False
+        i = 2
+        while i < nf:
+            name = parts[i]
+            if name == b"content-length":
+                has_cl = True
+            pairs.append((name, parts[i + 1]))
+            i += 2
+        head = ResponseHead(status, pairs, None, has_cl)
+        self.sink.on_response_headers(sid, head)
 
     def _sink_data(self, sid: int, data: bytes) -> None:
         self.sink.on_response_data(sid, data)
