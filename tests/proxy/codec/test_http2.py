@@ -974,3 +974,31 @@ def test_whole_response_before_the_request_ended_still_reports_the_stream(codec:
         ended = ("on_request_end", 1) in sink.calls
         reset = [c for c in sink.named("on_stream_reset") if c[1] == 1]
     assert ended or reset
+
+
+def test_response_data_frame_split_across_reads_arrives_whole_then_ends(codec: str) -> None:
+    """Client side: a DATA frame cut across two reads, then one with END_STREAM. The compiled
+    extension hands each DATA frame over once complete, with its END_STREAM, and forgets the
+    stream there (its close needs no call)."""
+    sink = Recorder()
+    client = Http2ClientCodec(sink)
+    upstream = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    upstream.initiate_connection()
+    upstream.receive_data(client.data_to_send())
+    client.feed(upstream.data_to_send())
+    sid = client.new_stream()
+    client.send_headers(sid, RequestHead({"host": "a"}), end_stream=True)
+    upstream.receive_data(client.data_to_send())
+    upstream.send_headers(sid, [(b":status", b"200")])
+    upstream.send_data(sid, b"a" * 3000)
+    wire = upstream.data_to_send()
+    client.feed(wire[:-1000])  # the DATA frame's last 1000 bytes come with the next read
+    client.feed(wire[-1000:])
+    assert sink.data(sid) == b"a" * 3000
+    upstream.send_data(sid, b"b" * 10, end_stream=True)
+    client.feed(upstream.data_to_send())
+    assert sink.data(sid) == b"a" * 3000 + b"b" * 10
+    assert sink.named("on_response_end") == [("on_response_end", sid)]
+    assert client.open_streams == 0 and not sink.named("on_stream_reset")

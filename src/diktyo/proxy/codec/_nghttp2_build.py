@@ -10,8 +10,9 @@ more. Here libnghttp2's callbacks are C functions that
 - collect a header block into one per-session buffer, ``name\\0value\\0...`` (HTTP/2 forbids NUL
   in names and values, RFC 9113 8.2.1: a field with one is reported as invalid), and count the
   header list size against the limit;
-- call Python once per frame that matters (HEADERS with the whole block, DATA with END_STREAM,
-  RST_STREAM, SETTINGS, GOAWAY), with plain integers instead of frame structs;
+- call Python once per frame that matters (HEADERS with the whole block, DATA with its whole
+  payload and END_STREAM, RST_STREAM, SETTINGS, GOAWAY), with plain integers instead of frame
+  structs; a stream Python says it has forgotten closes without a call;
 - pass the per-frame flood checks of DATA and HEADERS frames that carry a payload without
   calling Python (the other frames go to the same Python checks as in ABI mode);
 - build the ``nghttp2_nv`` array of an outgoing header block from one ``name\\0value\\0`` blob;
@@ -130,7 +131,7 @@ ssize_t dk_mem_send(nghttp2_session *, dk_ctx *, const char **);
 extern "Python" int dk_py_begin_frame(void *, int, int, size_t);
 extern "Python" int dk_py_frame(void *, int, int, int32_t, uint32_t, int32_t);
 extern "Python" int dk_py_headers(void *, int32_t, int, int, const char *, size_t);
-extern "Python" int dk_py_data(void *, int32_t, const char *, size_t);
+extern "Python" int dk_py_data(void *, int32_t, const char *, size_t, int);
 extern "Python" int dk_py_close(void *, int32_t, uint32_t);
 extern "Python" int dk_py_invalid_header(void *, int32_t, const char *, size_t);
 extern "Python" int dk_py_invalid_frame(void *, int32_t, int, int);
@@ -207,7 +208,12 @@ typedef struct {
     size_t block;            /* bytes of the header block on the wire (CONTINUATION flood) */
     char *obuf; size_t ocap; /* what dk_mem_send serialized */
     struct dk_body *bodies;  /* the response bodies dk_submit_body holds (freed at close) */
+    char *dbuf; size_t dlen; size_t dcap; int32_t dsid;  /* the DATA frame being received */
 } dk_ctx;
+
+/* a stream's user data when Python has forgotten it (dk_py_data returned 1): its close is
+   not reported */
+static char dk_forgotten;
 
 /* A whole response body, sent from C (dk_submit_body): the stream's user data until it
    closes. py_done: Python has forgotten the stream, so its close is not reported. */
@@ -228,7 +234,7 @@ static void dk_body_free(dk_ctx *c, dk_body *b) {
 static int dk_py_begin_frame(void *, int, int, size_t);
 static int dk_py_frame(void *, int, int, int32_t, uint32_t, int32_t);
 static int dk_py_headers(void *, int32_t, int, int, const char *, size_t);
-static int dk_py_data(void *, int32_t, const char *, size_t);
+static int dk_py_data(void *, int32_t, const char *, size_t, int);
 static int dk_py_close(void *, int32_t, uint32_t);
 static int dk_py_invalid_header(void *, int32_t, const char *, size_t);
 static int dk_py_invalid_frame(void *, int32_t, int, int);
@@ -237,8 +243,35 @@ static ssize_t dk_py_read(void *, int32_t, uint8_t *, size_t, uint32_t *);
 
 static int dk_api_version(void) { return DK_API_VERSION; }
 
+static void dk_forget(nghttp2_session *s, int32_t sid) {
+    dk_body *b = (dk_body *)nghttp2_session_get_stream_user_data(s, sid);
+    if (b == NULL)
+        nghttp2_session_set_stream_user_data(s, sid, &dk_forgotten);
+    else if ((void *)b != (void *)&dk_forgotten)
+        b->py_done = 1;
+}
+
+/* The DATA frame's payload so far to Python (end: the frame carried END_STREAM). */
+static int dk_data_out(nghttp2_session *s, dk_ctx *c, int end) {
+    int32_t sid = c->dsid;
+    size_t n = c->dlen;
+    int rv;
+    c->dlen = 0;
+    rv = dk_py_data(c->handle, sid, c->dbuf, n, end);
+    if (rv == 1) {
+        dk_forget(s, sid);
+        return 0;
+    }
+    return rv;
+}
+
 static int dk_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd, void *ud) {
     dk_ctx *c = (dk_ctx *)ud;
+    if (c->dlen) {  /* a DATA frame that never completed (its stream went): hand over its data */
+        int rv = dk_data_out(s, c, 0);
+        if (rv != 0)
+            return rv;
+    }
     if ((hd->type == DK_DATA || hd->type == DK_HEADERS)
             && (hd->length || (hd->flags & DK_END_STREAM))) {
         c->empty_run = 0;
@@ -302,10 +335,11 @@ static int dk_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud) {
     dk_ctx *c = (dk_ctx *)ud;
     int32_t sid = f->hd.stream_id;
     switch (f->hd.type) {
-    case DK_DATA:
-        if (!(f->hd.flags & DK_END_STREAM))
+    case DK_DATA:  /* its payload and END_STREAM in one call */
+        if (c->dlen == 0 && !(f->hd.flags & DK_END_STREAM))
             return 0;
-        break;
+        c->dsid = sid;
+        return dk_data_out(s, c, f->hd.flags & DK_END_STREAM);
     case DK_HEADERS:
         if (c->hsid != sid)
             return 0;  /* its block was dropped */
@@ -334,7 +368,27 @@ static int dk_invalid_frame(nghttp2_session *s, const nghttp2_frame *f, int err,
 
 static int dk_data(nghttp2_session *s, uint8_t fl, int32_t sid, const uint8_t *d, size_t n,
                    void *ud) {
-    return dk_py_data(((dk_ctx *)ud)->handle, sid, (const char *)d, n);
+    /* collected until the frame is complete (dk_frame_recv): one Python call per DATA frame,
+       END_STREAM included */
+    dk_ctx *c = (dk_ctx *)ud;
+    if (c->dlen && c->dsid != sid) {
+        int rv = dk_data_out(s, c, 0);
+        if (rv != 0)
+            return rv;
+    }
+    c->dsid = sid;
+    if (c->dlen + n > c->dcap) {
+        size_t cap = c->dcap ? c->dcap : 16384;
+        char *nb;
+        while (cap < c->dlen + n) cap *= 2;
+        nb = (char *)realloc(c->dbuf, cap);
+        if (nb == NULL) return DK_CALLBACK_FAILURE;
+        c->dbuf = nb;
+        c->dcap = cap;
+    }
+    memcpy(c->dbuf + c->dlen, d, n);
+    c->dlen += n;
+    return 0;
 }
 
 static int dk_close(nghttp2_session *s, int32_t sid, uint32_t code, void *ud) {
@@ -342,6 +396,8 @@ static int dk_close(nghttp2_session *s, int32_t sid, uint32_t code, void *ud) {
     dk_body *b = (dk_body *)nghttp2_session_get_stream_user_data(s, sid);
     if (c->hsid == sid)
         c->hsid = 0;
+    if ((void *)b == (void *)&dk_forgotten)
+        return 0;  /* Python forgot the stream when it heard its end */
     if (b != NULL) {
         int done = b->py_done;
         dk_body_free(c, b);
@@ -410,6 +466,7 @@ static void dk_ctx_del(dk_ctx *c) {
             dk_body_free(c, c->bodies);
         free(c->buf);
         free(c->obuf);
+        free(c->dbuf);
         free(c);
     }
 }

@@ -466,12 +466,11 @@ def _make_api_callbacks(ffi: Any) -> None:
         return int(from_handle(ud)._api_headers(sid, flags, cat, unpack(buf, n)))
 
     @ffi.def_extern(name="dk_py_data", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
-    def dk_py_data(ud: Any, sid: int, buf: Any, n: int) -> int:
+    def dk_py_data(ud: Any, sid: int, buf: Any, n: int, end: int) -> int:
         codec = from_handle(ud)
         if codec._closed:
             return _ERR_CALLBACK_FAILURE
-        codec._data(sid, unpack(buf, n))
-        return 0
+        return int(codec._data_frame(sid, unpack(buf, n) if n else b"", end))
 
     @ffi.def_extern(name="dk_py_close", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
     def dk_py_close(ud: Any, sid: int, code: int) -> int:
@@ -1051,6 +1050,18 @@ class _NgCodec:
         elif t == _GOAWAY:
             self._on_goaway(b, a)
         return 0
+
+    def _data_frame(self, sid: int, data: bytes, end: int) -> int:
+        """The compiled extension: a DATA frame's payload and its END_STREAM in one call.
+        Returns 1 when the stream is forgotten here (its close then needs no call)."""
+        if data:
+            self._data(sid, data)
+        if end and self._fatal is None:
+            st = self._streams.get(sid)
+            if st is not None:
+                self._remote_end(sid, st)
+                self._sink_end(sid)
+        return 0 if sid in self._streams else 1
 
     def _data(self, sid: int, data: bytes) -> None:
         st = self._streams.get(sid)
