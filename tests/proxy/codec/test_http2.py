@@ -1002,3 +1002,25 @@ def test_response_data_frame_split_across_reads_arrives_whole_then_ends(codec: s
     assert sink.data(sid) == b"a" * 3000 + b"b" * 10
     assert sink.named("on_response_end") == [("on_response_end", sid)]
     assert client.open_streams == 0 and not sink.named("on_stream_reset")
+
+
+def test_client_follows_the_peer_stream_limit_as_its_settings_change(codec: str) -> None:
+    """``max_concurrent_streams`` is the peer's SETTINGS value (read when SETTINGS arrive)."""
+    sink = Recorder()
+    client = Http2ClientCodec(sink)
+    upstream = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    upstream.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 7}
+    )
+    upstream.initiate_connection()
+    upstream.receive_data(client.data_to_send())
+    client.feed(upstream.data_to_send())
+    assert client.max_concurrent_streams == 7
+    upstream.receive_data(client.data_to_send())  # our ACK
+    upstream.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 3})
+    client.feed(upstream.data_to_send())
+    assert client.max_concurrent_streams == 3
+    client.max_concurrent_streams = 2  # a DestinationRule's cap below the peer's
+    assert client.max_concurrent_streams == 2

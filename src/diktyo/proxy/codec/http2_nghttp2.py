@@ -639,6 +639,8 @@ class _NgCodec:
         self._streams_opened = 0
         self._premature = 0
         self._priority_in = 0
+        # the peer's SETTINGS_MAX_CONCURRENT_STREAMS (updated when its SETTINGS arrive)
+        self._peer_streams = int(lib.nghttp2_session_get_remote_settings(self._session, 3))
 
     # ------------------------------------------------------------------ shared API
 
@@ -1047,6 +1049,10 @@ class _NgCodec:
         elif t == _SETTINGS:
             if not flags & _ACK:
                 self.peer_settings_received = True
+                # applied by nghttp2 before this callback; read here once, not per request
+                self._peer_streams = int(
+                    self._lib.nghttp2_session_get_remote_settings(self._session, 3)
+                )
         elif t == _GOAWAY:
             self._on_goaway(b, a)
         return 0
@@ -1449,8 +1455,7 @@ class NgHttp2ClientCodec(_NgCodec):
 
     @property
     def max_concurrent_streams(self) -> int:
-        peer = int(self._lib.nghttp2_session_get_remote_settings(self._session, 3))
-        return min(peer, self._stream_cap)
+        return min(self._peer_streams, self._stream_cap)
 
     @max_concurrent_streams.setter
     def max_concurrent_streams(self, value: int) -> None:
