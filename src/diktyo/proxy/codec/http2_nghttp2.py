@@ -259,6 +259,7 @@ def reload_mode(abi: bool) -> Callable[[], None]:
     were created in."""
     g = globals()
     saved = {k: g[k] for k in _STATE}
+    saved_types = dict(_T)  # the ABI mode's ctypes belong to its ffi: put back with it
     env = os.environ.get(API_ENV)
     g["_lib"] = g["_load_error"] = None
     os.environ[API_ENV] = "abi" if abi else "auto"
@@ -272,6 +273,8 @@ def reload_mode(abi: bool) -> Callable[[], None]:
 
     def restore() -> None:
         g.update(saved)
+        _T.clear()
+        _T.update(saved_types)
 
     return restore
 
