@@ -32,6 +32,7 @@ from types import ModuleType
 HOT_PATH: tuple[str, ...] = (
     "diktyo.proxy.codec.events",
     "diktyo.proxy.codec.http1",
+    "diktyo.proxy.codec.http2_fields",  # HTTP/2 header lists and blocks (h2lean, stop 20)
     "diktyo.proxy.codec.http2_nghttp2",  # the libnghttp2 codec's Python side (h2fast, stop 19)
     "diktyo.proxy.http.connection_manager",
     "diktyo.proxy.http.context",

@@ -832,3 +832,195 @@ def _frames_of(data: bytes) -> list[Any]:
         out.append(f)
         data = data[9 + n :]
     return out
+
+
+# ------------------------------------------------------------ responses sent whole (stop 20)
+# The compiled extension holds a response head back until its body ends or the connection is
+# written, and then sends a whole body from C (no data provider, no close callback). Each test
+# runs on every codec: the wire and the events must stay the same.
+
+
+def _response_events(client: h2.connection.H2Connection, wire: bytes) -> list[Any]:
+    return [
+        e for e in client.receive_data(wire) if not isinstance(e, h2.events.SettingsAcknowledged)
+    ]
+
+
+def test_whole_response_arrives_and_its_close_is_not_a_reset(codec: str) -> None:
+    server, sink, client = server_pair()
+    client.send_headers(1, REQ, end_stream=True)
+    server.feed(client.data_to_send())
+    server.send_headers(1, ResponseHead(200, [(b"x-a", b"1")]))
+    server.send_data(1, b"x" * 100)
+    server.send_data(1, b"y" * 50)
+    server.send_data(1, b"", True)
+    if codec == "nghttp2" and http2_nghttp2.mode() == "cffi API":
+        # handed to C whole: no data provider (no Python callback per DATA frame), and the
+        # stream already forgotten on the Python side (its close is not reported either)
+        assert not server._prd and server.open_streams == 0  # type: ignore[attr-defined]
+    events = _response_events(client, server.data_to_send())
+    heads = [dict(e.headers) for e in events if isinstance(e, h2.events.ResponseReceived)]
+    body = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert heads == [{b":status": b"200", b"x-a": b"1"}]
+    assert body == b"x" * 100 + b"y" * 50
+    assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 1 for e in events)
+    assert server.open_streams == 0 and not sink.named("on_stream_reset")
+    # the connection goes on: a second request on it
+    client.send_headers(3, REQ, end_stream=True)
+    server.feed(client.data_to_send())
+    server.send_headers(3, ResponseHead(204, []), end_stream=True)
+    events = _response_events(client, server.data_to_send())
+    assert [
+        dict(e.headers)[b":status"] for e in events if isinstance(e, h2.events.ResponseReceived)
+    ] == [b"204"]
+
+
+def test_response_head_goes_out_when_written_before_its_body_ends(codec: str) -> None:
+    """A streamed body: the head and what is there go out at the next write, the rest later,
+    flow-controlled (a body larger than the client's window waits for its WINDOW_UPDATE)."""
+    server, sink, client = server_pair()
+    client.send_headers(1, REQ, end_stream=True)
+    server.feed(client.data_to_send())
+    server.send_headers(1, ResponseHead(200, []))
+    server.send_data(1, b"a" * 1000)
+    events = _response_events(client, server.data_to_send())
+    assert [type(e) for e in events][:1] == [h2.events.ResponseReceived]
+    got = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert got == b"a" * 1000
+    big = b"b" * 100_000  # over the 65,535-byte window
+    server.send_data(1, big, end_stream=True)
+    ended = False
+    for _ in range(20):
+        events = _response_events(client, server.data_to_send())
+        for e in events:
+            if isinstance(e, h2.events.DataReceived):
+                got += e.data
+                client.acknowledge_received_data(e.flow_controlled_length, 1)
+            ended = ended or isinstance(e, h2.events.StreamEnded)
+        server.feed(client.data_to_send())
+        if ended:
+            break
+    assert got == b"a" * 1000 + big and ended
+    assert not sink.named("on_stream_reset")
+
+
+def test_large_whole_response_is_flow_controlled(codec: str) -> None:
+    server, sink, client = server_pair()
+    client.send_headers(1, REQ, end_stream=True)
+    server.feed(client.data_to_send())
+    server.send_headers(1, ResponseHead(200, []))
+    body = bytes(range(256)) * 200  # 51,200 bytes: sent from C in the compiled extension
+    server.send_data(1, body, end_stream=True)
+    got, ended = b"", False
+    for _ in range(20):
+        for e in _response_events(client, server.data_to_send()):
+            if isinstance(e, h2.events.DataReceived):
+                got += e.data
+                client.acknowledge_received_data(e.flow_controlled_length, 1)
+            ended = ended or isinstance(e, h2.events.StreamEnded)
+        server.feed(client.data_to_send())
+        if ended:
+            break
+    assert got == body and ended
+
+
+def test_response_with_trailers_after_a_waiting_head(codec: str) -> None:
+    server, sink, client = server_pair()
+    client.send_headers(1, REQ, end_stream=True)
+    server.feed(client.data_to_send())
+    server.send_headers(1, ResponseHead(200, [(b"content-type", b"application/grpc")]))
+    server.send_data(1, b"\x00\x00\x00\x00\x02hi")
+    server.send_trailers(1, [(b"grpc-status", b"0")])
+    events = _response_events(client, server.data_to_send())
+    kinds = [type(e) for e in events if not isinstance(e, h2.events.StreamEnded)]
+    assert kinds == [h2.events.ResponseReceived, h2.events.DataReceived, h2.events.TrailersReceived]
+    trailers = [dict(e.headers) for e in events if isinstance(e, h2.events.TrailersReceived)]
+    assert trailers == [{b"grpc-status": b"0"}]
+
+
+def test_client_reset_while_the_response_head_waits(codec: str) -> None:
+    server, sink, client = server_pair()
+    client.send_headers(1, REQ, end_stream=True)
+    server.feed(client.data_to_send())
+    server.send_headers(1, ResponseHead(200, []))
+    server.send_data(1, b"part")
+    client.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+    server.feed(client.data_to_send())
+    assert [c[1] for c in sink.named("on_stream_reset")] == [1]
+    server.send_data(1, b"", True)  # the stream is gone: its end is not sent
+    frames = parse_frames(server.data_to_send())
+    assert not [f for f in frames if f.stream_id == 1 and "END_STREAM" in f.flags]
+    assert server.open_streams == 0
+
+
+def test_whole_response_before_the_request_ended_still_reports_the_stream(codec: str) -> None:
+    """The response ends while the request body is still coming: the stream is not done for
+    the sink until the request side is settled (its end, or the reset that closes it)."""
+    server, sink, client = server_pair()
+    client.send_headers(1, REQ)
+    client.send_data(1, b"first")
+    server.feed(client.data_to_send())
+    server.send_headers(1, ResponseHead(200, []))
+    server.send_data(1, b"ok", True)
+    events = _response_events(client, server.data_to_send())
+    body = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert body == b"ok"
+    assert sink.data(1) == b"first"
+    ended = ("on_request_end", 1) in sink.calls
+    reset = [c for c in sink.named("on_stream_reset") if c[1] == 1]
+    if not ended and not reset:  # the request side still open: its end still reaches the sink
+        client.send_data(1, b"rest", end_stream=True)
+        server.feed(client.data_to_send())
+        ended = ("on_request_end", 1) in sink.calls
+        reset = [c for c in sink.named("on_stream_reset") if c[1] == 1]
+    assert ended or reset
+
+
+def test_response_data_frame_split_across_reads_arrives_whole_then_ends(codec: str) -> None:
+    """Client side: a DATA frame cut across two reads, then one with END_STREAM. The compiled
+    extension hands each DATA frame over once complete, with its END_STREAM, and forgets the
+    stream there (its close needs no call)."""
+    sink = Recorder()
+    client = Http2ClientCodec(sink)
+    upstream = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    upstream.initiate_connection()
+    upstream.receive_data(client.data_to_send())
+    client.feed(upstream.data_to_send())
+    sid = client.new_stream()
+    client.send_headers(sid, RequestHead({"host": "a"}), end_stream=True)
+    upstream.receive_data(client.data_to_send())
+    upstream.send_headers(sid, [(b":status", b"200")])
+    upstream.send_data(sid, b"a" * 3000)
+    wire = upstream.data_to_send()
+    client.feed(wire[:-1000])  # the DATA frame's last 1000 bytes come with the next read
+    client.feed(wire[-1000:])
+    assert sink.data(sid) == b"a" * 3000
+    upstream.send_data(sid, b"b" * 10, end_stream=True)
+    client.feed(upstream.data_to_send())
+    assert sink.data(sid) == b"a" * 3000 + b"b" * 10
+    assert sink.named("on_response_end") == [("on_response_end", sid)]
+    assert client.open_streams == 0 and not sink.named("on_stream_reset")
+
+
+def test_client_follows_the_peer_stream_limit_as_its_settings_change(codec: str) -> None:
+    """``max_concurrent_streams`` is the peer's SETTINGS value (read when SETTINGS arrive)."""
+    sink = Recorder()
+    client = Http2ClientCodec(sink)
+    upstream = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    upstream.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 7}
+    )
+    upstream.initiate_connection()
+    upstream.receive_data(client.data_to_send())
+    client.feed(upstream.data_to_send())
+    assert client.max_concurrent_streams == 7
+    upstream.receive_data(client.data_to_send())  # our ACK
+    upstream.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 3})
+    client.feed(upstream.data_to_send())
+    assert client.max_concurrent_streams == 3
+    client.max_concurrent_streams = 2  # a DestinationRule's cap below the peer's
+    assert client.max_concurrent_streams == 2

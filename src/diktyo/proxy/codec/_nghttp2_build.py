@@ -10,11 +10,14 @@ more. Here libnghttp2's callbacks are C functions that
 - collect a header block into one per-session buffer, ``name\\0value\\0...`` (HTTP/2 forbids NUL
   in names and values, RFC 9113 8.2.1: a field with one is reported as invalid), and count the
   header list size against the limit;
-- call Python once per frame that matters (HEADERS with the whole block, DATA with END_STREAM,
-  RST_STREAM, SETTINGS, GOAWAY), with plain integers instead of frame structs;
+- call Python once per frame that matters (HEADERS with the whole block, DATA with its whole
+  payload and END_STREAM, RST_STREAM, SETTINGS, GOAWAY), with plain integers instead of frame
+  structs; a stream Python says it has forgotten closes without a call;
 - pass the per-frame flood checks of DATA and HEADERS frames that carry a payload without
   calling Python (the other frames go to the same Python checks as in ABI mode);
-- build the ``nghttp2_nv`` array of an outgoing header block from one ``name\\0value\\0`` blob.
+- build the ``nghttp2_nv`` array of an outgoing header block from one ``name\\0value\\0`` blob;
+- send a response body that is whole when its head goes out (``dk_submit_body``) from a copy in
+  C, so that neither its DATA frames nor its stream's close call Python.
 
 No libnghttp2 development headers are needed: the few types and functions used are declared here
 by hand against libnghttp2 1.52's public ABI (the same declarations as the ABI mode's), and the
@@ -121,12 +124,14 @@ dk_ctx *dk_ctx_new(void *handle, size_t max_hsize);
 void dk_ctx_del(dk_ctx *);
 int dk_submit(nghttp2_session *, int kind, int32_t sid, const char *blob, size_t len,
     int with_data);
+int dk_submit_body(nghttp2_session *, dk_ctx *, int32_t sid, const char *blob, size_t len,
+    const char *body, size_t blen, int py_done);
 ssize_t dk_mem_send(nghttp2_session *, dk_ctx *, const char **);
 
 extern "Python" int dk_py_begin_frame(void *, int, int, size_t);
 extern "Python" int dk_py_frame(void *, int, int, int32_t, uint32_t, int32_t);
 extern "Python" int dk_py_headers(void *, int32_t, int, int, const char *, size_t);
-extern "Python" int dk_py_data(void *, int32_t, const char *, size_t);
+extern "Python" int dk_py_data(void *, int32_t, const char *, size_t, int);
 extern "Python" int dk_py_close(void *, int32_t, uint32_t);
 extern "Python" int dk_py_invalid_header(void *, int32_t, const char *, size_t);
 extern "Python" int dk_py_invalid_frame(void *, int32_t, int, int);
@@ -177,6 +182,8 @@ void nghttp2_session_callbacks_set_on_begin_headers_callback(nghttp2_session_cal
     dk_frame_cb);
 void nghttp2_session_callbacks_set_error_callback2(nghttp2_session_callbacks *, dk_error_cb);
 ssize_t nghttp2_session_mem_send(nghttp2_session *, const uint8_t **);
+int nghttp2_session_set_stream_user_data(nghttp2_session *, int32_t, void *);
+void *nghttp2_session_get_stream_user_data(nghttp2_session *, int32_t);
 """
     + SESSION_API
     + SUBMIT_API
@@ -200,13 +207,34 @@ typedef struct {
     size_t empty_run;        /* consecutive frames without payload (flood check) */
     size_t block;            /* bytes of the header block on the wire (CONTINUATION flood) */
     char *obuf; size_t ocap; /* what dk_mem_send serialized */
+    struct dk_body *bodies;  /* the response bodies dk_submit_body holds (freed at close) */
+    char *dbuf; size_t dlen; size_t dcap; int32_t dsid;  /* the DATA frame being received */
 } dk_ctx;
+
+/* a stream's user data when Python has forgotten it (dk_py_data returned 1): its close is
+   not reported */
+static char dk_forgotten;
+
+/* A whole response body, sent from C (dk_submit_body): the stream's user data until it
+   closes. py_done: Python has forgotten the stream, so its close is not reported. */
+typedef struct dk_body {
+    struct dk_body *prev, *next;
+    size_t len, off;
+    int py_done;
+    char data[];
+} dk_body;
+
+static void dk_body_free(dk_ctx *c, dk_body *b) {
+    if (b->prev) b->prev->next = b->next; else c->bodies = b->next;
+    if (b->next) b->next->prev = b->prev;
+    free(b);
+}
 
 /* the Python side (cffi's extern "Python", defined by the generated code further down) */
 static int dk_py_begin_frame(void *, int, int, size_t);
 static int dk_py_frame(void *, int, int, int32_t, uint32_t, int32_t);
 static int dk_py_headers(void *, int32_t, int, int, const char *, size_t);
-static int dk_py_data(void *, int32_t, const char *, size_t);
+static int dk_py_data(void *, int32_t, const char *, size_t, int);
 static int dk_py_close(void *, int32_t, uint32_t);
 static int dk_py_invalid_header(void *, int32_t, const char *, size_t);
 static int dk_py_invalid_frame(void *, int32_t, int, int);
@@ -215,8 +243,35 @@ static ssize_t dk_py_read(void *, int32_t, uint8_t *, size_t, uint32_t *);
 
 static int dk_api_version(void) { return DK_API_VERSION; }
 
+static void dk_forget(nghttp2_session *s, int32_t sid) {
+    dk_body *b = (dk_body *)nghttp2_session_get_stream_user_data(s, sid);
+    if (b == NULL)
+        nghttp2_session_set_stream_user_data(s, sid, &dk_forgotten);
+    else if ((void *)b != (void *)&dk_forgotten)
+        b->py_done = 1;
+}
+
+/* The DATA frame's payload so far to Python (end: the frame carried END_STREAM). */
+static int dk_data_out(nghttp2_session *s, dk_ctx *c, int end) {
+    int32_t sid = c->dsid;
+    size_t n = c->dlen;
+    int rv;
+    c->dlen = 0;
+    rv = dk_py_data(c->handle, sid, c->dbuf, n, end);
+    if (rv == 1) {
+        dk_forget(s, sid);
+        return 0;
+    }
+    return rv;
+}
+
 static int dk_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd, void *ud) {
     dk_ctx *c = (dk_ctx *)ud;
+    if (c->dlen) {  /* a DATA frame that never completed (its stream went): hand over its data */
+        int rv = dk_data_out(s, c, 0);
+        if (rv != 0)
+            return rv;
+    }
     if ((hd->type == DK_DATA || hd->type == DK_HEADERS)
             && (hd->length || (hd->flags & DK_END_STREAM))) {
         c->empty_run = 0;
@@ -280,10 +335,11 @@ static int dk_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud) {
     dk_ctx *c = (dk_ctx *)ud;
     int32_t sid = f->hd.stream_id;
     switch (f->hd.type) {
-    case DK_DATA:
-        if (!(f->hd.flags & DK_END_STREAM))
+    case DK_DATA:  /* its payload and END_STREAM in one call */
+        if (c->dlen == 0 && !(f->hd.flags & DK_END_STREAM))
             return 0;
-        break;
+        c->dsid = sid;
+        return dk_data_out(s, c, f->hd.flags & DK_END_STREAM);
     case DK_HEADERS:
         if (c->hsid != sid)
             return 0;  /* its block was dropped */
@@ -312,13 +368,42 @@ static int dk_invalid_frame(nghttp2_session *s, const nghttp2_frame *f, int err,
 
 static int dk_data(nghttp2_session *s, uint8_t fl, int32_t sid, const uint8_t *d, size_t n,
                    void *ud) {
-    return dk_py_data(((dk_ctx *)ud)->handle, sid, (const char *)d, n);
+    /* collected until the frame is complete (dk_frame_recv): one Python call per DATA frame,
+       END_STREAM included */
+    dk_ctx *c = (dk_ctx *)ud;
+    if (c->dlen && c->dsid != sid) {
+        int rv = dk_data_out(s, c, 0);
+        if (rv != 0)
+            return rv;
+    }
+    c->dsid = sid;
+    if (c->dlen + n > c->dcap) {
+        size_t cap = c->dcap ? c->dcap : 16384;
+        char *nb;
+        while (cap < c->dlen + n) cap *= 2;
+        nb = (char *)realloc(c->dbuf, cap);
+        if (nb == NULL) return DK_CALLBACK_FAILURE;
+        c->dbuf = nb;
+        c->dcap = cap;
+    }
+    memcpy(c->dbuf + c->dlen, d, n);
+    c->dlen += n;
+    return 0;
 }
 
 static int dk_close(nghttp2_session *s, int32_t sid, uint32_t code, void *ud) {
     dk_ctx *c = (dk_ctx *)ud;
+    dk_body *b = (dk_body *)nghttp2_session_get_stream_user_data(s, sid);
     if (c->hsid == sid)
         c->hsid = 0;
+    if ((void *)b == (void *)&dk_forgotten)
+        return 0;  /* Python forgot the stream when it heard its end */
+    if (b != NULL) {
+        int done = b->py_done;
+        dk_body_free(c, b);
+        if (done)
+            return 0;  /* Python dropped the stream when it handed over its last bytes */
+    }
     return dk_py_close(c->handle, sid, code);
 }
 
@@ -330,6 +415,19 @@ static int dk_error(nghttp2_session *s, int err, const char *msg, size_t n, void
 static ssize_t dk_read(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t length,
                        uint32_t *flags, nghttp2_data_source *src, void *ud) {
     return dk_py_read(((dk_ctx *)ud)->handle, sid, buf, length, flags);
+}
+
+static ssize_t dk_read_body(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t length,
+                            uint32_t *flags, nghttp2_data_source *src, void *ud) {
+    dk_body *b = (dk_body *)src->ptr;
+    size_t n = b->len - b->off;
+    if (n > length)
+        n = length;
+    memcpy(buf, b->data + b->off, n);
+    b->off += n;
+    if (b->off == b->len)
+        *flags |= 1;  /* NGHTTP2_DATA_FLAG_EOF */
+    return (ssize_t)n;
 }
 
 static nghttp2_session_callbacks *dk_cbs = NULL;
@@ -364,8 +462,11 @@ static dk_ctx *dk_ctx_new(void *handle, size_t max_hsize) {
 
 static void dk_ctx_del(dk_ctx *c) {
     if (c != NULL) {
+        while (c->bodies != NULL)
+            dk_body_free(c, c->bodies);
         free(c->buf);
         free(c->obuf);
+        free(c->dbuf);
         free(c);
     }
 }
@@ -397,15 +498,12 @@ static ssize_t dk_mem_send(nghttp2_session *s, dk_ctx *c, const char **out) {
 /* Submits a header block given as name\0value\0... (count = number of NULs / 2).
    kind 0: response, 1: request (returns the stream id), 2: headers (100-continue),
    3: trailers. with_data: a DATA source follows (read by dk_py_read). */
-static int dk_submit(nghttp2_session *s, int kind, int32_t sid, const char *blob, size_t len,
-                     int with_data) {
+static int dk_submit_prd(nghttp2_session *s, int kind, int32_t sid, const char *blob,
+                         size_t len, const nghttp2_data_provider *prd) {
     nghttp2_nv stack[64];
     nghttp2_nv *nva = stack;
     size_t n = 0, i, cap = 64, start = 0;
     int rv;
-    nghttp2_data_provider prd;
-    prd.source.ptr = NULL;
-    prd.read_callback = dk_read;
     for (i = 0; i < len; i++)
         if (blob[i] == 0) n++;
     n /= 2;
@@ -426,10 +524,10 @@ static int dk_submit(nghttp2_session *s, int kind, int32_t sid, const char *blob
     }
     switch (kind) {
     case 0:
-        rv = nghttp2_submit_response(s, sid, nva, n, with_data ? &prd : NULL);
+        rv = nghttp2_submit_response(s, sid, nva, n, prd);
         break;
     case 1:
-        rv = nghttp2_submit_request(s, NULL, nva, n, with_data ? &prd : NULL, NULL);
+        rv = nghttp2_submit_request(s, NULL, nva, n, prd, NULL);
         break;
     case 2:
         rv = nghttp2_submit_headers(s, 0, sid, NULL, nva, n, NULL);
@@ -438,6 +536,49 @@ static int dk_submit(nghttp2_session *s, int kind, int32_t sid, const char *blob
         rv = nghttp2_submit_trailer(s, sid, nva, n);
     }
     if (nva != stack) free(nva);
+    return rv;
+}
+
+static int dk_submit(nghttp2_session *s, int kind, int32_t sid, const char *blob, size_t len,
+                     int with_data) {
+    nghttp2_data_provider prd;
+    prd.source.ptr = NULL;
+    prd.read_callback = dk_read;
+    return dk_submit_prd(s, kind, sid, blob, len, with_data ? &prd : NULL);
+}
+
+/* A response head and its whole body at once (the body is known when the head goes out): the
+   body is copied and sent by dk_read_body, without a Python data provider; with py_done the
+   stream's close is not reported to Python either. An empty body: END_STREAM on HEADERS. */
+static int dk_submit_body(nghttp2_session *s, dk_ctx *c, int32_t sid, const char *blob,
+                          size_t len, const char *body, size_t blen, int py_done) {
+    nghttp2_data_provider prd;
+    dk_body *b;
+    int rv;
+    if (blen == 0)
+        return dk_submit_prd(s, 0, sid, blob, len, NULL);
+    b = (dk_body *)malloc(sizeof(dk_body) + blen);
+    if (b == NULL)
+        return -901;  /* NGHTTP2_ERR_NOMEM */
+    memcpy(b->data, body, blen);
+    b->len = blen;
+    b->off = 0;
+    b->py_done = py_done;
+    b->prev = NULL;
+    b->next = c->bodies;
+    if (c->bodies != NULL)
+        c->bodies->prev = b;
+    c->bodies = b;
+    rv = nghttp2_session_set_stream_user_data(s, sid, b);  /* fails: the stream is gone */
+    if (rv == 0) {
+        prd.source.ptr = b;
+        prd.read_callback = dk_read_body;
+        rv = dk_submit_prd(s, 0, sid, blob, len, &prd);
+        if (rv != 0)
+            nghttp2_session_set_stream_user_data(s, sid, NULL);
+    }
+    if (rv != 0)
+        dk_body_free(c, b);
     return rv;
 }
 """

@@ -6,27 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diktyo.proxy.codec.events import HeaderList, RequestHead
+# the header lists and blocks diktyo sends: compiled with the hot path (http2_fields.py)
+from diktyo.proxy.codec.http2_fields import lower_pairs as lower_pairs
+from diktyo.proxy.codec.http2_fields import request_header_block as request_header_block
+from diktyo.proxy.codec.http2_fields import request_header_list as request_header_list
+from diktyo.proxy.codec.http2_fields import response_header_block as response_header_block
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what an h2c (prior knowledge) client sends first
-
-# connection-specific headers (RFC 9113 8.2.2): never sent on HTTP/2
-_HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
-)
-_HOP_BY_HOP_STR = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "te",
-        "expect",
-        "http2-settings",
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,69 +67,4 @@ class NghttpUnavailable(RuntimeError):
     a ``RuntimeError`` subclass)."""
 
 
-def lower_pairs(pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(n.lower(), v) for n, v in pairs if n.lower() not in _HOP_BY_HOP]
-
-
 _lower = lower_pairs
-
-
-def request_header_list(head: RequestHead) -> HeaderList:
-    """The HTTP/2 header list of an upstream request (both codecs): pseudo-headers first,
-    hop-by-hop headers dropped except ``te: trailers``, cookies split into crumbs (RFC 9113
-    8.2.3), ``content-length`` from the head when it has one."""
-    hdrs = head.headers
-    authority = hdrs.get("host") or head.authority
-    pairs: HeaderList = [
-        (b":method", head.method.encode("latin-1")),
-        (b":scheme", head.scheme.encode("latin-1")),
-        (b":authority", authority.encode("latin-1")),
-        (b":path", head.path.encode("latin-1")),
-    ]
-    has_te = False
-    for name, value in hdrs.items():
-        if name in _HOP_BY_HOP_STR:
-            if name == "te" and value.strip().lower() == "trailers":
-                pairs.append((b"te", b"trailers"))
-                has_te = True
-            continue
-        n = name.lower().encode("latin-1")
-        if name == "cookie":
-            pairs.extend((n, c.strip().encode("latin-1")) for c in value.split(";"))
-        else:
-            pairs.append((n, value.encode("latin-1")))
-    if not has_te and hdrs.get("content-type", "").startswith("application/grpc"):
-        # gRPC servers require "te: trailers"; the stream strips TE as hop-by-hop (Envoy
-        # keeps "te: trailers"), so a gRPC request gets it back here
-        pairs.append((b"te", b"trailers"))
-    if head.content_length is not None and "content-length" not in hdrs:
-        pairs.append((b"content-length", str(head.content_length).encode()))
-    return pairs
-
-
-def request_header_block(head: RequestHead) -> tuple[bytes, int]:
-    """``request_header_list(head)`` as one ``name\\0value\\0...`` block and its field count
-    (libnghttp2's compiled extension takes that form): the same fields in the same order, with
-    one encode for the whole block instead of two per field."""
-    hdrs = head.headers
-    authority = hdrs.get("host") or head.authority
-    parts = [":method", head.method, ":scheme", head.scheme, ":authority", authority,
-             ":path", head.path]  # fmt: skip
-    has_te = False
-    for name, value in hdrs.items():
-        if name in _HOP_BY_HOP_STR:
-            if name == "te" and value.strip().lower() == "trailers":
-                parts += ("te", "trailers")
-                has_te = True
-            continue
-        if name == "cookie":
-            for c in value.split(";"):
-                parts += ("cookie", c.strip())
-        else:
-            parts += (name.lower(), value)
-    if not has_te and hdrs.get("content-type", "").startswith("application/grpc"):
-        parts += ("te", "trailers")
-    if head.content_length is not None and "content-length" not in hdrs:
-        parts += ("content-length", str(head.content_length))
-    parts.append("")
-    return "\0".join(parts).encode("latin-1"), (len(parts) - 1) // 2

@@ -70,12 +70,15 @@ from diktyo.proxy.codec.http2_common import (
     DEFAULT_OPTIONS,
     Http2Options,
     Http2Stats,
-    _lower,
-    request_header_block,
-    request_header_list,
 )
 from diktyo.proxy.codec.http2_common import (
     NghttpUnavailable as NghttpUnavailable,  # re-exported: http2_select, tests
+)
+from diktyo.proxy.codec.http2_fields import (
+    lower_pairs,
+    request_header_block,
+    request_header_list,
+    response_header_block,
 )
 
 log = logging.getLogger("diktyo.proxy")
@@ -150,6 +153,9 @@ _DATA_FLAG_EOF, _DATA_FLAG_NO_END_STREAM = 1, 2
 _SUBMIT_RESPONSE, _SUBMIT_REQUEST, _SUBMIT_HEADERS, _SUBMIT_TRAILER = 0, 1, 2, 3
 _HCAT_REQUEST, _HCAT_RESPONSE, _HCAT_HEADERS = 0, 1, 3
 _BIG = 2**31 - 1
+_C_BODY_MAX = (
+    65_536  # a response body up to this size, whole when its head goes out, is sent from C
+)
 
 _RESET_CODES: dict[ResetReason, int] = {
     ResetReason.LOCAL_RESET: CANCEL,
@@ -253,6 +259,7 @@ def reload_mode(abi: bool) -> Callable[[], None]:
     were created in."""
     g = globals()
     saved = {k: g[k] for k in _STATE}
+    saved_types = dict(_T)  # the ABI mode's ctypes belong to its ffi: put back with it
     env = os.environ.get(API_ENV)
     g["_lib"] = g["_load_error"] = None
     os.environ[API_ENV] = "abi" if abi else "auto"
@@ -266,6 +273,8 @@ def reload_mode(abi: bool) -> Callable[[], None]:
 
     def restore() -> None:
         g.update(saved)
+        _T.clear()
+        _T.update(saved_types)
 
     return restore
 
@@ -460,12 +469,11 @@ def _make_api_callbacks(ffi: Any) -> None:
         return int(from_handle(ud)._api_headers(sid, flags, cat, unpack(buf, n)))
 
     @ffi.def_extern(name="dk_py_data", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
-    def dk_py_data(ud: Any, sid: int, buf: Any, n: int) -> int:
+    def dk_py_data(ud: Any, sid: int, buf: Any, n: int, end: int) -> int:
         codec = from_handle(ud)
         if codec._closed:
             return _ERR_CALLBACK_FAILURE
-        codec._data(sid, unpack(buf, n))
-        return 0
+        return int(codec._data_frame(sid, unpack(buf, n) if n else b"", end))
 
     @ffi.def_extern(name="dk_py_close", onerror=fail_cb)  # type: ignore[untyped-decorator]  # cffi is untyped
     def dk_py_close(ud: Any, sid: int, code: int) -> int:
@@ -518,7 +526,7 @@ class _Flood(Exception):
 class _Stream:
     __slots__ = (
         "blocked", "end", "headers", "hsize", "local_done", "opened_at", "owed", "paused",
-        "pending", "prd", "rejected", "remote_done", "trailers", "deferred",
+        "pending", "prd", "rejected", "remote_done", "trailers", "deferred", "head",
     )  # fmt: skip
 
     def __init__(self, opened_at: float) -> None:
@@ -536,6 +544,9 @@ class _Stream:
         self.headers: HeaderList = []
         self.hsize = 0
         self.rejected = 0  # why the header block is refused: 0 no, 1 too many fields
+        # a response head not submitted yet (compiled extension): it goes out with its whole
+        # body (dk_submit_body) once the body ends, or with a data provider at the next _pull
+        self.head: bytes | None = None
 
 
 class _NgCodec:
@@ -605,6 +616,7 @@ class _NgCodec:
         self._hdr: dict[int, _Stream] = {}  # streams whose header block is being decoded
         self._prd: set[int] = set()  # streams with a submitted data provider
         self._unblocked: list[int] = []
+        self._unsent: list[int] = []  # streams whose response head waits (_Stream.head)
         self._closed = False
         self._draining = False
         self._goaway_last = _BIG
@@ -630,6 +642,8 @@ class _NgCodec:
         self._streams_opened = 0
         self._premature = 0
         self._priority_in = 0
+        # the peer's SETTINGS_MAX_CONCURRENT_STREAMS (updated when its SETTINGS arrive)
+        self._peer_streams = int(lib.nghttp2_session_get_remote_settings(self._session, 3))
 
     # ------------------------------------------------------------------ shared API
 
@@ -660,6 +674,12 @@ class _NgCodec:
     def _pull(self) -> None:
         """Serialize what nghttp2 has queued into ``self._out`` (frames in order)."""
         global _current
+        if self._unsent:  # response heads whose body did not end in time: with a provider
+            sids, self._unsent = self._unsent, []
+            for sid in sids:
+                st = self._streams.get(sid)
+                if st is not None and st.head is not None:
+                    self._submit_head(sid, st)
         prev, _current = _current, self
         try:
             self._serialize()
@@ -750,6 +770,14 @@ class _NgCodec:
         st = self._streams.get(sid)
         if st is None or st.local_done or self._closed:
             return
+        if st.head is not None:  # the response head waits for its body
+            if not end_stream:
+                st.pending += data
+                return
+            if len(st.pending) + len(data) <= _C_BODY_MAX:
+                self._submit_body(sid, st, bytes(st.pending) + data if st.pending else data)
+                return
+            self._submit_head(sid, st)
         if data:
             st.pending += data
         if end_stream:
@@ -772,8 +800,12 @@ class _NgCodec:
         st = self._streams.get(sid)
         if st is None or st.local_done or self._closed:
             return
+        if st.head is not None:
+            self._submit_head(sid, st)
+            if sid not in self._streams:
+                return
         st.local_done = True
-        st.trailers = _lower(trailers)  # sent by the data provider after the last DATA
+        st.trailers = lower_pairs(trailers)  # sent by the data provider after the last DATA
         if st.deferred:
             st.deferred = False
             self._lib.nghttp2_session_resume_data(self._session, sid)
@@ -958,7 +990,8 @@ class _NgCodec:
 
     def _api_headers(self, sid: int, flags: int, cat: int, block: bytes) -> int:
         """The compiled extension: the whole block at once, ``name\0value\0...``, its size
-        already checked."""
+        already checked. A block within the field count goes to ``_headers`` as is (each side
+        reads it in one pass); only an oversized one is split into pairs first."""
         if self._closed:
             return _ERR_CALLBACK_FAILURE
         if self._fatal is not None:
@@ -966,10 +999,16 @@ class _NgCodec:
         st = self._streams.get(sid)
         if st is None:
             st = _Stream(self._clock())
-        parts = block.split(b"\0")
-        st.headers = list(zip(parts[::2], parts[1::2], strict=False))  # parts ends with b""
-        self._block_in = block  # a request head decodes it at once (server side)
-        return self._headers_frame(sid, flags, cat, st)
+        if block.count(b"\0") > 2 * (self.options.max_headers_count + 4):
+            st.headers = _split_block(block)
+            return self._headers_frame(sid, flags, cat, st)
+        self._block_in = block
+        end = bool(flags & _END_STREAM)
+        self._headers(sid, st, cat, None, end)
+        if end and sid in self._streams:
+            self._remote_end(sid, st)
+            self._sink_end(sid)
+        return 0
 
     def _headers_frame(self, sid: int, flags: int, cat: int, st: _Stream) -> int:
         hs = st.headers
@@ -1013,9 +1052,25 @@ class _NgCodec:
         elif t == _SETTINGS:
             if not flags & _ACK:
                 self.peer_settings_received = True
+                # applied by nghttp2 before this callback; read here once, not per request
+                self._peer_streams = int(
+                    self._lib.nghttp2_session_get_remote_settings(self._session, 3)
+                )
         elif t == _GOAWAY:
             self._on_goaway(b, a)
         return 0
+
+    def _data_frame(self, sid: int, data: bytes, end: int) -> int:
+        """The compiled extension: a DATA frame's payload and its END_STREAM in one call.
+        Returns 1 when the stream is forgotten here (its close then needs no call)."""
+        if data:
+            self._data(sid, data)
+        if end and self._fatal is None:
+            st = self._streams.get(sid)
+            if st is not None:
+                self._remote_end(sid, st)
+                self._sink_end(sid)
+        return 0 if sid in self._streams else 1
 
     def _data(self, sid: int, data: bytes) -> None:
         st = self._streams.get(sid)
@@ -1075,6 +1130,34 @@ class _NgCodec:
         it); END_STREAM goes on the last DATA frame unless trailers follow."""
         st.prd = True
         self._prd.add(sid)
+
+    def _submit_head(self, sid: int, st: _Stream) -> None:
+        """Submit the waiting response head with a data provider (its body streams)."""
+        blob = st.head or b""
+        st.head = None
+        self._provider(sid, st)
+        rv = int(self._lib.dk_submit(self._session, _SUBMIT_RESPONSE, sid, blob, len(blob), True))
+        if rv < 0:
+            self._drop(sid)  # the client reset the stream meanwhile
+
+    def _submit_body(self, sid: int, st: _Stream, body: bytes) -> None:
+        """Submit the waiting response head with its whole body, sent from C: no data
+        provider, and no close callback when the request had ended already."""
+        blob = st.head or b""
+        st.head = None
+        st.pending = bytearray()
+        rv = int(
+            self._lib.dk_submit_body(
+                self._session, self._ctx, sid, blob, len(blob), body, len(body), st.remote_done
+            )
+        )
+        if rv < 0:
+            self._drop(sid)
+            return
+        if body:
+            self._data_frames_out += 1 + len(body) // 16_384
+        st.end = True
+        self._local_end(sid, st)
 
     def _submit(self, kind: int, sid: int, pairs: HeaderList, with_data: bool) -> int:
         """Submit a header block (``_SUBMIT_*``); a request returns its stream id."""
@@ -1177,14 +1260,28 @@ class _NgCodec:
                 )
 
     # the two sides
-    def _headers(self, sid: int, st: _Stream, cat: int, pairs: HeaderList, end: bool) -> None:
+    def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList | None, end: bool) -> None:
+        """A header block: as ``raw`` pairs, or (``raw`` None) as ``self._block_in``."""
         raise NotImplementedError
+
+    def _raw(self, raw: HeaderList | None) -> HeaderList:
+        """The pairs of a header block (``_headers``' ``raw``, or the block split)."""
+        if raw is not None:
+            return raw
+        block, self._block_in = self._block_in, None
+        return _split_block(block or b"")
 
     def _sink_data(self, sid: int, data: bytes) -> None:
         raise NotImplementedError
 
     def _sink_end(self, sid: int) -> None:
         raise NotImplementedError
+
+
+def _split_block(block: bytes) -> HeaderList:
+    """``name\0value\0...`` as ``(name, value)`` pairs."""
+    parts = block.split(b"\0")
+    return list(zip(parts[::2], parts[1::2], strict=False))  # parts ends with b""
 
 
 def _goaway_in(chunks: list[bytes]) -> tuple[int, str]:
@@ -1199,6 +1296,12 @@ def _goaway_in(chunks: list[bytes]) -> tuple[int, str]:
             found = (int.from_bytes(p[4:8], "big"), p[8:].decode("latin-1"))
         i += 9 + n
     return found
+
+
+def _response_list(head: ResponseHead) -> HeaderList:
+    pairs: HeaderList = [(b":status", str(head.status).encode())]
+    pairs += lower_pairs(head.pairs())
+    return pairs
 
 
 def _code_name(code: int) -> str:
@@ -1221,43 +1324,61 @@ class NgHttp2ServerCodec(_NgCodec):
         super().__init__(False, options, stats, clock)
         self.sink = sink
 
-    def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList, end: bool) -> None:
+    def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList | None, end: bool) -> None:
         if cat != _HCAT_REQUEST:
+            pairs = self._raw(raw)
             if sid in self._streams:  # trailers
                 self.stats.trailers += 1
-                self.sink.on_request_trailers(sid, raw)
+                self.sink.on_request_trailers(sid, pairs)
             return
         self._streams_opened += 1
         if st.rejected:
+            self._block_in = None
             self.stats.header_overflow += 1
             self._reset_wire(sid, PROTOCOL_ERROR)
             self._premature_reset(st)
             return
-        head = RequestHead()
-        head.version = "2"
-        headers = head.headers
-        authority = ""
         block, self._block_in = self._block_in, None
         if block is not None:  # name\0value\0...: one decode for the whole head
-            it = iter(block.decode("latin-1").split("\0"))
-            fields: Any = zip(it, it, strict=False)  # the trailing "" has no partner
+            parts = block.decode("latin-1").split("\0")  # ends with "" (the block ends with NUL)
         else:
-            fields = ((n.decode("latin-1"), v.decode("latin-1")) for n, v in raw)
-        for name, value in fields:
-            if name[0] == ":":
-                if name == ":method":
-                    head.method = value
-                elif name == ":path":
-                    head.path = value
-                elif name == ":authority":
-                    authority = value
-                elif name == ":scheme":
-                    head.scheme = value
-                continue
-            if name in headers:
-                headers[name] += ("; " if name == "cookie" else ", ") + value
-            else:
-                headers[name] = value
+            parts = []
+            for n, v in raw or ():
+                parts.append(n.decode("latin-1"))
+                parts.append(v.decode("latin-1"))
+            parts.append("")
+        nf = len(parts) - 1
+        method = path = authority = ""
+        scheme = "http"
+        i = 0
+        while i < nf:  # pseudo-headers come first (nghttp2 rejects a block where they do not)
+            name = parts[i]
+            if not name.startswith(":"):
+                break
+            value = parts[i + 1]
+            if name == ":method":
+                method = value
+            elif name == ":path":
+                path = value
+            elif name == ":authority":
+                authority = value
+            elif name == ":scheme":
+                scheme = value
+            i += 2
+        headers: dict[str, str] = {}
+        while i < nf:
+            name = parts[i]
+            prev = headers.get(name)
+            if prev is None:
+                headers[name] = parts[i + 1]
+            else:  # a repeated field: one value, joined as HTTP/1.1's
+                headers[name] = prev + ("; " if name == "cookie" else ", ") + parts[i + 1]
+            i += 2
+        head = RequestHead(headers)
+        head.version = "2"
+        head.method = method or "GET"
+        head.path = path or "/"
+        head.scheme = scheme
         st.headers = []
         if not authority:
             authority = headers.get("host", "")
@@ -1274,11 +1395,25 @@ class NgHttp2ServerCodec(_NgCodec):
         st = self._streams.get(sid)
         if st is None or st.local_done or self._closed:
             return
+        blob = b""
+        if self._api:
+            blob, n = response_header_block(head.status, head.pairs())
+            if blob.count(b"\0") != 2 * n:  # a NUL in a field: _submit leaves that field out
+                blob = b""
+            elif not end_stream:
+                st.head = blob  # goes out with its body (send_data) or at the next _pull
+                self._unsent.append(sid)
+                return
         if not end_stream:
             self._provider(sid, st)
-        pairs: HeaderList = [(b":status", str(head.status).encode())]
-        pairs += _lower(head.pairs())
-        rv = self._submit(_SUBMIT_RESPONSE, sid, pairs, not end_stream)
+        if blob:
+            rv = int(
+                self._lib.dk_submit(
+                    self._session, _SUBMIT_RESPONSE, sid, blob, len(blob), not end_stream
+                )  # fmt: skip
+            )
+        else:
+            rv = self._submit(_SUBMIT_RESPONSE, sid, _response_list(head), not end_stream)
         if rv < 0:
             self._drop(sid)  # the client reset the stream meanwhile
             return
@@ -1323,8 +1458,7 @@ class NgHttp2ClientCodec(_NgCodec):
 
     @property
     def max_concurrent_streams(self) -> int:
-        peer = int(self._lib.nghttp2_session_get_remote_settings(self._session, 3))
-        return min(peer, self._stream_cap)
+        return min(self._peer_streams, self._stream_cap)
 
     @max_concurrent_streams.setter
     def max_concurrent_streams(self, value: int) -> None:
@@ -1377,9 +1511,17 @@ class NgHttp2ClientCodec(_NgCodec):
         if end_stream:
             self._local_end(sid, st)
 
-    def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList, end: bool) -> None:
+    def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList | None, end: bool) -> None:
         if sid not in self._streams:
+            self._block_in = None
             return
+        if raw is None:
+            block = self._block_in or b""
+            if block.startswith(b":status\0"):  # nghttp2 checked: pseudo-headers come first
+                self._block_in = None
+                self._response_block(sid, st, block)
+                return
+            raw = self._raw(None)
         if raw and raw[0][0] == b":status" or any(n == b":status" for n, _ in raw):
             status = 0
             pairs: HeaderList = []
@@ -1400,6 +1542,26 @@ class NgHttp2ClientCodec(_NgCodec):
         self.stats.trailers += 1
         st.headers = []
         self.sink.on_response_trailers(sid, raw)
+
+    def _response_block(self, sid: int, st: _Stream, block: bytes) -> None:
+        """A response head from the extension's block: ``:status`` first, then the regular
+        fields (nghttp2 rejects any other pseudo-header in a response)."""
+        parts = block.split(b"\0")
+        status = int(parts[1])
+        if 100 <= status < 200:
+            return  # informational: the final head follows
+        nf = len(parts) - 1  # the block ends with NUL: the last part is b""
+        pairs: HeaderList = []
+        has_cl = False
+        i = 2
+        while i < nf:
+            name = parts[i]
+            if name == b"content-length":
+                has_cl = True
+            pairs.append((name, parts[i + 1]))
+            i += 2
+        head = ResponseHead(status, pairs, None, has_cl)
+        self.sink.on_response_headers(sid, head)
 
     def _sink_data(self, sid: int, data: bytes) -> None:
         self.sink.on_response_data(sid, data)

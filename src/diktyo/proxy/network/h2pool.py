@@ -60,11 +60,26 @@ H2_ALPN = ("istio-h2", "h2")
 DEFAULT_STREAM_LIMIT = 100
 
 # Write coalescing for HTTP/2 connections (both directions). While a read callback of an HTTP/2
-# connection runs (``write_batch``), ``flush`` only marks its connection dirty; the outermost
-# batch writes each dirty connection once when it ends. So one read carrying ten requests makes
-# one write per connection, not one per stream (each stream's events used to flush at once).
+# connection runs (``write_batch``), ``flush`` only marks its connection dirty; when the outermost
+# batch ends, the dirty connections are written once each at the end of this event-loop turn
+# (``call_soon``: after every socket this poll found readable has been read, before the loop
+# polls again). So one read carrying ten requests makes one write per connection, not one per
+# stream (each stream's events used to flush at once), and the reads of ten downstream
+# connections in one turn make one write to their shared upstream connection, not ten.
 _batch_depth = 0
 _dirty: list[Any] = []
+_flush_loop: Any = None  # the loop a _flush_dirty is scheduled on (tests run several loops)
+
+
+def _flush_dirty() -> None:
+    global _flush_loop
+    _flush_loop = None
+    while _dirty:
+        conns = _dirty[:]
+        _dirty.clear()
+        for c in conns:
+            c.flush_dirty = False
+            c.flush_now()
 
 
 class write_batch:  # noqa: N801 - used as ``with write_batch():``
@@ -75,15 +90,17 @@ class write_batch:  # noqa: N801 - used as ``with write_batch():``
         _batch_depth += 1
 
     def __exit__(self, *exc: object) -> None:
-        global _batch_depth
+        global _batch_depth, _flush_loop
         _batch_depth -= 1
-        if _batch_depth == 0:
-            while _dirty:
-                conns = _dirty[:]
-                _dirty.clear()
-                for c in conns:
-                    c.flush_dirty = False
-                    c.flush_now()
+        if _batch_depth == 0 and _dirty:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a codec driven by hand): write now
+                _flush_dirty()
+                return
+            if _flush_loop is not loop:
+                _flush_loop = loop
+                loop.call_soon(_flush_dirty)
 
 
 def defer_flush(conn: Any) -> bool:
