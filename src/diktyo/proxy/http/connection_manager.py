@@ -251,6 +251,7 @@ class HttpConnection(asyncio.Protocol):
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
         self.codec = Http1ServerCodec(self, accept_http_10=ctx.sidecar.accept_http_10)
+        self.codec.h1 = self  # compiled: the codec's events are native calls to this class
         self.decoder = self.codec.decoder  # header-timeout bookkeeping reads it per read
         self.transport: asyncio.Transport | None = None
         # a list, not a deque: a deque allocates a 64-slot block (~600 B) per idle connection
@@ -299,7 +300,7 @@ class HttpConnection(asyncio.Protocol):
         decoder = self.decoder
         begun = decoder.begun
         try:
-            self.codec.feed(data)  # (the decoder's own method: no wrapper call)
+            decoder.feed(data)  # (codec.feed is this method; compiled, this call is native)
         except CodecError as exc:
             error = exc
         if decoder.begun != begun:
@@ -310,8 +311,10 @@ class HttpConnection(asyncio.Protocol):
             u = s.upstream
             if u is not None:
                 uc = u.conn
-                if uc is not None:
+                if isinstance(uc, UpstreamConnection):  # compiled: a native call
                     uc.write()  # what this read produced for the upstream, in one write
+                elif uc is not None:
+                    uc.write()
         if error is not None:
             self.codec_error(error)
 
@@ -563,6 +566,9 @@ class DownstreamStream:
 
     def __init__(self, conn: DownstreamConnection, sid: int, head: RequestHead) -> None:
         self.conn = conn
+        # the connection when it is an HTTP/1.1 one (HTTP/2 streams have a per-stream view):
+        # compiled, calls on it and on its codec are native instead of generic (issue 11)
+        self.h1: HttpConnection | None = conn if isinstance(conn, HttpConnection) else None
         self.codec = conn.codec
         self.sid = sid
         self.head = head
@@ -836,7 +842,8 @@ class DownstreamStream:
                         h.pop(t, None)
             for k in HOP_BY_HOP_STR.intersection(h):
                 del h[k]
-        peer = self.conn.peer
+        h1 = self.h1
+        peer = h1.peer if h1 is not None else self.conn.peer
         if peer:
             xff = h.get("x-forwarded-for")
             h["x-forwarded-for"] = peer if xff is None else f"{xff}, {peer}"
@@ -892,10 +899,8 @@ class DownstreamStream:
     def attempt_attached(self, a: UpstreamRequest) -> None:
         conn = a.conn
         assert conn is not None
-        codec = conn.codec
         h = self.out_headers
         h["x-envoy-attempt-count"] = "1" if a.attempt == 1 else str(a.attempt)
-        a.sid = sid = codec.new_stream()
         head = self.head
         if self.path_out != head.path:
             uh = self.upstream_head
@@ -913,6 +918,46 @@ class DownstreamStream:
         chunks = self.chunks
         req_done = self.req_done
         trailers = self.req_trailers
+        if isinstance(conn, UpstreamConnection) and not chunks and trailers is None:
+            # HTTP/1.1, nothing but the head yet (the common case): compiled, native calls
+            c1 = conn.codec
+            a.sid = sid = c1.new_stream()
+            c1.send_headers(sid, uh, req_done)
+            if req_done:
+                a.sent_all = True
+            if not self.in_read:  # else data_received writes it with the rest of the read
+                conn.write()
+        else:
+            self.send_attempt(a, conn, uh, chunks, req_done, trailers)
+        h1 = self.h1
+        if h1 is not None:
+            if h1.paused & PAUSE_BUFFER:
+                h1.resume(PAUSE_BUFFER)
+            if h1.write_paused:
+                conn.pause_reading()
+        else:
+            dc = self.conn
+            if dc.paused & PAUSE_BUFFER:
+                dc.resume(PAUSE_BUFFER)
+            if dc.write_paused:
+                conn.pause_reading()
+        pt = self.per_try
+        if pt:
+            a.start_try_timer(self.rt.loop, pt)
+
+    def send_attempt(
+        self,
+        a: UpstreamRequest,
+        conn: UpstreamConnectionLike,
+        uh: RequestHead,
+        chunks: list[bytes] | None,
+        req_done: bool,
+        trailers: HeaderList | None,
+    ) -> None:
+        """Encode the request for attempt ``a`` on ``conn``: head, the body kept so far and the
+        trailers; written at once unless a downstream read is being decoded."""
+        codec = conn.codec
+        a.sid = sid = codec.new_stream()
         codec.send_headers(sid, uh, req_done and not chunks and trailers is None)
         if chunks:
             for c in chunks:
@@ -928,14 +973,6 @@ class DownstreamStream:
             a.sent_all = True
         if not self.in_read:  # else data_received writes it, with what the rest of the read adds
             conn.write()
-        dc = self.conn
-        if dc.paused & PAUSE_BUFFER:
-            dc.resume(PAUSE_BUFFER)
-        if dc.write_paused:
-            conn.pause_reading()
-        pt = self.per_try
-        if pt:
-            a.start_try_timer(self.rt.loop, pt)
 
     def attempt_overflow(self, a: UpstreamRequest, message: str) -> None:
         self.local_reply(503, message.encode(), "UO")
@@ -1019,7 +1056,10 @@ class DownstreamStream:
         a = self.upstream
         if a is not None and not self.discard:
             conn = a.conn
-            if conn is not None:
+            if isinstance(conn, UpstreamConnection) and self.req_trailers is None:
+                conn.codec.send_data(a.sid, b"", True)  # compiled: a native call
+                a.sent_all = True
+            elif conn is not None:
                 if self.req_trailers is not None:
                     conn.codec.send_trailers(a.sid, self.req_trailers)
                 else:
@@ -1084,7 +1124,11 @@ class DownstreamStream:
         if self.grpc_status:
             self.trailers_only = head  # sent with END_STREAM by upstream_end (gRPC needs that)
             return
-        self.codec.send_headers(self.sid, head)
+        h1 = self.h1
+        if h1 is not None:  # compiled: a native call
+            h1.codec.send_headers(self.sid, head)
+        else:
+            self.codec.send_headers(self.sid, head)
 
     def upstream_data(self, a: UpstreamRequest, data: bytes) -> None:
         if self.phase is not RESPONDING:
@@ -1101,7 +1145,11 @@ class DownstreamStream:
         if chain is not None and chain.encode_body:
             for f in chain.encode_body:
                 f.encode_data(self, data, False)
-        self.codec.send_data(self.sid, data)
+        h1 = self.h1
+        if h1 is not None:  # compiled: a native call
+            h1.codec.send_data(self.sid, data)
+        else:
+            self.codec.send_data(self.sid, data)
 
     def upstream_trailers(self, a: UpstreamRequest, trailers: HeaderList) -> None:
         """Response trailers (gRPC status) end the response on the wire; the end event that
@@ -1124,14 +1172,21 @@ class DownstreamStream:
         if self.phase is not RESPONDING:
             return
         to = self.trailers_only
+        h1 = self.h1
         if to is not None:
             self.trailers_only = None
             self.codec.send_headers(self.sid, to, True)
         elif not self.resp_trailers_sent:
-            self.codec.send_data(self.sid, b"", True)
+            if h1 is not None:  # compiled: a native call
+                h1.codec.send_data(self.sid, b"", True)
+            else:
+                self.codec.send_data(self.sid, b"", True)
         if self.state is not None:
             _stamp_response_end(self.state)
-        self.conn.flush()
+        if h1 is not None:
+            h1.flush()
+        else:
+            self.conn.flush()
         self.phase = RESPONDED  # RESPONDING -> RESPONDED, checked above
         status = self.status
         a.end(status, status == 502 or status == 503 or status == 504)
@@ -1385,10 +1440,20 @@ class DownstreamStream:
             flags = "-" if self.flags is None else join_flags(self.flags)
             dur = (_monotonic() - self.t0) * 1000.0
             for f in chain.complete:
-                f.on_complete(self, flags, dur)
+                if isinstance(f, StatsFilter):  # compiled: a native call, fields read natively
+                    f.count(
+                        self.peer, self.host, self.cstate, self.grpc, self.grpc_status,
+                        self.grpc_msgs, self.status, self.req_bytes, self.resp_bytes, flags, dur,
+                    )  # fmt: skip
+                else:
+                    f.on_complete(self, flags, dur)
         self.ctx.stats.server["downstream_rq_total"] += 1
         if notify:
-            self.conn.stream_done(self)
+            h1 = self.h1
+            if h1 is not None:  # compiled: a native call
+                h1.stream_done(self)
+            else:
+                self.conn.stream_done(self)
 
     # ------------------------------------------------------------------ mirrors
     def _lb(self) -> Any:

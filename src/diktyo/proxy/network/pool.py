@@ -43,7 +43,7 @@ import logging
 from collections import deque
 from typing import Any, Protocol
 
-from diktyo.proxy.network.upstream import UpstreamConnection, dial
+from diktyo.proxy.network.upstream import Requester, UpstreamConnection, dial
 
 MAX_IDLE_PER_HOST = 64
 log = logging.getLogger("diktyo.proxy")
@@ -149,7 +149,10 @@ class Http1Pool:
                 conn.requests += 1  # self._hand(conn, stream) inlined (hot path)
                 conn.stream = stream
                 conn.codec.sink = stream
-                stream.attach(conn)
+                if isinstance(stream, Requester):  # the upstream attempt: a native call
+                    stream.attach(conn)
+                else:
+                    stream.attach(conn)
                 return
         breaker = self.state.breaker
         if not breaker.try_enter_pending():
