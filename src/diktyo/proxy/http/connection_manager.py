@@ -71,9 +71,10 @@ from diktyo.proxy.network.upstream import UpstreamConnection
 from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER
 
 if TYPE_CHECKING:
+    from diktyo.proxy.codec.events import ServerCodec
     from diktyo.proxy.http.context import DownstreamConnection, ListenerContext, Runtime
     from diktyo.proxy.network.upstream import UpstreamConnectionLike
-    from diktyo.proxy.router.matcher import CompiledDestination, CompiledRoute
+    from diktyo.proxy.router.matcher import CompiledDestination, CompiledRoute, RouteMatcher
     from diktyo.proxy.upstream.cluster import ClusterState
 
 __all__ = [
@@ -245,11 +246,56 @@ def chain_for(rt: Runtime, ctx: ListenerContext) -> FilterChain:
     return chain
 
 
+class ListenerView:
+    """What a stream reads per request of its listener and of the snapshot's runtime, copied
+    once per (listener, runtime) into a compiled object: native field reads instead of
+    attribute lookups on the sidecar's Python objects (issue 11, `lean`). Built by the first
+    request after a snapshot swap: the sidecar replaces its runtime and updates its listeners
+    in one step, with no request in between."""
+
+    def __init__(self, ctx: ListenerContext, rt: Runtime) -> None:
+        self.ctx = ctx
+        self.rt = rt
+        self.direction = ctx.direction
+        self.cluster = ctx.cluster  # inbound: the local cluster
+        self.default_host = ctx.default_host
+        self.service_port = ctx.service_port
+        self.server: dict[str, int] = ctx.stats.server
+        self.clusters: dict[str, ClusterState] = rt.clusters
+        self.matcher: RouteMatcher | None = rt.matchers.get(ctx.route_table)
+        self.pools: dict[str, Any] = rt.pools
+        self.rng = rt.rng
+        self.peer_header = rt.peer_header
+        self.request_ids: Any = rt.request_ids
+        self.chain = chain = chain_for(rt, ctx)
+        self.decode = chain.decode
+        self.route = chain.route
+        self.encode = chain.encode
+        self.encode_body = chain.encode_body
+        self.complete = chain.complete
+
+
+_VIEWS: dict[Any, ListenerView] = {}  # listener context -> its view of the current runtime
+_VIEWS_MAX = 256  # (listeners replaced by snapshots leave theirs: cleared when full)
+
+
+def listener_view(ctx: ListenerContext, rt: Runtime) -> ListenerView:
+    """The view of ``rt`` for listener ``ctx`` (one per listener, rebuilt when ``rt`` changes)."""
+    v = _VIEWS.get(ctx)
+    if v is None or v.rt is not rt:
+        if len(_VIEWS) >= _VIEWS_MAX:
+            _VIEWS.clear()
+        v = _VIEWS[ctx] = ListenerView(ctx, rt)
+    return v
+
+
 class HttpConnection(asyncio.Protocol):
     """One downstream HTTP/1.1 connection (see module docstring); the codec's ``ServerSink``."""
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
+        self.sidecar = ctx.sidecar
+        self.view: ListenerView | None = None  # of the runtime its last request ran on
         self.codec = Http1ServerCodec(self, accept_http_10=ctx.sidecar.accept_http_10)
         self.codec.h1 = self  # compiled: the codec's events are native calls to this class
         self.decoder = self.codec.decoder  # header-timeout bookkeeping reads it per read
@@ -522,6 +568,7 @@ class DownstreamStream:
     filter_stage = 0  # 0: decode filters, 1: route filters (where continue_decoding resumes)
     filter_index = 0
     route: CompiledRoute | None = None
+    view: ListenerView | None = None  # set by start: the listener's view of the runtime
     route_done = False
     block = 0
     dest: CompiledDestination | None = None
@@ -568,11 +615,16 @@ class DownstreamStream:
         self.conn = conn
         # the connection when it is an HTTP/1.1 one (HTTP/2 streams have a per-stream view):
         # compiled, calls on it and on its codec are native instead of generic (issue 11)
-        self.h1: HttpConnection | None = conn if isinstance(conn, HttpConnection) else None
-        self.codec = conn.codec
+        h1 = conn if isinstance(conn, HttpConnection) else None
+        self.h1: HttpConnection | None = h1
+        if h1 is not None:  # (native reads)
+            self.codec: ServerCodec = h1.codec
+            self.ctx: ListenerContext = h1.ctx
+        else:
+            self.codec = conn.codec
+            self.ctx = conn.ctx
         self.sid = sid
         self.head = head
-        self.ctx = conn.ctx
         self.t0 = _monotonic()
         self.out_headers: dict[str, str] = head.headers
         self.path_out = head.path
@@ -594,17 +646,18 @@ class DownstreamStream:
         if self.route_done:
             return self.route
         self.route_done = True
-        ctx = self.ctx
-        if ctx.direction == "inbound":
+        v = self.view
+        assert v is not None  # (set by start)
+        if v.direction == "inbound":
             return None
         head = self.head
-        authority = ctx.default_host or head.authority
+        authority = v.default_host or head.authority
         self.authority = authority
-        matcher = self.rt.matchers.get(ctx.route_table)
+        matcher = v.matcher
         if matcher is None:
             return None
         found = matcher.match_request(
-            head.method, head.path, authority, head.headers, head.scheme, ctx.service_port
+            head.method, head.path, authority, head.headers, head.scheme, v.service_port
         )
         if found is not None:
             self.route, self.block = found
@@ -675,11 +728,21 @@ class DownstreamStream:
         filter (the common case) costs no extra call here."""
         head = self.head
         ctx = self.ctx
-        direction = ctx.direction
         if i == 0:
-            rt = ctx.sidecar.rt
-            assert rt is not None
+            h1 = self.h1
+            if h1 is not None:
+                rt = h1.sidecar.rt
+                assert rt is not None
+                v = h1.view
+                if v is None or v.rt is not rt:
+                    v = h1.view = listener_view(ctx, rt)
+            else:
+                rt = ctx.sidecar.rt
+                assert rt is not None
+                v = listener_view(ctx, rt)
+            self.view = v
             self.rt = rt
+            direction = v.direction
             ct = head.headers.get("content-type")
             if ct is not None and ct.startswith("application/grpc"):
                 self.grpc = grpc.is_grpc(ct)
@@ -687,17 +750,19 @@ class DownstreamStream:
                     self.grpc_msgs = (MessageCounter(), MessageCounter())
             if head.expect_continue and head.has_body and not self.req_done:
                 self.conn.send_continue(self.sid)
-            chain = rt.filter_chains.get(direction)  # chain_for() inlined (hot path)
-            self.chain = chain if chain is not None else chain_for(rt, ctx)
+            self.chain = v.chain
             if direction == "inbound":
-                self.cstate = rt.clusters.get(ctx.cluster)
+                self.cstate = v.clusters.get(v.cluster)
                 if self.cstate is None:
                     self.local_reply(503, b"", "NC")
                     return
             elif direction == "gateway":
                 strip_edge_headers(head.headers)
-        assert self.chain is not None
-        filters = self.chain.decode
+        else:
+            v = self.view
+            assert v is not None
+            direction = v.direction
+        filters = v.decode
         n = len(filters)
         while i < n:
             f = filters[i]
@@ -718,7 +783,6 @@ class DownstreamStream:
             return
         # the route's action (here, not in a method of its own: one call less per request)
         route = cr.route
-        rt = self.rt
         if cr.terminal:  # a direct response or a redirect (one native test for both)
             if route.direct_response is not None:
                 dr = route.direct_response
@@ -732,19 +796,20 @@ class DownstreamStream:
                     route.redirect.code, b"", "", [(b"location", self.redirect_location().encode())]
                 )
                 return
-        dest = cr.pick(rt.rng)
+        dest = cr.pick(v.rng)
         if dest is None:
             self.local_reply(503, b"", "NC")
             return
         self.dest = dest
-        self.cstate = rt.clusters.get(dest.wc.cluster)
+        self.cstate = v.clusters.get(dest.cluster)
         if self.cstate is None:
             self.local_reply(503, b"", "NC")
             return
         self.prepare_headers()
         h = self.out_headers
-        if rt.peer_header is not None:  # who we are, for the server's telemetry (mesh only)
-            h[PEER_METADATA_HEADER] = rt.peer_header
+        peer_header = v.peer_header
+        if peer_header is not None:  # who we are, for the server's telemetry (mesh only)
+            h[PEER_METADATA_HEADER] = peer_header
         if cr.has_rewrite:
             rw = route.rewrite
             self.path_out = cr.rewrite_path(self.head.path, self.block)
@@ -755,8 +820,9 @@ class DownstreamStream:
         self.run_route_filters(0)
 
     def run_route_filters(self, i: int) -> None:
-        assert self.chain is not None
-        filters = self.chain.route
+        v = self.view
+        assert v is not None  # (set by start)
+        filters = v.route
         head = self.head
         n = len(filters)
         while i < n:
@@ -776,7 +842,6 @@ class DownstreamStream:
         if FORWARDING not in _NEXT[self.phase]:
             raise IllegalTransition(self.phase, FORWARDING)
         self.phase = FORWARDING
-        rt = self.rt
         head = self.head
         hh = head.headers
         timeout = cr.timeout if cr is not None else None
@@ -786,11 +851,11 @@ class DownstreamStream:
         if ov is not None and ov.isdigit():
             timeout = int(ov) / 1000.0
         if timeout:
-            self.timer = rt.loop.call_later(timeout, self.on_timeout)
+            self.timer = self.rt.loop.call_later(timeout, self.on_timeout)
         if cr is not None and cr.retries is not None:
             self.per_try = cr.retries.per_try_timeout
         cs: ClusterState = self.cstate  # typed: native attribute reads when compiled
-        self.pool = pool = rt.pools[cs.name]
+        self.pool = pool = v.pools[cs.name]
         if head.upgrade_to and pool.protocol != "HTTP/1.1":
             # a WebSocket upgrade needs HTTP/1.1 to the endpoints; Envoy refuses an upgrade
             # its route cannot carry with 403 (response code details "upgrade_failed")
@@ -849,7 +914,8 @@ class DownstreamStream:
             h["x-forwarded-for"] = peer if xff is None else f"{xff}, {peer}"
         if "x-request-id" not in h:
             # RequestIds.next() inlined; cast: compiled, its two fields are native reads
-            ids = cast(RequestIds, self.rt.request_ids)
+            v = self.view
+            ids = cast(RequestIds, v.request_ids if v is not None else self.rt.request_ids)
             ids.n = n = (ids.n + 1) & 0xFFFFFFFFFFFF
             # "%012x" % n: one C call; an f-string with a format spec costs mypyc two
             # format() calls (timeit, compiled: 1.13 -> 0.46 us)
@@ -1117,9 +1183,9 @@ class DownstreamStream:
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
-        chain = self.chain
-        if chain is not None:
-            for f in chain.encode:
+        v = self.view
+        if v is not None:
+            for f in v.encode:
                 f.encode_headers(self, head)
         if self.grpc_status:
             self.trailers_only = head  # sent with END_STREAM by upstream_end (gRPC needs that)
@@ -1141,9 +1207,9 @@ class DownstreamStream:
         if self.tunnel_seen:
             self.tunnel_seen = _monotonic()
         self.resp_bytes += len(data)
-        chain = self.chain
-        if chain is not None and chain.encode_body:
-            for f in chain.encode_body:
+        v = self.view
+        if v is not None and v.encode_body:
+            for f in v.encode_body:
                 f.encode_data(self, data, False)
         h1 = self.h1
         if h1 is not None:  # compiled: a native call
@@ -1435,11 +1501,11 @@ class DownstreamStream:
         rs = self.rs
         if rs is not None and hasattr(rs, "finish"):
             rs.finish()
-        chain = self.chain
-        if chain is not None:
+        v = self.view
+        if v is not None:
             flags = "-" if self.flags is None else join_flags(self.flags)
             dur = (_monotonic() - self.t0) * 1000.0
-            for f in chain.complete:
+            for f in v.complete:
                 if isinstance(f, StatsFilter):  # compiled: a native call, fields read natively
                     f.count(
                         self.peer, self.host, self.cstate, self.grpc, self.grpc_status,
@@ -1447,7 +1513,10 @@ class DownstreamStream:
                     )  # fmt: skip
                 else:
                     f.on_complete(self, flags, dur)
-        self.ctx.stats.server["downstream_rq_total"] += 1
+        if v is not None:
+            v.server["downstream_rq_total"] += 1
+        else:
+            self.ctx.stats.server["downstream_rq_total"] += 1
         if notify:
             h1 = self.h1
             if h1 is not None:  # compiled: a native call
