@@ -254,7 +254,6 @@ class ListenerView:
     in one step, with no request in between."""
 
     def __init__(self, ctx: ListenerContext, rt: Runtime) -> None:
-        self.ctx = ctx
         self.rt = rt
         self.direction = ctx.direction
         self.cluster = ctx.cluster  # inbound: the local cluster
@@ -275,16 +274,20 @@ class ListenerView:
         self.complete = chain.complete
 
 
-_VIEWS: dict[Any, ListenerView] = {}  # listener context -> its view of the current runtime
-_VIEWS_MAX = 256  # (listeners replaced by snapshots leave theirs: cleared when full)
+# listener context -> its view of the runtime in use: the views of one runtime only (the
+# first request after a swap drops the old runtime's, listeners gone from the snapshot too)
+_VIEWS: dict[Any, ListenerView] = {}
 
 
 def listener_view(ctx: ListenerContext, rt: Runtime) -> ListenerView:
-    """The view of ``rt`` for listener ``ctx`` (one per listener, rebuilt when ``rt`` changes)."""
+    """The view of ``rt`` for listener ``ctx`` (one per listener, rebuilt when ``rt`` changes).
+    An HTTP/1.1 connection keeps its own reference to it; until its next request an idle
+    connection holds the runtime it last served on, as Envoy's connections hold the listener
+    config they were accepted under until they close."""
     v = _VIEWS.get(ctx)
     if v is None or v.rt is not rt:
-        if len(_VIEWS) >= _VIEWS_MAX:
-            _VIEWS.clear()
+        if _VIEWS and next(iter(_VIEWS.values())).rt is not rt:
+            _VIEWS.clear()  # a new runtime: the old one's views go, the old runtime with them
         v = _VIEWS[ctx] = ListenerView(ctx, rt)
     return v
 
