@@ -42,6 +42,7 @@ HOT_PATH: tuple[str, ...] = (
     "diktyo.proxy.network.upstream",
     "diktyo.proxy.filters.telemetry",
     "diktyo.proxy.router.matcher",
+    "diktyo.proxy.router.retry",  # the retry budget's counters, per request (lean)
     "diktyo.proxy.upstream.circuit_breaker",  # workers share counts through a delegate (lean)
     "diktyo.proxy.upstream.cluster",
     "diktyo.proxy.upstream.host",
