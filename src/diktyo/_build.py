@@ -27,8 +27,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 # the modules setup.py compiles (one mypyc group); each must stay mypy --strict clean.
-# Not here: proxy/upstream/circuit_breaker.py (workers' SharedCircuitBreaker subclasses it, and
-# Python classes cannot subclass mypyc's), proxy/http/phases.py (an IntEnum, a RuntimeError).
+# Not here: proxy/http/phases.py (an IntEnum, a RuntimeError).
 HOT_PATH: tuple[str, ...] = (
     "diktyo.proxy.codec.events",
     "diktyo.proxy.codec.http1",
@@ -44,6 +43,8 @@ HOT_PATH: tuple[str, ...] = (
     "diktyo.proxy.network.upstream",
     "diktyo.proxy.filters.telemetry",
     "diktyo.proxy.router.matcher",
+    "diktyo.proxy.router.retry",  # the retry budget's counters, per request (lean)
+    "diktyo.proxy.upstream.circuit_breaker",  # workers share counts through a delegate (lean)
     "diktyo.proxy.upstream.cluster",
     "diktyo.proxy.upstream.host",
     "diktyo.proxy.upstream.lb",

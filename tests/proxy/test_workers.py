@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from diktyo.proxy.upstream.circuit_breaker import CircuitBreaker
-from diktyo.proxy.upstream.shared_breaker import SharedCircuitBreaker, SharedCounts
+from diktyo.proxy.upstream.shared_breaker import SharedCounts, is_shared, shared_circuit_breaker
 from diktyo.proxy.workers import merge_prometheus, resolve_concurrency
 from diktyo.snapshot.codec import encode
 from diktyo.snapshot.model import ConnectionPool
@@ -165,8 +165,8 @@ def test_shared_breaker_limits_hold_across_workers() -> None:
         row = a.row("c", assign=True)
         assert row is not None
         b.rows.update(a.rows)
-        wa = SharedCircuitBreaker(pool, "DestinationRule default/c", a, row)
-        wb = SharedCircuitBreaker(pool, "DestinationRule default/c", b, row)
+        wa = shared_circuit_breaker(pool, "DestinationRule default/c", a, row)
+        wb = shared_circuit_breaker(pool, "DestinationRule default/c", b, row)
         assert wa.can_open_connection()
         wa.connection_opened()  # consumes the reservation: counted once
         assert wa.total(0) == 1 and wa.connections == 1
@@ -189,9 +189,10 @@ def test_shared_breaker_limits_hold_across_workers() -> None:
         a.clear_worker(1)  # worker 1 died: its connection and requests are gone
         assert wa.total(0) == 0 and wa.total(2) == 0
         # Istio's defaults (2^32-1): admitted without the lock, still counted in the total
-        free = SharedCircuitBreaker(ConnectionPool(), "", a, row)
+        free = shared_circuit_breaker(ConnectionPool(), "", a, row)
         assert free.try_start_request() and free.total(2) == 1
-        assert isinstance(free, CircuitBreaker)
+        assert isinstance(free, CircuitBreaker) and is_shared(free)
+        assert not is_shared(CircuitBreaker(ConnectionPool(), ""))
     finally:
         b.close()
         a.close()

@@ -56,12 +56,8 @@ import msgspec
 
 from diktyo.proxy.network.listener import bind_listener
 from diktyo.proxy.upstream import shared_breaker
-from diktyo.proxy.upstream.shared_breaker import (
-    MAX_WORKERS,
-    PENDING,
-    SharedCircuitBreaker,
-    SharedCounts,
-)
+from diktyo.proxy.upstream.circuit_breaker import PENDING
+from diktyo.proxy.upstream.shared_breaker import MAX_WORKERS, SharedCounts, is_shared
 
 if TYPE_CHECKING:
     import argparse
@@ -198,7 +194,7 @@ def nudge_pools(sidecar: Any) -> bool:
     busy = False
     for pool in list(sidecar.pools.values()):
         br = pool.state.breaker
-        if not isinstance(br, SharedCircuitBreaker):
+        if not is_shared(br):
             continue
         pending = getattr(pool, "pending", None)
         if pending:

@@ -205,6 +205,35 @@ class ClientSink(Protocol):
     def on_send_unblocked(self, sid: int) -> None: ...
 
 
+class ClientSinkBase:
+    """A ``ClientSink`` as a class: the upstream attempt
+    (``proxy.http.upstream_request.UpstreamRequest``) subclasses it. Compiled, a codec that
+    finds its sink is one (``isinstance``) calls it natively instead of through a generic
+    method call on the Protocol (issue 11, `lean`); any other sink (a mirror copy, a test's
+    recorder) still satisfies the ``ClientSink`` Protocol and is called the generic way."""
+
+    def on_response_headers(self, sid: int, head: ResponseHead) -> None:
+        raise NotImplementedError
+
+    def on_response_data(self, sid: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_response_trailers(self, sid: int, trailers: HeaderList) -> None:
+        raise NotImplementedError
+
+    def on_response_end(self, sid: int) -> None:
+        raise NotImplementedError
+
+    def on_stream_reset(self, sid: int, reason: ResetReason) -> None:
+        raise NotImplementedError
+
+    def on_send_blocked(self, sid: int) -> None:
+        raise NotImplementedError
+
+    def on_send_unblocked(self, sid: int) -> None:
+        raise NotImplementedError
+
+
 # --------------------------------------------------------------------------- codecs
 
 

@@ -38,6 +38,7 @@ import httptools
 from diktyo.proxy.codec.events import (
     ClientCodec,
     ClientSink,
+    ClientSinkBase,
     CodecError,
     HeaderList,
     RequestHead,
@@ -46,6 +47,9 @@ from diktyo.proxy.codec.events import (
     ServerCodec,
     ServerSink,
 )
+
+if TYPE_CHECKING:
+    from diktyo.proxy.http.connection_manager import HttpConnection
 
 __all__ = ["CodecError", "RequestHead"]  # defined in events (protocol-neutral), re-exported
 
@@ -734,13 +738,21 @@ class _ServerRequestDecoder(RequestDecoder):
         self.codec = codec
 
     def on_body(self, body: bytes) -> None:
-        c = self.codec
-        c.sink.on_request_data(c._sid, body)  # Http1ServerCodec.on_request_body, inlined
+        c = self.codec  # Http1ServerCodec.on_request_body, inlined
+        h1 = c.h1
+        if h1 is not None:  # compiled: a native call
+            h1.on_request_data(c._sid, body)
+        else:
+            c.sink.on_request_data(c._sid, body)
 
     def on_message_complete(self) -> None:
         self._in_message = False
-        c = self.codec
-        c.sink.on_request_end(c._sid)  # Http1ServerCodec.on_request_end, inlined
+        c = self.codec  # Http1ServerCodec.on_request_end, inlined
+        h1 = c.h1
+        if h1 is not None:  # compiled: a native call
+            h1.on_request_end(c._sid)
+        else:
+            c.sink.on_request_end(c._sid)
 
 
 class _ClientResponseDecoder(ResponseDecoder):
@@ -754,8 +766,12 @@ class _ClientResponseDecoder(ResponseDecoder):
         self.codec = codec
 
     def on_body(self, body: bytes) -> None:
-        c = self.codec
-        c.sink.on_response_data(c._sid, body)  # Http1ClientCodec.on_response_body, inlined
+        c = self.codec  # Http1ClientCodec.on_response_body, inlined
+        sink = c.sink
+        if isinstance(sink, ClientSinkBase):  # the upstream attempt: compiled, a native call
+            sink.on_response_data(c._sid, body)
+        else:
+            sink.on_response_data(c._sid, body)
 
     def on_message_complete(self) -> None:
         # ResponseDecoder.on_message_complete with Http1ClientCodec.on_response_end inlined
@@ -766,7 +782,11 @@ class _ClientResponseDecoder(ResponseDecoder):
         self._in_body = False
         self._started = False
         c = self.codec
-        c.sink.on_response_end(c._sid)
+        sink = c.sink
+        if isinstance(sink, ClientSinkBase):  # the upstream attempt: compiled, a native call
+            sink.on_response_end(c._sid)
+        else:
+            sink.on_response_end(c._sid)
 
 
 class Http1ServerCodec:
@@ -791,12 +811,16 @@ class Http1ServerCodec:
         "closing",
         "decoder",
         "feed",
+        "h1",
         "out",
         "sink",
     )
 
     def __init__(self, sink: ServerSink, accept_http_10: bool = True) -> None:
         self.sink = sink
+        # the sink when it is the HTTP/1.1 connection (it sets this): compiled, its event
+        # methods are then native calls instead of generic ones through ServerSink (issue 11)
+        self.h1: HttpConnection | None = None
         self.decoder = _ServerRequestDecoder(self, accept_http_10=accept_http_10)
         # feed(data) decodes (events go to the sink; CodecError on malformed input): the
         # decoder's own method, so a read costs no extra call
@@ -813,7 +837,11 @@ class Http1ServerCodec:
     def on_request_head(self, head: RequestHead) -> None:
         self._sid = sid = self._sid + 1
         self._requests[sid] = head
-        self.sink.on_request_headers(sid, head)
+        h1 = self.h1
+        if h1 is not None:  # compiled: a native call
+            h1.on_request_headers(sid, head)
+        else:
+            self.sink.on_request_headers(sid, head)
 
     def on_request_body(self, chunk: bytes) -> None:
         self.sink.on_request_data(self._sid, chunk)
@@ -976,7 +1004,12 @@ class Http1ClientCodec:
             self.sink.on_response_headers(self._sid, ResponseHead(101, None, block, False))
             return
         facts = _BLOCK_CACHE.get(block) or _block_facts(block)  # (strip_hop_by_hop, cached)
-        self.sink.on_response_headers(self._sid, ResponseHead(status, None, facts[0], facts[1]))
+        head = ResponseHead(status, None, facts[0], facts[1])
+        sink = self.sink
+        if isinstance(sink, ClientSinkBase):  # the upstream attempt: compiled, a native call
+            sink.on_response_headers(self._sid, head)
+        else:
+            sink.on_response_headers(self._sid, head)
 
     def on_response_body(self, chunk: bytes) -> None:
         self.sink.on_response_data(self._sid, chunk)

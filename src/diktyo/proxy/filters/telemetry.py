@@ -36,24 +36,41 @@ class StatsFilter(HttpFilter):
         self.by_host: dict[Any, Any] = {}
 
     def on_complete(self, cb: FilterCallbacks, flags: str, duration_ms: float) -> None:
+        self.count(
+            cb.peer, cb.host, cb.cstate, cb.grpc, cb.grpc_status, cb.grpc_msgs, cb.status,
+            cb.req_bytes, cb.resp_bytes, flags, duration_ms,
+        )  # fmt: skip
+
+    def count(
+        self,
+        labels: Any,
+        host: Any,
+        cstate: Any,
+        grpc: bool,
+        grpc_status: str,
+        msgs: Any,
+        status: int,
+        req_bytes: int,
+        resp_bytes: int,
+        flags: str,
+        duration_ms: float,
+    ) -> None:
+        """``on_complete`` with the stream's fields as arguments: the HTTP/1.1 stream calls it
+        directly (compiled: one native call, its fields read natively; issue 11, `lean`)."""
         rt = self.rt
-        labels = cb.peer  # (not cb.peer_labels(): one call less per request)
-        grpc_status = cb.grpc_status
-        if labels is None:
-            host = cb.host
-            if cb.grpc:  # request_protocol="grpc"
-                labels = rt.labels_for(self.reporter, cb.cstate, host, "grpc")
+        if labels is None:  # (not an inbound peer's labels: the upstream host's)
+            if grpc:  # request_protocol="grpc"
+                labels = rt.labels_for(self.reporter, cstate, host, "grpc")
             else:
                 labels = self.by_host.get(host)
                 if labels is None:
-                    labels = rt.labels_for(self.reporter, cb.cstate, host)
+                    labels = rt.labels_for(self.reporter, cstate, host)
                     if host is not None:
                         self.by_host[host] = labels
-        rt.record(labels, cb.status, flags, duration_ms, cb.req_bytes, cb.resp_bytes, grpc_status)
-        msgs = cb.grpc_msgs
+        rt.record(labels, status, flags, duration_ms, req_bytes, resp_bytes, grpc_status)
         if msgs is not None:
             rt.stats.metrics.record_messages(
-                labels, cb.status, flags, grpc_status, msgs[0].count, msgs[1].count
+                labels, status, flags, grpc_status, msgs[0].count, msgs[1].count
             )
 
 

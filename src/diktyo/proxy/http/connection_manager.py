@@ -71,9 +71,10 @@ from diktyo.proxy.network.upstream import UpstreamConnection
 from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER
 
 if TYPE_CHECKING:
+    from diktyo.proxy.codec.events import ServerCodec
     from diktyo.proxy.http.context import DownstreamConnection, ListenerContext, Runtime
     from diktyo.proxy.network.upstream import UpstreamConnectionLike
-    from diktyo.proxy.router.matcher import CompiledDestination, CompiledRoute
+    from diktyo.proxy.router.matcher import CompiledDestination, CompiledRoute, RouteMatcher
     from diktyo.proxy.upstream.cluster import ClusterState
 
 __all__ = [
@@ -245,12 +246,61 @@ def chain_for(rt: Runtime, ctx: ListenerContext) -> FilterChain:
     return chain
 
 
+class ListenerView:
+    """What a stream reads per request of its listener and of the snapshot's runtime, copied
+    once per (listener, runtime) into a compiled object: native field reads instead of
+    attribute lookups on the sidecar's Python objects (issue 11, `lean`). Built by the first
+    request after a snapshot swap: the sidecar replaces its runtime and updates its listeners
+    in one step, with no request in between."""
+
+    def __init__(self, ctx: ListenerContext, rt: Runtime) -> None:
+        self.rt = rt
+        self.direction = ctx.direction
+        self.cluster = ctx.cluster  # inbound: the local cluster
+        self.default_host = ctx.default_host
+        self.service_port = ctx.service_port
+        self.server: dict[str, int] = ctx.stats.server
+        self.clusters: dict[str, ClusterState] = rt.clusters
+        self.matcher: RouteMatcher | None = rt.matchers.get(ctx.route_table)
+        self.pools: dict[str, Any] = rt.pools
+        self.rng = rt.rng
+        self.peer_header = rt.peer_header
+        self.request_ids: Any = rt.request_ids
+        self.chain = chain = chain_for(rt, ctx)
+        self.decode = chain.decode
+        self.route = chain.route
+        self.encode = chain.encode
+        self.encode_body = chain.encode_body
+        self.complete = chain.complete
+
+
+# listener context -> its view of the runtime in use: the views of one runtime only (the
+# first request after a swap drops the old runtime's, listeners gone from the snapshot too)
+_VIEWS: dict[Any, ListenerView] = {}
+
+
+def listener_view(ctx: ListenerContext, rt: Runtime) -> ListenerView:
+    """The view of ``rt`` for listener ``ctx`` (one per listener, rebuilt when ``rt`` changes).
+    An HTTP/1.1 connection keeps its own reference to it; until its next request an idle
+    connection holds the runtime it last served on, as Envoy's connections hold the listener
+    config they were accepted under until they close."""
+    v = _VIEWS.get(ctx)
+    if v is None or v.rt is not rt:
+        if _VIEWS and next(iter(_VIEWS.values())).rt is not rt:
+            _VIEWS.clear()  # a new runtime: the old one's views go, the old runtime with them
+        v = _VIEWS[ctx] = ListenerView(ctx, rt)
+    return v
+
+
 class HttpConnection(asyncio.Protocol):
     """One downstream HTTP/1.1 connection (see module docstring); the codec's ``ServerSink``."""
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
+        self.sidecar = ctx.sidecar
+        self.view: ListenerView | None = None  # of the runtime its last request ran on
         self.codec = Http1ServerCodec(self, accept_http_10=ctx.sidecar.accept_http_10)
+        self.codec.h1 = self  # compiled: the codec's events are native calls to this class
         self.decoder = self.codec.decoder  # header-timeout bookkeeping reads it per read
         self.transport: asyncio.Transport | None = None
         # a list, not a deque: a deque allocates a 64-slot block (~600 B) per idle connection
@@ -299,7 +349,7 @@ class HttpConnection(asyncio.Protocol):
         decoder = self.decoder
         begun = decoder.begun
         try:
-            self.codec.feed(data)  # (the decoder's own method: no wrapper call)
+            decoder.feed(data)  # (codec.feed is this method; compiled, this call is native)
         except CodecError as exc:
             error = exc
         if decoder.begun != begun:
@@ -310,8 +360,10 @@ class HttpConnection(asyncio.Protocol):
             u = s.upstream
             if u is not None:
                 uc = u.conn
-                if uc is not None:
+                if isinstance(uc, UpstreamConnection):  # compiled: a native call
                     uc.write()  # what this read produced for the upstream, in one write
+                elif uc is not None:
+                    uc.write()
         if error is not None:
             self.codec_error(error)
 
@@ -519,6 +571,7 @@ class DownstreamStream:
     filter_stage = 0  # 0: decode filters, 1: route filters (where continue_decoding resumes)
     filter_index = 0
     route: CompiledRoute | None = None
+    view: ListenerView | None = None  # set by start: the listener's view of the runtime
     route_done = False
     block = 0
     dest: CompiledDestination | None = None
@@ -563,10 +616,18 @@ class DownstreamStream:
 
     def __init__(self, conn: DownstreamConnection, sid: int, head: RequestHead) -> None:
         self.conn = conn
-        self.codec = conn.codec
+        # the connection when it is an HTTP/1.1 one (HTTP/2 streams have a per-stream view):
+        # compiled, calls on it and on its codec are native instead of generic (issue 11)
+        h1 = conn if isinstance(conn, HttpConnection) else None
+        self.h1: HttpConnection | None = h1
+        if h1 is not None:  # (native reads)
+            self.codec: ServerCodec = h1.codec
+            self.ctx: ListenerContext = h1.ctx
+        else:
+            self.codec = conn.codec
+            self.ctx = conn.ctx
         self.sid = sid
         self.head = head
-        self.ctx = conn.ctx
         self.t0 = _monotonic()
         self.out_headers: dict[str, str] = head.headers
         self.path_out = head.path
@@ -588,17 +649,18 @@ class DownstreamStream:
         if self.route_done:
             return self.route
         self.route_done = True
-        ctx = self.ctx
-        if ctx.direction == "inbound":
+        v = self.view
+        assert v is not None  # (set by start)
+        if v.direction == "inbound":
             return None
         head = self.head
-        authority = ctx.default_host or head.authority
+        authority = v.default_host or head.authority
         self.authority = authority
-        matcher = self.rt.matchers.get(ctx.route_table)
+        matcher = v.matcher
         if matcher is None:
             return None
         found = matcher.match_request(
-            head.method, head.path, authority, head.headers, head.scheme, ctx.service_port
+            head.method, head.path, authority, head.headers, head.scheme, v.service_port
         )
         if found is not None:
             self.route, self.block = found
@@ -669,11 +731,21 @@ class DownstreamStream:
         filter (the common case) costs no extra call here."""
         head = self.head
         ctx = self.ctx
-        direction = ctx.direction
         if i == 0:
-            rt = ctx.sidecar.rt
-            assert rt is not None
+            h1 = self.h1
+            if h1 is not None:
+                rt = h1.sidecar.rt
+                assert rt is not None
+                v = h1.view
+                if v is None or v.rt is not rt:
+                    v = h1.view = listener_view(ctx, rt)
+            else:
+                rt = ctx.sidecar.rt
+                assert rt is not None
+                v = listener_view(ctx, rt)
+            self.view = v
             self.rt = rt
+            direction = v.direction
             ct = head.headers.get("content-type")
             if ct is not None and ct.startswith("application/grpc"):
                 self.grpc = grpc.is_grpc(ct)
@@ -681,17 +753,19 @@ class DownstreamStream:
                     self.grpc_msgs = (MessageCounter(), MessageCounter())
             if head.expect_continue and head.has_body and not self.req_done:
                 self.conn.send_continue(self.sid)
-            chain = rt.filter_chains.get(direction)  # chain_for() inlined (hot path)
-            self.chain = chain if chain is not None else chain_for(rt, ctx)
+            self.chain = v.chain
             if direction == "inbound":
-                self.cstate = rt.clusters.get(ctx.cluster)
+                self.cstate = v.clusters.get(v.cluster)
                 if self.cstate is None:
                     self.local_reply(503, b"", "NC")
                     return
             elif direction == "gateway":
                 strip_edge_headers(head.headers)
-        assert self.chain is not None
-        filters = self.chain.decode
+        else:
+            v = self.view
+            assert v is not None
+            direction = v.direction
+        filters = v.decode
         n = len(filters)
         while i < n:
             f = filters[i]
@@ -712,7 +786,6 @@ class DownstreamStream:
             return
         # the route's action (here, not in a method of its own: one call less per request)
         route = cr.route
-        rt = self.rt
         if cr.terminal:  # a direct response or a redirect (one native test for both)
             if route.direct_response is not None:
                 dr = route.direct_response
@@ -726,19 +799,20 @@ class DownstreamStream:
                     route.redirect.code, b"", "", [(b"location", self.redirect_location().encode())]
                 )
                 return
-        dest = cr.pick(rt.rng)
+        dest = cr.pick(v.rng)
         if dest is None:
             self.local_reply(503, b"", "NC")
             return
         self.dest = dest
-        self.cstate = rt.clusters.get(dest.wc.cluster)
+        self.cstate = v.clusters.get(dest.cluster)
         if self.cstate is None:
             self.local_reply(503, b"", "NC")
             return
         self.prepare_headers()
         h = self.out_headers
-        if rt.peer_header is not None:  # who we are, for the server's telemetry (mesh only)
-            h[PEER_METADATA_HEADER] = rt.peer_header
+        peer_header = v.peer_header
+        if peer_header is not None:  # who we are, for the server's telemetry (mesh only)
+            h[PEER_METADATA_HEADER] = peer_header
         if cr.has_rewrite:
             rw = route.rewrite
             self.path_out = cr.rewrite_path(self.head.path, self.block)
@@ -749,8 +823,9 @@ class DownstreamStream:
         self.run_route_filters(0)
 
     def run_route_filters(self, i: int) -> None:
-        assert self.chain is not None
-        filters = self.chain.route
+        v = self.view
+        assert v is not None  # (set by start)
+        filters = v.route
         head = self.head
         n = len(filters)
         while i < n:
@@ -770,7 +845,6 @@ class DownstreamStream:
         if FORWARDING not in _NEXT[self.phase]:
             raise IllegalTransition(self.phase, FORWARDING)
         self.phase = FORWARDING
-        rt = self.rt
         head = self.head
         hh = head.headers
         timeout = cr.timeout if cr is not None else None
@@ -780,11 +854,11 @@ class DownstreamStream:
         if ov is not None and ov.isdigit():
             timeout = int(ov) / 1000.0
         if timeout:
-            self.timer = rt.loop.call_later(timeout, self.on_timeout)
+            self.timer = self.rt.loop.call_later(timeout, self.on_timeout)
         if cr is not None and cr.retries is not None:
             self.per_try = cr.retries.per_try_timeout
         cs: ClusterState = self.cstate  # typed: native attribute reads when compiled
-        self.pool = pool = rt.pools[cs.name]
+        self.pool = pool = v.pools[cs.name]
         if head.upgrade_to and pool.protocol != "HTTP/1.1":
             # a WebSocket upgrade needs HTTP/1.1 to the endpoints; Envoy refuses an upgrade
             # its route cannot carry with 403 (response code details "upgrade_failed")
@@ -836,13 +910,15 @@ class DownstreamStream:
                         h.pop(t, None)
             for k in HOP_BY_HOP_STR.intersection(h):
                 del h[k]
-        peer = self.conn.peer
+        h1 = self.h1
+        peer = h1.peer if h1 is not None else self.conn.peer
         if peer:
             xff = h.get("x-forwarded-for")
             h["x-forwarded-for"] = peer if xff is None else f"{xff}, {peer}"
         if "x-request-id" not in h:
             # RequestIds.next() inlined; cast: compiled, its two fields are native reads
-            ids = cast(RequestIds, self.rt.request_ids)
+            v = self.view
+            ids = cast(RequestIds, v.request_ids if v is not None else self.rt.request_ids)
             ids.n = n = (ids.n + 1) & 0xFFFFFFFFFFFF
             # "%012x" % n: one C call; an f-string with a format spec costs mypyc two
             # format() calls (timeit, compiled: 1.13 -> 0.46 us)
@@ -892,10 +968,8 @@ class DownstreamStream:
     def attempt_attached(self, a: UpstreamRequest) -> None:
         conn = a.conn
         assert conn is not None
-        codec = conn.codec
         h = self.out_headers
         h["x-envoy-attempt-count"] = "1" if a.attempt == 1 else str(a.attempt)
-        a.sid = sid = codec.new_stream()
         head = self.head
         if self.path_out != head.path:
             uh = self.upstream_head
@@ -913,6 +987,46 @@ class DownstreamStream:
         chunks = self.chunks
         req_done = self.req_done
         trailers = self.req_trailers
+        if isinstance(conn, UpstreamConnection) and not chunks and trailers is None:
+            # HTTP/1.1, nothing but the head yet (the common case): compiled, native calls
+            c1 = conn.codec
+            a.sid = sid = c1.new_stream()
+            c1.send_headers(sid, uh, req_done)
+            if req_done:
+                a.sent_all = True
+            if not self.in_read:  # else data_received writes it with the rest of the read
+                conn.write()
+        else:
+            self.send_attempt(a, conn, uh, chunks, req_done, trailers)
+        h1 = self.h1
+        if h1 is not None:
+            if h1.paused & PAUSE_BUFFER:
+                h1.resume(PAUSE_BUFFER)
+            if h1.write_paused:
+                conn.pause_reading()
+        else:
+            dc = self.conn
+            if dc.paused & PAUSE_BUFFER:
+                dc.resume(PAUSE_BUFFER)
+            if dc.write_paused:
+                conn.pause_reading()
+        pt = self.per_try
+        if pt:
+            a.start_try_timer(self.rt.loop, pt)
+
+    def send_attempt(
+        self,
+        a: UpstreamRequest,
+        conn: UpstreamConnectionLike,
+        uh: RequestHead,
+        chunks: list[bytes] | None,
+        req_done: bool,
+        trailers: HeaderList | None,
+    ) -> None:
+        """Encode the request for attempt ``a`` on ``conn``: head, the body kept so far and the
+        trailers; written at once unless a downstream read is being decoded."""
+        codec = conn.codec
+        a.sid = sid = codec.new_stream()
         codec.send_headers(sid, uh, req_done and not chunks and trailers is None)
         if chunks:
             for c in chunks:
@@ -928,14 +1042,6 @@ class DownstreamStream:
             a.sent_all = True
         if not self.in_read:  # else data_received writes it, with what the rest of the read adds
             conn.write()
-        dc = self.conn
-        if dc.paused & PAUSE_BUFFER:
-            dc.resume(PAUSE_BUFFER)
-        if dc.write_paused:
-            conn.pause_reading()
-        pt = self.per_try
-        if pt:
-            a.start_try_timer(self.rt.loop, pt)
 
     def attempt_overflow(self, a: UpstreamRequest, message: str) -> None:
         self.local_reply(503, message.encode(), "UO")
@@ -1019,7 +1125,10 @@ class DownstreamStream:
         a = self.upstream
         if a is not None and not self.discard:
             conn = a.conn
-            if conn is not None:
+            if isinstance(conn, UpstreamConnection) and self.req_trailers is None:
+                conn.codec.send_data(a.sid, b"", True)  # compiled: a native call
+                a.sent_all = True
+            elif conn is not None:
                 if self.req_trailers is not None:
                     conn.codec.send_trailers(a.sid, self.req_trailers)
                 else:
@@ -1077,14 +1186,18 @@ class DownstreamStream:
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
-        chain = self.chain
-        if chain is not None:
-            for f in chain.encode:
+        v = self.view
+        if v is not None:
+            for f in v.encode:
                 f.encode_headers(self, head)
         if self.grpc_status:
             self.trailers_only = head  # sent with END_STREAM by upstream_end (gRPC needs that)
             return
-        self.codec.send_headers(self.sid, head)
+        h1 = self.h1
+        if h1 is not None:  # compiled: a native call
+            h1.codec.send_headers(self.sid, head)
+        else:
+            self.codec.send_headers(self.sid, head)
 
     def upstream_data(self, a: UpstreamRequest, data: bytes) -> None:
         if self.phase is not RESPONDING:
@@ -1097,11 +1210,15 @@ class DownstreamStream:
         if self.tunnel_seen:
             self.tunnel_seen = _monotonic()
         self.resp_bytes += len(data)
-        chain = self.chain
-        if chain is not None and chain.encode_body:
-            for f in chain.encode_body:
+        v = self.view
+        if v is not None and v.encode_body:
+            for f in v.encode_body:
                 f.encode_data(self, data, False)
-        self.codec.send_data(self.sid, data)
+        h1 = self.h1
+        if h1 is not None:  # compiled: a native call
+            h1.codec.send_data(self.sid, data)
+        else:
+            self.codec.send_data(self.sid, data)
 
     def upstream_trailers(self, a: UpstreamRequest, trailers: HeaderList) -> None:
         """Response trailers (gRPC status) end the response on the wire; the end event that
@@ -1124,11 +1241,15 @@ class DownstreamStream:
         if self.phase is not RESPONDING:
             return
         to = self.trailers_only
+        h1 = self.h1
         if to is not None:
             self.trailers_only = None
             self.codec.send_headers(self.sid, to, True)
         elif not self.resp_trailers_sent:
-            self.codec.send_data(self.sid, b"", True)
+            if h1 is not None:  # compiled: a native call
+                h1.codec.send_data(self.sid, b"", True)
+            else:
+                self.codec.send_data(self.sid, b"", True)
         if self.state is not None:
             _stamp_response_end(self.state)
         self.phase = RESPONDED  # RESPONDING -> RESPONDED, checked above
@@ -1156,7 +1277,10 @@ class DownstreamStream:
         # downstream after the pool had the connection back (tls2, issue 14): as in Envoy, whose
         # downstream write waits for the event loop, a request pending for this connection's
         # slot gets its own new connection going before the client sees this response
-        self.conn.flush()
+        if h1 is not None:  # compiled: a native call
+            h1.flush()
+        else:
+            self.conn.flush()
         if self.req_done:
             self.finish()
 
@@ -1383,15 +1507,28 @@ class DownstreamStream:
         rs = self.rs
         if rs is not None and hasattr(rs, "finish"):
             rs.finish()
-        chain = self.chain
-        if chain is not None:
+        v = self.view
+        if v is not None:
             flags = "-" if self.flags is None else join_flags(self.flags)
             dur = (_monotonic() - self.t0) * 1000.0
-            for f in chain.complete:
-                f.on_complete(self, flags, dur)
-        self.ctx.stats.server["downstream_rq_total"] += 1
+            for f in v.complete:
+                if isinstance(f, StatsFilter):  # compiled: a native call, fields read natively
+                    f.count(
+                        self.peer, self.host, self.cstate, self.grpc, self.grpc_status,
+                        self.grpc_msgs, self.status, self.req_bytes, self.resp_bytes, flags, dur,
+                    )  # fmt: skip
+                else:
+                    f.on_complete(self, flags, dur)
+        if v is not None:
+            v.server["downstream_rq_total"] += 1
+        else:
+            self.ctx.stats.server["downstream_rq_total"] += 1
         if notify:
-            self.conn.stream_done(self)
+            h1 = self.h1
+            if h1 is not None:  # compiled: a native call
+                h1.stream_done(self)
+            else:
+                self.conn.stream_done(self)
 
     # ------------------------------------------------------------------ mirrors
     def _lb(self) -> Any:

@@ -26,6 +26,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from diktyo.proxy.codec.events import HeaderList, ResetReason, ResponseHead
+from diktyo.proxy.network.upstream import Requester
 
 if TYPE_CHECKING:
     from diktyo.proxy.http.connection_manager import DownstreamStream
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
     from diktyo.proxy.upstream.host import Host
 
 
-class UpstreamRequest:
-    """One try of one request against one upstream host."""
+class UpstreamRequest(Requester):
+    """One try of one request against one upstream host. A ``Requester`` (a compiled
+    class): the pool, the connection and the HTTP/1.1 codec call it natively."""
 
     def __init__(self, stream: DownstreamStream, host: Any, attempt: int, retry_slot: bool) -> None:
         # every field set here, none as a class-level default: mypyc leaves a class-level
@@ -178,4 +180,8 @@ class UpstreamRequest:
     def flush_downstream(self) -> None:
         s = self.stream
         if s is not None:
-            s.conn.flush()
+            h1 = s.h1
+            if h1 is not None:  # compiled: a native call
+                h1.flush()
+            else:
+                s.conn.flush()

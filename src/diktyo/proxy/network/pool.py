@@ -41,9 +41,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from diktyo.proxy.network.upstream import UpstreamConnection, dial
+from diktyo.proxy.network.upstream import Requester, UpstreamConnection, dial
+
+if TYPE_CHECKING:
+    from diktyo.proxy.upstream.cluster import ClusterState
 
 MAX_IDLE_PER_HOST = 64
 log = logging.getLogger("diktyo.proxy")
@@ -149,7 +152,10 @@ class Http1Pool:
                 conn.requests += 1  # self._hand(conn, stream) inlined (hot path)
                 conn.stream = stream
                 conn.codec.sink = stream
-                stream.attach(conn)
+                if isinstance(stream, Requester):  # the upstream attempt: a native call
+                    stream.attach(conn)
+                else:
+                    stream.attach(conn)
                 return
         breaker = self.state.breaker
         if not breaker.try_enter_pending():
@@ -247,7 +253,8 @@ class Http1Pool:
             conn.codec.sink = conn  # the connection, which closes
             if conn.closed:
                 return
-            maxreq = self.state.cluster.pool.max_requests_per_connection
+            # (typed: a native read when compiled)
+            maxreq = cast("ClusterState", self.state).max_requests_per_connection
             if (
                 not conn.codec.keep_alive
                 or (maxreq and conn.requests >= maxreq)

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar, cast
 from diktyo.proxy.codec.events import (
     ClientCodec,
     ClientSink,
+    ClientSinkBase,
     CodecError,
     HeaderList,
     ResetReason,
@@ -228,6 +229,37 @@ class UpstreamCallbacks(ClientSink, Protocol):
     def flush_downstream(self) -> None: ...
 
 
+class Requester(ClientSinkBase):
+    """``UpstreamCallbacks`` as a class: the upstream attempt (``proxy.http.upstream_request.
+    UpstreamRequest``) subclasses it. Compiled, the pool and the connection call a requester
+    that is one natively (``isinstance``); a mirror copy still satisfies the Protocol and is
+    called the generic way (issue 11, `lean`)."""
+
+    def attach(self, conn: UpstreamConnectionLike) -> None:
+        raise NotImplementedError
+
+    def overflow(self, message: str) -> None:
+        raise NotImplementedError
+
+    def connect_failed(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def on_upstream_lost(self, reason: str, started: bool) -> None:
+        raise NotImplementedError
+
+    def on_upstream_protocol_error(self, detail: str) -> None:
+        raise NotImplementedError
+
+    def upstream_pause_writing(self) -> None:
+        raise NotImplementedError
+
+    def upstream_resume_writing(self) -> None:
+        raise NotImplementedError
+
+    def flush_downstream(self) -> None:
+        raise NotImplementedError
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One HTTP/1.1 connection to one upstream host, reused through the pool. Its codec's
     events go to the requester attached to it (``stream``); while idle, any byte or EOF
@@ -286,13 +318,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # bytes while idle: protocol violation
             return
         try:
-            self.codec.feed(data)
+            self.codec.decoder.feed(data)  # compiled: a native call (codec.feed is generic)
         except CodecError as exc:
             self.close()
             stream.on_upstream_protocol_error(exc.message)
             return
         if self.stream is stream:  # (a finished response already went out, and released us)
-            stream.flush_downstream()  # what this read produced, in one downstream write
+            # what this read produced, in one downstream write
+            if isinstance(stream, Requester):  # compiled: a native call
+                stream.flush_downstream()
+            else:
+                stream.flush_downstream()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows

@@ -269,10 +269,11 @@ def _ops(ops: HeaderOps | None) -> CompiledHeaderOps | None:
 
 
 class CompiledDestination:
-    __slots__ = ("req_ops", "resp_ops", "wc")
+    __slots__ = ("cluster", "req_ops", "resp_ops", "wc")
 
     def __init__(self, wc: WeightedCluster) -> None:
         self.wc = wc
+        self.cluster = wc.cluster  # read per request: a native field (compiled), not wc's
         h = wc.headers
         self.req_ops = _ops(h.request if h else None)
         self.resp_ops = _ops(h.response if h else None)

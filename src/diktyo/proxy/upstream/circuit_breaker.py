@@ -28,7 +28,7 @@ releases of requests started under an older snapshot land in the same counters.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from diktyo.snapshot.model import ConnectionPool
 
@@ -89,8 +89,33 @@ def _source_phrase(source: str) -> str:
     return f"DestinationRule {source}"
 
 
+# resource indices of the shared counts (``shared_breaker.SharedCounts``)
+CX, PENDING, RQ, RETRY = 0, 1, 2, 3
+RESOURCES = ("connections", "pending", "requests", "retries")
+
+
+class SharedSlots(Protocol):
+    """Where a worker's breaker keeps the sidecar-wide counts when the sidecar runs workers
+    (``shared_breaker.SharedSlots``, shared memory)."""
+
+    worker: int  # this worker's index
+    reserved: int  # connections admitted by can_open_connection, not yet opened
+
+    def admit(self, res: int, limit: int) -> bool: ...
+    def add(self, res: int, delta: int) -> None: ...
+    def total(self, res: int) -> int: ...
+
+
 class CircuitBreaker:
-    """Counts connections, pending requests, requests and retries of one cluster."""
+    """Counts connections, pending requests, requests and retries of one cluster.
+
+    ``shared``: None in a sidecar without workers (the counts here are the whole story);
+    with workers (``concurrency: N``) the sidecar-wide counts live in shared memory, and the
+    admissions check and take them through ``shared`` (``shared_breaker.SharedSlots``): a
+    delegate, not a subclass, so that this class is compiled with the hot path and the
+    per-request ``try_start_request`` / ``end_request`` are native calls (issue 11, `lean`).
+    The attributes ``connections`` .. ``retries`` stay this worker's own counts either way.
+    """
 
     __slots__ = (
         "connections",
@@ -103,15 +128,25 @@ class CircuitBreaker:
         "pool",
         "requests",
         "retries",
+        "shared",
         "source",
     )
 
-    def __init__(self, pool: ConnectionPool, source: str) -> None:
+    def __init__(
+        self, pool: ConnectionPool, source: str, shared: SharedSlots | None = None
+    ) -> None:
         self.connections = 0
         self.pending = 0
         self.requests = 0
         self.retries = 0
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self.shared = shared
+        self.pool = pool
+        self.source = source
+        self.max_connections = 0
+        self.max_pending = 0
+        self.max_requests = 0
+        self.max_retries = 0
         self.update(pool, source)
 
     def update(self, pool: ConnectionPool, source: str) -> None:
@@ -123,27 +158,52 @@ class CircuitBreaker:
         self.max_requests = pool.http2_max_requests
         self.max_retries = pool.max_retries
 
+    def total(self, res: int) -> int:
+        """The sidecar's count of resource ``res`` (``CX`` .. ``RETRY``): across workers."""
+        sh = self.shared
+        if sh is not None:
+            return sh.total(res)
+        return (self.connections, self.pending, self.requests, self.retries)[res]
+
     # -- connections
     def can_open_connection(self) -> bool:
-        if self.connections < self.max_connections:
+        sh = self.shared
+        if sh is None:
+            if self.connections < self.max_connections:
+                return True
+        elif sh.admit(CX, self.max_connections):
+            # with workers, admitting *reserves* the connection (taken in the shared count at
+            # once); connection_opened, called right after, consumes the reservation
+            self.connections += 1
+            sh.reserved += 1
             return True
         self.counters["upstream_cx_overflow"] += 1
         return False
 
     def connection_capacity(self) -> bool:
         """Like ``can_open_connection`` but without counting an overflow (for polling)."""
-        return self.connections < self.max_connections
+        return self.total(CX) < self.max_connections
 
     def connection_opened(self) -> None:
+        sh = self.shared
+        if sh is not None:
+            if sh.reserved:
+                sh.reserved -= 1  # counted when can_open_connection admitted it
+                return
+            sh.add(CX, 1)
         self.connections += 1
 
     def connection_closed(self) -> None:
         if self.connections > 0:
             self.connections -= 1
+            sh = self.shared
+            if sh is not None:
+                sh.add(CX, -1)
 
     # -- pending queue
     def try_enter_pending(self) -> bool:
-        if self.pending < self.max_pending:
+        sh = self.shared
+        if (self.pending < self.max_pending) if sh is None else sh.admit(PENDING, self.max_pending):
             self.pending += 1
             return True
         self.counters["upstream_rq_pending_overflow"] += 1
@@ -152,10 +212,14 @@ class CircuitBreaker:
     def leave_pending(self) -> None:
         if self.pending > 0:
             self.pending -= 1
+            sh = self.shared
+            if sh is not None:
+                sh.add(PENDING, -1)
 
     # -- requests in flight
     def try_start_request(self) -> bool:
-        if self.requests < self.max_requests:
+        sh = self.shared
+        if (self.requests < self.max_requests) if sh is None else sh.admit(RQ, self.max_requests):
             self.requests += 1
             return True
         self.counters["upstream_rq_pending_overflow"] += 1
@@ -164,10 +228,14 @@ class CircuitBreaker:
     def end_request(self) -> None:
         if self.requests > 0:
             self.requests -= 1
+            sh = self.shared
+            if sh is not None:
+                sh.add(RQ, -1)
 
     # -- retries in flight
     def try_start_retry(self) -> bool:
-        if self.retries < self.max_retries:
+        sh = self.shared
+        if (self.retries < self.max_retries) if sh is None else sh.admit(RETRY, self.max_retries):
             self.retries += 1
             return True
         self.counters["upstream_rq_retry_overflow"] += 1
@@ -176,6 +244,9 @@ class CircuitBreaker:
     def end_retry(self) -> None:
         if self.retries > 0:
             self.retries -= 1
+            sh = self.shared
+            if sh is not None:
+                sh.add(RETRY, -1)
 
     # -- reporting
     def overflow_message(self, what: str) -> str:
@@ -189,7 +260,7 @@ class CircuitBreaker:
         if res is None:
             return f"circuit breaker open: {what} ({_source_phrase(self.source)})"
         cur_attr, max_attr, noun, field = res
-        cur = getattr(self, cur_attr)
+        cur = self.total(RESOURCES.index(cur_attr))  # with workers: the sidecar's total
         limit = getattr(self, max_attr)
         return (
             f"circuit breaker open: {cur} of {limit} {noun} "
@@ -199,10 +270,10 @@ class CircuitBreaker:
     def is_open(self, what: str) -> bool:
         """Envoy's ``*_open`` gauges: True while the resource is at its limit."""
         cur_attr, max_attr, _, _ = _RESOURCES[_ALIASES.get(what, what)]
-        return bool(getattr(self, cur_attr) >= getattr(self, max_attr))
+        return bool(self.total(RESOURCES.index(cur_attr)) >= getattr(self, max_attr))
 
     def describe(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "source": self.source,
             "limits": {
                 "max_connections": self.max_connections,
@@ -210,12 +281,7 @@ class CircuitBreaker:
                 "max_requests": self.max_requests,
                 "max_retries": self.max_retries,
             },
-            "current": {
-                "connections": self.connections,
-                "pending": self.pending,
-                "requests": self.requests,
-                "retries": self.retries,
-            },
+            "current": {name: self.total(i) for i, name in enumerate(RESOURCES)},
             "open": {
                 "cx_open": self.is_open("connections"),
                 "rq_pending_open": self.is_open("pending"),
@@ -224,3 +290,13 @@ class CircuitBreaker:
             },
             "counters": dict(self.counters),
         }
+        sh = self.shared
+        if sh is not None:  # with workers: "current" is the sidecar's, this is the worker's
+            d["this_worker"] = {
+                "worker": sh.worker,
+                "connections": self.connections,
+                "pending": self.pending,
+                "requests": self.requests,
+                "retries": self.retries,
+            }
+        return d

@@ -30,7 +30,13 @@ from diktyo.core.clock import Clock, SystemClock
 from diktyo.proxy.router.retry import RetryBudget
 from diktyo.proxy.upstream.circuit_breaker import CircuitBreaker
 from diktyo.proxy.upstream.host import Host
-from diktyo.proxy.upstream.lb import LbContext, LoadBalancerImpl, make_load_balancer
+from diktyo.proxy.upstream.lb import (
+    LbContext,
+    LeastRequestLB,
+    LoadBalancerImpl,
+    RoundRobinLB,
+    make_load_balancer,
+)
 from diktyo.proxy.upstream.outlier import OutlierDetector
 from diktyo.proxy.upstream.shared_breaker import new_breaker
 from diktyo.snapshot.model import Cluster
@@ -63,6 +69,7 @@ class ClusterState:
         "hashed",
         "hosts",
         "lb",
+        "max_requests_per_connection",
         "min_health_percent",
         "name",
         "outlier",
@@ -83,6 +90,8 @@ class ClusterState:
     ) -> None:
         self.cluster = cluster
         self.name = cluster.name
+        # read per released connection: a native field (compiled), not the model's
+        self.max_requests_per_connection = cluster.pool.max_requests_per_connection
         self.hosts: list[Host]
         self.breaker: CircuitBreaker
         self.retry_budget: RetryBudget
@@ -201,7 +210,12 @@ class ClusterState:
             rest = [h for h in avail if h.key not in exclude]
             if rest:
                 avail = rest
-        return self.lb.pick(avail, ctx)
+        lb = self.lb
+        if isinstance(lb, LeastRequestLB):  # Istio's default: compiled, a native call
+            return lb.pick(avail, ctx)
+        if isinstance(lb, RoundRobinLB):
+            return lb.pick(avail, ctx)
+        return lb.pick(avail, ctx)
 
     @property
     def active_requests(self) -> int:

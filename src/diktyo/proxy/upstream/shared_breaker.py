@@ -21,7 +21,10 @@ is the sum of the N slots.
 
 The attributes ``connections``, ``pending``, ``requests`` and ``retries`` stay this worker's
 own counts (so gauges such as ``upstream_cx_active`` sum correctly across workers); the limit
-checks, ``describe()`` and overflow messages use the totals.
+checks, ``describe()`` and overflow messages use the totals. A worker's breaker is the same
+compiled ``circuit_breaker.CircuitBreaker`` as without workers, with a ``SharedSlots`` (this
+module) as its ``shared`` delegate (issue 11, `lean`: a subclass kept the breaker out of the
+compiled hot path, two Python calls per request).
 
 Cluster names map to slot rows through ``SharedCounts.row``: the leader assigns rows as
 clusters appear and sends the table to the workers with every snapshot. Rows are never reused
@@ -36,18 +39,14 @@ import fcntl
 import logging
 import mmap
 import os
-from typing import Any
 
-from diktyo.proxy.upstream.circuit_breaker import CircuitBreaker
+from diktyo.proxy.upstream.circuit_breaker import RESOURCES, RQ, CircuitBreaker
 from diktyo.snapshot.model import ConnectionPool
 
 log = logging.getLogger("diktyo.proxy")
 
 MAX_WORKERS = 64
 MAX_CLUSTERS = 4096
-RESOURCES = ("connections", "pending", "requests", "retries")
-_CX, _PENDING, _RQ, _RETRY = 0, 1, 2, 3
-PENDING = _PENDING
 # limits at or above this are Istio's "unlimited" defaults: no lock needed to admit
 UNLIMITED = 2**31
 
@@ -102,146 +101,62 @@ class SharedCounts:
         self.map.close()
 
 
-class SharedCircuitBreaker(CircuitBreaker):
-    """A ``CircuitBreaker`` whose limits hold across the sidecar's worker processes."""
+class SharedSlots:
+    """One cluster's row of the shared counts, as this worker's ``CircuitBreaker`` uses it
+    (its ``shared`` delegate, ``circuit_breaker.SharedSlots``): admission under a limit,
+    releases, totals."""
 
-    __slots__ = ("_base", "_fd", "_n", "_reserved", "_rq_slot", "_slots", "_worker")
+    __slots__ = ("_base", "_fd", "_n", "_rq_slot", "_slots", "reserved", "worker")
 
-    def __init__(self, pool: ConnectionPool, source: str, shared: SharedCounts, row: int) -> None:
-        super().__init__(pool, source)
+    def __init__(self, shared: SharedCounts, row: int) -> None:
         self._slots = shared.slots
         self._fd = shared.fd
         self._n = shared.workers
-        self._worker = shared.worker
+        self.worker = shared.worker
         self._base = row * shared.row_size  # resource r of worker w: base + r * n + w
-        self._reserved = 0
-        self._rq_slot = self._base + _RQ * self._n + self._worker  # the per-request one
+        self.reserved = 0  # connections admitted by can_open_connection, not yet opened
+        self._rq_slot = self._base + RQ * self._n + self.worker  # the per-request one
 
-    # -- totals
     def total(self, res: int) -> int:
         b = self._base + res * self._n
         return sum(self._slots[b : b + self._n])
 
-    def _add(self, res: int, delta: int) -> None:
-        # deltas, not this object's count: a cluster removed and added again gets a new
+    def add(self, res: int, delta: int) -> None:
+        # deltas, not the breaker's count: a cluster removed and added again gets a new
         # breaker on the same row while requests of the old one still release theirs
-        self._slots[self._base + res * self._n + self._worker] += delta
+        if res == RQ:
+            self._slots[self._rq_slot] += delta  # once per request: no index arithmetic
+        else:
+            self._slots[self._base + res * self._n + self.worker] += delta
 
-    def _admit(self, res: int, limit: int) -> bool:
-        """Check the total against ``limit`` and take one slot, atomically across workers."""
+    def admit(self, res: int, limit: int) -> bool:
+        """Check the total against ``limit`` and take one slot, atomically across workers
+        (Istio's "unlimited" defaults: taken without the lock)."""
+        if limit >= UNLIMITED:
+            self.add(res, 1)
+            return True
         row = self._base
         fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, row)
         try:
             b = row + res * self._n
             if sum(self._slots[b : b + self._n]) >= limit:
                 return False
-            self._slots[b + self._worker] += 1
+            self._slots[b + self.worker] += 1
             return True
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, row)
 
-    # -- connections
-    def can_open_connection(self) -> bool:
-        if self.max_connections >= UNLIMITED:
-            self._add(_CX, 1)
-        elif not self._admit(_CX, self.max_connections):
-            self.counters["upstream_cx_overflow"] += 1
-            return False
-        self.connections += 1
-        self._reserved += 1
-        return True
 
-    def connection_capacity(self) -> bool:
-        return self.total(_CX) < self.max_connections
+def shared_circuit_breaker(
+    pool: ConnectionPool, source: str, shared: SharedCounts, row: int
+) -> CircuitBreaker:
+    """A ``CircuitBreaker`` whose limits hold across the sidecar's worker processes."""
+    return CircuitBreaker(pool, source, SharedSlots(shared, row))
 
-    def connection_opened(self) -> None:
-        if self._reserved:
-            self._reserved -= 1  # counted when can_open_connection admitted it
-            return
-        self.connections += 1
-        self._add(_CX, 1)
 
-    def connection_closed(self) -> None:
-        if self.connections > 0:
-            self.connections -= 1
-            self._add(_CX, -1)
-
-    # -- pending queue
-    def try_enter_pending(self) -> bool:
-        if self.max_pending >= UNLIMITED:
-            self._add(_PENDING, 1)
-        elif not self._admit(_PENDING, self.max_pending):
-            self.counters["upstream_rq_pending_overflow"] += 1
-            return False
-        self.pending += 1
-        return True
-
-    def leave_pending(self) -> None:
-        if self.pending > 0:
-            self.pending -= 1
-            self._add(_PENDING, -1)
-
-    # -- requests in flight
-    def try_start_request(self) -> bool:
-        if self.max_requests >= UNLIMITED:
-            self._slots[self._rq_slot] += 1  # _add inlined: once per request
-        elif not self._admit(_RQ, self.max_requests):
-            self.counters["upstream_rq_pending_overflow"] += 1
-            return False
-        self.requests += 1
-        return True
-
-    def end_request(self) -> None:
-        if self.requests > 0:
-            self.requests -= 1
-            self._slots[self._rq_slot] -= 1
-
-    # -- retries in flight
-    def try_start_retry(self) -> bool:
-        if self.max_retries >= UNLIMITED:
-            self._add(_RETRY, 1)
-        elif not self._admit(_RETRY, self.max_retries):
-            self.counters["upstream_rq_retry_overflow"] += 1
-            return False
-        self.retries += 1
-        return True
-
-    def end_retry(self) -> None:
-        if self.retries > 0:
-            self.retries -= 1
-            self._add(_RETRY, -1)
-
-    # -- reporting: totals of the whole sidecar
-    def _totals(self) -> dict[str, int]:
-        return {name: self.total(i) for i, name in enumerate(RESOURCES)}
-
-    def overflow_message(self, what: str) -> str:
-        mine = (self.connections, self.pending, self.requests, self.retries)
-        t = self._totals()
-        self.connections, self.pending = t["connections"], t["pending"]
-        self.requests, self.retries = t["requests"], t["retries"]
-        try:
-            return super().overflow_message(what)
-        finally:
-            self.connections, self.pending, self.requests, self.retries = mine
-
-    def is_open(self, what: str) -> bool:
-        from diktyo.proxy.upstream.circuit_breaker import _ALIASES, _RESOURCES
-
-        cur_attr, max_attr, _, _ = _RESOURCES[_ALIASES.get(what, what)]
-        return bool(self.total(RESOURCES.index(cur_attr)) >= getattr(self, max_attr))
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["current"] = self._totals()
-        d["this_worker"] = {
-            "worker": self._worker,
-            "connections": self.connections,
-            "pending": self.pending,
-            "requests": self.requests,
-            "retries": self.retries,
-        }
-        return d
+def is_shared(breaker: CircuitBreaker) -> bool:
+    """True for a breaker whose counts are shared across workers."""
+    return breaker.shared is not None
 
 
 # the sidecar's shared counts while it runs workers (set by diktyo.proxy.workers)
@@ -257,4 +172,4 @@ def new_breaker(cluster: str, pool: ConnectionPool, source: str) -> CircuitBreak
     row = shared.row(cluster, ASSIGN_ROWS)
     if row is None:
         return CircuitBreaker(pool, source)
-    return SharedCircuitBreaker(pool, source, shared, row)
+    return shared_circuit_breaker(pool, source, shared, row)
