@@ -101,9 +101,14 @@ def order_idle_code(exts: list[Extension]) -> None:
     names = runpy.run_path(str(ROOT / "src" / "diktyo" / "_idle_order.py"))["IDLE_FUNCTIONS"]
     path = ROOT / "build" / "idle-sections.txt"
     path.parent.mkdir(exist_ok=True)
-    path.write_text("".join(f".text.{n}\n.text.*.{n}\n" for n in names))
+    text = "".join(f".text.{n}\n.text.*.{n}\n" for n in names)
+    if not path.exists() or path.read_text() != text:  # unchanged: no relink
+        path.write_text(text)
     for ext in exts:
         if ext.name == "diktyo_hotpath__mypyc":
+            # a new order relinks even when mypyc's C sources are unchanged (build_ext links
+            # only when a source or a dependency is newer than the library)
+            ext.depends = [*ext.depends, str(path)]
             ext.extra_compile_args = [*ext.extra_compile_args, IDLE_ORDER_FLAGS[0]]
             ext.extra_link_args = [
                 *ext.extra_link_args,

@@ -19,7 +19,7 @@ def _import_msgspec_without_typing_extensions() -> None:
     typing_extensions in this process works as usual."""
     if "msgspec" in sys.modules or "typing_extensions" in sys.modules:
         return
-    sys.modules["typing_extensions"] = None  # type: ignore[assignment]
+    sys.modules["typing_extensions"] = None  # type: ignore[assignment]  # None in sys.modules makes the import fail, by design
     try:
         import msgspec  # noqa: F401
     finally:
