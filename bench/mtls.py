@@ -529,20 +529,81 @@ def _export(rev: str) -> tuple[str, Path]:
         check=True,
     ).stdout.strip()
     dest = Path(tempfile.mkdtemp(prefix=f"diktyo-{commit}-"))
+    # src plus what setup.py needs to compile REV's own hot path in place
+    paths = ["src", "setup.py", "pyproject.toml", "README.md"]
+    listed = subprocess.run(
+        ["git", "-C", str(root), "ls-tree", "--name-only", commit],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     archive = subprocess.run(
-        ["git", "-C", str(root), "archive", commit, "src"], capture_output=True, check=True
+        ["git", "-C", str(root), "archive", commit, *[p for p in paths if p in listed]],
+        capture_output=True,
+        check=True,
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    _copy_build(root / "src", dest / "src")
+    _build_export(dest)
     return commit, dest
 
 
+BUILDS: dict[str, str] = {}  # side -> diktyo._build.describe() of what it runs (--ab)
+BUILD_TIMEOUT = 600.0  # mypyc over the hot-path group: ~1-2 min on this machine
+
+
+def _build_export(dest: Path) -> None:
+    """Compiles REV's own hot path in the export (``setup.py build_ext --inplace`` with this
+    venv's Python, as ``make build`` does), so REV runs compiled from its own sources. If that
+    fails, this tree's compiled modules are copied in instead: they run only where REV's
+    hot-path sources are the ones this build was made from (``diktyo._build`` checks hashes),
+    else REV runs pure Python. Either way the log says which build the old side runs."""
+    if (dest / "setup.py").exists():
+        log(f"building the export's hot path ({dest}; mypyc, ~1-2 min)")
+        t0 = time.monotonic()
+        try:
+            out = subprocess.run(
+                [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                cwd=dest,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=BUILD_TIMEOUT,
+            )
+            ok, why = out.returncode == 0, (out.stderr or out.stdout).strip()[-400:]
+        except subprocess.TimeoutExpired:
+            ok, why = False, f"timed out after {BUILD_TIMEOUT:.0f}s"
+        if ok:
+            log(f"export built in {time.monotonic() - t0:.0f}s")
+        else:
+            log(f"building the export failed ({why}); copying this tree's compiled modules instead")
+            _copy_build(HERE.parent / "src", dest / "src")
+    else:
+        log("the export has no setup.py; copying this tree's compiled modules instead")
+        _copy_build(HERE.parent / "src", dest / "src")
+    BUILDS["old"] = _describe(dest / "src")
+    BUILDS["new"] = _describe(HERE.parent / "src")
+    log(f"old side (export) runs: {BUILDS['old']}")
+    log(f"new side (this tree) runs: {BUILDS['new']}")
+
+
+def _describe(src: Path) -> str:
+    """``diktyo._build.describe()`` as a fresh process importing ``src`` sees it."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import diktyo._build as b; print(b.describe())"],
+        env={**os.environ, "PYTHONPATH": str(src)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[-1] if lines else f"unknown (exit {out.returncode})"
+
+
 def _copy_build(src: Path, dest: Path) -> None:
-    """This tree's compiled extension modules and build record, copied into an export: REV then
-    runs compiled where its hot-path sources are the ones this build was made from (checked by
-    source hash in ``diktyo._build``, as at every start) and pure Python otherwise, so an A/B of
-    a change outside the hot path compares compiled with compiled. Which build each side ran is
-    logged."""
+    """This tree's compiled extension modules and build record, copied into an export (the
+    fallback when the export cannot be built): REV then runs compiled where its hot-path
+    sources are the ones this build was made from (checked by source hash in
+    ``diktyo._build``, as at every start) and pure Python otherwise."""
     for so in src.rglob("*.so"):
         target = dest / so.relative_to(src)
         if target.parent.is_dir():
@@ -550,14 +611,6 @@ def _copy_build(src: Path, dest: Path) -> None:
     info = src / "diktyo" / "_build_info.json"
     if info.exists():
         shutil.copy2(info, dest / "diktyo" / "_build_info.json")
-    out = subprocess.run(
-        [sys.executable, "-c", "import diktyo._build as b; print(b.describe())"],
-        env={**os.environ, "PYTHONPATH": str(dest)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    log(f"exported diktyo: {(out.stdout or out.stderr).strip().splitlines()[-1:]}")
 
 
 def _env_at(commit: str, dest: Path) -> dict[str, str]:
@@ -635,6 +688,8 @@ def ab_main(args: argparse.Namespace, argv: list[str]) -> int:
         f"load average at the end {' '.join(loadavg)}. Medians over all samples of each side; "
         "CPU = utime+stime of both sidecars per request.",
         "",
+        f"Builds: old {BUILDS.get('old', '?')}; new {BUILDS.get('new', '?')}.",
+        "",
         "| cell | old rps | new rps | old CPU µs/req (client+server) | new CPU µs/req (client+server) | new/old CPU | mTLS share old/new | inbound handshakes per request, resumed share (new) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -662,7 +717,10 @@ def ab_main(args: argparse.Namespace, argv: list[str]) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.md").write_text(text)
     (args.out_dir / f"{stem}.json").write_text(
-        json.dumps({"old": old, "new": new, "summary": summary, "samples": samples}, indent=1)
+        json.dumps(
+            {"old": old, "new": new, "builds": BUILDS, "summary": summary, "samples": samples},
+            indent=1,
+        )
         + "\n"
     )
     print(text)

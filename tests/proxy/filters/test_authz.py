@@ -304,3 +304,34 @@ def test_inbound_security_pipeline() -> None:
     )
     v = sec.check("GET", "/a%00", "reviews", auth, 9080)
     assert v is not None and v.status == 400
+
+
+def test_inbound_xfcc_per_peer_certificate() -> None:
+    """The XFCC header is built once per peer certificate and reused, yet each request gets
+    its own peer's header, including when peers alternate and when a certificate is the same
+    bytes in a different object (another connection from the same peer)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from diktyo.control.ca import CertificateAuthority
+    from diktyo.proxy.filters.authz import InboundSecurity
+    from diktyo.proxy.network.tls import xfcc_value
+    from diktyo.security.certs import fingerprint, load_certs
+    from diktyo.snapshot.security import SecurityConfig
+
+    ca = CertificateAuthority.generate()
+    reviews = "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+    ders = {}
+    for sid in (PRODUCTPAGE, reviews):
+        _, issued = ca.issue(sid)
+        ders[sid] = load_certs(issued.cert_chain_pem)[0].public_bytes(serialization.Encoding.DER)
+    me = "spiffe://cluster.local/ns/default/sa/ratings"
+    sec = InboundSecurity(SecurityConfig(), local_spiffe_id=me)
+    for sid in (PRODUCTPAGE, reviews, reviews, PRODUCTPAGE, reviews):
+        der = bytes(bytearray(ders[sid]))  # equal bytes, a new object: as on a new connection
+        v = sec.check("GET", "/", "ratings", {}, 9080, sid, "127.0.0.1", der)
+        assert v is not None and v.status == 0
+        xfcc = dict(v.set_headers)["x-forwarded-client-cert"]
+        assert xfcc == f"By={me};Hash={fingerprint(der)};URI={sid}" == xfcc_value(me, der)
+        assert v.remove_headers == ("x-forwarded-client-cert",)
+    v = sec.check("GET", "/", "ratings", {}, 9080)  # plaintext: none, and a client's is removed
+    assert v is not None and v.set_headers == () and "x-forwarded-client-cert" in v.remove_headers

@@ -434,7 +434,7 @@ class InboundSecurity:
     ``prefetch()`` at snapshot load so that never happens on the hot path).
     """
 
-    __slots__ = ("authz", "jwt", "local_id", "mode")
+    __slots__ = ("_xfcc_last", "authz", "jwt", "local_id", "mode")
 
     def __init__(
         self,
@@ -448,6 +448,18 @@ class InboundSecurity:
         self.jwt = JwtAuthenticator(config.jwt_rules, fetcher=fetcher, clock=clock)
         self.mode = config.path_normalization
         self.local_id = local_spiffe_id
+        # (peer DER, its XFCC header pair) of the last mTLS request: a sidecar's clients are few
+        # certificates over many keep-alive requests, so the header is built once per peer
+        # certificate (and snapshot), not per request; a bytes compare checks it
+        self._xfcc_last: tuple[bytes, tuple[tuple[str, str], ...]] | None = None
+
+    def _xfcc(self, peer_cert_der: bytes) -> tuple[tuple[str, str], ...]:
+        last = self._xfcc_last
+        if last is not None and last[0] == peer_cert_der:
+            return last[1]
+        pair = (("x-forwarded-client-cert", xfcc_value(self.local_id, peer_cert_der)),)
+        self._xfcc_last = (peer_cert_der, pair)
+        return pair
 
     async def prefetch(self) -> None:
         await self.jwt.prefetch()
@@ -477,7 +489,7 @@ class InboundSecurity:
             return InboundVerdict(UNAUTHORIZED_STATUS, jr.message.encode(), detail)
         xfcc: tuple[tuple[str, str], ...] = ()
         if peer_cert_der and self.local_id:
-            xfcc = (("x-forwarded-client-cert", xfcc_value(self.local_id, peer_cert_der)),)
+            xfcc = self._xfcc(peer_cert_der)
         if self.authz.enabled:
             d = self.authz.check(
                 RequestAttributes(
@@ -501,8 +513,12 @@ class InboundSecurity:
             0,
             path=path + query,
             request_principal=jr.principal,
-            set_headers=jr.set_headers + xfcc,
-            remove_headers=(*jr.remove_headers, "x-forwarded-client-cert"),
+            set_headers=jr.set_headers + xfcc if jr.set_headers else xfcc,
+            remove_headers=(
+                (*jr.remove_headers, "x-forwarded-client-cert")
+                if jr.remove_headers
+                else _REMOVE_XFCC
+            ),
             decision=d,
         )
 
@@ -568,3 +584,4 @@ class InboundSecurity:
 
 
 _NO_JWT = JwtResult("missing")
+_REMOVE_XFCC = ("x-forwarded-client-cert",)
