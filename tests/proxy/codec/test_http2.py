@@ -211,13 +211,7 @@ def test_request_body_after_the_head_reaches_the_upstream() -> None:
     """Client side: a request head, then its body in a later call (an HTTP/1.1 client's
     body arriving after its head): the upstream gets the DATA and END_STREAM."""
     sink = Recorder()
-    client = Http2ClientCodec(sink)
-    upstream = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, header_encoding=None)
-    )
-    upstream.initiate_connection()
-    upstream.receive_data(client.data_to_send())
-    client.feed(upstream.data_to_send())
+    client, upstream = _client_and_upstream(sink)
     sid = client.new_stream()
     client.send_headers(sid, RequestHead({"host": "a"}))
     client.send_data(sid, b"body")
@@ -560,8 +554,11 @@ def test_malformed_input_gets_goaway_and_is_never_forwarded(name: str, wire: Any
 # ------------------------------------------------------------------------------ client side
 
 
-def test_upstream_goaway_refuses_the_streams_it_did_not_process() -> None:
-    sink = Recorder()
+def _client_and_upstream(
+    sink: Recorder,
+) -> tuple[Http2ClientCodec, h2.connection.H2Connection]:
+    """A client codec and an `h2` server as its upstream, past the connection preface and
+    SETTINGS both ways."""
     client = Http2ClientCodec(sink)
     upstream = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=False, header_encoding=None)
@@ -569,6 +566,12 @@ def test_upstream_goaway_refuses_the_streams_it_did_not_process() -> None:
     upstream.initiate_connection()
     upstream.receive_data(client.data_to_send())
     client.feed(upstream.data_to_send())
+    return client, upstream
+
+
+def test_upstream_goaway_refuses_the_streams_it_did_not_process() -> None:
+    sink = Recorder()
+    client, upstream = _client_and_upstream(sink)
     sids = []
     for _ in range(3):
         sid = client.new_stream()
@@ -587,13 +590,7 @@ def test_upstream_goaway_refuses_the_streams_it_did_not_process() -> None:
 
 def test_upstream_rst_stream_reaches_the_sink() -> None:
     sink = Recorder()
-    client = Http2ClientCodec(sink)
-    upstream = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, header_encoding=None)
-    )
-    upstream.initiate_connection()
-    upstream.receive_data(client.data_to_send())
-    client.feed(upstream.data_to_send())
+    client, upstream = _client_and_upstream(sink)
     sid = client.new_stream()
     client.send_headers(sid, RequestHead({"host": "a"}), end_stream=True)
     upstream.receive_data(client.data_to_send())
@@ -648,13 +645,7 @@ def test_fuzz_server_codec_never_crashes(frames: list[bytes], valid_start: bool)
 def test_fuzz_client_codec_never_crashes(frames: list[bytes]) -> None:
     """What an upstream sends is untrusted too: the client codec raises only CodecError."""
     sink = Recorder()
-    client = Http2ClientCodec(sink)
-    upstream = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, header_encoding=None)
-    )
-    upstream.initiate_connection()
-    upstream.receive_data(client.data_to_send())
-    client.feed(upstream.data_to_send())
+    client, upstream = _client_and_upstream(sink)
     client.send_headers(client.new_stream(), RequestHead({"host": "a"}), end_stream=True)
     for f in frames:
         try:
@@ -690,13 +681,7 @@ def test_upstream_graceful_goaway_lets_streams_in_flight_finish() -> None:
     """nginx/gRPC servers send GOAWAY(NO_ERROR) while streams are open: those at or below its
     last stream id still get their answers; those above are refused (retry elsewhere)."""
     sink = Recorder()
-    client = Http2ClientCodec(sink)
-    upstream = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, header_encoding=None)
-    )
-    upstream.initiate_connection()
-    upstream.receive_data(client.data_to_send())
-    client.feed(upstream.data_to_send())
+    client, upstream = _client_and_upstream(sink)
     a, b = client.new_stream(), 0
     client.send_headers(a, RequestHead({"host": "x"}), end_stream=True)
     b = client.new_stream()
@@ -981,13 +966,7 @@ def test_response_data_frame_split_across_reads_arrives_whole_then_ends(codec: s
     extension hands each DATA frame over once complete, with its END_STREAM, and forgets the
     stream there (its close needs no call)."""
     sink = Recorder()
-    client = Http2ClientCodec(sink)
-    upstream = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, header_encoding=None)
-    )
-    upstream.initiate_connection()
-    upstream.receive_data(client.data_to_send())
-    client.feed(upstream.data_to_send())
+    client, upstream = _client_and_upstream(sink)
     sid = client.new_stream()
     client.send_headers(sid, RequestHead({"host": "a"}), end_stream=True)
     upstream.receive_data(client.data_to_send())
