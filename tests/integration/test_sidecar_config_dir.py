@@ -8,50 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from diktyo.testing import FakeUpstream, Response, http_request
-
-MESH = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews]
-  ports: [{{number: 9080, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {v1}}}, labels: {{version: v1}}}}
-  - {{address: 127.0.0.1, ports: {{http: {v2}}}, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: reviews, namespace: default}}
-spec:
-  host: reviews
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews]
-  http:
-  - name: jason
-    match:
-    - headers: {{end-user: {{exact: jason}}}}
-    route:
-    - destination: {{host: reviews, subset: v2}}
-  - name: default
-    route:
-    - destination: {{host: reviews, subset: v1}}
-"""
+from diktyo.testing import FakeUpstream, Response, http_request, reviews_by_user
 
 
 async def test_sidecar_from_config_dir_routes_by_header(tmp_path: Path) -> None:
     async with FakeUpstream(Response(body=b"v1")) as v1, FakeUpstream(Response(body=b"v2")) as v2:
-        (tmp_path / "mesh.yaml").write_text(MESH.format(v1=v1.port, v2=v2.port))
+        (tmp_path / "mesh.yaml").write_text(reviews_by_user(v1.port, v2.port))
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -78,7 +40,7 @@ async def test_sidecar_from_config_dir_routes_by_header(tmp_path: Path) -> None:
 
 
 def test_explain_cli_json(tmp_path: Path) -> None:
-    (tmp_path / "mesh.yaml").write_text(MESH.format(v1=19081, v2=19082))
+    (tmp_path / "mesh.yaml").write_text(reviews_by_user(19081, 19082))
     res = subprocess.run(
         [
             sys.executable,

@@ -162,30 +162,16 @@ def test_a_pure_install_says_why_without_warning(tmp_path: Path) -> None:
     )
 
 
-MESH = """\
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews]
-  ports: [{{number: 9080, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {port}}}}}
-"""
-
-
 @pytest.mark.parametrize("pure", ["1", "0"])
 async def test_the_sidecars_ready_line_says_which_build_serves(tmp_path: Path, pure: str) -> None:
     import asyncio
 
-    from diktyo.testing import FakeUpstream, http_request
+    from diktyo.testing import FakeUpstream, http_request, static_service_entry
 
     expect = pure == "0" and compiled_build_present()
     env = {**os.environ, _build.PURE_ENV: pure}
     async with FakeUpstream() as app:
-        (tmp_path / "mesh.yaml").write_text(MESH.format(port=app.port))
+        (tmp_path / "mesh.yaml").write_text(static_service_entry("reviews", app.port))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "diktyo.proxy", "--config", str(tmp_path), "--outbound-port",
             "0", "--admin-port", "0", stdout=asyncio.subprocess.PIPE, env=env,

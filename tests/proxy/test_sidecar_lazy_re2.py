@@ -25,31 +25,10 @@ from diktyo.testing import (
     eventually,
     http_request,
     http_snapshot,
+    static_service_entry,
 )
 
-MESH = """\
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews]
-  ports: [{{number: 9080, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {port}}}}}
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: ratings, namespace: default}}
-spec:
-  hosts: [ratings]
-  ports: [{{number: 9080, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {port2}}}}}
----
+VIRTUAL_SERVICE = """\
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{name: reviews, namespace: default}}
@@ -65,6 +44,17 @@ spec:
   - route:
     - destination: {{host: reviews}}
 """
+
+
+def _mesh(port: int, port2: int, regex: str) -> str:
+    """reviews and ratings, and a VirtualService sending a regex-matched end-user to ratings."""
+    return "---\n".join(
+        [
+            static_service_entry("reviews", port),
+            static_service_entry("ratings", port2),
+            VIRTUAL_SERVICE.format(regex=regex),
+        ]
+    )
 
 
 def _diktyo_command() -> list[str]:
@@ -142,7 +132,7 @@ async def test_config_dir_sidecar_loads_re2_at_the_first_regex_route(tmp_path: P
         FakeUpstream(Response(body=b"ratings")) as ratings,
     ):
         (tmp_path / "mesh.yaml").write_text(
-            MESH.format(port=reviews.port, port2=ratings.port, regex="^(jason|ann)$")
+            _mesh(reviews.port, ratings.port, "^(jason|ann)$")
         )
         proc = await asyncio.create_subprocess_exec(
             *_diktyo_command(), "sidecar", "--config", str(tmp_path), "--outbound-port", "0",
@@ -173,13 +163,13 @@ def test_bad_regex_is_still_rejected_when_the_sidecar_loads_its_config(tmp_path:
     """``--config DIR``: the YAML error names file, line and column; ``--snapshot FILE`` (no
     translator in between): the sidecar's own validation rejects it before serving."""
     (tmp_path / "cfg").mkdir()
-    (tmp_path / "cfg" / "mesh.yaml").write_text(MESH.format(port=1, port2=2, regex="(?=x)"))
+    (tmp_path / "cfg" / "mesh.yaml").write_text(_mesh(1, 2, "(?=x)"))
     res = subprocess.run(
         [*_diktyo_command(), "sidecar", "--config", str(tmp_path / "cfg")],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert res.returncode == 1, res.stderr
-    line = MESH.splitlines().index('        end-user: {{regex: "{regex}"}}') + 1
+    line = _mesh(1, 2, "(?=x)").splitlines().index('        end-user: {regex: "(?=x)"}') + 1
     assert f"{tmp_path / 'cfg' / 'mesh.yaml'}:{line}:" in res.stderr, res.stderr
     assert "invalid regex: RE2 cannot compile '(?=x)'" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr

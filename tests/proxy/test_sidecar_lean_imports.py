@@ -16,20 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from diktyo.testing import FakeUpstream, http_request
-
-MESH = """\
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews]
-  ports: [{{number: 9080, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {port}}}}}
-"""
+from diktyo.testing import FakeUpstream, http_request, static_service_entry
 
 # runs ``python -m diktyo.proxy ARGS`` in this interpreter; when the sidecar prints its ready
 # line, the heavy modules it has loaded go to stderr as one JSON line
@@ -66,7 +53,7 @@ WRAPPER = textwrap.dedent(
 
 async def test_config_dir_sidecar_loads_no_pydantic_ruamel_or_translator(tmp_path: Path) -> None:
     async with FakeUpstream() as app:
-        (tmp_path / "mesh.yaml").write_text(MESH.format(port=app.port))
+        (tmp_path / "mesh.yaml").write_text(static_service_entry("reviews", app.port))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", WRAPPER, "--config", str(tmp_path), "--outbound-port", "0",
             "--admin-port", "0", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -123,7 +110,7 @@ async def test_diktyo_sidecar_loads_h2_only_for_the_first_http2_connection(
     HTTP/1.1, its admin ``/memory`` lists no optional library; the first h2c (prior knowledge)
     connection loads ``h2`` and is served."""
     async with FakeUpstream() as app:
-        (tmp_path / "mesh.yaml").write_text(MESH.format(port=app.port))
+        (tmp_path / "mesh.yaml").write_text(static_service_entry("reviews", app.port))
         proc = await asyncio.create_subprocess_exec(
             *_diktyo_command(), "sidecar", "--config", str(tmp_path), "--outbound-port", "0",
             "--admin-port", "0", "--admin-token-file", str(tmp_path / "admin-token"),
@@ -148,9 +135,7 @@ async def test_diktyo_sidecar_loads_h2_only_for_the_first_http2_connection(
             # the HTTP/2 codec in use: libnghttp2 through cffi (the compiled extension needs
             # only cffi's C backend; ABI mode imports cffi), or the h2 library as fallback
             assert isinstance(loaded, list)
-            assert (
-                "_cffi_backend" in loaded or {"h2", "hpack", "hyperframe"} <= set(loaded)
-            ), loaded
+            assert "_cffi_backend" in loaded or {"h2", "hpack", "hyperframe"} <= set(loaded), loaded
         finally:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 15)
@@ -162,7 +147,7 @@ async def test_idle_diktyo_sidecar_has_none_of_the_lazy_stdlib_modules(tmp_path:
     while idle (issue 11, idle RSS); the flags still apply (--header-timeout: a stalled head
     gets its 408 after 1 s, not the default 30)."""
     async with FakeUpstream() as app:
-        (tmp_path / "mesh.yaml").write_text(MESH.format(port=app.port))
+        (tmp_path / "mesh.yaml").write_text(static_service_entry("reviews", app.port))
         proc = await asyncio.create_subprocess_exec(
             *_diktyo_command(), "sidecar", "--config", str(tmp_path), "--outbound-port", "0",
             "--admin-port", "0", "--admin-token-file", str(tmp_path / "admin-token"),

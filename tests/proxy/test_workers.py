@@ -29,7 +29,14 @@ from diktyo.proxy.upstream.shared_breaker import SharedCounts, is_shared, shared
 from diktyo.proxy.workers import merge_prometheus, resolve_concurrency
 from diktyo.snapshot.codec import encode
 from diktyo.snapshot.model import ConnectionPool
-from diktyo.testing import FakeUpstream, RecordedRequest, Response, http_request, http_snapshot
+from diktyo.testing import (
+    FakeUpstream,
+    RecordedRequest,
+    Response,
+    http_request,
+    http_snapshot,
+    reviews_by_user,
+)
 from diktyo.testing.client import HttpClient
 from diktyo.testing.sidecar import start_sidecar_process
 from diktyo.testing.wait import eventually
@@ -471,48 +478,11 @@ async def test_push_under_load_is_acked_once_every_worker_serves_it() -> None:
         assert all((r.body, r.header("x-v")) == (b"B", "2") for r in fresh)
 
 
-STANDALONE = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews]
-  ports: [{{number: 9080, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {v1}}}, labels: {{version: v1}}}}
-  - {{address: 127.0.0.1, ports: {{http: {v2}}}, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: reviews, namespace: default}}
-spec:
-  host: reviews
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews]
-  http:
-  - match:
-    - headers: {{end-user: {{exact: jason}}}}
-    route:
-    - destination: {{host: reviews, subset: v2}}
-  - route:
-    - destination: {{host: reviews, subset: v1}}
-"""
-
-
 async def test_standalone_config_dir_with_concurrency_from_the_env(tmp_path: Path) -> None:
     """``DIKTYO_CONCURRENCY=2 diktyo sidecar --config DIR``: both workers route by the
     VirtualService of the directory."""
     async with FakeUpstream(Response(body=b"v1")) as v1, FakeUpstream(Response(body=b"v2")) as v2:
-        (tmp_path / "mesh.yaml").write_text(STANDALONE.format(v1=v1.port, v2=v2.port))
+        (tmp_path / "mesh.yaml").write_text(reviews_by_user(v1.port, v2.port))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "diktyo.cli.main", "sidecar", "--config", str(tmp_path),
             "--outbound-port", "0", stdout=asyncio.subprocess.PIPE,

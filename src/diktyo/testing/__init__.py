@@ -4,6 +4,7 @@ free ports, ``eventually()`` polling instead of sleeps)."""
 from diktyo.platform.ports import free_port
 from diktyo.testing.client import ClientResponse, HttpClient, http_request
 from diktyo.testing.fake_upstream import FakeUpstream, RecordedRequest, Response
+from diktyo.testing.istio_yaml import reviews_by_user, static_service_entry
 from diktyo.testing.sidecar import SidecarHandle, start_sidecar, start_sidecar_process
 from diktyo.testing.snapshots import http_snapshot, outbound_cluster
 from diktyo.testing.wait import eventually, eventually_sync
@@ -21,6 +22,8 @@ __all__ = [
     "http_request",
     "http_snapshot",
     "outbound_cluster",
+    "reviews_by_user",
     "start_sidecar",
     "start_sidecar_process",
+    "static_service_entry",
 ]
