@@ -5,6 +5,8 @@ of it resident."""
 
 from __future__ import annotations
 
+import os
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
@@ -63,3 +65,28 @@ def test_idle_functions_are_laid_out_together() -> None:
         f"{len(between)} functions an idle sidecar does not run sit among the {len(where)} "
         f"it runs (e.g. {between[:5]}): the library was not linked in idle order"
     )
+
+
+def test_a_new_idle_order_relinks_the_group_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order file is a dependency of the group's extension: build_ext links only when a
+    source or dependency is newer than the library, and a new order leaves mypyc's C files
+    unchanged, so without it ``make build`` kept the old layout (stop 20)."""
+    setup_py = SRC.parent / "setup.py"
+    if not setup_py.exists():
+        pytest.skip("not a source tree (no setup.py beside src/)")
+    if shutil.which("ld.gold") is None:
+        pytest.skip("no ld.gold (binutils): setup.py links the idle code unordered")
+    import setuptools
+    from setuptools import Extension
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)  # its definitions, no build
+    monkeypatch.chdir(os.getcwd())  # setup.py changes to the tree; put the directory back
+    ns = runpy.run_path(str(setup_py), run_name="setup_under_test")
+    group = Extension("diktyo_hotpath__mypyc", ["group.c"])
+    other = Extension("diktyo.proxy.codec._nghttp2_api", ["api.c"])
+    ns["order_idle_code"]([group, other])
+    order = ns["ROOT"] / "build" / "idle-sections.txt"
+    assert str(order) in group.depends
+    assert other.depends == []
+    assert f"-Wl,--section-ordering-file={order}" in group.extra_link_args
+    assert ".text." + IDLE_FUNCTIONS[0] in order.read_text().splitlines()

@@ -1003,3 +1003,28 @@ def test_client_follows_the_peer_stream_limit_as_its_settings_change(codec: str)
     assert client.max_concurrent_streams == 3
     client.max_concurrent_streams = 2  # a DestinationRule's cap below the peer's
     assert client.max_concurrent_streams == 2
+
+
+def test_restoring_a_mode_puts_back_its_own_c_types() -> None:
+    """``reload_mode``'s restore puts back the C types parsed by the restored mode's ffi: in
+    ABI mode they belong to one ffi, and a codec built after a restore with another ffi's
+    struct types fails (the `DIKTYO_NGHTTP2_CFFI=abi` runs of test_h2pool did, stop 20)."""
+    if not http2_nghttp2.available():
+        pytest.skip("libnghttp2 is not installed")
+    restore_outer = http2_nghttp2.reload_mode(abi=True)
+    try:
+        ffi = http2_nghttp2._ffi
+        before = dict(http2_nghttp2._T)
+        assert before, "ABI mode parses its C types at load"
+        restore_inner = http2_nghttp2.reload_mode(abi=True)  # a second ffi, its own types
+        assert http2_nghttp2._ffi is not ffi
+        assert http2_nghttp2._T["nghttp2_nv[]"] is not before["nghttp2_nv[]"]
+        restore_inner()
+        assert http2_nghttp2._ffi is ffi
+        assert all(http2_nghttp2._T[k] is v for k, v in before.items())
+        server, sink, client = server_pair()  # and a codec made now works
+        client.send_headers(1, REQ, end_stream=True)
+        server.feed(client.data_to_send())
+        assert [c[1] for c in sink.named("on_request_headers")] == [1]
+    finally:
+        restore_outer()
