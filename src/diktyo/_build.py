@@ -41,6 +41,7 @@ HOT_PATH: tuple[str, ...] = (
     "diktyo.proxy.network.h2pool",  # HTTP/2 upstream pool (h2fast, stop 19)
     "diktyo.proxy.network.pool",
     "diktyo.proxy.network.upstream",
+    "diktyo.proxy.network.tlsrecord",  # the mTLS record layer (tls4, stop 21)
     "diktyo.proxy.filters.telemetry",
     "diktyo.proxy.router.matcher",
     "diktyo.proxy.router.retry",  # the retry budget's counters, per request (lean)

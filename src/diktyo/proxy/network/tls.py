@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 
@@ -763,8 +763,8 @@ async def accept_inbound(
 ) -> tuple[asyncio.Transport, asyncio.Protocol, str]:
     """Sniff an accepted socket, apply ``mode`` and hand it to ``protocol_factory``.
 
-    Works on uvloop and the stdlib loop (``loop.start_tls`` on a server transport does not
-    work on uvloop; ``connect_accepted_socket(ssl=...)`` does). Returns
+    Works on uvloop and the stdlib loop: mTLS runs on diktyo's record layer
+    (``tlsrecord.TlsTransport``) over a plain TCP transport. Returns
     ``(transport, protocol, reason)``; raises ``InboundRefused`` with a readable reason and
     closes the socket when the connection is refused or the handshake fails. The peer's
     SPIFFE id is then ``peer_spiffe_id(transport.get_extra_info("ssl_object"))``.
@@ -792,13 +792,22 @@ async def accept_inbound(
     except TlsConfigError as exc:
         sock.close()
         raise InboundRefused(str(exc)) from None
+    from diktyo.proxy.network.tlsrecord import new_tls
+
+    # TLS on the plain TCP transport: diktyo's record layer (``tlsrecord``), not uvloop's
+    layer, handshake = new_tls(loop, ctx, protocol, True, None, handshake_timeout)
+    transport = cast(asyncio.Transport, layer)  # it is one, without inheriting the class
     try:
-        transport, _ = await loop.connect_accepted_socket(
-            lambda: protocol, sock, ssl=ctx, ssl_handshake_timeout=handshake_timeout
-        )
+        await loop.connect_accepted_socket(lambda: layer, sock)
+        await handshake
     except (ssl.SSLError, OSError, TimeoutError) as exc:
+        transport.abort()
         sock.close()
         raise InboundRefused(describe_tls_error(exc)) from None
+    except BaseException:  # cancelled (the listener closes): nothing stays open
+        transport.abort()
+        sock.close()
+        raise
     so = transport.get_extra_info("ssl_object")
     if so is not None:
         st = store.inbound_stats

@@ -93,6 +93,7 @@ async def open_upstream(
         upstream_context,
         verify_upstream,
     )
+    from diktyo.proxy.network.tlsrecord import new_tls
 
     try:
         ctx = upstream_context(tls, certs if certs is not None else CertificateStore(), alpn)
@@ -110,19 +111,25 @@ async def open_upstream(
     sessions = getattr(ctx, "sessions", None)
     key = (address, port, sni, principal, tls.subject_alt_names)
     token = offering(sessions.offer(key)) if sessions is not None else None
+    protocol = factory()
+    try:  # TLS on a plain TCP transport: diktyo's own record layer (``tlsrecord``)
+        transport, handshake = new_tls(loop, ctx, protocol, False, sni)
+    finally:
+        if token is not None:
+            token.var.reset(token)
     try:
-        transport, protocol = await loop.create_connection(
-            factory, address, port, ssl=ctx, server_hostname=sni
-        )
+        await loop.create_connection(lambda: transport, address, port)
+        await handshake
     except ssl.SSLError as exc:
+        transport.abort()
         if sessions is not None:
             sessions.forget(key)
         reason = describe_tls_error(exc)
         log.warning("upstream %s:%d: TLS handshake failed: %s", address, port, reason)
         raise ConnectionError(reason) from None
-    finally:
-        if token is not None:
-            token.var.reset(token)
+    except BaseException:  # refused, reset, timed out or cancelled: nothing stays open
+        transport.abort()
+        raise
     so = transport.get_extra_info("ssl_object")
     ok, reason = verify_upstream(so, tls, principal)
     if ok:
