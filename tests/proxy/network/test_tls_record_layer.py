@@ -458,3 +458,27 @@ def test_handshake_timeout_refuses_a_silent_client(ca: CertificateAuthority) -> 
             s.close()
 
     uvloop.run(main())
+
+
+def test_refused_client_certificate_gets_the_alert(ca: CertificateAuthority) -> None:
+    """STRICT and a TLS 1.3 client without a certificate: the server's ``certificate
+    required`` alert reaches the client (uvloop's SSL transport closed without sending it)."""
+    server = store_for(ca, SERVER_ID)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with Inbound(server, App) as srv:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.load_verify_locations(cadata=ca.trust_bundle_pem())
+            ctx.check_hostname = False
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port, ssl=ctx)
+            writer.write(b"GET / HTTP/1.1\r\n\r\n")  # TLS 1.3: the client's handshake is over
+            with pytest.raises(ssl.SSLError) as err:
+                await asyncio.wait_for(reader.read(100), 5)
+            assert err.value.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+            writer.close()
+            await eventually(lambda: bool(srv.refusals))
+            assert "client presented no certificate" in srv.refusals[0]
+            del loop
+
+    uvloop.run(main())
