@@ -482,3 +482,30 @@ def test_refused_client_certificate_gets_the_alert(ca: CertificateAuthority) -> 
             del loop
 
     uvloop.run(main())
+
+
+class Switch(App):
+    """Hands the transport to a new protocol on its first bytes, as the sidecar's
+    ``DownstreamSniffer`` does (``set_protocol`` inside ``data_received``)."""
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.next = App()
+        self.t.set_protocol(self.next)
+        self.next.connection_made(self.t)
+        self.next.data_received(data)
+
+
+def test_protocol_switched_in_the_first_record_gets_the_following_ones(
+    ca: CertificateAuthority,
+) -> None:
+    async def main() -> None:
+        app = Switch()
+        layer, wire, peer = await _open_in_memory(ca, app)
+        body = b"POST / HTTP/1.1\r\n\r\n" + b"b" * 50000  # 4 records in one TCP read
+        layer.data_received(peer.send(body))
+        assert len(app.chunks) == 1  # the sniffer saw the first record only
+        assert b"".join(app.next.chunks) == body
+        assert layer.get_protocol() is app.next
+
+    uvloop.run(main())

@@ -222,7 +222,6 @@ class TlsTransport(asyncio.Protocol):
         """Hand every complete record's plaintext to the application, one record per call."""
         sslobj = self._ssl
         incoming = self._in
-        app = self._app
         while True:
             try:
                 chunk = sslobj.read(RECORD_PLAINTEXT)
@@ -236,7 +235,8 @@ class TlsTransport(asyncio.Protocol):
             if not chunk:  # close_notify
                 self._peer_closed()
                 return
-            app.data_received(chunk)
+            # (read each time: a sniffing protocol hands the transport over in its first call)
+            self._app.data_received(chunk)
             if self._state != _OPEN or self._read_paused:
                 break  # the application closed or paused: the rest waits in the BIO
             if not incoming.pending:  # (nothing left inside OpenSSL either: a read of 16 KiB
@@ -302,10 +302,11 @@ class TlsTransport(asyncio.Protocol):
             return
         try:
             self._ssl.write(data)
+            self._tcp.write(self._out.read())
         except ssl.SSLError as exc:
             self._fatal(exc)
-            return
-        self._tcp.write(self._out.read())
+        except RuntimeError:  # uvloop: the TCP handle closed, connection_lost not yet called
+            self._state = _CLOSED
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
