@@ -30,7 +30,7 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from diktyo.proxy.codec import grpc
 from diktyo.proxy.codec.events import (
@@ -42,7 +42,8 @@ from diktyo.proxy.codec.events import (
 )
 from diktyo.proxy.codec.grpc import MessageCounter
 from diktyo.proxy.codec.http1 import HOP_BY_HOP_STR, Http1ServerCodec
-from diktyo.proxy.filters.contract import STOP, FilterChain, HttpFilter
+from diktyo.proxy.filters import contract as _contract
+from diktyo.proxy.filters.contract import FilterChain, HttpFilter
 from diktyo.proxy.filters.fault import MSG_FAULT_ABORT, FaultFilter
 from diktyo.proxy.filters.header_ops import RequestHeaderOpsFilter, ResponseHeaderOpsFilter
 from diktyo.proxy.filters.telemetry import (
@@ -51,24 +52,14 @@ from diktyo.proxy.filters.telemetry import (
     TracingFilter,
     span_name_for,
 )
-from diktyo.proxy.http.phases import (
-    DECODING,
-    DONE,
-    FORWARDING,
-    RESET,
-    RESPONDED,
-    RESPONDING,
-    TRANSITIONS,
-    IllegalTransition,
-    Phase,
-    check_transition,
-)
+from diktyo.proxy.http import phases as _phases
+from diktyo.proxy.http.phases import IllegalTransition, Phase, check_transition
 from diktyo.proxy.http.policies import LbContext, RetryState
 from diktyo.proxy.http.upstream_request import UpstreamRequest
 from diktyo.proxy.network.peer import transport_peer
 from diktyo.proxy.network.pool import Http1Pool
 from diktyo.proxy.network.upstream import UpstreamConnection
-from diktyo.telemetry.istio_metrics import PEER_METADATA_HEADER
+from diktyo.telemetry import istio_metrics as _istio_metrics
 
 if TYPE_CHECKING:
     from diktyo.proxy.codec.events import ServerCodec
@@ -116,24 +107,38 @@ FLAG_ORDER = (
 )
 _FLAG_RANK = {f: i for i, f in enumerate(FLAG_ORDER)}
 
-RETRY_BUFFER_LIMIT = 1024 * 1024  # body kept for retries (Envoy's default buffer limit)
-BUFFER_HIGH_WATER = 64 * 1024  # pause downstream reads while this much waits for upstream
+# Final (here and below): compiled, a constant is inlined and an object is a C static, where a
+# module global (imported names too) costs a dictionary lookup per use (issue 11, `sat`)
+DECODING: Final = _phases.DECODING
+FORWARDING: Final = _phases.FORWARDING
+RESPONDING: Final = _phases.RESPONDING
+RESPONDED: Final = _phases.RESPONDED
+RESET: Final = _phases.RESET
+DONE: Final = _phases.DONE
+_NEXT: Final = _phases.TRANSITIONS
+STOP: Final = _contract.STOP
+PEER_METADATA_HEADER: Final = _istio_metrics.PEER_METADATA_HEADER
+
+RETRY_BUFFER_LIMIT: Final = 1024 * 1024  # body kept for retries (Envoy's default buffer limit)
+BUFFER_HIGH_WATER: Final = 64 * 1024  # pause downstream reads while this much waits for upstream
 
 # end-to-end headers a client cannot make hop-by-hop by naming them in Connection
-_NEVER_HOP_BY_HOP = frozenset({"host"})
+_NEVER_HOP_BY_HOP: Final = frozenset({"host"})
 
-MSG_CONNECT_FAILURE = "upstream connect error or disconnect/reset before headers. reset reason: "
-MSG_TIMEOUT = b"upstream request timeout"
-MSG_NO_HEALTHY = b"no healthy upstream"
+MSG_CONNECT_FAILURE: Final = (
+    "upstream connect error or disconnect/reset before headers. reset reason: "
+)
+MSG_TIMEOUT: Final = b"upstream request timeout"
+MSG_NO_HEALTHY: Final = b"no healthy upstream"
 
 # reasons the downstream connection stopped reading (bit mask)
-PAUSE_PIPELINE = 1
-PAUSE_UPSTREAM = 2
-PAUSE_BUFFER = 4
+PAUSE_PIPELINE: Final = 1
+PAUSE_UPSTREAM: Final = 2
+PAUSE_BUFFER: Final = 4
 
-_monotonic = time.monotonic
+_monotonic: Final = time.monotonic
 log = logging.getLogger("diktyo.proxy")
-_NO_LB_CONTEXT = LbContext({}, "", None)  # shared by requests whose LB ignores the request
+_NO_LB_CONTEXT: Final = LbContext({}, "", None)  # shared by requests whose LB ignores the request
 _TEXT_PLAIN = (b"content-type", b"text/plain")
 # grpc-message of a gRPC local reply whose HTTP form has no body
 _GRPC_EMPTY_BODY_CAUSE = {
@@ -142,7 +147,6 @@ _GRPC_EMPTY_BODY_CAUSE = {
     403: "RBAC: access denied",
     503: "no cluster for this route (NC)",
 }
-_NEXT = TRANSITIONS
 
 
 class RequestIds:
