@@ -165,6 +165,7 @@ class RequestDecoder:
 
     __slots__ = (
         "_cl_seen",
+        "_data",
         "_error",
         "_hbytes",
         "_hcount",
@@ -189,6 +190,8 @@ class RequestDecoder:
         self._parser = httptools.HttpRequestParser(self)
         self._error: CodecError | None = None
         self._in_message = False
+        # the read being decoded while a request head begins at its first byte (see feed)
+        self._data = b""
         # header timeout bookkeeping: ``begun`` counts request heads started, ``in_head`` is
         # True from a head's first byte until it is complete
         self.begun = 0
@@ -274,8 +277,24 @@ class RequestDecoder:
         parser = self._parser
         headers = self._headers
         head = RequestHead(headers)
-        head.method = parser.get_method().decode("ascii", "replace")
-        version = parser.get_http_version()
+        method = parser.get_method()
+        head.method = method.decode("ascii", "replace")
+        url = self._url
+        # The version: a request line that began at the start of this read is there as
+        # received (method SP url SP version CRLF, llhttp's strict grammar), so "HTTP/1.1" is a
+        # slice compare; else httptools' get_http_version(), which formats "major.minor" (~2,300
+        # instructions per request compiled; issue 11, `sat`)
+        d = self._data
+        v11 = False
+        if d:
+            self._data = b""
+            off = 0
+            n = len(d)
+            while off < n and (d[off] == 13 or d[off] == 10):  # llhttp skips empty lines
+                off += 1
+            p = off + len(method) + 1 + len(url)
+            v11 = d[p : p + 11] == b" HTTP/1.1\r\n"
+        version = "1.1" if v11 else parser.get_http_version()
         if version != "1.1":
             if version != "1.0":
                 self._error = CodecError(505, f"HTTP/{version} is not supported")
@@ -286,7 +305,6 @@ class RequestDecoder:
             head.version = version
         if not parser.should_keep_alive():
             head.keep_alive = False
-        url = self._url
         if not url:
             self._error = CodecError(400, "empty request target")
             raise _Stop
@@ -378,8 +396,13 @@ class RequestDecoder:
         err = self._error  # a local: a narrowed self._error would be trusted by mypyc
         if err is not None:
             raise err
+        # between requests, the next request's head begins at this read's first byte (after
+        # any empty lines): on_headers_complete reads the version from it; dropped at the end
+        # of the read (an idle connection keeps no read)
+        self._data = b"" if self._in_message else data
         try:
             self._parser.feed_data(data)
+            self._data = b""
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             rest = data[offset:]

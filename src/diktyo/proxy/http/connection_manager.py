@@ -149,21 +149,33 @@ _GRPC_EMPTY_BODY_CAUSE = {
 }
 
 
+# two hex digits per byte value: the last four digits of a request id by two lookups
+_HEX2: Final = tuple(f"{i:02x}" for i in range(256))
+
+
 class RequestIds:
     """``x-request-id`` values shaped like UUIDv4: a random 80-bit prefix per process (from the
-    injected rng) plus a 48-bit counter. Unique per process, no syscall, ~0.2 us each."""
+    injected rng) plus a 48-bit counter. Unique per process, no syscall.
 
-    __slots__ = ("n", "prefix")
+    ``mid`` is the prefix and the counter's upper 32 bits in hex, renewed every 65,536 ids, so an
+    id costs one concatenation of ``mid`` and two table entries, where formatting all twelve
+    digits (``"%012x" % n``) cost ~1,900 instructions compiled (issue 11, `sat`)."""
+
+    __slots__ = ("mid", "n", "prefix")
 
     def __init__(self, rng: Any) -> None:
         h = f"{rng.getrandbits(80):020x}"
         # version 4 and RFC 4122 variant nibbles
         self.prefix = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-"
-        self.n = rng.getrandbits(32)
+        self.n = n = rng.getrandbits(32)
+        self.mid = self.prefix + f"{n >> 16:08x}"
 
     def next(self) -> str:
         self.n = n = (self.n + 1) & 0xFFFFFFFFFFFF
-        return self.prefix + "%012x" % n  # noqa: UP031 (faster compiled, see prepare_headers)
+        low = n & 0xFFFF
+        if low == 0:  # the upper digits changed (and at the 48-bit wrap)
+            self.mid = self.prefix + f"{n >> 16:08x}"
+        return f"{self.mid}{_HEX2[low >> 8]}{_HEX2[low & 0xFF]}"
 
 
 def request_id(rng: Any) -> str:
@@ -920,13 +932,10 @@ class DownstreamStream:
             xff = h.get("x-forwarded-for")
             h["x-forwarded-for"] = peer if xff is None else f"{xff}, {peer}"
         if "x-request-id" not in h:
-            # RequestIds.next() inlined; cast: compiled, its two fields are native reads
+            # cast: compiled, a native call
             v = self.view
             ids = cast(RequestIds, v.request_ids if v is not None else self.rt.request_ids)
-            ids.n = n = (ids.n + 1) & 0xFFFFFFFFFFFF
-            # "%012x" % n: one C call; an f-string with a format spec costs mypyc two
-            # format() calls (timeit, compiled: 1.13 -> 0.46 us)
-            h["x-request-id"] = ids.prefix + "%012x" % n  # noqa: UP031
+            h["x-request-id"] = ids.next()
         if "x-forwarded-proto" not in h:
             h["x-forwarded-proto"] = self.head.scheme
         self.out_headers = h
