@@ -167,7 +167,8 @@ class RequestIds:
         h = f"{rng.getrandbits(80):020x}"
         # version 4 and RFC 4122 variant nibbles
         self.prefix = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-"
-        self.n = n = rng.getrandbits(32)
+        n: int = rng.getrandbits(32)  # typed: compiled, native integer operations in next()
+        self.n = n
         self.mid = self.prefix + f"{n >> 16:08x}"
 
     def next(self) -> str:
@@ -916,8 +917,10 @@ class DownstreamStream:
 
     def prepare_headers(self) -> None:
         """Strip hop-by-hop headers (in place), add x-forwarded-*, x-request-id."""
-        h = self.head.headers
-        if not HOP_BY_HOP_STR.isdisjoint(h):
+        head = self.head
+        h = head.headers
+        # hop_by_hop False: the HTTP/1.1 decoder saw none of these names (no set walk)
+        if head.hop_by_hop and not HOP_BY_HOP_STR.isdisjoint(h):
             conn_hdr = h.get("connection")
             if conn_hdr is not None:
                 for t in conn_hdr.split(","):
