@@ -709,11 +709,16 @@ def encode_request_head(
     method: str, path: str, headers: dict[str, str], body_framing: bytes
 ) -> bytes:
     """Request line + headers (hop-by-hop already removed by the caller) + framing header."""
-    # one list, one join, one encode; compiled, the loop is native and each line one
-    # f-string (one CPyStr_Build: one allocation, no list append per piece; issue 11, `sat`)
-    parts = [f"{method} {path} HTTP/1.1\r\n"]
+    # one list, one join, one encode: compiled, the loop is native (no tuple and join call
+    # per header as with map(": ".join, items)): timeit 1.96 -> 1.66 us for 7 headers. (An
+    # f-string per line, one CPyStr_Build each, cost more: ~700 against ~500 instructions
+    # per header; issue 11, `sat`.)
+    parts = [method, " ", path, " HTTP/1.1\r\n"]
     for k, v in headers.items():
-        parts.append(f"{k}: {v}\r\n")
+        parts.append(k)
+        parts.append(": ")
+        parts.append(v)
+        parts.append("\r\n")
     if body_framing:
         return "".join(parts).encode("latin-1") + body_framing + _CRLF
     parts.append("\r\n")
