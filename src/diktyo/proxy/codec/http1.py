@@ -55,7 +55,8 @@ __all__ = ["CodecError", "RequestHead"]  # defined in events (protocol-neutral),
 
 # Final (here and below): compiled, a constant is inlined and a container is a C static, where
 # a plain module global costs a dictionary lookup per use (issue 11, `sat`: ~45 lookups per
-# request across the hot path). Globals that tests replace with monkeypatch stay plain.
+# request across the hot path). Globals that tests replace with monkeypatch stay plain (the
+# regexes used on a cache miss); the two caches are Final and tests empty them in place.
 MAX_HEADER_BYTES: Final = 60 * 1024
 MAX_HEADER_COUNT: Final = 100
 
@@ -147,7 +148,7 @@ class ResponseSink(Protocol):
 _BAD_AUTHORITY = re.compile(r"[^A-Za-z0-9\-._~%!$&'()*+,;=:@\[\]]").search
 # authorities that passed _BAD_AUTHORITY (clients repeat theirs: a set lookup instead of a
 # regex search per request); bounded, cleared when full
-_GOOD_AUTHORITIES: set[str] = set()
+_GOOD_AUTHORITIES: Final[set[str]] = set()
 GOOD_AUTHORITIES_MAX: Final = 1024
 
 # raw header name -> lower-case str (names repeat: decode and lower each only once)
@@ -667,7 +668,7 @@ def _block_facts(block: bytes) -> tuple[bytes, bool, bool]:
 # (cleared when full: a changing header only costs the lookup).
 BLOCK_CACHE_SIZE: Final = 256
 BLOCK_CACHE_ENTRY_MAX: Final = 1024
-_BLOCK_CACHE: dict[bytes, tuple[bytes, bool, bool]] = {}
+_BLOCK_CACHE: Final[dict[bytes, tuple[bytes, bool, bool]]] = {}
 
 
 def response_block_facts(block: bytes) -> tuple[bytes, bool, bool]:

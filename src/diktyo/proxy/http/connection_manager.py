@@ -645,7 +645,9 @@ class DownstreamStream:
             self.ctx = conn.ctx
         self.sid = sid
         self.head = head
-        self.t0 = _monotonic()
+        # HTTP/1.1: the time of the read that carried this head (data_received's clock read:
+        # one clock call less per request; issue 11, `sat`)
+        self.t0 = h1.last_activity if h1 is not None else _monotonic()
         self.out_headers: dict[str, str] = head.headers
         self.path_out = head.path
         self.authority = head.authority
