@@ -127,6 +127,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     pairs = [
         ("diktyo", "haproxy"),
         ("diktyo", "nginx"),
+        ("bare", "haproxy"),
+        ("diktyo", "bare"),
         ("mesh-diktyo", "mesh-haproxy"),
         (CONCURRENCY_TARGET, "diktyo"),
     ]

@@ -17,12 +17,14 @@ from procs import PROXY_CORE, Proc, free_port, start, start_sidecar
 
 ALL_TARGETS = (
     "direct", "diktyo", "diktyo-c2", "diktyo-pure", "nginx", "haproxy", "mesh-diktyo",
-    "mesh-haproxy",
+    "mesh-haproxy", "bare",
 )
 DIKTYO_TARGETS = ("diktyo", "diktyo-c2", "diktyo-pure", "mesh-diktyo")
 # diktyo-c2: the same sidecar with concurrency 2 (two worker processes), allowed on both cores
 # diktyo-pure: the same sidecar with DIKTYO_PURE=1, i.e. the .py sources even where the hot path
 # is compiled (pure vs compiled of one commit in one run)
+# bare: bench/bare.py, a uvloop + httptools forwarding loop with no routing or stats (the floor
+# of diktyo's stack)
 
 
 @dataclass
@@ -178,6 +180,11 @@ def start_target(name: str, tmp: Path, upstream: Proc, config: str = "yaml") -> 
     if name == "haproxy":
         port = free_port()
         return Running(name, port, [_haproxy(tmp, "haproxy", port, upstream_port)])
+    if name == "bare":
+        port = free_port()
+        argv = [sys.executable, str(Path(__file__).resolve().parent / "bare.py"),
+                "--port", str(port), "--upstream-port", str(upstream_port)]
+        return Running(name, port, [start(name, argv, port, tmp / "bare.log", PROXY_CORE)])
     if name == "mesh-haproxy":
         ps = free_port()
         server = _haproxy(tmp, "haproxy-server", ps, upstream_port)

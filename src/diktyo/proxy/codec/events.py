@@ -125,6 +125,9 @@ class RequestHead:
     expect_continue = False
     upgrade = False
     upgrade_to = ""  # "websocket": an HTTP/1.1 Upgrade the proxy tunnels after a 101
+    # False: the decoder saw no hop-by-hop header name (connection, te, upgrade, content-length,
+    # ...), so the proxy skips looking for them; True (unknown) for any other producer
+    hop_by_hop = True
 
     def __init__(self, headers: dict[str, str] | None = None) -> None:
         self.headers: dict[str, str] = {} if headers is None else headers

@@ -31,7 +31,7 @@ decoded per header on the hot path).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import httptools
 
@@ -53,11 +53,15 @@ if TYPE_CHECKING:
 
 __all__ = ["CodecError", "RequestHead"]  # defined in events (protocol-neutral), re-exported
 
-MAX_HEADER_BYTES = 60 * 1024
-MAX_HEADER_COUNT = 100
+# Final (here and below): compiled, a constant is inlined and a container is a C static, where
+# a plain module global costs a dictionary lookup per use (issue 11, `sat`: ~45 lookups per
+# request across the hot path). Globals that tests replace with monkeypatch stay plain (the
+# regexes used on a cache miss); the two caches are Final and tests empty them in place.
+MAX_HEADER_BYTES: Final = 60 * 1024
+MAX_HEADER_COUNT: Final = 100
 
 # request headers the proxy never forwards (hop-by-hop, RFC 9110 7.6.1, plus proxy-connection)
-HOP_BY_HOP_STR = frozenset(
+HOP_BY_HOP_STR: Final = frozenset(
     {
         "connection",
         "keep-alive",
@@ -70,7 +74,7 @@ HOP_BY_HOP_STR = frozenset(
         "expect",
     }
 )
-HOP_BY_HOP_BYTES = frozenset(
+HOP_BY_HOP_BYTES: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -115,7 +119,7 @@ REASONS: dict[int, bytes] = {
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
-STATUS_LINES: dict[int, bytes] = {
+STATUS_LINES: Final[dict[int, bytes]] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in REASONS.items()
 }
 
@@ -144,13 +148,13 @@ class ResponseSink(Protocol):
 _BAD_AUTHORITY = re.compile(r"[^A-Za-z0-9\-._~%!$&'()*+,;=:@\[\]]").search
 # authorities that passed _BAD_AUTHORITY (clients repeat theirs: a set lookup instead of a
 # regex search per request); bounded, cleared when full
-_GOOD_AUTHORITIES: set[str] = set()
-GOOD_AUTHORITIES_MAX = 1024
+_GOOD_AUTHORITIES: Final[set[str]] = set()
+GOOD_AUTHORITIES_MAX: Final = 1024
 
 # raw header name -> lower-case str (names repeat: decode and lower each only once)
-_NAMES: dict[bytes, str] = {}
-_FRAMING = frozenset({"content-length", "transfer-encoding"})
-_IDLE_HEADERS: dict[str, str] = {}  # between requests (never written: a head starts a new dict)
+_NAMES: Final[dict[bytes, str]] = {}
+_FRAMING: Final = frozenset({"content-length", "transfer-encoding"})
+_IDLE_HEADERS: Final[dict[str, str]] = {}  # between requests (never written: a head starts a new dict)
 
 
 class _Stop(Exception):
@@ -162,11 +166,13 @@ class RequestDecoder:
 
     __slots__ = (
         "_cl_seen",
+        "_data",
         "_error",
         "_hbytes",
         "_hcount",
         "_head",
         "_headers",
+        "_hop",
         "_in_message",
         "_parser",
         "_te_seen",
@@ -186,6 +192,8 @@ class RequestDecoder:
         self._parser = httptools.HttpRequestParser(self)
         self._error: CodecError | None = None
         self._in_message = False
+        # the read being decoded while a request head begins at its first byte (see feed)
+        self._data = b""
         # header timeout bookkeeping: ``begun`` counts request heads started, ``in_head`` is
         # True from a head's first byte until it is complete
         self.begun = 0
@@ -199,6 +207,7 @@ class RequestDecoder:
         self._hcount = 0
         self._cl_seen = False
         self._te_seen = False
+        self._hop = False  # a hop-by-hop (or framing) header name was seen
         self._head: RequestHead | None = None
 
     @property
@@ -218,6 +227,7 @@ class RequestDecoder:
         self._hcount = 0
         self._cl_seen = False
         self._te_seen = False
+        self._hop = False
         self._head = None
 
     def on_url(self, url: bytes) -> None:
@@ -239,25 +249,28 @@ class RequestDecoder:
             if len(_NAMES) < 4096:
                 _NAMES[name] = key
         val = value.decode("latin-1")
-        if key in _FRAMING:
-            val = val.strip(" \t")
-            if key == "content-length":
-                if self._cl_seen:
-                    self._error = CodecError(400, "duplicate content-length")
+        if key in HOP_BY_HOP_STR:  # noted for prepare_headers; the framing headers too
+            self._hop = True
+            if key in _FRAMING:
+                val = val.strip(" \t")
+                if key == "content-length":
+                    if self._cl_seen:
+                        self._error = CodecError(400, "duplicate content-length")
+                        raise _Stop
+                    if not val.isdigit() or not val.isascii():
+                        self._error = CodecError(400, "invalid content-length")
+                        raise _Stop
+                    self._cl_seen = True
+                else:
+                    self._te_seen = True
+                if self._cl_seen and self._te_seen:
+                    self._error = CodecError(400, "both content-length and transfer-encoding")
                     raise _Stop
-                if not val.isdigit() or not val.isascii():
-                    self._error = CodecError(400, "invalid content-length")
-                    raise _Stop
-                self._cl_seen = True
-            else:
-                self._te_seen = True
-            if self._cl_seen and self._te_seen:
-                self._error = CodecError(400, "both content-length and transfer-encoding")
-                raise _Stop
         headers = self._headers
-        old = headers.get(key)
-        if old is None:
-            headers[key] = val
+        n = len(headers)
+        old = headers.setdefault(key, val)  # one dict operation for a new name (the usual)
+        if len(headers) != n:
+            pass
         elif key == "host":
             self._error = CodecError(400, "multiple host headers")
             raise _Stop
@@ -271,8 +284,26 @@ class RequestDecoder:
         parser = self._parser
         headers = self._headers
         head = RequestHead(headers)
-        head.method = parser.get_method().decode("ascii", "replace")
-        version = parser.get_http_version()
+        if not self._hop:
+            head.hop_by_hop = False
+        method = parser.get_method()
+        head.method = method.decode("ascii", "replace")
+        url = self._url
+        # The version: a request line that began at the start of this read is there as
+        # received (method SP url SP version CRLF, llhttp's strict grammar), so "HTTP/1.1" is a
+        # slice compare; else httptools' get_http_version(), which formats "major.minor" (~2,300
+        # instructions per request compiled; issue 11, `sat`)
+        d = self._data
+        v11 = False
+        if d:
+            self._data = b""
+            off = 0
+            n = len(d)
+            while off < n and (d[off] == 13 or d[off] == 10):  # llhttp skips empty lines
+                off += 1
+            p = off + len(method) + 1 + len(url)
+            v11 = d[p : p + 11] == b" HTTP/1.1\r\n"
+        version = "1.1" if v11 else parser.get_http_version()
         if version != "1.1":
             if version != "1.0":
                 self._error = CodecError(505, f"HTTP/{version} is not supported")
@@ -283,7 +314,6 @@ class RequestDecoder:
             head.version = version
         if not parser.should_keep_alive():
             head.keep_alive = False
-        url = self._url
         if not url:
             self._error = CodecError(400, "empty request target")
             raise _Stop
@@ -375,8 +405,13 @@ class RequestDecoder:
         err = self._error  # a local: a narrowed self._error would be trusted by mypyc
         if err is not None:
             raise err
+        # between requests, the next request's head begins at this read's first byte (after
+        # any empty lines): on_headers_complete reads the version from it; dropped at the end
+        # of the read (an idle connection keeps no read)
+        self._data = b"" if self._in_message else data
         try:
             self._parser.feed_data(data)
+            self._data = b""
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             rest = data[offset:]
@@ -484,7 +519,15 @@ class ResponseDecoder:
         n = len(buf)
         while lead < n and buf[lead] in (13, 10):  # CR, LF (an int test: no slice per line)
             lead += 1
-        end = buf.find(b"\r\n\r\n", lead)
+        # the status line: usually this status's own ("HTTP/1.1 200 OK\r\n"), found by one
+        # slice compare instead of a search (bytes.find costs ~1,000 instructions compiled,
+        # mostly the generic method call; issue 11, `sat`)
+        line = STATUS_LINES.get(status)
+        if line is not None and buf[lead : lead + len(line)] == line:
+            first = lead + len(line) - 2
+        else:
+            first = buf.find(b"\r\n", lead)
+        end = buf.find(b"\r\n\r\n", first) if first >= 0 else -1
         if end < 0:
             raise CodecError(502, "malformed upstream response head")
         if end - start > MAX_HEADER_BYTES:
@@ -493,7 +536,6 @@ class ResponseDecoder:
         if status == 101 and not self.upgrade_ok:
             # only a WebSocket upgrade request may be answered 101
             raise CodecError(502, "unexpected 101 Switching Protocols from upstream")
-        first = buf.find(b"\r\n", lead)
         block = buf[first + 2 : end + 4]
         self._pos = end + 4 if not carry else end + 4 - len(carry) + self._head_start
         self._carry = b""
@@ -624,9 +666,9 @@ def _block_facts(block: bytes) -> tuple[bytes, bool, bool]:
 # (nginx's changes with its Date header once a second), so each response costs one dict
 # lookup instead of three regex passes (~2 us). Bounded: blocks up to 1 KiB, 256 of them
 # (cleared when full: a changing header only costs the lookup).
-BLOCK_CACHE_SIZE = 256
-BLOCK_CACHE_ENTRY_MAX = 1024
-_BLOCK_CACHE: dict[bytes, tuple[bytes, bool, bool]] = {}
+BLOCK_CACHE_SIZE: Final = 256
+BLOCK_CACHE_ENTRY_MAX: Final = 1024
+_BLOCK_CACHE: Final[dict[bytes, tuple[bytes, bool, bool]]] = {}
 
 
 def response_block_facts(block: bytes) -> tuple[bytes, bool, bool]:
@@ -659,9 +701,9 @@ def encode_header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
 
 # --------------------------------------------------------------------------- encoders
 
-_CHUNKED = b"transfer-encoding: chunked\r\n"
-_CRLF = b"\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
+_CHUNKED: Final = b"transfer-encoding: chunked\r\n"
+_CRLF: Final = b"\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 def encode_request_head(
@@ -669,14 +711,19 @@ def encode_request_head(
 ) -> bytes:
     """Request line + headers (hop-by-hop already removed by the caller) + framing header."""
     # one list, one join, one encode: compiled, the loop is native (no tuple and join call
-    # per header as with map(": ".join, items)): timeit 1.96 -> 1.66 us for 7 headers
+    # per header as with map(": ".join, items)): timeit 1.96 -> 1.66 us for 7 headers. (An
+    # f-string per line, one CPyStr_Build each, cost more: ~700 against ~500 instructions
+    # per header; issue 11, `sat`.)
     parts = [method, " ", path, " HTTP/1.1\r\n"]
     for k, v in headers.items():
         parts.append(k)
         parts.append(": ")
         parts.append(v)
         parts.append("\r\n")
-    return "".join(parts).encode("latin-1") + body_framing + _CRLF
+    if body_framing:
+        return "".join(parts).encode("latin-1") + body_framing + _CRLF
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")
 
 
 def content_length_header(n: int) -> bytes:
@@ -721,9 +768,9 @@ def local_response(
 
 # --------------------------------------------------------------------------- codecs (events.py)
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CLOSE_HDR = b"connection: close\r\n"
-_KEEP_ALIVE_HDR = b"connection: keep-alive\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CLOSE_HDR: Final = b"connection: close\r\n"
+_KEEP_ALIVE_HDR: Final = b"connection: keep-alive\r\n"
 
 
 class _ServerRequestDecoder(RequestDecoder):
@@ -966,7 +1013,7 @@ class Http1ServerCodec:
         pass
 
 
-_NO_REQUEST = RequestHead()
+_NO_REQUEST: Final = RequestHead()
 
 
 class Http1ClientCodec:

@@ -24,10 +24,12 @@ from diktyo.proxy.upstream.cluster import ClusterState
 
 
 class RequestIdSource(Protocol):
-    """``x-request-id`` generator state (``connection_manager.RequestIds``): prefix + counter."""
+    """``x-request-id`` generator (``connection_manager.RequestIds``): prefix + counter."""
 
     prefix: str
     n: int
+
+    def next(self) -> str: ...
 
 
 class Runtime(Protocol):

@@ -41,14 +41,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from diktyo.proxy.network.upstream import Requester, UpstreamConnection, dial
 
 if TYPE_CHECKING:
     from diktyo.proxy.upstream.cluster import ClusterState
 
-MAX_IDLE_PER_HOST = 64
+MAX_IDLE_PER_HOST: Final = 64
 log = logging.getLogger("diktyo.proxy")
 
 
