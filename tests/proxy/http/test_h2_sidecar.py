@@ -121,6 +121,14 @@ async def test_h2c_client_to_http2_upstream_multiplexed(h2_codec: str) -> None:
         assert {rq.head.authority for rq in up.requests} == {"svc"}
         stats = sc.sidecar.stats.server
         assert stats["downstream_cx_http2_total"] == 1
+        # libnghttp2's codec and the pooled connection know each other typed (compiled: the
+        # native calls both ways, tidy); the h2 codec goes the generic way
+        h2pool = next(p for p in sc.sidecar.pools.values() if p.protocol == "HTTP/2")
+        (conn,) = [c for cs in h2pool.conns.values() for c in cs]
+        if codec == "nghttp2":
+            assert conn.ng is conn.codec and conn.codec.h2conn is conn
+        else:
+            assert conn.ng is None
 
 
 async def test_http11_client_to_http2_upstream() -> None:

@@ -46,10 +46,11 @@ from diktyo.proxy.codec.events import (
 )
 from diktyo.proxy.codec.http2_common import DEFAULT_OPTIONS, Http2Options, Http2Stats
 from diktyo.proxy.codec.http2_select import codec_description, select_codec
-from diktyo.proxy.network.upstream import dial
+from diktyo.proxy.network.upstream import Requester, dial
 
 if TYPE_CHECKING:
     from diktyo.proxy.codec.http2 import Http2ClientCodec
+    from diktyo.proxy.codec.http2_nghttp2 import NgHttp2ClientCodec
 
 log = logging.getLogger("diktyo.proxy")
 
@@ -113,6 +114,13 @@ def defer_flush(conn: Any) -> bool:
     return False
 
 
+def _ng_client(codec: Any) -> NgHttp2ClientCodec | None:
+    """``codec`` typed when it is libnghttp2's client codec (None for the `h2` one)."""
+    from diktyo.proxy.codec.http2_nghttp2 import NgHttp2ClientCodec
+
+    return codec if isinstance(codec, NgHttp2ClientCodec) else None
+
+
 class _StreamCodec:
     """The connection's codec as one requester sees it: ``new_stream`` also registers the
     stream, so that the connection routes that stream's events to this requester."""
@@ -134,16 +142,28 @@ class _StreamCodec:
 
     def new_stream(self) -> int:
         h = self.handle
-        sid = h.conn.codec.new_stream()
+        conn = h.conn
+        ng = conn.ng
+        sid = ng.new_stream() if ng is not None else conn.codec.new_stream()
         h.sid = sid
-        h.conn.requests[sid] = h
+        conn.requests[sid] = h
         return sid
 
     def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
-        self.handle.conn.codec.send_headers(sid, head, end_stream)
+        conn = self.handle.conn
+        ng = conn.ng
+        if ng is not None:  # compiled: a native call
+            ng.send_headers(sid, head, end_stream)
+        else:
+            conn.codec.send_headers(sid, head, end_stream)
 
     def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
-        self.handle.conn.codec.send_data(sid, data, end_stream)
+        conn = self.handle.conn
+        ng = conn.ng
+        if ng is not None:  # compiled: a native call
+            ng.send_data(sid, data, end_stream)
+        else:
+            conn.codec.send_data(sid, data, end_stream)
 
     def send_trailers(self, sid: int, trailers: HeaderList) -> None:
         self.handle.conn.codec.send_trailers(sid, trailers)
@@ -246,6 +266,11 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.codec: Http2ClientCodec = select_codec()[1](
             self, pool.options, pool.h2stats, pool.loop.time
         )
+        # the same codec typed, when it is libnghttp2's: compiled, the calls both ways (codec
+        # -> this connection, this connection -> codec) are native instead of generic
+        self.ng: NgHttp2ClientCodec | None = _ng_client(self.codec)
+        if self.ng is not None:
+            self.ng.h2conn = self
         self.requests: dict[int, H2StreamHandle] = {}  # sid -> handle
         self.attaching = 0  # handed out, stream not opened yet
         self.transport: asyncio.Transport | None = None
@@ -270,7 +295,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         return min(peer, limit) if peer else 0
 
     def usable(self) -> bool:
-        if self.closed or self.stale or self.codec.closed or self.pool.retired:
+        ng = self.ng
+        if self.closed or self.stale or self.pool.retired:
+            return False
+        if ng.closed if ng is not None else self.codec.closed:
             return False
         maxreq = self.pool.state.cluster.pool.max_requests_per_connection
         return not (maxreq and self.streams_total >= maxreq)
@@ -302,8 +330,12 @@ class H2UpstreamConnection(asyncio.Protocol):
     def _data_received(self, data: bytes) -> None:
         touched: list[H2StreamHandle] = []
         self._touched = touched
+        ng = self.ng
         try:
-            self.codec.feed(data)
+            if ng is not None:  # compiled: a native call
+                ng.feed(data)
+            else:
+                self.codec.feed(data)
         except CodecError as exc:
             self._touched = None
             log.warning(
@@ -323,11 +355,23 @@ class H2UpstreamConnection(asyncio.Protocol):
             return
         self._touched = None
         self.flush()
-        seen: set[int] = set()
-        for h in touched:
-            if id(h) not in seen:
-                seen.add(id(h))
-                h.requester.flush_downstream()
+        if touched:
+            if len(touched) == 1:
+                r = touched[0].requester
+                if isinstance(r, Requester):  # the upstream attempt: a native call
+                    r.flush_downstream()
+                else:
+                    r.flush_downstream()
+            else:
+                seen: set[int] = set()
+                for h in touched:
+                    if id(h) not in seen:
+                        seen.add(id(h))
+                        r = h.requester
+                        if isinstance(r, Requester):  # the upstream attempt: a native call
+                            r.flush_downstream()
+                        else:
+                            r.flush_downstream()
         if self.codec.closed and not self.requests:
             self.close()
             return
@@ -365,21 +409,35 @@ class H2UpstreamConnection(asyncio.Protocol):
             h.requester.upstream_resume_writing()
 
     # -- ClientSink: events to the requester that owns the stream
+    # (the requester is the upstream attempt, a compiled ``Requester``: called natively; a
+    # mirror copy the generic way)
     def on_response_headers(self, sid: int, head: ResponseHead) -> None:
         h = self.requests.get(sid)
         if h is not None:
             h.started = True
             if self._touched is not None:
                 self._touched.append(h)
-            h.requester.on_response_headers(sid, head)
+            r = h.requester
+            if isinstance(r, Requester):
+                r.on_response_headers(sid, head)
+            else:
+                r.on_response_headers(sid, head)
 
     def on_response_data(self, sid: int, data: bytes) -> None:
         h = self.requests.get(sid)
         if h is not None:
             if self._touched is not None:
                 self._touched.append(h)
-            h.requester.on_response_data(sid, data)
-        self.codec.acknowledge(sid, len(data))  # withheld while the stream's reading is paused
+            r = h.requester
+            if isinstance(r, Requester):
+                r.on_response_data(sid, data)
+            else:
+                r.on_response_data(sid, data)
+        ng = self.ng  # credit withheld while the stream's reading is paused
+        if ng is not None:
+            ng.acknowledge(sid, len(data))
+        else:
+            self.codec.acknowledge(sid, len(data))
 
     def on_response_trailers(self, sid: int, trailers: HeaderList) -> None:
         h = self.requests.get(sid)
@@ -393,7 +451,11 @@ class H2UpstreamConnection(asyncio.Protocol):
         if h is not None:
             if self._touched is not None:
                 self._touched.append(h)
-            h.requester.on_response_end(sid)
+            r = h.requester
+            if isinstance(r, Requester):
+                r.on_response_end(sid)
+            else:
+                r.on_response_end(sid)
 
     def on_stream_reset(self, sid: int, reason: ResetReason) -> None:
         h = self.requests.pop(sid, None)
@@ -427,7 +489,8 @@ class H2UpstreamConnection(asyncio.Protocol):
     def flush_now(self) -> None:
         t = self.transport
         if t is not None and not self.closed:
-            out = self.codec.data_to_send()
+            ng = self.ng
+            out = ng.data_to_send() if ng is not None else self.codec.data_to_send()
             if out:
                 t.write(out)
 
@@ -579,7 +642,11 @@ class H2ClusterPool:
         conn.streams_total += 1
         conn.attaching += 1
         try:
-            req.attach(handle)  # the requester opens its stream (codec.new_stream) in there
+            # the requester opens its stream (codec.new_stream) in there
+            if isinstance(req, Requester):  # the upstream attempt: a native call
+                req.attach(handle)  # type: ignore[arg-type]  # the handle is the requester's connection (as the generic call below)
+            else:
+                req.attach(handle)
         finally:
             conn.attaching -= 1
 
@@ -620,7 +687,11 @@ class H2ClusterPool:
         handle.released = True
         conn = handle.conn
         if handle.sid and conn.requests.pop(handle.sid, None) is not None and not conn.closed:
-            conn.codec.send_reset(handle.sid, ResetReason.LOCAL_RESET)
+            ng = conn.ng
+            if ng is not None:
+                ng.send_reset(handle.sid, ResetReason.LOCAL_RESET)
+            else:
+                conn.codec.send_reset(handle.sid, ResetReason.LOCAL_RESET)
             conn.flush()
         self.slot_freed(conn)
 
