@@ -9,6 +9,7 @@ ruamel or aiohttp (``--config DIR`` translates in a short-lived child process).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -28,6 +29,29 @@ NEVER_IN_SIDECAR = ("diktyo.api", "diktyo.control", "diktyo.dashboard", "diktyo.
 # worker processes, hashlib (OpenSSL's digests) never, ipaddress with capture or authz
 # config, the idna codec (with unicodedata) at the first name lookup
 LAZY_STDLIB = ("argparse", "ctypes", "hashlib", "_hashlib", "ipaddress", "encodings.idna")
+
+
+GC_ENV = "DIKTYO_GC_GEN0"  # gen-0 threshold after start-up (0: no automatic collection)
+GC_GEN0 = 20000  # the default (CPython's own is 700)
+
+
+def settle_gc() -> None:
+    """After start-up (config applied, listeners open): collect once, move what survived to
+    the permanent generation (``gc.freeze()``: config objects leave the collector's view), and
+    collect the young generation every ``GC_GEN0`` container allocations instead of every 700.
+    Per-request objects die by reference counting; the collector is there for the rare cycle.
+    ``$DIKTYO_GC_GEN0`` overrides the threshold (measuring; 0 turns automatic collection off,
+    which lets cycles pile up: not for production)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    raw = os.environ.get(GC_ENV, "")
+    gen0 = int(raw) if raw.isdigit() else GC_GEN0
+    if gen0 == 0:
+        gc.disable()
+    else:
+        gc.set_threshold(gen0, 20, 20)
 
 
 def _status_kib() -> dict[str, int]:

@@ -40,7 +40,6 @@ if it keeps dying) and zeroes its breaker slots. Draining the sidecar drains eve
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -770,9 +769,9 @@ async def _worker(args: argparse.Namespace) -> int:
                     reply({"op": "applied", "seq": msg.get("seq"), "version": snap.version})
                     if not frozen:  # as the leader: config objects leave the collector's view
                         frozen.append(True)
-                        gc.collect()
-                        gc.freeze()
-                        gc.set_threshold(20000, 20, 20)
+                        from diktyo.proxy.memory import settle_gc
+
+                        settle_gc()
                 for s in handed.values():  # sockets of listeners it already serves
                     s.close()
                 handed.clear()

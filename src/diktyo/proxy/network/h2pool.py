@@ -121,88 +121,34 @@ def _ng_client(codec: Any) -> NgHttp2ClientCodec | None:
     return codec if isinstance(codec, NgHttp2ClientCodec) else None
 
 
-class _StreamCodec:
-    """The connection's codec as one requester sees it: ``new_stream`` also registers the
-    stream, so that the connection routes that stream's events to this requester."""
-
-    __slots__ = ("handle",)
-    protocol = "HTTP/2"
-    multiplexed = True
-
-    def __init__(self, handle: H2StreamHandle) -> None:
-        self.handle = handle
-
-    @property
-    def keep_alive(self) -> bool:
-        return self.handle.conn.codec.keep_alive
-
-    @property
-    def max_concurrent_streams(self) -> int:
-        return self.handle.conn.codec.max_concurrent_streams
-
-    def new_stream(self) -> int:
-        h = self.handle
-        conn = h.conn
-        ng = conn.ng
-        sid = ng.new_stream() if ng is not None else conn.codec.new_stream()
-        h.sid = sid
-        conn.requests[sid] = h
-        return sid
-
-    def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
-        conn = self.handle.conn
-        ng = conn.ng
-        if ng is not None:  # compiled: a native call
-            ng.send_headers(sid, head, end_stream)
-        else:
-            conn.codec.send_headers(sid, head, end_stream)
-
-    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
-        conn = self.handle.conn
-        ng = conn.ng
-        if ng is not None:  # compiled: a native call
-            ng.send_data(sid, data, end_stream)
-        else:
-            conn.codec.send_data(sid, data, end_stream)
-
-    def send_trailers(self, sid: int, trailers: HeaderList) -> None:
-        self.handle.conn.codec.send_trailers(sid, trailers)
-
-    def send_reset(self, sid: int, reason: ResetReason) -> None:
-        self.handle.conn.codec.send_reset(sid, reason)
-
-    def acknowledge(self, sid: int, n: int) -> None:
-        self.handle.conn.codec.acknowledge(sid, n)
-
-    def pause_reading(self, sid: int) -> None:
-        self.handle.conn.codec.pause_reading(sid)
-
-    def resume_reading(self, sid: int) -> None:
-        self.handle.conn.codec.resume_reading(sid)
-
-    def data_to_send(self) -> bytes:
-        return self.handle.conn.codec.data_to_send()
-
-
 class H2StreamHandle:
     """One requester's stream on a pooled HTTP/2 connection: what ``attach`` hands out.
 
     It looks like an HTTP/1.1 ``UpstreamConnection`` to the requester (``codec``, ``write``,
     ``close``, ``pause_reading``, ``reused``...), but ``close`` resets only this stream and
     ``pause_reading`` withholds flow-control credit from this stream only: the other streams
-    of the connection go on."""
+    of the connection go on.
 
-    __slots__ = ("codec", "conn", "released", "requester", "reused", "sid", "started")
+    It is also its own ``codec`` (the connection's codec as this requester sees it:
+    ``new_stream`` registers the stream, so that the connection routes that stream's events
+    here). No object of a request refers back to another once it is released (the requester
+    is dropped then): a proxied HTTP/2 request leaves no reference cycle for the cyclic GC."""
+
+    __slots__ = ("conn", "released", "requester", "reused", "sid", "started")
     protocol = "HTTP/2"
+    multiplexed = True
 
     def __init__(self, conn: H2UpstreamConnection, requester: Any, reused: bool) -> None:
         self.conn = conn
-        self.requester = requester
-        self.codec = _StreamCodec(self)
+        self.requester = requester  # None once released and its last event delivered
         self.sid = 0  # set by codec.new_stream()
         self.reused = reused
         self.started = False  # response headers received
         self.released = False
+
+    @property
+    def codec(self) -> H2StreamHandle:
+        return self
 
     @property
     def closed(self) -> bool:
@@ -224,6 +170,10 @@ class H2StreamHandle:
     def keep_alive(self) -> bool:
         return self.conn.codec.keep_alive
 
+    @property
+    def max_concurrent_streams(self) -> int:
+        return self.conn.codec.max_concurrent_streams
+
     def write(self) -> None:
         """Write what the codec has queued (one ``transport.write``)."""
         self.conn.flush()
@@ -242,14 +192,53 @@ class H2StreamHandle:
     def release(self) -> None:
         self.conn.pool.release(self)
 
-    def pause_reading(self) -> None:
+    def pause_reading(self, sid: int = 0) -> None:
+        """Withhold this stream's flow-control credit (as a connection: no argument; as a
+        codec: this stream's id)."""
         if self.sid:
             self.conn.codec.pause_reading(self.sid)
 
-    def resume_reading(self) -> None:
+    def resume_reading(self, sid: int = 0) -> None:
         if self.sid:
             self.conn.codec.resume_reading(self.sid)
             self.conn.flush()  # the WINDOW_UPDATE for what was withheld
+
+    # -- the codec, for this stream
+    def new_stream(self) -> int:
+        conn = self.conn
+        ng = conn.ng
+        sid = ng.new_stream() if ng is not None else conn.codec.new_stream()
+        self.sid = sid
+        conn.requests[sid] = self
+        return sid
+
+    def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
+        conn = self.conn
+        ng = conn.ng
+        if ng is not None:  # compiled: a native call
+            ng.send_headers(sid, head, end_stream)
+        else:
+            conn.codec.send_headers(sid, head, end_stream)
+
+    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
+        conn = self.conn
+        ng = conn.ng
+        if ng is not None:  # compiled: a native call
+            ng.send_data(sid, data, end_stream)
+        else:
+            conn.codec.send_data(sid, data, end_stream)
+
+    def send_trailers(self, sid: int, trailers: HeaderList) -> None:
+        self.conn.codec.send_trailers(sid, trailers)
+
+    def send_reset(self, sid: int, reason: ResetReason) -> None:
+        self.conn.codec.send_reset(sid, reason)
+
+    def acknowledge(self, sid: int, n: int) -> None:
+        self.conn.codec.acknowledge(sid, n)
+
+    def data_to_send(self) -> bytes:
+        return self.conn.codec.data_to_send()
 
 
 class H2UpstreamConnection(asyncio.Protocol):
@@ -352,26 +341,36 @@ class H2UpstreamConnection(asyncio.Protocol):
             for h in handles:
                 h.released = True
                 h.requester.on_upstream_protocol_error(f"HTTP/2: {exc.message}")
+                h.requester = None
             return
         self._touched = None
         self.flush()
         if touched:
             if len(touched) == 1:
-                r = touched[0].requester
-                if isinstance(r, Requester):  # the upstream attempt: a native call
-                    r.flush_downstream()
-                else:
-                    r.flush_downstream()
+                h = touched[0]
+                r = h.requester
+                if r is not None:
+                    if isinstance(r, Requester):  # the upstream attempt: a native call
+                        r.flush_downstream()
+                    else:
+                        r.flush_downstream()
+                if h.released:
+                    h.requester = None  # (release left it for this flush)
             else:
                 seen: set[int] = set()
                 for h in touched:
                     if id(h) not in seen:
                         seen.add(id(h))
                         r = h.requester
+                        if r is None:
+                            continue
                         if isinstance(r, Requester):  # the upstream attempt: a native call
                             r.flush_downstream()
                         else:
                             r.flush_downstream()
+                for h in touched:
+                    if h.released:
+                        h.requester = None  # (release left it for this flush)
         if self.codec.closed and not self.requests:
             self.close()
             return
@@ -393,6 +392,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             if not h.released:
                 h.released = True
                 h.requester.on_upstream_lost("connection termination", h.started)
+                h.requester = None
         if not was_closed:
             self.pool.connection_closed(self)
 
@@ -467,6 +467,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             # safe to send again, as Envoy does transparently
             h.reused = True
         h.requester.on_upstream_lost(reason.value, h.started)
+        h.requester = None
         self.pool.slot_freed(self)
 
     def on_send_blocked(self, sid: int) -> None:
@@ -507,6 +508,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             if not h.released:
                 h.released = True
                 h.requester.on_upstream_lost("connection termination", h.started)
+                h.requester = None
         self.pool.connection_closed(self)
 
     def flush_goaway(self) -> None:
@@ -693,6 +695,10 @@ class H2ClusterPool:
             else:
                 conn.codec.send_reset(handle.sid, ResetReason.LOCAL_RESET)
             conn.flush()
+        if conn._touched is None:
+            # the requester and its handle refer to each other: dropping this side leaves no
+            # cycle for the cyclic GC. During a read, once the read's downstream flush is done.
+            handle.requester = None
         self.slot_freed(conn)
 
     def slot_freed(self, conn: H2UpstreamConnection) -> None:
