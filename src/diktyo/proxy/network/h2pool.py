@@ -59,6 +59,7 @@ log = logging.getLogger("diktyo.proxy")
 H2_ALPN = ("istio-h2", "h2")
 # streams per connection before the peer's SETTINGS arrive (RFC 9113 recommends >= 100)
 DEFAULT_STREAM_LIMIT = 100
+CLOSE_TIMEOUT = 1.0  # s: H2ClusterPool.close_timeout
 
 # Write coalescing for HTTP/2 connections (both directions). While a read callback of an HTTP/2
 # connection runs (``write_batch``), ``flush`` only marks its connection dirty; when the outermost
@@ -271,6 +272,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.ready = False  # the peer's SETTINGS arrived: its stream limit is known
         self.write_paused = False
         self._touched: list[H2StreamHandle] | None = None
+        self._close_timer: asyncio.TimerHandle | None = None  # close(): abort if not flushed
 
     # -- capacity
     def stream_limit(self) -> int:
@@ -337,7 +339,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.pool.stats.inc_cluster(self.pool.name, "upstream_cx_protocol_error")
             handles = list(self.requests.values())
             self.requests.clear()
-            self.close()
+            self.close(abort=True)  # (the codec queued its GOAWAY with the error code)
             for h in handles:
                 h.released = True
                 h.requester.on_upstream_protocol_error(f"HTTP/2: {exc.message}")
@@ -384,6 +386,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        t = self._close_timer
+        if t is not None:
+            self._close_timer = None
+            t.cancel()
         was_closed = self.closed
         self.closed = True
         handles = list(self.requests.values())
@@ -495,15 +501,25 @@ class H2UpstreamConnection(asyncio.Protocol):
             if out:
                 t.write(out)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Stop using this connection: what the codec queued (our GOAWAY) goes out, then the
+        socket closes once the transport has written everything it holds (TCP FIN, TLS
+        close_notify), bounded by the pool's ``close_timeout``. ``abort`` (a protocol error):
+        reset at once, as Envoy closes a connection on a codec error."""
         if self.closed:
             return
         handles = list(self.requests.values())
         self.requests.clear()
         self.closed = True
-        if self.transport is not None:
+        t = self.transport
+        if t is not None:
             self.flush_goaway()
-            self.transport.abort()
+            if abort:
+                t.abort()
+            else:
+                t.close()
+                # a peer that stopped reading would hold the socket open: abort it then
+                self._close_timer = self.pool.loop.call_later(self.pool.close_timeout, t.abort)
         for h in handles:
             if not h.released:
                 h.released = True
@@ -559,6 +575,9 @@ class H2ClusterPool:
         self.retired = False
         self.certs: Any = None
         self.generation = 0
+        # a retired connection's transport gets this long to write out what it holds (requests
+        # already answered, our GOAWAY) before it is reset (Envoy's delayed_close_timeout: 1 s)
+        self.close_timeout = CLOSE_TIMEOUT
 
     # -- acquiring
     def acquire(self, req: Any, host: Any, fresh: bool = False) -> None:
