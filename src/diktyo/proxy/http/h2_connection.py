@@ -37,7 +37,7 @@ from diktyo.proxy.codec.events import CodecError, HeaderList, RequestHead, Reset
 from diktyo.proxy.codec.http2_select import select_codec
 from diktyo.proxy.http.connection_manager import DownstreamStream
 from diktyo.proxy.http.phases import RESPONDING
-from diktyo.proxy.network.h2pool import H2StreamHandle, defer_flush, write_batch
+from diktyo.proxy.network.h2pool import BATCH, H2StreamHandle, write_batch
 from diktyo.proxy.network.peer import transport_peer
 
 if TYPE_CHECKING:
@@ -290,7 +290,12 @@ class Http2Connection(asyncio.Protocol):
     flush_dirty = False
 
     def flush(self) -> None:
-        if not defer_flush(self):
+        b = BATCH  # defer_flush(self), inlined: native reads
+        if b.depth:
+            if not self.flush_dirty:
+                self.flush_dirty = True
+                b.dirty.append(self)
+        else:
             self.flush_now()
 
     def flush_now(self) -> None:

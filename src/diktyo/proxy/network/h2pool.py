@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from diktyo.proxy.codec.events import (
     CodecError,
@@ -68,17 +68,27 @@ CLOSE_TIMEOUT = 1.0  # s: H2ClusterPool.close_timeout
 # polls again). So one read carrying ten requests makes one write per connection, not one per
 # stream (each stream's events used to flush at once), and the reads of ten downstream
 # connections in one turn make one write to their shared upstream connection, not ten.
-_batch_depth = 0
-_dirty: list[Any] = []
-_flush_loop: Any = None  # the loop a _flush_dirty is scheduled on (tests run several loops)
+class _Batch:
+    """The open batch (compiled: its fields are read natively by both connection classes)."""
+
+    __slots__ = ("depth", "dirty", "loop")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dirty: list[Any] = []  # connections to write when the batch ends
+        self.loop: Any = None  # the loop a _flush_dirty is scheduled on (tests run several)
+
+
+BATCH: Final = _Batch()
 
 
 def _flush_dirty() -> None:
-    global _flush_loop
-    _flush_loop = None
-    while _dirty:
-        conns = _dirty[:]
-        _dirty.clear()
+    b = BATCH
+    b.loop = None
+    dirty = b.dirty
+    while dirty:
+        conns = dirty[:]
+        dirty.clear()
         for c in conns:
             c.flush_dirty = False
             c.flush_now()
@@ -88,29 +98,30 @@ class write_batch:  # noqa: N801 - used as ``with write_batch():``
     __slots__ = ()
 
     def __enter__(self) -> None:
-        global _batch_depth
-        _batch_depth += 1
+        BATCH.depth += 1
 
     def __exit__(self, *exc: object) -> None:
-        global _batch_depth, _flush_loop
-        _batch_depth -= 1
-        if _batch_depth == 0 and _dirty:
+        b = BATCH
+        b.depth -= 1
+        if b.depth == 0 and b.dirty:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop (a codec driven by hand): write now
                 _flush_dirty()
                 return
-            if _flush_loop is not loop:
-                _flush_loop = loop
+            if b.loop is not loop:
+                b.loop = loop
                 loop.call_soon(_flush_dirty)
 
 
 def defer_flush(conn: Any) -> bool:
-    """True if a batch is open: ``conn.flush_now()`` runs when it ends (once)."""
-    if _batch_depth:
+    """True if a batch is open: ``conn.flush_now()`` runs when it ends (once). (The two
+    HTTP/2 connection classes inline this with their own typed ``flush_dirty``.)"""
+    b = BATCH
+    if b.depth:
         if not conn.flush_dirty:
             conn.flush_dirty = True
-            _dirty.append(conn)
+            b.dirty.append(conn)
         return True
     return False
 
@@ -278,20 +289,23 @@ class H2UpstreamConnection(asyncio.Protocol):
     def stream_limit(self) -> int:
         """The peer's SETTINGS_MAX_CONCURRENT_STREAMS, capped by the DestinationRule's
         ``connectionPool.http.maxConcurrentStreams`` (Envoy's upstream max_concurrent_streams)."""
-        peer = self.codec.max_concurrent_streams
-        limit = (
-            self.pool.state.cluster.pool.max_concurrent_streams
-            or self.pool.max_streams_per_connection
-        )
-        return min(peer, limit) if peer else 0
+        ng = self.ng
+        peer = ng.max_concurrent_streams if ng is not None else self.codec.max_concurrent_streams
+        pool = self.pool
+        if pool.state is not pool.limits_of:
+            pool.read_limits()
+        return min(peer, pool.stream_cap) if peer else 0
 
     def usable(self) -> bool:
         ng = self.ng
-        if self.closed or self.stale or self.pool.retired:
+        pool = self.pool
+        if self.closed or self.stale or pool.retired:
             return False
         if ng.closed if ng is not None else self.codec.closed:
             return False
-        maxreq = self.pool.state.cluster.pool.max_requests_per_connection
+        if pool.state is not pool.limits_of:
+            pool.read_limits()
+        maxreq = pool.max_requests
         return not (maxreq and self.streams_total >= maxreq)
 
     def has_slot(self) -> bool:
@@ -490,7 +504,12 @@ class H2UpstreamConnection(asyncio.Protocol):
     flush_dirty = False
 
     def flush(self) -> None:
-        if not defer_flush(self):
+        b = BATCH  # defer_flush(self), inlined: native reads
+        if b.depth:
+            if not self.flush_dirty:
+                self.flush_dirty = True
+                b.dirty.append(self)
+        else:
             self.flush_now()
 
     def flush_now(self) -> None:
@@ -578,6 +597,17 @@ class H2ClusterPool:
         # a retired connection's transport gets this long to write out what it holds (requests
         # already answered, our GOAWAY) before it is reset (Envoy's delayed_close_timeout: 1 s)
         self.close_timeout = CLOSE_TIMEOUT
+        # the cluster's per-connection limits, read once per cluster state (a snapshot swap
+        # replaces ``state``): compiled, two native reads per acquire instead of six generic
+        self.limits_of: Any = None
+        self.stream_cap = 0
+        self.max_requests = 0
+
+    def read_limits(self) -> None:
+        cp = self.state.cluster.pool
+        self.stream_cap = cp.max_concurrent_streams or self.max_streams_per_connection
+        self.max_requests = cp.max_requests_per_connection or 0
+        self.limits_of = self.state
 
     # -- acquiring
     def acquire(self, req: Any, host: Any, fresh: bool = False) -> None:
