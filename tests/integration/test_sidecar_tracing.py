@@ -193,3 +193,44 @@ async def test_a_collector_path_is_on_the_control_plane_the_sidecar_talks_to(
             (span,) = await _spans(collector, 1)
             assert collector.requests[0].path == "/telemetry/v1/traces"
             assert span.name == "reviews:80/*"
+
+
+async def test_a_request_answered_before_a_cluster_is_chosen_gets_a_span() -> None:
+    """Envoy traces every request its connection manager handles: a request that no route
+    matches (404 NR, no cluster chosen, the tracing filter's route stage never ran) gets a
+    span too, continuing the caller's trace, with the status and the response flags and
+    without the upstream cluster tags (stop 21, tidy). It used to get none."""
+    async with (
+        FakeUpstream() as app,
+        FakeUpstream(Response(body=b"")) as collector,
+    ):
+        snap = http_snapshot(
+            {"reviews": [("127.0.0.1", app.port)]},
+            mesh={
+                "tracing": {
+                    "sampling": 100.0,
+                    "otlp_endpoint": f"http://127.0.0.1:{collector.port}/v1/traces",
+                }
+            },
+        )
+        async with start_sidecar(snap) as sc:
+            parent_trace = "0af7651916cd43dd8448eb211c80319c"
+            r = await http_request(
+                sc.port(),
+                "GET",
+                "http://nowhere/x",
+                {"traceparent": f"00-{parent_trace}-b7ad6b7169203331-01", "x-request-id": "rid-9"},
+            )
+            assert r.status == 404
+            (span,) = await _spans(collector, 1)
+    assert app.requests == []
+    assert span.trace_id == parent_trace
+    assert span.kind == "client"
+    assert span.name == "nowhere/*"
+    a = span.attributes
+    assert a["http.status_code"] == "404"
+    assert a["response_flags"] == "NR"
+    assert a["guid:x-request-id"] == "rid-9"
+    assert a["http.url"] == "http://nowhere/x"
+    assert "upstream_cluster" not in a and "upstream_cluster.name" not in a
+    assert 0 <= span.end_ns - span.start_ns < 10_000_000_000

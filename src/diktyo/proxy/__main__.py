@@ -10,23 +10,9 @@ if TYPE_CHECKING:
     import argparse
 
 
-def _import_msgspec_without_typing_extensions() -> None:
-    """msgspec takes ``get_type_hints`` (and ``Required``/``NotRequired``) from
-    typing_extensions when it is installed, as it is beside pydantic; Python 3.11's ``typing``
-    has all that the snapshot model's annotations use, and an idle sidecar saves the 0.3 MiB
-    typing_extensions holds (issue 11). A ``None`` entry in ``sys.modules`` makes msgspec's
-    guarded import fail over to ``typing``; removed right after, so any later import of
-    typing_extensions in this process works as usual."""
-    if "msgspec" in sys.modules or "typing_extensions" in sys.modules:
-        return
-    sys.modules["typing_extensions"] = None  # type: ignore[assignment]  # None in sys.modules makes the import fail, by design
-    try:
-        import msgspec  # noqa: F401
-    finally:
-        del sys.modules["typing_extensions"]
+from diktyo.proxy.memory import import_msgspec_lean  # noqa: E402 - light: os and sys only
 
-
-_import_msgspec_without_typing_extensions()
+import_msgspec_lean()  # before anything imports msgspec (issue 11: no typing_extensions)
 
 from diktyo.cli.sidecar import ARGV_KEY, DESCRIPTION, PARSED_ARGS_ENV, add_arguments, run  # noqa: E402
 

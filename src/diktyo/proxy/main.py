@@ -15,7 +15,6 @@ requests (up to ``drain_timeout``) and exit 0.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from typing import Any
 import msgspec
 
 from diktyo import _build
+from diktyo.proxy import memory
 from diktyo.proxy.admin import TOKEN_FILE_ENV as ADMIN_TOKEN_FILE_ENV
 from diktyo.proxy.admin import AdminServer, AdminTokenError, resolve_token
 from diktyo.proxy.capture import MODES as INTERCEPTION_MODES
@@ -309,10 +309,7 @@ async def _serve(  # type: ignore[no-untyped-def]  # ready_out: any text stream
             except RuntimeError as exc:  # the leader serves; those workers are restarted
                 log.error("%s", exc)
     await sidecar.wait_listening()
-    gc.collect()
-    gc.freeze()  # config objects leave the collector's view
-    # per-request objects die by reference counting; collect cycles less often on the hot path
-    gc.set_threshold(20000, 20, 20)
+    memory.settle_gc()  # collect, freeze the config, then a high gen-0 threshold
     version = sidecar.rt.snapshot.version if sidecar.rt is not None else ""
     ready = {
         "event": "ready",

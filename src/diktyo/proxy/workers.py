@@ -40,7 +40,6 @@ if it keeps dying) and zeroes its breaker slots. Draining the sidecar drains eve
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -52,12 +51,18 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-import msgspec
+from diktyo.proxy.memory import import_msgspec_lean, loaded_optional
 
-from diktyo.proxy.network.listener import bind_listener
-from diktyo.proxy.upstream import shared_breaker
-from diktyo.proxy.upstream.circuit_breaker import PENDING
-from diktyo.proxy.upstream.shared_breaker import MAX_WORKERS, SharedCounts, is_shared
+# a worker process (``python -m diktyo.proxy.workers``) starts here: msgspec without
+# typing_extensions, as ``python -m diktyo.proxy`` does for the leader (a no-op in the leader)
+import_msgspec_lean()
+
+import msgspec  # noqa: E402
+
+from diktyo.proxy.network.listener import bind_listener  # noqa: E402
+from diktyo.proxy.upstream import shared_breaker  # noqa: E402
+from diktyo.proxy.upstream.circuit_breaker import PENDING  # noqa: E402
+from diktyo.proxy.upstream.shared_breaker import MAX_WORKERS, SharedCounts, is_shared  # noqa: E402
 
 if TYPE_CHECKING:
     import argparse
@@ -260,6 +265,7 @@ class _Worker:
         self.restarts = 0
         self.stats_seq = 0
         self.hello: asyncio.Future[None] | None = None  # set once it reads its control socket
+        self.modules: list[str] = []  # its optional modules loaded (memory.OPTIONAL_MODULES)
 
 
 class Workers:
@@ -449,6 +455,7 @@ class Workers:
             elif msg.get("op") in ("applied", "rejected"):
                 if msg.get("op") == "applied":
                     w.version = msg.get("version", "")
+                    w.modules = list(msg.get("modules", []))
                 fut = w.waiting.pop(msg.get("seq", -1), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
@@ -589,7 +596,8 @@ class Workers:
         connections each has served (asks every worker, like a scrape)."""
         sc = self.sidecar
         lead: dict[str, Any] = {"worker": 0, "pid": os.getpid(), "role": "leader", "alive": True,
-                                "version": sc.rt.snapshot.version if sc.rt is not None else ""}
+                                "version": sc.rt.snapshot.version if sc.rt is not None else "",
+                                "optional_modules_loaded": loaded_optional()}
         if detail:
             lead.update({k: sc.stats.server.get(k, 0) for k in _SERVED})
         out = [lead]
@@ -598,6 +606,8 @@ class Workers:
             d: dict[str, Any] = {
                 "worker": w.index, "pid": w.proc.pid if w.proc else None, "alive": alive,
                 "version": w.version, "restarts": w.restarts,
+                # as of the last snapshot it applied (admin /memory's list, per worker)
+                "optional_modules_loaded": w.modules,
             }  # fmt: skip
             if detail:
                 text = self._worker_metrics(w) if alive else None
@@ -767,12 +777,13 @@ async def _worker(args: argparse.Namespace) -> int:
                 except (SnapshotError, OSError, ValueError) as exc:
                     reply({"op": "rejected", "seq": msg.get("seq"), "error": str(exc)})
                 else:
-                    reply({"op": "applied", "seq": msg.get("seq"), "version": snap.version})
+                    reply({"op": "applied", "seq": msg.get("seq"), "version": snap.version,
+                           "modules": loaded_optional()})  # fmt: skip
                     if not frozen:  # as the leader: config objects leave the collector's view
                         frozen.append(True)
-                        gc.collect()
-                        gc.freeze()
-                        gc.set_threshold(20000, 20, 20)
+                        from diktyo.proxy.memory import settle_gc
+
+                        settle_gc()
                 for s in handed.values():  # sockets of listeners it already serves
                     s.close()
                 handed.clear()

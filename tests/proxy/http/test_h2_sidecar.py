@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -98,6 +99,39 @@ def req(path: str, method: str = "GET") -> list[tuple[str, str]]:
     return [(":method", method), (":scheme", "http"), (":authority", "svc"), (":path", path)]
 
 
+PER_REQUEST = {"DownstreamStream", "_StreamConn", "UpstreamRequest", "H2StreamHandle"}
+
+
+async def test_proxied_http2_requests_leave_no_reference_cycles(h2_codec: str) -> None:
+    """A request proxied HTTP/2 to HTTP/2 is freed by reference counting alone: none of its
+    objects waits for the cyclic GC (they used to be: the attempt and its stream handle, and
+    the handle and its codec view, referred to each other; 3 objects per request, which made
+    the collector 3 % of the sidecar's CPU under h2load; stop 21, tidy)."""
+    async with FakeH2Upstream() as up, start_sidecar(snap(up.port, True)) as sc:
+        async with httpx.AsyncClient(http1=False, http2=True) as client:
+            url = f"http://127.0.0.1:{sc.port()}"
+            r = await client.get(f"{url}/warm", headers={"host": "svc"})
+            assert r.status_code == 200
+            gc.collect()
+            gc.set_debug(gc.DEBUG_SAVEALL)  # whatever a collection finds is kept in gc.garbage
+            try:
+                rs = await asyncio.gather(
+                    *(client.get(f"{url}/r{i}", headers={"host": "svc"}) for i in range(20))
+                )
+                gc.collect()
+                cyclic = [
+                    type(o).__name__
+                    for o in gc.garbage
+                    if type(o).__module__.startswith("diktyo.proxy")
+                    and type(o).__name__ in PER_REQUEST
+                ]
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+        assert [r.status_code for r in rs] == [200] * 20
+        assert cyclic == []
+
+
 async def test_h2c_client_to_http2_upstream_multiplexed(h2_codec: str) -> None:
     async with FakeH2Upstream() as up, start_sidecar(snap(up.port, True)) as sc:
         async with httpx.AsyncClient(http1=False, http2=True) as client:
@@ -121,6 +155,14 @@ async def test_h2c_client_to_http2_upstream_multiplexed(h2_codec: str) -> None:
         assert {rq.head.authority for rq in up.requests} == {"svc"}
         stats = sc.sidecar.stats.server
         assert stats["downstream_cx_http2_total"] == 1
+        # libnghttp2's codec and the pooled connection know each other typed (compiled: the
+        # native calls both ways, tidy); the h2 codec goes the generic way
+        h2pool = next(p for p in sc.sidecar.pools.values() if p.protocol == "HTTP/2")
+        (conn,) = [c for cs in h2pool.conns.values() for c in cs]
+        if codec == "nghttp2":
+            assert conn.ng is conn.codec and conn.codec.h2conn is conn
+        else:
+            assert conn.ng is None
 
 
 async def test_http11_client_to_http2_upstream() -> None:

@@ -250,3 +250,106 @@ async def test_destination_rule_max_concurrent_streams_caps_each_connection() ->
         up.release_held()
         assert await asyncio.wait_for(asyncio.gather(*(r.outcome for r in reqs)), 10) == ["ok"] * 4
         pool.close_all()
+
+
+class _StallingH2Server(asyncio.Protocol):
+    """A minimal real HTTP/2 server (frames by hand): huge flow-control windows, answers the
+    first request's HEADERS at once with ``200`` END_STREAM and then stops reading its socket
+    until ``resume()``; records the frame types and the DATA bytes it reads, and how the
+    connection ended."""
+
+    PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.preface = False
+        self.frames: list[int] = []
+        self.data_bytes = 0
+        self.answered = asyncio.Event()
+        self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    @staticmethod
+    def frame(t: int, flags: int, sid: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([t, flags]) + sid.to_bytes(4, "big") + payload
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # TCP gives a Transport
+        big = 2**31 - 1
+        settings = (4).to_bytes(2, "big") + big.to_bytes(4, "big")  # INITIAL_WINDOW_SIZE
+        update = (big - 65535).to_bytes(4, "big")  # the connection window
+        transport.write(self.frame(4, 0, 0, settings) + self.frame(8, 0, 0, update))  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.preface:
+            if len(self.buf) < len(self.PREFACE):
+                return
+            assert self.buf.startswith(self.PREFACE)
+            self.buf = self.buf[len(self.PREFACE) :]
+            self.preface = True
+        while len(self.buf) >= 9:
+            n = int.from_bytes(self.buf[:3], "big")
+            if len(self.buf) < 9 + n:
+                return
+            t, flags, sid = self.buf[3], self.buf[4], int.from_bytes(self.buf[5:9], "big") & 0x7FFFFFFF
+            self.buf = self.buf[9 + n :]
+            self.frames.append(t)
+            assert self.transport is not None
+            if t == 0:  # DATA
+                self.data_bytes += n
+            elif t == 4 and not flags & 1:  # SETTINGS: acknowledge
+                self.transport.write(self.frame(4, 1, 0, b""))
+            elif t == 1 and not self.answered.is_set():  # HEADERS: 200 (indexed :status 200)
+                self.transport.write(self.frame(1, 0x5, sid, b"\x88"))  # END_STREAM|END_HEADERS
+                self.transport.pause_reading()
+                self.answered.set()
+
+    def resume(self) -> None:
+        assert self.transport is not None
+        self.transport.resume_reading()
+
+    def eof_received(self) -> bool | None:
+        if not self.ended.done():
+            self.ended.set_result("eof")
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result("reset" if exc is not None else "closed")
+
+
+async def test_a_retired_connection_closes_gracefully_after_writing_all_it_holds() -> None:
+    """A connection retired by its pool writes out what its transport still holds (here a
+    request body the upstream has not read yet, its stream already answered) and a
+    GOAWAY(NO_ERROR), then closes with a FIN: the upstream reads every byte, the GOAWAY and an
+    orderly end. It used to be aborted: the buffered bytes and the GOAWAY were lost and the
+    upstream saw the connection cut mid-frame (stop 21, tidy; Envoy resets only on error)."""
+    loop = asyncio.get_running_loop()
+    servers: list[_StallingH2Server] = []
+
+    def factory() -> _StallingH2Server:
+        servers.append(_StallingH2Server())
+        return servers[-1]
+
+    server = await loop.create_server(factory, "127.0.0.1", 0)
+    try:
+        pool, host, _ = make_pool(server.sockets[0].getsockname()[1])
+        pool.close_timeout = 30.0  # a loaded test machine: time enough to flush 24 MiB
+        body = b"x" * (24 << 20)  # more than the kernel's socket buffers on both sides hold
+        r = Req("/upload", body=body)
+        pool.acquire(r, host)
+        assert await asyncio.wait_for(r.outcome, 10) == "ok"
+        (up,) = servers
+        assert r.status == 200 and up.answered.is_set()
+        (conn,) = pool.conns[host.key]
+        assert conn.transport is not None and conn.transport.get_write_buffer_size() > 0
+        pool.retire()  # no stream left: GOAWAY and close now
+        assert conn.closed and host.key not in pool.conns
+        up.resume()
+        how = await asyncio.wait_for(up.ended, 30)
+        assert up.data_bytes == len(body)  # every byte the transport held went out
+        assert up.frames[-1] == 7  # ... then our GOAWAY
+        assert how == "eof"  # ... then an orderly close, no reset
+    finally:
+        server.close()

@@ -81,6 +81,10 @@ from diktyo.proxy.codec.http2_fields import (
     response_header_block,
 )
 
+if TYPE_CHECKING:
+    from diktyo.proxy.http.h2_connection import Http2Connection
+    from diktyo.proxy.network.h2pool import H2UpstreamConnection
+
 log = logging.getLogger("diktyo.proxy")
 
 _CDEF = (
@@ -1323,6 +1327,9 @@ class NgHttp2ServerCodec(_NgCodec):
     ) -> None:
         super().__init__(False, options, stats, clock)
         self.sink = sink
+        # the sink when it is the HTTP/2 downstream connection (it sets this): compiled, the
+        # request events are native calls instead of generic ones through ServerSink
+        self.h2conn: Http2Connection | None = None
 
     def _headers(self, sid: int, st: _Stream, cat: int, raw: HeaderList | None, end: bool) -> None:
         if cat != _HCAT_REQUEST:
@@ -1389,7 +1396,11 @@ class NgHttp2ServerCodec(_NgCodec):
             head.content_length = int(cl)  # nghttp2 checked it is a number
         head.has_body = not end
         self._streams[sid] = st
-        self.sink.on_request_headers(sid, head)
+        c = self.h2conn
+        if c is not None:  # compiled: a native call
+            c.on_request_headers(sid, head)
+        else:
+            self.sink.on_request_headers(sid, head)
 
     def send_headers(self, sid: int, head: ResponseHead, end_stream: bool = False) -> None:
         st = self._streams.get(sid)
@@ -1432,10 +1443,18 @@ class NgHttp2ServerCodec(_NgCodec):
         return not self.closed
 
     def _sink_data(self, sid: int, data: bytes) -> None:
-        self.sink.on_request_data(sid, data)
+        c = self.h2conn
+        if c is not None:  # compiled: a native call
+            c.on_request_data(sid, data)
+        else:
+            self.sink.on_request_data(sid, data)
 
     def _sink_end(self, sid: int) -> None:
-        self.sink.on_request_end(sid)
+        c = self.h2conn
+        if c is not None:  # compiled: a native call
+            c.on_request_end(sid)
+        else:
+            self.sink.on_request_end(sid)
 
 
 # ---------------------------------------------------------------------------------- client
@@ -1453,6 +1472,9 @@ class NgHttp2ClientCodec(_NgCodec):
     ) -> None:
         super().__init__(True, options, stats, clock)
         self.sink = sink
+        # the sink when it is a pooled HTTP/2 upstream connection (it sets this): compiled,
+        # the response events are native calls instead of generic ones through ClientSink
+        self.h2conn: H2UpstreamConnection | None = None
         self._stream_cap = _BIG  # set here: mypyc compiles no class-level default from a name
         self._no_new_streams = False
 
@@ -1561,13 +1583,25 @@ class NgHttp2ClientCodec(_NgCodec):
             pairs.append((name, parts[i + 1]))
             i += 2
         head = ResponseHead(status, pairs, None, has_cl)
-        self.sink.on_response_headers(sid, head)
+        c = self.h2conn
+        if c is not None:  # compiled: a native call
+            c.on_response_headers(sid, head)
+        else:
+            self.sink.on_response_headers(sid, head)
 
     def _sink_data(self, sid: int, data: bytes) -> None:
-        self.sink.on_response_data(sid, data)
+        c = self.h2conn
+        if c is not None:  # compiled: a native call
+            c.on_response_data(sid, data)
+        else:
+            self.sink.on_response_data(sid, data)
 
     def _sink_end(self, sid: int) -> None:
-        self.sink.on_response_end(sid)
+        c = self.h2conn
+        if c is not None:  # compiled: a native call
+            c.on_response_end(sid)
+        else:
+            self.sink.on_response_end(sid)
 
 
 if TYPE_CHECKING:

@@ -4,7 +4,8 @@
 per peer: the mTLS/metadata peer of an inbound request, else the upstream host's workload);
 ``AccessLogFilter`` writes the access log line; ``TracingFilter`` starts a span once the
 destination is known (chain stage *route*, so the trace headers it writes go upstream and to
-mirrors) and ends it with the response status and flags.
+mirrors) and ends it with the response status and flags; a request answered before that (no
+route, a decode filter's local reply) gets its span when it completes.
 """
 
 from __future__ import annotations
@@ -113,7 +114,25 @@ class TracingFilter(HttpFilter):
 
     def on_complete(self, cb: FilterCallbacks, flags: str, duration_ms: float) -> None:
         span = cb.get_state("span")
-        if span is not None:
-            cs = cb.cstate
-            cluster = cs.cluster.name if cs is not None else ""
-            self.tracer.end(span, cb.status, flags, cluster, cb.req_bytes, cb.resp_bytes)
+        if span is None:
+            # answered before a destination was chosen (404 NR, a local reply of a decode
+            # filter: authz 403, fault abort; a bad request): no span began, as the route
+            # stage never ran. Envoy traces every request its connection manager sees, so it
+            # gets one now, dated back to the request's start.
+            span = self._late_span(cb, duration_ms)
+        cs = cb.cstate
+        cluster = cs.cluster.name if cs is not None else ""
+        self.tracer.end(span, cb.status, flags, cluster, cb.req_bytes, cb.resp_bytes)
+
+    def _late_span(self, cb: FilterCallbacks, duration_ms: float) -> Any:
+        head = cb.head
+        if self.inbound:
+            kind = "server"
+            name = span_name_for(self.service, cb.service_port(), head.authority)
+        else:  # no cluster: named after the authority asked for
+            kind = "client"
+            name = span_name_for("", None, cb.routing_authority() or head.authority)
+        span = self.tracer.begin_request(head, cb.downstream_address(), kind, name)
+        if span.sampled:
+            span.start_ns = max(0, span.start_ns - int(duration_ms * 1e6))
+        return span

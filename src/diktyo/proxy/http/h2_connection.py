@@ -37,14 +37,22 @@ from diktyo.proxy.codec.events import CodecError, HeaderList, RequestHead, Reset
 from diktyo.proxy.codec.http2_select import select_codec
 from diktyo.proxy.http.connection_manager import DownstreamStream
 from diktyo.proxy.http.phases import RESPONDING
-from diktyo.proxy.network.h2pool import defer_flush, write_batch
+from diktyo.proxy.network.h2pool import BATCH, H2StreamHandle, write_batch
 from diktyo.proxy.network.peer import transport_peer
 
 if TYPE_CHECKING:
     from diktyo.proxy.codec.http2 import Http2ServerCodec
+    from diktyo.proxy.codec.http2_nghttp2 import NgHttp2ServerCodec
     from diktyo.proxy.http.context import ListenerContext
 
 log = logging.getLogger("diktyo.proxy")
+
+
+def _ng_server(codec: Any) -> NgHttp2ServerCodec | None:
+    """``codec`` typed when it is libnghttp2's server codec (None for the `h2` one)."""
+    from diktyo.proxy.codec.http2_nghttp2 import NgHttp2ServerCodec
+
+    return codec if isinstance(codec, NgHttp2ServerCodec) else None
 
 
 class _StreamConn:
@@ -120,6 +128,11 @@ class Http2Connection(asyncio.Protocol):
         self.ctx = ctx
         # libnghttp2's codec or h2's (codec/http2_select.py): the same interface
         self.codec: Http2ServerCodec = select_codec()[0](self)
+        # the same codec typed, when it is libnghttp2's: compiled, the calls both ways (codec
+        # -> this connection, this connection -> codec) are native instead of generic
+        self.ng: NgHttp2ServerCodec | None = _ng_server(self.codec)
+        if self.ng is not None:
+            self.ng.h2conn = self
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, DownstreamStream] = {}
         self.closed = False
@@ -170,8 +183,12 @@ class Http2Connection(asyncio.Protocol):
     def _data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
         touched = self._touched
+        ng = self.ng
         try:
-            self.codec.feed(data)
+            if ng is not None:  # compiled: a native call
+                ng.feed(data)
+            else:
+                self.codec.feed(data)
         except CodecError as exc:
             log.warning(
                 "downstream %s on listener %s: %s; closing the connection (GOAWAY sent)",
@@ -186,9 +203,11 @@ class Http2Connection(asyncio.Protocol):
             for s in touched:
                 u = s.upstream
                 if u is not None:
-                    uc = u.conn
-                    if uc is not None:
-                        uc.write()  # what this read produced for that upstream, in one write
+                    uc: Any = u.conn  # (mypy: the handle is not quite UpstreamConnectionLike)
+                    if isinstance(uc, H2StreamHandle):  # compiled: a native call
+                        uc.conn.flush()  # what this read produced for that upstream, one write
+                    elif uc is not None:
+                        uc.write()
             touched.clear()
         self.flush()
 
@@ -234,7 +253,11 @@ class Http2Connection(asyncio.Protocol):
         if s is not None:
             s.decode_data(data)
             self._touched.append(s)
-        self.codec.acknowledge(sid, len(data))  # withheld while the stream is paused
+        ng = self.ng  # credit withheld while the stream is paused
+        if ng is not None:
+            ng.acknowledge(sid, len(data))
+        else:
+            self.codec.acknowledge(sid, len(data))
 
     def on_request_trailers(self, sid: int, trailers: HeaderList) -> None:
         s = self.streams.get(sid)
@@ -267,11 +290,17 @@ class Http2Connection(asyncio.Protocol):
     flush_dirty = False
 
     def flush(self) -> None:
-        if not defer_flush(self):
+        b = BATCH  # defer_flush(self), inlined: native reads
+        if b.depth:
+            if not self.flush_dirty:
+                self.flush_dirty = True
+                b.dirty.append(self)
+        else:
             self.flush_now()
 
     def flush_now(self) -> None:
-        data = self.codec.data_to_send()
+        ng = self.ng
+        data = ng.data_to_send() if ng is not None else self.codec.data_to_send()
         if data:
             t = self.transport
             if t is not None and not self.closed:

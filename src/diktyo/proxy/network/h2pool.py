@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from diktyo.proxy.codec.events import (
     CodecError,
@@ -46,10 +46,11 @@ from diktyo.proxy.codec.events import (
 )
 from diktyo.proxy.codec.http2_common import DEFAULT_OPTIONS, Http2Options, Http2Stats
 from diktyo.proxy.codec.http2_select import codec_description, select_codec
-from diktyo.proxy.network.upstream import dial
+from diktyo.proxy.network.upstream import Requester, dial
 
 if TYPE_CHECKING:
     from diktyo.proxy.codec.http2 import Http2ClientCodec
+    from diktyo.proxy.codec.http2_nghttp2 import NgHttp2ClientCodec
 
 log = logging.getLogger("diktyo.proxy")
 
@@ -58,6 +59,7 @@ log = logging.getLogger("diktyo.proxy")
 H2_ALPN = ("istio-h2", "h2")
 # streams per connection before the peer's SETTINGS arrive (RFC 9113 recommends >= 100)
 DEFAULT_STREAM_LIMIT = 100
+CLOSE_TIMEOUT = 1.0  # s: H2ClusterPool.close_timeout
 
 # Write coalescing for HTTP/2 connections (both directions). While a read callback of an HTTP/2
 # connection runs (``write_batch``), ``flush`` only marks its connection dirty; when the outermost
@@ -66,17 +68,27 @@ DEFAULT_STREAM_LIMIT = 100
 # polls again). So one read carrying ten requests makes one write per connection, not one per
 # stream (each stream's events used to flush at once), and the reads of ten downstream
 # connections in one turn make one write to their shared upstream connection, not ten.
-_batch_depth = 0
-_dirty: list[Any] = []
-_flush_loop: Any = None  # the loop a _flush_dirty is scheduled on (tests run several loops)
+class _Batch:
+    """The open batch (compiled: its fields are read natively by both connection classes)."""
+
+    __slots__ = ("depth", "dirty", "loop")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dirty: list[Any] = []  # connections to write when the batch ends
+        self.loop: Any = None  # the loop a _flush_dirty is scheduled on (tests run several)
+
+
+BATCH: Final = _Batch()
 
 
 def _flush_dirty() -> None:
-    global _flush_loop
-    _flush_loop = None
-    while _dirty:
-        conns = _dirty[:]
-        _dirty.clear()
+    b = BATCH
+    b.loop = None
+    dirty = b.dirty
+    while dirty:
+        conns = dirty[:]
+        dirty.clear()
         for c in conns:
             c.flush_dirty = False
             c.flush_now()
@@ -86,82 +98,39 @@ class write_batch:  # noqa: N801 - used as ``with write_batch():``
     __slots__ = ()
 
     def __enter__(self) -> None:
-        global _batch_depth
-        _batch_depth += 1
+        BATCH.depth += 1
 
     def __exit__(self, *exc: object) -> None:
-        global _batch_depth, _flush_loop
-        _batch_depth -= 1
-        if _batch_depth == 0 and _dirty:
+        b = BATCH
+        b.depth -= 1
+        if b.depth == 0 and b.dirty:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop (a codec driven by hand): write now
                 _flush_dirty()
                 return
-            if _flush_loop is not loop:
-                _flush_loop = loop
+            if b.loop is not loop:
+                b.loop = loop
                 loop.call_soon(_flush_dirty)
 
 
 def defer_flush(conn: Any) -> bool:
-    """True if a batch is open: ``conn.flush_now()`` runs when it ends (once)."""
-    if _batch_depth:
+    """True if a batch is open: ``conn.flush_now()`` runs when it ends (once). (The two
+    HTTP/2 connection classes inline this with their own typed ``flush_dirty``.)"""
+    b = BATCH
+    if b.depth:
         if not conn.flush_dirty:
             conn.flush_dirty = True
-            _dirty.append(conn)
+            b.dirty.append(conn)
         return True
     return False
 
 
-class _StreamCodec:
-    """The connection's codec as one requester sees it: ``new_stream`` also registers the
-    stream, so that the connection routes that stream's events to this requester."""
+def _ng_client(codec: Any) -> NgHttp2ClientCodec | None:
+    """``codec`` typed when it is libnghttp2's client codec (None for the `h2` one)."""
+    from diktyo.proxy.codec.http2_nghttp2 import NgHttp2ClientCodec
 
-    __slots__ = ("handle",)
-    protocol = "HTTP/2"
-    multiplexed = True
-
-    def __init__(self, handle: H2StreamHandle) -> None:
-        self.handle = handle
-
-    @property
-    def keep_alive(self) -> bool:
-        return self.handle.conn.codec.keep_alive
-
-    @property
-    def max_concurrent_streams(self) -> int:
-        return self.handle.conn.codec.max_concurrent_streams
-
-    def new_stream(self) -> int:
-        h = self.handle
-        sid = h.conn.codec.new_stream()
-        h.sid = sid
-        h.conn.requests[sid] = h
-        return sid
-
-    def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
-        self.handle.conn.codec.send_headers(sid, head, end_stream)
-
-    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
-        self.handle.conn.codec.send_data(sid, data, end_stream)
-
-    def send_trailers(self, sid: int, trailers: HeaderList) -> None:
-        self.handle.conn.codec.send_trailers(sid, trailers)
-
-    def send_reset(self, sid: int, reason: ResetReason) -> None:
-        self.handle.conn.codec.send_reset(sid, reason)
-
-    def acknowledge(self, sid: int, n: int) -> None:
-        self.handle.conn.codec.acknowledge(sid, n)
-
-    def pause_reading(self, sid: int) -> None:
-        self.handle.conn.codec.pause_reading(sid)
-
-    def resume_reading(self, sid: int) -> None:
-        self.handle.conn.codec.resume_reading(sid)
-
-    def data_to_send(self) -> bytes:
-        return self.handle.conn.codec.data_to_send()
+    return codec if isinstance(codec, NgHttp2ClientCodec) else None
 
 
 class H2StreamHandle:
@@ -170,19 +139,28 @@ class H2StreamHandle:
     It looks like an HTTP/1.1 ``UpstreamConnection`` to the requester (``codec``, ``write``,
     ``close``, ``pause_reading``, ``reused``...), but ``close`` resets only this stream and
     ``pause_reading`` withholds flow-control credit from this stream only: the other streams
-    of the connection go on."""
+    of the connection go on.
 
-    __slots__ = ("codec", "conn", "released", "requester", "reused", "sid", "started")
+    It is also its own ``codec`` (the connection's codec as this requester sees it:
+    ``new_stream`` registers the stream, so that the connection routes that stream's events
+    here). No object of a request refers back to another once it is released (the requester
+    is dropped then): a proxied HTTP/2 request leaves no reference cycle for the cyclic GC."""
+
+    __slots__ = ("conn", "released", "requester", "reused", "sid", "started")
     protocol = "HTTP/2"
+    multiplexed = True
 
     def __init__(self, conn: H2UpstreamConnection, requester: Any, reused: bool) -> None:
         self.conn = conn
-        self.requester = requester
-        self.codec = _StreamCodec(self)
+        self.requester = requester  # None once released and its last event delivered
         self.sid = 0  # set by codec.new_stream()
         self.reused = reused
         self.started = False  # response headers received
         self.released = False
+
+    @property
+    def codec(self) -> H2StreamHandle:
+        return self
 
     @property
     def closed(self) -> bool:
@@ -204,6 +182,10 @@ class H2StreamHandle:
     def keep_alive(self) -> bool:
         return self.conn.codec.keep_alive
 
+    @property
+    def max_concurrent_streams(self) -> int:
+        return self.conn.codec.max_concurrent_streams
+
     def write(self) -> None:
         """Write what the codec has queued (one ``transport.write``)."""
         self.conn.flush()
@@ -222,14 +204,53 @@ class H2StreamHandle:
     def release(self) -> None:
         self.conn.pool.release(self)
 
-    def pause_reading(self) -> None:
+    def pause_reading(self, sid: int = 0) -> None:
+        """Withhold this stream's flow-control credit (as a connection: no argument; as a
+        codec: this stream's id)."""
         if self.sid:
             self.conn.codec.pause_reading(self.sid)
 
-    def resume_reading(self) -> None:
+    def resume_reading(self, sid: int = 0) -> None:
         if self.sid:
             self.conn.codec.resume_reading(self.sid)
             self.conn.flush()  # the WINDOW_UPDATE for what was withheld
+
+    # -- the codec, for this stream
+    def new_stream(self) -> int:
+        conn = self.conn
+        ng = conn.ng
+        sid = ng.new_stream() if ng is not None else conn.codec.new_stream()
+        self.sid = sid
+        conn.requests[sid] = self
+        return sid
+
+    def send_headers(self, sid: int, head: RequestHead, end_stream: bool = False) -> None:
+        conn = self.conn
+        ng = conn.ng
+        if ng is not None:  # compiled: a native call
+            ng.send_headers(sid, head, end_stream)
+        else:
+            conn.codec.send_headers(sid, head, end_stream)
+
+    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
+        conn = self.conn
+        ng = conn.ng
+        if ng is not None:  # compiled: a native call
+            ng.send_data(sid, data, end_stream)
+        else:
+            conn.codec.send_data(sid, data, end_stream)
+
+    def send_trailers(self, sid: int, trailers: HeaderList) -> None:
+        self.conn.codec.send_trailers(sid, trailers)
+
+    def send_reset(self, sid: int, reason: ResetReason) -> None:
+        self.conn.codec.send_reset(sid, reason)
+
+    def acknowledge(self, sid: int, n: int) -> None:
+        self.conn.codec.acknowledge(sid, n)
+
+    def data_to_send(self) -> bytes:
+        return self.conn.codec.data_to_send()
 
 
 class H2UpstreamConnection(asyncio.Protocol):
@@ -246,6 +267,11 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.codec: Http2ClientCodec = select_codec()[1](
             self, pool.options, pool.h2stats, pool.loop.time
         )
+        # the same codec typed, when it is libnghttp2's: compiled, the calls both ways (codec
+        # -> this connection, this connection -> codec) are native instead of generic
+        self.ng: NgHttp2ClientCodec | None = _ng_client(self.codec)
+        if self.ng is not None:
+            self.ng.h2conn = self
         self.requests: dict[int, H2StreamHandle] = {}  # sid -> handle
         self.attaching = 0  # handed out, stream not opened yet
         self.transport: asyncio.Transport | None = None
@@ -257,22 +283,29 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.ready = False  # the peer's SETTINGS arrived: its stream limit is known
         self.write_paused = False
         self._touched: list[H2StreamHandle] | None = None
+        self._close_timer: asyncio.TimerHandle | None = None  # close(): abort if not flushed
 
     # -- capacity
     def stream_limit(self) -> int:
         """The peer's SETTINGS_MAX_CONCURRENT_STREAMS, capped by the DestinationRule's
         ``connectionPool.http.maxConcurrentStreams`` (Envoy's upstream max_concurrent_streams)."""
-        peer = self.codec.max_concurrent_streams
-        limit = (
-            self.pool.state.cluster.pool.max_concurrent_streams
-            or self.pool.max_streams_per_connection
-        )
-        return min(peer, limit) if peer else 0
+        ng = self.ng
+        peer = ng.max_concurrent_streams if ng is not None else self.codec.max_concurrent_streams
+        pool = self.pool
+        if pool.state is not pool.limits_of:
+            pool.read_limits()
+        return min(peer, pool.stream_cap) if peer else 0
 
     def usable(self) -> bool:
-        if self.closed or self.stale or self.codec.closed or self.pool.retired:
+        ng = self.ng
+        pool = self.pool
+        if self.closed or self.stale or pool.retired:
             return False
-        maxreq = self.pool.state.cluster.pool.max_requests_per_connection
+        if ng.closed if ng is not None else self.codec.closed:
+            return False
+        if pool.state is not pool.limits_of:
+            pool.read_limits()
+        maxreq = pool.max_requests
         return not (maxreq and self.streams_total >= maxreq)
 
     def has_slot(self) -> bool:
@@ -302,8 +335,12 @@ class H2UpstreamConnection(asyncio.Protocol):
     def _data_received(self, data: bytes) -> None:
         touched: list[H2StreamHandle] = []
         self._touched = touched
+        ng = self.ng
         try:
-            self.codec.feed(data)
+            if ng is not None:  # compiled: a native call
+                ng.feed(data)
+            else:
+                self.codec.feed(data)
         except CodecError as exc:
             self._touched = None
             log.warning(
@@ -316,18 +353,40 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.pool.stats.inc_cluster(self.pool.name, "upstream_cx_protocol_error")
             handles = list(self.requests.values())
             self.requests.clear()
-            self.close()
+            self.close(abort=True)  # (the codec queued its GOAWAY with the error code)
             for h in handles:
                 h.released = True
                 h.requester.on_upstream_protocol_error(f"HTTP/2: {exc.message}")
+                h.requester = None
             return
         self._touched = None
         self.flush()
-        seen: set[int] = set()
-        for h in touched:
-            if id(h) not in seen:
-                seen.add(id(h))
-                h.requester.flush_downstream()
+        if touched:
+            if len(touched) == 1:
+                h = touched[0]
+                r = h.requester
+                if r is not None:
+                    if isinstance(r, Requester):  # the upstream attempt: a native call
+                        r.flush_downstream()
+                    else:
+                        r.flush_downstream()
+                if h.released:
+                    h.requester = None  # (release left it for this flush)
+            else:
+                seen: set[int] = set()
+                for h in touched:
+                    if id(h) not in seen:
+                        seen.add(id(h))
+                        r = h.requester
+                        if r is None:
+                            continue
+                        if isinstance(r, Requester):  # the upstream attempt: a native call
+                            r.flush_downstream()
+                        else:
+                            r.flush_downstream()
+                for h in touched:
+                    if h.released:
+                        h.requester = None  # (release left it for this flush)
         if self.codec.closed and not self.requests:
             self.close()
             return
@@ -341,6 +400,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        t = self._close_timer
+        if t is not None:
+            self._close_timer = None
+            t.cancel()
         was_closed = self.closed
         self.closed = True
         handles = list(self.requests.values())
@@ -349,6 +412,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             if not h.released:
                 h.released = True
                 h.requester.on_upstream_lost("connection termination", h.started)
+                h.requester = None
         if not was_closed:
             self.pool.connection_closed(self)
 
@@ -365,21 +429,35 @@ class H2UpstreamConnection(asyncio.Protocol):
             h.requester.upstream_resume_writing()
 
     # -- ClientSink: events to the requester that owns the stream
+    # (the requester is the upstream attempt, a compiled ``Requester``: called natively; a
+    # mirror copy the generic way)
     def on_response_headers(self, sid: int, head: ResponseHead) -> None:
         h = self.requests.get(sid)
         if h is not None:
             h.started = True
             if self._touched is not None:
                 self._touched.append(h)
-            h.requester.on_response_headers(sid, head)
+            r = h.requester
+            if isinstance(r, Requester):
+                r.on_response_headers(sid, head)
+            else:
+                r.on_response_headers(sid, head)
 
     def on_response_data(self, sid: int, data: bytes) -> None:
         h = self.requests.get(sid)
         if h is not None:
             if self._touched is not None:
                 self._touched.append(h)
-            h.requester.on_response_data(sid, data)
-        self.codec.acknowledge(sid, len(data))  # withheld while the stream's reading is paused
+            r = h.requester
+            if isinstance(r, Requester):
+                r.on_response_data(sid, data)
+            else:
+                r.on_response_data(sid, data)
+        ng = self.ng  # credit withheld while the stream's reading is paused
+        if ng is not None:
+            ng.acknowledge(sid, len(data))
+        else:
+            self.codec.acknowledge(sid, len(data))
 
     def on_response_trailers(self, sid: int, trailers: HeaderList) -> None:
         h = self.requests.get(sid)
@@ -393,7 +471,11 @@ class H2UpstreamConnection(asyncio.Protocol):
         if h is not None:
             if self._touched is not None:
                 self._touched.append(h)
-            h.requester.on_response_end(sid)
+            r = h.requester
+            if isinstance(r, Requester):
+                r.on_response_end(sid)
+            else:
+                r.on_response_end(sid)
 
     def on_stream_reset(self, sid: int, reason: ResetReason) -> None:
         h = self.requests.pop(sid, None)
@@ -405,6 +487,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             # safe to send again, as Envoy does transparently
             h.reused = True
         h.requester.on_upstream_lost(reason.value, h.started)
+        h.requester = None
         self.pool.slot_freed(self)
 
     def on_send_blocked(self, sid: int) -> None:
@@ -421,29 +504,46 @@ class H2UpstreamConnection(asyncio.Protocol):
     flush_dirty = False
 
     def flush(self) -> None:
-        if not defer_flush(self):
+        b = BATCH  # defer_flush(self), inlined: native reads
+        if b.depth:
+            if not self.flush_dirty:
+                self.flush_dirty = True
+                b.dirty.append(self)
+        else:
             self.flush_now()
 
     def flush_now(self) -> None:
         t = self.transport
         if t is not None and not self.closed:
-            out = self.codec.data_to_send()
+            ng = self.ng
+            out = ng.data_to_send() if ng is not None else self.codec.data_to_send()
             if out:
                 t.write(out)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Stop using this connection: what the codec queued (our GOAWAY) goes out, then the
+        socket closes once the transport has written everything it holds (TCP FIN, TLS
+        close_notify), bounded by the pool's ``close_timeout``. ``abort`` (a protocol error):
+        reset at once, as Envoy closes a connection on a codec error."""
         if self.closed:
             return
         handles = list(self.requests.values())
         self.requests.clear()
         self.closed = True
-        if self.transport is not None:
+        t = self.transport
+        if t is not None:
             self.flush_goaway()
-            self.transport.abort()
+            if abort:
+                t.abort()
+            else:
+                t.close()
+                # a peer that stopped reading would hold the socket open: abort it then
+                self._close_timer = self.pool.loop.call_later(self.pool.close_timeout, t.abort)
         for h in handles:
             if not h.released:
                 h.released = True
                 h.requester.on_upstream_lost("connection termination", h.started)
+                h.requester = None
         self.pool.connection_closed(self)
 
     def flush_goaway(self) -> None:
@@ -494,6 +594,20 @@ class H2ClusterPool:
         self.retired = False
         self.certs: Any = None
         self.generation = 0
+        # a retired connection's transport gets this long to write out what it holds (requests
+        # already answered, our GOAWAY) before it is reset (Envoy's delayed_close_timeout: 1 s)
+        self.close_timeout = CLOSE_TIMEOUT
+        # the cluster's per-connection limits, read once per cluster state (a snapshot swap
+        # replaces ``state``): compiled, two native reads per acquire instead of six generic
+        self.limits_of: Any = None
+        self.stream_cap = 0
+        self.max_requests = 0
+
+    def read_limits(self) -> None:
+        cp = self.state.cluster.pool
+        self.stream_cap = cp.max_concurrent_streams or self.max_streams_per_connection
+        self.max_requests = cp.max_requests_per_connection or 0
+        self.limits_of = self.state
 
     # -- acquiring
     def acquire(self, req: Any, host: Any, fresh: bool = False) -> None:
@@ -579,7 +693,11 @@ class H2ClusterPool:
         conn.streams_total += 1
         conn.attaching += 1
         try:
-            req.attach(handle)  # the requester opens its stream (codec.new_stream) in there
+            # the requester opens its stream (codec.new_stream) in there
+            if isinstance(req, Requester):  # the upstream attempt: a native call
+                req.attach(handle)  # type: ignore[arg-type]  # the handle is the requester's connection (as the generic call below)
+            else:
+                req.attach(handle)
         finally:
             conn.attaching -= 1
 
@@ -620,8 +738,16 @@ class H2ClusterPool:
         handle.released = True
         conn = handle.conn
         if handle.sid and conn.requests.pop(handle.sid, None) is not None and not conn.closed:
-            conn.codec.send_reset(handle.sid, ResetReason.LOCAL_RESET)
+            ng = conn.ng
+            if ng is not None:
+                ng.send_reset(handle.sid, ResetReason.LOCAL_RESET)
+            else:
+                conn.codec.send_reset(handle.sid, ResetReason.LOCAL_RESET)
             conn.flush()
+        if conn._touched is None:
+            # the requester and its handle refer to each other: dropping this side leaves no
+            # cycle for the cyclic GC. During a read, once the read's downstream flush is done.
+            handle.requester = None
         self.slot_freed(conn)
 
     def slot_freed(self, conn: H2UpstreamConnection) -> None:
