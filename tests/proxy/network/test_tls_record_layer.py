@@ -509,3 +509,23 @@ def test_protocol_switched_in_the_first_record_gets_the_following_ones(
         assert layer.get_protocol() is app.next
 
     uvloop.run(main())
+
+
+def test_a_lost_connection_is_freed_without_the_cycle_collector(ca: CertificateAuthority) -> None:
+    import gc
+    import weakref
+
+    async def main() -> None:
+        app = App()
+        layer, wire, peer = await _open_in_memory(ca, app)
+        ref = weakref.ref(app)
+        layer.connection_lost(None)
+        assert layer.get_protocol() is None
+        del app
+        gc.disable()  # only reference counting: the protocol (which holds the layer) goes now
+        try:
+            assert ref() is None
+        finally:
+            gc.enable()
+
+    uvloop.run(main())

@@ -106,9 +106,9 @@ class RecordSizedSSLObject(ssl.SSLObject):
 
 # ---------------------------------------------------------------------- session resumption
 
-# the session ``open_upstream`` offers for the connection it is opening: asyncio's
-# create_connection has no ``session`` argument, and both the stdlib's and uvloop's SSL
-# protocols create the SSLObject with ``context.wrap_bio`` inside the caller's task
+# the session ``open_upstream`` offers for the connection it is opening, read by
+# ``ResumingClientContext.wrap_bio``: ``tlsrecord.new_tls`` calls it in the caller's task (as
+# asyncio's and uvloop's SSL protocols do, whose ``create_connection`` has no ``session``)
 _OFFER: contextvars.ContextVar[ssl.SSLSession | None] = contextvars.ContextVar(
     "diktyo_tls_offer", default=None
 )
@@ -782,7 +782,7 @@ async def accept_inbound(
     if not accept:
         sock.close()
         raise InboundRefused(reason)
-    # build the protocol here: uvloop returns its SSLProtocol wrapper, not ours
+    # build the protocol here: the caller gets it, not the transport's (TLS: the record layer)
     protocol = protocol_factory()
     if not terminate:
         transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)

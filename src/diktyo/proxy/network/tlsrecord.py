@@ -140,6 +140,9 @@ class TlsTransport(asyncio.Protocol):
             if exc is None and isinstance(self._exc, Exception):
                 exc = self._exc
             self._app.connection_lost(exc)
+        # the protocol usually holds this transport: break the cycle (as uvloop's transports
+        # do), so that the connection and its SSL object are freed now, not at the next GC
+        self._app = None
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -372,9 +375,8 @@ class TlsTransport(asyncio.Protocol):
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._app = protocol
 
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        app: asyncio.BaseProtocol = self._app
-        return app
+    def get_protocol(self) -> Any:
+        return self._app  # None once the connection is lost
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
