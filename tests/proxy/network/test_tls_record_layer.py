@@ -181,7 +181,11 @@ async def _open_in_memory(
         if done and waiter.done():
             break
     await waiter
-    await asyncio.sleep(0)  # the layer's post-handshake step (its ticket)
+    # the layer's post-handshake step (its ticket) was scheduled with call_soon when the
+    # waiter resolved; a callback scheduled now runs after it (the loop's ready queue is FIFO)
+    step = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(step.set_result, None)
+    await step
     peer.receive(wire.take())
     return layer, wire, peer
 
