@@ -20,6 +20,16 @@ from diktyo.testing import (
 )
 
 
+def _traced(collector: FakeUpstream) -> dict[str, Any]:
+    """The mesh config of these tests: every request sampled, spans sent to ``collector``."""
+    return {
+        "tracing": {
+            "sampling": 100.0,
+            "otlp_endpoint": f"http://127.0.0.1:{collector.port}/v1/traces",
+        }
+    }
+
+
 async def test_spans_exported_and_context_propagated() -> None:
     async with (
         FakeUpstream() as app,
@@ -27,12 +37,7 @@ async def test_spans_exported_and_context_propagated() -> None:
     ):
         snap = http_snapshot(
             {"reviews": [("127.0.0.1", app.port)]},
-            mesh={
-                "tracing": {
-                    "sampling": 100.0,
-                    "otlp_endpoint": f"http://127.0.0.1:{collector.port}/v1/traces",
-                }
-            },
+            mesh=_traced(collector),
         )
         async with start_sidecar(snap) as sc:
             parent_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -90,12 +95,7 @@ async def test_spans_carry_envoy_and_istio_tags() -> None:
     ):
         snap = http_snapshot(
             {"reviews": [("127.0.0.1", app.port)]},
-            mesh={
-                "tracing": {
-                    "sampling": 100.0,
-                    "otlp_endpoint": f"http://127.0.0.1:{collector.port}/v1/traces",
-                }
-            },
+            mesh=_traced(collector),
             extra_clusters=[
                 {
                     "name": "inbound|9080||",
@@ -206,12 +206,7 @@ async def test_a_request_answered_before_a_cluster_is_chosen_gets_a_span() -> No
     ):
         snap = http_snapshot(
             {"reviews": [("127.0.0.1", app.port)]},
-            mesh={
-                "tracing": {
-                    "sampling": 100.0,
-                    "otlp_endpoint": f"http://127.0.0.1:{collector.port}/v1/traces",
-                }
-            },
+            mesh=_traced(collector),
         )
         async with start_sidecar(snap) as sc:
             parent_trace = "0af7651916cd43dd8448eb211c80319c"
