@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import sys
 from pathlib import Path
 
 import pytest
 from test_mtls_mesh import APPS, get, workload
 
 from diktyo.platform.harness import MeshThread
+from diktyo.testing import hello_front_mesh
 
 pytestmark = pytest.mark.slow
 
@@ -43,25 +43,7 @@ def mesh_yaml(tmp: Path) -> Path:
     app = tmp / "body_app.py"
     app.write_text(BODY_APP)
     spec = tmp / "mesh.yaml"
-    spec.write_text(
-        f"""
-name: mtls-bodies
-services:
-  - name: hello
-    ports: [{{name: http, port: 9080}}]
-  - name: front
-    ports: [{{name: http, port: 9080}}]
-workloads:
-  - name: hello
-    labels: {{app: hello, version: v1}}
-    serviceAccount: hello-sa
-    command: ["{sys.executable}", "{app}"]
-  - name: front
-    labels: {{app: front, version: v1}}
-    serviceAccount: front-sa
-    command: ["{sys.executable}", "{APPS / "tiny_app.py"}"]
-"""
-    )
+    spec.write_text(hello_front_mesh("mtls-bodies", app, APPS / "tiny_app.py"))
     return spec
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from diktyo.platform.harness import MeshThread
+from diktyo.testing import hello_front_mesh
 
 pytestmark = pytest.mark.slow
 
@@ -50,25 +50,7 @@ def mesh_yaml(tmp: Path) -> Path:
     echo = tmp / "echo_app.py"
     echo.write_text(ECHO_APP)
     spec = tmp / "mesh.yaml"
-    spec.write_text(
-        f"""
-name: mtls
-services:
-  - name: hello
-    ports: [{{name: http, port: 9080}}]
-  - name: front
-    ports: [{{name: http, port: 9080}}]
-workloads:
-  - name: hello
-    labels: {{app: hello, version: v1}}
-    serviceAccount: hello-sa
-    command: ["{sys.executable}", "{echo}"]
-  - name: front
-    labels: {{app: front, version: v1}}
-    serviceAccount: front-sa
-    command: ["{sys.executable}", "{APPS / "tiny_app.py"}"]
-"""
-    )
+    spec.write_text(hello_front_mesh("mtls", echo, APPS / "tiny_app.py"))
     return spec
 
 

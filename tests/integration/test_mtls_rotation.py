@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import sys
 import threading
 import time
 import urllib.error
@@ -23,7 +22,7 @@ from cryptography import x509
 
 from diktyo.control.ca import authority
 from diktyo.platform.harness import MeshThread
-from diktyo.testing import eventually_sync
+from diktyo.testing import eventually_sync, hello_front_mesh
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -52,25 +51,7 @@ _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def mesh_file(tmp: Path) -> Path:
     f = tmp / "mesh.yaml"
     app = APPS / "tiny_app.py"
-    f.write_text(
-        f"""
-name: rotation
-services:
-  - name: hello
-    ports: [{{name: http, port: 9080}}]
-  - name: front
-    ports: [{{name: http, port: 9080}}]
-workloads:
-  - name: hello
-    labels: {{app: hello, version: v1}}
-    serviceAccount: hello-sa
-    command: ["{sys.executable}", "{app}"]
-  - name: front
-    labels: {{app: front, version: v1}}
-    serviceAccount: front-sa
-    command: ["{sys.executable}", "{app}"]
-"""
-    )
+    f.write_text(hello_front_mesh("rotation", app, app))
     return f
 
 
