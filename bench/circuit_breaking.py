@@ -36,7 +36,7 @@ URL = "http://httpbin:8000/get"
 ISTIO = {2: 17 / 20, 3: 11 / 30}
 
 
-def shares(rounds: int, concurrency: int | None, plaintext: bool) -> None:
+def shares(rounds: int, concurrency: int | None, plaintext: bool, url_path: str = "/get") -> None:
     os.environ.setdefault("DIKTYO_CAPTURE", "proxy")
     from diktyo.load import LoadOptions, LoadResult, run_load
     from diktyo.platform.harness import MeshThread
@@ -60,7 +60,8 @@ def shares(rounds: int, concurrency: int | None, plaintext: bool) -> None:
         env = {"HTTP_PROXY": f"http://127.0.0.1:{sleep['outbound_port']}"}
 
         def load(c: int, n: int) -> LoadResult:
-            options = LoadOptions(url=URL, connections=c, requests=n, timeout=5.0)
+            url = URL.replace("/get", url_path)
+            options = LoadOptions(url=url, connections=c, requests=n, timeout=5.0)
             return asyncio.run(run_load(options, env=env))
 
         load(1, 5)
@@ -210,11 +211,17 @@ def main() -> int:
     ap.add_argument("--plaintext", action="store_true", help="no mTLS between the sidecars")
     ap.add_argument("--handshake", action="store_true", help="time one new mTLS connection instead")
     ap.add_argument("--count", type=int, default=300, help="connections for --handshake")
+    ap.add_argument(
+        "--path",
+        default="/get",
+        help="httpbin path the load asks for (default /get); /delay/0.003 makes each request\n"
+        "take 3 ms longer in httpbin, as long as the 200s of Istio's run (diagnosis)",
+    )
     args = ap.parse_args()
     if args.handshake:
         handshake(args.count)
     else:
-        shares(args.rounds, args.concurrency, args.plaintext)
+        shares(args.rounds, args.concurrency, args.plaintext, args.path)
     return 0
 
 
