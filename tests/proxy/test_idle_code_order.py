@@ -5,6 +5,7 @@ of it resident."""
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import shutil
@@ -90,3 +91,79 @@ def test_a_new_idle_order_relinks_the_group_library(monkeypatch: pytest.MonkeyPa
     assert other.depends == []
     assert f"-Wl,--section-ordering-file={order}" in group.extra_link_args
     assert ".text." + IDLE_FUNCTIONS[0] in order.read_text().splitlines()
+
+
+def _setup_namespace(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    setup_py = SRC.parent / "setup.py"
+    if not setup_py.exists():
+        pytest.skip("not a source tree (no setup.py beside src/)")
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)  # its definitions, no build
+    monkeypatch.chdir(os.getcwd())  # setup.py changes to the tree; put the directory back
+    return runpy.run_path(str(setup_py), run_name="setup_under_test")
+
+
+def _build_toy(
+    ns: dict[str, object], tmp_path: Path, c_source: str, link_args: list[str]
+) -> tuple[object, str]:
+    """Runs setup.py's ``BuildHotPath`` on one small C extension (instead of the mypyc group)
+    into ``tmp_path``; returns the command and what the build said on stderr."""
+    import contextlib
+    import io
+
+    from setuptools import Distribution, Extension
+
+    if ns["why_no_compiler"]() is not None:  # type: ignore[operator]
+        pytest.skip(f"no C toolchain: {ns['why_no_compiler']()}")  # type: ignore[operator]
+    (tmp_path / "toy.c").write_text(c_source)
+    toy = Extension("toyext", [str(tmp_path / "toy.c")], extra_link_args=link_args)
+    base: type = ns["BuildHotPath"]  # type: ignore[assignment]
+
+    class ToyBuild(base):  # type: ignore[misc, valid-type]
+        def plan(self) -> None:
+            self.distribution.ext_modules = [toy]
+            self.nghttp2_ext = None
+
+    cmd = ToyBuild(Distribution({"name": "toy", "ext_modules": [toy]}))
+    cmd.build_lib = str(tmp_path / "lib")
+    cmd.build_temp = str(tmp_path / "tmp")
+    cmd.ensure_finalized()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        cmd.run()
+    return cmd, err.getvalue()
+
+
+TOY_C = """#include <Python.h>
+static struct PyModuleDef m = {PyModuleDef_HEAD_INIT, "toyext", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit_toyext(void) { return PyModule_Create(&m); }
+"""
+
+
+def test_a_link_refusing_the_idle_order_is_retried_without_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A linker that refuses the ordering flags (no gold, an unreadable order file) links the
+    library again without them instead of installing pure Python. Stop 20's bug: the retry
+    called ``build_ext.run()`` a second time, which always failed."""
+    ns = _setup_namespace(monkeypatch)
+    bad_order = f"{ns['IDLE_ORDER_FLAGS'][2]}{tmp_path / 'missing' / 'order.txt'}"  # type: ignore[index]
+    cmd, said = _build_toy(ns, tmp_path, TOY_C, [bad_order])
+    assert "linking with the idle-code ordering failed" in said, said
+    assert cmd.reason is None, cmd.reason  # type: ignore[attr-defined]
+    built = list((tmp_path / "lib").glob("toyext*.so"))
+    assert built, said
+    info = json.loads((tmp_path / "lib" / "diktyo" / _build.BUILD_INFO).read_text())
+    assert info["compiled"] is True, info
+
+
+def test_a_failed_compile_installs_pure_python_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ns = _setup_namespace(monkeypatch)
+    cmd, said = _build_toy(ns, tmp_path, TOY_C + "this is not C;\n", [])
+    assert "NOT compiling the hot path: the C build failed" in said, said
+    assert not list((tmp_path / "lib").glob("toyext*.so"))
+    info = json.loads((tmp_path / "lib" / "diktyo" / _build.BUILD_INFO).read_text())
+    assert info["compiled"] is False and "the C build failed" in info["reason"], info
