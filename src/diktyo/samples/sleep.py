@@ -13,19 +13,22 @@ import signal
 import sys
 
 
-async def _wait_for_signal() -> None:
+async def _wait_for_signal(ready: str) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # said once the handlers are in: a SIGTERM sent on seeing this line stops it cleanly
+    print(ready, flush=True)
     await stop.wait()
 
 
 def main() -> int:
     pod = os.environ.get("POD_NAME", "").strip() or "sleep"
     proxy = os.environ.get("HTTP_PROXY", "")
-    print(f"{pod} idle (no port); outgoing calls go through {proxy or 'no proxy'}", flush=True)
-    asyncio.run(_wait_for_signal())
+    asyncio.run(
+        _wait_for_signal(f"{pod} idle (no port); outgoing calls go through {proxy or 'no proxy'}")
+    )
     print(f"{pod} stopped", flush=True)
     return 0
 
