@@ -139,7 +139,7 @@ spec:
     assert any("spec.listeners[2].port" in e and ">= 1" in e for e in errs), errs
 
 
-def test_reference_grant_and_grpcroute_warning() -> None:
+def test_reference_grant_and_grpcroute_load() -> None:
     text = """\
 apiVersion: gateway.networking.k8s.io/v1beta1
 kind: ReferenceGrant
@@ -153,13 +153,59 @@ kind: GRPCRoute
 metadata: {name: grpc}
 spec:
   parentRefs: [{name: gw}]
-  rules: [{backendRefs: [{name: echo, port: 9000}]}]
+  rules:
+  - matches: [{method: {service: helloworld.Greeter, method: SayHello}}]
+    backendRefs: [{name: echo, port: 9000}]
 """
     result = load_text(text, "g.yaml")
-    assert result.ok
+    assert result.ok and result.errors == []  # used, no longer "ignored until HTTP/2"
     assert [r.kind for r in result.resources] == ["ReferenceGrant", "GRPCRoute"]
-    (warn,) = result.errors
-    assert warn.severity == "warning" and warn.line == 9 and "needs HTTP/2" in warn.message
+    m = result.resources[1].spec.rules[0].matches[0].method  # type: ignore[attr-defined]
+    assert (m.type, m.service, m.method) == ("Exact", "helloworld.Greeter", "SayHello")
+
+
+GRPC = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: grpc}}
+spec:
+  parentRefs: [{{name: gw}}]
+  rules:
+  - matches: [{match}]
+    filters: [{filters}]
+    backendRefs: [{{name: echo, port: 9000}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("match", "filters", "expect"),
+    [
+        ("{method: {type: Exact}}", "", "one or both of 'service' or 'method' must be specified"),
+        ("{method: {service: 'hello world'}}", "", "must be a gRPC service name"),
+        ("{method: {method: 'Say.Hello'}}", "", "must be a gRPC method name"),
+        ("{method: {type: RegularExpression, method: '('}}", "", "regular expression"),
+        ("{method: {type: Prefix, service: a.B}}", "", "'Exact' or 'RegularExpression'"),
+        (
+            "{headers: [{name: a, value: x}, {name: a, value: y}]}",
+            "",
+            "header names must be unique",
+        ),
+        (
+            "{}",
+            "{type: URLRewrite, urlRewrite: {hostname: x}}",
+            "'RequestHeaderModifier', 'ResponseHeaderModifier', 'RequestMirror' or 'ExtensionRef'",
+        ),
+        (
+            "{}",
+            "{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: b}]}}, "
+            "{type: RequestHeaderModifier, requestHeaderModifier: {remove: [c]}}",
+            "RequestHeaderModifier filter cannot be repeated",
+        ),
+    ],
+)
+def test_grpcroute_validation(match: str, filters: str, expect: str) -> None:
+    errs = errors(GRPC.format(match=match, filters=filters))
+    assert any(expect in e and "r.yaml:" in e for e in errs), errs
 
 
 def test_unsupported_version() -> None:

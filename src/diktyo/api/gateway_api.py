@@ -1,14 +1,14 @@
-"""Kubernetes Gateway API schemas (gateway.networking.k8s.io): Gateway, HTTPRoute, ReferenceGrant.
+"""Kubernetes Gateway API schemas (gateway.networking.k8s.io): Gateway, HTTPRoute, GRPCRoute,
+ReferenceGrant.
 
 Field names, enums and limits follow the Gateway API v1 CRDs (standard channel); unknown fields
-are errors, as for Istio's kinds. ``GRPCRoute`` loads (its shape is checked loosely) with a
-warning: diktyo's sidecars do not speak HTTP/2 yet, so it is ignored.
+are errors, as for Istio's kinds.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -460,13 +460,100 @@ class ReferenceGrantSpec(GatewayApiModel):
 
 # --------------------------------------------------------------------------- GRPCRoute
 
+# GRPCMethodMatch with type Exact: a protobuf service name (package.Service) and method name
+_GRPC_SERVICE = re.compile(r"^\.?[A-Za-z_][A-Za-z_0-9]*(\.[A-Za-z_][A-Za-z_0-9]*)*$")
+_GRPC_METHOD = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
+
+
+class GRPCMethodMatch(GatewayApiModel):
+    """``service`` and/or ``method`` of the ``/<service>/<method>`` path a gRPC call posts to."""
+
+    type: Literal["Exact", "RegularExpression"] = "Exact"
+    service: Annotated[str, Field(max_length=1024)] | None = None
+    method: Annotated[str, Field(max_length=1024)] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> GRPCMethodMatch:
+        if self.service is None and self.method is None:
+            raise ValueError("one or both of 'service' or 'method' must be specified")
+        if self.type == "Exact":
+            if self.service is not None and not _GRPC_SERVICE.match(self.service):
+                raise ValueError(
+                    f"service {self.service!r} must be a gRPC service name such as "
+                    "'helloworld.Greeter' when type is Exact (use RegularExpression for a pattern)"
+                )
+            if self.method is not None and not _GRPC_METHOD.match(self.method):
+                raise ValueError(
+                    f"method {self.method!r} must be a gRPC method name such as 'SayHello' when "
+                    "type is Exact (use RegularExpression for a pattern)"
+                )
+        else:
+            for value in (self.service, self.method):
+                if value is not None:
+                    check_regex(value)
+        return self
+
+
+class GRPCRouteMatch(GatewayApiModel):
+    method: GRPCMethodMatch | None = None
+    headers: list[HTTPHeaderMatch] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _unique(self) -> GRPCRouteMatch:
+        names = [m.name for m in self.headers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"header names must be unique within a match: {', '.join(dup)}")
+        return self
+
+
+GRPCFilterType = Literal[
+    "RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror", "ExtensionRef"
+]
+
+
+class GRPCRouteFilter(HTTPRouteFilter):
+    """HTTPRoute's filters less the redirect and the rewrite, which GRPCRoute does not have."""
+
+    type: GRPCFilterType
+
+
+class GRPCBackendRef(BackendObjectReference):
+    weight: Weight = 1
+    filters: list[GRPCRouteFilter] = Field(default_factory=list, max_length=16)
+
+
+class GRPCRouteRule(GatewayApiModel):
+    name: str | None = None
+    # none: the rule matches every gRPC call (of the route's hostnames)
+    matches: list[GRPCRouteMatch] = Field(default_factory=list, max_length=64)
+    filters: list[GRPCRouteFilter] = Field(default_factory=list, max_length=16)
+    backend_refs: list[GRPCBackendRef] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _filters(self) -> GRPCRouteRule:
+        kinds = [f.type for f in self.filters]
+        for once in ("RequestHeaderModifier", "ResponseHeaderModifier"):
+            if kinds.count(once) > 1:
+                raise ValueError(f"{once} filter cannot be repeated")
+        return self
+
 
 class GRPCRouteSpec(GatewayApiModel):
-    """Only the shape is checked: GRPCRoute is ignored until diktyo speaks HTTP/2."""
-
     parent_refs: list[ParentReference] = Field(default_factory=list, max_length=32)
     hostnames: list[str] = Field(default_factory=list, max_length=16)
-    rules: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
+    rules: list[GRPCRouteRule] = Field(default_factory=list, max_length=16)
+
+    @field_validator("hostnames")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        return [_hostname(h) for h in v]
+
+    @model_validator(mode="after")
+    def _total(self) -> GRPCRouteSpec:
+        if sum(len(r.matches) for r in self.rules) > 128:
+            raise ValueError("a GRPCRoute may have at most 128 matches across all its rules")
+        return self
 
 
 # --------------------------------------------------------------------------- registry
@@ -479,10 +566,5 @@ GATEWAY_API_KINDS: dict[str, tuple[tuple[str, ...], type[GatewayApiModel]]] = {
     "GRPCRoute": (("v1", "v1alpha2"), GRPCRouteSpec),
 }
 
-# kinds that load but are not served, with why (a warning at load time)
-GATEWAY_API_IGNORED: dict[str, tuple[str, str]] = {
-    "GRPCRoute": (
-        "GRPCRoute needs HTTP/2, which diktyo's sidecars do not speak yet; ignored",
-        "route gRPC with a VirtualService on an HTTP2/gRPC port once HTTP/2 lands",
-    ),
-}
+# kinds that load but are not served, with why (a warning at load time): none at present
+GATEWAY_API_IGNORED: dict[str, tuple[str, str]] = {}

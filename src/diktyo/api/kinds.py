@@ -36,7 +36,10 @@ CORE = ""  # Kubernetes core group: apiVersion "v1"
 
 _NET_VERSIONS = ("v1", "v1beta1", "v1alpha3")
 _SEC_VERSIONS = ("v1", "v1beta1")
-_GW_NOT_YET = "this Gateway API kind is not implemented; diktyo serves Gateway, HTTPRoute and ReferenceGrant"
+_GW_NOT_YET = (
+    "this Gateway API kind is not implemented; diktyo serves Gateway, HTTPRoute, GRPCRoute and "
+    "ReferenceGrant"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +110,7 @@ KIND_TABLE: list[KindInfo] = [
     KindInfo(GATEWAY_API, "TLSRoute", ("v1alpha2", "v1alpha3"), reason=_GW_NOT_YET),
     KindInfo(GATEWAY_API, "UDPRoute", ("v1alpha2",), reason=_GW_NOT_YET),
     KindInfo(GATEWAY_API, "BackendTLSPolicy", ("v1", "v1alpha3"), reason=_GW_NOT_YET),
-    # Gateway API kinds diktyo implements (models in api/gateway_api.py; GRPCRoute loads with
-    # a warning until HTTP/2 exists)
+    # Gateway API kinds diktyo implements (models in api/gateway_api.py)
     *(
         KindInfo(GATEWAY_API, kind, versions, model)
         for kind, (versions, model) in GATEWAY_API_KINDS.items()

@@ -162,4 +162,7 @@ spec: {parentRefs: [{name: gw}]}
 """
     result = load_text(grpc, "g.yaml")
     problems = analyze(result.resources, None)
-    assert [p.severity for p in problems] == ["warning"] and "HTTP/2" in _msg(problems[0])
+    # a GRPCRoute is bound like an HTTPRoute: its parent Gateway is missing
+    assert [p.severity for p in problems] == ["error"], [_msg(p) for p in problems]
+    assert "Accepted=False (NoMatchingParent)" in _msg(problems[0]), _msg(problems[0])
+    assert _msg(problems[0]).startswith("GRPCRoute g:"), _msg(problems[0])

@@ -1,4 +1,5 @@
-"""Gateway API -> the snapshot: Gateways become gateway listeners, HTTPRoutes become routes.
+"""Gateway API -> the snapshot: Gateways become gateway listeners, HTTPRoutes and GRPCRoutes
+become routes.
 
 Theory of operation
 -------------------
@@ -23,6 +24,12 @@ paths first, then a method match, more header matches, more query matches; ties 
 order of routes (``namespace/name``; files have no creation timestamps) and of their rules.
 ``PathPrefix /foo`` matches ``/foo`` and ``/foo/...`` but not ``/foobar`` (Envoy's
 path-separated prefix), expressed as an exact ``/foo`` and a prefix ``/foo/``.
+
+A GRPCRoute attaches and resolves as an HTTPRoute does (a listener's ``allowedRoutes.kinds``
+must admit it when it lists kinds; ReferenceGrants name ``kind: GRPCRoute``). Its method match
+becomes a ``:path`` match (gRPC calls post to ``/<service>/<method>``; ``grpc_path_match``) and
+its header matches are gRPC metadata, which travels as HTTP/2 headers; its rules are ordered
+with the host's HTTPRoute rules by the same keys, a rule without matches last.
 
 Invalid backends get no traffic they could serve: a rule whose backends are all invalid (or
 that has none and no redirect) answers 500, as the Gateway API requires.
@@ -63,6 +70,8 @@ GATEWAY_CLASSES = ("istio",)  # the classes diktyo's gateways serve
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 INGRESS_LABELS = {"istio": "ingressgateway"}
 HTTP_ROUTE = "HTTPRoute"
+GRPC_ROUTE = "GRPCRoute"
+ROUTE_KINDS = (HTTP_ROUTE, GRPC_ROUTE)  # the route kinds an HTTP listener or a Service takes
 INVALID_SUFFIX = "gateway-api.invalid"  # hosts of clusters standing for invalid backendRefs
 
 Severity = Literal["error", "warning", "info"]
@@ -135,7 +144,8 @@ def bind(resources: Iterable[Any], services: Iterable[Service] | None) -> Gatewa
     resources = list(resources)
     gateways = [r for r in resources if _is(r, "Gateway")]
     routes = sorted(
-        (r for r in resources if _is(r, HTTP_ROUTE)), key=lambda r: (r.namespace, r.name)
+        (r for r in resources if _is(r, HTTP_ROUTE) or _is(r, GRPC_ROUTE)),
+        key=lambda r: (r.namespace, r.name, r.kind),
     )
     grants = [r for r in resources if _is(r, "ReferenceGrant")]
     out = GatewayApiIndex()
@@ -149,18 +159,6 @@ def bind(resources: Iterable[Any], services: Iterable[Service] | None) -> Gatewa
         _resolve_backends(rt, grants, by_host, out)
         for i, ref in enumerate(rt.spec.parent_refs):
             _attach(rt, i, ref, gw_by_name, served, by_host, out)
-    for rt in resources:
-        if _is(rt, "GRPCRoute"):
-            out.findings.append(
-                Finding(
-                    rt,
-                    "kind",
-                    "warning",
-                    "GRPCRoute is ignored: it needs HTTP/2, which diktyo's sidecars do not "
-                    "speak yet",
-                    "route gRPC with a VirtualService once HTTP/2 lands",
-                )
-            )
     return out
 
 
@@ -340,16 +338,16 @@ def _attach(
             continue
         kinds = allowed.kinds
         if kinds and not any(
-            k.kind == HTTP_ROUTE and (k.group is None or k.group == GATEWAY_API) for k in kinds
+            k.kind == rt.kind and (k.group is None or k.group == GATEWAY_API) for k in kinds
         ):
             reasons.append(
                 (
                     "NotAllowedByListeners",
                     (
-                        f"listener {lst.listener.name!r} does not admit HTTPRoutes "
+                        f"listener {lst.listener.name!r} does not admit {rt.kind}s "
                         "(allowedRoutes.kinds)"
                     ),
-                    "add {kind: HTTPRoute} to allowedRoutes.kinds",
+                    f"add {{kind: {rt.kind}}} to allowedRoutes.kinds",
                 )
             )
             continue
@@ -394,7 +392,7 @@ def _grant_allows(grants: list[Any], rt: Any, target_ns: str, kind: str, name: s
         if g.namespace != target_ns:
             continue
         if not any(
-            f.group == GATEWAY_API and f.kind == HTTP_ROUTE and f.namespace == rt.namespace
+            f.group == GATEWAY_API and f.kind == rt.kind and f.namespace == rt.namespace
             for f in g.spec.from_
         ):
             continue
@@ -435,11 +433,11 @@ def _resolve_backends(
             reason, message, hint = (
                 "RefNotPermitted",
                 (
-                    f"no ReferenceGrant in namespace {ns!r} allows HTTPRoutes from "
+                    f"no ReferenceGrant in namespace {ns!r} allows {rt.kind}s from "
                     f"{rt.namespace!r} to reference Service {b.name!r}"
                 ),
                 (
-                    f"add a ReferenceGrant in {ns!r} from {{group: {GATEWAY_API}, kind: HTTPRoute, "
+                    f"add a ReferenceGrant in {ns!r} from {{group: {GATEWAY_API}, kind: {rt.kind}, "
                     f'namespace: {rt.namespace}}} to {{group: "", kind: Service}}'
                 ),
             )
@@ -557,6 +555,11 @@ def _routes(ctx: RouteContext, routes: list[Any], port: int) -> list[Route]:
     seq = 0
     for rt in routes:
         for ri, rule in enumerate(rt.spec.rules):
+            if rt.kind == GRPC_ROUTE:
+                for key, r in _grpc_routes(ctx, rt, ri, rule, port):
+                    entries.append((key, seq, r))
+                    seq += 1
+                continue
             for mi, m in enumerate(rule.matches):
                 for r in _match_routes(ctx, rt, ri, rule, mi, m, port):
                     entries.append((_precedence(m), seq, r))
@@ -628,6 +631,57 @@ def _match_routes(
     return [_route(ctx, rt, ri, rule, (exact, under), "prefix", port)]
 
 
+# --------------------------------------------------------------------------- GRPCRoute rules
+
+_URI_RANK = {"exact": 3, "prefix": 2, "regex": 1}
+_MATCH_ALL_LAST = (2, 0, 0, 0, 0)  # a rule without matches sorts after every match (as Istio)
+
+
+def grpc_path_match(m: Any) -> StringMatch | None:
+    """The ``:path`` match of a GRPCMethodMatch (gRPC calls post to ``/<service>/<method>``),
+    as Istio converts it: Exact service and method -> exact path, service only -> prefix
+    ``/<service>/``, method only -> regex ``/[^/]+/<method>``; RegularExpression -> a regex of
+    the same shape (service only: ``/<service>/.+``)."""
+    if m is None:
+        return None
+    svc, meth = m.service, m.method
+    if m.type == "Exact":
+        if meth is None:
+            return StringMatch(kind="prefix", value=f"/{svc}/")
+        if svc is None:
+            return StringMatch(kind="regex", value=f"/[^/]+/{meth}")
+        return StringMatch(kind="exact", value=f"/{svc}/{meth}")
+    if meth is None:
+        return StringMatch(kind="regex", value=f"/{svc}/.+")
+    if svc is None:
+        return StringMatch(kind="regex", value=f"/[^/]+/{meth}")
+    return StringMatch(kind="regex", value=f"/{svc}/{meth}")
+
+
+def _grpc_routes(
+    ctx: RouteContext, rt: Any, ri: int, rule: Any, port: int
+) -> list[tuple[tuple[int, ...], Route]]:
+    """One route per match of a GRPCRoute rule (one matching everything without matches),
+    each with its precedence key: Istio sorts GRPCRoute and HTTPRoute rules of a host by the
+    same keys (path match kind, its length, header count)."""
+    name = rule.name or ""
+    if not rule.matches:
+        return [(_MATCH_ALL_LAST, _route(ctx, rt, ri, rule, (), None, port))]
+    out: list[tuple[tuple[int, ...], Route]] = []
+    for m in rule.matches:
+        uri = grpc_path_match(m.method)
+        headers = tuple(
+            KeyMatch(name=h.name.lower(), match=_sm(h.type, h.value))
+            for h in _first_by_name(m.headers, fold=True)
+        )
+        match = RouteMatch(name=name, uri=uri, headers=headers)
+        rank = _URI_RANK[uri.kind] if uri is not None else -1
+        length = len(uri.value) if uri is not None else 0
+        key = (-rank, -length, 1, -len(headers), 0)
+        out.append((key, _route(ctx, rt, ri, rule, (match,), None, port)))
+    return out
+
+
 def _prefix_modifier(rule: Any) -> bool:
     for f in rule.filters:
         mod = f.url_rewrite or f.request_redirect
@@ -672,7 +726,7 @@ def _route(
     gidx = index_of(ctx.idx)
     line, _ = rt.position(f"spec.rules[{ri}]")
     source = RouteSource(
-        kind=HTTP_ROUTE,
+        kind=rt.kind,
         name=rt.name,
         namespace=rt.namespace,
         rule=ri,
@@ -684,7 +738,7 @@ def _route(
     headers = _filter_headers(rule.filters)
     if headers is not None:
         kw["headers"] = headers
-    if rule.timeouts is not None:
+    if getattr(rule, "timeouts", None) is not None:  # HTTPRoute only
         from diktyo.api.gateway_api import parse_gateway_duration
 
         if rule.timeouts.request:

@@ -9,6 +9,8 @@ them. The decisions come from the same ``bind`` the translation uses.
 
 from __future__ import annotations
 
+from typing import Any
+
 from diktyo.control.translate.gateway_api import bind
 from diktyo.control.translate.hosts import resolve_host
 from diktyo.control.validate.context import Context
@@ -37,22 +39,25 @@ def _mixed_with_virtual_services(
             host = resolve_host(h, vs.namespace, ctx.idx.registry.services)
             routes = mesh.get(host)
             if routes:
-                rt = routes[0][0]
+                rt: Any = routes[0][0]  # a Resource
                 ctx.report(
                     GATEWAY_API_CONDITION,
                     vs,
                     f"spec.hosts[{i}]",
-                    f"host {host} also has HTTPRoute {rt.namespace}/{rt.name} (parentRef "  # type: ignore[attr-defined]  # rt is a Resource
-                    "Service); sidecars route it by the HTTPRoute and ignore this "
+                    f"host {host} also has {rt.kind} {rt.namespace}/{rt.name} (parentRef "
+                    f"Service); sidecars route it by the {rt.kind} and ignore this "
                     "VirtualService",
-                    "route a service with one API: remove the VirtualService or the HTTPRoute",
+                    f"route a service with one API: remove the VirtualService or the {rt.kind}",
                     "Warning",
                 )
 
 
 def _unsupported_filters(ctx: Context) -> None:
     for rt in ctx.resources:
-        if getattr(rt, "qualified_kind", "") != "HTTPRoute.gateway.networking.k8s.io":
+        if getattr(rt, "qualified_kind", "") not in (
+            "HTTPRoute.gateway.networking.k8s.io",
+            "GRPCRoute.gateway.networking.k8s.io",
+        ):
             continue
         for ri, rule in enumerate(rt.spec.rules):
             for fi, f in enumerate(rule.filters):
