@@ -380,3 +380,14 @@ async def test_token_reviewer_answers_and_caches() -> None:
     # API server gone: refused, not crashed
     assert await reviewer(projected_token("system:serviceaccount:a:b", ("diktyo-ca",))) is None
     await reviewer.close()
+
+
+def test_grpcroutes_are_config_too() -> None:
+    route = {"metadata": {"name": "ratings", "namespace": NS},
+             "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "ratings"}],
+                      "rules": [{"matches": [{"method": {"service": "ratings.Ratings"}}],
+                                 "backendRefs": [{"name": "ratings", "port": 7070}]}]}}
+    res = config_from_objects([{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+                                **route}])  # fmt: skip
+    assert [r.key for r in res.resources] == ["GRPCRoute.gateway.networking.k8s.io/bookinfo/ratings"]
+    assert any(r.path == "/apis/gateway.networking.k8s.io/v1/grpcroutes" for r in CONFIG_RESOURCES)

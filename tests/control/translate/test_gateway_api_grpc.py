@@ -116,7 +116,10 @@ def test_an_unresolved_filter_answers_500_and_the_source_is_the_grpcroute() -> N
             {"type": "RegularExpression", "service": "a\\..*", "method": "C.*"},
             StringMatch(kind="regex", value="/a\\..*/C.*"),
         ),
-        ({"type": "RegularExpression", "service": "a.B"}, StringMatch(kind="regex", value="/a.B/.+")),
+        (
+            {"type": "RegularExpression", "service": "a.B"},
+            StringMatch(kind="regex", value="/a.B/.+"),
+        ),
         ({"type": "RegularExpression", "method": "C"}, StringMatch(kind="regex", value="/[^/]+/C")),
     ],
 )
@@ -223,3 +226,23 @@ spec:
     result = load_text(text, "grpc.yaml")
     assert result.ok and result.errors == []
     assert to(snap(text), "/ratings.Ratings/Get") == "ratings-v2"
+
+
+def test_explain_on_a_transparently_captured_sidecar() -> None:
+    """``diktyo explain --from`` a captured sidecar: its snapshot has virtualOutbound (no
+    ``outbound`` listener), whose HTTP connections route on the ``outbound`` table."""
+    captured = ProxyNode(
+        node=Node(
+            id="sleep-1.default",
+            workload="sleep",
+            namespace="default",
+            interception_mode="REDIRECT",
+        ),
+        outbound_port=0,
+    )
+    s = snap(MESH_ROUTE, captured)
+    assert {lst.direction for lst in s.listeners} >= {"capture_outbound"}
+    assert "outbound" not in {lst.direction for lst in s.listeners}
+    r = simulate(s, "POST", "http://ratings:7070/ratings.Ratings/Watch", {})
+    assert (r["listener"], r["routeTable"]) == ("virtualOutbound", "outbound"), r
+    assert r["destination"]["host"] == "ratings-v2.default.svc.cluster.local", r

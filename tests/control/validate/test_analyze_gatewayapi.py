@@ -166,3 +166,32 @@ spec: {parentRefs: [{name: gw}]}
     assert [p.severity for p in problems] == ["error"], [_msg(p) for p in problems]
     assert "Accepted=False (NoMatchingParent)" in _msg(problems[0]), _msg(problems[0])
     assert _msg(problems[0]).startswith("GRPCRoute g:"), _msg(problems[0])
+
+
+GRPC_SAMPLE = Path(__file__).resolve().parents[3] / "samples" / "grpc" / "grpcroute.yaml"
+
+
+def _kube_services(*names: str, port: int = 7070) -> str:
+    return "".join(
+        f"---\napiVersion: v1\nkind: Service\nmetadata: {{name: {n}}}\n"
+        f"spec: {{selector: {{app: ratings}}, ports: [{{name: grpc, port: {port}}}]}}\n"
+        for n in names
+    )
+
+
+def test_grpcroute_sample_with_its_services_is_clean_and_a_missing_backend_is_named() -> None:
+    text = GRPC_SAMPLE.read_text()
+    ok = load_text(text + _kube_services("ratings", "ratings-v1", "ratings-v2"), "g.yaml")
+    assert [str(e) for e in ok.errors] == []
+    assert [_msg(p) for p in analyze(ok.resources)] == []
+    missing = load_text(text + _kube_services("ratings", "ratings-v1"), "g.yaml")
+    problems = analyze(missing.resources)
+    # each of the three backendRefs to ratings-v2, on its own line, as ResolvedRefs=False
+    assert len(problems) == 3 and all(p.severity == "error" for p in problems), problems
+    assert all(
+        "GRPCRoute ratings:" in _msg(p)
+        and "ResolvedRefs=False (BackendNotFound)" in _msg(p)
+        and "ratings-v2.default.svc.cluster.local not found" in _msg(p)
+        for p in problems
+    ), [_msg(p) for p in problems]
+    assert len({p.line for p in problems}) == 3

@@ -317,6 +317,7 @@ CONFIG_RESOURCES: tuple[Resource, ...] = tuple(
         ("telemetry.istio.io", "v1", "Telemetry", "telemetries"),
         ("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
         ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+        ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
         ("gateway.networking.k8s.io", "v1beta1", "ReferenceGrant", "referencegrants"),
     )
 )  # fmt: skip

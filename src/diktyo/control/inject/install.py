@@ -143,7 +143,7 @@ def render(values: dict[str, Any] | None = None, namespace: str = "diktyo-system
              {"apiGroups": ["networking.istio.io", "security.istio.io", "telemetry.istio.io"],
               "resources": ["*"], "verbs": ["get", "list", "watch"]},
              {"apiGroups": ["gateway.networking.k8s.io"],
-              "resources": ["gateways", "httproutes", "referencegrants"],
+              "resources": ["gateways", "httproutes", "grpcroutes", "referencegrants"],
               "verbs": ["get", "list", "watch"]},
              {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
          ]},

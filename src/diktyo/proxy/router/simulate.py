@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from diktyo.proxy.router.matcher import RequestInfo, RouteMatcher
-from diktyo.snapshot.model import RetryPolicy, Route, Snapshot
+from diktyo.snapshot.model import Listener, RetryPolicy, Route, Snapshot
 
 
 def _builtins(obj: Any) -> Any:
@@ -72,6 +72,15 @@ def simulate(
         ) or cand.name == listener:
             lst = cand
             break
+    if lst is None and listener is None:
+        # transparent capture: an HTTP connection caught by virtualOutbound is routed on the
+        # "outbound" table for its original destination port (proxy.capture.server)
+        cap = next((c for c in snapshot.listeners if c.direction == "capture_outbound"), None)
+        if cap is not None:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            lst = Listener(
+                name=cap.name, direction="outbound", route_table="outbound", service_port=port
+            )
     out: dict[str, Any] = {
         "request": {"method": method, "authority": authority, "path": path, "headers": hdrs},
         "snapshotVersion": snapshot.version,
