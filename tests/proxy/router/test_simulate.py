@@ -70,3 +70,15 @@ def test_header_match_and_default_retries() -> None:
 def test_no_virtual_host() -> None:
     res = simulate(snap(), "GET", "http://ratings/x")
     assert res["rule"] is None and res["result"].startswith("404 NR")
+
+
+def test_the_default_route_is_named_as_such() -> None:
+    s = http_snapshot(
+        {"reviews": [("127.0.0.1", 9001)]},
+        routes={"reviews": [{"name": "default", "clusters": [{"cluster": CL, "host": "reviews"}]}]},
+    )
+    res = simulate(s, "GET", "http://reviews/x")
+    assert res["rule"]["virtualService"] is None
+    text = format_text(res)
+    assert "matched the default route of the service (no VirtualService or route)" in text, text
+    assert "VirtualService None" not in text

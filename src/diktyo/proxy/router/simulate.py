@@ -210,10 +210,13 @@ def format_text(res: dict[str, Any]) -> str:
         lines.append(f"  result: {res['result']}")
         return "\n".join(lines) + "\n"
     where = f" at {rule['file']}:{rule['line']}" if rule.get("file") else ""
-    lines.append(
-        f"  matched rule {rule['index']} {rule['name']!r} of {rule['kind']} "
-        f"{rule['virtualService']}{where}{_via(rule)} (match block {rule['matchIndex']})"
-    )
+    if rule["virtualService"] is None:  # no route of the user's: the service's default route
+        lines.append("  matched the default route of the service (no VirtualService or route)")
+    else:
+        lines.append(
+            f"  matched rule {rule['index']} {rule['name']!r} of {rule['kind']} "
+            f"{rule['virtualService']}{where}{_via(rule)} (match block {rule['matchIndex']})"
+        )
     lines.append(f"  result: {res['result']}")
     for d in res["destinations"]:
         lines.append(
