@@ -139,6 +139,16 @@ def test_curl_without_proxy_settings_goes_through_the_mesh(tmp_path: Path) -> No
         report = json.loads(load.stdout)
         assert report["codes"] == {"200": 5} and report["proxy"] in (None, ""), report
 
+        # the CLI's views of a captured sidecar: explain (the real matcher on its snapshot:
+        # virtualOutbound routes HTTP on the "outbound" table) and proxy-config
+        explain = _diktyo("explain", "--from", "front-v1", "GET", "http://hello:9080/", env=env)
+        assert explain.returncode == 0, explain.stdout + explain.stderr
+        assert "listener virtualOutbound -> route table outbound" in explain.stdout, explain.stdout
+        assert "destination hello.default.svc.cluster.local" in explain.stdout, explain.stdout
+        assert "matched the default route of the service" in explain.stdout, explain.stdout
+        routes = _diktyo("proxy-config", "front-v1-1", "routes", env=env)
+        assert "hello.default.svc.cluster.local:9080" in routes.stdout, routes.stdout + routes.stderr
+
         # an address outside the mesh has no route: nothing leaves the machine
         out = _in_ns(front["netns"], "curl", "-sS", "-m", "5", "http://192.0.2.10/")
         assert out.returncode != 0
