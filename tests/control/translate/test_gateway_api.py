@@ -17,6 +17,7 @@ from diktyo.proxy.router.matcher import RequestInfo, RouteMatcher
 from diktyo.proxy.router.simulate import format_text, simulate
 from diktyo.snapshot.codec import validate
 from diktyo.snapshot.model import Node, Snapshot
+from diktyo.testing.translate import INGRESS_GATEWAY, translate_yaml
 
 ISTIO_SAMPLES = Path(__file__).resolve().parents[3] / ".." / "shared" / "istio" / "samples"
 BOOKINFO_GW_API = ISTIO_SAMPLES / "bookinfo" / "gateway-api"
@@ -44,16 +45,7 @@ BOOKINFO = registry(
     "productpage-v1", "reviews-v1", "reviews-v2", "reviews-v3", "ratings-v1", "details-v1",
 )  # fmt: skip
 
-GATEWAY = ProxyNode(
-    node=Node(
-        id="istio-ingressgateway.istio-system",
-        workload="istio-ingressgateway",
-        namespace="istio-system",
-        labels={"istio": "ingressgateway"},
-        mode="gateway",
-    ),
-    gateway_ports={80: 0},
-)
+GATEWAY = INGRESS_GATEWAY
 SIDECAR = ProxyNode(
     node=Node(id="productpage-v1-1.default", workload="productpage-v1", namespace="default"),
     outbound_port=15001,
@@ -61,11 +53,7 @@ SIDECAR = ProxyNode(
 
 
 def snap(text: str, proxy: ProxyNode = GATEWAY, reg: Registry = BOOKINFO) -> Snapshot:
-    result = load_text(text, "test.yaml")
-    assert result.ok, [str(e) for e in result.errors]
-    out = translate(proxy, PushContext(resources=tuple(result.resources), registry=reg))
-    assert validate(out) == []  # what the sidecar checks before it ACKs a snapshot
-    return out
+    return translate_yaml(text, proxy, reg)
 
 
 def route_of(s: Snapshot, url: str, method: str = "GET", **headers: str) -> dict:

@@ -9,12 +9,11 @@ from typing import Any
 import pytest
 
 from diktyo.api import load_text
-from diktyo.control.model import ProxyNode, PushContext, Registry, Service, ServicePort
-from diktyo.control.translate import translate
+from diktyo.control.model import ProxyNode, Registry, Service, ServicePort
 from diktyo.control.translate.gateway_api import bind, grpc_path_match
 from diktyo.proxy.router.simulate import simulate
-from diktyo.snapshot.codec import validate
 from diktyo.snapshot.model import Node, Snapshot, StringMatch
+from diktyo.testing.translate import INGRESS_GATEWAY, translate_yaml
 
 
 def registry(*names: str, port: int = 7070) -> Registry:
@@ -35,25 +34,11 @@ RATINGS = registry("ratings", "ratings-v1", "ratings-v2")
 SIDECAR = ProxyNode(
     node=Node(id="sleep-1.default", workload="sleep", namespace="default"), outbound_port=15001
 )
-GATEWAY = ProxyNode(
-    node=Node(
-        id="istio-ingressgateway.istio-system",
-        workload="istio-ingressgateway",
-        namespace="istio-system",
-        labels={"istio": "ingressgateway"},
-        mode="gateway",
-    ),
-    gateway_ports={80: 0},
-)
+GATEWAY = INGRESS_GATEWAY
 
 
 def snap(text: str, proxy: ProxyNode = SIDECAR) -> Snapshot:
-    result = load_text(text, "grpc.yaml")
-    assert result.ok, [str(e) for e in result.errors]
-    assert not [e for e in result.errors if e.severity == "warning"], result.errors
-    out = translate(proxy, PushContext(resources=tuple(result.resources), registry=RATINGS))
-    assert validate(out) == []
-    return out
+    return translate_yaml(text, proxy, RATINGS, "grpc.yaml", allow_warnings=False)
 
 
 def to(s: Snapshot, path: str, authority: str = "ratings:7070", **md: str) -> str:
