@@ -20,6 +20,7 @@ import pytest
 
 from diktyo.platform.harness import MeshThread
 from diktyo.samples.grpc_ratings import Client
+from diktyo.testing import eventually_sync
 
 HERE = Path(__file__).resolve().parents[2] / "samples" / "grpc"
 
@@ -270,3 +271,32 @@ def test_grpcroute_at_the_ingress_gateway_routes_by_method(tmp_path: Path) -> No
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, err.value
         finally:
             c.close()
+
+
+MIRRORED = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: ratings-mirrored}
+spec:
+  parentRefs: [{group: "", kind: Service, name: ratings}]
+  rules:
+  - filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: ratings-v1, port: 7070}}
+    backendRefs: [{name: ratings-v2, port: 7070}]
+"""
+
+
+def test_grpcroute_request_mirror_copies_calls_to_v1(mesh: MeshThread, client: Client) -> None:
+    """Every call is answered by v2 and copied to v1 (whose answers are dropped)."""
+    mesh.apply_text(MIRRORED, "<mirrored>")
+    mesh.wait_synced()
+    try:
+        before = served_v1(mesh)
+        for i in range(5):
+            assert client.get({"product": i}, timeout=20)["version"] == "v2"
+        assert {m["version"] for m in client.watch({"count": 2}, timeout=20)} == {"v2"}
+        eventually_sync(lambda: served_v1(mesh) - before >= 6, timeout=10, what="6 mirrored calls")
+    finally:
+        mesh.delete_text(MIRRORED)
+        mesh.wait_synced()
