@@ -39,6 +39,11 @@ def parse_gateway_duration(value: str) -> float:
     return sum(float(n) * _UNIT[u] for n, u in _DURATION_PART.findall(value))
 
 
+def _repeated(names: list[str]) -> list[str]:
+    """The names that occur more than once (sorted): list-map keys the API server refuses."""
+    return sorted({n for n in names if names.count(n) > 1})
+
+
 def _hostname(v: str) -> str:
     if len(v) > 253 or not _HOSTNAME.match(v):
         raise ValueError(
@@ -167,8 +172,7 @@ class GatewaySpec(GatewayApiModel):
 
     @model_validator(mode="after")
     def _unique(self) -> GatewaySpec:
-        names = [lst.name for lst in self.listeners]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = _repeated([lst.name for lst in self.listeners])
         if dup:
             raise ValueError(f"listener names must be unique within a Gateway, repeated: {dup}")
         return self
@@ -223,8 +227,7 @@ class HTTPRouteMatch(GatewayApiModel):
         # listMapKey=name: the API server refuses repeated names (case variants pass; the
         # first of them is used)
         for what, items in (("header", self.headers), ("query param", self.query_params)):
-            names = [m.name for m in items]
-            dup = sorted({n for n in names if names.count(n) > 1})
+            dup = _repeated([m.name for m in items])
             if dup:
                 raise ValueError(f"{what} names must be unique within a match, repeated: {dup}")
         return self
@@ -500,10 +503,9 @@ class GRPCRouteMatch(GatewayApiModel):
 
     @model_validator(mode="after")
     def _unique(self) -> GRPCRouteMatch:
-        names = [m.name for m in self.headers]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = _repeated([m.name for m in self.headers])
         if dup:
-            raise ValueError(f"header names must be unique within a match: {', '.join(dup)}")
+            raise ValueError(f"header names must be unique within a match, repeated: {dup}")
         return self
 
 
