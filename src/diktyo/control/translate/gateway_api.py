@@ -144,7 +144,7 @@ def bind(resources: Iterable[Any], services: Iterable[Service] | None) -> Gatewa
     resources = list(resources)
     gateways = [r for r in resources if _is(r, "Gateway")]
     routes = sorted(
-        (r for r in resources if _is(r, HTTP_ROUTE) or _is(r, GRPC_ROUTE)),
+        (r for r in resources if any(_is(r, kind) for kind in ROUTE_KINDS)),
         key=lambda r: (r.namespace, r.name, r.kind),
     )
     grants = [r for r in resources if _is(r, "ReferenceGrant")]
@@ -583,13 +583,18 @@ def _first_by_name(items: Iterable[Any], fold: bool) -> list[Any]:
     return out
 
 
+def _header_matches(headers: Iterable[Any]) -> tuple[KeyMatch, ...]:
+    """Header matches of an HTTPRoute or GRPCRoute match (names fold case; the first wins)."""
+    return tuple(
+        KeyMatch(name=h.name.lower(), match=_sm(h.type, h.value))
+        for h in _first_by_name(headers, fold=True)
+    )
+
+
 def _match_routes(
     ctx: RouteContext, rt: Any, ri: int, rule: Any, mi: int, m: Any, port: int
 ) -> list[Route]:
-    headers = tuple(
-        KeyMatch(name=h.name.lower(), match=_sm(h.type, h.value))
-        for h in _first_by_name(m.headers, fold=True)
-    )
+    headers = _header_matches(m.headers)
     query = tuple(
         KeyMatch(name=q.name, match=_sm(q.type, q.value))
         for q in _first_by_name(m.query_params, fold=False)
@@ -670,10 +675,7 @@ def _grpc_routes(
     out: list[tuple[tuple[int, ...], Route]] = []
     for m in rule.matches:
         uri = grpc_path_match(m.method)
-        headers = tuple(
-            KeyMatch(name=h.name.lower(), match=_sm(h.type, h.value))
-            for h in _first_by_name(m.headers, fold=True)
-        )
+        headers = _header_matches(m.headers)
         match = RouteMatch(name=name, uri=uri, headers=headers)
         rank = _URI_RANK[uri.kind] if uri is not None else -1
         length = len(uri.value) if uri is not None else 0

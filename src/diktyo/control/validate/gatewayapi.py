@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from diktyo.control.translate.gateway_api import bind
+from diktyo.api.gateway_api import GATEWAY_API
+from diktyo.control.translate.gateway_api import ROUTE_KINDS, bind
 from diktyo.control.translate.hosts import resolve_host
 from diktyo.control.validate.context import Context
 from diktyo.control.validate.messages import GATEWAY_API_CONDITION, Level
 
 _LEVEL: dict[str, Level] = {"error": "Error", "warning": "Warning", "info": "Info"}
+_ROUTE_QUALIFIED_KINDS = frozenset(f"{kind}.{GATEWAY_API}" for kind in ROUTE_KINDS)
 
 
 def check(ctx: Context) -> None:
@@ -54,10 +56,7 @@ def _mixed_with_virtual_services(
 
 def _unsupported_filters(ctx: Context) -> None:
     for rt in ctx.resources:
-        if getattr(rt, "qualified_kind", "") not in (
-            "HTTPRoute.gateway.networking.k8s.io",
-            "GRPCRoute.gateway.networking.k8s.io",
-        ):
+        if getattr(rt, "qualified_kind", "") not in _ROUTE_QUALIFIED_KINDS:
             continue
         for ri, rule in enumerate(rt.spec.rules):
             for fi, f in enumerate(rule.filters):

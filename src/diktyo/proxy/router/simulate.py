@@ -28,7 +28,7 @@ def _rule(route: Route) -> dict[str, Any]:
         "name": src.rule_name or route.name,
         "index": src.rule,
         "virtualService": f"{src.namespace}/{src.name}" if src.name else None,
-        "kind": src.kind or "VirtualService",  # or HTTPRoute (Gateway API)
+        "kind": src.kind or "VirtualService",  # or HTTPRoute / GRPCRoute (Gateway API)
         "file": src.file or None,
         "line": src.line or None,
     }
