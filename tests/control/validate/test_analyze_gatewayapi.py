@@ -195,3 +195,19 @@ def test_grpcroute_sample_with_its_services_is_clean_and_a_missing_backend_is_na
         for p in problems
     ), [_msg(p) for p in problems]
     assert len({p.line for p in problems}) == 3
+
+
+def test_grpcroute_extension_ref_filter_is_reported() -> None:
+    text = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules:
+  - filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: Auth, name: a}}]
+    backendRefs: [{name: reviews, port: 9080}]
+"""
+    (p,) = run(text, ["reviews"])
+    assert p.field == "spec.rules[0].filters[0]" and "ExtensionRef filters are not supported" in _msg(p)
+    assert _msg(p).startswith("GRPCRoute g:"), _msg(p)
